@@ -1,0 +1,158 @@
+"""Frozen configuration dataclasses.
+
+YAML is read only in ``jobs/``; the engine receives these objects. ``from_dict`` rejects unknown
+keys and names the valid ones, so a typo in a config file fails loudly instead of being ignored.
+Credentials never live here: S3 keys come from the environment or an AWS profile, read by botocore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from engine.errors import ConfigError
+
+T = TypeVar("T")
+
+# Keys that would carry secrets; refused so they can never be dumped next to the outputs.
+_SECRET_KEYS = {"key", "secret", "token", "aws_access_key_id", "aws_secret_access_key",
+                "aws_session_token", "password"}
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How to reach object storage and where to stage remote slides for path-based readers.
+
+    Attributes:
+        endpoint_url: S3 endpoint (MinIO, moto, Ceph…); None means AWS.
+        region: S3 region name.
+        anon: read public buckets without credentials.
+        profile: AWS profile name (credentials stay in ``~/.aws``).
+        stage_dir: local folder for staged objects; None means a fresh temporary folder.
+        stage_max_bytes: bound on the staging cache; a larger single object is refused.
+        retries: attempts for transient storage errors (timeouts, throttling, 5xx).
+        retry_backoff_s: first back-off; doubles on each retry.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    anon: bool = False
+    profile: str | None = None
+    stage_dir: str | None = None
+    stage_max_bytes: int = 20 * 1024**3
+    retries: int = 4
+    retry_backoff_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class TissueConfig:
+    """Foreground (tissue or smear) detection on a thumbnail; sizes in µm so they mean the same
+    thing at any magnification.
+
+    Attributes:
+        thumbnail_mpp: µm per pixel of the thumbnail the mask is computed on.
+        thumbnail_max_px: cap on the thumbnail's longer side (protects memory on huge slides).
+        min_saturation: floor for the Otsu threshold on HSV saturation (0–1), so a blank slide
+            does not turn its noise into "tissue".
+        max_value: pixels brighter than this V (0–1) with low saturation are glass.
+        closing_um: radius of the morphological closing that bridges small gaps.
+        opening_um: radius of the opening that removes specks.
+        min_area_um2: connected regions smaller than this are dropped.
+        max_hole_um2: holes smaller than this are filled (larger ones, e.g. fat, stay out).
+    """
+
+    thumbnail_mpp: float = 8.0
+    thumbnail_max_px: int = 4096
+    min_saturation: float = 0.04
+    max_value: float = 0.98
+    closing_um: float = 16.0
+    opening_um: float = 8.0
+    min_area_um2: float = 5_000.0
+    max_hole_um2: float = 2_000.0
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """A tile grid at a physical resolution.
+
+    Attributes:
+        target_mpp: µm per pixel of the tiles handed to models.
+        tile_px: tile side in pixels at ``target_mpp``.
+        overlap_px: overlap between neighbouring tiles, in pixels at ``target_mpp``.
+        min_tissue_fraction: tiles with less foreground than this are dropped.
+        max_upsample: how much finer than the slide's own pixels ``target_mpp`` may be.
+    """
+
+    target_mpp: float = 2.0
+    tile_px: int = 224
+    overlap_px: int = 0
+    min_tissue_fraction: float = 0.5
+    max_upsample: float = 1.25
+
+    def __post_init__(self):
+        if self.target_mpp <= 0 or self.tile_px <= 0:
+            raise ConfigError(f"target_mpp and tile_px must be positive, got {self}")
+        if not 0 <= self.overlap_px < self.tile_px:
+            raise ConfigError(f"overlap_px must be in [0, tile_px), got {self.overlap_px}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a job needs, resolved; written next to the outputs as ``config.json``."""
+
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    # Biopsy tiles for the tile encoder / cellularity (ARUP method: 224 px at 2.0 µm/px).
+    tiles: TileConfig = field(default_factory=TileConfig)
+    # Aspirate / smear tiles for cell detection and classification (DeepHeme works at 0.25 µm/px).
+    cell_tiles: TileConfig = field(
+        default_factory=lambda: TileConfig(target_mpp=0.25, tile_px=1024, overlap_px=96,
+                                           min_tissue_fraction=0.05, max_upsample=2.5))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Config:
+        return from_dict(cls, data or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def hash(self) -> str:
+        """Short stable hash of the resolved config (recorded in every status row)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
+    """Build dataclass ``cls`` from a plain dict, recursing into nested dataclasses.
+
+    Raises:
+        ConfigError: for an unknown key (listing the valid ones), a secret-looking key, or a value
+            of the wrong shape.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else key
+        if key.lower() in _SECRET_KEYS:
+            raise ConfigError(f"{where}: credentials do not belong in a config file; set them in "
+                              "the environment (AWS_ACCESS_KEY_ID, …) or an AWS profile")
+        if key not in names:
+            raise ConfigError(f"unknown config key {where!r}; valid keys here: {sorted(names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            value = from_dict(hint, value, where)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{path or cls.__name__}: {err}") from err

@@ -1,0 +1,61 @@
+"""Typed errors shared by every layer.
+
+Readers raise the `SlideError` subclasses below and keep the backend's exception as ``__cause__``
+(``raise SlideCorrupt(...) from err``). The pipeline turns a `SlideError` into a status row with
+``error_type = type(err).__name__`` and ``error_message = str(err)``; any other exception is a bug
+and is allowed to crash.
+"""
+
+from __future__ import annotations
+
+
+class HemeflowError(Exception):
+    """Base class of every error hemeflow raises on purpose."""
+
+
+class SlideError(HemeflowError):
+    """A slide cannot be used; the message says why in words a lab user understands."""
+
+    def __init__(self, uri: str, reason: str):
+        super().__init__(f"{uri}: {reason}")
+        self.uri = uri
+        self.reason = reason
+
+    def __reduce__(self):  # keep the two-argument constructor picklable (Ray ships errors)
+        return (type(self), (self.uri, self.reason))
+
+
+class SlideNotFound(SlideError):
+    """No object at that URI (missing file, key or bucket)."""
+
+
+class SlideAccessDenied(SlideError):
+    """The object exists but we may not read it (permissions, credentials)."""
+
+
+class SlideUnsupported(SlideError):
+    """A readable file in a format hemeflow does not process (not a slide, fluorescence, …)."""
+
+
+class SlideCorrupt(SlideError):
+    """The file claims a supported format but its bytes cannot be decoded."""
+
+
+class MissingMPP(SlideError):
+    """The slide carries no usable pixel size and none was supplied (``--mpp`` / ``--mpp-table``)."""
+
+
+class ResolutionTooLow(SlideError):
+    """The slide's pixels are coarser than a stage needs by more than the allowed upsampling."""
+
+
+class StagingError(SlideError):
+    """A remote object could not be staged locally (too large for the cache, disk full, …)."""
+
+
+class TransientStorageError(HemeflowError):
+    """A storage call failed in a way worth retrying (timeouts, throttling, 5xx)."""
+
+
+class ConfigError(HemeflowError, ValueError):
+    """A configuration value or key is wrong; the message lists what is valid."""

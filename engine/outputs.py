@@ -1,0 +1,43 @@
+"""Writing Parquet and small text files to a local folder or S3, atomically per file.
+
+A local file is written under a temporary name and renamed into place; an S3 object appears whole
+on its single PUT. Readers therefore never see half a file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.config import StorageConfig
+from engine.slides.storage import call_with_retries, get_filesystem, is_remote, normalize_uri
+
+
+def join_uri(base: str, *parts: str) -> str:
+    return "/".join([normalize_uri(base).rstrip("/"), *parts])
+
+
+def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
+    """Write ``data`` to ``uri`` so that it appears whole or not at all."""
+    if is_remote(uri):
+        fs, path = get_filesystem(uri, storage)
+        call_with_retries(lambda: fs.pipe_file(path, data), storage, "upload")
+        return
+    os.makedirs(os.path.dirname(uri), exist_ok=True)
+    tmp = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, uri)
+
+
+def write_parquet(table: pa.Table, uri: str, storage: StorageConfig) -> None:
+    """One Parquet file (zstd), written atomically."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes(uri, buf.getvalue(), storage)

@@ -1,0 +1,128 @@
+"""The small protocol every slide backend implements, and the metadata it reports."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+# Microscope pixel sizes live well inside this range; TIFF resolution tags outside it are
+# scanner-less defaults (72 dpi = 352.8 µm/px) and must not be mistaken for a real pixel size.
+PLAUSIBLE_MPP = (0.02, 50.0)
+
+MPP_SOURCES = ("metadata", "tiff_resolution", "override", "missing")
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What a backend knows about a slide after opening it.
+
+    Attributes:
+        uri: the slide's URI as given (local path or ``s3://``).
+        backend: registry name of the backend that opened it.
+        format: vendor / file format (``aperio``, ``generic-tiff``, ``dicom``, ``ome-tiff``, ``png``…).
+        level_dimensions: ``(width, height)`` per pyramid level, level 0 first.
+        level_downsamples: level-0 pixels per level pixel, per level.
+        mpp_x, mpp_y: µm per level-0 pixel, or None when unknown.
+        mpp_source: one of `MPP_SOURCES`.
+        objective: nominal objective power (20, 40…), if recorded.
+        associated_images: names of label / macro / thumbnail images stored in the file.
+        notes: human-readable remarks (e.g. why a resolution tag was ignored).
+    """
+
+    uri: str
+    backend: str
+    format: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp_x: float | None = None
+    mpp_y: float | None = None
+    mpp_source: str = "missing"
+    objective: float | None = None
+    associated_images: tuple[str, ...] = ()
+    notes: str | None = None
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def width(self) -> int:
+        return self.level_dimensions[0][0]
+
+    @property
+    def height(self) -> int:
+        return self.level_dimensions[0][1]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def mpp(self) -> float | None:
+        """Mean µm per level-0 pixel (None when unknown)."""
+        if self.mpp_x is None or self.mpp_y is None:
+            return None
+        return (self.mpp_x + self.mpp_y) / 2
+
+    def replace(self, **changes) -> SlideInfo:
+        return dataclasses.replace(self, **changes)
+
+
+def checked_mpp(mpp_x: float | None, mpp_y: float | None, source: str
+                ) -> tuple[float | None, float | None, str, str | None]:
+    """Validate a pixel size read from a file: implausible values become ``missing`` with a note."""
+    if mpp_x is None or mpp_y is None or not (mpp_x > 0 and mpp_y > 0):
+        return None, None, "missing", None
+    lo, hi = PLAUSIBLE_MPP
+    if not (lo <= mpp_x <= hi and lo <= mpp_y <= hi):
+        note = (f"ignored {source} pixel size {mpp_x:.4g}x{mpp_y:.4g} µm/px: outside the "
+                f"microscopy range {lo}-{hi} µm/px (a default DPI tag, not a scanner value)")
+        return None, None, "missing", note
+    return float(mpp_x), float(mpp_y), source, None
+
+
+def best_level_for_downsample(downsamples: tuple[float, ...], downsample: float) -> int:
+    """Coarsest level whose downsample does not exceed ``downsample`` (as OpenSlide picks)."""
+    best = 0
+    for i, d in enumerate(downsamples):
+        if d <= downsample * (1 + 1e-3):
+            best = i if d >= downsamples[best] else best
+    return best
+
+
+def composite_rgba(rgba: np.ndarray, background=(255, 255, 255)) -> np.ndarray:
+    """``(H, W, 4) uint8`` premultiplied RGBA over a background colour -> ``(H, W, 3) uint8``.
+
+    Fully transparent pixels are areas the scanner never imaged; they become the slide's background
+    colour, as OpenSlide documents, not invented tissue.
+    """
+    rgb = rgba[..., :3].astype(np.uint16)
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    bg = np.asarray(background, np.uint16)
+    out = rgb + ((255 - alpha) * bg + 127) // 255  # premultiplied: C = c*a, so add bg*(1-a)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+@runtime_checkable
+class SlideReader(Protocol):
+    """One open slide. Coordinates are level-0 pixels; pixels come back as ``uint8 (H, W, 3)``.
+
+    Readers never return made-up pixels for unreadable data: they raise `SlideCorrupt`. Areas outside
+    the scanned image are the slide background (white unless the file says otherwise).
+    """
+
+    info: SlideInfo
+
+    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """Read ``(height, width, 3) uint8`` at ``level`` whose top-left is level-0 ``(x, y)``."""
+        ...
+
+    def read_thumbnail(self, max_size: tuple[int, int]) -> np.ndarray:
+        """Whole slide downsampled to fit ``max_size`` (w, h), aspect kept, ``(h, w, 3) uint8``."""
+        ...
+
+    def close(self) -> None:
+        ...

@@ -1,0 +1,61 @@
+"""Plain images (PNG, JPEG) as one-level slides, decoded with Pillow."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from engine.errors import SlideCorrupt, SlideUnsupported
+from engine.slides.base import SlideInfo, checked_mpp
+
+# A plain image is decoded whole; past this it should be converted to a tiled pyramid first.
+MAX_PIXELS = 30_000 * 30_000
+
+
+class ImageReader:
+    """`SlideReader` for small non-pyramidal images (field photographs, exported regions)."""
+
+    backend = "image"
+
+    def __init__(self, path: str, uri: str | None = None):
+        self.uri = uri or path
+        try:
+            with Image.open(path) as im:
+                fmt = (im.format or "image").lower()
+                if im.width * im.height > MAX_PIXELS:
+                    raise SlideUnsupported(self.uri, f"{im.width}x{im.height} plain image is too "
+                                           "large to decode whole; convert it to a tiled pyramid")
+                if im.mode not in ("RGB", "RGBA", "P", "L", "LA"):
+                    raise SlideUnsupported(self.uri, f"image mode {im.mode} is not 8-bit RGB")
+                dpi = im.info.get("dpi")
+                rgb = im.convert("RGBA").convert("RGB") if im.mode in ("RGBA", "P", "LA") \
+                    else im.convert("RGB")
+                self._pixels = np.asarray(rgb)  # (H, W, 3) uint8
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise SlideCorrupt(self.uri, f"image could not be decoded: {err}") from err
+        mpp = (25_400.0 / float(dpi[0]), 25_400.0 / float(dpi[1])) if dpi and dpi[0] and dpi[1] \
+            else (None, None)
+        mpp_x, mpp_y, src, note = checked_mpp(*mpp, "tiff_resolution" if fmt == "tiff" else
+                                              "metadata")
+        h, w = self._pixels.shape[:2]
+        self.info = SlideInfo(uri=self.uri, backend=self.backend, format=fmt,
+                              level_dimensions=((w, h),), level_downsamples=(1.0,),
+                              mpp_x=mpp_x, mpp_y=mpp_y, mpp_source=src, notes=note)
+
+    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        if level != 0:
+            raise IndexError(f"plain images have one level, asked for level {level}")
+        h, w = self._pixels.shape[:2]
+        out = np.full((height, width, 3), 255, np.uint8)
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + width, w), min(y + height, h)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._pixels[y0:y1, x0:x1]
+        return out
+
+    def read_thumbnail(self, max_size: tuple[int, int]) -> np.ndarray:
+        im = Image.fromarray(self._pixels)
+        im.thumbnail(tuple(int(v) for v in max_size), Image.Resampling.LANCZOS)
+        return np.asarray(im)
+
+    def close(self) -> None:
+        self._pixels = np.empty((0, 0, 3), np.uint8)

@@ -1,0 +1,84 @@
+"""One inventory row per input file: open it, read metadata, probe a read, refuse with a reason."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from engine.config import StorageConfig
+from engine.errors import SlideError, SlideUnsupported
+from engine.schema import slide_id_for
+from engine.slides.base import SlideInfo
+from engine.slides.registry import looks_like_slide, open_slide
+from engine.slides.storage import FileEntry, StagingArea
+
+PROBE_PX = 256  # side of the thumbnail read to prove the pixels decode
+
+
+@dataclass(frozen=True)
+class MppOverrides:
+    """Pixel sizes supplied by the user.
+
+    A per-slide table entry (by URI or slide_id) wins over file metadata, since it is an explicit
+    statement about that slide; the global default only fills in where metadata has none.
+    """
+
+    default: float | None = None
+    table: dict[str, float] = field(default_factory=dict)
+
+    def apply(self, info: SlideInfo, slide_id: str) -> SlideInfo:
+        mpp = self.table.get(info.uri, self.table.get(slide_id))
+        if mpp is None and info.mpp_source == "missing":
+            mpp = self.default
+        if mpp is None:
+            return info
+        return info.replace(mpp_x=float(mpp), mpp_y=float(mpp), mpp_source="override")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def base_row(entry: FileEntry) -> dict:
+    return {"slide_id": slide_id_for(entry.uri), "uri": entry.uri, "size_bytes": entry.size,
+            "etag": entry.etag, "inventoried_at": _now()}
+
+
+INFO_FIELDS = ("format", "backend", "width", "height", "level_count", "level_downsamples", "mpp_x",
+               "mpp_y", "mpp_source", "objective", "associated_images", "notes")
+
+
+def info_row(info: SlideInfo) -> dict:
+    return {"format": info.format, "backend": info.backend, "width": info.width,
+            "height": info.height, "level_count": info.level_count,
+            "level_downsamples": list(info.level_downsamples), "mpp_x": info.mpp_x,
+            "mpp_y": info.mpp_y, "mpp_source": info.mpp_source, "objective": info.objective,
+            "associated_images": list(info.associated_images), "notes": info.notes}
+
+
+def error_row(entry: FileEntry, err: SlideError, status: str = "failed") -> dict:
+    return {**base_row(entry), "status": status, "error_type": type(err).__name__,
+            "error_message": str(err)}
+
+
+def inventory_file(entry: FileEntry, storage: StorageConfig, staging: StagingArea | None = None,
+                   mpp: MppOverrides | None = None) -> dict:
+    """Inventory one file into a ``slides`` row (see `engine.schema.SLIDES`).
+
+    Slide problems become ``status = failed`` with the error's type and message; files that are
+    not slides by name (``LICENSE.txt``) become ``skipped``. Other exceptions are bugs and raise.
+    """
+    mpp = mpp or MppOverrides()
+    if not looks_like_slide(entry.uri):
+        ext = entry.uri.rsplit(".", 1)[-1]
+        return error_row(entry, SlideUnsupported(entry.uri, f"not a slide file (.{ext})"),
+                         status="skipped")
+    row = base_row(entry)
+    try:
+        with open_slide(entry.uri, storage, staging, size=entry.size) as slide:
+            info = mpp.apply(slide.info, row["slide_id"])
+            row.update(info_row(info))
+            slide.read_thumbnail((PROBE_PX, PROBE_PX))  # raises SlideCorrupt on undecodable data
+    except SlideError as err:
+        return {**error_row(entry, err), **{k: v for k, v in row.items() if k in INFO_FIELDS}}
+    return {**row, "status": "ok", "error_type": None, "error_message": None}

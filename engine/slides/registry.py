@@ -1,0 +1,157 @@
+"""Backend registry (name -> lazily imported class, with an install hint, as in fsspec) and
+format detection by content, not by extension alone."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import Iterator
+
+from engine.config import StorageConfig
+from engine.errors import SlideCorrupt, SlideError, SlideNotFound, SlideUnsupported
+from engine.slides.base import SlideReader
+from engine.slides.storage import StagingArea, is_remote, translate_storage_error
+
+_BACKENDS: dict[str, tuple[str, str]] = {
+    "openslide": ("engine.slides.openslide_backend:OpenSlideReader",
+                  "pip install openslide-python openslide-bin"),
+    "vips": ("engine.slides.vips_backend:VipsReader", "pip install 'pyvips[binary]'"),
+    "image": ("engine.slides.image_backend:ImageReader", "pip install pillow"),
+}
+
+# Extensions users mean as slides; anything else found while listing a folder is skipped.
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif",
+                    ".svslide", ".dcm", ".qptiff", ".btf", ".png", ".jpg", ".jpeg", ".isyntax",
+                    ".czi")
+
+
+def register_backend(name: str, class_path: str, install_hint: str = "") -> None:
+    """Add or replace a backend: ``class_path`` is ``"module:Class"``, imported on first use."""
+    _BACKENDS[name] = (class_path, install_hint)
+
+
+def list_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get_backend(name: str) -> type[SlideReader]:
+    """The reader class registered as ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones).
+        ImportError: the backend's library is missing (the message says what to install).
+    """
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown slide backend {name!r}; valid: {list_backends()}")
+    class_path, hint = _BACKENDS[name]
+    module, cls = class_path.split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as err:
+        raise ImportError(f"slide backend {name!r} needs a missing library: {hint}") from err
+
+
+def looks_like_slide(uri: str) -> bool:
+    """True for names with a slide/image extension or no extension at all (DICOM often has none)."""
+    name = uri.rsplit("/", 1)[-1].lower()
+    return name.endswith(SLIDE_EXTENSIONS) or "." not in name
+
+
+def _magic_kind(head: bytes) -> str | None:
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    return None
+
+
+def detect_backend(path: str, uri: str | None = None) -> str:
+    """Pick the backend for a local file by its content.
+
+    Raises:
+        SlideNotFound, SlideAccessDenied: the file is missing or unreadable.
+        SlideCorrupt: empty, or named like a slide but holding something else.
+        SlideUnsupported: a readable file in no format hemeflow takes.
+    """
+    uri = uri or path
+    if os.path.isdir(path):
+        raise SlideUnsupported(uri, "is a directory, not a slide file")
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError as err:
+        raise translate_storage_error(uri, err) from err
+    if size == 0:
+        raise SlideCorrupt(uri, "empty file (0 bytes)")
+    import openslide  # the detector is part of the openslide backend's library
+
+    try:
+        vendor = openslide.OpenSlide.detect_format(path)
+    except openslide.OpenSlideError:
+        vendor = None
+    kind = _magic_kind(head)
+    if vendor:
+        return "openslide"
+    if kind == "tiff":
+        return "vips"
+    if kind in ("png", "jpeg"):
+        return "image"
+    if kind == "dicom":
+        raise SlideUnsupported(uri, "DICOM file that is not a whole-slide image")
+    ext = os.path.splitext(uri.lower())[1]
+    shown = head[:16]
+    if ext in SLIDE_EXTENSIONS:
+        raise SlideCorrupt(uri, f"named {ext} but its content is not a slide or image "
+                           f"(starts with {shown!r})")
+    raise SlideUnsupported(uri, f"not a slide or image format (starts with {shown!r})")
+
+
+def open_reader(path: str, uri: str | None = None, backend: str | None = None) -> SlideReader:
+    """Open a local file with the named backend or the detected one.
+
+    A TIFF that OpenSlide claims but cannot open is retried with libvips; if both fail, OpenSlide's
+    error (usually the more specific) is raised.
+    """
+    uri = uri or path
+    name = backend or detect_backend(path, uri)
+    try:
+        return get_backend(name)(path, uri)
+    except SlideError as first:
+        if backend is None and name == "openslide":
+            with open(path, "rb") as fh:
+                if _magic_kind(fh.read(512)) == "tiff":
+                    try:
+                        return get_backend("vips")(path, uri)
+                    except SlideError:
+                        pass
+        raise first
+
+
+@contextlib.contextmanager
+def open_slide(uri: str, storage: StorageConfig | None = None, staging: StagingArea | None = None,
+               backend: str | None = None, size: int | None = None) -> Iterator[SlideReader]:
+    """Open a slide by URI (local path or ``s3://``) as a context manager.
+
+    Remote objects are staged to a local file first (``staging``, or a private temporary area),
+    and removed when the block ends.
+
+    Example:
+        >>> with open_slide("s3://archive/case-1.svs", storage) as slide:
+        ...     tile = slide.read_region(0, 1024, 2048, 512, 512)  # (512, 512, 3) uint8
+    """
+    storage = storage or StorageConfig()
+    if not is_remote(uri) and not os.path.exists(uri):
+        raise SlideNotFound(uri, "no such file")
+    with contextlib.ExitStack() as stack:
+        if is_remote(uri) and staging is None:
+            staging = stack.enter_context(StagingArea(storage))
+        path = stack.enter_context(staging.stage(uri, size)) if is_remote(uri) else uri
+        reader = open_reader(path, uri, backend)
+        stack.callback(reader.close)
+        yield reader

@@ -1,0 +1,125 @@
+"""Foreground (tissue / smear) masks on thumbnails and per-tile foreground fractions.
+
+Pure numpy + scipy.ndimage. Sizes come in µm and are turned into pixels with the thumbnail's µm/px,
+so the same config works for a 40× biopsy and a 100× smear.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from engine.config import TissueConfig
+
+
+def rgb_to_saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HSV saturation and value in [0, 1] of a ``(H, W, 3) uint8`` image, each ``(H, W) float32``."""
+    img = rgb.astype(np.float32) / 255.0
+    vmax = img.max(axis=-1)
+    vmin = img.min(axis=-1)
+    sat = np.where(vmax > 0, (vmax - vmin) / np.maximum(vmax, 1e-6), 0.0).astype(np.float32)
+    return sat, vmax
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256, value_range=(0.0, 1.0)) -> float:
+    """Otsu's threshold: the cut that maximises between-class variance of a 1-D sample."""
+    hist, edges = np.histogram(values.ravel(), bins=bins, range=value_range)
+    hist = hist.astype(np.float64)
+    if hist.sum() == 0:
+        return float(value_range[0])
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers)
+    mu0 = m0 / np.maximum(w0, 1e-12)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1e-12)
+    between = (w0 * w1 * (mu0 - mu1) ** 2)[:-1]
+    # an empty gap between the classes gives a plateau of equal maxima: cut in its middle
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    run = best[: np.argmax(np.diff(np.append(best, best[-1] + 2)) > 1) + 1]
+    return float(edges[int(run[len(run) // 2]) + 1])
+
+
+def _disk(radius_px: float) -> np.ndarray:
+    r = max(int(round(radius_px)), 1)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return (xx * xx + yy * yy) <= r * r
+
+
+def remove_small_regions(mask: np.ndarray, min_px: float) -> np.ndarray:
+    """Drop 8-connected foreground components smaller than ``min_px`` pixels."""
+    if min_px <= 1 or not mask.any():
+        return mask
+    labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= min_px
+    keep[0] = False
+    return keep[labels]
+
+
+def fill_small_holes(mask: np.ndarray, max_hole_px: float) -> np.ndarray:
+    """Fill background components enclosed by foreground and smaller than ``max_hole_px``."""
+    if max_hole_px <= 0:
+        return mask
+    holes, n = ndi.label(~mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(holes.ravel(), minlength=n + 1)
+    border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
+    fill = sizes < max_hole_px
+    fill[0] = False
+    fill[border] = False
+    return mask | fill[holes]
+
+
+def compute_tissue_mask(thumbnail: np.ndarray, mpp: float, cfg: TissueConfig) -> np.ndarray:
+    """Foreground mask of a Romanowsky- or H&E-stained slide thumbnail.
+
+    HSV saturation thresholded by Otsu (floored at ``cfg.min_saturation``), glass-bright pixels
+    removed, then closing, opening, small-region and small-hole filters sized in µm.
+
+    Args:
+        thumbnail: ``(H, W, 3) uint8`` RGB.
+        mpp: µm per thumbnail pixel.
+        cfg: thresholds and sizes.
+
+    Returns:
+        ``(H, W) bool``, True on tissue.
+    """
+    if thumbnail.ndim != 3 or thumbnail.shape[2] != 3:
+        raise ValueError(f"expected (H, W, 3) RGB, got shape {thumbnail.shape}")
+    sat, val = rgb_to_saturation_value(thumbnail)
+    thr = max(otsu_threshold(sat), cfg.min_saturation)
+    mask = (sat > thr) & ~((val > cfg.max_value) & (sat < 2 * cfg.min_saturation))
+    if cfg.closing_um > 0:
+        mask = ndi.binary_closing(mask, structure=_disk(cfg.closing_um / mpp), border_value=0)
+    if cfg.opening_um / mpp >= 1:
+        mask = ndi.binary_opening(mask, structure=_disk(cfg.opening_um / mpp))
+    px_area = mpp * mpp
+    mask = remove_small_regions(mask, cfg.min_area_um2 / px_area)
+    return fill_small_holes(mask, cfg.max_hole_um2 / px_area)
+
+
+def tile_fractions(mask: np.ndarray, scale: tuple[float, float], x: np.ndarray, y: np.ndarray,
+                   size: tuple[float, float]) -> np.ndarray:
+    """Fraction of mask pixels inside each tile's footprint.
+
+    Args:
+        mask: ``(H, W) bool`` foreground mask.
+        scale: level-0 pixels per mask pixel, ``(sx, sy)``.
+        x, y: ``(N,)`` tile origins in level-0 pixels.
+        size: tile footprint ``(w, h)`` in level-0 pixels.
+
+    Returns:
+        ``(N,) float32`` in [0, 1]; a footprint smaller than a mask pixel reads one pixel.
+    """
+    h, w = mask.shape
+    integral = np.zeros((h + 1, w + 1), np.int64)
+    integral[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+    sx, sy = scale
+    x0 = np.clip(np.floor(np.asarray(x) / sx).astype(np.int64), 0, w - 1)
+    y0 = np.clip(np.floor(np.asarray(y) / sy).astype(np.int64), 0, h - 1)
+    x1 = np.clip(np.ceil((np.asarray(x) + size[0]) / sx).astype(np.int64), x0 + 1, w)
+    y1 = np.clip(np.ceil((np.asarray(y) + size[1]) / sy).astype(np.int64), y0 + 1, h)
+    total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return (total / ((x1 - x0) * (y1 - y0))).astype(np.float32)

@@ -1,0 +1,137 @@
+"""Shared pieces of the command-line jobs: config loading, storage flags, input expansion."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+import yaml
+
+from engine.config import Config, StorageConfig
+from engine.outputs import join_uri, write_bytes
+from engine.slides.storage import (FileEntry, InputError, get_filesystem, is_remote, list_files,
+                                   normalize_uri, stat_file)
+from engine.errors import HemeflowError, SlideError
+
+T = TypeVar("T")
+LIST_SUFFIXES = (".txt", ".csv")
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (see jobs/configs/default.yaml)")
+    g = parser.add_argument_group("object storage (credentials come from the environment or an "
+                                  "AWS profile, never from flags)")
+    g.add_argument("--s3-endpoint", help="S3 endpoint URL (MinIO, Ceph, a local test server)")
+    g.add_argument("--s3-region", help="S3 region")
+    g.add_argument("--s3-profile", help="AWS profile name")
+    g.add_argument("--s3-anon", action="store_true", help="read public buckets anonymously")
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """Config from ``--config`` YAML (if any) with the storage flags applied on top."""
+    data = {}
+    if args.config:
+        with open(args.config) as fh:
+            data = yaml.safe_load(fh) or {}
+    cfg = Config.from_dict(data)
+    changes = {k: v for k, v in {"endpoint_url": args.s3_endpoint, "region": args.s3_region,
+                                 "profile": args.s3_profile,
+                                 "anon": True if args.s3_anon else None}.items() if v is not None}
+    if changes:
+        cfg = cfg.replace(storage=StorageConfig(**{**cfg.storage.__dict__, **changes}))
+    return cfg
+
+
+def read_text(uri: str, storage: StorageConfig) -> str:
+    fs, path = get_filesystem(normalize_uri(uri), storage)
+    try:
+        with fs.open(path, "rb") as fh:
+            return fh.read().decode("utf-8-sig")
+    except FileNotFoundError as err:
+        raise InputError(f"file not found: {uri}") from err
+
+
+def _resolve(item: str, list_uri: str) -> str:
+    """A relative path in a list file is relative to the list file's folder."""
+    if "://" in item or item.startswith("/"):
+        return normalize_uri(item)
+    base = normalize_uri(list_uri).rsplit("/", 1)[0]
+    return normalize_uri(f"{base}/{item}")
+
+
+def read_csv_rows(uri: str, storage: StorageConfig) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(read_text(uri, storage))))
+
+
+def read_uri_list(uri: str, storage: StorageConfig) -> list[str]:
+    """URIs from a ``.txt`` (one per line, ``#`` comments) or ``.csv`` (``uri`` or ``path`` column)."""
+    if uri.lower().endswith(".csv"):
+        rows = read_csv_rows(uri, storage)
+        if not rows:
+            return []
+        col = next((c for c in ("uri", "path", "slide") if c in rows[0]), next(iter(rows[0])))
+        items = [r[col].strip() for r in rows if r.get(col, "").strip()]
+    else:
+        lines = (ln.strip() for ln in read_text(uri, storage).splitlines())
+        items = [ln for ln in lines if ln and not ln.startswith("#")]
+    return [_resolve(i, uri) for i in items]
+
+
+def expand_inputs(uri: str, storage: StorageConfig) -> list[FileEntry]:
+    """The files a job's ``--input`` names: a folder, an S3 prefix, a single file or a list file.
+
+    Entries of a list that do not exist are kept (size unknown) so they end as status rows.
+    """
+    if uri.lower().endswith(LIST_SUFFIXES):
+        entries = []
+        for item in read_uri_list(uri, storage):
+            try:
+                entries.append(stat_file(item, storage))
+            except SlideError:
+                entries.append(FileEntry(item))
+        return entries
+    return list_files(uri, storage)
+
+
+def read_mpp_table(uri: str, storage: StorageConfig) -> dict[str, float]:
+    """``--mpp-table`` CSV: a ``uri``/``path`` or ``slide_id`` column and an ``mpp`` column."""
+    table = {}
+    for row in read_csv_rows(uri, storage):
+        if "mpp" not in row:
+            raise InputError(f"{uri}: needs an 'mpp' column and a 'uri' or 'slide_id' column")
+        key = (row.get("uri") or row.get("path") or "").strip()
+        key = _resolve(key, uri) if key else (row.get("slide_id") or "").strip()
+        if key:
+            table[key] = float(row["mpp"])
+    return table
+
+
+def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
+    """tqdm bar on a terminal, silent otherwise (logs stay clean in ``ray job`` output)."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return iter(tqdm(items, total=total, desc=desc, unit="slide"))
+    return iter(items)
+
+
+def write_run_config(output: str, cfg: Config, args: dict, storage: StorageConfig) -> None:
+    """The resolved config and job arguments, next to the outputs (no credentials live in either)."""
+    doc = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "args": args}
+    write_bytes(join_uri(output, "config.json"), json.dumps(doc, indent=2, default=str).encode(),
+                storage)
+
+
+def fail(message: str, code: int = 2) -> int:
+    print(f"hemeflow: error: {message}", file=sys.stderr)
+    return code
+
+
+def guard_input_errors(exc: BaseException) -> bool:
+    """Whole-input problems (not bugs) that a job reports in one line instead of a traceback."""
+    return isinstance(exc, (InputError, HemeflowError)) and not isinstance(exc, SlideError)

@@ -1,0 +1,81 @@
+"""Inventory a slide archive: one row per file with format, size, levels, MPP and status.
+
+    python -m jobs.inventory --input <dir | s3://bucket/prefix | list.txt | list.csv> \
+        --output <dir | s3://bucket/prefix> [--mpp 0.25 | --mpp-table mpp.csv]
+
+Writes ``<output>/slides/slides.parquet`` and ``<output>/config.json`` and prints a summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from engine.errors import HemeflowError
+from engine.outputs import join_uri, write_parquet
+from engine.schema import SLIDES, table_from_rows
+from engine.slides.inventory import MppOverrides, inventory_file
+from engine.slides.storage import StagingArea
+from jobs.common import (add_common_args, expand_inputs, fail, load_config, progress,
+                         read_mpp_table, write_run_config)
+
+DEFAULT_INPUT = "../shared/data/wsi"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.inventory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", default=DEFAULT_INPUT,
+                   help=f"folder, s3:// prefix, or .txt/.csv list of slides (default {DEFAULT_INPUT})")
+    p.add_argument("--output", default="hemeflow-out", help="output folder or s3:// prefix")
+    p.add_argument("--mpp", type=float, help="µm/px for slides whose metadata has none")
+    p.add_argument("--mpp-table", help="CSV with uri (or slide_id) and mpp columns")
+    p.add_argument("--workers", type=int, default=4, help="slides opened in parallel")
+    add_common_args(p)
+    return p.parse_args(argv)
+
+
+def summarize(rows: list[dict]) -> str:
+    by_status = collections.Counter(r["status"] for r in rows)
+    failed = collections.Counter(r["error_type"] for r in rows if r["status"] == "failed")
+    parts = [f"{by_status['ok']} ok"]
+    if failed:
+        parts.append(f"{by_status['failed']} failed ("
+                     + ", ".join(f"{k} {v}" for k, v in sorted(failed.items())) + ")")
+    if by_status["skipped"]:
+        parts.append(f"{by_status['skipped']} skipped (not slides)")
+    no_mpp = sum(1 for r in rows if r["status"] == "ok" and r.get("mpp_source") == "missing")
+    line = f"{len(rows)} files: " + ", ".join(parts)
+    if no_mpp:
+        line += f"; {no_mpp} ok without MPP (supply --mpp or --mpp-table)"
+    return line
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args)
+        if args.mpp is not None and args.mpp <= 0:
+            return fail(f"--mpp must be positive, got {args.mpp}")
+        overrides = MppOverrides(
+            default=args.mpp,
+            table=read_mpp_table(args.mpp_table, cfg.storage) if args.mpp_table else {})
+        entries = expand_inputs(args.input, cfg.storage)
+        if not entries:
+            return fail(f"no files found under {args.input}")
+        with StagingArea(cfg.storage) as staging, ThreadPoolExecutor(args.workers) as pool:
+            work = pool.map(lambda e: inventory_file(e, cfg.storage, staging, overrides), entries)
+            rows = list(progress(work, len(entries), "inventory"))
+        out = join_uri(args.output, "slides", "slides.parquet")
+        write_parquet(table_from_rows(rows, SLIDES), out, cfg.storage)
+        write_run_config(args.output, cfg, vars(args), cfg.storage)
+    except (HemeflowError, OSError) as err:
+        return fail(str(err))
+    print(f"inventory: {summarize(rows)} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

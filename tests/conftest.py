@@ -1,0 +1,100 @@
+"""Shared fixtures: the real data folder, synthetic slides, a moto S3 server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+WSI = SHARED_DATA / "wsi"
+
+
+@pytest.fixture(scope="session")
+def wsi_dir() -> Path:
+    if not WSI.is_dir():
+        pytest.skip(f"real slide fixtures not found at {WSI} (../shared/data beside the project)")
+    return WSI
+
+
+def smear_like(height: int, width: int, seed: int = 0, tissue=((0.2, 0.2, 0.6, 0.7),)) -> np.ndarray:
+    """``(H, W, 3) uint8``: white glass with stained rectangles ``(x0, y0, x1, y1)`` in fractions,
+    speckled with dark purple nucleus-like dots."""
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width, 3), 242, np.uint8)
+    img += rng.integers(0, 8, img.shape, dtype=np.uint8)
+    for x0, y0, x1, y1 in tissue:
+        ys, ye, xs, xe = int(y0 * height), int(y1 * height), int(x0 * width), int(x1 * width)
+        img[ys:ye, xs:xe] = (225, 160, 200)  # eosin-pink / RBC-pink
+        n = max(1, (ye - ys) * (xe - xs) // 400)
+        cy = rng.integers(ys, ye, n)
+        cx = rng.integers(xs, xe, n)
+        img[np.clip(cy, 0, height - 1), np.clip(cx, 0, width - 1)] = (90, 40, 130)
+    return img
+
+
+@pytest.fixture(scope="session")
+def make_slide(tmp_path_factory):
+    """Factory: a JPEG-tiled pyramidal TIFF with MPP in its resolution tags."""
+    from engine.slides.writer import write_pyramid_tiff
+
+    def _make(name: str = "synthetic.tif", width: int = 3000, height: int = 2000, mpp: float = 0.5,
+              seed: int = 0, **kw) -> Path:
+        path = tmp_path_factory.mktemp("slides") / name
+        write_pyramid_tiff(smear_like(height, width, seed, **kw), str(path), mpp)
+        return path
+
+    return _make
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A real S3 HTTP endpoint (moto server mode) on 127.0.0.1; yields its URL.
+
+    Dummy credentials are set in the environment, where botocore's own chain finds them, exactly as
+    production reads real ones.
+    """
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    env = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def s3_client(s3_server):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+
+
+def upload_tree(client, bucket: str, root: Path, prefix: str) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(root).as_posix()}")

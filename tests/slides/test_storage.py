@@ -1,0 +1,63 @@
+import pytest
+
+from engine.config import StorageConfig
+from engine.errors import TransientStorageError
+from engine.slides.storage import call_with_retries, is_transient, list_files, normalize_uri
+
+
+def test_transient_errors_are_retried_with_backoff():
+    calls, sleeps = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("An error occurred (SlowDown) when calling GetObject: reduce rate")
+        return "done"
+
+    cfg = StorageConfig(retries=4, retry_backoff_s=0.1)
+    assert call_with_retries(flaky, cfg, "get", sleep=sleeps.append) == "done"
+    assert len(calls) == 3 and sleeps == [0.1, 0.2]
+
+
+@pytest.mark.parametrize("err", [FileNotFoundError("nope"), PermissionError("denied"),
+                                 ValueError("a bug")])
+def test_permanent_errors_are_not_retried(err):
+    calls = []
+
+    def fail():
+        calls.append(1)
+        raise err
+
+    with pytest.raises(type(err)):
+        call_with_retries(fail, StorageConfig(retries=5), "get", sleep=lambda s: None)
+    assert len(calls) == 1
+
+
+def test_retries_give_up_after_the_budget():
+    calls = []
+
+    def always():
+        calls.append(1)
+        raise TimeoutError("read timed out")
+
+    with pytest.raises(TimeoutError):
+        call_with_retries(always, StorageConfig(retries=2), "get", sleep=lambda s: None)
+    assert len(calls) == 3
+    assert is_transient(TransientStorageError("x")) and not is_transient(KeyError("x"))
+
+
+def test_listing_skips_hidden_files_and_mirax_data_folders(tmp_path):
+    (tmp_path / "a.svs").write_bytes(b"x")
+    (tmp_path / ".DS_Store").write_bytes(b"x")
+    (tmp_path / "case.mrxs").write_bytes(b"x")
+    (tmp_path / "case").mkdir()
+    (tmp_path / "case" / "Data0000.dat").write_bytes(b"x")
+    (tmp_path / "case" / "Slidedat.ini").write_bytes(b"x")
+    uris = [e.uri for e in list_files(str(tmp_path), StorageConfig())]
+    assert uris == [str(tmp_path / "a.svs"), str(tmp_path / "case.mrxs")]
+
+
+def test_normalize_uri():
+    assert normalize_uri("s3://bucket/prefix/") == "s3://bucket/prefix"
+    assert normalize_uri("file:///tmp/x.svs") == "/tmp/x.svs"
+    assert normalize_uri("rel/x.svs").startswith("/")

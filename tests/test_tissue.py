@@ -1,0 +1,52 @@
+import numpy as np
+
+from engine.config import TissueConfig
+from engine.tissue import (compute_tissue_mask, fill_small_holes, otsu_threshold,
+                           remove_small_regions, tile_fractions)
+from tests.conftest import smear_like
+
+
+def test_otsu_separates_two_modes():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0.05, 0.01, 5000), rng.normal(0.4, 0.05, 5000)])
+    thr = otsu_threshold(np.clip(values, 0, 1))
+    assert 0.1 < thr < 0.3
+
+
+def test_mask_finds_stained_region_and_ignores_glass():
+    img = smear_like(400, 600, tissue=((0.25, 0.25, 0.75, 0.75),))
+    mask = compute_tissue_mask(img, mpp=8.0, cfg=TissueConfig())
+    truth = np.zeros(mask.shape, bool)
+    truth[100:300, 150:450] = True
+    iou = (mask & truth).sum() / (mask | truth).sum()
+    assert iou > 0.95
+
+
+def test_blank_slide_has_no_tissue():
+    img = np.full((300, 300, 3), 245, np.uint8)
+    img += np.random.default_rng(1).integers(0, 6, img.shape, dtype=np.uint8)
+    assert not compute_tissue_mask(img, mpp=8.0, cfg=TissueConfig()).any()
+
+
+def test_small_specks_removed_and_small_holes_filled_by_um_size():
+    mask = np.zeros((100, 100), bool)
+    mask[10:60, 10:60] = True
+    mask[30:33, 30:33] = False           # 9 px hole
+    mask[80:82, 80:82] = True            # 4 px speck
+    cleaned = fill_small_holes(remove_small_regions(mask, 10), 20)
+    assert cleaned[31, 31] and not cleaned[81, 81]
+    big_hole = mask.copy()
+    big_hole[20:40, 20:40] = False       # 400 px hole (e.g. a fat vacuole) stays
+    assert not fill_small_holes(big_hole, 20)[30, 30]
+
+
+def test_tile_fractions_match_brute_force():
+    rng = np.random.default_rng(2)
+    mask = rng.random((50, 70)) > 0.5
+    x = np.array([0, 80, 400, 650])
+    y = np.array([0, 40, 200, 450])
+    got = tile_fractions(mask, (10.0, 10.0), x, y, (50.0, 50.0))
+    for i in range(len(x)):
+        x0, y0 = x[i] // 10, y[i] // 10
+        x1, y1 = min(-(-(x[i] + 50) // 10), 70), min(-(-(y[i] + 50) // 10), 50)
+        assert got[i] == np.float32(mask[y0:y1, x0:x1].mean())
