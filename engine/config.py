@@ -47,6 +47,22 @@ class StorageConfig:
     retries: int = 4
     retry_backoff_s: float = 0.5
 
+    def fsspec_options(self, protocol: str) -> dict[str, Any]:
+        """fsspec keyword options for ``protocol``; credentials are left to botocore's chain."""
+        if protocol not in ("s3", "s3a"):
+            return {}
+        opts: dict[str, Any] = {"anon": self.anon}
+        client_kwargs = {}
+        if self.endpoint_url:
+            client_kwargs["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client_kwargs["region_name"] = self.region
+        if client_kwargs:
+            opts["client_kwargs"] = client_kwargs
+        if self.profile:
+            opts["profile"] = self.profile
+        return opts
+
 
 @dataclass(frozen=True)
 class TissueConfig:

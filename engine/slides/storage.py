@@ -51,27 +51,10 @@ def normalize_uri(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
-def storage_options(storage: StorageConfig, protocol: str) -> dict:
-    """fsspec options for a protocol; credentials are left to botocore's own chain."""
-    if protocol not in ("s3", "s3a"):
-        return {}
-    opts: dict = {"anon": storage.anon}
-    client_kwargs = {}
-    if storage.endpoint_url:
-        client_kwargs["endpoint_url"] = storage.endpoint_url
-    if storage.region:
-        client_kwargs["region_name"] = storage.region
-    if client_kwargs:
-        opts["client_kwargs"] = client_kwargs
-    if storage.profile:
-        opts["profile"] = storage.profile
-    return opts
-
-
 def get_filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem for ``uri`` and the path inside it (fsspec caches instances)."""
     protocol = uri.split("://", 1)[0] if is_remote(uri) else "file"
-    return fsspec.core.url_to_fs(uri, **storage_options(storage, protocol))
+    return fsspec.core.url_to_fs(uri, **storage.fsspec_options(protocol))
 
 
 def is_transient(err: BaseException) -> bool:

@@ -1,0 +1,90 @@
+"""Checkpoints as safetensors plus a JSON card; pickle is never loaded.
+
+``model.safetensors`` holds the weights; ``model.json`` beside it says what they are: timm
+architecture, class codes, input size and µm/px, preprocessing, training data and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import fsspec
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from engine.config import StorageConfig
+from engine.errors import HemeflowError
+
+
+class CheckpointError(HemeflowError):
+    """A checkpoint is missing, refused (pickle) or does not fit the model."""
+
+
+class MissingWeights(CheckpointError):
+    """A stage was asked to run a model that has no trained weights."""
+
+
+def card_path(checkpoint: str) -> str:
+    root = checkpoint[: -len(".safetensors")] if checkpoint.endswith(".safetensors") else checkpoint
+    return root + ".json"
+
+
+def _open(uri: str, mode: str, storage: StorageConfig):
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    fs, path = fsspec.core.url_to_fs(uri, **storage.fsspec_options(protocol))
+    if "w" in mode and protocol == "file":
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return fs.open(path, mode)
+
+
+def _check_not_pickle(uri: str, head: bytes) -> None:
+    """safetensors starts with a little-endian u64 header length and then ``{``."""
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 100_000_000:
+        return
+    kind = ("a zip/pickle PyTorch checkpoint (torch.save)" if head[:2] == b"PK"
+            else "a pickle file" if head[:1] == b"\x80" else "not a safetensors file")
+    raise CheckpointError(
+        f"{uri} is {kind}; hemeflow loads safetensors only and never unpickles checkpoints. "
+        "Convert it where you trust its origin: "
+        "safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')")
+
+
+def read_checkpoint(uri: str, storage: StorageConfig | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load ``(state_dict, card)`` from a local path or ``s3://`` URI, refusing pickle."""
+    storage = storage or StorageConfig()
+    try:
+        with _open(uri, "rb", storage) as fh:
+            data = fh.read()
+    except FileNotFoundError as err:
+        raise CheckpointError(f"checkpoint not found: {uri}") from err
+    _check_not_pickle(uri, data[:16])
+    state = load_safetensors_bytes(data)
+    try:
+        with _open(card_path(uri), "rb", storage) as fh:
+            card = json.loads(fh.read())
+    except FileNotFoundError as err:
+        raise CheckpointError(f"checkpoint card missing: {card_path(uri)} (every checkpoint "
+                              "travels with a JSON card naming its architecture and classes)"
+                              ) from err
+    return state, card
+
+
+def write_checkpoint(state: dict[str, torch.Tensor], card: dict, uri: str,
+                     storage: StorageConfig | None = None,
+                     dtype: torch.dtype | None = None) -> None:
+    """Write weights (optionally cast floating tensors to ``dtype``, e.g. fp16) and the card."""
+    storage = storage or StorageConfig()
+    tensors = {}
+    for k, v in state.items():
+        v = v.detach().cpu()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        tensors[k] = v.contiguous()
+    with _open(uri, "wb", storage) as fh:
+        fh.write(save_safetensors_bytes(tensors, metadata={"format": "pt"}))
+    with _open(card_path(uri), "wb", storage) as fh:
+        fh.write(json.dumps(card, indent=2, sort_keys=True, default=str).encode())

@@ -1,0 +1,107 @@
+"""``create_model(name)``: a registered spec, built with timm, with weights from a checkpoint."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import timm
+import torch
+
+from engine.config import StorageConfig
+from engine.models.checkpoint import CheckpointError, MissingWeights, read_checkpoint
+from engine.models.registry import ModelSpec, get_spec
+
+
+@dataclass
+class LoadedModel:
+    """A built model and what it is.
+
+    Attributes:
+        module: the timm ``nn.Module`` in eval mode, float32, on CPU.
+        spec: its registry spec.
+        class_codes: codes of the output classes, in logit order (empty for encoders).
+        card: the checkpoint card (empty for untrained or hub weights).
+        weights: where the weights came from: a checkpoint URI, ``hub:<tag>`` or ``untrained``.
+        mean, std: input normalisation from timm's data config.
+    """
+
+    module: torch.nn.Module
+    spec: ModelSpec
+    class_codes: tuple[str, ...]
+    card: dict = field(default_factory=dict)
+    weights: str = "untrained"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @property
+    def trained(self) -> bool:
+        return self.weights != "untrained"
+
+    @property
+    def num_features(self) -> int:
+        return int(self.module.num_features)
+
+
+def build_module(spec: ModelSpec, num_classes: int, pretrained: bool = False) -> torch.nn.Module:
+    name = spec.hub_id if pretrained and spec.hub_id else spec.architecture
+    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
+                             **dict(spec.timm_kwargs))
+
+
+def create_model(name: str, checkpoint: str | None = None, *, class_codes=None,
+                 allow_untrained: bool = False, hub: bool = False,
+                 storage: StorageConfig | None = None) -> LoadedModel:
+    """Build a registered model with weights.
+
+    Weights come from ``checkpoint`` if given, else the spec's default checkpoint if it exists,
+    else the timm hub when ``hub=True`` (needs network), else random init when
+    ``allow_untrained=True`` (benchmarks and tests only).
+
+    Raises:
+        ValueError: unknown name (lists the registered ones).
+        MissingWeights: no weights and ``allow_untrained`` is False; names the expected file.
+        CheckpointError: the checkpoint is pickle, lacks a card, or does not fit the architecture.
+    """
+    spec = get_spec(name)
+    uri = checkpoint or _existing(spec.checkpoint_uri())
+    if uri is not None:
+        state, card = read_checkpoint(uri, storage)
+        if card.get("architecture") != spec.architecture:
+            raise CheckpointError(f"{uri} holds a {card.get('architecture')!r} model, but "
+                                  f"{name!r} is {spec.architecture!r}")
+        codes = tuple(card.get("class_codes", ()))
+        module = build_module(spec, len(codes) if spec.task == "classification" else 0)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{uri} does not fit {spec.architecture}: missing "
+                                  f"{missing[:5]}, unexpected {unexpected[:5]}")
+        return _finish(module, spec, codes, card, uri)
+    codes = tuple(class_codes or spec.class_codes)
+    n_out = len(codes) if spec.task == "classification" else 0
+    if hub and spec.hub_id:
+        return _finish(build_module(spec, n_out, pretrained=True), spec, codes, {},
+                       f"hub:{spec.hub_id}")
+    if not allow_untrained:
+        expected = spec.checkpoint_uri() or "(none registered for this model)"
+        raise MissingWeights(
+            f"model {name!r} has no trained weights: expected checkpoint {expected}. Pass a "
+            "checkpoint (--checkpoint / config), or --allow-untrained for benchmarks and tests "
+            "only (outputs would be meaningless)")
+    if spec.task == "classification" and not codes:
+        raise ValueError(f"untrained classifier {name!r} needs class_codes")
+    return _finish(build_module(spec, n_out), spec, codes, {}, "untrained")
+
+
+def _existing(uri: str | None) -> str | None:
+    if uri is None or "://" in uri:
+        return uri
+    return uri if os.path.exists(uri) else None
+
+
+def _finish(module, spec, codes, card, weights) -> LoadedModel:
+    module.eval()
+    cfg = timm.data.resolve_model_data_config(module)
+    return LoadedModel(module=module, spec=spec, class_codes=tuple(codes), card=card,
+                       weights=weights, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))

@@ -1,0 +1,90 @@
+"""Batch inference: ``uint8 (B, H, W, 3)`` numpy in, float numpy out.
+
+On CUDA the model runs in channels_last with bf16 autocast; on CPU in float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.models.factory import LoadedModel
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Predictor:
+    """Runs a `LoadedModel` on batches of RGB crops or tiles.
+
+    Args:
+        model: from `create_model`.
+        device: defaults to CUDA when present.
+        amp: bf16 autocast on CUDA.
+        channels_last: NHWC memory format on CUDA (faster convolutions).
+    """
+
+    def __init__(self, model: LoadedModel, device: torch.device | str | None = None,
+                 amp: bool = True, channels_last: bool = True):
+        self.model = model
+        self.device = torch.device(device) if device is not None else default_device()
+        self.cuda = self.device.type == "cuda"
+        self.amp = amp and self.cuda
+        self.channels_last = channels_last and self.cuda
+        self.module = model.module.to(self.device).eval()
+        if self.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.mean = torch.tensor(model.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(model.std, device=self.device).view(1, 3, 1, 1) * 255
+
+    def preprocess(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, 3) uint8`` -> normalised ``(B, 3, S, S) float32`` on the device.
+
+        Inputs of another size are resized to the model's ``input_px`` (bilinear, antialiased).
+        """
+        x = torch.as_tensor(images)
+        if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+            raise ValueError(f"expected (B, H, W, 3) uint8, got {tuple(x.shape)} {x.dtype}")
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        size = self.model.spec.input_px
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
+
+    @torch.inference_mode()
+    def logits(self, images) -> torch.Tensor:
+        with self._autocast():
+            return self.module(self.preprocess(images)).float()
+
+    @torch.inference_mode()
+    def predict(self, images, tta: bool = False) -> np.ndarray:
+        """Class probabilities ``(B, C) float32`` in ``model.class_codes`` order.
+
+        With ``tta`` the softmax is averaged over the 8 rotations/flips of each crop (a cell has
+        no preferred orientation); 8x the compute.
+        """
+        if self.model.spec.task != "classification":
+            raise ValueError(f"{self.model.spec.name} is an encoder; use embed()")
+        x = self.preprocess(images)
+        views = [x] if not tta else [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3))
+                                     for k in range(4)]
+        probs = 0
+        with self._autocast():
+            for v in views:
+                probs = probs + torch.softmax(self.module(v).float(), dim=1)
+        return (probs / len(views)).cpu().numpy()
+
+    @torch.inference_mode()
+    def embed(self, images) -> np.ndarray:
+        """Pooled features ``(B, D) float32`` (the penultimate layer of a classifier)."""
+        with self._autocast():
+            feats = self.module.forward_features(self.preprocess(images))
+            pooled = self.module.forward_head(feats, pre_logits=True)
+        return pooled.float().cpu().numpy()

@@ -1,0 +1,80 @@
+"""Ray Train wiring for the pure-torch recipes in ``engine.train``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+
+class RaySession:
+    """`engine.train.loop.Session` on a Ray Train worker (DDP via ``prepare_model``)."""
+
+    def __init__(self):
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self._restored = None
+
+    def prepare_model(self, module: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(module)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    def restore_dir(self) -> str | None:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        self._restored = ckpt.to_directory()  # a local copy that outlives this call
+        return self._restored
+
+
+def _worker_entry(config: dict) -> None:
+    fn = config.pop("_train_fn")
+    fn(config, RaySession())
+
+
+def run_ray_training(train_fn: Callable[[dict, object], None], config: dict, *, num_workers: int,
+                     use_gpu: bool, storage_path: str, name: str, cpus_per_worker: float = 1,
+                     max_failures: int = 2) -> tuple[str, list[dict]]:
+    """Run ``train_fn(config, session)`` on ``num_workers`` Ray Train workers.
+
+    A worker that dies is replaced and training resumes from the last reported checkpoint, up to
+    ``max_failures`` times; rerunning with the same ``storage_path`` and ``name`` resumes too.
+
+    Returns:
+        ``(local folder of the last checkpoint, metrics history)``.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={**config, "_train_fn": train_fn},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_path)
+                             if "://" not in storage_path else storage_path,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {name} finished without a checkpoint: {result.error}")
+    local = os.path.join(os.path.abspath(storage_path) if "://" not in storage_path else
+                         "/tmp", f"{name}-final")
+    shutil.rmtree(local, ignore_errors=True)
+    result.checkpoint.to_directory(local)
+    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None \
+        else []
+    return local, history

@@ -1,0 +1,1 @@
+"""Plots and exports for people: confusion matrices, UMAPs, (later) overlays and QuPath GeoJSON."""

@@ -1,0 +1,1 @@
+"""Pure-torch training recipes (no Ray): data, augmentation, balancing, splits, loop, metrics."""

@@ -1,0 +1,126 @@
+"""The DeepHeme training recipe for one fold, written against a `Session` (local or Ray Train).
+
+Prepared data is a folder of ``images.npy`` ``(N, H, W, 3) uint8`` at the model's µm/px with a
+margin for augmentation, ``labels.npy`` ``(N,) int64``, and ``split.json`` with ``train``/``val``
+index lists per fold.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from engine.models.factory import build_module
+from engine.models.registry import get_spec
+from engine.train.augment import eval_transform, train_transform
+from engine.train.loop import (Session, TrainSettings, evaluate, load_train_state,
+                               save_train_state, train_one_epoch, unwrap)
+from engine.train.splits import BalancedSampler
+
+
+class AugmentedCells(torch.utils.data.Dataset):
+    """Rows ``idx`` of a uint8 image array, augmented; yields ``(uint8 (H, W, 3), int)``."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, idx, transform):
+        self.images, self.labels, self.idx, self.transform = images, labels, np.asarray(idx), \
+            transform
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        j = int(self.idx[i])
+        img = self.transform(image=np.ascontiguousarray(self.images[j]))["image"]
+        return torch.from_numpy(np.ascontiguousarray(img)), int(self.labels[j])
+
+
+def load_prepared(folder: str, fold: int):
+    images = np.load(os.path.join(folder, "images.npy"), mmap_mode="r")
+    labels = np.load(os.path.join(folder, "labels.npy"))
+    with open(os.path.join(folder, "split.json")) as fh:
+        split = json.load(fh)["folds"][fold]
+    return images, labels, np.asarray(split["train"]), np.asarray(split["val"])
+
+
+def train_fold(config: dict, session: Session) -> None:
+    """Train one fold; reports metrics every epoch with a checkpoint folder holding the resumable
+    state (``state.safetensors`` + ``state.json``) and the best weights so far
+    (``best.safetensors``).
+
+    ``config`` keys: ``arch`` (registry name), ``class_codes``, ``data`` (prepared folder),
+    ``fold``, ``settings`` (`TrainSettings` fields).
+    """
+    settings = TrainSettings.from_dict(config["settings"])
+    torch.manual_seed(settings.seed + session.rank)
+    spec = get_spec(config["arch"])
+    codes = list(config["class_codes"])
+    images, labels, train_idx, val_idx = load_prepared(config["data"], config["fold"])
+
+    module = build_module(spec, len(codes))
+    if session.device.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)
+    model = session.prepare_model(module)
+    from timm.data import resolve_model_data_config
+
+    dcfg = resolve_model_data_config(unwrap(model))
+    mean, std = dcfg["mean"], dcfg["std"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr,
+                                 weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.lr_step_epochs,
+                                                settings.lr_gamma)
+    ema = None
+    if settings.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(unwrap(model), decay=settings.ema_decay, use_warmup=True)
+    start, best_f1, bad, best_state = 0, -1.0, 0, None
+    restore = session.restore_dir()
+    if restore:
+        doc, best_state = load_train_state(restore, model, optimizer, scheduler, ema)
+        start, best_f1, bad = doc["epoch"] + 1, doc["best_macro_f1"], doc["bad_epochs"]
+
+    sampler = BalancedSampler(labels[train_idx], session.world_size, session.rank, settings.seed)
+    pin = session.device.type == "cuda"
+    train_loader = torch.utils.data.DataLoader(
+        AugmentedCells(images, labels, train_idx, train_transform(spec.input_px)),
+        batch_size=settings.batch_size, sampler=sampler, num_workers=settings.num_workers,
+        pin_memory=pin, drop_last=True, persistent_workers=settings.num_workers > 0)
+    val_loader = torch.utils.data.DataLoader(
+        AugmentedCells(images, labels, val_idx, eval_transform(spec.input_px)),
+        batch_size=settings.batch_size * 2, num_workers=settings.num_workers, pin_memory=pin)
+
+    started = time.time()
+    for epoch in range(start, settings.epochs):
+        if bad >= settings.patience:
+            break
+        if settings.max_minutes and (time.time() - started) / 60 > settings.max_minutes:
+            break
+        t0 = time.time()
+        sampler.set_epoch(epoch)
+        train_loss = train_one_epoch(model, train_loader, optimizer, session.device, mean, std,
+                                     settings, ema)
+        scheduler.step()
+        scored = ema.module if ema is not None else unwrap(model)  # the weights we would ship
+        val = evaluate(scored, val_loader, session.device, mean, std, codes)
+        if val["macro_f1"] > best_f1:
+            best_f1, bad = val["macro_f1"], 0
+            best_state = copy.deepcopy({k: v.detach().cpu()
+                                        for k, v in scored.state_dict().items()})
+        else:
+            bad += 1
+        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
+                   "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+                   "best_val_macro_f1": best_f1, "lr": scheduler.get_last_lr()[0],
+                   "seconds": round(time.time() - t0, 2), "fold": config["fold"]}
+        with tempfile.TemporaryDirectory() as tmp:
+            if session.rank == 0:
+                save_train_state(tmp, model, optimizer, scheduler,
+                                 {"epoch": epoch, "best_macro_f1": best_f1, "bad_epochs": bad},
+                                 best_state, ema)
+            session.report(metrics, tmp if session.rank == 0 else None)

@@ -1,0 +1,79 @@
+"""Evaluate one classifier or an ensemble (probabilities averaged) on labelled cell images."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+from engine.classes import DEEPHEME_CODES, covers, get_class, to_group
+from engine.models.factory import LoadedModel
+from engine.models.inference import Predictor
+from engine.train.data import LabelledImages, load_cell_images
+from engine.train.metrics import classification_metrics
+
+
+def ordered_codes(codes) -> list[str]:
+    """Codes in DeepHeme scheme order, then any others alphabetically."""
+    order = {c: i for i, c in enumerate(DEEPHEME_CODES)}
+    return sorted(set(codes), key=lambda c: (order.get(c, len(order)), c))
+
+
+def predict_images(models: list[LoadedModel], images: np.ndarray, batch_size: int = 256,
+                   device=None, with_features: bool = False, tta: bool = False):
+    """Mean probabilities over ``models`` (same class codes) and, optionally, the first model's
+    penultimate features. ``images``: ``(N, S, S, 3) uint8`` at the models' input µm/px."""
+    codes = models[0].class_codes
+    if any(m.class_codes != codes for m in models):
+        raise ValueError("ensemble members predict different class codes")
+    predictors = [Predictor(m, device) for m in models]
+    probs, feats = [], []
+    for i in range(0, len(images), batch_size):
+        batch = images[i : i + batch_size]
+        probs.append(np.mean([p.predict(batch, tta) for p in predictors], axis=0))
+        if with_features:
+            feats.append(predictors[0].embed(batch))
+    probs = np.concatenate(probs) if probs else np.zeros((0, len(codes)), np.float32)
+    return probs, (np.concatenate(feats) if feats else None)
+
+
+def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_mpp: float,
+                        batch_size: int = 256, device=None, tta: bool = True
+                        ) -> tuple[dict, dict]:
+    """Metrics on the rows whose code the model predicts; group-level accuracy on rows labelled
+    only with a group (``IG`` when the model predicts M2–M4); other rows reported, not dropped.
+
+    Returns:
+        ``(report, arrays)`` where arrays holds ``probs``, ``features``, ``y`` (-1 for rows not
+        scored at class level) for plots.
+    """
+    spec = models[0].spec
+    codes = list(models[0].class_codes)
+    crop = load_cell_images(data.paths, source_mpp, spec.input_mpp, spec.input_px)
+    probs, feats = predict_images(models, crop, batch_size, device, with_features=True,
+                                  tta=tta)
+    index = {c: i for i, c in enumerate(codes)}
+    y = np.array([index.get(c, -1) for c in data.codes])
+    scored = y >= 0
+    report = classification_metrics(y[scored], probs[scored], codes) if scored.any() else {}
+    pred_codes = [codes[i] for i in probs.argmax(1)] if len(probs) else []
+    group_rows = collections.defaultdict(lambda: [0, 0])
+    uncovered = collections.Counter()
+    for code, pred, ok in zip(data.codes, pred_codes, scored):
+        if ok:
+            continue
+        if get_class(code).members and covers(codes, code):
+            group_rows[code][0] += 1
+            group_rows[code][1] += int(to_group(pred) == code)
+        else:
+            uncovered[code] += 1
+    report.update({
+        "model": spec.name,
+        "weights": [m.weights for m in models],
+        "ensemble_size": len(models),
+        "tta": tta,
+        "group_level": {c: {"n": n, "accuracy": k / n} for c, (n, k) in sorted(group_rows.items())},
+        "not_covered": dict(sorted(uncovered.items())),
+        "model_class_codes": codes,
+    })
+    return report, {"probs": probs, "features": feats, "y": y}

@@ -1,0 +1,192 @@
+"""Training loop pieces in plain torch: settings, one epoch, evaluation, resumable state.
+
+Distribution is behind a small `Session` (rank, device, model wrapping, reporting, restoring):
+`LocalSession` here runs in-process; ``engine.pipeline.train`` provides one on Ray Train.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from engine.train.metrics import classification_metrics
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Adam with step decay and early stopping, as DeepHeme trained."""
+
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_step_epochs: int = 10
+    lr_gamma: float = 0.3
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.05
+    # Weight EMA. Off by default: with Adam at 1e-3 and BatchNorm, the averaged weights lag far
+    # behind and score worse (measured on PBC: val macro F1 0.89 vs 0.91 without).
+    ema_decay: float | None = None
+    patience: int = 10
+    num_workers: int = 4
+    max_steps_per_epoch: int | None = None  # tests and smoke runs
+    max_minutes: float | None = None  # wall-time budget; the best model so far is kept
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainSettings:
+        return cls(**d)
+
+
+class Session(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare_model(self, module: torch.nn.Module) -> torch.nn.Module: ...
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
+
+    def restore_dir(self) -> str | None: ...
+
+
+class LocalSession:
+    """One process, checkpoints kept in ``<root>/checkpoint`` (replaced atomically each epoch)."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, root: str, device: torch.device | None = None, log=print):
+        self.root = root
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.log = log
+        self.history: list[dict] = []
+        os.makedirs(root, exist_ok=True)
+
+    def prepare_model(self, module):
+        return module.to(self.device)
+
+    def report(self, metrics, checkpoint_dir):
+        self.history.append(metrics)
+        self.log(json.dumps(metrics))
+        if checkpoint_dir:
+            final = os.path.join(self.root, "checkpoint")
+            old = final + ".old"
+            if os.path.exists(final):
+                os.replace(final, old)
+            shutil.copytree(checkpoint_dir, final)
+            shutil.rmtree(old, ignore_errors=True)
+
+    def restore_dir(self):
+        path = os.path.join(self.root, "checkpoint")
+        return path if os.path.exists(os.path.join(path, "state.json")) else None
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if hasattr(module, "module") else module
+
+
+def normalize_batch(x: torch.Tensor, mean, std, device, channels_last: bool) -> torch.Tensor:
+    """``(B, H, W, 3) uint8`` -> ``(B, 3, H, W) float`` normalised on ``device``."""
+    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+    x = (x - m) / s
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def train_one_epoch(model, loader, optimizer, device, mean, std, settings: TrainSettings,
+                    ema=None) -> float:
+    model.train()
+    cuda = device.type == "cuda"
+    total, n = 0.0, 0
+    for step, (x, y) in enumerate(loader):
+        if settings.max_steps_per_epoch and step >= settings.max_steps_per_epoch:
+            break
+        x = normalize_batch(x, mean, std, device, channels_last=cuda)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss = F.cross_entropy(model(x).float(), y, label_smoothing=settings.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if ema is not None:
+            ema.update(unwrap(model))
+        total += float(loss.detach()) * len(y)
+        n += len(y)
+    return total / max(n, 1)
+
+
+@torch.inference_mode()
+def predict_loader(model, loader, device, mean, std) -> tuple[np.ndarray, np.ndarray]:
+    """``(probs (N, C), labels (N,))`` over a loader of ``(uint8 images, int labels)``."""
+    model.eval()
+    cuda = device.type == "cuda"
+    probs, labels = [], []
+    for x, y in loader:
+        x = normalize_batch(x, mean, std, device, channels_last=cuda)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            probs.append(torch.softmax(model(x).float(), 1).cpu().numpy())
+        labels.append(y.numpy())
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def evaluate(model, loader, device, mean, std, class_codes) -> dict:
+    probs, labels = predict_loader(model, loader, device, mean, std)
+    nll = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-8, 1)).mean())
+    m = classification_metrics(labels, probs, class_codes)
+    return {"loss": nll, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+            "mean_auc": m["mean_auc"]}
+
+
+# ---- resumable state: safetensors for tensors, JSON for the rest (no pickle anywhere) ----
+
+def save_train_state(folder: str, model, optimizer, scheduler, extra: dict,
+                     best_state: dict[str, torch.Tensor], ema=None) -> None:
+    os.makedirs(folder, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous()
+               for k, v in unwrap(model).state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous()
+                        for k, v in ema.module.state_dict().items()})
+    opt = optimizer.state_dict()
+    for pid, st in opt["state"].items():
+        for name, value in st.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optim.{pid}.{name}"] = t.detach().cpu().contiguous()
+    save_file(tensors, os.path.join(folder, "state.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in best_state.items()},
+              os.path.join(folder, "best.safetensors"))
+    doc = {"param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(), **extra}
+    with open(os.path.join(folder, "state.json"), "w") as fh:
+        json.dump(doc, fh, default=str)
+
+
+def load_train_state(folder: str, model, optimizer, scheduler, ema=None
+                     ) -> tuple[dict, dict[str, torch.Tensor]]:
+    tensors = load_file(os.path.join(folder, "state.safetensors"))
+    with open(os.path.join(folder, "state.json")) as fh:
+        doc = json.load(fh)
+    unwrap(model).load_state_dict({k[6:]: v for k, v in tensors.items()
+                                   if k.startswith("model.")})
+    if ema is not None and any(k.startswith("ema.") for k in tensors):
+        ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
+    scheduler.load_state_dict(doc["scheduler"])
+    return doc, load_file(os.path.join(folder, "best.safetensors"))
+
+
+def settings_dict(s: TrainSettings) -> dict:
+    return asdict(s)

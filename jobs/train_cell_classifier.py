@@ -1,0 +1,234 @@
+"""Train the DeepHeme cell classifier on labelled single-cell images (Ray Train, or --local).
+
+    python -m jobs.train_cell_classifier --data <dir with labels.csv: path,code> --output <dir>
+        [--folds K] [--epochs N] [--arch deepheme-resnext50] [--workers 2] [--source-mpp 0.1]
+
+Steps: hold out a stratified test split (written to <output>/test/labels.csv), bring images to the
+model's µm/px, train K fold models (K=1: one model with a validation split) with class balancing by
+up-sampling, augmentation, Adam + step decay and early stopping, then evaluate each fold and their
+average on the test split. Every model is written as fp16 safetensors with a JSON card;
+<output>/model.safetensors is the ensemble's first member when K=1, and <output>/fold-*/ hold all.
+A killed worker is replaced and resumes from its last epoch; rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+import engine
+from engine.classes import covers, get_class
+from engine.models import create_model, get_spec, list_models, write_checkpoint
+from engine.models.factory import LoadedModel, build_module
+from engine.train.data import read_labels
+from engine.train.evaluation import evaluate_classifier, ordered_codes
+from engine.train.loop import LocalSession, TrainSettings, settings_dict
+from engine.train.splits import holdout_split, kfold_splits
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jobs.train_cell_classifier", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder with labels.csv (path,code)")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--arch", default="deepheme-resnext50", choices=list_models())
+    p.add_argument("--folds", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--ema-decay", type=float, help="keep an EMA of the weights (e.g. 0.998)")
+    p.add_argument("--lr-step-epochs", type=int, default=10, help="step decay period (x0.3)")
+    p.add_argument("--max-minutes", type=float, help="stop each fold after this wall time")
+    p.add_argument("--source-mpp", type=float, default=0.1,
+                   help="µm/px of the input images (PBC / CellaVision: about 0.1)")
+    p.add_argument("--exclude-codes", default="IG,NEU",
+                   help="codes not trained on (group-only labels); kept in the test split and "
+                        "scored at group level")
+    p.add_argument("--test-fraction", type=float, default=0.15)
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    p.add_argument("--gpus", action="store_true", help="one GPU per worker (default: if CUDA)")
+    p.add_argument("--cpus-per-worker", type=float, default=1)
+    p.add_argument("--loader-workers", type=int, default=4, help="DataLoader processes per worker")
+    p.add_argument("--local", action="store_true", help="train in this process, without Ray")
+    p.add_argument("--max-steps", type=int, help="cap steps per epoch (smoke tests)")
+    p.add_argument("--limit-per-class", type=int, help="use at most this many images per class")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def prepare(args, out: str):
+    """Split, write the test list, and write the prepared arrays for the workers."""
+    from engine.train.data import load_cell_images
+
+    data = read_labels(args.data)
+    excluded = {c.strip() for c in args.exclude_codes.split(",") if c.strip()}
+    for code in set(data.codes):
+        get_class(code)  # unknown codes fail here, naming the valid ones
+    rng = np.random.default_rng(args.seed)
+    keep = [i for i, c in enumerate(data.codes) if c not in excluded]
+    if args.limit_per_class:
+        by_code: dict[str, list[int]] = {}
+        for i in keep:
+            by_code.setdefault(data.codes[i], []).append(i)
+        keep = sorted(j for idx in by_code.values()
+                      for j in rng.permutation(idx)[: args.limit_per_class])
+    trainable = data.subset(keep)
+    codes = ordered_codes(trainable.codes)
+    y = np.array([codes.index(c) for c in trainable.codes])
+    groups = np.array(trainable.groups) if trainable.groups else None
+    dev_idx, test_idx = holdout_split(y, args.test_fraction, args.seed, groups)
+    test_rows = [(trainable.paths[i], trainable.codes[i]) for i in test_idx]
+    test_rows += [(p, c) for p, c in zip(data.paths, data.codes) if c in excluded]
+    os.makedirs(os.path.join(out, "test"), exist_ok=True)
+    with open(os.path.join(out, "test", "labels.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "code"])
+        w.writerows((os.path.abspath(p), c) for p, c in test_rows)
+    dev = trainable.subset(dev_idx)
+    spec = get_spec(args.arch)
+    margin_px = int(round(spec.input_px * 1.5))  # room for rotation before the centre crop
+    prepared = os.path.join(out, "prepared")
+    os.makedirs(prepared, exist_ok=True)
+    if not os.path.exists(os.path.join(prepared, "split.json")):
+        t0 = time.time()
+        images = load_cell_images(dev.paths, args.source_mpp, spec.input_mpp, margin_px)
+        np.save(os.path.join(prepared, "images.npy"), images)
+        np.save(os.path.join(prepared, "labels.npy"), y[dev_idx])
+        folds = kfold_splits(y[dev_idx], args.folds, args.seed,
+                             groups[dev_idx] if groups is not None else None)
+        with open(os.path.join(prepared, "split.json"), "w") as fh:
+            json.dump({"codes": codes, "folds": [{"train": tr.tolist(), "val": va.tolist()}
+                                                 for tr, va in folds]}, fh)
+        print(f"prepared {len(images)} images at {spec.input_mpp} µm/px in "
+              f"{time.time() - t0:.0f}s; {len(test_rows)} test rows", flush=True)
+    return codes, prepared, len(dev_idx), len(test_rows)
+
+
+def best_weights(folder: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "best.safetensors"))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = os.path.abspath(args.output)
+    os.makedirs(out, exist_ok=True)
+    codes, prepared, n_dev, n_test = prepare(args, out)
+    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                             patience=args.patience, num_workers=args.loader_workers,
+                             lr_step_epochs=args.lr_step_epochs, max_minutes=args.max_minutes,
+                             label_smoothing=args.label_smoothing, ema_decay=args.ema_decay,
+                             max_steps_per_epoch=args.max_steps, seed=args.seed)
+    import torch
+
+    use_gpu = args.gpus or torch.cuda.is_available()
+    spec = get_spec(args.arch)
+    from engine.train.cell_classifier import train_fold
+
+    members: list[LoadedModel] = []
+    for fold in range(args.folds):
+        config = {"arch": args.arch, "class_codes": codes, "data": prepared, "fold": fold,
+                  "settings": settings_dict(settings)}
+        t0 = time.time()
+        if args.local:
+            session = LocalSession(os.path.join(out, "runs", f"fold-{fold}"))
+            train_fold(config, session)
+            ckpt_dir, history = session.restore_dir(), session.history
+        else:
+            from engine.pipeline.train import run_ray_training
+
+            ckpt_dir, history = run_ray_training(
+                train_fold, config, num_workers=args.workers, use_gpu=use_gpu,
+                storage_path=os.path.join(out, "runs"), name=f"fold-{fold}",
+                cpus_per_worker=args.cpus_per_worker)
+        module = build_module(spec, len(codes))
+        module.load_state_dict(best_weights(ckpt_dir))
+        model = LoadedModel(module.eval(), spec, tuple(codes), weights=f"fold-{fold}")
+        members.append(model)
+        card = make_card(args, spec, codes, model, n_dev, fold, history, time.time() - t0,
+                         use_gpu)
+        write_checkpoint(module.state_dict(), card,
+                         os.path.join(out, f"fold-{fold}", "model.safetensors"),
+                         dtype=torch.float16)
+        print(f"fold {fold}: best val macro F1 {card['training']['best_val_macro_f1']} "
+              f"({len(history)} epochs run here)", flush=True)
+
+    test = read_labels(os.path.join(out, "test"))
+    reports = {}
+    for fold, m in enumerate(members):
+        reports[f"fold-{fold}"], _ = evaluate_classifier([reload(out, fold, args)], test,
+                                                         args.source_mpp)
+    if len(members) > 1:
+        reports["ensemble"], _ = evaluate_classifier(
+            [reload(out, f, args) for f in range(len(members))], test, args.source_mpp)
+    for fold in range(len(members)):
+        path = os.path.join(out, f"fold-{fold}", "model.json")
+        with open(path) as fh:
+            card = json.load(fh)
+        card["metrics"] = {"test": slim(reports[f"fold-{fold}"])}
+        if "ensemble" in reports:
+            card["metrics"]["test_ensemble"] = slim(reports["ensemble"])
+        with open(path, "w") as fh:
+            json.dump(card, fh, indent=2, sort_keys=True)
+    if args.folds == 1:
+        for ext in ("safetensors", "json"):
+            shutil.copy(os.path.join(out, "fold-0", f"model.{ext}"),
+                        os.path.join(out, f"model.{ext}"))
+    with open(os.path.join(out, "evaluation.json"), "w") as fh:
+        json.dump(reports, fh, indent=2)
+    for name, rep in reports.items():
+        print(json.dumps({"model": name, "accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"],
+                          "mean_auc": rep["mean_auc"],
+                          "classes_p_r_above_0_8": rep["classes_precision_recall_above_0_8"],
+                          "n_classes": rep["n_classes"], "n": rep["n"]}))
+    print(f"checkpoints: {out}/fold-*/model.safetensors; test split: {out}/test/labels.csv")
+    return 0
+
+
+def reload(out, fold, args) -> LoadedModel:
+    return create_model(args.arch, os.path.join(out, f"fold-{fold}", "model.safetensors"))
+
+
+def slim(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k not in ("confusion_matrix",)}
+
+
+def make_card(args, spec, codes, model, n_dev, fold, history, seconds, use_gpu) -> dict:
+    import torch
+
+    device = torch.cuda.get_device_name(0) if use_gpu and torch.cuda.is_available() else "cpu"
+    best = max((h.get("val_macro_f1", -1) for h in history), default=None)
+    return {
+        "name": spec.name, "architecture": spec.architecture, "task": spec.task,
+        "class_codes": list(codes),
+        "class_names": {c: get_class(c).name for c in codes},
+        "input_px": spec.input_px, "input_mpp": spec.input_mpp,
+        "preprocessing": {"mean": list(model.mean), "std": list(model.std),
+                          "input": "RGB uint8 crop centred on the cell, resampled to input_mpp"},
+        "training": {
+            "data": os.path.abspath(args.data), "source_mpp": args.source_mpp,
+            "excluded_codes": args.exclude_codes, "n_dev_images": n_dev, "fold": fold,
+            "folds": args.folds, "settings": vars(args), "device": device,
+            "seconds": round(seconds, 1), "best_val_macro_f1": best,
+            "history": [{k: v for k, v in h.items() if isinstance(v, (int, float, str))}
+                        for h in history],
+        },
+        "covers_groups": [g for g in ("ER", "IG", "NEU") if covers(codes, g)],
+        "hemeflow_version": engine.__version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

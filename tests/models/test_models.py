@@ -1,0 +1,124 @@
+"""Registry, checkpoints (safetensors only) and batch inference, with tiny timm models."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine.models import (CheckpointError, MissingWeights, Predictor, create_model, list_models,
+                           read_checkpoint, write_checkpoint)
+
+CODES = ("L2", "MO2", "M6")
+
+
+def _tiny(tmp_path, name="deepheme-tiny"):
+    torch.manual_seed(0)
+    model = create_model(name, allow_untrained=True, class_codes=CODES)
+    card = {"name": name, "architecture": model.spec.architecture, "class_codes": list(CODES)}
+    path = str(tmp_path / "model.safetensors")
+    write_checkpoint(model.module.state_dict(), card, path)
+    return model, path
+
+
+def test_unknown_name_lists_registered_models():
+    with pytest.raises(ValueError) as info:
+        create_model("resnet-9000")
+    for name in ("deepheme-resnext50", "dinov2-vits14", "dinov2-vitb14", "dinov2-vitl14"):
+        assert name in str(info.value) and name in list_models()
+
+
+def test_missing_weights_refuse_with_the_expected_checkpoint():
+    with pytest.raises(MissingWeights, match="deepheme-resnet18.*no trained weights"):
+        create_model("deepheme-resnet18")
+    with pytest.raises(MissingWeights, match="--allow-untrained"):
+        create_model("dinov2-vits14")
+
+
+def test_save_load_gives_identical_outputs(tmp_path):
+    model, path = _tiny(tmp_path)
+    loaded = create_model("deepheme-tiny", path)
+    assert loaded.class_codes == CODES and loaded.trained
+    crops = np.random.default_rng(0).integers(0, 255, (4, 96, 96, 3), dtype=np.uint8)
+    a = Predictor(model, "cpu").predict(crops)
+    b = Predictor(loaded, "cpu").predict(crops)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (4, 3) and np.allclose(a.sum(1), 1, atol=1e-5)
+
+
+def test_fp16_checkpoint_loads_close(tmp_path):
+    model, _ = _tiny(tmp_path)
+    path = str(tmp_path / "half.safetensors")
+    write_checkpoint(model.module.state_dict(), {"name": "deepheme-tiny", "architecture":
+                                                 model.spec.architecture,
+                                                 "class_codes": list(CODES)}, path,
+                     dtype=torch.float16)
+    crops = np.random.default_rng(1).integers(0, 255, (2, 96, 96, 3), dtype=np.uint8)
+    a = Predictor(model, "cpu").predict(crops)
+    b = Predictor(create_model("deepheme-tiny", path), "cpu").predict(crops)
+    np.testing.assert_allclose(a, b, atol=2e-2)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "raw-pickle"])
+def test_pickle_checkpoints_are_refused(tmp_path, how):
+    model, _ = _tiny(tmp_path)
+    path = tmp_path / "evil.safetensors"
+    if how == "torch.save":
+        torch.save(model.module.state_dict(), path)
+    else:
+        import pickle
+
+        path.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    (tmp_path / "evil.json").write_text(json.dumps({"architecture": "test_resnet"}))
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        create_model("deepheme-tiny", str(path))
+
+
+def test_checkpoint_needs_card_and_matching_architecture(tmp_path):
+    _, path = _tiny(tmp_path)
+    (tmp_path / "model.json").unlink()
+    with pytest.raises(CheckpointError, match="card missing"):
+        read_checkpoint(path)
+    _, path = _tiny(tmp_path)
+    with pytest.raises(CheckpointError, match="holds a 'test_resnet' model"):
+        create_model("deepheme-resnet18", path)
+
+
+def test_tile_encoder_embeds_and_resizes():
+    enc = create_model("dinov2-tiny", allow_untrained=True)
+    assert not enc.trained
+    tiles = np.random.default_rng(2).integers(0, 255, (3, 200, 200, 3), dtype=np.uint8)
+    emb = Predictor(enc, "cpu").embed(tiles)  # resized to 224 inside
+    assert emb.shape == (3, enc.num_features) and emb.dtype == np.float32
+    with pytest.raises(ValueError, match="encoder"):
+        Predictor(enc, "cpu").predict(tiles)
+
+
+def test_tta_averages_dihedral_views():
+    model = create_model("deepheme-tiny", allow_untrained=True, class_codes=CODES)
+    crops = np.random.default_rng(3).integers(0, 255, (2, 96, 96, 3), dtype=np.uint8)
+    p = Predictor(model, "cpu")
+    rotated = np.ascontiguousarray(np.rot90(crops, 1, axes=(1, 2)))
+    np.testing.assert_allclose(p.predict(crops, tta=True), p.predict(rotated, tta=True),
+                               atol=1e-5)
+
+
+def test_shipped_reference_checkpoint_loads_with_its_card():
+    model = create_model("deepheme-resnext50")
+    assert model.trained and model.spec.architecture == "resnext50_32x4d"
+    assert set(model.class_codes) == {"B2", "E4", "ER", "L2", "M2", "M3", "M4", "M5", "M6",
+                                      "MO2", "PLT"}
+    assert model.card["input_mpp"] == 0.25 and model.card["input_px"] == 96
+    assert model.card["metrics"]["test"]["macro_f1"] > 0.85
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_channels_last_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = create_model("deepheme-resnext50")
+    crops = np.random.default_rng(4).integers(0, 255, (8, 96, 96, 3), dtype=np.uint8)
+    cpu = Predictor(model, "cpu").predict(crops)
+    gpu = Predictor(create_model("deepheme-resnext50"), "cuda").predict(crops)
+    assert (cpu.argmax(1) == gpu.argmax(1)).mean() >= 0.75
+    np.testing.assert_allclose(cpu, gpu, atol=0.1)

@@ -1,0 +1,117 @@
+"""The training recipe on real PBC images with tiny models (no Ray)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from engine.train.augment import HEDJitter, train_transform
+from engine.train.loop import LocalSession, TrainSettings
+from engine.train.splits import BalancedSampler, balanced_indices, kfold_splits
+from tests.conftest import ROOT, SHARED_DATA
+
+PBC = SHARED_DATA / "pbc"
+needs_pbc = pytest.mark.skipif(not (PBC / "labels.csv").exists(), reason="PBC data not present")
+
+
+def test_balanced_upsampling_keeps_all_and_equalises():
+    labels = np.array([0] * 10 + [1] * 3 + [2] * 1)
+    idx = balanced_indices(labels, np.random.default_rng(0))
+    assert np.bincount(labels[idx]).tolist() == [10, 10, 10]
+    assert set(range(14)) <= set(idx.tolist())
+    shards = [list(BalancedSampler(labels, 2, r, seed=1)) for r in (0, 1)]
+    assert not set(shards[0]) & set(shards[1]) or len(shards[0]) == 15
+
+
+def test_kfold_is_stratified_and_grouped():
+    labels = np.repeat([0, 1, 2], 20)
+    groups = np.repeat(np.arange(12), 5)
+    for train, val in kfold_splits(labels, 4, seed=0, groups=groups):
+        assert not set(groups[train]) & set(groups[val])
+        assert set(labels[val]) == {0, 1, 2}
+
+
+def test_hed_jitter_is_identity_at_zero_and_changes_colour():
+    img = np.random.default_rng(0).integers(30, 230, (32, 32, 3), dtype=np.uint8)
+    same = HEDJitter(sigma=0.0, p=1.0)(image=img)["image"]
+    assert np.abs(same.astype(int) - img).max() <= 1
+    moved = HEDJitter(sigma=0.2, p=1.0)(image=img)["image"]
+    assert np.abs(moved.astype(int) - img).mean() > 1
+    out = train_transform(96)(image=np.zeros((144, 144, 3), np.uint8))["image"]
+    assert out.shape == (96, 96, 3)
+
+
+def _prepare(tmp_path, per_class=12):
+    from jobs.train_cell_classifier import parse_args, prepare
+
+    args = parse_args(["--data", str(PBC), "--output", str(tmp_path), "--arch", "deepheme-tiny",
+                       "--limit-per-class", str(per_class), "--test-fraction", "0.2"])
+    codes, prepared, _, _ = prepare(args, str(tmp_path))
+    return codes, prepared
+
+
+@needs_pbc
+def test_loss_falls_and_training_resumes(tmp_path):
+    from engine.train.cell_classifier import train_fold
+
+    codes, prepared = _prepare(tmp_path)
+    settings = TrainSettings(epochs=4, batch_size=16, num_workers=0, lr=3e-3, lr_step_epochs=100,
+                             patience=100, label_smoothing=0.0)
+    config = {"arch": "deepheme-tiny", "class_codes": codes, "data": prepared, "fold": 0,
+              "settings": settings.__dict__}
+    torch.manual_seed(0)
+    session = LocalSession(str(tmp_path / "run"), torch.device("cpu"), log=lambda s: None)
+    train_fold(config, session)
+    losses = [h["train_loss"] for h in session.history]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    # a rerun with more epochs resumes after the last finished one
+    resumed = LocalSession(str(tmp_path / "run"), torch.device("cpu"), log=lambda s: None)
+    train_fold({**config, "settings": {**settings.__dict__, "epochs": 6}}, resumed)
+    assert [h["epoch"] for h in resumed.history] == [4, 5]
+
+
+@needs_pbc
+def test_train_and_evaluate_jobs_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.train_cell_classifier", "--data", str(PBC), "--output",
+         str(out), "--arch", "deepheme-tiny", "--epochs", "1", "--limit-per-class", "8",
+         "--local", "--loader-workers", "0", "--batch-size", "16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    card = json.loads((out / "model.json").read_text())
+    assert card["architecture"] == "test_resnet" and card["metrics"]["test"]["n"] > 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.evaluate_cell_classifier", "--checkpoint",
+         str(out / "model.safetensors"), "--data", str(out / "test"), "--plots",
+         str(tmp_path / "plots")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert 0 <= report["macro_f1"] <= 1 and 0 <= report["accuracy"] <= 1
+    assert set(report["per_class"]) == set(card["class_codes"])
+    assert set(report["per_class"]["L2"]) == {"precision", "recall", "f1", "auc", "support"}
+    # IG and NEU rows were not trained on: scored at group level, not dropped
+    assert report["group_level"]["IG"]["n"] == 120 and report["group_level"]["NEU"]["n"] == 14
+    assert (tmp_path / "plots" / "confusion.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "umap.png").stat().st_size > 1000
+
+
+@needs_pbc
+def test_evaluate_reports_uncovered_codes(tmp_path):
+    from engine.models import create_model
+    from engine.train.data import LabelledImages
+    from engine.train.evaluation import evaluate_classifier
+
+    model = create_model("deepheme-tiny", allow_untrained=True, class_codes=("L2", "MO2"))
+    rows = [("images/lymphocyte", "L2"), ("images/basophil", "B2")]
+    paths, codes = [], []
+    for folder, code in rows:
+        for p in sorted((PBC / folder).iterdir())[:3]:
+            paths.append(str(p))
+            codes.append(code)
+    report, _ = evaluate_classifier([model], LabelledImages(tuple(paths), tuple(codes)), 0.1,
+                                    tta=False)
+    assert report["not_covered"] == {"B2": 3} and report["n"] == 3
