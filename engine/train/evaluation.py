@@ -77,3 +77,30 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
         "model_class_codes": codes,
     })
     return report, {"probs": probs, "features": feats, "y": y}
+
+
+def probe_embeddings(features: np.ndarray, codes, seed: int = 0, test_fraction: float = 0.2
+                     ) -> dict:
+    """The DinoBloom protocol on frozen embeddings: a logistic-regression linear probe, 1-NN and
+    20-NN (cosine), each scored by weighted F1 and balanced accuracy on a stratified hold-out."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+    from sklearn.model_selection import train_test_split
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    y = np.asarray(codes)
+    tr, te = train_test_split(np.arange(len(y)), test_size=test_fraction, stratify=y,
+                              random_state=seed)
+    probes = {
+        "linear_probe": make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
+        "knn_1": KNeighborsClassifier(1, metric="cosine"),
+        "knn_20": KNeighborsClassifier(min(20, len(tr)), metric="cosine"),
+    }
+    out = {"n_train": int(len(tr)), "n_test": int(len(te)), "dim": int(features.shape[1])}
+    for name, clf in probes.items():
+        pred = clf.fit(features[tr], y[tr]).predict(features[te])
+        out[name] = {"weighted_f1": float(f1_score(y[te], pred, average="weighted")),
+                     "balanced_accuracy": float(balanced_accuracy_score(y[te], pred))}
+    return out

@@ -115,3 +115,21 @@ def test_evaluate_reports_uncovered_codes(tmp_path):
     report, _ = evaluate_classifier([model], LabelledImages(tuple(paths), tuple(codes)), 0.1,
                                     tta=False)
     assert report["not_covered"] == {"B2": 3} and report["n"] == 3
+
+
+@needs_pbc
+def test_evaluate_embeddings_prints_probe_scores():
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.evaluate_embeddings", "--model", "deepheme-resnext50",
+         "--data", str(PBC), "--source-mpp", "0.1", "--target-mpp", "0.25", "--limit-per-class",
+         "12"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    for probe in ("linear_probe", "knn_1", "knn_20"):
+        assert set(report[probe]) == {"weighted_f1", "balanced_accuracy"}
+    # the trained reference separates the easy classes even on 12 images per class
+    assert report["linear_probe"]["balanced_accuracy"] > 0.5
+    proc = subprocess.run([sys.executable, "-m", "jobs.evaluate_embeddings", "--model",
+                           "dinov2-vits14", "--data", str(PBC)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "no trained weights" in proc.stderr

@@ -1,0 +1,69 @@
+"""Judge a frozen encoder by the DinoBloom protocol: linear probe, 1-NN and 20-NN on its
+embeddings of labelled cell images (weighted F1, balanced accuracy), printed as JSON.
+
+    python -m jobs.evaluate_embeddings --model dinov2-vits14 --checkpoint <…> --data <dir>
+    python -m jobs.evaluate_embeddings --model deepheme-resnext50 --data ../shared/data/pbc
+
+Classifiers are judged by their penultimate features. Images are resampled to the model's µm/px
+when --source-mpp and --target-mpp are given, else resized whole to the model's input size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from engine.models import MissingWeights, Predictor, create_model, list_models
+from engine.models.checkpoint import CheckpointError
+from engine.train.data import load_cell_images, read_labels
+from engine.train.evaluation import probe_embeddings
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.evaluate_embeddings", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=list_models())
+    p.add_argument("--checkpoint")
+    p.add_argument("--data", required=True, help="folder with labels.csv (path,code)")
+    p.add_argument("--source-mpp", type=float, help="µm/px of the images")
+    p.add_argument("--target-mpp", type=float, help="resample to this µm/px before the model")
+    p.add_argument("--limit-per-class", type=int)
+    p.add_argument("--allow-untrained", action="store_true", help="random weights (tests only)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        model = create_model(args.model, args.checkpoint, allow_untrained=args.allow_untrained,
+                             class_codes=("none",))
+        data = read_labels(args.data)
+    except (MissingWeights, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"hemeflow: error: {err}", file=sys.stderr)
+        return 2
+    if args.limit_per_class:
+        rng = np.random.default_rng(args.seed)
+        keep = [i for c in sorted(set(data.codes))
+                for i in rng.permutation([j for j, k in enumerate(data.codes) if k == c])
+                [: args.limit_per_class]]
+        data = data.subset(sorted(keep))
+    size = model.spec.input_px
+    if args.source_mpp and args.target_mpp:
+        images = load_cell_images(data.paths, args.source_mpp, args.target_mpp, size)
+    else:
+        from PIL import Image
+
+        images = np.stack([np.asarray(Image.open(x).convert("RGB").resize((size, size)))
+                           for x in data.paths])
+    pred = Predictor(model)
+    feats = np.concatenate([pred.embed(images[i : i + args.batch_size])
+                            for i in range(0, len(images), args.batch_size)])
+    report = {"model": args.model, "weights": model.weights, **probe_embeddings(
+        feats, data.codes, args.seed)}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
