@@ -117,6 +117,33 @@ class TileConfig:
 
 
 @dataclass(frozen=True)
+class CellDetectionConfig:
+    """Nucleated-cell detection on Romanowsky-stained smears; sizes in µm.
+
+    Attributes:
+        work_mpp: resolution the detector works at (coarser is faster; cells stay > 20 px).
+        threshold_floor: lowest stain-score threshold a slide may get (score = blue - red, 0-255).
+        threshold_ceiling: highest one (a slide full of nuclei must not push it into cytoplasm).
+        merge_um: closing radius that joins the lobes of one nucleus (segmented neutrophils).
+        min_cell_area_um2: smallest nucleated-cell nucleus; smaller purple objects are platelets.
+        min_platelet_area_um2: smaller objects are noise.
+        max_cell_area_um2: larger objects are clumps or smudges, not reported.
+        split_area_um2: objects larger than this are split at distance-transform watersheds.
+        split_min_distance_um: minimum distance between the centres of two split cells.
+    """
+
+    work_mpp: float = 0.5
+    threshold_floor: float = 25.0
+    threshold_ceiling: float = 70.0
+    merge_um: float = 1.5
+    min_cell_area_um2: float = 12.0
+    min_platelet_area_um2: float = 1.5
+    max_cell_area_um2: float = 6000.0
+    split_area_um2: float = 120.0
+    split_min_distance_um: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything a job needs, resolved; written next to the outputs as ``config.json``."""
 
@@ -128,6 +155,7 @@ class Config:
     cell_tiles: TileConfig = field(
         default_factory=lambda: TileConfig(target_mpp=0.25, tile_px=1024, overlap_px=96,
                                            min_tissue_fraction=0.05, max_upsample=2.5))
+    cells: CellDetectionConfig = field(default_factory=CellDetectionConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Config:

@@ -46,6 +46,8 @@ class TilePlan:
         stride: grid step in level-0 pixels (``footprint`` minus the overlap).
         x, y: ``(N,) int64`` tile origins in level-0 pixels.
         tissue_fraction: ``(N,) float32`` foreground fraction per tile.
+        grid_shape: ``(columns, rows)`` of the full grid before tissue filtering (tile ownership
+            of cells needs it).
     """
 
     level: int
@@ -57,6 +59,7 @@ class TilePlan:
     x: np.ndarray
     y: np.ndarray
     tissue_fraction: np.ndarray
+    grid_shape: tuple[int, int] = (0, 0)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -105,4 +108,5 @@ def plan_tiles(dimensions: tuple[int, int], downsamples: tuple[float, ...], mpp:
     keep = frac >= cfg.min_tissue_fraction
     return TilePlan(level=level, read_px=max(1, int(round(cfg.tile_px * factor))),
                     tile_px=cfg.tile_px, target_mpp=cfg.target_mpp, footprint=footprint,
-                    stride=stride, x=x[keep], y=y[keep], tissue_fraction=frac[keep])
+                    stride=stride, x=x[keep], y=y[keep], tissue_fraction=frac[keep],
+                    grid_shape=(nx, ny))

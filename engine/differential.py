@@ -1,0 +1,94 @@
+"""Per-slide differential: counts and percentages per class and lineage, M:E ratio, blast %, with
+Wilson 95 % intervals, over nucleated cells as DeepHeme defines them."""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass, field
+
+from engine.classes import BLAST_CODES, DEEPHEME_CODES, LINEAGES, MYELOID_LINEAGES, get_class
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a proportion ``k / n``, in percent; (0, 100) when ``n == 0``."""
+    if n == 0:
+        return 0.0, 100.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class Differential:
+    """One slide's differential.
+
+    Attributes:
+        rows: one dict per class code and per lineage: ``level`` (``class`` | ``lineage``),
+            ``code``, ``lineage``, ``nucleated``, ``count``, ``percent``, ``ci_low``, ``ci_high``
+            (percentages over nucleated cells; None for non-nucleated classes).
+        n_cells: all classified objects.
+        n_nucleated: the denominator.
+        me_ratio: myeloid (granulocytic + monocytic) to nucleated erythroid; None if no erythroid.
+        blast_percent, blast_ci: blasts over nucleated cells; None if the model has no blast class.
+        low_count: fewer nucleated cells than the configured minimum.
+        not_covered: DeepHeme codes the model cannot predict (their counts are unknown, not 0).
+    """
+
+    rows: list[dict]
+    n_cells: int
+    n_nucleated: int
+    me_ratio: float | None
+    blast_percent: float | None
+    blast_ci: tuple[float, float] | None
+    low_count: bool
+    not_covered: tuple[str, ...] = field(default_factory=tuple)
+
+
+def compute_differential(codes, model_codes, min_nucleated: int = 200) -> Differential:
+    """Differential from the predicted class codes of one slide's cells.
+
+    Args:
+        codes: predicted code per cell.
+        model_codes: the codes the model can predict (its card's ``class_codes``).
+        min_nucleated: below this many nucleated cells the slide is flagged ``low_count``.
+    """
+    counts = collections.Counter(codes)
+    nucleated = sum(n for c, n in counts.items() if get_class(c).nucleated)
+    rows = []
+    for code in model_codes:
+        cls = get_class(code)
+        k = counts.get(code, 0)
+        pct, (lo, hi) = (None, (None, None))
+        if cls.nucleated:
+            pct = 100 * k / nucleated if nucleated else None
+            lo, hi = wilson_interval(k, nucleated)
+        rows.append({"level": "class", "code": code, "lineage": cls.lineage,
+                     "nucleated": cls.nucleated, "count": k, "percent": pct, "ci_low": lo,
+                     "ci_high": hi})
+    by_lineage = collections.Counter()
+    for code, k in counts.items():
+        if get_class(code).nucleated:
+            by_lineage[get_class(code).lineage] += k
+    for lineage in LINEAGES:
+        k = by_lineage.get(lineage, 0)
+        lo, hi = wilson_interval(k, nucleated)
+        rows.append({"level": "lineage", "code": lineage, "lineage": lineage, "nucleated": True,
+                     "count": k, "percent": 100 * k / nucleated if nucleated else None,
+                     "ci_low": lo, "ci_high": hi})
+    myeloid = sum(by_lineage.get(x, 0) for x in MYELOID_LINEAGES)
+    erythroid = by_lineage.get("erythroid", 0)
+    has_blasts = all(c in model_codes for c in BLAST_CODES)
+    blasts = sum(counts.get(c, 0) for c in BLAST_CODES)
+    return Differential(
+        rows=rows, n_cells=sum(counts.values()), n_nucleated=nucleated,
+        me_ratio=myeloid / erythroid if erythroid else None,
+        blast_percent=(100 * blasts / nucleated if nucleated else None) if has_blasts else None,
+        blast_ci=wilson_interval(blasts, nucleated) if has_blasts else None,
+        low_count=nucleated < min_nucleated,
+        # a stage predicted only as its group (ER for ER1-ER4) counts as covered at group level
+        not_covered=tuple(c for c in DEEPHEME_CODES if c not in model_codes
+                          and not any(c in get_class(m).members for m in model_codes)),
+    )

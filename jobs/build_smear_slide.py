@@ -1,0 +1,28 @@
+"""Build the BCCD blood-smear test slide (pyramidal TIFF + WBC boxes CSV).
+
+    python -m jobs.build_smear_slide --bccd ../shared/data/bccd --output bccd-smear.tif
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.slides.smear import build_bccd_smear
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.build_smear_slide", description=__doc__)
+    p.add_argument("--bccd", default="../shared/data/bccd")
+    p.add_argument("--output", default="bccd-smear.tif")
+    p.add_argument("--fields", type=int, default=24)
+    p.add_argument("--cols", type=int, default=6)
+    p.add_argument("--mpp", type=float, default=0.25)
+    args = p.parse_args(argv)
+    boxes = build_bccd_smear(args.bccd, args.output, args.fields, args.cols, args.mpp)
+    print(f"slide: {args.output}; WBC boxes: {boxes}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Cell detection on synthetic smears and real BCCD fields; tile ownership; crops."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from engine.cells import (KIND_CELL, KIND_PLATELET, crop_around, detect_cells, estimate_threshold,
+                          owned_by_tile)
+from engine.config import CellDetectionConfig, TileConfig
+from tests.conftest import ROOT, SHARED_DATA
+
+CFG = CellDetectionConfig()
+MPP = 0.25
+PINK, GLASS, NUCLEUS = (215, 150, 160), (238, 234, 242), (95, 60, 175)
+
+
+def _field(h=400, w=400, seed=0, rbcs=60):
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), GLASS, np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    for _ in range(rbcs):  # red cells: 7.5 µm pink discs
+        cy, cx = rng.integers(0, h), rng.integers(0, w)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < (3.75 / MPP) ** 2] = PINK
+    return img, yy, xx
+
+
+def _disc(img, yy, xx, cx, cy, r_um, colour=NUCLEUS):
+    img[(yy - cy) ** 2 + (xx - cx) ** 2 < (r_um / MPP) ** 2] = colour
+
+
+def test_nucleated_cells_platelets_and_red_cells():
+    img, yy, xx = _field()
+    _disc(img, yy, xx, 100, 100, 4.0)              # lymphocyte nucleus (8 µm)
+    _disc(img, yy, xx, 300, 120, 5.0)              # monocyte-sized nucleus
+    _disc(img, yy, xx, 200, 320, 1.2)              # platelet (2.4 µm)
+    for dx, dy in ((-9, 0), (0, -8), (9, 2)):      # one segmented neutrophil: 3 close lobes
+        _disc(img, yy, xx, 250 + dx, 280 + dy, 2.2)
+    thr = estimate_threshold([img], CFG)
+    det = detect_cells(img, MPP, thr, CFG)
+    cells = det.select(det.kind == KIND_CELL)
+    platelets = det.select(det.kind == KIND_PLATELET)
+    got = sorted(zip(np.round(cells.x), np.round(cells.y)))
+    assert len(cells) == 3, got
+    for want in ((100, 100), (300, 120), (250, 281)):
+        assert min(np.hypot(cells.x - want[0], cells.y - want[1])) < 4
+    assert len(platelets) == 1 and abs(platelets.x[0] - 200) < 3
+
+
+def test_touching_nuclei_are_split():
+    img, yy, xx = _field(rbcs=0)
+    _disc(img, yy, xx, 180, 200, 5.0)
+    _disc(img, yy, xx, 180 + int(9 / MPP), 200, 5.0)   # centres 9 µm apart: discs overlap
+    det = detect_cells(img, MPP, estimate_threshold([img], CFG), CFG)
+    assert (det.kind == KIND_CELL).sum() == 2
+
+
+def test_threshold_is_per_slide_and_red_cells_alone_give_nothing():
+    red_only, _, _ = _field(seed=3)
+    thr = estimate_threshold([red_only], CFG)
+    assert CFG.threshold_floor <= thr <= CFG.threshold_ceiling
+    assert len(detect_cells(red_only, MPP, thr, CFG)) == 0
+
+
+def test_ownership_emits_each_centroid_once_over_overlapping_tiles():
+    rng = np.random.default_rng(0)
+    cx, cy = rng.uniform(0, 5000, 2000), rng.uniform(0, 3000, 2000)
+    stride, overlap, footprint = 900.0, 100.0, 1000.0
+    nx, ny = int(np.ceil((5000 - footprint) / stride)) + 1, int(np.ceil((3000 - footprint) /
+                                                                      stride)) + 1
+    owners = np.zeros(len(cx), int)
+    for i in range(nx):
+        for j in range(ny):
+            x, y = round(i * stride), round(j * stride)
+            inside = (cx >= x) & (cx < x + footprint) & (cy >= y) & (cy < y + footprint)
+            owners += owned_by_tile(cx, cy, x, y, stride, overlap, (nx, ny)) & inside
+    assert (owners == 1).all()
+
+
+def test_crop_around_pads_and_flags_edges():
+    img = np.arange(50 * 60 * 3, dtype=np.uint32).reshape(50, 60, 3).astype(np.uint8)
+    crop, padded = crop_around(img, 30, 25, 20)
+    assert crop.shape == (20, 20, 3) and not padded
+    np.testing.assert_array_equal(crop, img[15:35, 20:40])
+    crop, padded = crop_around(img, 2, 2, 20)
+    assert padded and (crop[:8, :8] == 255).all()
+
+
+BCCD = SHARED_DATA / "bccd"
+needs_bccd = pytest.mark.skipif(not BCCD.exists(), reason="BCCD data not present")
+
+
+@needs_bccd
+def test_bccd_detection_meets_recall_and_precision_targets():
+    proc = subprocess.run([sys.executable, "-m", "jobs.evaluate_detection", "--images",
+                           str(BCCD / "JPEGImages"), "--annotations", str(BCCD / "Annotations"),
+                           "--mpp", "0.075"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["images"] == 292 and report["wbc_boxes"] == 301
+    assert report["recall"] >= 0.97 and report["precision"] >= 0.90
+
+
+@needs_bccd
+def test_smear_slide_from_bccd_every_wbc_found_once_through_tiles(tmp_path):
+    from engine.slides import open_slide
+    from engine.slides.smear import build_bccd_smear
+    from engine.tiling import plan_tiles
+    from jobs.evaluate_detection import match_centroids
+
+    boxes_csv = build_bccd_smear(str(BCCD), str(tmp_path / "smear.tif"), n_fields=24)
+    with open(boxes_csv) as fh:
+        boxes = [tuple(map(float, r[:4])) for r in list(csv.reader(fh))[1:]]
+    tiles = TileConfig(target_mpp=0.25, tile_px=384, overlap_px=96, min_tissue_fraction=0.0)
+    xs, ys = [], []
+    with open_slide(str(tmp_path / "smear.tif")) as slide:
+        info = slide.info
+        assert info.mpp == pytest.approx(0.25)
+        plan = plan_tiles(info.dimensions, info.level_downsamples, info.mpp, tiles)
+        assert len(plan) > 6  # many overlapping tiles, so ownership matters
+        read = [slide.read_region(plan.level, int(x), int(y), plan.read_px, plan.read_px)
+                for x, y in zip(plan.x, plan.y)]
+        thr = estimate_threshold(read, CFG)
+        for (x, y), tile in zip(zip(plan.x, plan.y), read):
+            det = detect_cells(tile, 0.25, thr, CFG)
+            det = det.select(det.kind == KIND_CELL)
+            cx, cy = x + det.x, y + det.y
+            own = owned_by_tile(cx, cy, x, y, plan.stride, 96, plan.grid_shape)
+            xs += list(cx[own])
+            ys += list(cy[own])
+    matched, missed, extra = match_centroids(np.array(xs), np.array(ys), boxes)
+    assert matched / len(boxes) >= 0.95
+    # each WBC exactly once: no box holds a second detection
+    for x0, y0, x1, y1 in boxes:
+        inside = sum(1 for x, y in zip(xs, ys) if x0 <= x <= x1 and y0 <= y <= y1)
+        assert inside <= 1

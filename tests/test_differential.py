@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from engine.differential import compute_differential, wilson_interval
+from engine.report.geojson import cells_to_geojson
+
+MODEL = ("B2", "E4", "L2", "M1", "M2", "M6", "MO2", "ER", "PLT", "U1")
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(10, 100)
+    assert lo == pytest.approx(5.52, abs=0.01) and hi == pytest.approx(17.44, abs=0.01)
+    assert wilson_interval(0, 0) == (0.0, 100.0)
+    assert wilson_interval(0, 50)[0] == 0.0
+
+
+def test_differential_counts_percentages_indices():
+    codes = ["M6"] * 40 + ["M2"] * 10 + ["M1"] * 5 + ["MO2"] * 5 + ["ER"] * 20 + ["L2"] * 20 \
+        + ["PLT"] * 30 + ["U1"] * 7
+    d = compute_differential(codes, MODEL, min_nucleated=200)
+    assert d.n_cells == 137 and d.n_nucleated == 100   # platelets and artefacts excluded
+    rows = {(r["level"], r["code"]): r for r in d.rows}
+    assert rows[("class", "M6")]["percent"] == 40.0
+    assert rows[("class", "PLT")]["percent"] is None and rows[("class", "PLT")]["count"] == 30
+    assert rows[("lineage", "granulocytic")]["count"] == 55
+    assert d.me_ratio == pytest.approx(60 / 20)
+    assert d.blast_percent == 5.0 and d.blast_ci == wilson_interval(5, 100)
+    assert d.low_count
+    assert "M3" in d.not_covered and "ER1" not in d.not_covered  # ER covers ER1-ER4 as a group
+    assert "B1" in d.not_covered
+
+
+def test_no_blast_class_means_unknown_not_zero():
+    d = compute_differential(["L2"] * 300, ("L2", "M6"), min_nucleated=200)
+    assert d.blast_percent is None and d.me_ratio is None and not d.low_count
+
+
+def test_geojson_has_the_structure_qupath_imports():
+    cells = [{"cell_id": "s1-0", "x0": 10, "y0": 20, "x1": 40, "y1": 52, "class_code": "M6",
+              "class_prob": 0.93},
+             {"cell_id": "s1-1", "x0": 100, "y0": 20, "x1": 140, "y1": 52, "class_code": "ER",
+              "class_prob": 0.71}]
+    doc = json.loads(json.dumps(cells_to_geojson(cells)))
+    assert doc["type"] == "FeatureCollection" and len(doc["features"]) == 2
+    for f in doc["features"]:
+        assert f["type"] == "Feature" and isinstance(f["id"], str)
+        ring = f["geometry"]["coordinates"][0]
+        assert f["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) == 5
+        props = f["properties"]
+        assert props["objectType"] == "detection"
+        cls = props["classification"]
+        assert isinstance(cls["name"], str) and len(cls["color"]) == 3
+        assert all(isinstance(v, int) and 0 <= v <= 255 for v in cls["color"])
+        assert all(isinstance(v, float) for v in props["measurements"].values())
+    assert doc["features"][0]["properties"]["classification"]["name"] == \
+        "M6 segmented neutrophil"
