@@ -87,7 +87,7 @@ class TissueConfig:
     max_value: float = 0.98
     closing_um: float = 16.0
     opening_um: float = 8.0
-    min_area_um2: float = 5_000.0
+    min_area_um2: float = 1_000.0
     max_hole_um2: float = 2_000.0
 
 
@@ -144,6 +144,52 @@ class CellDetectionConfig:
 
 
 @dataclass(frozen=True)
+class ModelStageConfig:
+    """A model stage of the pipeline: which registered model, its weights, and how it runs.
+
+    Attributes:
+        model: registry name (``python -c "import engine.models as m; print(m.list_models())"``).
+        checkpoint: safetensors URI; None means the model's shipped default, if any.
+        batch_size: crops or tiles per forward pass.
+        concurrency: model actors (one per GPU on a GPU cluster).
+        num_gpus: GPUs per actor when the cluster has GPUs (0 on CPU-only clusters).
+        tta: average over 8 rotations/flips (classifier only; 8x compute).
+    """
+
+    model: str = "deepheme-resnext50"
+    checkpoint: str | None = None
+    batch_size: int = 256
+    concurrency: int = 1
+    num_gpus: float = 1.0
+    tta: bool = False
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How ``process_slides`` runs.
+
+    Attributes:
+        stages: ``cells`` (detection, classification, differential) and/or ``tiles`` (tile
+            table, label-free cellularity, tile embeddings when an encoder has weights).
+        slides_per_chunk: slides planned and streamed together; bounds driver memory.
+        read_batch_size: tile tasks per read batch on CPU workers.
+        read_concurrency: CPU read workers (None: as many as the cluster has CPUs).
+        min_nucleated: below this many nucleated cells a differential is flagged.
+        thumbnail_samples: tiles sampled per slide to set its stain threshold.
+    """
+
+    stages: tuple[str, ...] = ("cells", "tiles")
+    slides_per_chunk: int = 16
+    read_batch_size: int = 4
+    read_concurrency: int | None = None
+    min_nucleated: int = 200
+    threshold_samples: int = 12
+    classifier: ModelStageConfig = field(default_factory=ModelStageConfig)
+    encoder: ModelStageConfig = field(default_factory=lambda: ModelStageConfig(
+        model="dinov2-vits14", batch_size=128))
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything a job needs, resolved; written next to the outputs as ``config.json``."""
 
@@ -156,6 +202,7 @@ class Config:
         default_factory=lambda: TileConfig(target_mpp=0.25, tile_px=1024, overlap_px=96,
                                            min_tissue_fraction=0.05, max_upsample=2.5))
     cells: CellDetectionConfig = field(default_factory=CellDetectionConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Config:
@@ -195,6 +242,8 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             value = from_dict(hint, value, where)
+        elif isinstance(value, list):
+            value = tuple(value)
         kwargs[key] = value
     try:
         return cls(**kwargs)

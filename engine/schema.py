@@ -39,7 +39,83 @@ SLIDES = _schema("slides", [
     pa.field("inventoried_at", pa.timestamp("us", tz="UTC")),
 ])
 
-TABLES = {"slides": SLIDES}
+SLIDE_STATUS = _schema("slide_status", [
+    pa.field("slide_id", pa.string(), nullable=False),
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error_type", pa.string()),
+    pa.field("error_message", pa.string()),
+    pa.field("n_tiles", pa.int64()),
+    pa.field("n_cells", pa.int64()),
+    pa.field("stages", pa.list_(pa.string())),
+    pa.field("skipped_stages", pa.list_(pa.string())),
+    pa.field("started_at", pa.timestamp("us", tz="UTC")),
+    pa.field("finished_at", pa.timestamp("us", tz="UTC")),
+    pa.field("seconds", pa.float64()),
+    pa.field("engine_version", pa.string()),
+    pa.field("config_hash", pa.string()),
+])
+
+TILES = _schema("tiles", [
+    pa.field("slide_id", pa.string(), nullable=False),
+    pa.field("x", pa.int64(), nullable=False),
+    pa.field("y", pa.int64(), nullable=False),
+    pa.field("mpp", pa.float64()),
+    pa.field("tile_px", pa.int32()),
+    pa.field("tissue_fraction", pa.float32()),
+    pa.field("nuclear_fraction", pa.float32()),
+    pa.field("embedding", pa.list_(pa.float32())),
+])
+
+CELLS = _schema("cells", [
+    pa.field("slide_id", pa.string(), nullable=False),
+    pa.field("cell_id", pa.int64(), nullable=False),
+    pa.field("x", pa.float64(), nullable=False),
+    pa.field("y", pa.float64(), nullable=False),
+    pa.field("x0", pa.float64()),
+    pa.field("y0", pa.float64()),
+    pa.field("x1", pa.float64()),
+    pa.field("y1", pa.float64()),
+    pa.field("area_um2", pa.float32()),
+    pa.field("kind", pa.string()),
+    pa.field("at_edge", pa.bool_()),
+    pa.field("class_code", pa.string()),
+    pa.field("class_prob", pa.float32()),
+    pa.field("probabilities", pa.list_(pa.float32())),
+    pa.field("model_codes", pa.list_(pa.string())),
+])
+
+DIFFERENTIALS = _schema("differentials", [
+    pa.field("slide_id", pa.string(), nullable=False),
+    pa.field("level", pa.string(), nullable=False),
+    pa.field("class_code", pa.string(), nullable=False),
+    pa.field("lineage", pa.string()),
+    pa.field("nucleated", pa.bool_()),
+    pa.field("count", pa.int64()),
+    pa.field("percent", pa.float64()),
+    pa.field("ci_low", pa.float64()),
+    pa.field("ci_high", pa.float64()),
+    pa.field("n_nucleated", pa.int64()),
+    pa.field("me_ratio", pa.float64()),
+    pa.field("blast_percent", pa.float64()),
+    pa.field("blast_ci_low", pa.float64()),
+    pa.field("blast_ci_high", pa.float64()),
+    pa.field("low_count", pa.bool_()),
+    pa.field("codes_not_covered", pa.list_(pa.string())),
+])
+
+CELLULARITY = _schema("cellularity", [
+    pa.field("slide_id", pa.string(), nullable=False),
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("cellularity_mean", pa.float64()),
+    pa.field("cellularity_sd", pa.float64()),
+    pa.field("n_bags", pa.int32()),
+    pa.field("bag_size", pa.int32()),
+    pa.field("n_tiles", pa.int64()),
+])
+
+TABLES = {"slides": SLIDES, "slide_status": SLIDE_STATUS, "tiles": TILES, "cells": CELLS,
+          "differentials": DIFFERENTIALS, "cellularity": CELLULARITY}
 
 
 def slide_id_for(uri: str) -> str:

@@ -1,0 +1,78 @@
+"""Output layout and the per-slide commit protocol.
+
+``<out>/<table>/<slide_id>.parquet`` holds one slide's rows of one table, written whole (temp
+name + rename locally, one PUT on S3), so a table never shows part of a slide and a rerun
+overwrites rather than duplicates. ``<out>/slide_status/<slide_id>.parquet`` is written last: it
+is the slide's commit marker. A rerun skips slides that have one and deletes the other files of
+slides that do not (a crash between two tables).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+from engine.config import StorageConfig
+from engine.outputs import join_uri, write_bytes, write_parquet
+from engine.schema import TABLES, table_from_rows
+from engine.slides.storage import get_filesystem, normalize_uri
+
+STATUS_TABLE = "slide_status"
+DATA_TABLES = ("slides", "tiles", "cells", "differentials", "cellularity")
+EXTRA_DIRS = ("geojson",)
+
+
+class OutputStore:
+    """One output folder or S3 prefix."""
+
+    def __init__(self, root: str, storage: StorageConfig):
+        self.root = normalize_uri(root)
+        self.storage = storage
+        self.fs, self.path = get_filesystem(self.root, storage)
+
+    def uri(self, *parts: str) -> str:
+        return join_uri(self.root, *parts)
+
+    def _ids(self, table: str, suffix: str = ".parquet") -> set[str]:
+        folder = f"{self.path.rstrip('/')}/{table}"
+        try:
+            names = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return set()
+        return {n.rsplit("/", 1)[-1][: -len(suffix)] for n in names if n.endswith(suffix)}
+
+    def committed(self) -> set[str]:
+        """Slide ids with a commit marker."""
+        self.fs.invalidate_cache()
+        return self._ids(STATUS_TABLE)
+
+    def clean_partial(self) -> list[str]:
+        """Delete files of slides that never committed; returns their slide ids."""
+        done = self.committed()
+        removed = set()
+        for table in DATA_TABLES:
+            for sid in self._ids(table) - done:
+                self.fs.rm(f"{self.path.rstrip('/')}/{table}/{sid}.parquet")
+                removed.add(sid)
+        for sid in self._ids("geojson", ".geojson") - done:
+            self.fs.rm(f"{self.path.rstrip('/')}/geojson/{sid}.geojson")
+            removed.add(sid)
+        return sorted(removed)
+
+    def write_table(self, table: str, slide_id: str, rows: list[dict] | pa.Table) -> None:
+        t = rows if isinstance(rows, pa.Table) else table_from_rows(rows, TABLES[table])
+        write_parquet(t, self.uri(table, f"{slide_id}.parquet"), self.storage)
+
+    def write_json(self, folder: str, name: str, doc: dict) -> None:
+        write_bytes(self.uri(folder, name), json.dumps(doc).encode(), self.storage)
+
+    def commit(self, slide_id: str, tables: dict[str, list[dict] | pa.Table],
+               status_row: dict, geojson: dict | None = None) -> None:
+        """Write a slide's tables, then its status row last (the commit)."""
+        for table in DATA_TABLES:
+            if table in tables:
+                self.write_table(table, slide_id, tables[table])
+        if geojson is not None:
+            self.write_json("geojson", f"{slide_id}.geojson", geojson)
+        self.write_table(STATUS_TABLE, slide_id, [status_row])

@@ -1,0 +1,146 @@
+"""``process_slides`` on Ray Data: plan slides on workers, stream tiles through CPU readers and
+model actors, assemble and commit each slide on the driver.
+
+    entries ─► PlanSlide (map) ─► cell tasks ─► DetectCells (CPU) ─► ClassifyCells (actors) ─┐
+                              └─► tile tasks ─► ReadTiles (CPU)  ─► EncodeTiles (actors)  ─┴► Aggregator
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import ray
+
+from engine.config import Config
+from engine.models import MissingWeights, create_model
+from engine.pipeline.aggregate import Aggregator
+from engine.pipeline.commit import OutputStore
+from engine.pipeline.steps import (ClassifyCells, DetectCells, EncodeTiles, PlanSlide, ReadTiles,
+                                   cell_tasks, tile_tasks)
+from engine.schema import slide_id_for
+from engine.slides.inventory import MppOverrides
+from engine.slides.storage import FileEntry
+
+
+@dataclass
+class StagePlan:
+    """Which stages run, which are skipped and why (printed, and recorded per slide)."""
+
+    run: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    model_codes: tuple[str, ...] = ()
+    encoder: bool = False
+
+
+def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
+    """Decide the stages from the config and the weights that exist.
+
+    Raises:
+        MissingWeights: the cell classifier has no weights and ``allow_untrained`` is False (a
+            differential from an untrained model would be meaningless).
+    """
+    plan = StagePlan()
+    stages = cfg.pipeline.stages
+    if "cells" in stages:
+        c = cfg.pipeline.classifier
+        model = create_model(c.model, c.checkpoint, allow_untrained=allow_untrained,
+                             storage=cfg.storage,
+                             class_codes=__import__("engine.classes").classes.DEEPHEME_CODES)
+        plan.model_codes = model.class_codes
+        plan.run += ["cell_detection", f"cell_classification:{c.model}", "differential"]
+        if not model.trained:
+            plan.run[-2] += " (UNTRAINED)"
+    if "tiles" in stages:
+        plan.run += ["tiles", "cellularity:image_analysis"]
+        e = cfg.pipeline.encoder
+        try:
+            enc = create_model(e.model, e.checkpoint, allow_untrained=allow_untrained,
+                               storage=cfg.storage)
+            plan.encoder = True
+            plan.run.append(f"tile_embedding:{e.model}" + ("" if enc.trained
+                                                           else " (UNTRAINED)"))
+        except MissingWeights as err:
+            plan.skipped["tile_embedding"] = str(err)
+        plan.skipped["cellularity:abmil"] = "no ABMIL checkpoint configured"
+    return plan
+
+
+def _chunks(items: list, n: int):
+    for i in range(0, len(items), max(n, 1)):
+        yield items[i : i + n]
+
+
+def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOverrides,
+                 allow_untrained: bool = False, log=print) -> list[dict]:
+    """Process every entry not yet committed under ``output``; returns the new status rows."""
+    stages = resolve_stages(cfg, allow_untrained)
+    for name, why in stages.skipped.items():
+        log(f"stage skipped: {name}: {why}")
+    store = OutputStore(output, cfg.storage)
+    cleaned = store.clean_partial()
+    if cleaned:
+        log(f"removed partial outputs of {len(cleaned)} uncommitted slide(s)")
+    done = store.committed()
+    pending = [e for e in entries if slide_id_for(e.uri) not in done]
+    log(f"{len(entries)} slide(s): {len(entries) - len(pending)} already committed, "
+        f"{len(pending)} to process")
+    agg = Aggregator(store, cfg.hash(), stages.run, sorted(stages.skipped), stages.model_codes,
+                     cfg.pipeline.min_nucleated, log)
+    if not pending:
+        return agg.summary
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0) > 0
+    cpus = int(resources.get("CPU", 1))
+    pc = cfg.pipeline
+    readers = pc.read_concurrency or max(1, cpus - 1)
+    for chunk in _chunks(pending, pc.slides_per_chunk):
+        items = [{"uri": e.uri, "size": e.size, "etag": e.etag} for e in chunk]
+        planned = (ray.data.from_items(items)
+                   .map(PlanSlide, fn_constructor_args=(cfg, mpp),
+                        concurrency=min(len(items), readers), num_cpus=1)
+                   .take_all())
+        ctasks, ttasks = [], []
+        for row in planned:
+            plan = json.loads(row["plan"])
+            n = {}
+            if plan["status"] == "ok":
+                if "cells" in plan["plans"]:
+                    ct = cell_tasks(row["slide_id"], row["uri"], plan)
+                    ctasks += ct
+                    n["cells"] = len(ct)
+                if "tiles" in plan["plans"]:
+                    tt = tile_tasks(row["slide_id"], row["uri"], plan)
+                    ttasks += tt
+                    n["tiles"] = len(tt)
+            agg.add_plan(row["slide_id"], row["uri"], plan, n)
+        if ctasks:
+            c = pc.classifier
+            ds = (ray.data.from_items(ctasks)
+                  .map_batches(DetectCells, fn_constructor_args=(cfg,),
+                               batch_size=pc.read_batch_size, concurrency=readers, num_cpus=1)
+                  .map_batches(ClassifyCells,
+                               fn_constructor_args=(c.model, c.checkpoint, allow_untrained,
+                                                    c.tta, cfg.storage),
+                               batch_size=c.batch_size, concurrency=c.concurrency,
+                               num_gpus=c.num_gpus if gpus else 0,
+                               num_cpus=0 if gpus else 1))
+            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                agg.add_cells(batch)
+        if ttasks:
+            e = pc.encoder
+            ds = ray.data.from_items(ttasks).map_batches(
+                ReadTiles, fn_constructor_args=(cfg, stages.encoder),
+                batch_size=pc.read_batch_size * 4, concurrency=readers, num_cpus=1)
+            if stages.encoder:
+                ds = ds.map_batches(EncodeTiles, fn_constructor_args=(
+                    e.model, e.checkpoint, allow_untrained, cfg.storage),
+                    batch_size=e.batch_size, concurrency=e.concurrency,
+                    num_gpus=e.num_gpus if gpus else 0, num_cpus=0 if gpus else 1)
+            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                agg.add_tiles(batch)
+        if agg.slides:  # every task reported, so nothing may remain open
+            raise RuntimeError(f"slides left uncommitted: {sorted(agg.slides)}")
+    return agg.summary

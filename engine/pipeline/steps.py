@@ -1,0 +1,297 @@
+"""Pipeline steps: small callable classes with no Ray calls inside, so tests call them directly.
+
+Each loads what it needs in ``__init__`` and maps a row (``PlanSlide``) or a batch dict of numpy
+arrays (the rest) to the same. Ray Data runs them as tasks or actors (``engine.pipeline.run``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+
+import numpy as np
+from PIL import Image
+
+from engine.classes import DEEPHEME_CODES
+from engine.cells import KIND_CELL, crop_around, detect_cells, estimate_threshold, owned_by_tile
+from engine.cellularity import tile_area_counts
+from engine.config import Config
+from engine.errors import MissingMPP, SlideError
+from engine.slides import FileEntry, open_slide
+from engine.slides.inventory import MppOverrides, inventory_file
+from engine.slides.storage import StagingArea
+from engine.tiling import TilePlan, plan_tiles
+from engine.tissue import compute_tissue_mask
+
+CROP_PX = 96  # DeepHeme input, at cell_tiles.target_mpp
+
+
+class ReaderCache:
+    """A few open slides per worker (tiles of one slide arrive together), closed LRU-first."""
+
+    def __init__(self, cfg: Config, size: int = 4):
+        self.cfg, self.size = cfg, size
+        self._open: collections.OrderedDict = collections.OrderedDict()
+        self._staging = StagingArea(cfg.storage)
+
+    def get(self, uri: str):
+        if uri in self._open:
+            self._open.move_to_end(uri)
+            return self._open[uri][0]
+        stack = contextlib.ExitStack()
+        reader = stack.enter_context(open_slide(uri, self.cfg.storage, self._staging))
+        self._open[uri] = (reader, stack)
+        while len(self._open) > self.size:
+            _, (_, old) = self._open.popitem(last=False)
+            old.close()
+        return reader
+
+    def close(self) -> None:
+        while self._open:
+            _, (_, stack) = self._open.popitem()
+            stack.close()
+        self._staging.close()
+
+
+def read_tile(reader, level: int, x: int, y: int, read_px: int, tile_px: int) -> np.ndarray:
+    """``(tile_px, tile_px, 3) uint8``: a region read at ``level`` and resized (area filter)."""
+    region = reader.read_region(level, int(x), int(y), int(read_px), int(read_px))
+    if read_px == tile_px:
+        return region
+    resample = Image.Resampling.BOX if read_px > tile_px else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(region).resize((tile_px, tile_px), resample))
+
+
+def _plan_dict(plan: TilePlan, overlap_l0: float = 0.0) -> dict:
+    return {"level": plan.level, "read_px": plan.read_px, "tile_px": plan.tile_px,
+            "mpp": plan.target_mpp, "stride": plan.stride, "overlap": overlap_l0,
+            "footprint": plan.footprint, "grid": list(plan.grid_shape),
+            "x": plan.x.tolist(), "y": plan.y.tolist(),
+            "tissue_fraction": [round(float(f), 4) for f in plan.tissue_fraction]}
+
+
+class PlanSlide:
+    """Inventory one slide, mask its tissue on a thumbnail, and plan its tiles (coordinates only).
+
+    Row in: ``uri``, ``size``, ``etag``. Row out: ``slide_id``, ``uri``, ``plan`` (JSON text with
+    the inventory row, status, and per-stage tile plans). Slide problems become a failed status;
+    other exceptions are bugs and propagate.
+    """
+
+    def __init__(self, cfg: Config, mpp: MppOverrides | None = None):
+        self.cfg = cfg
+        self.mpp = mpp or MppOverrides()
+
+    def __call__(self, row: dict) -> dict:
+        entry = FileEntry(row["uri"], row.get("size"), row.get("etag"))
+        inv = inventory_file(entry, self.cfg.storage, None, self.mpp)
+        out = {"slide": {k: (v.isoformat() if hasattr(v, "isoformat") else v)
+                         for k, v in inv.items()},
+               "status": inv["status"], "error_type": inv["error_type"],
+               "error_message": inv["error_message"]}
+        if inv["status"] == "ok":
+            try:
+                out.update(self._plan(entry.uri, inv))
+            except SlideError as err:
+                out.update(status="failed", error_type=type(err).__name__,
+                           error_message=str(err))
+        return {"slide_id": inv["slide_id"], "uri": entry.uri, "plan": json.dumps(out)}
+
+    def _plan(self, uri: str, inv: dict) -> dict:
+        cfg = self.cfg
+        if inv["mpp_source"] == "missing":
+            raise MissingMPP(uri, "no pixel size in the slide's metadata; supply --mpp or "
+                                  "--mpp-table")
+        mpp = (inv["mpp_x"] + inv["mpp_y"]) / 2
+        with open_slide(uri, cfg.storage) as slide:
+            info = slide.info
+            side = max(info.width, info.height) * mpp / cfg.tissue.thumbnail_mpp
+            scale = min(1.0, cfg.tissue.thumbnail_max_px / max(side, 1))
+            tw = max(8, int(info.width * mpp / cfg.tissue.thumbnail_mpp * scale))
+            th = max(8, int(info.height * mpp / cfg.tissue.thumbnail_mpp * scale))
+            thumb = slide.read_thumbnail((tw, th))
+            mask_scale = (info.width / thumb.shape[1], info.height / thumb.shape[0])
+            mask = compute_tissue_mask(thumb, mpp * mask_scale[0], cfg.tissue)
+            plans = {}
+            stages = cfg.pipeline.stages
+            if "cells" in stages:
+                tc = cfg.cell_tiles
+                p = plan_tiles(info.dimensions, info.level_downsamples, mpp, tc, mask,
+                               mask_scale, uri)
+                d = _plan_dict(p, tc.overlap_px * tc.target_mpp / mpp)
+                # the stain threshold is set once per slide from a sample of its tiles
+                step = max(1, len(p) // max(cfg.pipeline.threshold_samples, 1))
+                samples = [read_tile(slide, p.level, x, y, p.read_px, p.tile_px)
+                           for x, y in list(zip(p.x, p.y))[::step][: cfg.pipeline.
+                                                                     threshold_samples]]
+                d["threshold"] = estimate_threshold(samples, cfg.cells)
+                plans["cells"] = d
+            if "tiles" in stages:
+                p = plan_tiles(info.dimensions, info.level_downsamples, mpp, cfg.tiles, mask,
+                               mask_scale, uri)
+                plans["tiles"] = _plan_dict(p)
+        return {"mpp0": mpp, "width": info.width, "height": info.height, "plans": plans}
+
+
+def cell_tasks(slide_id: str, uri: str, plan: dict) -> list[dict]:
+    """One task row per cell tile of a planned slide."""
+    p = plan["plans"]["cells"]
+    common = {"slide_id": slide_id, "uri": uri, "level": p["level"], "read_px": p["read_px"],
+              "tile_px": p["tile_px"], "tile_mpp": p["mpp"], "mpp0": plan["mpp0"],
+              "stride": p["stride"], "overlap": p["overlap"], "grid_nx": p["grid"][0],
+              "grid_ny": p["grid"][1], "threshold": p["threshold"], "width": plan["width"],
+              "height": plan["height"]}
+    return [{**common, "task": i, "x": x, "y": y} for i, (x, y) in enumerate(zip(p["x"], p["y"]))]
+
+
+def tile_tasks(slide_id: str, uri: str, plan: dict) -> list[dict]:
+    p = plan["plans"]["tiles"]
+    return [{"slide_id": slide_id, "uri": uri, "task": i, "x": x, "y": y, "level": p["level"],
+             "read_px": p["read_px"], "tile_px": p["tile_px"], "tile_mpp": p["mpp"],
+             "tissue_fraction": f}
+            for i, (x, y, f) in enumerate(zip(p["x"], p["y"], p["tissue_fraction"]))]
+
+
+_CELL_COLUMNS = ("slide_id", "task", "n_in_task", "x", "y", "x0", "y0", "x1", "y1", "area_um2",
+                 "kind", "at_edge", "error_type", "error_message")
+
+
+class DetectCells:
+    """Read cell tiles, detect cells, keep those the tile owns, crop each at 96 px.
+
+    Batch in: cell task rows. Batch out: one row per cell (``crop`` ``(96, 96, 3) uint8``), plus
+    one ``kind = "none"`` row for a tile without cells and ``kind = "error"`` for an unreadable
+    tile, so the driver can count every task as done.
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.readers = ReaderCache(cfg)
+
+    def __call__(self, batch: dict) -> dict:
+        rows: list[dict] = []
+        crops: list[np.ndarray] = []
+        for i in range(len(batch["task"])):
+            t = {k: batch[k][i] for k in batch}
+            try:
+                reader = self.readers.get(str(t["uri"]))
+                tile = read_tile(reader, t["level"], t["x"], t["y"], t["read_px"], t["tile_px"])
+            except SlideError as err:
+                rows.append(self._marker(t, "error", type(err).__name__, str(err)))
+                crops.append(np.zeros((CROP_PX, CROP_PX, 3), np.uint8))
+                continue
+            det = detect_cells(tile, float(t["tile_mpp"]), float(t["threshold"]), self.cfg.cells)
+            f = float(t["tile_mpp"]) / float(t["mpp0"])  # level-0 px per tile px
+            cx, cy = t["x"] + det.x * f, t["y"] + det.y * f
+            own = owned_by_tile(cx, cy, int(t["x"]), int(t["y"]), float(t["stride"]),
+                                float(t["overlap"]), (int(t["grid_nx"]), int(t["grid_ny"])))
+            idx = np.flatnonzero(own)
+            if not len(idx):
+                rows.append(self._marker(t, "none"))
+                crops.append(np.zeros((CROP_PX, CROP_PX, 3), np.uint8))
+                continue
+            half = CROP_PX / 2 * f
+            for j in idx:
+                crop, _ = crop_around(tile, det.x[j], det.y[j], CROP_PX)
+                at_edge = bool(cx[j] - half < 0 or cy[j] - half < 0 or
+                               cx[j] + half > t["width"] or cy[j] + half > t["height"])
+                rows.append({"slide_id": t["slide_id"], "task": t["task"], "n_in_task": len(idx),
+                             "x": cx[j], "y": cy[j], "x0": t["x"] + det.x0[j] * f,
+                             "y0": t["y"] + det.y0[j] * f, "x1": t["x"] + det.x1[j] * f,
+                             "y1": t["y"] + det.y1[j] * f, "area_um2": det.area_um2[j],
+                             "kind": det.kind[j], "at_edge": at_edge, "error_type": "",
+                             "error_message": ""})
+                crops.append(crop)
+        out = {k: np.asarray([r[k] for r in rows]) for k in _CELL_COLUMNS}
+        out["crop"] = np.stack(crops) if crops else np.zeros((0, CROP_PX, CROP_PX, 3), np.uint8)
+        return out
+
+    @staticmethod
+    def _marker(t: dict, kind: str, error_type: str = "", message: str = "") -> dict:
+        return {"slide_id": t["slide_id"], "task": t["task"], "n_in_task": 0, "x": 0.0,
+                "y": 0.0, "x0": 0.0, "y0": 0.0, "x1": 0.0, "y1": 0.0, "area_um2": 0.0,
+                "kind": kind, "at_edge": False, "error_type": error_type,
+                "error_message": message}
+
+
+class ClassifyCells:
+    """DeepHeme on the crops (GPU when the actor has one). Adds ``probabilities``,
+    ``class_code``, ``class_prob``; drops ``crop``. Marker rows pass through unscored."""
+
+    def __init__(self, model: str, checkpoint: str | None, allow_untrained: bool = False,
+                 tta: bool = False, storage=None):
+        from engine.models import Predictor, create_model
+
+        self.model = create_model(model, checkpoint, allow_untrained=allow_untrained,
+                                  class_codes=DEEPHEME_CODES,
+                                  storage=storage)
+        self.predictor = Predictor(self.model)
+        self.tta = tta
+
+    def __call__(self, batch: dict) -> dict:
+        crops = batch.pop("crop")
+        n, c = len(crops), len(self.model.class_codes)
+        probs = np.zeros((n, c), np.float32)
+        real = np.isin(batch["kind"], [KIND_CELL, "platelet"])
+        if real.any():
+            probs[real] = self.predictor.predict(crops[real], tta=self.tta)
+        codes = np.asarray(self.model.class_codes)
+        batch["probabilities"] = probs
+        batch["class_code"] = np.where(real, codes[probs.argmax(1)], "")
+        batch["class_prob"] = probs.max(1)
+        return batch
+
+
+class ReadTiles:
+    """Read encoder tiles (2 µm/px by default) and measure cellular and fat area per tile.
+
+    Batch in: tile task rows. Batch out: the same with ``cellular_px``, ``fat_px``, ``image``
+    (``(B, 224, 224, 3) uint8``, only when ``keep_pixels``), ``error_type``, ``error_message``.
+    """
+
+    def __init__(self, cfg: Config, keep_pixels: bool):
+        self.readers = ReaderCache(cfg)
+        self.keep_pixels = keep_pixels
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["task"])
+        cellular, fat, errors, messages, images = [], [], [], [], []
+        for i in range(n):
+            size = int(batch["tile_px"][i])
+            try:
+                reader = self.readers.get(str(batch["uri"][i]))
+                tile = read_tile(reader, batch["level"][i], batch["x"][i], batch["y"][i],
+                                 batch["read_px"][i], size)
+                c, f = tile_area_counts(tile)
+                err = msg = ""
+            except SlideError as e:
+                tile, c, f, err, msg = np.zeros((size, size, 3), np.uint8), 0, 0, \
+                    type(e).__name__, str(e)
+            cellular.append(c)
+            fat.append(f)
+            errors.append(err)
+            messages.append(msg)
+            if self.keep_pixels:
+                images.append(tile)
+        batch.update(cellular_px=np.asarray(cellular, np.int64), fat_px=np.asarray(fat, np.int64),
+                     error_type=np.asarray(errors), error_message=np.asarray(messages))
+        if self.keep_pixels:
+            batch["image"] = np.stack(images)
+        return batch
+
+
+class EncodeTiles:
+    """Tile encoder (DINOv2): ``image`` -> ``embedding`` ``(B, D) float32``."""
+
+    def __init__(self, model: str, checkpoint: str | None, allow_untrained: bool = False,
+                 storage=None):
+        from engine.models import Predictor, create_model
+
+        self.predictor = Predictor(create_model(model, checkpoint,
+                                                allow_untrained=allow_untrained,
+                                                storage=storage))
+
+    def __call__(self, batch: dict) -> dict:
+        batch["embedding"] = self.predictor.embed(batch.pop("image"))
+        return batch

