@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from engine.classes import DEEPHEME_CODES
 from engine.config import Config
 from engine.models import MissingWeights, create_model
 from engine.pipeline.aggregate import Aggregator
@@ -45,8 +46,7 @@ def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
     if "cells" in stages:
         c = cfg.pipeline.classifier
         model = create_model(c.model, c.checkpoint, allow_untrained=allow_untrained,
-                             storage=cfg.storage,
-                             class_codes=__import__("engine.classes").classes.DEEPHEME_CODES)
+                             storage=cfg.storage, class_codes=DEEPHEME_CODES)
         plan.model_codes = model.class_codes
         plan.run += ["cell_detection", f"cell_classification:{c.model}", "differential"]
         if not model.trained:
@@ -64,6 +64,10 @@ def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
             plan.skipped["tile_embedding"] = str(err)
         plan.skipped["cellularity:abmil"] = "no ABMIL checkpoint configured"
     return plan
+
+
+def _actors(n: int) -> ray.data.ActorPoolStrategy:
+    return ray.data.ActorPoolStrategy(size=max(1, n))
 
 
 def _chunks(items: list, n: int):
@@ -90,7 +94,7 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     if not pending:
         return agg.summary
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init()  # joins the cluster under `ray job submit`, else starts a local one
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0) > 0
     cpus = int(resources.get("CPU", 1))
@@ -100,7 +104,7 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
         items = [{"uri": e.uri, "size": e.size, "etag": e.etag} for e in chunk]
         planned = (ray.data.from_items(items)
                    .map(PlanSlide, fn_constructor_args=(cfg, mpp),
-                        concurrency=min(len(items), readers), num_cpus=1)
+                        compute=_actors(min(len(items), readers)), num_cpus=1)
                    .take_all())
         ctasks, ttasks = [], []
         for row in planned:
@@ -120,11 +124,11 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
             c = pc.classifier
             ds = (ray.data.from_items(ctasks)
                   .map_batches(DetectCells, fn_constructor_args=(cfg,),
-                               batch_size=pc.read_batch_size, concurrency=readers, num_cpus=1)
+                               batch_size=pc.read_batch_size, compute=_actors(readers), num_cpus=1)
                   .map_batches(ClassifyCells,
                                fn_constructor_args=(c.model, c.checkpoint, allow_untrained,
                                                     c.tta, cfg.storage),
-                               batch_size=c.batch_size, concurrency=c.concurrency,
+                               batch_size=c.batch_size, compute=_actors(c.concurrency),
                                num_gpus=c.num_gpus if gpus else 0,
                                num_cpus=0 if gpus else 1))
             for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
@@ -133,11 +137,11 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
             e = pc.encoder
             ds = ray.data.from_items(ttasks).map_batches(
                 ReadTiles, fn_constructor_args=(cfg, stages.encoder),
-                batch_size=pc.read_batch_size * 4, concurrency=readers, num_cpus=1)
+                batch_size=pc.read_batch_size * 4, compute=_actors(readers), num_cpus=1)
             if stages.encoder:
                 ds = ds.map_batches(EncodeTiles, fn_constructor_args=(
                     e.model, e.checkpoint, allow_untrained, cfg.storage),
-                    batch_size=e.batch_size, concurrency=e.concurrency,
+                    batch_size=e.batch_size, compute=_actors(e.concurrency),
                     num_gpus=e.num_gpus if gpus else 0, num_cpus=0 if gpus else 1)
             for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
                 agg.add_tiles(batch)

@@ -1,0 +1,69 @@
+"""`ray job submit --working-dir` against a local head whose dashboard listens on 127.0.0.1."""
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+
+from tests.conftest import ROOT
+from tests.pipeline.conftest import tiny_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_process_slides(smear_slide, tmp_path):
+    gcs, dash = _port(), _port()
+    # token authentication (Ray's default): a fresh token shared by the head and the CLI
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           # as with an activated virtual environment: the job's `python` is this one
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                    "--include-dashboard=true", "--disable-usage-stats"], check=True, env=env,
+                   capture_output=True, timeout=120)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        out = tmp_path / "out"
+        submit = subprocess.run(
+            [RAY, "job", "submit", "--address", address, "--no-wait", "--working-dir", ".",
+             "--runtime-env", "cluster/runtime_env.yaml", "--", "python", "-m",
+             "jobs.process_slides", "--input", str(smear_slide), "--output", str(out),
+             "--config", tiny_config(tmp_path), "--allow-untrained"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert submit.returncode == 0, submit.stderr
+        job_id = next(w.strip("'\"") for w in (submit.stdout + submit.stderr).split()
+                      if "raysubmit_" in w)
+        job_id = job_id[job_id.index("raysubmit_"):].rstrip("'\".,")
+        status = ""
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            r = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=env,
+                               capture_output=True, text=True)
+            status = (r.stdout + r.stderr).lower()  # the CLI logs to stderr
+            if any(s in status for s in ("succeeded", "failed", "stopped")):
+                break
+            time.sleep(2)
+        r = subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=env,
+                           capture_output=True, text=True)
+        logs = r.stdout + r.stderr
+        assert "succeeded" in status, logs[-3000:]
+        assert "1 ok, 0 failed of 1 processed" in logs
+        st = pl.read_parquet(f"{out}/slide_status/*.parquet")
+        assert st["status"].to_list() == ["ok"] and st["n_cells"][0] > 10
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)

@@ -1,0 +1,128 @@
+"""``jobs.process_slides`` end to end on a local Ray: tables, statuses, resume, refusals, S3."""
+
+import csv
+import json
+import os
+
+import duckdb
+import polars as pl
+import pyarrow.dataset as pads
+import pytest
+
+from engine.schema import SCHEMA_VERSION
+from jobs import process_slides
+from tests.pipeline.conftest import tiny_config
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def run_out(ray_local, archive, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    out = tmp / "out"
+    code = process_slides.main(["--input", str(archive), "--output", str(out), "--config",
+                                tiny_config(tmp), "--allow-untrained"])
+    assert code == 0
+    return out
+
+
+def test_every_slide_gets_a_status_with_its_reason(run_out):
+    st = pl.read_parquet(f"{run_out}/slide_status/**/*.parquet")
+    got = {r["uri"].rsplit("/", 1)[-1]: r for r in st.iter_rows(named=True)}
+    assert got["smear-a.tif"]["status"] == "ok" and got["small.svs"]["status"] == "ok"
+    assert got["unreadable.svs"]["error_type"] == "SlideCorrupt"
+    assert got["broken.svs"]["error_type"] == "SlideCorrupt"
+    assert got["tcga-cr-7395-01a-01-ts1.svs"]["error_type"] == "MissingMPP"
+    assert got["small_vectra.qptiff"]["error_type"] == "SlideUnsupported"
+    for r in got.values():
+        assert r["status"] == "ok" or len(r["error_message"]) > 20
+        assert r["config_hash"] and r["engine_version"] and r["finished_at"] >= r["started_at"]
+    assert got["smear-a.tif"]["n_cells"] > 10 and got["cmu-1-small-region.svs"]["n_cells"] > 100
+
+
+def test_tables_readable_everywhere_with_unique_keys(run_out):
+    for table in ("slides", "slide_status", "cells", "differentials", "cellularity", "tiles"):
+        df = pl.read_parquet(f"{run_out}/{table}/**/*.parquet")
+        assert len(df) > 0, table
+        ds = pads.dataset(f"{run_out}/{table}", format="parquet")
+        assert ds.schema.metadata[b"hemeflow.schema_version"] == str(SCHEMA_VERSION).encode()
+        n = duckdb.sql(f"select count(*) from '{run_out}/{table}/*.parquet'").fetchall()[0][0]
+        assert n == len(df)
+    cells = pl.read_parquet(f"{run_out}/cells/*.parquet")
+    assert cells.select("slide_id", "cell_id").is_duplicated().sum() == 0
+    tiles = pl.read_parquet(f"{run_out}/tiles/*.parquet")
+    assert tiles.select("slide_id", "x", "y").is_duplicated().sum() == 0
+    # untrained classifier: every cell still records which codes its model covers
+    assert len(cells["model_codes"][0]) == 23
+
+
+def test_smear_wbcs_found_once_and_geojson_written(run_out, smear_slide):
+    cells = pl.read_parquet(f"{run_out}/cells/*.parquet").filter(
+        pl.col("slide_id").str.starts_with("smear-a"), pl.col("kind") == "nucleated")
+    boxes_csv = str(smear_slide).replace(".tif", ".wbc.csv")
+    with open(boxes_csv) as fh:
+        boxes = [tuple(map(float, r[:4])) for r in list(csv.reader(fh))[1:]]
+    xs, ys = cells["x"].to_numpy(), cells["y"].to_numpy()
+    hits = [int(((x0 <= xs) & (xs <= x1) & (y0 <= ys) & (ys <= y1)).sum())
+            for x0, y0, x1, y1 in boxes]
+    assert sum(h >= 1 for h in hits) / len(boxes) >= 0.95
+    assert max(hits) == 1
+    sid = cells["slide_id"][0]
+    geo = json.loads((run_out / "geojson" / f"{sid}.geojson").read_text())
+    assert geo["type"] == "FeatureCollection" and len(geo["features"]) >= len(cells)
+
+
+def test_rerun_skips_committed_slides(run_out, archive, tmp_path, capsys):
+    before = {p: p.stat().st_mtime_ns for p in run_out.rglob("*.parquet")}
+    code = process_slides.main(["--input", str(archive), "--output", str(run_out), "--config",
+                                tiny_config(tmp_path), "--allow-untrained"])
+    assert code == 0
+    assert "7 already committed, 0 to process" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in run_out.rglob("*.parquet")} == before
+
+
+def test_partial_outputs_of_uncommitted_slides_are_removed(run_out, archive, tmp_path):
+    stray = run_out / "cells" / "ghost-000000000000.parquet"
+    stray.write_bytes((next((run_out / "cells").glob("*.parquet"))).read_bytes())
+    process_slides.main(["--input", str(archive), "--output", str(run_out), "--config",
+                         tiny_config(tmp_path), "--allow-untrained"])
+    assert not stray.exists()
+
+
+def test_untrained_models_are_refused_without_the_flag(ray_local, archive, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("pipeline:\n  classifier: {model: deepheme-resnet18}\n")
+    code = process_slides.main(["--input", str(archive), "--output", str(tmp_path / "o"),
+                                "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert code == 2 and "deepheme-resnet18" in err and "no trained weights" in err
+    assert not (tmp_path / "o" / "cells").exists()
+
+
+def test_reference_model_on_the_smear(ray_local, smear_slide, tmp_path, capsys):
+    code = process_slides.main(["--input", str(smear_slide), "--output", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "stage skipped: tile_embedding" in out  # no DINOv2 weights ship: said, not faked
+    st = pl.read_parquet(f"{tmp_path}/o/slide_status/*.parquet")
+    assert st["status"].to_list() == ["ok"]
+    assert "cell_classification:deepheme-resnext50" in st["stages"][0].to_list()
+    cells = pl.read_parquet(f"{tmp_path}/o/cells/*.parquet")
+    assert set(cells["model_codes"][0]) == {"B2", "E4", "ER", "L2", "M2", "M3", "M4", "M5",
+                                            "M6", "MO2", "PLT"}
+    diff = pl.read_parquet(f"{tmp_path}/o/differentials/*.parquet")
+    assert diff.filter(pl.col("level") == "class")["count"].sum() == len(cells)
+    assert diff["low_count"][0]  # a 12-field smear has far fewer than 200 nucleated cells
+    assert "M1" in diff["codes_not_covered"][0].to_list()  # no blast class: blast % unknown
+    assert diff["blast_percent"].is_null().all()
+    doc = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert doc["config"]["pipeline"]["classifier"]["model"] == "deepheme-resnext50"

@@ -1,0 +1,50 @@
+"""S3 in and S3 out through the production code path, against moto on 127.0.0.1."""
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+
+from jobs import process_slides
+from tests.conftest import upload_tree
+from tests.pipeline.conftest import tiny_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3]
+
+
+@pytest.fixture(scope="module")
+def ray_with_s3_env(s3_server):
+    import ray
+
+    # workers inherit the environment (and so the dummy credentials) from this driver
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_s3_in_and_out(ray_with_s3_env, s3_server, s3_client, archive, tmp_path, capsys):
+    s3_client.create_bucket(Bucket="slides")
+    s3_client.create_bucket(Bucket="results")
+    upload_tree(s3_client, "slides", archive, "lab-a")
+    code = process_slides.main(["--input", "s3://slides/lab-a", "--output", "s3://results/run1",
+                                "--s3-endpoint", s3_server, "--config", tiny_config(tmp_path),
+                                "--allow-untrained"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True)
+    status = pl.concat([pl.from_arrow(pq.read_table(fs.open(p, "rb")))
+                        for p in fs.glob("results/run1/slide_status/*.parquet")])
+    got = dict(zip(status["uri"].str.split("/").list.last(), status["status"]))
+    assert got["smear-a.tif"] == "ok" and got["unreadable.svs"] == "failed"
+    assert len(got) == 7
+    cells = fs.glob("results/run1/cells/*.parquet")
+    assert cells and all(p.rsplit("/", 1)[-1].split(".")[0] in set(status["slide_id"])
+                         for p in cells)
+    config = fs.cat_file("results/run1/config.json").decode()
+    for text in (config, printed.out, printed.err):
+        assert "testing-secret-value" not in text and "testing-key-id" not in text
+    # a rerun against S3 finds every slide committed
+    assert process_slides.main(["--input", "s3://slides/lab-a", "--output", "s3://results/run1",
+                                "--s3-endpoint", s3_server, "--config", tiny_config(tmp_path),
+                                "--allow-untrained"]) == 0
+    assert "7 already committed, 0 to process" in capsys.readouterr().out

@@ -1,0 +1,69 @@
+"""Pipeline steps called directly, without Ray."""
+
+import json
+
+import numpy as np
+import pytest
+
+from engine.config import Config
+from engine.pipeline.steps import (ClassifyCells, DetectCells, PlanSlide, ReadTiles, cell_tasks,
+                                   tile_tasks)
+from tests.conftest import SHARED_DATA
+
+BCCD = SHARED_DATA / "bccd"
+
+
+@pytest.fixture(scope="module")
+def smear(tmp_path_factory):
+    if not BCCD.exists():
+        pytest.skip("BCCD data not present")
+    from engine.slides.smear import build_bccd_smear
+
+    path = tmp_path_factory.mktemp("smear") / "smear.tif"
+    build_bccd_smear(str(BCCD), str(path), n_fields=12)
+    return path
+
+
+def _batch(rows):
+    return {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+
+
+def test_plan_detect_classify_on_the_smear(smear):
+    cfg = Config()
+    row = PlanSlide(cfg)({"uri": str(smear), "size": smear.stat().st_size, "etag": None})
+    plan = json.loads(row["plan"])
+    assert plan["status"] == "ok" and plan["slide"]["mpp_x"] == pytest.approx(0.25)
+    tasks = cell_tasks(row["slide_id"], row["uri"], plan)
+    assert tasks and cfg.cells.threshold_floor <= tasks[0]["threshold"] <= 70
+    out = DetectCells(cfg)(_batch(tasks))
+    real = np.isin(out["kind"], ["nucleated", "platelet"])
+    assert real.sum() > 10 and out["crop"].shape[1:] == (96, 96, 3)
+    # every task is accounted for: cells carry their task's count, empty tiles a marker
+    for task in {t["task"] for t in tasks}:
+        sel = out["task"] == task
+        assert sel.any() and (out["n_in_task"][sel] == max(sel.sum() * real[sel].all(), 0)).all()
+    scored = ClassifyCells("deepheme-tiny", None, allow_untrained=True)(dict(out))
+    assert scored["probabilities"].shape == (len(out["task"]), 23)
+    assert "crop" not in scored and (scored["class_code"][real] != "").all()
+
+
+def test_plan_refuses_missing_mpp_and_marks_bad_files(wsi_dir):
+    cfg = Config()
+    for name, err in (("histolab/tcga-cr-7395-01a-01-ts1.svs", "MissingMPP"),
+                      ("openslide-python/unreadable.svs", "SlideCorrupt"),
+                      ("pathml/small_vectra.qptiff", "SlideUnsupported")):
+        plan = json.loads(PlanSlide(cfg)({"uri": str(wsi_dir / name), "size": 1,
+                                          "etag": None})["plan"])
+        assert plan["status"] == "failed" and plan["error_type"] == err
+
+
+def test_read_tiles_measures_areas(wsi_dir):
+    cfg = Config()
+    uri = str(wsi_dir / "histolab/cmu-1-small-region.svs")
+    row = PlanSlide(cfg)({"uri": uri, "size": 1, "etag": None})
+    plan = json.loads(row["plan"])
+    tasks = tile_tasks(row["slide_id"], uri, plan)
+    out = ReadTiles(cfg, keep_pixels=True)(_batch(tasks))
+    assert out["image"].shape == (len(tasks), 224, 224, 3)
+    assert (out["cellular_px"] + out["fat_px"] <= 224 * 224).all()
+    assert (out["error_type"] == "").all()
