@@ -181,3 +181,22 @@ def crop_around(image: np.ndarray, cx: float, cy: float, size: int, fill: int = 
     if sx1 > sx0 and sy1 > sy0:
         out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
     return out, not (x0 >= 0 and y0 >= 0 and x0 + size <= w and y0 + size <= h)
+
+
+def match_centroids(xs, ys, boxes) -> tuple[int, list[int], list[int]]:
+    """One-to-one matching of detections to ground-truth boxes: a detection matches a box when
+    its centroid lies inside; each box takes the free detection nearest its centre.
+
+    Returns:
+        ``(matches, unmatched box indices, unmatched detection indices)``.
+    """
+    free = set(range(len(xs)))
+    missed = []
+    for b, (x0, y0, x1, y1) in enumerate(boxes):
+        inside = [i for i in free if x0 <= xs[i] <= x1 and y0 <= ys[i] <= y1]
+        if not inside:
+            missed.append(b)
+            continue
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        free.remove(min(inside, key=lambda i: (xs[i] - cx) ** 2 + (ys[i] - cy) ** 2))
+    return len(boxes) - len(missed), missed, sorted(free)

@@ -14,41 +14,14 @@ import argparse
 import json
 import os
 import sys
-import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 
-from engine.cells import KIND_CELL, detect_cells, estimate_threshold
+from engine.cells import KIND_CELL, detect_cells, estimate_threshold, match_centroids
 from engine.config import CellDetectionConfig
-
-
-def read_voc_boxes(path: str, name: str = "WBC") -> list[tuple[float, float, float, float]]:
-    root = ET.parse(path).getroot()
-    boxes = []
-    for obj in root.findall("object"):
-        if obj.findtext("name", "").strip().upper() == name.upper():
-            bb = obj.find("bndbox")
-            boxes.append(tuple(float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")))
-    return boxes
-
-
-def match_centroids(xs, ys, boxes) -> tuple[int, list[int], list[int]]:
-    """Greedy one-to-one matching of centroids to boxes (boxes in order, nearest centre first).
-
-    Returns ``(matches, unmatched box indices, unmatched detection indices)``.
-    """
-    free = set(range(len(xs)))
-    missed = []
-    for b, (x0, y0, x1, y1) in enumerate(boxes):
-        inside = [i for i in free if x0 <= xs[i] <= x1 and y0 <= ys[i] <= y1]
-        if not inside:
-            missed.append(b)
-            continue
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        free.remove(min(inside, key=lambda i: (xs[i] - cx) ** 2 + (ys[i] - cy) ** 2))
-    return len(boxes) - len(missed), missed, sorted(free)
+from engine.slides.annotations import read_voc_boxes
 
 
 def evaluate_image(image_path: str, xml_path: str, mpp: float, cfg: CellDetectionConfig) -> dict:

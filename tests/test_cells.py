@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engine.cells import (KIND_CELL, KIND_PLATELET, crop_around, detect_cells, estimate_threshold,
-                          owned_by_tile)
+                          match_centroids, owned_by_tile)
 from engine.config import CellDetectionConfig, TileConfig
 from tests.conftest import ROOT, SHARED_DATA
 
@@ -110,7 +110,6 @@ def test_smear_slide_from_bccd_every_wbc_found_once_through_tiles(tmp_path):
     from engine.slides import open_slide
     from engine.slides.smear import build_bccd_smear
     from engine.tiling import plan_tiles
-    from jobs.evaluate_detection import match_centroids
 
     boxes_csv = build_bccd_smear(str(BCCD), str(tmp_path / "smear.tif"), n_fields=24)
     with open(boxes_csv) as fh:
@@ -138,3 +137,10 @@ def test_smear_slide_from_bccd_every_wbc_found_once_through_tiles(tmp_path):
     for x0, y0, x1, y1 in boxes:
         inside = sum(1 for x, y in zip(xs, ys) if x0 <= x <= x1 and y0 <= y <= y1)
         assert inside <= 1
+
+
+def test_match_centroids_is_one_to_one():
+    boxes = [(0, 0, 10, 10), (20, 0, 30, 10), (40, 0, 50, 10)]
+    xs, ys = np.array([5.0, 6.0, 25.0, 99.0]), np.array([5.0, 5.0, 5.0, 5.0])
+    matched, missed, extra = match_centroids(xs, ys, boxes)
+    assert matched == 2 and missed == [2] and extra == [1, 3]  # a second hit in a box is extra

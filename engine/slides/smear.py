@@ -9,24 +9,14 @@ from __future__ import annotations
 
 import csv
 import os
-import xml.etree.ElementTree as ET
 
 import numpy as np
 from PIL import Image
 
+from engine.slides.annotations import read_voc_boxes
 from engine.slides.writer import write_pyramid_tiff
 
 BCCD_MPP = 0.075
-
-
-def _wbc_boxes(xml_path: str) -> list[tuple[float, float, float, float]]:
-    root = ET.parse(xml_path).getroot()
-    out = []
-    for obj in root.findall("object"):
-        if obj.findtext("name", "").strip().upper() == "WBC":
-            bb = obj.find("bndbox")
-            out.append(tuple(float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")))
-    return out
 
 
 def build_bccd_smear(bccd_dir: str, out_path: str, n_fields: int = 24, cols: int = 6,
@@ -49,7 +39,7 @@ def build_bccd_smear(bccd_dir: str, out_path: str, n_fields: int = 24, cols: int
             canvas[oy : oy + fh, ox : ox + fw] = np.asarray(
                 im.convert("RGB").resize((fw, fh), Image.Resampling.LANCZOS))
         stem = os.path.splitext(name)[0]
-        for x0, y0, x1, y1 in _wbc_boxes(os.path.join(bccd_dir, "Annotations", stem + ".xml")):
+        for x0, y0, x1, y1 in read_voc_boxes(os.path.join(bccd_dir, "Annotations", stem + ".xml")):
             boxes.append((ox + x0 * scale, oy + y0 * scale, ox + x1 * scale, oy + y1 * scale,
                           stem))
     write_pyramid_tiff(canvas, out_path, mpp, tile_px=256, quality=92)
