@@ -1,0 +1,77 @@
+"""The cluster files parse and agree with each other and with the project."""
+
+import importlib.util
+import re
+import shlex
+
+import yaml
+
+from tests.conftest import ROOT
+
+CLUSTER = ROOT / "cluster"
+
+
+def _load(name):
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def _image_tag():
+    m = re.search(r"docker build .* -t (\S+) \.", (CLUSTER / "Dockerfile").read_text())
+    return m.group(1)
+
+
+def test_dockerfile_uses_the_official_ray_gpu_image_of_our_ray_version():
+    text = (CLUSTER / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)", text, re.M).group(1)
+    assert base.startswith("rayproject/ray:") and base.endswith("-gpu")
+    ray_version = base.split(":")[1].split("-")[0]
+    for f in ("kuberay-raycluster.yaml",):
+        assert _load(f)["spec"]["rayVersion"] == ray_version
+    assert _load("kuberay-rayjob.yaml")["spec"]["rayClusterSpec"]["rayVersion"] == ray_version
+    import ray
+
+    assert ray.__version__.split(".")[:2] == ray_version.split(".")[:2]
+
+
+def _containers(spec):
+    yield spec["headGroupSpec"], spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    for group in spec["workerGroupSpecs"]:
+        yield group, group["template"]["spec"]["containers"][0]
+
+
+def test_images_heads_and_gpu_workers_agree():
+    tag = _image_tag()
+    assert _load("aws.yaml")["docker"]["image"] == tag
+    for spec in (_load("kuberay-raycluster.yaml")["spec"],
+                 _load("kuberay-rayjob.yaml")["spec"]["rayClusterSpec"]):
+        for group, container in _containers(spec):
+            assert container["image"] == tag
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # head takes no work
+        for group in spec["workerGroupSpecs"]:
+            c = group["template"]["spec"]["containers"][0]
+            gpus = int(group["rayStartParams"]["num-gpus"])
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == gpus
+            assert c["resources"]["requests"]["nvidia.com/gpu"] == gpus
+    aws = _load("aws.yaml")
+    assert aws["available_node_types"][aws["head_node_type"]]["resources"] == {"CPU": 0}
+    assert any(n.get("resources", {}).get("GPU") for n in aws["available_node_types"].values())
+    assert "--num-cpus=0" in " ".join(aws["head_start_ray_commands"])
+
+
+def test_rayjob_entrypoint_module_exists_and_tears_down():
+    job = _load("kuberay-rayjob.yaml")["spec"]
+    assert job["shutdownAfterJobFinishes"] is True
+    argv = shlex.split(job["entrypoint"])
+    assert argv[:2] == ["python", "-m"]
+    assert importlib.util.find_spec(argv[2]) is not None
+    from jobs.process_slides import parse_args
+
+    parse_args(argv[3:])  # the job's arguments are valid for the job
+
+
+def test_runtime_env_excludes_local_state():
+    env = _load("runtime_env.yaml")
+    assert env["working_dir"] == "."
+    assert ".venv/" in env["excludes"] and ".git/" in env["excludes"]
+    text = (CLUSTER / "runtime_env.yaml").read_text().lower()
+    assert "aws_secret" not in text and "token:" not in text
