@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.tissue import rgb_to_saturation_value
-
 FAT_MAX_SATURATION = 0.08
 FAT_MIN_VALUE = 0.85
 CELLULAR_MIN_SATURATION = 0.15
 
 
 def tile_area_counts(tile: np.ndarray) -> tuple[int, int]:
-    """``(cellular_px, fat_px)`` of one ``(H, W, 3) uint8`` tile."""
-    sat, val = rgb_to_saturation_value(tile)
-    fat = (sat < FAT_MAX_SATURATION) & (val > FAT_MIN_VALUE)
-    cellular = sat >= CELLULAR_MIN_SATURATION
-    return int(cellular.sum()), int(fat.sum())
+    """``(cellular_px, fat_px)`` of one ``(H, W, 3) uint8`` tile.
+
+    HSV saturation ``(max - min) / max`` and value ``max`` compared in integers (no float image:
+    this runs on every tile of every slide).
+    """
+    mx = tile.max(axis=-1).astype(np.int32)
+    spread = mx - tile.min(axis=-1)
+    fat = (spread * 100 < FAT_MAX_SATURATION * 100 * mx) & (mx > FAT_MIN_VALUE * 255)
+    cellular = spread * 100 >= CELLULAR_MIN_SATURATION * 100 * mx
+    return int(np.count_nonzero(cellular & (mx > 0))), int(np.count_nonzero(fat))
 
 
 def slide_cellularity(cellular_px, fat_px) -> float | None:

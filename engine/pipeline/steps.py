@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import threading
 
 import numpy as np
 from PIL import Image
@@ -34,8 +35,13 @@ class ReaderCache:
         self.cfg, self.size = cfg, size
         self._open: collections.OrderedDict = collections.OrderedDict()
         self._staging = StagingArea(cfg.storage)
+        self._lock = threading.RLock()  # readers themselves are thread-safe; the cache is not
 
     def get(self, uri: str):
+        with self._lock:
+            return self._get(uri)
+
+    def _get(self, uri: str):
         if uri in self._open:
             self._open.move_to_end(uri)
             return self._open[uri][0]
@@ -250,30 +256,29 @@ class ReadTiles:
     (``(B, 224, 224, 3) uint8``, only when ``keep_pixels``), ``error_type``, ``error_message``.
     """
 
-    def __init__(self, cfg: Config, keep_pixels: bool):
+    def __init__(self, cfg: Config, keep_pixels: bool, threads: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.readers = ReaderCache(cfg)
         self.keep_pixels = keep_pixels
+        self._pool = ThreadPoolExecutor(threads)
+
+    def _one(self, batch: dict, i: int):
+        size = int(batch["tile_px"][i])
+        try:
+            reader = self.readers.get(str(batch["uri"][i]))
+            tile = read_tile(reader, batch["level"][i], batch["x"][i], batch["y"][i],
+                             batch["read_px"][i], size)
+            return tile, *tile_area_counts(tile), "", ""
+        except SlideError as e:
+            return np.zeros((size, size, 3), np.uint8), 0, 0, type(e).__name__, str(e)
 
     def __call__(self, batch: dict) -> dict:
-        n = len(batch["task"])
-        cellular, fat, errors, messages, images = [], [], [], [], []
-        for i in range(n):
-            size = int(batch["tile_px"][i])
-            try:
-                reader = self.readers.get(str(batch["uri"][i]))
-                tile = read_tile(reader, batch["level"][i], batch["x"][i], batch["y"][i],
-                                 batch["read_px"][i], size)
-                c, f = tile_area_counts(tile)
-                err = msg = ""
-            except SlideError as e:
-                tile, c, f, err, msg = np.zeros((size, size, 3), np.uint8), 0, 0, \
-                    type(e).__name__, str(e)
-            cellular.append(c)
-            fat.append(f)
-            errors.append(err)
-            messages.append(msg)
-            if self.keep_pixels:
-                images.append(tile)
+        # OpenSlide decoding and numpy release the GIL: two threads keep a core busy while
+        # the other waits on IO
+        results = list(self._pool.map(lambda i: self._one(batch, i), range(len(batch["task"]))))
+        images, cellular, fat, errors, messages = (list(c) for c in zip(*results)) \
+            if results else ([], [], [], [], [])
         batch.update(cellular_px=np.asarray(cellular, np.int64), fat_px=np.asarray(fat, np.int64),
                      error_type=np.asarray(errors), error_message=np.asarray(messages))
         if self.keep_pixels:

@@ -1,0 +1,102 @@
+"""Tiles/s for reading and measuring the tiles of one slide: the pipeline's reader (Ray Data,
+one reader actor per core) against a plain single-process OpenSlide loop over the same grid,
+in the same run.
+
+    python benchmarks/read_tiles.py [--size 16384] [--target-mpp 0.25 --tile-px 1024]
+
+Both sides read every planned tile, resize it to the model's size and measure its stained and
+fat area; only those numbers travel back. Prints JSON with both rates and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=16384)
+    p.add_argument("--target-mpp", type=float, default=0.25)
+    p.add_argument("--tile-px", type=int, default=512)
+    p.add_argument("--readers", type=int, default=os.cpu_count())
+    args = p.parse_args()
+
+    import openslide
+    import ray
+
+    from benchmarks.make_synthetic_slides import make_slide
+    from engine.cellularity import tile_area_counts
+    from engine.config import Config, TileConfig
+    from engine.pipeline.steps import ReadTiles, read_tile
+    from engine.tiling import plan_tiles
+
+    work = tempfile.mkdtemp(prefix="hemeflow-read-")
+    path = os.path.join(work, "slide.tif")
+    t = time.time()
+    make_slide(path, args.size)
+    made = time.time() - t
+    cfg = Config()
+    slide = openslide.OpenSlide(path)
+    mpp = float(slide.properties[openslide.PROPERTY_NAME_MPP_X])
+    tiles = TileConfig(target_mpp=args.target_mpp, tile_px=args.tile_px, min_tissue_fraction=0)
+    plan = plan_tiles(slide.dimensions, slide.level_downsamples, mpp, tiles)
+
+    class Plain:  # what a script without hemeflow would do: OpenSlide in one process
+        def read_region(self, level, x, y, w, h):
+            rgba = np.asarray(slide.read_region((x, y), level, (w, h)))
+            return rgba[..., :3]
+
+    t = time.time()
+    plain_area = 0
+    for x, y in zip(plan.x, plan.y):
+        tile = read_tile(Plain(), plan.level, int(x), int(y), plan.read_px, plan.tile_px)
+        plain_area += tile_area_counts(tile)[0]
+    plain_s = time.time() - t
+
+    ray.init(num_cpus=args.readers, include_dashboard=False, log_to_driver=False)
+    tasks = [{"slide_id": "s", "uri": path, "task": i, "x": int(x), "y": int(y),
+              "level": plan.level, "read_px": plan.read_px, "tile_px": plan.tile_px,
+              "tile_mpp": plan.target_mpp, "tissue_fraction": 1.0}
+             for i, (x, y) in enumerate(zip(plan.x, plan.y))]
+    ds = ray.data.from_items(tasks).map_batches(
+        ReadTiles, fn_constructor_args=(cfg, False), batch_size=16,
+        compute=ray.data.ActorPoolStrategy(size=args.readers), num_cpus=1)
+    list(ray.data.from_items(tasks[: args.readers * 8]).map_batches(  # warm the actors' imports
+        ReadTiles, fn_constructor_args=(cfg, False), batch_size=16,
+        compute=ray.data.ActorPoolStrategy(size=args.readers), num_cpus=1).iter_batches())
+    t = time.time()
+    ours_area = sum(int(b["cellular_px"].sum()) for b in ds.iter_batches(batch_size=None))
+    ours_s = time.time() - t
+    assert ours_area == plain_area, "both sides must measure the same pixels"
+    n = len(plan)
+    result = {
+        "benchmark": "read_tiles", "host": platform.node(), "cpus": os.cpu_count(),
+        "date": dt.date.today().isoformat(), "slide_px": args.size,
+        "slide_made_s": round(made, 1), "tiles": n, "tile_px": args.tile_px,
+        "target_mpp": args.target_mpp, "level": plan.level, "read_px": plan.read_px,
+        "plain_openslide_loop_tiles_per_s": round(n / plain_s, 1),
+        "hemeflow_tiles_per_s": round(n / ours_s, 1),
+        "ratio": round(plain_s / ours_s, 3), "target": "ratio >= 1.5 on 2 cores",
+    }
+    print(json.dumps(result, indent=2))
+    out = os.path.join(ROOT, "benchmarks", "results",
+                       f"read_tiles-cpu{os.cpu_count()}-{result['date']}.json")
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
