@@ -175,7 +175,9 @@ class PipelineConfig:
         read_batch_size: tile tasks per read batch on CPU workers.
         read_concurrency: CPU read workers (None: as many as the cluster has CPUs).
         min_nucleated: below this many nucleated cells a differential is flagged.
-        thumbnail_samples: tiles sampled per slide to set its stain threshold.
+        threshold_samples: tiles sampled per slide to set its stain threshold.
+        cellularity_checkpoint: ABMIL regressor (``jobs.train_mil``) on the encoder's tile
+            embeddings; K bags of up to ``cellularity_bag_size`` tiles give mean and sd.
     """
 
     stages: tuple[str, ...] = ("cells", "tiles")
@@ -187,6 +189,9 @@ class PipelineConfig:
     classifier: ModelStageConfig = field(default_factory=ModelStageConfig)
     encoder: ModelStageConfig = field(default_factory=lambda: ModelStageConfig(
         model="dinov2-vits14", batch_size=128))
+    cellularity_checkpoint: str | None = None  # ABMIL regressor from jobs.train_mil
+    cellularity_bags: int = 10
+    cellularity_bag_size: int = 256
 
 
 @dataclass(frozen=True)

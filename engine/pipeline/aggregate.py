@@ -49,7 +49,8 @@ class Aggregator:
 
     def __init__(self, store: OutputStore, config_hash: str, stages_run: list[str],
                  stages_skipped: list[str], model_codes: tuple[str, ...], min_nucleated: int,
-                 log=print):
+                 log=print, mil=None, mil_bags: tuple[int, int] = (10, 256)):
+        self.mil, self.mil_bags = mil, mil_bags
         self.store, self.config_hash = store, config_hash
         self.stages_run, self.stages_skipped = stages_run, stages_skipped
         self.model_codes, self.min_nucleated = model_codes, min_nucleated
@@ -150,6 +151,16 @@ class Aggregator:
                                           "cellularity_mean": value, "cellularity_sd": None,
                                           "n_bags": None, "bag_size": None,
                                           "n_tiles": len(tiles)}]
+                if self.mil is not None and tiles and tiles[0]["embedding"] is not None:
+                    from engine.models.mil import predict_bags
+
+                    emb = np.asarray([t["embedding"] for t in tiles], np.float32)
+                    pred = predict_bags(self.mil, emb, *self.mil_bags)
+                    tables["cellularity"].append({
+                        "slide_id": sid, "method": "abmil",
+                        "cellularity_mean": float(pred.mean[0]) * 100,
+                        "cellularity_sd": float(pred.sd[0]) * 100, "n_bags": pred.n_bags,
+                        "bag_size": pred.bag_size, "n_tiles": len(tiles)})
             status.update(status="ok", error_type=None, error_message=None,
                           n_tiles=sum(state.expected.values()), n_cells=len(cells))
         finished = utcnow()

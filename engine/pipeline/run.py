@@ -32,6 +32,7 @@ class StagePlan:
     skipped: dict[str, str] = field(default_factory=dict)
     model_codes: tuple[str, ...] = ()
     encoder: bool = False
+    mil: object = None  # the ABMIL cellularity model, when configured and embeddings exist
 
 
 def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
@@ -42,7 +43,8 @@ def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
             differential from an untrained model would be meaningless).
     """
     plan = StagePlan()
-    stages = cfg.pipeline.stages
+    pc = cfg.pipeline
+    stages = pc.stages
     if "cells" in stages:
         c = cfg.pipeline.classifier
         model = create_model(c.model, c.checkpoint, allow_untrained=allow_untrained,
@@ -62,7 +64,16 @@ def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
                                                            else " (UNTRAINED)"))
         except MissingWeights as err:
             plan.skipped["tile_embedding"] = str(err)
-        plan.skipped["cellularity:abmil"] = "no ABMIL checkpoint configured"
+        if not pc.cellularity_checkpoint:
+            plan.skipped["cellularity:abmil"] = "no ABMIL checkpoint configured " \
+                "(pipeline.cellularity_checkpoint)"
+        elif not plan.encoder:
+            plan.skipped["cellularity:abmil"] = "needs tile embeddings, and the encoder is skipped"
+        else:
+            from engine.models.mil import load_mil
+
+            plan.mil, _ = load_mil(pc.cellularity_checkpoint, cfg.storage)
+            plan.run.append("cellularity:abmil")
     return plan
 
 
@@ -90,7 +101,8 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     log(f"{len(entries)} slide(s): {len(entries) - len(pending)} already committed, "
         f"{len(pending)} to process")
     agg = Aggregator(store, cfg.hash(), stages.run, sorted(stages.skipped), stages.model_codes,
-                     cfg.pipeline.min_nucleated, log)
+                     cfg.pipeline.min_nucleated, log, mil=stages.mil,
+                     mil_bags=(cfg.pipeline.cellularity_bags, cfg.pipeline.cellularity_bag_size))
     if not pending:
         return agg.summary
     if not ray.is_initialized():

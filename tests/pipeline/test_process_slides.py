@@ -126,3 +126,26 @@ def test_reference_model_on_the_smear(ray_local, smear_slide, tmp_path, capsys):
     assert diff["blast_percent"].is_null().all()
     doc = json.loads((tmp_path / "o" / "config.json").read_text())
     assert doc["config"]["pipeline"]["classifier"]["model"] == "deepheme-resnext50"
+
+
+def test_abmil_cellularity_from_tile_embeddings(ray_local, archive, tmp_path):
+    import torch
+
+    from engine.models.mil import GatedABMIL, save_mil
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "abmil.safetensors"
+    save_mil(GatedABMIL(64), str(ckpt), {"name": "test-abmil"})  # dinov2-tiny embeds 64-d
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(tiny_config(tmp_path) and (tmp_path / "tiny.yaml").read_text()
+                   + f"  cellularity_checkpoint: {ckpt}\n  cellularity_bags: 6\n")
+    code = process_slides.main(["--input", str(archive / "cmu-1-small-region.svs"), "--output",
+                                str(tmp_path / "o"), "--config", str(cfg), "--allow-untrained"])
+    assert code == 0
+    cel = pl.read_parquet(f"{tmp_path}/o/cellularity/*.parquet").sort("method")
+    assert cel["method"].to_list() == ["abmil", "image_analysis"]
+    abmil = cel.row(0, named=True)
+    assert 0 <= abmil["cellularity_mean"] <= 100 and abmil["cellularity_sd"] >= 0
+    assert abmil["n_bags"] == 6 and abmil["n_tiles"] > 0
+    tiles = pl.read_parquet(f"{tmp_path}/o/tiles/*.parquet")
+    assert tiles["embedding"].list.len().unique().to_list() == [64]

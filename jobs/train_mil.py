@@ -1,0 +1,136 @@
+"""Train attention-MIL (gated ABMIL) on slide tile embeddings.
+
+    python -m jobs.train_mil --task regression --labels labels.csv --embeddings <process_slides
+        output or its tiles folder> --output <dir> [--folds 5] [--epochs 60]
+
+Labels CSV: ``slide_id`` and ``label``: a cellularity number (percent or fraction), a range such
+as ``50-60%`` (its midpoint), or a class name for ``--task classification``. Slides are split by
+slide into k folds; the report gives R² and a Bland-Altman plot (regression) or AUC, F1 and a
+confusion matrix (classification); the model trained on all slides is written as
+``<output>/abmil.safetensors`` with its card, ready for ``pipeline.cellularity_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import polars as pl
+
+from engine.models.mil import predict_bags, save_mil
+from engine.train.mil import train_mil
+
+
+def parse_label(text: str, task: str):
+    """``"55"``/``"0.55"``/``"50-60%"`` -> fraction in [0, 1] (regression); else the text."""
+    if task == "classification":
+        return text.strip()
+    nums = [float(v) for v in re.findall(r"\d+(?:\.\d+)?", text)]
+    if not nums:
+        raise ValueError(f"no number in cellularity label {text!r}")
+    value = sum(nums[:2]) / len(nums[:2])
+    return value / 100 if ("%" in text or value > 1) else value
+
+
+def load_bags(embeddings: str) -> dict[str, np.ndarray]:
+    """slide_id -> ``(n_tiles, D)`` from a process_slides output folder or its tiles folder."""
+    folder = os.path.join(embeddings, "tiles") if os.path.isdir(os.path.join(embeddings, "tiles")) \
+        else embeddings
+    df = pl.read_parquet(os.path.join(folder, "*.parquet")).filter(
+        pl.col("embedding").is_not_null())
+    return {sid: np.asarray(g["embedding"].to_list(), np.float32)
+            for (sid,), g in df.group_by("slide_id")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.train_mil", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=("regression", "classification"), required=True)
+    p.add_argument("--labels", required=True)
+    p.add_argument("--embeddings", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--bag-size", type=int, default=256)
+    p.add_argument("--n-bags", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    bags = load_bags(args.embeddings)
+    with open(args.labels, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["slide_id"] in bags]
+    if len(rows) < 2:
+        print(f"hemeflow: error: fewer than 2 labelled slides have embeddings in "
+              f"{args.embeddings}", file=sys.stderr)
+        return 2
+    ids = [r["slide_id"] for r in rows]
+    raw = [parse_label(r["label"], args.task) for r in rows]
+    classes = sorted(set(raw)) if args.task == "classification" else []
+    y = np.array([classes.index(v) for v in raw] if classes else raw, float)
+    X = [bags[i] for i in ids]
+    kw = dict(task=args.task, n_classes=max(len(classes), 1), epochs=args.epochs, lr=args.lr,
+              bag_size=args.bag_size, seed=args.seed)
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    k = min(args.folds, len(ids))
+    split = (StratifiedKFold(k, shuffle=True, random_state=args.seed).split(ids, y)
+             if classes else KFold(k, shuffle=True, random_state=args.seed).split(ids))
+    oof = np.zeros((len(ids), max(len(classes), 1)))
+    for tr, te in split:
+        model, _ = train_mil([X[i] for i in tr], y[tr], **kw)
+        for i in te:
+            oof[i] = predict_bags(model, X[i], args.n_bags, args.bag_size).mean
+    os.makedirs(args.output, exist_ok=True)
+    report = {"task": args.task, "n_slides": len(ids), "folds": k}
+    if classes:
+        from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
+
+        pred = oof.argmax(1)
+        report.update(classes=classes, macro_f1=float(f1_score(y, pred, average="macro")),
+                      auc=float(roc_auc_score(y, oof[:, 1]) if len(classes) == 2 else
+                                roc_auc_score(y, oof, multi_class="ovr")),
+                      confusion_matrix=confusion_matrix(y, pred).tolist())
+    else:
+        from sklearn.metrics import r2_score
+
+        report.update(r2=float(r2_score(y, oof[:, 0])),
+                      mean_abs_error_points=float(np.abs(oof[:, 0] - y).mean() * 100))
+        _bland_altman(y * 100, oof[:, 0] * 100, os.path.join(args.output, "bland_altman.png"))
+    model, _ = train_mil(X, y, **kw)
+    save_mil(model, os.path.join(args.output, "abmil.safetensors"),
+             {"name": "abmil", "classes": classes, "labels": os.path.abspath(args.labels),
+              "embeddings": os.path.abspath(args.embeddings), "cross_validation": report,
+              "n_bags": args.n_bags, "bag_size": args.bag_size})
+    with open(os.path.join(args.output, "report.json"), "w") as fh:
+        json.dump(report, fh, indent=2)
+    print(json.dumps(report))
+    return 0
+
+
+def _bland_altman(truth, pred, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean, diff = (truth + pred) / 2, pred - truth
+    md, sd = diff.mean(), diff.std()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter(mean, diff, s=10)
+    for v, style in ((md, "-"), (md + 1.96 * sd, "--"), (md - 1.96 * sd, "--")):
+        ax.axhline(v, color="grey", linestyle=style)
+    ax.set_xlabel("mean of truth and prediction (cellularity %)")
+    ax.set_ylabel("prediction - truth (points)")
+    ax.set_title(f"Bland-Altman: bias {md:.1f}, limits ±{1.96 * sd:.1f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
