@@ -1,0 +1,86 @@
+"""Each model alone on random tensors: images/s and peak GPU memory in fp32, bf16,
+bf16 + channels_last, and bf16 + channels_last + torch.compile (the baseline is fp32, same run).
+
+    python benchmarks/model_throughput.py [--models deepheme-resnext50 dinov2-vits14] [--batch 256]
+
+The 'nanoGPT bench' switch: inputs are random tensors already on the device, so this is the
+model's ceiling; pipeline_e2e compares the whole job against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def bench(module, x, steps: int, amp: bool) -> float:
+    with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+        for _ in range(3):
+            module(x)
+        torch.cuda.synchronize()
+        t = time.time()
+        for _ in range(steps):
+            module(x)
+        torch.cuda.synchronize()
+    return steps * x.shape[0] / (time.time() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["deepheme-resnext50", "dinov2-vits14"])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--no-compile", action="store_true")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("model_throughput needs a CUDA device")
+    from engine.models import create_model
+
+    results = []
+    for name in args.models:
+        model = create_model(name, allow_untrained=True)  # weights do not change the speed
+        size = model.spec.input_px
+        row = {"model": name, "batch": args.batch, "input_px": size}
+        for mode in ("fp32", "bf16", "bf16_channels_last", "bf16_channels_last_compile"):
+            if mode.endswith("compile") and args.no_compile:
+                continue
+            m = create_model(name, allow_untrained=True).module.cuda().eval()
+            x = torch.randn(args.batch, 3, size, size, device="cuda")
+            if "channels_last" in mode:
+                m, x = m.to(memory_format=torch.channels_last), x.contiguous(
+                    memory_format=torch.channels_last)
+            if mode.endswith("compile"):
+                m = torch.compile(m)
+            torch.cuda.reset_peak_memory_stats()
+            rate = bench(m, x, args.steps, amp=mode != "fp32")
+            row[f"{mode}_images_per_s"] = round(rate)
+            row[f"{mode}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            del m, x
+            torch.cuda.empty_cache()
+        row["best_vs_fp32"] = round(max(v for k, v in row.items() if k.endswith("per_s"))
+                                    / row["fp32_images_per_s"], 2)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    gpu = torch.cuda.get_device_name(0).replace(" ", "_")
+    out = {"benchmark": "model_throughput", "gpu": gpu, "torch": torch.__version__,
+           "date": dt.date.today().isoformat(), "results": results}
+    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
+    path = os.path.join(ROOT, "benchmarks", "results",
+                        f"model_throughput-{gpu}-{out['date']}.json")
+    with open(path, "w") as fh:
+        json.dump(out, fh, indent=2)
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()
