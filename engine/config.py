@@ -154,6 +154,7 @@ class ModelStageConfig:
         concurrency: model actors (one per GPU on a GPU cluster).
         num_gpus: GPUs per actor when the cluster has GPUs (0 on CPU-only clusters).
         tta: average over 8 rotations/flips (classifier only; 8x compute).
+        compile: ``torch.compile`` the model on GPU actors (about 2x for ResNeXt-50 on an H100).
     """
 
     model: str = "deepheme-resnext50"
@@ -162,6 +163,7 @@ class ModelStageConfig:
     concurrency: int = 1
     num_gpus: float = 1.0
     tta: bool = False
+    compile: bool = False
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,12 @@ class Predictor:
         device: defaults to CUDA when present.
         amp: bf16 autocast on CUDA.
         channels_last: NHWC memory format on CUDA (faster convolutions).
+        compile: ``torch.compile`` the model on CUDA (measured on an H100: ResNeXt-50 26.5k ->
+            62k crops/s; the first batches pay the compile time).
     """
 
     def __init__(self, model: LoadedModel, device: torch.device | str | None = None,
-                 amp: bool = True, channels_last: bool = True):
+                 amp: bool = True, channels_last: bool = True, compile: bool = False):
         self.model = model
         self.device = torch.device(device) if device is not None else default_device()
         self.cuda = self.device.type == "cuda"
@@ -36,6 +38,7 @@ class Predictor:
         self.module = model.module.to(self.device).eval()
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.module) if compile and self.cuda else self.module
         self.mean = torch.tensor(model.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(model.std, device=self.device).view(1, 3, 1, 1) * 255
 
@@ -61,7 +64,7 @@ class Predictor:
     @torch.inference_mode()
     def logits(self, images) -> torch.Tensor:
         with self._autocast():
-            return self.module(self.preprocess(images)).float()
+            return self.forward(self.preprocess(images)).float()
 
     @torch.inference_mode()
     def predict(self, images, tta: bool = False) -> np.ndarray:
@@ -78,7 +81,7 @@ class Predictor:
         probs = 0
         with self._autocast():
             for v in views:
-                probs = probs + torch.softmax(self.module(v).float(), dim=1)
+                probs = probs + torch.softmax(self.forward(v).float(), dim=1)
         return (probs / len(views)).cpu().numpy()
 
     @torch.inference_mode()

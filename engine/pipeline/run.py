@@ -139,7 +139,7 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                                batch_size=pc.read_batch_size, compute=_actors(readers), num_cpus=1)
                   .map_batches(ClassifyCells,
                                fn_constructor_args=(c.model, c.checkpoint, allow_untrained,
-                                                    c.tta, cfg.storage),
+                                                    c.tta, cfg.storage, c.compile),
                                batch_size=c.batch_size, compute=_actors(c.concurrency),
                                num_gpus=c.num_gpus if gpus else 0,
                                num_cpus=0 if gpus else 1))
@@ -152,7 +152,7 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                 batch_size=pc.read_batch_size * 4, compute=_actors(readers), num_cpus=1)
             if stages.encoder:
                 ds = ds.map_batches(EncodeTiles, fn_constructor_args=(
-                    e.model, e.checkpoint, allow_untrained, cfg.storage),
+                    e.model, e.checkpoint, allow_untrained, cfg.storage, e.compile),
                     batch_size=e.batch_size, compute=_actors(e.concurrency),
                     num_gpus=e.num_gpus if gpus else 0, num_cpus=0 if gpus else 1)
             for batch in ds.iter_batches(batch_format="numpy", batch_size=None):

@@ -226,13 +226,13 @@ class ClassifyCells:
     ``class_code``, ``class_prob``; drops ``crop``. Marker rows pass through unscored."""
 
     def __init__(self, model: str, checkpoint: str | None, allow_untrained: bool = False,
-                 tta: bool = False, storage=None):
+                 tta: bool = False, storage=None, compile: bool = False):
         from engine.models import Predictor, create_model
 
         self.model = create_model(model, checkpoint, allow_untrained=allow_untrained,
                                   class_codes=DEEPHEME_CODES,
                                   storage=storage)
-        self.predictor = Predictor(self.model)
+        self.predictor = Predictor(self.model, compile=compile)
         self.tta = tta
 
     def __call__(self, batch: dict) -> dict:
@@ -290,12 +290,12 @@ class EncodeTiles:
     """Tile encoder (DINOv2): ``image`` -> ``embedding`` ``(B, D) float32``."""
 
     def __init__(self, model: str, checkpoint: str | None, allow_untrained: bool = False,
-                 storage=None):
+                 storage=None, compile: bool = False):
         from engine.models import Predictor, create_model
 
         self.predictor = Predictor(create_model(model, checkpoint,
                                                 allow_untrained=allow_untrained,
-                                                storage=storage))
+                                                storage=storage), compile=compile)
 
     def __call__(self, batch: dict) -> dict:
         batch["embedding"] = self.predictor.embed(batch.pop("image"))

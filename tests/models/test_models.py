@@ -122,3 +122,5 @@ def test_gpu_bf16_channels_last_matches_cpu():
     gpu = Predictor(create_model("deepheme-resnext50"), "cuda").predict(crops)
     assert (cpu.argmax(1) == gpu.argmax(1)).mean() >= 0.75
     np.testing.assert_allclose(cpu, gpu, atol=0.1)
+    compiled = Predictor(create_model("deepheme-resnext50"), "cuda", compile=True).predict(crops)
+    np.testing.assert_allclose(compiled, gpu, atol=0.05)
