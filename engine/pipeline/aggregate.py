@@ -169,7 +169,7 @@ class Aggregator:
         self.summary.append(status)
         self.log(f"slide {sid}: {status['status']}"
                  + (f" ({status['error_type']})" if state.error else "")
-                 + f", tiles {status['n_tiles']}, cells {status['n_cells']}, "
+                 + f", tiles {status['n_tiles'] or 0}, cells {status['n_cells'] or 0}, "
                  f"{status['seconds']:.1f}s")
 
     def _differential(self, sid: str, cells: list[dict]) -> list[dict]:
