@@ -98,10 +98,6 @@ def is_nucleated(code: str) -> bool:
     return get_class(code).nucleated
 
 
-def is_group(code: str) -> bool:
-    return bool(get_class(code).members)
-
-
 def covers(model_codes: tuple[str, ...] | list[str], code: str) -> bool:
     """Whether a model predicting ``model_codes`` can produce ``code`` (directly or as a group)."""
     if code in model_codes:

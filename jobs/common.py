@@ -14,9 +14,9 @@ import yaml
 
 from engine.config import Config, StorageConfig
 from engine.outputs import join_uri, write_bytes
-from engine.slides.storage import (FileEntry, InputError, get_filesystem, is_remote, list_files,
+from engine.slides.storage import (FileEntry, InputError, get_filesystem, list_files,
                                    normalize_uri, stat_file)
-from engine.errors import HemeflowError, SlideError
+from engine.errors import SlideError
 
 T = TypeVar("T")
 LIST_SUFFIXES = (".txt", ".csv")
@@ -130,8 +130,3 @@ def write_run_config(output: str, cfg: Config, args: dict, storage: StorageConfi
 def fail(message: str, code: int = 2) -> int:
     print(f"hemeflow: error: {message}", file=sys.stderr)
     return code
-
-
-def guard_input_errors(exc: BaseException) -> bool:
-    """Whole-input problems (not bugs) that a job reports in one line instead of a traceback."""
-    return isinstance(exc, (InputError, HemeflowError)) and not isinstance(exc, SlideError)

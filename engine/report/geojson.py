@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-
 from engine.classes import get_class
 
 # One colour per lineage; stages inside a lineage share it (QuPath shows names on hover).
@@ -35,7 +33,3 @@ def cells_to_geojson(cells: list[dict]) -> dict:
             },
         })
     return {"type": "FeatureCollection", "features": features}
-
-
-def write_geojson(cells: list[dict]) -> bytes:
-    return json.dumps(cells_to_geojson(cells)).encode()

@@ -84,15 +84,6 @@ def checked_mpp(mpp_x: float | None, mpp_y: float | None, source: str
     return float(mpp_x), float(mpp_y), source, None
 
 
-def best_level_for_downsample(downsamples: tuple[float, ...], downsample: float) -> int:
-    """Coarsest level whose downsample does not exceed ``downsample`` (as OpenSlide picks)."""
-    best = 0
-    for i, d in enumerate(downsamples):
-        if d <= downsample * (1 + 1e-3):
-            best = i if d >= downsamples[best] else best
-    return best
-
-
 def composite_rgba(rgba: np.ndarray, background=(255, 255, 255)) -> np.ndarray:
     """``(H, W, 4) uint8`` premultiplied RGBA over a background colour -> ``(H, W, 3) uint8``.
 

@@ -13,7 +13,7 @@ from engine.slides.base import SlideInfo, checked_mpp
 
 _OME_SIZE = re.compile(r'PhysicalSize([XY])="([0-9.eE+-]+)"')
 _OME_UNIT = re.compile(r'PhysicalSize([XY])Unit="([^"]+)"')
-_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "\u00b5m": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+_UNIT_TO_UM = {"\u00b5m": 1.0, "um": 1.0, "\u03bcm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
 
 def _field(img: pyvips.Image, name: str, default=None):

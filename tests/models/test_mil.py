@@ -1,7 +1,6 @@
 """ABMIL on synthetic bags whose target depends on their composition."""
 
 import numpy as np
-import pytest
 import torch
 from sklearn.metrics import r2_score, roc_auc_score
 
