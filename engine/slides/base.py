@@ -90,6 +90,8 @@ def composite_rgba(rgba: np.ndarray, background=(255, 255, 255)) -> np.ndarray:
     Fully transparent pixels are areas the scanner never imaged; they become the slide's background
     colour, as OpenSlide documents, not invented tissue.
     """
+    if rgba[..., 3].min() == 255:  # the common case: fully scanned, nothing to blend
+        return np.ascontiguousarray(rgba[..., :3])
     rgb = rgba[..., :3].astype(np.uint16)
     alpha = rgba[..., 3:4].astype(np.uint16)
     bg = np.asarray(background, np.uint16)
