@@ -20,7 +20,7 @@ from engine.cellularity import tile_area_counts
 from engine.config import Config
 from engine.errors import MissingMPP, SlideError
 from engine.slides import FileEntry, open_slide
-from engine.slides.inventory import MppOverrides, inventory_file
+from engine.slides.inventory import MppOverrides, inventoried
 from engine.slides.storage import StagingArea
 from engine.tiling import TilePlan, plan_tiles
 from engine.tissue import compute_tissue_mask
@@ -91,52 +91,51 @@ class PlanSlide:
 
     def __call__(self, row: dict) -> dict:
         entry = FileEntry(row["uri"], row.get("size"), row.get("etag"))
-        inv = inventory_file(entry, self.cfg.storage, None, self.mpp)
-        out = {"slide": {k: (v.isoformat() if hasattr(v, "isoformat") else v)
-                         for k, v in inv.items()},
-               "status": inv["status"], "error_type": inv["error_type"],
-               "error_message": inv["error_message"]}
-        if inv["status"] == "ok":
-            try:
-                out.update(self._plan(entry.uri, inv))
-            except SlideError as err:
-                out.update(status="failed", error_type=type(err).__name__,
-                           error_message=str(err))
+        with inventoried(entry, self.cfg.storage, None, self.mpp) as (inv, slide):
+            out = {"slide": {k: (v.isoformat() if hasattr(v, "isoformat") else v)
+                             for k, v in inv.items()},
+                   "status": inv["status"], "error_type": inv["error_type"],
+                   "error_message": inv["error_message"]}
+            if slide is not None:
+                try:
+                    out.update(self._plan(slide, entry.uri, inv))
+                except SlideError as err:
+                    out.update(status="failed", error_type=type(err).__name__,
+                               error_message=str(err))
         return {"slide_id": inv["slide_id"], "uri": entry.uri, "plan": json.dumps(out)}
 
-    def _plan(self, uri: str, inv: dict) -> dict:
+    def _plan(self, slide, uri: str, inv: dict) -> dict:
         cfg = self.cfg
         if inv["mpp_source"] == "missing":
             raise MissingMPP(uri, "no pixel size in the slide's metadata; supply --mpp or "
                                   "--mpp-table")
         mpp = (inv["mpp_x"] + inv["mpp_y"]) / 2
-        with open_slide(uri, cfg.storage) as slide:
-            info = slide.info
-            side = max(info.width, info.height) * mpp / cfg.tissue.thumbnail_mpp
-            scale = min(1.0, cfg.tissue.thumbnail_max_px / max(side, 1))
-            tw = max(8, int(info.width * mpp / cfg.tissue.thumbnail_mpp * scale))
-            th = max(8, int(info.height * mpp / cfg.tissue.thumbnail_mpp * scale))
-            thumb = slide.read_thumbnail((tw, th))
-            mask_scale = (info.width / thumb.shape[1], info.height / thumb.shape[0])
-            mask = compute_tissue_mask(thumb, mpp * mask_scale[0], cfg.tissue)
-            plans = {}
-            stages = cfg.pipeline.stages
-            if "cells" in stages:
-                tc = cfg.cell_tiles
-                p = plan_tiles(info.dimensions, info.level_downsamples, mpp, tc, mask,
-                               mask_scale, uri)
-                d = _plan_dict(p, tc.overlap_px * tc.target_mpp / mpp)
-                # the stain threshold is set once per slide from a sample of its tiles
-                step = max(1, len(p) // max(cfg.pipeline.threshold_samples, 1))
-                samples = [read_tile(slide, p.level, x, y, p.read_px, p.tile_px)
-                           for x, y in list(zip(p.x, p.y))[::step][: cfg.pipeline.
-                                                                     threshold_samples]]
-                d["threshold"] = estimate_threshold(samples, cfg.cells)
-                plans["cells"] = d
-            if "tiles" in stages:
-                p = plan_tiles(info.dimensions, info.level_downsamples, mpp, cfg.tiles, mask,
-                               mask_scale, uri)
-                plans["tiles"] = _plan_dict(p)
+        info = slide.info
+        side = max(info.width, info.height) * mpp / cfg.tissue.thumbnail_mpp
+        scale = min(1.0, cfg.tissue.thumbnail_max_px / max(side, 1))
+        tw = max(8, int(info.width * mpp / cfg.tissue.thumbnail_mpp * scale))
+        th = max(8, int(info.height * mpp / cfg.tissue.thumbnail_mpp * scale))
+        thumb = slide.read_thumbnail((tw, th))
+        mask_scale = (info.width / thumb.shape[1], info.height / thumb.shape[0])
+        mask = compute_tissue_mask(thumb, mpp * mask_scale[0], cfg.tissue)
+        plans = {}
+        stages = cfg.pipeline.stages
+        if "cells" in stages:
+            tc = cfg.cell_tiles
+            p = plan_tiles(info.dimensions, info.level_downsamples, mpp, tc, mask,
+                           mask_scale, uri)
+            d = _plan_dict(p, tc.overlap_px * tc.target_mpp / mpp)
+            # the stain threshold is set once per slide from a sample of its tiles
+            step = max(1, len(p) // max(cfg.pipeline.threshold_samples, 1))
+            samples = [read_tile(slide, p.level, x, y, p.read_px, p.tile_px)
+                       for x, y in list(zip(p.x, p.y))[::step][: cfg.pipeline.
+                                                                 threshold_samples]]
+            d["threshold"] = estimate_threshold(samples, cfg.cells)
+            plans["cells"] = d
+        if "tiles" in stages:
+            p = plan_tiles(info.dimensions, info.level_downsamples, mpp, cfg.tiles, mask,
+                           mask_scale, uri)
+            plans["tiles"] = _plan_dict(p)
         return {"mpp0": mpp, "width": info.width, "height": info.height, "plans": plans}
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from engine.config import StorageConfig
 from engine.errors import SlideError, SlideUnsupported
 from engine.schema import slide_id_for
-from engine.slides.base import SlideInfo
+from engine.slides.base import SlideInfo, SlideReader
 from engine.slides.registry import looks_like_slide, open_slide
 from engine.slides.storage import FileEntry, StagingArea
 
@@ -61,24 +63,43 @@ def error_row(entry: FileEntry, err: SlideError, status: str = "failed") -> dict
             "error_message": str(err)}
 
 
-def inventory_file(entry: FileEntry, storage: StorageConfig, staging: StagingArea | None = None,
-                   mpp: MppOverrides | None = None) -> dict:
-    """Inventory one file into a ``slides`` row (see `engine.schema.SLIDES`).
+@contextlib.contextmanager
+def inventoried(entry: FileEntry, storage: StorageConfig, staging: StagingArea | None = None,
+                mpp: MppOverrides | None = None) -> Iterator[tuple[dict, SlideReader | None]]:
+    """Inventory one file and keep it open: yields ``(slides row, reader)``, the reader being
+    None unless the row is ``ok``, so a caller that goes on to plan tiles opens (and, on S3,
+    downloads) the slide once.
 
     Slide problems become ``status = failed`` with the error's type and message; files that are
-    not slides by name (``LICENSE.txt``) become ``skipped``. Other exceptions are bugs and raise.
+    not slides by name (``LICENSE.txt``) become ``skipped``. Errors raised by the caller's block
+    propagate unchanged.
     """
     mpp = mpp or MppOverrides()
     if not looks_like_slide(entry.uri):
         ext = entry.uri.rsplit(".", 1)[-1]
-        return error_row(entry, SlideUnsupported(entry.uri, f"not a slide file (.{ext})"),
-                         status="skipped")
+        yield error_row(entry, SlideUnsupported(entry.uri, f"not a slide file (.{ext})"),
+                        status="skipped"), None
+        return
     row = base_row(entry)
-    try:
-        with open_slide(entry.uri, storage, staging, size=entry.size) as slide:
-            info = mpp.apply(slide.info, row["slide_id"])
-            row.update(info_row(info))
-            slide.read_thumbnail((PROBE_PX, PROBE_PX))  # raises SlideCorrupt on undecodable data
-    except SlideError as err:
-        return {**error_row(entry, err), **{k: v for k, v in row.items() if k in INFO_FIELDS}}
-    return {**row, "status": "ok", "error_type": None, "error_message": None}
+    with contextlib.ExitStack() as stack:
+        try:
+            slide = stack.enter_context(open_slide(entry.uri, storage, staging,
+                                                   size=entry.size))
+            row.update(info_row(mpp.apply(slide.info, row["slide_id"])))
+            slide.read_thumbnail((PROBE_PX, PROBE_PX))  # raises SlideCorrupt on bad data
+        except SlideError as err:
+            failed = {**error_row(entry, err),
+                      **{k: v for k, v in row.items() if k in INFO_FIELDS}}
+        else:
+            failed = None
+        if failed is not None:
+            yield failed, None
+        else:
+            yield {**row, "status": "ok", "error_type": None, "error_message": None}, slide
+
+
+def inventory_file(entry: FileEntry, storage: StorageConfig, staging: StagingArea | None = None,
+                   mpp: MppOverrides | None = None) -> dict:
+    """Inventory one file into a ``slides`` row (see `engine.schema.SLIDES` and `inventoried`)."""
+    with inventoried(entry, storage, staging, mpp) as (row, _):
+        return row
