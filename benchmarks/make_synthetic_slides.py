@@ -2,7 +2,7 @@
 
     python benchmarks/make_synthetic_slides.py --out /tmp/slides --count 1 --size 40000
 
-A 2048 px block of red cells and nucleated cells on glass is repeated to the requested size
+A 2048 px block (smear: red cells and nucleated cells on glass; marrow: H&E biopsy) is repeated to the requested size
 (libvips streams it; memory stays small) and saved as a tiled pyramid at 0.25 µm/px.
 """
 
@@ -13,28 +13,19 @@ import os
 import sys
 import time
 
-import numpy as np
 import pyvips
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from engine.slides.synthetic import marrow_block, smear_block  # noqa: E402
 from engine.slides.writer import write_pyramid_tiff  # noqa: E402
 
 
-def smear_block(seed: int = 0, side: int = 2048) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = np.full((side, side, 3), (236, 232, 240), np.uint8)
-    yy, xx = np.mgrid[:side, :side]
-    for _ in range(side * side // 6000):
-        cy, cx = rng.integers(0, side, 2)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 15 ** 2] = (215, 150, 160)   # red cells
-    for _ in range(side * side // 120000):
-        cy, cx = rng.integers(20, side - 20, 2)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 18 ** 2] = (95, 60, 175)     # nuclei
-    return img
-
-
-def make_slide(path: str, size: int, seed: int = 0, mpp: float = 0.25) -> None:
-    block = pyvips.Image.new_from_array(smear_block(seed))
+def make_slide(path: str, size: int, seed: int = 0, mpp: float = 0.25,
+               kind: str = "smear") -> None:
+    """``kind``: ``smear`` (blood-smear-like) or ``marrow`` (H&E marrow biopsy at 50 %
+    cellularity with bone and fat; ``engine.slides.synthetic``)."""
+    block = smear_block(seed) if kind == "smear" else marrow_block(50, 2048, mpp, seed)[0]
+    block = pyvips.Image.new_from_array(block)
     n = -(-size // block.width)
     big = block.replicate(n, n).crop(0, 0, size, size)
     write_pyramid_tiff(big, path, mpp, tile_px=256, quality=85)
@@ -46,12 +37,13 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--size", type=int, default=40000, help="side in pixels")
+    p.add_argument("--kind", choices=["smear", "marrow"], default="smear")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     for i in range(args.count):
         t = time.time()
         path = os.path.join(args.out, f"synthetic-{i:04d}.tif")
-        make_slide(path, args.size, seed=i)
+        make_slide(path, args.size, seed=i, kind=args.kind)
         print(f"{path}: {args.size}x{args.size} px in {time.time() - t:.1f}s")
 
 

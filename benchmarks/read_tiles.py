@@ -47,7 +47,7 @@ def main() -> None:
     import ray
 
     from benchmarks.make_synthetic_slides import make_slide
-    from engine.cellularity import tile_area_counts
+    from engine.cellularity import DEFAULT_RULES, tile_area_counts
     from engine.config import Config, TileConfig
     from engine.pipeline.steps import ReadTiles, read_tile
     from engine.tiling import plan_tiles
@@ -72,13 +72,15 @@ def main() -> None:
     plain_area = 0
     for x, y in zip(plan.x, plan.y):
         tile = read_tile(Plain(), plan.level, int(x), int(y), plan.read_px, plan.tile_px)
-        plain_area += tile_area_counts(tile)[0]
+        plain_area += tile_area_counts(tile, plan.mpp)[0]
     plain_s = time.time() - t
 
     ray.init(num_cpus=args.readers, include_dashboard=False, log_to_driver=False)
     tasks = [{"slide_id": "s", "uri": path, "task": i, "x": int(x), "y": int(y),
               "level": plan.level, "read_px": plan.read_px, "tile_px": plan.tile_px,
-              "tile_mpp": plan.target_mpp, "tissue_fraction": 1.0}
+              "tile_mpp": plan.target_mpp, "tissue_fraction": 1.0,
+              "stains": np.asarray(DEFAULT_RULES.stains, np.float32).ravel(),
+              "nucleus_h_od": DEFAULT_RULES.nucleus_h_od}
              for i, (x, y) in enumerate(zip(plan.x, plan.y))]
     ds = ray.data.from_items(tasks).map_batches(
         ReadTiles, fn_constructor_args=(cfg, False, args.threads), batch_size=args.batch_size,

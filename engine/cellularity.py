@@ -1,33 +1,146 @@
-"""Label-free marrow cellularity from tiles at about 2 µm/px: stained (cellular) area over
-cellular plus fat area inside the tissue. Pure numpy.
+"""Label-free marrow cellularity from H&E tiles at about 2 µm/px (method ``image_analysis``).
 
-Fat vacuoles are unstained and bright; haematopoietic tissue is stained. Bone and large vessels
-are not yet separated (issue: cellularity and MIL), so this is a first estimate.
+Per slide, ``calibrate`` estimates the slide's own haematoxylin and eosin vectors from a sample of
+its tiles (Macenko et al. 2009; the Ruifrok & Johnston 2001 vectors where the sample is too small)
+and an Otsu cut on haematoxylin for nuclei. Per tile, after colour deconvolution with them:
+
+- **nuclei**: haematoxylin OD above ``nucleus_h_od``;
+- **bone**: eosin-dominant, nucleus-free, in regions of at least ``bone_min_um2`` (trabeculae);
+  left out of the marrow space;
+- **fat**: unstained (total OD below ``stained_od``) regions enclosed in tissue; an unstained
+  region larger than ``glass_min_um2`` is glass around the tissue and left out;
+- **cellular**: stained, non-bone pixels within ``reach_um`` of a nucleus (nuclei and their
+  cytoplasm; eosinophilic stroma, oedema or haemorrhage far from nuclei are neither).
+
+Slide cellularity = cellular / (cellular + fat) summed over the slide's tiles, in percent: the
+haematopoietic share of marrow space, as a pathologist estimates it. Validated on synthetic
+marrow fields of known truth (tests/test_cellularity.py: within 5 points over 10-90 %).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+from scipy import ndimage as ndi
 
-FAT_MAX_SATURATION = 0.08
-FAT_MIN_VALUE = 0.85
-CELLULAR_MIN_SATURATION = 0.15
+# Ruifrok & Johnston H&E stain vectors (rows: haematoxylin, eosin, residual), unit length
+_H = np.array([0.65, 0.70, 0.29])
+_E = np.array([0.07, 0.99, 0.11])
+_H, _E = _H / np.linalg.norm(_H), _E / np.linalg.norm(_E)
+_R = np.cross(_H, _E)
+RUIFROK_HE = (tuple(_H), tuple(_E))
+_OD = (-np.log10(np.maximum(np.arange(256), 1) / 255.0)).astype(np.float32)  # uint8 -> OD
 
 
-def tile_area_counts(tile: np.ndarray) -> tuple[int, int]:
-    """``(cellular_px, fat_px)`` of one ``(H, W, 3) uint8`` tile.
+@dataclass(frozen=True)
+class AreaRules:
+    """Stain vectors, thresholds (optical density) and sizes (µm) of the label-free estimate;
+    ``calibrate`` sets ``stains`` and ``nucleus_h_od`` per slide."""
 
-    HSV saturation ``(max - min) / max`` and value ``max`` compared in integers (no float image:
-    this runs on every tile of every slide).
-    """
-    mx = tile.max(axis=-1).astype(np.int32)
-    spread = mx - tile.min(axis=-1)
-    fat = (spread * 100 < FAT_MAX_SATURATION * 100 * mx) & (mx > FAT_MIN_VALUE * 255)
-    cellular = spread * 100 >= CELLULAR_MIN_SATURATION * 100 * mx
-    return int(np.count_nonzero(cellular & (mx > 0))), int(np.count_nonzero(fat))
+    stains: tuple[tuple[float, ...], tuple[float, ...]] = RUIFROK_HE
+    nucleus_h_od: float = 0.30
+    stained_od: float = 0.15
+    bone_min_e_od: float = 0.20
+    bone_min_um2: float = 2_000.0
+    glass_min_um2: float = 20_000.0
+    reach_um: float = 6.0
+
+
+DEFAULT_RULES = AreaRules()
+
+
+def _unmix(stains) -> np.ndarray:
+    h, e = (np.asarray(v, np.float64) / np.linalg.norm(v) for v in stains)
+    r = np.cross(h, e)
+    return np.linalg.inv(np.stack([h, e, r / np.linalg.norm(r)])).astype(np.float32)
+
+
+def deconvolve(tile: np.ndarray, stains=RUIFROK_HE) -> tuple[np.ndarray, np.ndarray,
+                                                             np.ndarray]:
+    """``(haematoxylin, eosin, total)`` optical densities, each ``(H, W) float32``."""
+    od = _OD[tile]
+    he = od.reshape(-1, 3) @ _unmix(stains)[:, :2]
+    shape = tile.shape[:2]
+    return he[:, 0].reshape(shape), he[:, 1].reshape(shape), od.sum(-1)
+
+
+def macenko_stains(tiles: list[np.ndarray], min_od: float = 0.15, alpha: float = 1.0,
+                   min_pixels: int = 2_000):
+    """Haematoxylin and eosin OD vectors of a slide from sample tiles (Macenko et al. 2009):
+    the plane of the two main directions of stained pixels' OD, and the robust extreme angles in
+    it. Haematoxylin is the vector absorbing more red. Falls back to ``RUIFROK_HE`` on too few
+    stained pixels or a degenerate sample."""
+    od = np.concatenate([_OD[t].reshape(-1, 3) for t in tiles]) if tiles else np.zeros((0, 3))
+    od = od[np.all(od > min_od, axis=1)]
+    if len(od) < min_pixels:
+        return RUIFROK_HE
+    _, vecs = np.linalg.eigh(np.cov(od.T))
+    plane = vecs[:, 1:3]  # the two largest
+    plane = plane * np.where(plane.sum(0) < 0, -1, 1)  # point into positive OD
+    proj = od @ plane
+    angle = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(angle, (alpha, 100 - alpha))
+    v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
+    v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
+    if np.any(v1 < 0) or np.any(v2 < 0) or abs(float(v1 @ v2)) / (np.linalg.norm(v1) *
+                                                               np.linalg.norm(v2)) > 0.99:
+        return RUIFROK_HE
+    h, e = (v1, v2) if v1[0] / np.linalg.norm(v1) > v2[0] / np.linalg.norm(v2) else (v2, v1)
+    return (tuple(float(x) for x in h / np.linalg.norm(h)),
+            tuple(float(x) for x in e / np.linalg.norm(e)))
+
+
+def calibrate(tiles: list[np.ndarray], rules: AreaRules = DEFAULT_RULES) -> AreaRules:
+    """Per-slide rules: Macenko stain vectors and an Otsu cut on haematoxylin OD over stained
+    pixels (kept within 0.15-1.0), from a few tiles of the slide."""
+    from dataclasses import replace
+
+    from engine.tissue import otsu_threshold
+
+    stains = macenko_stains(tiles, min_od=rules.stained_od / 3)
+    hs = [h[t > rules.stained_od] for h, _, t in (deconvolve(x, stains) for x in tiles)]
+    h = np.concatenate(hs) if hs else np.zeros(0)
+    cut = otsu_threshold(np.clip(h, 0, 2), value_range=(0.0, 2.0)) if len(h) > 100 else \
+        rules.nucleus_h_od
+    return replace(rules, stains=stains, nucleus_h_od=float(np.clip(cut, 0.15, 1.0)))
+
+
+def _components_at_least(mask: np.ndarray, min_px: float) -> np.ndarray:
+    labels, n = ndi.label(mask)
+    if n == 0:
+        return mask
+    keep = np.bincount(labels.ravel(), minlength=n + 1) >= min_px
+    keep[0] = False
+    return keep[labels]
+
+
+def tile_areas(tile: np.ndarray, mpp: float,
+               rules: AreaRules = DEFAULT_RULES) -> dict[str, np.ndarray]:
+    """Boolean ``(H, W)`` masks ``nuclei``, ``bone``, ``fat``, ``glass``, ``cellular`` of one
+    ``(H, W, 3) uint8`` H&E tile at ``mpp`` µm/px."""
+    h, e, total = deconvolve(tile, rules.stains)
+    px_area = mpp * mpp
+    nuclei = h > rules.nucleus_h_od
+    bright = total < rules.stained_od
+    glass = _components_at_least(bright, rules.glass_min_um2 / px_area)
+    fat = bright & ~glass
+    bone = _components_at_least((e > rules.bone_min_e_od) & (e > h) & ~nuclei,
+                                rules.bone_min_um2 / px_area)
+    reach = rules.reach_um / mpp
+    near = ndi.distance_transform_edt(~nuclei) <= reach if nuclei.any() else nuclei
+    cellular = near & ~bright & ~bone
+    return {"nuclei": nuclei, "bone": bone, "fat": fat, "glass": glass, "cellular": cellular}
+
+
+def tile_area_counts(tile: np.ndarray, mpp: float = 2.0,
+                     rules: AreaRules = DEFAULT_RULES) -> tuple[int, int]:
+    """``(cellular_px, fat_px)`` of one tile (see the module docstring)."""
+    a = tile_areas(tile, mpp, rules)
+    return int(np.count_nonzero(a["cellular"])), int(np.count_nonzero(a["fat"]))
 
 
 def slide_cellularity(cellular_px, fat_px) -> float | None:
-    """Cellular fraction of marrow space over a slide's tiles, in percent (None without any)."""
+    """Cellular share of marrow space over a slide's tiles, in percent (None without any)."""
     c, f = float(np.sum(cellular_px)), float(np.sum(fat_px))
     return 100.0 * c / (c + f) if c + f > 0 else None

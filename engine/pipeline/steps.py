@@ -10,20 +10,21 @@ import collections
 import contextlib
 import json
 import threading
+import time
 
 import numpy as np
 from PIL import Image
 
 from engine.classes import DEEPHEME_CODES
 from engine.cells import KIND_CELL, crop_around, detect_cells, estimate_threshold, owned_by_tile
-from engine.cellularity import tile_area_counts
+from engine.cellularity import AreaRules, calibrate, tile_area_counts
 from engine.config import Config
 from engine.errors import MissingMPP, SlideError
 from engine.slides import FileEntry, open_slide
 from engine.slides.inventory import MppOverrides, inventoried
 from engine.slides.storage import StagingArea
 from engine.tiling import TilePlan, plan_tiles
-from engine.tissue import compute_tissue_mask
+from engine.tissue import compute_tissue_mask, with_enclosed_fat
 
 CROP_PX = 96  # DeepHeme input, at cell_tiles.target_mpp
 
@@ -60,6 +61,14 @@ class ReaderCache:
         self._staging.close()
 
 
+def stamp(batch: dict, stage: str, t0: float) -> dict:
+    """Add column ``_t_<stage>``: this batch's busy seconds spread over its rows, so the driver
+    sums a stage's busy time without another channel (``RunMetrics``)."""
+    n = len(batch["task"])
+    batch[f"_t_{stage}"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
+    return batch
+
+
 def read_tile(reader, level: int, x: int, y: int, read_px: int, tile_px: int) -> np.ndarray:
     """``(tile_px, tile_px, 3) uint8``: a region read at ``level`` and resized (area filter)."""
     region = reader.read_region(level, int(x), int(y), int(read_px), int(read_px))
@@ -75,6 +84,12 @@ def _plan_dict(plan: TilePlan, overlap_l0: float = 0.0) -> dict:
             "footprint": plan.footprint, "grid": list(plan.grid_shape),
             "x": plan.x.tolist(), "y": plan.y.tolist(),
             "tissue_fraction": [round(float(f), 4) for f in plan.tissue_fraction]}
+
+
+def _sample(p: TilePlan, n: int) -> list[tuple[int, int]]:
+    """Up to ``n`` tile origins spread evenly over the plan."""
+    step = max(1, len(p) // max(n, 1))
+    return list(zip(p.x, p.y))[::step][:n]
 
 
 class PlanSlide:
@@ -126,16 +141,21 @@ class PlanSlide:
                            mask_scale, uri)
             d = _plan_dict(p, tc.overlap_px * tc.target_mpp / mpp)
             # the stain threshold is set once per slide from a sample of its tiles
-            step = max(1, len(p) // max(cfg.pipeline.threshold_samples, 1))
             samples = [read_tile(slide, p.level, x, y, p.read_px, p.tile_px)
-                       for x, y in list(zip(p.x, p.y))[::step][: cfg.pipeline.
-                                                                 threshold_samples]]
+                       for x, y in _sample(p, cfg.pipeline.threshold_samples)]
             d["threshold"] = estimate_threshold(samples, cfg.cells)
             plans["cells"] = d
         if "tiles" in stages:
-            p = plan_tiles(info.dimensions, info.level_downsamples, mpp, cfg.tiles, mask,
+            tmask = with_enclosed_fat(mask, thumb, mpp * mask_scale[0],
+                                      cfg.tiles.fat_closing_um, cfg.tissue)
+            p = plan_tiles(info.dimensions, info.level_downsamples, mpp, cfg.tiles, tmask,
                            mask_scale, uri)
-            plans["tiles"] = _plan_dict(p)
+            d = _plan_dict(p)
+            # stain vectors and the nucleus cut of the label-free cellularity, once per slide
+            rules = calibrate([read_tile(slide, p.level, x, y, p.read_px, p.tile_px)
+                               for x, y in _sample(p, cfg.pipeline.threshold_samples)])
+            d["stains"], d["nucleus_h_od"] = rules.stains, rules.nucleus_h_od
+            plans["tiles"] = d
         return {"mpp0": mpp, "width": info.width, "height": info.height, "plans": plans}
 
 
@@ -154,7 +174,8 @@ def tile_tasks(slide_id: str, uri: str, plan: dict) -> list[dict]:
     p = plan["plans"]["tiles"]
     return [{"slide_id": slide_id, "uri": uri, "task": i, "x": x, "y": y, "level": p["level"],
              "read_px": p["read_px"], "tile_px": p["tile_px"], "tile_mpp": p["mpp"],
-             "tissue_fraction": f}
+             "tissue_fraction": f, "stains": np.asarray(p["stains"], np.float32).ravel(),
+             "nucleus_h_od": p["nucleus_h_od"]}
             for i, (x, y, f) in enumerate(zip(p["x"], p["y"], p["tissue_fraction"]))]
 
 
@@ -175,6 +196,7 @@ class DetectCells:
         self.readers = ReaderCache(cfg)
 
     def __call__(self, batch: dict) -> dict:
+        t0 = time.perf_counter()
         rows: list[dict] = []
         crops: list[np.ndarray] = []
         for i in range(len(batch["task"])):
@@ -210,7 +232,7 @@ class DetectCells:
                 crops.append(crop)
         out = {k: np.asarray([r[k] for r in rows]) for k in _CELL_COLUMNS}
         out["crop"] = np.stack(crops) if crops else np.zeros((0, CROP_PX, CROP_PX, 3), np.uint8)
-        return out
+        return stamp(out, "detect", t0)
 
     @staticmethod
     def _marker(t: dict, kind: str, error_type: str = "", message: str = "") -> dict:
@@ -235,6 +257,7 @@ class ClassifyCells:
         self.tta = tta
 
     def __call__(self, batch: dict) -> dict:
+        t0 = time.perf_counter()
         crops = batch.pop("crop")
         n, c = len(crops), len(self.model.class_codes)
         probs = np.zeros((n, c), np.float32)
@@ -245,7 +268,7 @@ class ClassifyCells:
         batch["probabilities"] = probs
         batch["class_code"] = np.where(real, codes[probs.argmax(1)], "")
         batch["class_prob"] = probs.max(1)
-        return batch
+        return stamp(batch, "classify", t0)
 
 
 class ReadTiles:
@@ -268,11 +291,14 @@ class ReadTiles:
             reader = self.readers.get(str(batch["uri"][i]))
             tile = read_tile(reader, batch["level"][i], batch["x"][i], batch["y"][i],
                              batch["read_px"][i], size)
-            return tile, *tile_area_counts(tile), "", ""
+            rules = AreaRules(stains=tuple(map(tuple, np.reshape(batch["stains"][i], (2, 3)))),
+                              nucleus_h_od=float(batch["nucleus_h_od"][i]))
+            return tile, *tile_area_counts(tile, float(batch["tile_mpp"][i]), rules), "", ""
         except SlideError as e:
             return np.zeros((size, size, 3), np.uint8), 0, 0, type(e).__name__, str(e)
 
     def __call__(self, batch: dict) -> dict:
+        t0 = time.perf_counter()
         # OpenSlide decoding and numpy release the GIL: two threads keep a core busy while
         # the other waits on IO
         results = list(self._pool.map(lambda i: self._one(batch, i), range(len(batch["task"]))))
@@ -282,7 +308,7 @@ class ReadTiles:
                      error_type=np.asarray(errors), error_message=np.asarray(messages))
         if self.keep_pixels:
             batch["image"] = np.stack(images)
-        return batch
+        return stamp(batch, "read", t0)
 
 
 class EncodeTiles:
@@ -297,5 +323,6 @@ class EncodeTiles:
                                                 storage=storage), compile=compile)
 
     def __call__(self, batch: dict) -> dict:
+        t0 = time.perf_counter()
         batch["embedding"] = self.predictor.embed(batch.pop("image"))
-        return batch
+        return stamp(batch, "encode", t0)

@@ -1,0 +1,76 @@
+"""Label-free cellularity: stain estimation, area rules, and the whole slide path (pyramidal
+TIFF -> PlanSlide -> ReadTiles -> slide estimate) on synthetic marrow of known cellularity."""
+
+import json
+
+import numpy as np
+import pytest
+
+from engine.cellularity import (RUIFROK_HE, calibrate, macenko_stains, slide_cellularity,
+                                tile_areas)
+from engine.config import Config
+from engine.pipeline.steps import PlanSlide, ReadTiles, tile_tasks
+from engine.slides.synthetic import CYTOPLASM, NUCLEUS, marrow_block
+from engine.slides.writer import write_pyramid_tiff
+
+
+def _od(rgb):
+    v = -np.log10(np.asarray(rgb, float) / 255)
+    return v / np.linalg.norm(v)
+
+
+def test_macenko_recovers_the_two_stains():
+    rng = np.random.default_rng(0)
+    h, e = _od(NUCLEUS), _od((226, 112, 168))
+    conc = rng.uniform(0, 1.2, (64, 64, 2))
+    od = conc[..., :1] * h + conc[..., 1:] * e
+    tile = np.clip(255 * 10 ** -od, 0, 255).astype(np.uint8)
+    got_h, got_e = macenko_stains([tile])
+    assert np.dot(got_h, h) > 0.99 and np.dot(got_e, e) > 0.99
+
+
+def test_too_few_stained_pixels_fall_back_to_ruifrok():
+    blank = np.full((64, 64, 3), 245, np.uint8)
+    assert macenko_stains([blank]) == RUIFROK_HE
+    assert calibrate([blank]).stains == RUIFROK_HE
+
+
+def test_areas_separate_bone_fat_and_cells():
+    img, truth = marrow_block(50, side=1024, mpp=2.0, seed=3, bone_fraction=0.2)
+    a = tile_areas(img, 2.0, calibrate([img]))
+    assert a["bone"].sum() == pytest.approx(truth.bone_px, rel=0.15)
+    assert a["fat"].sum() == pytest.approx(truth.fat_px, rel=0.2)
+    assert not a["glass"].any()  # adipocytes, not glass, however fatty
+    assert not (a["cellular"] & (a["bone"] | a["fat"])).any()
+    # cytoplasm far from any nucleus is not cellular: a nucleus-free field has no cells
+    plain = np.full((128, 128, 3), CYTOPLASM, np.uint8)
+    assert not tile_areas(plain, 2.0)["cellular"].any()
+
+
+@pytest.fixture(scope="module")
+def marrow_slides(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("marrow")
+    slides = []
+    for i, target in enumerate(range(10, 100, 10)):
+        img, truth = marrow_block(target, side=1792, mpp=1.0, seed=100 + i)
+        path = folder / f"marrow-{target}.tif"
+        write_pyramid_tiff(img, str(path), 1.0)
+        slides.append((path, truth.cellularity))
+    return slides
+
+
+def test_label_free_estimate_within_5_points_over_10_to_90(marrow_slides):
+    cfg = Config.from_dict({"pipeline": {"stages": ["tiles"]}})  # a biopsy: no cell tiles
+    errors = []
+    for path, truth in marrow_slides:
+        row = PlanSlide(cfg)({"uri": str(path), "size": path.stat().st_size, "etag": None})
+        plan = json.loads(row["plan"])
+        assert plan["status"] == "ok", plan
+        tasks = tile_tasks(row["slide_id"], str(path), plan)
+        assert len(tasks) >= 9
+        batch = {k: np.asarray([t[k] for t in tasks]) for k in tasks[0]}
+        out = ReadTiles(cfg, keep_pixels=False)(batch)
+        estimate = slide_cellularity(out["cellular_px"], out["fat_px"])
+        errors.append(estimate - truth)
+    print("estimate - truth per slide (points):", np.round(errors, 2))
+    assert max(abs(e) for e in errors) <= 5.0, np.round(errors, 1)
