@@ -1,11 +1,14 @@
-"""Train attention-MIL (gated ABMIL) on slide tile embeddings.
+"""Train attention-MIL (gated ABMIL) on slide tile embeddings or per-patient cell-image bags.
 
     python -m jobs.train_mil --task regression --labels labels.csv --embeddings <process_slides
         output or its tiles folder> --output <dir> [--folds 5] [--epochs 60]
+    python -m jobs.train_mil --task classification --labels patients.csv --bags <dir> --output <dir>
 
-Labels CSV: ``slide_id`` and ``label``: a cellularity number (percent or fraction), a range such
-as ``50-60%`` (its midpoint), or a class name for ``--task classification``. Slides are split by
-slide into k folds; the report gives R² and a Bland-Altman plot (regression) or AUC, F1 and a
+Labels CSV: ``slide_id`` (or ``patient_id`` with ``--bags``) and ``label``: a cellularity number
+(percent or fraction), a range such as ``50-60%`` (its midpoint), or a class name for ``--task
+classification``. ``--bags``: ``<dir>/<patient_id>/…/*.jpg`` single-cell images, each embedded by
+``--encoder`` (default: the reference DeepHeme checkpoint's penultimate features; ``engine.bags``).
+Bags are split by slide or patient into k folds; the report gives R² and a Bland-Altman plot (regression) or AUC, F1 and a
 confusion matrix (classification); the model trained on all slides is written as
 ``<output>/abmil.safetensors`` with its card, ready for ``pipeline.cellularity_checkpoint``.
 """
@@ -22,6 +25,7 @@ import sys
 import numpy as np
 import polars as pl
 
+from engine.models import MissingWeights
 from engine.models.mil import predict_bags, save_mil
 from engine.train.mil import train_mil
 
@@ -47,12 +51,36 @@ def load_bags(embeddings: str) -> dict[str, np.ndarray]:
             for (sid,), g in df.group_by("slide_id")}
 
 
+def add_bag_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", default="deepheme-resnext50",
+                   help="cell encoder for --bags (its penultimate features)")
+    p.add_argument("--encoder-checkpoint", help="weights of --encoder (default: its reference)")
+    p.add_argument("--source-mpp", type=float, default=0.1,
+                   help="µm/px of the --bags images (CellaVision: about 0.1)")
+    p.add_argument("--allow-untrained", action="store_true",
+                   help="random encoder weights (tests and benchmarks only)")
+
+
+def load_inputs(args) -> dict[str, np.ndarray]:
+    """Bag id -> instances, from ``--embeddings`` (slides) or ``--bags`` (patients)."""
+    if not args.bags:
+        return load_bags(args.embeddings)
+    from engine.bags import embed_patient_bags, find_patient_images
+
+    return embed_patient_bags(find_patient_images(args.bags), args.encoder,
+                              args.encoder_checkpoint, args.source_mpp,
+                              allow_untrained=args.allow_untrained)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.train_mil", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=("regression", "classification"), required=True)
     p.add_argument("--labels", required=True)
-    p.add_argument("--embeddings", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--embeddings", help="process_slides output or its tiles folder")
+    src.add_argument("--bags", help="folder of <patient_id>/…/<image> single-cell images")
+    add_bag_args(p)
     p.add_argument("--output", required=True)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=60)
@@ -61,14 +89,19 @@ def main(argv=None) -> int:
     p.add_argument("--n-bags", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    bags = load_bags(args.embeddings)
-    with open(args.labels, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["slide_id"] in bags]
-    if len(rows) < 2:
-        print(f"hemeflow: error: fewer than 2 labelled slides have embeddings in "
-              f"{args.embeddings}", file=sys.stderr)
+    try:
+        bags = load_inputs(args)
+    except (FileNotFoundError, MissingWeights) as err:
+        print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2
-    ids = [r["slide_id"] for r in rows]
+    key = "patient_id" if args.bags else "slide_id"
+    with open(args.labels, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r[key] in bags]
+    if len(rows) < 2:
+        print(f"hemeflow: error: fewer than 2 labelled {key}s have instances in "
+              f"{args.bags or args.embeddings}", file=sys.stderr)
+        return 2
+    ids = [r[key] for r in rows]
     raw = [parse_label(r["label"], args.task) for r in rows]
     classes = sorted(set(raw)) if args.task == "classification" else []
     y = np.array([classes.index(v) for v in raw] if classes else raw, float)
@@ -86,7 +119,7 @@ def main(argv=None) -> int:
         for i in te:
             oof[i] = predict_bags(model, X[i], args.n_bags, args.bag_size).mean
     os.makedirs(args.output, exist_ok=True)
-    report = {"task": args.task, "n_slides": len(ids), "folds": k}
+    report = {"task": args.task, "n_bags": len(ids), "bag_key": key, "folds": k}
     if classes:
         from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
@@ -104,8 +137,12 @@ def main(argv=None) -> int:
     model, _ = train_mil(X, y, **kw)
     save_mil(model, os.path.join(args.output, "abmil.safetensors"),
              {"name": "abmil", "classes": classes, "labels": os.path.abspath(args.labels),
-              "embeddings": os.path.abspath(args.embeddings), "cross_validation": report,
-              "n_bags": args.n_bags, "bag_size": args.bag_size})
+              "input": "bags" if args.bags else "embeddings",
+              "embeddings": os.path.abspath(args.embeddings) if args.embeddings else None,
+              "bags": os.path.abspath(args.bags) if args.bags else None,
+              "encoder": {"model": args.encoder, "checkpoint": args.encoder_checkpoint,
+                          "source_mpp": args.source_mpp} if args.bags else None,
+              "cross_validation": report, "n_bags": args.n_bags, "bag_size": args.bag_size})
     with open(os.path.join(args.output, "report.json"), "w") as fh:
         json.dump(report, fh, indent=2)
     print(json.dumps(report))

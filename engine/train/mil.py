@@ -38,6 +38,6 @@ def train_mil(bags: list[np.ndarray], targets: np.ndarray, task: str, n_classes:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         history.append(float(np.mean(losses)))
     return model.eval(), history

@@ -1,0 +1,118 @@
+"""Per-patient bags of real single-cell images (PBC), embedded by the reference DeepHeme
+checkpoint, through the train_mil and predict_mil jobs.
+
+Each "patient" is a folder of 40 PBC images in cell-type sub-folders (CellaVision style). Its label
+depends on its composition: ``high_ig`` when immature granulocytes (promyelocytes, myelocytes,
+metamyelocytes) are 25-40 % of its cells, ``normal`` when 0-5 %. Train and test patients draw on
+disjoint halves of the images the reference checkpoint never saw in training (its held-out
+split), so no image is in both a training and a test bag.
+"""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from engine.bags import find_patient_images
+from engine.train.data import read_labels
+from engine.train.evaluation import ordered_codes
+from engine.train.splits import holdout_split
+from tests.conftest import SHARED_DATA
+
+PBC = SHARED_DATA / "pbc"
+IMMATURE = {"M2", "M3", "M4", "IG"}
+BAG = 40
+
+
+def _held_out_images():
+    """The reference checkpoint's held-out images (same split as jobs.train_cell_classifier:
+    IG and NEU rows left out of training, 15 % stratified hold-out, seed 0), plus the IG rows."""
+    data = read_labels(str(PBC))
+    keep = [i for i, c in enumerate(data.codes) if c not in ("IG", "NEU")]
+    trainable = data.subset(keep)
+    codes = ordered_codes(trainable.codes)
+    y = np.array([codes.index(c) for c in trainable.codes])
+    _, test_idx = holdout_split(y, 0.15, 0)
+    rows = [(trainable.paths[i], trainable.codes[i]) for i in test_idx]
+    rows += [(p, c) for p, c in zip(data.paths, data.codes) if c == "IG"]
+    return rows
+
+
+def _make_patients(root, rows, n_pos, n_neg, rng, prefix):
+    immature = [r for r in rows if r[1] in IMMATURE]
+    other = [r for r in rows if r[1] not in IMMATURE]
+    labels = {}
+    for i in range(n_pos + n_neg):
+        pos = i < n_pos
+        k = int(rng.integers(10, 17)) if pos else int(rng.integers(0, 3))  # 25-40 % or 0-5 %
+        picks = [immature[j] for j in rng.choice(len(immature), k, replace=False)]
+        picks += [other[j] for j in rng.choice(len(other), BAG - k, replace=False)]
+        pid = f"{prefix}{i:03d}"
+        for n, (path, code) in enumerate(picks):
+            folder = root / pid / code  # cell-type sub-folders are allowed and ignored
+            folder.mkdir(parents=True, exist_ok=True)
+            os.symlink(path, folder / f"{n:03d}{os.path.splitext(path)[1]}")
+        labels[pid] = "high_ig" if pos else "normal"
+    with open(root / "labels.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["patient_id", "label"])
+        w.writerows(sorted(labels.items()))
+    return labels
+
+
+@pytest.fixture(scope="module")
+def patients(tmp_path_factory):
+    if not (PBC / "labels.csv").exists():
+        pytest.skip("PBC data not present")
+    rng = np.random.default_rng(0)
+    rows = _held_out_images()
+    order = rng.permutation(len(rows))
+    half = len(rows) // 2
+    train_rows, test_rows = [rows[i] for i in order[:half]], [rows[i] for i in order[half:]]
+    base = tmp_path_factory.mktemp("bags")
+    train = _make_patients(base / "train", train_rows, 12, 12, rng, "T")
+    test = _make_patients(base / "test", test_rows, 8, 8, rng, "H")
+    return base, train, test
+
+
+def test_find_patient_images_ignores_cell_type_folders(patients):
+    base, train, _ = patients
+    bags = find_patient_images(str(base / "train"))
+    assert sorted(bags) == sorted(train) and all(len(v) == BAG for v in bags.values())
+
+
+def test_mil_on_pbc_composition_bags_reaches_auc(patients, tmp_path, capsys):
+    from jobs import predict_mil, train_mil
+
+    base, _, test = patients
+    out = tmp_path / "mil"
+    assert train_mil.main(["--task", "classification", "--labels", str(base / "train/labels.csv"),
+                           "--bags", str(base / "train"), "--output", str(out), "--folds", "3",
+                           "--epochs", "40", "--bag-size", "64", "--lr", "5e-4"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["bag_key"] == "patient_id" and report["n_bags"] == 24
+    card = json.loads((out / "abmil.json").read_text())
+    assert card["encoder"]["model"] == "deepheme-resnext50" and card["input"] == "bags"
+    assert predict_mil.main(["--checkpoint", str(out / "abmil.safetensors"),
+                             "--bags", str(base / "test"), "--output", str(tmp_path / "p")]) == 0
+    preds = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(preds) == len(test)
+    classes = preds[0]["classes"]
+    score = [p["mean"][classes.index("high_ig")] for p in preds]
+    truth = [test[p["patient_id"]] == "high_ig" for p in preds]
+    auc = roc_auc_score(truth, score)
+    print(f"held-out patient AUC {auc:.3f}; cross-validated AUC {report['auc']:.3f}")
+    assert auc >= 0.95, auc
+
+
+def test_bags_refuse_an_untrained_encoder(patients, tmp_path, capsys):
+    from jobs import train_mil
+
+    base, _, _ = patients
+    assert train_mil.main(["--task", "classification", "--labels", str(base / "train/labels.csv"),
+                           "--bags", str(base / "train"), "--output", str(tmp_path),
+                           "--encoder", "deepheme-resnet18"]) == 2
+    assert "no trained weights" in capsys.readouterr().err
