@@ -20,7 +20,7 @@ import sys
 
 from engine.errors import HemeflowError
 from engine.models import MissingWeights
-from engine.pipeline.run import run_pipeline
+from engine.pipeline.run import RunMetrics, run_pipeline
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import FileEntry, is_remote
 from jobs.common import (add_common_args, expand_inputs, fail, load_config, read_mpp_table,
@@ -99,12 +99,16 @@ def main(argv=None) -> int:
         if not entries:
             return fail(f"no slides found under {args.input}")
         write_run_config(args.output, cfg, vars(args), cfg.storage)
-        rows = run_pipeline(entries, args.output, cfg, mpp, args.allow_untrained)
+        metrics = RunMetrics()
+        rows = run_pipeline(entries, args.output, cfg, mpp, args.allow_untrained,
+                            metrics=metrics)
     except MissingWeights as err:
         return fail(str(err))
     except (HemeflowError, OSError) as err:
         return fail(str(err))
     print_summary(rows)
+    if metrics.wall:
+        print(metrics.line())
     ok = sum(r["status"] == "ok" for r in rows)
     print(f"\n{ok} ok, {len(rows) - ok} failed of {len(rows)} processed; tables under "
           f"{args.output}/<slides|slide_status|cells|differentials|cellularity|tiles>/")

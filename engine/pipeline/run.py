@@ -8,10 +8,14 @@ model actors, assemble and commit each slide on the driver.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
+
+import numpy as np
 
 import ray
 
+from engine.cells import KIND_CELL, KIND_PLATELET
 from engine.classes import DEEPHEME_CODES
 from engine.config import Config
 from engine.models import MissingWeights, create_model
@@ -33,6 +37,55 @@ class StagePlan:
     model_codes: tuple[str, ...] = ()
     encoder: bool = False
     mil: object = None  # the ABMIL cellularity model, when configured and embeddings exist
+
+
+@dataclass
+class RunMetrics:
+    """Where a run's time went: wall seconds per phase and, per stage, summed busy seconds (from
+    the ``_t_<stage>`` columns), items and actors. ``utilisation`` = busy / (actors x phase wall);
+    the stage nearest 1 bounds its branch."""
+
+    wall: dict[str, float] = field(default_factory=dict)       # plan, cells, tiles
+    busy: dict[str, float] = field(default_factory=dict)       # detect, classify, read, encode
+    items: dict[str, int] = field(default_factory=dict)        # cell_tiles, cells, tiles
+    actors: dict[str, int] = field(default_factory=dict)
+    phase: dict[str, str] = field(default_factory=dict)        # stage -> its branch
+
+    def add_wall(self, phase: str, seconds: float) -> None:
+        self.wall[phase] = self.wall.get(phase, 0.0) + seconds
+
+    def add_batch(self, batch: dict) -> None:
+        for key, values in batch.items():
+            if key.startswith("_t_"):
+                self.busy[key[3:]] = self.busy.get(key[3:], 0.0) + float(np.sum(values))
+
+    def count(self, name: str, n: int) -> None:
+        self.items[name] = self.items.get(name, 0) + int(n)
+
+    def utilisation(self) -> dict[str, float]:
+        return {s: round(b / max(self.actors.get(s, 1), 1) / self.wall[self.phase[s]], 3)
+                for s, b in self.busy.items() if self.wall.get(self.phase.get(s, ""), 0) > 0}
+
+    def bounding(self) -> dict[str, str]:
+        """Per branch, the stage with the highest utilisation."""
+        out: dict[str, tuple[float, str]] = {}
+        for stage, u in self.utilisation().items():
+            ph = self.phase[stage]
+            if u > out.get(ph, (-1.0, ""))[0]:
+                out[ph] = (u, stage)
+        return {ph: s for ph, (_, s) in out.items()}
+
+    def as_dict(self) -> dict:
+        return {"wall_s": {k: round(v, 2) for k, v in self.wall.items()},
+                "busy_s": {k: round(v, 2) for k, v in self.busy.items()},
+                "items": dict(self.items), "actors": dict(self.actors),
+                "utilisation": self.utilisation(), "bounding_stage": self.bounding()}
+
+    def line(self) -> str:
+        u = self.utilisation()
+        parts = [f"{ph} {w:.1f} s" for ph, w in self.wall.items()]
+        parts += [f"{s} {u[s]:.0%} busy on {self.actors.get(s, 1)}" for s in u]
+        return "time: " + "; ".join(parts)
 
 
 def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
@@ -87,8 +140,12 @@ def _chunks(items: list, n: int):
 
 
 def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOverrides,
-                 allow_untrained: bool = False, log=print) -> list[dict]:
-    """Process every entry not yet committed under ``output``; returns the new status rows."""
+                 allow_untrained: bool = False, log=print,
+                 metrics: RunMetrics | None = None) -> list[dict]:
+    """Process every entry not yet committed under ``output``; returns the new status rows.
+
+    ``metrics``, when given, is filled with where the time went (``RunMetrics``)."""
+    metrics = metrics if metrics is not None else RunMetrics()
     stages = resolve_stages(cfg, allow_untrained)
     for name, why in stages.skipped.items():
         log(f"stage skipped: {name}: {why}")
@@ -112,8 +169,12 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     cpus = int(resources.get("CPU", 1))
     pc = cfg.pipeline
     readers = pc.read_concurrency or max(1, cpus - 1)
+    metrics.actors.update(detect=readers, read=readers, classify=pc.classifier.concurrency,
+                          encode=pc.encoder.concurrency)
+    metrics.phase.update(detect="cells", classify="cells", read="tiles", encode="tiles")
     for chunk in _chunks(pending, pc.slides_per_chunk):
         items = [{"uri": e.uri, "size": e.size, "etag": e.etag} for e in chunk]
+        t0 = time.perf_counter()
         planned = (ray.data.from_items(items)
                    .map(PlanSlide, fn_constructor_args=(cfg, mpp),
                         compute=_actors(min(len(items), readers)), num_cpus=1)
@@ -132,7 +193,10 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                     ttasks += tt
                     n["tiles"] = len(tt)
             agg.add_plan(row["slide_id"], row["uri"], plan, n)
+        metrics.add_wall("plan", time.perf_counter() - t0)
         if ctasks:
+            t0 = time.perf_counter()
+            metrics.count("cell_tiles", len(ctasks))
             c = pc.classifier
             ds = (ray.data.from_items(ctasks)
                   .map_batches(DetectCells, fn_constructor_args=(cfg,),
@@ -144,8 +208,12 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                                num_gpus=c.num_gpus if gpus else 0,
                                num_cpus=0 if gpus else 1))
             for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                metrics.add_batch(batch)
+                metrics.count("cells", np.isin(batch["kind"], (KIND_CELL, KIND_PLATELET)).sum())
                 agg.add_cells(batch)
+            metrics.add_wall("cells", time.perf_counter() - t0)
         if ttasks:
+            t0 = time.perf_counter()
             e = pc.encoder
             ds = ray.data.from_items(ttasks).map_batches(
                 ReadTiles, fn_constructor_args=(cfg, stages.encoder),
@@ -156,7 +224,10 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                     batch_size=e.batch_size, compute=_actors(e.concurrency),
                     num_gpus=e.num_gpus if gpus else 0, num_cpus=0 if gpus else 1)
             for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                metrics.add_batch(batch)
+                metrics.count("tiles", len(batch["task"]))
                 agg.add_tiles(batch)
+            metrics.add_wall("tiles", time.perf_counter() - t0)
         if agg.slides:  # every task reported, so nothing may remain open
             raise RuntimeError(f"slides left uncommitted: {sorted(agg.slides)}")
     return agg.summary

@@ -1,0 +1,170 @@
+"""The whole process_slides job on N synthetic slides: slides/hour, tiles/s, cells/s, peak RSS,
+which stage bounds the run, and each model's rate in the job against the same model alone.
+
+    python benchmarks/pipeline_e2e.py [--slides 8] [--size 16384] [--stages cells tiles]
+        [--classifier deepheme-resnext50] [--encoder dinov2-vits14] [--batch 256] [--compile]
+
+Slides come from ``make_synthetic_slides`` (one slide, hard-linked N times: distinct slide ids,
+same pixels). Models run with random weights (``--allow-untrained``: speed, not accuracy, is
+measured). The baseline is ``model_throughput``'s measurement for the same model, batch size,
+precision and device, run in this process after the job: random tensors already on the device.
+Two ratios per model:
+
+- ``e2e_ratio``: items / wall time of its branch, over the model-alone rate. This is the target
+  (>= 0.8 on one GPU): it is high only when reading and detection keep the model fed.
+- ``busy_ratio``: items / (the model actors' busy seconds), over the model-alone rate: what
+  the actor loses to host-device transfer, preprocessing and batching when it is fed.
+
+Writes benchmarks/results/pipeline_e2e-<hardware>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.make_synthetic_slides import make_slide  # noqa: E402
+from benchmarks.pipeline_memory import rss_tree  # noqa: E402
+
+
+def model_alone(name: str, batch: int, compile: bool, steps: int = 20) -> float:
+    """Images/s of ``name`` on random device tensors (bf16 + channels_last on CUDA, fp32 on CPU,
+    as ``Predictor`` runs it)."""
+    import torch
+
+    from engine.models import create_model
+
+    cuda = torch.cuda.is_available()
+    from engine.classes import DEEPHEME_CODES
+
+    model = create_model(name, allow_untrained=True, class_codes=DEEPHEME_CODES)
+    m = model.module.eval().to("cuda" if cuda else "cpu")
+    size = model.spec.input_px
+    x = torch.randn(batch, 3, size, size, device="cuda" if cuda else "cpu")
+    if cuda:
+        m, x = m.to(memory_format=torch.channels_last), x.contiguous(
+            memory_format=torch.channels_last)
+        if compile:
+            m = torch.compile(m)
+    steps = steps if cuda else 2
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+        for _ in range(3 if cuda else 1):
+            m(x)
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            m(x)
+        if cuda:
+            torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slides", type=int, default=8)
+    p.add_argument("--size", type=int, default=16384, help="slide side in pixels at 0.25 µm/px")
+    p.add_argument("--kind", choices=["smear", "marrow"], default="smear",
+                   help="synthetic content (marrow: H&E biopsy, for the tiles branch)")
+    p.add_argument("--stages", nargs="+", default=["cells", "tiles"], choices=["cells", "tiles"])
+    p.add_argument("--classifier", default="deepheme-resnext50")
+    p.add_argument("--encoder", default="dinov2-vits14")
+    p.add_argument("--batch", type=int, default=256, help="model batch size (both models)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model actors")
+    p.add_argument("--read-concurrency", type=int, help="CPU read actors (default: CPUs - 1)")
+    p.add_argument("--work", help="folder for slides and outputs (default: a temporary one)")
+    args = p.parse_args()
+
+    import ray
+    import torch
+
+    from engine.config import Config
+    from engine.pipeline.run import RunMetrics, run_pipeline
+    from engine.slides.inventory import MppOverrides
+    from engine.slides.storage import list_files
+
+    cfg = Config.from_dict({"pipeline": {
+        "stages": list(args.stages), "read_concurrency": args.read_concurrency,
+        "classifier": {"model": args.classifier, "batch_size": args.batch,
+                       "compile": args.compile},
+        "encoder": {"model": args.encoder, "batch_size": args.batch, "compile": args.compile}}})
+    with tempfile.TemporaryDirectory(prefix="hemeflow-e2e-", dir=args.work) as work:
+        slides = os.path.join(work, "slides")
+        os.makedirs(slides)
+        t = time.perf_counter()
+        master = os.path.join(slides, "slide-0000.tif")
+        make_slide(master, args.size, kind=args.kind)
+        for i in range(1, args.slides):
+            os.link(master, os.path.join(slides, f"slide-{i:04d}.tif"))
+        made_s = time.perf_counter() - t
+
+        ray.init(include_dashboard=False, log_to_driver=False)
+        peak = [0]
+        running = [True]
+
+        def sample():
+            while running[0]:
+                peak[0] = max(peak[0], rss_tree(os.getpid())[1])
+                time.sleep(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        metrics = RunMetrics()
+        t = time.perf_counter()
+        rows = run_pipeline(list_files(slides, cfg.storage), os.path.join(work, "out"), cfg,
+                            MppOverrides(), allow_untrained=True, log=lambda m: None,
+                            metrics=metrics)
+        wall = time.perf_counter() - t
+        running[0] = False
+        sampler.join()
+        ray.shutdown()
+
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        raise SystemExit(f"{len(failed)} slide(s) failed: {failed[0]['error_message']}")
+    m = metrics.as_dict()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
+        f"cpu{os.cpu_count()}"
+    result = {
+        "benchmark": "pipeline_e2e", "device": device, "host": platform.node(),
+        "cpus": os.cpu_count(), "date": dt.date.today().isoformat(),
+        "args": vars(args), "make_slides_s": round(made_s, 1),
+        "slides": len(rows), "wall_s": round(wall, 1),
+        "slides_per_hour": round(len(rows) / wall * 3600),
+        "peak_tree_rss_mib": round(peak[0] / 2**20), **m, "models": []}
+    if "tiles" in m["wall_s"]:
+        result["tiles_per_s"] = round(m["items"]["tiles"] / m["wall_s"]["tiles"], 1)
+    if "cells" in m["wall_s"]:
+        result["cells_per_s"] = round(m["items"].get("cells", 0) / m["wall_s"]["cells"], 1)
+    for stage, branch, model, items in (("classify", "cells", args.classifier, "cells"),
+                                        ("encode", "tiles", args.encoder, "tiles")):
+        if stage not in m["busy_s"] or not m["items"].get(items):
+            continue
+        alone = model_alone(model, args.batch, args.compile)
+        e2e = m["items"][items] / m["wall_s"][branch]
+        busy = m["items"][items] / (m["busy_s"][stage] / m["actors"][stage])
+        result["models"].append({
+            "model": model, "stage": stage, "batch": args.batch, "compile": args.compile,
+            "alone_per_s": round(alone, 1), "e2e_per_s": round(e2e, 1),
+            "busy_per_s": round(busy, 1), "e2e_ratio": round(e2e / alone, 3),
+            "busy_ratio": round(busy / alone, 3)})
+    print(json.dumps(result, indent=2))
+    name = f"pipeline_e2e-{device.replace(' ', '_')}-{result['date']}.json"
+    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "benchmarks", "results", name), "w") as fh:
+        json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

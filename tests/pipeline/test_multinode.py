@@ -1,0 +1,143 @@
+"""A Ray cluster of three nodes on this machine, started as separate processes with `ray start`:
+a head that takes no work and two 2-CPU worker nodes. process_slides runs over 30 slides; one
+worker node's processes (its raylet and everything under it) are SIGKILLed mid-run. The job, or a
+rerun on the surviving node, must leave every slide's rows exactly once."""
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+N_SLIDES = 30
+CONFIG = """
+pipeline:
+  slides_per_chunk: 10
+  read_concurrency: 1
+  classifier: {model: deepheme-tiny, batch_size: 64}
+  encoder: {model: dinov2-tiny, batch_size: 16}
+"""
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(name))
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        stack += children.get(p, [])
+    return out
+
+
+def _raylet_pid(node_manager_port: int) -> int:
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as fh:
+                    cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "raylet" in cmd.split(" ", 1)[0] and \
+                    f"--node_manager_port={node_manager_port}" in cmd:
+                return int(name)
+    raise AssertionError(f"no raylet on node manager port {node_manager_port}")
+
+
+@pytest.fixture()
+def slides(tmp_path):
+    from engine.slides.synthetic import smear_block
+    from engine.slides.writer import write_pyramid_tiff
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_pyramid_tiff(smear_block(0), str(folder / "smear-00.tif"), 0.25)
+    for i in range(1, N_SLIDES):
+        os.link(folder / "smear-00.tif", folder / f"smear-{i:02d}.tif")
+    return folder
+
+
+def test_killing_a_worker_node_loses_nothing(slides, tmp_path):
+    gcs, node1 = _port(), _port()
+    # token authentication (Ray's default): one fresh token for the nodes and the driver
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    run = dict(env=env, capture_output=True, text=True, timeout=120)
+    head = subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--num-cpus=0",
+                           "--include-dashboard=false", *common], **run)
+    assert head.returncode == 0, head.stderr
+    try:
+        for port in (node1, _port()):
+            w = subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
+                                f"--node-manager-port={port}", *common], **run)
+            assert w.returncode == 0, w.stderr
+        cfg = tmp_path / "cfg.yaml"
+        cfg.write_text(CONFIG)
+        out = tmp_path / "out"
+        job = [sys.executable, "-m", "jobs.process_slides", "--input", str(slides), "--output",
+               str(out), "--config", str(cfg), "--allow-untrained"]
+        job_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
+        proc = subprocess.Popen(job, cwd=ROOT, env=job_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if len(list((out / "slide_status").glob("*.parquet"))) >= 3:
+                break
+            time.sleep(0.2)
+        victims = _tree(_raylet_pid(node1))
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        committed_at_kill = len(list((out / "slide_status").glob("*.parquet")))
+        assert committed_at_kill < N_SLIDES, "the run finished before the kill"
+        try:
+            first_log = proc.communicate(timeout=300)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            first_log = proc.communicate()[0]
+        print(f"killed {len(victims)} processes of worker node 1 with {committed_at_kill} "
+              f"slides committed; the job exited {proc.returncode}")
+        if proc.returncode != 0 or f"{N_SLIDES} ok" not in first_log:
+            rerun = subprocess.run(job, cwd=ROOT, env=job_env, capture_output=True, text=True,
+                                   timeout=600)
+            assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+            assert "already committed" in rerun.stdout
+        status = pl.read_parquet(f"{out}/slide_status/*.parquet")
+        assert len(status) == N_SLIDES and (status["status"] == "ok").all()
+        assert status["slide_id"].n_unique() == N_SLIDES
+        for table in ("slides", "cells", "differentials"):
+            ids = sorted(p.stem for p in (out / table).glob("*.parquet"))
+            assert ids == sorted(status["slide_id"]), table
+        cells = pl.read_parquet(f"{out}/cells/*.parquet")
+        assert cells.select("slide_id", "cell_id").is_duplicated().sum() == 0
+        # one slide's pixels under 30 names: every slide found the same cells, once
+        counts = cells.group_by("slide_id").len()["len"]
+        assert counts.n_unique() == 1 and counts[0] > 10
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
