@@ -46,6 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--optimizer", choices=("adam", "adamw"), default="adam",
+                   help="adam (DeepHeme) or adamw (decoupled weight decay)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup Beta alpha (0: off)")
     p.add_argument("--ema-decay", type=float, help="keep an EMA of the weights (e.g. 0.998)")
     p.add_argument("--lr-step-epochs", type=int, default=10, help="step decay period (x0.3)")
     p.add_argument("--max-minutes", type=float, help="stop each fold after this wall time")
@@ -129,7 +133,9 @@ def main(argv=None) -> int:
                              patience=args.patience, num_workers=args.loader_workers,
                              lr_step_epochs=args.lr_step_epochs, max_minutes=args.max_minutes,
                              label_smoothing=args.label_smoothing, ema_decay=args.ema_decay,
-                             max_steps_per_epoch=args.max_steps, seed=args.seed)
+                             max_steps_per_epoch=args.max_steps, seed=args.seed,
+                             optimizer=args.optimizer, weight_decay=args.weight_decay,
+                             mixup_alpha=args.mixup)
     import torch
 
     use_gpu = args.gpus or torch.cuda.is_available()

@@ -70,8 +70,8 @@ def train_fold(config: dict, session: Session) -> None:
 
     dcfg = resolve_model_data_config(unwrap(model))
     mean, std = dcfg["mean"], dcfg["std"]
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr,
-                                 weight_decay=settings.weight_decay)
+    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[settings.optimizer]
+    optimizer = opt_cls(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.lr_step_epochs,
                                                 settings.lr_gamma)
     ema = None

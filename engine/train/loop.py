@@ -30,6 +30,8 @@ class TrainSettings:
     lr_step_epochs: int = 10
     lr_gamma: float = 0.3
     weight_decay: float = 1e-4
+    optimizer: str = "adam"  # "adam" (DeepHeme: L2 in the gradient) or "adamw" (decoupled)
+    mixup_alpha: float = 0.0  # > 0: mixup with Beta(alpha, alpha) on every batch
     label_smoothing: float = 0.05
     # Weight EMA. Off by default: with Adam at 1e-3 and BatchNorm, the averaged weights lag far
     # behind and score worse (measured on PBC: val macro F1 0.89 vs 0.91 without).
@@ -112,8 +114,17 @@ def train_one_epoch(model, loader, optimizer, device, mean, std, settings: Train
             break
         x = normalize_batch(x, mean, std, device, channels_last=cuda)
         y = y.to(device, non_blocking=True)
+        lam, perm = 1.0, None
+        if settings.mixup_alpha > 0:
+            lam = float(np.random.beta(settings.mixup_alpha, settings.mixup_alpha))
+            perm = torch.randperm(len(y), device=device)
+            x = lam * x + (1 - lam) * x[perm]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss = F.cross_entropy(model(x).float(), y, label_smoothing=settings.label_smoothing)
+            logits = model(x).float()
+            loss = F.cross_entropy(logits, y, label_smoothing=settings.label_smoothing)
+            if perm is not None:
+                loss = lam * loss + (1 - lam) * F.cross_entropy(
+                    logits, y[perm], label_smoothing=settings.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -73,6 +73,21 @@ def test_loss_falls_and_training_resumes(tmp_path):
     assert [h["epoch"] for h in resumed.history] == [4, 5]
 
 
+def test_adamw_with_mixup_trains(tmp_path):
+    from engine.train.cell_classifier import train_fold
+
+    codes, prepared = _prepare(tmp_path)
+    settings = TrainSettings(epochs=4, batch_size=16, num_workers=0, lr=3e-3, lr_step_epochs=100,
+                             patience=100, label_smoothing=0.0, optimizer="adamw",
+                             weight_decay=0.05, mixup_alpha=0.4)
+    torch.manual_seed(0)
+    session = LocalSession(str(tmp_path / "run"), torch.device("cpu"), log=lambda s: None)
+    train_fold({"arch": "deepheme-tiny", "class_codes": codes, "data": prepared, "fold": 0,
+                "settings": settings.__dict__}, session)
+    losses = [h["train_loss"] for h in session.history]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+
+
 @needs_pbc
 def test_train_and_evaluate_jobs_end_to_end(tmp_path):
     out = tmp_path / "out"
