@@ -1,6 +1,7 @@
-"""Peak memory of process_slides against the number of slides: 20 vs 200 synthetic smears.
+"""Peak memory of process_slides against the number of slides: one chunk of synthetic smears
+(64, the default ``pipeline.slides_per_chunk``) vs five chunks (320).
 
-    python benchmarks/pipeline_memory.py [--small 20] [--large 200]
+    python benchmarks/pipeline_memory.py [--small 64] [--large 320] [--chunk N]
 
 Runs the job in a subprocess for each size (tiny untrained models: memory, not accuracy, is
 measured), samples the RSS of the driver and of its whole process tree (Ray's GCS, raylet and
@@ -28,9 +29,9 @@ sys.path.insert(0, ROOT)
 
 CONFIG = """
 pipeline:
-  slides_per_chunk: 8
-  classifier: {model: deepheme-tiny, batch_size: 128}
-  encoder: {model: dinov2-tiny, batch_size: 32}
+  slides_per_chunk: {chunk}
+  classifier: {{model: deepheme-tiny, batch_size: 128}}
+  encoder: {{model: dinov2-tiny, batch_size: 32}}
 """
 
 
@@ -77,12 +78,12 @@ def make_slides(folder: str, n: int, seed: int = 0) -> None:
         os.link(master, os.path.join(folder, f"slide-{i:04d}.tif"))
 
 
-def measure(n: int, work: str) -> dict:
+def measure(n: int, work: str, chunk: int) -> dict:
     inp, out = os.path.join(work, f"in-{n}"), os.path.join(work, f"out-{n}")
     make_slides(inp, n)
     cfg = os.path.join(work, "bench.yaml")
     with open(cfg, "w") as fh:
-        fh.write(CONFIG)
+        fh.write(CONFIG.format(chunk=chunk))
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "jobs.process_slides", "--input", inp,
                              "--output", out, "--config", cfg, "--allow-untrained"], cwd=ROOT,
@@ -112,14 +113,19 @@ def measure(n: int, work: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--small", type=int, default=20)
-    p.add_argument("--large", type=int, default=200)
+    from engine.config import PipelineConfig
+
+    p.add_argument("--small", type=int, default=64)
+    p.add_argument("--large", type=int, default=320)
+    p.add_argument("--chunk", type=int, default=PipelineConfig().slides_per_chunk)
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="hemeflow-bench-") as work:
-        small, large = measure(args.small, work), measure(args.large, work)
+        small = measure(args.small, work, args.chunk)
+        large = measure(args.large, work, args.chunk)
     result = {
         "benchmark": "pipeline_memory", "host": platform.node(), "cpus": os.cpu_count(),
-        "date": dt.date.today().isoformat(), "small": small, "large": large,
+        "date": dt.date.today().isoformat(), "slides_per_chunk": args.chunk, "small": small,
+        "large": large,
         "driver_ratio": round(large["peak_driver_rss_mib"] / small["peak_driver_rss_mib"], 3),
         "tree_ratio": round(large["peak_tree_rss_mib"] / small["peak_tree_rss_mib"], 3),
         "target": "tree_ratio <= 1.3",

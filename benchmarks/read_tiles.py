@@ -39,7 +39,8 @@ def main() -> None:
     p.add_argument("--target-mpp", type=float, default=0.25)
     p.add_argument("--tile-px", type=int, default=512)
     p.add_argument("--readers", type=int, default=os.cpu_count())
-    p.add_argument("--threads", type=int, default=2, help="reader threads per actor")
+    p.add_argument("--threads", type=int, default=1, help="reader threads per actor "
+                   "(pipeline.read_threads)")
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args()
 
@@ -72,7 +73,7 @@ def main() -> None:
     plain_area = 0
     for x, y in zip(plan.x, plan.y):
         tile = read_tile(Plain(), plan.level, int(x), int(y), plan.read_px, plan.tile_px)
-        plain_area += tile_area_counts(tile, plan.mpp)[0]
+        plain_area += tile_area_counts(tile, plan.target_mpp)[0]
     plain_s = time.time() - t
 
     ray.init(num_cpus=args.readers, include_dashboard=False, log_to_driver=False)

@@ -181,6 +181,8 @@ class PipelineConfig:
         slides_per_chunk: slides planned and streamed together; bounds driver memory.
         read_batch_size: tile tasks per read batch on CPU workers.
         read_concurrency: CPU read workers (None: as many as the cluster has CPUs).
+        read_threads: threads per read worker for encoder tiles; more than 1 pays only where
+            storage latency dominates (S3), since measuring tiles holds the GIL.
         min_nucleated: below this many nucleated cells a differential is flagged.
         threshold_samples: tiles sampled per slide to set its stain threshold.
         cellularity_checkpoint: ABMIL regressor (``jobs.train_mil``) on the encoder's tile
@@ -191,6 +193,7 @@ class PipelineConfig:
     slides_per_chunk: int = 64
     read_batch_size: int = 4
     read_concurrency: int | None = None
+    read_threads: int = 1
     min_nucleated: int = 200
     threshold_samples: int = 12
     classifier: ModelStageConfig = field(default_factory=ModelStageConfig)

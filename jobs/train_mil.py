@@ -20,6 +20,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -88,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--bag-size", type=int, default=256)
     p.add_argument("--n-bags", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per fit")
+    p.add_argument("--local", action="store_true", help="train in this process, without Ray")
     args = p.parse_args(argv)
     try:
         bags = load_inputs(args)
@@ -108,14 +111,15 @@ def main(argv=None) -> int:
     X = [bags[i] for i in ids]
     kw = dict(task=args.task, n_classes=max(len(classes), 1), epochs=args.epochs, lr=args.lr,
               bag_size=args.bag_size, seed=args.seed)
+    fit = _fitter(args, kw)
     from sklearn.model_selection import KFold, StratifiedKFold
 
     k = min(args.folds, len(ids))
     split = (StratifiedKFold(k, shuffle=True, random_state=args.seed).split(ids, y)
              if classes else KFold(k, shuffle=True, random_state=args.seed).split(ids))
     oof = np.zeros((len(ids), max(len(classes), 1)))
-    for tr, te in split:
-        model, _ = train_mil([X[i] for i in tr], y[tr], **kw)
+    for k_fold, (tr, te) in enumerate(split):
+        model = fit([X[i] for i in tr], y[tr], f"fold-{k_fold}")
         for i in te:
             oof[i] = predict_bags(model, X[i], args.n_bags, args.bag_size).mean
     os.makedirs(args.output, exist_ok=True)
@@ -134,7 +138,7 @@ def main(argv=None) -> int:
         report.update(r2=float(r2_score(y, oof[:, 0])),
                       mean_abs_error_points=float(np.abs(oof[:, 0] - y).mean() * 100))
         _bland_altman(y * 100, oof[:, 0] * 100, os.path.join(args.output, "bland_altman.png"))
-    model, _ = train_mil(X, y, **kw)
+    model = fit(X, y, "final")
     save_mil(model, os.path.join(args.output, "abmil.safetensors"),
              {"name": "abmil", "classes": classes, "labels": os.path.abspath(args.labels),
               "input": "bags" if args.bags else "embeddings",
@@ -147,6 +151,29 @@ def main(argv=None) -> int:
         json.dump(report, fh, indent=2)
     print(json.dumps(report))
     return 0
+
+
+def _fitter(args, kw: dict):
+    """``fit(bags, targets, name) -> model``: in this process (``--local``) or on Ray Train."""
+    if args.local:
+        return lambda bags, targets, name: train_mil(bags, targets, **kw)[0]
+    import ray
+
+    from engine.pipeline.train import run_ray_training
+    from engine.train.mil import load_trained, mil_train_loop
+
+    runs = os.path.join(os.path.abspath(args.output), "runs")
+    shutil.rmtree(runs, ignore_errors=True)  # a new job: never resume a fit on other data
+
+    def fit(bags, targets, name):
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        config = {**kw, "bags": ray.put(bags), "targets": np.asarray(targets)}
+        ckpt, _ = run_ray_training(mil_train_loop, config, num_workers=args.workers,
+                                   use_gpu=False, storage_path=runs, name=name)
+        return load_trained({**config, "bags": bags}, ckpt)
+
+    return fit
 
 
 def _bland_altman(truth, pred, path: str) -> None:

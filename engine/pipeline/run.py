@@ -216,7 +216,7 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
             t0 = time.perf_counter()
             e = pc.encoder
             ds = ray.data.from_items(ttasks).map_batches(
-                ReadTiles, fn_constructor_args=(cfg, stages.encoder),
+                ReadTiles, fn_constructor_args=(cfg, stages.encoder, pc.read_threads),
                 batch_size=pc.read_batch_size * 4, compute=_actors(readers), num_cpus=1)
             if stages.encoder:
                 ds = ds.map_batches(EncodeTiles, fn_constructor_args=(

@@ -278,7 +278,7 @@ class ReadTiles:
     (``(B, 224, 224, 3) uint8``, only when ``keep_pixels``), ``error_type``, ``error_message``.
     """
 
-    def __init__(self, cfg: Config, keep_pixels: bool, threads: int = 2):
+    def __init__(self, cfg: Config, keep_pixels: bool, threads: int = 1):
         from concurrent.futures import ThreadPoolExecutor
 
         self.readers = ReaderCache(cfg)
@@ -299,8 +299,8 @@ class ReadTiles:
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
-        # OpenSlide decoding and numpy release the GIL: two threads keep a core busy while
-        # the other waits on IO
+        # OpenSlide decoding releases the GIL, the area masks mostly do not: extra threads help
+        # only while a read waits on storage (pipeline.read_threads)
         results = list(self._pool.map(lambda i: self._one(batch, i), range(len(batch["task"]))))
         images, cellular, fat, errors, messages = (list(c) for c in zip(*results)) \
             if results else ([], [], [], [], [])

@@ -39,6 +39,8 @@ class RaySession:
 
 def _worker_entry(config: dict) -> None:
     fn = config.pop("_train_fn")
+    # large inputs (bags of embeddings) travel as object refs: fetched once per worker
+    config = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in config.items()}
     fn(config, RaySession())
 
 

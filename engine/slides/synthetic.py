@@ -102,7 +102,7 @@ def marrow_block(cellularity: float, side: int = 2048, mpp: float = 1.0, seed: i
     edge = np.zeros_like(fat)
     edge[1:] |= cell[1:] != cell[:-1]
     edge[:, 1:] |= cell[:, 1:] != cell[:, :-1]
-    rim = fat & ndi.binary_dilation(edge, iterations=max(1, int(round(um))))
+    rim = fat & ndi.binary_dilation(edge, iterations=max(1, round(um)))
     img[rim] = MEMBRANE
     # nuclei, 2.5-4 µm radius, covering about a third of the haematopoietic area
     n = int(0.35 * side * side / (np.pi * (3.2 * um) ** 2))

@@ -1,6 +1,7 @@
 """ABMIL on synthetic bags whose target depends on their composition."""
 
 import numpy as np
+import pytest
 import torch
 from sklearn.metrics import r2_score, roc_auc_score
 
@@ -60,8 +61,12 @@ def test_classification_by_composition_reaches_auc():
     assert roc_auc_score(labels[80:], probs) >= 0.95
 
 
+@pytest.mark.ray
 def test_train_and_predict_mil_jobs_on_a_tiles_table(tmp_path, capsys):
+    """The job on Ray Train: every fit (2 folds, then all slides) on 2 CPU workers with DDP."""
     import json
+
+    import ray
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -82,7 +87,10 @@ def test_train_and_predict_mil_jobs_on_a_tiles_table(tmp_path, capsys):
     (tmp_path / "labels.csv").write_text("\n".join(labels))
     assert train_mil.main(["--task", "regression", "--labels", str(tmp_path / "labels.csv"),
                            "--embeddings", str(tmp_path), "--output", str(tmp_path / "m"),
-                           "--folds", "3", "--epochs", "15", "--lr", "1e-3"]) == 0
+                           "--folds", "2", "--epochs", "15", "--lr", "1e-3",
+                           "--workers", "2"]) == 0
+    assert ray.is_initialized()
+    ray.shutdown()
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["r2"] > 0.8 and (tmp_path / "m" / "bland_altman.png").exists()
     assert predict_mil.main(["--checkpoint", str(tmp_path / "m" / "abmil.safetensors"),

@@ -91,7 +91,7 @@ def test_mil_on_pbc_composition_bags_reaches_auc(patients, tmp_path, capsys):
     out = tmp_path / "mil"
     assert train_mil.main(["--task", "classification", "--labels", str(base / "train/labels.csv"),
                            "--bags", str(base / "train"), "--output", str(out), "--folds", "3",
-                           "--epochs", "40", "--bag-size", "64", "--lr", "5e-4"]) == 0
+                           "--epochs", "40", "--bag-size", "64", "--lr", "5e-4", "--local"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["bag_key"] == "patient_id" and report["n_bags"] == 24
     card = json.loads((out / "abmil.json").read_text())

@@ -3,7 +3,6 @@
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -11,21 +10,16 @@ import time
 import polars as pl
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 from tests.pipeline.conftest import tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_ray_job_submit_runs_process_slides(smear_slide, tmp_path):
-    gcs, dash = _port(), _port()
+    gcs, dash = free_port(), free_port()
     # token authentication (Ray's default): a fresh token shared by the head and the CLI
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32),

@@ -6,7 +6,6 @@ rerun on the surviving node, must leave every slide's rows exactly once."""
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import time
 import polars as pl
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -27,11 +26,6 @@ pipeline:
   encoder: {model: dinov2-tiny, batch_size: 16}
 """
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tree(pid: int) -> list[int]:
@@ -81,7 +75,7 @@ def slides(tmp_path):
 
 
 def test_killing_a_worker_node_loses_nothing(slides, tmp_path):
-    gcs, node1 = _port(), _port()
+    gcs, node1 = free_port(), free_port()
     # token authentication (Ray's default): one fresh token for the nodes and the driver
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -91,7 +85,7 @@ def test_killing_a_worker_node_loses_nothing(slides, tmp_path):
                            "--include-dashboard=false", *common], **run)
     assert head.returncode == 0, head.stderr
     try:
-        for port in (node1, _port()):
+        for port in (node1, free_port()):
             w = subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
                                 f"--node-manager-port={port}", *common], **run)
             assert w.returncode == 0, w.stderr
