@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from engine.config import CellDetectionConfig
-from engine.tissue import otsu_threshold
+from engine.tissue import fill_small_holes, otsu_threshold
 
 KIND_CELL, KIND_PLATELET = "nucleated", "platelet"
 
@@ -119,7 +119,7 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
     nuclei = score > threshold
     nuclei = ndi.binary_opening(nuclei, structure=np.ones((2, 2), bool))
     merged = ndi.binary_closing(nuclei, structure=_disk(cfg.merge_um / mpp), border_value=0)
-    merged = ndi.binary_fill_holes(merged | nuclei)
+    merged = fill_small_holes(merged | nuclei)
     labels, n = ndi.label(merged, structure=np.ones((3, 3), bool))
     out = {k: [] for k in ("x", "y", "x0", "y0", "x1", "y1", "area_um2", "kind")}
     slices = ndi.find_objects(labels)

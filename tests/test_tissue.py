@@ -50,3 +50,14 @@ def test_tile_fractions_match_brute_force():
         x0, y0 = x[i] // 10, y[i] // 10
         x1, y1 = min(-(-(x[i] + 50) // 10), 70), min(-(-(y[i] + 50) // 10), 50)
         assert got[i] == np.float32(mask[y0:y1, x0:x1].mean())
+
+
+def test_fill_small_holes_without_limit_equals_scipy_fill_holes():
+    from scipy import ndimage as ndi
+
+    from engine.tissue import fill_small_holes
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        m = ndi.binary_opening(rng.random((120, 90)) > rng.uniform(0.3, 0.8))
+        assert (fill_small_holes(m) == ndi.binary_fill_holes(m)).all()
