@@ -2,7 +2,8 @@
 
 ``mil_train_loop`` is written against a `Session` (``engine.train.loop``): it runs in this process
 (``train_mil``) or on Ray Train workers (``engine.pipeline.train.run_ray_training``), reports every
-epoch with a resumable checkpoint, and splits each epoch's bags evenly over the workers (DDP).
+few epochs with a resumable checkpoint, and splits each epoch's bags evenly over the workers
+(DDP).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def mil_train_loop(config: dict, session) -> None:
 
     ``config`` keys: ``bags`` (list of ``(n_i, D)`` arrays), ``targets`` (regression in [0, 1],
     or class indices), ``task``, ``n_classes``, ``epochs``, ``lr``, ``weight_decay``,
-    ``bag_size``, ``seed``, optional ``hidden``.
+    ``bag_size``, ``seed``, optional ``hidden`` and ``checkpoint_every`` (epochs, default 5; the
+    last epoch always checkpoints).
     """
     bags, targets, task = config["bags"], np.asarray(config["targets"]), config["task"]
     seed, bag_size = config.get("seed", 0), config.get("bag_size", 256)
@@ -44,6 +46,7 @@ def mil_train_loop(config: dict, session) -> None:
     if restore:
         start = load_train_state(restore, model, opt, sched)[0]["epoch"] + 1
     per_rank = len(bags) // session.world_size  # equal step counts keep DDP in lockstep
+    epoch_losses: list[float] = []  # since the last report
     for epoch in range(start, config.get("epochs", 60)):
         order = np.random.default_rng([seed, epoch]).permutation(len(bags))
         mine = order[session.rank * per_rank:(session.rank + 1) * per_rank]
@@ -65,12 +68,17 @@ def mil_train_loop(config: dict, session) -> None:
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
+        epoch_losses.append(float(np.mean(losses)))
+        last = epoch == config.get("epochs", 60) - 1
+        if not last and (epoch + 1) % config.get("checkpoint_every", 5):
+            continue  # a report synchronises the workers (about 2 s on Ray Train): every few
+        metrics = {"epoch": epoch, "loss": epoch_losses[-1], "epoch_losses": epoch_losses}
+        epoch_losses = []
         with tempfile.TemporaryDirectory() as tmp:
             if session.rank == 0:
                 save_train_state(tmp, model, opt, sched, {"epoch": epoch},
                                  dict(unwrap(model).state_dict()))
-            session.report({"epoch": epoch, "loss": float(np.mean(losses))},
-                           tmp if session.rank == 0 else None)
+            session.report(metrics, tmp if session.rank == 0 else None)
 
 
 def load_trained(config: dict, checkpoint_dir: str) -> GatedABMIL:
@@ -95,4 +103,4 @@ def train_mil(bags: list[np.ndarray], targets: np.ndarray, task: str, n_classes:
         session = LocalSession(root, log=lambda _: None)
         mil_train_loop(config, session)
         model = load_trained(config, session.restore_dir())
-    return model.to("cpu"), [h["loss"] for h in session.history]
+    return model.to("cpu"), [v for h in session.history for v in h["epoch_losses"]]

@@ -71,11 +71,28 @@ def ray_after():
 
 
 @pytest.mark.ray
-def test_train_and_predict_mil_jobs_on_a_tiles_table(tmp_path, capsys, ray_after):
-    """The job on Ray Train: every fit (2 folds, then all slides) on 2 CPU workers with DDP."""
-    import json
+def test_job_fits_on_ray_train_with_ddp(tmp_path, ray_after):
+    """The job's Ray Train path: one fit on 2 CPU workers (DDP, gloo), bags as object refs."""
+    import argparse
 
     import ray
+
+    from jobs.train_mil import _fitter
+
+    rng = np.random.default_rng(3)
+    frac = rng.uniform(0.1, 0.9, 40)
+    bags = _bags(40, rng, frac)
+    args = argparse.Namespace(local=False, workers=2, output=str(tmp_path))
+    fit = _fitter(args, dict(task="regression", n_classes=1, epochs=25, lr=1e-3, bag_size=256,
+                             seed=0))
+    model = fit(bags[:30], frac[:30], "fit")
+    assert ray.is_initialized() and (tmp_path / "runs" / "fit").is_dir()
+    preds = [predict_bags(model, b, n_bags=10, bag_size=256).mean[0] for b in bags[30:]]
+    assert r2_score(frac[30:], preds) >= 0.9
+
+
+def test_train_and_predict_mil_jobs_on_a_tiles_table(tmp_path, capsys):
+    import json
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -96,9 +113,8 @@ def test_train_and_predict_mil_jobs_on_a_tiles_table(tmp_path, capsys, ray_after
     (tmp_path / "labels.csv").write_text("\n".join(labels))
     assert train_mil.main(["--task", "regression", "--labels", str(tmp_path / "labels.csv"),
                            "--embeddings", str(tmp_path), "--output", str(tmp_path / "m"),
-                           "--folds", "2", "--epochs", "15", "--lr", "1e-3",
-                           "--workers", "2"]) == 0
-    assert ray.is_initialized()  # the fits ran on Ray Train
+                           "--folds", "3", "--epochs", "15", "--lr", "1e-3",
+                           "--local"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["r2"] > 0.8 and (tmp_path / "m" / "bland_altman.png").exists()
     assert predict_mil.main(["--checkpoint", str(tmp_path / "m" / "abmil.safetensors"),
