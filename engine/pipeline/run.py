@@ -46,10 +46,12 @@ class RunMetrics:
     the stage nearest 1 bounds its branch."""
 
     wall: dict[str, float] = field(default_factory=dict)       # plan, cells, tiles
+    first: dict[str, float] = field(default_factory=dict)      # branch -> s to its first batch
     busy: dict[str, float] = field(default_factory=dict)       # detect, classify, read, encode
     items: dict[str, int] = field(default_factory=dict)        # cell_tiles, cells, tiles
     actors: dict[str, int] = field(default_factory=dict)
     phase: dict[str, str] = field(default_factory=dict)        # stage -> its branch
+    _started: dict[str, float] = field(default_factory=dict, repr=False)
 
     def add_wall(self, phase: str, seconds: float) -> None:
         self.wall[phase] = self.wall.get(phase, 0.0) + seconds
@@ -66,25 +68,43 @@ class RunMetrics:
         return {s: round(b / max(self.actors.get(s, 1), 1) / self.wall[self.phase[s]], 3)
                 for s, b in self.busy.items() if self.wall.get(self.phase.get(s, ""), 0) > 0}
 
+    def startup_share(self) -> dict[str, float]:
+        """Per branch, the share of its wall time spent before its first batch came out (actor
+        start-up: imports, CUDA, model loading)."""
+        return {ph: round(t / self.wall[ph], 3) for ph, t in self.first.items()
+                if self.wall.get(ph)}
+
     def bounding(self) -> dict[str, str]:
-        """Per branch, the stage with the highest utilisation."""
+        """Per branch, the stage with the highest utilisation, or ``startup`` where waiting for
+        the first batch took a larger share of the wall time than any stage was busy."""
         out: dict[str, tuple[float, str]] = {}
         for stage, u in self.utilisation().items():
             ph = self.phase[stage]
             if u > out.get(ph, (-1.0, ""))[0]:
                 out[ph] = (u, stage)
+        for ph, share in self.startup_share().items():
+            if share > out.get(ph, (-1.0, ""))[0]:
+                out[ph] = (share, "startup")
         return {ph: s for ph, (_, s) in out.items()}
+
+    def first_batch(self, phase: str, t0: float) -> None:
+        """Call with every batch of a branch started at ``t0``; counts the wait for its first."""
+        if self._started.get(phase) != t0:
+            self._started[phase] = t0
+            self.first[phase] = self.first.get(phase, 0.0) + time.perf_counter() - t0
 
     def as_dict(self) -> dict:
         return {"wall_s": {k: round(v, 2) for k, v in self.wall.items()},
                 "busy_s": {k: round(v, 2) for k, v in self.busy.items()},
                 "items": dict(self.items), "actors": dict(self.actors),
-                "utilisation": self.utilisation(), "bounding_stage": self.bounding()}
+                "utilisation": self.utilisation(), "startup_share": self.startup_share(),
+                "bounding_stage": self.bounding()}
 
     def line(self) -> str:
         u = self.utilisation()
         parts = [f"{ph} {w:.1f} s" for ph, w in self.wall.items()]
         parts += [f"{s} {u[s]:.0%} busy on {self.actors.get(s, 1)}" for s in u]
+        parts += [f"{ph} start-up {v:.0%}" for ph, v in self.startup_share().items()]
         return "time: " + "; ".join(parts)
 
 
@@ -208,6 +228,7 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                                num_gpus=c.num_gpus if gpus else 0,
                                num_cpus=0 if gpus else 1))
             for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                metrics.first_batch("cells", t0)
                 metrics.add_batch(batch)
                 metrics.count("cells", np.isin(batch["kind"], (KIND_CELL, KIND_PLATELET)).sum())
                 agg.add_cells(batch)
@@ -224,6 +245,7 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                     batch_size=e.batch_size, compute=_actors(e.concurrency),
                     num_gpus=e.num_gpus if gpus else 0, num_cpus=0 if gpus else 1)
             for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                metrics.first_batch("tiles", t0)
                 metrics.add_batch(batch)
                 metrics.count("tiles", len(batch["task"]))
                 agg.add_tiles(batch)

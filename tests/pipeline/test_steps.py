@@ -38,6 +38,7 @@ def test_plan_detect_classify_on_the_smear(smear):
     out = DetectCells(cfg)(_batch(tasks))
     real = np.isin(out["kind"], ["nucleated", "platelet"])
     assert real.sum() > 10 and out["crop"].shape[1:] == (96, 96, 3)
+    assert (out["_t_detect"] > 0).all()  # busy time for RunMetrics
     # every task is accounted for: cells carry their task's count, empty tiles a marker
     for task in {t["task"] for t in tasks}:
         sel = out["task"] == task

@@ -1,0 +1,37 @@
+"""RunMetrics: busy time from the steps' `_t_<stage>` columns, utilisation, the bounding stage."""
+
+import time
+
+import numpy as np
+import pytest
+
+from engine.pipeline.run import RunMetrics
+from engine.pipeline.steps import stamp
+
+
+def test_stamp_spreads_a_batch_time_over_its_rows():
+    t0 = time.perf_counter() - 0.5
+    out = stamp({"task": np.arange(4)}, "read", t0)
+    assert out["_t_read"].shape == (4,) and out["_t_read"].sum() == pytest.approx(0.5, abs=0.05)
+
+
+def test_utilisation_and_bounding_stage():
+    m = RunMetrics(actors={"read": 4, "encode": 1}, phase={"read": "tiles", "encode": "tiles"})
+    m.add_wall("tiles", 10.0)
+    for _ in range(5):
+        m.add_batch({"_t_read": np.full(10, 0.6), "_t_encode": np.full(10, 0.1), "x": np.ones(10)})
+    assert m.busy == pytest.approx({"read": 30.0, "encode": 5.0})
+    assert m.utilisation() == {"read": 0.75, "encode": 0.5}
+    assert m.bounding() == {"tiles": "read"}
+    assert "read 75% busy on 4" in m.line()
+
+
+def test_startup_bounds_a_branch_that_mostly_waited_for_its_first_batch():
+    m = RunMetrics(actors={"encode": 1}, phase={"encode": "tiles"})
+    t0 = time.perf_counter() - 8.0
+    for _ in range(3):  # counted once per branch run, not per batch
+        m.first_batch("tiles", t0)
+    m.add_wall("tiles", 10.0)
+    m.add_batch({"_t_encode": np.full(4, 0.5)})
+    assert m.startup_share()["tiles"] == pytest.approx(0.8, abs=0.02)
+    assert m.bounding() == {"tiles": "startup"}
