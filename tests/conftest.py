@@ -51,11 +51,19 @@ def make_slide(tmp_path_factory):
     return _make
 
 
+# ports Ray takes by default (GCS, client server, dashboard, dashboard agent, worker range): a
+# port handed to `ray start` must not be one of them, or the node refuses to start
+_RAY_DEFAULT_PORTS = {6379, 8265, 10001, 52365, 52366}
+
+
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1, never one of Ray's default ports."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _RAY_DEFAULT_PORTS and not 10002 <= port <= 19999:
+            return port
 
 
 @pytest.fixture(scope="module")
