@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.make_synthetic_slides import make_slide  # noqa: E402
+from benchmarks.model_throughput import bench  # noqa: E402
 from benchmarks.pipeline_memory import rss_tree  # noqa: E402
 
 
@@ -42,11 +43,10 @@ def model_alone(name: str, batch: int, compile: bool, steps: int = 20) -> float:
     as ``Predictor`` runs it)."""
     import torch
 
+    from engine.classes import DEEPHEME_CODES
     from engine.models import create_model
 
     cuda = torch.cuda.is_available()
-    from engine.classes import DEEPHEME_CODES
-
     model = create_model(name, allow_untrained=True, class_codes=DEEPHEME_CODES)
     m = model.module.eval().to("cuda" if cuda else "cpu")
     size = model.spec.input_px
@@ -54,20 +54,8 @@ def model_alone(name: str, batch: int, compile: bool, steps: int = 20) -> float:
     if cuda:
         m, x = m.to(memory_format=torch.channels_last), x.contiguous(
             memory_format=torch.channels_last)
-        if compile:
-            m = torch.compile(m)
-    steps = steps if cuda else 2
-    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-        for _ in range(3 if cuda else 1):
-            m(x)
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(steps):
-            m(x)
-        if cuda:
-            torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - t)
+        return bench(torch.compile(m) if compile else m, x, steps, amp=True)
+    return bench(m, x, 2, amp=False, warmup=1)
 
 
 def main() -> None:

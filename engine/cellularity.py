@@ -19,10 +19,13 @@ marrow fields of known truth (tests/test_cellularity.py: within 5 points over 10
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from engine.tissue import otsu_threshold
 
 # Ruifrok & Johnston H&E stain vectors (rows: haematoxylin, eosin, residual), unit length
 _H = np.array([0.65, 0.70, 0.29])
@@ -50,18 +53,20 @@ class AreaRules:
 DEFAULT_RULES = AreaRules()
 
 
+@functools.lru_cache(maxsize=64)
 def _unmix(stains) -> np.ndarray:
+    """``OD (., 3) @ this -> (H, E, total)``: the inverse stain matrix's H and E columns and a
+    column of ones (one per slide's stains: cached, as every tile of a slide shares them)."""
     h, e = (np.asarray(v, np.float64) / np.linalg.norm(v) for v in stains)
     r = np.cross(h, e)
-    return np.linalg.inv(np.stack([h, e, r / np.linalg.norm(r)])).astype(np.float32)
+    inv = np.linalg.inv(np.stack([h, e, r / np.linalg.norm(r)]))
+    return np.concatenate([inv[:, :2], np.ones((3, 1))], axis=1).astype(np.float32)
 
 
 def deconvolve(tile: np.ndarray, stains=RUIFROK_HE) -> tuple[np.ndarray, np.ndarray,
                                                              np.ndarray]:
     """``(haematoxylin, eosin, total)`` optical densities, each ``(H, W) float32``."""
-    # one product gives both concentrations and the total OD (a column of ones)
-    m = np.concatenate([_unmix(stains)[:, :2], np.ones((3, 1), np.float32)], axis=1)
-    het = _OD[tile].reshape(-1, 3) @ m
+    het = _OD[tile].reshape(-1, 3) @ _unmix(tuple(map(tuple, stains)))
     shape = tile.shape[:2]
     return het[:, 0].reshape(shape), het[:, 1].reshape(shape), het[:, 2].reshape(shape)
 
@@ -95,10 +100,6 @@ def macenko_stains(tiles: list[np.ndarray], min_od: float = 0.15, alpha: float =
 def calibrate(tiles: list[np.ndarray], rules: AreaRules = DEFAULT_RULES) -> AreaRules:
     """Per-slide rules: Macenko stain vectors and an Otsu cut on haematoxylin OD over stained
     pixels (kept within 0.15-1.0), from a few tiles of the slide."""
-    from dataclasses import replace
-
-    from engine.tissue import otsu_threshold
-
     stains = macenko_stains(tiles, min_od=rules.stained_od / 3)
     hs = [h[t > rules.stained_od] for h, _, t in (deconvolve(x, stains) for x in tiles)]
     h = np.concatenate(hs) if hs else np.zeros(0)

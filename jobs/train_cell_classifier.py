@@ -70,6 +70,34 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def split_for_training(data, excluded: set[str], test_fraction: float, seed: int,
+                       limit_per_class: int | None = None):
+    """The image-level hold-out every reference checkpoint is scored on.
+
+    Rows with ``excluded`` codes are left out of training (and go to the test list, scored at
+    group level); the rest are split stratified, by group where the labels have one.
+
+    Returns:
+        ``(trainable, codes, y, groups, dev_idx, test_rows)``; ``test_rows`` are ``(path, code)``.
+    """
+    rng = np.random.default_rng(seed)
+    keep = [i for i, c in enumerate(data.codes) if c not in excluded]
+    if limit_per_class:
+        by_code: dict[str, list[int]] = {}
+        for i in keep:
+            by_code.setdefault(data.codes[i], []).append(i)
+        keep = sorted(j for idx in by_code.values()
+                      for j in rng.permutation(idx)[:limit_per_class])
+    trainable = data.subset(keep)
+    codes = ordered_codes(trainable.codes)
+    y = np.array([codes.index(c) for c in trainable.codes])
+    groups = np.array(trainable.groups) if trainable.groups else None
+    dev_idx, test_idx = holdout_split(y, test_fraction, seed, groups)
+    test_rows = [(trainable.paths[i], trainable.codes[i]) for i in test_idx]
+    test_rows += [(p, c) for p, c in zip(data.paths, data.codes) if c in excluded]
+    return trainable, codes, y, groups, dev_idx, test_rows
+
+
 def prepare(args, out: str):
     """Split, write the test list, and write the prepared arrays for the workers."""
     from engine.train.data import load_cell_images
@@ -78,21 +106,8 @@ def prepare(args, out: str):
     excluded = {c.strip() for c in args.exclude_codes.split(",") if c.strip()}
     for code in set(data.codes):
         get_class(code)  # unknown codes fail here, naming the valid ones
-    rng = np.random.default_rng(args.seed)
-    keep = [i for i, c in enumerate(data.codes) if c not in excluded]
-    if args.limit_per_class:
-        by_code: dict[str, list[int]] = {}
-        for i in keep:
-            by_code.setdefault(data.codes[i], []).append(i)
-        keep = sorted(j for idx in by_code.values()
-                      for j in rng.permutation(idx)[: args.limit_per_class])
-    trainable = data.subset(keep)
-    codes = ordered_codes(trainable.codes)
-    y = np.array([codes.index(c) for c in trainable.codes])
-    groups = np.array(trainable.groups) if trainable.groups else None
-    dev_idx, test_idx = holdout_split(y, args.test_fraction, args.seed, groups)
-    test_rows = [(trainable.paths[i], trainable.codes[i]) for i in test_idx]
-    test_rows += [(p, c) for p, c in zip(data.paths, data.codes) if c in excluded]
+    trainable, codes, y, groups, dev_idx, test_rows = split_for_training(
+        data, excluded, args.test_fraction, args.seed, args.limit_per_class)
     os.makedirs(os.path.join(out, "test"), exist_ok=True)
     with open(os.path.join(out, "test", "labels.csv"), "w", newline="") as fh:
         w = csv.writer(fh)

@@ -18,8 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from engine.bags import find_patient_images
 from engine.train.data import read_labels
-from engine.train.evaluation import ordered_codes
-from engine.train.splits import holdout_split
+from jobs.train_cell_classifier import split_for_training
 from tests.conftest import SHARED_DATA
 
 PBC = SHARED_DATA / "pbc"
@@ -28,17 +27,10 @@ BAG = 40
 
 
 def _held_out_images():
-    """The reference checkpoint's held-out images (same split as jobs.train_cell_classifier:
-    IG and NEU rows left out of training, 15 % stratified hold-out, seed 0), plus the IG rows."""
-    data = read_labels(str(PBC))
-    keep = [i for i, c in enumerate(data.codes) if c not in ("IG", "NEU")]
-    trainable = data.subset(keep)
-    codes = ordered_codes(trainable.codes)
-    y = np.array([codes.index(c) for c in trainable.codes])
-    _, test_idx = holdout_split(y, 0.15, 0)
-    rows = [(trainable.paths[i], trainable.codes[i]) for i in test_idx]
-    rows += [(p, c) for p, c in zip(data.paths, data.codes) if c == "IG"]
-    return rows
+    """The reference checkpoint's held-out images (its job's split: IG and NEU rows left out of
+    training, 15 % stratified hold-out, seed 0), plus the IG rows."""
+    _, _, _, _, _, test_rows = split_for_training(read_labels(str(PBC)), {"IG", "NEU"}, 0.15, 0)
+    return [(p, c) for p, c in test_rows if c != "NEU"]
 
 
 def _make_patients(root, rows, n_pos, n_neg, rng, prefix):
