@@ -3,6 +3,7 @@ which stage bounds the run, and each model's rate in the job against the same mo
 
     python benchmarks/pipeline_e2e.py [--slides 8] [--size 16384] [--stages cells tiles]
         [--classifier deepheme-resnext50] [--encoder dinov2-vits14] [--batch 256] [--compile]
+        [--baseline-chunk 64]
 
 Slides come from ``make_synthetic_slides`` (one slide, hard-linked N times: distinct slide ids,
 same pixels). Models run with random weights (``--allow-untrained``: speed, not accuracy, is
@@ -15,12 +16,18 @@ Two ratios per model:
 - ``busy_ratio``: items / (the model actors' busy seconds), over the model-alone rate: what
   the actor loses to host-device transfer, preprocessing and batching when it is fed.
 
+``--baseline-chunk N`` first runs the same job in the same process with
+``pipeline.slides_per_chunk`` N (the earlier default was 64: model actors restart with every chunk)
+and reports ``speedup_vs_chunked``, the ratio of slides/hour, one stream per branch over all
+slides against it.
+
 Writes benchmarks/results/pipeline_e2e-<hardware>-<date>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -72,6 +79,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model actors")
     p.add_argument("--read-concurrency", type=int, help="CPU read actors (default: CPUs - 1)")
     p.add_argument("--work", help="folder for slides and outputs (default: a temporary one)")
+    p.add_argument("--baseline-chunk", type=int, default=0,
+                   help="first run the job with this many slides per chunk, as a baseline")
     args = p.parse_args()
 
     import ray
@@ -87,6 +96,27 @@ def main() -> None:
         "classifier": {"model": args.classifier, "batch_size": args.batch,
                        "compile": args.compile},
         "encoder": {"model": args.encoder, "batch_size": args.batch, "compile": args.compile}}})
+
+    def run(slides: str, out: str, cfg: Config) -> tuple[list[dict], float, RunMetrics, int]:
+        peak, running = [0], [True]
+
+        def sample():
+            while running[0]:
+                peak[0] = max(peak[0], rss_tree(os.getpid())[1])
+                time.sleep(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        metrics = RunMetrics()
+        t = time.perf_counter()
+        rows = run_pipeline(list_files(slides, cfg.storage), out, cfg, MppOverrides(),
+                            allow_untrained=True, log=lambda m: None, metrics=metrics)
+        wall = time.perf_counter() - t
+        running[0] = False
+        sampler.join()
+        return rows, wall, metrics, peak[0]
+
+    baseline = None
     with tempfile.TemporaryDirectory(prefix="hemeflow-e2e-", dir=args.work) as work:
         slides = os.path.join(work, "slides")
         os.makedirs(slides)
@@ -98,24 +128,15 @@ def main() -> None:
         made_s = time.perf_counter() - t
 
         ray.init(include_dashboard=False, log_to_driver=False)
-        peak = [0]
-        running = [True]
-
-        def sample():
-            while running[0]:
-                peak[0] = max(peak[0], rss_tree(os.getpid())[1])
-                time.sleep(0.2)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        metrics = RunMetrics()
-        t = time.perf_counter()
-        rows = run_pipeline(list_files(slides, cfg.storage), os.path.join(work, "out"), cfg,
-                            MppOverrides(), allow_untrained=True, log=lambda m: None,
-                            metrics=metrics)
-        wall = time.perf_counter() - t
-        running[0] = False
-        sampler.join()
+        if args.baseline_chunk:
+            chunked = cfg.replace(pipeline=dataclasses.replace(
+                cfg.pipeline, slides_per_chunk=args.baseline_chunk))
+            b_rows, b_wall, b_metrics, _ = run(slides, os.path.join(work, "out-chunked"),
+                                               chunked)
+            baseline = {"slides_per_chunk": args.baseline_chunk, "wall_s": round(b_wall, 1),
+                        "slides_per_hour": round(len(b_rows) / b_wall * 3600),
+                        **b_metrics.as_dict()}
+        rows, wall, metrics, peak = run(slides, os.path.join(work, "out"), cfg)
         ray.shutdown()
 
     failed = [r for r in rows if r["status"] != "ok"]
@@ -130,7 +151,11 @@ def main() -> None:
         "args": vars(args), "make_slides_s": round(made_s, 1),
         "slides": len(rows), "wall_s": round(wall, 1),
         "slides_per_hour": round(len(rows) / wall * 3600),
-        "peak_tree_rss_mib": round(peak[0] / 2**20), **m, "models": []}
+        "peak_tree_rss_mib": round(peak / 2**20), **m, "models": []}
+    if baseline:
+        result["baseline"] = baseline
+        result["speedup_vs_chunked"] = round(result["slides_per_hour"]
+                                             / baseline["slides_per_hour"], 2)
     if "tiles" in m["wall_s"]:
         result["tiles_per_s"] = round(m["items"]["tiles"] / m["wall_s"]["tiles"], 1)
     if "cells" in m["wall_s"]:

@@ -1,5 +1,6 @@
-"""Peak memory of process_slides against the number of slides: one chunk of synthetic smears
-(64, the default ``pipeline.slides_per_chunk``) vs five chunks (320).
+"""Peak memory of process_slides against the number of slides: 64 synthetic smears vs 320, each
+run as one stream per branch over all its slides (the default ``pipeline.slides_per_chunk`` 0;
+``--chunk N`` splits them into chunks of N).
 
     python benchmarks/pipeline_memory.py [--small 64] [--large 320] [--chunk N]
 

@@ -178,7 +178,11 @@ class PipelineConfig:
     Attributes:
         stages: ``cells`` (detection, classification, differential) and/or ``tiles`` (tile
             table, label-free cellularity, tile embeddings when an encoder has weights).
-        slides_per_chunk: slides planned and streamed together; bounds driver memory.
+        slides_per_chunk: slides per pair of branch streams; 0 streams every pending slide at
+            once, so model actors load once per run (memory is bounded by the slides in flight
+            either way). A positive number restarts the actors for every chunk.
+        cells_cpu_share: share of the CPU actors given to cell detection when both branches
+            run (the rest read encoder tiles).
         read_batch_size: tile tasks per read batch on CPU workers.
         read_concurrency: CPU read workers (None: as many as the cluster has CPUs).
         read_threads: threads per read worker for encoder tiles; more than 1 pays only where
@@ -190,7 +194,8 @@ class PipelineConfig:
     """
 
     stages: tuple[str, ...] = ("cells", "tiles")
-    slides_per_chunk: int = 64
+    slides_per_chunk: int = 0
+    cells_cpu_share: float = 0.5
     read_batch_size: int = 4
     read_concurrency: int | None = None
     read_threads: int = 1

@@ -1,14 +1,16 @@
 """Driver-side assembly of each slide's results as the stream delivers them, and its commit.
 
 The driver sees only small rows (cell probabilities, tile statistics, embeddings), never pixels.
-A slide is committed when every task of every stage has reported; memory is bounded by the
-slides in flight (one chunk), not by the archive.
+A slide is committed when every task of every branch has reported; memory is bounded by the
+slides in flight, not by the archive.
 """
 
 from __future__ import annotations
 
 import collections
 import datetime as dt
+import json
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -26,63 +28,91 @@ def utcnow() -> dt.datetime:
 
 
 @dataclass
-class SlideState:
-    slide_id: str
-    uri: str
-    slide_row: dict
-    plan: dict
-    started: dt.datetime
-    t0: float
-    expected: dict[str, int] = field(default_factory=dict)   # stage -> number of tasks
-    received: dict[str, collections.Counter] = field(default_factory=dict)  # stage -> task -> n
-    done: dict[str, set] = field(default_factory=dict)
-    cells: list[dict] = field(default_factory=list)
-    tiles: list[dict] = field(default_factory=list)
-    error: tuple[str, str] | None = None
+class BranchState:
+    """One slide in one branch's stream (``cells`` or ``tiles``)."""
+
+    n_tasks: int | None = None       # from any row
+    header: dict | None = None       # from the row that carries it
+    received: collections.Counter = field(default_factory=collections.Counter)  # task -> rows
+    done: set = field(default_factory=set)
+    rows: list[dict] = field(default_factory=list)
+    finished: bool = False
 
     def complete(self) -> bool:
-        return all(len(self.done[s]) >= n for s, n in self.expected.items())
+        return self.header is not None and self.n_tasks is not None \
+            and len(self.done) >= self.n_tasks
+
+
+@dataclass
+class SlideState:
+    slide_id: str
+    branches: dict[str, BranchState]
+    started: dt.datetime
+    t0: float
+    error: tuple[str, str] | None = None
+    written: bool = False             # a branch's tables are on storage, not yet committed
+    n_cells: int = 0
+
+    def fail(self, error_type: str, message: str) -> None:
+        if self.error is None:
+            self.error = (error_type, message)
 
 
 class Aggregator:
-    """Collects stream rows per slide and commits each slide once all its tasks are in."""
+    """Collects the branch streams' rows per slide and commits each slide once all its tasks in
+    every branch are in.
+
+    A branch that completes a slide writes that slide's tables of its own (cells, differentials
+    and GeoJSON; tiles and cellularity) straight away and drops its rows, so the driver holds
+    only slides in flight, however far one branch runs ahead of the other; the status row, the
+    commit, follows when the last branch completes. A failed slide's written tables are deleted.
+    Thread-safe: each branch's stream is consumed on its own thread.
+    """
 
     def __init__(self, store: OutputStore, config_hash: str, stages_run: list[str],
                  stages_skipped: list[str], model_codes: tuple[str, ...], min_nucleated: int,
-                 log=print, mil=None, mil_bags: tuple[int, int] = (10, 256)):
+                 branches: tuple[str, ...], log=print, mil=None,
+                 mil_bags: tuple[int, int] = (10, 256)):
         self.mil, self.mil_bags = mil, mil_bags
         self.store, self.config_hash = store, config_hash
         self.stages_run, self.stages_skipped = stages_run, stages_skipped
         self.model_codes, self.min_nucleated = model_codes, min_nucleated
+        self.branches = tuple(branches)
         self.log = log
         self.slides: dict[str, SlideState] = {}
         self.summary: list[dict] = []
+        self._lock = threading.Lock()
 
     # ---- intake -------------------------------------------------------------------------
-    def add_plan(self, slide_id: str, uri: str, plan: dict, n_tasks: dict[str, int]) -> None:
-        row = dict(plan["slide"])
-        row["inventoried_at"] = dt.datetime.fromisoformat(row["inventoried_at"])
-        state = SlideState(slide_id, uri, row, plan, utcnow(), time.time())
-        if plan["status"] != "ok":
-            state.error = (plan["error_type"], plan["error_message"])
-        else:
-            for stage, n in n_tasks.items():
-                state.expected[stage] = n
-                state.received[stage] = collections.Counter()
-                state.done[stage] = set()
-        self.slides[slide_id] = state
-        self._maybe_commit(state)
+    def _branch(self, sid: str, branch: str, n_tasks, header) -> tuple[SlideState, BranchState]:
+        state = self.slides.get(sid)
+        if state is None:
+            state = self.slides[sid] = SlideState(
+                sid, {b: BranchState() for b in self.branches}, utcnow(), time.time())
+        br = state.branches[branch]
+        br.n_tasks = int(n_tasks)
+        if header:
+            br.header = json.loads(str(header))
+            if br.header["status"] != "ok":
+                state.fail(br.header["error_type"], br.header["error_message"])
+        return state, br
 
     def add_cells(self, batch: dict) -> None:
-        for i in range(len(batch["task"])):
-            state = self.slides[str(batch["slide_id"][i])]
-            task, kind = int(batch["task"][i]), str(batch["kind"][i])
-            if kind == "error" and state.error is None:
-                state.error = (str(batch["error_type"][i]), str(batch["error_message"][i]))
-            if kind in ("error", "none"):
-                state.done["cells"].add(task)
-            else:
-                state.cells.append({
+        with self._lock:
+            touched = {}
+            for i in range(len(batch["task"])):
+                sid = str(batch["slide_id"][i])
+                state, br = self._branch(sid, "cells", batch["n_tasks"][i], batch["header"][i])
+                touched[sid] = state
+                task, kind = int(batch["task"][i]), str(batch["kind"][i])
+                if task < 0:
+                    continue
+                if kind == "error":
+                    state.fail(str(batch["error_type"][i]), str(batch["error_message"][i]))
+                if kind in ("error", "none"):
+                    br.done.add(task)
+                    continue
+                br.rows.append({
                     "x": float(batch["x"][i]), "y": float(batch["y"][i]),
                     "x0": float(batch["x0"][i]), "y0": float(batch["y0"][i]),
                     "x1": float(batch["x1"][i]), "y1": float(batch["y1"][i]),
@@ -91,81 +121,105 @@ class Aggregator:
                     "class_code": str(batch["class_code"][i]),
                     "class_prob": float(batch["class_prob"][i]),
                     "probabilities": batch["probabilities"][i].astype(np.float32).tolist()})
-                state.received["cells"][task] += 1
-                if state.received["cells"][task] >= int(batch["n_in_task"][i]):
-                    state.done["cells"].add(task)
-        self._check_all()
+                br.received[task] += 1
+                if br.received[task] >= int(batch["n_in_task"][i]):
+                    br.done.add(task)
+            for state in touched.values():
+                self._progress(state)
 
     def add_tiles(self, batch: dict) -> None:
-        for i in range(len(batch["task"])):
-            state = self.slides[str(batch["slide_id"][i])]
-            err = str(batch["error_type"][i])
-            if err and state.error is None:
-                state.error = (err, str(batch["error_message"][i]))
-            px = int(batch["tile_px"][i]) ** 2
-            state.tiles.append({
-                "x": int(batch["x"][i]), "y": int(batch["y"][i]),
-                "mpp": float(batch["tile_mpp"][i]), "tile_px": int(batch["tile_px"][i]),
-                "tissue_fraction": float(batch["tissue_fraction"][i]),
-                "nuclear_fraction": float(batch["cellular_px"][i]) / px,
-                "cellular_px": int(batch["cellular_px"][i]), "fat_px": int(batch["fat_px"][i]),
-                "embedding": batch["embedding"][i].astype(np.float32).tolist()
-                if "embedding" in batch else None})
-            state.done["tiles"].add(int(batch["task"][i]))
-        self._check_all()
+        with self._lock:
+            touched = {}
+            for i in range(len(batch["task"])):
+                sid = str(batch["slide_id"][i])
+                state, br = self._branch(sid, "tiles", batch["n_tasks"][i], batch["header"][i])
+                touched[sid] = state
+                if int(batch["task"][i]) < 0:
+                    continue
+                err = str(batch["error_type"][i])
+                if err:
+                    state.fail(err, str(batch["error_message"][i]))
+                px = int(batch["tile_px"][i]) ** 2
+                br.rows.append({
+                    "x": int(batch["x"][i]), "y": int(batch["y"][i]),
+                    "mpp": float(batch["tile_mpp"][i]), "tile_px": int(batch["tile_px"][i]),
+                    "tissue_fraction": float(batch["tissue_fraction"][i]),
+                    "nuclear_fraction": float(batch["cellular_px"][i]) / px,
+                    "cellular_px": int(batch["cellular_px"][i]),
+                    "fat_px": int(batch["fat_px"][i]),
+                    "embedding": batch["embedding"][i].astype(np.float32).tolist()
+                    if "embedding" in batch else None})
+                br.done.add(int(batch["task"][i]))
+            for state in touched.values():
+                self._progress(state)
 
     # ---- commit -------------------------------------------------------------------------
-    def _check_all(self) -> None:
-        for state in list(self.slides.values()):
-            self._maybe_commit(state)
+    def _progress(self, state: SlideState) -> None:
+        for name, br in state.branches.items():
+            if br.finished or not br.complete():
+                continue
+            br.finished = True
+            if state.error is None:
+                tables, geo = (self._cell_tables if name == "cells" else self._tile_tables)(
+                    state, br)
+                self.store.write_tables(state.slide_id, tables, geo)
+                state.written = True
+            br.rows = []
+        if all(br.finished for br in state.branches.values()):
+            self._commit(state)
 
-    def _maybe_commit(self, state: SlideState) -> None:
-        if state.expected and not state.complete():
-            return
+    def _cell_tables(self, state: SlideState, br: BranchState) -> tuple[dict, dict]:
+        sid = state.slide_id
+        cells = sorted(br.rows, key=lambda c: (c["y"], c["x"]))
+        for i, c in enumerate(cells):
+            c.update(slide_id=sid, cell_id=i, model_codes=list(self.model_codes))
+        state.n_cells = len(cells)
+        return {"cells": cells, "differentials": self._differential(sid, cells)}, \
+            cells_to_geojson(cells)
+
+    def _tile_tables(self, state: SlideState, br: BranchState) -> tuple[dict, None]:
+        sid = state.slide_id
+        tiles = sorted(br.rows, key=lambda t: (t["y"], t["x"]))
+        value = slide_cellularity([t["cellular_px"] for t in tiles], [t["fat_px"] for t in tiles])
+        tables = {
+            "tiles": [{k: v for k, v in t.items() if k not in ("cellular_px", "fat_px")}
+                      | {"slide_id": sid} for t in tiles],
+            "cellularity": [{"slide_id": sid, "method": "image_analysis",
+                             "cellularity_mean": value, "cellularity_sd": None, "n_bags": None,
+                             "bag_size": None, "n_tiles": len(tiles)}]}
+        if self.mil is not None and tiles and tiles[0]["embedding"] is not None:
+            from engine.models.mil import predict_bags
+
+            emb = np.asarray([t["embedding"] for t in tiles], np.float32)
+            pred = predict_bags(self.mil, emb, *self.mil_bags)
+            tables["cellularity"].append({
+                "slide_id": sid, "method": "abmil",
+                "cellularity_mean": float(pred.mean[0]) * 100,
+                "cellularity_sd": float(pred.sd[0]) * 100, "n_bags": pred.n_bags,
+                "bag_size": pred.bag_size, "n_tiles": len(tiles)})
+        return tables, None
+
+    def _commit(self, state: SlideState) -> None:
         del self.slides[state.slide_id]
         sid = state.slide_id
-        status = {"slide_id": sid, "uri": state.uri, "started_at": state.started,
+        header = next(br.header for br in state.branches.values())
+        row = dict(header["slide"])
+        row["inventoried_at"] = dt.datetime.fromisoformat(row["inventoried_at"])
+        status = {"slide_id": sid, "uri": row["uri"], "started_at": state.started,
                   "engine_version": engine.__version__, "config_hash": self.config_hash,
                   "stages": self.stages_run, "skipped_stages": self.stages_skipped}
-        tables: dict = {"slides": [state.slide_row]}
-        geo = None
         if state.error:
+            if state.written:  # one branch finished before another failed
+                self.store.discard(sid)
             status.update(status="failed", error_type=state.error[0],
                           error_message=state.error[1], n_tiles=None, n_cells=None)
         else:
-            cells = sorted(state.cells, key=lambda c: (c["y"], c["x"]))
-            for i, c in enumerate(cells):
-                c.update(slide_id=sid, cell_id=i, model_codes=list(self.model_codes))
-            if "cells" in state.expected:
-                tables["cells"] = cells
-                tables["differentials"] = self._differential(sid, cells)
-                geo = cells_to_geojson(cells)
-            if "tiles" in state.expected:
-                tiles = sorted(state.tiles, key=lambda t: (t["y"], t["x"]))
-                value = slide_cellularity([t["cellular_px"] for t in tiles],
-                                          [t["fat_px"] for t in tiles])
-                tables["tiles"] = [{k: v for k, v in t.items()
-                                    if k not in ("cellular_px", "fat_px")} | {"slide_id": sid}
-                                   for t in tiles]
-                tables["cellularity"] = [{"slide_id": sid, "method": "image_analysis",
-                                          "cellularity_mean": value, "cellularity_sd": None,
-                                          "n_bags": None, "bag_size": None,
-                                          "n_tiles": len(tiles)}]
-                if self.mil is not None and tiles and tiles[0]["embedding"] is not None:
-                    from engine.models.mil import predict_bags
-
-                    emb = np.asarray([t["embedding"] for t in tiles], np.float32)
-                    pred = predict_bags(self.mil, emb, *self.mil_bags)
-                    tables["cellularity"].append({
-                        "slide_id": sid, "method": "abmil",
-                        "cellularity_mean": float(pred.mean[0]) * 100,
-                        "cellularity_sd": float(pred.sd[0]) * 100, "n_bags": pred.n_bags,
-                        "bag_size": pred.bag_size, "n_tiles": len(tiles)})
             status.update(status="ok", error_type=None, error_message=None,
-                          n_tiles=sum(state.expected.values()), n_cells=len(cells))
+                          n_tiles=sum(br.n_tasks for br in state.branches.values()),
+                          n_cells=state.n_cells)
         finished = utcnow()
         status.update(finished_at=finished, seconds=round(time.time() - state.t0, 3))
-        self.store.commit(sid, tables, status, geo)
+        self.store.commit(sid, {"slides": [row]}, status)
         self.summary.append(status)
         self.log(f"slide {sid}: {status['status']}"
                  + (f" ({status['error_type']})" if state.error else "")

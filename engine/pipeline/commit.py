@@ -67,12 +67,25 @@ class OutputStore:
     def write_json(self, folder: str, name: str, doc: dict) -> None:
         write_bytes(self.uri(folder, name), json.dumps(doc).encode(), self.storage)
 
-    def commit(self, slide_id: str, tables: dict[str, list[dict] | pa.Table],
-               status_row: dict, geojson: dict | None = None) -> None:
-        """Write a slide's tables, then its status row last (the commit)."""
+    def write_tables(self, slide_id: str, tables: dict[str, list[dict] | pa.Table],
+                     geojson: dict | None = None) -> None:
+        """Write some of a slide's tables; they count only once the slide commits."""
         for table in DATA_TABLES:
             if table in tables:
                 self.write_table(table, slide_id, tables[table])
         if geojson is not None:
             self.write_json("geojson", f"{slide_id}.geojson", geojson)
+
+    def discard(self, slide_id: str) -> None:
+        """Delete an uncommitted slide's tables (it failed after some were written)."""
+        base = self.path.rstrip("/")
+        for path in [f"{base}/{t}/{slide_id}.parquet" for t in DATA_TABLES] + \
+                [f"{base}/geojson/{slide_id}.geojson"]:
+            if self.fs.exists(path):
+                self.fs.rm(path)
+
+    def commit(self, slide_id: str, tables: dict[str, list[dict] | pa.Table],
+               status_row: dict, geojson: dict | None = None) -> None:
+        """Write a slide's tables, then its status row last (the commit)."""
+        self.write_tables(slide_id, tables, geojson)
         self.write_table(STATUS_TABLE, slide_id, [status_row])

@@ -1,14 +1,16 @@
-"""``process_slides`` on Ray Data: plan slides on workers, stream tiles through CPU readers and
-model actors, assemble and commit each slide on the driver.
+"""``process_slides`` on Ray Data: two streams over the slides, one per branch, each planning
+slides on workers and streaming tiles through CPU actors and model actors; the driver assembles
+and commits each slide when both have delivered it.
 
-    entries ─► PlanSlide (map) ─► cell tasks ─► DetectCells (CPU) ─► ClassifyCells (actors) ─┐
-                              └─► tile tasks ─► ReadTiles (CPU)  ─► EncodeTiles (actors)  ─┴► Aggregator
+    entries ─► PlanTasks(cells) ─► DetectCells (CPU) ─► ClassifyCells (model) ─┐
+    entries ─► PlanTasks(tiles) ─► ReadTiles (CPU)   ─► EncodeTiles (model)  ─┴► Aggregator
 """
 
 from __future__ import annotations
 
-import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,8 +23,7 @@ from engine.config import Config
 from engine.models import MissingWeights, create_model
 from engine.pipeline.aggregate import Aggregator
 from engine.pipeline.commit import OutputStore
-from engine.pipeline.steps import (ClassifyCells, DetectCells, EncodeTiles, PlanSlide, ReadTiles,
-                                   cell_tasks, tile_tasks)
+from engine.pipeline.steps import ClassifyCells, DetectCells, EncodeTiles, PlanTasks, ReadTiles
 from engine.schema import slide_id_for
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import FileEntry
@@ -45,13 +46,15 @@ class RunMetrics:
     the ``_t_<stage>`` columns), items and actors. ``utilisation`` = busy / (actors x phase wall);
     the stage nearest 1 bounds its branch."""
 
-    wall: dict[str, float] = field(default_factory=dict)       # plan, cells, tiles
+    wall: dict[str, float] = field(default_factory=dict)       # cells, tiles (concurrent)
     first: dict[str, float] = field(default_factory=dict)      # branch -> s to its first batch
-    busy: dict[str, float] = field(default_factory=dict)       # detect, classify, read, encode
+    busy: dict[str, float] = field(default_factory=dict)       # plan_<branch>, detect, classify,
+    #                                                            read, encode
     items: dict[str, int] = field(default_factory=dict)        # cell_tiles, cells, tiles
     actors: dict[str, int] = field(default_factory=dict)
     phase: dict[str, str] = field(default_factory=dict)        # stage -> its branch
     _started: dict[str, float] = field(default_factory=dict, repr=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add_wall(self, phase: str, seconds: float) -> None:
         self.wall[phase] = self.wall.get(phase, 0.0) + seconds
@@ -61,8 +64,8 @@ class RunMetrics:
             if key.startswith("_t_"):
                 self.busy[key[3:]] = self.busy.get(key[3:], 0.0) + float(np.sum(values))
 
-    def count(self, name: str, n: int) -> None:
-        self.items[name] = self.items.get(name, 0) + int(n)
+    def count(self, name: str, n: float) -> None:
+        self.items[name] = self.items.get(name, 0) + n
 
     def utilisation(self) -> dict[str, float]:
         return {s: round(b / max(self.actors.get(s, 1), 1) / self.wall[self.phase[s]], 3)
@@ -96,7 +99,8 @@ class RunMetrics:
     def as_dict(self) -> dict:
         return {"wall_s": {k: round(v, 2) for k, v in self.wall.items()},
                 "busy_s": {k: round(v, 2) for k, v in self.busy.items()},
-                "items": dict(self.items), "actors": dict(self.actors),
+                "items": {k: round(v) for k, v in self.items.items()},
+                "actors": dict(self.actors),
                 "utilisation": self.utilisation(), "startup_share": self.startup_share(),
                 "bounding_stage": self.bounding()}
 
@@ -150,13 +154,110 @@ def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
     return plan
 
 
+@dataclass
+class Resources:
+    """Actor pools of both branches, sized so that all their minimums fit the cluster at once
+    (two datasets run side by side and neither knows of the other)."""
+
+    plan: dict[str, int]        # branch -> planning actors (0 CPUs: short, bursty work)
+    readers: dict[str, int]     # branch -> CPU actors (detection, or reading + area masks)
+    cpu: float                  # CPUs per CPU actor, and per model actor without GPUs
+    gpu: dict[str, float]       # branch -> GPUs per model actor (0 without GPUs)
+    models: dict[str, int]      # branch -> model actors
+
+
+def plan_resources(cpus: int, gpus: float, pc, branches: tuple[str, ...],
+                   encoder: bool, n_slides: int) -> Resources:
+    """CPU actors take what the model actors leave: on a GPU node all but one CPU (the
+    driver's); both branches split them by ``pipeline.cells_cpu_share``. On a small CPU-only
+    machine, where one actor per pool would not fit, every actor asks for a fraction of a CPU.
+    Model actors on one GPU share it."""
+    models = {b: 0 for b in branches}
+    if "cells" in branches:
+        models["cells"] = pc.classifier.concurrency
+    if "tiles" in branches and encoder:
+        models["tiles"] = pc.encoder.concurrency
+    n_models = sum(models.values())
+    total = pc.read_concurrency or max(len(branches), cpus - (1 if gpus else n_models))
+    total = max(total, len(branches))
+    readers = {b: total for b in branches}
+    if len(branches) == 2:
+        readers["cells"] = min(total - 1, max(1, round(total * pc.cells_cpu_share)))
+        readers["tiles"] = total - readers["cells"]
+    needed = total + (0 if gpus else n_models)
+    cpu = min(1.0, cpus / max(needed, 1))
+    gpu = {}
+    for b in branches:
+        want = (pc.classifier if b == "cells" else pc.encoder).num_gpus
+        gpu[b] = min(want, gpus / max(n_models, 1)) if gpus else 0.0
+    plan = {b: max(1, min(n_slides, readers[b] // 2)) for b in branches}
+    return Resources(plan, readers, cpu, gpu, models)
+
+
 def _actors(n: int) -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(size=max(1, n))
 
 
 def _chunks(items: list, n: int):
-    for i in range(0, len(items), max(n, 1)):
+    n = n if n > 0 else max(len(items), 1)
+    for i in range(0, len(items), n):
         yield items[i : i + n]
+
+
+def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverrides,
+                   res: Resources, encoder: bool, allow_untrained: bool) -> ray.data.Dataset:
+    """One branch's stream: plan each slide, expand its tasks, then CPU and model actors.
+
+        cells: PlanTasks ─► DetectCells (CPU) ─► ClassifyCells (model)
+        tiles: PlanTasks ─► ReadTiles (CPU)   ─► EncodeTiles (model, when it has weights)
+    """
+    pc = cfg.pipeline
+    ds = ray.data.from_items(items).flat_map(
+        PlanTasks, fn_constructor_args=(cfg, mpp, branch), compute=_actors(res.plan[branch]),
+        num_cpus=0)
+    model_cpus = 0 if res.gpu[branch] else res.cpu
+    if branch == "cells":
+        c = pc.classifier
+        return (ds.map_batches(DetectCells, fn_constructor_args=(cfg,),
+                               batch_size=pc.read_batch_size,
+                               compute=_actors(res.readers[branch]), num_cpus=res.cpu)
+                .map_batches(ClassifyCells,
+                             fn_constructor_args=(c.model, c.checkpoint, allow_untrained, c.tta,
+                                                  cfg.storage, c.compile),
+                             batch_size=c.batch_size, compute=_actors(c.concurrency),
+                             num_gpus=res.gpu[branch], num_cpus=model_cpus))
+    e = pc.encoder
+    ds = ds.map_batches(ReadTiles, fn_constructor_args=(cfg, encoder, pc.read_threads),
+                        batch_size=pc.read_batch_size * 4, compute=_actors(res.readers[branch]),
+                        num_cpus=res.cpu)
+    if encoder:
+        ds = ds.map_batches(EncodeTiles, fn_constructor_args=(
+            e.model, e.checkpoint, allow_untrained, cfg.storage, e.compile),
+            batch_size=e.batch_size, compute=_actors(e.concurrency),
+            num_gpus=res.gpu[branch], num_cpus=model_cpus)
+    return ds
+
+
+def _consume(branch: str, ds: ray.data.Dataset, agg: Aggregator, metrics: RunMetrics,
+             stop: threading.Event) -> None:
+    t0 = time.perf_counter()
+    add = agg.add_cells if branch == "cells" else agg.add_tiles
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        if stop.is_set():  # the other branch failed: leave, which shuts this stream down
+            break
+        with metrics.lock:
+            metrics.first_batch(branch, t0)
+            metrics.add_batch(batch)
+            if branch == "cells":
+                # a task's rows may span batches: each counts 1 / the rows of its task
+                share = 1.0 / np.maximum(batch["n_in_task"], 1)
+                metrics.count("cell_tiles", float(np.sum(share[batch["task"] >= 0])))
+                metrics.count("cells", np.isin(batch["kind"], (KIND_CELL, KIND_PLATELET)).sum())
+            else:
+                metrics.count("tiles", int(np.sum(batch["task"] >= 0)))
+        add(batch)
+    with metrics.lock:
+        metrics.add_wall(branch, time.perf_counter() - t0)
 
 
 def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOverrides,
@@ -164,7 +265,10 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                  metrics: RunMetrics | None = None) -> list[dict]:
     """Process every entry not yet committed under ``output``; returns the new status rows.
 
-    ``metrics``, when given, is filled with where the time went (``RunMetrics``)."""
+    Each branch (cells, tiles) is one dataset over the pending slides (or over each
+    ``pipeline.slides_per_chunk`` of them), so its model actors load once; both run at once,
+    each consumed on its own thread into one ``Aggregator``. ``metrics``, when given, is filled
+    with where the time went (``RunMetrics``)."""
     metrics = metrics if metrics is not None else RunMetrics()
     stages = resolve_stages(cfg, allow_untrained)
     for name, why in stages.skipped.items():
@@ -177,79 +281,37 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     pending = [e for e in entries if slide_id_for(e.uri) not in done]
     log(f"{len(entries)} slide(s): {len(entries) - len(pending)} already committed, "
         f"{len(pending)} to process")
+    pc = cfg.pipeline
+    branches = tuple(b for b in ("cells", "tiles") if b in pc.stages)
     agg = Aggregator(store, cfg.hash(), stages.run, sorted(stages.skipped), stages.model_codes,
-                     cfg.pipeline.min_nucleated, log, mil=stages.mil,
-                     mil_bags=(cfg.pipeline.cellularity_bags, cfg.pipeline.cellularity_bag_size))
-    if not pending:
+                     pc.min_nucleated, branches, log, mil=stages.mil,
+                     mil_bags=(pc.cellularity_bags, pc.cellularity_bag_size))
+    if not pending or not branches:
         return agg.summary
     if not ray.is_initialized():
         ray.init()  # joins the cluster under `ray job submit`, else starts a local one
     resources = ray.cluster_resources()
-    gpus = resources.get("GPU", 0) > 0
-    cpus = int(resources.get("CPU", 1))
-    pc = cfg.pipeline
-    readers = pc.read_concurrency or max(1, cpus - 1)
-    metrics.actors.update(detect=readers, read=readers, classify=pc.classifier.concurrency,
-                          encode=pc.encoder.concurrency)
-    metrics.phase.update(detect="cells", classify="cells", read="tiles", encode="tiles")
+    res = plan_resources(int(resources.get("CPU", 1)), resources.get("GPU", 0), pc, branches,
+                         stages.encoder, min(len(pending), pc.slides_per_chunk or len(pending)))
+    for b in branches:
+        cpu_stage, model_stage = ("detect", "classify") if b == "cells" else ("read", "encode")
+        metrics.actors.update({f"plan_{b}": res.plan[b], cpu_stage: res.readers[b],
+                               model_stage: res.models[b]})
+        metrics.phase.update({f"plan_{b}": b, cpu_stage: b, model_stage: b})
+    stop = threading.Event()
     for chunk in _chunks(pending, pc.slides_per_chunk):
         items = [{"uri": e.uri, "size": e.size, "etag": e.etag} for e in chunk]
-        t0 = time.perf_counter()
-        planned = (ray.data.from_items(items)
-                   .map(PlanSlide, fn_constructor_args=(cfg, mpp),
-                        compute=_actors(min(len(items), readers)), num_cpus=1)
-                   .take_all())
-        ctasks, ttasks = [], []
-        for row in planned:
-            plan = json.loads(row["plan"])
-            n = {}
-            if plan["status"] == "ok":
-                if "cells" in plan["plans"]:
-                    ct = cell_tasks(row["slide_id"], row["uri"], plan)
-                    ctasks += ct
-                    n["cells"] = len(ct)
-                if "tiles" in plan["plans"]:
-                    tt = tile_tasks(row["slide_id"], row["uri"], plan)
-                    ttasks += tt
-                    n["tiles"] = len(tt)
-            agg.add_plan(row["slide_id"], row["uri"], plan, n)
-        metrics.add_wall("plan", time.perf_counter() - t0)
-        if ctasks:
-            t0 = time.perf_counter()
-            metrics.count("cell_tiles", len(ctasks))
-            c = pc.classifier
-            ds = (ray.data.from_items(ctasks)
-                  .map_batches(DetectCells, fn_constructor_args=(cfg,),
-                               batch_size=pc.read_batch_size, compute=_actors(readers), num_cpus=1)
-                  .map_batches(ClassifyCells,
-                               fn_constructor_args=(c.model, c.checkpoint, allow_untrained,
-                                                    c.tta, cfg.storage, c.compile),
-                               batch_size=c.batch_size, compute=_actors(c.concurrency),
-                               num_gpus=c.num_gpus if gpus else 0,
-                               num_cpus=0 if gpus else 1))
-            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-                metrics.first_batch("cells", t0)
-                metrics.add_batch(batch)
-                metrics.count("cells", np.isin(batch["kind"], (KIND_CELL, KIND_PLATELET)).sum())
-                agg.add_cells(batch)
-            metrics.add_wall("cells", time.perf_counter() - t0)
-        if ttasks:
-            t0 = time.perf_counter()
-            e = pc.encoder
-            ds = ray.data.from_items(ttasks).map_batches(
-                ReadTiles, fn_constructor_args=(cfg, stages.encoder, pc.read_threads),
-                batch_size=pc.read_batch_size * 4, compute=_actors(readers), num_cpus=1)
-            if stages.encoder:
-                ds = ds.map_batches(EncodeTiles, fn_constructor_args=(
-                    e.model, e.checkpoint, allow_untrained, cfg.storage, e.compile),
-                    batch_size=e.batch_size, compute=_actors(e.concurrency),
-                    num_gpus=e.num_gpus if gpus else 0, num_cpus=0 if gpus else 1)
-            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-                metrics.first_batch("tiles", t0)
-                metrics.add_batch(batch)
-                metrics.count("tiles", len(batch["task"]))
-                agg.add_tiles(batch)
-            metrics.add_wall("tiles", time.perf_counter() - t0)
-        if agg.slides:  # every task reported, so nothing may remain open
-            raise RuntimeError(f"slides left uncommitted: {sorted(agg.slides)}")
+        with ThreadPoolExecutor(len(branches), thread_name_prefix="branch") as pool:
+            futures = [pool.submit(_consume, b, branch_dataset(b, items, cfg, mpp, res,
+                                                              stages.encoder, allow_untrained),
+                                   agg, metrics, stop) for b in branches]
+            for f in as_completed(futures):
+                if f.exception() is not None:
+                    stop.set()
+            for f in futures:
+                f.result()  # re-raise the first failure, once both threads have ended
+        seen = {slide_id_for(e.uri) for e in chunk}
+        left = sorted(agg.slides) + sorted(seen - {s["slide_id"] for s in agg.summary})
+        if left:  # every task reported, so nothing may remain open
+            raise RuntimeError(f"slides left uncommitted: {sorted(set(left))}")
     return agg.summary

@@ -100,9 +100,11 @@ class PlanSlide:
     other exceptions are bugs and propagate.
     """
 
-    def __init__(self, cfg: Config, mpp: MppOverrides | None = None):
+    def __init__(self, cfg: Config, mpp: MppOverrides | None = None,
+                 stages: tuple[str, ...] | None = None):
         self.cfg = cfg
         self.mpp = mpp or MppOverrides()
+        self.stages = tuple(stages or cfg.pipeline.stages)
 
     def __call__(self, row: dict) -> dict:
         entry = FileEntry(row["uri"], row.get("size"), row.get("etag"))
@@ -134,7 +136,7 @@ class PlanSlide:
         mask_scale = (info.width / thumb.shape[1], info.height / thumb.shape[0])
         mask = compute_tissue_mask(thumb, mpp * mask_scale[0], cfg.tissue)
         plans = {}
-        stages = cfg.pipeline.stages
+        stages = self.stages
         if "cells" in stages:
             tc = cfg.cell_tiles
             p = plan_tiles(info.dimensions, info.level_downsamples, mpp, tc, mask,
@@ -162,25 +164,73 @@ class PlanSlide:
 def cell_tasks(slide_id: str, uri: str, plan: dict) -> list[dict]:
     """One task row per cell tile of a planned slide."""
     p = plan["plans"]["cells"]
-    common = {"slide_id": slide_id, "uri": uri, "level": p["level"], "read_px": p["read_px"],
-              "tile_px": p["tile_px"], "tile_mpp": p["mpp"], "mpp0": plan["mpp0"],
-              "stride": p["stride"], "overlap": p["overlap"], "grid_nx": p["grid"][0],
-              "grid_ny": p["grid"][1], "threshold": p["threshold"], "width": plan["width"],
-              "height": plan["height"]}
-    return [{**common, "task": i, "x": x, "y": y} for i, (x, y) in enumerate(zip(p["x"], p["y"]))]
+    common = {"slide_id": slide_id, "uri": uri, "level": int(p["level"]),
+              "read_px": int(p["read_px"]), "tile_px": int(p["tile_px"]),
+              "tile_mpp": float(p["mpp"]), "mpp0": float(plan["mpp0"]),
+              "stride": float(p["stride"]), "overlap": float(p["overlap"]),
+              "grid_nx": int(p["grid"][0]), "grid_ny": int(p["grid"][1]),
+              "threshold": float(p["threshold"]), "width": int(plan["width"]),
+              "height": int(plan["height"])}
+    return [{**common, "task": i, "x": int(x), "y": int(y)}
+            for i, (x, y) in enumerate(zip(p["x"], p["y"]))]
 
 
 def tile_tasks(slide_id: str, uri: str, plan: dict) -> list[dict]:
     p = plan["plans"]["tiles"]
-    return [{"slide_id": slide_id, "uri": uri, "task": i, "x": x, "y": y, "level": p["level"],
-             "read_px": p["read_px"], "tile_px": p["tile_px"], "tile_mpp": p["mpp"],
-             "tissue_fraction": f, "stains": np.asarray(p["stains"], np.float32).ravel(),
-             "nucleus_h_od": p["nucleus_h_od"]}
+    return [{"slide_id": slide_id, "uri": uri, "task": i, "x": int(x), "y": int(y),
+             "level": int(p["level"]), "read_px": int(p["read_px"]),
+             "tile_px": int(p["tile_px"]), "tile_mpp": float(p["mpp"]),
+             "tissue_fraction": float(f), "stains": np.asarray(p["stains"], np.float32).ravel(),
+             "nucleus_h_od": float(p["nucleus_h_od"])}
             for i, (x, y, f) in enumerate(zip(p["x"], p["y"], p["tissue_fraction"]))]
 
 
+# the task row of a slide with no tasks (failed, or no tissue): same columns, task -1
+_NO_TASK = {
+    "cells": {"level": 0, "read_px": 0, "tile_px": 0, "tile_mpp": 0.0, "mpp0": 0.0,
+              "stride": 0.0, "overlap": 0.0, "grid_nx": 0, "grid_ny": 0, "threshold": 0.0,
+              "width": 0, "height": 0, "task": -1, "x": 0, "y": 0},
+    "tiles": {"task": -1, "x": 0, "y": 0, "level": 0, "read_px": 0, "tile_px": 0,
+              "tile_mpp": 0.0, "tissue_fraction": 0.0, "nucleus_h_od": 0.0}}
+
+
+class PlanTasks:
+    """Plan one slide for one branch (``cells`` or ``tiles``) and expand it into that branch's
+    task rows (a ``flat_map`` step), so slides stream through one dataset per branch and its
+    actors live for the whole run.
+
+    Every row carries ``n_tasks`` (the slide's tasks in this branch); the first also carries
+    ``header``, the plan as JSON without its coordinates (inventory row, status, error). A slide
+    that failed or has no tissue gives one row with ``task = -1``, which later steps pass
+    through, so the driver learns of every slide from the stream itself.
+    """
+
+    def __init__(self, cfg: Config, mpp: MppOverrides | None, branch: str):
+        self.branch = branch
+        self.plan = PlanSlide(cfg, mpp, stages=(branch,))
+
+    def __call__(self, row: dict) -> list[dict]:
+        t0 = time.perf_counter()
+        planned = self.plan(row)
+        sid, uri, plan = planned["slide_id"], planned["uri"], json.loads(planned["plan"])
+        tasks = []
+        if plan["status"] == "ok" and self.branch in plan["plans"]:
+            tasks = (cell_tasks if self.branch == "cells" else tile_tasks)(sid, uri, plan)
+        n = len(tasks)
+        if not tasks:
+            tasks = [{"slide_id": sid, "uri": uri, **_NO_TASK[self.branch]}]
+            if self.branch == "tiles":
+                tasks[0]["stains"] = np.zeros(6, np.float32)
+        busy = (time.perf_counter() - t0) / len(tasks)
+        header = json.dumps({k: v for k, v in plan.items() if k != "plans"})
+        for i, t in enumerate(tasks):
+            t.update(n_tasks=n, header=header if i == 0 else "",
+                     **{f"_t_plan_{self.branch}": busy})
+        return tasks
+
+
 _CELL_COLUMNS = ("slide_id", "task", "n_in_task", "x", "y", "x0", "y0", "x1", "y1", "area_um2",
-                 "kind", "at_edge", "error_type", "error_message")
+                 "kind", "at_edge", "error_type", "error_message", "n_tasks", "header")
 
 
 class DetectCells:
@@ -199,40 +249,56 @@ class DetectCells:
         t0 = time.perf_counter()
         rows: list[dict] = []
         crops: list[np.ndarray] = []
+        carried = [k for k in batch if k.startswith("_t_")]  # earlier stages' busy time
         for i in range(len(batch["task"])):
             t = {k: batch[k][i] for k in batch}
-            try:
-                reader = self.readers.get(str(t["uri"]))
-                tile = read_tile(reader, t["level"], t["x"], t["y"], t["read_px"], t["tile_px"])
-            except SlideError as err:
-                rows.append(self._marker(t, "error", type(err).__name__, str(err)))
-                crops.append(np.zeros((CROP_PX, CROP_PX, 3), np.uint8))
-                continue
-            det = detect_cells(tile, float(t["tile_mpp"]), float(t["threshold"]), self.cfg.cells)
-            f = float(t["tile_mpp"]) / float(t["mpp0"])  # level-0 px per tile px
-            cx, cy = t["x"] + det.x * f, t["y"] + det.y * f
-            own = owned_by_tile(cx, cy, int(t["x"]), int(t["y"]), float(t["stride"]),
-                                float(t["overlap"]), (int(t["grid_nx"]), int(t["grid_ny"])))
-            idx = np.flatnonzero(own)
-            if not len(idx):
-                rows.append(self._marker(t, "none"))
-                crops.append(np.zeros((CROP_PX, CROP_PX, 3), np.uint8))
-                continue
-            half = CROP_PX / 2 * f
-            for j in idx:
-                crop, _ = crop_around(tile, det.x[j], det.y[j], CROP_PX)
-                at_edge = bool(cx[j] - half < 0 or cy[j] - half < 0 or
-                               cx[j] + half > t["width"] or cy[j] + half > t["height"])
-                rows.append({"slide_id": t["slide_id"], "task": t["task"], "n_in_task": len(idx),
-                             "x": cx[j], "y": cy[j], "x0": t["x"] + det.x0[j] * f,
-                             "y0": t["y"] + det.y0[j] * f, "x1": t["x"] + det.x1[j] * f,
-                             "y1": t["y"] + det.y1[j] * f, "area_um2": det.area_um2[j],
-                             "kind": det.kind[j], "at_edge": at_edge, "error_type": "",
-                             "error_message": ""})
-                crops.append(crop)
-        out = {k: np.asarray([r[k] for r in rows]) for k in _CELL_COLUMNS}
+            first = len(rows)
+            self._task(t, rows, crops)
+            for r in rows[first:]:
+                r["n_tasks"] = int(t.get("n_tasks", 0))
+            # the task's header and busy times go on its first row only, so sums stay right
+            rows[first].update(header=t.get("header", ""), **{k: t[k] for k in carried})
+        out = {k: np.asarray([r.get(k, "" if k == "header" else 0) for r in rows])
+               for k in (*_CELL_COLUMNS, *carried)}
         out["crop"] = np.stack(crops) if crops else np.zeros((0, CROP_PX, CROP_PX, 3), np.uint8)
         return stamp(out, "detect", t0)
+
+    def _task(self, t: dict, rows: list[dict], crops: list[np.ndarray]) -> None:
+        """Append one task's rows and crops (at least one row)."""
+        blank = np.zeros((CROP_PX, CROP_PX, 3), np.uint8)
+        if int(t["task"]) < 0:  # a slide without tasks: its header passes through
+            rows.append(self._marker(t, "none"))
+            crops.append(blank)
+            return
+        try:
+            reader = self.readers.get(str(t["uri"]))
+            tile = read_tile(reader, t["level"], t["x"], t["y"], t["read_px"], t["tile_px"])
+        except SlideError as err:
+            rows.append(self._marker(t, "error", type(err).__name__, str(err)))
+            crops.append(blank)
+            return
+        det = detect_cells(tile, float(t["tile_mpp"]), float(t["threshold"]), self.cfg.cells)
+        f = float(t["tile_mpp"]) / float(t["mpp0"])  # level-0 px per tile px
+        cx, cy = t["x"] + det.x * f, t["y"] + det.y * f
+        own = owned_by_tile(cx, cy, int(t["x"]), int(t["y"]), float(t["stride"]),
+                            float(t["overlap"]), (int(t["grid_nx"]), int(t["grid_ny"])))
+        idx = np.flatnonzero(own)
+        if not len(idx):
+            rows.append(self._marker(t, "none"))
+            crops.append(blank)
+            return
+        half = CROP_PX / 2 * f
+        for j in idx:
+            crop, _ = crop_around(tile, det.x[j], det.y[j], CROP_PX)
+            at_edge = bool(cx[j] - half < 0 or cy[j] - half < 0 or
+                           cx[j] + half > t["width"] or cy[j] + half > t["height"])
+            rows.append({"slide_id": t["slide_id"], "task": t["task"], "n_in_task": len(idx),
+                         "x": cx[j], "y": cy[j], "x0": t["x"] + det.x0[j] * f,
+                         "y0": t["y"] + det.y0[j] * f, "x1": t["x"] + det.x1[j] * f,
+                         "y1": t["y"] + det.y1[j] * f, "area_um2": det.area_um2[j],
+                         "kind": det.kind[j], "at_edge": at_edge, "error_type": "",
+                         "error_message": ""})
+            crops.append(crop)
 
     @staticmethod
     def _marker(t: dict, kind: str, error_type: str = "", message: str = "") -> dict:
@@ -283,10 +349,13 @@ class ReadTiles:
 
         self.readers = ReaderCache(cfg)
         self.keep_pixels = keep_pixels
+        self.tile_px = cfg.tiles.tile_px
         self._pool = ThreadPoolExecutor(threads)
 
     def _one(self, batch: dict, i: int):
         size = int(batch["tile_px"][i])
+        if int(batch["task"][i]) < 0:  # a slide without tiles: its header passes through
+            return np.zeros((self.tile_px,) * 2 + (3,), np.uint8), 0, 0, "", ""
         try:
             reader = self.readers.get(str(batch["uri"][i]))
             tile = read_tile(reader, batch["level"][i], batch["x"][i], batch["y"][i],
@@ -307,7 +376,8 @@ class ReadTiles:
         batch.update(cellular_px=np.asarray(cellular, np.int64), fat_px=np.asarray(fat, np.int64),
                      error_type=np.asarray(errors), error_message=np.asarray(messages))
         if self.keep_pixels:
-            batch["image"] = np.stack(images)
+            batch["image"] = np.stack(images) if images else \
+                np.zeros((0, self.tile_px, self.tile_px, 3), np.uint8)
         return stamp(batch, "read", t0)
 
 
@@ -324,5 +394,6 @@ class EncodeTiles:
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
+        # header rows of slides without tiles hold a blank image: one wasted row per such slide
         batch["embedding"] = self.predictor.embed(batch.pop("image"))
         return stamp(batch, "encode", t0)

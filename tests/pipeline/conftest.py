@@ -39,7 +39,7 @@ def archive(tmp_path_factory, smear_slide):
     return root
 
 
-def tiny_config(tmp_path, chunk=16):
+def tiny_config(tmp_path, chunk=0):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_CONFIG.format(chunk=chunk))
     return str(path)

@@ -1,4 +1,5 @@
-"""SIGKILL the driver at a random moment; the rerun completes with every slide exactly once."""
+"""SIGKILL the driver at a random moment, with some slides' tables written but not committed; the
+rerun completes with every slide exactly once."""
 
 import os
 import random
@@ -12,15 +13,20 @@ import polars as pl
 import pytest
 
 from tests.conftest import ROOT
-from tests.pipeline.conftest import tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-N_SLIDES = 6
+N_SLIDES = 8
+CONFIG = """
+pipeline:
+  read_batch_size: 1
+  classifier: {model: deepheme-tiny, batch_size: 4}
+  encoder: {model: dinov2-tiny, batch_size: 4}
+"""
 
 
 def _job(inp, out, cfg):
     return [sys.executable, "-m", "jobs.process_slides", "--input", str(inp), "--output",
-            str(out), "--config", cfg, "--allow-untrained"]
+            str(out), "--config", str(cfg), "--allow-untrained"]
 
 
 def test_sigkill_then_rerun_writes_every_slide_exactly_once(smear_slide, tmp_path):
@@ -28,16 +34,18 @@ def test_sigkill_then_rerun_writes_every_slide_exactly_once(smear_slide, tmp_pat
     inp.mkdir()
     for i in range(N_SLIDES):
         shutil.copy(smear_slide, inp / f"smear-{i}.tif")
-    out, cfg = tmp_path / "out", tiny_config(tmp_path, chunk=1)
+    out = tmp_path / "out"
+    cfg = tmp_path / "small-batches.yaml"  # slides then complete one by one, not in bursts
+    cfg.write_text(CONFIG)
     proc = subprocess.Popen(_job(inp, out, cfg), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 240
+        # kill once k slides have some branch's tables written (written before the commit)
+        k, deadline = random.randint(1, N_SLIDES - 2), time.time() + 240
         while time.time() < deadline and proc.poll() is None:
-            if len(list((out / "slide_status").glob("*.parquet"))) >= 1:
+            if len(list((out / "cells").glob("*.parquet"))) >= k:
                 break
-            time.sleep(0.2)
-        time.sleep(random.uniform(0.0, 2.0))  # somewhere in the middle of the run
+            time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, no cleanup
         proc.wait()
@@ -54,5 +62,5 @@ def test_sigkill_then_rerun_writes_every_slide_exactly_once(smear_slide, tmp_pat
         assert sorted(ids) == sorted(status["slide_id"]), table
     cells = pl.read_parquet(f"{out}/cells/*.parquet")
     assert cells.select("slide_id", "cell_id").is_duplicated().sum() == 0
-    # the same slide content under six names: each found the same number of cells, once
+    # the same slide content under eight names: each found the same number of cells, once
     assert cells.group_by("slide_id").len()["len"].n_unique() == 1

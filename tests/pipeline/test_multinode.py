@@ -1,5 +1,6 @@
 """A Ray cluster of three nodes on this machine, started as separate processes with `ray start`:
-a head that takes no work and two 2-CPU worker nodes. process_slides runs over 30 slides; one
+a head that takes no work and two 4-CPU worker nodes (either can host every actor of both
+branches, as an autoscaler's replacement node would). process_slides runs over 30 slides; one
 worker node's processes (its raylet and everything under it) are SIGKILLed mid-run. The job, or a
 rerun on the surviving node, must leave every slide's rows exactly once."""
 
@@ -20,7 +21,6 @@ RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 N_SLIDES = 30
 CONFIG = """
 pipeline:
-  slides_per_chunk: 10
   read_concurrency: 1
   classifier: {model: deepheme-tiny, batch_size: 64}
   encoder: {model: dinov2-tiny, batch_size: 16}
@@ -86,7 +86,7 @@ def test_killing_a_worker_node_loses_nothing(slides, tmp_path):
     assert head.returncode == 0, head.stderr
     try:
         for port in (node1, free_port()):
-            w = subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
+            w = subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=4",
                                 f"--node-manager-port={port}", *common], **run)
             assert w.returncode == 0, w.stderr
         cfg = tmp_path / "cfg.yaml"

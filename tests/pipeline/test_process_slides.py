@@ -24,14 +24,34 @@ def ray_local():
     ray.shutdown()
 
 
+def _actor_classes() -> dict[str, str]:
+    import ray
+
+    return {k: v["ActorClassName"] for k, v in ray._private.state.actors().items()}
+
+
 @pytest.fixture(scope="module")
-def run_out(ray_local, archive, tmp_path_factory):
+def actors_started(ray_local):
+    return {}
+
+
+@pytest.fixture(scope="module")
+def run_out(ray_local, archive, tmp_path_factory, actors_started):
     tmp = tmp_path_factory.mktemp("run")
     out = tmp / "out"
+    before = _actor_classes()
     code = process_slides.main(["--input", str(archive), "--output", str(out), "--config",
                                 tiny_config(tmp), "--allow-untrained"])
     assert code == 0
+    actors_started.update({k: v for k, v in _actor_classes().items() if k not in before})
     return out
+
+
+def test_model_actors_load_once_for_the_whole_archive(run_out, actors_started):
+    """Both branches stream all seven slides: one actor per model for the run, not per chunk."""
+    started = sorted(actors_started.values())
+    for step in ("ClassifyCells", "EncodeTiles", "DetectCells", "ReadTiles"):
+        assert started.count(f"MapWorker(MapBatches({step}))") == 1, started
 
 
 def test_every_slide_gets_a_status_with_its_reason(run_out):

@@ -1,0 +1,105 @@
+"""The driver-side Aggregator and the resource plan, without Ray: branch streams deliver rows in
+any order, a slide commits once when both are complete, and a slide that fails in one branch
+after the other branch wrote its tables leaves nothing but its failed status."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from engine.config import Config, PipelineConfig, StorageConfig
+from engine.pipeline.aggregate import Aggregator
+from engine.pipeline.commit import OutputStore
+from engine.pipeline.run import plan_resources
+
+CODES = ("L2", "M6")
+
+
+def _header(sid: str, status: str = "ok", error: tuple[str, str] = ("", "")) -> str:
+    slide = {"slide_id": sid, "uri": f"/x/{sid}.svs", "status": status,
+             "inventoried_at": "2026-11-23T00:00:00+00:00"}
+    return json.dumps({"slide": slide, "status": status, "error_type": error[0] or None,
+                       "error_message": error[1] or None})
+
+
+def _cells(sid: str, tasks: list[int], n_tasks: int, header: str = "") -> dict:
+    n = len(tasks)
+    return {"slide_id": np.array([sid] * n), "task": np.array(tasks),
+            "n_tasks": np.full(n, n_tasks), "header": np.array([header] + [""] * (n - 1)),
+            "kind": np.array(["nucleated"] * n), "n_in_task": np.ones(n, int),
+            **{k: np.full(n, 10.0) for k in ("x", "y", "x0", "y0", "x1", "y1", "area_um2")},
+            "at_edge": np.zeros(n, bool), "class_code": np.array(["L2"] * n),
+            "class_prob": np.full(n, 0.9), "probabilities": np.full((n, 2), 0.5),
+            "error_type": np.array([""] * n), "error_message": np.array([""] * n)}
+
+
+def _tiles(sid: str, tasks: list[int], n_tasks: int, header: str = "",
+           error: str = "") -> dict:
+    n = len(tasks)
+    return {"slide_id": np.array([sid] * n), "task": np.array(tasks),
+            "n_tasks": np.full(n, n_tasks), "header": np.array([header] + [""] * (n - 1)),
+            "x": np.arange(n) * 224, "y": np.zeros(n, int), "tile_mpp": np.full(n, 2.0),
+            "tile_px": np.full(n, 224), "tissue_fraction": np.ones(n),
+            "cellular_px": np.full(n, 1000), "fat_px": np.full(n, 1000),
+            "error_type": np.array([error] * n), "error_message": np.array(["bad tile"] * n)}
+
+
+@pytest.fixture()
+def agg(tmp_path):
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    return Aggregator(store, "hash", ["cells", "tiles"], [], CODES, 1, ("cells", "tiles"),
+                      log=lambda *_: None), tmp_path / "out"
+
+
+def test_commits_once_when_both_branches_are_complete(agg):
+    a, out = agg
+    a.add_tiles(_tiles("s1", [1], 2))                  # before its header: nothing happens
+    a.add_cells(_cells("s1", [0, 1, 2], 3, _header("s1")))
+    assert (out / "cells" / "s1.parquet").exists()     # the cells branch wrote its tables
+    assert not (out / "slide_status").exists()         # but the slide is not committed
+    a.add_tiles(_tiles("s1", [0], 2, _header("s1")))
+    assert [s["status"] for s in a.summary] == ["ok"] and not a.slides
+    st = pl.read_parquet(out / "slide_status" / "s1.parquet")
+    assert st["n_cells"][0] == 3 and st["n_tiles"][0] == 5
+    assert len(pl.read_parquet(out / "tiles" / "s1.parquet")) == 2
+    assert pl.read_parquet(out / "cellularity" / "s1.parquet")["cellularity_mean"][0] == 50
+
+
+def test_failure_in_one_branch_discards_the_others_tables(agg):
+    a, out = agg
+    a.add_cells(_cells("s2", [0], 1, _header("s2")))
+    assert (out / "cells" / "s2.parquet").exists()
+    a.add_tiles(_tiles("s2", [0], 1, _header("s2"), error="SlideCorrupt"))
+    st = pl.read_parquet(out / "slide_status" / "s2.parquet")
+    assert st["status"][0] == "failed" and st["error_type"][0] == "SlideCorrupt"
+    for table in ("cells", "differentials", "tiles", "cellularity"):
+        assert not (out / table / "s2.parquet").exists(), table
+    assert (out / "slides" / "s2.parquet").exists()
+
+
+def test_a_failed_plan_needs_only_its_header_rows(agg):
+    a, out = agg
+    h = _header("s3", "failed", ("SlideUnsupported", "not a slide file (.txt)"))
+    a.add_cells(_cells("s3", [-1], 0, h))
+    assert not a.summary
+    a.add_tiles(_tiles("s3", [-1], 0, h))
+    assert a.summary[0]["error_type"] == "SlideUnsupported" and not a.slides
+
+
+@pytest.mark.parametrize("cpus,gpus,cpu,readers,gpu", [
+    (2, 0, 0.5, {"cells": 1, "tiles": 1}, {"cells": 0.0, "tiles": 0.0}),   # this machine
+    (16, 1, 1.0, {"cells": 8, "tiles": 7}, {"cells": 0.5, "tiles": 0.5}),  # one GPU shared
+    (64, 8, 1.0, {"cells": 32, "tiles": 31}, {"cells": 1.0, "tiles": 1.0}),
+])
+def test_resource_plan_fits_both_branches(cpus, gpus, cpu, readers, gpu):
+    res = plan_resources(cpus, gpus, PipelineConfig(), ("cells", "tiles"), True, 100)
+    assert (res.cpu, res.readers, res.gpu) == (cpu, readers, gpu)
+    cpu_actors = sum(res.readers.values()) + (0 if gpus else sum(res.models.values()))
+    assert cpu_actors * res.cpu <= cpus
+    assert sum(res.gpu[b] * res.models[b] for b in res.models) <= max(gpus, 0)
+
+
+def test_one_branch_keeps_the_whole_machine():
+    res = plan_resources(2, 0, Config().pipeline, ("cells",), True, 5)
+    assert res.readers == {"cells": 1} and res.cpu == 1.0 and res.plan == {"cells": 1}
