@@ -1,6 +1,8 @@
 """Nucleated-cell detection on Romanowsky-stained smear tiles, tile ownership, and crops.
 
-Pure numpy + scipy.ndimage. Touching nuclei are split around distance-transform peaks. Wright-Giemsa / May-Grünwald-Giemsa stain nuclei blue-purple and red
+numpy and scipy.ndimage, with OpenCV for the whole-tile resampling and morphology (the same
+results as scipy.ndimage's, several times faster). Touching nuclei are split around
+distance-transform peaks. Wright-Giemsa / May-Grünwald-Giemsa stain nuclei blue-purple and red
 cells pink, so ``blue - red`` separates nuclei from red cells and glass. The threshold is set once
 per slide (Otsu over sampled tiles, clamped), not per tile: a tile with no white cell must not
 find one in its red cells.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -68,6 +71,32 @@ def _disk(r: float) -> np.ndarray:
     return xx * xx + yy * yy <= r * r
 
 
+_SQUARE2 = np.ones((2, 2), np.uint8)
+
+
+def _open2(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_opening(mask, np.ones((2, 2)))``: scipy's origin for an even structure is
+    its second row and column for the erosion and, reflected, its first for the dilation."""
+    m = cv2.erode(mask.view(np.uint8), _SQUARE2, anchor=(1, 1),
+                  borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.dilate(m, _SQUARE2, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT,
+                      borderValue=0).view(bool)
+
+
+def _close(mask: np.ndarray, disk: np.ndarray) -> np.ndarray:
+    """``ndi.binary_closing(mask, disk, border_value=0)`` for a symmetric, odd ``disk``."""
+    k = disk.astype(np.uint8)
+    m = cv2.dilate(mask.view(np.uint8), k, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.erode(m, k, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
+
+
+def _zoom(score: np.ndarray, zoom: float) -> np.ndarray:
+    """``ndi.zoom(score, zoom, order=1, grid_mode=True, mode="nearest")``: bilinear on pixel
+    centres, edges repeated."""
+    h, w = (int(round(n * zoom)) for n in score.shape)
+    return cv2.resize(score, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
 def _split(blob: np.ndarray, min_distance_px: float) -> np.ndarray:
     """Label map splitting one binary blob into cells around the peaks of its distance
     transform (peaks closer than ``min_distance_px`` are one cell)."""
@@ -113,13 +142,11 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
     score = stain_score(tile)
     zoom = tile_mpp / cfg.work_mpp
     if abs(zoom - 1) > 1e-3:
-        score = ndi.zoom(score, zoom, order=1, grid_mode=True, mode="nearest")
+        score = _zoom(score, zoom)
     mpp = tile_mpp / zoom if zoom else tile_mpp
     px_area = mpp * mpp
-    nuclei = score > threshold
-    nuclei = ndi.binary_opening(nuclei, structure=np.ones((2, 2), bool))
-    merged = ndi.binary_closing(nuclei, structure=_disk(cfg.merge_um / mpp), border_value=0)
-    merged = fill_small_holes(merged | nuclei)
+    nuclei = _open2(score > threshold)
+    merged = fill_small_holes(_close(nuclei, _disk(cfg.merge_um / mpp)) | nuclei)
     labels, n = ndi.label(merged, structure=np.ones((3, 3), bool))
     out = {k: [] for k in ("x", "y", "x0", "y0", "x1", "y1", "area_um2", "kind")}
     slices = ndi.find_objects(labels)

@@ -144,3 +144,26 @@ def test_match_centroids_is_one_to_one():
     xs, ys = np.array([5.0, 6.0, 25.0, 99.0]), np.array([5.0, 5.0, 5.0, 5.0])
     matched, missed, extra = match_centroids(xs, ys, boxes)
     assert matched == 2 and missed == [2] and extra == [1, 3]  # a second hit in a box is extra
+
+
+def test_opencv_morphology_and_zoom_match_scipy():
+    """The detector's OpenCV calls reproduce scipy.ndimage's (anchors of the even 2x2 opening,
+    zero borders, pixel-centre bilinear zoom), so detections do not move."""
+    from scipy import ndimage as ndi
+
+    from engine.cells import _close, _disk, _open2, _zoom
+
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        h, w = rng.integers(50, 300, 2)
+        m = ndi.gaussian_filter(rng.random((h, w)), 2) > 0.5
+        m[0] |= rng.random(w) > 0.5  # objects on the border
+        assert (_open2(m) == ndi.binary_opening(m, structure=np.ones((2, 2), bool))).all()
+        for r in (1, 3, 5):
+            assert (_close(m, _disk(r)) ==
+                    ndi.binary_closing(m, structure=_disk(r), border_value=0)).all()
+        s = (rng.random((h, w)) * 255 - 100).astype(np.float32)
+        for z in (0.5, 0.4, 0.8):
+            ref = ndi.zoom(s, z, order=1, grid_mode=True, mode="nearest")
+            assert _zoom(s, z).shape == ref.shape
+            assert np.abs(_zoom(s, z) - ref).max() < 1e-3

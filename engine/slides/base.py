@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import cv2
 import numpy as np
 
 # Microscope pixel sizes live well inside this range; TIFF resolution tags outside it are
@@ -90,8 +91,9 @@ def composite_rgba(rgba: np.ndarray, background=(255, 255, 255)) -> np.ndarray:
     Fully transparent pixels are areas the scanner never imaged; they become the slide's background
     colour, as OpenSlide documents, not invented tissue.
     """
-    if rgba[..., 3].min() == 255:  # the common case: fully scanned, nothing to blend
-        return np.ascontiguousarray(rgba[..., :3])
+    rgba = np.ascontiguousarray(rgba)
+    if cv2.extractChannel(rgba, 3).min() == 255:  # the common case: nothing to blend
+        return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)  # a copy, several times np's speed
     rgb = rgba[..., :3].astype(np.uint16)
     alpha = rgba[..., 3:4].astype(np.uint16)
     bg = np.asarray(background, np.uint16)
