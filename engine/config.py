@@ -184,7 +184,8 @@ class PipelineConfig:
         cells_cpu_share: share of the CPU actors given to cell detection when both branches
             run (the rest read encoder tiles).
         read_batch_size: tile tasks per read batch on CPU workers.
-        read_concurrency: CPU read workers (None: as many as the cluster has CPUs).
+        read_concurrency: CPU actors of both branches together, detection and tile reading
+            (None: as many as the cluster has CPUs, less one for the driver on a GPU node).
         read_threads: threads per read worker for encoder tiles; more than 1 pays only where
             storage latency dominates (S3), since measuring tiles holds the GIL.
         min_nucleated: below this many nucleated cells a differential is flagged.

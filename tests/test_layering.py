@@ -19,6 +19,7 @@ RULES = {
     "engine.models": ["ray", "openslide", "pyvips", "engine.slides"],
     "engine.train.cell_classifier": ["ray", "openslide", "pyvips", "engine.slides"],
     "engine.train.evaluation": ["ray", "openslide", "pyvips", "engine.slides"],
+    "engine.train.calibration": ["ray", "openslide", "pyvips", "engine.slides"],
 }
 
 

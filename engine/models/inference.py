@@ -67,6 +67,16 @@ class Predictor:
             return self.forward(self.preprocess(images)).float()
 
     @torch.inference_mode()
+    def view_logits(self, images, tta: bool = False) -> torch.Tensor:
+        """Logits ``(V, B, C) float32`` of each view: the crop alone, or with ``tta`` its 8
+        rotations/flips."""
+        x = self.preprocess(images)
+        views = [x] if not tta else [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3))
+                                     for k in range(4)]
+        with self._autocast():
+            return torch.stack([self.forward(v).float() for v in views])
+
+    @torch.inference_mode()
     def predict(self, images, tta: bool = False) -> np.ndarray:
         """Class probabilities ``(B, C) float32`` in ``model.class_codes`` order.
 
@@ -75,14 +85,7 @@ class Predictor:
         """
         if self.model.spec.task != "classification":
             raise ValueError(f"{self.model.spec.name} is an encoder; use embed()")
-        x = self.preprocess(images)
-        views = [x] if not tta else [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3))
-                                     for k in range(4)]
-        probs = 0
-        with self._autocast():
-            for v in views:
-                probs = probs + torch.softmax(self.forward(v).float(), dim=1)
-        return (probs / len(views)).cpu().numpy()
+        return torch.softmax(self.view_logits(images, tta), dim=2).mean(0).cpu().numpy()
 
     @torch.inference_mode()
     def embed(self, images) -> np.ndarray:

@@ -44,7 +44,8 @@ class StagePlan:
 class RunMetrics:
     """Where a run's time went: wall seconds per phase and, per stage, summed busy seconds (from
     the ``_t_<stage>`` columns), items and actors. ``utilisation`` = busy / (actors x phase wall);
-    the stage nearest 1 bounds its branch."""
+    the stage nearest 1 bounds its branch. ``actors`` are each pool's starting size: a CPU pool
+    that grew once the other branch finished can show more than 1."""
 
     wall: dict[str, float] = field(default_factory=dict)       # cells, tiles (concurrent)
     first: dict[str, float] = field(default_factory=dict)      # branch -> s to its first batch
@@ -194,8 +195,12 @@ def plan_resources(cpus: int, gpus: float, pc, branches: tuple[str, ...],
     return Resources(plan, readers, cpu, gpu, models)
 
 
-def _actors(n: int) -> ray.data.ActorPoolStrategy:
-    return ray.data.ActorPoolStrategy(size=max(1, n))
+def _actors(n: int, grow_to: int | None = None) -> ray.data.ActorPoolStrategy:
+    """A pool of ``n`` actors; with ``grow_to``, one that may grow to that many when CPUs come
+    free (the other branch has finished and its actors are gone)."""
+    if not grow_to or grow_to <= n:
+        return ray.data.ActorPoolStrategy(size=max(1, n))
+    return ray.data.ActorPoolStrategy(min_size=max(1, n), max_size=grow_to)
 
 
 def _chunks(items: list, n: int):
@@ -212,6 +217,7 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
         tiles: PlanTasks ─► ReadTiles (CPU)   ─► EncodeTiles (model, when it has weights)
     """
     pc = cfg.pipeline
+    grow = sum(res.readers.values())  # a branch left alone takes the other's CPUs
     ds = ray.data.from_items(items).flat_map(
         PlanTasks, fn_constructor_args=(cfg, mpp, branch), compute=_actors(res.plan[branch]),
         num_cpus=0)
@@ -220,7 +226,7 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
         c = pc.classifier
         return (ds.map_batches(DetectCells, fn_constructor_args=(cfg,),
                                batch_size=pc.read_batch_size,
-                               compute=_actors(res.readers[branch]), num_cpus=res.cpu)
+                               compute=_actors(res.readers[branch], grow), num_cpus=res.cpu)
                 .map_batches(ClassifyCells,
                              fn_constructor_args=(c.model, c.checkpoint, allow_untrained, c.tta,
                                                   cfg.storage, c.compile),
@@ -228,8 +234,8 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
                              num_gpus=res.gpu[branch], num_cpus=model_cpus))
     e = pc.encoder
     ds = ds.map_batches(ReadTiles, fn_constructor_args=(cfg, encoder, pc.read_threads),
-                        batch_size=pc.read_batch_size * 4, compute=_actors(res.readers[branch]),
-                        num_cpus=res.cpu)
+                        batch_size=pc.read_batch_size * 4,
+                        compute=_actors(res.readers[branch], grow), num_cpus=res.cpu)
     if encoder:
         ds = ds.map_batches(EncodeTiles, fn_constructor_args=(
             e.model, e.checkpoint, allow_untrained, cfg.storage, e.compile),

@@ -50,8 +50,10 @@ def run_out(ray_local, archive, tmp_path_factory, actors_started):
 def test_model_actors_load_once_for_the_whole_archive(run_out, actors_started):
     """Both branches stream all seven slides: one actor per model for the run, not per chunk."""
     started = sorted(actors_started.values())
-    for step in ("ClassifyCells", "EncodeTiles", "DetectCells", "ReadTiles"):
+    for step in ("ClassifyCells", "EncodeTiles"):
         assert started.count(f"MapWorker(MapBatches({step}))") == 1, started
+    for step in ("DetectCells", "ReadTiles"):  # one each, or two where a pool grew into the
+        assert 1 <= started.count(f"MapWorker(MapBatches({step}))") <= 2, started  # freed CPU
 
 
 def test_every_slide_gets_a_status_with_its_reason(run_out):
