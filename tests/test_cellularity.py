@@ -112,3 +112,26 @@ def test_abmil_on_synthetic_slides_reaches_r2(embedded_marrow):
     r2 = r2_score(truth[20:], pred)
     print(f"ABMIL on 10 held-out synthetic slides: R2 {r2:.3f}")
     assert r2 >= 0.9, (r2, np.round(truth[20:], 2), np.round(pred, 2))
+
+
+def test_opencv_masks_match_scipy():
+    """Component sizes and the reach of nuclei, by OpenCV, give scipy.ndimage's masks."""
+    import cv2
+    from scipy import ndimage as ndi
+
+    from engine.cellularity import _components_at_least
+
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        m = ndi.gaussian_filter(rng.random((224, 224)), 1.5) > 0.5
+        for min_px in (5, 50, 400):
+            labels, n = ndi.label(m)
+            keep = np.bincount(labels.ravel(), minlength=n + 1) >= min_px
+            keep[0] = False
+            assert (_components_at_least(m, min_px) == keep[labels]).all()
+        nuclei = rng.random((224, 224)) > 0.995
+        for half in (1, 3, 5):
+            ref = ndi.distance_transform_cdt(~nuclei, metric="chessboard") <= half
+            got = cv2.dilate(nuclei.view(np.uint8), np.ones((2 * half + 1,) * 2, np.uint8),
+                             borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
+            assert (got == ref).all()
