@@ -98,60 +98,61 @@ class Aggregator:
         return state, br
 
     def add_cells(self, batch: dict) -> None:
+        self._intake("cells", batch, self._cell_row)
+
+    def add_tiles(self, batch: dict) -> None:
+        self._intake("tiles", batch, self._tile_row)
+
+    def _intake(self, branch: str, batch: dict, take) -> None:
+        """Route each row of a branch's batch to its slide (``take`` handles task rows; rows of
+        slides without tasks only bring the header), then commit what is complete."""
         with self._lock:
             touched = {}
             for i in range(len(batch["task"])):
                 sid = str(batch["slide_id"][i])
-                state, br = self._branch(sid, "cells", batch["n_tasks"][i], batch["header"][i])
+                state, br = self._branch(sid, branch, batch["n_tasks"][i], batch["header"][i])
                 touched[sid] = state
-                task, kind = int(batch["task"][i]), str(batch["kind"][i])
-                if task < 0:
-                    continue
-                if kind == "error":
-                    state.fail(str(batch["error_type"][i]), str(batch["error_message"][i]))
-                if kind in ("error", "none"):
-                    br.done.add(task)
-                    continue
-                br.rows.append({
-                    "x": float(batch["x"][i]), "y": float(batch["y"][i]),
-                    "x0": float(batch["x0"][i]), "y0": float(batch["y0"][i]),
-                    "x1": float(batch["x1"][i]), "y1": float(batch["y1"][i]),
-                    "area_um2": float(batch["area_um2"][i]), "kind": kind,
-                    "at_edge": bool(batch["at_edge"][i]),
-                    "class_code": str(batch["class_code"][i]),
-                    "class_prob": float(batch["class_prob"][i]),
-                    "probabilities": batch["probabilities"][i].astype(np.float32).tolist()})
-                br.received[task] += 1
-                if br.received[task] >= int(batch["n_in_task"][i]):
-                    br.done.add(task)
+                if int(batch["task"][i]) >= 0:
+                    take(batch, i, state, br)
             for state in touched.values():
                 self._progress(state)
 
-    def add_tiles(self, batch: dict) -> None:
-        with self._lock:
-            touched = {}
-            for i in range(len(batch["task"])):
-                sid = str(batch["slide_id"][i])
-                state, br = self._branch(sid, "tiles", batch["n_tasks"][i], batch["header"][i])
-                touched[sid] = state
-                if int(batch["task"][i]) < 0:
-                    continue
-                err = str(batch["error_type"][i])
-                if err:
-                    state.fail(err, str(batch["error_message"][i]))
-                px = int(batch["tile_px"][i]) ** 2
-                br.rows.append({
-                    "x": int(batch["x"][i]), "y": int(batch["y"][i]),
-                    "mpp": float(batch["tile_mpp"][i]), "tile_px": int(batch["tile_px"][i]),
-                    "tissue_fraction": float(batch["tissue_fraction"][i]),
-                    "nuclear_fraction": float(batch["cellular_px"][i]) / px,
-                    "cellular_px": int(batch["cellular_px"][i]),
-                    "fat_px": int(batch["fat_px"][i]),
-                    "embedding": batch["embedding"][i].astype(np.float32).tolist()
-                    if "embedding" in batch else None})
-                br.done.add(int(batch["task"][i]))
-            for state in touched.values():
-                self._progress(state)
+    @staticmethod
+    def _cell_row(batch: dict, i: int, state: SlideState, br: BranchState) -> None:
+        task, kind = int(batch["task"][i]), str(batch["kind"][i])
+        if kind == "error":
+            state.fail(str(batch["error_type"][i]), str(batch["error_message"][i]))
+        if kind in ("error", "none"):
+            br.done.add(task)
+            return
+        br.rows.append({
+            "x": float(batch["x"][i]), "y": float(batch["y"][i]),
+            "x0": float(batch["x0"][i]), "y0": float(batch["y0"][i]),
+            "x1": float(batch["x1"][i]), "y1": float(batch["y1"][i]),
+            "area_um2": float(batch["area_um2"][i]), "kind": kind,
+            "at_edge": bool(batch["at_edge"][i]),
+            "class_code": str(batch["class_code"][i]),
+            "class_prob": float(batch["class_prob"][i]),
+            "probabilities": batch["probabilities"][i].astype(np.float32).tolist()})
+        br.received[task] += 1
+        if br.received[task] >= int(batch["n_in_task"][i]):
+            br.done.add(task)
+
+    @staticmethod
+    def _tile_row(batch: dict, i: int, state: SlideState, br: BranchState) -> None:
+        err = str(batch["error_type"][i])
+        if err:
+            state.fail(err, str(batch["error_message"][i]))
+        px = int(batch["tile_px"][i]) ** 2
+        br.rows.append({
+            "x": int(batch["x"][i]), "y": int(batch["y"][i]),
+            "mpp": float(batch["tile_mpp"][i]), "tile_px": int(batch["tile_px"][i]),
+            "tissue_fraction": float(batch["tissue_fraction"][i]),
+            "nuclear_fraction": float(batch["cellular_px"][i]) / px,
+            "cellular_px": int(batch["cellular_px"][i]), "fat_px": int(batch["fat_px"][i]),
+            "embedding": batch["embedding"][i].astype(np.float32).tolist()
+            if "embedding" in batch else None})
+        br.done.add(int(batch["task"][i]))
 
     # ---- commit -------------------------------------------------------------------------
     def _progress(self, state: SlideState) -> None:

@@ -191,7 +191,8 @@ _NO_TASK = {
               "stride": 0.0, "overlap": 0.0, "grid_nx": 0, "grid_ny": 0, "threshold": 0.0,
               "width": 0, "height": 0, "task": -1, "x": 0, "y": 0},
     "tiles": {"task": -1, "x": 0, "y": 0, "level": 0, "read_px": 0, "tile_px": 0,
-              "tile_mpp": 0.0, "tissue_fraction": 0.0, "nucleus_h_od": 0.0}}
+              "tile_mpp": 0.0, "tissue_fraction": 0.0, "nucleus_h_od": 0.0,
+              "stains": np.zeros(6, np.float32)}}
 
 
 class PlanTasks:
@@ -219,8 +220,6 @@ class PlanTasks:
         n = len(tasks)
         if not tasks:
             tasks = [{"slide_id": sid, "uri": uri, **_NO_TASK[self.branch]}]
-            if self.branch == "tiles":
-                tasks[0]["stains"] = np.zeros(6, np.float32)
         busy = (time.perf_counter() - t0) / len(tasks)
         header = json.dumps({k: v for k, v in plan.items() if k != "plans"})
         for i, t in enumerate(tasks):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from sklearn.metrics import f1_score
 
 from engine.models.factory import LoadedModel
 from engine.models.inference import Predictor
@@ -37,14 +38,10 @@ def probabilities(view_logits: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return torch.softmax(z, dim=2).mean(0).numpy()
 
 
-def macro_f1(y: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
-    pred = probs.argmax(1)
-    f1 = []
-    for c in range(n_classes):
-        tp = np.sum((pred == c) & (y == c))
-        denom = np.sum(pred == c) + np.sum(y == c)
-        f1.append(2 * tp / denom if denom else 0.0)
-    return float(np.mean(f1))
+def macro_f1(y: np.ndarray, probs: np.ndarray) -> float:
+    """Macro F1 over the classes present in ``y``, as ``classification_metrics`` reports it."""
+    return float(f1_score(y, probs.argmax(1), labels=np.unique(y), average="macro",
+                          zero_division=0))
 
 
 def fit_offsets(view_logits: np.ndarray, y: np.ndarray, rounds: int = 3,
@@ -57,14 +54,14 @@ def fit_offsets(view_logits: np.ndarray, y: np.ndarray, rounds: int = 3,
     n = view_logits.shape[2]
     min_gain = 2.0 / max(len(y), 1) if min_gain is None else min_gain
     offsets = np.zeros(n)
-    best = macro_f1(y, probabilities(view_logits, offsets), n)
+    best = macro_f1(y, probabilities(view_logits, offsets))
     for _ in range(rounds):
         changed = False
         for c in range(n):
             for value in sorted(grid, key=abs):
                 trial = offsets.copy()
                 trial[c] = value
-                score = macro_f1(y, probabilities(view_logits, trial), n)
+                score = macro_f1(y, probabilities(view_logits, trial))
                 if score > best + min_gain:
                     best, offsets, changed = score, trial, True
         if not changed:
@@ -88,9 +85,11 @@ def calibrate(model: LoadedModel, images: np.ndarray, y: np.ndarray, tta: bool =
     codes = list(model.class_codes)
     before = classification_metrics(y, probabilities(logits, np.zeros(len(codes))), codes)
     after = classification_metrics(y, probabilities(logits, offsets), codes)
-    keep = ("accuracy", "macro_f1", "classes_precision_recall_above_0_8", "n")
-    per_class = lambda m: {c: {k: round(v[k], 4) for k in ("precision", "recall")}  # noqa: E731
-                           for c, v in m["per_class"].items()}
     return {"offsets": {c: round(float(o), 2) for c, o in zip(codes, offsets)},
-            "val_before": {k: before[k] for k in keep} | {"per_class": per_class(before)},
-            "val_after": {k: after[k] for k in keep} | {"per_class": per_class(after)}}
+            "val_before": _summary(before), "val_after": _summary(after)}
+
+
+def _summary(m: dict) -> dict:
+    keep = ("accuracy", "macro_f1", "classes_precision_recall_above_0_8", "n")
+    return {k: m[k] for k in keep} | {"per_class": {
+        c: {k: round(v[k], 4) for k in ("precision", "recall")} for c, v in m["per_class"].items()}}

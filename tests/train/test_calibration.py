@@ -19,9 +19,9 @@ def test_offsets_recover_a_shifted_class_boundary():
     y = rng.integers(0, 3, 900)
     logits = rng.normal(0, 1, (1, 900, 3)) + 2.5 * np.eye(3)[y][None]
     logits[..., 1] -= 1.5  # class 1 under-called, as a badly placed boundary would do
-    before = macro_f1(y, probabilities(logits, np.zeros(3)), 3)
+    before = macro_f1(y, probabilities(logits, np.zeros(3)))
     offsets = fit_offsets(logits, y)
-    after = macro_f1(y, probabilities(logits, offsets), 3)
+    after = macro_f1(y, probabilities(logits, offsets))
     assert after > before + 0.05
     assert offsets[1] - max(offsets[0], offsets[2]) > 0.8  # class 1 raised against the others
 
