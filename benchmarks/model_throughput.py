@@ -2,9 +2,15 @@
 bf16 + channels_last, and bf16 + channels_last + torch.compile (the baseline is fp32, same run).
 
     python benchmarks/model_throughput.py [--models deepheme-resnext50 dinov2-vits14] [--batch 256]
+        [--pipeline-steps]
 
 The 'nanoGPT bench' switch: inputs are random tensors already on the device, so this is the
 model's ceiling; pipeline_e2e compares the whole job against it.
+
+``--pipeline-steps`` also times the pipeline's model step (ClassifyCells, EncodeTiles) called as
+Ray Data calls it: uint8 numpy batches in host memory, half of them ragged (1..batch rows, as
+at block ends), crops mixed with marker rows; with the default padding of batches to a
+multiple of 32 rows and without it (``bucket 0``), against bf16 + channels_last alone.
 """
 
 from __future__ import annotations
@@ -36,6 +42,45 @@ def bench(module, x, steps: int, amp: bool, warmup: int = 3) -> float:
     return steps * x.shape[0] / (time.time() - t)
 
 
+def bench_step(name: str, batch: int, steps: int, bucket: int, seed: int = 0) -> dict:
+    """Rows/s of the pipeline step for ``name`` on host uint8 batches (see the module doc)."""
+    import numpy as np
+
+    from engine.cells import KIND_CELL
+    from engine.models import get_spec
+    from engine.pipeline.steps import ClassifyCells, EncodeTiles
+
+    spec = get_spec(name)
+    rng = np.random.default_rng(seed)
+    px = spec.input_px
+    pool = [rng.integers(0, 256, (batch, px, px, 3), dtype=np.uint8) for _ in range(4)]
+    classify = spec.task == "classification"
+    t0 = time.perf_counter()
+    step = (ClassifyCells(name, None, allow_untrained=True, batch_size=batch) if classify
+            else EncodeTiles(name, None, allow_untrained=True, batch_size=batch))
+    step.predictor.bucket = bucket
+    start_s = time.perf_counter() - t0
+
+    def one(i: int) -> int:
+        n = batch if i % 2 else int(rng.integers(1, batch + 1))
+        b = {"task": np.zeros(n, np.int64)}
+        if classify:
+            b["crop"] = pool[i % 4][:n]
+            b["kind"] = np.where(rng.random(n) < 0.05, "marker", KIND_CELL)
+        else:
+            b["image"] = pool[i % 4][:n]
+        step(b)
+        return n
+
+    one(0)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    rows = sum(one(i) for i in range(1, steps + 1))
+    torch.cuda.synchronize()
+    return {"bucket": bucket, "actor_start_s": round(start_s, 2),
+            "rows_per_s": round(rows / (time.perf_counter() - t))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,6 +88,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--pipeline-steps", action="store_true",
+                   help="also time the pipeline's model steps on host uint8 batches")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("model_throughput needs a CUDA device")
@@ -71,6 +118,11 @@ def main() -> None:
             torch.cuda.empty_cache()
         row["best_vs_fp32"] = round(max(v for k, v in row.items() if k.endswith("per_s"))
                                     / row["fp32_images_per_s"], 2)
+        if args.pipeline_steps:
+            alone = row["bf16_channels_last_images_per_s"]
+            row["pipeline_step"] = [
+                {**r, "vs_alone": round(r["rows_per_s"] / alone, 3)}
+                for r in (bench_step(name, args.batch, 4 * args.steps, b) for b in (32, 0))]
         results.append(row)
         print(json.dumps(row), flush=True)
     gpu = torch.cuda.get_device_name(0).replace(" ", "_")

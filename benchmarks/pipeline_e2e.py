@@ -3,7 +3,7 @@ which stage bounds the run, and each model's rate in the job against the same mo
 
     python benchmarks/pipeline_e2e.py [--slides 8] [--size 16384] [--stages cells tiles]
         [--classifier deepheme-resnext50] [--encoder dinov2-vits14] [--batch 256] [--compile]
-        [--baseline-chunk 64]
+        [--baseline-chunk 64] [--baseline-set native_threads=0]
 
 Slides come from ``make_synthetic_slides`` (one slide, hard-linked N times: distinct slide ids,
 same pixels). Models run with random weights (``--allow-untrained``: speed, not accuracy, is
@@ -18,8 +18,9 @@ Two ratios per model:
 
 ``--baseline-chunk N`` first runs the same job in the same process with
 ``pipeline.slides_per_chunk`` N (the earlier default was 64: model actors restart with every chunk)
-and reports ``speedup_vs_chunked``, the ratio of slides/hour, one stream per branch over all
-slides against it.
+and reports ``speedup_vs_baseline``, the ratio of slides/hour, one stream per branch over all
+slides against it. ``--baseline-set KEY=VALUE`` (repeatable) does the same with any other
+``pipeline`` setting changed for the baseline run (VALUE is JSON, or a plain string).
 
 Writes benchmarks/results/pipeline_e2e-<hardware>-<date>.json.
 """
@@ -81,6 +82,8 @@ def main() -> None:
     p.add_argument("--work", help="folder for slides and outputs (default: a temporary one)")
     p.add_argument("--baseline-chunk", type=int, default=0,
                    help="first run the job with this many slides per chunk, as a baseline")
+    p.add_argument("--baseline-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="first run the job with this pipeline setting, as a baseline")
     args = p.parse_args()
 
     import ray
@@ -128,12 +131,12 @@ def main() -> None:
         made_s = time.perf_counter() - t
 
         ray.init(include_dashboard=False, log_to_driver=False)
-        if args.baseline_chunk:
-            chunked = cfg.replace(pipeline=dataclasses.replace(
-                cfg.pipeline, slides_per_chunk=args.baseline_chunk))
-            b_rows, b_wall, b_metrics, _ = run(slides, os.path.join(work, "out-chunked"),
-                                               chunked)
-            baseline = {"slides_per_chunk": args.baseline_chunk, "wall_s": round(b_wall, 1),
+        changed = baseline_settings(args)
+        if changed:
+            b_rows, b_wall, b_metrics, _ = run(
+                slides, os.path.join(work, "out-baseline"),
+                cfg.replace(pipeline=dataclasses.replace(cfg.pipeline, **changed)))
+            baseline = {"settings": changed, "wall_s": round(b_wall, 1),
                         "slides_per_hour": round(len(b_rows) / b_wall * 3600),
                         **b_metrics.as_dict()}
         rows, wall, metrics, peak = run(slides, os.path.join(work, "out"), cfg)
@@ -154,7 +157,7 @@ def main() -> None:
         "peak_tree_rss_mib": round(peak / 2**20), **m, "models": []}
     if baseline:
         result["baseline"] = baseline
-        result["speedup_vs_chunked"] = round(result["slides_per_hour"]
+        result["speedup_vs_baseline"] = round(result["slides_per_hour"]
                                              / baseline["slides_per_hour"], 2)
     if "tiles" in m["wall_s"]:
         result["tiles_per_s"] = round(m["items"]["tiles"] / m["wall_s"]["tiles"], 1)
@@ -177,6 +180,18 @@ def main() -> None:
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "benchmarks", "results", name), "w") as fh:
         json.dump(result, fh, indent=2)
+
+
+def baseline_settings(args) -> dict:
+    """The pipeline settings the baseline run changes (empty: no baseline run)."""
+    changed = {"slides_per_chunk": args.baseline_chunk} if args.baseline_chunk else {}
+    for item in args.baseline_set:
+        key, _, value = item.partition("=")
+        try:
+            changed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            changed[key] = value
+    return changed
 
 
 if __name__ == "__main__":

@@ -188,6 +188,8 @@ class PipelineConfig:
             (None: as many as the cluster has CPUs, less one for the driver on a GPU node).
         read_threads: threads per read worker for encoder tiles; more than 1 pays only where
             storage latency dominates (S3), since measuring tiles holds the GIL.
+        native_threads: threads OpenCV and libvips may use in each CPU actor (0: their default,
+            one per core, which oversubscribes a node full of actors).
         min_nucleated: below this many nucleated cells a differential is flagged.
         threshold_samples: tiles sampled per slide to set its stain threshold.
         cellularity_checkpoint: ABMIL regressor (``jobs.train_mil``) on the encoder's tile
@@ -200,6 +202,7 @@ class PipelineConfig:
     read_batch_size: int = 4
     read_concurrency: int | None = None
     read_threads: int = 1
+    native_threads: int = 1
     min_nucleated: int = 200
     threshold_samples: int = 12
     classifier: ModelStageConfig = field(default_factory=ModelStageConfig)

@@ -51,6 +51,12 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--mixup", type=float, default=0.0, help="mixup Beta alpha (0: off)")
     p.add_argument("--ema-decay", type=float, help="keep an EMA of the weights (e.g. 0.998)")
+    p.add_argument("--teacher", action="append", default=[],
+                   help="distil from this checkpoint (repeat for an ensemble teacher); needs the "
+                        "same architecture and class codes")
+    p.add_argument("--distill-alpha", type=float, default=0.5,
+                   help="weight of the distillation term when --teacher is given")
+    p.add_argument("--distill-temperature", type=float, default=4.0)
     p.add_argument("--lr-step-epochs", type=int, default=10, help="step decay period (x0.3)")
     p.add_argument("--max-minutes", type=float, help="stop each fold after this wall time")
     p.add_argument("--source-mpp", type=float, default=0.1,
@@ -150,7 +156,9 @@ def main(argv=None) -> int:
                              label_smoothing=args.label_smoothing, ema_decay=args.ema_decay,
                              max_steps_per_epoch=args.max_steps, seed=args.seed,
                              optimizer=args.optimizer, weight_decay=args.weight_decay,
-                             mixup_alpha=args.mixup)
+                             mixup_alpha=args.mixup,
+                             distill_alpha=args.distill_alpha if args.teacher else 0.0,
+                             distill_temperature=args.distill_temperature)
     import torch
 
     use_gpu = args.gpus or torch.cuda.is_available()
@@ -160,7 +168,7 @@ def main(argv=None) -> int:
     members: list[LoadedModel] = []
     for fold in range(args.folds):
         config = {"arch": args.arch, "class_codes": codes, "data": prepared, "fold": fold,
-                  "settings": settings_dict(settings)}
+                  "settings": settings_dict(settings), "teachers": list(args.teacher)}
         t0 = time.time()
         if args.local:
             session = LocalSession(os.path.join(out, "runs", f"fold-{fold}"))

@@ -29,6 +29,21 @@ from engine.tissue import compute_tissue_mask, with_enclosed_fat
 CROP_PX = 96  # DeepHeme input, at cell_tiles.target_mpp
 
 
+def limit_native_threads(n: int) -> None:
+    """Let OpenCV and libvips use ``n`` threads in this worker (0: their default, one per core).
+
+    The CPU actor pools are sized to the cluster's CPUs, so per-library thread pools of one
+    thread per core in every actor only oversubscribe the node.
+    """
+    if n <= 0:
+        return
+    import cv2
+    import pyvips
+
+    cv2.setNumThreads(n)
+    pyvips.concurrency_set(n)
+
+
 class ReaderCache:
     """A few open slides per worker (tiles of one slide arrive together), closed LRU-first."""
 
@@ -207,6 +222,7 @@ class PlanTasks:
     """
 
     def __init__(self, cfg: Config, mpp: MppOverrides | None, branch: str):
+        limit_native_threads(cfg.pipeline.native_threads)
         self.branch = branch
         self.plan = PlanSlide(cfg, mpp, stages=(branch,))
 
@@ -241,6 +257,7 @@ class DetectCells:
     """
 
     def __init__(self, cfg: Config):
+        limit_native_threads(cfg.pipeline.native_threads)
         self.cfg = cfg
         self.readers = ReaderCache(cfg)
 
@@ -312,13 +329,14 @@ class ClassifyCells:
     ``class_code``, ``class_prob``; drops ``crop``. Marker rows pass through unscored."""
 
     def __init__(self, model: str, checkpoint: str | None, allow_untrained: bool = False,
-                 tta: bool = False, storage=None, compile: bool = False):
+                 tta: bool = False, storage=None, compile: bool = False, batch_size: int = 0):
         from engine.models import Predictor, create_model
 
         self.model = create_model(model, checkpoint, allow_untrained=allow_untrained,
                                   class_codes=DEEPHEME_CODES,
                                   storage=storage)
         self.predictor = Predictor(self.model, compile=compile)
+        self.predictor.warmup(batch_size)  # GPU: kernels and plans at actor start, not in-stream
         self.tta = tta
 
     def __call__(self, batch: dict) -> dict:
@@ -346,6 +364,7 @@ class ReadTiles:
     def __init__(self, cfg: Config, keep_pixels: bool, threads: int = 1):
         from concurrent.futures import ThreadPoolExecutor
 
+        limit_native_threads(cfg.pipeline.native_threads)
         self.readers = ReaderCache(cfg)
         self.keep_pixels = keep_pixels
         self.tile_px = cfg.tiles.tile_px
@@ -384,12 +403,13 @@ class EncodeTiles:
     """Tile encoder (DINOv2): ``image`` -> ``embedding`` ``(B, D) float32``."""
 
     def __init__(self, model: str, checkpoint: str | None, allow_untrained: bool = False,
-                 storage=None, compile: bool = False):
+                 storage=None, compile: bool = False, batch_size: int = 0):
         from engine.models import Predictor, create_model
 
         self.predictor = Predictor(create_model(model, checkpoint,
                                                 allow_untrained=allow_untrained,
                                                 storage=storage), compile=compile)
+        self.predictor.warmup(batch_size)
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()

@@ -6,8 +6,12 @@ Images are augmented at a margin (144 px for a 96 px crop) so rotations never br
 
 from __future__ import annotations
 
-import albumentations as A
-import cv2
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import would phone PyPI otherwise
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
 import numpy as np
 
 # Ruifrok & Johnston stain vectors (haematoxylin, eosin, DAB) as rows, as in skimage.color.

@@ -48,13 +48,31 @@ def load_prepared(folder: str, fold: int):
     return images, labels, np.asarray(split["train"]), np.asarray(split["val"])
 
 
+def load_teachers(uris, arch: str, codes: list[str], device: torch.device) -> list:
+    """Frozen teacher modules on ``device``; each must score the student's codes in order."""
+    from engine.models.factory import create_model
+
+    out = []
+    for uri in uris:
+        teacher = create_model(arch, uri)
+        if list(teacher.class_codes) != list(codes):
+            raise ValueError(f"teacher {uri} scores {list(teacher.class_codes)}, the student "
+                             f"{list(codes)}: distillation needs the same codes in order")
+        module = teacher.module.to(device).eval()
+        if device.type == "cuda":
+            module = module.to(memory_format=torch.channels_last)
+        out.append(module.requires_grad_(False))
+    return out
+
+
 def train_fold(config: dict, session: Session) -> None:
     """Train one fold; reports metrics every epoch with a checkpoint folder holding the resumable
     state (``state.safetensors`` + ``state.json``) and the best weights so far
     (``best.safetensors``).
 
     ``config`` keys: ``arch`` (registry name), ``class_codes``, ``data`` (prepared folder),
-    ``fold``, ``settings`` (`TrainSettings` fields).
+    ``fold``, ``settings`` (`TrainSettings` fields), and optionally ``teachers`` (checkpoint
+    URIs with the same class codes, distilled from when ``settings.distill_alpha`` > 0).
     """
     settings = TrainSettings.from_dict(config["settings"])
     torch.manual_seed(settings.seed + session.rank)
@@ -74,6 +92,7 @@ def train_fold(config: dict, session: Session) -> None:
     optimizer = opt_cls(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.lr_step_epochs,
                                                 settings.lr_gamma)
+    teachers = load_teachers(config.get("teachers") or (), spec.name, codes, session.device)
     ema = None
     if settings.ema_decay:
         from timm.utils import ModelEmaV3
@@ -104,7 +123,7 @@ def train_fold(config: dict, session: Session) -> None:
         t0 = time.time()
         sampler.set_epoch(epoch)
         train_loss = train_one_epoch(model, train_loader, optimizer, session.device, mean, std,
-                                     settings, ema)
+                                     settings, ema, teachers)
         scheduler.step()
         scored = ema.module if ema is not None else unwrap(model)  # the weights we would ship
         val = evaluate(scored, val_loader, session.device, mean, std, codes)

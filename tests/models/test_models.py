@@ -124,3 +124,20 @@ def test_gpu_bf16_channels_last_matches_cpu():
     np.testing.assert_allclose(cpu, gpu, atol=0.1)
     compiled = Predictor(create_model("deepheme-resnext50"), "cuda", compile=True).predict(crops)
     np.testing.assert_allclose(compiled, gpu, atol=0.05)
+
+
+@pytest.mark.gpu
+def test_gpu_padded_batches_give_the_unpadded_outputs():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    crops = np.random.default_rng(5).integers(0, 255, (37, 96, 96, 3), dtype=np.uint8)
+    padded = Predictor(create_model("deepheme-resnext50"), "cuda", bucket=32)
+    plain = Predictor(create_model("deepheme-resnext50"), "cuda", bucket=0)
+    padded.warmup(64)
+    assert padded.predict(crops).shape == (37, 11)
+    np.testing.assert_allclose(padded.predict(crops), plain.predict(crops), atol=0.02)
+    np.testing.assert_allclose(padded.embed(crops), plain.embed(crops), rtol=0.05, atol=0.05)
+    tiles = np.random.default_rng(6).integers(0, 255, (5, 224, 224, 3), dtype=np.uint8)
+    enc = create_model("dinov2-vits14", allow_untrained=True)
+    np.testing.assert_allclose(Predictor(enc, "cuda", bucket=32).embed(tiles),
+                               Predictor(enc, "cuda", bucket=0).embed(tiles), rtol=0.05, atol=0.05)

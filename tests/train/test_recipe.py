@@ -148,3 +148,41 @@ def test_evaluate_embeddings_prints_probe_scores():
                            "dinov2-vits14", "--data", str(PBC)], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "no trained weights" in proc.stderr
+
+
+def test_distill_loss_is_zero_only_when_the_student_matches_the_teacher():
+    from engine.train.loop import distill_loss
+
+    logits = torch.randn(8, 5)
+    soft = torch.softmax(logits / 4, dim=1)
+    assert distill_loss(logits, soft, 4.0).abs() < 1e-5
+    assert distill_loss(torch.randn(8, 5), soft, 4.0) > 0.01
+
+
+@needs_pbc
+def test_student_distils_from_a_teacher_checkpoint(tmp_path):
+    from engine.models import create_model, write_checkpoint
+    from engine.train.cell_classifier import train_fold
+
+    codes, prepared = _prepare(tmp_path)
+    torch.manual_seed(1)
+    teacher = create_model("deepheme-tiny", allow_untrained=True, class_codes=tuple(codes))
+    card = {"name": "deepheme-tiny", "architecture": teacher.spec.architecture,
+            "class_codes": list(codes)}
+    write_checkpoint(teacher.module.state_dict(), card, str(tmp_path / "teacher.safetensors"))
+    # distillation alone (alpha 1): the student learns the teacher's soft outputs
+    settings = TrainSettings(epochs=4, batch_size=16, num_workers=0, lr=3e-3, lr_step_epochs=100,
+                             patience=100, label_smoothing=0.0, distill_alpha=1.0,
+                             distill_temperature=2.0)
+    config = {"arch": "deepheme-tiny", "class_codes": codes, "data": prepared, "fold": 0,
+              "settings": settings.__dict__, "teachers": [str(tmp_path / "teacher.safetensors")]}
+    session = LocalSession(str(tmp_path / "run"), torch.device("cpu"), log=lambda s: None)
+    train_fold(config, session)
+    losses = [h["train_loss"] for h in session.history]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    # a teacher that scores other codes is refused before training
+    write_checkpoint(teacher.module.state_dict(), {**card, "class_codes": list(reversed(codes))},
+                     str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="same codes"):
+        train_fold({**config, "teachers": [str(tmp_path / "other.safetensors")]},
+                   LocalSession(str(tmp_path / "run2"), torch.device("cpu"), log=lambda s: None))
