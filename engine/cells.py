@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from engine.config import CellDetectionConfig
-from engine.tissue import fill_small_holes, otsu_threshold
+from engine.tissue import binary_close, fill_small_holes, otsu_threshold
 
 KIND_CELL, KIND_PLATELET = "nucleated", "platelet"
 
@@ -83,13 +83,6 @@ def _open2(mask: np.ndarray) -> np.ndarray:
                       borderValue=0).view(bool)
 
 
-def _close(mask: np.ndarray, disk: np.ndarray) -> np.ndarray:
-    """``ndi.binary_closing(mask, disk, border_value=0)`` for a symmetric, odd ``disk``."""
-    k = disk.astype(np.uint8)
-    m = cv2.dilate(mask.view(np.uint8), k, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    return cv2.erode(m, k, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
-
-
 def _zoom(score: np.ndarray, zoom: float) -> np.ndarray:
     """``ndi.zoom(score, zoom, order=1, grid_mode=True, mode="nearest")``: bilinear on pixel
     centres, edges repeated."""
@@ -146,7 +139,7 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
     mpp = tile_mpp / zoom if zoom else tile_mpp
     px_area = mpp * mpp
     nuclei = _open2(score > threshold)
-    merged = fill_small_holes(_close(nuclei, _disk(cfg.merge_um / mpp)) | nuclei)
+    merged = fill_small_holes(binary_close(nuclei, _disk(cfg.merge_um / mpp)) | nuclei)
     labels, n = ndi.label(merged, structure=np.ones((3, 3), bool))
     out = {k: [] for k in ("x", "y", "x0", "y0", "x1", "y1", "area_um2", "kind")}
     slices = ndi.find_objects(labels)

@@ -181,6 +181,9 @@ class PipelineConfig:
         slides_per_chunk: slides per pair of branch streams; 0 streams every pending slide at
             once, so model actors load once per run (memory is bounded by the slides in flight
             either way). A positive number restarts the actors for every chunk.
+        max_slide_shards: at most this many ways to split one slide's tasks when the archive has
+            fewer slides than twice the CPU actors, so that every actor gets work (each shard plans
+            the slide again; 1: never split).
         cells_cpu_share: share of the CPU actors given to cell detection when both branches
             run (the rest read encoder tiles).
         read_batch_size: tile tasks per read batch on CPU workers.
@@ -198,6 +201,7 @@ class PipelineConfig:
 
     stages: tuple[str, ...] = ("cells", "tiles")
     slides_per_chunk: int = 0
+    max_slide_shards: int = 16
     cells_cpu_share: float = 0.5
     read_batch_size: int = 4
     read_concurrency: int | None = None

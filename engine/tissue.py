@@ -1,11 +1,12 @@
 """Foreground (tissue / smear) masks on thumbnails and per-tile foreground fractions.
 
-Pure numpy + scipy.ndimage. Sizes come in µm and are turned into pixels with the thumbnail's µm/px,
+numpy, scipy.ndimage and OpenCV (morphology; the same masks as scipy's, faster). Sizes come in µm and are turned into pixels with the thumbnail's µm/px,
 so the same config works for a 40× biopsy and a 100× smear.
 """
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -14,9 +15,9 @@ from engine.config import TissueConfig
 
 def rgb_to_saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """HSV saturation and value in [0, 1] of a ``(H, W, 3) uint8`` image, each ``(H, W) float32``."""
-    img = rgb.astype(np.float32) / 255.0
-    vmax = img.max(axis=-1)
-    vmin = img.min(axis=-1)
+    # max and min on the bytes, then scaled: the same floats as scaling first, at a third the cost
+    vmax = rgb.max(axis=-1).astype(np.float32) / np.float32(255.0)
+    vmin = rgb.min(axis=-1).astype(np.float32) / np.float32(255.0)
     sat = np.where(vmax > 0, (vmax - vmin) / np.maximum(vmax, 1e-6), 0.0).astype(np.float32)
     return sat, vmax
 
@@ -44,6 +45,20 @@ def _disk(radius_px: float) -> np.ndarray:
     r = max(int(round(radius_px)), 1)
     yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
     return (xx * xx + yy * yy) <= r * r
+
+
+def binary_close(mask: np.ndarray, disk: np.ndarray) -> np.ndarray:
+    """``ndi.binary_closing(mask, disk, border_value=0)`` for a symmetric, odd ``disk``."""
+    k = disk.astype(np.uint8)
+    m = cv2.dilate(mask.view(np.uint8), k, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.erode(m, k, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
+
+
+def binary_open(mask: np.ndarray, disk: np.ndarray) -> np.ndarray:
+    """``ndi.binary_opening(mask, disk)`` for a symmetric, odd ``disk``."""
+    k = disk.astype(np.uint8)
+    m = cv2.erode(mask.view(np.uint8), k, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.dilate(m, k, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
 
 
 def remove_small_regions(mask: np.ndarray, min_px: float) -> np.ndarray:
@@ -81,7 +96,7 @@ def close_mask(mask: np.ndarray, radius_um: float, mpp: float) -> np.ndarray:
     if r < 1 or not mask.any():
         return mask
     padded = np.pad(mask, r, mode="reflect")
-    return ndi.binary_closing(padded, structure=_disk(r))[r:-r, r:-r]
+    return binary_close(padded, _disk(r))[r:-r, r:-r]
 
 
 def with_enclosed_fat(mask: np.ndarray, thumbnail: np.ndarray, mpp: float, radius_um: float,
@@ -116,9 +131,9 @@ def compute_tissue_mask(thumbnail: np.ndarray, mpp: float, cfg: TissueConfig) ->
     thr = max(otsu_threshold(sat), cfg.min_saturation)
     mask = (sat > thr) & ~((val > cfg.max_value) & (sat < 2 * cfg.min_saturation))
     if cfg.closing_um > 0:
-        mask = ndi.binary_closing(mask, structure=_disk(cfg.closing_um / mpp), border_value=0)
+        mask = binary_close(mask, _disk(cfg.closing_um / mpp))
     if cfg.opening_um / mpp >= 1:
-        mask = ndi.binary_opening(mask, structure=_disk(cfg.opening_um / mpp))
+        mask = binary_open(mask, _disk(cfg.opening_um / mpp))
     px_area = mpp * mpp
     mask = remove_small_regions(mask, cfg.min_area_um2 / px_area)
     return fill_small_holes(mask, cfg.max_hole_um2 / px_area)

@@ -151,7 +151,8 @@ def test_opencv_morphology_and_zoom_match_scipy():
     zero borders, pixel-centre bilinear zoom), so detections do not move."""
     from scipy import ndimage as ndi
 
-    from engine.cells import _close, _disk, _open2, _zoom
+    from engine.cells import _disk, _open2, _zoom
+    from engine.tissue import binary_close
 
     rng = np.random.default_rng(0)
     for _ in range(10):
@@ -160,7 +161,7 @@ def test_opencv_morphology_and_zoom_match_scipy():
         m[0] |= rng.random(w) > 0.5  # objects on the border
         assert (_open2(m) == ndi.binary_opening(m, structure=np.ones((2, 2), bool))).all()
         for r in (1, 3, 5):
-            assert (_close(m, _disk(r)) ==
+            assert (binary_close(m, _disk(r)) ==
                     ndi.binary_closing(m, structure=_disk(r), border_value=0)).all()
         s = (rng.random((h, w)) * 255 - 100).astype(np.float32)
         for z in (0.5, 0.4, 0.8):

