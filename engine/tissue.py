@@ -1,7 +1,8 @@
 """Foreground (tissue / smear) masks on thumbnails and per-tile foreground fractions.
 
-numpy, scipy.ndimage and OpenCV (morphology; the same masks as scipy's, faster). Sizes come in µm and are turned into pixels with the thumbnail's µm/px,
-so the same config works for a 40× biopsy and a 100× smear.
+numpy, scipy.ndimage and OpenCV (morphology: the same masks as scipy's, faster). Sizes come in
+µm and are turned into pixels with the thumbnail's µm/px, so the same config works for a 40×
+biopsy and a 100× smear.
 """
 
 from __future__ import annotations
@@ -47,18 +48,20 @@ def _disk(radius_px: float) -> np.ndarray:
     return (xx * xx + yy * yy) <= r * r
 
 
+def _morph(mask: np.ndarray, disk: np.ndarray, first, second) -> np.ndarray:
+    k = disk.astype(np.uint8)
+    m = first(mask.view(np.uint8), k, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return second(m, k, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
+
+
 def binary_close(mask: np.ndarray, disk: np.ndarray) -> np.ndarray:
     """``ndi.binary_closing(mask, disk, border_value=0)`` for a symmetric, odd ``disk``."""
-    k = disk.astype(np.uint8)
-    m = cv2.dilate(mask.view(np.uint8), k, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    return cv2.erode(m, k, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
+    return _morph(mask, disk, cv2.dilate, cv2.erode)
 
 
 def binary_open(mask: np.ndarray, disk: np.ndarray) -> np.ndarray:
     """``ndi.binary_opening(mask, disk)`` for a symmetric, odd ``disk``."""
-    k = disk.astype(np.uint8)
-    m = cv2.erode(mask.view(np.uint8), k, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    return cv2.dilate(m, k, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
+    return _morph(mask, disk, cv2.erode, cv2.dilate)
 
 
 def remove_small_regions(mask: np.ndarray, min_px: float) -> np.ndarray:

@@ -48,12 +48,12 @@ class Predictor:
         self.mean = torch.tensor(model.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(model.std, device=self.device).view(1, 3, 1, 1) * 255
 
-    def warmup(self, max_batch: int, image_px: int | None = None) -> None:
+    def warmup(self, max_batch: int) -> None:
         """Run every padded batch shape up to ``max_batch`` once (CUDA only), so the first
         real batches do not pay for kernel loading and convolution planning."""
         if not self.cuda:
             return
-        px = image_px or self.model.spec.input_px
+        px = self.model.spec.input_px
         step = self.bucket or max_batch
         run = self.logits if self.model.spec.task == "classification" else self.embed
         for n in range(step, max(max_batch, step) + 1, step):
