@@ -22,12 +22,18 @@ and reports ``speedup_vs_baseline``, the ratio of slides/hour, one stream per br
 slides against it. ``--baseline-set KEY=VALUE`` (repeatable) does the same with any other
 ``pipeline`` setting changed for the baseline run (VALUE is JSON, or a plain string).
 
-Writes benchmarks/results/pipeline_e2e-<hardware>-<date>.json.
+``--s3`` serves the slides from a local S3 endpoint (moto's server, a separate process on
+127.0.0.1) instead of the local disk and reports the object downloads per slide and the bytes
+fetched, from the server's request log. ``--baseline-set storage.stage_shared=false`` compares
+with each process staging its own copies.
+
+Writes benchmarks/results/pipeline_e2e-<hardware>-<date>[-<tag>].json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -84,6 +90,9 @@ def main() -> None:
                    help="first run the job with this many slides per chunk, as a baseline")
     p.add_argument("--baseline-set", action="append", default=[], metavar="KEY=VALUE",
                    help="first run the job with this pipeline setting, as a baseline")
+    p.add_argument("--s3", action="store_true",
+                   help="serve the slides from a local S3 server (moto, on 127.0.0.1)")
+    p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
 
     import ray
@@ -101,6 +110,8 @@ def main() -> None:
         "encoder": {"model": args.encoder, "batch_size": args.batch, "compile": args.compile}}})
 
     def run(slides: str, out: str, cfg: Config) -> tuple[list[dict], float, RunMetrics, int]:
+        if args.s3:
+            cfg = cfg.replace(storage=dataclasses.replace(cfg.storage, endpoint_url=endpoint))
         peak, running = [0], [True]
 
         def sample():
@@ -129,18 +140,28 @@ def main() -> None:
         for i in range(1, args.slides):
             os.link(master, os.path.join(slides, f"slide-{i:04d}.tif"))
         made_s = time.perf_counter() - t
+        stack = contextlib.ExitStack()
+        sizes = {n: os.path.getsize(os.path.join(slides, n)) for n in os.listdir(slides)}
+        if args.s3:
+            endpoint, requests = stack.enter_context(s3_server(slides, work))
+            slides = "s3://slides/archive"
 
         ray.init(include_dashboard=False, log_to_driver=False)
         changed = baseline_settings(args)
         if changed:
-            b_rows, b_wall, b_metrics, _ = run(
-                slides, os.path.join(work, "out-baseline"),
-                cfg.replace(pipeline=dataclasses.replace(cfg.pipeline, **changed)))
+            n = len(requests()) if args.s3 else 0
+            b_rows, b_wall, b_metrics, _ = run(slides, os.path.join(work, "out-baseline"),
+                                               with_settings(cfg, changed))
             baseline = {"settings": changed, "wall_s": round(b_wall, 1),
                         "slides_per_hour": round(len(b_rows) / b_wall * 3600),
                         **b_metrics.as_dict()}
+            if args.s3:
+                baseline["s3"] = downloads(requests()[n:], len(b_rows), sizes)
+        n = len(requests()) if args.s3 else 0
         rows, wall, metrics, peak = run(slides, os.path.join(work, "out"), cfg)
+        s3 = downloads(requests()[n:], len(rows), sizes) if args.s3 else None
         ray.shutdown()
+        stack.close()
 
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
@@ -155,6 +176,8 @@ def main() -> None:
         "slides": len(rows), "wall_s": round(wall, 1),
         "slides_per_hour": round(len(rows) / wall * 3600),
         "peak_tree_rss_mib": round(peak / 2**20), **m, "models": []}
+    if s3:
+        result["s3"] = s3
     if baseline:
         result["baseline"] = baseline
         result["speedup_vs_baseline"] = round(result["slides_per_hour"]
@@ -176,14 +199,78 @@ def main() -> None:
             "busy_per_s": round(busy, 1), "e2e_ratio": round(e2e / alone, 3),
             "busy_ratio": round(busy / alone, 3)})
     print(json.dumps(result, indent=2))
-    name = f"pipeline_e2e-{device.replace(' ', '_')}-{result['date']}.json"
+    name = f"pipeline_e2e-{device.replace(' ', '_')}-{result['date']}" \
+        f"{'-' + args.tag if args.tag else ''}.json"
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "benchmarks", "results", name), "w") as fh:
         json.dump(result, fh, indent=2)
 
 
+def with_settings(cfg, changed: dict):
+    """``cfg`` with ``changed`` applied: keys are ``pipeline`` fields or ``section.field``."""
+    sections: dict[str, dict] = {}
+    for key, value in changed.items():
+        section, _, field = key.rpartition(".")
+        sections.setdefault(section or "pipeline", {})[field] = value
+    return cfg.replace(**{k: dataclasses.replace(getattr(cfg, k), **v)
+                          for k, v in sections.items()})
+
+
+@contextlib.contextmanager
+def s3_server(folder: str, work: str):
+    """moto's S3 server on 127.0.0.1 in its own process, holding the files of ``folder`` under
+    ``s3://slides/archive``; yields ``(endpoint, lines)``, ``lines()`` being the request lines
+    logged so far (dummy credentials go into this process's environment, which Ray's
+    workers inherit)."""
+    import socket
+    import subprocess
+
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(AWS_ACCESS_KEY_ID="bench-key-id", AWS_SECRET_ACCESS_KEY="bench-secret",
+                      AWS_DEFAULT_REGION="us-east-1")
+    log_path = os.path.join(work, "moto.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                 str(port)], stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint)
+        for _ in range(100):
+            try:
+                client.create_bucket(Bucket="slides")
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                time.sleep(0.1)
+        for name in sorted(os.listdir(folder)):
+            client.upload_file(os.path.join(folder, name), "slides", f"archive/{name}")
+
+        def lines() -> list[str]:
+            with open(log_path) as fh:
+                return [ln.split('"')[1].rsplit(" ", 1)[0] for ln in fh if '"' in ln]
+
+        yield endpoint, lines
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def downloads(lines: list[str], slides: int, sizes: dict[str, int]) -> dict:
+    """Whole-object GETs of the slides among the server's request lines, and their bytes
+    (``sizes``: object name -> bytes)."""
+    gets = [ln.split()[1].rsplit("/", 1)[-1] for ln in lines
+            if ln.startswith("GET /slides/archive/") and "?" not in ln]
+    return {"object_gets": len(gets), "gets_per_slide": round(len(gets) / max(slides, 1), 2),
+            "mib_downloaded": round(sum(sizes[g] for g in gets) / 2**20, 1),
+            "mib_of_slides": round(sum(sizes.values()) / 2**20, 1), "requests": len(lines)}
+
+
 def baseline_settings(args) -> dict:
-    """The pipeline settings the baseline run changes (empty: no baseline run)."""
+    """The settings the baseline run changes (empty: no baseline run); ``KEY`` is a
+    ``pipeline`` field or ``section.field`` (``storage.stage_shared``)."""
     changed = {"slides_per_chunk": args.baseline_chunk} if args.baseline_chunk else {}
     for item in args.baseline_set:
         key, _, value = item.partition("=")

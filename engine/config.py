@@ -32,8 +32,14 @@ class StorageConfig:
         region: S3 region name.
         anon: read public buckets without credentials.
         profile: AWS profile name (credentials stay in ``~/.aws``).
-        stage_dir: local folder for staged objects; None means a fresh temporary folder.
-        stage_max_bytes: bound on the staging cache; a larger single object is refused.
+        stage_dir: local folder for staged objects, shared by every hemeflow process on the
+            node; None means ``<temp dir>/hemeflow-stage-<uid>``.
+        stage_max_bytes: bound on the staging folder; least recently used copies not in use are
+            evicted to stay under it, and a larger single object is refused.
+        stage_shared: True: each object is downloaded once per node and kept (up to the bound)
+            for every process that reads it, and the job empties the folder when it ends.
+            False: each process stages its own copies (the behaviour before the shared folder,
+            kept as a benchmark baseline).
         retries: attempts for transient storage errors (timeouts, throttling, 5xx).
         retry_backoff_s: first back-off; doubles on each retry.
     """
@@ -44,6 +50,7 @@ class StorageConfig:
     profile: str | None = None
     stage_dir: str | None = None
     stage_max_bytes: int = 20 * 1024**3
+    stage_shared: bool = True
     retries: int = 4
     retry_backoff_s: float = 0.5
 

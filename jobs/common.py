@@ -24,6 +24,10 @@ LIST_SUFFIXES = (".txt", ".csv")
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (see jobs/configs/default.yaml)")
+    add_storage_args(parser)
+
+
+def add_storage_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("object storage (credentials come from the environment or an "
                                   "AWS profile, never from flags)")
     g.add_argument("--s3-endpoint", help="S3 endpoint URL (MinIO, Ceph, a local test server)")
@@ -39,12 +43,17 @@ def load_config(args: argparse.Namespace) -> Config:
         with open(args.config) as fh:
             data = yaml.safe_load(fh) or {}
     cfg = Config.from_dict(data)
+    return cfg.replace(storage=storage_from_args(args, cfg.storage))
+
+
+def storage_from_args(args: argparse.Namespace,
+                      base: StorageConfig | None = None) -> StorageConfig:
+    """``base`` (default settings when None) with the ``--s3-*`` flags applied on top."""
+    base = base or StorageConfig()
     changes = {k: v for k, v in {"endpoint_url": args.s3_endpoint, "region": args.s3_region,
                                  "profile": args.s3_profile,
                                  "anon": True if args.s3_anon else None}.items() if v is not None}
-    if changes:
-        cfg = cfg.replace(storage=StorageConfig(**{**cfg.storage.__dict__, **changes}))
-    return cfg
+    return StorageConfig(**{**base.__dict__, **changes}) if changes else base
 
 
 def read_text(uri: str, storage: StorageConfig) -> str:

@@ -68,6 +68,7 @@ def main(argv=None) -> int:
         with StagingArea(cfg.storage) as staging, ThreadPoolExecutor(args.workers) as pool:
             work = pool.map(lambda e: inventory_file(e, cfg.storage, staging, overrides), entries)
             rows = list(progress(work, len(entries), "inventory"))
+            staging.purge()  # the staged copies served this job only
         out = join_uri(args.output, "slides", "slides.parquet")
         write_parquet(table_from_rows(rows, SLIDES), out, cfg.storage)
         write_run_config(args.output, cfg, vars(args), cfg.storage)

@@ -1,7 +1,7 @@
 """Train the DeepHeme cell classifier on labelled single-cell images (Ray Train, or --local).
 
-    python -m jobs.train_cell_classifier --data <dir with labels.csv: path,code> --output <dir>
-        [--folds K] [--epochs N] [--arch deepheme-resnext50] [--workers 2] [--source-mpp 0.1]
+    python -m jobs.train_cell_classifier --data <dir with labels.csv: path,code>
+        --output <dir | s3://bucket/prefix> [--s3-endpoint URL] [--folds K] [--epochs N] [--arch deepheme-resnext50] [--workers 2] [--source-mpp 0.1]
 
 Steps: hold out a stratified test split (written to <output>/test/labels.csv), bring images to the
 model's µm/px, train K fold models (K=1: one model with a validation split) with class balancing by
@@ -9,17 +9,24 @@ up-sampling, augmentation, Adam + step decay and early stopping, then evaluate e
 average on the test split. Every model is written as fp16 safetensors with a JSON card;
 <output>/model.safetensors is the ensemble's first member when K=1, and <output>/fold-*/ hold all.
 A killed worker is replaced and resumes from its last epoch; rerunning the same command resumes.
+With an ``s3://`` output the job works in a local folder (``--work``; by default one named after
+the output, so a rerun on the same machine resumes) and uploads the checkpoints, cards, the test
+list and ``evaluation.json`` when it ends. ``--teacher`` may also name an ``s3://`` checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime as dt
+import glob
+import hashlib
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -28,17 +35,22 @@ import engine
 from engine.classes import covers, get_class
 from engine.models import create_model, get_spec, list_models, write_checkpoint
 from engine.models.factory import LoadedModel, build_module
+from engine.outputs import join_uri, write_bytes
+from engine.slides.storage import is_remote, normalize_uri
 from engine.train.data import read_labels
 from engine.train.evaluation import evaluate_classifier, ordered_codes
 from engine.train.loop import LocalSession, TrainSettings, settings_dict
 from engine.train.splits import holdout_split, kfold_splits
+from jobs.common import add_storage_args, storage_from_args
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.train_cell_classifier", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="folder with labels.csv (path,code)")
-    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--output", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--work", help="local working folder for an s3:// output (default: "
+                                  "<temp dir>/hemeflow-train-<hash of the output>)")
     p.add_argument("--arch", default="deepheme-resnext50", choices=list_models())
     p.add_argument("--folds", type=int, default=1)
     p.add_argument("--epochs", type=int, default=40)
@@ -73,7 +85,33 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, help="cap steps per epoch (smoke tests)")
     p.add_argument("--limit-per-class", type=int, help="use at most this many images per class")
     p.add_argument("--seed", type=int, default=0)
+    add_storage_args(p)
     return p.parse_args(argv)
+
+
+def work_folder(args) -> str:
+    """Where the job writes: the output itself, or a local folder for an ``s3://`` output."""
+    if not is_remote(args.output):
+        return os.path.abspath(args.output)
+    if args.work:
+        return os.path.abspath(args.work)
+    digest = hashlib.sha256(normalize_uri(args.output).encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"hemeflow-train-{digest}")
+
+
+def publish(work: str, output: str, storage) -> list[str]:
+    """Upload the job's deliverables from ``work`` to ``output`` (Ray Train's run folders and
+    the prepared arrays stay local); returns their URIs."""
+    names = sorted(os.path.relpath(p, work) for p in glob.glob(os.path.join(work, "fold-*", "*"))
+                   + [os.path.join(work, n) for n in ("model.safetensors", "model.json",
+                                                      "evaluation.json", "test/labels.csv")]
+                   if os.path.isfile(p))
+    uris = []
+    for name in names:
+        with open(os.path.join(work, name), "rb") as fh:
+            uris.append(join_uri(output, *name.split(os.sep)))
+            write_bytes(uris[-1], fh.read(), storage)
+    return uris
 
 
 def split_for_training(data, excluded: set[str], test_fraction: float, seed: int,
@@ -147,7 +185,8 @@ def best_weights(folder: str) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = os.path.abspath(args.output)
+    storage = storage_from_args(args)
+    out = work_folder(args)
     os.makedirs(out, exist_ok=True)
     codes, prepared, n_dev, n_test = prepare(args, out)
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -168,7 +207,8 @@ def main(argv=None) -> int:
     members: list[LoadedModel] = []
     for fold in range(args.folds):
         config = {"arch": args.arch, "class_codes": codes, "data": prepared, "fold": fold,
-                  "settings": settings_dict(settings), "teachers": list(args.teacher)}
+                  "settings": settings_dict(settings), "teachers": list(args.teacher),
+                  "storage": dataclasses.asdict(storage)}
         t0 = time.time()
         if args.local:
             session = LocalSession(os.path.join(out, "runs", f"fold-{fold}"))
@@ -195,7 +235,7 @@ def main(argv=None) -> int:
 
     test = read_labels(os.path.join(out, "test"))
     reports = {}
-    for fold, m in enumerate(members):
+    for fold, _m in enumerate(members):
         reports[f"fold-{fold}"], _ = evaluate_classifier([reload(out, fold, args)], test,
                                                          args.source_mpp)
     if len(members) > 1:
@@ -221,7 +261,11 @@ def main(argv=None) -> int:
                           "mean_auc": rep["mean_auc"],
                           "classes_p_r_above_0_8": rep["classes_precision_recall_above_0_8"],
                           "n_classes": rep["n_classes"], "n": rep["n"]}))
-    print(f"checkpoints: {out}/fold-*/model.safetensors; test split: {out}/test/labels.csv")
+    where = normalize_uri(args.output)
+    if is_remote(args.output):
+        print(f"uploaded {len(publish(out, where, storage))} files from {out}", flush=True)
+    print(f"checkpoints: {where}/fold-*/model.safetensors; test split: "
+          f"{where}/test/labels.csv")
     return 0
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +109,27 @@ def upload_tree(client, bucket: str, root: Path, prefix: str) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
             client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(root).as_posix()}")
+
+
+@contextlib.contextmanager
+def s3_requests() -> Iterator[list[str]]:
+    """The request lines (``GET /bucket/key``) the moto server in this process answers meanwhile."""
+    import logging
+
+    lines: list[str] = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            text = record.getMessage()
+            if '"' in text:
+                lines.append(text.split('"')[1].rsplit(" ", 1)[0])
+
+    log = logging.getLogger("werkzeug")
+    handler, level = Record(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)

@@ -44,7 +44,7 @@ def test_images_heads_and_gpu_workers_agree():
     assert _load("aws.yaml")["docker"]["image"] == tag
     for spec in (_load("kuberay-raycluster.yaml")["spec"],
                  _load("kuberay-rayjob.yaml")["spec"]["rayClusterSpec"]):
-        for group, container in _containers(spec):
+        for _group, container in _containers(spec):
             assert container["image"] == tag
         assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # head takes no work
         for group in spec["workerGroupSpecs"]:

@@ -26,7 +26,7 @@ from engine.pipeline.commit import OutputStore
 from engine.pipeline.steps import ClassifyCells, DetectCells, EncodeTiles, PlanTasks, ReadTiles
 from engine.schema import slide_id_for
 from engine.slides.inventory import MppOverrides
-from engine.slides.storage import FileEntry
+from engine.slides.storage import FileEntry, StagingArea, is_remote
 
 
 @dataclass
@@ -329,4 +329,28 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
         left = sorted(agg.slides) + sorted(seen - {s["slide_id"] for s in agg.summary})
         if left:  # every task reported, so nothing may remain open
             raise RuntimeError(f"slides left uncommitted: {sorted(set(left))}")
+    if cfg.storage.stage_shared and any(is_remote(e.uri) for e in pending):
+        # kept after a crash, so that the rerun finds the slides already staged
+        log(f"staging: removed {purge_staging(cfg.storage)} staged slide copies")
     return agg.summary
+
+
+@ray.remote(num_cpus=0)
+def _purge_node(storage) -> int:
+    return StagingArea(storage).purge()
+
+
+def purge_staging(storage, timeout_s: float = 120.0) -> int:
+    """Empty the staging folder of every alive node, best effort (a copy in use stays)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    refs = [_purge_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(storage) for n in ray.nodes() if n["Alive"]]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    removed = 0
+    for ref in ready:
+        try:
+            removed += ray.get(ref)
+        except ray.exceptions.RayError:  # a node that left meanwhile
+            pass
+    return removed

@@ -22,7 +22,7 @@ from engine.config import Config
 from engine.errors import MissingMPP, SlideError
 from engine.slides import FileEntry, open_slide
 from engine.slides.inventory import MppOverrides, inventoried
-from engine.slides.storage import StagingArea
+from engine.slides.storage import StagingArea, is_remote, stat_file
 from engine.tiling import TilePlan, plan_tiles
 from engine.tissue import compute_tissue_mask, with_enclosed_fat
 
@@ -45,34 +45,62 @@ def limit_native_threads(n: int) -> None:
 
 
 class ReaderCache:
-    """A few open slides per worker (tiles of one slide arrive together), closed LRU-first."""
+    """A few open slides per worker (tiles of one slide arrive together), closed LRU-first.
+
+    A remote slide holds its staged copy in the node's staging folder while open, so the step
+    calls `release_unused` after each batch: an actor waiting on the rest of the stream then
+    holds at most the slides of its last batch, and the copies it no longer reads can be evicted.
+    """
 
     def __init__(self, cfg: Config, size: int = 4):
         self.cfg, self.size = cfg, size
         self._open: collections.OrderedDict = collections.OrderedDict()
+        self._used: set[str] = set()
+        self._stat: dict[str, FileEntry] = {}  # size and ETag of remote slides, asked once
         self._staging = StagingArea(cfg.storage)
         self._lock = threading.RLock()  # readers themselves are thread-safe; the cache is not
 
     def get(self, uri: str):
         with self._lock:
+            self._used.add(uri)
             return self._get(uri)
 
     def _get(self, uri: str):
         if uri in self._open:
             self._open.move_to_end(uri)
             return self._open[uri][0]
+        entry = None
+        if is_remote(uri):
+            if uri not in self._stat:
+                self._stat[uri] = stat_file(uri, self.cfg.storage)
+            entry = self._stat[uri]
         stack = contextlib.ExitStack()
-        reader = stack.enter_context(open_slide(uri, self.cfg.storage, self._staging))
+        reader = stack.enter_context(open_slide(
+            uri, self.cfg.storage, self._staging, size=entry and entry.size,
+            etag=entry and entry.etag, make_room=self._close_oldest))
         self._open[uri] = (reader, stack)
         while len(self._open) > self.size:
-            _, (_, old) = self._open.popitem(last=False)
-            old.close()
+            self._close_oldest()
         return reader
 
+    def _close_oldest(self) -> bool:
+        """Close the least recently used open slide; False if none is open."""
+        if not self._open:
+            return False
+        _, (_, stack) = self._open.popitem(last=False)
+        stack.close()
+        return True
+
+    def release_unused(self) -> None:
+        """Close remote slides not read since the last call (local ones stay open: cheap)."""
+        with self._lock:
+            for uri in [u for u in self._open if is_remote(u) and u not in self._used]:
+                self._open.pop(uri)[1].close()
+            self._used.clear()
+
     def close(self) -> None:
-        while self._open:
-            _, (_, stack) = self._open.popitem()
-            stack.close()
+        while self._close_oldest():
+            pass
         self._staging.close()
 
 
@@ -222,17 +250,28 @@ class PlanTasks:
 
     A row with ``shard`` k of ``shards`` K plans the slide and keeps every K-th task from the
     k-th: a slide's tasks leave this step as one block, and a block goes to one actor, so a
-    few large slides are split K ways to keep every CPU actor busy (``slide_shards``).
+    few large slides are split K ways to keep every CPU actor busy (``slide_shards``). An actor
+    keeps its last few shard plans, so the shards it gets of one slide are planned once.
     """
 
     def __init__(self, cfg: Config, mpp: MppOverrides | None, branch: str):
         limit_native_threads(cfg.pipeline.native_threads)
         self.branch = branch
         self.plan = PlanSlide(cfg, mpp, stages=(branch,))
+        # the other shards of a slide usually follow on this actor: plan it once for them
+        self._recent: collections.OrderedDict = collections.OrderedDict()
+
+    def _planned(self, row: dict) -> dict:
+        key = (row["uri"], row.get("size"), row.get("etag"))
+        if key not in self._recent:
+            self._recent[key] = self.plan(row)
+            while len(self._recent) > 4:
+                self._recent.popitem(last=False)
+        return self._recent[key]
 
     def __call__(self, row: dict) -> list[dict]:
         t0 = time.perf_counter()
-        planned = self.plan(row)
+        planned = self._planned(row) if int(row.get("shards", 1)) > 1 else self.plan(row)
         sid, uri, plan = planned["slide_id"], planned["uri"], json.loads(planned["plan"])
         tasks = []
         if plan["status"] == "ok" and self.branch in plan["plans"]:
@@ -285,6 +324,7 @@ class DetectCells:
         out = {k: np.asarray([r.get(k, "" if k == "header" else 0) for r in rows])
                for k in (*_CELL_COLUMNS, *carried)}
         out["crop"] = np.stack(crops) if crops else np.zeros((0, CROP_PX, CROP_PX, 3), np.uint8)
+        self.readers.release_unused()
         return stamp(out, "detect", t0)
 
     def _task(self, t: dict, rows: list[dict], crops: list[np.ndarray]) -> None:
@@ -404,6 +444,7 @@ class ReadTiles:
         if self.keep_pixels:
             batch["image"] = np.stack(images) if images else \
                 np.zeros((0, self.tile_px, self.tile_px, 3), np.uint8)
+        self.readers.release_unused()
         return stamp(batch, "read", t0)
 
 

@@ -84,7 +84,7 @@ def inventoried(entry: FileEntry, storage: StorageConfig, staging: StagingArea |
     with contextlib.ExitStack() as stack:
         try:
             slide = stack.enter_context(open_slide(entry.uri, storage, staging,
-                                                   size=entry.size))
+                                                   size=entry.size, etag=entry.etag))
             row.update(info_row(mpp.apply(slide.info, row["slide_id"])))
             slide.read_thumbnail((PROBE_PX, PROBE_PX))  # raises SlideCorrupt on bad data
         except SlideError as err:

@@ -94,4 +94,6 @@ class OpenSlideReader:
         return np.asarray(thumb.convert("RGB"))
 
     def close(self) -> None:
-        self._slide.close()
+        if self._slide is not None:  # idempotent: a reader may be closed, then collected
+            self._slide.close()
+            self._slide = None

@@ -135,11 +135,13 @@ def open_reader(path: str, uri: str | None = None, backend: str | None = None) -
 
 @contextlib.contextmanager
 def open_slide(uri: str, storage: StorageConfig | None = None, staging: StagingArea | None = None,
-               backend: str | None = None, size: int | None = None) -> Iterator[SlideReader]:
+               backend: str | None = None, size: int | None = None, etag: str | None = None,
+               make_room=None) -> Iterator[SlideReader]:
     """Open a slide by URI (local path or ``s3://``) as a context manager.
 
-    Remote objects are staged to a local file first (``staging``, or a private temporary area),
-    and removed when the block ends.
+    Remote objects are staged to a local file first (``staging``, or the node's staging folder;
+    see `StagingArea`, which also explains ``make_room``); ``size`` and ``etag``, when known
+    from a listing, save a request.
 
     Example:
         >>> with open_slide("s3://archive/case-1.svs", storage) as slide:
@@ -151,7 +153,8 @@ def open_slide(uri: str, storage: StorageConfig | None = None, staging: StagingA
     with contextlib.ExitStack() as stack:
         if is_remote(uri) and staging is None:
             staging = stack.enter_context(StagingArea(storage))
-        path = stack.enter_context(staging.stage(uri, size)) if is_remote(uri) else uri
+        path = stack.enter_context(staging.stage(uri, size, etag, make_room)) \
+            if is_remote(uri) else uri
         reader = open_reader(path, uri, backend)
         stack.callback(reader.close)
         yield reader

@@ -4,10 +4,11 @@ size-bounded local staging area for readers that need a file path (OpenSlide).""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -146,22 +147,54 @@ def _etag(info: dict) -> str | None:
     return str(etag).strip('"') if etag else None
 
 
-class StagingArea:
-    """Size-bounded local copies of remote objects, each deleted when its last user is done.
+def default_stage_dir() -> str:
+    """The node's shared staging folder when ``storage.stage_dir`` is not set (one per user)."""
+    return os.path.join(tempfile.gettempdir(), f"hemeflow-stage-{os.geteuid()}")
 
-    Thread-safe: a stage that would overflow the bound waits until others are released; an object
-    larger than the whole bound is refused with `StagingError`.
+
+class StagingArea:
+    """Local copies of remote objects for readers that need a file path (OpenSlide), shared by
+    every process on the node: an object is downloaded once per node, not once per reader.
+
+    Each object has a folder ``<root>/<key>/`` (key: a hash of URI, size and ETag) and a lock
+    file ``<root>/<key>.lock`` holding its size. The first user downloads under an exclusive
+    ``flock`` and marks the copy complete; every user holds a shared lock while it reads, and the
+    lock file's mtime records the last use. To stay under ``stage_max_bytes``, a process that
+    needs room evicts the least recently used copies that nobody holds; while everything is in
+    use it calls ``make_room`` (a caller can close slides it holds idle), then waits. A crashed
+    download leaves no complete mark (and its lock dies with the process), so the next user
+    downloads again. Copies outlive their readers until evicted or `purge`d (the job purges
+    every node's folder when it ends).
+
+    With ``stage_shared = False`` the area is this process's own temporary folder, removed on
+    `close`. Thread-safe: threads lock through their own file descriptors, like processes.
     """
+
+    poll_s = 0.1  # between tries of a busy lock
+    wait_s = 1800.0  # longest wait for a lock or for room before the stage fails
 
     def __init__(self, storage: StorageConfig):
         self.storage = storage
         self.max_bytes = storage.stage_max_bytes
-        self._own_dir = storage.stage_dir is None
-        self.root = storage.stage_dir or tempfile.mkdtemp(prefix="hemeflow-stage-")
-        os.makedirs(self.root, exist_ok=True)
-        self._used = 0
-        self._cond = threading.Condition()
-        self._counter = 0
+        self.shared = storage.stage_shared
+        self.root = storage.stage_dir or default_stage_dir()
+        self._ready = False  # the folder is made on the first remote stage: local jobs never do
+        self.downloads = 0  # objects this instance downloaded (not counting companions)
+        self.downloaded_bytes = 0
+
+    def _make_root(self) -> None:
+        if self._ready:
+            return
+        if self.shared:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            if os.stat(self.root).st_uid != os.geteuid():  # another user's: never read from it
+                raise StagingError(self.root, "the staging folder belongs to another user; set "
+                                   "storage.stage_dir")
+        else:
+            if self.storage.stage_dir:
+                os.makedirs(self.storage.stage_dir, mode=0o700, exist_ok=True)
+            self.root = tempfile.mkdtemp(prefix="hemeflow-stage-", dir=self.storage.stage_dir)
+        self._ready = True
 
     def _companions(self, fs, path: str) -> list[tuple[str, int]]:
         """Other objects a multi-file format needs beside its main file, with sizes.
@@ -182,17 +215,22 @@ class StagingArea:
                 if v.get("type") != "directory"]
 
     @contextlib.contextmanager
-    def stage(self, uri: str, size: int | None = None) -> Iterator[str]:
+    def stage(self, uri: str, size: int | None = None, etag: str | None = None,
+              make_room: Callable[[], bool] | None = None) -> Iterator[str]:
         """Yield a local path holding the object at ``uri`` (a local ``uri`` is yielded as is).
 
         Companion files of multi-file formats are staged beside it, keeping relative paths.
+        ``make_room`` is called while the folder is full of copies in use; it returns True if
+        it released one of the caller's own.
         """
         if not is_remote(uri):
             yield uri
             return
+        self._make_root()
         fs, path = get_filesystem(uri, self.storage)
-        if size is None:
-            size = stat_file(uri, self.storage).size or 0
+        if size is None or etag is None:
+            entry = stat_file(uri, self.storage)
+            size, etag = entry.size or 0, entry.etag
         try:
             companions = call_with_retries(lambda: self._companions(fs, path), self.storage,
                                            "list companions")
@@ -202,31 +240,131 @@ class StagingArea:
         if total > self.max_bytes:
             raise StagingError(uri, f"object of {total:,} bytes exceeds the staging bound of "
                                f"{self.max_bytes:,} bytes (storage.stage_max_bytes)")
-        with self._cond:
-            self._cond.wait_for(lambda: self._used + total <= self.max_bytes)
-            self._used += total
-            self._counter += 1
-            folder = os.path.join(self.root, f"{self._counter:08d}")
+        key = hashlib.sha256(f"{uri}\0{size}\0{etag}".encode()).hexdigest()[:32]
+        folder, lock = os.path.join(self.root, key), os.path.join(self.root, key + ".lock")
+        done = os.path.join(folder, ".complete")
+        fd = None
+        waited = _Wait(self, uri, make_room)
+        try:
+            while True:
+                fd = self._open_locked(lock, fcntl.LOCK_SH, waited)
+                if os.path.exists(done):
+                    break
+                # to exclusive; not atomic, so an evictor may slip in between: check the inode
+                waited.lock(fd, fcntl.LOCK_EX)
+                if _same_file(fd, lock) and not os.path.exists(done):
+                    self._download(uri, fs, path, companions, folder, total, fd, key, waited)
+                os.close(fd)  # and take it again shared
+                fd = None
+            os.utime(lock)  # last use, for eviction
+            yield os.path.join(folder, path.rsplit("/", 1)[-1])  # keep the name: some formats
+        finally:                                                  # key on the extension
+            if fd is not None:
+                os.close(fd)
+
+    def _open_locked(self, path: str, mode: int, waited: _Wait) -> int:
+        """A descriptor of lock file ``path`` holding ``flock`` ``mode`` on the file it names."""
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                waited.lock(fd, mode)
+            except BaseException:
+                os.close(fd)
+                raise
+            if _same_file(fd, path):
+                return fd
+            os.close(fd)
+
+    def _reserve(self, total: int, fd: int, key: str, waited: _Wait) -> None:
+        """Evict until ``total`` bytes fit, then record them in our lock file, so that others
+        count them; one process at a time checks and reserves (``.room.lock``)."""
+        room = os.open(os.path.join(self.root, ".room.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while True:
+                fcntl.flock(room, fcntl.LOCK_EX)
+                try:
+                    if self._evict(total, keep=key):
+                        os.ftruncate(fd, 0)
+                        os.pwrite(fd, f"{total}\n".encode(), 0)
+                        return
+                finally:
+                    fcntl.flock(room, fcntl.LOCK_UN)
+                waited.pause("the staging folder is full of copies in use")
+        finally:
+            os.close(room)
+
+    def _download(self, uri, fs, path, companions, folder, total, fd, key, waited) -> None:
+        """Fetch the object and its companions into ``folder`` (we hold its lock exclusively)."""
+        shutil.rmtree(folder, ignore_errors=True)  # a crashed download's leftovers
+        self._reserve(total, fd, key, waited)
         parent = path.rsplit("/", 1)[0]
         try:
-            local = os.path.join(folder, path.rsplit("/", 1)[-1])  # keep the name: some
-            try:                                                   # formats key on extension
-                for remote in [path] + [c for c, _ in companions]:
-                    dest = os.path.join(folder, remote[len(parent) + 1:])
-                    os.makedirs(os.path.dirname(dest), exist_ok=True)
-                    call_with_retries(lambda r=remote, d=dest: fs.get_file(r, d), self.storage,
-                                      "download")
-            except OSError as err:
-                raise translate_storage_error(uri, err) from err
-            yield local
-        finally:
+            for remote in [path] + [c for c, _ in companions]:
+                dest = os.path.join(folder, remote[len(parent) + 1:])
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                call_with_retries(lambda r=remote, d=dest: fs.get_file(r, d), self.storage,
+                                  "download")
+        except OSError as err:
             shutil.rmtree(folder, ignore_errors=True)
-            with self._cond:
-                self._used -= total
-                self._cond.notify_all()
+            raise translate_storage_error(uri, err) from err
+        with open(os.path.join(folder, ".complete"), "w"):
+            pass
+        self.downloads += 1
+        self.downloaded_bytes += total
+
+    def _entries(self) -> list[tuple[float, str, int]]:
+        """``(last use, key, bytes)`` of every copy in the folder, oldest first."""
+        out = []
+        for name in os.listdir(self.root):
+            if name.endswith(".lock") and not name.startswith("."):
+                try:
+                    p = os.path.join(self.root, name)
+                    with open(p) as fh:
+                        text = fh.read().strip()
+                    out.append((os.stat(p).st_mtime, name[:-5], int(text or 0)))
+                except (OSError, ValueError):
+                    continue  # removed meanwhile, or being written
+        return sorted(out)
+
+    def _evict(self, need: int, keep: str | None = None) -> bool:
+        """Remove least recently used copies nobody holds until ``need`` more bytes fit."""
+        entries = [e for e in self._entries() if e[1] != keep]
+        used = sum(b for _, _, b in entries)
+        for _, key, nbytes in entries:
+            if used + need <= self.max_bytes:
+                break
+            if self._remove(key):
+                used -= nbytes
+        return used + need <= self.max_bytes
+
+    def _remove(self, key: str) -> bool:
+        """Delete one copy if no process holds it; False if one does."""
+        lock = os.path.join(self.root, key + ".lock")
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            return True
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            if _same_file(fd, lock):
+                shutil.rmtree(os.path.join(self.root, key), ignore_errors=True)
+                os.unlink(lock)  # under the lock: late openers see another inode and retry
+            return True
+        finally:
+            os.close(fd)
+
+    def purge(self) -> int:
+        """Remove every copy nobody holds; returns how many were removed."""
+        if not os.path.isdir(self.root) or (not self.shared and not self._ready):
+            return 0
+        return sum(self._remove(key) for _, key, _ in self._entries())
 
     def close(self) -> None:
-        if self._own_dir:
+        """A private area is removed; the shared folder stays for the node's other readers."""
+        if not self.shared and self._ready:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> StagingArea:
@@ -234,3 +372,37 @@ class StagingArea:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (an evictor may have unlinked it)."""
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+class _Wait:
+    """Waiting on the staging folder without deadlock: locks are polled, and each time one is
+    busy (or the folder is full) the caller's ``make_room`` may release a copy it holds idle
+    before we sleep. After ``StagingArea.wait_s`` the stage fails with `StagingError`."""
+
+    def __init__(self, area: StagingArea, uri: str, make_room: Callable[[], bool] | None):
+        self.area, self.uri, self.make_room = area, uri, make_room
+        self.deadline = time.monotonic() + area.wait_s
+
+    def pause(self, why: str) -> None:
+        if self.make_room is not None and self.make_room():
+            return
+        if time.monotonic() > self.deadline:
+            raise StagingError(self.uri, f"waited {self.area.wait_s:.0f} s: {why} (raise "
+                               f"storage.stage_max_bytes, now {self.area.max_bytes:,} bytes)")
+        time.sleep(self.area.poll_s)
+
+    def lock(self, fd: int, mode: int) -> None:
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                self.pause("another process holds this object's copy")

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 
+from engine.config import StorageConfig
 from engine.models.factory import build_module
 from engine.models.registry import get_spec
 from engine.train.augment import eval_transform, train_transform
@@ -48,13 +49,15 @@ def load_prepared(folder: str, fold: int):
     return images, labels, np.asarray(split["train"]), np.asarray(split["val"])
 
 
-def load_teachers(uris, arch: str, codes: list[str], device: torch.device) -> list:
-    """Frozen teacher modules on ``device``; each must score the student's codes in order."""
+def load_teachers(uris, arch: str, codes: list[str], device: torch.device,
+                  storage: StorageConfig | None = None) -> list:
+    """Frozen teacher modules on ``device``; each must score the student's codes in order.
+    ``storage`` reaches ``s3://`` checkpoints (endpoint, region, profile)."""
     from engine.models.factory import create_model
 
     out = []
     for uri in uris:
-        teacher = create_model(arch, uri)
+        teacher = create_model(arch, uri, storage=storage)
         if list(teacher.class_codes) != list(codes):
             raise ValueError(f"teacher {uri} scores {list(teacher.class_codes)}, the student "
                              f"{list(codes)}: distillation needs the same codes in order")
@@ -92,7 +95,9 @@ def train_fold(config: dict, session: Session) -> None:
     optimizer = opt_cls(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.lr_step_epochs,
                                                 settings.lr_gamma)
-    teachers = load_teachers(config.get("teachers") or (), spec.name, codes, session.device)
+    storage = StorageConfig(**config["storage"]) if config.get("storage") else None
+    teachers = load_teachers(config.get("teachers") or (), spec.name, codes, session.device,
+                             storage)
     ema = None
     if settings.ema_decay:
         from timm.utils import ModelEmaV3

