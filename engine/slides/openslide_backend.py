@@ -3,6 +3,8 @@ DICOM WSI, Sakura and generic tiled TIFF pyramids."""
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import openslide
 
@@ -95,5 +97,8 @@ class OpenSlideReader:
 
     def close(self) -> None:
         if self._slide is not None:  # idempotent: a reader may be closed, then collected
-            self._slide.close()
-            self._slide = None
+            slide, self._slide = self._slide, None
+            try:
+                slide.close()
+            except ctypes.ArgumentError:  # the garbage collector closed its handle first
+                pass
