@@ -4,6 +4,7 @@ size-bounded local staging area for readers that need a file path (OpenSlide).""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -172,6 +173,7 @@ class StagingArea:
 
     poll_s = 0.1  # between tries of a busy lock
     wait_s = 1800.0  # longest wait for a lock or for room before the stage fails
+    disk_reserve = 512 * 1024**2  # bytes always left free on the staging disk
 
     def __init__(self, storage: StorageConfig):
         self.storage = storage
@@ -289,7 +291,10 @@ class StagingArea:
                         return
                 finally:
                     fcntl.flock(room, fcntl.LOCK_UN)
-                waited.pause("the staging folder is full of copies in use")
+                waited.pause(f"no room for {total:,} bytes: the staging folder is full of "
+                             f"copies in use (storage.stage_max_bytes: {self.max_bytes:,}), "
+                             f"or its disk is ({self.root}: "
+                             f"{shutil.disk_usage(self.root).free:,} bytes free)")
         finally:
             os.close(room)
 
@@ -306,6 +311,9 @@ class StagingArea:
                                   "download")
         except OSError as err:
             shutil.rmtree(folder, ignore_errors=True)
+            if err.errno == errno.ENOSPC:
+                raise StagingError(uri, f"no space left on the staging disk ({self.root}); "
+                                   "set storage.stage_dir or storage.stage_max_bytes") from err
             raise translate_storage_error(uri, err) from err
         with open(os.path.join(folder, ".complete"), "w"):
             pass
@@ -327,15 +335,20 @@ class StagingArea:
         return sorted(out)
 
     def _evict(self, need: int, keep: str | None = None) -> bool:
-        """Remove least recently used copies nobody holds until ``need`` more bytes fit."""
+        """Remove least recently used copies nobody holds until ``need`` more bytes fit, both
+        under the bound and on the disk (less what other downloads have reserved and not yet
+        written, and `disk_reserve`)."""
         entries = [e for e in self._entries() if e[1] != keep]
         used = sum(b for _, _, b in entries)
+        pending = sum(b for _, k, b in entries
+                      if not os.path.exists(os.path.join(self.root, k, ".complete")))
+        free = shutil.disk_usage(self.root).free - pending - self.disk_reserve
         for _, key, nbytes in entries:
-            if used + need <= self.max_bytes:
+            if used + need <= self.max_bytes and need <= free:
                 break
             if self._remove(key):
-                used -= nbytes
-        return used + need <= self.max_bytes
+                used, free = used - nbytes, free + nbytes
+        return used + need <= self.max_bytes and need <= free
 
     def _remove(self, key: str) -> bool:
         """Delete one copy if no process holds it; False if one does."""
@@ -395,8 +408,7 @@ class _Wait:
         if self.make_room is not None and self.make_room():
             return
         if time.monotonic() > self.deadline:
-            raise StagingError(self.uri, f"waited {self.area.wait_s:.0f} s: {why} (raise "
-                               f"storage.stage_max_bytes, now {self.area.max_bytes:,} bytes)")
+            raise StagingError(self.uri, f"waited {self.area.wait_s:.0f} s: {why}")
         time.sleep(self.area.poll_s)
 
     def lock(self, fd: int, mode: int) -> None:

