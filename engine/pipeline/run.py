@@ -340,7 +340,7 @@ def _purge_node(storage) -> int:
     return StagingArea(storage).purge()
 
 
-def purge_staging(storage, timeout_s: float = 120.0) -> int:
+def purge_staging(storage, timeout_s: float = 30.0) -> int:
     """Empty the staging folder of every alive node, best effort (a copy in use stays)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

