@@ -54,6 +54,10 @@ class RunMetrics:
     items: dict[str, int] = field(default_factory=dict)        # cell_tiles, cells, tiles
     actors: dict[str, int] = field(default_factory=dict)
     phase: dict[str, str] = field(default_factory=dict)        # stage -> its branch
+    ready: dict[str, list[float]] = field(default_factory=dict)  # stage -> [first, last] time
+    #                                                            an actor of it was ready
+    init: dict[str, float] = field(default_factory=dict)       # stage -> longest constructor
+    t_start: float = field(default_factory=time.time)          # the run's start (epoch s)
     _started: dict[str, float] = field(default_factory=dict, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -64,6 +68,24 @@ class RunMetrics:
         for key, values in batch.items():
             if key.startswith("_t_"):
                 self.busy[key[3:]] = self.busy.get(key[3:], 0.0) + float(np.sum(values))
+            elif key.startswith(("_r_", "_i_")):
+                stamped = np.asarray(values, np.float64)
+                stamped = stamped[stamped > 0]  # 0: a row that does not carry it
+                if not stamped.size:
+                    continue
+                stage = key[3:]
+                if key.startswith("_i_"):
+                    self.init[stage] = max(self.init.get(stage, 0.0), float(stamped.max()))
+                else:
+                    lo, hi = self.ready.get(stage, [np.inf, -np.inf])
+                    self.ready[stage] = [min(lo, float(stamped.min())),
+                                         max(hi, float(stamped.max()))]
+
+    def ready_s(self) -> dict[str, list[float]]:
+        """Per stage, seconds from the run's start until its first and its last actor (of
+        those that delivered a batch) had finished starting: process, imports, constructor."""
+        return {s: [round(lo - self.t_start, 1), round(hi - self.t_start, 1)]
+                for s, (lo, hi) in self.ready.items()}
 
     def count(self, name: str, n: float) -> None:
         self.items[name] = self.items.get(name, 0) + n
@@ -103,13 +125,18 @@ class RunMetrics:
                 "items": {k: round(v) for k, v in self.items.items()},
                 "actors": dict(self.actors),
                 "utilisation": self.utilisation(), "startup_share": self.startup_share(),
-                "bounding_stage": self.bounding()}
+                "bounding_stage": self.bounding(), "actors_ready_s": self.ready_s(),
+                "actor_init_s": {k: round(v, 1) for k, v in self.init.items()}}
 
     def line(self) -> str:
         u = self.utilisation()
         parts = [f"{ph} {w:.1f} s" for ph, w in self.wall.items()]
         parts += [f"{s} {u[s]:.0%} busy on {self.actors.get(s, 1)}" for s in u]
         parts += [f"{ph} start-up {v:.0%}" for ph, v in self.startup_share().items()]
+        ready = self.ready_s()
+        if ready:
+            parts.append("actors ready by " + ", ".join(f"{s} {hi:.1f} s"
+                                                         for s, (_, hi) in ready.items()))
         return "time: " + "; ".join(parts)
 
 
@@ -285,6 +312,7 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     each consumed on its own thread into one ``Aggregator``. ``metrics``, when given, is filled
     with where the time went (``RunMetrics``)."""
     metrics = metrics if metrics is not None else RunMetrics()
+    metrics.t_start = time.time()
     stages = resolve_stages(cfg, allow_untrained)
     for name, why in stages.skipped.items():
         log(f"stage skipped: {name}: {why}")

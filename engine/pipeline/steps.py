@@ -104,11 +104,29 @@ class ReaderCache:
         self._staging.close()
 
 
-def stamp(batch: dict, stage: str, t0: float) -> dict:
+# columns the steps add for RunMetrics: busy seconds, when the actor was ready (epoch s), and
+# how long its constructor took
+METRIC_PREFIXES = ("_t_", "_r_", "_i_")
+
+
+def ready_since(t_born: float) -> tuple[float, float]:
+    """``(ready, init seconds)`` for a step whose constructor began at ``t_born`` (``time.time``)
+    and ends now."""
+    now = time.time()
+    return now, now - t_born
+
+
+def stamp(batch: dict, stage: str, t0: float,
+          ready: tuple[float, float] | None = None) -> dict:
     """Add column ``_t_<stage>``: this batch's busy seconds spread over its rows, so the driver
-    sums a stage's busy time without another channel (``RunMetrics``)."""
+    sums a stage's busy time without another channel (``RunMetrics``); with ``ready`` (from
+    `ready_since`), also ``_r_<stage>`` and ``_i_<stage>``: when this actor was ready and how
+    long it took to start, so the driver sees where start-up went."""
     n = len(batch["task"])
     batch[f"_t_{stage}"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
+    if ready is not None:
+        batch[f"_r_{stage}"] = np.full(n, ready[0])
+        batch[f"_i_{stage}"] = np.full(n, ready[1])
     return batch
 
 
@@ -255,11 +273,13 @@ class PlanTasks:
     """
 
     def __init__(self, cfg: Config, mpp: MppOverrides | None, branch: str):
+        t_born = time.time()
         limit_native_threads(cfg.pipeline.native_threads)
         self.branch = branch
         self.plan = PlanSlide(cfg, mpp, stages=(branch,))
         # the other shards of a slide usually follow on this actor: plan it once for them
         self._recent: collections.OrderedDict = collections.OrderedDict()
+        self._ready = ready_since(t_born)
 
     def _planned(self, row: dict) -> dict:
         key = (row["uri"], row.get("size"), row.get("etag"))
@@ -287,7 +307,8 @@ class PlanTasks:
         header = json.dumps({k: v for k, v in plan.items() if k != "plans"})
         for i, t in enumerate(tasks):
             t.update(n_tasks=n, header=header if i == 0 else "",
-                     **{f"_t_plan_{self.branch}": busy})
+                     **{f"_t_plan_{self.branch}": busy, f"_r_plan_{self.branch}": self._ready[0],
+                        f"_i_plan_{self.branch}": self._ready[1]})
         return tasks
 
 
@@ -304,15 +325,17 @@ class DetectCells:
     """
 
     def __init__(self, cfg: Config):
+        t_born = time.time()
         limit_native_threads(cfg.pipeline.native_threads)
         self.cfg = cfg
         self.readers = ReaderCache(cfg)
+        self._ready = ready_since(t_born)
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
         rows: list[dict] = []
         crops: list[np.ndarray] = []
-        carried = [k for k in batch if k.startswith("_t_")]  # earlier stages' busy time
+        carried = [k for k in batch if k.startswith(METRIC_PREFIXES)]  # earlier stages' times
         for i in range(len(batch["task"])):
             t = {k: batch[k][i] for k in batch}
             first = len(rows)
@@ -325,7 +348,7 @@ class DetectCells:
                for k in (*_CELL_COLUMNS, *carried)}
         out["crop"] = np.stack(crops) if crops else np.zeros((0, CROP_PX, CROP_PX, 3), np.uint8)
         self.readers.release_unused()
-        return stamp(out, "detect", t0)
+        return stamp(out, "detect", t0, self._ready)
 
     def _task(self, t: dict, rows: list[dict], crops: list[np.ndarray]) -> None:
         """Append one task's rows and crops (at least one row)."""
@@ -378,6 +401,7 @@ class ClassifyCells:
 
     def __init__(self, model: str, checkpoint: str | None, allow_untrained: bool = False,
                  tta: bool = False, storage=None, compile: bool = False, batch_size: int = 0):
+        t_born = time.time()
         from engine.models import Predictor, create_model
 
         self.model = create_model(model, checkpoint, allow_untrained=allow_untrained,
@@ -386,6 +410,7 @@ class ClassifyCells:
         self.predictor = Predictor(self.model, compile=compile)
         self.predictor.warmup(batch_size)  # GPU: kernels and plans at actor start, not in-stream
         self.tta = tta
+        self._ready = ready_since(t_born)
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
@@ -399,7 +424,7 @@ class ClassifyCells:
         batch["probabilities"] = probs
         batch["class_code"] = np.where(real, codes[probs.argmax(1)], "")
         batch["class_prob"] = probs.max(1)
-        return stamp(batch, "classify", t0)
+        return stamp(batch, "classify", t0, self._ready)
 
 
 class ReadTiles:
@@ -412,11 +437,13 @@ class ReadTiles:
     def __init__(self, cfg: Config, keep_pixels: bool, threads: int = 1):
         from concurrent.futures import ThreadPoolExecutor
 
+        t_born = time.time()
         limit_native_threads(cfg.pipeline.native_threads)
         self.readers = ReaderCache(cfg)
         self.keep_pixels = keep_pixels
         self.tile_px = cfg.tiles.tile_px
         self._pool = ThreadPoolExecutor(threads)
+        self._ready = ready_since(t_born)
 
     def _one(self, batch: dict, i: int):
         size = int(batch["tile_px"][i])
@@ -445,7 +472,7 @@ class ReadTiles:
             batch["image"] = np.stack(images) if images else \
                 np.zeros((0, self.tile_px, self.tile_px, 3), np.uint8)
         self.readers.release_unused()
-        return stamp(batch, "read", t0)
+        return stamp(batch, "read", t0, self._ready)
 
 
 class EncodeTiles:
@@ -453,15 +480,17 @@ class EncodeTiles:
 
     def __init__(self, model: str, checkpoint: str | None, allow_untrained: bool = False,
                  storage=None, compile: bool = False, batch_size: int = 0):
+        t_born = time.time()
         from engine.models import Predictor, create_model
 
         self.predictor = Predictor(create_model(model, checkpoint,
                                                 allow_untrained=allow_untrained,
                                                 storage=storage), compile=compile)
         self.predictor.warmup(batch_size)
+        self._ready = ready_since(t_born)
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
         # header rows of slides without tiles hold a blank image: one wasted row per such slide
         batch["embedding"] = self.predictor.embed(batch.pop("image"))
-        return stamp(batch, "encode", t0)
+        return stamp(batch, "encode", t0, self._ready)

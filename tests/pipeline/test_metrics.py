@@ -35,3 +35,14 @@ def test_startup_bounds_a_branch_that_mostly_waited_for_its_first_batch():
     m.add_batch({"_t_encode": np.full(4, 0.5)})
     assert m.startup_share()["tiles"] == pytest.approx(0.8, abs=0.02)
     assert m.bounding() == {"tiles": "startup"}
+
+
+def test_actor_start_up_is_reported_per_stage():
+    m = RunMetrics(t_start=1000.0)
+    out = stamp({"task": np.arange(3)}, "encode", time.perf_counter(), ready=(1012.5, 8.0))
+    m.add_batch(out)
+    m.add_batch({"_r_encode": np.array([0.0, 1014.0]), "_i_encode": np.array([0.0, 9.5]),
+                 "_r_read": np.array([1003.0])})  # 0: rows that do not carry the stamp
+    assert m.ready_s() == {"encode": [12.5, 14.0], "read": [3.0, 3.0]}
+    assert m.as_dict()["actor_init_s"] == {"encode": 9.5}
+    assert "actors ready by encode 14.0 s, read 3.0 s" in m.line()
