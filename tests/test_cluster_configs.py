@@ -75,3 +75,18 @@ def test_runtime_env_excludes_local_state():
     assert ".venv/" in env["excludes"] and ".git/" in env["excludes"]
     text = (CLUSTER / "runtime_env.yaml").read_text().lower()
     assert "aws_secret" not in text and "token:" not in text
+
+
+def test_worker_pods_have_room_for_staged_slides():
+    """Slides on S3 are staged under /tmp on each node (storage.stage_dir unset): the worker
+    pods mount a /tmp volume larger than the staging bound in the default config."""
+    bound = _load("../jobs/configs/default.yaml")["storage"]["stage_max_bytes"]
+    assert _load("../jobs/configs/default.yaml")["storage"]["stage_dir"] is None
+    for spec in (_load("kuberay-raycluster.yaml")["spec"],
+                 _load("kuberay-rayjob.yaml")["spec"]["rayClusterSpec"]):
+        for group in spec["workerGroupSpecs"]:
+            pod = group["template"]["spec"]
+            mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+            volume = next(v for v in pod["volumes"] if v["name"] == mounts["/tmp"])
+            size = volume["emptyDir"]["sizeLimit"]
+            assert size.endswith("Gi") and int(size[:-2]) * 1024**3 > 2 * bound
