@@ -52,8 +52,11 @@ class ReaderCache:
     holds at most the slides of its last batch, and the copies it no longer reads can be evicted.
     """
 
-    def __init__(self, cfg: Config, size: int = 4):
+    def __init__(self, cfg: Config, size: int = 4, threads: int = 1):
         self.cfg, self.size = cfg, size
+        # with one reading thread, a stage waiting for room may close this cache's other
+        # slides; with more, another thread may be reading them
+        self._make_room = self._close_oldest if threads <= 1 else None
         self._open: collections.OrderedDict = collections.OrderedDict()
         self._used: set[str] = set()
         self._stat: dict[str, FileEntry] = {}  # size and ETag of remote slides, asked once
@@ -77,7 +80,7 @@ class ReaderCache:
         stack = contextlib.ExitStack()
         reader = stack.enter_context(open_slide(
             uri, self.cfg.storage, self._staging, size=entry and entry.size,
-            etag=entry and entry.etag, make_room=self._close_oldest))
+            etag=entry and entry.etag, make_room=self._make_room))
         self._open[uri] = (reader, stack)
         while len(self._open) > self.size:
             self._close_oldest()
@@ -439,7 +442,7 @@ class ReadTiles:
 
         t_born = time.time()
         limit_native_threads(cfg.pipeline.native_threads)
-        self.readers = ReaderCache(cfg)
+        self.readers = ReaderCache(cfg, threads=threads)
         self.keep_pixels = keep_pixels
         self.tile_px = cfg.tiles.tile_px
         self._pool = ThreadPoolExecutor(threads)
