@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -53,7 +54,7 @@ def storage_from_args(args: argparse.Namespace,
     changes = {k: v for k, v in {"endpoint_url": args.s3_endpoint, "region": args.s3_region,
                                  "profile": args.s3_profile,
                                  "anon": True if args.s3_anon else None}.items() if v is not None}
-    return StorageConfig(**{**base.__dict__, **changes}) if changes else base
+    return dataclasses.replace(base, **changes)
 
 
 def read_text(uri: str, storage: StorageConfig) -> str:

@@ -182,7 +182,6 @@ class StagingArea:
         self.root = storage.stage_dir or default_stage_dir()
         self._ready = False  # the folder is made on the first remote stage: local jobs never do
         self.downloads = 0  # objects this instance downloaded (not counting companions)
-        self.downloaded_bytes = 0
 
     def _make_root(self) -> None:
         if self._ready:
@@ -233,15 +232,6 @@ class StagingArea:
         if size is None or etag is None:
             entry = stat_file(uri, self.storage)
             size, etag = entry.size or 0, entry.etag
-        try:
-            companions = call_with_retries(lambda: self._companions(fs, path), self.storage,
-                                           "list companions")
-        except OSError as err:
-            raise translate_storage_error(uri, err) from err
-        total = size + sum(s for _, s in companions)
-        if total > self.max_bytes:
-            raise StagingError(uri, f"object of {total:,} bytes exceeds the staging bound of "
-                               f"{self.max_bytes:,} bytes (storage.stage_max_bytes)")
         key = hashlib.sha256(f"{uri}\0{size}\0{etag}".encode()).hexdigest()[:32]
         folder, lock = os.path.join(self.root, key), os.path.join(self.root, key + ".lock")
         done = os.path.join(folder, ".complete")
@@ -255,7 +245,7 @@ class StagingArea:
                 # to exclusive; not atomic, so an evictor may slip in between: check the inode
                 waited.lock(fd, fcntl.LOCK_EX)
                 if _same_file(fd, lock) and not os.path.exists(done):
-                    self._download(uri, fs, path, companions, folder, total, fd, key, waited)
+                    self._download(uri, fs, path, size, folder, fd, key, waited)
                 os.close(fd)  # and take it again shared
                 fd = None
             os.utime(lock)  # last use, for eviction
@@ -298,8 +288,18 @@ class StagingArea:
         finally:
             os.close(room)
 
-    def _download(self, uri, fs, path, companions, folder, total, fd, key, waited) -> None:
-        """Fetch the object and its companions into ``folder`` (we hold its lock exclusively)."""
+    def _download(self, uri, fs, path, size, folder, fd, key, waited) -> None:
+        """Fetch the object and its companions into ``folder`` (we hold its lock exclusively);
+        a copy already staged needs neither the companions' listing nor this."""
+        try:
+            companions = call_with_retries(lambda: self._companions(fs, path), self.storage,
+                                           "list companions")
+        except OSError as err:
+            raise translate_storage_error(uri, err) from err
+        total = size + sum(s for _, s in companions)
+        if total > self.max_bytes:
+            raise StagingError(uri, f"object of {total:,} bytes exceeds the staging bound of "
+                               f"{self.max_bytes:,} bytes (storage.stage_max_bytes)")
         shutil.rmtree(folder, ignore_errors=True)  # a crashed download's leftovers
         self._reserve(total, fd, key, waited)
         parent = path.rsplit("/", 1)[0]
@@ -318,7 +318,6 @@ class StagingArea:
         with open(os.path.join(folder, ".complete"), "w"):
             pass
         self.downloads += 1
-        self.downloaded_bytes += total
 
     def _entries(self) -> list[tuple[float, str, int]]:
         """``(last use, key, bytes)`` of every copy in the folder, oldest first."""
