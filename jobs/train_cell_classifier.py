@@ -70,6 +70,14 @@ def parse_args(argv=None):
                    help="weight of the distillation term when --teacher is given")
     p.add_argument("--distill-temperature", type=float, default=4.0)
     p.add_argument("--lr-step-epochs", type=int, default=10, help="step decay period (x0.3)")
+    p.add_argument("--init", help="fine-tune from this checkpoint (same architecture and class "
+                                  "codes) instead of random weights")
+    p.add_argument("--swa-start", type=int,
+                   help="stochastic weight averaging: from this epoch the learning rate stays "
+                        "constant and the end-of-epoch weights are averaged; the average is "
+                        "scored and shipped")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="bf16 autocast: auto = on CUDA and on CPUs with native bf16")
     p.add_argument("--max-minutes", type=float, help="stop each fold after this wall time")
     p.add_argument("--source-mpp", type=float, default=0.1,
                    help="µm/px of the input images (PBC / CellaVision: about 0.1)")
@@ -197,7 +205,8 @@ def main(argv=None) -> int:
                              optimizer=args.optimizer, weight_decay=args.weight_decay,
                              mixup_alpha=args.mixup,
                              distill_alpha=args.distill_alpha if args.teacher else 0.0,
-                             distill_temperature=args.distill_temperature)
+                             distill_temperature=args.distill_temperature,
+                             swa_start=args.swa_start, precision=args.precision)
     import torch
 
     use_gpu = args.gpus or torch.cuda.is_available()
@@ -208,6 +217,7 @@ def main(argv=None) -> int:
     for fold in range(args.folds):
         config = {"arch": args.arch, "class_codes": codes, "data": prepared, "fold": fold,
                   "settings": settings_dict(settings), "teachers": list(args.teacher),
+                  "init": args.init,
                   "storage": dataclasses.asdict(storage)}
         t0 = time.time()
         if args.local:

@@ -20,8 +20,8 @@ from engine.config import StorageConfig
 from engine.models.factory import build_module
 from engine.models.registry import get_spec
 from engine.train.augment import eval_transform, train_transform
-from engine.train.loop import (Session, TrainSettings, evaluate, load_train_state,
-                               save_train_state, train_one_epoch, unwrap)
+from engine.train.loop import (EpochAverage, Session, TrainSettings, evaluate,
+                               load_train_state, save_train_state, train_one_epoch, unwrap)
 from engine.train.splits import BalancedSampler
 
 
@@ -68,6 +68,30 @@ def load_teachers(uris, arch: str, codes: list[str], device: torch.device,
     return out
 
 
+def load_init(uri: str, arch: str, codes: list[str], storage: StorageConfig | None = None
+              ) -> dict[str, torch.Tensor]:
+    """Weights to fine-tune from: a checkpoint of the same architecture scoring the same codes."""
+    from engine.models.factory import create_model
+
+    start = create_model(arch, uri, storage=storage)
+    if list(start.class_codes) != list(codes):
+        raise ValueError(f"--init {uri} scores {list(start.class_codes)}, this run {list(codes)}: "
+                         f"fine-tuning needs the same codes in order")
+    return {k: v.float() if v.is_floating_point() else v
+            for k, v in start.module.state_dict().items()}
+
+
+def step_then_constant(settings: TrainSettings):
+    """Step decay (x ``lr_gamma`` every ``lr_step_epochs``) that stops at ``swa_start``."""
+    stop = settings.swa_start
+
+    def factor(epoch: int) -> float:
+        e = epoch if stop is None else min(epoch, stop)
+        return settings.lr_gamma ** (e // settings.lr_step_epochs)
+
+    return factor
+
+
 def train_fold(config: dict, session: Session) -> None:
     """Train one fold; reports metrics every epoch with a checkpoint folder holding the resumable
     state (``state.safetensors`` + ``state.json``) and the best weights so far
@@ -75,7 +99,8 @@ def train_fold(config: dict, session: Session) -> None:
 
     ``config`` keys: ``arch`` (registry name), ``class_codes``, ``data`` (prepared folder),
     ``fold``, ``settings`` (`TrainSettings` fields), and optionally ``teachers`` (checkpoint
-    URIs with the same class codes, distilled from when ``settings.distill_alpha`` > 0).
+    URIs with the same class codes, distilled from when ``settings.distill_alpha`` > 0) and
+    ``init`` (a checkpoint URI to fine-tune from instead of random weights).
     """
     settings = TrainSettings.from_dict(config["settings"])
     torch.manual_seed(settings.seed + session.rank)
@@ -83,7 +108,10 @@ def train_fold(config: dict, session: Session) -> None:
     codes = list(config["class_codes"])
     images, labels, train_idx, val_idx = load_prepared(config["data"], config["fold"])
 
+    storage = StorageConfig(**config["storage"]) if config.get("storage") else None
     module = build_module(spec, len(codes))
+    if config.get("init"):
+        module.load_state_dict(load_init(config["init"], spec.name, codes, storage))
     if session.device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)
     model = session.prepare_model(module)
@@ -93,9 +121,7 @@ def train_fold(config: dict, session: Session) -> None:
     mean, std = dcfg["mean"], dcfg["std"]
     opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[settings.optimizer]
     optimizer = opt_cls(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.lr_step_epochs,
-                                                settings.lr_gamma)
-    storage = StorageConfig(**config["storage"]) if config.get("storage") else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, step_then_constant(settings))
     teachers = load_teachers(config.get("teachers") or (), spec.name, codes, session.device,
                              storage)
     ema = None
@@ -103,10 +129,12 @@ def train_fold(config: dict, session: Session) -> None:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(unwrap(model), decay=settings.ema_decay, use_warmup=True)
+    swa = EpochAverage(unwrap(model), settings.swa_start) if settings.swa_start is not None \
+        else None
     start, best_f1, bad, best_state = 0, -1.0, 0, None
     restore = session.restore_dir()
     if restore:
-        doc, best_state = load_train_state(restore, model, optimizer, scheduler, ema)
+        doc, best_state = load_train_state(restore, model, optimizer, scheduler, ema, swa)
         start, best_f1, bad = doc["epoch"] + 1, doc["best_macro_f1"], doc["bad_epochs"]
 
     sampler = BalancedSampler(labels[train_idx], session.world_size, session.rank, settings.seed)
@@ -130,8 +158,12 @@ def train_fold(config: dict, session: Session) -> None:
         train_loss = train_one_epoch(model, train_loader, optimizer, session.device, mean, std,
                                      settings, ema, teachers)
         scheduler.step()
-        scored = ema.module if ema is not None else unwrap(model)  # the weights we would ship
-        val = evaluate(scored, val_loader, session.device, mean, std, codes)
+        if swa is not None:
+            swa.update(unwrap(model), epoch)
+        # the weights we would ship: the SWA average once it holds an epoch, else the EMA or model
+        scored = swa.module if swa is not None and swa.n else \
+            ema.module if ema is not None else unwrap(model)
+        val = evaluate(scored, val_loader, session.device, mean, std, codes, settings.precision)
         if val["macro_f1"] > best_f1:
             best_f1, bad = val["macro_f1"], 0
             best_state = copy.deepcopy({k: v.detach().cpu()
@@ -141,10 +173,11 @@ def train_fold(config: dict, session: Session) -> None:
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
                    "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
                    "best_val_macro_f1": best_f1, "lr": scheduler.get_last_lr()[0],
-                   "seconds": round(time.time() - t0, 2), "fold": config["fold"]}
+                   "seconds": round(time.time() - t0, 2), "fold": config["fold"],
+                   **({"swa_epochs": swa.n} if swa is not None else {})}
         with tempfile.TemporaryDirectory() as tmp:
             if session.rank == 0:
                 save_train_state(tmp, model, optimizer, scheduler,
                                  {"epoch": epoch, "best_macro_f1": best_f1, "bad_epochs": bad},
-                                 best_state, ema)
+                                 best_state, ema, swa)
             session.report(metrics, tmp if session.rank == 0 else None)

@@ -218,3 +218,75 @@ def test_student_distils_from_a_teacher_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="same codes"):
         train_fold({**config, "teachers": [str(tmp_path / "other.safetensors")]},
                    LocalSession(str(tmp_path / "run2"), torch.device("cpu"), log=lambda s: None))
+
+
+def test_epoch_average_is_the_equal_weight_mean_from_its_start_epoch():
+    from engine.train.loop import EpochAverage, use_bf16
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    avg = EpochAverage(model, start=1)
+    seen = []
+    for epoch in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.train()(torch.randn(8, 3))  # moves the BatchNorm running stats
+        avg.update(model, epoch)
+        if epoch >= 1:
+            seen.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert avg.n == 3
+    for name, value in avg.module.state_dict().items():
+        if value.is_floating_point():
+            expect = torch.stack([s[name] for s in seen]).mean(0)
+            assert torch.allclose(value, expect, atol=1e-6), name
+    assert avg.module.state_dict()["1.num_batches_tracked"] == 4
+    assert use_bf16(torch.device("cpu"), "fp32") is False
+    assert use_bf16(torch.device("cpu"), "bf16") is True
+    with pytest.raises(ValueError, match="precision"):
+        use_bf16(torch.device("cpu"), "fp8")
+
+
+@needs_pbc
+def test_fine_tunes_from_an_init_checkpoint_and_resumes_its_weight_average(tmp_path):
+    from safetensors.torch import load_file
+
+    from engine.models import create_model, write_checkpoint
+    from engine.train.cell_classifier import train_fold
+
+    codes, prepared = _prepare(tmp_path)
+    torch.manual_seed(2)
+    start = create_model("deepheme-tiny", allow_untrained=True, class_codes=tuple(codes))
+    card = {"name": "deepheme-tiny", "architecture": start.spec.architecture,
+            "class_codes": list(codes)}
+    init = str(tmp_path / "init.safetensors")
+    write_checkpoint(start.module.state_dict(), card, init)
+    quiet = lambda s: None  # noqa: E731
+    # at lr 0 the parameters stay the init checkpoint's, so the run must have started from it
+    frozen = TrainSettings(epochs=1, batch_size=16, num_workers=0, lr=0.0, patience=100,
+                           weight_decay=0.0)
+    config = {"arch": "deepheme-tiny", "class_codes": codes, "data": prepared, "fold": 0,
+              "settings": frozen.__dict__, "init": init}
+    session = LocalSession(str(tmp_path / "frozen"), torch.device("cpu"), log=quiet)
+    train_fold(config, session)
+    best = load_file(str(tmp_path / "frozen" / "checkpoint" / "best.safetensors"))
+    reference = create_model("deepheme-tiny", init).module.state_dict()
+    for name, _ in start.module.named_parameters():
+        assert torch.equal(best[name], reference[name].float()), name
+    # SWA from epoch 1: the average holds one more epoch each epoch, across a resume
+    swa = TrainSettings(epochs=3, batch_size=16, num_workers=0, lr=1e-3, patience=100,
+                        swa_start=1, lr_step_epochs=1)
+    config = {**config, "settings": swa.__dict__}
+    session = LocalSession(str(tmp_path / "swa"), torch.device("cpu"), log=quiet)
+    train_fold(config, session)
+    assert [h["swa_epochs"] for h in session.history] == [0, 1, 2]
+    # the step decay runs until swa_start, then the rate stays put
+    assert [round(h["lr"], 6) for h in session.history] == [3e-4, 3e-4, 3e-4]
+    resumed = LocalSession(str(tmp_path / "swa"), torch.device("cpu"), log=quiet)
+    train_fold({**config, "settings": {**swa.__dict__, "epochs": 5}}, resumed)
+    assert [h["swa_epochs"] for h in resumed.history] == [3, 4]
+    # an init checkpoint scoring other codes is refused
+    write_checkpoint(start.module.state_dict(), {**card, "class_codes": list(reversed(codes))},
+                     str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="same codes"):
+        train_fold({**config, "init": str(tmp_path / "other.safetensors")},
+                   LocalSession(str(tmp_path / "run3"), torch.device("cpu"), log=quiet))
