@@ -162,6 +162,10 @@ class ModelStageConfig:
     Attributes:
         model: registry name (``python -c "import engine.models as m; print(m.list_models())"``).
         checkpoint: safetensors URI; None means the model's shipped default, if any.
+        ensemble: more checkpoints of ``model`` scoring the same class codes, for example the
+            other folds of ``jobs.train_cell_classifier --folds K``; the classifier's
+            probabilities are averaged over ``checkpoint`` and these (one forward pass each).
+            Classifier only: embeddings of different models do not average.
         batch_size: crops or tiles per forward pass.
         concurrency: model actors (one per GPU on a GPU cluster).
         num_gpus: GPUs per actor when the cluster has GPUs (0 on CPU-only clusters).
@@ -171,6 +175,7 @@ class ModelStageConfig:
 
     model: str = "deepheme-resnext50"
     checkpoint: str | None = None
+    ensemble: tuple[str, ...] = ()
     batch_size: int = 256
     concurrency: int = 1
     num_gpus: float = 1.0

@@ -276,6 +276,12 @@ def main(argv=None) -> int:
         print(f"uploaded {len(publish(out, where, storage))} files from {out}", flush=True)
     print(f"checkpoints: {where}/fold-*/model.safetensors; test split: "
           f"{where}/test/labels.csv")
+    if args.folds > 1:
+        print("to classify slides with the fold ensemble, in the process_slides config:\n"
+              "  pipeline:\n    classifier:\n"
+              f"      model: {args.arch}\n"
+              f"      checkpoint: {where}/fold-0/model.safetensors\n"
+              f"      ensemble: [{', '.join(f'{where}/fold-{k}/model.safetensors' for k in range(1, args.folds))}]")
     return 0
 
 

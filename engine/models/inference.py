@@ -119,3 +119,39 @@ class Predictor:
 
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self.module.forward_head(self.module.forward_features(x), pre_logits=True)
+
+
+class EnsemblePredictor:
+    """Class probabilities averaged over classifiers that score the same codes in the same
+    order (the k fold models of a cross-validated training run); one forward pass per member.
+
+    ``model`` is the first member (its spec, codes and card stand for the ensemble); keyword
+    arguments go to each member's `Predictor`.
+    """
+
+    def __init__(self, models: list[LoadedModel], device: torch.device | str | None = None,
+                 **kwargs):
+        if not models:
+            raise ValueError("an ensemble needs at least one model")
+        codes = models[0].class_codes
+        for m in models[1:]:
+            if m.spec.name != models[0].spec.name or m.class_codes != codes:
+                raise ValueError(
+                    f"ensemble members must be one model scoring the same codes: "
+                    f"{models[0].spec.name} {list(codes)} vs {m.spec.name} {list(m.class_codes)}")
+        self.model = models[0]
+        self.members = [Predictor(m, device, **kwargs) for m in models]
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def warmup(self, max_batch: int) -> None:
+        for p in self.members:
+            p.warmup(max_batch)
+
+    def predict(self, images, tta: bool = False) -> np.ndarray:
+        """Mean class probabilities ``(B, C) float32`` over the members."""
+        out = self.members[0].predict(images, tta)
+        for p in self.members[1:]:
+            out += p.predict(images, tta)
+        return out / len(self.members)

@@ -19,7 +19,7 @@ import ray
 
 from engine.cells import KIND_CELL, KIND_PLATELET
 from engine.classes import DEEPHEME_CODES
-from engine.config import Config
+from engine.config import Config, ConfigError
 from engine.models import MissingWeights, create_model
 from engine.pipeline.aggregate import Aggregator
 from engine.pipeline.commit import OutputStore
@@ -152,15 +152,28 @@ def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
     stages = pc.stages
     if "cells" in stages:
         c = cfg.pipeline.classifier
-        model = create_model(c.model, c.checkpoint, allow_untrained=allow_untrained,
-                             storage=cfg.storage, class_codes=DEEPHEME_CODES)
+        members = [create_model(c.model, ckpt, allow_untrained=allow_untrained,
+                                storage=cfg.storage, class_codes=DEEPHEME_CODES)
+                   for ckpt in (c.checkpoint, *c.ensemble)]
+        model = members[0]
+        for ckpt, other in zip(c.ensemble, members[1:]):
+            if other.class_codes != model.class_codes:
+                raise ConfigError(
+                    f"pipeline.classifier.ensemble: {ckpt} scores {list(other.class_codes)}, "
+                    f"the classifier {list(model.class_codes)}; an ensemble averages "
+                    f"probabilities of the same codes in the same order")
         plan.model_codes = model.class_codes
         plan.run += ["cell_detection", f"cell_classification:{c.model}", "differential"]
-        if not model.trained:
+        if len(members) > 1:
+            plan.run[-2] += f" (ensemble of {len(members)})"
+        if not all(m.trained for m in members):
             plan.run[-2] += " (UNTRAINED)"
     if "tiles" in stages:
         plan.run += ["tiles", "cellularity:image_analysis"]
         e = cfg.pipeline.encoder
+        if e.ensemble:
+            raise ConfigError("pipeline.encoder.ensemble: tile embeddings of different models "
+                              "do not average; give one encoder checkpoint")
         try:
             enc = create_model(e.model, e.checkpoint, allow_untrained=allow_untrained,
                                storage=cfg.storage)
@@ -265,7 +278,8 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
                                compute=_actors(res.readers[branch], grow), num_cpus=res.cpu)
                 .map_batches(ClassifyCells,
                              fn_constructor_args=(c.model, c.checkpoint, allow_untrained, c.tta,
-                                                  cfg.storage, c.compile, c.batch_size),
+                                                  cfg.storage, c.compile, c.batch_size,
+                                                  c.ensemble),
                              batch_size=c.batch_size, compute=_actors(c.concurrency),
                              num_gpus=res.gpu[branch], num_cpus=model_cpus))
     e = pc.encoder

@@ -400,17 +400,20 @@ class DetectCells:
 
 class ClassifyCells:
     """DeepHeme on the crops (GPU when the actor has one). Adds ``probabilities``,
-    ``class_code``, ``class_prob``; drops ``crop``. Marker rows pass through unscored."""
+    ``class_code``, ``class_prob``; drops ``crop``. Marker rows pass through unscored.
+    With ``ensemble`` checkpoints the probabilities are averaged over them and ``checkpoint``."""
 
     def __init__(self, model: str, checkpoint: str | None, allow_untrained: bool = False,
-                 tta: bool = False, storage=None, compile: bool = False, batch_size: int = 0):
+                 tta: bool = False, storage=None, compile: bool = False, batch_size: int = 0,
+                 ensemble: tuple[str, ...] = ()):
         t_born = time.time()
-        from engine.models import Predictor, create_model
+        from engine.models import EnsemblePredictor, create_model
 
-        self.model = create_model(model, checkpoint, allow_untrained=allow_untrained,
-                                  class_codes=DEEPHEME_CODES,
-                                  storage=storage)
-        self.predictor = Predictor(self.model, compile=compile)
+        members = [create_model(model, ckpt, allow_untrained=allow_untrained,
+                                class_codes=DEEPHEME_CODES, storage=storage)
+                   for ckpt in (checkpoint, *ensemble)]
+        self.predictor = EnsemblePredictor(members, compile=compile)
+        self.model = self.predictor.model
         self.predictor.warmup(batch_size)  # GPU: kernels and plans at actor start, not in-stream
         self.tta = tta
         self._ready = ready_since(t_born)

@@ -8,7 +8,7 @@ import numpy as np
 
 from engine.classes import DEEPHEME_CODES, covers, get_class, to_group
 from engine.models.factory import LoadedModel
-from engine.models.inference import Predictor
+from engine.models.inference import EnsemblePredictor
 from engine.train.data import LabelledImages, load_cell_images
 from engine.train.metrics import classification_metrics
 
@@ -24,15 +24,13 @@ def predict_images(models: list[LoadedModel], images: np.ndarray, batch_size: in
     """Mean probabilities over ``models`` (same class codes) and, optionally, the first model's
     penultimate features. ``images``: ``(N, S, S, 3) uint8`` at the models' input µm/px."""
     codes = models[0].class_codes
-    if any(m.class_codes != codes for m in models):
-        raise ValueError("ensemble members predict different class codes")
-    predictors = [Predictor(m, device) for m in models]
+    ensemble = EnsemblePredictor(models, device)
     probs, feats = [], []
     for i in range(0, len(images), batch_size):
         batch = images[i : i + batch_size]
-        probs.append(np.mean([p.predict(batch, tta) for p in predictors], axis=0))
+        probs.append(ensemble.predict(batch, tta))
         if with_features:
-            feats.append(predictors[0].embed(batch))
+            feats.append(ensemble.members[0].embed(batch))
     probs = np.concatenate(probs) if probs else np.zeros((0, len(codes)), np.float32)
     return probs, (np.concatenate(feats) if feats else None)
 

@@ -141,3 +141,20 @@ def test_gpu_padded_batches_give_the_unpadded_outputs():
     enc = create_model("dinov2-vits14", allow_untrained=True)
     np.testing.assert_allclose(Predictor(enc, "cuda", bucket=32).embed(tiles),
                                Predictor(enc, "cuda", bucket=0).embed(tiles), rtol=0.05, atol=0.05)
+
+
+def test_ensemble_averages_its_members_and_refuses_other_codes(tmp_path):
+    from engine.models import EnsemblePredictor
+
+    torch.manual_seed(0)
+    members = [create_model("deepheme-tiny", allow_untrained=True, class_codes=CODES)
+               for _ in range(3)]
+    crops = np.random.default_rng(2).integers(0, 255, (5, 96, 96, 3), dtype=np.uint8)
+    each = [Predictor(m, "cpu").predict(crops) for m in members]
+    assert not np.allclose(each[0], each[1])  # different weights, different outputs
+    ensemble = EnsemblePredictor(members, "cpu")
+    assert len(ensemble) == 3 and ensemble.model is members[0]
+    np.testing.assert_allclose(ensemble.predict(crops), np.mean(each, axis=0), atol=1e-6)
+    other = create_model("deepheme-tiny", allow_untrained=True, class_codes=CODES[::-1])
+    with pytest.raises(ValueError, match="same codes"):
+        EnsemblePredictor([members[0], other], "cpu")

@@ -68,3 +68,40 @@ def test_read_tiles_measures_areas(wsi_dir):
     assert out["image"].shape == (len(tasks), 224, 224, 3)
     assert (out["cellular_px"] + out["fat_px"] <= 224 * 224).all()
     assert (out["error_type"] == "").all()
+
+
+def test_classify_averages_an_ensemble_of_fold_checkpoints(tmp_path):
+    import torch
+
+    from engine.classes import DEEPHEME_CODES
+    from engine.errors import ConfigError
+    from engine.models import create_model, write_checkpoint
+    from engine.pipeline.run import resolve_stages
+
+    paths = []
+    for seed, codes in ((0, DEEPHEME_CODES), (1, DEEPHEME_CODES), (2, DEEPHEME_CODES[::-1])):
+        torch.manual_seed(seed)
+        m = create_model("deepheme-tiny", allow_untrained=True, class_codes=codes)
+        paths.append(str(tmp_path / f"fold-{seed}.safetensors"))
+        write_checkpoint(m.module.state_dict(), {"name": "deepheme-tiny", "architecture":
+                                                 m.spec.architecture, "class_codes": list(codes)},
+                         paths[-1])
+    rng = np.random.default_rng(0)
+    batch = {"kind": np.array(["nucleated", "platelet", "marker"]), "task": np.arange(3),
+             "crop": rng.integers(0, 255, (3, 96, 96, 3), dtype=np.uint8)}
+    single = [ClassifyCells("deepheme-tiny", p)(dict(batch))["probabilities"] for p in paths[:2]]
+    both = ClassifyCells("deepheme-tiny", paths[0], ensemble=(paths[1],))(dict(batch))
+    np.testing.assert_allclose(both["probabilities"], (single[0] + single[1]) / 2, atol=1e-6)
+    assert both["class_code"][2] == "" and not both["probabilities"][2].any()  # marker unscored
+
+    def config(**classifier):
+        return Config.from_dict({"pipeline": {"stages": ["cells"], "classifier": {
+            "model": "deepheme-tiny", "checkpoint": paths[0], **classifier}}})
+
+    plan = resolve_stages(config(ensemble=[paths[1]]), allow_untrained=False)
+    assert "cell_classification:deepheme-tiny (ensemble of 2)" in plan.run
+    with pytest.raises(ConfigError, match="same codes in the same order"):
+        resolve_stages(config(ensemble=[paths[2]]), allow_untrained=False)
+    with pytest.raises(ConfigError, match="embeddings of different models"):
+        resolve_stages(Config.from_dict({"pipeline": {"stages": ["tiles"], "encoder": {
+            "ensemble": [paths[0]]}}}), allow_untrained=True)
