@@ -52,24 +52,29 @@ from benchmarks.model_throughput import bench  # noqa: E402
 from benchmarks.pipeline_memory import rss_tree  # noqa: E402
 
 
-def model_alone(name: str, batch: int, compile: bool, steps: int = 20) -> float:
-    """Images/s of ``name`` on random device tensors (bf16 + channels_last on CUDA, fp32 on CPU,
-    as ``Predictor`` runs it)."""
+def model_alone(name: str, batch: int, compile: bool, steps: int = 20, amp: bool = True
+                ) -> float:
+    """Images/s of ``name`` on random device tensors, as ``Predictor`` runs it: bf16 +
+    channels_last on CUDA and on CPUs with native bf16 (unless ``amp`` is False), else fp32."""
     import torch
 
     from engine.classes import DEEPHEME_CODES
     from engine.models import create_model
+    from engine.models.inference import default_device, native_bf16
 
-    cuda = torch.cuda.is_available()
+    device = default_device()
+    cuda = device.type == "cuda"
     model = create_model(name, allow_untrained=True, class_codes=DEEPHEME_CODES)
-    m = model.module.eval().to("cuda" if cuda else "cpu")
+    m = model.module.eval().to(device)
     size = model.spec.input_px
-    x = torch.randn(batch, 3, size, size, device="cuda" if cuda else "cpu")
-    if cuda:
+    x = torch.randn(batch, 3, size, size, device=device)
+    bf16 = amp and native_bf16(device)
+    if bf16:
         m, x = m.to(memory_format=torch.channels_last), x.contiguous(
             memory_format=torch.channels_last)
-        return bench(torch.compile(m) if compile else m, x, steps, amp=True)
-    return bench(m, x, 2, amp=False, warmup=1)
+    if cuda:
+        return bench(torch.compile(m) if compile else m, x, steps, amp=bf16)
+    return bench(m, x, 2, amp=bf16, warmup=1)
 
 
 def main() -> None:
@@ -207,13 +212,19 @@ def main() -> None:
 
 
 def with_settings(cfg, changed: dict):
-    """``cfg`` with ``changed`` applied: keys are ``pipeline`` fields or ``section.field``."""
-    sections: dict[str, dict] = {}
+    """``cfg`` with ``changed`` applied: keys are dotted paths from the config's top
+    (``storage.stage_shared``, ``pipeline.classifier.amp``), or ``pipeline`` fields alone."""
+    def put(obj, path: list[str], value):
+        head = path[0]
+        new = value if len(path) == 1 else put(getattr(obj, head), path[1:], value)
+        return dataclasses.replace(obj, **{head: new})
+
     for key, value in changed.items():
-        section, _, field = key.rpartition(".")
-        sections.setdefault(section or "pipeline", {})[field] = value
-    return cfg.replace(**{k: dataclasses.replace(getattr(cfg, k), **v)
-                          for k, v in sections.items()})
+        path = key.split(".")
+        if not any(f.name == path[0] for f in dataclasses.fields(cfg)):
+            path = ["pipeline", *path]
+        cfg = put(cfg, path, value)
+    return cfg
 
 
 @contextlib.contextmanager

@@ -171,6 +171,9 @@ class ModelStageConfig:
         num_gpus: GPUs per actor when the cluster has GPUs (0 on CPU-only clusters).
         tta: average over 8 rotations/flips (classifier only; 8x compute).
         compile: ``torch.compile`` the model on GPU actors (about 2x for ResNeXt-50 on an H100).
+        amp: bf16 autocast where the device runs bf16 natively: CUDA, and CPUs with AVX512-BF16
+            or AMX (ResNeXt-50 2.1x faster than float32 on 2 cores). False: float32, for
+            bit-stable figures across machines.
     """
 
     model: str = "deepheme-resnext50"
@@ -181,6 +184,7 @@ class ModelStageConfig:
     num_gpus: float = 1.0
     tta: bool = False
     compile: bool = False
+    amp: bool = True
 
 
 @dataclass(frozen=True)

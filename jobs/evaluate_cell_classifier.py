@@ -33,6 +33,9 @@ def parse_args(argv=None):
     p.add_argument("--no-tta", action="store_true", help="no test-time rotations/flips")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP figure")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--fp32", action="store_true",
+                   help="float32 throughout (default: bf16 autocast on CUDA and on CPUs with "
+                        "native bf16; the report's 'precision' says which ran)")
     return p.parse_args(argv)
 
 
@@ -48,7 +51,7 @@ def main(argv=None) -> int:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2
     report, arrays = evaluate_classifier(models, data, args.source_mpp, args.batch_size,
-                                         tta=not args.no_tta)
+                                         tta=not args.no_tta, amp=not args.fp32)
     os.makedirs(args.plots, exist_ok=True)
     from engine.report.plots import plot_confusion, plot_umap
 

@@ -1,6 +1,7 @@
 """Batch inference: ``uint8 (B, H, W, 3)`` numpy in, float numpy out.
 
-On CUDA the model runs in channels_last with bf16 autocast; on CPU in float32.
+The model runs in channels_last with bf16 autocast on CUDA and on CPUs with native bf16
+(AVX512-BF16 or AMX: ResNeXt-50 at 96 px 2.1x faster than float32 on 2 cores), else in float32.
 """
 
 from __future__ import annotations
@@ -16,14 +17,23 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` runs bf16 matmuls and convolutions natively (CUDA; CPUs with
+    AVX512-BF16 or AMX through oneDNN). Elsewhere bf16 autocast would be emulated, and slower."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class Predictor:
     """Runs a `LoadedModel` on batches of RGB crops or tiles.
 
     Args:
         model: from `create_model`.
         device: defaults to CUDA when present.
-        amp: bf16 autocast on CUDA.
-        channels_last: NHWC memory format on CUDA (faster convolutions).
+        amp: bf16 autocast where the device runs bf16 natively (`native_bf16`).
+        channels_last: NHWC memory format on CUDA and under bf16 on CPU (faster convolutions).
         compile: ``torch.compile`` the model on CUDA (measured on an H100: ResNeXt-50 26.5k ->
             62k crops/s; the first batches pay the compile time).
         bucket: on CUDA, batches are padded on the device to a multiple of this many rows, so
@@ -37,8 +47,8 @@ class Predictor:
         self.model = model
         self.device = torch.device(device) if device is not None else default_device()
         self.cuda = self.device.type == "cuda"
-        self.amp = amp and self.cuda
-        self.channels_last = channels_last and self.cuda
+        self.amp = amp and native_bf16(self.device)
+        self.channels_last = channels_last and (self.cuda or self.amp)
         self.module = model.module.to(self.device).eval()
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
@@ -82,7 +92,7 @@ class Predictor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     @torch.inference_mode()
     def logits(self, images) -> torch.Tensor:

@@ -405,14 +405,14 @@ class ClassifyCells:
 
     def __init__(self, model: str, checkpoint: str | None, allow_untrained: bool = False,
                  tta: bool = False, storage=None, compile: bool = False, batch_size: int = 0,
-                 ensemble: tuple[str, ...] = ()):
+                 ensemble: tuple[str, ...] = (), amp: bool = True):
         t_born = time.time()
         from engine.models import EnsemblePredictor, create_model
 
         members = [create_model(model, ckpt, allow_untrained=allow_untrained,
                                 class_codes=DEEPHEME_CODES, storage=storage)
                    for ckpt in (checkpoint, *ensemble)]
-        self.predictor = EnsemblePredictor(members, compile=compile)
+        self.predictor = EnsemblePredictor(members, compile=compile, amp=amp)
         self.model = self.predictor.model
         self.predictor.warmup(batch_size)  # GPU: kernels and plans at actor start, not in-stream
         self.tta = tta
@@ -485,13 +485,13 @@ class EncodeTiles:
     """Tile encoder (DINOv2): ``image`` -> ``embedding`` ``(B, D) float32``."""
 
     def __init__(self, model: str, checkpoint: str | None, allow_untrained: bool = False,
-                 storage=None, compile: bool = False, batch_size: int = 0):
+                 storage=None, compile: bool = False, batch_size: int = 0, amp: bool = True):
         t_born = time.time()
         from engine.models import Predictor, create_model
 
         self.predictor = Predictor(create_model(model, checkpoint,
                                                 allow_untrained=allow_untrained,
-                                                storage=storage), compile=compile)
+                                                storage=storage), compile=compile, amp=amp)
         self.predictor.warmup(batch_size)
         self._ready = ready_since(t_born)
 

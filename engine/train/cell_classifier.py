@@ -21,7 +21,8 @@ from engine.models.factory import build_module
 from engine.models.registry import get_spec
 from engine.train.augment import eval_transform, train_transform
 from engine.train.loop import (EpochAverage, Session, TrainSettings, evaluate,
-                               load_train_state, save_train_state, train_one_epoch, unwrap)
+                               load_train_state, save_train_state, train_one_epoch, unwrap,
+                               use_bf16)
 from engine.train.splits import BalancedSampler
 
 
@@ -112,8 +113,8 @@ def train_fold(config: dict, session: Session) -> None:
     module = build_module(spec, len(codes))
     if config.get("init"):
         module.load_state_dict(load_init(config["init"], spec.name, codes, storage))
-    if session.device.type == "cuda":
-        module = module.to(memory_format=torch.channels_last)
+    if session.device.type == "cuda" or use_bf16(session.device, settings.precision):
+        module = module.to(memory_format=torch.channels_last)  # NHWC: oneDNN / cuDNN bf16 paths
     model = session.prepare_model(module)
     from timm.data import resolve_model_data_config
 

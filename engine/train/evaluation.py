@@ -8,7 +8,7 @@ import numpy as np
 
 from engine.classes import DEEPHEME_CODES, covers, get_class, to_group
 from engine.models.factory import LoadedModel
-from engine.models.inference import EnsemblePredictor
+from engine.models.inference import EnsemblePredictor, default_device, native_bf16
 from engine.train.data import LabelledImages, load_cell_images
 from engine.train.metrics import classification_metrics
 
@@ -20,11 +20,13 @@ def ordered_codes(codes) -> list[str]:
 
 
 def predict_images(models: list[LoadedModel], images: np.ndarray, batch_size: int = 256,
-                   device=None, with_features: bool = False, tta: bool = False):
+                   device=None, with_features: bool = False, tta: bool = False,
+                   amp: bool = True):
     """Mean probabilities over ``models`` (same class codes) and, optionally, the first model's
-    penultimate features. ``images``: ``(N, S, S, 3) uint8`` at the models' input µm/px."""
+    penultimate features. ``images``: ``(N, S, S, 3) uint8`` at the models' input µm/px.
+    ``amp``: bf16 autocast where the device runs it natively (else float32)."""
     codes = models[0].class_codes
-    ensemble = EnsemblePredictor(models, device)
+    ensemble = EnsemblePredictor(models, device, amp=amp)
     probs, feats = [], []
     for i in range(0, len(images), batch_size):
         batch = images[i : i + batch_size]
@@ -36,8 +38,8 @@ def predict_images(models: list[LoadedModel], images: np.ndarray, batch_size: in
 
 
 def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_mpp: float,
-                        batch_size: int = 256, device=None, tta: bool = True
-                        ) -> tuple[dict, dict]:
+                        batch_size: int = 256, device=None, tta: bool = True,
+                        amp: bool = True) -> tuple[dict, dict]:
     """Metrics on the rows whose code the model predicts; group-level accuracy on rows labelled
     only with a group (``IG`` when the model predicts M2–M4); other rows reported, not dropped.
 
@@ -49,7 +51,7 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
     codes = list(models[0].class_codes)
     crop = load_cell_images(data.paths, source_mpp, spec.input_mpp, spec.input_px)
     probs, feats = predict_images(models, crop, batch_size, device, with_features=True,
-                                  tta=tta)
+                                  tta=tta, amp=amp)
     index = {c: i for i, c in enumerate(codes)}
     y = np.array([index.get(c, -1) for c in data.codes])
     scored = y >= 0
@@ -70,6 +72,7 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
         "weights": [m.weights for m in models],
         "ensemble_size": len(models),
         "tta": tta,
+        "precision": "bf16" if amp and native_bf16(device or default_device()) else "fp32",
         "group_level": {c: {"n": n, "accuracy": k / n} for c, (n, k) in sorted(group_rows.items())},
         "not_covered": dict(sorted(uncovered.items())),
         "model_class_codes": codes,

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from engine.models.inference import native_bf16
 from engine.train.metrics import classification_metrics
 
 
@@ -109,9 +110,7 @@ def use_bf16(device: torch.device, precision: str = "auto") -> bool:
         raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
     if precision != "auto":
         return precision == "bf16"
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return native_bf16(device)
 
 
 class EpochAverage:
@@ -173,7 +172,7 @@ def train_one_epoch(model, loader, optimizer, device, mean, std, settings: Train
     for step, (x, y) in enumerate(loader):
         if settings.max_steps_per_epoch and step >= settings.max_steps_per_epoch:
             break
-        x = normalize_batch(x, mean, std, device, channels_last=cuda)
+        x = normalize_batch(x, mean, std, device, channels_last=cuda or bf16)
         y = y.to(device, non_blocking=True)
         lam, perm = 1.0, None
         if settings.mixup_alpha > 0:
@@ -210,7 +209,7 @@ def predict_loader(model, loader, device, mean, std, precision: str = "auto"
     bf16 = use_bf16(device, precision)
     probs, labels = [], []
     for x, y in loader:
-        x = normalize_batch(x, mean, std, device, channels_last=cuda)
+        x = normalize_batch(x, mean, std, device, channels_last=cuda or bf16)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             probs.append(torch.softmax(model(x).float(), 1).cpu().numpy())
         labels.append(y.numpy())

@@ -158,3 +158,16 @@ def test_ensemble_averages_its_members_and_refuses_other_codes(tmp_path):
     other = create_model("deepheme-tiny", allow_untrained=True, class_codes=CODES[::-1])
     with pytest.raises(ValueError, match="same codes"):
         EnsemblePredictor([members[0], other], "cpu")
+
+
+def test_cpu_bf16_autocast_follows_the_hardware_and_stays_close_to_fp32(tmp_path):
+    from engine.models.inference import native_bf16
+
+    model, _ = _tiny(tmp_path)
+    crops = np.random.default_rng(3).integers(0, 255, (6, 96, 96, 3), dtype=np.uint8)
+    auto, fp32 = Predictor(model, "cpu"), Predictor(model, "cpu", amp=False)
+    assert auto.amp == native_bf16("cpu") and auto.channels_last == auto.amp
+    assert not fp32.amp and not fp32.channels_last
+    assert native_bf16("cuda") and not native_bf16("meta")
+    np.testing.assert_allclose(auto.predict(crops), fp32.predict(crops), atol=0.05)
+    np.testing.assert_allclose(auto.embed(crops), fp32.embed(crops), atol=0.1, rtol=0.05)

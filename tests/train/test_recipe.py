@@ -106,6 +106,7 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert 0 <= report["macro_f1"] <= 1 and 0 <= report["accuracy"] <= 1
+    assert report["precision"] in ("bf16", "fp32") and report["tta"] is True
     assert set(report["per_class"]) == set(card["class_codes"])
     assert set(report["per_class"]["L2"]) == {"precision", "recall", "f1", "auc", "support"}
     # IG and NEU rows were not trained on: scored at group level, not dropped
