@@ -53,6 +53,18 @@ def _prepare(tmp_path, per_class=12):
     return codes, prepared
 
 
+def _random_checkpoint(path, codes, seed: int):
+    """An untrained deepheme-tiny scoring ``codes``, written to ``path``; returns it and its card."""
+    from engine.models import create_model, write_checkpoint
+
+    torch.manual_seed(seed)
+    model = create_model("deepheme-tiny", allow_untrained=True, class_codes=tuple(codes))
+    card = {"name": "deepheme-tiny", "architecture": model.spec.architecture,
+            "class_codes": list(codes)}
+    write_checkpoint(model.module.state_dict(), card, str(path))
+    return model, card
+
+
 @needs_pbc
 def test_loss_falls_and_training_resumes(tmp_path):
     from engine.train.cell_classifier import train_fold
@@ -194,15 +206,11 @@ def test_distill_loss_is_zero_only_when_the_student_matches_the_teacher():
 
 @needs_pbc
 def test_student_distils_from_a_teacher_checkpoint(tmp_path):
-    from engine.models import create_model, write_checkpoint
+    from engine.models import write_checkpoint
     from engine.train.cell_classifier import train_fold
 
     codes, prepared = _prepare(tmp_path)
-    torch.manual_seed(1)
-    teacher = create_model("deepheme-tiny", allow_untrained=True, class_codes=tuple(codes))
-    card = {"name": "deepheme-tiny", "architecture": teacher.spec.architecture,
-            "class_codes": list(codes)}
-    write_checkpoint(teacher.module.state_dict(), card, str(tmp_path / "teacher.safetensors"))
+    teacher, card = _random_checkpoint(tmp_path / "teacher.safetensors", codes, seed=1)
     # distillation alone (alpha 1): the student learns the teacher's soft outputs
     settings = TrainSettings(epochs=4, batch_size=16, num_workers=0, lr=3e-3, lr_step_epochs=100,
                              patience=100, label_smoothing=0.0, distill_alpha=1.0,
@@ -255,12 +263,8 @@ def test_fine_tunes_from_an_init_checkpoint_and_resumes_its_weight_average(tmp_p
     from engine.train.cell_classifier import train_fold
 
     codes, prepared = _prepare(tmp_path)
-    torch.manual_seed(2)
-    start = create_model("deepheme-tiny", allow_untrained=True, class_codes=tuple(codes))
-    card = {"name": "deepheme-tiny", "architecture": start.spec.architecture,
-            "class_codes": list(codes)}
     init = str(tmp_path / "init.safetensors")
-    write_checkpoint(start.module.state_dict(), card, init)
+    start, card = _random_checkpoint(init, codes, seed=2)
     quiet = lambda s: None  # noqa: E731
     # at lr 0 the parameters stay the init checkpoint's, so the run must have started from it
     frozen = TrainSettings(epochs=1, batch_size=16, num_workers=0, lr=0.0, patience=100,
