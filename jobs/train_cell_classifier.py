@@ -70,8 +70,9 @@ def parse_args(argv=None):
                    help="weight of the distillation term when --teacher is given")
     p.add_argument("--distill-temperature", type=float, default=4.0)
     p.add_argument("--lr-step-epochs", type=int, default=10, help="step decay period (x0.3)")
-    p.add_argument("--init", help="fine-tune from this checkpoint (same architecture and class "
-                                  "codes) instead of random weights")
+    p.add_argument("--init", help="fine-tune from this checkpoint (same architecture) instead of "
+                                  "random weights; where its codes differ, the backbone and the "
+                                  "classifier rows of shared codes are kept")
     p.add_argument("--swa-start", type=int,
                    help="stochastic weight averaging: from this epoch the learning rate stays "
                         "constant and the end-of-epoch weights are averaged; the average is "

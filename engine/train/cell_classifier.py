@@ -69,17 +69,38 @@ def load_teachers(uris, arch: str, codes: list[str], device: torch.device,
     return out
 
 
-def load_init(uri: str, arch: str, codes: list[str], storage: StorageConfig | None = None
-              ) -> dict[str, torch.Tensor]:
-    """Weights to fine-tune from: a checkpoint of the same architecture scoring the same codes."""
+def load_init(module: torch.nn.Module, uri: str, arch: str, codes: list[str],
+              storage: StorageConfig | None = None, log=print) -> None:
+    """Load weights to fine-tune from into ``module``: a checkpoint of the same architecture.
+
+    Where the checkpoint scores other codes (a lab adding blasts, or training on a subset), its
+    backbone is kept and the classifier rows of the codes both share are copied to their new
+    places; the rows of new codes keep their fresh initialisation.
+    """
     from engine.models.factory import create_model
 
     start = create_model(arch, uri, storage=storage)
-    if list(start.class_codes) != list(codes):
-        raise ValueError(f"--init {uri} scores {list(start.class_codes)}, this run {list(codes)}: "
-                         f"fine-tuning needs the same codes in order")
-    return {k: v.float() if v.is_floating_point() else v
-            for k, v in start.module.state_dict().items()}
+    weights = {k: v.float() if v.is_floating_point() else v
+               for k, v in start.module.state_dict().items()}
+    old = list(start.class_codes)
+    if old != list(codes):
+        head = getattr(module, "pretrained_cfg", {}).get("classifier")
+        own = module.state_dict()
+        if not head or f"{head}.weight" not in own:
+            raise ValueError(f"--init {uri} scores {old}, this run {list(codes)}, and the "
+                             f"classifier layer of {arch} is not known to remap it")
+        for name in (f"{head}.weight", f"{head}.bias"):
+            if name in own:
+                fresh = own[name].detach().clone()
+                for i, code in enumerate(codes):
+                    if code in old:
+                        fresh[i] = weights[name][old.index(code)]
+                weights[name] = fresh
+        kept = [c for c in codes if c in old]
+        log(f"init from {uri}: backbone kept; classifier rows of {len(kept)} of {len(codes)} "
+            f"codes copied; new codes {[c for c in codes if c not in old]}, "
+            f"dropped {[c for c in old if c not in codes]}")
+    module.load_state_dict(weights)
 
 
 def step_then_constant(settings: TrainSettings):
@@ -101,7 +122,7 @@ def train_fold(config: dict, session: Session) -> None:
     ``config`` keys: ``arch`` (registry name), ``class_codes``, ``data`` (prepared folder),
     ``fold``, ``settings`` (`TrainSettings` fields), and optionally ``teachers`` (checkpoint
     URIs with the same class codes, distilled from when ``settings.distill_alpha`` > 0) and
-    ``init`` (a checkpoint URI to fine-tune from instead of random weights).
+    ``init`` (a checkpoint URI to fine-tune from instead of random weights; see `load_init`).
     """
     settings = TrainSettings.from_dict(config["settings"])
     torch.manual_seed(settings.seed + session.rank)
@@ -112,7 +133,8 @@ def train_fold(config: dict, session: Session) -> None:
     storage = StorageConfig(**config["storage"]) if config.get("storage") else None
     module = build_module(spec, len(codes))
     if config.get("init"):
-        module.load_state_dict(load_init(config["init"], spec.name, codes, storage))
+        load_init(module, config["init"], spec.name, codes, storage,
+                  log=print if session.rank == 0 else (lambda _: None))
     if session.device.type == "cuda" or use_bf16(session.device, settings.precision):
         module = module.to(memory_format=torch.channels_last)  # NHWC: oneDNN / cuDNN bf16 paths
     model = session.prepare_model(module)

@@ -256,7 +256,7 @@ def test_epoch_average_is_the_equal_weight_mean_from_its_start_epoch():
 
 
 @needs_pbc
-def test_fine_tunes_from_an_init_checkpoint_and_resumes_its_weight_average(tmp_path):
+def test_fine_tunes_from_an_init_checkpoint_remaps_its_codes_and_resumes_swa(tmp_path):
     from safetensors.torch import load_file
 
     from engine.models import create_model, write_checkpoint
@@ -289,9 +289,23 @@ def test_fine_tunes_from_an_init_checkpoint_and_resumes_its_weight_average(tmp_p
     resumed = LocalSession(str(tmp_path / "swa"), torch.device("cpu"), log=quiet)
     train_fold({**config, "settings": {**swa.__dict__, "epochs": 5}}, resumed)
     assert [h["swa_epochs"] for h in resumed.history] == [3, 4]
-    # an init checkpoint scoring other codes is refused
-    write_checkpoint(start.module.state_dict(), {**card, "class_codes": list(reversed(codes))},
+    # an init checkpoint scoring other codes: the backbone is kept, the classifier rows of the
+    # shared codes move to their new places, a code it lacks starts fresh
+    from engine.train.cell_classifier import load_init
+
+    other = list(reversed(codes[1:])) + ["M1"]
+    write_checkpoint(start.module.state_dict(), {**card, "class_codes": other},
                      str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="same codes"):
-        train_fold({**config, "init": str(tmp_path / "other.safetensors")},
-                   LocalSession(str(tmp_path / "run3"), torch.device("cpu"), log=quiet))
+    module = create_model("deepheme-tiny", allow_untrained=True,
+                          class_codes=tuple(codes)).module
+    fresh_row = module.fc.weight[0].detach().clone()
+    said = []
+    load_init(module, str(tmp_path / "other.safetensors"), "deepheme-tiny", codes,
+              log=said.append)
+    src = create_model("deepheme-tiny", str(tmp_path / "other.safetensors")).module
+    for i, code in enumerate(codes[1:], start=1):
+        assert torch.equal(module.fc.weight[i], src.fc.weight[other.index(code)].float())
+    assert torch.equal(module.fc.weight[0], fresh_row)  # codes[0] is new to the checkpoint
+    name = next(n for n, _ in module.named_parameters() if not n.startswith("fc."))
+    assert torch.equal(module.state_dict()[name], src.state_dict()[name].float())
+    assert f"new codes ['{codes[0]}']" in said[0] and "dropped ['M1']" in said[0]
