@@ -246,14 +246,13 @@ def main(argv=None) -> int:
 
     test = read_labels(os.path.join(out, "test"))
     reports = {}
+    amp = args.precision != "fp32"
     for fold, _m in enumerate(members):
         reports[f"fold-{fold}"], _ = evaluate_classifier([reload(out, fold, args)], test,
-                                                         args.source_mpp,
-                                                         amp=args.precision != "fp32")
+                                                         args.source_mpp, amp=amp)
     if len(members) > 1:
         reports["ensemble"], _ = evaluate_classifier(
-            [reload(out, f, args) for f in range(len(members))], test, args.source_mpp,
-            amp=args.precision != "fp32")
+            [reload(out, f, args) for f in range(len(members))], test, args.source_mpp, amp=amp)
     for fold in range(len(members)):
         path = os.path.join(out, f"fold-{fold}", "model.json")
         with open(path) as fh:

@@ -141,16 +141,23 @@ class EnsemblePredictor:
 
     def __init__(self, models: list[LoadedModel], device: torch.device | str | None = None,
                  **kwargs):
-        if not models:
-            raise ValueError("an ensemble needs at least one model")
-        codes = models[0].class_codes
-        for m in models[1:]:
-            if m.spec.name != models[0].spec.name or m.class_codes != codes:
-                raise ValueError(
-                    f"ensemble members must be one model scoring the same codes: "
-                    f"{models[0].spec.name} {list(codes)} vs {m.spec.name} {list(m.class_codes)}")
+        self.check(models)
         self.model = models[0]
         self.members = [Predictor(m, device, **kwargs) for m in models]
+
+    @staticmethod
+    def check(models: list[LoadedModel]) -> None:
+        """Raise ValueError unless ``models`` are one registered model scoring the same codes in
+        the same order (cheap: the driver checks a configured ensemble before a run starts)."""
+        if not models:
+            raise ValueError("an ensemble needs at least one model")
+        first = models[0]
+        for m in models[1:]:
+            if m.spec.name != first.spec.name or m.class_codes != first.class_codes:
+                raise ValueError(
+                    f"ensemble members must be one model scoring the same codes in the same "
+                    f"order: {first.weights} is {first.spec.name} {list(first.class_codes)}, "
+                    f"{m.weights} is {m.spec.name} {list(m.class_codes)}")
 
     def __len__(self) -> int:
         return len(self.members)

@@ -20,7 +20,7 @@ import ray
 from engine.cells import KIND_CELL, KIND_PLATELET
 from engine.classes import DEEPHEME_CODES
 from engine.config import Config, ConfigError
-from engine.models import MissingWeights, create_model
+from engine.models import EnsemblePredictor, MissingWeights, create_model
 from engine.pipeline.aggregate import Aggregator
 from engine.pipeline.commit import OutputStore
 from engine.pipeline.steps import ClassifyCells, DetectCells, EncodeTiles, PlanTasks, ReadTiles
@@ -156,12 +156,10 @@ def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
                                 storage=cfg.storage, class_codes=DEEPHEME_CODES)
                    for ckpt in (c.checkpoint, *c.ensemble)]
         model = members[0]
-        for ckpt, other in zip(c.ensemble, members[1:]):
-            if other.class_codes != model.class_codes:
-                raise ConfigError(
-                    f"pipeline.classifier.ensemble: {ckpt} scores {list(other.class_codes)}, "
-                    f"the classifier {list(model.class_codes)}; an ensemble averages "
-                    f"probabilities of the same codes in the same order")
+        try:
+            EnsemblePredictor.check(members)
+        except ValueError as err:
+            raise ConfigError(f"pipeline.classifier.ensemble: {err}") from err
         plan.model_codes = model.class_codes
         plan.run += ["cell_detection", f"cell_classification:{c.model}", "differential"]
         if len(members) > 1:
