@@ -20,6 +20,8 @@ import sys
 
 import numpy as np
 
+from jobs.common import mpp_arg, resolve_source_mpp
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.calibrate_cell_classifier",
@@ -28,7 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="the training data: folder with labels.csv")
     p.add_argument("--output", required=True, help="the calibrated checkpoint (.safetensors)")
-    p.add_argument("--source-mpp", type=float, default=0.1, help="µm/px of the images")
+    p.add_argument("--source-mpp", type=mpp_arg, default=0.1,
+                   help="µm/px of the images, or auto: measured on their red cells")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-fraction", type=float, default=0.15)
     p.add_argument("--exclude-codes", default="IG,NEU")
@@ -67,6 +70,7 @@ def main(argv=None) -> int:
         state, card = read_checkpoint(args.checkpoint)
         model = create_model(card["name"], args.checkpoint)
         paths, y, codes, test_paths = validation_rows(args)
+        args.source_mpp = resolve_source_mpp(args.source_mpp, paths)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2

@@ -137,6 +137,67 @@ def write_run_config(output: str, cfg: Config, args: dict, storage: StorageConfi
                 storage)
 
 
+def mpp_arg(text: str) -> float | str:
+    """argparse type of a pixel size: a positive number of µm/px, or ``auto`` (measured on the
+    images' red cells, `engine.pixel_size`)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected µm/px > 0 or 'auto', got {text!r}")
+    return value
+
+
+def measure_pixel_size(paths, sample: int = 300, seed: int = 0, rbc_diameter_um: float = 7.5):
+    """`engine.pixel_size.estimate_mpp` over up to ``sample`` of the image files ``paths``
+    (a seeded draw, so a rerun measures the same images)."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from engine.pixel_size import estimate_mpp
+
+    paths = sorted(paths)
+    picked = random.Random(seed).sample(paths, min(sample, len(paths)))
+
+    unreadable = []
+
+    def images():
+        for path in picked:
+            try:
+                with Image.open(path) as im:
+                    yield np.asarray(im.convert("RGB"))
+            except (OSError, Image.DecompressionBombError) as err:
+                unreadable.append(f"{path}: {err}")
+
+    try:
+        return estimate_mpp(images(), rbc_diameter_um)
+    finally:
+        if unreadable:
+            print(f"pixel size: skipped {len(unreadable)} unreadable images, first: "
+                  f"{unreadable[0]}", file=sys.stderr)
+
+
+def resolve_source_mpp(value: float | str, paths) -> float:
+    """``value`` itself, or for ``auto`` the pixel size measured on ``paths`` (said on stderr).
+
+    Raises:
+        ValueError: too few red cells to measure (the message says to give the figure).
+    """
+    if value != "auto":
+        return float(value)
+    est = measure_pixel_size(paths)
+    lo, hi = est.mpp_range
+    print(f"source pixel size: {est.mpp:.4f} µm/px (interquartile {lo:.4f}-{hi:.4f}), measured "
+          f"on {est.n_cells} red cells of {est.rbc_diameter_um} µm in {est.n_images} images",
+          file=sys.stderr)
+    return est.mpp
+
+
 def fail(message: str, code: int = 2) -> int:
     print(f"hemeflow: error: {message}", file=sys.stderr)
     return code

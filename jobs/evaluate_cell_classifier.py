@@ -20,6 +20,7 @@ from engine.models import create_model, read_checkpoint
 from engine.models.checkpoint import CheckpointError
 from engine.train.data import read_labels
 from engine.train.evaluation import evaluate_classifier
+from jobs.common import mpp_arg, resolve_source_mpp
 
 
 def parse_args(argv=None):
@@ -28,7 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", action="append", required=True,
                    help="safetensors checkpoint (repeat for an ensemble: probabilities averaged)")
     p.add_argument("--data", required=True, help="folder with labels.csv (path,code)")
-    p.add_argument("--source-mpp", type=float, default=0.1, help="µm/px of the images")
+    p.add_argument("--source-mpp", type=mpp_arg, default=0.1,
+                   help="µm/px of the images, or auto: measured on their red cells")
     p.add_argument("--plots", default="hemeflow-eval", help="folder for confusion.png, umap.png")
     p.add_argument("--no-tta", action="store_true", help="no test-time rotations/flips")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP figure")
@@ -47,6 +49,7 @@ def main(argv=None) -> int:
             _, card = read_checkpoint(ckpt)
             models.append(create_model(card["name"], ckpt))
         data = read_labels(args.data)
+        args.source_mpp = resolve_source_mpp(args.source_mpp, data.paths)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ from PIL import Image
 from engine.cells import KIND_CELL, detect_cells, estimate_threshold, match_centroids
 from engine.config import CellDetectionConfig
 from engine.slides.annotations import read_voc_boxes
+from jobs.common import fail, mpp_arg, resolve_source_mpp
 
 
 def evaluate_image(image_path: str, xml_path: str, mpp: float, cfg: CellDetectionConfig) -> dict:
@@ -40,7 +41,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True)
     p.add_argument("--annotations", required=True)
-    p.add_argument("--mpp", type=float, required=True, help="µm per pixel of the images")
+    p.add_argument("--mpp", type=mpp_arg, required=True,
+                   help="µm per pixel of the images, or auto: measured on their red cells")
     p.add_argument("--threads", type=int, default=4)
     args = p.parse_args(argv)
     cfg = CellDetectionConfig()
@@ -54,6 +56,10 @@ def main(argv=None) -> int:
         print(f"hemeflow: error: no image with a matching .xml under {args.images}",
               file=sys.stderr)
         return 2
+    try:
+        args.mpp = resolve_source_mpp(args.mpp, [image for image, _ in pairs])
+    except ValueError as err:
+        return fail(str(err))
     with ThreadPoolExecutor(args.threads) as pool:
         rows = list(pool.map(lambda pr: evaluate_image(*pr, args.mpp, cfg), pairs))
     boxes = sum(r["boxes"] for r in rows)

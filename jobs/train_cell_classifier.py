@@ -41,7 +41,7 @@ from engine.train.data import read_labels
 from engine.train.evaluation import evaluate_classifier, ordered_codes
 from engine.train.loop import LocalSession, TrainSettings, settings_dict
 from engine.train.splits import holdout_split, kfold_splits
-from jobs.common import add_storage_args, storage_from_args
+from jobs.common import add_storage_args, mpp_arg, resolve_source_mpp, storage_from_args
 
 
 def parse_args(argv=None):
@@ -80,8 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="bf16 autocast: auto = on CUDA and on CPUs with native bf16")
     p.add_argument("--max-minutes", type=float, help="stop each fold after this wall time")
-    p.add_argument("--source-mpp", type=float, default=0.1,
-                   help="µm/px of the input images (PBC / CellaVision: about 0.1)")
+    p.add_argument("--source-mpp", type=mpp_arg, default=0.1,
+                   help="µm/px of the input images (PBC / CellaVision: about 0.1), or auto: "
+                        "measured on their red cells")
     p.add_argument("--exclude-codes", default="IG,NEU",
                    help="codes not trained on (group-only labels); kept in the test split and "
                         "scored at group level")
@@ -195,6 +196,12 @@ def best_weights(folder: str) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     storage = storage_from_args(args)
+    if args.source_mpp == "auto":
+        try:  # every image of the export: the pixel size is the scanner's, not a split's
+            args.source_mpp = resolve_source_mpp(args.source_mpp, read_labels(args.data).paths)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"hemeflow: error: {err}", file=sys.stderr)
+            return 2
     out = work_folder(args)
     os.makedirs(out, exist_ok=True)
     codes, prepared, n_dev, n_test = prepare(args, out)

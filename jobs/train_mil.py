@@ -29,6 +29,7 @@ import polars as pl
 from engine.models import MissingWeights
 from engine.models.mil import predict_bags, save_mil
 from engine.train.mil import train_mil
+from jobs.common import mpp_arg, resolve_source_mpp
 
 
 def parse_label(text: str, task: str):
@@ -56,8 +57,9 @@ def add_bag_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", default="deepheme-resnext50",
                    help="cell encoder for --bags (its penultimate features)")
     p.add_argument("--encoder-checkpoint", help="weights of --encoder (default: its reference)")
-    p.add_argument("--source-mpp", type=float, default=0.1,
-                   help="µm/px of the --bags images (CellaVision: about 0.1)")
+    p.add_argument("--source-mpp", type=mpp_arg, default=0.1,
+                   help="µm/px of the --bags images (CellaVision: about 0.1), or auto: measured "
+                        "on their red cells")
     p.add_argument("--allow-untrained", action="store_true",
                    help="random encoder weights (tests and benchmarks only)")
 
@@ -68,7 +70,10 @@ def load_inputs(args) -> dict[str, np.ndarray]:
         return load_bags(args.embeddings)
     from engine.bags import embed_patient_bags, find_patient_images
 
-    return embed_patient_bags(find_patient_images(args.bags), args.encoder,
+    images = find_patient_images(args.bags)
+    # the figure the model card records (predict_mil resamples new bags with it)
+    args.source_mpp = resolve_source_mpp(args.source_mpp, [p for ps in images.values() for p in ps])
+    return embed_patient_bags(images, args.encoder,
                               args.encoder_checkpoint, args.source_mpp,
                               allow_untrained=args.allow_untrained)
 
@@ -94,7 +99,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         bags = load_inputs(args)
-    except (FileNotFoundError, MissingWeights) as err:
+    except (FileNotFoundError, MissingWeights, ValueError) as err:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2
     key = "patient_id" if args.bags else "slide_id"

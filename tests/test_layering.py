@@ -16,6 +16,8 @@ RULES = {
     "engine.outputs": ["torch", "ray", "timm"],
     "jobs.inventory": ["torch", "ray", "timm"],
     "engine.classes": ["torch", "ray", "openslide", "pyvips", "fsspec"],
+    "engine.pixel_size": ["torch", "ray", "openslide", "pyvips", "fsspec"],
+    "jobs.estimate_pixel_size": ["torch", "ray", "timm", "openslide", "pyvips"],
     "engine.models": ["ray", "openslide", "pyvips", "engine.slides"],
     "engine.train.cell_classifier": ["ray", "openslide", "pyvips", "engine.slides"],
     "engine.train.evaluation": ["ray", "openslide", "pyvips", "engine.slides"],
