@@ -233,6 +233,32 @@ class PipelineConfig:
     cellularity_bag_size: int = 256
 
 
+# Keys that decide how a run goes, not what it finds: a rerun into the same output may change
+# them freely (`Config.result_changes`). A key names itself and everything below it.
+EXECUTION_KEYS = frozenset({
+    "storage", "pipeline.slides_per_chunk", "pipeline.max_slide_shards",
+    "pipeline.cells_cpu_share", "pipeline.read_batch_size", "pipeline.read_concurrency",
+    "pipeline.read_threads", "pipeline.native_threads",
+    *(f"pipeline.{stage}.{key}" for stage in ("classifier", "encoder")
+      for key in ("batch_size", "concurrency", "num_gpus", "compile")),
+})
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _is_execution_key(path: str) -> bool:
+    return any(path == k or path.startswith(k + ".") for k in EXECUTION_KEYS)
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything a job needs, resolved; written next to the outputs as ``config.json``."""
@@ -257,6 +283,19 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
+
+    def result_changes(self, previous: dict[str, Any]) -> list[str]:
+        """What this config changes against ``previous`` (another config's `to_dict`, as an
+        output's ``config.json`` holds it) in keys that change a run's results, as
+        ``"key: old -> new"``; keys of `EXECUTION_KEYS` are left out, and a key either side
+        lacks takes its default."""
+        try:
+            before = _flatten(Config.from_dict(previous).to_dict())
+        except ConfigError as err:
+            return [f"the earlier config is not one this version reads ({err})"]
+        now = _flatten(self.to_dict())
+        return [f"{k}: {before[k]!r} -> {now[k]!r}" for k in sorted(now)
+                if not _is_execution_key(k) and before.get(k) != now[k]]
 
     def hash(self) -> str:
         """Short stable hash of the resolved config (recorded in every status row)."""

@@ -3,28 +3,31 @@ tiles, per-slide status (and QuPath GeoJSON per slide).
 
     python -m jobs.process_slides --input <dir | s3://… | list.txt | list.csv | inventory.parquet>
         --output <dir | s3://…> [--config jobs/configs/<name>.yaml] [--mpp X | --mpp-table csv]
-        [--allow-untrained]
+        [--allow-untrained] [--retry-failed | --reprocess]
 
 Runs the same locally (starting a local Ray) and as
 ``ray job submit --working-dir . -- python -m jobs.process_slides …`` on a cluster. With no
 arguments it processes the bundled default input (valid fixture slides and a blood-smear slide
 built from the BCCD fields) into ./hemeflow-out. A rerun into the same output skips committed
-slides and redoes the rest.
+slides and redoes the rest; with another config it is refused unless ``--reprocess`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 from engine.errors import HemeflowError
 from engine.models import MissingWeights
+from engine.pipeline.commit import OutputStore
 from engine.pipeline.run import RunMetrics, run_pipeline
+from engine.schema import slide_id_for
 from engine.slides.inventory import MppOverrides
-from engine.slides.storage import FileEntry, is_remote
+from engine.slides.storage import FileEntry, InputError, is_remote
 from jobs.common import (add_common_args, expand_inputs, fail, load_config, read_mpp_table,
-                         write_run_config)
+                         read_text, write_run_config)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                       "shared", "data")
@@ -63,6 +66,48 @@ def read_inputs(uri: str, storage) -> list[FileEntry]:
     return [e for e in expand_inputs(uri, storage) if looks_like_slide(e.uri)]
 
 
+def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reprocess: bool,
+                     retry_failed: bool, log=print) -> None:
+    """Settle what an existing output means for this run, before anything is written to it.
+
+    A rerun with the results-relevant config of the output's ``config.json`` resumes: committed
+    slides are skipped. With another config it is refused, so that an output never mixes
+    results of two configs unawares, unless ``reprocess`` takes this input's committed slides out
+    to be processed again. ``retry_failed`` does the same for those whose status is failed
+    (say, after giving ``--mpp``).
+
+    Raises:
+        HemeflowError: the config changed and ``reprocess`` was not given.
+    """
+    committed = store.committed()
+    if not committed:
+        return
+    try:
+        previous = json.loads(read_text(store.uri("config.json"), cfg.storage))["config"]
+    except (InputError, ValueError, KeyError) as err:
+        previous = None
+        log(f"{store.root} has committed slides but no readable config.json ({err}): this "
+            "run's config is not checked against theirs")
+    changes = cfg.result_changes(previous) if previous is not None else []
+    ours = {slide_id_for(e.uri) for e in entries} & committed
+    if reprocess:
+        redo, why = ours, "--reprocess"
+    elif changes:
+        raise HemeflowError(
+            f"{store.root} holds {len(committed)} slide(s) processed with another config "
+            f"(its config.json): {'; '.join(changes[:8])}. Write to a new --output, or pass "
+            "--reprocess to process this input's slides again here (their rows are removed "
+            "first)")
+    else:
+        redo, why = (store.failed(ours), "--retry-failed") if retry_failed else (set(), "")
+    if reprocess and changes and committed - ours:
+        log(f"{len(committed - ours)} slide(s) of other inputs stay as the earlier config made "
+            "them (their status rows say which: config_hash)")
+    if redo:
+        store.uncommit(redo)
+        log(f"{why}: {len(redo)} committed slide(s) taken out to be processed again")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.process_slides", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,6 +118,14 @@ def parse_args(argv=None):
     p.add_argument("--mpp-table", help="CSV with uri (or slide_id) and mpp columns")
     p.add_argument("--allow-untrained", action="store_true",
                    help="run model stages with random weights (benchmarks and tests only)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--retry-failed", action="store_true",
+                   help="process slides whose status is failed again (after giving --mpp, "
+                        "say); committed ok slides are still skipped")
+    again.add_argument("--reprocess", action="store_true",
+                   help="process this input's committed slides again, here, with this config "
+                        "(a new checkpoint, say); their rows are removed first, so use a new "
+                        "--output to keep them")
     add_common_args(p)
     return p.parse_args(argv)
 
@@ -98,6 +151,8 @@ def main(argv=None) -> int:
             default_inputs(args.output)
         if not entries:
             return fail(f"no slides found under {args.input}")
+        reconcile_output(OutputStore(args.output, cfg.storage), cfg, entries, args.reprocess,
+                         args.retry_failed)
         write_run_config(args.output, cfg, vars(args), cfg.storage)
         metrics = RunMetrics()
         rows = run_pipeline(entries, args.output, cfg, mpp, args.allow_untrained,

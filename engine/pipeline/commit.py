@@ -47,6 +47,28 @@ class OutputStore:
         self.fs.invalidate_cache()
         return self._ids(STATUS_TABLE)
 
+    def failed(self, slide_ids: set[str]) -> set[str]:
+        """Those of the committed ``slide_ids`` whose status is ``failed``."""
+        import pyarrow.dataset as pads
+
+        folder = f"{self.path.rstrip('/')}/{STATUS_TABLE}"
+        files = [f"{folder}/{sid}.parquet" for sid in sorted(slide_ids & self.committed())]
+        if not files:
+            return set()
+        rows = pads.dataset(files, filesystem=self.fs, format="parquet").to_table(
+            columns=["slide_id", "status"]).to_pylist()
+        return {r["slide_id"] for r in rows if r["status"] == "failed"}
+
+    def uncommit(self, slide_ids) -> None:
+        """Take slides out of the output so that the next run processes them again: their
+        commit markers go first, so a crash midway leaves them uncommitted, whose remaining
+        files `clean_partial` deletes."""
+        base = self.path.rstrip("/")
+        markers = [f"{base}/{STATUS_TABLE}/{sid}.parquet" for sid in sorted(slide_ids)]
+        if markers:
+            self.fs.rm(markers)
+        self.clean_partial()
+
     def clean_partial(self) -> list[str]:
         """Delete files of slides that never committed; returns their slide ids."""
         done = self.committed()

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import duckdb
 import polars as pl
@@ -170,3 +171,87 @@ def test_abmil_cellularity_from_tile_embeddings(ray_local, archive, tmp_path):
     assert abmil["n_bags"] == 6 and abmil["n_tiles"] > 0
     tiles = pl.read_parquet(f"{tmp_path}/o/tiles/*.parquet")
     assert tiles["embedding"].list.len().unique().to_list() == [64]
+
+
+def _mtimes(root) -> dict:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")}
+
+
+def _config(tmp_path, extra: str) -> str:
+    path = tmp_path / "changed.yaml"
+    path.write_text((tmp_path / "tiny.yaml").read_text() + extra)
+    return str(path)
+
+
+def test_rerun_with_another_config_is_refused(run_out, archive, tmp_path, capsys):
+    before = _mtimes(run_out)
+    tiny_config(tmp_path)
+    code = process_slides.main(["--input", str(archive), "--output", str(run_out), "--config",
+                                _config(tmp_path, "  min_nucleated: 100\n"), "--allow-untrained"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pipeline.min_nucleated: 200 -> 100" in err and "--reprocess" in err
+    assert _mtimes(run_out) == before
+    # how a run goes (batch sizes, actors, storage) is not what it finds: a plain resume
+    code = process_slides.main(["--input", str(archive), "--output", str(run_out), "--config",
+                                _config(tmp_path, "  read_batch_size: 2\n"), "--allow-untrained"])
+    assert code == 0 and "7 already committed, 0 to process" in capsys.readouterr().out
+    assert _mtimes(run_out) == before
+
+
+def test_retry_failed_redoes_only_the_failed_slides(run_out, archive, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(run_out, out)
+    ok_files = {p: t for p, t in _mtimes(out).items() if "cmu-1" in p.name or "smear" in p.name}
+    code = process_slides.main(["--input", str(archive), "--output", str(out), "--config",
+                                tiny_config(tmp_path), "--allow-untrained", "--mpp", "0.5",
+                                "--retry-failed"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "--retry-failed: 4 committed slide(s) taken out" in printed
+    assert "3 already committed, 4 to process" in printed
+    st = pl.read_parquet(f"{out}/slide_status/*.parquet")
+    assert st["slide_id"].is_unique().all() and len(st) == 7
+    got = {r["uri"].rsplit("/", 1)[-1]: r for r in st.iter_rows(named=True)}
+    tcga = got["tcga-cr-7395-01a-01-ts1.svs"]  # had no pixel size: --mpp gives it one
+    assert tcga["status"] == "ok" and tcga["n_tiles"] > 0
+    assert got["broken.svs"]["error_type"] == "SlideCorrupt"  # still bad: a row, again
+    assert {p: p.stat().st_mtime_ns for p in ok_files} == ok_files  # ok slides untouched
+    cells = pl.read_parquet(f"{out}/cells/*.parquet")
+    assert cells.select("slide_id", "cell_id").is_duplicated().sum() == 0
+
+
+def test_reprocess_redoes_this_inputs_slides_with_the_new_config(run_out, archive, tmp_path,
+                                                                  capsys):
+    out = tmp_path / "out"
+    shutil.copytree(run_out, out)
+    before = pl.read_parquet(f"{out}/slide_status/*.parquet")
+    old_hash = before["config_hash"][0]
+    tiny_config(tmp_path)
+    code = process_slides.main(["--input", str(archive / "small.svs"), "--output", str(out),
+                                "--config", _config(tmp_path, "  min_nucleated: 100\n"),
+                                "--allow-untrained", "--reprocess"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "--reprocess: 1 committed slide(s) taken out" in printed
+    assert "6 slide(s) of other inputs stay as the earlier config made them" in printed
+    st = pl.read_parquet(f"{out}/slide_status/*.parquet")
+    assert len(st) == 7 and st["slide_id"].is_unique().all()
+    hashes = {r["uri"].rsplit("/", 1)[-1]: r["config_hash"] for r in st.iter_rows(named=True)}
+    assert hashes.pop("small.svs") != old_hash and set(hashes.values()) == {old_hash}
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["config"]["pipeline"]["min_nucleated"] == 100
+
+
+def test_uncommit_takes_the_marker_first_and_the_tables_follow(run_out, tmp_path):
+    from engine.config import StorageConfig
+    from engine.pipeline.commit import OutputStore
+
+    out = tmp_path / "out"
+    shutil.copytree(run_out, out)
+    store = OutputStore(str(out), StorageConfig())
+    done = store.committed()
+    smear = next(s for s in done if s.startswith("smear"))
+    st = pl.read_parquet(f"{out}/slide_status/*.parquet")
+    failed = set(st.filter(pl.col("status") == "failed")["slide_id"])
+    assert len(failed) == 4 and store.failed(done) == failed and smear not in failed
+    store.uncommit({smear})
+    assert store.committed() == done - {smear}
+    assert not list(out.rglob(f"{smear}.*"))

@@ -61,3 +61,12 @@ def test_s3_in_and_out(ray_with_s3_env, s3_server, s3_client, archive, tmp_path,
                                 "--s3-endpoint", s3_server, "--config", tiny_config(tmp_path),
                                 "--allow-untrained"]) == 0
     assert "7 already committed, 0 to process" in capsys.readouterr().out
+    # --retry-failed reads the failed statuses back from S3 and redoes those slides, once each
+    assert process_slides.main(["--input", "s3://slides/lab-a", "--output", "s3://results/run1",
+                                "--s3-endpoint", s3_server, "--config", tiny_config(tmp_path),
+                                "--allow-untrained", "--retry-failed"]) == 0
+    printed = capsys.readouterr().out
+    assert "--retry-failed: 4 committed slide(s) taken out" in printed
+    assert "3 already committed, 4 to process" in printed
+    fs.invalidate_cache()
+    assert len(fs.glob("results/run1/slide_status/*.parquet")) == 7
