@@ -3,7 +3,7 @@ which stage bounds the run, and each model's rate in the job against the same mo
 
     python benchmarks/pipeline_e2e.py [--slides 8] [--size 16384] [--stages cells tiles]
         [--classifier deepheme-resnext50] [--encoder dinov2-vits14] [--batch 256] [--compile]
-        [--baseline-chunk 64] [--baseline-set native_threads=0]
+        [--baseline-chunk 64] [--baseline-set native_threads=0] [--set KEY=VALUE]
 
 Slides come from ``make_synthetic_slides`` (one slide, hard-linked N times: distinct slide ids,
 same pixels). Models run with random weights (``--allow-untrained``: speed, not accuracy, is
@@ -52,21 +52,26 @@ from benchmarks.model_throughput import bench  # noqa: E402
 from benchmarks.pipeline_memory import rss_tree  # noqa: E402
 
 
-def model_alone(name: str, batch: int, compile: bool, steps: int = 20, amp: bool = True
-                ) -> float:
+def model_alone(name: str, batch: int, compile: bool, steps: int = 20, amp: bool = True,
+                checkpoint: str | None = None) -> float:
     """Images/s of ``name`` on random device tensors, as ``Predictor`` runs it: bf16 +
-    channels_last on CUDA and on CPUs with native bf16 (unless ``amp`` is False), else fp32."""
+    channels_last on CUDA and on CPUs with native bf16 (unless ``amp`` is False), else fp32;
+    an int8 ``checkpoint`` runs its int8 body and float head on the CPU."""
     import torch
 
     from engine.classes import DEEPHEME_CODES
     from engine.models import create_model
     from engine.models.inference import default_device, native_bf16
 
+    model = create_model(name, checkpoint, allow_untrained=True, class_codes=DEEPHEME_CODES)
+    size = model.spec.input_px
+    if model.int8 is not None:
+        head = model.module.get_classifier()
+        return bench(lambda x: head(model.int8(x)), torch.randn(batch, 3, size, size), 2,
+                     amp=False, warmup=1)
     device = default_device()
     cuda = device.type == "cuda"
-    model = create_model(name, allow_untrained=True, class_codes=DEEPHEME_CODES)
     m = model.module.eval().to(device)
-    size = model.spec.input_px
     x = torch.randn(batch, 3, size, size, device=device)
     bf16 = amp and native_bf16(device)
     if bf16:
@@ -95,6 +100,9 @@ def main() -> None:
                    help="first run the job with this many slides per chunk, as a baseline")
     p.add_argument("--baseline-set", action="append", default=[], metavar="KEY=VALUE",
                    help="first run the job with this pipeline setting, as a baseline")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of both runs, before --baseline-set's changes "
+                        "(pipeline.classifier.checkpoint=<int8.safetensors>, say)")
     p.add_argument("--s3", action="store_true",
                    help="serve the slides from a local S3 server (moto, on 127.0.0.1)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
@@ -113,6 +121,7 @@ def main() -> None:
         "classifier": {"model": args.classifier, "batch_size": args.batch,
                        "compile": args.compile},
         "encoder": {"model": args.encoder, "batch_size": args.batch, "compile": args.compile}}})
+    cfg = with_settings(cfg, parse_settings(args.set))
 
     def run(slides: str, out: str, cfg: Config) -> tuple[list[dict], float, RunMetrics, int]:
         if args.s3:
@@ -195,7 +204,9 @@ def main() -> None:
                                         ("encode", "tiles", args.encoder, "tiles")):
         if stage not in m["busy_s"] or not m["items"].get(items):
             continue
-        alone = model_alone(model, args.batch, args.compile)
+        alone = model_alone(model, args.batch, args.compile,
+                            checkpoint=cfg.pipeline.classifier.checkpoint if stage == "classify"
+                            else cfg.pipeline.encoder.checkpoint)
         e2e = m["items"][items] / m["wall_s"][branch]
         busy = m["items"][items] / (m["busy_s"][stage] / m["actors"][stage])
         result["models"].append({
@@ -283,7 +294,13 @@ def baseline_settings(args) -> dict:
     """The settings the baseline run changes (empty: no baseline run); ``KEY`` is a
     ``pipeline`` field or ``section.field`` (``storage.stage_shared``)."""
     changed = {"slides_per_chunk": args.baseline_chunk} if args.baseline_chunk else {}
-    for item in args.baseline_set:
+    return {**changed, **parse_settings(args.baseline_set)}
+
+
+def parse_settings(items: list[str]) -> dict:
+    """``KEY=VALUE`` items as a dict; VALUE is JSON, or a plain string."""
+    changed = {}
+    for item in items:
         key, _, value = item.partition("=")
         try:
             changed[key] = json.loads(value)

@@ -9,6 +9,7 @@ import timm
 import torch
 
 from engine.config import StorageConfig
+from engine.models import quantize
 from engine.models.checkpoint import CheckpointError, MissingWeights, read_checkpoint
 from engine.models.registry import ModelSpec, get_spec
 
@@ -33,6 +34,7 @@ class LoadedModel:
     weights: str = "untrained"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    int8: torch.nn.Module | None = None  # int8 body for CPUs, from an int8 checkpoint
 
     @property
     def trained(self) -> bool:
@@ -72,12 +74,24 @@ def create_model(name: str, checkpoint: str | None = None, *, class_codes=None,
                                   f"{name!r} is {spec.architecture!r}")
         codes = tuple(card.get("class_codes", ()))
         module = build_module(spec, len(codes) if spec.task == "classification" else 0)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        ranges = {k: v for k, v in state.items() if k.startswith(quantize.PREFIX)}
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()
+                 if k not in ranges}
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{uri} does not fit {spec.architecture}: missing "
                                   f"{missing[:5]}, unexpected {unexpected[:5]}")
-        return _finish(module, spec, codes, card, uri)
+        loaded = _finish(module, spec, codes, card, uri)
+        scheme = (card.get("quantization") or {}).get("scheme")
+        if scheme is not None:
+            if scheme != quantize.SCHEME:
+                raise CheckpointError(f"{uri}: quantization {scheme!r} is not one this version "
+                                      f"runs ({quantize.SCHEME!r})")
+            try:
+                loaded.int8 = quantize.load_int8(module, ranges, spec.input_px)
+            except ValueError as err:
+                raise CheckpointError(f"{uri}: {err}") from err
+        return loaded
     codes = tuple(class_codes or spec.class_codes)
     n_out = len(codes) if spec.task == "classification" else 0
     if hub and spec.hub_id:

@@ -1,7 +1,8 @@
 """Batch inference: ``uint8 (B, H, W, 3)`` numpy in, float numpy out.
 
 The model runs in channels_last with bf16 autocast on CUDA and on CPUs with native bf16
-(AVX512-BF16 or AMX: ResNeXt-50 at 96 px 2.1x faster than float32 on 2 cores), else in float32.
+(AVX512-BF16 or AMX: ResNeXt-50 at 96 px 2.1x faster than float32 on 2 cores), else in float32;
+a model loaded from an int8 checkpoint (`engine.models.quantize`) runs its body in int8 on CPU.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class Predictor:
                  amp: bool = True, channels_last: bool = True, compile: bool = False,
                  bucket: int = 32):
         self.model = model
+        if model.int8 is not None:  # int8 kernels are the CPU's
+            if device is not None and torch.device(device).type != "cpu":
+                raise ValueError(f"{model.weights} is an int8 checkpoint for CPUs; give its "
+                                 "float checkpoint for a GPU")
+            device, amp, channels_last, compile = "cpu", False, False, False
         self.device = torch.device(device) if device is not None else default_device()
         self.cuda = self.device.type == "cuda"
         self.amp = amp and native_bf16(self.device)
@@ -54,6 +60,9 @@ class Predictor:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.module) if compile and self.cuda else self.module
         self.pooled = torch.compile(self._pooled) if compile and self.cuda else self._pooled
+        if model.int8 is not None:
+            self.pooled = model.int8
+            self.forward = self._int8_logits
         self.bucket = bucket if self.cuda else 0
         self.mean = torch.tensor(model.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(model.std, device=self.device).view(1, 3, 1, 1) * 255
@@ -126,6 +135,9 @@ class Predictor:
         with self._autocast():
             pooled = self.pooled(self.preprocess(images))[:len(images)]
         return pooled.float().cpu().numpy()
+
+    def _int8_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module.get_classifier()(self.model.int8(x))  # the head stays float32
 
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self.module.forward_head(self.module.forward_features(x), pre_logits=True)

@@ -38,6 +38,7 @@ class StagePlan:
     model_codes: tuple[str, ...] = ()
     encoder: bool = False
     mil: object = None  # the ABMIL cellularity model, when configured and embeddings exist
+    cpu_models: frozenset = frozenset()  # branches whose model runs on CPU even beside GPUs
 
 
 @dataclass
@@ -164,6 +165,9 @@ def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
         plan.run += ["cell_detection", f"cell_classification:{c.model}", "differential"]
         if len(members) > 1:
             plan.run[-2] += f" (ensemble of {len(members)})"
+        if any(m.int8 is not None for m in members):  # int8 kernels are the CPU's
+            plan.run[-2] += " (int8, CPU)"
+            plan.cpu_models = frozenset({"cells"})
         if not all(m.trained for m in members):
             plan.run[-2] += " (UNTRAINED)"
     if "tiles" in stages:
@@ -206,9 +210,11 @@ class Resources:
 
 
 def plan_resources(cpus: int, gpus: float, pc, branches: tuple[str, ...],
-                   encoder: bool, n_slides: int) -> Resources:
+                   encoder: bool, n_slides: int,
+                   cpu_models: frozenset = frozenset()) -> Resources:
     """CPU actors take what the model actors leave: on a GPU node all but one CPU (the
-    driver's); both branches split them by ``pipeline.cells_cpu_share``. On a small CPU-only
+    driver's) and those of model actors that run on CPU (``cpu_models``: an int8
+    classifier); both branches split them by ``pipeline.cells_cpu_share``. On a small CPU-only
     machine, where one actor per pool would not fit, every actor asks for a fraction of a CPU.
     Model actors on one GPU share it."""
     models = {b: 0 for b in branches}
@@ -217,18 +223,20 @@ def plan_resources(cpus: int, gpus: float, pc, branches: tuple[str, ...],
     if "tiles" in branches and encoder:
         models["tiles"] = pc.encoder.concurrency
     n_models = sum(models.values())
-    total = pc.read_concurrency or max(len(branches), cpus - (1 if gpus else n_models))
+    on_cpu = {b for b in branches if not gpus or b in cpu_models}
+    n_cpu_models = sum(models[b] for b in on_cpu)
+    total = pc.read_concurrency or max(len(branches), cpus - (1 if gpus else 0) - n_cpu_models)
     total = max(total, len(branches))
     readers = {b: total for b in branches}
     if len(branches) == 2:
         readers["cells"] = min(total - 1, max(1, round(total * pc.cells_cpu_share)))
         readers["tiles"] = total - readers["cells"]
-    needed = total + (0 if gpus else n_models)
+    needed = total + n_cpu_models
     cpu = min(1.0, cpus / max(needed, 1))
     gpu = {}
     for b in branches:
         want = (pc.classifier if b == "cells" else pc.encoder).num_gpus
-        gpu[b] = min(want, gpus / max(n_models, 1)) if gpus else 0.0
+        gpu[b] = 0.0 if b in on_cpu else min(want, gpus / max(n_models - n_cpu_models, 1))
     plan = {b: max(1, min(n_slides, readers[b] // 2)) for b in branches}
     return Resources(plan, readers, cpu, gpu, models)
 
@@ -347,7 +355,8 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
         ray.init()  # joins the cluster under `ray job submit`, else starts a local one
     resources = ray.cluster_resources()
     res = plan_resources(int(resources.get("CPU", 1)), resources.get("GPU", 0), pc, branches,
-                         stages.encoder, min(len(pending), pc.slides_per_chunk or len(pending)))
+                         stages.encoder, min(len(pending), pc.slides_per_chunk or len(pending)),
+                         stages.cpu_models)
     for b in branches:
         cpu_stage, model_stage = ("detect", "classify") if b == "cells" else ("read", "encode")
         metrics.actors.update({f"plan_{b}": res.plan[b], cpu_stage: res.readers[b],

@@ -100,6 +100,14 @@ def test_resource_plan_fits_both_branches(cpus, gpus, cpu, readers, gpu):
     assert sum(res.gpu[b] * res.models[b] for b in res.models) <= max(gpus, 0)
 
 
+def test_an_int8_classifier_takes_a_cpu_not_the_gpu():
+    res = plan_resources(16, 1, PipelineConfig(), ("cells", "tiles"), True, 100,
+                         cpu_models=frozenset({"cells"}))
+    assert res.gpu == {"cells": 0.0, "tiles": 1.0}  # the encoder has the GPU to itself
+    assert sum(res.readers.values()) == 14  # 16 less the driver's and the classifier's
+    assert (sum(res.readers.values()) + res.models["cells"]) * res.cpu <= 16
+
+
 def test_one_branch_keeps_the_whole_machine():
     res = plan_resources(2, 0, Config().pipeline, ("cells",), True, 5)
     assert res.readers == {"cells": 1} and res.cpu == 1.0 and res.plan == {"cells": 1}

@@ -1,0 +1,124 @@
+"""Make an int8 checkpoint of a cell classifier for CPU-only nodes (``engine.models.quantize``).
+
+    python -m jobs.quantize_cell_classifier --checkpoint <float.safetensors> --data <dir with
+        labels.csv> --output <int8.safetensors> [--source-mpp 0.1 | auto]
+        [--calibration-images 512] [--seed 0] [--test-fraction 0.15] [--exclude-codes IG,NEU]
+        [--no-eval]
+
+Activation ranges are calibrated on images of the training split, rebuilt exactly as
+``jobs.train_cell_classifier`` made it (same seed, test fraction and excluded codes), never on
+the test rows. Those rows then score both models on this CPU (single view), and the card
+records macro F1, accuracy and crops/s of each. Prints that JSON. Use the output as
+``pipeline.classifier.checkpoint`` on CPU nodes: its model actors then take no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+
+import numpy as np
+
+from jobs.common import mpp_arg, resolve_source_mpp
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.quantize_cell_classifier",
+                                description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="the float checkpoint (.safetensors)")
+    p.add_argument("--data", required=True, help="its training data: folder with labels.csv")
+    p.add_argument("--output", required=True, help="the int8 checkpoint (.safetensors)")
+    p.add_argument("--source-mpp", type=mpp_arg, default=0.1,
+                   help="µm/px of the images, or auto: measured on their red cells")
+    p.add_argument("--calibration-images", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-fraction", type=float, default=0.15)
+    p.add_argument("--exclude-codes", default="IG,NEU")
+    p.add_argument("--no-eval", action="store_true", help="skip scoring on the test split")
+    return p.parse_args(argv)
+
+
+def score(model, crops: np.ndarray, y: np.ndarray, batch_size: int = 128) -> dict:
+    """Macro F1, accuracy and model crops/s of ``model`` on CPU (single view)."""
+    from engine.models import Predictor
+    from engine.train.metrics import classification_metrics
+
+    pred = Predictor(model, "cpu")
+    pred.predict(crops[:batch_size])  # first-call set-up is not the model's rate
+    t = time.perf_counter()
+    probs = np.concatenate([pred.predict(crops[i:i + batch_size])
+                            for i in range(0, len(crops), batch_size)])
+    seconds = time.perf_counter() - t
+    report = classification_metrics(y, probs, list(model.class_codes))
+    return {"precision": "int8" if model.int8 is not None else "bf16" if pred.amp else "fp32",
+            "macro_f1": round(report["macro_f1"], 4), "accuracy": round(report["accuracy"], 4),
+            "classes_precision_recall_above_0_8":
+                report["classes_precision_recall_above_0_8"],
+            "crops_per_s": round(len(crops) / seconds, 1), "n": int(len(crops))}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from engine.models import Predictor, create_model
+    from engine.models.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+    from engine.models.quantize import SCHEME, calibrate, observer_state, prepare_int8
+    from engine.train.data import load_cell_images, read_labels
+    from jobs.train_cell_classifier import split_for_training
+
+    try:
+        state, card = read_checkpoint(args.checkpoint)
+        if card.get("quantization"):
+            raise ValueError(f"{args.checkpoint} is already quantized: give its float checkpoint")
+        model = create_model(card["name"], args.checkpoint)
+        if model.spec.task != "classification":
+            raise ValueError(f"{card['name']} is not a cell classifier")
+        data = read_labels(args.data)
+        args.source_mpp = resolve_source_mpp(args.source_mpp, data.paths)
+        excluded = {c.strip() for c in args.exclude_codes.split(",") if c.strip()}
+        trainable, _, _, _, dev_idx, test_rows = split_for_training(
+            data, excluded, args.test_fraction, args.seed)
+    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as err:
+        print(f"hemeflow: error: {err}", file=sys.stderr)
+        return 2
+    rng = np.random.default_rng(args.seed)
+    picked = rng.choice(dev_idx, min(args.calibration_images, len(dev_idx)), replace=False)
+    spec = model.spec
+    images = load_cell_images([trainable.paths[i] for i in sorted(picked)], args.source_mpp,
+                              spec.input_mpp, spec.input_px)
+    float_cpu = Predictor(model, "cpu", amp=False)
+    prepared = prepare_int8(model.module, spec.input_px)
+    n = calibrate(prepared, (float_cpu.preprocess(images[i:i + 64])
+                             for i in range(0, len(images), 64)))
+    card = dict(card)
+    card["quantization"] = {
+        "scheme": SCHEME, "body": "int8 (stem, stages, global pool); final linear layer float32",
+        "from_checkpoint": args.checkpoint, "torch": torch.__version__,
+        "calibration": {"images": n, "data": args.data, "rows": "training split, never the "
+                        "test split", "source_mpp": args.source_mpp,
+                        "split": {"seed": args.seed, "test_fraction": args.test_fraction,
+                                  "exclude_codes": args.exclude_codes}},
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    write_checkpoint({**state, **observer_state(prepared)}, card, args.output)
+    codes = list(model.class_codes)
+    scored = [(p, c) for p, c in test_rows if c in codes]
+    if not args.no_eval and scored:
+        crops = load_cell_images([p for p, _ in scored], args.source_mpp, spec.input_mpp,
+                                 spec.input_px)
+        y = np.array([codes.index(c) for _, c in scored])
+        card["quantization"]["evaluation"] = {
+            "rows": "the held-out test split, single view, on this CPU",
+            "float": score(model, crops, y),
+            "int8": score(create_model(card["name"], args.output), crops, y)}
+        write_checkpoint({**state, **observer_state(prepared)}, card, args.output)
+    print(json.dumps({"output": args.output, **card["quantization"]}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
