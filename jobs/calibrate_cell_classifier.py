@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from jobs.common import mpp_arg, resolve_source_mpp
+from jobs.common import add_split_args, resolve_source_mpp
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,11 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="the training data: folder with labels.csv")
     p.add_argument("--output", required=True, help="the calibrated checkpoint (.safetensors)")
-    p.add_argument("--source-mpp", type=mpp_arg, default=0.1,
-                   help="µm/px of the images, or auto: measured on their red cells")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test-fraction", type=float, default=0.15)
-    p.add_argument("--exclude-codes", default="IG,NEU")
+    add_split_args(p)
     p.add_argument("--folds", type=int, default=1)
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--no-tta", action="store_true", help="fit on single views")

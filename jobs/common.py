@@ -151,6 +151,16 @@ def mpp_arg(text: str) -> float | str:
     return value
 
 
+def add_split_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that rebuild ``jobs.train_cell_classifier``'s split of a checkpoint's training
+    data (jobs that fit on its training rows and must never touch its test rows)."""
+    parser.add_argument("--source-mpp", type=mpp_arg, default=0.1,
+                        help="µm/px of the images, or auto: measured on their red cells")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test-fraction", type=float, default=0.15)
+    parser.add_argument("--exclude-codes", default="IG,NEU")
+
+
 def measure_pixel_size(paths, sample: int = 300, seed: int = 0, rbc_diameter_um: float = 7.5):
     """`engine.pixel_size.estimate_mpp` over up to ``sample`` of the image files ``paths``
     (a seeded draw, so a rerun measures the same images)."""

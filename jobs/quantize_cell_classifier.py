@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from jobs.common import mpp_arg, resolve_source_mpp
+from jobs.common import add_split_args, resolve_source_mpp
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,12 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="the float checkpoint (.safetensors)")
     p.add_argument("--data", required=True, help="its training data: folder with labels.csv")
     p.add_argument("--output", required=True, help="the int8 checkpoint (.safetensors)")
-    p.add_argument("--source-mpp", type=mpp_arg, default=0.1,
-                   help="µm/px of the images, or auto: measured on their red cells")
+    add_split_args(p)
     p.add_argument("--calibration-images", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test-fraction", type=float, default=0.15)
-    p.add_argument("--exclude-codes", default="IG,NEU")
     p.add_argument("--no-eval", action="store_true", help="skip scoring on the test split")
     return p.parse_args(argv)
 
