@@ -100,7 +100,8 @@ def main(argv=None) -> int:
                         "split": {"seed": args.seed, "test_fraction": args.test_fraction,
                                   "exclude_codes": args.exclude_codes}},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    write_checkpoint({**state, **observer_state(prepared)}, card, args.output)
+    tensors = {**state, **observer_state(prepared)}  # the histogram search, once
+    write_checkpoint(tensors, card, args.output)
     codes = list(model.class_codes)
     scored = [(p, c) for p, c in test_rows if c in codes]
     if not args.no_eval and scored:
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
             "rows": "the held-out test split, single view, on this CPU",
             "float": score(model, crops, y),
             "int8": score(create_model(card["name"], args.output), crops, y)}
-        write_checkpoint({**state, **observer_state(prepared)}, card, args.output)
+        write_checkpoint(tensors, card, args.output)  # the same tensors, the card scored
     print(json.dumps({"output": args.output, **card["quantization"]}, indent=2, default=str))
     return 0
 
