@@ -18,6 +18,7 @@ RULES = {
     "engine.classes": ["torch", "ray", "openslide", "pyvips", "fsspec"],
     "engine.pixel_size": ["torch", "ray", "openslide", "pyvips", "fsspec"],
     "jobs.estimate_pixel_size": ["torch", "ray", "timm", "openslide", "pyvips"],
+    "jobs.cell_gallery": ["torch", "ray", "timm"],
     "engine.models": ["ray", "openslide", "pyvips", "engine.slides"],
     "engine.train.cell_classifier": ["ray", "openslide", "pyvips", "engine.slides"],
     "engine.train.evaluation": ["ray", "openslide", "pyvips", "engine.slides"],

@@ -48,3 +48,30 @@ def plot_umap(features: np.ndarray, labels: list[str], path: str, seed: int = 0,
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_cell_gallery(rows: list[tuple[str, np.ndarray, np.ndarray]], path: str,
+                      title: str = "") -> None:
+    """Cell crops in rows, one row per class, each crop captioned with its class probability.
+
+    Args:
+        rows: ``(label, crops (N, S, S, 3) uint8, probabilities (N,))`` per row; rows may hold
+            different numbers of crops.
+        path: the PNG to write.
+    """
+    cols = max((len(c) for _, c, _ in rows), default=1) or 1
+    fig, axes = plt.subplots(max(len(rows), 1), cols + 1, squeeze=False,
+                             figsize=(1.1 * (cols + 1) + 1.2, 1.25 * max(len(rows), 1) + 0.4),
+                             gridspec_kw={"width_ratios": [2.2] + [1] * cols})
+    for ax in axes.ravel():
+        ax.axis("off")
+    for r, (label, crops, probs) in enumerate(rows):
+        axes[r, 0].text(0.98, 0.5, label, ha="right", va="center", fontsize=8,
+                        transform=axes[r, 0].transAxes)
+        for c, (crop, p) in enumerate(zip(crops, probs)):
+            axes[r, c + 1].imshow(crop)
+            axes[r, c + 1].set_title(f"{p:.2f}", fontsize=7, pad=2)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -255,3 +255,22 @@ def test_uncommit_takes_the_marker_first_and_the_tables_follow(run_out, tmp_path
     store.uncommit({smear})
     assert store.committed() == done - {smear}
     assert not list(out.rglob(f"{smear}.*"))
+
+
+def test_cell_gallery_of_a_slide(run_out, tmp_path, capsys):
+    from PIL import Image
+
+    from jobs import cell_gallery
+
+    png = tmp_path / "g.png"
+    assert cell_gallery.main(["--output", str(run_out), "--slide", "smear-a.tif",
+                              "--per-class", "5", "--order", "uncertain", "--png", str(png)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert Image.open(png).size[0] > 400
+    cells = pl.read_parquet(f"{run_out}/cells/smear-a-*.parquet")
+    picked = cell_gallery.choose(cells, 5, "uncertain", 0)
+    for code, rows in picked.items():  # the least confident calls of each class
+        probs = cells.filter(pl.col("class_code") == code)["class_prob"].sort()
+        assert rows["class_prob"].to_list() == probs.head(len(rows)).to_list()
+    assert cell_gallery.main(["--output", str(run_out), "--slide", "nope.svs"]) == 2
+    assert "no single slide 'nope.svs'" in capsys.readouterr().err

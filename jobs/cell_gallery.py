@@ -1,0 +1,124 @@
+"""A gallery of one slide's classified cells, a row per class, for review by a hematologist.
+
+    python -m jobs.cell_gallery --output <process_slides output> --slide <slide_id or file name>
+        [--per-class 16] [--order random | confident | uncertain] [--png <file>] [--seed 0]
+
+Reads the slide's rows of the ``cells`` and ``slides`` tables, reads each chosen cell's crop
+back from the slide (96 px at 0.25 µm/px, as the classifier saw it) and writes a PNG: one row per
+class code, with its name and count, each crop captioned with the class probability. ``random``
+(the default) shows what the counts are made of; ``uncertain`` the least confident calls, where
+review pays most. The slide must still be where the run read it (its ``uri``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from jobs.common import add_storage_args, fail, storage_from_args
+
+CROP_PX, CROP_MPP = 96, 0.25
+
+
+def choose(cells, per_class: int, order: str, seed: int) -> dict[str, object]:
+    """``class_code -> rows`` to show: up to ``per_class`` of each class, by ``order``."""
+    import polars as pl
+
+    out = {}
+    for code in sorted(set(cells["class_code"].to_list()) - {""}):
+        rows = cells.filter(pl.col("class_code") == code)
+        if order == "random":
+            rows = rows.sample(min(per_class, len(rows)), seed=seed)
+        else:
+            rows = rows.sort("class_prob", descending=order == "confident")
+        out[code] = rows.head(per_class)
+    return out
+
+
+def read_crops(reader, rows, mpp: float, size: tuple[int, int]) -> np.ndarray:
+    """``(N, 96, 96, 3) uint8``: each cell's surroundings at 0.25 µm/px, read at level 0."""
+    import cv2
+
+    side = max(1, int(round(CROP_PX * CROP_MPP / mpp)))
+    crops = []
+    for x, y in zip(rows["x"].to_list(), rows["y"].to_list()):
+        x0 = int(np.clip(round(x - side / 2), 0, max(size[0] - side, 0)))
+        y0 = int(np.clip(round(y - side / 2), 0, max(size[1] - side, 0)))
+        region = reader.read_region(0, x0, y0, min(side, size[0]), min(side, size[1]))
+        crops.append(cv2.resize(np.ascontiguousarray(region), (CROP_PX, CROP_PX),
+                                interpolation=cv2.INTER_AREA))
+    return np.stack(crops) if crops else np.zeros((0, CROP_PX, CROP_PX, 3), np.uint8)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.cell_gallery", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True, help="the process_slides output folder or s3:// prefix")
+    p.add_argument("--slide", required=True, help="slide_id, or the slide's file name")
+    p.add_argument("--per-class", type=int, default=16)
+    p.add_argument("--order", choices=("random", "confident", "uncertain"), default="random")
+    p.add_argument("--png", help="where to write (default: <slide_id>-gallery.png here)")
+    p.add_argument("--seed", type=int, default=0)
+    add_storage_args(p)
+    args = p.parse_args(argv)
+
+    import polars as pl
+
+    from engine.classes import get_class
+    from engine.outputs import join_uri
+    from engine.report.plots import plot_cell_gallery
+    from engine.slides import open_slide
+    from engine.slides.storage import get_filesystem
+
+    storage = storage_from_args(args)
+    fs, _ = get_filesystem(args.output, storage)
+
+    try:
+        files = fs.glob(join_uri(args.output, "slides", "*.parquet").split("://")[-1])
+        if not files:
+            raise FileNotFoundError(f"no slides table under {args.output}")
+        slides = _read(fs, files)
+        match = slides.filter((pl.col("slide_id") == args.slide)
+                              | pl.col("uri").str.ends_with("/" + args.slide))
+        if len(match) != 1:
+            raise ValueError(f"no single slide {args.slide!r} in {args.output}; slides: "
+                             f"{sorted(slides['slide_id'].to_list())[:20]}")
+        slide = match.row(0, named=True)
+        sid = slide["slide_id"]
+        with fs.open(join_uri(args.output, "cells", f"{sid}.parquet").split("://")[-1],
+                     "rb") as fh:
+            cells = pl.read_parquet(fh)
+    except (FileNotFoundError, ValueError) as err:
+        return fail(str(err))
+    if cells.is_empty():
+        return fail(f"slide {sid} has no cells in {args.output}")
+    mpp = (slide["mpp_x"] + slide["mpp_y"]) / 2
+    picked = choose(cells, args.per_class, args.order, args.seed)
+    rows = []
+    with open_slide(slide["uri"], storage) as reader:
+        for code, chosen in picked.items():
+            count = int((cells["class_code"] == code).sum())
+            rows.append((f"{code} {get_class(code).name}\n{count} cells",
+                         read_crops(reader, chosen, mpp, (slide["width"], slide["height"])),
+                         chosen["class_prob"].to_numpy()))
+    png = args.png or f"{sid}-gallery.png"
+    plot_cell_gallery(rows, png, title=f"{sid}: {len(cells)} cells, {args.order} "
+                                       f"{args.per_class} per class")
+    print(f"wrote {png}: {len(rows)} classes, {sum(len(r[1]) for r in rows)} cells")
+    return 0
+
+
+def _read(fs, files: list[str]):
+    import polars as pl
+
+    frames = []
+    for path in files:
+        with fs.open(path, "rb") as fh:
+            frames.append(pl.read_parquet(fh))
+    return pl.concat(frames, how="diagonal_relaxed")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
