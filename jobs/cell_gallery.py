@@ -76,7 +76,10 @@ def main(argv=None) -> int:
     fs, _ = get_filesystem(args.output, storage)
 
     try:
-        files = fs.glob(join_uri(args.output, "slides", "*.parquet").split("://")[-1])
+        direct = join_uri(args.output, "slides", f"{args.slide}.parquet").split("://")[-1]
+        # a slide id names its file; a file name means looking through the slides table
+        files = [direct] if fs.exists(direct) else \
+            fs.glob(join_uri(args.output, "slides", "*.parquet").split("://")[-1])
         if not files:
             raise FileNotFoundError(f"no slides table under {args.output}")
         slides = _read(fs, files)
