@@ -67,19 +67,22 @@ def main(argv=None) -> int:
     import polars as pl
 
     from engine.classes import get_class
-    from engine.outputs import join_uri
+    from engine.pipeline.commit import OutputStore
     from engine.report.plots import plot_cell_gallery
     from engine.slides import open_slide
-    from engine.slides.storage import get_filesystem
 
     storage = storage_from_args(args)
-    fs, _ = get_filesystem(args.output, storage)
+    store = OutputStore(args.output, storage)
+    fs = store.fs
+
+    def path(*parts: str) -> str:
+        return "/".join([store.path.rstrip("/"), *parts])
 
     try:
-        direct = join_uri(args.output, "slides", f"{args.slide}.parquet").split("://")[-1]
+        direct = path("slides", f"{args.slide}.parquet")
         # a slide id names its file; a file name means looking through the slides table
         files = [direct] if fs.exists(direct) else \
-            fs.glob(join_uri(args.output, "slides", "*.parquet").split("://")[-1])
+            fs.glob(path("slides", "*.parquet"))
         if not files:
             raise FileNotFoundError(f"no slides table under {args.output}")
         slides = _read(fs, files)
@@ -90,8 +93,7 @@ def main(argv=None) -> int:
                              f"{sorted(slides['slide_id'].to_list())[:20]}")
         slide = match.row(0, named=True)
         sid = slide["slide_id"]
-        with fs.open(join_uri(args.output, "cells", f"{sid}.parquet").split("://")[-1],
-                     "rb") as fh:
+        with fs.open(path("cells", f"{sid}.parquet"), "rb") as fh:
             cells = pl.read_parquet(fh)
     except (FileNotFoundError, ValueError) as err:
         return fail(str(err))
