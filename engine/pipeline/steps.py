@@ -80,7 +80,8 @@ class ReaderCache:
         stack = contextlib.ExitStack()
         reader = stack.enter_context(open_slide(
             uri, self.cfg.storage, self._staging, size=entry and entry.size,
-            etag=entry and entry.etag, make_room=self._make_room))
+            etag=entry and entry.etag, make_room=self._make_room,
+            direct_jpeg=self.cfg.pipeline.direct_jpeg))
         self._open[uri] = (reader, stack)
         while len(self._open) > self.size:
             self._close_oldest()
@@ -172,7 +173,8 @@ class PlanSlide:
 
     def __call__(self, row: dict) -> dict:
         entry = FileEntry(row["uri"], row.get("size"), row.get("etag"))
-        with inventoried(entry, self.cfg.storage, None, self.mpp) as (inv, slide):
+        with inventoried(entry, self.cfg.storage, None, self.mpp,
+                         self.cfg.pipeline.direct_jpeg) as (inv, slide):
             out = {"slide": {k: (v.isoformat() if hasattr(v, "isoformat") else v)
                              for k, v in inv.items()},
                    "status": inv["status"], "error_type": inv["error_type"],

@@ -65,7 +65,8 @@ def error_row(entry: FileEntry, err: SlideError, status: str = "failed") -> dict
 
 @contextlib.contextmanager
 def inventoried(entry: FileEntry, storage: StorageConfig, staging: StagingArea | None = None,
-                mpp: MppOverrides | None = None) -> Iterator[tuple[dict, SlideReader | None]]:
+                mpp: MppOverrides | None = None, direct_jpeg: bool = True
+                ) -> Iterator[tuple[dict, SlideReader | None]]:
     """Inventory one file and keep it open: yields ``(slides row, reader)``, the reader being
     None unless the row is ``ok``, so a caller that goes on to plan tiles opens (and, on S3,
     downloads) the slide once.
@@ -84,7 +85,8 @@ def inventoried(entry: FileEntry, storage: StorageConfig, staging: StagingArea |
     with contextlib.ExitStack() as stack:
         try:
             slide = stack.enter_context(open_slide(entry.uri, storage, staging,
-                                                   size=entry.size, etag=entry.etag))
+                                                   size=entry.size, etag=entry.etag,
+                                                   direct_jpeg=direct_jpeg))
             row.update(info_row(mpp.apply(slide.info, row["slide_id"])))
             slide.read_thumbnail((PROBE_PX, PROBE_PX))  # raises SlideCorrupt on bad data
         except SlideError as err:

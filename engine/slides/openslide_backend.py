@@ -44,14 +44,26 @@ def _float(props, key) -> float | None:
         return None
 
 
+# vendors whose levels OpenSlide reads as a plain grid of TIFF tiles (Ventana, Philips and
+# Leica layouts overlap, skip or combine tiles and stay with OpenSlide)
+DIRECT_JPEG_VENDORS = ("generic-tiff", "aperio")
+
+
 class OpenSlideReader:
-    """`SlideReader` over ``openslide.OpenSlide`` (needs a local path; S3 objects are staged)."""
+    """`SlideReader` over ``openslide.OpenSlide`` (needs a local path; S3 objects are staged).
+
+    With ``direct_jpeg``, the JPEG-tiled levels of generic TIFFs and Aperio SVS are decoded
+    directly (`engine.slides.jpeg_tiles`); each such level's first read is also made through
+    OpenSlide, and a level whose pixels differ goes back to OpenSlide for good.
+    """
 
     backend = "openslide"
 
-    def __init__(self, path: str, uri: str | None = None):
+    def __init__(self, path: str, uri: str | None = None, direct_jpeg: bool = True):
         self.uri = uri or path
         self._path = path
+        self._jpeg = None  # JpegTiles, when direct decoding applies
+        self._checked: dict[int, bool] = {}  # level -> agreed with OpenSlide on its first read
         try:
             self._slide = openslide.OpenSlide(path)
         except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as err:
@@ -77,8 +89,34 @@ class OpenSlideReader:
             associated_images=tuple(sorted(self._slide.associated_images.keys())),
             notes=note,
         )
+        if direct_jpeg and vendor in DIRECT_JPEG_VENDORS:
+            self._open_direct()
+
+    def _open_direct(self) -> None:
+        """JPEG-tiled levels decoded without OpenSlide (`engine.slides.jpeg_tiles`), each
+        checked against OpenSlide on its first read."""
+        from engine.slides.jpeg_tiles import JpegTiles
+
+        try:
+            jpeg = JpegTiles(self._path, self.info.level_dimensions, self.info.level_downsamples)
+        except Exception:  # noqa: BLE001 - a TIFF tifffile cannot parse: OpenSlide reads it all
+            return
+        if jpeg:
+            self._jpeg = jpeg
 
     def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        if self._jpeg is not None and self._checked.get(level, True):
+            fast = self._jpeg.read(level, x, y, width, height, self._background)
+            if fast is not None:
+                if level in self._checked:
+                    return fast
+                slow = self._read_openslide(level, x, y, width, height)
+                self._checked[level] = bool(np.array_equal(fast, slow))
+                return slow
+        return self._read_openslide(level, x, y, width, height)
+
+    def _read_openslide(self, level: int, x: int, y: int, width: int, height: int
+                        ) -> np.ndarray:
         try:
             rgba = np.asarray(self._slide.read_region((int(x), int(y)), int(level),
                                                       (int(width), int(height))))
@@ -96,6 +134,8 @@ class OpenSlideReader:
         return np.asarray(thumb.convert("RGB"))
 
     def close(self) -> None:
+        if self._jpeg is not None:
+            self._jpeg.close()
         if self._slide is not None:  # idempotent: a reader may be closed, then collected
             slide, self._slide = self._slide, None
             try:

@@ -112,15 +112,19 @@ def detect_backend(path: str, uri: str | None = None) -> str:
     raise SlideUnsupported(uri, f"not a slide or image format (starts with {shown!r})")
 
 
-def open_reader(path: str, uri: str | None = None, backend: str | None = None) -> SlideReader:
+def open_reader(path: str, uri: str | None = None, backend: str | None = None,
+                direct_jpeg: bool = True) -> SlideReader:
     """Open a local file with the named backend or the detected one.
 
     A TIFF that OpenSlide claims but cannot open is retried with libvips; if both fail, OpenSlide's
-    error (usually the more specific) is raised.
+    error (usually the more specific) is raised. ``direct_jpeg`` lets the OpenSlide backend
+    decode JPEG-tiled TIFF levels itself (`engine.slides.jpeg_tiles`).
     """
     uri = uri or path
     name = backend or detect_backend(path, uri)
     try:
+        if name == "openslide":
+            return get_backend(name)(path, uri, direct_jpeg=direct_jpeg)
         return get_backend(name)(path, uri)
     except SlideError as first:
         if backend is None and name == "openslide":
@@ -136,12 +140,12 @@ def open_reader(path: str, uri: str | None = None, backend: str | None = None) -
 @contextlib.contextmanager
 def open_slide(uri: str, storage: StorageConfig | None = None, staging: StagingArea | None = None,
                backend: str | None = None, size: int | None = None, etag: str | None = None,
-               make_room=None) -> Iterator[SlideReader]:
+               make_room=None, direct_jpeg: bool = True) -> Iterator[SlideReader]:
     """Open a slide by URI (local path or ``s3://``) as a context manager.
 
     Remote objects are staged to a local file first (``staging``, or the node's staging folder;
     see `StagingArea`, which also explains ``make_room``); ``size`` and ``etag``, when known
-    from a listing, save a request.
+    from a listing, save a request. ``direct_jpeg``: see `open_reader`.
 
     Example:
         >>> with open_slide("s3://archive/case-1.svs", storage) as slide:
@@ -155,6 +159,6 @@ def open_slide(uri: str, storage: StorageConfig | None = None, staging: StagingA
             staging = stack.enter_context(StagingArea(storage))
         path = stack.enter_context(staging.stage(uri, size, etag, make_room)) \
             if is_remote(uri) else uri
-        reader = open_reader(path, uri, backend)
+        reader = open_reader(path, uri, backend, direct_jpeg)
         stack.callback(reader.close)
         yield reader

