@@ -1,7 +1,7 @@
 """Nucleated-cell detection on Romanowsky-stained smear tiles, tile ownership, and crops.
 
-numpy and scipy.ndimage, with OpenCV for the whole-tile resampling and morphology (the same
-results as scipy.ndimage's, several times faster). Touching nuclei are split around
+numpy and scipy.ndimage, with OpenCV for the whole-tile resampling, morphology and connected
+components (the same results as scipy.ndimage's, faster). Touching nuclei are split around
 distance-transform peaks. Wright-Giemsa / May-Grünwald-Giemsa stain nuclei blue-purple and red
 cells pink, so ``blue - red`` separates nuclei from red cells and glass. The threshold is set once
 per slide (Otsu over sampled tiles, clamped), not per tile: a tile with no white cell must not
@@ -17,14 +17,15 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from engine.config import CellDetectionConfig
-from engine.tissue import binary_close, fill_small_holes, otsu_threshold
+from engine.tissue import binary_close, components, fill_small_holes, otsu_threshold
 
 KIND_CELL, KIND_PLATELET = "nucleated", "platelet"
 
 
 def stain_score(rgb: np.ndarray) -> np.ndarray:
     """``(H, W, 3) uint8`` -> ``(H, W) float32`` nuclear-stain score ``blue - red`` (−255…255)."""
-    return rgb[..., 2].astype(np.float32) - rgb[..., 0].astype(np.float32)
+    rgb = np.ascontiguousarray(rgb)
+    return cv2.subtract(cv2.extractChannel(rgb, 2), cv2.extractChannel(rgb, 0), dtype=cv2.CV_32F)
 
 
 def estimate_threshold(samples: list[np.ndarray], cfg: CellDetectionConfig) -> float:
@@ -119,6 +120,17 @@ def _split(blob: np.ndarray, min_distance_px: float) -> np.ndarray:
     return np.where(blob, merged[iy, ix], 0).astype(np.int32)
 
 
+def _raster_order(labels: np.ndarray, stats: np.ndarray) -> np.ndarray:
+    """Component indices (1..n-1) in raster order of their first pixel, as ``ndi.label`` numbers
+    them (OpenCV's 8-connected labelling numbers them otherwise), so cells keep their order."""
+    idx = np.arange(1, len(stats))
+    if not len(idx):
+        return idx
+    top = stats[1:, cv2.CC_STAT_TOP]
+    first_x = np.argmax(labels[top] == idx[:, None], axis=1)
+    return idx[np.lexsort((first_x, top))]
+
+
 def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
                  cfg: CellDetectionConfig) -> Detections:
     """Nucleated cells (and platelets) in one RGB tile.
@@ -140,34 +152,36 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
     px_area = mpp * mpp
     nuclei = _open2(score > threshold)
     merged = fill_small_holes(binary_close(nuclei, _disk(cfg.merge_um / mpp)) | nuclei)
-    labels, n = ndi.label(merged, structure=np.ones((3, 3), bool))
+    _, labels, stats, centroids = components(merged)
     out = {k: [] for k in ("x", "y", "x0", "y0", "x1", "y1", "area_um2", "kind")}
-    slices = ndi.find_objects(labels)
-    for i, sl in enumerate(slices, start=1):
-        if sl is None:
-            continue
-        blob = labels[sl] == i
-        area = float(blob.sum() * px_area)
+
+    def add(cx, cy, x0, y0, x1, y1, a):  # work-grid pixel centres and edges -> tile pixels
+        out["x"].append((cx + 0.5) / zoom - 0.5)
+        out["y"].append((cy + 0.5) / zoom - 0.5)
+        out["x0"].append(x0 / zoom)
+        out["y0"].append(y0 / zoom)
+        out["x1"].append(x1 / zoom)
+        out["y1"].append(y1 / zoom)
+        out["area_um2"].append(a)
+        out["kind"].append(KIND_CELL if a >= cfg.min_cell_area_um2 else KIND_PLATELET)
+
+    for i in _raster_order(labels, stats):
+        x, y, w, h, px = (int(v) for v in stats[i])
+        area = px * px_area
         if area < cfg.min_platelet_area_um2 or area > cfg.max_cell_area_um2:
             continue
-        parts = _split(blob, cfg.split_min_distance_um / mpp) if area > cfg.split_area_um2 \
-            else blob.astype(np.int32)
+        if area <= cfg.split_area_um2:  # one cell: its numbers are the component's
+            add(*centroids[i], x, y, x + w, y + h, area)
+            continue
+        parts = _split(labels[y:y + h, x:x + w] == i, cfg.split_min_distance_um / mpp)
         for j in range(1, int(parts.max()) + 1):
             part = parts == j
             a = float(part.sum() * px_area)
             if a < cfg.min_platelet_area_um2:
                 continue
             ys, xs = np.nonzero(part)
-            kind = KIND_CELL if a >= cfg.min_cell_area_um2 else KIND_PLATELET
-            # back to tile pixels: pixel centres of the work grid, scaled by 1/zoom
-            out["x"].append((xs.mean() + sl[1].start + 0.5) / zoom - 0.5)
-            out["y"].append((ys.mean() + sl[0].start + 0.5) / zoom - 0.5)
-            out["x0"].append((xs.min() + sl[1].start) / zoom)
-            out["y0"].append((ys.min() + sl[0].start) / zoom)
-            out["x1"].append((xs.max() + sl[1].start + 1) / zoom)
-            out["y1"].append((ys.max() + sl[0].start + 1) / zoom)
-            out["area_um2"].append(a)
-            out["kind"].append(kind)
+            add(xs.mean() + x, ys.mean() + y, xs.min() + x, ys.min() + y, xs.max() + x + 1,
+                ys.max() + y + 1, a)
     return Detections(*(np.asarray(out[k], np.float32 if k == "area_um2" else
                                    object if k == "kind" else np.float64)
                         for k in ("x", "y", "x0", "y0", "x1", "y1", "area_um2", "kind")))

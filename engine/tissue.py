@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from scipy import ndimage as ndi
 
 from engine.config import TissueConfig
 
@@ -64,31 +63,43 @@ def binary_open(mask: np.ndarray, disk: np.ndarray) -> np.ndarray:
     return _morph(mask, disk, cv2.erode, cv2.dilate)
 
 
+def components(mask: np.ndarray, connectivity: int = 8) -> tuple[int, np.ndarray, np.ndarray,
+                                                                  np.ndarray]:
+    """Connected components of a boolean mask (OpenCV; several times scipy's ``ndi.label``, with
+    the same labels: numbered from 1 in raster order of their first pixel).
+
+    Returns:
+        ``(n, labels (H, W) int32, stats (n, 5): x, y, width, height, area, centroids (n, 2):
+        x, y)``; index 0 is the background.
+    """
+    return cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=connectivity,
+                                            ltype=cv2.CV_32S)
+
+
 def remove_small_regions(mask: np.ndarray, min_px: float) -> np.ndarray:
     """Drop 8-connected foreground components smaller than ``min_px`` pixels."""
     if min_px <= 1 or not mask.any():
         return mask
-    labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = sizes >= min_px
+    _, labels, stats, _ = components(mask)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_px
     keep[0] = False
     return keep[labels]
 
 
 def fill_small_holes(mask: np.ndarray, max_hole_px: float = np.inf) -> np.ndarray:
     """Fill background components enclosed by foreground and smaller than ``max_hole_px``
-    (4-connected background; with no limit, the same as ``ndi.binary_fill_holes`` and about 2.5x
-    faster)."""
+    (4-connected background; with no limit, the same as ``ndi.binary_fill_holes``)."""
     if max_hole_px <= 0:
         return mask
-    holes, n = ndi.label(~mask)
-    if n == 0:
+    n, holes, stats, _ = components(~mask, connectivity=4)
+    if n <= 1:
         return mask
-    sizes = np.bincount(holes.ravel(), minlength=n + 1)
-    border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
-    fill = sizes < max_hole_px
+    h, w = mask.shape
+    x, y = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+    border = (x == 0) | (y == 0) | (x + stats[:, cv2.CC_STAT_WIDTH] == w) | \
+        (y + stats[:, cv2.CC_STAT_HEIGHT] == h)
+    fill = (stats[:, cv2.CC_STAT_AREA] < max_hole_px) & ~border
     fill[0] = False
-    fill[border] = False
     return mask | fill[holes]
 
 

@@ -84,3 +84,34 @@ def test_opencv_morphology_and_saturation_equal_scipy_and_float_numpy():
     assert np.array_equal(val, vmax)
     assert np.array_equal(sat, np.where(vmax > 0, (vmax - vmin) / np.maximum(vmax, 1e-6), 0.0)
                           .astype(np.float32))
+
+
+def test_opencv_components_equal_scipy_label():
+    """`components` partitions a mask as ``ndi.label`` does (4- and 8-connected), and the size
+    filters built on it keep and fill exactly what scipy's labels would."""
+    from scipy import ndimage as ndi
+
+    from engine.cells import _raster_order
+    from engine.tissue import components
+
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        m = ndi.binary_opening(rng.random(tuple(rng.integers(20, 160, 2))) > rng.uniform(0.3, 0.7))
+        for conn, structure in ((4, None), (8, np.ones((3, 3), bool))):
+            ref, n = ndi.label(m, structure=structure)
+            count, labels, stats, centroids = components(m, conn)
+            assert count == n + 1
+            order = _raster_order(labels, stats) if conn == 8 else np.arange(1, count)
+            for want, i in enumerate(order, start=1):  # same pixels, in scipy's numbering
+                assert ((labels == i) == (ref == want)).all()
+                ys, xs = np.nonzero(ref == want)
+                assert stats[i, 4] == len(xs) and np.allclose(centroids[i], (xs.mean(), ys.mean()))
+        sizes = np.bincount(ndi.label(m, structure=np.ones((3, 3), bool))[0].ravel())
+        labels8 = ndi.label(m, structure=np.ones((3, 3), bool))[0]
+        assert (remove_small_regions(m, 12) == (m & (sizes >= 12)[labels8])).all()
+        holes, _ = ndi.label(~m)
+        hole_sizes = np.bincount(holes.ravel())
+        border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
+        fill = hole_sizes < 6
+        fill[0], fill[border] = False, False
+        assert (fill_small_holes(m, 6) == (m | fill[holes])).all()
