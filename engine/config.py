@@ -213,6 +213,10 @@ class PipelineConfig:
             (`engine.slides.jpeg_tiles`) instead of through OpenSlide; the same pixels, checked
             against OpenSlide on each level's first read, at about twice the speed.
         min_nucleated: below this many nucleated cells a differential is flagged.
+        max_ood_percent: a slide with more than this share of its nucleated cells out of the
+            classifier's training distribution (`engine.models.ood`; the checkpoint must carry
+            a feature density) is flagged ``out_of_distribution``: its differential is not to
+            be trusted before review.
         threshold_samples: tiles sampled per slide to set its stain threshold.
         cellularity_checkpoint: ABMIL regressor (``jobs.train_mil``) on the encoder's tile
             embeddings; K bags of up to ``cellularity_bag_size`` tiles give mean and sd.
@@ -228,6 +232,7 @@ class PipelineConfig:
     native_threads: int = 1
     direct_jpeg: bool = True
     min_nucleated: int = 200
+    max_ood_percent: float = 20.0
     threshold_samples: int = 12
     classifier: ModelStageConfig = field(default_factory=ModelStageConfig)
     encoder: ModelStageConfig = field(default_factory=lambda: ModelStageConfig(

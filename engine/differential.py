@@ -35,6 +35,9 @@ class Differential:
         blast_percent, blast_ci: blasts over nucleated cells; None if the model has no blast class.
         low_count: fewer nucleated cells than the configured minimum.
         not_covered: DeepHeme codes the model cannot predict (their counts are unknown, not 0).
+        ood_percent: nucleated cells out of the classifier's training distribution, in percent
+            (None when the checkpoint carries no feature density).
+        out_of_distribution: ``ood_percent`` above the configured limit (None as above).
     """
 
     rows: list[dict]
@@ -45,17 +48,30 @@ class Differential:
     blast_ci: tuple[float, float] | None
     low_count: bool
     not_covered: tuple[str, ...] = field(default_factory=tuple)
+    ood_percent: float | None = None
+    out_of_distribution: bool | None = None
 
 
-def compute_differential(codes, model_codes, min_nucleated: int = 200) -> Differential:
+def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
+                         max_ood_percent: float = 20.0) -> Differential:
     """Differential from the predicted class codes of one slide's cells.
 
     Args:
         codes: predicted code per cell.
         model_codes: the codes the model can predict (its card's ``class_codes``).
         min_nucleated: below this many nucleated cells the slide is flagged ``low_count``.
+        ood: per cell, whether it lies out of the classifier's training distribution (None
+            entries, or no list, where the checkpoint carries no feature density).
+        max_ood_percent: above this share of nucleated cells out of distribution the slide is
+            flagged ``out_of_distribution``.
     """
     counts = collections.Counter(codes)
+    ood_percent = flagged = None
+    if ood is not None and len(ood) and all(o is not None for o in ood):
+        far = [bool(o) for c, o in zip(codes, ood) if get_class(c).nucleated]
+        if far:
+            ood_percent = 100 * sum(far) / len(far)
+            flagged = ood_percent > max_ood_percent
     nucleated = sum(n for c, n in counts.items() if get_class(c).nucleated)
     rows = []
     for code in model_codes:
@@ -91,4 +107,5 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200) -> Differ
         # a stage predicted only as its group (ER for ER1-ER4) counts as covered at group level
         not_covered=tuple(c for c in DEEPHEME_CODES if c not in model_codes
                           and not any(c in get_class(m).members for m in model_codes)),
+        ood_percent=ood_percent, out_of_distribution=flagged,
     )

@@ -7,7 +7,7 @@ import re
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: cells and differentials say how far cells lie from the training data
 STATUSES = ("ok", "failed", "skipped")
 
 
@@ -83,6 +83,8 @@ CELLS = _schema("cells", [
     pa.field("class_prob", pa.float32()),
     pa.field("probabilities", pa.list_(pa.float32())),
     pa.field("model_codes", pa.list_(pa.string())),
+    pa.field("ood_distance", pa.float32()),
+    pa.field("out_of_distribution", pa.bool_()),
 ])
 
 DIFFERENTIALS = _schema("differentials", [
@@ -102,6 +104,8 @@ DIFFERENTIALS = _schema("differentials", [
     pa.field("blast_ci_high", pa.float64()),
     pa.field("low_count", pa.bool_()),
     pa.field("codes_not_covered", pa.list_(pa.string())),
+    pa.field("ood_percent", pa.float64()),
+    pa.field("out_of_distribution", pa.bool_()),
 ])
 
 CELLULARITY = _schema("cellularity", [

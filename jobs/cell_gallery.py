@@ -1,13 +1,16 @@
 """A gallery of one slide's classified cells, a row per class, for review by a hematologist.
 
     python -m jobs.cell_gallery --output <process_slides output> --slide <slide_id or file name>
-        [--per-class 16] [--order random | confident | uncertain] [--png <file>] [--seed 0]
+        [--per-class 16] [--order random | confident | uncertain | far] [--png <file>]
+        [--seed 0]
 
 Reads the slide's rows of the ``cells`` and ``slides`` tables, reads each chosen cell's crop
 back from the slide (96 px at 0.25 µm/px, as the classifier saw it) and writes a PNG: one row per
 class code, with its name and count, each crop captioned with the class probability. ``random``
 (the default) shows what the counts are made of; ``uncertain`` the least confident calls, where
-review pays most. The slide must still be where the run read it (its ``uri``).
+review pays most; ``far`` the cells least like the classifier's training data (largest
+``ood_distance``), which is where a slide flagged ``out_of_distribution`` goes wrong. The slide
+must still be where the run read it (its ``uri``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def choose(cells, per_class: int, order: str, seed: int) -> dict[str, object]:
         rows = cells.filter(pl.col("class_code") == code)
         if order == "random":
             rows = rows.sample(min(per_class, len(rows)), seed=seed)
+        elif order == "far":
+            rows = rows.sort("ood_distance", descending=True, nulls_last=True)
         else:
             rows = rows.sort("class_prob", descending=order == "confident")
         out[code] = rows.head(per_class)
@@ -58,7 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True, help="the process_slides output folder or s3:// prefix")
     p.add_argument("--slide", required=True, help="slide_id, or the slide's file name")
     p.add_argument("--per-class", type=int, default=16)
-    p.add_argument("--order", choices=("random", "confident", "uncertain"), default="random")
+    p.add_argument("--order", choices=("random", "confident", "uncertain", "far"),
+                   default="random")
     p.add_argument("--png", help="where to write (default: <slide_id>-gallery.png here)")
     p.add_argument("--seed", type=int, default=0)
     add_storage_args(p)
@@ -99,6 +105,10 @@ def main(argv=None) -> int:
         return fail(str(err))
     if cells.is_empty():
         return fail(f"slide {sid} has no cells in {args.output}")
+    if args.order == "far" and ("ood_distance" not in cells.columns
+                                or cells["ood_distance"].is_null().all()):
+        return fail(f"slide {sid}'s cells have no distance to the training data: the run's "
+                    "checkpoint carries no feature density (python -m jobs.fit_cell_ood)")
     mpp = (slide["mpp_x"] + slide["mpp_y"]) / 2
     picked = choose(cells, args.per_class, args.order, args.seed)
     rows = []

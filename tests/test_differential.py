@@ -55,3 +55,19 @@ def test_geojson_has_the_structure_qupath_imports():
         assert all(isinstance(v, float) for v in props["measurements"].values())
     assert doc["features"][0]["properties"]["classification"]["name"] == \
         "M6 segmented neutrophil"
+
+
+def test_share_of_nucleated_cells_out_of_distribution_flags_the_slide():
+    codes = ["M6"] * 60 + ["L2"] * 40 + ["PLT"] * 50
+    far = [True] * 30 + [False] * 70 + [True] * 50  # platelets do not count
+    d = compute_differential(codes, MODEL, ood=far, max_ood_percent=20)
+    assert d.ood_percent == 30.0 and d.out_of_distribution
+    d = compute_differential(codes, MODEL, ood=far, max_ood_percent=40)
+    assert d.ood_percent == 30.0 and d.out_of_distribution is False
+    for ood in (None, [None] * len(codes)):  # the checkpoint carries no density: unknown
+        d = compute_differential(codes, MODEL, ood=ood)
+        assert d.ood_percent is None and d.out_of_distribution is None
+    assert compute_differential(["PLT"] * 5, MODEL, ood=[True] * 5).ood_percent is None
+    geo = cells_to_geojson([{"cell_id": 0, "x0": 0, "y0": 0, "x1": 1, "y1": 1,
+                             "class_code": "M6", "class_prob": 0.9, "ood_distance": 31.5}])
+    assert geo["features"][0]["properties"]["measurements"]["ood_distance"] == 31.5

@@ -11,6 +11,8 @@ import torch
 from engine.config import StorageConfig
 from engine.models import quantize
 from engine.models.checkpoint import CheckpointError, MissingWeights, read_checkpoint
+from engine.models.ood import PREFIX as OOD_PREFIX
+from engine.models.ood import FeatureDensity
 from engine.models.registry import ModelSpec, get_spec
 
 
@@ -25,6 +27,8 @@ class LoadedModel:
         card: the checkpoint card (empty for untrained or hub weights).
         weights: where the weights came from: a checkpoint URI, ``hub:<tag>`` or ``untrained``.
         mean, std: input normalisation from timm's data config.
+        int8: the int8 body, from an int8 checkpoint (CPU only).
+        ood: the training data's feature density, from a checkpoint that carries one.
     """
 
     module: torch.nn.Module
@@ -35,6 +39,7 @@ class LoadedModel:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     int8: torch.nn.Module | None = None  # int8 body for CPUs, from an int8 checkpoint
+    ood: FeatureDensity | None = None  # distance to the training data (engine.models.ood)
 
     @property
     def trained(self) -> bool:
@@ -75,13 +80,18 @@ def create_model(name: str, checkpoint: str | None = None, *, class_codes=None,
         codes = tuple(card.get("class_codes", ()))
         module = build_module(spec, len(codes) if spec.task == "classification" else 0)
         ranges = {k: v for k, v in state.items() if k.startswith(quantize.PREFIX)}
+        density = {k: v for k, v in state.items() if k.startswith(OOD_PREFIX)}
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()
-                 if k not in ranges}
+                 if k not in ranges and k not in density}
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{uri} does not fit {spec.architecture}: missing "
                                   f"{missing[:5]}, unexpected {unexpected[:5]}")
         loaded = _finish(module, spec, codes, card, uri)
+        try:
+            loaded.ood = FeatureDensity.from_state(density)
+        except ValueError as err:
+            raise CheckpointError(f"{uri}: {err}") from err
         scheme = (card.get("quantization") or {}).get("scheme")
         if scheme is not None:
             if scheme != quantize.SCHEME:

@@ -108,15 +108,20 @@ class Predictor:
         with self._autocast():
             return self.forward(self.preprocess(images))[:len(images)].float()
 
+    @staticmethod
+    def _views(x: torch.Tensor, tta: bool) -> list[torch.Tensor]:
+        """The batch alone, or with ``tta`` its 8 rotations/flips (the batch itself first)."""
+        return [x] if not tta else [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3))
+                                    for k in range(4)]
+
     @torch.inference_mode()
     def view_logits(self, images, tta: bool = False) -> torch.Tensor:
         """Logits ``(V, B, C) float32`` of each view: the crop alone, or with ``tta`` its 8
         rotations/flips."""
         x = self.preprocess(images)
-        views = [x] if not tta else [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3))
-                                     for k in range(4)]
         with self._autocast():
-            return torch.stack([self.forward(v)[:len(images)].float() for v in views])
+            return torch.stack([self.forward(v)[:len(images)].float()
+                                for v in self._views(x, tta)])
 
     @torch.inference_mode()
     def predict(self, images, tta: bool = False) -> np.ndarray:
@@ -128,6 +133,23 @@ class Predictor:
         if self.model.spec.task != "classification":
             raise ValueError(f"{self.model.spec.name} is an encoder; use embed()")
         return torch.softmax(self.view_logits(images, tta), dim=2).mean(0).cpu().numpy()
+
+    @torch.inference_mode()
+    def predict_with_distance(self, images, tta: bool = False
+                              ) -> tuple[np.ndarray, np.ndarray | None]:
+        """`predict`'s probabilities and each crop's distance to the training data
+        (`engine.models.ood`; ``(B,) float32``, None when the checkpoint carries no density),
+        from the same forward pass: features of each view, then the classifier's head. The
+        distance is the crop's own view's."""
+        density = self.model.ood
+        if density is None:
+            return self.predict(images, tta), None
+        n, head = len(images), self.module.get_classifier()
+        with self._autocast():
+            feats = [self.pooled(v)[:n] for v in self._views(self.preprocess(images), tta)]
+            logits = torch.stack([head(f).float() for f in feats])
+        probs = torch.softmax(logits, dim=2).mean(0)
+        return probs.cpu().numpy(), density.distance(feats[0]).cpu().numpy()
 
     @torch.inference_mode()
     def embed(self, images) -> np.ndarray:
@@ -184,3 +206,21 @@ class EnsemblePredictor:
         for p in self.members[1:]:
             out += p.predict(images, tta)
         return out / len(self.members)
+
+    @property
+    def ood(self):
+        """The first member's training-data density (`engine.models.ood`), or None."""
+        return next((p.model.ood for p in self.members if p.model.ood is not None), None)
+
+    def predict_with_distance(self, images, tta: bool = False
+                              ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Mean probabilities, and the distance to the training data from the first member
+        whose checkpoint carries a density (None if none does)."""
+        out, distance = np.zeros((len(images), len(self.model.class_codes)), np.float32), None
+        for p in self.members:
+            if distance is None and p.model.ood is not None:
+                probs, distance = p.predict_with_distance(images, tta)
+            else:
+                probs = p.predict(images, tta)
+            out += probs
+        return out / len(self.members), distance

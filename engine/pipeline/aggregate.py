@@ -52,10 +52,20 @@ class SlideState:
     error: tuple[str, str] | None = None
     written: bool = False             # a branch's tables are on storage, not yet committed
     n_cells: int = 0
+    ood_percent: float | None = None  # when the slide's differential is out of distribution
 
     def fail(self, error_type: str, message: str) -> None:
         if self.error is None:
             self.error = (error_type, message)
+
+
+def _ood_fields(batch: dict, i: int) -> dict:
+    """A cell's distance to the classifier's training data and its flag (None, None when the
+    checkpoint carries no feature density)."""
+    d = float(batch["ood_distance"][i]) if "ood_distance" in batch else float("nan")
+    if np.isnan(d):
+        return {"ood_distance": None, "out_of_distribution": None}
+    return {"ood_distance": d, "out_of_distribution": bool(batch["out_of_distribution"][i])}
 
 
 class Aggregator:
@@ -72,7 +82,8 @@ class Aggregator:
     def __init__(self, store: OutputStore, config_hash: str, stages_run: list[str],
                  stages_skipped: list[str], model_codes: tuple[str, ...], min_nucleated: int,
                  branches: tuple[str, ...], log=print, mil=None,
-                 mil_bags: tuple[int, int] = (10, 256)):
+                 mil_bags: tuple[int, int] = (10, 256), max_ood_percent: float = 20.0):
+        self.max_ood_percent = max_ood_percent
         self.mil, self.mil_bags = mil, mil_bags
         self.store, self.config_hash = store, config_hash
         self.stages_run, self.stages_skipped = stages_run, stages_skipped
@@ -133,7 +144,8 @@ class Aggregator:
             "at_edge": bool(batch["at_edge"][i]),
             "class_code": str(batch["class_code"][i]),
             "class_prob": float(batch["class_prob"][i]),
-            "probabilities": batch["probabilities"][i].astype(np.float32).tolist()})
+            "probabilities": batch["probabilities"][i].astype(np.float32).tolist(),
+            **_ood_fields(batch, i)})
         br.received[task] += 1
         if br.received[task] >= int(batch["n_in_task"][i]):
             br.done.add(task)
@@ -175,8 +187,10 @@ class Aggregator:
         for i, c in enumerate(cells):
             c.update(slide_id=sid, cell_id=i, model_codes=list(self.model_codes))
         state.n_cells = len(cells)
-        return {"cells": cells, "differentials": self._differential(sid, cells)}, \
-            cells_to_geojson(cells)
+        differential = self._differential(sid, cells)
+        if differential and differential[0]["out_of_distribution"]:
+            state.ood_percent = differential[0]["ood_percent"]
+        return {"cells": cells, "differentials": differential}, cells_to_geojson(cells)
 
     def _tile_tables(self, state: SlideState, br: BranchState) -> tuple[dict, None]:
         sid = state.slide_id
@@ -226,15 +240,22 @@ class Aggregator:
                  + (f" ({status['error_type']})" if state.error else "")
                  + f", tiles {status['n_tiles'] or 0}, cells {status['n_cells'] or 0}, "
                  f"{status['seconds']:.1f}s")
+        if state.ood_percent is not None and not state.error:
+            self.log(f"warning: slide {sid}: {state.ood_percent:.0f}% of its nucleated cells lie "
+                     f"outside the classifier's training data (another stain, scanner or cell "
+                     f"type); review them before trusting its differential: python -m "
+                     f"jobs.cell_gallery --output {self.store.root} --slide {sid} --order far")
 
     def _differential(self, sid: str, cells: list[dict]) -> list[dict]:
         d = compute_differential([c["class_code"] for c in cells], self.model_codes,
-                                 self.min_nucleated)
+                                 self.min_nucleated,
+                                 [c["out_of_distribution"] for c in cells], self.max_ood_percent)
         lo, hi = d.blast_ci if d.blast_ci else (None, None)
         return [{"slide_id": sid, "level": r["level"], "class_code": r["code"],
                  "lineage": r["lineage"], "nucleated": r["nucleated"], "count": r["count"],
                  "percent": r["percent"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
                  "n_nucleated": d.n_nucleated, "me_ratio": d.me_ratio,
                  "blast_percent": d.blast_percent, "blast_ci_low": lo, "blast_ci_high": hi,
-                 "low_count": d.low_count, "codes_not_covered": list(d.not_covered)}
+                 "low_count": d.low_count, "codes_not_covered": list(d.not_covered),
+                 "ood_percent": d.ood_percent, "out_of_distribution": d.out_of_distribution}
                 for r in d.rows]

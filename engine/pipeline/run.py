@@ -348,7 +348,8 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     branches = tuple(b for b in ("cells", "tiles") if b in pc.stages)
     agg = Aggregator(store, cfg.hash(), stages.run, sorted(stages.skipped), stages.model_codes,
                      pc.min_nucleated, branches, log, mil=stages.mil,
-                     mil_bags=(pc.cellularity_bags, pc.cellularity_bag_size))
+                     mil_bags=(pc.cellularity_bags, pc.cellularity_bag_size),
+                     max_ood_percent=pc.max_ood_percent)
     if not pending or not branches:
         return agg.summary
     if not ray.is_initialized():

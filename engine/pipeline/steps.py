@@ -402,8 +402,10 @@ class DetectCells:
 
 class ClassifyCells:
     """DeepHeme on the crops (GPU when the actor has one). Adds ``probabilities``,
-    ``class_code``, ``class_prob``; drops ``crop``. Marker rows pass through unscored.
-    With ``ensemble`` checkpoints the probabilities are averaged over them and ``checkpoint``."""
+    ``class_code``, ``class_prob``, ``ood_distance`` (to the training data, NaN when the
+    checkpoint carries no feature density; `engine.models.ood`) and ``out_of_distribution``;
+    drops ``crop``. Marker rows pass through unscored. With ``ensemble`` checkpoints the
+    probabilities are averaged over them and ``checkpoint``."""
 
     def __init__(self, model: str, checkpoint: str | None, allow_untrained: bool = False,
                  tta: bool = False, storage=None, compile: bool = False, batch_size: int = 0,
@@ -425,13 +427,19 @@ class ClassifyCells:
         crops = batch.pop("crop")
         n, c = len(crops), len(self.model.class_codes)
         probs = np.zeros((n, c), np.float32)
+        distance = np.full(n, np.nan, np.float32)
         real = np.isin(batch["kind"], [KIND_CELL, "platelet"])
         if real.any():
-            probs[real] = self.predictor.predict(crops[real], tta=self.tta)
+            probs[real], d = self.predictor.predict_with_distance(crops[real], tta=self.tta)
+            if d is not None:
+                distance[real] = d
         codes = np.asarray(self.model.class_codes)
         batch["probabilities"] = probs
         batch["class_code"] = np.where(real, codes[probs.argmax(1)], "")
         batch["class_prob"] = probs.max(1)
+        batch["ood_distance"] = distance
+        density = self.predictor.ood
+        batch["out_of_distribution"] = distance > (density.threshold if density else np.inf)
         return stamp(batch, "classify", t0, self._ready)
 
 

@@ -28,7 +28,9 @@ def cells_to_geojson(cells: list[dict]) -> dict:
                 "objectType": "detection",
                 "classification": {"name": f"{cls.code} {cls.name}",
                                    "color": list(LINEAGE_COLOURS[cls.lineage])},
-                "measurements": {"class_prob": float(c["class_prob"])},
+                "measurements": {"class_prob": float(c["class_prob"]),
+                                 **({"ood_distance": float(c["ood_distance"])}
+                                    if c.get("ood_distance") is not None else {})},
                 "isLocked": True,
             },
         })

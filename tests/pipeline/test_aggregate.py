@@ -143,3 +143,25 @@ def test_shards_of_a_slide_hold_its_tasks_once_each():
         assert {t["n_tasks"] for t in p} == {len(whole)} and head["status"] == "ok"
         assert head["slide"]["slide_id"] == ref["slide"]["slide_id"]
         assert [t for t in p if t["header"]] == p[:1]
+
+
+def test_cell_distances_reach_the_tables_and_flag_the_slide(tmp_path):
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    logged = []
+    agg = Aggregator(store, "hash", ["cells"], [], CODES, 1, ("cells",), log=logged.append,
+                     max_ood_percent=50)
+    batch = _cells("s1", [0, 1, 2, 3], 4, _header("s1"))
+    batch.update(ood_distance=np.array([5.0, 40.0, 41.0, 42.0], np.float32),
+                 out_of_distribution=np.array([False, True, True, True]))
+    agg.add_cells(batch)
+    cells = pl.read_parquet(tmp_path / "out" / "cells" / "s1.parquet")
+    assert cells["out_of_distribution"].to_list() == [False, True, True, True]
+    assert cells["ood_distance"].to_list() == [5.0, 40.0, 41.0, 42.0]
+    diff = pl.read_parquet(tmp_path / "out" / "differentials" / "s1.parquet")
+    assert diff["ood_percent"][0] == 75.0 and diff["out_of_distribution"][0]
+    assert any("75% of its nucleated cells lie outside" in m for m in logged)
+    # without a density the columns are null, and nothing is flagged
+    agg.add_cells(_cells("s2", [0], 1, _header("s2")))
+    assert pl.read_parquet(tmp_path / "out" / "cells" / "s2.parquet")["ood_distance"].null_count() == 1
+    assert pl.read_parquet(tmp_path / "out" / "differentials" / "s2.parquet")[
+        "out_of_distribution"].null_count() > 0

@@ -146,6 +146,11 @@ def test_reference_model_on_the_smear(ray_local, smear_slide, tmp_path, capsys):
     assert diff["low_count"][0]  # a 12-field smear has far fewer than 200 nucleated cells
     assert "M1" in diff["codes_not_covered"][0].to_list()  # no blast class: blast % unknown
     assert diff["blast_percent"].is_null().all()
+    # another lab's smear: most of its white cells lie outside the reference's training data,
+    # and the run says so rather than hand over a confident, wrong differential
+    assert cells["ood_distance"].null_count() == 0
+    assert diff["ood_percent"][0] > 50 and diff["out_of_distribution"][0]
+    assert "lie outside the classifier's training data" in out and "--order far" in out
     doc = json.loads((tmp_path / "o" / "config.json").read_text())
     assert doc["config"]["pipeline"]["classifier"]["model"] == "deepheme-resnext50"
 
@@ -274,3 +279,7 @@ def test_cell_gallery_of_a_slide(run_out, tmp_path, capsys):
         assert rows["class_prob"].to_list() == probs.head(len(rows)).to_list()
     assert cell_gallery.main(["--output", str(run_out), "--slide", "nope.svs"]) == 2
     assert "no single slide 'nope.svs'" in capsys.readouterr().err
+    # the tiny test model carries no feature density: nothing to order by distance
+    assert cell_gallery.main(["--output", str(run_out), "--slide", "smear-a.tif",
+                              "--order", "far", "--png", str(png)]) == 2
+    assert "no distance to the training data" in capsys.readouterr().err

@@ -1,0 +1,131 @@
+"""Give a cell classifier's checkpoint a feature density, so runs say which cells (and slides) lie
+outside its training data (``engine.models.ood``).
+
+    python -m jobs.fit_cell_ood --checkpoint <float.safetensors> --data <dir with labels.csv>
+        --output <with-density.safetensors> [--source-mpp 0.1 | auto] [--seed 0]
+        [--test-fraction 0.15] [--exclude-codes IG,NEU] [--fit-images 3000]
+        [--held-out-images 1000] [--dims 128] [--quantile 0.99]
+
+The training split is rebuilt exactly as ``jobs.train_cell_classifier`` made it (same seed, test
+fraction and excluded codes). Class centres and the within-class covariance are fitted on
+``--fit-images`` of its images; the threshold is the ``--quantile`` of the distances of
+``--held-out-images`` other training-split images, so about 1 % of in-distribution cells are
+flagged by construction. The test split then says how many of its cells are flagged. The output
+is the same weights (same dtype) plus the density under ``ood.`` keys, and the card with an
+``ood`` section; prints that section as JSON. Quantize after this step: the int8 checkpoint
+carries the density.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+
+import numpy as np
+
+from jobs.common import add_split_args, fail, resolve_source_mpp
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.fit_cell_ood", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="the float checkpoint (.safetensors)")
+    p.add_argument("--data", required=True, help="its training data: folder with labels.csv")
+    p.add_argument("--output", required=True, help="the checkpoint to write (.safetensors)")
+    add_split_args(p)
+    p.add_argument("--fit-images", type=int, default=3000)
+    p.add_argument("--held-out-images", type=int, default=1000)
+    p.add_argument("--dims", type=int, default=128, help="principal components kept")
+    p.add_argument("--quantile", type=float, default=0.99,
+                   help="of held-out in-distribution distances: the threshold")
+    p.add_argument("--batch-size", type=int, default=128)
+    return p.parse_args(argv)
+
+
+def features(model, paths: list[str], source_mpp: float, batch_size: int) -> np.ndarray:
+    """Penultimate features ``(N, D)`` of the images at ``paths``, as the pipeline crops them."""
+    from engine.models import Predictor
+    from engine.train.data import load_cell_images
+
+    spec, pred = model.spec, Predictor(model)
+    out = []
+    for i in range(0, len(paths), batch_size):
+        crops = load_cell_images(paths[i:i + batch_size], source_mpp, spec.input_mpp,
+                                 spec.input_px)
+        out.append(pred.embed(crops))
+    return np.concatenate(out) if out else np.zeros((0, model.num_features), np.float32)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from engine.models import create_model
+    from engine.models.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+    from engine.models.ood import PREFIX, fit_density
+    from engine.train.data import read_labels
+    from jobs.train_cell_classifier import split_for_training
+
+    if not 0.5 <= args.quantile < 1:
+        return fail(f"--quantile must be in [0.5, 1), got {args.quantile}")
+    try:
+        state, card = read_checkpoint(args.checkpoint)
+        if card.get("quantization"):
+            raise ValueError(f"{args.checkpoint} is quantized: fit on its float checkpoint, "
+                             "then quantize (the int8 checkpoint carries the density)")
+        model = create_model(card["name"], args.checkpoint)
+        if model.spec.task != "classification":
+            raise ValueError(f"{card['name']} is not a cell classifier")
+        data = read_labels(args.data)
+        args.source_mpp = resolve_source_mpp(args.source_mpp, data.paths)
+        excluded = {c.strip() for c in args.exclude_codes.split(",") if c.strip()}
+        trainable, _, _, _, dev_idx, test_rows = split_for_training(
+            data, excluded, args.test_fraction, args.seed)
+    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as err:
+        return fail(str(err))
+    codes = list(model.class_codes)
+    rng = np.random.default_rng(args.seed)
+    dev = rng.permutation([i for i in dev_idx if trainable.codes[i] in codes])
+    fit_idx = sorted(dev[:args.fit_images])
+    held_idx = sorted(dev[args.fit_images:args.fit_images + args.held_out_images])
+    if not held_idx:
+        return fail(f"the training split has {len(dev)} images: none left to set the threshold "
+                    f"after --fit-images {args.fit_images}")
+    labels = np.array([codes.index(trainable.codes[i]) for i in fit_idx])
+    try:
+        density = fit_density(
+            features(model, [trainable.paths[i] for i in fit_idx], args.source_mpp,
+                     args.batch_size), labels, len(codes), dims=args.dims)
+    except ValueError as err:
+        return fail(f"{err}: raise --fit-images")
+    held = features(model, [trainable.paths[i] for i in held_idx], args.source_mpp,
+                    args.batch_size)
+    density = density.with_threshold(torch.from_numpy(held), args.quantile)
+    test_paths = [p for p, c in test_rows if c in codes]
+    test = features(model, test_paths, args.source_mpp, args.batch_size)
+    flagged = float((density.distance(torch.from_numpy(test)).numpy()
+                     > density.threshold).mean()) if len(test) else None
+    card = dict(card)
+    card["ood"] = {
+        "method": "class-conditional Mahalanobis distance on the penultimate features "
+                  "(shared within-class covariance, leading principal components)",
+        "dims": int(density.centres.shape[1]), "quantile": args.quantile,
+        "threshold": round(density.threshold, 4), "from_checkpoint": args.checkpoint,
+        "data": args.data, "source_mpp": args.source_mpp,
+        "split": {"seed": args.seed, "test_fraction": args.test_fraction,
+                  "exclude_codes": args.exclude_codes},
+        "fit_images": len(fit_idx), "held_out_images": len(held_idx),
+        "rows": "fit and threshold on the training split, never the test split",
+        "test_split": {"n": len(test_paths), "flagged_fraction":
+                       None if flagged is None else round(flagged, 4)},
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    weights = {k: v for k, v in state.items() if not k.startswith(PREFIX)}
+    write_checkpoint({**weights, **density.state_dict()}, card, args.output)
+    print(json.dumps({"output": args.output, **card["ood"]}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

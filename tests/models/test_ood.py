@@ -1,0 +1,193 @@
+"""Distance to the training data: the density, its checkpoint round trip, the job, and on real
+cells: PBC's own test cells pass, BCCD's (another lab's stain and camera) are flagged."""
+
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.models import (CheckpointError, EnsemblePredictor, Predictor, create_model,
+                           read_checkpoint, write_checkpoint)
+from engine.models.ood import FeatureDensity, fit_density
+from engine.train.data import load_cell_images, read_labels
+from jobs import fit_cell_ood
+from tests.conftest import SHARED_DATA
+
+PBC, BCCD = SHARED_DATA / "pbc", SHARED_DATA / "bccd"
+needs_pbc = pytest.mark.skipif(not (PBC / "labels.csv").exists(), reason="PBC data not present")
+CODES = ("L2", "MO2", "M6")
+
+
+def _clusters(rng, n: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Three Gaussian classes in 40-d with correlated noise; ``shift`` moves every point."""
+    centres = rng.normal(0, 4, (3, 40))
+    mix = rng.normal(0, 1, (40, 40)) / 6
+    y = rng.integers(0, 3, n)
+    return centres[y] + rng.normal(0, 1, (n, 40)) @ mix + shift, y
+
+
+def test_density_flags_its_quantile_in_distribution_and_shifted_points():
+    rng = np.random.default_rng(0)
+    x, y = _clusters(np.random.default_rng(1), 3000)
+    density = fit_density(x[:2000], y[:2000], 3, dims=40)
+    density = density.with_threshold(torch.tensor(x[2000:2500]), 0.95)
+    inside = density.distance(torch.tensor(x[2500:])) > density.threshold
+    assert 0.01 <= inside.float().mean() <= 0.12  # ~5 % by construction
+    shifted, _ = _clusters(np.random.default_rng(1), 500, shift=rng.normal(0, 1.5, 40))
+    assert (density.distance(torch.tensor(shifted)) > density.threshold).float().mean() > 0.9
+    # stored in fp16 as the reference checkpoint is, the distances barely move
+    half = FeatureDensity.from_state({k: v.half() for k, v in density.state_dict().items()})
+    np.testing.assert_allclose(half.distance(torch.tensor(x[:50])),
+                               density.distance(torch.tensor(x[:50])), rtol=2e-3)
+    assert abs(half.threshold - density.threshold) < 1e-2 * density.threshold
+    assert FeatureDensity.from_state({"fc.weight": torch.zeros(1)}) is None
+    with pytest.raises(ValueError, match="incomplete"):
+        FeatureDensity.from_state({"ood.mean": torch.zeros(3)})
+    with pytest.raises(ValueError, match="no fitting images"):
+        fit_density(x[:10], np.zeros(10, int), 3)
+
+
+def _tiny(tmp_path, density: bool):
+    torch.manual_seed(0)
+    model = create_model("deepheme-tiny", allow_untrained=True, class_codes=CODES)
+    card = {"name": "deepheme-tiny", "architecture": model.spec.architecture,
+            "class_codes": list(CODES)}
+    state = dict(model.module.state_dict())
+    if density:
+        feats = np.random.default_rng(0).normal(0, 1, (60, model.num_features))
+        state.update(fit_density(feats, np.arange(60) % 3, 3, dims=8)
+                     .with_threshold(torch.tensor(feats), 0.9).state_dict())
+    path = str(tmp_path / f"tiny-{density}.safetensors")
+    write_checkpoint(state, card, path)
+    return path
+
+
+def test_checkpoint_carries_the_density_and_the_predictor_returns_distances(tmp_path):
+    with_d, without = _tiny(tmp_path, True), _tiny(tmp_path, False)
+    model = create_model("deepheme-tiny", with_d)
+    assert model.ood is not None and create_model("deepheme-tiny", without).ood is None
+    images = np.random.default_rng(0).integers(0, 255, (5, 96, 96, 3), dtype=np.uint8)
+    pred = Predictor(model, "cpu", amp=False)
+    for tta in (False, True):
+        probs, dist = pred.predict_with_distance(images, tta)
+        np.testing.assert_allclose(probs, pred.predict(images, tta), atol=1e-6)
+        assert dist.shape == (5,) and np.isfinite(dist).all()
+    feats = torch.tensor(pred.embed(images))
+    np.testing.assert_allclose(dist, model.ood.distance(feats).numpy(), rtol=1e-5)
+    assert Predictor(create_model("deepheme-tiny", without)).predict_with_distance(
+        images)[1] is None
+    # an ensemble takes the distance of its first member that has a density
+    ens = EnsemblePredictor([create_model("deepheme-tiny", without), model], "cpu", amp=False)
+    probs, d2 = ens.predict_with_distance(images)
+    np.testing.assert_allclose(d2, dist, rtol=1e-5)
+    np.testing.assert_allclose(probs, ens.predict(images), atol=1e-6)
+    state, card = read_checkpoint(with_d)
+    write_checkpoint({k: v for k, v in state.items() if k != "ood.centres"}, card,
+                     str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointError, match="incomplete out-of-distribution"):
+        create_model("deepheme-tiny", str(tmp_path / "bad.safetensors"))
+
+
+@needs_pbc
+def test_job_fits_on_training_rows_and_reports_the_test_split(tmp_path, capsys):
+    data = read_labels(str(PBC))
+    rows = [r for c in CODES for r in [x for x in zip(data.paths, data.codes) if x[1] == c][:30]]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "labels.csv").write_text(
+        "path,code\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    path, out = _tiny(tmp_path, False), str(tmp_path / "ood.safetensors")
+    args = ["--checkpoint", path, "--data", str(tmp_path / "d"), "--output", out,
+            "--fit-images", "48", "--dims", "8", "--quantile", "0.9"]
+    assert fit_cell_ood.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fit_images"] == 48 and report["held_out_images"] == 90 - 14 - 48
+    assert report["test_split"]["n"] == 14 and report["dims"] == 8
+    model = create_model("deepheme-tiny", out)
+    assert model.ood is not None and model.ood.threshold == pytest.approx(report["threshold"],
+                                                                           rel=1e-3)
+    assert model.card["ood"]["test_split"] == report["test_split"]
+    state, _ = read_checkpoint(out)
+    before, _ = read_checkpoint(path)
+    assert all(torch.equal(state[k], v) for k, v in before.items())  # the weights unchanged
+    assert fit_cell_ood.main([*args[:5], str(tmp_path / "x.safetensors"),
+                              "--fit-images", "90"]) == 2
+    assert "none left to set the threshold" in capsys.readouterr().err
+
+
+def _bccd_white_cells(mpp: float = 0.082, limit: int = 120) -> np.ndarray:
+    """BCCD's annotated white cells cropped as the pipeline crops them: 96 px at 0.25 µm/px."""
+    crops = []
+    for xml in sorted((BCCD / "Annotations").glob("*.xml")):
+        image = None
+        for obj in ET.parse(xml).getroot().iter("object"):
+            if obj.find("name").text != "WBC":
+                continue
+            box = obj.find("bndbox")
+            x0, y0, x1, y1 = (float(box.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
+            image = image or Image.open(BCCD / "JPEGImages" / f"{xml.stem}.jpg").convert("RGB")
+            half = 48 * 0.25 / mpp
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            crop = Image.new("RGB", (round(2 * half),) * 2, (255, 255, 255))
+            crop.paste(image.crop((round(cx - half), round(cy - half), round(cx + half),
+                                   round(cy + half))))
+            crops.append(np.asarray(crop.resize((96, 96), Image.Resampling.BILINEAR)))
+        if len(crops) >= limit:
+            break
+    return np.stack(crops)
+
+
+@needs_pbc
+@pytest.mark.skipif(not (BCCD / "Annotations").exists(), reason="BCCD data not present")
+def test_shipped_classifier_flags_another_labs_cells_not_its_own():
+    model = create_model("deepheme-resnext50")
+    if model.ood is None:
+        pytest.skip("the shipped checkpoint carries no feature density")
+    pred = Predictor(model, "cpu", amp=False)
+    from jobs.train_cell_classifier import split_for_training
+
+    # the reference's held-out test rows (the density was fitted on training rows only)
+    *_, test_rows = split_for_training(read_labels(str(PBC)), {"IG", "NEU"}, 0.15, 0)
+    paths = [p for p, c in test_rows if c in model.class_codes][::8]
+    own = load_cell_images(paths, 0.1, 0.25, 96)
+    _, d_own = pred.predict_with_distance(own)
+    _, d_bccd = pred.predict_with_distance(_bccd_white_cells())
+    assert (d_own > model.ood.threshold).mean() <= 0.1
+    assert (d_bccd > model.ood.threshold).mean() >= 0.6
+
+
+def test_classify_step_writes_distances_and_flags(tmp_path):
+    from engine.pipeline.steps import ClassifyCells
+
+    rng = np.random.default_rng(0)
+    batch = {"kind": np.array(["nucleated", "platelet", "none"]), "task": np.arange(3),
+             "crop": rng.integers(0, 255, (3, 96, 96, 3), dtype=np.uint8)}
+    out = ClassifyCells("deepheme-tiny", _tiny(tmp_path, True))(dict(batch))
+    d = out["ood_distance"]
+    assert np.isfinite(d[:2]).all() and np.isnan(d[2])  # marker rows are not scored
+    model = create_model("deepheme-tiny", _tiny(tmp_path, True))
+    assert (out["out_of_distribution"][:2] == (d[:2] > model.ood.threshold)).all()
+    assert not out["out_of_distribution"][2]
+    plain = ClassifyCells("deepheme-tiny", _tiny(tmp_path, False))(dict(batch))
+    assert np.isnan(plain["ood_distance"]).all() and not plain["out_of_distribution"].any()
+
+
+def test_an_int8_checkpoint_keeps_the_density(tmp_path):
+    from engine.models.quantize import calibrate, observer_state, prepare_int8
+
+    path = _tiny(tmp_path, True)
+    model = create_model("deepheme-tiny", path)
+    images = np.random.default_rng(0).integers(0, 255, (8, 96, 96, 3), dtype=np.uint8)
+    prepared = prepare_int8(model.module, 96)
+    calibrate(prepared, [Predictor(model, "cpu", amp=False).preprocess(images)])
+    state, card = read_checkpoint(path)
+    out = str(tmp_path / "int8.safetensors")
+    write_checkpoint({**state, **observer_state(prepared)},
+                     {**card, "quantization": {"scheme": "int8-static-x86-fx"}}, out)
+    int8 = create_model("deepheme-tiny", out)
+    assert int8.int8 is not None and int8.ood.threshold == model.ood.threshold
+    _, d8 = Predictor(int8).predict_with_distance(images)
+    _, d = Predictor(model, "cpu", amp=False).predict_with_distance(images)
+    assert np.abs(d8 - d).max() < 0.1 * d.mean()  # int8 features, close to float's
