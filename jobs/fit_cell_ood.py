@@ -44,28 +44,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def features(model, paths: list[str], source_mpp: float, batch_size: int) -> np.ndarray:
-    """Penultimate features ``(N, D)`` of the images at ``paths``, as the pipeline crops them."""
-    from engine.models import Predictor
-    from engine.train.data import load_cell_images
-
-    spec, pred = model.spec, Predictor(model)
-    out = []
-    for i in range(0, len(paths), batch_size):
-        crops = load_cell_images(paths[i:i + batch_size], source_mpp, spec.input_mpp,
-                                 spec.input_px)
-        out.append(pred.embed(crops))
-    return np.concatenate(out) if out else np.zeros((0, model.num_features), np.float32)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from engine.models import create_model
+    from engine.models import Predictor, create_model
     from engine.models.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
-    from engine.models.ood import PREFIX, fit_density
-    from engine.train.data import read_labels
+    from engine.models.ood import PREFIX, fit_on_crops
+    from engine.train.data import load_cell_images, read_labels
     from jobs.train_cell_classifier import split_for_training
 
     if not 0.5 <= args.quantile < 1:
@@ -86,27 +72,28 @@ def main(argv=None) -> int:
     except (CheckpointError, FileNotFoundError, KeyError, ValueError) as err:
         return fail(str(err))
     codes = list(model.class_codes)
-    rng = np.random.default_rng(args.seed)
-    dev = rng.permutation([i for i in dev_idx if trainable.codes[i] in codes])
-    fit_idx = sorted(dev[:args.fit_images])
-    held_idx = sorted(dev[args.fit_images:args.fit_images + args.held_out_images])
-    if not held_idx:
-        return fail(f"the training split has {len(dev)} images: none left to set the threshold "
-                    f"after --fit-images {args.fit_images}")
-    labels = np.array([codes.index(trainable.codes[i]) for i in fit_idx])
+    spec = model.spec
+    rows = [(trainable.paths[i], codes.index(trainable.codes[i])) for i in dev_idx
+            if trainable.codes[i] in codes]
+    rows = [rows[i] for i in np.random.default_rng(args.seed).permutation(len(rows))
+            [:args.fit_images + args.held_out_images]]  # only the images the fit draws from
+    crops = load_cell_images([p for p, _ in rows], args.source_mpp, spec.input_mpp,
+                             spec.input_px)
     try:
-        density = fit_density(
-            features(model, [trainable.paths[i] for i in fit_idx], args.source_mpp,
-                     args.batch_size), labels, len(codes), dims=args.dims)
+        density, n_fit, n_held = fit_on_crops(
+            model, crops, np.array([y for _, y in rows]), fit_images=args.fit_images,
+            held_out_images=args.held_out_images, dims=args.dims, quantile=args.quantile,
+            seed=args.seed, batch_size=args.batch_size)
     except ValueError as err:
-        return fail(f"{err}: raise --fit-images")
-    held = features(model, [trainable.paths[i] for i in held_idx], args.source_mpp,
-                    args.batch_size)
-    density = density.with_threshold(torch.from_numpy(held), args.quantile)
+        return fail(f"{err}: change --fit-images")
     test_paths = [p for p, c in test_rows if c in codes]
-    test = features(model, test_paths, args.source_mpp, args.batch_size)
-    flagged = float((density.distance(torch.from_numpy(test)).numpy()
-                     > density.threshold).mean()) if len(test) else None
+    flagged = None
+    if test_paths:
+        pred = Predictor(model)
+        test = load_cell_images(test_paths, args.source_mpp, spec.input_mpp, spec.input_px)
+        far = np.concatenate([density.distance(torch.from_numpy(pred.embed(
+            test[i:i + args.batch_size]))).numpy() for i in range(0, len(test), args.batch_size)])
+        flagged = float((far > density.threshold).mean())
     card = dict(card)
     card["ood"] = {
         "method": "class-conditional Mahalanobis distance on the penultimate features "
@@ -116,7 +103,7 @@ def main(argv=None) -> int:
         "data": args.data, "source_mpp": args.source_mpp,
         "split": {"seed": args.seed, "test_fraction": args.test_fraction,
                   "exclude_codes": args.exclude_codes},
-        "fit_images": len(fit_idx), "held_out_images": len(held_idx),
+        "fit_images": n_fit, "held_out_images": n_held,
         "rows": "fit and threshold on the training split, never the test split",
         "test_split": {"n": len(test_paths), "flagged_fraction":
                        None if flagged is None else round(flagged, 4)},

@@ -94,6 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--local", action="store_true", help="train in this process, without Ray")
     p.add_argument("--max-steps", type=int, help="cap steps per epoch (smoke tests)")
     p.add_argument("--limit-per-class", type=int, help="use at most this many images per class")
+    p.add_argument("--no-ood", action="store_true",
+                   help="do not give the checkpoints a feature density (engine.models.ood)")
     p.add_argument("--seed", type=int, default=0)
     add_storage_args(p)
     return p.parse_args(argv)
@@ -187,6 +189,29 @@ def prepare(args, out: str):
     return codes, prepared, len(dev_idx), len(test_rows)
 
 
+def fit_fold_density(model: LoadedModel, prepared: str, args):
+    """The fold model's feature density (`engine.models.ood`) from the prepared training-split
+    crops: 3/4 of them (at most 3,000) fit it, the rest (at most 1,000) set its threshold at
+    the 99th percentile. Returns ``(density or None, the card's ood section)``."""
+    from engine.models.ood import fit_on_crops
+
+    images = np.load(os.path.join(prepared, "images.npy"), mmap_mode="r")
+    labels = np.load(os.path.join(prepared, "labels.npy"))
+    n_fit = min(3000, len(images) * 3 // 4)
+    try:
+        density, n_fit, n_held = fit_on_crops(model, images, labels, fit_images=n_fit,
+                                              held_out_images=1000, seed=args.seed)
+    except ValueError as err:
+        print(f"no feature density for this checkpoint: {err}", flush=True)
+        return None, {"skipped": str(err)}
+    return density, {
+        "method": "class-conditional Mahalanobis distance on the penultimate features "
+                  "(shared within-class covariance, leading principal components)",
+        "dims": int(density.centres.shape[1]), "quantile": 0.99,
+        "threshold": round(density.threshold, 4), "fit_images": n_fit,
+        "held_out_images": n_held, "rows": "training split (this run's prepared images)"}
+
+
 def best_weights(folder: str) -> dict:
     from safetensors.torch import load_file
 
@@ -245,8 +270,11 @@ def main(argv=None) -> int:
         members.append(model)
         card = make_card(args, spec, codes, model, n_dev, fold, history, time.time() - t0,
                          use_gpu)
-        write_checkpoint(module.state_dict(), card,
-                         os.path.join(out, f"fold-{fold}", "model.safetensors"),
+        state = dict(module.state_dict())
+        if not args.no_ood:
+            density, card["ood"] = fit_fold_density(model, prepared, args)
+            state.update(density.state_dict() if density is not None else {})
+        write_checkpoint(state, card, os.path.join(out, f"fold-{fold}", "model.safetensors"),
                          dtype=torch.float16)
         print(f"fold {fold}: best val macro F1 {card['training']['best_val_macro_f1']} "
               f"({len(history)} epochs run here)", flush=True)

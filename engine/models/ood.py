@@ -103,3 +103,44 @@ def fit_density(features: np.ndarray, labels: np.ndarray, n_classes: int, dims: 
     return FeatureDensity(torch.tensor(mean, dtype=torch.float32),
                           torch.tensor(whiten, dtype=torch.float32),
                           torch.tensor(centres @ inv_l.T, dtype=torch.float32))
+
+
+def fit_on_crops(model, crops: np.ndarray, labels: np.ndarray, *, fit_images: int = 3000,
+                 held_out_images: int = 1000, dims: int = 128, quantile: float = 0.99,
+                 seed: int = 0, batch_size: int = 128) -> tuple[FeatureDensity, int, int]:
+    """A classifier's density from its own training-lab crops: a seeded draw of ``fit_images``
+    fits it, up to ``held_out_images`` others set its threshold at ``quantile``.
+
+    Args:
+        model: a `LoadedModel` classifier.
+        crops: ``(N, S, S, 3) uint8`` centred cells at the model's µm/px; ``S`` larger than
+            its input is centre-cropped (training packs keep a margin).
+        labels: ``(N,)`` indices into ``model.class_codes``.
+
+    Returns:
+        ``(density, images fitted on, images held out)``.
+
+    Raises:
+        ValueError: no image left to set the threshold, or a class without fitting images.
+    """
+    from engine.models.inference import Predictor
+
+    order = np.random.default_rng(seed).permutation(len(crops))
+    fit_idx = np.sort(order[:fit_images])
+    held_idx = np.sort(order[fit_images:fit_images + held_out_images])
+    if not len(held_idx):
+        raise ValueError(f"{len(crops)} images leave none to set the threshold after "
+                         f"{fit_images} to fit on")
+    px = model.spec.input_px
+    off = (crops.shape[1] - px) // 2
+    pred = Predictor(model)
+
+    def embed(idx: np.ndarray) -> np.ndarray:
+        return np.concatenate([pred.embed(np.ascontiguousarray(
+            crops[idx[i:i + batch_size], off:off + px, off:off + px]))
+            for i in range(0, len(idx), batch_size)])
+
+    density = fit_density(embed(fit_idx), np.asarray(labels)[fit_idx],
+                          len(model.class_codes), dims=dims)
+    return (density.with_threshold(torch.from_numpy(embed(held_idx)), quantile),
+            len(fit_idx), len(held_idx))

@@ -114,7 +114,7 @@ def test_job_fits_on_training_rows_and_reports_the_test_split(tmp_path, capsys):
     assert all(torch.equal(state[k], v) for k, v in before.items())  # the weights unchanged
     assert fit_cell_ood.main([*args[:5], str(tmp_path / "x.safetensors"),
                               "--fit-images", "90"]) == 2
-    assert "none left to set the threshold" in capsys.readouterr().err
+    assert "leave none to set the threshold" in capsys.readouterr().err
 
 
 def _bccd_white_cells(mpp: float = 0.082, limit: int = 120) -> np.ndarray:

@@ -111,6 +111,14 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     card = json.loads((out / "model.json").read_text())
     assert card["architecture"] == "test_resnet" and card["metrics"]["test"]["n"] > 0
+    # every checkpoint the job writes carries its feature density (engine.models.ood)
+    assert card["ood"]["fit_images"] + card["ood"]["held_out_images"] == card["training"][
+        "n_dev_images"]
+    from engine.models import create_model
+
+    density = create_model("deepheme-tiny", str(out / "model.safetensors")).ood
+    assert density is not None and density.threshold == pytest.approx(card["ood"]["threshold"],
+                                                                      rel=1e-2)
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.evaluate_cell_classifier", "--checkpoint",
          str(out / "model.safetensors"), "--data", str(out / "test"), "--plots",
