@@ -20,17 +20,12 @@ import sys
 
 import numpy as np
 
-from jobs.common import add_split_args, resolve_source_mpp
+from jobs.common import refit_parser, resolve_source_mpp
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.calibrate_cell_classifier",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="the training data: folder with labels.csv")
-    p.add_argument("--output", required=True, help="the calibrated checkpoint (.safetensors)")
-    add_split_args(p)
+    p = refit_parser("jobs.calibrate_cell_classifier", __doc__,
+                     "the calibrated checkpoint (.safetensors)")
     p.add_argument("--folds", type=int, default=1)
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--no-tta", action="store_true", help="fit on single views")

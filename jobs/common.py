@@ -151,6 +151,18 @@ def mpp_arg(text: str) -> float | str:
     return value
 
 
+def refit_parser(module: str, doc: str, output_help: str) -> argparse.ArgumentParser:
+    """The parser of a job that refits part of a float cell classifier on its training data:
+    ``--checkpoint``, ``--data``, ``--output`` and the split flags (`add_split_args`)."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="the float checkpoint (.safetensors)")
+    p.add_argument("--data", required=True, help="its training data: folder with labels.csv")
+    p.add_argument("--output", required=True, help=output_help)
+    add_split_args(p)
+    return p
+
+
 def add_split_args(parser: argparse.ArgumentParser) -> None:
     """The flags that rebuild ``jobs.train_cell_classifier``'s split of a checkpoint's training
     data (jobs that fit on its training rows and must never touch its test rows)."""
@@ -211,3 +223,34 @@ def resolve_source_mpp(value: float | str, paths) -> float:
 def fail(message: str, code: int = 2) -> int:
     print(f"hemeflow: error: {message}", file=sys.stderr)
     return code
+
+
+def float_classifier_split(args):
+    """What a job refitting part of a float cell classifier on its training data starts from:
+    the checkpoint (a quantized one is refused), its model, and ``jobs.train_cell_classifier``'s
+    split of ``args.data``, rebuilt from the split flags (`add_split_args`); resolves
+    ``args.source_mpp``.
+
+    Returns:
+        ``(state, card, model, trainable, dev_idx, test_rows)`` (see ``split_for_training``).
+
+    Raises:
+        CheckpointError, FileNotFoundError, KeyError, ValueError: with a message for the user.
+    """
+    from engine.models import create_model, read_checkpoint
+    from engine.train.data import read_labels
+    from jobs.train_cell_classifier import split_for_training
+
+    state, card = read_checkpoint(args.checkpoint)
+    if card.get("quantization"):
+        raise ValueError(f"{args.checkpoint} is already quantized: give its float checkpoint "
+                         "(quantize last; the int8 checkpoint keeps what the float one carries)")
+    model = create_model(card["name"], args.checkpoint)
+    if model.spec.task != "classification":
+        raise ValueError(f"{card['name']} is not a cell classifier")
+    data = read_labels(args.data)
+    args.source_mpp = resolve_source_mpp(args.source_mpp, data.paths)
+    excluded = {c.strip() for c in args.exclude_codes.split(",") if c.strip()}
+    trainable, _, _, _, dev_idx, test_rows = split_for_training(
+        data, excluded, args.test_fraction, args.seed)
+    return state, card, model, trainable, dev_idx, test_rows

@@ -25,16 +25,11 @@ import sys
 
 import numpy as np
 
-from jobs.common import add_split_args, fail, resolve_source_mpp
+from jobs.common import fail, float_classifier_split, refit_parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.fit_cell_ood", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="the float checkpoint (.safetensors)")
-    p.add_argument("--data", required=True, help="its training data: folder with labels.csv")
-    p.add_argument("--output", required=True, help="the checkpoint to write (.safetensors)")
-    add_split_args(p)
+    p = refit_parser("jobs.fit_cell_ood", __doc__, "the checkpoint to write (.safetensors)")
     p.add_argument("--fit-images", type=int, default=3000)
     p.add_argument("--held-out-images", type=int, default=1000)
     p.add_argument("--dims", type=int, default=128, help="principal components kept")
@@ -48,27 +43,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from engine.models import Predictor, create_model
-    from engine.models.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+    from engine.models import CheckpointError, Predictor, write_checkpoint
     from engine.models.ood import PREFIX, fit_on_crops
-    from engine.train.data import load_cell_images, read_labels
-    from jobs.train_cell_classifier import split_for_training
+    from engine.train.data import load_cell_images
 
     if not 0.5 <= args.quantile < 1:
         return fail(f"--quantile must be in [0.5, 1), got {args.quantile}")
     try:
-        state, card = read_checkpoint(args.checkpoint)
-        if card.get("quantization"):
-            raise ValueError(f"{args.checkpoint} is quantized: fit on its float checkpoint, "
-                             "then quantize (the int8 checkpoint carries the density)")
-        model = create_model(card["name"], args.checkpoint)
-        if model.spec.task != "classification":
-            raise ValueError(f"{card['name']} is not a cell classifier")
-        data = read_labels(args.data)
-        args.source_mpp = resolve_source_mpp(args.source_mpp, data.paths)
-        excluded = {c.strip() for c in args.exclude_codes.split(",") if c.strip()}
-        trainable, _, _, _, dev_idx, test_rows = split_for_training(
-            data, excluded, args.test_fraction, args.seed)
+        state, card, model, trainable, dev_idx, test_rows = float_classifier_split(args)
     except (CheckpointError, FileNotFoundError, KeyError, ValueError) as err:
         return fail(str(err))
     codes = list(model.class_codes)

@@ -22,17 +22,12 @@ import time
 
 import numpy as np
 
-from jobs.common import add_split_args, resolve_source_mpp
+from jobs.common import float_classifier_split, refit_parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.quantize_cell_classifier",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="the float checkpoint (.safetensors)")
-    p.add_argument("--data", required=True, help="its training data: folder with labels.csv")
-    p.add_argument("--output", required=True, help="the int8 checkpoint (.safetensors)")
-    add_split_args(p)
+    p = refit_parser("jobs.quantize_cell_classifier", __doc__,
+                     "the int8 checkpoint (.safetensors)")
     p.add_argument("--calibration-images", type=int, default=512)
     p.add_argument("--no-eval", action="store_true", help="skip scoring on the test split")
     return p.parse_args(argv)
@@ -61,24 +56,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from engine.models import Predictor, create_model
-    from engine.models.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+    from engine.models import CheckpointError, Predictor, create_model, write_checkpoint
     from engine.models.quantize import SCHEME, calibrate, observer_state, prepare_int8
-    from engine.train.data import load_cell_images, read_labels
-    from jobs.train_cell_classifier import split_for_training
+    from engine.train.data import load_cell_images
 
     try:
-        state, card = read_checkpoint(args.checkpoint)
-        if card.get("quantization"):
-            raise ValueError(f"{args.checkpoint} is already quantized: give its float checkpoint")
-        model = create_model(card["name"], args.checkpoint)
-        if model.spec.task != "classification":
-            raise ValueError(f"{card['name']} is not a cell classifier")
-        data = read_labels(args.data)
-        args.source_mpp = resolve_source_mpp(args.source_mpp, data.paths)
-        excluded = {c.strip() for c in args.exclude_codes.split(",") if c.strip()}
-        trainable, _, _, _, dev_idx, test_rows = split_for_training(
-            data, excluded, args.test_fraction, args.seed)
+        state, card, model, trainable, dev_idx, test_rows = float_classifier_split(args)
     except (CheckpointError, FileNotFoundError, KeyError, ValueError) as err:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2
