@@ -37,6 +37,24 @@ def predict_images(models: list[LoadedModel], images: np.ndarray, batch_size: in
     return probs, (np.concatenate(feats) if feats else None)
 
 
+def ood_report(model: LoadedModel, features: np.ndarray | None, codes) -> dict | None:
+    """How many of the evaluated images lie outside the first model's training data
+    (`engine.models.ood`), over all rows and per labelled code; None without a density. On a
+    new lab's labelled cells this says how far they are from what the model has seen."""
+    if model.ood is None or features is None or not len(features):
+        return None
+    import torch
+
+    far = (model.ood.distance(torch.from_numpy(np.asarray(features))).numpy()
+           > model.ood.threshold)
+    per_code = collections.defaultdict(list)
+    for code, f in zip(codes, far):
+        per_code[code].append(bool(f))
+    return {"threshold": round(model.ood.threshold, 4),
+            "flagged_fraction": round(float(far.mean()), 4),
+            "per_code": {c: round(sum(v) / len(v), 4) for c, v in sorted(per_code.items())}}
+
+
 def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_mpp: float,
                         batch_size: int = 256, device=None, tta: bool = True,
                         amp: bool = True) -> tuple[dict, dict]:
@@ -76,6 +94,7 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
         "group_level": {c: {"n": n, "accuracy": k / n} for c, (n, k) in sorted(group_rows.items())},
         "not_covered": dict(sorted(uncovered.items())),
         "model_class_codes": codes,
+        "ood": ood_report(models[0], feats, data.codes),
     })
     return report, {"probs": probs, "features": feats, "y": y}
 

@@ -129,6 +129,9 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path):
     assert report["precision"] in ("bf16", "fp32") and report["tta"] is True
     assert set(report["per_class"]) == set(card["class_codes"])
     assert set(report["per_class"]["L2"]) == {"precision", "recall", "f1", "auc", "support"}
+    # the checkpoint's density says how much of the evaluated data lies outside its training data
+    assert 0 <= report["ood"]["flagged_fraction"] <= 1 and {"IG", "NEU", "L2"} <= set(
+        report["ood"]["per_code"])
     # IG and NEU rows were not trained on: scored at group level, not dropped
     assert report["group_level"]["IG"]["n"] == 120 and report["group_level"]["NEU"]["n"] == 14
     assert (tmp_path / "plots" / "confusion.png").stat().st_size > 1000
