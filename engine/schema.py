@@ -7,7 +7,7 @@ import re
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: cells and differentials say how far cells lie from the training data
+SCHEMA_VERSION = 2  # 2: how far cells lie from the training data; slide_status warnings
 STATUSES = ("ok", "failed", "skipped")
 
 
@@ -54,6 +54,7 @@ SLIDE_STATUS = _schema("slide_status", [
     pa.field("seconds", pa.float64()),
     pa.field("engine_version", pa.string()),
     pa.field("config_hash", pa.string()),
+    pa.field("warnings", pa.list_(pa.string())),
 ])
 
 TILES = _schema("tiles", [

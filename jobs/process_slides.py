@@ -133,12 +133,13 @@ def parse_args(argv=None):
 def print_summary(rows: list[dict]) -> None:
     if not rows:
         return
-    print(f"\n{'slide_id':<44} {'status':<7} {'tiles':>6} {'cells':>6} {'secs':>6}  reason")
+    print(f"\n{'slide_id':<44} {'status':<7} {'tiles':>6} {'cells':>6} {'secs':>6}  "
+          f"reason / review")
     for r in rows:
+        reason = f"{r['error_type']}: {r['error_message'] or ''}" if r["error_type"] else \
+            "; ".join(r.get("warnings") or [])
         print(f"{r['slide_id']:<44} {r['status']:<7} {r['n_tiles'] or 0:>6} "
-              f"{r['n_cells'] or 0:>6} {r['seconds']:>6.1f}  "
-              f"{(r['error_type'] or '') + (': ' if r['error_type'] else '')}"
-              f"{(r['error_message'] or '')[:80]}")
+              f"{r['n_cells'] or 0:>6} {r['seconds']:>6.1f}  {reason[:90]}")
 
 
 def main(argv=None) -> int:

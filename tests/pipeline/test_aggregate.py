@@ -159,7 +159,10 @@ def test_cell_distances_reach_the_tables_and_flag_the_slide(tmp_path):
     assert cells["ood_distance"].to_list() == [5.0, 40.0, 41.0, 42.0]
     diff = pl.read_parquet(tmp_path / "out" / "differentials" / "s1.parquet")
     assert diff["ood_percent"][0] == 75.0 and diff["out_of_distribution"][0]
-    assert any("75% of its nucleated cells lie outside" in m for m in logged)
+    assert any("75% of nucleated cells lie outside" in m and "--order far" in m for m in logged)
+    status = pl.read_parquet(tmp_path / "out" / "slide_status" / "s1.parquet")
+    assert status["warnings"][0].to_list() == [
+        "out_of_distribution: 75% of nucleated cells lie outside the classifier's training data"]
     # without a density the columns are null, and nothing is flagged
     agg.add_cells(_cells("s2", [0], 1, _header("s2")))
     assert pl.read_parquet(tmp_path / "out" / "cells" / "s2.parquet")["ood_distance"].null_count() == 1

@@ -151,6 +151,9 @@ def test_reference_model_on_the_smear(ray_local, smear_slide, tmp_path, capsys):
     assert cells["ood_distance"].null_count() == 0
     assert diff["ood_percent"][0] > 50 and diff["out_of_distribution"][0]
     assert "lie outside the classifier's training data" in out and "--order far" in out
+    warnings = st["warnings"][0].to_list()  # the status row says why the slide needs review
+    assert [w.split(":")[0] for w in warnings] == ["out_of_distribution", "low_count"]
+    assert "out_of_distribution: " in out.split("reason / review")[1]  # and so does the summary
     doc = json.loads((tmp_path / "o" / "config.json").read_text())
     assert doc["config"]["pipeline"]["classifier"]["model"] == "deepheme-resnext50"
 
