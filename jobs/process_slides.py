@@ -23,7 +23,7 @@ from engine.errors import HemeflowError
 from engine.models import MissingWeights
 from engine.pipeline.commit import OutputStore
 from engine.pipeline.run import RunMetrics, run_pipeline
-from engine.schema import slide_id_for
+from engine.schema import SCHEMA_VERSION, slide_id_for
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import FileEntry, InputError, is_remote
 from jobs.common import (add_common_args, expand_inputs, fail, load_config, read_mpp_table,
@@ -74,20 +74,29 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     slides are skipped. With another config it is refused, so that an output never mixes
     results of two configs unawares, unless ``reprocess`` takes this input's committed slides out
     to be processed again. ``retry_failed`` does the same for those whose status is failed
-    (say, after giving ``--mpp``).
+    (say, after giving ``--mpp``). An output whose tables another version's schema wrote is
+    refused outright: its tables could not be read as one.
 
     Raises:
-        HemeflowError: the config changed and ``reprocess`` was not given.
+        HemeflowError: the config or the table schema changed (the config: unless
+            ``reprocess`` was given).
     """
     committed = store.committed()
     if not committed:
         return
     try:
-        previous = json.loads(read_text(store.uri("config.json"), cfg.storage))["config"]
+        doc = json.loads(read_text(store.uri("config.json"), cfg.storage))
+        previous = doc["config"]
     except (InputError, ValueError, KeyError) as err:
-        previous = None
+        doc, previous = {}, None
         log(f"{store.root} has committed slides but no readable config.json ({err}): this "
             "run's config is not checked against theirs")
+    theirs = doc.get("schema_version", 1) if previous is not None else SCHEMA_VERSION
+    if theirs != SCHEMA_VERSION:
+        raise HemeflowError(
+            f"{store.root} holds {len(committed)} slide(s) whose tables follow schema version "
+            f"{theirs}; this version writes {SCHEMA_VERSION} (engine/schema.py), and one output "
+            "never mixes the two. Write to a new --output")
     changes = cfg.result_changes(previous) if previous is not None else []
     ours = {slide_id_for(e.uri) for e in entries} & committed
     if reprocess:

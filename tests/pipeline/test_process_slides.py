@@ -206,6 +206,22 @@ def test_rerun_with_another_config_is_refused(run_out, archive, tmp_path, capsys
     assert _mtimes(run_out) == before
 
 
+
+def test_an_output_of_another_table_schema_is_refused(run_out, archive, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(run_out, out)
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["schema_version"] == SCHEMA_VERSION
+    del doc["schema_version"]  # as the first version wrote it
+    (out / "config.json").write_text(json.dumps(doc))
+    before = _mtimes(out)
+    code = process_slides.main(["--input", str(archive), "--output", str(out), "--config",
+                                tiny_config(tmp_path), "--allow-untrained"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"schema version 1; this version writes {SCHEMA_VERSION}" in err
+    assert _mtimes(out) == before
+
+
 def test_retry_failed_redoes_only_the_failed_slides(run_out, archive, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(run_out, out)
