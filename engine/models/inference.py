@@ -63,6 +63,7 @@ class Predictor:
         if model.int8 is not None:
             self.pooled = model.int8
             self.forward = self._int8_logits
+        self.density = model.ood.to(self.device) if model.ood is not None else None
         self.bucket = bucket if self.cuda else 0
         self.mean = torch.tensor(model.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(model.std, device=self.device).view(1, 3, 1, 1) * 255
@@ -141,7 +142,7 @@ class Predictor:
         (`engine.models.ood`; ``(B,) float32``, None when the checkpoint carries no density),
         from the same forward pass: features of each view, then the classifier's head. The
         distance is the crop's own view's."""
-        density = self.model.ood
+        density = self.density
         if density is None:
             return self.predict(images, tta), None
         n, head = len(images), self.module.get_classifier()

@@ -50,6 +50,11 @@ class FeatureDensity:
         z = (f - self.mean.to(f.device)) @ self.whiten.to(f.device)
         return torch.cdist(z, self.centres.to(f.device)).min(dim=1).values
 
+    def to(self, device) -> FeatureDensity:
+        """The same density with its tensors on ``device`` (once, not per batch)."""
+        return FeatureDensity(self.mean.to(device), self.whiten.to(device),
+                              self.centres.to(device), self.threshold)
+
     def with_threshold(self, held_out: torch.Tensor, quantile: float) -> FeatureDensity:
         """The same density with its threshold at ``quantile`` of ``held_out`` features'
         distances (in-distribution images not used to fit it)."""
