@@ -174,6 +174,9 @@ class ModelStageConfig:
         amp: bf16 autocast where the device runs bf16 natively: CUDA, and CPUs with AVX512-BF16
             or AMX (ResNeXt-50 2.1x faster than float32 on 2 cores). False: float32, for
             bit-stable figures across machines.
+        threads: torch threads of an actor that runs the model on a CPU (0: the node's CPUs).
+            Ray holds an actor of one CPU to one thread, which left an int8 classifier bounding
+            a CPU-only node at half its speed.
     """
 
     model: str = "deepheme-resnext50"
@@ -185,6 +188,7 @@ class ModelStageConfig:
     tta: bool = False
     compile: bool = False
     amp: bool = True
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -249,7 +253,7 @@ EXECUTION_KEYS = frozenset({
     "pipeline.cells_cpu_share", "pipeline.read_batch_size", "pipeline.read_concurrency",
     "pipeline.read_threads", "pipeline.native_threads", "pipeline.direct_jpeg",
     *(f"pipeline.{stage}.{key}" for stage in ("classifier", "encoder")
-      for key in ("batch_size", "concurrency", "num_gpus", "compile")),
+      for key in ("batch_size", "concurrency", "num_gpus", "compile", "threads")),
 })
 
 

@@ -285,7 +285,7 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
                 .map_batches(ClassifyCells,
                              fn_constructor_args=(c.model, c.checkpoint, allow_untrained, c.tta,
                                                   cfg.storage, c.compile, c.batch_size,
-                                                  c.ensemble, c.amp),
+                                                  c.ensemble, c.amp, c.threads),
                              batch_size=c.batch_size, compute=_actors(c.concurrency),
                              num_gpus=res.gpu[branch], num_cpus=model_cpus))
     e = pc.encoder
@@ -294,7 +294,8 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
                         compute=_actors(res.readers[branch], grow), num_cpus=res.cpu)
     if encoder:
         ds = ds.map_batches(EncodeTiles, fn_constructor_args=(
-            e.model, e.checkpoint, allow_untrained, cfg.storage, e.compile, e.batch_size, e.amp),
+            e.model, e.checkpoint, allow_untrained, cfg.storage, e.compile, e.batch_size, e.amp,
+            e.threads),
             batch_size=e.batch_size, compute=_actors(e.concurrency),
             num_gpus=res.gpu[branch], num_cpus=model_cpus)
     return ds

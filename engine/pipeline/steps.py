@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
 import threading
 import time
 
@@ -27,6 +28,31 @@ from engine.tiling import TilePlan, plan_tiles
 from engine.tissue import compute_tissue_mask, with_enclosed_fat
 
 CROP_PX = 96  # DeepHeme input, at cell_tiles.target_mpp
+
+
+def node_cpus() -> int:
+    """Logical CPUs of the Ray node this process runs on: what Ray was started with (a pod's
+    limit, not its host's cores); ``os.cpu_count()`` outside Ray."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            here = ray.get_runtime_context().get_node_id()
+            for node in ray.nodes():
+                if node["NodeID"] == here:
+                    return max(1, int(node["Resources"].get("CPU", 1)))
+    except Exception:  # noqa: BLE001 - any doubt: the OS's count
+        pass
+    return os.cpu_count() or 1
+
+
+def model_threads(device, threads: int) -> None:
+    """Let a model actor on a CPU use ``threads`` torch threads (0: the node's CPUs); Ray's
+    default for an actor of one CPU is one."""
+    import torch
+
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(threads or node_cpus())
 
 
 def limit_native_threads(n: int) -> None:
@@ -409,7 +435,7 @@ class ClassifyCells:
 
     def __init__(self, model: str, checkpoint: str | None, allow_untrained: bool = False,
                  tta: bool = False, storage=None, compile: bool = False, batch_size: int = 0,
-                 ensemble: tuple[str, ...] = (), amp: bool = True):
+                 ensemble: tuple[str, ...] = (), amp: bool = True, threads: int = 0):
         t_born = time.time()
         from engine.models import EnsemblePredictor, create_model
 
@@ -417,6 +443,7 @@ class ClassifyCells:
                                 class_codes=DEEPHEME_CODES, storage=storage)
                    for ckpt in (checkpoint, *ensemble)]
         self.predictor = EnsemblePredictor(members, compile=compile, amp=amp)
+        model_threads(self.predictor.members[0].device, threads)
         self.model = self.predictor.model
         self.predictor.warmup(batch_size)  # GPU: kernels and plans at actor start, not in-stream
         self.tta = tta
@@ -495,13 +522,15 @@ class EncodeTiles:
     """Tile encoder (DINOv2): ``image`` -> ``embedding`` ``(B, D) float32``."""
 
     def __init__(self, model: str, checkpoint: str | None, allow_untrained: bool = False,
-                 storage=None, compile: bool = False, batch_size: int = 0, amp: bool = True):
+                 storage=None, compile: bool = False, batch_size: int = 0, amp: bool = True,
+                 threads: int = 0):
         t_born = time.time()
         from engine.models import Predictor, create_model
 
         self.predictor = Predictor(create_model(model, checkpoint,
                                                 allow_untrained=allow_untrained,
                                                 storage=storage), compile=compile, amp=amp)
+        model_threads(self.predictor.device, threads)
         self.predictor.warmup(batch_size)
         self._ready = ready_since(t_born)
 

@@ -302,3 +302,18 @@ def test_cell_gallery_of_a_slide(run_out, tmp_path, capsys):
     assert cell_gallery.main(["--output", str(run_out), "--slide", "smear-a.tif",
                               "--order", "far", "--png", str(png)]) == 2
     assert "no distance to the training data" in capsys.readouterr().err
+
+
+def test_node_cpus_in_an_actor_are_what_ray_was_given(ray_local):
+    import ray
+
+    @ray.remote(num_cpus=0.5)
+    def probe() -> int:
+        import os
+
+        from engine.pipeline.steps import node_cpus
+
+        os.cpu_count = lambda: 99  # a pod on a big host: Ray's figure wins
+        return node_cpus()
+
+    assert ray.get(probe.remote()) == 2

@@ -105,3 +105,29 @@ def test_classify_averages_an_ensemble_of_fold_checkpoints(tmp_path):
     with pytest.raises(ConfigError, match="embeddings of different models"):
         resolve_stages(Config.from_dict({"pipeline": {"stages": ["tiles"], "encoder": {
             "ensemble": [paths[0]]}}}), allow_untrained=True)
+
+
+def test_model_actors_on_a_cpu_use_the_nodes_cores(tmp_path):
+    """Ray gives an actor of one CPU one torch thread; a model actor on a CPU takes the node's
+    CPUs (or pipeline.<stage>.threads), so an int8 classifier is not held to half speed."""
+    import os
+
+    import torch
+
+    from engine.models import create_model, write_checkpoint
+    from engine.pipeline.steps import node_cpus
+
+    m = create_model("deepheme-tiny", allow_untrained=True, class_codes=("L2", "M6"))
+    path = str(tmp_path / "t.safetensors")
+    write_checkpoint(m.module.state_dict(), {"name": "deepheme-tiny", "architecture":
+                                             m.spec.architecture, "class_codes": ["L2", "M6"]},
+                     path)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ClassifyCells("deepheme-tiny", path)
+        assert torch.get_num_threads() == node_cpus() == os.cpu_count()  # no Ray here
+        ClassifyCells("deepheme-tiny", path, threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
