@@ -75,7 +75,9 @@ class Predictor:
             return
         px = self.model.spec.input_px
         step = self.bucket or max_batch
-        run = self.logits if self.model.spec.task == "classification" else self.embed
+        # the path the actor will run: with a feature density, features then the head
+        run = self.embed if self.model.spec.task != "classification" else \
+            self.predict_with_distance if self.density is not None else self.logits
         for n in range(step, max(max_batch, step) + 1, step):
             run(np.zeros((n, px, px, 3), np.uint8))
         torch.cuda.synchronize(self.device)
