@@ -5,7 +5,7 @@ RGBA that we composite to RGB again: on a 1120 px region that is about four time
 the JPEG decoding itself. Here the tiles' JPEG streams are read from the file (``os.pread``, no
 shared file position, so threads may share one reader) and decoded straight to RGB by
 libjpeg-turbo (simplejpeg), in strict mode: a stream libjpeg finds corrupt is
-refused, as OpenSlide refuses it, where OpenCV or Pillow would return the damaged pixels. The
+refused, as OpenSlide refuses it, where OpenCV returns the damaged pixels. The
 TIFF's structure comes from tifffile.
 
 Only levels whose every property is known are taken: tiled, JPEG, 8-bit, 3 samples, chunky,
