@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     crops = load_cell_images([p for p, _ in rows], args.source_mpp, spec.input_mpp,
                              spec.input_px)
     try:
-        density, n_fit, n_held = fit_on_crops(
+        density, fitted = fit_on_crops(
             model, crops, np.array([y for _, y in rows]), fit_images=args.fit_images,
             held_out_images=args.held_out_images, dims=args.dims, quantile=args.quantile,
             seed=args.seed, batch_size=args.batch_size)
@@ -78,14 +78,10 @@ def main(argv=None) -> int:
         flagged = float((far > density.threshold).mean())
     card = dict(card)
     card["ood"] = {
-        "method": "class-conditional Mahalanobis distance on the penultimate features "
-                  "(shared within-class covariance, leading principal components)",
-        "dims": int(density.centres.shape[1]), "quantile": args.quantile,
-        "threshold": round(density.threshold, 4), "from_checkpoint": args.checkpoint,
+        **fitted, "from_checkpoint": args.checkpoint,
         "data": args.data, "source_mpp": args.source_mpp,
         "split": {"seed": args.seed, "test_fraction": args.test_fraction,
                   "exclude_codes": args.exclude_codes},
-        "fit_images": n_fit, "held_out_images": n_held,
         "rows": "fit and threshold on the training split, never the test split",
         "test_split": {"n": len(test_paths), "flagged_fraction":
                        None if flagged is None else round(flagged, 4)},

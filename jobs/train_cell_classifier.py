@@ -199,17 +199,12 @@ def fit_fold_density(model: LoadedModel, prepared: str, args):
     labels = np.load(os.path.join(prepared, "labels.npy"))
     n_fit = min(3000, len(images) * 3 // 4)
     try:
-        density, n_fit, n_held = fit_on_crops(model, images, labels, fit_images=n_fit,
-                                              held_out_images=1000, seed=args.seed)
+        density, fitted = fit_on_crops(model, images, labels, fit_images=n_fit,
+                                       held_out_images=1000, seed=args.seed)
     except ValueError as err:
         print(f"no feature density for this checkpoint: {err}", flush=True)
         return None, {"skipped": str(err)}
-    return density, {
-        "method": "class-conditional Mahalanobis distance on the penultimate features "
-                  "(shared within-class covariance, leading principal components)",
-        "dims": int(density.centres.shape[1]), "quantile": 0.99,
-        "threshold": round(density.threshold, 4), "fit_images": n_fit,
-        "held_out_images": n_held, "rows": "training split (this run's prepared images)"}
+    return density, {**fitted, "rows": "training split (this run's prepared images)"}
 
 
 def best_weights(folder: str) -> dict:

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 PREFIX = "ood."
+METHOD = ("class-conditional Mahalanobis distance on the penultimate features (shared "
+          "within-class covariance, leading principal components)")
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def fit_density(features: np.ndarray, labels: np.ndarray, n_classes: int, dims: 
 
 def fit_on_crops(model, crops: np.ndarray, labels: np.ndarray, *, fit_images: int = 3000,
                  held_out_images: int = 1000, dims: int = 128, quantile: float = 0.99,
-                 seed: int = 0, batch_size: int = 128) -> tuple[FeatureDensity, int, int]:
+                 seed: int = 0, batch_size: int = 128) -> tuple[FeatureDensity, dict]:
     """A classifier's density from its own training-lab crops: a seeded draw of ``fit_images``
     fits it, up to ``held_out_images`` others set its threshold at ``quantile``.
 
@@ -123,7 +125,8 @@ def fit_on_crops(model, crops: np.ndarray, labels: np.ndarray, *, fit_images: in
         labels: ``(N,)`` indices into ``model.class_codes``.
 
     Returns:
-        ``(density, images fitted on, images held out)``.
+        ``(density, the checkpoint card's ood section)``: method, dims, quantile, threshold,
+        images fitted on and held out.
 
     Raises:
         ValueError: no image left to set the threshold, or a class without fitting images.
@@ -147,5 +150,7 @@ def fit_on_crops(model, crops: np.ndarray, labels: np.ndarray, *, fit_images: in
 
     density = fit_density(embed(fit_idx), np.asarray(labels)[fit_idx],
                           len(model.class_codes), dims=dims)
-    return (density.with_threshold(torch.from_numpy(embed(held_idx)), quantile),
-            len(fit_idx), len(held_idx))
+    density = density.with_threshold(torch.from_numpy(embed(held_idx)), quantile)
+    return density, {"method": METHOD, "dims": int(density.centres.shape[1]),
+                     "quantile": quantile, "threshold": round(density.threshold, 4),
+                     "fit_images": len(fit_idx), "held_out_images": len(held_idx)}

@@ -52,7 +52,7 @@ class SlideState:
     error: tuple[str, str] | None = None
     written: bool = False             # a branch's tables are on storage, not yet committed
     n_cells: int = 0
-    warnings: list[str] = field(default_factory=list)  # why an ok slide needs review
+    warnings: dict[str, str] = field(default_factory=dict)  # why an ok slide needs review
 
     def fail(self, error_type: str, message: str) -> None:
         if self.error is None:
@@ -190,12 +190,12 @@ class Aggregator:
         differential = self._differential(sid, cells)
         d = differential[0] if differential else {}
         if d.get("out_of_distribution"):
-            state.warnings.append(
-                f"out_of_distribution: {d['ood_percent']:.0f}% of nucleated cells lie outside "
-                f"the classifier's training data")
+            state.warnings["out_of_distribution"] = (
+                f"{d['ood_percent']:.0f}% of nucleated cells lie outside the classifier's "
+                f"training data")
         if d.get("low_count"):
-            state.warnings.append(f"low_count: {d['n_nucleated']} nucleated cells "
-                                  f"(< {self.min_nucleated})")
+            state.warnings["low_count"] = (f"{d['n_nucleated']} nucleated cells "
+                                           f"(< {self.min_nucleated})")
         return {"cells": cells, "differentials": differential}, cells_to_geojson(cells)
 
     def _tile_tables(self, state: SlideState, br: BranchState) -> tuple[dict, None]:
@@ -238,7 +238,8 @@ class Aggregator:
             status.update(status="ok", error_type=None, error_message=None,
                           n_tiles=sum(br.n_tasks for br in state.branches.values()),
                           n_cells=state.n_cells)
-        status["warnings"] = [] if state.error else state.warnings
+        status["warnings"] = [] if state.error else [f"{k}: {v}"
+                                                     for k, v in state.warnings.items()]
         finished = utcnow()
         status.update(finished_at=finished, seconds=round(time.time() - state.t0, 3))
         self.store.commit(sid, {"slides": [row]}, status)
@@ -247,9 +248,9 @@ class Aggregator:
                  + (f" ({status['error_type']})" if state.error else "")
                  + f", tiles {status['n_tiles'] or 0}, cells {status['n_cells'] or 0}, "
                  f"{status['seconds']:.1f}s")
-        far = [w for w in status["warnings"] if w.startswith("out_of_distribution")]
-        if far:
-            self.log(f"warning: slide {sid}: {far[0]} (another stain, scanner or "
+        if "out_of_distribution" in state.warnings and not state.error:
+            self.log(f"warning: slide {sid}: out_of_distribution: "
+                     f"{state.warnings['out_of_distribution']} (another stain, scanner or "
                      f"cell type); review them before trusting its differential: python -m "
                      f"jobs.cell_gallery --output {self.store.root} --slide {sid} --order far")
 
