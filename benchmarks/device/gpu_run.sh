@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU measurements for #7, as one command on the device machine (see README.md here).
+#
+#   bash benchmarks/device/gpu_run.sh [tests] [models] [tiles] [cells]    (default: all four)
+#
+# Unpacks .devbundle/site.tar.xz (made here by bundle.py) to /tmp/site, then runs each part
+# under its own time limit, going on when one fails, and copies the result files and logs to
+# $OUT. SMALL=1 shrinks every run (a rehearsal on a CPU machine: model_throughput is skipped
+# there, the rest runs on the CPU).
+set -u
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/gpu_run_out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+parts=${*:-tests models tiles cells}
+export PYTHONUNBUFFERED=1
+
+if [ ! -f .devbundle/site.tar.xz ]; then
+  echo "no .devbundle/site.tar.xz: run 'python benchmarks/device/bundle.py' here and carry .devbundle" >&2
+  exit 2
+fi
+SITE=${SITE:-/tmp/site}
+if [ ! -f "$SITE/.unpacked" ]; then
+  mkdir -p "$SITE" && tar -xJf .devbundle/site.tar.xz -C "$SITE" && touch "$SITE/.unpacked" || exit 3
+fi
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
+  nproc
+  $PY - <<'EOF'
+import importlib.metadata as md
+for n in ("torch", "timm", "numpy", "pyarrow", "ray", "openslide-python", "openslide-bin",
+          "pyvips", "simplejpeg", "tifffile", "opencv-python-headless"):
+    try:
+        print(n, md.version(n))
+    except md.PackageNotFoundError:
+        print(n, "MISSING")
+import ray, openslide, pyvips, simplejpeg, torch  # noqa: E401, F401  (fail here, not mid-run)
+print("cuda", torch.cuda.is_available())
+EOF
+} 2>&1 | tee "$OUT/env.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || exit 4
+
+gpu=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
+if [ "${SMALL:-0}" = 1 ]; then
+  tiles="--slides 4 --size 4096 --encoder dinov2-tiny --batch 32"
+  cells="--slides 2 --size 4096 --classifier deepheme-tiny --batch 32"
+else
+  tiles="--slides 256 --size 24000 --encoder dinov2-vits14 --batch 256"
+  cells="--slides 4 --size 40000 --classifier deepheme-resnext50 --batch 256"
+fi
+
+step() {  # name, time limit in seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc $rc in $((SECONDS - t0)) s"
+  tail -n 25 "$OUT/$name.log"
+}
+
+for part in $parts; do
+  case $part in
+    tests) step tests 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests/models ;;
+    models) if [ "$gpu" = 1 ]; then
+              step models 170 $PY benchmarks/model_throughput.py --pipeline-steps
+            else echo "== models: skipped (no GPU)"; fi ;;
+    tiles) step tiles 140 $PY benchmarks/pipeline_e2e.py --stages tiles --kind marrow $tiles --tag gpu-tiles ;;
+    cells) step cells 150 $PY benchmarks/pipeline_e2e.py --stages cells $cells --tag gpu-cells ;;
+    *) echo "unknown part $part" >&2 ;;
+  esac
+done
+
+# Result files of today come back (at most 8 files come back from $OUT: logs are summarised).
+find benchmarks/results -newer "$OUT/env.txt" -name '*.json' -exec cp {} "$OUT/" \;
+ls -la "$OUT"
