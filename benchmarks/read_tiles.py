@@ -2,7 +2,7 @@
 one reader actor per core) against a plain single-process OpenSlide loop over the same grid,
 in the same run.
 
-    python benchmarks/read_tiles.py [--size 16384] [--target-mpp 0.25 --tile-px 1024]
+    python benchmarks/read_tiles.py [--size 16384] [--target-mpp 0.25 --tile-px 1024] [--tag T]
 
 Both sides read every planned tile, resize it to the model's size and measure its stained and
 fat area; only those numbers travel back. Rates are steady state (the clock starts at the first
@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="reader threads per actor "
                    "(pipeline.read_threads)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
 
     import openslide
@@ -68,7 +69,9 @@ def main() -> None:
     class Plain:  # what a script without hemeflow would do: OpenSlide in one process
         def read_region(self, level, x, y, w, h):
             rgba = np.asarray(slide.read_region((x, y), level, (w, h)))
-            return rgba[..., :3]
+            rgb = rgba[..., :3].copy()
+            rgb[rgba[..., 3] == 0] = 255  # off the image: white glass, as the pipeline reads it
+            return rgb
 
     t = time.time()
     plain_area = 0
@@ -123,7 +126,8 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     out = os.path.join(ROOT, "benchmarks", "results",
-                       f"read_tiles-cpu{os.cpu_count()}-{result['date']}.json")
+                       f"read_tiles-cpu{os.cpu_count()}-{result['date']}"
+                       f"{'-' + args.tag if args.tag else ''}.json")
     with open(out, "w") as fh:
         json.dump(result, fh, indent=2)
 

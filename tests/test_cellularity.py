@@ -122,9 +122,10 @@ def test_opencv_masks_match_scipy():
     from engine.cellularity import _components_at_least
 
     rng = np.random.default_rng(0)
-    for _ in range(10):
-        m = ndi.gaussian_filter(rng.random((224, 224)), 1.5) > 0.5
-        for min_px in (5, 50, 400):
+    for i in range(10):
+        side = 512 if i < 2 else 224  # 32-bit labels above 2**17 pixels, 16-bit below
+        m = ndi.gaussian_filter(rng.random((side, side)), 1.5) > 0.5
+        for min_px in (1, 5, 50, 400, 10**6):
             labels, n = ndi.label(m)
             keep = np.bincount(labels.ravel(), minlength=n + 1) >= min_px
             keep[0] = False
@@ -135,3 +136,15 @@ def test_opencv_masks_match_scipy():
             got = cv2.dilate(nuclei.view(np.uint8), np.ones((2 * half + 1,) * 2, np.uint8),
                              borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
             assert (got == ref).all()
+
+
+def test_deconvolution_gives_numpys_optical_densities():
+    """OpenCV's look-up and 3x3 transform give the numpy gather-and-matmul's values."""
+    from engine.cellularity import _OD, _unmix, deconvolve
+
+    tile = marrow_block(50, 224, 2.0, 3)[0]
+    stains = macenko_stains([tile])
+    ref = _OD[tile].reshape(-1, 3).astype(np.float64) @ _unmix(stains)
+    for got, want in zip(deconvolve(tile, stains), ref.T):
+        assert got.dtype == np.float32 and got.shape == (224, 224)
+        np.testing.assert_allclose(got.ravel(), want, atol=1e-6)

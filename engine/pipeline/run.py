@@ -290,7 +290,7 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
                              num_gpus=res.gpu[branch], num_cpus=model_cpus))
     e = pc.encoder
     ds = ds.map_batches(ReadTiles, fn_constructor_args=(cfg, encoder, pc.read_threads),
-                        batch_size=pc.read_batch_size * 4,
+                        batch_size=pc.tile_read_batch_size,
                         compute=_actors(res.readers[branch], grow), num_cpus=res.cpu)
     if encoder:
         ds = ds.map_batches(EncodeTiles, fn_constructor_args=(

@@ -22,6 +22,8 @@ different.
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,9 +74,15 @@ class JpegTiles:
         level_downsamples: level-0 pixels per level pixel.
     """
 
-    def __init__(self, path: str, level_dimensions, level_downsamples):
+    def __init__(self, path: str, level_dimensions, level_downsamples,
+                 cache_bytes: int = 32 * 2**20):
         import tifffile
 
+        # decoded tiles, least recently used first: neighbouring regions share JPEG tiles (an
+        # encoder tile of 224 px on 256 px JPEG tiles touches 3.5 of them on average)
+        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._cache_bytes, self._cached = cache_bytes, 0
+        self._lock = threading.Lock()
         self.levels: dict[int, _Level] = {}
         self.downsamples = tuple(float(d) for d in level_downsamples)
         with tifffile.TiffFile(path) as tif:
@@ -116,7 +124,7 @@ class JpegTiles:
         out[:, :x0 - lx], out[:, x1 - lx:] = bg, bg
         for r in range(y0 // lv.tile_h, (y1 - 1) // lv.tile_h + 1):
             for c in range(x0 // lv.tile_w, (x1 - 1) // lv.tile_w + 1):
-                tile = self._decode(lv, r, c)
+                tile = self._tile(level, lv, r, c)
                 if tile is None:
                     return None
                 tx, ty = c * lv.tile_w, r * lv.tile_h
@@ -125,6 +133,26 @@ class JpegTiles:
                 out[sy0 - ly:sy1 - ly, sx0 - lx:sx1 - lx] = tile[sy0 - ty:sy1 - ty,
                                                                  sx0 - tx:sx1 - tx]
         return out
+
+    def _tile(self, level: int, lv: _Level, r: int, c: int) -> np.ndarray | None:
+        """Tile ``(r, c)`` of ``level``, decoded once while it stays in the cache."""
+        key = (level, r, c)
+        with self._lock:
+            tile = self._cache.get(key)
+            if tile is not None:
+                self._cache.move_to_end(key)
+                return tile
+        tile = self._decode(lv, r, c)
+        if tile is None or tile.nbytes > self._cache_bytes:
+            return tile
+        tile.setflags(write=False)  # shared by later reads: callers copy out of it
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = tile
+                self._cached += tile.nbytes
+            while self._cached > self._cache_bytes:
+                self._cached -= self._cache.popitem(last=False)[1].nbytes
+        return tile
 
     def _decode(self, lv: _Level, r: int, c: int) -> np.ndarray | None:
         data = os.pread(self._fd, int(lv.counts[r, c]), int(lv.offsets[r, c]))
@@ -139,6 +167,9 @@ class JpegTiles:
         return tile
 
     def close(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._cached = 0
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)

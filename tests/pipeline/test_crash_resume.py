@@ -19,6 +19,7 @@ N_SLIDES = 8
 CONFIG = """
 pipeline:
   read_batch_size: 1
+  tile_read_batch_size: 4
   classifier: {model: deepheme-tiny, batch_size: 4}
   encoder: {model: dinov2-tiny, batch_size: 4}
 """

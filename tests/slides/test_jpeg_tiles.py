@@ -106,3 +106,23 @@ def test_switch_and_rerun_key(pyramid):
         assert slide._jpeg is None
     before = Config().to_dict()
     assert Config.from_dict({"pipeline": {"direct_jpeg": False}}).result_changes(before) == []
+
+
+def test_neighbouring_reads_decode_each_jpeg_tile_once(pyramid, monkeypatch):
+    info = OpenSlideReader(str(pyramid), direct_jpeg=False).info
+    jpeg = JpegTiles(str(pyramid), info.level_dimensions, info.level_downsamples,
+                     cache_bytes=4 * 256 * 256 * 3)  # four tiles
+    decoded = []
+    decode = jpeg._decode
+    monkeypatch.setattr(jpeg, "_decode", lambda lv, r, c: decoded.append((r, c)) or decode(lv, r, c))
+    first = jpeg.read(0, 100, 100, 224, 224)        # tiles (0, 0), (0, 1), (1, 0), (1, 1)
+    first[:] = 0                                    # the caller's copy: the cache is untouched
+    again = jpeg.read(0, 120, 110, 224, 224)
+    assert decoded == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    plain = OpenSlideReader(str(pyramid), direct_jpeg=False)
+    np.testing.assert_array_equal(again, plain.read_region(0, 120, 110, 224, 224))
+    jpeg.read(0, 300, 100, 224, 224)                # (0, 1), (0, 2), (1, 1), (1, 2): two new
+    assert decoded[4:] == [(0, 2), (1, 2)] and len(jpeg._cache) == 4 and jpeg._cached <= 4 * 196608
+    np.testing.assert_array_equal(jpeg.read(0, 0, 0, 256, 256), plain.read_region(0, 0, 0, 256, 256))
+    assert decoded[-1] == (0, 0)                    # evicted first, decoded again
+    jpeg.close(), plain.close()
