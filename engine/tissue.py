@@ -70,10 +70,44 @@ def components(mask: np.ndarray, connectivity: int = 8) -> tuple[int, np.ndarray
 
     Returns:
         ``(n, labels (H, W) int32, stats (n, 5): x, y, width, height, area, centroids (n, 2):
-        x, y)``; index 0 is the background.
+        x, y)``; index 0 is the background. Exactly ``cv2.connectedComponentsWithStats``'s.
     """
-    return cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=connectivity,
-                                            ltype=cv2.CV_32S)
+    m = mask.view(np.uint8)
+    fg = cv2.countNonZero(m)
+    if fg * 8 > m.size:
+        return cv2.connectedComponentsWithStats(m, connectivity=connectivity, ltype=cv2.CV_32S)
+    # sparse (a cell tile's nuclei: 1 % of its pixels): OpenCV's statistics pass visits every
+    # pixel and takes 6x the labelling itself; here they come from the foreground pixels only
+    n, labels = cv2.connectedComponents(m, connectivity=connectivity, ltype=cv2.CV_32S)
+    h, w = m.shape
+    idx = np.flatnonzero(labels)
+    lab = labels.ravel()[idx]
+    ys, xs = np.divmod(idx, w)
+    area = np.bincount(lab, minlength=n)
+    stats = np.zeros((n, 5), np.int32)
+    centroids = np.zeros((n, 2), np.float64)
+    if n > 1:
+        order = np.argsort(lab, kind="stable")
+        starts = np.searchsorted(lab[order], np.arange(1, n))
+        for col, v, fn in ((0, xs, np.minimum), (1, ys, np.minimum), (2, xs, np.maximum),
+                           (3, ys, np.maximum)):
+            stats[1:, col] = fn.reduceat(v[order], starts)
+        stats[1:, 2] += 1 - stats[1:, 0]
+        stats[1:, 3] += 1 - stats[1:, 1]
+        stats[1:, 4] = area[1:]
+        centroids[1:, 0] = np.bincount(lab, xs, minlength=n)[1:] / area[1:]
+        centroids[1:, 1] = np.bincount(lab, ys, minlength=n)[1:] / area[1:]
+    # the background (label 0), as OpenCV counts it: its box spans every row and column not
+    # wholly foreground
+    bg = m.size - len(idx)
+    stats[0, 4] = bg
+    if bg:
+        rows = np.flatnonzero(np.bincount(ys, minlength=h) < w)
+        cols = np.flatnonzero(np.bincount(xs, minlength=w) < h)
+        stats[0, :4] = cols[0], rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1
+        centroids[0] = ((h * w * (w - 1) / 2 - xs.sum()) / bg,
+                        (w * h * (h - 1) / 2 - ys.sum()) / bg)
+    return n, labels, stats, centroids
 
 
 def remove_small_regions(mask: np.ndarray, min_px: float) -> np.ndarray:
@@ -91,6 +125,14 @@ def fill_small_holes(mask: np.ndarray, max_hole_px: float = np.inf) -> np.ndarra
     (4-connected background; with no limit, the same as ``ndi.binary_fill_holes``)."""
     if max_hole_px <= 0:
         return mask
+    if max_hole_px == np.inf:
+        # every hole: the background a 4-connected flood from a one-pixel frame cannot reach
+        # (one scan-line fill, 8x fewer operations than labelling the background)
+        h, w = mask.shape
+        framed = np.zeros((h + 2, w + 2), np.uint8)
+        framed[1:-1, 1:-1] = mask.view(np.uint8)
+        cv2.floodFill(framed, None, (0, 0), 1, flags=4)
+        return mask | (framed[1:-1, 1:-1] == 0)
     n, holes, stats, _ = components(~mask, connectivity=4)
     if n <= 1:
         return mask
