@@ -15,6 +15,10 @@ Two ratios per model:
   (>= 0.8 on one GPU): it is high only when reading and detection keep the model fed.
 - ``busy_ratio``: items / (the model actors' busy seconds), over the model-alone rate: what
   the actor loses to host-device transfer, preprocessing and batching when it is fed.
+- ``steady_ratio``: items / (the branch's wall time after its first batch), over the
+  model-alone rate: whether reading and detection keep up once every actor runs. With the
+  start-up seconds it gives ``items_for_e2e_0_8``, the archive size (in items) at which the
+  end-to-end ratio would reach 0.8 (None: the steady rate itself is short of it).
 
 ``--baseline-chunk N`` first runs the same job in the same process with
 ``pipeline.slides_per_chunk`` N (the earlier default was 64: model actors restart with every chunk)
@@ -43,6 +47,8 @@ import sys
 import tempfile
 import threading
 import time
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -209,17 +215,30 @@ def main() -> None:
                             else cfg.pipeline.encoder.checkpoint)
         e2e = m["items"][items] / m["wall_s"][branch]
         busy = m["items"][items] / (m["busy_s"][stage] / m["actors"][stage])
+        startup = m["wall_s"][branch] * m.get("startup_share", {}).get(branch, 0.0)
+        steady = m["items"][items] / max(m["wall_s"][branch] - startup, 1e-9)
         result["models"].append({
             "model": model, "stage": stage, "batch": args.batch, "compile": args.compile,
             "alone_per_s": round(alone, 1), "e2e_per_s": round(e2e, 1),
             "busy_per_s": round(busy, 1), "e2e_ratio": round(e2e / alone, 3),
-            "busy_ratio": round(busy / alone, 3)})
+            "busy_ratio": round(busy / alone, 3), "startup_s": round(startup, 1),
+            "steady_per_s": round(steady, 1), "steady_ratio": round(steady / alone, 3),
+            "items_for_e2e_0_8": items_for_ratio(0.8, alone, steady, startup)})
     print(json.dumps(result, indent=2))
     name = f"pipeline_e2e-{device.replace(' ', '_')}-{result['date']}" \
         f"{'-' + args.tag if args.tag else ''}.json"
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "benchmarks", "results", name), "w") as fh:
         json.dump(result, fh, indent=2)
+
+
+def items_for_ratio(target: float, alone: float, steady: float, startup_s: float) -> int | None:
+    """How many items a run needs for its end-to-end rate, ``N / (startup + N / steady)``, to
+    reach ``target`` of the model-alone rate: start-up is paid once per run, so a longer archive
+    amortises it. None when even the steady rate falls short."""
+    if steady <= target * alone:
+        return None
+    return int(np.ceil(target * alone * startup_s / (1 - target * alone / steady)))
 
 
 def with_settings(cfg, changed: dict):

@@ -31,11 +31,18 @@ def stain_score(rgb: np.ndarray) -> np.ndarray:
 def estimate_threshold(samples: list[np.ndarray], cfg: CellDetectionConfig) -> float:
     """Per-slide stain threshold: Otsu over the positive scores of sampled RGB tiles, clamped to
     ``[threshold_floor, threshold_ceiling]``."""
-    scores = np.concatenate([stain_score(s).ravel() for s in samples]) if samples else np.zeros(1)
-    positive = scores[scores > 0]
-    if positive.size < 100:
+    # the positive scores are the integers 1..255 (blue - red on bytes): count each (OpenCV's
+    # saturating subtraction and histogram) and give Otsu the 255 values with their counts, the
+    # same histogram as over every pixel's score at a tenth of the cost
+    counts = np.zeros(256, np.int64)
+    for s in samples:
+        s = np.ascontiguousarray(s)
+        positive = cv2.subtract(cv2.extractChannel(s, 2), cv2.extractChannel(s, 0))  # max(0, b-r)
+        counts += cv2.calcHist([positive], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+    if counts[1:].sum() < 100:
         return cfg.threshold_floor
-    thr = otsu_threshold(np.clip(positive, 0, 255) / 255.0) * 255.0
+    values = np.arange(1, 256, dtype=np.float32) / 255.0  # float32, as the scores were
+    thr = otsu_threshold(values, weights=counts[1:]) * 255.0
     return float(np.clip(thr, cfg.threshold_floor, cfg.threshold_ceiling))
 
 

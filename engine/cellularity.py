@@ -81,7 +81,7 @@ def macenko_stains(tiles: list[np.ndarray], min_od: float = 0.15, alpha: float =
     it. Haematoxylin is the vector absorbing more red. Falls back to ``RUIFROK_HE`` on too few
     stained pixels or a degenerate sample."""
     od = np.concatenate([_OD[t].reshape(-1, 3) for t in tiles]) if tiles else np.zeros((0, 3))
-    od = od[np.all(od > min_od, axis=1)]
+    od = od[(od[:, 0] > min_od) & (od[:, 1] > min_od) & (od[:, 2] > min_od)]  # all three
     if len(od) < min_pixels:
         return RUIFROK_HE
     _, vecs = np.linalg.eigh(np.cov(od.T))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engine.cells import (KIND_CELL, KIND_PLATELET, crop_around, detect_cells, estimate_threshold,
-                          match_centroids, owned_by_tile)
+                          match_centroids, owned_by_tile, stain_score)
 from engine.config import CellDetectionConfig, TileConfig
 from tests.conftest import ROOT, SHARED_DATA
 
@@ -168,3 +168,28 @@ def test_opencv_morphology_and_zoom_match_scipy():
             ref = ndi.zoom(s, z, order=1, grid_mode=True, mode="nearest")
             assert _zoom(s, z).shape == ref.shape
             assert np.abs(_zoom(s, z) - ref).max() < 1e-3
+
+
+def test_threshold_from_counts_equals_otsu_over_every_score():
+    """The per-slide threshold from the 255 positive score values and their counts is the one
+    Otsu finds over every pixel's score."""
+    from engine.tissue import otsu_threshold
+
+    def over_every_pixel(samples, cfg):
+        scores = np.concatenate([stain_score(s).ravel() for s in samples]) if samples \
+            else np.zeros(1)
+        positive = scores[scores > 0]
+        if positive.size < 100:
+            return cfg.threshold_floor
+        thr = otsu_threshold(np.clip(positive, 0, 255) / 255.0) * 255.0
+        return float(np.clip(thr, cfg.threshold_floor, cfg.threshold_ceiling))
+
+    cfg = CellDetectionConfig()
+    rng = np.random.default_rng(5)
+    for i in range(40):
+        samples = [rng.integers(0, 256, (int(rng.integers(1, 200)), int(rng.integers(1, 200)), 3),
+                                dtype=np.uint8) for _ in range(int(rng.integers(0, 4)))]
+        if i % 2:  # bluer or redder slides, few positive pixels
+            shift = np.array([rng.integers(-120, 60), 0, rng.integers(-60, 120)])
+            samples = [np.clip(s.astype(int) + shift, 0, 255).astype(np.uint8) for s in samples]
+        assert estimate_threshold(samples, cfg) == over_every_pixel(samples, cfg)
