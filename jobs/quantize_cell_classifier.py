@@ -3,12 +3,17 @@
     python -m jobs.quantize_cell_classifier --checkpoint <float.safetensors> --data <dir with
         labels.csv> --output <int8.safetensors> [--source-mpp 0.1 | auto]
         [--calibration-images 512] [--seed 0] [--test-fraction 0.15] [--exclude-codes IG,NEU]
-        [--no-eval]
+        [--ood-images 2000] [--no-eval]
 
 Activation ranges are calibrated on images of the training split, rebuilt exactly as
 ``jobs.train_cell_classifier`` made it (same seed, test fraction and excluded codes), never on
 the test rows. Those rows then score both models on this CPU (single view), and the card
-records macro F1, accuracy and crops/s of each. Prints that JSON. Use the output as
+records macro F1, accuracy and crops/s of each. Prints that JSON.
+
+Where the float checkpoint carries a feature density (``jobs.fit_cell_ood``), the int8 model's
+features sit a little off the float model's, so its distance threshold is carried over: the
+float threshold times the median ratio of int8 to float distances among the farthest tenth of
+``--ood-images`` training-split images (none of them used for calibration). Use the output as
 ``pipeline.classifier.checkpoint`` on CPU nodes: its model actors then take no GPU.
 """
 
@@ -29,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = refit_parser("jobs.quantize_cell_classifier", __doc__,
                      "the int8 checkpoint (.safetensors)")
     p.add_argument("--calibration-images", type=int, default=512)
+    p.add_argument("--ood-images", type=int, default=2000,
+                   help="training-split images that set the int8 distance threshold")
     p.add_argument("--no-eval", action="store_true", help="skip scoring on the test split")
     return p.parse_args(argv)
 
@@ -45,11 +52,20 @@ def score(model, crops: np.ndarray, y: np.ndarray, batch_size: int = 128) -> dic
                             for i in range(0, len(crops), batch_size)])
     seconds = time.perf_counter() - t
     report = classification_metrics(y, probs, list(model.class_codes))
-    return {"precision": "int8" if model.int8 is not None else "bf16" if pred.amp else "fp32",
-            "macro_f1": round(report["macro_f1"], 4), "accuracy": round(report["accuracy"], 4),
-            "classes_precision_recall_above_0_8":
-                report["classes_precision_recall_above_0_8"],
-            "crops_per_s": round(len(crops) / seconds, 1), "n": int(len(crops))}
+    out = {"precision": "int8" if model.int8 is not None else "bf16" if pred.amp else "fp32",
+           "macro_f1": round(report["macro_f1"], 4), "accuracy": round(report["accuracy"], 4),
+           "classes_precision_recall_above_0_8": report["classes_precision_recall_above_0_8"],
+           "crops_per_s": round(len(crops) / seconds, 1), "n": int(len(crops))}
+    if model.ood is not None:
+        far = distances(pred, crops, batch_size)
+        out["ood_flagged_fraction"] = round(float((far > model.ood.threshold).mean()), 4)
+    return out
+
+
+def distances(pred, crops: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """Each crop's distance to the training data, ``(N,) float32`` (`Predictor`)."""
+    return np.concatenate([pred.predict_with_distance(crops[i:i + batch_size])[1]
+                           for i in range(0, len(crops), batch_size)])
 
 
 def main(argv=None) -> int:
@@ -85,6 +101,26 @@ def main(argv=None) -> int:
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     tensors = {**state, **observer_state(prepared)}  # the histogram search, once
     write_checkpoint(tensors, card, args.output)
+    if model.ood is not None and args.ood_images > 0:
+        from engine.models.ood import PREFIX, match_threshold
+
+        pool = np.setdiff1d(dev_idx, picked)
+        chosen = np.sort(rng.choice(pool, min(args.ood_images, len(pool)), replace=False))
+        crops = load_cell_images([trainable.paths[i] for i in chosen], args.source_mpp,
+                                 spec.input_mpp, spec.input_px)
+        float_far = distances(Predictor(model), crops)
+        int8_far = distances(Predictor(create_model(card["name"], args.output)), crops)
+        cut = match_threshold(float_far, model.ood.threshold, int8_far)
+        tensors[PREFIX + "threshold"] = torch.tensor([cut], dtype=torch.float32)
+        card["ood"] = {**card.get("ood", {}), "threshold": round(cut, 4)}
+        card["quantization"]["ood_threshold"] = {
+            "float": round(model.ood.threshold, 4), "int8": round(cut, 4),
+            "images": int(len(chosen)), "flagged_fraction": round(
+                float((float_far > model.ood.threshold).mean()), 4),
+            "rule": "the float threshold times the median int8/float distance ratio among "
+                    "the farthest tenth of these training-split images (none used for "
+                    "calibration)"}
+        write_checkpoint(tensors, card, args.output)
     codes = list(model.class_codes)
     scored = [(p, c) for p, c in test_rows if c in codes]
     if not args.no_eval and scored:

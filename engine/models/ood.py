@@ -81,6 +81,19 @@ class FeatureDensity:
                    threshold=float(state[PREFIX + "threshold"].float()[0]))
 
 
+def match_threshold(reference: np.ndarray, threshold: float, other: np.ndarray,
+                    tail: float = 0.1) -> float:
+    """``threshold`` carried over from ``reference`` distances to ``other`` distances of the same
+    images (an int8 model's, whose features sit a little off the float model's): scaled by the
+    median ratio ``other / reference`` among the ``tail`` share of images farthest by
+    ``reference``, where the cut lies. Steadier than matching the flagged share itself, which
+    rests on the few images beyond the cut (1 % by construction, fewer on training images)."""
+    reference = np.asarray(reference, np.float64)
+    other = np.asarray(other, np.float64)
+    far = reference >= np.quantile(reference, 1 - tail)
+    return float(threshold * np.median(other[far] / np.maximum(reference[far], 1e-12)))
+
+
 def fit_density(features: np.ndarray, labels: np.ndarray, n_classes: int, dims: int = 128,
                 shrinkage: float = 1e-3) -> FeatureDensity:
     """Fit class centres and a shared within-class covariance on ``dims`` principal components.

@@ -191,3 +191,17 @@ def test_an_int8_checkpoint_keeps_the_density(tmp_path):
     _, d8 = Predictor(int8).predict_with_distance(images)
     _, d = Predictor(model, "cpu", amp=False).predict_with_distance(images)
     assert np.abs(d8 - d).max() < 0.1 * d.mean()  # int8 features, close to float's
+
+
+def test_threshold_carried_to_int8_like_distances_flags_about_the_same_share():
+    from engine.models.ood import match_threshold
+
+    rng = np.random.default_rng(3)
+    ref = rng.gamma(4.0, 3.0, 20000)
+    other = ref * 1.15 * np.exp(rng.normal(0, 0.01, 20000))  # a little farther, a little noisy
+    thr = float(np.quantile(ref, 0.99))
+    cut = match_threshold(ref, thr, other)
+    assert abs(cut / thr - 1.15) < 0.01
+    assert abs((other > cut).mean() - 0.01) < 0.002
+    assert (other > thr).mean() > 2 * (ref > thr).mean()  # the float cut would flag too many
+    assert match_threshold(ref, thr, ref) == thr

@@ -108,6 +108,38 @@ def test_job_calibrates_on_training_rows_and_scores_the_test_split(tmp_path, cap
 
 
 @needs_pbc
+def test_job_sets_the_int8_distance_threshold_on_its_own_features(tmp_path, capsys):
+    from engine.models.ood import fit_on_crops
+
+    data = read_labels(str(PBC))
+    rows = [(p, c) for p, c in zip(data.paths, data.codes) if c in CODES]
+    rows = [r for c in CODES for r in [x for x in rows if x[1] == c][:20]]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "labels.csv").write_text("path,code\n" + "".join(f"{p},{c}\n"
+                                                                        for p, c in rows))
+    model, path, card = _tiny_float(tmp_path)
+    crops = load_cell_images([p for p, _ in rows], 0.1, 0.25, 96)
+    density, section = fit_on_crops(model, crops, np.array([CODES.index(c) for _, c in rows]),
+                                    fit_images=40, held_out_images=20, dims=8, quantile=0.9)
+    state, _ = read_checkpoint(path)
+    write_checkpoint({**state, **density.state_dict()}, {**card, "ood": section}, path)
+    out = str(tmp_path / "int8.safetensors")
+    assert quantize_cell_classifier.main(["--checkpoint", path, "--data", str(tmp_path / "d"),
+                                          "--output", out, "--calibration-images", "24",
+                                          "--ood-images", "100"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    matched = report["ood_threshold"]
+    assert matched["images"] == 51 - 24  # the training split less the calibration images
+    assert matched["float"] == round(density.threshold, 4)
+    int8 = create_model("deepheme-tiny", out)
+    assert int8.int8 is not None and round(int8.ood.threshold, 4) == matched["int8"]
+    _, card8 = read_checkpoint(out)
+    assert card8["ood"]["threshold"] == matched["int8"]
+    for side in ("float", "int8"):
+        assert 0 <= report["evaluation"][side]["ood_flagged_fraction"] <= 1
+
+
+@needs_pbc
 def test_pipeline_runs_an_int8_classifier_on_cpu(tmp_path):
     from engine.config import Config
     from engine.pipeline.run import resolve_stages
