@@ -39,6 +39,16 @@ def _int8(model, path, card, images, tmp_path):
     return out
 
 
+def _pbc_subset(folder, per_code: int = 20) -> list[tuple[str, str]]:
+    """A labels.csv in ``folder`` with the first ``per_code`` PBC rows of each of ``CODES``."""
+    data = read_labels(str(PBC))
+    rows = [(p, c) for p, c in zip(data.paths, data.codes) if c in CODES]
+    rows = [r for c in CODES for r in [x for x in rows if x[1] == c][:per_code]]
+    folder.mkdir()
+    (folder / "labels.csv").write_text("path,code\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    return rows
+
+
 def _cells(n: int, offset: int = 0) -> np.ndarray:
     data = read_labels(str(PBC))
     return load_cell_images(data.paths[offset:offset + n], 0.1, 0.25, 96)
@@ -85,12 +95,7 @@ def test_shipped_classifier_in_int8_agrees_with_float_on_real_cells(tmp_path):
 
 @needs_pbc
 def test_job_calibrates_on_training_rows_and_scores_the_test_split(tmp_path, capsys):
-    data = read_labels(str(PBC))
-    rows = [(p, c) for p, c in zip(data.paths, data.codes) if c in CODES]
-    rows = [r for c in CODES for r in [x for x in rows if x[1] == c][:20]]
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "labels.csv").write_text("path,code\n" + "".join(f"{p},{c}\n"
-                                                                        for p, c in rows))
+    _pbc_subset(tmp_path / "d")
     _, path, _ = _tiny_float(tmp_path)
     out = str(tmp_path / "int8.safetensors")
     assert quantize_cell_classifier.main(["--checkpoint", path, "--data", str(tmp_path / "d"),
@@ -111,12 +116,7 @@ def test_job_calibrates_on_training_rows_and_scores_the_test_split(tmp_path, cap
 def test_job_sets_the_int8_distance_threshold_on_its_own_features(tmp_path, capsys):
     from engine.models.ood import fit_on_crops
 
-    data = read_labels(str(PBC))
-    rows = [(p, c) for p, c in zip(data.paths, data.codes) if c in CODES]
-    rows = [r for c in CODES for r in [x for x in rows if x[1] == c][:20]]
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "labels.csv").write_text("path,code\n" + "".join(f"{p},{c}\n"
-                                                                        for p, c in rows))
+    rows = _pbc_subset(tmp_path / "d")
     model, path, card = _tiny_float(tmp_path)
     crops = load_cell_images([p for p, _ in rows], 0.1, 0.25, 96)
     density, section = fit_on_crops(model, crops, np.array([CODES.index(c) for _, c in rows]),
