@@ -15,8 +15,10 @@ Two ratios per model:
   (>= 0.8 on one GPU): it is high only when reading and detection keep the model fed.
 - ``busy_ratio``: items / (the model actors' busy seconds), over the model-alone rate: what
   the actor loses to host-device transfer, preprocessing and batching when it is fed.
-- ``steady_ratio``: items / (the branch's wall time after its first batch), over the
-  model-alone rate: whether reading and detection keep up once every actor runs. With the
+- ``steady_ratio``: the items after the first batch / the branch's wall time after it, over
+  the model-alone rate: whether reading and detection keep up once every actor runs (None
+  when less than 5 s, or a fifth of the wall, followed the first batch: too short a run to
+  say, as batches finished during the start-up arrive in a burst). With the
   start-up seconds it gives ``items_for_e2e_0_8``, the archive size (in items) at which the
   end-to-end ratio would reach 0.8 (None: the steady rate itself is short of it).
 
@@ -215,15 +217,21 @@ def main() -> None:
                             else cfg.pipeline.encoder.checkpoint)
         e2e = m["items"][items] / m["wall_s"][branch]
         busy = m["items"][items] / (m["busy_s"][stage] / m["actors"][stage])
-        startup = m["wall_s"][branch] * m.get("startup_share", {}).get(branch, 0.0)
-        steady = m["items"][items] / max(m["wall_s"][branch] - startup, 1e-9)
+        # after the first batch: its items came with the start-up, not at the steady rate
+        startup = m["startup_s"].get(branch, 0.0)
+        after = m["items"][items] - m["first_batch_items"].get(items, 0)
+        rest = m["wall_s"][branch] - startup
+        # a short remainder says little: batches finished during the start-up arrive in a burst
+        steady = after / rest if after > 0 and rest >= max(5.0, 0.2 * m["wall_s"][branch]) \
+            else None
         result["models"].append({
             "model": model, "stage": stage, "batch": args.batch, "compile": args.compile,
             "alone_per_s": round(alone, 1), "e2e_per_s": round(e2e, 1),
             "busy_per_s": round(busy, 1), "e2e_ratio": round(e2e / alone, 3),
             "busy_ratio": round(busy / alone, 3), "startup_s": round(startup, 1),
-            "steady_per_s": round(steady, 1), "steady_ratio": round(steady / alone, 3),
-            "items_for_e2e_0_8": items_for_ratio(0.8, alone, steady, startup)})
+            "steady_per_s": steady and round(steady, 1),
+            "steady_ratio": steady and round(steady / alone, 3),
+            "items_for_e2e_0_8": steady and items_for_ratio(0.8, alone, steady, startup)})
     print(json.dumps(result, indent=2))
     name = f"pipeline_e2e-{device.replace(' ', '_')}-{result['date']}" \
         f"{'-' + args.tag if args.tag else ''}.json"

@@ -50,6 +50,7 @@ class RunMetrics:
 
     wall: dict[str, float] = field(default_factory=dict)       # cells, tiles (concurrent)
     first: dict[str, float] = field(default_factory=dict)      # branch -> s to its first batch
+    first_items: dict[str, int] = field(default_factory=dict)  # items in first batches
     busy: dict[str, float] = field(default_factory=dict)       # plan_<branch>, detect, classify,
     #                                                            read, encode
     items: dict[str, int] = field(default_factory=dict)        # cell_tiles, cells, tiles
@@ -114,11 +115,14 @@ class RunMetrics:
                 out[ph] = (share, "startup")
         return {ph: s for ph, (_, s) in out.items()}
 
-    def first_batch(self, phase: str, t0: float) -> None:
-        """Call with every batch of a branch started at ``t0``; counts the wait for its first."""
+    def first_batch(self, phase: str, t0: float) -> bool:
+        """Call with every batch of a branch started at ``t0``; counts the wait for its first
+        and says whether this is it."""
         if self._started.get(phase) != t0:
             self._started[phase] = t0
             self.first[phase] = self.first.get(phase, 0.0) + time.perf_counter() - t0
+            return True
+        return False
 
     def as_dict(self) -> dict:
         return {"wall_s": {k: round(v, 2) for k, v in self.wall.items()},
@@ -126,6 +130,8 @@ class RunMetrics:
                 "items": {k: round(v) for k, v in self.items.items()},
                 "actors": dict(self.actors),
                 "utilisation": self.utilisation(), "startup_share": self.startup_share(),
+                "startup_s": {k: round(v, 2) for k, v in self.first.items()},
+                "first_batch_items": dict(self.first_items),
                 "bounding_stage": self.bounding(), "actors_ready_s": self.ready_s(),
                 "actor_init_s": {k: round(v, 1) for k, v in self.init.items()}}
 
@@ -309,15 +315,19 @@ def _consume(branch: str, ds: ray.data.Dataset, agg: Aggregator, metrics: RunMet
         if stop.is_set():  # the other branch failed: leave, which shuts this stream down
             break
         with metrics.lock:
-            metrics.first_batch(branch, t0)
+            first = metrics.first_batch(branch, t0)
             metrics.add_batch(batch)
             if branch == "cells":
                 # a task's rows may span batches: each counts 1 / the rows of its task
                 share = 1.0 / np.maximum(batch["n_in_task"], 1)
                 metrics.count("cell_tiles", float(np.sum(share[batch["task"] >= 0])))
-                metrics.count("cells", np.isin(batch["kind"], (KIND_CELL, KIND_PLATELET)).sum())
+                n = int(np.isin(batch["kind"], (KIND_CELL, KIND_PLATELET)).sum())
+                name = "cells"
             else:
-                metrics.count("tiles", int(np.sum(batch["task"] >= 0)))
+                n, name = int(np.sum(batch["task"] >= 0)), "tiles"
+            metrics.count(name, n)
+            if first:  # what came with the start-up, for steady-state rates
+                metrics.first_items[name] = metrics.first_items.get(name, 0) + n
         add(batch)
     with metrics.lock:
         metrics.add_wall(branch, time.perf_counter() - t0)

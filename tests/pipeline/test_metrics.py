@@ -29,11 +29,12 @@ def test_utilisation_and_bounding_stage():
 def test_startup_bounds_a_branch_that_mostly_waited_for_its_first_batch():
     m = RunMetrics(actors={"encode": 1}, phase={"encode": "tiles"})
     t0 = time.perf_counter() - 8.0
-    for _ in range(3):  # counted once per branch run, not per batch
-        m.first_batch("tiles", t0)
+    firsts = [m.first_batch("tiles", t0) for _ in range(3)]  # once per branch run
+    assert firsts == [True, False, False]
     m.add_wall("tiles", 10.0)
     m.add_batch({"_t_encode": np.full(4, 0.5)})
     assert m.startup_share()["tiles"] == pytest.approx(0.8, abs=0.02)
+    assert m.as_dict()["startup_s"]["tiles"] == pytest.approx(8.0, abs=0.2)
     assert m.bounding() == {"tiles": "startup"}
 
 
