@@ -48,7 +48,7 @@ if [ "${SMALL:-0}" = 1 ]; then
   tiles="--slides 4 --size 4096 --encoder dinov2-tiny --batch 32"
   cells="--slides 2 --size 4096 --classifier deepheme-tiny --batch 32"
 else
-  tiles="--slides 1024 --size 24000 --encoder dinov2-vits14 --batch 256"  # ~200k tiles: start-up amortised enough to see the steady rate
+  tiles="--slides 512 --size 24000 --encoder dinov2-vits14 --batch 256"  # ~100k tiles: the steady rate shows past the start-up
   cells="--slides 4 --size 40000 --classifier deepheme-resnext50 --batch 256"
 fi
 
