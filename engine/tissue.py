@@ -84,9 +84,10 @@ def components(mask: np.ndarray, connectivity: int = 8) -> tuple[int, np.ndarray
     # pixel and takes 6x the labelling itself; here they come from the foreground pixels only
     n, labels = cv2.connectedComponents(m, connectivity=connectivity, ltype=cv2.CV_32S)
     h, w = m.shape
-    idx = np.flatnonzero(labels)
-    lab = labels.ravel()[idx]
-    ys, xs = np.divmod(idx, w)
+    pts = cv2.findNonZero(m)  # x, y in raster order (None if empty): 2x numpy's flatnonzero
+    pts = np.zeros((0, 2), np.int32) if pts is None else pts.reshape(-1, 2)
+    xs, ys = pts[:, 0], pts[:, 1]
+    lab = labels[ys, xs]
     area = np.bincount(lab, minlength=n)
     stats = np.zeros((n, 5), np.int32)
     centroids = np.zeros((n, 2), np.float64)
@@ -103,7 +104,7 @@ def components(mask: np.ndarray, connectivity: int = 8) -> tuple[int, np.ndarray
         centroids[1:, 1] = np.bincount(lab, ys, minlength=n)[1:] / area[1:]
     # the background (label 0), as OpenCV counts it: its box spans every row and column not
     # wholly foreground
-    bg = m.size - len(idx)
+    bg = m.size - len(xs)
     stats[0, 4] = bg
     if bg:
         rows = np.flatnonzero(np.bincount(ys, minlength=h) < w)
