@@ -41,31 +41,35 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def score(model, crops: np.ndarray, y: np.ndarray, batch_size: int = 128) -> dict:
-    """Macro F1, accuracy and model crops/s of ``model`` on CPU (single view)."""
+    """Macro F1, accuracy and model crops/s of ``model`` on CPU (single view); with a feature
+    density, the share of crops it flags, from the same forward pass."""
     from engine.models import Predictor
     from engine.train.metrics import classification_metrics
 
     pred = Predictor(model, "cpu")
-    pred.predict(crops[:batch_size])  # first-call set-up is not the model's rate
+    pred.predict_with_distance(crops[:batch_size])  # first-call set-up is not the model's rate
     t = time.perf_counter()
-    probs = np.concatenate([pred.predict(crops[i:i + batch_size])
-                            for i in range(0, len(crops), batch_size)])
+    probs, far = predict_batched(pred, crops, batch_size)
     seconds = time.perf_counter() - t
     report = classification_metrics(y, probs, list(model.class_codes))
     out = {"precision": "int8" if model.int8 is not None else "bf16" if pred.amp else "fp32",
            "macro_f1": round(report["macro_f1"], 4), "accuracy": round(report["accuracy"], 4),
            "classes_precision_recall_above_0_8": report["classes_precision_recall_above_0_8"],
            "crops_per_s": round(len(crops) / seconds, 1), "n": int(len(crops))}
-    if model.ood is not None:
-        far = distances(pred, crops, batch_size)
+    if far is not None:
         out["ood_flagged_fraction"] = round(float((far > model.ood.threshold).mean()), 4)
     return out
 
 
-def distances(pred, crops: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    """Each crop's distance to the training data, ``(N,) float32`` (`Predictor`)."""
-    return np.concatenate([pred.predict_with_distance(crops[i:i + batch_size])[1]
-                           for i in range(0, len(crops), batch_size)])
+def predict_batched(pred, crops: np.ndarray, batch_size: int = 128
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+    """`Predictor.predict_with_distance` over ``crops`` in batches: probabilities and each
+    crop's distance to the training data (None without a density)."""
+    parts = [pred.predict_with_distance(crops[i:i + batch_size])
+             for i in range(0, len(crops), batch_size)]
+    far = [d for _, d in parts]
+    return (np.concatenate([p for p, _ in parts]),
+            None if any(d is None for d in far) else np.concatenate(far))
 
 
 def main(argv=None) -> int:
@@ -108,8 +112,8 @@ def main(argv=None) -> int:
         chosen = np.sort(rng.choice(pool, min(args.ood_images, len(pool)), replace=False))
         crops = load_cell_images([trainable.paths[i] for i in chosen], args.source_mpp,
                                  spec.input_mpp, spec.input_px)
-        float_far = distances(Predictor(model), crops)
-        int8_far = distances(Predictor(create_model(card["name"], args.output)), crops)
+        float_far = predict_batched(Predictor(model), crops)[1]
+        int8_far = predict_batched(Predictor(create_model(card["name"], args.output)), crops)[1]
         cut = match_threshold(float_far, model.ood.threshold, int8_far)
         tensors[PREFIX + "threshold"] = torch.tensor([cut], dtype=torch.float32)
         card["ood"] = {**card.get("ood", {}), "threshold": round(cut, 4)}
