@@ -26,13 +26,17 @@ def smear_block(seed: int = 0, side: int = 2048) -> np.ndarray:
     """``(side, side, 3) uint8``: red cells and nucleated cells on glass at about 0.25 µm/px."""
     rng = np.random.default_rng(seed)
     img = np.full((side, side, 3), (236, 232, 240), np.uint8)
-    yy, xx = np.mgrid[:side, :side]
+
+    def paint(cy, cx, r, colour):  # pixels strictly within r of (cy, cx), in a window around it
+        y0, x0 = max(cy - r, 0), max(cx - r, 0)
+        yy, xx = np.ogrid[y0:min(cy + r + 1, side), x0:min(cx + r + 1, side)]
+        img[y0:y0 + yy.shape[0], x0:x0 + xx.shape[1]][(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] \
+            = colour
+
     for _ in range(side * side // 6000):
-        cy, cx = rng.integers(0, side, 2)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 15 ** 2] = (215, 150, 160)   # red cells
+        paint(*(int(v) for v in rng.integers(0, side, 2)), 15, (215, 150, 160))  # red cells
     for _ in range(side * side // 120000):
-        cy, cx = rng.integers(20, side - 20, 2)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 18 ** 2] = (95, 60, 175)     # nuclei
+        paint(*(int(v) for v in rng.integers(20, side - 20, 2)), 18, (95, 60, 175))  # nuclei
     return img
 
 
@@ -57,6 +61,22 @@ def _disc_into(mask: np.ndarray, cy: float, cx: float, r: float) -> tuple[slice,
     x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, w)
     yy, xx = np.ogrid[y0:y1, x0:x1]
     return slice(y0, y1), slice(x0, x1), (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def _discs(side: int, cy: np.ndarray, cx: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """``(side, side) bool``: the union of the discs ``(x - cx)² + (y - cy)² <= r²`` over pixel
+    centres, all at once (a window of the largest disc's size around each centre)."""
+    mask = np.zeros((side, side), bool)
+    if not len(cy):
+        return mask
+    k = np.arange(-int(np.ceil(r.max())) - 1, int(np.ceil(r.max())) + 2)
+    yy = np.floor(cy).astype(np.int64)[:, None, None] + k[None, :, None]  # (n, K, 1)
+    xx = np.floor(cx).astype(np.int64)[:, None, None] + k[None, None, :]  # (n, 1, K)
+    hit = ((yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2 <= (r * r)[:, None, None])
+    hit &= (yy >= 0) & (yy < side) & (xx >= 0) & (xx < side)
+    n, ky, kx = np.nonzero(hit)
+    mask[yy[n, ky, 0], xx[n, 0, kx]] = True
+    return mask
 
 
 def marrow_block(cellularity: float, side: int = 2048, mpp: float = 1.0, seed: int = 0,
@@ -106,13 +126,9 @@ def marrow_block(cellularity: float, side: int = 2048, mpp: float = 1.0, seed: i
     img[rim] = MEMBRANE
     # nuclei, 2.5-4 µm radius, covering about a third of the haematopoietic area
     n = int(0.35 * side * side / (np.pi * (3.2 * um) ** 2))
-    nuc = np.zeros_like(bone)
     cys, cxs = rng.uniform(0, side, n), rng.uniform(0, side, n)
     inside = haem[cys.astype(int), cxs.astype(int)]
-    for cy, cx, r in zip(cys[inside], cxs[inside], rng.uniform(2.5, 4.0, n)[inside] * um):
-        sy, sx, disc = _disc_into(nuc, cy, cx, r)
-        nuc[sy, sx] |= disc
-    nuc &= haem
+    nuc = _discs(side, cys[inside], cxs[inside], rng.uniform(2.5, 4.0, n)[inside] * um) & haem
     img[nuc] = NUCLEUS
     img += rng.normal(0, 4, img.shape).astype(np.float32)
     img = ndi.gaussian_filter(img, (0.6 * um, 0.6 * um, 0))
