@@ -2,7 +2,8 @@
 
     python benchmarks/make_synthetic_slides.py --out /tmp/slides --count 1 --size 40000
 
-A 2048 px block (smear: red cells and nucleated cells on glass; marrow: H&E biopsy) is repeated to the requested size
+A 2048 px block (smear: a blood film, red cells and 8 nucleated cells per megapixel; aspirate: a
+marrow aspirate, 45 per megapixel; marrow: H&E biopsy) is repeated to the requested size
 (libvips streams it; memory stays small) and saved as a tiled pyramid at 0.25 µm/px.
 """
 
@@ -16,15 +17,18 @@ import time
 import pyvips
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from engine.slides.synthetic import marrow_block, smear_block  # noqa: E402
+from engine.slides.synthetic import aspirate_block, marrow_block, smear_block  # noqa: E402
 from engine.slides.writer import write_pyramid_tiff  # noqa: E402
 
 
 def make_slide(path: str, size: int, seed: int = 0, mpp: float = 0.25,
                kind: str = "smear") -> None:
-    """``kind``: ``smear`` (blood-smear-like) or ``marrow`` (H&E marrow biopsy at 50 %
-    cellularity with bone and fat; ``engine.slides.synthetic``)."""
-    block = smear_block(seed) if kind == "smear" else marrow_block(50, 2048, mpp, seed)[0]
+    """``kind``: ``smear`` (blood-film-like), ``aspirate`` (marrow-aspirate-like: the cell
+    density DeepHeme reads) or ``marrow`` (H&E marrow biopsy at 50 % cellularity with bone and
+    fat); ``engine.slides.synthetic``."""
+    block = smear_block(seed) if kind == "smear" else \
+        aspirate_block(seed, 2048, mpp)[0] if kind == "aspirate" else \
+        marrow_block(50, 2048, mpp, seed)[0]
     block = pyvips.Image.new_from_array(block)
     n = -(-size // block.width)
     big = block.replicate(n, n).crop(0, 0, size, size)
@@ -37,7 +41,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--size", type=int, default=40000, help="side in pixels")
-    p.add_argument("--kind", choices=["smear", "marrow"], default="smear")
+    p.add_argument("--kind", choices=["smear", "aspirate", "marrow"], default="smear")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     for i in range(args.count):

@@ -95,8 +95,10 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slides", type=int, default=8)
     p.add_argument("--size", type=int, default=16384, help="slide side in pixels at 0.25 µm/px")
-    p.add_argument("--kind", choices=["smear", "marrow"], default="smear",
-                   help="synthetic content (marrow: H&E biopsy, for the tiles branch)")
+    p.add_argument("--kind", choices=["smear", "aspirate", "marrow"], default="smear",
+                   help="synthetic content (smear: a blood film, 8 nucleated cells per "
+                        "megapixel; aspirate: a marrow aspirate, 45; marrow: H&E biopsy, for "
+                        "the tiles branch)")
     p.add_argument("--stages", nargs="+", default=["cells", "tiles"], choices=["cells", "tiles"])
     p.add_argument("--classifier", default="deepheme-resnext50")
     p.add_argument("--encoder", default="dinov2-vits14")

@@ -224,6 +224,24 @@ def crop_around(image: np.ndarray, cx: float, cy: float, size: int, fill: int = 
     return out, not (x0 >= 0 and y0 >= 0 and x0 + size <= w and y0 + size <= h)
 
 
+def crops_around(image: np.ndarray, cx: np.ndarray, cy: np.ndarray, size: int,
+                 fill: int = 255) -> np.ndarray:
+    """``(N, size, size, 3) uint8``: `crop_around` at each centre, the crops inside the image
+    gathered in one indexing operation (the padded ones one by one)."""
+    cx, cy = np.asarray(cx, np.float64), np.asarray(cy, np.float64)
+    out = np.empty((len(cx), size, size, 3), np.uint8)
+    h, w = image.shape[:2]
+    x0 = np.rint(cx - size / 2).astype(np.int64)  # round half to even, as round() in crop_around
+    y0 = np.rint(cy - size / 2).astype(np.int64)
+    inside = (x0 >= 0) & (y0 >= 0) & (x0 + size <= w) & (y0 + size <= h)
+    if inside.any():
+        windows = np.lib.stride_tricks.sliding_window_view(image, (size, size, 3))
+        out[inside] = windows[y0[inside], x0[inside], 0]
+    for i in np.flatnonzero(~inside):
+        out[i] = crop_around(image, cx[i], cy[i], size, fill)[0]
+    return out
+
+
 def match_centroids(xs, ys, boxes) -> tuple[int, list[int], list[int]]:
     """One-to-one matching of detections to ground-truth boxes: a detection matches a box when
     its centroid lies inside; each box takes the free detection nearest its centre.

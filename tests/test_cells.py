@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from engine.cells import (KIND_CELL, KIND_PLATELET, crop_around, detect_cells, estimate_threshold,
-                          match_centroids, owned_by_tile, stain_score)
+from engine.cells import (KIND_CELL, KIND_PLATELET, crop_around, crops_around, detect_cells,
+                          estimate_threshold, match_centroids, owned_by_tile, stain_score)
 from engine.config import CellDetectionConfig, TileConfig
 from tests.conftest import ROOT, SHARED_DATA
 
@@ -88,6 +88,20 @@ def test_crop_around_pads_and_flags_edges():
     crop, padded = crop_around(img, 2, 2, 20)
     assert padded and (crop[:8, :8] == 255).all()
 
+
+
+def test_crops_around_equals_crop_around_inside_and_at_every_edge():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (130, 170, 3), dtype=np.uint8)
+    # centres inside, across each edge, off the image, and on the .5 that rounds to even
+    cx = np.concatenate([rng.uniform(-30, 200, 200), [48.5, 49.5, 85.0]])
+    cy = np.concatenate([rng.uniform(-30, 160, 200), [48.5, 49.5, 65.0]])
+    got = crops_around(img, cx, cy, 96)
+    assert got.shape == (203, 96, 96, 3)
+    for i in range(len(cx)):
+        np.testing.assert_array_equal(got[i], crop_around(img, cx[i], cy[i], 96)[0])
+    assert crops_around(img, cx[:0], cy[:0], 96).shape == (0, 96, 96, 3)
+    assert crops_around(img[:50], cx[:5], cy[:5], 96).shape == (5, 96, 96, 3)  # all padded
 
 BCCD = SHARED_DATA / "bccd"
 needs_bccd = pytest.mark.skipif(not BCCD.exists(), reason="BCCD data not present")
@@ -193,3 +207,21 @@ def test_threshold_from_counts_equals_otsu_over_every_score():
             shift = np.array([rng.integers(-120, 60), 0, rng.integers(-60, 120)])
             samples = [np.clip(s.astype(int) + shift, 0, 255).astype(np.uint8) for s in samples]
         assert estimate_threshold(samples, cfg) == over_every_pixel(samples, cfg)
+
+
+def test_synthetic_aspirate_cells_are_found_once_each():
+    """The benchmarks' aspirate field (45 nucleated cells per megapixel, lobed nuclei among them,
+    red cells over 45 % of it): every drawn nucleus is one nucleated detection, platelets are
+    platelets."""
+    from engine.slides.synthetic import aspirate_block
+
+    cfg = CellDetectionConfig()
+    for seed in (0, 1):
+        img, centres = aspirate_block(seed, side=1024)
+        assert 35 <= len(centres) <= 50
+        det = detect_cells(img, 0.25, estimate_threshold([img], cfg), cfg)
+        cell = det.kind == KIND_CELL
+        boxes = [(x - 8, y - 8, x + 8, y + 8) for x, y in centres]  # within 2 µm of the centre
+        matched, missed, extra = match_centroids(det.x[cell], det.y[cell], boxes)
+        assert matched == len(centres) and not missed and not extra, (seed, missed, extra)
+        assert (det.kind == KIND_PLATELET).sum() > 5

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from engine.classes import DEEPHEME_CODES
-from engine.cells import KIND_CELL, crop_around, detect_cells, estimate_threshold, owned_by_tile
+from engine.cells import KIND_CELL, crops_around, detect_cells, estimate_threshold, owned_by_tile
 from engine.cellularity import AreaRules, calibrate, tile_area_counts
 from engine.config import Config
 from engine.errors import MissingMPP, SlideError
@@ -364,66 +364,69 @@ class DetectCells:
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
-        rows: list[dict] = []
-        crops: list[np.ndarray] = []
+        parts: list[dict] = []  # per task: its columns (arrays of its rows) and crops
         carried = [k for k in batch if k.startswith(METRIC_PREFIXES)]  # earlier stages' times
         for i in range(len(batch["task"])):
             t = {k: batch[k][i] for k in batch}
-            first = len(rows)
-            self._task(t, rows, crops)
-            for r in rows[first:]:
-                r["n_tasks"] = int(t.get("n_tasks", 0))
+            part = self._task(t)
+            n = len(part["task"])
+            part["n_tasks"] = np.full(n, int(t.get("n_tasks", 0)), np.int64)
             # the task's header and busy times go on its first row only, so sums stay right
-            rows[first].update(header=t.get("header", ""), **{k: t[k] for k in carried})
-        out = {k: np.asarray([r.get(k, "" if k == "header" else 0) for r in rows])
+            part["header"] = np.asarray([str(t.get("header", ""))] + [""] * (n - 1))
+            for k in carried:
+                part[k] = np.zeros(n, np.asarray(t[k]).dtype)
+                part[k][0] = t[k]
+            parts.append(part)
+        out = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0)
                for k in (*_CELL_COLUMNS, *carried)}
-        out["crop"] = np.stack(crops) if crops else np.zeros((0, CROP_PX, CROP_PX, 3), np.uint8)
+        out["crop"] = np.concatenate([p["crop"] for p in parts]) if parts else \
+            np.zeros((0, CROP_PX, CROP_PX, 3), np.uint8)
         self.readers.release_unused()
         return stamp(out, "detect", t0, self._ready)
 
-    def _task(self, t: dict, rows: list[dict], crops: list[np.ndarray]) -> None:
-        """Append one task's rows and crops (at least one row)."""
-        blank = np.zeros((CROP_PX, CROP_PX, 3), np.uint8)
+    def _task(self, t: dict) -> dict:
+        """One task's cell columns and ``crop`` (at least one row: a marker without cells)."""
         if int(t["task"]) < 0:  # a slide without tasks: its header passes through
-            rows.append(self._marker(t, "none"))
-            crops.append(blank)
-            return
+            return self._marker(t, "none")
         try:
             reader = self.readers.get(str(t["uri"]))
             tile = read_tile(reader, t["level"], t["x"], t["y"], t["read_px"], t["tile_px"])
         except SlideError as err:
-            rows.append(self._marker(t, "error", type(err).__name__, str(err)))
-            crops.append(blank)
-            return
+            return self._marker(t, "error", type(err).__name__, str(err))
         det = detect_cells(tile, float(t["tile_mpp"]), float(t["threshold"]), self.cfg.cells)
         f = float(t["tile_mpp"]) / float(t["mpp0"])  # level-0 px per tile px
         cx, cy = t["x"] + det.x * f, t["y"] + det.y * f
         own = owned_by_tile(cx, cy, int(t["x"]), int(t["y"]), float(t["stride"]),
                             float(t["overlap"]), (int(t["grid_nx"]), int(t["grid_ny"])))
         idx = np.flatnonzero(own)
-        if not len(idx):
-            rows.append(self._marker(t, "none"))
-            crops.append(blank)
-            return
+        n = len(idx)
+        if not n:
+            return self._marker(t, "none")
         half = CROP_PX / 2 * f
-        for j in idx:
-            crop, _ = crop_around(tile, det.x[j], det.y[j], CROP_PX)
-            at_edge = bool(cx[j] - half < 0 or cy[j] - half < 0 or
-                           cx[j] + half > t["width"] or cy[j] + half > t["height"])
-            rows.append({"slide_id": t["slide_id"], "task": t["task"], "n_in_task": len(idx),
-                         "x": cx[j], "y": cy[j], "x0": t["x"] + det.x0[j] * f,
-                         "y0": t["y"] + det.y0[j] * f, "x1": t["x"] + det.x1[j] * f,
-                         "y1": t["y"] + det.y1[j] * f, "area_um2": det.area_um2[j],
-                         "kind": det.kind[j], "at_edge": at_edge, "error_type": "",
-                         "error_message": ""})
-            crops.append(crop)
+        cx, cy = cx[idx], cy[idx]
+        return {"slide_id": np.full(n, str(t["slide_id"])),
+                "task": np.full(n, int(t["task"]), np.int64),
+                "n_in_task": np.full(n, n, np.int64), "x": cx, "y": cy,
+                "x0": t["x"] + det.x0[idx] * f, "y0": t["y"] + det.y0[idx] * f,
+                "x1": t["x"] + det.x1[idx] * f, "y1": t["y"] + det.y1[idx] * f,
+                "area_um2": det.area_um2[idx].astype(np.float32),
+                "kind": det.kind[idx].astype(str),
+                "at_edge": (cx - half < 0) | (cy - half < 0) | (cx + half > t["width"]) |
+                           (cy + half > t["height"]),
+                "error_type": np.full(n, ""), "error_message": np.full(n, ""),
+                "crop": crops_around(tile, det.x[idx], det.y[idx], CROP_PX)}
 
     @staticmethod
     def _marker(t: dict, kind: str, error_type: str = "", message: str = "") -> dict:
-        return {"slide_id": t["slide_id"], "task": t["task"], "n_in_task": 0, "x": 0.0,
-                "y": 0.0, "x0": 0.0, "y0": 0.0, "x1": 0.0, "y1": 0.0, "area_um2": 0.0,
-                "kind": kind, "at_edge": False, "error_type": error_type,
-                "error_message": message}
+        """The one row of a task without cells (``kind`` ``none`` or ``error``), blank crop."""
+        zero = np.zeros(1)
+        return {"slide_id": np.asarray([str(t["slide_id"])]),
+                "task": np.asarray([int(t["task"])], np.int64),
+                "n_in_task": np.zeros(1, np.int64), "x": zero, "y": zero, "x0": zero,
+                "y0": zero, "x1": zero, "y1": zero, "area_um2": np.zeros(1, np.float32),
+                "kind": np.asarray([kind]), "at_edge": np.zeros(1, bool),
+                "error_type": np.asarray([error_type]), "error_message": np.asarray([message]),
+                "crop": np.zeros((1, CROP_PX, CROP_PX, 3), np.uint8)}
 
 
 class ClassifyCells:

@@ -48,6 +48,37 @@ def test_plan_detect_classify_on_the_smear(smear):
     assert "crop" not in scored and (scored["class_code"][real] != "").all()
 
 
+def test_detect_marks_a_vanished_slide_and_keeps_metrics_on_first_rows(tmp_path):
+    """Every task gives rows: its cells, or one marker (``none``, or ``error`` with the reason);
+    earlier stages' busy times and the header sit on each task's first row only."""
+    from engine.slides.synthetic import aspirate_block
+    from engine.slides.writer import write_pyramid_tiff
+
+    path = tmp_path / "aspirate.tif"
+    write_pyramid_tiff(aspirate_block(0, side=1024)[0], str(path), 0.25)
+    cfg = Config.from_dict({"pipeline": {"stages": ["cells"]}})
+    row = PlanSlide(cfg)({"uri": str(path), "size": path.stat().st_size, "etag": None})
+    tasks = cell_tasks(row["slide_id"], str(path), json.loads(row["plan"]))
+    gone = tmp_path / "gone.tif"
+    gone.write_bytes(path.read_bytes())
+    rows = [tasks[0], {**tasks[0], "uri": str(gone), "task": 7}, {**tasks[0], "task": -1}]
+    batch = _batch([{**r, "_t_plan_cells": 0.25, "header": f"h{i}"} for i, r in enumerate(rows)])
+    step = DetectCells(cfg)
+    gone.unlink()  # after planning: the file vanished between plan and read
+    out = step(batch)
+    first = out["task"] == tasks[0]["task"]
+    n = int(first.sum())
+    assert n > 20 and (out["kind"][first] == "nucleated").sum() > 20
+    assert (out["n_in_task"][first] == n).all() and out["crop"].shape == (n + 2, 96, 96, 3)
+    assert list(out["kind"][n:]) == ["error", "none"]
+    assert out["error_type"][n] == "SlideNotFound" and str(gone) in out["error_message"][n]
+    assert (out["crop"][n:] == 0).all() and (out["n_in_task"][n:] == 0).all()
+    starts = [0, n, n + 1]
+    assert list(out["header"][starts]) == ["h0", "h1", "h2"]
+    assert (out["_t_plan_cells"][starts] == 0.25).all()
+    assert (out["header"][1:n] == "").all() and (out["_t_plan_cells"][1:n] == 0).all()
+    assert out["area_um2"].dtype == np.float32 and out["at_edge"].dtype == bool
+
 def test_plan_refuses_missing_mpp_and_marks_bad_files(wsi_dir):
     cfg = Config()
     for name, err in (("histolab/tcga-cr-7395-01a-01-ts1.svs", "MissingMPP"),

@@ -35,3 +35,17 @@ def test_discs_equal_whole_frame_union():
         ref |= (yy - y) ** 2 + (xx - x) ** 2 <= rr * rr
     assert ref.any() and np.array_equal(_discs(side, cy, cx, r), ref)
     assert not _discs(side, cy[:0], cx[:0], r[:0]).any()
+
+
+def test_aspirate_cells_stay_inside_the_block_at_its_density():
+    """Blocks are tiled into larger slides: a cell cut by a block's edge would be two half-cells
+    there. The density is what the benchmarks claim (45 per megapixel)."""
+    from engine.slides.synthetic import aspirate_block
+
+    img, centres = aspirate_block(3, side=1536)
+    assert img.shape == (1536, 1536, 3) and img.dtype == np.uint8
+    assert len(centres) == round(45 * 1536 * 1536 / 1e6)
+    assert (centres >= 5 * 4).all() and (centres <= 1536 - 5 * 4).all()  # 5 µm at 0.25 µm/px
+    edge = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3),
+                           img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3)]).astype(int)
+    assert (edge[:, 2] - edge[:, 0] < 25).all()  # no nucleus-stained pixel on the edge
