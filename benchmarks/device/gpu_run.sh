@@ -46,10 +46,13 @@ EOF
 gpu=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
 if [ "${SMALL:-0}" = 1 ]; then
   tiles="--slides 4 --size 4096 --encoder dinov2-tiny --batch 32"
-  cells="--slides 2 --size 4096 --classifier deepheme-tiny --batch 32"
+  cells="--kind aspirate --slides 2 --size 4096 --classifier deepheme-tiny --batch 32"
 else
   tiles="--slides 512 --size 24000 --encoder dinov2-vits14 --batch 256"  # ~100k tiles: the steady rate shows past the start-up
-  cells="--slides 4 --size 40000 --classifier deepheme-resnext50 --batch 256"
+  # a marrow aspirate's density (45 nucleated cells and 9 platelets per megapixel: ~700k crops
+  # over 8 slides, so the steady rate shows past the start-up), what DeepHeme reads; the
+  # blood-film smear (8 per megapixel) asks 5x the pixels per cell
+  cells="--kind aspirate --slides 8 --size 40000 --classifier deepheme-resnext50 --batch 256"
 fi
 
 step() {  # name, time limit in seconds, command...
