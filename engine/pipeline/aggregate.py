@@ -15,12 +15,14 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 import engine
 from engine.cellularity import slide_cellularity
 from engine.differential import compute_differential
 from engine.pipeline.commit import OutputStore
-from engine.report.geojson import cells_to_geojson
+from engine.report.geojson import cells_geojson_text
+from engine.schema import CELLS
 
 
 def utcnow() -> dt.datetime:
@@ -35,7 +37,8 @@ class BranchState:
     header: dict | None = None       # from the row that carries it
     received: collections.Counter = field(default_factory=collections.Counter)  # task -> rows
     done: set = field(default_factory=set)
-    rows: list[dict] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)   # tiles: one dict per tile
+    chunks: list[dict] = field(default_factory=list)  # cells: column arrays, a batch's slice each
     finished: bool = False
 
     def complete(self) -> bool:
@@ -57,15 +60,6 @@ class SlideState:
     def fail(self, error_type: str, message: str) -> None:
         if self.error is None:
             self.error = (error_type, message)
-
-
-def _ood_fields(batch: dict, i: int) -> dict:
-    """A cell's distance to the classifier's training data and its flag (None, None when the
-    checkpoint carries no feature density)."""
-    d = float(batch["ood_distance"][i]) if "ood_distance" in batch else float("nan")
-    if np.isnan(d):
-        return {"ood_distance": None, "out_of_distribution": None}
-    return {"ood_distance": d, "out_of_distribution": bool(batch["out_of_distribution"][i])}
 
 
 class Aggregator:
@@ -109,46 +103,63 @@ class Aggregator:
         return state, br
 
     def add_cells(self, batch: dict) -> None:
-        self._intake("cells", batch, self._cell_row)
+        """A cells batch, by columns: cell rows go to their slide as slices of the batch's
+        arrays, so the driver touches each cell in C, not in Python (a GPU node classifies
+        some 40k cells/s, and one dict per cell held the driver to about 15k)."""
+        with self._lock:
+            sids, first = np.unique(batch["slide_id"], return_index=True)
+            touched = {}
+            for sid in sids[np.argsort(first)]:  # slides in the order they appear
+                rows = np.flatnonzero(batch["slide_id"] == sid)
+                for i in rows[batch["header"][rows] != ""]:  # the rows that carry the header
+                    self._branch(str(sid), "cells", batch["n_tasks"][i], batch["header"][i])
+                state, br = self._branch(str(sid), "cells", batch["n_tasks"][rows[-1]], "")
+                touched[str(sid)] = state
+                self._take_cells(batch, rows[batch["task"][rows] >= 0], state, br)
+            for state in touched.values():
+                self._progress(state)
 
     def add_tiles(self, batch: dict) -> None:
-        self._intake("tiles", batch, self._tile_row)
-
-    def _intake(self, branch: str, batch: dict, take) -> None:
-        """Route each row of a branch's batch to its slide (``take`` handles task rows; rows of
-        slides without tasks only bring the header), then commit what is complete."""
         with self._lock:
             touched = {}
             for i in range(len(batch["task"])):
                 sid = str(batch["slide_id"][i])
-                state, br = self._branch(sid, branch, batch["n_tasks"][i], batch["header"][i])
+                state, br = self._branch(sid, "tiles", batch["n_tasks"][i], batch["header"][i])
                 touched[sid] = state
                 if int(batch["task"][i]) >= 0:
-                    take(batch, i, state, br)
+                    self._tile_row(batch, i, state, br)
             for state in touched.values():
                 self._progress(state)
 
     @staticmethod
-    def _cell_row(batch: dict, i: int, state: SlideState, br: BranchState) -> None:
-        task, kind = int(batch["task"][i]), str(batch["kind"][i])
-        if kind == "error":
+    def _take_cells(batch: dict, rows: np.ndarray, state: SlideState, br: BranchState) -> None:
+        """One slide's task rows of a batch: markers (``none``, ``error``) finish their task;
+        cells are kept as columns and finish it once all ``n_in_task`` of them are in."""
+        kind = batch["kind"][rows]
+        for i in rows[kind == "error"]:
             state.fail(str(batch["error_type"][i]), str(batch["error_message"][i]))
-        if kind in ("error", "none"):
-            br.done.add(task)
+        marker = (kind == "error") | (kind == "none")
+        br.done.update(int(t) for t in batch["task"][rows[marker]])
+        cells = rows[~marker]
+        if not len(cells):
             return
-        br.rows.append({
-            "x": float(batch["x"][i]), "y": float(batch["y"][i]),
-            "x0": float(batch["x0"][i]), "y0": float(batch["y0"][i]),
-            "x1": float(batch["x1"][i]), "y1": float(batch["y1"][i]),
-            "area_um2": float(batch["area_um2"][i]), "kind": kind,
-            "at_edge": bool(batch["at_edge"][i]),
-            "class_code": str(batch["class_code"][i]),
-            "class_prob": float(batch["class_prob"][i]),
-            "probabilities": batch["probabilities"][i].astype(np.float32).tolist(),
-            **_ood_fields(batch, i)})
-        br.received[task] += 1
-        if br.received[task] >= int(batch["n_in_task"][i]):
-            br.done.add(task)
+        n = len(cells)
+        dist = batch["ood_distance"][cells].astype(np.float32) if "ood_distance" in batch \
+            else np.full(n, np.nan, np.float32)
+        chunk = {k: batch[k][cells] for k in ("x", "y", "x0", "y0", "x1", "y1", "area_um2",
+                                               "kind", "at_edge", "class_code", "class_prob",
+                                               "probabilities")}
+        chunk["ood_distance"] = dist
+        chunk["out_of_distribution"] = batch["out_of_distribution"][cells].astype(bool) \
+            if "out_of_distribution" in batch else np.zeros(n, bool)
+        br.chunks.append(chunk)
+        tasks, first, counts = np.unique(batch["task"][cells], return_index=True,
+                                         return_counts=True)
+        need = batch["n_in_task"][cells[first]]
+        for t, c, k in zip(tasks.tolist(), counts.tolist(), need.tolist()):
+            br.received[t] += c
+            if br.received[t] >= k:
+                br.done.add(t)
 
     @staticmethod
     def _tile_row(batch: dict, i: int, state: SlideState, br: BranchState) -> None:
@@ -177,17 +188,23 @@ class Aggregator:
                     state, br)
                 self.store.write_tables(state.slide_id, tables, geo)
                 state.written = True
-            br.rows = []
+            br.rows, br.chunks = [], []
         if all(br.finished for br in state.branches.values()):
             self._commit(state)
 
-    def _cell_tables(self, state: SlideState, br: BranchState) -> tuple[dict, dict]:
+    def _cell_tables(self, state: SlideState, br: BranchState) -> tuple[dict, str]:
         sid = state.slide_id
-        cells = sorted(br.rows, key=lambda c: (c["y"], c["x"]))
-        for i, c in enumerate(cells):
-            c.update(slide_id=sid, cell_id=i, model_codes=list(self.model_codes))
-        state.n_cells = len(cells)
-        differential = self._differential(sid, cells)
+        cols = {k: np.concatenate([c[k] for c in br.chunks]) for k in br.chunks[0]} \
+            if br.chunks else None
+        n = len(cols["x"]) if cols else 0
+        if cols:  # raster order (y, then x; ties in arrival order)
+            order = np.lexsort((cols["x"], cols["y"]))
+            cols = {k: v[order] for k, v in cols.items()}
+        state.n_cells = n
+        known = cols is not None and ~np.isnan(cols["ood_distance"])
+        ood = [bool(f) if k else None for f, k in zip(cols["out_of_distribution"], known)] \
+            if cols else []
+        differential = self._differential(sid, cols["class_code"].tolist() if cols else [], ood)
         d = differential[0] if differential else {}
         if d.get("out_of_distribution"):
             state.warnings["out_of_distribution"] = (
@@ -196,7 +213,13 @@ class Aggregator:
         if d.get("low_count"):
             state.warnings["low_count"] = (f"{d['n_nucleated']} nucleated cells "
                                            f"(< {self.min_nucleated})")
-        return {"cells": cells, "differentials": differential}, cells_to_geojson(cells)
+        if not cols:
+            return {"cells": [], "differentials": differential}, cells_geojson_text(
+                [], [], [], [], [], [], [])
+        table = cells_table(sid, cols, self.model_codes)
+        geo = cells_geojson_text(range(n), cols["x0"], cols["y0"], cols["x1"], cols["y1"],
+                                 cols["class_code"], cols["class_prob"], cols["ood_distance"])
+        return {"cells": table, "differentials": differential}, geo
 
     def _tile_tables(self, state: SlideState, br: BranchState) -> tuple[dict, None]:
         sid = state.slide_id
@@ -254,10 +277,9 @@ class Aggregator:
                      f"cell type); review them before trusting its differential: python -m "
                      f"jobs.cell_gallery --output {self.store.root} --slide {sid} --order far")
 
-    def _differential(self, sid: str, cells: list[dict]) -> list[dict]:
-        d = compute_differential([c["class_code"] for c in cells], self.model_codes,
-                                 self.min_nucleated,
-                                 [c["out_of_distribution"] for c in cells], self.max_ood_percent)
+    def _differential(self, sid: str, codes: list[str], ood: list) -> list[dict]:
+        d = compute_differential(codes, self.model_codes, self.min_nucleated, ood,
+                                 self.max_ood_percent)
         lo, hi = d.blast_ci if d.blast_ci else (None, None)
         return [{"slide_id": sid, "level": r["level"], "class_code": r["code"],
                  "lineage": r["lineage"], "nucleated": r["nucleated"], "count": r["count"],
@@ -267,3 +289,28 @@ class Aggregator:
                  "low_count": d.low_count, "codes_not_covered": list(d.not_covered),
                  "ood_percent": d.ood_percent, "out_of_distribution": d.out_of_distribution}
                 for r in d.rows]
+
+
+def cells_table(slide_id: str, cols: dict, model_codes: tuple[str, ...]) -> pa.Table:
+    """A slide's cells (columns in raster order) as the ``cells`` table; ``cell_id`` is the
+    raster rank, an unknown distance (NaN) is null and so is its flag."""
+    n = len(cols["x"])
+    probs = np.ascontiguousarray(cols["probabilities"], np.float32)
+    k, m = probs.shape[1], len(model_codes)
+    unknown = np.isnan(cols["ood_distance"])
+    columns = {
+        "slide_id": pa.array(np.full(n, slide_id)), "cell_id": pa.array(np.arange(n)),
+        **{c: pa.array(cols[c], pa.float64()) for c in ("x", "y", "x0", "y0", "x1", "y1")},
+        "area_um2": pa.array(cols["area_um2"], pa.float32()),
+        "kind": pa.array(cols["kind"].astype(str)), "at_edge": pa.array(cols["at_edge"], pa.bool_()),
+        "class_code": pa.array(cols["class_code"].astype(str)),
+        "class_prob": pa.array(cols["class_prob"], pa.float32()),
+        "probabilities": pa.ListArray.from_arrays(
+            pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), pa.array(probs.ravel())),
+        "model_codes": pa.ListArray.from_arrays(
+            pa.array(np.arange(0, n * m + 1, m, dtype=np.int32)),
+            pa.array(list(model_codes), pa.string()).take(np.tile(np.arange(m), n))),
+        "ood_distance": pa.array(cols["ood_distance"], pa.float32(), mask=unknown),
+        "out_of_distribution": pa.array(cols["out_of_distribution"], pa.bool_(), mask=unknown),
+    }
+    return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in CELLS], schema=CELLS)

@@ -86,11 +86,13 @@ class OutputStore:
         t = rows if isinstance(rows, pa.Table) else table_from_rows(rows, TABLES[table])
         write_parquet(t, self.uri(table, f"{slide_id}.parquet"), self.storage)
 
-    def write_json(self, folder: str, name: str, doc: dict) -> None:
-        write_bytes(self.uri(folder, name), json.dumps(doc).encode(), self.storage)
+    def write_json(self, folder: str, name: str, doc: dict | str) -> None:
+        """``doc``: a JSON-able object, or JSON text already."""
+        text = doc if isinstance(doc, str) else json.dumps(doc)
+        write_bytes(self.uri(folder, name), text.encode(), self.storage)
 
     def write_tables(self, slide_id: str, tables: dict[str, list[dict] | pa.Table],
-                     geojson: dict | None = None) -> None:
+                     geojson: dict | str | None = None) -> None:
         """Write some of a slide's tables; they count only once the slide commits."""
         for table in DATA_TABLES:
             if table in tables:
@@ -107,7 +109,7 @@ class OutputStore:
                 self.fs.rm(path)
 
     def commit(self, slide_id: str, tables: dict[str, list[dict] | pa.Table],
-               status_row: dict, geojson: dict | None = None) -> None:
+               status_row: dict, geojson: dict | str | None = None) -> None:
         """Write a slide's tables, then its status row last (the commit)."""
         self.write_tables(slide_id, tables, geojson)
         self.write_table(STATUS_TABLE, slide_id, [status_row])

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
+
 from engine.classes import get_class
 
 # One colour per lineage; stages inside a lineage share it (QuPath shows names on hover).
@@ -12,26 +16,48 @@ LINEAGE_COLOURS = {"erythroid": (200, 30, 45), "granulocytic": (30, 110, 220),
                    "other": (128, 128, 128)}
 
 
+def _classification(code: str) -> str:
+    cls = get_class(code)
+    return json.dumps({"name": f"{cls.code} {cls.name}",
+                       "color": list(LINEAGE_COLOURS[cls.lineage])})
+
+
+def _id(v) -> str:
+    return f'"{v}"' if isinstance(v, int) else json.dumps(str(v))
+
+
+def cells_geojson_text(cell_id, x0, y0, x1, y1, class_code, class_prob,
+                       ood_distance=None) -> str:
+    """The cells' FeatureCollection as JSON text, from columns (one value per cell; boxes in
+    level-0 pixels; ``ood_distance`` NaN or None where unknown). The same text as
+    ``json.dumps(cells_to_geojson(...))``, written from a template: a slide of 100k cells would
+    otherwise build 100k nested dicts on the driver, at several times the cost."""
+    classes: dict[str, str] = {}
+    ood = [None] * len(cell_id) if ood_distance is None else \
+        [None if v is None or v != v else float(v) for v in np.asarray(ood_distance, object)]
+    # each coordinate's text once (json.dumps writes floats as repr does)
+    xs0, ys0, xs1, ys1 = (list(map(repr, np.asarray(v, np.float64).tolist()))
+                          for v in (x0, y0, x1, y1))
+    parts = []
+    for i, a, b, c, d, code, p, od in zip(cell_id, xs0, ys0, xs1, ys1, class_code,
+                                          np.asarray(class_prob, np.float64).tolist(), ood):
+        code = str(code)
+        if code not in classes:
+            classes[code] = _classification(code)
+        extra = "" if od is None else f', "ood_distance": {od!r}'
+        parts.append(
+            f'{{"type": "Feature", "id": {_id(i)}, "geometry": {{"type": "Polygon", '
+            f'"coordinates": [[[{a}, {b}], [{c}, {b}], [{c}, {d}], [{a}, {d}], [{a}, {b}]]]}}, '
+            f'"properties": {{"objectType": "detection", "classification": {classes[code]}, '
+            f'"measurements": {{"class_prob": {p!r}{extra}}}, "isLocked": true}}}}')
+    return '{"type": "FeatureCollection", "features": [' + ", ".join(parts) + "]}"
+
+
 def cells_to_geojson(cells: list[dict]) -> dict:
     """Cells (dicts with ``cell_id``, ``x0``, ``y0``, ``x1``, ``y1`` in level-0 pixels,
-    ``class_code`` and ``class_prob``) -> a GeoJSON FeatureCollection dict."""
-    features = []
-    for c in cells:
-        x0, y0, x1, y1 = (float(c[k]) for k in ("x0", "y0", "x1", "y1"))
-        cls = get_class(c["class_code"])
-        features.append({
-            "type": "Feature",
-            "id": str(c["cell_id"]),
-            "geometry": {"type": "Polygon",
-                         "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
-            "properties": {
-                "objectType": "detection",
-                "classification": {"name": f"{cls.code} {cls.name}",
-                                   "color": list(LINEAGE_COLOURS[cls.lineage])},
-                "measurements": {"class_prob": float(c["class_prob"]),
-                                 **({"ood_distance": float(c["ood_distance"])}
-                                    if c.get("ood_distance") is not None else {})},
-                "isLocked": True,
-            },
-        })
-    return {"type": "FeatureCollection", "features": features}
+    ``class_code``, ``class_prob`` and optionally ``ood_distance``) -> a GeoJSON
+    FeatureCollection dict."""
+    cols = {k: [c[k] for c in cells] for k in ("cell_id", "x0", "y0", "x1", "y1", "class_code",
+                                                "class_prob")}
+    return json.loads(cells_geojson_text(**cols, ood_distance=[c.get("ood_distance")
+                                                               for c in cells]))

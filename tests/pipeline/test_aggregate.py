@@ -168,3 +168,56 @@ def test_cell_distances_reach_the_tables_and_flag_the_slide(tmp_path):
     assert pl.read_parquet(tmp_path / "out" / "cells" / "s2.parquet")["ood_distance"].null_count() == 1
     assert pl.read_parquet(tmp_path / "out" / "differentials" / "s2.parquet")[
         "out_of_distribution"].null_count() > 0
+
+
+def test_cells_arrive_as_columns_in_any_split_and_leave_in_raster_order(tmp_path):
+    """Two slides interleaved in batches, a task's cells split across batches, markers, and an
+    unknown distance (NaN) among known ones: each slide's table holds its cells once, sorted by
+    (y, x), numbered in that order, with nulls for the unknown; its GeoJSON holds the same."""
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    agg = Aggregator(store, "hash", ["cells"], [], CODES, 1, ("cells",), log=lambda *_: None)
+    rng = np.random.default_rng(0)
+    a = _cells("a", [0, 0, 0, 1, 1], 3, _header("a"))
+    a["n_in_task"] = np.array([3, 3, 3, 2, 2])
+    a["x"], a["y"] = rng.uniform(0, 100, 5), np.array([50.0, 10.0, 10.0, 70.0, 5.0])
+    a["probabilities"] = rng.dirichlet([1, 1], 5)
+    a["ood_distance"] = np.array([1.0, np.nan, 3.0, 4.0, 5.0], np.float32)
+    a["out_of_distribution"] = np.array([False, False, True, True, False])
+    a["kind"][2] = "platelet"
+    b = _cells("b", [0], 1, _header("b"))
+    b["kind"][0] = "none"  # b's only tile has no cell
+    b.update(ood_distance=np.full(1, np.nan, np.float32), out_of_distribution=np.zeros(1, bool))
+    marker = {k: v[:1].copy() for k, v in a.items()}  # a's task 2: no cell
+    marker.update(task=np.array([2]), kind=np.array(["none"]), header=np.array([""]))
+
+    def rows(d, sel):
+        return {k: v[sel] for k, v in d.items()}
+
+    both = {k: np.concatenate([rows(a, [0, 3])[k], b[k]]) for k in a}  # a's first rows and b
+    agg.add_cells(both)
+    assert not (tmp_path / "out" / "cells" / "a.parquet").exists()  # a is not complete yet
+    empty = pl.read_parquet(tmp_path / "out" / "cells" / "b.parquet")
+    geo_b = json.loads((tmp_path / "out" / "geojson" / "b.geojson").read_text())
+    assert len(empty) == 0 and geo_b == {"type": "FeatureCollection", "features": []}
+    agg.add_cells(rows(a, [1, 2, 4]))
+    agg.add_cells(marker)
+    got = pl.read_parquet(tmp_path / "out" / "cells" / "a.parquet")
+    order = np.lexsort((a["x"], a["y"]))
+    assert got["cell_id"].to_list() == list(range(5))
+    assert got["y"].to_list() == a["y"][order].tolist()
+    assert got["x"].to_list() == a["x"][order].tolist()
+    np.testing.assert_allclose(np.stack(got["probabilities"].to_list()),
+                               a["probabilities"][order], rtol=1e-6)
+    assert got["model_codes"].to_list() == [list(CODES)] * 5
+    assert got["kind"].to_list() == a["kind"][order].tolist()
+    unknown = np.isnan(a["ood_distance"][order])
+    assert got["ood_distance"].is_null().to_list() == unknown.tolist()
+    assert got["out_of_distribution"].to_list() == [
+        None if u else bool(f) for u, f in zip(unknown, a["out_of_distribution"][order])]
+    geo = json.loads((tmp_path / "out" / "geojson" / "a.geojson").read_text())
+    assert [f["id"] for f in geo["features"]] == [str(i) for i in range(5)]
+    for f, x0, y0 in zip(geo["features"], got["x0"], got["y0"]):
+        assert f["geometry"]["coordinates"][0][0] == [x0, y0]
+    assert ["ood_distance" in f["properties"]["measurements"] for f in geo["features"]] == \
+        (~unknown).tolist()
+    assert [s["status"] for s in agg.summary] == ["ok", "ok"]
