@@ -22,7 +22,7 @@ from engine.cellularity import slide_cellularity
 from engine.differential import compute_differential
 from engine.pipeline.commit import OutputStore
 from engine.report.geojson import cells_geojson_text
-from engine.schema import CELLS
+from engine.schema import CELLS, TILES
 
 
 def utcnow() -> dt.datetime:
@@ -37,8 +37,7 @@ class BranchState:
     header: dict | None = None       # from the row that carries it
     received: collections.Counter = field(default_factory=collections.Counter)  # task -> rows
     done: set = field(default_factory=set)
-    rows: list[dict] = field(default_factory=list)   # tiles: one dict per tile
-    chunks: list[dict] = field(default_factory=list)  # cells: column arrays, a batch's slice each
+    chunks: list[dict] = field(default_factory=list)  # column arrays, a batch's slice each
     finished: bool = False
 
     def complete(self) -> bool:
@@ -103,31 +102,27 @@ class Aggregator:
         return state, br
 
     def add_cells(self, batch: dict) -> None:
-        """A cells batch, by columns: cell rows go to their slide as slices of the batch's
-        arrays, so the driver touches each cell in C, not in Python (a GPU node classifies
-        some 40k cells/s, and one dict per cell held the driver to about 15k)."""
+        self._intake("cells", batch, self._take_cells)
+
+    def add_tiles(self, batch: dict) -> None:
+        self._intake("tiles", batch, self._take_tiles)
+
+    def _intake(self, branch: str, batch: dict, take) -> None:
+        """Route a branch's batch to its slides by columns: each slide's task rows go to
+        ``take`` as slices of the batch's arrays (rows of slides without tasks only bring the
+        header), then commit what is complete. The driver touches each cell or tile in C, not
+        in Python: a GPU node classifies some 40k cells/s or encodes 12k tiles/s, and a dict
+        per row held this driver to about 15k and 12k."""
         with self._lock:
             sids, first = np.unique(batch["slide_id"], return_index=True)
             touched = {}
             for sid in sids[np.argsort(first)]:  # slides in the order they appear
                 rows = np.flatnonzero(batch["slide_id"] == sid)
                 for i in rows[batch["header"][rows] != ""]:  # the rows that carry the header
-                    self._branch(str(sid), "cells", batch["n_tasks"][i], batch["header"][i])
-                state, br = self._branch(str(sid), "cells", batch["n_tasks"][rows[-1]], "")
+                    self._branch(str(sid), branch, batch["n_tasks"][i], batch["header"][i])
+                state, br = self._branch(str(sid), branch, batch["n_tasks"][rows[-1]], "")
                 touched[str(sid)] = state
-                self._take_cells(batch, rows[batch["task"][rows] >= 0], state, br)
-            for state in touched.values():
-                self._progress(state)
-
-    def add_tiles(self, batch: dict) -> None:
-        with self._lock:
-            touched = {}
-            for i in range(len(batch["task"])):
-                sid = str(batch["slide_id"][i])
-                state, br = self._branch(sid, "tiles", batch["n_tasks"][i], batch["header"][i])
-                touched[sid] = state
-                if int(batch["task"][i]) >= 0:
-                    self._tile_row(batch, i, state, br)
+                take(batch, rows[batch["task"][rows] >= 0], state, br)
             for state in touched.values():
                 self._progress(state)
 
@@ -162,20 +157,17 @@ class Aggregator:
                 br.done.add(t)
 
     @staticmethod
-    def _tile_row(batch: dict, i: int, state: SlideState, br: BranchState) -> None:
-        err = str(batch["error_type"][i])
-        if err:
-            state.fail(err, str(batch["error_message"][i]))
-        px = int(batch["tile_px"][i]) ** 2
-        br.rows.append({
-            "x": int(batch["x"][i]), "y": int(batch["y"][i]),
-            "mpp": float(batch["tile_mpp"][i]), "tile_px": int(batch["tile_px"][i]),
-            "tissue_fraction": float(batch["tissue_fraction"][i]),
-            "nuclear_fraction": float(batch["cellular_px"][i]) / px,
-            "cellular_px": int(batch["cellular_px"][i]), "fat_px": int(batch["fat_px"][i]),
-            "embedding": batch["embedding"][i].astype(np.float32).tolist()
-            if "embedding" in batch else None})
-        br.done.add(int(batch["task"][i]))
+    def _take_tiles(batch: dict, rows: np.ndarray, state: SlideState, br: BranchState) -> None:
+        """One slide's tile rows of a batch, kept as columns; each finishes its task (an
+        unreadable tile fails the slide)."""
+        for i in rows[batch["error_type"][rows] != ""]:
+            state.fail(str(batch["error_type"][i]), str(batch["error_message"][i]))
+        if not len(rows):
+            return
+        keys = ("x", "y", "tile_mpp", "tile_px", "tissue_fraction", "cellular_px", "fat_px",
+                *(("embedding",) if "embedding" in batch else ()))
+        br.chunks.append({k: batch[k][rows] for k in keys})
+        br.done.update(batch["task"][rows].tolist())
 
     # ---- commit -------------------------------------------------------------------------
     def _progress(self, state: SlideState) -> None:
@@ -188,18 +180,14 @@ class Aggregator:
                     state, br)
                 self.store.write_tables(state.slide_id, tables, geo)
                 state.written = True
-            br.rows, br.chunks = [], []
+            br.chunks = []
         if all(br.finished for br in state.branches.values()):
             self._commit(state)
 
     def _cell_tables(self, state: SlideState, br: BranchState) -> tuple[dict, str]:
         sid = state.slide_id
-        cols = {k: np.concatenate([c[k] for c in br.chunks]) for k in br.chunks[0]} \
-            if br.chunks else None
+        cols = _raster_columns(br.chunks)
         n = len(cols["x"]) if cols else 0
-        if cols:  # raster order (y, then x; ties in arrival order)
-            order = np.lexsort((cols["x"], cols["y"]))
-            cols = {k: v[order] for k, v in cols.items()}
         state.n_cells = n
         known = cols is not None and ~np.isnan(cols["ood_distance"])
         ood = [bool(f) if k else None for f, k in zip(cols["out_of_distribution"], known)] \
@@ -223,24 +211,24 @@ class Aggregator:
 
     def _tile_tables(self, state: SlideState, br: BranchState) -> tuple[dict, None]:
         sid = state.slide_id
-        tiles = sorted(br.rows, key=lambda t: (t["y"], t["x"]))
-        value = slide_cellularity([t["cellular_px"] for t in tiles], [t["fat_px"] for t in tiles])
+        cols = _raster_columns(br.chunks)
+        n = len(cols["x"]) if cols else 0
+        value = slide_cellularity(cols["cellular_px"], cols["fat_px"]) if cols else None
         tables = {
-            "tiles": [{k: v for k, v in t.items() if k not in ("cellular_px", "fat_px")}
-                      | {"slide_id": sid} for t in tiles],
+            "tiles": tiles_table(sid, cols) if cols else [],
             "cellularity": [{"slide_id": sid, "method": "image_analysis",
                              "cellularity_mean": value, "cellularity_sd": None, "n_bags": None,
-                             "bag_size": None, "n_tiles": len(tiles)}]}
-        if self.mil is not None and tiles and tiles[0]["embedding"] is not None:
+                             "bag_size": None, "n_tiles": n}]}
+        if self.mil is not None and cols and "embedding" in cols:
             from engine.models.mil import predict_bags
 
-            emb = np.asarray([t["embedding"] for t in tiles], np.float32)
-            pred = predict_bags(self.mil, emb, *self.mil_bags)
+            pred = predict_bags(self.mil, np.asarray(cols["embedding"], np.float32),
+                                *self.mil_bags)
             tables["cellularity"].append({
                 "slide_id": sid, "method": "abmil",
                 "cellularity_mean": float(pred.mean[0]) * 100,
                 "cellularity_sd": float(pred.sd[0]) * 100, "n_bags": pred.n_bags,
-                "bag_size": pred.bag_size, "n_tiles": len(tiles)})
+                "bag_size": pred.bag_size, "n_tiles": n})
         return tables, None
 
     def _commit(self, state: SlideState) -> None:
@@ -291,12 +279,44 @@ class Aggregator:
                 for r in d.rows]
 
 
+def _raster_columns(chunks: list[dict]) -> dict | None:
+    """A slide's column chunks joined and put in raster order (y, then x; ties in arrival
+    order, as a stable sort of the rows gave); None without any."""
+    if not chunks:
+        return None
+    cols = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]
+            if all(k in c for c in chunks)}
+    order = np.lexsort((cols["x"], cols["y"]))
+    return {k: v[order] for k, v in cols.items()}
+
+
+def _lists(values: np.ndarray) -> pa.ListArray:
+    """``(n, k)`` float32 -> a list<float32> column of n lists of k."""
+    n, k = values.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
+                                    pa.array(np.ascontiguousarray(values, np.float32).ravel()))
+
+
+def tiles_table(slide_id: str, cols: dict) -> pa.Table:
+    """A slide's tiles (columns in raster order) as the ``tiles`` table."""
+    n = len(cols["x"])
+    px = cols["tile_px"].astype(np.float64) ** 2
+    columns = {"slide_id": pa.array(np.full(n, slide_id)), "x": pa.array(cols["x"], pa.int64()),
+               "y": pa.array(cols["y"], pa.int64()), "mpp": pa.array(cols["tile_mpp"], pa.float64()),
+               "tile_px": pa.array(cols["tile_px"], pa.int32()),
+               "tissue_fraction": pa.array(cols["tissue_fraction"], pa.float64()),
+               "nuclear_fraction": pa.array(cols["cellular_px"].astype(np.float64) / px),
+               "embedding": _lists(cols["embedding"]) if "embedding" in cols else
+               pa.nulls(n, pa.list_(pa.float32()))}
+    return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in TILES], schema=TILES)
+
+
 def cells_table(slide_id: str, cols: dict, model_codes: tuple[str, ...]) -> pa.Table:
     """A slide's cells (columns in raster order) as the ``cells`` table; ``cell_id`` is the
     raster rank, an unknown distance (NaN) is null and so is its flag."""
     n = len(cols["x"])
-    probs = np.ascontiguousarray(cols["probabilities"], np.float32)
-    k, m = probs.shape[1], len(model_codes)
+    probs = np.asarray(cols["probabilities"], np.float32)
+    m = len(model_codes)
     unknown = np.isnan(cols["ood_distance"])
     columns = {
         "slide_id": pa.array(np.full(n, slide_id)), "cell_id": pa.array(np.arange(n)),
@@ -305,8 +325,7 @@ def cells_table(slide_id: str, cols: dict, model_codes: tuple[str, ...]) -> pa.T
         "kind": pa.array(cols["kind"].astype(str)), "at_edge": pa.array(cols["at_edge"], pa.bool_()),
         "class_code": pa.array(cols["class_code"].astype(str)),
         "class_prob": pa.array(cols["class_prob"], pa.float32()),
-        "probabilities": pa.ListArray.from_arrays(
-            pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), pa.array(probs.ravel())),
+        "probabilities": _lists(probs),
         "model_codes": pa.ListArray.from_arrays(
             pa.array(np.arange(0, n * m + 1, m, dtype=np.int32)),
             pa.array(list(model_codes), pa.string()).take(np.tile(np.arange(m), n))),

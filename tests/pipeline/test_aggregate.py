@@ -221,3 +221,22 @@ def test_cells_arrive_as_columns_in_any_split_and_leave_in_raster_order(tmp_path
     assert ["ood_distance" in f["properties"]["measurements"] for f in geo["features"]] == \
         (~unknown).tolist()
     assert [s["status"] for s in agg.summary] == ["ok", "ok"]
+
+
+def test_tiles_arrive_as_columns_and_leave_in_raster_order(tmp_path):
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    agg = Aggregator(store, "hash", ["tiles"], [], CODES, 1, ("tiles",), log=lambda *_: None)
+    t = _tiles("s", [3, 1, 0, 2], 4, _header("s"))
+    t["x"], t["y"] = np.array([224, 0, 448, 0]), np.array([224, 224, 0, 0])
+    t["cellular_px"] = np.array([100, 200, 300, 400])
+    t["embedding"] = np.arange(8, dtype=np.float32).reshape(4, 2)
+    agg.add_tiles({k: v[2:] for k, v in t.items()})  # the header row comes second
+    agg.add_tiles({k: v[:2] for k, v in t.items()})
+    got = pl.read_parquet(tmp_path / "out" / "tiles" / "s.parquet")
+    assert list(zip(got["y"], got["x"])) == [(0, 0), (0, 448), (224, 0), (224, 224)]
+    assert got["embedding"].to_list() == [[6.0, 7.0], [4.0, 5.0], [2.0, 3.0], [0.0, 1.0]]
+    np.testing.assert_allclose(got["nuclear_fraction"], np.array([400, 300, 200, 100]) / 224**2,
+                               rtol=1e-6)
+    cellularity = pl.read_parquet(tmp_path / "out" / "cellularity" / "s.parquet")
+    assert cellularity["n_tiles"][0] == 4 and cellularity["cellularity_mean"][0] == \
+        pytest.approx(100 * 1000 / 5000)
