@@ -2,7 +2,8 @@
 (intake of model-output batches, then each slide's Parquet tables, GeoJSON and commit, on local
 disk), against the GPU model-alone rates it must keep up with.
 
-    python benchmarks/driver_intake.py [--slides 4] [--cells-per-slide 90000] [--tiles-per-slide 25000]
+    python benchmarks/driver_intake.py [--slides 4] [--cells-per-slide 90000]
+                                       [--tiles-per-slide 25000]
 
 Every cell and tile of a run passes through the driver, one Python process, so its rate caps the
 job's: at 80 % of ResNeXt-50's and ViT-S/14's model-alone rates on an H100 (the newest

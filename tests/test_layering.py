@@ -30,8 +30,8 @@ RULES = {
 def loaded_by():
     """Per module, every package a fresh interpreter holds after importing only that module.
     The interpreters run side by side (each imports alone; most of the time is torch's import)."""
-    code = ("import sys, json, {}; "
-            "print(json.dumps(sorted(set(sys.modules) | {{m.split('.')[0] for m in sys.modules}})))")
+    code = ("import sys, json, {}; print(json.dumps(sorted("
+            "set(sys.modules) | {{m.split('.')[0] for m in sys.modules}})))")
     procs = {m: subprocess.Popen([sys.executable, "-c", code.format(m)], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for m in RULES}
     out = {}

@@ -184,15 +184,18 @@ class Aggregator:
         if all(br.finished for br in state.branches.values()):
             self._commit(state)
 
-    def _cell_tables(self, state: SlideState, br: BranchState) -> tuple[dict, str]:
+    def _cell_tables(self, state: SlideState, br: BranchState) -> tuple[dict, dict | str]:
         sid = state.slide_id
         cols = _raster_columns(br.chunks)
         n = len(cols["x"]) if cols else 0
         state.n_cells = n
-        known = cols is not None and ~np.isnan(cols["ood_distance"])
-        ood = [bool(f) if k else None for f, k in zip(cols["out_of_distribution"], known)] \
-            if cols else []
-        differential = self._differential(sid, cols["class_code"].tolist() if cols else [], ood)
+        codes, ood = [], []  # per cell: the class, and out of distribution (None: unknown)
+        if cols:
+            codes = cols["class_code"].tolist()
+            ood = [bool(f) if known else None for f, known in
+                   zip(cols["out_of_distribution"].tolist(),
+                       (~np.isnan(cols["ood_distance"])).tolist())]
+        differential = self._differential(sid, codes, ood)
         d = differential[0] if differential else {}
         if d.get("out_of_distribution"):
             state.warnings["out_of_distribution"] = (
@@ -202,8 +205,8 @@ class Aggregator:
             state.warnings["low_count"] = (f"{d['n_nucleated']} nucleated cells "
                                            f"(< {self.min_nucleated})")
         if not cols:
-            return {"cells": [], "differentials": differential}, cells_geojson_text(
-                [], [], [], [], [], [], [])
+            return {"cells": [], "differentials": differential}, \
+                {"type": "FeatureCollection", "features": []}
         table = cells_table(sid, cols, self.model_codes)
         geo = cells_geojson_text(range(n), cols["x0"], cols["y0"], cols["x1"], cols["y1"],
                                  cols["class_code"], cols["class_prob"], cols["ood_distance"])
@@ -291,7 +294,9 @@ def _raster_columns(chunks: list[dict]) -> dict | None:
 
 
 def _lists(values: np.ndarray) -> pa.ListArray:
-    """``(n, k)`` float32 -> a list<float32> column of n lists of k."""
+    """``(n, k)`` numbers (or n arrays of k, as Ray Data may hand over a tensor column) -> a
+    list<float32> column of n lists of k."""
+    values = np.stack(values) if values.dtype == object else values
     n, k = values.shape
     return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
                                     pa.array(np.ascontiguousarray(values, np.float32).ravel()))
@@ -301,8 +306,9 @@ def tiles_table(slide_id: str, cols: dict) -> pa.Table:
     """A slide's tiles (columns in raster order) as the ``tiles`` table."""
     n = len(cols["x"])
     px = cols["tile_px"].astype(np.float64) ** 2
-    columns = {"slide_id": pa.array(np.full(n, slide_id)), "x": pa.array(cols["x"], pa.int64()),
-               "y": pa.array(cols["y"], pa.int64()), "mpp": pa.array(cols["tile_mpp"], pa.float64()),
+    columns = {"slide_id": pa.array(np.full(n, slide_id)),
+               "x": pa.array(cols["x"], pa.int64()), "y": pa.array(cols["y"], pa.int64()),
+               "mpp": pa.array(cols["tile_mpp"], pa.float64()),
                "tile_px": pa.array(cols["tile_px"], pa.int32()),
                "tissue_fraction": pa.array(cols["tissue_fraction"], pa.float64()),
                "nuclear_fraction": pa.array(cols["cellular_px"].astype(np.float64) / px),
@@ -315,17 +321,17 @@ def cells_table(slide_id: str, cols: dict, model_codes: tuple[str, ...]) -> pa.T
     """A slide's cells (columns in raster order) as the ``cells`` table; ``cell_id`` is the
     raster rank, an unknown distance (NaN) is null and so is its flag."""
     n = len(cols["x"])
-    probs = np.asarray(cols["probabilities"], np.float32)
     m = len(model_codes)
     unknown = np.isnan(cols["ood_distance"])
     columns = {
         "slide_id": pa.array(np.full(n, slide_id)), "cell_id": pa.array(np.arange(n)),
         **{c: pa.array(cols[c], pa.float64()) for c in ("x", "y", "x0", "y0", "x1", "y1")},
         "area_um2": pa.array(cols["area_um2"], pa.float32()),
-        "kind": pa.array(cols["kind"].astype(str)), "at_edge": pa.array(cols["at_edge"], pa.bool_()),
+        "kind": pa.array(cols["kind"].astype(str)),
+        "at_edge": pa.array(cols["at_edge"], pa.bool_()),
         "class_code": pa.array(cols["class_code"].astype(str)),
         "class_prob": pa.array(cols["class_prob"], pa.float32()),
-        "probabilities": _lists(probs),
+        "probabilities": _lists(cols["probabilities"]),
         "model_codes": pa.ListArray.from_arrays(
             pa.array(np.arange(0, n * m + 1, m, dtype=np.int32)),
             pa.array(list(model_codes), pa.string()).take(np.tile(np.arange(m), n))),

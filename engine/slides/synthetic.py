@@ -54,7 +54,8 @@ def aspirate_block(seed: int = 0, side: int = 2048, mpp: float = 0.25,
     blood film, holds 8): 60 % mononuclear (5-8 µm radius, a purple nucleus of half that), 30 %
     with 3-4 touching lobes (segmented neutrophils) and 10 % small lymphoid cells. Cells never
     cross the block's edge (blocks are tiled into larger slides) and their nuclei never touch.
-    Platelets (20 per megapixel) stay inside too. Noise and a slight blur, as an objective and a JPEG camera give.
+    Platelets (20 per megapixel) stay inside too. Noise and a slight blur, as an objective and
+    a camera give.
 
     Returns:
         ``(image (side, side, 3) uint8, centres (N, 2) float64)``: each nucleated cell's nucleus
