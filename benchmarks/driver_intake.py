@@ -30,6 +30,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.common import write_result  # noqa: E402
 from engine.classes import DEEPHEME_CODES  # noqa: E402
 from engine.config import Config  # noqa: E402
 from engine.pipeline.aggregate import Aggregator  # noqa: E402
@@ -161,12 +162,7 @@ def main() -> None:
         if "dinov2-vits14" in alone else None,
         "model_alone_per_s": {k: alone.get(k) for k in ("deepheme-resnext50", "dinov2-vits14")},
     }
-    print(json.dumps(result, indent=2))
-    out = os.path.join(ROOT, "benchmarks", "results",
-                       f"driver_intake-{result['host']}-{result['date']}"
-                       f"{'-' + args.tag if args.tag else ''}.json")
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
+    write_result(result, f"driver_intake-{result['host']}-{result['date']}", args.tag)
 
 
 if __name__ == "__main__":

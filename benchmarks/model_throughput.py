@@ -27,6 +27,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.common import write_result  # noqa: E402
+
 
 def bench(module, x, steps: int, amp: bool, warmup: int = 3) -> float:
     """Images/s of ``module`` on the batch ``x`` (CUDA or CPU), after ``warmup`` passes."""
@@ -128,11 +130,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0).replace(" ", "_")
     out = {"benchmark": "model_throughput", "gpu": gpu, "torch": torch.__version__,
            "date": dt.date.today().isoformat(), "results": results}
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    path = os.path.join(ROOT, "benchmarks", "results",
-                        f"model_throughput-{gpu}-{out['date']}.json")
-    with open(path, "w") as fh:
-        json.dump(out, fh, indent=2)
+    path = write_result(out, f"model_throughput-{gpu}-{out['date']}", echo=False)
     print(f"written {path}")
 
 

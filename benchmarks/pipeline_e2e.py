@@ -55,6 +55,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.common import write_result  # noqa: E402
 from benchmarks.make_synthetic_slides import make_slide  # noqa: E402
 from benchmarks.model_throughput import bench  # noqa: E402
 from benchmarks.pipeline_memory import rss_tree  # noqa: E402
@@ -234,12 +235,7 @@ def main() -> None:
             "steady_per_s": steady and round(steady, 1),
             "steady_ratio": steady and round(steady / alone, 3),
             "items_for_e2e_0_8": steady and items_for_ratio(0.8, alone, steady, startup)})
-    print(json.dumps(result, indent=2))
-    name = f"pipeline_e2e-{device.replace(' ', '_')}-{result['date']}" \
-        f"{'-' + args.tag if args.tag else ''}.json"
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "benchmarks", "results", name), "w") as fh:
-        json.dump(result, fh, indent=2)
+    write_result(result, f"pipeline_e2e-{device.replace(' ', '_')}-{result['date']}", args.tag)
 
 
 def items_for_ratio(target: float, alone: float, steady: float, startup_s: float) -> int | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import subprocess
@@ -27,6 +26,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks.common import write_result  # noqa: E402
 
 CONFIG = """
 pipeline:
@@ -131,10 +132,7 @@ def main() -> None:
         "tree_ratio": round(large["peak_tree_rss_mib"] / small["peak_tree_rss_mib"], 3),
         "target": "tree_ratio <= 1.3",
     }
-    print(json.dumps(result, indent=2))
-    name = f"pipeline_memory-cpu{os.cpu_count()}-{result['date']}.json"
-    with open(os.path.join(ROOT, "benchmarks", "results", name), "w") as fh:
-        json.dump(result, fh, indent=2)
+    write_result(result, f"pipeline_memory-cpu{os.cpu_count()}-{result['date']}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -26,6 +25,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks.common import write_result  # noqa: E402
 
 
 def n_tiles_total(total: int, counted: int) -> float:
@@ -124,12 +125,7 @@ def main() -> None:
         "ratio_via_openslide": round(plain_s / via_openslide_s, 3),
         "direct_jpeg_speedup": round(via_openslide_s / ours_s, 3),
     }
-    print(json.dumps(result, indent=2))
-    out = os.path.join(ROOT, "benchmarks", "results",
-                       f"read_tiles-cpu{os.cpu_count()}-{result['date']}"
-                       f"{'-' + args.tag if args.tag else ''}.json")
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
+    write_result(result, f"read_tiles-cpu{os.cpu_count()}-{result['date']}", args.tag)
 
 
 if __name__ == "__main__":
