@@ -30,7 +30,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import RESULTS, write_result  # noqa: E402
 from engine.classes import DEEPHEME_CODES  # noqa: E402
 from engine.config import Config  # noqa: E402
 from engine.pipeline.aggregate import Aggregator  # noqa: E402
@@ -95,43 +95,33 @@ def tile_batches(n_slides: int, n_tiles: int, dim: int, rng) -> list[dict]:
     return batches
 
 
-def intake(branch: str, batches: list[dict], n_slides: int) -> float:
-    """Seconds for the driver to take ``batches`` in and commit their slides."""
+def intake(branch: str, batches: list[dict], n_slides: int, warm_up: list[dict]) -> float:
+    """Seconds for the driver to take ``batches`` in and commit their slides, after
+    ``warm_up`` (another slide: imports on first use, pyarrow's Parquet writer, are not
+    intake)."""
     with tempfile.TemporaryDirectory() as d:
-        def run(batches, folder):
+        for folder, todo in (("warm-up", warm_up), ("run", batches)):
             agg = Aggregator(OutputStore(os.path.join(d, folder), Config().storage), "bench",
                              [branch], [], tuple(DEEPHEME_CODES), 100, (branch,),
                              log=lambda *_: None)
             add = agg.add_cells if branch == "cells" else agg.add_tiles
             t = time.perf_counter()
-            for b in batches:
+            for b in todo:
                 add(b)
-            return time.perf_counter() - t, agg
-
-        # one slide first: imports on first use (pyarrow's Parquet writer) are not intake
-        run(cells_or_tiles(branch, 1, 300), "warm-up")
-        seconds, agg = run(batches, "run")
+            seconds = time.perf_counter() - t
         assert len(agg.summary) == n_slides and not agg.slides, "slides left uncommitted"
     return seconds
 
 
-def cells_or_tiles(branch: str, n_slides: int, n: int, dim: int = 8) -> list[dict]:
-    rng = np.random.default_rng(1)
-    return cell_batches(n_slides, n, rng) if branch == "cells" else \
-        tile_batches(n_slides, n, dim, rng)
-
-
 def model_alone() -> tuple[str | None, dict[str, float]]:
     """The newest GPU model-alone rates (bf16, channels_last, no compile, batch 256)."""
-    files = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results",
-                                          "model_throughput-*.json")),
-                   key=lambda p: json.load(open(p)).get("date", ""))
-    for path in reversed(files):
-        doc = json.load(open(path))
-        if doc.get("gpu"):
-            return os.path.basename(path), {r["model"]: r["bf16_channels_last_images_per_s"]
-                                            for r in doc["results"]}
-    return None, {}
+    docs = [(os.path.basename(p), json.load(open(p)))
+            for p in glob.glob(os.path.join(RESULTS, "model_throughput-*.json"))]
+    gpu = sorted((d.get("date", ""), name, d) for name, d in docs if d.get("gpu"))
+    if not gpu:
+        return None, {}
+    _, name, doc = gpu[-1]
+    return name, {r["model"]: r["bf16_channels_last_images_per_s"] for r in doc["results"]}
 
 
 def main() -> None:
@@ -148,8 +138,8 @@ def main() -> None:
     tiles = tile_batches(args.slides, args.tiles_per_slide, args.embedding_dim, rng)
     n_cells = args.slides * args.cells_per_slide
     n_tiles = args.slides * args.tiles_per_slide
-    cells_per_s = n_cells / intake("cells", cells, args.slides)
-    tiles_per_s = n_tiles / intake("tiles", tiles, args.slides)
+    cells_per_s = n_cells / intake("cells", cells, args.slides, cell_batches(1, 300, rng))
+    tiles_per_s = n_tiles / intake("tiles", tiles, args.slides, tile_batches(1, 300, 8, rng))
     source, alone = model_alone()
     result = {
         "benchmark": "driver_intake", "host": f"cpu{os.cpu_count()}",
