@@ -8,9 +8,13 @@ The 'nanoGPT bench' switch: inputs are random tensors already on the device, so 
 model's ceiling; pipeline_e2e compares the whole job against it.
 
 ``--pipeline-steps`` also times the pipeline's model step (ClassifyCells, EncodeTiles) called as
-Ray Data calls it: uint8 numpy batches in host memory, half of them ragged (1..batch rows, as
-at block ends), crops mixed with marker rows; with the default padding of batches to a
-multiple of 32 rows and without it (``bucket 0``), against bf16 + channels_last alone.
+Ray Data calls it: read-only uint8 numpy batches in host memory, crops mixed with 5 % marker
+rows, against bf16 + channels_last alone. Each call holds one forward pass (``passes_per_call``
+1, as before session 11) or four, which the step pipelines on a GPU (the next pass's pixels are
+gathered into pinned memory and copied on a side stream while the model runs). Calls are
+full, or with ``ragged`` every other one has a random 1 .. rows (session 4's mix, harsher than
+the pipeline's: Ray Data cuts a stream of blocks into full batches and one remainder per
+bundle). The padding to 32-row buckets is on throughout (session 4: without it, x0.14).
 """
 
 from __future__ import annotations
@@ -44,8 +48,12 @@ def bench(module, x, steps: int, amp: bool, warmup: int = 3) -> float:
     return steps * x.shape[0] / (time.time() - t)
 
 
-def bench_step(name: str, batch: int, steps: int, bucket: int, seed: int = 0) -> dict:
-    """Rows/s of the pipeline step for ``name`` on host uint8 batches (see the module doc)."""
+def bench_step(name: str, batch: int, steps: int, bucket: int = 32, passes: int = 1,
+               ragged: bool = False, seed: int = 0) -> dict:
+    """Rows/s of the pipeline step for ``name`` on host uint8 batches of ``batch`` x
+    ``passes`` rows, as Ray Data hands them over (read-only, 5 % marker rows among the crops),
+    each call ``passes`` forward passes of ``batch`` rows; with ``ragged`` every other call has
+    a random 1 .. ``batch`` x ``passes`` rows (see the module doc). CUDA when present."""
     import numpy as np
 
     from engine.cells import KIND_CELL
@@ -54,17 +62,20 @@ def bench_step(name: str, batch: int, steps: int, bucket: int, seed: int = 0) ->
 
     spec = get_spec(name)
     rng = np.random.default_rng(seed)
-    px = spec.input_px
-    pool = [rng.integers(0, 256, (batch, px, px, 3), dtype=np.uint8) for _ in range(4)]
+    px, rows = spec.input_px, batch * passes
+    pool = [rng.integers(0, 256, (rows, px, px, 3), dtype=np.uint8) for _ in range(4)]
+    for a in pool:
+        a.flags.writeable = False
     classify = spec.task == "classification"
     t0 = time.perf_counter()
     step = (ClassifyCells(name, None, allow_untrained=True, batch_size=batch) if classify
             else EncodeTiles(name, None, allow_untrained=True, batch_size=batch))
     step.predictor.bucket = bucket
     start_s = time.perf_counter() - t0
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
     def one(i: int) -> int:
-        n = batch if i % 2 else int(rng.integers(1, batch + 1))
+        n = int(rng.integers(1, rows + 1)) if ragged and i % 2 == 0 else rows
         b = {"task": np.zeros(n, np.int64)}
         if classify:
             b["crop"] = pool[i % 4][:n]
@@ -75,12 +86,18 @@ def bench_step(name: str, batch: int, steps: int, bucket: int, seed: int = 0) ->
         return n
 
     one(0)
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
-    rows = sum(one(i) for i in range(1, steps + 1))
-    torch.cuda.synchronize()
-    return {"bucket": bucket, "actor_start_s": round(start_s, 2),
-            "rows_per_s": round(rows / (time.perf_counter() - t))}
+    done = sum(one(i) for i in range(1, steps + 1))
+    sync()
+    return {"bucket": bucket, "passes_per_call": passes, "ragged": ragged,
+            "actor_start_s": round(start_s, 2),
+            "rows_per_s": round(done / (time.perf_counter() - t))}
+
+
+# (bucket, passes per call, ragged): session 4's ragged single pass first, then full calls of
+# one pass and of four pipelined passes (the default of pipeline.*.passes_per_call)
+STEP_VARIANTS = ((32, 1, True), (32, 1, False), (32, 4, False), (32, 4, True))
 
 
 def main() -> None:
@@ -124,7 +141,8 @@ def main() -> None:
             alone = row["bf16_channels_last_images_per_s"]
             row["pipeline_step"] = [
                 {**r, "vs_alone": round(r["rows_per_s"] / alone, 3)}
-                for r in (bench_step(name, args.batch, 4 * args.steps, b) for b in (32, 0))]
+                for r in (bench_step(name, args.batch, 4 * args.steps // passes, bucket, passes,
+                                     ragged) for bucket, passes, ragged in STEP_VARIANTS)]
         results.append(row)
         print(json.dumps(row), flush=True)
     gpu = torch.cuda.get_device_name(0).replace(" ", "_")

@@ -167,6 +167,13 @@ class ModelStageConfig:
             probabilities are averaged over ``checkpoint`` and these (one forward pass each).
             Classifier only: embeddings of different models do not average.
         batch_size: crops or tiles per forward pass.
+        passes_per_call: forward passes per batch that Ray Data hands the model actor
+            (``batch_size`` x this many rows). Within a call the passes are pipelined on a GPU:
+            the host gathers and copies the next pass's pixels while the model runs this one,
+            and the outputs come back once per call.
+        calls_in_flight: Ray Data calls each model actor takes at once: while the model runs
+            one (never two at a time), Ray Data fetches and formats the next batch and stores
+            the last one's output, instead of leaving the GPU idle while it does.
         concurrency: model actors (one per GPU on a GPU cluster).
         num_gpus: GPUs per actor when the cluster has GPUs (0 on CPU-only clusters).
         tta: average over 8 rotations/flips (classifier only; 8x compute).
@@ -183,12 +190,19 @@ class ModelStageConfig:
     checkpoint: str | None = None
     ensemble: tuple[str, ...] = ()
     batch_size: int = 256
+    passes_per_call: int = 4
+    calls_in_flight: int = 2
     concurrency: int = 1
     num_gpus: float = 1.0
     tta: bool = False
     compile: bool = False
     amp: bool = True
     threads: int = 0
+
+    def __post_init__(self):
+        for key in ("batch_size", "passes_per_call", "calls_in_flight", "concurrency"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -262,7 +276,8 @@ EXECUTION_KEYS = frozenset({
     "pipeline.read_concurrency",
     "pipeline.read_threads", "pipeline.native_threads", "pipeline.direct_jpeg",
     *(f"pipeline.{stage}.{key}" for stage in ("classifier", "encoder")
-      for key in ("batch_size", "concurrency", "num_gpus", "compile", "threads")),
+      for key in ("batch_size", "passes_per_call", "calls_in_flight", "concurrency",
+                  "num_gpus", "compile", "threads")),
 })
 
 

@@ -7,6 +7,8 @@ a model loaded from an int8 checkpoint (`engine.models.quantize`) runs its body 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,12 @@ def native_bf16(device: torch.device | str) -> bool:
 class Predictor:
     """Runs a `LoadedModel` on batches of RGB crops or tiles.
 
+    A call may hold any number of rows: they go through the model ``chunk`` rows at a time.
+    On CUDA the chunks are pipelined: each is gathered into a pinned host buffer (two, used in
+    turn) and copied to the device on a copy stream while the model runs the one before, and
+    the outputs come back to the host once per call, so the GPU does not wait on the host
+    between chunks.
+
     Args:
         model: from `create_model`.
         device: defaults to CUDA when present.
@@ -40,11 +48,12 @@ class Predictor:
         bucket: on CUDA, batches are padded on the device to a multiple of this many rows, so
             the convolution plans (and compiled graphs) built for a few shapes serve every
             batch; without it each new batch size builds its own. 0 turns padding off.
+        chunk: rows per forward pass.
     """
 
     def __init__(self, model: LoadedModel, device: torch.device | str | None = None,
                  amp: bool = True, channels_last: bool = True, compile: bool = False,
-                 bucket: int = 32):
+                 bucket: int = 32, chunk: int = 256):
         self.model = model
         if model.int8 is not None:  # int8 kernels are the CPU's
             if device is not None and torch.device(device).type != "cpu":
@@ -65,8 +74,13 @@ class Predictor:
             self.forward = self._int8_logits
         self.density = model.ood.to(self.device) if model.ood is not None else None
         self.bucket = bucket if self.cuda else 0
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1 row, got {chunk}")
+        self.chunk = chunk
         self.mean = torch.tensor(model.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(model.std, device=self.device).view(1, 3, 1, 1) * 255
+        self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._staging: list[tuple[torch.Tensor, torch.cuda.Event]] = []
 
     def warmup(self, max_batch: int) -> None:
         """Run every padded batch shape up to ``max_batch`` once (CUDA only), so the first
@@ -78,7 +92,7 @@ class Predictor:
         # the path the actor will run: with a feature density, features then the head
         run = self.embed if self.model.spec.task != "classification" else \
             self.predict_with_distance if self.density is not None else self.logits
-        for n in range(step, max(max_batch, step) + 1, step):
+        for n in range(step, max(min(max_batch, self.chunk), step) + 1, step):
             run(np.zeros((n, px, px, 3), np.uint8))
         torch.cuda.synchronize(self.device)
 
@@ -88,9 +102,7 @@ class Predictor:
 
         Inputs of another size are resized to the model's ``input_px`` (bilinear, antialiased).
         """
-        x = torch.as_tensor(images)
-        if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
-            raise ValueError(f"expected (B, H, W, 3) uint8, got {tuple(x.shape)} {x.dtype}")
+        x = torch.as_tensor(_checked(images))
         x = x.to(self.device, non_blocking=True)
         if self.bucket and len(x) % self.bucket:
             pad = self.bucket - len(x) % self.bucket
@@ -103,13 +115,64 @@ class Predictor:
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def chunks(self, images: np.ndarray, rows: np.ndarray | None = None
+               ) -> Iterator[torch.Tensor]:
+        """``images`` (or its ``rows``, in that order) as ``uint8 (b, H, W, 3)`` tensors of at
+        most ``chunk`` rows on the device; at least one, empty for no rows.
+
+        On CUDA each chunk is gathered into one of two pinned buffers and copied on a side
+        stream, which the current stream waits for; a buffer is written again only once its
+        last copy has left it. So the host gathers chunk k + 1 while the GPU runs chunk k.
+        """
+        images = _checked(images)
+        n = len(images) if rows is None else len(rows)
+        for k, start in enumerate(range(0, max(n, 1), self.chunk)):
+            stop = min(start + self.chunk, n)
+            picked = slice(start, stop) if rows is None else rows[start:stop]
+            if not self.cuda or isinstance(images, torch.Tensor):
+                x = images[picked]  # torch refuses to wrap read-only arrays (Ray Data's)
+                yield x if isinstance(x, torch.Tensor) else torch.from_numpy(
+                    x if x.flags.writeable else x.copy())
+                continue
+            buffer, copied = self._buffer(k % 2, images.shape[1:])
+            copied.synchronize()  # its previous chunk is on the device
+            host = buffer[:stop - start]
+            if rows is None:
+                np.copyto(host.numpy(), images[picked])
+            else:
+                # mode "clip" writes straight into ``out`` ("raise" buffers a copy)
+                np.take(images, picked, axis=0, out=host.numpy(), mode="clip")
+            with torch.cuda.stream(self._copy_stream):
+                x = host.to(self.device, non_blocking=True)
+                copied.record(self._copy_stream)
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self._copy_stream)
+            x.record_stream(current)  # the allocator keeps x until the model has read it
+            yield x
+
+    def _buffer(self, i: int, shape: tuple) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Pinned staging buffer ``i`` (of two) for rows of ``shape``, and the event its last
+        copy to the device recorded."""
+        if not self._staging or self._staging[0][0].shape[1:] != shape:
+            for _, copied in self._staging:
+                copied.synchronize()
+            self._staging = [(torch.empty((self.chunk, *shape), dtype=torch.uint8).pin_memory(),
+                              torch.cuda.Event()) for _ in range(2)]
+        return self._staging[i]
+
+    def _map(self, images, run, rows=None) -> tuple[torch.Tensor, ...]:
+        """``run(x, b)`` on each preprocessed chunk ``x`` of ``b`` rows (`chunks`); its
+        tensors concatenated along the rows (dimension ``-2``), still on the device."""
+        outs = [run(self.preprocess(x), len(x)) for x in self.chunks(images, rows)]
+        return tuple(torch.cat(parts, dim=-2) for parts in zip(*outs))
+
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     @torch.inference_mode()
     def logits(self, images) -> torch.Tensor:
         with self._autocast():
-            return self.forward(self.preprocess(images))[:len(images)].float()
+            return self._map(images, lambda x, b: (self.forward(x)[:b].float(),))[0]
 
     @staticmethod
     def _views(x: torch.Tensor, tta: bool) -> list[torch.Tensor]:
@@ -118,27 +181,32 @@ class Predictor:
                                     for k in range(4)]
 
     @torch.inference_mode()
-    def view_logits(self, images, tta: bool = False) -> torch.Tensor:
+    def view_logits(self, images, tta: bool = False, rows=None) -> torch.Tensor:
         """Logits ``(V, B, C) float32`` of each view: the crop alone, or with ``tta`` its 8
         rotations/flips."""
-        x = self.preprocess(images)
+        def run(x, b):
+            return (torch.stack([self.forward(v)[:b].float() for v in self._views(x, tta)]),)
+
         with self._autocast():
-            return torch.stack([self.forward(v)[:len(images)].float()
-                                for v in self._views(x, tta)])
+            return self._map(images, run, rows)[0]
+
+    def _classifier(self) -> None:
+        if self.model.spec.task != "classification":
+            raise ValueError(f"{self.model.spec.name} is an encoder; use embed()")
 
     @torch.inference_mode()
-    def predict(self, images, tta: bool = False) -> np.ndarray:
-        """Class probabilities ``(B, C) float32`` in ``model.class_codes`` order.
+    def predict(self, images, tta: bool = False, rows=None) -> np.ndarray:
+        """Class probabilities ``(B, C) float32`` in ``model.class_codes`` order, of
+        ``images`` or of its ``rows`` (indices, in that order).
 
         With ``tta`` the softmax is averaged over the 8 rotations/flips of each crop (a cell has
         no preferred orientation); 8x the compute.
         """
-        if self.model.spec.task != "classification":
-            raise ValueError(f"{self.model.spec.name} is an encoder; use embed()")
-        return torch.softmax(self.view_logits(images, tta), dim=2).mean(0).cpu().numpy()
+        self._classifier()
+        return torch.softmax(self.view_logits(images, tta, rows), dim=2).mean(0).cpu().numpy()
 
     @torch.inference_mode()
-    def predict_with_distance(self, images, tta: bool = False
+    def predict_with_distance(self, images, tta: bool = False, rows=None
                               ) -> tuple[np.ndarray, np.ndarray | None]:
         """`predict`'s probabilities and each crop's distance to the training data
         (`engine.models.ood`; ``(B,) float32``, None when the checkpoint carries no density),
@@ -146,26 +214,43 @@ class Predictor:
         distance is the crop's own view's."""
         density = self.density
         if density is None:
-            return self.predict(images, tta), None
-        n, head = len(images), self.module.get_classifier()
-        with self._autocast():
-            feats = [self.pooled(v)[:n] for v in self._views(self.preprocess(images), tta)]
+            return self.predict(images, tta, rows), None
+        self._classifier()
+        head = self.module.get_classifier()
+
+        def run(x, b):
+            feats = [self.pooled(v)[:b] for v in self._views(x, tta)]
             logits = torch.stack([head(f).float() for f in feats])
-        probs = torch.softmax(logits, dim=2).mean(0)
-        return probs.cpu().numpy(), density.distance(feats[0]).cpu().numpy()
+            with torch.autocast(self.device.type, enabled=False):  # the density in float32
+                return torch.softmax(logits, dim=2).mean(0), density.distance(feats[0])[:, None]
+
+        with self._autocast():
+            probs, distance = self._map(images, run, rows)
+        # one copy back per call, after every chunk was queued
+        return probs.cpu().numpy(), distance[:, 0].float().cpu().numpy()
 
     @torch.inference_mode()
-    def embed(self, images) -> np.ndarray:
+    def embed(self, images, rows=None) -> np.ndarray:
         """Pooled features ``(B, D) float32`` (the penultimate layer of a classifier)."""
         with self._autocast():
-            pooled = self.pooled(self.preprocess(images))[:len(images)]
-        return pooled.float().cpu().numpy()
+            pooled = self._map(images, lambda x, b: (self.pooled(x)[:b].float(),), rows)[0]
+        return pooled.cpu().numpy()
 
     def _int8_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.module.get_classifier()(self.model.int8(x))  # the head stays float32
 
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self.module.forward_head(self.module.forward_features(x), pre_logits=True)
+
+
+def _checked(images):
+    """``images`` unchanged when it is ``(B, H, W, 3) uint8`` (numpy or torch), else
+    ValueError."""
+    if images.ndim != 4 or images.shape[-1] != 3 or str(images.dtype) not in ("uint8",
+                                                                            "torch.uint8"):
+        raise ValueError(f"expected (B, H, W, 3) uint8, got {tuple(images.shape)} "
+                         f"{images.dtype}")
+    return images
 
 
 class EnsemblePredictor:
@@ -203,11 +288,11 @@ class EnsemblePredictor:
         for p in self.members:
             p.warmup(max_batch)
 
-    def predict(self, images, tta: bool = False) -> np.ndarray:
+    def predict(self, images, tta: bool = False, rows=None) -> np.ndarray:
         """Mean class probabilities ``(B, C) float32`` over the members."""
-        out = self.members[0].predict(images, tta)
+        out = self.members[0].predict(images, tta, rows)
         for p in self.members[1:]:
-            out += p.predict(images, tta)
+            out += p.predict(images, tta, rows)
         return out / len(self.members)
 
     @property
@@ -215,15 +300,16 @@ class EnsemblePredictor:
         """The first member's training-data density (`engine.models.ood`), or None."""
         return next((p.model.ood for p in self.members if p.model.ood is not None), None)
 
-    def predict_with_distance(self, images, tta: bool = False
+    def predict_with_distance(self, images, tta: bool = False, rows=None
                               ) -> tuple[np.ndarray, np.ndarray | None]:
         """Mean probabilities, and the distance to the training data from the first member
         whose checkpoint carries a density (None if none does)."""
-        out, distance = np.zeros((len(images), len(self.model.class_codes)), np.float32), None
+        n = len(images) if rows is None else len(rows)
+        out, distance = np.zeros((n, len(self.model.class_codes)), np.float32), None
         for p in self.members:
             if distance is None and p.model.ood is not None:
-                probs, distance = p.predict_with_distance(images, tta)
+                probs, distance = p.predict_with_distance(images, tta, rows)
             else:
-                probs = p.predict(images, tta)
+                probs = p.predict(images, tta, rows)
             out += probs
         return out / len(self.members), distance

@@ -247,12 +247,15 @@ def plan_resources(cpus: int, gpus: float, pc, branches: tuple[str, ...],
     return Resources(plan, readers, cpu, gpu, models)
 
 
-def _actors(n: int, grow_to: int | None = None) -> ray.data.ActorPoolStrategy:
+def _actors(n: int, grow_to: int | None = None, calls: int = 1) -> ray.data.ActorPoolStrategy:
     """A pool of ``n`` actors; with ``grow_to``, one that may grow to that many when CPUs come
-    free (the other branch has finished and its actors are gone)."""
+    free (the other branch has finished and its actors are gone). ``calls``: Ray Data calls an
+    actor takes at once, of which one runs the function at a time (the others fetch their
+    input or store their output meanwhile)."""
+    many = {"max_concurrent_calls_per_actor": calls} if calls > 1 else {}
     if not grow_to or grow_to <= n:
-        return ray.data.ActorPoolStrategy(size=max(1, n))
-    return ray.data.ActorPoolStrategy(min_size=max(1, n), max_size=grow_to)
+        return ray.data.ActorPoolStrategy(size=max(1, n), **many)
+    return ray.data.ActorPoolStrategy(min_size=max(1, n), max_size=grow_to, **many)
 
 
 def _chunks(items: list, n: int):
@@ -292,7 +295,8 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
                              fn_constructor_args=(c.model, c.checkpoint, allow_untrained, c.tta,
                                                   cfg.storage, c.compile, c.batch_size,
                                                   c.ensemble, c.amp, c.threads),
-                             batch_size=c.batch_size, compute=_actors(c.concurrency),
+                             batch_size=c.batch_size * c.passes_per_call,
+                             compute=_actors(c.concurrency, calls=c.calls_in_flight),
                              num_gpus=res.gpu[branch], num_cpus=model_cpus))
     e = pc.encoder
     ds = ds.map_batches(ReadTiles, fn_constructor_args=(cfg, encoder, pc.read_threads),
@@ -302,7 +306,8 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
         ds = ds.map_batches(EncodeTiles, fn_constructor_args=(
             e.model, e.checkpoint, allow_untrained, cfg.storage, e.compile, e.batch_size, e.amp,
             e.threads),
-            batch_size=e.batch_size, compute=_actors(e.concurrency),
+            batch_size=e.batch_size * e.passes_per_call,
+            compute=_actors(e.concurrency, calls=e.calls_in_flight),
             num_gpus=res.gpu[branch], num_cpus=model_cpus)
     return ds
 

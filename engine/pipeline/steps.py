@@ -445,7 +445,8 @@ class ClassifyCells:
         members = [create_model(model, ckpt, allow_untrained=allow_untrained,
                                 class_codes=DEEPHEME_CODES, storage=storage)
                    for ckpt in (checkpoint, *ensemble)]
-        self.predictor = EnsemblePredictor(members, compile=compile, amp=amp)
+        self.predictor = EnsemblePredictor(members, compile=compile, amp=amp,
+                                           chunk=batch_size or 256)
         model_threads(self.predictor.members[0].device, threads)
         self.model = self.predictor.model
         self.predictor.warmup(batch_size)  # GPU: kernels and plans at actor start, not in-stream
@@ -459,10 +460,12 @@ class ClassifyCells:
         probs = np.zeros((n, c), np.float32)
         distance = np.full(n, np.nan, np.float32)
         real = np.isin(batch["kind"], [KIND_CELL, "platelet"])
-        if real.any():
-            probs[real], d = self.predictor.predict_with_distance(crops[real], tta=self.tta)
+        rows = np.flatnonzero(real)
+        if len(rows):  # the model reads the real rows straight from the batch (no copy first)
+            probs[rows], d = self.predictor.predict_with_distance(
+                crops, tta=self.tta, rows=None if len(rows) == n else rows)
             if d is not None:
-                distance[real] = d
+                distance[rows] = d
         codes = np.asarray(self.model.class_codes)
         batch["probabilities"] = probs
         batch["class_code"] = np.where(real, codes[probs.argmax(1)], "")
@@ -532,7 +535,8 @@ class EncodeTiles:
 
         self.predictor = Predictor(create_model(model, checkpoint,
                                                 allow_untrained=allow_untrained,
-                                                storage=storage), compile=compile, amp=amp)
+                                                storage=storage), compile=compile, amp=amp,
+                                   chunk=batch_size or 256)
         model_threads(self.predictor.device, threads)
         self.predictor.warmup(batch_size)
         self._ready = ready_since(t_born)

@@ -155,6 +155,26 @@ def test_gpu_padded_batches_give_the_unpadded_outputs():
                                Predictor(enc, "cuda", bucket=0).embed(tiles), rtol=0.05, atol=0.05)
 
 
+
+@pytest.mark.gpu
+def test_gpu_pipelined_chunks_give_the_one_pass_outputs():
+    """Chunks staged in two pinned buffers and copied on a side stream while the model runs:
+    a buffer rewritten too early would give another crop's scores."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    crops = np.random.default_rng(7).integers(0, 255, (70, 96, 96, 3), dtype=np.uint8)
+    crops.flags.writeable = False  # as Ray Data hands batches over
+    rows = np.random.default_rng(8).permutation(70)[:45]
+    one = Predictor(_resnext()[0], "cuda", bucket=0, chunk=256)
+    many = Predictor(_resnext()[0], "cuda", bucket=0, chunk=8)
+    np.testing.assert_allclose(many.predict(crops), one.predict(crops), atol=0.02)
+    np.testing.assert_allclose(many.predict(crops, rows=rows), one.predict(crops[rows]),
+                               atol=0.02)
+    np.testing.assert_allclose(many.embed(crops), one.embed(crops), rtol=0.05, atol=0.05)
+    small = np.ascontiguousarray(crops[:20, :64, :64])  # another row shape: new buffers
+    np.testing.assert_allclose(many.predict(small), one.predict(small), atol=0.02)
+    assert many._staging[0][0].is_pinned()
+
 def test_ensemble_averages_its_members_and_refuses_other_codes(tmp_path):
     from engine.models import EnsemblePredictor
 

@@ -91,6 +91,61 @@ def test_checkpoint_carries_the_density_and_the_predictor_returns_distances(tmp_
         create_model("deepheme-tiny", str(tmp_path / "bad.safetensors"))
 
 
+
+def test_chunks_and_picked_rows_give_the_one_pass_outputs(tmp_path):
+    """A call of many rows runs ``chunk`` rows at a time (pipelined on CUDA); ``rows`` picks
+    rows in its own order: the outputs equal one pass over the picked crops."""
+    model = create_model("deepheme-tiny", _tiny(tmp_path, True))
+    images = np.random.default_rng(1).integers(0, 255, (23, 96, 96, 3), dtype=np.uint8)
+    rows = np.array([20, 3, 4, 0, 17, 9, 22])
+    whole = Predictor(model, "cpu", amp=False)
+    for tta in (False, True):
+        probs, dist = whole.predict_with_distance(images[rows], tta)
+        for chunk in (1, 3, 7, 64):
+            small = Predictor(model, "cpu", amp=False, chunk=chunk)
+            p, d = small.predict_with_distance(images, tta, rows=rows)
+            np.testing.assert_allclose(p, probs, atol=1e-6)
+            np.testing.assert_allclose(d, dist, rtol=1e-5)
+            np.testing.assert_allclose(small.predict(images, tta, rows=rows), probs, atol=1e-6)
+    small = Predictor(model, "cpu", amp=False, chunk=4)
+    np.testing.assert_allclose(small.embed(images), whole.embed(images), atol=1e-5)
+    np.testing.assert_allclose(small.embed(images, rows=rows), whole.embed(images)[rows],
+                               atol=1e-5)
+    p, d = small.predict_with_distance(images, rows=rows[:0])  # no rows: empty outputs
+    assert p.shape == (0, len(CODES)) and d.shape == (0,)
+    ens = EnsemblePredictor([model, model], "cpu", amp=False, chunk=2)
+    np.testing.assert_allclose(ens.predict_with_distance(images, rows=rows)[0],
+                               whole.predict(images[rows]), atol=1e-6)
+    with pytest.raises(ValueError, match="chunk"):
+        Predictor(model, "cpu", chunk=0)
+    with pytest.raises(ValueError, match="uint8"):
+        small.predict(images.astype(np.float32))
+
+
+def test_classify_step_scores_real_rows_in_place_across_passes(tmp_path):
+    """Markers among the crops stay unscored; the real rows' scores do not depend on how the
+    call is split into forward passes."""
+    from engine.pipeline.steps import ClassifyCells
+
+    rng = np.random.default_rng(2)
+    kinds = np.array(["nucleated", "none", "platelet", "nucleated", "error", "nucleated",
+                      "nucleated", "none", "platelet"])
+    batch = {"kind": kinds, "task": np.arange(9),
+             "crop": rng.integers(0, 255, (9, 96, 96, 3), dtype=np.uint8)}
+    path = _tiny(tmp_path, True)
+    real = np.isin(kinds, ["nucleated", "platelet"])
+    probs, dist = Predictor(create_model("deepheme-tiny", path), "cpu").predict_with_distance(
+        batch["crop"][real])
+    for batch_size in (2, 256):
+        out = ClassifyCells("deepheme-tiny", path, batch_size=batch_size)(dict(batch))
+        np.testing.assert_allclose(out["probabilities"][real], probs, atol=1e-5)
+        np.testing.assert_allclose(out["ood_distance"][real], dist, rtol=1e-4)
+        assert (out["probabilities"][~real] == 0).all() and (out["class_code"][~real] == "").all()
+        assert np.isnan(out["ood_distance"][~real]).all()
+    every = dict(batch, kind=np.full(9, "nucleated"))  # all real: no rows picked
+    out = ClassifyCells("deepheme-tiny", path, batch_size=4)(every)
+    assert np.isfinite(out["ood_distance"]).all()
+
 @needs_pbc
 def test_job_fits_on_training_rows_and_reports_the_test_split(tmp_path, capsys):
     data = read_labels(str(PBC))
