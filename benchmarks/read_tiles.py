@@ -2,13 +2,16 @@
 one reader actor per core) against a plain single-process OpenSlide loop over the same grid,
 in the same run.
 
-    python benchmarks/read_tiles.py [--size 16384] [--target-mpp 0.25 --tile-px 1024] [--tag T]
+    python benchmarks/read_tiles.py [--size 16384] [--target-mpp 0.25 --tile-px 1024]
+        [--kind smear|aspirate|marrow] [--tag T]
 
 Both sides read every planned tile, resize it to the model's size and measure its stained and
 fat area; only those numbers travel back. Rates are steady state (the clock starts at the first
 result, so imports and actor start-up are excluded on both sides; the rate including start-up is
-printed too). Prints JSON with both rates and the ratio. Ours runs twice: with OpenSlide decoding in the actors
-(``pipeline.direct_jpeg`` off, the baseline of ``direct_jpeg_speedup``), then as configured.
+printed too). Prints JSON with both rates and the ratio. Ours runs twice: with OpenSlide decoding
+in the actors (``pipeline.direct_jpeg`` off, the baseline of ``direct_jpeg_speedup``), then as
+configured. ``plain_ms_per_tile`` splits the plain loop's time between reading and the area
+masks: one core's cost per tile, which says how many cores a GPU encoder needs to be fed.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="reader threads per actor "
                    "(pipeline.read_threads)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--kind", choices=["smear", "aspirate", "marrow"], default="smear",
+                   help="synthetic slide content (marrow: the H&E biopsy the encoder reads)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
 
@@ -59,7 +64,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="hemeflow-read-")
     path = os.path.join(work, "slide.tif")
     t = time.time()
-    make_slide(path, args.size)
+    make_slide(path, args.size, kind=args.kind)
     made = time.time() - t
     cfg = Config()
     slide = openslide.OpenSlide(path)
@@ -74,12 +79,14 @@ def main() -> None:
             rgb[rgba[..., 3] == 0] = 255  # off the image: white glass, as the pipeline reads it
             return rgb
 
-    t = time.time()
-    plain_area = 0
-    for x, y in zip(plan.x, plan.y):
+    plain_area, read_s, areas_s = 0, 0.0, 0.0
+    for x, y in zip(plan.x, plan.y):  # the two parts timed apart: one core's cost per tile
+        t = time.perf_counter()
         tile = read_tile(Plain(), plan.level, int(x), int(y), plan.read_px, plan.tile_px)
+        t1 = time.perf_counter()
         plain_area += tile_area_counts(tile, plan.target_mpp)[0]
-    plain_s = time.time() - t
+        read_s, areas_s = read_s + t1 - t, areas_s + time.perf_counter() - t1
+    plain_s = read_s + areas_s
 
     ray.init(num_cpus=args.readers, include_dashboard=False, log_to_driver=False)
     tasks = [{"slide_id": "s", "uri": path, "task": i, "x": int(x), "y": int(y),
@@ -116,7 +123,10 @@ def main() -> None:
         "date": dt.date.today().isoformat(), "slide_px": args.size,
         "slide_made_s": round(made, 1), "tiles": n, "tile_px": args.tile_px,
         "target_mpp": args.target_mpp, "level": plan.level, "read_px": plan.read_px,
+        "kind": args.kind,
         "plain_openslide_loop_tiles_per_s": round(n / plain_s, 1),
+        "plain_ms_per_tile": {"read": round(1e3 * read_s / n, 3),
+                              "area_masks": round(1e3 * areas_s / n, 3)},
         "hemeflow_tiles_per_s": round(n / ours_s, 1),
         "hemeflow_tiles_per_s_including_actor_startup": round(n / ours_with_startup_s, 1),
         "reader_actors": args.readers, "threads_per_actor": args.threads,
