@@ -21,6 +21,9 @@ Two ratios per model:
   say, as batches finished during the start-up arrive in a burst). With the
   start-up seconds it gives ``items_for_e2e_0_8``, the archive size (in items) at which the
   end-to-end ratio would reach 0.8 (None: the steady rate itself is short of it).
+- ``feed_per_actor_s`` and ``feed_actors_for_0_8``: items per busy second of one actor of the
+  CPU stage that feeds the model (``detect``, or ``read`` for tiles), and how many such actors
+  (CPUs) it takes to feed the model at 0.8 of its rate alone.
 
 ``--baseline-chunk N`` first runs the same job in the same process with
 ``pipeline.slides_per_chunk`` N (the earlier default was 64: model actors restart with every chunk)
@@ -211,8 +214,9 @@ def main() -> None:
         result["tiles_per_s"] = round(m["items"]["tiles"] / m["wall_s"]["tiles"], 1)
     if "cells" in m["wall_s"]:
         result["cells_per_s"] = round(m["items"].get("cells", 0) / m["wall_s"]["cells"], 1)
-    for stage, branch, model, items in (("classify", "cells", args.classifier, "cells"),
-                                        ("encode", "tiles", args.encoder, "tiles")):
+    for stage, feed, branch, model, items in (
+            ("classify", "detect", "cells", args.classifier, "cells"),
+            ("encode", "read", "tiles", args.encoder, "tiles")):
         if stage not in m["busy_s"] or not m["items"].get(items):
             continue
         alone = model_alone(model, args.batch, args.compile,
@@ -234,8 +238,20 @@ def main() -> None:
             "busy_ratio": round(busy / alone, 3), "startup_s": round(startup, 1),
             "steady_per_s": steady and round(steady, 1),
             "steady_ratio": steady and round(steady / alone, 3),
-            "items_for_e2e_0_8": steady and items_for_ratio(0.8, alone, steady, startup)})
+            "items_for_e2e_0_8": steady and items_for_ratio(0.8, alone, steady, startup),
+            **feed_actors(feed, m["items"][items], m["busy_s"].get(feed), alone)})
     write_result(result, f"pipeline_e2e-{device.replace(' ', '_')}-{result['date']}", args.tag)
+
+
+def feed_actors(stage: str, items: int, busy_s: float | None, alone: float) -> dict:
+    """What the CPU stage that feeds a model (detection, or tile reading) does per actor: items
+    per busy second of one actor, and the actors it takes to feed the model at 0.8 of its rate
+    alone (the CPUs per GPU a node needs for the target, at this run's cost per item)."""
+    if not busy_s or not items:
+        return {}
+    per_actor = items / busy_s
+    return {"feed_stage": stage, "feed_per_actor_s": round(per_actor, 1),
+            "feed_actors_for_0_8": int(np.ceil(0.8 * alone / per_actor))}
 
 
 def items_for_ratio(target: float, alone: float, steady: float, startup_s: float) -> int | None:

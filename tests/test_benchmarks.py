@@ -1,6 +1,6 @@
 """Arithmetic the benchmark scripts report (their runs are measurements, not tests)."""
 
-from benchmarks.pipeline_e2e import items_for_ratio
+from benchmarks.pipeline_e2e import feed_actors, items_for_ratio
 
 
 def test_items_for_ratio_is_the_smallest_archive_reaching_the_target():
@@ -24,3 +24,12 @@ def test_model_step_bench_runs_every_variant():
         r = bench_step("deepheme-tiny", 8, 2, bucket, passes, ragged)
         assert r["rows_per_s"] > 0 and r["passes_per_call"] == passes
     assert bench_step("dinov2-tiny", 4, 1, 32, 4)["rows_per_s"] > 0
+
+
+def test_feed_actors_is_the_cpus_that_keep_a_model_at_the_target():
+    # session 4's H100 tiles run: 50,176 tiles read in 351.27 busy seconds, ViT-S/14 12,616/s
+    r = feed_actors("read", 50_176, 351.27, 12_616.2)
+    assert r["feed_stage"] == "read" and r["feed_per_actor_s"] == 142.8
+    n = r["feed_actors_for_0_8"]
+    assert n * 50_176 / 351.27 >= 0.8 * 12_616.2 > (n - 1) * 50_176 / 351.27
+    assert feed_actors("detect", 0, 10.0, 1.0) == {} and feed_actors("read", 5, None, 1.0) == {}
