@@ -1,0 +1,113 @@
+"""What Ray Data costs the driver per row on the cells branch's path, with no-op actors: rows/s
+from detection-like actors through a classifier-like actor to the driver, and the driver
+process's CPU per row, for the model stage's batching as configured against a baseline, in the
+same process.
+
+    python benchmarks/ray_data_passthrough.py [--tasks 3000] [--rows-per-task 45]
+        [--read-batch 16] [--batch 256] [--passes 4 --calls 2] [--baseline-passes 1
+        --baseline-calls 1] [--tag T]
+
+Every cell of a run reaches the driver, one Python process whose threads share one GIL. It pays
+Ray Data per block (scheduling, the model stage's output blocks converted for ``iter_batches``)
+and the `Aggregator` per row (``driver_intake.py``). Here the actors do nothing: detection-like
+actors emit ``rows-per-task`` crops of 96 px per task in batches of ``read-batch`` tasks (the
+pipeline's ``read_batch_size``), a classifier-like actor takes ``batch`` x ``passes`` rows per
+call with ``calls`` calls in flight (``pipeline.classifier.passes_per_call`` and
+``calls_in_flight``), drops the crops and adds 23 probabilities, and the driver counts the rows.
+Rates are steady state (from the first batch at the driver). Prints JSON and writes
+``benchmarks/results/ray_data_passthrough-cpu<N>-<date>[-<tag>].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.common import write_result  # noqa: E402
+
+
+class Detect:
+    """Detection's output shape: per task ``rows`` crop rows with their columns."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["task"]) * self.rows
+        return {"task": np.repeat(batch["task"], self.rows), "slide_id": np.full(n, "slide-abc"),
+                "kind": np.full(n, "nucleated"), "x": np.zeros(n), "y": np.zeros(n),
+                "crop": np.zeros((n, 96, 96, 3), np.uint8)}
+
+
+class Classify:
+    """The classifier's output shape, without a model: crops dropped, probabilities added."""
+
+    def __call__(self, batch: dict) -> dict:
+        batch.pop("crop")
+        batch["probabilities"] = np.zeros((len(batch["task"]), 23), np.float32)
+        return batch
+
+
+def passthrough(tasks: int, rows: int, read_batch: int, batch: int, passes: int,
+                calls: int) -> dict:
+    """One run: steady rows/s at the driver and the driver process's CPU per row."""
+    import ray
+
+    many = {"max_concurrent_calls_per_actor": calls} if calls > 1 else {}
+    ds = ray.data.from_items([{"task": i} for i in range(tasks)])
+    ds = ds.map_batches(Detect, fn_constructor_args=(rows,), batch_size=read_batch,
+                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+    ds = ds.map_batches(Classify, batch_size=batch * passes,
+                        compute=ray.data.ActorPoolStrategy(size=1, **many), num_cpus=0.5)
+    n = n0 = blocks = 0
+    first = cpu0 = None
+    for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+        if first is None:
+            first, cpu0, n0 = time.perf_counter(), time.process_time(), len(b["task"])
+        n += len(b["task"])
+        blocks += 1
+    wall, cpu = time.perf_counter() - first, time.process_time() - cpu0
+    return {"batch": batch, "passes_per_call": passes, "calls_in_flight": calls,
+            "rows": n, "blocks_at_driver": blocks, "rows_per_s": round((n - n0) / wall),
+            "driver_cpu_us_per_row": round(cpu / (n - n0) * 1e6, 2),
+            "driver_cpu_cores": round(cpu / wall, 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", type=int, default=3000)
+    p.add_argument("--rows-per-task", type=int, default=45, help="an aspirate's 1024 px task")
+    p.add_argument("--read-batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--passes", type=int, default=4)
+    p.add_argument("--calls", type=int, default=2)
+    p.add_argument("--baseline-passes", type=int, default=1)
+    p.add_argument("--baseline-calls", type=int, default=1)
+    p.add_argument("--tag", default="", help="suffix of the result file name")
+    args = p.parse_args()
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    common = (args.tasks, args.rows_per_task, args.read_batch, args.batch)
+    baseline = passthrough(*common, args.baseline_passes, args.baseline_calls)
+    ours = passthrough(*common, args.passes, args.calls)
+    result = {"benchmark": "ray_data_passthrough", "cpus": os.cpu_count(),
+              "date": dt.date.today().isoformat(), "args": vars(args), "baseline": baseline,
+              "configured": ours,
+              "rows_per_s_ratio": round(ours["rows_per_s"] / baseline["rows_per_s"], 3),
+              "driver_cpu_per_row_ratio": round(ours["driver_cpu_us_per_row"]
+                                                / baseline["driver_cpu_us_per_row"], 3)}
+    write_result(result, f"ray_data_passthrough-cpu{os.cpu_count()}-{result['date']}", args.tag)
+
+
+if __name__ == "__main__":
+    main()
