@@ -70,7 +70,8 @@ def bench_step(name: str, batch: int, steps: int, bucket: int = 32, passes: int 
     t0 = time.perf_counter()
     step = (ClassifyCells(name, None, allow_untrained=True, batch_size=batch) if classify
             else EncodeTiles(name, None, allow_untrained=True, batch_size=batch))
-    step.predictor.bucket = bucket
+    for predictor in getattr(step.predictor, "members", [step.predictor]):  # an ensemble's too
+        predictor.bucket = bucket if predictor.cuda else 0
     start_s = time.perf_counter() - t0
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
