@@ -155,7 +155,6 @@ def test_gpu_padded_batches_give_the_unpadded_outputs():
                                Predictor(enc, "cuda", bucket=0).embed(tiles), rtol=0.05, atol=0.05)
 
 
-
 @pytest.mark.gpu
 def test_gpu_pipelined_chunks_give_the_one_pass_outputs():
     """Chunks staged in two pinned buffers and copied on a side stream while the model runs:
@@ -174,6 +173,7 @@ def test_gpu_pipelined_chunks_give_the_one_pass_outputs():
     small = np.ascontiguousarray(crops[:20, :64, :64])  # another row shape: new buffers
     np.testing.assert_allclose(many.predict(small), one.predict(small), atol=0.02)
     assert many._staging[0][0].is_pinned()
+
 
 def test_ensemble_averages_its_members_and_refuses_other_codes(tmp_path):
     from engine.models import EnsemblePredictor

@@ -91,7 +91,6 @@ def test_checkpoint_carries_the_density_and_the_predictor_returns_distances(tmp_
         create_model("deepheme-tiny", str(tmp_path / "bad.safetensors"))
 
 
-
 def test_chunks_and_picked_rows_give_the_one_pass_outputs(tmp_path):
     """A call of many rows runs ``chunk`` rows at a time (pipelined on CUDA); ``rows`` picks
     rows in its own order: the outputs equal one pass over the picked crops."""
@@ -145,6 +144,7 @@ def test_classify_step_scores_real_rows_in_place_across_passes(tmp_path):
     every = dict(batch, kind=np.full(9, "nucleated"))  # all real: no rows picked
     out = ClassifyCells("deepheme-tiny", path, batch_size=4)(every)
     assert np.isfinite(out["ood_distance"]).all()
+
 
 @needs_pbc
 def test_job_fits_on_training_rows_and_reports_the_test_split(tmp_path, capsys):
