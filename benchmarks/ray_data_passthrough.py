@@ -61,12 +61,13 @@ def passthrough(tasks: int, rows: int, read_batch: int, batch: int, passes: int,
     """One run: steady rows/s at the driver and the driver process's CPU per row."""
     import ray
 
-    many = {"max_concurrent_calls_per_actor": calls} if calls > 1 else {}
+    from engine.pipeline.run import actor_pool  # the pools the job builds
+
     ds = ray.data.from_items([{"task": i} for i in range(tasks)])
     ds = ds.map_batches(Detect, fn_constructor_args=(rows,), batch_size=read_batch,
-                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+                        compute=actor_pool(1), num_cpus=0.5)
     ds = ds.map_batches(Classify, batch_size=batch * passes,
-                        compute=ray.data.ActorPoolStrategy(size=1, **many), num_cpus=0.5)
+                        compute=actor_pool(1, calls=calls), num_cpus=0.5)
     n = n0 = blocks = 0
     first = cpu0 = None
     for b in ds.iter_batches(batch_format="numpy", batch_size=None):

@@ -247,7 +247,7 @@ def plan_resources(cpus: int, gpus: float, pc, branches: tuple[str, ...],
     return Resources(plan, readers, cpu, gpu, models)
 
 
-def _actors(n: int, grow_to: int | None = None, calls: int = 1) -> ray.data.ActorPoolStrategy:
+def actor_pool(n: int, grow_to: int | None = None, calls: int = 1) -> ray.data.ActorPoolStrategy:
     """A pool of ``n`` actors; with ``grow_to``, one that may grow to that many when CPUs come
     free (the other branch has finished and its actors are gone). ``calls``: Ray Data calls an
     actor takes at once, of which one runs the function at a time (the others fetch their
@@ -283,31 +283,31 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
     k = slide_shards(len(items), grow, pc.max_slide_shards)
     items = [{**item, "shard": i, "shards": k} for item in items for i in range(k)]
     ds = ray.data.from_items(items).flat_map(
-        PlanTasks, fn_constructor_args=(cfg, mpp, branch), compute=_actors(res.plan[branch]),
+        PlanTasks, fn_constructor_args=(cfg, mpp, branch), compute=actor_pool(res.plan[branch]),
         num_cpus=0)
     model_cpus = 0 if res.gpu[branch] else res.cpu
     if branch == "cells":
         c = pc.classifier
         return (ds.map_batches(DetectCells, fn_constructor_args=(cfg,),
                                batch_size=pc.read_batch_size,
-                               compute=_actors(res.readers[branch], grow), num_cpus=res.cpu)
+                               compute=actor_pool(res.readers[branch], grow), num_cpus=res.cpu)
                 .map_batches(ClassifyCells,
                              fn_constructor_args=(c.model, c.checkpoint, allow_untrained, c.tta,
                                                   cfg.storage, c.compile, c.batch_size,
                                                   c.ensemble, c.amp, c.threads),
                              batch_size=c.batch_size * c.passes_per_call,
-                             compute=_actors(c.concurrency, calls=c.calls_in_flight),
+                             compute=actor_pool(c.concurrency, calls=c.calls_in_flight),
                              num_gpus=res.gpu[branch], num_cpus=model_cpus))
     e = pc.encoder
     ds = ds.map_batches(ReadTiles, fn_constructor_args=(cfg, encoder, pc.read_threads),
                         batch_size=pc.tile_read_batch_size,
-                        compute=_actors(res.readers[branch], grow), num_cpus=res.cpu)
+                        compute=actor_pool(res.readers[branch], grow), num_cpus=res.cpu)
     if encoder:
         ds = ds.map_batches(EncodeTiles, fn_constructor_args=(
             e.model, e.checkpoint, allow_untrained, cfg.storage, e.compile, e.batch_size, e.amp,
             e.threads),
             batch_size=e.batch_size * e.passes_per_call,
-            compute=_actors(e.concurrency, calls=e.calls_in_flight),
+            compute=actor_pool(e.concurrency, calls=e.calls_in_flight),
             num_gpus=res.gpu[branch], num_cpus=model_cpus)
     return ds
 
