@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
+import signal
 import socket
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# every Ray a test starts is its own: a bare ray.init() (the jobs', Ray Train's, in or out of
+# process) would otherwise join the last cluster `ray start` left on this machine, a user's
+# included. Tests that mean a cluster name its address.
+os.environ["RAY_ADDRESS"] = "local"
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -66,6 +76,68 @@ def free_port() -> int:
             port = s.getsockname()[1]
         if port not in _RAY_DEFAULT_PORTS and not 10002 <= port <= 19999:
             return port
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(name))
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        stack += children.get(p, [])
+    return out
+
+
+def node_ports() -> list[str]:
+    """``ray start`` arguments for a node's ports that default to fixed numbers on every node
+    (its dashboard agent's HTTP port, where jobs are submitted): a free one each."""
+    return [f"--dashboard-agent-listen-port={free_port()}"]
+
+
+@contextlib.contextmanager
+def ray_cluster(ray: str, env: dict, gcs_port: int, *head_args: str) -> Iterator[str]:
+    """A Ray head started with ``ray start`` on 127.0.0.1:``gcs_port``; yields its temp dir.
+
+    The cluster keeps to itself, so that tests can run side by side (pytest-xdist): its own temp
+    dir (where ``ray start`` leaves the address a bare ``ray.init()`` would join) and its own
+    client-server and dashboard ports. It is stopped by killing its own processes (those naming
+    its temp dir or GCS port, and their children): ``ray stop`` would kill every Ray on the
+    machine."""
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit
+    ports = [f"--ray-client-server-port={free_port()}", *node_ports()]
+    if not any(a.startswith("--dashboard-port") for a in head_args):
+        ports.append(f"--dashboard-port={free_port()}")
+    try:
+        head = subprocess.run([ray, "start", "--head", f"--port={gcs_port}", f"--temp-dir={temp}",
+                               "--node-ip-address=127.0.0.1", "--disable-usage-stats", *ports,
+                               *head_args], env=env, capture_output=True, text=True, timeout=120)
+        assert head.returncode == 0, head.stdout[-2000:] + head.stderr[-2000:]
+        yield temp
+    finally:
+        mine = re.compile(rf"{re.escape(temp)}|[:=]{gcs_port}\b")
+        roots = []
+        for name in os.listdir("/proc"):
+            if name.isdigit() and int(name) != os.getpid():
+                try:
+                    with open(f"/proc/{name}/cmdline", "rb") as fh:
+                        cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                if mine.search(cmd):
+                    roots.append(int(name))
+        for pid in {p for r in roots for p in process_tree(r)}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

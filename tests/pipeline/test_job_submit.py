@@ -2,19 +2,17 @@
 
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 
 import polars as pl
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, ray_cluster
 from tests.pipeline.conftest import tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
 
 
 def test_ray_job_submit_runs_process_slides(smear_slide, tmp_path):
@@ -24,11 +22,8 @@ def test_ray_job_submit_runs_process_slides(smear_slide, tmp_path):
            "RAY_AUTH_TOKEN": secrets.token_hex(32),
            # as with an activated virtual environment: the job's `python` is this one
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                    "--include-dashboard=true", "--disable-usage-stats"], check=True, env=env,
-                   capture_output=True, timeout=120)
-    try:
+    with ray_cluster(RAY, env, gcs, f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                     "--num-cpus=2", "--include-dashboard=true"):
         address = f"http://127.0.0.1:{dash}"
         out = tmp_path / "out"
         # without --no-wait the CLI streams the job's logs until it ends and exits 1 if it
@@ -45,6 +40,3 @@ def test_ray_job_submit_runs_process_slides(smear_slide, tmp_path):
         assert "1 ok, 0 failed of 1 processed" in logs
         st = pl.read_parquet(f"{out}/slide_status/*.parquet")
         assert st["status"].to_list() == ["ok"] and st["n_cells"][0] > 10
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(tmp_path / "out", ignore_errors=True)

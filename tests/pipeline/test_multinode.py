@@ -14,7 +14,7 @@ import time
 import polars as pl
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, node_ports, process_tree, ray_cluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -25,26 +25,6 @@ pipeline:
   classifier: {model: deepheme-tiny, batch_size: 64}
   encoder: {model: dinov2-tiny, batch_size: 16}
 """
-
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(name))
-    out, stack = [], [pid]
-    while stack:
-        p = stack.pop()
-        out.append(p)
-        stack += children.get(p, [])
-    return out
 
 
 def _raylet_pid(node_manager_port: int) -> int:
@@ -81,13 +61,11 @@ def test_killing_a_worker_node_loses_nothing(slides, tmp_path):
            "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     run = dict(env=env, capture_output=True, text=True, timeout=120)
-    head = subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--num-cpus=0",
-                           "--include-dashboard=false", *common], **run)
-    assert head.returncode == 0, head.stderr
-    try:
+    with ray_cluster(RAY, env, gcs, "--num-cpus=0", "--include-dashboard=false"):
         for port in (node1, free_port()):
             w = subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=4",
-                                f"--node-manager-port={port}", *common], **run)
+                                f"--node-manager-port={port}", *node_ports(), *common],
+                               **run)
             assert w.returncode == 0, w.stderr
         cfg = tmp_path / "cfg.yaml"
         cfg.write_text(CONFIG)
@@ -102,7 +80,7 @@ def test_killing_a_worker_node_loses_nothing(slides, tmp_path):
             if len(list((out / "slide_status").glob("*.parquet"))) >= 3:
                 break
             time.sleep(0.2)
-        victims = _tree(_raylet_pid(node1))
+        victims = process_tree(_raylet_pid(node1))
         for pid in victims:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -133,5 +111,3 @@ def test_killing_a_worker_node_loses_nothing(slides, tmp_path):
         # one slide's pixels under 30 names: every slide found the same cells, once
         counts = cells.group_by("slide_id").len()["len"]
         assert counts.n_unique() == 1 and counts[0] > 10
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
