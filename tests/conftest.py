@@ -107,11 +107,11 @@ def node_ports() -> list[str]:
 def ray_cluster(ray: str, env: dict, gcs_port: int, *head_args: str) -> Iterator[str]:
     """A Ray head started with ``ray start`` on 127.0.0.1:``gcs_port``; yields its temp dir.
 
-    The cluster keeps to itself, so that tests can run side by side (pytest-xdist): its own temp
-    dir (where ``ray start`` leaves the address a bare ``ray.init()`` would join) and its own
-    client-server and dashboard ports. It is stopped by killing its own processes (those naming
-    its temp dir or GCS port, and their children): ``ray stop`` would kill every Ray on the
-    machine."""
+    The cluster keeps to itself, beside any other Ray on the machine (a user's, another test's):
+    its own temp dir (where ``ray start`` leaves the address a bare ``ray.init()`` would join)
+    and its own client-server, dashboard and agent ports. It is stopped by killing its own
+    processes (those naming its temp dir or GCS port, and their children): ``ray stop`` would
+    kill every Ray on the machine."""
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit
     ports = [f"--ray-client-server-port={free_port()}", *node_ports()]
     if not any(a.startswith("--dashboard-port") for a in head_args):
