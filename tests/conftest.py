@@ -78,8 +78,19 @@ def free_port() -> int:
             return port
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants, from /proc."""
+def process_cmdlines() -> Iterator[tuple[int, str]]:
+    """``(pid, command line)`` of every process, from /proc."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as fh:
+                    yield int(name), fh.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+
+
+def process_tree(*pids: int) -> list[int]:
+    """``pids`` and all their descendants, from /proc."""
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -89,7 +100,7 @@ def process_tree(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(name))
-    out, stack = [], [pid]
+    out, stack = [], list(pids)
     while stack:
         p = stack.pop()
         out.append(p)
@@ -124,17 +135,8 @@ def ray_cluster(ray: str, env: dict, gcs_port: int, *head_args: str) -> Iterator
         yield temp
     finally:
         mine = re.compile(rf"{re.escape(temp)}|[:=]{gcs_port}\b")
-        roots = []
-        for name in os.listdir("/proc"):
-            if name.isdigit() and int(name) != os.getpid():
-                try:
-                    with open(f"/proc/{name}/cmdline", "rb") as fh:
-                        cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
-                except OSError:
-                    continue
-                if mine.search(cmd):
-                    roots.append(int(name))
-        for pid in {p for r in roots for p in process_tree(r)}:
+        roots = [pid for pid, cmd in process_cmdlines() if pid != os.getpid() and mine.search(cmd)]
+        for pid in set(process_tree(*roots)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)

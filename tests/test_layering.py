@@ -49,8 +49,12 @@ def loaded_with_peers():
     groups: dict[tuple, list[str]] = {}
     for module, forbidden in RULES.items():
         groups.setdefault(tuple(sorted(forbidden)), []).append(module)
-    procs = {tuple(ms): _loaded(ms) for ms in groups.values()}
-    return {m: loaded for ms, proc in procs.items() for loaded in [_result(proc, ms)] for m in ms}
+    procs = [(ms, _loaded(ms)) for ms in groups.values()]
+    out = {}
+    for ms, proc in procs:
+        loaded = _result(proc, ms)
+        out.update(dict.fromkeys(ms, loaded))
+    return out
 
 
 @pytest.mark.parametrize("module", sorted(RULES))

@@ -14,7 +14,8 @@ import time
 import polars as pl
 import pytest
 
-from tests.conftest import ROOT, free_port, node_ports, process_tree, ray_cluster
+from tests.conftest import (ROOT, free_port, node_ports, process_cmdlines, process_tree,
+                            ray_cluster)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -28,16 +29,9 @@ pipeline:
 
 
 def _raylet_pid(node_manager_port: int) -> int:
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as fh:
-                    cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "raylet" in cmd.split(" ", 1)[0] and \
-                    f"--node_manager_port={node_manager_port}" in cmd:
-                return int(name)
+    for pid, cmd in process_cmdlines():
+        if "raylet" in cmd.split(" ", 1)[0] and f"--node_manager_port={node_manager_port}" in cmd:
+            return pid
     raise AssertionError(f"no raylet on node manager port {node_manager_port}")
 
 

@@ -21,7 +21,7 @@ def ray_with_s3_env(s3_server):
     import ray
 
     # workers inherit the environment (and so the dummy credentials) from this driver
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

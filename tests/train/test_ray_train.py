@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.skipif(not (SHARED_DATA / "pbc").exis
 def ray_local():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
