@@ -79,10 +79,15 @@ def parse_args(argv=None):
                         "scored and shipped")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="bf16 autocast: auto = on CUDA and on CPUs with native bf16")
+    p.add_argument("--augment", choices=("cpu", "device"), default="cpu",
+                   help="cpu: albumentations in --loader-workers processes; device: the same "
+                        "recipe on whole batches on the training device (a GPU's images stay "
+                        "on it; no loader processes)")
     p.add_argument("--max-minutes", type=float, help="stop each fold after this wall time")
-    p.add_argument("--source-mpp", type=mpp_arg, default=0.1,
-                   help="µm/px of the input images (PBC / CellaVision: about 0.1), or auto: "
-                        "measured on their red cells")
+    p.add_argument("--source-mpp", type=mpp_arg,
+                   help="µm/px of the input images (default 0.1, about PBC / CellaVision's; a "
+                        "pack from jobs.pack_cell_images: its own), or auto: measured on their "
+                        "red cells")
     p.add_argument("--exclude-codes", default="IG,NEU",
                    help="codes not trained on (group-only labels); kept in the test split and "
                         "scored at group level")
@@ -99,6 +104,27 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     add_storage_args(p)
     return p.parse_args(argv)
+
+
+def read_pack(data: str) -> dict | None:
+    """``pack.json`` of a folder written by `jobs.pack_cell_images`, or None."""
+    path = os.path.join(data, "pack.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def pack_or_given_mpp(given: float | str | None, data: str) -> float | str:
+    """The images' µm/px: a pack's own (``given`` must be None or the same), else ``given``
+    (0.1 when None, about PBC / CellaVision's; ``auto`` is measured later)."""
+    pack = read_pack(data)
+    if pack is None:
+        return 0.1 if given is None else given
+    if given not in (None, pack["mpp"]):
+        raise ValueError(f"{data} is a pack at {pack['mpp']} µm/px (pack.json): leave "
+                         f"--source-mpp out")
+    return pack["mpp"]
 
 
 def work_folder(args) -> str:
@@ -216,6 +242,11 @@ def best_weights(folder: str) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     storage = storage_from_args(args)
+    try:
+        args.source_mpp = pack_or_given_mpp(args.source_mpp, args.data)
+    except ValueError as err:
+        print(f"hemeflow: error: {err}", file=sys.stderr)
+        return 2
     if args.source_mpp == "auto":
         try:  # every image of the export: the pixel size is the scanner's, not a split's
             args.source_mpp = resolve_source_mpp(args.source_mpp, read_labels(args.data).paths)
@@ -234,7 +265,8 @@ def main(argv=None) -> int:
                              mixup_alpha=args.mixup,
                              distill_alpha=args.distill_alpha if args.teacher else 0.0,
                              distill_temperature=args.distill_temperature,
-                             swa_start=args.swa_start, precision=args.precision)
+                             swa_start=args.swa_start, precision=args.precision,
+                             augment=args.augment)
     import torch
 
     use_gpu = args.gpus or torch.cuda.is_available()
@@ -340,6 +372,7 @@ def make_card(args, spec, codes, model, n_dev, fold, history, seconds, use_gpu) 
         "training": {
             "data": os.path.abspath(args.data), "source_mpp": args.source_mpp,
             "excluded_codes": args.exclude_codes, "n_dev_images": n_dev, "fold": fold,
+            **({"data_pack": pack} if (pack := read_pack(args.data)) else {}),
             "folds": args.folds, "settings": vars(args), "device": device,
             "seconds": round(seconds, 1), "best_val_macro_f1": best,
             "history": [{k: v for k, v in h.items() if isinstance(v, (int, float, str))}

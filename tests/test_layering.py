@@ -20,7 +20,12 @@ RULES = {
     "jobs.estimate_pixel_size": ["torch", "ray", "timm", "openslide", "pyvips"],
     "jobs.cell_gallery": ["torch", "ray", "timm"],
     "engine.models": ["ray", "openslide", "pyvips", "engine.slides"],
-    "engine.train.cell_classifier": ["ray", "openslide", "pyvips", "engine.slides"],
+    # the GPU machine's image has no albumentations: training with --augment device needs none
+    "engine.train.cell_classifier": ["ray", "openslide", "pyvips", "engine.slides",
+                                     "albumentations"],
+    "engine.train.batch_augment": ["ray", "openslide", "pyvips", "engine.slides",
+                                   "albumentations"],
+    "jobs.train_cell_classifier": ["ray", "openslide", "pyvips", "albumentations"],
     "engine.train.evaluation": ["ray", "openslide", "pyvips", "engine.slides"],
     "engine.train.calibration": ["ray", "openslide", "pyvips", "engine.slides"],
 }

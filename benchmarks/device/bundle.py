@@ -1,6 +1,6 @@
 """Packs what the GPU device machine lacks into one archive small enough to travel with a call.
 
-    python benchmarks/device/bundle.py [--python 3.12] [--out .devbundle]
+    python benchmarks/device/bundle.py [--python 3.12] [--set pipeline | train] [--out DIR]
 
 The device tool carries at most 64 MiB per call, working tree included. Its image has torch,
 timm, numpy, pyarrow, pandas, OpenCV, scipy and tifffile, but not Ray, OpenSlide, libvips or
@@ -29,13 +29,18 @@ import sys
 import tarfile
 import tempfile
 
-# Missing on the device image (benchmarks/device/README.md lists what is there). Ray's own
-# needs that the image lacks come too: jsonschema and its helpers.
-PACKAGES = [
-    "ray", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py",
-    "openslide-python", "openslide-bin", "simplejpeg", "pyvips-binary", "cffi", "pycparser",
-]
-SDIST_ONLY = ["pyvips"]  # pure Python, built into a wheel here
+# Missing on the device image (benchmarks/device/README.md lists what is there), per set:
+# "pipeline" for gpu_run.sh (Ray's own needs that the image lacks come too: jsonschema and its
+# helpers), "train" for train_run.sh (albumentations, for the DataLoader baseline it measures
+# against, and its needs).
+SETS = {
+    "pipeline": ["ray", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py",
+                 "openslide-python", "openslide-bin", "simplejpeg", "pyvips-binary", "cffi",
+                 "pycparser"],
+    "train": ["albumentations", "albucore", "pydantic", "pydantic-core", "annotated-types",
+              "typing-inspection", "stringzilla", "simsimd"],
+}
+SDIST_ONLY = {"pipeline": ["pyvips"], "train": []}  # pure Python, built into a wheel here
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64", "manylinux_2_5_x86_64"]
 # Parts of Ray a local Ray Data job never imports (paths inside site-packages).
@@ -76,7 +81,7 @@ def tree_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
-def build(python: str, out: str) -> dict:
+def build(python: str, out: str, which: str = "pipeline") -> dict:
     os.makedirs(out, exist_ok=True)
     abi = "cp" + python.replace(".", "")
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,9 +89,11 @@ def build(python: str, out: str) -> dict:
         plat = [a for p in PLATFORMS for a in ("--platform", p)]
         target = ["--python-version", python, "--implementation", "cp", "--abi", abi,
                   "--abi", "abi3", "--abi", "none", *plat, "--only-binary=:all:"]
-        names = [pinned(n) for n in PACKAGES]
+        names = [pinned(n) for n in SETS[which]]
+        sdists = [pinned(n) for n in SDIST_ONLY[which]]
         pip("download", "--no-deps", *target, "-d", wheels, *names)
-        pip("wheel", "--no-deps", "-w", wheels, *[pinned(n) for n in SDIST_ONLY])
+        if sdists:
+            pip("wheel", "--no-deps", "-w", wheels, *sdists)
         files = sorted(os.path.join(wheels, f) for f in os.listdir(wheels))
         pip("install", "--no-deps", "--no-index", "--no-compile", "--target", site, *target,
             *files)
@@ -97,7 +104,7 @@ def build(python: str, out: str) -> dict:
             for entry in sorted(os.listdir(site)):
                 tar.add(os.path.join(site, entry), arcname=entry)
     manifest = {
-        "python": python, "packages": names + [pinned(n) for n in SDIST_ONLY],
+        "python": python, "set": which, "packages": names + sdists,
         "stripped": STRIP, "installed_mb": round(installed / 1e6, 1),
         "removed_mb": round(removed / 1e6, 1),
         "archive_mb": round(os.path.getsize(archive) / 1e6, 1),
@@ -110,10 +117,14 @@ def build(python: str, out: str) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--python", default="3.12", help="the device's Python (3.12 on the H200)")
-    p.add_argument("--out", default=".devbundle", help="folder .gitignore ignores")
+    p.add_argument("--set", choices=sorted(SETS), default="pipeline",
+                   help="pipeline: for gpu_run.sh; train: for train_run.sh")
+    p.add_argument("--out", help="folder .gitignore ignores (default: .devbundle for the "
+                                 "pipeline set, .devdata for the train set, beside its pack)")
     args = p.parse_args(argv)
-    manifest = build(args.python, args.out)
-    manifest["fits_one_call"] = os.path.getsize(os.path.join(args.out, "site.tar.xz")) \
+    out = args.out or {"pipeline": ".devbundle", "train": ".devdata"}[args.set]
+    manifest = build(args.python, out, args.set)
+    manifest["fits_one_call"] = os.path.getsize(os.path.join(out, "site.tar.xz")) \
         < CARRY_LIMIT - 8 * 2**20  # leave room for the working tree
     print(json.dumps(manifest, indent=1))
 

@@ -2,6 +2,8 @@
 colour (brightness, contrast, hue, noise, stain jitter), then the centre crop the model sees.
 
 Images are augmented at a margin (144 px for a 96 px crop) so rotations never bring in borders.
+The ranges live in `engine.train.batch_augment.RECIPE`, which the batch version on the training
+device (`BatchAugment`) draws from too.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np
 
-# Ruifrok & Johnston stain vectors (haematoxylin, eosin, DAB) as rows, as in skimage.color.
-_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)
-_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED).astype(np.float32)
+from engine.train.batch_augment import HED_FROM_RGB, RECIPE, RGB_FROM_HED, Recipe
 
 
 class HEDJitter(A.ImageOnlyTransform):
@@ -35,25 +35,27 @@ class HEDJitter(A.ImageOnlyTransform):
 
     def apply(self, img, alpha=None, beta=None, **params):
         od = -np.log((img.astype(np.float32) + 1.0) / 256.0)      # (H, W, 3) optical density
-        hed = od @ _HED_FROM_RGB * alpha + beta
-        rgb = 256.0 * np.exp(-(hed @ _RGB_FROM_HED)) - 1.0
+        hed = od @ HED_FROM_RGB * alpha + beta
+        rgb = 256.0 * np.exp(-(hed @ RGB_FROM_HED)) - 1.0
         return np.clip(rgb, 0, 255).astype(np.uint8)
 
     def get_transform_init_args_names(self):
         return ("sigma",)
 
 
-def train_transform(crop_px: int = 96) -> A.Compose:
+def train_transform(crop_px: int = 96, r: Recipe = RECIPE) -> A.Compose:
     return A.Compose([
-        A.Affine(rotate=(-180, 180), shear=(-8, 8), scale=(0.9, 1.1),
-                 border_mode=cv2.BORDER_REFLECT_101, p=0.9),
-        A.HorizontalFlip(p=0.5),
-        A.VerticalFlip(p=0.5),
+        A.Affine(rotate=r.rotate, shear=r.shear, scale=r.scale,
+                 border_mode=cv2.BORDER_REFLECT_101, p=r.affine_p),
+        A.HorizontalFlip(p=r.hflip_p),
+        A.VerticalFlip(p=r.vflip_p),
         A.CenterCrop(crop_px, crop_px),
-        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.7),
-        A.HueSaturationValue(hue_shift_limit=6, sat_shift_limit=12, val_shift_limit=6, p=0.5),
-        HEDJitter(sigma=0.05, p=0.5),
-        A.GaussNoise(std_range=(0.01, 0.04), p=0.3),
+        A.RandomBrightnessContrast(brightness_limit=r.brightness, contrast_limit=r.contrast,
+                                   p=r.brightness_contrast_p),
+        A.HueSaturationValue(hue_shift_limit=r.hue, sat_shift_limit=r.saturation,
+                             val_shift_limit=r.value, p=r.hsv_p),
+        HEDJitter(sigma=r.hed_sigma, p=r.hed_p),
+        A.GaussNoise(std_range=r.noise_std, p=r.noise_p),
     ])
 
 

@@ -19,10 +19,10 @@ import torch
 from engine.config import StorageConfig
 from engine.models.factory import build_module
 from engine.models.registry import get_spec
-from engine.train.augment import eval_transform, train_transform
+from engine.train.batch_augment import BatchAugment
 from engine.train.loop import (EpochAverage, Session, TrainSettings, evaluate,
-                               load_train_state, save_train_state, train_one_epoch, unwrap,
-                               use_bf16)
+                               load_train_state, normalize_chw, save_train_state,
+                               train_one_epoch, unwrap, use_bf16)
 from engine.train.splits import BalancedSampler
 
 
@@ -40,6 +40,47 @@ class AugmentedCells(torch.utils.data.Dataset):
         j = int(self.idx[i])
         img = self.transform(image=np.ascontiguousarray(self.images[j]))["image"]
         return torch.from_numpy(np.ascontiguousarray(img)), int(self.labels[j])
+
+
+class DeviceBatches:
+    """Class-balanced training batches drawn from images held on the training device and
+    augmented there (`BatchAugment`), normalised and ready for the model: ``(x, y)`` as
+    `train_one_epoch` takes them. Each epoch's draws are seeded by ``(seed, epoch, rank)``, so a
+    resumed run augments its remaining epochs as the uninterrupted one would have."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, idx, sampler, batch_size: int,
+                 crop_px: int, mean, std, channels_last: bool, seed: int, rank: int = 0):
+        self.images, self.labels = images, labels
+        self.idx = torch.as_tensor(np.asarray(idx), device=images.device)
+        self.sampler, self.batch_size = sampler, batch_size
+        self.mean, self.std, self.channels_last = mean, std, channels_last
+        self.generator = torch.Generator(device=images.device)
+        self.augment = BatchAugment(crop_px, generator=self.generator)
+        self.seed, self.rank = seed, rank
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size  # full batches only, as drop_last
+
+    def __iter__(self):
+        self.generator.manual_seed((self.seed * 100_003 + self.sampler.epoch) * 1_009 + self.rank)
+        order = torch.as_tensor(list(self.sampler), device=self.images.device)
+        for b in range(len(self)):
+            rows = self.idx[order[b * self.batch_size:(b + 1) * self.batch_size]]
+            x = normalize_chw(self.augment(self.images[rows]), self.mean, self.std,
+                              self.channels_last)
+            yield x, self.labels[rows]
+
+
+def centre_crops(images: torch.Tensor, labels: np.ndarray, idx, crop_px: int, batch_size: int):
+    """Validation batches from images on the device: ``(uint8 (B, c, c, 3) centre crops, cpu
+    labels)``, as the evaluation DataLoader gives them."""
+    h, w = images.shape[1:3]
+    top, left = (h - crop_px) // 2, (w - crop_px) // 2
+    idx = np.asarray(idx)
+    for b in range(0, len(idx), batch_size):
+        rows = idx[b:b + batch_size]
+        yield (images[torch.as_tensor(rows, device=images.device), top:top + crop_px,
+                      left:left + crop_px], torch.as_tensor(labels[rows]))
 
 
 def load_prepared(folder: str, fold: int):
@@ -161,14 +202,33 @@ def train_fold(config: dict, session: Session) -> None:
         start, best_f1, bad = doc["epoch"] + 1, doc["best_macro_f1"], doc["bad_epochs"]
 
     sampler = BalancedSampler(labels[train_idx], session.world_size, session.rank, settings.seed)
-    pin = session.device.type == "cuda"
-    train_loader = torch.utils.data.DataLoader(
-        AugmentedCells(images, labels, train_idx, train_transform(spec.input_px)),
-        batch_size=settings.batch_size, sampler=sampler, num_workers=settings.num_workers,
-        pin_memory=pin, drop_last=True, persistent_workers=settings.num_workers > 0)
-    val_loader = torch.utils.data.DataLoader(
-        AugmentedCells(images, labels, val_idx, eval_transform(spec.input_px)),
-        batch_size=settings.batch_size * 2, num_workers=settings.num_workers, pin_memory=pin)
+    if settings.augment == "device":
+        on_device = torch.from_numpy(np.array(images)).to(session.device)  # off the mmap
+        channels_last = session.device.type == "cuda" or use_bf16(session.device,
+                                                                  settings.precision)
+        train_loader = DeviceBatches(on_device, torch.as_tensor(labels, device=session.device),
+                                     train_idx, sampler, settings.batch_size, spec.input_px,
+                                     mean, std, channels_last, settings.seed, session.rank)
+
+        def val_loader():
+            return centre_crops(on_device, labels, val_idx, spec.input_px,
+                                settings.batch_size * 2)
+    elif settings.augment == "cpu":
+        from engine.train.augment import eval_transform, train_transform  # albumentations
+
+        pin = session.device.type == "cuda"
+        train_loader = torch.utils.data.DataLoader(
+            AugmentedCells(images, labels, train_idx, train_transform(spec.input_px)),
+            batch_size=settings.batch_size, sampler=sampler, num_workers=settings.num_workers,
+            pin_memory=pin, drop_last=True, persistent_workers=settings.num_workers > 0)
+        val_batches = torch.utils.data.DataLoader(
+            AugmentedCells(images, labels, val_idx, eval_transform(spec.input_px)),
+            batch_size=settings.batch_size * 2, num_workers=settings.num_workers, pin_memory=pin)
+
+        def val_loader():
+            return val_batches
+    else:
+        raise ValueError(f"augment must be 'cpu' or 'device', not {settings.augment!r}")
 
     started = time.time()
     for epoch in range(start, settings.epochs):
@@ -186,7 +246,7 @@ def train_fold(config: dict, session: Session) -> None:
         # the weights we would ship: the SWA average once it holds an epoch, else the EMA or model
         scored = swa.module if swa is not None and swa.n else \
             ema.module if ema is not None else unwrap(model)
-        val = evaluate(scored, val_loader, session.device, mean, std, codes, settings.precision)
+        val = evaluate(scored, val_loader(), session.device, mean, std, codes, settings.precision)
         if val["macro_f1"] > best_f1:
             best_f1, bad = val["macro_f1"], 0
             best_state = copy.deepcopy({k: v.detach().cpu()

@@ -66,12 +66,15 @@ def _random_checkpoint(path, codes, seed: int):
 
 
 @needs_pbc
-def test_loss_falls_and_training_resumes(tmp_path):
+@pytest.mark.parametrize("augment", ["cpu", "device"])
+def test_loss_falls_and_training_resumes(tmp_path, augment):
+    """Both augmentation paths: albumentations in the DataLoader, and `BatchAugment` on the
+    training device (here the CPU)."""
     from engine.train.cell_classifier import train_fold
 
     codes, prepared = _prepare(tmp_path)
     settings = TrainSettings(epochs=4, batch_size=16, num_workers=0, lr=3e-3, lr_step_epochs=100,
-                             patience=100, label_smoothing=0.0)
+                             patience=100, label_smoothing=0.0, augment=augment)
     config = {"arch": "deepheme-tiny", "class_codes": codes, "data": prepared, "fold": 0,
               "settings": settings.__dict__}
     torch.manual_seed(0)

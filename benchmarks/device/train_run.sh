@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The reference cell classifier (#3) trained on the device machine in one call (README.md here).
+#
+#   bash benchmarks/device/train_run.sh
+#
+# Needs .devdata (carried): the PBC pack in .devdata/pbc-pack (python -m jobs.pack_cell_images)
+# and albumentations for the device's Python in .devdata/site.tar.xz (bundle.py --set train).
+# Steps:
+#   1. benchmarks/train_throughput.py: ResNeXt-50 training crops/s alone, fed by BatchAugment on
+#      the GPU, and fed by albumentations in 15 loader processes (the figure for the README);
+#   2. K fold models (the teachers) with --augment device, their epochs fitted to the budget
+#      from step 1's rate, scored alone and as an ensemble on the held-out test split;
+#   3. one student distilled from the K-fold ensemble (the shippable single model: a 5-model
+#      ensemble is 5 x 47 MB, over the 50 MB a reference may take), scored on the same split.
+# Then $OUT holds run.log, summary.json, the student's card (model.json) and its fp16 weights in
+# parts under 16 MiB (cat model.safetensors.part-* > model.safetensors). SMALL=1 rehearses it on
+# a CPU with the tiny model in about 3 minutes.
+set -u
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/train_run_out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+PACK=${PACK:-.devdata/pbc-pack}
+WORK=${WORK:-/tmp/train_run}
+export PYTHONUNBUFFERED=1
+LOG="$OUT/run.log"
+if [ "${SMALL:-0}" = 1 ]; then
+  ARCH=deepheme-tiny FOLDS=${FOLDS:-2} FOLD_S=${FOLD_S:-25} STUDENT_S=${STUDENT_S:-30}
+  LIMIT="--limit-per-class 60" BENCH="--arch deepheme-tiny --batch 32 --steps 5 --images 256 --loader-workers 2"
+else
+  ARCH=deepheme-resnext50 FOLDS=${FOLDS:-5} FOLD_S=${FOLD_S:-55} STUDENT_S=${STUDENT_S:-110}
+  LIMIT="" BENCH="--arch deepheme-resnext50 --batch 128 --steps 30 --images 2048 --loader-workers 15"
+fi
+[ -f "$PACK/pack.json" ] || { echo "no $PACK/pack.json: run python -m jobs.pack_cell_images here and carry .devdata" >&2; exit 2; }
+rm -rf "$WORK"
+# albumentations and its needs (bundle.py --set train), for the DataLoader baseline
+if [ -f .devdata/site.tar.xz ]; then
+  SITE=${SITE:-/tmp/trainsite}
+  if [ ! -f "$SITE/.unpacked" ]; then
+    mkdir -p "$SITE" && tar -xJf .devdata/site.tar.xz -C "$SITE" && touch "$SITE/.unpacked" || exit 3
+  fi
+  export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
+  nproc
+  cat "$PACK/pack.json"; echo
+  $PY -c "import torch, timm, numpy, albumentations; print('torch', torch.__version__, 'timm', timm.__version__, 'numpy', numpy.__version__, 'albumentations', albumentations.__version__, 'cuda', torch.cuda.is_available())"  # last: its status is the group's
+} 2>&1 | tee "$LOG"
+[ "${PIPESTATUS[0]}" = 0 ] || exit 4
+
+step() {  # name, time limit in seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >"$WORK.$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc $rc in $((SECONDS - t0)) s" | tee -a "$LOG"
+  grep -v '^{"epoch"' "$WORK.$name.log" | tail -n 40 | tee -a "$LOG"
+  grep '^{"epoch"' "$WORK.$name.log" >>"$LOG"
+  return $rc
+}
+
+step throughput 90 $PY benchmarks/train_throughput.py $BENCH --data "$PACK" --source-mpp 0.25 --tag device-train
+RATE=$(ls -t benchmarks/results/train_throughput-*device-train.json 2>/dev/null | head -1 | xargs -r $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['crops_per_s']['device'])")
+# epochs that fit the budget: a fold's balanced epoch is about 11 classes x its largest class
+# (0.85 x 0.8 of ER's 1,159 images with K=5), plus scoring the validation split each epoch
+read -r EPOCHS STEP STUDENT_EPOCHS STUDENT_STEP < <($PY - "${RATE:-0}" "$FOLDS" "$FOLD_S" "$STUDENT_S" <<'EOF'
+import sys
+rate, k, fold_s, student_s = float(sys.argv[1]) or 500.0, int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+epoch_s = 11 * 1159 * 0.85 * (1 - 1 / max(k, 2)) / rate * 1.15 + 0.5
+teachers = max(4, min(60, int((fold_s - 15) / epoch_s)))
+student = max(4, min(60, int((student_s - 20) / (epoch_s * (1 + k / 3)))))  # + K teacher passes
+print(teachers, max(1, teachers // 4), student, max(1, student // 4))
+EOF
+)
+echo "rate ${RATE:-unknown} crops/s: teachers $EPOCHS epochs (step $STEP), student $STUDENT_EPOCHS (step $STUDENT_STEP)" | tee -a "$LOG"
+
+common=(--data "$PACK" --arch $ARCH --local --augment device --batch-size 128
+        --label-smoothing 0.1 --patience 100 $LIMIT)
+step teachers $((FOLDS * (FOLD_S + 25) + 60)) $PY -m jobs.train_cell_classifier "${common[@]}" \
+  --output "$WORK/folds" --folds "$FOLDS" --epochs "$EPOCHS" --lr-step-epochs "$STEP" \
+  --max-minutes "$($PY -c "print(round($FOLD_S / 60, 2))")" --no-ood
+teachers=()
+for k in $(seq 0 $((FOLDS - 1))); do
+  [ -f "$WORK/folds/fold-$k/model.safetensors" ] && teachers+=(--teacher "$WORK/folds/fold-$k/model.safetensors")
+done
+if [ ${#teachers[@]} -gt 0 ]; then
+  step student $((STUDENT_S + 90)) $PY -m jobs.train_cell_classifier "${common[@]}" \
+    --output "$WORK/student" --epochs "$STUDENT_EPOCHS" --lr-step-epochs "$STUDENT_STEP" \
+    --max-minutes "$($PY -c "print(round($STUDENT_S / 60, 2))")" "${teachers[@]}"
+fi
+
+$PY - "$WORK" "$OUT" <<'EOF'
+import glob, json, os, sys
+work, out = sys.argv[1:]
+summary = {}
+for f in sorted(glob.glob("benchmarks/results/train_throughput-*device-train.json"))[-1:]:
+    summary["train_throughput"] = json.load(open(f))
+for run in ("folds", "student"):
+    path = os.path.join(work, run, "evaluation.json")
+    if os.path.exists(path):
+        summary[run] = {name: {k: v for k, v in rep.items() if k != "confusion_matrix"}
+                        for name, rep in json.load(open(path)).items()}
+json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
+for run, reps in summary.items():
+    if run != "train_throughput":
+        for name, rep in reps.items():
+            print(run, name, "macro F1", rep.get("macro_f1"), "accuracy", rep.get("accuracy"),
+                  "classes P,R > 0.8:", rep.get("classes_precision_recall_above_0_8"))
+EOF
+if [ -f "$WORK/student/model.safetensors" ]; then
+  cp "$WORK/student/model.json" "$OUT/model.json"
+  split -b 16000000 -a 2 "$WORK/student/model.safetensors" "$OUT/model.safetensors.part-"
+fi
+ls -la "$OUT"

@@ -1,0 +1,66 @@
+"""Packing labelled cells for training elsewhere (jobs.pack_cell_images)."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.train.data import load_cell_image, read_labels
+from tests.conftest import SHARED_DATA
+
+PBC = SHARED_DATA / "pbc"
+pytestmark = pytest.mark.skipif(not (PBC / "labels.csv").exists(), reason="PBC data not present")
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    """Six PBC images per code (absolute paths), in a labels.csv of their own."""
+    folder = tmp_path_factory.mktemp("mini")
+    with open(PBC / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    seen: dict[str, int] = {}
+    keep = []
+    for r in rows:
+        if seen.get(r["code"], 0) < 6:
+            seen[r["code"]] = seen.get(r["code"], 0) + 1
+            keep.append({**r, "path": str(PBC / r["path"])})
+    with open(folder / "labels.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(keep[0]))
+        w.writeheader()
+        w.writerows(keep)
+    return folder
+
+
+def test_pack_keeps_rows_codes_and_split_and_the_train_job_takes_its_mpp(mini, tmp_path):
+    from jobs.pack_cell_images import main as pack
+    from jobs.train_cell_classifier import main as train
+    from jobs.train_cell_classifier import pack_or_given_mpp, split_for_training
+
+    out = tmp_path / "pack"
+    assert pack(["--data", str(mini), "--output", str(out), "--source-mpp", "0.1",
+                 "--format", "png"]) == 0
+    info = json.loads((out / "pack.json").read_text())
+    assert info["mpp"] == 0.25 and info["source_mpp"] == 0.1 and info["px"] == 144
+    original, packed = read_labels(str(mini)), read_labels(str(out))
+    assert packed.codes == original.codes and len(packed) == info["images"]
+    with open(out / "labels.csv", newline="") as fh:
+        assert [r["source_path"] for r in csv.DictReader(fh)] == list(original.paths)
+    # lossless here: each packed image is the original resampled to 0.25 µm/px, 144 px
+    for i in (0, len(packed) - 1):
+        assert np.array_equal(np.asarray(Image.open(packed.paths[i])),
+                              load_cell_image(original.paths[i], 0.1, 0.25, 144))
+    # the same test split, row for row
+    a = split_for_training(original, {"IG", "NEU"}, 0.2, 0)
+    b = split_for_training(packed, {"IG", "NEU"}, 0.2, 0)
+    assert np.array_equal(a[4], b[4]) and [c for _, c in a[5]] == [c for _, c in b[5]]
+    assert pack(["--data", str(mini), "--output", str(out)]) == 2  # not empty: refused
+    # a pack's own µm/px, or a refusal naming it
+    assert pack_or_given_mpp(None, str(out)) == pack_or_given_mpp(0.25, str(out)) == 0.25
+    assert pack_or_given_mpp(None, str(mini)) == 0.1
+    assert pack_or_given_mpp("auto", str(mini)) == "auto"
+    with pytest.raises(ValueError, match="pack at 0.25"):
+        pack_or_given_mpp("auto", str(out))
+    assert train(["--data", str(out), "--output", str(tmp_path / "t"), "--source-mpp", "0.1",
+                  "--arch", "deepheme-tiny", "--local"]) == 2
