@@ -12,8 +12,8 @@ augmented there (``--augment device``). Rates count the steps after the first th
 start-up and warm-up). Prints JSON with each rate, its ratio to ``alone`` and ``device`` over
 ``loader``, and writes ``benchmarks/results/train_throughput-<device>-<date>.json``.
 
-On a GPU node the loader processes bound training (session 4's H100: about 1.9k crops/s of
-ResNeXt-50 at 96 px from 15 of them); on a CPU the model itself does.
+On a GPU node the loader processes may bound training (session 4's H100 trained ResNeXt-50 at
+about 2.4k crops/s of 96 px with 15 of them; not measured apart); on a CPU the model does.
 """
 
 from __future__ import annotations

@@ -103,7 +103,12 @@ def parse_args(argv=None):
                    help="do not give the checkpoints a feature density (engine.models.ood)")
     p.add_argument("--seed", type=int, default=0)
     add_storage_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.source_mpp = pack_or_given_mpp(args.source_mpp, args.data)
+    except ValueError as err:
+        p.error(str(err))
+    return args
 
 
 def read_pack(data: str) -> dict | None:
@@ -242,11 +247,6 @@ def best_weights(folder: str) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     storage = storage_from_args(args)
-    try:
-        args.source_mpp = pack_or_given_mpp(args.source_mpp, args.data)
-    except ValueError as err:
-        print(f"hemeflow: error: {err}", file=sys.stderr)
-        return 2
     if args.source_mpp == "auto":
         try:  # every image of the export: the pixel size is the scanner's, not a split's
             args.source_mpp = resolve_source_mpp(args.source_mpp, read_labels(args.data).paths)

@@ -23,12 +23,14 @@ PY=${PY:-python3}
 PACK=${PACK:-.devdata/pbc-pack}
 WORK=${WORK:-/tmp/train_run}
 export PYTHONUNBUFFERED=1
+DEADLINE=${DEADLINE:-560}  # seconds: every step ends by then, inside the call's 600
+left() { echo $(( DEADLINE - SECONDS - ${1:-0} )); }  # seconds left, less a reserve
 LOG="$OUT/run.log"
 if [ "${SMALL:-0}" = 1 ]; then
   ARCH=deepheme-tiny FOLDS=${FOLDS:-2} FOLD_S=${FOLD_S:-25} STUDENT_S=${STUDENT_S:-30}
   LIMIT="--limit-per-class 60" BENCH="--arch deepheme-tiny --batch 32 --steps 5 --images 256 --loader-workers 2"
 else
-  ARCH=deepheme-resnext50 FOLDS=${FOLDS:-5} FOLD_S=${FOLD_S:-55} STUDENT_S=${STUDENT_S:-110}
+  ARCH=deepheme-resnext50 FOLDS=${FOLDS:-5} FOLD_S=${FOLD_S:-50} STUDENT_S=${STUDENT_S:-100}
   LIMIT="" BENCH="--arch deepheme-resnext50 --batch 128 --steps 30 --images 2048 --loader-workers 15"
 fi
 [ -f "$PACK/pack.json" ] || { echo "no $PACK/pack.json: run python -m jobs.pack_cell_images here and carry .devdata" >&2; exit 2; }
@@ -53,6 +55,7 @@ fi
 
 step() {  # name, time limit in seconds, command...
   local name=$1 limit=$2; shift 2
+  if [ "$limit" -lt 10 ]; then echo "== $name: skipped, ${limit}s left" | tee -a "$LOG"; return 124; fi
   echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
   local t0=$SECONDS
   timeout --kill-after=10 "$limit" "$@" >"$WORK.$name.log" 2>&1
@@ -63,16 +66,16 @@ step() {  # name, time limit in seconds, command...
   return $rc
 }
 
-step throughput 90 $PY benchmarks/train_throughput.py $BENCH --data "$PACK" --source-mpp 0.25 --tag device-train
+step throughput 75 $PY benchmarks/train_throughput.py $BENCH --data "$PACK" --source-mpp 0.25 --tag device-train
 RATE=$(ls -t benchmarks/results/train_throughput-*device-train.json 2>/dev/null | head -1 | xargs -r $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['crops_per_s']['device'])")
 # epochs that fit the budget: a fold's balanced epoch is about 11 classes x its largest class
 # (0.85 x 0.8 of ER's 1,159 images with K=5), plus scoring the validation split each epoch
 read -r EPOCHS STEP STUDENT_EPOCHS STUDENT_STEP < <($PY - "${RATE:-0}" "$FOLDS" "$FOLD_S" "$STUDENT_S" <<'EOF'
 import sys
 rate, k, fold_s, student_s = float(sys.argv[1]) or 500.0, int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-epoch_s = 11 * 1159 * 0.85 * (1 - 1 / max(k, 2)) / rate * 1.15 + 0.5
-teachers = max(4, min(60, int((fold_s - 15) / epoch_s)))
-student = max(4, min(60, int((student_s - 20) / (epoch_s * (1 + k / 3)))))  # + K teacher passes
+epoch_s = 11 * 1159 * 0.85 * (1 - 1 / max(k, 2)) / rate * 1.1 + 0.2
+teachers = max(4, min(60, int((fold_s - 8) / epoch_s)))
+student = max(4, min(60, int((student_s - 10) / (epoch_s * (1 + k / 3)))))  # + K teacher passes
 print(teachers, max(1, teachers // 4), student, max(1, student // 4))
 EOF
 )
@@ -80,7 +83,7 @@ echo "rate ${RATE:-unknown} crops/s: teachers $EPOCHS epochs (step $STEP), stude
 
 common=(--data "$PACK" --arch $ARCH --local --augment device --batch-size 128
         --label-smoothing 0.1 --patience 100 $LIMIT)
-step teachers $((FOLDS * (FOLD_S + 25) + 60)) $PY -m jobs.train_cell_classifier "${common[@]}" \
+step teachers $(left $((STUDENT_S + 40))) $PY -m jobs.train_cell_classifier "${common[@]}" \
   --output "$WORK/folds" --folds "$FOLDS" --epochs "$EPOCHS" --lr-step-epochs "$STEP" \
   --max-minutes "$($PY -c "print(round($FOLD_S / 60, 2))")" --no-ood
 teachers=()
@@ -88,7 +91,7 @@ for k in $(seq 0 $((FOLDS - 1))); do
   [ -f "$WORK/folds/fold-$k/model.safetensors" ] && teachers+=(--teacher "$WORK/folds/fold-$k/model.safetensors")
 done
 if [ ${#teachers[@]} -gt 0 ]; then
-  step student $((STUDENT_S + 90)) $PY -m jobs.train_cell_classifier "${common[@]}" \
+  step student $(left 15) $PY -m jobs.train_cell_classifier "${common[@]}" \
     --output "$WORK/student" --epochs "$STUDENT_EPOCHS" --lr-step-epochs "$STUDENT_STEP" \
     --max-minutes "$($PY -c "print(round($STUDENT_S / 60, 2))")" "${teachers[@]}"
 fi

@@ -176,6 +176,8 @@ def train_fold(config: dict, session: Session) -> None:
     if config.get("init"):
         load_init(module, config["init"], spec.name, codes, storage,
                   log=print if session.rank == 0 else (lambda _: None))
+    if session.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every training batch has the same shape
     if session.device.type == "cuda" or use_bf16(session.device, settings.precision):
         module = module.to(memory_format=torch.channels_last)  # NHWC: oneDNN / cuDNN bf16 paths
     model = session.prepare_model(module)

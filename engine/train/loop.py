@@ -205,9 +205,9 @@ def train_one_epoch(model, loader, optimizer, device, mean, std, settings: Train
         optimizer.step()
         if ema is not None:
             ema.update(unwrap(model))
-        total += float(loss.detach()) * len(y)
+        total = total + loss.detach() * len(y)  # on the device: no sync per step
         n += len(y)
-    return total / max(n, 1)
+    return float(total) / max(n, 1)
 
 
 @torch.inference_mode()

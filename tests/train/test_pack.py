@@ -62,5 +62,6 @@ def test_pack_keeps_rows_codes_and_split_and_the_train_job_takes_its_mpp(mini, t
     assert pack_or_given_mpp("auto", str(mini)) == "auto"
     with pytest.raises(ValueError, match="pack at 0.25"):
         pack_or_given_mpp("auto", str(out))
-    assert train(["--data", str(out), "--output", str(tmp_path / "t"), "--source-mpp", "0.1",
-                  "--arch", "deepheme-tiny", "--local"]) == 2
+    with pytest.raises(SystemExit) as refused:
+        train(["--data", str(out), "--output", str(tmp_path / "t"), "--source-mpp", "0.1"])
+    assert refused.value.code == 2
