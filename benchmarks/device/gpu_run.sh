@@ -15,20 +15,12 @@ PY=${PY:-python3}
 parts=${*:-tests models tiles cells}
 export PYTHONUNBUFFERED=1
 
-if [ ! -f .devbundle/site.tar.xz ]; then
-  echo "no .devbundle/site.tar.xz: run 'python benchmarks/device/bundle.py' here and carry .devbundle" >&2
-  exit 2
-fi
-SITE=${SITE:-/tmp/site}
-if [ ! -f "$SITE/.unpacked" ]; then
-  mkdir -p "$SITE" && tar -xJf .devbundle/site.tar.xz -C "$SITE" && touch "$SITE/.unpacked" || exit 3
-fi
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/device/common.sh
+use_site .devbundle/site.tar.xz "${SITE:-/tmp/site}" \
+  "run 'python benchmarks/device/bundle.py' here and carry .devbundle"
 
 {
-  date -u +%FT%TZ
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
-  nproc
+  machine_header
   $PY - <<'EOF'
 import importlib.metadata as md
 for n in ("torch", "timm", "numpy", "pyarrow", "ray", "openslide-python", "openslide-bin",

@@ -35,19 +35,13 @@ else
 fi
 [ -f "$PACK/pack.json" ] || { echo "no $PACK/pack.json: run python -m jobs.pack_cell_images here and carry .devdata" >&2; exit 2; }
 rm -rf "$WORK"
-# albumentations and its needs (bundle.py --set train), for the DataLoader baseline
-if [ -f .devdata/site.tar.xz ]; then
-  SITE=${SITE:-/tmp/trainsite}
-  if [ ! -f "$SITE/.unpacked" ]; then
-    mkdir -p "$SITE" && tar -xJf .devdata/site.tar.xz -C "$SITE" && touch "$SITE/.unpacked" || exit 3
-  fi
-  export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source benchmarks/device/common.sh
+# albumentations and its needs, for the DataLoader baseline
+use_site .devdata/site.tar.xz "${SITE:-/tmp/trainsite}" \
+  "run 'python benchmarks/device/bundle.py --set train' here and carry .devdata"
 
 {
-  date -u +%FT%TZ
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
-  nproc
+  machine_header
   cat "$PACK/pack.json"; echo
   $PY -c "import torch, timm, numpy, albumentations; print('torch', torch.__version__, 'timm', timm.__version__, 'numpy', numpy.__version__, 'albumentations', albumentations.__version__, 'cuda', torch.cuda.is_available())"  # last: its status is the group's
 } 2>&1 | tee "$LOG"
