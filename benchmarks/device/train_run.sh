@@ -11,7 +11,8 @@
 #   2. K fold models (the teachers) with --augment device, their epochs fitted to the budget
 #      from step 1's rate, scored alone and as an ensemble on the held-out test split;
 #   3. one student distilled from the K-fold ensemble (the shippable single model: a 5-model
-#      ensemble is 5 x 47 MB, over the 50 MB a reference may take), scored on the same split.
+#      ensemble is 5 x 47 MB, over the 50 MB a reference may take), fine-tuned from the first
+#      fold model at a lower learning rate, scored on the same split.
 # Then $OUT holds run.log, summary.json, the student's card (model.json) and its fp16 weights in
 # parts under 16 MiB (cat model.safetensors.part-* > model.safetensors). SMALL=1 rehearses it on
 # a CPU with the tiny model in about 3 minutes.
@@ -85,9 +86,12 @@ for k in $(seq 0 $((FOLDS - 1))); do
   [ -f "$WORK/folds/fold-$k/model.safetensors" ] && teachers+=(--teacher "$WORK/folds/fold-$k/model.safetensors")
 done
 if [ ${#teachers[@]} -gt 0 ]; then
+  # the student starts from the first fold model (its few epochs fine-tune rather than learn
+  # from scratch) and learns from the average of all of them
   step student $(left 15) $PY -m jobs.train_cell_classifier "${common[@]}" \
     --output "$WORK/student" --epochs "$STUDENT_EPOCHS" --lr-step-epochs "$STUDENT_STEP" \
-    --max-minutes "$($PY -c "print(round($STUDENT_S / 60, 2))")" "${teachers[@]}"
+    --max-minutes "$($PY -c "print(round($STUDENT_S / 60, 2))")" "${teachers[@]}" \
+    --init "${teachers[1]}" --lr 3e-4
 fi
 
 $PY - "$WORK" "$OUT" <<'EOF'
