@@ -1,6 +1,12 @@
-"""Arithmetic the benchmark scripts report (their runs are measurements, not tests)."""
+"""Arithmetic the benchmark scripts report (their runs are measurements, not tests), and the
+parts a GPU run depends on, run small on the CPU."""
+
+import json
+
+import pytest
 
 from benchmarks.pipeline_e2e import feed_actors, items_for_ratio
+from tests.conftest import SHARED_DATA
 
 
 def test_items_for_ratio_is_the_smallest_archive_reaching_the_target():
@@ -33,3 +39,20 @@ def test_feed_actors_is_the_cpus_that_keep_a_model_at_the_target():
     n = r["feed_actors_for_0_8"]
     assert n * 50_176 / 351.27 >= 0.8 * 12_616.2 > (n - 1) * 50_176 / 351.27
     assert feed_actors("detect", 0, 10.0, 1.0) == {} and feed_actors("read", 5, None, 1.0) == {}
+
+
+def test_train_throughput_runs_its_three_parts(tmp_path, monkeypatch):
+    """`device/train_run.sh`'s first step, on the CPU with the tiny model on a few real PBC
+    cells (its rate sets the GPU run's epochs, so a crash there would cost the run its plan)."""
+    from benchmarks import common, train_throughput
+
+    if not (SHARED_DATA / "pbc" / "labels.csv").exists():
+        pytest.skip("PBC data not present")
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    assert train_throughput.main(["--arch", "deepheme-tiny", "--batch", "8", "--steps", "2",
+                                  "--images", "48", "--loader-workers", "0",
+                                  "--data", str(SHARED_DATA / "pbc"), "--tag", "t"]) == 0
+    (path,) = tmp_path.glob("train_throughput-*-t.json")
+    result = json.loads(path.read_text())
+    assert set(result["crops_per_s"]) == {"alone", "device", "loader"}
+    assert all(v > 0 for v in result["crops_per_s"].values())
