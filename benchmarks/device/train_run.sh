@@ -13,8 +13,9 @@
 #   3. one student distilled from the K-fold ensemble (the shippable single model: a 5-model
 #      ensemble is 5 x 47 MB, over the 50 MB a reference may take), fine-tuned from the first
 #      fold model at a lower learning rate, scored on the same split.
-# Then $OUT holds run.log, summary.json, the student's card (model.json) and its fp16 weights in
-# parts under 16 MiB (cat model.safetensors.part-* > model.safetensors). SMALL=1 rehearses it on
+# Then $OUT holds run.log, summary.json, the student's card (model.json), its fp16 weights in
+# parts under 16 MiB (cat model.safetensors.part-* > model.safetensors) and the test split as
+# the original images' paths (test_originals/labels.csv). SMALL=1 rehearses it on
 # a CPU with the tiny model in about 3 minutes.
 set -u
 cd "$(dirname "$0")/../.."
@@ -94,9 +95,25 @@ if [ ${#teachers[@]} -gt 0 ]; then
     --init "${teachers[1]}" --lr 3e-4
 fi
 
-$PY - "$WORK" "$OUT" <<'EOF'
-import glob, json, os, sys
-work, out = sys.argv[1:]
+$PY - "$WORK" "$OUT" "$PACK" <<'EOF'
+import csv, glob, json, os, sys
+work, out, pack = sys.argv[1:]
+# the held-out test rows as the original images (the pack's source), to score the student on
+# them where they are: <files>/test_originals/labels.csv, absolute paths of the machine that
+# made the pack
+test = os.path.join(work, "student", "test", "labels.csv")
+if os.path.exists(test):
+    source = json.load(open(os.path.join(pack, "pack.json")))["source"]
+    with open(os.path.join(pack, "labels.csv"), newline="") as fh:
+        original = {r["path"]: r["source_path"] for r in csv.DictReader(fh)}
+    os.makedirs(os.path.join(out, "test_originals"), exist_ok=True)
+    with open(test, newline="") as fh, \
+            open(os.path.join(out, "test_originals", "labels.csv"), "w", newline="") as dst:
+        w = csv.writer(dst)
+        w.writerow(["path", "code"])
+        for r in csv.DictReader(fh):
+            rel = os.path.relpath(r["path"], os.path.abspath(pack))
+            w.writerow([os.path.join(source, original[rel]), r["code"]])
 summary = {}
 for f in sorted(glob.glob("benchmarks/results/train_throughput-*device-train.json"))[-1:]:
     summary["train_throughput"] = json.load(open(f))
