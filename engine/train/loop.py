@@ -51,7 +51,7 @@ class TrainSettings:
     precision: str = "auto"
     # Where augmentation runs: "cpu" (albumentations in DataLoader processes) or "device" (the
     # same recipe on whole batches in torch, on the training device: `BatchAugment`). On a GPU
-    # the DataLoader processes bound training; "device" keeps the images on the GPU.
+    # the DataLoader processes can bound training; "device" keeps the images on the GPU.
     augment: str = "cpu"
     patience: int = 10
     num_workers: int = 4
