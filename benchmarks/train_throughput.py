@@ -4,11 +4,11 @@ same recipe on whole batches on the training device (`BatchAugment`), against th
     python benchmarks/train_throughput.py [--arch deepheme-resnext50] [--batch 128] [--steps 30]
         [--loader-workers 4] [--images 2048] [--tag T]
 
-Each part runs training steps (forward, backward, Adam) of the same model, batch and precision
-as `engine.train.cell_classifier.train_fold` does: ``alone`` on one fixed batch already on the
+Each part runs the training job's own steps (`train_one_epoch`: forward, backward, Adam) with
+the same model, batch and precision: ``alone`` on one fixed batch already on the
 device (the ceiling), ``loader`` on PBC cells augmented by albumentations in ``--loader-workers``
 processes (the ``--augment cpu`` path), ``device`` on the same cells held on the device and
-augmented there (``--augment device``). Rates count the steps after the first three (process
+augmented there (``--augment device``). Rates count the steps after the first three (loader
 start-up and warm-up). Prints JSON with each rate, its ratio to ``alone`` and ``device`` over
 ``loader``, and writes ``benchmarks/results/train_throughput-<device>-<date>.json``.
 
@@ -19,6 +19,7 @@ about 2.4k crops/s of 96 px with 15 of them; not measured apart); on a CPU the m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import os
 import sys
@@ -26,7 +27,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -34,35 +34,25 @@ sys.path.insert(0, ROOT)
 from benchmarks.common import write_result  # noqa: E402
 from engine.models.factory import build_module  # noqa: E402
 from engine.models.registry import get_spec  # noqa: E402
-from engine.train.loop import normalize_batch, use_bf16  # noqa: E402
+from engine.train.loop import (TrainSettings, normalize_batch, train_one_epoch,  # noqa: E402
+                               use_bf16)
 
 WARMUP = 3
 
 
-def run_steps(model, optimizer, batches, steps: int, device, mean, std, bf16: bool,
-              channels_last: bool) -> float:
-    """Crops/s over ``steps`` training steps after `WARMUP` (batches of ``(x, y)`` as the
-    training loop takes them)."""
+def rate(model, optimizer, batches, steps: int, batch: int, device, mean, std) -> float:
+    """Crops/s of ``steps`` training steps of `train_one_epoch` (the training job's own step),
+    after `WARMUP` steps; ``batches()`` gives an endless iterable of full batches ``(x, y)`` as
+    the job's loaders do."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    model.train()
-    n, t0 = 0, None
-    for i, (x, y) in enumerate(batches):
-        if i == WARMUP:
-            sync()
-            t0, n = time.time(), 0
-        if i == WARMUP + steps:
-            break
-        if x.dtype == torch.uint8:
-            x = normalize_batch(x, mean, std, device, channels_last)
-        y = y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        n += len(y)
+    settings = TrainSettings(max_steps_per_epoch=WARMUP, label_smoothing=0.0)
+    train_one_epoch(model, batches(), optimizer, device, mean, std, settings)
     sync()
-    return n / (time.time() - t0)
+    t0 = time.time()
+    train_one_epoch(model, batches(), optimizer, device, mean, std,
+                    dataclasses.replace(settings, max_steps_per_epoch=steps))
+    sync()
+    return steps * batch / (time.time() - t0)
 
 
 def main(argv=None) -> int:
@@ -108,36 +98,34 @@ def main(argv=None) -> int:
     mean, std = dcfg["mean"], dcfg["std"]
     idx = np.arange(len(images))
     sampler = BalancedSampler(labels, seed=0)
-    total = WARMUP + args.steps
     rates = {}
 
     x0 = torch.from_numpy(images[:args.batch, :spec.input_px, :spec.input_px].copy())
     fixed = normalize_batch(x0, mean, std, device, channels_last)
     y0 = torch.as_tensor(labels[:args.batch], device=device)
-    rates["alone"] = run_steps(model, optimizer, ((fixed, y0) for _ in range(total)),
-                               args.steps, device, mean, std, bf16, channels_last)
 
-    def epochs(batches_of_epoch):
-        e = 0
-        while True:
-            sampler.set_epoch(e)
-            yield from batches_of_epoch()
-            e += 1
+    def endless(epoch_batches):  # epochs one after another, as many as the steps need
+        def batches():
+            e = 0
+            while True:
+                sampler.set_epoch(e)
+                yield from epoch_batches()
+                e += 1
+        return batches
 
     on_device = torch.from_numpy(images).to(device)
     device_batches = DeviceBatches(on_device, torch.as_tensor(labels, device=device), idx,
                                    sampler, args.batch, spec.input_px, mean, std,
                                    channels_last, seed=0)
-    rates["device"] = run_steps(model, optimizer, epochs(lambda: iter(device_batches)),
-                                args.steps, device, mean, std, bf16, channels_last)
-
     loader = torch.utils.data.DataLoader(
         AugmentedCells(images, labels, idx, train_transform(spec.input_px)),
         batch_size=args.batch, sampler=sampler, num_workers=args.loader_workers,
         pin_memory=device.type == "cuda", drop_last=True,
         persistent_workers=args.loader_workers > 0)
-    rates["loader"] = run_steps(model, optimizer, epochs(lambda: iter(loader)), args.steps,
-                                device, mean, std, bf16, channels_last)
+    for name, batches in (("alone", endless(lambda: [(fixed, y0)])),
+                          ("device", endless(lambda: iter(device_batches))),
+                          ("loader", endless(lambda: iter(loader)))):
+        rates[name] = rate(model, optimizer, batches, args.steps, args.batch, device, mean, std)
 
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu{os.cpu_count()}"
     result = {

@@ -5,10 +5,11 @@ centre-cropped with the augmentation margin, and written small.
         [--source-mpp 0.1 | auto] [--mpp 0.25] [--px 144] [--format webp] [--quality 90]
 
 The pack is a folder with ``labels.csv`` (the input's rows in the same order, ``path`` pointing
-into the pack, ``source_path`` the input's own path), the images, and ``pack.json`` (where they came from, at which µm/px and size).
+into the pack, ``source_path`` the input's own path), the images, and ``pack.json`` (where they
+came from, at which µm/px and size).
 `jobs.train_cell_classifier --data <pack>` trains on it at the pack's µm/px and gives the same
 test split as on the original images, since rows, codes and seed are the same. PBC's 9,047
-images take 161 MB as CellaVision JPEGs and about 40 MB as this pack (WebP at quality 90), which
+images take 161 MB as CellaVision JPEGs and 36 MB as this pack (WebP at quality 90), which
 fits a GPU machine's transfer limit with the code beside it. Lossy packing changes pixels
 slightly: score the final model on the original images too.
 """

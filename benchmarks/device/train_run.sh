@@ -64,15 +64,18 @@ step() {  # name, time limit in seconds, command...
 
 step throughput 75 $PY benchmarks/train_throughput.py $BENCH --data "$PACK" --source-mpp 0.25 --tag device-train
 RATE=$(ls -t benchmarks/results/train_throughput-*device-train.json 2>/dev/null | head -1 | xargs -r $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['crops_per_s']['device'])")
-# epochs that fit the budget: a fold's balanced epoch is about 11 classes x its largest class
-# (0.85 x 0.8 of ER's 1,159 images with K=5), plus scoring the validation split each epoch
-read -r EPOCHS STEP STUDENT_EPOCHS STUDENT_STEP < <($PY - "${RATE:-0}" "$FOLDS" "$FOLD_S" "$STUDENT_S" <<'EOF'
-import sys
+# epochs (and minutes) that fit the budget: a fold's balanced epoch is the classes x its largest
+# class (0.85 of the pack's, less the held-out fold), plus scoring the validation split
+read -r EPOCHS STEP FOLD_MIN STUDENT_EPOCHS STUDENT_STEP STUDENT_MIN < <($PY - "${RATE:-0}" "$FOLDS" "$FOLD_S" "$STUDENT_S" "$PACK" <<'EOF'
+import collections, csv, os, sys
 rate, k, fold_s, student_s = float(sys.argv[1]) or 500.0, int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-epoch_s = 11 * 1159 * 0.85 * (1 - 1 / max(k, 2)) / rate * 1.1 + 0.2
+with open(os.path.join(sys.argv[5], "labels.csv"), newline="") as fh:
+    counts = collections.Counter(r["code"] for r in csv.DictReader(fh) if r["code"] not in ("IG", "NEU"))
+epoch_s = len(counts) * max(counts.values()) * 0.85 * (1 - 1 / max(k, 2)) / rate * 1.1 + 0.2
 teachers = max(4, min(60, int((fold_s - 8) / epoch_s)))
 student = max(4, min(60, int((student_s - 10) / (epoch_s * (1 + k / 3)))))  # + K teacher passes
-print(teachers, max(1, teachers // 4), student, max(1, student // 4))
+print(teachers, max(1, teachers // 4), round(fold_s / 60, 2),
+      student, max(1, student // 4), round(student_s / 60, 2))
 EOF
 )
 echo "rate ${RATE:-unknown} crops/s: teachers $EPOCHS epochs (step $STEP), student $STUDENT_EPOCHS (step $STUDENT_STEP)" | tee -a "$LOG"
@@ -81,7 +84,7 @@ common=(--data "$PACK" --arch $ARCH --local --augment device --batch-size 128
         --label-smoothing 0.1 --patience 100 $LIMIT)
 step teachers $(left $((STUDENT_S + 40))) $PY -m jobs.train_cell_classifier "${common[@]}" \
   --output "$WORK/folds" --folds "$FOLDS" --epochs "$EPOCHS" --lr-step-epochs "$STEP" \
-  --max-minutes "$($PY -c "print(round($FOLD_S / 60, 2))")" --no-ood
+  --max-minutes "$FOLD_MIN" --no-ood
 teachers=()
 for k in $(seq 0 $((FOLDS - 1))); do
   [ -f "$WORK/folds/fold-$k/model.safetensors" ] && teachers+=(--teacher "$WORK/folds/fold-$k/model.safetensors")
@@ -91,7 +94,7 @@ if [ ${#teachers[@]} -gt 0 ]; then
   # from scratch) and learns from the average of all of them
   step student $(left 15) $PY -m jobs.train_cell_classifier "${common[@]}" \
     --output "$WORK/student" --epochs "$STUDENT_EPOCHS" --lr-step-epochs "$STUDENT_STEP" \
-    --max-minutes "$($PY -c "print(round($STUDENT_S / 60, 2))")" "${teachers[@]}" \
+    --max-minutes "$STUDENT_MIN" "${teachers[@]}" \
     --init "${teachers[1]}" --lr 3e-4
 fi
 
