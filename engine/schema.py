@@ -7,7 +7,8 @@ import re
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: how far cells lie from the training data; slide_status warnings
+SCHEMA_VERSION = 3  # 2: how far cells lie from the training data; slide_status warnings
+#                    3: slides.specimen (engine/specimen.py)
 STATUSES = ("ok", "failed", "skipped")
 
 
@@ -21,6 +22,7 @@ SLIDES = _schema("slides", [
     pa.field("uri", pa.string(), nullable=False),
     pa.field("size_bytes", pa.int64()),
     pa.field("etag", pa.string()),
+    pa.field("specimen", pa.string()),
     pa.field("format", pa.string()),
     pa.field("backend", pa.string()),
     pa.field("width", pa.int64()),

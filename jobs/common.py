@@ -18,6 +18,7 @@ from engine.outputs import join_uri, write_bytes
 from engine.slides.storage import (FileEntry, InputError, get_filesystem, list_files,
                                    normalize_uri, stat_file)
 from engine.errors import SlideError
+from engine.specimen import parse_specimen
 
 T = TypeVar("T")
 LIST_SUFFIXES = (".txt", ".csv")
@@ -78,13 +79,19 @@ def read_csv_rows(uri: str, storage: StorageConfig) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(read_text(uri, storage))))
 
 
+def _uri_column(row: dict[str, str]) -> str:
+    """The column of a ``.csv`` list that names the slides: ``uri``, ``path``, ``slide`` or the
+    first."""
+    return next((c for c in ("uri", "path", "slide") if c in row), next(iter(row)))
+
+
 def read_uri_list(uri: str, storage: StorageConfig) -> list[str]:
     """URIs from a ``.txt`` (one per line, ``#`` comments) or ``.csv`` (``uri`` or ``path`` column)."""
     if uri.lower().endswith(".csv"):
         rows = read_csv_rows(uri, storage)
         if not rows:
             return []
-        col = next((c for c in ("uri", "path", "slide") if c in rows[0]), next(iter(rows[0])))
+        col = _uri_column(rows[0])
         items = [r[col].strip() for r in rows if r.get(col, "").strip()]
     else:
         lines = (ln.strip() for ln in read_text(uri, storage).splitlines())
@@ -106,6 +113,24 @@ def expand_inputs(uri: str, storage: StorageConfig) -> list[FileEntry]:
                 entries.append(FileEntry(item))
         return entries
     return list_files(uri, storage)
+
+
+def read_specimens(uri: str, storage: StorageConfig) -> dict[str, str]:
+    """The ``specimen`` column of a ``.csv`` input list, by URI (`engine.specimen`; a blank
+    cell leaves its slide to ``--specimen``); {} for other inputs and lists without the column.
+
+    Raises:
+        SpecimenError: a cell that names no specimen type (its row is in the message).
+    """
+    if not uri.lower().endswith(".csv"):
+        return {}
+    rows = read_csv_rows(uri, storage)
+    if not rows or "specimen" not in rows[0]:
+        return {}
+    col = _uri_column(rows[0])
+    return {_resolve(r[col].strip(), uri): parse_specimen(r["specimen"], f"{uri} line {i + 2}")
+            for i, r in enumerate(rows)
+            if r.get(col, "").strip() and (r["specimen"] or "").strip()}
 
 
 def read_mpp_table(uri: str, storage: StorageConfig) -> dict[str, float]:

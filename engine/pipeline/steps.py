@@ -24,6 +24,7 @@ from engine.errors import MissingMPP, SlideError
 from engine.slides import FileEntry, open_slide
 from engine.slides.inventory import MppOverrides, inventoried
 from engine.slides.storage import StagingArea, is_remote, stat_file
+from engine.specimen import UNKNOWN, branches_for
 from engine.tiling import TilePlan, plan_tiles
 from engine.tissue import compute_tissue_mask, with_enclosed_fat
 
@@ -186,9 +187,10 @@ def _sample(p: TilePlan, n: int) -> list[tuple[int, int]]:
 class PlanSlide:
     """Inventory one slide, mask its tissue on a thumbnail, and plan its tiles (coordinates only).
 
-    Row in: ``uri``, ``size``, ``etag``. Row out: ``slide_id``, ``uri``, ``plan`` (JSON text with
-    the inventory row, status, and per-stage tile plans). Slide problems become a failed status;
-    other exceptions are bugs and propagate.
+    Row in: ``uri``, ``size``, ``etag``, optionally ``specimen`` (`engine.specimen`: a section
+    plans no cell tiles). Row out: ``slide_id``, ``uri``, ``plan`` (JSON text with the inventory
+    row, status, and per-stage tile plans). Slide problems become a failed status; other
+    exceptions are bugs and propagate.
     """
 
     def __init__(self, cfg: Config, mpp: MppOverrides | None = None,
@@ -199,8 +201,9 @@ class PlanSlide:
 
     def __call__(self, row: dict) -> dict:
         entry = FileEntry(row["uri"], row.get("size"), row.get("etag"))
+        specimen = row.get("specimen") or UNKNOWN
         with inventoried(entry, self.cfg.storage, None, self.mpp,
-                         self.cfg.pipeline.direct_jpeg) as (inv, slide):
+                         self.cfg.pipeline.direct_jpeg, specimen) as (inv, slide):
             out = {"slide": {k: (v.isoformat() if hasattr(v, "isoformat") else v)
                              for k, v in inv.items()},
                    "status": inv["status"], "error_type": inv["error_type"],
@@ -228,7 +231,7 @@ class PlanSlide:
         mask_scale = (info.width / thumb.shape[1], info.height / thumb.shape[0])
         mask = compute_tissue_mask(thumb, mpp * mask_scale[0], cfg.tissue)
         plans = {}
-        stages = self.stages
+        stages = branches_for(inv["specimen"], self.stages)
         if "cells" in stages:
             tc = cfg.cell_tiles
             p = plan_tiles(info.dimensions, info.level_downsamples, mpp, tc, mask,

@@ -13,6 +13,7 @@ from engine.schema import slide_id_for
 from engine.slides.base import SlideInfo, SlideReader
 from engine.slides.registry import looks_like_slide, open_slide
 from engine.slides.storage import FileEntry, StagingArea
+from engine.specimen import UNKNOWN
 
 PROBE_PX = 256  # side of the thumbnail read to prove the pixels decode
 
@@ -41,9 +42,9 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def base_row(entry: FileEntry) -> dict:
+def base_row(entry: FileEntry, specimen: str = UNKNOWN) -> dict:
     return {"slide_id": slide_id_for(entry.uri), "uri": entry.uri, "size_bytes": entry.size,
-            "etag": entry.etag, "inventoried_at": _now()}
+            "etag": entry.etag, "specimen": specimen, "inventoried_at": _now()}
 
 
 INFO_FIELDS = ("format", "backend", "width", "height", "level_count", "level_downsamples", "mpp_x",
@@ -58,30 +59,32 @@ def info_row(info: SlideInfo) -> dict:
             "associated_images": list(info.associated_images), "notes": info.notes}
 
 
-def error_row(entry: FileEntry, err: SlideError, status: str = "failed") -> dict:
-    return {**base_row(entry), "status": status, "error_type": type(err).__name__,
+def error_row(entry: FileEntry, err: SlideError, status: str = "failed",
+              specimen: str = UNKNOWN) -> dict:
+    return {**base_row(entry, specimen), "status": status, "error_type": type(err).__name__,
             "error_message": str(err)}
 
 
 @contextlib.contextmanager
 def inventoried(entry: FileEntry, storage: StorageConfig, staging: StagingArea | None = None,
-                mpp: MppOverrides | None = None, direct_jpeg: bool = True
-                ) -> Iterator[tuple[dict, SlideReader | None]]:
+                mpp: MppOverrides | None = None, direct_jpeg: bool = True,
+                specimen: str = UNKNOWN) -> Iterator[tuple[dict, SlideReader | None]]:
     """Inventory one file and keep it open: yields ``(slides row, reader)``, the reader being
     None unless the row is ``ok``, so a caller that goes on to plan tiles opens (and, on S3,
     downloads) the slide once.
 
     Slide problems become ``status = failed`` with the error's type and message; files that are
     not slides by name (``LICENSE.txt``) become ``skipped``. Errors raised by the caller's block
-    propagate unchanged.
+    propagate unchanged. ``specimen``: the slide's type as the input gave it
+    (`engine.specimen`), recorded in the row.
     """
     mpp = mpp or MppOverrides()
     if not looks_like_slide(entry.uri):
         ext = entry.uri.rsplit(".", 1)[-1]
         yield error_row(entry, SlideUnsupported(entry.uri, f"not a slide file (.{ext})"),
-                        status="skipped"), None
+                        status="skipped", specimen=specimen), None
         return
-    row = base_row(entry)
+    row = base_row(entry, specimen)
     with contextlib.ExitStack() as stack:
         try:
             slide = stack.enter_context(open_slide(entry.uri, storage, staging,
@@ -90,7 +93,7 @@ def inventoried(entry: FileEntry, storage: StorageConfig, staging: StagingArea |
             row.update(info_row(mpp.apply(slide.info, row["slide_id"])))
             slide.read_thumbnail((PROBE_PX, PROBE_PX))  # raises SlideCorrupt on bad data
         except SlideError as err:
-            failed = {**error_row(entry, err),
+            failed = {**error_row(entry, err, specimen=specimen),
                       **{k: v for k, v in row.items() if k in INFO_FIELDS}}
         else:
             failed = None
@@ -101,7 +104,7 @@ def inventoried(entry: FileEntry, storage: StorageConfig, staging: StagingArea |
 
 
 def inventory_file(entry: FileEntry, storage: StorageConfig, staging: StagingArea | None = None,
-                   mpp: MppOverrides | None = None) -> dict:
+                   mpp: MppOverrides | None = None, specimen: str = UNKNOWN) -> dict:
     """Inventory one file into a ``slides`` row (see `engine.schema.SLIDES` and `inventoried`)."""
-    with inventoried(entry, storage, staging, mpp) as (row, _):
+    with inventoried(entry, storage, staging, mpp, specimen=specimen) as (row, _):
         return row

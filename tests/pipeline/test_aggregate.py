@@ -240,3 +240,43 @@ def test_tiles_arrive_as_columns_and_leave_in_raster_order(tmp_path):
     cellularity = pl.read_parquet(tmp_path / "out" / "cellularity" / "s.parquet")
     assert cellularity["n_tiles"][0] == 4 and cellularity["cellularity_mean"][0] == \
         pytest.approx(100 * 1000 / 5000)
+
+
+def _typed(sid: str, specimen: str) -> str:
+    doc = json.loads(_header(sid))
+    doc["slide"]["specimen"] = specimen
+    return json.dumps(doc)
+
+
+def test_a_section_gets_no_cells_and_a_smear_no_cellularity(agg):
+    a, out = agg
+    a.stages_run = ["cell_detection", "cell_classification:deepheme-tiny", "differential",
+                    "tiles", "cellularity:image_analysis"]
+    a.add_cells(_cells("sec", [-1], 0, _typed("sec", "biopsy")))  # its cells branch plans none
+    a.add_tiles(_tiles("sec", [0, 1], 2, _typed("sec", "biopsy")))
+    a.add_cells(_cells("sm", [0, 1], 2, _typed("sm", "blood")))
+    a.add_tiles(_tiles("sm", [0], 1, _typed("sm", "blood")))
+    written = {t: sorted(p.stem for p in (out / t).glob("*.parquet"))
+               for t in ("cells", "differentials", "tiles", "cellularity")}
+    assert written == {"cells": ["sm"], "differentials": ["sm"], "tiles": ["sec", "sm"],
+                       "cellularity": ["sec"]}
+    st = {r["slide_id"]: r for r in a.summary}
+    assert st["sec"]["status"] == "ok" and st["sec"]["n_cells"] is None
+    assert st["sec"]["stages"] == ["tiles", "cellularity:image_analysis"]
+    assert st["sec"]["skipped_stages"] == ["cell_classification", "cell_detection",
+                                           "differential"]
+    assert st["sm"]["n_cells"] == 2 and st["sm"]["skipped_stages"] == [
+        "cellularity:image_analysis"]
+    assert pl.read_parquet(out / "slides" / "sec.parquet")["specimen"][0] == "biopsy"
+
+
+def test_a_section_in_a_cells_only_run_is_skipped_with_its_reason(tmp_path):
+    out = tmp_path / "out"
+    a = Aggregator(OutputStore(str(out), StorageConfig()), "hash", ["cell_detection"], [],
+                   CODES, 1, ("cells",), log=lambda *_: None)
+    a.add_cells(_cells("sec", [-1], 0, _typed("sec", "clot")))
+    (row,) = a.summary
+    assert row["status"] == "skipped" and row["error_type"] == "NoStageForSpecimen"
+    assert "clot section: no configured stage applies" in row["error_message"]
+    assert "not in sections" in row["error_message"]
+    assert not (out / "cells").exists() and (out / "slide_status" / "sec.parquet").exists()

@@ -181,6 +181,39 @@ def test_abmil_cellularity_from_tile_embeddings(ray_local, archive, tmp_path):
     assert tiles["embedding"].list.len().unique().to_list() == [64]
 
 
+def test_specimen_types_decide_what_each_slide_gets(ray_local, archive, tmp_path, capsys):
+    """A smear gets no cellularity, a section no cells or differential; an untyped slide gets
+    every stage; each status row says which stages ran for it."""
+    (tmp_path / "list.csv").write_text(f"path,specimen\n{archive}/smear-a.tif,blood\n"
+                                       f"{archive}/cmu-1-small-region.svs,biopsy\n"
+                                       f"{archive}/small.svs,\n")
+    code = process_slides.main(["--input", str(tmp_path / "list.csv"), "--output",
+                                str(tmp_path / "o"), "--config", tiny_config(tmp_path),
+                                "--allow-untrained"])
+    assert code == 0
+    assert "specimen types: 1 biopsy, 1 blood, 1 unknown (every configured stage runs" in \
+        capsys.readouterr().out
+
+    def names(table: str) -> list[str]:
+        df = pl.read_parquet(f"{tmp_path}/o/{table}/*.parquet")
+        return sorted(set(df["slide_id"].str.split("-").list.first()))
+
+    assert names("differentials") == ["small", "smear"] and "cmu" not in names("cells")
+    # the smear keeps its tiles (and embeddings) without a cellularity
+    assert names("cellularity") == ["cmu", "small"] and {"cmu", "smear"} <= set(names("tiles"))
+    slides = pl.read_parquet(f"{tmp_path}/o/slides/*.parquet")
+    assert dict(zip(slides["uri"].str.split("/").list.last(), slides["specimen"])) == {
+        "smear-a.tif": "blood", "cmu-1-small-region.svs": "biopsy", "small.svs": "unknown"}
+    st = {r["uri"].rsplit("/", 1)[-1]: r for r in
+          pl.read_parquet(f"{tmp_path}/o/slide_status/*.parquet").iter_rows(named=True)}
+    assert all(r["status"] == "ok" for r in st.values())
+    assert st["cmu-1-small-region.svs"]["n_cells"] is None
+    assert "differential" in st["cmu-1-small-region.svs"]["skipped_stages"]
+    assert "cellularity:image_analysis" in st["smear-a.tif"]["skipped_stages"]
+    assert "differential" in st["small.svs"]["stages"] and \
+        "cellularity:image_analysis" in st["small.svs"]["stages"]
+
+
 def _mtimes(root) -> dict:
     return {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")}
 

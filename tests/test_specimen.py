@@ -1,0 +1,44 @@
+"""Specimen types decide which stages apply to a slide (`engine.specimen`)."""
+
+import pytest
+
+from engine.specimen import (SpecimenError, Specimens, branches_for, left_out, parse_specimen,
+                             slide_stages)
+
+RUN = ["cell_detection", "cell_classification:deepheme-tiny (UNTRAINED)", "differential",
+       "tiles", "cellularity:image_analysis", "tile_embedding:dinov2-tiny (UNTRAINED)",
+       "cellularity:abmil"]
+
+
+def test_names_parse_in_any_case_and_blank_is_unknown():
+    assert parse_specimen(" Aspirate ") == "aspirate"
+    assert parse_specimen("") == parse_specimen(None) == "unknown"
+    with pytest.raises(SpecimenError, match=r"list.csv line 3: 'marrow' is not a specimen type; "
+                                            r"one of: aspirate \(bone-marrow aspirate smear\)"):
+        parse_specimen("marrow", "list.csv line 3")
+
+
+def test_sections_lose_the_cells_branch_and_smears_keep_both():
+    both = ("cells", "tiles")
+    assert branches_for("biopsy", both) == branches_for("clot", both) == ("tiles",)
+    assert branches_for("aspirate", both) == branches_for("blood", both) == both
+    assert branches_for("unknown", both) == both
+    assert branches_for("biopsy", ("cells",)) == ()
+
+
+@pytest.mark.parametrize("specimen,gone", [
+    ("biopsy", ["cell_classification", "cell_detection", "differential"]),
+    ("blood", ["cellularity:abmil", "cellularity:image_analysis"]),
+    ("unknown", []),
+])
+def test_each_slide_records_the_stages_its_type_ran(specimen, gone):
+    run, skipped = slide_stages(specimen, RUN, ["cellularity:abmil"])
+    assert sorted(set(skipped) - {"cellularity:abmil"}) == sorted(set(gone) - {"cellularity:abmil"})
+    assert len(run) == len(RUN) - len(gone) and not any(left_out(specimen, s) for s in run)
+    assert "tiles" in run and any(s.startswith("tile_embedding") for s in run)
+
+
+def test_the_input_types_some_slides_and_the_flag_the_rest():
+    s = Specimens("aspirate", {"/a.svs": "biopsy", "/c.svs": "unknown"})
+    assert s.of("/a.svs") == "biopsy" and s.of("/b.svs") == s.of("/c.svs") == "aspirate"
+    assert Specimens().of("/a.svs") == "unknown"
