@@ -223,6 +223,9 @@ class PlanSlide:
                                   "--mpp-table")
         mpp = (inv["mpp_x"] + inv["mpp_y"]) / 2
         info = slide.info
+        stages = branches_for(inv["specimen"], self.stages)
+        if not stages:  # nothing applies to this specimen here (a section's cells branch)
+            return {"mpp0": mpp, "width": info.width, "height": info.height, "plans": {}}
         side = max(info.width, info.height) * mpp / cfg.tissue.thumbnail_mpp
         scale = min(1.0, cfg.tissue.thumbnail_max_px / max(side, 1))
         tw = max(8, int(info.width * mpp / cfg.tissue.thumbnail_mpp * scale))
@@ -231,7 +234,6 @@ class PlanSlide:
         mask_scale = (info.width / thumb.shape[1], info.height / thumb.shape[0])
         mask = compute_tissue_mask(thumb, mpp * mask_scale[0], cfg.tissue)
         plans = {}
-        stages = branches_for(inv["specimen"], self.stages)
         if "cells" in stages:
             tc = cfg.cell_tiles
             p = plan_tiles(info.dimensions, info.level_downsamples, mpp, tc, mask,

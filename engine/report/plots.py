@@ -30,12 +30,46 @@ def plot_confusion(matrix, codes, path: str, title: str = "") -> None:
     plt.close(fig)
 
 
+EXACT_KNN_MAX = 20_000  # points up to which plot_umap finds neighbours exactly
+
+
+def exact_knn(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, distances)``, ``(N, k)`` each: every point's ``k`` nearest (itself first),
+    as UMAP's ``precomputed_knn`` takes them."""
+    from sklearn.neighbors import NearestNeighbors
+
+    dist, idx = NearestNeighbors(n_neighbors=k).fit(features).kneighbors(features)
+    return idx, dist.astype(np.float32)
+
+
+def umap_2d(features: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
+    """``(N, 2)`` UMAP embedding of ``(N, D)`` features.
+
+    Up to `EXACT_KNN_MAX` points the neighbour graph is exact (`exact_knn`, brute force in
+    BLAS) and handed to UMAP, whose own search (pynndescent) first compiles for about a minute
+    on a 2-core machine: evaluation sets are a few thousand cells. Larger sets use UMAP's
+    approximate search.
+    """
+    import warnings
+
+    import umap
+
+    features = np.asarray(features, np.float32)
+    k = max(2, min(n_neighbors, len(features) - 1))
+    kw = {}
+    if len(features) <= EXACT_KNN_MAX:
+        kw["precomputed_knn"] = (*exact_knn(features, k), None)
+    with warnings.catch_warnings():  # no search index is kept: we never transform new points
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*")
+        warnings.filterwarnings("ignore", message="n_jobs value .* overridden")
+        return umap.UMAP(n_neighbors=k, min_dist=0.1, random_state=seed,
+                         **kw).fit_transform(features)
+
+
 def plot_umap(features: np.ndarray, labels: list[str], path: str, seed: int = 0,
               title: str = "") -> None:
     """2-D UMAP of ``(N, D)`` features coloured by label, saved as PNG."""
-    import umap
-
-    xy = umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=seed).fit_transform(features)
+    xy = umap_2d(features, seed)
     fig, ax = plt.subplots(figsize=(7, 6))
     cmap = plt.get_cmap("tab20")
     for i, lab in enumerate(sorted(set(labels))):

