@@ -1,5 +1,10 @@
 """Per-slide differential: counts and percentages per class and lineage, M:E ratio, blast %, with
-Wilson 95 % intervals, over nucleated cells as DeepHeme defines them."""
+Wilson 95 % intervals, over nucleated cells as DeepHeme defines them.
+
+A peripheral blood smear is counted as a blood film is (ICSH): over white cells, with nucleated
+red cells left out of the denominator and reported per 100 white cells, and no M:E ratio (a
+marrow measure). A marrow aspirate, or a slide of unknown type, is counted over all nucleated
+cells, erythroid precursors included."""
 
 from __future__ import annotations
 
@@ -30,10 +35,16 @@ class Differential:
             ``code``, ``lineage``, ``nucleated``, ``count``, ``percent``, ``ci_low``, ``ci_high``
             (percentages over nucleated cells; None for non-nucleated classes).
         n_cells: all classified objects.
-        n_nucleated: the denominator.
-        me_ratio: myeloid (granulocytic + monocytic) to nucleated erythroid; None if no erythroid.
-        blast_percent, blast_ci: blasts over nucleated cells; None if the model has no blast class.
-        low_count: fewer nucleated cells than the configured minimum.
+        n_nucleated: nucleated cells (erythroid precursors included).
+        denominator: what percentages are of: ``nucleated`` cells, or ``wbc`` (white cells:
+            nucleated cells less the erythroid; a blood smear's).
+        n_wbc: white cells.
+        nrbc_per_100_wbc: nucleated red cells per 100 white cells (blood smears only).
+        me_ratio: myeloid (granulocytic + monocytic) to nucleated erythroid; None if no erythroid
+            or on a blood smear.
+        blast_percent, blast_ci: blasts over the denominator; None if the model has no blast
+            class.
+        low_count: fewer cells in the denominator than the configured minimum.
         not_covered: DeepHeme codes the model cannot predict (their counts are unknown, not 0).
         ood_percent: nucleated cells out of the classifier's training distribution, in percent
             (None when the checkpoint carries no feature density).
@@ -50,10 +61,13 @@ class Differential:
     not_covered: tuple[str, ...] = field(default_factory=tuple)
     ood_percent: float | None = None
     out_of_distribution: bool | None = None
+    denominator: str = "nucleated"
+    n_wbc: int = 0
+    nrbc_per_100_wbc: float | None = None
 
 
 def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
-                         max_ood_percent: float = 20.0) -> Differential:
+                         max_ood_percent: float = 20.0, blood: bool = False) -> Differential:
     """Differential from the predicted class codes of one slide's cells.
 
     Args:
@@ -64,6 +78,8 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
             entries, or no list, where the checkpoint carries no feature density).
         max_ood_percent: above this share of nucleated cells out of distribution the slide is
             flagged ``out_of_distribution``.
+        blood: a peripheral blood smear: percentages over white cells, nucleated red cells per
+            100 white cells, no M:E ratio.
     """
     counts = collections.Counter(codes)
     ood_percent = flagged = None
@@ -73,14 +89,22 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
             ood_percent = 100 * sum(far) / len(far)
             flagged = ood_percent > max_ood_percent
     nucleated = sum(n for c, n in counts.items() if get_class(c).nucleated)
+    nrbc = sum(n for c, n in counts.items()
+               if get_class(c).nucleated and get_class(c).lineage == "erythroid")
+    wbc = nucleated - nrbc
+
+    def counted(cls) -> bool:  # in the denominator
+        return cls.nucleated and not (blood and cls.lineage == "erythroid")
+
+    total = wbc if blood else nucleated
     rows = []
     for code in model_codes:
         cls = get_class(code)
         k = counts.get(code, 0)
         pct, (lo, hi) = (None, (None, None))
-        if cls.nucleated:
-            pct = 100 * k / nucleated if nucleated else None
-            lo, hi = wilson_interval(k, nucleated)
+        if counted(cls):
+            pct = 100 * k / total if total else None
+            lo, hi = wilson_interval(k, total)
         rows.append({"level": "class", "code": code, "lineage": cls.lineage,
                      "nucleated": cls.nucleated, "count": k, "percent": pct, "ci_low": lo,
                      "ci_high": hi})
@@ -90,20 +114,24 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
             by_lineage[get_class(code).lineage] += k
     for lineage in LINEAGES:
         k = by_lineage.get(lineage, 0)
-        lo, hi = wilson_interval(k, nucleated)
+        lo, hi = wilson_interval(k, total)
+        pct = 100 * k / total if total else None
+        if blood and lineage == "erythroid":  # reported per 100 white cells instead
+            pct, lo, hi = None, None, None
         rows.append({"level": "lineage", "code": lineage, "lineage": lineage, "nucleated": True,
-                     "count": k, "percent": 100 * k / nucleated if nucleated else None,
-                     "ci_low": lo, "ci_high": hi})
+                     "count": k, "percent": pct, "ci_low": lo, "ci_high": hi})
     myeloid = sum(by_lineage.get(x, 0) for x in MYELOID_LINEAGES)
     erythroid = by_lineage.get("erythroid", 0)
     has_blasts = all(c in model_codes for c in BLAST_CODES)
     blasts = sum(counts.get(c, 0) for c in BLAST_CODES)
     return Differential(
         rows=rows, n_cells=sum(counts.values()), n_nucleated=nucleated,
-        me_ratio=myeloid / erythroid if erythroid else None,
-        blast_percent=(100 * blasts / nucleated if nucleated else None) if has_blasts else None,
-        blast_ci=wilson_interval(blasts, nucleated) if has_blasts else None,
-        low_count=nucleated < min_nucleated,
+        me_ratio=myeloid / erythroid if erythroid and not blood else None,
+        blast_percent=(100 * blasts / total if total else None) if has_blasts else None,
+        blast_ci=wilson_interval(blasts, total) if has_blasts else None,
+        low_count=total < min_nucleated,
+        denominator="wbc" if blood else "nucleated", n_wbc=wbc,
+        nrbc_per_100_wbc=(100 * nrbc / wbc if wbc else None) if blood else None,
         # a stage predicted only as its group (ER for ER1-ER4) counts as covered at group level
         not_covered=tuple(c for c in DEEPHEME_CODES if c not in model_codes
                           and not any(c in get_class(m).members for m in model_codes)),

@@ -8,7 +8,8 @@ import re
 import pyarrow as pa
 
 SCHEMA_VERSION = 3  # 2: how far cells lie from the training data; slide_status warnings
-#                    3: slides.specimen (engine/specimen.py)
+#                    3: slides.specimen (engine/specimen.py); differentials.denominator,
+#                       n_wbc, nrbc_per_100_wbc (a blood smear is counted over white cells)
 STATUSES = ("ok", "failed", "skipped")
 
 
@@ -101,6 +102,9 @@ DIFFERENTIALS = _schema("differentials", [
     pa.field("ci_low", pa.float64()),
     pa.field("ci_high", pa.float64()),
     pa.field("n_nucleated", pa.int64()),
+    pa.field("denominator", pa.string()),
+    pa.field("n_wbc", pa.int64()),
+    pa.field("nrbc_per_100_wbc", pa.float64()),
     pa.field("me_ratio", pa.float64()),
     pa.field("blast_percent", pa.float64()),
     pa.field("blast_ci_low", pa.float64()),

@@ -31,6 +31,27 @@ def test_differential_counts_percentages_indices():
     assert "B1" in d.not_covered
 
 
+def test_a_blood_film_is_counted_over_white_cells():
+    """ICSH: nucleated red cells are left out of a blood film's denominator and reported per
+    100 white cells; the M:E ratio is a marrow measure."""
+    codes = ["M6"] * 40 + ["M2"] * 10 + ["M1"] * 5 + ["MO2"] * 5 + ["ER"] * 20 + ["L2"] * 20 \
+        + ["PLT"] * 30
+    marrow = compute_differential(codes, MODEL)
+    d = compute_differential(codes, MODEL, blood=True)
+    assert (marrow.denominator, marrow.n_wbc, marrow.nrbc_per_100_wbc) == ("nucleated", 80, None)
+    assert d.denominator == "wbc" and d.n_nucleated == 100 and d.n_wbc == 80
+    assert d.nrbc_per_100_wbc == 25.0 and d.me_ratio is None
+    rows = {(r["level"], r["code"]): r for r in d.rows}
+    assert rows[("class", "M6")]["percent"] == 50.0 and rows[("class", "L2")]["percent"] == 25.0
+    assert sum(r["percent"] for (lvl, _), r in rows.items()
+               if lvl == "class" and r["percent"] is not None) == pytest.approx(100)
+    for key in (("class", "ER"), ("lineage", "erythroid")):  # counted, not in the percentages
+        assert rows[key]["count"] == 20 and rows[key]["percent"] is None
+    assert d.blast_percent == 100 * 5 / 80 and d.blast_ci == wilson_interval(5, 80)
+    assert compute_differential(["L2"] * 150 + ["ER"] * 60, MODEL, 200, blood=True).low_count
+    assert not compute_differential(["L2"] * 150 + ["ER"] * 60, MODEL, 200).low_count
+
+
 def test_no_blast_class_means_unknown_not_zero():
     d = compute_differential(["L2"] * 300, ("L2", "M6"), min_nucleated=200)
     assert d.blast_percent is None and d.me_ratio is None and not d.low_count

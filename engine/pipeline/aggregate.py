@@ -201,15 +201,16 @@ class Aggregator:
             ood = [bool(f) if known else None for f, known in
                    zip(cols["out_of_distribution"].tolist(),
                        (~np.isnan(cols["ood_distance"])).tolist())]
-        differential = self._differential(sid, codes, ood)
+        differential = self._differential(sid, codes, ood, blood=state.specimen == "blood")
         d = differential[0] if differential else {}
         if d.get("out_of_distribution"):
             state.warnings["out_of_distribution"] = (
                 f"{d['ood_percent']:.0f}% of nucleated cells lie outside the classifier's "
                 f"training data")
         if d.get("low_count"):
-            state.warnings["low_count"] = (f"{d['n_nucleated']} nucleated cells "
-                                           f"(< {self.min_nucleated})")
+            counted = d["n_wbc"] if d["denominator"] == "wbc" else d["n_nucleated"]
+            what = "white cells" if d["denominator"] == "wbc" else "nucleated cells"
+            state.warnings["low_count"] = f"{counted} {what} (< {self.min_nucleated})"
         if not cols:
             return {"cells": [], "differentials": differential}, \
                 {"type": "FeatureCollection", "features": []}
@@ -284,14 +285,17 @@ class Aggregator:
                      f"cell type); review them before trusting its differential: python -m "
                      f"jobs.cell_gallery --output {self.store.root} --slide {sid} --order far")
 
-    def _differential(self, sid: str, codes: list[str], ood: list) -> list[dict]:
+    def _differential(self, sid: str, codes: list[str], ood: list,
+                      blood: bool = False) -> list[dict]:
         d = compute_differential(codes, self.model_codes, self.min_nucleated, ood,
-                                 self.max_ood_percent)
+                                 self.max_ood_percent, blood)
         lo, hi = d.blast_ci if d.blast_ci else (None, None)
         return [{"slide_id": sid, "level": r["level"], "class_code": r["code"],
                  "lineage": r["lineage"], "nucleated": r["nucleated"], "count": r["count"],
                  "percent": r["percent"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
-                 "n_nucleated": d.n_nucleated, "me_ratio": d.me_ratio,
+                 "n_nucleated": d.n_nucleated, "denominator": d.denominator,
+                 "n_wbc": d.n_wbc, "nrbc_per_100_wbc": d.nrbc_per_100_wbc,
+                 "me_ratio": d.me_ratio,
                  "blast_percent": d.blast_percent, "blast_ci_low": lo, "blast_ci_high": hi,
                  "low_count": d.low_count, "codes_not_covered": list(d.not_covered),
                  "ood_percent": d.ood_percent, "out_of_distribution": d.out_of_distribution}

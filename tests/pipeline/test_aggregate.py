@@ -268,6 +268,8 @@ def test_a_section_gets_no_cells_and_a_smear_no_cellularity(agg):
     assert st["sm"]["n_cells"] == 2 and st["sm"]["skipped_stages"] == [
         "cellularity:image_analysis"]
     assert pl.read_parquet(out / "slides" / "sec.parquet")["specimen"][0] == "biopsy"
+    # a blood smear's differential is over white cells (ICSH)
+    assert set(pl.read_parquet(out / "differentials" / "sm.parquet")["denominator"]) == {"wbc"}
 
 
 def test_a_section_in_a_cells_only_run_is_skipped_with_its_reason(tmp_path):

@@ -186,6 +186,9 @@ def test_specimen_types_decide_what_each_slide_gets(ray_local, archive, tmp_path
         return sorted(set(df["slide_id"].str.split("-").list.first()))
 
     assert names("differentials") == ["small", "smear"] and "cmu" not in names("cells")
+    diff = pl.read_parquet(f"{tmp_path}/o/differentials/*.parquet")
+    assert dict(zip(diff["slide_id"].str.split("-").list.first(), diff["denominator"])) == {
+        "small": "nucleated", "smear": "wbc"}  # a blood film is counted over white cells
     # the smear keeps its tiles (and embeddings) without a cellularity
     assert names("cellularity") == ["cmu", "small"] and {"cmu", "smear"} <= set(names("tiles"))
     slides = pl.read_parquet(f"{tmp_path}/o/slides/*.parquet")
