@@ -237,7 +237,8 @@ class PipelineConfig:
         direct_jpeg: decode the JPEG tiles of generic tiled TIFFs and Aperio SVS directly
             (`engine.slides.jpeg_tiles`) instead of through OpenSlide; the same pixels, checked
             against OpenSlide on each level's first read, at about twice the speed.
-        min_nucleated: below this many nucleated cells a differential is flagged.
+        min_nucleated: below this many nucleated cells (white cells on a blood smear) a
+            differential is flagged.
         max_ood_percent: a slide with more than this share of its nucleated cells out of the
             classifier's training distribution (`engine.models.ood`; the checkpoint must carry
             a feature density) is flagged ``out_of_distribution``: its differential is not to

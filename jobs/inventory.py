@@ -53,6 +53,9 @@ def summarize(rows: list[dict]) -> str:
     if by_status["skipped"]:
         parts.append(f"{by_status['skipped']} skipped (not slides)")
     no_mpp = sum(1 for r in rows if r["status"] == "ok" and r.get("mpp_source") == "missing")
+    kinds = collections.Counter(r.get("specimen") or UNKNOWN for r in rows)
+    if set(kinds) != {UNKNOWN}:
+        parts.append("specimen " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
     line = f"{len(rows)} files: " + ", ".join(parts)
     if no_mpp:
         line += f"; {no_mpp} ok without MPP (supply --mpp or --mpp-table)"

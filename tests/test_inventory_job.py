@@ -85,6 +85,7 @@ def test_a_specimen_column_types_slides_and_the_flag_the_rest(wsi_dir, tmp_path,
     (tmp_path / "list.csv").write_text(f"path,specimen\n{cmu},Biopsy\n{small},\n")
     assert inventory.main(["--input", str(tmp_path / "list.csv"), "--output",
                            str(tmp_path / "out"), "--specimen", "aspirate"]) == 0
+    assert "2 ok, specimen 1 aspirate, 1 biopsy" in capsys.readouterr().out
     df = pl.read_parquet(f"{tmp_path}/out/slides/*.parquet")
     got = {r["uri"]: r["specimen"] for r in df.iter_rows(named=True)}
     assert got == {str(cmu): "biopsy", str(small): "aspirate"}
