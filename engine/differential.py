@@ -114,10 +114,10 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
             by_lineage[get_class(code).lineage] += k
     for lineage in LINEAGES:
         k = by_lineage.get(lineage, 0)
-        lo, hi = wilson_interval(k, total)
-        pct = 100 * k / total if total else None
-        if blood and lineage == "erythroid":  # reported per 100 white cells instead
-            pct, lo, hi = None, None, None
+        pct, (lo, hi) = (None, (None, None))
+        if not (blood and lineage == "erythroid"):  # that is reported per 100 white cells
+            pct = 100 * k / total if total else None
+            lo, hi = wilson_interval(k, total)
         rows.append({"level": "lineage", "code": lineage, "lineage": lineage, "nucleated": True,
                      "count": k, "percent": pct, "ci_low": lo, "ci_high": hi})
     myeloid = sum(by_lineage.get(x, 0) for x in MYELOID_LINEAGES)

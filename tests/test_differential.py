@@ -49,6 +49,9 @@ def test_a_blood_film_is_counted_over_white_cells():
         assert rows[key]["count"] == 20 and rows[key]["percent"] is None
     assert d.blast_percent == 100 * 5 / 80 and d.blast_ci == wilson_interval(5, 80)
     assert compute_differential(["L2"] * 150 + ["ER"] * 60, MODEL, 200, blood=True).low_count
+    # more nucleated red cells than white cells (a neonate's film; another lab's stain)
+    d = compute_differential(["L2"] * 10 + ["ER"] * 25, MODEL, blood=True)
+    assert d.nrbc_per_100_wbc == 250.0 and d.n_wbc == 10
     assert not compute_differential(["L2"] * 150 + ["ER"] * 60, MODEL, 200).low_count
 
 

@@ -131,7 +131,8 @@ def test_untrained_models_are_refused_without_the_flag(ray_local, archive, tmp_p
 
 
 def test_reference_model_on_the_smear(ray_local, smear_slide, tmp_path, capsys):
-    code = process_slides.main(["--input", str(smear_slide), "--output", str(tmp_path / "o")])
+    code = process_slides.main(["--input", str(smear_slide), "--output", str(tmp_path / "o"),
+                                "--specimen", "blood"])
     out = capsys.readouterr().out
     assert code == 0
     assert "stage skipped: tile_embedding" in out  # no DINOv2 weights ship: said, not faked
@@ -143,7 +144,16 @@ def test_reference_model_on_the_smear(ray_local, smear_slide, tmp_path, capsys):
                                             "M6", "MO2", "PLT"}
     diff = pl.read_parquet(f"{tmp_path}/o/differentials/*.parquet")
     assert diff.filter(pl.col("level") == "class")["count"].sum() == len(cells)
-    assert diff["low_count"][0]  # a 12-field smear has far fewer than 200 nucleated cells
+    assert diff["low_count"][0]  # a 12-field smear has far fewer than 200 white cells
+    # a blood film: over white cells, nucleated red cells per 100 of them, no M:E ratio (and the
+    # reference calls many of this other lab's white cells erythroid: out of distribution)
+    assert set(diff["denominator"]) == {"wbc"} and diff["me_ratio"].is_null().all()
+    n_wbc, nrbc = diff["n_wbc"][0], diff["nrbc_per_100_wbc"][0]
+    er = diff.filter(pl.col("class_code") == "erythroid", pl.col("level") == "lineage")
+    assert er["percent"][0] is None and er["count"][0] > 0
+    assert nrbc == (pytest.approx(100 * er["count"][0] / n_wbc) if n_wbc else None)
+    assert not pl.read_parquet(f"{tmp_path}/o/tiles/*.parquet").is_empty()
+    assert not (tmp_path / "o" / "cellularity").exists()  # a smear has no marrow cellularity
     assert "M1" in diff["codes_not_covered"][0].to_list()  # no blast class: blast % unknown
     assert diff["blast_percent"].is_null().all()
     # another lab's smear: most of its white cells lie outside the reference's training data,
@@ -333,6 +343,32 @@ def test_cell_gallery_of_a_slide(run_out, tmp_path, capsys):
     assert cell_gallery.main(["--output", str(run_out), "--slide", "smear-a.tif",
                               "--order", "far", "--png", str(png)]) == 2
     assert "no distance to the training data" in capsys.readouterr().err
+
+
+def test_slide_summary_has_a_row_per_committed_slide(run_out, tmp_path, capsys):
+    from jobs import slide_summary
+
+    out = tmp_path / "out"
+    shutil.copytree(run_out, out)
+    diffs = sorted((out / "differentials").glob("*.parquet"))
+    shutil.copy(diffs[0], out / "differentials" / "ghost-000000000000.parquet")  # uncommitted
+    assert slide_summary.main(["--output", str(out)]) == 0
+    assert "7 slides (3 ok, 4 failed)" in capsys.readouterr().out
+    summary = pl.read_parquet(out / "summary.parquet")
+    assert len(pl.read_csv(out / "summary.csv")) == len(summary) == 7
+    got = {r["uri"].rsplit("/", 1)[-1]: r for r in summary.iter_rows(named=True)}
+    cmu, bad = got["cmu-1-small-region.svs"], got["unreadable.svs"]
+    diff = pl.read_parquet(f"{out}/differentials/{cmu['slide_id']}.parquet")
+    assert cmu["status"] == "ok" and cmu["specimen"] == "unknown"
+    assert cmu["n_nucleated"] == diff["n_nucleated"][0] > 0  # (an untrained model's calls)
+    assert cmu["denominator"] == "nucleated" and cmu["n_cells"] >= cmu["n_nucleated"]
+    lineages = [cmu[f"pct_{x}"] for x in ("erythroid", "granulocytic", "monocytic",
+                                          "lymphoid", "plasma", "megakaryocytic", "other")]
+    assert sum(lineages) == pytest.approx(100)
+    cel = pl.read_parquet(f"{out}/cellularity/{cmu['slide_id']}.parquet")
+    assert cmu["cellularity_image_analysis"] == cel["cellularity_mean"][0]
+    assert bad["status"] == "failed" and bad["error_type"] == "SlideCorrupt"
+    assert bad["n_nucleated"] is None and bad["cellularity_image_analysis"] is None
 
 
 def test_node_cpus_in_an_actor_are_what_ray_was_given(ray_local):
