@@ -70,3 +70,10 @@ def test_s3_in_and_out(ray_with_s3_env, s3_server, s3_client, archive, tmp_path,
     assert "3 already committed, 4 to process" in printed
     fs.invalidate_cache()
     assert len(fs.glob("results/run1/slide_status/*.parquet")) == 7
+    # the summary reads the committed slides back from S3 and writes beside them
+    from jobs import slide_summary
+
+    assert slide_summary.main(["--output", "s3://results/run1", "--s3-endpoint", s3_server]) == 0
+    assert "7 slides (3 ok, 4 failed)" in capsys.readouterr().out
+    summary = pl.read_csv(fs.open("results/run1/summary.csv", "rb"))
+    assert sorted(summary["slide_id"]) == sorted(status["slide_id"])
