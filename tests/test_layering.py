@@ -15,6 +15,8 @@ RULES = {
     "engine.slides.inventory": ["torch", "ray", "timm"],
     "engine.outputs": ["torch", "ray", "timm"],
     "jobs.inventory": ["torch", "ray", "timm"],
+    "jobs.slide_summary": ["torch", "ray", "timm"],
+    "engine.specimen": ["torch", "ray", "openslide", "pyvips", "fsspec"],
     "engine.classes": ["torch", "ray", "openslide", "pyvips", "fsspec"],
     "engine.pixel_size": ["torch", "ray", "openslide", "pyvips", "fsspec"],
     "jobs.estimate_pixel_size": ["torch", "ray", "timm", "openslide", "pyvips"],
