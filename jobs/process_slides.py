@@ -197,7 +197,8 @@ def main(argv=None) -> int:
     counts = collections.Counter(r["status"] for r in rows)
     print(f"\n{', '.join(f'{counts[s]} {s}' for s in STATUSES if counts[s] or s != 'skipped')}"
           f" of {len(rows)} processed; tables under "
-          f"{args.output}/<slides|slide_status|cells|differentials|cellularity|tiles>/")
+          f"{args.output}/<slides|slide_status|cells|differentials|cellularity|tiles>/; "
+          f"a row per slide: python -m jobs.slide_summary --output {args.output}")
     return 0
 
 
