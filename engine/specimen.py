@@ -7,7 +7,8 @@ has no marrow space, and the label-free estimate reads its spread cells as 100 %
 
 So a slide whose type is known runs only what applies to it:
 
-    aspirate, blood  cells, differential, tiles (and embeddings); no cellularity
+    aspirate, blood  cells, differential, tile embeddings (where an encoder has weights: a
+                     smear's tiles are read for nothing else); no cellularity
     biopsy, clot     tiles (and embeddings), cellularity; no cells, no differential
     unknown          every configured stage (the default: the job cannot tell a smear from a
                      section by itself)
@@ -38,7 +39,8 @@ SECTIONS = frozenset({"biopsy", "clot"})
 CELL_STAGES = ("cell_detection", "cell_classification", "differential")
 CELLULARITY_STAGES = ("cellularity",)
 WHY_NO_CELLS = "cells are classified and counted on smears (aspirate, blood), not in sections"
-WHY_NO_CELLULARITY = "cellularity is measured on sections (biopsy, clot), not on smears"
+WHY_NO_CELLULARITY = ("cellularity is measured on sections (biopsy, clot), not on smears, "
+                      "whose tiles are read only for an encoder's embeddings")
 
 
 class SpecimenError(HemeflowError, ValueError):
@@ -58,26 +60,30 @@ def parse_specimen(text: str | None, where: str = "") -> str:
     return name
 
 
-def branches_for(specimen: str, branches: tuple[str, ...]) -> tuple[str, ...]:
+def branches_for(specimen: str, branches: tuple[str, ...],
+                 embeddings: bool = True) -> tuple[str, ...]:
     """The pipeline branches (``cells``, ``tiles``) that run for a slide of this type: a
-    section has no cells branch. (A smear keeps the tiles branch: its tiles and embeddings,
-    without cellularity.)"""
-    return tuple(b for b in branches if not (b == "cells" and specimen in SECTIONS))
+    section has no cells branch; a smear has a tiles branch only where ``embeddings`` (an
+    encoder with weights) are made, its tiles' one use."""
+    return tuple(b for b in branches
+                 if not (b == "cells" and specimen in SECTIONS)
+                 and not (b == "tiles" and specimen in SMEARS and not embeddings))
 
 
-def left_out(specimen: str, stage: str) -> bool:
+def left_out(specimen: str, stage: str, embeddings: bool = True) -> bool:
     """Whether a slide of this type leaves out ``stage`` (``cell_classification:deepheme-…``,
     ``cellularity:abmil``: the part before ``:`` decides)."""
     base = stage.split(":", 1)[0].split(" ", 1)[0]
     return (specimen in SECTIONS and base in CELL_STAGES) or \
-        (specimen in SMEARS and base in CELLULARITY_STAGES)
+        (specimen in SMEARS and (base in CELLULARITY_STAGES
+                                 or (base == "tiles" and not embeddings)))
 
 
-def slide_stages(specimen: str, run: list[str], skipped: list[str]
+def slide_stages(specimen: str, run: list[str], skipped: list[str], embeddings: bool = True
                  ) -> tuple[list[str], list[str]]:
     """The stages that ran for one slide of this type, and those skipped (the run's skipped
     stages plus those its type leaves out, by name without the model)."""
-    out = [s for s in run if left_out(specimen, s)]
+    out = [s for s in run if left_out(specimen, s, embeddings)]
     names = [s.split(" ", 1)[0] if s.startswith("cellularity") else s.split(":", 1)[0]
              for s in out]
     return [s for s in run if s not in out], sorted(set(skipped) | set(names))

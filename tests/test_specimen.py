@@ -24,6 +24,10 @@ def test_sections_lose_the_cells_branch_and_smears_keep_both():
     assert branches_for("aspirate", both) == branches_for("blood", both) == both
     assert branches_for("unknown", both) == both
     assert branches_for("biopsy", ("cells",)) == ()
+    # a smear's tiles are read for an encoder's embeddings only
+    assert branches_for("blood", both, embeddings=False) == ("cells",)
+    assert branches_for("biopsy", both, embeddings=False) == ("tiles",)
+    assert branches_for("unknown", both, embeddings=False) == both
 
 
 @pytest.mark.parametrize("specimen,gone", [
@@ -36,6 +40,14 @@ def test_each_slide_records_the_stages_its_type_ran(specimen, gone):
     assert sorted(set(skipped) - {"cellularity:abmil"}) == sorted(set(gone) - {"cellularity:abmil"})
     assert len(run) == len(RUN) - len(gone) and not any(left_out(specimen, s) for s in run)
     assert "tiles" in run and any(s.startswith("tile_embedding") for s in run)
+
+
+def test_a_smear_without_an_encoder_skips_its_tiles():
+    run, skipped = slide_stages("aspirate", ["cell_detection", "tiles",
+                                             "cellularity:image_analysis"], [],
+                                embeddings=False)
+    assert run == ["cell_detection"] and skipped == ["cellularity:image_analysis", "tiles"]
+    assert slide_stages("biopsy", ["tiles"], [], embeddings=False)[0] == ["tiles"]
 
 
 def test_the_input_types_some_slides_and_the_flag_the_rest():

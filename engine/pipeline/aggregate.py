@@ -80,7 +80,9 @@ class Aggregator:
     def __init__(self, store: OutputStore, config_hash: str, stages_run: list[str],
                  stages_skipped: list[str], model_codes: tuple[str, ...], min_nucleated: int,
                  branches: tuple[str, ...], log=print, mil=None,
-                 mil_bags: tuple[int, int] = (10, 256), max_ood_percent: float = 20.0):
+                 mil_bags: tuple[int, int] = (10, 256), max_ood_percent: float = 20.0,
+                 embeddings: bool = True):
+        self.embeddings = embeddings  # an encoder makes tile embeddings (a smear's tiles' use)
         self.max_ood_percent = max_ood_percent
         self.mil, self.mil_bags = mil, mil_bags
         self.store, self.config_hash = store, config_hash
@@ -181,7 +183,7 @@ class Aggregator:
             if br.finished or not br.complete():
                 continue
             br.finished = True
-            if state.error is None and name in branches_for(state.specimen, self.branches):
+            if state.error is None and name in self._ran(state):
                 tables, geo = (self._cell_tables if name == "cells" else self._tile_tables)(
                     state, br)
                 self.store.write_tables(state.slide_id, tables, geo)
@@ -189,6 +191,10 @@ class Aggregator:
             br.chunks = []
         if all(br.finished for br in state.branches.values()):
             self._commit(state)
+
+    def _ran(self, state: SlideState) -> tuple[str, ...]:
+        """The branches whose tables this slide gets (`engine.specimen.branches_for`)."""
+        return branches_for(state.specimen, self.branches, self.embeddings)
 
     def _cell_tables(self, state: SlideState, br: BranchState) -> tuple[dict, dict | str]:
         sid = state.slide_id
@@ -248,11 +254,12 @@ class Aggregator:
         header = next(br.header for br in state.branches.values())
         row = dict(header["slide"])
         row["inventoried_at"] = dt.datetime.fromisoformat(row["inventoried_at"])
-        run, skipped = slide_stages(state.specimen, self.stages_run, self.stages_skipped)
+        run, skipped = slide_stages(state.specimen, self.stages_run, self.stages_skipped,
+                                    self.embeddings)
         status = {"slide_id": sid, "uri": row["uri"], "started_at": state.started,
                   "engine_version": engine.__version__, "config_hash": self.config_hash,
                   "stages": run, "skipped_stages": skipped}
-        ran = branches_for(state.specimen, self.branches)
+        ran = self._ran(state)
         if state.error is None and not ran:
             state.fail("NoStageForSpecimen",
                        f"a {SPECIMENS[state.specimen]}: no configured stage applies to it "

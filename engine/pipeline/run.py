@@ -285,7 +285,8 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
     k = slide_shards(len(items), grow, pc.max_slide_shards)
     items = [{**item, "shard": i, "shards": k} for item in items for i in range(k)]
     ds = ray.data.from_items(items).flat_map(
-        PlanTasks, fn_constructor_args=(cfg, mpp, branch), compute=actor_pool(res.plan[branch]),
+        PlanTasks, fn_constructor_args=(cfg, mpp, branch, encoder),
+        compute=actor_pool(res.plan[branch]),
         num_cpus=0)
     model_cpus = 0 if res.gpu[branch] else res.cpu
     if branch == "cells":
@@ -376,7 +377,7 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     agg = Aggregator(store, cfg.hash(), stages.run, sorted(stages.skipped), stages.model_codes,
                      pc.min_nucleated, branches, log, mil=stages.mil,
                      mil_bags=(pc.cellularity_bags, pc.cellularity_bag_size),
-                     max_ood_percent=pc.max_ood_percent)
+                     max_ood_percent=pc.max_ood_percent, embeddings=stages.encoder)
     if not pending or not branches:
         return agg.summary
     if not ray.is_initialized():

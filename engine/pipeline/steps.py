@@ -194,10 +194,11 @@ class PlanSlide:
     """
 
     def __init__(self, cfg: Config, mpp: MppOverrides | None = None,
-                 stages: tuple[str, ...] | None = None):
+                 stages: tuple[str, ...] | None = None, embeddings: bool = True):
         self.cfg = cfg
         self.mpp = mpp or MppOverrides()
         self.stages = tuple(stages or cfg.pipeline.stages)
+        self.embeddings = embeddings  # an encoder embeds tiles (a smear's tiles' only use)
 
     def __call__(self, row: dict) -> dict:
         entry = FileEntry(row["uri"], row.get("size"), row.get("etag"))
@@ -223,7 +224,7 @@ class PlanSlide:
                                   "--mpp-table")
         mpp = (inv["mpp_x"] + inv["mpp_y"]) / 2
         info = slide.info
-        stages = branches_for(inv["specimen"], self.stages)
+        stages = branches_for(inv["specimen"], self.stages, self.embeddings)
         if not stages:  # nothing applies to this specimen here (a section's cells branch)
             return {"mpp0": mpp, "width": info.width, "height": info.height, "plans": {}}
         side = max(info.width, info.height) * mpp / cfg.tissue.thumbnail_mpp
@@ -308,11 +309,12 @@ class PlanTasks:
     keeps its last few shard plans, so the shards it gets of one slide are planned once.
     """
 
-    def __init__(self, cfg: Config, mpp: MppOverrides | None, branch: str):
+    def __init__(self, cfg: Config, mpp: MppOverrides | None, branch: str,
+                 embeddings: bool = True):
         t_born = time.time()
         limit_native_threads(cfg.pipeline.native_threads)
         self.branch = branch
-        self.plan = PlanSlide(cfg, mpp, stages=(branch,))
+        self.plan = PlanSlide(cfg, mpp, stages=(branch,), embeddings=embeddings)
         # the other shards of a slide usually follow on this actor: plan it once for them
         self._recent: collections.OrderedDict = collections.OrderedDict()
         self._ready = ready_since(t_born)

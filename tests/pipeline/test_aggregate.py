@@ -272,6 +272,21 @@ def test_a_section_gets_no_cells_and_a_smear_no_cellularity(agg):
     assert set(pl.read_parquet(out / "differentials" / "sm.parquet")["denominator"]) == {"wbc"}
 
 
+def test_a_smear_gets_no_tiles_without_an_encoder(tmp_path):
+    out = tmp_path / "out"
+    a = Aggregator(OutputStore(str(out), StorageConfig()), "hash",
+                   ["cell_detection", "tiles", "cellularity:image_analysis"], [], CODES, 1,
+                   ("cells", "tiles"), log=lambda *_: None, embeddings=False)
+    a.add_cells(_cells("sm", [0], 1, _typed("sm", "aspirate")))
+    a.add_tiles(_tiles("sm", [-1], 0, _typed("sm", "aspirate")))  # its tiles branch plans none
+    a.add_cells(_cells("un", [0], 1, _header("un")))
+    a.add_tiles(_tiles("un", [0], 1, _header("un")))
+    assert sorted(p.stem for p in (out / "tiles").glob("*.parquet")) == ["un"]
+    st = {r["slide_id"]: r for r in a.summary}
+    assert st["sm"]["status"] == "ok" and st["sm"]["stages"] == ["cell_detection"]
+    assert st["sm"]["skipped_stages"] == ["cellularity:image_analysis", "tiles"]
+
+
 def test_a_section_in_a_cells_only_run_is_skipped_with_its_reason(tmp_path):
     out = tmp_path / "out"
     a = Aggregator(OutputStore(str(out), StorageConfig()), "hash", ["cell_detection"], [],
