@@ -88,40 +88,36 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
         if far:
             ood_percent = 100 * sum(far) / len(far)
             flagged = ood_percent > max_ood_percent
-    nucleated = sum(n for c, n in counts.items() if get_class(c).nucleated)
-    nrbc = sum(n for c, n in counts.items()
-               if get_class(c).nucleated and get_class(c).lineage == "erythroid")
-    wbc = nucleated - nrbc
-
-    def counted(cls) -> bool:  # in the denominator
-        return cls.nucleated and not (blood and cls.lineage == "erythroid")
-
-    total = wbc if blood else nucleated
-    rows = []
-    for code in model_codes:
-        cls = get_class(code)
-        k = counts.get(code, 0)
-        pct, (lo, hi) = (None, (None, None))
-        if counted(cls):
-            pct = 100 * k / total if total else None
-            lo, hi = wilson_interval(k, total)
-        rows.append({"level": "class", "code": code, "lineage": cls.lineage,
-                     "nucleated": cls.nucleated, "count": k, "percent": pct, "ci_low": lo,
-                     "ci_high": hi})
     by_lineage = collections.Counter()
     for code, k in counts.items():
         if get_class(code).nucleated:
             by_lineage[get_class(code).lineage] += k
+    nucleated = sum(by_lineage.values())
+    erythroid = by_lineage.get("erythroid", 0)
+    wbc = nucleated - erythroid
+    total = wbc if blood else nucleated
+
+    def share(k: int, nucleated_: bool, lineage: str) -> tuple:
+        """(percent, ci_low, ci_high) of ``k`` over the denominator; None for what is not in
+        it (non-nucleated classes; on a blood film, erythroid: per 100 white cells instead)."""
+        if not nucleated_ or (blood and lineage == "erythroid"):
+            return None, None, None
+        return (100 * k / total if total else None, *wilson_interval(k, total))
+
+    rows = []
+    for code in model_codes:
+        cls = get_class(code)
+        k = counts.get(code, 0)
+        pct, lo, hi = share(k, cls.nucleated, cls.lineage)
+        rows.append({"level": "class", "code": code, "lineage": cls.lineage,
+                     "nucleated": cls.nucleated, "count": k, "percent": pct, "ci_low": lo,
+                     "ci_high": hi})
     for lineage in LINEAGES:
         k = by_lineage.get(lineage, 0)
-        pct, (lo, hi) = (None, (None, None))
-        if not (blood and lineage == "erythroid"):  # that is reported per 100 white cells
-            pct = 100 * k / total if total else None
-            lo, hi = wilson_interval(k, total)
+        pct, lo, hi = share(k, True, lineage)
         rows.append({"level": "lineage", "code": lineage, "lineage": lineage, "nucleated": True,
                      "count": k, "percent": pct, "ci_low": lo, "ci_high": hi})
     myeloid = sum(by_lineage.get(x, 0) for x in MYELOID_LINEAGES)
-    erythroid = by_lineage.get("erythroid", 0)
     has_blasts = all(c in model_codes for c in BLAST_CODES)
     blasts = sum(counts.get(c, 0) for c in BLAST_CODES)
     return Differential(
@@ -131,7 +127,7 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
         blast_ci=wilson_interval(blasts, total) if has_blasts else None,
         low_count=total < min_nucleated,
         denominator="wbc" if blood else "nucleated", n_wbc=wbc,
-        nrbc_per_100_wbc=(100 * nrbc / wbc if wbc else None) if blood else None,
+        nrbc_per_100_wbc=(100 * erythroid / wbc if wbc else None) if blood else None,
         # a stage predicted only as its group (ER for ER1-ER4) counts as covered at group level
         not_covered=tuple(c for c in DEEPHEME_CODES if c not in model_codes
                           and not any(c in get_class(m).members for m in model_codes)),

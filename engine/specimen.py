@@ -70,10 +70,17 @@ def branches_for(specimen: str, branches: tuple[str, ...],
                  and not (b == "tiles" and specimen in SMEARS and not embeddings))
 
 
+def _name(stage: str) -> str:
+    """A stage as ``skipped_stages`` names it: without its model (``cell_classification``)
+    and notes, but a cellularity with its method (``cellularity:abmil``)."""
+    stage = stage.split(" ", 1)[0]
+    return stage if stage.startswith("cellularity") else stage.split(":", 1)[0]
+
+
 def left_out(specimen: str, stage: str, embeddings: bool = True) -> bool:
     """Whether a slide of this type leaves out ``stage`` (``cell_classification:deepheme-…``,
     ``cellularity:abmil``: the part before ``:`` decides)."""
-    base = stage.split(":", 1)[0].split(" ", 1)[0]
+    base = _name(stage).split(":", 1)[0]
     return (specimen in SECTIONS and base in CELL_STAGES) or \
         (specimen in SMEARS and (base in CELLULARITY_STAGES
                                  or (base == "tiles" and not embeddings)))
@@ -84,9 +91,7 @@ def slide_stages(specimen: str, run: list[str], skipped: list[str], embeddings: 
     """The stages that ran for one slide of this type, and those skipped (the run's skipped
     stages plus those its type leaves out, by name without the model)."""
     out = [s for s in run if left_out(specimen, s, embeddings)]
-    names = [s.split(" ", 1)[0] if s.startswith("cellularity") else s.split(":", 1)[0]
-             for s in out]
-    return [s for s in run if s not in out], sorted(set(skipped) | set(names))
+    return [s for s in run if s not in out], sorted(set(skipped) | {_name(s) for s in out})
 
 
 def why_left_out(specimen: str) -> str:

@@ -68,10 +68,11 @@ def read_inputs(uri: str, storage) -> tuple[list[FileEntry], dict[str, str]]:
         from engine.slides.storage import get_filesystem
 
         fs, path = get_filesystem(uri, storage)
-        names = pq.read_schema(path, filesystem=fs).names
-        table = pq.read_table(path, filesystem=fs, columns=["uri", "size_bytes", "etag"]
-                              + (["specimen"] if "specimen" in names else []))
-        rows = table.to_pylist()
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            columns = ["uri", "size_bytes", "etag"] + (
+                ["specimen"] if "specimen" in pf.schema_arrow.names else [])
+            rows = pf.read(columns=columns).to_pylist()
         return [FileEntry(r["uri"], r["size_bytes"], r["etag"]) for r in rows], \
             {r["uri"]: parse_specimen(r["specimen"], uri) for r in rows if r.get("specimen")}
     from engine.slides.registry import looks_like_slide

@@ -33,10 +33,7 @@ def read_committed(store) -> dict:
     out = {}
     for table in TABLES:
         folder = f"{store.path.rstrip('/')}/{table}"
-        files = [f"{folder}/{sid}.parquet" for sid in sorted(committed)]
-        present = set(store.fs.ls(folder, detail=False)) if store.fs.exists(folder) else set()
-        present = {p.rstrip("/").rsplit("/", 1)[-1] for p in present}
-        files = [f for f in files if f.rsplit("/", 1)[-1] in present]
+        files = [f"{folder}/{sid}.parquet" for sid in sorted(store.slide_ids(table) & committed)]
         out[table] = pl.from_arrow(pads.dataset(files, filesystem=fs, format="parquet")
                                    .to_table()) if files else None
     return out

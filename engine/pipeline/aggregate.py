@@ -260,16 +260,17 @@ class Aggregator:
                   "engine_version": engine.__version__, "config_hash": self.config_hash,
                   "stages": run, "skipped_stages": skipped}
         ran = self._ran(state)
-        if state.error is None and not ran:
+        nothing_applies = state.error is None and not ran
+        if nothing_applies:
             state.fail("NoStageForSpecimen",
                        f"a {SPECIMENS[state.specimen]}: no configured stage applies to it "
                        f"(pipeline.stages {list(self.branches)}; "
                        f"{why_left_out(state.specimen)})")
-            status["status"] = "skipped"
         if state.error:
             if state.written:  # one branch finished before another failed
                 self.store.discard(sid)
-            status.update(status=status.get("status", "failed"), error_type=state.error[0],
+            status.update(status="skipped" if nothing_applies else "failed",
+                          error_type=state.error[0],
                           error_message=state.error[1], n_tiles=None, n_cells=None)
         else:
             status.update(status="ok", error_type=None, error_message=None,

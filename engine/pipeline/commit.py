@@ -34,7 +34,8 @@ class OutputStore:
     def uri(self, *parts: str) -> str:
         return join_uri(self.root, *parts)
 
-    def _ids(self, table: str, suffix: str = ".parquet") -> set[str]:
+    def slide_ids(self, table: str, suffix: str = ".parquet") -> set[str]:
+        """Slide ids with a file in ``table`` (committed or not)."""
         folder = f"{self.path.rstrip('/')}/{table}"
         try:
             names = self.fs.ls(folder, detail=False)
@@ -45,7 +46,7 @@ class OutputStore:
     def committed(self) -> set[str]:
         """Slide ids with a commit marker."""
         self.fs.invalidate_cache()
-        return self._ids(STATUS_TABLE)
+        return self.slide_ids(STATUS_TABLE)
 
     def failed(self, slide_ids: set[str]) -> set[str]:
         """Those of the committed ``slide_ids`` whose status is ``failed``."""
@@ -74,10 +75,10 @@ class OutputStore:
         done = self.committed()
         removed = set()
         for table in DATA_TABLES:
-            for sid in self._ids(table) - done:
+            for sid in self.slide_ids(table) - done:
                 self.fs.rm(f"{self.path.rstrip('/')}/{table}/{sid}.parquet")
                 removed.add(sid)
-        for sid in self._ids("geojson", ".geojson") - done:
+        for sid in self.slide_ids("geojson", ".geojson") - done:
             self.fs.rm(f"{self.path.rstrip('/')}/geojson/{sid}.geojson")
             removed.add(sid)
         return sorted(removed)
