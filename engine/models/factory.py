@@ -58,12 +58,14 @@ def build_module(spec: ModelSpec, num_classes: int, pretrained: bool = False) ->
 
 def create_model(name: str, checkpoint: str | None = None, *, class_codes=None,
                  allow_untrained: bool = False, hub: bool = False,
-                 storage: StorageConfig | None = None) -> LoadedModel:
+                 storage: StorageConfig | None = None, seed: int | None = None) -> LoadedModel:
     """Build a registered model with weights.
 
     Weights come from ``checkpoint`` if given, else the spec's default checkpoint if it exists,
     else the timm hub when ``hub=True`` (needs network), else random init when
-    ``allow_untrained=True`` (benchmarks and tests only).
+    ``allow_untrained=True`` (benchmarks and tests only). ``seed`` fixes that random init without
+    touching the caller's random state (the pipeline's actors: the same weights in every process
+    and run); ``None`` draws it from torch's global generator.
 
     Raises:
         ValueError: unknown name (lists the registered ones).
@@ -115,7 +117,11 @@ def create_model(name: str, checkpoint: str | None = None, *, class_codes=None,
             "only (outputs would be meaningless)")
     if spec.task == "classification" and not codes:
         raise ValueError(f"untrained classifier {name!r} needs class_codes")
-    return _finish(build_module(spec, n_out), spec, codes, {}, "untrained")
+    if seed is None:
+        return _finish(build_module(spec, n_out), spec, codes, {}, "untrained")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _finish(build_module(spec, n_out), spec, codes, {}, "untrained")
 
 
 def _existing(uri: str | None) -> str | None:

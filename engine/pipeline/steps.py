@@ -31,6 +31,11 @@ from engine.tissue import compute_tissue_mask, with_enclosed_fat
 CROP_PX = 96  # DeepHeme input, at cell_tiles.target_mpp
 
 
+# the random weights of an untrained model (--allow-untrained, benchmarks and tests only): the
+# same in every actor and run, so such a run's outputs repeat
+UNTRAINED_SEED = 0
+
+
 def node_cpus() -> int:
     """Logical CPUs of the Ray node this process runs on: what Ray was started with (a pod's
     limit, not its host's cores); ``os.cpu_count()`` outside Ray."""
@@ -450,7 +455,7 @@ class ClassifyCells:
         from engine.models import EnsemblePredictor, create_model
 
         members = [create_model(model, ckpt, allow_untrained=allow_untrained,
-                                class_codes=DEEPHEME_CODES, storage=storage)
+                                class_codes=DEEPHEME_CODES, storage=storage, seed=UNTRAINED_SEED)
                    for ckpt in (checkpoint, *ensemble)]
         self.predictor = EnsemblePredictor(members, compile=compile, amp=amp,
                                            chunk=batch_size or 256)
@@ -542,7 +547,8 @@ class EncodeTiles:
 
         self.predictor = Predictor(create_model(model, checkpoint,
                                                 allow_untrained=allow_untrained,
-                                                storage=storage), compile=compile, amp=amp,
+                                                storage=storage, seed=UNTRAINED_SEED),
+                                   compile=compile, amp=amp,
                                    chunk=batch_size or 256)
         model_threads(self.predictor.device, threads)
         self.predictor.warmup(batch_size)

@@ -47,6 +47,23 @@ def test_save_load_gives_identical_outputs(tmp_path):
     assert a.shape == (4, 3) and np.allclose(a.sum(1), 1, atol=1e-5)
 
 
+def test_an_untrained_model_seeded_repeats_without_touching_the_callers_random_state():
+    crops = np.random.default_rng(2).integers(0, 255, (3, 96, 96, 3), dtype=np.uint8)
+
+    def probs(**kw):
+        return Predictor(create_model("deepheme-tiny", allow_untrained=True, class_codes=CODES,
+                                      **kw), "cpu").predict(crops)
+
+    torch.manual_seed(5)
+    state = torch.random.get_rng_state()
+    a = probs(seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's draws are its own
+    torch.manual_seed(6)
+    np.testing.assert_array_equal(a, probs(seed=0))  # in another process or run alike
+    assert not np.allclose(probs(seed=1), a)
+    assert not np.allclose(probs(), probs())  # unseeded: torch's global generator, as before
+
+
 def test_fp16_checkpoint_loads_close(tmp_path):
     model, _ = _tiny(tmp_path)
     path = str(tmp_path / "half.safetensors")
