@@ -142,20 +142,47 @@ def ray_cluster(ray: str, env: dict, gcs_port: int, *head_args: str) -> Iterator
         shutil.rmtree(temp, ignore_errors=True)
 
 
+# the dummy credentials of every S3 test: set in the environment, where botocore's own chain finds
+# them, exactly as production reads real ones
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (2 CPUs) in this process for every module that drives Ray here (the
+    pipeline's, Ray Train's): a start costs seconds of a 2-core machine. Its workers get the dummy
+    S3 credentials (a worker's environment is fixed when it starts, before any S3 module's server
+    exists). The modules that use it run last (``pytest_collection_modifyitems``): idle, it takes
+    a tenth of a core from every test that runs beside it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": S3_TEST_ENV})
+    yield
+    ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The modules that use the shared ``ray_local`` run after all others, in their usual order."""
+    def module(item):
+        return item.nodeid.split("::", 1)[0]
+
+    shared = {module(i) for i in items if "ray_local" in getattr(i, "fixturenames", ())}
+    items[:] = ([i for i in items if module(i) not in shared]
+                + [i for i in items if module(i) in shared])
+
+
 @pytest.fixture(scope="module")
 def s3_server():
-    """A real S3 HTTP endpoint (moto server mode) on 127.0.0.1; yields its URL.
-
-    Dummy credentials are set in the environment, where botocore's own chain finds them, exactly as
-    production reads real ones.
-    """
+    """A real S3 HTTP endpoint (moto server mode) on 127.0.0.1; yields its URL, with the dummy
+    credentials (``S3_TEST_ENV``) in the environment meanwhile."""
     import logging
 
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    env = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = S3_TEST_ENV
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     port = free_port()

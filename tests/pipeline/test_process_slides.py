@@ -16,15 +16,6 @@ from tests.pipeline.conftest import tiny_config
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _actor_classes() -> dict[str, str]:
     import ray
 

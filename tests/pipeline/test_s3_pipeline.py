@@ -16,17 +16,7 @@ from tests.pipeline.conftest import tiny_config
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
 
-@pytest.fixture(scope="module")
-def ray_with_s3_env(s3_server):
-    import ray
-
-    # workers inherit the environment (and so the dummy credentials) from this driver
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def test_s3_in_and_out(ray_with_s3_env, s3_server, s3_client, archive, tmp_path, capsys):
+def test_s3_in_and_out(ray_local, s3_server, s3_client, archive, tmp_path, capsys):
     s3_client.create_bucket(Bucket="slides")
     s3_client.create_bucket(Bucket="results")
     upload_tree(s3_client, "slides", archive, "lab-a")

@@ -11,15 +11,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.skipif(not (SHARED_DATA / "pbc").exis
                                                   reason="PBC data not present")]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _crash_once_then_train(config, session):
     """Kill this worker process after its first epoch on the first attempt only."""
     from engine.train.cell_classifier import train_fold

@@ -1,8 +1,6 @@
 """The training recipe on real PBC images with tiny models (no Ray)."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import torch
 from engine.train.augment import HEDJitter, train_transform
 from engine.train.loop import LocalSession, TrainSettings
 from engine.train.splits import BalancedSampler, balanced_indices, kfold_splits
-from tests.conftest import ROOT, SHARED_DATA
+from tests.conftest import SHARED_DATA
 
 PBC = SHARED_DATA / "pbc"
 needs_pbc = pytest.mark.skipif(not (PBC / "labels.csv").exists(), reason="PBC data not present")
@@ -103,15 +101,19 @@ def test_adamw_with_mixup_trains(tmp_path):
     assert len(losses) == 4 and losses[-1] < losses[0]
 
 
+# The jobs run in this process (their ``main``), as `python -m` would run them: a fresh
+# interpreter per job would import torch and timm again, seconds each on this machine.
+
+
 @needs_pbc
-def test_train_and_evaluate_jobs_end_to_end(tmp_path):
+def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys):
+    from jobs import evaluate_cell_classifier, train_cell_classifier
+
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.train_cell_classifier", "--data", str(PBC), "--output",
-         str(out), "--arch", "deepheme-tiny", "--epochs", "1", "--limit-per-class", "8",
-         "--local", "--loader-workers", "0", "--batch-size", "16"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert train_cell_classifier.main(
+        ["--data", str(PBC), "--output", str(out), "--arch", "deepheme-tiny", "--epochs", "1",
+         "--limit-per-class", "8", "--local", "--loader-workers", "0", "--batch-size", "16"]) == 0
+    capsys.readouterr()
     card = json.loads((out / "model.json").read_text())
     assert card["architecture"] == "test_resnet" and card["metrics"]["test"]["n"] > 0
     # every checkpoint the job writes carries its feature density (engine.models.ood)
@@ -122,12 +124,10 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path):
     density = create_model("deepheme-tiny", str(out / "model.safetensors")).ood
     assert density is not None and density.threshold == pytest.approx(card["ood"]["threshold"],
                                                                       rel=1e-2)
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.evaluate_cell_classifier", "--checkpoint",
-         str(out / "model.safetensors"), "--data", str(out / "test"), "--plots",
-         str(tmp_path / "plots")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)
+    assert evaluate_cell_classifier.main(
+        ["--checkpoint", str(out / "model.safetensors"), "--data", str(out / "test"), "--plots",
+         str(tmp_path / "plots")]) == 0
+    report = json.loads(capsys.readouterr().out)  # stdout holds the report and nothing else
     assert 0 <= report["macro_f1"] <= 1 and 0 <= report["accuracy"] <= 1
     assert report["precision"] in ("bf16", "fp32") and report["tta"] is True
     assert set(report["per_class"]) == set(card["class_codes"])
@@ -154,9 +154,11 @@ def test_umap_neighbours_are_the_exact_ones():
 
 @needs_pbc
 @pytest.mark.s3
-def test_train_job_writes_to_s3_and_distils_from_an_s3_teacher(tmp_path, s3_server, s3_client):
+def test_train_job_writes_to_s3_and_distils_from_an_s3_teacher(tmp_path, s3_server, s3_client,
+                                                                capsys):
     from engine.config import StorageConfig
     from engine.models import create_model
+    from jobs import train_cell_classifier
 
     s3_client.create_bucket(Bucket="models")
     common = ["--data", str(PBC), "--arch", "deepheme-tiny", "--epochs", "1",
@@ -164,12 +166,10 @@ def test_train_job_writes_to_s3_and_distils_from_an_s3_teacher(tmp_path, s3_serv
               "--s3-endpoint", s3_server]
     for run, extra in (("run1", []), ("run2", ["--teacher", "s3://models/run1/model.safetensors",
                                                "--distill-alpha", "0.5"])):
-        proc = subprocess.run(
-            [sys.executable, "-m", "jobs.train_cell_classifier", "--output", f"s3://models/{run}",
-             "--work", str(tmp_path / run), *common, *extra],
-            cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert "testing-secret-value" not in proc.stdout + proc.stderr
+        assert train_cell_classifier.main(["--output", f"s3://models/{run}", "--work",
+                                           str(tmp_path / run), *common, *extra]) == 0
+        printed = capsys.readouterr()
+        assert "testing-secret-value" not in printed.out + printed.err
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket="models")["Contents"]}
     for run in ("run1", "run2"):
         assert {f"{run}/{n}" for n in ("model.safetensors", "model.json", "evaluation.json",
@@ -203,21 +203,19 @@ def test_evaluate_reports_uncovered_codes(tmp_path):
 
 
 @needs_pbc
-def test_evaluate_embeddings_prints_probe_scores():
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.evaluate_embeddings", "--model", "deepheme-resnext50",
-         "--data", str(PBC), "--source-mpp", "0.1", "--target-mpp", "0.25", "--limit-per-class",
-         "12"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)
+def test_evaluate_embeddings_prints_probe_scores(capsys):
+    from jobs import evaluate_embeddings
+
+    assert evaluate_embeddings.main(
+        ["--model", "deepheme-resnext50", "--data", str(PBC), "--source-mpp", "0.1",
+         "--target-mpp", "0.25", "--limit-per-class", "12"]) == 0
+    report = json.loads(capsys.readouterr().out)
     for probe in ("linear_probe", "knn_1", "knn_20"):
         assert set(report[probe]) == {"weighted_f1", "balanced_accuracy"}
     # the trained reference separates the easy classes even on 12 images per class
     assert report["linear_probe"]["balanced_accuracy"] > 0.5
-    proc = subprocess.run([sys.executable, "-m", "jobs.evaluate_embeddings", "--model",
-                           "dinov2-vits14", "--data", str(PBC)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2 and "no trained weights" in proc.stderr
+    assert evaluate_embeddings.main(["--model", "dinov2-vits14", "--data", str(PBC)]) == 2
+    assert "no trained weights" in capsys.readouterr().err
 
 
 def test_distill_loss_is_zero_only_when_the_student_matches_the_teacher():
