@@ -133,3 +133,18 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
                           and not any(c in get_class(m).members for m in model_codes)),
         ood_percent=ood_percent, out_of_distribution=flagged,
     )
+
+
+def differential_rows(slide_id: str, d: Differential) -> list[dict]:
+    """``d`` as rows of the ``differentials`` table (`engine.schema.DIFFERENTIALS`): one per class
+    and lineage, each carrying the slide-level numbers."""
+    lo, hi = d.blast_ci if d.blast_ci else (None, None)
+    return [{"slide_id": slide_id, "level": r["level"], "class_code": r["code"],
+             "lineage": r["lineage"], "nucleated": r["nucleated"], "count": r["count"],
+             "percent": r["percent"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
+             "n_nucleated": d.n_nucleated, "denominator": d.denominator, "n_wbc": d.n_wbc,
+             "nrbc_per_100_wbc": d.nrbc_per_100_wbc, "me_ratio": d.me_ratio,
+             "blast_percent": d.blast_percent, "blast_ci_low": lo, "blast_ci_high": hi,
+             "low_count": d.low_count, "codes_not_covered": list(d.not_covered),
+             "ood_percent": d.ood_percent, "out_of_distribution": d.out_of_distribution}
+            for r in d.rows]

@@ -91,6 +91,20 @@ CELLS = _schema("cells", [
     pa.field("out_of_distribution", pa.bool_()),
 ])
 
+# a single-cell image export's cells (jobs.classify_cells): one row per image, no slide position
+IMAGE_CELLS = _schema("image_cells", [
+    pa.field("slide_id", pa.string(), nullable=False),
+    pa.field("cell_id", pa.int64(), nullable=False),
+    pa.field("path", pa.string(), nullable=False),   # under the export's folder
+    pa.field("source_label", pa.string()),           # the sub-folder the analyser sorted it into
+    pa.field("class_code", pa.string()),
+    pa.field("class_prob", pa.float32()),
+    pa.field("probabilities", pa.list_(pa.float32())),
+    pa.field("model_codes", pa.list_(pa.string())),
+    pa.field("ood_distance", pa.float32()),
+    pa.field("out_of_distribution", pa.bool_()),
+])
+
 DIFFERENTIALS = _schema("differentials", [
     pa.field("slide_id", pa.string(), nullable=False),
     pa.field("level", pa.string(), nullable=False),
@@ -126,7 +140,7 @@ CELLULARITY = _schema("cellularity", [
 ])
 
 TABLES = {"slides": SLIDES, "slide_status": SLIDE_STATUS, "tiles": TILES, "cells": CELLS,
-          "differentials": DIFFERENTIALS, "cellularity": CELLULARITY}
+          "image_cells": IMAGE_CELLS, "differentials": DIFFERENTIALS, "cellularity": CELLULARITY}
 
 
 def slide_id_for(uri: str) -> str:

@@ -28,6 +28,7 @@ RULES = {
     "engine.train.batch_augment": ["ray", "openslide", "pyvips", "engine.slides",
                                    "albumentations"],
     "jobs.train_cell_classifier": ["ray", "openslide", "pyvips", "albumentations"],
+    "jobs.classify_cells": ["ray", "openslide", "pyvips", "albumentations"],
     "engine.train.evaluation": ["ray", "openslide", "pyvips", "engine.slides"],
     "engine.train.calibration": ["ray", "openslide", "pyvips", "engine.slides"],
 }

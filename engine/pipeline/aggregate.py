@@ -19,7 +19,7 @@ import pyarrow as pa
 
 import engine
 from engine.cellularity import slide_cellularity
-from engine.differential import compute_differential
+from engine.differential import compute_differential, differential_rows
 from engine.pipeline.commit import OutputStore
 from engine.report.geojson import cells_geojson_text
 from engine.schema import CELLS, TILES
@@ -295,19 +295,8 @@ class Aggregator:
 
     def _differential(self, sid: str, codes: list[str], ood: list,
                       blood: bool = False) -> list[dict]:
-        d = compute_differential(codes, self.model_codes, self.min_nucleated, ood,
-                                 self.max_ood_percent, blood)
-        lo, hi = d.blast_ci if d.blast_ci else (None, None)
-        return [{"slide_id": sid, "level": r["level"], "class_code": r["code"],
-                 "lineage": r["lineage"], "nucleated": r["nucleated"], "count": r["count"],
-                 "percent": r["percent"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
-                 "n_nucleated": d.n_nucleated, "denominator": d.denominator,
-                 "n_wbc": d.n_wbc, "nrbc_per_100_wbc": d.nrbc_per_100_wbc,
-                 "me_ratio": d.me_ratio,
-                 "blast_percent": d.blast_percent, "blast_ci_low": lo, "blast_ci_high": hi,
-                 "low_count": d.low_count, "codes_not_covered": list(d.not_covered),
-                 "ood_percent": d.ood_percent, "out_of_distribution": d.out_of_distribution}
-                for r in d.rows]
+        return differential_rows(sid, compute_differential(
+            codes, self.model_codes, self.min_nucleated, ood, self.max_ood_percent, blood))
 
 
 def _raster_columns(chunks: list[dict]) -> dict | None:

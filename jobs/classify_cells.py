@@ -1,0 +1,208 @@
+"""Classify single-cell image exports (CellaVision style) with the DeepHeme classifier: a cell
+table and a differential per exported slide, committed slide by slide as process_slides does.
+
+    python -m jobs.classify_cells --images <root>/<slide>/…/<image> --output <dir | s3://…>
+        [--specimen blood|aspirate] [--source-mpp 0.1 | auto] [--checkpoint …] [--tta]
+
+Each sub-folder of ``--images`` is one exported slide (or patient). The images anywhere below
+it are its cells; the folder an image lies in, where deeper than the slide's, is kept as its
+``source_label`` (the analyser's own pre-classification, to set beside the model's call).
+Images are resampled from ``--source-mpp`` to the model's µm/px, as in training.
+
+Per slide, under ``--output``: ``slides/`` (the export), ``image_cells/`` (one row per image:
+class, probabilities, distance to the training data), ``differentials/`` (as process_slides
+writes them: a blood film over white cells with NRBC per 100, an aspirate over all nucleated
+cells) and, last, ``slide_status/`` (the commit). A rerun skips committed slides and removes a
+crash's leftovers. An unreadable image is left out and named in the slide's warnings; a slide
+with no readable image is a ``failed`` status row with the reason. ``jobs.slide_summary`` reads
+the output as it reads process_slides'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from engine.models import list_models
+from engine.specimen import SMEARS, UNKNOWN
+from jobs.common import add_storage_args, fail, mpp_arg, resolve_source_mpp, storage_from_args
+
+FORMAT = "cell-image-export"
+
+
+def source_label(path: str, folder: str) -> str | None:
+    """The folder ``path`` lies in, where that is below the slide's ``folder`` (None directly in
+    it)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    return None if parent == os.path.abspath(folder) else os.path.basename(parent)
+
+
+def read_images(paths: list[str], source_mpp: float, spec) -> tuple[list[int], np.ndarray,
+                                                                    list[str]]:
+    """``(indices of the readable paths, their crops (N, px, px, 3) uint8, reasons of the
+    others as 'name: error')``."""
+    from engine.train.data import load_cell_image
+
+    ok, crops, bad = [], [], []
+    for i, path in enumerate(paths):
+        try:
+            crops.append(load_cell_image(path, source_mpp, spec.input_mpp, spec.input_px))
+            ok.append(i)
+        except (OSError, ValueError) as err:  # PIL: unreadable or truncated file
+            bad.append(f"{os.path.basename(path)}: {err}")
+    px = spec.input_px
+    return ok, np.stack(crops) if crops else np.zeros((0, px, px, 3), np.uint8), bad
+
+
+def classify_slide(sid: str, folder: str, paths: list[str], predictor, args) -> tuple[dict,
+                                                                                     dict]:
+    """One export's tables (``slides``, ``image_cells``, ``differentials``) and its status row."""
+    import engine
+    from engine.differential import compute_differential, differential_rows
+
+    t0, started = time.perf_counter(), dt.datetime.now(dt.timezone.utc)
+    model = predictor.model
+    ok, crops, bad = read_images(paths, args.source_mpp, model.spec)
+    status = {"slide_id": sid, "uri": folder, "status": "ok", "n_tiles": None,
+              "n_cells": len(ok), "stages": [f"cell_classification:{model.spec.name}",
+                                             "differential"],
+              "skipped_stages": [], "started_at": started, "engine_version": engine.__version__,
+              "config_hash": args.config_hash, "warnings": []}
+    slide = {"slide_id": sid, "uri": folder, "specimen": args.specimen, "format": FORMAT,
+             "status": "ok", "notes": f"{len(paths)} images, {len(bad)} unreadable",
+             "mpp_x": args.source_mpp, "mpp_y": args.source_mpp, "mpp_source": "--source-mpp",
+             "inventoried_at": started}
+    tables = {"slides": [slide], "image_cells": [], "differentials": []}
+    if bad:
+        status["warnings"].append(f"unreadable_images: {len(bad)} of {len(paths)} left out "
+                                  f"({'; '.join(bad[:3])}{'; …' if len(bad) > 3 else ''})")
+    if not ok:
+        status.update(status="failed", error_type="NoReadableImages", n_cells=0,
+                      error_message=f"none of the {len(paths)} images could be read "
+                                    f"({'; '.join(bad[:3])})")
+        slide.update(status="failed", error_type="NoReadableImages",
+                     error_message=status["error_message"])
+    else:
+        probs, distance = predictor.predict_with_distance(crops, tta=args.tta)
+        codes = np.asarray(model.class_codes)[probs.argmax(1)]
+        density = predictor.ood
+        far = (distance > density.threshold) if distance is not None else None
+        tables["image_cells"] = [
+            {"slide_id": sid, "cell_id": j, "path": os.path.relpath(paths[i], folder),
+             "source_label": source_label(paths[i], folder), "class_code": str(codes[j]),
+             "class_prob": float(probs[j].max()), "probabilities": probs[j].tolist(),
+             "model_codes": list(model.class_codes),
+             "ood_distance": None if distance is None else float(distance[j]),
+             "out_of_distribution": None if far is None else bool(far[j])}
+            for j, i in enumerate(ok)]
+        d = compute_differential(codes.tolist(), model.class_codes, args.min_nucleated,
+                                 None if far is None else far.tolist(), args.max_ood_percent,
+                                 blood=args.specimen == "blood")
+        tables["differentials"] = differential_rows(sid, d)
+        if d.out_of_distribution:
+            status["warnings"].append(f"out_of_distribution: {d.ood_percent:.0f} % of nucleated "
+                                      f"cells lie outside the classifier's training data")
+        if d.low_count:
+            wbc = d.denominator == "wbc"
+            status["warnings"].append(f"low_count: {d.n_wbc if wbc else d.n_nucleated} "
+                                      f"{'white' if wbc else 'nucleated'} cells "
+                                      f"(< {args.min_nucleated})")
+    status.update(finished_at=dt.datetime.now(dt.timezone.utc),
+                  seconds=round(time.perf_counter() - t0, 3))
+    return tables, status
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.classify_cells", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True,
+                   help="local folder with one sub-folder per exported slide: <slide>/…/<image>")
+    p.add_argument("--output", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--specimen", choices=sorted(SMEARS | {UNKNOWN}), default=UNKNOWN,
+                   help="blood: counted over white cells, NRBC per 100 of them; aspirate or "
+                        "unknown: over all nucleated cells, with the M:E ratio")
+    p.add_argument("--source-mpp", type=mpp_arg, default=0.1,
+                   help="µm/px of the images, or auto: measured on their red cells")
+    p.add_argument("--model", default="deepheme-resnext50", choices=list_models())
+    p.add_argument("--checkpoint", help="default: the model's shipped checkpoint")
+    p.add_argument("--tta", action="store_true", help="average over 8 flips and rotations")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--min-nucleated", type=int, default=200,
+                   help="fewer counted cells than this flags the differential low_count")
+    p.add_argument("--max-ood-percent", type=float, default=20.0,
+                   help="more nucleated cells than this %% outside the training data flags it")
+    p.add_argument("--allow-untrained", action="store_true", help="random weights (tests only)")
+    add_storage_args(p)
+    args = p.parse_args(argv)
+
+    from engine.bags import find_patient_images
+    from engine.classes import DEEPHEME_CODES
+    from engine.models import CheckpointError, EnsemblePredictor, MissingWeights, create_model
+    from engine.pipeline.commit import OutputStore
+    from engine.schema import SCHEMA_VERSION, slide_id_for
+    from engine.outputs import join_uri, write_bytes
+
+    storage = storage_from_args(args)
+    try:
+        exports = find_patient_images(args.images)
+        args.source_mpp = resolve_source_mpp(args.source_mpp,
+                                             [x for ps in exports.values() for x in ps])
+        model = create_model(args.model, args.checkpoint, allow_untrained=args.allow_untrained,
+                             class_codes=DEEPHEME_CODES, storage=storage, seed=0)
+    except (FileNotFoundError, ValueError, MissingWeights, CheckpointError) as err:
+        return fail(err)
+    settings = {"model": args.model, "weights": model.weights, "source_mpp": args.source_mpp,
+                "specimen": args.specimen, "tta": args.tta, "min_nucleated": args.min_nucleated,
+                "max_ood_percent": args.max_ood_percent}
+    args.config_hash = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    store = OutputStore(args.output, storage)
+    config_path = f"{store.path.rstrip('/')}/config.json"
+    if store.fs.exists(config_path):
+        with store.fs.open(config_path) as fh:
+            earlier = json.load(fh)
+        if earlier.get("config_hash") != args.config_hash:
+            changed = {k: (earlier.get("settings", {}).get(k), v) for k, v in settings.items()
+                       if earlier.get("settings", {}).get(k) != v}
+            return fail(f"{store.root} was classified with other settings ("
+                        + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
+                        + "): its slides would mix the two; give another --output")
+    removed = store.clean_partial()
+    done = store.committed()
+    root = os.path.abspath(args.images)
+    folders = {name: os.path.join(root, name) for name in exports}
+    ids = {name: slide_id_for(folder) for name, folder in folders.items()}
+    pending = [name for name in exports if ids[name] not in done]
+    print(f"{len(exports)} exported slide(s) under {root}: {len(exports) - len(pending)} already "
+          f"committed, {len(pending)} to classify"
+          + (f"; removed the partial tables of {len(removed)} uncommitted" if removed else ""),
+          flush=True)
+    write_bytes(join_uri(store.root, "config.json"), json.dumps(
+        {"job": "classify_cells", "settings": settings, "config_hash": args.config_hash,
+         "schema_version": SCHEMA_VERSION}, indent=2, default=str).encode(), storage)
+    predictor = EnsemblePredictor([model], chunk=args.batch_size)
+    counts = {"ok": 0, "failed": 0}
+    for name in pending:
+        tables, status = classify_slide(ids[name], folders[name], exports[name], predictor, args)
+        store.commit(ids[name], tables, status)
+        counts[status["status"]] += 1
+        diff = tables["differentials"][0] if tables["differentials"] else {}
+        blast = diff.get("blast_percent")
+        print(f"{name}: {status['status']}, {status['n_cells']} cells"
+              + (f", blast {blast:.1f} %" if blast is not None else "")
+              + (f" ({status['error_message']})" if status.get("error_message") else "")
+              + "".join(f"; {w.split(':')[0]}" for w in status["warnings"]), flush=True)
+    print(f"{counts['ok']} ok, {counts['failed']} failed of {len(pending)} classified; tables "
+          f"under {store.root}/<slides|image_cells|differentials|slide_status>/; a row per "
+          f"slide: python -m jobs.slide_summary --output {store.root}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

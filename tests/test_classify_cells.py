@@ -1,0 +1,101 @@
+"""jobs.classify_cells on real single-cell images (PBC) with the shipped reference classifier:
+exports laid out as CellaVision writes them, an unreadable image, a slide with none readable."""
+
+import os
+
+import numpy as np
+import polars as pl
+import pytest
+
+from engine.schema import slide_id_for
+from jobs import classify_cells, slide_summary
+from tests.conftest import SHARED_DATA
+
+pytestmark = pytest.mark.skipif(not (SHARED_DATA / "pbc" / "labels.csv").exists(),
+                                reason="PBC data not present")
+FOLDERS = {"L2": "lymphocyte", "M6": "neutrophil", "ER": "erythroblast", "MO2": "monocyte",
+           "E4": "eosinophil"}
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Two exported slides of 24 held-out images each, in the analyser's class folders (one with
+    a truncated image besides), and one whose only image is unreadable."""
+    from tests.models.test_mil_bags import _held_out_images
+
+    rng = np.random.default_rng(0)
+    rows = [r for r in _held_out_images() if r[1] in FOLDERS]
+    picks = rng.permutation(len(rows))[:48]
+    root = tmp_path_factory.mktemp("exports")
+    truth = {}
+    for n, i in enumerate(picks):
+        path, code = rows[i]
+        folder = root / ("slide-a" if n < 24 else "slide-b") / FOLDERS[code]
+        folder.mkdir(parents=True, exist_ok=True)
+        os.symlink(path, folder / os.path.basename(path))
+        truth[os.path.basename(path)] = code
+    good = open(rows[picks[0]][0], "rb").read()
+    (root / "slide-b" / "cut.jpg").write_bytes(good[: len(good) // 3])  # truncated JPEG
+    (root / "slide-c").mkdir()
+    (root / "slide-c" / "x.jpg").write_text("not an image")
+    return root, truth
+
+
+def test_each_export_gets_its_cells_and_differential(exports, tmp_path, capsys):
+    root, truth = exports
+    out = tmp_path / "out"
+    assert classify_cells.main(["--images", str(root), "--output", str(out), "--specimen",
+                                "blood"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 exported slide(s)" in printed and "2 ok, 1 failed of 3 classified" in printed
+    st = {r["uri"].rsplit("/", 1)[-1]: r for r in
+          pl.read_parquet(f"{out}/slide_status/*.parquet").iter_rows(named=True)}
+    assert st["slide-c"]["status"] == "failed" and st["slide-c"]["error_type"] == "NoReadableImages"
+    assert "x.jpg" in st["slide-c"]["error_message"]
+    assert st["slide-a"]["status"] == st["slide-b"]["status"] == "ok"
+    assert st["slide-a"]["n_cells"] == 24 and st["slide-b"]["n_cells"] == 24  # cut.jpg left out
+    assert any(w.startswith("unreadable_images: 1 of 25") and "cut.jpg" in w
+               for w in st["slide-b"]["warnings"])
+    cells = pl.read_parquet(f"{out}/image_cells/*.parquet")
+    assert len(cells) == 48 and cells.select("slide_id", "cell_id").is_unique().all()
+    assert cells["slide_id"].unique().sort().to_list() == sorted(
+        slide_id_for(str(root / s)) for s in ("slide-a", "slide-b"))
+    names = cells["path"].str.split("/").list.last()
+    assert (cells["source_label"] == cells["path"].str.split("/").list.first()).all()
+    # the reference classifier on images it never saw: most calls are the expert's
+    agree = np.mean([c == truth[n] for c, n in zip(cells["class_code"], names)])
+    assert agree >= 0.8, agree
+    assert cells["ood_distance"].null_count() == 0  # the shipped checkpoint carries a density
+    diff = pl.read_parquet(f"{out}/differentials/*.parquet")
+    for sid, rows in diff.group_by("slide_id"):
+        classes = rows.filter(pl.col("level") == "class")
+        assert classes["count"].sum() == 24
+        assert set(rows["denominator"]) == {"wbc"} and rows["me_ratio"].is_null().all()
+        n_er = classes.filter(pl.col("class_code") == "ER")["count"].sum()
+        n_wbc = rows["n_wbc"][0]
+        assert rows["nrbc_per_100_wbc"][0] == pytest.approx(100 * n_er / n_wbc)
+    # the summary job reads the output as it reads process_slides'
+    assert slide_summary.main(["--output", str(out)]) == 0
+    assert "3 slides (2 ok, 1 failed)" in capsys.readouterr().out
+
+    # a rerun: a crash's leftovers are removed, committed slides are not redone
+    stray = out / "image_cells" / "ghost-000000000000.parquet"
+    stray.write_bytes(next((out / "image_cells").glob("*.parquet")).read_bytes())
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet") if p != stray}
+    assert classify_cells.main(["--images", str(root), "--output", str(out), "--specimen",
+                                "blood"]) == 0
+    assert "3 already committed, 0 to classify" in capsys.readouterr().out
+    assert not stray.exists()
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == before
+    # other settings would mix two kinds of count in one output: refused
+    assert classify_cells.main(["--images", str(root), "--output", str(out), "--specimen",
+                                "aspirate"]) == 2
+    assert "specimen: blood -> aspirate" in capsys.readouterr().err
+
+
+def test_untrained_classifier_is_refused(exports, tmp_path, capsys):
+    root, _ = exports
+    assert classify_cells.main(["--images", str(root), "--output", str(tmp_path / "o"),
+                                "--model", "deepheme-resnet18"]) == 2
+    assert "no trained weights" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
