@@ -79,7 +79,7 @@ def classify_slide(sid: str, folder: str, paths: list[str], predictor, args) -> 
              "status": "ok", "notes": f"{len(paths)} images, {len(bad)} unreadable",
              "mpp_x": args.source_mpp, "mpp_y": args.source_mpp, "mpp_source": "--source-mpp",
              "inventoried_at": started}
-    tables = {"slides": [slide], "image_cells": [], "differentials": []}
+    tables = {"slides": [slide]}  # a failed slide has no cell or differential rows
     if bad:
         status["warnings"].append(f"unreadable_images: {len(bad)} of {len(paths)} left out "
                                   f"({'; '.join(bad[:3])}{'; …' if len(bad) > 3 else ''})")
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         tables, status = classify_slide(ids[name], folders[name], exports[name], predictor, args)
         store.commit(ids[name], tables, status)
         counts[status["status"]] += 1
-        diff = tables["differentials"][0] if tables["differentials"] else {}
+        diff = tables.get("differentials", [{}])[0]
         blast = diff.get("blast_percent")
         print(f"{name}: {status['status']}, {status['n_cells']} cells"
               + (f", blast {blast:.1f} %" if blast is not None else "")

@@ -99,3 +99,21 @@ def test_untrained_classifier_is_refused(exports, tmp_path, capsys):
                                 "--model", "deepheme-resnet18"]) == 2
     assert "no trained weights" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.s3
+def test_output_on_s3(exports, s3_server, s3_client, capsys):
+    root, _ = exports
+    s3_client.create_bucket(Bucket="exports")
+    args = ["--images", str(root), "--output", "s3://exports/run1", "--s3-endpoint", s3_server]
+    assert classify_cells.main(args) == 0
+    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket="exports")["Contents"]}
+    assert "run1/config.json" in keys
+    for table, n in (("slide_status", 3), ("slides", 3), ("image_cells", 2),
+                     ("differentials", 2)):
+        assert len([k for k in keys if k.startswith(f"run1/{table}/")]) == n, table
+    config = s3_client.get_object(Bucket="exports", Key="run1/config.json")["Body"].read()
+    assert b"testing-secret-value" not in config and b"testing-key-id" not in config
+    capsys.readouterr()
+    assert classify_cells.main(args) == 0  # the rerun reads the commits back from S3
+    assert "3 already committed, 0 to classify" in capsys.readouterr().out
