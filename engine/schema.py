@@ -71,6 +71,17 @@ TILES = _schema("tiles", [
     pa.field("embedding", pa.list_(pa.float32())),
 ])
 
+# a classified cell's fields (cells, image_cells): the call, its probabilities over the model's
+# codes, and how far the cell lies from the classifier's training data
+CLASSIFIED = [
+    pa.field("class_code", pa.string()),
+    pa.field("class_prob", pa.float32()),
+    pa.field("probabilities", pa.list_(pa.float32())),
+    pa.field("model_codes", pa.list_(pa.string())),
+    pa.field("ood_distance", pa.float32()),
+    pa.field("out_of_distribution", pa.bool_()),
+]
+
 CELLS = _schema("cells", [
     pa.field("slide_id", pa.string(), nullable=False),
     pa.field("cell_id", pa.int64(), nullable=False),
@@ -83,12 +94,7 @@ CELLS = _schema("cells", [
     pa.field("area_um2", pa.float32()),
     pa.field("kind", pa.string()),
     pa.field("at_edge", pa.bool_()),
-    pa.field("class_code", pa.string()),
-    pa.field("class_prob", pa.float32()),
-    pa.field("probabilities", pa.list_(pa.float32())),
-    pa.field("model_codes", pa.list_(pa.string())),
-    pa.field("ood_distance", pa.float32()),
-    pa.field("out_of_distribution", pa.bool_()),
+    *CLASSIFIED,
 ])
 
 # a single-cell image export's cells (jobs.classify_cells): one row per image, no slide position
@@ -97,12 +103,7 @@ IMAGE_CELLS = _schema("image_cells", [
     pa.field("cell_id", pa.int64(), nullable=False),
     pa.field("path", pa.string(), nullable=False),   # under the export's folder
     pa.field("source_label", pa.string()),           # the sub-folder the analyser sorted it into
-    pa.field("class_code", pa.string()),
-    pa.field("class_prob", pa.float32()),
-    pa.field("probabilities", pa.list_(pa.float32())),
-    pa.field("model_codes", pa.list_(pa.string())),
-    pa.field("ood_distance", pa.float32()),
-    pa.field("out_of_distribution", pa.bool_()),
+    *CLASSIFIED,
 ])
 
 DIFFERENTIALS = _schema("differentials", [
