@@ -144,7 +144,8 @@ def main(argv=None) -> int:
 
     from engine.bags import find_patient_images
     from engine.classes import DEEPHEME_CODES
-    from engine.models import CheckpointError, EnsemblePredictor, MissingWeights, create_model
+    from engine.models import (UNTRAINED_SEED, CheckpointError, EnsemblePredictor, MissingWeights,
+                               create_model)
     from engine.pipeline.commit import OutputStore
     from engine.schema import SCHEMA_VERSION, slide_id_for
     from engine.outputs import join_uri, write_bytes
@@ -155,7 +156,8 @@ def main(argv=None) -> int:
         args.source_mpp = resolve_source_mpp(args.source_mpp,
                                              [x for ps in exports.values() for x in ps])
         model = create_model(args.model, args.checkpoint, allow_untrained=args.allow_untrained,
-                             class_codes=DEEPHEME_CODES, storage=storage, seed=0)
+                             class_codes=DEEPHEME_CODES, storage=storage,
+                             seed=UNTRAINED_SEED)
     except (FileNotFoundError, ValueError, MissingWeights, CheckpointError) as err:
         return fail(err)
     settings = {"model": args.model, "weights": model.weights, "source_mpp": args.source_mpp,

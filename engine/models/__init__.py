@@ -7,10 +7,10 @@
 
 from engine.models.checkpoint import (CheckpointError, MissingWeights, read_checkpoint,
                                       write_checkpoint)
-from engine.models.factory import LoadedModel, build_module, create_model
+from engine.models.factory import UNTRAINED_SEED, LoadedModel, build_module, create_model
 from engine.models.inference import EnsemblePredictor, Predictor, default_device
 from engine.models.registry import ModelSpec, get_spec, list_models, register_model
 
 __all__ = ["CheckpointError", "EnsemblePredictor", "LoadedModel", "MissingWeights", "ModelSpec",
-           "Predictor", "build_module", "create_model", "default_device", "get_spec", "list_models",
-           "read_checkpoint", "register_model", "write_checkpoint"]
+           "Predictor", "UNTRAINED_SEED", "build_module", "create_model", "default_device",
+           "get_spec", "list_models", "read_checkpoint", "register_model", "write_checkpoint"]

@@ -50,6 +50,11 @@ class LoadedModel:
         return int(self.module.num_features)
 
 
+# the random weights of an untrained model in a run (--allow-untrained, benchmarks and tests
+# only): the same in every actor and process, so such a run's outputs repeat
+UNTRAINED_SEED = 0
+
+
 def build_module(spec: ModelSpec, num_classes: int, pretrained: bool = False) -> torch.nn.Module:
     name = spec.hub_id if pretrained and spec.hub_id else spec.architecture
     return timm.create_model(name, pretrained=pretrained, num_classes=num_classes,

@@ -31,11 +31,6 @@ from engine.tissue import compute_tissue_mask, with_enclosed_fat
 CROP_PX = 96  # DeepHeme input, at cell_tiles.target_mpp
 
 
-# the random weights of an untrained model (--allow-untrained, benchmarks and tests only): the
-# same in every actor and run, so such a run's outputs repeat
-UNTRAINED_SEED = 0
-
-
 def node_cpus() -> int:
     """Logical CPUs of the Ray node this process runs on: what Ray was started with (a pod's
     limit, not its host's cores); ``os.cpu_count()`` outside Ray."""
@@ -452,7 +447,7 @@ class ClassifyCells:
                  tta: bool = False, storage=None, compile: bool = False, batch_size: int = 0,
                  ensemble: tuple[str, ...] = (), amp: bool = True, threads: int = 0):
         t_born = time.time()
-        from engine.models import EnsemblePredictor, create_model
+        from engine.models import UNTRAINED_SEED, EnsemblePredictor, create_model
 
         members = [create_model(model, ckpt, allow_untrained=allow_untrained,
                                 class_codes=DEEPHEME_CODES, storage=storage, seed=UNTRAINED_SEED)
@@ -543,7 +538,7 @@ class EncodeTiles:
                  storage=None, compile: bool = False, batch_size: int = 0, amp: bool = True,
                  threads: int = 0):
         t_born = time.time()
-        from engine.models import Predictor, create_model
+        from engine.models import UNTRAINED_SEED, Predictor, create_model
 
         self.predictor = Predictor(create_model(model, checkpoint,
                                                 allow_untrained=allow_untrained,
