@@ -185,6 +185,10 @@ def main(argv=None) -> int:
           f"committed, {len(pending)} to classify"
           + (f"; removed the partial tables of {len(removed)} uncommitted" if removed else ""),
           flush=True)
+    if args.specimen == UNKNOWN:
+        print("specimen unknown: counted over all nucleated cells, with an M:E ratio; a blood "
+              "film's export wants --specimen blood (over white cells, NRBC per 100 of them)",
+              flush=True)
     write_bytes(join_uri(store.root, "config.json"), json.dumps(
         {"job": "classify_cells", "settings": settings, "config_hash": args.config_hash,
          "schema_version": SCHEMA_VERSION}, indent=2, default=str).encode(), storage)
