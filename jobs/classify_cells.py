@@ -44,19 +44,25 @@ def source_label(path: str, folder: str) -> str | None:
     return None if parent == os.path.abspath(folder) else os.path.basename(parent)
 
 
-def read_images(paths: list[str], source_mpp: float, spec) -> tuple[list[int], np.ndarray,
-                                                                    list[str]]:
+def read_images(paths: list[str], source_mpp: float, spec, threads: int | None = None
+                ) -> tuple[list[int], np.ndarray, list[str]]:
     """``(indices of the readable paths, their crops (N, px, px, 3) uint8, reasons of the
-    others as 'name: error')``."""
+    others as 'name: error')``; decoded in ``threads`` (PIL releases the GIL to decode)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from engine.train.data import load_cell_image
 
-    ok, crops, bad = [], [], []
-    for i, path in enumerate(paths):
+    def one(path):
         try:
-            crops.append(load_cell_image(path, source_mpp, spec.input_mpp, spec.input_px))
-            ok.append(i)
+            return load_cell_image(path, source_mpp, spec.input_mpp, spec.input_px)
         except (OSError, ValueError) as err:  # PIL: unreadable or truncated file
-            bad.append(f"{os.path.basename(path)}: {err}")
+            return f"{os.path.basename(path)}: {err}"
+
+    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(one, paths))
+    ok = [i for i, r in enumerate(results) if not isinstance(r, str)]
+    crops = [results[i] for i in ok]
+    bad = [r for r in results if isinstance(r, str)]
     px = spec.input_px
     return ok, np.stack(crops) if crops else np.zeros((0, px, px, 3), np.uint8), bad
 
