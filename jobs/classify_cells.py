@@ -83,7 +83,7 @@ def classify_slide(sid: str, folder: str, paths: list[str], predictor, args) -> 
               "config_hash": args.config_hash, "warnings": []}
     slide = {"slide_id": sid, "uri": folder, "specimen": args.specimen, "format": FORMAT,
              "status": "ok", "notes": f"{len(paths)} images, {len(bad)} unreadable",
-             "mpp_x": args.source_mpp, "mpp_y": args.source_mpp, "mpp_source": "--source-mpp",
+             "mpp_x": args.source_mpp, "mpp_y": args.source_mpp, "mpp_source": args.mpp_source,
              "inventoried_at": started}
     tables = {"slides": [slide]}  # a failed slide has no cell or differential rows
     if bad:
@@ -159,6 +159,8 @@ def main(argv=None) -> int:
     storage = storage_from_args(args)
     try:
         exports = find_patient_images(args.images)
+        args.mpp_source = "red cells (--source-mpp auto)" if args.source_mpp == "auto" else \
+            "--source-mpp"
         args.source_mpp = resolve_source_mpp(args.source_mpp,
                                              [x for ps in exports.values() for x in ps])
         model = create_model(args.model, args.checkpoint, allow_untrained=args.allow_untrained,
