@@ -1,10 +1,12 @@
 """jobs.classify_cells on real single-cell images (PBC) with the shipped reference classifier:
 exports laid out as CellaVision writes them, an unreadable image, a slide with none readable."""
 
+import io
 import os
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 from engine.schema import slide_id_for
@@ -105,13 +107,19 @@ def test_untrained_classifier_is_refused(exports, tmp_path, capsys):
 def test_output_on_s3(exports, s3_server, s3_client, capsys):
     root, _ = exports
     s3_client.create_bucket(Bucket="exports")
-    args = ["--images", str(root), "--output", "s3://exports/run1", "--s3-endpoint", s3_server]
+    args = ["--images", str(root), "--output", "s3://exports/run1", "--s3-endpoint", s3_server,
+            "--source-mpp", "auto"]
     assert classify_cells.main(args) == 0
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket="exports")["Contents"]}
     assert "run1/config.json" in keys
     for table, n in (("slide_status", 3), ("slides", 3), ("image_cells", 2),
                      ("differentials", 2)):
         assert len([k for k in keys if k.startswith(f"run1/{table}/")]) == n, table
+    slide = pq.read_table(io.BytesIO(s3_client.get_object(
+        Bucket="exports", Key=next(k for k in keys if k.startswith("run1/slides/")))["Body"].read()))
+    # the pixel size measured on the images' red cells, and said so
+    assert slide["mpp_source"][0].as_py().startswith("red cells")
+    assert 0.08 < slide["mpp_x"][0].as_py() < 0.13  # PBC: about 0.107 µm/px
     config = s3_client.get_object(Bucket="exports", Key="run1/config.json")["Body"].read()
     assert b"testing-secret-value" not in config and b"testing-key-id" not in config
     capsys.readouterr()
