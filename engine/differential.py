@@ -148,3 +148,17 @@ def differential_rows(slide_id: str, d: Differential) -> list[dict]:
              "low_count": d.low_count, "codes_not_covered": list(d.not_covered),
              "ood_percent": d.ood_percent, "out_of_distribution": d.out_of_distribution}
             for r in d.rows]
+
+
+def review_warnings(d: Differential, min_nucleated: int) -> dict[str, str]:
+    """Why a slide's differential needs review before it is trusted, by flag
+    (``out_of_distribution``, ``low_count``, in that order; none when neither is set)."""
+    out = {}
+    if d.out_of_distribution:
+        out["out_of_distribution"] = (f"{d.ood_percent:.0f}% of nucleated cells lie outside the "
+                                      f"classifier's training data")
+    if d.low_count:
+        wbc = d.denominator == "wbc"
+        out["low_count"] = (f"{d.n_wbc if wbc else d.n_nucleated} "
+                            f"{'white' if wbc else 'nucleated'} cells (< {min_nucleated})")
+    return out

@@ -71,7 +71,7 @@ def classify_slide(sid: str, folder: str, paths: list[str], predictor, args) -> 
                                                                                      dict]:
     """One export's tables (``slides``, ``image_cells``, ``differentials``) and its status row."""
     import engine
-    from engine.differential import compute_differential, differential_rows
+    from engine.differential import compute_differential, differential_rows, review_warnings
 
     t0, started = time.perf_counter(), dt.datetime.now(dt.timezone.utc)
     model = predictor.model
@@ -112,14 +112,8 @@ def classify_slide(sid: str, folder: str, paths: list[str], predictor, args) -> 
                                  None if far is None else far.tolist(), args.max_ood_percent,
                                  blood=args.specimen == "blood")
         tables["differentials"] = differential_rows(sid, d)
-        if d.out_of_distribution:
-            status["warnings"].append(f"out_of_distribution: {d.ood_percent:.0f} % of nucleated "
-                                      f"cells lie outside the classifier's training data")
-        if d.low_count:
-            wbc = d.denominator == "wbc"
-            status["warnings"].append(f"low_count: {d.n_wbc if wbc else d.n_nucleated} "
-                                      f"{'white' if wbc else 'nucleated'} cells "
-                                      f"(< {args.min_nucleated})")
+        status["warnings"] += [f"{k}: {v}" for k, v in
+                               review_warnings(d, args.min_nucleated).items()]
     status.update(finished_at=dt.datetime.now(dt.timezone.utc),
                   seconds=round(time.perf_counter() - t0, 3))
     return tables, status

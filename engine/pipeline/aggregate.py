@@ -19,7 +19,7 @@ import pyarrow as pa
 
 import engine
 from engine.cellularity import slide_cellularity
-from engine.differential import compute_differential, differential_rows
+from engine.differential import compute_differential, differential_rows, review_warnings
 from engine.pipeline.commit import OutputStore
 from engine.report.geojson import cells_geojson_text
 from engine.schema import CELLS, TILES
@@ -207,16 +207,10 @@ class Aggregator:
             ood = [bool(f) if known else None for f, known in
                    zip(cols["out_of_distribution"].tolist(),
                        (~np.isnan(cols["ood_distance"])).tolist())]
-        differential = self._differential(sid, codes, ood, blood=state.specimen == "blood")
-        d = differential[0] if differential else {}
-        if d.get("out_of_distribution"):
-            state.warnings["out_of_distribution"] = (
-                f"{d['ood_percent']:.0f}% of nucleated cells lie outside the classifier's "
-                f"training data")
-        if d.get("low_count"):
-            counted = d["n_wbc"] if d["denominator"] == "wbc" else d["n_nucleated"]
-            what = "white cells" if d["denominator"] == "wbc" else "nucleated cells"
-            state.warnings["low_count"] = f"{counted} {what} (< {self.min_nucleated})"
+        d = compute_differential(codes, self.model_codes, self.min_nucleated, ood,
+                                 self.max_ood_percent, blood=state.specimen == "blood")
+        differential = differential_rows(sid, d)
+        state.warnings.update(review_warnings(d, self.min_nucleated))
         if not cols:
             return {"cells": [], "differentials": differential}, \
                 {"type": "FeatureCollection", "features": []}
@@ -292,12 +286,6 @@ class Aggregator:
                      f"{state.warnings['out_of_distribution']} (another stain, scanner or "
                      f"cell type); review them before trusting its differential: python -m "
                      f"jobs.cell_gallery --output {self.store.root} --slide {sid} --order far")
-
-    def _differential(self, sid: str, codes: list[str], ood: list,
-                      blood: bool = False) -> list[dict]:
-        return differential_rows(sid, compute_differential(
-            codes, self.model_codes, self.min_nucleated, ood, self.max_ood_percent, blood))
-
 
 def _raster_columns(chunks: list[dict]) -> dict | None:
     """A slide's column chunks joined and put in raster order (y, then x; ties in arrival
