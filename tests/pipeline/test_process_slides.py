@@ -160,57 +160,91 @@ def test_reference_model_on_the_smear(ray_local, smear_slide, tmp_path, capsys):
     assert doc["config"]["pipeline"]["classifier"]["model"] == "deepheme-resnext50"
 
 
-def test_specimen_types_decide_what_each_slide_gets(ray_local, archive, tmp_path, capsys):
-    """A smear gets no cellularity, a section no cells or differential; an untyped slide gets
-    every stage; each status row says which stages ran for it. The section's cellularity
-    includes the ABMIL regressor's, from its tile embeddings."""
+@pytest.fixture(scope="module")
+def reprocessed(run_out, archive, tmp_path_factory):
+    """The three readable slides of ``run_out``'s output run again with ``--reprocess``, typed
+    by a specimen column, with an ABMIL cellularity checkpoint added to the config (one run for
+    the two tests below). Returns the output, the old config hash and what the job printed."""
+    import contextlib
+    import io
+
     import torch
 
     from engine.models.mil import GatedABMIL, save_mil
 
+    tmp = tmp_path_factory.mktemp("reprocess")
+    out = tmp / "out"
+    shutil.copytree(run_out, out)
+    old_hash = pl.read_parquet(f"{out}/slide_status/*.parquet")["config_hash"][0]
     torch.manual_seed(0)
-    ckpt = tmp_path / "abmil.safetensors"
+    ckpt = tmp / "abmil.safetensors"
     save_mil(GatedABMIL(64), str(ckpt), {"name": "test-abmil"})  # dinov2-tiny embeds 64-d
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(tiny_config(tmp_path) and (tmp_path / "tiny.yaml").read_text()
+    cfg = tmp / "c.yaml"
+    cfg.write_text(tiny_config(tmp) and (tmp / "tiny.yaml").read_text()
                    + f"  cellularity_checkpoint: {ckpt}\n  cellularity_bags: 6\n")
-    (tmp_path / "list.csv").write_text(f"path,specimen\n{archive}/smear-a.tif,blood\n"
-                                       f"{archive}/cmu-1-small-region.svs,biopsy\n"
-                                       f"{archive}/small.svs,\n")
-    code = process_slides.main(["--input", str(tmp_path / "list.csv"), "--output",
-                                str(tmp_path / "o"), "--config", str(cfg), "--allow-untrained"])
+    (tmp / "list.csv").write_text(f"path,specimen\n{archive}/smear-a.tif,blood\n"
+                                  f"{archive}/cmu-1-small-region.svs,biopsy\n"
+                                  f"{archive}/small.svs,\n")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = process_slides.main(["--input", str(tmp / "list.csv"), "--output", str(out),
+                                    "--config", str(cfg), "--allow-untrained", "--reprocess"])
     assert code == 0
-    assert "specimen types: 1 biopsy, 1 blood, 1 unknown (every configured stage runs" in \
-        capsys.readouterr().out
+    return out, old_hash, printed.getvalue()
+
+
+READABLE = ("smear-a.tif", "cmu-1-small-region.svs", "small.svs")
+
+
+def test_reprocess_redoes_this_inputs_slides_with_the_new_config(reprocessed):
+    out, old_hash, printed = reprocessed
+    assert "--reprocess: 3 committed slide(s) taken out" in printed
+    assert "4 slide(s) of other inputs stay as the earlier config made them" in printed
+    st = pl.read_parquet(f"{out}/slide_status/*.parquet")
+    assert len(st) == 7 and st["slide_id"].is_unique().all()
+    hashes = {r["uri"].rsplit("/", 1)[-1]: r["config_hash"] for r in st.iter_rows(named=True)}
+    new = {hashes.pop(name) for name in READABLE}
+    assert len(new) == 1 and old_hash not in new and set(hashes.values()) == {old_hash}
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["config"]["pipeline"]["cellularity_bags"] == 6
+
+
+def test_specimen_types_decide_what_each_slide_gets(reprocessed):
+    """A smear gets no cellularity, a section no cells or differential; an untyped slide gets
+    every stage; each status row says which stages ran for it. The section's cellularity
+    includes the ABMIL regressor's, from its tile embeddings."""
+    out, _, printed = reprocessed
+    assert "specimen types: 1 biopsy, 1 blood, 1 unknown (every configured stage runs" in printed
 
     def names(table: str) -> list[str]:
-        df = pl.read_parquet(f"{tmp_path}/o/{table}/*.parquet")
+        df = pl.read_parquet(f"{out}/{table}/*.parquet")
         return sorted(set(df["slide_id"].str.split("-").list.first()))
 
     assert names("differentials") == ["small", "smear"] and "cmu" not in names("cells")
-    diff = pl.read_parquet(f"{tmp_path}/o/differentials/*.parquet")
+    diff = pl.read_parquet(f"{out}/differentials/*.parquet")
     assert dict(zip(diff["slide_id"].str.split("-").list.first(), diff["denominator"])) == {
         "small": "nucleated", "smear": "wbc"}  # a blood film is counted over white cells
     # the smear keeps its tiles (and embeddings) without a cellularity
     assert names("cellularity") == ["cmu", "small"] and {"cmu", "smear"} <= set(names("tiles"))
-    slides = pl.read_parquet(f"{tmp_path}/o/slides/*.parquet")
-    assert dict(zip(slides["uri"].str.split("/").list.last(), slides["specimen"])) == {
+    slides = pl.read_parquet(f"{out}/slides/*.parquet")
+    specimen = dict(zip(slides["uri"].str.split("/").list.last(), slides["specimen"]))
+    assert {k: specimen[k] for k in READABLE} == {
         "smear-a.tif": "blood", "cmu-1-small-region.svs": "biopsy", "small.svs": "unknown"}
     st = {r["uri"].rsplit("/", 1)[-1]: r for r in
-          pl.read_parquet(f"{tmp_path}/o/slide_status/*.parquet").iter_rows(named=True)}
-    assert all(r["status"] == "ok" for r in st.values())
+          pl.read_parquet(f"{out}/slide_status/*.parquet").iter_rows(named=True)}
+    assert all(st[name]["status"] == "ok" for name in READABLE)
     assert st["cmu-1-small-region.svs"]["n_cells"] is None
     assert "differential" in st["cmu-1-small-region.svs"]["skipped_stages"]
     assert {"cellularity:image_analysis", "cellularity:abmil"} <= set(
         st["smear-a.tif"]["skipped_stages"])
     assert "differential" in st["small.svs"]["stages"] and \
         "cellularity:abmil" in st["small.svs"]["stages"]
-    cel = pl.read_parquet(f"{tmp_path}/o/cellularity/cmu-*.parquet").sort("method")
+    cel = pl.read_parquet(f"{out}/cellularity/cmu-*.parquet").sort("method")
     assert cel["method"].to_list() == ["abmil", "image_analysis"]
     abmil = cel.row(0, named=True)
     assert 0 <= abmil["cellularity_mean"] <= 100 and abmil["cellularity_sd"] >= 0
     assert abmil["n_bags"] == 6 and abmil["n_tiles"] > 0
-    tiles = pl.read_parquet(f"{tmp_path}/o/tiles/*.parquet")
+    tiles = pl.read_parquet(f"{out}/tiles/*.parquet")
     assert tiles["embedding"].list.len().unique().to_list() == [64]
 
 
@@ -253,48 +287,6 @@ def test_an_output_of_another_table_schema_is_refused(run_out, archive, tmp_path
     err = capsys.readouterr().err
     assert code == 2 and f"schema version 1; this version writes {SCHEMA_VERSION}" in err
     assert _mtimes(out) == before
-
-
-def test_retry_failed_redoes_only_the_failed_slides(run_out, archive, tmp_path, capsys):
-    out = tmp_path / "out"
-    shutil.copytree(run_out, out)
-    ok_files = {p: t for p, t in _mtimes(out).items() if "cmu-1" in p.name or "smear" in p.name}
-    code = process_slides.main(["--input", str(archive), "--output", str(out), "--config",
-                                tiny_config(tmp_path), "--allow-untrained", "--mpp", "0.5",
-                                "--retry-failed"])
-    printed = capsys.readouterr().out
-    assert code == 0 and "--retry-failed: 4 committed slide(s) taken out" in printed
-    assert "3 already committed, 4 to process" in printed
-    st = pl.read_parquet(f"{out}/slide_status/*.parquet")
-    assert st["slide_id"].is_unique().all() and len(st) == 7
-    got = {r["uri"].rsplit("/", 1)[-1]: r for r in st.iter_rows(named=True)}
-    tcga = got["tcga-cr-7395-01a-01-ts1.svs"]  # had no pixel size: --mpp gives it one
-    assert tcga["status"] == "ok" and tcga["n_tiles"] > 0
-    assert got["broken.svs"]["error_type"] == "SlideCorrupt"  # still bad: a row, again
-    assert {p: p.stat().st_mtime_ns for p in ok_files} == ok_files  # ok slides untouched
-    cells = pl.read_parquet(f"{out}/cells/*.parquet")
-    assert cells.select("slide_id", "cell_id").is_duplicated().sum() == 0
-
-
-def test_reprocess_redoes_this_inputs_slides_with_the_new_config(run_out, archive, tmp_path,
-                                                                  capsys):
-    out = tmp_path / "out"
-    shutil.copytree(run_out, out)
-    before = pl.read_parquet(f"{out}/slide_status/*.parquet")
-    old_hash = before["config_hash"][0]
-    tiny_config(tmp_path)
-    code = process_slides.main(["--input", str(archive / "small.svs"), "--output", str(out),
-                                "--config", _config(tmp_path, "  min_nucleated: 100\n"),
-                                "--allow-untrained", "--reprocess"])
-    printed = capsys.readouterr().out
-    assert code == 0 and "--reprocess: 1 committed slide(s) taken out" in printed
-    assert "6 slide(s) of other inputs stay as the earlier config made them" in printed
-    st = pl.read_parquet(f"{out}/slide_status/*.parquet")
-    assert len(st) == 7 and st["slide_id"].is_unique().all()
-    hashes = {r["uri"].rsplit("/", 1)[-1]: r["config_hash"] for r in st.iter_rows(named=True)}
-    assert hashes.pop("small.svs") != old_hash and set(hashes.values()) == {old_hash}
-    doc = json.loads((out / "config.json").read_text())
-    assert doc["config"]["pipeline"]["min_nucleated"] == 100
 
 
 def test_uncommit_takes_the_marker_first_and_the_tables_follow(run_out, tmp_path):

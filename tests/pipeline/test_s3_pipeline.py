@@ -51,19 +51,34 @@ def test_s3_in_and_out(ray_local, s3_server, s3_client, archive, tmp_path, capsy
                                 "--s3-endpoint", s3_server, "--config", tiny_config(tmp_path),
                                 "--allow-untrained"]) == 0
     assert "7 already committed, 0 to process" in capsys.readouterr().out
-    # --retry-failed reads the failed statuses back from S3 and redoes those slides, once each
-    assert process_slides.main(["--input", "s3://slides/lab-a", "--output", "s3://results/run1",
-                                "--s3-endpoint", s3_server, "--config", tiny_config(tmp_path),
-                                "--allow-untrained", "--retry-failed"]) == 0
+    # --retry-failed reads the failed statuses back from S3 and redoes those slides, once each;
+    # --mpp gives the slide without a pixel size one, and the ok slides' objects are not touched
+    ok_ids = set(status.filter(pl.col("status") == "ok")["slide_id"])
+    with s3_requests() as requests:
+        assert process_slides.main(["--input", "s3://slides/lab-a", "--output",
+                                    "s3://results/run1", "--s3-endpoint", s3_server, "--config",
+                                    tiny_config(tmp_path), "--allow-untrained", "--mpp", "0.5",
+                                    "--retry-failed"]) == 0
     printed = capsys.readouterr().out
     assert "--retry-failed: 4 committed slide(s) taken out" in printed
     assert "3 already committed, 4 to process" in printed
+    written = [r.split(" ", 1)[1] for r in requests if r.startswith(("PUT", "DELETE", "POST"))]
+    assert written and not [w for w in written if any(i in w for i in ok_ids)], written
     fs.invalidate_cache()
-    assert len(fs.glob("results/run1/slide_status/*.parquet")) == 7
+    status = pl.concat([pl.from_arrow(pq.read_table(fs.open(p, "rb")))
+                        for p in fs.glob("results/run1/slide_status/*.parquet")])
+    assert len(status) == 7 and status["slide_id"].is_unique().all()
+    got = {r["uri"].rsplit("/", 1)[-1]: r for r in status.iter_rows(named=True)}
+    tcga = got["tcga-cr-7395-01a-01-ts1.svs"]  # had no pixel size: --mpp gives it one
+    assert tcga["status"] == "ok" and tcga["n_tiles"] > 0
+    assert got["broken.svs"]["error_type"] == "SlideCorrupt"  # still bad: a row, again
+    cells = pl.concat([pl.from_arrow(pq.read_table(fs.open(p, "rb")))
+                       for p in fs.glob("results/run1/cells/*.parquet")])
+    assert cells.select("slide_id", "cell_id").is_duplicated().sum() == 0
     # the summary reads the committed slides back from S3 and writes beside them
     from jobs import slide_summary
 
     assert slide_summary.main(["--output", "s3://results/run1", "--s3-endpoint", s3_server]) == 0
-    assert "7 slides (3 ok, 4 failed)" in capsys.readouterr().out
+    assert "7 slides (4 ok, 3 failed)" in capsys.readouterr().out
     summary = pl.read_csv(fs.open("results/run1/summary.csv", "rb"))
     assert sorted(summary["slide_id"]) == sorted(status["slide_id"])
