@@ -142,7 +142,11 @@ def main(argv=None) -> int:
 
         report.update(r2=float(r2_score(y, oof[:, 0])),
                       mean_abs_error_points=float(np.abs(oof[:, 0] - y).mean() * 100))
-        _bland_altman(y * 100, oof[:, 0] * 100, os.path.join(args.output, "bland_altman.png"))
+        from engine.report.plots import plot_bland_altman
+
+        plot_bland_altman({"cellularity": (y * 100, oof[:, 0] * 100)},
+                          os.path.join(args.output, "bland_altman.png"),
+                          suptitle="out-of-fold prediction against the label")
     model = fit(X, y, "final")
     save_mil(model, os.path.join(args.output, "abmil.safetensors"),
              {"name": "abmil", "classes": classes, "labels": os.path.abspath(args.labels),
@@ -179,26 +183,6 @@ def _fitter(args, kw: dict):
         return load_trained({**config, "bags": bags}, ckpt)
 
     return fit
-
-
-def _bland_altman(truth, pred, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mean, diff = (truth + pred) / 2, pred - truth
-    md, sd = diff.mean(), diff.std()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.scatter(mean, diff, s=10)
-    for v, style in ((md, "-"), (md + 1.96 * sd, "--"), (md - 1.96 * sd, "--")):
-        ax.axhline(v, color="grey", linestyle=style)
-    ax.set_xlabel("mean of truth and prediction (cellularity %)")
-    ax.set_ylabel("prediction - truth (points)")
-    ax.set_title(f"Bland-Altman: bias {md:.1f}, limits ±{1.96 * sd:.1f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

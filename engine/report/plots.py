@@ -30,6 +30,40 @@ def plot_confusion(matrix, codes, path: str, title: str = "") -> None:
     plt.close(fig)
 
 
+def bland_altman(ax, reference, measured, unit: str = "%", title: str = "") -> None:
+    """A Bland-Altman plot on ``ax``: the difference ``measured - reference`` against their mean,
+    with the bias and the 95 % limits of agreement (bias ± 1.96 sd) as lines."""
+    reference, measured = np.asarray(reference, float), np.asarray(measured, float)
+    mean, diff = (reference + measured) / 2, measured - reference
+    md, sd = diff.mean(), diff.std(ddof=1) if len(diff) > 1 else 0.0
+    ax.scatter(mean, diff, s=10)
+    for v, style in ((md, "-"), (md + 1.96 * sd, "--"), (md - 1.96 * sd, "--")):
+        ax.axhline(v, color="grey", linestyle=style)
+    ax.set_xlabel(f"mean of the two ({unit})")
+    ax.set_ylabel("difference (points)")
+    ax.set_title(f"{title + ': ' if title else ''}bias {md:+.1f}, limits ±{1.96 * sd:.1f}",
+                 fontsize=9)
+
+
+def plot_bland_altman(panels: dict[str, tuple], path, unit: str = "%",
+                      suptitle: str = "") -> None:
+    """One Bland-Altman panel per entry of ``panels`` (name -> (reference, measured)), in a
+    grid, saved as PNG to ``path`` (a file name or a binary file object)."""
+    n = max(len(panels), 1)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, (name, (ref, got)) in zip(axes.flat, panels.items()):
+        bland_altman(ax, ref, got, unit, name)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 EXACT_KNN_MAX = 20_000  # points up to which plot_umap finds neighbours exactly
 
 

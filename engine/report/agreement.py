@@ -1,0 +1,147 @@
+"""Agreement of hemeflow's differentials with a lab's manual ones: the comparison a lab makes
+before it trusts automated counts (as in CellaVision validation studies).
+
+A manual differential names its categories as the lab counts them: DeepHeme codes (``M6``),
+group codes (``IG``, ``NEU``, ``ER``), lineages (``granulocytic``) or PBC / CellaVision labels
+(``neutrophil``). Each becomes the set of DeepHeme codes it stands for (`category_codes`). Both
+sides are then expressed as percentages of the same cells: those of the categories the manual
+sheet lists and the model can call, so a sheet without, say, basophils is compared over the rest
+on both sides.
+
+Per category over the slides: bias (mean automated - manual, in points), the standard deviation
+of the differences and the 95 % limits of agreement (Bland-Altman), the mean absolute difference,
+Pearson's r, and the share of slides where the automated percentage lies within the 95 % interval
+that the manual count itself carries (Wilson, from its number of cells: a 100-cell count cannot
+tell 10 % from 16 %; Rümke's table says the same).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+
+from engine.classes import CLASSES, LINEAGES, PBC_LABELS, get_class
+from engine.differential import wilson_interval
+
+
+def category_codes(name: str) -> frozenset[str]:
+    """The DeepHeme codes (stages and the group codes over them) that a manual column stands for.
+
+    Raises:
+        KeyError: ``name`` is no class code, lineage or PBC label; the message lists them.
+    """
+    if name in CLASSES:
+        base = {name}
+    elif name.lower() in LINEAGES:
+        base = {c for c, cls in CLASSES.items() if cls.lineage == name.lower()}
+    elif name.lower() in PBC_LABELS:
+        base = set(PBC_LABELS[name.lower()])
+    else:
+        raise KeyError(f"{name!r} is not a cell class code ({', '.join(sorted(CLASSES))}), "
+                       f"a lineage ({', '.join(LINEAGES)}) or a PBC label "
+                       f"({', '.join(sorted(PBC_LABELS))})")
+    out = set(base)
+    for code in base:  # a group brings its stages
+        out |= set(get_class(code).members)
+    for code, cls in CLASSES.items():  # a group whose stages are all in brings itself
+        if cls.members and set(cls.members) <= out:
+            out.add(code)
+    return frozenset(out)
+
+
+def resolve_categories(columns: list[str], model_codes: set[str]
+                       ) -> tuple[dict[str, frozenset[str]], dict[str, str]]:
+    """``(compared, ignored)``: each manual column that can be compared, with the model codes it
+    counts, and why each other column is not compared.
+
+    A column is compared when its cells are nucleated (a differential's), the model calls at least
+    one of its codes, and no code the model calls lies partly inside it (a model that calls only
+    ``NEU`` cannot be compared on ``M6``).
+
+    Raises:
+        ValueError: two compared columns share cells (``neutrophil`` and ``granulocytic``): the
+            percentages would count those cells twice.
+    """
+    compared: dict[str, frozenset[str]] = {}
+    ignored: dict[str, str] = {}
+    for col in columns:
+        try:
+            codes = category_codes(col)
+        except KeyError as err:
+            ignored[col] = str(err.args[0])
+            continue
+        if not any(get_class(c).nucleated for c in codes):
+            ignored[col] = "not nucleated cells: not part of a differential"
+            continue
+        split = sorted(c for c in model_codes - codes if CLASSES[c].members
+                       and set(CLASSES[c].members) & codes)
+        if split:
+            ignored[col] = (f"the model calls {', '.join(split)}, which this column splits: "
+                            f"compare at the group's level")
+            continue
+        called = codes & model_codes
+        if not called:
+            ignored[col] = (f"the model calls none of its cells ({', '.join(sorted(codes))}): "
+                            f"its count is unknown, not 0")
+            continue
+        compared[col] = frozenset(called)
+    names = sorted(compared)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if compared[a] & compared[b]:
+                raise ValueError(f"columns {a!r} and {b!r} both count "
+                                 f"{', '.join(sorted(compared[a] & compared[b]))}: give each "
+                                 f"cell one column")
+    return compared, ignored
+
+
+def compare_slide(manual: dict[str, float], auto: dict[str, int],
+                  categories: dict[str, frozenset[str]]) -> list[dict] | str:
+    """One slide's rows (one per category), or why it cannot be compared. ``manual``: count per
+    column; ``auto``: count per model code."""
+    m_total = sum(manual.get(c, 0) for c in categories)
+    a_counts = {c: sum(auto.get(code, 0) for code in codes) for c, codes in categories.items()}
+    a_total = sum(a_counts.values())
+    if m_total <= 0:
+        return "the manual sheet counts no cells of the compared categories"
+    if a_total <= 0:
+        return "hemeflow found no cells of the compared categories"
+    rows = []
+    for c in categories:
+        k = manual.get(c, 0)
+        m_pct, a_pct = 100 * k / m_total, 100 * a_counts[c] / a_total
+        lo, hi = wilson_interval(round(k), round(m_total))
+        rows.append({"category": c, "manual_count": float(k), "manual_total": float(m_total),
+                     "manual_percent": m_pct, "manual_ci_low": lo, "manual_ci_high": hi,
+                     "auto_count": a_counts[c], "auto_total": a_total, "auto_percent": a_pct,
+                     "difference": a_pct - m_pct, "within_manual_ci": lo <= a_pct <= hi})
+    return rows
+
+
+def agreement_table(per_slide: pl.DataFrame) -> pl.DataFrame:
+    """Per category over the slides of ``per_slide`` (`compare_slide`'s rows, with
+    ``slide_id``): n_slides, manual and automated mean percent, bias, sd of the differences,
+    95 % limits of agreement, mean absolute difference, Pearson's r (None where either side
+    does not vary) and the share of slides within the manual count's interval."""
+    out = []
+    for (cat,), g in per_slide.group_by("category", maintain_order=True):
+        d = g["difference"].to_numpy()
+        m, a = g["manual_percent"].to_numpy(), g["auto_percent"].to_numpy()
+        sd = float(np.std(d, ddof=1)) if len(d) > 1 else None
+        r = (float(np.corrcoef(m, a)[0, 1])
+             if len(d) > 1 and np.std(m) > 0 and np.std(a) > 0 else None)
+        bias = float(d.mean())
+        out.append({"category": cat, "n_slides": len(g), "manual_mean": float(m.mean()),
+                    "auto_mean": float(a.mean()), "bias": bias, "sd_difference": sd,
+                    "loa_low": bias - 1.96 * sd if sd is not None else None,
+                    "loa_high": bias + 1.96 * sd if sd is not None else None,
+                    "mean_abs_difference": float(np.abs(d).mean()),
+                    "pearson_r": None if r is None or math.isnan(r) else r,
+                    "within_manual_ci": float(g["within_manual_ci"].mean())})
+    return pl.DataFrame(out, schema={
+        "category": pl.Utf8, "n_slides": pl.Int64, "manual_mean": pl.Float64,
+        "auto_mean": pl.Float64, "bias": pl.Float64, "sd_difference": pl.Float64,
+        "loa_low": pl.Float64, "loa_high": pl.Float64, "mean_abs_difference": pl.Float64,
+        "pearson_r": pl.Float64, "within_manual_ci": pl.Float64})

@@ -1,0 +1,190 @@
+"""Agreement of an output's differentials (process_slides or classify_cells) with a lab's manual
+differentials, per cell category over the slides: bias, limits of agreement, mean absolute
+difference, correlation, and how often the automated percentage lies within the manual count's
+own 95 % interval (`engine.report.agreement`).
+
+    python -m jobs.compare_differentials --output <hemeflow output: dir | s3://…>
+        --manual <counts.csv> [--to <dir | s3://…>]
+
+The manual sheet has a row per slide: a ``slide`` column (or ``slide_id``, ``uri``, ``path``,
+``file``) naming it by its slide_id, its path, its file name or its file name without the
+extension (an export's folder name for classify_cells), and a column of cell counts per category:
+DeepHeme codes (``M6``), groups (``IG``, ``NEU``, ``ER``), lineages (``lymphoid``) or PBC /
+CellaVision labels (``neutrophil``). Other columns (a comment, platelets, smudge cells) are listed
+as not compared. Blank counts are 0. Give counts, not percentages: the manual interval comes
+from the number of cells counted.
+
+Prints JSON to stdout; writes ``agreement.parquet`` (per category), ``agreement_slides.parquet``
+(per slide and category) and ``bland_altman.png`` under ``--to`` (default: ``<output>/agreement``).
+Only committed slides are read; a slide that failed, or one the sheet names that the output does
+not hold, is listed with the reason, never dropped unsaid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jobs.common import add_storage_args, fail, read_csv_rows, storage_from_args
+
+KEY_COLUMNS = ("slide", "slide_id", "uri", "path", "file")
+
+
+def _count(text: str, slide: str, column: str) -> float:
+    text = (text or "").strip()
+    if not text:
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"slide {slide!r}, column {column!r}: {text!r} is not a count") from None
+    if value < 0 or value != value:
+        raise ValueError(f"slide {slide!r}, column {column!r}: {text!r} is not a count")
+    return value
+
+
+def slide_keys(status) -> dict[str, set[str]]:
+    """Each name a manual sheet may give a slide by (slide_id, uri, file name, file name without
+    its extension) -> the slide_ids it names."""
+    keys: dict[str, set[str]] = {}
+    for sid, uri in zip(status["slide_id"], status["uri"]):
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        for key in {sid, uri, name, name.rsplit(".", 1)[0] if "." in name else name}:
+            keys.setdefault(key, set()).add(sid)
+    return keys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.compare_differentials", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True,
+                   help="a process_slides or classify_cells output folder or s3:// prefix")
+    p.add_argument("--manual", required=True, help="CSV of manual counts, a row per slide")
+    p.add_argument("--to", help="where to write the tables and the plot (default: "
+                                "<output>/agreement)")
+    add_storage_args(p)
+    args = p.parse_args(argv)
+
+    import io
+
+    import polars as pl
+
+    from engine.outputs import join_uri, write_bytes, write_parquet
+    from engine.pipeline.commit import OutputStore
+    from engine.report.agreement import agreement_table, compare_slide, resolve_categories
+    from engine.slides.storage import InputError
+    from jobs.slide_summary import read_committed
+
+    storage = storage_from_args(args)
+    try:
+        sheet = read_csv_rows(args.manual, storage)
+    except InputError as err:
+        return fail(str(err))
+    if not sheet:
+        return fail(f"{args.manual}: no rows")
+    columns = list(sheet[0])
+    key = next((c for c in KEY_COLUMNS if c in columns), None)
+    if key is None:
+        return fail(f"{args.manual}: no slide column (one of {', '.join(KEY_COLUMNS)}); "
+                    f"columns: {', '.join(columns)}")
+    tables = read_committed(OutputStore(args.output, storage))
+    status, diff = tables["slide_status"], tables["differentials"]
+    if status is None or diff is None:
+        return fail(f"no committed differentials under {args.output}")
+    classes = diff.filter(pl.col("level") == "class")
+    code_sets = {frozenset(g["class_code"]) for _, g in classes.group_by("slide_id")}
+    if len(code_sets) > 1:
+        return fail("the output's slides were classified by models of different classes "
+                    f"({' / '.join(','.join(sorted(s)) for s in code_sets)}): compare them apart")
+    model_codes = set(next(iter(code_sets)))
+    try:
+        categories, ignored = resolve_categories([c for c in columns if c != key], model_codes)
+    except ValueError as err:
+        return fail(f"{args.manual}: {err}")
+    if not categories:
+        return fail(f"{args.manual}: no column can be compared: "
+                    + "; ".join(f"{c}: {why}" for c, why in ignored.items()))
+    for col, why in ignored.items():
+        print(f"not compared: column {col!r}: {why}", file=sys.stderr)
+
+    keys = slide_keys(status)
+    by_status = {r["slide_id"]: r for r in status.iter_rows(named=True)}
+    auto = {sid: dict(zip(g["class_code"], g["count"]))
+            for (sid,), g in classes.group_by("slide_id")}
+    rows, not_compared, unmatched, seen = [], {}, [], {}
+    for r in sheet:
+        name = (r.get(key) or "").strip()
+        if not name:
+            continue
+        sids = keys.get(name, set())
+        if len(sids) != 1:
+            if sids:
+                not_compared[name] = f"names {len(sids)} slides ({', '.join(sorted(sids))}): " \
+                                     f"give the slide_id"
+            else:
+                unmatched.append(name)
+            continue
+        sid = next(iter(sids))
+        if sid in seen:
+            return fail(f"{args.manual}: rows {seen[sid]!r} and {name!r} both name slide {sid}")
+        seen[sid] = name
+        st = by_status[sid]
+        if st["status"] != "ok" or sid not in auto:
+            not_compared[name] = (f"status {st['status']}: {st.get('error_type') or ''} "
+                                  f"{st.get('error_message') or ''}".strip()
+                                  if st["status"] != "ok" else "no differential (no cell stage)")
+            continue
+        try:
+            manual = {c: _count(r.get(c), name, c) for c in categories}
+        except ValueError as err:
+            return fail(f"{args.manual}: {err}")
+        got = compare_slide(manual, auto[sid], categories)
+        if isinstance(got, str):
+            not_compared[name] = got
+            continue
+        flags = [w.split(":")[0] for w in (st.get("warnings") or [])]
+        rows += [{"slide_id": sid, "slide": name, **row, "review_flags": flags} for row in got]
+    if not rows:
+        print(json.dumps({"slides_compared": 0, "unmatched": unmatched,
+                          "not_compared": not_compared, "columns_not_compared": ignored}))
+        return fail("no slide of the sheet could be compared (see the JSON above)")
+    per_slide = pl.DataFrame(rows)
+    table = agreement_table(per_slide)
+
+    to = args.to or join_uri(args.output, "agreement")
+    write_parquet(table.to_arrow(), join_uri(to, "agreement.parquet"), storage)
+    write_parquet(per_slide.to_arrow(), join_uri(to, "agreement_slides.parquet"), storage)
+    from engine.report.plots import plot_bland_altman
+
+    panels = {c: (g["manual_percent"].to_numpy(), g["auto_percent"].to_numpy())
+              for (c,), g in per_slide.group_by("category", maintain_order=True)}
+    buf = io.BytesIO()
+    plot_bland_altman(panels, buf, suptitle="hemeflow - manual differential (percent of the "
+                                            "compared cells)")
+    write_bytes(join_uri(to, "bland_altman.png"), buf.getvalue(), storage)
+
+    n = per_slide["slide_id"].n_unique()
+    report = {
+        "slides_compared": n,
+        "categories": {r["category"]: {**{k: v for k, v in r.items() if k != "category"},
+                                       "codes": sorted(categories[r["category"]])}
+                       for r in table.iter_rows(named=True)},
+        "mean_abs_difference": float(per_slide["difference"].abs().mean()),
+        "within_manual_ci": float(per_slide["within_manual_ci"].mean()),
+        "slides_with_review_flags": sorted(set(per_slide.filter(
+            pl.col("review_flags").list.len() > 0)["slide"])),
+        "unmatched": unmatched, "not_compared": not_compared, "columns_not_compared": ignored,
+        "written": [join_uri(to, f) for f in ("agreement.parquet", "agreement_slides.parquet",
+                                              "bland_altman.png")],
+    }
+    print(json.dumps(report, indent=1))
+    print(f"{n} slide(s) compared on {len(categories)} categories: mean |difference| "
+          f"{report['mean_abs_difference']:.1f} points, {report['within_manual_ci']:.0%} within "
+          f"the manual count's 95 % interval; {len(unmatched)} sheet row(s) without a slide, "
+          f"{len(not_compared)} not compared", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

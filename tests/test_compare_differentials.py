@@ -1,0 +1,156 @@
+"""jobs.compare_differentials: a classify_cells output of real held-out PBC exports against the
+experts' own counts of the same images (their class folders), and the category rules."""
+
+import collections
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from engine.report.agreement import (agreement_table, category_codes, compare_slide,
+                                     resolve_categories)
+from engine.schema import slide_id_for
+from jobs import classify_cells, compare_differentials
+from tests.test_classify_cells import FOLDERS, exports  # noqa: F401 - the shared fixture
+
+REFERENCE_CODES = {"B2", "E4", "ER", "L2", "M2", "M3", "M4", "M5", "M6", "MO2", "PLT"}
+
+
+def test_categories_stand_for_their_codes():
+    assert category_codes("IG") == {"IG", "M2", "M3", "M4"}
+    assert category_codes("neutrophil") == {"M5", "M6", "NEU"}  # a PBC label
+    assert category_codes("ER") == {"ER", "ER1", "ER2", "ER3", "ER4"}
+    gran = category_codes("granulocytic")
+    assert {"M1", "M6", "B1", "E4", "IG", "NEU"} <= gran and "L2" not in gran
+    with pytest.raises(KeyError, match="lineage"):
+        category_codes("lymphocyts")
+
+
+def test_columns_the_model_cannot_answer_are_not_compared():
+    compared, ignored = resolve_categories(
+        ["lymphocyte", "M6", "M1", "platelet", "comment", "IG"], REFERENCE_CODES)
+    assert compared == {"lymphocyte": {"L2"}, "M6": {"M6"}, "IG": {"M2", "M3", "M4"}}
+    assert "calls none" in ignored["M1"]  # the reference has no blast class: unknown, not 0
+    assert "not nucleated" in ignored["platelet"] and "not a cell class" in ignored["comment"]
+    # a model that calls only the group cannot be compared on one stage of it
+    _, ignored = resolve_categories(["M6"], {"NEU", "L2"})
+    assert "calls NEU, which this column splits" in ignored["M6"]
+    with pytest.raises(ValueError, match="'granulocytic' and 'neutrophil' both count"):
+        resolve_categories(["neutrophil", "granulocytic"], REFERENCE_CODES)
+
+
+def test_one_slide_and_the_agreement_over_slides_by_hand():
+    cats = {"lymphocyte": frozenset({"L2"}), "neutrophil": frozenset({"M5", "M6"})}
+    rows = compare_slide({"lymphocyte": 30, "neutrophil": 70}, {"L2": 40, "M6": 50, "M5": 10,
+                                                                "PLT": 99}, cats)
+    by = {r["category"]: r for r in rows}
+    assert by["lymphocyte"]["manual_percent"] == 30 and by["lymphocyte"]["auto_percent"] == 40
+    assert by["neutrophil"]["auto_count"] == 60 and by["neutrophil"]["difference"] == -10
+    # 30 of 100 counted cells: the Wilson interval is about 21.9-39.6 %; 40 % lies outside
+    assert by["lymphocyte"]["manual_ci_low"] == pytest.approx(21.9, abs=0.1)
+    assert not by["lymphocyte"]["within_manual_ci"]
+    assert compare_slide({"lymphocyte": 0, "neutrophil": 0}, {"L2": 4}, cats).startswith(
+        "the manual sheet counts no cells")
+    other = compare_slide({"lymphocyte": 20, "neutrophil": 80}, {"L2": 20, "M6": 80}, cats)
+    table = agreement_table(pl.DataFrame([{"slide_id": "a", **r} for r in rows]
+                                         + [{"slide_id": "b", **r} for r in other]))
+    ly = table.filter(pl.col("category") == "lymphocyte").row(0, named=True)
+    assert ly["n_slides"] == 2 and ly["bias"] == pytest.approx(5.0)  # (10 + 0) / 2
+    sd = np.std([10.0, 0.0], ddof=1)
+    assert ly["sd_difference"] == pytest.approx(sd) and ly["loa_high"] == pytest.approx(
+        5 + 1.96 * sd)
+    assert ly["mean_abs_difference"] == pytest.approx(5.0) and ly["within_manual_ci"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def classified(exports, tmp_path_factory):  # noqa: F811
+    root, truth = exports
+    out = tmp_path_factory.mktemp("cmp") / "out"
+    assert classify_cells.main(["--images", str(root), "--output", str(out), "--specimen",
+                                "blood"]) == 0
+    return root, truth, out
+
+
+def _sheet(path, rows: dict[str, dict], extra: str = "") -> str:
+    cols = list(FOLDERS.values())
+    lines = ["slide," + ",".join(cols) + ",platelet,comment" + extra]
+    for name, counts in rows.items():
+        lines.append(name + "," + ",".join(str(counts.get(c, "")) for c in cols) + ",3,ok")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _expert_counts(truth, out) -> dict[str, collections.Counter]:
+    """Per slide folder, the experts' count per PBC label of the images the job read."""
+    cells = pl.read_parquet(f"{out}/image_cells/*.parquet")
+    counts = {}
+    for sid, path in zip(cells["slide_id"], cells["path"]):
+        counts.setdefault(sid, collections.Counter())[FOLDERS[truth[path.rsplit("/", 1)[-1]]]] += 1
+    return counts
+
+
+def test_agreement_with_the_experts_own_counts(classified, tmp_path, capsys):
+    root, truth, out = classified
+    expert = _expert_counts(truth, out)
+    sid_a, sid_b = (slide_id_for(str(root / s)) for s in ("slide-a", "slide-b"))
+    sheet = _sheet(tmp_path / "manual.csv", {"slide-a": expert[sid_a], sid_b: expert[sid_b],
+                                             "slide-c": {}, "slide-z": {"lymphocyte": 5}})
+    assert compare_differentials.main(["--output", str(out), "--manual", sheet]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["slides_compared"] == 2 and report["unmatched"] == ["slide-z"]
+    assert "NoReadableImages" in report["not_compared"]["slide-c"]
+    assert set(report["columns_not_compared"]) == {"platelet", "comment"}
+    assert "not compared: column 'comment'" in captured.err
+    assert set(report["categories"]) == set(FOLDERS.values())
+    assert report["categories"]["neutrophil"]["codes"] == ["M5", "M6"]
+    # the job's numbers, against the same computed here from the cells table: the model's call
+    # against the expert's folder, each side over the five compared categories
+    cells = pl.read_parquet(f"{out}/image_cells/*.parquet")
+    per_slide = pl.read_parquet(f"{out}/agreement/agreement_slides.parquet")
+    names = {c: set(category_codes(c)) for c in FOLDERS.values()}
+    for sid in (sid_a, sid_b):
+        calls = collections.Counter(
+            next((c for c, codes in names.items() if code in codes), None)
+            for code in cells.filter(pl.col("slide_id") == sid)["class_code"])
+        calls.pop(None, None)  # called a class the sheet does not list (M2, B2 ...)
+        for r in per_slide.filter(pl.col("slide_id") == sid).iter_rows(named=True):
+            assert r["auto_percent"] == pytest.approx(100 * calls[r["category"]]
+                                                      / sum(calls.values()))
+            assert r["manual_percent"] == pytest.approx(100 * expert[sid][r["category"]]
+                                                        / sum(expert[sid].values()))
+    # the reference agrees with the experts on most of these cells (>= 80 % of images)
+    assert report["mean_abs_difference"] < 8
+    assert report["within_manual_ci"] >= 0.8
+    table = pl.read_parquet(f"{out}/agreement/agreement.parquet")
+    assert table["n_slides"].to_list() == [2] * 5
+    assert (out / "agreement" / "bland_altman.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["slides_with_review_flags"] == ["slide-a", sid_b]  # low count (24 < 200)
+
+    # the same slides with two categories' counts swapped: told apart
+    swapped = {k: collections.Counter(v) for k, v in expert.items()}
+    for counts in swapped.values():
+        counts["lymphocyte"], counts["neutrophil"] = counts["neutrophil"] + 6, \
+            counts["lymphocyte"]
+    sheet = _sheet(tmp_path / "wrong.csv", {"slide-a": swapped[sid_a], "slide-b": swapped[sid_b]})
+    assert compare_differentials.main(["--output", str(out), "--manual", sheet, "--to",
+                                       str(tmp_path / "wrong")]) == 0
+    wrong = json.loads(capsys.readouterr().out)
+    assert wrong["mean_abs_difference"] > 2 * report["mean_abs_difference"]
+    assert wrong["within_manual_ci"] < report["within_manual_ci"]
+    assert (tmp_path / "wrong" / "agreement.parquet").exists()
+
+
+def test_sheets_that_cannot_be_compared_are_refused(classified, tmp_path, capsys):
+    _, _, out = classified
+    sheet = tmp_path / "m.csv"
+    sheet.write_text("slide,neutrophil,granulocytic\nslide-a,3,4\n")
+    assert compare_differentials.main(["--output", str(out), "--manual", str(sheet)]) == 2
+    assert "both count" in capsys.readouterr().err
+    sheet.write_text("slide,lymphocyte\nslide-a,x\n")
+    assert compare_differentials.main(["--output", str(out), "--manual", str(sheet)]) == 2
+    assert "'x' is not a count" in capsys.readouterr().err
+    sheet.write_text("name,lymphocyte\nslide-a,3\n")
+    assert compare_differentials.main(["--output", str(out), "--manual", str(sheet)]) == 2
+    assert "no slide column" in capsys.readouterr().err
