@@ -25,18 +25,8 @@ def read_committed(store) -> dict:
     """Each of `TABLES` as a polars DataFrame of the committed slides' rows (None where the
     output has no such table)."""
     import polars as pl
-    import pyarrow.dataset as pads
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    fs = PyFileSystem(FSSpecHandler(store.fs))
-    committed = store.committed()
-    out = {}
-    for table in TABLES:
-        folder = f"{store.path.rstrip('/')}/{table}"
-        files = [f"{folder}/{sid}.parquet" for sid in sorted(store.slide_ids(table) & committed)]
-        out[table] = pl.from_arrow(pads.dataset(files, filesystem=fs, format="parquet")
-                                   .to_table()) if files else None
-    return out
+    return {t: None if (got := store.read(t)) is None else pl.from_arrow(got) for t in TABLES}
 
 
 def main(argv=None) -> int:

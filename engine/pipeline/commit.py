@@ -60,6 +60,19 @@ class OutputStore:
             columns=["slide_id", "status"]).to_pylist()
         return {r["slide_id"] for r in rows if r["status"] == "failed"}
 
+    def read(self, table: str, columns: list[str] | None = None) -> pa.Table | None:
+        """``table``'s rows of the committed slides only (a crashed or running job's uncommitted
+        files left out), or None where no committed slide has a file in it."""
+        import pyarrow.dataset as pads
+
+        folder = f"{self.path.rstrip('/')}/{table}"
+        sids = self.committed() if table == STATUS_TABLE else \
+            self.slide_ids(table) & self.committed()
+        files = [f"{folder}/{sid}.parquet" for sid in sorted(sids)]
+        if not files:
+            return None
+        return pads.dataset(files, filesystem=self.fs, format="parquet").to_table(columns=columns)
+
     def uncommit(self, slide_ids) -> None:
         """Take slides out of the output so that the next run processes them again: their
         commit markers go first, so a crash midway leaves them uncommitted, whose remaining
@@ -114,3 +127,26 @@ class OutputStore:
         """Write a slide's tables, then its status row last (the commit)."""
         self.write_tables(slide_id, tables, geojson)
         self.write_table(STATUS_TABLE, slide_id, [status_row])
+
+
+def read_table(output: str, table: str, columns: list[str] | None = None,
+               storage: StorageConfig | None = None):
+    """One table of a hemeflow output (folder or ``s3://`` prefix) as a polars DataFrame, with
+    the rows of committed slides only: what a finished run wrote, and while a run goes on (or
+    after a crash) nothing of a slide that has not committed.
+
+        from engine.pipeline.commit import read_table
+        cells = read_table("hemeflow-out", "cells")
+
+    Raises:
+        ValueError: ``table`` is not one of the output's tables.
+        FileNotFoundError: no committed slide has rows in ``table``.
+    """
+    import polars as pl
+
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}; the tables: {', '.join(sorted(TABLES))}")
+    got = OutputStore(output, storage or StorageConfig()).read(table, columns)
+    if got is None:
+        raise FileNotFoundError(f"no committed slide has rows in {table!r} under {output}")
+    return pl.from_arrow(got)

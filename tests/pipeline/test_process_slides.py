@@ -306,6 +306,24 @@ def test_uncommit_takes_the_marker_first_and_the_tables_follow(run_out, tmp_path
     assert not list(out.rglob(f"{smear}.*"))
 
 
+def test_read_table_gives_the_committed_slides_rows_only(run_out, tmp_path):
+    from engine.pipeline.commit import read_table
+
+    out = tmp_path / "out"
+    shutil.copytree(run_out, out)
+    cells = sorted((out / "cells").glob("*.parquet"))
+    shutil.copy(cells[0], out / "cells" / "ghost-000000000000.parquet")  # a crash's leftover
+    got = read_table(str(out), "cells")
+    committed = pl.concat([pl.read_parquet(p) for p in cells])
+    assert got.sort("slide_id", "cell_id").equals(committed.sort("slide_id", "cell_id"))
+    assert "ghost-000000000000" not in set(got["slide_id"])
+    assert len(read_table(str(out), "slide_status", columns=["slide_id"]).columns) == 1
+    with pytest.raises(ValueError, match="unknown table 'cell'; the tables: cells, cellularity, "):
+        read_table(str(out), "cell")
+    with pytest.raises(FileNotFoundError, match="no committed slide has rows in 'image_cells'"):
+        read_table(str(out), "image_cells")
+
+
 def test_cell_gallery_of_a_slide(run_out, tmp_path, capsys):
     from PIL import Image
 
