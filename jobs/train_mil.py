@@ -44,11 +44,17 @@ def parse_label(text: str, task: str):
 
 
 def load_bags(embeddings: str) -> dict[str, np.ndarray]:
-    """slide_id -> ``(n_tiles, D)`` from a process_slides output folder or its tiles folder."""
-    folder = os.path.join(embeddings, "tiles") if os.path.isdir(os.path.join(embeddings, "tiles")) \
-        else embeddings
-    df = pl.read_parquet(os.path.join(folder, "*.parquet")).filter(
-        pl.col("embedding").is_not_null())
+    """slide_id -> ``(n_tiles, D)`` from a process_slides output folder (its committed slides),
+    or a folder of tiles tables (or one holding a ``tiles`` folder)."""
+    if os.path.isdir(os.path.join(embeddings, "slide_status")):
+        from engine.pipeline.commit import read_table
+
+        df = read_table(embeddings, "tiles", columns=["slide_id", "embedding"])
+    else:
+        tiles = os.path.join(embeddings, "tiles")
+        df = pl.read_parquet(os.path.join(tiles if os.path.isdir(tiles) else embeddings,
+                                          "*.parquet"))
+    df = df.filter(pl.col("embedding").is_not_null())
     return {sid: np.asarray(g["embedding"].to_list(), np.float32)
             for (sid,), g in df.group_by("slide_id")}
 

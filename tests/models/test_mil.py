@@ -111,3 +111,20 @@ def test_train_and_predict_mil_jobs_on_a_tiles_table(tmp_path, capsys):
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert len(lines) == 24 and all(0 <= r["mean"][0] <= 1 for r in lines)
     assert pq.read_table(tmp_path / "p" / "mil_predictions" / "predictions.parquet").num_rows == 24
+
+
+def test_bags_from_an_output_folder_hold_its_committed_slides_only(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.train_mil import load_bags
+
+    for sub in ("tiles", "slide_status"):
+        (tmp_path / sub).mkdir()
+    for sid in ("a", "b"):  # b's tiles were written, then the job died before its commit
+        pq.write_table(pa.table({"slide_id": [sid] * 3, "embedding": [[1.0, 2.0]] * 3}),
+                       tmp_path / "tiles" / f"{sid}.parquet")
+    pq.write_table(pa.table({"slide_id": ["a"]}), tmp_path / "slide_status" / "a.parquet")
+    bags = load_bags(str(tmp_path))
+    assert list(bags) == ["a"] and bags["a"].shape == (3, 2)
+    assert sorted(load_bags(str(tmp_path / "tiles"))) == ["a", "b"]  # a bare tiles folder
