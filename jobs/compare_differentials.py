@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         print(json.dumps({"slides_compared": 0, "unmatched": unmatched,
                           "not_compared": not_compared, "columns_not_compared": ignored}))
         return fail("no slide of the sheet could be compared (see the JSON above)")
-    per_slide = pl.DataFrame(rows)
+    per_slide = pl.DataFrame(rows, schema_overrides={"review_flags": pl.List(pl.Utf8)})
     table = agreement_table(per_slide)
 
     to = args.to or join_uri(args.output, "agreement")
