@@ -4,7 +4,7 @@ difference, correlation, and how often the automated percentage lies within the 
 own 95 % interval (`engine.report.agreement`).
 
     python -m jobs.compare_differentials --output <hemeflow output: dir | s3://…>
-        --manual <counts.csv> [--to <dir | s3://…>]
+        (--manual <counts.csv> | --source-labels) [--to <dir | s3://…>]
 
 The manual sheet has a row per slide: a ``slide`` column (or ``slide_id``, ``uri``, ``path``,
 ``file``) naming it by its slide_id, its path, its file name or its file name without the
@@ -13,6 +13,11 @@ DeepHeme codes (``M6``), groups (``IG``, ``NEU``, ``ER``), lineages (``lymphoid`
 CellaVision labels (``neutrophil``). Other columns (a comment, platelets, smudge cells) are listed
 as not compared. Blank counts are 0. Give counts, not percentages: the manual interval comes
 from the number of cells counted.
+
+With ``--source-labels`` (a classify_cells output of an export in class folders, the folders
+being the analyser's or the technologist's classes) each export's own labels are its manual
+differential, and the JSON adds the image-by-image agreement: accuracy, Cohen's kappa, each
+category's sensitivity and positive predictive value, and the confusion.
 
 Prints JSON to stdout; writes ``agreement.parquet`` (per category), ``agreement_slides.parquet``
 (per slide and category) and ``bland_altman.png`` under ``--to`` (default: ``<output>/agreement``).
@@ -55,12 +60,33 @@ def slide_keys(status) -> dict[str, set[str]]:
     return keys
 
 
+def _sheet_from_source_labels(store):
+    """``(rows, key, cells)``: per committed slide of a classify_cells output, its images'
+    count per source label, as a manual sheet's rows keyed by ``slide_id``; and the labelled
+    cells (slide_id, source_label, class_code)."""
+    import polars as pl
+
+    got = store.read("image_cells", columns=["slide_id", "source_label", "class_code"])
+    if got is None:
+        return [], "slide_id", None
+    cells = pl.from_arrow(got).filter(pl.col("source_label").is_not_null())
+    rows = {}
+    for sid, label, n in cells.group_by("slide_id", "source_label").len().iter_rows():
+        rows.setdefault(sid, {"slide_id": sid})[label] = str(n)
+    return [rows[s] for s in sorted(rows)], "slide_id", cells
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.compare_differentials", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True,
                    help="a process_slides or classify_cells output folder or s3:// prefix")
-    p.add_argument("--manual", required=True, help="CSV of manual counts, a row per slide")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manual", help="CSV of manual counts, a row per slide")
+    src.add_argument("--source-labels", action="store_true",
+                     help="a classify_cells output: count each export's own labels (the class "
+                          "folders its images lay in) as the manual differential, and compare "
+                          "image by image too")
     p.add_argument("--to", help="where to write the tables and the plot (default: "
                                 "<output>/agreement)")
     add_storage_args(p)
@@ -77,18 +103,26 @@ def main(argv=None) -> int:
     from jobs.slide_summary import read_committed
 
     storage = storage_from_args(args)
-    try:
-        sheet = read_csv_rows(args.manual, storage)
-    except InputError as err:
-        return fail(str(err))
-    if not sheet:
-        return fail(f"{args.manual}: no rows")
-    columns = list(sheet[0])
-    key = next((c for c in KEY_COLUMNS if c in columns), None)
-    if key is None:
-        return fail(f"{args.manual}: no slide column (one of {', '.join(KEY_COLUMNS)}); "
-                    f"columns: {', '.join(columns)}")
-    tables = read_committed(OutputStore(args.output, storage))
+    store = OutputStore(args.output, storage)
+    if args.source_labels:
+        sheet, key, labelled = _sheet_from_source_labels(store)
+        if not sheet:
+            return fail(f"{args.output}: no image_cells rows with a source label (a "
+                        f"classify_cells output whose images lay in class folders)")
+    else:
+        try:
+            sheet = read_csv_rows(args.manual, storage)
+        except InputError as err:
+            return fail(str(err))
+        if not sheet:
+            return fail(f"{args.manual}: no rows")
+        key = next((c for c in KEY_COLUMNS if c in sheet[0]), None)
+        if key is None:
+            return fail(f"{args.manual}: no slide column (one of {', '.join(KEY_COLUMNS)}); "
+                        f"columns: {', '.join(sheet[0])}")
+    columns = list(dict.fromkeys(c for row in sheet for c in row))
+    source = "the source labels" if args.source_labels else args.manual
+    tables = read_committed(store)
     status, diff = tables["slide_status"], tables["differentials"]
     if status is None or diff is None:
         return fail(f"no committed differentials under {args.output}")
@@ -101,9 +135,9 @@ def main(argv=None) -> int:
     try:
         categories, ignored = resolve_categories([c for c in columns if c != key], model_codes)
     except ValueError as err:
-        return fail(f"{args.manual}: {err}")
+        return fail(f"{source}: {err}")
     if not categories:
-        return fail(f"{args.manual}: no column can be compared: "
+        return fail(f"{source}: no column can be compared: "
                     + "; ".join(f"{c}: {why}" for c, why in ignored.items()))
     for col, why in ignored.items():
         print(f"not compared: column {col!r}: {why}", file=sys.stderr)
@@ -127,7 +161,7 @@ def main(argv=None) -> int:
             continue
         sid = next(iter(sids))
         if sid in seen:
-            return fail(f"{args.manual}: rows {seen[sid]!r} and {name!r} both name slide {sid}")
+            return fail(f"{source}: rows {seen[sid]!r} and {name!r} both name slide {sid}")
         seen[sid] = name
         st = by_status[sid]
         if st["status"] != "ok" or sid not in auto:
@@ -138,7 +172,7 @@ def main(argv=None) -> int:
         try:
             manual = {c: _count(r.get(c), name, c) for c in categories}
         except ValueError as err:
-            return fail(f"{args.manual}: {err}")
+            return fail(f"{source}: {err}")
         got = compare_slide(manual, auto[sid], categories)
         if isinstance(got, str):
             not_compared[name] = got
@@ -178,11 +212,20 @@ def main(argv=None) -> int:
         "written": [join_uri(to, f) for f in ("agreement.parquet", "agreement_slides.parquet",
                                               "bland_altman.png")],
     }
+    if args.source_labels:
+        from engine.report.agreement import cell_agreement
+
+        compared = labelled.filter(pl.col("slide_id").is_in(list(per_slide["slide_id"].unique())))
+        report["cells"] = cell_agreement(compared["source_label"].to_list(),
+                                         compared["class_code"].to_list(), categories)
     print(json.dumps(report, indent=1))
     print(f"{n} slide(s) compared on {len(categories)} categories: mean |difference| "
           f"{report['mean_abs_difference']:.1f} points, {report['within_manual_ci']:.0%} within "
           f"the manual count's 95 % interval; {len(unmatched)} sheet row(s) without a slide, "
-          f"{len(not_compared)} not compared", file=sys.stderr)
+          f"{len(not_compared)} not compared"
+          + (f"; image by image: accuracy {report['cells']['accuracy']:.1%}, kappa "
+             f"{report['cells']['kappa']:.3f} over {report['cells']['n_cells']} cells"
+             if report.get("cells", {}).get("n_cells") else ""), file=sys.stderr)
     return 0
 
 

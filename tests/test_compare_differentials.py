@@ -154,3 +154,35 @@ def test_sheets_that_cannot_be_compared_are_refused(classified, tmp_path, capsys
     sheet.write_text("name,lymphocyte\nslide-a,3\n")
     assert compare_differentials.main(["--output", str(out), "--manual", str(sheet)]) == 2
     assert "no slide column" in capsys.readouterr().err
+
+
+def test_source_labels_are_the_manual_differential_and_compared_cell_by_cell(classified,
+                                                                             tmp_path, capsys):
+    root, truth, out = classified
+    expert = _expert_counts(truth, out)
+    sheet = _sheet(tmp_path / "manual.csv", {sid: counts for sid, counts in expert.items()})
+    assert compare_differentials.main(["--output", str(out), "--manual", sheet, "--to",
+                                       str(tmp_path / "sheet")]) == 0
+    capsys.readouterr()
+    assert compare_differentials.main(["--output", str(out), "--source-labels", "--to",
+                                       str(tmp_path / "labels")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # the export's folders are the experts' labels: the same comparison as their sheet's
+    cols = ["slide_id", "category", "manual_percent", "auto_percent", "within_manual_ci"]
+    a, b = (pl.read_parquet(tmp_path / d / "agreement_slides.parquet").select(cols)
+            .sort("slide_id", "category") for d in ("sheet", "labels"))
+    assert a.equals(b) and report["slides_compared"] == 2
+    # image by image, against the same computed here
+    cells = pl.read_parquet(f"{out}/image_cells/*.parquet")
+    names = {c: set(category_codes(c)) for c in FOLDERS.values()}
+    call = [next((c for c, codes in names.items() if code in codes), "other")
+            for code in cells["class_code"]]
+    assert report["cells"]["n_cells"] == len(cells) == 48
+    assert report["cells"]["accuracy"] == pytest.approx(
+        np.mean([c == lab for c, lab in zip(call, cells["source_label"])]))
+    ly = report["cells"]["per_category"]["lymphocyte"]
+    labelled = [c for c, lab in zip(call, cells["source_label"]) if lab == "lymphocyte"]
+    assert ly["support"] == len(labelled)
+    assert ly["sensitivity"] == pytest.approx(labelled.count("lymphocyte") / len(labelled))
+    assert -1 <= report["cells"]["kappa"] <= 1
+    assert sum(sum(row.values()) for row in report["cells"]["confusion"].values()) == 48

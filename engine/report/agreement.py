@@ -145,3 +145,35 @@ def agreement_table(per_slide: pl.DataFrame) -> pl.DataFrame:
         "auto_mean": pl.Float64, "bias": pl.Float64, "sd_difference": pl.Float64,
         "loa_low": pl.Float64, "loa_high": pl.Float64, "mean_abs_difference": pl.Float64,
         "pearson_r": pl.Float64, "within_manual_ci": pl.Float64})
+
+
+def cell_agreement(labels: list[str], calls: list[str],
+                   categories: dict[str, frozenset[str]]) -> dict:
+    """Image by image: each cell's own label (a category) against the model's call (the
+    category its code falls in, ``other`` for a code of none), over the cells whose label is a
+    compared category. Returns accuracy, Cohen's kappa, per category its sensitivity (of the
+    cells so labelled, the share called so), positive predictive value (of the cells called so,
+    the share so labelled) and support, and the confusion as ``{label: {call: n}}``."""
+    of_code = {code: c for c, codes in categories.items() for code in codes}
+    pairs = [(lab, of_code.get(call, "other")) for lab, call in zip(labels, calls)
+             if lab in categories]
+    n = len(pairs)
+    names = list(categories)
+    confusion = {lab: {c: 0 for c in [*names, "other"]} for lab in names}
+    for lab, call in pairs:
+        confusion[lab][call] += 1
+    if not n:
+        return {"n_cells": 0}
+    agree = sum(confusion[c][c] for c in names) / n
+    called = {c: sum(confusion[lab][c] for lab in names) for c in [*names, "other"]}
+    support = {lab: sum(confusion[lab].values()) for lab in names}
+    chance = sum(support[c] * called[c] for c in names) / (n * n)
+    return {
+        "n_cells": n, "accuracy": agree,
+        "kappa": (agree - chance) / (1 - chance) if chance < 1 else None,
+        "per_category": {c: {"support": support[c],
+                             "sensitivity": confusion[c][c] / support[c] if support[c] else None,
+                             "ppv": confusion[c][c] / called[c] if called[c] else None}
+                         for c in names},
+        "confusion": confusion,
+    }
