@@ -1,7 +1,7 @@
 """Classify single-cell image exports (CellaVision style) with the DeepHeme classifier: a cell
 table and a differential per exported slide, committed slide by slide as process_slides does.
 
-    python -m jobs.classify_cells --images <root>/<slide>/…/<image> --output <dir | s3://…>
+    python -m jobs.classify_cells --images <dir | s3://…>/<slide>/…/<image> --output <dir | s3://…>
         [--specimen blood|aspirate] [--source-mpp 0.1 | auto] [--checkpoint …] [--tta]
 
 Each sub-folder of ``--images`` is one exported slide (or patient). The images anywhere below
@@ -32,20 +32,21 @@ import numpy as np
 
 from engine.models import list_models
 from engine.specimen import SMEARS, UNKNOWN
-from jobs.common import add_storage_args, fail, mpp_arg, resolve_source_mpp, storage_from_args
+from jobs.common import (add_storage_args, fail, find_exports, image_source, mpp_arg,
+                         resolve_source_mpp, storage_from_args)
 
 FORMAT = "cell-image-export"
 
 
 def source_label(path: str, folder: str) -> str | None:
     """The folder ``path`` lies in, where that is below the slide's ``folder`` (None directly in
-    it)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    return None if parent == os.path.abspath(folder) else os.path.basename(parent)
+    it). Both absolute paths or URIs of one storage."""
+    parent = path.rsplit("/", 1)[0]
+    return None if parent == folder.rstrip("/") else parent.rsplit("/", 1)[-1]
 
 
-def read_images(paths: list[str], source_mpp: float, spec, threads: int | None = None
-                ) -> tuple[list[int], np.ndarray, list[str]]:
+def read_images(paths: list[str], source_mpp: float, spec, threads: int | None = None,
+                storage=None) -> tuple[list[int], np.ndarray, list[str]]:
     """``(indices of the readable paths, their crops (N, px, px, 3) uint8, reasons of the
     others as 'name: error')``; decoded in ``threads`` (PIL releases the GIL to decode)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -54,7 +55,8 @@ def read_images(paths: list[str], source_mpp: float, spec, threads: int | None =
 
     def one(path):
         try:
-            return load_cell_image(path, source_mpp, spec.input_mpp, spec.input_px)
+            return load_cell_image(image_source(path, storage), source_mpp, spec.input_mpp,
+                                   spec.input_px)
         except (OSError, ValueError) as err:  # PIL: unreadable or truncated file
             return f"{os.path.basename(path)}: {err}"
 
@@ -75,7 +77,7 @@ def classify_slide(sid: str, folder: str, paths: list[str], predictor, args) -> 
 
     t0, started = time.perf_counter(), dt.datetime.now(dt.timezone.utc)
     model = predictor.model
-    ok, crops, bad = read_images(paths, args.source_mpp, model.spec)
+    ok, crops, bad = read_images(paths, args.source_mpp, model.spec, storage=args.storage)
     status = {"slide_id": sid, "uri": folder, "status": "ok", "n_tiles": None,
               "n_cells": len(ok), "stages": [f"cell_classification:{model.spec.name}",
                                              "differential"],
@@ -101,7 +103,7 @@ def classify_slide(sid: str, folder: str, paths: list[str], predictor, args) -> 
         density = predictor.ood
         far = (distance > density.threshold) if distance is not None else None
         tables["image_cells"] = [
-            {"slide_id": sid, "cell_id": j, "path": os.path.relpath(paths[i], folder),
+            {"slide_id": sid, "cell_id": j, "path": paths[i][len(folder.rstrip("/")) + 1:],
              "source_label": source_label(paths[i], folder), "class_code": str(codes[j]),
              "class_prob": float(probs[j].max()), "probabilities": probs[j].tolist(),
              "model_codes": list(model.class_codes),
@@ -123,7 +125,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.classify_cells", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True,
-                   help="local folder with one sub-folder per exported slide: <slide>/…/<image>")
+                   help="local folder or s3:// prefix with one sub-folder per exported slide: "
+                        "<slide>/…/<image>")
     p.add_argument("--output", required=True, help="output folder or s3:// prefix")
     p.add_argument("--specimen", choices=sorted(SMEARS | {UNKNOWN}), default=UNKNOWN,
                    help="blood: counted over white cells, NRBC per 100 of them; aspirate or "
@@ -142,21 +145,21 @@ def main(argv=None) -> int:
     add_storage_args(p)
     args = p.parse_args(argv)
 
-    from engine.bags import find_patient_images
     from engine.classes import DEEPHEME_CODES
     from engine.models import (UNTRAINED_SEED, CheckpointError, EnsemblePredictor, MissingWeights,
                                create_model)
     from engine.pipeline.commit import OutputStore
     from engine.schema import SCHEMA_VERSION, slide_id_for
     from engine.outputs import join_uri, write_bytes
+    from engine.slides.storage import normalize_uri
 
-    storage = storage_from_args(args)
+    storage = args.storage = storage_from_args(args)
     try:
-        exports = find_patient_images(args.images)
+        exports = find_exports(args.images, storage)
         args.mpp_source = "red cells (--source-mpp auto)" if args.source_mpp == "auto" else \
             "--source-mpp"
         args.source_mpp = resolve_source_mpp(args.source_mpp,
-                                             [x for ps in exports.values() for x in ps])
+                                             [x for ps in exports.values() for x in ps], storage)
         model = create_model(args.model, args.checkpoint, allow_untrained=args.allow_untrained,
                              class_codes=DEEPHEME_CODES, storage=storage,
                              seed=UNTRAINED_SEED)
@@ -179,8 +182,8 @@ def main(argv=None) -> int:
                         + "): its slides would mix the two; give another --output")
     removed = store.clean_partial()
     done = store.committed()
-    root = os.path.abspath(args.images)
-    folders = {name: os.path.join(root, name) for name in exports}
+    root = normalize_uri(args.images)
+    folders = {name: f"{root}/{name}" for name in exports}
     ids = {name: slide_id_for(folder) for name, folder in folders.items()}
     pending = [name for name in exports if ids[name] not in done]
     print(f"{len(exports)} exported slide(s) under {root}: {len(exports) - len(pending)} already "

@@ -15,8 +15,8 @@ import yaml
 
 from engine.config import Config, StorageConfig
 from engine.outputs import join_uri, write_bytes
-from engine.slides.storage import (FileEntry, InputError, get_filesystem, list_files,
-                                   normalize_uri, stat_file)
+from engine.slides.storage import (FileEntry, InputError, get_filesystem, is_remote,
+                                   list_files, normalize_uri, stat_file)
 from engine.errors import SlideError
 from engine.specimen import parse_specimen
 
@@ -201,9 +201,45 @@ def add_split_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude-codes", default="IG,NEU")
 
 
-def measure_pixel_size(paths, sample: int = 300, seed: int = 0, rbc_diameter_um: float = 7.5):
-    """`engine.pixel_size.estimate_mpp` over up to ``sample`` of the image files ``paths``
-    (a seeded draw, so a rerun measures the same images)."""
+def image_source(path: str, storage: StorageConfig | None = None):
+    """What PIL opens for the image at ``path``: the path itself on disk, its bytes from object
+    storage."""
+    if not is_remote(path):
+        return path
+    fs, key = get_filesystem(path, storage or StorageConfig())
+    return io.BytesIO(fs.cat_file(key))
+
+
+def find_exports(root: str, storage: StorageConfig) -> dict[str, list[str]]:
+    """``export (slide) name -> sorted image paths or URIs`` under a local folder or an
+    ``s3://`` prefix laid out ``<root>/<slide>/…/<image>`` (`engine.bags.find_patient_images`
+    on disk; hidden files and folders are left out in both).
+
+    Raises:
+        FileNotFoundError: no slide folder with images under ``root``.
+    """
+    from engine.bags import IMAGE_SUFFIXES, find_patient_images
+
+    root = normalize_uri(root)
+    if not is_remote(root):
+        return find_patient_images(root)
+    fs, base = get_filesystem(root, storage)
+    base, protocol = base.rstrip("/"), root.split("://", 1)[0]
+    exports: dict[str, list[str]] = {}
+    for key in sorted(fs.find(base)):
+        parts = key[len(base) + 1:].split("/")
+        if len(parts) > 1 and not any(p.startswith(".") for p in parts) \
+                and parts[-1].lower().endswith(IMAGE_SUFFIXES):
+            exports.setdefault(parts[0], []).append(f"{protocol}://{key}")
+    if not exports:
+        raise FileNotFoundError(f"no <slide>/…/<image> files under {root}")
+    return exports
+
+
+def measure_pixel_size(paths, sample: int = 300, seed: int = 0, rbc_diameter_um: float = 7.5,
+                       storage: StorageConfig | None = None):
+    """`engine.pixel_size.estimate_mpp` over up to ``sample`` of the image files ``paths`` (on
+    disk or in object storage; a seeded draw, so a rerun measures the same images)."""
     import random
 
     import numpy as np
@@ -219,7 +255,7 @@ def measure_pixel_size(paths, sample: int = 300, seed: int = 0, rbc_diameter_um:
     def images():
         for path in picked:
             try:
-                with Image.open(path) as im:
+                with Image.open(image_source(path, storage)) as im:
                     yield np.asarray(im.convert("RGB"))
             except (OSError, Image.DecompressionBombError) as err:
                 unreadable.append(f"{path}: {err}")
@@ -232,7 +268,8 @@ def measure_pixel_size(paths, sample: int = 300, seed: int = 0, rbc_diameter_um:
                   f"{unreadable[0]}", file=sys.stderr)
 
 
-def resolve_source_mpp(value: float | str, paths) -> float:
+def resolve_source_mpp(value: float | str, paths, storage: StorageConfig | None = None
+                       ) -> float:
     """``value`` itself, or for ``auto`` the pixel size measured on ``paths`` (said on stderr).
 
     Raises:
@@ -240,7 +277,7 @@ def resolve_source_mpp(value: float | str, paths) -> float:
     """
     if value != "auto":
         return float(value)
-    est = measure_pixel_size(paths)
+    est = measure_pixel_size(paths, storage=storage)
     lo, hi = est.mpp_range
     print(f"source pixel size: {est.mpp:.4f} µm/px (interquartile {lo:.4f}-{hi:.4f}), measured "
           f"on {est.n_cells} red cells of {est.rbc_diameter_um} µm in {est.n_images} images",

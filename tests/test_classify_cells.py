@@ -105,12 +105,16 @@ def test_untrained_classifier_is_refused(exports, tmp_path, capsys):
 
 
 @pytest.mark.s3
-def test_output_on_s3(exports, s3_server, s3_client, capsys):
-    root, _ = exports
+def test_images_and_output_on_s3(exports, s3_server, s3_client, capsys):
+    from tests.conftest import upload_tree
+
+    root, truth = exports
     s3_client.create_bucket(Bucket="exports")
-    args = ["--images", str(root), "--output", "s3://exports/run1", "--s3-endpoint", s3_server,
-            "--source-mpp", "auto"]
+    upload_tree(s3_client, "exports", root, "lab-a")  # the images too: read from S3
+    args = ["--images", "s3://exports/lab-a", "--output", "s3://exports/run1", "--s3-endpoint",
+            s3_server, "--source-mpp", "auto"]
     assert classify_cells.main(args) == 0
+    assert "2 ok, 1 failed of 3 classified" in capsys.readouterr().out
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket="exports")["Contents"]}
     assert "run1/config.json" in keys
     for table, n in (("slide_status", 3), ("slides", 3), ("image_cells", 2),
@@ -121,6 +125,14 @@ def test_output_on_s3(exports, s3_server, s3_client, capsys):
     # the pixel size measured on the images' red cells, and said so
     assert slide["mpp_source"][0].as_py().startswith("red cells")
     assert 0.08 < slide["mpp_x"][0].as_py() < 0.13  # PBC: about 0.107 µm/px
+    cells = pl.concat([pl.read_parquet(io.BytesIO(s3_client.get_object(Bucket="exports", Key=k)
+                                                  ["Body"].read()))
+                       for k in sorted(keys) if k.startswith("run1/image_cells/")])
+    assert len(cells) == 48  # cut.jpg, truncated, left out as on disk
+    assert (cells["source_label"] == cells["path"].str.split("/").list.first()).all()
+    assert set(cells["path"].str.split("/").list.last()) == set(truth)
+    assert cells["slide_id"].unique().sort().to_list() == sorted(
+        slide_id_for(f"s3://exports/lab-a/{s}") for s in ("slide-a", "slide-b"))
     config = s3_client.get_object(Bucket="exports", Key="run1/config.json")["Body"].read()
     assert b"testing-secret-value" not in config and b"testing-key-id" not in config
     capsys.readouterr()
