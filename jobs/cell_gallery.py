@@ -85,13 +85,10 @@ def main(argv=None) -> int:
         return "/".join([store.path.rstrip("/"), *parts])
 
     try:
-        direct = path("slides", f"{args.slide}.parquet")
-        # a slide id names its file; a file name means looking through the slides table
-        files = [direct] if fs.exists(direct) else \
-            fs.glob(path("slides", "*.parquet"))
-        if not files:
-            raise FileNotFoundError(f"no slides table under {args.output}")
-        slides = _read(fs, files)
+        committed = store.read("slides")  # a slide still running or crashed is not shown
+        if committed is None:
+            raise FileNotFoundError(f"no committed slides under {args.output}")
+        slides = pl.from_arrow(committed)
         match = slides.filter((pl.col("slide_id") == args.slide)
                               | pl.col("uri").str.ends_with("/" + args.slide))
         if len(match) != 1:
@@ -123,16 +120,6 @@ def main(argv=None) -> int:
                                        f"{args.per_class} per class")
     print(f"wrote {png}: {len(rows)} classes, {sum(len(r[1]) for r in rows)} cells")
     return 0
-
-
-def _read(fs, files: list[str]):
-    import polars as pl
-
-    frames = []
-    for path in files:
-        with fs.open(path, "rb") as fh:
-            frames.append(pl.read_parquet(fh))
-    return pl.concat(frames, how="diagonal_relaxed")
 
 
 if __name__ == "__main__":

@@ -345,6 +345,13 @@ def test_cell_gallery_of_a_slide(run_out, tmp_path, capsys):
     assert cell_gallery.main(["--output", str(run_out), "--slide", "smear-a.tif",
                               "--order", "far", "--png", str(png)]) == 2
     assert "no distance to the training data" in capsys.readouterr().err
+    # a slide whose run has not committed it (still running, or crashed) is not shown
+    out = tmp_path / "out"
+    shutil.copytree(run_out, out)
+    for marker in (out / "slide_status").glob("smear-a-*.parquet"):
+        marker.unlink()
+    assert cell_gallery.main(["--output", str(out), "--slide", "smear-a.tif"]) == 2
+    assert "no single slide 'smear-a.tif'" in capsys.readouterr().err
 
 
 def test_slide_summary_has_a_row_per_committed_slide(run_out, tmp_path, capsys):
