@@ -85,7 +85,11 @@ def main(argv=None) -> int:
         return "/".join([store.path.rstrip("/"), *parts])
 
     try:
-        committed = store.read("slides")  # a slide still running or crashed is not shown
+        # a slide id names its file; a file name means looking through the slides table. A
+        # slide still running, or left by a crash, is not shown.
+        committed = store.read("slides", slide_ids={args.slide})
+        if committed is None:
+            committed = store.read("slides")
         if committed is None:
             raise FileNotFoundError(f"no committed slides under {args.output}")
         slides = pl.from_arrow(committed)

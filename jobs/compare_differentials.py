@@ -100,7 +100,6 @@ def main(argv=None) -> int:
     from engine.pipeline.commit import OutputStore
     from engine.report.agreement import agreement_table, compare_slide, resolve_categories
     from engine.slides.storage import InputError
-    from jobs.slide_summary import read_committed
 
     storage = storage_from_args(args)
     store = OutputStore(args.output, storage)
@@ -122,10 +121,10 @@ def main(argv=None) -> int:
                         f"columns: {', '.join(sheet[0])}")
     columns = list(dict.fromkeys(c for row in sheet for c in row))
     source = "the source labels" if args.source_labels else args.manual
-    tables = read_committed(store)
-    status, diff = tables["slide_status"], tables["differentials"]
+    status, diff = store.read("slide_status"), store.read("differentials")
     if status is None or diff is None:
         return fail(f"no committed differentials under {args.output}")
+    status, diff = pl.from_arrow(status), pl.from_arrow(diff)
     classes = diff.filter(pl.col("level") == "class")
     code_sets = {frozenset(g["class_code"]) for _, g in classes.group_by("slide_id")}
     if len(code_sets) > 1:

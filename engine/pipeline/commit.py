@@ -50,24 +50,23 @@ class OutputStore:
 
     def failed(self, slide_ids: set[str]) -> set[str]:
         """Those of the committed ``slide_ids`` whose status is ``failed``."""
-        import pyarrow.dataset as pads
+        rows = self.read(STATUS_TABLE, ["slide_id", "status"], slide_ids)
+        return set() if rows is None else \
+            {r["slide_id"] for r in rows.to_pylist() if r["status"] == "failed"}
 
-        folder = f"{self.path.rstrip('/')}/{STATUS_TABLE}"
-        files = [f"{folder}/{sid}.parquet" for sid in sorted(slide_ids & self.committed())]
-        if not files:
-            return set()
-        rows = pads.dataset(files, filesystem=self.fs, format="parquet").to_table(
-            columns=["slide_id", "status"]).to_pylist()
-        return {r["slide_id"] for r in rows if r["status"] == "failed"}
-
-    def read(self, table: str, columns: list[str] | None = None) -> pa.Table | None:
+    def read(self, table: str, columns: list[str] | None = None,
+             slide_ids: set[str] | None = None) -> pa.Table | None:
         """``table``'s rows of the committed slides only (a crashed or running job's uncommitted
-        files left out), or None where no committed slide has a file in it."""
+        files left out), of ``slide_ids`` alone when given; None where no such slide has a file
+        in it."""
         import pyarrow.dataset as pads
 
         folder = f"{self.path.rstrip('/')}/{table}"
-        sids = self.committed() if table == STATUS_TABLE else \
-            self.slide_ids(table) & self.committed()
+        sids = self.committed()
+        if slide_ids is not None:
+            sids &= set(slide_ids)
+        if table != STATUS_TABLE:  # every committed slide has a status; not every one a table
+            sids &= self.slide_ids(table)
         files = [f"{folder}/{sid}.parquet" for sid in sorted(sids)]
         if not files:
             return None
