@@ -1,8 +1,10 @@
 """A Ray cluster of three nodes on this machine, started as separate processes with `ray start`:
-a head that takes no work and two 4-CPU worker nodes (either can host every actor of both
-branches, as an autoscaler's replacement node would). process_slides runs over 30 slides; one
-worker node's processes (its raylet and everything under it) are SIGKILLed mid-run. The job, or a
-rerun on the surviving node, must leave every slide's rows exactly once."""
+a head that takes no work (its dashboard on 127.0.0.1, where jobs are submitted) and two 4-CPU
+worker nodes (either can host every actor of both branches, as an autoscaler's replacement node
+would). process_slides runs over 30 slides as users run it on a cluster, through
+`ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml`; one worker node's
+processes (its raylet and everything under it) are SIGKILLed mid-run. The job, or a rerun on the
+surviving node, must leave every slide's rows exactly once."""
 
 import os
 import secrets
@@ -49,28 +51,33 @@ def slides(tmp_path):
 
 
 def test_killing_a_worker_node_loses_nothing(slides, tmp_path):
-    gcs, node1 = free_port(), free_port()
-    # token authentication (Ray's default): one fresh token for the nodes and the driver
+    gcs, dash, node1 = free_port(), free_port(), free_port()
+    # token authentication (Ray's default): one fresh token for the nodes, the driver and the CLI
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+           "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           # as with an activated virtual environment: the job's `python` is this one
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-    run = dict(env=env, capture_output=True, text=True, timeout=120)
-    with ray_cluster(RAY, env, gcs, "--num-cpus=0", "--include-dashboard=false"):
-        for port in (node1, free_port()):
+    with ray_cluster(RAY, env, gcs, "--num-cpus=0", f"--dashboard-port={dash}",
+                     "--dashboard-host=127.0.0.1", "--include-dashboard=true"):
+        for port in (node1, free_port()):  # one after the other: two at once time out here
             w = subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=4",
                                 f"--node-manager-port={port}", *node_ports(), *common],
-                               **run)
+                               env=env, capture_output=True, text=True, timeout=120)
             assert w.returncode == 0, w.stderr
         cfg = tmp_path / "cfg.yaml"
         cfg.write_text(CONFIG)
         out = tmp_path / "out"
-        job = [sys.executable, "-m", "jobs.process_slides", "--input", str(slides), "--output",
-               str(out), "--config", str(cfg), "--allow-untrained"]
-        job_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
-        proc = subprocess.Popen(job, cwd=ROOT, env=job_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        args = ["-m", "jobs.process_slides", "--input", str(slides), "--output", str(out),
+                "--config", str(cfg), "--allow-untrained"]
+        # without --no-wait the CLI streams the job's logs until it ends and exits 1 if it
+        # failed: one process, where polling `ray job status` spent a CPU importing ray each time
+        submit = subprocess.Popen(
+            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
+             "--runtime-env", "cluster/runtime_env.yaml", "--", "python", *args],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
+        while time.time() < deadline and submit.poll() is None:
             if len(list((out / "slide_status").glob("*.parquet"))) >= 3:
                 break
             time.sleep(0.2)
@@ -83,17 +90,21 @@ def test_killing_a_worker_node_loses_nothing(slides, tmp_path):
         committed_at_kill = len(list((out / "slide_status").glob("*.parquet")))
         assert committed_at_kill < N_SLIDES, "the run finished before the kill"
         try:
-            first_log = proc.communicate(timeout=300)[0]
+            logs = submit.communicate(timeout=300)[0]  # the CLI's own lines and the job's
         except subprocess.TimeoutExpired:
-            proc.kill()
-            first_log = proc.communicate()[0]
+            submit.kill()
+            logs = submit.communicate()[0]
+        assert "raysubmit_" in logs, logs[-3000:]  # it went through the job server
         print(f"killed {len(victims)} processes of worker node 1 with {committed_at_kill} "
-              f"slides committed; the job exited {proc.returncode}")
-        if proc.returncode != 0 or f"{N_SLIDES} ok" not in first_log:
-            rerun = subprocess.run(job, cwd=ROOT, env=job_env, capture_output=True, text=True,
-                                   timeout=600)
+              f"slides committed; the submitted job exited {submit.returncode}")
+        if submit.returncode != 0 or f"{N_SLIDES} ok" not in logs:
+            rerun = subprocess.run([sys.executable, *args], cwd=ROOT,
+                                   env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"},
+                                   capture_output=True, text=True, timeout=600)
             assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
             assert "already committed" in rerun.stdout
+        else:
+            assert "succeeded" in logs.lower(), logs[-3000:]
         status = pl.read_parquet(f"{out}/slide_status/*.parquet")
         assert len(status) == N_SLIDES and (status["status"] == "ok").all()
         assert status["slide_id"].n_unique() == N_SLIDES
