@@ -73,7 +73,7 @@ def test_job_fits_on_ray_train_with_ddp(tmp_path, ray_local):
     bags = _bags(40, rng, frac)
     args = argparse.Namespace(local=False, workers=2, output=str(tmp_path))
     fit = _fitter(args, dict(task="regression", n_classes=1, epochs=25, lr=1e-3, bag_size=256,
-                             seed=0))
+                             seed=0, checkpoint_every=25))
     model = fit(bags[:30], frac[:30], "fit")
     assert (tmp_path / "runs" / "fit").is_dir()
     preds = [predict_bags(model, b, n_bags=10, bag_size=256).mean[0] for b in bags[30:]]
