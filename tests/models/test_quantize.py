@@ -82,7 +82,7 @@ def test_shipped_classifier_in_int8_agrees_with_float_on_real_cells(tmp_path):
     model = create_model("deepheme-resnext50")
     prepared = prepare_int8(model.module, 96)
     float_cpu = Predictor(model, "cpu", amp=False)
-    calibrate(prepared, [float_cpu.preprocess(_cells(64, offset=i * 700)) for i in range(4)])
+    calibrate(prepared, [float_cpu.preprocess(_cells(64, offset=i * 700)) for i in range(2)])
     state, card = read_checkpoint(model.weights)
     out = str(tmp_path / "int8.safetensors")
     write_checkpoint({**state, **observer_state(prepared)},
