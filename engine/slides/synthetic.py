@@ -190,23 +190,25 @@ def marrow_block(cellularity: float, side: int = 2048, mpp: float = 1.0, seed: i
         have += int(new.sum())
     fat = cell > 0
     haem = marrow & ~fat
-    img = np.empty((side, side, 3), np.float32)
-    img[:] = GLASS
-    img[bone] = BONE
-    img[haem] = CYTOPLASM
-    img[fat] = FAT
+    # what each pixel shows, later layers over earlier ones, coloured at the end: one byte per
+    # pixel to assign, not three floats
+    layer = np.zeros((side, side), np.uint8)  # 0 glass
+    layer[bone] = 1
+    layer[haem] = 2
+    layer[fat] = 3
     # adipocyte membranes, about 2 µm wide, drawn inside the fat where neighbours differ
     edge = np.zeros_like(fat)
     edge[1:] |= cell[1:] != cell[:-1]
     edge[:, 1:] |= cell[:, 1:] != cell[:, :-1]
     rim = fat & ndi.binary_dilation(edge, iterations=max(1, round(um)))
-    img[rim] = MEMBRANE
+    layer[rim] = 4
     # nuclei, 2.5-4 µm radius, covering about a third of the haematopoietic area
     n = int(0.35 * side * side / (np.pi * (3.2 * um) ** 2))
     cys, cxs = rng.uniform(0, side, n), rng.uniform(0, side, n)
     inside = haem[cys.astype(int), cxs.astype(int)]
     nuc = _discs(side, cys[inside], cxs[inside], rng.uniform(2.5, 4.0, n)[inside] * um) & haem
-    img[nuc] = NUCLEUS
+    layer[nuc] = 5
+    img = np.asarray((GLASS, BONE, CYTOPLASM, FAT, MEMBRANE, NUCLEUS), np.float32)[layer]
     img += rng.normal(0, 4, img.shape).astype(np.float32)
     img = ndi.gaussian_filter(img, (0.6 * um, 0.6 * um, 0))
     truth = MarrowTruth(int((haem).sum()), int((fat).sum()), int(bone.sum()))
