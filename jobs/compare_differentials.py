@@ -11,8 +11,14 @@ The manual sheet has a row per slide: a ``slide`` column (or ``slide_id``, ``uri
 extension (an export's folder name for classify_cells), and a column of cell counts per category:
 DeepHeme codes (``M6``), groups (``IG``, ``NEU``, ``ER``), lineages (``lymphoid``) or PBC /
 CellaVision labels (``neutrophil``). Other columns (a comment, platelets, smudge cells) are listed
-as not compared. Blank counts are 0. Give counts, not percentages: the manual interval comes
-from the number of cells counted.
+as not compared. Blank counts are 0.
+
+Counts, or percentages with the number of cells counted: the manual interval comes from that
+number (10 % of 100 cells is far less certain than 10 % of 500). A sheet of percentages says how
+many cells each slide's count covered in a ``counted`` column (or ``cells_counted``,
+``n_counted``), or ``--counted N`` gives one number for every row (a lab's 200-cell
+differential); each percentage then stands for that share of the counted cells. Without either,
+values must be whole counts: a sheet of percentages is refused, not read as a count of 100.
 
 With ``--source-labels`` (a classify_cells output of an export in class folders, the folders
 being the analyser's or the technologist's classes) each export's own labels are its manual
@@ -34,19 +40,46 @@ import sys
 from jobs.common import add_storage_args, fail, read_csv_rows, storage_from_args
 
 KEY_COLUMNS = ("slide", "slide_id", "uri", "path", "file")
+COUNTED_COLUMNS = ("counted", "cells_counted", "n_counted")
 
 
-def _count(text: str, slide: str, column: str) -> float:
+def _number(text: str | None, slide: str, column: str, what: str) -> float:
     text = (text or "").strip()
     if not text:
         return 0.0
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"slide {slide!r}, column {column!r}: {text!r} is not a count") from None
-    if value < 0 or value != value:
-        raise ValueError(f"slide {slide!r}, column {column!r}: {text!r} is not a count")
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"slide {slide!r}, column {column!r}: {text!r} is not {what}")
     return value
+
+
+def manual_counts(row: dict, slide: str, categories, counted_column: str | None,
+                  counted: int | None) -> dict[str, float]:
+    """The manual count per category of one sheet row: its counts, or its percentages of the cells
+    counted (the row's ``counted_column``, else ``counted``) turned into counts."""
+    n = _number(row.get(counted_column), slide, counted_column, "a number of cells") \
+        if counted_column else 0.0
+    n = n or counted or 0
+    if not n:
+        counts = {c: _number(row.get(c), slide, c, "a count") for c in categories}
+        for c, v in counts.items():
+            if v != int(v):
+                raise ValueError(
+                    f"slide {slide!r}, column {c!r}: {row[c].strip()!r} is not a whole count; a "
+                    f"sheet of percentages needs the number of cells counted: a "
+                    f"{COUNTED_COLUMNS[0]!r} column, or --counted N")
+        return counts
+    if n != int(n):
+        raise ValueError(f"slide {slide!r}: {n:g} cells counted is not a whole number")
+    pct = {c: _number(row.get(c), slide, c, "a percentage") for c in categories}
+    if sum(pct.values()) > 100.5:  # rounding of each column may add up past 100 a little
+        raise ValueError(f"slide {slide!r}: the compared columns add up to "
+                         f"{sum(pct.values()):.1f} %, more than 100: not percentages of the "
+                         f"cells counted")
+    return {c: v * n / 100 for c, v in pct.items()}
 
 
 def slide_keys(status) -> dict[str, set[str]]:
@@ -87,6 +120,9 @@ def main(argv=None) -> int:
                      help="a classify_cells output: count each export's own labels (the class "
                           "folders its images lay in) as the manual differential, and compare "
                           "image by image too")
+    p.add_argument("--counted", type=int, metavar="N",
+                   help="the sheet gives percentages, each of N cells counted (a sheet's "
+                        f"{COUNTED_COLUMNS[0]!r} column gives it per slide instead)")
     p.add_argument("--to", help="where to write the tables and the plot (default: "
                                 "<output>/agreement)")
     add_storage_args(p)
@@ -119,7 +155,11 @@ def main(argv=None) -> int:
         if key is None:
             return fail(f"{args.manual}: no slide column (one of {', '.join(KEY_COLUMNS)}); "
                         f"columns: {', '.join(sheet[0])}")
+    if args.counted is not None and (args.source_labels or args.counted <= 0):
+        return fail("--counted takes a positive number of cells, with --manual")
     columns = list(dict.fromkeys(c for row in sheet for c in row))
+    counted_column = None if args.source_labels else \
+        next((c for c in COUNTED_COLUMNS if c in columns), None)
     source = "the source labels" if args.source_labels else args.manual
     status, diff = store.read("slide_status"), store.read("differentials")
     if status is None or diff is None:
@@ -132,7 +172,8 @@ def main(argv=None) -> int:
                     f"({' / '.join(','.join(sorted(s)) for s in code_sets)}): compare them apart")
     model_codes = set(next(iter(code_sets)))
     try:
-        categories, ignored = resolve_categories([c for c in columns if c != key], model_codes)
+        categories, ignored = resolve_categories(
+            [c for c in columns if c not in (key, counted_column)], model_codes)
     except ValueError as err:
         return fail(f"{source}: {err}")
     if not categories:
@@ -169,7 +210,7 @@ def main(argv=None) -> int:
                                   if st["status"] != "ok" else "no differential (no cell stage)")
             continue
         try:
-            manual = {c: _count(r.get(c), name, c) for c in categories}
+            manual = manual_counts(r, name, categories, counted_column, args.counted)
         except ValueError as err:
             return fail(f"{source}: {err}")
         got = compare_slide(manual, auto[sid], categories)

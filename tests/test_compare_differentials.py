@@ -156,6 +156,54 @@ def test_sheets_that_cannot_be_compared_are_refused(classified, tmp_path, capsys
     assert "no slide column" in capsys.readouterr().err
 
 
+def test_a_sheet_of_percentages_with_the_cells_counted(classified, tmp_path, capsys):
+    """Percentages as a lab writes them (one decimal) with each slide's number of cells counted
+    give the same comparison as the counts; without that number they are refused, not read as
+    counts."""
+    _, truth, out = classified
+    expert = _expert_counts(truth, out)
+    cols = list(FOLDERS.values())
+    counts = _sheet(tmp_path / "counts.csv", expert)
+    lines = ["slide," + ",".join(cols) + ",counted"]
+    for sid, c in expert.items():
+        n = sum(c.values())
+        lines.append(sid + "," + ",".join(f"{100 * c[k] / n:.1f}" for k in cols) + f",{n}")
+    percent = tmp_path / "percent.csv"
+    percent.write_text("\n".join(lines) + "\n")
+    # one slide's row without the column, its count given by --counted
+    first = next(iter(expert))
+    one = tmp_path / "one.csv"
+    one.write_text(lines[0].rsplit(",", 1)[0] + "\n" + lines[1].rsplit(",", 1)[0] + "\n")
+    for sheet, extra in ((counts, []), (str(percent), []),
+                         (str(one), ["--counted", str(sum(expert[first].values()))])):
+        assert compare_differentials.main(["--output", str(out), "--manual", sheet, "--to",
+                                           f"{sheet}.out", *extra]) == 0
+    capsys.readouterr()
+    keep = ["slide_id", "category", "manual_percent", "manual_ci_low", "manual_ci_high",
+            "within_manual_ci"]
+    got = {name: pl.read_parquet(f"{tmp_path}/{name}.out/agreement_slides.parquet")
+           .select(keep).sort("slide_id", "category") for name in ("counts.csv", "percent.csv",
+                                                                   "one.csv")}
+    a = got["counts.csv"]
+    for b in (got["percent.csv"], got["one.csv"]):
+        a_ = a.filter(pl.col("slide_id").is_in(b["slide_id"].to_list()))
+        assert len(b) == len(a_) > 0 and b["category"].equals(a_["category"])
+        np.testing.assert_allclose(b["manual_percent"], a_["manual_percent"], atol=0.06)
+        for col in ("manual_ci_low", "manual_ci_high", "within_manual_ci"):
+            assert b[col].equals(a_[col]), col  # the same number of cells behind each
+    # without the number of cells counted
+    assert compare_differentials.main(["--output", str(out), "--manual", str(one)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a whole count" in err and "--counted" in err
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"slide,lymphocyte,neutrophil,counted\n{first},60,50,100\n")
+    assert compare_differentials.main(["--output", str(out), "--manual", str(bad)]) == 2
+    assert "add up to 110.0 %, more than 100" in capsys.readouterr().err
+    assert compare_differentials.main(["--output", str(out), "--manual", str(bad),
+                                       "--counted", "0"]) == 2
+    assert "--counted takes a positive number" in capsys.readouterr().err
+
+
 def test_source_labels_are_the_manual_differential_and_compared_cell_by_cell(classified,
                                                                              tmp_path, capsys):
     root, truth, out = classified
