@@ -155,12 +155,17 @@ class CellDetectionConfig:
     split_min_distance_um: float = 5.0
 
 
+NO_MODEL = "none"
+
+
 @dataclass(frozen=True)
 class ModelStageConfig:
     """A model stage of the pipeline: which registered model, its weights, and how it runs.
 
     Attributes:
-        model: registry name (``python -c "import engine.models as m; print(m.list_models())"``).
+        model: registry name (``python -c "import engine.models as m; print(m.list_models())"``);
+            for the encoder, ``none`` turns tile embeddings off (the tiles are still read for
+            the label-free cellularity), even where ``--allow-untrained`` would make some.
         checkpoint: safetensors URI; None means the model's shipped default, if any.
         ensemble: more checkpoints of ``model`` scoring the same class codes, for example the
             other folds of ``jobs.train_cell_classifier --folds K``; the classifier's

@@ -20,7 +20,7 @@ import ray
 
 from engine.cells import KIND_CELL, KIND_PLATELET
 from engine.classes import DEEPHEME_CODES
-from engine.config import Config, ConfigError
+from engine.config import NO_MODEL, Config, ConfigError
 from engine.models import EnsemblePredictor, MissingWeights, create_model
 from engine.pipeline.aggregate import Aggregator
 from engine.pipeline.commit import OutputStore
@@ -184,14 +184,17 @@ def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
         if e.ensemble:
             raise ConfigError("pipeline.encoder.ensemble: tile embeddings of different models "
                               "do not average; give one encoder checkpoint")
-        try:
-            enc = create_model(e.model, e.checkpoint, allow_untrained=allow_untrained,
-                               storage=cfg.storage)
-            plan.encoder = True
-            plan.run.append(f"tile_embedding:{e.model}" + ("" if enc.trained
-                                                           else " (UNTRAINED)"))
-        except MissingWeights as err:
-            plan.skipped["tile_embedding"] = str(err)
+        if e.model == NO_MODEL:  # tiles read for the label-free cellularity, not embedded
+            plan.skipped["tile_embedding"] = f"pipeline.encoder.model is {NO_MODEL!r}"
+        else:
+            try:
+                enc = create_model(e.model, e.checkpoint, allow_untrained=allow_untrained,
+                                   storage=cfg.storage)
+                plan.encoder = True
+                plan.run.append(f"tile_embedding:{e.model}" + ("" if enc.trained
+                                                               else " (UNTRAINED)"))
+            except MissingWeights as err:
+                plan.skipped["tile_embedding"] = str(err)
         if not pc.cellularity_checkpoint:
             plan.skipped["cellularity:abmil"] = "no ABMIL checkpoint configured " \
                 "(pipeline.cellularity_checkpoint)"

@@ -24,7 +24,7 @@ pipeline:
   read_batch_size: 1
   tile_read_batch_size: 4
   classifier: {model: deepheme-tiny, batch_size: 4}
-  encoder: {model: dinov2-tiny, batch_size: 4}
+  encoder: {model: none}  # tiles read, not embedded: one model actor less to start
 """
 
 

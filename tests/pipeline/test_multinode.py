@@ -26,7 +26,7 @@ CONFIG = """
 pipeline:
   read_concurrency: 1
   classifier: {model: deepheme-tiny, batch_size: 64}
-  encoder: {model: dinov2-tiny, batch_size: 16}
+  encoder: {model: none}  # tiles read, not embedded: one model actor less to start
 """
 
 

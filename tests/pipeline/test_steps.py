@@ -149,6 +149,24 @@ def test_classify_averages_an_ensemble_of_fold_checkpoints(tmp_path):
             "ensemble": [paths[0]]}}}), allow_untrained=True)
 
 
+def test_an_encoder_of_none_reads_tiles_without_embedding_them():
+    """``encoder: {model: none}`` skips the embeddings, saying so, even with --allow-untrained
+    (which would otherwise embed with random weights); the tiles and the label-free
+    cellularity stay, and so does the classifier."""
+    from engine.pipeline.run import resolve_stages
+
+    plan = resolve_stages(Config.from_dict({"pipeline": {
+        "classifier": {"model": "deepheme-tiny"}, "encoder": {"model": "none"}}}),
+        allow_untrained=True)
+    assert not plan.encoder and plan.skipped["tile_embedding"] == \
+        "pipeline.encoder.model is 'none'"
+    assert {"tiles", "cellularity:image_analysis", "differential"} <= set(plan.run)
+    assert "cellularity:abmil" in plan.skipped
+    untrained = resolve_stages(Config.from_dict({"pipeline": {"stages": ["tiles"], "encoder": {
+        "model": "dinov2-tiny"}}}), allow_untrained=True)
+    assert untrained.encoder and "tile_embedding:dinov2-tiny (UNTRAINED)" in untrained.run
+
+
 def test_model_actors_on_a_cpu_use_the_nodes_cores(tmp_path):
     """Ray gives an actor of one CPU one torch thread; a model actor on a CPU takes the node's
     CPUs (or pipeline.<stage>.threads), so an int8 classifier is not held to half speed."""
