@@ -15,8 +15,8 @@ import yaml
 
 from engine.config import Config, StorageConfig
 from engine.outputs import join_uri, write_bytes
-from engine.slides.storage import (FileEntry, InputError, get_filesystem, is_remote,
-                                   list_files, normalize_uri, stat_file)
+from engine.slides.storage import (FileEntry, InputError, call_with_retries, get_filesystem,
+                                   is_remote, list_files, normalize_uri, stat_file)
 from engine.errors import SlideError
 from engine.specimen import parse_specimen
 
@@ -206,8 +206,10 @@ def image_source(path: str, storage: StorageConfig | None = None):
     storage."""
     if not is_remote(path):
         return path
-    fs, key = get_filesystem(path, storage or StorageConfig())
-    return io.BytesIO(fs.cat_file(key))
+    storage = storage or StorageConfig()
+    fs, key = get_filesystem(path, storage)
+    # a dropped connection is retried, never taken for an unreadable image
+    return io.BytesIO(call_with_retries(lambda: fs.cat_file(key), storage, f"read {path}"))
 
 
 def find_exports(root: str, storage: StorageConfig) -> dict[str, list[str]]:

@@ -50,8 +50,8 @@ def _number(text: str | None, slide: str, column: str, what: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = float("nan")
-    if not value >= 0 or value == float("inf"):
+        value = -1.0
+    if not 0 <= value < float("inf"):  # NaN fails this too
         raise ValueError(f"slide {slide!r}, column {column!r}: {text!r} is not {what}")
     return value
 
