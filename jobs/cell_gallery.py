@@ -1,8 +1,9 @@
 """A gallery of one slide's classified cells, a row per class, for review by a hematologist.
 
-    python -m jobs.cell_gallery --output <process_slides output> --slide <slide_id or file name>
-        [--per-class 16] [--order random | confident | uncertain | far] [--png <file>]
-        [--seed 0]
+    python -m jobs.cell_gallery --output <process_slides or classify_cells output>
+        --slide <slide_id, file or folder name> [--per-class 16]
+        [--order random | confident | uncertain | far] [--saliency gradcam | smoothgrad]
+        [--png <file>] [--seed 0]
 
 Reads the slide's rows of the ``cells`` and ``slides`` tables, reads each chosen cell's crop
 back from the slide (96 px at 0.25 µm/px, as the classifier saw it) and writes a PNG: one row per
@@ -10,12 +11,19 @@ class code, with its name and count, each crop captioned with the class probabil
 (the default) shows what the counts are made of; ``uncertain`` the least confident calls, where
 review pays most; ``far`` the cells least like the classifier's training data (largest
 ``ood_distance``), which is where a slide flagged ``out_of_distribution`` goes wrong. The slide
-must still be where the run read it (its ``uri``).
+must still be where the run read it (its ``uri``). On a ``classify_cells`` output the slide is
+an exported folder, and its cells are its images (``image_cells``), read as the job read them.
+
+``--saliency`` adds under each row where the run's classifier (from the output's
+``config.json``; an ensemble's maps are averaged) looked for that call
+(`engine.models.saliency`): ``gradcam`` (coarse, class-specific) or ``smoothgrad``
+(pixel-fine, slower: 16 passes per crop). It needs the run's checkpoint where the run read it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import numpy as np
@@ -23,6 +31,8 @@ import numpy as np
 from jobs.common import add_storage_args, fail, storage_from_args
 
 CROP_PX, CROP_MPP = 96, 0.25
+EXPORT_FORMAT = "cell-image-export"  # a classify_cells output's slides (jobs.classify_cells)
+METHOD_NAMES = {"gradcam": "Grad-CAM", "smoothgrad": "SmoothGrad"}
 
 
 def choose(cells, per_class: int, order: str, seed: int) -> dict[str, object]:
@@ -57,14 +67,73 @@ def read_crops(reader, rows, mpp: float, size: tuple[int, int]) -> np.ndarray:
     return np.stack(crops) if crops else np.zeros((0, CROP_PX, CROP_PX, 3), np.uint8)
 
 
+def read_export_crops(folder: str, rows, mpp: float, storage) -> np.ndarray:
+    """``(N, 96, 96, 3) uint8``: the chosen images of an exported slide, resampled from its
+    µm/px to 0.25 and centre-cropped, as ``classify_cells`` gave them to the classifier."""
+    from engine.train.data import load_cell_image
+    from jobs.common import image_source
+
+    crops = [load_cell_image(image_source(f"{folder.rstrip('/')}/{path}", storage), mpp,
+                             CROP_MPP, CROP_PX) for path in rows["path"].to_list()]
+    return np.stack(crops) if crops else np.zeros((0, CROP_PX, CROP_PX, 3), np.uint8)
+
+
+def run_classifiers(doc: dict, storage) -> list:
+    """The classifier(s) a run used, from its ``config.json`` (process_slides: the
+    ``pipeline.classifier`` block, an ensemble's members; classify_cells: its model and
+    weights).
+
+    Raises:
+        ValueError: the run used random weights, whose maps would say nothing.
+    """
+    from engine.models import create_model
+
+    if doc.get("job") == "classify_cells":
+        s = doc["settings"]
+        name, checkpoints = s["model"], [s["weights"]]
+    else:
+        c = doc["config"]["pipeline"]["classifier"]
+        name, checkpoints = c["model"], [c.get("checkpoint"), *c.get("ensemble", [])]
+    if "untrained" in checkpoints:  # classify_cells' record; a process_slides run's random
+        # weights are no checkpoint, and create_model refuses them (MissingWeights)
+        raise ValueError("the run's classifier had random weights (--allow-untrained): "
+                         "saliency of an untrained model says nothing")
+    return [create_model(name, None, hub=True) if str(ckpt).startswith("hub:")
+            else create_model(name, ckpt, storage=storage) for ckpt in checkpoints]
+
+
+def saliency_rows(method: str, models: list, crops: dict) -> dict:
+    """``class_code -> (N, 96, 96, 3) uint8`` overlays: each crop with the map of its call,
+    averaged over the members of an ensemble."""
+    from engine.models.saliency import saliency
+    from engine.report.plots import heatmap_overlay
+
+    out = {}
+    for code, images in crops.items():
+        if not len(images):
+            continue
+        codes = models[0].class_codes
+        if code not in codes:
+            raise ValueError(f"class {code} is not one of the run's classifier's codes "
+                             f"{list(codes)}: was the output made with another checkpoint?")
+        target = np.full(len(images), codes.index(code))
+        maps = np.mean([saliency(method, m, images, target)[0] for m in models], axis=0)
+        out[code] = heatmap_overlay(images, maps)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.cell_gallery", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", required=True, help="the process_slides output folder or s3:// prefix")
-    p.add_argument("--slide", required=True, help="slide_id, or the slide's file name")
+    p.add_argument("--output", required=True,
+                   help="a process_slides or classify_cells output folder or s3:// prefix")
+    p.add_argument("--slide", required=True,
+                   help="slide_id, or the slide's file name (an export's folder name)")
     p.add_argument("--per-class", type=int, default=16)
     p.add_argument("--order", choices=("random", "confident", "uncertain", "far"),
                    default="random")
+    p.add_argument("--saliency", choices=("gradcam", "smoothgrad"),
+                   help="add each crop's saliency map of its call, under its row")
     p.add_argument("--png", help="where to write (default: <slide_id>-gallery.png here)")
     p.add_argument("--seed", type=int, default=0)
     add_storage_args(p)
@@ -73,6 +142,7 @@ def main(argv=None) -> int:
     import polars as pl
 
     from engine.classes import get_class
+    from engine.errors import HemeflowError
     from engine.pipeline.commit import OutputStore
     from engine.report.plots import plot_cell_gallery
     from engine.slides import open_slide
@@ -94,13 +164,15 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"no committed slides under {args.output}")
         slides = pl.from_arrow(committed)
         match = slides.filter((pl.col("slide_id") == args.slide)
-                              | pl.col("uri").str.ends_with("/" + args.slide))
+                              | pl.col("uri").str.strip_chars_end("/").str.ends_with(
+                                  "/" + args.slide.strip("/")))
         if len(match) != 1:
             raise ValueError(f"no single slide {args.slide!r} in {args.output}; slides: "
                              f"{sorted(slides['slide_id'].to_list())[:20]}")
         slide = match.row(0, named=True)
         sid = slide["slide_id"]
-        with fs.open(path("cells", f"{sid}.parquet"), "rb") as fh:
+        export = slide["format"] == EXPORT_FORMAT
+        with fs.open(path("image_cells" if export else "cells", f"{sid}.parquet"), "rb") as fh:
             cells = pl.read_parquet(fh)
     except (FileNotFoundError, ValueError) as err:
         return fail(str(err))
@@ -112,17 +184,34 @@ def main(argv=None) -> int:
                     "checkpoint carries no feature density (python -m jobs.fit_cell_ood)")
     mpp = (slide["mpp_x"] + slide["mpp_y"]) / 2
     picked = choose(cells, args.per_class, args.order, args.seed)
+    try:
+        models = []
+        if args.saliency:
+            with fs.open(path("config.json")) as fh:
+                models = run_classifiers(json.load(fh), storage)
+        if export:
+            crops = {code: read_export_crops(slide["uri"], chosen, mpp, storage)
+                     for code, chosen in picked.items()}
+        else:
+            with open_slide(slide["uri"], storage) as reader:
+                crops = {code: read_crops(reader, chosen, mpp, (slide["width"], slide["height"]))
+                         for code, chosen in picked.items()}
+        maps = saliency_rows(args.saliency, models, crops) if args.saliency else {}
+    except (OSError, ValueError, KeyError, HemeflowError) as err:  # checkpoint errors too
+        return fail(f"{sid}: {type(err).__name__}: {err}")
     rows = []
-    with open_slide(slide["uri"], storage) as reader:
-        for code, chosen in picked.items():
-            count = int((cells["class_code"] == code).sum())
-            rows.append((f"{code} {get_class(code).name}\n{count} cells",
-                         read_crops(reader, chosen, mpp, (slide["width"], slide["height"])),
-                         chosen["class_prob"].to_numpy()))
+    for code, chosen in picked.items():
+        count = int((cells["class_code"] == code).sum())
+        probs = chosen["class_prob"].to_numpy()
+        rows.append((f"{code} {get_class(code).name}\n{count} cells", crops[code], probs))
+        if code in maps:
+            rows.append((METHOD_NAMES[args.saliency], maps[code], None))
     png = args.png or f"{sid}-gallery.png"
     plot_cell_gallery(rows, png, title=f"{sid}: {len(cells)} cells, {args.order} "
-                                       f"{args.per_class} per class")
-    print(f"wrote {png}: {len(rows)} classes, {sum(len(r[1]) for r in rows)} cells")
+                                       f"{args.per_class} per class"
+                                       + (f", {METHOD_NAMES[args.saliency]}" if maps else ""))
+    print(f"wrote {png}: {len(picked)} classes, {sum(len(c) for c in crops.values())} cells"
+          + (f", with {METHOD_NAMES[args.saliency]} maps" if maps else ""))
     return 0
 
 

@@ -104,8 +104,32 @@ def test_untrained_classifier_is_refused(exports, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_gallery_of_an_export(exports, tmp_path, capsys):
+    """jobs.cell_gallery reads an export's images as classify_cells did, and will not draw
+    saliency maps of random weights."""
+    from PIL import Image
+
+    from jobs import cell_gallery
+
+    root, _ = exports
+    out = tmp_path / "o"
+    assert classify_cells.main(["--images", str(root), "--output", str(out), "--model",
+                                "deepheme-tiny", "--allow-untrained"]) == 0
+    png = tmp_path / "g.png"
+    assert cell_gallery.main(["--output", str(out), "--slide", "slide-a", "--per-class", "3",
+                              "--png", str(png)]) == 0
+    cells = pl.read_parquet(f"{out}/image_cells/slide-a-*.parquet")
+    n_classes = cells["class_code"].n_unique()
+    shown = sum(min(3, n) for n in cells["class_code"].value_counts()["count"])
+    assert f"{n_classes} classes, {shown} cells" in capsys.readouterr().out
+    assert Image.open(png).size[1] > 100 * n_classes
+    assert cell_gallery.main(["--output", str(out), "--slide", "slide-a", "--saliency",
+                              "gradcam", "--png", str(png)]) == 2
+    assert "random weights" in capsys.readouterr().err
+
+
 @pytest.mark.s3
-def test_images_and_output_on_s3(exports, s3_server, s3_client, capsys):
+def test_images_and_output_on_s3(exports, s3_server, s3_client, tmp_path, capsys):
     from tests.conftest import upload_tree
 
     root, truth = exports
@@ -138,6 +162,15 @@ def test_images_and_output_on_s3(exports, s3_server, s3_client, capsys):
     capsys.readouterr()
     assert classify_cells.main(args) == 0  # the rerun reads the commits back from S3
     assert "3 already committed, 0 to classify" in capsys.readouterr().out
+    # a gallery of one export with the Grad-CAM of each call: the images and the run's
+    # config read back from S3, the checkpoint the run used
+    from jobs import cell_gallery
+
+    png = tmp_path / "g.png"
+    assert cell_gallery.main(["--output", "s3://exports/run1", "--slide", "slide-b",
+                              "--per-class", "2", "--saliency", "gradcam", "--png", str(png),
+                              "--s3-endpoint", s3_server]) == 0
+    assert "with Grad-CAM maps" in capsys.readouterr().out and png.stat().st_size > 10_000
     # a manual sheet on S3 against the output on S3: the agreement tables are written beside it
     s3_client.put_object(Bucket="exports", Key="manual.csv",
                          Body=b"slide,lymphocyte,neutrophil,monocyte\nslide-a,5,10,9\n")

@@ -24,6 +24,7 @@ RULES = {
     "jobs.estimate_pixel_size": ["torch", "ray", "timm", "openslide", "pyvips"],
     "jobs.cell_gallery": ["torch", "ray", "timm"],
     "engine.models": ["ray", "openslide", "pyvips", "engine.slides"],
+    "engine.models.saliency": ["ray", "openslide", "pyvips", "engine.slides"],
     # the GPU machine's image has no albumentations: training with --augment device needs none
     "engine.train.cell_classifier": ["ray", "openslide", "pyvips", "engine.slides",
                                      "albumentations"],

@@ -123,8 +123,9 @@ def plot_cell_gallery(rows: list[tuple[str, np.ndarray, np.ndarray]], path: str,
     """Cell crops in rows, one row per class, each crop captioned with its class probability.
 
     Args:
-        rows: ``(label, crops (N, S, S, 3) uint8, probabilities (N,))`` per row; rows may hold
-            different numbers of crops.
+        rows: ``(label, crops (N, S, S, 3) uint8, probabilities (N,) or None)`` per row (None:
+            no captions, as under a row of saliency overlays); rows may hold different numbers
+            of crops.
         path: the PNG to write.
     """
     cols = max((len(c) for _, c, _ in rows), default=1) or 1
@@ -136,10 +137,21 @@ def plot_cell_gallery(rows: list[tuple[str, np.ndarray, np.ndarray]], path: str,
     for r, (label, crops, probs) in enumerate(rows):
         axes[r, 0].text(0.98, 0.5, label, ha="right", va="center", fontsize=8,
                         transform=axes[r, 0].transAxes)
-        for c, (crop, p) in enumerate(zip(crops, probs)):
+        for c, crop in enumerate(crops):
             axes[r, c + 1].imshow(crop)
-            axes[r, c + 1].set_title(f"{p:.2f}", fontsize=7, pad=2)
+            if probs is not None:
+                axes[r, c + 1].set_title(f"{probs[c]:.2f}", fontsize=7, pad=2)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def heatmap_overlay(images: np.ndarray, maps: np.ndarray, alpha: float = 0.45,
+                    cmap: str = "jet") -> np.ndarray:
+    """``uint8 (N, H, W, 3)``: each image blended with its ``[0, 1]`` map in ``cmap`` colours,
+    the map's weight ``alpha`` times its value (where a map is 0 the crop shows through)."""
+    colours = plt.get_cmap(cmap)(np.clip(maps, 0, 1))[..., :3]
+    weight = alpha * np.clip(maps, 0, 1)[..., None] ** 0.5
+    out = images.astype(np.float32) * (1 - weight) + 255 * colours * weight
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)

@@ -158,6 +158,14 @@ def test_reference_model_on_the_smear(ray_local, smear_slide, tmp_path, capsys):
     assert "out_of_distribution: " in out.split("reason / review")[1]  # and so does the summary
     doc = json.loads((tmp_path / "o" / "config.json").read_text())
     assert doc["config"]["pipeline"]["classifier"]["model"] == "deepheme-resnext50"
+    # the cells least like the training data, each with where the classifier looked (its
+    # checkpoint from the run's config)
+    from jobs import cell_gallery
+
+    assert cell_gallery.main(["--output", str(tmp_path / "o"), "--slide", "bccd-smear.tif",
+                              "--order", "far", "--per-class", "2", "--saliency", "gradcam",
+                              "--png", str(tmp_path / "g.png")]) == 0
+    assert "with Grad-CAM maps" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
@@ -345,6 +353,10 @@ def test_cell_gallery_of_a_slide(run_out, tmp_path, capsys):
     assert cell_gallery.main(["--output", str(run_out), "--slide", "smear-a.tif",
                               "--order", "far", "--png", str(png)]) == 2
     assert "no distance to the training data" in capsys.readouterr().err
+    # the run's tiny classifier had random weights (no checkpoint): no saliency of those
+    assert cell_gallery.main(["--output", str(run_out), "--slide", "smear-a.tif",
+                              "--saliency", "gradcam", "--png", str(png)]) == 2
+    assert "MissingWeights" in capsys.readouterr().err
     # a slide whose run has not committed it (still running, or crashed) is not shown
     out = tmp_path / "out"
     shutil.copytree(run_out, out)
