@@ -1,10 +1,19 @@
-"""Predict with a trained ABMIL checkpoint: K resampled bags per slide or patient, mean and sd.
+"""Predict with a trained ABMIL checkpoint: K resampled bags per slide or patient, mean and sd,
+and where its attention went.
 
     python -m jobs.predict_mil --checkpoint <abmil.safetensors> (--embeddings <…> | --bags <dir>)
-        --output <dir>
+        --output <dir> [--figures] [--top 12]
 
 ``--bags`` embeds the patients' images with the encoder recorded in the checkpoint's card. Writes
 ``<output>/mil_predictions/predictions.parquet`` and prints one JSON line per slide or patient.
+
+``<output>/mil_predictions/attention.parquet`` has a row per tile (its ``x``, ``y``) or image
+(its ``path``): the attention logit and the relative attention (1: an average instance of its
+slide or patient; 3: one weighing three times as much). ``--figures`` draws one PNG per slide
+(its thumbnail, and the tiles coloured by their attention's percentile in the slide; needs a
+process_slides output, whose slides table says where each slide is) or per patient (its
+``--top`` most and least attended images) under ``mil_predictions/figures/``: what a
+pathologist checks before trusting the number.
 """
 
 from __future__ import annotations
@@ -14,13 +23,64 @@ import json
 import os
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine.errors import HemeflowError
 from engine.models import MissingWeights
-from engine.models.mil import load_mil, predict_bags
-from jobs.common import fail
-from jobs.train_mil import load_bags
+from engine.models.mil import attention_scores, load_mil, predict_bags
+from jobs.common import add_storage_args, fail, storage_from_args
+from jobs.train_mil import load_tiles
+
+THUMB_PX = 1024
+
+
+def _slides(embeddings: str) -> dict[str, dict]:
+    """slide_id -> its slides row (uri, width, height, mpp), where ``embeddings`` is a
+    process_slides output."""
+    if not os.path.isdir(os.path.join(embeddings, "slide_status")):
+        return {}
+    from engine.pipeline.commit import read_table
+
+    rows = read_table(embeddings, "slides", columns=["slide_id", "uri", "width", "height",
+                                                     "mpp_x"])
+    return {r["slide_id"]: r for r in rows.iter_rows(named=True)}
+
+
+def slide_figure(slide: dict, where: dict, scores: np.ndarray, path: str, title: str,
+                 storage) -> None:
+    """The slide's thumbnail and its tiles coloured by their attention's percentile."""
+    from engine.report.plots import plot_attention_map
+    from engine.slides import open_slide
+
+    with open_slide(slide["uri"], storage) as reader:
+        thumb = reader.read_thumbnail((THUMB_PX, THUMB_PX))
+    scale = thumb.shape[1] / slide["width"]
+    side = where["tile_px"] * where["mpp"] / slide["mpp_x"] * scale  # level-0 px -> thumbnail
+    x0, y0 = where["x"] * scale, where["y"] * scale
+    boxes = np.stack([x0, y0, x0 + side, y0 + side], 1).round().astype(int)
+    rank = np.argsort(np.argsort(scores, kind="stable"), kind="stable")
+    plot_attention_map(thumb, boxes, rank / max(len(scores) - 1, 1), path, title)
+
+
+def patient_figure(paths: list[str], scores: np.ndarray, relative: np.ndarray, top: int,
+                   encoder: dict, path: str, title: str) -> None:
+    """The ``top`` most and least attended images of a patient, as the encoder saw them."""
+    from engine.models import get_spec
+    from engine.report.plots import plot_cell_gallery
+    from engine.train.data import load_cell_images
+
+    spec = get_spec(encoder["model"])
+    order = np.argsort(-scores, kind="stable")
+    rows = []
+    for label, picked in (("most attended", order[:top]),
+                          ("least attended", order[::-1][:min(top, len(order) - top)])):
+        if len(picked):
+            crops = load_cell_images([paths[i] for i in picked], encoder["source_mpp"],
+                                     spec.input_mpp, spec.input_px)
+            rows.append((f"{label}\n(relative attention)", crops, relative[picked]))
+    plot_cell_gallery(rows, path, title=title)
 
 
 def main(argv=None) -> int:
@@ -33,10 +93,17 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True)
     p.add_argument("--n-bags", type=int)
     p.add_argument("--bag-size", type=int)
+    p.add_argument("--figures", action="store_true",
+                   help="a PNG per slide (attention over its thumbnail) or patient (its most "
+                        "and least attended images)")
+    p.add_argument("--top", type=int, default=12, help="images per row of a patient's figure")
+    add_storage_args(p)
     args = p.parse_args(argv)
+    storage = storage_from_args(args)
     model, card = load_mil(args.checkpoint)
     n_bags, bag_size = args.n_bags or card.get("n_bags", 10), args.bag_size or card.get(
         "bag_size", 256)
+    slides: dict[str, dict] = {}
     if args.bags:
         enc = card.get("encoder")
         if not enc:
@@ -44,14 +111,29 @@ def main(argv=None) -> int:
         from engine.bags import embed_patient_bags, find_patient_images
 
         try:
-            bags = embed_patient_bags(find_patient_images(args.bags), enc["model"],
-                                      enc["checkpoint"], enc["source_mpp"])
+            images = find_patient_images(args.bags)
+            bags = embed_patient_bags(images, enc["model"], enc["checkpoint"],
+                                      enc["source_mpp"])
         except (FileNotFoundError, MissingWeights) as err:
             return fail(str(err))
+        where = {pid: {"path": paths} for pid, paths in images.items()}
     else:
-        bags = load_bags(args.embeddings)
+        tiles = load_tiles(args.embeddings, ("x", "y", "mpp", "tile_px"))
+        bags, where = {}, {}
+        for (sid,), g in tiles.group_by("slide_id", maintain_order=True):
+            bags[sid] = np.asarray(g["embedding"].to_list(), np.float32)
+            where[sid] = {c: g[c].to_numpy() for c in g.columns if c not in ("slide_id",
+                                                                               "embedding")}
+        if args.figures:
+            slides = _slides(args.embeddings)
+            if not slides:
+                return fail("--figures draws on each slide's thumbnail: give the "
+                            "process_slides output (its slides table says where each slide "
+                            f"is), not a tiles folder ({args.embeddings})")
     key = "patient_id" if args.bags else "slide_id"
-    rows = []
+    out = os.path.join(args.output, "mil_predictions")
+    os.makedirs(os.path.join(out, "figures") if args.figures else out, exist_ok=True)
+    rows, attention = [], []
     for sid, bag in sorted(bags.items()):
         pred = predict_bags(model, bag, n_bags, bag_size)
         row = {key: sid, "task": card["task"], "n_bags": pred.n_bags,
@@ -59,10 +141,28 @@ def main(argv=None) -> int:
                "mean": pred.mean.tolist(), "sd": pred.sd.tolist(),
                "classes": card.get("classes") or None}
         rows.append(row)
-        print(json.dumps(row))
-    os.makedirs(os.path.join(args.output, "mil_predictions"), exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows),
-                   os.path.join(args.output, "mil_predictions", "predictions.parquet"))
+        print(json.dumps(row), flush=True)
+        scores, relative = attention_scores(model, bag)
+        attention.append(pa.table({key: [sid] * len(bag), "instance": np.arange(len(bag)),
+                                   **where[sid], "attention_logit": scores,
+                                   "relative_attention": relative}))
+        if args.figures:
+            said = ", ".join(f"{c} {m:.2f}" for c, m in zip(row["classes"] or ["mean"],
+                                                             pred.mean))
+            png = os.path.join(out, "figures", f"{sid}.png")
+            try:
+                if args.bags:
+                    patient_figure(where[sid]["path"], scores, relative, args.top,
+                                   card["encoder"], png, f"{sid}: {said}")
+                elif sid in slides:
+                    slide_figure(slides[sid], where[sid], scores, png, f"{sid}: {said}",
+                                 storage)
+            except (OSError, ValueError, HemeflowError) as err:  # a slide moved since the run
+                # (or a bad image): said, and the predictions are written all the same
+                print(f"{sid}: no figure ({type(err).__name__}: {err})", file=sys.stderr)
+    pq.write_table(pa.Table.from_pylist(rows), os.path.join(out, "predictions.parquet"))
+    if attention:
+        pq.write_table(pa.concat_tables(attention), os.path.join(out, "attention.parquet"))
     return 0
 
 

@@ -43,20 +43,28 @@ def parse_label(text: str, task: str):
     return value / 100 if ("%" in text or value > 1) else value
 
 
-def load_bags(embeddings: str) -> dict[str, np.ndarray]:
-    """slide_id -> ``(n_tiles, D)`` from a process_slides output folder (its committed slides),
-    or a folder of tiles tables (or one holding a ``tiles`` folder)."""
+def load_tiles(embeddings: str, columns: tuple[str, ...] = ()) -> pl.DataFrame:
+    """The embedded tiles (``slide_id``, ``embedding`` and those of ``columns`` the tables
+    have) of a process_slides output folder (its committed slides), or of a folder of tiles
+    tables (or one holding a ``tiles`` folder), in file order."""
+    want = ["slide_id", *columns, "embedding"]
     if os.path.isdir(os.path.join(embeddings, "slide_status")):
         from engine.pipeline.commit import read_table
 
-        df = read_table(embeddings, "tiles", columns=["slide_id", "embedding"])
+        df = read_table(embeddings, "tiles", columns=want)
     else:
         tiles = os.path.join(embeddings, "tiles")
-        df = pl.read_parquet(os.path.join(tiles if os.path.isdir(tiles) else embeddings,
-                                          "*.parquet"))
-    df = df.filter(pl.col("embedding").is_not_null())
+        scan = pl.scan_parquet(os.path.join(tiles if os.path.isdir(tiles) else embeddings,
+                                            "*.parquet"))
+        have = scan.collect_schema().names()
+        df = scan.select([c for c in want if c in have]).collect()
+    return df.filter(pl.col("embedding").is_not_null())
+
+
+def load_bags(embeddings: str) -> dict[str, np.ndarray]:
+    """slide_id -> ``(n_tiles, D)``, from what `load_tiles` reads."""
     return {sid: np.asarray(g["embedding"].to_list(), np.float32)
-            for (sid,), g in df.group_by("slide_id")}
+            for (sid,), g in load_tiles(embeddings).group_by("slide_id", maintain_order=True)}
 
 
 def add_bag_args(p: argparse.ArgumentParser) -> None:

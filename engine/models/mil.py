@@ -3,8 +3,10 @@
 A bag of N instance embeddings ``(N, D)`` -> gated attention weights ``(N,)`` -> weighted mean
 ``(D,)`` -> linear -> sigmoid (regression, e.g. cellularity in [0, 1]) or class logits. At
 inference K random bags of up to ``bag_size`` instances are drawn per slide and the outputs'
-mean and standard deviation reported, as the ARUP cellularity method does; each instance's
-attention is averaged over the bags that drew it, for heatmaps.
+mean and standard deviation reported, as the ARUP cellularity method does. Heatmaps use
+``attention_scores``: the gated attention branch scores each instance on its own (the softmax
+over a bag only rescales them), so every tile or image of a slide or patient gets one, drawn into
+a bag or not.
 """
 
 from __future__ import annotations
@@ -36,9 +38,13 @@ class GatedABMIL(nn.Module):
         self.attn_w = nn.Linear(attn_dim, 1)
         self.head = nn.Linear(hidden, n_out)
 
+    def _scores(self, h: torch.Tensor) -> torch.Tensor:
+        """Gated attention logits ``(B, N)`` of embedded instances ``h (B, N, H)``."""
+        return self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))).squeeze(-1)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         h = self.embed(x)                                                   # (B, N, H)
-        a = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))).squeeze(-1)
+        a = self._scores(h)
         if mask is not None:
             a = a.masked_fill(~mask, float("-inf"))
         a = torch.softmax(a, dim=1)                                         # (B, N)
@@ -80,6 +86,20 @@ def predict_bags(model: GatedABMIL, instances: np.ndarray, n_bags: int = 10, bag
     outs = np.stack(outs)
     return MILPrediction(outs.mean(0), outs.std(0), attn_sum / np.maximum(attn_cnt, 1), n_bags,
                          size)
+
+
+@torch.inference_mode()
+def attention_scores(model: GatedABMIL, instances: np.ndarray, chunk: int = 65536
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Every instance's attention logit ``(N,)`` and its relative attention ``(N,)``: ``N`` x
+    the softmax over all ``N``, so 1 is an average instance and 3 one that weighs three times
+    as much in any bag it is drawn into with the others."""
+    model.eval()
+    x = torch.as_tensor(np.asarray(instances, np.float32))
+    scores = torch.cat([model._scores(model.embed(x[lo : lo + chunk][None]))[0]
+                        for lo in range(0, len(x), chunk)]) if len(x) else torch.zeros(0)
+    relative = torch.softmax(scores.double(), 0) * len(x)
+    return scores.float().numpy(), relative.float().numpy()
 
 
 def save_mil(model: GatedABMIL, uri: str, card: dict, storage: StorageConfig | None = None):

@@ -155,3 +155,29 @@ def heatmap_overlay(images: np.ndarray, maps: np.ndarray, alpha: float = 0.45,
     weight = alpha * np.clip(maps, 0, 1)[..., None] ** 0.5
     out = images.astype(np.float32) * (1 - weight) + 255 * colours * weight
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def plot_attention_map(thumbnail: np.ndarray, boxes: np.ndarray, values: np.ndarray, path: str,
+                       title: str = "", alpha: float = 0.5, cmap: str = "jet") -> None:
+    """A slide's thumbnail beside itself with each tile's value in [0, 1] painted over its box
+    (``boxes``: ``(N, 4)`` x0, y0, x1, y1 in thumbnail pixels; where boxes overlap, the higher
+    value), with a colour bar."""
+    h, w = thumbnail.shape[:2]
+    grid = np.full((h, w), -1.0, np.float32)
+    for (x0, y0, x1, y1), v in zip(np.clip(boxes, 0, [w, h, w, h]), values):
+        grid[y0:y1, x0:x1] = np.maximum(grid[y0:y1, x0:x1], v)
+    painted = grid >= 0
+    colours = plt.get_cmap(cmap)(np.clip(grid, 0, 1))[..., :3] * 255
+    shown = np.where(painted[..., None], (1 - alpha) * thumbnail + alpha * colours, thumbnail)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.6 * h / max(w, 1) + 0.9))
+    axes[0].imshow(thumbnail)
+    axes[1].imshow(np.clip(np.rint(shown), 0, 255).astype(np.uint8))
+    for ax in axes:
+        ax.axis("off")
+    scale = plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=cmap)
+    fig.colorbar(scale, ax=axes[1], fraction=0.046, pad=0.02,
+                 label="attention (percentile within the slide)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

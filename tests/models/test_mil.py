@@ -1,11 +1,12 @@
 """ABMIL on synthetic bags whose target depends on their composition."""
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from sklearn.metrics import r2_score, roc_auc_score
 
-from engine.models.mil import GatedABMIL, load_mil, predict_bags, save_mil
+from engine.models.mil import GatedABMIL, attention_scores, load_mil, predict_bags, save_mil
 from engine.train.mil import train_mil
 
 D = 16
@@ -31,6 +32,13 @@ def test_attention_is_a_distribution_and_masks_padding():
     out, a = m(x, mask)
     assert out.shape == (2, 3) and torch.allclose(a.sum(1), torch.ones(2))
     assert (a[1, 7:] == 0).all()
+    # every instance's score on its own: a bag of them all gets the same weights
+    scores, relative = attention_scores(m, x[0].numpy(), chunk=3)  # (in eval mode: no dropout)
+    assert scores.shape == relative.shape == (10,)
+    with torch.no_grad():
+        _, a = m(x[:1])
+    np.testing.assert_allclose(relative, 10 * a[0].numpy(), rtol=1e-4)
+    np.testing.assert_allclose(np.mean(relative), 1.0, rtol=1e-5)
 
 
 def test_regression_reaches_r2_on_held_out_bags(tmp_path):
@@ -111,6 +119,17 @@ def test_train_and_predict_mil_jobs_on_a_tiles_table(tmp_path, capsys):
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert len(lines) == 24 and all(0 <= r["mean"][0] <= 1 for r in lines)
     assert pq.read_table(tmp_path / "p" / "mil_predictions" / "predictions.parquet").num_rows == 24
+    attention = pl.read_parquet(tmp_path / "p" / "mil_predictions" / "attention.parquet")
+    assert attention.columns == ["slide_id", "instance", "x", "attention_logit",
+                                 "relative_attention"]  # the tiles' coordinates it has
+    per_slide = attention.group_by("slide_id").agg(pl.len(), pl.col("relative_attention").mean())
+    assert len(per_slide) == 24 and (per_slide["relative_attention"] - 1).abs().max() < 1e-4
+    assert attention["x"].to_list() == pl.read_parquet(tmp_path / "tiles")["x"].to_list()
+    # figures draw on each slide's thumbnail: a bare tiles folder does not say where they are
+    assert predict_mil.main(["--checkpoint", str(tmp_path / "m" / "abmil.safetensors"),
+                             "--embeddings", str(tmp_path), "--output", str(tmp_path / "p"),
+                             "--figures"]) == 2
+    assert "give the process_slides output" in capsys.readouterr().err
 
 
 def test_bags_from_an_output_folder_hold_its_committed_slides_only(tmp_path):

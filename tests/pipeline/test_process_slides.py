@@ -256,6 +256,28 @@ def test_specimen_types_decide_what_each_slide_gets(reprocessed):
     assert tiles["embedding"].list.len().unique().to_list() == [64]
 
 
+def test_mil_attention_over_each_slide(reprocessed, tmp_path, capsys):
+    """predict_mil on the output: a row of attention per embedded tile, at the tile's place,
+    and a figure per slide drawn on its thumbnail (read from the slide where the run read it)."""
+    from PIL import Image
+
+    from jobs import predict_mil
+
+    out, _, _ = reprocessed
+    assert predict_mil.main(["--checkpoint", str(out.parent / "abmil.safetensors"),
+                             "--embeddings", str(out), "--output", str(tmp_path),
+                             "--figures"]) == 0
+    preds = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    tiles = pl.read_parquet(f"{out}/tiles/*.parquet").filter(pl.col("embedding").is_not_null())
+    assert sorted(p["slide_id"] for p in preds) == sorted(tiles["slide_id"].unique())
+    attention = pl.read_parquet(tmp_path / "mil_predictions" / "attention.parquet")
+    key = ["slide_id", "x", "y"]
+    assert attention.select(key).sort(key).equals(tiles.select(key).sort(key))
+    for p in preds:
+        png = tmp_path / "mil_predictions" / "figures" / f"{p['slide_id']}.png"
+        assert Image.open(png).size[0] > 800, png
+
+
 def _mtimes(root) -> dict:
     return {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")}
 
