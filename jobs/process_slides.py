@@ -4,6 +4,7 @@ tiles, per-slide status (and QuPath GeoJSON per slide).
     python -m jobs.process_slides --input <dir | s3://… | list.txt | list.csv | inventory.parquet>
         --output <dir | s3://…> [--config jobs/configs/<name>.yaml] [--mpp X | --mpp-table csv]
         [--specimen aspirate|blood|biopsy|clot] [--allow-untrained] [--retry-failed | --reprocess]
+        [--dry-run]
 
 Runs the same locally (starting a local Ray) and as
 ``ray job submit --working-dir . -- python -m jobs.process_slides …`` on a cluster. With no
@@ -12,6 +13,7 @@ built from the BCCD fields) into ./hemeflow-out. A slide's specimen type (a ``sp
 of a .csv list or inventory, else ``--specimen``) decides what applies to it: a smear gets no
 cellularity, a section no cells or differential (`engine.specimen`). A rerun into the same output skips committed
 slides and redoes the rest; with another config it is refused unless ``--reprocess`` is given.
+``--dry-run`` says what a run would do and makes its checks, changing nothing.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ import json
 import os
 import sys
 
+from engine.config import Config
 from engine.errors import HemeflowError
 from engine.models import MissingWeights
 from engine.pipeline.commit import OutputStore
-from engine.pipeline.run import RunMetrics, run_pipeline
+from engine.pipeline.run import RunMetrics, resolve_stages, run_pipeline
 from engine.schema import SCHEMA_VERSION, STATUSES, slide_id_for
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import FileEntry, InputError, is_remote
-from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen
+from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
 from jobs.common import (add_common_args, expand_inputs, fail, load_config, read_mpp_table,
                          read_specimens, read_text, write_run_config)
 
@@ -82,7 +85,7 @@ def read_inputs(uri: str, storage) -> tuple[list[FileEntry], dict[str, str]]:
 
 
 def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reprocess: bool,
-                     retry_failed: bool, log=print) -> None:
+                     retry_failed: bool, log=print, dry_run: bool = False) -> set[str]:
     """Settle what an existing output means for this run, before anything is written to it.
 
     A rerun with the results-relevant config of the output's ``config.json`` resumes: committed
@@ -92,13 +95,16 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     (say, after giving ``--mpp``). An output whose tables another version's schema wrote is
     refused outright: its tables could not be read as one.
 
+    Returns the committed slides taken out to be processed again (``dry_run``: that would be;
+    nothing is changed).
+
     Raises:
         HemeflowError: the config or the table schema changed (the config: unless
             ``reprocess`` was given).
     """
     committed = store.committed()
     if not committed:
-        return
+        return set()
     try:
         doc = json.loads(read_text(store.uri("config.json"), cfg.storage))
         previous = doc["config"]
@@ -127,9 +133,44 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     if reprocess and changes and committed - ours:
         log(f"{len(committed - ours)} slide(s) of other inputs stay as the earlier config made "
             "them (their status rows say which: config_hash)")
-    if redo:
+    if redo and not dry_run:
         store.uncommit(redo)
-        log(f"{why}: {len(redo)} committed slide(s) taken out to be processed again")
+    if redo:
+        log(f"{why}: {len(redo)} committed slide(s) {'would be ' if dry_run else ''}taken out "
+            "to be processed again")
+    return redo
+
+
+def dry_run(args, cfg: Config, entries: list[FileEntry], typed: dict[str, str],
+            log=print) -> None:
+    """Say what this run would do, and change nothing: start no Ray, write no table or config.
+    The checks a run makes before it starts are made (the output's config and schema, the
+    models' weights), so a refusal comes now rather than at the start of a long job.
+
+    Raises:
+        HemeflowError: what the run would be refused for (``MissingWeights`` among them).
+    """
+    store = OutputStore(args.output, cfg.storage)
+    redo = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed, log,
+                            dry_run=True)
+    stages = resolve_stages(cfg, args.allow_untrained)
+    committed = store.committed() - redo
+    pending = [e for e in entries if slide_id_for(e.uri) not in committed]
+    gib = sum(e.size or 0 for e in pending) / 2**30
+    log(f"dry run: {len(entries)} slide(s) in the input, {len(entries) - len(pending)} "
+        f"committed (skipped), {len(pending)} to process ({gib:.2f} GiB)")
+    for name, why in stages.skipped.items():
+        log(f"stage skipped: {name}: {why}")
+    specimens = Specimens(args.specimen, typed)
+    kinds = collections.Counter(specimens.of(e.uri) for e in pending)
+    for kind, n in sorted(kinds.items()):
+        ran, _ = slide_stages(kind, stages.run, sorted(stages.skipped), stages.encoder)
+        log(f"  {n} {kind}: {', '.join(ran) or 'no stage (status skipped)'}")
+    for e in pending[:10]:
+        log(f"  {e.uri} ({specimens.of(e.uri)})")
+    if len(pending) > 10:
+        log(f"  … and {len(pending) - 10} more")
+    log("nothing was changed: run again without --dry-run to process them")
 
 
 def parse_args(argv=None):
@@ -155,6 +196,9 @@ def parse_args(argv=None):
                    help="process this input's committed slides again, here, with this config "
                         "(a new checkpoint, say); their rows are removed first, so use a new "
                         "--output to keep them")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say what the run would do (slides to process, skipped and redone, "
+                        "stages per specimen type) and make its checks, changing nothing")
     add_common_args(p)
     return p.parse_args(argv)
 
@@ -182,6 +226,9 @@ def main(argv=None) -> int:
             default_inputs(args.output)
         if not entries:
             return fail(f"no slides found under {args.input}")
+        if args.dry_run:
+            dry_run(args, cfg, entries, typed)
+            return 0
         reconcile_output(OutputStore(args.output, cfg.storage), cfg, entries, args.reprocess,
                          args.retry_failed)
         write_run_config(args.output, cfg, vars(args), cfg.storage)

@@ -303,6 +303,37 @@ def test_rerun_with_another_config_is_refused(run_out, archive, tmp_path, capsys
     assert _mtimes(run_out) == before
 
 
+def test_dry_run_says_what_a_run_would_do_and_changes_nothing(run_out, archive, tmp_path,
+                                                             capsys):
+    def files():
+        return {p: p.stat().st_mtime_ns for p in run_out.rglob("*") if p.is_file()}
+
+    before = files()
+    tiny_config(tmp_path)
+    changed = _config(tmp_path, "  min_nucleated: 100\n")
+    # the refusal a run would meet comes now
+    assert process_slides.main(["--input", str(archive), "--output", str(run_out), "--config",
+                                changed, "--allow-untrained", "--dry-run"]) == 2
+    assert "pipeline.min_nucleated: 200 -> 100" in capsys.readouterr().err
+    (tmp_path / "list.csv").write_text(f"path,specimen\n{archive}/smear-a.tif,blood\n"
+                                       f"{archive}/cmu-1-small-region.svs,biopsy\n")
+    assert process_slides.main(["--input", str(tmp_path / "list.csv"), "--output", str(run_out),
+                                "--config", changed, "--allow-untrained", "--dry-run",
+                                "--reprocess"]) == 0
+    out = capsys.readouterr().out
+    assert "--reprocess: 2 committed slide(s) would be taken out" in out
+    assert "dry run: 2 slide(s) in the input, 0 committed (skipped), 2 to process" in out
+    assert "1 biopsy: tiles, cellularity:image_analysis, tile_embedding:dinov2-tiny" in out
+    assert "1 blood: cell_detection, cell_classification:deepheme-tiny" in out
+    assert "nothing was changed" in out
+    assert files() == before
+    # weights that are missing are said now, not when the job starts
+    assert process_slides.main(["--input", str(archive), "--output", str(tmp_path / "new"),
+                                "--config", changed, "--dry-run"]) == 2
+    assert "no trained weights" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
 
 def test_an_output_of_another_table_schema_is_refused(run_out, archive, tmp_path, capsys):
     out = tmp_path / "out"
