@@ -6,7 +6,10 @@
 Prints one JSON document to stdout: accuracy, macro F1, mean one-vs-rest AUC, per-class
 precision/recall/F1/AUC/support, how many classes have precision and recall above 0.8, group-level
 accuracy for rows labelled only with a group code, and rows whose codes the model does not cover.
-Writes confusion.png and umap.png (penultimate features coloured by class) under --plots.
+Writes confusion.png and umap.png (penultimate features coloured by class) under --plots, and
+with ``--saliency N`` errors.png: per true class its N most confident wrong calls, each with the
+Grad-CAM of the call and of the true class (`engine.models.saliency`), to see what the model took
+for the wrong class's sign.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--plots", default="hemeflow-eval", help="folder for confusion.png, umap.png")
     p.add_argument("--no-tta", action="store_true", help="no test-time rotations/flips")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP figure")
+    p.add_argument("--saliency", type=int, default=0, metavar="N",
+                   help="errors.png: per class its N most confident wrong calls with the "
+                        "Grad-CAM of the call and of the true class")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--fp32", action="store_true",
                    help="float32 throughout (default: bf16 autocast on CUDA and on CPUs with "
@@ -67,8 +73,50 @@ def main(argv=None) -> int:
         plot_umap(arrays["features"], list(data.codes), os.path.join(args.plots, "umap.png"),
                   title=f"{report['model']} penultimate features")
         report["umap_png"] = os.path.join(args.plots, "umap.png")
+    if args.saliency > 0 and report.get("class_codes"):
+        path = os.path.join(args.plots, "errors.png")
+        report["errors_png"] = path if plot_errors(models, data, arrays, args.source_mpp,
+                                                   args.saliency, path) else None
     print(json.dumps(report, indent=2))
     return 0
+
+
+def plot_errors(models, data, arrays: dict, source_mpp: float, per_class: int, path: str
+                ) -> bool:
+    """errors.png: for each true class, its ``per_class`` most confident wrong calls, then the
+    Grad-CAM of each call and of the true class (an ensemble's maps averaged). False where the
+    model made no error."""
+    import numpy as np
+
+    from engine.models.saliency import grad_cam
+    from engine.report.plots import heatmap_overlay, plot_cell_gallery
+    from engine.train.data import load_cell_images
+
+    codes, spec = list(models[0].class_codes), models[0].spec
+    probs, y = arrays["probs"], arrays["y"]
+    called = probs.argmax(1)
+    rows = []
+    for k, code in enumerate(codes):
+        wrong = np.flatnonzero((y == k) & (called != k))
+        wrong = wrong[np.argsort(-probs[wrong, called[wrong]], kind="stable")][:per_class]
+        if not len(wrong):
+            continue
+        crops = load_cell_images([data.paths[i] for i in wrong], source_mpp, spec.input_mpp,
+                                 spec.input_px)
+
+        def cam(target, crops=crops):
+            return heatmap_overlay(crops, np.mean([grad_cam(m, crops, target)[0]
+                                                   for m in models], axis=0))
+
+        rows += [(f"{code}: {int((y == k).sum() - (called[y == k] == k).sum())} of "
+                  f"{int((y == k).sum())} wrong", crops,
+                  [f"{codes[c]} {probs[i, c]:.2f}" for i, c in zip(wrong, called[wrong])]),
+                 ("Grad-CAM of the call", cam(called[wrong]), None),
+                 (f"Grad-CAM of {code}", cam(np.full(len(wrong), k)), None)]
+    if rows:
+        plot_cell_gallery(rows, path, title=f"{spec.name}: the most confident wrong calls "
+                                            "(caption: the call and its probability)")
+    return bool(rows)
 
 
 if __name__ == "__main__":

@@ -123,9 +123,9 @@ def plot_cell_gallery(rows: list[tuple[str, np.ndarray, np.ndarray]], path: str,
     """Cell crops in rows, one row per class, each crop captioned with its class probability.
 
     Args:
-        rows: ``(label, crops (N, S, S, 3) uint8, probabilities (N,) or None)`` per row (None:
-            no captions, as under a row of saliency overlays); rows may hold different numbers
-            of crops.
+        rows: ``(label, crops (N, S, S, 3) uint8, captions)`` per row: captions are
+            probabilities ``(N,)`` (written to 2 places), strings, or None (none, as under a row
+            of saliency overlays); rows may hold different numbers of crops.
         path: the PNG to write.
     """
     cols = max((len(c) for _, c, _ in rows), default=1) or 1
@@ -140,7 +140,8 @@ def plot_cell_gallery(rows: list[tuple[str, np.ndarray, np.ndarray]], path: str,
         for c, crop in enumerate(crops):
             axes[r, c + 1].imshow(crop)
             if probs is not None:
-                axes[r, c + 1].set_title(f"{probs[c]:.2f}", fontsize=7, pad=2)
+                text = probs[c] if isinstance(probs[c], str) else f"{probs[c]:.2f}"
+                axes[r, c + 1].set_title(text, fontsize=7, pad=2)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -126,7 +126,7 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys):
                                                                       rel=1e-2)
     assert evaluate_cell_classifier.main(
         ["--checkpoint", str(out / "model.safetensors"), "--data", str(out / "test"), "--plots",
-         str(tmp_path / "plots")]) == 0
+         str(tmp_path / "plots"), "--saliency", "2"]) == 0
     report = json.loads(capsys.readouterr().out)  # stdout holds the report and nothing else
     assert 0 <= report["macro_f1"] <= 1 and 0 <= report["accuracy"] <= 1
     assert report["precision"] in ("bf16", "fp32") and report["tta"] is True
@@ -139,6 +139,9 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys):
     assert report["group_level"]["IG"]["n"] == 120 and report["group_level"]["NEU"]["n"] == 14
     assert (tmp_path / "plots" / "confusion.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "umap.png").stat().st_size > 1000
+    # a one-epoch model errs: its most confident wrong calls, with where it looked
+    assert report["errors_png"] == str(tmp_path / "plots" / "errors.png")
+    assert (tmp_path / "plots" / "errors.png").stat().st_size > 10_000
 
 
 def test_umap_neighbours_are_the_exact_ones():
