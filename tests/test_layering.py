@@ -51,15 +51,22 @@ def _result(proc: subprocess.Popen, what) -> set[str]:
     return set(json.loads(stdout))
 
 
+def _layer(forbidden: list[str]) -> tuple[bool, ...]:
+    """A rule's layer: whether it keeps out torch, the storage stack (fsspec) and the slide
+    readers (engine.slides). Modules of one layer import about the same things."""
+    return tuple(p in forbidden for p in ("torch", "fsspec", "engine.slides"))
+
+
 @pytest.fixture(scope="module")
 def loaded_with_peers():
-    """Per module, what a fresh interpreter holds after importing it together with the modules
-    that have the same rule. None of a group's forbidden packages in the union means none for
-    each of its modules, with one interpreter per rule instead of one per module (most of the
-    time is torch's import). The interpreters run side by side."""
+    """Per module, what a fresh interpreter holds after importing it together with the other
+    modules of its layer. None of a module's forbidden packages in the union means none for it
+    alone, with one interpreter per layer instead of one per module (most of the time is
+    torch's import); where the union holds one, the test imports that module alone to decide.
+    The interpreters run side by side."""
     groups: dict[tuple, list[str]] = {}
     for module, forbidden in RULES.items():
-        groups.setdefault(tuple(sorted(forbidden)), []).append(module)
+        groups.setdefault(_layer(forbidden), []).append(module)
     procs = [(ms, _loaded(ms)) for ms in groups.values()]
     out = {}
     for ms, proc in procs:
