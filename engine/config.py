@@ -189,6 +189,10 @@ class ModelStageConfig:
         threads: torch threads of an actor that runs the model on a CPU (0: the node's CPUs).
             Ray holds an actor of one CPU to one thread, which left an int8 classifier bounding
             a CPU-only node at half its speed.
+        features: write each cell's penultimate features (ResNeXt-50: 2,048 float32, 8 KB a
+            cell) to the ``cell_features`` table, for cell-level MIL (``jobs.train_mil
+            --instances cells``) and clustering; an ensemble's are its ``checkpoint``'s.
+            Classifier only (tile embeddings are always written).
     """
 
     model: str = "deepheme-resnext50"
@@ -203,6 +207,7 @@ class ModelStageConfig:
     compile: bool = False
     amp: bool = True
     threads: int = 0
+    features: bool = False
 
     def __post_init__(self):
         for key in ("batch_size", "passes_per_call", "calls_in_flight", "concurrency"):

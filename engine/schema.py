@@ -140,8 +140,17 @@ CELLULARITY = _schema("cellularity", [
     pa.field("n_tiles", pa.int64()),
 ])
 
+# each cell's penultimate features (pipeline.classifier.features), apart from the cells table
+# so that reading cells never loads them; cell_id as in cells
+CELL_FEATURES = _schema("cell_features", [
+    pa.field("slide_id", pa.string(), nullable=False),
+    pa.field("cell_id", pa.int64(), nullable=False),
+    pa.field("features", pa.list_(pa.float32())),
+])
+
 TABLES = {"slides": SLIDES, "slide_status": SLIDE_STATUS, "tiles": TILES, "cells": CELLS,
-          "image_cells": IMAGE_CELLS, "differentials": DIFFERENTIALS, "cellularity": CELLULARITY}
+          "cell_features": CELL_FEATURES, "image_cells": IMAGE_CELLS,
+          "differentials": DIFFERENTIALS, "cellularity": CELLULARITY}
 
 
 def slide_id_for(uri: str) -> str:

@@ -1,14 +1,14 @@
 """Predict with a trained ABMIL checkpoint: K resampled bags per slide or patient, mean and sd,
 and where its attention went.
 
-    python -m jobs.predict_mil --checkpoint <abmil.safetensors> (--embeddings <…> | --bags <dir>)
-        --output <dir> [--figures] [--top 12]
+    python -m jobs.predict_mil --checkpoint <abmil.safetensors> (--embeddings <…>
+        [--instances tiles | cells] | --bags <dir>) --output <dir> [--figures] [--top 12]
 
 ``--bags`` embeds the patients' images with the encoder recorded in the checkpoint's card. Writes
 ``<output>/mil_predictions/predictions.parquet`` and prints one JSON line per slide or patient.
 
-``<output>/mil_predictions/attention.parquet`` has a row per tile (its ``x``, ``y``) or image
-(its ``path``): the attention logit and the relative attention (1: an average instance of its
+``<output>/mil_predictions/attention.parquet`` has a row per tile (its ``x``, ``y``), cell (its
+``cell_id``) or image (its ``path``): the attention logit and the relative attention (1: an average instance of its
 slide or patient; 3: one weighing three times as much). ``--figures`` draws one PNG per slide
 (its thumbnail, and the tiles coloured by their attention's percentile in the slide; needs a
 process_slides output, whose slides table says where each slide is) or per patient (its
@@ -31,7 +31,7 @@ from engine.errors import HemeflowError
 from engine.models import MissingWeights
 from engine.models.mil import attention_scores, load_mil, predict_bags
 from jobs.common import add_storage_args, fail, storage_from_args
-from jobs.train_mil import load_tiles
+from jobs.train_mil import add_instances_arg, load_instances
 
 THUMB_PX = 1024
 
@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--embeddings", help="process_slides output or its tiles folder")
     src.add_argument("--bags", help="folder of <patient_id>/…/<image> single-cell images")
+    add_instances_arg(p)
     p.add_argument("--output", required=True)
     p.add_argument("--n-bags", type=int)
     p.add_argument("--bag-size", type=int)
@@ -118,12 +119,24 @@ def main(argv=None) -> int:
             return fail(str(err))
         where = {pid: {"path": paths} for pid, paths in images.items()}
     else:
-        tiles = load_tiles(args.embeddings, ("x", "y", "mpp", "tile_px"))
+        trained_on = card.get("instances") or "tiles"
+        if trained_on != args.instances:
+            return fail(f"{args.checkpoint} was trained on a slide's {trained_on}; give "
+                        f"--instances {trained_on}")
+        try:
+            found = load_instances(args.embeddings, args.instances,
+                                   ("x", "y", "mpp", "tile_px") if args.instances == "tiles"
+                                   else ("cell_id",))
+        except FileNotFoundError as err:
+            return fail(str(err))
         bags, where = {}, {}
-        for (sid,), g in tiles.group_by("slide_id", maintain_order=True):
+        for (sid,), g in found.group_by("slide_id", maintain_order=True):
             bags[sid] = np.asarray(g["embedding"].to_list(), np.float32)
             where[sid] = {c: g[c].to_numpy() for c in g.columns if c not in ("slide_id",
                                                                                "embedding")}
+        if args.figures and args.instances != "tiles":
+            return fail("--figures draws tiles on a slide's thumbnail, or a patient's images; "
+                        "for a slide's cells use jobs.cell_gallery")
         if args.figures:
             slides = _slides(args.embeddings)
             if not slides:

@@ -1,7 +1,8 @@
 """Train attention-MIL (gated ABMIL) on slide tile embeddings or per-patient cell-image bags.
 
     python -m jobs.train_mil --task regression --labels labels.csv --embeddings <process_slides
-        output or its tiles folder> --output <dir> [--folds 5] [--epochs 60]
+        output or its tiles folder> [--instances tiles | cells] --output <dir> [--folds 5]
+        [--epochs 60]
     python -m jobs.train_mil --task classification --labels patients.csv --bags <dir> --output <dir>
 
 Labels CSV: ``slide_id`` (or ``patient_id`` with ``--bags``) and ``label``: a cellularity number
@@ -43,28 +44,51 @@ def parse_label(text: str, task: str):
     return value / 100 if ("%" in text or value > 1) else value
 
 
-def load_tiles(embeddings: str, columns: tuple[str, ...] = ()) -> pl.DataFrame:
-    """The embedded tiles (``slide_id``, ``embedding`` and those of ``columns`` the tables
-    have) of a process_slides output folder (its committed slides), or of a folder of tiles
-    tables (or one holding a ``tiles`` folder), in file order."""
-    want = ["slide_id", *columns, "embedding"]
+# the instances of a slide's bag: its tiles' embeddings or its cells' features (the table,
+# and the column of vectors in it)
+INSTANCES = {"tiles": ("tiles", "embedding"), "cells": ("cell_features", "features")}
+
+
+def load_instances(embeddings: str, instances: str = "tiles",
+                   columns: tuple[str, ...] = ()) -> pl.DataFrame:
+    """The instances (``tiles``: embedded tiles; ``cells``: cells with features) of a
+    process_slides output folder (its committed slides), or of a folder of such tables (or one
+    holding the table's folder), in file order: ``slide_id``, those of ``columns`` the tables
+    have, and the vectors as ``embedding``.
+
+    Raises:
+        FileNotFoundError: no such table there (``cells``: the run had no
+            ``pipeline.classifier.features``).
+    """
+    table, vectors = INSTANCES[instances]
+    want = ["slide_id", *columns, vectors]
     if os.path.isdir(os.path.join(embeddings, "slide_status")):
         from engine.pipeline.commit import read_table
 
-        df = read_table(embeddings, "tiles", columns=want)
+        df = read_table(embeddings, table, columns=want)
     else:
-        tiles = os.path.join(embeddings, "tiles")
-        scan = pl.scan_parquet(os.path.join(tiles if os.path.isdir(tiles) else embeddings,
-                                            "*.parquet"))
-        have = scan.collect_schema().names()
+        folder = os.path.join(embeddings, table)
+        files = os.path.join(folder if os.path.isdir(folder) else embeddings, "*.parquet")
+        try:
+            scan = pl.scan_parquet(files)
+            have = scan.collect_schema().names()
+        except (FileNotFoundError, pl.exceptions.ComputeError) as err:
+            raise FileNotFoundError(f"no {table} tables under {embeddings} ({err})") from err
         df = scan.select([c for c in want if c in have]).collect()
-    return df.filter(pl.col("embedding").is_not_null())
+    return df.rename({vectors: "embedding"}).filter(pl.col("embedding").is_not_null())
 
 
-def load_bags(embeddings: str) -> dict[str, np.ndarray]:
-    """slide_id -> ``(n_tiles, D)``, from what `load_tiles` reads."""
+def load_bags(embeddings: str, instances: str = "tiles") -> dict[str, np.ndarray]:
+    """slide_id -> ``(n_instances, D)``, from what `load_instances` reads."""
+    df = load_instances(embeddings, instances)
     return {sid: np.asarray(g["embedding"].to_list(), np.float32)
-            for (sid,), g in load_tiles(embeddings).group_by("slide_id", maintain_order=True)}
+            for (sid,), g in df.group_by("slide_id", maintain_order=True)}
+
+
+def add_instances_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--instances", choices=sorted(INSTANCES), default="tiles",
+                   help="with --embeddings, a slide's bag: its tiles' embeddings, or its "
+                        "cells' features (a run with pipeline.classifier.features)")
 
 
 def add_bag_args(p: argparse.ArgumentParser) -> None:
@@ -81,7 +105,7 @@ def add_bag_args(p: argparse.ArgumentParser) -> None:
 def load_inputs(args) -> dict[str, np.ndarray]:
     """Bag id -> instances, from ``--embeddings`` (slides) or ``--bags`` (patients)."""
     if not args.bags:
-        return load_bags(args.embeddings)
+        return load_bags(args.embeddings, args.instances)
     from engine.bags import embed_patient_bags, find_patient_images
 
     images = find_patient_images(args.bags)
@@ -100,6 +124,7 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--embeddings", help="process_slides output or its tiles folder")
     src.add_argument("--bags", help="folder of <patient_id>/…/<image> single-cell images")
+    add_instances_arg(p)
     add_bag_args(p)
     p.add_argument("--output", required=True)
     p.add_argument("--folds", type=int, default=5)
@@ -165,6 +190,7 @@ def main(argv=None) -> int:
     save_mil(model, os.path.join(args.output, "abmil.safetensors"),
              {"name": "abmil", "classes": classes, "labels": os.path.abspath(args.labels),
               "input": "bags" if args.bags else "embeddings",
+              "instances": None if args.bags else args.instances,
               "embeddings": os.path.abspath(args.embeddings) if args.embeddings else None,
               "bags": os.path.abspath(args.bags) if args.bags else None,
               "encoder": {"model": args.encoder, "checkpoint": args.encoder_checkpoint,

@@ -205,29 +205,43 @@ class Predictor:
         self._classifier()
         return torch.softmax(self.view_logits(images, tta, rows), dim=2).mean(0).cpu().numpy()
 
-    @torch.inference_mode()
     def predict_with_distance(self, images, tta: bool = False, rows=None
                               ) -> tuple[np.ndarray, np.ndarray | None]:
         """`predict`'s probabilities and each crop's distance to the training data
         (`engine.models.ood`; ``(B,) float32``, None when the checkpoint carries no density),
-        from the same forward pass: features of each view, then the classifier's head. The
-        distance is the crop's own view's."""
+        from the same forward pass (`score`)."""
+        return self.score(images, tta, rows)[:2]
+
+    @torch.inference_mode()
+    def score(self, images, tta: bool = False, rows=None, features: bool = False
+              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """`predict`'s probabilities, each crop's distance to the training data (None when the
+        checkpoint carries no density) and, with ``features``, its pooled penultimate
+        features ``(B, D) float32`` (else None), from one forward pass: features of each
+        view, then the classifier's head. Distance and features are the crop's own view's."""
         density = self.density
-        if density is None:
-            return self.predict(images, tta, rows), None
+        if density is None and not features:
+            return self.predict(images, tta, rows), None, None
         self._classifier()
         head = self.module.get_classifier()
 
         def run(x, b):
             feats = [self.pooled(v)[:b] for v in self._views(x, tta)]
             logits = torch.stack([head(f).float() for f in feats])
+            out = [torch.softmax(logits, dim=2).mean(0)]
             with torch.autocast(self.device.type, enabled=False):  # the density in float32
-                return torch.softmax(logits, dim=2).mean(0), density.distance(feats[0])[:, None]
+                if density is not None:
+                    out.append(density.distance(feats[0])[:, None])
+            if features:
+                out.append(feats[0].float())
+            return tuple(out)
 
         with self._autocast():
-            probs, distance = self._map(images, run, rows)
+            outs = list(self._map(images, run, rows))
         # one copy back per call, after every chunk was queued
-        return probs.cpu().numpy(), distance[:, 0].float().cpu().numpy()
+        probs = outs.pop(0).cpu().numpy()
+        distance = outs.pop(0)[:, 0].float().cpu().numpy() if density is not None else None
+        return probs, distance, outs.pop(0).cpu().numpy() if features else None
 
     @torch.inference_mode()
     def embed(self, images, rows=None) -> np.ndarray:
@@ -304,12 +318,22 @@ class EnsemblePredictor:
                               ) -> tuple[np.ndarray, np.ndarray | None]:
         """Mean probabilities, and the distance to the training data from the first member
         whose checkpoint carries a density (None if none does)."""
+        return self.score(images, tta, rows)[:2]
+
+    def score(self, images, tta: bool = False, rows=None, features: bool = False
+              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """`predict_with_distance`'s two, and with ``features`` the first member's pooled
+        features (the checkpoint's; members' features do not average), from its pass."""
         n = len(images) if rows is None else len(rows)
         out, distance = np.zeros((n, len(self.model.class_codes)), np.float32), None
-        for p in self.members:
-            if distance is None and p.model.ood is not None:
-                probs, distance = p.predict_with_distance(images, tta, rows)
+        feats = None
+        for i, p in enumerate(self.members):
+            wants = features and i == 0
+            if (distance is None and p.model.ood is not None) or wants:
+                probs, d, f = p.score(images, tta, rows, features=wants)
+                distance = d if distance is None else distance
+                feats = f if wants else feats
             else:
                 probs = p.predict(images, tta, rows)
             out += probs
-        return out / len(self.members), distance
+        return out / len(self.members), distance, feats

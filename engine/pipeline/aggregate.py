@@ -22,7 +22,7 @@ from engine.cellularity import slide_cellularity
 from engine.differential import compute_differential, differential_rows, review_warnings
 from engine.pipeline.commit import OutputStore
 from engine.report.geojson import cells_geojson_text
-from engine.schema import CELLS, TILES
+from engine.schema import CELL_FEATURES, CELLS, TILES
 from engine.specimen import SMEARS, SPECIMENS, UNKNOWN, branches_for, slide_stages, why_left_out
 
 
@@ -153,6 +153,8 @@ class Aggregator:
                                                "kind", "at_edge", "class_code", "class_prob",
                                                "probabilities")}
         chunk["ood_distance"] = dist
+        if "features" in batch:
+            chunk["features"] = batch["features"][cells]
         chunk["out_of_distribution"] = batch["out_of_distribution"][cells].astype(bool) \
             if "out_of_distribution" in batch else np.zeros(n, bool)
         br.chunks.append(chunk)
@@ -214,10 +216,15 @@ class Aggregator:
         if not cols:
             return {"cells": [], "differentials": differential}, \
                 {"type": "FeatureCollection", "features": []}
-        table = cells_table(sid, cols, self.model_codes)
+        tables = {"cells": cells_table(sid, cols, self.model_codes),
+                  "differentials": differential}
+        if "features" in cols:
+            tables["cell_features"] = pa.Table.from_arrays(
+                [pa.array(np.full(n, sid)), pa.array(np.arange(n)), _lists(cols["features"])],
+                schema=CELL_FEATURES)
         geo = cells_geojson_text(range(n), cols["x0"], cols["y0"], cols["x1"], cols["y1"],
                                  cols["class_code"], cols["class_prob"], cols["ood_distance"])
-        return {"cells": table, "differentials": differential}, geo
+        return tables, geo
 
     def _tile_tables(self, state: SlideState, br: BranchState) -> tuple[dict, None]:
         sid = state.slide_id

@@ -19,7 +19,8 @@ from engine.schema import TABLES, table_from_rows
 from engine.slides.storage import get_filesystem, normalize_uri
 
 STATUS_TABLE = "slide_status"
-DATA_TABLES = ("slides", "tiles", "cells", "image_cells", "differentials", "cellularity")
+DATA_TABLES = ("slides", "tiles", "cells", "cell_features", "image_cells", "differentials",
+               "cellularity")
 EXTRA_DIRS = ("geojson",)
 
 

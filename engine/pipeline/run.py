@@ -184,6 +184,9 @@ def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
         if e.ensemble:
             raise ConfigError("pipeline.encoder.ensemble: tile embeddings of different models "
                               "do not average; give one encoder checkpoint")
+        if e.features:
+            raise ConfigError("pipeline.encoder.features: a classifier setting (each cell's "
+                              "features); the encoder's tile embeddings are always written")
         if e.model == NO_MODEL:  # tiles read for the label-free cellularity, not embedded
             plan.skipped["tile_embedding"] = f"pipeline.encoder.model is {NO_MODEL!r}"
         else:
@@ -203,7 +206,11 @@ def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
         else:
             from engine.models.mil import load_mil
 
-            plan.mil, _ = load_mil(pc.cellularity_checkpoint, cfg.storage)
+            plan.mil, card = load_mil(pc.cellularity_checkpoint, cfg.storage)
+            if (card.get("instances") or "tiles") != "tiles":
+                raise ConfigError(f"pipeline.cellularity_checkpoint: {pc.cellularity_checkpoint}"
+                                  f" was trained on a slide's {card['instances']}, not its "
+                                  "tile embeddings")
             plan.run.append("cellularity:abmil")
     return plan
 
@@ -300,7 +307,7 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
                 .map_batches(ClassifyCells,
                              fn_constructor_args=(c.model, c.checkpoint, allow_untrained, c.tta,
                                                   cfg.storage, c.compile, c.batch_size,
-                                                  c.ensemble, c.amp, c.threads),
+                                                  c.ensemble, c.amp, c.threads, c.features),
                              batch_size=c.batch_size * c.passes_per_call,
                              compute=actor_pool(c.concurrency, calls=c.calls_in_flight),
                              num_gpus=res.gpu[branch], num_cpus=model_cpus))

@@ -439,13 +439,15 @@ class DetectCells:
 class ClassifyCells:
     """DeepHeme on the crops (GPU when the actor has one). Adds ``probabilities``,
     ``class_code``, ``class_prob``, ``ood_distance`` (to the training data, NaN when the
-    checkpoint carries no feature density; `engine.models.ood`) and ``out_of_distribution``;
-    drops ``crop``. Marker rows pass through unscored. With ``ensemble`` checkpoints the
-    probabilities are averaged over them and ``checkpoint``."""
+    checkpoint carries no feature density; `engine.models.ood`) and ``out_of_distribution``,
+    and with ``features`` each cell's pooled penultimate ``features`` ``(D,)``; drops
+    ``crop``. Marker rows pass through unscored. With ``ensemble`` checkpoints the
+    probabilities are averaged over them and ``checkpoint`` (whose features they are)."""
 
     def __init__(self, model: str, checkpoint: str | None, allow_untrained: bool = False,
                  tta: bool = False, storage=None, compile: bool = False, batch_size: int = 0,
-                 ensemble: tuple[str, ...] = (), amp: bool = True, threads: int = 0):
+                 ensemble: tuple[str, ...] = (), amp: bool = True, threads: int = 0,
+                 features: bool = False):
         t_born = time.time()
         from engine.models import UNTRAINED_SEED, EnsemblePredictor, create_model
 
@@ -458,6 +460,7 @@ class ClassifyCells:
         self.model = self.predictor.model
         self.predictor.warmup(batch_size)  # GPU: kernels and plans at actor start, not in-stream
         self.tta = tta
+        self.features = features
         self._ready = ready_since(t_born)
 
     def __call__(self, batch: dict) -> dict:
@@ -466,13 +469,18 @@ class ClassifyCells:
         n, c = len(crops), len(self.model.class_codes)
         probs = np.zeros((n, c), np.float32)
         distance = np.full(n, np.nan, np.float32)
+        if self.features:
+            batch["features"] = np.zeros((n, self.model.num_features), np.float32)
         real = np.isin(batch["kind"], [KIND_CELL, "platelet"])
         rows = np.flatnonzero(real)
         if len(rows):  # the model reads the real rows straight from the batch (no copy first)
-            probs[rows], d = self.predictor.predict_with_distance(
-                crops, tta=self.tta, rows=None if len(rows) == n else rows)
+            probs[rows], d, f = self.predictor.score(
+                crops, tta=self.tta, rows=None if len(rows) == n else rows,
+                features=self.features)
             if d is not None:
                 distance[rows] = d
+            if f is not None:
+                batch["features"][rows] = f
         codes = np.asarray(self.model.class_codes)
         batch["probabilities"] = probs
         batch["class_code"] = np.where(real, codes[probs.argmax(1)], "")

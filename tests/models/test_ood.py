@@ -106,6 +106,10 @@ def test_chunks_and_picked_rows_give_the_one_pass_outputs(tmp_path):
             np.testing.assert_allclose(p, probs, atol=1e-6)
             np.testing.assert_allclose(d, dist, rtol=1e-5)
             np.testing.assert_allclose(small.predict(images, tta, rows=rows), probs, atol=1e-6)
+            # the cells' features come from the same pass: the crop's own view's
+            p, d, f = small.score(images, tta, rows=rows, features=True)
+            np.testing.assert_allclose(p, probs, atol=1e-6)
+            np.testing.assert_allclose(f, whole.embed(images[rows]), atol=1e-5)
     small = Predictor(model, "cpu", amp=False, chunk=4)
     np.testing.assert_allclose(small.embed(images), whole.embed(images), atol=1e-5)
     np.testing.assert_allclose(small.embed(images, rows=rows), whole.embed(images)[rows],
@@ -143,7 +147,17 @@ def test_classify_step_scores_real_rows_in_place_across_passes(tmp_path):
         assert np.isnan(out["ood_distance"][~real]).all()
     every = dict(batch, kind=np.full(9, "nucleated"))  # all real: no rows picked
     out = ClassifyCells("deepheme-tiny", path, batch_size=4)(every)
-    assert np.isfinite(out["ood_distance"]).all()
+    assert np.isfinite(out["ood_distance"]).all() and "features" not in out
+    # with features (pipeline.classifier.features), from a checkpoint with or without a density
+    for ckpt in (path, _tiny(tmp_path, False)):
+        model = create_model("deepheme-tiny", ckpt)
+        out = ClassifyCells("deepheme-tiny", ckpt, batch_size=2, features=True)(dict(batch))
+        assert out["features"].shape == (9, model.num_features)
+        np.testing.assert_allclose(out["features"][real],
+                                   Predictor(model, "cpu").embed(batch["crop"][real]), atol=1e-4)
+        assert (out["features"][~real] == 0).all()
+        np.testing.assert_allclose(out["probabilities"][real], Predictor(model, "cpu").predict(
+            batch["crop"][real]), atol=1e-5)
 
 
 @needs_pbc

