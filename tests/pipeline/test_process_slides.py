@@ -90,26 +90,28 @@ def test_tables_readable_everywhere_with_unique_keys(run_out):
 
 
 def test_mil_on_the_cells_of_each_slide(run_out, tmp_path, capsys):
-    """predict_mil with a slide's cells as its bag (their features): an attention row per
-    cell; a checkpoint trained on tiles is refused for cells, and the other way round."""
-    import torch
+    """train_mil and predict_mil with a slide's cells as its bag (their features): an
+    attention row per cell; the checkpoint says what it was trained on, and other instances
+    are refused."""
+    from jobs import predict_mil, train_mil
 
-    from engine.models import create_model
-    from engine.models.mil import GatedABMIL, save_mil
-    from jobs import predict_mil
-
-    torch.manual_seed(0)
-    width = create_model("deepheme-tiny", allow_untrained=True,
-                         class_codes=("L2",)).num_features
-    ckpt = tmp_path / "cells.safetensors"
-    save_mil(GatedABMIL(width), str(ckpt), {"name": "cells-abmil", "instances": "cells"})
+    cells = pl.read_parquet(f"{run_out}/cells/*.parquet")
+    with_cells = sorted(cells["slide_id"].unique())
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\n" + "".join(f"{sid},{30 + 20 * i}%\n"
+                                                   for i, sid in enumerate(with_cells)))
+    assert train_mil.main(["--task", "regression", "--labels", str(labels), "--embeddings",
+                           str(run_out), "--instances", "cells", "--output", str(tmp_path / "m"),
+                           "--folds", "2", "--epochs", "2", "--local"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_bags"] == len(
+        with_cells)
+    ckpt = tmp_path / "m" / "abmil.safetensors"
     args = ["--checkpoint", str(ckpt), "--embeddings", str(run_out), "--output", str(tmp_path)]
     assert predict_mil.main(args) == 2
     assert "trained on a slide's cells; give --instances cells" in capsys.readouterr().err
     assert predict_mil.main([*args, "--instances", "cells"]) == 0
     preds = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
-    cells = pl.read_parquet(f"{run_out}/cells/*.parquet")
-    assert sorted(p["slide_id"] for p in preds) == sorted(cells["slide_id"].unique())
+    assert sorted(p["slide_id"] for p in preds) == with_cells
     attention = pl.read_parquet(tmp_path / "mil_predictions" / "attention.parquet")
     key = ["slide_id", "cell_id"]
     assert attention.select(key).sort(key).equals(cells.select(key).sort(key))

@@ -147,6 +147,18 @@ def test_classify_averages_an_ensemble_of_fold_checkpoints(tmp_path):
     with pytest.raises(ConfigError, match="embeddings of different models"):
         resolve_stages(Config.from_dict({"pipeline": {"stages": ["tiles"], "encoder": {
             "ensemble": [paths[0]]}}}), allow_untrained=True)
+    with pytest.raises(ConfigError, match="encoder.features: a classifier setting"):
+        resolve_stages(Config.from_dict({"pipeline": {"stages": ["tiles"], "encoder": {
+            "features": True}}}), allow_untrained=True)
+    # a cellularity ABMIL reads tile embeddings: one trained on a slide's cells is refused
+    from engine.models.mil import GatedABMIL, save_mil
+
+    cells_mil = str(tmp_path / "cells-abmil.safetensors")
+    save_mil(GatedABMIL(64), cells_mil, {"name": "abmil", "instances": "cells"})
+    with pytest.raises(ConfigError, match="trained on a slide's cells, not its tile"):
+        resolve_stages(Config.from_dict({"pipeline": {
+            "stages": ["tiles"], "encoder": {"model": "dinov2-tiny"},
+            "cellularity_checkpoint": cells_mil}}), allow_untrained=True)
 
 
 def test_an_encoder_of_none_reads_tiles_without_embedding_them():
