@@ -157,11 +157,10 @@ def deletion_drop(model: LoadedModel, images: np.ndarray, maps: np.ndarray, targ
     top = np.argsort(-flat, axis=1, kind="stable")[:, :k]
     blanked = images.copy().reshape(len(images), -1, 3)
     fill = np.median(images.reshape(len(images), -1, 3), axis=1).astype(np.uint8)
-    rows = np.arange(len(images))[:, None]
-    blanked[rows, top] = fill[:, None, :]
+    rows = np.arange(len(images))
+    blanked[rows[:, None], top] = fill[:, None, :]
     pred = _setup(model, device)
     target = np.asarray(target, np.int64).reshape(-1)
-    rows = np.arange(len(images))
     before = _probs(pred, images)[rows, target]
     after = _probs(pred, blanked.reshape(images.shape))[rows, target]
     return (before - after).astype(np.float32)
