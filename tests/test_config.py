@@ -37,6 +37,9 @@ def test_shipped_default_yaml_is_complete_and_equals_the_defaults():
 
     data = yaml.safe_load((ROOT / "jobs/configs/default.yaml").read_text())
     assert Config.from_dict(data) == Config()
-    assert set(data) == set(Config().to_dict())
-    for section, values in Config().to_dict().items():
-        assert set(data[section]) == set(values), section
+    def keys(tree: dict, prefix: str = "") -> set[str]:  # every key, nested ones too
+        return {k for key, value in tree.items() for k in
+                ({prefix + key} | (keys(value, f"{prefix}{key}.") if isinstance(value, dict)
+                                   else set()))}
+
+    assert keys(data) == keys(Config().to_dict())
