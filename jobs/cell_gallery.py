@@ -2,7 +2,8 @@
 
     python -m jobs.cell_gallery --output <process_slides or classify_cells output>
         --slide <slide_id, file or folder name> [--per-class 16]
-        [--order random | confident | uncertain | far] [--saliency gradcam | smoothgrad]
+        [--order random | confident | uncertain | far | disagree]
+        [--saliency gradcam | smoothgrad]
         [--png <file>] [--seed 0]
 
 Reads the slide's rows of the ``cells`` and ``slides`` tables, reads each chosen cell's crop
@@ -12,7 +13,9 @@ class code, with its name and count, each crop captioned with the class probabil
 review pays most; ``far`` the cells least like the classifier's training data (largest
 ``ood_distance``), which is where a slide flagged ``out_of_distribution`` goes wrong. The slide
 must still be where the run read it (its ``uri``). On a ``classify_cells`` output the slide is
-an exported folder, and its cells are its images (``image_cells``), read as the job read them.
+an exported folder, and its cells are its images (``image_cells``), read as the job read them;
+``disagree`` shows those whose call is not what the analyser's class folder says, the most
+confident first, each captioned with the folder's label.
 
 ``--saliency`` adds under each row where the run's classifier (from the output's
 ``config.json``; an ensemble's maps are averaged) looked for that call
@@ -35,8 +38,29 @@ EXPORT_FORMAT = "cell-image-export"  # a classify_cells output's slides (jobs.cl
 METHOD_NAMES = {"gradcam": "Grad-CAM", "smoothgrad": "SmoothGrad"}
 
 
+def disagreeing(cells):
+    """The cells of an export whose call is not what the analyser's folder (``source_label``)
+    says, where that folder names a class, lineage or PBC label; and the labels it could not
+    read."""
+    import polars as pl
+
+    from engine.report.agreement import category_codes
+
+    known, unread = {}, set()
+    for label in cells["source_label"].drop_nulls().unique().to_list():
+        try:
+            known[label] = category_codes(label)
+        except KeyError:
+            unread.add(label)
+    judged = cells.filter(pl.col("source_label").is_in(list(known)))
+    agree = [code in known[label] for code, label in zip(judged["class_code"],
+                                                         judged["source_label"])]
+    return judged.filter(~pl.Series(agree, dtype=pl.Boolean)), sorted(unread)
+
+
 def choose(cells, per_class: int, order: str, seed: int) -> dict[str, object]:
-    """``class_code -> rows`` to show: up to ``per_class`` of each class, by ``order``."""
+    """``class_code -> rows`` to show: up to ``per_class`` of each class, by ``order``
+    (``disagree``: the cells given, most confident first)."""
     import polars as pl
 
     out = {}
@@ -47,7 +71,7 @@ def choose(cells, per_class: int, order: str, seed: int) -> dict[str, object]:
         elif order == "far":
             rows = rows.sort("ood_distance", descending=True, nulls_last=True)
         else:
-            rows = rows.sort("class_prob", descending=order == "confident")
+            rows = rows.sort("class_prob", descending=order in ("confident", "disagree"))
         out[code] = rows.head(per_class)
     return out
 
@@ -130,7 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--slide", required=True,
                    help="slide_id, or the slide's file name (an export's folder name)")
     p.add_argument("--per-class", type=int, default=16)
-    p.add_argument("--order", choices=("random", "confident", "uncertain", "far"),
+    p.add_argument("--order", choices=("random", "confident", "uncertain", "far", "disagree"),
                    default="random")
     p.add_argument("--saliency", choices=("gradcam", "smoothgrad"),
                    help="add each crop's saliency map of its call, under its row")
@@ -182,6 +206,18 @@ def main(argv=None) -> int:
                                 or cells["ood_distance"].is_null().all()):
         return fail(f"slide {sid}'s cells have no distance to the training data: the run's "
                     "checkpoint carries no feature density (python -m jobs.fit_cell_ood)")
+    shown = len(cells)
+    if args.order == "disagree":
+        if not export or cells["source_label"].is_null().all():
+            return fail(f"slide {sid} has no analyser's labels to disagree with: --order "
+                        "disagree is for classify_cells outputs of exports in class folders")
+        cells, unread = disagreeing(cells)
+        if unread:
+            print(f"folders that name no class (left out): {', '.join(unread)}",
+                  file=sys.stderr)
+        print(f"{len(cells)} of {shown} cells called other than their folder says")
+        if cells.is_empty():
+            return 0
     mpp = (slide["mpp_x"] + slide["mpp_y"]) / 2
     picked = choose(cells, args.per_class, args.order, args.seed)
     try:
@@ -203,12 +239,17 @@ def main(argv=None) -> int:
     for code, chosen in picked.items():
         count = int((cells["class_code"] == code).sum())
         probs = chosen["class_prob"].to_numpy()
+        if args.order == "disagree":  # what the analyser said, and the call's probability
+            probs = [f"[{lab}] {p:.2f}" for lab, p in zip(chosen["source_label"], probs)]
         rows.append((f"{code} {get_class(code).name}\n{count} cells", crops[code], probs))
         if code in maps:
             rows.append((METHOD_NAMES[args.saliency], maps[code], None))
     png = args.png or f"{sid}-gallery.png"
-    plot_cell_gallery(rows, png, title=f"{sid}: {len(cells)} cells, {args.order} "
+    plot_cell_gallery(rows, png, title=f"{sid}: {shown} cells, {args.order} "
                                        f"{args.per_class} per class"
+                                       + (" (a row per call; caption: [the folder's label] "
+                                          "the call's probability)"
+                                          if args.order == "disagree" else "")
                                        + (f", {METHOD_NAMES[args.saliency]}" if maps else ""))
     print(f"wrote {png}: {len(picked)} classes, {sum(len(c) for c in crops.values())} cells"
           + (f", with {METHOD_NAMES[args.saliency]} maps" if maps else ""))

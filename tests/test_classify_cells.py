@@ -126,6 +126,22 @@ def test_gallery_of_an_export(exports, tmp_path, capsys):
     assert cell_gallery.main(["--output", str(out), "--slide", "slide-a", "--saliency",
                               "gradcam", "--png", str(png)]) == 2
     assert "random weights" in capsys.readouterr().err
+    # the calls that are not what the analyser's folder says, for review
+    from engine.report.agreement import category_codes
+
+    # (the random model agrees with no folder: every other cell given a call its folder names)
+    calls = [sorted(category_codes(lab))[0] if i % 2 else code for i, (lab, code) in
+             enumerate(zip(cells["source_label"], cells["class_code"]))]
+    wrong, unread = cell_gallery.disagreeing(cells.with_columns(class_code=pl.Series(calls)))
+    assert not unread and 0 < len(wrong) <= len(cells) // 2 + 1
+    for row, call in zip(cells.iter_rows(named=True), calls):
+        assert (call not in category_codes(row["source_label"])) == \
+            (row["cell_id"] in set(wrong["cell_id"]))
+    wrong, _ = cell_gallery.disagreeing(cells)
+    assert cell_gallery.main(["--output", str(out), "--slide", "slide-a", "--order",
+                              "disagree", "--per-class", "2", "--png", str(png)]) == 0
+    assert f"{len(wrong)} of {len(cells)} cells called other than their folder says" in \
+        capsys.readouterr().out
 
 
 @pytest.mark.s3

@@ -449,6 +449,10 @@ def test_cell_gallery_of_a_slide(run_out, tmp_path, capsys):
     assert cell_gallery.main(["--output", str(run_out), "--slide", "smear-a.tif",
                               "--saliency", "gradcam", "--png", str(png)]) == 2
     assert "MissingWeights" in capsys.readouterr().err
+    # a slide's cells have no analyser's labels to disagree with (an export's do)
+    assert cell_gallery.main(["--output", str(run_out), "--slide", "smear-a.tif",
+                              "--order", "disagree", "--png", str(png)]) == 2
+    assert "no analyser's labels to disagree with" in capsys.readouterr().err
     # a slide whose run has not committed it (still running, or crashed) is not shown
     out = tmp_path / "out"
     shutil.copytree(run_out, out)
