@@ -8,12 +8,13 @@ and where its attention went.
 ``<output>/mil_predictions/predictions.parquet`` and prints one JSON line per slide or patient.
 
 ``<output>/mil_predictions/attention.parquet`` has a row per tile (its ``x``, ``y``), cell (its
-``cell_id``) or image (its ``path``): the attention logit and the relative attention (1: an average instance of its
-slide or patient; 3: one weighing three times as much). ``--figures`` draws one PNG per slide
-(its thumbnail, and the tiles coloured by their attention's percentile in the slide; needs a
-process_slides output, whose slides table says where each slide is) or per patient (its
-``--top`` most and least attended images) under ``mil_predictions/figures/``: what a
-pathologist checks before trusting the number.
+``cell_id``) or image (its ``path``): the attention logit and the relative attention (1: an
+average instance of its slide or patient; 3: one weighing three times as much). ``--figures``
+draws one PNG per slide (tiles: its thumbnail, and the tiles coloured by their attention's
+percentile in the slide; cells: its ``--top`` most and least attended cells, read back from
+the slide; both need a process_slides output, whose slides table says where each slide is) or
+per patient (its ``--top`` most and least attended images) under ``mil_predictions/figures/``:
+what a pathologist checks before trusting the number.
 """
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ def slide_figure(slide: dict, where: dict, scores: np.ndarray, path: str, title:
     plot_attention_map(thumb, boxes, rank / max(len(scores) - 1, 1), path, title)
 
 
+def _extremes(scores: np.ndarray, top: int) -> list[tuple[str, np.ndarray]]:
+    """The ``top`` most attended instances, and as many least attended of the others."""
+    order = np.argsort(-scores, kind="stable")
+    return [(label, picked) for label, picked in
+            (("most attended", order[:top]),
+             ("least attended", order[::-1][:max(0, min(top, len(order) - top))]))
+            if len(picked)]
+
+
 def patient_figure(paths: list[str], scores: np.ndarray, relative: np.ndarray, top: int,
                    encoder: dict, path: str, title: str) -> None:
     """The ``top`` most and least attended images of a patient, as the encoder saw them."""
@@ -72,15 +82,39 @@ def patient_figure(paths: list[str], scores: np.ndarray, relative: np.ndarray, t
     from engine.train.data import load_cell_images
 
     spec = get_spec(encoder["model"])
-    order = np.argsort(-scores, kind="stable")
-    rows = []
-    for label, picked in (("most attended", order[:top]),
-                          ("least attended", order[::-1][:min(top, len(order) - top)])):
-        if len(picked):
-            crops = load_cell_images([paths[i] for i in picked], encoder["source_mpp"],
-                                     spec.input_mpp, spec.input_px)
-            rows.append((f"{label}\n(relative attention)", crops, relative[picked]))
+    rows = [(f"{label}\n(relative attention)",
+             load_cell_images([paths[i] for i in picked], encoder["source_mpp"],
+                              spec.input_mpp, spec.input_px), relative[picked])
+            for label, picked in _extremes(scores, top)]
     plot_cell_gallery(rows, path, title=title)
+
+
+def cell_figure(slide: dict, cells, scores: np.ndarray, relative: np.ndarray, top: int,
+                path: str, title: str, storage) -> None:
+    """The ``top`` most and least attended cells of a slide, read back from it as the
+    classifier saw them, captioned with their call and relative attention. ``cells``: the
+    slide's ``cells`` rows in the order of its instances."""
+    from engine.report.plots import plot_cell_gallery
+    from engine.slides import open_slide
+    from jobs.cell_gallery import read_crops
+
+    with open_slide(slide["uri"], storage) as reader:
+        rows = [(f"{label}\n(call, relative attention)",
+                 read_crops(reader, cells[picked], slide["mpp_x"],
+                            (slide["width"], slide["height"])),
+                 [f"{c} {r:.2f}" for c, r in zip(cells["class_code"].to_numpy()[picked],
+                                                 relative[picked])])
+                for label, picked in _extremes(scores, top)]
+    plot_cell_gallery(rows, path, title=title)
+
+
+def _in_order(cells, slide_id: str, cell_ids):
+    """A slide's ``cells`` rows in the order of ``cell_ids`` (its instances')."""
+    import polars as pl
+
+    mine = cells.filter(pl.col("slide_id") == slide_id)
+    return pl.DataFrame({"cell_id": cell_ids}).join(mine, on="cell_id", how="left",
+                                                    maintain_order="left")
 
 
 def main(argv=None) -> int:
@@ -134,13 +168,15 @@ def main(argv=None) -> int:
             bags[sid] = np.asarray(g["embedding"].to_list(), np.float32)
             where[sid] = {c: g[c].to_numpy() for c in g.columns if c not in ("slide_id",
                                                                                "embedding")}
-        if args.figures and args.instances != "tiles":
-            return fail("--figures draws tiles on a slide's thumbnail, or a patient's images; "
-                        "for a slide's cells use jobs.cell_gallery")
         if args.figures:
             slides = _slides(args.embeddings)
+            if slides and args.instances == "cells":
+                from engine.pipeline.commit import read_table
+
+                cell_rows = read_table(args.embeddings, "cells",
+                                       columns=["slide_id", "cell_id", "x", "y", "class_code"])
             if not slides:
-                return fail("--figures draws on each slide's thumbnail: give the "
+                return fail("--figures draws on each slide: give the "
                             "process_slides output (its slides table says where each slide "
                             f"is), not a tiles folder ({args.embeddings})")
     key = "patient_id" if args.bags else "slide_id"
@@ -167,6 +203,9 @@ def main(argv=None) -> int:
                 if args.bags:
                     patient_figure(where[sid]["path"], scores, relative, args.top,
                                    card["encoder"], png, f"{sid}: {said}")
+                elif sid in slides and args.instances == "cells":
+                    cell_figure(slides[sid], _in_order(cell_rows, sid, where[sid]["cell_id"]),
+                                scores, relative, args.top, png, f"{sid}: {said}", storage)
                 elif sid in slides:
                     slide_figure(slides[sid], where[sid], scores, png, f"{sid}: {said}",
                                  storage)

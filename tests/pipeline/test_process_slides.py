@@ -109,12 +109,15 @@ def test_mil_on_the_cells_of_each_slide(run_out, tmp_path, capsys):
     args = ["--checkpoint", str(ckpt), "--embeddings", str(run_out), "--output", str(tmp_path)]
     assert predict_mil.main(args) == 2
     assert "trained on a slide's cells; give --instances cells" in capsys.readouterr().err
-    assert predict_mil.main([*args, "--instances", "cells"]) == 0
+    assert predict_mil.main([*args, "--instances", "cells", "--figures", "--top", "3"]) == 0
     preds = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert sorted(p["slide_id"] for p in preds) == with_cells
     attention = pl.read_parquet(tmp_path / "mil_predictions" / "attention.parquet")
     key = ["slide_id", "cell_id"]
     assert attention.select(key).sort(key).equals(cells.select(key).sort(key))
+    # each slide's most and least attended cells, read back from the slide
+    figures = sorted(p.stem for p in (tmp_path / "mil_predictions" / "figures").iterdir())
+    assert figures == with_cells
 
 
 def test_smear_wbcs_found_once_and_geojson_written(run_out, smear_slide):
