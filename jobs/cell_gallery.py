@@ -132,11 +132,10 @@ def saliency_rows(method: str, models: list, crops: dict) -> dict:
     from engine.models.saliency import saliency
     from engine.report.plots import heatmap_overlay
 
-    out = {}
+    out, codes = {}, models[0].class_codes
     for code, images in crops.items():
         if not len(images):
             continue
-        codes = models[0].class_codes
         if code not in codes:
             raise ValueError(f"class {code} is not one of the run's classifier's codes "
                              f"{list(codes)}: was the output made with another checkpoint?")

@@ -97,10 +97,10 @@ def plot_errors(models, data, arrays: dict, source_mpp: float, per_class: int, p
     called = probs.argmax(1)
     rows = []
     for k, code in enumerate(codes):
-        wrong = np.flatnonzero((y == k) & (called != k))
-        wrong = wrong[np.argsort(-probs[wrong, called[wrong]], kind="stable")][:per_class]
-        if not len(wrong):
+        every = np.flatnonzero((y == k) & (called != k))
+        if not len(every):
             continue
+        wrong = every[np.argsort(-probs[every, called[every]], kind="stable")][:per_class]
         crops = load_cell_images([data.paths[i] for i in wrong], source_mpp, spec.input_mpp,
                                  spec.input_px)
 
@@ -108,8 +108,7 @@ def plot_errors(models, data, arrays: dict, source_mpp: float, per_class: int, p
             return heatmap_overlay(crops, np.mean([grad_cam(m, crops, target)[0]
                                                    for m in models], axis=0))
 
-        rows += [(f"{code}: {int((y == k).sum() - (called[y == k] == k).sum())} of "
-                  f"{int((y == k).sum())} wrong", crops,
+        rows += [(f"{code}: {len(every)} of {int((y == k).sum())} wrong", crops,
                   [f"{codes[c]} {probs[i, c]:.2f}" for i, c in zip(wrong, called[wrong])]),
                  ("Grad-CAM of the call", cam(called[wrong]), None),
                  (f"Grad-CAM of {code}", cam(np.full(len(wrong), k)), None)]

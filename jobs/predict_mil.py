@@ -108,11 +108,14 @@ def cell_figure(slide: dict, cells, scores: np.ndarray, relative: np.ndarray, to
     plot_cell_gallery(rows, path, title=title)
 
 
-def _in_order(cells, slide_id: str, cell_ids):
-    """A slide's ``cells`` rows in the order of ``cell_ids`` (its instances')."""
+def _cells_in_order(embeddings: str, slide_id: str, cell_ids, storage):
+    """A slide's ``cells`` rows (read from its own file) in the order of ``cell_ids``."""
     import polars as pl
 
-    mine = cells.filter(pl.col("slide_id") == slide_id)
+    from engine.pipeline.commit import OutputStore
+
+    mine = pl.from_arrow(OutputStore(embeddings, storage).read(
+        "cells", ["cell_id", "x", "y", "class_code"], {slide_id}))
     return pl.DataFrame({"cell_id": cell_ids}).join(mine, on="cell_id", how="left",
                                                     maintain_order="left")
 
@@ -170,11 +173,6 @@ def main(argv=None) -> int:
                                                                                "embedding")}
         if args.figures:
             slides = _slides(args.embeddings)
-            if slides and args.instances == "cells":
-                from engine.pipeline.commit import read_table
-
-                cell_rows = read_table(args.embeddings, "cells",
-                                       columns=["slide_id", "cell_id", "x", "y", "class_code"])
             if not slides:
                 return fail("--figures draws on each slide: give the "
                             "process_slides output (its slides table says where each slide "
@@ -204,8 +202,10 @@ def main(argv=None) -> int:
                     patient_figure(where[sid]["path"], scores, relative, args.top,
                                    card["encoder"], png, f"{sid}: {said}")
                 elif sid in slides and args.instances == "cells":
-                    cell_figure(slides[sid], _in_order(cell_rows, sid, where[sid]["cell_id"]),
-                                scores, relative, args.top, png, f"{sid}: {said}", storage)
+                    cells = _cells_in_order(args.embeddings, sid, where[sid]["cell_id"],
+                                            storage)
+                    cell_figure(slides[sid], cells, scores, relative, args.top, png,
+                                f"{sid}: {said}", storage)
                 elif sid in slides:
                     slide_figure(slides[sid], where[sid], scores, png, f"{sid}: {said}",
                                  storage)

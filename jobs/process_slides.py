@@ -11,8 +11,9 @@ Runs the same locally (starting a local Ray) and as
 arguments it processes the bundled default input (valid fixture slides and a blood-smear slide
 built from the BCCD fields) into ./hemeflow-out. A slide's specimen type (a ``specimen`` column
 of a .csv list or inventory, else ``--specimen``) decides what applies to it: a smear gets no
-cellularity, a section no cells or differential (`engine.specimen`). A rerun into the same output skips committed
-slides and redoes the rest; with another config it is refused unless ``--reprocess`` is given.
+cellularity, a section no cells or differential (`engine.specimen`). A rerun into the same
+output skips committed slides and redoes the rest; with another config it is refused unless
+``--reprocess`` is given.
 ``--dry-run`` says what a run would do and makes its checks, changing nothing.
 """
 
@@ -95,8 +96,8 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     (say, after giving ``--mpp``). An output whose tables another version's schema wrote is
     refused outright: its tables could not be read as one.
 
-    Returns the committed slides taken out to be processed again (``dry_run``: that would be;
-    nothing is changed).
+    Returns the committed slides that stay committed (the run skips them); with ``dry_run``
+    those that would, and nothing is changed.
 
     Raises:
         HemeflowError: the config or the table schema changed (the config: unless
@@ -104,7 +105,7 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     """
     committed = store.committed()
     if not committed:
-        return set()
+        return committed
     try:
         doc = json.loads(read_text(store.uri("config.json"), cfg.storage))
         previous = doc["config"]
@@ -138,7 +139,7 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     if redo:
         log(f"{why}: {len(redo)} committed slide(s) {'would be ' if dry_run else ''}taken out "
             "to be processed again")
-    return redo
+    return committed - redo
 
 
 def dry_run(args, cfg: Config, entries: list[FileEntry], typed: dict[str, str],
@@ -151,10 +152,9 @@ def dry_run(args, cfg: Config, entries: list[FileEntry], typed: dict[str, str],
         HemeflowError: what the run would be refused for (``MissingWeights`` among them).
     """
     store = OutputStore(args.output, cfg.storage)
-    redo = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed, log,
-                            dry_run=True)
+    committed = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed, log,
+                                 dry_run=True)
     stages = resolve_stages(cfg, args.allow_untrained)
-    committed = store.committed() - redo
     pending = [e for e in entries if slide_id_for(e.uri) not in committed]
     gib = sum(e.size or 0 for e in pending) / 2**30
     log(f"dry run: {len(entries)} slide(s) in the input, {len(entries) - len(pending)} "

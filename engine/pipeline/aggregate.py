@@ -219,9 +219,7 @@ class Aggregator:
         tables = {"cells": cells_table(sid, cols, self.model_codes),
                   "differentials": differential}
         if "features" in cols:
-            tables["cell_features"] = pa.Table.from_arrays(
-                [pa.array(np.full(n, sid)), pa.array(np.arange(n)), _lists(cols["features"])],
-                schema=CELL_FEATURES)
+            tables["cell_features"] = cell_features_table(sid, cols["features"])
         geo = cells_geojson_text(range(n), cols["x0"], cols["y0"], cols["x1"], cols["y1"],
                                  cols["class_code"], cols["class_prob"], cols["ood_distance"])
         return tables, geo
@@ -351,3 +349,11 @@ def cells_table(slide_id: str, cols: dict, model_codes: tuple[str, ...]) -> pa.T
         "out_of_distribution": pa.array(cols["out_of_distribution"], pa.bool_(), mask=unknown),
     }
     return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in CELLS], schema=CELLS)
+
+
+def cell_features_table(slide_id: str, features: np.ndarray) -> pa.Table:
+    """A slide's cells' features (rows in the cells table's raster order, so ``cell_id`` is
+    the same) as the ``cell_features`` table."""
+    n = len(features)
+    return pa.Table.from_arrays([pa.array(np.full(n, slide_id)), pa.array(np.arange(n)),
+                                 _lists(features)], schema=CELL_FEATURES)
