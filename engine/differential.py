@@ -4,7 +4,11 @@ Wilson 95 % intervals, over nucleated cells as DeepHeme defines them.
 A peripheral blood smear is counted as a blood film is (ICSH): over white cells, with nucleated
 red cells left out of the denominator and reported per 100 white cells, and no M:E ratio (a
 marrow measure). A marrow aspirate, or a slide of unknown type, is counted over all nucleated
-cells, erythroid precursors included."""
+cells, erythroid precursors included.
+
+Cells out of focus (`engine.focus`) are left out of the counts by default, as a technologist
+counts only where cells are sharp, and reported: how many, and their share of the nucleated
+cells found."""
 
 from __future__ import annotations
 
@@ -49,6 +53,10 @@ class Differential:
         ood_percent: nucleated cells out of the classifier's training distribution, in percent
             (None when the checkpoint carries no feature density).
         out_of_distribution: ``ood_percent`` above the configured limit (None as above).
+        n_out_of_focus: nucleated cells out of focus (left out of the counts unless counted).
+        out_of_focus_percent: their share of all nucleated cells found, in percent (None when
+            focus was not measured).
+        out_of_focus: ``out_of_focus_percent`` above the configured limit (None as above).
     """
 
     rows: list[dict]
@@ -64,10 +72,27 @@ class Differential:
     denominator: str = "nucleated"
     n_wbc: int = 0
     nrbc_per_100_wbc: float | None = None
+    n_out_of_focus: int = 0
+    out_of_focus_percent: float | None = None
+    out_of_focus: bool | None = None
+
+
+def _share_flagged(codes, flags, limit: float) -> tuple[float | None, bool | None, int]:
+    """(percent, above ``limit``, count) of the nucleated cells whose flag is set; (None,
+    None, 0) where any flag is unknown (None) or no cell is nucleated."""
+    if flags is None or not len(flags) or any(f is None for f in flags):
+        return None, None, 0
+    nucleated = [bool(f) for c, f in zip(codes, flags) if get_class(c).nucleated]
+    if not nucleated:
+        return None, None, 0
+    percent = 100 * sum(nucleated) / len(nucleated)
+    return percent, percent > limit, sum(nucleated)
 
 
 def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
-                         max_ood_percent: float = 20.0, blood: bool = False) -> Differential:
+                         max_ood_percent: float = 20.0, blood: bool = False,
+                         out_of_focus=None, max_out_of_focus_percent: float = 20.0,
+                         count_out_of_focus: bool = False) -> Differential:
     """Differential from the predicted class codes of one slide's cells.
 
     Args:
@@ -80,14 +105,20 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
             flagged ``out_of_distribution``.
         blood: a peripheral blood smear: percentages over white cells, nucleated red cells per
             100 white cells, no M:E ratio.
+        out_of_focus: per cell, whether it is out of focus (no list where focus was not
+            measured).
+        max_out_of_focus_percent: above this share of nucleated cells out of focus the slide is
+            flagged ``out_of_focus``.
+        count_out_of_focus: count the cells out of focus too (by default they are left out).
     """
+    blur_percent, blurred, n_blurred = _share_flagged(codes, out_of_focus,
+                                                      max_out_of_focus_percent)
+    if blur_percent is not None and not count_out_of_focus:  # what follows rests on the rest
+        keep = [not f for f in out_of_focus]
+        codes = [c for c, k in zip(codes, keep) if k]
+        ood = None if ood is None else [o for o, k in zip(ood, keep) if k]
+    ood_percent, flagged, _ = _share_flagged(codes, ood, max_ood_percent)
     counts = collections.Counter(codes)
-    ood_percent = flagged = None
-    if ood is not None and len(ood) and all(o is not None for o in ood):
-        far = [bool(o) for c, o in zip(codes, ood) if get_class(c).nucleated]
-        if far:
-            ood_percent = 100 * sum(far) / len(far)
-            flagged = ood_percent > max_ood_percent
     by_lineage = collections.Counter()
     for code, k in counts.items():
         if get_class(code).nucleated:
@@ -132,6 +163,7 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
         not_covered=tuple(c for c in DEEPHEME_CODES if c not in model_codes
                           and not any(c in get_class(m).members for m in model_codes)),
         ood_percent=ood_percent, out_of_distribution=flagged,
+        n_out_of_focus=n_blurred, out_of_focus_percent=blur_percent, out_of_focus=blurred,
     )
 
 
@@ -146,14 +178,21 @@ def differential_rows(slide_id: str, d: Differential) -> list[dict]:
              "nrbc_per_100_wbc": d.nrbc_per_100_wbc, "me_ratio": d.me_ratio,
              "blast_percent": d.blast_percent, "blast_ci_low": lo, "blast_ci_high": hi,
              "low_count": d.low_count, "codes_not_covered": list(d.not_covered),
-             "ood_percent": d.ood_percent, "out_of_distribution": d.out_of_distribution}
+             "ood_percent": d.ood_percent, "out_of_distribution": d.out_of_distribution,
+             "n_out_of_focus": d.n_out_of_focus, "out_of_focus_percent": d.out_of_focus_percent,
+             "out_of_focus": d.out_of_focus}
             for r in d.rows]
 
 
 def review_warnings(d: Differential, min_nucleated: int) -> dict[str, str]:
     """Why a slide's differential needs review before it is trusted, by flag
-    (``out_of_distribution``, ``low_count``, in that order; none when neither is set)."""
+    (``out_of_focus``, ``out_of_distribution``, ``low_count``, in that order; none when none
+    is set)."""
     out = {}
+    if d.out_of_focus:
+        out["out_of_focus"] = (f"{d.out_of_focus_percent:.0f}% of nucleated cells are out of "
+                               f"focus ({d.n_out_of_focus}); rescan, or review the cells "
+                               f"counted")
     if d.out_of_distribution:
         out["out_of_distribution"] = (f"{d.ood_percent:.0f}% of nucleated cells lie outside the "
                                       f"classifier's training data")

@@ -7,9 +7,11 @@ import re
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3  # 2: how far cells lie from the training data; slide_status warnings
+SCHEMA_VERSION = 4  # 2: how far cells lie from the training data; slide_status warnings
 #                    3: slides.specimen (engine/specimen.py); differentials.denominator,
 #                       n_wbc, nrbc_per_100_wbc (a blood smear is counted over white cells)
+#                    4: cells.blur_um, out_of_focus (engine/focus.py); differentials
+#                       n_out_of_focus, out_of_focus_percent, out_of_focus
 STATUSES = ("ok", "failed", "skipped")
 
 
@@ -94,6 +96,8 @@ CELLS = _schema("cells", [
     pa.field("area_um2", pa.float32()),
     pa.field("kind", pa.string()),
     pa.field("at_edge", pa.bool_()),
+    pa.field("blur_um", pa.float32()),        # edge blur of its crop (null: no edge to measure)
+    pa.field("out_of_focus", pa.bool_()),     # blur_um above cells.max_blur_um
     *CLASSIFIED,
 ])
 
@@ -128,6 +132,9 @@ DIFFERENTIALS = _schema("differentials", [
     pa.field("codes_not_covered", pa.list_(pa.string())),
     pa.field("ood_percent", pa.float64()),
     pa.field("out_of_distribution", pa.bool_()),
+    pa.field("n_out_of_focus", pa.int64()),
+    pa.field("out_of_focus_percent", pa.float64()),
+    pa.field("out_of_focus", pa.bool_()),
 ])
 
 CELLULARITY = _schema("cellularity", [

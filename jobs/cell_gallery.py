@@ -2,7 +2,7 @@
 
     python -m jobs.cell_gallery --output <process_slides or classify_cells output>
         --slide <slide_id, file or folder name> [--per-class 16]
-        [--order random | confident | uncertain | far | disagree]
+        [--order random | confident | uncertain | far | blurred | disagree]
         [--saliency gradcam | smoothgrad]
         [--png <file>] [--seed 0]
 
@@ -11,7 +11,9 @@ back from the slide (96 px at 0.25 µm/px, as the classifier saw it) and writes 
 class code, with its name and count, each crop captioned with the class probability. ``random``
 (the default) shows what the counts are made of; ``uncertain`` the least confident calls, where
 review pays most; ``far`` the cells least like the classifier's training data (largest
-``ood_distance``), which is where a slide flagged ``out_of_distribution`` goes wrong. The slide
+``ood_distance``), which is where a slide flagged ``out_of_distribution`` goes wrong;
+``blurred`` the cells with the most blurred edges (``blur_um``, `engine.focus`) first, each
+captioned with its blur, to see what a slide flagged ``out_of_focus`` left out. The slide
 must still be where the run read it (its ``uri``). On a ``classify_cells`` output the slide is
 an exported folder, and its cells are its images (``image_cells``), read as the job read them;
 ``disagree`` shows those whose call is not what the analyser's class folder says, the most
@@ -58,6 +60,9 @@ def disagreeing(cells):
     return judged.filter(~pl.Series(agree, dtype=pl.Boolean)), sorted(unread)
 
 
+SORTED_BY = {"far": "ood_distance", "blurred": "blur_um"}  # orders by a column, largest first
+
+
 def choose(cells, per_class: int, order: str, seed: int) -> dict[str, object]:
     """``class_code -> rows`` to show: up to ``per_class`` of each class, by ``order``
     (``disagree``: the cells given, most confident first)."""
@@ -68,8 +73,8 @@ def choose(cells, per_class: int, order: str, seed: int) -> dict[str, object]:
         rows = cells.filter(pl.col("class_code") == code)
         if order == "random":
             rows = rows.sample(min(per_class, len(rows)), seed=seed)
-        elif order == "far":
-            rows = rows.sort("ood_distance", descending=True, nulls_last=True)
+        elif order in ("far", "blurred"):
+            rows = rows.sort(SORTED_BY[order], descending=True, nulls_last=True)
         else:
             rows = rows.sort("class_prob", descending=order in ("confident", "disagree"))
         out[code] = rows.head(per_class)
@@ -153,8 +158,8 @@ def main(argv=None) -> int:
     p.add_argument("--slide", required=True,
                    help="slide_id, or the slide's file name (an export's folder name)")
     p.add_argument("--per-class", type=int, default=16)
-    p.add_argument("--order", choices=("random", "confident", "uncertain", "far", "disagree"),
-                   default="random")
+    p.add_argument("--order", default="random",
+                   choices=("random", "confident", "uncertain", "far", "blurred", "disagree"))
     p.add_argument("--saliency", choices=("gradcam", "smoothgrad"),
                    help="add each crop's saliency map of its call, under its row")
     p.add_argument("--png", help="where to write (default: <slide_id>-gallery.png here)")
@@ -205,6 +210,10 @@ def main(argv=None) -> int:
                                 or cells["ood_distance"].is_null().all()):
         return fail(f"slide {sid}'s cells have no distance to the training data: the run's "
                     "checkpoint carries no feature density (python -m jobs.fit_cell_ood)")
+    if args.order == "blurred" and ("blur_um" not in cells.columns
+                                    or cells["blur_um"].is_null().all()):
+        return fail(f"slide {sid}'s cells have no blur measured (cells.max_blur_um: null in "
+                    "the run's config, or an output made before hemeflow measured it)")
     shown = len(cells)
     if args.order == "disagree":
         if not export or cells["source_label"].is_null().all():
@@ -240,6 +249,9 @@ def main(argv=None) -> int:
         probs = chosen["class_prob"].to_numpy()
         if args.order == "disagree":  # what the analyser said, and the call's probability
             probs = [f"[{lab}] {p:.2f}" for lab, p in zip(chosen["source_label"], probs)]
+        elif args.order == "blurred":  # the cell's blur, and the call's probability
+            probs = [f"{b:.2f}µm {p:.2f}" for b, p in zip(chosen["blur_um"].fill_null(np.nan),
+                                                         probs)]
         rows.append((f"{code} {get_class(code).name}\n{count} cells", crops[code], probs))
         if code in maps:
             rows.append((METHOD_NAMES[args.saliency], maps[code], None))

@@ -2,6 +2,7 @@
 
     python -m jobs.evaluate_cell_classifier --checkpoint <model.safetensors> [--checkpoint …]
         --data <dir with labels.csv: path,code> [--source-mpp 0.1] [--plots <dir>]
+        [--saliency N] [--blur-um S]
 
 Prints one JSON document to stdout: accuracy, macro F1, mean one-vs-rest AUC, per-class
 precision/recall/F1/AUC/support, how many classes have precision and recall above 0.8, group-level
@@ -9,7 +10,9 @@ accuracy for rows labelled only with a group code, and rows whose codes the mode
 Writes confusion.png and umap.png (penultimate features coloured by class) under --plots, and
 with ``--saliency N`` errors.png: per true class its N most confident wrong calls, each with the
 Grad-CAM of the call and of the true class (`engine.models.saliency`), to see what the model took
-for the wrong class's sign.
+for the wrong class's sign. ``focus`` says how blurred the cells are as the model gets them
+(`engine.focus`); ``--blur-um S`` blurs them first, at their own pixels, to measure what a
+region out of focus does to the calls.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--saliency", type=int, default=0, metavar="N",
                    help="errors.png: per class its N most confident wrong calls with the "
                         "Grad-CAM of the call and of the true class")
+    p.add_argument("--blur-um", type=float, default=0.0, metavar="SIGMA",
+                   help="blur each image at its own pixels by a Gaussian of this sigma (µm) "
+                        "before resampling: how the model fares on cells a scanner left out "
+                        "of focus (the report's 'focus' says how many cells.max_blur_um flags)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--fp32", action="store_true",
                    help="float32 throughout (default: bf16 autocast on CUDA and on CPUs with "
@@ -60,7 +67,8 @@ def main(argv=None) -> int:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2
     report, arrays = evaluate_classifier(models, data, args.source_mpp, args.batch_size,
-                                         tta=not args.no_tta, amp=not args.fp32)
+                                         tta=not args.no_tta, amp=not args.fp32,
+                                         blur_um=args.blur_um)
     os.makedirs(args.plots, exist_ok=True)
     from engine.report.plots import plot_confusion, plot_umap
 

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from engine.differential import compute_differential, wilson_interval
+from engine.differential import (compute_differential, differential_rows, review_warnings,
+                                 wilson_interval)
 from engine.report.geojson import cells_to_geojson
 
 MODEL = ("B2", "E4", "L2", "M1", "M2", "M6", "MO2", "ER", "PLT", "U1")
@@ -95,3 +96,34 @@ def test_share_of_nucleated_cells_out_of_distribution_flags_the_slide():
     geo = cells_to_geojson([{"cell_id": 0, "x0": 0, "y0": 0, "x1": 1, "y1": 1,
                              "class_code": "M6", "class_prob": 0.9, "ood_distance": 31.5}])
     assert geo["features"][0]["properties"]["measurements"]["ood_distance"] == 31.5
+
+
+def test_cells_out_of_focus_are_left_out_of_the_counts_and_reported():
+    # 20 sharp neutrophils and 10 lymphocytes; 30 blurred cells, most called erythroblasts (as
+    # the classifier calls blurred cells), a few platelets among them
+    codes = ["M6"] * 20 + ["L2"] * 10 + ["ER"] * 25 + ["M6"] * 5 + ["PLT"] * 4
+    blurred = [False] * 30 + [True] * 30 + [True, True, False, False]
+    far = [False] * 55 + [True] * 5 + [False] * 4
+    d = compute_differential(codes, MODEL, ood=far, out_of_focus=blurred,
+                             max_out_of_focus_percent=20)
+    rows = {r["code"]: r for r in d.rows if r["level"] == "class"}
+    assert d.n_nucleated == 30 and rows["M6"]["count"] == 20 and rows["ER"]["count"] == 0
+    assert rows["PLT"]["count"] == 2  # the sharp platelets
+    assert d.me_ratio is None  # no erythroid left: the blurred "erythroblasts" were not counted
+    assert d.n_out_of_focus == 30 and d.out_of_focus_percent == 50.0 and d.out_of_focus
+    assert d.ood_percent == 0.0  # of the cells counted: the far ones were the blurred
+    warnings = review_warnings(d, 200)
+    assert list(warnings) == ["out_of_focus", "low_count"]
+    assert "50% of nucleated cells are out of focus (30)" in warnings["out_of_focus"]
+    row = differential_rows("s", d)[0]
+    assert (row["n_out_of_focus"], row["out_of_focus_percent"], row["out_of_focus"]) == \
+        (30, 50.0, True)
+
+    counted = compute_differential(codes, MODEL, ood=far, out_of_focus=blurred,
+                                   max_out_of_focus_percent=60, count_out_of_focus=True)
+    assert counted.n_nucleated == 60 and counted.me_ratio == 25 / 25  # M6 : ER
+    assert counted.out_of_focus_percent == 50.0 and counted.out_of_focus is False
+    assert counted.ood_percent == pytest.approx(100 * 5 / 60)
+    unmeasured = compute_differential(codes, MODEL, ood=far)
+    assert unmeasured.n_nucleated == 60 and unmeasured.out_of_focus_percent is None
+    assert unmeasured.out_of_focus is None and unmeasured.n_out_of_focus == 0

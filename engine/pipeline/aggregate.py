@@ -81,9 +81,12 @@ class Aggregator:
                  stages_skipped: list[str], model_codes: tuple[str, ...], min_nucleated: int,
                  branches: tuple[str, ...], log=print, mil=None,
                  mil_bags: tuple[int, int] = (10, 256), max_ood_percent: float = 20.0,
-                 embeddings: bool = True):
+                 embeddings: bool = True, max_out_of_focus_percent: float = 20.0,
+                 count_out_of_focus: bool = False):
         self.embeddings = embeddings  # an encoder makes tile embeddings (a smear's tiles' use)
         self.max_ood_percent = max_ood_percent
+        self.max_out_of_focus_percent = max_out_of_focus_percent
+        self.count_out_of_focus = count_out_of_focus
         self.mil, self.mil_bags = mil, mil_bags
         self.store, self.config_hash = store, config_hash
         self.stages_run, self.stages_skipped = stages_run, stages_skipped
@@ -153,6 +156,10 @@ class Aggregator:
                                                "kind", "at_edge", "class_code", "class_prob",
                                                "probabilities")}
         chunk["ood_distance"] = dist
+        chunk["blur_um"] = batch["blur_um"][cells].astype(np.float32) if "blur_um" in batch \
+            else np.full(n, np.nan, np.float32)  # NaN: not measured
+        chunk["out_of_focus"] = batch["out_of_focus"][cells].astype(bool) \
+            if "out_of_focus" in batch else np.zeros(n, bool)
         if "features" in batch:
             chunk["features"] = batch["features"][cells]
         chunk["out_of_distribution"] = batch["out_of_distribution"][cells].astype(bool) \
@@ -204,13 +211,19 @@ class Aggregator:
         n = len(cols["x"]) if cols else 0
         state.n_cells = n
         codes, ood = [], []  # per cell: the class, and out of distribution (None: unknown)
+        blurred = None  # per cell: out of focus (None: focus not measured)
         if cols:
             codes = cols["class_code"].tolist()
             ood = [bool(f) if known else None for f, known in
                    zip(cols["out_of_distribution"].tolist(),
                        (~np.isnan(cols["ood_distance"])).tolist())]
+            if not np.isnan(cols["blur_um"]).all():
+                blurred = cols["out_of_focus"].tolist()
         d = compute_differential(codes, self.model_codes, self.min_nucleated, ood,
-                                 self.max_ood_percent, blood=state.specimen == "blood")
+                                 self.max_ood_percent, blood=state.specimen == "blood",
+                                 out_of_focus=blurred,
+                                 max_out_of_focus_percent=self.max_out_of_focus_percent,
+                                 count_out_of_focus=self.count_out_of_focus)
         differential = differential_rows(sid, d)
         state.warnings.update(review_warnings(d, self.min_nucleated))
         if not cols:
@@ -286,6 +299,10 @@ class Aggregator:
                  + f", tiles {status['n_tiles'] or 0}, "
                  f"cells {'-' if status['n_cells'] is None else status['n_cells']}, "
                  f"{status['seconds']:.1f}s")
+        if "out_of_focus" in state.warnings and not state.error:
+            self.log(f"warning: slide {sid}: out_of_focus: {state.warnings['out_of_focus']}: "
+                     f"python -m jobs.cell_gallery --output {self.store.root} --slide {sid} "
+                     f"--order blurred")
         if "out_of_distribution" in state.warnings and not state.error:
             self.log(f"warning: slide {sid}: out_of_distribution: "
                      f"{state.warnings['out_of_distribution']} (another stain, scanner or "
@@ -329,7 +346,7 @@ def tiles_table(slide_id: str, cols: dict) -> pa.Table:
 
 def cells_table(slide_id: str, cols: dict, model_codes: tuple[str, ...]) -> pa.Table:
     """A slide's cells (columns in raster order) as the ``cells`` table; ``cell_id`` is the
-    raster rank, an unknown distance (NaN) is null and so is its flag."""
+    raster rank, an unknown distance or blur (NaN) is null and so is its flag."""
     n = len(cols["x"])
     m = len(model_codes)
     unknown = np.isnan(cols["ood_distance"])
@@ -339,6 +356,9 @@ def cells_table(slide_id: str, cols: dict, model_codes: tuple[str, ...]) -> pa.T
         "area_um2": pa.array(cols["area_um2"], pa.float32()),
         "kind": pa.array(cols["kind"].astype(str)),
         "at_edge": pa.array(cols["at_edge"], pa.bool_()),
+        "blur_um": pa.array(cols["blur_um"], pa.float32(), mask=np.isnan(cols["blur_um"])),
+        "out_of_focus": pa.array(cols["out_of_focus"], pa.bool_(),
+                                 mask=np.isnan(cols["blur_um"])),
         "class_code": pa.array(cols["class_code"].astype(str)),
         "class_prob": pa.array(cols["class_prob"], pa.float32()),
         "probabilities": _lists(cols["probabilities"]),

@@ -387,7 +387,9 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     agg = Aggregator(store, cfg.hash(), stages.run, sorted(stages.skipped), stages.model_codes,
                      pc.min_nucleated, branches, log, mil=stages.mil,
                      mil_bags=(pc.cellularity_bags, pc.cellularity_bag_size),
-                     max_ood_percent=pc.max_ood_percent, embeddings=stages.encoder)
+                     max_ood_percent=pc.max_ood_percent, embeddings=stages.encoder,
+                     max_out_of_focus_percent=pc.max_out_of_focus_percent,
+                     count_out_of_focus=pc.count_out_of_focus)
     if not pending or not branches:
         return agg.summary
     if not ray.is_initialized():

@@ -18,6 +18,7 @@ from PIL import Image
 
 from engine.classes import DEEPHEME_CODES
 from engine.cells import KIND_CELL, crops_around, detect_cells, estimate_threshold, owned_by_tile
+from engine.focus import edge_blur_um
 from engine.cellularity import AreaRules, calibrate, tile_area_counts
 from engine.config import Config
 from engine.errors import MissingMPP, SlideError
@@ -351,11 +352,13 @@ class PlanTasks:
 
 
 _CELL_COLUMNS = ("slide_id", "task", "n_in_task", "x", "y", "x0", "y0", "x1", "y1", "area_um2",
-                 "kind", "at_edge", "error_type", "error_message", "n_tasks", "header")
+                 "kind", "at_edge", "blur_um", "out_of_focus", "error_type", "error_message",
+                 "n_tasks", "header")
 
 
 class DetectCells:
-    """Read cell tiles, detect cells, keep those the tile owns, crop each at 96 px.
+    """Read cell tiles, detect cells, keep those the tile owns, crop each at 96 px and measure
+    how blurred it is (``blur_um``, ``out_of_focus``: `engine.focus`).
 
     Batch in: cell task rows. Batch out: one row per cell (``crop`` ``(96, 96, 3) uint8``), plus
     one ``kind = "none"`` row for a tile without cells and ``kind = "error"`` for an unreadable
@@ -411,6 +414,10 @@ class DetectCells:
             return self._marker(t, "none")
         half = CROP_PX / 2 * f
         cx, cy = cx[idx], cy[idx]
+        crops = crops_around(tile, det.x[idx], det.y[idx], CROP_PX)
+        max_blur = self.cfg.cells.max_blur_um
+        blur = edge_blur_um(crops, float(t["tile_mpp"])) if max_blur is not None else \
+            np.full(n, np.nan, np.float32)
         return {"slide_id": np.full(n, str(t["slide_id"])),
                 "task": np.full(n, int(t["task"]), np.int64),
                 "n_in_task": np.full(n, n, np.int64), "x": cx, "y": cy,
@@ -420,8 +427,10 @@ class DetectCells:
                 "kind": det.kind[idx].astype(str),
                 "at_edge": (cx - half < 0) | (cy - half < 0) | (cx + half > t["width"]) |
                            (cy + half > t["height"]),
+                "blur_um": blur, "out_of_focus": blur > (max_blur if max_blur is not None
+                                                         else np.inf),
                 "error_type": np.full(n, ""), "error_message": np.full(n, ""),
-                "crop": crops_around(tile, det.x[idx], det.y[idx], CROP_PX)}
+                "crop": crops}
 
     @staticmethod
     def _marker(t: dict, kind: str, error_type: str = "", message: str = "") -> dict:
@@ -432,6 +441,7 @@ class DetectCells:
                 "n_in_task": np.zeros(1, np.int64), "x": zero, "y": zero, "x0": zero,
                 "y0": zero, "x1": zero, "y1": zero, "area_um2": np.zeros(1, np.float32),
                 "kind": np.asarray([kind]), "at_edge": np.zeros(1, bool),
+                "blur_um": np.full(1, np.nan, np.float32), "out_of_focus": np.zeros(1, bool),
                 "error_type": np.asarray([error_type]), "error_message": np.asarray([message]),
                 "crop": np.zeros((1, CROP_PX, CROP_PX, 3), np.uint8)}
 

@@ -15,7 +15,9 @@ DIFFERENTIAL_COLUMNS = {"denominator": pl.String, "n_nucleated": pl.Int64, "n_wb
                         "blast_percent": pl.Float64, "blast_ci_low": pl.Float64,
                         "blast_ci_high": pl.Float64, "me_ratio": pl.Float64,
                         "nrbc_per_100_wbc": pl.Float64, "low_count": pl.Boolean,
-                        "ood_percent": pl.Float64, "out_of_distribution": pl.Boolean}
+                        "ood_percent": pl.Float64, "out_of_distribution": pl.Boolean,
+                        "n_out_of_focus": pl.Int64, "out_of_focus_percent": pl.Float64,
+                        "out_of_focus": pl.Boolean}
 LINEAGE_COLUMNS = {f"pct_{lineage}": pl.Float64 for lineage in LINEAGES}
 
 

@@ -45,14 +45,21 @@ def read_labels(data_dir: str, csv_name: str = "labels.csv") -> LabelledImages:
                           tuple(r[group_col] for r in rows) if group_col else None)
 
 
-def load_cell_image(path: str, source_mpp: float, target_mpp: float, out_px: int) -> np.ndarray:
-    """One image resampled to ``target_mpp`` and centre-cropped (or white-padded) to ``out_px``.
+def load_cell_image(path: str, source_mpp: float, target_mpp: float, out_px: int,
+                    blur_um: float = 0.0) -> np.ndarray:
+    """One image resampled to ``target_mpp`` and centre-cropped (or white-padded) to ``out_px``;
+    with ``blur_um``, first blurred at its own pixels by a Gaussian of that sigma (a scanner
+    out of focus).
 
     Returns:
         ``(out_px, out_px, 3) uint8``.
     """
     with Image.open(path) as im:
         im = im.convert("RGB")
+        if blur_um > 0:
+            import cv2
+
+            im = Image.fromarray(cv2.GaussianBlur(np.asarray(im), (0, 0), blur_um / source_mpp))
         scale = source_mpp / target_mpp
         if abs(scale - 1) > 1e-3:
             im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
@@ -68,9 +75,9 @@ def load_cell_image(path: str, source_mpp: float, target_mpp: float, out_px: int
 
 
 def load_cell_images(paths, source_mpp: float, target_mpp: float = 0.25, out_px: int = 144,
-                     threads: int = 8) -> np.ndarray:
+                     threads: int = 8, blur_um: float = 0.0) -> np.ndarray:
     """Many images at once, ``(N, out_px, out_px, 3) uint8`` (decoded in threads)."""
     with ThreadPoolExecutor(threads) as pool:
-        images = list(pool.map(lambda p: load_cell_image(p, source_mpp, target_mpp, out_px),
-                               paths))
+        images = list(pool.map(
+            lambda p: load_cell_image(p, source_mpp, target_mpp, out_px, blur_um), paths))
     return np.stack(images) if images else np.zeros((0, out_px, out_px, 3), np.uint8)

@@ -7,6 +7,8 @@ import collections
 import numpy as np
 
 from engine.classes import DEEPHEME_CODES, covers, get_class, to_group
+from engine.config import CellDetectionConfig
+from engine.focus import edge_blur_um
 from engine.models.factory import LoadedModel
 from engine.models.inference import EnsemblePredictor, default_device, native_bf16
 from engine.train.data import LabelledImages, load_cell_images
@@ -55,11 +57,25 @@ def ood_report(model: LoadedModel, features: np.ndarray | None, codes) -> dict |
             "per_code": {c: round(sum(v) / len(v), 4) for c, v in sorted(per_code.items())}}
 
 
+def focus_report(crops: np.ndarray, mpp: float, added_um: float) -> dict:
+    """How blurred the evaluated crops are: the blur added, the median measured and the share
+    that the pipeline's default ``cells.max_blur_um`` calls out of focus."""
+    blur = edge_blur_um(crops, mpp)
+    limit = CellDetectionConfig().max_blur_um
+    known = blur[~np.isnan(blur)]
+    return {"added_blur_um": added_um,
+            "median_blur_um": float(np.median(known)) if len(known) else None,
+            "max_blur_um": limit,
+            "out_of_focus_share": float((known > limit).mean()) if len(known) else None}
+
+
 def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_mpp: float,
                         batch_size: int = 256, device=None, tta: bool = True,
-                        amp: bool = True) -> tuple[dict, dict]:
+                        amp: bool = True, blur_um: float = 0.0) -> tuple[dict, dict]:
     """Metrics on the rows whose code the model predicts; group-level accuracy on rows labelled
     only with a group (``IG`` when the model predicts M2–M4); other rows reported, not dropped.
+    ``focus``: how blurred the images are as the model gets them (`engine.focus`), after
+    ``blur_um`` added at their own pixels (a scanner out of focus; 0: as they are).
 
     Returns:
         ``(report, arrays)`` where arrays holds ``probs``, ``features``, ``y`` (-1 for rows not
@@ -67,7 +83,8 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
     """
     spec = models[0].spec
     codes = list(models[0].class_codes)
-    crop = load_cell_images(data.paths, source_mpp, spec.input_mpp, spec.input_px)
+    crop = load_cell_images(data.paths, source_mpp, spec.input_mpp, spec.input_px,
+                            blur_um=blur_um)
     probs, feats = predict_images(models, crop, batch_size, device, with_features=True,
                                   tta=tta, amp=amp)
     index = {c: i for i, c in enumerate(codes)}
@@ -95,6 +112,7 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
         "not_covered": dict(sorted(uncovered.items())),
         "model_class_codes": codes,
         "ood": ood_report(models[0], feats, data.codes),
+        "focus": focus_report(crop, spec.input_mpp, blur_um),
     })
     return report, {"probs": probs, "features": feats, "y": y}
 

@@ -170,6 +170,36 @@ def test_cell_distances_reach_the_tables_and_flag_the_slide(tmp_path):
         "out_of_distribution"].null_count() > 0
 
 
+def test_cells_out_of_focus_reach_the_tables_and_are_left_out_of_the_count(tmp_path):
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    logged = []
+    agg = Aggregator(store, "hash", ["cells"], [], CODES, 1, ("cells",), log=logged.append,
+                     max_out_of_focus_percent=40)
+    batch = _cells("s1", [0, 1, 2, 3], 4, _header("s1"))
+    batch.update(blur_um=np.array([0.1, np.nan, 0.45, 0.5], np.float32),
+                 out_of_focus=np.array([False, False, True, True]),
+                 class_code=np.array(["L2", "L2", "M6", "M6"]))
+    agg.add_cells(batch)
+    cells = pl.read_parquet(tmp_path / "out" / "cells" / "s1.parquet")
+    assert cells["blur_um"].to_list() == pytest.approx([0.1, None, 0.45, 0.5], nan_ok=False)
+    assert cells["out_of_focus"].to_list() == [False, None, True, True]  # no edge: unknown
+    diff = pl.read_parquet(tmp_path / "out" / "differentials" / "s1.parquet")
+    counts = dict(zip(diff["class_code"], diff["count"]))
+    assert counts["L2"] == 2 and counts["M6"] == 0  # the two blurred cells are not counted
+    assert diff["n_out_of_focus"][0] == 2 and diff["out_of_focus_percent"][0] == 50.0
+    assert diff["out_of_focus"][0]
+    status = pl.read_parquet(tmp_path / "out" / "slide_status" / "s1.parquet")
+    assert status["warnings"][0].to_list()[0].startswith(
+        "out_of_focus: 50% of nucleated cells are out of focus (2)")
+    assert any("out_of_focus" in m and "--order blurred" in m for m in logged)
+    # focus not measured: null columns, everything counted, nothing flagged
+    agg.add_cells(_cells("s2", [0, 1], 2, _header("s2")))
+    assert pl.read_parquet(tmp_path / "out" / "cells" / "s2.parquet")["blur_um"].null_count() == 2
+    diff = pl.read_parquet(tmp_path / "out" / "differentials" / "s2.parquet")
+    assert diff["out_of_focus_percent"].null_count() == len(diff)
+    assert dict(zip(diff["class_code"], diff["count"]))["L2"] == 2
+
+
 def test_cells_arrive_as_columns_in_any_split_and_leave_in_raster_order(tmp_path):
     """Two slides interleaved in batches, a task's cells split across batches, markers, and an
     unknown distance (NaN) among known ones: each slide's table holds its cells once, sorted by

@@ -48,6 +48,39 @@ def test_plan_detect_classify_on_the_smear(smear):
     assert "crop" not in scored and (scored["class_code"][real] != "").all()
 
 
+def test_detect_flags_the_cells_of_a_region_out_of_focus(smear, tmp_path):
+    """The smear with its right half blurred at its own pixels (Gaussian 0.5 µm, a scanner
+    out of focus there): the cells there are ``out_of_focus``, those of the sharp half not."""
+    import cv2
+    import pyvips
+
+    from engine.slides.writer import write_pyramid_tiff
+
+    v = pyvips.Image.new_from_file(str(smear))
+    rgb = np.ndarray(buffer=v.write_to_memory(), dtype=np.uint8,
+                     shape=(v.height, v.width, v.bands))[..., :3].copy()
+    w = rgb.shape[1]
+    rgb[:, w // 2:] = cv2.GaussianBlur(rgb, (0, 0), 0.5 / 0.25)[:, w // 2:]
+    path = tmp_path / "half-blurred.tif"
+    write_pyramid_tiff(rgb, str(path), 0.25)
+    cfg = Config()
+    row = PlanSlide(cfg)({"uri": str(path), "size": path.stat().st_size, "etag": None})
+    out = DetectCells(cfg)(_batch(cell_tasks(row["slide_id"], str(path),
+                                             json.loads(row["plan"]))))
+    real = np.isin(out["kind"], ["nucleated", "platelet"])
+    x, blur, flagged = out["x"][real], out["blur_um"][real], out["out_of_focus"][real]
+    left, right = x < w / 2 - 48, x > w / 2 + 48  # crops wholly in one half
+    assert left.sum() >= 5 and right.sum() >= 5
+    # measured: sharp half median 0.12 µm, blurred half 0.51 (0.5 added to 0.12 in quadrature)
+    assert np.median(blur[left]) < 0.2 and not flagged[left].any()
+    assert np.median(blur[right]) == pytest.approx(np.hypot(0.5, np.median(blur[left])),
+                                                   abs=0.05)
+    assert flagged[right].all()
+    unmeasured = DetectCells(Config.from_dict({"cells": {"max_blur_um": None}}))(
+        _batch(cell_tasks(row["slide_id"], str(path), json.loads(row["plan"]))))
+    assert np.isnan(unmeasured["blur_um"]).all() and not unmeasured["out_of_focus"].any()
+
+
 def test_detect_marks_a_vanished_slide_and_keeps_metrics_on_first_rows(tmp_path):
     """Every task gives rows: its cells, or one marker (``none``, or ``error`` with the reason);
     earlier stages' busy times and the header sit on each task's first row only."""
