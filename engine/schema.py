@@ -10,7 +10,7 @@ import pyarrow as pa
 SCHEMA_VERSION = 4  # 2: how far cells lie from the training data; slide_status warnings
 #                    3: slides.specimen (engine/specimen.py); differentials.denominator,
 #                       n_wbc, nrbc_per_100_wbc (a blood smear is counted over white cells)
-#                    4: cells.blur_um, out_of_focus (engine/focus.py); differentials
+#                    4: cells and image_cells blur_um, out_of_focus (engine/focus.py); differentials
 #                       n_out_of_focus, out_of_focus_percent, out_of_focus
 STATUSES = ("ok", "failed", "skipped")
 
@@ -84,6 +84,12 @@ CLASSIFIED = [
     pa.field("out_of_distribution", pa.bool_()),
 ]
 
+# how blurred a cell's crop is (engine.focus; null: not measured, or no edge to measure)
+FOCUS = [
+    pa.field("blur_um", pa.float32()),
+    pa.field("out_of_focus", pa.bool_()),     # blur_um above the run's max_blur_um
+]
+
 CELLS = _schema("cells", [
     pa.field("slide_id", pa.string(), nullable=False),
     pa.field("cell_id", pa.int64(), nullable=False),
@@ -96,8 +102,7 @@ CELLS = _schema("cells", [
     pa.field("area_um2", pa.float32()),
     pa.field("kind", pa.string()),
     pa.field("at_edge", pa.bool_()),
-    pa.field("blur_um", pa.float32()),        # edge blur of its crop (null: no edge to measure)
-    pa.field("out_of_focus", pa.bool_()),     # blur_um above cells.max_blur_um
+    *FOCUS,
     *CLASSIFIED,
 ])
 
@@ -107,6 +112,7 @@ IMAGE_CELLS = _schema("image_cells", [
     pa.field("cell_id", pa.int64(), nullable=False),
     pa.field("path", pa.string(), nullable=False),   # under the export's folder
     pa.field("source_label", pa.string()),           # the sub-folder the analyser sorted it into
+    *FOCUS,
     *CLASSIFIED,
 ])
 

@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     if args.order == "blurred" and ("blur_um" not in cells.columns
                                     or cells["blur_um"].is_null().all()):
         return fail(f"slide {sid}'s cells have no blur measured (cells.max_blur_um: null in "
-                    "the run's config, or an output made before hemeflow measured it)")
+                    "the run's config, or an output made before hemeflow measured focus)")
     shown = len(cells)
     if args.order == "disagree":
         if not export or cells["source_label"].is_null().all():

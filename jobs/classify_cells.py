@@ -12,7 +12,7 @@ Images are resampled from ``--source-mpp`` to the model's µm/px, as in training
 Per slide, under ``--output``: ``slides/`` (the export), ``image_cells/`` (one row per image:
 class, probabilities, distance to the training data), ``differentials/`` (as process_slides
 writes them: a blood film over white cells with NRBC per 100, an aspirate over all nucleated
-cells) and, last, ``slide_status/`` (the commit). A rerun skips committed slides and removes a
+cells; images out of focus, `engine.focus`, left out of the counts and reported) and, last, ``slide_status/`` (the commit). A rerun skips committed slides and removes a
 crash's leftovers. An unreadable image is left out and named in the slide's warnings; a slide
 with no readable image is a ``failed`` status row with the reason. ``jobs.slide_summary`` reads
 the output as it reads process_slides'.
@@ -74,6 +74,7 @@ def classify_slide(sid: str, folder: str, paths: list[str], predictor, args) -> 
     """One export's tables (``slides``, ``image_cells``, ``differentials``) and its status row."""
     import engine
     from engine.differential import compute_differential, differential_rows, review_warnings
+    from engine.focus import edge_blur_um
 
     t0, started = time.perf_counter(), dt.datetime.now(dt.timezone.utc)
     model = predictor.model
@@ -102,9 +103,14 @@ def classify_slide(sid: str, folder: str, paths: list[str], predictor, args) -> 
         codes = np.asarray(model.class_codes)[probs.argmax(1)]
         density = predictor.ood
         far = (distance > density.threshold) if distance is not None else None
+        blur = edge_blur_um(crops, model.spec.input_mpp)  # NaN: no edge to measure
+        blurred = blur > args.max_blur_um
         tables["image_cells"] = [
             {"slide_id": sid, "cell_id": j, "path": paths[i][len(folder.rstrip("/")) + 1:],
-             "source_label": source_label(paths[i], folder), "class_code": str(codes[j]),
+             "source_label": source_label(paths[i], folder),
+             "blur_um": None if np.isnan(blur[j]) else float(blur[j]),
+             "out_of_focus": None if np.isnan(blur[j]) else bool(blurred[j]),
+             "class_code": str(codes[j]),
              "class_prob": float(probs[j].max()), "probabilities": probs[j].tolist(),
              "model_codes": list(model.class_codes),
              "ood_distance": None if distance is None else float(distance[j]),
@@ -112,7 +118,9 @@ def classify_slide(sid: str, folder: str, paths: list[str], predictor, args) -> 
             for j, i in enumerate(ok)]
         d = compute_differential(codes.tolist(), model.class_codes, args.min_nucleated,
                                  None if far is None else far.tolist(), args.max_ood_percent,
-                                 blood=args.specimen == "blood")
+                                 blood=args.specimen == "blood", out_of_focus=blurred.tolist(),
+                                 max_out_of_focus_percent=args.max_out_of_focus_percent,
+                                 count_out_of_focus=args.count_out_of_focus)
         tables["differentials"] = differential_rows(sid, d)
         status["warnings"] += [f"{k}: {v}" for k, v in
                                review_warnings(d, args.min_nucleated).items()]
@@ -141,6 +149,13 @@ def main(argv=None) -> int:
                    help="fewer counted cells than this flags the differential low_count")
     p.add_argument("--max-ood-percent", type=float, default=20.0,
                    help="more nucleated cells than this %% outside the training data flags it")
+    p.add_argument("--max-blur-um", type=float, default=0.3,
+                   help="an image blurred more than this (edge Gaussian sigma, µm, at the "
+                        "model's µm/px) is out_of_focus and left out of the differential")
+    p.add_argument("--count-out-of-focus", action="store_true",
+                   help="count the images out of focus in the differential too")
+    p.add_argument("--max-out-of-focus-percent", type=float, default=20.0,
+                   help="more nucleated cells than this %% out of focus flags the slide")
     p.add_argument("--allow-untrained", action="store_true", help="random weights (tests only)")
     add_storage_args(p)
     args = p.parse_args(argv)
@@ -167,7 +182,9 @@ def main(argv=None) -> int:
         return fail(err)
     settings = {"model": args.model, "weights": model.weights, "source_mpp": args.source_mpp,
                 "specimen": args.specimen, "tta": args.tta, "min_nucleated": args.min_nucleated,
-                "max_ood_percent": args.max_ood_percent}
+                "max_ood_percent": args.max_ood_percent, "max_blur_um": args.max_blur_um,
+                "count_out_of_focus": args.count_out_of_focus,
+                "max_out_of_focus_percent": args.max_out_of_focus_percent}
     args.config_hash = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     store = OutputStore(args.output, storage)
     config_path = f"{store.path.rstrip('/')}/config.json"

@@ -96,6 +96,37 @@ def test_each_export_gets_its_cells_and_differential(exports, tmp_path, capsys):
     assert "specimen: blood -> aspirate" in capsys.readouterr().err
 
 
+def test_images_out_of_focus_are_left_out_of_the_count(exports, tmp_path, capsys):
+    """An export of 16 held-out cells, 8 of them blurred at their own pixels (Gaussian 0.5 µm,
+    as a camera out of focus would take them): those are out_of_focus, the differential counts
+    the 8 sharp ones, and the slide is flagged."""
+    import cv2
+    from PIL import Image
+
+    root, truth = exports
+    sources = sorted((root / "slide-a").rglob("*.jpg"))[:16]
+    export = tmp_path / "blurry" / "slide-d"
+    export.mkdir(parents=True)
+    for n, src in enumerate(sources):
+        rgb = np.asarray(Image.open(src).convert("RGB"))
+        if n % 2:
+            rgb = cv2.GaussianBlur(rgb, (0, 0), 0.5 / 0.1)  # 0.5 µm at the files' 0.1 µm/px
+        Image.fromarray(rgb).save(export / f"{n:02d}-{src.name}", quality=95)
+    out = tmp_path / "out"
+    assert classify_cells.main(["--images", str(export.parent), "--output", str(out)]) == 0
+    assert "out_of_focus" in capsys.readouterr().out
+    cells = pl.read_parquet(f"{out}/image_cells/*.parquet").sort("path")
+    blurred = np.arange(len(cells)) % 2 == 1
+    assert cells["out_of_focus"].to_list() == blurred.tolist()
+    assert (cells["blur_um"].to_numpy()[blurred] > 0.45).all()  # measured 0.5-0.55
+    assert (cells["blur_um"].to_numpy()[~blurred] < 0.2).all()
+    diff = pl.read_parquet(f"{out}/differentials/*.parquet")
+    assert diff.filter(pl.col("level") == "class")["count"].sum() == 8
+    assert diff["n_out_of_focus"][0] == 8 and diff["out_of_focus_percent"][0] == 50.0
+    status = pl.read_parquet(f"{out}/slide_status/*.parquet")
+    assert status["warnings"][0][0].startswith("out_of_focus: 50% of nucleated cells")
+
+
 def test_untrained_classifier_is_refused(exports, tmp_path, capsys):
     root, _ = exports
     assert classify_cells.main(["--images", str(root), "--output", str(tmp_path / "o"),

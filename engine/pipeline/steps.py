@@ -358,7 +358,8 @@ _CELL_COLUMNS = ("slide_id", "task", "n_in_task", "x", "y", "x0", "y0", "x1", "y
 
 class DetectCells:
     """Read cell tiles, detect cells, keep those the tile owns, crop each at 96 px and measure
-    how blurred it is (``blur_um``, ``out_of_focus``: `engine.focus`).
+    how blurred each nucleated cell is (``blur_um``, ``out_of_focus``: `engine.focus`; NaN and
+    False for platelets).
 
     Batch in: cell task rows. Batch out: one row per cell (``crop`` ``(96, 96, 3) uint8``), plus
     one ``kind = "none"`` row for a tile without cells and ``kind = "error"`` for an unreadable
@@ -416,8 +417,10 @@ class DetectCells:
         cx, cy = cx[idx], cy[idx]
         crops = crops_around(tile, det.x[idx], det.y[idx], CROP_PX)
         max_blur = self.cfg.cells.max_blur_um
-        blur = edge_blur_um(crops, float(t["tile_mpp"])) if max_blur is not None else \
-            np.full(n, np.nan, np.float32)
+        blur = np.full(n, np.nan, np.float32)  # measured on nucleated cells, what is counted
+        nucleated = np.flatnonzero(det.kind[idx] == KIND_CELL)
+        if max_blur is not None and len(nucleated):
+            blur[nucleated] = edge_blur_um(crops[nucleated], float(t["tile_mpp"]))
         return {"slide_id": np.full(n, str(t["slide_id"])),
                 "task": np.full(n, int(t["task"]), np.int64),
                 "n_in_task": np.full(n, n, np.int64), "x": cx, "y": cy,

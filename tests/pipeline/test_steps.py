@@ -67,10 +67,11 @@ def test_detect_flags_the_cells_of_a_region_out_of_focus(smear, tmp_path):
     row = PlanSlide(cfg)({"uri": str(path), "size": path.stat().st_size, "etag": None})
     out = DetectCells(cfg)(_batch(cell_tasks(row["slide_id"], str(path),
                                              json.loads(row["plan"]))))
-    real = np.isin(out["kind"], ["nucleated", "platelet"])
+    real = out["kind"] == "nucleated"  # platelets are not measured
+    assert np.isnan(out["blur_um"][out["kind"] == "platelet"]).all()
     x, blur, flagged = out["x"][real], out["blur_um"][real], out["out_of_focus"][real]
     left, right = x < w / 2 - 48, x > w / 2 + 48  # crops wholly in one half
-    assert left.sum() >= 5 and right.sum() >= 5
+    assert left.sum() >= 4 and right.sum() >= 4
     # measured: sharp half median 0.12 µm, blurred half 0.51 (0.5 added to 0.12 in quadrature)
     assert np.median(blur[left]) < 0.2 and not flagged[left].any()
     assert np.median(blur[right]) == pytest.approx(np.hypot(0.5, np.median(blur[left])),
