@@ -77,6 +77,9 @@ def cell_batches(n_slides: int, n_cells: int, rng) -> list[dict]:
                      class_code=codes[probs.argmax(1)], class_prob=probs.max(1),
                      ood_distance=rng.uniform(5, 30, m).astype(np.float32),
                      out_of_distribution=rng.random(m) < 0.01)
+            blur = rng.uniform(0.05, 0.35, m).astype(np.float32)  # measured on nucleated cells
+            b.update(blur_um=np.where(b["kind"] == "nucleated", blur, np.nan),
+                     out_of_focus=(b["kind"] == "nucleated") & (blur > 0.3))
             batches.append(b)
     return batches
 

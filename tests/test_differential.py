@@ -94,8 +94,14 @@ def test_share_of_nucleated_cells_out_of_distribution_flags_the_slide():
         assert d.ood_percent is None and d.out_of_distribution is None
     assert compute_differential(["PLT"] * 5, MODEL, ood=[True] * 5).ood_percent is None
     geo = cells_to_geojson([{"cell_id": 0, "x0": 0, "y0": 0, "x1": 1, "y1": 1,
-                             "class_code": "M6", "class_prob": 0.9, "ood_distance": 31.5}])
-    assert geo["features"][0]["properties"]["measurements"]["ood_distance"] == 31.5
+                             "class_code": "M6", "class_prob": 0.9, "ood_distance": 31.5},
+                            {"cell_id": 1, "x0": 0, "y0": 0, "x1": 1, "y1": 1,
+                             "class_code": "ER", "class_prob": 0.8, "blur_um": 0.42,
+                             "ood_distance": float("nan")}])
+    assert geo["features"][0]["properties"]["measurements"] == {"class_prob": 0.9,
+                                                                "ood_distance": 31.5}
+    assert geo["features"][1]["properties"]["measurements"] == {"class_prob": 0.8,
+                                                                "blur_um": 0.42}
 
 
 def test_cells_out_of_focus_are_left_out_of_the_counts_and_reported():

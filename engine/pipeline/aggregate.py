@@ -234,7 +234,8 @@ class Aggregator:
         if "features" in cols:
             tables["cell_features"] = cell_features_table(sid, cols["features"])
         geo = cells_geojson_text(range(n), cols["x0"], cols["y0"], cols["x1"], cols["y1"],
-                                 cols["class_code"], cols["class_prob"], cols["ood_distance"])
+                                 cols["class_code"], cols["class_prob"], cols["ood_distance"],
+                                 cols["blur_um"])
         return tables, geo
 
     def _tile_tables(self, state: SlideState, br: BranchState) -> tuple[dict, None]:

@@ -26,38 +26,49 @@ def _id(v) -> str:
     return f'"{v}"' if isinstance(v, int) else json.dumps(str(v))
 
 
+def _measure(name: str, column, n: int) -> list[str]:
+    """A measurement column as each cell's JSON text (``, "name": value``), empty where
+    unknown (None or NaN) or not given."""
+    if column is None:
+        return [""] * n
+    return ["" if v is None or v != v else f', "{name}": {float(v)!r}'
+            for v in np.asarray(column, object)]
+
+
 def cells_geojson_text(cell_id, x0, y0, x1, y1, class_code, class_prob,
-                       ood_distance=None) -> str:
+                       ood_distance=None, blur_um=None) -> str:
     """The cells' FeatureCollection as JSON text, from columns (one value per cell; boxes in
-    level-0 pixels; ``ood_distance`` NaN or None where unknown). The same text as
-    ``json.dumps(cells_to_geojson(...))``, written from a template: a slide of 100k cells would
-    otherwise build 100k nested dicts on the driver, at several times the cost."""
+    level-0 pixels; ``ood_distance`` and ``blur_um`` NaN or None where unknown: then left out
+    of the cell's measurements). The same text as ``json.dumps(cells_to_geojson(...))``,
+    written from a template: a slide of 100k cells would otherwise build 100k nested dicts on
+    the driver, at several times the cost."""
     classes: dict[str, str] = {}
-    ood = [None] * len(cell_id) if ood_distance is None else \
-        [None if v is None or v != v else float(v) for v in np.asarray(ood_distance, object)]
+    n = len(cell_id)
+    extra = [a + b for a, b in zip(_measure("ood_distance", ood_distance, n),
+                                   _measure("blur_um", blur_um, n))]
     # each coordinate's text once (json.dumps writes floats as repr does)
     xs0, ys0, xs1, ys1 = (list(map(repr, np.asarray(v, np.float64).tolist()))
                           for v in (x0, y0, x1, y1))
     parts = []
-    for i, a, b, c, d, code, p, od in zip(cell_id, xs0, ys0, xs1, ys1, class_code,
-                                          np.asarray(class_prob, np.float64).tolist(), ood):
+    for i, a, b, c, d, code, p, more in zip(cell_id, xs0, ys0, xs1, ys1, class_code,
+                                            np.asarray(class_prob, np.float64).tolist(), extra):
         code = str(code)
         if code not in classes:
             classes[code] = _classification(code)
-        extra = "" if od is None else f', "ood_distance": {od!r}'
         parts.append(
             f'{{"type": "Feature", "id": {_id(i)}, "geometry": {{"type": "Polygon", '
             f'"coordinates": [[[{a}, {b}], [{c}, {b}], [{c}, {d}], [{a}, {d}], [{a}, {b}]]]}}, '
             f'"properties": {{"objectType": "detection", "classification": {classes[code]}, '
-            f'"measurements": {{"class_prob": {p!r}{extra}}}, "isLocked": true}}}}')
+            f'"measurements": {{"class_prob": {p!r}{more}}}, "isLocked": true}}}}')
     return '{"type": "FeatureCollection", "features": [' + ", ".join(parts) + "]}"
 
 
 def cells_to_geojson(cells: list[dict]) -> dict:
     """Cells (dicts with ``cell_id``, ``x0``, ``y0``, ``x1``, ``y1`` in level-0 pixels,
-    ``class_code``, ``class_prob`` and optionally ``ood_distance``) -> a GeoJSON
-    FeatureCollection dict."""
+    ``class_code``, ``class_prob`` and optionally ``ood_distance`` and ``blur_um``) -> a
+    GeoJSON FeatureCollection dict."""
     cols = {k: [c[k] for c in cells] for k in ("cell_id", "x0", "y0", "x1", "y1", "class_code",
                                                 "class_prob")}
     return json.loads(cells_geojson_text(**cols, ood_distance=[c.get("ood_distance")
-                                                               for c in cells]))
+                                                               for c in cells],
+                                         blur_um=[c.get("blur_um") for c in cells]))
