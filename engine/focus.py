@@ -1,9 +1,10 @@
 """How blurred a cell is: the Gaussian spread of its edges, in µm, from the crop alone.
 
 A scanner leaves regions out of focus (a thick smear, a tilted slide, a bubble), and the
-classifier does not see it: on held-out PBC cells blurred by a Gaussian of 0.375 µm its accuracy
-falls from 0.93 to 0.51, nearly every miss called an erythroblast with a mean top probability of
-0.8, and the feature density (`engine.models.ood`) flags only a fifth of them. A blurred region
+classifier does not see it: on held-out PBC cells blurred by a Gaussian of 0.375 µm the
+reference's accuracy falls from 0.935 to 0.51, three in four misses called erythroblasts (at 0.5
+µm, 97 %) with a mean top probability near 0.8, and the feature density (`engine.models.ood`)
+flags less than a quarter of the cells. A blurred region
 would therefore inflate a slide's erythroid count, its NRBC and M:E ratio. A technologist counts
 only where the cells are sharp; so does the differential (`pipeline.count_out_of_focus`).
 
@@ -13,8 +14,9 @@ by a Gaussian of sigma, blurring once more with ``sigma_r`` lowers the gradient 
 the crop's strongest gradients around the centred cell, with the Sobel operator's own smoothing
 taken out, and is independent of contrast and stain. On disks of known blur up to 0.5 µm, and
 on PBC cells blurred at 0.1 µm/px before they were resampled, it returns the blur within a few
-hundredths of a µm (``tests/test_focus.py``). Beyond that it reads low (0.64-0.89 µm for 0.75-1
-µm; byte quantisation at low contrast), still far above any sensible threshold.
+hundredths of a µm (``tests/test_focus.py``). Beyond that it reads low (0.64-0.89 µm for 0.75
+and 1 µm, lowest at low contrast, where the crop's whole grey levels blur less smoothly), still
+far above any sensible threshold.
 """
 
 from __future__ import annotations
@@ -47,8 +49,14 @@ def edge_blur_um(crops: np.ndarray, mpp: float) -> np.ndarray:
 
     Returns:
         ``(N,) float32``; NaN for a crop without an edge to measure (blank, or no contrast).
+
+    Raises:
+        ValueError: crops too small to hold the central window.
     """
     n, h, w = crops.shape[:3]
+    if min(h, w) <= 2 * MARGIN:
+        raise ValueError(f"crops of {h} x {w} px: the blur is read inside a {MARGIN} px margin, "
+                         f"so they must be larger than {2 * MARGIN} px")
     if n == 0:
         return np.zeros(0, np.float32)
     # the crops' central windows (plus the filters' reach) stacked into one tall grey image:

@@ -52,6 +52,8 @@ def test_nothing_to_measure_is_unknown():
     blank[1] += np.random.default_rng(0).integers(0, 2, (96, 96, 3), dtype=np.uint8)
     assert np.isnan(edge_blur_um(blank, MPP)).all()
     assert edge_blur_um(np.zeros((0, 96, 96, 3), np.uint8), MPP).shape == (0,)
+    with pytest.raises(ValueError, match="larger than 32 px"):
+        edge_blur_um(np.zeros((1, 32, 32, 3), np.uint8), MPP)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "pbc" / "labels.csv").exists(),

@@ -18,10 +18,10 @@ from PIL import Image
 
 from engine.classes import DEEPHEME_CODES
 from engine.cells import KIND_CELL, crops_around, detect_cells, estimate_threshold, owned_by_tile
-from engine.focus import edge_blur_um
 from engine.cellularity import AreaRules, calibrate, tile_area_counts
 from engine.config import Config
 from engine.errors import MissingMPP, SlideError
+from engine.focus import edge_blur_um
 from engine.slides import FileEntry, open_slide
 from engine.slides.inventory import MppOverrides, inventoried
 from engine.slides.storage import StagingArea, is_remote, stat_file
@@ -430,8 +430,8 @@ class DetectCells:
                 "kind": det.kind[idx].astype(str),
                 "at_edge": (cx - half < 0) | (cy - half < 0) | (cx + half > t["width"]) |
                            (cy + half > t["height"]),
-                "blur_um": blur, "out_of_focus": blur > (max_blur if max_blur is not None
-                                                         else np.inf),
+                "blur_um": blur,
+                "out_of_focus": blur > max_blur if max_blur is not None else np.zeros(n, bool),
                 "error_type": np.full(n, ""), "error_message": np.full(n, ""),
                 "crop": crops}
 
