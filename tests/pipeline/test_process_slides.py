@@ -113,11 +113,38 @@ def test_mil_on_the_cells_of_each_slide(run_out, tmp_path, capsys):
     preds = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert sorted(p["slide_id"] for p in preds) == with_cells
     attention = pl.read_parquet(tmp_path / "mil_predictions" / "attention.parquet")
-    key = ["slide_id", "cell_id"]
-    assert attention.select(key).sort(key).equals(cells.select(key).sort(key))
+    key = ["slide_id", "cell_id"]  # a row per cell in focus: the others are not in the bags
+    in_focus = cells.filter(~pl.col("out_of_focus").fill_null(False))
+    assert 0 < len(in_focus) < len(cells)  # this run has both
+    assert attention.select(key).sort(key).equals(in_focus.select(key).sort(key))
     # each slide's most and least attended cells, read back from the slide
     figures = sorted(p.stem for p in (tmp_path / "mil_predictions" / "figures").iterdir())
     assert figures == with_cells
+
+
+def test_a_slides_cell_bag_leaves_out_its_cells_out_of_focus(run_out, tmp_path):
+    """As its differential does: three of a slide's cells marked out of focus are not in its
+    bag for cell-level MIL; the other slides' bags are whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.train_mil import load_instances
+
+    out = tmp_path / "o"
+    shutil.copytree(run_out, out)
+    path = sorted((out / "cells").glob("smear-a-*.parquet"))[0]
+    table = pq.read_table(path)
+    blurred = table["cell_id"].to_pylist()[:3]
+    flags = [cid in blurred for cid in table["cell_id"].to_pylist()]
+    i = table.schema.get_field_index("out_of_focus")
+    pq.write_table(table.set_column(i, table.schema.field(i), pa.array(flags)), path)
+    whole = load_instances(str(run_out), "cells", ("cell_id",))
+    bags = load_instances(str(out), "cells", ("cell_id",))
+    sid = path.stem
+    assert set(whole.filter(pl.col("slide_id") == sid)["cell_id"]) - set(
+        bags.filter(pl.col("slide_id") == sid)["cell_id"]) == set(blurred)
+    assert len(bags) == len(whole) - 3
+    assert load_instances(str(out), "cells").columns == ["slide_id", "embedding"]
 
 
 def test_smear_wbcs_found_once_and_geojson_written(run_out, smear_slide):
