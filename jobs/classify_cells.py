@@ -12,10 +12,11 @@ Images are resampled from ``--source-mpp`` to the model's µm/px, as in training
 Per slide, under ``--output``: ``slides/`` (the export), ``image_cells/`` (one row per image:
 class, probabilities, distance to the training data), ``differentials/`` (as process_slides
 writes them: a blood film over white cells with NRBC per 100, an aspirate over all nucleated
-cells; images out of focus, `engine.focus`, left out of the counts and reported) and, last, ``slide_status/`` (the commit). A rerun skips committed slides and removes a
-crash's leftovers. An unreadable image is left out and named in the slide's warnings; a slide
-with no readable image is a ``failed`` status row with the reason. ``jobs.slide_summary`` reads
-the output as it reads process_slides'.
+cells; images out of focus, `engine.focus`, left out of the counts and reported) and, last,
+``slide_status/`` (the commit). A rerun skips committed slides and removes a crash's leftovers.
+An unreadable image is left out and named in the slide's warnings; a slide with no readable
+image is a ``failed`` status row with the reason. ``jobs.slide_summary`` reads the output as it
+reads process_slides'.
 """
 
 from __future__ import annotations
