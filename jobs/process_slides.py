@@ -247,7 +247,19 @@ def main(argv=None) -> int:
           f" of {len(rows)} processed; tables under "
           f"{args.output}/<slides|slide_status|cells|differentials|cellularity|tiles>/; "
           f"a row per slide: python -m jobs.slide_summary --output {args.output}")
+    review = review_counts(rows)
+    if review:
+        print("to review (slide_status.warnings): "
+              + ", ".join(f"{n} {flag}" for flag, n in review.items()))
     return 0
+
+
+def review_counts(rows: list[dict]) -> dict[str, int]:
+    """How many ok slides carry each review flag (``out_of_focus``, ``out_of_distribution``,
+    ...), most frequent first: an archive's run prints too many rows to read them all."""
+    flags = collections.Counter(w.split(":", 1)[0] for r in rows if r["status"] == "ok"
+                                for w in r.get("warnings") or [])
+    return dict(flags.most_common())
 
 
 if __name__ == "__main__":

@@ -222,6 +222,8 @@ def test_reference_model_on_the_smear(ray_local, smear_slide, tmp_path, capsys):
     assert cells["ood_distance"].null_count() == 0
     assert diff["ood_percent"][0] > 50 and diff["out_of_distribution"][0]
     assert "lie outside the classifier's training data" in out and "--order far" in out
+    # and the run's last line counts the slides to review by flag
+    assert "to review (slide_status.warnings): 1 out_of_distribution, 1 low_count" in out
     warnings = st["warnings"][0].to_list()  # the status row says why the slide needs review
     assert [w.split(":")[0] for w in warnings] == ["out_of_distribution", "low_count"]
     assert "out_of_distribution: " in out.split("reason / review")[1]  # and so does the summary
