@@ -242,6 +242,18 @@ def crops_around(image: np.ndarray, cx: np.ndarray, cy: np.ndarray, size: int,
     return out
 
 
+def inside_of_crops(cx: np.ndarray, cy: np.ndarray, size: int, x0: float, y0: float,
+                    x1: float, y1: float) -> np.ndarray:
+    """``(N, 4) int64``: where the image region ``[x0, x1) x [y0, y1)`` (say, a slide's
+    extent in a tile's pixels) lies in each `crops_around` crop, as crop-pixel boxes
+    ``x0, y0, x1, y1`` clipped to the crop (the rest is padding)."""
+    left = np.rint(np.asarray(cx, np.float64) - size / 2)  # the crops' origins, as crops_around
+    top = np.rint(np.asarray(cy, np.float64) - size / 2)
+    box = np.stack([np.ceil(x0 - left), np.ceil(y0 - top), np.floor(x1 - left),
+                    np.floor(y1 - top)], axis=1)
+    return np.clip(box, 0, size).astype(np.int64)
+
+
 def match_centroids(xs, ys, boxes) -> tuple[int, list[int], list[int]]:
     """One-to-one matching of detections to ground-truth boxes: a detection matches a box when
     its centroid lies inside; each box takes the free detection nearest its centre.

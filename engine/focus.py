@@ -40,13 +40,18 @@ def _gradient(grey: np.ndarray) -> np.ndarray:
     return cv2.magnitude(gx, gy)
 
 
-def edge_blur_um(crops: np.ndarray, mpp: float) -> np.ndarray:
+def edge_blur_um(crops: np.ndarray, mpp: float, inside: np.ndarray | None = None
+                 ) -> np.ndarray:
     """Each crop's edge blur: the Gaussian sigma of its strongest edges, in µm.
 
     Args:
         crops: ``(N, H, W, 3) uint8`` cell-centred crops (96 px at 0.25 µm/px in the pipeline),
             H and W above ``2 * MARGIN``.
         mpp: their µm per pixel.
+        inside: ``(N, 4)`` crop-pixel boxes ``x0, y0, x1, y1`` of the image each crop was cut
+            from (`engine.cells.inside_of_crops`); None: the whole crop. Edges are read only
+            where the filters see no pixel outside the box: at a slide's border, the padding
+            (its background) meets the cell in a sharp straight edge that is not the cell's.
 
     Returns:
         ``(N,) float32``; NaN for a crop without an edge to measure (blank, or no contrast).
@@ -59,11 +64,14 @@ def edge_blur_um(crops: np.ndarray, mpp: float) -> np.ndarray:
         raise ValueError(f"crops of {h} x {w} px: the blur is read inside a {MARGIN} px margin, "
                          f"so they must be larger than {2 * MARGIN} px")
     # in chunks: a whole export at once would be 3x slower a crop (its arrays leave the cache)
-    parts = [_edge_blur_um(crops[i:i + CHUNK], mpp) for i in range(0, n, CHUNK)]
+    if inside is None:
+        inside = np.tile(np.asarray([0, 0, w, h], np.int64), (n, 1))
+    parts = [_edge_blur_um(crops[i:i + CHUNK], mpp, inside[i:i + CHUNK])
+             for i in range(0, n, CHUNK)]
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
-def _edge_blur_um(crops: np.ndarray, mpp: float) -> np.ndarray:
+def _edge_blur_um(crops: np.ndarray, mpp: float, inside: np.ndarray) -> np.ndarray:
     """`edge_blur_um` of one chunk of crops."""
     n, h, w = crops.shape[:3]
     # the crops' central windows (plus the filters' reach) stacked into one tall grey image:
@@ -76,6 +84,11 @@ def _edge_blur_um(crops: np.ndarray, mpp: float) -> np.ndarray:
     sharp = _gradient(grey).reshape(n, wh, ww)[inner].reshape(n, -1)
     soft = _gradient(cv2.GaussianBlur(grey, (0, 0), SIGMA_R)).reshape(n, wh, ww)[inner]
     soft = soft.reshape(n, -1)
+    rows = MARGIN + np.arange(h - 2 * MARGIN)  # the central window's crop coordinates
+    cols = MARGIN + np.arange(w - 2 * MARGIN)
+    seen = (((rows >= inside[:, 1:2] + REACH) & (rows < inside[:, 3:4] - REACH))[:, :, None] &
+            ((cols >= inside[:, 0:1] + REACH) & (cols < inside[:, 2:3] - REACH))[:, None, :])
+    sharp = np.where(seen.reshape(n, -1), sharp, 0)  # no edge where the filters saw padding
     k = max(8, int(EDGE_SHARE * sharp.shape[1]))
     kth = np.partition(sharp, -k, axis=1)[:, -k]  # (N,) each crop's k-th strongest gradient
     edge = sharp >= kth[:, None]  # its edge pixels (ties may add a few)

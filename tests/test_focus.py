@@ -49,6 +49,25 @@ def test_beyond_half_a_micron_it_reads_low_but_far_out_of_focus():
             assert (got > 0.6).all() and (got <= sigma_px * MPP + 0.03).all(), (kwargs, got)
 
 
+def test_padding_beyond_the_image_is_not_read():
+    """A crop that runs off its image (a cell at a slide's border) is padded with the
+    background: a sharp straight edge through the cell. Given where the image lies in the crop,
+    the blur is read from the image's own edges only."""
+    from engine.cells import inside_of_crops
+
+    truth = np.hypot(1.5, PIXEL_SIGMA) * MPP
+    crops = _disks(1.5)
+    crops[:, :, 60:] = 255  # the image ends 12 px right of the disk's centre
+    inside = inside_of_crops(np.array([48.0, 48.0]), np.array([48.0, 48.0]), 96, -3, 0, 60, 96)
+    assert inside.tolist() == [[0, 0, 60, 96]] * 2  # from the crop's left edge to the cut
+    assert (edge_blur_um(crops, MPP) < truth - 0.15).all()  # the padding's edge, read sharp
+    assert np.abs(edge_blur_um(crops, MPP, inside) - truth).max() < 0.03
+    # a crop wholly inside its image reads as without the boxes
+    whole = inside_of_crops(np.array([48.0]), np.array([48.0]), 96, -200, -200, 500, 500)
+    assert whole.tolist() == [[0, 0, 96, 96]]
+    assert edge_blur_um(_disks(1.5)[:1], MPP, whole) == edge_blur_um(_disks(1.5)[:1], MPP)
+
+
 def test_nothing_to_measure_is_unknown():
     blank = np.full((3, 96, 96, 3), 230, np.uint8)
     blank[1] += np.random.default_rng(0).integers(0, 2, (96, 96, 3), dtype=np.uint8)

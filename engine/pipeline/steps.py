@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from engine.classes import DEEPHEME_CODES
-from engine.cells import KIND_CELL, crops_around, detect_cells, estimate_threshold, owned_by_tile
+from engine.cells import (KIND_CELL, crops_around, detect_cells, estimate_threshold,
+                          inside_of_crops, owned_by_tile)
 from engine.cellularity import AreaRules, calibrate, tile_area_counts
 from engine.config import Config
 from engine.errors import MissingMPP, SlideError
@@ -415,12 +416,19 @@ class DetectCells:
             return self._marker(t, "none")
         half = CROP_PX / 2 * f
         cx, cy = cx[idx], cy[idx]
-        crops = crops_around(tile, det.x[idx], det.y[idx], CROP_PX)
+        tx, ty = det.x[idx], det.y[idx]  # tile px
+        crops = crops_around(tile, tx, ty, CROP_PX)
+        at_edge = ((cx - half < 0) | (cy - half < 0) | (cx + half > t["width"]) |
+                   (cy + half > t["height"]))
         max_blur = self.cfg.cells.max_blur_um
         blur = np.full(n, np.nan, np.float32)  # measured on nucleated cells, what is counted
         nucleated = np.flatnonzero(det.kind[idx] == KIND_CELL)
         if max_blur is not None and len(nucleated):
-            blur[nucleated] = edge_blur_um(crops[nucleated], float(t["tile_mpp"]))
+            # the slide in each crop: at its border the rest is background, not the cell's
+            inside = inside_of_crops(tx[nucleated], ty[nucleated], CROP_PX, -t["x"] / f,
+                                     -t["y"] / f, (t["width"] - t["x"]) / f,
+                                     (t["height"] - t["y"]) / f)
+            blur[nucleated] = edge_blur_um(crops[nucleated], float(t["tile_mpp"]), inside)
         return {"slide_id": np.full(n, str(t["slide_id"])),
                 "task": np.full(n, int(t["task"]), np.int64),
                 "n_in_task": np.full(n, n, np.int64), "x": cx, "y": cy,
@@ -428,8 +436,7 @@ class DetectCells:
                 "x1": t["x"] + det.x1[idx] * f, "y1": t["y"] + det.y1[idx] * f,
                 "area_um2": det.area_um2[idx].astype(np.float32),
                 "kind": det.kind[idx].astype(str),
-                "at_edge": (cx - half < 0) | (cy - half < 0) | (cx + half > t["width"]) |
-                           (cy + half > t["height"]),
+                "at_edge": at_edge,
                 "blur_um": blur,
                 "out_of_focus": blur > max_blur if max_blur is not None else np.zeros(n, bool),
                 "error_type": np.full(n, ""), "error_message": np.full(n, ""),

@@ -82,6 +82,46 @@ def test_detect_flags_the_cells_of_a_region_out_of_focus(smear, tmp_path):
     assert np.isnan(unmeasured["blur_um"]).all() and not unmeasured["out_of_focus"].any()
 
 
+def test_focus_of_cells_cut_by_the_slides_border_is_read_inside_the_slide(smear, tmp_path):
+    """The smear blurred by 0.5 µm, then cut so that the slide's border runs through cells:
+    their crops hold the slide's white background beyond it, a sharp edge that is not theirs.
+    Their blur is read where the filters see only the slide, and they stay out of focus."""
+    import cv2
+    import pyvips
+
+    from engine.focus import edge_blur_um
+    from engine.slides.writer import write_pyramid_tiff
+
+    v = pyvips.Image.new_from_file(str(smear))
+    rgb = np.ndarray(buffer=v.write_to_memory(), dtype=np.uint8,
+                     shape=(v.height, v.width, v.bands))[..., :3]
+    rgb = cv2.GaussianBlur(rgb, (0, 0), 0.5 / 0.25)
+    # a tissue threshold of 0: the cut slide is lower than one cell tile
+    cfg = Config.from_dict({"cell_tiles": {"target_mpp": 0.25, "tile_px": 1024, "overlap_px": 96,
+                                           "min_tissue_fraction": 0.0, "max_upsample": 2.5}})
+
+    def nucleated_cells(image, name):
+        path = tmp_path / name
+        write_pyramid_tiff(np.ascontiguousarray(image), str(path), 0.25)
+        row = PlanSlide(cfg)({"uri": str(path), "size": path.stat().st_size, "etag": None})
+        out = DetectCells(cfg)(_batch(cell_tasks(row["slide_id"], str(path),
+                                                 json.loads(row["plan"]))))
+        return {k: v[out["kind"] == "nucleated"] for k, v in out.items()}
+
+    whole = nucleated_cells(rgb, "blurred.tif")
+    assert not whole["at_edge"].any()
+    # the border 10 px below the lowest cell's centre and 20 px right of the leftmost one's
+    bottom, left = int(whole["y"].max()) + 10, int(whole["x"].min()) + 20
+    cut = nucleated_cells(rgb[:bottom, left:], "cut.tif")
+    edge = cut["at_edge"]
+    assert edge.sum() >= 4 and (~edge).sum() >= 2
+    # measured: 0.45-0.56 µm at the border (0.10-0.13 read over the padding), 0.51 inside
+    assert cut["out_of_focus"].all()
+    assert np.median(cut["blur_um"][edge]) == pytest.approx(np.median(whole["blur_um"]),
+                                                            abs=0.08)
+    assert (edge_blur_um(cut["crop"][edge], 0.25) < 0.3).mean() > 0.5  # what it would read
+
+
 def test_detect_marks_a_vanished_slide_and_keeps_metrics_on_first_rows(tmp_path):
     """Every task gives rows: its cells, or one marker (``none``, or ``error`` with the reason);
     earlier stages' busy times and the header sit on each task's first row only."""
