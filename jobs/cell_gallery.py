@@ -33,7 +33,7 @@ import sys
 
 import numpy as np
 
-from jobs.common import add_storage_args, fail, storage_from_args
+from jobs.common import add_storage_args, committed_slide, fail, storage_from_args
 
 CROP_PX, CROP_MPP = 96, 0.25
 EXPORT_FORMAT = "cell-image-export"  # a classify_cells output's slides (jobs.classify_cells)
@@ -183,21 +183,7 @@ def main(argv=None) -> int:
         return "/".join([store.path.rstrip("/"), *parts])
 
     try:
-        # a slide id names its file; a file name means looking through the slides table. A
-        # slide still running, or left by a crash, is not shown.
-        committed = store.read("slides", slide_ids={args.slide})
-        if committed is None:
-            committed = store.read("slides")
-        if committed is None:
-            raise FileNotFoundError(f"no committed slides under {args.output}")
-        slides = pl.from_arrow(committed)
-        match = slides.filter((pl.col("slide_id") == args.slide)
-                              | pl.col("uri").str.strip_chars_end("/").str.ends_with(
-                                  "/" + args.slide.strip("/")))
-        if len(match) != 1:
-            raise ValueError(f"no single slide {args.slide!r} in {args.output}; slides: "
-                             f"{sorted(slides['slide_id'].to_list())[:20]}")
-        slide = match.row(0, named=True)
+        slide = committed_slide(store, args.slide)
         sid = slide["slide_id"]
         export = slide["format"] == EXPORT_FORMAT
         with fs.open(path("image_cells" if export else "cells", f"{sid}.parquet"), "rb") as fh:

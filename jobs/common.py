@@ -287,6 +287,33 @@ def resolve_source_mpp(value: float | str, paths, storage: StorageConfig | None 
     return est.mpp
 
 
+def committed_slide(store, name: str) -> dict:
+    """The ``slides`` row of the committed slide ``name`` names in an output (an
+    `engine.pipeline.commit.OutputStore`): its slide_id, or its file (an export's folder) name.
+    A slide still running, or left by a crash, is not there.
+
+    Raises:
+        FileNotFoundError: the output has no committed slide.
+        ValueError: no slide, or more than one, goes by that name.
+    """
+    import polars as pl
+
+    # a slide id names its file; a file name means looking through the slides table
+    committed = store.read("slides", slide_ids={name})
+    if committed is None:
+        committed = store.read("slides")
+    if committed is None:
+        raise FileNotFoundError(f"no committed slides under {store.root}")
+    slides = pl.from_arrow(committed)
+    match = slides.filter((pl.col("slide_id") == name)
+                          | pl.col("uri").str.strip_chars_end("/").str.ends_with(
+                              "/" + name.strip("/")))
+    if len(match) != 1:
+        raise ValueError(f"no single slide {name!r} in {store.root}; slides: "
+                         f"{sorted(slides['slide_id'].to_list())[:20]}")
+    return match.row(0, named=True)
+
+
 def fail(message: str, code: int = 2) -> int:
     print(f"hemeflow: error: {message}", file=sys.stderr)
     return code

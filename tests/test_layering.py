@@ -24,6 +24,8 @@ RULES = {
     "engine.report.agreement": ["torch", "ray", "openslide", "pyvips", "fsspec"],
     "jobs.estimate_pixel_size": ["torch", "ray", "timm", "openslide", "pyvips"],
     "jobs.cell_gallery": ["torch", "ray", "timm"],
+    "jobs.slide_map": ["torch", "ray", "timm"],
+    "engine.report.maps": ["torch", "ray", "openslide", "pyvips", "fsspec"],
     "engine.models": ["ray", "openslide", "pyvips", "engine.slides"],
     "engine.models.saliency": ["ray", "openslide", "pyvips", "engine.slides"],
     # the GPU machine's image has no albumentations: training with --augment device needs none

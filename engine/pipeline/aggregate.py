@@ -301,14 +301,17 @@ class Aggregator:
                  f"cells {'-' if status['n_cells'] is None else status['n_cells']}, "
                  f"{status['seconds']:.1f}s")
         if "out_of_focus" in state.warnings and not state.error:
-            self.log(f"warning: slide {sid}: out_of_focus: {state.warnings['out_of_focus']}: "
-                     f"python -m jobs.cell_gallery --output {self.store.root} --slide {sid} "
-                     f"--order blurred")
+            self.log(f"warning: slide {sid}: out_of_focus: {state.warnings['out_of_focus']}; "
+                     f"where: python -m jobs.slide_map --output {self.store.root} --slide "
+                     f"{sid}; which: python -m jobs.cell_gallery --output {self.store.root} "
+                     f"--slide {sid} --order blurred")
         if "out_of_distribution" in state.warnings and not state.error:
             self.log(f"warning: slide {sid}: out_of_distribution: "
                      f"{state.warnings['out_of_distribution']} (another stain, scanner or "
                      f"cell type); review them before trusting its differential: python -m "
-                     f"jobs.cell_gallery --output {self.store.root} --slide {sid} --order far")
+                     f"jobs.cell_gallery --output {self.store.root} --slide {sid} --order far"
+                     f" (where: python -m jobs.slide_map --output {self.store.root} --slide "
+                     f"{sid} --measure ood)")
 
 def _raster_columns(chunks: list[dict]) -> dict | None:
     """A slide's column chunks joined and put in raster order (y, then x; ties in arrival

@@ -159,10 +159,11 @@ def heatmap_overlay(images: np.ndarray, maps: np.ndarray, alpha: float = 0.45,
 
 
 def plot_attention_map(thumbnail: np.ndarray, boxes: np.ndarray, values: np.ndarray, path: str,
-                       title: str = "", alpha: float = 0.5, cmap: str = "jet") -> None:
+                       title: str = "", alpha: float = 0.5, cmap: str = "jet",
+                       label: str = "attention (percentile within the slide)") -> None:
     """A slide's thumbnail beside itself with each tile's value in [0, 1] painted over its box
     (``boxes``: ``(N, 4)`` x0, y0, x1, y1 in thumbnail pixels; where boxes overlap, the higher
-    value), with a colour bar."""
+    value), with a colour bar of ``label``."""
     h, w = thumbnail.shape[:2]
     grid = np.full((h, w), -1.0, np.float32)
     for (x0, y0, x1, y1), v in zip(np.clip(boxes, 0, [w, h, w, h]), values):
@@ -176,8 +177,7 @@ def plot_attention_map(thumbnail: np.ndarray, boxes: np.ndarray, values: np.ndar
     for ax in axes:
         ax.axis("off")
     scale = plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=cmap)
-    fig.colorbar(scale, ax=axes[1], fraction=0.046, pad=0.02,
-                 label="attention (percentile within the slide)")
+    fig.colorbar(scale, ax=axes[1], fraction=0.046, pad=0.02, label=label)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -191,7 +191,8 @@ def test_cells_out_of_focus_reach_the_tables_and_are_left_out_of_the_count(tmp_p
     status = pl.read_parquet(tmp_path / "out" / "slide_status" / "s1.parquet")
     assert status["warnings"][0].to_list()[0].startswith(
         "out_of_focus: 50% of nucleated cells are out of focus (2)")
-    assert any("out_of_focus" in m and "--order blurred" in m for m in logged)
+    assert any("out_of_focus" in m and "--order blurred" in m and "jobs.slide_map" in m
+               for m in logged)
     # focus not measured: null columns, everything counted, nothing flagged
     agg.add_cells(_cells("s2", [0, 1], 2, _header("s2")))
     assert pl.read_parquet(tmp_path / "out" / "cells" / "s2.parquet")["blur_um"].null_count() == 2

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import duckdb
+import numpy as np
 import polars as pl
 import pyarrow.dataset as pads
 import pytest
@@ -500,6 +501,49 @@ def test_cell_gallery_of_a_slide(run_out, tmp_path, capsys):
         marker.unlink()
     assert cell_gallery.main(["--output", str(out), "--slide", "smear-a.tif"]) == 2
     assert "no single slide 'smear-a.tif'" in capsys.readouterr().err
+
+
+def test_slide_map_shows_where_cells_are_out_of_focus(run_out, tmp_path, capsys):
+    """The cells of the right half of the CMU-1 section marked out of focus, as a region a
+    scanner left blurred: the map's squares there are wholly flagged, those left of it not."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from engine.report.maps import flagged_squares
+    from jobs import slide_map
+
+    out = tmp_path / "o"
+    shutil.copytree(run_out, out)
+    path = sorted((out / "cells").glob("cmu-1-small-region-*.parquet"))[0]
+    table = pq.read_table(path)
+    width = 2220  # level-0 px at 0.499 µm/px
+    blurred = np.asarray(table["x"]) > width / 2
+    i = table.schema.get_field_index("out_of_focus")
+    pq.write_table(table.set_column(i, table.schema.field(i), pa.array(blurred)), path)
+    png = tmp_path / "map.png"
+    assert slide_map.main(["--output", str(out), "--slide", "cmu-1-small-region.svs",
+                           "--png", str(png)]) == 0
+    printed = capsys.readouterr().out
+    nucleated = pl.from_arrow(table).filter(pl.col("kind") == "nucleated")
+    flags = nucleated["x"].to_numpy() > width / 2
+    side = 256 / 0.499
+    sq = flagged_squares(nucleated["x"].to_numpy(), nucleated["y"].to_numpy(), flags, side)
+    right, left = sq["x0"] >= width / 2, sq["x0"] + side <= width / 2
+    assert right.any() and left.any()
+    assert (sq["share"][right] == 1).all() and (sq["share"][left] == 0).all()
+    assert sq["n"].sum() == len(nucleated) and sq["n_flagged"].sum() == flags.sum()
+    mostly = sq["share"] > 0.5
+    assert (f"{len(sq['n'])} squares with nucleated cells, {mostly.sum()} of them more than "
+            f"half out_of_focus, holding {sq['n_flagged'][mostly].sum()} of the slide's "
+            f"{flags.sum()} cells out_of_focus") in printed
+    assert Image.open(png).size[0] > 800
+    # the tiny test model carries no feature density: nothing to map for --measure ood
+    assert slide_map.main(["--output", str(out), "--slide", "cmu-1-small-region.svs",
+                           "--measure", "ood", "--png", str(png)]) == 2
+    assert "no nucleated cells with out_of_distribution" in capsys.readouterr().err
+    assert slide_map.main(["--output", str(out), "--slide", "nope.svs"]) == 2
+    assert "no single slide 'nope.svs'" in capsys.readouterr().err
 
 
 def test_slide_summary_has_a_row_per_committed_slide(run_out, tmp_path, capsys):
