@@ -5,7 +5,7 @@
 
 Reads the slide's rows of the ``cells`` table, cuts the slide into squares of ``--square-um``
 (256 µm, a cell tile, by default) and paints each square that holds nucleated cells by the
-share of them flagged: ``focus``, out of focus (``out_of_focus``: edge blur above the run's
+share of them flagged (the number in it: how many cells that share rests on): ``focus``, out of focus (``out_of_focus``: edge blur above the run's
 ``cells.max_blur_um``); ``ood``, unlike the classifier's training data
 (``out_of_distribution``). The PNG shows the slide's thumbnail beside the painted one. A slide
 blurred all over wants a rescan; one blurred in a region (a bubble, a thick area, a tilted edge)
@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     png = args.png or f"{sid}-{args.measure}-map.png"
     title = (f"{sid}: {int(flagged.sum())} of {len(flagged)} nucleated cells {column} "
              f"({100 * flagged.mean():.1f} %); squares of {args.square_um:g} µm")
-    plot_attention_map(thumb, boxes, sq["share"], png, title, label=label)
+    plot_attention_map(thumb, boxes, sq["share"], png, title + " (number: its nucleated cells)",
+                       label=label, counts=sq["n"])
     print(f"wrote {png}: {len(sq['n'])} squares with nucleated cells, {int(mostly.sum())} of "
           f"them more than half {column}, holding {int(sq['n_flagged'][mostly].sum())} of the "
           f"slide's {int(flagged.sum())} cells {column}")

@@ -160,10 +160,12 @@ def heatmap_overlay(images: np.ndarray, maps: np.ndarray, alpha: float = 0.45,
 
 def plot_attention_map(thumbnail: np.ndarray, boxes: np.ndarray, values: np.ndarray, path: str,
                        title: str = "", alpha: float = 0.5, cmap: str = "jet",
-                       label: str = "attention (percentile within the slide)") -> None:
+                       label: str = "attention (percentile within the slide)",
+                       counts: np.ndarray | None = None) -> None:
     """A slide's thumbnail beside itself with each tile's value in [0, 1] painted over its box
     (``boxes``: ``(N, 4)`` x0, y0, x1, y1 in thumbnail pixels; where boxes overlap, the higher
-    value), with a colour bar of ``label``."""
+    value), with a colour bar of ``label``; ``counts`` (``(N,)``, say the cells a value rests
+    on) are written in boxes large enough to hold them."""
     h, w = thumbnail.shape[:2]
     grid = np.full((h, w), -1.0, np.float32)
     for (x0, y0, x1, y1), v in zip(np.clip(boxes, 0, [w, h, w, h]), values):
@@ -176,6 +178,10 @@ def plot_attention_map(thumbnail: np.ndarray, boxes: np.ndarray, values: np.ndar
     axes[1].imshow(np.clip(np.rint(shown), 0, 255).astype(np.uint8))
     for ax in axes:
         ax.axis("off")
+    for (x0, y0, x1, y1), n in zip(boxes, counts if counts is not None else []):
+        if min(x1 - x0, y1 - y0) >= 24:  # thumbnail px: room for a number
+            axes[1].text((x0 + x1) / 2, (y0 + y1) / 2, str(n), ha="center", va="center",
+                         fontsize=7, color="black")
     scale = plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=cmap)
     fig.colorbar(scale, ax=axes[1], fraction=0.046, pad=0.02, label=label)
     fig.suptitle(title, fontsize=9)
