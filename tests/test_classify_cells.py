@@ -96,6 +96,55 @@ def test_each_export_gets_its_cells_and_differential(exports, tmp_path, capsys):
     assert "specimen: blood -> aspirate" in capsys.readouterr().err
 
 
+def test_a_cases_slides_are_counted_together(exports, tmp_path, capsys):
+    """jobs.case_differentials pools a case's slides' cells: its counts are the sum of theirs,
+    its percentages over the pooled white cells; a failed or unknown slide is listed as left
+    out; a blood film is not pooled with a marrow slide."""
+    import shutil
+
+    import pyarrow as pa
+
+    from jobs import case_differentials
+
+    root, _ = exports
+    out = tmp_path / "out"
+    assert classify_cells.main(["--images", str(root), "--output", str(out), "--specimen",
+                                "blood"]) == 0
+    cases = tmp_path / "cases.csv"
+    cases.write_text("slide,case\nslide-a,X\nslide-b,X\nslide-c,Y\nnope,Y\n")
+    capsys.readouterr()
+    assert case_differentials.main(["--output", str(out), "--cases", str(cases)]) == 0
+    printed = capsys.readouterr().out
+    assert "1 case(s) from 2 slide(s)" in printed
+    per_slide = pl.read_parquet(f"{out}/differentials/*.parquet").filter(
+        pl.col("level") == "class")
+    pooled = pl.read_parquet(out / "cases" / "case_differentials.parquet")
+    assert set(pooled["case"]) == {"X"} and (pooled["n_slides"] == 2).all()
+    got = pooled.filter(pl.col("level") == "class")
+    want = per_slide.group_by("class_code").agg(pl.col("count").sum())
+    assert dict(zip(got["class_code"], got["count"])) == dict(zip(want["class_code"],
+                                                                  want["count"]))
+    n_wbc = per_slide.group_by("slide_id").agg(pl.col("n_wbc").first())["n_wbc"].sum()
+    assert (got["n_wbc"] == n_wbc).all()
+    for r in got.filter(pl.col("percent").is_not_null()).iter_rows(named=True):
+        assert r["percent"] == pytest.approx(100 * r["count"] / n_wbc)
+    summary = pl.read_csv(out / "cases" / "case_summary.csv")
+    y = summary.filter(pl.col("case") == "Y").row(0, named=True)
+    assert y["n_slides"] == 0 and "slide-c: status failed" in y["left_out"]
+    assert "nope: not in the output" in y["left_out"]
+    # one of the two slides retyped as a marrow aspirate: not pooled with the blood film
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    for path in (other / "slides").glob("*.parquet"):
+        table = pq.read_table(path)
+        i = table.schema.get_field_index("specimen")
+        retyped = ["aspirate" if u.endswith("slide-b") else s for u, s in
+                   zip(table["uri"].to_pylist(), table["specimen"].to_pylist())]
+        pq.write_table(table.set_column(i, table.schema.field(i), pa.array(retyped)), path)
+    assert case_differentials.main(["--output", str(other), "--cases", str(cases)]) == 2
+    assert "a blood film with marrow slides" in capsys.readouterr().err
+
+
 def test_images_out_of_focus_are_left_out_of_the_count(exports, tmp_path, capsys):
     """An export of 16 held-out cells, 8 of them blurred at their own pixels (Gaussian 0.5 µm,
     as a camera out of focus would take them): those are out_of_focus, the differential counts

@@ -25,6 +25,7 @@ RULES = {
     "jobs.estimate_pixel_size": ["torch", "ray", "timm", "openslide", "pyvips"],
     "jobs.cell_gallery": ["torch", "ray", "timm"],
     "jobs.slide_map": ["torch", "ray", "timm"],
+    "jobs.case_differentials": ["torch", "ray", "timm"],
     "engine.report.maps": ["torch", "ray", "openslide", "pyvips", "fsspec"],
     "engine.models": ["ray", "openslide", "pyvips", "engine.slides"],
     "engine.models.saliency": ["ray", "openslide", "pyvips", "engine.slides"],

@@ -546,6 +546,29 @@ def test_slide_map_shows_where_cells_are_out_of_focus(run_out, tmp_path, capsys)
     assert "no single slide 'nope.svs'" in capsys.readouterr().err
 
 
+def test_case_differential_of_a_runs_slides(run_out, tmp_path, capsys):
+    """jobs.case_differentials on a process_slides output (its settings in the run's config):
+    a case's class counts are the sum of its two slides'."""
+    from jobs import case_differentials
+
+    cases = tmp_path / "cases.csv"
+    cases.write_text("file,case\nsmear-a.tif,A\ncmu-1-small-region,A\nbroken.svs,B\n")
+    assert case_differentials.main(["--output", str(run_out), "--cases", str(cases), "--to",
+                                    str(tmp_path / "c")]) == 0
+    assert "1 case(s) from 2 slide(s)" in capsys.readouterr().out
+    per_slide = pl.read_parquet(f"{run_out}/differentials/*.parquet").filter(
+        pl.col("level") == "class", pl.col("slide_id").str.starts_with("smear-a")
+        | pl.col("slide_id").str.starts_with("cmu-1"))
+    assert per_slide["slide_id"].n_unique() == 2
+    got = pl.read_parquet(tmp_path / "c" / "case_differentials.parquet").filter(
+        pl.col("level") == "class")
+    want = per_slide.group_by("class_code").agg(pl.col("count").sum())
+    assert dict(zip(got["class_code"], got["count"])) == dict(zip(want["class_code"],
+                                                                  want["count"]))
+    summary = pl.read_csv(tmp_path / "c" / "case_summary.csv")
+    assert "broken.svs: status failed" in summary.filter(pl.col("case") == "B")["left_out"][0]
+
+
 def test_slide_summary_has_a_row_per_committed_slide(run_out, tmp_path, capsys):
     from jobs import slide_summary
 

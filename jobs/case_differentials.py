@@ -1,0 +1,167 @@
+"""One differential per case: the cells of a case's slides counted together.
+
+    python -m jobs.case_differentials --output <process_slides or classify_cells output>
+        --cases <cases.csv> [--to <dir>]
+
+A case (a patient's accession) often has several slides: two or three aspirate smears, or a
+smear scanned twice. The report gives one differential for the case, over all the cells
+counted on its slides, as a technologist's 500-cell count spans them. ``cases.csv`` has a row
+per slide: a ``slide`` column (its slide_id, path, file name, or file name without extension;
+or ``slide_id``, ``uri``, ``path``, ``file``) and a ``case`` column.
+
+For each case the job pools its committed ``ok`` slides' cells (``cells``, or an export's
+``image_cells``) and counts them as the run counted each slide (`engine.differential`, with
+the run's settings from its ``config.json``: cells out of focus left out unless the run counted
+them, the same review thresholds), so its intervals narrow with the cells counted. It refuses
+to pool a blood film with marrow (they are counted over different denominators) or slides
+classified by models of different classes. Slides the sheet names that are not ``ok``, have no
+differential, or are not in the output are listed, not silently dropped.
+
+Writes ``case_differentials.parquet`` (the ``differentials`` table's columns, ``case`` in place
+of ``slide_id``, plus ``n_slides`` and ``slide_ids``) and ``case_summary.csv`` (a row per case:
+its slides, cells counted, blast %, M:E ratio, NRBC, the review flags, the slides left out)
+under ``<output>/cases`` (or ``--to``), and prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jobs.common import add_storage_args, fail, read_csv_rows, storage_from_args
+
+KEY_COLUMNS = ("slide", "slide_id", "uri", "path", "file")  # as jobs.compare_differentials
+
+
+def run_settings(doc: dict) -> dict:
+    """The differential settings a run used, from its ``config.json`` (process_slides writes
+    its whole config, classify_cells its settings)."""
+    s = doc.get("settings") or doc["config"]["pipeline"]
+    return {k: s[k] for k in ("min_nucleated", "max_ood_percent", "max_out_of_focus_percent",
+                              "count_out_of_focus")}
+
+
+def pooled_differential(cells, model_codes: list[str], blood: bool, settings: dict):
+    """The differential of the pooled ``cells`` (a polars frame with ``class_code``,
+    ``out_of_focus`` and ``out_of_distribution``, nulls where not measured), as
+    `engine.pipeline.aggregate` counts one slide's."""
+    from engine.differential import compute_differential
+
+    focus = cells["out_of_focus"]
+    return compute_differential(
+        cells["class_code"].to_list(), model_codes, settings["min_nucleated"],
+        cells["out_of_distribution"].to_list(), settings["max_ood_percent"], blood=blood,
+        # not measured at all (cells.max_blur_um: null): no list, as the run had none
+        out_of_focus=None if focus.is_null().all() else focus.fill_null(False).to_list(),
+        max_out_of_focus_percent=settings["max_out_of_focus_percent"],
+        count_out_of_focus=settings["count_out_of_focus"])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.case_differentials", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True,
+                   help="a process_slides or classify_cells output folder or s3:// prefix")
+    p.add_argument("--cases", required=True, help="CSV: a slide column and a case column")
+    p.add_argument("--to", help="where to write (default: <output>/cases)")
+    add_storage_args(p)
+    args = p.parse_args(argv)
+
+    import polars as pl
+
+    from engine.differential import differential_rows, review_warnings
+    from engine.outputs import join_uri, write_bytes, write_parquet
+    from engine.pipeline.commit import OutputStore
+    from engine.slides.storage import InputError
+    from jobs.compare_differentials import slide_keys
+
+    storage = storage_from_args(args)
+    store = OutputStore(args.output, storage)
+    try:
+        sheet = read_csv_rows(args.cases, storage)
+    except (FileNotFoundError, InputError) as err:
+        return fail(str(err))
+    key = next((c for c in KEY_COLUMNS if sheet and c in sheet[0]), None)
+    if key is None or "case" not in sheet[0]:
+        return fail(f"{args.cases}: needs a slide column (one of {', '.join(KEY_COLUMNS)}) and "
+                    f"a case column; columns: {', '.join(sheet[0]) if sheet else 'none'}")
+    status, slides, diff = (store.read(t) for t in ("slide_status", "slides", "differentials"))
+    if status is None or slides is None:
+        return fail(f"no committed slides under {args.output}")
+    with store.fs.open(f"{store.path.rstrip('/')}/config.json") as fh:
+        settings = run_settings(json.load(fh))
+    status = pl.from_arrow(status)
+    specimen = dict(zip(*pl.from_arrow(slides).select("slide_id", "specimen")))
+    codes = {} if diff is None else {
+        sid: sorted(g["class_code"]) for (sid,), g in
+        pl.from_arrow(diff).filter(pl.col("level") == "class").group_by("slide_id")}
+    keys, ok = slide_keys(status), set(status.filter(pl.col("status") == "ok")["slide_id"])
+
+    cases: dict[str, list[str]] = {}
+    left_out: dict[str, list[str]] = {}  # case -> "name: why"
+    for r in sheet:
+        name, case = (r.get(key) or "").strip(), (r.get("case") or "").strip()
+        if not name or not case:
+            continue
+        sids = keys.get(name, set())
+        why = ("not in the output" if not sids else
+               f"names {len(sids)} slides: give the slide_id" if len(sids) > 1 else None)
+        sid = next(iter(sids)) if len(sids) == 1 else None
+        if sid and sid not in ok:
+            why = "status " + status.filter(pl.col("slide_id") == sid)["status"][0]
+        elif sid and sid not in codes:
+            why = "no differential (no cell stage)"
+        if why:
+            left_out.setdefault(case, []).append(f"{name}: {why}")
+        elif sid not in cases.setdefault(case, []):
+            cases[case].append(sid)
+
+    table = "image_cells" if store.read("image_cells", columns=["slide_id"]) is not None \
+        else "cells"
+    columns = ["class_code", "out_of_focus", "out_of_distribution"]
+    rows, summary = [], []
+    for case, sids in cases.items():
+        kinds = {specimen[s] == "blood" for s in sids}
+        sets = {tuple(codes[s]) for s in sids}
+        if len(kinds) > 1 or len(sets) > 1:
+            why = ("a blood film with marrow slides (counted over different denominators)"
+                   if len(kinds) > 1 else "slides classified by models of different classes")
+            left_out.setdefault(case, []).append(f"the whole case: {why}")
+            print(f"case {case}: not pooled: {why}", file=sys.stderr)
+            continue
+        read = store.read(table, columns=columns, slide_ids=set(sids))
+        cells = pl.from_arrow(read) if read is not None else pl.DataFrame(
+            schema={"class_code": pl.String, "out_of_focus": pl.Boolean,
+                    "out_of_distribution": pl.Boolean})
+        d = pooled_differential(cells, list(sets.pop()), kinds.pop(), settings)
+        for row in differential_rows(case, d):
+            row["case"] = row.pop("slide_id")
+            rows.append({**row, "n_slides": len(sids), "slide_ids": sids})
+        summary.append({"case": case, "n_slides": len(sids), "slide_ids": ";".join(sids),
+                        "counted": d.n_wbc if d.denominator == "wbc" else d.n_nucleated,
+                        "denominator": d.denominator, "blast_percent": d.blast_percent,
+                        "me_ratio": d.me_ratio, "nrbc_per_100_wbc": d.nrbc_per_100_wbc,
+                        "warnings": "; ".join(f"{k}: {v}" for k, v in review_warnings(
+                            d, settings["min_nucleated"]).items()),
+                        "left_out": "; ".join(left_out.get(case, []))})
+    for case in left_out.keys() - cases.keys():  # cases none of whose slides could be used
+        summary.append({"case": case, "n_slides": 0, "left_out": "; ".join(left_out[case])})
+    if not rows:
+        return fail("no case has a committed slide with a differential: "
+                    + "; ".join(f"{c}: {', '.join(w)}" for c, w in left_out.items()))
+    to = args.to or join_uri(args.output, "cases")
+    frame = pl.DataFrame(rows).select("case", pl.exclude("case"))
+    write_parquet(frame.to_arrow(), join_uri(to, "case_differentials.parquet"), storage)
+    table_out = pl.DataFrame(summary, infer_schema_length=None)
+    write_bytes(join_uri(to, "case_summary.csv"), table_out.write_csv().encode(), storage)
+    with pl.Config(tbl_rows=len(table_out), tbl_cols=-1, tbl_width_chars=160,
+                   fmt_str_lengths=60):
+        print(table_out.drop("slide_ids"))
+    print(f"{len(cases)} case(s) from {sum(len(s) for s in cases.values())} slide(s); wrote "
+          f"{join_uri(to, 'case_differentials.parquet')} and case_summary.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
