@@ -279,3 +279,13 @@ def test_images_and_output_on_s3(exports, s3_server, s3_client, tmp_path, capsys
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket="exports")["Contents"]}
     assert {f"run1/agreement/{f}" for f in ("agreement.parquet", "agreement_slides.parquet",
                                             "bland_altman.png")} <= keys
+    # a case sheet on S3: the pooled case written beside the output
+    from jobs import case_differentials
+
+    s3_client.put_object(Bucket="exports", Key="cases.csv",
+                         Body=b"slide,case\nslide-a,X\nslide-b,X\n")
+    assert case_differentials.main(["--output", "s3://exports/run1", "--cases",
+                                     "s3://exports/cases.csv", "--s3-endpoint", s3_server]) == 0
+    assert "1 case(s) from 2 slide(s)" in capsys.readouterr().out
+    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket="exports")["Contents"]}
+    assert {"run1/cases/case_differentials.parquet", "run1/cases/case_summary.csv"} <= keys
