@@ -21,6 +21,7 @@ import sys
 
 import numpy as np
 
+from jobs.cell_gallery import EXPORT_FORMAT
 from jobs.common import add_storage_args, committed_slide, fail, storage_from_args
 
 THUMB_PX = 1024
@@ -58,6 +59,9 @@ def main(argv=None) -> int:
     try:
         slide = committed_slide(store, args.slide)
         sid = slide["slide_id"]
+        if slide["format"] == EXPORT_FORMAT:
+            return fail(f"slide {sid} is a single-cell export (classify_cells): its images have "
+                        "no place on a slide to map; python -m jobs.cell_gallery shows them")
         with store.fs.open(f"{store.path.rstrip('/')}/cells/{sid}.parquet", "rb") as fh:
             cells = pl.read_parquet(fh, columns=["x", "y", "kind", column])
     except (FileNotFoundError, ValueError) as err:

@@ -143,6 +143,11 @@ def test_a_cases_slides_are_counted_together(exports, tmp_path, capsys):
         pq.write_table(table.set_column(i, table.schema.field(i), pa.array(retyped)), path)
     assert case_differentials.main(["--output", str(other), "--cases", str(cases)]) == 2
     assert "a blood film with marrow slides" in capsys.readouterr().err
+    # an export's images have no place on a slide: no map of them
+    from jobs import slide_map
+
+    assert slide_map.main(["--output", str(out), "--slide", "slide-a"]) == 2
+    assert "single-cell export" in capsys.readouterr().err
 
 
 def test_images_out_of_focus_are_left_out_of_the_count(exports, tmp_path, capsys):
