@@ -58,6 +58,47 @@ def pooled_differential(cells, model_codes: list[str], blood: bool, settings: di
         count_out_of_focus=settings["count_out_of_focus"])
 
 
+def case_members(sheet: list[dict], key: str, status, codes: dict[str, list[str]]
+                 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """``(case -> its slide_ids to pool, case -> "name: why" of the slides left out)`` from a
+    sheet's rows (``key``: its slide column; ``case``), an output's ``slide_status`` frame, and
+    the class codes of each slide with a differential."""
+    import polars as pl
+
+    from jobs.compare_differentials import slide_keys
+
+    keys, ok = slide_keys(status), set(status.filter(pl.col("status") == "ok")["slide_id"])
+    cases: dict[str, list[str]] = {}
+    left_out: dict[str, list[str]] = {}
+    for r in sheet:
+        name, case = (r.get(key) or "").strip(), (r.get("case") or "").strip()
+        if not name or not case:
+            continue
+        sids = keys.get(name, set())
+        why = ("not in the output" if not sids else
+               f"names {len(sids)} slides: give the slide_id" if len(sids) > 1 else None)
+        sid = next(iter(sids)) if len(sids) == 1 else None
+        if sid and sid not in ok:
+            why = "status " + status.filter(pl.col("slide_id") == sid)["status"][0]
+        elif sid and sid not in codes:
+            why = "no differential (no cell stage)"
+        if why:
+            left_out.setdefault(case, []).append(f"{name}: {why}")
+        elif sid not in cases.setdefault(case, []):
+            cases[case].append(sid)
+    return cases, left_out
+
+
+def pooling_problem(sids: list[str], specimen: dict[str, str], codes: dict[str, list[str]]
+                    ) -> str | None:
+    """Why these slides' cells cannot be counted as one, or None."""
+    if len({specimen[s] == "blood" for s in sids}) > 1:
+        return "a blood film with marrow slides (counted over different denominators)"
+    if len({tuple(codes[s]) for s in sids}) > 1:
+        return "slides classified by models of different classes"
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.case_differentials", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,7 +115,6 @@ def main(argv=None) -> int:
     from engine.outputs import join_uri, write_bytes, write_parquet
     from engine.pipeline.commit import OutputStore
     from engine.slides.storage import InputError
-    from jobs.compare_differentials import slide_keys
 
     storage = storage_from_args(args)
     store = OutputStore(args.output, storage)
@@ -96,45 +136,23 @@ def main(argv=None) -> int:
     codes = {} if diff is None else {
         sid: sorted(g["class_code"]) for (sid,), g in
         pl.from_arrow(diff).filter(pl.col("level") == "class").group_by("slide_id")}
-    keys, ok = slide_keys(status), set(status.filter(pl.col("status") == "ok")["slide_id"])
-
-    cases: dict[str, list[str]] = {}
-    left_out: dict[str, list[str]] = {}  # case -> "name: why"
-    for r in sheet:
-        name, case = (r.get(key) or "").strip(), (r.get("case") or "").strip()
-        if not name or not case:
-            continue
-        sids = keys.get(name, set())
-        why = ("not in the output" if not sids else
-               f"names {len(sids)} slides: give the slide_id" if len(sids) > 1 else None)
-        sid = next(iter(sids)) if len(sids) == 1 else None
-        if sid and sid not in ok:
-            why = "status " + status.filter(pl.col("slide_id") == sid)["status"][0]
-        elif sid and sid not in codes:
-            why = "no differential (no cell stage)"
-        if why:
-            left_out.setdefault(case, []).append(f"{name}: {why}")
-        elif sid not in cases.setdefault(case, []):
-            cases[case].append(sid)
-
+    cases, left_out = case_members(sheet, key, status, codes)
     table = "image_cells" if store.read("image_cells", columns=["slide_id"]) is not None \
         else "cells"
     columns = ["class_code", "out_of_focus", "out_of_distribution"]
     rows, summary = [], []
     for case, sids in cases.items():
-        kinds = {specimen[s] == "blood" for s in sids}
-        sets = {tuple(codes[s]) for s in sids}
-        if len(kinds) > 1 or len(sets) > 1:
-            why = ("a blood film with marrow slides (counted over different denominators)"
-                   if len(kinds) > 1 else "slides classified by models of different classes")
+        why = pooling_problem(sids, specimen, codes)
+        if why:
             left_out.setdefault(case, []).append(f"the whole case: {why}")
             print(f"case {case}: not pooled: {why}", file=sys.stderr)
+            summary.append({"case": case, "n_slides": 0, "left_out": "; ".join(left_out[case])})
             continue
         read = store.read(table, columns=columns, slide_ids=set(sids))
         cells = pl.from_arrow(read) if read is not None else pl.DataFrame(
             schema={"class_code": pl.String, "out_of_focus": pl.Boolean,
                     "out_of_distribution": pl.Boolean})
-        d = pooled_differential(cells, list(sets.pop()), kinds.pop(), settings)
+        d = pooled_differential(cells, codes[sids[0]], specimen[sids[0]] == "blood", settings)
         for row in differential_rows(case, d):
             row["case"] = row.pop("slide_id")
             rows.append({**row, "n_slides": len(sids), "slide_ids": sids})

@@ -27,6 +27,9 @@ category's sensitivity and positive predictive value, and the confusion.
 
 Prints JSON to stdout; writes ``agreement.parquet`` (per category), ``agreement_slides.parquet``
 (per slide and category) and ``bland_altman.png`` under ``--to`` (default: ``<output>/agreement``).
+With ``--cases <slide,case CSV>`` the sheet has a row per case (a ``case`` column), compared with
+the summed counts of the case's ok slides (`jobs.case_differentials`).
+
 Only committed slides are read; a slide that failed, or one the sheet names that the output does
 not hold, is listed with the reason, never dropped unsaid.
 """
@@ -109,6 +112,36 @@ def _sheet_from_source_labels(store):
     return [rows[s] for s in sorted(rows)], "slide_id", cells
 
 
+def _cases(uri: str, store, status, auto: dict, by_status: dict):
+    """Cases in place of slides: ``(keys, by_status, auto, left_out)`` as `main` uses them,
+    each case's counts the sum of its ok slides' (`jobs.case_differentials.case_members`),
+    its review flags theirs; and per case the slides left out, with why."""
+    import polars as pl
+
+    from jobs.case_differentials import case_members, pooling_problem
+
+    sheet = read_csv_rows(uri, store.storage)
+    key = next((c for c in KEY_COLUMNS if sheet and c in sheet[0]), None)
+    if key is None or "case" not in sheet[0]:
+        raise ValueError(f"{uri}: needs a slide column (one of {', '.join(KEY_COLUMNS)}) and a "
+                         f"case column")
+    codes = {sid: sorted(c) for sid, c in auto.items()}
+    members, left_out = case_members(sheet, key, status, codes)
+    specimen = dict(zip(*pl.from_arrow(store.read("slides")).select("slide_id", "specimen")))
+    pooled, flags = {}, {}
+    for case, sids in members.items():
+        why = pooling_problem(sids, specimen, codes)
+        if why:
+            left_out.setdefault(case, []).append(f"the whole case: {why}")
+            continue
+        pooled[case] = {c: sum(auto[s].get(c, 0) for s in sids) for c in codes[sids[0]]}
+        flags[case] = {"status": "ok", "warnings": sorted(
+            {w for s in sids for w in (by_status[s].get("warnings") or [])})}
+    missing = {c: {"status": "no slide", "error_message": "; ".join(w)}
+               for c, w in left_out.items() if c not in pooled}
+    return {c: {c} for c in (*pooled, *missing)}, {**flags, **missing}, pooled, left_out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.compare_differentials", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,6 +156,9 @@ def main(argv=None) -> int:
     p.add_argument("--counted", type=int, metavar="N",
                    help="the sheet gives percentages, each of N cells counted (a sheet's "
                         f"{COUNTED_COLUMNS[0]!r} column gives it per slide instead)")
+    p.add_argument("--cases", help="CSV of slide,case (as jobs.case_differentials takes): the "
+                                   "manual sheet has a row per case (a case column), compared "
+                                   "with the pooled counts of the case's slides")
     p.add_argument("--to", help="where to write the tables and the plot (default: "
                                 "<output>/agreement)")
     add_storage_args(p)
@@ -139,6 +175,9 @@ def main(argv=None) -> int:
 
     storage = storage_from_args(args)
     store = OutputStore(args.output, storage)
+    if args.cases and args.source_labels:
+        return fail("--cases compares a manual sheet of cases; --source-labels compares each "
+                    "export with its own folders: give one")
     if args.source_labels:
         sheet, key, labelled = _sheet_from_source_labels(store)
         if not sheet:
@@ -151,7 +190,11 @@ def main(argv=None) -> int:
             return fail(str(err))
         if not sheet:
             return fail(f"{args.manual}: no rows")
-        key = next((c for c in KEY_COLUMNS if c in sheet[0]), None)
+        key = "case" if args.cases and "case" in sheet[0] else None if args.cases else \
+            next((c for c in KEY_COLUMNS if c in sheet[0]), None)
+        if key is None and args.cases:
+            return fail(f"{args.manual}: no case column (with --cases, a row per case); "
+                        f"columns: {', '.join(sheet[0])}")
         if key is None:
             return fail(f"{args.manual}: no slide column (one of {', '.join(KEY_COLUMNS)}); "
                         f"columns: {', '.join(sheet[0])}")
@@ -186,6 +229,11 @@ def main(argv=None) -> int:
     by_status = {r["slide_id"]: r for r in status.iter_rows(named=True)}
     auto = {sid: dict(zip(g["class_code"], g["count"]))
             for (sid,), g in classes.group_by("slide_id")}
+    if args.cases:  # the units compared are cases: their slides' counts summed
+        try:
+            keys, by_status, auto, left_out = _cases(args.cases, store, status, auto, by_status)
+        except (InputError, ValueError) as err:
+            return fail(str(err))
     rows, not_compared, unmatched, seen = [], {}, [], {}
     for r in sheet:
         name = (r.get(key) or "").strip()
@@ -249,6 +297,7 @@ def main(argv=None) -> int:
         "slides_with_review_flags": sorted(set(per_slide.filter(
             pl.col("review_flags").list.len() > 0)["slide"])),
         "unmatched": unmatched, "not_compared": not_compared, "columns_not_compared": ignored,
+        **({"compared": "cases", "case_slides_left_out": left_out} if args.cases else {}),
         "written": [join_uri(to, f) for f in ("agreement.parquet", "agreement_slides.parquet",
                                               "bland_altman.png")],
     }

@@ -132,6 +132,25 @@ def test_a_cases_slides_are_counted_together(exports, tmp_path, capsys):
     y = summary.filter(pl.col("case") == "Y").row(0, named=True)
     assert y["n_slides"] == 0 and "slide-c: status failed" in y["left_out"]
     assert "nope: not in the output" in y["left_out"]
+    # a manual differential per case, against the case's pooled counts
+    from jobs import compare_differentials
+
+    manual = tmp_path / "manual.csv"
+    manual.write_text("case,lymphocyte,neutrophil,monocyte\nX,10,20,8\nY,5,5,5\nZ,1,1,1\n")
+    assert compare_differentials.main(["--output", str(out), "--manual", str(manual),
+                                       "--cases", str(cases), "--to", str(tmp_path / "a")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["compared"] == "cases" and report["slides_compared"] == 1
+    assert report["unmatched"] == ["Z"] and "Y" in report["not_compared"]
+    assert "slide-c: status failed" in report["not_compared"]["Y"]
+    rows = pl.read_parquet(tmp_path / "a" / "agreement_slides.parquet")
+    assert set(rows["slide_id"]) == {"X"}
+    auto = dict(zip(got["class_code"], got["count"]))  # the pooled counts above
+    assert dict(zip(rows["category"], rows["auto_count"])) == {
+        "lymphocyte": auto["L2"], "neutrophil": auto["M5"] + auto["M6"], "monocyte": auto["MO2"]}
+    assert compare_differentials.main(["--output", str(out), "--source-labels", "--cases",
+                                       str(cases)]) == 2
+    assert "give one" in capsys.readouterr().err
     # one of the two slides retyped as a marrow aspirate: not pooled with the blood film
     other = tmp_path / "other"
     shutil.copytree(out, other)
