@@ -129,8 +129,15 @@ def main(argv=None) -> int:
     status, slides, diff = (store.read(t) for t in ("slide_status", "slides", "differentials"))
     if status is None or slides is None:
         return fail(f"no committed slides under {args.output}")
+    from engine.schema import SCHEMA_VERSION
+
     with store.fs.open(f"{store.path.rstrip('/')}/config.json") as fh:
-        settings = run_settings(json.load(fh))
+        doc = json.load(fh)
+    if doc.get("schema_version", 1) != SCHEMA_VERSION:  # its cells lack columns counted here
+        return fail(f"{args.output} was written by another hemeflow (table schema "
+                    f"{doc.get('schema_version', 1)}, this one reads {SCHEMA_VERSION}): "
+                    "process its slides again into a new --output")
+    settings = run_settings(doc)
     status = pl.from_arrow(status)
     specimen = dict(zip(*pl.from_arrow(slides).select("slide_id", "specimen")))
     codes = {} if diff is None else {

@@ -162,6 +162,11 @@ def test_a_cases_slides_are_counted_together(exports, tmp_path, capsys):
         pq.write_table(table.set_column(i, table.schema.field(i), pa.array(retyped)), path)
     assert case_differentials.main(["--output", str(other), "--cases", str(cases)]) == 2
     assert "a blood film with marrow slides" in capsys.readouterr().err
+    # an output of an older table schema is refused with what to do, not a traceback
+    doc = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**doc, "schema_version": 3}))
+    assert case_differentials.main(["--output", str(other), "--cases", str(cases)]) == 2
+    assert "table schema 3" in capsys.readouterr().err
     # an export's images have no place on a slide: no map of them
     from jobs import slide_map
 
