@@ -62,7 +62,11 @@ def case_members(sheet: list[dict], key: str, status, codes: dict[str, list[str]
                  ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """``(case -> its slide_ids to pool, case -> "name: why" of the slides left out)`` from a
     sheet's rows (``key``: its slide column; ``case``), an output's ``slide_status`` frame, and
-    the class codes of each slide with a differential."""
+    the class codes of each slide with a differential.
+
+    Raises:
+        ValueError: a slide is named in two cases.
+    """
     import polars as pl
 
     from jobs.compare_differentials import slide_keys
@@ -70,6 +74,7 @@ def case_members(sheet: list[dict], key: str, status, codes: dict[str, list[str]
     keys, ok = slide_keys(status), set(status.filter(pl.col("status") == "ok")["slide_id"])
     cases: dict[str, list[str]] = {}
     left_out: dict[str, list[str]] = {}
+    case_of: dict[str, str] = {}  # a slide belongs to one case
     for r in sheet:
         name, case = (r.get(key) or "").strip(), (r.get("case") or "").strip()
         if not name or not case:
@@ -84,7 +89,11 @@ def case_members(sheet: list[dict], key: str, status, codes: dict[str, list[str]
             why = "no differential (no cell stage)"
         if why:
             left_out.setdefault(case, []).append(f"{name}: {why}")
-        elif sid not in cases.setdefault(case, []):
+            continue
+        if case_of.setdefault(sid, case) != case:
+            raise ValueError(f"slide {sid} ({name}) is in case {case_of[sid]} and in case "
+                             f"{case}: a slide's cells belong to one case")
+        if sid not in cases.setdefault(case, []):
             cases[case].append(sid)
     return cases, left_out
 
@@ -143,7 +152,10 @@ def main(argv=None) -> int:
     codes = {} if diff is None else {
         sid: sorted(g["class_code"]) for (sid,), g in
         pl.from_arrow(diff).filter(pl.col("level") == "class").group_by("slide_id")}
-    cases, left_out = case_members(sheet, key, status, codes)
+    try:
+        cases, left_out = case_members(sheet, key, status, codes)
+    except ValueError as err:
+        return fail(f"{args.cases}: {err}")
     table = "image_cells" if store.read("image_cells", columns=["slide_id"]) is not None \
         else "cells"
     columns = ["class_code", "out_of_focus", "out_of_distribution"]

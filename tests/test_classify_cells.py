@@ -132,6 +132,10 @@ def test_a_cases_slides_are_counted_together(exports, tmp_path, capsys):
     y = summary.filter(pl.col("case") == "Y").row(0, named=True)
     assert y["n_slides"] == 0 and "slide-c: status failed" in y["left_out"]
     assert "nope: not in the output" in y["left_out"]
+    twice = tmp_path / "twice.csv"  # one slide in two cases: a sheet's mistake
+    twice.write_text("slide,case\nslide-a,X\nslide-b,X\nslide-a,W\n")
+    assert case_differentials.main(["--output", str(out), "--cases", str(twice)]) == 2
+    assert "is in case X and in case W" in capsys.readouterr().err
     # a manual differential per case, against the case's pooled counts
     from jobs import compare_differentials
 
