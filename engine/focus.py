@@ -66,8 +66,19 @@ def edge_blur_um(crops: np.ndarray, mpp: float, inside: np.ndarray | None = None
     # in chunks: a whole export at once would be 3x slower a crop (its arrays leave the cache)
     if inside is None:
         inside = np.tile(np.asarray([0, 0, w, h], np.int64), (n, 1))
-    parts = [_edge_blur_um(crops[i:i + CHUNK], mpp, inside[i:i + CHUNK])
-             for i in range(0, n, CHUNK)]
+    # One OpenCV thread: a CI run once saw the same crops read 5e-5 apart in two calls (not
+    # reproduced here: 30 calls on 4 threads agreed), and how threads split the float32
+    # filters' rows is the one thing that varies between calls. It costs nothing on chunks
+    # this size (111-113 µs a crop against 113-120 with two). A crop's place in the stacked
+    # chunk moves its value by up to 1e-5 µm (float32 rounding; float64 filters would cost 47 %
+    # more), so a tile's cells, always measured together, read the same in every run.
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        parts = [_edge_blur_um(crops[i:i + CHUNK], mpp, inside[i:i + CHUNK])
+                 for i in range(0, n, CHUNK)]
+    finally:
+        cv2.setNumThreads(threads)
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
