@@ -64,8 +64,8 @@ def edge_blur_um(crops: np.ndarray, mpp: float, inside: np.ndarray | None = None
         raise ValueError(f"crops of {h} x {w} px: the blur is read inside a {MARGIN} px margin, "
                          f"so they must be larger than {2 * MARGIN} px")
     # in chunks: a whole export at once would be 3x slower a crop (its arrays leave the cache)
-    if inside is None:
-        inside = np.tile(np.asarray([0, 0, w, h], np.int64), (n, 1))
+    if inside is not None and (np.asarray(inside) == [0, 0, w, h]).all():
+        inside = None  # no crop runs off its image: no mask to build (the pipeline's usual case)
     # One OpenCV thread: a CI run once saw the same crops read 5e-5 apart in two calls (not
     # reproduced here: 30 calls on 4 threads agreed), and how threads split the float32
     # filters' rows is the one thing that varies between calls. It costs nothing on chunks
@@ -75,14 +75,15 @@ def edge_blur_um(crops: np.ndarray, mpp: float, inside: np.ndarray | None = None
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
-        parts = [_edge_blur_um(crops[i:i + CHUNK], mpp, inside[i:i + CHUNK])
+        parts = [_edge_blur_um(crops[i:i + CHUNK], mpp,
+                               None if inside is None else inside[i:i + CHUNK])
                  for i in range(0, n, CHUNK)]
     finally:
         cv2.setNumThreads(threads)
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
-def _edge_blur_um(crops: np.ndarray, mpp: float, inside: np.ndarray) -> np.ndarray:
+def _edge_blur_um(crops: np.ndarray, mpp: float, inside: np.ndarray | None) -> np.ndarray:
     """`edge_blur_um` of one chunk of crops."""
     n, h, w = crops.shape[:3]
     # the crops' central windows (plus the filters' reach) stacked into one tall grey image:
@@ -95,11 +96,12 @@ def _edge_blur_um(crops: np.ndarray, mpp: float, inside: np.ndarray) -> np.ndarr
     sharp = _gradient(grey).reshape(n, wh, ww)[inner].reshape(n, -1)
     soft = _gradient(cv2.GaussianBlur(grey, (0, 0), SIGMA_R)).reshape(n, wh, ww)[inner]
     soft = soft.reshape(n, -1)
-    rows = MARGIN + np.arange(h - 2 * MARGIN)  # the central window's crop coordinates
-    cols = MARGIN + np.arange(w - 2 * MARGIN)
-    seen = (((rows >= inside[:, 1:2] + REACH) & (rows < inside[:, 3:4] - REACH))[:, :, None] &
-            ((cols >= inside[:, 0:1] + REACH) & (cols < inside[:, 2:3] - REACH))[:, None, :])
-    sharp = np.where(seen.reshape(n, -1), sharp, 0)  # no edge where the filters saw padding
+    if inside is not None:  # no edge where the filters saw padding
+        rows = MARGIN + np.arange(h - 2 * MARGIN)  # the central window's crop coordinates
+        cols = MARGIN + np.arange(w - 2 * MARGIN)
+        seen = (((rows >= inside[:, 1:2] + REACH) & (rows < inside[:, 3:4] - REACH))[:, :, None]
+                & ((cols >= inside[:, 0:1] + REACH) & (cols < inside[:, 2:3] - REACH))[:, None, :])
+        sharp = np.where(seen.reshape(n, -1), sharp, 0)
     k = max(8, int(EDGE_SHARE * sharp.shape[1]))
     kth = np.partition(sharp, -k, axis=1)[:, -k]  # (N,) each crop's k-th strongest gradient
     edge = sharp >= kth[:, None]  # its edge pixels (ties may add a few)

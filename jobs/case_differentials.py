@@ -29,9 +29,10 @@ import argparse
 import json
 import sys
 
+from jobs.cell_gallery import EXPORT_FORMAT
 from jobs.common import add_storage_args, fail, read_csv_rows, storage_from_args
 
-KEY_COLUMNS = ("slide", "slide_id", "uri", "path", "file")  # as jobs.compare_differentials
+WHOLE_CASE = "the whole case"  # a left_out entry that refuses a case, not one slide
 
 
 def run_settings(doc: dict) -> dict:
@@ -58,11 +59,28 @@ def pooled_differential(cells, model_codes: list[str], blood: bool, settings: di
         count_out_of_focus=settings["count_out_of_focus"])
 
 
-def case_members(sheet: list[dict], key: str, status, codes: dict[str, list[str]]
-                 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+def read_case_sheet(uri: str, storage) -> tuple[list[dict], str]:
+    """A ``slide,case`` sheet's rows and the name of its slide column.
+
+    Raises:
+        ValueError: no slide column or no case column.
+    """
+    from jobs.compare_differentials import KEY_COLUMNS
+
+    sheet = read_csv_rows(uri, storage)
+    key = next((c for c in KEY_COLUMNS if sheet and c in sheet[0]), None)
+    if key is None or "case" not in sheet[0]:
+        raise ValueError(f"{uri}: needs a slide column (one of {', '.join(KEY_COLUMNS)}) and a "
+                         f"case column; columns: {', '.join(sheet[0]) if sheet else 'none'}")
+    return sheet, key
+
+
+def case_members(sheet: list[dict], key: str, status, codes: dict[str, list[str]],
+                 specimen: dict[str, str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """``(case -> its slide_ids to pool, case -> "name: why" of the slides left out)`` from a
-    sheet's rows (``key``: its slide column; ``case``), an output's ``slide_status`` frame, and
-    the class codes of each slide with a differential.
+    sheet's rows (``key``: its slide column; ``case``), an output's ``slide_status`` frame, the
+    class codes of each slide with a differential and each slide's specimen type. A case whose
+    slides cannot be counted as one (`pooling_problem`) is left out whole.
 
     Raises:
         ValueError: a slide is named in two cases.
@@ -95,6 +113,11 @@ def case_members(sheet: list[dict], key: str, status, codes: dict[str, list[str]
                              f"{case}: a slide's cells belong to one case")
         if sid not in cases.setdefault(case, []):
             cases[case].append(sid)
+    for case, sids in list(cases.items()):
+        why = pooling_problem(sids, specimen, codes)
+        if why:
+            left_out.setdefault(case, []).append(f"{WHOLE_CASE}: {why}")
+            del cases[case]
     return cases, left_out
 
 
@@ -128,13 +151,9 @@ def main(argv=None) -> int:
     storage = storage_from_args(args)
     store = OutputStore(args.output, storage)
     try:
-        sheet = read_csv_rows(args.cases, storage)
-    except (FileNotFoundError, InputError) as err:
+        sheet, key = read_case_sheet(args.cases, storage)
+    except (FileNotFoundError, InputError, ValueError) as err:
         return fail(str(err))
-    key = next((c for c in KEY_COLUMNS if sheet and c in sheet[0]), None)
-    if key is None or "case" not in sheet[0]:
-        return fail(f"{args.cases}: needs a slide column (one of {', '.join(KEY_COLUMNS)}) and "
-                    f"a case column; columns: {', '.join(sheet[0]) if sheet else 'none'}")
     status, slides, diff = (store.read(t) for t in ("slide_status", "slides", "differentials"))
     if status is None or slides is None:
         return fail(f"no committed slides under {args.output}")
@@ -148,25 +167,20 @@ def main(argv=None) -> int:
                     "process its slides again into a new --output")
     settings = run_settings(doc)
     status = pl.from_arrow(status)
-    specimen = dict(zip(*pl.from_arrow(slides).select("slide_id", "specimen")))
+    slides = pl.from_arrow(slides)
+    specimen = dict(zip(*slides.select("slide_id", "specimen")))
     codes = {} if diff is None else {
         sid: sorted(g["class_code"]) for (sid,), g in
         pl.from_arrow(diff).filter(pl.col("level") == "class").group_by("slide_id")}
     try:
-        cases, left_out = case_members(sheet, key, status, codes)
+        cases, left_out = case_members(sheet, key, status, codes, specimen)
     except ValueError as err:
         return fail(f"{args.cases}: {err}")
-    table = "image_cells" if store.read("image_cells", columns=["slide_id"]) is not None \
-        else "cells"
+    # an export's cells are its images (classify_cells); one output holds one kind of slide
+    table = "image_cells" if (slides["format"] == EXPORT_FORMAT).any() else "cells"
     columns = ["class_code", "out_of_focus", "out_of_distribution"]
     rows, summary = [], []
     for case, sids in cases.items():
-        why = pooling_problem(sids, specimen, codes)
-        if why:
-            left_out.setdefault(case, []).append(f"the whole case: {why}")
-            print(f"case {case}: not pooled: {why}", file=sys.stderr)
-            summary.append({"case": case, "n_slides": 0, "left_out": "; ".join(left_out[case])})
-            continue
         read = store.read(table, columns=columns, slide_ids=set(sids))
         cells = pl.from_arrow(read) if read is not None else pl.DataFrame(
             schema={"class_code": pl.String, "out_of_focus": pl.Boolean,

@@ -118,22 +118,14 @@ def _cases(uri: str, store, status, auto: dict, by_status: dict):
     its review flags theirs; and per case the slides left out, with why."""
     import polars as pl
 
-    from jobs.case_differentials import case_members, pooling_problem
+    from jobs.case_differentials import case_members, read_case_sheet
 
-    sheet = read_csv_rows(uri, store.storage)
-    key = next((c for c in KEY_COLUMNS if sheet and c in sheet[0]), None)
-    if key is None or "case" not in sheet[0]:
-        raise ValueError(f"{uri}: needs a slide column (one of {', '.join(KEY_COLUMNS)}) and a "
-                         f"case column")
+    sheet, key = read_case_sheet(uri, store.storage)
     codes = {sid: sorted(c) for sid, c in auto.items()}
-    members, left_out = case_members(sheet, key, status, codes)
     specimen = dict(zip(*pl.from_arrow(store.read("slides")).select("slide_id", "specimen")))
+    members, left_out = case_members(sheet, key, status, codes, specimen)
     pooled, flags = {}, {}
     for case, sids in members.items():
-        why = pooling_problem(sids, specimen, codes)
-        if why:
-            left_out.setdefault(case, []).append(f"the whole case: {why}")
-            continue
         pooled[case] = {c: sum(auto[s].get(c, 0) for s in sids) for c in codes[sids[0]]}
         flags[case] = {"status": "ok", "warnings": sorted(
             {w for s in sids for w in (by_status[s].get("warnings") or [])})}

@@ -5,11 +5,12 @@
 
 Reads the slide's rows of the ``cells`` table, cuts the slide into squares of ``--square-um``
 (256 µm, a cell tile, by default) and paints each square that holds nucleated cells by the
-share of them flagged (the number in it: how many cells that share rests on): ``focus``, out of focus (``out_of_focus``: edge blur above the run's
-``cells.max_blur_um``); ``ood``, unlike the classifier's training data
-(``out_of_distribution``). The PNG shows the slide's thumbnail beside the painted one. A slide
-blurred all over wants a rescan; one blurred in a region (a bubble, a thick area, a tilted edge)
-has those cells left out of its differential and the rest counted. It prints how many squares
+share of them flagged (the number in it: how many cells that share rests on): ``focus``, out
+of focus (``out_of_focus``: edge blur above the run's ``cells.max_blur_um``); ``ood``, unlike
+the classifier's training data (``out_of_distribution``). The PNG shows the slide's
+thumbnail beside the painted one. A slide blurred all over wants a rescan; one blurred in a
+region (a bubble, a thick area, a tilted edge) has those cells left out of its differential and
+the rest counted. It prints how many squares
 are mostly flagged and how many of the slide's flagged cells lie in them. The slide must still
 be where the run read it (its ``uri``).
 """
@@ -62,11 +63,12 @@ def main(argv=None) -> int:
         if slide["format"] == EXPORT_FORMAT:
             return fail(f"slide {sid} is a single-cell export (classify_cells): its images have "
                         "no place on a slide to map; python -m jobs.cell_gallery shows them")
-        with store.fs.open(f"{store.path.rstrip('/')}/cells/{sid}.parquet", "rb") as fh:
-            cells = pl.read_parquet(fh, columns=["x", "y", "kind", column])
+        read = store.read("cells", columns=["x", "y", "kind", column], slide_ids={sid})
     except (FileNotFoundError, ValueError) as err:
         return fail(str(err))
-    cells = cells.filter(pl.col("kind") == "nucleated", pl.col(column).is_not_null())
+    if read is None:
+        return fail(f"slide {sid} has no cells table in {args.output} (no cell stage ran)")
+    cells = pl.from_arrow(read).filter(pl.col("kind") == "nucleated", pl.col(column).is_not_null())
     if cells.is_empty():
         return fail(f"slide {sid} has no nucleated cells with {column} in {args.output}")
     flagged = cells[column].to_numpy().astype(bool)
