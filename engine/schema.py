@@ -7,11 +7,12 @@ import re
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 4  # 2: how far cells lie from the training data; slide_status warnings
+SCHEMA_VERSION = 5  # 2: how far cells lie from the training data; slide_status warnings
 #                    3: slides.specimen (engine/specimen.py); differentials.denominator,
 #                       n_wbc, nrbc_per_100_wbc (a blood smear is counted over white cells)
 #                    4: cells and image_cells blur_um, out_of_focus (engine/focus.py); differentials
 #                       n_out_of_focus, out_of_focus_percent, out_of_focus
+#                    5: slides.case (the case, or accession, the input list puts a slide in)
 STATUSES = ("ok", "failed", "skipped")
 
 
@@ -26,6 +27,7 @@ SLIDES = _schema("slides", [
     pa.field("size_bytes", pa.int64()),
     pa.field("etag", pa.string()),
     pa.field("specimen", pa.string()),
+    pa.field("case", pa.string()),
     pa.field("format", pa.string()),
     pa.field("backend", pa.string()),
     pa.field("width", pa.int64()),

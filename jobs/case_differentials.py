@@ -1,13 +1,15 @@
 """One differential per case: the cells of a case's slides counted together.
 
     python -m jobs.case_differentials --output <process_slides or classify_cells output>
-        --cases <cases.csv> [--to <dir>]
+        [--cases <cases.csv>] [--to <dir>]
 
 A case (a patient's accession) often has several slides: two or three aspirate smears, or a
 smear scanned twice. The report gives one differential for the case, over all the cells
-counted on its slides, as a technologist's 500-cell count spans them. ``cases.csv`` has a row
-per slide: a ``slide`` column (its slide_id, path, file name, or file name without extension;
-or ``slide_id``, ``uri``, ``path``, ``file``) and a ``case`` column.
+counted on its slides, as a technologist's 500-cell count spans them. The cases are those the
+output's slides table records (the ``case`` column of the input list ``process_slides`` or
+``inventory`` was given), or, with ``--cases``, those of a sheet in their place: a row per
+slide, a ``slide`` column (its slide_id, path, file name, or file name without extension; or
+``slide_id``, ``uri``, ``path``, ``file``) and a ``case`` column.
 
 For each case the job pools its committed ``ok`` slides' cells (``cells``, or an export's
 ``image_cells``) and counts them as the run counted each slide (`engine.differential`, with
@@ -75,6 +77,24 @@ def read_case_sheet(uri: str, storage) -> tuple[list[dict], str]:
     return sheet, key
 
 
+def case_sheet(uri: str | None, slides, storage) -> tuple[list[dict], str]:
+    """``(rows, slide column)`` of the sheet at ``uri`` (`read_case_sheet`), or with no ``uri``
+    the cases an output's ``slides`` frame records (its ``case`` column, by slide_id).
+
+    Raises:
+        ValueError: the sheet has no slide or case column, or no slide has a case.
+    """
+    if uri:
+        return read_case_sheet(uri, storage)
+    rows = [{"slide_id": sid, "case": case} for sid, case in
+            slides.select("slide_id", "case").iter_rows() if case]
+    if not rows:
+        raise ValueError("no slide of the output has a case: give the input list a case column "
+                         "(the case, or accession, each slide belongs to) or pass --cases "
+                         "<slide,case CSV>")
+    return rows, "slide_id"
+
+
 def case_members(sheet: list[dict], key: str, status, codes: dict[str, list[str]],
                  specimen: dict[str, str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """``(case -> its slide_ids to pool, case -> "name: why" of the slides left out)`` from a
@@ -136,7 +156,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True,
                    help="a process_slides or classify_cells output folder or s3:// prefix")
-    p.add_argument("--cases", required=True, help="CSV: a slide column and a case column")
+    p.add_argument("--cases", help="CSV: a slide column and a case column (default: the case "
+                                   "the output's slides table records for each slide)")
     p.add_argument("--to", help="where to write (default: <output>/cases)")
     add_storage_args(p)
     args = p.parse_args(argv)
@@ -150,10 +171,6 @@ def main(argv=None) -> int:
 
     storage = storage_from_args(args)
     store = OutputStore(args.output, storage)
-    try:
-        sheet, key = read_case_sheet(args.cases, storage)
-    except (FileNotFoundError, InputError, ValueError) as err:
-        return fail(str(err))
     status, slides, diff = (store.read(t) for t in ("slide_status", "slides", "differentials"))
     if status is None or slides is None:
         return fail(f"no committed slides under {args.output}")
@@ -168,6 +185,10 @@ def main(argv=None) -> int:
     settings = run_settings(doc)
     status = pl.from_arrow(status)
     slides = pl.from_arrow(slides)
+    try:
+        sheet, key = case_sheet(args.cases, slides, storage)
+    except (FileNotFoundError, InputError, ValueError) as err:
+        return fail(str(err) if args.cases else f"{args.output}: {err}")
     specimen = dict(zip(*slides.select("slide_id", "specimen")))
     codes = {} if diff is None else {
         sid: sorted(g["class_code"]) for (sid,), g in
@@ -175,7 +196,7 @@ def main(argv=None) -> int:
     try:
         cases, left_out = case_members(sheet, key, status, codes, specimen)
     except ValueError as err:
-        return fail(f"{args.cases}: {err}")
+        return fail(f"{args.cases or args.output}: {err}")
     # an export's cells are its images (classify_cells); one output holds one kind of slide
     table = "image_cells" if (slides["format"] == EXPORT_FORMAT).any() else "cells"
     columns = ["class_code", "out_of_focus", "out_of_distribution"]

@@ -3,6 +3,7 @@ table and a differential per exported slide, committed slide by slide as process
 
     python -m jobs.classify_cells --images <dir | s3://…>/<slide>/…/<image> --output <dir | s3://…>
         [--specimen blood|aspirate] [--source-mpp 0.1 | auto] [--checkpoint …] [--tta]
+        [--cases <slide,case CSV>]
 
 Each sub-folder of ``--images`` is one exported slide (or patient). The images anywhere below
 it are its cells; the folder an image lies in, where deeper than the slide's, is kept as its
@@ -16,7 +17,8 @@ cells; images out of focus, `engine.focus`, left out of the counts and reported)
 ``slide_status/`` (the commit). A rerun skips committed slides and removes a crash's leftovers.
 An unreadable image is left out and named in the slide's warnings; a slide with no readable
 image is a ``failed`` status row with the reason. ``jobs.slide_summary`` reads the output as it
-reads process_slides'.
+reads process_slides'. ``--cases`` records the case (accession) of each export it names (by
+folder name, path or slide_id) in the slides table, and ``jobs.case_differentials`` pools them.
 """
 
 from __future__ import annotations
@@ -70,9 +72,37 @@ def read_images(paths: list[str], source_mpp: float, spec, threads: int | None =
     return ok, np.stack(crops) if crops else np.zeros((0, px, px, 3), np.uint8), bad
 
 
-def classify_slide(sid: str, folder: str, paths: list[str], predictor, args) -> tuple[dict,
-                                                                                     dict]:
-    """One export's tables (``slides``, ``image_cells``, ``differentials``) and its status row."""
+def export_cases(uri: str, storage, folders: dict[str, str], ids: dict[str, str]
+                 ) -> tuple[dict[str, str], list[str]]:
+    """``(export name -> case, names the sheet gives that are no export)`` from a ``slide,case``
+    sheet (`jobs.case_differentials.read_case_sheet`) naming exports by folder name, path or
+    slide_id.
+
+    Raises:
+        ValueError: the sheet lacks a slide or case column, or puts an export in two cases.
+    """
+    from jobs.case_differentials import read_case_sheet
+
+    sheet, key = read_case_sheet(uri, storage)
+    names = {k: name for name, folder in folders.items() for k in (name, folder, ids[name])}
+    cases: dict[str, str] = {}
+    unknown = []
+    for r in sheet:
+        given, case = (r.get(key) or "").strip(), (r.get("case") or "").strip()
+        if not given or not case:
+            continue
+        if given not in names:
+            unknown.append(given)
+        elif cases.setdefault(names[given], case) != case:
+            raise ValueError(f"{uri}: {given} is in case {cases[names[given]]} and in case "
+                             f"{case}: an export belongs to one case")
+    return cases, unknown
+
+
+def classify_slide(sid: str, folder: str, paths: list[str], predictor, args,
+                   case: str | None = None) -> tuple[dict, dict]:
+    """One export's tables (``slides``, ``image_cells``, ``differentials``) and its status row;
+    ``case``: the case it belongs to."""
     import engine
     from engine.differential import compute_differential, differential_rows, review_warnings
     from engine.focus import edge_blur_um
@@ -85,7 +115,8 @@ def classify_slide(sid: str, folder: str, paths: list[str], predictor, args) -> 
                                              "differential"],
               "skipped_stages": [], "started_at": started, "engine_version": engine.__version__,
               "config_hash": args.config_hash, "warnings": []}
-    slide = {"slide_id": sid, "uri": folder, "specimen": args.specimen, "format": FORMAT,
+    slide = {"slide_id": sid, "uri": folder, "specimen": args.specimen, "case": case,
+             "format": FORMAT,
              "status": "ok", "notes": f"{len(paths)} images, {len(bad)} unreadable",
              "mpp_x": args.source_mpp, "mpp_y": args.source_mpp, "mpp_source": args.mpp_source,
              "inventoried_at": started}
@@ -157,6 +188,8 @@ def main(argv=None) -> int:
                    help="count the images out of focus in the differential too")
     p.add_argument("--max-out-of-focus-percent", type=float, default=20.0,
                    help="more nucleated cells than this %% out of focus flags the slide")
+    p.add_argument("--cases", help="CSV: a slide column (an export's folder name, path or "
+                                   "slide_id) and a case column, recorded in the slides table")
     p.add_argument("--allow-untrained", action="store_true", help="random weights (tests only)")
     add_storage_args(p)
     args = p.parse_args(argv)
@@ -167,7 +200,7 @@ def main(argv=None) -> int:
     from engine.pipeline.commit import OutputStore
     from engine.schema import SCHEMA_VERSION, slide_id_for
     from engine.outputs import join_uri, write_bytes
-    from engine.slides.storage import normalize_uri
+    from engine.slides.storage import InputError, normalize_uri
 
     storage = args.storage = storage_from_args(args)
     try:
@@ -204,6 +237,14 @@ def main(argv=None) -> int:
     folders = {name: f"{root}/{name}" for name in exports}
     ids = {name: slide_id_for(folder) for name, folder in folders.items()}
     pending = [name for name in exports if ids[name] not in done]
+    try:
+        cases, unknown = export_cases(args.cases, storage, folders, ids) if args.cases else \
+            ({}, [])
+    except (FileNotFoundError, InputError, ValueError) as err:
+        return fail(err)
+    if unknown:
+        print(f"{args.cases}: {len(unknown)} slide(s) are no export under {root}: "
+              f"{', '.join(unknown[:5])}{' …' if len(unknown) > 5 else ''}", file=sys.stderr)
     print(f"{len(exports)} exported slide(s) under {root}: {len(exports) - len(pending)} already "
           f"committed, {len(pending)} to classify"
           + (f"; removed the partial tables of {len(removed)} uncommitted" if removed else ""),
@@ -218,7 +259,8 @@ def main(argv=None) -> int:
     predictor = EnsemblePredictor([model], chunk=args.batch_size)
     counts = {"ok": 0, "failed": 0}
     for name in pending:
-        tables, status = classify_slide(ids[name], folders[name], exports[name], predictor, args)
+        tables, status = classify_slide(ids[name], folders[name], exports[name], predictor, args,
+                                        cases.get(name))
         store.commit(ids[name], tables, status)
         counts[status["status"]] += 1
         diff = tables.get("differentials", [{}])[0]

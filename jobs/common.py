@@ -115,6 +115,19 @@ def expand_inputs(uri: str, storage: StorageConfig) -> list[FileEntry]:
     return list_files(uri, storage)
 
 
+def _list_column(uri: str, storage: StorageConfig, column: str) -> list[tuple[int, str, str]]:
+    """``(line, uri, value)`` of each row of a ``.csv`` input list with a slide and a non-blank
+    ``column``; [] for other inputs and lists without the column."""
+    if not uri.lower().endswith(".csv"):
+        return []
+    rows = read_csv_rows(uri, storage)
+    if not rows or column not in rows[0]:
+        return []
+    col = _uri_column(rows[0])
+    return [(i + 2, _resolve(r[col].strip(), uri), r[column].strip()) for i, r in enumerate(rows)
+            if (r.get(col) or "").strip() and (r[column] or "").strip()]
+
+
 def read_specimens(uri: str, storage: StorageConfig) -> dict[str, str]:
     """The ``specimen`` column of a ``.csv`` input list, by URI (`engine.specimen`; a blank
     cell leaves its slide to ``--specimen``); {} for other inputs and lists without the column.
@@ -122,15 +135,23 @@ def read_specimens(uri: str, storage: StorageConfig) -> dict[str, str]:
     Raises:
         SpecimenError: a cell that names no specimen type (its row is in the message).
     """
-    if not uri.lower().endswith(".csv"):
-        return {}
-    rows = read_csv_rows(uri, storage)
-    if not rows or "specimen" not in rows[0]:
-        return {}
-    col = _uri_column(rows[0])
-    return {_resolve(r[col].strip(), uri): parse_specimen(r["specimen"], f"{uri} line {i + 2}")
-            for i, r in enumerate(rows)
-            if r.get(col, "").strip() and (r["specimen"] or "").strip()}
+    return {u: parse_specimen(v, f"{uri} line {line}")
+            for line, u, v in _list_column(uri, storage, "specimen")}
+
+
+def read_cases(uri: str, storage: StorageConfig) -> dict[str, str]:
+    """The ``case`` column of a ``.csv`` input list (the case, or accession, each slide
+    belongs to; a blank cell: none), by URI; {} for other inputs and lists without the column.
+
+    Raises:
+        InputError: one slide listed in two cases.
+    """
+    cases: dict[str, str] = {}
+    for line, u, case in _list_column(uri, storage, "case"):
+        if cases.setdefault(u, case) != case:
+            raise InputError(f"{uri} line {line}: {u} is in case {cases[u]} and in case {case}: "
+                             "a slide belongs to one case")
+    return cases
 
 
 def read_mpp_table(uri: str, storage: StorageConfig) -> dict[str, float]:

@@ -27,8 +27,9 @@ category's sensitivity and positive predictive value, and the confusion.
 
 Prints JSON to stdout; writes ``agreement.parquet`` (per category), ``agreement_slides.parquet``
 (per slide and category) and ``bland_altman.png`` under ``--to`` (default: ``<output>/agreement``).
-With ``--cases <slide,case CSV>`` the sheet has a row per case (a ``case`` column), compared with
-the summed counts of the case's ok slides (`jobs.case_differentials`).
+With ``--cases`` the sheet has a row per case (a ``case`` column), compared with the summed counts
+of the case's ok slides (`jobs.case_differentials`): the cases the output's slides table
+records, or those of ``--cases <slide,case CSV>``.
 
 Only committed slides are read; a slide that failed, or one the sheet names that the output does
 not hold, is listed with the reason, never dropped unsaid.
@@ -44,6 +45,7 @@ from jobs.common import add_storage_args, fail, read_csv_rows, storage_from_args
 
 KEY_COLUMNS = ("slide", "slide_id", "uri", "path", "file")
 COUNTED_COLUMNS = ("counted", "cells_counted", "n_counted")
+FROM_OUTPUT = "the output's cases"  # --cases without a sheet: the slides table's case column
 
 
 def _number(text: str | None, slide: str, column: str, what: str) -> float:
@@ -118,11 +120,12 @@ def _cases(uri: str, store, status, auto: dict, by_status: dict):
     its review flags theirs; and per case the slides left out, with why."""
     import polars as pl
 
-    from jobs.case_differentials import case_members, read_case_sheet
+    from jobs.case_differentials import case_members, case_sheet
 
-    sheet, key = read_case_sheet(uri, store.storage)
+    slides = pl.from_arrow(store.read("slides"))
+    sheet, key = case_sheet(None if uri == FROM_OUTPUT else uri, slides, store.storage)
     codes = {sid: sorted(c) for sid, c in auto.items()}
-    specimen = dict(zip(*pl.from_arrow(store.read("slides")).select("slide_id", "specimen")))
+    specimen = dict(zip(*slides.select("slide_id", "specimen")))
     members, left_out = case_members(sheet, key, status, codes, specimen)
     pooled, flags = {}, {}
     for case, sids in members.items():
@@ -148,9 +151,10 @@ def main(argv=None) -> int:
     p.add_argument("--counted", type=int, metavar="N",
                    help="the sheet gives percentages, each of N cells counted (a sheet's "
                         f"{COUNTED_COLUMNS[0]!r} column gives it per slide instead)")
-    p.add_argument("--cases", help="CSV of slide,case (as jobs.case_differentials takes): the "
-                                   "manual sheet has a row per case (a case column), compared "
-                                   "with the pooled counts of the case's slides")
+    p.add_argument("--cases", nargs="?", const=FROM_OUTPUT, metavar="CSV",
+                   help="the manual sheet has a row per case (a case column), compared with the "
+                        "pooled counts of the case's slides: the cases the output records, or "
+                        "those of a slide,case CSV (as jobs.case_differentials takes)")
     p.add_argument("--to", help="where to write the tables and the plot (default: "
                                 "<output>/agreement)")
     add_storage_args(p)

@@ -6,7 +6,8 @@
 
 Writes ``<output>/slides/slides.parquet`` and ``<output>/config.json`` and prints a summary line.
 Each row records the slide's specimen type (a ``specimen`` column of a .csv list, else
-``--specimen``), which ``process_slides --input <that slides.parquet>`` follows.
+``--specimen``), which ``process_slides --input <that slides.parquet>`` follows, and its case
+(a ``case`` column: the accession the slide belongs to), which it carries on.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from engine.slides.inventory import MppOverrides, inventory_file
 from engine.slides.storage import StagingArea
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens
 from jobs.common import (add_common_args, expand_inputs, fail, load_config, progress,
-                         read_mpp_table, read_specimens, write_run_config)
+                         read_cases, read_mpp_table, read_specimens, write_run_config)
 
 DEFAULT_INPUT = "../shared/data/wsi"
 
@@ -75,9 +76,11 @@ def main(argv=None) -> int:
         if not entries:
             return fail(f"no files found under {args.input}")
         specimens = Specimens(args.specimen, read_specimens(args.input, cfg.storage))
+        cases = read_cases(args.input, cfg.storage)
         with StagingArea(cfg.storage) as staging, ThreadPoolExecutor(args.workers) as pool:
             work = pool.map(lambda e: inventory_file(e, cfg.storage, staging, overrides,
-                                                     specimens.of(e.uri)), entries)
+                                                     specimens.of(e.uri), cases.get(e.uri)),
+                            entries)
             rows = list(progress(work, len(entries), "inventory"))
             staging.purge()  # the staged copies served this job only
         out = join_uri(args.output, "slides", "slides.parquet")

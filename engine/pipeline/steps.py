@@ -190,7 +190,7 @@ class PlanSlide:
     """Inventory one slide, mask its tissue on a thumbnail, and plan its tiles (coordinates only).
 
     Row in: ``uri``, ``size``, ``etag``, optionally ``specimen`` (`engine.specimen`: a section
-    plans no cell tiles). Row out: ``slide_id``, ``uri``, ``plan`` (JSON text with the inventory
+    plans no cell tiles) and ``case`` (recorded in the slides row). Row out: ``slide_id``, ``uri``, ``plan`` (JSON text with the inventory
     row, status, and per-stage tile plans). Slide problems become a failed status; other
     exceptions are bugs and propagate.
     """
@@ -206,7 +206,8 @@ class PlanSlide:
         entry = FileEntry(row["uri"], row.get("size"), row.get("etag"))
         specimen = row.get("specimen") or UNKNOWN
         with inventoried(entry, self.cfg.storage, None, self.mpp,
-                         self.cfg.pipeline.direct_jpeg, specimen) as (inv, slide):
+                         self.cfg.pipeline.direct_jpeg, specimen, row.get("case")
+                         ) as (inv, slide):
             out = {"slide": {k: (v.isoformat() if hasattr(v, "isoformat") else v)
                              for k, v in inv.items()},
                    "status": inv["status"], "error_type": inv["error_type"],

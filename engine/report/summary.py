@@ -26,7 +26,7 @@ def slide_summary(status: pl.DataFrame, slides: pl.DataFrame | None = None,
                   cellularity: pl.DataFrame | None = None) -> pl.DataFrame:
     """The summary: a row per ``status`` row, in slide_id order.
 
-    Columns: slide_id, uri, specimen, status, error_type, error_message, warnings (joined by
+    Columns: slide_id, uri, case, specimen, status, error_type, error_message, warnings (joined by
     ``; ``), n_tiles, n_cells; from the differential its slide-level numbers
     (`DIFFERENTIAL_COLUMNS`) and each lineage's percentage (``pct_<lineage>``, null where the
     lineage is not in the denominator); cellularity_image_analysis, and cellularity_abmil with
@@ -35,10 +35,10 @@ def slide_summary(status: pl.DataFrame, slides: pl.DataFrame | None = None,
     out = status.select(
         "slide_id", "uri", "status", "error_type", "error_message",
         pl.col("warnings").list.join("; ").alias("warnings"), "n_tiles", "n_cells")
-    specimen = slides.select("slide_id", "specimen") if slides is not None and \
-        "specimen" in slides.columns else None
-    out = out.join(specimen, on="slide_id", how="left") if specimen is not None else \
-        out.with_columns(pl.lit(None, pl.String).alias("specimen"))
+    for name in ("case", "specimen"):  # an older inventory lacks them
+        out = out.join(slides.select("slide_id", name), on="slide_id", how="left") \
+            if slides is not None and name in slides.columns else \
+            out.with_columns(pl.lit(None, pl.String).alias(name))
     if differentials is not None and len(differentials):
         per_slide = differentials.group_by("slide_id").agg(
             pl.col(c).first() for c in DIFFERENTIAL_COLUMNS if c in differentials.columns)
@@ -61,6 +61,6 @@ def slide_summary(status: pl.DataFrame, slides: pl.DataFrame | None = None,
             out = out.join(values, on="slide_id", how="left")
         else:
             out = out.with_columns(pl.lit(None, pl.Float64).alias(name))
-    first = ["slide_id", "uri", "specimen", "status", "error_type", "error_message", "warnings",
+    first = ["slide_id", "uri", "case", "specimen", "status", "error_type", "error_message", "warnings",
              "n_tiles", "n_cells"]
     return out.select(*first, *DIFFERENTIAL_COLUMNS, *LINEAGE_COLUMNS, *cel).sort("slide_id")

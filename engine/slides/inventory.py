@@ -42,9 +42,9 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def base_row(entry: FileEntry, specimen: str = UNKNOWN) -> dict:
+def base_row(entry: FileEntry, specimen: str = UNKNOWN, case: str | None = None) -> dict:
     return {"slide_id": slide_id_for(entry.uri), "uri": entry.uri, "size_bytes": entry.size,
-            "etag": entry.etag, "specimen": specimen, "inventoried_at": _now()}
+            "etag": entry.etag, "specimen": specimen, "case": case, "inventoried_at": _now()}
 
 
 INFO_FIELDS = ("format", "backend", "width", "height", "level_count", "level_downsamples", "mpp_x",
@@ -60,15 +60,16 @@ def info_row(info: SlideInfo) -> dict:
 
 
 def error_row(entry: FileEntry, err: SlideError, status: str = "failed",
-              specimen: str = UNKNOWN) -> dict:
-    return {**base_row(entry, specimen), "status": status, "error_type": type(err).__name__,
+              specimen: str = UNKNOWN, case: str | None = None) -> dict:
+    return {**base_row(entry, specimen, case), "status": status, "error_type": type(err).__name__,
             "error_message": str(err)}
 
 
 @contextlib.contextmanager
 def inventoried(entry: FileEntry, storage: StorageConfig, staging: StagingArea | None = None,
                 mpp: MppOverrides | None = None, direct_jpeg: bool = True,
-                specimen: str = UNKNOWN) -> Iterator[tuple[dict, SlideReader | None]]:
+                specimen: str = UNKNOWN, case: str | None = None
+                ) -> Iterator[tuple[dict, SlideReader | None]]:
     """Inventory one file and keep it open: yields ``(slides row, reader)``, the reader being
     None unless the row is ``ok``, so a caller that goes on to plan tiles opens (and, on S3,
     downloads) the slide once.
@@ -76,15 +77,15 @@ def inventoried(entry: FileEntry, storage: StorageConfig, staging: StagingArea |
     Slide problems become ``status = failed`` with the error's type and message; files that are
     not slides by name (``LICENSE.txt``) become ``skipped``. Errors raised by the caller's block
     propagate unchanged. ``specimen``: the slide's type as the input gave it
-    (`engine.specimen`), recorded in the row.
+    (`engine.specimen`), and ``case``: the case it belongs to, recorded in the row.
     """
     mpp = mpp or MppOverrides()
     if not looks_like_slide(entry.uri):
         ext = entry.uri.rsplit(".", 1)[-1]
         yield error_row(entry, SlideUnsupported(entry.uri, f"not a slide file (.{ext})"),
-                        status="skipped", specimen=specimen), None
+                        status="skipped", specimen=specimen, case=case), None
         return
-    row = base_row(entry, specimen)
+    row = base_row(entry, specimen, case)
     with contextlib.ExitStack() as stack:
         try:
             slide = stack.enter_context(open_slide(entry.uri, storage, staging,
@@ -93,7 +94,7 @@ def inventoried(entry: FileEntry, storage: StorageConfig, staging: StagingArea |
             row.update(info_row(mpp.apply(slide.info, row["slide_id"])))
             slide.read_thumbnail((PROBE_PX, PROBE_PX))  # raises SlideCorrupt on bad data
         except SlideError as err:
-            failed = {**error_row(entry, err, specimen=specimen),
+            failed = {**error_row(entry, err, specimen=specimen, case=case),
                       **{k: v for k, v in row.items() if k in INFO_FIELDS}}
         else:
             failed = None
@@ -104,7 +105,8 @@ def inventoried(entry: FileEntry, storage: StorageConfig, staging: StagingArea |
 
 
 def inventory_file(entry: FileEntry, storage: StorageConfig, staging: StagingArea | None = None,
-                   mpp: MppOverrides | None = None, specimen: str = UNKNOWN) -> dict:
+                   mpp: MppOverrides | None = None, specimen: str = UNKNOWN,
+                   case: str | None = None) -> dict:
     """Inventory one file into a ``slides`` row (see `engine.schema.SLIDES` and `inventoried`)."""
-    with inventoried(entry, storage, staging, mpp, specimen=specimen) as (row, _):
+    with inventoried(entry, storage, staging, mpp, specimen=specimen, case=case) as (row, _):
         return row

@@ -262,9 +262,9 @@ def reprocessed(run_out, archive, tmp_path_factory):
     cfg = tmp / "c.yaml"
     cfg.write_text(tiny_config(tmp) and (tmp / "tiny.yaml").read_text()
                    + f"  cellularity_checkpoint: {ckpt}\n  cellularity_bags: 6\n")
-    (tmp / "list.csv").write_text(f"path,specimen\n{archive}/smear-a.tif,blood\n"
-                                  f"{archive}/cmu-1-small-region.svs,biopsy\n"
-                                  f"{archive}/small.svs,\n")
+    (tmp / "list.csv").write_text(f"path,specimen,case\n{archive}/smear-a.tif,blood,C-1\n"
+                                  f"{archive}/cmu-1-small-region.svs,biopsy,C-1\n"
+                                  f"{archive}/small.svs,,C-2\n")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = process_slides.main(["--input", str(tmp / "list.csv"), "--output", str(out),
@@ -328,6 +328,36 @@ def test_specimen_types_decide_what_each_slide_gets(reprocessed):
     assert tiles["embedding"].list.len().unique().to_list() == [64]
 
 
+def test_the_lists_cases_are_recorded_and_pooled(reprocessed, tmp_path, capsys):
+    """The list's case column goes into the slides table (the slides the list does not name
+    have none), slide_summary shows it, and case_differentials pools each case's slides from
+    it: a case's section has no differential and is listed as left out."""
+    from jobs import case_differentials, slide_summary
+
+    out, _, _ = reprocessed
+    slides = pl.read_parquet(f"{out}/slides/*.parquet")
+    case = dict(zip(slides["uri"].str.split("/").list.last(), slides["case"]))
+    assert {k: case.pop(k) for k in READABLE} == {
+        "smear-a.tif": "C-1", "cmu-1-small-region.svs": "C-1", "small.svs": "C-2"}
+    assert set(case.values()) == {None}  # committed by the first run, from a folder
+    assert slide_summary.main(["--output", str(out), "--to", str(tmp_path)]) == 0
+    assert "case" in capsys.readouterr().out
+    summary = pl.read_parquet(tmp_path / "summary.parquet")
+    assert sorted(summary["case"].drop_nulls()) == ["C-1", "C-1", "C-2"]
+    assert case_differentials.main(["--output", str(out), "--to", str(tmp_path / "c")]) == 0
+    assert "2 case(s) from 2 slide(s)" in capsys.readouterr().out
+    pooled = pl.read_parquet(tmp_path / "c" / "case_differentials.parquet").filter(
+        pl.col("level") == "class")
+    diff = pl.read_parquet(f"{out}/differentials/*.parquet").filter(pl.col("level") == "class")
+    for name, sid in (("C-1", "smear-a"), ("C-2", "small")):
+        one = diff.filter(pl.col("slide_id").str.starts_with(sid))
+        got = pooled.filter(pl.col("case") == name)
+        assert dict(zip(got["class_code"], got["count"])) == dict(zip(one["class_code"],
+                                                                      one["count"]))
+    left = pl.read_csv(tmp_path / "c" / "case_summary.csv").filter(pl.col("case") == "C-1")
+    assert "no differential" in left["left_out"][0]
+
+
 def test_mil_attention_over_each_slide(reprocessed, tmp_path, capsys):
     """predict_mil on the output: a row of attention per embedded tile, at the tile's place,
     and a figure per slide drawn on its thumbnail (read from the slide where the run read it)."""
@@ -387,8 +417,8 @@ def test_dry_run_says_what_a_run_would_do_and_changes_nothing(run_out, archive, 
     assert process_slides.main(["--input", str(archive), "--output", str(run_out), "--config",
                                 changed, "--allow-untrained", "--dry-run"]) == 2
     assert "pipeline.min_nucleated: 200 -> 100" in capsys.readouterr().err
-    (tmp_path / "list.csv").write_text(f"path,specimen\n{archive}/smear-a.tif,blood\n"
-                                       f"{archive}/cmu-1-small-region.svs,biopsy\n")
+    (tmp_path / "list.csv").write_text(f"path,specimen,case\n{archive}/smear-a.tif,blood,A1\n"
+                                       f"{archive}/cmu-1-small-region.svs,biopsy,A1\n")
     assert process_slides.main(["--input", str(tmp_path / "list.csv"), "--output", str(run_out),
                                 "--config", changed, "--allow-untrained", "--dry-run",
                                 "--reprocess"]) == 0
@@ -397,6 +427,7 @@ def test_dry_run_says_what_a_run_would_do_and_changes_nothing(run_out, archive, 
     assert "dry run: 2 slide(s) in the input, 0 committed (skipped), 2 to process" in out
     assert "1 biopsy: tiles, cellularity:image_analysis, tile_embedding:dinov2-tiny" in out
     assert "1 blood: cell_detection, cell_classification:deepheme-tiny" in out
+    assert "2 in 1 case(s)" in out and "smear-a.tif (blood, case A1)" in out
     assert "nothing was changed" in out
     assert files() == before
     # weights that are missing are said now, not when the job starts
