@@ -138,9 +138,41 @@ def _raster_order(labels: np.ndarray, stats: np.ndarray) -> np.ndarray:
     return idx[np.lexsort((first_x, top))]
 
 
+def _pale_platelets(score: np.ndarray, threshold: float, objects: np.ndarray, labels: np.ndarray,
+                    stats: np.ndarray, mpp: float, cfg: CellDetectionConfig) -> list[tuple]:
+    """Platelets too pale for the threshold: objects of the pixels above
+    ``cfg.pale_platelet_ratio * threshold`` that hold a pixel above ``threshold`` (a seed) and
+    no object already found (``objects``, the nuclear mask, and its components ``labels`` and
+    ``stats``), are
+    platelet-sized and lie clear of nucleated cells. ``(cx, cy, x0, y0, x1, y1, area_um2)``
+    each, in work-grid pixels."""
+    n, lab, st, cent = components(score > cfg.pale_platelet_ratio * threshold)
+    area = st[:, cv2.CC_STAT_AREA] * mpp * mpp
+    keep = (area >= cfg.pale_platelet_min_area_um2) & (area < cfg.min_cell_area_um2)
+    keep[0] = False
+    seeded = np.zeros(n, bool)
+    seeded[lab[score > threshold]] = True
+    keep &= seeded
+    if not keep.any():
+        return []
+    found = stats[:, cv2.CC_STAT_AREA] * mpp * mpp
+    fg = np.flatnonzero(objects)  # the objects' pixels (a few % of the tile)
+    of = found[labels.ravel()[fg]]
+    keep[lab.ravel()[fg[of >= cfg.min_platelet_area_um2]]] = False  # counted already
+    big = fg[of >= cfg.min_cell_area_um2]
+    if keep.any() and len(big):  # cytoplasm and granules around a nucleus
+        nucleated = np.zeros(labels.shape, np.uint8)
+        nucleated.ravel()[big] = 1
+        near = cv2.dilate(nucleated, _disk(cfg.pale_platelet_clearance_um / mpp).view(np.uint8))
+        keep[lab[near.view(bool)]] = False
+    return [(*cent[i], st[i, 0], st[i, 1], st[i, 0] + st[i, 2], st[i, 1] + st[i, 3], area[i])
+            for i in np.flatnonzero(keep)]
+
+
 def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
                  cfg: CellDetectionConfig) -> Detections:
-    """Nucleated cells (and platelets) in one RGB tile.
+    """Nucleated cells (and platelets) in one RGB tile. Platelets too pale for the threshold
+    are found around seeds above it (`_pale_platelets`) and come last.
 
     Args:
         tile: ``(H, W, 3) uint8`` at ``tile_mpp`` µm/px.
@@ -189,6 +221,10 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
             ys, xs = np.nonzero(part)
             add(xs.mean() + x, ys.mean() + y, xs.min() + x, ys.min() + y, xs.max() + x + 1,
                 ys.max() + y + 1, a)
+    if cfg.pale_platelet_ratio is not None:  # after the others, which keep their order
+        for cx, cy, x0, y0, x1, y1, a in _pale_platelets(score, threshold, merged, labels, stats,
+                                                          mpp, cfg):
+            add(cx, cy, x0, y0, x1, y1, float(a))
     return Detections(*(np.asarray(out[k], np.float32 if k == "area_um2" else
                                    object if k == "kind" else np.float64)
                         for k in ("x", "y", "x0", "y0", "x1", "y1", "area_um2", "kind")))

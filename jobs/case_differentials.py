@@ -202,10 +202,13 @@ def main(argv=None) -> int:
     columns = ["class_code", "out_of_focus", "out_of_distribution"]
     rows, summary = [], []
     for case, sids in cases.items():
-        read = store.read(table, columns=columns, slide_ids=set(sids))
+        read = store.read(table, columns=columns + (["kind"] if table == "cells" else []),
+                          slide_ids=set(sids))
         cells = pl.from_arrow(read) if read is not None else pl.DataFrame(
             schema={"class_code": pl.String, "out_of_focus": pl.Boolean,
                     "out_of_distribution": pl.Boolean})
+        if "kind" in cells.columns:  # as the run counted: nucleated detections only
+            cells = cells.filter(pl.col("kind") == "nucleated")
         d = pooled_differential(cells, codes[sids[0]], specimen[sids[0]] == "blood", settings)
         for row in differential_rows(case, d):
             row["case"] = row.pop("slide_id")

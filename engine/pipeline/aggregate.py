@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 import engine
+from engine.cells import KIND_CELL
 from engine.cellularity import slide_cellularity
 from engine.differential import compute_differential, differential_rows, review_warnings
 from engine.pipeline.commit import OutputStore
@@ -213,12 +214,16 @@ class Aggregator:
         codes, ood = [], []  # per cell: the class, and out of distribution (None: unknown)
         blurred = None  # per cell: out of focus (None: focus not measured)
         if cols:
-            codes = cols["class_code"].tolist()
+            # the differential counts nucleated detections: a platelet-sized object is no
+            # nucleated cell whatever the classifier calls it (a pale platelet reads as an
+            # erythroblast's nucleus at times)
+            counted = cols["kind"] == KIND_CELL
+            codes = cols["class_code"][counted].tolist()
             ood = [bool(f) if known else None for f, known in
-                   zip(cols["out_of_distribution"].tolist(),
-                       (~np.isnan(cols["ood_distance"])).tolist())]
+                   zip(cols["out_of_distribution"][counted].tolist(),
+                       (~np.isnan(cols["ood_distance"][counted])).tolist())]
             if not np.isnan(cols["blur_um"]).all():
-                blurred = cols["out_of_focus"].tolist()
+                blurred = cols["out_of_focus"][counted].tolist()
         d = compute_differential(codes, self.model_codes, self.min_nucleated, ood,
                                  self.max_ood_percent, blood=state.specimen == "blood",
                                  out_of_focus=blurred,

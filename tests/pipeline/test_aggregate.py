@@ -201,6 +201,24 @@ def test_cells_out_of_focus_reach_the_tables_and_are_left_out_of_the_count(tmp_p
     assert dict(zip(diff["class_code"], diff["count"]))["L2"] == 2
 
 
+def test_platelet_sized_detections_are_not_counted_whatever_their_class(tmp_path):
+    """The differential counts nucleated detections only: a platelet the classifier calls an
+    erythroblast (pale ones read so at times) is in the cells table, not in the count."""
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    agg = Aggregator(store, "hash", ["cells"], [], ("L2", "ER", "PLT"), 1, ("cells",),
+                     log=lambda *_: None)
+    batch = _cells("s1", [0, 1, 2, 3], 4, _header("s1"))
+    batch.update(kind=np.array(["nucleated", "platelet", "platelet", "nucleated"]),
+                 class_code=np.array(["L2", "ER", "PLT", "ER"]),
+                 probabilities=np.full((4, 3), 1 / 3))
+    agg.add_cells(batch)
+    cells = pl.read_parquet(tmp_path / "out" / "cells" / "s1.parquet")
+    assert cells["kind"].to_list() == ["nucleated", "platelet", "platelet", "nucleated"]
+    diff = pl.read_parquet(tmp_path / "out" / "differentials" / "s1.parquet")
+    counts = dict(zip(diff["class_code"], diff["count"]))
+    assert counts["L2"] == 1 and counts["ER"] == 1 and diff["n_nucleated"][0] == 2
+
+
 def test_cells_arrive_as_columns_in_any_split_and_leave_in_raster_order(tmp_path):
     """Two slides interleaved in batches, a task's cells split across batches, markers, and an
     unknown distance (NaN) among known ones: each slide's table holds its cells once, sorted by
