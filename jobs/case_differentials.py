@@ -16,13 +16,16 @@ For each case the job pools its committed ``ok`` slides' cells (``cells``, or an
 the run's settings from its ``config.json``: cells out of focus left out unless the run counted
 them, the same review thresholds), so its intervals narrow with the cells counted. It refuses
 to pool a blood film with marrow (they are counted over different denominators) or slides
-classified by models of different classes. Slides the sheet names that are not ``ok``, have no
-differential, or are not in the output are listed, not silently dropped.
+classified by models of different classes. A case's biopsy or clot sections give it their
+cellularity (per method, the mean of the sections' estimates) beside the smears' differential,
+as a marrow report gives both. Slides the sheet names that are not ``ok``, have neither, or are
+not in the output are listed, not silently dropped.
 
 Writes ``case_differentials.parquet`` (the ``differentials`` table's columns, ``case`` in place
 of ``slide_id``, plus ``n_slides`` and ``slide_ids``) and ``case_summary.csv`` (a row per case:
-its slides, cells counted, blast %, M:E ratio, NRBC, the review flags, the slides left out)
-under ``<output>/cases`` (or ``--to``), and prints the summary.
+its slides, cells counted, blast %, M:E ratio, NRBC, the review flags, its sections'
+cellularity, the slides left out) under ``<output>/cases`` (or ``--to``), and prints the
+summary.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import NamedTuple
+
+from engine.specimen import SECTIONS
 
 from jobs.cell_gallery import EXPORT_FORMAT
 from jobs.common import add_storage_args, fail, read_csv_rows, storage_from_args
@@ -95,12 +101,22 @@ def case_sheet(uri: str | None, slides, storage) -> tuple[list[dict], str]:
     return rows, "slide_id"
 
 
+class CaseMembers(NamedTuple):
+    """A case's slides: ``pooled`` (case -> the slide_ids whose cells are counted together),
+    ``left_out`` (case -> "name: why" of each slide not used) and ``sections`` (case -> its ok
+    biopsy and clot sections, which have a cellularity and no cells)."""
+
+    pooled: dict[str, list[str]]
+    left_out: dict[str, list[str]]
+    sections: dict[str, list[str]]
+
+
 def case_members(sheet: list[dict], key: str, status, codes: dict[str, list[str]],
-                 specimen: dict[str, str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """``(case -> its slide_ids to pool, case -> "name: why" of the slides left out)`` from a
-    sheet's rows (``key``: its slide column; ``case``), an output's ``slide_status`` frame, the
-    class codes of each slide with a differential and each slide's specimen type. A case whose
-    slides cannot be counted as one (`pooling_problem`) is left out whole.
+                 specimen: dict[str, str]) -> CaseMembers:
+    """Each case's slides (`CaseMembers`) from a sheet's rows (``key``: its slide column;
+    ``case``), an output's ``slide_status`` frame, the class codes of each slide with a
+    differential and each slide's specimen type. A case whose slides cannot be counted as one
+    (`pooling_problem`) is left out whole.
 
     Raises:
         ValueError: a slide is named in two cases.
@@ -112,6 +128,7 @@ def case_members(sheet: list[dict], key: str, status, codes: dict[str, list[str]
     keys, ok = slide_keys(status), set(status.filter(pl.col("status") == "ok")["slide_id"])
     cases: dict[str, list[str]] = {}
     left_out: dict[str, list[str]] = {}
+    sections: dict[str, list[str]] = {}
     case_of: dict[str, str] = {}  # a slide belongs to one case
     for r in sheet:
         name, case = (r.get(key) or "").strip(), (r.get("case") or "").strip()
@@ -123,6 +140,10 @@ def case_members(sheet: list[dict], key: str, status, codes: dict[str, list[str]
         sid = next(iter(sids)) if len(sids) == 1 else None
         if sid and sid not in ok:
             why = "status " + status.filter(pl.col("slide_id") == sid)["status"][0]
+        elif sid and sid not in codes and specimen.get(sid) in SECTIONS:
+            if sid not in sections.setdefault(case, []):
+                sections[case].append(sid)
+            continue
         elif sid and sid not in codes:
             why = "no differential (no cell stage)"
         if why:
@@ -138,7 +159,7 @@ def case_members(sheet: list[dict], key: str, status, codes: dict[str, list[str]
         if why:
             left_out.setdefault(case, []).append(f"{WHOLE_CASE}: {why}")
             del cases[case]
-    return cases, left_out
+    return CaseMembers(cases, left_out, sections)
 
 
 def pooling_problem(sids: list[str], specimen: dict[str, str], codes: dict[str, list[str]]
@@ -149,6 +170,28 @@ def pooling_problem(sids: list[str], specimen: dict[str, str], codes: dict[str, 
     if len({tuple(codes[s]) for s in sids}) > 1:
         return "slides classified by models of different classes"
     return None
+
+
+CELLULARITY_COLUMNS = ("cellularity_image_analysis", "cellularity_abmil")
+
+
+def section_cellularity(store, sections: dict[str, list[str]]) -> dict[str, dict]:
+    """Per case, its sections' cellularity (`CELLULARITY_COLUMNS`: the mean, over the sections
+    that have one, of each method's slide estimate, in %) and ``section_slides``."""
+    import polars as pl
+
+    got = store.read("cellularity", slide_ids={s for v in sections.values() for s in v}) \
+        if sections else None
+    cel = pl.from_arrow(got) if got is not None else None
+    out = {}
+    for case, sids in sections.items():
+        out[case] = {"section_slides": ";".join(sids)}
+        for column in CELLULARITY_COLUMNS:
+            values = [] if cel is None else cel.filter(
+                pl.col("slide_id").is_in(sids),
+                pl.col("method") == column.removeprefix("cellularity_"))["cellularity_mean"]
+            out[case][column] = float(sum(values) / len(values)) if len(values) else None
+    return out
 
 
 def main(argv=None) -> int:
@@ -194,14 +237,25 @@ def main(argv=None) -> int:
         sid: sorted(g["class_code"]) for (sid,), g in
         pl.from_arrow(diff).filter(pl.col("level") == "class").group_by("slide_id")}
     try:
-        cases, left_out = case_members(sheet, key, status, codes, specimen)
+        cases, left_out, sections = case_members(sheet, key, status, codes, specimen)
     except ValueError as err:
         return fail(f"{args.cases or args.output}: {err}")
+    if not cases and not sections:
+        return fail("no case has a committed slide with a differential or a cellularity: "
+                    + "; ".join(f"{c}: {', '.join(w)}" for c, w in left_out.items()))
+    cellularity = section_cellularity(store, sections)
     # an export's cells are its images (classify_cells); one output holds one kind of slide
     table = "image_cells" if (slides["format"] == EXPORT_FORMAT).any() else "cells"
     columns = ["class_code", "out_of_focus", "out_of_distribution"]
     rows, summary = [], []
-    for case, sids in cases.items():
+    for case in dict.fromkeys([*cases, *sections, *left_out]):  # the sheet's order, mostly
+        sids = cases.get(case, [])
+        line = {"case": case, "n_slides": len(sids), "slide_ids": ";".join(sids),
+                **cellularity.get(case, {}),
+                "left_out": "; ".join(left_out.get(case, [])) or None}
+        summary.append(line)
+        if not sids:  # sections only, or none of its slides could be used
+            continue
         read = store.read(table, columns=columns + (["kind"] if table == "cells" else []),
                           slide_ids=set(sids))
         cells = pl.from_arrow(read) if read is not None else pl.DataFrame(
@@ -213,28 +267,32 @@ def main(argv=None) -> int:
         for row in differential_rows(case, d):
             row["case"] = row.pop("slide_id")
             rows.append({**row, "n_slides": len(sids), "slide_ids": sids})
-        summary.append({"case": case, "n_slides": len(sids), "slide_ids": ";".join(sids),
-                        "counted": d.n_wbc if d.denominator == "wbc" else d.n_nucleated,
-                        "denominator": d.denominator, "blast_percent": d.blast_percent,
-                        "me_ratio": d.me_ratio, "nrbc_per_100_wbc": d.nrbc_per_100_wbc,
-                        "warnings": "; ".join(f"{k}: {v}" for k, v in review_warnings(
-                            d, settings["min_nucleated"]).items()),
-                        "left_out": "; ".join(left_out.get(case, []))})
-    for case in left_out.keys() - cases.keys():  # cases none of whose slides could be used
-        summary.append({"case": case, "n_slides": 0, "left_out": "; ".join(left_out[case])})
-    if not rows:
-        return fail("no case has a committed slide with a differential: "
-                    + "; ".join(f"{c}: {', '.join(w)}" for c, w in left_out.items()))
+        line.update({"counted": d.n_wbc if d.denominator == "wbc" else d.n_nucleated,
+                     "denominator": d.denominator, "blast_percent": d.blast_percent,
+                     "me_ratio": d.me_ratio, "nrbc_per_100_wbc": d.nrbc_per_100_wbc,
+                     "warnings": "; ".join(f"{k}: {v}" for k, v in review_warnings(
+                         d, settings["min_nucleated"]).items())})
     to = args.to or join_uri(args.output, "cases")
-    frame = pl.DataFrame(rows).select("case", pl.exclude("case"))
-    write_parquet(frame.to_arrow(), join_uri(to, "case_differentials.parquet"), storage)
-    table_out = pl.DataFrame(summary, infer_schema_length=None)
+    written = ["case_summary.csv"]
+    if rows:
+        frame = pl.DataFrame(rows).select("case", pl.exclude("case"))
+        write_parquet(frame.to_arrow(), join_uri(to, "case_differentials.parquet"), storage)
+        written.insert(0, "case_differentials.parquet")
+    order = ["case", "n_slides", "slide_ids", "counted", "denominator", "blast_percent",
+             "me_ratio", "nrbc_per_100_wbc", "warnings", *CELLULARITY_COLUMNS, "section_slides",
+             "left_out"]
+    table_out = pl.DataFrame([{k: r.get(k) for k in order} for r in summary],
+                             infer_schema_length=None)
+    table_out = table_out.drop([c for c in (*CELLULARITY_COLUMNS, "section_slides")
+                                if table_out[c].is_null().all()])
     write_bytes(join_uri(to, "case_summary.csv"), table_out.write_csv().encode(), storage)
     with pl.Config(tbl_rows=len(table_out), tbl_cols=-1, tbl_width_chars=160,
                    fmt_str_lengths=60):
         print(table_out.drop("slide_ids"))
-    print(f"{len(cases)} case(s) from {sum(len(s) for s in cases.values())} slide(s); wrote "
-          f"{join_uri(to, 'case_differentials.parquet')} and case_summary.csv")
+    print(f"{len(cases)} case(s) from {sum(len(s) for s in cases.values())} slide(s)"
+          + (f", {len(sections)} with the cellularity of "
+             f"{sum(len(s) for s in sections.values())} section(s)" if sections else "")
+          + f"; wrote {' and '.join(join_uri(to, f) for f in written)}")
     return 0
 
 

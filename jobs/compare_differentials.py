@@ -126,7 +126,7 @@ def _cases(uri: str, store, status, auto: dict, by_status: dict):
     sheet, key = case_sheet(None if uri == FROM_OUTPUT else uri, slides, store.storage)
     codes = {sid: sorted(c) for sid, c in auto.items()}
     specimen = dict(zip(*slides.select("slide_id", "specimen")))
-    members, left_out = case_members(sheet, key, status, codes, specimen)
+    members, left_out, _ = case_members(sheet, key, status, codes, specimen)
     pooled, flags = {}, {}
     for case, sids in members.items():
         pooled[case] = {c: sum(auto[s].get(c, 0) for s in sids) for c in codes[sids[0]]}

@@ -335,7 +335,7 @@ def test_specimen_types_decide_what_each_slide_gets(reprocessed):
 def test_the_lists_cases_are_recorded_and_pooled(reprocessed, tmp_path, capsys):
     """The list's case column goes into the slides table (the slides the list does not name
     have none), slide_summary shows it, and case_differentials pools each case's slides from
-    it: a case's section has no differential and is listed as left out."""
+    it: a case's smears give its differential, its biopsy its cellularity."""
     from jobs import case_differentials, slide_summary
 
     out, _, _ = reprocessed
@@ -349,7 +349,8 @@ def test_the_lists_cases_are_recorded_and_pooled(reprocessed, tmp_path, capsys):
     summary = pl.read_parquet(tmp_path / "summary.parquet")
     assert sorted(summary["case"].drop_nulls()) == ["C-1", "C-1", "C-2"]
     assert case_differentials.main(["--output", str(out), "--to", str(tmp_path / "c")]) == 0
-    assert "2 case(s) from 2 slide(s)" in capsys.readouterr().out
+    assert "2 case(s) from 2 slide(s), 1 with the cellularity of 1 section(s)" in \
+        capsys.readouterr().out
     pooled = pl.read_parquet(tmp_path / "c" / "case_differentials.parquet").filter(
         pl.col("level") == "class")
     diff = pl.read_parquet(f"{out}/differentials/*.parquet").filter(pl.col("level") == "class")
@@ -358,8 +359,16 @@ def test_the_lists_cases_are_recorded_and_pooled(reprocessed, tmp_path, capsys):
         got = pooled.filter(pl.col("case") == name)
         assert dict(zip(got["class_code"], got["count"])) == dict(zip(one["class_code"],
                                                                       one["count"]))
-    left = pl.read_csv(tmp_path / "c" / "case_summary.csv").filter(pl.col("case") == "C-1")
-    assert "no differential" in left["left_out"][0]
+    summary = {r["case"]: r for r in
+               pl.read_csv(tmp_path / "c" / "case_summary.csv").iter_rows(named=True)}
+    c1, c2 = summary["C-1"], summary["C-2"]
+    cel = pl.read_parquet(f"{out}/cellularity/cmu-*.parquet")
+    want = dict(zip(cel["method"], cel["cellularity_mean"]))
+    assert c1["section_slides"].startswith("cmu-1-small-region") and c1["left_out"] is None
+    assert c1["cellularity_image_analysis"] == pytest.approx(want["image_analysis"])
+    assert c1["cellularity_abmil"] == pytest.approx(want["abmil"])
+    assert c1["n_slides"] == 1 and c1["slide_ids"].startswith("smear-a")
+    assert c2["cellularity_image_analysis"] is None and c2["section_slides"] is None
 
 
 def test_mil_attention_over_each_slide(reprocessed, tmp_path, capsys):
