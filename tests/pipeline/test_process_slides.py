@@ -369,6 +369,17 @@ def test_the_lists_cases_are_recorded_and_pooled(reprocessed, tmp_path, capsys):
     assert c1["cellularity_abmil"] == pytest.approx(want["abmil"])
     assert c1["n_slides"] == 1 and c1["slide_ids"].startswith("smear-a")
     assert c2["cellularity_image_analysis"] is None and c2["section_slides"] is None
+    # a case of a biopsy alone: its cellularity, and no differential to write
+    sheet = tmp_path / "biopsy.csv"
+    sheet.write_text("file,case\ncmu-1-small-region.svs,B-9\n")
+    assert case_differentials.main(["--output", str(out), "--cases", str(sheet), "--to",
+                                    str(tmp_path / "b")]) == 0
+    assert "0 case(s) from 0 slide(s), 1 with the cellularity of 1 section(s)" in \
+        capsys.readouterr().out
+    assert not (tmp_path / "b" / "case_differentials.parquet").exists()
+    only = pl.read_csv(tmp_path / "b" / "case_summary.csv").row(0, named=True)
+    assert only["case"] == "B-9" and only["n_slides"] == 0
+    assert only["cellularity_image_analysis"] == pytest.approx(want["image_analysis"])
 
 
 def test_mil_attention_over_each_slide(reprocessed, tmp_path, capsys):
