@@ -14,6 +14,7 @@ SCHEMA_VERSION = 5  # 2: how far cells lie from the training data; slide_status 
 #                       n_out_of_focus, out_of_focus_percent, out_of_focus
 #                    5: slides.case (the case, or accession, the input list puts a slide in)
 STATUSES = ("ok", "failed", "skipped")
+EXPORT_FORMAT = "cell-image-export"  # slides.format of a single-cell export (jobs.classify_cells)
 
 
 def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:

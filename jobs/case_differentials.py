@@ -35,9 +35,8 @@ import json
 import sys
 from typing import NamedTuple
 
+from engine.schema import EXPORT_FORMAT
 from engine.specimen import SECTIONS
-
-from jobs.cell_gallery import EXPORT_FORMAT
 from jobs.common import add_storage_args, fail, read_csv_rows, storage_from_args
 
 WHOLE_CASE = "the whole case"  # a left_out entry that refuses a case, not one slide

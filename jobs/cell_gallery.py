@@ -33,10 +33,10 @@ import sys
 
 import numpy as np
 
+from engine.schema import EXPORT_FORMAT
 from jobs.common import add_storage_args, committed_slide, fail, storage_from_args
 
 CROP_PX, CROP_MPP = 96, 0.25
-EXPORT_FORMAT = "cell-image-export"  # a classify_cells output's slides (jobs.classify_cells)
 METHOD_NAMES = {"gradcam": "Grad-CAM", "smoothgrad": "SmoothGrad"}
 
 

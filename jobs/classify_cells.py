@@ -34,11 +34,10 @@ import time
 import numpy as np
 
 from engine.models import list_models
+from engine.schema import EXPORT_FORMAT
 from engine.specimen import SMEARS, UNKNOWN
 from jobs.common import (add_storage_args, fail, find_exports, image_source, mpp_arg,
                          resolve_source_mpp, storage_from_args)
-
-FORMAT = "cell-image-export"
 
 
 def source_label(path: str, folder: str) -> str | None:
@@ -116,7 +115,7 @@ def classify_slide(sid: str, folder: str, paths: list[str], predictor, args,
               "skipped_stages": [], "started_at": started, "engine_version": engine.__version__,
               "config_hash": args.config_hash, "warnings": []}
     slide = {"slide_id": sid, "uri": folder, "specimen": args.specimen, "case": case,
-             "format": FORMAT,
+             "format": EXPORT_FORMAT,
              "status": "ok", "notes": f"{len(paths)} images, {len(bad)} unreadable",
              "mpp_x": args.source_mpp, "mpp_y": args.source_mpp, "mpp_source": args.mpp_source,
              "inventoried_at": started}

@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from jobs.cell_gallery import EXPORT_FORMAT
+from engine.schema import EXPORT_FORMAT
 from jobs.common import add_storage_args, committed_slide, fail, storage_from_args
 
 THUMB_PX = 1024
