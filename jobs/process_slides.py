@@ -157,6 +157,27 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     return committed - redo
 
 
+def warn_case_changes(store: OutputStore, inputs: Inputs, kept: set[str], source: str,
+                      log=print) -> None:
+    """Say which slides the run skips (``kept``: committed, not redone) whose recorded case is
+    not the one the input now gives: a slide's case is recorded when it commits, so a corrected
+    list changes nothing there by itself."""
+    given = {slide_id_for(u): c for u, c in inputs.cases.items()}
+    ids = kept & given.keys()
+    got = store.read("slides", columns=["slide_id", "case"], slide_ids=ids) if ids else None
+    if got is None:
+        return
+    changed = [(sid, old, given[sid]) for sid, old in zip(got["slide_id"].to_pylist(),
+                                                            got["case"].to_pylist())
+               if old != given[sid]]
+    if changed:
+        shown = ", ".join(f"{sid}: {old or 'none'} -> {new}" for sid, old, new in changed[:3])
+        log(f"{len(changed)} committed slide(s) keep the case recorded when they were processed, "
+            f"not the one {source} gives ({shown}{', …' if len(changed) > 3 else ''}): "
+            f"python -m jobs.case_differentials --output {store.root} --cases {source} pools "
+            "them by the list's; --reprocess records it")
+
+
 def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
     """Say what this run would do, and change nothing: start no Ray, write no table or config.
     The checks a run makes before it starts are made (the output's config and schema, the
@@ -169,6 +190,7 @@ def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
     store = OutputStore(args.output, cfg.storage)
     committed = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed, log,
                                  dry_run=True)
+    warn_case_changes(store, inputs, committed, args.input, log)
     stages = resolve_stages(cfg, args.allow_untrained)
     pending = [e for e in entries if slide_id_for(e.uri) not in committed]
     gib = sum(e.size or 0 for e in pending) / 2**30
@@ -249,8 +271,9 @@ def main(argv=None) -> int:
         if args.dry_run:
             dry_run(args, cfg, inputs)
             return 0
-        reconcile_output(OutputStore(args.output, cfg.storage), cfg, entries, args.reprocess,
-                         args.retry_failed)
+        store = OutputStore(args.output, cfg.storage)
+        kept = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed)
+        warn_case_changes(store, inputs, kept, args.input)
         write_run_config(args.output, cfg, vars(args), cfg.storage)
         metrics = RunMetrics()
         rows = run_pipeline(entries, args.output, cfg, mpp, args.allow_untrained,

@@ -171,6 +171,15 @@ def test_rerun_skips_committed_slides(run_out, archive, tmp_path, capsys):
     assert code == 0
     assert "7 already committed, 0 to process" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in run_out.rglob("*.parquet")} == before
+    # a list that now puts committed slides in cases: said, and nothing rewritten
+    listed = tmp_path / "list.csv"
+    listed.write_text(f"path,case\n{archive}/smear-a.tif,C-7\n{archive}/small.svs,\n")
+    assert process_slides.main(["--input", str(listed), "--output", str(run_out), "--config",
+                                tiny_config(tmp_path), "--allow-untrained"]) == 0
+    out = capsys.readouterr().out
+    assert "1 committed slide(s) keep the case recorded when they were processed" in out
+    assert ": none -> C-7" in out and f"--cases {listed}" in out
+    assert {p: p.stat().st_mtime_ns for p in run_out.rglob("*.parquet")} == before
 
 
 def test_partial_outputs_of_uncommitted_slides_are_removed(run_out, archive, tmp_path):
