@@ -165,6 +165,18 @@ def _pale_platelets(score: np.ndarray, threshold: float, objects: np.ndarray, la
         nucleated.ravel()[big] = 1
         near = cv2.dilate(nucleated, _disk(cfg.pale_platelet_clearance_um / mpp).view(np.uint8))
         keep[lab[near.view(bool)]] = False
+        if cfg.pale_platelet_body_ratio is not None and keep.any():
+            # farther out, within the cell's body: what joins its nucleus above a lower cut
+            # (cytoplasm; red cells and glass score below it, so a platelet on them stays apart)
+            _, body = cv2.connectedComponents(
+                (score > cfg.pale_platelet_body_ratio * threshold).view(np.uint8),
+                connectivity=8, ltype=cv2.CV_32S)
+            of_cell = np.zeros(int(body.max()) + 1, bool)
+            of_cell[body.ravel()[big]] = True
+            for i in np.flatnonzero(keep):  # a pale object lies whole in one body component:
+                x, y = st[i, 0], st[i, 1]   # look at its first pixel
+                first = x + int(np.argmax(lab[y, x:x + st[i, 2]] == i))
+                keep[i] = not of_cell[body[y, first]]
     return [(*cent[i], st[i, 0], st[i, 1], st[i, 0] + st[i, 2], st[i, 1] + st[i, 3], area[i])
             for i in np.flatnonzero(keep)]
 

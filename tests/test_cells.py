@@ -52,8 +52,8 @@ def test_nucleated_cells_platelets_and_red_cells():
 
 def test_pale_platelets_grow_from_a_seed_and_stay_clear_of_nuclei():
     """A platelet whose stain only its core carries above the threshold is found around that
-    seed (its area the pale object's), unless it lies against a nucleated cell (cytoplasm,
-    granules); without the pale pass it is missed."""
+    seed (its area the pale object's), unless it lies near a nucleus or in a nucleated cell's
+    cytoplasm (granules); without the pale pass it is missed."""
     import dataclasses
 
     pale = (175, 150, 215)  # stain score 40 against a threshold of 50; the core scores 80
@@ -72,6 +72,16 @@ def test_pale_platelets_grow_from_a_seed_and_stay_clear_of_nuclei():
     assert (detect_cells(img, MPP, 50.0, closer).kind == KIND_PLATELET).sum() == 2
     off = detect_cells(img, MPP, 50.0, dataclasses.replace(CFG, pale_platelet_ratio=None))
     assert (off.kind == KIND_PLATELET).sum() == 0 and (off.kind == KIND_CELL).sum() == 1
+    # beyond the clearance but in a cell's cytoplasm (score 25, above 0.35 x 50): its granule
+    img, yy, xx = _field(rbcs=0)
+    _disc(img, yy, xx, 200, 200, 8.0, (200, 180, 225))
+    _disc(img, yy, xx, 200, 200, 2.5)
+    granule_x = 200 + int(6.0 / MPP)  # 2.5 µm from the nucleus' edge
+    _disc(img, yy, xx, granule_x, 200, 1.0, pale)
+    _disc(img, yy, xx, granule_x, 200, 0.5)
+    assert (detect_cells(img, MPP, 50.0, CFG).kind == KIND_PLATELET).sum() == 0
+    no_body = dataclasses.replace(CFG, pale_platelet_body_ratio=None)
+    assert (detect_cells(img, MPP, 50.0, no_body).kind == KIND_PLATELET).sum() == 1
 
 
 def test_touching_nuclei_are_split():
