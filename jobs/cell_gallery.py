@@ -3,6 +3,7 @@
     python -m jobs.cell_gallery --output <process_slides or classify_cells output>
         --slide <slide_id, file or folder name> [--per-class 16]
         [--order random | confident | uncertain | far | blurred | disagree]
+        [--kind nucleated | platelet | all]
         [--saliency gradcam | smoothgrad]
         [--png <file>] [--seed 0]
 
@@ -13,7 +14,9 @@ class code, with its name and count, each crop captioned with the class probabil
 review pays most; ``far`` the cells least like the classifier's training data (largest
 ``ood_distance``), which is where a slide flagged ``out_of_distribution`` goes wrong;
 ``blurred`` the cells with the most blurred edges (``blur_um``, `engine.focus`) first, each
-captioned with its blur, to see what a slide flagged ``out_of_focus`` left out. The slide
+captioned with its blur, to see what a slide flagged ``out_of_focus`` left out. ``--kind``
+picks the detections shown: ``nucleated`` (the default: what the differential counts),
+``platelet`` (the platelet-sized ones, by the classifier's call) or ``all``. The slide
 must still be where the run read it (its ``uri``). On a ``classify_cells`` output the slide is
 an exported folder, and its cells are its images (``image_cells``), read as the job read them;
 ``disagree`` shows those whose call is not what the analyser's class folder says, the most
@@ -160,6 +163,9 @@ def main(argv=None) -> int:
     p.add_argument("--per-class", type=int, default=16)
     p.add_argument("--order", default="random",
                    choices=("random", "confident", "uncertain", "far", "blurred", "disagree"))
+    p.add_argument("--kind", default="nucleated", choices=("nucleated", "platelet", "all"),
+                   help="the detections to show (a process_slides output): nucleated (what "
+                        "the differential counts), platelet or all")
     p.add_argument("--saliency", choices=("gradcam", "smoothgrad"),
                    help="add each crop's saliency map of its call, under its row")
     p.add_argument("--png", help="where to write (default: <slide_id>-gallery.png here)")
@@ -190,8 +196,11 @@ def main(argv=None) -> int:
             cells = pl.read_parquet(fh)
     except (FileNotFoundError, ValueError) as err:
         return fail(str(err))
+    if args.kind != "all" and "kind" in cells.columns:  # an export's images have no kind
+        cells = cells.filter(pl.col("kind") == args.kind)
     if cells.is_empty():
-        return fail(f"slide {sid} has no cells in {args.output}")
+        return fail(f"slide {sid} has no {'' if args.kind == 'all' else args.kind + ' '}"
+                    f"cells in {args.output}")
     if args.order == "far" and ("ood_distance" not in cells.columns
                                 or cells["ood_distance"].is_null().all()):
         return fail(f"slide {sid}'s cells have no distance to the training data: the run's "
@@ -242,7 +251,8 @@ def main(argv=None) -> int:
         if code in maps:
             rows.append((METHOD_NAMES[args.saliency], maps[code], None))
     png = args.png or f"{sid}-gallery.png"
-    plot_cell_gallery(rows, png, title=f"{sid}: {shown} cells, {args.order} "
+    what = "" if export or args.kind == "all" else f" {args.kind}"
+    plot_cell_gallery(rows, png, title=f"{sid}: {shown}{what} cells, {args.order} "
                                        f"{args.per_class} per class"
                                        + (" (a row per call; caption: [the folder's label] "
                                           "the call's probability)"

@@ -544,6 +544,13 @@ def test_cell_gallery_of_a_slide(run_out, tmp_path, capsys):
         blur = cells.filter(pl.col("class_code") == code)["blur_um"].sort(descending=True,
                                                                          nulls_last=True)
         assert rows["blur_um"].to_list() == blur.head(len(rows)).to_list()
+    # the nucleated detections by default (what the differential counts), the platelets apart
+    capsys.readouterr()
+    for kind in ("nucleated", "platelet", "all"):
+        assert cell_gallery.main(["--output", str(run_out), "--slide", "smear-a.tif", "--kind",
+                                  kind, "--per-class", "1000", "--png", str(png)]) == 0
+        want = cells if kind == "all" else cells.filter(pl.col("kind") == kind)
+        assert f"{len(want)} cells" in capsys.readouterr().out
     assert cell_gallery.main(["--output", str(run_out), "--slide", "nope.svs"]) == 2
     assert "no single slide 'nope.svs'" in capsys.readouterr().err
     # the tiny test model carries no feature density: nothing to order by distance
