@@ -139,7 +139,8 @@ class CellDetectionConfig:
         merge_um: closing radius that joins the lobes of one nucleus (segmented neutrophils).
         min_cell_area_um2: smallest nucleated-cell nucleus; smaller purple objects are platelets.
         min_platelet_area_um2: smaller objects are noise.
-        pale_platelet_ratio: a pale platelet has only a few pixels above the slide's threshold,
+        pale_platelet_ratio: on the slides of ``pale_platelet_specimens``, a pale platelet has
+            only a few pixels above the slide's threshold,
             too few for ``min_platelet_area_um2``: around such a seed the pixels above this
             fraction of the threshold make the object (hysteresis), kept as a platelet when
             its area lies between ``pale_platelet_min_area_um2`` and ``min_cell_area_um2``.
@@ -152,6 +153,11 @@ class CellDetectionConfig:
             cells and glass below). None: the clearance alone. On PBC's single-cell images it
             halves the pale objects taken in basophils', monocytes' and immature granulocytes'
             cytoplasm, at 0.4 points of BCCD platelet recall.
+        pale_platelet_specimens: the specimen types (`engine.specimen`) whose slides get the
+            pale-platelet pass: blood films, where a platelet estimate is read. Elsewhere its
+            false objects outnumber the platelets: on CMU-1, an H&E section run untyped, 1,618
+            platelet-sized objects become 7,434; marrow aspirates, whose cytoplasm is denser,
+            are untested.
         max_cell_area_um2: larger objects are clumps or smudges, not reported.
         split_area_um2: objects larger than this are split at distance-transform watersheds.
         split_min_distance_um: minimum distance between the centres of two split cells.
@@ -171,6 +177,7 @@ class CellDetectionConfig:
     pale_platelet_min_area_um2: float = 1.0
     pale_platelet_clearance_um: float = 2.0
     pale_platelet_body_ratio: float | None = 0.35
+    pale_platelet_specimens: tuple[str, ...] = ("blood",)
     max_cell_area_um2: float = 6000.0
     split_area_um2: float = 120.0
     split_min_distance_um: float = 5.0

@@ -54,9 +54,9 @@ def load_instances(embeddings: str, instances: str = "tiles",
     """The instances (``tiles``: embedded tiles; ``cells``: cells with features) of a
     process_slides output folder (its committed slides), or of a folder of such tables (or one
     holding the table's folder), in file order: ``slide_id``, those of ``columns`` the tables
-    have, and the vectors as ``embedding``. From a process_slides output, a slide's cells leave
-    out those out of focus (`engine.focus`), as its differential does: their features are not
-    the cell's.
+    have, and the vectors as ``embedding``. From a process_slides output, a slide's cells are
+    those its differential counts: nucleated detections, less those out of focus
+    (`engine.focus`), whose features are not the cell's.
 
     Raises:
         FileNotFoundError: no such table there (``cells``: the run had no
@@ -70,10 +70,11 @@ def load_instances(embeddings: str, instances: str = "tiles",
         key = ["slide_id", "cell_id"]
         df = read_table(embeddings, table, columns=list(dict.fromkeys(
             want + (key if instances == "cells" else []))))
-        if instances == "cells":
-            blurred = read_table(embeddings, "cells", columns=[*key, "out_of_focus"]).filter(
-                pl.col("out_of_focus").fill_null(False))
-            df = df.join(blurred.select(key), on=key, how="anti", maintain_order="left")
+        if instances == "cells":  # the cells the differential counts
+            left_out = read_table(embeddings, "cells", columns=[*key, "kind", "out_of_focus"]
+                                  ).filter(pl.col("out_of_focus").fill_null(False)
+                                           | (pl.col("kind") != "nucleated"))
+            df = df.join(left_out.select(key), on=key, how="anti", maintain_order="left")
             df = df.select([c for c in df.columns if c in want])
     else:
         folder = os.path.join(embeddings, table)

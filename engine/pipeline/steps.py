@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import threading
@@ -247,6 +248,7 @@ class PlanSlide:
             samples = [read_tile(slide, p.level, x, y, p.read_px, p.tile_px)
                        for x, y in _sample(p, cfg.pipeline.threshold_samples)]
             d["threshold"] = estimate_threshold(samples, cfg.cells)
+            d["pale_platelets"] = inv["specimen"] in cfg.cells.pale_platelet_specimens
             plans["cells"] = d
         if "tiles" in stages:
             tmask = with_enclosed_fat(mask, thumb, mpp * mask_scale[0],
@@ -271,7 +273,7 @@ def cell_tasks(slide_id: str, uri: str, plan: dict) -> list[dict]:
               "stride": float(p["stride"]), "overlap": float(p["overlap"]),
               "grid_nx": int(p["grid"][0]), "grid_ny": int(p["grid"][1]),
               "threshold": float(p["threshold"]), "width": int(plan["width"]),
-              "height": int(plan["height"])}
+              "height": int(plan["height"]), "pale_platelets": bool(p.get("pale_platelets"))}
     return [{**common, "task": i, "x": int(x), "y": int(y)}
             for i, (x, y) in enumerate(zip(p["x"], p["y"]))]
 
@@ -290,7 +292,7 @@ def tile_tasks(slide_id: str, uri: str, plan: dict) -> list[dict]:
 _NO_TASK = {
     "cells": {"level": 0, "read_px": 0, "tile_px": 0, "tile_mpp": 0.0, "mpp0": 0.0,
               "stride": 0.0, "overlap": 0.0, "grid_nx": 0, "grid_ny": 0, "threshold": 0.0,
-              "width": 0, "height": 0, "task": -1, "x": 0, "y": 0},
+              "width": 0, "height": 0, "pale_platelets": False, "task": -1, "x": 0, "y": 0},
     "tiles": {"task": -1, "x": 0, "y": 0, "level": 0, "read_px": 0, "tile_px": 0,
               "tile_mpp": 0.0, "tissue_fraction": 0.0, "nucleus_h_od": 0.0,
               "stains": np.zeros(6, np.float32)}}
@@ -373,6 +375,9 @@ class DetectCells:
         limit_native_threads(cfg.pipeline.native_threads)
         self.cfg = cfg
         self.readers = ReaderCache(cfg)
+        # by the slide's plan: with the pale-platelet pass (a blood film) or without
+        self.detection = {True: cfg.cells,
+                          False: dataclasses.replace(cfg.cells, pale_platelet_ratio=None)}
         self._ready = ready_since(t_born)
 
     def __call__(self, batch: dict) -> dict:
@@ -406,7 +411,8 @@ class DetectCells:
             tile = read_tile(reader, t["level"], t["x"], t["y"], t["read_px"], t["tile_px"])
         except SlideError as err:
             return self._marker(t, "error", type(err).__name__, str(err))
-        det = detect_cells(tile, float(t["tile_mpp"]), float(t["threshold"]), self.cfg.cells)
+        det = detect_cells(tile, float(t["tile_mpp"]), float(t["threshold"]),
+                           self.detection[bool(t.get("pale_platelets", False))])
         f = float(t["tile_mpp"]) / float(t["mpp0"])  # level-0 px per tile px
         cx, cy = t["x"] + det.x * f, t["y"] + det.y * f
         own = owned_by_tile(cx, cy, int(t["x"]), int(t["y"]), float(t["stride"]),

@@ -114,8 +114,9 @@ def test_mil_on_the_cells_of_each_slide(run_out, tmp_path, capsys):
     preds = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert sorted(p["slide_id"] for p in preds) == with_cells
     attention = pl.read_parquet(tmp_path / "mil_predictions" / "attention.parquet")
-    key = ["slide_id", "cell_id"]  # a row per cell in focus: the others are not in the bags
-    in_focus = cells.filter(~pl.col("out_of_focus").fill_null(False))
+    key = ["slide_id", "cell_id"]  # a row per nucleated cell in focus: what the bags hold
+    in_focus = cells.filter(pl.col("kind") == "nucleated",
+                            ~pl.col("out_of_focus").fill_null(False))
     assert 0 < len(in_focus) < len(cells)  # this run has both
     assert attention.select(key).sort(key).equals(in_focus.select(key).sort(key))
     # each slide's most and least attended cells, read back from the slide
@@ -125,7 +126,7 @@ def test_mil_on_the_cells_of_each_slide(run_out, tmp_path, capsys):
 
 def test_a_slides_cell_bag_leaves_out_its_cells_out_of_focus(run_out, tmp_path):
     """As its differential does: three of a slide's cells marked out of focus are not in its
-    bag for cell-level MIL; the other slides' bags are whole."""
+    bag for cell-level MIL, nor are its platelets; the other slides' bags are whole."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -135,7 +136,8 @@ def test_a_slides_cell_bag_leaves_out_its_cells_out_of_focus(run_out, tmp_path):
     shutil.copytree(run_out, out)
     path = sorted((out / "cells").glob("smear-a-*.parquet"))[0]
     table = pq.read_table(path)
-    blurred = table["cell_id"].to_pylist()[:3]
+    blurred = [c for c, k in zip(table["cell_id"].to_pylist(), table["kind"].to_pylist())
+               if k == "nucleated"][:3]
     flags = [cid in blurred for cid in table["cell_id"].to_pylist()]
     i = table.schema.get_field_index("out_of_focus")
     pq.write_table(table.set_column(i, table.schema.field(i), pa.array(flags)), path)
@@ -145,6 +147,10 @@ def test_a_slides_cell_bag_leaves_out_its_cells_out_of_focus(run_out, tmp_path):
     assert set(whole.filter(pl.col("slide_id") == sid)["cell_id"]) - set(
         bags.filter(pl.col("slide_id") == sid)["cell_id"]) == set(blurred)
     assert len(bags) == len(whole) - 3
+    cells = pl.read_parquet(f"{run_out}/cells/*.parquet")
+    kinds = whole.join(cells, on=["slide_id", "cell_id"])["kind"]
+    counted = cells.filter(pl.col("kind") == "nucleated", ~pl.col("out_of_focus").fill_null(False))
+    assert set(kinds) == {"nucleated"} and len(kinds) == len(counted)
     assert load_instances(str(out), "cells").columns == ["slide_id", "embedding"]
 
 

@@ -48,6 +48,24 @@ def test_plan_detect_classify_on_the_smear(smear):
     assert "crop" not in scored and (scored["class_code"][real] != "").all()
 
 
+def test_pale_platelets_are_looked_for_on_blood_films_only(smear):
+    """A slide typed blood gets the pale-platelet pass (its plan says so, and its tasks carry
+    it); the same slide untyped does not: the same nucleated cells, fewer platelets."""
+    cfg = Config()
+    found = {}
+    for specimen in ("blood", "unknown"):
+        row = PlanSlide(cfg)({"uri": str(smear), "size": smear.stat().st_size, "etag": None,
+                              "specimen": specimen})
+        plan = json.loads(row["plan"])
+        assert plan["plans"]["cells"]["pale_platelets"] == (specimen == "blood")
+        tasks = cell_tasks(row["slide_id"], row["uri"], plan)
+        assert {t["pale_platelets"] for t in tasks} == {specimen == "blood"}
+        out = DetectCells(cfg)(_batch(tasks))
+        found[specimen] = {k: int((out["kind"] == k).sum()) for k in ("nucleated", "platelet")}
+    assert found["blood"]["nucleated"] == found["unknown"]["nucleated"]
+    assert found["blood"]["platelet"] > 1.5 * found["unknown"]["platelet"] > 0
+
+
 def test_detect_flags_the_cells_of_a_region_out_of_focus(smear, tmp_path):
     """The smear with its right half blurred at its own pixels (Gaussian 0.5 µm, a scanner
     out of focus there): the cells there are ``out_of_focus``, those of the sharp half not."""
