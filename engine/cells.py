@@ -141,11 +141,11 @@ def _raster_order(labels: np.ndarray, stats: np.ndarray) -> np.ndarray:
 def _pale_platelets(score: np.ndarray, threshold: float, objects: np.ndarray, labels: np.ndarray,
                     stats: np.ndarray, mpp: float, cfg: CellDetectionConfig) -> list[tuple]:
     """Platelets too pale for the threshold: objects of the pixels above
-    ``cfg.pale_platelet_ratio * threshold`` that hold a pixel above ``threshold`` (a seed) and
-    no object already found (``objects``, the nuclear mask, and its components ``labels`` and
-    ``stats``), are
-    platelet-sized and lie clear of nucleated cells. ``(cx, cy, x0, y0, x1, y1, area_um2)``
-    each, in work-grid pixels."""
+    ``cfg.pale_platelet_ratio * threshold`` that hold a pixel above ``threshold`` (a seed), no
+    object already found (``objects``: the nuclear mask; ``labels``, ``stats``: its
+    components), are platelet-sized and lie clear of nucleated cells: farther than
+    ``cfg.pale_platelet_clearance_um`` from a nucleus and outside its cell's body.
+    ``(cx, cy, x0, y0, x1, y1, area_um2)`` each, in work-grid pixels."""
     n, lab, st, cent = components(score > cfg.pale_platelet_ratio * threshold)
     area = st[:, cv2.CC_STAT_AREA] * mpp * mpp
     keep = (area >= cfg.pale_platelet_min_area_um2) & (area < cfg.min_cell_area_um2)

@@ -140,10 +140,10 @@ class CellDetectionConfig:
         min_cell_area_um2: smallest nucleated-cell nucleus; smaller purple objects are platelets.
         min_platelet_area_um2: smaller objects are noise.
         pale_platelet_ratio: on the slides of ``pale_platelet_specimens``, a pale platelet has
-            only a few pixels above the slide's threshold,
-            too few for ``min_platelet_area_um2``: around such a seed the pixels above this
-            fraction of the threshold make the object (hysteresis), kept as a platelet when
-            its area lies between ``pale_platelet_min_area_um2`` and ``min_cell_area_um2``.
+            only a few pixels above the slide's threshold, too few for
+            ``min_platelet_area_um2``: around such a seed the pixels above this fraction of the
+            threshold make the object (hysteresis), kept as a platelet when its area lies
+            between ``pale_platelet_min_area_um2`` and ``min_cell_area_um2``.
             None: the threshold alone. On BCCD's 292 fields, platelet recall 0.34 -> 0.79.
         pale_platelet_min_area_um2: smaller pale objects are noise.
         pale_platelet_clearance_um: a pale object this near a nucleated cell's nucleus is left

@@ -191,8 +191,8 @@ class PlanSlide:
     """Inventory one slide, mask its tissue on a thumbnail, and plan its tiles (coordinates only).
 
     Row in: ``uri``, ``size``, ``etag``, optionally ``specimen`` (`engine.specimen`: a section
-    plans no cell tiles) and ``case`` (recorded in the slides row). Row out: ``slide_id``, ``uri``, ``plan`` (JSON text with the inventory
-    row, status, and per-stage tile plans). Slide problems become a failed status; other
+    plans no cell tiles) and ``case`` (recorded in the slides row). Row out: ``slide_id``,
+    ``uri``, ``plan`` (JSON text with the inventory row, status, and per-stage tile plans). Slide problems become a failed status; other
     exceptions are bugs and propagate.
     """
 

@@ -26,8 +26,8 @@ def slide_summary(status: pl.DataFrame, slides: pl.DataFrame | None = None,
                   cellularity: pl.DataFrame | None = None) -> pl.DataFrame:
     """The summary: a row per ``status`` row, in slide_id order.
 
-    Columns: slide_id, uri, case, specimen, status, error_type, error_message, warnings (joined by
-    ``; ``), n_tiles, n_cells; from the differential its slide-level numbers
+    Columns: slide_id, uri, case, specimen, status, error_type, error_message, warnings
+    (joined by ``; ``), n_tiles, n_cells; from the differential its slide-level numbers
     (`DIFFERENTIAL_COLUMNS`) and each lineage's percentage (``pct_<lineage>``, null where the
     lineage is not in the denominator); cellularity_image_analysis, and cellularity_abmil with
     its sd. A slide without a table's rows gets nulls there.
@@ -61,6 +61,6 @@ def slide_summary(status: pl.DataFrame, slides: pl.DataFrame | None = None,
             out = out.join(values, on="slide_id", how="left")
         else:
             out = out.with_columns(pl.lit(None, pl.Float64).alias(name))
-    first = ["slide_id", "uri", "case", "specimen", "status", "error_type", "error_message", "warnings",
-             "n_tiles", "n_cells"]
+    first = ["slide_id", "uri", "case", "specimen", "status", "error_type", "error_message",
+             "warnings", "n_tiles", "n_cells"]
     return out.select(*first, *DIFFERENTIAL_COLUMNS, *LINEAGE_COLUMNS, *cel).sort("slide_id")
