@@ -2,18 +2,22 @@
 platelet detection against the platelet boxes.
 
     python -m jobs.evaluate_detection --images <dir> --annotations <dir of VOC xml> --mpp 0.075
+        [--specimen blood | aspirate | unknown]
 
 A detection matches a WBC box when its centroid falls inside it; each box matches at most one
 detection and each detection at most one box. Prints JSON: recall, precision, F1, counts, and the
 images with misses or extra detections; under ``platelets`` the same for ``platelet``
 detections against ``Platelets`` boxes (BCCD's annotators left many platelets unboxed, so there
-the precision is a floor). Each image is treated as its own slide (the stain threshold is
-estimated from it), since fields of unknown origin share no slide.
+the precision is a floor). ``--specimen`` (blood, BCCD's) detects as the pipeline does on a
+slide of that type: pale platelets are looked for on `cells.pale_platelet_specimens` only.
+Each image is treated as its own slide (the stain threshold is estimated from it), since fields
+of unknown origin share no slide.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -24,6 +28,7 @@ from PIL import Image
 
 from engine.cells import KIND_CELL, KIND_PLATELET, detect_cells, estimate_threshold, match_centroids
 from engine.config import CellDetectionConfig
+from engine.specimen import SPECIMENS
 from engine.slides.annotations import read_voc_boxes
 from jobs.common import fail, mpp_arg, resolve_source_mpp
 
@@ -61,8 +66,12 @@ def main(argv=None) -> int:
     p.add_argument("--mpp", type=mpp_arg, required=True,
                    help="µm per pixel of the images, or auto: measured on their red cells")
     p.add_argument("--threads", type=int, default=4)
+    p.add_argument("--specimen", choices=sorted(SPECIMENS), default="blood",
+                   help="the images' specimen type: detect as on a slide of that type")
     args = p.parse_args(argv)
     cfg = CellDetectionConfig()
+    if args.specimen not in cfg.pale_platelet_specimens:
+        cfg = dataclasses.replace(cfg, pale_platelet_ratio=None)
     pairs = []
     for name in sorted(os.listdir(args.images)):
         stem, ext = os.path.splitext(name)
