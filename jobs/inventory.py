@@ -57,6 +57,9 @@ def summarize(rows: list[dict]) -> str:
     kinds = collections.Counter(r.get("specimen") or UNKNOWN for r in rows)
     if set(kinds) != {UNKNOWN}:
         parts.append("specimen " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+    cases = [r["case"] for r in rows if r.get("case")]
+    if cases:
+        parts.append(f"{len(cases)} in {len(set(cases))} case(s)")
     line = f"{len(rows)} files: " + ", ".join(parts)
     if no_mpp:
         line += f"; {no_mpp} ok without MPP (supply --mpp or --mpp-table)"

@@ -117,6 +117,7 @@ def test_a_case_column_goes_into_the_slides_table(wsi_dir, tmp_path, capsys):
                                        f"{tcga},\n")
     assert inventory.main(["--input", str(tmp_path / "list.csv"), "--output",
                            str(tmp_path / "out")]) == 0
+    assert "2 in 1 case(s)" in capsys.readouterr().out
     df = pl.read_parquet(f"{tmp_path}/out/slides/*.parquet")
     want = {str(cmu): "S26-0101", str(small): "S26-0101", str(tcga): None}
     assert dict(zip(df["uri"], df["case"])) == want
