@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 from engine.schema import EXPORT_FORMAT
 from engine.specimen import SECTIONS
-from jobs.common import add_storage_args, fail, read_csv_rows, storage_from_args
+from jobs.common import add_storage_args, fail, put_in_case, read_csv_rows, storage_from_args
 
 WHOLE_CASE = "the whole case"  # a left_out entry that refuses a case, not one slide
 
@@ -148,9 +148,7 @@ def case_members(sheet: list[dict], key: str, status, codes: dict[str, list[str]
         if why:
             left_out.setdefault(case, []).append(f"{name}: {why}")
             continue
-        if case_of.setdefault(sid, case) != case:
-            raise ValueError(f"slide {sid} ({name}) is in case {case_of[sid]} and in case "
-                             f"{case}: a slide's cells belong to one case")
+        put_in_case(case_of, sid, case, f"slide {sid} ({name})")
         if sid not in cases.setdefault(case, []):
             cases[case].append(sid)
     for case, sids in list(cases.items()):

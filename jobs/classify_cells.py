@@ -37,7 +37,7 @@ from engine.models import list_models
 from engine.schema import EXPORT_FORMAT
 from engine.specimen import SMEARS, UNKNOWN
 from jobs.common import (add_storage_args, fail, find_exports, image_source, mpp_arg,
-                         resolve_source_mpp, storage_from_args)
+                         put_in_case, resolve_source_mpp, storage_from_args)
 
 
 def source_label(path: str, folder: str) -> str | None:
@@ -92,9 +92,11 @@ def export_cases(uri: str, storage, folders: dict[str, str], ids: dict[str, str]
             continue
         if given not in names:
             unknown.append(given)
-        elif cases.setdefault(names[given], case) != case:
-            raise ValueError(f"{uri}: {given} is in case {cases[names[given]]} and in case "
-                             f"{case}: an export belongs to one case")
+        else:
+            try:
+                put_in_case(cases, names[given], case, given)
+            except ValueError as err:
+                raise ValueError(f"{uri}: {err}") from None
     return cases, unknown
 
 

@@ -139,6 +139,17 @@ def read_specimens(uri: str, storage: StorageConfig) -> dict[str, str]:
             for line, u, v in _list_column(uri, storage, "specimen")}
 
 
+def put_in_case(cases: dict[str, str], key: str, case: str, name: str) -> None:
+    """Record in ``cases`` that ``key`` (said ``name`` in the message) belongs to ``case``.
+
+    Raises:
+        ValueError: ``cases`` already puts it in another case.
+    """
+    if cases.setdefault(key, case) != case:
+        raise ValueError(f"{name} is in case {cases[key]} and in case {case}: a slide belongs "
+                         "to one case")
+
+
 def read_cases(uri: str, storage: StorageConfig) -> dict[str, str]:
     """The ``case`` column of a ``.csv`` input list (the case, or accession, each slide
     belongs to; a blank cell: none), by URI; {} for other inputs and lists without the column.
@@ -148,9 +159,10 @@ def read_cases(uri: str, storage: StorageConfig) -> dict[str, str]:
     """
     cases: dict[str, str] = {}
     for line, u, case in _list_column(uri, storage, "case"):
-        if cases.setdefault(u, case) != case:
-            raise InputError(f"{uri} line {line}: {u} is in case {cases[u]} and in case {case}: "
-                             "a slide belongs to one case")
+        try:
+            put_in_case(cases, u, case, u)
+        except ValueError as err:
+            raise InputError(f"{uri} line {line}: {err}") from None
     return cases
 
 
