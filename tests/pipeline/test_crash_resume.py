@@ -2,7 +2,12 @@
 rerun completes with every slide exactly once. The killed job is a driver process of its own on
 the shared local Ray (as a submitted job's driver is on a cluster; starting a Ray of its own would
 cost this 2-core machine seconds); Ray ends its actors when it dies. The rerun is a new job in
-this process."""
+this process.
+
+The killed driver's storage is slow to commit (half a second before each status row, as an object
+store's round trips can be): small slides otherwise finish in one burst once the classifier has
+started (eight in 0.5 s measured), and a kill timed by polling the output can then land after the
+last commit."""
 
 import os
 import random
@@ -26,6 +31,17 @@ pipeline:
   classifier: {model: deepheme-tiny, batch_size: 4}
   encoder: {model: none}  # tiles read, not embedded: one model actor less to start
 """
+SLOW_COMMIT_DRIVER = """
+import sys, time
+from engine.pipeline.commit import OutputStore
+from jobs.process_slides import main
+commit = OutputStore.commit
+def slow_commit(self, *args, **kwargs):
+    time.sleep(0.5)
+    return commit(self, *args, **kwargs)
+OutputStore.commit = slow_commit
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def _args(inp, out, cfg):
@@ -43,7 +59,7 @@ def test_sigkill_then_rerun_writes_every_slide_exactly_once(ray_local, smear_sli
     cfg.write_text(CONFIG)
     import ray
 
-    job = [sys.executable, "-m", "jobs.process_slides", *_args(inp, out, cfg)]
+    job = [sys.executable, "-c", SLOW_COMMIT_DRIVER, *_args(inp, out, cfg)]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = subprocess.Popen(job, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
