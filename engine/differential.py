@@ -8,7 +8,12 @@ cells, erythroid precursors included.
 
 Cells out of focus (`engine.focus`) are left out of the counts by default, as a technologist
 counts only where cells are sharp, and reported: how many, and their share of the nucleated
-cells found."""
+cells found.
+
+Platelets are no part of the differential; where the detector found them (a slide's cells, not
+an image export's) their number is reported beside it and, on a blood film, per white cell: the
+smear's platelet estimate is that ratio times the analyser's white count (platelets per white
+cell x WBC 10^9/L = platelets 10^9/L), the ratio method of a manual smear review."""
 
 from __future__ import annotations
 
@@ -57,6 +62,11 @@ class Differential:
         out_of_focus_percent: their share of all nucleated cells found, in percent (None when
             focus was not measured).
         out_of_focus: ``out_of_focus_percent`` above the configured limit (None as above).
+        n_platelets: platelet-sized detections counted (those not out of focus, unless
+            out-of-focus cells are counted too; the detector measures no platelet's focus, so
+            all of a slide's); None where platelets were not detected (image exports).
+        platelets_per_wbc: ``n_platelets`` per white cell counted (blood smears only; None
+            without white cells).
     """
 
     rows: list[dict]
@@ -75,6 +85,8 @@ class Differential:
     n_out_of_focus: int = 0
     out_of_focus_percent: float | None = None
     out_of_focus: bool | None = None
+    n_platelets: int | None = None
+    platelets_per_wbc: float | None = None
 
 
 def _share_flagged(codes, flags, limit: float) -> tuple[float | None, bool | None, int]:
@@ -92,7 +104,7 @@ def _share_flagged(codes, flags, limit: float) -> tuple[float | None, bool | Non
 def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
                          max_ood_percent: float = 20.0, blood: bool = False,
                          out_of_focus=None, max_out_of_focus_percent: float = 20.0,
-                         count_out_of_focus: bool = False) -> Differential:
+                         count_out_of_focus: bool = False, platelets=None) -> Differential:
     """Differential from the predicted class codes of one slide's cells.
 
     Args:
@@ -110,6 +122,9 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
         max_out_of_focus_percent: above this share of nucleated cells out of focus the slide is
             flagged ``out_of_focus``.
         count_out_of_focus: count the cells out of focus too (by default they are left out).
+        platelets: per platelet-sized detection, whether it is out of focus (None or False
+            where not measured); no list where platelets were not detected. They are counted as
+            the nucleated cells are, out of focus ones left out unless ``count_out_of_focus``.
     """
     blur_percent, blurred, n_blurred = _share_flagged(codes, out_of_focus,
                                                       max_out_of_focus_percent)
@@ -127,6 +142,8 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
     erythroid = by_lineage.get("erythroid", 0)
     wbc = nucleated - erythroid
     total = wbc if blood else nucleated
+    n_platelets = None if platelets is None else \
+        sum(1 for f in platelets if count_out_of_focus or not f)
 
     def share(k: int, nucleated_: bool, lineage: str) -> tuple:
         """(percent, ci_low, ci_high) of ``k`` over the denominator; None for what is not in
@@ -164,6 +181,9 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
                           and not any(c in get_class(m).members for m in model_codes)),
         ood_percent=ood_percent, out_of_distribution=flagged,
         n_out_of_focus=n_blurred, out_of_focus_percent=blur_percent, out_of_focus=blurred,
+        n_platelets=n_platelets,
+        platelets_per_wbc=n_platelets / wbc if blood and wbc and n_platelets is not None
+        else None,
     )
 
 
@@ -180,7 +200,8 @@ def differential_rows(slide_id: str, d: Differential) -> list[dict]:
              "low_count": d.low_count, "codes_not_covered": list(d.not_covered),
              "ood_percent": d.ood_percent, "out_of_distribution": d.out_of_distribution,
              "n_out_of_focus": d.n_out_of_focus, "out_of_focus_percent": d.out_of_focus_percent,
-             "out_of_focus": d.out_of_focus}
+             "out_of_focus": d.out_of_focus, "n_platelets": d.n_platelets,
+             "platelets_per_wbc": d.platelets_per_wbc}
             for r in d.rows]
 
 

@@ -52,10 +52,19 @@ def run_settings(doc: dict) -> dict:
 
 def pooled_differential(cells, model_codes: list[str], blood: bool, settings: dict):
     """The differential of the pooled ``cells`` (a polars frame with ``class_code``,
-    ``out_of_focus`` and ``out_of_distribution``, nulls where not measured), as
-    `engine.pipeline.aggregate` counts one slide's."""
+    ``out_of_focus`` and ``out_of_distribution``, nulls where not measured, and a slide's cells'
+    ``kind``), as `engine.pipeline.aggregate` counts one slide's: nucleated detections, with the
+    platelet-sized ones beside them."""
+    import polars as pl
+
+    from engine.cells import KIND_CELL, KIND_PLATELET
     from engine.differential import compute_differential
 
+    platelets = None  # an export's images: no detector, no platelet count
+    if "kind" in cells.columns:
+        platelets = cells.filter(pl.col("kind") == KIND_PLATELET)["out_of_focus"] \
+            .fill_null(False).to_list()
+        cells = cells.filter(pl.col("kind") == KIND_CELL)
     focus = cells["out_of_focus"]
     return compute_differential(
         cells["class_code"].to_list(), model_codes, settings["min_nucleated"],
@@ -63,7 +72,7 @@ def pooled_differential(cells, model_codes: list[str], blood: bool, settings: di
         # not measured at all (cells.max_blur_um: null): no list, as the run had none
         out_of_focus=None if focus.is_null().all() else focus.fill_null(False).to_list(),
         max_out_of_focus_percent=settings["max_out_of_focus_percent"],
-        count_out_of_focus=settings["count_out_of_focus"])
+        count_out_of_focus=settings["count_out_of_focus"], platelets=platelets)
 
 
 def read_case_sheet(uri: str, storage) -> tuple[list[dict], str]:
@@ -258,8 +267,6 @@ def main(argv=None) -> int:
         cells = pl.from_arrow(read) if read is not None else pl.DataFrame(
             schema={"class_code": pl.String, "out_of_focus": pl.Boolean,
                     "out_of_distribution": pl.Boolean})
-        if "kind" in cells.columns:  # as the run counted: nucleated detections only
-            cells = cells.filter(pl.col("kind") == "nucleated")
         d = pooled_differential(cells, codes[sids[0]], specimen[sids[0]] == "blood", settings)
         for row in differential_rows(case, d):
             row["case"] = row.pop("slide_id")
@@ -267,6 +274,7 @@ def main(argv=None) -> int:
         line.update({"counted": d.n_wbc if d.denominator == "wbc" else d.n_nucleated,
                      "denominator": d.denominator, "blast_percent": d.blast_percent,
                      "me_ratio": d.me_ratio, "nrbc_per_100_wbc": d.nrbc_per_100_wbc,
+                     "platelets_per_wbc": d.platelets_per_wbc,
                      "warnings": "; ".join(f"{k}: {v}" for k, v in review_warnings(
                          d, settings["min_nucleated"]).items())})
     to = args.to or join_uri(args.output, "cases")
@@ -276,7 +284,7 @@ def main(argv=None) -> int:
         write_parquet(frame.to_arrow(), join_uri(to, "case_differentials.parquet"), storage)
         written.insert(0, "case_differentials.parquet")
     order = ["case", "n_slides", "slide_ids", "counted", "denominator", "blast_percent",
-             "me_ratio", "nrbc_per_100_wbc", "warnings", *CELLULARITY_COLUMNS, "section_slides",
+             "me_ratio", "nrbc_per_100_wbc", "platelets_per_wbc", "warnings", *CELLULARITY_COLUMNS, "section_slides",
              "left_out"]
     table_out = pl.DataFrame([{k: r.get(k) for k in order} for r in summary],
                              infer_schema_length=None)

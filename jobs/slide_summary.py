@@ -62,7 +62,7 @@ def main(argv=None) -> int:
                    tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
         print(summary.select("slide_id", *(["case"] if summary["case"].is_not_null().any()
                                            else []), "specimen", "status", "n_cells", "denominator",
-                             "blast_percent", "me_ratio", "nrbc_per_100_wbc",
+                             "blast_percent", "me_ratio", "nrbc_per_100_wbc", "platelets_per_wbc",
                              "cellularity_image_analysis", "cellularity_abmil"))
     counts = collections.Counter(summary["status"].to_list())
     print(f"{len(summary)} slides ("

@@ -77,6 +77,8 @@ def test_each_export_gets_its_cells_and_differential(exports, tmp_path, capsys):
         n_er = classes.filter(pl.col("class_code") == "ER")["count"].sum()
         n_wbc = rows["n_wbc"][0]
         assert rows["nrbc_per_100_wbc"][0] == pytest.approx(100 * n_er / n_wbc)
+        # an export's platelet images are not a film's platelets: no count, no ratio
+        assert rows["n_platelets"].is_null().all() and rows["platelets_per_wbc"].is_null().all()
     # the summary job reads the output as it reads process_slides'
     assert slide_summary.main(["--output", str(out)]) == 0
     assert "3 slides (2 ok, 1 failed)" in capsys.readouterr().out

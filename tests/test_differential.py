@@ -56,6 +56,23 @@ def test_a_blood_film_is_counted_over_white_cells():
     assert not compute_differential(["L2"] * 150 + ["ER"] * 60, MODEL, 200).low_count
 
 
+def test_platelets_beside_the_differential_and_per_white_cell_on_a_blood_film():
+    """Platelet-sized detections are no part of the counts; a blood film reports them per white
+    cell (the estimate's ratio), out of focus ones left out unless those are counted."""
+    codes = ["L2"] * 8 + ["ER"] * 2
+    flags = [False] * 30 + [True] * 6
+    d = compute_differential(codes, MODEL, blood=True, platelets=flags)
+    assert d.n_platelets == 30 and d.platelets_per_wbc == 30 / 8 and d.n_wbc == 8
+    assert compute_differential(codes, MODEL, blood=True, platelets=flags,
+                                count_out_of_focus=True).n_platelets == 36
+    marrow = compute_differential(codes, MODEL, platelets=flags)
+    assert marrow.n_platelets == 30 and marrow.platelets_per_wbc is None
+    export = compute_differential(codes, MODEL, blood=True)  # no detector: not known, not 0
+    assert export.n_platelets is None and export.platelets_per_wbc is None
+    assert compute_differential(["ER"] * 3, MODEL, blood=True,
+                                platelets=flags).platelets_per_wbc is None  # no white cell
+
+
 def test_no_blast_class_means_unknown_not_zero():
     d = compute_differential(["L2"] * 300, ("L2", "M6"), min_nucleated=200)
     assert d.blast_percent is None and d.me_ratio is None and not d.low_count

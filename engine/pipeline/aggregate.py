@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 import engine
-from engine.cells import KIND_CELL
+from engine.cells import KIND_CELL, KIND_PLATELET
 from engine.cellularity import slide_cellularity
 from engine.differential import compute_differential, differential_rows, review_warnings
 from engine.pipeline.commit import OutputStore
@@ -213,6 +213,7 @@ class Aggregator:
         state.n_cells = n
         codes, ood = [], []  # per cell: the class, and out of distribution (None: unknown)
         blurred = None  # per cell: out of focus (None: focus not measured)
+        platelets = []  # per platelet-sized detection: out of focus
         if cols:
             # the differential counts nucleated detections: a platelet-sized object is no
             # nucleated cell whatever the classifier calls it (a pale platelet reads as an
@@ -224,11 +225,13 @@ class Aggregator:
                        (~np.isnan(cols["ood_distance"][counted])).tolist())]
             if not np.isnan(cols["blur_um"]).all():
                 blurred = cols["out_of_focus"][counted].tolist()
+            platelets = cols["out_of_focus"][cols["kind"] == KIND_PLATELET].tolist()
         d = compute_differential(codes, self.model_codes, self.min_nucleated, ood,
                                  self.max_ood_percent, blood=state.specimen == "blood",
                                  out_of_focus=blurred,
                                  max_out_of_focus_percent=self.max_out_of_focus_percent,
-                                 count_out_of_focus=self.count_out_of_focus)
+                                 count_out_of_focus=self.count_out_of_focus,
+                                 platelets=platelets)
         differential = differential_rows(sid, d)
         state.warnings.update(review_warnings(d, self.min_nucleated))
         if not cols:

@@ -217,6 +217,29 @@ def test_platelet_sized_detections_are_not_counted_whatever_their_class(tmp_path
     diff = pl.read_parquet(tmp_path / "out" / "differentials" / "s1.parquet")
     counts = dict(zip(diff["class_code"], diff["count"]))
     assert counts["L2"] == 1 and counts["ER"] == 1 and diff["n_nucleated"][0] == 2
+    # they are counted beside it; an untyped slide gets no blood film's ratio
+    assert diff["n_platelets"][0] == 2 and diff["platelets_per_wbc"][0] is None
+
+
+def test_a_blood_film_reports_its_platelets_per_white_cell(tmp_path):
+    """A blood film's platelet estimate: the platelet-sized detections in focus per white cell
+    counted (the erythroblast is no white cell; the blurred platelet is left out as blurred
+    nucleated cells are)."""
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    agg = Aggregator(store, "hash", ["cells"], [], ("L2", "ER", "PLT"), 1, ("cells",),
+                     log=lambda *_: None)
+    header = json.loads(_header("s1"))
+    header["slide"]["specimen"] = "blood"
+    kinds = ["nucleated"] * 3 + ["platelet"] * 6
+    batch = _cells("s1", [0] * 9, 1, json.dumps(header))
+    batch.update(kind=np.array(kinds), n_in_task=np.full(9, 9),
+                 class_code=np.array(["L2", "L2", "ER"] + ["PLT"] * 5 + ["ER"]),
+                 probabilities=np.full((9, 3), 1 / 3), blur_um=np.full(9, 0.3, np.float32),
+                 out_of_focus=np.array([False] * 8 + [True]))
+    agg.add_cells(batch)
+    diff = pl.read_parquet(tmp_path / "out" / "differentials" / "s1.parquet")
+    assert (diff["n_wbc"][0], diff["n_platelets"][0]) == (2, 5)
+    assert diff["platelets_per_wbc"][0] == 2.5 and diff["denominator"][0] == "wbc"
 
 
 def test_cells_arrive_as_columns_in_any_split_and_leave_in_raster_order(tmp_path):

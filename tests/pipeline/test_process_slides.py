@@ -232,6 +232,12 @@ def test_reference_model_on_the_smear(ray_local, smear_slide, tmp_path, capsys):
     er = diff.filter(pl.col("class_code") == "erythroid", pl.col("level") == "lineage")
     assert er["percent"][0] is None and er["count"][0] > 0
     assert nrbc == (pytest.approx(100 * er["count"][0] / n_wbc) if n_wbc else None)
+    # beside it, the platelets in focus, per white cell (the smear's platelet estimate)
+    platelets = cells.filter(pl.col("kind") == "platelet",
+                             ~pl.col("out_of_focus").fill_null(False))
+    assert diff["n_platelets"][0] == len(platelets) > 0
+    assert diff["platelets_per_wbc"][0] == (pytest.approx(len(platelets) / n_wbc) if n_wbc
+                                            else None)
     # no marrow cellularity on a smear, and no DINOv2 weights ship: its tiles are not read
     assert not (tmp_path / "o" / "cellularity").exists() and not (tmp_path / "o" / "tiles").exists()
     assert {"tiles", "cellularity:image_analysis"} <= set(st["skipped_stages"][0])
@@ -374,6 +380,7 @@ def test_the_lists_cases_are_recorded_and_pooled(reprocessed, tmp_path, capsys):
         got = pooled.filter(pl.col("case") == name)
         assert dict(zip(got["class_code"], got["count"])) == dict(zip(one["class_code"],
                                                                       one["count"]))
+        assert got["n_platelets"][0] == one["n_platelets"][0]
     summary = {r["case"]: r for r in
                pl.read_csv(tmp_path / "c" / "case_summary.csv").iter_rows(named=True)}
     c1, c2 = summary["C-1"], summary["C-2"]
@@ -383,6 +390,8 @@ def test_the_lists_cases_are_recorded_and_pooled(reprocessed, tmp_path, capsys):
     assert c1["cellularity_image_analysis"] == pytest.approx(want["image_analysis"])
     assert c1["cellularity_abmil"] == pytest.approx(want["abmil"])
     assert c1["n_slides"] == 1 and c1["slide_ids"].startswith("smear-a")
+    ratio = diff.filter(pl.col("slide_id").str.starts_with("smear-a"))["platelets_per_wbc"][0]
+    assert c1["platelets_per_wbc"] == (ratio if ratio is None else pytest.approx(ratio))
     assert c2["cellularity_image_analysis"] is None and c2["section_slides"] is None
     # a case of a biopsy alone: its cellularity, and no differential to write
     sheet = tmp_path / "biopsy.csv"
