@@ -31,6 +31,14 @@ With ``--cases`` the sheet has a row per case (a ``case`` column), compared with
 of the case's ok slides (`jobs.case_differentials`): the cases the output's slides table
 records, or those of ``--cases <slide,case CSV>``.
 
+With the analyser's ``wbc_count`` and ``platelet_count`` columns (any one unit for both, 10^9/L by
+default) beside the differential, a blood film's platelet estimate is compared too: its
+platelets per white cell times the white count against the platelet count, slide by slide
+(bias, limits of agreement, the median ratio, r, and how often both grade the slide decreased,
+adequate or increased: ``--platelet-limits``, 150,450 by default); ``agreement_platelets.parquet``
+holds the slides. Slides without a ratio (not blood films, no white cell counted, an export) or
+without both counts are listed.
+
 Only committed slides are read; a slide that failed, or one the sheet names that the output does
 not hold, is listed with the reason, never dropped unsaid.
 """
@@ -46,6 +54,7 @@ from jobs.common import add_storage_args, fail, read_csv_rows, storage_from_args
 KEY_COLUMNS = ("slide", "slide_id", "uri", "path", "file")
 COUNTED_COLUMNS = ("counted", "cells_counted", "n_counted")
 FROM_OUTPUT = "the output's cases"  # --cases without a sheet: the slides table's case column
+CBC_COLUMNS = ("wbc_count", "platelet_count")  # the analyser's counts, for the platelet estimate
 
 
 def _number(text: str | None, slide: str, column: str, what: str) -> float:
@@ -155,6 +164,9 @@ def main(argv=None) -> int:
                    help="the manual sheet has a row per case (a case column), compared with the "
                         "pooled counts of the case's slides: the cases the output records, or "
                         "those of a slide,case CSV (as jobs.case_differentials takes)")
+    p.add_argument("--platelet-limits", default="150,450", metavar="LOW,HIGH",
+                   help="platelet counts below LOW are decreased, above HIGH increased, in the "
+                        "sheet's units (default 150,450: 10^9/L)")
     p.add_argument("--to", help="where to write the tables and the plot (default: "
                                 "<output>/agreement)")
     add_storage_args(p)
@@ -166,7 +178,8 @@ def main(argv=None) -> int:
 
     from engine.outputs import join_uri, write_bytes, write_parquet
     from engine.pipeline.commit import OutputStore
-    from engine.report.agreement import agreement_table, compare_slide, resolve_categories
+    from engine.report.agreement import (agreement_table, compare_slide, platelet_agreement,
+                                         platelet_rows, resolve_categories)
     from engine.slides.storage import InputError
 
     storage = storage_from_args(args)
@@ -196,7 +209,19 @@ def main(argv=None) -> int:
                         f"columns: {', '.join(sheet[0])}")
     if args.counted is not None and (args.source_labels or args.counted <= 0):
         return fail("--counted takes a positive number of cells, with --manual")
+    try:
+        limits = tuple(float(v) for v in args.platelet_limits.split(","))
+    except ValueError:
+        limits = ()
+    if len(limits) != 2 or not 0 <= limits[0] < limits[1]:
+        return fail(f"--platelet-limits takes LOW,HIGH with 0 <= LOW < HIGH, got "
+                    f"{args.platelet_limits!r}")
     columns = list(dict.fromkeys(c for row in sheet for c in row))
+    cbc = [c for c in CBC_COLUMNS if c in columns]
+    if len(cbc) == 1:
+        print(f"not compared: column {cbc[0]!r}: the platelet estimate needs both "
+              f"{' and '.join(CBC_COLUMNS)}", file=sys.stderr)
+    platelets_compared = len(cbc) == 2 and not args.cases
     counted_column = None if args.source_labels else \
         next((c for c in COUNTED_COLUMNS if c in columns), None)
     source = "the source labels" if args.source_labels else args.manual
@@ -212,7 +237,7 @@ def main(argv=None) -> int:
     model_codes = set(next(iter(code_sets)))
     try:
         categories, ignored = resolve_categories(
-            [c for c in columns if c not in (key, counted_column)], model_codes)
+            [c for c in columns if c not in (key, counted_column, *CBC_COLUMNS)], model_codes)
     except ValueError as err:
         return fail(f"{source}: {err}")
     if not categories:
@@ -225,12 +250,15 @@ def main(argv=None) -> int:
     by_status = {r["slide_id"]: r for r in status.iter_rows(named=True)}
     auto = {sid: dict(zip(g["class_code"], g["count"]))
             for (sid,), g in classes.group_by("slide_id")}
+    per_wbc = dict(zip(*classes.group_by("slide_id").agg(
+        pl.col("platelets_per_wbc").first()))) if "platelets_per_wbc" in classes.columns else {}
     if args.cases:  # the units compared are cases: their slides' counts summed
         try:
             keys, by_status, auto, left_out = _cases(args.cases, store, status, auto, by_status)
         except (InputError, ValueError) as err:
             return fail(str(err))
     rows, not_compared, unmatched, seen = [], {}, [], {}
+    by_platelets, platelets_not_compared = [], {}
     for r in sheet:
         name = (r.get(key) or "").strip()
         if not name:
@@ -263,6 +291,20 @@ def main(argv=None) -> int:
             continue
         flags = [w.split(":")[0] for w in (st.get("warnings") or [])]
         rows += [{"slide_id": sid, "slide": name, **row, "review_flags": flags} for row in got]
+        if not platelets_compared:
+            continue
+        if not all((r.get(c) or "").strip() for c in CBC_COLUMNS):
+            platelets_not_compared[name] = "no analyser count"
+        elif per_wbc.get(sid) is None:
+            platelets_not_compared[name] = "no platelets per white cell (not a blood film, or " \
+                                           "no white cell counted)"
+        else:
+            try:
+                wbc, plt = (_number(r[c], name, c, "a count") for c in CBC_COLUMNS)
+            except ValueError as err:
+                return fail(f"{source}: {err}")
+            by_platelets.append({"slide": name, **platelet_rows(sid, per_wbc[sid], wbc, plt,
+                                                                limits)})
     if not rows:
         print(json.dumps({"slides_compared": 0, "unmatched": unmatched,
                           "not_compared": not_compared, "columns_not_compared": ignored}))
@@ -282,6 +324,18 @@ def main(argv=None) -> int:
                                             "compared cells)")
     write_bytes(join_uri(to, "bland_altman.png"), buf.getvalue(), storage)
 
+    written = ["agreement.parquet", "agreement_slides.parquet", "bland_altman.png"]
+    platelets = None
+    if by_platelets:
+        frame = pl.DataFrame(by_platelets)
+        write_parquet(frame.to_arrow(), join_uri(to, "agreement_platelets.parquet"), storage)
+        written.append("agreement_platelets.parquet")
+        platelets = {**platelet_agreement(frame), "limits": list(limits),
+                     "not_compared": platelets_not_compared}
+    elif platelets_compared or (len(cbc) == 2 and args.cases):
+        platelets = {"slides_compared": 0, "not_compared": platelets_not_compared or (
+            {"cases": "the estimate is compared slide by slide"} if args.cases else {})}
+
     n = per_slide["slide_id"].n_unique()
     report = {
         "slides_compared": n,
@@ -294,8 +348,8 @@ def main(argv=None) -> int:
             pl.col("review_flags").list.len() > 0)["slide"])),
         "unmatched": unmatched, "not_compared": not_compared, "columns_not_compared": ignored,
         **({"compared": "cases", "case_slides_left_out": left_out} if args.cases else {}),
-        "written": [join_uri(to, f) for f in ("agreement.parquet", "agreement_slides.parquet",
-                                              "bland_altman.png")],
+        **({"platelets": platelets} if platelets is not None else {}),
+        "written": [join_uri(to, f) for f in written],
     }
     if args.source_labels:
         from engine.report.agreement import cell_agreement
@@ -310,7 +364,11 @@ def main(argv=None) -> int:
           f"{len(not_compared)} not compared"
           + (f"; image by image: accuracy {report['cells']['accuracy']:.1%}, kappa "
              f"{report['cells']['kappa']:.3f} over {report['cells']['n_cells']} cells"
-             if report.get("cells", {}).get("n_cells") else ""), file=sys.stderr)
+             if report.get("cells", {}).get("n_cells") else "")
+          + (f"; platelet estimate on {platelets['slides_compared']} slide(s): bias "
+             f"{platelets['bias']:+.0f}, median ratio {platelets['median_ratio'] or 0:.2f}, "
+             f"same grade on {platelets['grade_agreement']:.0%}"
+             if platelets and platelets["slides_compared"] else ""), file=sys.stderr)
     return 0
 
 

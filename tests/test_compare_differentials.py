@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from engine.report.agreement import (agreement_table, category_codes, compare_slide,
-                                     resolve_categories)
+                                     platelet_agreement, platelet_rows, resolve_categories)
 from engine.schema import slide_id_for
 from jobs import classify_cells, compare_differentials
 from tests.test_classify_cells import FOLDERS, exports  # noqa: F401 - the shared fixture
@@ -61,6 +61,24 @@ def test_one_slide_and_the_agreement_over_slides_by_hand():
     assert ly["sd_difference"] == pytest.approx(sd) and ly["loa_high"] == pytest.approx(
         5 + 1.96 * sd)
     assert ly["mean_abs_difference"] == pytest.approx(5.0) and ly["within_manual_ci"] == 0.5
+
+
+def test_the_platelet_estimate_against_the_analyser_by_hand():
+    """Per white cell times the analyser's white count, against its platelet count."""
+    limits = (150.0, 450.0)
+    rows = [platelet_rows("a", 20.0, 7.0, 160.0, limits),   # 140: decreased, analyser adequate
+            platelet_rows("b", 30.0, 8.0, 250.0, limits),   # 240: both adequate
+            platelet_rows("c", 60.0, 10.0, 500.0, limits)]  # 600: both increased
+    assert rows[0]["estimate"] == 140 and rows[0]["difference"] == -20
+    assert (rows[0]["grade_analyser"], rows[0]["grade_estimate"]) == ("adequate", "decreased")
+    got = platelet_agreement(pl.DataFrame(rows))
+    assert got["slides_compared"] == 3 and got["bias"] == pytest.approx(70 / 3)
+    sd = np.std([-20.0, -10.0, 100.0], ddof=1)
+    assert got["loa_low"] == pytest.approx(70 / 3 - 1.96 * sd)
+    assert got["median_ratio"] == pytest.approx(240 / 250)
+    assert got["grade_agreement"] == pytest.approx(2 / 3)
+    assert got["grades"]["adequate"] == {"decreased": 1, "adequate": 1, "increased": 0}
+    assert got["grades"]["increased"]["increased"] == 1 and got["pearson_r"] > 0.9
 
 
 @pytest.fixture(scope="module")

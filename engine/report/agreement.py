@@ -177,3 +177,52 @@ def cell_agreement(labels: list[str], calls: list[str],
                          for c in names},
         "confusion": confusion,
     }
+
+
+PLATELET_GRADES = ("decreased", "adequate", "increased")
+
+
+def platelet_grade(count: float, limits: tuple[float, float]) -> str:
+    """``decreased`` below ``limits[0]``, ``increased`` above ``limits[1]``, else ``adequate``
+    (a smear review's words for its platelet estimate)."""
+    return PLATELET_GRADES[0] if count < limits[0] else \
+        PLATELET_GRADES[2] if count > limits[1] else PLATELET_GRADES[1]
+
+
+def platelet_rows(slide_id: str, per_wbc: float, wbc_count: float, platelet_count: float,
+                  limits: tuple[float, float]) -> dict:
+    """One slide's platelet estimate (its platelets per white cell times the analyser's white
+    count: the ratio method) against the analyser's platelet count, in the sheet's units."""
+    estimate = per_wbc * wbc_count
+    return {"slide_id": slide_id, "platelets_per_wbc": per_wbc, "wbc_count": wbc_count,
+            "platelet_count": platelet_count, "estimate": estimate,
+            "difference": estimate - platelet_count,
+            "grade_analyser": platelet_grade(platelet_count, limits),
+            "grade_estimate": platelet_grade(estimate, limits)}
+
+
+def platelet_agreement(per_slide: pl.DataFrame) -> dict:
+    """Over the slides of ``per_slide`` (`platelet_rows`' rows): the estimate's bias against the
+    analyser's count and its 95 % limits of agreement (the count's units), the median ratio
+    estimate / count (a detector that misses a share of platelets shows here whatever the
+    count), Pearson's r, how often both give the slide the same grade, and the grades'
+    confusion ``{analyser grade: {estimate grade: n}}``."""
+    d = per_slide["difference"].to_numpy()
+    est, ref = per_slide["estimate"].to_numpy(), per_slide["platelet_count"].to_numpy()
+    n = len(d)
+    sd = float(np.std(d, ddof=1)) if n > 1 else None
+    r = float(np.corrcoef(est, ref)[0, 1]) if n > 1 and np.std(est) > 0 and np.std(ref) > 0 \
+        else None
+    ratio = est[ref > 0] / ref[ref > 0]
+    grades = {g: {h: 0 for h in PLATELET_GRADES} for g in PLATELET_GRADES}
+    for g, h in zip(per_slide["grade_analyser"], per_slide["grade_estimate"]):
+        grades[g][h] += 1
+    bias = float(d.mean())
+    return {"slides_compared": n, "bias": bias, "sd_difference": sd,
+            "loa_low": bias - 1.96 * sd if sd is not None else None,
+            "loa_high": bias + 1.96 * sd if sd is not None else None,
+            "median_ratio": float(np.median(ratio)) if len(ratio) else None,
+            "pearson_r": None if r is None or math.isnan(r) else r,
+            "grade_agreement": float((per_slide["grade_analyser"]
+                                      == per_slide["grade_estimate"]).mean()),
+            "grades": grades}

@@ -221,10 +221,12 @@ def test_platelet_sized_detections_are_not_counted_whatever_their_class(tmp_path
     assert diff["n_platelets"][0] == 2 and diff["platelets_per_wbc"][0] is None
 
 
-def test_a_blood_film_reports_its_platelets_per_white_cell(tmp_path):
+def test_a_blood_film_reports_its_platelets_per_white_cell(tmp_path, capsys):
     """A blood film's platelet estimate: the platelet-sized detections in focus per white cell
     counted (the erythroblast is no white cell; the blurred platelet is left out as blurred
-    nucleated cells are)."""
+    nucleated cells are), and compared with a lab's analyser counts."""
+    from jobs import compare_differentials
+
     store = OutputStore(str(tmp_path / "out"), StorageConfig())
     agg = Aggregator(store, "hash", ["cells"], [], ("L2", "ER", "PLT"), 1, ("cells",),
                      log=lambda *_: None)
@@ -240,6 +242,32 @@ def test_a_blood_film_reports_its_platelets_per_white_cell(tmp_path):
     diff = pl.read_parquet(tmp_path / "out" / "differentials" / "s1.parquet")
     assert (diff["n_wbc"][0], diff["n_platelets"][0]) == (2, 5)
     assert diff["platelets_per_wbc"][0] == 2.5 and diff["denominator"][0] == "wbc"
+    # against a lab's analyser (jobs.compare_differentials): 2.5 per white cell x 6.4 = 16
+    # against 200 (a detector that missed most platelets); an untyped slide has no ratio
+    agg.add_cells(_cells("s2", [0], 1, _header("s2")))
+    sheet = tmp_path / "lab.csv"
+    sheet.write_text("slide,lymphocyte,erythroblast,wbc_count,platelet_count\n"
+                     "s1.svs,2,1,6.4,200\ns2.svs,1,0,7,300\n")
+    assert compare_differentials.main(["--output", str(tmp_path / "out"), "--manual",
+                                       str(sheet), "--platelet-limits", "100,400"]) == 0
+    printed = capsys.readouterr()
+    got = json.loads(printed.out)["platelets"]
+    assert got["slides_compared"] == 1 and got["limits"] == [100, 400]
+    assert got["bias"] == pytest.approx(16 - 200) and got["median_ratio"] == pytest.approx(0.08)
+    assert got["grades"]["adequate"]["decreased"] == 1 and got["grade_agreement"] == 0
+    assert "not a blood film" in got["not_compared"]["s2.svs"]
+    assert "platelet estimate on 1 slide(s)" in printed.err and "wbc_count" not in printed.err
+    rows = pl.read_parquet(tmp_path / "out" / "agreement" / "agreement_platelets.parquet")
+    assert rows["slide"].to_list() == ["s1.svs"] and rows["estimate"][0] == pytest.approx(16)
+    # one of the two counts is not enough; grade limits must be in order
+    sheet.write_text("slide,lymphocyte,platelet_count\ns1.svs,2,200\n")
+    assert compare_differentials.main(["--output", str(tmp_path / "out"), "--manual",
+                                       str(sheet)]) == 0
+    printed = capsys.readouterr()
+    assert "platelets" not in json.loads(printed.out)
+    assert "the platelet estimate needs both wbc_count and platelet_count" in printed.err
+    assert compare_differentials.main(["--output", str(tmp_path / "out"), "--manual",
+                                       str(sheet), "--platelet-limits", "400,100"]) == 2
 
 
 def test_cells_arrive_as_columns_in_any_split_and_leave_in_raster_order(tmp_path):
