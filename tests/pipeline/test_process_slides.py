@@ -672,6 +672,8 @@ def test_slide_summary_has_a_row_per_committed_slide(run_out, tmp_path, capsys):
     assert cmu["status"] == "ok" and cmu["specimen"] == "unknown"
     assert cmu["n_nucleated"] == diff["n_nucleated"][0] > 0  # (an untrained model's calls)
     assert cmu["denominator"] == "nucleated" and cmu["n_cells"] >= cmu["n_nucleated"]
+    # its platelet-sized detections are counted; no blood film, so no ratio
+    assert cmu["n_platelets"] == diff["n_platelets"][0] and cmu["platelets_per_wbc"] is None
     lineages = [cmu[f"pct_{x}"] for x in ("erythroid", "granulocytic", "monocytic",
                                           "lymphoid", "plasma", "megakaryocytic", "other")]
     assert sum(lineages) == pytest.approx(100)
