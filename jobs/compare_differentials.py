@@ -296,8 +296,8 @@ def main(argv=None) -> int:
         if not all((r.get(c) or "").strip() for c in CBC_COLUMNS):
             platelets_not_compared[name] = "no analyser count"
         elif per_wbc.get(sid) is None:
-            platelets_not_compared[name] = "no platelets per white cell (not a blood film, or " \
-                                           "no white cell counted)"
+            platelets_not_compared[name] = "no platelets per white cell (not a blood film, an " \
+                                           "image export, or no white cell counted)"
         else:
             try:
                 wbc, plt = (_number(r[c], name, c, "a count") for c in CBC_COLUMNS)
