@@ -222,6 +222,11 @@ class ModelStageConfig:
             cell) to the ``cell_features`` table, for cell-level MIL (``jobs.train_mil
             --instances cells``) and clustering; an ensemble's are its ``checkpoint``'s.
             Classifier only (tile embeddings are always written).
+        platelets: classify the platelet-sized detections too. False: only the nucleated ones
+            go through the model (the differential counts nothing else), and a platelet's
+            class columns are null in the cells table. On a blood film, with some 10-40
+            platelets per white cell, most of the classifier's work is platelets. Classifier
+            only.
     """
 
     model: str = "deepheme-resnext50"
@@ -237,6 +242,7 @@ class ModelStageConfig:
     amp: bool = True
     threads: int = 0
     features: bool = False
+    platelets: bool = True
 
     def __post_init__(self):
         for key in ("batch_size", "passes_per_call", "calls_in_flight", "concurrency"):

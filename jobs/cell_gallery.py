@@ -198,6 +198,11 @@ def main(argv=None) -> int:
         return fail(str(err))
     if args.kind != "all" and "kind" in cells.columns:  # an export's images have no kind
         cells = cells.filter(pl.col("kind") == args.kind)
+    unclassified = cells["class_code"].null_count()
+    if unclassified:  # platelets the run did not classify (pipeline.classifier.platelets)
+        print(f"{unclassified} platelet-sized detection(s) not classified by the run are not "
+              f"shown (pipeline.classifier.platelets: false)")
+        cells = cells.filter(pl.col("class_code").is_not_null())
     if cells.is_empty():
         return fail(f"slide {sid} has no {'' if args.kind == 'all' else args.kind + ' '}"
                     f"cells in {args.output}")

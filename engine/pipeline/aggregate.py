@@ -240,7 +240,8 @@ class Aggregator:
         tables = {"cells": cells_table(sid, cols, self.model_codes),
                   "differentials": differential}
         if "features" in cols:
-            tables["cell_features"] = cell_features_table(sid, cols["features"])
+            tables["cell_features"] = cell_features_table(
+                sid, cols["features"], cols["class_code"].astype(str) == "")
         geo = cells_geojson_text(range(n), cols["x0"], cols["y0"], cols["x1"], cols["y1"],
                                  cols["class_code"], cols["class_prob"], cols["ood_distance"],
                                  cols["blur_um"])
@@ -332,13 +333,15 @@ def _raster_columns(chunks: list[dict]) -> dict | None:
     return {k: v[order] for k, v in cols.items()}
 
 
-def _lists(values: np.ndarray) -> pa.ListArray:
+def _lists(values: np.ndarray, null: np.ndarray | None = None) -> pa.ListArray:
     """``(n, k)`` numbers (or n arrays of k, as Ray Data may hand over a tensor column) -> a
-    list<float32> column of n lists of k."""
+    list<float32> column of n lists of k, null where ``null`` is set."""
     values = np.stack(values) if values.dtype == object else values
     n, k = values.shape
     return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
-                                    pa.array(np.ascontiguousarray(values, np.float32).ravel()))
+                                    pa.array(np.ascontiguousarray(values, np.float32).ravel()),
+                                    mask=None if null is None or not null.any() else
+                                    pa.array(null))
 
 
 def tiles_table(slide_id: str, cols: dict) -> pa.Table:
@@ -358,10 +361,13 @@ def tiles_table(slide_id: str, cols: dict) -> pa.Table:
 
 def cells_table(slide_id: str, cols: dict, model_codes: tuple[str, ...]) -> pa.Table:
     """A slide's cells (columns in raster order) as the ``cells`` table; ``cell_id`` is the
-    raster rank, an unknown distance or blur (NaN) is null and so is its flag."""
+    raster rank, an unknown distance or blur (NaN) is null and so is its flag; a detection the
+    classifier did not see (an empty class code) has null class columns."""
     n = len(cols["x"])
     m = len(model_codes)
     unknown = np.isnan(cols["ood_distance"])
+    codes = cols["class_code"].astype(str)
+    unscored = codes == ""
     columns = {
         "slide_id": pa.array(np.full(n, slide_id)), "cell_id": pa.array(np.arange(n)),
         **{c: pa.array(cols[c], pa.float64()) for c in ("x", "y", "x0", "y0", "x1", "y1")},
@@ -371,9 +377,9 @@ def cells_table(slide_id: str, cols: dict, model_codes: tuple[str, ...]) -> pa.T
         "blur_um": pa.array(cols["blur_um"], pa.float32(), mask=np.isnan(cols["blur_um"])),
         "out_of_focus": pa.array(cols["out_of_focus"], pa.bool_(),
                                  mask=np.isnan(cols["blur_um"])),
-        "class_code": pa.array(cols["class_code"].astype(str)),
-        "class_prob": pa.array(cols["class_prob"], pa.float32()),
-        "probabilities": _lists(cols["probabilities"]),
+        "class_code": pa.array(codes, mask=unscored),
+        "class_prob": pa.array(cols["class_prob"], pa.float32(), mask=unscored),
+        "probabilities": _lists(cols["probabilities"], unscored),
         "model_codes": pa.ListArray.from_arrays(
             pa.array(np.arange(0, n * m + 1, m, dtype=np.int32)),
             pa.array(list(model_codes), pa.string()).take(np.tile(np.arange(m), n))),
@@ -383,9 +389,10 @@ def cells_table(slide_id: str, cols: dict, model_codes: tuple[str, ...]) -> pa.T
     return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in CELLS], schema=CELLS)
 
 
-def cell_features_table(slide_id: str, features: np.ndarray) -> pa.Table:
+def cell_features_table(slide_id: str, features: np.ndarray,
+                        unscored: np.ndarray | None = None) -> pa.Table:
     """A slide's cells' features (rows in the cells table's raster order, so ``cell_id`` is
-    the same) as the ``cell_features`` table."""
+    the same) as the ``cell_features`` table; null for the cells ``unscored``."""
     n = len(features)
     return pa.Table.from_arrays([pa.array(np.full(n, slide_id)), pa.array(np.arange(n)),
-                                 _lists(features)], schema=CELL_FEATURES)
+                                 _lists(features, unscored)], schema=CELL_FEATURES)

@@ -307,7 +307,8 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
                 .map_batches(ClassifyCells,
                              fn_constructor_args=(c.model, c.checkpoint, allow_untrained, c.tta,
                                                   cfg.storage, c.compile, c.batch_size,
-                                                  c.ensemble, c.amp, c.threads, c.features),
+                                                  c.ensemble, c.amp, c.threads, c.features,
+                                                  c.platelets),
                              batch_size=c.batch_size * c.passes_per_call,
                              compute=actor_pool(c.concurrency, calls=c.calls_in_flight),
                              num_gpus=res.gpu[branch], num_cpus=model_cpus))

@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from engine.classes import DEEPHEME_CODES
-from engine.cells import (KIND_CELL, crops_around, detect_cells, estimate_threshold,
-                          inside_of_crops, owned_by_tile)
+from engine.cells import (KIND_CELL, KIND_PLATELET, crops_around, detect_cells,
+                          estimate_threshold, inside_of_crops, owned_by_tile)
 from engine.cellularity import AreaRules, calibrate, tile_area_counts
 from engine.config import Config
 from engine.errors import MissingMPP, SlideError
@@ -468,13 +468,15 @@ class ClassifyCells:
     ``class_code``, ``class_prob``, ``ood_distance`` (to the training data, NaN when the
     checkpoint carries no feature density; `engine.models.ood`) and ``out_of_distribution``,
     and with ``features`` each cell's pooled penultimate ``features`` ``(D,)``; drops
-    ``crop``. Marker rows pass through unscored. With ``ensemble`` checkpoints the
-    probabilities are averaged over them and ``checkpoint`` (whose features they are)."""
+    ``crop``. Marker rows pass through unscored, and so do platelet-sized detections without
+    ``platelets`` (``class_code`` empty: null in the cells table). With ``ensemble``
+    checkpoints the probabilities are averaged over them and ``checkpoint`` (whose features
+    they are)."""
 
     def __init__(self, model: str, checkpoint: str | None, allow_untrained: bool = False,
                  tta: bool = False, storage=None, compile: bool = False, batch_size: int = 0,
                  ensemble: tuple[str, ...] = (), amp: bool = True, threads: int = 0,
-                 features: bool = False):
+                 features: bool = False, platelets: bool = True):
         t_born = time.time()
         from engine.models import UNTRAINED_SEED, EnsemblePredictor, create_model
 
@@ -488,6 +490,7 @@ class ClassifyCells:
         self.predictor.warmup(batch_size)  # GPU: kernels and plans at actor start, not in-stream
         self.tta = tta
         self.features = features
+        self.scored_kinds = [KIND_CELL, KIND_PLATELET] if platelets else [KIND_CELL]
         self._ready = ready_since(t_born)
 
     def __call__(self, batch: dict) -> dict:
@@ -498,7 +501,7 @@ class ClassifyCells:
         distance = np.full(n, np.nan, np.float32)
         if self.features:
             batch["features"] = np.zeros((n, self.model.num_features), np.float32)
-        real = np.isin(batch["kind"], [KIND_CELL, "platelet"])
+        real = np.isin(batch["kind"], self.scored_kinds)
         rows = np.flatnonzero(real)
         if len(rows):  # the model reads the real rows straight from the batch (no copy first)
             probs[rows], d, f = self.predictor.score(

@@ -16,7 +16,14 @@ LINEAGE_COLOURS = {"erythroid": (200, 30, 45), "granulocytic": (30, 110, 220),
                    "other": (128, 128, 128)}
 
 
+# a platelet-sized detection the classifier did not see (pipeline.classifier.platelets: false)
+UNCLASSIFIED = json.dumps({"name": "platelet (not classified)",
+                           "color": list(LINEAGE_COLOURS["megakaryocytic"])})
+
+
 def _classification(code: str) -> str:
+    if not code:
+        return UNCLASSIFIED
     cls = get_class(code)
     return json.dumps({"name": f"{cls.code} {cls.name}",
                        "color": list(LINEAGE_COLOURS[cls.lineage])})
@@ -39,7 +46,7 @@ def cells_geojson_text(cell_id, x0, y0, x1, y1, class_code, class_prob,
                        ood_distance=None, blur_um=None) -> str:
     """The cells' FeatureCollection as JSON text, from columns (one value per cell; boxes in
     level-0 pixels; ``ood_distance`` and ``blur_um`` NaN or None where unknown: then left out
-    of the cell's measurements). The same text as ``json.dumps(cells_to_geojson(...))``,
+    of the cell's measurements; an empty ``class_code``: not classified, no ``class_prob``). The same text as ``json.dumps(cells_to_geojson(...))``,
     written from a template: a slide of 100k cells would otherwise build 100k nested dicts on
     the driver, at several times the cost."""
     classes: dict[str, str] = {}
@@ -55,11 +62,12 @@ def cells_geojson_text(cell_id, x0, y0, x1, y1, class_code, class_prob,
         code = str(code)
         if code not in classes:
             classes[code] = _classification(code)
+        measured = f'"class_prob": {p!r}{more}' if code else more.removeprefix(", ")
         parts.append(
             f'{{"type": "Feature", "id": {_id(i)}, "geometry": {{"type": "Polygon", '
             f'"coordinates": [[[{a}, {b}], [{c}, {b}], [{c}, {d}], [{a}, {d}], [{a}, {b}]]]}}, '
             f'"properties": {{"objectType": "detection", "classification": {classes[code]}, '
-            f'"measurements": {{"class_prob": {p!r}{more}}}, "isLocked": true}}}}')
+            f'"measurements": {{{measured}}}, "isLocked": true}}}}')
     return '{"type": "FeatureCollection", "features": [' + ", ".join(parts) + "]}"
 
 

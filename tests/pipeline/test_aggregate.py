@@ -221,6 +221,36 @@ def test_platelet_sized_detections_are_not_counted_whatever_their_class(tmp_path
     assert diff["n_platelets"][0] == 2 and diff["platelets_per_wbc"][0] is None
 
 
+def test_platelets_the_classifier_did_not_see_have_null_classes(tmp_path):
+    """pipeline.classifier.platelets: false leaves a platelet's class code empty: null class
+    columns (and features) in the tables, 'not classified' in the GeoJSON, still counted as a
+    platelet."""
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    agg = Aggregator(store, "hash", ["cells"], [], ("L2", "ER", "PLT"), 1, ("cells",),
+                     log=lambda *_: None)
+    batch = _cells("s1", [0, 0, 0], 1, _header("s1"))
+    probs = np.array([[0.8, 0.1, 0.1], [0, 0, 0], [0.2, 0.7, 0.1]])
+    batch.update(kind=np.array(["nucleated", "platelet", "nucleated"]), n_in_task=np.full(3, 3),
+                 class_code=np.array(["L2", "", "ER"]), class_prob=probs.max(1),
+                 probabilities=probs, y=np.array([1.0, 2.0, 3.0]),
+                 features=np.array([[1.0, 2.0], [0, 0], [3.0, 4.0]]))
+    agg.add_cells(batch)
+    cells = pl.read_parquet(tmp_path / "out" / "cells" / "s1.parquet")
+    assert cells["class_code"].to_list() == ["L2", None, "ER"]
+    assert cells["class_prob"].is_null().to_list() == [False, True, False]
+    assert cells["probabilities"].is_null().to_list() == [False, True, False]
+    assert cells["probabilities"][2].to_list() == pytest.approx([0.2, 0.7, 0.1])
+    features = pl.read_parquet(tmp_path / "out" / "cell_features" / "s1.parquet")
+    assert features["features"].is_null().to_list() == [False, True, False]
+    diff = pl.read_parquet(tmp_path / "out" / "differentials" / "s1.parquet")
+    assert diff["n_nucleated"][0] == 2 and diff["n_platelets"][0] == 1
+    geo = json.loads((tmp_path / "out" / "geojson" / "s1.geojson").read_text())
+    names = [f["properties"]["classification"]["name"] for f in geo["features"]]
+    assert names[1] == "platelet (not classified)" and names[0].startswith("L2")
+    assert "class_prob" not in geo["features"][1]["properties"]["measurements"]
+    assert geo["features"][0]["properties"]["measurements"]["class_prob"] == pytest.approx(0.8)
+
+
 def test_a_blood_film_reports_its_platelets_per_white_cell(tmp_path, capsys):
     """A blood film's platelet estimate: the platelet-sized detections in focus per white cell
     counted (the erythroblast is no white cell; the blurred platelet is left out as blurred

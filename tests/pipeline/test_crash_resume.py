@@ -28,7 +28,7 @@ CONFIG = """
 pipeline:
   read_batch_size: 1
   tile_read_batch_size: 4
-  classifier: {model: deepheme-tiny, batch_size: 4}
+  classifier: {model: deepheme-tiny, batch_size: 4, platelets: false}  # nucleated cells only
   encoder: {model: none}  # tiles read, not embedded: one model actor less to start
 """
 SLOW_COMMIT_DRIVER = """
@@ -88,3 +88,6 @@ def test_sigkill_then_rerun_writes_every_slide_exactly_once(ray_local, smear_sli
     assert cells.select("slide_id", "cell_id").is_duplicated().sum() == 0
     # the same slide content under eight names: each found the same number of cells, once
     assert cells.group_by("slide_id").len()["len"].n_unique() == 1
+    # the classifier saw the nucleated cells only (pipeline.classifier.platelets: false)
+    unclassified = cells["class_code"].is_null()
+    assert (unclassified == (cells["kind"] == "platelet")).all() and unclassified.any()

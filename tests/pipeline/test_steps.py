@@ -46,6 +46,17 @@ def test_plan_detect_classify_on_the_smear(smear):
     scored = ClassifyCells("deepheme-tiny", None, allow_untrained=True)(dict(out))
     assert scored["probabilities"].shape == (len(out["task"]), 23)
     assert "crop" not in scored and (scored["class_code"][real] != "").all()
+    # platelets left to the detector: the nucleated cells' calls are the same, the platelets
+    # have none
+    nucleated, platelet = out["kind"] == "nucleated", out["kind"] == "platelet"
+    assert platelet.any()
+    alone = ClassifyCells("deepheme-tiny", None, allow_untrained=True, platelets=False)(dict(out))
+    assert (alone["class_code"][platelet] == "").all()
+    assert not alone["probabilities"][platelet].any()
+    np.testing.assert_array_equal(alone["class_code"][nucleated],
+                                  scored["class_code"][nucleated])
+    np.testing.assert_allclose(alone["probabilities"][nucleated],
+                               scored["probabilities"][nucleated], atol=1e-5)
 
 
 def test_pale_platelets_are_looked_for_on_blood_films_only(smear):
