@@ -284,8 +284,8 @@ def main(argv=None) -> int:
         write_parquet(frame.to_arrow(), join_uri(to, "case_differentials.parquet"), storage)
         written.insert(0, "case_differentials.parquet")
     order = ["case", "n_slides", "slide_ids", "counted", "denominator", "blast_percent",
-             "me_ratio", "nrbc_per_100_wbc", "platelets_per_wbc", "warnings", *CELLULARITY_COLUMNS, "section_slides",
-             "left_out"]
+             "me_ratio", "nrbc_per_100_wbc", "platelets_per_wbc", "warnings", *CELLULARITY_COLUMNS,
+             "section_slides", "left_out"]
     table_out = pl.DataFrame([{k: r.get(k) for k in order} for r in summary],
                              infer_schema_length=None)
     table_out = table_out.drop([c for c in (*CELLULARITY_COLUMNS, "section_slides")

@@ -46,9 +46,10 @@ def cells_geojson_text(cell_id, x0, y0, x1, y1, class_code, class_prob,
                        ood_distance=None, blur_um=None) -> str:
     """The cells' FeatureCollection as JSON text, from columns (one value per cell; boxes in
     level-0 pixels; ``ood_distance`` and ``blur_um`` NaN or None where unknown: then left out
-    of the cell's measurements; an empty ``class_code``: not classified, no ``class_prob``). The same text as ``json.dumps(cells_to_geojson(...))``,
-    written from a template: a slide of 100k cells would otherwise build 100k nested dicts on
-    the driver, at several times the cost."""
+    of the cell's measurements; an empty ``class_code``: not classified, no ``class_prob``).
+    The same text as ``json.dumps(cells_to_geojson(...))``, written from a template: a slide
+    of 100k cells would otherwise build 100k nested dicts on the driver, at several times the
+    cost."""
     classes: dict[str, str] = {}
     n = len(cell_id)
     extra = [a + b for a, b in zip(_measure("ood_distance", ood_distance, n),
