@@ -91,3 +91,12 @@ def test_sigkill_then_rerun_writes_every_slide_exactly_once(ray_local, smear_sli
     # the classifier saw the nucleated cells only (pipeline.classifier.platelets: false)
     unclassified = cells["class_code"].is_null()
     assert (unclassified == (cells["kind"] == "platelet")).all() and unclassified.any()
+    # a gallery of all its detections shows the classified ones and says what it leaves out
+    from jobs import cell_gallery
+
+    capsys.readouterr()
+    assert cell_gallery.main(["--output", str(out), "--slide", "smear-0.tif", "--kind", "all",
+                              "--per-class", "2", "--png", str(tmp_path / "g.png")]) == 0
+    n = int((unclassified & cells["slide_id"].str.starts_with("smear-0-")).sum())
+    assert f"{n} platelet-sized detection(s) not classified" in capsys.readouterr().out
+    assert (tmp_path / "g.png").stat().st_size > 0
