@@ -332,7 +332,7 @@ def main(argv=None) -> int:
         written.append("agreement_platelets.parquet")
         platelets = {**platelet_agreement(frame), "limits": list(limits),
                      "not_compared": platelets_not_compared}
-    elif platelets_compared or (len(cbc) == 2 and args.cases):
+    elif len(cbc) == 2:  # asked for, and no slide could be compared
         platelets = {"slides_compared": 0, "not_compared": platelets_not_compared or (
             {"cases": "the estimate is compared slide by slide"} if args.cases else {})}
 

@@ -192,8 +192,8 @@ class PlanSlide:
 
     Row in: ``uri``, ``size``, ``etag``, optionally ``specimen`` (`engine.specimen`: a section
     plans no cell tiles) and ``case`` (recorded in the slides row). Row out: ``slide_id``,
-    ``uri``, ``plan`` (JSON text with the inventory row, status, and per-stage tile plans). Slide problems become a failed status; other
-    exceptions are bugs and propagate.
+    ``uri``, ``plan`` (JSON text with the inventory row, status, and per-stage tile plans).
+    Slide problems become a failed status; other exceptions are bugs and propagate.
     """
 
     def __init__(self, cfg: Config, mpp: MppOverrides | None = None,
