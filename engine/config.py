@@ -293,6 +293,12 @@ class PipelineConfig:
             the cells are sharp (blurred cells are called erythroblasts), and reported.
         max_out_of_focus_percent: a slide with more than this share of its nucleated cells out
             of focus is flagged ``out_of_focus`` (rescan it, or review the cells it rests on).
+        red_cell_diameter_um: the range, µm, of a slide's median red-cell diameter (its
+            free-lying red cells in the tiles sampled for the stain threshold, measured at its
+            µm/px: `engine.pixel_size.red_cell_size`) outside which it is flagged
+            ``pixel_size``: its stated pixel size is likely wrong by a factor (or its red cells
+            are abnormal), and cells were detected and classified at the wrong scale. Normal
+            red cells are 6.2-8.2 µm; null: no check (the measure is still reported).
         threshold_samples: tiles sampled per slide to set its stain threshold.
         cellularity_checkpoint: ABMIL regressor (``jobs.train_mil``) on the encoder's tile
             embeddings; K bags of up to ``cellularity_bag_size`` tiles give mean and sd.
@@ -312,6 +318,7 @@ class PipelineConfig:
     max_ood_percent: float = 20.0
     count_out_of_focus: bool = False
     max_out_of_focus_percent: float = 20.0
+    red_cell_diameter_um: tuple[float, float] | None = (5.0, 10.5)
     threshold_samples: int = 12
     classifier: ModelStageConfig = field(default_factory=ModelStageConfig)
     encoder: ModelStageConfig = field(default_factory=lambda: ModelStageConfig(
@@ -319,6 +326,12 @@ class PipelineConfig:
     cellularity_checkpoint: str | None = None  # ABMIL regressor from jobs.train_mil
     cellularity_bags: int = 10
     cellularity_bag_size: int = 256
+
+    def __post_init__(self):
+        r = self.red_cell_diameter_um
+        if r is not None and (len(r) != 2 or not 0 < r[0] < r[1]):
+            raise ConfigError(f"red_cell_diameter_um must be [low, high] with 0 < low < high "
+                              f"(µm) or null, got {list(r)}")
 
 
 # Keys that decide how a run goes, not what it finds: a rerun into the same output may change

@@ -13,7 +13,11 @@ cells found.
 Platelets are no part of the differential; where the detector found them (a slide's cells, not
 an image export's) their number is reported beside it and, on a blood film, per white cell: the
 smear's platelet estimate is that ratio times the analyser's white count (platelets per white
-cell x WBC 10^9/L = platelets 10^9/L), the ratio method of a manual smear review."""
+cell x WBC 10^9/L = platelets 10^9/L), the ratio method of a manual smear review.
+
+A slide's free-lying red cells, measured at its stated pixel size, go beside the differential
+too: about 7.5 µm across when that pixel size is right. A median far outside the normal range
+flags the slide (``pixel_size``): its cells were detected and classified at the wrong scale."""
 
 from __future__ import annotations
 
@@ -67,6 +71,10 @@ class Differential:
             all of a slide's); None where platelets were not detected (image exports).
         platelets_per_wbc: ``n_platelets`` per white cell counted (blood smears only; None
             without white cells).
+        n_red_cells: free-lying red cells measured on the slide's sample tiles (None where
+            not measured: image exports, case pools).
+        red_cell_diameter_um: their median diameter at the slide's stated µm/px (None with
+            fewer than 30, or not measured).
     """
 
     rows: list[dict]
@@ -87,6 +95,8 @@ class Differential:
     out_of_focus: bool | None = None
     n_platelets: int | None = None
     platelets_per_wbc: float | None = None
+    n_red_cells: int | None = None
+    red_cell_diameter_um: float | None = None
 
 
 def _share_flagged(codes, flags, limit: float) -> tuple[float | None, bool | None, int]:
@@ -104,7 +114,8 @@ def _share_flagged(codes, flags, limit: float) -> tuple[float | None, bool | Non
 def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
                          max_ood_percent: float = 20.0, blood: bool = False,
                          out_of_focus=None, max_out_of_focus_percent: float = 20.0,
-                         count_out_of_focus: bool = False, platelets=None) -> Differential:
+                         count_out_of_focus: bool = False, platelets=None,
+                         red_cells: tuple[int, float | None] | None = None) -> Differential:
     """Differential from the predicted class codes of one slide's cells.
 
     Args:
@@ -125,6 +136,8 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
         platelets: per platelet-sized detection, whether it is out of focus (None or False
             where not measured); no list where platelets were not detected. They are counted as
             the nucleated cells are, out of focus ones left out unless ``count_out_of_focus``.
+        red_cells: ``(n, median diameter µm or None)`` of the slide's free-lying red cells
+            (`engine.pixel_size.red_cell_size`); None where not measured.
     """
     blur_percent, blurred, n_blurred = _share_flagged(codes, out_of_focus,
                                                       max_out_of_focus_percent)
@@ -184,6 +197,8 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
         n_platelets=n_platelets,
         platelets_per_wbc=n_platelets / wbc if blood and wbc and n_platelets is not None
         else None,
+        n_red_cells=None if red_cells is None else red_cells[0],
+        red_cell_diameter_um=None if red_cells is None else red_cells[1],
     )
 
 
@@ -201,15 +216,26 @@ def differential_rows(slide_id: str, d: Differential) -> list[dict]:
              "ood_percent": d.ood_percent, "out_of_distribution": d.out_of_distribution,
              "n_out_of_focus": d.n_out_of_focus, "out_of_focus_percent": d.out_of_focus_percent,
              "out_of_focus": d.out_of_focus, "n_platelets": d.n_platelets,
-             "platelets_per_wbc": d.platelets_per_wbc}
+             "platelets_per_wbc": d.platelets_per_wbc, "n_red_cells": d.n_red_cells,
+             "red_cell_diameter_um": d.red_cell_diameter_um}
             for r in d.rows]
 
 
-def review_warnings(d: Differential, min_nucleated: int) -> dict[str, str]:
-    """Why a slide's differential needs review before it is trusted, by flag
-    (``out_of_focus``, ``out_of_distribution``, ``low_count``, in that order; none when none
-    is set)."""
+def review_warnings(d: Differential, min_nucleated: int,
+                    red_cell_diameter_um: tuple[float, float] | None = None) -> dict[str, str]:
+    """Why a slide's differential needs review before it is trusted, by flag (``pixel_size``,
+    ``out_of_focus``, ``out_of_distribution``, ``low_count``, in that order; none when none
+    is set). ``pixel_size``: the red cells' median diameter lies outside
+    ``red_cell_diameter_um`` (low, high)."""
     out = {}
+    size = d.red_cell_diameter_um
+    if red_cell_diameter_um is not None and size is not None \
+            and not red_cell_diameter_um[0] <= size <= red_cell_diameter_um[1]:
+        lo, hi = red_cell_diameter_um
+        out["pixel_size"] = (f"free-lying red cells measure {size:.1f} µm across at the "
+                             f"slide's pixel size (median of {d.n_red_cells}; outside "
+                             f"{lo:g}-{hi:g}, where normal red cells are 6.2-8.2): check its "
+                             f"pixel size; its cells were detected and classified at this scale")
     if d.out_of_focus:
         out["out_of_focus"] = (f"{d.out_of_focus_percent:.0f}% of nucleated cells are out of "
                                f"focus ({d.n_out_of_focus}); rescan, or review the cells "

@@ -10,6 +10,11 @@ The measure is scale-free: Otsu on the green channel separates cells from glass,
 pallor) are filled, and an object counts as a red cell when it is round and convex, does not
 touch the image border, and has almost no nuclear stain (``blue - red``). Nothing assumes a size
 in pixels beyond a floor of 8 px across.
+
+The same measure checks a slide whose pixel size is known: its free-lying red cells, measured at
+its stated µm/px (`red_cell_size`), should be about 7.5 µm across. Scanner metadata that is wrong
+by a factor (a 20x scan recorded as 40x, a conversion that lost the pixel spacing's unit) makes
+them half or twice that, and every model then sees cells at the wrong scale.
 """
 
 from __future__ import annotations
@@ -98,6 +103,43 @@ def red_cell_diameters(rgb: np.ndarray, max_stained: float = 0.05) -> np.ndarray
     return np.asarray(out, np.float64)
 
 
+@dataclass(frozen=True)
+class RedCellSize:
+    """The free-lying red cells of a set of images of known µm/px.
+
+    Attributes:
+        n_cells: red cells measured (after the size-mode filter of `estimate_mpp`).
+        diameter_um: their median equivalent diameter, µm; None with fewer than 30.
+        iqr_um: its 25th and 75th percentiles (None as above).
+    """
+
+    n_cells: int
+    diameter_um: float | None
+    iqr_um: tuple[float, float] | None
+
+
+def _size_mode(d: np.ndarray) -> np.ndarray:
+    """The diameters within [0.6, 1.5] x their median, twice: specks, pallor fragments and
+    doublets that passed the shape test lie far from the red-cell mode."""
+    for _ in range(2):
+        if not d.size:
+            break
+        median = float(np.median(d))
+        d = d[(d > 0.6 * median) & (d < 1.5 * median)]
+    return d
+
+
+def red_cell_size(images: Iterable[np.ndarray], mpp: float) -> RedCellSize:
+    """Red-cell diameters in µm of smear images taken at ``mpp`` µm/px (a slide's sample tiles):
+    how many were measured and, from 30 on, their median and interquartile range."""
+    per_image = [red_cell_diameters(im) for im in images]
+    d = _size_mode(np.concatenate(per_image) if per_image else np.zeros(0)) * mpp
+    if d.size < MIN_RED_CELLS:
+        return RedCellSize(int(d.size), None, None)
+    q1, median, q3 = (float(v) for v in np.percentile(d, [25, 50, 75]))
+    return RedCellSize(int(d.size), median, (q1, q3))
+
+
 def estimate_mpp(images: Iterable[np.ndarray],
                  rbc_diameter_um: float = RBC_DIAMETER_UM) -> PixelSizeEstimate:
     """µm/px of a set of smear images of one pixel size, from their red cells.
@@ -115,11 +157,7 @@ def estimate_mpp(images: Iterable[np.ndarray],
     if d.size < MIN_RED_CELLS:
         raise ValueError(f"found {d.size} free-lying red cells in {len(per_image)} images, need "
                          f"at least {MIN_RED_CELLS} to estimate the pixel size: give it instead")
-    # specks, pallor fragments and doublets that passed the shape test lie far from the
-    # red-cell mode: keep diameters within [0.6, 1.5] x the median, twice
-    for _ in range(2):
-        median = float(np.median(d))
-        d = d[(d > 0.6 * median) & (d < 1.5 * median)]
+    d = _size_mode(d)
     if d.size < MIN_RED_CELLS:
         raise ValueError(f"only {d.size} red cells of one size in {len(per_image)} images, need "
                          f"at least {MIN_RED_CELLS} to estimate the pixel size: give it instead")

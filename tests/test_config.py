@@ -30,6 +30,16 @@ def test_invalid_tile_values_are_refused():
         Config.from_dict({"tiles": {"tile_px": 224, "overlap_px": 224}})
 
 
+def test_red_cell_range_is_two_increasing_sizes_or_null():
+    assert Config.from_dict({"pipeline": {"red_cell_diameter_um": [4, 12]}}) \
+        .pipeline.red_cell_diameter_um == (4, 12)
+    assert Config.from_dict({"pipeline": {"red_cell_diameter_um": None}}) \
+        .pipeline.red_cell_diameter_um is None
+    for bad in ([10.5, 5.0], [0, 5], [7.5], "x"):
+        with pytest.raises(ConfigError, match="red_cell_diameter_um"):
+            Config.from_dict({"pipeline": {"red_cell_diameter_um": bad}})
+
+
 def test_shipped_default_yaml_is_complete_and_equals_the_defaults():
     import yaml
 

@@ -150,3 +150,26 @@ def test_cells_out_of_focus_are_left_out_of_the_counts_and_reported():
     unmeasured = compute_differential(codes, MODEL, ood=far)
     assert unmeasured.n_nucleated == 60 and unmeasured.out_of_focus_percent is None
     assert unmeasured.out_of_focus is None and unmeasured.n_out_of_focus == 0
+
+
+def test_red_cells_far_from_their_size_flag_the_slides_pixel_size():
+    """The red cells' median diameter beside the differential; outside the configured range the
+    slide is flagged ``pixel_size``, first among its flags. Not measured, or too few, no flag."""
+    codes = ["L2"] * 5
+    limits = (5.0, 10.5)
+    d = compute_differential(codes, ("L2",), min_nucleated=10, red_cells=(212, 14.2))
+    assert (d.n_red_cells, d.red_cell_diameter_um) == (212, 14.2)
+    rows = differential_rows("s", d)
+    assert rows[0]["n_red_cells"] == 212 and rows[0]["red_cell_diameter_um"] == 14.2
+    warnings = review_warnings(d, 10, limits)
+    assert list(warnings) == ["pixel_size", "low_count"]
+    assert "14.2 µm" in warnings["pixel_size"] and "median of 212" in warnings["pixel_size"]
+    assert "outside 5-10.5" in warnings["pixel_size"]
+    assert "pixel_size" in review_warnings(
+        compute_differential(codes, ("L2",), 1, red_cells=(40, 3.6)), 1, limits)
+    for red in ((300, 7.2), (300, 5.0), (12, None), None):  # in range (bounds too), too few, none
+        d = compute_differential(codes, ("L2",), 1, red_cells=red)
+        assert "pixel_size" not in review_warnings(d, 1, limits)
+    assert compute_differential(codes, ("L2",)).n_red_cells is None  # an export: not measured
+    d = compute_differential(codes, ("L2",), 1, red_cells=(212, 14.2))
+    assert review_warnings(d, 1) == {}  # no range: no check

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.pixel_size import estimate_mpp, red_cell_diameters
+from engine.pixel_size import estimate_mpp, red_cell_diameters, red_cell_size
 from jobs import estimate_pixel_size
 from jobs.common import mpp_arg, resolve_source_mpp
 from tests.conftest import SHARED_DATA
@@ -94,6 +94,23 @@ def test_pbc_export_is_about_a_tenth_of_a_micron():
     assert 0.095 < est.mpp < 0.12, est.to_dict()
     half = [cv2.resize(im, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA) for im in images]
     assert estimate_mpp(half).mpp == pytest.approx(2 * est.mpp, rel=0.05)
+
+
+@needs_pbc
+def test_red_cells_measured_at_a_stated_pixel_size():
+    """A slide's pixel-size check: PBC's red cells at 0.1 µm/px measure about 7 µm (the export
+    is nearer 0.107); halved and stated 0.2 the same; halved and stated 0.4 (a 20x scan recorded
+    as 10x) twice that. Two images hold too few to give a size."""
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in pbc_sample(80, seed=1)]
+    size = red_cell_size(images, 0.1)
+    assert size.n_cells >= 30 and 6.2 < size.diameter_um < 8.2
+    assert size.iqr_um[0] < size.diameter_um < size.iqr_um[1]
+    half = [cv2.resize(im, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA) for im in images]
+    assert red_cell_size(half, 0.2).diameter_um == pytest.approx(size.diameter_um, rel=0.05)
+    assert red_cell_size(half, 0.4).diameter_um == pytest.approx(2 * size.diameter_um, rel=0.05)
+    few = red_cell_size(images[:2], 0.1)
+    assert few.n_cells < 30 and few.diameter_um is None and few.iqr_um is None
+    assert red_cell_size([], 0.1).n_cells == 0
 
 
 @needs_pbc

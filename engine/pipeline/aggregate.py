@@ -83,11 +83,13 @@ class Aggregator:
                  branches: tuple[str, ...], log=print, mil=None,
                  mil_bags: tuple[int, int] = (10, 256), max_ood_percent: float = 20.0,
                  embeddings: bool = True, max_out_of_focus_percent: float = 20.0,
-                 count_out_of_focus: bool = False):
+                 count_out_of_focus: bool = False,
+                 red_cell_diameter_um: tuple[float, float] | None = None):
         self.embeddings = embeddings  # an encoder makes tile embeddings (a smear's tiles' use)
         self.max_ood_percent = max_ood_percent
         self.max_out_of_focus_percent = max_out_of_focus_percent
         self.count_out_of_focus = count_out_of_focus
+        self.red_cell_diameter_um = red_cell_diameter_um
         self.mil, self.mil_bags = mil, mil_bags
         self.store, self.config_hash = store, config_hash
         self.stages_run, self.stages_skipped = stages_run, stages_skipped
@@ -226,14 +228,16 @@ class Aggregator:
             if not np.isnan(cols["blur_um"]).all():
                 blurred = cols["out_of_focus"][counted].tolist()
             platelets = cols["out_of_focus"][cols["kind"] == KIND_PLATELET].tolist()
+        red = br.header.get("red_cells")  # measured when the slide was planned
         d = compute_differential(codes, self.model_codes, self.min_nucleated, ood,
                                  self.max_ood_percent, blood=state.specimen == "blood",
                                  out_of_focus=blurred,
                                  max_out_of_focus_percent=self.max_out_of_focus_percent,
                                  count_out_of_focus=self.count_out_of_focus,
-                                 platelets=platelets)
+                                 platelets=platelets,
+                                 red_cells=red and (red["n"], red["diameter_um"]))
         differential = differential_rows(sid, d)
-        state.warnings.update(review_warnings(d, self.min_nucleated))
+        state.warnings.update(review_warnings(d, self.min_nucleated, self.red_cell_diameter_um))
         if not cols:
             return {"cells": [], "differentials": differential}, \
                 {"type": "FeatureCollection", "features": []}
@@ -309,6 +313,11 @@ class Aggregator:
                  + f", tiles {status['n_tiles'] or 0}, "
                  f"cells {'-' if status['n_cells'] is None else status['n_cells']}, "
                  f"{status['seconds']:.1f}s")
+        if "pixel_size" in state.warnings and not state.error:
+            self.log(f"warning: slide {sid}: pixel_size: {state.warnings['pixel_size']} "
+                     f"(slides.mpp_x, mpp_source). If it is wrong, give the right one "
+                     f"(--mpp-table, a slide_id,mpp row) and run the slide again with "
+                     f"--reprocess")
         if "out_of_focus" in state.warnings and not state.error:
             self.log(f"warning: slide {sid}: out_of_focus: {state.warnings['out_of_focus']}; "
                      f"where: python -m jobs.slide_map --output {self.store.root} --slide "

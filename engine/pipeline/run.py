@@ -392,7 +392,8 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                      mil_bags=(pc.cellularity_bags, pc.cellularity_bag_size),
                      max_ood_percent=pc.max_ood_percent, embeddings=stages.encoder,
                      max_out_of_focus_percent=pc.max_out_of_focus_percent,
-                     count_out_of_focus=pc.count_out_of_focus)
+                     count_out_of_focus=pc.count_out_of_focus,
+                     red_cell_diameter_um=pc.red_cell_diameter_um)
     if not pending or not branches:
         return agg.summary
     if not ray.is_initialized():

