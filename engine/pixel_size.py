@@ -129,10 +129,11 @@ def _size_mode(d: np.ndarray) -> np.ndarray:
     return d
 
 
-def red_cell_size(images: Iterable[np.ndarray], mpp: float) -> RedCellSize:
-    """Red-cell diameters in µm of smear images taken at ``mpp`` µm/px (a slide's sample tiles):
-    how many were measured and, from 30 on, their median and interquartile range."""
-    per_image = [red_cell_diameters(im) for im in images]
+def red_cell_size(diameters: Iterable[np.ndarray], mpp: float) -> RedCellSize:
+    """The red cells of smear images taken at ``mpp`` µm/px (a slide's sample tiles, an
+    export's images), from each image's `red_cell_diameters`: how many were measured and, from
+    30 on, their median and interquartile range in µm."""
+    per_image = list(diameters)
     d = _size_mode(np.concatenate(per_image) if per_image else np.zeros(0)) * mpp
     if d.size < MIN_RED_CELLS:
         return RedCellSize(int(d.size), None, None)

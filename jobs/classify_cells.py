@@ -34,10 +34,11 @@ import time
 import numpy as np
 
 from engine.models import list_models
+from engine.pixel_size import RedCellSize, red_cell_diameters, red_cell_size
 from engine.schema import EXPORT_FORMAT
 from engine.specimen import SMEARS, UNKNOWN
-from jobs.common import (add_storage_args, fail, find_exports, image_source, mpp_arg,
-                         put_in_case, resolve_source_mpp, storage_from_args)
+from jobs.common import (add_storage_args, fail, find_exports, image_source, limits_arg,
+                         mpp_arg, put_in_case, resolve_source_mpp, storage_from_args)
 
 
 def source_label(path: str, folder: str) -> str | None:
@@ -48,27 +49,34 @@ def source_label(path: str, folder: str) -> str | None:
 
 
 def read_images(paths: list[str], source_mpp: float, spec, threads: int | None = None,
-                storage=None) -> tuple[list[int], np.ndarray, list[str]]:
+                storage=None) -> tuple[list[int], np.ndarray, list[str], RedCellSize]:
     """``(indices of the readable paths, their crops (N, px, px, 3) uint8, reasons of the
-    others as 'name: error')``; decoded in ``threads`` (PIL releases the GIL to decode)."""
+    others as 'name: error', the red cells around the cells)``; decoded in ``threads`` (PIL
+    releases the GIL to decode). The red cells are measured on each whole image at
+    ``source_mpp`` (`engine.pixel_size`), which checks that pixel size."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from engine.train.data import load_cell_image
+    from PIL import Image
+
+    from engine.train.data import cell_crop
 
     def one(path):
         try:
-            return load_cell_image(image_source(path, storage), source_mpp, spec.input_mpp,
-                                   spec.input_px)
+            with Image.open(image_source(path, storage)) as im:
+                rgb = np.asarray(im.convert("RGB"))
         except (OSError, ValueError) as err:  # PIL: unreadable or truncated file
             return f"{os.path.basename(path)}: {err}"
+        return cell_crop(rgb, source_mpp, spec.input_mpp, spec.input_px), \
+            red_cell_diameters(rgb)
 
     with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
         results = list(pool.map(one, paths))
     ok = [i for i, r in enumerate(results) if not isinstance(r, str)]
-    crops = [results[i] for i in ok]
+    crops = [results[i][0] for i in ok]
     bad = [r for r in results if isinstance(r, str)]
     px = spec.input_px
-    return ok, np.stack(crops) if crops else np.zeros((0, px, px, 3), np.uint8), bad
+    return ok, np.stack(crops) if crops else np.zeros((0, px, px, 3), np.uint8), bad, \
+        red_cell_size((results[i][1] for i in ok), source_mpp)
 
 
 def export_cases(uri: str, storage, folders: dict[str, str], ids: dict[str, str]
@@ -110,7 +118,7 @@ def classify_slide(sid: str, folder: str, paths: list[str], predictor, args,
 
     t0, started = time.perf_counter(), dt.datetime.now(dt.timezone.utc)
     model = predictor.model
-    ok, crops, bad = read_images(paths, args.source_mpp, model.spec, storage=args.storage)
+    ok, crops, bad, red = read_images(paths, args.source_mpp, model.spec, storage=args.storage)
     status = {"slide_id": sid, "uri": folder, "status": "ok", "n_tiles": None,
               "n_cells": len(ok), "stages": [f"cell_classification:{model.spec.name}",
                                              "differential"],
@@ -153,10 +161,11 @@ def classify_slide(sid: str, folder: str, paths: list[str], predictor, args,
                                  None if far is None else far.tolist(), args.max_ood_percent,
                                  blood=args.specimen == "blood", out_of_focus=blurred.tolist(),
                                  max_out_of_focus_percent=args.max_out_of_focus_percent,
-                                 count_out_of_focus=args.count_out_of_focus)
+                                 count_out_of_focus=args.count_out_of_focus,
+                                 red_cells=(red.n_cells, red.diameter_um))
         tables["differentials"] = differential_rows(sid, d)
-        status["warnings"] += [f"{k}: {v}" for k, v in
-                               review_warnings(d, args.min_nucleated).items()]
+        status["warnings"] += [f"{k}: {v}" for k, v in review_warnings(
+            d, args.min_nucleated, args.red_cell_diameter_um).items()]
     status.update(finished_at=dt.datetime.now(dt.timezone.utc),
                   seconds=round(time.perf_counter() - t0, 3))
     return tables, status
@@ -189,6 +198,10 @@ def main(argv=None) -> int:
                    help="count the images out of focus in the differential too")
     p.add_argument("--max-out-of-focus-percent", type=float, default=20.0,
                    help="more nucleated cells than this %% out of focus flags the slide")
+    p.add_argument("--red-cell-diameter-um", type=limits_arg, default=(5.0, 10.5),
+                   metavar="LOW,HIGH", help="the images' red cells, measured at --source-mpp, "
+                   "with a median diameter outside this range (µm) flag the export pixel_size: "
+                   "its pixel size is likely wrong (default 5,10.5; none: no check)")
     p.add_argument("--cases", help="CSV: a slide column (an export's folder name, path or "
                                    "slide_id) and a case column, recorded in the slides table")
     p.add_argument("--allow-untrained", action="store_true", help="random weights (tests only)")
@@ -219,7 +232,10 @@ def main(argv=None) -> int:
                 "specimen": args.specimen, "tta": args.tta, "min_nucleated": args.min_nucleated,
                 "max_ood_percent": args.max_ood_percent, "max_blur_um": args.max_blur_um,
                 "count_out_of_focus": args.count_out_of_focus,
-                "max_out_of_focus_percent": args.max_out_of_focus_percent}
+                "max_out_of_focus_percent": args.max_out_of_focus_percent,
+                # a list, as the output's JSON gives it back to a rerun's comparison
+                "red_cell_diameter_um": args.red_cell_diameter_um and
+                list(args.red_cell_diameter_um)}
     args.config_hash = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     store = OutputStore(args.output, storage)
     config_path = f"{store.path.rstrip('/')}/config.json"

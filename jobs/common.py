@@ -212,6 +212,20 @@ def mpp_arg(text: str) -> float | str:
     return value
 
 
+def limits_arg(text: str) -> tuple[float, float] | None:
+    """argparse type of a range ``LOW,HIGH`` with 0 <= LOW < HIGH, or ``none`` (no range)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        limits = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        limits = ()
+    if len(limits) != 2 or not 0 <= limits[0] < limits[1]:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with 0 <= LOW < HIGH, or none, "
+                                         f"got {text!r}")
+    return limits
+
+
 def refit_parser(module: str, doc: str, output_help: str) -> argparse.ArgumentParser:
     """The parser of a job that refits part of a float cell classifier on its training data:
     ``--checkpoint``, ``--data``, ``--output`` and the split flags (`add_split_args`)."""

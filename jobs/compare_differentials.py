@@ -49,7 +49,7 @@ import argparse
 import json
 import sys
 
-from jobs.common import add_storage_args, fail, read_csv_rows, storage_from_args
+from jobs.common import add_storage_args, fail, limits_arg, read_csv_rows, storage_from_args
 
 KEY_COLUMNS = ("slide", "slide_id", "uri", "path", "file")
 COUNTED_COLUMNS = ("counted", "cells_counted", "n_counted")
@@ -164,7 +164,8 @@ def main(argv=None) -> int:
                    help="the manual sheet has a row per case (a case column), compared with the "
                         "pooled counts of the case's slides: the cases the output records, or "
                         "those of a slide,case CSV (as jobs.case_differentials takes)")
-    p.add_argument("--platelet-limits", default="150,450", metavar="LOW,HIGH",
+    p.add_argument("--platelet-limits", type=limits_arg, default=(150.0, 450.0),
+                   metavar="LOW,HIGH",
                    help="platelet counts below LOW are decreased, above HIGH increased, in the "
                         "sheet's units (default 150,450: 10^9/L)")
     p.add_argument("--to", help="where to write the tables and the plot (default: "
@@ -209,13 +210,9 @@ def main(argv=None) -> int:
                         f"columns: {', '.join(sheet[0])}")
     if args.counted is not None and (args.source_labels or args.counted <= 0):
         return fail("--counted takes a positive number of cells, with --manual")
-    try:
-        limits = tuple(float(v) for v in args.platelet_limits.split(","))
-    except ValueError:
-        limits = ()
-    if len(limits) != 2 or not 0 <= limits[0] < limits[1]:
-        return fail(f"--platelet-limits takes LOW,HIGH with 0 <= LOW < HIGH, got "
-                    f"{args.platelet_limits!r}")
+    if args.platelet_limits is None:
+        return fail("--platelet-limits takes LOW,HIGH (a grade needs its limits)")
+    limits = args.platelet_limits
     columns = list(dict.fromkeys(c for row in sheet for c in row))
     cbc = [c for c in CBC_COLUMNS if c in columns]
     if len(cbc) == 1:

@@ -79,6 +79,9 @@ def test_each_export_gets_its_cells_and_differential(exports, tmp_path, capsys):
         assert rows["nrbc_per_100_wbc"][0] == pytest.approx(100 * n_er / n_wbc)
         # an export's platelet images are not a film's platelets: no count, no ratio
         assert rows["n_platelets"].is_null().all() and rows["platelets_per_wbc"].is_null().all()
+        # the red cells around them were measured; 24 images hold fewer than the 30 a size
+        # needs
+        assert 0 < rows["n_red_cells"][0] < 30 and rows["red_cell_diameter_um"][0] is None
     # the summary job reads the output as it reads process_slides'
     assert slide_summary.main(["--output", str(out)]) == 0
     assert "3 slides (2 ok, 1 failed)" in capsys.readouterr().out
@@ -96,6 +99,38 @@ def test_each_export_gets_its_cells_and_differential(exports, tmp_path, capsys):
     assert classify_cells.main(["--images", str(root), "--output", str(out), "--specimen",
                                 "aspirate"]) == 2
     assert "specimen: blood -> aspirate" in capsys.readouterr().err
+
+
+def test_red_cells_around_the_cells_check_the_given_pixel_size(exports, tmp_path, capsys):
+    """The exports' 48 images as one export: its red cells measure about 7 µm at PBC's 0.1
+    µm/px; given as 0.2 they measure twice that, and the export is flagged pixel_size."""
+    root, _ = exports
+    one = tmp_path / "images" / "slide-ab"
+    one.mkdir(parents=True)
+    for path in [*(root / "slide-a").rglob("*.jpg"), *(root / "slide-b").rglob("*.jpg")]:
+        if path.name != "cut.jpg":
+            os.symlink(os.path.realpath(path), one / path.name)
+    sizes, flags = [], []
+    for mpp in ("0.1", "0.2"):
+        out = tmp_path / f"out-{mpp}"
+        assert classify_cells.main(["--images", str(one.parent), "--output", str(out),
+                                    "--source-mpp", mpp]) == 0
+        diff = pl.read_parquet(f"{out}/differentials/*.parquet")
+        assert diff["n_red_cells"][0] >= 30
+        sizes.append(diff["red_cell_diameter_um"][0])
+        warnings = pl.read_parquet(f"{out}/slide_status/*.parquet")["warnings"][0].to_list()
+        flags.append([w for w in warnings if w.startswith("pixel_size: ")])
+    assert 6.2 < sizes[0] < 8.2 and sizes[1] == pytest.approx(2 * sizes[0], rel=0.03)
+    assert flags[0] == [] and len(flags[1]) == 1 and f"{sizes[1]:.1f} µm" in flags[1][0]
+    capsys.readouterr()
+    # the range is a setting of the output: another is refused on a rerun; none turns it off
+    assert classify_cells.main(["--images", str(one.parent), "--output", str(out),
+                                "--source-mpp", "0.2", "--red-cell-diameter-um", "4,16"]) == 2
+    assert "red_cell_diameter_um: [5.0, 10.5] -> [4.0, 16.0]" in capsys.readouterr().err
+    assert classify_cells.main(["--images", str(one.parent), "--output", str(tmp_path / "o"),
+                                "--source-mpp", "0.2", "--red-cell-diameter-um", "none"]) == 0
+    status = pl.read_parquet(f"{tmp_path}/o/slide_status/*.parquet")
+    assert not any(w.startswith("pixel_size") for w in status["warnings"][0])
 
 
 def test_a_cases_slides_are_counted_together(exports, tmp_path, capsys):

@@ -102,13 +102,15 @@ def test_red_cells_measured_at_a_stated_pixel_size():
     is nearer 0.107); halved and stated 0.2 the same; halved and stated 0.4 (a 20x scan recorded
     as 10x) twice that. Two images hold too few to give a size."""
     images = [np.asarray(Image.open(p).convert("RGB")) for p in pbc_sample(80, seed=1)]
-    size = red_cell_size(images, 0.1)
+    diameters = [red_cell_diameters(im) for im in images]
+    size = red_cell_size(diameters, 0.1)
     assert size.n_cells >= 30 and 6.2 < size.diameter_um < 8.2
     assert size.iqr_um[0] < size.diameter_um < size.iqr_um[1]
     half = [cv2.resize(im, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA) for im in images]
+    half = [red_cell_diameters(im) for im in half]
     assert red_cell_size(half, 0.2).diameter_um == pytest.approx(size.diameter_um, rel=0.05)
     assert red_cell_size(half, 0.4).diameter_um == pytest.approx(2 * size.diameter_um, rel=0.05)
-    few = red_cell_size(images[:2], 0.1)
+    few = red_cell_size(diameters[:2], 0.1)
     assert few.n_cells < 30 and few.diameter_um is None and few.iqr_um is None
     assert red_cell_size([], 0.1).n_cells == 0
 

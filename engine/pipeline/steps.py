@@ -24,7 +24,7 @@ from engine.cellularity import AreaRules, calibrate, tile_area_counts
 from engine.config import Config
 from engine.errors import MissingMPP, SlideError
 from engine.focus import edge_blur_um
-from engine.pixel_size import red_cell_size
+from engine.pixel_size import red_cell_diameters, red_cell_size
 from engine.slides import FileEntry, open_slide
 from engine.slides.inventory import MppOverrides, inventoried
 from engine.slides.storage import StagingArea, is_remote, stat_file
@@ -254,7 +254,7 @@ class PlanSlide:
             d["pale_platelets"] = inv["specimen"] in cfg.cells.pale_platelet_specimens
             plans["cells"] = d
             # the same tiles check the pixel size: red cells should be about 7.5 µm across
-            red = red_cell_size(samples, p.target_mpp)
+            red = red_cell_size(map(red_cell_diameters, samples), p.target_mpp)
             measured["red_cells"] = {"n": red.n_cells, "diameter_um": red.diameter_um,
                                      "iqr_um": red.iqr_um}
         if "tiles" in stages:

@@ -55,16 +55,22 @@ def load_cell_image(path: str, source_mpp: float, target_mpp: float, out_px: int
         ``(out_px, out_px, 3) uint8``.
     """
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        if blur_um > 0:
-            import cv2
+        return cell_crop(np.asarray(im.convert("RGB")), source_mpp, target_mpp, out_px, blur_um)
 
-            im = Image.fromarray(cv2.GaussianBlur(np.asarray(im), (0, 0), blur_um / source_mpp))
-        scale = source_mpp / target_mpp
-        if abs(scale - 1) > 1e-3:
-            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                           Image.Resampling.LANCZOS)
-        arr = np.asarray(im)
+
+def cell_crop(rgb: np.ndarray, source_mpp: float, target_mpp: float, out_px: int,
+              blur_um: float = 0.0) -> np.ndarray:
+    """`load_cell_image` of an image already decoded, ``(H, W, 3) uint8`` at ``source_mpp``."""
+    if blur_um > 0:
+        import cv2
+
+        rgb = cv2.GaussianBlur(rgb, (0, 0), blur_um / source_mpp)
+    im = Image.fromarray(rgb)
+    scale = source_mpp / target_mpp
+    if abs(scale - 1) > 1e-3:
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                       Image.Resampling.LANCZOS)
+    arr = np.asarray(im)
     h, w = arr.shape[:2]
     out = np.full((out_px, out_px, 3), 255, np.uint8)
     sy, sx = max((h - out_px) // 2, 0), max((w - out_px) // 2, 0)

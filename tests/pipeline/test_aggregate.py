@@ -296,8 +296,10 @@ def test_a_blood_film_reports_its_platelets_per_white_cell(tmp_path, capsys):
     printed = capsys.readouterr()
     assert "platelets" not in json.loads(printed.out)
     assert "the platelet estimate needs both wbc_count and platelet_count" in printed.err
-    assert compare_differentials.main(["--output", str(tmp_path / "out"), "--manual",
-                                       str(sheet), "--platelet-limits", "400,100"]) == 2
+    with pytest.raises(SystemExit) as exited:
+        compare_differentials.main(["--output", str(tmp_path / "out"), "--manual", str(sheet),
+                                    "--platelet-limits", "400,100"])
+    assert exited.value.code == 2 and "0 <= LOW < HIGH" in capsys.readouterr().err
 
 
 def test_red_cells_off_their_size_flag_the_slides_pixel_size(tmp_path):
