@@ -84,19 +84,21 @@ def choose(cells, per_class: int, order: str, seed: int) -> dict[str, object]:
     return out
 
 
-def read_crops(reader, rows, mpp: float, size: tuple[int, int]) -> np.ndarray:
-    """``(N, 96, 96, 3) uint8``: each cell's surroundings at 0.25 µm/px, read at level 0."""
+def read_crops(reader, rows, mpp: float, size: tuple[int, int], px: int = CROP_PX
+               ) -> np.ndarray:
+    """``(N, px, px, 3) uint8``: each cell's surroundings at 0.25 µm/px (96 px: what the
+    classifier saw), read at level 0."""
     import cv2
 
-    side = max(1, int(round(CROP_PX * CROP_MPP / mpp)))
+    side = max(1, int(round(px * CROP_MPP / mpp)))
     crops = []
     for x, y in zip(rows["x"].to_list(), rows["y"].to_list()):
         x0 = int(np.clip(round(x - side / 2), 0, max(size[0] - side, 0)))
         y0 = int(np.clip(round(y - side / 2), 0, max(size[1] - side, 0)))
         region = reader.read_region(0, x0, y0, min(side, size[0]), min(side, size[1]))
-        crops.append(cv2.resize(np.ascontiguousarray(region), (CROP_PX, CROP_PX),
+        crops.append(cv2.resize(np.ascontiguousarray(region), (px, px),
                                 interpolation=cv2.INTER_AREA))
-    return np.stack(crops) if crops else np.zeros((0, CROP_PX, CROP_PX, 3), np.uint8)
+    return np.stack(crops) if crops else np.zeros((0, px, px, 3), np.uint8)
 
 
 def read_export_crops(folder: str, rows, mpp: float, storage) -> np.ndarray:

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
-from engine.train.data import load_cell_image, read_labels
+from engine.train.data import labelled, load_cell_image, read_labels
 from jobs.common import fail, mpp_arg, resolve_source_mpp
 
 FORMATS = {"webp": "WEBP", "png": "PNG", "jpeg": "JPEG"}
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         return fail(f"{args.output} is not empty: pack into a new folder")
     os.makedirs(os.path.join(args.output, "images"), exist_ok=True)
     with open(os.path.join(args.data, "labels.csv"), newline="") as fh:
-        rows = list(csv.DictReader(fh))
+        rows = labelled(list(csv.DictReader(fh)))  # the rows read_labels gave, in order
     ext = "jpg" if args.format == "jpeg" else args.format
     names = [f"images/{i:06d}.{ext}" for i in range(len(rows))]
     options = {} if args.format == "png" else {"quality": args.quality}

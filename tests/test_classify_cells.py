@@ -85,6 +85,11 @@ def test_each_export_gets_its_cells_and_differential(exports, tmp_path, capsys):
     # the summary job reads the output as it reads process_slides'
     assert slide_summary.main(["--output", str(out)]) == 0
     assert "3 slides (2 ok, 1 failed)" in capsys.readouterr().out
+    # an export's cells are files already: nothing to read back from a slide for labelling
+    from jobs import export_cells
+
+    assert export_cells.main(["--output", str(out), "--to", str(tmp_path / "label")]) == 2
+    assert "label them where they are" in capsys.readouterr().err
 
     # a rerun: a crash's leftovers are removed, committed slides are not redone
     stray = out / "image_cells" / "ghost-000000000000.parquet"

@@ -24,6 +24,7 @@ RULES = {
     "engine.report.agreement": ["torch", "ray", "openslide", "pyvips", "fsspec"],
     "jobs.estimate_pixel_size": ["torch", "ray", "timm", "openslide", "pyvips"],
     "jobs.cell_gallery": ["torch", "ray", "timm"],
+    "jobs.export_cells": ["torch", "ray", "timm"],
     "jobs.slide_map": ["torch", "ray", "timm"],
     "jobs.case_differentials": ["torch", "ray", "timm"],
     "engine.report.maps": ["torch", "ray", "openslide", "pyvips", "fsspec"],

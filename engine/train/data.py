@@ -28,9 +28,15 @@ class LabelledImages:
                               tuple(self.groups[i] for i in idx) if self.groups else None)
 
 
+def labelled(rows: list[dict]) -> list[dict]:
+    """The rows of a labels table with a code (an empty one is a cell not yet labelled)."""
+    return [r for r in rows if (r.get("code") or "").strip()]
+
+
 def read_labels(data_dir: str, csv_name: str = "labels.csv") -> LabelledImages:
     """``<data_dir>/labels.csv`` with ``path`` and ``code`` columns (``patient_id``, ``slide_id`` or
-    ``group`` optional); relative paths are relative to ``data_dir``."""
+    ``group`` optional); relative paths are relative to ``data_dir``. A row with an empty code
+    is not labelled (`jobs.export_cells` writes the rows for experts to fill) and is left out."""
     table = os.path.join(data_dir, csv_name)
     if not os.path.exists(table):
         raise FileNotFoundError(f"no {csv_name} in {data_dir} (expected columns: path,code)")
@@ -38,6 +44,9 @@ def read_labels(data_dir: str, csv_name: str = "labels.csv") -> LabelledImages:
         rows = list(csv.DictReader(fh))
     if not rows or not {"path", "code"} <= set(rows[0]):
         raise ValueError(f"{table} needs 'path' and 'code' columns")
+    rows = labelled(rows)
+    if not rows:
+        raise ValueError(f"{table} has no row with a code: fill in the code column")
     group_col = next((c for c in ("patient_id", "slide_id", "group") if c in rows[0]), None)
     paths = tuple(r["path"] if os.path.isabs(r["path"]) else os.path.join(data_dir, r["path"])
                   for r in rows)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
@@ -47,11 +49,27 @@ class BalancedSampler(torch.utils.data.Sampler):
         return self.total // self.num_replicas
 
 
+def enough_groups(groups, n_splits: int):
+    """``groups`` where there are at least ``n_splits`` of them, else None with a warning: the
+    split is then by image (a lab's first labelled cells may come from one or two slides)."""
+    if groups is None:
+        return None
+    n = len(set(groups))
+    if n >= n_splits:
+        return groups
+    warnings.warn(f"the labels name {n} group(s) (patient or slide), fewer than the "
+                  f"{n_splits} this split needs: split by image instead, so cells of one "
+                  f"slide may lie on both sides", stacklevel=3)
+    return None
+
+
 def holdout_split(labels, fraction: float, seed: int, groups=None) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified ``(keep, held_out)`` index arrays; whole groups go to one side when given."""
+    """Stratified ``(keep, held_out)`` index arrays; whole groups go to one side when given
+    (and enough: `enough_groups`)."""
     idx = np.arange(len(labels))
+    n_splits = max(2, round(1 / fraction))
+    groups = enough_groups(groups, n_splits)
     if groups is not None:
-        n_splits = max(2, round(1 / fraction))
         cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         keep, held = next(cv.split(idx, labels, groups))
         return keep, held
@@ -62,12 +80,14 @@ def holdout_split(labels, fraction: float, seed: int, groups=None) -> tuple[np.n
 def kfold_splits(labels, k: int, seed: int, groups=None, val_fraction: float = 0.15):
     """``k`` (train, val) index pairs. ``k == 1`` gives one stratified hold-out validation split.
 
-    Grouped by patient or slide when ``groups`` is given, by image otherwise.
+    Grouped by patient or slide when ``groups`` is given (and there are ``k`` of them at least:
+    `enough_groups`), by image otherwise.
     """
     labels = np.asarray(labels)
     if k == 1:
         return [holdout_split(labels, val_fraction, seed, groups)]
     idx = np.arange(len(labels))
+    groups = enough_groups(groups, k)
     if groups is not None:
         cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
         return list(cv.split(idx, labels, groups))

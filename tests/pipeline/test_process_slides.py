@@ -266,6 +266,43 @@ def test_reference_model_on_the_smear(ray_local, smear_slide, tmp_path, capsys):
                               "--order", "far", "--per-class", "2", "--saliency", "gradcam",
                               "--png", str(tmp_path / "g.png")]) == 0
     assert "with Grad-CAM maps" in capsys.readouterr().out
+    # the same cells for the lab's experts to label: each image's centre is exactly the crop
+    # the classifier saw (the same call at the same probability), and the train job reads the
+    # folder once codes are filled in
+    from engine.models import EnsemblePredictor, create_model
+    from engine.train.data import read_labels
+    from jobs import export_cells
+    from jobs.train_cell_classifier import pack_or_given_mpp
+
+    to = tmp_path / "label"
+    assert export_cells.main(["--output", str(tmp_path / "o"), "--to", str(to), "--order",
+                              "far", "--per-class", "3"]) == 0
+    assert "--init <the run's checkpoint>" in capsys.readouterr().out
+    labels = pl.read_csv(to / "labels.csv")
+    assert labels["code"].is_null().all() and labels["predicted"].value_counts()["count"].max() \
+        <= 3
+    # each row is the cell of that id: its call, distance and place
+    same = labels.join(cells, on=["slide_id", "cell_id"])
+    assert len(same) == len(labels) and (same["predicted"] == same["class_code"]).all()
+    assert (same["kind"] == "nucleated").all() and not same["out_of_focus"].any()
+    assert same["ood_distance"].to_numpy() == pytest.approx(same["ood_distance_right"].to_numpy())
+    assert same["x"].to_numpy() == pytest.approx(same["x_right"].to_numpy(), abs=0.06)
+    from PIL import Image
+
+    images = np.stack([np.asarray(Image.open(to / p)) for p in labels["path"]])
+    assert images.shape[1:] == (144, 144, 3)
+    ref = EnsemblePredictor([create_model("deepheme-resnext50")])
+    probs = ref.predict(images[:, 24:120, 24:120])
+    assert list(np.asarray(ref.model.class_codes)[probs.argmax(1)]) == labels["predicted"].to_list()
+    assert probs.max(1) == pytest.approx(labels["class_prob"].to_numpy(), abs=2e-3)
+    assert json.loads((to / "pack.json").read_text())["mpp"] == 0.25
+    assert pack_or_given_mpp(None, str(to)) == 0.25
+    labels.with_columns(code=pl.when(pl.int_range(pl.len()) > 0).then(pl.col("predicted"))) \
+        .write_csv(to / "labels.csv")  # an expert who labelled all but the first
+    data = read_labels(str(to))
+    assert len(data) == len(labels) - 1 and data.groups[0] == labels["slide_id"][1]
+    assert export_cells.main(["--output", str(tmp_path / "o"), "--to", str(to)]) == 2
+    assert "is not empty" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -656,6 +693,27 @@ def test_case_differential_of_a_runs_slides(run_out, tmp_path, capsys):
                                                                   want["count"]))
     summary = pl.read_csv(tmp_path / "c" / "case_summary.csv")
     assert "broken.svs: status failed" in summary.filter(pl.col("case") == "B")["left_out"][0]
+
+
+def test_export_cells_of_chosen_slides_for_labelling(run_out, tmp_path, capsys):
+    """Cells of the slides named, up to --per-class of each call, random by default; a run
+    whose checkpoint has no feature density has no distances to order by."""
+    from jobs import export_cells
+
+    assert export_cells.main(["--output", str(run_out), "--to", str(tmp_path / "a"), "--slide",
+                              "smear-a.tif", "--per-class", "2", "--kind", "all"]) == 0
+    labels = pl.read_csv(tmp_path / "a" / "labels.csv")
+    assert labels["predicted"].value_counts()["count"].max() <= 2 and len(labels) >= 2
+    assert labels["slide_id"].str.starts_with("smear-a").all()
+    assert all((tmp_path / "a" / p).exists() for p in labels["path"])
+    printed = capsys.readouterr().out
+    assert f"{len(labels)} cells of 1 slide(s) (random;" in printed
+    assert export_cells.main(["--output", str(run_out), "--to", str(tmp_path / "b"), "--order",
+                              "far"]) == 2
+    assert "no distance to the training data" in capsys.readouterr().err
+    assert export_cells.main(["--output", str(run_out), "--to", str(tmp_path / "c"), "--slide",
+                              "nope.svs"]) == 2
+    assert "no single slide 'nope.svs'" in capsys.readouterr().err
 
 
 def test_slide_summary_has_a_row_per_committed_slide(run_out, tmp_path, capsys):

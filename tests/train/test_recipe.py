@@ -32,6 +32,18 @@ def test_kfold_is_stratified_and_grouped():
         assert set(labels[val]) == {0, 1, 2}
 
 
+def test_too_few_groups_split_by_image_and_say_so():
+    """A lab's first labelled cells may come from one or two slides: fewer slides than splits
+    cannot be split by slide, so the split is by image, with a warning."""
+    labels = np.repeat([0, 1, 2], 20)
+    for k, groups in ((4, np.repeat([0, 1], 30)), (1, np.zeros(60, int))):
+        with pytest.warns(UserWarning, match="split by image instead"):
+            splits = kfold_splits(labels, k, seed=0, groups=groups)
+        assert len(splits) == k
+        for train, val in splits:
+            assert not set(train) & set(val) and set(labels[val]) == {0, 1, 2}
+
+
 def test_hed_jitter_is_identity_at_zero_and_changes_colour():
     img = np.random.default_rng(0).integers(30, 230, (32, 32, 3), dtype=np.uint8)
     same = HEDJitter(sigma=0.0, p=1.0)(image=img)["image"]

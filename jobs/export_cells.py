@@ -1,0 +1,155 @@
+"""Cells of a run for a lab's experts to label: each cell's crop read back from its slide and
+written as an image, with a ``labels.csv`` to fill in, which `jobs.train_cell_classifier` then
+trains on (fine-tuning the reference on the lab's own stain and scanner).
+
+    python -m jobs.export_cells --output <process_slides output> --to <new folder>
+        [--slide <slide_id or file name> ...] [--per-class 50] [--order random | uncertain | far]
+        [--kind nucleated | platelet | all] [--px 144] [--seed 0]
+
+Up to ``--per-class`` cells of each class the run called, over the chosen slides (all its ok
+slides by default): ``random`` shows what the counts are made of, ``uncertain`` the least
+confident calls first and ``far`` the cells least like the classifier's training data first
+(``ood_distance``), which a new lab's slides flagged ``out_of_distribution`` need most. Cells
+whose image would cross the slide's border and cells out of focus (left out of the
+differential too) are not exported.
+
+The folder holds ``images/<slide_id>/<cell_id>.png`` (``--px`` square at the classifier's 0.25
+µm/px, centred on the cell: its 96 px crop with the augmentation margin, as
+`jobs.pack_cell_images` writes), ``pack.json`` (their µm/px, so the train job needs no
+``--source-mpp``) and ``labels.csv``: ``path``, ``code`` (empty: the expert's DeepHeme code, such
+as ``M6``; a row left empty is not trained on), ``predicted`` and ``class_prob`` (the run's
+call), ``ood_distance``, ``slide_id`` (so training splits by slide), ``cell_id``, ``x``, ``y``
+(level-0 pixels, to find the cell on the slide). Then::
+
+    python -m jobs.train_cell_classifier --data <folder> --init <the run's checkpoint> ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import sys
+
+from jobs.common import add_storage_args, committed_slide, fail, storage_from_args
+
+ORDERS = ("random", "uncertain", "far")
+COLUMNS = ("path", "code", "predicted", "class_prob", "ood_distance", "slide_id", "cell_id",
+           "x", "y")
+
+
+def exportable(cells, slides, kind: str, px: int):
+    """The cells worth a label: of ``kind`` (or all), classified by the run, in focus, and with
+    their ``px`` image at 0.25 µm/px inside the slide (``slides``: its size and µm/px)."""
+    import polars as pl
+
+    half = pl.lit(px * 0.25 / 2) / ((pl.col("mpp_x") + pl.col("mpp_y")) / 2)  # level-0 px
+    keep = pl.col("class_code").is_not_null() & ~pl.col("out_of_focus").fill_null(False) \
+        & (pl.col("x") >= half) & (pl.col("y") >= half) \
+        & (pl.col("x") + half <= pl.col("width")) & (pl.col("y") + half <= pl.col("height"))
+    if kind != "all":
+        keep &= pl.col("kind") == kind
+    return cells.join(slides.select("slide_id", "mpp_x", "mpp_y", "width", "height"),
+                      on="slide_id").filter(keep).drop("mpp_x", "mpp_y", "width", "height")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.export_cells", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True, help="a process_slides output folder or s3:// "
+                                                    "prefix")
+    p.add_argument("--to", required=True, help="a new local folder for the images and labels")
+    p.add_argument("--slide", action="append", default=[],
+                   help="slide_id or file name (repeat it; default: every ok slide)")
+    p.add_argument("--per-class", type=int, default=50,
+                   help="cells per class called, over the chosen slides")
+    p.add_argument("--order", default="random", choices=ORDERS)
+    p.add_argument("--kind", default="nucleated", choices=("nucleated", "platelet", "all"))
+    p.add_argument("--px", type=int, default=144,
+                   help="side of each image at 0.25 µm/px (the 96 px crop and the augmentation "
+                        "margin)")
+    p.add_argument("--seed", type=int, default=0)
+    add_storage_args(p)
+    args = p.parse_args(argv)
+
+    import polars as pl
+    from PIL import Image
+
+    from engine.errors import HemeflowError
+    from engine.pipeline.commit import OutputStore
+    from engine.schema import EXPORT_FORMAT
+    from engine.slides import open_slide
+    from jobs.cell_gallery import CROP_MPP, choose, read_crops
+
+    if args.per_class < 1 or args.px < 96:
+        return fail("--per-class takes 1 or more, --px 96 (the classifier's crop) or more")
+    if os.path.isdir(args.to) and os.listdir(args.to):
+        return fail(f"{args.to} is not empty: export into a new folder")
+    storage = storage_from_args(args)
+    store = OutputStore(args.output, storage)
+    try:
+        status = store.read("slide_status", columns=["slide_id", "status"])
+        if status is None:
+            raise FileNotFoundError(f"no committed slides under {args.output}")
+        ok = set(pl.from_arrow(status).filter(pl.col("status") == "ok")["slide_id"])
+        sids = {committed_slide(store, name)["slide_id"] for name in args.slide} or ok
+        slides = pl.from_arrow(store.read("slides", slide_ids=sids))
+    except (FileNotFoundError, ValueError) as err:
+        return fail(str(err))
+    if (slides["format"] == EXPORT_FORMAT).any():
+        return fail("an export's cells are image files already (classify_cells): label them "
+                    "where they are")
+    read = store.read("cells", columns=["slide_id", "cell_id", "x", "y", "kind", "out_of_focus",
+                                        "class_code", "class_prob", "ood_distance"],
+                      slide_ids=sids & ok)
+    cells = exportable(pl.from_arrow(read), slides, args.kind, args.px) if read is not None \
+        else None
+    if cells is None or cells.is_empty():
+        return fail(f"no classified {'' if args.kind == 'all' else args.kind + ' '}cells in "
+                    f"the ok slides chosen under {args.output}")
+    if args.order == "far" and cells["ood_distance"].is_null().all():
+        return fail("the run's cells have no distance to the training data: its checkpoint "
+                    "carries no feature density (python -m jobs.fit_cell_ood)")
+    picked = pl.concat(list(choose(cells, args.per_class, args.order, args.seed).values()))
+    rows = []
+    try:
+        for (sid,), chosen in picked.sort("slide_id", "cell_id").group_by("slide_id",
+                                                                           maintain_order=True):
+            slide = slides.filter(pl.col("slide_id") == sid).row(0, named=True)
+            with open_slide(slide["uri"], storage) as reader:
+                crops = read_crops(reader, chosen, (slide["mpp_x"] + slide["mpp_y"]) / 2,
+                                   (slide["width"], slide["height"]), args.px)
+            os.makedirs(os.path.join(args.to, "images", sid), exist_ok=True)
+            for crop, r in zip(crops, chosen.iter_rows(named=True)):
+                path = f"images/{sid}/{r['cell_id']}.png"
+                Image.fromarray(crop).save(os.path.join(args.to, path))
+                rows.append({"path": path, "code": "", "predicted": r["class_code"],
+                             "class_prob": round(r["class_prob"], 4),
+                             "ood_distance": r["ood_distance"], "slide_id": sid,
+                             "cell_id": r["cell_id"], "x": round(r["x"], 1),
+                             "y": round(r["y"], 1)})
+    except (OSError, HemeflowError) as err:
+        return fail(f"{type(err).__name__}: {err} (the slides must be where the run read them)")
+    with open(os.path.join(args.to, "labels.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    info = {"source": args.output, "mpp": CROP_MPP, "px": args.px, "format": "png",
+            "images": len(rows), "order": args.order, "kind": args.kind,
+            "slides": sorted(picked["slide_id"].unique().to_list()),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    with open(os.path.join(args.to, "pack.json"), "w") as fh:
+        json.dump(info, fh, indent=2)
+    counts = picked["class_code"].value_counts(sort=True)
+    print(f"{len(rows)} cells of {len(info['slides'])} slide(s) ({args.order}; "
+          + ", ".join(f"{c} {n}" for c, n in counts.iter_rows()) + f") -> {args.to}")
+    print(f"label them: fill the code column of {os.path.join(args.to, 'labels.csv')} (a "
+          f"DeepHeme code; rows left empty are not trained on), then: python -m "
+          f"jobs.train_cell_classifier --data {args.to} --init <the run's checkpoint> ...")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
