@@ -71,8 +71,8 @@ class Differential:
             all of a slide's); None where platelets were not detected (image exports).
         platelets_per_wbc: ``n_platelets`` per white cell counted (blood smears only; None
             without white cells).
-        n_red_cells: free-lying red cells measured on the slide's sample tiles (None where
-            not measured: image exports, case pools).
+        n_red_cells: free-lying red cells measured on the slide's sample tiles, or around an
+            export's cells (None where not measured: a case's pooled differential).
         red_cell_diameter_um: their median diameter at the slide's stated µm/px (None with
             fewer than 30, or not measured).
     """
