@@ -17,6 +17,7 @@ list and ``evaluation.json`` when it ends. ``--teacher`` may also name an ``s3:/
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import datetime as dt
@@ -157,6 +158,9 @@ def publish(work: str, output: str, storage) -> list[str]:
     return uris
 
 
+MIN_PER_CLASS = 4  # a stratified test split, a validation split and images to train on
+
+
 def split_for_training(data, excluded: set[str], test_fraction: float, seed: int,
                        limit_per_class: int | None = None):
     """The image-level hold-out every reference checkpoint is scored on.
@@ -166,9 +170,20 @@ def split_for_training(data, excluded: set[str], test_fraction: float, seed: int
 
     Returns:
         ``(trainable, codes, y, groups, dev_idx, test_rows)``; ``test_rows`` are ``(path, code)``.
+
+    Raises:
+        ValueError: a code has fewer than `MIN_PER_CLASS` images to train on.
     """
     rng = np.random.default_rng(seed)
     keep = [i for i, c in enumerate(data.codes) if c not in excluded]
+    counts = collections.Counter(data.codes[i] for i in keep)
+    rare = sorted(c for c, n in counts.items() if n < MIN_PER_CLASS)
+    if rare:
+        raise ValueError(
+            "too few labelled images of " + ", ".join(f"{c} ({counts[c]})" for c in rare)
+            + f": each code trained on needs {MIN_PER_CLASS} at least (a test image, a "
+            f"validation image and some to train on); label more of them, or leave them out "
+            f"with --exclude-codes {','.join(sorted(excluded | set(rare)))}")
     if limit_per_class:
         by_code: dict[str, list[int]] = {}
         for i in keep:
@@ -255,7 +270,11 @@ def main(argv=None) -> int:
             return 2
     out = work_folder(args)
     os.makedirs(out, exist_ok=True)
-    codes, prepared, n_dev, n_test = prepare(args, out)
+    try:
+        codes, prepared, n_dev, n_test = prepare(args, out)
+    except (FileNotFoundError, ValueError) as err:  # no labels, an unknown or too rare code
+        print(f"hemeflow: error: {err}", file=sys.stderr)
+        return 2
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              patience=args.patience, num_workers=args.loader_workers,
                              lr_step_epochs=args.lr_step_epochs, max_minutes=args.max_minutes,

@@ -44,6 +44,46 @@ def test_too_few_groups_split_by_image_and_say_so():
             assert not set(train) & set(val) and set(labels[val]) == {0, 1, 2}
 
 
+@needs_pbc
+def test_train_job_refuses_labels_it_cannot_split_with_what_to_do(tmp_path, capsys):
+    """A lab's own labels (jobs.export_cells) may hold a code with one or two cells, an
+    unknown code, or no code filled in yet: each is said, not a traceback."""
+    import csv as csv_
+
+    from jobs import train_cell_classifier
+
+    with open(PBC / "labels.csv") as fh:
+        rows = list(csv_.DictReader(fh))
+    picks = [r for c in ("L2", "M6") for r in [r for r in rows if r["code"] == c][:6]]
+    picks += [r for r in rows if r["code"] == "B2"][:1]  # one basophil
+    data = tmp_path / "data"
+    data.mkdir()
+
+    def write(rows_, **code):
+        with open(data / "labels.csv", "w", newline="") as fh:
+            w = csv_.DictWriter(fh, fieldnames=["path", "code"])
+            w.writeheader()
+            w.writerows({"path": str(PBC / r["path"]), "code": code.get("code", r["code"])}
+                        for r in rows_)
+
+    def train(*extra):
+        code = train_cell_classifier.main(["--data", str(data), "--output", str(tmp_path / "o"),
+                                           "--arch", "deepheme-tiny", "--epochs", "1", "--local",
+                                           "--loader-workers", "0", *extra])
+        return code, capsys.readouterr().err
+
+    write(picks)
+    code, err = train()
+    assert code == 2 and "too few labelled images of B2 (1)" in err
+    assert "--exclude-codes B2,IG,NEU" in err
+    write(picks[:-1] + [{**picks[0], "code": "XX"}])
+    code, err = train()
+    assert code == 2 and "unknown cell class code 'XX'" in err
+    write(picks, code="")
+    code, err = train()
+    assert code == 2 and "no row with a code: fill in the code column" in err
+
+
 def test_hed_jitter_is_identity_at_zero_and_changes_colour():
     img = np.random.default_rng(0).integers(30, 230, (32, 32, 3), dtype=np.uint8)
     same = HEDJitter(sigma=0.0, p=1.0)(image=img)["image"]
