@@ -3,15 +3,18 @@ written as an image, with a ``labels.csv`` to fill in, which `jobs.train_cell_cl
 trains on (fine-tuning the reference on the lab's own stain and scanner).
 
     python -m jobs.export_cells --output <process_slides output> --to <new folder>
-        [--slide <slide_id or file name> ...] [--per-class 50] [--order random | uncertain | far]
-        [--kind nucleated | platelet | all] [--px 144] [--seed 0]
+        [--slide <slide_id or file name> ...] [--per-class 50] [--per-slide N]
+        [--order random | uncertain | far] [--kind nucleated | platelet | all] [--px 144]
+        [--seed 0]
 
 Up to ``--per-class`` cells of each class the run called, over the chosen slides (all its ok
 slides by default): ``random`` shows what the counts are made of, ``uncertain`` the least
 confident calls first and ``far`` the cells least like the classifier's training data first
 (``ood_distance``), which a new lab's slides flagged ``out_of_distribution`` need most. Cells
 whose image would cross the slide's border and cells out of focus (left out of the
-differential too) are not exported.
+differential too) are not exported. ``--per-slide`` takes at most that many of each class from
+any one slide (by the same order), so that one slide does not fill a class: the train job splits
+by slide, and a model learns a lab's stain from many slides, not one.
 
 The folder holds ``images/<slide_id>/<cell_id>.png`` (``--px`` square at the classifier's 0.25
 µm/px, centred on the cell: its 96 px crop with the augmentation margin, as
@@ -65,6 +68,8 @@ def main(argv=None) -> int:
                    help="slide_id or file name (repeat it; default: every ok slide)")
     p.add_argument("--per-class", type=int, default=50,
                    help="cells per class called, over the chosen slides")
+    p.add_argument("--per-slide", type=int,
+                   help="at most this many cells of each class from any one slide")
     p.add_argument("--order", default="random", choices=ORDERS)
     p.add_argument("--kind", default="nucleated", choices=("nucleated", "platelet", "all"))
     p.add_argument("--px", type=int, default=144,
@@ -83,8 +88,10 @@ def main(argv=None) -> int:
     from engine.slides import open_slide
     from jobs.cell_gallery import CROP_MPP, choose, read_crops
 
-    if args.per_class < 1 or args.px < 96:
-        return fail("--per-class takes 1 or more, --px 96 (the classifier's crop) or more")
+    if args.per_class < 1 or (args.per_slide is not None and args.per_slide < 1) \
+            or args.px < 96:
+        return fail("--per-class and --per-slide take 1 or more, --px 96 (the classifier's "
+                    "crop) or more")
     if os.path.isdir(args.to) and os.listdir(args.to):
         return fail(f"{args.to} is not empty: export into a new folder")
     storage = storage_from_args(args)
@@ -112,6 +119,10 @@ def main(argv=None) -> int:
     if args.order == "far" and cells["ood_distance"].is_null().all():
         return fail("the run's cells have no distance to the training data: its checkpoint "
                     "carries no feature density (python -m jobs.fit_cell_ood)")
+    if args.per_slide:  # each slide's first per_slide of each class, then the class's first
+        cells = pl.concat([rows for _, part in cells.group_by("slide_id", maintain_order=True)
+                           for rows in choose(part, args.per_slide, args.order,
+                                              args.seed).values()])
     picked = pl.concat(list(choose(cells, args.per_class, args.order, args.seed).values()))
     rows = []
     try:

@@ -708,6 +708,20 @@ def test_export_cells_of_chosen_slides_for_labelling(run_out, tmp_path, capsys):
     assert all((tmp_path / "a" / p).exists() for p in labels["path"])
     printed = capsys.readouterr().out
     assert f"{len(labels)} cells of 1 slide(s) (random;" in printed
+    # at most one cell of a class from any one slide, whatever --per-class allows: the same
+    # classes as above, one cell each
+    assert export_cells.main(["--output", str(run_out), "--to", str(tmp_path / "d"), "--slide",
+                              "smear-a.tif", "--per-class", "2", "--per-slide", "1", "--kind",
+                              "all"]) == 0
+    capsys.readouterr()
+    one = pl.read_csv(tmp_path / "d" / "labels.csv")
+    assert sorted(one["predicted"]) == sorted(set(labels["predicted"])) and len(one) < len(labels)
+    everywhere = tmp_path / "e"  # every ok slide: none gives a class more than once
+    assert export_cells.main(["--output", str(run_out), "--to", str(everywhere), "--per-class",
+                              "5", "--per-slide", "1", "--kind", "all"]) == 0
+    capsys.readouterr()
+    assert pl.read_csv(everywhere / "labels.csv").group_by("slide_id", "predicted").len()[
+        "len"].max() == 1
     assert export_cells.main(["--output", str(run_out), "--to", str(tmp_path / "b"), "--order",
                               "far"]) == 2
     assert "no distance to the training data" in capsys.readouterr().err
