@@ -36,6 +36,7 @@ import json
 import os
 import sys
 
+from jobs.cell_gallery import CROP_MPP, choose, read_crops
 from jobs.common import add_storage_args, committed_slide, fail, storage_from_args
 
 ORDERS = ("random", "uncertain", "far")
@@ -48,7 +49,7 @@ def exportable(cells, slides, kind: str, px: int):
     their ``px`` image at 0.25 µm/px inside the slide (``slides``: its size and µm/px)."""
     import polars as pl
 
-    half = pl.lit(px * 0.25 / 2) / ((pl.col("mpp_x") + pl.col("mpp_y")) / 2)  # level-0 px
+    half = pl.lit(px * CROP_MPP / 2) / ((pl.col("mpp_x") + pl.col("mpp_y")) / 2)  # level-0 px
     keep = pl.col("class_code").is_not_null() & ~pl.col("out_of_focus").fill_null(False) \
         & (pl.col("x") >= half) & (pl.col("y") >= half) \
         & (pl.col("x") + half <= pl.col("width")) & (pl.col("y") + half <= pl.col("height"))
@@ -86,7 +87,6 @@ def main(argv=None) -> int:
     from engine.pipeline.commit import OutputStore
     from engine.schema import EXPORT_FORMAT
     from engine.slides import open_slide
-    from jobs.cell_gallery import CROP_MPP, choose, read_crops
 
     if args.per_class < 1 or (args.per_slide is not None and args.per_slide < 1) \
             or args.px < 96:
