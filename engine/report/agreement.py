@@ -120,6 +120,21 @@ def compare_slide(manual: dict[str, float], auto: dict[str, int],
     return rows
 
 
+def bland_altman(auto: np.ndarray, reference: np.ndarray) -> dict:
+    """Agreement of paired measures: the bias (mean of ``auto - reference``), the sd of the
+    differences and the 95 % limits of agreement (None for one pair), and Pearson's r (None
+    where either side does not vary)."""
+    d = auto - reference
+    sd = float(np.std(d, ddof=1)) if len(d) > 1 else None
+    r = (float(np.corrcoef(reference, auto)[0, 1])
+         if len(d) > 1 and np.std(reference) > 0 and np.std(auto) > 0 else None)
+    bias = float(d.mean())
+    return {"bias": bias, "sd_difference": sd,
+            "loa_low": bias - 1.96 * sd if sd is not None else None,
+            "loa_high": bias + 1.96 * sd if sd is not None else None,
+            "pearson_r": None if r is None or math.isnan(r) else r}
+
+
 def agreement_table(per_slide: pl.DataFrame) -> pl.DataFrame:
     """Per category over the slides of ``per_slide`` (`compare_slide`'s rows, with
     ``slide_id``): n_slides, manual and automated mean percent, bias, sd of the differences,
@@ -127,18 +142,10 @@ def agreement_table(per_slide: pl.DataFrame) -> pl.DataFrame:
     does not vary) and the share of slides within the manual count's interval."""
     out = []
     for (cat,), g in per_slide.group_by("category", maintain_order=True):
-        d = g["difference"].to_numpy()
         m, a = g["manual_percent"].to_numpy(), g["auto_percent"].to_numpy()
-        sd = float(np.std(d, ddof=1)) if len(d) > 1 else None
-        r = (float(np.corrcoef(m, a)[0, 1])
-             if len(d) > 1 and np.std(m) > 0 and np.std(a) > 0 else None)
-        bias = float(d.mean())
         out.append({"category": cat, "n_slides": len(g), "manual_mean": float(m.mean()),
-                    "auto_mean": float(a.mean()), "bias": bias, "sd_difference": sd,
-                    "loa_low": bias - 1.96 * sd if sd is not None else None,
-                    "loa_high": bias + 1.96 * sd if sd is not None else None,
-                    "mean_abs_difference": float(np.abs(d).mean()),
-                    "pearson_r": None if r is None or math.isnan(r) else r,
+                    "auto_mean": float(a.mean()), **bland_altman(a, m),
+                    "mean_abs_difference": float(np.abs(g["difference"].to_numpy()).mean()),
                     "within_manual_ci": float(g["within_manual_ci"].mean())})
     return pl.DataFrame(out, schema={
         "category": pl.Utf8, "n_slides": pl.Int64, "manual_mean": pl.Float64,
@@ -207,22 +214,13 @@ def platelet_agreement(per_slide: pl.DataFrame) -> dict:
     estimate / count (a detector that misses a share of platelets shows here whatever the
     count), Pearson's r, how often both give the slide the same grade, and the grades'
     confusion ``{analyser grade: {estimate grade: n}}``."""
-    d = per_slide["difference"].to_numpy()
     est, ref = per_slide["estimate"].to_numpy(), per_slide["platelet_count"].to_numpy()
-    n = len(d)
-    sd = float(np.std(d, ddof=1)) if n > 1 else None
-    r = float(np.corrcoef(est, ref)[0, 1]) if n > 1 and np.std(est) > 0 and np.std(ref) > 0 \
-        else None
     ratio = est[ref > 0] / ref[ref > 0]
     grades = {g: {h: 0 for h in PLATELET_GRADES} for g in PLATELET_GRADES}
     for g, h in zip(per_slide["grade_analyser"], per_slide["grade_estimate"]):
         grades[g][h] += 1
-    bias = float(d.mean())
-    return {"slides_compared": n, "bias": bias, "sd_difference": sd,
-            "loa_low": bias - 1.96 * sd if sd is not None else None,
-            "loa_high": bias + 1.96 * sd if sd is not None else None,
+    return {"slides_compared": len(est), **bland_altman(est, ref),
             "median_ratio": float(np.median(ratio)) if len(ratio) else None,
-            "pearson_r": None if r is None or math.isnan(r) else r,
             "grade_agreement": float((per_slide["grade_analyser"]
                                       == per_slide["grade_estimate"]).mean()),
             "grades": grades}
