@@ -74,6 +74,9 @@ CLASSES: dict[str, CellClass] = {c.code: c for c in _DEEPHEME + _GROUPS}
 # Myeloid (granulocytic + monocytic) and erythroid codes for the M:E ratio; blasts for blast %.
 MYELOID_LINEAGES = ("granulocytic", "monocytic")
 BLAST_CODES = ("M1",)
+# a single platelet: the class that tells a large platelet from a white cell's nucleus of the
+# same size (a clump, PL3, is not one platelet)
+PLATELET_CODE = "PLT"
 
 # PBC dataset (Acevedo et al. 2020) folder labels -> codes, as ../shared/data/pbc/README says;
 # labels.csv already carries the code, this documents and checks it.

@@ -11,7 +11,8 @@ counts only where cells are sharp, and reported: how many, and their share of th
 cells found.
 
 Platelets are no part of the differential; where the detector found them (a slide's cells, not
-an image export's) their number is reported beside it and, on a blood film, per white cell: the
+an image export's) their number is reported beside it and, on a blood film, per white cell (a
+platelet the size of a white cell's nucleus is counted when the classifier calls it one): the
 smear's platelet estimate is that ratio times the analyser's white count (platelets per white
 cell x WBC 10^9/L = platelets 10^9/L), the ratio method of a manual smear review.
 
@@ -25,7 +26,8 @@ import collections
 import math
 from dataclasses import dataclass, field
 
-from engine.classes import BLAST_CODES, DEEPHEME_CODES, LINEAGES, MYELOID_LINEAGES, get_class
+from engine.classes import (BLAST_CODES, DEEPHEME_CODES, LINEAGES, MYELOID_LINEAGES,
+                            PLATELET_CODE, get_class)
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -66,9 +68,13 @@ class Differential:
         out_of_focus_percent: their share of all nucleated cells found, in percent (None when
             focus was not measured).
         out_of_focus: ``out_of_focus_percent`` above the configured limit (None as above).
-        n_platelets: platelet-sized detections counted (those not out of focus, unless
-            out-of-focus cells are counted too; the detector measures no platelet's focus, so
-            all of a slide's); None where platelets were not detected (image exports).
+        n_platelets: platelets counted: the platelet-sized detections (those not out of
+            focus, unless out-of-focus cells are counted too; the detector measures no
+            platelet-sized object's focus, so all of a slide's) and ``n_large_platelets``; None
+            where platelets were not detected (image exports).
+        n_large_platelets: detections of a nucleated cell's size that the classifier calls a
+            platelet (``PLT``): large and giant platelets, counted as nucleated cells are (out
+            of focus ones left out); None as ``n_platelets``.
         platelets_per_wbc: ``n_platelets`` per white cell counted (blood smears only; None
             without white cells).
         n_red_cells: free-lying red cells measured on the slide's sample tiles, or around an
@@ -94,6 +100,7 @@ class Differential:
     out_of_focus_percent: float | None = None
     out_of_focus: bool | None = None
     n_platelets: int | None = None
+    n_large_platelets: int | None = None
     platelets_per_wbc: float | None = None
     n_red_cells: int | None = None
     red_cell_diameter_um: float | None = None
@@ -135,7 +142,9 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
         count_out_of_focus: count the cells out of focus too (by default they are left out).
         platelets: per platelet-sized detection, whether it is out of focus (None or False
             where not measured); no list where platelets were not detected. They are counted as
-            the nucleated cells are, out of focus ones left out unless ``count_out_of_focus``.
+            the nucleated cells are, out of focus ones left out unless ``count_out_of_focus``,
+            and so are the ``codes`` called a platelet (`PLATELET_CODE`): platelets too large
+            for the platelet size, which only the classifier tells from a white cell.
         red_cells: ``(n, median diameter µm or None)`` of the slide's free-lying red cells
             (`engine.pixel_size.red_cell_size`); None where not measured.
     """
@@ -155,8 +164,9 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
     erythroid = by_lineage.get("erythroid", 0)
     wbc = nucleated - erythroid
     total = wbc if blood else nucleated
+    n_large = None if platelets is None else counts.get(PLATELET_CODE, 0)
     n_platelets = None if platelets is None else \
-        sum(1 for f in platelets if count_out_of_focus or not f)
+        sum(1 for f in platelets if count_out_of_focus or not f) + n_large
 
     def share(k: int, nucleated_: bool, lineage: str) -> tuple:
         """(percent, ci_low, ci_high) of ``k`` over the denominator; None for what is not in
@@ -194,7 +204,7 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
                           and not any(c in get_class(m).members for m in model_codes)),
         ood_percent=ood_percent, out_of_distribution=flagged,
         n_out_of_focus=n_blurred, out_of_focus_percent=blur_percent, out_of_focus=blurred,
-        n_platelets=n_platelets,
+        n_platelets=n_platelets, n_large_platelets=n_large,
         platelets_per_wbc=n_platelets / wbc if blood and wbc and n_platelets is not None
         else None,
         n_red_cells=None if red_cells is None else red_cells[0],
@@ -216,6 +226,7 @@ def differential_rows(slide_id: str, d: Differential) -> list[dict]:
              "ood_percent": d.ood_percent, "out_of_distribution": d.out_of_distribution,
              "n_out_of_focus": d.n_out_of_focus, "out_of_focus_percent": d.out_of_focus_percent,
              "out_of_focus": d.out_of_focus, "n_platelets": d.n_platelets,
+             "n_large_platelets": d.n_large_platelets,
              "platelets_per_wbc": d.platelets_per_wbc, "n_red_cells": d.n_red_cells,
              "red_cell_diameter_um": d.red_cell_diameter_um}
             for r in d.rows]

@@ -7,7 +7,7 @@ import re
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 7  # 2: how far cells lie from the training data; slide_status warnings
+SCHEMA_VERSION = 8  # 2: how far cells lie from the training data; slide_status warnings
 #                    3: slides.specimen (engine/specimen.py); differentials.denominator,
 #                       n_wbc, nrbc_per_100_wbc (a blood smear is counted over white cells)
 #                    4: cells and image_cells blur_um, out_of_focus (engine/focus.py); differentials
@@ -15,6 +15,8 @@ SCHEMA_VERSION = 7  # 2: how far cells lie from the training data; slide_status 
 #                    5: slides.case (the case, or accession, the input list puts a slide in)
 #                    6: differentials n_platelets, platelets_per_wbc (a blood film's estimate)
 #                    7: differentials n_red_cells, red_cell_diameter_um (the pixel-size check)
+#                    8: differentials n_large_platelets (platelets of a nucleated cell's size,
+#                       told by the classifier; counted in n_platelets)
 STATUSES = ("ok", "failed", "skipped")
 EXPORT_FORMAT = "cell-image-export"  # slides.format of a single-cell export (jobs.classify_cells)
 
@@ -147,6 +149,7 @@ DIFFERENTIALS = _schema("differentials", [
     pa.field("out_of_focus_percent", pa.float64()),
     pa.field("out_of_focus", pa.bool_()),
     pa.field("n_platelets", pa.int64()),
+    pa.field("n_large_platelets", pa.int64()),
     pa.field("platelets_per_wbc", pa.float64()),
     pa.field("n_red_cells", pa.int64()),
     pa.field("red_cell_diameter_um", pa.float64()),

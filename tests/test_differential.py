@@ -73,6 +73,23 @@ def test_platelets_beside_the_differential_and_per_white_cell_on_a_blood_film():
                                 platelets=flags).platelets_per_wbc is None  # no white cell
 
 
+def test_a_platelet_of_a_white_cells_size_is_counted_as_a_platelet():
+    """A detection of a nucleated cell's size that the classifier calls a platelet (a large or
+    giant one) is no white cell: it is counted with the platelets, out of focus ones left out
+    as a blurred white cell is; an image export (no detector) has no platelet count at all."""
+    codes = ["L2"] * 8 + ["PLT"] * 3
+    blur = [False] * 10 + [True]
+    d = compute_differential(codes, MODEL, blood=True, out_of_focus=blur, platelets=[False] * 5)
+    assert (d.n_large_platelets, d.n_platelets, d.n_wbc, d.n_nucleated) == (2, 7, 8, 8)
+    assert d.platelets_per_wbc == 7 / 8
+    rows = {r["code"]: r for r in d.rows if r["level"] == "class"}
+    assert rows["PLT"]["count"] == 2 and rows["PLT"]["percent"] is None
+    assert compute_differential(codes, MODEL, blood=True, out_of_focus=blur, platelets=[],
+                                count_out_of_focus=True).n_platelets == 3
+    assert compute_differential(codes, MODEL, blood=True).n_large_platelets is None
+    assert compute_differential(["L2"], MODEL, platelets=[False]).n_large_platelets == 0
+
+
 def test_no_blast_class_means_unknown_not_zero():
     d = compute_differential(["L2"] * 300, ("L2", "M6"), min_nucleated=200)
     assert d.blast_percent is None and d.me_ratio is None and not d.low_count

@@ -203,22 +203,25 @@ def test_cells_out_of_focus_reach_the_tables_and_are_left_out_of_the_count(tmp_p
 
 def test_platelet_sized_detections_are_not_counted_whatever_their_class(tmp_path):
     """The differential counts nucleated detections only: a platelet the classifier calls an
-    erythroblast (pale ones read so at times) is in the cells table, not in the count."""
+    erythroblast (pale ones read so at times) is in the cells table, not in the count; a
+    nucleated-sized one it calls a platelet is counted as a platelet."""
     store = OutputStore(str(tmp_path / "out"), StorageConfig())
     agg = Aggregator(store, "hash", ["cells"], [], ("L2", "ER", "PLT"), 1, ("cells",),
                      log=lambda *_: None)
-    batch = _cells("s1", [0, 1, 2, 3], 4, _header("s1"))
-    batch.update(kind=np.array(["nucleated", "platelet", "platelet", "nucleated"]),
-                 class_code=np.array(["L2", "ER", "PLT", "ER"]),
-                 probabilities=np.full((4, 3), 1 / 3))
+    batch = _cells("s1", [0, 1, 2, 3, 4], 5, _header("s1"))
+    kinds = ["nucleated", "platelet", "platelet", "nucleated", "nucleated"]
+    batch.update(kind=np.array(kinds), class_code=np.array(["L2", "ER", "PLT", "ER", "PLT"]),
+                 probabilities=np.full((5, 3), 1 / 3))
     agg.add_cells(batch)
     cells = pl.read_parquet(tmp_path / "out" / "cells" / "s1.parquet")
-    assert cells["kind"].to_list() == ["nucleated", "platelet", "platelet", "nucleated"]
+    assert cells["kind"].to_list() == kinds
     diff = pl.read_parquet(tmp_path / "out" / "differentials" / "s1.parquet")
     counts = dict(zip(diff["class_code"], diff["count"]))
     assert counts["L2"] == 1 and counts["ER"] == 1 and diff["n_nucleated"][0] == 2
-    # they are counted beside it; an untyped slide gets no blood film's ratio
-    assert diff["n_platelets"][0] == 2 and diff["platelets_per_wbc"][0] is None
+    # they are counted beside it, with the nucleated-sized one called a platelet (a large
+    # platelet); an untyped slide gets no blood film's ratio
+    assert diff["n_platelets"][0] == 3 and diff["n_large_platelets"][0] == 1
+    assert diff["platelets_per_wbc"][0] is None
 
 
 def test_platelets_the_classifier_did_not_see_have_null_classes(tmp_path):

@@ -232,11 +232,14 @@ def test_reference_model_on_the_smear(ray_local, smear_slide, tmp_path, capsys):
     er = diff.filter(pl.col("class_code") == "erythroid", pl.col("level") == "lineage")
     assert er["percent"][0] is None and er["count"][0] > 0
     assert nrbc == (pytest.approx(100 * er["count"][0] / n_wbc) if n_wbc else None)
-    # beside it, the platelets in focus, per white cell (the smear's platelet estimate)
-    platelets = cells.filter(pl.col("kind") == "platelet",
-                             ~pl.col("out_of_focus").fill_null(False))
-    assert diff["n_platelets"][0] == len(platelets) > 0
-    assert diff["platelets_per_wbc"][0] == (pytest.approx(len(platelets) / n_wbc) if n_wbc
+    # beside it, the platelets in focus, per white cell (the smear's platelet estimate): the
+    # platelet-sized detections and the nucleated-sized ones called a platelet
+    in_focus = cells.filter(~pl.col("out_of_focus").fill_null(False))
+    large = in_focus.filter(pl.col("kind") == "nucleated", pl.col("class_code") == "PLT")
+    platelets = len(in_focus.filter(pl.col("kind") == "platelet")) + len(large)
+    assert diff["n_platelets"][0] == platelets > 0
+    assert diff["n_large_platelets"][0] == len(large)
+    assert diff["platelets_per_wbc"][0] == (pytest.approx(platelets / n_wbc) if n_wbc
                                             else None)
     # its free-lying red cells were measured to check its pixel size: BCCD's crowded fields,
     # cut small, hold too few for a size (and so no pixel_size flag)

