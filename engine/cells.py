@@ -173,12 +173,44 @@ def _pale_platelets(score: np.ndarray, threshold: float, objects: np.ndarray, la
                 connectivity=8, ltype=cv2.CV_32S)
             of_cell = np.zeros(int(body.max()) + 1, bool)
             of_cell[body.ravel()[big]] = True
-            for i in np.flatnonzero(keep):  # a pale object lies whole in one body component:
-                x, y = st[i, 0], st[i, 1]   # look at its first pixel
-                first = x + int(np.argmax(lab[y, x:x + st[i, 2]] == i))
-                keep[i] = not of_cell[body[y, first]]
-    return [(*cent[i], st[i, 0], st[i, 1], st[i, 0] + st[i, 2], st[i, 1] + st[i, 3], area[i])
-            for i in np.flatnonzero(keep)]
+            ids = np.flatnonzero(keep)  # a pale object lies whole in one body component:
+            keep[ids] = ~of_cell[body[st[ids, 1], _first_x(lab, st, ids)]]  # its first pixel
+    kept = np.flatnonzero(keep)
+    if cfg.pale_platelet_merge_um is None or not len(kept):
+        return [_box(i, cent, st, area[i]) for i in kept]
+    # one platelet's parts: its granules lie apart in its paler hyalomere, and the parts of it
+    # above the pale cut are as many objects. Those within 2 x merge_um of each other are one
+    # platelet, and none if one of them holds an object the threshold found (counted already)
+    counted = fg[(of >= cfg.min_platelet_area_um2) & (of < cfg.min_cell_area_um2)]
+    parts = np.isin(lab, kept).view(np.uint8)
+    parts.ravel()[counted] = 1
+    _, group = cv2.connectedComponents(
+        cv2.dilate(parts, _disk(cfg.pale_platelet_merge_um / mpp).view(np.uint8)),
+        connectivity=8, ltype=cv2.CV_32S)
+    of_group = group[st[kept, 1], _first_x(lab, st, kept)]
+    taken = np.zeros(int(group.max()) + 1, bool)
+    taken[group.ravel()[counted]] = True
+    out = []
+    for g in np.unique(of_group[~taken[of_group]]):
+        m = kept[of_group == g]
+        if len(m) == 1:
+            out.append(_box(m[0], cent, st, area[m[0]]))
+            continue
+        px = st[m, cv2.CC_STAT_AREA].astype(np.float64)
+        cx, cy = (cent[m] * px[:, None]).sum(0) / px.sum()
+        out.append((cx, cy, st[m, 0].min(), st[m, 1].min(), (st[m, 0] + st[m, 2]).max(),
+                    (st[m, 1] + st[m, 3]).max(), area[m].sum()))
+    return out
+
+
+def _first_x(lab: np.ndarray, st: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The column of each component's first pixel in its top row (components' ``ids``)."""
+    return np.array([st[i, 0] + int(np.argmax(lab[st[i, 1], st[i, 0]:st[i, 0] + st[i, 2]] == i))
+                     for i in ids], np.int64)
+
+
+def _box(i: int, cent: np.ndarray, st: np.ndarray, area: float) -> tuple:
+    return (*cent[i], st[i, 0], st[i, 1], st[i, 0] + st[i, 2], st[i, 1] + st[i, 3], area)
 
 
 def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,

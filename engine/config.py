@@ -144,7 +144,7 @@ class CellDetectionConfig:
             ``min_platelet_area_um2``: around such a seed the pixels above this fraction of the
             threshold make the object (hysteresis), kept as a platelet when its area lies
             between ``pale_platelet_min_area_um2`` and ``min_cell_area_um2``.
-            None: the threshold alone. On BCCD's 292 fields, platelet recall 0.34 -> 0.79.
+            None: the threshold alone. On BCCD's 292 fields, platelet recall 0.34 -> 0.78.
         pale_platelet_min_area_um2: smaller pale objects are noise.
         pale_platelet_clearance_um: a pale object this near a nucleated cell's nucleus is left
             out (its cytoplasm or granules, not a platelet).
@@ -158,6 +158,13 @@ class CellDetectionConfig:
             false objects outnumber the platelets: on CMU-1, an H&E section run untyped, 1,618
             platelet-sized objects become 7,434; marrow aspirates, whose cytoplasm is denser,
             are untested.
+        pale_platelet_merge_um: a platelet's granules lie apart in its paler hyalomere, so the
+            pass finds a large platelet as several objects: pale objects within twice this of
+            each other are one platelet, and none where one holds an object the threshold
+            found (that platelet is counted already). None: each object is a platelet. On 150
+            PBC platelet images (0.1 µm/px) the objects within 5 µm of the centre fall from
+            186 to 145 for the same 138 platelets found (images with two or more: 32 -> 7);
+            BCCD platelet recall 0.791 -> 0.784, its detections 339 -> 335.
         max_cell_area_um2: larger objects are clumps or smudges, not reported.
         split_area_um2: objects larger than this are split at distance-transform watersheds.
         split_min_distance_um: minimum distance between the centres of two split cells.
@@ -178,6 +185,7 @@ class CellDetectionConfig:
     pale_platelet_clearance_um: float = 2.0
     pale_platelet_body_ratio: float | None = 0.35
     pale_platelet_specimens: tuple[str, ...] = ("blood",)
+    pale_platelet_merge_um: float | None = 0.5
     max_cell_area_um2: float = 6000.0
     split_area_um2: float = 120.0
     split_min_distance_um: float = 5.0

@@ -15,6 +15,10 @@ from tests.conftest import ROOT, SHARED_DATA
 
 CFG = CellDetectionConfig()
 MPP = 0.25
+BCCD = SHARED_DATA / "bccd"
+needs_bccd = pytest.mark.skipif(not BCCD.exists(), reason="BCCD data not present")
+PBC = SHARED_DATA / "pbc"
+needs_pbc = pytest.mark.skipif(not (PBC / "labels.csv").exists(), reason="PBC data not present")
 PINK, GLASS, NUCLEUS = (215, 150, 160), (238, 234, 242), (95, 60, 175)
 
 
@@ -84,6 +88,68 @@ def test_pale_platelets_grow_from_a_seed_and_stay_clear_of_nuclei():
     assert (detect_cells(img, MPP, 50.0, no_body).kind == KIND_PLATELET).sum() == 1
 
 
+def test_a_pale_platelets_parts_are_one_platelet():
+    """A platelet whose granules lie apart in its paler hyalomere is several pale objects; those
+    within 2 x pale_platelet_merge_um of each other are one platelet (area summed), and none
+    beside a platelet the threshold found; two platelets farther apart stay two. (Distances
+    are measured on the detector's grid of 0.5 µm/px.)"""
+    import dataclasses
+
+    pale = (175, 150, 215)  # stain score 40 against a threshold of 50; the cores score 80
+    img, yy, xx = _field(rbcs=0)
+    for dx in (-1.05, 1.05):  # one platelet: two pale granules 0.5 µm apart (edge to edge)
+        _disc(img, yy, xx, 100 + dx / MPP, 100, 0.8, pale)
+        _disc(img, yy, xx, 100 + dx / MPP, 100, 0.4)
+    for x in (250, 250 + 4 / MPP):  # two platelets 4 µm apart, centre to centre
+        _disc(img, yy, xx, x, 300, 1.0, pale)
+        _disc(img, yy, xx, x, 300, 0.4)
+    _disc(img, yy, xx, 320, 100, 1.0)  # a platelet the threshold finds, a pale part beside it
+    _disc(img, yy, xx, 320 + 2.2 / MPP, 100, 0.8, pale)
+    _disc(img, yy, xx, 320 + 2.2 / MPP, 100, 0.4)
+    det = detect_cells(img, MPP, 50.0, CFG)
+    got = sorted(zip(np.round(det.x / 4) * 4, np.round(det.y), det.area_um2.round(1)))
+    assert (det.kind == KIND_PLATELET).all() and len(det) == 4, got
+    one = det.select(np.hypot(det.x - 100, det.y - 100) < 3)
+    assert (np.abs(det.y - 300) < 3).sum() == 2 and (np.abs(det.y - 100) < 3).sum() == 2
+    apart = detect_cells(img, MPP, 50.0, dataclasses.replace(CFG, pale_platelet_merge_um=None))
+    assert len(apart) == 6  # each part a platelet
+    parts = apart.select(np.hypot(apart.x - 100, apart.y - 100) < 8)
+    assert len(one) == 1 and len(parts) == 2
+    assert one.area_um2[0] == pytest.approx(parts.area_um2.sum())
+    assert one.x0[0] == parts.x0.min() and one.x1[0] == parts.x1.max()
+
+
+@needs_pbc
+def test_the_parts_of_real_platelets_are_found_as_one():
+    """On 150 PBC platelet images (0.1 µm/px), a large granular platelet is found as several
+    objects without the merge; with it, images with more than one object at their centre are
+    few, and as many platelets are found."""
+    import dataclasses
+
+    from PIL import Image
+
+    with open(PBC / "labels.csv") as fh:
+        paths = [r["path"] for r in csv.DictReader(fh) if r["code"] == "PLT"][::6][:150]
+    images = [np.asarray(Image.open(PBC / p).convert("RGB")) for p in paths]
+    thr = estimate_threshold(images[:30], CFG)
+
+    def at_centre(cfg):
+        n = []
+        for im in images:
+            d = detect_cells(im, 0.1, thr, cfg)
+            h, w = im.shape[:2]
+            n.append(int((np.hypot(d.x - w / 2, d.y - h / 2) < 50).sum()))  # 5 µm
+        return np.array(n)
+
+    merged = at_centre(CFG)
+    parts = at_centre(dataclasses.replace(CFG, pale_platelet_merge_um=None))
+    # measured: 14 images (of 134 with a platelet found) with two or more, against 41; 148
+    # objects at the centres against 189
+    assert (merged > 0).sum() == (parts > 0).sum() > 130
+    assert (merged > 1).sum() <= 20 and (parts > 1).sum() >= 2 * (merged > 1).sum() + 10
+    assert merged.sum() < parts.sum()
+
+
 def test_touching_nuclei_are_split():
     img, yy, xx = _field(rbcs=0)
     _disc(img, yy, xx, 180, 200, 5.0)
@@ -137,8 +203,6 @@ def test_crops_around_equals_crop_around_inside_and_at_every_edge():
     assert crops_around(img, cx[:0], cy[:0], 96).shape == (0, 96, 96, 3)
     assert crops_around(img[:50], cx[:5], cy[:5], 96).shape == (5, 96, 96, 3)  # all padded
 
-BCCD = SHARED_DATA / "bccd"
-needs_bccd = pytest.mark.skipif(not BCCD.exists(), reason="BCCD data not present")
 
 
 @needs_bccd
