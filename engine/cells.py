@@ -138,34 +138,45 @@ def _raster_order(labels: np.ndarray, stats: np.ndarray) -> np.ndarray:
     return idx[np.lexsort((first_x, top))]
 
 
-def _pale_platelets(score: np.ndarray, threshold: float, objects: np.ndarray, labels: np.ndarray,
-                    stats: np.ndarray, mpp: float, cfg: CellDetectionConfig) -> list[tuple]:
+def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labels: np.ndarray,
+                  stats: np.ndarray, mpp: float, cfg: CellDetectionConfig
+                  ) -> tuple[list[tuple], list[tuple], np.ndarray]:
     """Platelets too pale for the threshold: objects of the pixels above
     ``cfg.pale_platelet_ratio * threshold`` that hold a pixel above ``threshold`` (a seed), no
     object already found (``objects``: the nuclear mask; ``labels``, ``stats``: its
     components), are platelet-sized and lie clear of nucleated cells: farther than
-    ``cfg.pale_platelet_clearance_um`` from a nucleus and outside its cell's body.
-    ``(cx, cy, x0, y0, x1, y1, area_um2)`` each, in work-grid pixels."""
+    ``cfg.pale_platelet_clearance_um`` from a nucleus and outside its cell's body. And nuclei
+    too pale for it: such objects of ``cfg.pale_nucleus_min_area_um2`` or more, clear of
+    nucleated cells too, whose parts above the threshold (``objects`` components, platelet-sized
+    all, or there would be a nucleus) they take the place of.
+
+    Returns:
+        ``(platelets, nuclei, absorbed)``: ``(cx, cy, x0, y0, x1, y1, area_um2)`` each, in
+        work-grid pixels, and the ``labels`` of the objects the nuclei take the place of.
+    """
     n, lab, st, cent = components(score > cfg.pale_platelet_ratio * threshold)
     area = st[:, cv2.CC_STAT_AREA] * mpp * mpp
-    keep = (area >= cfg.pale_platelet_min_area_um2) & (area < cfg.min_cell_area_um2)
-    keep[0] = False
     seeded = np.zeros(n, bool)
     seeded[lab[score > threshold]] = True
-    keep &= seeded
-    if not keep.any():
-        return []
+    seeded[0] = False
+    keep = seeded & (area >= cfg.pale_platelet_min_area_um2) & (area < cfg.min_cell_area_um2)
+    nuc = np.zeros(n, bool) if cfg.pale_nucleus_min_area_um2 is None else \
+        seeded & (area >= cfg.pale_nucleus_min_area_um2) & (area <= cfg.split_area_um2)
+    if not keep.any() and not nuc.any():
+        return [], [], np.zeros(0, np.int64)
     found = stats[:, cv2.CC_STAT_AREA] * mpp * mpp
     fg = np.flatnonzero(objects)  # the objects' pixels (a few % of the tile)
     of = found[labels.ravel()[fg]]
     keep[lab.ravel()[fg[of >= cfg.min_platelet_area_um2]]] = False  # counted already
     big = fg[of >= cfg.min_cell_area_um2]
-    if keep.any() and len(big):  # cytoplasm and granules around a nucleus
+    nuc[lab.ravel()[big]] = False  # a nucleus found, in a cell's paler parts
+    if (keep.any() or nuc.any()) and len(big):  # cytoplasm and granules around a nucleus
         nucleated = np.zeros(labels.shape, np.uint8)
         nucleated.ravel()[big] = 1
         near = cv2.dilate(nucleated, _disk(cfg.pale_platelet_clearance_um / mpp).view(np.uint8))
         keep[lab[near.view(bool)]] = False
-        if cfg.pale_platelet_body_ratio is not None and keep.any():
+        nuc[lab[near.view(bool)]] = False
+        if cfg.pale_platelet_body_ratio is not None and (keep.any() or nuc.any()):
             # farther out, within the cell's body: what joins its nucleus above a lower cut
             # (cytoplasm; red cells and glass score below it, so a platelet on them stays apart)
             _, body = cv2.connectedComponents(
@@ -173,11 +184,14 @@ def _pale_platelets(score: np.ndarray, threshold: float, objects: np.ndarray, la
                 connectivity=8, ltype=cv2.CV_32S)
             of_cell = np.zeros(int(body.max()) + 1, bool)
             of_cell[body.ravel()[big]] = True
-            ids = np.flatnonzero(keep)  # a pale object lies whole in one body component:
-            keep[ids] = ~of_cell[body[st[ids, 1], _first_x(lab, st, ids)]]  # its first pixel
+            for flags in (keep, nuc):
+                ids = np.flatnonzero(flags)  # a pale object lies whole in one body component:
+                flags[ids] = ~of_cell[body[st[ids, 1], _first_x(lab, st, ids)]]  # its 1st pixel
+    nuclei = [_box(i, cent, st, area[i]) for i in np.flatnonzero(nuc)]
+    absorbed = np.unique(labels.ravel()[fg[nuc[lab.ravel()[fg]]]])
     kept = np.flatnonzero(keep)
     if cfg.pale_platelet_merge_um is None or not len(kept):
-        return [_box(i, cent, st, area[i]) for i in kept]
+        return [_box(i, cent, st, area[i]) for i in kept], nuclei, absorbed
     # one platelet's parts: its granules lie apart in its paler hyalomere, and the parts of it
     # above the pale cut are as many objects. Those within 2 x merge_um of each other are one
     # platelet, and none if one of them holds an object the threshold found (counted already)
@@ -200,7 +214,7 @@ def _pale_platelets(score: np.ndarray, threshold: float, objects: np.ndarray, la
         cx, cy = (cent[m] * px[:, None]).sum(0) / px.sum()
         out.append((cx, cy, st[m, 0].min(), st[m, 1].min(), (st[m, 0] + st[m, 2]).max(),
                     (st[m, 1] + st[m, 3]).max(), area[m].sum()))
-    return out
+    return out, nuclei, absorbed
 
 
 def _first_x(lab: np.ndarray, st: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -215,8 +229,8 @@ def _box(i: int, cent: np.ndarray, st: np.ndarray, area: float) -> tuple:
 
 def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
                  cfg: CellDetectionConfig) -> Detections:
-    """Nucleated cells (and platelets) in one RGB tile. Platelets too pale for the threshold
-    are found around seeds above it (`_pale_platelets`) and come last.
+    """Nucleated cells (and platelets) in one RGB tile. Platelets and nuclei too pale for the
+    threshold are found around seeds above it (`_pale_objects`) and come last.
 
     Args:
         tile: ``(H, W, 3) uint8`` at ``tile_mpp`` µm/px.
@@ -248,7 +262,14 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
         out["area_um2"].append(a)
         out["kind"].append(KIND_CELL if a >= cfg.min_cell_area_um2 else KIND_PLATELET)
 
+    pale, pale_nuclei, absorbed = [], [], ()
+    if cfg.pale_platelet_ratio is not None:
+        pale, pale_nuclei, absorbed = _pale_objects(score, threshold, merged, labels, stats,
+                                                    mpp, cfg)
+    absorbed = set(np.asarray(absorbed).tolist())
     for i in _raster_order(labels, stats):
+        if i in absorbed:
+            continue
         x, y, w, h, px = (int(v) for v in stats[i])
         area = px * px_area
         if area < cfg.min_platelet_area_um2 or area > cfg.max_cell_area_um2:
@@ -265,10 +286,8 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
             ys, xs = np.nonzero(part)
             add(xs.mean() + x, ys.mean() + y, xs.min() + x, ys.min() + y, xs.max() + x + 1,
                 ys.max() + y + 1, a)
-    if cfg.pale_platelet_ratio is not None:  # after the others, which keep their order
-        for cx, cy, x0, y0, x1, y1, a in _pale_platelets(score, threshold, merged, labels, stats,
-                                                          mpp, cfg):
-            add(cx, cy, x0, y0, x1, y1, float(a))
+    for cx, cy, x0, y0, x1, y1, a in pale_nuclei + pale:  # after the others, in their order
+        add(cx, cy, x0, y0, x1, y1, float(a))
     return Detections(*(np.asarray(out[k], np.float32 if k == "area_um2" else
                                    object if k == "kind" else np.float64)
                         for k in ("x", "y", "x0", "y0", "x1", "y1", "area_um2", "kind")))
