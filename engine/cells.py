@@ -193,17 +193,23 @@ def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labe
     if cfg.pale_platelet_merge_um is None or not len(kept):
         return [_box(i, cent, st, area[i]) for i in kept], nuclei, absorbed
     # one platelet's parts: its granules lie apart in its paler hyalomere, and the parts of it
-    # above the pale cut are as many objects. Those within 2 x merge_um of each other are one
-    # platelet, and none if one of them holds an object the threshold found (counted already)
-    counted = fg[(of >= cfg.min_platelet_area_um2) & (of < cfg.min_cell_area_um2)]
-    parts = np.isin(lab, kept).view(np.uint8)
-    parts.ravel()[counted] = 1
-    _, group = cv2.connectedComponents(
-        cv2.dilate(parts, _disk(cfg.pale_platelet_merge_um / mpp).view(np.uint8)),
-        connectivity=8, ltype=cv2.CV_32S)
-    of_group = group[st[kept, 1], _first_x(lab, st, kept)]
-    taken = np.zeros(int(group.max()) + 1, bool)
-    taken[group.ravel()[counted]] = True
+    # above the pale cut are as many objects. Those within 2 x merge_um of each other (box to
+    # box) are one platelet, and none if one of them is beside an object the threshold found
+    # (counted already)
+    counted = np.flatnonzero((found >= cfg.min_platelet_area_um2)
+                             & (found < cfg.min_cell_area_um2))
+    counted = counted[(counted > 0) & ~np.isin(counted, absorbed)]
+    box = np.concatenate([st[kept, :4], stats[counted, :4]]).astype(np.float64)
+    box[:, 2:] += box[:, :2]  # x0, y0, x1, y1
+    gap = 2 * cfg.pale_platelet_merge_um / mpp
+    apart_x = np.maximum(box[:, None, 0], box[None, :, 0]) - np.minimum(box[:, None, 2],
+                                                                          box[None, :, 2])
+    apart_y = np.maximum(box[:, None, 1], box[None, :, 1]) - np.minimum(box[:, None, 3],
+                                                                          box[None, :, 3])
+    group = _linked_groups((apart_x <= gap) & (apart_y <= gap))
+    taken = np.zeros(len(box), bool)
+    taken[group[len(kept):]] = True
+    of_group = group[:len(kept)]
     out = []
     for g in np.unique(of_group[~taken[of_group]]):
         m = kept[of_group == g]
@@ -215,6 +221,18 @@ def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labe
         out.append((cx, cy, st[m, 0].min(), st[m, 1].min(), (st[m, 0] + st[m, 2]).max(),
                     (st[m, 1] + st[m, 3]).max(), area[m].sum()))
     return out, nuclei, absorbed
+
+
+def _linked_groups(linked: np.ndarray) -> np.ndarray:
+    """Connected groups of a small symmetric ``(n, n)`` link matrix: each node's group is the
+    lowest index it reaches (label propagation; ``n`` is a tile's few pale objects)."""
+    group = np.arange(len(linked))
+    while True:
+        reached = np.where(linked, group[None, :], len(linked)).min(1)
+        new = np.minimum(group, reached)
+        if (new == group).all():
+            return group
+        group = new
 
 
 def _first_x(lab: np.ndarray, st: np.ndarray, ids: np.ndarray) -> np.ndarray:
