@@ -133,9 +133,7 @@ def _raster_order(labels: np.ndarray, stats: np.ndarray) -> np.ndarray:
     idx = np.arange(1, len(stats))
     if not len(idx):
         return idx
-    top = stats[1:, cv2.CC_STAT_TOP]
-    first_x = np.argmax(labels[top] == idx[:, None], axis=1)
-    return idx[np.lexsort((first_x, top))]
+    return idx[np.lexsort((_first_x(labels, stats, idx), stats[1:, cv2.CC_STAT_TOP]))]
 
 
 def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labels: np.ndarray,
@@ -236,9 +234,9 @@ def _linked_groups(linked: np.ndarray) -> np.ndarray:
 
 
 def _first_x(lab: np.ndarray, st: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """The column of each component's first pixel in its top row (components' ``ids``)."""
-    return np.array([st[i, 0] + int(np.argmax(lab[st[i, 1], st[i, 0]:st[i, 0] + st[i, 2]] == i))
-                     for i in ids], np.int64)
+    """The column of each component's first pixel in its top row (components ``ids`` of the
+    labels ``lab`` with stats ``st``)."""
+    return np.argmax(lab[st[ids, cv2.CC_STAT_TOP]] == np.asarray(ids)[:, None], axis=1)
 
 
 def _box(i: int, cent: np.ndarray, st: np.ndarray, area: float) -> tuple:

@@ -160,12 +160,13 @@ class CellDetectionConfig:
             are untested.
         pale_platelet_merge_um: a platelet's granules lie apart in its paler hyalomere, so the
             pass finds a large platelet as several objects: pale objects within twice this of
-            each other are one platelet, and none where one holds an object the threshold
-            found (that platelet is counted already); the distances are box to box. None: each
-            object is a platelet. On 150 PBC platelet images (0.1 µm/px) the objects within
-            5 µm of the centre fall from 189 to 144 for the same 134 platelets found (images
-            with two or more: 41 -> 10); BCCD platelet recall 0.791 -> 0.781, its detections
-            339 -> 334.
+            each other are one platelet (one of 12 µm² or more is, as any object that size,
+            ``nucleated``, for the classifier to call), and none where one is beside an object
+            the threshold found (that platelet is counted already); distances are box to box.
+            None: each object is a platelet. On 150 PBC platelet images (0.1 µm/px) the
+            objects within 5 µm of the centre fall from 189 to 144 for the same 134 platelets
+            found (images with two or more: 41 -> 10); BCCD platelet recall 0.791 -> 0.781,
+            its detections 339 -> 334.
         pale_nucleus_min_area_um2: on the same slides, a nucleus paler than the threshold (a
             monocyte's, on a film whose threshold its darker lymphocytes set) is only a few
             platelet-sized parts above it: a pale object of at least this area (and at most
