@@ -369,6 +369,27 @@ def inside_of_crops(cx: np.ndarray, cy: np.ndarray, size: int, x0: float, y0: fl
     return np.clip(box, 0, size).astype(np.int64)
 
 
+def lobes(x: np.ndarray, y: np.ndarray, codes, lobed, max_distance: float) -> np.ndarray:
+    """Nucleated detections that are one cell's lobes: those called the same lobed class
+    (``lobed``, for example a bilobed eosinophil's two lobes, whose thin bridge is paler than
+    the threshold) with centres within ``max_distance`` (the centres' units) of each other.
+
+    Returns:
+        ``(N,) int64``: per detection, the index of the detection that stands for its cell (the
+        first of the cell's lobes in order), or -1 where it stands for its own.
+    """
+    out = np.full(len(x), -1, np.int64)
+    codes = np.asarray(codes, dtype=object)
+    for code in lobed:
+        idx = np.flatnonzero(codes == code)
+        if len(idx) < 2:
+            continue
+        d = np.hypot(x[idx, None] - x[None, idx], y[idx, None] - y[None, idx])
+        group = _linked_groups(d <= max_distance)  # the lowest index of each group: the first
+        out[idx[group != np.arange(len(idx))]] = idx[group[group != np.arange(len(idx))]]
+    return out
+
+
 def match_centroids(xs, ys, boxes) -> tuple[int, list[int], list[int]]:
     """One-to-one matching of detections to ground-truth boxes: a detection matches a box when
     its centroid lies inside; each box takes the free detection nearest its centre.

@@ -77,6 +77,10 @@ BLAST_CODES = ("M1",)
 # a single platelet: the class that tells a large platelet from a white cell's nucleus of the
 # same size (a clump, PL3, is not one platelet)
 PLATELET_CODE = "PLT"
+# cells whose nucleus is two lobes apart: the detector may find one such cell as two nuclei,
+# their bridge paler than the threshold (`engine.cells.lobes`). A segmented neutrophil's lobes
+# lie closer, and the detector joins them (1 of 60 PBC neutrophils found as two)
+LOBED_CODES = ("B2", "E4")
 
 # PBC dataset (Acevedo et al. 2020) folder labels -> codes, as ../shared/data/pbc/README says;
 # labels.csv already carries the code, this documents and checks it.

@@ -16,7 +16,8 @@ SCHEMA_VERSION = 8  # 2: how far cells lie from the training data; slide_status 
 #                    6: differentials n_platelets, platelets_per_wbc (a blood film's estimate)
 #                    7: differentials n_red_cells, red_cell_diameter_um (the pixel-size check)
 #                    8: differentials n_large_platelets (platelets of a nucleated cell's size,
-#                       told by the classifier; counted in n_platelets)
+#                       told by the classifier; counted in n_platelets); cells lobe_of (a
+#                       lobed cell found as two nuclei is counted once)
 STATUSES = ("ok", "failed", "skipped")
 EXPORT_FORMAT = "cell-image-export"  # slides.format of a single-cell export (jobs.classify_cells)
 
@@ -109,6 +110,7 @@ CELLS = _schema("cells", [
     pa.field("area_um2", pa.float32()),
     pa.field("kind", pa.string()),
     pa.field("at_edge", pa.bool_()),
+    pa.field("lobe_of", pa.int64()),   # the cell_id of the cell this is a lobe of
     *FOCUS,
     *CLASSIFIED,
 ])

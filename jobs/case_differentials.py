@@ -53,8 +53,9 @@ def run_settings(doc: dict) -> dict:
 def pooled_differential(cells, model_codes: list[str], blood: bool, settings: dict):
     """The differential of the pooled ``cells`` (a polars frame with ``class_code``,
     ``out_of_focus`` and ``out_of_distribution``, nulls where not measured, and a slide's cells'
-    ``kind``), as `engine.pipeline.aggregate` counts one slide's: nucleated detections, with the
-    platelet-sized ones beside them."""
+    ``kind`` and ``lobe_of``), as `engine.pipeline.aggregate` counts one slide's: nucleated
+    detections, a lobed cell's second lobe left out, with the platelet-sized ones beside
+    them."""
     import polars as pl
 
     from engine.cells import KIND_CELL, KIND_PLATELET
@@ -64,7 +65,7 @@ def pooled_differential(cells, model_codes: list[str], blood: bool, settings: di
     if "kind" in cells.columns:
         platelets = cells.filter(pl.col("kind") == KIND_PLATELET)["out_of_focus"] \
             .fill_null(False).to_list()
-        cells = cells.filter(pl.col("kind") == KIND_CELL)
+        cells = cells.filter(pl.col("kind") == KIND_CELL, pl.col("lobe_of").is_null())
     focus = cells["out_of_focus"]
     return compute_differential(
         cells["class_code"].to_list(), model_codes, settings["min_nucleated"],
@@ -262,7 +263,8 @@ def main(argv=None) -> int:
         summary.append(line)
         if not sids:  # sections only, or none of its slides could be used
             continue
-        read = store.read(table, columns=columns + (["kind"] if table == "cells" else []),
+        read = store.read(table, columns=columns + (["kind", "lobe_of"] if table == "cells"
+                                                     else []),
                           slide_ids=set(sids))
         cells = pl.from_arrow(read) if read is not None else pl.DataFrame(
             schema={"class_code": pl.String, "out_of_focus": pl.Boolean,

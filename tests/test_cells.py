@@ -215,6 +215,18 @@ def test_the_parts_of_real_platelets_are_found_as_one():
     assert merged.sum() < parts.sum()
 
 
+def test_lobes_join_near_detections_of_one_lobed_class_only():
+    from engine.cells import lobes
+
+    x = np.array([0.0, 8.0, 16.0, 50.0, 58.0, 100.0, 104.0])
+    codes = ["E4", "E4", "E4", "L2", "L2", "E4", "B2"]
+    # a chain of three eosinophil lobes is one cell; lymphocytes and mixed calls stay apart
+    assert lobes(x, np.zeros(7), codes, ("E4", "B2"), 9.0).tolist() == [-1, 0, 0, -1, -1, -1,
+                                                                         -1]
+    assert lobes(x, np.zeros(7), codes, ("E4",), 7.0).tolist() == [-1] * 7
+    assert lobes(x[:0], x[:0], [], ("E4",), 9.0).tolist() == []
+
+
 def test_touching_nuclei_are_split():
     img, yy, xx = _field(rbcs=0)
     _disc(img, yy, xx, 180, 200, 5.0)

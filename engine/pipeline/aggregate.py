@@ -18,8 +18,9 @@ import numpy as np
 import pyarrow as pa
 
 import engine
-from engine.cells import KIND_CELL, KIND_PLATELET
+from engine.cells import KIND_CELL, KIND_PLATELET, lobes
 from engine.cellularity import slide_cellularity
+from engine.classes import LOBED_CODES
 from engine.differential import compute_differential, differential_rows, review_warnings
 from engine.pipeline.commit import OutputStore
 from engine.report.geojson import cells_geojson_text
@@ -84,12 +85,14 @@ class Aggregator:
                  mil_bags: tuple[int, int] = (10, 256), max_ood_percent: float = 20.0,
                  embeddings: bool = True, max_out_of_focus_percent: float = 20.0,
                  count_out_of_focus: bool = False,
-                 red_cell_diameter_um: tuple[float, float] | None = None):
+                 red_cell_diameter_um: tuple[float, float] | None = None,
+                 lobe_merge_um: float | None = None):
         self.embeddings = embeddings  # an encoder makes tile embeddings (a smear's tiles' use)
         self.max_ood_percent = max_ood_percent
         self.max_out_of_focus_percent = max_out_of_focus_percent
         self.count_out_of_focus = count_out_of_focus
         self.red_cell_diameter_um = red_cell_diameter_um
+        self.lobe_merge_um = lobe_merge_um
         self.mil, self.mil_bags = mil, mil_bags
         self.store, self.config_hash = store, config_hash
         self.stages_run, self.stages_skipped = stages_run, stages_skipped
@@ -216,11 +219,17 @@ class Aggregator:
         codes, ood = [], []  # per cell: the class, and out of distribution (None: unknown)
         blurred = None  # per cell: out of focus (None: focus not measured)
         platelets = []  # per platelet-sized detection: out of focus
+        lobe_of = None  # per detection: the detection whose cell's lobe it is (-1: none)
         if cols:
+            mpp = br.header["slide"].get("mpp_x")  # level-0 µm/px, as the cells' x and y
+            if self.lobe_merge_um and state.specimen == "blood" and mpp:
+                lobe_of = lobes(cols["x"], cols["y"],
+                                np.where(cols["kind"] == KIND_CELL, cols["class_code"], ""),
+                                LOBED_CODES, self.lobe_merge_um / float(mpp))
             # the differential counts nucleated detections: a platelet-sized object is no
             # nucleated cell whatever the classifier calls it (a pale platelet reads as an
-            # erythroblast's nucleus at times)
-            counted = cols["kind"] == KIND_CELL
+            # erythroblast's nucleus at times); a second lobe of one cell is no second cell
+            counted = (cols["kind"] == KIND_CELL) & (True if lobe_of is None else lobe_of < 0)
             codes = cols["class_code"][counted].tolist()
             ood = [bool(f) if known else None for f, known in
                    zip(cols["out_of_distribution"][counted].tolist(),
@@ -241,7 +250,7 @@ class Aggregator:
         if not cols:
             return {"cells": [], "differentials": differential}, \
                 {"type": "FeatureCollection", "features": []}
-        tables = {"cells": cells_table(sid, cols, self.model_codes),
+        tables = {"cells": cells_table(sid, cols, self.model_codes, lobe_of),
                   "differentials": differential}
         if "features" in cols:
             tables["cell_features"] = cell_features_table(
@@ -368,11 +377,15 @@ def tiles_table(slide_id: str, cols: dict) -> pa.Table:
     return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in TILES], schema=TILES)
 
 
-def cells_table(slide_id: str, cols: dict, model_codes: tuple[str, ...]) -> pa.Table:
+def cells_table(slide_id: str, cols: dict, model_codes: tuple[str, ...],
+                lobe_of: np.ndarray | None = None) -> pa.Table:
     """A slide's cells (columns in raster order) as the ``cells`` table; ``cell_id`` is the
     raster rank, an unknown distance or blur (NaN) is null and so is its flag; a detection the
-    classifier did not see (an empty class code) has null class columns."""
+    classifier did not see (an empty class code) has null class columns; ``lobe_of`` (per
+    detection, the index of the one whose cell's lobe it is, -1 for none) is null but for
+    lobes."""
     n = len(cols["x"])
+    lobe_of = np.full(n, -1, np.int64) if lobe_of is None else lobe_of
     m = len(model_codes)
     unknown = np.isnan(cols["ood_distance"])
     codes = cols["class_code"].astype(str)
@@ -383,6 +396,7 @@ def cells_table(slide_id: str, cols: dict, model_codes: tuple[str, ...]) -> pa.T
         "area_um2": pa.array(cols["area_um2"], pa.float32()),
         "kind": pa.array(cols["kind"].astype(str)),
         "at_edge": pa.array(cols["at_edge"], pa.bool_()),
+        "lobe_of": pa.array(lobe_of, pa.int64(), mask=lobe_of < 0),
         "blur_um": pa.array(cols["blur_um"], pa.float32(), mask=np.isnan(cols["blur_um"])),
         "out_of_focus": pa.array(cols["out_of_focus"], pa.bool_(),
                                  mask=np.isnan(cols["blur_um"])),

@@ -393,7 +393,8 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                      max_ood_percent=pc.max_ood_percent, embeddings=stages.encoder,
                      max_out_of_focus_percent=pc.max_out_of_focus_percent,
                      count_out_of_focus=pc.count_out_of_focus,
-                     red_cell_diameter_um=pc.red_cell_diameter_um)
+                     red_cell_diameter_um=pc.red_cell_diameter_um,
+                     lobe_merge_um=pc.lobe_merge_um)
     if not pending or not branches:
         return agg.summary
     if not ray.is_initialized():

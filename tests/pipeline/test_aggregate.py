@@ -224,6 +224,35 @@ def test_platelet_sized_detections_are_not_counted_whatever_their_class(tmp_path
     assert diff["platelets_per_wbc"][0] is None
 
 
+def test_a_bilobed_cells_two_nuclei_are_counted_once_on_a_blood_film(tmp_path):
+    """On a blood film, two nucleated detections called the same bilobed class (eosinophil)
+    within pipeline.lobe_merge_um are one cell: the second is its first's lobe (cells.lobe_of)
+    and is not counted; two lymphocytes as near, or a platelet, stay what they are; an
+    untyped slide counts every detection."""
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    agg = Aggregator(store, "hash", ["cells"], [], ("L2", "E4", "PLT"), 1, ("cells",),
+                     log=lambda *_: None, lobe_merge_um=10.0)
+    for sid, specimen in (("film", "blood"), ("untyped", "unknown")):
+        header = json.loads(_header(sid))
+        header["slide"].update(specimen=specimen, mpp_x=0.25)
+        batch = _cells(sid, [0] * 6, 1, json.dumps(header))
+        batch.update(n_in_task=np.full(6, 6), probabilities=np.full((6, 3), 1 / 3),
+                     kind=np.array(["nucleated"] * 5 + ["platelet"]),
+                     class_code=np.array(["E4", "E4", "L2", "L2", "E4", "E4"]),
+                     x=np.array([100.0, 132.0, 300.0, 330.0, 600.0, 610.0]),  # 8 µm, 7.5 µm
+                     y=np.full(6, 100.0))
+        agg.add_cells(batch)
+    film = pl.read_parquet(tmp_path / "out" / "cells" / "film.parquet")
+    assert film["lobe_of"].to_list() == [None, 0, None, None, None, None]
+    diff = pl.read_parquet(tmp_path / "out" / "differentials" / "film.parquet")
+    counts = dict(zip(diff["class_code"], diff["count"]))
+    assert (counts["E4"], counts["L2"], diff["n_wbc"][0], diff["n_platelets"][0]) == (2, 2, 4, 1)
+    untyped = pl.read_parquet(tmp_path / "out" / "cells" / "untyped.parquet")
+    assert untyped["lobe_of"].is_null().all()
+    diff = pl.read_parquet(tmp_path / "out" / "differentials" / "untyped.parquet")
+    assert dict(zip(diff["class_code"], diff["count"]))["E4"] == 3
+
+
 def test_platelets_the_classifier_did_not_see_have_null_classes(tmp_path):
     """pipeline.classifier.platelets: false leaves a platelet's class code empty: null class
     columns (and features) in the tables, 'not classified' in the GeoJSON, still counted as a

