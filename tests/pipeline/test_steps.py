@@ -259,21 +259,30 @@ def test_the_plan_measures_red_cells_to_check_the_pixel_size(pbc_smear, smear, w
     assert "red_cells" not in plan
 
 
-def test_platelets_of_a_white_cells_size_are_told_apart_by_the_classifier(tmp_path):
-    """On real platelets, a large part of them is too large for the detector's platelet size
-    (12 µm²) and is detected as a nucleated object; the reference classifier calls them
-    platelets, and no white cell or erythroblast so, so the differential counts them as
-    platelets (``n_large_platelets``, within ``n_platelets``) and not as white cells."""
+def _classified_blood_slide(codes: dict[str, int], tmp_path) -> tuple[dict, list]:
+    """`_pbc_slide` of ``codes``, typed blood: planned, detected and classified by the shipped
+    classifier (its detections, level-0 px), with each image's ``(code, x, y)``."""
     from engine.cells import KIND_CELL, KIND_PLATELET
-    from engine.differential import compute_differential
 
-    path, centres = _pbc_slide({"PLT": 60, "L2": 30, "ER": 30}, tmp_path / "plt.tif")
+    path, centres = _pbc_slide(codes, tmp_path / "pbc.tif")
     cfg = Config()
     row = PlanSlide(cfg)({"uri": str(path), "size": 1, "etag": None, "specimen": "blood"})
     out = DetectCells(cfg)(_batch(cell_tasks(row["slide_id"], row["uri"],
                                              json.loads(row["plan"]))))
     real = np.isin(out["kind"], [KIND_CELL, KIND_PLATELET])
-    out = ClassifyCells("deepheme-resnext50", None)({k: v[real] for k, v in out.items()})
+    return ClassifyCells("deepheme-resnext50", None)({k: v[real] for k, v in out.items()}), \
+        centres
+
+
+def test_platelets_of_a_white_cells_size_are_told_apart_by_the_classifier(tmp_path):
+    """On real platelets, a large part of them is too large for the detector's platelet size
+    (12 µm²) and is detected as a nucleated object; the reference classifier calls them
+    platelets, and no white cell or erythroblast so, so the differential counts them as
+    platelets (``n_large_platelets``, within ``n_platelets``) and not as white cells."""
+    from engine.cells import KIND_CELL
+    from engine.differential import compute_differential
+
+    out, centres = _classified_blood_slide({"PLT": 60, "L2": 30, "ER": 30}, tmp_path)
     calls = {"PLT": [], "white": []}  # (kind, class) of the detection at each image's centre
     for code, x, y in centres:
         d = np.hypot(out["x"] - x, out["y"] - y)
@@ -302,19 +311,13 @@ def test_a_bilobed_eosinophil_found_as_two_nuclei_is_one_cell(tmp_path):
     """Real eosinophils (PBC, at 0.25 µm/px): the detector finds some as two nuclei, the bridge
     between their lobes paler than the threshold; both lobes are called eosinophils, and
     `lobes` makes them one cell. No other cell is taken for a lobe."""
-    from engine.cells import KIND_CELL, KIND_PLATELET, lobes
+    from engine.cells import KIND_CELL, lobes
     from engine.classes import LOBED_CODES
 
-    path, centres = _pbc_slide({"E4": 48, "L2": 12}, tmp_path / "eos.tif")
-    cfg = Config()
-    row = PlanSlide(cfg)({"uri": str(path), "size": 1, "etag": None, "specimen": "blood"})
-    out = DetectCells(cfg)(_batch(cell_tasks(row["slide_id"], row["uri"],
-                                             json.loads(row["plan"]))))
-    real = np.isin(out["kind"], [KIND_CELL, KIND_PLATELET])
-    out = ClassifyCells("deepheme-resnext50", None)({k: v[real] for k, v in out.items()})
+    out, centres = _classified_blood_slide({"E4": 48, "L2": 12}, tmp_path)
     nucleated = out["kind"] == KIND_CELL
     lobe_of = lobes(out["x"], out["y"], np.where(nucleated, out["class_code"], ""),
-                    LOBED_CODES, cfg.pipeline.lobe_merge_um / 0.25)
+                    LOBED_CODES, Config().pipeline.lobe_merge_um / 0.25)
     cells, counted = [], []  # per image: nucleated detections within 10 µm of its centre
     for _, x, y in centres:
         near = nucleated & (np.hypot(out["x"] - x, out["y"] - y) < 40)
