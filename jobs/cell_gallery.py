@@ -200,6 +200,8 @@ def main(argv=None) -> int:
         return fail(str(err))
     if args.kind != "all" and "kind" in cells.columns:  # an export's images have no kind
         cells = cells.filter(pl.col("kind") == args.kind)
+    if "lobe_of" in cells.columns:  # a counted cell's second lobe: the cell is shown once
+        cells = cells.filter(pl.col("lobe_of").is_null())
     unclassified = cells["class_code"].null_count()
     if unclassified:  # platelets the run did not classify (pipeline.classifier.platelets)
         print(f"{unclassified} platelet-sized detection(s) not classified by the run are not "

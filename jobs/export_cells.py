@@ -45,8 +45,9 @@ COLUMNS = ("path", "code", "predicted", "class_prob", "ood_distance", "slide_id"
 
 
 def exportable(cells, slides, kind: str, px: int):
-    """The cells worth a label: of ``kind`` (or all), classified by the run, in focus, and with
-    their ``px`` image at 0.25 µm/px inside the slide (``slides``: its size and µm/px)."""
+    """The cells worth a label: of ``kind`` (or all), classified by the run, in focus, no
+    counted cell's second lobe (``lobe_of``, where the output has it), and with their ``px``
+    image at 0.25 µm/px inside the slide (``slides``: its size and µm/px)."""
     import polars as pl
 
     half = pl.lit(px * CROP_MPP / 2) / ((pl.col("mpp_x") + pl.col("mpp_y")) / 2)  # level-0 px
@@ -55,8 +56,11 @@ def exportable(cells, slides, kind: str, px: int):
         & (pl.col("x") + half <= pl.col("width")) & (pl.col("y") + half <= pl.col("height"))
     if kind != "all":
         keep &= pl.col("kind") == kind
+    if "lobe_of" in cells.columns:
+        keep &= pl.col("lobe_of").is_null()
     return cells.join(slides.select("slide_id", "mpp_x", "mpp_y", "width", "height"),
-                      on="slide_id").filter(keep).drop("mpp_x", "mpp_y", "width", "height")
+                      on="slide_id").filter(keep).drop("mpp_x", "mpp_y", "width", "height",
+                                                       "lobe_of", strict=False)
 
 
 def main(argv=None) -> int:
@@ -110,7 +114,7 @@ def main(argv=None) -> int:
                     "where they are")
     read = store.read("cells", columns=["slide_id", "cell_id", "x", "y", "kind", "out_of_focus",
                                         "class_code", "class_prob", "ood_distance"],
-                      slide_ids=sids & ok)
+                      slide_ids=sids & ok, optional=("lobe_of",))
     cells = exportable(pl.from_arrow(read), slides, args.kind, args.px) if read is not None \
         else None
     if cells is None or cells.is_empty():

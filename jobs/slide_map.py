@@ -63,12 +63,15 @@ def main(argv=None) -> int:
         if slide["format"] == EXPORT_FORMAT:
             return fail(f"slide {sid} is a single-cell export (classify_cells): its images have "
                         "no place on a slide to map; python -m jobs.cell_gallery shows them")
-        read = store.read("cells", columns=["x", "y", "kind", column], slide_ids={sid})
+        read = store.read("cells", columns=["x", "y", "kind", column], slide_ids={sid},
+                          optional=("lobe_of",))
     except (FileNotFoundError, ValueError) as err:
         return fail(str(err))
     if read is None:
         return fail(f"slide {sid} has no cells table in {args.output} (no cell stage ran)")
     cells = pl.from_arrow(read).filter(pl.col("kind") == "nucleated", pl.col(column).is_not_null())
+    if "lobe_of" in cells.columns:  # a counted cell's second lobe is that cell
+        cells = cells.filter(pl.col("lobe_of").is_null())
     if cells.is_empty():
         return fail(f"slide {sid} has no nucleated cells with {column} in {args.output}")
     flagged = cells[column].to_numpy().astype(bool)

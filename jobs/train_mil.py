@@ -71,9 +71,12 @@ def load_instances(embeddings: str, instances: str = "tiles",
         df = read_table(embeddings, table, columns=list(dict.fromkeys(
             want + (key if instances == "cells" else []))))
         if instances == "cells":  # the cells the differential counts
-            left_out = read_table(embeddings, "cells", columns=[*key, "kind", "out_of_focus"]
-                                  ).filter(pl.col("out_of_focus").fill_null(False)
-                                           | (pl.col("kind") != "nucleated"))
+            cells = read_table(embeddings, "cells", columns=[*key, "kind", "out_of_focus"],
+                               optional=("lobe_of",))
+            left_out = cells.filter(pl.col("out_of_focus").fill_null(False)
+                                    | (pl.col("kind") != "nucleated")
+                                    | (pl.col("lobe_of").is_not_null() if "lobe_of" in
+                                       cells.columns else False))
             df = df.join(left_out.select(key), on=key, how="anti", maintain_order="left")
             df = df.select([c for c in df.columns if c in want])
     else:

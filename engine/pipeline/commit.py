@@ -56,10 +56,12 @@ class OutputStore:
             {r["slide_id"] for r in rows.to_pylist() if r["status"] == "failed"}
 
     def read(self, table: str, columns: list[str] | None = None,
-             slide_ids: set[str] | None = None) -> pa.Table | None:
+             slide_ids: set[str] | None = None, optional: tuple[str, ...] = ()
+             ) -> pa.Table | None:
         """``table``'s rows of the committed slides only (a crashed or running job's uncommitted
         files left out), of ``slide_ids`` alone when given; None where no such slide has a file
-        in it."""
+        in it. With ``columns``, the ``optional`` columns too where the table has them (a
+        column newer than the output's schema version)."""
         import pyarrow.dataset as pads
 
         folder = f"{self.path.rstrip('/')}/{table}"
@@ -71,7 +73,10 @@ class OutputStore:
         files = [f"{folder}/{sid}.parquet" for sid in sorted(sids)]
         if not files:
             return None
-        return pads.dataset(files, filesystem=self.fs, format="parquet").to_table(columns=columns)
+        data = pads.dataset(files, filesystem=self.fs, format="parquet")
+        if columns is not None:
+            columns = [*columns, *(c for c in optional if c in data.schema.names)]
+        return data.to_table(columns=columns)
 
     def uncommit(self, slide_ids) -> None:
         """Take slides out of the output so that the next run processes them again: their
@@ -130,7 +135,7 @@ class OutputStore:
 
 
 def read_table(output: str, table: str, columns: list[str] | None = None,
-               storage: StorageConfig | None = None):
+               storage: StorageConfig | None = None, optional: tuple[str, ...] = ()):
     """One table of a hemeflow output (folder or ``s3://`` prefix) as a polars DataFrame, with
     the rows of committed slides only: what a finished run wrote, and while a run goes on (or
     after a crash) nothing of a slide that has not committed.
@@ -141,12 +146,15 @@ def read_table(output: str, table: str, columns: list[str] | None = None,
     Raises:
         ValueError: ``table`` is not one of the output's tables.
         FileNotFoundError: no committed slide has rows in ``table``.
+
+    ``optional`` columns are read too where the table has them (`OutputStore.read`).
     """
     import polars as pl
 
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; the tables: {', '.join(sorted(TABLES))}")
-    got = OutputStore(output, storage or StorageConfig()).read(table, columns)
+    got = OutputStore(output, storage or StorageConfig()).read(table, columns,
+                                                               optional=optional)
     if got is None:
         raise FileNotFoundError(f"no committed slide has rows in {table!r} under {output}")
     return pl.from_arrow(got)

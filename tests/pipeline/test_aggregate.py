@@ -251,6 +251,17 @@ def test_a_bilobed_cells_two_nuclei_are_counted_once_on_a_blood_film(tmp_path):
     assert untyped["lobe_of"].is_null().all()
     diff = pl.read_parquet(tmp_path / "out" / "differentials" / "untyped.parquet")
     assert dict(zip(diff["class_code"], diff["count"]))["E4"] == 3
+    # readers take the lobes' column where an output has it (older ones do not)
+    got = store.read("cells", ["cell_id"], {"film"}, optional=("lobe_of", "no_such_column"))
+    assert got.column_names == ["cell_id", "lobe_of"]
+    # and a cell exported for labelling is the cell, not its second lobe
+    from jobs.export_cells import exportable
+
+    slides = pl.DataFrame({"slide_id": ["film"], "mpp_x": [0.25], "mpp_y": [0.25],
+                           "width": [1000], "height": [1000]})
+    chosen = exportable(film.with_columns(x=pl.col("x") + 200, y=pl.col("y") + 200), slides,
+                        "nucleated", 144)
+    assert chosen["cell_id"].to_list() == [0, 2, 3, 4] and "lobe_of" not in chosen.columns
 
 
 def test_platelets_the_classifier_did_not_see_have_null_classes(tmp_path):
