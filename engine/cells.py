@@ -378,15 +378,25 @@ def lobes(x: np.ndarray, y: np.ndarray, codes, lobed, max_distance: float) -> np
         ``(N,) int64``: per detection, the index of the detection that stands for its cell (the
         first of the cell's lobes in order), or -1 where it stands for its own.
     """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
     out = np.full(len(x), -1, np.int64)
     codes = np.asarray(codes, dtype=object)
-    for code in lobed:
+    for code in lobed:  # a slide's cells of one call: the near pairs only, not all pairs
         idx = np.flatnonzero(codes == code)
-        if len(idx) < 2:
+        pairs = cKDTree(np.c_[x[idx], y[idx]]).query_pairs(max_distance, output_type="ndarray") \
+            if len(idx) > 1 else np.zeros((0, 2), np.int64)
+        if not len(pairs):
             continue
-        d = np.hypot(x[idx, None] - x[None, idx], y[idx, None] - y[None, idx])
-        group = _linked_groups(d <= max_distance)  # the lowest index of each group: the first
-        out[idx[group != np.arange(len(idx))]] = idx[group[group != np.arange(len(idx))]]
+        n, group = connected_components(coo_matrix(
+            (np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(idx), len(idx))),
+            directed=False)
+        first = np.full(n, len(idx))  # each group's first detection in order
+        np.minimum.at(first, group, np.arange(len(idx)))
+        lobe = first[group] != np.arange(len(idx))
+        out[idx[lobe]] = idx[first[group][lobe]]
     return out
 
 
