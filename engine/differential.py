@@ -232,6 +232,19 @@ def differential_rows(slide_id: str, d: Differential) -> list[dict]:
             for r in d.rows]
 
 
+def pixel_size_warning(diameter_um: float | None, n_red_cells: int | None,
+                       limits: tuple[float, float] | None) -> str | None:
+    """Why a slide's pixel size is in doubt: its free-lying red cells' median diameter
+    (``diameter_um``, of ``n_red_cells``) lies outside ``limits`` (low, high µm); None where it
+    does not, or either is unknown."""
+    if limits is None or diameter_um is None or limits[0] <= diameter_um <= limits[1]:
+        return None
+    return (f"free-lying red cells measure {diameter_um:.1f} µm across at the slide's pixel "
+            f"size (median of {n_red_cells}; outside {limits[0]:g}-{limits[1]:g}, where normal "
+            f"red cells are 6.2-8.2): check its pixel size; its cells were detected and "
+            f"classified at this scale")
+
+
 def review_warnings(d: Differential, min_nucleated: int,
                     red_cell_diameter_um: tuple[float, float] | None = None) -> dict[str, str]:
     """Why a slide's differential needs review before it is trusted, by flag (``pixel_size``,
@@ -239,14 +252,9 @@ def review_warnings(d: Differential, min_nucleated: int,
     is set). ``pixel_size``: the red cells' median diameter lies outside
     ``red_cell_diameter_um`` (low, high)."""
     out = {}
-    size = d.red_cell_diameter_um
-    if red_cell_diameter_um is not None and size is not None \
-            and not red_cell_diameter_um[0] <= size <= red_cell_diameter_um[1]:
-        lo, hi = red_cell_diameter_um
-        out["pixel_size"] = (f"free-lying red cells measure {size:.1f} µm across at the "
-                             f"slide's pixel size (median of {d.n_red_cells}; outside "
-                             f"{lo:g}-{hi:g}, where normal red cells are 6.2-8.2): check its "
-                             f"pixel size; its cells were detected and classified at this scale")
+    size = pixel_size_warning(d.red_cell_diameter_um, d.n_red_cells, red_cell_diameter_um)
+    if size:
+        out["pixel_size"] = size
     if d.out_of_focus:
         out["out_of_focus"] = (f"{d.out_of_focus_percent:.0f}% of nucleated cells are out of "
                                f"focus ({d.n_out_of_focus}); rescan, or review the cells "

@@ -14,7 +14,9 @@ slide, a ``slide`` column (its slide_id, path, file name, or file name without e
 For each case the job pools its committed ``ok`` slides' cells (``cells``, or an export's
 ``image_cells``) and counts them as the run counted each slide (`engine.differential`, with
 the run's settings from its ``config.json``: cells out of focus left out unless the run counted
-them, the same review thresholds), so its intervals narrow with the cells counted. It refuses
+them, the same review thresholds), so its intervals narrow with the cells counted. A slide whose
+red cells put its pixel size in doubt (its ``pixel_size`` flag) flags its case, naming it: its
+cells, detected and classified at the wrong scale, are among the case's. It refuses
 to pool a blood film with marrow (they are counted over different denominators) or slides
 classified by models of different classes. A case's biopsy or clot sections give it their
 cellularity (per method, the mean of the sections' estimates) beside the smears' differential,
@@ -46,16 +48,39 @@ def run_settings(doc: dict) -> dict:
     """The differential settings a run used, from its ``config.json`` (process_slides writes
     its whole config, classify_cells its settings)."""
     s = doc.get("settings") or doc["config"]["pipeline"]
-    return {k: s[k] for k in ("min_nucleated", "max_ood_percent", "max_out_of_focus_percent",
-                              "count_out_of_focus")}
+    out = {k: s[k] for k in ("min_nucleated", "max_ood_percent", "max_out_of_focus_percent",
+                             "count_out_of_focus")}
+    limits = s.get("red_cell_diameter_um")  # the pixel-size check's range (null: off)
+    out["red_cell_diameter_um"] = tuple(limits) if limits else None
+    return out
 
 
-def pooled_differential(cells, model_codes: list[str], blood: bool, settings: dict):
+def red_cells_of(diff, sids: list[str], limits) -> tuple[tuple[int, None] | None, list[str]]:
+    """A case's red cells from its slides' differentials rows (``diff``, a polars frame):
+    ``(n, None)``, the free-lying red cells measured on them (None where none was measured;
+    their median is each slide's own, at its own pixel size, so the case has none), and the
+    slides whose pixel size their red cells put in doubt, each as ``"<slide_id>: <why>"``."""
+    import polars as pl
+
+    from engine.differential import pixel_size_warning
+
+    per_slide = diff.filter(pl.col("slide_id").is_in(sids)).group_by(
+        "slide_id", maintain_order=True).agg(pl.col("n_red_cells", "red_cell_diameter_um")
+                                             .first())
+    measured = per_slide["n_red_cells"].drop_nulls()
+    doubts = [f"{r['slide_id']}: {why}" for r in per_slide.iter_rows(named=True)
+              if (why := pixel_size_warning(r["red_cell_diameter_um"], r["n_red_cells"],
+                                            limits))]
+    return ((int(measured.sum()), None) if len(measured) else None), doubts
+
+
+def pooled_differential(cells, model_codes: list[str], blood: bool, settings: dict,
+                        red_cells: tuple[int, None] | None = None):
     """The differential of the pooled ``cells`` (a polars frame with ``class_code``,
     ``out_of_focus`` and ``out_of_distribution``, nulls where not measured, and a slide's cells'
     ``kind`` and ``lobe_of``), as `engine.pipeline.aggregate` counts one slide's: nucleated
     detections, a lobed cell's second lobe left out, with the platelet-sized ones beside
-    them."""
+    them; ``red_cells`` as `red_cells_of` gives them."""
     import polars as pl
 
     from engine.cells import KIND_CELL, KIND_PLATELET
@@ -73,7 +98,8 @@ def pooled_differential(cells, model_codes: list[str], blood: bool, settings: di
         # not measured at all (cells.max_blur_um: null): no list, as the run had none
         out_of_focus=None if focus.is_null().all() else focus.fill_null(False).to_list(),
         max_out_of_focus_percent=settings["max_out_of_focus_percent"],
-        count_out_of_focus=settings["count_out_of_focus"], platelets=platelets)
+        count_out_of_focus=settings["count_out_of_focus"], platelets=platelets,
+        red_cells=red_cells)
 
 
 def read_case_sheet(uri: str, storage) -> tuple[list[dict], str]:
@@ -240,9 +266,10 @@ def main(argv=None) -> int:
     except (FileNotFoundError, InputError, ValueError) as err:
         return fail(str(err) if args.cases else f"{args.output}: {err}")
     specimen = dict(zip(*slides.select("slide_id", "specimen")))
+    diff = None if diff is None else pl.from_arrow(diff)
     codes = {} if diff is None else {
         sid: sorted(g["class_code"]) for (sid,), g in
-        pl.from_arrow(diff).filter(pl.col("level") == "class").group_by("slide_id")}
+        diff.filter(pl.col("level") == "class").group_by("slide_id")}
     try:
         cases, left_out, sections = case_members(sheet, key, status, codes, specimen)
     except ValueError as err:
@@ -269,7 +296,12 @@ def main(argv=None) -> int:
         cells = pl.from_arrow(read) if read is not None else pl.DataFrame(
             schema={"class_code": pl.String, "out_of_focus": pl.Boolean,
                     "out_of_distribution": pl.Boolean})
-        d = pooled_differential(cells, codes[sids[0]], specimen[sids[0]] == "blood", settings)
+        red, doubts = red_cells_of(diff, sids, settings["red_cell_diameter_um"])
+        d = pooled_differential(cells, codes[sids[0]], specimen[sids[0]] == "blood", settings,
+                                red)
+        warnings = review_warnings(d, settings["min_nucleated"])
+        if doubts:  # a slide scanned or recorded at another scale: its cells are pooled here
+            warnings = {"pixel_size": "; ".join(doubts), **warnings}
         for row in differential_rows(case, d):
             row["case"] = row.pop("slide_id")
             rows.append({**row, "n_slides": len(sids), "slide_ids": sids})
@@ -277,8 +309,7 @@ def main(argv=None) -> int:
                      "denominator": d.denominator, "blast_percent": d.blast_percent,
                      "me_ratio": d.me_ratio, "nrbc_per_100_wbc": d.nrbc_per_100_wbc,
                      "platelets_per_wbc": d.platelets_per_wbc,
-                     "warnings": "; ".join(f"{k}: {v}" for k, v in review_warnings(
-                         d, settings["min_nucleated"]).items())})
+                     "warnings": "; ".join(f"{k}: {v}" for k, v in warnings.items())})
     to = args.to or join_uri(args.output, "cases")
     written = ["case_summary.csv"]
     if rows:

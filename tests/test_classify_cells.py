@@ -128,6 +128,25 @@ def test_red_cells_around_the_cells_check_the_given_pixel_size(exports, tmp_path
     assert 6.2 < sizes[0] < 8.2 and sizes[1] == pytest.approx(2 * sizes[0], rel=0.03)
     assert flags[0] == [] and len(flags[1]) == 1 and f"{sizes[1]:.1f} µm" in flags[1][0]
     capsys.readouterr()
+    # a case that pools the export keeps its slide's flag, naming the slide; its red cells
+    # are the slide's (their median is each slide's own)
+    from jobs import case_differentials
+
+    cases = tmp_path / "cases.csv"
+    cases.write_text("slide,case\nslide-ab,K\n")
+    for mpp in ("0.1", "0.2"):
+        assert case_differentials.main(["--output", str(tmp_path / f"out-{mpp}"), "--cases",
+                                        str(cases)]) == 0
+    capsys.readouterr()
+    for mpp, flagged in (("0.1", False), ("0.2", True)):
+        case = f"{tmp_path}/out-{mpp}/cases"
+        warnings = pl.read_csv(f"{case}/case_summary.csv")["warnings"][0] or ""
+        assert ("pixel_size: slide-ab-" in warnings) is flagged
+        assert not flagged or f"{sizes[1]:.1f} µm" in warnings
+        pooled = pl.read_parquet(f"{case}/case_differentials.parquet")
+        slide = pl.read_parquet(f"{tmp_path}/out-{mpp}/differentials/*.parquet")
+        assert (pooled["n_red_cells"] == slide["n_red_cells"][0]).all()
+        assert pooled["red_cell_diameter_um"].is_null().all()
     # the range is a setting of the output: another is refused on a rerun; none turns it off
     assert classify_cells.main(["--images", str(one.parent), "--output", str(out),
                                 "--source-mpp", "0.2", "--red-cell-diameter-um", "4,16"]) == 2
