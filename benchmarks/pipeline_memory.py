@@ -109,7 +109,9 @@ def measure(n: int, work: str, chunk: int) -> dict:
             "slides_per_hour": round(n / seconds * 3600),
             "peak_driver_rss_mib": round(peaks[0] / 2**20, 1),
             "peak_tree_rss_mib": round(peaks[1] / 2**20, 1),
-            "summary": stdout.strip().splitlines()[-1]}
+            # the job's "N ok, M failed of K processed" line (review counts may follow it)
+            "summary": next((ln for ln in reversed(stdout.splitlines()) if " processed" in ln),
+                            stdout.strip().splitlines()[-1])}
 
 
 def main() -> None:

@@ -4,7 +4,8 @@ difference, correlation, and how often the automated percentage lies within the 
 own 95 % interval (`engine.report.agreement`).
 
     python -m jobs.compare_differentials --output <hemeflow output: dir | s3://…>
-        (--manual <counts.csv> | --source-labels) [--to <dir | s3://…>]
+        (--manual <counts.csv> | --source-labels | --against <another output>)
+        [--to <dir | s3://…>]
 
 The manual sheet has a row per slide: a ``slide`` column (or ``slide_id``, ``uri``, ``path``,
 ``file``) naming it by its slide_id, its path, its file name or its file name without the
@@ -24,6 +25,14 @@ With ``--source-labels`` (a classify_cells output of an export in class folders,
 being the analyser's or the technologist's classes) each export's own labels are its manual
 differential, and the JSON adds the image-by-image agreement: accuracy, Cohen's kappa, each
 category's sensitivity and positive predictive value, and the confusion.
+
+With ``--against`` another hemeflow output of the same slides takes the manual sheet's place:
+the reference run (the model a lab has validated, say) against this one (a new checkpoint, a
+fine-tune, a calibrated or quantized model). Each slide both committed ``ok`` is compared on the
+reference's classes, and the JSON adds the cell-by-cell agreement: the cells both runs found
+(the same image of an export; on a slide, detections whose centres lie within ``--match-um``,
+1 µm, of each other, each matched once), each the reference's call against this run's. Where
+the runs' detection settings are the same, every cell is matched.
 
 Prints JSON to stdout; writes ``agreement.parquet`` (per category), ``agreement_slides.parquet``
 (per slide and category) and ``bland_altman.png`` under ``--to`` (default: ``<output>/agreement``).
@@ -123,6 +132,77 @@ def _sheet_from_source_labels(store):
     return [rows[s] for s in sorted(rows)], "slide_id", cells
 
 
+def _sheet_from_output(reference):
+    """``(rows, key)``: per committed ``ok`` slide of another output (``reference``, an
+    `OutputStore`) with a differential, its count per class code, as a manual sheet's rows keyed
+    by ``slide_id`` (a slide's id is its URI's, the same in every output)."""
+    import polars as pl
+
+    status, diff = reference.read("slide_status"), reference.read("differentials")
+    if status is None or diff is None:
+        return [], "slide_id"
+    ok = set(pl.from_arrow(status).filter(pl.col("status") == "ok")["slide_id"])
+    rows = {}
+    for sid, code, n in pl.from_arrow(diff).filter(
+            pl.col("level") == "class", pl.col("slide_id").is_in(list(ok))).select(
+            "slide_id", "class_code", "count").iter_rows():
+        rows.setdefault(sid, {"slide_id": sid})[code] = str(n)
+    return [rows[s] for s in sorted(rows)], "slide_id"
+
+
+def matched_cells(store, reference, slide_ids: list[str], match_um: float):
+    """The cells two outputs of the same slides both found, as a polars frame ``slide_id``,
+    ``reference`` (its call) and ``class_code`` (this output's): an export's images by their
+    path; a slide's classified nucleated detections (no second lobe) by position, each paired
+    with the other run's nearest within ``match_um`` where each is the other's nearest. Also
+    returns how many such cells this output has on those slides."""
+    import numpy as np
+    import polars as pl
+    from scipy.spatial import cKDTree
+
+    exported = store.read("image_cells", columns=["slide_id"], slide_ids=set(slide_ids))
+    if exported is not None:
+        def read(s):
+            got = s.read("image_cells", ["slide_id", "path", "class_code"], set(slide_ids))
+            return pl.DataFrame(schema={"slide_id": pl.String, "path": pl.String,
+                                        "class_code": pl.String}) if got is None else \
+                pl.from_arrow(got).filter(pl.col("class_code").is_not_null())
+        ours, theirs = read(store), read(reference)
+        pairs = ours.join(theirs.rename({"class_code": "reference"}), on=["slide_id", "path"])
+        return pairs.select("slide_id", "reference", "class_code"), len(ours)
+
+    def read(s):
+        got = s.read("cells", ["slide_id", "x", "y", "kind", "class_code"], set(slide_ids),
+                     optional=("lobe_of",))
+        if got is None:
+            return pl.DataFrame(schema={"slide_id": pl.String, "x": pl.Float64,
+                                        "y": pl.Float64, "class_code": pl.String})
+        frame = pl.from_arrow(got).filter(pl.col("kind") == "nucleated",
+                                          pl.col("class_code").is_not_null())
+        return frame.filter(pl.col("lobe_of").is_null()) if "lobe_of" in frame.columns \
+            else frame
+    ours, theirs = read(store), read(reference)
+    slides = store.read("slides", ["slide_id", "mpp_x"], set(slide_ids))
+    mpp = {} if slides is None else \
+        dict(zip(*(slides[c].to_pylist() for c in ("slide_id", "mpp_x"))))
+    parts = []
+    for (sid,), a in ours.group_by("slide_id"):
+        b = theirs.filter(pl.col("slide_id") == sid)
+        if not len(b) or not mpp.get(sid):
+            continue
+        xa, xb = a.select("x", "y").to_numpy(), b.select("x", "y").to_numpy()
+        reach = match_um / mpp[sid]
+        da, ia = cKDTree(xb).query(xa)  # each of ours: the reference's nearest
+        _, ib = cKDTree(xa).query(xb)
+        keep = np.flatnonzero((da <= reach) & (ib[ia] == np.arange(len(xa))))
+        parts.append(pl.DataFrame({"slide_id": [sid] * len(keep),
+                                   "reference": b["class_code"].gather(ia[keep]),
+                                   "class_code": a["class_code"].gather(keep)}))
+    empty = pl.DataFrame(schema={"slide_id": pl.String, "reference": pl.String,
+                                 "class_code": pl.String})
+    return (pl.concat(parts) if parts else empty), len(ours)
+
+
 def _cases(uri: str, store, status, auto: dict, by_status: dict):
     """Cases in place of slides: ``(keys, by_status, auto, left_out)`` as `main` uses them,
     each case's counts the sum of its ok slides' (`jobs.case_differentials.case_members`),
@@ -157,6 +237,13 @@ def main(argv=None) -> int:
                      help="a classify_cells output: count each export's own labels (the class "
                           "folders its images lay in) as the manual differential, and compare "
                           "image by image too")
+    src.add_argument("--against", metavar="OUTPUT",
+                     help="another hemeflow output of the same slides (a reference run: the "
+                          "validated model, say) in place of a manual sheet, compared slide by "
+                          "slide and cell by cell")
+    p.add_argument("--match-um", type=float, default=1.0,
+                   help="with --against: a slide's cells of the two runs are one cell when "
+                        "their centres lie within this many µm (default 1)")
     p.add_argument("--counted", type=int, metavar="N",
                    help="the sheet gives percentages, each of N cells counted (a sheet's "
                         f"{COUNTED_COLUMNS[0]!r} column gives it per slide instead)")
@@ -185,10 +272,17 @@ def main(argv=None) -> int:
 
     storage = storage_from_args(args)
     store = OutputStore(args.output, storage)
-    if args.cases and args.source_labels:
-        return fail("--cases compares a manual sheet of cases; --source-labels compares each "
-                    "export with its own folders: give one")
-    if args.source_labels:
+    if args.cases and (args.source_labels or args.against):
+        return fail("--cases compares a manual sheet of cases; --source-labels and --against "
+                    "compare slide by slide: give one")
+    reference = OutputStore(args.against, storage) if args.against else None
+    if reference is not None and reference.path.rstrip("/") == store.path.rstrip("/"):
+        return fail(f"--against {args.against} is the output compared: give another run's")
+    if reference is not None:
+        sheet, key = _sheet_from_output(reference)
+        if not sheet:
+            return fail(f"{args.against}: no committed ok slide with a differential")
+    elif args.source_labels:
         sheet, key, labelled = _sheet_from_source_labels(store)
         if not sheet:
             return fail(f"{args.output}: no image_cells rows with a source label (a "
@@ -208,7 +302,7 @@ def main(argv=None) -> int:
         if key is None:
             return fail(f"{args.manual}: no slide column (one of {', '.join(KEY_COLUMNS)}); "
                         f"columns: {', '.join(sheet[0])}")
-    if args.counted is not None and (args.source_labels or args.counted <= 0):
+    if args.counted is not None and (args.source_labels or args.against or args.counted <= 0):
         return fail("--counted takes a positive number of cells, with --manual")
     if args.platelet_limits is None:
         return fail("--platelet-limits takes LOW,HIGH (a grade needs its limits)")
@@ -219,9 +313,10 @@ def main(argv=None) -> int:
         print(f"not compared: column {cbc[0]!r}: the platelet estimate needs both "
               f"{' and '.join(CBC_COLUMNS)}", file=sys.stderr)
     platelets_compared = len(cbc) == 2 and not args.cases
-    counted_column = None if args.source_labels else \
+    counted_column = None if args.source_labels or args.against else \
         next((c for c in COUNTED_COLUMNS if c in columns), None)
-    source = "the source labels" if args.source_labels else args.manual
+    source = "the source labels" if args.source_labels else \
+        f"--against {args.against}" if args.against else args.manual
     status, diff = store.read("slide_status"), store.read("differentials")
     if status is None or diff is None:
         return fail(f"no committed differentials under {args.output}")
@@ -317,8 +412,9 @@ def main(argv=None) -> int:
     panels = {c: (g["manual_percent"].to_numpy(), g["auto_percent"].to_numpy())
               for (c,), g in per_slide.group_by("category", maintain_order=True)}
     buf = io.BytesIO()
-    plot_bland_altman(panels, buf, suptitle="hemeflow - manual differential (percent of the "
-                                            "compared cells)")
+    plot_bland_altman(panels, buf, suptitle=(
+        "this run - the reference run" if args.against else "hemeflow - manual differential")
+        + " (percent of the compared cells)")
     write_bytes(join_uri(to, "bland_altman.png"), buf.getvalue(), storage)
 
     written = ["agreement.parquet", "agreement_slides.parquet", "bland_altman.png"]
@@ -354,13 +450,26 @@ def main(argv=None) -> int:
         compared = labelled.filter(pl.col("slide_id").is_in(list(per_slide["slide_id"].unique())))
         report["cells"] = cell_agreement(compared["source_label"].to_list(),
                                          compared["class_code"].to_list(), categories)
+    if reference is not None:
+        from engine.report.agreement import cell_agreement
+
+        pairs, ours = matched_cells(store, reference, sorted(per_slide["slide_id"].unique()),
+                                    args.match_um)
+        report["against"] = reference.root
+        report["cells"] = {**cell_agreement(pairs["reference"].to_list(),
+                                            pairs["class_code"].to_list(), categories),
+                           "matched_of_this_runs": [len(pairs), ours],
+                           "match_um": args.match_um}
     print(json.dumps(report, indent=1))
     print(f"{n} slide(s) compared on {len(categories)} categories: mean |difference| "
           f"{report['mean_abs_difference']:.1f} points, {report['within_manual_ci']:.0%} within "
-          f"the manual count's 95 % interval; {len(unmatched)} sheet row(s) without a slide, "
+          f"the {'reference' if args.against else 'manual'} count's 95 % interval; {len(unmatched)} sheet row(s) without a slide, "
           f"{len(not_compared)} not compared"
-          + (f"; image by image: accuracy {report['cells']['accuracy']:.1%}, kappa "
-             f"{report['cells']['kappa']:.3f} over {report['cells']['n_cells']} cells"
+          + (f"; {'cell by cell' if args.against else 'image by image'}: accuracy "
+             f"{report['cells']['accuracy']:.1%}, kappa "
+             + ("n/a (one category)" if report["cells"]["kappa"] is None
+                else f"{report['cells']['kappa']:.3f}")
+             + f" over {report['cells']['n_cells']} cells"
              if report.get("cells", {}).get("n_cells") else "")
           + (f"; platelet estimate on {platelets['slides_compared']} slide(s): bias "
              f"{platelets['bias']:+.0f}, median ratio {platelets['median_ratio'] or 0:.2f}, "

@@ -4,7 +4,7 @@ tiles, per-slide status (and QuPath GeoJSON per slide).
     python -m jobs.process_slides --input <dir | s3://… | list.txt | list.csv | inventory.parquet>
         --output <dir | s3://…> [--config jobs/configs/<name>.yaml] [--mpp X | --mpp-table csv]
         [--specimen aspirate|blood|biopsy|clot] [--allow-untrained] [--retry-failed | --reprocess]
-        [--dry-run]
+        [--reprocess-changed] [--dry-run]
 
 Runs the same locally (starting a local Ray) and as
 ``ray job submit --working-dir . -- python -m jobs.process_slides …`` on a cluster. With no
@@ -15,7 +15,8 @@ cellularity, a section no cells or differential (`engine.specimen`). A ``case`` 
 case, or accession, a slide belongs to) goes into the slides table, and
 ``jobs.case_differentials`` pools each case's slides. A rerun into the same
 output skips committed slides and redoes the rest; with another config it is refused unless
-``--reprocess`` is given.
+``--reprocess`` is given. A committed slide whose file changed since (its size or ETag) is
+named and kept, or processed again with ``--reprocess-changed``.
 ``--dry-run`` says what a run would do and makes its checks, changing nothing.
 """
 
@@ -100,15 +101,39 @@ def read_inputs(uri: str, storage) -> Inputs:
                   read_specimens(uri, storage), read_cases(uri, storage))
 
 
+def changed_files(store: OutputStore, entries: list[FileEntry], ids: set[str]
+                  ) -> dict[str, str]:
+    """Of the committed slides ``ids``, those whose file the input now lists is not the one
+    processed: its size, or its ETag where both have one (S3), differs from the slides row.
+    Returns what changed, by slide_id (``"size 1024 -> 2048"``)."""
+    now = {slide_id_for(e.uri): e for e in entries}
+    ids = ids & now.keys()
+    got = store.read("slides", columns=["slide_id", "size_bytes", "etag"], slide_ids=ids) \
+        if ids else None
+    changed = {}
+    for sid, size, etag in zip(*(got[c].to_pylist() for c in ("slide_id", "size_bytes", "etag"))
+                               ) if got is not None else ():
+        e = now[sid]
+        what = [f"{name} {old} -> {new}" for name, old, new in
+                (("size", size, e.size), ("ETag", etag, e.etag))
+                if old is not None and new is not None and old != new]
+        if what:
+            changed[sid] = ", ".join(what)
+    return changed
+
+
 def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reprocess: bool,
-                     retry_failed: bool, log=print, dry_run: bool = False) -> set[str]:
+                     retry_failed: bool, log=print, dry_run: bool = False,
+                     reprocess_changed: bool = False) -> set[str]:
     """Settle what an existing output means for this run, before anything is written to it.
 
     A rerun with the results-relevant config of the output's ``config.json`` resumes: committed
     slides are skipped. With another config it is refused, so that an output never mixes
     results of two configs unawares, unless ``reprocess`` takes this input's committed slides out
     to be processed again. ``retry_failed`` does the same for those whose status is failed
-    (say, after giving ``--mpp``). An output whose tables another version's schema wrote is
+    (say, after giving ``--mpp``), and ``reprocess_changed`` for those whose file changed since
+    (`changed_files`: a rescan saved over the old one); without it they are named, and kept.
+    An output whose tables another version's schema wrote is
     refused outright: its tables could not be read as one.
 
     Returns the committed slides that stay committed (the run skips them); with ``dry_run``
@@ -149,11 +174,24 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     if reprocess and changes and committed - ours:
         log(f"{len(committed - ours)} slide(s) of other inputs stay as the earlier config made "
             "them (their status rows say which: config_hash)")
+    changed = {} if reprocess else changed_files(store, entries, ours - redo)
+    shown = "; ".join(f"{sid} ({what})" for sid, what in list(changed.items())[:3]) \
+        + ("; …" if len(changed) > 3 else "")
+    if changed and reprocess_changed:
+        log(f"--reprocess-changed: {len(changed)} committed slide(s) whose file changed since "
+            f"{'would be ' if dry_run else ''}taken out to be processed again: {shown}")
+    elif changed:
+        log(f"warning: {len(changed)} committed slide(s) changed since they were processed "
+            f"(the file the input lists is not the one in their slides row): {shown}. Their "
+            "results are the earlier file's and stay; --reprocess-changed processes them again "
+            "(their rows are removed first)")
+    if reprocess_changed:
+        redo = redo | changed.keys()
     if redo and not dry_run:
         store.uncommit(redo)
-    if redo:
-        log(f"{why}: {len(redo)} committed slide(s) {'would be ' if dry_run else ''}taken out "
-            "to be processed again")
+    if redo - changed.keys():
+        log(f"{why}: {len(redo - changed.keys())} committed slide(s) "
+            f"{'would be ' if dry_run else ''}taken out to be processed again")
     return committed - redo
 
 
@@ -189,7 +227,7 @@ def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
     entries = inputs.entries
     store = OutputStore(args.output, cfg.storage)
     committed = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed, log,
-                                 dry_run=True)
+                                 dry_run=True, reprocess_changed=args.reprocess_changed)
     warn_case_changes(store, inputs, committed, args.input, log)
     stages = resolve_stages(cfg, args.allow_untrained)
     pending = [e for e in entries if slide_id_for(e.uri) not in committed]
@@ -237,6 +275,10 @@ def parse_args(argv=None):
                    help="process this input's committed slides again, here, with this config "
                         "(a new checkpoint, say); their rows are removed first, so use a new "
                         "--output to keep them")
+    p.add_argument("--reprocess-changed", action="store_true",
+                   help="process again the committed slides whose file changed since (its size "
+                        "or S3 ETag is not the one in their slides row: a rescan saved over the "
+                        "old file); without it they are named and their results kept")
     p.add_argument("--dry-run", action="store_true",
                    help="say what the run would do (slides to process, skipped and redone, "
                         "stages per specimen type) and make its checks, changing nothing")
@@ -272,7 +314,8 @@ def main(argv=None) -> int:
             dry_run(args, cfg, inputs)
             return 0
         store = OutputStore(args.output, cfg.storage)
-        kept = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed)
+        kept = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed,
+                                reprocess_changed=args.reprocess_changed)
         warn_case_changes(store, inputs, kept, args.input)
         write_run_config(args.output, cfg, vars(args), cfg.storage)
         metrics = RunMetrics()

@@ -257,6 +257,32 @@ def test_a_cases_slides_are_counted_together(exports, tmp_path, capsys):
     assert "single-cell export" in capsys.readouterr().err
 
 
+def test_an_export_classified_at_two_pixel_sizes_compared_image_by_image(exports, tmp_path,
+                                                                         capsys):
+    """compare_differentials --against on two runs of the same exports (cells resampled from
+    0.1 and from 0.13 µm/px): each image is matched to itself, and the agreement is the share
+    of images given the same call."""
+    from jobs import compare_differentials
+
+    root, _ = exports
+    for mpp in ("0.1", "0.13"):
+        assert classify_cells.main(["--images", str(root), "--output", str(tmp_path / mpp),
+                                    "--specimen", "blood", "--source-mpp", mpp]) == 0
+    capsys.readouterr()
+    cells = [pl.read_parquet(f"{tmp_path}/{mpp}/image_cells/*.parquet") for mpp in ("0.1",
+                                                                                 "0.13")]
+    pairs = cells[1].join(cells[0], on=["slide_id", "path"], suffix="_ref")
+    assert len(pairs) == len(cells[0]) == 48  # slide-a's 24 and slide-b's 24 readable images
+    assert compare_differentials.main(["--output", str(tmp_path / "0.13"), "--against",
+                                       str(tmp_path / "0.1"), "--to", str(tmp_path / "a")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["slides_compared"] == 2 and report["cells"]["matched_of_this_runs"] == [48, 48]
+    same = (pairs["class_code"] == pairs["class_code_ref"]).mean()
+    assert report["cells"]["n_cells"] == 48 and report["cells"]["accuracy"] == pytest.approx(same)
+    assert 0.3 < same < 1  # 30 % larger cells than in training: some calls change
+    assert (tmp_path / "a" / "bland_altman.png").exists()
+
+
 def test_images_out_of_focus_are_left_out_of_the_count(exports, tmp_path, capsys):
     """An export of 16 held-out cells, 8 of them blurred at their own pixels (Gaussian 0.5 µm,
     as a camera out of focus would take them): those are out_of_focus, the differential counts
