@@ -9,6 +9,7 @@ and commits each slide when both have delivered it.
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -352,6 +353,26 @@ def _consume(branch: str, ds: ray.data.Dataset, agg: Aggregator, metrics: RunMet
         metrics.add_wall(branch, time.perf_counter() - t0)
 
 
+def slow_worker_start(module: str = "torch") -> str | None:
+    """Why a local Ray's workers would start slowly, or None: ``PYTHONDONTWRITEBYTECODE`` is
+    set and ``module`` (torch) was installed without its bytecode (the set-up's
+    ``--no-compile``), so each worker compiles torch, Ray and timm from source as it starts,
+    and keeps none of it (on a 2-core machine, importing the three took 12.6 s this way and
+    5.3 s with their bytecode)."""
+    import importlib.util
+
+    if not os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        return None
+    spec = importlib.util.find_spec(module)
+    origin = spec.origin if spec else None
+    if not origin or not origin.endswith(".py") or \
+            os.path.exists(importlib.util.cache_from_source(origin)):
+        return None
+    return (f"PYTHONDONTWRITEBYTECODE is set and {module} has no compiled bytecode: every Ray "
+            f"worker compiles it from source as it starts (seconds each); unset it for one run "
+            f"(env -u PYTHONDONTWRITEBYTECODE ...) and Python keeps the bytecode")
+
+
 def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOverrides,
                  allow_untrained: bool = False, log=print,
                  metrics: RunMetrics | None = None,
@@ -398,6 +419,8 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     if not pending or not branches:
         return agg.summary
     if not ray.is_initialized():
+        if not os.environ.get("RAY_ADDRESS") and (why := slow_worker_start()):
+            log(f"warning: {why}")  # a local Ray's workers take this process's environment
         ray.init()  # joins the cluster under `ray job submit`, else starts a local one
     resources = ray.cluster_resources()
     res = plan_resources(int(resources.get("CPU", 1)), resources.get("GPU", 0), pc, branches,

@@ -47,3 +47,26 @@ def test_actor_start_up_is_reported_per_stage():
     assert m.ready_s() == {"encode": [12.5, 14.0], "read": [3.0, 3.0]}
     assert m.as_dict()["actor_init_s"] == {"encode": 9.5}
     assert "actors ready by encode 14.0 s, read 3.0 s" in m.line()
+
+
+def test_a_local_ray_whose_workers_would_compile_their_imports_is_said(tmp_path, monkeypatch):
+    """PYTHONDONTWRITEBYTECODE with a module installed without its bytecode: each worker would
+    compile it from source; with the bytecode there, or without the setting, nothing is said."""
+    import py_compile
+    import sys
+
+    from engine.pipeline.run import slow_worker_start
+
+    (tmp_path / "bulky_mod.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    why = slow_worker_start("bulky_mod")
+    assert why and why.startswith("PYTHONDONTWRITEBYTECODE is set and bulky_mod has no compiled")
+    assert slow_worker_start("no_such_module_here") is None
+    assert slow_worker_start("sys") is None  # built in: nothing to compile
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE")
+    assert slow_worker_start("bulky_mod") is None
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    py_compile.compile(str(tmp_path / "bulky_mod.py"))
+    assert slow_worker_start("bulky_mod") is None
+    assert "bulky_mod" not in sys.modules  # looked up, never imported
