@@ -155,7 +155,8 @@ def matched_cells(store, reference, slide_ids: list[str], match_um: float):
     ``reference`` (its call) and ``class_code`` (this output's): an export's images by their
     path; a slide's classified nucleated detections (no second lobe) by position, each paired
     with the other run's nearest within ``match_um`` where each is the other's nearest. Also
-    returns how many such cells this output has on those slides."""
+    returns how many such cells each output has on those slides (this one's, the reference's):
+    the cells one run found and the other did not are their difference."""
     import numpy as np
     import polars as pl
     from scipy.spatial import cKDTree
@@ -169,7 +170,7 @@ def matched_cells(store, reference, slide_ids: list[str], match_um: float):
                 pl.from_arrow(got).filter(pl.col("class_code").is_not_null())
         ours, theirs = read(store), read(reference)
         pairs = ours.join(theirs.rename({"class_code": "reference"}), on=["slide_id", "path"])
-        return pairs.select("slide_id", "reference", "class_code"), len(ours)
+        return pairs.select("slide_id", "reference", "class_code"), len(ours), len(theirs)
 
     def read(s):
         got = s.read("cells", ["slide_id", "x", "y", "kind", "class_code"], set(slide_ids),
@@ -200,7 +201,7 @@ def matched_cells(store, reference, slide_ids: list[str], match_um: float):
                                    "class_code": a["class_code"].gather(keep)}))
     empty = pl.DataFrame(schema={"slide_id": pl.String, "reference": pl.String,
                                  "class_code": pl.String})
-    return (pl.concat(parts) if parts else empty), len(ours)
+    return (pl.concat(parts) if parts else empty), len(ours), len(theirs)
 
 
 def _cases(uri: str, store, status, auto: dict, by_status: dict):
@@ -453,12 +454,13 @@ def main(argv=None) -> int:
     if reference is not None:
         from engine.report.agreement import cell_agreement
 
-        pairs, ours = matched_cells(store, reference, sorted(per_slide["slide_id"].unique()),
+        pairs, ours, theirs = matched_cells(store, reference, sorted(per_slide["slide_id"].unique()),
                                     args.match_um)
         report["against"] = reference.root
         report["cells"] = {**cell_agreement(pairs["reference"].to_list(),
                                             pairs["class_code"].to_list(), categories),
                            "matched_of_this_runs": [len(pairs), ours],
+                           "reference_cells": theirs,
                            "match_um": args.match_um}
     print(json.dumps(report, indent=1))
     print(f"{n} slide(s) compared on {len(categories)} categories: mean |difference| "

@@ -277,6 +277,7 @@ def test_an_export_classified_at_two_pixel_sizes_compared_image_by_image(exports
                                        str(tmp_path / "0.1"), "--to", str(tmp_path / "a")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["slides_compared"] == 2 and report["cells"]["matched_of_this_runs"] == [48, 48]
+    assert report["cells"]["reference_cells"] == 48
     same = (pairs["class_code"] == pairs["class_code_ref"]).mean()
     assert report["cells"]["n_cells"] == 48 and report["cells"]["accuracy"] == pytest.approx(same)
     assert 0.3 < same < 1  # 30 % larger cells than in training: some calls change

@@ -779,6 +779,7 @@ def test_a_run_against_another_run_of_the_same_slides(run_out, tmp_path, capsys)
     assert sorted(k.split("-")[0] for k in report["not_compared"]) == ["small", "smear"]
     got = report["cells"]
     assert got["matched_of_this_runs"] == [len(cmu) - 1, len(cmu) - 1]  # the slide compared
+    assert got["reference_cells"] == len(cmu)  # the one this run lost
     # the cells the reference called a compared (nucleated) class, less the one left out; of
     # them, the three recalled disagree
     assert got["n_cells"] == len(compared) - 1
