@@ -16,7 +16,7 @@ case, or accession, a slide belongs to) goes into the slides table, and
 ``jobs.case_differentials`` pools each case's slides. A rerun into the same
 output skips committed slides and redoes the rest; with another config it is refused unless
 ``--reprocess`` is given. A committed slide whose file changed since (its size or ETag) is
-named and kept, or processed again with ``--reprocess-changed``.
+processed again with ``--reprocess-changed`` (``--dry-run`` names such slides).
 ``--dry-run`` says what a run would do and makes its checks, changing nothing.
 """
 
@@ -132,8 +132,9 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     results of two configs unawares, unless ``reprocess`` takes this input's committed slides out
     to be processed again. ``retry_failed`` does the same for those whose status is failed
     (say, after giving ``--mpp``), and ``reprocess_changed`` for those whose file changed since
-    (`changed_files`: a rescan saved over the old one); without it they are named, and kept.
-    An output whose tables another version's schema wrote is
+    (`changed_files`: a rescan saved over the old one). A dry run names those and keeps them;
+    a plain run does not look (that reads every committed slide's row: one request per slide
+    on S3, too many to make on each rerun of a large archive). An output whose tables another version's schema wrote is
     refused outright: its tables could not be read as one.
 
     Returns the committed slides that stay committed (the run skips them); with ``dry_run``
@@ -174,17 +175,18 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     if reprocess and changes and committed - ours:
         log(f"{len(committed - ours)} slide(s) of other inputs stay as the earlier config made "
             "them (their status rows say which: config_hash)")
-    changed = {} if reprocess else changed_files(store, entries, ours - redo)
+    look = (reprocess_changed or dry_run) and not reprocess
+    changed = changed_files(store, entries, ours - redo) if look else {}
     shown = "; ".join(f"{sid} ({what})" for sid, what in list(changed.items())[:3]) \
         + ("; …" if len(changed) > 3 else "")
     if changed and reprocess_changed:
         log(f"--reprocess-changed: {len(changed)} committed slide(s) whose file changed since "
             f"{'would be ' if dry_run else ''}taken out to be processed again: {shown}")
     elif changed:
-        log(f"warning: {len(changed)} committed slide(s) changed since they were processed "
-            f"(the file the input lists is not the one in their slides row): {shown}. Their "
-            "results are the earlier file's and stay; --reprocess-changed processes them again "
-            "(their rows are removed first)")
+        log(f"{len(changed)} committed slide(s) changed since they were processed (the file "
+            f"the input lists is not the one in their slides row): {shown}. A run keeps their "
+            "results, the earlier file's; --reprocess-changed processes them again (their rows "
+            "are removed first)")
     if reprocess_changed:
         redo = redo | changed.keys()
     if redo and not dry_run:
@@ -278,7 +280,8 @@ def parse_args(argv=None):
     p.add_argument("--reprocess-changed", action="store_true",
                    help="process again the committed slides whose file changed since (its size "
                         "or S3 ETag is not the one in their slides row: a rescan saved over the "
-                        "old file); without it they are named and their results kept")
+                        "old file); --dry-run names them. It reads each committed slide's "
+                        "row, so a plain rerun does not look")
     p.add_argument("--dry-run", action="store_true",
                    help="say what the run would do (slides to process, skipped and redone, "
                         "stages per specimen type) and make its checks, changing nothing")

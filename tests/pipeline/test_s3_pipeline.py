@@ -75,9 +75,10 @@ def test_s3_in_and_out(ray_local, s3_server, s3_client, archive, tmp_path, capsy
     cells = pl.concat([pl.from_arrow(pq.read_table(fs.open(p, "rb")))
                        for p in fs.glob("results/run1/cells/*.parquet")])
     assert cells.select("slide_id", "cell_id").is_duplicated().sum() == 0
-    # a rescan put over a committed slide's object (another ETag and size): a rerun names it
-    # and keeps its rows; --reprocess-changed would process it, and only it, again (the
-    # processing itself is --retry-failed's, above)
+    # a rescan put over a committed slide's object (another ETag and size): a rerun does not
+    # read the slides' rows to look (one GET per slide); a dry run names it, and
+    # --reprocess-changed would process it, and only it, again (the processing itself is
+    # --retry-failed's, above)
     sid = status.filter(pl.col("uri").str.ends_with("/small.svs"))["slide_id"][0]
     s3_client.put_object(Bucket="slides", Key="lab-a/small.svs",
                          Body=(archive / "small.svs").read_bytes() + b"\0" * 512)
@@ -86,11 +87,14 @@ def test_s3_in_and_out(ray_local, s3_server, s3_client, archive, tmp_path, capsy
     with s3_requests() as requests:
         assert process_slides.main(run) == 0
     printed = capsys.readouterr().out
-    assert "warning: 1 committed slide(s) changed since they were processed" in printed
-    assert f"{sid} (size " in printed and ", ETag " in printed
-    assert "7 already committed, 0 to process" in printed
+    assert "changed since" not in printed and "7 already committed, 0 to process" in printed
+    assert not [r for r in requests if "/results/run1/slides/" in r], requests
     assert not [r for r in requests if r.startswith(("PUT", "DELETE", "POST"))
                 and "/results/" in r and "config.json" not in r]
+    assert process_slides.main(run + ["--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 committed slide(s) changed since they were processed" in printed
+    assert f"{sid} (size " in printed and ", ETag " in printed
     assert process_slides.main(run + ["--reprocess-changed", "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "--reprocess-changed: 1 committed slide(s) whose file changed since would be taken " \

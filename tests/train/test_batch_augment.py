@@ -66,6 +66,8 @@ def test_each_colour_step_moves_pixels_as_albumentations_does(cells):
              "hed_p": HEDJitter(0.05, p=1.0),
              "noise_p": A.GaussNoise(std_range=(0.01, 0.04), p=1.0)}
     for step, transform in steps.items():
+        centre.set_random_seed(0)  # seeded as ours are: the comparison is the same every run
+        transform.set_random_seed(0)
         ours = torch.cat([BatchAugment(96, Recipe(**{**NONE, step: 1.0}),
                                        torch.Generator().manual_seed(s))(x) for s in range(8)])
         theirs = np.stack([transform(image=centre(image=im)["image"])["image"]
@@ -82,6 +84,8 @@ def test_the_whole_recipe_draws_like_train_transform_and_is_seeded(cells):
     ours = torch.cat([BatchAugment(96, generator=torch.Generator().manual_seed(s))(x)
                       for s in range(8)])
     transform = train_transform(96)
+    # seeded as ours are: unseeded, the two means once drew 2.8 grey levels apart in a full run
+    transform.set_random_seed(0)
     theirs = np.stack([transform(image=im)["image"] for _ in range(8) for im in cells])
     assert float(ours.mean()) == pytest.approx(float(theirs.mean()), abs=2.5)
     assert float(ours.std()) == pytest.approx(float(theirs.std()), rel=0.05)
