@@ -134,8 +134,8 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     (say, after giving ``--mpp``), and ``reprocess_changed`` for those whose file changed since
     (`changed_files`: a rescan saved over the old one). A dry run names those and keeps them;
     a plain run does not look (that reads every committed slide's row: one request per slide
-    on S3, too many to make on each rerun of a large archive). An output whose tables another version's schema wrote is
-    refused outright: its tables could not be read as one.
+    on S3, too many to make on each rerun of a large archive). An output whose tables another
+    version's schema wrote is refused outright: its tables could not be read as one.
 
     Returns the committed slides that stay committed (the run skips them); with ``dry_run``
     those that would, and nothing is changed.
