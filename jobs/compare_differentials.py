@@ -454,8 +454,8 @@ def main(argv=None) -> int:
     if reference is not None:
         from engine.report.agreement import cell_agreement
 
-        pairs, ours, theirs = matched_cells(store, reference, sorted(per_slide["slide_id"].unique()),
-                                    args.match_um)
+        pairs, ours, theirs = matched_cells(
+            store, reference, sorted(per_slide["slide_id"].unique()), args.match_um)
         report["against"] = reference.root
         report["cells"] = {**cell_agreement(pairs["reference"].to_list(),
                                             pairs["class_code"].to_list(), categories),
@@ -465,7 +465,8 @@ def main(argv=None) -> int:
     print(json.dumps(report, indent=1))
     print(f"{n} slide(s) compared on {len(categories)} categories: mean |difference| "
           f"{report['mean_abs_difference']:.1f} points, {report['within_manual_ci']:.0%} within "
-          f"the {'reference' if args.against else 'manual'} count's 95 % interval; {len(unmatched)} sheet row(s) without a slide, "
+          f"the {'reference' if args.against else 'manual'} count's 95 % interval; "
+          f"{len(unmatched)} sheet row(s) without a slide, "
           f"{len(not_compared)} not compared"
           + (f"; {'cell by cell' if args.against else 'image by image'}: accuracy "
              f"{report['cells']['accuracy']:.1%}, kappa "
