@@ -32,7 +32,9 @@ fine-tune, a calibrated or quantized model). Each slide both committed ``ok`` is
 reference's classes, and the JSON adds the cell-by-cell agreement: the cells both runs found
 (the same image of an export; on a slide, detections whose centres lie within ``--match-um``,
 1 µm, of each other, each matched once), each the reference's call against this run's. Where
-the runs' detection settings are the same, every cell is matched.
+the runs' detection settings are the same, every cell is matched. With ``--cases`` each case's
+counts are its slides' summed on both sides (a case with a slide the reference run has not
+committed ``ok`` is listed, not compared).
 
 Prints JSON to stdout; writes ``agreement.parquet`` (per category), ``agreement_slides.parquet``
 (per slide and category) and ``bland_altman.png`` under ``--to`` (default: ``<output>/agreement``).
@@ -205,9 +207,10 @@ def matched_cells(store, reference, slide_ids: list[str], match_um: float):
 
 
 def _cases(uri: str, store, status, auto: dict, by_status: dict):
-    """Cases in place of slides: ``(keys, by_status, auto, left_out)`` as `main` uses them,
-    each case's counts the sum of its ok slides' (`jobs.case_differentials.case_members`),
-    its review flags theirs; and per case the slides left out, with why."""
+    """Cases in place of slides: ``(keys, by_status, auto, left_out, members)`` as `main`
+    uses them: each case's counts the sum of its ok slides' (``members``, as
+    `jobs.case_differentials.case_members` finds them), its review flags theirs; and per case
+    the slides left out, with why."""
     import polars as pl
 
     from jobs.case_differentials import case_members, case_sheet
@@ -224,7 +227,8 @@ def _cases(uri: str, store, status, auto: dict, by_status: dict):
             {w for s in sids for w in (by_status[s].get("warnings") or [])})}
     missing = {c: {"status": "no slide", "error_message": "; ".join(w)}
                for c, w in left_out.items() if c not in pooled}
-    return {c: {c} for c in (*pooled, *missing)}, {**flags, **missing}, pooled, left_out
+    return {c: {c} for c in (*pooled, *missing)}, {**flags, **missing}, pooled, left_out, \
+        members
 
 
 def main(argv=None) -> int:
@@ -273,9 +277,9 @@ def main(argv=None) -> int:
 
     storage = storage_from_args(args)
     store = OutputStore(args.output, storage)
-    if args.cases and (args.source_labels or args.against):
-        return fail("--cases compares a manual sheet of cases; --source-labels and --against "
-                    "compare slide by slide: give one")
+    if args.cases and args.source_labels:
+        return fail("--cases compares a manual sheet of cases; --source-labels compares each "
+                    "export with its own folders: give one")
     reference = OutputStore(args.against, storage) if args.against else None
     if reference is not None and reference.path.rstrip("/") == store.path.rstrip("/"):
         return fail(f"--against {args.against} is the output compared: give another run's")
@@ -345,12 +349,25 @@ def main(argv=None) -> int:
             for (sid,), g in classes.group_by("slide_id")}
     per_wbc = dict(zip(*classes.group_by("slide_id").agg(
         pl.col("platelets_per_wbc").first()))) if "platelets_per_wbc" in classes.columns else {}
+    members, not_in_reference = {}, {}
     if args.cases:  # the units compared are cases: their slides' counts summed
         try:
-            keys, by_status, auto, left_out = _cases(args.cases, store, status, auto, by_status)
+            keys, by_status, auto, left_out, members = _cases(args.cases, store, status, auto,
+                                                              by_status)
         except (InputError, ValueError) as err:
             return fail(str(err))
-    rows, not_compared, unmatched, seen = [], {}, [], {}
+        if reference is not None:  # the reference's counts summed over the same slides
+            by_slide = {r["slide_id"]: r for r in sheet}
+            sheet, key = [], "case"
+            for case, sids in members.items():
+                lacking = [s for s in sids if s not in by_slide]
+                if lacking:
+                    not_in_reference[case] = "not ok in the reference run: " + ", ".join(lacking)
+                    continue
+                sheet.append({"case": case, **{c: str(sum(int(by_slide[s].get(c) or 0)
+                                                          for s in sids))
+                                               for c in columns if c != "slide_id"}})
+    rows, not_compared, unmatched, seen = [], dict(not_in_reference), [], {}
     by_platelets, platelets_not_compared = [], {}
     for r in sheet:
         name = (r.get(key) or "").strip()
@@ -454,8 +471,10 @@ def main(argv=None) -> int:
     if reference is not None:
         from engine.report.agreement import cell_agreement
 
+        units = per_slide["slide_id"].unique().to_list()  # slides, or cases of slides
         pairs, ours, theirs = matched_cells(
-            store, reference, sorted(per_slide["slide_id"].unique()), args.match_um)
+            store, reference, sorted(s for u in units for s in members.get(u, [u])),
+            args.match_um)
         report["against"] = reference.root
         report["cells"] = {**cell_agreement(pairs["reference"].to_list(),
                                             pairs["class_code"].to_list(), categories),

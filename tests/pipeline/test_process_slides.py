@@ -792,6 +792,41 @@ def test_a_run_against_another_run_of_the_same_slides(run_out, tmp_path, capsys)
                                        "--to", str(tmp_path / "b"), "--match-um", "0.1"]) == 0
     assert json.loads(capsys.readouterr().out)["cells"]["matched_of_this_runs"] == \
         [0, len(cmu) - 1]
+    # by case: the smear and CMU-1 as one case, the tiny slide (no cell of a compared class in
+    # either run) as another, and a case of a slide the reference did not commit ok
+    cases = tmp_path / "cases.csv"
+    cases.write_text("slide,case\nsmear-a.tif,K\ncmu-1-small-region.svs,K\nsmall.svs,S\n"
+                     "broken.svs,B\n")
+    assert compare_differentials.main(["--output", str(other), "--against", str(run_out),
+                                       "--cases", str(cases), "--to", str(tmp_path / "c")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["compared"] == "cases" and report["slides_compared"] == 1
+    assert list(report["not_compared"]) == ["S"]
+    assert "broken.svs: status failed" in report["case_slides_left_out"]["B"][0]
+    smear = pl.read_parquet(f"{run_out}/cells/smear-a-*.parquet").filter(
+        pl.col("kind") == "nucleated", pl.col("class_code").is_not_null(),
+        pl.col("lobe_of").is_null())
+    # case K's cells are its two slides' (the smear's unchanged, all matched); the calls
+    # compared are the same as CMU-1's alone, the smear's being of no compared class
+    got = report["cells"]
+    assert got["matched_of_this_runs"] == [len(cmu) - 1 + len(smear)] * 2
+    assert got["reference_cells"] == len(cmu) + len(smear)
+    assert got["accuracy"] == pytest.approx(1 - 3 / (len(compared) - 1))
+    per_case = pl.read_parquet(tmp_path / "c" / "agreement_slides.parquet")
+    assert set(per_case["slide_id"]) == {"K"}
+    # a reference run that has not committed one of K's slides: K is listed, not compared
+    from engine.config import StorageConfig
+    from engine.pipeline.commit import OutputStore
+
+    partial = tmp_path / "partial"
+    shutil.copytree(run_out, partial)
+    sid = smear["slide_id"][0]
+    OutputStore(str(partial), StorageConfig()).uncommit({sid})
+    assert compare_differentials.main(["--output", str(other), "--against", str(partial),
+                                       "--cases", str(cases), "--to", str(tmp_path / "d")]) == 2
+    printed = capsys.readouterr()
+    assert "no slide of the sheet could be compared" in printed.err
+    assert json.loads(printed.out)["not_compared"]["K"] == f"not ok in the reference run: {sid}"
     assert compare_differentials.main(["--output", str(run_out), "--against",
                                        str(run_out)]) == 2
     assert "is the output compared" in capsys.readouterr().err
