@@ -39,7 +39,8 @@ from typing import NamedTuple
 
 from engine.schema import EXPORT_FORMAT
 from engine.specimen import SECTIONS
-from jobs.common import add_storage_args, fail, put_in_case, read_csv_rows, storage_from_args
+from jobs.common import (add_storage_args, fail, put_in_case, read_csv_rows, storage_from_args,
+                         without_lobes)
 
 WHOLE_CASE = "the whole case"  # a left_out entry that refuses a case, not one slide
 
@@ -90,7 +91,7 @@ def pooled_differential(cells, model_codes: list[str], blood: bool, settings: di
     if "kind" in cells.columns:
         platelets = cells.filter(pl.col("kind") == KIND_PLATELET)["out_of_focus"] \
             .fill_null(False).to_list()
-        cells = cells.filter(pl.col("kind") == KIND_CELL, pl.col("lobe_of").is_null())
+        cells = without_lobes(cells.filter(pl.col("kind") == KIND_CELL))
     focus = cells["out_of_focus"]
     return compute_differential(
         cells["class_code"].to_list(), model_codes, settings["min_nucleated"],

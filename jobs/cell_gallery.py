@@ -37,7 +37,8 @@ import sys
 import numpy as np
 
 from engine.schema import EXPORT_FORMAT
-from jobs.common import add_storage_args, committed_slide, fail, storage_from_args
+from jobs.common import (add_storage_args, committed_slide, fail, storage_from_args,
+                         without_lobes)
 
 CROP_PX, CROP_MPP = 96, 0.25
 METHOD_NAMES = {"gradcam": "Grad-CAM", "smoothgrad": "SmoothGrad"}
@@ -200,8 +201,7 @@ def main(argv=None) -> int:
         return fail(str(err))
     if args.kind != "all" and "kind" in cells.columns:  # an export's images have no kind
         cells = cells.filter(pl.col("kind") == args.kind)
-    if "lobe_of" in cells.columns:  # a counted cell's second lobe: the cell is shown once
-        cells = cells.filter(pl.col("lobe_of").is_null())
+    cells = without_lobes(cells)  # a cell found as two nuclei is shown once
     unclassified = cells["class_code"].null_count()
     if unclassified:  # platelets the run did not classify (pipeline.classifier.platelets)
         print(f"{unclassified} platelet-sized detection(s) not classified by the run are not "

@@ -139,6 +139,15 @@ def read_specimens(uri: str, storage: StorageConfig) -> dict[str, str]:
             for line, u, v in _list_column(uri, storage, "specimen")}
 
 
+def without_lobes(cells):
+    """A polars frame of a run's cells without the second lobes of cells counted once
+    (``lobe_of`` set: `engine.cells.lobes`), as the differential counts them; unchanged where
+    the frame has no such column (an output of schema 7 or before, an export's images)."""
+    import polars as pl
+
+    return cells.filter(pl.col("lobe_of").is_null()) if "lobe_of" in cells.columns else cells
+
+
 def put_in_case(cases: dict[str, str], key: str, case: str, name: str) -> None:
     """Record in ``cases`` that ``key`` (said ``name`` in the message) belongs to ``case``.
 

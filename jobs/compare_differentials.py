@@ -60,7 +60,8 @@ import argparse
 import json
 import sys
 
-from jobs.common import add_storage_args, fail, limits_arg, read_csv_rows, storage_from_args
+from jobs.common import (add_storage_args, fail, limits_arg, read_csv_rows, storage_from_args,
+                         without_lobes)
 
 KEY_COLUMNS = ("slide", "slide_id", "uri", "path", "file")
 COUNTED_COLUMNS = ("counted", "cells_counted", "n_counted")
@@ -163,14 +164,13 @@ def matched_cells(store, reference, slide_ids: list[str], match_um: float):
     import polars as pl
     from scipy.spatial import cKDTree
 
-    exported = store.read("image_cells", columns=["slide_id"], slide_ids=set(slide_ids))
-    if exported is not None:
-        def read(s):
-            got = s.read("image_cells", ["slide_id", "path", "class_code"], set(slide_ids))
-            return pl.DataFrame(schema={"slide_id": pl.String, "path": pl.String,
-                                        "class_code": pl.String}) if got is None else \
-                pl.from_arrow(got).filter(pl.col("class_code").is_not_null())
-        ours, theirs = read(store), read(reference)
+    columns = ["slide_id", "path", "class_code"]
+    exported = store.read("image_cells", columns, set(slide_ids))
+    if exported is not None:  # an export's images: the same file in both runs
+        got = reference.read("image_cells", columns, set(slide_ids))
+        ours, theirs = (pl.DataFrame(schema=dict.fromkeys(columns, pl.String)) if t is None else
+                        pl.from_arrow(t).filter(pl.col("class_code").is_not_null())
+                        for t in (exported, got))
         pairs = ours.join(theirs.rename({"class_code": "reference"}), on=["slide_id", "path"])
         return pairs.select("slide_id", "reference", "class_code"), len(ours), len(theirs)
 
@@ -180,10 +180,8 @@ def matched_cells(store, reference, slide_ids: list[str], match_um: float):
         if got is None:
             return pl.DataFrame(schema={"slide_id": pl.String, "x": pl.Float64,
                                         "y": pl.Float64, "class_code": pl.String})
-        frame = pl.from_arrow(got).filter(pl.col("kind") == "nucleated",
-                                          pl.col("class_code").is_not_null())
-        return frame.filter(pl.col("lobe_of").is_null()) if "lobe_of" in frame.columns \
-            else frame
+        return without_lobes(pl.from_arrow(got).filter(pl.col("kind") == "nucleated",
+                                                        pl.col("class_code").is_not_null()))
     ours, theirs = read(store), read(reference)
     slides = store.read("slides", ["slide_id", "mpp_x"], set(slide_ids))
     mpp = {} if slides is None else \

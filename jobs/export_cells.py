@@ -37,7 +37,8 @@ import os
 import sys
 
 from jobs.cell_gallery import CROP_MPP, choose, read_crops
-from jobs.common import add_storage_args, committed_slide, fail, storage_from_args
+from jobs.common import (add_storage_args, committed_slide, fail, storage_from_args,
+                         without_lobes)
 
 ORDERS = ("random", "uncertain", "far")
 COLUMNS = ("path", "code", "predicted", "class_prob", "ood_distance", "slide_id", "cell_id",
@@ -56,11 +57,9 @@ def exportable(cells, slides, kind: str, px: int):
         & (pl.col("x") + half <= pl.col("width")) & (pl.col("y") + half <= pl.col("height"))
     if kind != "all":
         keep &= pl.col("kind") == kind
-    if "lobe_of" in cells.columns:
-        keep &= pl.col("lobe_of").is_null()
-    return cells.join(slides.select("slide_id", "mpp_x", "mpp_y", "width", "height"),
-                      on="slide_id").filter(keep).drop("mpp_x", "mpp_y", "width", "height",
-                                                       "lobe_of", strict=False)
+    sizes = slides.select("slide_id", "mpp_x", "mpp_y", "width", "height")
+    return without_lobes(cells).join(sizes, on="slide_id").filter(keep).drop(
+        "mpp_x", "mpp_y", "width", "height", "lobe_of", strict=False)
 
 
 def main(argv=None) -> int:

@@ -23,7 +23,8 @@ import sys
 import numpy as np
 
 from engine.schema import EXPORT_FORMAT
-from jobs.common import add_storage_args, committed_slide, fail, storage_from_args
+from jobs.common import (add_storage_args, committed_slide, fail, storage_from_args,
+                         without_lobes)
 
 THUMB_PX = 1024
 MEASURES = {  # --measure: the cells column it maps, and what the colour bar says
@@ -70,8 +71,7 @@ def main(argv=None) -> int:
     if read is None:
         return fail(f"slide {sid} has no cells table in {args.output} (no cell stage ran)")
     cells = pl.from_arrow(read).filter(pl.col("kind") == "nucleated", pl.col(column).is_not_null())
-    if "lobe_of" in cells.columns:  # a counted cell's second lobe is that cell
-        cells = cells.filter(pl.col("lobe_of").is_null())
+    cells = without_lobes(cells)  # a counted cell's second lobe is that cell
     if cells.is_empty():
         return fail(f"slide {sid} has no nucleated cells with {column} in {args.output}")
     flagged = cells[column].to_numpy().astype(bool)
