@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from jobs.common import refit_parser, resolve_source_mpp
+from jobs.common import local_data, refit_parser, resolve_source_mpp
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,6 +38,7 @@ def validation_rows(args) -> tuple[list[str], np.ndarray, list[str], set[str]]:
     from engine.train.splits import kfold_splits
     from jobs.train_cell_classifier import split_for_training
 
+    local_data(args)
     data = read_labels(args.data)
     excluded = {c.strip() for c in args.exclude_codes.split(",") if c.strip()}
     trainable, codes, y, groups, dev_idx, test_rows = split_for_training(

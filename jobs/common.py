@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -241,10 +242,29 @@ def refit_parser(module: str, doc: str, output_help: str) -> argparse.ArgumentPa
     p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="the float checkpoint (.safetensors)")
-    p.add_argument("--data", required=True, help="its training data: folder with labels.csv")
+    p.add_argument("--data", required=True,
+                   help="its training data: folder or s3:// prefix with labels.csv")
     p.add_argument("--output", required=True, help=output_help)
     add_split_args(p)
+    add_storage_args(p)
     return p
+
+
+def local_data(args: argparse.Namespace) -> None:
+    """Point ``args.data`` (a folder or ``s3://`` prefix with ``labels.csv``) at a local folder
+    to read it from (`engine.train.data.fetch_labelled` mirrors remote images), and keep what
+    was given as ``args.data_source`` for what a job records.
+
+    Raises:
+        FileNotFoundError, ValueError: with a message for the user.
+    """
+    from engine.train.data import fetch_labelled
+
+    given = args.data
+    args.data = fetch_labelled(given, storage_from_args(args))
+    args.data_source = normalize_uri(given)
+    if not is_remote(given):
+        args.data_source = os.path.abspath(given)
 
 
 def add_split_args(parser: argparse.ArgumentParser) -> None:
@@ -398,6 +418,7 @@ def float_classifier_split(args):
     model = create_model(card["name"], args.checkpoint)
     if model.spec.task != "classification":
         raise ValueError(f"{card['name']} is not a cell classifier")
+    local_data(args)
     data = read_labels(args.data)
     args.source_mpp = resolve_source_mpp(args.source_mpp, data.paths)
     excluded = {c.strip() for c in args.exclude_codes.split(",") if c.strip()}

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from jobs.common import fail, measure_pixel_size
+from jobs.common import add_storage_args, fail, local_data, measure_pixel_size
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
@@ -33,11 +33,17 @@ def image_paths(data: str) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.estimate_pixel_size", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="folder with labels.csv, or a folder of images")
+    p.add_argument("--data", required=True, help="folder or s3:// prefix with labels.csv, or a local folder of "
+                                              "images")
     p.add_argument("--sample", type=int, default=300, help="images measured (a seeded draw)")
     p.add_argument("--red-cell-um", type=float, default=7.5,
                    help="red-cell diameter assumed (7.5 µm in a normal sample)")
+    add_storage_args(p)
     args = p.parse_args(argv)
+    try:
+        local_data(args)
+    except (FileNotFoundError, ValueError) as err:
+        return fail(str(err))
     paths = image_paths(args.data)
     if not paths:
         return fail(f"no images found in {args.data}")
@@ -45,7 +51,7 @@ def main(argv=None) -> int:
         est = measure_pixel_size(paths, args.sample, rbc_diameter_um=args.red_cell_um)
     except ValueError as err:
         return fail(str(err))
-    json.dump({"data": os.path.abspath(args.data), "images_found": len(paths), **est.to_dict()},
+    json.dump({"data": args.data_source, "images_found": len(paths), **est.to_dict()},
               sys.stdout, indent=2)
     print()
     return 0

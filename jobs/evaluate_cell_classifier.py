@@ -26,7 +26,7 @@ from engine.models import create_model, read_checkpoint
 from engine.models.checkpoint import CheckpointError
 from engine.train.data import read_labels
 from engine.train.evaluation import evaluate_classifier
-from jobs.common import mpp_arg, resolve_source_mpp
+from jobs.common import add_storage_args, local_data, mpp_arg, resolve_source_mpp
 
 
 def parse_args(argv=None):
@@ -34,7 +34,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", action="append", required=True,
                    help="safetensors checkpoint (repeat for an ensemble: probabilities averaged)")
-    p.add_argument("--data", required=True, help="folder with labels.csv (path,code)")
+    p.add_argument("--data", required=True, help="folder or s3:// prefix with labels.csv (path,code)")
     p.add_argument("--source-mpp", type=mpp_arg, default=0.1,
                    help="µm/px of the images, or auto: measured on their red cells")
     p.add_argument("--plots", default="hemeflow-eval", help="folder for confusion.png, umap.png")
@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--fp32", action="store_true",
                    help="float32 throughout (default: bf16 autocast on CUDA and on CPUs with "
                         "native bf16; the report's 'precision' says which ran)")
+    add_storage_args(p)
     return p.parse_args(argv)
 
 
@@ -61,6 +62,7 @@ def main(argv=None) -> int:
         for ckpt in args.checkpoint:
             _, card = read_checkpoint(ckpt)
             models.append(create_model(card["name"], ckpt))
+        local_data(args)
         data = read_labels(args.data)
         args.source_mpp = resolve_source_mpp(args.source_mpp, data.paths)
     except (CheckpointError, FileNotFoundError, ValueError) as err:

@@ -20,7 +20,7 @@ from engine.models import MissingWeights, Predictor, create_model, list_models
 from engine.models.checkpoint import CheckpointError
 from engine.train.data import load_cell_images, read_labels
 from engine.train.evaluation import probe_embeddings
-from jobs.common import mpp_arg, resolve_source_mpp
+from jobs.common import add_storage_args, local_data, mpp_arg, resolve_source_mpp
 
 
 def main(argv=None) -> int:
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=list_models())
     p.add_argument("--checkpoint")
-    p.add_argument("--data", required=True, help="folder with labels.csv (path,code)")
+    p.add_argument("--data", required=True, help="folder or s3:// prefix with labels.csv (path,code)")
     p.add_argument("--source-mpp", type=mpp_arg,
                    help="µm/px of the images, or auto: measured on their red cells")
     p.add_argument("--target-mpp", type=float, help="resample to this µm/px before the model")
@@ -36,10 +36,12 @@ def main(argv=None) -> int:
     p.add_argument("--allow-untrained", action="store_true", help="random weights (tests only)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    add_storage_args(p)
     args = p.parse_args(argv)
     try:
         model = create_model(args.model, args.checkpoint, allow_untrained=args.allow_untrained,
                              class_codes=("none",))
+        local_data(args)
         data = read_labels(args.data)
         if args.source_mpp and args.target_mpp:
             args.source_mpp = resolve_source_mpp(args.source_mpp, data.paths)

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     card = dict(card)
     card["ood"] = {
         **fitted, "from_checkpoint": args.checkpoint,
-        "data": args.data, "source_mpp": args.source_mpp,
+        "data": args.data_source, "source_mpp": args.source_mpp,
         "split": {"seed": args.seed, "test_fraction": args.test_fraction,
                   "exclude_codes": args.exclude_codes},
         "rows": "fit and threshold on the training split, never the test split",

@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
-from engine.train.data import labelled, load_cell_image, read_labels
-from jobs.common import fail, mpp_arg, resolve_source_mpp
+from engine.train.data import labelled, load_cell_image, read_labels, source_of
+from jobs.common import add_storage_args, fail, local_data, mpp_arg, resolve_source_mpp
 
 FORMATS = {"webp": "WEBP", "png": "PNG", "jpeg": "JPEG"}
 
@@ -35,7 +35,7 @@ FORMATS = {"webp": "WEBP", "png": "PNG", "jpeg": "JPEG"}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.pack_cell_images", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="folder with labels.csv (path,code)")
+    p.add_argument("--data", required=True, help="folder or s3:// prefix with labels.csv (path,code)")
     p.add_argument("--output", required=True, help="pack folder (created; must be empty)")
     p.add_argument("--source-mpp", type=mpp_arg, default=0.1,
                    help="µm/px of the input images, or auto: measured on their red cells")
@@ -46,12 +46,14 @@ def parse_args(argv=None):
     p.add_argument("--format", choices=sorted(FORMATS), default="webp")
     p.add_argument("--quality", type=int, default=90, help="WebP / JPEG quality")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    add_storage_args(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        local_data(args)
         data = read_labels(args.data)
         source_mpp = resolve_source_mpp(args.source_mpp, data.paths)
     except (FileNotFoundError, ValueError) as err:
@@ -76,8 +78,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.output, "labels.csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=[*rows[0], "source_path"])
         w.writeheader()
-        w.writerows({**r, "path": name, "source_path": r["path"]} for r, name in zip(rows, names))
-    info = {"source": os.path.abspath(args.data), "source_mpp": source_mpp, "mpp": args.mpp,
+        w.writerows({**r, "path": name, "source_path": source_of(r["path"])} for r, name in zip(rows, names))
+    info = {"source": args.data_source, "source_mpp": source_mpp, "mpp": args.mpp,
             "px": args.px, "format": args.format,
             "quality": None if args.format == "png" else args.quality,
             "images": len(rows), "bytes": total,

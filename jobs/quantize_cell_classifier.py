@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     card["quantization"] = {
         "scheme": SCHEME, "body": "int8 (stem, stages, global pool); final linear layer float32",
         "from_checkpoint": args.checkpoint, "torch": torch.__version__,
-        "calibration": {"images": n, "data": args.data, "rows": "training split, never the "
+        "calibration": {"images": n, "data": args.data_source, "rows": "training split, never the "
                         "test split", "source_mpp": args.source_mpp,
                         "split": {"seed": args.seed, "test_fraction": args.test_fraction,
                                   "exclude_codes": args.exclude_codes}},

@@ -1,6 +1,6 @@
 """Train the DeepHeme cell classifier on labelled single-cell images (Ray Train, or --local).
 
-    python -m jobs.train_cell_classifier --data <dir with labels.csv: path,code>
+    python -m jobs.train_cell_classifier --data <dir | s3:// prefix with labels.csv: path,code>
         --output <dir | s3://bucket/prefix> [--s3-endpoint URL] [--folds K] [--epochs N] [--arch deepheme-resnext50] [--workers 2] [--source-mpp 0.1]
 
 Steps: hold out a stratified test split (written to <output>/test/labels.csv), bring images to the
@@ -12,6 +12,8 @@ A killed worker is replaced and resumes from its last epoch; rerunning the same 
 With an ``s3://`` output the job works in a local folder (``--work``; by default one named after
 the output, so a rerun on the same machine resumes) and uploads the checkpoints, cards, the test
 list and ``evaluation.json`` when it ends. ``--teacher`` may also name an ``s3://`` checkpoint.
+An ``s3://`` ``--data`` is mirrored into a local cache first (only what changed is fetched on a
+rerun; `engine.train.data.fetch_labelled`), and the test list names its images by their URIs.
 """
 
 from __future__ import annotations
@@ -38,17 +40,19 @@ from engine.models import create_model, get_spec, list_models, write_checkpoint
 from engine.models.factory import LoadedModel, build_module
 from engine.outputs import join_uri, write_bytes
 from engine.slides.storage import is_remote, normalize_uri
-from engine.train.data import read_labels
+from engine.train.data import fetch_labelled, read_labels, source_of
 from engine.train.evaluation import evaluate_classifier, ordered_codes
 from engine.train.loop import LocalSession, TrainSettings, settings_dict
 from engine.train.splits import holdout_split, kfold_splits
-from jobs.common import add_storage_args, mpp_arg, resolve_source_mpp, storage_from_args
+from jobs.common import (add_storage_args, local_data, mpp_arg, resolve_source_mpp,
+                         storage_from_args)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.train_cell_classifier", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="folder with labels.csv (path,code)")
+    p.add_argument("--data", required=True,
+                   help="folder or s3:// prefix with labels.csv (path,code)")
     p.add_argument("--output", required=True, help="output folder or s3:// prefix")
     p.add_argument("--work", help="local working folder for an s3:// output (default: "
                                   "<temp dir>/hemeflow-train-<hash of the output>)")
@@ -105,10 +109,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     add_storage_args(p)
     args = p.parse_args(argv)
-    try:
-        args.source_mpp = pack_or_given_mpp(args.source_mpp, args.data)
-    except ValueError as err:
-        p.error(str(err))
+    if not is_remote(args.data):  # a remote pack.json is read once the folder is fetched (main)
+        try:
+            args.source_mpp = pack_or_given_mpp(args.source_mpp, args.data)
+        except ValueError as err:
+            p.error(str(err))
     return args
 
 
@@ -214,7 +219,7 @@ def prepare(args, out: str):
     with open(os.path.join(out, "test", "labels.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "code"])
-        w.writerows((os.path.abspath(p), c) for p, c in test_rows)
+        w.writerows((source_of(p), c) for p, c in test_rows)  # a mirrored image: its URI
     dev = trainable.subset(dev_idx)
     spec = get_spec(args.arch)
     margin_px = int(round(spec.input_px * 1.5))  # room for rotation before the centre crop
@@ -262,12 +267,14 @@ def best_weights(folder: str) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     storage = storage_from_args(args)
-    if args.source_mpp == "auto":
-        try:  # every image of the export: the pixel size is the scanner's, not a split's
+    try:
+        local_data(args)
+        args.source_mpp = pack_or_given_mpp(args.source_mpp, args.data)
+        if args.source_mpp == "auto":  # every image: the pixel size is the scanner's
             args.source_mpp = resolve_source_mpp(args.source_mpp, read_labels(args.data).paths)
-        except (FileNotFoundError, ValueError) as err:
-            print(f"hemeflow: error: {err}", file=sys.stderr)
-            return 2
+    except (FileNotFoundError, ValueError) as err:
+        print(f"hemeflow: error: {err}", file=sys.stderr)
+        return 2
     out = work_folder(args)
     os.makedirs(out, exist_ok=True)
     try:
@@ -325,7 +332,7 @@ def main(argv=None) -> int:
         print(f"fold {fold}: best val macro F1 {card['training']['best_val_macro_f1']} "
               f"({len(history)} epochs run here)", flush=True)
 
-    test = read_labels(os.path.join(out, "test"))
+    test = read_labels(fetch_labelled(os.path.join(out, "test"), storage))  # mirrored: no reads
     reports = {}
     amp = args.precision != "fp32"
     for fold, _m in enumerate(members):
@@ -389,10 +396,12 @@ def make_card(args, spec, codes, model, n_dev, fold, history, seconds, use_gpu) 
         "preprocessing": {"mean": list(model.mean), "std": list(model.std),
                           "input": "RGB uint8 crop centred on the cell, resampled to input_mpp"},
         "training": {
-            "data": os.path.abspath(args.data), "source_mpp": args.source_mpp,
+            "data": args.data_source, "source_mpp": args.source_mpp,
             "excluded_codes": args.exclude_codes, "n_dev_images": n_dev, "fold": fold,
             **({"data_pack": pack} if (pack := read_pack(args.data)) else {}),
-            "folds": args.folds, "settings": vars(args), "device": device,
+            "folds": args.folds, "device": device,
+            "settings": {**{k: v for k, v in vars(args).items() if k != "data_source"},
+                         "data": args.data_source},
             "seconds": round(seconds, 1), "best_val_macro_f1": best,
             "history": [{k: v for k, v in h.items() if isinstance(v, (int, float, str))}
                         for h in history],

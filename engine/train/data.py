@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
+import io
 import os
+import posixpath
+import sys
+import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -52,6 +59,193 @@ def read_labels(data_dir: str, csv_name: str = "labels.csv") -> LabelledImages:
                   for r in rows)
     return LabelledImages(paths, tuple(r["code"].strip() for r in rows),
                           tuple(r[group_col] for r in rows) if group_col else None)
+
+
+def data_cache_dir() -> str:
+    """Where `fetch_labelled` mirrors remote images: ``$HEMEFLOW_DATA_CACHE``, or one folder per
+    user in the temp dir."""
+    return os.environ.get("HEMEFLOW_DATA_CACHE") or os.path.join(
+        tempfile.gettempdir(), f"hemeflow-data-{os.geteuid()}")
+
+
+def mirror_path(uri: str, cache: str) -> str:
+    """The local copy of ``s3://bucket/key`` in a mirror: ``<cache>/s3/bucket/key``."""
+    scheme, rest = uri.split("://", 1)
+    return os.path.join(cache, scheme, *rest.split("/"))
+
+
+def source_of(path: str, cache: str | None = None) -> str:
+    """The URI a mirrored file was fetched from (the inverse of `mirror_path`); any other path
+    as an absolute path (a URI as it is)."""
+    if "://" in path:
+        return path
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(cache or data_cache_dir()))
+    parts = rel.split(os.sep)
+    if rel.startswith("..") or len(parts) < 3 or parts[0] == "lists":
+        return os.path.abspath(path)
+    return f"{parts[0]}://" + "/".join(parts[1:])
+
+
+def fetch_labelled(data: str, storage=None, cache: str | None = None) -> str:
+    """A local folder to read the labelled images ``data`` names, for `read_labels`.
+
+    ``data`` is a folder or ``s3://`` prefix with ``labels.csv``; its paths are relative to it,
+    or URIs (``s3://bucket/key``, any bucket). A local folder whose labelled rows are all local
+    is returned as it is. Otherwise the images of the labelled rows are mirrored under
+    ``cache`` (`data_cache_dir`) at ``<scheme>/<bucket>/<key>``, and the folder returned holds
+    ``labels.csv`` with each row's path made absolute (labelled remote rows: their copies) and
+    the ``pack.json`` of a pack. A copy whose size and modification time are the object's is
+    not fetched again (as ``aws s3 sync`` decides), so a rerun lists and downloads only what
+    changed.
+
+    Raises:
+        FileNotFoundError: no ``labels.csv``, or images it names are missing (the first named).
+        ValueError: no path column, a local path in a remote list, or access denied.
+    """
+    from engine.config import StorageConfig
+    from engine.slides.storage import is_remote, normalize_uri
+
+    storage = storage or StorageConfig()
+    cache = os.path.abspath(cache or data_cache_dir())
+    remote = is_remote(data)
+    base = normalize_uri(data)
+    table = f"{base}/labels.csv" if remote else os.path.join(base, "labels.csv")
+    if not remote and not os.path.exists(table):
+        return data  # read_labels says what is missing
+    text = _read_optional(table, storage)
+    if text is None:
+        raise FileNotFoundError(f"no labels.csv in {data} (expected columns: path,code)")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if rows and "path" not in rows[0]:
+        raise ValueError(f"{table} needs 'path' and 'code' columns")
+
+    def resolve(path: str) -> str:
+        if "://" in path:
+            return normalize_uri(path)
+        if not remote:
+            return os.path.normpath(os.path.join(base, path))
+        if path.startswith("/"):
+            raise ValueError(f"{table} names the local path {path}: in a remote list a path is "
+                             "relative to it, or a URI")
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://" + posixpath.normpath(f"{rest}/{path}")
+
+    for r in rows:
+        r["path"] = resolve(r["path"])
+    wanted = sorted({r["path"] for r in labelled(rows) if is_remote(r["path"])})
+    if not remote and not wanted:
+        return data
+    folder = mirror_path(base, cache) if remote else os.path.join(
+        cache, "lists", hashlib.sha256(base.encode()).hexdigest()[:16])
+    os.makedirs(folder, exist_ok=True)
+    with _locked(cache):
+        fetched = _mirror(wanted, cache, storage, table)
+        for r in labelled(rows):
+            if is_remote(r["path"]):
+                r["path"] = mirror_path(r["path"], cache)
+        _write_text(os.path.join(folder, "labels.csv"), _csv_text(rows) if rows else text)
+        pack = _read_optional(f"{base}/pack.json" if remote else os.path.join(base, "pack.json"),
+                              storage)
+        if pack is not None:
+            _write_text(os.path.join(folder, "pack.json"), pack)
+        elif os.path.exists(os.path.join(folder, "pack.json")):
+            os.remove(os.path.join(folder, "pack.json"))
+    print(f"{len(wanted)} image(s) of {data} in {folder} ({fetched} fetched)", file=sys.stderr)
+    return folder
+
+
+def _read_optional(uri: str, storage) -> str | None:
+    """The text of a local or remote file, None if there is none."""
+    from engine.slides.storage import call_with_retries, get_filesystem
+
+    fs, path = get_filesystem(uri, storage)
+    try:
+        return call_with_retries(lambda: fs.cat_file(path), storage, "read").decode("utf-8-sig")
+    except FileNotFoundError:
+        return None
+    except PermissionError as err:
+        raise ValueError(f"cannot read {uri}: access denied ({err})") from err
+
+
+def _mirror(uris: list[str], cache: str, storage, table: str) -> int:
+    """Bring the local copies of ``uris`` up to date; returns how many were fetched. One
+    listing per folder gives the sizes and modification times; a copy takes its object's."""
+    from engine.slides.storage import call_with_retries, get_filesystem
+
+    listed: dict[str, dict] = {}
+    for parent in sorted({u.rsplit("/", 1)[0] for u in uris}):
+        fs, path = get_filesystem(parent, storage)
+        scheme = parent.split("://", 1)[0]
+        try:
+            entries = call_with_retries(lambda: fs.ls(path, detail=True, refresh=True), storage,
+                                        "list")
+        except FileNotFoundError:
+            entries = []
+        except PermissionError as err:
+            raise ValueError(f"cannot list {parent}: access denied ({err})") from err
+        listed.update({f"{scheme}://{e['name']}": e for e in entries
+                       if e.get("type") != "directory"})
+    missing = [u for u in uris if u not in listed]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) that {table} names are not there: "
+                                + ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else ""))
+    stale = [u for u in uris if not _up_to_date(mirror_path(u, cache), listed[u])]
+    by_fs: dict[int, tuple] = {}  # one concurrent download per filesystem
+    for u in stale:
+        fs, path = get_filesystem(u, storage)
+        _, paths, targets = by_fs.setdefault(id(fs), (fs, [], []))
+        paths.append(path)
+        targets.append(mirror_path(u, cache))
+        os.makedirs(os.path.dirname(targets[-1]), exist_ok=True)
+    for fs, paths, targets in by_fs.values():
+        call_with_retries(lambda: fs.get(paths, targets), storage, "download")
+    for u in stale:
+        modified = _modified(listed[u])
+        if modified is not None:
+            os.utime(mirror_path(u, cache), (modified, modified))
+    return len(stale)
+
+
+def _modified(entry: dict) -> float | None:
+    when = entry.get("LastModified") or entry.get("mtime")
+    return when.timestamp() if hasattr(when, "timestamp") else when
+
+
+def _up_to_date(local: str, entry: dict) -> bool:
+    try:
+        st = os.stat(local)
+    except FileNotFoundError:
+        return False
+    modified = _modified(entry)
+    return st.st_size == entry.get("size") and (
+        modified is None or abs(st.st_mtime - modified) < 1e-3)
+
+
+@contextlib.contextmanager
+def _locked(cache: str) -> Iterator[None]:
+    """One fetch at a time in a cache (two jobs on a node write the same copies)."""
+    import fcntl
+
+    os.makedirs(cache, exist_ok=True)
+    with open(os.path.join(cache, ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def _csv_text(rows: list[dict]) -> str:
+    out = io.StringIO()
+    if rows:
+        w = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    return out.getvalue()
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", newline="") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 def load_cell_image(path: str, source_mpp: float, target_mpp: float, out_px: int,

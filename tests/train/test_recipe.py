@@ -387,3 +387,102 @@ def test_fine_tunes_from_an_init_checkpoint_remaps_its_codes_and_resumes_swa(tmp
     name = next(n for n, _ in module.named_parameters() if not n.startswith("fc."))
     assert torch.equal(module.state_dict()[name], src.state_dict()[name].float())
     assert f"new codes ['{codes[0]}']" in said[0] and "dropped ['M1']" in said[0]
+
+
+@needs_pbc
+@pytest.mark.s3
+def test_labelled_images_on_s3_train_evaluate_and_fetch_only_what_changed(
+        tmp_path, s3_server, s3_client, monkeypatch, capsys):
+    """A lab's labelled cells kept in S3 (export_cells' folder, uploaded): the jobs mirror the
+    images a list names into a local cache, once, and name them by their URIs in what they
+    write; a rerun lists, and downloads only an object that changed."""
+    import csv
+    import io
+
+    from engine.train.data import fetch_labelled, source_of
+    from jobs import evaluate_cell_classifier, train_cell_classifier
+    from tests.conftest import s3_requests
+
+    monkeypatch.setenv("HEMEFLOW_DATA_CACHE", str(tmp_path / "cache"))
+    s3_client.create_bucket(Bucket="cells")
+    s3_client.create_bucket(Bucket="models")
+    rows = [["path", "code", "slide_id"]]
+    for i, (folder, code) in enumerate((("lymphocyte", "L2"), ("basophil", "B2"),
+                                        ("monocyte", "MO2"), ("ig", "IG"))):
+        for j, p in enumerate(sorted((PBC / "images" / folder).iterdir())[:6]):
+            if code == "MO2":  # kept under another prefix, named by its URI
+                key, path = f"shared/{p.name}", f"s3://cells/shared/{p.name}"
+            else:
+                key = path = f"images/{folder}/{p.name}"
+                key = f"lab1/{key}"
+            s3_client.upload_file(str(p), "cells", key)
+            rows.append([path, code, f"slide-{j % 3}"])
+    rows.append(["images/not-uploaded.png", "", "slide-0"])  # not labelled yet: not fetched
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    s3_client.put_object(Bucket="cells", Key="lab1/labels.csv", Body=text.getvalue().encode())
+
+    work = tmp_path / "work"
+    assert train_cell_classifier.main(
+        ["--data", "s3://cells/lab1", "--output", "s3://models/remote", "--work", str(work),
+         "--arch", "deepheme-tiny", "--epochs", "1", "--local", "--loader-workers", "0",
+         "--batch-size", "8", "--exclude-codes", "IG", "--no-ood", "--s3-endpoint",
+         s3_server]) == 0
+    printed = capsys.readouterr()
+    assert "24 image(s) of s3://cells/lab1" in printed.err and "(24 fetched)" in printed.err
+    assert "testing-secret-value" not in printed.out + printed.err
+    card = json.loads((work / "model.json").read_text())
+    assert card["training"]["data"] == card["training"]["settings"]["data"] == "s3://cells/lab1"
+    assert card["metrics"]["test"]["n"] > 0 and "testing-secret-value" not in json.dumps(card)
+    # the published test list names the images where they are, not the local copies
+    test = s3_client.get_object(Bucket="models", Key="remote/test/labels.csv")["Body"].read()
+    test_paths = [r["path"] for r in csv.DictReader(io.StringIO(test.decode()))]
+    assert len(test_paths) > 6 and all(p.startswith("s3://cells/") for p in test_paths)
+    assert any(p.startswith("s3://cells/shared/") for p in test_paths) or all(
+        "MO2" != c for c in card["class_codes"])
+
+    # evaluating on the published list: every image is in the cache already, none is read
+    with s3_requests() as requests:
+        assert evaluate_cell_classifier.main(
+            ["--checkpoint", str(work / "model.safetensors"), "--data", "s3://models/remote/test",
+             "--plots", str(tmp_path / "plots"), "--no-umap", "--no-tta", "--s3-endpoint",
+             s3_server]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == len(test_paths) - 6 and report["not_covered"] == {"IG": 6}
+    assert not [r for r in requests if r.startswith("GET /cells/") and "?" not in r], requests
+
+    # one object replaced by another image: only it is downloaded again, and the copy is it
+    changed = sorted((PBC / "images" / "basophil").iterdir())[0]
+    other = sorted((PBC / "images" / "eosinophil").iterdir())[0]
+    assert other.stat().st_size != changed.stat().st_size
+    s3_client.upload_file(str(other), "cells", f"lab1/images/basophil/{changed.name}")
+    from engine.config import StorageConfig
+
+    storage = StorageConfig(endpoint_url=s3_server)
+    with s3_requests() as requests:
+        folder = fetch_labelled("s3://cells/lab1", storage)
+    got = [r for r in requests if r.startswith("GET /cells/") and "?" not in r]
+    assert got == ["GET /cells/lab1/labels.csv",  # read each time: experts edit it
+                   f"GET /cells/lab1/images/basophil/{changed.name}"], got
+    local = {source_of(r["path"]): r["path"]
+             for r in csv.DictReader(open(f"{folder}/labels.csv"))}
+    copy = local[f"s3://cells/lab1/images/basophil/{changed.name}"]
+    assert open(copy, "rb").read() == other.read_bytes()
+    assert "s3://cells/lab1/images/not-uploaded.png" in local  # kept, for read_labels to skip
+
+    # a pack made from the S3 folder records where its images came from, not the cache
+    from jobs import pack_cell_images
+
+    assert pack_cell_images.main(["--data", "s3://cells/lab1", "--output", str(tmp_path / "pack"),
+                                  "--s3-endpoint", s3_server]) == 0
+    assert json.loads(capsys.readouterr().out)["source"] == "s3://cells/lab1"
+    packed = list(csv.DictReader(open(tmp_path / "pack" / "labels.csv")))
+    assert len(packed) == 24 and {r["source_path"].rsplit("/", 2)[0] for r in packed} == {
+        "s3://cells/lab1/images", "s3://cells"}
+
+    # an image the list names that is not there is named in the error
+    s3_client.delete_object(Bucket="cells", Key=f"lab1/images/basophil/{changed.name}")
+    with pytest.raises(FileNotFoundError, match=f"1 image.*not there.*basophil/{changed.name}"):
+        fetch_labelled("s3://cells/lab1", storage)
+    with pytest.raises(FileNotFoundError, match="no labels.csv in s3://cells/nothing"):
+        fetch_labelled("s3://cells/nothing", storage)
