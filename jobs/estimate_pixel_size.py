@@ -33,8 +33,8 @@ def image_paths(data: str) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.estimate_pixel_size", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="folder or s3:// prefix with labels.csv, or a local folder of "
-                                              "images")
+    p.add_argument("--data", required=True,
+                   help="folder or s3:// prefix with labels.csv, or a local folder of images")
     p.add_argument("--sample", type=int, default=300, help="images measured (a seeded draw)")
     p.add_argument("--red-cell-um", type=float, default=7.5,
                    help="red-cell diameter assumed (7.5 µm in a normal sample)")

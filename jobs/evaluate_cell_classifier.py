@@ -34,7 +34,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", action="append", required=True,
                    help="safetensors checkpoint (repeat for an ensemble: probabilities averaged)")
-    p.add_argument("--data", required=True, help="folder or s3:// prefix with labels.csv (path,code)")
+    p.add_argument("--data", required=True,
+                   help="folder or s3:// prefix with labels.csv (path,code)")
     p.add_argument("--source-mpp", type=mpp_arg, default=0.1,
                    help="µm/px of the images, or auto: measured on their red cells")
     p.add_argument("--plots", default="hemeflow-eval", help="folder for confusion.png, umap.png")

@@ -28,7 +28,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=list_models())
     p.add_argument("--checkpoint")
-    p.add_argument("--data", required=True, help="folder or s3:// prefix with labels.csv (path,code)")
+    p.add_argument("--data", required=True,
+                   help="folder or s3:// prefix with labels.csv (path,code)")
     p.add_argument("--source-mpp", type=mpp_arg,
                    help="µm/px of the images, or auto: measured on their red cells")
     p.add_argument("--target-mpp", type=float, help="resample to this µm/px before the model")

@@ -35,7 +35,8 @@ FORMATS = {"webp": "WEBP", "png": "PNG", "jpeg": "JPEG"}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.pack_cell_images", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="folder or s3:// prefix with labels.csv (path,code)")
+    p.add_argument("--data", required=True,
+                   help="folder or s3:// prefix with labels.csv (path,code)")
     p.add_argument("--output", required=True, help="pack folder (created; must be empty)")
     p.add_argument("--source-mpp", type=mpp_arg, default=0.1,
                    help="µm/px of the input images, or auto: measured on their red cells")
@@ -78,7 +79,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.output, "labels.csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=[*rows[0], "source_path"])
         w.writeheader()
-        w.writerows({**r, "path": name, "source_path": source_of(r["path"])} for r, name in zip(rows, names))
+        w.writerows({**r, "path": name, "source_path": source_of(r["path"])}
+                    for r, name in zip(rows, names))
     info = {"source": args.data_source, "source_mpp": source_mpp, "mpp": args.mpp,
             "px": args.px, "format": args.format,
             "quality": None if args.format == "png" else args.quality,
