@@ -8,10 +8,14 @@ model's µm/px, train K fold models (K=1: one model with a validation split) wit
 up-sampling, augmentation, Adam + step decay and early stopping, then evaluate each fold and their
 average on the test split. Every model is written as fp16 safetensors with a JSON card;
 <output>/model.safetensors is the ensemble's first member when K=1, and <output>/fold-*/ hold all.
-A killed worker is replaced and resumes from its last epoch; rerunning the same command resumes.
+A killed worker is replaced and resumes from its last epoch. Rerunning the same command resumes:
+folds already written are kept, and an interrupted fold goes on from its last epoch.
 With an ``s3://`` output the job works in a local folder (``--work``; by default one named after
 the output, so a rerun on the same machine resumes) and uploads the checkpoints, cards, the test
-list and ``evaluation.json`` when it ends. ``--teacher`` may also name an ``s3://`` checkpoint.
+list and ``evaluation.json`` when it ends; Ray Train's workers write their epoch checkpoints to
+``<output>/runs/`` (on a cluster a worker on another node cannot reach the driver's disk), and
+read the prepared images through Ray's object store. ``--teacher`` may also name an ``s3://``
+checkpoint.
 An ``s3://`` ``--data`` is mirrored into a local cache first (only what changed is fetched on a
 rerun; `engine.train.data.fetch_labelled`), and the test list names its images by their URIs.
 """
@@ -148,13 +152,20 @@ def work_folder(args) -> str:
     return os.path.join(tempfile.gettempdir(), f"hemeflow-train-{digest}")
 
 
-def publish(work: str, output: str, storage) -> list[str]:
-    """Upload the job's deliverables from ``work`` to ``output`` (Ray Train's run folders and
-    the prepared arrays stay local); returns their URIs."""
-    names = sorted(os.path.relpath(p, work) for p in glob.glob(os.path.join(work, "fold-*", "*"))
-                   + [os.path.join(work, n) for n in ("model.safetensors", "model.json",
-                                                      "evaluation.json", "test/labels.csv")]
-                   if os.path.isfile(p))
+def publish(work: str, output: str, storage, fold: str | None = None) -> list[str]:
+    """Upload the job's deliverables from ``work`` to ``output`` (the prepared arrays stay
+    local; Ray Train wrote its run folders to ``<output>/runs`` itself), or only ``fold``'s
+    checkpoint and card (``fold-K``; weights first: a card there means a complete fold);
+    returns their URIs."""
+    if fold:
+        paths = [os.path.join(work, fold, n) for n in ("model.safetensors", "model.json")]
+    else:
+        paths = glob.glob(os.path.join(work, "fold-*", "*")) + [
+            os.path.join(work, n) for n in ("model.safetensors", "model.json", "evaluation.json",
+                                            "test/labels.csv")]
+    names = [os.path.relpath(p, work) for p in paths if os.path.isfile(p)]
+    if not fold:
+        names.sort()
     uris = []
     for name in names:
         with open(os.path.join(work, name), "rb") as fh:
@@ -300,8 +311,17 @@ def main(argv=None) -> int:
     from engine.train.cell_classifier import train_fold
 
     members: list[LoadedModel] = []
+    data, runs = prepared, os.path.join(out, "runs")
+    if not args.local:
+        data, runs = ray_inputs(args, prepared, runs)
     for fold in range(args.folds):
-        config = {"arch": args.arch, "class_codes": codes, "data": prepared, "fold": fold,
+        if fold_complete(out, fold) or fetched_fold(out, args.output, fold, storage):
+            # a rerun after a crash in a later fold does not train it again (Ray Train resumes
+            # an interrupted run, but starts a finished one over)
+            members.append(reload(out, fold, args))
+            print(f"fold {fold}: complete in an earlier run ({out}/fold-{fold})", flush=True)
+            continue
+        config = {"arch": args.arch, "class_codes": codes, "data": data, "fold": fold,
                   "settings": settings_dict(settings), "teachers": list(args.teacher),
                   "init": args.init,
                   "storage": dataclasses.asdict(storage)}
@@ -315,8 +335,8 @@ def main(argv=None) -> int:
 
             ckpt_dir, history = run_ray_training(
                 train_fold, config, num_workers=args.workers, use_gpu=use_gpu,
-                storage_path=os.path.join(out, "runs"), name=f"fold-{fold}",
-                cpus_per_worker=args.cpus_per_worker)
+                storage_path=runs, name=f"fold-{fold}", cpus_per_worker=args.cpus_per_worker,
+                storage=storage)
         module = build_module(spec, len(codes))
         module.load_state_dict(best_weights(ckpt_dir))
         model = LoadedModel(module.eval(), spec, tuple(codes), weights=f"fold-{fold}")
@@ -329,6 +349,8 @@ def main(argv=None) -> int:
             state.update(density.state_dict() if density is not None else {})
         write_checkpoint(state, card, os.path.join(out, f"fold-{fold}", "model.safetensors"),
                          dtype=torch.float16)
+        if is_remote(args.output):  # now, not at the end: a rerun on a new cluster keeps it
+            publish(out, normalize_uri(args.output), storage, f"fold-{fold}")
         print(f"fold {fold}: best val macro F1 {card['training']['best_val_macro_f1']} "
               f"({len(history)} epochs run here)", flush=True)
 
@@ -373,6 +395,59 @@ def main(argv=None) -> int:
               f"      checkpoint: {where}/fold-0/model.safetensors\n"
               f"      ensemble: [{', '.join(f'{where}/fold-{k}/model.safetensors' for k in range(1, args.folds))}]")
     return 0
+
+
+def ray_inputs(args, prepared: str, local_runs: str):
+    """What Ray Train workers read, wherever they run: the prepared arrays through the object
+    store (a worker on another node cannot read the driver's disk), and where their
+    checkpoints go: ``<output>/runs`` for an ``s3://`` output, else ``local_runs`` (one machine,
+    or a folder every node mounts; Ray Train fails at the first checkpoint otherwise, so a
+    multi-node cluster is warned of)."""
+    import ray
+
+    from engine.train.cell_classifier import read_prepared
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+    if is_remote(args.output):
+        return ray.put(read_prepared(prepared)), join_uri(normalize_uri(args.output), "runs")
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        print(f"hemeflow: warning: a local --output ({args.output}) on a {len(nodes)}-node "
+              "cluster: Ray Train needs checkpoint storage every node reaches; give an s3:// "
+              "--output unless that folder is shared (NFS)", file=sys.stderr, flush=True)
+    return ray.put(read_prepared(prepared)), local_runs
+
+
+def fold_complete(out: str, fold: int) -> bool:
+    """Whether ``fold``'s checkpoint is written: its card is, after the weights, in full."""
+    try:
+        with open(os.path.join(out, f"fold-{fold}", "model.json")) as fh:
+            json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return os.path.exists(os.path.join(out, f"fold-{fold}", "model.safetensors"))
+
+
+def fetched_fold(work: str, output: str, fold: int, storage) -> bool:
+    """For an ``s3://`` output: ``fold``'s checkpoint and card, complete under the output (an
+    earlier run on another machine published them), downloaded into ``work``."""
+    if not is_remote(output):
+        return False
+    from engine.slides.storage import get_filesystem
+
+    remote = join_uri(normalize_uri(output), f"fold-{fold}")
+    fs, path = get_filesystem(remote, storage)
+    try:
+        card = json.loads(fs.cat_file(f"{path}/model.json"))
+        os.makedirs(os.path.join(work, f"fold-{fold}"), exist_ok=True)
+        fs.get(f"{path}/model.safetensors", os.path.join(work, f"fold-{fold}",
+                                                        "model.safetensors"))
+    except (FileNotFoundError, ValueError):
+        return False
+    with open(os.path.join(work, f"fold-{fold}", "model.json"), "w") as fh:
+        json.dump(card, fh, indent=2, sort_keys=True)
+    return True
 
 
 def reload(out, fold, args) -> LoadedModel:

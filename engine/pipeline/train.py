@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 
 import ray
@@ -46,11 +47,16 @@ def _worker_entry(config: dict) -> None:
 
 def run_ray_training(train_fn: Callable[[dict, object], None], config: dict, *, num_workers: int,
                      use_gpu: bool, storage_path: str, name: str, cpus_per_worker: float = 1,
-                     max_failures: int = 2) -> tuple[str, list[dict]]:
+                     max_failures: int = 2, storage=None) -> tuple[str, list[dict]]:
     """Run ``train_fn(config, session)`` on ``num_workers`` Ray Train workers.
 
     A worker that dies is replaced and training resumes from the last reported checkpoint, up to
     ``max_failures`` times; rerunning with the same ``storage_path`` and ``name`` resumes too.
+    Ray Train writes its checkpoints to ``storage_path``: a local folder on one machine (or one
+    every node mounts), an ``s3://`` prefix (reached with ``storage``'s endpoint and region,
+    credentials from each node's environment) on a cluster, where a worker on another node
+    could not write to the driver's disk. Large inputs go in ``config`` as object refs
+    (``ray.put``), never as a path on the driver's disk.
 
     Returns:
         ``(local folder of the last checkpoint, metrics history)``.
@@ -60,21 +66,32 @@ def run_ray_training(train_fn: Callable[[dict, object], None], config: dict, *, 
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
+    remote = "://" in storage_path
+    if remote:
+        import pyarrow.fs
+
+        from engine.config import StorageConfig
+        from engine.slides.storage import get_filesystem
+
+        fs, path = get_filesystem(storage_path, storage or StorageConfig())
+        where = {"storage_path": path,
+                 "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
+    else:
+        where = {"storage_path": os.path.abspath(storage_path)}
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={**config, "_train_fn": train_fn},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_path)
-                             if "://" not in storage_path else storage_path,
+        run_config=RunConfig(name=name, **where,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training {name} finished without a checkpoint: {result.error}")
-    local = os.path.join(os.path.abspath(storage_path) if "://" not in storage_path else
-                         "/tmp", f"{name}-final")
+    local = tempfile.mkdtemp(prefix=f"hemeflow-{name}-") if remote else os.path.join(
+        where["storage_path"], f"{name}-final")
     shutil.rmtree(local, ignore_errors=True)
     result.checkpoint.to_directory(local)
     history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None \

@@ -83,12 +83,22 @@ def centre_crops(images: torch.Tensor, labels: np.ndarray, idx, crop_px: int, ba
                       left:left + crop_px], torch.as_tensor(labels[rows]))
 
 
-def load_prepared(folder: str, fold: int):
-    images = np.load(os.path.join(folder, "images.npy"), mmap_mode="r")
-    labels = np.load(os.path.join(folder, "labels.npy"))
+def read_prepared(folder: str) -> dict:
+    """The arrays `jobs.train_cell_classifier` prepares (``images`` memory-mapped, ``labels``,
+    ``split``), as one dict: what a Ray job puts in the object store for its workers."""
     with open(os.path.join(folder, "split.json")) as fh:
-        split = json.load(fh)["folds"][fold]
-    return images, labels, np.asarray(split["train"]), np.asarray(split["val"])
+        split = json.load(fh)
+    return {"images": np.load(os.path.join(folder, "images.npy"), mmap_mode="r"),
+            "labels": np.load(os.path.join(folder, "labels.npy")), "split": split}
+
+
+def load_prepared(data: str | dict, fold: int):
+    """A fold's ``(images, labels, train_idx, val_idx)`` from a prepared folder or
+    `read_prepared`'s dict."""
+    prepared = read_prepared(data) if isinstance(data, str) else data
+    split = prepared["split"]["folds"][fold]
+    return (prepared["images"], prepared["labels"], np.asarray(split["train"]),
+            np.asarray(split["val"]))
 
 
 def load_teachers(uris, arch: str, codes: list[str], device: torch.device,
@@ -160,7 +170,8 @@ def train_fold(config: dict, session: Session) -> None:
     state (``state.safetensors`` + ``state.json``) and the best weights so far
     (``best.safetensors``).
 
-    ``config`` keys: ``arch`` (registry name), ``class_codes``, ``data`` (prepared folder),
+    ``config`` keys: ``arch`` (registry name), ``class_codes``, ``data`` (prepared folder, or
+    `read_prepared`'s dict: on Ray, an object ref to it),
     ``fold``, ``settings`` (`TrainSettings` fields), and optionally ``teachers`` (checkpoint
     URIs with the same class codes, distilled from when ``settings.distill_alpha`` > 0) and
     ``init`` (a checkpoint URI to fine-tune from instead of random weights; see `load_init`).

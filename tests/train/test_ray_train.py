@@ -47,3 +47,42 @@ def test_two_cpu_workers_with_a_killed_worker_resume(ray_local, tmp_path):
         assert json.load(fh)["epoch"] == 2  # finished all epochs after resuming
     # the new worker group resumed after epoch 0 (its checkpoint) instead of starting over
     assert [h["epoch"] for h in history] == [1, 2]
+
+
+@pytest.mark.s3
+def test_workers_read_the_object_store_and_checkpoint_to_s3(ray_local, tmp_path, s3_server,
+                                                            s3_client):
+    """What a cluster needs, where a worker on another node reaches neither the driver's disk
+    nor its folders: the prepared images travel through Ray's object store, and Ray Train's
+    checkpoints go to the output's S3 prefix (`train_cell_classifier` with an s3:// output)."""
+    import argparse
+    import shutil
+
+    import ray
+
+    from engine.config import StorageConfig
+    from engine.pipeline.train import run_ray_training
+    from engine.train.cell_classifier import train_fold
+    from engine.train.loop import TrainSettings
+    from jobs.train_cell_classifier import ray_inputs
+
+    s3_client.create_bucket(Bucket="models")
+    codes, prepared = _prepare(tmp_path, per_class=10)
+    args = argparse.Namespace(output="s3://models/cluster-run/")
+    data, runs = ray_inputs(args, prepared, str(tmp_path / "runs"))
+    assert isinstance(data, ray.ObjectRef) and runs == "s3://models/cluster-run/runs"
+    assert ray_inputs(argparse.Namespace(output=str(tmp_path)), prepared,
+                      str(tmp_path / "runs"))[1] == str(tmp_path / "runs")  # one node: local
+    shutil.move(prepared, tmp_path / "gone")  # nothing on the driver's disk is read
+    settings = TrainSettings(epochs=2, batch_size=8, num_workers=0)
+    config = {"arch": "deepheme-tiny", "class_codes": codes, "data": data, "fold": 0,
+              "settings": settings.__dict__}
+    folder, history = run_ray_training(train_fold, config, num_workers=2, use_gpu=False,
+                                       storage_path=runs, name="fold-0",
+                                       storage=StorageConfig(endpoint_url=s3_server))
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert os.path.exists(os.path.join(folder, "best.safetensors"))
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket="models")["Contents"]]
+    assert any(k.startswith("cluster-run/runs/fold-0/") and k.endswith("best.safetensors")
+               for k in keys), keys
+    assert not (tmp_path / "runs").exists()

@@ -168,6 +168,14 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     card = json.loads((out / "model.json").read_text())
     assert card["architecture"] == "test_resnet" and card["metrics"]["test"]["n"] > 0
+    # the same command again (a rerun after a crash): a complete fold is not trained again
+    weights = (out / "fold-0" / "model.safetensors").read_bytes()
+    assert train_cell_classifier.main(
+        ["--data", str(PBC), "--output", str(out), "--arch", "deepheme-tiny", "--epochs", "1",
+         "--limit-per-class", "8", "--local", "--loader-workers", "0", "--batch-size", "16"]) == 0
+    assert "fold 0: complete in an earlier run" in capsys.readouterr().out
+    assert (out / "fold-0" / "model.safetensors").read_bytes() == weights
+    assert json.loads((out / "model.json").read_text())["training"] == card["training"]
     # every checkpoint the job writes carries its feature density (engine.models.ood)
     assert card["ood"]["fit_images"] + card["ood"]["held_out_images"] == card["training"][
         "n_dev_images"]
@@ -225,6 +233,14 @@ def test_train_job_writes_to_s3_and_distils_from_an_s3_teacher(tmp_path, s3_serv
                                            str(tmp_path / run), *common, *extra]) == 0
         printed = capsys.readouterr()
         assert "testing-secret-value" not in printed.out + printed.err
+    # run1 again from a machine without its work folder (a new cluster's head): the fold
+    # published when it was complete is taken from S3, not trained again
+    before = s3_client.get_object(Bucket="models", Key="run1/fold-0/model.safetensors")
+    assert train_cell_classifier.main(["--output", "s3://models/run1", "--work",
+                                       str(tmp_path / "new-head"), *common]) == 0
+    assert "fold 0: complete in an earlier run" in capsys.readouterr().out
+    assert (tmp_path / "new-head" / "fold-0" / "model.safetensors").read_bytes() == before[
+        "Body"].read()
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket="models")["Contents"]}
     for run in ("run1", "run2"):
         assert {f"{run}/{n}" for n in ("model.safetensors", "model.json", "evaluation.json",
