@@ -401,22 +401,15 @@ def ray_inputs(args, prepared: str, local_runs: str):
     """What Ray Train workers read, wherever they run: the prepared arrays through the object
     store (a worker on another node cannot read the driver's disk), and where their
     checkpoints go: ``<output>/runs`` for an ``s3://`` output, else ``local_runs`` (one machine,
-    or a folder every node mounts; Ray Train fails at the first checkpoint otherwise, so a
-    multi-node cluster is warned of)."""
+    or a folder every node mounts: `run_ray_training`)."""
     import ray
 
     from engine.train.cell_classifier import read_prepared
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
-    if is_remote(args.output):
-        return ray.put(read_prepared(prepared)), join_uri(normalize_uri(args.output), "runs")
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1:
-        print(f"hemeflow: warning: a local --output ({args.output}) on a {len(nodes)}-node "
-              "cluster: Ray Train needs checkpoint storage every node reaches; give an s3:// "
-              "--output unless that folder is shared (NFS)", file=sys.stderr, flush=True)
-    return ray.put(read_prepared(prepared)), local_runs
+    runs = join_uri(normalize_uri(args.output), "runs") if is_remote(args.output) else local_runs
+    return ray.put(read_prepared(prepared)), runs
 
 
 def fold_complete(out: str, fold: int) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 
@@ -78,6 +79,11 @@ def run_ray_training(train_fn: Callable[[dict, object], None], config: dict, *, 
                  "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
     else:
         where = {"storage_path": os.path.abspath(storage_path)}
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        if nodes > 1:  # Ray Train fails at the first checkpoint of a worker on another node
+            print(f"hemeflow: warning: Ray Train checkpoints to the local folder "
+                  f"{where['storage_path']} on a {nodes}-node cluster: every node must mount it "
+                  "(NFS); otherwise give the job an s3:// output", file=sys.stderr, flush=True)
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={**config, "_train_fn": train_fn},
