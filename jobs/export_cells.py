@@ -2,7 +2,7 @@
 written as an image, with a ``labels.csv`` to fill in, which `jobs.train_cell_classifier` then
 trains on (fine-tuning the reference on the lab's own stain and scanner).
 
-    python -m jobs.export_cells --output <process_slides output> --to <new folder>
+    python -m jobs.export_cells --output <process_slides output> --to <new folder | s3://…>
         [--slide <slide_id or file name> ...] [--per-class 50] [--per-slide N]
         [--order random | uncertain | far] [--kind nucleated | platelet | all] [--px 144]
         [--seed 0]
@@ -25,6 +25,9 @@ call), ``ood_distance``, ``slide_id`` (so training splits by slide), ``cell_id``
 (level-0 pixels, to find the cell on the slide). Then::
 
     python -m jobs.train_cell_classifier --data <folder> --init <the run's checkpoint> ...
+
+``--to`` may be an ``s3://`` prefix (one with nothing under it): the experts fill in a copy of
+its ``labels.csv``, it is put back, and the train job takes ``--data`` the same prefix.
 """
 
 from __future__ import annotations
@@ -32,10 +35,14 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import io
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
+from engine.outputs import join_uri, write_bytes
+from engine.slides.storage import get_filesystem, is_remote, normalize_uri
 from jobs.cell_gallery import CROP_MPP, choose, read_crops
 from jobs.common import (add_storage_args, committed_slide, fail, storage_from_args,
                          without_lobes)
@@ -67,7 +74,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, help="a process_slides output folder or s3:// "
                                                     "prefix")
-    p.add_argument("--to", required=True, help="a new local folder for the images and labels")
+    p.add_argument("--to", required=True,
+                   help="a new local folder or s3:// prefix for the images and labels")
     p.add_argument("--slide", action="append", default=[],
                    help="slide_id or file name (repeat it; default: every ok slide)")
     p.add_argument("--per-class", type=int, default=50,
@@ -95,9 +103,9 @@ def main(argv=None) -> int:
             or args.px < 96:
         return fail("--per-class and --per-slide take 1 or more, --px 96 (the classifier's "
                     "crop) or more")
-    if os.path.isdir(args.to) and os.listdir(args.to):
-        return fail(f"{args.to} is not empty: export into a new folder")
     storage = storage_from_args(args)
+    if not is_empty(args.to, storage):
+        return fail(f"{args.to} is not empty: export into a new folder or prefix")
     store = OutputStore(args.output, storage)
     try:
         status = store.read("slide_status", columns=["slide_id", "status"])
@@ -128,6 +136,12 @@ def main(argv=None) -> int:
                                               args.seed).values()])
     picked = pl.concat(list(choose(cells, args.per_class, args.order, args.seed).values()))
     rows = []
+
+    def put(path: str, crop) -> None:
+        buf = io.BytesIO()
+        Image.fromarray(crop).save(buf, "PNG")
+        write_bytes(join_uri(args.to, path), buf.getvalue(), storage)
+
     try:
         for (sid,), chosen in picked.sort("slide_id", "cell_id").group_by("slide_id",
                                                                            maintain_order=True):
@@ -135,10 +149,10 @@ def main(argv=None) -> int:
             with open_slide(slide["uri"], storage) as reader:
                 crops = read_crops(reader, chosen, (slide["mpp_x"] + slide["mpp_y"]) / 2,
                                    (slide["width"], slide["height"]), args.px)
-            os.makedirs(os.path.join(args.to, "images", sid), exist_ok=True)
-            for crop, r in zip(crops, chosen.iter_rows(named=True)):
-                path = f"images/{sid}/{r['cell_id']}.png"
-                Image.fromarray(crop).save(os.path.join(args.to, path))
+            paths = [f"images/{sid}/{cid}.png" for cid in chosen["cell_id"]]
+            with ThreadPoolExecutor(8) as pool:  # on S3 a request each: several at once
+                list(pool.map(put, paths, crops))
+            for path, r in zip(paths, chosen.iter_rows(named=True)):
                 rows.append({"path": path, "code": "", "predicted": r["class_code"],
                              "class_prob": round(r["class_prob"], 4),
                              "ood_distance": r["ood_distance"], "slide_id": sid,
@@ -146,23 +160,36 @@ def main(argv=None) -> int:
                              "y": round(r["y"], 1)})
     except (OSError, HemeflowError) as err:
         return fail(f"{type(err).__name__}: {err} (the slides must be where the run read them)")
-    with open(os.path.join(args.to, "labels.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    table = io.StringIO()
+    w = csv.DictWriter(table, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    write_bytes(join_uri(args.to, "labels.csv"), table.getvalue().encode(), storage)
     info = {"source": args.output, "mpp": CROP_MPP, "px": args.px, "format": "png",
             "images": len(rows), "order": args.order, "kind": args.kind,
             "slides": sorted(picked["slide_id"].unique().to_list()),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    with open(os.path.join(args.to, "pack.json"), "w") as fh:
-        json.dump(info, fh, indent=2)
+    write_bytes(join_uri(args.to, "pack.json"), json.dumps(info, indent=2).encode(), storage)
     counts = picked["class_code"].value_counts(sort=True)
     print(f"{len(rows)} cells of {len(info['slides'])} slide(s) ({args.order}; "
           + ", ".join(f"{c} {n}" for c, n in counts.iter_rows()) + f") -> {args.to}")
-    print(f"label them: fill the code column of {os.path.join(args.to, 'labels.csv')} (a "
-          f"DeepHeme code; rows left empty are not trained on), then: python -m "
-          f"jobs.train_cell_classifier --data {args.to} --init <the run's checkpoint> ...")
+    where = join_uri(args.to, "labels.csv")
+    print(f"label them: fill the code column of {where} (a DeepHeme code; rows left empty are "
+          f"not trained on{'; a copy, put back when filled' if is_remote(args.to) else ''}), "
+          f"then: python -m jobs.train_cell_classifier --data {normalize_uri(args.to)} --init "
+          "<the run's checkpoint> ...")
     return 0
+
+
+def is_empty(uri: str, storage) -> bool:
+    """Whether nothing is under a local folder or an S3 prefix (or it does not exist)."""
+    if not is_remote(uri):
+        return not (os.path.isdir(uri) and os.listdir(uri))
+    fs, path = get_filesystem(normalize_uri(uri), storage)
+    try:
+        return not fs.find(path, maxdepth=1, withdirs=True)
+    except FileNotFoundError:
+        return True
 
 
 if __name__ == "__main__":

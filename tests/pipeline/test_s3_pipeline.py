@@ -1,11 +1,14 @@
 """S3 in and S3 out through the production code path, against moto on 127.0.0.1."""
 
 import collections
+import json
 
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import s3fs
+from PIL import Image
 
 from engine.config import StorageConfig
 from engine.slides.storage import StagingArea
@@ -107,3 +110,25 @@ def test_s3_in_and_out(ray_local, s3_server, s3_client, archive, tmp_path, capsy
     assert "7 slides (4 ok, 3 failed)" in capsys.readouterr().out
     summary = pl.read_csv(fs.open("results/run1/summary.csv", "rb"))
     assert sorted(summary["slide_id"]) == sorted(status["slide_id"])
+    # cells for a lab's experts, exported to S3: labelled there, the train job's --data reads
+    # the same prefix
+    from engine.train.data import fetch_labelled, read_labels
+    from jobs import export_cells
+
+    s3_client.create_bucket(Bucket="labels")
+    assert export_cells.main(["--output", "s3://results/run1", "--to", "s3://labels/lab-a",
+                              "--per-class", "2", "--kind", "all", "--s3-endpoint",
+                              s3_server]) == 0
+    assert "put back when filled" in capsys.readouterr().out
+    labels = pl.read_csv(fs.open("labels/lab-a/labels.csv", "rb"))
+    assert len(labels) >= 2 and labels["code"].is_null().all()
+    assert json.loads(fs.cat_file("labels/lab-a/pack.json"))["mpp"] == 0.25
+    s3_client.put_object(Bucket="labels", Key="lab-a/labels.csv",  # an expert's codes
+                         Body=labels.with_columns(code=pl.col("predicted")).write_csv().encode())
+    folder = fetch_labelled("s3://labels/lab-a", StorageConfig(endpoint_url=s3_server))
+    data = read_labels(folder)
+    assert list(data.codes) == labels["predicted"].to_list()
+    assert np.asarray(Image.open(data.paths[0])).shape == (144, 144, 3)
+    assert export_cells.main(["--output", "s3://results/run1", "--to", "s3://labels/lab-a",
+                              "--s3-endpoint", s3_server]) == 2
+    assert "is not empty" in capsys.readouterr().err
