@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -388,6 +389,20 @@ def committed_slide(store, name: str) -> dict:
         raise ValueError(f"no single slide {name!r} in {store.root}; slides: "
                          f"{sorted(slides['slide_id'].to_list())[:20]}")
     return match.row(0, named=True)
+
+
+def refuses_unreadable(main):
+    """A job's ``main`` that names the labelled images it cannot read and returns 2
+    (`engine.train.data.UnreadableImages`), rather than ending in a traceback."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        from engine.train.data import UnreadableImages
+
+        try:
+            return main(*args, **kwargs)
+        except UnreadableImages as err:
+            return fail(str(err))
+    return wrapped
 
 
 def fail(message: str, code: int = 2) -> int:

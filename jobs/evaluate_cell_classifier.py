@@ -26,7 +26,8 @@ from engine.models import create_model, read_checkpoint
 from engine.models.checkpoint import CheckpointError
 from engine.train.data import read_labels
 from engine.train.evaluation import evaluate_classifier
-from jobs.common import add_storage_args, local_data, mpp_arg, resolve_source_mpp
+from jobs.common import (add_storage_args, local_data, mpp_arg, refuses_unreadable,
+                         resolve_source_mpp)
 
 
 def parse_args(argv=None):
@@ -56,6 +57,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@refuses_unreadable
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:

@@ -25,7 +25,7 @@ import sys
 
 import numpy as np
 
-from jobs.common import fail, float_classifier_split, refit_parser
+from jobs.common import fail, float_classifier_split, refit_parser, refuses_unreadable
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@refuses_unreadable
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch

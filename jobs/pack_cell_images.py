@@ -21,12 +21,14 @@ import csv
 import datetime as dt
 import json
 import os
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
-from engine.train.data import labelled, load_cell_image, read_labels, source_of
+from engine.train.data import (UnreadableImages, labelled, load_cell_image, read_labels,
+                               source_of, try_load)
 from jobs.common import add_storage_args, fail, local_data, mpp_arg, resolve_source_mpp
 
 FORMATS = {"webp": "WEBP", "png": "PNG", "jpeg": "JPEG"}
@@ -75,7 +77,12 @@ def main(argv=None) -> int:
         return os.path.getsize(path)
 
     with ThreadPoolExecutor(args.threads) as pool:
-        total = sum(pool.map(pack, range(len(rows))))
+        sizes = list(pool.map(try_load(pack), range(len(rows))))
+    failed = [(p, s) for p, s in zip(data.paths, sizes) if isinstance(s, Exception)]
+    if failed:
+        shutil.rmtree(args.output)  # a new folder: nothing of a half-made pack is left
+        return fail(str(UnreadableImages(failed, len(sizes))))
+    total = sum(sizes)
     with open(os.path.join(args.output, "labels.csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=[*rows[0], "source_path"])
         w.writeheader()

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from jobs.common import float_classifier_split, refit_parser
+from jobs.common import float_classifier_split, refit_parser, refuses_unreadable
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,6 +72,7 @@ def predict_batched(pred, crops: np.ndarray, batch_size: int = 128
             None if any(d is None for d in far) else np.concatenate(far))
 
 
+@refuses_unreadable
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch

@@ -48,8 +48,8 @@ from engine.train.data import fetch_labelled, read_labels, source_of
 from engine.train.evaluation import evaluate_classifier, ordered_codes
 from engine.train.loop import LocalSession, TrainSettings, settings_dict
 from engine.train.splits import holdout_split, kfold_splits
-from jobs.common import (add_storage_args, local_data, mpp_arg, resolve_source_mpp,
-                         storage_from_args)
+from jobs.common import (add_storage_args, local_data, mpp_arg, refuses_unreadable,
+                         resolve_source_mpp, storage_from_args)
 
 
 def parse_args(argv=None):
@@ -218,7 +218,7 @@ def split_for_training(data, excluded: set[str], test_fraction: float, seed: int
 
 def prepare(args, out: str):
     """Split, write the test list, and write the prepared arrays for the workers."""
-    from engine.train.data import load_cell_images
+    from engine.train.data import UnreadableImages, load_cell_images, unreadable
 
     data = read_labels(args.data)
     excluded = {c.strip() for c in args.exclude_codes.split(",") if c.strip()}
@@ -238,7 +238,14 @@ def prepare(args, out: str):
     os.makedirs(prepared, exist_ok=True)
     if not os.path.exists(os.path.join(prepared, "split.json")):
         t0 = time.time()
-        images = load_cell_images(dev.paths, args.source_mpp, spec.input_mpp, margin_px)
+        # every image is tried now, the test split's too (scored only when training ends)
+        bad = unreadable([p for p, _ in test_rows])
+        try:
+            images = load_cell_images(dev.paths, args.source_mpp, spec.input_mpp, margin_px)
+        except UnreadableImages as err:
+            bad = err.failed + bad
+        if bad:
+            raise UnreadableImages(bad, len(dev) + len(test_rows))
         np.save(os.path.join(prepared, "images.npy"), images)
         np.save(os.path.join(prepared, "labels.npy"), y[dev_idx])
         folds = kfold_splits(y[dev_idx], args.folds, args.seed,
@@ -275,6 +282,7 @@ def best_weights(folder: str) -> dict:
     return load_file(os.path.join(folder, "best.safetensors"))
 
 
+@refuses_unreadable
 def main(argv=None) -> int:
     args = parse_args(argv)
     storage = storage_from_args(args)

@@ -30,7 +30,7 @@ import polars as pl
 from engine.models import MissingWeights
 from engine.models.mil import predict_bags, save_mil
 from engine.train.mil import train_mil
-from jobs.common import mpp_arg, resolve_source_mpp
+from jobs.common import mpp_arg, refuses_unreadable, resolve_source_mpp
 
 
 def parse_label(text: str, task: str):
@@ -129,6 +129,7 @@ def load_inputs(args) -> dict[str, np.ndarray]:
                               allow_untrained=args.allow_untrained)
 
 
+@refuses_unreadable
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.train_mil", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

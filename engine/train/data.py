@@ -10,12 +10,15 @@ import os
 import posixpath
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -283,10 +286,52 @@ def cell_crop(rgb: np.ndarray, source_mpp: float, target_mpp: float, out_px: int
     return out
 
 
+class UnreadableImages(ValueError):
+    """Images a labels table names that cannot be read or decoded (missing, truncated, not an
+    image): the message names them, with what to do."""
+
+    def __init__(self, failed: list[tuple[str, BaseException]], total: int):
+        self.failed = failed
+        shown = "; ".join(f"{source_of(p)} ({type(e).__name__}: {e})" for p, e in failed[:5])
+        super().__init__(f"{len(failed)} of {total} image(s) cannot be read: {shown}"
+                         + (" ..." if len(failed) > 5 else "")
+                         + ": replace them, or take their rows out of labels.csv")
+
+
+def try_load(load: Callable[..., T]) -> Callable[..., T | Exception]:
+    """``load`` that returns, rather than raises, the error of an unreadable image."""
+    def attempt(item):
+        try:
+            return load(item)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for broken files
+            return err
+    return attempt
+
+
+def unreadable(paths, threads: int = 8) -> list[tuple[str, Exception]]:
+    """The images of ``paths`` that cannot be decoded, with why (each one decoded in full)."""
+    def decode(path: str) -> None:
+        with Image.open(path) as im:
+            im.load()
+
+    paths = list(paths)
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(try_load(decode), paths))
+    return [(p, r) for p, r in zip(paths, results) if isinstance(r, Exception)]
+
+
 def load_cell_images(paths, source_mpp: float, target_mpp: float = 0.25, out_px: int = 144,
                      threads: int = 8, blur_um: float = 0.0) -> np.ndarray:
-    """Many images at once, ``(N, out_px, out_px, 3) uint8`` (decoded in threads)."""
+    """Many images at once, ``(N, out_px, out_px, 3) uint8`` (decoded in threads).
+
+    Raises:
+        UnreadableImages: naming every image that could not be read, after trying them all.
+    """
+    paths = list(paths)
     with ThreadPoolExecutor(threads) as pool:
-        images = list(pool.map(
-            lambda p: load_cell_image(p, source_mpp, target_mpp, out_px, blur_um), paths))
+        images = list(pool.map(try_load(
+            lambda p: load_cell_image(p, source_mpp, target_mpp, out_px, blur_um)), paths))
+    failed = [(p, r) for p, r in zip(paths, images) if isinstance(r, Exception)]
+    if failed:
+        raise UnreadableImages(failed, len(paths))
     return np.stack(images) if images else np.zeros((0, out_px, out_px, 3), np.uint8)

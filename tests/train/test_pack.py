@@ -65,3 +65,39 @@ def test_pack_keeps_rows_codes_and_split_and_the_train_job_takes_its_mpp(mini, t
     with pytest.raises(SystemExit) as refused:
         train(["--data", str(out), "--output", str(tmp_path / "t"), "--source-mpp", "0.1"])
     assert refused.value.code == 2
+
+
+def test_unreadable_images_are_named_and_nothing_half_made_is_left(mini, tmp_path, capsys):
+    """A labels table naming a truncated image and a missing one: every job says which, after
+    trying them all, and what to do; none ends in a traceback, and the pack job leaves no
+    half-made folder."""
+    from jobs import evaluate_cell_classifier, pack_cell_images, train_cell_classifier
+
+    rows = list(csv.DictReader(open(mini / "labels.csv", newline="")))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(open(rows[3]["path"], "rb").read()[:600])  # a copy cut short
+    rows[3]["path"], rows[7]["path"] = str(broken), str(tmp_path / "gone.jpg")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with open(bad / "labels.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    expected = f"2 of {len(rows)} image(s) cannot be read: {broken} (OSError"
+    assert pack_cell_images.main(["--data", str(bad), "--output", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "gone.jpg (FileNotFoundError" in err
+    assert "take their rows out of labels.csv" in err and not (tmp_path / "p").exists()
+    from engine.models import get_spec
+
+    ckpt = get_spec("deepheme-resnext50").checkpoint_uri()  # the images fail before it runs
+    assert evaluate_cell_classifier.main(["--checkpoint", str(ckpt), "--data", str(bad),
+                                          "--plots", str(tmp_path / "plots"), "--no-umap"]) == 2
+    assert expected in capsys.readouterr().err
+    assert train_cell_classifier.main(["--data", str(bad), "--output", str(tmp_path / "t"),
+                                       "--arch", "deepheme-tiny", "--local",
+                                       "--test-fraction", "0.3"]) == 2
+    err = capsys.readouterr().err
+    # before any training: the test split's images too, which are read only when it ends
+    assert f"2 of {len(rows)} image(s) cannot be read" in err and "gone.jpg (FileNotF" in err
+    assert not (tmp_path / "t" / "prepared" / "split.json").exists()
