@@ -46,6 +46,18 @@ def _worker_entry(config: dict) -> None:
     fn(config, RaySession())
 
 
+def warn_if_not_shared(folder: str) -> bool:
+    """Say so on stderr (and return True) where Ray Train is to checkpoint to a local folder on a
+    cluster of several nodes: it fails at the first checkpoint of a worker on another node
+    unless every node mounts that folder."""
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > 1:
+        print(f"hemeflow: warning: Ray Train checkpoints to the local folder {folder} on a "
+              f"{nodes}-node cluster: every node must mount it (NFS); otherwise give the job an "
+              "s3:// output", file=sys.stderr, flush=True)
+    return nodes > 1
+
+
 def run_ray_training(train_fn: Callable[[dict, object], None], config: dict, *, num_workers: int,
                      use_gpu: bool, storage_path: str, name: str, cpus_per_worker: float = 1,
                      max_failures: int = 2, storage=None) -> tuple[str, list[dict]]:
@@ -79,11 +91,7 @@ def run_ray_training(train_fn: Callable[[dict, object], None], config: dict, *, 
                  "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
     else:
         where = {"storage_path": os.path.abspath(storage_path)}
-        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-        if nodes > 1:  # Ray Train fails at the first checkpoint of a worker on another node
-            print(f"hemeflow: warning: Ray Train checkpoints to the local folder "
-                  f"{where['storage_path']} on a {nodes}-node cluster: every node must mount it "
-                  "(NFS); otherwise give the job an s3:// output", file=sys.stderr, flush=True)
+        warn_if_not_shared(where["storage_path"])
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={**config, "_train_fn": train_fn},

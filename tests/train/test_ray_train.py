@@ -86,3 +86,17 @@ def test_workers_read_the_object_store_and_checkpoint_to_s3(ray_local, tmp_path,
     assert any(k.startswith("cluster-run/runs/fold-0/") and k.endswith("best.safetensors")
                for k in keys), keys
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_local_checkpoint_folder_on_a_cluster_of_several_nodes_is_warned_of(
+        ray_local, monkeypatch, capsys):
+    import ray
+
+    from engine.pipeline.train import warn_if_not_shared
+
+    assert not warn_if_not_shared("/data/runs")  # this one-node Ray
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True},
+                                               {"Alive": False}])
+    assert warn_if_not_shared("/data/runs")
+    assert "/data/runs on a 2-node cluster: every node must mount it" in capsys.readouterr().err
