@@ -32,20 +32,20 @@ from engine.errors import HemeflowError
 from engine.models import MissingWeights
 from engine.models.mil import attention_scores, load_mil, predict_bags
 from jobs.common import add_storage_args, fail, refuses_unreadable, storage_from_args
-from jobs.train_mil import add_instances_arg, load_instances
+from jobs.train_mil import add_instances_arg, is_output, load_instances
 
 THUMB_PX = 1024
 
 
-def _slides(embeddings: str) -> dict[str, dict]:
+def _slides(embeddings: str, storage) -> dict[str, dict]:
     """slide_id -> its slides row (uri, width, height, mpp), where ``embeddings`` is a
     process_slides output."""
-    if not os.path.isdir(os.path.join(embeddings, "slide_status")):
+    if not is_output(embeddings):
         return {}
     from engine.pipeline.commit import read_table
 
     rows = read_table(embeddings, "slides", columns=["slide_id", "uri", "width", "height",
-                                                     "mpp_x"])
+                                                     "mpp_x"], storage=storage)
     return {r["slide_id"]: r for r in rows.iter_rows(named=True)}
 
 
@@ -126,7 +126,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--embeddings", help="process_slides output or its tiles folder")
+    src.add_argument("--embeddings", help="process_slides output (folder or s3:// prefix) or "
+                                          "a local folder of its tiles tables")
     src.add_argument("--bags", help="folder of <patient_id>/…/<image> single-cell images")
     add_instances_arg(p)
     p.add_argument("--output", required=True)
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
         try:
             found = load_instances(args.embeddings, args.instances,
                                    ("x", "y", "mpp", "tile_px") if args.instances == "tiles"
-                                   else ("cell_id",))
+                                   else ("cell_id",), storage)
         except FileNotFoundError as err:
             return fail(str(err))
         bags, where = {}, {}
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
             where[sid] = {c: g[c].to_numpy() for c in g.columns if c not in ("slide_id",
                                                                                "embedding")}
         if args.figures:
-            slides = _slides(args.embeddings)
+            slides = _slides(args.embeddings, storage)
             if not slides:
                 return fail("--figures draws on each slide: give the "
                             "process_slides output (its slides table says where each slide "

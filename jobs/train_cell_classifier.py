@@ -347,6 +347,8 @@ def main(argv=None) -> int:
                 storage=storage)
         module = build_module(spec, len(codes))
         module.load_state_dict(best_weights(ckpt_dir))
+        if is_remote(runs):  # a local copy of the run's last checkpoint (run_ray_training)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
         model = LoadedModel(module.eval(), spec, tuple(codes), weights=f"fold-{fold}")
         members.append(model)
         card = make_card(args, spec, codes, model, n_dev, fold, history, time.time() - t0,

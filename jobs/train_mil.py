@@ -30,7 +30,9 @@ import polars as pl
 from engine.models import MissingWeights
 from engine.models.mil import predict_bags, save_mil
 from engine.train.mil import train_mil
-from jobs.common import mpp_arg, refuses_unreadable, resolve_source_mpp
+from engine.slides.storage import is_remote, normalize_uri
+from jobs.common import (add_storage_args, mpp_arg, refuses_unreadable, resolve_source_mpp,
+                         storage_from_args)
 
 
 def parse_label(text: str, task: str):
@@ -49,11 +51,17 @@ def parse_label(text: str, task: str):
 INSTANCES = {"tiles": ("tiles", "embedding"), "cells": ("cell_features", "features")}
 
 
+def is_output(embeddings: str) -> bool:
+    """Whether ``embeddings`` is a process_slides output: an ``s3://`` prefix (only an output
+    is read from S3), or a folder with ``slide_status``."""
+    return is_remote(embeddings) or os.path.isdir(os.path.join(embeddings, "slide_status"))
+
+
 def load_instances(embeddings: str, instances: str = "tiles",
-                   columns: tuple[str, ...] = ()) -> pl.DataFrame:
+                   columns: tuple[str, ...] = (), storage=None) -> pl.DataFrame:
     """The instances (``tiles``: embedded tiles; ``cells``: cells with features) of a
-    process_slides output folder (its committed slides), or of a folder of such tables (or one
-    holding the table's folder), in file order: ``slide_id``, those of ``columns`` the tables
+    process_slides output folder or ``s3://`` prefix (its committed slides), or of a local
+    folder of such tables (or one holding the table's folder), in file order: ``slide_id``, those of ``columns`` the tables
     have, and the vectors as ``embedding``. From a process_slides output, a slide's cells are
     those its differential counts: nucleated detections, less those out of focus
     (`engine.focus`), whose features are not the cell's.
@@ -64,15 +72,15 @@ def load_instances(embeddings: str, instances: str = "tiles",
     """
     table, vectors = INSTANCES[instances]
     want = ["slide_id", *columns, vectors]
-    if os.path.isdir(os.path.join(embeddings, "slide_status")):
+    if is_output(embeddings):
         from engine.pipeline.commit import read_table
 
         key = ["slide_id", "cell_id"]
         df = read_table(embeddings, table, columns=list(dict.fromkeys(
-            want + (key if instances == "cells" else []))))
+            want + (key if instances == "cells" else []))), storage=storage)
         if instances == "cells":  # the cells the differential counts
             cells = read_table(embeddings, "cells", columns=[*key, "kind", "out_of_focus"],
-                               optional=("lobe_of",))
+                               storage=storage, optional=("lobe_of",))
             left_out = cells.filter(pl.col("out_of_focus").fill_null(False)
                                     | (pl.col("kind") != "nucleated")
                                     | (pl.col("lobe_of").is_not_null() if "lobe_of" in
@@ -91,9 +99,10 @@ def load_instances(embeddings: str, instances: str = "tiles",
     return df.rename({vectors: "embedding"}).filter(pl.col("embedding").is_not_null())
 
 
-def load_bags(embeddings: str, instances: str = "tiles") -> dict[str, np.ndarray]:
+def load_bags(embeddings: str, instances: str = "tiles", storage=None
+              ) -> dict[str, np.ndarray]:
     """slide_id -> ``(n_instances, D)``, from what `load_instances` reads."""
-    df = load_instances(embeddings, instances)
+    df = load_instances(embeddings, instances, storage=storage)
     return {sid: np.asarray(g["embedding"].to_list(), np.float32)
             for (sid,), g in df.group_by("slide_id", maintain_order=True)}
 
@@ -118,7 +127,7 @@ def add_bag_args(p: argparse.ArgumentParser) -> None:
 def load_inputs(args) -> dict[str, np.ndarray]:
     """Bag id -> instances, from ``--embeddings`` (slides) or ``--bags`` (patients)."""
     if not args.bags:
-        return load_bags(args.embeddings, args.instances)
+        return load_bags(args.embeddings, args.instances, storage_from_args(args))
     from engine.bags import embed_patient_bags, find_patient_images
 
     images = find_patient_images(args.bags)
@@ -136,7 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--task", choices=("regression", "classification"), required=True)
     p.add_argument("--labels", required=True)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--embeddings", help="process_slides output or its tiles folder")
+    src.add_argument("--embeddings", help="process_slides output (folder or s3:// prefix) or "
+                                          "a local folder of its tiles tables")
     src.add_argument("--bags", help="folder of <patient_id>/…/<image> single-cell images")
     add_instances_arg(p)
     add_bag_args(p)
@@ -149,6 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers per fit")
     p.add_argument("--local", action="store_true", help="train in this process, without Ray")
+    add_storage_args(p)
     args = p.parse_args(argv)
     try:
         bags = load_inputs(args)
@@ -205,7 +216,7 @@ def main(argv=None) -> int:
              {"name": "abmil", "classes": classes, "labels": os.path.abspath(args.labels),
               "input": "bags" if args.bags else "embeddings",
               "instances": None if args.bags else args.instances,
-              "embeddings": os.path.abspath(args.embeddings) if args.embeddings else None,
+              "embeddings": (normalize_uri(args.embeddings) if args.embeddings else None),
               "bags": os.path.abspath(args.bags) if args.bags else None,
               "encoder": {"model": args.encoder, "checkpoint": args.encoder_checkpoint,
                           "source_mpp": args.source_mpp} if args.bags else None,

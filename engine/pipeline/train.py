@@ -72,7 +72,8 @@ def run_ray_training(train_fn: Callable[[dict, object], None], config: dict, *, 
     (``ray.put``), never as a path on the driver's disk.
 
     Returns:
-        ``(local folder of the last checkpoint, metrics history)``.
+        ``(local folder of the last checkpoint, metrics history)``; for an ``s3://``
+        ``storage_path`` the folder is a new temporary one, for the caller to remove.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

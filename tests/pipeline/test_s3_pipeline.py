@@ -20,6 +20,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
 
 def test_s3_in_and_out(ray_local, s3_server, s3_client, archive, tmp_path, capsys):
+    # the node's staging folder is shared: copies that an earlier run's export_cells or
+    # predict_mil --figures staged (same URIs, same ETags) would spare this run its downloads
+    StagingArea(StorageConfig()).purge()
     s3_client.create_bucket(Bucket="slides")
     s3_client.create_bucket(Bucket="results")
     upload_tree(s3_client, "slides", archive, "lab-a")
@@ -132,3 +135,29 @@ def test_s3_in_and_out(ray_local, s3_server, s3_client, archive, tmp_path, capsy
     assert export_cells.main(["--output", "s3://results/run1", "--to", "s3://labels/lab-a",
                               "--s3-endpoint", s3_server]) == 2
     assert "is not empty" in capsys.readouterr().err
+    # cellularity MIL on the run's tile embeddings, read from S3 where the run wrote them
+    from jobs import predict_mil, train_mil
+
+    tiles = pl.concat([pl.from_arrow(pq.read_table(fs.open(p, "rb"),
+                                                   columns=["slide_id", "embedding"]))
+                       for p in fs.glob("results/run1/tiles/*.parquet")])
+    ok = sorted(tiles.filter(pl.col("embedding").is_not_null())["slide_id"].unique())
+    assert len(ok) >= 2
+    labels = tmp_path / "cellularity.csv"
+    labels.write_text("slide_id,label\n" + "".join(f"{sid},{30 + 10 * i}%\n"
+                                                   for i, sid in enumerate(ok)))
+    s3 = ["--embeddings", "s3://results/run1", "--s3-endpoint", s3_server]
+    assert train_mil.main(["--task", "regression", "--labels", str(labels), *s3, "--output",
+                           str(tmp_path / "mil"), "--folds", "2", "--epochs", "2",
+                           "--local"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["n_bags"] == len(ok)
+    ckpt = str(tmp_path / "mil" / "abmil.safetensors")
+    assert json.loads((tmp_path / "mil" / "abmil.json").read_text())["embeddings"] == \
+        "s3://results/run1"
+    assert predict_mil.main(["--checkpoint", ckpt, *s3, "--output", str(tmp_path / "pred"),
+                             "--figures"]) == 0
+    preds = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert sorted(p["slide_id"] for p in preds) == ok
+    figures = tmp_path / "pred" / "mil_predictions" / "figures"
+    assert sorted(p.stem for p in figures.iterdir()) == ok  # each slide read back from S3

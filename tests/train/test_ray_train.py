@@ -82,6 +82,7 @@ def test_workers_read_the_object_store_and_checkpoint_to_s3(ray_local, tmp_path,
                                        storage=StorageConfig(endpoint_url=s3_server))
     assert [h["epoch"] for h in history] == [0, 1]
     assert os.path.exists(os.path.join(folder, "best.safetensors"))
+    shutil.rmtree(folder)  # a temporary copy of the last checkpoint, the caller's to remove
     keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket="models")["Contents"]]
     assert any(k.startswith("cluster-run/runs/fold-0/") and k.endswith("best.safetensors")
                for k in keys), keys
