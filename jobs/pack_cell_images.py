@@ -86,8 +86,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.output, "labels.csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=[*rows[0], "source_path"])
         w.writeheader()
-        w.writerows({**r, "path": name, "source_path": source_of(r["path"])}
-                    for r, name in zip(rows, names))
+        w.writerows({**r, "path": name, "source_path": source_of(path)}  # where it was read
+                    for r, name, path in zip(rows, names, data.paths))
     info = {"source": args.data_source, "source_mpp": source_mpp, "mpp": args.mpp,
             "px": args.px, "format": args.format,
             "quality": None if args.format == "png" else args.quality,

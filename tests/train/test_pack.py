@@ -67,6 +67,23 @@ def test_pack_keeps_rows_codes_and_split_and_the_train_job_takes_its_mpp(mini, t
     assert refused.value.code == 2
 
 
+def test_a_packs_source_paths_say_where_each_image_was_read(tmp_path, capsys):
+    """Paths relative to the labels' folder are recorded as the files they name."""
+    from jobs.pack_cell_images import main as pack
+
+    rel = tmp_path / "rel"
+    (rel / "images").mkdir(parents=True)
+    names = sorted((PBC / "images" / "basophil").iterdir())[:2]
+    for p in names:
+        (rel / "images" / p.name).write_bytes(p.read_bytes())
+    (rel / "labels.csv").write_text("path,code\n" + "".join(f"images/{p.name},B2\n"
+                                                            for p in names))
+    assert pack(["--data", str(rel), "--output", str(tmp_path / "p"), "--format", "png"]) == 0
+    packed = list(csv.DictReader(open(tmp_path / "p" / "labels.csv", newline="")))
+    assert [r["source_path"] for r in packed] == [str(rel / "images" / p.name) for p in names]
+    assert json.loads(capsys.readouterr().out)["source"] == str(rel)
+
+
 def test_unreadable_images_are_named_and_nothing_half_made_is_left(mini, tmp_path, capsys):
     """A labels table naming a truncated image and a missing one: every job says which, after
     trying them all, and what to do; none ends in a traceback, and the pack job leaves no
