@@ -9,7 +9,8 @@ up-sampling, augmentation, Adam + step decay and early stopping, then evaluate e
 average on the test split. Every model is written as fp16 safetensors with a JSON card;
 <output>/model.safetensors is the ensemble's first member when K=1, and <output>/fold-*/ hold all.
 A killed worker is replaced and resumes from its last epoch. Rerunning the same command resumes:
-folds already written are kept, and an interrupted fold goes on from its last epoch.
+folds already written under the same settings are kept (`reusable_fold`), and an interrupted
+fold goes on from its last epoch.
 With an ``s3://`` output the job works in a local folder (``--work``; by default one named after
 the output, so a rerun on the same machine resumes) and uploads the checkpoints, cards, the test
 list and ``evaluation.json`` when it ends; Ray Train's workers write their epoch checkpoints to
@@ -323,7 +324,7 @@ def main(argv=None) -> int:
     if not args.local:
         data, runs = ray_inputs(args, prepared, runs)
     for fold in range(args.folds):
-        if fold_complete(out, fold) or fetched_fold(out, args.output, fold, storage):
+        if reusable_fold(out, fold, args, storage):
             # a rerun after a crash in a later fold does not train it again (Ray Train resumes
             # an interrupted run, but starts a finished one over)
             members.append(reload(out, fold, args))
@@ -422,34 +423,56 @@ def ray_inputs(args, prepared: str, local_runs: str):
     return ray.put(read_prepared(prepared)), runs
 
 
-def fold_complete(out: str, fold: int) -> bool:
-    """Whether ``fold``'s checkpoint is written: its card is, after the weights, in full."""
+# the flags that make a fold's model what it is: a fold written under others is trained again
+FOLD_FLAGS = ("arch", "folds", "epochs", "batch_size", "lr", "patience", "label_smoothing",
+              "optimizer", "weight_decay", "mixup", "ema_decay", "teacher", "distill_alpha",
+              "distill_temperature", "lr_step_epochs", "init", "swa_start", "precision",
+              "augment", "max_minutes", "source_mpp", "exclude_codes", "test_fraction",
+              "limit_per_class", "max_steps", "seed")
+
+
+def reusable_fold(work: str, fold: int, args, storage) -> bool:
+    """Whether ``fold`` is complete from an earlier run of the same command, and so not
+    trained again: its checkpoint and card in ``work`` (the card is written after the weights,
+    so a whole card means both), or else under an ``s3://`` output (an earlier run on another
+    machine published them; downloaded into ``work``), with the card's settings those of
+    ``args`` (`FOLD_FLAGS`; a fold trained under others is said and trained again)."""
+    folder = os.path.join(work, f"fold-{fold}")
+    card, remote = None, None
     try:
-        with open(os.path.join(out, f"fold-{fold}", "model.json")) as fh:
-            json.load(fh)
+        with open(os.path.join(folder, "model.json")) as fh:
+            card = json.load(fh)
+        if not os.path.exists(os.path.join(folder, "model.safetensors")):
+            card = None
     except (OSError, ValueError):
-        return False
-    return os.path.exists(os.path.join(out, f"fold-{fold}", "model.safetensors"))
+        pass
+    if card is None and is_remote(args.output):
+        from engine.slides.storage import get_filesystem
 
-
-def fetched_fold(work: str, output: str, fold: int, storage) -> bool:
-    """For an ``s3://`` output: ``fold``'s checkpoint and card, complete under the output (an
-    earlier run on another machine published them), downloaded into ``work``."""
-    if not is_remote(output):
+        fs, remote = get_filesystem(join_uri(normalize_uri(args.output), f"fold-{fold}"),
+                                    storage)
+        try:
+            card = json.loads(fs.cat_file(f"{remote}/model.json"))
+        except (FileNotFoundError, ValueError):
+            return False
+    if card is None:
         return False
-    from engine.slides.storage import get_filesystem
-
-    remote = join_uri(normalize_uri(output), f"fold-{fold}")
-    fs, path = get_filesystem(remote, storage)
-    try:
-        card = json.loads(fs.cat_file(f"{path}/model.json"))
-        os.makedirs(os.path.join(work, f"fold-{fold}"), exist_ok=True)
-        fs.get(f"{path}/model.safetensors", os.path.join(work, f"fold-{fold}",
-                                                        "model.safetensors"))
-    except (FileNotFoundError, ValueError):
+    before = card.get("training", {}).get("settings", {})
+    now = {k: v for k, v in vars(args).items() if k in FOLD_FLAGS}
+    changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+    if changed:
+        print(f"fold {fold}: written under other settings ("
+              + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+              + "): trained again", flush=True)
         return False
-    with open(os.path.join(work, f"fold-{fold}", "model.json"), "w") as fh:
-        json.dump(card, fh, indent=2, sort_keys=True)
+    if remote is not None:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fs.get(f"{remote}/model.safetensors", os.path.join(folder, "model.safetensors"))
+        except FileNotFoundError:
+            return False
+        with open(os.path.join(folder, "model.json"), "w") as fh:
+            json.dump(card, fh, indent=2, sort_keys=True)
     return True
 
 

@@ -176,6 +176,14 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys):
     assert "fold 0: complete in an earlier run" in capsys.readouterr().out
     assert (out / "fold-0" / "model.safetensors").read_bytes() == weights
     assert json.loads((out / "model.json").read_text())["training"] == card["training"]
+    # with other settings (a second epoch), the fold is trained again, and says why
+    assert train_cell_classifier.main(
+        ["--data", str(PBC), "--output", str(out), "--arch", "deepheme-tiny", "--epochs", "2",
+         "--limit-per-class", "8", "--local", "--loader-workers", "0", "--batch-size", "16"]) == 0
+    assert "fold 0: written under other settings (epochs 1 -> 2): trained again" in \
+        capsys.readouterr().out
+    card = json.loads((out / "model.json").read_text())
+    assert card["training"]["settings"]["epochs"] == 2
     # every checkpoint the job writes carries its feature density (engine.models.ood)
     assert card["ood"]["fit_images"] + card["ood"]["held_out_images"] == card["training"][
         "n_dev_images"]
