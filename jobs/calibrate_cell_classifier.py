@@ -20,7 +20,8 @@ import sys
 
 import numpy as np
 
-from jobs.common import local_data, refit_parser, refuses_unreadable, resolve_source_mpp
+from jobs.common import (local_data, refit_parser, refuses_unreadable, resolve_source_mpp,
+                         storage_from_args)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,8 +61,8 @@ def main(argv=None) -> int:
     from engine.train.data import load_cell_images
 
     try:
-        state, card = read_checkpoint(args.checkpoint)
-        model = create_model(card["name"], args.checkpoint)
+        state, card = read_checkpoint(args.checkpoint, storage_from_args(args))
+        model = create_model(card["name"], args.checkpoint, storage=storage_from_args(args))
         paths, y, codes, test_paths = validation_rows(args)
         args.source_mpp = resolve_source_mpp(args.source_mpp, paths)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
                   "exclude_codes": args.exclude_codes, "folds": args.folds, "fold": args.fold},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **result}
     card.pop("metrics", None)  # earlier test metrics describe the uncalibrated model
-    write_checkpoint(state, card, args.output)
+    write_checkpoint(state, card, args.output, storage_from_args(args))
     print(json.dumps(card["calibration"], indent=2))
     return 0
 

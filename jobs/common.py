@@ -426,11 +426,12 @@ def float_classifier_split(args):
     from engine.train.data import read_labels
     from jobs.train_cell_classifier import split_for_training
 
-    state, card = read_checkpoint(args.checkpoint)
+    storage = storage_from_args(args)
+    state, card = read_checkpoint(args.checkpoint, storage)
     if card.get("quantization"):
         raise ValueError(f"{args.checkpoint} is already quantized: give its float checkpoint "
                          "(quantize last; the int8 checkpoint keeps what the float one carries)")
-    model = create_model(card["name"], args.checkpoint)
+    model = create_model(card["name"], args.checkpoint, storage=storage)
     if model.spec.task != "classification":
         raise ValueError(f"{card['name']} is not a cell classifier")
     local_data(args)

@@ -27,7 +27,7 @@ from engine.models.checkpoint import CheckpointError
 from engine.train.data import read_labels
 from engine.train.evaluation import evaluate_classifier
 from jobs.common import (add_storage_args, local_data, mpp_arg, refuses_unreadable,
-                         resolve_source_mpp)
+                         resolve_source_mpp, storage_from_args)
 
 
 def parse_args(argv=None):
@@ -63,8 +63,8 @@ def main(argv=None) -> int:
     try:
         models = []
         for ckpt in args.checkpoint:
-            _, card = read_checkpoint(ckpt)
-            models.append(create_model(card["name"], ckpt))
+            _, card = read_checkpoint(ckpt, storage_from_args(args))
+            models.append(create_model(card["name"], ckpt, storage=storage_from_args(args)))
         local_data(args)
         data = read_labels(args.data)
         args.source_mpp = resolve_source_mpp(args.source_mpp, data.paths)

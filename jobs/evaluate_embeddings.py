@@ -21,7 +21,7 @@ from engine.models.checkpoint import CheckpointError
 from engine.train.data import load_cell_images, read_labels
 from engine.train.evaluation import probe_embeddings
 from jobs.common import (add_storage_args, local_data, mpp_arg, refuses_unreadable,
-                         resolve_source_mpp)
+                         resolve_source_mpp, storage_from_args)
 
 
 @refuses_unreadable
@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         model = create_model(args.model, args.checkpoint, allow_untrained=args.allow_untrained,
+                             storage=storage_from_args(args),
                              class_codes=("none",))
         local_data(args)
         data = read_labels(args.data)

@@ -25,7 +25,8 @@ import sys
 
 import numpy as np
 
-from jobs.common import fail, float_classifier_split, refit_parser, refuses_unreadable
+from jobs.common import (fail, float_classifier_split, refit_parser, refuses_unreadable,
+                         storage_from_args)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
                        None if flagged is None else round(flagged, 4)},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     weights = {k: v for k, v in state.items() if not k.startswith(PREFIX)}
-    write_checkpoint({**weights, **density.state_dict()}, card, args.output)
+    write_checkpoint({**weights, **density.state_dict()}, card, args.output,
+                     storage_from_args(args))
     print(json.dumps({"output": args.output, **card["ood"]}, indent=2, default=str))
     return 0
 

@@ -27,7 +27,8 @@ import time
 
 import numpy as np
 
-from jobs.common import float_classifier_split, refit_parser, refuses_unreadable
+from jobs.common import (float_classifier_split, refit_parser, refuses_unreadable,
+                         storage_from_args)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,6 +76,7 @@ def predict_batched(pred, crops: np.ndarray, batch_size: int = 128
 @refuses_unreadable
 def main(argv=None) -> int:
     args = parse_args(argv)
+    storage = storage_from_args(args)
     import torch
 
     from engine.models import CheckpointError, Predictor, create_model, write_checkpoint
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
                                   "exclude_codes": args.exclude_codes}},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     tensors = {**state, **observer_state(prepared)}  # the histogram search, once
-    write_checkpoint(tensors, card, args.output)
+    write_checkpoint(tensors, card, args.output, storage)
     if model.ood is not None and args.ood_images > 0:
         from engine.models.ood import PREFIX, match_threshold
 
@@ -114,7 +116,8 @@ def main(argv=None) -> int:
         crops = load_cell_images([trainable.paths[i] for i in chosen], args.source_mpp,
                                  spec.input_mpp, spec.input_px)
         float_far = predict_batched(Predictor(model), crops)[1]
-        int8_far = predict_batched(Predictor(create_model(card["name"], args.output)), crops)[1]
+        int8 = create_model(card["name"], args.output, storage=storage)
+        int8_far = predict_batched(Predictor(int8), crops)[1]
         cut = match_threshold(float_far, model.ood.threshold, int8_far)
         tensors[PREFIX + "threshold"] = torch.tensor([cut], dtype=torch.float32)
         card["ood"] = {**card.get("ood", {}), "threshold": round(cut, 4)}
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
             "rule": "the float threshold times the median int8/float distance ratio among "
                     "the farthest tenth of these training-split images (none used for "
                     "calibration)"}
-        write_checkpoint(tensors, card, args.output)
+        write_checkpoint(tensors, card, args.output, storage)
     codes = list(model.class_codes)
     scored = [(p, c) for p, c in test_rows if c in codes]
     if not args.no_eval and scored:
@@ -135,8 +138,8 @@ def main(argv=None) -> int:
         card["quantization"]["evaluation"] = {
             "rows": "the held-out test split, single view, on this CPU",
             "float": score(model, crops, y),
-            "int8": score(create_model(card["name"], args.output), crops, y)}
-        write_checkpoint(tensors, card, args.output)  # the same tensors, the card scored
+            "int8": score(create_model(card["name"], args.output, storage=storage), crops, y)}
+        write_checkpoint(tensors, card, args.output, storage)  # the same tensors, the card scored
     print(json.dumps({"output": args.output, **card["quantization"]}, indent=2, default=str))
     return 0
 

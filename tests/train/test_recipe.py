@@ -465,10 +465,12 @@ def test_labelled_images_on_s3_train_evaluate_and_fetch_only_what_changed(
     assert any(p.startswith("s3://cells/shared/") for p in test_paths) or all(
         "MO2" != c for c in card["class_codes"])
 
-    # evaluating on the published list: every image is in the cache already, none is read
+    # evaluating the published checkpoint on the published list (both read through the
+    # endpoint given): every image is in the cache already, none is read
     with s3_requests() as requests:
         assert evaluate_cell_classifier.main(
-            ["--checkpoint", str(work / "model.safetensors"), "--data", "s3://models/remote/test",
+            ["--checkpoint", "s3://models/remote/model.safetensors", "--data",
+             "s3://models/remote/test",
              "--plots", str(tmp_path / "plots"), "--no-umap", "--no-tta", "--s3-endpoint",
              s3_server]) == 0
     report = json.loads(capsys.readouterr().out)
