@@ -116,3 +116,43 @@ def test_killing_a_worker_node_loses_nothing(slides, tmp_path):
         # one slide's pixels under 30 names: every slide found the same cells, once
         counts = cells.group_by("slide_id").len()["len"]
         assert counts.n_unique() == 1 and counts[0] > 10
+
+
+@pytest.mark.s3
+def test_fine_tuning_across_two_nodes_checkpoints_to_s3(tmp_path, s3_server, s3_client):
+    """train_cell_classifier as a lab runs it on a cluster: submitted with `ray job submit` to
+    a head that takes no work, one Ray Train worker on each of two 2-CPU nodes (each needs 2
+    CPUs), the prepared images through the object store and the epoch checkpoints on S3."""
+    from tests.conftest import S3_TEST_ENV, SHARED_DATA
+
+    if not (SHARED_DATA / "pbc" / "labels.csv").exists():
+        pytest.skip("PBC data not present")
+    gcs, dash = free_port(), free_port()
+    env = {**os.environ, **S3_TEST_ENV, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    s3_client.create_bucket(Bucket="models")
+    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    with ray_cluster(RAY, env, gcs, "--num-cpus=0", f"--dashboard-port={dash}",
+                     "--dashboard-host=127.0.0.1", "--include-dashboard=true"):
+        for port in (free_port(), free_port()):
+            w = subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
+                                f"--node-manager-port={port}", *node_ports(), *common],
+                               env=env, capture_output=True, text=True, timeout=120)
+            assert w.returncode == 0, w.stderr
+        job = subprocess.run(
+            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
+             "--runtime-env", "cluster/runtime_env.yaml", "--", "python", "-m",
+             "jobs.train_cell_classifier", "--data", str(SHARED_DATA / "pbc"), "--output",
+             "s3://models/cluster", "--work", str(tmp_path / "work"), "--arch", "deepheme-tiny",
+             "--epochs", "1", "--limit-per-class", "8", "--loader-workers", "0",
+             "--batch-size", "16", "--workers", "2", "--cpus-per-worker", "2", "--no-ood",
+             "--s3-endpoint", s3_server],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    logs = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in logs.lower(), logs[-3000:]
+    assert "testing-secret-value" not in logs
+    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket="models")["Contents"]}
+    assert {"cluster/fold-0/model.safetensors", "cluster/model.json",
+            "cluster/test/labels.csv"} <= keys
+    assert any(k.startswith("cluster/runs/fold-0/checkpoint_") for k in keys), sorted(keys)
