@@ -5,7 +5,7 @@ trains on (fine-tuning the reference on the lab's own stain and scanner).
     python -m jobs.export_cells --output <process_slides output> --to <new folder | s3://…>
         [--slide <slide_id or file name> ...] [--per-class 50] [--per-slide N]
         [--order random | uncertain | far] [--kind nucleated | platelet | all] [--px 144]
-        [--seed 0]
+        [--skip-exported <an earlier export> ...] [--seed 0]
 
 Up to ``--per-class`` cells of each class the run called, over the chosen slides (all its ok
 slides by default): ``random`` shows what the counts are made of, ``uncertain`` the least
@@ -26,6 +26,11 @@ call), ``ood_distance``, ``slide_id`` (so training splits by slide), ``cell_id``
 
     python -m jobs.train_cell_classifier --data <folder> --init <the run's checkpoint> ...
 
+``--skip-exported`` names earlier exports (folders or ``s3://`` prefixes with their
+``labels.csv``) whose cells are not exported again: the next round of an active-learning loop
+(export the cells the model is least sure of, label, fine-tune, export again) shows the experts
+new cells only.
+
 ``--to`` may be an ``s3://`` prefix (one with nothing under it): the experts fill in a copy of
 its ``labels.csv``, it is put back, and the train job takes ``--data`` the same prefix.
 """
@@ -42,10 +47,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.outputs import join_uri, write_bytes
-from engine.slides.storage import get_filesystem, is_remote, normalize_uri
+from engine.slides.storage import InputError, get_filesystem, is_remote, normalize_uri
 from jobs.cell_gallery import CROP_MPP, choose, read_crops
-from jobs.common import (add_storage_args, committed_slide, fail, storage_from_args,
-                         without_lobes)
+from jobs.common import (add_storage_args, committed_slide, fail, read_csv_rows,
+                         storage_from_args, without_lobes)
 
 ORDERS = ("random", "uncertain", "far")
 COLUMNS = ("path", "code", "predicted", "class_prob", "ood_distance", "slide_id", "cell_id",
@@ -87,6 +92,9 @@ def main(argv=None) -> int:
     p.add_argument("--px", type=int, default=144,
                    help="side of each image at 0.25 µm/px (the 96 px crop and the augmentation "
                         "margin)")
+    p.add_argument("--skip-exported", action="append", default=[], metavar="EXPORT",
+                   help="an earlier export (folder or s3:// prefix with labels.csv) whose cells "
+                        "are left out (repeat it)")
     p.add_argument("--seed", type=int, default=0)
     add_storage_args(p)
     args = p.parse_args(argv)
@@ -124,9 +132,18 @@ def main(argv=None) -> int:
                       slide_ids=sids & ok, optional=("lobe_of",))
     cells = exportable(pl.from_arrow(read), slides, args.kind, args.px) if read is not None \
         else None
+    if cells is not None and args.skip_exported:
+        try:
+            done = exported_before(args.skip_exported, storage)
+        except (InputError, ValueError) as err:
+            return fail(f"--skip-exported: {err}")
+        n = len(cells)
+        cells = cells.join(done, on=["slide_id", "cell_id"], how="anti", maintain_order="left")
+        print(f"--skip-exported: {n - len(cells)} cell(s) exported before left out")
     if cells is None or cells.is_empty():
         return fail(f"no classified {'' if args.kind == 'all' else args.kind + ' '}cells in "
-                    f"the ok slides chosen under {args.output}")
+                    f"the ok slides chosen under {args.output}"
+                    + (" that earlier exports do not hold" if args.skip_exported else ""))
     if args.order == "far" and cells["ood_distance"].is_null().all():
         return fail("the run's cells have no distance to the training data: its checkpoint "
                     "carries no feature density (python -m jobs.fit_cell_ood)")
@@ -179,6 +196,25 @@ def main(argv=None) -> int:
           f"then: python -m jobs.train_cell_classifier --data {normalize_uri(args.to)} --init "
           "<the run's checkpoint> ...")
     return 0
+
+
+def exported_before(exports: list[str], storage):
+    """``slide_id``, ``cell_id`` of the cells in earlier exports' ``labels.csv``.
+
+    Raises:
+        InputError: an export without ``labels.csv``; ValueError: one without those columns.
+    """
+    import polars as pl
+
+    rows = []
+    for export in exports:
+        for r in read_csv_rows(join_uri(export, "labels.csv"), storage):
+            if "slide_id" not in r or "cell_id" not in r:
+                raise ValueError(f"{export}/labels.csv has no slide_id and cell_id columns "
+                               "(not an export_cells export)")
+            rows.append((r["slide_id"], int(r["cell_id"])))
+    return pl.DataFrame(rows, schema={"slide_id": pl.String, "cell_id": pl.Int64},
+                        orient="row").unique()
 
 
 def is_empty(uri: str, storage) -> bool:

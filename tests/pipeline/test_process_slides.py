@@ -859,6 +859,17 @@ def test_export_cells_of_chosen_slides_for_labelling(run_out, tmp_path, capsys):
     capsys.readouterr()
     assert pl.read_csv(everywhere / "labels.csv").group_by("slide_id", "predicted").len()[
         "len"].max() == 1
+    # a second round of labelling shows the experts new cells only
+    assert export_cells.main(["--output", str(run_out), "--to", str(tmp_path / "f"), "--per-class",
+                              "5", "--kind", "all", "--skip-exported", str(everywhere)]) == 0
+    assert f"--skip-exported: {len(pl.read_csv(everywhere / 'labels.csv'))} cell(s) exported " \
+           "before left out" in capsys.readouterr().out
+    second = pl.read_csv(tmp_path / "f" / "labels.csv")
+    assert len(second) and second.join(pl.read_csv(everywhere / "labels.csv"),
+                                       on=["slide_id", "cell_id"]).is_empty()
+    assert export_cells.main(["--output", str(run_out), "--to", str(tmp_path / "g"),
+                              "--skip-exported", str(tmp_path / "nothing")]) == 2
+    assert "--skip-exported: file not found" in capsys.readouterr().err
     assert export_cells.main(["--output", str(run_out), "--to", str(tmp_path / "b"), "--order",
                               "far"]) == 2
     assert "no distance to the training data" in capsys.readouterr().err
