@@ -60,8 +60,10 @@ def read_labels(data_dir: str, csv_name: str = "labels.csv") -> LabelledImages:
     group_col = next((c for c in ("patient_id", "slide_id", "group") if c in rows[0]), None)
     paths = tuple(r["path"] if os.path.isabs(r["path"]) else os.path.join(data_dir, r["path"])
                   for r in rows)
+    # a row with an empty group (a list that mixes exports with PBC-like images) is its own
     return LabelledImages(paths, tuple(r["code"].strip() for r in rows),
-                          tuple(r[group_col] for r in rows) if group_col else None)
+                          tuple((r[group_col] or "").strip() or f"(no group) row {i}"
+                                for i, r in enumerate(rows)) if group_col else None)
 
 
 def data_cache_dir() -> str:

@@ -118,3 +118,12 @@ def test_unreadable_images_are_named_and_nothing_half_made_is_left(mini, tmp_pat
     # before any training: the test split's images too, which are read only when it ends
     assert f"2 of {len(rows)} image(s) cannot be read" in err and "gone.jpg (FileNotF" in err
     assert not (tmp_path / "t" / "prepared" / "split.json").exists()
+
+
+def test_a_row_without_a_group_is_a_group_of_its_own(tmp_path):
+    """A list mixing an export's cells (by slide) with PBC-like images (no slide): the latter
+    are not pooled into one empty-named group, which a grouped split would put on one side."""
+    (tmp_path / "labels.csv").write_text("path,code,slide_id\na.png,L2,s1\nb.png,L2,s1\n"
+                                         "c.png,L2,\nd.png,L2, \n")
+    groups = read_labels(str(tmp_path)).groups
+    assert groups[0] == groups[1] == "s1" and len(set(groups)) == 3
