@@ -316,6 +316,10 @@ def main(argv=None) -> int:
     import torch
 
     use_gpu = args.gpus or torch.cuda.is_available()
+    if not (args.local or use_gpu):  # a CPU head starts the GPU nodes only if GPUs are asked
+        print("training on CPU workers: give --gpus for one GPU per worker (on a cluster whose "
+              "head has no GPU, an autoscaler adds GPU nodes only when they are asked for)",
+              file=sys.stderr, flush=True)
     spec = get_spec(args.arch)
     from engine.train.cell_classifier import train_fold
 

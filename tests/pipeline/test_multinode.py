@@ -152,6 +152,7 @@ def test_fine_tuning_across_two_nodes_checkpoints_to_s3(tmp_path, s3_server, s3_
     logs = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in logs.lower(), logs[-3000:]
     assert "testing-secret-value" not in logs
+    assert "training on CPU workers: give --gpus" in logs  # a CPU head: GPUs must be asked for
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket="models")["Contents"]}
     assert {"cluster/fold-0/model.safetensors", "cluster/model.json",
             "cluster/test/labels.csv"} <= keys
