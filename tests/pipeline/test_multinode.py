@@ -131,7 +131,7 @@ def test_fine_tuning_across_two_nodes_checkpoints_to_s3(tmp_path, s3_server, s3_
     env = {**os.environ, **S3_TEST_ENV, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    s3_client.create_bucket(Bucket="models")
+    s3_client.create_bucket(Bucket="cluster-models")
     common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     with ray_cluster(RAY, env, gcs, "--num-cpus=0", f"--dashboard-port={dash}",
                      "--dashboard-host=127.0.0.1", "--include-dashboard=true"):
@@ -144,16 +144,16 @@ def test_fine_tuning_across_two_nodes_checkpoints_to_s3(tmp_path, s3_server, s3_
             [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
              "--runtime-env", "cluster/runtime_env.yaml", "--", "python", "-m",
              "jobs.train_cell_classifier", "--data", str(SHARED_DATA / "pbc"), "--output",
-             "s3://models/cluster", "--work", str(tmp_path / "work"), "--arch", "deepheme-tiny",
-             "--epochs", "1", "--limit-per-class", "8", "--loader-workers", "0",
-             "--batch-size", "16", "--workers", "2", "--cpus-per-worker", "2", "--no-ood",
-             "--s3-endpoint", s3_server],
+             "s3://cluster-models/cluster", "--work", str(tmp_path / "work"), "--arch",
+             "deepheme-tiny", "--epochs", "1", "--limit-per-class", "8", "--loader-workers",
+             "0", "--batch-size", "16", "--workers", "2", "--cpus-per-worker", "2",
+             "--no-ood", "--s3-endpoint", s3_server],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     logs = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in logs.lower(), logs[-3000:]
     assert "testing-secret-value" not in logs
     assert "training on CPU workers: give --gpus" in logs  # a CPU head: GPUs must be asked for
-    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket="models")["Contents"]}
+    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket="cluster-models")["Contents"]}
     assert {"cluster/fold-0/model.safetensors", "cluster/model.json",
             "cluster/test/labels.csv"} <= keys
     assert any(k.startswith("cluster/runs/fold-0/checkpoint_") for k in keys), sorted(keys)
