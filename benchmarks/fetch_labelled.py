@@ -103,7 +103,8 @@ def main() -> None:
         "rerun_unchanged_s": round(rerun, 2),
         "first_fetch_vs_plain_loop": round(plain / first, 2),
         "rerun_vs_first_fetch": round(rerun / first, 3),
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "server": "moto (its own process) on 127.0.0.1",
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
+        "server": "moto (its own process) on 127.0.0.1",
         "date": dt.date.today().isoformat(),
     }
     write_result(result, "fetch_labelled", args.tag)
