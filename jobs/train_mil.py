@@ -62,9 +62,9 @@ def load_instances(embeddings: str, instances: str = "tiles",
     """The instances (``tiles``: embedded tiles; ``cells``: cells with features) of a
     process_slides output folder or ``s3://`` prefix (its committed slides), or of a local
     folder of such tables (or one holding the table's folder), in file order: ``slide_id``,
-    those of ``columns`` the tables have, and the vectors as ``embedding``. From a process_slides output, a slide's cells are
-    those its differential counts: nucleated detections, less those out of focus
-    (`engine.focus`), whose features are not the cell's.
+    those of ``columns`` the tables have, and the vectors as ``embedding``. From a
+    process_slides output, a slide's cells are those its differential counts: nucleated
+    detections, less those out of focus (`engine.focus`), whose features are not the cell's.
 
     Raises:
         FileNotFoundError: no such table there (``cells``: the run had no
