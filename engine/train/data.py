@@ -108,6 +108,7 @@ def fetch_labelled(data: str, storage=None, cache: str | None = None) -> str:
         ValueError: no path column, a local path in a remote list, or access denied.
     """
     from engine.config import StorageConfig
+    from engine.outputs import write_bytes
     from engine.slides.storage import is_remote, normalize_uri
 
     storage = storage or StorageConfig()
@@ -148,11 +149,12 @@ def fetch_labelled(data: str, storage=None, cache: str | None = None) -> str:
         for r in labelled(rows):
             if is_remote(r["path"]):
                 r["path"] = mirror_path(r["path"], cache)
-        _write_text(os.path.join(folder, "labels.csv"), _csv_text(rows) if rows else text)
+        write_bytes(os.path.join(folder, "labels.csv"),
+                    (_csv_text(rows) if rows else text).encode(), storage)
         pack = _read_optional(f"{base}/pack.json" if remote else os.path.join(base, "pack.json"),
                               storage)
         if pack is not None:
-            _write_text(os.path.join(folder, "pack.json"), pack)
+            write_bytes(os.path.join(folder, "pack.json"), pack.encode(), storage)
         elif os.path.exists(os.path.join(folder, "pack.json")):
             os.remove(os.path.join(folder, "pack.json"))
     print(f"{len(wanted)} image(s) of {data} in {folder} ({fetched} fetched)", file=sys.stderr)
@@ -239,18 +241,10 @@ def _locked(cache: str) -> Iterator[None]:
 
 def _csv_text(rows: list[dict]) -> str:
     out = io.StringIO()
-    if rows:
-        w = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+    w = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
     return out.getvalue()
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def load_cell_image(path: str, source_mpp: float, target_mpp: float, out_px: int,
