@@ -113,17 +113,21 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("model_throughput needs a CUDA device")
+    from engine.classes import DEEPHEME_CODES
     from engine.models import create_model
+
+    def untrained(name):  # weights do not change the speed; a classifier needs its codes
+        return create_model(name, allow_untrained=True, class_codes=DEEPHEME_CODES)
 
     results = []
     for name in args.models:
-        model = create_model(name, allow_untrained=True)  # weights do not change the speed
+        model = untrained(name)
         size = model.spec.input_px
         row = {"model": name, "batch": args.batch, "input_px": size}
         for mode in ("fp32", "bf16", "bf16_channels_last", "bf16_channels_last_compile"):
             if mode.endswith("compile") and args.no_compile:
                 continue
-            m = create_model(name, allow_untrained=True).module.cuda().eval()
+            m = untrained(name).module.cuda().eval()
             x = torch.randn(args.batch, 3, size, size, device="cuda")
             if "channels_last" in mode:
                 m, x = m.to(memory_format=torch.channels_last), x.contiguous(

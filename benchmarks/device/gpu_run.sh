@@ -59,7 +59,8 @@ step() {  # name, time limit in seconds, command...
 
 for part in $parts; do
   case $part in
-    tests) step tests 80 $PY -m pytest -q -p no:cacheprovider -m gpu tests/models ;;
+    tests) step tests 80 $PY -m pytest -q -p no:cacheprovider -m gpu \
+                 --continue-on-collection-errors tests/models ;;  # image lacks polars
     models) if [ "$gpu" = 1 ]; then
               step models 160 $PY benchmarks/model_throughput.py --pipeline-steps
             else echo "== models: skipped (no GPU)"; fi ;;

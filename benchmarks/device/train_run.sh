@@ -66,23 +66,31 @@ step throughput 75 $PY benchmarks/train_throughput.py $BENCH --data "$PACK" --so
 RATE=$(ls -t benchmarks/results/train_throughput-*device-train.json 2>/dev/null | head -1 | xargs -r $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['crops_per_s']['device'])")
 # epochs (and minutes) that fit the budget: a fold's balanced epoch is the classes x its largest
 # class (0.85 of the pack's, less the held-out fold), plus scoring the validation split
+# The training minutes shrink to what is left: each run also pays for its set-up (preparing
+# the pack, ~10 s; the first epoch's cuDNN planning, ~25 s on the H200, inside the minutes) and
+# its scoring after training (OVERHEAD: seen on 2026-12-04, when fixed minutes overran a
+# shorter DEADLINE and neither run came back scored).
+OVERHEAD=$(( 30 + 15 * FOLDS + 45 ))  # teachers' set-up and ensemble score, each fold's, student
+read -r FOLD_S STUDENT_S < <($PY -c "import sys; a, o, k, f, s = map(float, sys.argv[1:]); \
+x = min(1.0, max(a - o, 0) / (k * f + s)); print(int(f * x), int(s * x))" \
+  "$(left)" "$OVERHEAD" "$FOLDS" "$FOLD_S" "$STUDENT_S")
 read -r EPOCHS STEP FOLD_MIN STUDENT_EPOCHS STUDENT_STEP STUDENT_MIN < <($PY - "${RATE:-0}" "$FOLDS" "$FOLD_S" "$STUDENT_S" "$PACK" <<'EOF'
 import collections, csv, os, sys
 rate, k, fold_s, student_s = float(sys.argv[1]) or 500.0, int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 with open(os.path.join(sys.argv[5], "labels.csv"), newline="") as fh:
     counts = collections.Counter(r["code"] for r in csv.DictReader(fh) if r["code"] not in ("IG", "NEU"))
 epoch_s = len(counts) * max(counts.values()) * 0.85 * (1 - 1 / max(k, 2)) / rate * 1.1 + 0.2
-teachers = max(4, min(60, int((fold_s - 8) / epoch_s)))
-student = max(4, min(60, int((student_s - 10) / (epoch_s * (1 + k / 3)))))  # + K teacher passes
+teachers = max(4, min(60, int((fold_s - 30) / epoch_s)))  # the first epoch plans cuDNN
+student = max(4, min(60, int((student_s - 30) / (epoch_s * (1 + k / 3)))))  # + K teacher passes
 print(teachers, max(1, teachers // 4), round(fold_s / 60, 2),
       student, max(1, student // 4), round(student_s / 60, 2))
 EOF
 )
-echo "rate ${RATE:-unknown} crops/s: teachers $EPOCHS epochs (step $STEP), student $STUDENT_EPOCHS (step $STUDENT_STEP)" | tee -a "$LOG"
+echo "rate ${RATE:-unknown} crops/s: teachers $EPOCHS epochs (step $STEP) in ${FOLD_S} s each, student $STUDENT_EPOCHS (step $STUDENT_STEP) in ${STUDENT_S} s" | tee -a "$LOG"
 
 common=(--data "$PACK" --arch $ARCH --local --augment device --batch-size 128
         --label-smoothing 0.1 --patience 100 $LIMIT)
-step teachers $(left $((STUDENT_S + 40))) $PY -m jobs.train_cell_classifier "${common[@]}" \
+step teachers $(left $((STUDENT_S + 45))) $PY -m jobs.train_cell_classifier "${common[@]}" \
   --output "$WORK/folds" --folds "$FOLDS" --epochs "$EPOCHS" --lr-step-epochs "$STEP" \
   --max-minutes "$FOLD_MIN" --no-ood
 teachers=()
@@ -92,6 +100,8 @@ done
 if [ ${#teachers[@]} -gt 0 ]; then
   # the student starts from the first fold model (its few epochs fine-tune rather than learn
   # from scratch) and learns from the average of all of them
+  # its minutes: what the teachers left, less its set-up and scoring
+  STUDENT_MIN=$($PY -c "import sys; print(round(min(float(sys.argv[1]), (int(sys.argv[2]) - 45) / 60), 2))" "$STUDENT_MIN" "$(left 15)")
   step student $(left 15) $PY -m jobs.train_cell_classifier "${common[@]}" \
     --output "$WORK/student" --epochs "$STUDENT_EPOCHS" --lr-step-epochs "$STUDENT_STEP" \
     --max-minutes "$STUDENT_MIN" "${teachers[@]}" \

@@ -62,6 +62,7 @@ class RunMetrics:
     ready: dict[str, list[float]] = field(default_factory=dict)  # stage -> [first, last] time
     #                                                            an actor of it was ready
     init: dict[str, float] = field(default_factory=dict)       # stage -> longest constructor
+    warmup: dict[str, float] = field(default_factory=dict)     # stage -> longest model warm-up
     t_start: float = field(default_factory=time.time)          # the run's start (epoch s)
     _started: dict[str, float] = field(default_factory=dict, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -73,14 +74,16 @@ class RunMetrics:
         for key, values in batch.items():
             if key.startswith("_t_"):
                 self.busy[key[3:]] = self.busy.get(key[3:], 0.0) + float(np.sum(values))
-            elif key.startswith(("_r_", "_i_")):
+            elif key.startswith(("_r_", "_i_", "_w_")):
                 stamped = np.asarray(values, np.float64)
                 stamped = stamped[stamped > 0]  # 0: a row that does not carry it
                 if not stamped.size:
                     continue
                 stage = key[3:]
-                if key.startswith("_i_"):
-                    self.init[stage] = max(self.init.get(stage, 0.0), float(stamped.max()))
+                longest = self.init if key.startswith("_i_") else \
+                    self.warmup if key.startswith("_w_") else None
+                if longest is not None:
+                    longest[stage] = max(longest.get(stage, 0.0), float(stamped.max()))
                 else:
                     lo, hi = self.ready.get(stage, [np.inf, -np.inf])
                     self.ready[stage] = [min(lo, float(stamped.min())),
@@ -136,7 +139,8 @@ class RunMetrics:
                 "startup_s": {k: round(v, 2) for k, v in self.first.items()},
                 "first_batch_items": dict(self.first_items),
                 "bounding_stage": self.bounding(), "actors_ready_s": self.ready_s(),
-                "actor_init_s": {k: round(v, 1) for k, v in self.init.items()}}
+                "actor_init_s": {k: round(v, 1) for k, v in self.init.items()},
+                "model_warmup_s": {k: round(v, 1) for k, v in self.warmup.items()}}
 
     def line(self) -> str:
         u = self.utilisation()
@@ -226,25 +230,31 @@ class Resources:
     cpu: float                  # CPUs per CPU actor, and per model actor without GPUs
     gpu: dict[str, float]       # branch -> GPUs per model actor (0 without GPUs)
     models: dict[str, int]      # branch -> model actors
+    host: dict[str, float]      # branch -> CPUs a model actor on a GPU keeps for its host work
 
 
 def plan_resources(cpus: int, gpus: float, pc, branches: tuple[str, ...],
                    encoder: bool, n_slides: int,
                    cpu_models: frozenset = frozenset()) -> Resources:
     """CPU actors take what the model actors leave: on a GPU node all but one CPU (the
-    driver's) and those of model actors that run on CPU (``cpu_models``: an int8
+    driver's), the ``host_cpus`` of each model actor on a GPU (as many as fit beside one CPU
+    actor per branch) and those of model actors that run on CPU (``cpu_models``: an int8
     classifier); both branches split them by ``pipeline.cells_cpu_share``. On a small CPU-only
     machine, where one actor per pool would not fit, every actor asks for a fraction of a CPU.
     Model actors on one GPU share it."""
-    models = {b: 0 for b in branches}
-    if "cells" in branches:
-        models["cells"] = pc.classifier.concurrency
-    if "tiles" in branches and encoder:
-        models["tiles"] = pc.encoder.concurrency
+    stage = {"cells": pc.classifier, "tiles": pc.encoder}
+    models = {b: stage[b].concurrency if b == "cells" or encoder else 0 for b in branches}
     n_models = sum(models.values())
     on_cpu = {b for b in branches if not gpus or b in cpu_models}
     n_cpu_models = sum(models[b] for b in on_cpu)
-    total = pc.read_concurrency or max(len(branches), cpus - (1 if gpus else 0) - n_cpu_models)
+    on_gpu = [b for b in branches if b not in on_cpu and models[b]]
+    want = sum(stage[b].host_cpus * models[b] for b in on_gpu)
+    spare = max(0, cpus - (1 if gpus else 0) - n_cpu_models - len(branches))
+    scale = min(1.0, spare / want) if want else 0.0
+    host = {b: stage[b].host_cpus * scale if b in on_gpu else 0.0 for b in branches}
+    kept = sum(host[b] * models[b] for b in on_gpu)
+    total = pc.read_concurrency or max(len(branches), int(cpus - (1 if gpus else 0)
+                                                          - n_cpu_models - kept))
     total = max(total, len(branches))
     readers = {b: total for b in branches}
     if len(branches) == 2:
@@ -252,12 +262,11 @@ def plan_resources(cpus: int, gpus: float, pc, branches: tuple[str, ...],
         readers["tiles"] = total - readers["cells"]
     needed = total + n_cpu_models
     cpu = min(1.0, cpus / max(needed, 1))
-    gpu = {}
-    for b in branches:
-        want = (pc.classifier if b == "cells" else pc.encoder).num_gpus
-        gpu[b] = 0.0 if b in on_cpu else min(want, gpus / max(n_models - n_cpu_models, 1))
+    gpu = {b: 0.0 if b in on_cpu else min(stage[b].num_gpus,
+                                          gpus / max(n_models - n_cpu_models, 1))
+           for b in branches}
     plan = {b: max(1, min(n_slides, readers[b] // 2)) for b in branches}
-    return Resources(plan, readers, cpu, gpu, models)
+    return Resources(plan, readers, cpu, gpu, models, host)
 
 
 def actor_pool(n: int, grow_to: int | None = None, calls: int = 1) -> ray.data.ActorPoolStrategy:
@@ -299,7 +308,7 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
         PlanTasks, fn_constructor_args=(cfg, mpp, branch, encoder),
         compute=actor_pool(res.plan[branch]),
         num_cpus=0)
-    model_cpus = 0 if res.gpu[branch] else res.cpu
+    model_cpus = res.host[branch] if res.gpu[branch] else res.cpu
     if branch == "cells":
         c = pc.classifier
         return (ds.map_batches(DetectCells, fn_constructor_args=(cfg,),

@@ -139,29 +139,40 @@ class ReaderCache:
         self._staging.close()
 
 
-# columns the steps add for RunMetrics: busy seconds, when the actor was ready (epoch s), and
-# how long its constructor took
-METRIC_PREFIXES = ("_t_", "_r_", "_i_")
+# columns the steps add for RunMetrics: busy seconds, when the actor was ready (epoch s), how
+# long its constructor took and how much of that its model's warm-up
+METRIC_PREFIXES = ("_t_", "_r_", "_i_", "_w_")
 
 
-def ready_since(t_born: float) -> tuple[float, float]:
-    """``(ready, init seconds)`` for a step whose constructor began at ``t_born`` (``time.time``)
-    and ends now."""
+def ready_since(t_born: float, warmup: float = 0.0) -> tuple[float, float, float]:
+    """``(ready, init seconds, warm-up seconds)`` for a step whose constructor began at
+    ``t_born`` (``time.time``) and ends now; ``warmup``: the part of it a model spent running
+    its batch shapes once (`engine.models.Predictor.warmup`)."""
     now = time.time()
-    return now, now - t_born
+    return now, now - t_born, warmup
+
+
+def warmed(predictor, batch_size: int) -> float:
+    """Seconds ``predictor.warmup(batch_size)`` took (GPU: kernels and plans at actor start,
+    not in-stream; nothing to do on a CPU)."""
+    t0 = time.perf_counter()
+    predictor.warmup(batch_size)
+    return time.perf_counter() - t0
 
 
 def stamp(batch: dict, stage: str, t0: float,
           ready: tuple[float, float] | None = None) -> dict:
     """Add column ``_t_<stage>``: this batch's busy seconds spread over its rows, so the driver
     sums a stage's busy time without another channel (``RunMetrics``); with ``ready`` (from
-    `ready_since`), also ``_r_<stage>`` and ``_i_<stage>``: when this actor was ready and how
-    long it took to start, so the driver sees where start-up went."""
+    `ready_since`), also ``_r_<stage>``, ``_i_<stage>`` and ``_w_<stage>``: when this actor was
+    ready, how long it took to start and how much of that its model's warm-up took, so the
+    driver sees where start-up went."""
     n = len(batch["task"])
     batch[f"_t_{stage}"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
     if ready is not None:
-        batch[f"_r_{stage}"] = np.full(n, ready[0])
-        batch[f"_i_{stage}"] = np.full(n, ready[1])
+        for prefix, value in zip(("_r_", "_i_", "_w_"), ready):
+            if value or prefix != "_w_":  # no warm-up column for steps that have none
+                batch[f"{prefix}{stage}"] = np.full(n, value)
     return batch
 
 
@@ -495,11 +506,11 @@ class ClassifyCells:
                                            chunk=batch_size or 256)
         model_threads(self.predictor.members[0].device, threads)
         self.model = self.predictor.model
-        self.predictor.warmup(batch_size)  # GPU: kernels and plans at actor start, not in-stream
+        warmup = warmed(self.predictor, batch_size)
         self.tta = tta
         self.features = features
         self.scored_kinds = [KIND_CELL, KIND_PLATELET] if platelets else [KIND_CELL]
-        self._ready = ready_since(t_born)
+        self._ready = ready_since(t_born, warmup)
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
@@ -592,8 +603,7 @@ class EncodeTiles:
                                    compile=compile, amp=amp,
                                    chunk=batch_size or 256)
         model_threads(self.predictor.device, threads)
-        self.predictor.warmup(batch_size)
-        self._ready = ready_since(t_born)
+        self._ready = ready_since(t_born, warmed(self.predictor, batch_size))
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()

@@ -89,14 +89,17 @@ def test_a_failed_plan_needs_only_its_header_rows(agg):
 
 @pytest.mark.parametrize("cpus,gpus,cpu,readers,gpu", [
     (2, 0, 0.5, {"cells": 1, "tiles": 1}, {"cells": 0.0, "tiles": 0.0}),   # this machine
-    (16, 1, 1.0, {"cells": 8, "tiles": 7}, {"cells": 0.5, "tiles": 0.5}),  # one GPU shared
-    (64, 8, 1.0, {"cells": 32, "tiles": 31}, {"cells": 1.0, "tiles": 1.0}),
+    (16, 1, 1.0, {"cells": 6, "tiles": 7}, {"cells": 0.5, "tiles": 0.5}),  # one GPU shared
+    (64, 8, 1.0, {"cells": 30, "tiles": 31}, {"cells": 1.0, "tiles": 1.0}),
+    (4, 1, 1.0, {"cells": 1, "tiles": 1}, {"cells": 0.5, "tiles": 0.5}),   # hosts get half
 ])
 def test_resource_plan_fits_both_branches(cpus, gpus, cpu, readers, gpu):
     res = plan_resources(cpus, gpus, PipelineConfig(), ("cells", "tiles"), True, 100)
     assert (res.cpu, res.readers, res.gpu) == (cpu, readers, gpu)
     cpu_actors = sum(res.readers.values()) + (0 if gpus else sum(res.models.values()))
-    assert cpu_actors * res.cpu <= cpus
+    hosts = sum(res.host[b] * res.models[b] for b in res.models)
+    assert hosts == (0 if not gpus else min(2, cpus - 1 - 2))  # one CPU a GPU model actor
+    assert cpu_actors * res.cpu + hosts <= cpus - (1 if gpus else 0)  # the driver keeps one
     assert sum(res.gpu[b] * res.models[b] for b in res.models) <= max(gpus, 0)
 
 
@@ -104,8 +107,9 @@ def test_an_int8_classifier_takes_a_cpu_not_the_gpu():
     res = plan_resources(16, 1, PipelineConfig(), ("cells", "tiles"), True, 100,
                          cpu_models=frozenset({"cells"}))
     assert res.gpu == {"cells": 0.0, "tiles": 1.0}  # the encoder has the GPU to itself
-    assert sum(res.readers.values()) == 14  # 16 less the driver's and the classifier's
-    assert (sum(res.readers.values()) + res.models["cells"]) * res.cpu <= 16
+    # 16 less the driver's, the classifier's and the one the encoder's host work keeps
+    assert sum(res.readers.values()) == 13 and res.host == {"cells": 0.0, "tiles": 1.0}
+    assert (sum(res.readers.values()) + res.models["cells"]) * res.cpu + 1 <= 15
 
 
 def test_one_branch_keeps_the_whole_machine():

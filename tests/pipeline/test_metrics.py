@@ -40,12 +40,15 @@ def test_startup_bounds_a_branch_that_mostly_waited_for_its_first_batch():
 
 def test_actor_start_up_is_reported_per_stage():
     m = RunMetrics(t_start=1000.0)
-    out = stamp({"task": np.arange(3)}, "encode", time.perf_counter(), ready=(1012.5, 8.0))
+    out = stamp({"task": np.arange(3)}, "encode", time.perf_counter(),
+                ready=(1012.5, 8.0, 5.25))
     m.add_batch(out)
     m.add_batch({"_r_encode": np.array([0.0, 1014.0]), "_i_encode": np.array([0.0, 9.5]),
-                 "_r_read": np.array([1003.0])})  # 0: rows that do not carry the stamp
+                 "_r_read": np.array([1003.0]), "_i_read": np.array([0.2]),
+                 "_w_read": np.array([0.0])})  # 0: rows that do not carry the stamp
     assert m.ready_s() == {"encode": [12.5, 14.0], "read": [3.0, 3.0]}
-    assert m.as_dict()["actor_init_s"] == {"encode": 9.5}
+    assert m.as_dict()["actor_init_s"] == {"encode": 9.5, "read": 0.2}
+    assert m.as_dict()["model_warmup_s"] == {"encode": 5.2}  # of its 8.0 s start
     assert "actors ready by encode 14.0 s, read 3.0 s" in m.line()
 
 
