@@ -9,8 +9,11 @@ up-sampling, augmentation, Adam + step decay and early stopping, then evaluate e
 average on the test split. Every model is written as fp16 safetensors with a JSON card;
 <output>/model.safetensors is the ensemble's first member when K=1, and <output>/fold-*/ hold all.
 A killed worker is replaced and resumes from its last epoch. Rerunning the same command resumes:
-folds already written under the same settings are kept (`reusable_fold`), and an interrupted
-fold goes on from its last epoch.
+folds already written under the same settings and data are kept (`reusable_fold`), and an
+interrupted fold goes on from its last epoch. The data is identified by `LabelledImages.digest`
+(each row's image source, size and modification time, code and group): a rerun into the same
+output after relabelling, or with other images, prepares the split again and trains every fold
+again, in run folders of their own (`fold_key`).
 With an ``s3://`` output the job works in a local folder (``--work``; by default one named after
 the output, so a rerun on the same machine resumes) and uploads the checkpoints, cards, the test
 list and ``evaluation.json`` when it ends; Ray Train's workers write their epoch checkpoints to
@@ -236,6 +239,15 @@ def prepare(args, out: str):
     spec = get_spec(args.arch)
     margin_px = int(round(spec.input_px * 1.5))  # room for rotation before the centre crop
     prepared = os.path.join(out, "prepared")
+    made_from = {k: v for k, v in vars(args).items() if k in SPLIT_FLAGS}
+    if os.path.exists(os.path.join(prepared, "split.json")):
+        with open(os.path.join(prepared, "split.json")) as fh:
+            before = json.load(fh).get("made_from", {})
+        if before != made_from:  # a rerun with other data or split settings
+            print("the prepared split was made from other data or settings ("
+                  + ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in made_from.items()
+                              if before.get(k) != v) + "): prepared again", flush=True)
+            shutil.rmtree(prepared)
     os.makedirs(prepared, exist_ok=True)
     if not os.path.exists(os.path.join(prepared, "split.json")):
         t0 = time.time()
@@ -252,8 +264,9 @@ def prepare(args, out: str):
         folds = kfold_splits(y[dev_idx], args.folds, args.seed,
                              groups[dev_idx] if groups is not None else None)
         with open(os.path.join(prepared, "split.json"), "w") as fh:
-            json.dump({"codes": codes, "folds": [{"train": tr.tolist(), "val": va.tolist()}
-                                                 for tr, va in folds]}, fh)
+            json.dump({"codes": codes, "made_from": made_from,
+                       "folds": [{"train": tr.tolist(), "val": va.tolist()}
+                                 for tr, va in folds]}, fh)
         print(f"prepared {len(images)} images at {spec.input_mpp} µm/px in "
               f"{time.time() - t0:.0f}s; {len(test_rows)} test rows", flush=True)
     return codes, prepared, len(dev_idx), len(test_rows)
@@ -292,6 +305,9 @@ def main(argv=None) -> int:
         args.source_mpp = pack_or_given_mpp(args.source_mpp, args.data)
         if args.source_mpp == "auto":  # every image: the pixel size is the scanner's
             args.source_mpp = resolve_source_mpp(args.source_mpp, read_labels(args.data).paths)
+        # what the data is, for a rerun into this output: a fold or split of other data is
+        # made again (cards record it with the settings)
+        args.data_digest = read_labels(args.data).digest()
     except (FileNotFoundError, ValueError) as err:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2
@@ -339,8 +355,10 @@ def main(argv=None) -> int:
                   "init": args.init,
                   "storage": dataclasses.asdict(storage)}
         t0 = time.time()
+        # an interrupted run resumes only under the same data and settings
+        run_name = f"fold-{fold}-{fold_key(args)}"
         if args.local:
-            session = LocalSession(os.path.join(out, "runs", f"fold-{fold}"))
+            session = LocalSession(os.path.join(out, "runs", run_name))
             train_fold(config, session)
             ckpt_dir, history = session.restore_dir(), session.history
         else:
@@ -348,7 +366,7 @@ def main(argv=None) -> int:
 
             ckpt_dir, history = run_ray_training(
                 train_fold, config, num_workers=args.workers, use_gpu=use_gpu,
-                storage_path=runs, name=f"fold-{fold}", cpus_per_worker=args.cpus_per_worker,
+                storage_path=runs, name=run_name, cpus_per_worker=args.cpus_per_worker,
                 storage=storage)
         module = build_module(spec, len(codes))
         module.load_state_dict(best_weights(ckpt_dir))
@@ -427,12 +445,23 @@ def ray_inputs(args, prepared: str, local_runs: str):
     return ray.put(read_prepared(prepared)), runs
 
 
-# the flags that make a fold's model what it is: a fold written under others is trained again
-FOLD_FLAGS = ("arch", "folds", "epochs", "batch_size", "lr", "patience", "label_smoothing",
-              "optimizer", "weight_decay", "mixup", "ema_decay", "teacher", "distill_alpha",
-              "distill_temperature", "lr_step_epochs", "init", "swa_start", "precision",
-              "augment", "max_minutes", "source_mpp", "exclude_codes", "test_fraction",
-              "limit_per_class", "max_steps", "seed")
+# what makes the prepared split (the images at the model's µm/px, the test rows and the folds):
+# a split made from others is made again
+SPLIT_FLAGS = ("data_digest", "arch", "folds", "source_mpp", "exclude_codes", "test_fraction",
+               "limit_per_class", "seed")
+# what makes a fold's model: a fold written under others is trained again
+FOLD_FLAGS = SPLIT_FLAGS + (
+    "epochs", "batch_size", "lr", "patience", "label_smoothing", "optimizer", "weight_decay",
+    "mixup", "ema_decay", "teacher", "distill_alpha", "distill_temperature", "lr_step_epochs",
+    "init", "swa_start", "precision", "augment", "max_minutes", "max_steps")
+
+
+def fold_key(args) -> str:
+    """A short hash of ``args``' `FOLD_FLAGS`, which names a fold's training run: Ray Train and
+    `LocalSession` resume an interrupted run of the same name, so one of other data or
+    settings is never resumed."""
+    now = {k: v for k, v in vars(args).items() if k in FOLD_FLAGS}
+    return hashlib.sha256(json.dumps(now, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def reusable_fold(work: str, fold: int, args, storage) -> bool:

@@ -37,6 +37,22 @@ class LabelledImages:
         return LabelledImages(tuple(self.paths[i] for i in idx), tuple(self.codes[i] for i in idx),
                               tuple(self.groups[i] for i in idx) if self.groups else None)
 
+    def digest(self) -> str:
+        """A short hash of what a model trained on these rows learns from: each row's image
+        (its source, size and modification time, as ``aws s3 sync`` and `fetch_labelled`
+        compare files), code and group. The same labels over the same files give the same
+        digest; a relabelled row, an added or removed one, or a replaced image changes it."""
+        h = hashlib.sha256()
+        for i, (path, code) in enumerate(zip(self.paths, self.codes)):
+            try:
+                st = os.stat(path)
+                file = f"{st.st_size}:{int(st.st_mtime)}"
+            except OSError:
+                file = "missing"
+            group = self.groups[i] if self.groups else ""
+            h.update(f"{source_of(path)}\t{file}\t{code}\t{group}\n".encode())
+        return h.hexdigest()[:16]
+
 
 def labelled(rows: list[dict]) -> list[dict]:
     """The rows of a labels table with a code (an empty one is a cell not yet labelled)."""

@@ -156,4 +156,5 @@ def test_fine_tuning_across_two_nodes_checkpoints_to_s3(tmp_path, s3_server, s3_
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket="cluster-models")["Contents"]}
     assert {"cluster/fold-0/model.safetensors", "cluster/model.json",
             "cluster/test/labels.csv"} <= keys
-    assert any(k.startswith("cluster/runs/fold-0/checkpoint_") for k in keys), sorted(keys)
+    assert any(k.startswith("cluster/runs/fold-0-") and "/checkpoint_" in k
+               for k in keys), sorted(keys)

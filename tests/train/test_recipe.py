@@ -212,6 +212,79 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "plots" / "errors.png").stat().st_size > 10_000
 
 
+def _pbc_subset(folder, per_code: int, drop: int = 0):
+    """A labels.csv in ``folder`` naming the first ``per_code`` PBC images of each code (by
+    absolute path), less the first ``drop`` rows."""
+    import csv
+
+    with open(PBC / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    seen, kept = {}, []
+    for r in rows:
+        if seen.get(r["code"], 0) < per_code:
+            seen[r["code"]] = seen.get(r["code"], 0) + 1
+            kept.append({"path": str(PBC / r["path"]), "code": r["code"]})
+    folder.mkdir(exist_ok=True)
+    with open(folder / "labels.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["path", "code"])
+        w.writeheader()
+        w.writerows(kept[drop:])
+    return folder
+
+
+def test_the_data_digest_follows_rows_codes_and_files(tmp_path):
+    import os
+    import shutil
+
+    from engine.train.data import read_labels
+
+    data = _pbc_subset(tmp_path / "d", 2)
+    first = read_labels(str(data)).digest()
+    assert read_labels(str(data)).digest() == first  # read again: the same
+    rows = (data / "labels.csv").read_text().splitlines()
+    path, code = rows[1].rsplit(",", 1)
+    (data / "labels.csv").write_text("\n".join([rows[0], f"{path},L4", *rows[2:]]) + "\n")
+    assert read_labels(str(data)).digest() != first  # one row relabelled
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    assert read_labels(str(data)).digest() == first
+    copy = tmp_path / "img.jpg"  # the same row's image replaced by a file of other contents
+    shutil.copy(rows[2].rsplit(",", 1)[0], copy)
+    (data / "labels.csv").write_text("\n".join([rows[0], f"{copy},{code}", *rows[2:]]) + "\n")
+    replaced = read_labels(str(data)).digest()
+    assert replaced != first
+    os.utime(copy, (1e9, 1e9))  # the same path, modified at another time
+    assert read_labels(str(data)).digest() != replaced
+
+
+@needs_pbc
+def test_a_rerun_on_other_data_prepares_and_trains_again(tmp_path, capsys):
+    from jobs import train_cell_classifier
+
+    out = tmp_path / "out"
+    flags = ["--output", str(out), "--arch", "deepheme-tiny", "--epochs", "1", "--local",
+             "--loader-workers", "0", "--batch-size", "16", "--no-ood"]
+    data = _pbc_subset(tmp_path / "round1", 8)
+    assert train_cell_classifier.main(["--data", str(data), *flags]) == 0
+    digest = json.loads((out / "model.json").read_text())["training"]["settings"]["data_digest"]
+    runs = {p.name for p in (out / "runs").iterdir()}
+    assert len(runs) == 1 and runs.pop().startswith("fold-0-")
+    capsys.readouterr()
+    # the labels changed where they are (a row removed): a new split and a new fold
+    _pbc_subset(data, 8, drop=1)
+    assert train_cell_classifier.main(["--data", str(data), *flags]) == 0
+    said = capsys.readouterr().out
+    assert "the prepared split was made from other data or settings (data_digest " \
+        f"{digest} -> " in said
+    assert f"fold 0: written under other settings (data_digest {digest} -> " in said
+    card = json.loads((out / "model.json").read_text())
+    assert card["training"]["settings"]["data_digest"] != digest
+    # the 11 trained codes' rows, less the removed one (IG and NEU are scored apart)
+    assert card["training"]["n_dev_images"] + card["metrics"]["test"]["n"] == 8 * 11 - 1
+    # each run trained in a folder of its own: an interrupted run of the first data is never
+    # resumed with the second
+    assert len(list((out / "runs").iterdir())) == 2
+
+
 def test_umap_neighbours_are_the_exact_ones():
     from engine.report.plots import exact_knn
 
