@@ -4,7 +4,7 @@ process's CPU per row, for the model stage's batching as configured against a ba
 same process.
 
     python benchmarks/ray_data_passthrough.py [--tasks 3000] [--rows-per-task 45]
-        [--read-batch 16] [--batch 256] [--passes 4 --calls 2] [--baseline-passes 1
+        [--read-batch 64] [--batch 256] [--passes 4 --calls 2] [--baseline-passes 1
         --baseline-calls 1] [--tag T]
 
 Every cell of a run reaches the driver, one Python process whose threads share one GIL. It pays
@@ -48,11 +48,14 @@ class Detect:
 
 
 class Classify:
-    """The classifier's output shape, without a model: crops dropped, probabilities added."""
+    """The classifier's output shape, without a model: crops dropped, probabilities added, and
+    the actor process's CPU seconds so far (``_cpu``: every thread of it, Ray Data's batching
+    and fetching included), what a GPU model actor's host has to spare."""
 
     def __call__(self, batch: dict) -> dict:
         batch.pop("crop")
         batch["probabilities"] = np.zeros((len(batch["task"]), 23), np.float32)
+        batch["_cpu"] = np.full(len(batch["task"]), time.process_time())
         return batch
 
 
@@ -66,20 +69,23 @@ def passthrough(tasks: int, rows: int, read_batch: int, batch: int, passes: int,
     ds = ray.data.from_items([{"task": i} for i in range(tasks)])
     ds = ds.map_batches(Detect, fn_constructor_args=(rows,), batch_size=read_batch,
                         compute=actor_pool(1), num_cpus=0.5)
-    ds = ds.map_batches(Classify, batch_size=batch * passes,
+    ds = ds.map_batches(Classify, batch_size=batch * passes or None,
                         compute=actor_pool(1, calls=calls), num_cpus=0.5)
     n = n0 = blocks = 0
     first = cpu0 = None
+    actor = [np.inf, -np.inf]  # the classify actor's CPU seconds at its first and last output
     for b in ds.iter_batches(batch_format="numpy", batch_size=None):
         if first is None:
             first, cpu0, n0 = time.perf_counter(), time.process_time(), len(b["task"])
         n += len(b["task"])
         blocks += 1
+        actor = [min(actor[0], float(b["_cpu"].min())), max(actor[1], float(b["_cpu"].max()))]
     wall, cpu = time.perf_counter() - first, time.process_time() - cpu0
-    return {"batch": batch, "passes_per_call": passes, "calls_in_flight": calls,
+    return {"batch": batch or "blocks", "passes_per_call": passes, "calls_in_flight": calls,
             "rows": n, "blocks_at_driver": blocks, "rows_per_s": round((n - n0) / wall),
             "driver_cpu_us_per_row": round(cpu / (n - n0) * 1e6, 2),
-            "driver_cpu_cores": round(cpu / wall, 2)}
+            "driver_cpu_cores": round(cpu / wall, 2),
+            "classify_actor_cpu_us_per_row": round((actor[1] - actor[0]) / (n - n0) * 1e6, 2)}
 
 
 def main() -> None:
@@ -87,26 +93,32 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", type=int, default=3000)
     p.add_argument("--rows-per-task", type=int, default=45, help="an aspirate's 1024 px task")
-    p.add_argument("--read-batch", type=int, default=16)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--read-batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=256,
+                   help="rows per forward pass; 0: the blocks as they come, however many rows")
     p.add_argument("--passes", type=int, default=4)
     p.add_argument("--calls", type=int, default=2)
     p.add_argument("--baseline-passes", type=int, default=1)
     p.add_argument("--baseline-calls", type=int, default=1)
+    p.add_argument("--baseline-batch", type=int, help="the baseline's --batch (default: the same)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    common = (args.tasks, args.rows_per_task, args.read_batch, args.batch)
-    baseline = passthrough(*common, args.baseline_passes, args.baseline_calls)
-    ours = passthrough(*common, args.passes, args.calls)
+    common = (args.tasks, args.rows_per_task, args.read_batch)
+    baseline_batch = args.batch if args.baseline_batch is None else args.baseline_batch
+    baseline = passthrough(*common, baseline_batch, args.baseline_passes, args.baseline_calls)
+    ours = passthrough(*common, args.batch, args.passes, args.calls)
     result = {"benchmark": "ray_data_passthrough", "cpus": os.cpu_count(),
               "date": dt.date.today().isoformat(), "args": vars(args), "baseline": baseline,
               "configured": ours,
               "rows_per_s_ratio": round(ours["rows_per_s"] / baseline["rows_per_s"], 3),
               "driver_cpu_per_row_ratio": round(ours["driver_cpu_us_per_row"]
-                                                / baseline["driver_cpu_us_per_row"], 3)}
+                                                / baseline["driver_cpu_us_per_row"], 3),
+              "classify_actor_cpu_per_row_ratio": round(
+                  ours["classify_actor_cpu_us_per_row"]
+                  / baseline["classify_actor_cpu_us_per_row"], 3)}
     write_result(result, f"ray_data_passthrough-cpu{os.cpu_count()}-{result['date']}", args.tag)
 
 
