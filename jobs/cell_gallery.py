@@ -241,7 +241,7 @@ def main(argv=None) -> int:
             crops = {code: read_export_crops(slide["uri"], chosen, mpp, storage)
                      for code, chosen in picked.items()}
         else:
-            with open_slide(slide["uri"], storage) as reader:
+            with open_slide(slide["uri"], storage, keep=False) as reader:
                 crops = {code: read_crops(reader, chosen, mpp, (slide["width"], slide["height"]))
                          for code, chosen in picked.items()}
         maps = saliency_rows(args.saliency, models, crops) if args.saliency else {}

@@ -140,12 +140,16 @@ def open_reader(path: str, uri: str | None = None, backend: str | None = None,
 @contextlib.contextmanager
 def open_slide(uri: str, storage: StorageConfig | None = None, staging: StagingArea | None = None,
                backend: str | None = None, size: int | None = None, etag: str | None = None,
-               make_room=None, direct_jpeg: bool = True) -> Iterator[SlideReader]:
+               make_room=None, direct_jpeg: bool = True, keep: bool = True
+               ) -> Iterator[SlideReader]:
     """Open a slide by URI (local path or ``s3://``) as a context manager.
 
     Remote objects are staged to a local file first (``staging``, or the node's staging folder;
     see `StagingArea`, which also explains ``make_room``); ``size`` and ``etag``, when known
-    from a listing, save a request. ``direct_jpeg``: see `open_reader`.
+    from a listing, save a request. ``direct_jpeg``: see `open_reader`. ``keep`` False (a job
+    that reads a slide once: `jobs.export_cells`, `jobs.cell_gallery`, ...): a copy this call
+    downloaded is removed when the slide is closed, unless another process reads it then; one
+    already staged stays.
 
     Example:
         >>> with open_slide("s3://archive/case-1.svs", storage) as slide:
@@ -157,7 +161,7 @@ def open_slide(uri: str, storage: StorageConfig | None = None, staging: StagingA
     with contextlib.ExitStack() as stack:
         if is_remote(uri) and staging is None:
             staging = stack.enter_context(StagingArea(storage))
-        path = stack.enter_context(staging.stage(uri, size, etag, make_room)) \
+        path = stack.enter_context(staging.stage(uri, size, etag, make_room, keep)) \
             if is_remote(uri) else uri
         reader = open_reader(path, uri, backend, direct_jpeg)
         stack.callback(reader.close)

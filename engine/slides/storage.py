@@ -217,12 +217,14 @@ class StagingArea:
 
     @contextlib.contextmanager
     def stage(self, uri: str, size: int | None = None, etag: str | None = None,
-              make_room: Callable[[], bool] | None = None) -> Iterator[str]:
+              make_room: Callable[[], bool] | None = None, keep: bool = True) -> Iterator[str]:
         """Yield a local path holding the object at ``uri`` (a local ``uri`` is yielded as is).
 
         Companion files of multi-file formats are staged beside it, keeping relative paths.
         ``make_room`` is called while the folder is full of copies in use; it returns True if
-        it released one of the caller's own.
+        it released one of the caller's own. With ``keep`` False, a copy this call downloaded
+        is removed when the caller is done with it, unless another process holds it then (a
+        copy that was already staged stays): for a job that reads a slide once.
         """
         if not is_remote(uri):
             yield uri
@@ -237,6 +239,7 @@ class StagingArea:
         done = os.path.join(folder, ".complete")
         fd = None
         waited = _Wait(self, uri, make_room)
+        fetched = False
         try:
             while True:
                 fd = self._open_locked(lock, fcntl.LOCK_SH, waited)
@@ -246,6 +249,7 @@ class StagingArea:
                 waited.lock(fd, fcntl.LOCK_EX)
                 if _same_file(fd, lock) and not os.path.exists(done):
                     self._download(uri, fs, path, size, folder, fd, key, waited)
+                    fetched = True
                 os.close(fd)  # and take it again shared
                 fd = None
             os.utime(lock)  # last use, for eviction
@@ -253,6 +257,8 @@ class StagingArea:
         finally:                                                  # key on the extension
             if fd is not None:
                 os.close(fd)
+            if fetched and not keep:
+                self._remove(key)
 
     def _open_locked(self, path: str, mode: int, waited: _Wait) -> int:
         """A descriptor of lock file ``path`` holding ``flock`` ``mode`` on the file it names."""

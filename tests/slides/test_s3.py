@@ -91,6 +91,35 @@ def test_listing_and_open_through_staging(archive, s3_server, wsi_dir, tmp_path)
         assert other.purge() == 1 and _staged(other.root) == []
 
 
+def test_a_slide_opened_once_leaves_no_copy_it_made(archive, s3_server, tmp_path):
+    """open_slide with keep=False (the ad-hoc jobs: export_cells, cell_gallery, ...) removes
+    the copy it downloaded when the slide is closed, and keeps one already staged."""
+    storage = StorageConfig(endpoint_url=s3_server, stage_dir=str(tmp_path / "stage"))
+    uri = next(e.uri for e in list_files(archive, storage)
+               if e.uri.endswith("cmu-1-small-region.svs"))
+    with open_slide(uri, storage) as slide:  # by default the copy stays for other readers
+        pass
+    assert _staged(storage.stage_dir) == ["cmu-1-small-region.svs"]
+    StagingArea(storage).purge()
+    with open_slide(uri, storage, keep=False) as slide:
+        assert _staged(storage.stage_dir) == ["cmu-1-small-region.svs"]  # read from the copy
+        tile = slide.read_region(0, 1000, 1000, 64, 64)
+    assert _staged(storage.stage_dir) == []
+    with StagingArea(storage) as staging:  # a job that keeps its copies (process_slides)
+        with staging.stage(uri):
+            pass
+        with open_slide(uri, storage, keep=False) as slide:
+            assert np.array_equal(slide.read_region(0, 1000, 1000, 64, 64), tile)
+        assert _staged(storage.stage_dir) == ["cmu-1-small-region.svs"]  # not this call's
+        assert staging.downloads == 1 and staging.purge() == 1
+        held = staging.stage(uri)
+        with open_slide(uri, storage, keep=False):  # downloads; another reader takes it
+            held.__enter__()
+        assert _staged(storage.stage_dir) == ["cmu-1-small-region.svs"]  # in use: kept
+        held.__exit__(None, None, None)
+        assert staging.downloads == 1  # the reader found the one-off's copy
+
+
 def _stage_in_process(args) -> tuple[int, str]:
     uri, storage = args
     area = StagingArea(storage)
