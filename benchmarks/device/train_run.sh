@@ -86,7 +86,8 @@ print(teachers, max(1, teachers // 4), round(fold_s / 60, 2),
       student, max(1, student // 4), round(student_s / 60, 2))
 EOF
 )
-echo "rate ${RATE:-unknown} crops/s: teachers $EPOCHS epochs (step $STEP) in ${FOLD_S} s each, student $STUDENT_EPOCHS (step $STUDENT_STEP) in ${STUDENT_S} s" | tee -a "$LOG"
+echo "rate ${RATE:-unknown} crops/s: teachers $EPOCHS epochs (step $STEP) in ${FOLD_S} s each," \
+  "student $STUDENT_EPOCHS (step $STUDENT_STEP) in ${STUDENT_S} s" | tee -a "$LOG"
 
 common=(--data "$PACK" --arch $ARCH --local --augment device --batch-size 128
         --label-smoothing 0.1 --patience 100 $LIMIT)
@@ -101,7 +102,8 @@ if [ ${#teachers[@]} -gt 0 ]; then
   # the student starts from the first fold model (its few epochs fine-tune rather than learn
   # from scratch) and learns from the average of all of them
   # its minutes: what the teachers left, less its set-up and scoring
-  STUDENT_MIN=$($PY -c "import sys; print(round(min(float(sys.argv[1]), (int(sys.argv[2]) - 45) / 60), 2))" "$STUDENT_MIN" "$(left 15)")
+  STUDENT_MIN=$($PY -c "import sys; a, b = float(sys.argv[1]), int(sys.argv[2]); \
+print(round(min(a, (b - 45) / 60), 2))" "$STUDENT_MIN" "$(left 15)")
   step student $(left 15) $PY -m jobs.train_cell_classifier "${common[@]}" \
     --output "$WORK/student" --epochs "$STUDENT_EPOCHS" --lr-step-epochs "$STUDENT_STEP" \
     --max-minutes "$STUDENT_MIN" "${teachers[@]}" \
