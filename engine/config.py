@@ -230,11 +230,13 @@ class ModelStageConfig:
             the last one's output, instead of leaving the GPU idle while it does.
         concurrency: model actors (one per GPU on a GPU cluster).
         num_gpus: GPUs per actor when the cluster has GPUs (0 on CPU-only clusters).
-        host_cpus: CPUs each model actor on a GPU keeps for its host work (picking the crops
-            into pinned memory, launching the kernels, Ray Data formatting its batches); the
-            CPU actors get the rest. With 0 they took every core: on a 16-CPU H200 node the
-            classifier then ran at 0.39 of its speed alone while fed, against 0.67 with the
-            node to itself (2026-12-04). Less where the node has too few CPUs for it.
+        host_cpus: CPUs left free for each model actor on a GPU, for its host work (picking
+            the crops into pinned memory, launching the kernels, Ray Data formatting its
+            batches): the CPU actors are that many fewer. With 0 they took every core: on a
+            16-CPU H200 node the classifier then ran at 0.39 of its speed alone while fed,
+            against 0.67 with the node to itself (2026-12-04). Less where the cluster has too
+            few CPUs for it. The actor itself asks Ray for no CPU, so that it never waits for
+            one on its GPU's node.
         tta: average over 8 rotations/flips (classifier only; 8x compute).
         compile: ``torch.compile`` the model on GPU actors (about 2x for ResNeXt-50 on an H100).
         amp: bf16 autocast where the device runs bf16 natively: CUDA, and CPUs with AVX512-BF16
@@ -298,8 +300,8 @@ class PipelineConfig:
             at a GPU classifier's rate (tens of thousands of cells/s) small batches cost the
             driver more than the cells do (16 against 4: x1.8 rows/s through Ray Data, half
             the driver's time per row; x1.09 end to end on 2 cores). The model actor pays per
-            block too: 64 against 16 took its process (Ray Data alone, no model) from 12.7 to
-            8.7 µs of CPU per crop and the driver's from 14.3 to 5.3, against the 19 µs an H200
+            block too: 64 against 16 took its process (Ray Data alone, no model) from 14.0 to
+            12.6 µs of CPU per crop and the driver's from 12.6 to 6.0, against the 19 µs an H200
             spends on a ResNeXt-50 crop; x1.22 end to end on 2 cores.
         tile_read_batch_size: encoder tiles (224 px at 2 µm/px, ~1 ms each to read and
             measure) per batch on CPU workers: large enough that Ray Data's per-batch cost

@@ -230,7 +230,7 @@ class Resources:
     cpu: float                  # CPUs per CPU actor, and per model actor without GPUs
     gpu: dict[str, float]       # branch -> GPUs per model actor (0 without GPUs)
     models: dict[str, int]      # branch -> model actors
-    host: dict[str, float]      # branch -> CPUs a model actor on a GPU keeps for its host work
+    host: dict[str, float]      # branch -> CPUs left free for a GPU model actor's host work
 
 
 def plan_resources(cpus: int, gpus: float, pc, branches: tuple[str, ...],
@@ -308,7 +308,9 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
         PlanTasks, fn_constructor_args=(cfg, mpp, branch, encoder),
         compute=actor_pool(res.plan[branch]),
         num_cpus=0)
-    model_cpus = res.host[branch] if res.gpu[branch] else res.cpu
+    # a model actor on a GPU asks Ray for no CPU, so that it is never left waiting for one on
+    # its GPU's node; the CPUs it keeps (`plan_resources`) are left free by the CPU actors
+    model_cpus = 0 if res.gpu[branch] else res.cpu
     if branch == "cells":
         c = pc.classifier
         return (ds.map_batches(DetectCells, fn_constructor_args=(cfg,),
