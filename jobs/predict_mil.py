@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     add_storage_args(p)
     args = p.parse_args(argv)
     storage = storage_from_args(args)
-    model, card = load_mil(args.checkpoint)
+    model, card = load_mil(args.checkpoint, storage)
     n_bags, bag_size = args.n_bags or card.get("n_bags", 10), args.bag_size or card.get(
         "bag_size", 256)
     slides: dict[str, dict] = {}

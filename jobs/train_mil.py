@@ -9,15 +9,19 @@ Labels CSV: ``slide_id`` (or ``patient_id`` with ``--bags``) and ``label``: a ce
 (percent or fraction), a range such as ``50-60%`` (its midpoint), or a class name for ``--task
 classification``. ``--bags``: ``<dir>/<patient_id>/…/*.jpg`` single-cell images, each embedded by
 ``--encoder`` (default: the reference DeepHeme checkpoint's penultimate features; ``engine.bags``).
-Bags are split by slide or patient into k folds; the report gives R² and a Bland-Altman plot (regression) or AUC, F1 and a
-confusion matrix (classification); the model trained on all slides is written as
-``<output>/abmil.safetensors`` with its card, ready for ``pipeline.cellularity_checkpoint``.
+Bags are split by slide or patient into k folds; the report gives R² and a Bland-Altman plot
+(regression) or AUC, F1 and a confusion matrix (classification); the model trained on all slides
+is written as ``<output>/abmil.safetensors`` with its card, ready for
+``pipeline.cellularity_checkpoint``. ``--output`` may be an ``s3://`` prefix (with the ``--s3-*``
+flags): the report, plot and checkpoint go there, and Ray Train's checkpoints to
+``<output>/runs/``, which every node of a cluster reaches.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import re
@@ -30,7 +34,8 @@ import polars as pl
 from engine.models import MissingWeights
 from engine.models.mil import predict_bags, save_mil
 from engine.train.mil import train_mil
-from engine.slides.storage import is_remote, normalize_uri
+from engine.outputs import join_uri, write_bytes
+from engine.slides.storage import get_filesystem, is_remote, normalize_uri
 from jobs.common import (add_storage_args, mpp_arg, refuses_unreadable, resolve_source_mpp,
                          storage_from_args)
 
@@ -150,7 +155,7 @@ def main(argv=None) -> int:
     src.add_argument("--bags", help="folder of <patient_id>/…/<image> single-cell images")
     add_instances_arg(p)
     add_bag_args(p)
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="folder or s3:// prefix")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -161,6 +166,9 @@ def main(argv=None) -> int:
     p.add_argument("--local", action="store_true", help="train in this process, without Ray")
     add_storage_args(p)
     args = p.parse_args(argv)
+    storage = storage_from_args(args)
+    args.output = normalize_uri(args.output) if is_remote(args.output) else \
+        os.path.abspath(args.output)
     try:
         bags = load_inputs(args)
     except (FileNotFoundError, MissingWeights, ValueError) as err:
@@ -180,7 +188,7 @@ def main(argv=None) -> int:
     X = [bags[i] for i in ids]
     kw = dict(task=args.task, n_classes=max(len(classes), 1), epochs=args.epochs, lr=args.lr,
               bag_size=args.bag_size, seed=args.seed)
-    fit = _fitter(args, kw)
+    fit = _fitter(args, kw, storage)
     from sklearn.model_selection import KFold, StratifiedKFold
 
     k = min(args.folds, len(ids))
@@ -191,7 +199,6 @@ def main(argv=None) -> int:
         model = fit([X[i] for i in tr], y[tr], f"fold-{k_fold}")
         for i in te:
             oof[i] = predict_bags(model, X[i], args.n_bags, args.bag_size).mean
-    os.makedirs(args.output, exist_ok=True)
     report = {"task": args.task, "n_bags": len(ids), "bag_key": key, "folds": k}
     if classes:
         from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
@@ -208,11 +215,12 @@ def main(argv=None) -> int:
                       mean_abs_error_points=float(np.abs(oof[:, 0] - y).mean() * 100))
         from engine.report.plots import plot_bland_altman
 
-        plot_bland_altman({"cellularity": (y * 100, oof[:, 0] * 100)},
-                          os.path.join(args.output, "bland_altman.png"),
+        png = io.BytesIO()
+        plot_bland_altman({"cellularity": (y * 100, oof[:, 0] * 100)}, png,
                           suptitle="out-of-fold prediction against the label")
+        write_bytes(join_uri(args.output, "bland_altman.png"), png.getvalue(), storage)
     model = fit(X, y, "final")
-    save_mil(model, os.path.join(args.output, "abmil.safetensors"),
+    save_mil(model, join_uri(args.output, "abmil.safetensors"),
              {"name": "abmil", "classes": classes, "labels": os.path.abspath(args.labels),
               "input": "bags" if args.bags else "embeddings",
               "instances": None if args.bags else args.instances,
@@ -220,15 +228,17 @@ def main(argv=None) -> int:
               "bags": os.path.abspath(args.bags) if args.bags else None,
               "encoder": {"model": args.encoder, "checkpoint": args.encoder_checkpoint,
                           "source_mpp": args.source_mpp} if args.bags else None,
-              "cross_validation": report, "n_bags": args.n_bags, "bag_size": args.bag_size})
-    with open(os.path.join(args.output, "report.json"), "w") as fh:
-        json.dump(report, fh, indent=2)
+              "cross_validation": report, "n_bags": args.n_bags, "bag_size": args.bag_size},
+             storage)
+    write_bytes(join_uri(args.output, "report.json"), json.dumps(report, indent=2).encode(),
+                storage)
     print(json.dumps(report))
     return 0
 
 
-def _fitter(args, kw: dict):
-    """``fit(bags, targets, name) -> model``: in this process (``--local``) or on Ray Train."""
+def _fitter(args, kw: dict, storage):
+    """``fit(bags, targets, name) -> model``: in this process (``--local``) or on Ray Train,
+    checkpointing to ``<output>/runs`` (an ``s3://`` output: where every node writes)."""
     if args.local:
         return lambda bags, targets, name: train_mil(bags, targets, **kw)[0]
     import ray
@@ -236,16 +246,26 @@ def _fitter(args, kw: dict):
     from engine.pipeline.train import run_ray_training
     from engine.train.mil import load_trained, mil_train_loop
 
-    runs = os.path.join(os.path.abspath(args.output), "runs")
-    shutil.rmtree(runs, ignore_errors=True)  # a new job: never resume a fit on other data
+    runs = join_uri(args.output, "runs")
+    if is_remote(runs):  # a new job: never resume a fit on other data
+        fs, path = get_filesystem(runs, storage)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    else:
+        shutil.rmtree(runs, ignore_errors=True)
 
     def fit(bags, targets, name):
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False)
         config = {**kw, "bags": ray.put(bags), "targets": np.asarray(targets)}
         ckpt, _ = run_ray_training(mil_train_loop, config, num_workers=args.workers,
-                                   use_gpu=False, storage_path=runs, name=name)
-        return load_trained({**config, "bags": bags}, ckpt)
+                                   use_gpu=False, storage_path=runs, name=name,
+                                   storage=storage)
+        try:
+            return load_trained({**config, "bags": bags}, ckpt)
+        finally:
+            if is_remote(runs):  # a local copy of the last checkpoint (run_ray_training)
+                shutil.rmtree(ckpt, ignore_errors=True)
 
     return fit
 

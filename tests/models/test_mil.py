@@ -6,6 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import r2_score, roc_auc_score
 
+from engine.config import StorageConfig
 from engine.models.mil import GatedABMIL, attention_scores, load_mil, predict_bags, save_mil
 from engine.train.mil import train_mil
 
@@ -81,11 +82,40 @@ def test_job_fits_on_ray_train_with_ddp(tmp_path, ray_local):
     bags = _bags(40, rng, frac)
     args = argparse.Namespace(local=False, workers=2, output=str(tmp_path))
     fit = _fitter(args, dict(task="regression", n_classes=1, epochs=25, lr=1e-3, bag_size=256,
-                             seed=0, checkpoint_every=25))
+                             seed=0, checkpoint_every=25), StorageConfig())
     model = fit(bags[:30], frac[:30], "fit")
     assert (tmp_path / "runs" / "fit").is_dir()
     preds = [predict_bags(model, b, n_bags=10, bag_size=256).mean[0] for b in bags[30:]]
     assert r2_score(frac[30:], preds) >= 0.9
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+def test_job_checkpoints_to_an_s3_output(ray_local, s3_server, s3_client):
+    """With an s3:// output, Ray Train's checkpoints go to <output>/runs (every node reaches
+    it), an earlier job's runs there are removed first, and no local copy is left behind."""
+    import argparse
+    import glob
+    import tempfile
+
+    from jobs.train_mil import _fitter
+
+    s3_client.create_bucket(Bucket="mil-runs")
+    s3_client.put_object(Bucket="mil-runs", Key="marrow/runs/fit/stale.txt", Body=b"old job")
+    rng = np.random.default_rng(4)
+    frac = rng.uniform(0.1, 0.9, 12)
+    args = argparse.Namespace(local=False, workers=2, output="s3://mil-runs/marrow")
+    copies = f"{tempfile.gettempdir()}/hemeflow-fit-*"  # run_ray_training's local copies
+    before = set(glob.glob(copies))
+    fit = _fitter(args, dict(task="regression", n_classes=1, epochs=2, lr=1e-3, bag_size=256,
+                             seed=0, checkpoint_every=1), StorageConfig(endpoint_url=s3_server))
+    model = fit(_bags(12, rng, frac), frac, "fit")
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket="mil-runs")["Contents"]]
+    assert "marrow/runs/fit/stale.txt" not in keys
+    assert any(k.startswith("marrow/runs/fit/checkpoint_") for k in keys), keys
+    assert predict_bags(model, _bags(1, rng, frac[:1])[0], n_bags=2, bag_size=256).mean.shape \
+        == (1,)
+    assert set(glob.glob(copies)) <= before  # its copy of the last checkpoint was removed
 
 
 def test_train_and_predict_mil_jobs_on_a_tiles_table(tmp_path, capsys):

@@ -148,13 +148,14 @@ def test_s3_in_and_out(ray_local, s3_server, s3_client, archive, tmp_path, capsy
                                                    for i, sid in enumerate(ok)))
     s3 = ["--embeddings", "s3://results/run1", "--s3-endpoint", s3_server]
     assert train_mil.main(["--task", "regression", "--labels", str(labels), *s3, "--output",
-                           str(tmp_path / "mil"), "--folds", "2", "--epochs", "2",
+                           "s3://results/mil/", "--folds", "2", "--epochs", "2",
                            "--local"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["n_bags"] == len(ok)
-    ckpt = str(tmp_path / "mil" / "abmil.safetensors")
-    assert json.loads((tmp_path / "mil" / "abmil.json").read_text())["embeddings"] == \
-        "s3://results/run1"
+    assert json.loads(fs.cat_file("results/mil/report.json")) == report  # all on S3
+    assert fs.cat_file("results/mil/bland_altman.png")[:4] == b"\x89PNG"
+    ckpt = "s3://results/mil/abmil.safetensors"
+    assert json.loads(fs.cat_file("results/mil/abmil.json"))["embeddings"] == "s3://results/run1"
     assert predict_mil.main(["--checkpoint", ckpt, *s3, "--output", str(tmp_path / "pred"),
                              "--figures"]) == 0
     preds = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
