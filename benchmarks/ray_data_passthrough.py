@@ -5,7 +5,7 @@ same process.
 
     python benchmarks/ray_data_passthrough.py [--tasks 3000] [--rows-per-task 45]
         [--read-batch 64] [--batch 256] [--passes 4 --calls 2] [--baseline-passes 1
-        --baseline-calls 1] [--tag T]
+        --baseline-calls 1] [--baseline-batch N] [--arrow-blocks] [--tag T]
 
 Every cell of a run reaches the driver, one Python process whose threads share one GIL. It pays
 Ray Data per block (scheduling, the model stage's output blocks converted for ``iter_batches``)
@@ -14,7 +14,9 @@ actors emit ``rows-per-task`` crops of 96 px per task in batches of ``read-batch
 pipeline's ``read_batch_size``), a classifier-like actor takes ``batch`` x ``passes`` rows per
 call with ``calls`` calls in flight (``pipeline.classifier.passes_per_call`` and
 ``calls_in_flight``), drops the crops and adds 23 probabilities, and the driver counts the rows.
-Rates are steady state (from the first batch at the driver). Prints JSON and writes
+With ``--arrow-blocks`` the configured run's classifier-like actor takes whole blocks as Arrow
+tables instead, as the job's ``ClassifyCells`` does. Rates are steady state (from the first
+batch at the driver). Prints JSON and writes
 ``benchmarks/results/ray_data_passthrough-cpu<N>-<date>[-<tag>].json``.
 """
 
@@ -59,8 +61,21 @@ class Classify:
         return batch
 
 
+class ClassifyBlocks:
+    """The same on whole blocks as Arrow tables, as `ClassifyCells` takes them in the job: the
+    crops viewed in place chunk by chunk, the new columns appended."""
+
+    def __call__(self, table):
+        from engine.pipeline.steps import with_columns
+
+        n = sum(len(chunk.to_numpy()) for chunk in table.column("crop").chunks)
+        return with_columns(table.drop_columns(["crop"]), {
+            "probabilities": np.zeros((n, 23), np.float32),
+            "_cpu": np.full(n, time.process_time())})
+
+
 def passthrough(tasks: int, rows: int, read_batch: int, batch: int, passes: int,
-                calls: int) -> dict:
+                calls: int, arrow: bool = False) -> dict:
     """One run: steady rows/s at the driver and the driver process's CPU per row."""
     import ray
 
@@ -69,8 +84,12 @@ def passthrough(tasks: int, rows: int, read_batch: int, batch: int, passes: int,
     ds = ray.data.from_items([{"task": i} for i in range(tasks)])
     ds = ds.map_batches(Detect, fn_constructor_args=(rows,), batch_size=read_batch,
                         compute=actor_pool(1), num_cpus=0.5)
-    ds = ds.map_batches(Classify, batch_size=batch * passes or None,
-                        compute=actor_pool(1, calls=calls), num_cpus=0.5)
+    if arrow:  # as the job hands ClassifyCells its crops
+        ds = ds.map_batches(ClassifyBlocks, batch_size=None, batch_format="pyarrow",
+                            compute=actor_pool(1, calls=calls), num_cpus=0.5)
+    else:
+        ds = ds.map_batches(Classify, batch_size=batch * passes or None,
+                            compute=actor_pool(1, calls=calls), num_cpus=0.5)
     n = n0 = blocks = 0
     first = cpu0 = None
     actor = [np.inf, -np.inf]  # the classify actor's CPU seconds at its first and last output
@@ -81,7 +100,8 @@ def passthrough(tasks: int, rows: int, read_batch: int, batch: int, passes: int,
         blocks += 1
         actor = [min(actor[0], float(b["_cpu"].min())), max(actor[1], float(b["_cpu"].max()))]
     wall, cpu = time.perf_counter() - first, time.process_time() - cpu0
-    return {"batch": batch or "blocks", "passes_per_call": passes, "calls_in_flight": calls,
+    return {"batch": "arrow blocks" if arrow else batch or "blocks",
+            "passes_per_call": passes, "calls_in_flight": calls,
             "rows": n, "blocks_at_driver": blocks, "rows_per_s": round((n - n0) / wall),
             "driver_cpu_us_per_row": round(cpu / (n - n0) * 1e6, 2),
             "driver_cpu_cores": round(cpu / wall, 2),
@@ -101,6 +121,9 @@ def main() -> None:
     p.add_argument("--baseline-passes", type=int, default=1)
     p.add_argument("--baseline-calls", type=int, default=1)
     p.add_argument("--baseline-batch", type=int, help="the baseline's --batch (default: the same)")
+    p.add_argument("--arrow-blocks", action="store_true",
+                   help="the configured run takes whole blocks as Arrow tables, as the job's "
+                        "classifier does (--batch and --passes then apply to the baseline)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
     import ray
@@ -109,7 +132,7 @@ def main() -> None:
     common = (args.tasks, args.rows_per_task, args.read_batch)
     baseline_batch = args.batch if args.baseline_batch is None else args.baseline_batch
     baseline = passthrough(*common, baseline_batch, args.baseline_passes, args.baseline_calls)
-    ours = passthrough(*common, args.batch, args.passes, args.calls)
+    ours = passthrough(*common, args.batch, args.passes, args.calls, args.arrow_blocks)
     result = {"benchmark": "ray_data_passthrough", "cpus": os.cpu_count(),
               "date": dt.date.today().isoformat(), "args": vars(args), "baseline": baseline,
               "configured": ours,

@@ -321,7 +321,9 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
                                                   cfg.storage, c.compile, c.batch_size,
                                                   c.ensemble, c.amp, c.threads, c.features,
                                                   c.platelets),
-                             batch_size=c.batch_size * c.passes_per_call,
+                             # whole blocks as Arrow tables: the actor reads the crops in place
+                             # (re-batching them to a row count, or into numpy, copies each)
+                             batch_size=None, batch_format="pyarrow",
                              compute=actor_pool(c.concurrency, calls=c.calls_in_flight),
                              num_gpus=res.gpu[branch], num_cpus=model_cpus))
     e = pc.encoder

@@ -176,6 +176,22 @@ def stamp(batch: dict, stage: str, t0: float,
     return batch
 
 
+def with_columns(table, columns: dict):
+    """``table`` (``pyarrow.Table``) with ``columns`` (name -> numpy array, one row each)
+    appended or replaced, converted as Ray Data converts a numpy batch (arrays of more than one
+    dimension as its tensor extension type)."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    for name, values in columns.items():
+        array = ArrowTensorArray.from_numpy(values) if values.ndim > 1 else pa.array(values)
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, array)
+        else:
+            table = table.append_column(name, array)
+    return table
+
+
 def read_tile(reader, level: int, x: int, y: int, read_px: int, tile_px: int) -> np.ndarray:
     """``(tile_px, tile_px, 3) uint8``: a region read at ``level`` and resized (area filter)."""
     region = reader.read_region(level, int(x), int(y), int(read_px), int(read_px))
@@ -512,24 +528,43 @@ class ClassifyCells:
         self.scored_kinds = [KIND_CELL, KIND_PLATELET] if platelets else [KIND_CELL]
         self._ready = ready_since(t_born, warmup)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch):
+        """``batch``: a dict of numpy arrays, or (as the pipeline hands it: `branch_dataset`) a
+        whole Ray Data block as a ``pyarrow.Table``. A block's crops are read in place, chunk by
+        chunk; a numpy batch of them would be one more copy of every crop, which on the 2-core
+        CPU cost the model actor's process 4x its CPU per crop (`ray_data_passthrough.py`)."""
+        import pyarrow as pa
+
         t0 = time.perf_counter()
-        crops = batch.pop("crop")
-        n, c = len(crops), len(self.model.class_codes)
+        table = batch if isinstance(batch, pa.Table) else None
+        if table is not None:
+            parts = [chunk.to_numpy() for chunk in table.column("crop").chunks]  # no copies
+            kind = table.column("kind").to_numpy()
+            batch = {"task": np.empty(table.num_rows)}  # only the new columns, and the stamps
+        else:
+            parts = [batch.pop("crop")]
+            kind = batch["kind"]
+        n, c = len(kind), len(self.model.class_codes)
         probs = np.zeros((n, c), np.float32)
         distance = np.full(n, np.nan, np.float32)
         if self.features:
             batch["features"] = np.zeros((n, self.model.num_features), np.float32)
-        real = np.isin(batch["kind"], self.scored_kinds)
-        rows = np.flatnonzero(real)
-        if len(rows):  # the model reads the real rows straight from the batch (no copy first)
-            probs[rows], d, f = self.predictor.score(
-                crops, tta=self.tta, rows=None if len(rows) == n else rows,
-                features=self.features)
+        real = np.isin(kind, self.scored_kinds)
+        start = 0
+        for crops in parts:
+            part = slice(start, start + len(crops))
+            start += len(crops)
+            rows = np.flatnonzero(real[part])
+            if not len(rows):
+                continue
+            # the model reads the real rows straight from the crops (no copy first)
+            p, d, f = self.predictor.score(crops, tta=self.tta, features=self.features,
+                                           rows=None if len(rows) == len(crops) else rows)
+            probs[part][rows] = p
             if d is not None:
-                distance[rows] = d
+                distance[part][rows] = d
             if f is not None:
-                batch["features"][rows] = f
+                batch["features"][part][rows] = f
         codes = np.asarray(self.model.class_codes)
         batch["probabilities"] = probs
         batch["class_code"] = np.where(real, codes[probs.argmax(1)], "")
@@ -537,7 +572,11 @@ class ClassifyCells:
         batch["ood_distance"] = distance
         density = self.predictor.ood
         batch["out_of_distribution"] = distance > (density.threshold if density else np.inf)
-        return stamp(batch, "classify", t0, self._ready)
+        batch = stamp(batch, "classify", t0, self._ready)
+        if table is None:
+            return batch
+        del batch["task"]
+        return with_columns(table.drop_columns(["crop"]), batch)
 
 
 class ReadTiles:

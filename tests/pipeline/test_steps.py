@@ -59,6 +59,25 @@ def test_plan_detect_classify_on_the_smear(smear):
                                   scored["class_code"][nucleated])
     np.testing.assert_allclose(alone["probabilities"][nucleated],
                                scored["probabilities"][nucleated], atol=1e-5)
+    # as the pipeline hands it: a Ray Data block of two detection batches (chunked columns),
+    # read in place; the same calls, and the block's other columns pass through
+    import pyarrow as pa
+    from ray.data.block import BlockAccessor
+
+    half = len(out["task"]) // 2
+    block = pa.concat_tables([BlockAccessor.batch_to_block({k: v[s] for k, v in out.items()})
+                              for s in (slice(0, half), slice(half, None))])
+    assert block.column("crop").num_chunks == 2
+    classify = ClassifyCells("deepheme-tiny", None, allow_untrained=True, features=True)
+    table = classify(block)
+    assert isinstance(table, pa.Table) and "crop" not in table.column_names
+    got = BlockAccessor.for_block(table).to_batch_format("numpy")
+    want = classify(dict(out))
+    assert set(got) == set(want)
+    for key in ("probabilities", "features", "class_prob", "ood_distance"):
+        np.testing.assert_allclose(got[key], want[key], atol=1e-5, err_msg=key)
+    for key in ("class_code", "kind", "task", "x", "out_of_distribution"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 def test_pale_platelets_are_looked_for_on_blood_films_only(smear):
