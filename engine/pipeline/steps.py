@@ -534,22 +534,23 @@ class ClassifyCells:
         chunk; a numpy batch of them would be one more copy of every crop, which on the 2-core
         CPU cost the model actor's process 4x its CPU per crop (`ray_data_passthrough.py`)."""
         import pyarrow as pa
+        import pyarrow.compute as pc
 
         t0 = time.perf_counter()
         table = batch if isinstance(batch, pa.Table) else None
         if table is not None:
             parts = [chunk.to_numpy() for chunk in table.column("crop").chunks]  # no copies
-            kind = table.column("kind").to_numpy()
+            real = pc.is_in(table.column("kind"), value_set=pa.array(self.scored_kinds))
+            real = real.to_numpy(zero_copy_only=False)
             batch = {"task": np.empty(table.num_rows)}  # only the new columns, and the stamps
         else:
             parts = [batch.pop("crop")]
-            kind = batch["kind"]
-        n, c = len(kind), len(self.model.class_codes)
+            real = np.isin(batch["kind"], self.scored_kinds)
+        n, c = len(real), len(self.model.class_codes)
         probs = np.zeros((n, c), np.float32)
         distance = np.full(n, np.nan, np.float32)
         if self.features:
             batch["features"] = np.zeros((n, self.model.num_features), np.float32)
-        real = np.isin(kind, self.scored_kinds)
         start = 0
         for crops in parts:
             part = slice(start, start + len(crops))
