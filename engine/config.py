@@ -221,13 +221,13 @@ class ModelStageConfig:
             probabilities are averaged over ``checkpoint`` and these (one forward pass each).
             Classifier only: embeddings of different models do not average.
         batch_size: crops or tiles per forward pass.
-        passes_per_call: forward passes per batch that Ray Data hands the model actor
-            (``batch_size`` x this many rows). Within a call the passes are pipelined on a GPU:
-            the host gathers and copies the next pass's pixels while the model runs this one,
-            and the outputs come back once per call. Encoder only: the classifier takes whole
-            blocks as Arrow tables, however many rows (each detection batch's crops read in
-            place, in passes of ``batch_size``), since re-batching its crops to a row count
-            copied every one of them (`engine.pipeline.steps.ClassifyCells`).
+        passes_per_call: no longer used by ``process_slides`` (kept so that configs that set
+            it still load; ``benchmarks/model_throughput.py`` times it). Until session 27 Ray
+            Data handed a model actor ``batch_size`` x this many rows per call; re-batching the
+            crops or tiles to a row count copied every one of them, so the model actors now
+            take whole blocks as Arrow tables, read in place and run in passes of
+            ``batch_size``, pipelined on a GPU (the host gathers and copies the next pass's
+            pixels while the model runs this one; `engine.models.inference.Stacked`).
         calls_in_flight: Ray Data calls each model actor takes at once: while the model runs
             one (never two at a time), Ray Data fetches and formats the next batch and stores
             the last one's output, instead of leaving the GPU idle while it does.

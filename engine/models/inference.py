@@ -137,7 +137,9 @@ class Predictor:
             buffer, copied = self._buffer(k % 2, images.shape[1:])
             copied.synchronize()  # its previous chunk is on the device
             host = buffer[:stop - start]
-            if rows is None:
+            if isinstance(images, Stacked):
+                images.gather(picked, host.numpy())
+            elif rows is None:
                 np.copyto(host.numpy(), images[picked])
             else:
                 # mode "clip" writes straight into ``out`` ("raise" buffers a copy)
@@ -255,6 +257,54 @@ class Predictor:
 
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self.module.forward_head(self.module.forward_features(x), pre_logits=True)
+
+
+class Stacked:
+    """Arrays of rows of one shape, read as if they were one ``(B, H, W, 3)`` array without
+    joining them: the chunks of a Ray Data block's tensor column, read in place. A `Predictor`
+    gathers each pass's rows from them straight into its host buffer."""
+
+    def __init__(self, parts):
+        self.parts = [p for p in parts if len(p)] or list(parts[:1])
+        if not self.parts or any(p.shape[1:] != self.parts[0].shape[1:] or p.dtype !=
+                                 self.parts[0].dtype for p in self.parts):
+            raise ValueError("Stacked needs at least one array, all of one row shape and dtype")
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self.shape = (int(self.offsets[-1]), *self.parts[0].shape[1:])
+        self.ndim, self.dtype = len(self.shape), self.parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, picked) -> np.ndarray:
+        """Rows ``picked`` (a slice with a step of 1, or indices) as a new array."""
+        n = len(range(*picked.indices(len(self)))) if isinstance(picked, slice) else len(picked)
+        out = np.empty((n, *self.shape[1:]), self.dtype)
+        self.gather(picked, out)
+        return out
+
+    def gather(self, picked, out: np.ndarray) -> None:
+        """Copy rows ``picked`` (a slice with a step of 1, or indices in any order) into
+        ``out``, in that order."""
+        if isinstance(picked, slice):
+            start, stop, _ = picked.indices(len(self))
+            pos = 0
+            for k, part in enumerate(self.parts):
+                lo, hi = max(start, self.offsets[k]), min(stop, self.offsets[k + 1])
+                if lo < hi:
+                    np.copyto(out[pos:pos + hi - lo], part[lo - self.offsets[k]:
+                                                           hi - self.offsets[k]])
+                    pos += hi - lo
+            return
+        idx = np.asarray(picked, np.int64)
+        which = np.searchsorted(self.offsets, idx, side="right") - 1
+        for k in np.unique(which):
+            at = np.flatnonzero(which == k)
+            local = idx[at] - self.offsets[k]
+            if at[-1] - at[0] + 1 == len(at):  # one run of ``out``'s rows (ascending indices)
+                np.take(self.parts[k], local, axis=0, out=out[at[0]:at[-1] + 1], mode="clip")
+            else:
+                out[at] = self.parts[k][local]
 
 
 def _checked(images):

@@ -334,7 +334,7 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
         ds = ds.map_batches(EncodeTiles, fn_constructor_args=(
             e.model, e.checkpoint, allow_untrained, cfg.storage, e.compile, e.batch_size, e.amp,
             e.threads),
-            batch_size=e.batch_size * e.passes_per_call,
+            batch_size=None, batch_format="pyarrow",  # whole blocks, read in place
             compute=actor_pool(e.concurrency, calls=e.calls_in_flight),
             num_gpus=res.gpu[branch], num_cpus=model_cpus)
     return ds

@@ -176,6 +176,16 @@ def stamp(batch: dict, stage: str, t0: float,
     return batch
 
 
+def in_place(table, column: str):
+    """A block's ``(B, H, W, 3)`` tensor column without copying it: its one chunk as a numpy
+    view, or its chunks as one `engine.models.inference.Stacked`."""
+    from engine.models.inference import Stacked
+
+    parts = [chunk.to_numpy() for chunk in table.column(column).chunks]
+    return parts[0] if len(parts) == 1 else Stacked(parts) if parts else \
+        np.zeros((0, 1, 1, 3), np.uint8)
+
+
 def with_columns(table, columns: dict):
     """``table`` (``pyarrow.Table``) with ``columns`` (name -> numpy array, one row each)
     appended or replaced, converted as Ray Data converts a numpy batch (arrays of more than one
@@ -539,33 +549,27 @@ class ClassifyCells:
         t0 = time.perf_counter()
         table = batch if isinstance(batch, pa.Table) else None
         if table is not None:
-            parts = [chunk.to_numpy() for chunk in table.column("crop").chunks]  # no copies
+            crops = in_place(table, "crop")
             real = pc.is_in(table.column("kind"), value_set=pa.array(self.scored_kinds))
             real = real.to_numpy(zero_copy_only=False)
             batch = {"task": np.empty(table.num_rows)}  # only the new columns, and the stamps
         else:
-            parts = [batch.pop("crop")]
+            crops = batch.pop("crop")
             real = np.isin(batch["kind"], self.scored_kinds)
         n, c = len(real), len(self.model.class_codes)
         probs = np.zeros((n, c), np.float32)
         distance = np.full(n, np.nan, np.float32)
         if self.features:
             batch["features"] = np.zeros((n, self.model.num_features), np.float32)
-        start = 0
-        for crops in parts:
-            part = slice(start, start + len(crops))
-            start += len(crops)
-            rows = np.flatnonzero(real[part])
-            if not len(rows):
-                continue
-            # the model reads the real rows straight from the crops (no copy first)
-            p, d, f = self.predictor.score(crops, tta=self.tta, features=self.features,
-                                           rows=None if len(rows) == len(crops) else rows)
-            probs[part][rows] = p
+        rows = np.flatnonzero(real)
+        if len(rows):  # the model reads the real rows straight from the crops (no copy first)
+            probs[rows], d, f = self.predictor.score(
+                crops, tta=self.tta, rows=None if len(rows) == n else rows,
+                features=self.features)
             if d is not None:
-                distance[part][rows] = d
+                distance[rows] = d
             if f is not None:
-                batch["features"][part][rows] = f
+                batch["features"][rows] = f
         codes = np.asarray(self.model.class_codes)
         batch["probabilities"] = probs
         batch["class_code"] = np.where(real, codes[probs.argmax(1)], "")
@@ -645,8 +649,18 @@ class EncodeTiles:
         model_threads(self.predictor.device, threads)
         self._ready = ready_since(t_born, warmed(self.predictor, batch_size))
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch):
+        """``batch``: a dict of numpy arrays, or a whole Ray Data block as a ``pyarrow.Table``
+        (as the pipeline hands it), whose tiles are read in place (see `ClassifyCells`)."""
+        import pyarrow as pa
+
         t0 = time.perf_counter()
         # header rows of slides without tiles hold a blank image: one wasted row per such slide
-        batch["embedding"] = self.predictor.embed(batch.pop("image"))
-        return stamp(batch, "encode", t0, self._ready)
+        if not isinstance(batch, pa.Table):
+            batch["embedding"] = self.predictor.embed(batch.pop("image"))
+            return stamp(batch, "encode", t0, self._ready)
+        out = {"task": np.empty(batch.num_rows),
+               "embedding": self.predictor.embed(in_place(batch, "image"))}
+        out = stamp(out, "encode", t0, self._ready)
+        del out["task"]
+        return with_columns(batch.drop_columns(["image"]), out)

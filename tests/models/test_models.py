@@ -187,6 +187,12 @@ def test_gpu_pipelined_chunks_give_the_one_pass_outputs():
     np.testing.assert_allclose(many.predict(crops, rows=rows), one.predict(crops[rows]),
                                atol=0.02)
     np.testing.assert_allclose(many.embed(crops), one.embed(crops), rtol=0.05, atol=0.05)
+    from engine.models.inference import Stacked  # a block's chunks, gathered in place
+
+    stacked = Stacked([crops[:13], crops[13:50], crops[50:]])
+    np.testing.assert_allclose(many.predict(stacked, rows=np.sort(rows)),
+                               one.predict(crops[np.sort(rows)]), atol=0.02)
+    np.testing.assert_allclose(many.embed(stacked), one.embed(crops), rtol=0.05, atol=0.05)
     small = np.ascontiguousarray(crops[:20, :64, :64])  # another row shape: new buffers
     np.testing.assert_allclose(many.predict(small), one.predict(small), atol=0.02)
     assert many._staging[0][0].is_pinned()

@@ -11,6 +11,7 @@ from PIL import Image
 
 from engine.models import (CheckpointError, EnsemblePredictor, Predictor, create_model,
                            read_checkpoint, write_checkpoint)
+from engine.models.inference import Stacked
 from engine.models.ood import FeatureDensity, fit_density
 from engine.train.data import load_cell_images, read_labels
 from jobs import fit_cell_ood
@@ -110,6 +111,16 @@ def test_chunks_and_picked_rows_give_the_one_pass_outputs(tmp_path):
             p, d, f = small.score(images, tta, rows=rows, features=True)
             np.testing.assert_allclose(p, probs, atol=1e-6)
             np.testing.assert_allclose(f, whole.embed(images[rows]), atol=1e-5)
+    # a Ray Data block's chunks, read in place as one array: the same outputs
+    stacked = Stacked([images[:5], images[5:6], images[6:6], images[6:]])
+    np.testing.assert_array_equal(stacked[3:9], images[3:9])
+    np.testing.assert_array_equal(stacked[rows], images[rows])
+    np.testing.assert_array_equal(stacked[np.sort(rows)], images[np.sort(rows)])
+    for chunk in (1, 3, 64):
+        small = Predictor(model, "cpu", amp=False, chunk=chunk)
+        np.testing.assert_allclose(small.predict(stacked, rows=rows), whole.predict(images[rows]),
+                                   atol=1e-6)
+        np.testing.assert_allclose(small.embed(stacked), whole.embed(images), atol=1e-5)
     small = Predictor(model, "cpu", amp=False, chunk=4)
     np.testing.assert_allclose(small.embed(images), whole.embed(images), atol=1e-5)
     np.testing.assert_allclose(small.embed(images, rows=rows), whole.embed(images)[rows],

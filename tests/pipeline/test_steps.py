@@ -80,6 +80,27 @@ def test_plan_detect_classify_on_the_smear(smear):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+def test_encode_tiles_reads_a_blocks_tiles_in_place():
+    """The encoder step on a Ray Data block of three read batches (chunked columns), as the
+    pipeline hands it: the embeddings of the numpy path, the image column dropped."""
+    import pyarrow as pa
+    from ray.data.block import BlockAccessor
+
+    from engine.pipeline.steps import EncodeTiles
+
+    rng = np.random.default_rng(5)
+    batch = {"task": np.arange(10), "slide_id": np.full(10, "s1"),
+             "image": rng.integers(0, 255, (10, 224, 224, 3), dtype=np.uint8)}
+    block = pa.concat_tables([BlockAccessor.batch_to_block({k: v[s] for k, v in batch.items()})
+                              for s in (slice(0, 4), slice(4, 5), slice(5, None))])
+    encode = EncodeTiles("dinov2-tiny", None, allow_untrained=True, batch_size=3)
+    got = BlockAccessor.for_block(encode(block)).to_batch_format("numpy")
+    want = encode(dict(batch))
+    assert set(got) == set(want) and "image" not in got
+    np.testing.assert_allclose(got["embedding"], want["embedding"], atol=1e-5)
+    np.testing.assert_array_equal(got["slide_id"], want["slide_id"])
+
+
 def test_pale_platelets_are_looked_for_on_blood_films_only(smear):
     """A slide typed blood gets the pale-platelet pass (its plan says so, and its tasks carry
     it); the same slide untyped does not: the same nucleated cells, fewer platelets."""
