@@ -49,11 +49,14 @@ def bench(module, x, steps: int, amp: bool, warmup: int = 3) -> float:
 
 
 def bench_step(name: str, batch: int, steps: int, bucket: int = 32, passes: int = 1,
-               ragged: bool = False, seed: int = 0) -> dict:
+               ragged: bool = False, seed: int = 0, chunks: int = 0) -> dict:
     """Rows/s of the pipeline step for ``name`` on host uint8 batches of ``batch`` x
     ``passes`` rows, as Ray Data hands them over (read-only, 5 % marker rows among the crops),
     each call ``passes`` forward passes of ``batch`` rows; with ``ragged`` every other call has
-    a random 1 .. ``batch`` x ``passes`` rows (see the module doc). CUDA when present."""
+    a random 1 .. ``batch`` x ``passes`` rows (see the module doc). With ``chunks``, each call
+    is a whole block as the job hands it since session 27: an Arrow table whose columns hold
+    that many chunks (made before the timing: the producing actor makes them), read in place.
+    CUDA when present."""
     import numpy as np
 
     from engine.cells import KIND_CELL
@@ -75,15 +78,31 @@ def bench_step(name: str, batch: int, steps: int, bucket: int = 32, passes: int 
     start_s = time.perf_counter() - t0
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
-    def one(i: int) -> int:
-        n = int(rng.integers(1, rows + 1)) if ragged and i % 2 == 0 else rows
+    def batch_of(i: int, n: int) -> dict:
         b = {"task": np.zeros(n, np.int64)}
         if classify:
             b["crop"] = pool[i % 4][:n]
             b["kind"] = np.where(rng.random(n) < 0.05, "marker", KIND_CELL)
         else:
             b["image"] = pool[i % 4][:n]
-        step(b)
+        return b
+
+    blocks = []
+    if chunks:
+        import pyarrow as pa
+        from ray.data.block import BlockAccessor
+
+        for i in range(4):
+            b = batch_of(i, rows)
+            blocks.append(pa.concat_tables([
+                BlockAccessor.batch_to_block({k: v[part] for k, v in b.items()})
+                for part in np.array_split(np.arange(rows), chunks)]))
+
+    def one(i: int) -> int:
+        if chunks:
+            return step(blocks[i % 4]).num_rows
+        n = int(rng.integers(1, rows + 1)) if ragged and i % 2 == 0 else rows
+        step(batch_of(i, n))
         return n
 
     one(0)
@@ -92,13 +111,15 @@ def bench_step(name: str, batch: int, steps: int, bucket: int = 32, passes: int 
     done = sum(one(i) for i in range(1, steps + 1))
     sync()
     return {"bucket": bucket, "passes_per_call": passes, "ragged": ragged,
-            "actor_start_s": round(start_s, 2),
+            "arrow_chunks": chunks, "actor_start_s": round(start_s, 2),
             "rows_per_s": round(done / (time.perf_counter() - t))}
 
 
-# (bucket, passes per call, ragged): session 4's ragged single pass first, then full calls of
-# one pass and of four pipelined passes (the default of pipeline.*.passes_per_call)
-STEP_VARIANTS = ((32, 1, True), (32, 1, False), (32, 4, False), (32, 4, True))
+# (bucket, passes per call, ragged, chunks): session 4's ragged single pass first, then full
+# calls of one pass and of four pipelined passes (numpy batches, as until session 27), and a
+# block of four chunks as an Arrow table (as the job hands its model actors their rows now)
+STEP_VARIANTS = ((32, 1, True, 0), (32, 1, False, 0), (32, 4, False, 0), (32, 4, True, 0),
+                 (32, 4, False, 4))
 
 
 def main() -> None:
@@ -147,7 +168,8 @@ def main() -> None:
             row["pipeline_step"] = [
                 {**r, "vs_alone": round(r["rows_per_s"] / alone, 3)}
                 for r in (bench_step(name, args.batch, 4 * args.steps // passes, bucket, passes,
-                                     ragged) for bucket, passes, ragged in STEP_VARIANTS)]
+                                     ragged, chunks=chunks)
+                          for bucket, passes, ragged, chunks in STEP_VARIANTS)]
         results.append(row)
         print(json.dumps(row), flush=True)
     gpu = torch.cuda.get_device_name(0).replace(" ", "_")

@@ -26,10 +26,12 @@ def test_model_step_bench_runs_every_variant():
     gives a rate (a crash here would cost a GPU session its measurement)."""
     from benchmarks.model_throughput import STEP_VARIANTS, bench_step
 
-    for bucket, passes, ragged in STEP_VARIANTS:
-        r = bench_step("deepheme-tiny", 8, 2, bucket, passes, ragged)
+    for bucket, passes, ragged, chunks in STEP_VARIANTS:
+        r = bench_step("deepheme-tiny", 8, 2, bucket, passes, ragged, chunks=chunks)
         assert r["rows_per_s"] > 0 and r["passes_per_call"] == passes
+        assert r["arrow_chunks"] == chunks
     assert bench_step("dinov2-tiny", 4, 1, 32, 4)["rows_per_s"] > 0
+    assert bench_step("dinov2-tiny", 4, 1, 32, 4, chunks=3)["rows_per_s"] > 0
 
 
 def test_feed_actors_is_the_cpus_that_keep_a_model_at_the_target():

@@ -540,9 +540,10 @@ class ClassifyCells:
 
     def __call__(self, batch):
         """``batch``: a dict of numpy arrays, or (as the pipeline hands it: `branch_dataset`) a
-        whole Ray Data block as a ``pyarrow.Table``. A block's crops are read in place, chunk by
-        chunk; a numpy batch of them would be one more copy of every crop, which on the 2-core
-        CPU cost the model actor's process 4x its CPU per crop (`ray_data_passthrough.py`)."""
+        whole Ray Data block as a ``pyarrow.Table``. A block's crops are read in place from its
+        chunks (`in_place`); a numpy batch of them would be one more copy of every crop, which
+        on the 2-core CPU cost the model actor's process 4x its CPU per crop
+        (`ray_data_passthrough.py`)."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
