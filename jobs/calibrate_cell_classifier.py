@@ -60,9 +60,10 @@ def main(argv=None) -> int:
     from engine.train.calibration import calibrate, classifier_bias_key
     from engine.train.data import load_cell_images
 
+    storage = storage_from_args(args)
     try:
-        state, card = read_checkpoint(args.checkpoint, storage_from_args(args))
-        model = create_model(card["name"], args.checkpoint, storage=storage_from_args(args))
+        state, card = read_checkpoint(args.checkpoint, storage)
+        model = create_model(card["name"], args.checkpoint, storage=storage)
         paths, y, codes, test_paths = validation_rows(args)
         args.source_mpp = resolve_source_mpp(args.source_mpp, paths)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
                   "exclude_codes": args.exclude_codes, "folds": args.folds, "fold": args.fold},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **result}
     card.pop("metrics", None)  # earlier test metrics describe the uncalibrated model
-    write_checkpoint(state, card, args.output, storage_from_args(args))
+    write_checkpoint(state, card, args.output, storage)
     print(json.dumps(card["calibration"], indent=2))
     return 0
 

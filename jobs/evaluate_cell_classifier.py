@@ -60,11 +60,12 @@ def parse_args(argv=None):
 @refuses_unreadable
 def main(argv=None) -> int:
     args = parse_args(argv)
+    storage = storage_from_args(args)
     try:
         models = []
         for ckpt in args.checkpoint:
-            _, card = read_checkpoint(ckpt, storage_from_args(args))
-            models.append(create_model(card["name"], ckpt, storage=storage_from_args(args)))
+            _, card = read_checkpoint(ckpt, storage)
+            models.append(create_model(card["name"], ckpt, storage=storage))
         local_data(args)
         data = read_labels(args.data)
         args.source_mpp = resolve_source_mpp(args.source_mpp, data.paths)

@@ -220,11 +220,12 @@ def split_for_training(data, excluded: set[str], test_fraction: float, seed: int
     return trainable, codes, y, groups, dev_idx, test_rows
 
 
-def prepare(args, out: str):
-    """Split, write the test list, and write the prepared arrays for the workers."""
+def prepare(args, out: str, data=None):
+    """Split ``data`` (default: read from ``args.data``), write the test list, and write the
+    prepared arrays for the workers."""
     from engine.train.data import UnreadableImages, load_cell_images, unreadable
 
-    data = read_labels(args.data)
+    data = data or read_labels(args.data)
     excluded = {c.strip() for c in args.exclude_codes.split(",") if c.strip()}
     for code in set(data.codes):
         get_class(code)  # unknown codes fail here, naming the valid ones
@@ -239,7 +240,7 @@ def prepare(args, out: str):
     spec = get_spec(args.arch)
     margin_px = int(round(spec.input_px * 1.5))  # room for rotation before the centre crop
     prepared = os.path.join(out, "prepared")
-    made_from = {k: v for k, v in vars(args).items() if k in SPLIT_FLAGS}
+    made_from = flag_values(args, SPLIT_FLAGS)
     if os.path.exists(os.path.join(prepared, "split.json")):
         with open(os.path.join(prepared, "split.json")) as fh:
             before = json.load(fh).get("made_from", {})
@@ -303,18 +304,19 @@ def main(argv=None) -> int:
     try:
         local_data(args)
         args.source_mpp = pack_or_given_mpp(args.source_mpp, args.data)
+        labels = read_labels(args.data)
         if args.source_mpp == "auto":  # every image: the pixel size is the scanner's
-            args.source_mpp = resolve_source_mpp(args.source_mpp, read_labels(args.data).paths)
+            args.source_mpp = resolve_source_mpp(args.source_mpp, labels.paths)
         # what the data is, for a rerun into this output: a fold or split of other data is
         # made again (cards record it with the settings)
-        args.data_digest = read_labels(args.data).digest()
+        args.data_digest = labels.digest()
     except (FileNotFoundError, ValueError) as err:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2
     out = work_folder(args)
     os.makedirs(out, exist_ok=True)
     try:
-        codes, prepared, n_dev, n_test = prepare(args, out)
+        codes, prepared, n_dev, n_test = prepare(args, out, labels)
     except (FileNotFoundError, ValueError) as err:  # no labels, an unknown or too rare code
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2
@@ -456,12 +458,17 @@ FOLD_FLAGS = SPLIT_FLAGS + (
     "init", "swa_start", "precision", "augment", "max_minutes", "max_steps")
 
 
+def flag_values(args, names: tuple[str, ...]) -> dict:
+    """The values ``args`` holds for ``names`` (those it has)."""
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
 def fold_key(args) -> str:
     """A short hash of ``args``' `FOLD_FLAGS`, which names a fold's training run: Ray Train and
     `LocalSession` resume an interrupted run of the same name, so one of other data or
     settings is never resumed."""
-    now = {k: v for k, v in vars(args).items() if k in FOLD_FLAGS}
-    return hashlib.sha256(json.dumps(now, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return hashlib.sha256(json.dumps(flag_values(args, FOLD_FLAGS), sort_keys=True,
+                                     default=str).encode()).hexdigest()[:8]
 
 
 def reusable_fold(work: str, fold: int, args, storage) -> bool:
@@ -491,8 +498,8 @@ def reusable_fold(work: str, fold: int, args, storage) -> bool:
     if card is None:
         return False
     before = card.get("training", {}).get("settings", {})
-    now = {k: v for k, v in vars(args).items() if k in FOLD_FLAGS}
-    changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+    changed = {k: (before.get(k), v) for k, v in flag_values(args, FOLD_FLAGS).items()
+               if before.get(k) != v}
     if changed:
         print(f"fold {fold}: written under other settings ("
               + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())

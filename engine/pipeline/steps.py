@@ -161,13 +161,14 @@ def warmed(predictor, batch_size: int) -> float:
 
 
 def stamp(batch: dict, stage: str, t0: float,
-          ready: tuple[float, float] | None = None) -> dict:
+          ready: tuple[float, float] | None = None, n: int | None = None) -> dict:
     """Add column ``_t_<stage>``: this batch's busy seconds spread over its rows, so the driver
     sums a stage's busy time without another channel (``RunMetrics``); with ``ready`` (from
     `ready_since`), also ``_r_<stage>``, ``_i_<stage>`` and ``_w_<stage>``: when this actor was
     ready, how long it took to start and how much of that its model's warm-up took, so the
-    driver sees where start-up went."""
-    n = len(batch["task"])
+    driver sees where start-up went. ``n``: the batch's rows, where ``batch`` holds only the
+    columns a step adds to a block (default: its ``task`` column's)."""
+    n = len(batch["task"]) if n is None else n
     batch[f"_t_{stage}"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
     if ready is not None:
         for prefix, value in zip(("_r_", "_i_", "_w_"), ready):
@@ -188,17 +189,14 @@ def in_place(table, column: str):
 
 def with_columns(table, columns: dict):
     """``table`` (``pyarrow.Table``) with ``columns`` (name -> numpy array, one row each)
-    appended or replaced, converted as Ray Data converts a numpy batch (arrays of more than one
-    dimension as its tensor extension type)."""
+    appended, converted as Ray Data converts a numpy batch (arrays of more than one dimension
+    as its tensor extension type)."""
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
     for name, values in columns.items():
-        array = ArrowTensorArray.from_numpy(values) if values.ndim > 1 else pa.array(values)
-        if name in table.column_names:
-            table = table.set_column(table.column_names.index(name), name, array)
-        else:
-            table = table.append_column(name, array)
+        table = table.append_column(name, ArrowTensorArray.from_numpy(values)
+                                    if values.ndim > 1 else pa.array(values))
     return table
 
 
@@ -553,7 +551,7 @@ class ClassifyCells:
             crops = in_place(table, "crop")
             real = pc.is_in(table.column("kind"), value_set=pa.array(self.scored_kinds))
             real = real.to_numpy(zero_copy_only=False)
-            batch = {"task": np.empty(table.num_rows)}  # only the new columns, and the stamps
+            batch = {}  # only the new columns, and the stamps
         else:
             crops = batch.pop("crop")
             real = np.isin(batch["kind"], self.scored_kinds)
@@ -578,11 +576,8 @@ class ClassifyCells:
         batch["ood_distance"] = distance
         density = self.predictor.ood
         batch["out_of_distribution"] = distance > (density.threshold if density else np.inf)
-        batch = stamp(batch, "classify", t0, self._ready)
-        if table is None:
-            return batch
-        del batch["task"]
-        return with_columns(table.drop_columns(["crop"]), batch)
+        batch = stamp(batch, "classify", t0, self._ready, n)
+        return batch if table is None else with_columns(table.drop_columns(["crop"]), batch)
 
 
 class ReadTiles:
@@ -660,8 +655,6 @@ class EncodeTiles:
         if not isinstance(batch, pa.Table):
             batch["embedding"] = self.predictor.embed(batch.pop("image"))
             return stamp(batch, "encode", t0, self._ready)
-        out = {"task": np.empty(batch.num_rows),
-               "embedding": self.predictor.embed(in_place(batch, "image"))}
-        out = stamp(out, "encode", t0, self._ready)
-        del out["task"]
+        out = stamp({"embedding": self.predictor.embed(in_place(batch, "image"))}, "encode", t0,
+                    self._ready, batch.num_rows)
         return with_columns(batch.drop_columns(["image"]), out)
