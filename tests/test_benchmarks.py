@@ -53,8 +53,13 @@ def test_train_throughput_runs_its_three_parts(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "RESULTS", str(tmp_path))
     assert train_throughput.main(["--arch", "deepheme-tiny", "--batch", "8", "--steps", "2",
                                   "--images", "48", "--loader-workers", "0",
-                                  "--data", str(SHARED_DATA / "pbc"), "--tag", "t"]) == 0
+                                  "--data", str(SHARED_DATA / "pbc"), "--tag", "t",
+                                  "--compile", "default"]) == 0
     (path,) = tmp_path.glob("train_throughput-*-t.json")
     result = json.loads(path.read_text())
     assert set(result["crops_per_s"]) == {"alone", "device", "loader"}
     assert all(v > 0 for v in result["crops_per_s"].values())
+    compiled = result["compiled"]["default"]  # no "error": the compiled steps ran
+    assert compiled["alone"] > 0 and compiled["device"] > 0 and compiled["first_steps_s"] > 0
+    assert compiled["vs_eager"]["alone"] == pytest.approx(
+        compiled["alone"] / result["crops_per_s"]["alone"], abs=2e-3)

@@ -62,8 +62,27 @@ step() {  # name, time limit in seconds, command...
   return $rc
 }
 
-step throughput 75 $PY benchmarks/train_throughput.py $BENCH --data "$PACK" --source-mpp 0.25 --tag device-train
-RATE=$(ls -t benchmarks/results/train_throughput-*device-train.json 2>/dev/null | head -1 | xargs -r $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['crops_per_s']['device'])")
+# COMPILE=MODE (e.g. default): train with --compile MODE, after timing it in step 1 (its
+# compile, about a minute cold, comes out of the throughput step's limit and each fold's first
+# epoch); the plan then takes the compiled rate where it ran
+COMPILE=${COMPILE:-}
+if [ -n "$COMPILE" ]; then
+  BENCH="$BENCH --compile $COMPILE"; TPUT_S=200; COMPILE_FLAG=(--compile "$COMPILE")
+else
+  TPUT_S=75; COMPILE_FLAG=()
+fi
+step throughput $TPUT_S $PY benchmarks/train_throughput.py $BENCH --data "$PACK" --source-mpp 0.25 --tag device-train
+read -r RATE COMPILED < <($PY -c "
+import glob, json, os, sys
+found = sorted(glob.glob('benchmarks/results/train_throughput-*device-train.json'),
+               key=os.path.getmtime)
+r = json.load(open(found[-1])) if found else {'crops_per_s': {'device': 0}}
+c = r.get('compiled', {}).get(sys.argv[1], {})
+print(c.get('device') or r['crops_per_s']['device'], int('device' in c))" "$COMPILE")
+if [ -n "$COMPILE" ] && [ "${COMPILED:-0}" != 1 ]; then  # it failed or never ran: train eager
+  echo "compile $COMPILE did not run in step 1: training without it" | tee -a "$LOG"
+  COMPILE_FLAG=()
+fi
 # epochs (and minutes) that fit the budget: a fold's balanced epoch is the classes x its largest
 # class (0.85 of the pack's, less the held-out fold), plus scoring the validation split
 # The training minutes shrink to what is left: each run also pays for its set-up (preparing
@@ -74,14 +93,15 @@ OVERHEAD=$(( 30 + 15 * FOLDS + 45 ))  # teachers' set-up and ensemble score, eac
 read -r FOLD_S STUDENT_S < <($PY -c "import sys; a, o, k, f, s = map(float, sys.argv[1:]); \
 x = min(1.0, max(a - o, 0) / (k * f + s)); print(int(f * x), int(s * x))" \
   "$(left)" "$OVERHEAD" "$FOLDS" "$FOLD_S" "$STUDENT_S")
-read -r EPOCHS STEP FOLD_MIN STUDENT_EPOCHS STUDENT_STEP STUDENT_MIN < <($PY - "${RATE:-0}" "$FOLDS" "$FOLD_S" "$STUDENT_S" "$PACK" <<'EOF'
+read -r EPOCHS STEP FOLD_MIN STUDENT_EPOCHS STUDENT_STEP STUDENT_MIN < <($PY - "${RATE:-0}" "$FOLDS" "$FOLD_S" "$STUDENT_S" "$PACK" "$(( ${#COMPILE_FLAG[@]} ? 60 : 30 ))" <<'EOF'
 import collections, csv, os, sys
 rate, k, fold_s, student_s = float(sys.argv[1]) or 500.0, int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+warm = float(sys.argv[6])  # the first epoch's cuDNN planning, and the compile where asked
 with open(os.path.join(sys.argv[5], "labels.csv"), newline="") as fh:
     counts = collections.Counter(r["code"] for r in csv.DictReader(fh) if r["code"] not in ("IG", "NEU"))
 epoch_s = len(counts) * max(counts.values()) * 0.85 * (1 - 1 / max(k, 2)) / rate * 1.1 + 0.2
-teachers = max(4, min(60, int((fold_s - 30) / epoch_s)))  # the first epoch plans cuDNN
-student = max(4, min(60, int((student_s - 30) / (epoch_s * (1 + k / 3)))))  # + K teacher passes
+teachers = max(4, min(60, int((fold_s - warm) / epoch_s)))
+student = max(4, min(60, int((student_s - warm) / (epoch_s * (1 + k / 3)))))  # + K teachers' passes
 print(teachers, max(1, teachers // 4), round(fold_s / 60, 2),
       student, max(1, student // 4), round(student_s / 60, 2))
 EOF
@@ -90,7 +110,7 @@ echo "rate ${RATE:-unknown} crops/s: teachers $EPOCHS epochs (step $STEP) in ${F
   "student $STUDENT_EPOCHS (step $STUDENT_STEP) in ${STUDENT_S} s" | tee -a "$LOG"
 
 common=(--data "$PACK" --arch $ARCH --local --augment device --batch-size 128
-        --label-smoothing 0.1 --patience 100 $LIMIT)
+        --label-smoothing 0.1 --patience 100 $LIMIT "${COMPILE_FLAG[@]}")
 step teachers $(left $((STUDENT_S + 45))) $PY -m jobs.train_cell_classifier "${common[@]}" \
   --output "$WORK/folds" --folds "$FOLDS" --epochs "$EPOCHS" --lr-step-epochs "$STEP" \
   --max-minutes "$FOLD_MIN" --no-ood

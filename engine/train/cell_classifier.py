@@ -20,9 +20,9 @@ from engine.config import StorageConfig
 from engine.models.factory import build_module
 from engine.models.registry import get_spec
 from engine.train.batch_augment import BatchAugment
-from engine.train.loop import (EpochAverage, Session, TrainSettings, evaluate,
-                               load_train_state, normalize_chw, save_train_state,
-                               train_one_epoch, unwrap, use_bf16)
+from engine.train.loop import (EpochAverage, Session, TrainSettings, compile_in_place, evaluate,
+                               load_train_state, make_optimizer, normalize_chw,
+                               save_train_state, train_one_epoch, unwrap, use_bf16)
 from engine.train.splits import BalancedSampler
 
 
@@ -191,13 +191,12 @@ def train_fold(config: dict, session: Session) -> None:
         torch.backends.cudnn.benchmark = True  # every training batch has the same shape
     if session.device.type == "cuda" or use_bf16(session.device, settings.precision):
         module = module.to(memory_format=torch.channels_last)  # NHWC: oneDNN / cuDNN bf16 paths
-    model = session.prepare_model(module)
+    model = session.prepare_model(compile_in_place(module, settings.compile))
     from timm.data import resolve_model_data_config
 
     dcfg = resolve_model_data_config(unwrap(model))
     mean, std = dcfg["mean"], dcfg["std"]
-    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[settings.optimizer]
-    optimizer = opt_cls(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = make_optimizer(model.parameters(), settings, session.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, step_then_constant(settings))
     teachers = load_teachers(config.get("teachers") or (), spec.name, codes, session.device,
                              storage)

@@ -53,6 +53,11 @@ class TrainSettings:
     # same recipe on whole batches in torch, on the training device: `BatchAugment`). On a GPU
     # the DataLoader processes can bound training; "device" keeps the images on the GPU.
     augment: str = "cpu"
+    # torch.compile the model's forward in place ("" off, else a mode: `COMPILE_MODES`). On a
+    # GPU, training a small model on 96 px crops is bound by kernel launches (the H200 trained
+    # ResNeXt-50 at 3.7k crops/s where it infers at 51k); compiling fuses them. It does not
+    # change the recipe, so a run resumes with or without it. The first steps pay the compile.
+    compile: str = ""
     patience: int = 10
     num_workers: int = 4
     max_steps_per_epoch: int | None = None  # tests and smoke runs
@@ -106,6 +111,31 @@ class LocalSession:
     def restore_dir(self):
         path = os.path.join(self.root, "checkpoint")
         return path if os.path.exists(os.path.join(path, "state.json")) else None
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_in_place(module: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``module`` with its forward compiled by ``torch.compile(mode=mode)`` (``""``: as it is).
+
+    In place (`torch.nn.Module.compile`): its ``state_dict`` keys stay those of the plain
+    module, so checkpoints, resumption and DDP wrapping are unchanged, and a deep copy (EMA,
+    SWA) is a plain module again."""
+    if not mode:
+        return module
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, not {mode!r}")
+    module.compile(mode=mode)
+    return module
+
+
+def make_optimizer(params, settings: TrainSettings, device: torch.device):
+    """The recipe's Adam (or AdamW): one fused kernel per step on CUDA instead of a few per
+    parameter group."""
+    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[settings.optimizer]
+    return opt_cls(params, lr=settings.lr, weight_decay=settings.weight_decay,
+                   **({"fused": True} if device.type == "cuda" else {}))
 
 
 def use_bf16(device: torch.device, precision: str = "auto") -> bool:

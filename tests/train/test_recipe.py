@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.train.augment import HEDJitter, train_transform
-from engine.train.loop import LocalSession, TrainSettings
+from engine.train.loop import LocalSession, TrainSettings, compile_in_place
 from engine.train.splits import BalancedSampler, balanced_indices, kfold_splits
 from tests.conftest import SHARED_DATA
 
@@ -136,6 +136,46 @@ def test_loss_falls_and_training_resumes(tmp_path, augment):
     resumed = LocalSession(str(tmp_path / "run"), torch.device("cpu"), log=lambda s: None)
     train_fold({**config, "settings": {**settings.__dict__, "epochs": 6}}, resumed)
     assert [h["epoch"] for h in resumed.history] == [4, 5]
+
+
+@needs_pbc
+def test_a_compiled_run_resumes_a_plain_one_and_keeps_plain_checkpoints(tmp_path):
+    """``--compile`` is not part of the recipe: a run compiled in place resumes a plain one,
+    and what it saves loads into a plain module with the compiled model's outputs."""
+    from safetensors.torch import load_file
+
+    from engine.models.factory import build_module
+    from engine.models.registry import get_spec
+    from engine.train.cell_classifier import train_fold
+    from jobs.train_cell_classifier import parse_args
+
+    assert parse_args(["--data", "d", "--output", "o", "--compile"]).compile == "default"
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        compile_in_place(torch.nn.Linear(1, 1), "fastest")
+    codes, prepared = _prepare(tmp_path, per_class=8)
+    settings = TrainSettings(epochs=1, batch_size=16, num_workers=0, lr=3e-3, patience=100,
+                             label_smoothing=0.0, augment="device", max_steps_per_epoch=3)
+    config = {"arch": "deepheme-tiny", "class_codes": codes, "data": prepared, "fold": 0,
+              "settings": settings.__dict__}
+    torch.manual_seed(0)
+    train_fold(config, LocalSession(str(tmp_path / "run"), torch.device("cpu"),
+                                    log=lambda s: None))
+    resumed = LocalSession(str(tmp_path / "run"), torch.device("cpu"), log=lambda s: None)
+    train_fold({**config, "settings": {**settings.__dict__, "epochs": 2, "compile": "default"}},
+               resumed)
+    assert [h["epoch"] for h in resumed.history] == [1]
+    assert np.isfinite(resumed.history[0]["train_loss"])
+    plain = build_module(get_spec("deepheme-tiny"), len(codes)).eval()
+    state = load_file(str(tmp_path / "run" / "checkpoint" / "state.safetensors"))
+    saved = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    assert set(saved) == set(plain.state_dict())  # no torch.compile prefix
+    plain.load_state_dict(saved)
+    compiled = compile_in_place(build_module(get_spec("deepheme-tiny"), len(codes)),
+                                "default").eval()
+    compiled.load_state_dict(saved)
+    x = torch.rand(4, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), plain(x), rtol=1e-4, atol=1e-4)
 
 
 def test_adamw_with_mixup_trains(tmp_path):
