@@ -71,7 +71,8 @@ if [ -n "$COMPILE" ]; then
 else
   TPUT_S=75; COMPILE_FLAG=()
 fi
-step throughput $TPUT_S $PY benchmarks/train_throughput.py $BENCH --data "$PACK" --source-mpp 0.25 --tag device-train
+step throughput $TPUT_S $PY benchmarks/train_throughput.py $BENCH --data "$PACK" \
+  --source-mpp 0.25 --tag device-train
 read -r RATE COMPILED < <($PY -c "
 import glob, json, os, sys
 found = sorted(glob.glob('benchmarks/results/train_throughput-*device-train.json'),
@@ -93,10 +94,12 @@ OVERHEAD=$(( 30 + 15 * FOLDS + 45 ))  # teachers' set-up and ensemble score, eac
 read -r FOLD_S STUDENT_S < <($PY -c "import sys; a, o, k, f, s = map(float, sys.argv[1:]); \
 x = min(1.0, max(a - o, 0) / (k * f + s)); print(int(f * x), int(s * x))" \
   "$(left)" "$OVERHEAD" "$FOLDS" "$FOLD_S" "$STUDENT_S")
-read -r EPOCHS STEP FOLD_MIN STUDENT_EPOCHS STUDENT_STEP STUDENT_MIN < <($PY - "${RATE:-0}" "$FOLDS" "$FOLD_S" "$STUDENT_S" "$PACK" "$(( ${#COMPILE_FLAG[@]} ? 60 : 30 ))" <<'EOF'
+WARM=$(( ${#COMPILE_FLAG[@]} ? 60 : 30 ))  # the first epoch: cuDNN planning, and the compile
+read -r EPOCHS STEP FOLD_MIN STUDENT_EPOCHS STUDENT_STEP STUDENT_MIN < <($PY - "${RATE:-0}" \
+  "$FOLDS" "$FOLD_S" "$STUDENT_S" "$PACK" "$WARM" <<'EOF'
 import collections, csv, os, sys
 rate, k, fold_s, student_s = float(sys.argv[1]) or 500.0, int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-warm = float(sys.argv[6])  # the first epoch's cuDNN planning, and the compile where asked
+warm = float(sys.argv[6])
 with open(os.path.join(sys.argv[5], "labels.csv"), newline="") as fh:
     counts = collections.Counter(r["code"] for r in csv.DictReader(fh) if r["code"] not in ("IG", "NEU"))
 epoch_s = len(counts) * max(counts.values()) * 0.85 * (1 - 1 / max(k, 2)) / rate * 1.1 + 0.2
