@@ -29,7 +29,8 @@ Two ratios per model:
 ``pipeline.slides_per_chunk`` N (the earlier default was 64: model actors restart with every chunk)
 and reports ``speedup_vs_baseline``, the ratio of slides/hour, one stream per branch over all
 slides against it. ``--baseline-set KEY=VALUE`` (repeatable) does the same with any other
-``pipeline`` setting changed for the baseline run (VALUE is JSON, or a plain string).
+``pipeline`` setting changed for the baseline run (VALUE is JSON, or a plain string). The
+baseline's ``models`` hold the same figures against the same model-alone rate.
 
 ``--s3`` serves the slides from a local S3 endpoint (moto's server, a separate process on
 127.0.0.1) instead of the local disk and reports the object downloads per slide and the bytes
@@ -222,25 +223,35 @@ def main() -> None:
         alone = model_alone(model, args.batch, args.compile,
                             checkpoint=cfg.pipeline.classifier.checkpoint if stage == "classify"
                             else cfg.pipeline.encoder.checkpoint)
-        e2e = m["items"][items] / m["wall_s"][branch]
-        busy = m["items"][items] / (m["busy_s"][stage] / m["actors"][stage])
-        # after the first batch: its items came with the start-up, not at the steady rate
-        startup = m["startup_s"].get(branch, 0.0)
-        after = m["items"][items] - m["first_batch_items"].get(items, 0)
-        rest = m["wall_s"][branch] - startup
-        # a short remainder says little: batches finished during the start-up arrive in a burst
-        steady = after / rest if after > 0 and rest >= max(5.0, 0.2 * m["wall_s"][branch]) \
-            else None
-        result["models"].append({
-            "model": model, "stage": stage, "batch": args.batch, "compile": args.compile,
-            "alone_per_s": round(alone, 1), "e2e_per_s": round(e2e, 1),
-            "busy_per_s": round(busy, 1), "e2e_ratio": round(e2e / alone, 3),
-            "busy_ratio": round(busy / alone, 3), "startup_s": round(startup, 1),
-            "steady_per_s": steady and round(steady, 1),
+        result["models"].append({"model": model, "stage": stage, "batch": args.batch,
+                                 "compile": args.compile, "alone_per_s": round(alone, 1),
+                                 **model_figures(m, stage, feed, branch, items, alone)})
+        if baseline and baseline["busy_s"].get(stage) and baseline["items"].get(items):
+            baseline.setdefault("models", []).append(
+                {"model": model, "stage": stage,
+                 **model_figures(baseline, stage, feed, branch, items, alone)})
+    write_result(result, f"pipeline_e2e-{device.replace(' ', '_')}-{result['date']}", args.tag)
+
+
+def model_figures(m: dict, stage: str, feed: str, branch: str, items: str, alone: float
+                  ) -> dict:
+    """One model's figures from a run's metrics ``m`` (`RunMetrics.as_dict`) against its rate
+    ``alone`` (the module docstring says what each means)."""
+    e2e = m["items"][items] / m["wall_s"][branch]
+    busy = m["items"][items] / (m["busy_s"][stage] / m["actors"][stage])
+    # after the first batch: its items came with the start-up, not at the steady rate
+    startup = m["startup_s"].get(branch, 0.0)
+    after = m["items"][items] - m["first_batch_items"].get(items, 0)
+    rest = m["wall_s"][branch] - startup
+    # a short remainder says little: batches finished during the start-up arrive in a burst
+    steady = after / rest if after > 0 and rest >= max(5.0, 0.2 * m["wall_s"][branch]) \
+        else None
+    return {"e2e_per_s": round(e2e, 1), "busy_per_s": round(busy, 1),
+            "e2e_ratio": round(e2e / alone, 3), "busy_ratio": round(busy / alone, 3),
+            "startup_s": round(startup, 1), "steady_per_s": steady and round(steady, 1),
             "steady_ratio": steady and round(steady / alone, 3),
             "items_for_e2e_0_8": steady and items_for_ratio(0.8, alone, steady, startup),
-            **feed_actors(feed, m["items"][items], m["busy_s"].get(feed), alone)})
-    write_result(result, f"pipeline_e2e-{device.replace(' ', '_')}-{result['date']}", args.tag)
+            **feed_actors(feed, m["items"][items], m["busy_s"].get(feed), alone)}
 
 
 def feed_actors(stage: str, items: int, busy_s: float | None, alone: float) -> dict:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.pipeline_e2e import feed_actors, items_for_ratio
+from benchmarks.pipeline_e2e import feed_actors, items_for_ratio, model_figures
 from tests.conftest import SHARED_DATA
 
 
@@ -19,6 +19,25 @@ def test_items_for_ratio_is_the_smallest_archive_reaching_the_target():
     assert e2e(n) >= 0.8 > e2e(n - 1)
     assert items_for_ratio(0.8, alone, 0.8 * alone, startup) is None  # steady rate too low
     assert items_for_ratio(0.8, alone, steady, 0.0) == 0
+
+
+def test_model_figures_from_the_h200_cells_run():
+    """Session 27's H200 cells run (its metrics as recorded): the figures the result file
+    holds, now computed by the one function the main and the baseline runs share."""
+    m = {"items": {"cells": 706_136}, "wall_s": {"cells": 55.02},
+         "busy_s": {"detect": 344.84, "classify": 33.95},
+         "actors": {"detect": 15, "classify": 1}, "startup_s": {"cells": 18.92},
+         "first_batch_items": {"cells": 5_364}}
+    r = model_figures(m, "classify", "detect", "cells", "cells", 53_039.9)
+    assert r["e2e_ratio"] == 0.242 and r["busy_ratio"] == 0.392
+    assert r["feed_per_actor_s"] == 2047.7 and r["feed_actors_for_0_8"] == 21
+    assert r["steady_ratio"] == pytest.approx((706_136 - 5_364) / (55.02 - 18.92) / 53_039.9,
+                                              abs=1e-3)
+    # two actors sharing the GPU: the busy rate is per actor's busy second
+    two = model_figures({**m, "actors": {"detect": 15, "classify": 2}}, "classify", "detect",
+                        "cells", "cells", 53_039.9)
+    assert two["busy_per_s"] == pytest.approx(2 * r["busy_per_s"], abs=0.2)
+    assert two["e2e_ratio"] == r["e2e_ratio"]
 
 
 def test_model_step_bench_runs_every_variant():

@@ -46,10 +46,15 @@ else
   # blood-film smear (8 per megapixel) asks 5x the pixels per cell
   cells="--kind aspirate --slides 6 --size 40000 --classifier deepheme-resnext50 --batch 256"
 fi
-# each branch against session 26's settings in the same process (session 27's changes, not yet
-# measured on a GPU: host CPUs left to the model actors, detection batches of 64 tasks)
-tiles="$tiles --baseline-set pipeline.encoder.host_cpus=0"
-cells="$cells --baseline-set pipeline.classifier.host_cpus=0 --baseline-set read_batch_size=16"
+# each branch with two model actors sharing the GPU (half a GPU each), against the defaults
+# (one actor) in the same process. On the H200 on 2026-12-04 the classifier's actor was busy in
+# its own function 34 s of the cells run's 55 while 60 blocks waited for it: the rest of its
+# process's time went to Ray Data around the call (fetching blocks, storing outputs), which a
+# second process does in parallel. The baseline run has session 27's untried changes (host
+# CPUs for the model actors, detection batches of 64, whole Arrow blocks to the model actors)
+tiles="$tiles --set pipeline.encoder.concurrency=2 --baseline-set pipeline.encoder.concurrency=1"
+cells="$cells --set pipeline.classifier.concurrency=2"
+cells="$cells --baseline-set pipeline.classifier.concurrency=1"
 
 step() {  # name, time limit in seconds, command...
   local name=$1 limit=$2; shift 2
