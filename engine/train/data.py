@@ -10,6 +10,7 @@ import os
 import posixpath
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -87,6 +88,72 @@ def data_cache_dir() -> str:
     user in the temp dir."""
     return os.environ.get("HEMEFLOW_DATA_CACHE") or os.path.join(
         tempfile.gettempdir(), f"hemeflow-data-{os.geteuid()}")
+
+
+def cache_budget() -> int:
+    """Bytes `fetch_labelled`'s cache may hold before it evicts (`evict_cache`):
+    ``$HEMEFLOW_DATA_CACHE_GB`` gigabytes (10^9 bytes), 50 by default."""
+    value = os.environ.get("HEMEFLOW_DATA_CACHE_GB", "").strip() or "50"
+    try:
+        gb = float(value)
+    except ValueError:
+        raise ValueError(f"HEMEFLOW_DATA_CACHE_GB must be a number of gigabytes, not "
+                         f"{value!r}") from None
+    if gb < 0:
+        raise ValueError(f"HEMEFLOW_DATA_CACHE_GB must be at least 0, not {value!r}")
+    return int(gb * 1e9)
+
+
+def evict_cache(cache: str, keep: str, budget: int, grace_s: float = 3600.0
+                ) -> tuple[int, int]:
+    """Bring `fetch_labelled`'s ``cache`` under ``budget`` bytes, least recently fetched list
+    first; returns the files and bytes removed (nothing while it is under budget).
+
+    A list is a ``labels.csv`` the cache holds (one per fetched ``--data``, written at each
+    fetch, so its modification time is that list's last use) with the copies its rows name.
+    The list in ``keep`` (the folder just fetched) and those fetched in the last ``grace_s``
+    seconds (a job on this node may be reading them) are kept whatever their size; older ones
+    are kept, newest first, while all kept copies fit the budget. Every other file goes: the
+    copies only evicted lists named, copies no list names any more (an object a list dropped),
+    and the evicted lists' ``labels.csv`` and ``pack.json``. Call it holding the cache's lock.
+    """
+    cache = os.path.abspath(cache)
+    files: dict[str, int] = {}
+    for root, _, names in os.walk(cache):
+        for name in names:
+            path = os.path.join(root, name)
+            if path != os.path.join(cache, ".lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    files[path] = os.path.getsize(path)
+    if sum(files.values()) <= budget:
+        return 0, 0
+    lists = []  # (last fetched, folder, the copies its rows name)
+    for path in files:
+        if os.path.basename(path) != "labels.csv":
+            continue
+        folder = os.path.dirname(path)
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            named = {os.path.abspath(os.path.join(folder, r.get("path") or ""))
+                     for r in csv.DictReader(fh)}
+        lists.append((os.path.getmtime(path), folder, named & files.keys()))
+    lists.sort(reverse=True)
+    now, keep = time.time(), os.path.abspath(keep)
+    kept: set[str] = set()
+    for fetched, folder, named in lists:
+        meta = {os.path.join(folder, n) for n in ("labels.csv", "pack.json")} & files.keys()
+        more = (named | meta) - kept
+        if folder == keep or now - fetched < grace_s or \
+                sum(files[f] for f in kept | more) <= budget:
+            kept |= more
+    removed = [f for f in files if f not in kept]
+    for path in removed:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    for root, dirs, names in os.walk(cache, topdown=False):  # the folders left empty
+        if root != cache and not dirs and not names:
+            with contextlib.suppress(OSError):
+                os.rmdir(root)
+    return len(removed), sum(files[f] for f in removed)
 
 
 def mirror_path(uri: str, cache: str) -> str:
@@ -173,7 +240,12 @@ def fetch_labelled(data: str, storage=None, cache: str | None = None) -> str:
             write_bytes(os.path.join(folder, "pack.json"), pack.encode(), storage)
         elif os.path.exists(os.path.join(folder, "pack.json")):
             os.remove(os.path.join(folder, "pack.json"))
+        n, size = evict_cache(cache, folder, cache_budget())
     print(f"{len(wanted)} image(s) of {data} in {folder} ({fetched} fetched)", file=sys.stderr)
+    if n:
+        print(f"cache {cache} over its {cache_budget() / 1e9:g} GB ($HEMEFLOW_DATA_CACHE_GB): "
+              f"removed {n} file(s), {size / 1e9:.2f} GB, of lists fetched longest ago",
+              file=sys.stderr)
     return folder
 
 

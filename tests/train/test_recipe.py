@@ -529,6 +529,74 @@ def test_fine_tunes_from_an_init_checkpoint_remaps_its_codes_and_resumes_swa(tmp
 
 
 @needs_pbc
+def test_the_labelled_image_cache_evicts_the_lists_fetched_longest_ago(tmp_path, monkeypatch):
+    """Over its budget, the cache drops the copies of the lists fetched longest ago (and copies
+    no list names), but keeps the list just fetched, lists fetched within the grace period,
+    and copies a kept list shares with an evicted one."""
+    import os
+    import time
+
+    from engine.train.data import cache_budget, evict_cache, mirror_path
+
+    cache = tmp_path / "cache"
+
+    def put_list(folder, uris, age_s, size=1000):
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = ["path,code"]
+        for uri in uris:
+            copy = mirror_path(uri, str(cache))
+            os.makedirs(os.path.dirname(copy), exist_ok=True)
+            with open(copy, "wb") as fh:
+                fh.write(b"x" * size)
+            rows.append(f"{copy},L2")
+        rows.append("s3://cells/lab/not-labelled.png,")  # a row without a copy
+        (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+        (folder / "pack.json").write_text("{}")
+        when = time.time() - age_s
+        os.utime(folder / "labels.csv", (when, when))
+        return folder
+
+    old = put_list(cache / "s3" / "cells" / "old", ["s3://cells/old/a.png",
+                                                    "s3://cells/shared/s.png"], 3 * 86400)
+    mid = put_list(cache / "lists" / "0123", ["s3://cells/mid/b.png"], 2 * 86400)
+    recent = put_list(cache / "lists" / "4567", ["s3://cells/recent/c.png"], 60)
+    new = put_list(cache / "s3" / "cells" / "new", ["s3://cells/new/d.png",
+                                                    "s3://cells/shared/s.png"], 0)
+    orphan = mirror_path("s3://cells/gone/e.png", str(cache))
+    os.makedirs(os.path.dirname(orphan))
+    open(orphan, "wb").write(b"x" * 1000)
+    (cache / ".lock").write_text("")
+
+    assert evict_cache(str(cache), str(new), budget=10**6) == (0, 0)  # under budget: nothing
+    sizes = {str(p.relative_to(cache)): p.stat().st_size for p in cache.rglob("*")
+             if p.is_file()}
+    # room for the new list, the recent one (in its grace period) and the middle one
+    budget = sum(v for k, v in sizes.items() if "old" not in k and "gone" not in k)
+    n, size = evict_cache(str(cache), str(new), budget=budget)
+    left = {str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file()}
+    assert left == {".lock", "s3/cells/new/labels.csv", "s3/cells/new/pack.json",
+                    "s3/cells/new/d.png", "s3/cells/shared/s.png",
+                    "lists/4567/labels.csv", "lists/4567/pack.json", "s3/cells/recent/c.png",
+                    "lists/0123/labels.csv", "lists/0123/pack.json", "s3/cells/mid/b.png"}
+    # the old list and its own copy, and the copy no list names
+    assert (n, size) == (4, sum(v for k, v in sizes.items() if "old" in k or "gone" in k))
+    evict_cache(str(cache), str(new), budget=budget - 1)  # the middle list no longer fits
+    assert not mid.exists() and not (cache / "s3" / "cells" / "mid").exists()
+    assert not (cache / "s3" / "cells" / "gone").exists() and not old.exists()
+    # with no budget, only the list just fetched and the one in its grace period stay
+    evict_cache(str(cache), str(new), budget=0)
+    assert (recent / "labels.csv").exists() and (cache / "s3" / "cells" / "recent").exists()
+    assert (new / "d.png").exists() and (cache / "s3" / "cells" / "shared" / "s.png").exists()
+
+    monkeypatch.setenv("HEMEFLOW_DATA_CACHE_GB", "0.5")
+    assert cache_budget() == 500_000_000
+    monkeypatch.setenv("HEMEFLOW_DATA_CACHE_GB", "lots")
+    with pytest.raises(ValueError, match="HEMEFLOW_DATA_CACHE_GB must be a number"):
+        cache_budget()
+    monkeypatch.delenv("HEMEFLOW_DATA_CACHE_GB")
+    assert cache_budget() == 50 * 10**9
+
+
 @pytest.mark.s3
 def test_labelled_images_on_s3_train_evaluate_and_fetch_only_what_changed(
         tmp_path, s3_server, s3_client, monkeypatch, capsys):
