@@ -101,15 +101,33 @@ def read_inputs(uri: str, storage) -> Inputs:
                   read_specimens(uri, storage), read_cases(uri, storage))
 
 
-def changed_files(store: OutputStore, entries: list[FileEntry], ids: set[str]
-                  ) -> dict[str, str]:
+def committed_rows(store: OutputStore, ids: set[str], seen: dict | None = None):
+    """The slides rows of the committed slides ``ids`` (``slide_id``, ``size_bytes``, ``etag``,
+    ``case``), or None for none: one read per slide on S3, so a run that looks twice passes
+    the same ``seen`` dict and reads each once."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not ids:
+        return None
+    if seen is None or not ids <= seen.get("ids", set()):
+        table = store.read("slides", columns=["slide_id", "size_bytes", "etag", "case"],
+                           slide_ids=ids)
+        if seen is None:
+            return table
+        seen.update(ids=set(ids), table=table)
+    table = seen["table"]
+    return None if table is None else \
+        table.filter(pc.is_in(table["slide_id"], pa.array(sorted(ids), pa.string())))
+
+
+def changed_files(store: OutputStore, entries: list[FileEntry], ids: set[str],
+                  seen: dict | None = None) -> dict[str, str]:
     """Of the committed slides ``ids``, those whose file the input now lists is not the one
     processed: its size, or its ETag where both have one (S3), differs from the slides row.
-    Returns what changed, by slide_id (``"size 1024 -> 2048"``)."""
+    Returns what changed, by slide_id (``"size 1024 -> 2048"``); ``seen``: `committed_rows`'."""
     now = {slide_id_for(e.uri): e for e in entries}
-    ids = ids & now.keys()
-    got = store.read("slides", columns=["slide_id", "size_bytes", "etag"], slide_ids=ids) \
-        if ids else None
+    got = committed_rows(store, ids & now.keys(), seen)
     changed = {}
     for sid, size, etag in zip(*(got[c].to_pylist() for c in ("slide_id", "size_bytes", "etag"))
                                ) if got is not None else ():
@@ -124,7 +142,7 @@ def changed_files(store: OutputStore, entries: list[FileEntry], ids: set[str]
 
 def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reprocess: bool,
                      retry_failed: bool, log=print, dry_run: bool = False,
-                     reprocess_changed: bool = False) -> set[str]:
+                     reprocess_changed: bool = False, seen: dict | None = None) -> set[str]:
     """Settle what an existing output means for this run, before anything is written to it.
 
     A rerun with the results-relevant config of the output's ``config.json`` resumes: committed
@@ -136,6 +154,7 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     a plain run does not look (that reads every committed slide's row: one request per slide
     on S3, too many to make on each rerun of a large archive). An output whose tables another
     version's schema wrote is refused outright: its tables could not be read as one.
+    ``seen``: the slides rows read, for `warn_case_changes` (`committed_rows`).
 
     Returns the committed slides that stay committed (the run skips them); with ``dry_run``
     those that would, and nothing is changed.
@@ -176,7 +195,7 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
         log(f"{len(committed - ours)} slide(s) of other inputs stay as the earlier config made "
             "them (their status rows say which: config_hash)")
     look = (reprocess_changed or dry_run) and not reprocess
-    changed = changed_files(store, entries, ours - redo) if look else {}
+    changed = changed_files(store, entries, ours - redo, seen) if look else {}
     shown = "; ".join(f"{sid} ({what})" for sid, what in list(changed.items())[:3]) \
         + ("; …" if len(changed) > 3 else "")
     if changed and reprocess_changed:
@@ -198,13 +217,13 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
 
 
 def warn_case_changes(store: OutputStore, inputs: Inputs, kept: set[str], source: str,
-                      log=print) -> None:
+                      log=print, seen: dict | None = None) -> None:
     """Say which slides the run skips (``kept``: committed, not redone) whose recorded case is
     not the one the input now gives: a slide's case is recorded when it commits, so a corrected
     list changes nothing there by itself."""
     given = {slide_id_for(u): c for u, c in inputs.cases.items()}
     ids = kept & given.keys()
-    got = store.read("slides", columns=["slide_id", "case"], slide_ids=ids) if ids else None
+    got = committed_rows(store, ids, seen)
     if got is None:
         return
     changed = [(sid, old, given[sid]) for sid, old in zip(got["slide_id"].to_pylist(),
@@ -228,9 +247,11 @@ def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
     """
     entries = inputs.entries
     store = OutputStore(args.output, cfg.storage)
+    seen: dict = {}  # the slides rows, read once for both looks
     committed = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed, log,
-                                 dry_run=True, reprocess_changed=args.reprocess_changed)
-    warn_case_changes(store, inputs, committed, args.input, log)
+                                 dry_run=True, reprocess_changed=args.reprocess_changed,
+                                 seen=seen)
+    warn_case_changes(store, inputs, committed, args.input, log, seen)
     stages = resolve_stages(cfg, args.allow_untrained)
     pending = [e for e in entries if slide_id_for(e.uri) not in committed]
     gib = sum(e.size or 0 for e in pending) / 2**30
@@ -317,9 +338,10 @@ def main(argv=None) -> int:
             dry_run(args, cfg, inputs)
             return 0
         store = OutputStore(args.output, cfg.storage)
+        seen: dict = {}
         kept = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed,
-                                reprocess_changed=args.reprocess_changed)
-        warn_case_changes(store, inputs, kept, args.input)
+                                reprocess_changed=args.reprocess_changed, seen=seen)
+        warn_case_changes(store, inputs, kept, args.input, seen=seen)
         write_run_config(args.output, cfg, vars(args), cfg.storage)
         metrics = RunMetrics()
         rows = run_pipeline(entries, args.output, cfg, mpp, args.allow_untrained,

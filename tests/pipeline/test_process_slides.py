@@ -186,6 +186,19 @@ def test_rerun_skips_committed_slides(run_out, archive, tmp_path, capsys):
     assert "1 committed slide(s) keep the case recorded when they were processed" in out
     assert ": none -> C-7" in out and f"--cases {listed}" in out
     assert {p: p.stat().st_mtime_ns for p in run_out.rglob("*.parquet")} == before
+    # a dry run looks for changed files and changed cases in one read of the slides rows
+    from engine.pipeline.commit import OutputStore
+
+    reads, read = [], OutputStore.read
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(OutputStore, "read", lambda self, table, *a, **k: (
+            reads.append((table, sorted(k.get("slide_ids") or ()))), read(self, table, *a, **k))[1])
+        assert process_slides.main(["--input", str(listed), "--output", str(run_out),
+                                    "--config", tiny_config(tmp_path), "--allow-untrained",
+                                    "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert ": none -> C-7" in out and "2 committed (skipped), 0 to process" in out
+    assert [t for t, _ in reads] == ["slides"] and len(reads[0][1]) == 2, reads
 
 
 def test_a_slide_saved_over_since_it_was_processed(run_out, archive, tmp_path):
