@@ -238,8 +238,9 @@ class ModelStageConfig:
             batches): the CPU actors are that many fewer. With 0 they took every core: on a
             16-CPU H200 node the classifier then ran at 0.39 of its speed alone while fed,
             against 0.67 with the node to itself (2026-12-04). Less where the cluster has too
-            few CPUs for it. The actor itself asks Ray for no CPU, so that it never waits for
-            one on its GPU's node.
+            few CPUs for it. They are held, with the actor's GPU share, by a placement group
+            made before any actor starts, so that they lie on the GPU's node
+            (`engine.pipeline.run.reserve_host_cpus`); with 0 the actor asks for no CPU.
         tta: average over 8 rotations/flips (classifier only; 8x compute).
         compile: ``torch.compile`` the model on GPU actors (about 2x for ResNeXt-50 on an H100).
         amp: bf16 autocast where the device runs bf16 natively: CUDA, and CPUs with AVX512-BF16

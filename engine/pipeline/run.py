@@ -22,6 +22,7 @@ import ray
 from engine.cells import KIND_CELL, KIND_PLATELET
 from engine.classes import DEEPHEME_CODES
 from engine.config import NO_MODEL, Config, ConfigError
+from engine.errors import HemeflowError
 from engine.models import EnsemblePredictor, MissingWeights, create_model
 from engine.pipeline.aggregate import Aggregator
 from engine.pipeline.commit import OutputStore
@@ -269,6 +270,41 @@ def plan_resources(cpus: int, gpus: float, pc, branches: tuple[str, ...],
     return Resources(plan, readers, cpu, gpu, models, host)
 
 
+def host_bundles(res: Resources, branches: tuple[str, ...]) -> list[dict[str, float]]:
+    """One placement-group bundle per model actor on a GPU that keeps host CPUs: its share of
+    a GPU and its ``host_cpus`` (`plan_resources`), to be held on one node."""
+    return [{"GPU": res.gpu[b], "CPU": res.host[b]} for b in branches
+            for _ in range(res.models[b]) if res.gpu[b] and res.host[b]]
+
+
+def reserve_host_cpus(res: Resources, branches: tuple[str, ...], timeout_s: float = 600.0):
+    """A placement group of `host_bundles`, ready before any actor starts (None without
+    bundles): the model actors start inside it, so the CPUs `plan_resources` kept free for
+    their host work lie on their GPU's node. Counting them cluster-wide only left them free
+    somewhere: on a cluster of several nodes the CPU actors could take every core of a GPU
+    node. A model actor outside one would have to ask Ray for its CPU, and could wait for
+    ever on a node whose cores the CPU actors had taken first.
+
+    Raises:
+        HemeflowError: the cluster did not make room within ``timeout_s`` (an autoscaler
+            still adding the GPU nodes the plan counted, or GPUs another job holds).
+    """
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundles = host_bundles(res, branches)
+    if not bundles:
+        return None
+    pg = placement_group(bundles, strategy="PACK", name="hemeflow-model-actors")
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise HemeflowError(
+            f"the cluster did not make room for the model actors within {timeout_s:.0f} s: "
+            f"{bundles} (a GPU share and pipeline.*.host_cpus each, on one node). Are the "
+            "GPU nodes up, and free of other jobs? host_cpus: 0 asks for no CPU")
+    return pg
+
+
 def actor_pool(n: int, grow_to: int | None = None, calls: int = 1) -> ray.data.ActorPoolStrategy:
     """A pool of ``n`` actors; with ``grow_to``, one that may grow to that many when CPUs come
     free (the other branch has finished and its actors are gone). ``calls``: Ray Data calls an
@@ -294,8 +330,10 @@ def slide_shards(n_slides: int, readers: int, most: int = 16) -> int:
 
 
 def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverrides,
-                   res: Resources, encoder: bool, allow_untrained: bool) -> ray.data.Dataset:
-    """One branch's stream: plan each slide, expand its tasks, then CPU and model actors.
+                   res: Resources, encoder: bool, allow_untrained: bool,
+                   reserved=None) -> ray.data.Dataset:
+    """One branch's stream: plan each slide, expand its tasks, then CPU and model actors;
+    ``reserved``: `reserve_host_cpus`' placement group, where the model actors start.
 
         cells: PlanTasks ─► DetectCells (CPU) ─► ClassifyCells (model)
         tiles: PlanTasks ─► ReadTiles (CPU)   ─► EncodeTiles (model, when it has weights)
@@ -308,36 +346,52 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
         PlanTasks, fn_constructor_args=(cfg, mpp, branch, encoder),
         compute=actor_pool(res.plan[branch]),
         num_cpus=0)
-    # a model actor on a GPU asks Ray for no CPU, so that it is never left waiting for one on
-    # its GPU's node; the CPUs it keeps (`plan_resources`) are left free by the CPU actors
-    model_cpus = 0 if res.gpu[branch] else res.cpu
     if branch == "cells":
         c = pc.classifier
-        return (ds.map_batches(DetectCells, fn_constructor_args=(cfg,),
-                               batch_size=pc.read_batch_size,
-                               compute=actor_pool(res.readers[branch], grow), num_cpus=res.cpu)
-                .map_batches(ClassifyCells,
-                             fn_constructor_args=(c.model, c.checkpoint, allow_untrained, c.tta,
-                                                  cfg.storage, c.compile, c.batch_size,
-                                                  c.ensemble, c.amp, c.threads, c.features,
-                                                  c.platelets),
-                             # whole blocks as Arrow tables: the actor reads the crops in place
-                             # (re-batching them to a row count, or into numpy, copies each)
-                             batch_size=None, batch_format="pyarrow",
-                             compute=actor_pool(c.concurrency, calls=c.calls_in_flight),
-                             num_gpus=res.gpu[branch], num_cpus=model_cpus))
+        ds = ds.map_batches(DetectCells, fn_constructor_args=(cfg,),
+                            batch_size=pc.read_batch_size,
+                            compute=actor_pool(res.readers[branch], grow), num_cpus=res.cpu)
+        return model_step(ds, ClassifyCells, (c.model, c.checkpoint, allow_untrained, c.tta,
+                                              cfg.storage, c.compile, c.batch_size, c.ensemble,
+                                              c.amp, c.threads, c.features, c.platelets),
+                          c, res, branch, reserved)
     e = pc.encoder
     ds = ds.map_batches(ReadTiles, fn_constructor_args=(cfg, encoder, pc.read_threads),
                         batch_size=pc.tile_read_batch_size,
                         compute=actor_pool(res.readers[branch], grow), num_cpus=res.cpu)
     if encoder:
-        ds = ds.map_batches(EncodeTiles, fn_constructor_args=(
-            e.model, e.checkpoint, allow_untrained, cfg.storage, e.compile, e.batch_size, e.amp,
-            e.threads),
-            batch_size=None, batch_format="pyarrow",  # whole blocks, read in place
-            compute=actor_pool(e.concurrency, calls=e.calls_in_flight),
-            num_gpus=res.gpu[branch], num_cpus=model_cpus)
+        ds = model_step(ds, EncodeTiles, (e.model, e.checkpoint, allow_untrained, cfg.storage,
+                                          e.compile, e.batch_size, e.amp, e.threads),
+                        e, res, branch, reserved)
     return ds
+
+
+def model_step(ds: ray.data.Dataset, step, args: tuple, stage, res: Resources, branch: str,
+               reserved=None) -> ray.data.Dataset:
+    """``ds`` through a pool of model actors (``step``: `ClassifyCells` or `EncodeTiles`;
+    ``stage``: its `ModelStage` config), each taking whole blocks as Arrow tables: the actor
+    reads the crops or tiles in place, where re-batching them to a row count, or into numpy,
+    would copy each. The actor runs its own forward passes of ``batch_size`` rows.
+
+    Ray Data's public ``map_batches`` refuses whole blocks (``batch_size=None``) to an actor
+    that asks for GPUs, lest one batch overfill the GPU; ``map_batches_internal``, its
+    developer API for the same call without that check (``map_groups`` uses it so), takes
+    them. A model actor on a GPU takes its host CPUs inside ``reserved``, the placement group
+    that holds them on its GPU's node (`reserve_host_cpus`); without host CPUs it asks Ray
+    for none.
+    """
+    gpus = res.gpu[branch]
+    extra = {}
+    if reserved is not None and gpus and res.host[branch]:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        # (a Ray remote argument without a named parameter in map_batches: revisit when
+        # Ray Data drops them, 2.64 by its deprecation warning)
+        extra["scheduling_strategy"] = PlacementGroupSchedulingStrategy(reserved)
+    return ds.map_batches_internal(
+        step, fn_constructor_args=args, batch_size=None, batch_format="pyarrow",
+        compute=actor_pool(stage.concurrency, calls=stage.calls_in_flight),
+        num_gpus=gpus, num_cpus=res.host[branch] if gpus else res.cpu, **extra)
 
 
 def _consume(branch: str, ds: ray.data.Dataset, agg: Aggregator, metrics: RunMetrics,
@@ -445,23 +499,31 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                                model_stage: res.models[b]})
         metrics.phase.update({f"plan_{b}": b, cpu_stage: b, model_stage: b})
     stop = threading.Event()
-    for chunk in _chunks(pending, pc.slides_per_chunk):
-        items = [{"uri": e.uri, "size": e.size, "etag": e.etag,
-                  "specimen": specimens.of(e.uri), "case": (cases or {}).get(e.uri)}
-                 for e in chunk]
-        with ThreadPoolExecutor(len(branches), thread_name_prefix="branch") as pool:
-            futures = [pool.submit(_consume, b, branch_dataset(b, items, cfg, mpp, res,
-                                                              stages.encoder, allow_untrained),
-                                   agg, metrics, stop) for b in branches]
-            for f in as_completed(futures):
-                if f.exception() is not None:
-                    stop.set()
-            for f in futures:
-                f.result()  # re-raise the first failure, once both threads have ended
-        seen = {slide_id_for(e.uri) for e in chunk}
-        left = sorted(agg.slides) + sorted(seen - {s["slide_id"] for s in agg.summary})
-        if left:  # every task reported, so nothing may remain open
-            raise RuntimeError(f"slides left uncommitted: {sorted(set(left))}")
+    reserved = reserve_host_cpus(res, branches)
+    try:
+        for chunk in _chunks(pending, pc.slides_per_chunk):
+            items = [{"uri": e.uri, "size": e.size, "etag": e.etag,
+                      "specimen": specimens.of(e.uri), "case": (cases or {}).get(e.uri)}
+                     for e in chunk]
+            with ThreadPoolExecutor(len(branches), thread_name_prefix="branch") as pool:
+                futures = [pool.submit(_consume, b,
+                                       branch_dataset(b, items, cfg, mpp, res, stages.encoder,
+                                                      allow_untrained, reserved),
+                                       agg, metrics, stop) for b in branches]
+                for f in as_completed(futures):
+                    if f.exception() is not None:
+                        stop.set()
+                for f in futures:
+                    f.result()  # re-raise the first failure, once both threads have ended
+            seen = {slide_id_for(e.uri) for e in chunk}
+            left = sorted(agg.slides) + sorted(seen - {s["slide_id"] for s in agg.summary})
+            if left:  # every task reported, so nothing may remain open
+                raise RuntimeError(f"slides left uncommitted: {sorted(set(left))}")
+    finally:
+        if reserved is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(reserved)
     if cfg.storage.stage_shared and any(is_remote(e.uri) for e in pending):
         # kept after a crash, so that the rerun finds the slides already staged
         log(f"staging: removed {purge_staging(cfg.storage)} staged slide copies")

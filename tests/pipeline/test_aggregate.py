@@ -112,6 +112,21 @@ def test_an_int8_classifier_takes_a_cpu_not_the_gpu():
     assert (sum(res.readers.values()) + res.models["cells"]) * res.cpu + 1 <= 15
 
 
+def test_host_bundles_hold_each_gpu_model_actors_share_and_cpus():
+    from engine.pipeline.run import host_bundles
+
+    both = ("cells", "tiles")
+    res = plan_resources(16, 1, PipelineConfig(), both, True, 100)
+    assert host_bundles(res, both) == [{"GPU": 0.5, "CPU": 1.0}] * 2  # one GPU, two actors
+    assert host_bundles(plan_resources(2, 0, PipelineConfig(), both, True, 5), both) == []
+    int8 = plan_resources(16, 1, PipelineConfig(), both, True, 100,
+                          cpu_models=frozenset({"cells"}))
+    assert host_bundles(int8, both) == [{"GPU": 1.0, "CPU": 1.0}]  # the encoder's alone
+    none = Config.from_dict({"pipeline": {"encoder": {"host_cpus": 0},
+                                          "classifier": {"host_cpus": 0}}}).pipeline
+    assert host_bundles(plan_resources(16, 1, none, both, True, 100), both) == []  # ask none
+
+
 def test_one_branch_keeps_the_whole_machine():
     res = plan_resources(2, 0, Config().pipeline, ("cells",), True, 5)
     assert res.readers == {"cells": 1} and res.cpu == 1.0 and res.plan == {"cells": 1}

@@ -6,6 +6,8 @@ would). process_slides runs over 30 slides as users run it on a cluster, through
 processes (its raylet and everything under it) are SIGKILLed mid-run. The job, or a rerun on the
 surviving node, must leave every slide's rows exactly once."""
 
+import collections
+import json
 import os
 import secrets
 import signal
@@ -158,3 +160,61 @@ def test_fine_tuning_across_two_nodes_checkpoints_to_s3(tmp_path, s3_server, s3_
             "cluster/test/labels.csv"} <= keys
     assert any(k.startswith("cluster/runs/fold-0-") and "/checkpoint_" in k
                for k in keys), sorted(keys)
+
+
+PROBE = """
+import json, sys
+import ray
+from ray.util.placement_group import placement_group_table
+from jobs import process_slides
+
+code = process_slides.main(sys.argv[1:])
+nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+actors = [(a["ActorClassName"], a["Address"]["NodeID"])
+          for a in ray._private.state.actors().values()]
+groups = [{"state": g["state"], "bundles": list(g["bundles"].values()),
+           "nodes": list(g["bundles_to_node_id"].values())}
+          for g in placement_group_table().values() if g["name"] == "hemeflow-model-actors"]
+print("PROBE", json.dumps({"code": code, "nodes": nodes, "actors": actors, "groups": groups}))
+"""
+
+
+def test_a_gpu_model_actor_keeps_its_host_cpu_on_its_gpus_node(slides, tmp_path):
+    """A GPU node (2 CPUs, one GPU as Ray counts it: the model runs on this CPU) beside a CPU
+    node (2 CPUs), and a head that takes no work, running the cells branch. The plan keeps
+    one CPU for the classifier actor's host work and sizes detection to the other two (one
+    stays the driver's); the placement group holding
+    that CPU with the GPU puts it on the GPU's node, where counting CPUs cluster-wide could
+    leave it on the CPU node. The group is removed when the run ends."""
+    gcs = free_port()
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    with ray_cluster(RAY, env, gcs, "--num-cpus=0"):
+        for extra in (["--num-gpus=1"], []):
+            w = subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
+                                f"--node-manager-port={free_port()}", *node_ports(), *common,
+                                *extra], env=env, capture_output=True, text=True, timeout=120)
+            assert w.returncode == 0, w.stderr
+        cfg = tmp_path / "cfg.yaml"
+        cfg.write_text("pipeline:\n  stages: [cells]\n"
+                       "  classifier: {model: deepheme-tiny, batch_size: 64}\n")
+        names = sorted(p.name for p in slides.iterdir())[:4]
+        listed = tmp_path / "four.txt"
+        listed.write_text("".join(f"{slides / n}\n" for n in names))
+        run = subprocess.run(
+            [sys.executable, "-c", PROBE, "--input", str(listed), "--output",
+             str(tmp_path / "out"), "--config", str(cfg), "--allow-untrained"],
+            cwd=ROOT, env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, capture_output=True,
+            text=True, timeout=600)
+    line = next((ln for ln in run.stdout.splitlines() if ln.startswith("PROBE ")), None)
+    assert run.returncode == 0 and line, run.stdout[-3000:] + run.stderr[-3000:]
+    got = json.loads(line[len("PROBE "):])
+    assert got["code"] == 0 and "4 ok" in run.stdout
+    gpu_node = next(n for n, r in got["nodes"].items() if r.get("GPU"))
+    on = collections.Counter(node for cls, node in got["actors"] if "DetectCells" in cls)
+    model_nodes = {node for cls, node in got["actors"] if "ClassifyCells" in cls}
+    assert model_nodes == {gpu_node}
+    assert sum(on.values()) == 2 and on[gpu_node] <= 1, on  # 2 CPUs there, one is the host's
+    assert got["groups"] == [{"state": "REMOVED", "bundles": [{"CPU": 1.0, "GPU": 1.0}],
+                              "nodes": [gpu_node]}], got["groups"]
