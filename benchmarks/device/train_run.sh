@@ -14,7 +14,8 @@
 #      ensemble is 5 x 47 MB, over the 50 MB a reference may take), fine-tuned from the first
 #      fold model at a lower learning rate, scored on the same split.
 # Then $OUT holds run.log, summary.json, the card (model.json) of the student (with STUDENT=0:
-# of the fold model), its fp16 weights in parts under 16 MiB (cat model.safetensors.part-* > model.safetensors) and the test split as
+# of the fold model), its fp16 weights in parts under 16 MiB (cat model.safetensors.part-* >
+# model.safetensors) and the test split as
 # the original images' paths (test_originals/labels.csv). SMALL=1 rehearses it on
 # a CPU with the tiny model in about 3 minutes.
 # FOLDS=1 STUDENT=0: one model on the split, given the whole budget (up to 200 epochs), and
@@ -95,7 +96,8 @@ fi
 # the pack, ~10 s; the first epoch's cuDNN planning, ~25 s on the H200, inside the minutes) and
 # its scoring after training (OVERHEAD: seen on 2026-12-04, when fixed minutes overran a
 # shorter DEADLINE and neither run came back scored).
-OVERHEAD=$(( 30 + 15 * FOLDS + 45 * STUDENT ))  # teachers' set-up, ensemble score, each fold's, student
+# teachers' set-up and ensemble score, each fold's, the student's
+OVERHEAD=$(( 30 + 15 * FOLDS + 45 * STUDENT ))
 read -r FOLD_S STUDENT_S < <($PY -c "import sys; a, o, k, f, s = map(float, sys.argv[1:]); \
 x = min(1.0, max(a - o, 0) / (k * f + s)); print(int(f * x), int(s * x))" \
   "$(left)" "$OVERHEAD" "$FOLDS" "$FOLD_S" "$STUDENT_S")
@@ -108,7 +110,8 @@ warm, cap = float(sys.argv[6]), int(sys.argv[7])  # cap: most epochs
 with open(os.path.join(sys.argv[5], "labels.csv"), newline="") as fh:
     counts = collections.Counter(r["code"] for r in csv.DictReader(fh) if r["code"] not in ("IG", "NEU"))
 # one fold trains on all but its held-out fold; a single model (k = 1) on all but 15 %
-epoch_s = len(counts) * max(counts.values()) * 0.85 * (1 - 1 / k if k > 1 else 0.85) / rate * 1.1 + 0.2
+share = 1 - 1 / k if k > 1 else 0.85
+epoch_s = len(counts) * max(counts.values()) * 0.85 * share / rate * 1.1 + 0.2
 teachers = max(4, min(cap, int((fold_s - warm) / epoch_s)))
 student = max(4, min(60, int((student_s - warm) / (epoch_s * (1 + k / 3)))))  # + K teachers' passes
 print(teachers, max(1, teachers // 4), round(fold_s / 60, 2),
@@ -120,7 +123,8 @@ echo "rate ${RATE:-unknown} crops/s: teachers $EPOCHS epochs (step $STEP) in ${F
 
 common=(--data "$PACK" --arch $ARCH --local --augment device --batch-size 128
         --label-smoothing 0.1 --patience 100 $LIMIT "${COMPILE_FLAG[@]}")
-step teachers $(left $(( STUDENT ? STUDENT_S + 45 : 15 ))) $PY -m jobs.train_cell_classifier "${common[@]}" \
+step teachers $(left $(( STUDENT ? STUDENT_S + 45 : 15 ))) \
+  $PY -m jobs.train_cell_classifier "${common[@]}" \
   --output "$WORK/folds" --folds "$FOLDS" --epochs "$EPOCHS" --lr-step-epochs "$STEP" \
   --max-minutes "$FOLD_MIN" --no-ood
 teachers=()
