@@ -377,21 +377,22 @@ def model_step(ds: ray.data.Dataset, step, args: tuple, stage, res: Resources, b
     that asks for GPUs, lest one batch overfill the GPU; ``map_batches_internal``, its
     developer API for the same call without that check (``map_groups`` uses it so), takes
     them. A model actor on a GPU takes its host CPUs inside ``reserved``, the placement group
-    that holds them on its GPU's node (`reserve_host_cpus`); without host CPUs it asks Ray
-    for none.
+    that holds them on its GPU's node (`reserve_host_cpus`); outside one (no host CPUs) it
+    asks Ray for none, lest it wait for ever on a node whose cores the CPU actors took.
     """
     gpus = res.gpu[branch]
-    extra = {}
+    extra, cpus = {}, 0.0 if gpus else res.cpu
     if reserved is not None and gpus and res.host[branch]:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         # (a Ray remote argument without a named parameter in map_batches: revisit when
         # Ray Data drops them, 2.64 by its deprecation warning)
         extra["scheduling_strategy"] = PlacementGroupSchedulingStrategy(reserved)
+        cpus = res.host[branch]
     return ds.map_batches_internal(
         step, fn_constructor_args=args, batch_size=None, batch_format="pyarrow",
         compute=actor_pool(stage.concurrency, calls=stage.calls_in_flight),
-        num_gpus=gpus, num_cpus=res.host[branch] if gpus else res.cpu, **extra)
+        num_gpus=gpus, num_cpus=cpus, **extra)
 
 
 def _consume(branch: str, ds: ray.data.Dataset, agg: Aggregator, metrics: RunMetrics,
