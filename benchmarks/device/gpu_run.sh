@@ -71,7 +71,9 @@ for part in $parts; do
     tests) step tests 60 $PY -m pytest -q -p no:cacheprovider -m gpu \
                  --continue-on-collection-errors tests/models ;;  # image lacks polars
     models) if [ "$gpu" = 1 ]; then
-              step models 120 $PY benchmarks/model_throughput.py --pipeline-steps
+              # CUDAGRAPHS=1: also CUDA graphs (reduce-overhead; its compiles take ~1 min more)
+              step models $(( ${CUDAGRAPHS:-0} ? 200 : 120 )) $PY benchmarks/model_throughput.py \
+                --pipeline-steps $([ "${CUDAGRAPHS:-0}" = 1 ] && echo --cudagraphs)
             else echo "== models: skipped (no GPU)"; fi ;;
     tiles) step tiles 170 $PY benchmarks/pipeline_e2e.py --stages tiles --kind marrow $tiles --tag gpu-tiles ;;
     cells) step cells 190 $PY benchmarks/pipeline_e2e.py --stages cells $cells --tag gpu-cells ;;
