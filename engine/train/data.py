@@ -224,6 +224,7 @@ def fetch_labelled(data: str, storage=None, cache: str | None = None) -> str:
     wanted = sorted({r["path"] for r in labelled(rows) if is_remote(r["path"])})
     if not remote and not wanted:
         return data
+    budget = cache_budget()  # a bad value is said before anything is fetched
     folder = mirror_path(base, cache) if remote else os.path.join(
         cache, "lists", hashlib.sha256(base.encode()).hexdigest()[:16])
     os.makedirs(folder, exist_ok=True)
@@ -240,10 +241,10 @@ def fetch_labelled(data: str, storage=None, cache: str | None = None) -> str:
             write_bytes(os.path.join(folder, "pack.json"), pack.encode(), storage)
         elif os.path.exists(os.path.join(folder, "pack.json")):
             os.remove(os.path.join(folder, "pack.json"))
-        n, size = evict_cache(cache, folder, cache_budget())
+        n, size = evict_cache(cache, folder, budget)
     print(f"{len(wanted)} image(s) of {data} in {folder} ({fetched} fetched)", file=sys.stderr)
     if n:
-        print(f"cache {cache} over its {cache_budget() / 1e9:g} GB ($HEMEFLOW_DATA_CACHE_GB): "
+        print(f"cache {cache} over its {budget / 1e9:g} GB ($HEMEFLOW_DATA_CACHE_GB): "
               f"removed {n} file(s), {size / 1e9:.2f} GB, of lists fetched longest ago",
               file=sys.stderr)
     return folder
