@@ -82,3 +82,46 @@ def test_train_throughput_runs_its_three_parts(tmp_path, monkeypatch):
     assert compiled["alone"] > 0 and compiled["device"] > 0 and compiled["first_steps_s"] > 0
     assert compiled["vs_eager"]["alone"] == pytest.approx(
         compiled["alone"] / result["crops_per_s"]["alone"], abs=2e-3)
+
+
+def test_feed_capacity_runs_both_branches_in_several_processes(tmp_path, monkeypatch):
+    """`device/gpu_run.sh feed`, small: each branch's CPU step in one process and in two at
+    once, over real synthetic slides, and the figures against the given model rates."""
+    from benchmarks import common, feed_capacity
+
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    result = feed_capacity.main(["--processes", "2", "--seconds", "1", "--cells-size", "2048",
+                                 "--tiles-size", "8192", "--cells-rate", "50000",
+                                 "--tiles-rate", "20000", "--tag", "t"])
+    (path,) = tmp_path.glob("feed_capacity-*-t.json")
+    assert json.loads(path.read_text()) == result
+    assert result["cpu"]["cpus"] >= result["cpu"]["physical_cores"] >= 1
+    for branch, rate in (("cells", 50_000), ("tiles", 20_000)):
+        r = result[branch]
+        assert r["one"]["processes"] == 1 and r["many"]["processes"] == 2
+        assert r["one"]["items"] > 0 and r["many"]["items"] > r["one"]["items"] / 4
+        assert r["many"]["per_process_s"] == pytest.approx(r["many"]["per_s"] / 2, abs=0.1)
+        assert r["scaling"] == pytest.approx(r["many"]["per_s"] / (2 * r["one"]["per_s"]),
+                                             abs=1e-3)
+        assert r["model_alone_per_s"] == rate and r["model_source"] == "given"
+        assert r["cap"] == pytest.approx(min(1.0, r["many"]["per_s"] / rate), abs=1e-3)
+        n = r["processes_for_0_8"]  # the fewest processes at this rate each for 0.8
+        assert n * r["many"]["per_process_s"] >= 0.8 * rate > (n - 1) * r["many"]["per_process_s"]
+
+
+def test_feed_capacity_reads_a_slide_as_the_jobs_batches(tmp_path):
+    """The batches are the job's: every planned task once, in the configured batch size."""
+    from benchmarks.feed_capacity import items_of, make_step, task_batches
+    from benchmarks.make_synthetic_slides import make_slide
+    from engine.config import Config
+
+    cfg = Config()
+    uri = str(tmp_path / "a.tif")
+    make_slide(uri, 4096, kind="aspirate")
+    batches = task_batches("cells", uri, cfg)
+    tasks = [int(t) for b in batches for t in b["task"]]
+    assert tasks == list(range(len(tasks))) and len(tasks) > 1
+    assert all(len(b["task"]) <= cfg.pipeline.read_batch_size for b in batches)
+    out = make_step("cells", cfg)(dict(batches[0]))
+    assert items_of("cells", out) == int((out["kind"] == "nucleated").sum()
+                                         + (out["kind"] == "platelet").sum()) > 0

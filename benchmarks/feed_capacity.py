@@ -1,0 +1,192 @@
+"""What a node's CPUs can feed a GPU model: cells/s from the cells branch's CPU step (`DetectCells`:
+read a 1024 px region, detect, crop, measure focus) and tiles/s from the tiles branch's
+(`ReadTiles`: read, resize, area masks), in one process alone and in N processes at once,
+outside Ray.
+
+    python benchmarks/feed_capacity.py [--processes N] [--seconds 10] [--cells-size 8192]
+        [--tiles-size 32768] [--branches cells tiles] [--tag T]
+
+Each process builds the step as the job's actors do, runs it once over the slide's first batch
+to warm up, waits for the others and then runs the slide's batches (the job's batch sizes)
+round and round for ``--seconds``; a rate is the items of that window over its length.
+Against the newest GPU model-alone rates (the `model_throughput` results, as
+`driver_intake.py` takes them; or ``--cells-rate`` / ``--tiles-rate``):
+
+- ``scaling``: the N processes' rate over N x one process's (1.0: the cores do not slow each
+  other; less: shared caches, memory bandwidth, fewer physical cores than CPUs, frequency);
+- ``cap``: the N processes' rate over the model's: the highest end-to-end ratio of #7 a node
+  with these CPUs could reach if all N did nothing but feed the model;
+- ``processes_for_0_8``: the processes it takes at the N-process rate each to feed the model
+  at 0.8 of its rate alone.
+
+Inside the running job `pipeline_e2e.py` reports the same per-process figure as
+``feed_per_actor_s`` (items per busy second of an actor): where that is well below this
+script's, Ray Data's work around the step or the other processes on the node take the
+difference; where they agree, the CPUs themselves bound the branch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.common import write_result  # noqa: E402
+
+# per branch: the synthetic slide's kind and the model the branch feeds
+BRANCHES = {"cells": ("aspirate", "deepheme-resnext50"), "tiles": ("marrow", "dinov2-vits14")}
+
+
+def task_batches(branch: str, uri: str, cfg) -> list[dict]:
+    """The slide's tasks for ``branch`` as the job's batches (columns of numpy arrays)."""
+    from engine.pipeline.steps import PlanTasks
+
+    tasks = PlanTasks(cfg, None, branch)({"uri": uri, "slide_id": "feed"})
+    if int(tasks[0]["task"]) < 0:
+        raise RuntimeError(f"{uri}: no {branch} tasks planned ({tasks[0].get('header')})")
+    size = cfg.pipeline.read_batch_size if branch == "cells" else \
+        cfg.pipeline.tile_read_batch_size
+    return [{k: np.stack([np.asarray(t[k]) for t in part]) for k in part[0]}
+            for part in (tasks[i:i + size] for i in range(0, len(tasks), size))]
+
+
+def make_step(branch: str, cfg):
+    from engine.pipeline.steps import DetectCells, ReadTiles
+
+    return DetectCells(cfg) if branch == "cells" else ReadTiles(cfg, keep_pixels=True)
+
+
+def items_of(branch: str, out: dict) -> int:
+    """Cells (rows with a crop: not a tile's "none" or "error" marker) or tiles read."""
+    if branch == "cells":
+        return int(np.isin(out["kind"], ["none", "error"], invert=True).sum())
+    return int((out["error_type"] == "").sum())
+
+
+def worker(branch: str, uri: str, seconds: float, barrier, results) -> None:
+    """One process: build the step, warm it, wait for the others, run for ``seconds``."""
+    from engine.config import Config
+
+    cfg = Config()
+    batches = task_batches(branch, uri, cfg)
+    step = make_step(branch, cfg)
+    step(dict(batches[0]))
+    barrier.wait()
+    t0 = time.perf_counter()
+    items = k = 0
+    while time.perf_counter() - t0 < seconds:
+        items += items_of(branch, step(dict(batches[k % len(batches)])))
+        k += 1
+    results.put((items, time.perf_counter() - t0))
+
+
+def run_processes(branch: str, uri: str, n: int, seconds: float) -> dict:
+    """``n`` processes at once: their summed rate and each one's."""
+    ctx = mp.get_context("spawn")  # a clean process each, as a Ray worker starts
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(branch, uri, seconds, barrier, results))
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise RuntimeError(f"a {branch} process failed (exit code {p.exitcode})")
+    rates = [items / s for items, s in got]
+    return {"processes": n, "per_s": round(sum(rates), 1),
+            "per_process_s": round(sum(rates) / n, 1), "items": sum(i for i, _ in got)}
+
+
+def capacity(one: dict, many: dict, model: str, alone: float | None, source: str | None
+             ) -> dict:
+    """A branch's figures (module docstring) from its 1- and N-process runs."""
+    out = {"one": one, "many": many,
+           "scaling": round(many["per_s"] / (many["processes"] * one["per_s"]), 3),
+           "model": model, "model_alone_per_s": alone, "model_source": source}
+    if alone:
+        out["cap"] = round(min(1.0, many["per_s"] / alone), 3)
+        out["processes_for_0_8"] = math.ceil(0.8 * alone / many["per_process_s"])
+    return out
+
+
+def cpu_topology() -> dict:
+    """The CPUs this process may run on and the physical cores they are: two hyperthreads of
+    one core share its execution units, so 16 CPUs on 8 cores feed about as 8 would."""
+    cpus = sorted(os.sched_getaffinity(0))
+    cores = set()
+    for c in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list") as fh:
+                cores.add(fh.read().strip())
+        except OSError:
+            cores.add(str(c))
+    out = {"cpus": len(cpus), "physical_cores": len(cores), "model": platform.processor()}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            out["model"] = next(line.split(":", 1)[1].strip() for line in fh
+                                if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:  # a container's CPU quota (cgroup v2), where one is set
+        with open("/sys/fs/cgroup/cpu.max") as fh:
+            quota, period = fh.read().split()
+        out["cgroup_cpus"] = None if quota == "max" else round(int(quota) / int(period), 2)
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--processes", type=int, default=os.cpu_count())
+    p.add_argument("--seconds", type=float, default=10.0, help="each run's measured window")
+    p.add_argument("--cells-size", type=int, default=8192,
+                   help="side of the synthetic marrow aspirate, px at 0.25 µm/px")
+    p.add_argument("--tiles-size", type=int, default=32768,
+                   help="side of the synthetic H&E marrow biopsy, px at 0.25 µm/px")
+    p.add_argument("--branches", nargs="+", choices=sorted(BRANCHES), default=sorted(BRANCHES))
+    p.add_argument("--cells-rate", type=float, help="the classifier's rate alone (crops/s); "
+                   "default: the newest GPU model_throughput result")
+    p.add_argument("--tiles-rate", type=float, help="the encoder's rate alone (tiles/s)")
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+
+    from benchmarks.driver_intake import model_alone
+    from benchmarks.make_synthetic_slides import make_slide
+
+    source, rates = model_alone()
+    given = {"cells": args.cells_rate, "tiles": args.tiles_rate}
+    work = tempfile.mkdtemp(prefix="hemeflow-feed-")
+    result = {"benchmark": "feed_capacity", "host": f"cpu{os.cpu_count()}",
+              "cpu": cpu_topology(), "seconds": args.seconds,
+              "date": dt.date.today().isoformat()}
+    for branch in args.branches:
+        kind, model = BRANCHES[branch]
+        size = args.cells_size if branch == "cells" else args.tiles_size
+        uri = os.path.join(work, f"{branch}.tif")
+        make_slide(uri, size, kind=kind)
+        one = run_processes(branch, uri, 1, args.seconds)
+        many = run_processes(branch, uri, args.processes, args.seconds)
+        alone = given[branch] or rates.get(model)
+        result[branch] = {"slide": {"kind": kind, "size_px": size},
+                          **capacity(one, many, model, alone,
+                                     "given" if given[branch] else source)}
+    write_result(result, f"feed_capacity-{result['host']}-{result['date']}", args.tag)
+    return result
+
+
+if __name__ == "__main__":
+    main()
