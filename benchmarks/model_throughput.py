@@ -52,14 +52,16 @@ def bench(module, x, steps: int, amp: bool, warmup: int = 3) -> float:
 
 
 def bench_step(name: str, batch: int, steps: int, bucket: int = 32, passes: int = 1,
-               ragged: bool = False, seed: int = 0, chunks: int = 0) -> dict:
+               ragged: bool = False, seed: int = 0, chunks: int = 0, graphs: bool = False
+               ) -> dict:
     """Rows/s of the pipeline step for ``name`` on host uint8 batches of ``batch`` x
     ``passes`` rows, as Ray Data hands them over (read-only, 5 % marker rows among the crops),
     each call ``passes`` forward passes of ``batch`` rows; with ``ragged`` every other call has
     a random 1 .. ``batch`` x ``passes`` rows (see the module doc). With ``chunks``, each call
     is a whole block as the job hands it since session 27: an Arrow table whose columns hold
     that many chunks (made before the timing: the producing actor makes them), read in place.
-    CUDA when present."""
+    With ``graphs``, the model actor's ``cuda_graphs`` (each padded shape a captured CUDA
+    graph; the bucket must be the actor's own, 32). CUDA when present."""
     import numpy as np
 
     from engine.cells import KIND_CELL
@@ -74,8 +76,9 @@ def bench_step(name: str, batch: int, steps: int, bucket: int = 32, passes: int 
         a.flags.writeable = False
     classify = spec.task == "classification"
     t0 = time.perf_counter()
-    step = (ClassifyCells(name, None, allow_untrained=True, batch_size=batch) if classify
-            else EncodeTiles(name, None, allow_untrained=True, batch_size=batch))
+    step = (ClassifyCells(name, None, allow_untrained=True, batch_size=batch, graphs=graphs)
+            if classify else
+            EncodeTiles(name, None, allow_untrained=True, batch_size=batch, graphs=graphs))
     for predictor in getattr(step.predictor, "members", [step.predictor]):  # an ensemble's too
         predictor.bucket = bucket if predictor.cuda else 0
     start_s = time.perf_counter() - t0
@@ -114,15 +117,16 @@ def bench_step(name: str, batch: int, steps: int, bucket: int = 32, passes: int 
     done = sum(one(i) for i in range(1, steps + 1))
     sync()
     return {"bucket": bucket, "passes_per_call": passes, "ragged": ragged,
-            "arrow_chunks": chunks, "actor_start_s": round(start_s, 2),
+            "arrow_chunks": chunks, "cuda_graphs": graphs, "actor_start_s": round(start_s, 2),
             "rows_per_s": round(done / (time.perf_counter() - t))}
 
 
-# (bucket, passes per call, ragged, chunks): session 4's ragged single pass first, then full
-# calls of one pass and of four pipelined passes (numpy batches, as until session 27), and a
-# block of four chunks as an Arrow table (as the job hands its model actors their rows now)
-STEP_VARIANTS = ((32, 1, True, 0), (32, 1, False, 0), (32, 4, False, 0), (32, 4, True, 0),
-                 (32, 4, False, 4))
+# (bucket, passes per call, ragged, chunks, CUDA graphs): session 4's ragged single pass
+# first, then full calls of one pass and of four pipelined passes (numpy batches, as until
+# session 27), a block of four chunks as an Arrow table (as the job hands its model actors
+# their rows now), and the same replayed as CUDA graphs (``cuda_graphs``, session 29)
+STEP_VARIANTS = ((32, 1, True, 0, False), (32, 1, False, 0, False), (32, 4, False, 0, False),
+                 (32, 4, True, 0, False), (32, 4, False, 4, False), (32, 4, False, 4, True))
 
 
 def main() -> None:
@@ -181,8 +185,8 @@ def main() -> None:
             row["pipeline_step"] = [
                 {**r, "vs_alone": round(r["rows_per_s"] / alone, 3)}
                 for r in (bench_step(name, args.batch, 4 * args.steps // passes, bucket, passes,
-                                     ragged, chunks=chunks)
-                          for bucket, passes, ragged, chunks in STEP_VARIANTS)]
+                                     ragged, chunks=chunks, graphs=graphs)
+                          for bucket, passes, ragged, chunks, graphs in STEP_VARIANTS)]
         results.append(row)
         print(json.dumps(row), flush=True)
     gpu = torch.cuda.get_device_name(0).replace(" ", "_")

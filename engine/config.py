@@ -243,6 +243,11 @@ class ModelStageConfig:
             (`engine.pipeline.run.reserve_host_cpus`); with 0 the actor asks for no CPU.
         tta: average over 8 rotations/flips (classifier only; 8x compute).
         compile: ``torch.compile`` the model on GPU actors (about 2x for ResNeXt-50 on an H100).
+        cuda_graphs: run each padded batch shape as a captured CUDA graph on GPU actors (one
+            replay per pass instead of one launch per kernel; `engine.models.Predictor`),
+            captured at actor start. For a node whose CPUs are busy feeding the GPU: the
+            model's host work shrinks to a copy and a replay. Not with ``compile``; ignored
+            on CPUs. Not yet measured on a GPU in the job.
         amp: bf16 autocast where the device runs bf16 natively: CUDA, and CPUs with AVX512-BF16
             or AMX (ResNeXt-50 2.1x faster than float32 on 2 cores). False: float32, for
             bit-stable figures across machines.
@@ -271,6 +276,7 @@ class ModelStageConfig:
     host_cpus: float = 1.0
     tta: bool = False
     compile: bool = False
+    cuda_graphs: bool = False
     amp: bool = True
     threads: int = 0
     features: bool = False
@@ -390,7 +396,7 @@ EXECUTION_KEYS = frozenset({
     "pipeline.read_threads", "pipeline.native_threads", "pipeline.direct_jpeg",
     *(f"pipeline.{stage}.{key}" for stage in ("classifier", "encoder")
       for key in ("batch_size", "passes_per_call", "calls_in_flight", "concurrency",
-                  "num_gpus", "compile", "threads")),
+                  "num_gpus", "compile", "cuda_graphs", "threads")),
 })
 
 

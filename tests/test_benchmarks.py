@@ -45,10 +45,11 @@ def test_model_step_bench_runs_every_variant():
     gives a rate (a crash here would cost a GPU session its measurement)."""
     from benchmarks.model_throughput import STEP_VARIANTS, bench_step
 
-    for bucket, passes, ragged, chunks in STEP_VARIANTS:
-        r = bench_step("deepheme-tiny", 8, 2, bucket, passes, ragged, chunks=chunks)
+    for bucket, passes, ragged, chunks, graphs in STEP_VARIANTS:
+        r = bench_step("deepheme-tiny", 8, 2, bucket, passes, ragged, chunks=chunks,
+                       graphs=graphs)
         assert r["rows_per_s"] > 0 and r["passes_per_call"] == passes
-        assert r["arrow_chunks"] == chunks
+        assert r["arrow_chunks"] == chunks and r["cuda_graphs"] == graphs
     assert bench_step("dinov2-tiny", 4, 1, 32, 4)["rows_per_s"] > 0
     assert bench_step("dinov2-tiny", 4, 1, 32, 4, chunks=3)["rows_per_s"] > 0
 

@@ -58,6 +58,13 @@ fi
 tiles="$tiles --set pipeline.encoder.concurrency=2 --baseline-set pipeline.encoder.concurrency=1"
 cells="$cells --set pipeline.classifier.concurrency=2"
 cells="$cells --baseline-set pipeline.classifier.concurrency=1"
+# GRAPHS=1: the main runs' model actors replay CUDA graphs (cuda_graphs; the baselines not)
+if [ "${GRAPHS:-0}" = 1 ]; then
+  tiles="$tiles --set pipeline.encoder.cuda_graphs=true"
+  tiles="$tiles --baseline-set pipeline.encoder.cuda_graphs=false"
+  cells="$cells --set pipeline.classifier.cuda_graphs=true"
+  cells="$cells --baseline-set pipeline.classifier.cuda_graphs=false"
+fi
 
 step() {  # name, time limit in seconds, command...
   local name=$1 limit=$2; shift 2

@@ -49,11 +49,18 @@ class Predictor:
             the convolution plans (and compiled graphs) built for a few shapes serve every
             batch; without it each new batch size builds its own. 0 turns padding off.
         chunk: rows per forward pass.
+        graphs: on CUDA with ``bucket``, run each padded batch shape as a captured CUDA graph
+            (`torch.cuda.CUDAGraph`): one replay instead of the model's kernel launches one
+            by one (ResNeXt-50: about 250 a pass), so a host whose CPUs are busy feeding it
+            holds the GPU back less. Each shape is captured on its first batch (`warmup`
+            captures them all), with the preprocessing, in its own memory pool. Not with
+            ``compile`` (which has its own, ``mode="reduce-overhead"``), an int8 model or on
+            a CPU, where it is ignored.
     """
 
     def __init__(self, model: LoadedModel, device: torch.device | str | None = None,
                  amp: bool = True, channels_last: bool = True, compile: bool = False,
-                 bucket: int = 32, chunk: int = 256):
+                 bucket: int = 32, chunk: int = 256, graphs: bool = False):
         self.model = model
         if model.int8 is not None:  # int8 kernels are the CPU's
             if device is not None and torch.device(device).type != "cpu":
@@ -81,17 +88,22 @@ class Predictor:
         self.std = torch.tensor(model.std, device=self.device).view(1, 3, 1, 1) * 255
         self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._staging: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        self.graphs = graphs and self.cuda and bool(self.bucket) and not compile \
+            and model.int8 is None
+        # (path, padded input shape) -> (graph, its uint8 input, its outputs)
+        self._graphed: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple]] = {}
 
-    def warmup(self, max_batch: int) -> None:
+    def warmup(self, max_batch: int, tta: bool = False, features: bool = False) -> None:
         """Run every padded batch shape up to ``max_batch`` once (CUDA only), so the first
-        real batches do not pay for kernel loading and convolution planning."""
+        real batches do not pay for kernel loading and convolution planning (nor, with
+        ``graphs``, for capturing them). A classifier runs the path `score` will take with
+        ``tta`` and ``features``, as the pipeline's actor calls it."""
         if not self.cuda:
             return
         px = self.model.spec.input_px
         step = self.bucket or max_batch
-        # the path the actor will run: with a feature density, features then the head
         run = self.embed if self.model.spec.task != "classification" else \
-            self.predict_with_distance if self.density is not None else self.logits
+            (lambda x: self.score(x, tta, features=features))
         for n in range(step, max(min(max_batch, self.chunk), step) + 1, step):
             run(np.zeros((n, px, px, 3), np.uint8))
         torch.cuda.synchronize(self.device)
@@ -162,19 +174,60 @@ class Predictor:
                               torch.cuda.Event()) for _ in range(2)]
         return self._staging[i]
 
-    def _map(self, images, run, rows=None) -> tuple[torch.Tensor, ...]:
+    def _map(self, images, run, rows=None, path: tuple = ()) -> tuple[torch.Tensor, ...]:
         """``run(x, b)`` on each preprocessed chunk ``x`` of ``b`` rows (`chunks`); its
-        tensors concatenated along the rows (dimension ``-2``), still on the device."""
-        outs = [run(self.preprocess(x), len(x)) for x in self.chunks(images, rows)]
+        tensors concatenated along the rows (dimension ``-2``), still on the device. With
+        ``graphs``, ``path`` names what ``run`` computes (the same for every call that gives
+        it), and each chunk replays that path's graph for its padded shape."""
+        outs = [self._replay(path, run, x) if self.graphs and path and len(x) else
+                run(self.preprocess(x), len(x)) for x in self.chunks(images, rows)]
         return tuple(torch.cat(parts, dim=-2) for parts in zip(*outs))
 
+    def _replay(self, path: tuple, run, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`_map`'s ``run`` on the device chunk ``x`` as a CUDA graph: ``x`` copied into the
+        graph's input (padded with zeros to the bucket), one replay, and the outputs' first
+        ``len(x)`` rows copied out (the next replay overwrites them)."""
+        b = len(x)
+        shape = (-(-b // self.bucket) * self.bucket, *x.shape[1:])
+        if (path, shape) not in self._graphed:
+            self._graphed[path, shape] = self._capture(run, shape)
+        graph, static_in, static_out = self._graphed[path, shape]
+        static_in[:b].copy_(x)
+        static_in[b:].zero_()
+        graph.replay()
+        return tuple(o[..., :b, :].clone() for o in static_out)
+
+    def _capture(self, run, shape: tuple) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple]:
+        """A CUDA graph of ``run`` on a zero ``uint8`` input of ``shape``, preprocessing
+        included, after two passes outside it on a side stream (cuDNN plans, lazy
+        initialisation: nothing a graph may capture)."""
+        static_in = torch.zeros(shape, dtype=torch.uint8, device=self.device)
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run(self.preprocess(static_in), shape[0])
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a Ray actor's other threads (fetching and storing its batches) make no
+        # CUDA calls, and must not fail the capture if a library of theirs ever does
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            static_out = run(self.preprocess(static_in), shape[0])
+        return graph, static_in, static_out
+
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+        # a graph must not keep autocast's cached bf16 weights: the cache is freed when the
+        # autocast region ends, and the graph would read freed memory (PyTorch's CUDA graph
+        # notes); without the cache the casts are part of the graph
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp,
+                              cache_enabled=not self.graphs)
 
     @torch.inference_mode()
     def logits(self, images) -> torch.Tensor:
         with self._autocast():
-            return self._map(images, lambda x, b: (self.forward(x)[:b].float(),))[0]
+            return self._map(images, lambda x, b: (self.forward(x)[:b].float(),),
+                             path=("logits",))[0]
 
     @staticmethod
     def _views(x: torch.Tensor, tta: bool) -> list[torch.Tensor]:
@@ -190,7 +243,7 @@ class Predictor:
             return (torch.stack([self.forward(v)[:b].float() for v in self._views(x, tta)]),)
 
         with self._autocast():
-            return self._map(images, run, rows)[0]
+            return self._map(images, run, rows, path=("views", tta))[0]
 
     def _classifier(self) -> None:
         if self.model.spec.task != "classification":
@@ -239,7 +292,7 @@ class Predictor:
             return tuple(out)
 
         with self._autocast():
-            outs = list(self._map(images, run, rows))
+            outs = list(self._map(images, run, rows, path=("score", tta, features)))
         # one copy back per call, after every chunk was queued
         probs = outs.pop(0).cpu().numpy()
         distance = outs.pop(0)[:, 0].float().cpu().numpy() if density is not None else None
@@ -249,7 +302,8 @@ class Predictor:
     def embed(self, images, rows=None) -> np.ndarray:
         """Pooled features ``(B, D) float32`` (the penultimate layer of a classifier)."""
         with self._autocast():
-            pooled = self._map(images, lambda x, b: (self.pooled(x)[:b].float(),), rows)[0]
+            pooled = self._map(images, lambda x, b: (self.pooled(x)[:b].float(),), rows,
+                               path=("embed",))[0]
         return pooled.cpu().numpy()
 
     def _int8_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -348,9 +402,9 @@ class EnsemblePredictor:
     def __len__(self) -> int:
         return len(self.members)
 
-    def warmup(self, max_batch: int) -> None:
-        for p in self.members:
-            p.warmup(max_batch)
+    def warmup(self, max_batch: int, tta: bool = False, features: bool = False) -> None:
+        for i, p in enumerate(self.members):
+            p.warmup(max_batch, tta, features and i == 0)
 
     def predict(self, images, tta: bool = False, rows=None) -> np.ndarray:
         """Mean class probabilities ``(B, C) float32`` over the members."""

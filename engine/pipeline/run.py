@@ -353,7 +353,8 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
                             compute=actor_pool(res.readers[branch], grow), num_cpus=res.cpu)
         return model_step(ds, ClassifyCells, (c.model, c.checkpoint, allow_untrained, c.tta,
                                               cfg.storage, c.compile, c.batch_size, c.ensemble,
-                                              c.amp, c.threads, c.features, c.platelets),
+                                              c.amp, c.threads, c.features, c.platelets,
+                                              c.cuda_graphs),
                           c, res, branch, reserved)
     e = pc.encoder
     ds = ds.map_batches(ReadTiles, fn_constructor_args=(cfg, encoder, pc.read_threads),
@@ -361,7 +362,8 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
                         compute=actor_pool(res.readers[branch], grow), num_cpus=res.cpu)
     if encoder:
         ds = model_step(ds, EncodeTiles, (e.model, e.checkpoint, allow_untrained, cfg.storage,
-                                          e.compile, e.batch_size, e.amp, e.threads),
+                                          e.compile, e.batch_size, e.amp, e.threads,
+                                          e.cuda_graphs),
                         e, res, branch, reserved)
     return ds
 

@@ -152,11 +152,12 @@ def ready_since(t_born: float, warmup: float = 0.0) -> tuple[float, float, float
     return now, now - t_born, warmup
 
 
-def warmed(predictor, batch_size: int) -> float:
-    """Seconds ``predictor.warmup(batch_size)`` took (GPU: kernels and plans at actor start,
-    not in-stream; nothing to do on a CPU)."""
+def warmed(predictor, batch_size: int, **path) -> float:
+    """Seconds ``predictor.warmup(batch_size, **path)`` took (GPU: kernels and plans, and CUDA
+    graphs where the actor runs them, at actor start, not in-stream; nothing to do on a CPU).
+    ``path``: a classifier's ``tta`` and ``features``, as its actor will score."""
     t0 = time.perf_counter()
-    predictor.warmup(batch_size)
+    predictor.warmup(batch_size, **path)
     return time.perf_counter() - t0
 
 
@@ -519,7 +520,7 @@ class ClassifyCells:
     def __init__(self, model: str, checkpoint: str | None, allow_untrained: bool = False,
                  tta: bool = False, storage=None, compile: bool = False, batch_size: int = 0,
                  ensemble: tuple[str, ...] = (), amp: bool = True, threads: int = 0,
-                 features: bool = False, platelets: bool = True):
+                 features: bool = False, platelets: bool = True, graphs: bool = False):
         t_born = time.time()
         from engine.models import UNTRAINED_SEED, EnsemblePredictor, create_model
 
@@ -527,12 +528,12 @@ class ClassifyCells:
                                 class_codes=DEEPHEME_CODES, storage=storage, seed=UNTRAINED_SEED)
                    for ckpt in (checkpoint, *ensemble)]
         self.predictor = EnsemblePredictor(members, compile=compile, amp=amp,
-                                           chunk=batch_size or 256)
+                                           chunk=batch_size or 256, graphs=graphs)
         model_threads(self.predictor.members[0].device, threads)
         self.model = self.predictor.model
-        warmup = warmed(self.predictor, batch_size)
         self.tta = tta
         self.features = features
+        warmup = warmed(self.predictor, batch_size, tta=tta, features=features)
         self.scored_kinds = [KIND_CELL, KIND_PLATELET] if platelets else [KIND_CELL]
         self._ready = ready_since(t_born, warmup)
 
@@ -633,7 +634,7 @@ class EncodeTiles:
 
     def __init__(self, model: str, checkpoint: str | None, allow_untrained: bool = False,
                  storage=None, compile: bool = False, batch_size: int = 0, amp: bool = True,
-                 threads: int = 0):
+                 threads: int = 0, graphs: bool = False):
         t_born = time.time()
         from engine.models import UNTRAINED_SEED, Predictor, create_model
 
@@ -641,7 +642,7 @@ class EncodeTiles:
                                                 allow_untrained=allow_untrained,
                                                 storage=storage, seed=UNTRAINED_SEED),
                                    compile=compile, amp=amp,
-                                   chunk=batch_size or 256)
+                                   chunk=batch_size or 256, graphs=graphs)
         model_threads(self.predictor.device, threads)
         self._ready = ready_since(t_born, warmed(self.predictor, batch_size))
 

@@ -198,6 +198,59 @@ def test_gpu_pipelined_chunks_give_the_one_pass_outputs():
     assert many._staging[0][0].is_pinned()
 
 
+@pytest.mark.gpu
+def test_gpu_cuda_graphs_give_the_eager_outputs():
+    """Each padded shape replayed as a captured graph, in an order unlike the capture's, with
+    and without TTA, features and a feature density: the eager pass's outputs, the right
+    rows each time (a graph's outputs are overwritten by its next replay)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from engine.models.ood import FeatureDensity
+
+    model = _resnext()[0]
+    eager, graphed = Predictor(model, "cuda"), Predictor(model, "cuda", graphs=True)
+    assert graphed.graphs and not eager.graphs
+    graphed.warmup(64, tta=True)
+    assert {shape[0] for (path, shape) in graphed._graphed} == {32, 64}
+    rng = np.random.default_rng(9)
+    for n in (37, 5, 64, 33, 5):  # buckets 64, 32, 64, 64, 32: replays out of capture order
+        crops = rng.integers(0, 255, (n, 96, 96, 3), dtype=np.uint8)
+        np.testing.assert_allclose(graphed.predict(crops), eager.predict(crops), atol=0.02)
+        np.testing.assert_allclose(graphed.predict(crops, tta=True),
+                                   eager.predict(crops, tta=True), atol=0.02)
+    dim = model.module.num_features
+    gen = torch.Generator().manual_seed(0)
+    density = FeatureDensity(torch.randn(dim, generator=gen), torch.eye(dim),
+                             torch.randn(3, dim, generator=gen), 1.0)
+    for p in (eager, graphed):
+        p.density = density.to("cuda")
+    crops = rng.integers(0, 255, (70, 96, 96, 3), dtype=np.uint8)
+    rows = rng.permutation(70)[:45]
+    (pe, de, fe), (pg, dg, fg) = (p.score(crops, rows=rows, features=True)
+                                  for p in (eager, graphed))
+    np.testing.assert_allclose(pg, pe, atol=0.02)
+    np.testing.assert_allclose(dg, de, rtol=0.05, atol=0.05)
+    np.testing.assert_allclose(fg, fe, rtol=0.05, atol=0.05)
+    tiles = rng.integers(0, 255, (40, 224, 224, 3), dtype=np.uint8)
+    enc = create_model("dinov2-vits14", allow_untrained=True)
+    np.testing.assert_allclose(Predictor(enc, "cuda", graphs=True).embed(tiles),
+                               Predictor(enc, "cuda").embed(tiles), rtol=0.05, atol=0.05)
+
+
+def test_cuda_graphs_are_off_where_they_cannot_run():
+    """On a CPU, with compile or without buckets the predictor runs eager, with the same
+    outputs (the pipeline's ``cuda_graphs`` switch is harmless on a CPU-only cluster)."""
+    model = create_model("deepheme-tiny", allow_untrained=True, class_codes=CODES, seed=0)
+    crops = np.random.default_rng(10).integers(0, 255, (6, 96, 96, 3), dtype=np.uint8)
+    graphed = Predictor(model, "cpu", graphs=True)
+    assert not graphed.graphs
+    np.testing.assert_array_equal(graphed.predict(crops), Predictor(model, "cpu").predict(crops))
+    assert not graphed._graphed
+    if torch.cuda.is_available():
+        assert not Predictor(model, "cuda", graphs=True, compile=True).graphs
+        assert not Predictor(model, "cuda", graphs=True, bucket=0).graphs
+
+
 def test_ensemble_averages_its_members_and_refuses_other_codes(tmp_path):
     from engine.models import EnsemblePredictor
 
