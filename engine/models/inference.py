@@ -179,7 +179,7 @@ class Predictor:
         tensors concatenated along the rows (dimension ``-2``), still on the device. With
         ``graphs``, ``path`` names what ``run`` computes (the same for every call that gives
         it), and each chunk replays that path's graph for its padded shape."""
-        outs = [self._replay(path, run, x) if self.graphs and path and len(x) else
+        outs = [self._replay(path, run, x) if self.graphs and self.bucket and path and len(x) else
                 run(self.preprocess(x), len(x)) for x in self.chunks(images, rows)]
         return tuple(torch.cat(parts, dim=-2) for parts in zip(*outs))
 
