@@ -246,8 +246,9 @@ class ModelStageConfig:
         cuda_graphs: run each padded batch shape as a captured CUDA graph on GPU actors (one
             replay per pass instead of one launch per kernel; `engine.models.Predictor`),
             captured at actor start. For a node whose CPUs are busy feeding the GPU: the
-            model's host work shrinks to a copy and a replay. Not with ``compile``; ignored
-            on CPUs. Not yet measured on a GPU in the job.
+            model's host work shrinks to a copy and a replay. Each shape keeps its own
+            activation memory (``batch_size`` / 32 shapes; ViT-S/14 at 256 tiles about 1 GiB
+            each). Not with ``compile``; ignored on CPUs. Not yet measured on a GPU.
         amp: bf16 autocast where the device runs bf16 natively: CUDA, and CPUs with AVX512-BF16
             or AMX (ResNeXt-50 2.1x faster than float32 on 2 cores). False: float32, for
             bit-stable figures across machines.
