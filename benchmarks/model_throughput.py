@@ -116,8 +116,13 @@ def bench_step(name: str, batch: int, steps: int, bucket: int = 32, passes: int 
     t = time.perf_counter()
     done = sum(one(i) for i in range(1, steps + 1))
     sync()
+    members = getattr(step.predictor, "members", [step.predictor])
+    kept = {"graphs_kept": all(p.graphs for p in members),
+            "graphs_error": "; ".join(p.graphs_error for p in members if p.graphs_error)
+            } if graphs and torch.cuda.is_available() else {}
     return {"bucket": bucket, "passes_per_call": passes, "ragged": ragged,
-            "arrow_chunks": chunks, "cuda_graphs": graphs, "actor_start_s": round(start_s, 2),
+            "arrow_chunks": chunks, "cuda_graphs": graphs, **kept,
+            "actor_start_s": round(start_s, 2),
             "rows_per_s": round(done / (time.perf_counter() - t))}
 
 

@@ -248,7 +248,10 @@ class ModelStageConfig:
             captured at actor start. For a node whose CPUs are busy feeding the GPU: the
             model's host work shrinks to a copy and a replay. Each shape keeps its own
             activation memory (``batch_size`` / 32 shapes; ViT-S/14 at 256 tiles about 1 GiB
-            each). Not with ``compile``; ignored on CPUs. Not yet measured on a GPU.
+            each). A shape whose graph cannot be captured, or whose first replay differs
+            from the eager pass on the same batch, turns them off for the actor (a warning in
+            its log) and the job runs eager. Not with ``compile``; ignored on CPUs. Not yet
+            measured on a GPU.
         amp: bf16 autocast where the device runs bf16 natively: CUDA, and CPUs with AVX512-BF16
             or AMX (ResNeXt-50 2.1x faster than float32 on 2 cores). False: float32, for
             bit-stable figures across machines.

@@ -7,6 +7,7 @@ a model loaded from an int8 checkpoint (`engine.models.quantize`) runs its body 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -92,6 +93,7 @@ class Predictor:
             and model.int8 is None
         # (path, padded input shape) -> (graph, its uint8 input, its outputs)
         self._graphed: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple]] = {}
+        self.graphs_error = ""  # why graphs were turned off, where they were
 
     def warmup(self, max_batch: int, tta: bool = False, features: bool = False) -> None:
         """Run every padded batch shape up to ``max_batch`` once (CUDA only), so the first
@@ -179,18 +181,29 @@ class Predictor:
         tensors concatenated along the rows (dimension ``-2``), still on the device. With
         ``graphs``, ``path`` names what ``run`` computes (the same for every call that gives
         it), and each chunk replays that path's graph for its padded shape."""
-        outs = [self._replay(path, run, x) if self.graphs and self.bucket and path and len(x) else
-                run(self.preprocess(x), len(x)) for x in self.chunks(images, rows)]
+        outs = []
+        for x in self.chunks(images, rows):
+            graphed = self._replay(path, run, x) if self.graphs and self.bucket and path \
+                and len(x) else None
+            outs.append(graphed if graphed is not None else run(self.preprocess(x), len(x)))
         return tuple(torch.cat(parts, dim=-2) for parts in zip(*outs))
 
-    def _replay(self, path: tuple, run, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _replay(self, path: tuple, run, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """`_map`'s ``run`` on the device chunk ``x`` as a CUDA graph: ``x`` copied into the
         graph's input (padded with zeros to the bucket), one replay, and the outputs' first
-        ``len(x)`` rows copied out (the next replay overwrites them)."""
+        ``len(x)`` rows copied out (the next replay overwrites them). None, and ``graphs``
+        off from then on (with a warning), where a shape's graph could not be captured or
+        its first replay did not give the eager pass's outputs."""
         b = len(x)
         shape = (-(-b // self.bucket) * self.bucket, *x.shape[1:])
         if (path, shape) not in self._graphed:
-            self._graphed[path, shape] = self._capture(run, shape)
+            try:
+                self._graphed[path, shape] = self._capture(run, shape)
+            except RuntimeError as err:
+                self.graphs, self.graphs_error = False, f"{path} {shape}: {err}"
+                warnings.warn(f"CUDA graphs off for {self.model.spec.name}: "
+                              f"{self.graphs_error}; running eager", RuntimeWarning)
+                return None
         graph, static_in, static_out = self._graphed[path, shape]
         static_in[:b].copy_(x)
         static_in[b:].zero_()
@@ -198,22 +211,31 @@ class Predictor:
         return tuple(o[..., :b, :].clone() for o in static_out)
 
     def _capture(self, run, shape: tuple) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple]:
-        """A CUDA graph of ``run`` on a zero ``uint8`` input of ``shape``, preprocessing
-        included, after two passes outside it on a side stream (cuDNN plans, lazy
-        initialisation: nothing a graph may capture)."""
-        static_in = torch.zeros(shape, dtype=torch.uint8, device=self.device)
+        """A CUDA graph of ``run`` on a ``uint8`` input of ``shape``, preprocessing included,
+        after two passes outside it on a side stream (cuDNN plans, lazy initialisation:
+        nothing a graph may capture). The graph is replayed once on the input those passes
+        saw, a seeded random batch, and must give their outputs; RuntimeError if not."""
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        static_in = torch.randint(0, 256, shape, dtype=torch.uint8, device=self.device,
+                                  generator=gen)
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(2):
-                run(self.preprocess(static_in), shape[0])
+                eager = run(self.preprocess(static_in), shape[0])
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: a Ray actor's other threads (fetching and storing its batches) make no
         # CUDA calls, and must not fail the capture if a library of theirs ever does
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = run(self.preprocess(static_in), shape[0])
+        graph.replay()
+        for got, want in zip(static_out, eager):
+            if not torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2):
+                worst = float((got.float() - want.float()).abs().max())
+                raise RuntimeError(f"the graph's replay differs from the eager pass by up to "
+                                   f"{worst:.3g}")
         return graph, static_in, static_out
 
     def _autocast(self):

@@ -231,10 +231,14 @@ def test_gpu_cuda_graphs_give_the_eager_outputs():
     np.testing.assert_allclose(pg, pe, atol=0.02)
     np.testing.assert_allclose(dg, de, rtol=0.05, atol=0.05)
     np.testing.assert_allclose(fg, fe, rtol=0.05, atol=0.05)
+    assert graphed.graphs, graphed.graphs_error  # replayed throughout: no eager fallback
+    assert {path[0] for (path, shape) in graphed._graphed} >= {"views", "score"}
     tiles = rng.integers(0, 255, (40, 224, 224, 3), dtype=np.uint8)
     enc = create_model("dinov2-vits14", allow_untrained=True)
-    np.testing.assert_allclose(Predictor(enc, "cuda", graphs=True).embed(tiles),
-                               Predictor(enc, "cuda").embed(tiles), rtol=0.05, atol=0.05)
+    encoder = Predictor(enc, "cuda", graphs=True)
+    np.testing.assert_allclose(encoder.embed(tiles), Predictor(enc, "cuda").embed(tiles),
+                               rtol=0.05, atol=0.05)
+    assert encoder.graphs and encoder._graphed, encoder.graphs_error
 
 
 def test_cuda_graphs_are_off_where_they_cannot_run():
@@ -246,6 +250,18 @@ def test_cuda_graphs_are_off_where_they_cannot_run():
     assert not graphed.graphs
     np.testing.assert_array_equal(graphed.predict(crops), Predictor(model, "cpu").predict(crops))
     assert not graphed._graphed
+    # where a shape cannot be captured (or its replay disagrees), the pass runs eager and
+    # graphs stay off, with a warning saying why
+    graphed.graphs, graphed.bucket = True, 4
+
+    def refuse(run, shape):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphed._capture = refuse
+    with pytest.warns(RuntimeWarning, match="CUDA graphs off for deepheme-tiny"):
+        fallback = graphed.predict(crops)
+    np.testing.assert_array_equal(fallback, Predictor(model, "cpu").predict(crops))
+    assert not graphed.graphs and "not permitted" in graphed.graphs_error
     if torch.cuda.is_available():
         assert not Predictor(model, "cuda", graphs=True, compile=True).graphs
         assert not Predictor(model, "cuda", graphs=True, bucket=0).graphs
