@@ -245,12 +245,6 @@ class Predictor:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp,
                               cache_enabled=not self.graphs)
 
-    @torch.inference_mode()
-    def logits(self, images) -> torch.Tensor:
-        with self._autocast():
-            return self._map(images, lambda x, b: (self.forward(x)[:b].float(),),
-                             path=("logits",))[0]
-
     @staticmethod
     def _views(x: torch.Tensor, tta: bool) -> list[torch.Tensor]:
         """The batch alone, or with ``tta`` its 8 rotations/flips (the batch itself first)."""
