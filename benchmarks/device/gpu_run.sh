@@ -49,6 +49,14 @@ else
   cells="--kind aspirate --slides 6 --size 40000 --classifier deepheme-resnext50 --batch 256"
   feed="--seconds 8"
 fi
+# BATCH=N: both models' forward passes of N rows, in the main runs and baselines alike (the
+# e2e ratio's model-alone rate is measured at the same batch). At 256 a ResNeXt-50 pass at 96 px
+# is ~250 kernels in ~5 ms of H200 time, ~20 us a kernel: a host thread slowed by the busy
+# CPUs around it falls behind; at 512 each launch has twice the GPU time to hide behind
+if [ -n "${BATCH:-}" ]; then
+  tiles="$tiles --batch $BATCH"
+  cells="$cells --batch $BATCH"
+fi
 # each branch with two model actors sharing the GPU (half a GPU each), against the defaults
 # (one actor) in the same process. On the H200 on 2026-12-04 the classifier's actor was busy in
 # its own function 34 s of the cells run's 55 while 60 blocks waited for it: the rest of its
