@@ -19,6 +19,11 @@ Against the newest GPU model-alone rates (the `model_throughput` results, as
 - ``processes_for_0_8``: the processes it takes at the N-process rate each to feed the model
   at 0.8 of its rate alone.
 
+The rates are the tasks' step alone. Each slide is also planned once before its tasks
+(`PlanTasks`: thumbnail, tissue mask, sample tiles), on the same CPUs: ``plan`` gives that
+cost per slide and per item in one process, ``one_with_planning_per_s`` one process's rate
+with it, and ``planning_share`` its part of an item's CPU.
+
 Inside the running job `pipeline_e2e.py` reports the same per-process figure as
 ``feed_per_actor_s`` (items per busy second of an actor): where that is well below this
 script's, Ray Data's work around the step or the other processes on the node take the
@@ -74,6 +79,29 @@ def items_of(branch: str, out: dict) -> int:
     return int((out["error_type"] == "").sum())
 
 
+def plan_cost(branch: str, uri: str, repeats: int = 5) -> dict:
+    """What the job spends once per slide before its tasks (`PlanTasks`: the thumbnail and
+    tissue mask, and the sample tiles for the stain threshold or the stain vectors), in this
+    process: ms per slide (the median of ``repeats``, after one to warm up) and per item of the
+    slide (its cells or tiles, counted by reading it once), and one process's rate with it."""
+    from engine.config import Config
+    from engine.pipeline.steps import PlanTasks
+
+    cfg = Config()
+    plan, row = PlanTasks(cfg, None, branch), {"uri": uri, "slide_id": "feed"}
+    plan(dict(row))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plan(dict(row))
+        times.append(time.perf_counter() - t0)
+    step = make_step(branch, cfg)
+    items = sum(items_of(branch, step(dict(b))) for b in task_batches(branch, uri, cfg))
+    ms = 1000 * float(np.median(times))
+    return {"ms_per_slide": round(ms, 1), "items_per_slide": items,
+            "ms_per_item": round(ms / max(items, 1), 4)}
+
+
 def worker(branch: str, uri: str, seconds: float, barrier, results) -> None:
     """One process: build the step, warm it, wait for the others, run for ``seconds``."""
     from engine.config import Config
@@ -109,12 +137,17 @@ def run_processes(branch: str, uri: str, n: int, seconds: float) -> dict:
             "per_process_s": round(sum(rates) / n, 1), "items": sum(i for i, _ in got)}
 
 
-def capacity(one: dict, many: dict, model: str, alone: float | None, source: str | None
-             ) -> dict:
-    """A branch's figures (module docstring) from its 1- and N-process runs."""
+def capacity(one: dict, many: dict, model: str, alone: float | None, source: str | None,
+             plan: dict | None = None) -> dict:
+    """A branch's figures (module docstring) from its 1- and N-process runs (and ``plan``:
+    `plan_cost`'s, which add ``one_with_planning_per_s``)."""
     out = {"one": one, "many": many,
            "scaling": round(many["per_s"] / (many["processes"] * one["per_s"]), 3),
            "model": model, "model_alone_per_s": alone, "model_source": source}
+    if plan is not None:
+        ms = 1000 / one["per_s"] + plan["ms_per_item"]
+        out.update(plan=plan, one_with_planning_per_s=round(1000 / ms, 1),
+                   planning_share=round(plan["ms_per_item"] / ms, 3))
     if alone:
         out["cap"] = round(min(1.0, many["per_s"] / alone), 3)
         out["processes_for_0_8"] = math.ceil(0.8 * alone / many["per_process_s"])
@@ -183,7 +216,8 @@ def main(argv=None) -> dict:
         alone = given[branch] or rates.get(model)
         result[branch] = {"slide": {"kind": kind, "size_px": size},
                           **capacity(one, many, model, alone,
-                                     "given" if given[branch] else source)}
+                                     "given" if given[branch] else source,
+                                     plan_cost(branch, uri))}
     write_result(result, f"feed_capacity-{result['host']}-{result['date']}", args.tag)
     return result
 

@@ -108,6 +108,16 @@ def test_feed_capacity_runs_both_branches_in_several_processes(tmp_path, monkeyp
         assert r["cap"] == pytest.approx(min(1.0, r["many"]["per_s"] / rate), abs=1e-3)
         n = r["processes_for_0_8"]  # the fewest processes at this rate each for 0.8
         assert n * r["many"]["per_process_s"] >= 0.8 * rate > (n - 1) * r["many"]["per_process_s"]
+        # planning each slide once, before its tasks: on the same CPUs, so one process's
+        # rate with it is lower, by its share of an item's CPU
+        plan = r["plan"]
+        assert plan["ms_per_slide"] > 0 and plan["items_per_slide"] > 0
+        assert plan["ms_per_item"] == pytest.approx(
+            plan["ms_per_slide"] / plan["items_per_slide"], rel=0.01, abs=1e-4)
+        assert r["one_with_planning_per_s"] < r["one"]["per_s"]
+        assert 0 < r["planning_share"] < 1
+        assert r["one_with_planning_per_s"] == pytest.approx(
+            r["one"]["per_s"] * (1 - r["planning_share"]), rel=0.01)
 
 
 def test_feed_capacity_reads_a_slide_as_the_jobs_batches(tmp_path):

@@ -14,9 +14,9 @@ marker saying its components are not YCbCr, so an Adobe APP14 marker with transf
 front, which makes libjpeg read them as RGB, as OpenSlide does. Anything else (fractional level
 coordinates, a tile that does not decode) returns None and the caller reads through OpenSlide.
 
-The caller also checks the first read of each level against OpenSlide (`OpenSlideReader`): a
-level whose pixels differ is never read here again, so this path can only be faster, not
-different.
+The caller also checks the first read of each level against OpenSlide (`OpenSlideReader`, on
+its first 512 px square): a level whose pixels differ is never read here again, so this path
+can only be faster, not different.
 """
 
 from __future__ import annotations

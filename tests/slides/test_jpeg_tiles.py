@@ -84,6 +84,24 @@ def test_a_level_that_disagrees_with_openslide_is_left_to_it(pyramid, monkeypatc
     assert direct._checked == {0: False}
 
 
+def test_a_levels_first_read_is_checked_on_its_first_square(pyramid, monkeypatch):
+    """A first read larger than CHECK_PX is checked on its first CHECK_PX square (OpenSlide
+    reads only that), and served by the direct decoder once that agrees."""
+    from engine.slides.openslide_backend import CHECK_PX
+
+    direct, plain = OpenSlideReader(str(pyramid)), OpenSlideReader(str(pyramid), direct_jpeg=False)
+    calls = []
+    real = OpenSlideReader._read_openslide
+    monkeypatch.setattr(OpenSlideReader, "_read_openslide",
+                        lambda self, *a: calls.append(a) or real(self, *a))
+    got = direct.read_region(0, 100, 60, 1000, 900)  # unaligned: the square spans tile edges
+    assert calls == [(0, 100, 60, CHECK_PX, CHECK_PX)] and direct._checked == {0: True}
+    np.testing.assert_array_equal(got, plain.read_region(0, 100, 60, 1000, 900))
+    calls.clear()
+    direct.read_region(0, 1200, 700, 640, 640)
+    assert calls == []  # the level is checked: no OpenSlide read
+
+
 def test_a_corrupt_tile_raises_as_openslide_does(pyramid, tmp_path):
     bad = tmp_path / "corrupt.tif"
     shutil.copy(pyramid, bad)
