@@ -14,6 +14,7 @@ import os
 import threading
 import time
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -202,12 +203,20 @@ def with_columns(table, columns: dict):
 
 
 def read_tile(reader, level: int, x: int, y: int, read_px: int, tile_px: int) -> np.ndarray:
-    """``(tile_px, tile_px, 3) uint8``: a region read at ``level`` and resized (area filter)."""
+    """``(tile_px, tile_px, 3) uint8``: a region read at ``level`` and resized: reduced by an
+    area (box) filter, enlarged bilinearly.
+
+    OpenCV where it gives Pillow's filter to a rounding (at most 1 grey level apart, tested):
+    enlarging (a 20x scan's cell tiles: 0.4 ms a 1024 px tile against Pillow's 6) and reducing
+    by a whole factor (2x: 0.04 against 0.6 ms a 224 px tile); Pillow's box filter otherwise,
+    whose weights at a fractional factor OpenCV's area filter does not share."""
     region = reader.read_region(level, int(x), int(y), int(read_px), int(read_px))
     if read_px == tile_px:
         return region
-    resample = Image.Resampling.BOX if read_px > tile_px else Image.Resampling.BILINEAR
-    return np.asarray(Image.fromarray(region).resize((tile_px, tile_px), resample))
+    if read_px < tile_px or read_px % tile_px == 0:
+        return cv2.resize(region, (tile_px, tile_px), interpolation=cv2.INTER_LINEAR
+                          if read_px < tile_px else cv2.INTER_AREA)
+    return np.asarray(Image.fromarray(region).resize((tile_px, tile_px), Image.Resampling.BOX))
 
 
 def _plan_dict(plan: TilePlan, overlap_l0: float = 0.0) -> dict:

