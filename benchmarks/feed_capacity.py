@@ -4,7 +4,7 @@ read a 1024 px region, detect, crop, measure focus) and tiles/s from the tiles b
 outside Ray.
 
     python benchmarks/feed_capacity.py [--processes N] [--seconds 10] [--cells-size 8192]
-        [--tiles-size 32768] [--branches cells tiles] [--tag T]
+        [--tiles-size 32768] [--mpp 0.25] [--branches cells tiles] [--tag T]
 
 Each process builds the step as the job's actors do, runs it once over the slide's first batch
 to warm up, waits for the others and then runs the slide's batches (the job's batch sizes)
@@ -187,9 +187,12 @@ def main(argv=None) -> dict:
     p.add_argument("--processes", type=int, default=os.cpu_count())
     p.add_argument("--seconds", type=float, default=10.0, help="each run's measured window")
     p.add_argument("--cells-size", type=int, default=8192,
-                   help="side of the synthetic marrow aspirate, px at 0.25 µm/px")
+                   help="side of the synthetic marrow aspirate, px (at --mpp)")
     p.add_argument("--tiles-size", type=int, default=32768,
-                   help="side of the synthetic H&E marrow biopsy, px at 0.25 µm/px")
+                   help="side of the synthetic H&E marrow biopsy, px (at --mpp)")
+    p.add_argument("--mpp", type=float, default=0.25,
+                   help="the slides' level-0 µm/px (a 40x Aperio or Leica scan: 0.252-0.263, "
+                        "whose cell tiles are resampled to 0.25)")
     p.add_argument("--branches", nargs="+", choices=sorted(BRANCHES), default=sorted(BRANCHES))
     p.add_argument("--cells-rate", type=float, help="the classifier's rate alone (crops/s); "
                    "default: the newest GPU model_throughput result")
@@ -210,11 +213,11 @@ def main(argv=None) -> dict:
         kind, model = BRANCHES[branch]
         size = args.cells_size if branch == "cells" else args.tiles_size
         uri = os.path.join(work, f"{branch}.tif")
-        make_slide(uri, size, kind=kind)
+        make_slide(uri, size, kind=kind, mpp=args.mpp)
         one = run_processes(branch, uri, 1, args.seconds)
         many = run_processes(branch, uri, args.processes, args.seconds)
         alone = given[branch] or rates.get(model)
-        result[branch] = {"slide": {"kind": kind, "size_px": size},
+        result[branch] = {"slide": {"kind": kind, "size_px": size, "mpp": args.mpp},
                           **capacity(one, many, model, alone,
                                      "given" if given[branch] else source,
                                      plan_cost(branch, uri))}

@@ -1,7 +1,8 @@
 """The whole process_slides job on N synthetic slides: slides/hour, tiles/s, cells/s, peak RSS,
 which stage bounds the run, and each model's rate in the job against the same model alone.
 
-    python benchmarks/pipeline_e2e.py [--slides 8] [--size 16384] [--stages cells tiles]
+    python benchmarks/pipeline_e2e.py [--slides 8] [--size 16384] [--mpp 0.25]
+        [--stages cells tiles]
         [--classifier deepheme-resnext50] [--encoder dinov2-vits14] [--batch 256] [--compile]
         [--baseline-chunk 64] [--baseline-set native_threads=0] [--set KEY=VALUE]
 
@@ -99,7 +100,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slides", type=int, default=8)
-    p.add_argument("--size", type=int, default=16384, help="slide side in pixels at 0.25 µm/px")
+    p.add_argument("--size", type=int, default=16384, help="slide side in pixels (at --mpp)")
+    p.add_argument("--mpp", type=float, default=0.25,
+                   help="the slides' level-0 µm/px (a 40x Aperio or Leica scan: 0.252-0.263)")
     p.add_argument("--kind", choices=["smear", "aspirate", "marrow"], default="smear",
                    help="synthetic content (smear: a blood film, 8 nucleated cells per "
                         "megapixel; aspirate: a marrow aspirate, 45; marrow: H&E biopsy, for "
@@ -165,7 +168,7 @@ def main() -> None:
         os.makedirs(slides)
         t = time.perf_counter()
         master = os.path.join(slides, "slide-0000.tif")
-        make_slide(master, args.size, kind=args.kind)
+        make_slide(master, args.size, kind=args.kind, mpp=args.mpp)
         for i in range(1, args.slides):
             os.link(master, os.path.join(slides, f"slide-{i:04d}.tif"))
         made_s = time.perf_counter() - t

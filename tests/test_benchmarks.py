@@ -93,12 +93,13 @@ def test_feed_capacity_runs_both_branches_in_several_processes(tmp_path, monkeyp
     monkeypatch.setattr(common, "RESULTS", str(tmp_path))
     result = feed_capacity.main(["--processes", "2", "--seconds", "1", "--cells-size", "2048",
                                  "--tiles-size", "8192", "--cells-rate", "50000",
-                                 "--tiles-rate", "20000", "--tag", "t"])
+                                 "--tiles-rate", "20000", "--mpp", "0.26", "--tag", "t"])
     (path,) = tmp_path.glob("feed_capacity-*-t.json")
     assert json.loads(path.read_text()) == result
     assert result["cpu"]["cpus"] >= result["cpu"]["physical_cores"] >= 1
     for branch, rate in (("cells", 50_000), ("tiles", 20_000)):
         r = result[branch]
+        assert r["slide"]["mpp"] == 0.26  # a 40x Leica scan's: cell tiles resampled to 0.25
         assert r["one"]["processes"] == 1 and r["many"]["processes"] == 2
         assert r["one"]["items"] > 0 and r["many"]["items"] > r["one"]["items"] / 4
         assert r["many"]["per_process_s"] == pytest.approx(r["many"]["per_s"] / 2, abs=0.1)

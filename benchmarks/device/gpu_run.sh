@@ -57,6 +57,13 @@ if [ -n "${BATCH:-}" ]; then
   tiles="$tiles --batch $BATCH"
   cells="$cells --batch $BATCH"
 fi
+# MPP=X: the synthetic slides' level-0 µm/px in every run (default 0.25, read as is; a 40x
+# Aperio or Leica scan is 0.252-0.263, whose cell tiles the readers resample to 0.25)
+if [ -n "${MPP:-}" ]; then
+  tiles="$tiles --mpp $MPP"
+  cells="$cells --mpp $MPP"
+  feed="$feed --mpp $MPP"
+fi
 # each branch with two model actors sharing the GPU (half a GPU each), against the defaults
 # (one actor) in the same process. On the H200 on 2026-12-04 the classifier's actor was busy in
 # its own function 34 s of the cells run's 55 while 60 blocks waited for it: the rest of its
