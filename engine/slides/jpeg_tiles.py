@@ -11,16 +11,19 @@ TIFF's structure comes from tifffile.
 Only levels whose every property is known are taken: tiled, JPEG, 8-bit, 3 samples, chunky,
 photometric RGB or YCbCr, every tile present. An RGB-photometric stream (Aperio) carries no
 marker saying its components are not YCbCr, so an Adobe APP14 marker with transform 0 is put in
-front, which makes libjpeg read them as RGB, as OpenSlide does. Anything else (fractional level
-coordinates, a tile that does not decode) returns None and the caller reads through OpenSlide.
+front, which makes libjpeg read them as RGB, as OpenSlide does. Anything else (a tile that does
+not decode) returns None and the caller reads through OpenSlide. At fractional level coordinates
+OpenSlide interpolates between level pixels; the caller (`OpenSlideReader`) takes the nearest
+level pixel's region instead.
 
-The caller also checks the first read of each level against OpenSlide (`OpenSlideReader`, on
-its first 512 px square): a level whose pixels differ is never read here again, so this path
-can only be faster, not different.
+The caller also checks each level against OpenSlide before its first read (its 512 px square at
+the level's origin, a position every level has whole): a level whose pixels differ is never read
+here again.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -100,15 +103,22 @@ class JpegTiles:
         return bool(self.levels)
 
     def read(self, level: int, x: int, y: int, width: int, height: int,
-             background=(255, 255, 255)) -> np.ndarray | None:
+             background=(255, 255, 255), nearest: bool = False) -> np.ndarray | None:
         """``(height, width, 3) uint8`` at ``level`` from level-0 ``(x, y)``, outside the image
-        ``background``; None where this level or these coordinates are not handled here."""
+        ``background``; None where this level or these coordinates are not handled here.
+
+        Where ``(x, y)`` falls between the level's pixels (its downsample is fractional, as on
+        most SVS files, or the position is odd), OpenSlide interpolates between them: None,
+        or with ``nearest`` the region from the nearest level pixel (at most half a level pixel
+        away)."""
         lv = self.levels.get(level)
         if lv is None or self._fd is None:
             return None
         ds = self.downsamples[level]
         lx, ly = x / ds, y / ds
-        if lx != int(lx) or ly != int(ly):  # OpenSlide interpolates fractional positions
+        if nearest:
+            lx, ly = math.floor(lx + 0.5), math.floor(ly + 0.5)
+        elif lx != int(lx) or ly != int(ly):
             return None
         lx, ly = int(lx), int(ly)
         out = np.empty((height, width, 3), np.uint8)

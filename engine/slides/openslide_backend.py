@@ -47,9 +47,9 @@ def _float(props, key) -> float | None:
 # vendors whose levels OpenSlide reads as a plain grid of TIFF tiles (Ventana, Philips and
 # Leica layouts overlap, skip or combine tiles and stay with OpenSlide)
 DIRECT_JPEG_VENDORS = ("generic-tiff", "aperio")
-# the side of the window of a level's first read that is checked against OpenSlide's pixels: at
-# the read's origin, over the edges of the tiles it crosses. A cell tile's sample read (1024 px)
-# took OpenSlide 20 ms of a planner's 200 ms per slide, checked whole
+# the side of the square at a level's origin whose direct decoding is checked against OpenSlide's
+# before the level's first read (across the edges of the tiles it spans). Checking a cell tile's
+# sample read (1024 px) whole took OpenSlide 20 ms of a planner's 200 ms per slide
 CHECK_PX = 512
 
 
@@ -57,9 +57,10 @@ class OpenSlideReader:
     """`SlideReader` over ``openslide.OpenSlide`` (needs a local path; S3 objects are staged).
 
     With ``direct_jpeg``, the JPEG-tiled levels of generic TIFFs and Aperio SVS are decoded
-    directly (`engine.slides.jpeg_tiles`); the first read of each such level is also made
-    through OpenSlide, on its first `CHECK_PX` square, and a level whose pixels differ there
-    goes back to OpenSlide for good (that read included).
+    directly (`engine.slides.jpeg_tiles`). Before its first read each such level is checked
+    against OpenSlide on the `CHECK_PX` square at its origin, and a level whose pixels differ
+    there goes back to OpenSlide for good. At fractional level positions the direct path reads
+    from the nearest level pixel, where OpenSlide interpolates (`_read_direct`).
     """
 
     backend = "openslide"
@@ -116,16 +117,25 @@ class OpenSlideReader:
     def _read_direct(self, level: int, x: int, y: int, width: int, height: int
                      ) -> np.ndarray | None:
         """The region decoded directly, or None where OpenSlide must read it (no direct path
-        here, or a level that disagreed with OpenSlide on its first read, this one included)."""
-        if self._jpeg is None or not self._checked.get(level, True):
+        for this level, one that disagreed with OpenSlide, or a tile that does not decode).
+
+        At a fractional level position (a level whose downsample is not whole, as is common on
+        SVS files, or a level-0 position that is no multiple of it) the region starts at the
+        nearest level pixel, where OpenSlide interpolates between level pixels (through it a
+        synthetic 0.252 µm/px biopsy's encoder tiles cost a reader 5 times the CPU)."""
+        if self._jpeg is None or level not in self._jpeg.levels or not self._agrees(level):
             return None
-        fast = self._jpeg.read(level, x, y, width, height, self._background)
-        if fast is None or level in self._checked:
-            return fast
-        w, h = min(width, CHECK_PX), min(height, CHECK_PX)
-        self._checked[level] = bool(np.array_equal(
-            fast[:h, :w], self._read_openslide(level, x, y, w, h)))
-        return fast if self._checked[level] else None
+        return self._jpeg.read(level, x, y, width, height, self._background, nearest=True)
+
+    def _agrees(self, level: int) -> bool:
+        """Whether ``level`` decodes directly as OpenSlide decodes it, checked once: its
+        `CHECK_PX` square at the level's origin (a whole position on every level) both ways."""
+        if level not in self._checked:
+            w, h = (min(CHECK_PX, v) for v in self.info.level_dimensions[level])
+            fast = self._jpeg.read(level, 0, 0, w, h, self._background)
+            self._checked[level] = fast is not None and bool(
+                np.array_equal(fast, self._read_openslide(level, 0, 0, w, h)))
+        return self._checked[level]
 
     def _read_openslide(self, level: int, x: int, y: int, width: int, height: int
                         ) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Direct JPEG tile decoding gives OpenSlide's pixels exactly, or steps aside for OpenSlide."""
+"""Direct JPEG tile decoding gives OpenSlide's pixels exactly at whole level positions (the
+nearest level pixel's at fractional ones, where OpenSlide interpolates), or steps aside for it."""
 
 import shutil
 
@@ -26,21 +27,38 @@ def pyramid(make_slide):
     return make_slide("direct.tif", width=3000, height=2000, mpp=0.25)
 
 
+def _level_region(pixels: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray:
+    """``pixels[y:y+h, x:x+w]`` with white where the region runs off them."""
+    out = np.full((h, w, 3), 255, np.uint8)
+    x0, y0 = max(x, 0), max(y, 0)
+    x1, y1 = min(x + w, pixels.shape[1]), min(y + h, pixels.shape[0])
+    if x1 > x0 and y1 > y0:
+        out[y0 - y:y1 - y, x0 - x:x1 - x] = pixels[y0:y1, x0:x1]
+    return out
+
+
 def test_every_level_of_a_tiff_pyramid_equals_openslide(pyramid):
     direct, plain = OpenSlideReader(str(pyramid)), OpenSlideReader(str(pyramid), direct_jpeg=False)
     info = direct.info
     assert sorted(direct._jpeg.levels) == list(range(info.level_count))
     # 3000 / 187 px: the last level's downsample is 16.02, so its level pixels fall at
-    # fractional positions, which OpenSlide blends: that level is read through OpenSlide
+    # fractional level-0 positions, which OpenSlide blends: there the direct path reads from
+    # the nearest level pixel, the level's own pixels (OpenSlide's, read whole from the origin)
     whole = [lv for lv, ds in enumerate(info.level_downsamples) if ds == int(ds)]
     assert whole == list(range(info.level_count - 1))
+    pages = {(w, h): plain.read_region(lv, 0, 0, w, h)
+             for lv, (w, h) in enumerate(info.level_dimensions)}
     for level, ((w, h), ds) in enumerate(zip(info.level_dimensions, info.level_downsamples)):
         for x, y, rw, rh in _regions(w, h):
             x0, y0 = int(x * ds), int(y * ds)
             got = direct.read_region(level, x0, y0, rw, rh)
-            served = direct._jpeg.read(level, x0, y0, rw, rh) is not None
-            assert served == (level in whole or (x0 == 0 and y0 == 0))
-            np.testing.assert_array_equal(got, plain.read_region(level, x0, y0, rw, rh))
+            assert direct._jpeg.read(level, x0, y0, rw, rh, nearest=True) is not None
+            if level in whole or (x0 == 0 and y0 == 0):
+                np.testing.assert_array_equal(got, plain.read_region(level, x0, y0, rw, rh))
+            else:
+                near = int(np.floor(x0 / ds + 0.5)), int(np.floor(y0 / ds + 0.5))
+                np.testing.assert_array_equal(
+                    got, _level_region(pages[(w, h)], *near, rw, rh))
     assert all(direct._checked.values()) and set(direct._checked) == set(range(info.level_count))
     direct.close(), plain.close()
 
@@ -66,12 +84,16 @@ def test_levels_it_cannot_decode_stay_with_openslide(wsi_dir):
             assert slide.read_region(0, 0, 0, 32, 32).shape == (32, 32, 3)
 
 
-def test_fractional_level_positions_go_to_openslide(pyramid):
+def test_fractional_level_positions_take_the_nearest_level_pixel(pyramid):
+    """Level-1 x = 50.5, where OpenSlide blends two level pixels: the region from level pixel
+    51 (half a level pixel off), not the blend; the blend differs from it a little."""
     direct, plain = OpenSlideReader(str(pyramid)), OpenSlideReader(str(pyramid), direct_jpeg=False)
     assert direct.info.level_downsamples[1] == 2
-    assert direct._jpeg.read(1, 101, 50, 64, 64) is None  # level-1 x = 50.5: OpenSlide blends
-    np.testing.assert_array_equal(direct.read_region(1, 101, 50, 64, 64),
-                                  plain.read_region(1, 101, 50, 64, 64))
+    assert direct._jpeg.read(1, 101, 50, 64, 64) is None  # without nearest: left to OpenSlide
+    got = direct.read_region(1, 101, 50, 64, 64)
+    np.testing.assert_array_equal(got, plain.read_region(1, 102, 50, 64, 64))
+    blend = plain.read_region(1, 101, 50, 64, 64).astype(int)
+    assert 0 < np.abs(got - blend).mean() < 8
 
 
 def test_a_level_that_disagrees_with_openslide_is_left_to_it(pyramid, monkeypatch):
@@ -84,9 +106,9 @@ def test_a_level_that_disagrees_with_openslide_is_left_to_it(pyramid, monkeypatc
     assert direct._checked == {0: False}
 
 
-def test_a_levels_first_read_is_checked_on_its_first_square(pyramid, monkeypatch):
-    """A first read larger than CHECK_PX is checked on its first CHECK_PX square (OpenSlide
-    reads only that), and served by the direct decoder once that agrees."""
+def test_a_level_is_checked_on_its_origin_square(pyramid, monkeypatch):
+    """Before its first read a level is checked on the CHECK_PX square at its origin (OpenSlide
+    reads only that), and then served by the direct decoder."""
     from engine.slides.openslide_backend import CHECK_PX
 
     direct, plain = OpenSlideReader(str(pyramid)), OpenSlideReader(str(pyramid), direct_jpeg=False)
@@ -94,8 +116,8 @@ def test_a_levels_first_read_is_checked_on_its_first_square(pyramid, monkeypatch
     real = OpenSlideReader._read_openslide
     monkeypatch.setattr(OpenSlideReader, "_read_openslide",
                         lambda self, *a: calls.append(a) or real(self, *a))
-    got = direct.read_region(0, 100, 60, 1000, 900)  # unaligned: the square spans tile edges
-    assert calls == [(0, 100, 60, CHECK_PX, CHECK_PX)] and direct._checked == {0: True}
+    got = direct.read_region(0, 100, 60, 1000, 900)
+    assert calls == [(0, 0, 0, CHECK_PX, CHECK_PX)] and direct._checked == {0: True}
     np.testing.assert_array_equal(got, plain.read_region(0, 100, 60, 1000, 900))
     calls.clear()
     direct.read_region(0, 1200, 700, 640, 640)
