@@ -107,10 +107,10 @@ class JpegTiles:
         """``(height, width, 3) uint8`` at ``level`` from level-0 ``(x, y)``, outside the image
         ``background``; None where this level or these coordinates are not handled here.
 
-        Where ``(x, y)`` falls between the level's pixels (its downsample is fractional, as on
-        most SVS files, or the position is odd), OpenSlide interpolates between them: None,
-        or with ``nearest`` the region from the nearest level pixel (at most half a level pixel
-        away)."""
+        Where ``(x, y)`` falls between the level's pixels (its downsample is fractional, as is
+        common on SVS files, or the position is odd), OpenSlide interpolates between them:
+        None, or with ``nearest`` the region from the nearest level pixel (at most half a level
+        pixel away)."""
         lv = self.levels.get(level)
         if lv is None or self._fd is None:
             return None
