@@ -327,8 +327,10 @@ class PipelineConfig:
         native_threads: threads OpenCV and libvips may use in each CPU actor (0: their default,
             one per core, which oversubscribes a node full of actors).
         direct_jpeg: decode the JPEG tiles of generic tiled TIFFs and Aperio SVS directly
-            (`engine.slides.jpeg_tiles`) instead of through OpenSlide; the same pixels, checked
-            against OpenSlide on each level's first read, at about twice the speed.
+            (`engine.slides.jpeg_tiles`) instead of through OpenSlide, each level checked
+            against OpenSlide first, at about twice the speed: OpenSlide's pixels, except at
+            fractional level positions, where the nearest level pixel's stand for OpenSlide's
+            interpolation (so switching it changes results a little).
         min_nucleated: below this many nucleated cells (white cells on a blood smear) a
             differential is flagged.
         max_ood_percent: a slide with more than this share of its nucleated cells out of the
@@ -397,7 +399,7 @@ EXECUTION_KEYS = frozenset({
     "storage", "pipeline.slides_per_chunk", "pipeline.max_slide_shards",
     "pipeline.cells_cpu_share", "pipeline.read_batch_size", "pipeline.tile_read_batch_size",
     "pipeline.read_concurrency",
-    "pipeline.read_threads", "pipeline.native_threads", "pipeline.direct_jpeg",
+    "pipeline.read_threads", "pipeline.native_threads",
     *(f"pipeline.{stage}.{key}" for stage in ("classifier", "encoder")
       for key in ("batch_size", "passes_per_call", "calls_in_flight", "concurrency",
                   "num_gpus", "compile", "cuda_graphs", "threads")),
