@@ -83,7 +83,7 @@ def plan_cost(branch: str, uri: str, repeats: int = 5) -> dict:
     """What the job spends once per slide before its tasks (`PlanTasks`: the thumbnail and
     tissue mask, and the sample tiles for the stain threshold or the stain vectors), in this
     process: ms per slide (the median of ``repeats``, after one to warm up) and per item of the
-    slide (its cells or tiles, counted by reading it once), and one process's rate with it."""
+    slide (its cells or tiles, counted by reading it once)."""
     from engine.config import Config
     from engine.pipeline.steps import PlanTasks
 
