@@ -183,8 +183,7 @@ class Predictor:
         it), and each chunk replays that path's graph for its padded shape."""
         outs = []
         for x in self.chunks(images, rows):
-            graphed = self._replay(path, run, x) if self.graphs and self.bucket and path \
-                and len(x) else None
+            graphed = self._replay(path, run, x) if self.graphs and path and len(x) else None
             outs.append(graphed if graphed is not None else run(self.preprocess(x), len(x)))
         return tuple(torch.cat(parts, dim=-2) for parts in zip(*outs))
 

@@ -7,6 +7,7 @@ import ctypes
 
 import numpy as np
 import openslide
+from PIL import Image
 
 from engine.errors import SlideCorrupt, SlideError, SlideUnsupported
 from engine.slides.base import SlideInfo, checked_mpp, composite_rgba
@@ -157,8 +158,6 @@ class OpenSlideReader:
                 max(d / t for d, t in zip(self.info.dimensions, size)))
             fast = self._read_direct(level, 0, 0, *self.info.level_dimensions[level])
             if fast is not None:
-                from PIL import Image
-
                 thumb = Image.fromarray(fast)
                 thumb.thumbnail(size, Image.Resampling.LANCZOS)
                 return np.asarray(thumb)
