@@ -33,6 +33,7 @@ import time
 
 import numpy as np
 
+from engine import results_release
 from engine.models import list_models
 from engine.pixel_size import RedCellSize, red_cell_diameters, red_cell_size
 from engine.schema import EXPORT_FORMAT
@@ -235,7 +236,9 @@ def main(argv=None) -> int:
                 "max_out_of_focus_percent": args.max_out_of_focus_percent,
                 # a list, as the output's JSON gives it back to a rerun's comparison
                 "red_cell_diameter_um": args.red_cell_diameter_um and
-                list(args.red_cell_diameter_um)}
+                list(args.red_cell_diameter_um),
+                # outputs before 0.2.0 lack it: their reruns are refused, as another release's
+                "engine_release": results_release()}
     args.config_hash = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     store = OutputStore(args.output, storage)
     config_path = f"{store.path.rstrip('/')}/config.json"

@@ -201,10 +201,11 @@ def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
 
 def write_run_config(output: str, cfg: Config, args: dict, storage: StorageConfig) -> None:
     """The resolved config and job arguments, next to the outputs (no credentials live in either)."""
+    import engine
     from engine.schema import SCHEMA_VERSION
 
     doc = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "args": args,
-           "schema_version": SCHEMA_VERSION}
+           "schema_version": SCHEMA_VERSION, "engine_version": engine.__version__}
     write_bytes(join_uri(output, "config.json"), json.dumps(doc, indent=2, default=str).encode(),
                 storage)
 

@@ -29,6 +29,8 @@ import os
 import sys
 from typing import NamedTuple
 
+import engine
+from engine import results_release
 from engine.config import Config
 from engine.errors import HemeflowError
 from engine.models import MissingWeights
@@ -180,20 +182,25 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
             f"{theirs}; this version writes {SCHEMA_VERSION} (engine/schema.py), and one output "
             "never mixes the two. Write to a new --output")
     changes = cfg.result_changes(previous) if previous is not None else []
+    # config.json has named its engine since 0.2.0; every output before it was 0.1.0's
+    made_by = doc.get("engine_version", "0.1.0") if previous is not None else engine.__version__
+    if results_release(made_by) != results_release():
+        changes.insert(0, f"engine {made_by} -> {engine.__version__} (a release whose results "
+                          "differ: README \"Versions\")")
     ours = {slide_id_for(e.uri) for e in entries} & committed
     if reprocess:
         redo, why = ours, "--reprocess"
     elif changes:
         raise HemeflowError(
-            f"{store.root} holds {len(committed)} slide(s) processed with another config "
-            f"(its config.json): {'; '.join(changes[:8])}. Write to a new --output, or pass "
+            f"{store.root} holds {len(committed)} slide(s) processed with another config or "
+            f"engine (its config.json): {'; '.join(changes[:8])}. Write to a new --output, or pass "
             "--reprocess to process this input's slides again here (their rows are removed "
             "first)")
     else:
         redo, why = (store.failed(ours), "--retry-failed") if retry_failed else (set(), "")
     if reprocess and changes and committed - ours:
         log(f"{len(committed - ours)} slide(s) of other inputs stay as the earlier config made "
-            "them (their status rows say which: config_hash)")
+            "them (their status rows say which: config_hash, engine_version)")
     look = (reprocess_changed or dry_run) and not reprocess
     changed = changed_files(store, entries, ours - redo, seen) if look else {}
     shown = "; ".join(f"{sid} ({what})" for sid, what in list(changed.items())[:3]) \

@@ -104,6 +104,16 @@ def test_each_export_gets_its_cells_and_differential(exports, tmp_path, capsys):
     assert classify_cells.main(["--images", str(root), "--output", str(out), "--specimen",
                                 "aspirate"]) == 2
     assert "specimen: blood -> aspirate" in capsys.readouterr().err
+    # so would an output of an earlier engine release (0.1.0's config.json had no release)
+    from engine import results_release
+
+    doc = json.loads((out / "config.json").read_text())
+    del doc["settings"]["engine_release"]
+    doc["config_hash"] = "0.1.0's"
+    (out / "config.json").write_text(json.dumps(doc))
+    assert classify_cells.main(["--images", str(root), "--output", str(out), "--specimen",
+                                "blood"]) == 2
+    assert f"engine_release: None -> {results_release()}" in capsys.readouterr().err
 
 
 def test_red_cells_around_the_cells_check_the_given_pixel_size(exports, tmp_path, capsys):

@@ -40,7 +40,10 @@ def _containers(spec):
 
 
 def test_images_heads_and_gpu_workers_agree():
+    import engine
+
     tag = _image_tag()
+    assert tag == f"hemeflow:{engine.__version__}"  # the image says which results it gives
     assert _load("aws.yaml")["docker"]["image"] == tag
     for spec in (_load("kuberay-raycluster.yaml")["spec"],
                  _load("kuberay-rayjob.yaml")["spec"]["rayClusterSpec"]):

@@ -598,6 +598,34 @@ def test_an_output_of_another_table_schema_is_refused(run_out, archive, tmp_path
     assert _mtimes(out) == before
 
 
+def test_an_output_of_another_engine_release_is_refused(run_out, archive, tmp_path, capsys):
+    """An output that 0.1.0 wrote (its config.json named no engine) gives other results than
+    this release's: a rerun is refused and says so; one of a patch release resumes."""
+    import engine
+    from engine import results_release
+
+    assert [results_release(v) for v in ("0.2.1", "0.10.0", "1.0.0", "2.3.4")] == \
+        ["0.2", "0.10", "1", "2"]
+    out = tmp_path / "out"
+    shutil.copytree(run_out, out)
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["engine_version"] == engine.__version__
+    del doc["engine_version"]  # as 0.1.0 wrote it
+    (out / "config.json").write_text(json.dumps(doc))
+    before = _mtimes(out)
+    args = ["--input", str(archive), "--output", str(out), "--config", tiny_config(tmp_path),
+            "--allow-untrained"]
+    assert process_slides.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"engine 0.1.0 -> {engine.__version__} (a release whose results differ" in err
+    assert "--reprocess" in err and _mtimes(out) == before
+    doc["engine_version"] = f"{results_release()}.99"  # same results, another patch
+    (out / "config.json").write_text(json.dumps(doc))
+    assert process_slides.main(args) == 0
+    assert "7 already committed, 0 to process" in capsys.readouterr().out
+    assert _mtimes(out) == before
+
+
 def test_uncommit_takes_the_marker_first_and_the_tables_follow(run_out, tmp_path):
     from engine.config import StorageConfig
     from engine.pipeline.commit import OutputStore
