@@ -22,7 +22,9 @@ Against the newest GPU model-alone rates (the `model_throughput` results, as
 The rates are the tasks' step alone. Each slide is also planned once before its tasks
 (`PlanTasks`: thumbnail, tissue mask, sample tiles), on the same CPUs: ``plan`` gives that
 cost per slide and per item in one process, ``one_with_planning_per_s`` one process's rate
-with it, and ``planning_share`` its part of an item's CPU.
+with it, and ``planning_share`` its part of an item's CPU. ``first_read_ms`` is what a process
+pays the first time it reads a slide (opening it), once per slide for each process that gets
+some of its batches.
 
 Inside the running job `pipeline_e2e.py` reports the same per-process figure as
 ``feed_per_actor_s`` (items per busy second of an actor): where that is well below this
@@ -95,11 +97,31 @@ def plan_cost(branch: str, uri: str, repeats: int = 5) -> dict:
         t0 = time.perf_counter()
         plan(dict(row))
         times.append(time.perf_counter() - t0)
+    batches = task_batches(branch, uri, cfg)
     step = make_step(branch, cfg)
-    items = sum(items_of(branch, step(dict(b))) for b in task_batches(branch, uri, cfg))
+    items = sum(items_of(branch, step(dict(b))) for b in batches)
     ms = 1000 * float(np.median(times))
     return {"ms_per_slide": round(ms, 1), "items_per_slide": items,
-            "ms_per_item": round(ms / max(items, 1), 4)}
+            "ms_per_item": round(ms / max(items, 1), 4),
+            "first_read_ms": first_read_ms(branch, batches[0], cfg, repeats)}
+
+
+def first_read_ms(branch: str, batch: dict, cfg, repeats: int) -> float:
+    """What a process pays the first time it reads a slide, on top of the read itself: opening
+    it and, without the planner's verdict in the task (``direct_ok``), checking the level's
+    direct decoding (medians of ``repeats``: a new step reads one task, then another). In the
+    job each process that gets some of a slide's batches pays it once for that slide."""
+    one, other = ({k: v[i:i + 1] for k, v in batch.items()} for i in (0, 1))
+    cold, warm = [], []
+    for _ in range(repeats):
+        fresh = make_step(branch, cfg)
+        t0 = time.perf_counter()
+        fresh(dict(one))
+        t1 = time.perf_counter()
+        fresh(dict(other))
+        cold.append(t1 - t0)
+        warm.append(time.perf_counter() - t1)
+    return round(1000 * float(np.median(cold) - np.median(warm)), 1)
 
 
 def worker(branch: str, uri: str, seconds: float, barrier, results) -> None:

@@ -119,6 +119,7 @@ def test_feed_capacity_runs_both_branches_in_several_processes(tmp_path, monkeyp
         assert 0 < r["planning_share"] < 1
         assert r["one_with_planning_per_s"] == pytest.approx(
             r["one"]["per_s"] * (1 - r["planning_share"]), rel=0.01)
+        assert plan["first_read_ms"] > 0  # a process opening the slide, once
 
 
 def test_feed_capacity_reads_a_slide_as_the_jobs_batches(tmp_path):

@@ -95,10 +95,16 @@ class ReaderCache:
         self._staging = StagingArea(cfg.storage)
         self._lock = threading.RLock()  # readers themselves are thread-safe; the cache is not
 
-    def get(self, uri: str):
+    def get(self, uri: str, level: int = 0, direct_ok: int = -1):
+        """The open reader of ``uri``. ``direct_ok`` (a task's: 1 or 0, -1 unknown): whether
+        the planner found ``level`` to decode directly as OpenSlide decodes it, which a newly
+        opened reader then takes instead of checking it again (`OpenSlideReader.trust_checks`)."""
         with self._lock:
             self._used.add(uri)
-            return self._get(uri)
+            reader = self._get(uri)
+            if direct_ok >= 0 and hasattr(reader, "trust_checks"):
+                reader.trust_checks({int(level): bool(direct_ok)})
+            return reader
 
     def _get(self, uri: str):
         if uri in self._open:
@@ -302,6 +308,7 @@ class PlanSlide:
             samples = [read_tile(slide, p.level, x, y, p.read_px, p.tile_px)
                        for x, y in _sample(p, cfg.pipeline.threshold_samples)]
             d["threshold"] = estimate_threshold(samples, cfg.cells)
+            d["direct_ok"] = _direct_ok(slide, p.level)
             d["pale_platelets"] = inv["specimen"] in cfg.cells.pale_platelet_specimens
             plans["cells"] = d
             # the same tiles check the pixel size: red cells should be about 7.5 µm across
@@ -318,9 +325,18 @@ class PlanSlide:
             rules = calibrate([read_tile(slide, p.level, x, y, p.read_px, p.tile_px)
                                for x, y in _sample(p, cfg.pipeline.threshold_samples)])
             d["stains"], d["nucleus_h_od"] = rules.stains, rules.nucleus_h_od
+            d["direct_ok"] = _direct_ok(slide, p.level)
             plans["tiles"] = d
         return {**measured, "mpp0": mpp, "width": info.width, "height": info.height,
                 "plans": plans}
+
+
+def _direct_ok(slide, level: int) -> int:
+    """Whether the plan's sample reads found ``level`` to decode directly as OpenSlide decodes
+    it: 1 or 0, and -1 where nothing was checked (another backend, or no direct path). The
+    tasks carry it, so that each process reading the slide need not check it again."""
+    checks = getattr(slide, "direct_checks", {})
+    return int(checks[level]) if level in checks else -1
 
 
 def cell_tasks(slide_id: str, uri: str, plan: dict) -> list[dict]:
@@ -332,7 +348,8 @@ def cell_tasks(slide_id: str, uri: str, plan: dict) -> list[dict]:
               "stride": float(p["stride"]), "overlap": float(p["overlap"]),
               "grid_nx": int(p["grid"][0]), "grid_ny": int(p["grid"][1]),
               "threshold": float(p["threshold"]), "width": int(plan["width"]),
-              "height": int(plan["height"]), "pale_platelets": bool(p.get("pale_platelets"))}
+              "height": int(plan["height"]), "pale_platelets": bool(p.get("pale_platelets")),
+              "direct_ok": int(p.get("direct_ok", -1))}
     return [{**common, "task": i, "x": int(x), "y": int(y)}
             for i, (x, y) in enumerate(zip(p["x"], p["y"]))]
 
@@ -343,7 +360,7 @@ def tile_tasks(slide_id: str, uri: str, plan: dict) -> list[dict]:
              "level": int(p["level"]), "read_px": int(p["read_px"]),
              "tile_px": int(p["tile_px"]), "tile_mpp": float(p["mpp"]),
              "tissue_fraction": float(f), "stains": np.asarray(p["stains"], np.float32).ravel(),
-             "nucleus_h_od": float(p["nucleus_h_od"])}
+             "nucleus_h_od": float(p["nucleus_h_od"]), "direct_ok": int(p.get("direct_ok", -1))}
             for i, (x, y, f) in enumerate(zip(p["x"], p["y"], p["tissue_fraction"]))]
 
 
@@ -351,10 +368,11 @@ def tile_tasks(slide_id: str, uri: str, plan: dict) -> list[dict]:
 _NO_TASK = {
     "cells": {"level": 0, "read_px": 0, "tile_px": 0, "tile_mpp": 0.0, "mpp0": 0.0,
               "stride": 0.0, "overlap": 0.0, "grid_nx": 0, "grid_ny": 0, "threshold": 0.0,
-              "width": 0, "height": 0, "pale_platelets": False, "task": -1, "x": 0, "y": 0},
+              "width": 0, "height": 0, "pale_platelets": False, "task": -1, "x": 0, "y": 0,
+              "direct_ok": -1},
     "tiles": {"task": -1, "x": 0, "y": 0, "level": 0, "read_px": 0, "tile_px": 0,
               "tile_mpp": 0.0, "tissue_fraction": 0.0, "nucleus_h_od": 0.0,
-              "stains": np.zeros(6, np.float32)}}
+              "stains": np.zeros(6, np.float32), "direct_ok": -1}}
 
 
 class PlanTasks:
@@ -466,7 +484,8 @@ class DetectCells:
         if int(t["task"]) < 0:  # a slide without tasks: its header passes through
             return self._marker(t, "none")
         try:
-            reader = self.readers.get(str(t["uri"]))
+            reader = self.readers.get(str(t["uri"]), int(t["level"]),
+                                      int(t.get("direct_ok", -1)))
             tile = read_tile(reader, t["level"], t["x"], t["y"], t["read_px"], t["tile_px"])
         except SlideError as err:
             return self._marker(t, "error", type(err).__name__, str(err))
@@ -619,7 +638,8 @@ class ReadTiles:
         if int(batch["task"][i]) < 0:  # a slide without tiles: its header passes through
             return np.zeros((self.tile_px,) * 2 + (3,), np.uint8), 0, 0, "", ""
         try:
-            reader = self.readers.get(str(batch["uri"][i]))
+            reader = self.readers.get(str(batch["uri"][i]), int(batch["level"][i]),
+                                      int(batch["direct_ok"][i]) if "direct_ok" in batch else -1)
             tile = read_tile(reader, batch["level"][i], batch["x"][i], batch["y"][i],
                              batch["read_px"][i], size)
             rules = AreaRules(stains=tuple(map(tuple, np.reshape(batch["stains"][i], (2, 3)))),

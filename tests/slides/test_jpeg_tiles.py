@@ -124,6 +124,31 @@ def test_a_level_is_checked_on_its_origin_square(pyramid, monkeypatch):
     assert calls == []  # the level is checked: no OpenSlide read
 
 
+def test_readers_take_the_planners_check(pyramid, monkeypatch):
+    """A slide's plan records whether its tasks' level decodes directly as OpenSlide decodes
+    it, and its tasks carry that: a reader opened for them does not check the level again (as
+    each process reading the slide would: 5 ms, seven 224 px tiles). Without it (-1) the reader
+    checks; a level the planner found to differ is read through OpenSlide."""
+    from engine.pipeline.steps import PlanTasks, ReaderCache
+    from engine.slides.openslide_backend import CHECK_PX
+
+    cfg = Config()
+    tasks = PlanTasks(cfg, None, "cells")({"uri": str(pyramid), "slide_id": "p"})
+    assert tasks[0]["task"] == 0 and {t["direct_ok"] for t in tasks} == {1}
+    t = tasks[-1]
+    calls = []
+    real = OpenSlideReader._read_openslide
+    monkeypatch.setattr(OpenSlideReader, "_read_openslide",
+                        lambda self, *a: calls.append(a) or real(self, *a))
+    region = (t["level"], t["x"], t["y"], t["read_px"], t["read_px"])
+    for direct_ok, openslide_reads in ((1, []), (-1, [(0, 0, 0, CHECK_PX, CHECK_PX)]), (0, [region])):
+        cache = ReaderCache(cfg)
+        calls.clear()
+        cache.get(str(pyramid), t["level"], direct_ok).read_region(*region)
+        assert calls == openslide_reads, direct_ok
+        cache.close()
+
+
 def test_thumbnails_equal_openslides(pyramid, wsi_dir, monkeypatch):
     """A thumbnail of the directly decoded level is the one of the level OpenSlide decodes:
     the same pixels, on a pyramid (levels of every size) and a one-level Aperio scan; a level
