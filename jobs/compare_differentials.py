@@ -32,7 +32,9 @@ fine-tune, a calibrated or quantized model). Each slide both committed ``ok`` is
 reference's classes, and the JSON adds the cell-by-cell agreement: the cells both runs found
 (the same image of an export; on a slide, detections whose centres lie within ``--match-um``,
 1 µm, of each other, each matched once), each the reference's call against this run's. Where
-the runs' detection settings are the same, every cell is matched. With ``--cases`` each case's
+the runs' detection settings are the same, every cell is matched. ``runs`` says which engine
+versions and config hashes made the compared slides on each side (a new release against the one
+a lab validated: README "Versions"). With ``--cases`` each case's
 counts are its slides' summed on both sides (a case with a slide the reference run has not
 committed ``ok`` is listed, not compared).
 
@@ -151,6 +153,19 @@ def _sheet_from_output(reference):
             "slide_id", "class_code", "count").iter_rows():
         rows.setdefault(sid, {"slide_id": sid})[code] = str(n)
     return [rows[s] for s in sorted(rows)], "slide_id"
+
+
+def made_by(store, slide_ids: list[str]) -> dict:
+    """The engine versions and config hashes that made ``slide_ids`` in ``store`` (their status
+    rows'), so a comparison of two runs says what each was: a new release against the one a lab
+    validated reads ``{"engine_version": ["0.2.0"], ...}`` against ``["0.1.0"]``."""
+    import polars as pl
+
+    status = store.read("slide_status", ["engine_version", "config_hash"], set(slide_ids))
+    if status is None:
+        return {"engine_version": [], "config_hash": []}
+    frame = pl.from_arrow(status)
+    return {k: sorted(v for v in frame[k].unique().to_list() if v) for k in frame.columns}
 
 
 def matched_cells(store, reference, slide_ids: list[str], match_um: float):
@@ -474,6 +489,9 @@ def main(argv=None) -> int:
             store, reference, sorted(s for u in units for s in members.get(u, [u])),
             args.match_um)
         report["against"] = reference.root
+        compared = sorted(s for u in units for s in members.get(u, [u]))
+        report["runs"] = {"this": made_by(store, compared),
+                          "reference": made_by(reference, compared)}
         report["cells"] = {**cell_agreement(pairs["reference"].to_list(),
                                             pairs["class_code"].to_list(), categories),
                            "matched_of_this_runs": [len(pairs), ours],

@@ -808,6 +808,12 @@ def test_a_run_against_another_run_of_the_same_slides(run_out, tmp_path, capsys)
     moved = moved.set_column(moved.schema.get_field_index("class_code"), "class_code",
                              pa.array(codes, pa.string()))
     pq.write_table(moved.take([i for i in range(len(cells)) if i != counted[-1]]), path)
+    # as an earlier release made it: the report says which engine made each side's slides
+    status_path = next((other / "slide_status").glob("cmu-1-small-region-*.parquet"))
+    status = pq.read_table(status_path)
+    pq.write_table(status.set_column(status.schema.get_field_index("engine_version"),
+                                     "engine_version", pa.array(["0.1.0"], pa.string())),
+                   status_path)
     ok = pl.read_parquet(f"{run_out}/slide_status/*.parquet").filter(pl.col("status") == "ok")
     cmu = pl.read_parquet(f"{run_out}/cells/cmu-1-*.parquet").filter(
         pl.col("kind") == "nucleated", pl.col("class_code").is_not_null(),
@@ -821,6 +827,12 @@ def test_a_run_against_another_run_of_the_same_slides(run_out, tmp_path, capsys)
     # tiny untrained model, have none): the others are listed with why
     assert report["against"] == str(run_out) and report["slides_compared"] == 1 and len(ok) == 3
     assert sorted(k.split("-")[0] for k in report["not_compared"]) == ["small", "smear"]
+    import engine
+
+    hashes = sorted(set(ok["config_hash"]))
+    assert report["runs"] == {"this": {"engine_version": ["0.1.0"], "config_hash": hashes},
+                              "reference": {"engine_version": [engine.__version__],
+                                            "config_hash": hashes}}
     got = report["cells"]
     assert got["matched_of_this_runs"] == [len(cmu) - 1, len(cmu) - 1]  # the slide compared
     assert got["reference_cells"] == len(cmu)  # the one this run lost
