@@ -141,7 +141,8 @@ def test_readers_take_the_planners_check(pyramid, monkeypatch):
     monkeypatch.setattr(OpenSlideReader, "_read_openslide",
                         lambda self, *a: calls.append(a) or real(self, *a))
     region = (t["level"], t["x"], t["y"], t["read_px"], t["read_px"])
-    for direct_ok, openslide_reads in ((1, []), (-1, [(0, 0, 0, CHECK_PX, CHECK_PX)]), (0, [region])):
+    checked = [(0, 0, 0, CHECK_PX, CHECK_PX)]
+    for direct_ok, openslide_reads in ((1, []), (-1, checked), (0, [region])):
         cache = ReaderCache(cfg)
         calls.clear()
         cache.get(str(pyramid), t["level"], direct_ok).read_region(*region)
