@@ -2,12 +2,13 @@
 run as one stream per branch over all its slides (the default ``pipeline.slides_per_chunk`` 0;
 ``--chunk N`` splits them into chunks of N).
 
-    python benchmarks/pipeline_memory.py [--small 64] [--large 320] [--chunk N]
+    python benchmarks/pipeline_memory.py [--small 64] [--large 320] [--chunk N] [--tag T]
 
 Runs the job in a subprocess for each size (tiny untrained models: memory, not accuracy, is
 measured), samples the RSS of the driver and of its whole process tree (Ray's GCS, raylet and
 workers) every 0.2 s, and prints the peaks and the large/small ratio as JSON. Streaming should keep
-the ratio near 1 (the target is <= 1.3). Writes benchmarks/results/pipeline_memory-<host>-<date>.json.
+the ratio near 1 (the target is <= 1.3). Writes
+benchmarks/results/pipeline_memory-<host>-<date>[-<tag>].json.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def main() -> None:
     p.add_argument("--small", type=int, default=64)
     p.add_argument("--large", type=int, default=320)
     p.add_argument("--chunk", type=int, default=PipelineConfig().slides_per_chunk)
+    p.add_argument("--tag", default="", help="appended to the result file's name")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="hemeflow-bench-") as work:
         small = measure(args.small, work, args.chunk)
@@ -134,7 +136,7 @@ def main() -> None:
         "tree_ratio": round(large["peak_tree_rss_mib"] / small["peak_tree_rss_mib"], 3),
         "target": "tree_ratio <= 1.3",
     }
-    write_result(result, f"pipeline_memory-cpu{os.cpu_count()}-{result['date']}")
+    write_result(result, f"pipeline_memory-cpu{os.cpu_count()}-{result['date']}", args.tag)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,9 @@ reference's classes, and the JSON adds the cell-by-cell agreement: the cells bot
 1 µm, of each other, each matched once), each the reference's call against this run's. Where
 the runs' detection settings are the same, every cell is matched. ``runs`` says which engine
 versions and config hashes made the compared slides on each side (a new release against the one
-a lab validated: README "Versions"). With ``--cases`` each case's
-counts are its slides' summed on both sides (a case with a slide the reference run has not
-committed ``ok`` is listed, not compared).
+a lab validated: README "Versions"). With ``--cases`` each case's counts are its slides' summed
+on both sides (a case with a slide the reference run has not committed ``ok`` is listed, not
+compared).
 
 Prints JSON to stdout; writes ``agreement.parquet`` (per category), ``agreement_slides.parquet``
 (per slide and category) and ``bland_altman.png`` under ``--to`` (default: ``<output>/agreement``).
@@ -485,11 +485,9 @@ def main(argv=None) -> int:
         from engine.report.agreement import cell_agreement
 
         units = per_slide["slide_id"].unique().to_list()  # slides, or cases of slides
-        pairs, ours, theirs = matched_cells(
-            store, reference, sorted(s for u in units for s in members.get(u, [u])),
-            args.match_um)
-        report["against"] = reference.root
         compared = sorted(s for u in units for s in members.get(u, [u]))
+        pairs, ours, theirs = matched_cells(store, reference, compared, args.match_um)
+        report["against"] = reference.root
         report["runs"] = {"this": made_by(store, compared),
                           "reference": made_by(reference, compared)}
         report["cells"] = {**cell_agreement(pairs["reference"].to_list(),

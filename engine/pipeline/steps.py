@@ -223,11 +223,10 @@ def read_tile(reader, level: int, x: int, y: int, read_px: int, tile_px: int) ->
     region = reader.read_region(level, int(x), int(y), int(read_px), int(read_px))
     if read_px == tile_px:
         return region
-    if read_px < 2 * tile_px and read_px % tile_px:
+    if read_px < 2 * tile_px:  # enlarging, or reducing by less than 2
         return cv2.resize(region, (tile_px, tile_px), interpolation=cv2.INTER_LINEAR)
-    if read_px < tile_px or read_px % tile_px == 0:
-        return cv2.resize(region, (tile_px, tile_px), interpolation=cv2.INTER_LINEAR
-                          if read_px < tile_px else cv2.INTER_AREA)
+    if read_px % tile_px == 0:
+        return cv2.resize(region, (tile_px, tile_px), interpolation=cv2.INTER_AREA)
     return np.asarray(Image.fromarray(region).resize((tile_px, tile_px), Image.Resampling.BOX))
 
 
