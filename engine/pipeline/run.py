@@ -64,6 +64,8 @@ class RunMetrics:
     #                                                            an actor of it was ready
     init: dict[str, float] = field(default_factory=dict)       # stage -> longest constructor
     warmup: dict[str, float] = field(default_factory=dict)     # stage -> longest model warm-up
+    imports: dict[str, float] = field(default_factory=dict)    # ... its model code's imports
+    load: dict[str, float] = field(default_factory=dict)       # ... making it, onto its device
     t_start: float = field(default_factory=time.time)          # the run's start (epoch s)
     _started: dict[str, float] = field(default_factory=dict, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -75,14 +77,14 @@ class RunMetrics:
         for key, values in batch.items():
             if key.startswith("_t_"):
                 self.busy[key[3:]] = self.busy.get(key[3:], 0.0) + float(np.sum(values))
-            elif key.startswith(("_r_", "_i_", "_w_")):
+            elif key.startswith(("_r_", "_i_", "_w_", "_m_", "_l_")):
                 stamped = np.asarray(values, np.float64)
                 stamped = stamped[stamped > 0]  # 0: a row that does not carry it
                 if not stamped.size:
                     continue
                 stage = key[3:]
-                longest = self.init if key.startswith("_i_") else \
-                    self.warmup if key.startswith("_w_") else None
+                longest = {"_i_": self.init, "_w_": self.warmup, "_m_": self.imports,
+                           "_l_": self.load}.get(key[:3])
                 if longest is not None:
                     longest[stage] = max(longest.get(stage, 0.0), float(stamped.max()))
                 else:
@@ -141,7 +143,9 @@ class RunMetrics:
                 "first_batch_items": dict(self.first_items),
                 "bounding_stage": self.bounding(), "actors_ready_s": self.ready_s(),
                 "actor_init_s": {k: round(v, 1) for k, v in self.init.items()},
-                "model_warmup_s": {k: round(v, 1) for k, v in self.warmup.items()}}
+                "model_warmup_s": {k: round(v, 1) for k, v in self.warmup.items()},
+                "model_import_s": {k: round(v, 1) for k, v in self.imports.items()},
+                "model_load_s": {k: round(v, 1) for k, v in self.load.items()}}
 
     def line(self) -> str:
         u = self.utilisation()
@@ -152,6 +156,11 @@ class RunMetrics:
         if ready:
             parts.append("actors ready by " + ", ".join(f"{s} {hi:.1f} s"
                                                          for s, (_, hi) in ready.items()))
+        for s, init in self.init.items():  # a model actor's start, where it went
+            if s in self.imports or s in self.load:
+                parts.append(f"{s} started in {init:.1f} s (imports {self.imports.get(s, 0):.1f}"
+                             f", model {self.load.get(s, 0):.1f}, warm-up "
+                             f"{self.warmup.get(s, 0):.1f})")
         return "time: " + "; ".join(parts)
 
 

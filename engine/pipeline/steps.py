@@ -147,16 +147,21 @@ class ReaderCache:
 
 
 # columns the steps add for RunMetrics: busy seconds, when the actor was ready (epoch s), how
-# long its constructor took and how much of that its model's warm-up
-METRIC_PREFIXES = ("_t_", "_r_", "_i_", "_w_")
+# long its constructor took, and of that how long its model's warm-up, its imports (torch, timm)
+# and its loading (weights, the model to its device: on a GPU, CUDA's start) took
+METRIC_PREFIXES = ("_t_", "_r_", "_i_", "_w_", "_m_", "_l_")
+_READY_PREFIXES = ("_r_", "_i_", "_w_", "_m_", "_l_")  # `ready_since`'s, in its order
 
 
-def ready_since(t_born: float, warmup: float = 0.0) -> tuple[float, float, float]:
-    """``(ready, init seconds, warm-up seconds)`` for a step whose constructor began at
-    ``t_born`` (``time.time``) and ends now; ``warmup``: the part of it a model spent running
-    its batch shapes once (`engine.models.Predictor.warmup`)."""
+def ready_since(t_born: float, warmup: float = 0.0, imports: float = 0.0, load: float = 0.0
+                ) -> tuple[float, ...]:
+    """``(ready, init, warm-up, imports, load)`` for a step whose constructor began at
+    ``t_born`` (``time.time``) and ends now (seconds but the first, an epoch time). A model
+    step gives the parts of its start: ``warmup``, running its batch shapes once
+    (`engine.models.Predictor.warmup`); ``imports``, its model code's; ``load``, making the
+    model and putting it on its device."""
     now = time.time()
-    return now, now - t_born, warmup
+    return now, now - t_born, warmup, imports, load
 
 
 def warmed(predictor, batch_size: int, **path) -> float:
@@ -172,15 +177,16 @@ def stamp(batch: dict, stage: str, t0: float,
           ready: tuple[float, float] | None = None, n: int | None = None) -> dict:
     """Add column ``_t_<stage>``: this batch's busy seconds spread over its rows, so the driver
     sums a stage's busy time without another channel (``RunMetrics``); with ``ready`` (from
-    `ready_since`), also ``_r_<stage>``, ``_i_<stage>`` and ``_w_<stage>``: when this actor was
-    ready, how long it took to start and how much of that its model's warm-up took, so the
-    driver sees where start-up went. ``n``: the batch's rows, where ``batch`` holds only the
-    columns a step adds to a block (default: its ``task`` column's)."""
+    `ready_since`), also ``_r_<stage>`` and ``_i_<stage>``: when this actor was ready and how
+    long it took to start, and for a model's step ``_w_``, ``_m_`` and ``_l_``: how much of that
+    its warm-up, its imports and its loading took, so the driver sees where start-up went.
+    ``n``: the batch's rows, where ``batch`` holds only the columns a step adds to a block
+    (default: its ``task`` column's)."""
     n = len(batch["task"]) if n is None else n
     batch[f"_t_{stage}"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
     if ready is not None:
-        for prefix, value in zip(("_r_", "_i_", "_w_"), ready):
-            if value or prefix != "_w_":  # no warm-up column for steps that have none
+        for prefix, value in zip(_READY_PREFIXES, ready):
+            if value or prefix in ("_r_", "_i_"):  # no model columns for steps without one
                 batch[f"{prefix}{stage}"] = np.full(n, value)
     return batch
 
@@ -557,18 +563,20 @@ class ClassifyCells:
         t_born = time.time()
         from engine.models import UNTRAINED_SEED, EnsemblePredictor, create_model
 
+        imported = time.time()
         members = [create_model(model, ckpt, allow_untrained=allow_untrained,
                                 class_codes=DEEPHEME_CODES, storage=storage, seed=UNTRAINED_SEED)
                    for ckpt in (checkpoint, *ensemble)]
         self.predictor = EnsemblePredictor(members, compile=compile, amp=amp,
                                            chunk=batch_size or 256, graphs=graphs)
+        loaded = time.time()
         model_threads(self.predictor.members[0].device, threads)
         self.model = self.predictor.model
         self.tta = tta
         self.features = features
         warmup = warmed(self.predictor, batch_size, tta=tta, features=features)
         self.scored_kinds = [KIND_CELL, KIND_PLATELET] if platelets else [KIND_CELL]
-        self._ready = ready_since(t_born, warmup)
+        self._ready = ready_since(t_born, warmup, imported - t_born, loaded - imported)
 
     def __call__(self, batch):
         """``batch``: a dict of numpy arrays, or (as the pipeline hands it: `branch_dataset`) a
@@ -672,13 +680,16 @@ class EncodeTiles:
         t_born = time.time()
         from engine.models import UNTRAINED_SEED, Predictor, create_model
 
+        imported = time.time()
         self.predictor = Predictor(create_model(model, checkpoint,
                                                 allow_untrained=allow_untrained,
                                                 storage=storage, seed=UNTRAINED_SEED),
                                    compile=compile, amp=amp,
                                    chunk=batch_size or 256, graphs=graphs)
+        loaded = time.time()
         model_threads(self.predictor.device, threads)
-        self._ready = ready_since(t_born, warmed(self.predictor, batch_size))
+        self._ready = ready_since(t_born, warmed(self.predictor, batch_size),
+                                  imported - t_born, loaded - imported)
 
     def __call__(self, batch):
         """``batch``: a dict of numpy arrays, or a whole Ray Data block as a ``pyarrow.Table``

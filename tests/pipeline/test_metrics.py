@@ -41,15 +41,22 @@ def test_startup_bounds_a_branch_that_mostly_waited_for_its_first_batch():
 def test_actor_start_up_is_reported_per_stage():
     m = RunMetrics(t_start=1000.0)
     out = stamp({"task": np.arange(3)}, "encode", time.perf_counter(),
-                ready=(1012.5, 8.0, 5.25))
+                ready=(1012.5, 8.0, 5.25, 1.5, 0.75))
+    assert not any(k.startswith(("_w_", "_m_", "_l_")) for k in stamp(
+        {"task": np.arange(2)}, "read", time.perf_counter(), ready=(1003.0, 0.2, 0.0, 0.0, 0.0)))
     m.add_batch(out)
     m.add_batch({"_r_encode": np.array([0.0, 1014.0]), "_i_encode": np.array([0.0, 9.5]),
                  "_r_read": np.array([1003.0]), "_i_read": np.array([0.2]),
                  "_w_read": np.array([0.0])})  # 0: rows that do not carry the stamp
     assert m.ready_s() == {"encode": [12.5, 14.0], "read": [3.0, 3.0]}
     assert m.as_dict()["actor_init_s"] == {"encode": 9.5, "read": 0.2}
-    assert m.as_dict()["model_warmup_s"] == {"encode": 5.2}  # of its 8.0 s start
+    # of its 8.0 s start: 5.25 warming up, 1.5 importing, 0.75 making the model
+    assert m.as_dict()["model_warmup_s"] == {"encode": 5.2}
+    assert m.as_dict()["model_import_s"] == {"encode": 1.5}
+    assert m.as_dict()["model_load_s"] == {"encode": 0.8}
     assert "actors ready by encode 14.0 s, read 3.0 s" in m.line()
+    assert "encode started in 9.5 s (imports 1.5, model 0.8, warm-up 5.2)" in m.line()
+    assert "read started" not in m.line()
 
 
 def test_a_local_ray_whose_workers_would_compile_their_imports_is_said(tmp_path, monkeypatch):
