@@ -30,7 +30,6 @@ import sys
 from typing import NamedTuple
 
 import engine
-from engine import results_release
 from engine.config import Config
 from engine.errors import HemeflowError
 from engine.models import MissingWeights
@@ -184,7 +183,7 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     changes = cfg.result_changes(previous) if previous is not None else []
     # config.json has named its engine since 0.2.0; every output before it was 0.1.0's
     made_by = doc.get("engine_version", "0.1.0") if previous is not None else engine.__version__
-    if results_release(made_by) != results_release():
+    if engine.results_release(made_by) != engine.results_release():
         changes.insert(0, f"engine {made_by} -> {engine.__version__} (a release whose results "
                           "differ: README \"Versions\")")
     ours = {slide_id_for(e.uri) for e in entries} & committed

@@ -26,7 +26,8 @@ from engine.errors import HemeflowError
 from engine.models import EnsemblePredictor, MissingWeights, create_model
 from engine.pipeline.aggregate import Aggregator
 from engine.pipeline.commit import OutputStore
-from engine.pipeline.steps import ClassifyCells, DetectCells, EncodeTiles, PlanTasks, ReadTiles
+from engine.pipeline.steps import (READY_PREFIXES, ClassifyCells, DetectCells, EncodeTiles,
+                                   PlanTasks, ReadTiles)
 from engine.schema import slide_id_for
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import FileEntry, StagingArea, is_remote
@@ -77,7 +78,7 @@ class RunMetrics:
         for key, values in batch.items():
             if key.startswith("_t_"):
                 self.busy[key[3:]] = self.busy.get(key[3:], 0.0) + float(np.sum(values))
-            elif key.startswith(("_r_", "_i_", "_w_", "_m_", "_l_")):
+            elif key.startswith(READY_PREFIXES):
                 stamped = np.asarray(values, np.float64)
                 stamped = stamped[stamped > 0]  # 0: a row that does not carry it
                 if not stamped.size:

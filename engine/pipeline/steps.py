@@ -149,8 +149,8 @@ class ReaderCache:
 # columns the steps add for RunMetrics: busy seconds, when the actor was ready (epoch s), how
 # long its constructor took, and of that how long its model's warm-up, its imports (torch, timm)
 # and its loading (weights, the model to its device: on a GPU, CUDA's start) took
-METRIC_PREFIXES = ("_t_", "_r_", "_i_", "_w_", "_m_", "_l_")
-_READY_PREFIXES = ("_r_", "_i_", "_w_", "_m_", "_l_")  # `ready_since`'s, in its order
+READY_PREFIXES = ("_r_", "_i_", "_w_", "_m_", "_l_")  # `ready_since`'s, in its order
+METRIC_PREFIXES = ("_t_", *READY_PREFIXES)
 
 
 def ready_since(t_born: float, warmup: float = 0.0, imports: float = 0.0, load: float = 0.0
@@ -185,7 +185,7 @@ def stamp(batch: dict, stage: str, t0: float,
     n = len(batch["task"]) if n is None else n
     batch[f"_t_{stage}"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
     if ready is not None:
-        for prefix, value in zip(_READY_PREFIXES, ready):
+        for prefix, value in zip(READY_PREFIXES, ready):
             if value or prefix in ("_r_", "_i_"):  # no model columns for steps without one
                 batch[f"{prefix}{stage}"] = np.full(n, value)
     return batch
