@@ -140,9 +140,10 @@ def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labe
                   stats: np.ndarray, mpp: float, cfg: CellDetectionConfig
                   ) -> tuple[list[tuple], list[tuple], np.ndarray]:
     """Platelets too pale for the threshold: objects of the pixels above
-    ``cfg.pale_platelet_ratio * threshold`` that hold a pixel above ``threshold`` (a seed), no
-    object already found (``objects``: the nuclear mask; ``labels``, ``stats``: its
-    components), are platelet-sized and lie clear of nucleated cells: farther than
+    ``cfg.pale_platelet_ratio * threshold`` that hold a pixel above
+    ``cfg.pale_platelet_seed_ratio * threshold`` (a seed), no object already found
+    (``objects``: the nuclear mask; ``labels``, ``stats``: its components), are
+    platelet-sized and lie clear of nucleated cells: farther than
     ``cfg.pale_platelet_clearance_um`` from a nucleus and outside its cell's body. And nuclei
     too pale for it: such objects of ``cfg.pale_nucleus_min_area_um2`` or more, clear of
     nucleated cells too, whose parts above the threshold (``objects`` components, platelet-sized
@@ -154,10 +155,12 @@ def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labe
     """
     n, lab, st, cent = components(score > cfg.pale_platelet_ratio * threshold)
     area = st[:, cv2.CC_STAT_AREA] * mpp * mpp
-    seeded = np.zeros(n, bool)
-    seeded[lab[score > threshold]] = True
-    seeded[0] = False
-    keep = seeded & (area >= cfg.pale_platelet_min_area_um2) & (area < cfg.min_cell_area_um2)
+    seeded = np.zeros((2, n), bool)  # holds a pixel above the threshold; above the seed cut
+    seeded[0, lab[score > threshold]] = True
+    seeded[1, lab[score > cfg.pale_platelet_seed_ratio * threshold]] = True
+    seeded[:, 0] = False
+    seeded, sown = seeded
+    keep = sown & (area >= cfg.pale_platelet_min_area_um2) & (area < cfg.min_cell_area_um2)
     nuc = np.zeros(n, bool) if cfg.pale_nucleus_min_area_um2 is None else \
         seeded & (area >= cfg.pale_nucleus_min_area_um2) & (area <= cfg.split_area_um2)
     if not keep.any() and not nuc.any():

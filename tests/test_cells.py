@@ -282,6 +282,32 @@ def test_crops_around_equals_crop_around_inside_and_at_every_edge():
 
 
 
+def test_the_faintest_platelets_grow_from_a_seed_below_the_threshold():
+    """A platelet on a red cell whose core scores 0.9 of the threshold (none of it above) is
+    found from a seed above ``pale_platelet_seed_ratio`` of it; with the seed at the threshold,
+    or its core below the seed cut, it is not. Pale nuclei still need parts above the
+    threshold. The seed cut lies between the extent's and the threshold."""
+    import dataclasses
+
+    from engine.errors import ConfigError
+
+    img, yy, xx = _field(rbcs=0)
+    _disc(img, yy, xx, 100, 100, 1.3, (175, 150, 215))  # the pale disc: score 40 (0.8 x 50)
+    _disc(img, yy, xx, 100, 100, 0.5, (165, 150, 210))  # its core: 45
+    _disc(img, yy, xx, 250, 250, 1.3, (175, 150, 215))
+    _disc(img, yy, xx, 250, 250, 0.5, (180, 150, 210))  # a core of 30: below any seed cut
+    assert float(stain_score(np.asarray([[[165, 150, 210]]], np.uint8))[0, 0]) == 45
+    det = detect_cells(img, MPP, 50.0, CFG)
+    platelets = det.select(det.kind == KIND_PLATELET)
+    assert len(platelets) == 1 and abs(platelets.x[0] - 100) < 2, platelets.x
+    at_threshold = dataclasses.replace(CFG, pale_platelet_seed_ratio=1.0)
+    assert len(detect_cells(img, MPP, 50.0, at_threshold)) == 0
+    for bad in (0.5, 1.1):
+        with pytest.raises(ConfigError, match="pale_platelet_seed_ratio"):
+            dataclasses.replace(CFG, pale_platelet_seed_ratio=bad)
+    assert dataclasses.replace(CFG, pale_platelet_ratio=None, pale_platelet_seed_ratio=0.1)
+
+
 @needs_bccd
 def test_bccd_detection_meets_recall_and_precision_targets():
     proc = subprocess.run([sys.executable, "-m", "jobs.evaluate_detection", "--images",
@@ -292,10 +318,11 @@ def test_bccd_detection_meets_recall_and_precision_targets():
     report = json.loads(proc.stdout)
     assert report["images"] == 292 and report["wbc_boxes"] == 301
     assert report["recall"] >= 0.97 and report["precision"] >= 0.90
-    # platelets: the pale ones found around their seeds (0.34 without them); BCCD leaves many
-    # platelets unboxed, so the precision against its boxes is a floor
+    # platelets: the pale ones found around their seeds (0.34 without them, 0.781 with seeds
+    # at the threshold, 0.805 at 0.8 of it); BCCD leaves many platelets unboxed, so the
+    # precision against its boxes is a floor
     plt = report["platelets"]
-    assert plt["boxes"] == 292 and plt["recall"] >= 0.75 and plt["precision"] >= 0.6
+    assert plt["boxes"] == 292 and plt["recall"] >= 0.795 and plt["precision"] >= 0.6
     # as on an aspirate slide: no pale pass, the nucleated cells the same
     proc = subprocess.run([sys.executable, "-m", "jobs.evaluate_detection", "--images",
                            str(BCCD / "JPEGImages"), "--annotations", str(BCCD / "Annotations"),
