@@ -74,11 +74,12 @@ def make_step(branch: str, cfg):
     return DetectCells(cfg) if branch == "cells" else ReadTiles(cfg, keep_pixels=True)
 
 
-def items_of(branch: str, out: dict) -> int:
-    """Cells (rows with a crop: not a tile's "none" or "error" marker) or tiles read."""
+def items_of(branch: str, out) -> int:
+    """Cells (detections: not a tile's "none" or "error" marker) or tiles read. ``out``: a
+    step's batch out (`DetectCells`': a ``pyarrow.Table``)."""
     if branch == "cells":
-        return int(np.isin(out["kind"], ["none", "error"], invert=True).sum())
-    return int((out["error_type"] == "").sum())
+        return int(np.isin(np.asarray(out["kind"]), ["none", "error"], invert=True).sum())
+    return int((np.asarray(out["error_type"]) == "").sum())
 
 
 def plan_cost(branch: str, uri: str, repeats: int = 5) -> dict:

@@ -2,15 +2,15 @@
 which stage bounds the run, and each model's rate in the job against the same model alone.
 
     python benchmarks/pipeline_e2e.py [--slides 8] [--size 16384] [--mpp 0.25]
-        [--stages cells tiles]
+        [--slide <a real slide> [--specimen blood]] [--stages cells tiles]
         [--classifier deepheme-resnext50] [--encoder dinov2-vits14] [--batch 256] [--compile]
         [--baseline-chunk 64] [--baseline-set native_threads=0] [--set KEY=VALUE]
 
-Slides come from ``make_synthetic_slides`` (one slide, hard-linked N times: distinct slide ids,
-same pixels). Models run with random weights (``--allow-untrained``: speed, not accuracy, is
-measured). The baseline is ``model_throughput``'s measurement for the same model, batch size,
-precision and device, run in this process after the job: random tensors already on the device.
-Two ratios per model:
+Slides come from ``make_synthetic_slides``, or ``--slide`` (one slide, hard-linked N times:
+distinct slide ids, same pixels). Models run with random weights (``--allow-untrained``:
+speed, not accuracy, is measured). The baseline is ``model_throughput``'s measurement for the
+same model, batch size, precision and device, run in this process after the job: random
+tensors already on the device. Two ratios per model:
 
 - ``e2e_ratio``: items / wall time of its branch, over the model-alone rate. This is the target
   (>= 0.8 on one GPU): it is high only when reading and detection keep the model fed.
@@ -50,6 +50,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import threading
@@ -107,6 +108,11 @@ def main() -> None:
                    help="synthetic content (smear: a blood film, 8 nucleated cells per "
                         "megapixel; aspirate: a marrow aspirate, 45; marrow: H&E biopsy, for "
                         "the tiles branch)")
+    p.add_argument("--slide", help="run on this slide file (hard-linked --slides times) instead "
+                                   "of a synthetic one: a blood film built from BCCD's fields "
+                                   "by jobs.build_smear_slide, say")
+    p.add_argument("--specimen", default="unknown",
+                   help="the slides' specimen type (blood: a film's pale-platelet pass)")
     p.add_argument("--stages", nargs="+", default=["cells", "tiles"], choices=["cells", "tiles"])
     p.add_argument("--classifier", default="deepheme-resnext50")
     p.add_argument("--encoder", default="dinov2-vits14")
@@ -133,6 +139,7 @@ def main() -> None:
     from engine.pipeline.run import RunMetrics, run_pipeline
     from engine.slides.inventory import MppOverrides
     from engine.slides.storage import list_files
+    from engine.specimen import Specimens, parse_specimen
 
     cfg = Config.from_dict({"pipeline": {
         "stages": list(args.stages), "read_concurrency": args.read_concurrency,
@@ -156,7 +163,8 @@ def main() -> None:
         metrics = RunMetrics()
         t = time.perf_counter()
         rows = run_pipeline(list_files(slides, cfg.storage), out, cfg, MppOverrides(),
-                            allow_untrained=True, log=lambda m: None, metrics=metrics)
+                            allow_untrained=True, log=lambda m: None, metrics=metrics,
+                            specimens=Specimens(parse_specimen(args.specimen, "--specimen")))
         wall = time.perf_counter() - t
         running[0] = False
         sampler.join()
@@ -167,10 +175,14 @@ def main() -> None:
         slides = os.path.join(work, "slides")
         os.makedirs(slides)
         t = time.perf_counter()
-        master = os.path.join(slides, "slide-0000.tif")
-        make_slide(master, args.size, kind=args.kind, mpp=args.mpp)
+        ext = os.path.splitext(args.slide)[1] if args.slide else ".tif"
+        master = os.path.join(slides, f"slide-0000{ext}")
+        if args.slide:
+            shutil.copyfile(args.slide, master)
+        else:
+            make_slide(master, args.size, kind=args.kind, mpp=args.mpp)
         for i in range(1, args.slides):
-            os.link(master, os.path.join(slides, f"slide-{i:04d}.tif"))
+            os.link(master, os.path.join(slides, f"slide-{i:04d}{ext}"))
         made_s = time.perf_counter() - t
         stack = contextlib.ExitStack()
         sizes = {n: os.path.getsize(os.path.join(slides, n)) for n in os.listdir(slides)}

@@ -194,11 +194,57 @@ def stamp(batch: dict, stage: str, t0: float,
 def in_place(table, column: str):
     """A block's ``(B, H, W, 3)`` tensor column without copying it: its one chunk as a numpy
     view, or its chunks as one `engine.models.inference.Stacked`."""
+    return _joined([chunk.to_numpy() for chunk in table.column(column).chunks])
+
+
+def _joined(parts: list[np.ndarray]):
     from engine.models.inference import Stacked
 
-    parts = [chunk.to_numpy() for chunk in table.column(column).chunks]
     return parts[0] if len(parts) == 1 else Stacked(parts) if parts else \
         np.zeros((0, 1, 1, 3), np.uint8)
+
+
+def scored_kinds(platelets: bool) -> tuple[str, ...]:
+    """The detection kinds the classifier scores: nucleated cells, and with ``platelets``
+    (``pipeline.classifier.platelets``) the platelet-sized ones too."""
+    return (KIND_CELL, KIND_PLATELET) if platelets else (KIND_CELL,)
+
+
+def packed_crops(crops: np.ndarray, has_crop: np.ndarray):
+    """A ``crop`` column for `DetectCells`' rows: each row with ``has_crop`` holds its crop's
+    bytes (``crops``, one per such row, in order), each other row none: a detection the
+    classifier does not score (a platelet without ``pipeline.classifier.platelets``), a task's
+    marker. A ``pyarrow`` large binary array over ``crops``' own memory (no copy), whose rows
+    without a crop cost 8 bytes where a tensor column's would cost a whole blank crop."""
+    import pyarrow as pa
+
+    crops = np.ascontiguousarray(crops, np.uint8)
+    size = int(np.prod(crops.shape[1:])) if crops.ndim > 1 else 0
+    offsets = np.zeros(len(has_crop) + 1, np.int64)
+    np.cumsum(has_crop.astype(np.int64) * size, out=offsets[1:])
+    if offsets[-1] != crops.size:
+        raise ValueError(f"{len(crops)} crops for {int(has_crop.sum())} rows with one")
+    return pa.Array.from_buffers(pa.large_binary(), len(has_crop),
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(crops)])
+
+
+def unpacked_crops(table, column: str = "crop", shape: tuple = (CROP_PX, CROP_PX, 3)):
+    """``(crops, has_crop)``: the crops of a block's `packed_crops` column, read in place (one
+    chunk's as a numpy view, several as one `engine.models.inference.Stacked`), and which
+    rows hold one."""
+    parts, has = [], []
+    size = int(np.prod(shape))
+    for chunk in table.column(column).chunks:
+        offsets = np.frombuffer(chunk.buffers()[1], np.int64)[chunk.offset:
+                                                               chunk.offset + len(chunk) + 1]
+        lengths = np.diff(offsets)
+        if not np.isin(lengths, (0, size)).all():
+            raise ValueError(f"a {column} column's rows hold {size} bytes or none")
+        data = np.frombuffer(chunk.buffers()[2], np.uint8) if chunk.buffers()[2] else \
+            np.zeros(0, np.uint8)
+        parts.append(data[offsets[0]:offsets[-1]].reshape(-1, *shape))
+        has.append(lengths > 0)
+    return _joined(parts), np.concatenate(has) if has else np.zeros(0, bool)
 
 
 def with_columns(table, columns: dict):
@@ -443,13 +489,17 @@ _CELL_COLUMNS = ("slide_id", "task", "n_in_task", "x", "y", "x0", "y0", "x1", "y
 
 
 class DetectCells:
-    """Read cell tiles, detect cells, keep those the tile owns, crop each at 96 px and measure
-    how blurred each nucleated cell is (``blur_um``, ``out_of_focus``: `engine.focus`; NaN and
-    False for platelets).
+    """Read cell tiles, detect cells, keep those the tile owns, crop at 96 px each the
+    classifier scores (nucleated cells, and platelet-sized ones with
+    ``pipeline.classifier.platelets``) and measure how blurred each nucleated cell is
+    (``blur_um``, ``out_of_focus``: `engine.focus`; NaN and False for platelets).
 
-    Batch in: cell task rows. Batch out: one row per cell (``crop`` ``(96, 96, 3) uint8``), plus
-    one ``kind = "none"`` row for a tile without cells and ``kind = "error"`` for an unreadable
-    tile, so the driver can count every task as done.
+    Batch in: cell task rows. Batch out (a ``pyarrow.Table``): one row per cell, plus one
+    ``kind = "none"`` row for a tile without cells and ``kind = "error"`` for an unreadable
+    tile, so the driver can count every task as done. ``crop``: `packed_crops`, a
+    ``(96, 96, 3) uint8`` crop's bytes in each scored cell's row and none in the others: on a
+    blood film most detections are platelets, which without ``platelets`` would otherwise
+    travel to the classifier's actor as whole crops that it never reads.
     """
 
     def __init__(self, cfg: Config):
@@ -460,9 +510,12 @@ class DetectCells:
         # by the slide's plan: with the pale-platelet pass (a blood film) or without
         self.detection = {True: cfg.cells,
                           False: dataclasses.replace(cfg.cells, pale_platelet_ratio=None)}
+        self.scored = scored_kinds(cfg.pipeline.classifier.platelets)
         self._ready = ready_since(t_born)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict):
+        from ray.data.block import BlockAccessor
+
         t0 = time.perf_counter()
         parts: list[dict] = []  # per task: its columns (arrays of its rows) and crops
         carried = [k for k in batch if k.startswith(METRIC_PREFIXES)]  # earlier stages' times
@@ -479,13 +532,16 @@ class DetectCells:
             parts.append(part)
         out = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0)
                for k in (*_CELL_COLUMNS, *carried)}
-        out["crop"] = np.concatenate([p["crop"] for p in parts]) if parts else \
+        crops = np.concatenate([p["crop"] for p in parts]) if parts else \
             np.zeros((0, CROP_PX, CROP_PX, 3), np.uint8)
+        has_crop = np.isin(out["kind"], self.scored)
         self.readers.release_unused()
-        return stamp(out, "detect", t0, self._ready)
+        table = BlockAccessor.batch_to_block(stamp(out, "detect", t0, self._ready))
+        return table.append_column("crop", packed_crops(crops, has_crop))
 
     def _task(self, t: dict) -> dict:
-        """One task's cell columns and ``crop`` (at least one row: a marker without cells)."""
+        """One task's cell columns (at least one row: a marker without cells) and ``crop``,
+        the crops of its rows the classifier scores."""
         if int(t["task"]) < 0:  # a slide without tasks: its header passes through
             return self._marker(t, "none")
         try:
@@ -507,25 +563,28 @@ class DetectCells:
         half = CROP_PX / 2 * f
         cx, cy = cx[idx], cy[idx]
         tx, ty = det.x[idx], det.y[idx]  # tile px
-        crops = crops_around(tile, tx, ty, CROP_PX)
+        kind = det.kind[idx]
+        scored = np.isin(kind, self.scored)  # the rows that carry a crop, in order
+        crops = crops_around(tile, tx[scored], ty[scored], CROP_PX)
         at_edge = ((cx - half < 0) | (cy - half < 0) | (cx + half > t["width"]) |
                    (cy + half > t["height"]))
         max_blur = self.cfg.cells.max_blur_um
         blur = np.full(n, np.nan, np.float32)  # measured on nucleated cells, what is counted
-        nucleated = np.flatnonzero(det.kind[idx] == KIND_CELL)
+        nucleated = np.flatnonzero(kind == KIND_CELL)
         if max_blur is not None and len(nucleated):
             # the slide in each crop: at its border the rest is background, not the cell's
             inside = inside_of_crops(tx[nucleated], ty[nucleated], CROP_PX, -t["x"] / f,
                                      -t["y"] / f, (t["width"] - t["x"]) / f,
                                      (t["height"] - t["y"]) / f)
-            blur[nucleated] = edge_blur_um(crops[nucleated], float(t["tile_mpp"]), inside)
+            blur[nucleated] = edge_blur_um(crops[kind[scored] == KIND_CELL],
+                                           float(t["tile_mpp"]), inside)
         return {"slide_id": np.full(n, str(t["slide_id"])),
                 "task": np.full(n, int(t["task"]), np.int64),
                 "n_in_task": np.full(n, n, np.int64), "x": cx, "y": cy,
                 "x0": t["x"] + det.x0[idx] * f, "y0": t["y"] + det.y0[idx] * f,
                 "x1": t["x"] + det.x1[idx] * f, "y1": t["y"] + det.y1[idx] * f,
                 "area_um2": det.area_um2[idx].astype(np.float32),
-                "kind": det.kind[idx].astype(str),
+                "kind": kind.astype(str),
                 "at_edge": at_edge,
                 "blur_um": blur,
                 "out_of_focus": blur > max_blur if max_blur is not None else np.zeros(n, bool),
@@ -543,7 +602,7 @@ class DetectCells:
                 "kind": np.asarray([kind]), "at_edge": np.zeros(1, bool),
                 "blur_um": np.full(1, np.nan, np.float32), "out_of_focus": np.zeros(1, bool),
                 "error_type": np.asarray([error_type]), "error_message": np.asarray([message]),
-                "crop": np.zeros((1, CROP_PX, CROP_PX, 3), np.uint8)}
+                "crop": np.zeros((0, CROP_PX, CROP_PX, 3), np.uint8)}  # a marker has none
 
 
 class ClassifyCells:
@@ -575,28 +634,38 @@ class ClassifyCells:
         self.tta = tta
         self.features = features
         warmup = warmed(self.predictor, batch_size, tta=tta, features=features)
-        self.scored_kinds = [KIND_CELL, KIND_PLATELET] if platelets else [KIND_CELL]
+        self.scored_kinds = list(scored_kinds(platelets))
         self._ready = ready_since(t_born, warmup, imported - t_born, loaded - imported)
 
     def __call__(self, batch):
         """``batch``: a dict of numpy arrays, or (as the pipeline hands it: `branch_dataset`) a
         whole Ray Data block as a ``pyarrow.Table``. A block's crops are read in place from its
-        chunks (`in_place`); a numpy batch of them would be one more copy of every crop, which
-        on the 2-core CPU cost the model actor's process 4x its CPU per crop
-        (`ray_data_passthrough.py`)."""
+        chunks (`unpacked_crops` of `DetectCells`' packed column, or `in_place` of a tensor
+        column); a numpy batch of them would be one more copy of every crop, which on the
+        2-core CPU cost the model actor's process 4x its CPU per crop
+        (`ray_data_passthrough.py`). A block's detection to score without its crop (the
+        steps set up with different ``platelets``) is an error."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
         t0 = time.perf_counter()
         table = batch if isinstance(batch, pa.Table) else None
         if table is not None:
-            crops = in_place(table, "crop")
             real = pc.is_in(table.column("kind"), value_set=pa.array(self.scored_kinds))
             real = real.to_numpy(zero_copy_only=False)
+            if pa.types.is_large_binary(table.schema.field("crop").type):  # `DetectCells`'
+                crops, has_crop = unpacked_crops(table)  # only the rows that hold one
+                if (real & ~has_crop).any():
+                    raise ValueError("a detection to score came without its crop: "
+                                     "DetectCells and ClassifyCells disagree on platelets")
+                picked = np.flatnonzero(real[has_crop])  # those to score, among the crops
+            else:
+                crops, picked = in_place(table, "crop"), np.flatnonzero(real)
             batch = {}  # only the new columns, and the stamps
         else:
             crops = batch.pop("crop")
             real = np.isin(batch["kind"], self.scored_kinds)
+            picked = np.flatnonzero(real)
         n, c = len(real), len(self.model.class_codes)
         probs = np.zeros((n, c), np.float32)
         distance = np.full(n, np.nan, np.float32)
@@ -605,7 +674,7 @@ class ClassifyCells:
         rows = np.flatnonzero(real)
         if len(rows):  # the model reads the real rows straight from the crops (no copy first)
             probs[rows], d, f = self.predictor.score(
-                crops, tta=self.tta, rows=None if len(rows) == n else rows,
+                crops, tta=self.tta, rows=None if len(picked) == len(crops) else picked,
                 features=self.features)
             if d is not None:
                 distance[rows] = d

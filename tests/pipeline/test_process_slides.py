@@ -298,6 +298,25 @@ def test_reference_model_on_the_smear(ray_local, smear_slide, tmp_path, capsys):
     # its free-lying red cells were measured to check its pixel size: BCCD's crowded fields,
     # cut small, hold too few for a size (and so no pixel_size flag)
     assert diff["n_red_cells"][0] < 30 and diff["red_cell_diameter_um"][0] is None
+    # without platelet calls (pipeline.classifier.platelets: false, whose crops are then
+    # never made nor shipped): the same cells, the nucleated ones called the same, the
+    # platelet-sized ones uncalled, and the same platelet estimate
+    lean = tmp_path / "nucleated-only.yaml"
+    lean.write_text("pipeline:\n  classifier:\n    platelets: false\n")
+    assert process_slides.main(["--input", str(smear_slide), "--output", str(tmp_path / "n"),
+                                "--specimen", "blood", "--config", str(lean)]) == 0
+    capsys.readouterr()
+    alone = pl.read_parquet(f"{tmp_path}/n/cells/*.parquet").sort("cell_id")
+    both = cells.sort("cell_id")
+    assert alone["cell_id"].to_list() == both["cell_id"].to_list()
+    nucleated = both["kind"] == "nucleated"
+    assert alone.filter(~nucleated)["class_code"].is_null().all()
+    assert alone.filter(nucleated)["class_code"].to_list() == \
+        both.filter(nucleated)["class_code"].to_list()
+    lean_diff = pl.read_parquet(f"{tmp_path}/n/differentials/*.parquet")
+    assert lean_diff["n_platelets"][0] == diff["n_platelets"][0]
+    assert lean_diff.filter(pl.col("level") == "class")["count"].to_list() == \
+        diff.filter(pl.col("level") == "class")["count"].to_list()
     # no marrow cellularity on a smear, and no DINOv2 weights ship: its tiles are not read
     assert not (tmp_path / "o" / "cellularity").exists() and not (tmp_path / "o" / "tiles").exists()
     assert {"tiles", "cellularity:image_analysis"} <= set(st["skipped_stages"][0])

@@ -30,6 +30,24 @@ def _batch(rows):
     return {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
 
 
+def _detect(step, batch) -> dict:
+    """``step`` (`DetectCells`) on ``batch``, its block as numpy columns; ``crop`` as one
+    ``(N, 96, 96, 3)`` array, blank for the rows without one (``has_crop`` False)."""
+    import pyarrow as pa
+    from ray.data.block import BlockAccessor
+
+    from engine.pipeline.steps import unpacked_crops
+
+    table = step(batch)
+    assert isinstance(table, pa.Table) and pa.types.is_large_binary(table["crop"].type)
+    crops, has_crop = unpacked_crops(table)
+    out = BlockAccessor.for_block(table.drop_columns(["crop"])).to_batch_format("numpy")
+    out["crop"] = np.zeros((len(has_crop), 96, 96, 3), np.uint8)
+    out["crop"][has_crop] = crops[:]
+    out["has_crop"] = has_crop
+    return out
+
+
 def test_plan_detect_classify_on_the_smear(smear):
     cfg = Config()
     row = PlanSlide(cfg)({"uri": str(smear), "size": smear.stat().st_size, "etag": None})
@@ -37,7 +55,7 @@ def test_plan_detect_classify_on_the_smear(smear):
     assert plan["status"] == "ok" and plan["slide"]["mpp_x"] == pytest.approx(0.25)
     tasks = cell_tasks(row["slide_id"], row["uri"], plan)
     assert tasks and cfg.cells.threshold_floor <= tasks[0]["threshold"] <= 70
-    out = DetectCells(cfg)(_batch(tasks))
+    out = _detect(DetectCells(cfg), _batch(tasks))
     real = np.isin(out["kind"], ["nucleated", "platelet"])
     assert real.sum() > 10 and out["crop"].shape[1:] == (96, 96, 3)
     assert (out["_t_detect"] > 0).all()  # busy time for RunMetrics
@@ -45,6 +63,7 @@ def test_plan_detect_classify_on_the_smear(smear):
     for task in {t["task"] for t in tasks}:
         sel = out["task"] == task
         assert sel.any() and (out["n_in_task"][sel] == max(sel.sum() * real[sel].all(), 0)).all()
+    np.testing.assert_array_equal(out["has_crop"], real)  # no marker has a crop
     scored = ClassifyCells("deepheme-tiny", None, allow_untrained=True)(dict(out))
     assert scored["probabilities"].shape == (len(out["task"]), 23)
     assert "crop" not in scored and (scored["class_code"][real] != "").all()
@@ -59,25 +78,47 @@ def test_plan_detect_classify_on_the_smear(smear):
                                   scored["class_code"][nucleated])
     np.testing.assert_allclose(alone["probabilities"][nucleated],
                                scored["probabilities"][nucleated], atol=1e-5)
-    # as the pipeline hands it: a Ray Data block of two detection batches (chunked columns),
-    # read in place; the same calls, and the block's other columns pass through
+    # as the pipeline hands it: a Ray Data block of two detection batches (chunked columns,
+    # the second a slice of a larger one), read in place; the same calls, and the block's
+    # other columns pass through
     import pyarrow as pa
     from ray.data.block import BlockAccessor
 
-    half = len(out["task"]) // 2
-    block = pa.concat_tables([BlockAccessor.batch_to_block({k: v[s] for k, v in out.items()})
-                              for s in (slice(0, half), slice(half, None))])
-    assert block.column("crop").num_chunks == 2
+    detect = DetectCells(cfg)
+    whole = detect(_batch(tasks))
+    half = len(tasks) // 2
+    block = pa.concat_tables([detect(_batch(tasks[:half])),
+                              whole.slice(len(detect(_batch(tasks[:half]))))])
+    assert block.column("crop").num_chunks == 2 and block.num_rows == len(out["task"])
+    assert block.column("crop").chunks[1].offset > 0
     classify = ClassifyCells("deepheme-tiny", None, allow_untrained=True, features=True)
     table = classify(block)
     assert isinstance(table, pa.Table) and "crop" not in table.column_names
     got = BlockAccessor.for_block(table).to_batch_format("numpy")
-    want = classify(dict(out))
-    assert set(got) == set(want)
+    want = classify({k: v for k, v in out.items() if k != "has_crop"})
+    assert set(got) == set(want) - {"has_crop"}
     for key in ("probabilities", "features", "class_prob", "ood_distance"):
         np.testing.assert_allclose(got[key], want[key], atol=1e-5, err_msg=key)
     for key in ("class_code", "kind", "task", "x", "out_of_distribution"):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    # without pipeline.classifier.platelets the platelets' crops are not made nor shipped
+    # (a blood film's most detections): the block is smaller by them, and the classifier
+    # calls its nucleated cells as before and leaves the platelets uncalled
+    nucleated_only = Config.from_dict({"pipeline": {"classifier": {"platelets": False}}})
+    lean = DetectCells(nucleated_only)(_batch(tasks))
+    lean_out = _detect(DetectCells(nucleated_only), _batch(tasks))
+    np.testing.assert_array_equal(lean_out["has_crop"], nucleated)
+    for key in ("kind", "x", "y", "blur_um", "task"):
+        np.testing.assert_array_equal(lean_out[key], out[key], err_msg=key)
+    crop_bytes = 96 * 96 * 3
+    assert whole["crop"].nbytes - lean["crop"].nbytes >= platelet.sum() * crop_bytes
+    calls = BlockAccessor.for_block(ClassifyCells(
+        "deepheme-tiny", None, allow_untrained=True, platelets=False)(lean)
+    ).to_batch_format("numpy")
+    np.testing.assert_array_equal(calls["class_code"], alone["class_code"])
+    np.testing.assert_allclose(calls["probabilities"], alone["probabilities"], atol=1e-5)
+    with pytest.raises(ValueError, match="without its crop"):  # the two steps must agree
+        ClassifyCells("deepheme-tiny", None, allow_untrained=True)(lean)
 
 
 def test_encode_tiles_reads_a_blocks_tiles_in_place():
@@ -113,7 +154,7 @@ def test_pale_platelets_are_looked_for_on_blood_films_only(smear):
         assert plan["plans"]["cells"]["pale_platelets"] == (specimen == "blood")
         tasks = cell_tasks(row["slide_id"], row["uri"], plan)
         assert {t["pale_platelets"] for t in tasks} == {specimen == "blood"}
-        out = DetectCells(cfg)(_batch(tasks))
+        out = _detect(DetectCells(cfg), _batch(tasks))
         found[specimen] = {k: int((out["kind"] == k).sum()) for k in ("nucleated", "platelet")}
     assert found["blood"]["nucleated"] == found["unknown"]["nucleated"]
     assert found["blood"]["platelet"] > 1.5 * found["unknown"]["platelet"] > 0
@@ -136,8 +177,8 @@ def test_detect_flags_the_cells_of_a_region_out_of_focus(smear, tmp_path):
     write_pyramid_tiff(rgb, str(path), 0.25)
     cfg = Config()
     row = PlanSlide(cfg)({"uri": str(path), "size": path.stat().st_size, "etag": None})
-    out = DetectCells(cfg)(_batch(cell_tasks(row["slide_id"], str(path),
-                                             json.loads(row["plan"]))))
+    out = _detect(DetectCells(cfg), _batch(cell_tasks(row["slide_id"], str(path),
+                                                      json.loads(row["plan"]))))
     real = out["kind"] == "nucleated"  # platelets are not measured
     assert np.isnan(out["blur_um"][out["kind"] == "platelet"]).all()
     x, blur, flagged = out["x"][real], out["blur_um"][real], out["out_of_focus"][real]
@@ -148,8 +189,8 @@ def test_detect_flags_the_cells_of_a_region_out_of_focus(smear, tmp_path):
     assert np.median(blur[right]) == pytest.approx(np.hypot(0.5, np.median(blur[left])),
                                                    abs=0.05)
     assert flagged[right].all()
-    unmeasured = DetectCells(Config.from_dict({"cells": {"max_blur_um": None}}))(
-        _batch(cell_tasks(row["slide_id"], str(path), json.loads(row["plan"]))))
+    unmeasured = _detect(DetectCells(Config.from_dict({"cells": {"max_blur_um": None}})),
+                         _batch(cell_tasks(row["slide_id"], str(path), json.loads(row["plan"]))))
     assert np.isnan(unmeasured["blur_um"]).all() and not unmeasured["out_of_focus"].any()
 
 
@@ -175,8 +216,8 @@ def test_focus_of_cells_cut_by_the_slides_border_is_read_inside_the_slide(smear,
         path = tmp_path / name
         write_pyramid_tiff(np.ascontiguousarray(image), str(path), 0.25)
         row = PlanSlide(cfg)({"uri": str(path), "size": path.stat().st_size, "etag": None})
-        out = DetectCells(cfg)(_batch(cell_tasks(row["slide_id"], str(path),
-                                                 json.loads(row["plan"]))))
+        out = _detect(DetectCells(cfg), _batch(cell_tasks(row["slide_id"], str(path),
+                                                          json.loads(row["plan"]))))
         return {k: v[out["kind"] == "nucleated"] for k, v in out.items()}
 
     whole = nucleated_cells(rgb, "blurred.tif")
@@ -210,7 +251,7 @@ def test_detect_marks_a_vanished_slide_and_keeps_metrics_on_first_rows(tmp_path)
     batch = _batch([{**r, "_t_plan_cells": 0.25, "header": f"h{i}"} for i, r in enumerate(rows)])
     step = DetectCells(cfg)
     gone.unlink()  # after planning: the file vanished between plan and read
-    out = step(batch)
+    out = _detect(step, batch)
     first = out["task"] == tasks[0]["task"]
     n = int(first.sum())
     assert n > 20 and (out["kind"][first] == "nucleated").sum() > 20
@@ -218,6 +259,7 @@ def test_detect_marks_a_vanished_slide_and_keeps_metrics_on_first_rows(tmp_path)
     assert list(out["kind"][n:]) == ["error", "none"]
     assert out["error_type"][n] == "SlideNotFound" and str(gone) in out["error_message"][n]
     assert (out["crop"][n:] == 0).all() and (out["n_in_task"][n:] == 0).all()
+    assert out["has_crop"][:n].all() and not out["has_crop"][n:].any()  # markers have none
     starts = [0, n, n + 1]
     assert list(out["header"][starts]) == ["h0", "h1", "h2"]
     assert (out["_t_plan_cells"][starts] == 0.25).all()
@@ -307,8 +349,8 @@ def _classified_blood_slide(codes: dict[str, int], tmp_path) -> tuple[dict, list
     path, centres = _pbc_slide(codes, tmp_path / "pbc.tif")
     cfg = Config()
     row = PlanSlide(cfg)({"uri": str(path), "size": 1, "etag": None, "specimen": "blood"})
-    out = DetectCells(cfg)(_batch(cell_tasks(row["slide_id"], row["uri"],
-                                             json.loads(row["plan"]))))
+    out = _detect(DetectCells(cfg), _batch(cell_tasks(row["slide_id"], row["uri"],
+                                                      json.loads(row["plan"]))))
     real = np.isin(out["kind"], [KIND_CELL, KIND_PLATELET])
     return ClassifyCells("deepheme-resnext50", None)({k: v[real] for k, v in out.items()}), \
         centres
