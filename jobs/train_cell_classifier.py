@@ -536,6 +536,7 @@ def make_card(args, spec, codes, model, n_dev, fold, history, seconds, use_gpu) 
     best = max((h.get("val_macro_f1", -1) for h in history), default=None)
     return {
         "name": spec.name, "architecture": spec.architecture, "task": spec.task,
+        **({"timm_kwargs": dict(spec.timm_kwargs)} if spec.timm_kwargs else {}),
         "class_codes": list(codes),
         "class_names": {c: get_class(c).name for c in codes},
         "input_px": spec.input_px, "input_mpp": spec.input_mpp,

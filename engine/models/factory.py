@@ -61,9 +61,22 @@ def build_module(spec: ModelSpec, num_classes: int, pretrained: bool = False) ->
                              **dict(spec.timm_kwargs))
 
 
+# timm build arguments with which the same weights compute something else (a dilated last
+# stage): a checkpoint loads only into the build it was trained in. Others that matter change
+# the weights' shapes (a ViT's img_size), which loading the weights checks.
+BUILD_KEYS = ("output_stride",)
+
+
+def build_kwargs(kwargs) -> tuple[tuple[str, object], ...]:
+    """The `BUILD_KEYS` among timm build arguments (a dict or pairs), sorted: a card's
+    ``timm_kwargs`` (none before cards recorded them) or a spec's."""
+    return tuple(sorted((k, v) for k, v in dict(kwargs or {}).items() if k in BUILD_KEYS))
+
+
 def create_model(name: str, checkpoint: str | None = None, *, class_codes=None,
                  allow_untrained: bool = False, hub: bool = False,
-                 storage: StorageConfig | None = None, seed: int | None = None) -> LoadedModel:
+                 storage: StorageConfig | None = None, seed: int | None = None,
+                 any_build: bool = False) -> LoadedModel:
     """Build a registered model with weights.
 
     Weights come from ``checkpoint`` if given, else the spec's default checkpoint if it exists,
@@ -72,10 +85,14 @@ def create_model(name: str, checkpoint: str | None = None, *, class_codes=None,
     touching the caller's random state (the pipeline's actors: the same weights in every process
     and run); ``None`` draws it from torch's global generator.
 
+    ``any_build``: load a checkpoint of the same architecture trained in another build of it
+    (`build_kwargs`): a start to fine-tune from, never a model to run.
+
     Raises:
         ValueError: unknown name (lists the registered ones).
         MissingWeights: no weights and ``allow_untrained`` is False; names the expected file.
-        CheckpointError: the checkpoint is pickle, lacks a card, or does not fit the architecture.
+        CheckpointError: the checkpoint is pickle, lacks a card, or does not fit the
+            architecture or its build.
     """
     spec = get_spec(name)
     uri = checkpoint or _existing(spec.checkpoint_uri())
@@ -84,6 +101,12 @@ def create_model(name: str, checkpoint: str | None = None, *, class_codes=None,
         if card.get("architecture") != spec.architecture:
             raise CheckpointError(f"{uri} holds a {card.get('architecture')!r} model, but "
                                   f"{name!r} is {spec.architecture!r}")
+        built, want = build_kwargs(card.get("timm_kwargs")), build_kwargs(spec.timm_kwargs)
+        if built != want and not any_build:
+            raise CheckpointError(f"{uri} was trained as {spec.architecture} built with "
+                                  f"{dict(built)}, but {name!r} builds it with {dict(want)}: "
+                                  f"load it as the model it was trained as "
+                                  f"({card.get('name', '?')!r})")
         codes = tuple(card.get("class_codes", ()))
         module = build_module(spec, len(codes) if spec.task == "classification" else 0)
         ranges = {k: v for k, v in state.items() if k.startswith(quantize.PREFIX)}

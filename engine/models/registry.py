@@ -72,6 +72,11 @@ register_model(ModelSpec(
     checkpoint="deepheme-resnext50.safetensors",
     description="DeepHeme cell classifier: ResNeXt-50 32x4d on 96x96 crops at 0.25 um/px"))
 register_model(ModelSpec(
+    "deepheme-resnext50-os16", "resnext50_32x4d", **_CELL,
+    timm_kwargs=(("output_stride", 16),),
+    description="ResNeXt-50 32x4d with its last stage dilated (output stride 16): a 6x6 final "
+                "map of a 96 px crop where the plain one has 3x3 (no shipped weights)"))
+register_model(ModelSpec(
     "deepheme-resnet18", "resnet18", **_CELL,
     description="smaller cell classifier for quick experiments (no shipped weights)"))
 register_model(ModelSpec(

@@ -102,6 +102,36 @@ def test_checkpoint_needs_card_and_matching_architecture(tmp_path):
         create_model("deepheme-resnet18", path)
 
 
+def test_a_checkpoint_loads_only_into_the_build_it_was_trained_in(tmp_path):
+    """The same ResNeXt-50 weights with a dilated last stage (output stride 16) compute
+    something else: a checkpoint of one build is refused by the other, by name, except as a
+    start to fine-tune from; the card of a model trained so records its build."""
+    from engine.models import write_checkpoint
+
+    torch.manual_seed(0)
+    plain = create_model("deepheme-resnext50-os16", allow_untrained=True, class_codes=CODES)
+    assert get_spec("deepheme-resnext50-os16").architecture == "resnext50_32x4d"
+    path = str(tmp_path / "plain.safetensors")
+    write_checkpoint(plain.module.state_dict(), {"name": "deepheme-resnext50", "architecture":
+                                                 "resnext50_32x4d", "class_codes": CODES}, path)
+    with pytest.raises(CheckpointError, match=r"built with \{\}.*'output_stride': 16.*"
+                                              r"'deepheme-resnext50'"):
+        create_model("deepheme-resnext50-os16", path)
+    start = create_model("deepheme-resnext50-os16", path, any_build=True)
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        assert start.module.forward_features(x).shape[-2:] == (6, 6)
+        assert create_model("deepheme-resnext50", path).module.forward_features(x).shape[-2:] \
+            == (3, 3)
+    dilated = str(tmp_path / "os16.safetensors")
+    write_checkpoint(plain.module.state_dict(), {
+        "name": "deepheme-resnext50-os16", "architecture": "resnext50_32x4d",
+        "timm_kwargs": {"output_stride": 16}, "class_codes": CODES}, dilated)
+    assert create_model("deepheme-resnext50-os16", dilated).trained
+    with pytest.raises(CheckpointError, match="'output_stride': 16"):
+        create_model("deepheme-resnext50", dilated)
+
+
 def test_tile_encoder_embeds_and_resizes():
     enc = create_model("dinov2-tiny", allow_untrained=True)
     assert not enc.trained
