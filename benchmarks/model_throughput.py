@@ -59,7 +59,9 @@ def bench_step(name: str, batch: int, steps: int, bucket: int = 32, passes: int 
     each call ``passes`` forward passes of ``batch`` rows; with ``ragged`` every other call has
     a random 1 .. ``batch`` x ``passes`` rows (see the module doc). With ``chunks``, each call
     is a whole block as the job hands it since session 27: an Arrow table whose columns hold
-    that many chunks (made before the timing: the producing actor makes them), read in place.
+    that many chunks (made before the timing: the producing actor makes them), read in place;
+    a classifier's crops packed as `DetectCells` packs them since session 32 (none in a
+    marker's row).
     With ``graphs``, the model actor's ``cuda_graphs`` (each padded shape a captured CUDA
     graph; the bucket must be the actor's own, 32). CUDA when present."""
     import numpy as np
@@ -98,10 +100,19 @@ def bench_step(name: str, batch: int, steps: int, bucket: int = 32, passes: int 
         import pyarrow as pa
         from ray.data.block import BlockAccessor
 
+        from engine.pipeline.steps import packed_crops
+
+        def chunk(b: dict) -> pa.Table:  # as the job's steps hand it on
+            if not classify:
+                return BlockAccessor.batch_to_block(b)
+            crops, real = b.pop("crop"), b["kind"] == KIND_CELL  # `DetectCells`' packed crops:
+            return BlockAccessor.batch_to_block(b).append_column(  # none in a marker's row
+                "crop", packed_crops(crops[real], real))
+
         for i in range(4):
             b = batch_of(i, rows)
             blocks.append(pa.concat_tables([
-                BlockAccessor.batch_to_block({k: v[part] for k, v in b.items()})
+                chunk({k: v[part] for k, v in b.items()})
                 for part in np.array_split(np.arange(rows), chunks)]))
 
     def one(i: int) -> int:
