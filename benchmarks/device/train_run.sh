@@ -40,7 +40,8 @@ if [ "${SMALL:-0}" = 1 ]; then
 else
   # ARCH=deepheme-resnext50-os16: the same network with its last stage dilated (session 32
   # fine-tuned it on a CPU from the shipped weights, not from scratch: not kept)
-  ARCH=${ARCH:-deepheme-resnext50} FOLDS=${FOLDS:-5} FOLD_S=${FOLD_S:-50} STUDENT_S=${STUDENT_S:-100}
+  ARCH=${ARCH:-deepheme-resnext50}
+  FOLDS=${FOLDS:-5} FOLD_S=${FOLD_S:-50} STUDENT_S=${STUDENT_S:-100}
   LIMIT="" BENCH="--arch $ARCH --batch 128 --steps 30 --images 2048 --loader-workers 15"
 fi
 STUDENT=${STUDENT:-1}  # 0: no student; the fold model(s) take its time (ship with FOLDS=1)
