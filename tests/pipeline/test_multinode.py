@@ -142,16 +142,27 @@ def test_fine_tuning_across_two_nodes_checkpoints_to_s3(tmp_path, s3_server, s3_
                                 f"--node-manager-port={port}", *node_ports(), *common],
                                env=env, capture_output=True, text=True, timeout=120)
             assert w.returncode == 0, w.stderr
-        job = subprocess.run(
-            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
-             "--runtime-env", "cluster/runtime_env.yaml", "--", "python", "-m",
-             "jobs.train_cell_classifier", "--data", str(SHARED_DATA / "pbc"), "--output",
-             "s3://cluster-models/cluster", "--work", str(tmp_path / "work"), "--arch",
-             "deepheme-tiny", "--epochs", "1", "--limit-per-class", "8", "--loader-workers",
-             "0", "--batch-size", "16", "--workers", "2", "--cpus-per-worker", "2",
-             "--no-ood", "--s3-endpoint", s3_server],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    logs = job.stdout + job.stderr
+        submit = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                  "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
+                  "python", "-m", "jobs.train_cell_classifier", "--data",
+                  str(SHARED_DATA / "pbc"), "--output", "s3://cluster-models/cluster", "--work",
+                  str(tmp_path / "work"), "--arch", "deepheme-tiny", "--epochs", "1",
+                  "--limit-per-class", "8", "--loader-workers", "0", "--batch-size", "16",
+                  "--workers", "2", "--cpus-per-worker", "2", "--no-ood", "--s3-endpoint",
+                  s3_server]
+        job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
+        logs = job.stdout + job.stderr
+        if job.returncode != 0 and "TrainController" in logs and "never ran" in logs:
+            # Ray Train's controller actor lost before it started: its worker process died
+            # at start-up ("connection error code 2"), seen in two clean-clone CI runs on the
+            # 2-core machine (sessions 30 and 32), before any of the job's code ran. A lab
+            # submits again, and the job takes up the same output.
+            print("the controller's worker died before it ran; submitting again:\n"
+                  + logs[-1500:])
+            job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True,
+                                 timeout=600)
+            logs = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in logs.lower(), logs[-3000:]
     assert "testing-secret-value" not in logs
     assert "training on CPU workers: give --gpus" in logs  # a CPU head: GPUs must be asked for
