@@ -155,11 +155,14 @@ def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labe
     """
     n, lab, st, cent = components(score > cfg.pale_platelet_ratio * threshold)
     area = st[:, cv2.CC_STAT_AREA] * mpp * mpp
-    seeded = np.zeros((2, n), bool)  # holds a pixel above the threshold; above the seed cut
-    seeded[0, lab[score > threshold]] = True
-    seeded[1, lab[score > cfg.pale_platelet_seed_ratio * threshold]] = True
-    seeded[:, 0] = False
-    seeded, sown = seeded
+    def holding(mask: np.ndarray) -> np.ndarray:  # per object: holds a pixel of ``mask``
+        held = np.zeros(n, bool)
+        held[lab[mask]] = True
+        held[0] = False  # the background
+        return held
+
+    seeded = holding(score > threshold)  # a pale nucleus' parts
+    sown = holding(score > cfg.pale_platelet_seed_ratio * threshold)  # a pale platelet's seed
     keep = sown & (area >= cfg.pale_platelet_min_area_um2) & (area < cfg.min_cell_area_um2)
     nuc = np.zeros(n, bool) if cfg.pale_nucleus_min_area_um2 is None else \
         seeded & (area >= cfg.pale_nucleus_min_area_um2) & (area <= cfg.split_area_um2)

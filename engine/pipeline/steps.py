@@ -235,13 +235,12 @@ def unpacked_crops(table, column: str = "crop", shape: tuple = (CROP_PX, CROP_PX
     parts, has = [], []
     size = int(np.prod(shape))
     for chunk in table.column(column).chunks:
-        offsets = np.frombuffer(chunk.buffers()[1], np.int64)[chunk.offset:
-                                                               chunk.offset + len(chunk) + 1]
+        _, offsets, data = chunk.buffers()
+        offsets = np.frombuffer(offsets, np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
         lengths = np.diff(offsets)
         if not np.isin(lengths, (0, size)).all():
             raise ValueError(f"a {column} column's rows hold {size} bytes or none")
-        data = np.frombuffer(chunk.buffers()[2], np.uint8) if chunk.buffers()[2] else \
-            np.zeros(0, np.uint8)
+        data = np.frombuffer(data, np.uint8) if data else np.zeros(0, np.uint8)
         parts.append(data[offsets[0]:offsets[-1]].reshape(-1, *shape))
         has.append(lengths > 0)
     return _joined(parts), np.concatenate(has) if has else np.zeros(0, bool)
