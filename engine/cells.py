@@ -227,6 +227,60 @@ def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labe
     return out, nuclei, absorbed
 
 
+def _join_nucleus_parts(score: np.ndarray, threshold: float, nuclei: np.ndarray,
+                        labels: np.ndarray, stats: np.ndarray, centroids: np.ndarray, mpp: float,
+                        cfg: CellDetectionConfig) -> tuple:
+    """One cell's nucleus found as platelet-sized parts: an eosinophil's two lobes, a
+    neutrophil's or a monocyte's folds, each under ``cfg.min_cell_area_um2`` above the
+    threshold, with the cell's cytoplasm between them. A cell body is what joins above
+    ``cfg.nucleus_body_ratio`` of the threshold (cytoplasm scores above it; red cells and glass
+    below, so a platelet on a red cell stays apart). The platelet-sized parts (``labels``
+    components) in a body with one nucleated component are part of it; in a body with none,
+    parts that together reach ``cfg.min_cell_area_um2`` are one nucleus. A body with two or
+    more nucleated components (touching cells) is left as it is.
+
+    Returns:
+        ``(labels, stats, centroids, joined)``: each part's pixels relabelled as the component
+        it joins, whose ``stats`` (box and area) and centroid now cover them all; ``joined``:
+        the labels of the parts (no longer in ``labels``).
+    """
+    n = len(stats)
+    area = stats[:, cv2.CC_STAT_AREA] * mpp * mpp
+    small = (area >= cfg.min_platelet_area_um2) & (area < cfg.min_cell_area_um2)
+    small[0] = False  # the background
+    if not small.any():
+        return labels, stats, centroids, np.zeros(0, np.int64)
+    _, body = cv2.connectedComponents((score > cfg.nucleus_body_ratio * threshold).view(np.uint8),
+                                      connectivity=8, ltype=cv2.CV_32S)
+    fg = np.flatnonzero(nuclei.ravel() & (labels.ravel() > 0))  # above the threshold: in a body
+    body_of = np.zeros(n, np.int64)
+    body_of[labels.ravel()[fg]] = body.ravel()[fg]
+    big = area >= cfg.min_cell_area_um2
+    big[0] = False
+    stats, centroids, to, joined = stats.copy(), centroids.copy(), np.arange(n), []
+    for b in np.unique(body_of[small & (body_of > 0)]):
+        parts = np.flatnonzero(small & (body_of == b))
+        cells = np.flatnonzero(big & (body_of == b))
+        if len(cells) == 1:
+            target = cells[0]
+        elif not len(cells) and len(parts) > 1 and area[parts].sum() >= cfg.min_cell_area_um2:
+            target = parts[np.argmax(area[parts])]
+        else:
+            continue
+        members = np.union1d(parts, [target])
+        px = stats[members, cv2.CC_STAT_AREA].astype(np.float64)
+        x0, y0 = stats[members, 0].min(), stats[members, 1].min()
+        x1 = (stats[members, 0] + stats[members, 2]).max()
+        y1 = (stats[members, 1] + stats[members, 3]).max()
+        centroids[target] = (centroids[members] * px[:, None]).sum(0) / px.sum()
+        stats[target] = (x0, y0, x1 - x0, y1 - y0, px.sum())
+        to[parts[parts != target]] = target
+        joined += parts[parts != target].tolist()
+    if not joined:
+        return labels, stats, centroids, np.zeros(0, np.int64)
+    return to[labels].astype(np.int32), stats, centroids, np.asarray(joined, np.int64)
+
+
 def _linked_groups(linked: np.ndarray) -> np.ndarray:
     """Connected groups of a small symmetric ``(n, n)`` link matrix: each node's group is the
     lowest index it reaches (label propagation; ``n`` is a tile's few pale objects)."""
@@ -272,6 +326,10 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
     nuclei = _open2(score > threshold)
     merged = fill_small_holes(binary_close(nuclei, _disk(cfg.merge_um / mpp)) | nuclei)
     _, labels, stats, centroids = components(merged)
+    joined = np.zeros(0, np.int64)
+    if cfg.pale_platelet_ratio is not None and cfg.nucleus_body_ratio is not None:
+        labels, stats, centroids, joined = _join_nucleus_parts(score, threshold, nuclei, labels,
+                                                               stats, centroids, mpp, cfg)
     out = {k: [] for k in ("x", "y", "x0", "y0", "x1", "y1", "area_um2", "kind")}
 
     def add(cx, cy, x0, y0, x1, y1, a):  # work-grid pixel centres and edges -> tile pixels
@@ -288,7 +346,7 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
     if cfg.pale_platelet_ratio is not None:
         pale, pale_nuclei, absorbed = _pale_objects(score, threshold, merged, labels, stats,
                                                     mpp, cfg)
-    absorbed = set(np.asarray(absorbed).tolist())
+    absorbed = set(np.asarray(absorbed).tolist()) | set(joined.tolist())
     for i in _raster_order(labels, stats):
         if i in absorbed:
             continue
