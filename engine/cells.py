@@ -229,7 +229,7 @@ def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labe
 
 def _join_nucleus_parts(score: np.ndarray, threshold: float, nuclei: np.ndarray,
                         labels: np.ndarray, stats: np.ndarray, centroids: np.ndarray, mpp: float,
-                        cfg: CellDetectionConfig) -> tuple:
+                        cfg: CellDetectionConfig, absorbed: np.ndarray) -> tuple:
     """One cell's nucleus found as platelet-sized parts: an eosinophil's two lobes, a
     neutrophil's or a monocyte's folds, each under ``cfg.min_cell_area_um2`` above the
     threshold, with the cell's cytoplasm between them. A cell body is what joins above
@@ -237,7 +237,8 @@ def _join_nucleus_parts(score: np.ndarray, threshold: float, nuclei: np.ndarray,
     below, so a platelet on a red cell stays apart). The platelet-sized parts (``labels``
     components) in a body with one nucleated component are part of it; in a body with none,
     parts that together reach ``cfg.min_cell_area_um2`` are one nucleus. A body with two or
-    more nucleated components (touching cells) is left as it is.
+    more nucleated components (touching cells), or with parts a pale nucleus took the place of
+    (``absorbed``: `_pale_objects` found that nucleus whole), is left as it is.
 
     Returns:
         ``(labels, stats, centroids, joined)``: each part's pixels relabelled as the component
@@ -257,8 +258,9 @@ def _join_nucleus_parts(score: np.ndarray, threshold: float, nuclei: np.ndarray,
     body_of[labels.ravel()[fg]] = body.ravel()[fg]
     big = area >= cfg.min_cell_area_um2
     big[0] = False
+    taken = np.unique(body_of[np.asarray(absorbed, np.int64)])  # bodies holding a pale nucleus
     stats, centroids, to, joined = stats.copy(), centroids.copy(), np.arange(n), []
-    for b in np.unique(body_of[small & (body_of > 0)]):
+    for b in np.setdiff1d(body_of[small & (body_of > 0)], taken):
         parts = np.flatnonzero(small & (body_of == b))
         cells = np.flatnonzero(big & (body_of == b))
         if len(cells) == 1:
@@ -326,10 +328,6 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
     nuclei = _open2(score > threshold)
     merged = fill_small_holes(binary_close(nuclei, _disk(cfg.merge_um / mpp)) | nuclei)
     _, labels, stats, centroids = components(merged)
-    joined = np.zeros(0, np.int64)
-    if cfg.pale_platelet_ratio is not None and cfg.nucleus_body_ratio is not None:
-        labels, stats, centroids, joined = _join_nucleus_parts(score, threshold, nuclei, labels,
-                                                               stats, centroids, mpp, cfg)
     out = {k: [] for k in ("x", "y", "x0", "y0", "x1", "y1", "area_um2", "kind")}
 
     def add(cx, cy, x0, y0, x1, y1, a):  # work-grid pixel centres and edges -> tile pixels
@@ -342,10 +340,13 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
         out["area_um2"].append(a)
         out["kind"].append(KIND_CELL if a >= cfg.min_cell_area_um2 else KIND_PLATELET)
 
-    pale, pale_nuclei, absorbed = [], [], ()
+    pale, pale_nuclei, absorbed, joined = [], [], np.zeros(0, np.int64), np.zeros(0, np.int64)
     if cfg.pale_platelet_ratio is not None:
         pale, pale_nuclei, absorbed = _pale_objects(score, threshold, merged, labels, stats,
                                                     mpp, cfg)
+        if cfg.nucleus_body_ratio is not None:  # after it: a pale nucleus takes its own parts
+            labels, stats, centroids, joined = _join_nucleus_parts(
+                score, threshold, nuclei, labels, stats, centroids, mpp, cfg, absorbed)
     absorbed = set(np.asarray(absorbed).tolist()) | set(joined.tolist())
     for i in _raster_order(labels, stats):
         if i in absorbed:

@@ -156,6 +156,16 @@ def test_a_cells_platelet_sized_nuclear_parts_are_its_nucleus_not_platelets():
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ConfigError, match="nucleus_body_ratio"):
             dataclasses.replace(CFG, nucleus_body_ratio=bad)
+    # a nucleus paler than the threshold whose parts lie apart is the pale nucleus, whole
+    # (`_pale_objects` first), not its parts joined: 78 µm², not the parts' 16
+    img, yy, xx = _field(rbcs=0)
+    _disc(img, yy, xx, 200, 200, 5.0, (175, 150, 215))  # stain score 40: a pale nucleus
+    for a in (0, 2 * np.pi / 3, 4 * np.pi / 3):  # its parts, 5.3 µm² each, 3.5 µm apart
+        _disc(img, yy, xx, 200 + 3.5 * np.cos(a) / MPP, 200 + 3.5 * np.sin(a) / MPP, 1.3)
+    pale = detect_cells(img, MPP, 50.0, CFG)
+    assert len(pale) == 1 and pale.kind[0] == KIND_CELL and pale.area_um2[0] > 60, pale
+    parts = detect_cells(img, MPP, 50.0, dataclasses.replace(CFG, pale_nucleus_min_area_um2=None))
+    assert len(parts) == 1 and parts.area_um2[0] < 20, parts  # without it: the parts joined
 
 
 def test_a_nucleus_paler_than_the_threshold_is_one_cell_not_platelets():
