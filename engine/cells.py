@@ -243,7 +243,8 @@ def _join_nucleus_parts(score: np.ndarray, threshold: float, nuclei: np.ndarray,
     Returns:
         ``(labels, stats, centroids, joined)``: each part's pixels relabelled as the component
         it joins, whose ``stats`` (box and area) and centroid now cover them all; ``joined``:
-        the labels of the parts (no longer in ``labels``).
+        the labels of the parts (no longer in ``labels``). `detect_cells` decides whether to
+        split a nucleus between touching cells by its area before the join.
     """
     n = len(stats)
     area = stats[:, cv2.CC_STAT_AREA] * mpp * mpp
@@ -341,6 +342,7 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
         out["kind"].append(KIND_CELL if a >= cfg.min_cell_area_um2 else KIND_PLATELET)
 
     pale, pale_nuclei, absorbed, joined = [], [], np.zeros(0, np.int64), np.zeros(0, np.int64)
+    own = stats[:, cv2.CC_STAT_AREA] * px_area  # before parts join: whether to split a nucleus
     if cfg.pale_platelet_ratio is not None:
         pale, pale_nuclei, absorbed = _pale_objects(score, threshold, merged, labels, stats,
                                                     mpp, cfg)
@@ -355,7 +357,8 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
         area = px * px_area
         if area < cfg.min_platelet_area_um2 or area > cfg.max_cell_area_um2:
             continue
-        if area <= cfg.split_area_um2:  # one cell: its numbers are the component's
+        if own[i] <= cfg.split_area_um2:  # one cell: its numbers are the component's (parts
+            # joined to it included: they do not make it two cells)
             add(*centroids[i], x, y, x + w, y + h, area)
             continue
         parts = _split(labels[y:y + h, x:x + w] == i, cfg.split_min_distance_um / mpp)

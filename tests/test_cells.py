@@ -156,6 +156,19 @@ def test_a_cells_platelet_sized_nuclear_parts_are_its_nucleus_not_platelets():
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ConfigError, match="nucleus_body_ratio"):
             dataclasses.replace(CFG, nucleus_body_ratio=bad)
+    # a part joined to a nucleus does not make it two cells: whether a nucleus is split between
+    # touching cells goes by its own area (here a two-lobed nucleus just under split_area_um2)
+    img, yy, xx = _field(rbcs=0)
+    _disc(img, yy, xx, 200, 200, 9.0, cytoplasm)
+    for dx in (-2.75, 2.75):  # lobes 5.5 µm apart, centre to centre: two distance peaks
+        _disc(img, yy, xx, 200 + dx / MPP, 200, 3.5)
+    _disc(img, yy, xx, 200, 200 + 7.8 / MPP, 1.2)  # a part, 3.3 µm from the nucleus' edge
+    apart = detect_cells(img, MPP, 50.0, dataclasses.replace(CFG, nucleus_body_ratio=None))
+    assert list(apart.kind) == [KIND_CELL, KIND_PLATELET]
+    just_under = dataclasses.replace(CFG, split_area_um2=float(apart.area_um2[0]) + 1)
+    one = detect_cells(img, MPP, 50.0, just_under)
+    assert list(one.kind) == [KIND_CELL], one  # measured: 79.75 µm², not 38.5 + 41.25
+    assert one.area_um2[0] == pytest.approx(apart.area_um2.sum())
     # a nucleus paler than the threshold whose parts lie apart is the pale nucleus, whole
     # (`_pale_objects` first), not its parts joined: 78 µm², not the parts' 16
     img, yy, xx = _field(rbcs=0)
