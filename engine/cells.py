@@ -230,9 +230,10 @@ def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labe
 def _join_nucleus_parts(score: np.ndarray, threshold: float, nuclei: np.ndarray,
                         labels: np.ndarray, stats: np.ndarray, centroids: np.ndarray, mpp: float,
                         cfg: CellDetectionConfig, absorbed: np.ndarray) -> tuple:
-    """One cell's nucleus found as platelet-sized parts: an eosinophil's two lobes, a
-    neutrophil's or a monocyte's folds, each under ``cfg.min_cell_area_um2`` above the
-    threshold, with the cell's cytoplasm between them. A cell body is what joins above
+    """One cell's nucleus found as platelet-sized parts: a monocyte's folds, a basophil's
+    nucleus under its granules, a neutrophil's lobes, each under ``cfg.min_cell_area_um2``
+    above the threshold, with the cell's cytoplasm between them (an eosinophil's red granules
+    score below the body cut, so its lobes stay apart). A cell body is what joins above
     ``cfg.nucleus_body_ratio`` of the threshold (cytoplasm scores above it; red cells and glass
     below, so a platelet on a red cell stays apart). The platelet-sized parts (``labels``
     components) in a body with one nucleated component are part of it; in a body with none,
