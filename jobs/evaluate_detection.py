@@ -9,7 +9,8 @@ detection and each detection at most one box. Prints JSON: recall, precision, F1
 images with misses or extra detections; under ``platelets`` the same for ``platelet``
 detections against ``Platelets`` boxes (BCCD's annotators left many platelets unboxed, so there
 the precision is a floor). ``--specimen`` (blood, BCCD's) detects as the pipeline does on a
-slide of that type: pale platelets are looked for on `cells.pale_platelet_specimens` only.
+slide of that type: pale platelets are looked for, and a cell's platelet-sized nuclear parts
+joined (`cells.nucleus_body_ratio`), on `cells.pale_platelet_specimens` only.
 Each image is treated as its own slide (the stain threshold is estimated from it), since fields
 of unknown origin share no slide.
 """
