@@ -136,8 +136,18 @@ def _raster_order(labels: np.ndarray, stats: np.ndarray) -> np.ndarray:
     return idx[np.lexsort((_first_x(labels, stats, idx), stats[1:, cv2.CC_STAT_TOP]))]
 
 
+def _bodies(score: np.ndarray, cut: float, memo: dict) -> np.ndarray:
+    """8-connected labels of ``score > cut``: cells' bodies (cytoplasm joined to its nucleus).
+    `_pale_objects` and `_join_nucleus_parts` cut at the same fraction of the threshold by
+    default, so a tile's labels are made once (``memo``, by cut)."""
+    if cut not in memo:
+        memo[cut] = cv2.connectedComponents((score > cut).view(np.uint8), connectivity=8,
+                                            ltype=cv2.CV_32S)[1]
+    return memo[cut]
+
+
 def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labels: np.ndarray,
-                  stats: np.ndarray, mpp: float, cfg: CellDetectionConfig
+                  stats: np.ndarray, mpp: float, cfg: CellDetectionConfig, bodies: dict
                   ) -> tuple[list[tuple], list[tuple], np.ndarray]:
     """Platelets too pale for the threshold: objects of the pixels above
     ``cfg.pale_platelet_ratio * threshold`` that hold a pixel above
@@ -183,9 +193,7 @@ def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labe
         if cfg.pale_platelet_body_ratio is not None and (keep.any() or nuc.any()):
             # farther out, within the cell's body: what joins its nucleus above a lower cut
             # (cytoplasm; red cells and glass score below it, so a platelet on them stays apart)
-            _, body = cv2.connectedComponents(
-                (score > cfg.pale_platelet_body_ratio * threshold).view(np.uint8),
-                connectivity=8, ltype=cv2.CV_32S)
+            body = _bodies(score, cfg.pale_platelet_body_ratio * threshold, bodies)
             of_cell = np.zeros(int(body.max()) + 1, bool)
             of_cell[body.ravel()[big]] = True
             for flags in (keep, nuc):
@@ -229,7 +237,7 @@ def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labe
 
 def _join_nucleus_parts(score: np.ndarray, threshold: float, nuclei: np.ndarray,
                         labels: np.ndarray, stats: np.ndarray, centroids: np.ndarray, mpp: float,
-                        cfg: CellDetectionConfig, absorbed: np.ndarray) -> tuple:
+                        cfg: CellDetectionConfig, absorbed: np.ndarray, bodies: dict) -> tuple:
     """One cell's nucleus found as platelet-sized parts: a monocyte's folds, a basophil's
     nucleus under its granules, a neutrophil's lobes, each under ``cfg.min_cell_area_um2``
     above the threshold, with the cell's cytoplasm between them (an eosinophil's red granules
@@ -253,8 +261,7 @@ def _join_nucleus_parts(score: np.ndarray, threshold: float, nuclei: np.ndarray,
     small[0] = False  # the background
     if not small.any():
         return labels, stats, centroids, np.zeros(0, np.int64)
-    _, body = cv2.connectedComponents((score > cfg.nucleus_body_ratio * threshold).view(np.uint8),
-                                      connectivity=8, ltype=cv2.CV_32S)
+    body = _bodies(score, cfg.nucleus_body_ratio * threshold, bodies)
     fg = np.flatnonzero(nuclei.ravel() & (labels.ravel() > 0))  # above the threshold: in a body
     body_of = np.zeros(n, np.int64)
     body_of[labels.ravel()[fg]] = body.ravel()[fg]
@@ -345,11 +352,12 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
     pale, pale_nuclei, absorbed, joined = [], [], np.zeros(0, np.int64), np.zeros(0, np.int64)
     own = stats[:, cv2.CC_STAT_AREA] * px_area  # before parts join: whether to split a nucleus
     if cfg.pale_platelet_ratio is not None:
+        bodies = {}  # `_bodies` by cut, made once for both passes
         pale, pale_nuclei, absorbed = _pale_objects(score, threshold, merged, labels, stats,
-                                                    mpp, cfg)
+                                                    mpp, cfg, bodies)
         if cfg.nucleus_body_ratio is not None:  # after it: a pale nucleus takes its own parts
             labels, stats, centroids, joined = _join_nucleus_parts(
-                score, threshold, nuclei, labels, stats, centroids, mpp, cfg, absorbed)
+                score, threshold, nuclei, labels, stats, centroids, mpp, cfg, absorbed, bodies)
     absorbed = set(np.asarray(absorbed).tolist()) | set(joined.tolist())
     for i in _raster_order(labels, stats):
         if i in absorbed:
