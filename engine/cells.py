@@ -157,7 +157,8 @@ def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labe
     ``cfg.pale_platelet_clearance_um`` from a nucleus and outside its cell's body. And nuclei
     too pale for it: such objects of ``cfg.pale_nucleus_min_area_um2`` or more, clear of
     nucleated cells too, whose parts above the threshold (``objects`` components, platelet-sized
-    all, or there would be a nucleus) they take the place of.
+    all, or there would be a nucleus) they take the place of; and such a nucleus in lobes,
+    smaller one by one (`_lobed_nuclei`).
 
     Returns:
         ``(platelets, nuclei, absorbed)``: ``(cx, cy, x0, y0, x1, y1, area_um2)`` each, in
@@ -176,7 +177,10 @@ def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labe
     keep = sown & (area >= cfg.pale_platelet_min_area_um2) & (area < cfg.min_cell_area_um2)
     nuc = np.zeros(n, bool) if cfg.pale_nucleus_min_area_um2 is None else \
         seeded & (area >= cfg.pale_nucleus_min_area_um2) & (area <= cfg.split_area_um2)
-    if not keep.any() and not nuc.any():
+    lobe = np.zeros(n, bool) if cfg.pale_nucleus_min_area_um2 is None \
+        or cfg.pale_nucleus_lobe_gap_um is None else \
+        seeded & (area >= cfg.min_cell_area_um2) & (area < cfg.pale_nucleus_min_area_um2)
+    if not keep.any() and not nuc.any() and not lobe.any():
         return [], [], np.zeros(0, np.int64)
     found = stats[:, cv2.CC_STAT_AREA] * mpp * mpp
     fg = np.flatnonzero(objects)  # the objects' pixels (a few % of the tile)
@@ -184,22 +188,29 @@ def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labe
     keep[lab.ravel()[fg[of >= cfg.min_platelet_area_um2]]] = False  # counted already
     big = fg[of >= cfg.min_cell_area_um2]
     nuc[lab.ravel()[big]] = False  # a nucleus found, in a cell's paler parts
-    if (keep.any() or nuc.any()) and len(big):  # cytoplasm and granules around a nucleus
-        nucleated = np.zeros(labels.shape, np.uint8)
+    lobe[lab.ravel()[big]] = False
+    if (keep.any() or nuc.any() or lobe.any()) and len(big):  # cytoplasm and granules around
+        nucleated = np.zeros(labels.shape, np.uint8)  # a nucleus
         nucleated.ravel()[big] = 1
         near = cv2.dilate(nucleated, _disk(cfg.pale_platelet_clearance_um / mpp).view(np.uint8))
-        keep[lab[near.view(bool)]] = False
-        nuc[lab[near.view(bool)]] = False
-        if cfg.pale_platelet_body_ratio is not None and (keep.any() or nuc.any()):
+        for flags in (keep, nuc, lobe):
+            flags[lab[near.view(bool)]] = False
+        if cfg.pale_platelet_body_ratio is not None and (keep.any() or nuc.any() or lobe.any()):
             # farther out, within the cell's body: what joins its nucleus above a lower cut
             # (cytoplasm; red cells and glass score below it, so a platelet on them stays apart)
             body = _bodies(score, cfg.pale_platelet_body_ratio * threshold, bodies)
             of_cell = np.zeros(int(body.max()) + 1, bool)
             of_cell[body.ravel()[big]] = True
-            for flags in (keep, nuc):
+            for flags in (keep, nuc, lobe):
                 ids = np.flatnonzero(flags)  # a pale object lies whole in one body component:
                 flags[ids] = ~of_cell[body[st[ids, 1], _first_x(lab, st, ids)]]  # its 1st pixel
-    nuclei = [_box(i, cent, st, area[i]) for i in np.flatnonzero(nuc)]
+    # a pale nucleus in lobes (an eosinophil's, apart across its red granules), or with them
+    members = _lobed_nuclei(lab, st, area, lobe, nuc, keep, cfg, mpp) \
+        if lobe.any() else [np.array([i]) for i in np.flatnonzero(nuc)]
+    nuclei = [_union_box(m, cent, st, area) for m in members]
+    for m in members:
+        nuc[m] = True  # their parts above the threshold are absorbed as a pale nucleus' are
+        keep[m] = False
     absorbed = np.unique(labels.ravel()[fg[nuc[lab.ravel()[fg]]]])
     kept = np.flatnonzero(keep)
     if cfg.pale_platelet_merge_um is None or not len(kept):
@@ -228,11 +239,46 @@ def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labe
         if len(m) == 1:
             out.append(_box(m[0], cent, st, area[m[0]]))
             continue
-        px = st[m, cv2.CC_STAT_AREA].astype(np.float64)
-        cx, cy = (cent[m] * px[:, None]).sum(0) / px.sum()
-        out.append((cx, cy, st[m, 0].min(), st[m, 1].min(), (st[m, 0] + st[m, 2]).max(),
-                    (st[m, 1] + st[m, 3]).max(), area[m].sum()))
+        out.append(_union_box(m, cent, st, area))
     return out, nuclei, absorbed
+
+
+def _union_box(m: np.ndarray, cent: np.ndarray, st: np.ndarray, area: np.ndarray) -> tuple:
+    """Components ``m`` as one object: their area-weighted centroid, joint box and summed area
+    (``(cx, cy, x0, y0, x1, y1, area_um2)``, work-grid pixels)."""
+    px = st[m, cv2.CC_STAT_AREA].astype(np.float64)
+    cx, cy = (cent[m] * px[:, None]).sum(0) / px.sum()
+    return (cx, cy, st[m, 0].min(), st[m, 1].min(), (st[m, 0] + st[m, 2]).max(),
+            (st[m, 1] + st[m, 3]).max(), area[m].sum())
+
+
+def _lobed_nuclei(lab: np.ndarray, st: np.ndarray, area: np.ndarray, lobe: np.ndarray,
+                  nuc: np.ndarray, bits: np.ndarray, cfg: CellDetectionConfig, mpp: float
+                  ) -> list[np.ndarray]:
+    """Pale nuclei in lobes: pale lobes (``lobe``: components of ``lab``) and pale nuclei
+    (``nuc``) within ``cfg.pale_nucleus_lobe_gap_um`` of each other (pixel to pixel) are one
+    nucleus where two or more of them together reach ``cfg.pale_nucleus_min_area_um2``, stay
+    within ``cfg.split_area_um2`` and hold at most one pale nucleus (two are two cells). The
+    smaller pale objects among them (``bits``, a pale platelet's size: the same nucleus broken
+    up at the pale cut) go with them, and count in the area.
+
+    Returns:
+        the component labels of each nucleus: such groups, and every other pale nucleus alone.
+    """
+    ids = np.flatnonzero(lobe | nuc | bits)
+    mask = np.isin(lab, ids).view(np.uint8)
+    near = cv2.dilate(mask, _disk(cfg.pale_nucleus_lobe_gap_um / 2 / mpp).view(np.uint8))
+    group = cv2.connectedComponents(near, connectivity=8, ltype=cv2.CV_32S)[1]
+    of = group[st[ids, 1], _first_x(lab, st, ids)]
+    out = []
+    for g in np.unique(of):
+        m = ids[of == g]
+        if (lobe[m] | nuc[m]).sum() > 1 and nuc[m].sum() <= 1 \
+                and cfg.pale_nucleus_min_area_um2 <= area[m].sum() <= cfg.split_area_um2:
+            out.append(m)
+        else:
+            out += [np.array([i]) for i in m[nuc[m]]]
+    return out
 
 
 def _join_nucleus_parts(score: np.ndarray, threshold: float, nuclei: np.ndarray,
@@ -241,13 +287,14 @@ def _join_nucleus_parts(score: np.ndarray, threshold: float, nuclei: np.ndarray,
     """One cell's nucleus found as platelet-sized parts: a monocyte's folds, a basophil's
     nucleus under its granules, a neutrophil's lobes, each under ``cfg.min_cell_area_um2``
     above the threshold, with the cell's cytoplasm between them (an eosinophil's red granules
-    score below the body cut, so its lobes stay apart). A cell body is what joins above
-    ``cfg.nucleus_body_ratio`` of the threshold (cytoplasm scores above it; red cells and glass
-    below, so a platelet on a red cell stays apart). The platelet-sized parts (``labels``
-    components) in a body with one nucleated component are part of it; in a body with none,
-    parts that together reach ``cfg.min_cell_area_um2`` are one nucleus. A body with two or
-    more nucleated components (touching cells), or with parts a pale nucleus took the place of
-    (``absorbed``: `_pale_objects` found that nucleus whole), is left as it is.
+    score below the body cut, so its lobes stay apart here; pale ones `_lobed_nuclei` joins). A
+    cell body is what joins above ``cfg.nucleus_body_ratio`` of the threshold (cytoplasm scores
+    above it; red cells and glass below, so a platelet on a red cell stays apart). The
+    platelet-sized parts (``labels`` components) in a body with one nucleated component are part
+    of it; in a body with none, parts that together reach ``cfg.min_cell_area_um2`` are one
+    nucleus. A body with two or more nucleated components (touching cells), or with parts a pale
+    nucleus took the place of (``absorbed``: `_pale_objects` found that nucleus whole), is left
+    as it is.
 
     Returns:
         ``(labels, stats, centroids, joined)``: each part's pixels relabelled as the component
