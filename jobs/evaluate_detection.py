@@ -2,7 +2,7 @@
 platelet detection against the platelet boxes.
 
     python -m jobs.evaluate_detection --images <dir> --annotations <dir of VOC xml> --mpp 0.075
-        [--specimen blood | aspirate | unknown]
+        [--specimen blood | aspirate | unknown] [--config <yaml>]
 
 A detection matches a WBC box when its centroid falls inside it; each box matches at most one
 detection and each detection at most one box. Prints JSON: recall, precision, F1, counts, and the
@@ -10,7 +10,10 @@ images with misses or extra detections; under ``platelets`` the same for ``plate
 detections against ``Platelets`` boxes (BCCD's annotators left many platelets unboxed, so there
 the precision is a floor). ``--specimen`` (blood, BCCD's) detects as the pipeline does on a
 slide of that type: pale platelets are looked for, and a cell's platelet-sized nuclear parts
-joined (`cells.nucleus_body_ratio`), on `cells.pale_platelet_specimens` only.
+joined (`cells.nucleus_body_ratio`), on `cells.pale_platelet_specimens` only. ``--config``
+takes the ``cells:`` section of a YAML config, the file ``process_slides --config`` takes, so
+a lab can measure a detector setting on its own boxed fields before it runs an archive with it
+(the JSON's ``detector`` says what ran).
 Each image is treated as its own slide (the stain threshold is estimated from it), since fields
 of unknown origin share no slide.
 """
@@ -25,10 +28,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from engine.cells import KIND_CELL, KIND_PLATELET, detect_cells, estimate_threshold, match_centroids
-from engine.config import CellDetectionConfig
+from engine.config import CellDetectionConfig, Config
 from engine.specimen import SPECIMENS
 from engine.slides.annotations import read_voc_boxes
 from jobs.common import fail, mpp_arg, resolve_source_mpp
@@ -59,6 +63,14 @@ def _scores(rows: list[dict], key: str = "") -> dict:
             "f1": 2 * recall * precision / (recall + precision) if recall + precision else 0.0}
 
 
+def _detector_config(path: str | None) -> CellDetectionConfig:
+    """The ``cells:`` section of the YAML config at ``path`` (the defaults where None)."""
+    if not path:
+        return CellDetectionConfig()
+    with open(path) as fh:
+        return Config.from_dict(yaml.safe_load(fh) or {}).cells
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate_detection", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,8 +81,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--specimen", choices=sorted(SPECIMENS), default="blood",
                    help="the images' specimen type: detect as on a slide of that type")
+    p.add_argument("--config", help="YAML config whose cells: section the detector takes "
+                   "(as process_slides --config; jobs/configs/default.yaml)")
     args = p.parse_args(argv)
-    cfg = CellDetectionConfig()
+    try:
+        cfg = _detector_config(args.config)
+    except (OSError, ValueError, yaml.YAMLError) as err:  # ConfigError is a ValueError
+        return fail(str(err))
     if args.specimen not in cfg.pale_platelet_specimens:
         cfg = dataclasses.replace(cfg, pale_platelet_ratio=None)
     pairs = []

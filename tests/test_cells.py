@@ -503,7 +503,7 @@ def test_the_faintest_platelets_grow_from_a_seed_below_the_threshold():
 
 
 @needs_bccd
-def test_bccd_detection_meets_recall_and_precision_targets():
+def test_bccd_detection_meets_recall_and_precision_targets(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jobs.evaluate_detection", "--images",
                            str(BCCD / "JPEGImages"), "--annotations", str(BCCD / "Annotations"),
                            "--mpp", "0.075"], cwd=ROOT, capture_output=True, text=True,
@@ -525,6 +525,19 @@ def test_bccd_detection_meets_recall_and_precision_targets():
     aspirate = json.loads(proc.stdout)
     assert aspirate["matched"] == report["matched"]
     assert aspirate["platelets"]["recall"] < 0.5 < plt["recall"]
+    # a detector setting from a config's cells: section (process_slides' --config file): the
+    # pale pass off on a blood film detects as on an aspirate; a wrong key is named
+    (tmp_path / "off.yaml").write_text("cells:\n  pale_platelet_ratio: null\n")
+    (tmp_path / "bad.yaml").write_text("cells:\n  pale_ratio: 0.5\n")
+    runs = [subprocess.run([sys.executable, "-m", "jobs.evaluate_detection", "--images",
+                            str(BCCD / "JPEGImages"), "--annotations", str(BCCD / "Annotations"),
+                            "--mpp", "0.075", "--config", str(tmp_path / name)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+            for name in ("off.yaml", "bad.yaml")]
+    off = json.loads(runs[0].stdout)
+    assert off["detector"]["pale_platelet_ratio"] is None
+    assert (off["matched"], off["platelets"]) == (aspirate["matched"], aspirate["platelets"])
+    assert runs[1].returncode == 2 and "unknown config key 'cells.pale_ratio'" in runs[1].stderr
 
 
 @needs_bccd
