@@ -10,6 +10,7 @@ find one in its red cells.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import cv2
@@ -20,6 +21,24 @@ from engine.config import CellDetectionConfig
 from engine.tissue import binary_close, components, fill_small_holes, otsu_threshold
 
 KIND_CELL, KIND_PLATELET = "nucleated", "platelet"
+# the pale pass a slide gets, by its specimen type (`pale_pass`)
+PALE_ALL, PALE_NUCLEI, PALE_OFF = "all", "nuclei", "off"
+
+
+def pale_pass(specimen: str, cfg: CellDetectionConfig) -> str:
+    """Which pale pass a slide of ``specimen`` gets: `PALE_ALL` (pale platelets and nuclei, and
+    a white cell's nuclear parts joined) on ``cfg.pale_platelet_specimens``, `PALE_NUCLEI` (pale
+    nuclei alone) on ``cfg.pale_nucleus_specimens``, else `PALE_OFF`."""
+    if specimen in cfg.pale_platelet_specimens:
+        return PALE_ALL
+    return PALE_NUCLEI if specimen in cfg.pale_nucleus_specimens else PALE_OFF
+
+
+def detector_for(mode: str, cfg: CellDetectionConfig) -> tuple[CellDetectionConfig, bool]:
+    """`detect_cells`' ``cfg`` and ``pale_platelets`` for a `pale_pass` mode."""
+    if mode == PALE_OFF:
+        return dataclasses.replace(cfg, pale_platelet_ratio=None), False
+    return cfg, mode == PALE_ALL
 
 
 def stain_score(rgb: np.ndarray) -> np.ndarray:
@@ -362,15 +381,20 @@ def _box(i: int, cent: np.ndarray, st: np.ndarray, area: float) -> tuple:
 
 
 def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
-                 cfg: CellDetectionConfig) -> Detections:
+                 cfg: CellDetectionConfig, pale_platelets: bool = True) -> Detections:
     """Nucleated cells (and platelets) in one RGB tile. Platelets and nuclei too pale for the
-    threshold are found around seeds above it (`_pale_objects`) and come last.
+    threshold are found around seeds above it (`_pale_objects`; none where
+    ``cfg.pale_platelet_ratio`` is None) and come last.
 
     Args:
         tile: ``(H, W, 3) uint8`` at ``tile_mpp`` µm/px.
         tile_mpp: µm per tile pixel.
         threshold: the slide's stain threshold (`estimate_threshold`).
         cfg: sizes and detector resolution.
+        pale_platelets: the pale pass's platelets too, and a white cell's platelet-sized
+            nuclear parts joined (`_join_nucleus_parts`): a blood film's. False: its pale
+            nuclei alone (an aspirate's, whose denser cytoplasm the platelet part would take
+            for platelets).
 
     Returns:
         `Detections` in tile pixel coordinates.
@@ -402,7 +426,9 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
         bodies = {}  # `_bodies` by cut, made once for both passes
         pale, pale_nuclei, absorbed = _pale_objects(score, threshold, merged, labels, stats,
                                                     mpp, cfg, bodies)
-        if cfg.nucleus_body_ratio is not None:  # after it: a pale nucleus takes its own parts
+        if not pale_platelets:
+            pale = []
+        elif cfg.nucleus_body_ratio is not None:  # after it: a pale nucleus takes its own parts
             labels, stats, centroids, joined = _join_nucleus_parts(
                 score, threshold, nuclei, labels, stats, centroids, mpp, cfg, absorbed, bodies)
     absorbed = set(np.asarray(absorbed).tolist()) | set(joined.tolist())

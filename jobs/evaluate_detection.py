@@ -10,7 +10,8 @@ images with misses or extra detections; under ``platelets`` the same for ``plate
 detections against ``Platelets`` boxes (BCCD's annotators left many platelets unboxed, so there
 the precision is a floor). ``--specimen`` (blood, BCCD's) detects as the pipeline does on a
 slide of that type: pale platelets are looked for, and a cell's platelet-sized nuclear parts
-joined (`cells.nucleus_body_ratio`), on `cells.pale_platelet_specimens` only. ``--config``
+joined (`cells.nucleus_body_ratio`), on `cells.pale_platelet_specimens` only, and pale nuclei
+on `cells.pale_nucleus_specimens` too (aspirates). ``--config``
 takes the ``cells:`` section of a YAML config, the file ``process_slides --config`` takes, so
 a lab can measure a detector setting on its own boxed fields before it runs an archive with it
 (the JSON's ``detector`` says what ran).
@@ -21,7 +22,6 @@ of unknown origin share no slide.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -31,16 +31,18 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from engine.cells import KIND_CELL, KIND_PLATELET, detect_cells, estimate_threshold, match_centroids
+from engine.cells import (KIND_CELL, KIND_PLATELET, detect_cells, detector_for,
+                          estimate_threshold, match_centroids, pale_pass)
 from engine.config import CellDetectionConfig, Config
 from engine.specimen import SPECIMENS
 from engine.slides.annotations import read_voc_boxes
 from jobs.common import fail, mpp_arg, resolve_source_mpp
 
 
-def evaluate_image(image_path: str, xml_path: str, mpp: float, cfg: CellDetectionConfig) -> dict:
+def evaluate_image(image_path: str, xml_path: str, mpp: float, cfg: CellDetectionConfig,
+                   pale_platelets: bool = True) -> dict:
     rgb = np.asarray(Image.open(image_path).convert("RGB"))
-    det = detect_cells(rgb, mpp, estimate_threshold([rgb], cfg), cfg)
+    det = detect_cells(rgb, mpp, estimate_threshold([rgb], cfg), cfg, pale_platelets)
     out = {"image": os.path.basename(image_path)}
     for key, kind, name in (("", KIND_CELL, "WBC"), ("platelet_", KIND_PLATELET, "Platelets")):
         found = det.select(det.kind == kind)
@@ -88,8 +90,8 @@ def main(argv=None) -> int:
         cfg = _detector_config(args.config)
     except (OSError, ValueError, yaml.YAMLError) as err:  # ConfigError is a ValueError
         return fail(str(err))
-    if args.specimen not in cfg.pale_platelet_specimens:
-        cfg = dataclasses.replace(cfg, pale_platelet_ratio=None)
+    mode = pale_pass(args.specimen, cfg)
+    detector = detector_for(mode, cfg)
     pairs = []
     for name in sorted(os.listdir(args.images)):
         stem, ext = os.path.splitext(name)
@@ -105,12 +107,12 @@ def main(argv=None) -> int:
     except ValueError as err:
         return fail(str(err))
     with ThreadPoolExecutor(args.threads) as pool:
-        rows = list(pool.map(lambda pr: evaluate_image(*pr, args.mpp, cfg), pairs))
+        rows = list(pool.map(lambda pr: evaluate_image(*pr, args.mpp, *detector), pairs))
     wbc = _scores(rows)
     report = {
         "images": len(rows), "wbc_boxes": wbc.pop("boxes"), **wbc,
         "platelets": _scores(rows, "platelet_"),
-        "mpp": args.mpp, "detector": cfg.__dict__,
+        "mpp": args.mpp, "pale_pass": mode, "detector": detector[0].__dict__,
         "images_with_misses": [r["image"] for r in rows if r["missed"]],
         "images_with_extra_detections": [r["image"] for r in rows if r["extra"]],
     }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import json
 import os
 import threading
@@ -19,8 +18,9 @@ import numpy as np
 from PIL import Image
 
 from engine.classes import DEEPHEME_CODES
-from engine.cells import (KIND_CELL, KIND_PLATELET, crops_around, detect_cells,
-                          estimate_threshold, inside_of_crops, owned_by_tile)
+from engine.cells import (KIND_CELL, KIND_PLATELET, PALE_ALL, PALE_NUCLEI, PALE_OFF,
+                          crops_around, detect_cells, detector_for, estimate_threshold,
+                          inside_of_crops, owned_by_tile, pale_pass)
 from engine.cellularity import AreaRules, calibrate, tile_area_counts
 from engine.config import Config
 from engine.errors import MissingMPP, SlideError
@@ -359,7 +359,7 @@ class PlanSlide:
                        for x, y in _sample(p, cfg.pipeline.threshold_samples)]
             d["threshold"] = estimate_threshold(samples, cfg.cells)
             d["direct_ok"] = _direct_ok(slide, p.level)
-            d["pale_platelets"] = inv["specimen"] in cfg.cells.pale_platelet_specimens
+            d["pale"] = pale_pass(inv["specimen"], cfg.cells)
             plans["cells"] = d
             # the same tiles check the pixel size: red cells should be about 7.5 µm across
             red = red_cell_size(map(red_cell_diameters, samples), p.target_mpp)
@@ -398,7 +398,7 @@ def cell_tasks(slide_id: str, uri: str, plan: dict) -> list[dict]:
               "stride": float(p["stride"]), "overlap": float(p["overlap"]),
               "grid_nx": int(p["grid"][0]), "grid_ny": int(p["grid"][1]),
               "threshold": float(p["threshold"]), "width": int(plan["width"]),
-              "height": int(plan["height"]), "pale_platelets": bool(p.get("pale_platelets")),
+              "height": int(plan["height"]), "pale": str(p.get("pale", PALE_OFF)),
               "direct_ok": int(p.get("direct_ok", -1))}
     return [{**common, "task": i, "x": int(x), "y": int(y)}
             for i, (x, y) in enumerate(zip(p["x"], p["y"]))]
@@ -418,7 +418,7 @@ def tile_tasks(slide_id: str, uri: str, plan: dict) -> list[dict]:
 _NO_TASK = {
     "cells": {"level": 0, "read_px": 0, "tile_px": 0, "tile_mpp": 0.0, "mpp0": 0.0,
               "stride": 0.0, "overlap": 0.0, "grid_nx": 0, "grid_ny": 0, "threshold": 0.0,
-              "width": 0, "height": 0, "pale_platelets": False, "task": -1, "x": 0, "y": 0,
+              "width": 0, "height": 0, "pale": PALE_OFF, "task": -1, "x": 0, "y": 0,
               "direct_ok": -1},
     "tiles": {"task": -1, "x": 0, "y": 0, "level": 0, "read_px": 0, "tile_px": 0,
               "tile_mpp": 0.0, "tissue_fraction": 0.0, "nucleus_h_od": 0.0,
@@ -506,9 +506,8 @@ class DetectCells:
         limit_native_threads(cfg.pipeline.native_threads)
         self.cfg = cfg
         self.readers = ReaderCache(cfg)
-        # by the slide's plan: with the pale-platelet pass (a blood film) or without
-        self.detection = {True: cfg.cells,
-                          False: dataclasses.replace(cfg.cells, pale_platelet_ratio=None)}
+        # by the slide's plan: the pale pass its specimen type gets (`engine.cells.pale_pass`)
+        self.detection = {m: detector_for(m, cfg.cells) for m in (PALE_ALL, PALE_NUCLEI, PALE_OFF)}
         self.scored = scored_kinds(cfg.pipeline.classifier.platelets)
         self._ready = ready_since(t_born)
 
@@ -550,7 +549,7 @@ class DetectCells:
         except SlideError as err:
             return self._marker(t, "error", type(err).__name__, str(err))
         det = detect_cells(tile, float(t["tile_mpp"]), float(t["threshold"]),
-                           self.detection[bool(t.get("pale_platelets", False))])
+                           *self.detection[str(t.get("pale", PALE_OFF))])
         f = float(t["tile_mpp"]) / float(t["mpp0"])  # level-0 px per tile px
         cx, cy = t["x"] + det.x * f, t["y"] + det.y * f
         own = owned_by_tile(cx, cy, int(t["x"]), int(t["y"]), float(t["stride"]),

@@ -143,21 +143,25 @@ def test_encode_tiles_reads_a_blocks_tiles_in_place():
 
 
 def test_pale_platelets_are_looked_for_on_blood_films_only(smear):
-    """A slide typed blood gets the pale-platelet pass (its plan says so, and its tasks carry
-    it); the same slide untyped does not: the same nucleated cells, fewer platelets."""
+    """A slide typed blood gets the whole pale pass (its plan says so, and its tasks carry it),
+    one typed aspirate its pale nuclei alone, and the same slide untyped none: on the BCCD
+    smear the same nucleated cells each way, fewer platelets without the platelets' part."""
+    from engine.cells import PALE_ALL, PALE_NUCLEI, PALE_OFF
+
     cfg = Config()
     found = {}
-    for specimen in ("blood", "unknown"):
+    for specimen, mode in (("blood", PALE_ALL), ("aspirate", PALE_NUCLEI), ("unknown", PALE_OFF)):
         row = PlanSlide(cfg)({"uri": str(smear), "size": smear.stat().st_size, "etag": None,
                               "specimen": specimen})
         plan = json.loads(row["plan"])
-        assert plan["plans"]["cells"]["pale_platelets"] == (specimen == "blood")
+        assert plan["plans"]["cells"]["pale"] == mode
         tasks = cell_tasks(row["slide_id"], row["uri"], plan)
-        assert {t["pale_platelets"] for t in tasks} == {specimen == "blood"}
+        assert {t["pale"] for t in tasks} == {mode}
         out = _detect(DetectCells(cfg), _batch(tasks))
         found[specimen] = {k: int((out["kind"] == k).sum()) for k in ("nucleated", "platelet")}
     assert found["blood"]["nucleated"] == found["unknown"]["nucleated"]
     assert found["blood"]["platelet"] > 1.5 * found["unknown"]["platelet"] > 0
+    assert found["aspirate"] == found["unknown"]  # BCCD's fields have no pale nucleus
 
 
 def test_detect_flags_the_cells_of_a_region_out_of_focus(smear, tmp_path):
