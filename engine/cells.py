@@ -166,8 +166,8 @@ def _bodies(score: np.ndarray, cut: float, memo: dict) -> np.ndarray:
 
 
 def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labels: np.ndarray,
-                  stats: np.ndarray, mpp: float, cfg: CellDetectionConfig, bodies: dict
-                  ) -> tuple[list[tuple], list[tuple], np.ndarray]:
+                  stats: np.ndarray, mpp: float, cfg: CellDetectionConfig, bodies: dict,
+                  platelets: bool = True) -> tuple[list[tuple], list[tuple], np.ndarray]:
     """Platelets too pale for the threshold: objects of the pixels above
     ``cfg.pale_platelet_ratio * threshold`` that hold a pixel above
     ``cfg.pale_platelet_seed_ratio * threshold`` (a seed), no object already found
@@ -181,7 +181,8 @@ def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labe
 
     Returns:
         ``(platelets, nuclei, absorbed)``: ``(cx, cy, x0, y0, x1, y1, area_um2)`` each, in
-        work-grid pixels, and the ``labels`` of the objects the nuclei take the place of.
+        work-grid pixels (no platelets where ``platelets`` is False), and the ``labels`` of
+        the objects the nuclei take the place of.
     """
     n, lab, st, cent = components(score > cfg.pale_platelet_ratio * threshold)
     area = st[:, cv2.CC_STAT_AREA] * mpp * mpp
@@ -199,6 +200,8 @@ def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labe
     lobe = np.zeros(n, bool) if cfg.pale_nucleus_min_area_um2 is None \
         or cfg.pale_nucleus_lobe_gap_um is None else \
         seeded & (area >= cfg.min_cell_area_um2) & (area < cfg.pale_nucleus_min_area_um2)
+    if not platelets and not lobe.any():
+        keep[:] = False  # without platelets, pale platelets' sizes matter only beside lobes
     if not keep.any() and not nuc.any() and not lobe.any():
         return [], [], np.zeros(0, np.int64)
     found = stats[:, cv2.CC_STAT_AREA] * mpp * mpp
@@ -231,7 +234,7 @@ def _pale_objects(score: np.ndarray, threshold: float, objects: np.ndarray, labe
         nuc[m] = True  # their parts above the threshold are absorbed as a pale nucleus' are
         keep[m] = False
     absorbed = np.unique(labels.ravel()[fg[nuc[lab.ravel()[fg]]]])
-    kept = np.flatnonzero(keep)
+    kept = np.flatnonzero(keep) if platelets else np.zeros(0, np.int64)
     if cfg.pale_platelet_merge_um is None or not len(kept):
         return [_box(i, cent, st, area[i]) for i in kept], nuclei, absorbed
     # one platelet's parts: its granules lie apart in its paler hyalomere, and the parts of it
@@ -425,10 +428,8 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
     if cfg.pale_platelet_ratio is not None:
         bodies = {}  # `_bodies` by cut, made once for both passes
         pale, pale_nuclei, absorbed = _pale_objects(score, threshold, merged, labels, stats,
-                                                    mpp, cfg, bodies)
-        if not pale_platelets:
-            pale = []
-        elif cfg.nucleus_body_ratio is not None:  # after it: a pale nucleus takes its own parts
+                                                    mpp, cfg, bodies, pale_platelets)
+        if pale_platelets and cfg.nucleus_body_ratio is not None:  # after it: a pale nucleus takes its own parts
             labels, stats, centroids, joined = _join_nucleus_parts(
                 score, threshold, nuclei, labels, stats, centroids, mpp, cfg, absorbed, bodies)
     absorbed = set(np.asarray(absorbed).tolist()) | set(joined.tolist())
