@@ -429,7 +429,8 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
         bodies = {}  # `_bodies` by cut, made once for both passes
         pale, pale_nuclei, absorbed = _pale_objects(score, threshold, merged, labels, stats,
                                                     mpp, cfg, bodies, pale_platelets)
-        if pale_platelets and cfg.nucleus_body_ratio is not None:  # after it: a pale nucleus takes its own parts
+        # after it, so that a pale nucleus takes its own parts; a blood film's only
+        if pale_platelets and cfg.nucleus_body_ratio is not None:
             labels, stats, centroids, joined = _join_nucleus_parts(
                 score, threshold, nuclei, labels, stats, centroids, mpp, cfg, absorbed, bodies)
     absorbed = set(np.asarray(absorbed).tolist()) | set(joined.tolist())
