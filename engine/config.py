@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from engine.errors import ConfigError
+from engine.specimen import SPECIMENS
 
 T = TypeVar("T")
 
@@ -272,6 +273,11 @@ class CellDetectionConfig:
     max_blur_um: float | None = 0.3
 
     def __post_init__(self):
+        for key in ("pale_platelet_specimens", "pale_nucleus_specimens"):
+            wrong = [s for s in getattr(self, key) if s not in SPECIMENS]
+            if wrong:
+                raise ConfigError(f"cells.{key}: {wrong} not specimen types; each one of "
+                                  f"{sorted(SPECIMENS)}")
         if self.pale_nucleus_lobe_gap_um is not None and not self.pale_nucleus_lobe_gap_um > 0:
             raise ConfigError("cells.pale_nucleus_lobe_gap_um must be positive (µm) or null, "
                               f"got {self.pale_nucleus_lobe_gap_um}")

@@ -256,6 +256,9 @@ def test_a_pale_nucleus_in_two_lobes_is_one_cell():
     for bad in (0.0, -1.0):
         with pytest.raises(ConfigError, match="pale_nucleus_lobe_gap_um"):
             dataclasses.replace(CFG, pale_nucleus_lobe_gap_um=bad)
+    for key in ("pale_platelet_specimens", "pale_nucleus_specimens"):  # a typo is named
+        with pytest.raises(ConfigError, match=rf"cells.{key}: \['aspirat'\] not specimen"):
+            dataclasses.replace(CFG, **{key: ("blood", "aspirat")})
 
 
 @needs_pbc
