@@ -36,6 +36,22 @@ def _disc(img, yy, xx, cx, cy, r_um, colour=NUCLEUS):
     img[(yy - cy) ** 2 + (xx - cx) ** 2 < (r_um / MPP) ** 2] = colour
 
 
+def _pbc_images(code: str, n: int) -> list[np.ndarray]:
+    """``n`` PBC images (0.1 µm/px) of ``code``, spread evenly over its rows."""
+    from PIL import Image
+
+    with open(PBC / "labels.csv") as fh:
+        paths = [r["path"] for r in csv.DictReader(fh) if r["code"] == code]
+    return [np.asarray(Image.open(PBC / p).convert("RGB"))
+            for p in paths[::len(paths) // n][:n]]
+
+
+def _mix_threshold() -> float:
+    """The stain threshold of a film of six classes mixed: 10 PBC images of each (39.8)."""
+    codes = ("MO2", "L2", "M6", "ER", "E4", "B2")
+    return estimate_threshold([im for c in codes for im in _pbc_images(c, 40)[:10]], CFG)
+
+
 def test_nucleated_cells_platelets_and_red_cells():
     img, yy, xx = _field()
     _disc(img, yy, xx, 100, 100, 4.0)              # lymphocyte nucleus (8 µm)
@@ -306,18 +322,7 @@ def test_real_eosinophils_pale_lobes_are_one_cell():
     of 120 platelet images."""
     import dataclasses
 
-    from PIL import Image
-
-    with open(PBC / "labels.csv") as fh:
-        rows = list(csv.DictReader(fh))
-
-    def take(code, n):
-        paths = [r["path"] for r in rows if r["code"] == code]
-        return [np.asarray(Image.open(PBC / p).convert("RGB"))
-                for p in paths[::len(paths) // n][:n]]
-
-    eosinophils, platelets = take("E4", 120), take("PLT", 120)
-    mix = [im for code in ("MO2", "L2", "M6", "ER", "E4", "B2") for im in take(code, 40)[:10]]
+    eosinophils, platelets = _pbc_images("E4", 120), _pbc_images("PLT", 120)
     off = dataclasses.replace(CFG, pale_nucleus_lobe_gap_um=None)
 
     def count(images, cfg, thr, r_px):  # images with a nucleated object near the centre, and
@@ -332,7 +337,7 @@ def test_real_eosinophils_pale_lobes_are_one_cell():
 
     # measured, with the rule and without: at the mix's 39.8, 117 found and 13 platelet-sized
     # against 111 and 25; at 45, 117 and 23 against 106 and 44
-    for thr in (estimate_threshold(mix, CFG), 45.0):
+    for thr in (_mix_threshold(), 45.0):
         (found, small), (found_off, small_off) = (count(eosinophils, c, thr, 80)
                                                   for c in (CFG, off))
         assert found >= found_off + 4 and found >= 114
@@ -346,21 +351,10 @@ def test_real_pale_nuclei_are_found_on_aspirates_too():
     monocytes, myelocytes and eosinophils (0.1 µm/px) at the threshold of a six-class mix are
     found where without it many are lost, a class bias (monocytes 34 of 60 found); the
     erythroblasts and the objects at the centre of platelet images stay as they were."""
-    from PIL import Image
-
     from engine.cells import PALE_NUCLEI, PALE_OFF, detector_for, pale_pass
 
     assert pale_pass("aspirate", CFG) == PALE_NUCLEI and pale_pass("unknown", CFG) == PALE_OFF
-    with open(PBC / "labels.csv") as fh:
-        rows = list(csv.DictReader(fh))
-
-    def take(code, n):
-        paths = [r["path"] for r in rows if r["code"] == code]
-        return [np.asarray(Image.open(PBC / p).convert("RGB"))
-                for p in paths[::len(paths) // n][:n]]
-
-    mix = [im for code in ("MO2", "L2", "M6", "ER", "E4", "B2") for im in take(code, 40)[:10]]
-    thr = estimate_threshold(mix, CFG)
+    thr = _mix_threshold()
 
     def count(images, mode, r_px):  # images with a nucleated object near the centre; objects
         cfg, pale_platelets = detector_for(mode, CFG)
@@ -377,11 +371,11 @@ def test_real_pale_nuclei_are_found_on_aspirates_too():
     # myelocytes (40, 46) / (35, 50), eosinophils (39, 55) / (33, 62), erythroblasts and
     # platelets the same
     for code, n, least in (("MO2", 60, 53), ("M3", 40, 38), ("E4", 40, 37)):
-        (found, objects), (found_off, objects_off) = (count(take(code, n), m, 80)
+        (found, objects), (found_off, objects_off) = (count(_pbc_images(code, n), m, 80)
                                                       for m in (PALE_NUCLEI, PALE_OFF))
         assert found >= max(least, found_off + 3) and objects <= objects_off, code
     for code, r_px in (("ER", 80), ("PLT", 50)):
-        images = take(code, 40)
+        images = _pbc_images(code, 40)
         assert count(images, PALE_NUCLEI, r_px) == count(images, PALE_OFF, r_px), code
 
 
