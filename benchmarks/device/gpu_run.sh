@@ -39,14 +39,18 @@ EOF
 gpu=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
 if [ "${SMALL:-0}" = 1 ]; then
   tiles="--slides 4 --size 4096 --encoder dinov2-tiny --batch 32"
-  cells="--kind aspirate --slides 2 --size 4096 --classifier deepheme-tiny --batch 32"
+  cells="--kind aspirate --specimen aspirate --slides 2 --size 4096 --classifier deepheme-tiny"
+  cells="$cells --batch 32"
   feed="--seconds 2 --cells-size 2048 --tiles-size 8192"
 else
   tiles="--slides 512 --size 24000 --encoder dinov2-vits14 --batch 256"  # ~100k tiles: the steady rate shows past the start-up
   # a marrow aspirate's density (45 nucleated cells and 9 platelets per megapixel: ~530k crops
   # over 6 slides, so the steady rate shows past the start-up), what DeepHeme reads; the
-  # blood-film smear (8 per megapixel) asks 5x the pixels per cell
-  cells="--kind aspirate --slides 6 --size 40000 --classifier deepheme-resnext50 --batch 256"
+  # blood-film smear (8 per megapixel) asks 5x the pixels per cell. Typed aspirate, as a lab's
+  # job is: detection then looks for pale nuclei too (release 0.5.0; x0.86 of its rate on a
+  # CPU); runs before session 34 were untyped
+  cells="--kind aspirate --specimen aspirate --slides 6 --size 40000"
+  cells="$cells --classifier deepheme-resnext50 --batch 256"
   feed="--seconds 8"
 fi
 # BATCH=N: both models' forward passes of N rows, in the main runs and baselines alike (the
