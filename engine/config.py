@@ -184,8 +184,9 @@ class CellDetectionConfig:
             a nucleated object more). BCCD's fields detect as without them. Through the whole
             job, a crowded slide of 285 PBC cells typed aspirate: monocytes found 37 -> 40 of
             40, no nucleated object away from a cell, the other counts the same. It costs a
-            detection process 14 % of its rate on the benchmarks' synthetic aspirate
-            (`DetectCells` over an 8192 px slide's 81 tiles: 5,803 -> 4,988 cells/s).
+            detection process 14 % of its rate on the benchmarks' synthetic aspirate at 0.25
+            µm/px (`DetectCells` over an 8192 px slide's 81 tiles: 5,803 -> 4,988 cells/s),
+            4-5 % at 0.252, where resampling the tiles costs more (`feed_capacity.py`).
         pale_platelet_merge_um: a platelet's granules lie apart in its paler hyalomere, so the
             pass finds a large platelet as several objects: pale objects within twice this of
             each other are one platelet (one of 12 µm² or more is, as any object that size,

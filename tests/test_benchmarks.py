@@ -100,6 +100,8 @@ def test_feed_capacity_runs_both_branches_in_several_processes(tmp_path, monkeyp
     for branch, rate in (("cells", 50_000), ("tiles", 20_000)):
         r = result[branch]
         assert r["slide"]["mpp"] == 0.26  # a 40x Leica scan's: cell tiles resampled to 0.25
+        # the aspirate typed as a lab's job types it (its detection looks for pale nuclei)
+        assert r["slide"]["specimen"] == {"cells": "aspirate", "tiles": "unknown"}[branch]
         assert r["one"]["processes"] == 1 and r["many"]["processes"] == 2
         assert r["one"]["items"] > 0 and r["many"]["items"] > r["one"]["items"] / 4
         assert r["many"]["per_process_s"] == pytest.approx(r["many"]["per_s"] / 2, abs=0.1)
