@@ -280,12 +280,16 @@ def test_plan_refuses_missing_mpp_and_marks_bad_files(wsi_dir):
         assert plan["status"] == "failed" and plan["error_type"] == err
 
 
-def _pbc_slide(codes: dict[str, int], path, every: int | None = None) -> tuple:
+def _pbc_slide(codes: dict[str, int], path, every: int | None = None, crop: int = 144,
+               gap: int = 80, glass: tuple = (236, 232, 240)) -> tuple:
     """A slide of real blood cells with free-lying red cells around them: ``codes[c]`` PBC
     images (CellaVision, about 0.1 µm/px) of each code ``c`` (``*``: any), every k-th of its
-    rows (``every``, or spread over them all), resampled
-    to 0.25 µm/px and laid out on glass, 12 to a row. Returns the slide and each image's
-    ``(code, x, y)`` of its centre, in slide pixels."""
+    rows (``every``, or spread over them all), resampled to 0.25 µm/px (144 px), their central
+    ``crop`` px laid out ``gap`` px apart on ``glass``, 12 to a row. The default glass scores
+    above zero (blue over red) and holds the slide's stain threshold near 31; PBC's own
+    (251, 224, 198), with the images edge to edge (``crop`` 88, ``gap`` 0: a crowded smear),
+    gives a film's (about 39). Returns the slide and each image's ``(code, x, y)`` of its
+    centre, in slide pixels."""
     if not (PBC / "labels.csv").exists():
         pytest.skip("PBC data not present")
     import csv
@@ -300,16 +304,15 @@ def _pbc_slide(codes: dict[str, int], path, every: int | None = None) -> tuple:
     for code, n in codes.items():
         of_code = [r for r in rows if code in ("*", r["code"])]
         chosen += of_code[::every or max(1, len(of_code) // n)][:n]
-    side, gap = 144, 80  # 360 px at 0.1 µm/px is 144 px at 0.25
+    side, o = crop, (144 - crop) // 2  # 360 px at 0.1 µm/px is 144 px at 0.25
     n_rows = -(-len(chosen) // 12)
-    canvas = np.full((n_rows * (side + gap) + gap, 12 * (side + gap) + gap, 3), (236, 232, 240),
-                     np.uint8)
+    canvas = np.full((n_rows * (side + gap) + gap, 12 * (side + gap) + gap, 3), glass, np.uint8)
     centres = []
     for i, r in enumerate(chosen):
         y0, x0 = gap + i // 12 * (side + gap), gap + i % 12 * (side + gap)
         with Image.open(PBC / r["path"]) as im:
-            cell = np.asarray(im.convert("RGB").resize((side, side), Image.Resampling.LANCZOS))
-        canvas[y0:y0 + side, x0:x0 + side] = cell
+            cell = np.asarray(im.convert("RGB").resize((144, 144), Image.Resampling.LANCZOS))
+        canvas[y0:y0 + side, x0:x0 + side] = cell[o:o + side, o:o + side]
         centres.append((r["code"], x0 + side / 2, y0 + side / 2))
     write_pyramid_tiff(canvas, str(path), 0.25)
     return path, centres
@@ -414,6 +417,44 @@ def test_a_bilobed_eosinophil_found_as_two_nuclei_is_one_cell(tmp_path):
     assert counted == [min(c, 1) for c in cells] and sum(counted) >= len(centres) - 2
     assert (lobe_of >= 0).sum() == sum(c - 1 for c in cells if c > 1)
     assert set(out["class_code"][lobe_of >= 0]) == {"E4"}
+
+
+def test_an_aspirate_finds_its_pale_nuclei_at_a_films_threshold(tmp_path):
+    """A crowded aspirate of real cells (PBC monocytes, myelocytes, erythroblasts and
+    lymphocytes: the central 22 µm of each image, edge to edge on PBC's glass, so the slide's
+    threshold is a film's), typed aspirate: its plan gives it the pale nuclei, and the
+    monocytes whose nuclei are paler than the threshold are found; without them
+    (``cells.pale_nucleus_specimens: [blood]``) many are lost, the erythroblasts either way,
+    and no nucleated object lies away from a cell."""
+    import dataclasses
+
+    from engine.cells import KIND_CELL, PALE_NUCLEI, PALE_OFF
+
+    path, centres = _pbc_slide({"MO2": 36, "M3": 24, "ER": 24, "L2": 12}, tmp_path / "a.tif",
+                               crop=88, gap=0, glass=(251, 224, 198))
+    cx, cy = np.array([c[1:] for c in centres]).T
+    codes = np.array([c[0] for c in centres])
+    found, thresholds = {}, set()
+    for specimens, mode in ((("blood", "aspirate"), PALE_NUCLEI), (("blood",), PALE_OFF)):
+        cfg = Config()
+        cfg = cfg.replace(cells=dataclasses.replace(cfg.cells, pale_nucleus_specimens=specimens))
+        row = PlanSlide(cfg)({"uri": str(path), "size": 1, "etag": None, "specimen": "aspirate"})
+        plan = json.loads(row["plan"])
+        assert plan["plans"]["cells"]["pale"] == mode
+        thresholds.add(plan["plans"]["cells"]["threshold"])
+        out = _detect(DetectCells(cfg), _batch(cell_tasks(row["slide_id"], row["uri"], plan)))
+        x, y = out["x"][out["kind"] == KIND_CELL], out["y"][out["kind"] == KIND_CELL]
+        d = np.hypot(x[:, None] - cx[None], y[:, None] - cy[None])  # nucleated x centres
+        hit = (d < 24).any(0)  # a nucleated object within 6 µm of the cell's centre
+        found[mode] = {c: int(hit[codes == c].sum()) for c in ("MO2", "M3", "ER", "L2")}
+        found[mode]["away"] = int((d.min(1) >= 24).sum())  # or away from every centre
+    # measured (threshold 37.9), with the pale nuclei and without: monocytes 33 / 26 of 36,
+    # myelocytes 24 / 22 of 24, erythroblasts 23 / 23, lymphocytes 12 / 11, away 3 / 3
+    assert min(thresholds) > 35  # a film's, not the light glass's 31
+    on, off = found[PALE_NUCLEI], found[PALE_OFF]
+    assert on["MO2"] >= max(31, off["MO2"] + 4)
+    assert on["M3"] >= off["M3"] and on["L2"] >= off["L2"] and on["ER"] == off["ER"] >= 22
+    assert on["away"] == off["away"]
 
 
 def test_a_section_plans_no_cell_tiles(wsi_dir):
