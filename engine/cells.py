@@ -10,7 +10,6 @@ find one in its red cells.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import cv2
@@ -32,13 +31,6 @@ def pale_pass(specimen: str, cfg: CellDetectionConfig) -> str:
     if specimen in cfg.pale_platelet_specimens:
         return PALE_ALL
     return PALE_NUCLEI if specimen in cfg.pale_nucleus_specimens else PALE_OFF
-
-
-def detector_for(mode: str, cfg: CellDetectionConfig) -> tuple[CellDetectionConfig, bool]:
-    """`detect_cells`' ``cfg`` and ``pale_platelets`` for a `pale_pass` mode."""
-    if mode == PALE_OFF:
-        return dataclasses.replace(cfg, pale_platelet_ratio=None), False
-    return cfg, mode == PALE_ALL
 
 
 def stain_score(rgb: np.ndarray) -> np.ndarray:
@@ -348,12 +340,9 @@ def _join_nucleus_parts(score: np.ndarray, threshold: float, nuclei: np.ndarray,
         else:
             continue
         members = np.union1d(parts, [target])
-        px = stats[members, cv2.CC_STAT_AREA].astype(np.float64)
-        x0, y0 = stats[members, 0].min(), stats[members, 1].min()
-        x1 = (stats[members, 0] + stats[members, 2]).max()
-        y1 = (stats[members, 1] + stats[members, 3]).max()
-        centroids[target] = (centroids[members] * px[:, None]).sum(0) / px.sum()
-        stats[target] = (x0, y0, x1 - x0, y1 - y0, px.sum())
+        cx, cy, x0, y0, x1, y1, _ = _union_box(members, centroids, stats, area)
+        centroids[target] = cx, cy
+        stats[target] = (x0, y0, x1 - x0, y1 - y0, stats[members, cv2.CC_STAT_AREA].sum())
         to[parts[parts != target]] = target
         joined += parts[parts != target].tolist()
     if not joined:
@@ -384,7 +373,7 @@ def _box(i: int, cent: np.ndarray, st: np.ndarray, area: float) -> tuple:
 
 
 def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
-                 cfg: CellDetectionConfig, pale_platelets: bool = True) -> Detections:
+                 cfg: CellDetectionConfig, pale: str = PALE_ALL) -> Detections:
     """Nucleated cells (and platelets) in one RGB tile. Platelets and nuclei too pale for the
     threshold are found around seeds above it (`_pale_objects`; none where
     ``cfg.pale_platelet_ratio`` is None) and come last.
@@ -394,10 +383,10 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
         tile_mpp: µm per tile pixel.
         threshold: the slide's stain threshold (`estimate_threshold`).
         cfg: sizes and detector resolution.
-        pale_platelets: the pale pass's platelets too, and a white cell's platelet-sized
-            nuclear parts joined (`_join_nucleus_parts`): a blood film's. False: its pale
-            nuclei alone (an aspirate's, whose denser cytoplasm the platelet part would take
-            for platelets).
+        pale: the slide's `pale_pass`: `PALE_ALL`, the pale pass's platelets and nuclei, and a
+            white cell's platelet-sized nuclear parts joined (`_join_nucleus_parts`): a blood
+            film's; `PALE_NUCLEI`, its pale nuclei alone (an aspirate's, whose denser
+            cytoplasm the platelet part would take for platelets); `PALE_OFF`, none.
 
     Returns:
         `Detections` in tile pixel coordinates.
@@ -423,14 +412,18 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
         out["area_um2"].append(a)
         out["kind"].append(KIND_CELL if a >= cfg.min_cell_area_um2 else KIND_PLATELET)
 
-    pale, pale_nuclei, absorbed, joined = [], [], np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pale_platelets, pale_nuclei = [], []
+    absorbed, joined = np.zeros(0, np.int64), np.zeros(0, np.int64)
     own = stats[:, cv2.CC_STAT_AREA] * px_area  # before parts join: whether to split a nucleus
-    if cfg.pale_platelet_ratio is not None:
+    if pale not in (PALE_ALL, PALE_NUCLEI, PALE_OFF):
+        raise ValueError(f"pale pass {pale!r}: one of {PALE_ALL}, {PALE_NUCLEI}, {PALE_OFF}")
+    platelets = pale == PALE_ALL
+    if pale != PALE_OFF and cfg.pale_platelet_ratio is not None:
         bodies = {}  # `_bodies` by cut, made once for both passes
-        pale, pale_nuclei, absorbed = _pale_objects(score, threshold, merged, labels, stats,
-                                                    mpp, cfg, bodies, pale_platelets)
+        pale_platelets, pale_nuclei, absorbed = _pale_objects(
+            score, threshold, merged, labels, stats, mpp, cfg, bodies, platelets)
         # after it, so that a pale nucleus takes its own parts; a blood film's only
-        if pale_platelets and cfg.nucleus_body_ratio is not None:
+        if platelets and cfg.nucleus_body_ratio is not None:
             labels, stats, centroids, joined = _join_nucleus_parts(
                 score, threshold, nuclei, labels, stats, centroids, mpp, cfg, absorbed, bodies)
     absorbed = set(np.asarray(absorbed).tolist()) | set(joined.tolist())
@@ -454,7 +447,7 @@ def detect_cells(tile: np.ndarray, tile_mpp: float, threshold: float,
             ys, xs = np.nonzero(part)
             add(xs.mean() + x, ys.mean() + y, xs.min() + x, ys.min() + y, xs.max() + x + 1,
                 ys.max() + y + 1, a)
-    for cx, cy, x0, y0, x1, y1, a in pale_nuclei + pale:  # after the others, in their order
+    for cx, cy, x0, y0, x1, y1, a in pale_nuclei + pale_platelets:  # after the others
         add(cx, cy, x0, y0, x1, y1, float(a))
     return Detections(*(np.asarray(out[k], np.float32 if k == "area_um2" else
                                    object if k == "kind" else np.float64)

@@ -40,13 +40,19 @@ def add_storage_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--s3-anon", action="store_true", help="read public buckets anonymously")
 
 
+def config_from_yaml(path: str | None) -> Config:
+    """Config from the YAML file at ``path`` (jobs/configs/default.yaml's keys), the defaults
+    where None."""
+    data = {}
+    if path:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    return Config.from_dict(data)
+
+
 def load_config(args: argparse.Namespace) -> Config:
     """Config from ``--config`` YAML (if any) with the storage flags applied on top."""
-    data = {}
-    if args.config:
-        with open(args.config) as fh:
-            data = yaml.safe_load(fh) or {}
-    cfg = Config.from_dict(data)
+    cfg = config_from_yaml(args.config)
     return cfg.replace(storage=storage_from_args(args, cfg.storage))
 
 

@@ -31,18 +31,18 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from engine.cells import (KIND_CELL, KIND_PLATELET, detect_cells, detector_for,
-                          estimate_threshold, match_centroids, pale_pass)
-from engine.config import CellDetectionConfig, Config
+from engine.cells import (KIND_CELL, KIND_PLATELET, PALE_ALL, detect_cells, estimate_threshold,
+                          match_centroids, pale_pass)
+from engine.config import CellDetectionConfig
 from engine.specimen import SPECIMENS
 from engine.slides.annotations import read_voc_boxes
-from jobs.common import fail, mpp_arg, resolve_source_mpp
+from jobs.common import config_from_yaml, fail, mpp_arg, resolve_source_mpp
 
 
 def evaluate_image(image_path: str, xml_path: str, mpp: float, cfg: CellDetectionConfig,
-                   pale_platelets: bool = True) -> dict:
+                   pale: str = PALE_ALL) -> dict:
     rgb = np.asarray(Image.open(image_path).convert("RGB"))
-    det = detect_cells(rgb, mpp, estimate_threshold([rgb], cfg), cfg, pale_platelets)
+    det = detect_cells(rgb, mpp, estimate_threshold([rgb], cfg), cfg, pale)
     out = {"image": os.path.basename(image_path)}
     for key, kind, name in (("", KIND_CELL, "WBC"), ("platelet_", KIND_PLATELET, "Platelets")):
         found = det.select(det.kind == kind)
@@ -65,14 +65,6 @@ def _scores(rows: list[dict], key: str = "") -> dict:
             "f1": 2 * recall * precision / (recall + precision) if recall + precision else 0.0}
 
 
-def _detector_config(path: str | None) -> CellDetectionConfig:
-    """The ``cells:`` section of the YAML config at ``path`` (the defaults where None)."""
-    if not path:
-        return CellDetectionConfig()
-    with open(path) as fh:
-        return Config.from_dict(yaml.safe_load(fh) or {}).cells
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate_detection", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,11 +79,10 @@ def main(argv=None) -> int:
                    "(as process_slides --config; jobs/configs/default.yaml)")
     args = p.parse_args(argv)
     try:
-        cfg = _detector_config(args.config)
+        cfg = config_from_yaml(args.config).cells
     except (OSError, ValueError, yaml.YAMLError) as err:  # ConfigError is a ValueError
         return fail(str(err))
     mode = pale_pass(args.specimen, cfg)
-    detector = detector_for(mode, cfg)
     pairs = []
     for name in sorted(os.listdir(args.images)):
         stem, ext = os.path.splitext(name)
@@ -107,12 +98,12 @@ def main(argv=None) -> int:
     except ValueError as err:
         return fail(str(err))
     with ThreadPoolExecutor(args.threads) as pool:
-        rows = list(pool.map(lambda pr: evaluate_image(*pr, args.mpp, *detector), pairs))
+        rows = list(pool.map(lambda pr: evaluate_image(*pr, args.mpp, cfg, mode), pairs))
     wbc = _scores(rows)
     report = {
         "images": len(rows), "wbc_boxes": wbc.pop("boxes"), **wbc,
         "platelets": _scores(rows, "platelet_"),
-        "mpp": args.mpp, "pale_pass": mode, "detector": detector[0].__dict__,
+        "mpp": args.mpp, "pale_pass": mode, "detector": cfg.__dict__,
         "images_with_misses": [r["image"] for r in rows if r["missed"]],
         "images_with_extra_detections": [r["image"] for r in rows if r["extra"]],
     }

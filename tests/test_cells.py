@@ -351,16 +351,15 @@ def test_real_pale_nuclei_are_found_on_aspirates_too():
     monocytes, myelocytes and eosinophils (0.1 µm/px) at the threshold of a six-class mix are
     found where without it many are lost, a class bias (monocytes 34 of 60 found); the
     erythroblasts and the objects at the centre of platelet images stay as they were."""
-    from engine.cells import PALE_NUCLEI, PALE_OFF, detector_for, pale_pass
+    from engine.cells import PALE_NUCLEI, PALE_OFF, pale_pass
 
     assert pale_pass("aspirate", CFG) == PALE_NUCLEI and pale_pass("unknown", CFG) == PALE_OFF
     thr = _mix_threshold()
 
     def count(images, mode, r_px):  # images with a nucleated object near the centre; objects
-        cfg, pale_platelets = detector_for(mode, CFG)
         found = objects = 0
         for im in images:
-            d = detect_cells(im, 0.1, thr, cfg, pale_platelets)
+            d = detect_cells(im, 0.1, thr, CFG, mode)
             h, w = im.shape[:2]
             near = np.hypot(d.x - w / 2, d.y - h / 2) < r_px
             found += bool((near & (d.kind == KIND_CELL)).any())
@@ -676,14 +675,14 @@ def test_synthetic_aspirate_cells_are_found_once_each():
     """The benchmarks' aspirate field (45 nucleated cells per megapixel, lobed nuclei among them,
     red cells over 45 % of it): every drawn nucleus is one nucleated detection, platelets are
     platelets; with the whole pale pass and with an aspirate's (its pale nuclei alone)."""
-    from engine.cells import PALE_ALL, PALE_NUCLEI, detector_for
+    from engine.cells import PALE_ALL, PALE_NUCLEI
     from engine.slides.synthetic import aspirate_block
 
     for seed, mode in ((0, PALE_ALL), (1, PALE_ALL), (0, PALE_NUCLEI), (1, PALE_NUCLEI)):
-        cfg, pale_platelets = detector_for(mode, CellDetectionConfig())
+        cfg = CellDetectionConfig()
         img, centres = aspirate_block(seed, side=1024)
         assert 35 <= len(centres) <= 50
-        det = detect_cells(img, 0.25, estimate_threshold([img], cfg), cfg, pale_platelets)
+        det = detect_cells(img, 0.25, estimate_threshold([img], cfg), cfg, mode)
         cell = det.kind == KIND_CELL
         boxes = [(x - 8, y - 8, x + 8, y + 8) for x, y in centres]  # within 2 µm of the centre
         matched, missed, extra = match_centroids(det.x[cell], det.y[cell], boxes)

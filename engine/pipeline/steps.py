@@ -18,9 +18,8 @@ import numpy as np
 from PIL import Image
 
 from engine.classes import DEEPHEME_CODES
-from engine.cells import (KIND_CELL, KIND_PLATELET, PALE_ALL, PALE_NUCLEI, PALE_OFF,
-                          crops_around, detect_cells, detector_for, estimate_threshold,
-                          inside_of_crops, owned_by_tile, pale_pass)
+from engine.cells import (KIND_CELL, KIND_PLATELET, PALE_OFF, crops_around, detect_cells,
+                          estimate_threshold, inside_of_crops, owned_by_tile, pale_pass)
 from engine.cellularity import AreaRules, calibrate, tile_area_counts
 from engine.config import Config
 from engine.errors import MissingMPP, SlideError
@@ -506,8 +505,6 @@ class DetectCells:
         limit_native_threads(cfg.pipeline.native_threads)
         self.cfg = cfg
         self.readers = ReaderCache(cfg)
-        # by the slide's plan: the pale pass its specimen type gets (`engine.cells.pale_pass`)
-        self.detection = {m: detector_for(m, cfg.cells) for m in (PALE_ALL, PALE_NUCLEI, PALE_OFF)}
         self.scored = scored_kinds(cfg.pipeline.classifier.platelets)
         self._ready = ready_since(t_born)
 
@@ -548,8 +545,9 @@ class DetectCells:
             tile = read_tile(reader, t["level"], t["x"], t["y"], t["read_px"], t["tile_px"])
         except SlideError as err:
             return self._marker(t, "error", type(err).__name__, str(err))
-        det = detect_cells(tile, float(t["tile_mpp"]), float(t["threshold"]),
-                           *self.detection[str(t.get("pale", PALE_OFF))])
+        # the pale pass the slide's plan gives its specimen type (`engine.cells.pale_pass`)
+        det = detect_cells(tile, float(t["tile_mpp"]), float(t["threshold"]), self.cfg.cells,
+                           str(t.get("pale", PALE_OFF)))
         f = float(t["tile_mpp"]) / float(t["mpp0"])  # level-0 px per tile px
         cx, cy = t["x"] + det.x * f, t["y"] + det.y * f
         own = owned_by_tile(cx, cy, int(t["x"]), int(t["y"]), float(t["stride"]),
