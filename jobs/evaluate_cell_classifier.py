@@ -2,7 +2,7 @@
 
     python -m jobs.evaluate_cell_classifier --checkpoint <model.safetensors> [--checkpoint …]
         --data <dir with labels.csv: path,code> [--source-mpp 0.1] [--plots <dir>]
-        [--saliency N] [--blur-um S]
+        [--saliency N] [--blur-um S] [--compare-to <baseline.safetensors> …] [--bootstrap N]
 
 Prints one JSON document to stdout: accuracy, macro F1, mean one-vs-rest AUC, per-class
 precision/recall/F1/AUC/support, how many classes have precision and recall above 0.8, group-level
@@ -13,6 +13,13 @@ Grad-CAM of the call and of the true class (`engine.models.saliency`), to see wh
 for the wrong class's sign. ``focus`` says how blurred the cells are as the model gets them
 (`engine.focus`); ``--blur-um S`` blurs them first, at their own pixels, to measure what a
 region out of focus does to the calls.
+
+A test split is a sample, so ``ci95`` gives each figure's 95 % interval over image-level
+bootstrap resamples (``--bootstrap``, 2,000). ``--compare-to`` scores a baseline (the reference
+checkpoint, or a model before fine-tuning) on the same images and reports, in ``comparison``,
+its figures and the paired differences (this model minus the baseline) with their intervals and
+the share of resamples in which this model scores higher: a change whose interval holds 0 is
+one this split cannot tell from chance.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from engine.models import create_model, read_checkpoint
 from engine.models.checkpoint import CheckpointError
 from engine.train.data import read_labels
 from engine.train.evaluation import evaluate_classifier
+from engine.train.metrics import BOOTSTRAP_RESAMPLES
 from jobs.common import (add_storage_args, local_data, mpp_arg, refuses_unreadable,
                          resolve_source_mpp, storage_from_args)
 
@@ -49,6 +57,12 @@ def parse_args(argv=None):
                    help="blur each image at its own pixels by a Gaussian of this sigma (µm) "
                         "before resampling: how the model fares on cells a scanner left out "
                         "of focus (the report's 'focus' says how many cells.max_blur_um flags)")
+    p.add_argument("--compare-to", action="append", default=[], metavar="CHECKPOINT",
+                   help="a baseline scored on the same images (repeat for an ensemble): "
+                        "paired differences with 95 %% intervals in 'comparison'")
+    p.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, metavar="N",
+                   help="image-level bootstrap resamples for the 95 %% intervals (0: none; "
+                        "default %(default)s)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--fp32", action="store_true",
                    help="float32 throughout (default: bf16 autocast on CUDA and on CPUs with "
@@ -57,24 +71,33 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def load(checkpoint: str, storage):
+    """A classifier checkpoint built as its card names it."""
+    _, card = read_checkpoint(checkpoint, storage)
+    return create_model(card["name"], checkpoint, storage=storage)
+
+
 @refuses_unreadable
 def main(argv=None) -> int:
     args = parse_args(argv)
     storage = storage_from_args(args)
     try:
-        models = []
-        for ckpt in args.checkpoint:
-            _, card = read_checkpoint(ckpt, storage)
-            models.append(create_model(card["name"], ckpt, storage=storage))
+        models = [load(ckpt, storage) for ckpt in args.checkpoint]
+        baseline = [load(ckpt, storage) for ckpt in args.compare_to]
         local_data(args)
         data = read_labels(args.data)
         args.source_mpp = resolve_source_mpp(args.source_mpp, data.paths)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2
-    report, arrays = evaluate_classifier(models, data, args.source_mpp, args.batch_size,
-                                         tta=not args.no_tta, amp=not args.fp32,
-                                         blur_um=args.blur_um)
+    try:
+        report, arrays = evaluate_classifier(models, data, args.source_mpp, args.batch_size,
+                                             tta=not args.no_tta, amp=not args.fp32,
+                                             blur_um=args.blur_um, bootstrap=args.bootstrap,
+                                             baseline=baseline)
+    except ValueError as err:
+        print(f"hemeflow: error: {err}", file=sys.stderr)
+        return 2
     os.makedirs(args.plots, exist_ok=True)
     from engine.report.plots import plot_confusion, plot_umap
 

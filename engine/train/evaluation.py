@@ -12,7 +12,7 @@ from engine.focus import edge_blur_um
 from engine.models.factory import LoadedModel
 from engine.models.inference import EnsemblePredictor, default_device, native_bf16
 from engine.train.data import LabelledImages, load_cell_images
-from engine.train.metrics import classification_metrics
+from engine.train.metrics import BOOTSTRAP_RESAMPLES, classification_metrics, paired_bootstrap
 
 
 def ordered_codes(codes) -> list[str]:
@@ -71,11 +71,16 @@ def focus_report(crops: np.ndarray, mpp: float, added_um: float) -> dict:
 
 def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_mpp: float,
                         batch_size: int = 256, device=None, tta: bool = True,
-                        amp: bool = True, blur_um: float = 0.0) -> tuple[dict, dict]:
+                        amp: bool = True, blur_um: float = 0.0,
+                        bootstrap: int = BOOTSTRAP_RESAMPLES,
+                        baseline: list[LoadedModel] | None = None) -> tuple[dict, dict]:
     """Metrics on the rows whose code the model predicts; group-level accuracy on rows labelled
     only with a group (``IG`` when the model predicts M2–M4); other rows reported, not dropped.
     ``focus``: how blurred the images are as the model gets them (`engine.focus`), after
     ``blur_um`` added at their own pixels (a scanner out of focus; 0: as they are).
+    ``bootstrap``: resamples for the 95 % intervals (``ci95``; 0: none). ``baseline``: another
+    model (or ensemble) of the same classes scored on the same crops; ``comparison`` holds its
+    figures and the paired differences (`engine.train.metrics.paired_bootstrap`).
 
     Returns:
         ``(report, arrays)`` where arrays holds ``probs``, ``features``, ``y`` (-1 for rows not
@@ -83,6 +88,14 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
     """
     spec = models[0].spec
     codes = list(models[0].class_codes)
+    if baseline and (list(baseline[0].class_codes) != codes
+                     or baseline[0].spec.input_px != spec.input_px
+                     or baseline[0].spec.input_mpp != spec.input_mpp):
+        raise ValueError(
+            f"the baseline ({baseline[0].spec.name}: {len(baseline[0].class_codes)} classes, "
+            f"{baseline[0].spec.input_px} px at {baseline[0].spec.input_mpp} µm/px) is not "
+            f"scored as the model is ({spec.name}: {len(codes)} classes, {spec.input_px} px at "
+            f"{spec.input_mpp} µm/px): compare models of the same classes and input")
     crop = load_cell_images(data.paths, source_mpp, spec.input_mpp, spec.input_px,
                             blur_um=blur_um)
     probs, feats = predict_images(models, crop, batch_size, device, with_features=True,
@@ -90,7 +103,8 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
     index = {c: i for i, c in enumerate(codes)}
     y = np.array([index.get(c, -1) for c in data.codes])
     scored = y >= 0
-    report = classification_metrics(y[scored], probs[scored], codes) if scored.any() else {}
+    report = classification_metrics(y[scored], probs[scored], codes,
+                                    bootstrap) if scored.any() else {}
     pred_codes = [codes[i] for i in probs.argmax(1)] if len(probs) else []
     group_rows = collections.defaultdict(lambda: [0, 0])
     uncovered = collections.Counter()
@@ -114,7 +128,26 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
         "ood": ood_report(models[0], feats, data.codes),
         "focus": focus_report(crop, spec.input_mpp, blur_um),
     })
+    if baseline and scored.any():
+        report["comparison"] = compare_to_baseline(baseline, crop, y[scored], scored, probs,
+                                                   codes, batch_size, device, tta, amp,
+                                                   bootstrap)
     return report, {"probs": probs, "features": feats, "y": y}
+
+
+def compare_to_baseline(baseline: list[LoadedModel], crops: np.ndarray, y: np.ndarray,
+                        scored: np.ndarray, probs: np.ndarray, codes, batch_size: int, device,
+                        tta: bool, amp: bool, bootstrap: int) -> dict:
+    """The baseline's figures on the scored ``crops`` and the model's paired differences
+    from them (``probs``: the model's, on every crop)."""
+    theirs, _ = predict_images(baseline, crops[scored], batch_size, device, tta=tta, amp=amp)
+    m = classification_metrics(y, theirs, codes)
+    return {"baseline": {"weights": [b.weights for b in baseline],
+                         "ensemble_size": len(baseline),
+                         **{k: m[k] for k in ("accuracy", "macro_f1",
+                                              "classes_precision_recall_above_0_8")}},
+            **paired_bootstrap(y, probs[scored].argmax(1), theirs.argmax(1), codes,
+                               bootstrap or BOOTSTRAP_RESAMPLES)}
 
 
 def probe_embeddings(features: np.ndarray, codes, seed: int = 0, test_fraction: float = 0.2

@@ -105,6 +105,11 @@ def test_job_calibrates_on_training_rows_and_scores_the_test_split(tmp_path, cap
     ev = report["evaluation"]
     assert ev["float"]["n"] == ev["int8"]["n"] == 9  # 15 % of 60, stratified
     assert ev["int8"]["precision"] == "int8" and ev["int8"]["crops_per_s"] > 0
+    # int8's change paired on the same 9 images: the measured difference inside its interval
+    d = ev["int8_minus_float"]["macro_f1"]
+    assert d["difference"] == pytest.approx(ev["int8"]["macro_f1"] - ev["float"]["macro_f1"],
+                                            abs=2e-4)
+    assert d["difference_ci"][0] <= d["difference"] <= d["difference_ci"][1]
     _, card = read_checkpoint(out)
     assert card["quantization"]["evaluation"] == ev
     assert quantize_cell_classifier.main(["--checkpoint", out, "--data", str(tmp_path / "d"),

@@ -208,6 +208,8 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     card = json.loads((out / "model.json").read_text())
     assert card["architecture"] == "test_resnet" and card["metrics"]["test"]["n"] > 0
+    lo, hi = card["metrics"]["test"]["ci95"]["macro_f1"]  # the card's figures with intervals
+    assert lo <= card["metrics"]["test"]["macro_f1"] <= hi
     # the same command again (a rerun after a crash): a complete fold is not trained again
     weights = (out / "fold-0" / "model.safetensors").read_bytes()
     assert train_cell_classifier.main(
@@ -250,6 +252,39 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys):
     # a one-epoch model errs: its most confident wrong calls, with where it looked
     assert report["errors_png"] == str(tmp_path / "plots" / "errors.png")
     assert (tmp_path / "plots" / "errors.png").stat().st_size > 10_000
+    # each figure with its 95 % interval over bootstrap resamples of the test images
+    lo, hi = report["ci95"]["macro_f1"]
+    assert lo <= report["macro_f1"] <= hi and report["ci95"]["resamples"] == 2000
+
+    # against the reference checkpoint on the same images: the one-epoch model is worse, and
+    # the paired interval of the difference says so
+    from engine.models.registry import get_spec
+
+    reference = get_spec("deepheme-resnext50").checkpoint_uri()
+    assert evaluate_cell_classifier.main(
+        ["--checkpoint", str(out / "model.safetensors"), "--data", str(out / "test"), "--plots",
+         str(tmp_path / "plots"), "--no-umap", "--no-tta", "--compare-to", reference,
+         "--bootstrap", "500"]) == 0
+    compared = json.loads(capsys.readouterr().out)["comparison"]
+    assert compared["baseline"]["weights"] == [reference] and compared["n"] == report["n"]
+    assert compared["baseline"]["macro_f1"] > 0.6 and compared["resamples"] == 500
+    d = compared["macro_f1"]
+    assert d["difference"] < 0 and d["difference_ci"][1] < 0 and d["share_higher"] < 0.05
+    # 14 images of 11 classes: a resample's macro F1 is over the classes it drew, so the
+    # interval still holds the measured difference
+    assert d["difference_ci"][0] <= d["difference"] <= d["difference_ci"][1]
+    assert set(compared["per_class_f1"]) == set(card["class_codes"])
+    # a baseline of other classes is refused, naming both
+    from engine.models import write_checkpoint
+
+    other = create_model("deepheme-tiny", allow_untrained=True, class_codes=["L2", "MO2"])
+    write_checkpoint(other.module.state_dict(), {"name": "deepheme-tiny", "architecture":
+                     other.spec.architecture, "class_codes": ["L2", "MO2"]},
+                     str(tmp_path / "two.safetensors"))
+    assert evaluate_cell_classifier.main(
+        ["--checkpoint", str(out / "model.safetensors"), "--data", str(out / "test"),
+         "--compare-to", str(tmp_path / "two.safetensors"), "--no-umap"]) == 2
+    assert "deepheme-tiny: 2 classes" in capsys.readouterr().err
 
 
 def _pbc_subset(folder, per_code: int, drop: int = 0):
