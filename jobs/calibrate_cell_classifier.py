@@ -1,14 +1,19 @@
-"""Fit per-class logit offsets on the validation split a checkpoint was trained with, and write a
-checkpoint with them folded into its final bias (``engine.train.calibration``).
+"""Fit per-class logit offsets, or a softmax temperature, on the validation split a checkpoint
+was trained with, and write a checkpoint with them (``engine.train.calibration``).
 
     python -m jobs.calibrate_cell_classifier --checkpoint <ckpt.safetensors> --data <dir with
-        labels.csv> --output <new.safetensors> [--source-mpp 0.1] [--seed 0]
+        labels.csv> --output <new.safetensors> [--temperature] [--source-mpp 0.1] [--seed 0]
         [--test-fraction 0.15] [--exclude-codes IG,NEU] [--folds 1] [--fold 0] [--no-tta]
 
 The split is rebuilt exactly as ``jobs.train_cell_classifier`` made it (same seed, test fraction,
-excluded codes and folds): offsets are fitted on that fold's validation images only, never on the
-test rows. Prints JSON: the offsets and validation metrics before and after. Score the result on
-the test split with ``jobs.evaluate_cell_classifier``.
+excluded codes and folds): the fit sees that fold's validation images only, never the test rows.
+
+By default, per-class offsets that maximise validation macro F1 are folded into the final bias
+(they move the calls). ``--temperature`` fits the temperature that makes the probabilities
+honest instead (by likelihood; it moves no call) and records it in the card, where loading
+applies it; the weights are copied as they are. Prints JSON: what was fitted, and validation
+metrics (with the calibration error) before and after. Score the result on the test split with
+``jobs.evaluate_cell_classifier``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--folds", type=int, default=1)
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--no-tta", action="store_true", help="fit on single views")
+    p.add_argument("--temperature", action="store_true",
+                   help="fit a softmax temperature (calibrated class_prob; calls unchanged) "
+                        "instead of per-class offsets")
     return p.parse_args(argv)
 
 
@@ -57,13 +65,13 @@ def main(argv=None) -> int:
 
     from engine.models import create_model
     from engine.models.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
-    from engine.train.calibration import calibrate, classifier_bias_key
+    from engine.train.calibration import calibrate, classifier_bias_key, fit_temperature_on
     from engine.train.data import load_cell_images
 
     storage = storage_from_args(args)
     try:
         state, card = read_checkpoint(args.checkpoint, storage)
-        model = create_model(card["name"], args.checkpoint, storage=storage)
+        model = create_model(card["name"], args.checkpoint, storage=storage, calibrated=False)
         paths, y, codes, test_paths = validation_rows(args)
         args.source_mpp = resolve_source_mpp(args.source_mpp, paths)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
@@ -76,20 +84,31 @@ def main(argv=None) -> int:
     assert not set(paths) & test_paths, "validation rows overlap the test split"
     spec = model.spec
     images = load_cell_images(paths, args.source_mpp, spec.input_mpp, spec.input_px)
+    split = {"seed": args.seed, "test_fraction": args.test_fraction,
+             "exclude_codes": args.exclude_codes, "folds": args.folds, "fold": args.fold}
+    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    card = dict(card)
+    card.pop("metrics", None)  # earlier test metrics describe the model before this fit
+    if args.temperature:
+        card["temperature"] = {
+            "method": "softmax temperature fitted by likelihood on the validation split"
+                      + ("" if args.no_tta else " (8-view TTA)") + "; the final layer is "
+                      "divided by it when the checkpoint is loaded",
+            "from_checkpoint": args.checkpoint, "n_val": int(len(y)), "split": split,
+            "created": created, **fit_temperature_on(model, images, y, tta=not args.no_tta)}
+        write_checkpoint(state, card, args.output, storage)
+        print(json.dumps(card["temperature"], indent=2))
+        return 0
     result = calibrate(model, images, y, tta=not args.no_tta)
     key = classifier_bias_key(model)
     offsets = np.array([result["offsets"][c] for c in codes], np.float32)
     bias = state[key]
     state[key] = (bias.float() + torch.from_numpy(offsets)).to(bias.dtype)
-    card = dict(card)
     card["calibration"] = {
         "method": "per-class logit offsets added to the final bias, fitted by coordinate "
                   "ascent on validation macro F1" + ("" if args.no_tta else " (8-view TTA)"),
         "bias_key": key, "from_checkpoint": args.checkpoint, "n_val": int(len(y)),
-        "split": {"seed": args.seed, "test_fraction": args.test_fraction,
-                  "exclude_codes": args.exclude_codes, "folds": args.folds, "fold": args.fold},
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **result}
-    card.pop("metrics", None)  # earlier test metrics describe the uncalibrated model
+        "split": split, "created": created, **result}
     write_checkpoint(state, card, args.output, storage)
     print(json.dumps(card["calibration"], indent=2))
     return 0

@@ -119,6 +119,9 @@ def parse_args(argv=None):
     p.add_argument("--limit-per-class", type=int, help="use at most this many images per class")
     p.add_argument("--no-ood", action="store_true",
                    help="do not give the checkpoints a feature density (engine.models.ood)")
+    p.add_argument("--no-temperature", action="store_true",
+                   help="do not fit a softmax temperature on each fold's validation split "
+                        "(class_prob as trained, uncalibrated)")
     p.add_argument("--seed", type=int, default=0)
     add_storage_args(p)
     args = p.parse_args(argv)
@@ -296,6 +299,23 @@ def fit_fold_density(model: LoadedModel, prepared: str, args):
     return density, {**fitted, "rows": "training split (this run's prepared images)"}
 
 
+def fit_fold_temperature(model: LoadedModel, prepared: str, fold: int) -> dict:
+    """The card's ``temperature`` section: the softmax temperature fitted by likelihood on the
+    fold's validation crops (centre crops, 8-view TTA, the fold's weights as trained;
+    `engine.train.calibration.fit_temperature_on`), which loading the checkpoint applies."""
+    from engine.train.calibration import fit_temperature_on
+    from engine.train.cell_classifier import load_prepared
+
+    images, labels, _, val_idx = load_prepared(prepared, fold)
+    c = model.spec.input_px
+    top, left = (images.shape[1] - c) // 2, (images.shape[2] - c) // 2
+    crops = np.ascontiguousarray(images[np.sort(val_idx)][:, top:top + c, left:left + c])
+    return {"method": "softmax temperature fitted by likelihood on the fold's validation split "
+                      "(8-view TTA); the final layer is divided by it when the checkpoint is "
+                      "loaded", "n_val": int(len(val_idx)),
+            **fit_temperature_on(model, crops, labels[np.sort(val_idx)])}
+
+
 def best_weights(folder: str) -> dict:
     from safetensors.torch import load_file
 
@@ -387,6 +407,8 @@ def main(argv=None) -> int:
         if not args.no_ood:
             density, card["ood"] = fit_fold_density(model, prepared, args)
             state.update(density.state_dict() if density is not None else {})
+        if not args.no_temperature:
+            card["temperature"] = fit_fold_temperature(model, prepared, fold)
         write_checkpoint(state, card, os.path.join(out, f"fold-{fold}", "model.safetensors"),
                          dtype=torch.float16)
         if is_remote(args.output):  # now, not at the end: a rerun on a new cluster keeps it

@@ -29,6 +29,8 @@ class LoadedModel:
         mean, std: input normalisation from timm's data config.
         int8: the int8 body, from an int8 checkpoint (CPU only).
         ood: the training data's feature density, from a checkpoint that carries one.
+        temperature: the softmax temperature its final layer was divided by at loading (the
+            card's ``temperature.value``; 1: none).
     """
 
     module: torch.nn.Module
@@ -40,6 +42,7 @@ class LoadedModel:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     int8: torch.nn.Module | None = None  # int8 body for CPUs, from an int8 checkpoint
     ood: FeatureDensity | None = None  # distance to the training data (engine.models.ood)
+    temperature: float = 1.0
 
     @property
     def trained(self) -> bool:
@@ -76,7 +79,7 @@ def build_kwargs(kwargs) -> tuple[tuple[str, object], ...]:
 def create_model(name: str, checkpoint: str | None = None, *, class_codes=None,
                  allow_untrained: bool = False, hub: bool = False,
                  storage: StorageConfig | None = None, seed: int | None = None,
-                 any_build: bool = False) -> LoadedModel:
+                 any_build: bool = False, calibrated: bool = True) -> LoadedModel:
     """Build a registered model with weights.
 
     Weights come from ``checkpoint`` if given, else the spec's default checkpoint if it exists,
@@ -87,6 +90,10 @@ def create_model(name: str, checkpoint: str | None = None, *, class_codes=None,
 
     ``any_build``: load a checkpoint of the same architecture trained in another build of it
     (`build_kwargs`): a start to fine-tune from, never a model to run.
+
+    ``calibrated``: divide the final layer by the card's softmax temperature
+    (`engine.train.calibration.fit_temperature`), as every model that runs is; False gives the
+    weights as trained (a start to fine-tune from, or to fit a calibration on).
 
     Raises:
         ValueError: unknown name (lists the registered ones).
@@ -117,7 +124,15 @@ def create_model(name: str, checkpoint: str | None = None, *, class_codes=None,
         if missing or unexpected:
             raise CheckpointError(f"{uri} does not fit {spec.architecture}: missing "
                                   f"{missing[:5]}, unexpected {unexpected[:5]}")
+        temperature = card_temperature(card, uri) if calibrated else 1.0
+        if temperature != 1.0:
+            head = module.get_classifier()
+            with torch.no_grad():
+                head.weight.div_(temperature)
+                if head.bias is not None:
+                    head.bias.div_(temperature)
         loaded = _finish(module, spec, codes, card, uri)
+        loaded.temperature = temperature
         try:
             loaded.ood = FeatureDensity.from_state(density)
         except ValueError as err:
@@ -156,6 +171,18 @@ def _existing(uri: str | None) -> str | None:
     if uri is None or "://" in uri:
         return uri
     return uri if os.path.exists(uri) else None
+
+
+def card_temperature(card: dict, uri: str = "") -> float:
+    """The softmax temperature a card records (``temperature.value``), 1 where it has none.
+
+    Raises:
+        CheckpointError: a value that is not a positive finite number.
+    """
+    value = (card.get("temperature") or {}).get("value", 1.0)
+    if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise CheckpointError(f"{uri}: temperature {value!r} is not a positive number")
+    return float(value)
 
 
 def _finish(module, spec, codes, card, weights) -> LoadedModel:

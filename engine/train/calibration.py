@@ -6,6 +6,11 @@ over-called, its neighbour under-called. Adding an offset per class to the logit
 lines; the offsets that maximise macro F1 on the validation split (never the test split) are
 found by coordinate ascent, and added to the final layer's bias, so the checkpoint stays a plain
 model and every consumer (evaluation, ``process_slides``) sees the same outputs.
+
+A softmax temperature (`fit_temperature`) changes no call and fixes what the probabilities
+mean: fitted on the same validation split by likelihood, it goes in the card
+(``temperature.value``), and `engine.models.create_model` divides the final layer by it when it
+loads the checkpoint, so every consumer sees the calibrated ``class_prob`` too.
 """
 
 from __future__ import annotations
@@ -69,6 +74,27 @@ def fit_offsets(view_logits: np.ndarray, y: np.ndarray, rounds: int = 3,
     return offsets
 
 
+def fit_temperature(view_logits: np.ndarray, y: np.ndarray,
+                    bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The softmax temperature ``T`` that minimises the negative log-likelihood of ``y`` under
+    the mean over views of softmax(logits / T), as ``Predictor.predict`` averages views
+    (Guo et al. 2017). Dividing logits by a positive ``T`` changes no view's call; it makes the
+    probabilities say how often calls like them are right (``T`` < 1: the model was
+    underconfident, as label smoothing leaves it)."""
+    from scipy.optimize import minimize_scalar
+
+    logits = torch.from_numpy(np.ascontiguousarray(view_logits, np.float32)).double()
+    target = torch.from_numpy(np.asarray(y, np.int64))
+
+    def nll(log_t: float) -> float:
+        p = torch.softmax(logits / np.exp(log_t), dim=2).mean(0)
+        return float(-torch.log(p[torch.arange(len(target)), target].clamp_min(1e-12)).mean())
+
+    lo, hi = np.log(bounds[0]), np.log(bounds[1])
+    return float(np.exp(minimize_scalar(nll, bounds=(lo, hi), method="bounded",
+                                        options={"xatol": 1e-4}).x))
+
+
 def classifier_bias_key(model: LoadedModel) -> str:
     """The state-dict key of the final layer's bias (``fc.bias`` for ResNeXt)."""
     head = model.module.get_classifier()
@@ -87,6 +113,24 @@ def calibrate(model: LoadedModel, images: np.ndarray, y: np.ndarray, tta: bool =
     after = classification_metrics(y, probabilities(logits, offsets), codes)
     return {"offsets": {c: round(float(o), 2) for c, o in zip(codes, offsets)},
             "val_before": _summary(before), "val_after": _summary(after)}
+
+
+def fit_temperature_on(model: LoadedModel, images: np.ndarray, y: np.ndarray,
+                       tta: bool = True, device=None) -> dict:
+    """Fit a temperature on validation ``images`` (labels ``y``: indices into the model's
+    codes) with the model as trained; returns it (``value``) and the validation metrics,
+    with their calibration error, before and after."""
+    logits = collect_view_logits(model, images, tta, device=device)
+    t = round(fit_temperature(logits, y), 4)  # as the card records it
+    codes = list(model.class_codes)
+    zero = np.zeros(len(codes))
+    before = classification_metrics(y, probabilities(logits, zero), codes)
+    after = classification_metrics(y, probabilities(logits / t, zero), codes)
+    keep = ("accuracy", "macro_f1", "n")
+    return {"value": t, **{
+        side: {k: m[k] for k in keep} | {k: m["calibration"][k]
+                                         for k in ("ece", "nll", "mean_confidence")}
+        for side, m in (("val_before", before), ("val_after", after))}}
 
 
 def _summary(m: dict) -> dict:

@@ -130,7 +130,8 @@ def load_init(module: torch.nn.Module, uri: str, arch: str, codes: list[str],
     """
     from engine.models.factory import create_model
 
-    start = create_model(arch, uri, storage=storage, any_build=True)  # (an output stride)
+    # the weights as trained (another output stride allowed; no card temperature)
+    start = create_model(arch, uri, storage=storage, any_build=True, calibrated=False)
     weights = {k: v.float() if v.is_floating_point() else v
                for k, v in start.module.state_dict().items()}
     old = list(start.class_codes)

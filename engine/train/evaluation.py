@@ -145,7 +145,8 @@ def compare_to_baseline(baseline: list[LoadedModel], crops: np.ndarray, y: np.nd
     return {"baseline": {"weights": [b.weights for b in baseline],
                          "ensemble_size": len(baseline),
                          **{k: m[k] for k in ("accuracy", "macro_f1",
-                                              "classes_precision_recall_above_0_8")}},
+                                              "classes_precision_recall_above_0_8")},
+                         **{k: m["calibration"][k] for k in ("ece", "nll", "mean_confidence")}},
             **paired_bootstrap(y, probs[scored].argmax(1), theirs.argmax(1), codes,
                                bootstrap or BOOTSTRAP_RESAMPLES)}
 

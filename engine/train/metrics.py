@@ -54,9 +54,37 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_codes,
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "class_codes": codes,
     }
+    if len(y_true):
+        out["calibration"] = calibration_report(y_true, probs)
     if bootstrap and len(y_true):
         out["ci95"] = bootstrap_intervals(y_true, y_pred, codes, bootstrap, seed)
     return out
+
+
+def calibration_report(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict:
+    """How far the top probability (``class_prob``) can be read as the chance the call is right.
+
+    ``ece``: the expected calibration error, the mean over equal-width bins of top probability
+    of |accuracy - mean probability|, weighted by the bin's share of images (Guo et al. 2017);
+    ``nll``: the mean negative log-probability of the true class; ``mean_confidence`` against
+    ``accuracy``: a model below its accuracy is underconfident (label smoothing makes one so);
+    ``reliability``: per non-empty bin its upper edge, images, mean probability and accuracy.
+    """
+    y_true, probs = np.asarray(y_true), np.asarray(probs, np.float64)
+    conf, right = probs.max(1), probs.argmax(1) == y_true
+    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            ece += m.mean() * abs(right[m].mean() - conf[m].mean())
+            table.append({"upper": round((b + 1) / bins, 4), "n": int(m.sum()),
+                          "confidence": round(float(conf[m].mean()), 4),
+                          "accuracy": round(float(right[m].mean()), 4)})
+    true_p = np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, 1.0)
+    return {"ece": round(float(ece), 4), "nll": round(float(-np.log(true_p).mean()), 4),
+            "mean_confidence": round(float(conf.mean()), 4), "bins": bins,
+            "reliability": table}
 
 
 def _resampled_confusions(y_true: np.ndarray, preds: list[np.ndarray], n_classes: int,

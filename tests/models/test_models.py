@@ -158,6 +158,13 @@ def test_shipped_reference_checkpoint_loads_with_its_card():
                                       "MO2", "PLT"}
     assert model.card["input_mpp"] == 0.25 and model.card["input_px"] == 96
     assert model.card["metrics"]["test"]["macro_f1"] > 0.85
+    # its softmax temperature (fitted on the validation split) is applied as it loads
+    assert model.temperature == model.card["temperature"]["value"] < 1
+    raw = create_model("deepheme-resnext50", calibrated=False)
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model.module(x) * model.temperature, raw.module(x),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def _resnext():

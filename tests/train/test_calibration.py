@@ -1,5 +1,6 @@
-"""Per-class logit offsets: recovered on synthetic logits, and the job fits them on the
-training split's validation rows only and folds them into the checkpoint's final bias."""
+"""Per-class logit offsets and the softmax temperature: recovered on synthetic logits; the job
+fits them on the training split's validation rows only, folds offsets into the final bias and
+records a temperature in the card, which loading applies."""
 
 import csv
 import json
@@ -70,3 +71,72 @@ def test_job_fits_on_validation_rows_and_folds_offsets_into_the_bias(tmp_path):
         if k != cal["bias_key"]:
             assert torch.equal(new[k], old[k]), k
     json.dumps(card)  # the card stays plain JSON
+
+
+def _honest_logits(n: int, views: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits whose softmax is the chance of each label (labels drawn from it): calibrated."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2.0, (1, n, 4)) + rng.normal(0, 0.3, (views, n, 4))
+    p = probabilities(logits, np.zeros(4))
+    y = np.array([rng.choice(4, p=row / row.sum()) for row in p])
+    return logits.astype(np.float32), y
+
+
+def test_temperature_undoes_an_overconfident_softmax_and_moves_no_call():
+    from engine.train.calibration import fit_temperature
+    from engine.train.metrics import calibration_report
+
+    logits, y = _honest_logits(4000, 8, 2)
+    assert fit_temperature(logits, y) == pytest.approx(1.0, abs=0.1)
+    sharp = logits * 2.0  # twice as sure as it has reason to be
+    t = fit_temperature(sharp, y)
+    assert t == pytest.approx(2.0, rel=0.1)
+    before = calibration_report(y, probabilities(sharp, np.zeros(4)))
+    after = calibration_report(y, probabilities(sharp / t, np.zeros(4)))
+    assert after["ece"] < before["ece"] / 2 and after["nll"] < before["nll"]
+    assert before["mean_confidence"] > after["mean_confidence"]
+    assert sum(b["n"] for b in after["reliability"]) == len(y)
+    # one view: dividing by T moves no call
+    assert (probabilities(sharp[:1], np.zeros(4)).argmax(1)
+            == probabilities(sharp[:1] / t, np.zeros(4)).argmax(1)).all()
+
+
+@pytest.mark.skipif(not (PBC / "labels.csv").exists(), reason="PBC data not present")
+def test_job_fits_a_temperature_that_loading_applies(tmp_path):
+    from engine.models import CheckpointError, create_model
+    from engine.models.checkpoint import read_checkpoint, write_checkpoint
+    from jobs import calibrate_cell_classifier as job
+
+    with open(PBC / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    picked = [r for code in ("B2", "L2") for r in [x for x in rows if x["code"] == code][:15]]
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "labels.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([("path", "code")] + [(str(PBC / r["path"]), r["code"])
+                                                       for r in picked])
+    torch.manual_seed(0)
+    model = create_model("deepheme-tiny", allow_untrained=True, class_codes=("B2", "L2"))
+    ckpt, out = tmp_path / "tiny.safetensors", tmp_path / "tempered.safetensors"
+    card = {"name": "deepheme-tiny", "architecture": model.spec.architecture,
+            "class_codes": ["B2", "L2"], "metrics": {"test": {}}}
+    write_checkpoint(model.module.state_dict(), card, str(ckpt))
+    assert job.main(["--checkpoint", str(ckpt), "--data", str(data), "--output", str(out),
+                     "--test-fraction", "0.2", "--no-tta", "--temperature"]) == 0
+    old, _ = read_checkpoint(str(ckpt))
+    new, card = read_checkpoint(str(out))
+    assert all(torch.equal(new[k], old[k]) for k in old) and set(new) == set(old)
+    fitted = card["temperature"]
+    assert fitted["value"] > 0 and fitted["n_val"] >= 2 and "metrics" not in card
+    assert fitted["val_after"]["nll"] <= fitted["val_before"]["nll"]
+    assert fitted["val_after"]["accuracy"] == fitted["val_before"]["accuracy"]  # one view
+    # loading divides the final layer by it; calibrated=False gives the weights as trained
+    x = torch.rand(3, 3, 96, 96)
+    tempered = create_model("deepheme-tiny", str(out))
+    raw = create_model("deepheme-tiny", str(out), calibrated=False)
+    assert tempered.temperature == fitted["value"] and raw.temperature == 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(tempered.module(x), raw.module(x) / fitted["value"])
+    write_checkpoint(new, {**card, "temperature": {"value": -1}}, str(tmp_path / "bad.st"))
+    with pytest.raises(CheckpointError, match="temperature -1 is not a positive number"):
+        create_model("deepheme-tiny", str(tmp_path / "bad.st"))

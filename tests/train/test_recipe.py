@@ -231,9 +231,15 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys):
         "n_dev_images"]
     from engine.models import create_model
 
-    density = create_model("deepheme-tiny", str(out / "model.safetensors")).ood
+    loaded = create_model("deepheme-tiny", str(out / "model.safetensors"))
+    density = loaded.ood
     assert density is not None and density.threshold == pytest.approx(card["ood"]["threshold"],
                                                                       rel=1e-2)
+    # and a softmax temperature fitted on the fold's validation rows, which loading applies
+    fitted = card["temperature"]
+    assert fitted["n_val"] == fitted["val_before"]["n"] > 0 and loaded.temperature == \
+        fitted["value"] > 0
+    assert fitted["val_after"]["nll"] <= fitted["val_before"]["nll"] + 1e-6
     assert evaluate_cell_classifier.main(
         ["--checkpoint", str(out / "model.safetensors"), "--data", str(out / "test"), "--plots",
          str(tmp_path / "plots"), "--saliency", "2"]) == 0
