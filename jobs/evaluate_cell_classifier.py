@@ -7,8 +7,9 @@
 Prints one JSON document to stdout: accuracy, macro F1, mean one-vs-rest AUC, per-class
 precision/recall/F1/AUC/support, how many classes have precision and recall above 0.8, group-level
 accuracy for rows labelled only with a group code, and rows whose codes the model does not cover.
-Writes confusion.png and umap.png (penultimate features coloured by class) under --plots, and
-with ``--saliency N`` errors.png: per true class its N most confident wrong calls, each with the
+Writes confusion.png, reliability.png (how far ``class_prob`` can be read as the chance a call is
+right: ``calibration`` in the JSON) and umap.png (penultimate features coloured by class) under
+--plots, and with ``--saliency N`` errors.png: per true class its N most confident wrong calls, each with the
 Grad-CAM of the call and of the true class (`engine.models.saliency`), to see what the model took
 for the wrong class's sign. ``focus`` says how blurred the cells are as the model gets them
 (`engine.focus`); ``--blur-um S`` blurs them first, at their own pixels, to measure what a
@@ -99,13 +100,16 @@ def main(argv=None) -> int:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2
     os.makedirs(args.plots, exist_ok=True)
-    from engine.report.plots import plot_confusion, plot_umap
+    from engine.report.plots import plot_confusion, plot_reliability, plot_umap
 
     if report.get("confusion_matrix"):
         plot_confusion(report["confusion_matrix"], report["class_codes"],
                        os.path.join(args.plots, "confusion.png"),
                        f"{report['model']}: macro F1 {report['macro_f1']:.3f}")
         report["confusion_png"] = os.path.join(args.plots, "confusion.png")
+        plot_reliability(report["calibration"], os.path.join(args.plots, "reliability.png"),
+                         report["model"])
+        report["reliability_png"] = os.path.join(args.plots, "reliability.png")
     if not args.no_umap and len(data) >= 10:
         plot_umap(arrays["features"], list(data.codes), os.path.join(args.plots, "umap.png"),
                   title=f"{report['model']} penultimate features")

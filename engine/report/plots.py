@@ -30,6 +30,35 @@ def plot_confusion(matrix, codes, path: str, title: str = "") -> None:
     plt.close(fig)
 
 
+def plot_reliability(calibration: dict, path: str, title: str = "") -> None:
+    """A reliability diagram of `engine.train.metrics.calibration_report`: per bin of top
+    probability its accuracy against its mean probability (the diagonal: calibrated), with
+    the share of images in each bin below, saved as PNG."""
+    table = calibration["reliability"]
+    conf = [b["confidence"] for b in table]
+    width = 1.0 / calibration["bins"]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.2, 5.2), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    top.bar([b["upper"] - width / 2 for b in table], [b["accuracy"] for b in table], width * 0.9,
+            color="#4c72b0", alpha=0.8, label="accuracy")
+    top.plot(conf, [b["accuracy"] for b in table], "o", color="#c44e52", ms=3,
+             label="at the bin's mean probability")
+    top.set_ylabel("accuracy")
+    top.set_ylim(0, 1)
+    top.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2, frameon=False)
+    fig.suptitle(f"{title}  ECE {calibration['ece']:.3f}".strip(), fontsize=9)
+    n = sum(b["n"] for b in table)
+    bottom.bar([b["upper"] - width / 2 for b in table], [b["n"] / n for b in table], width * 0.9,
+               color="grey")
+    bottom.set_xlabel("top probability (class_prob)")
+    bottom.set_ylabel("share")
+    bottom.set_xlim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def bland_altman(ax, reference, measured, unit: str = "%", title: str = "") -> None:
     """A Bland-Altman plot on ``ax``: the difference ``measured - reference`` against their mean,
     with the bias and the 95 % limits of agreement (bias ± 1.96 sd) as lines."""

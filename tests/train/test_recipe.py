@@ -254,6 +254,10 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys):
     # IG and NEU rows were not trained on: scored at group level, not dropped
     assert report["group_level"]["IG"]["n"] == 120 and report["group_level"]["NEU"]["n"] == 14
     assert (tmp_path / "plots" / "confusion.png").stat().st_size > 1000
+    assert report["reliability_png"] == str(tmp_path / "plots" / "reliability.png")
+    assert (tmp_path / "plots" / "reliability.png").stat().st_size > 1000
+    cal = report["calibration"]  # every scored image falls in one bin of top probability
+    assert sum(b["n"] for b in cal["reliability"]) == report["n"] and 0 <= cal["ece"] <= 1
     assert (tmp_path / "plots" / "umap.png").stat().st_size > 1000
     # a one-epoch model errs: its most confident wrong calls, with where it looked
     assert report["errors_png"] == str(tmp_path / "plots" / "errors.png")
