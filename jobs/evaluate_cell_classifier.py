@@ -9,10 +9,10 @@ precision/recall/F1/AUC/support, how many classes have precision and recall abov
 accuracy for rows labelled only with a group code, and rows whose codes the model does not cover.
 Writes confusion.png, reliability.png (how far ``class_prob`` can be read as the chance a call is
 right: ``calibration`` in the JSON) and umap.png (penultimate features coloured by class) under
---plots, and with ``--saliency N`` errors.png: per true class its N most confident wrong calls, each with the
-Grad-CAM of the call and of the true class (`engine.models.saliency`), to see what the model took
-for the wrong class's sign. ``focus`` says how blurred the cells are as the model gets them
-(`engine.focus`); ``--blur-um S`` blurs them first, at their own pixels, to measure what a
+--plots, and with ``--saliency N`` errors.png: per true class its N most confident wrong calls, each
+with the Grad-CAM of the call and of the true class (`engine.models.saliency`), to see what the
+model took for the wrong class's sign. ``focus`` says how blurred the cells are as the model gets
+them (`engine.focus`); ``--blur-um S`` blurs them first, at their own pixels, to measure what a
 region out of focus does to the calls.
 
 A test split is a sample, so ``ci95`` gives each figure's 95 % interval over image-level
