@@ -297,6 +297,49 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys):
     assert "deepheme-tiny: 2 classes" in capsys.readouterr().err
 
 
+@needs_pbc
+def test_fold_ensemble_is_scored_against_each_fold_paired(tmp_path, capsys):
+    """With k folds the job scores their average and says, paired on the same test rows, what
+    averaging gained over each fold model alone."""
+    from jobs import train_cell_classifier
+
+    out = tmp_path / "out"
+    assert train_cell_classifier.main(
+        ["--data", str(PBC), "--output", str(out), "--arch", "deepheme-tiny", "--epochs", "1",
+         "--folds", "2", "--limit-per-class", "8", "--local", "--loader-workers", "0",
+         "--batch-size", "16", "--no-ood"]) == 0
+    capsys.readouterr()
+    reports = json.loads((out / "evaluation.json").read_text())
+    ensemble = reports["ensemble"]
+    assert set(ensemble["against_folds"]) == {"fold-0", "fold-1"}
+    for fold, d in ensemble["against_folds"].items():
+        gain = d["macro_f1"]
+        assert gain["difference"] == pytest.approx(
+            ensemble["macro_f1"] - reports[fold]["macro_f1"], abs=2e-4)
+        lo, hi = gain["difference_ci"]
+        assert lo <= gain["difference"] <= hi and 0 <= gain["share_higher"] <= 1
+    card = json.loads((out / "fold-1" / "model.json").read_text())
+    assert card["metrics"]["test_ensemble"]["against_folds"] == ensemble["against_folds"]
+
+
+def test_against_folds_scores_the_average_paired_on_scored_rows():
+    from jobs.train_cell_classifier import against_folds
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 400)
+    y[:30] = -1  # rows labelled only with a group: not scored at class level
+    fold = np.where(rng.random(400) < 0.7, y, (y + 1) % 4)  # 70 % right
+    better = fold.copy()
+    fixed = np.flatnonzero((fold != y) & (y >= 0))[::2]
+    better[fixed] = y[fixed]  # the average puts half the fold's errors right
+    probs = np.eye(4)[np.clip(better, 0, 3)]
+    d = against_folds({"y": y, "probs": probs}, {"fold-0": fold}, list("ABCD"))["fold-0"]
+    assert d["accuracy"]["difference"] == pytest.approx(len(fixed) / 370, abs=1e-4)
+    assert d["macro_f1"]["difference_ci"][0] > 0 and d["macro_f1"]["share_higher"] > 0.99
+    assert against_folds({"y": np.full(5, -1), "probs": np.eye(4)[[0] * 5]}, {"fold-0": fold[:5]},
+                         list("ABCD")) == {}
+
+
 def _pbc_subset(folder, per_code: int, drop: int = 0):
     """A labels.csv in ``folder`` naming the first ``per_code`` PBC images of each code (by
     absolute path), less the first ``drop`` rows."""
