@@ -20,7 +20,8 @@ bootstrap resamples (``--bootstrap``, 2,000). ``--compare-to`` scores a baseline
 checkpoint, or a model before fine-tuning) on the same images and reports, in ``comparison``,
 its figures and the paired differences (this model minus the baseline) with their intervals and
 the share of resamples in which this model scores higher: a change whose interval holds 0 is
-one this split cannot tell from chance.
+one this split cannot tell from chance. ``--compare-source-mpp`` gives the baseline the images
+at the pixel size it was trained to assume, where the two models assume different ones.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--compare-to", action="append", default=[], metavar="CHECKPOINT",
                    help="a baseline scored on the same images (repeat for an ensemble): "
                         "paired differences with 95 %% intervals in 'comparison'")
+    p.add_argument("--compare-source-mpp", type=float, default=None, metavar="MPP",
+                   help="the images' µm/px as the baseline was trained to take them (default: "
+                        "--source-mpp): each model gets them resampled as it was trained")
     p.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, metavar="N",
                    help="image-level bootstrap resamples for the 95 %% intervals (0: none; "
                         "default %(default)s)")
@@ -95,7 +99,8 @@ def main(argv=None) -> int:
         report, arrays = evaluate_classifier(models, data, args.source_mpp, args.batch_size,
                                              tta=not args.no_tta, amp=not args.fp32,
                                              blur_um=args.blur_um, bootstrap=args.bootstrap,
-                                             baseline=baseline)
+                                             baseline=baseline,
+                                             baseline_mpp=args.compare_source_mpp)
     except ValueError as err:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2

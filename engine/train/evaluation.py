@@ -73,14 +73,17 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
                         batch_size: int = 256, device=None, tta: bool = True,
                         amp: bool = True, blur_um: float = 0.0,
                         bootstrap: int = BOOTSTRAP_RESAMPLES,
-                        baseline: list[LoadedModel] | None = None) -> tuple[dict, dict]:
+                        baseline: list[LoadedModel] | None = None,
+                        baseline_mpp: float | None = None) -> tuple[dict, dict]:
     """Metrics on the rows whose code the model predicts; group-level accuracy on rows labelled
     only with a group (``IG`` when the model predicts M2–M4); other rows reported, not dropped.
     ``focus``: how blurred the images are as the model gets them (`engine.focus`), after
     ``blur_um`` added at their own pixels (a scanner out of focus; 0: as they are).
     ``bootstrap``: resamples for the 95 % intervals (``ci95``; 0: none). ``baseline``: another
-    model (or ensemble) of the same classes scored on the same crops; ``comparison`` holds its
+    model (or ensemble) of the same classes scored on the same images; ``comparison`` holds its
     figures and the paired differences (`engine.train.metrics.paired_bootstrap`).
+    ``baseline_mpp``: the images' µm/px as the baseline was trained to take them (a model
+    trained at a measured 0.107 against one trained at the quoted 0.1); default ``source_mpp``.
 
     Returns:
         ``(report, arrays)`` where arrays holds ``probs``, ``features``, ``y`` (-1 for rows not
@@ -129,25 +132,30 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
         "focus": focus_report(crop, spec.input_mpp, blur_um),
     })
     if baseline and scored.any():
-        report["comparison"] = compare_to_baseline(baseline, crop, y[scored], scored, probs,
+        baseline_mpp = baseline_mpp or source_mpp
+        theirs = crop[scored] if baseline_mpp == source_mpp else load_cell_images(
+            [p for p, ok in zip(data.paths, scored) if ok], baseline_mpp, spec.input_mpp,
+            spec.input_px, blur_um=blur_um)
+        report["comparison"] = compare_to_baseline(baseline, theirs, y[scored], probs[scored],
                                                    codes, batch_size, device, tta, amp,
                                                    bootstrap)
+        report["comparison"]["baseline"]["source_mpp"] = baseline_mpp
     return report, {"probs": probs, "features": feats, "y": y}
 
 
 def compare_to_baseline(baseline: list[LoadedModel], crops: np.ndarray, y: np.ndarray,
-                        scored: np.ndarray, probs: np.ndarray, codes, batch_size: int, device,
-                        tta: bool, amp: bool, bootstrap: int) -> dict:
-    """The baseline's figures on the scored ``crops`` and the model's paired differences
-    from them (``probs``: the model's, on every crop)."""
-    theirs, _ = predict_images(baseline, crops[scored], batch_size, device, tta=tta, amp=amp)
+                        probs: np.ndarray, codes, batch_size: int, device, tta: bool, amp: bool,
+                        bootstrap: int) -> dict:
+    """The baseline's figures on ``crops`` (the scored images, as it takes them) and the
+    model's paired differences from them (``probs``: the model's, on the same images)."""
+    theirs, _ = predict_images(baseline, crops, batch_size, device, tta=tta, amp=amp)
     m = classification_metrics(y, theirs, codes)
     return {"baseline": {"weights": [b.weights for b in baseline],
                          "ensemble_size": len(baseline),
                          **{k: m[k] for k in ("accuracy", "macro_f1",
                                               "classes_precision_recall_above_0_8")},
                          **{k: m["calibration"][k] for k in ("ece", "nll", "mean_confidence")}},
-            **paired_bootstrap(y, probs[scored].argmax(1), theirs.argmax(1), codes,
+            **paired_bootstrap(y, probs.argmax(1), theirs.argmax(1), codes,
                                bootstrap or BOOTSTRAP_RESAMPLES)}
 
 

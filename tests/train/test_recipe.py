@@ -284,6 +284,16 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys):
     # interval still holds the measured difference
     assert d["difference_ci"][0] <= d["difference"] <= d["difference_ci"][1]
     assert set(compared["per_class_f1"]) == set(card["class_codes"])
+    assert compared["baseline"]["source_mpp"] == 0.1
+    # the baseline given the images at another pixel size: its own figures change, the
+    # model's and the rows scored do not
+    assert evaluate_cell_classifier.main(
+        ["--checkpoint", str(out / "model.safetensors"), "--data", str(out / "test"), "--plots",
+         str(tmp_path / "plots"), "--no-umap", "--no-tta", "--compare-to", reference,
+         "--compare-source-mpp", "0.2", "--bootstrap", "200"]) == 0
+    rescaled = json.loads(capsys.readouterr().out)["comparison"]
+    assert rescaled["baseline"]["source_mpp"] == 0.2 and rescaled["n"] == compared["n"]
+    assert rescaled["baseline"]["macro_f1"] < compared["baseline"]["macro_f1"]
     # a baseline of other classes is refused, naming both
     from engine.models import write_checkpoint
 
