@@ -124,10 +124,11 @@ def slide_keys(status) -> dict[str, set[str]]:
 def _sheet_from_source_labels(store):
     """``(rows, key, cells)``: per committed slide of a classify_cells output, its images'
     count per source label, as a manual sheet's rows keyed by ``slide_id``; and the labelled
-    cells (slide_id, source_label, class_code)."""
+    cells (slide_id, source_label, class_code, probabilities, model_codes)."""
     import polars as pl
 
-    got = store.read("image_cells", columns=["slide_id", "source_label", "class_code"])
+    got = store.read("image_cells", columns=["slide_id", "source_label", "class_code",
+                                             "probabilities", "model_codes"])
     if got is None:
         return [], "slide_id", None
     cells = pl.from_arrow(got).filter(pl.col("source_label").is_not_null())
@@ -135,6 +136,29 @@ def _sheet_from_source_labels(store):
     for sid, label, n in cells.group_by("slide_id", "source_label").len().iter_rows():
         rows.setdefault(sid, {"slide_id": sid})[label] = str(n)
     return [rows[s] for s in sorted(rows)], "slide_id", cells
+
+
+def category_calibration(cells, categories: dict[str, frozenset[str]]) -> dict | None:
+    """How far the model's probabilities hold on these labelled cells: each cell whose label
+    is a compared category, with the probability its call's category got (the sum over the
+    category's codes: a group such as ``IG`` sums M2-M4) and whether that category is its
+    label (`engine.train.metrics.reliability`). The reference's temperature was fitted on PBC:
+    on another lab's cells this says whether ``class_prob`` still reads as a chance. None
+    where the rows carry no probabilities."""
+    import numpy as np
+
+    from engine.train.metrics import reliability
+
+    of_code = {code: c for c, codes in categories.items() for code in codes}
+    conf, right = [], []
+    for label, call, probs, codes in cells.select(
+            "source_label", "class_code", "probabilities", "model_codes").iter_rows():
+        if label not in categories or probs is None or codes is None:
+            continue
+        called = of_code.get(call, "other")
+        conf.append(sum(p for p, c in zip(probs, codes) if of_code.get(c, "other") == called))
+        right.append(called == label)
+    return reliability(np.asarray(conf), np.asarray(right)) if conf else None
 
 
 def _sheet_from_output(reference):
@@ -481,6 +505,7 @@ def main(argv=None) -> int:
         compared = labelled.filter(pl.col("slide_id").is_in(list(per_slide["slide_id"].unique())))
         report["cells"] = cell_agreement(compared["source_label"].to_list(),
                                          compared["class_code"].to_list(), categories)
+        report["cells"]["calibration"] = category_calibration(compared, categories)
     if reference is not None:
         from engine.report.agreement import cell_agreement
 

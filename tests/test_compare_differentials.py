@@ -252,3 +252,13 @@ def test_source_labels_are_the_manual_differential_and_compared_cell_by_cell(cla
     assert ly["sensitivity"] == pytest.approx(labelled.count("lymphocyte") / len(labelled))
     assert -1 <= report["cells"]["kappa"] <= 1
     assert sum(sum(row.values()) for row in report["cells"]["confusion"].values()) == 48
+    # how far its probabilities hold on these cells: each call's category's probability
+    # against whether the category is the label, over the same cells
+    cal = report["cells"]["calibration"]
+    assert cal["accuracy"] == pytest.approx(report["cells"]["accuracy"], abs=1e-4)
+    assert sum(b["n"] for b in cal["reliability"]) == 48 and 0 <= cal["ece"] <= 1
+    first = cells.row(0, named=True)
+    called = call[0]
+    mass = sum(p for p, c in zip(first["probabilities"], first["model_codes"])
+               if c in names.get(called, ()))
+    assert mass >= first["class_prob"] - 1e-6  # the category holds the called code

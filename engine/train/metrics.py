@@ -71,7 +71,17 @@ def calibration_report(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) ->
     ``reliability``: per non-empty bin its upper edge, images, mean probability and accuracy.
     """
     y_true, probs = np.asarray(y_true), np.asarray(probs, np.float64)
-    conf, right = probs.max(1), probs.argmax(1) == y_true
+    true_p = np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, 1.0)
+    out = reliability(probs.max(1), probs.argmax(1) == y_true, bins)
+    out.pop("accuracy")
+    return {"ece": out.pop("ece"), "nll": round(float(-np.log(true_p).mean()), 4), **out}
+
+
+def reliability(confidence: np.ndarray, right: np.ndarray, bins: int = 15) -> dict:
+    """The calibration of calls with these ``confidence`` values (the probability each call
+    was given) and outcomes (``right``): ECE over equal-width bins, mean confidence against
+    accuracy, and the per-bin table (`calibration_report`)."""
+    conf, right = np.asarray(confidence, np.float64), np.asarray(right, bool)
     which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
     table, ece = [], 0.0
     for b in range(bins):
@@ -81,10 +91,8 @@ def calibration_report(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) ->
             table.append({"upper": round((b + 1) / bins, 4), "n": int(m.sum()),
                           "confidence": round(float(conf[m].mean()), 4),
                           "accuracy": round(float(right[m].mean()), 4)})
-    true_p = np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, 1.0)
-    return {"ece": round(float(ece), 4), "nll": round(float(-np.log(true_p).mean()), 4),
-            "mean_confidence": round(float(conf.mean()), 4), "bins": bins,
-            "reliability": table}
+    return {"ece": round(float(ece), 4), "mean_confidence": round(float(conf.mean()), 4),
+            "accuracy": round(float(right.mean()), 4), "bins": bins, "reliability": table}
 
 
 def _resampled_confusions(y_true: np.ndarray, preds: list[np.ndarray], n_classes: int,
