@@ -34,7 +34,7 @@ import sys
 from engine.models import create_model, read_checkpoint
 from engine.models.checkpoint import CheckpointError
 from engine.train.data import read_labels
-from engine.train.evaluation import evaluate_classifier
+from engine.train.evaluation import check_comparable, evaluate_classifier
 from engine.train.metrics import BOOTSTRAP_RESAMPLES
 from jobs.common import (add_storage_args, local_data, mpp_arg, refuses_unreadable,
                          resolve_source_mpp, storage_from_args)
@@ -89,21 +89,18 @@ def main(argv=None) -> int:
     try:
         models = [load(ckpt, storage) for ckpt in args.checkpoint]
         baseline = [load(ckpt, storage) for ckpt in args.compare_to]
+        if baseline:
+            check_comparable(models[0], baseline[0])
         local_data(args)
         data = read_labels(args.data)
         args.source_mpp = resolve_source_mpp(args.source_mpp, data.paths)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2
-    try:
-        report, arrays = evaluate_classifier(models, data, args.source_mpp, args.batch_size,
-                                             tta=not args.no_tta, amp=not args.fp32,
-                                             blur_um=args.blur_um, bootstrap=args.bootstrap,
-                                             baseline=baseline,
-                                             baseline_mpp=args.compare_source_mpp)
-    except ValueError as err:
-        print(f"hemeflow: error: {err}", file=sys.stderr)
-        return 2
+    report, arrays = evaluate_classifier(models, data, args.source_mpp, args.batch_size,
+                                         tta=not args.no_tta, amp=not args.fp32,
+                                         blur_um=args.blur_um, bootstrap=args.bootstrap,
+                                         baseline=baseline, baseline_mpp=args.compare_source_mpp)
     os.makedirs(args.plots, exist_ok=True)
     from engine.report.plots import plot_confusion, plot_reliability, plot_umap
 

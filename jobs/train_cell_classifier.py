@@ -307,13 +307,13 @@ def fit_fold_temperature(model: LoadedModel, prepared: str, fold: int) -> dict:
     from engine.train.cell_classifier import load_prepared
 
     images, labels, _, val_idx = load_prepared(prepared, fold)
-    c = model.spec.input_px
+    val, c = np.sort(val_idx), model.spec.input_px
     top, left = (images.shape[1] - c) // 2, (images.shape[2] - c) // 2
-    crops = np.ascontiguousarray(images[np.sort(val_idx)][:, top:top + c, left:left + c])
+    crops = np.ascontiguousarray(images[val, top:top + c, left:left + c])  # read as cropped
     return {"method": "softmax temperature fitted by likelihood on the fold's validation split "
                       "(8-view TTA); the final layer is divided by it when the checkpoint is "
-                      "loaded", "n_val": int(len(val_idx)),
-            **fit_temperature_on(model, crops, labels[np.sort(val_idx)])}
+                      "loaded", "n_val": int(len(val)), **fit_temperature_on(model, crops,
+                                                                             labels[val])}
 
 
 def best_weights(folder: str) -> dict:

@@ -91,14 +91,8 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
     """
     spec = models[0].spec
     codes = list(models[0].class_codes)
-    if baseline and (list(baseline[0].class_codes) != codes
-                     or baseline[0].spec.input_px != spec.input_px
-                     or baseline[0].spec.input_mpp != spec.input_mpp):
-        raise ValueError(
-            f"the baseline ({baseline[0].spec.name}: {len(baseline[0].class_codes)} classes, "
-            f"{baseline[0].spec.input_px} px at {baseline[0].spec.input_mpp} µm/px) is not "
-            f"scored as the model is ({spec.name}: {len(codes)} classes, {spec.input_px} px at "
-            f"{spec.input_mpp} µm/px): compare models of the same classes and input")
+    if baseline:
+        check_comparable(models[0], baseline[0])
     crop = load_cell_images(data.paths, source_mpp, spec.input_mpp, spec.input_px,
                             blur_um=blur_um)
     probs, feats = predict_images(models, crop, batch_size, device, with_features=True,
@@ -141,6 +135,19 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
                                                    bootstrap)
         report["comparison"]["baseline"]["source_mpp"] = baseline_mpp
     return report, {"probs": probs, "features": feats, "y": y}
+
+
+def check_comparable(model: LoadedModel, baseline: LoadedModel) -> None:
+    """Raises ValueError, naming both, where ``baseline`` does not score what ``model`` does
+    (other class codes, or another input size or µm/px): no paired comparison then."""
+    a, b = model.spec, baseline.spec
+    if list(baseline.class_codes) != list(model.class_codes) or \
+            (b.input_px, b.input_mpp) != (a.input_px, a.input_mpp):
+        raise ValueError(
+            f"the baseline ({b.name}: {len(baseline.class_codes)} classes, {b.input_px} px at "
+            f"{b.input_mpp} µm/px) is not scored as the model is ({a.name}: "
+            f"{len(model.class_codes)} classes, {a.input_px} px at {a.input_mpp} µm/px): "
+            f"compare models of the same classes and input")
 
 
 def compare_to_baseline(baseline: list[LoadedModel], crops: np.ndarray, y: np.ndarray,
