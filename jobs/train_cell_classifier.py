@@ -468,10 +468,10 @@ def ray_inputs(args, prepared: str, local_runs: str):
     or a folder every node mounts: `run_ray_training`)."""
     import ray
 
+    from engine.pipeline.train import start_ray
     from engine.train.cell_classifier import read_prepared
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+    start_ray()
     runs = join_uri(normalize_uri(args.output), "runs") if is_remote(args.output) else local_runs
     return ray.put(read_prepared(prepared)), runs
 

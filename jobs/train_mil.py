@@ -243,7 +243,7 @@ def _fitter(args, kw: dict, storage):
         return lambda bags, targets, name: train_mil(bags, targets, **kw)[0]
     import ray
 
-    from engine.pipeline.train import run_ray_training
+    from engine.pipeline.train import run_ray_training, start_ray
     from engine.train.mil import load_trained, mil_train_loop
 
     runs = join_uri(args.output, "runs")
@@ -255,8 +255,7 @@ def _fitter(args, kw: dict, storage):
         shutil.rmtree(runs, ignore_errors=True)
 
     def fit(bags, targets, name):
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False)
+        start_ray(log_to_driver=False)
         config = {**kw, "bags": ray.put(bags), "targets": np.asarray(targets)}
         ckpt, _ = run_ray_training(mil_train_loop, config, num_workers=args.workers,
                                    use_gpu=False, storage_path=runs, name=name,

@@ -46,6 +46,16 @@ def _worker_entry(config: dict) -> None:
     fn(config, RaySession())
 
 
+def start_ray(log_to_driver: bool = True) -> None:
+    """Join the cluster a job was submitted to (``RAY_ADDRESS``, as ``ray job submit`` sets) or
+    start a local Ray, with its dashboard on 127.0.0.1 only: Ray Train's placement-group
+    cleaner asks the dashboard's state API whether the run's controller is alive, and without
+    it logs a warning every second and cannot free a lost controller's CPUs (about 1 s more
+    to start here)."""
+    if not ray.is_initialized():
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
+
+
 def warn_if_not_shared(folder: str) -> bool:
     """Say so on stderr (and return True) where Ray Train is to checkpoint to a local folder on a
     cluster of several nodes: it fails at the first checkpoint of a worker on another node
@@ -58,13 +68,30 @@ def warn_if_not_shared(folder: str) -> bool:
     return nodes > 1
 
 
+def _remove_placement_groups(before: set[str]) -> None:
+    """Remove the placement groups made since ``before`` (`ray.util.placement_group_table`'s
+    ids): a lost Ray Train controller's, whose CPUs a new controller's workers need. Ray
+    Train's own cleaner does this only where the dashboard's state API answers, and a
+    placement group outlives the actor that made it."""
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    for pg_id, row in ray.util.placement_group_table().items():
+        if pg_id not in before and row.get("state") != "REMOVED":
+            try:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+            except Exception:  # removed meanwhile (by Ray Train's cleaner)
+                pass
+
+
 def run_ray_training(train_fn: Callable[[dict, object], None], config: dict, *, num_workers: int,
                      use_gpu: bool, storage_path: str, name: str, cpus_per_worker: float = 1,
                      max_failures: int = 2, storage=None) -> tuple[str, list[dict]]:
     """Run ``train_fn(config, session)`` on ``num_workers`` Ray Train workers.
 
     A worker that dies is replaced and training resumes from the last reported checkpoint, up to
-    ``max_failures`` times; rerunning with the same ``storage_path`` and ``name`` resumes too.
+    ``max_failures`` times; so is Ray Train's controller actor (a new one takes up the run
+    under the same name), up to ``max_failures`` times more. Rerunning with the same
+    ``storage_path`` and ``name`` resumes too.
     Ray Train writes its checkpoints to ``storage_path``: a local folder on one machine (or one
     every node mounts), an ``s3://`` prefix (reached with ``storage``'s endpoint and region,
     credentials from each node's environment) on a cluster, where a worker on another node
@@ -78,8 +105,7 @@ def run_ray_training(train_fn: Callable[[dict, object], None], config: dict, *, 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+    start_ray()
     remote = "://" in storage_path
     if remote:
         import pyarrow.fs
@@ -93,16 +119,31 @@ def run_ray_training(train_fn: Callable[[dict, object], None], config: dict, *, 
     else:
         where = {"storage_path": os.path.abspath(storage_path)}
         warn_if_not_shared(where["storage_path"])
-    trainer = TorchTrainer(
-        _worker_entry,
-        train_loop_config={**config, "_train_fn": train_fn},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, **where,
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
+    for attempt in range(max_failures + 1):
+        trainer = TorchTrainer(
+            _worker_entry,
+            train_loop_config={**config, "_train_fn": train_fn},
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": cpus_per_worker}),
+            run_config=RunConfig(name=name, **where,
+                                 failure_config=FailureConfig(max_failures=max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
+        groups = set(ray.util.placement_group_table())
+        try:
+            result = trainer.fit()
+            break
+        except ray.exceptions.ActorDiedError as e:
+            # Ray Train's controller actor is lost (its process killed, its node gone, or
+            # its worker process dead at start-up): its workers go with it, and FailureConfig,
+            # which restarts workers, cannot help. A new controller under the same name takes
+            # up the run's last checkpoint in storage_path.
+            if attempt == max_failures:
+                raise
+            _remove_placement_groups(groups)
+            print(f"hemeflow: Ray Train's controller for {name} was lost "
+                  f"({type(e).__name__}); starting it again from the last checkpoint "
+                  f"({attempt + 1} of {max_failures})", file=sys.stderr, flush=True)
     if result.checkpoint is None:
         raise RuntimeError(f"training {name} finished without a checkpoint: {result.error}")
     local = tempfile.mkdtemp(prefix=f"hemeflow-{name}-") if remote else os.path.join(

@@ -156,8 +156,10 @@ def test_fine_tuning_across_two_nodes_checkpoints_to_s3(tmp_path, s3_server, s3_
         if job.returncode != 0 and "TrainController" in logs and "never ran" in logs:
             # Ray Train's controller actor lost before it started: its worker process died
             # at start-up ("connection error code 2"), seen in two clean-clone CI runs on the
-            # 2-core machine (sessions 30 and 32), before any of the job's code ran. A lab
-            # submits again, and the job takes up the same output.
+            # 2-core machine (sessions 30 and 32), before any of the job's code ran. The job
+            # now starts a new controller itself (`run_ray_training`, tested in
+            # tests/train/test_ray_train.py); should that one be lost too, a lab submits
+            # again, and the job takes up the same output.
             print("the controller's worker died before it ran; submitting again:\n"
                   + logs[-1500:])
             job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True,

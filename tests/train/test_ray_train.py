@@ -1,4 +1,5 @@
-"""The Ray Train path: 2 CPU workers (gloo), and recovery from a killed worker."""
+"""The Ray Train path: 2 CPU workers (gloo), and recovery from a killed worker or a lost
+controller."""
 
 import os
 
@@ -46,6 +47,50 @@ def test_two_cpu_workers_with_a_killed_worker_resume(ray_local, tmp_path):
     with open(os.path.join(folder, "state.json")) as fh:
         assert json.load(fh)["epoch"] == 2  # finished all epochs after resuming
     # the new worker group resumed after epoch 0 (its checkpoint) instead of starting over
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def _lose_the_controller_once_then_train(config, session):
+    """Kill Ray Train's controller actor after the first epoch, on the first attempt only: its
+    workers go with it, as when the controller's process or node is lost."""
+    import ray
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    from engine.train.cell_classifier import train_fold
+
+    marker = config.pop("marker")
+    real_report = session.report
+
+    def report(metrics, checkpoint_dir):
+        real_report(metrics, checkpoint_dir)
+        if session.rank == 0 and not os.path.exists(marker):
+            open(marker, "w").close()
+            ray.kill(get_train_context().controller_actor, no_restart=True)
+
+    session.report = report
+    train_fold(config, session)
+
+
+def test_a_lost_controller_is_started_again_and_resumes(ray_local, tmp_path, capfd):
+    import json
+
+    from engine.pipeline.train import run_ray_training
+    from engine.train.loop import TrainSettings
+
+    codes, prepared = _prepare(tmp_path, per_class=10)
+    settings = TrainSettings(epochs=3, batch_size=8, num_workers=0)
+    config = {"arch": "deepheme-tiny", "class_codes": codes, "data": prepared, "fold": 0,
+              "settings": settings.__dict__, "marker": str(tmp_path / "lost")}
+    folder, history = run_ray_training(_lose_the_controller_once_then_train, config,
+                                       num_workers=2, use_gpu=False,
+                                       storage_path=str(tmp_path / "runs"), name="fold-0",
+                                       max_failures=1)
+    assert os.path.exists(tmp_path / "lost")  # the controller was killed
+    assert "Ray Train's controller for fold-0 was lost (ActorDiedError); starting it again" \
+        in capfd.readouterr().err
+    with open(os.path.join(folder, "state.json")) as fh:
+        assert json.load(fh)["epoch"] == 2  # finished all epochs
+    # the new controller took up the run after epoch 0's checkpoint instead of starting over
     assert [h["epoch"] for h in history] == [1, 2]
 
 
