@@ -12,8 +12,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.skipif(not (SHARED_DATA / "pbc").exis
                                                   reason="PBC data not present")]
 
 
-def _crash_once_then_train(config, session):
-    """Kill this worker process after its first epoch on the first attempt only."""
+def _once_after_the_first_epoch(config, session, act):
+    """Train, calling ``act()`` on rank 0 after its first report, on the first attempt only
+    (``config["marker"]``, a file, says it was done)."""
     from engine.train.cell_classifier import train_fold
 
     marker = config.pop("marker")
@@ -23,10 +24,15 @@ def _crash_once_then_train(config, session):
         real_report(metrics, checkpoint_dir)
         if session.rank == 0 and not os.path.exists(marker):
             open(marker, "w").close()
-            os._exit(1)  # a hard crash: no cleanup, no exception
+            act()
 
     session.report = report
     train_fold(config, session)
+
+
+def _crash_once_then_train(config, session):
+    """Kill this worker process after its first epoch on the first attempt only."""
+    _once_after_the_first_epoch(config, session, lambda: os._exit(1))  # a hard crash
 
 
 def test_two_cpu_workers_with_a_killed_worker_resume(ray_local, tmp_path):
@@ -56,19 +62,8 @@ def _lose_the_controller_once_then_train(config, session):
     import ray
     from ray.train.v2._internal.execution.context import get_train_context
 
-    from engine.train.cell_classifier import train_fold
-
-    marker = config.pop("marker")
-    real_report = session.report
-
-    def report(metrics, checkpoint_dir):
-        real_report(metrics, checkpoint_dir)
-        if session.rank == 0 and not os.path.exists(marker):
-            open(marker, "w").close()
-            ray.kill(get_train_context().controller_actor, no_restart=True)
-
-    session.report = report
-    train_fold(config, session)
+    _once_after_the_first_epoch(config, session, lambda: ray.kill(
+        get_train_context().controller_actor, no_restart=True))
 
 
 def test_a_lost_controller_is_started_again_and_resumes(ray_local, tmp_path, capfd):
