@@ -113,8 +113,15 @@ def expand_inputs(uri: str, storage: StorageConfig) -> list[FileEntry]:
     Entries of a list that do not exist are kept (size unknown) so they end as status rows.
     """
     if uri.lower().endswith(LIST_SUFFIXES):
+        items = read_uri_list(uri, storage)
+        unique = list(dict.fromkeys(items))
+        if len(unique) < len(items):  # one slide, one set of rows: a repeat is said, not run
+            repeated = sorted({i for i in items if items.count(i) > 1})
+            print(f"hemeflow: {uri}: {len(repeated)} slide(s) listed more than once, each "
+                  f"taken once: {', '.join(repeated[:3])}{', …' if len(repeated) > 3 else ''}",
+                  file=sys.stderr, flush=True)
         entries = []
-        for item in read_uri_list(uri, storage):
+        for item in unique:
             try:
                 entries.append(stat_file(item, storage))
             except SlideError:
@@ -142,9 +149,30 @@ def read_specimens(uri: str, storage: StorageConfig) -> dict[str, str]:
 
     Raises:
         SpecimenError: a cell that names no specimen type (its row is in the message).
+        InputError: one slide listed with two types.
     """
-    return {u: parse_specimen(v, f"{uri} line {line}")
-            for line, u, v in _list_column(uri, storage, "specimen")}
+    return _one_each(((line, u, parse_specimen(v, f"{uri} line {line}"))
+                      for line, u, v in _list_column(uri, storage, "specimen")),
+                     uri, "specimen type")
+
+
+def _one_each(rows: Iterable[tuple[int, str, T]], uri: str, what: str) -> dict[str, T]:
+    """``{key: value}`` from a list's ``(line, key, value)`` rows, a key listed again with the
+    same value taken once.
+
+    Raises:
+        InputError: a key listed with two values (both lines named), which would otherwise
+            leave the slide the later one's unawares.
+    """
+    out: dict[str, T] = {}
+    first: dict[str, int] = {}
+    for line, key, value in rows:
+        if key in out and out[key] != value:
+            raise InputError(f"{uri} line {line}: {key} has {what} {value!r} here and "
+                             f"{out[key]!r} on line {first[key]}: one slide, one {what}")
+        first.setdefault(key, line)
+        out[key] = value
+    return out
 
 
 def without_lobes(cells):
@@ -184,16 +212,29 @@ def read_cases(uri: str, storage: StorageConfig) -> dict[str, str]:
 
 
 def read_mpp_table(uri: str, storage: StorageConfig) -> dict[str, float]:
-    """``--mpp-table`` CSV: a ``uri``/``path`` or ``slide_id`` column and an ``mpp`` column."""
-    table = {}
-    for row in read_csv_rows(uri, storage):
+    """``--mpp-table`` CSV: a ``uri``/``path`` or ``slide_id`` column and an ``mpp`` column (a
+    blank cell gives that slide none).
+
+    Raises:
+        InputError: no ``mpp`` column, a value that is no positive number, or one slide given
+            two.
+    """
+    rows = []
+    for i, row in enumerate(read_csv_rows(uri, storage)):
         if "mpp" not in row:
             raise InputError(f"{uri}: needs an 'mpp' column and a 'uri' or 'slide_id' column")
         key = (row.get("uri") or row.get("path") or "").strip()
         key = _resolve(key, uri) if key else (row.get("slide_id") or "").strip()
-        if key:
-            table[key] = float(row["mpp"])
-    return table
+        if key and (row["mpp"] or "").strip():  # a blank cell gives none
+            try:
+                mpp = float(row["mpp"])
+            except (TypeError, ValueError):
+                mpp = float("nan")
+            if not mpp > 0:
+                raise InputError(f"{uri} line {i + 2}: mpp {row['mpp']!r} for {key} is not a "
+                                 "positive number of µm per pixel")
+            rows.append((i + 2, key, mpp))
+    return _one_each(rows, uri, "pixel size")
 
 
 def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:

@@ -54,3 +54,37 @@ def test_the_input_types_some_slides_and_the_flag_the_rest():
     s = Specimens("aspirate", {"/a.svs": "biopsy", "/c.svs": "unknown"})
     assert s.of("/a.svs") == "biopsy" and s.of("/b.svs") == s.of("/c.svs") == "aspirate"
     assert Specimens().of("/a.svs") == "unknown"
+
+
+def test_a_list_gives_each_slide_one_type_one_pixel_size_and_one_row(tmp_path, capsys):
+    """A slide listed twice runs once (said); listed with two types or two pixel sizes, the
+    job is refused naming both lines, where the later row would otherwise win unawares."""
+    from engine.config import StorageConfig
+    from engine.slides.storage import InputError
+    from jobs.common import expand_inputs, read_mpp_table, read_specimens
+
+    storage = StorageConfig()
+    (tmp_path / "a.svs").write_bytes(b"x")
+    listed = tmp_path / "list.csv"
+    listed.write_text("path,specimen\na.svs,blood\nb.svs,\na.svs,blood\n")
+    assert [e.uri for e in expand_inputs(str(listed), storage)] == [
+        str(tmp_path / "a.svs"), str(tmp_path / "b.svs")]
+    assert f"1 slide(s) listed more than once, each taken once: {tmp_path / 'a.svs'}" \
+        in capsys.readouterr().err
+    assert read_specimens(str(listed), storage) == {str(tmp_path / "a.svs"): "blood"}
+    listed.write_text("path,specimen\na.svs,blood\nb.svs,\na.svs,Aspirate\n")
+    with pytest.raises(InputError, match=r"list.csv line 4: .*a.svs has specimen type "
+                                         r"'aspirate' here and 'blood' on line 2"):
+        read_specimens(str(listed), storage)
+
+    table = tmp_path / "mpp.csv"
+    table.write_text("path,mpp\na.svs,0.25\nb.svs,\na.svs,0.250\n")
+    assert read_mpp_table(str(table), storage) == {str(tmp_path / "a.svs"): 0.25}
+    table.write_text("path,mpp\na.svs,0.25\na.svs,0.5\n")
+    with pytest.raises(InputError, match="line 3: .*pixel size 0.5 here and 0.25 on line 2"):
+        read_mpp_table(str(table), storage)
+    for bad in ("abc", "0", "-1", "nan"):
+        table.write_text(f"path,mpp\na.svs,{bad}\n")
+        with pytest.raises(InputError, match=f"line 2: mpp '{bad}' for .*a.svs is not a "
+                                             "positive number"):
+            read_mpp_table(str(table), storage)
