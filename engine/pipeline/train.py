@@ -138,8 +138,8 @@ def run_ray_training(train_fn: Callable[[dict, object], None], config: dict, *, 
             # its worker process dead at start-up): its workers go with it, and FailureConfig,
             # which restarts workers, cannot help. A new controller under the same name takes
             # up the run's last checkpoint in storage_path.
-            if attempt == max_failures:
-                raise
+            if attempt == max_failures or getattr(e, "actor_init_failed", False):
+                raise  # an error in the controller's own set-up would come again
             _remove_placement_groups(groups)
             print(f"hemeflow: Ray Train's controller for {name} was lost "
                   f"({type(e).__name__}); starting it again from the last checkpoint "
