@@ -17,7 +17,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def find_patient_images(root: str) -> dict[str, list[str]]:
-    """``patient_id -> sorted image paths`` for a local folder of patient sub-folders.
+    """``patient_id -> sorted image paths`` for a local folder of patient sub-folders (hidden
+    files and folders left out: a viewer's ``.thumbnails``, say).
 
     Raises:
         FileNotFoundError: ``root`` is not a folder or holds no patient with images.
@@ -29,8 +30,12 @@ def find_patient_images(root: str) -> dict[str, list[str]]:
         folder = os.path.join(root, patient)
         if patient.startswith(".") or not os.path.isdir(folder):
             continue
-        paths = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
-                       if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
+        paths = []
+        for d, subfolders, files in os.walk(folder):
+            subfolders[:] = [s for s in subfolders if not s.startswith(".")]  # as on S3
+            paths += [os.path.join(d, f) for f in files
+                      if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")]
+        paths.sort()
         if paths:
             bags[patient] = paths
     if not bags:

@@ -438,3 +438,28 @@ def test_images_and_output_on_s3(exports, s3_server, s3_client, tmp_path, capsys
     assert "1 case(s) from 2 slide(s)" in capsys.readouterr().out
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket="exports")["Contents"]}
     assert {"run1/cases/case_differentials.parquet", "run1/cases/case_summary.csv"} <= keys
+
+
+@pytest.mark.s3
+def test_exports_are_found_alike_on_disk_and_on_s3(tmp_path, s3_server, s3_client):
+    """`find_exports` lists a folder on disk and an S3 prefix by two paths (os.walk, fs.find):
+    both take ``<slide>/…/<image>`` and leave out hidden files and folders (a viewer's
+    ``.thumbnails``, say) at any depth, and files that are no images."""
+    from engine.config import StorageConfig
+    from jobs.common import find_exports
+    from tests.conftest import upload_tree
+
+    root = tmp_path / "lab"
+    for rel in ("slide-a/x.jpg", "slide-a/M3/y.png", "slide-a/.thumbnails/t.jpg",
+                "slide-a/.z.jpg", "slide-b/notes.txt", ".trash/slide-c/q.jpg",
+                "slide-d/sub/.cache/w.jpg", "slide-d/sub/v.JPG", "loose.jpg"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    want = {"slide-a": ["M3/y.png", "x.jpg"], "slide-d": ["sub/v.JPG"]}
+    local = find_exports(str(root), StorageConfig())
+    assert {k: [os.path.relpath(p, root / k) for p in v] for k, v in local.items()} == want
+    s3_client.create_bucket(Bucket="finds")
+    upload_tree(s3_client, "finds", root, "lab")
+    remote = find_exports("s3://finds/lab", StorageConfig(endpoint_url=s3_server))
+    assert {k: [p.removeprefix(f"s3://finds/lab/{k}/") for p in v]
+            for k, v in remote.items()} == want
