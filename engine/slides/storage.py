@@ -102,7 +102,9 @@ def _is_companion(uri: str, stems: set[str]) -> bool:
 def list_files(uri: str, storage: StorageConfig) -> list[FileEntry]:
     """Every file under a local folder or S3 prefix (a single file gives itself), sorted.
 
-    Hidden files are skipped, and so are the data folders of MIRAX slides.
+    Hidden files and everything in hidden folders below ``uri`` are skipped (a file server's
+    ``.snapshot`` copies of the whole archive, a ``.Trash``), and so are the data folders of
+    MIRAX slides.
 
     Raises:
         InputError: the path, bucket or prefix does not exist or cannot be listed.
@@ -123,10 +125,10 @@ def list_files(uri: str, storage: StorageConfig) -> list[FileEntry]:
         if isinstance(err, InputError):
             raise
         raise InputError(f"cannot list {uri}: {err}") from err
-    entries = []
+    entries, base = [], path.rstrip("/")
     for key, info in sorted(found.items()):
-        name = key.rstrip("/").rsplit("/", 1)[-1]
-        if info.get("type") == "directory" or name.startswith("."):
+        below = key.rstrip("/")[len(base):].split("/")  # the parts below the input's root
+        if info.get("type") == "directory" or any(p.startswith(".") for p in below):
             continue
         entries.append(FileEntry(proto + key if remote else key, info.get("size"), _etag(info)))
     stems = {e.uri[:-5] for e in entries if e.uri.lower().endswith(".mrxs")}

@@ -46,15 +46,23 @@ def test_retries_give_up_after_the_budget():
     assert is_transient(TransientStorageError("x")) and not is_transient(KeyError("x"))
 
 
-def test_listing_skips_hidden_files_and_mirax_data_folders(tmp_path):
+def test_listing_skips_hidden_files_and_folders_and_mirax_data_folders(tmp_path):
     (tmp_path / "a.svs").write_bytes(b"x")
     (tmp_path / ".DS_Store").write_bytes(b"x")
     (tmp_path / "case.mrxs").write_bytes(b"x")
     (tmp_path / "case").mkdir()
     (tmp_path / "case" / "Data0000.dat").write_bytes(b"x")
     (tmp_path / "case" / "Slidedat.ini").write_bytes(b"x")
+    for hidden in (".snapshot/hourly.0", ".Trash-1000/files", "2026/.cache"):
+        (tmp_path / hidden).mkdir(parents=True)  # a file server's copies of the archive, ...
+        (tmp_path / hidden / "a.svs").write_bytes(b"x")
+    (tmp_path / "2026" / "b.svs").write_bytes(b"x")
     uris = [e.uri for e in list_files(str(tmp_path), StorageConfig())]
-    assert uris == [str(tmp_path / "a.svs"), str(tmp_path / "case.mrxs")]
+    assert uris == [str(tmp_path / "2026" / "b.svs"), str(tmp_path / "a.svs"),
+                    str(tmp_path / "case.mrxs")]
+    # a hidden folder above the input's root is the user's choice: its slides are listed
+    inner = tmp_path / ".snapshot" / "hourly.0"
+    assert [e.uri for e in list_files(str(inner), StorageConfig())] == [str(inner / "a.svs")]
 
 
 def test_normalize_uri():
