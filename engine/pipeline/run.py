@@ -484,8 +484,9 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     kinds = collections.Counter(specimens.of(e.uri) for e in pending)
     if kinds:
         log("specimen types: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-            + (" (every configured stage runs on these: give --specimen or a specimen column "
-               "to run only what applies)" if UNKNOWN in kinds else ""))
+            + (" (every configured stage runs on these, and their cell detection looks for no "
+               "nuclei paler than the threshold, which smears need: give --specimen or a "
+               "specimen column)" if UNKNOWN in kinds else ""))
     pc = cfg.pipeline
     branches = tuple(b for b in ("cells", "tiles") if b in pc.stages)
     agg = Aggregator(store, cfg.hash(), stages.run, sorted(stages.skipped), stages.model_codes,
