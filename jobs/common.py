@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import functools
@@ -116,7 +117,7 @@ def expand_inputs(uri: str, storage: StorageConfig) -> list[FileEntry]:
         items = read_uri_list(uri, storage)
         unique = list(dict.fromkeys(items))
         if len(unique) < len(items):  # one slide, one set of rows: a repeat is said, not run
-            repeated = sorted({i for i in items if items.count(i) > 1})
+            repeated = sorted(i for i, n in collections.Counter(items).items() if n > 1)
             print(f"hemeflow: {uri}: {len(repeated)} slide(s) listed more than once, each "
                   f"taken once: {', '.join(repeated[:3])}{', …' if len(repeated) > 3 else ''}",
                   file=sys.stderr, flush=True)
