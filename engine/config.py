@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -97,6 +99,11 @@ class TissueConfig:
     opening_um: float = 8.0
     min_area_um2: float = 1_000.0
     max_hole_um2: float = 2_000.0
+
+    def __post_init__(self):
+        if not (self.thumbnail_mpp > 0 and self.thumbnail_max_px >= 8):
+            raise ConfigError("tissue.thumbnail_mpp must be positive and tissue.thumbnail_max_px"
+                              f" at least 8, got {self.thumbnail_mpp} and {self.thumbnail_max_px}")
 
 
 @dataclass(frozen=True)
@@ -275,6 +282,11 @@ class CellDetectionConfig:
     max_blur_um: float | None = 0.3
 
     def __post_init__(self):
+        if not self.work_mpp > 0:
+            raise ConfigError(f"cells.work_mpp must be positive (µm/px), got {self.work_mpp}")
+        if not self.threshold_floor <= self.threshold_ceiling:
+            raise ConfigError(f"cells.threshold_floor ({self.threshold_floor}) must not exceed "
+                              f"cells.threshold_ceiling ({self.threshold_ceiling})")
         for key in ("pale_platelet_specimens", "pale_nucleus_specimens"):
             wrong = [s for s in getattr(self, key) if s not in SPECIMENS]
             if wrong:
@@ -473,6 +485,10 @@ class PipelineConfig:
     cellularity_bag_size: int = 256
 
     def __post_init__(self):
+        for key in ("read_batch_size", "tile_read_batch_size", "read_threads",
+                    "threshold_samples", "cellularity_bags", "cellularity_bag_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"pipeline.{key} must be at least 1, got {getattr(self, key)}")
         r = self.red_cell_diameter_um
         if r is not None and (len(r) != 2 or not 0 < r[0] < r[1]):
             raise ConfigError(f"red_cell_diameter_um must be [low, high] with 0 < low < high "
@@ -554,6 +570,52 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
+def _parses_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against a config field's type (lists become tuples).
+
+    Every number in the config is a size, a distance, a count, a share or a limit: negative
+    numbers, NaN and infinity are refused with the rest, as a value of the wrong kind is.
+
+    Raises:
+        ConfigError: naming the key, what it takes and what it got.
+    """
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):  # ``X | None``
+        if value is None and type(None) in args:
+            return None
+        return _typed(value, next(a for a in args if a is not type(None)), where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    elif hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int if hint is int else (int, float)):
+            text = " (YAML reads a number such as 1e-3, with no point, as text: write 1.0e-3)" \
+                if isinstance(value, str) and _parses_as_number(value) else ""
+            raise ConfigError(f"{where}: expected {'a whole number' if hint is int else 'a number'}"
+                              f", got {value!r}{text}")
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{where}: expected a number of 0 or more, got {value!r}")
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected text, got {value!r}")
+    elif typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        each = [args[0]] * len(value) if args[-1] is Ellipsis else args
+        if len(each) != len(value):
+            raise ConfigError(f"{where}: expected a list of {len(each)}, got {list(value)}")
+        return tuple(_typed(v, h, f"{where}[{i}]") for i, (v, h) in enumerate(zip(value, each)))
+    return value
+
+
 def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     """Build dataclass ``cls`` from a plain dict, recursing into nested dataclasses.
 
@@ -576,8 +638,8 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             value = from_dict(hint, value, where)
-        elif isinstance(value, list):
-            value = tuple(value)
+        else:
+            value = _typed(value, hint, where)
         kwargs[key] = value
     try:
         return cls(**kwargs)

@@ -53,3 +53,41 @@ def test_shipped_default_yaml_is_complete_and_equals_the_defaults():
                                    else set()))}
 
     assert keys(data) == keys(Config().to_dict())
+
+
+@pytest.mark.parametrize("tree, says", [
+    ({"pipeline": {"min_nucleated": "abc"}}, "pipeline.min_nucleated: expected a whole number, "
+                                             "got 'abc'"),
+    ({"pipeline": {"min_nucleated": "200"}}, "got '200' (YAML"),
+    ({"cells": {"work_mpp": "1e-3"}}, "cells.work_mpp: expected a number, got '1e-3' (YAML"),
+    ({"cells": {"work_mpp": -1}}, "cells.work_mpp: expected a number of 0 or more, got -1"),
+    ({"cells": {"work_mpp": 0}}, "cells.work_mpp must be positive"),
+    ({"cells": {"merge_um": float("nan")}}, "cells.merge_um: expected a number of 0 or more"),
+    ({"cells": {"threshold_floor": 80}}, "threshold_floor (80) must not exceed"),
+    ({"pipeline": {"classifier": {"tta": "yes"}}}, "pipeline.classifier.tta: expected true or "
+                                                   "false, got 'yes'"),
+    ({"pipeline": {"classifier": {"batch_size": 64.0}}}, "batch_size: expected a whole number"),
+    ({"pipeline": {"classifier": {"model": 5}}}, "pipeline.classifier.model: expected text"),
+    ({"pipeline": {"stages": "cells"}}, "pipeline.stages: expected a list, got 'cells'"),
+    ({"pipeline": {"red_cell_diameter_um": [5, "x"]}}, "red_cell_diameter_um[1]: expected a "
+                                                       "number"),
+    ({"pipeline": {"red_cell_diameter_um": [5]}}, "expected a list of 2, got [5]"),
+    ({"pipeline": {"threshold_samples": 0}}, "pipeline.threshold_samples must be at least 1"),
+    ({"tissue": {"thumbnail_mpp": 0}}, "tissue.thumbnail_mpp must be positive"),
+    ({"storage": {"retries": True}}, "storage.retries: expected a whole number, got True"),
+])
+def test_a_value_of_the_wrong_kind_or_out_of_range_is_refused_by_name(tree, says):
+    """A config file is written by hand: a value of the wrong kind (text for a number, a
+    number for a switch) or a negative size is refused when the config is read, naming the
+    key, where it would have failed mid-run or run with a meaningless setting."""
+    with pytest.raises(ConfigError) as err:
+        Config.from_dict(tree)
+    assert says in str(err.value)
+
+
+def test_numbers_of_either_kind_and_null_where_allowed_are_taken():
+    cfg = Config.from_dict({"cells": {"work_mpp": 1, "max_blur_um": None},
+                            "pipeline": {"red_cell_diameter_um": [5, 10.5],
+                                         "lobe_merge_um": None}})
+    assert cfg.cells.work_mpp == 1 and cfg.cells.max_blur_um is None
+    assert cfg.pipeline.red_cell_diameter_um == (5, 10.5) and cfg.pipeline.lobe_merge_um is None
