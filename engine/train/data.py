@@ -60,10 +60,45 @@ def labelled(rows: list[dict]) -> list[dict]:
     return [r for r in rows if (r.get("code") or "").strip()]
 
 
+def _once_each(table: str, rows: list[dict], paths: list[str], lines: list[int]
+               ) -> tuple[list[dict], list[str]]:
+    """The rows of a labels table with each image once: a row repeating an earlier one's image
+    and code is left out (and said: two sheets merged, say), since an image listed twice could
+    land on both sides of a train/test split and lift the test figures.
+
+    Raises:
+        ValueError: an image labelled with two codes (the first few named with their lines),
+            which a lab resolves, not the job.
+    """
+    first: dict[str, int] = {}
+    keep, clashes = [], []
+    for i, path in enumerate(paths):
+        j = first.setdefault(os.path.normpath(path), i)
+        if j == i:
+            keep.append(i)
+        elif rows[j]["code"].strip() != rows[i]["code"].strip():
+            clashes.append(f"{rows[i]['path']} is {rows[j]['code'].strip()} on line "
+                           f"{lines[j]} and {rows[i]['code'].strip()} on line {lines[i]}")
+    if clashes:
+        raise ValueError(f"{table}: {len(clashes)} image(s) labelled with two codes; settle "
+                         "each on one: " + "; ".join(clashes[:5])
+                         + ("; …" if len(clashes) > 5 else ""))
+    if len(keep) < len(rows):
+        print(f"hemeflow: {table}: {len(rows) - len(keep)} row(s) repeat an earlier row's image "
+              "and code; each image taken once", file=sys.stderr, flush=True)
+    return [rows[i] for i in keep], [paths[i] for i in keep]
+
+
 def read_labels(data_dir: str, csv_name: str = "labels.csv") -> LabelledImages:
     """``<data_dir>/labels.csv`` with ``path`` and ``code`` columns (``patient_id``, ``slide_id`` or
     ``group`` optional); relative paths are relative to ``data_dir``. A row with an empty code
-    is not labelled (`jobs.export_cells` writes the rows for experts to fill) and is left out."""
+    is not labelled (`jobs.export_cells` writes the rows for experts to fill) and is left out;
+    an image listed again with the same code is taken once (`_once_each`).
+
+    Raises:
+        ValueError: no ``path`` and ``code`` columns, no labelled row, or an image labelled
+            with two codes.
+    """
     table = os.path.join(data_dir, csv_name)
     if not os.path.exists(table):
         raise FileNotFoundError(f"no {csv_name} in {data_dir} (expected columns: path,code)")
@@ -71,14 +106,16 @@ def read_labels(data_dir: str, csv_name: str = "labels.csv") -> LabelledImages:
         rows = list(csv.DictReader(fh))
     if not rows or not {"path", "code"} <= set(rows[0]):
         raise ValueError(f"{table} needs 'path' and 'code' columns")
+    lines = [i + 2 for i, r in enumerate(rows) if (r.get("code") or "").strip()]
     rows = labelled(rows)
     if not rows:
         raise ValueError(f"{table} has no row with a code: fill in the code column")
     group_col = next((c for c in ("patient_id", "slide_id", "group") if c in rows[0]), None)
-    paths = tuple(r["path"] if os.path.isabs(r["path"]) else os.path.join(data_dir, r["path"])
-                  for r in rows)
+    paths = [r["path"] if os.path.isabs(r["path"]) else os.path.join(data_dir, r["path"])
+             for r in rows]
+    rows, paths = _once_each(table, rows, paths, lines)
     # a row with an empty group (a list that mixes exports with PBC-like images) is its own
-    return LabelledImages(paths, tuple(r["code"].strip() for r in rows),
+    return LabelledImages(tuple(paths), tuple(r["code"].strip() for r in rows),
                           tuple((r[group_col] or "").strip() or f"(no group) row {i}"
                                 for i, r in enumerate(rows)) if group_col else None)
 

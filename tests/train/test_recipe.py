@@ -394,6 +394,28 @@ def test_the_data_digest_follows_rows_codes_and_files(tmp_path):
     assert read_labels(str(data)).digest() != replaced
 
 
+def test_an_image_labelled_twice_is_taken_once_or_refused_when_the_codes_differ(tmp_path,
+                                                                                capsys):
+    """Two sheets merged list some images twice: a repeat with the same code is taken once
+    (it could fall on both sides of a train/test split), two codes for one image are
+    refused with both lines, for the lab to settle. Paths are compared as written out
+    (``images/a.jpg`` and ``./images/a.jpg`` are one image)."""
+    from engine.train.data import read_labels
+
+    (tmp_path / "labels.csv").write_text(
+        "path,code\nimages/a.jpg,M6\nimages/b.jpg,L2\n./images/a.jpg,M6\nimages/c.jpg,\n")
+    got = read_labels(str(tmp_path))
+    assert got.codes == ("M6", "L2") and got.paths == (str(tmp_path / "images/a.jpg"),
+                                                       str(tmp_path / "images/b.jpg"))
+    assert "1 row(s) repeat an earlier row's image and code; each image taken once" \
+        in capsys.readouterr().err
+    (tmp_path / "labels.csv").write_text(
+        "path,code\nimages/a.jpg,M6\nimages/c.jpg,\nimages/b.jpg,L2\nimages/a.jpg,M5\n")
+    with pytest.raises(ValueError, match=r"1 image\(s\) labelled with two codes; settle each on "
+                                         r"one: images/a.jpg is M6 on line 2 and M5 on line 5"):
+        read_labels(str(tmp_path))
+
+
 @needs_pbc
 def test_a_rerun_on_other_data_prepares_and_trains_again(tmp_path, capsys):
     from jobs import train_cell_classifier
