@@ -114,21 +114,27 @@ def expand_inputs(uri: str, storage: StorageConfig) -> list[FileEntry]:
     Entries of a list that do not exist are kept (size unknown) so they end as status rows.
     """
     if uri.lower().endswith(LIST_SUFFIXES):
-        items = read_uri_list(uri, storage)
-        unique = list(dict.fromkeys(items))
-        if len(unique) < len(items):  # one slide, one set of rows: a repeat is said, not run
-            repeated = sorted(i for i, n in collections.Counter(items).items() if n > 1)
-            print(f"hemeflow: {uri}: {len(repeated)} slide(s) listed more than once, each "
-                  f"taken once: {', '.join(repeated[:3])}{', …' if len(repeated) > 3 else ''}",
-                  file=sys.stderr, flush=True)
+        items = once_each(read_uri_list(uri, storage), uri)
         entries = []
-        for item in unique:
+        for item in items:
             try:
                 entries.append(stat_file(item, storage))
             except SlideError:
                 entries.append(FileEntry(item))
         return entries
     return list_files(uri, storage)
+
+
+def once_each(uris: list[str], where: str) -> list[str]:
+    """A list's slides in its order, each once: one slide, one set of rows. A repeat is said
+    (on stderr), not run twice."""
+    unique = list(dict.fromkeys(uris))
+    if len(unique) < len(uris):
+        repeated = sorted(u for u, n in collections.Counter(uris).items() if n > 1)
+        print(f"hemeflow: {where}: {len(repeated)} slide(s) listed more than once, each taken "
+              f"once: {', '.join(repeated[:3])}{', …' if len(repeated) > 3 else ''}",
+              file=sys.stderr, flush=True)
+    return unique
 
 
 def _list_column(uri: str, storage: StorageConfig, column: str) -> list[tuple[int, str, str]]:
@@ -152,26 +158,27 @@ def read_specimens(uri: str, storage: StorageConfig) -> dict[str, str]:
         SpecimenError: a cell that names no specimen type (its row is in the message).
         InputError: one slide listed with two types.
     """
-    return _one_each(((line, u, parse_specimen(v, f"{uri} line {line}"))
-                      for line, u, v in _list_column(uri, storage, "specimen")),
-                     uri, "specimen type")
+    return one_value_each(((f"line {line}", u, parse_specimen(v, f"{uri} line {line}"))
+                           for line, u, v in _list_column(uri, storage, "specimen")),
+                          uri, "specimen type")
 
 
-def _one_each(rows: Iterable[tuple[int, str, T]], uri: str, what: str) -> dict[str, T]:
-    """``{key: value}`` from a list's ``(line, key, value)`` rows, a key listed again with the
-    same value taken once.
+def one_value_each(rows: Iterable[tuple[str, str, T]], uri: str, what: str
+                   ) -> dict[str, T]:
+    """``{key: value}`` from a list's ``(place, key, value)`` rows (place: ``line 3`` of a
+    CSV, ``row 2`` of a Parquet inventory), a key listed again with the same value taken once.
 
     Raises:
-        InputError: a key listed with two values (both lines named), which would otherwise
+        InputError: a key listed with two values (both places named), which would otherwise
             leave the slide the later one's unawares.
     """
     out: dict[str, T] = {}
-    first: dict[str, int] = {}
-    for line, key, value in rows:
+    first: dict[str, str] = {}
+    for place, key, value in rows:
         if key in out and out[key] != value:
-            raise InputError(f"{uri} line {line}: {key} has {what} {value!r} here and "
-                             f"{out[key]!r} on line {first[key]}: one slide, one {what}")
-        first.setdefault(key, line)
+            raise InputError(f"{uri} {place}: {key} has {what} {value!r} here and "
+                             f"{out[key]!r} on {first[key]}: one slide, one {what}")
+        first.setdefault(key, place)
         out[key] = value
     return out
 
@@ -234,8 +241,8 @@ def read_mpp_table(uri: str, storage: StorageConfig) -> dict[str, float]:
             if not mpp > 0:
                 raise InputError(f"{uri} line {i + 2}: mpp {row['mpp']!r} for {key} is not a "
                                  "positive number of µm per pixel")
-            rows.append((i + 2, key, mpp))
-    return _one_each(rows, uri, "pixel size")
+            rows.append((f"line {i + 2}", key, mpp))
+    return one_value_each(rows, uri, "pixel size")
 
 
 def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:

@@ -39,8 +39,9 @@ from engine.schema import SCHEMA_VERSION, STATUSES, slide_id_for
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import FileEntry, InputError, is_remote
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
-from jobs.common import (add_common_args, expand_inputs, fail, load_config, read_mpp_table,
-                         read_cases, read_specimens, read_text, write_run_config)
+from jobs.common import (add_common_args, expand_inputs, fail, load_config, once_each,
+                         one_value_each, read_cases, read_mpp_table, read_specimens, read_text,
+                         write_run_config)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                       "shared", "data")
@@ -92,10 +93,17 @@ def read_inputs(uri: str, storage) -> Inputs:
             columns = ["uri", "size_bytes", "etag"] + [
                 c for c in ("specimen", "case") if c in pf.schema_arrow.names]
             rows = pf.read(columns=columns).to_pylist()
-        return Inputs([FileEntry(r["uri"], r["size_bytes"], r["etag"]) for r in rows],
-                      {r["uri"]: parse_specimen(r["specimen"], uri)
-                       for r in rows if r.get("specimen")},
-                      {r["uri"]: r["case"] for r in rows if r.get("case")})
+        first = {}
+        for r in rows:
+            first.setdefault(r["uri"], r)
+        specimens = ((f"row {i + 1}", r["uri"], parse_specimen(r["specimen"], uri))
+                     for i, r in enumerate(rows) if r.get("specimen"))
+        cases = ((f"row {i + 1}", r["uri"], r["case"]) for i, r in enumerate(rows)
+                 if r.get("case"))
+        return Inputs([FileEntry(u, first[u]["size_bytes"], first[u]["etag"])
+                       for u in once_each([r["uri"] for r in rows], uri)],
+                      one_value_each(specimens, uri, "specimen type"),
+                      one_value_each(cases, uri, "case"))
     from engine.slides.registry import looks_like_slide
 
     return Inputs([e for e in expand_inputs(uri, storage) if looks_like_slide(e.uri)],

@@ -88,3 +88,31 @@ def test_a_list_gives_each_slide_one_type_one_pixel_size_and_one_row(tmp_path, c
         with pytest.raises(InputError, match=f"line 2: mpp '{bad}' for .*a.svs is not a "
                                              "positive number"):
             read_mpp_table(str(table), storage)
+
+
+def test_an_inventory_gives_each_slide_one_row_type_and_case(tmp_path, capsys):
+    """The same rules for a Parquet inventory given as --input (two inventories concatenated,
+    say): a slide's first row, a repeat said, two types or two cases refused by row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine.config import StorageConfig
+    from engine.slides.storage import InputError
+    from jobs.process_slides import read_inputs
+
+    def inventory(specimens, cases):
+        path = tmp_path / "slides.parquet"
+        pq.write_table(pa.table({"uri": ["/a.svs", "/b.svs", "/a.svs"], "size_bytes": [1, 2, 3],
+                                 "etag": ["x", "y", "z"], "specimen": specimens,
+                                 "case": cases}), path)
+        return read_inputs(str(path), StorageConfig())
+
+    got = inventory(["blood", None, "blood"], ["C1", "C2", None])
+    assert [(e.uri, e.size) for e in got.entries] == [("/a.svs", 1), ("/b.svs", 2)]
+    assert got.specimens == {"/a.svs": "blood"} and got.cases == {"/a.svs": "C1", "/b.svs": "C2"}
+    assert "1 slide(s) listed more than once, each taken once: /a.svs" in capsys.readouterr().err
+    with pytest.raises(InputError, match="row 3: /a.svs has specimen type 'aspirate' here and "
+                                         "'blood' on row 1"):
+        inventory(["blood", None, "aspirate"], [None, None, None])
+    with pytest.raises(InputError, match="row 3: /a.svs has case 'C9' here and 'C1' on row 1"):
+        inventory([None, None, None], ["C1", None, "C9"])

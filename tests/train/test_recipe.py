@@ -76,9 +76,12 @@ def test_train_job_refuses_labels_it_cannot_split_with_what_to_do(tmp_path, caps
     code, err = train()
     assert code == 2 and "too few labelled images of B2 (1)" in err
     assert "--exclude-codes B2,IG,NEU" in err
-    write(picks[:-1] + [{**picks[0], "code": "XX"}])
+    write(picks[1:-1] + [{**picks[0], "code": "XX"}])
     code, err = train()
     assert code == 2 and "unknown cell class code 'XX'" in err
+    write(picks[:-1] + [{**picks[0], "code": "XX"}])  # an image given a second code
+    code, err = train()
+    assert code == 2 and "1 image(s) labelled with two codes" in err
     write(picks, code="")
     code, err = train()
     assert code == 2 and "no row with a code: fill in the code column" in err
