@@ -9,15 +9,16 @@ import argparse
 import sys
 
 from engine.slides.smear import build_bccd_smear
+from jobs.common import count_arg, slide_mpp_arg
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.build_smear_slide", description=__doc__)
     p.add_argument("--bccd", default="../shared/data/bccd")
     p.add_argument("--output", default="bccd-smear.tif")
-    p.add_argument("--fields", type=int, default=24)
-    p.add_argument("--cols", type=int, default=6)
-    p.add_argument("--mpp", type=float, default=0.25)
+    p.add_argument("--fields", type=count_arg(), default=24)
+    p.add_argument("--cols", type=count_arg(), default=6)
+    p.add_argument("--mpp", type=slide_mpp_arg, default=0.25)
     args = p.parse_args(argv)
     boxes = build_bccd_smear(args.bccd, args.output, args.fields, args.cols, args.mpp)
     print(f"slide: {args.output}; WBC boxes: {boxes}")

@@ -37,8 +37,8 @@ import sys
 import numpy as np
 
 from engine.schema import EXPORT_FORMAT
-from jobs.common import (add_storage_args, committed_slide, fail, storage_from_args,
-                         without_lobes)
+from jobs.common import (add_storage_args, committed_slide, count_arg, fail,
+                         storage_from_args, without_lobes)
 
 CROP_PX, CROP_MPP = 96, 0.25
 METHOD_NAMES = {"gradcam": "Grad-CAM", "smoothgrad": "SmoothGrad"}
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
                    help="a process_slides or classify_cells output folder or s3:// prefix")
     p.add_argument("--slide", required=True,
                    help="slide_id, or the slide's file name (an export's folder name)")
-    p.add_argument("--per-class", type=int, default=16)
+    p.add_argument("--per-class", type=count_arg(), default=16)
     p.add_argument("--order", default="random",
                    choices=("random", "confident", "uncertain", "far", "blurred", "disagree"))
     p.add_argument("--kind", default="nucleated", choices=("nucleated", "platelet", "all"),

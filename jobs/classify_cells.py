@@ -38,8 +38,9 @@ from engine.models import list_models
 from engine.pixel_size import RedCellSize, red_cell_diameters, red_cell_size
 from engine.schema import EXPORT_FORMAT
 from engine.specimen import SMEARS, UNKNOWN
-from jobs.common import (add_storage_args, fail, find_exports, image_source, limits_arg,
-                         mpp_arg, put_in_case, resolve_source_mpp, storage_from_args)
+from jobs.common import (add_storage_args, count_arg, fail, find_exports, image_source,
+                         limits_arg, mpp_arg, percent_arg, positive_arg, put_in_case,
+                         resolve_source_mpp, storage_from_args)
 
 
 def source_label(path: str, folder: str) -> str | None:
@@ -187,17 +188,17 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="deepheme-resnext50", choices=list_models())
     p.add_argument("--checkpoint", help="default: the model's shipped checkpoint")
     p.add_argument("--tta", action="store_true", help="average over 8 flips and rotations")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--min-nucleated", type=int, default=200,
+    p.add_argument("--batch-size", type=count_arg(), default=128)
+    p.add_argument("--min-nucleated", type=count_arg(0), default=200,
                    help="fewer counted cells than this flags the differential low_count")
-    p.add_argument("--max-ood-percent", type=float, default=20.0,
+    p.add_argument("--max-ood-percent", type=percent_arg, default=20.0,
                    help="more nucleated cells than this %% outside the training data flags it")
-    p.add_argument("--max-blur-um", type=float, default=0.3,
+    p.add_argument("--max-blur-um", type=positive_arg, default=0.3,
                    help="an image blurred more than this (edge Gaussian sigma, µm, at the "
                         "model's µm/px) is out_of_focus and left out of the differential")
     p.add_argument("--count-out-of-focus", action="store_true",
                    help="count the images out of focus in the differential too")
-    p.add_argument("--max-out-of-focus-percent", type=float, default=20.0,
+    p.add_argument("--max-out-of-focus-percent", type=percent_arg, default=20.0,
                    help="more nucleated cells than this %% out of focus flags the slide")
     p.add_argument("--red-cell-diameter-um", type=limits_arg, default=(5.0, 10.5),
                    metavar="LOW,HIGH", help="the images' red cells, measured at --source-mpp, "

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import io
 import json
+import math
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -224,8 +225,8 @@ def read_mpp_table(uri: str, storage: StorageConfig) -> dict[str, float]:
     blank cell gives that slide none).
 
     Raises:
-        InputError: no ``mpp`` column, a value that is no positive number, or one slide given
-            two.
+        InputError: no ``mpp`` column, a value that is no pixel size (`slide_mpp_arg`), or one
+            slide given two.
     """
     rows = []
     for i, row in enumerate(read_csv_rows(uri, storage)):
@@ -235,12 +236,9 @@ def read_mpp_table(uri: str, storage: StorageConfig) -> dict[str, float]:
         key = _resolve(key, uri) if key else (row.get("slide_id") or "").strip()
         if key and (row["mpp"] or "").strip():  # a blank cell gives none
             try:
-                mpp = float(row["mpp"])
-            except (TypeError, ValueError):
-                mpp = float("nan")
-            if not mpp > 0:
-                raise InputError(f"{uri} line {i + 2}: mpp {row['mpp']!r} for {key} is not a "
-                                 "positive number of µm per pixel")
+                mpp = slide_mpp_arg(row["mpp"])
+            except argparse.ArgumentTypeError as err:
+                raise InputError(f"{uri} line {i + 2}: mpp for {key}: {err}") from None
             rows.append((f"line {i + 2}", key, mpp))
     return one_value_each(rows, uri, "pixel size")
 
@@ -276,6 +274,60 @@ def mpp_arg(text: str) -> float | str:
         value = -1.0
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected µm/px > 0 or 'auto', got {text!r}")
+    return value
+
+
+def count_arg(low: int = 1):
+    """argparse type of a whole number of ``low`` or more (images, epochs, a batch's size)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {low} or more, got {text}")
+        return value
+
+    return parse
+
+
+def positive_arg(text: str) -> float:
+    """argparse type of a number above 0 (a learning rate, a distance in µm)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+    return value
+
+
+def percent_arg(text: str) -> float:
+    """argparse type of a share in percent, 0 to 100."""
+    value = float("nan")
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"expected a percentage from 0 to 100, got {text!r}")
+    return value
+
+
+def slide_mpp_arg(text: str) -> float:
+    """argparse type of a slide's pixel size given by hand (``--mpp``): µm/px within the range
+    a scanner's metadata is taken from (`engine.slides.base.PLAUSIBLE_MPP`)."""
+    from engine.slides.base import PLAUSIBLE_MPP
+
+    lo, hi = PLAUSIBLE_MPP
+    value = float("nan")
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    if not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(f"expected µm/px from {lo} to {hi} (a 40x scan is "
+                                         f"about 0.25), got {text!r}")
     return value
 
 

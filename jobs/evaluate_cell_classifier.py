@@ -36,8 +36,8 @@ from engine.models.checkpoint import CheckpointError
 from engine.train.data import read_labels
 from engine.train.evaluation import check_comparable, evaluate_classifier
 from engine.train.metrics import BOOTSTRAP_RESAMPLES
-from jobs.common import (add_storage_args, local_data, mpp_arg, refuses_unreadable,
-                         resolve_source_mpp, storage_from_args)
+from jobs.common import (add_storage_args, count_arg, local_data, mpp_arg,
+                         refuses_unreadable, resolve_source_mpp, storage_from_args)
 
 
 def parse_args(argv=None):
@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--plots", default="hemeflow-eval", help="folder for confusion.png, umap.png")
     p.add_argument("--no-tta", action="store_true", help="no test-time rotations/flips")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP figure")
-    p.add_argument("--saliency", type=int, default=0, metavar="N",
+    p.add_argument("--saliency", type=count_arg(0), default=0, metavar="N",
                    help="errors.png: per class its N most confident wrong calls with the "
                         "Grad-CAM of the call and of the true class")
     p.add_argument("--blur-um", type=float, default=0.0, metavar="SIGMA",
@@ -65,10 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--compare-source-mpp", type=float, default=None, metavar="MPP",
                    help="the images' µm/px as the baseline was trained to take them (default: "
                         "--source-mpp): each model gets them resampled as it was trained")
-    p.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, metavar="N",
+    p.add_argument("--bootstrap", type=count_arg(0), default=BOOTSTRAP_RESAMPLES, metavar="N",
                    help="image-level bootstrap resamples for the 95 %% intervals (0: none; "
                         "default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=count_arg(), default=256)
     p.add_argument("--fp32", action="store_true",
                    help="float32 throughout (default: bf16 autocast on CUDA and on CPUs with "
                         "native bf16; the report's 'precision' says which ran)")

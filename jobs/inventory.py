@@ -23,8 +23,9 @@ from engine.schema import SLIDES, table_from_rows
 from engine.slides.inventory import MppOverrides, inventory_file
 from engine.slides.storage import StagingArea
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens
-from jobs.common import (add_common_args, expand_inputs, fail, load_config, progress,
-                         read_cases, read_mpp_table, read_specimens, write_run_config)
+from jobs.common import (add_common_args, count_arg, expand_inputs, fail, load_config,
+                         progress, read_cases, read_mpp_table, read_specimens, slide_mpp_arg,
+                         write_run_config)
 
 DEFAULT_INPUT = "../shared/data/wsi"
 
@@ -35,11 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input", default=DEFAULT_INPUT,
                    help=f"folder, s3:// prefix, or .txt/.csv list of slides (default {DEFAULT_INPUT})")
     p.add_argument("--output", default="hemeflow-out", help="output folder or s3:// prefix")
-    p.add_argument("--mpp", type=float, help="µm/px for slides whose metadata has none")
+    p.add_argument("--mpp", type=slide_mpp_arg, help="µm/px for slides whose metadata has none")
     p.add_argument("--mpp-table", help="CSV with uri (or slide_id) and mpp columns")
     p.add_argument("--specimen", choices=sorted(SPECIMENS), default=UNKNOWN,
                    help="specimen type of slides the .csv list does not type (engine/specimen.py)")
-    p.add_argument("--workers", type=int, default=4, help="slides opened in parallel")
+    p.add_argument("--workers", type=count_arg(), default=4, help="slides opened in parallel")
     add_common_args(p)
     return p.parse_args(argv)
 

@@ -31,7 +31,8 @@ import pyarrow.parquet as pq
 from engine.errors import HemeflowError
 from engine.models import MissingWeights
 from engine.models.mil import attention_scores, load_mil, predict_bags
-from jobs.common import add_storage_args, fail, refuses_unreadable, storage_from_args
+from jobs.common import (add_storage_args, count_arg, fail, refuses_unreadable,
+                         storage_from_args)
 from jobs.train_mil import add_instances_arg, is_output, load_instances
 
 THUMB_PX = 1024
@@ -131,12 +132,13 @@ def main(argv=None) -> int:
     src.add_argument("--bags", help="folder of <patient_id>/…/<image> single-cell images")
     add_instances_arg(p)
     p.add_argument("--output", required=True)
-    p.add_argument("--n-bags", type=int)
-    p.add_argument("--bag-size", type=int)
+    p.add_argument("--n-bags", type=count_arg())
+    p.add_argument("--bag-size", type=count_arg())
     p.add_argument("--figures", action="store_true",
                    help="a PNG per slide (attention over its thumbnail) or patient (its most "
                         "and least attended images)")
-    p.add_argument("--top", type=int, default=12, help="images per row of a patient's figure")
+    p.add_argument("--top", type=count_arg(), default=12,
+                   help="images per row of a patient's figure")
     add_storage_args(p)
     args = p.parse_args(argv)
     storage = storage_from_args(args)

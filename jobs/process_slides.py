@@ -41,7 +41,7 @@ from engine.slides.storage import FileEntry, InputError, is_remote
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
 from jobs.common import (add_common_args, expand_inputs, fail, load_config, once_each,
                          one_value_each, read_cases, read_mpp_table, read_specimens, read_text,
-                         write_run_config)
+                         slide_mpp_arg, write_run_config)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                       "shared", "data")
@@ -295,7 +295,7 @@ def parse_args(argv=None):
     p.add_argument("--input", help="slides: folder, s3:// prefix, .txt/.csv list or inventory "
                                    ".parquet (default: the bundled fixtures and smear slide)")
     p.add_argument("--output", default="hemeflow-out", help="output folder or s3:// prefix")
-    p.add_argument("--mpp", type=float, help="µm/px for slides whose metadata has none")
+    p.add_argument("--mpp", type=slide_mpp_arg, help="µm/px for slides whose metadata has none")
     p.add_argument("--mpp-table", help="CSV with uri (or slide_id) and mpp columns")
     p.add_argument("--specimen", choices=sorted(SPECIMENS), default=UNKNOWN,
                    help="specimen type of the slides the input does not type (a 'specimen' "

@@ -52,8 +52,8 @@ from engine.train.data import fetch_labelled, read_labels, source_of
 from engine.train.evaluation import evaluate_classifier, ordered_codes
 from engine.train.loop import COMPILE_MODES, LocalSession, TrainSettings, settings_dict
 from engine.train.splits import holdout_split, kfold_splits
-from jobs.common import (add_storage_args, local_data, mpp_arg, refuses_unreadable,
-                         resolve_source_mpp, storage_from_args)
+from jobs.common import (add_storage_args, count_arg, local_data, mpp_arg, positive_arg,
+                         refuses_unreadable, resolve_source_mpp, storage_from_args)
 
 
 def parse_args(argv=None):
@@ -65,10 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--work", help="local working folder for an s3:// output (default: "
                                   "<temp dir>/hemeflow-train-<hash of the output>)")
     p.add_argument("--arch", default="deepheme-resnext50", choices=list_models())
-    p.add_argument("--folds", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--folds", type=count_arg(), default=1)
+    p.add_argument("--epochs", type=count_arg(), default=40)
+    p.add_argument("--batch-size", type=count_arg(), default=128)
+    p.add_argument("--lr", type=positive_arg, default=1e-3)
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--optimizer", choices=("adam", "adamw"), default="adam",
@@ -82,7 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--distill-alpha", type=float, default=0.5,
                    help="weight of the distillation term when --teacher is given")
     p.add_argument("--distill-temperature", type=float, default=4.0)
-    p.add_argument("--lr-step-epochs", type=int, default=10, help="step decay period (x0.3)")
+    p.add_argument("--lr-step-epochs", type=count_arg(), default=10,
+                   help="step decay period (x0.3)")
     p.add_argument("--init", help="fine-tune from this checkpoint (same architecture) instead of "
                                   "random weights; where its codes differ, the backbone and the "
                                   "classifier rows of shared codes are kept")
@@ -110,13 +111,15 @@ def parse_args(argv=None):
                    help="codes not trained on (group-only labels); kept in the test split and "
                         "scored at group level")
     p.add_argument("--test-fraction", type=float, default=0.15)
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    p.add_argument("--workers", type=count_arg(), default=2, help="Ray Train workers")
     p.add_argument("--gpus", action="store_true", help="one GPU per worker (default: if CUDA)")
     p.add_argument("--cpus-per-worker", type=float, default=1)
-    p.add_argument("--loader-workers", type=int, default=4, help="DataLoader processes per worker")
+    p.add_argument("--loader-workers", type=count_arg(0), default=4,
+                   help="DataLoader processes per worker")
     p.add_argument("--local", action="store_true", help="train in this process, without Ray")
     p.add_argument("--max-steps", type=int, help="cap steps per epoch (smoke tests)")
-    p.add_argument("--limit-per-class", type=int, help="use at most this many images per class")
+    p.add_argument("--limit-per-class", type=count_arg(),
+                   help="use at most this many images per class")
     p.add_argument("--no-ood", action="store_true",
                    help="do not give the checkpoints a feature density (engine.models.ood)")
     p.add_argument("--no-temperature", action="store_true",

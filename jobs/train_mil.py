@@ -36,8 +36,8 @@ from engine.models.mil import predict_bags, save_mil
 from engine.train.mil import train_mil
 from engine.outputs import join_uri, write_bytes
 from engine.slides.storage import get_filesystem, is_remote, normalize_uri
-from jobs.common import (add_storage_args, mpp_arg, refuses_unreadable, resolve_source_mpp,
-                         storage_from_args)
+from jobs.common import (add_storage_args, count_arg, mpp_arg, positive_arg,
+                         refuses_unreadable, resolve_source_mpp, storage_from_args)
 
 
 def parse_label(text: str, task: str):
@@ -156,11 +156,11 @@ def main(argv=None) -> int:
     add_instances_arg(p)
     add_bag_args(p)
     p.add_argument("--output", required=True, help="folder or s3:// prefix")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--bag-size", type=int, default=256)
-    p.add_argument("--n-bags", type=int, default=10)
+    p.add_argument("--folds", type=count_arg(), default=5)
+    p.add_argument("--epochs", type=count_arg(), default=60)
+    p.add_argument("--lr", type=positive_arg, default=2e-4)
+    p.add_argument("--bag-size", type=count_arg(), default=256)
+    p.add_argument("--n-bags", type=count_arg(), default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers per fit")
     p.add_argument("--local", action="store_true", help="train in this process, without Ray")

@@ -91,3 +91,29 @@ def test_numbers_of_either_kind_and_null_where_allowed_are_taken():
                                          "lobe_merge_um": None}})
     assert cfg.cells.work_mpp == 1 and cfg.cells.max_blur_um is None
     assert cfg.pipeline.red_cell_diameter_um == (5, 10.5) and cfg.pipeline.lobe_merge_um is None
+
+
+@pytest.mark.parametrize("job, argv, says", [
+    ("process_slides", ["--mpp", "72"], "argument --mpp: expected µm/px from 0.02 to 50.0"),
+    ("process_slides", ["--mpp", "0"], "argument --mpp: expected µm/px"),
+    ("inventory", ["--workers", "0"], "argument --workers: expected 1 or more, got 0"),
+    ("cell_gallery", ["--output", "o", "--slide", "s", "--per-class", "-1"],
+     "argument --per-class: expected 1 or more, got -1"),
+    ("classify_cells", ["--images", "i", "--output", "o", "--max-ood-percent", "150"],
+     "argument --max-ood-percent: expected a percentage from 0 to 100, got '150'"),
+    ("classify_cells", ["--images", "i", "--output", "o", "--batch-size", "many"],
+     "argument --batch-size: expected a whole number, got 'many'"),
+    ("train_cell_classifier", ["--data", "d", "--output", "o", "--lr", "0"],
+     "argument --lr: expected a number above 0, got 0"),
+    ("train_mil", ["--task", "regression", "--labels", "l", "--output", "o", "--epochs", "0"],
+     "argument --epochs: expected 1 or more, got 0"),
+])
+def test_a_hand_typed_argument_out_of_range_is_refused_before_the_job_starts(job, argv, says,
+                                                                            capsys):
+    """What a person types on the command line is checked as the config is: a pixel size
+    outside what a scanner gives (72 is a DPI), a count below one, a share over 100 %."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"jobs.{job}").main(argv)
+    assert exit_.value.code == 2 and says in capsys.readouterr().err

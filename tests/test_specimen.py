@@ -83,10 +83,10 @@ def test_a_list_gives_each_slide_one_type_one_pixel_size_and_one_row(tmp_path, c
     table.write_text("path,mpp\na.svs,0.25\na.svs,0.5\n")
     with pytest.raises(InputError, match="line 3: .*pixel size 0.5 here and 0.25 on line 2"):
         read_mpp_table(str(table), storage)
-    for bad in ("abc", "0", "-1", "nan"):
+    for bad in ("abc", "0", "-1", "nan", "72"):  # 72: a DPI, not µm/px
         table.write_text(f"path,mpp\na.svs,{bad}\n")
-        with pytest.raises(InputError, match=f"line 2: mpp '{bad}' for .*a.svs is not a "
-                                             "positive number"):
+        with pytest.raises(InputError, match=f"line 2: mpp for .*a.svs: expected µm/px from "
+                                             f"0.02 to 50.0 .*got '{bad}'"):
             read_mpp_table(str(table), storage)
 
 
