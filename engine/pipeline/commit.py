@@ -10,13 +10,14 @@ slides that do not (a crash between two tables).
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 
 from engine.config import StorageConfig
 from engine.outputs import join_uri, write_bytes, write_parquet
 from engine.schema import TABLES, table_from_rows
-from engine.slides.storage import get_filesystem, normalize_uri
+from engine.slides.storage import InputError, get_filesystem, is_remote, normalize_uri
 
 STATUS_TABLE = "slide_status"
 DATA_TABLES = ("slides", "tiles", "cells", "cell_features", "image_cells", "differentials",
@@ -30,6 +31,9 @@ class OutputStore:
     def __init__(self, root: str, storage: StorageConfig):
         self.root = normalize_uri(root)
         self.storage = storage
+        if not is_remote(self.root) and os.path.isfile(self.root):
+            raise InputError(f"the output {self.root} is a file: give a folder (a new one, or "
+                             "one a run of the same input wrote)")
         self.fs, self.path = get_filesystem(self.root, storage)
 
     def uri(self, *parts: str) -> str:

@@ -518,3 +518,18 @@ def test_a_section_in_a_cells_only_run_is_skipped_with_its_reason(tmp_path):
     assert "clot section: no configured stage applies" in row["error_message"]
     assert "not in sections" in row["error_message"]
     assert not (out / "cells").exists() and (out / "slide_status" / "sec.parquet").exists()
+
+
+def test_an_output_that_is_a_file_is_refused_in_a_sentence(tmp_path, capsys):
+    """``--output`` naming a file (a typo for its folder, say) is refused by every job that
+    opens an output, in words, where the first write used to fail with 'Not a directory'."""
+    from engine.slides.storage import InputError
+    from jobs import process_slides
+
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(InputError, match="the output .*out is a file: give a folder"):
+        OutputStore(str(tmp_path / "out"), StorageConfig())
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{tmp_path / 'missing.svs'}\n")
+    assert process_slides.main(["--input", str(listed), "--output", str(tmp_path / "out")]) == 2
+    assert "is a file: give a folder" in capsys.readouterr().err
