@@ -21,7 +21,7 @@ from engine.config import Config, StorageConfig
 from engine.outputs import join_uri, write_bytes
 from engine.slides.storage import (FileEntry, InputError, call_with_retries, get_filesystem,
                                    is_remote, list_files, normalize_uri, stat_file)
-from engine.errors import SlideError
+from engine.errors import ConfigError, SlideError
 from engine.specimen import parse_specimen
 
 T = TypeVar("T")
@@ -47,8 +47,13 @@ def config_from_yaml(path: str | None) -> Config:
     where None."""
     data = {}
     if path:
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+        try:
+            with open(path) as fh:
+                data = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
     return Config.from_dict(data)
 
 

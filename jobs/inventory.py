@@ -71,8 +71,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args)
-        if args.mpp is not None and args.mpp <= 0:
-            return fail(f"--mpp must be positive, got {args.mpp}")
         overrides = MppOverrides(
             default=args.mpp,
             table=read_mpp_table(args.mpp_table, cfg.storage) if args.mpp_table else {})

@@ -117,3 +117,15 @@ def test_a_hand_typed_argument_out_of_range_is_refused_before_the_job_starts(job
     with pytest.raises(SystemExit) as exit_:
         importlib.import_module(f"jobs.{job}").main(argv)
     assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_config_file_missing_or_not_yaml_is_refused_in_a_sentence(tmp_path, capsys):
+    from jobs import inventory
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("pipeline: [1, 2\n")
+    for path, says in ((tmp_path / "nope.yaml", "config file not found: "),
+                       (broken, "broken.yaml is not valid YAML: ")):
+        assert inventory.main(["--input", str(tmp_path), "--output", str(tmp_path / "o"),
+                               "--config", str(path)]) == 2
+        assert says in capsys.readouterr().err
