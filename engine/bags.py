@@ -24,7 +24,8 @@ def find_patient_images(root: str) -> dict[str, list[str]]:
         FileNotFoundError: ``root`` is not a folder or holds no patient with images.
     """
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"bags folder not found: {root}")
+        raise FileNotFoundError(f"not a folder: {root} (expected <id>/…/<image> under it: a "
+                                "folder per slide or patient)")
     bags: dict[str, list[str]] = {}
     for patient in sorted(os.listdir(root)):
         folder = os.path.join(root, patient)

@@ -142,7 +142,10 @@ def main(argv=None) -> int:
     add_storage_args(p)
     args = p.parse_args(argv)
     storage = storage_from_args(args)
-    model, card = load_mil(args.checkpoint, storage)
+    try:
+        model, card = load_mil(args.checkpoint, storage)
+    except HemeflowError as err:  # missing, pickled or not an ABMIL checkpoint
+        return fail(str(err))
     n_bags, bag_size = args.n_bags or card.get("n_bags", 10), args.bag_size or card.get(
         "bag_size", 256)
     slides: dict[str, dict] = {}

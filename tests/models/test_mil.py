@@ -177,3 +177,15 @@ def test_bags_from_an_output_folder_hold_its_committed_slides_only(tmp_path):
     bags = load_bags(str(tmp_path))
     assert list(bags) == ["a"] and bags["a"].shape == (3, 2)
     assert sorted(load_bags(str(tmp_path / "tiles"))) == ["a", "b"]  # a bare tiles folder
+
+
+def test_predict_refuses_a_checkpoint_missing_or_of_another_model_in_a_sentence(tmp_path,
+                                                                                capsys):
+    from jobs import predict_mil
+
+    for ckpt, says in ((tmp_path / "nope.safetensors", "checkpoint not found"),
+                       ("engine/models/checkpoints/deepheme-resnext50.safetensors",
+                        "is not an ABMIL checkpoint")):
+        assert predict_mil.main(["--checkpoint", str(ckpt), "--embeddings", str(tmp_path),
+                                 "--output", str(tmp_path / "p")]) == 2
+        assert says in capsys.readouterr().err
