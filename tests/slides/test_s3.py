@@ -243,3 +243,16 @@ def test_a_crashed_download_is_fetched_again(archive, s3_server, wsi_dir, tmp_pa
         with open_slide(uri, storage, staging) as slide:
             assert slide.info.dimensions == (2220, 2967)
         assert staging.downloads == 2 and done.exists()
+
+
+def test_s3_listing_skips_hidden_folders_below_the_prefix(archive, s3_server, s3_client):
+    """As on disk (tests/slides/test_storage.py): a bucket's ``.snapshot/`` or ``.Trash/``
+    copies are not more slides."""
+    for key in ("lab/a.svs", "lab/2026/b.svs", "lab/.snapshot/hourly.0/a.svs",
+                "lab/2026/.Trash/c.svs", "lab/.hidden.svs"):
+        s3_client.put_object(Bucket="archive", Key=f"hidden/{key}", Body=b"x")
+    storage = StorageConfig(endpoint_url=s3_server)
+    assert [e.uri for e in list_files("s3://archive/hidden/lab", storage)] == [
+        "s3://archive/hidden/lab/2026/b.svs", "s3://archive/hidden/lab/a.svs"]
+    assert [e.uri for e in list_files("s3://archive/hidden/lab/.snapshot", storage)] == [
+        "s3://archive/hidden/lab/.snapshot/hourly.0/a.svs"]  # above the root: the user's choice
