@@ -268,18 +268,24 @@ def write_run_config(output: str, cfg: Config, args: dict, storage: StorageConfi
                 storage)
 
 
+def _number_arg(text: str, ok, expected: str) -> float:
+    """``float(text)`` where ``ok`` holds for it, else argparse's error naming what was
+    expected (the shared part of the number flags' types below)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def mpp_arg(text: str) -> float | str:
     """argparse type of a pixel size: a positive number of µm/px, or ``auto`` (measured on the
     images' red cells, `engine.pixel_size`)."""
     if text.strip().lower() == "auto":
         return "auto"
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected µm/px > 0 or 'auto', got {text!r}")
-    return value
+    return _number_arg(text, lambda v: v > 0, "µm/px > 0 or 'auto'")
 
 
 def count_arg(low: int = 1):
@@ -309,14 +315,7 @@ def positive_arg(text: str) -> float:
 
 def percent_arg(text: str) -> float:
     """argparse type of a share in percent, 0 to 100."""
-    value = float("nan")
-    try:
-        value = float(text)
-    except ValueError:
-        pass
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"expected a percentage from 0 to 100, got {text!r}")
-    return value
+    return _number_arg(text, lambda v: 0 <= v <= 100, "a percentage from 0 to 100")
 
 
 def slide_mpp_arg(text: str) -> float:
@@ -325,15 +324,8 @@ def slide_mpp_arg(text: str) -> float:
     from engine.slides.base import PLAUSIBLE_MPP
 
     lo, hi = PLAUSIBLE_MPP
-    value = float("nan")
-    try:
-        value = float(text)
-    except ValueError:
-        pass
-    if not lo <= value <= hi:
-        raise argparse.ArgumentTypeError(f"expected µm/px from {lo} to {hi} (a 40x scan is "
-                                         f"about 0.25), got {text!r}")
-    return value
+    return _number_arg(text, lambda v: lo <= v <= hi,
+                       f"µm/px from {lo} to {hi} (a 40x scan is about 0.25)")
 
 
 def limits_arg(text: str) -> tuple[float, float] | None:

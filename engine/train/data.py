@@ -60,7 +60,7 @@ def labelled(rows: list[dict]) -> list[dict]:
     return [r for r in rows if (r.get("code") or "").strip()]
 
 
-def _once_each(table: str, rows: list[dict], paths: list[str], lines: list[int]
+def _once_each(table: str, rows: list[dict], paths: list[str]
                ) -> tuple[list[dict], list[str]]:
     """The rows of a labels table with each image once: a row repeating an earlier one's image
     and code is left out (and said: two sheets merged, say), since an image listed twice could
@@ -78,7 +78,8 @@ def _once_each(table: str, rows: list[dict], paths: list[str], lines: list[int]
             keep.append(i)
         elif rows[j]["code"].strip() != rows[i]["code"].strip():
             clashes.append(f"{rows[i]['path']} is {rows[j]['code'].strip()} on line "
-                           f"{lines[j]} and {rows[i]['code'].strip()} on line {lines[i]}")
+                           f"{rows[j]['_line']} and {rows[i]['code'].strip()} on line "
+                           f"{rows[i]['_line']}")
     if clashes:
         raise ValueError(f"{table}: {len(clashes)} image(s) labelled with two codes; settle "
                          "each on one: " + "; ".join(clashes[:5])
@@ -106,14 +107,13 @@ def read_labels(data_dir: str, csv_name: str = "labels.csv") -> LabelledImages:
         rows = list(csv.DictReader(fh))
     if not rows or not {"path", "code"} <= set(rows[0]):
         raise ValueError(f"{table} needs 'path' and 'code' columns")
-    lines = [i + 2 for i, r in enumerate(rows) if (r.get("code") or "").strip()]
-    rows = labelled(rows)
+    rows = labelled([{**r, "_line": i + 2} for i, r in enumerate(rows)])  # lines for messages
     if not rows:
         raise ValueError(f"{table} has no row with a code: fill in the code column")
     group_col = next((c for c in ("patient_id", "slide_id", "group") if c in rows[0]), None)
     paths = [r["path"] if os.path.isabs(r["path"]) else os.path.join(data_dir, r["path"])
              for r in rows]
-    rows, paths = _once_each(table, rows, paths, lines)
+    rows, paths = _once_each(table, rows, paths)
     # a row with an empty group (a list that mixes exports with PBC-like images) is its own
     return LabelledImages(tuple(paths), tuple(r["code"].strip() for r in rows),
                           tuple((r[group_col] or "").strip() or f"(no group) row {i}"
