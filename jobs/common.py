@@ -268,7 +268,7 @@ def write_run_config(output: str, cfg: Config, args: dict, storage: StorageConfi
                 storage)
 
 
-def _number_arg(text: str, ok, expected: str) -> float:
+def number_arg(text: str, ok, expected: str) -> float:
     """``float(text)`` where ``ok`` holds for it, else argparse's error naming what was
     expected (the shared part of the number flags' types below)."""
     try:
@@ -285,7 +285,7 @@ def mpp_arg(text: str) -> float | str:
     images' red cells, `engine.pixel_size`)."""
     if text.strip().lower() == "auto":
         return "auto"
-    return _number_arg(text, lambda v: v > 0, "µm/px > 0 or 'auto'")
+    return number_arg(text, lambda v: v > 0, "µm/px > 0 or 'auto'")
 
 
 def count_arg(low: int = 1):
@@ -315,7 +315,7 @@ def positive_arg(text: str) -> float:
 
 def percent_arg(text: str) -> float:
     """argparse type of a share in percent, 0 to 100."""
-    return _number_arg(text, lambda v: 0 <= v <= 100, "a percentage from 0 to 100")
+    return number_arg(text, lambda v: 0 <= v <= 100, "a percentage from 0 to 100")
 
 
 def slide_mpp_arg(text: str) -> float:
@@ -324,7 +324,7 @@ def slide_mpp_arg(text: str) -> float:
     from engine.slides.base import PLAUSIBLE_MPP
 
     lo, hi = PLAUSIBLE_MPP
-    return _number_arg(text, lambda v: lo <= v <= hi,
+    return number_arg(text, lambda v: lo <= v <= hi,
                        f"µm/px from {lo} to {hi} (a 40x scan is about 0.25)")
 
 

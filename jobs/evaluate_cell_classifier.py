@@ -2,7 +2,8 @@
 
     python -m jobs.evaluate_cell_classifier --checkpoint <model.safetensors> [--checkpoint …]
         --data <dir with labels.csv: path,code> [--source-mpp 0.1] [--plots <dir>]
-        [--saliency N] [--blur-um S] [--compare-to <baseline.safetensors> …] [--bootstrap N]
+        [--saliency N] [--blur-um S] [--hue-shift DEG] [--saturation X]
+        [--compare-to <baseline.safetensors> …] [--bootstrap N]
 
 Prints one JSON document to stdout: accuracy, macro F1, mean one-vs-rest AUC, per-class
 precision/recall/F1/AUC/support, how many classes have precision and recall above 0.8, group-level
@@ -13,7 +14,10 @@ right: ``calibration`` in the JSON) and umap.png (penultimate features coloured 
 with the Grad-CAM of the call and of the true class (`engine.models.saliency`), to see what the
 model took for the wrong class's sign. ``focus`` says how blurred the cells are as the model gets
 them (`engine.focus`); ``--blur-um S`` blurs them first, at their own pixels, to measure what a
-region out of focus does to the calls.
+region out of focus does to the calls. ``--hue-shift DEG`` and ``--saturation X`` turn their
+colours first (hue by DEG degrees, saturation times X), as another lab's stain or scanner
+would: how far the calls hold (``shift`` in the JSON says what was done). With
+``--compare-to``, both models get the same shifted images.
 
 A test split is a sample, so ``ci95`` gives each figure's 95 % interval over image-level
 bootstrap resamples (``--bootstrap``, 2,000). ``--compare-to`` scores a baseline (the reference
@@ -33,11 +37,20 @@ import sys
 
 from engine.models import create_model, read_checkpoint
 from engine.models.checkpoint import CheckpointError
-from engine.train.data import read_labels
+from engine.train.data import Shift, read_labels
 from engine.train.evaluation import check_comparable, evaluate_classifier
 from engine.train.metrics import BOOTSTRAP_RESAMPLES
-from jobs.common import (add_storage_args, count_arg, local_data, mpp_arg,
-                         refuses_unreadable, resolve_source_mpp, storage_from_args)
+from jobs.common import (add_storage_args, count_arg, local_data, mpp_arg, number_arg,
+                         positive_arg, refuses_unreadable, resolve_source_mpp,
+                         storage_from_args)
+
+
+def hue_arg(text: str) -> float:
+    return number_arg(text, lambda v: -180 <= v <= 180, "degrees from -180 to 180")
+
+
+def blur_arg(text: str) -> float:
+    return number_arg(text, lambda v: 0 <= v <= 5, "a sigma in µm from 0 to 5")
 
 
 def parse_args(argv=None):
@@ -55,10 +68,16 @@ def parse_args(argv=None):
     p.add_argument("--saliency", type=count_arg(0), default=0, metavar="N",
                    help="errors.png: per class its N most confident wrong calls with the "
                         "Grad-CAM of the call and of the true class")
-    p.add_argument("--blur-um", type=float, default=0.0, metavar="SIGMA",
+    p.add_argument("--blur-um", type=blur_arg, default=0.0, metavar="SIGMA",
                    help="blur each image at its own pixels by a Gaussian of this sigma (µm) "
                         "before resampling: how the model fares on cells a scanner left out "
                         "of focus (the report's 'focus' says how many cells.max_blur_um flags)")
+    p.add_argument("--hue-shift", type=hue_arg, default=0.0, metavar="DEG",
+                   help="turn each image's hue by this many degrees (-180 to 180) before "
+                        "resampling: how the model fares on another lab's stain or scanner")
+    p.add_argument("--saturation", type=positive_arg, default=1.0, metavar="X",
+                   help="multiply each image's saturation by X (0.6: a paler stain; 1.4: a "
+                        "deeper one) before resampling")
     p.add_argument("--compare-to", action="append", default=[], metavar="CHECKPOINT",
                    help="a baseline scored on the same images (repeat for an ensemble): "
                         "paired differences with 95 %% intervals in 'comparison'")
@@ -99,7 +118,9 @@ def main(argv=None) -> int:
         return 2
     report, arrays = evaluate_classifier(models, data, args.source_mpp, args.batch_size,
                                          tta=not args.no_tta, amp=not args.fp32,
-                                         blur_um=args.blur_um, bootstrap=args.bootstrap,
+                                         shift=Shift(args.blur_um, args.hue_shift,
+                                                     args.saturation),
+                                         bootstrap=args.bootstrap,
                                          baseline=baseline, baseline_mpp=args.compare_source_mpp)
     os.makedirs(args.plots, exist_ok=True)
     from engine.report.plots import plot_confusion, plot_reliability, plot_umap

@@ -97,6 +97,10 @@ def parse_args(argv=None):
                    help="cpu: albumentations in --loader-workers processes; device: the same "
                         "recipe on whole batches on the training device (a GPU's images stay "
                         "on it; no loader processes)")
+    p.add_argument("--colour", choices=("standard", "strong"), default="standard",
+                   help="the augmentation's colour ranges: standard (DeepHeme's) or strong "
+                        "(hue, saturation and stain jitter drawn wider, for calls that hold "
+                        "across labs' stains and scanners)")
     p.add_argument("--compile", nargs="?", const="default", default="", choices=COMPILE_MODES,
                    metavar="MODE", help="torch.compile the model's forward (MODE: "
                    f"{', '.join(COMPILE_MODES)}; default when given alone): on a GPU, "
@@ -358,7 +362,8 @@ def main(argv=None) -> int:
                              distill_alpha=args.distill_alpha if args.teacher else 0.0,
                              distill_temperature=args.distill_temperature,
                              swa_start=args.swa_start, precision=args.precision,
-                             augment=args.augment, compile=args.compile)
+                             augment=args.augment, compile=args.compile,
+                             colour=args.colour)
     import torch
 
     use_gpu = args.gpus or torch.cuda.is_available()
@@ -487,12 +492,19 @@ SPLIT_FLAGS = ("data_digest", "arch", "folds", "source_mpp", "exclude_codes", "t
 FOLD_FLAGS = SPLIT_FLAGS + (
     "epochs", "batch_size", "lr", "patience", "label_smoothing", "optimizer", "weight_decay",
     "mixup", "ema_decay", "teacher", "distill_alpha", "distill_temperature", "lr_step_epochs",
-    "init", "swa_start", "precision", "augment", "max_minutes", "max_steps")
+    "init", "swa_start", "precision", "augment", "max_minutes", "max_steps", "colour")
+
+
+# flags added after folds were trained without them: left out of a fold's key and settings at
+# the value those folds had, so that they are still resumed and reused
+ADDED_FLAGS = {"colour": "standard"}
 
 
 def flag_values(args, names: tuple[str, ...]) -> dict:
-    """The values ``args`` holds for ``names`` (those it has)."""
-    return {k: v for k, v in vars(args).items() if k in names}
+    """The values ``args`` holds for ``names`` (those it has; an `ADDED_FLAGS` flag only
+    where it is not the value a missing one stands for)."""
+    return {k: v for k, v in vars(args).items()
+            if k in names and not (k in ADDED_FLAGS and v == ADDED_FLAGS[k])}
 
 
 def fold_key(args) -> str:
@@ -530,8 +542,9 @@ def reusable_fold(work: str, fold: int, args, storage) -> bool:
     if card is None:
         return False
     before = card.get("training", {}).get("settings", {})
-    changed = {k: (before.get(k), v) for k, v in flag_values(args, FOLD_FLAGS).items()
-               if before.get(k) != v}
+    now = {k: v for k, v in vars(args).items() if k in FOLD_FLAGS}
+    changed = {k: (before.get(k, ADDED_FLAGS.get(k)), v) for k, v in now.items()
+               if before.get(k, ADDED_FLAGS.get(k)) != v}
     if changed:
         print(f"fold {fold}: written under other settings ("
               + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())

@@ -127,8 +127,10 @@ EOF
 echo "rate ${RATE:-unknown} crops/s: teachers $EPOCHS epochs (step $STEP) in ${FOLD_S} s each," \
   "student $STUDENT_EPOCHS (step $STUDENT_STEP) in ${STUDENT_S} s" | tee -a "$LOG"
 
+# COLOUR=strong: the wider stain and colour jitter (train_cell_classifier --colour strong)
 common=(--data "$PACK" --arch $ARCH --local --augment device --batch-size 128
-        --label-smoothing 0.1 --patience 100 $LIMIT "${COMPILE_FLAG[@]}")
+        --label-smoothing 0.1 --patience 100 --colour "${COLOUR:-standard}" $LIMIT
+        "${COMPILE_FLAG[@]}")
 step teachers $(left $(( STUDENT ? STUDENT_S + 45 : 15 ))) \
   $PY -m jobs.train_cell_classifier "${common[@]}" \
   --output "$WORK/folds" --folds "$FOLDS" --epochs "$EPOCHS" --lr-step-epochs "$STEP" \

@@ -53,6 +53,12 @@ class Recipe:
 
 
 RECIPE = Recipe()
+# --colour strong: stain and colour drawn far wider (hue +-30 degrees, saturation +-40, stain
+# amounts +-10 %), for a model that should keep its calls across labs' stains and scanners;
+# the shape ranges are the standard recipe's
+STRONG_COLOUR = Recipe(brightness=0.2, contrast=0.3, brightness_contrast_p=0.8, hue=15,
+                       saturation=40, value=15, hsv_p=0.8, hed_sigma=0.1, hed_p=0.8)
+RECIPES = {"standard": RECIPE, "strong": STRONG_COLOUR}
 
 
 class BatchAugment:

@@ -19,7 +19,7 @@ import torch
 from engine.config import StorageConfig
 from engine.models.factory import build_module
 from engine.models.registry import get_spec
-from engine.train.batch_augment import BatchAugment
+from engine.train.batch_augment import RECIPES, BatchAugment
 from engine.train.loop import (EpochAverage, Session, TrainSettings, compile_in_place, evaluate,
                                load_train_state, make_optimizer, normalize_chw,
                                save_train_state, train_one_epoch, unwrap, use_bf16)
@@ -49,13 +49,14 @@ class DeviceBatches:
     resumed run augments its remaining epochs as the uninterrupted one would have."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, idx, sampler, batch_size: int,
-                 crop_px: int, mean, std, channels_last: bool, seed: int, rank: int = 0):
+                 crop_px: int, mean, std, channels_last: bool, seed: int, rank: int = 0,
+                 recipe=RECIPES["standard"]):
         self.images, self.labels = images, labels
         self.idx = torch.as_tensor(np.asarray(idx), device=images.device)
         self.sampler, self.batch_size = sampler, batch_size
         self.mean, self.std, self.channels_last = mean, std, channels_last
         self.generator = torch.Generator(device=images.device)
-        self.augment = BatchAugment(crop_px, generator=self.generator)
+        self.augment = BatchAugment(crop_px, recipe, generator=self.generator)
         self.seed, self.rank = seed, rank
 
     def __len__(self) -> int:
@@ -221,7 +222,8 @@ def train_fold(config: dict, session: Session) -> None:
                                                                   settings.precision)
         train_loader = DeviceBatches(on_device, torch.as_tensor(labels, device=session.device),
                                      train_idx, sampler, settings.batch_size, spec.input_px,
-                                     mean, std, channels_last, settings.seed, session.rank)
+                                     mean, std, channels_last, settings.seed, session.rank,
+                                     RECIPES[settings.colour])
 
         def val_loader():
             return centre_crops(on_device, labels, val_idx, spec.input_px,
@@ -231,7 +233,8 @@ def train_fold(config: dict, session: Session) -> None:
 
         pin = session.device.type == "cuda"
         train_loader = torch.utils.data.DataLoader(
-            AugmentedCells(images, labels, train_idx, train_transform(spec.input_px)),
+            AugmentedCells(images, labels, train_idx,
+                           train_transform(spec.input_px, RECIPES[settings.colour])),
             batch_size=settings.batch_size, sampler=sampler, num_workers=settings.num_workers,
             pin_memory=pin, drop_last=True, persistent_workers=settings.num_workers > 0)
         val_batches = torch.utils.data.DataLoader(

@@ -373,26 +373,52 @@ def _csv_text(rows: list[dict]) -> str:
     return out.getvalue()
 
 
+@dataclass(frozen=True)
+class Shift:
+    """What another scanner or stain does to images, made at their own pixels before they are
+    resampled, to measure how a model holds up (`evaluate_cell_classifier`): ``blur_um``, a
+    Gaussian of that sigma (µm; a scanner out of focus); ``hue_deg``, every pixel's hue turned
+    by so many degrees; ``saturation``, its saturation multiplied (a paler or deeper stain)."""
+
+    blur_um: float = 0.0
+    hue_deg: float = 0.0
+    saturation: float = 1.0
+
+    def __bool__(self) -> bool:
+        return self != Shift()
+
+    def apply(self, rgb: np.ndarray, source_mpp: float) -> np.ndarray:
+        """``(H, W, 3) uint8`` at ``source_mpp`` µm/px, shifted."""
+        import cv2
+
+        if self.blur_um > 0:
+            rgb = cv2.GaussianBlur(rgb, (0, 0), self.blur_um / source_mpp)
+        if self.hue_deg or self.saturation != 1:
+            hsv = cv2.cvtColor(rgb.astype(np.float32) / 255, cv2.COLOR_RGB2HSV)  # hue 0-360
+            hsv[..., 0] = np.mod(hsv[..., 0] + self.hue_deg, 360)
+            hsv[..., 1] = np.clip(hsv[..., 1] * self.saturation, 0, 1)
+            rgb = np.clip(np.rint(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * 255), 0, 255
+                          ).astype(np.uint8)
+        return rgb
+
+
 def load_cell_image(path: str, source_mpp: float, target_mpp: float, out_px: int,
-                    blur_um: float = 0.0) -> np.ndarray:
+                    shift: Shift = Shift()) -> np.ndarray:
     """One image resampled to ``target_mpp`` and centre-cropped (or white-padded) to ``out_px``;
-    with ``blur_um``, first blurred at its own pixels by a Gaussian of that sigma (a scanner
-    out of focus).
+    with a ``shift``, first shifted at its own pixels (blurred, its colours turned).
 
     Returns:
         ``(out_px, out_px, 3) uint8``.
     """
     with Image.open(path) as im:
-        return cell_crop(np.asarray(im.convert("RGB")), source_mpp, target_mpp, out_px, blur_um)
+        return cell_crop(np.asarray(im.convert("RGB")), source_mpp, target_mpp, out_px, shift)
 
 
 def cell_crop(rgb: np.ndarray, source_mpp: float, target_mpp: float, out_px: int,
-              blur_um: float = 0.0) -> np.ndarray:
+              shift: Shift = Shift()) -> np.ndarray:
     """`load_cell_image` of an image already decoded, ``(H, W, 3) uint8`` at ``source_mpp``."""
-    if blur_um > 0:
-        import cv2
-
-        rgb = cv2.GaussianBlur(rgb, (0, 0), blur_um / source_mpp)
+    if shift:
+        rgb = shift.apply(rgb, source_mpp)
     im = Image.fromarray(rgb)
     scale = source_mpp / target_mpp
     if abs(scale - 1) > 1e-3:
@@ -443,7 +469,7 @@ def unreadable(paths, threads: int = 8) -> list[tuple[str, Exception]]:
 
 
 def load_cell_images(paths, source_mpp: float, target_mpp: float = 0.25, out_px: int = 144,
-                     threads: int = 8, blur_um: float = 0.0) -> np.ndarray:
+                     threads: int = 8, shift: Shift = Shift()) -> np.ndarray:
     """Many images at once, ``(N, out_px, out_px, 3) uint8`` (decoded in threads).
 
     Raises:
@@ -452,7 +478,7 @@ def load_cell_images(paths, source_mpp: float, target_mpp: float = 0.25, out_px:
     paths = list(paths)
     with ThreadPoolExecutor(threads) as pool:
         images = list(pool.map(try_load(
-            lambda p: load_cell_image(p, source_mpp, target_mpp, out_px, blur_um)), paths))
+            lambda p: load_cell_image(p, source_mpp, target_mpp, out_px, shift)), paths))
     failed = [(p, r) for p, r in zip(paths, images) if isinstance(r, Exception)]
     if failed:
         raise UnreadableImages(failed, len(paths))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import numpy as np
 
@@ -11,7 +12,7 @@ from engine.config import CellDetectionConfig
 from engine.focus import edge_blur_um
 from engine.models.factory import LoadedModel
 from engine.models.inference import EnsemblePredictor, default_device, native_bf16
-from engine.train.data import LabelledImages, load_cell_images
+from engine.train.data import LabelledImages, Shift, load_cell_images
 from engine.train.metrics import BOOTSTRAP_RESAMPLES, classification_metrics, paired_bootstrap
 
 
@@ -71,14 +72,15 @@ def focus_report(crops: np.ndarray, mpp: float, added_um: float) -> dict:
 
 def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_mpp: float,
                         batch_size: int = 256, device=None, tta: bool = True,
-                        amp: bool = True, blur_um: float = 0.0,
+                        amp: bool = True, shift: Shift = Shift(),
                         bootstrap: int = BOOTSTRAP_RESAMPLES,
                         baseline: list[LoadedModel] | None = None,
                         baseline_mpp: float | None = None) -> tuple[dict, dict]:
     """Metrics on the rows whose code the model predicts; group-level accuracy on rows labelled
     only with a group (``IG`` when the model predicts M2–M4); other rows reported, not dropped.
-    ``focus``: how blurred the images are as the model gets them (`engine.focus`), after
-    ``blur_um`` added at their own pixels (a scanner out of focus; 0: as they are).
+    ``focus``: how blurred the images are as the model gets them (`engine.focus`), after the
+    ``shift`` (`engine.train.data.Shift`: blur, hue and saturation changed at the images' own
+    pixels, as another scanner or stain would; none: as they are), which ``shift`` reports.
     ``bootstrap``: resamples for the 95 % intervals (``ci95``; 0: none). ``baseline``: another
     model (or ensemble) of the same classes scored on the same images; ``comparison`` holds its
     figures and the paired differences (`engine.train.metrics.paired_bootstrap`).
@@ -94,7 +96,7 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
     if baseline:
         check_comparable(models[0], baseline[0])
     crop = load_cell_images(data.paths, source_mpp, spec.input_mpp, spec.input_px,
-                            blur_um=blur_um)
+                            shift=shift)
     probs, feats = predict_images(models, crop, batch_size, device, with_features=True,
                                   tta=tta, amp=amp)
     index = {c: i for i, c in enumerate(codes)}
@@ -123,13 +125,14 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
         "not_covered": dict(sorted(uncovered.items())),
         "model_class_codes": codes,
         "ood": ood_report(models[0], feats, data.codes),
-        "focus": focus_report(crop, spec.input_mpp, blur_um),
+        "focus": focus_report(crop, spec.input_mpp, shift.blur_um),
+        "shift": dataclasses.asdict(shift),
     })
     if baseline and scored.any():
         baseline_mpp = baseline_mpp or source_mpp
         theirs = crop[scored] if baseline_mpp == source_mpp else load_cell_images(
             [p for p, ok in zip(data.paths, scored) if ok], baseline_mpp, spec.input_mpp,
-            spec.input_px, blur_um=blur_um)
+            spec.input_px, shift=shift)
         report["comparison"] = compare_to_baseline(baseline, theirs, y[scored], probs[scored],
                                                    codes, batch_size, device, tta, amp,
                                                    bootstrap)

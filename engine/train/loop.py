@@ -53,6 +53,9 @@ class TrainSettings:
     # same recipe on whole batches in torch, on the training device: `BatchAugment`). On a GPU
     # the DataLoader processes can bound training; "device" keeps the images on the GPU.
     augment: str = "cpu"
+    # the augmentation's colour ranges: "standard" (DeepHeme's: `RECIPE`) or "strong"
+    # (`STRONG_COLOUR`, wider stain and colour jitter); the shape ranges are the same
+    colour: str = "standard"
     # torch.compile the model's forward in place ("" off, else a mode: `COMPILE_MODES`). On a
     # GPU, training a small model on 96 px crops is bound by kernel launches (the H200 trained
     # ResNeXt-50 at 3.7k crops/s where it infers at 51k); compiling fuses them. It does not

@@ -97,6 +97,31 @@ def test_hed_jitter_is_identity_at_zero_and_changes_colour():
     assert out.shape == (96, 96, 3)
 
 
+def test_a_shift_turns_hue_and_saturation_and_blurs_at_the_images_own_pixels():
+    import cv2
+
+    from engine.train.data import Shift, cell_crop
+
+    rgb = np.zeros((40, 40, 3), np.uint8)
+    rgb[:, :20] = (200, 40, 40)  # red
+    rgb[:, 20:] = (60, 60, 160)  # blue
+    assert not Shift() and Shift(hue_deg=10)
+    assert np.array_equal(Shift().apply(rgb, 0.1), rgb)
+    greened = Shift(hue_deg=120).apply(rgb, 0.1).astype(int)
+    assert np.abs(greened[0, 0] - (40, 200, 40)).max() <= 1  # red -> green, same lightness
+    assert np.abs(greened[0, -1] - (160, 60, 60)).max() <= 1  # blue -> red
+    around = Shift(hue_deg=180).apply(Shift(hue_deg=-180).apply(rgb, 0.1), 0.1).astype(int)
+    assert np.abs(around - rgb).max() <= 1
+    grey = Shift(saturation=0).apply(rgb, 0.1)
+    assert (grey.max(-1) - grey.min(-1)).max() <= 1
+    paler = Shift(saturation=0.5).apply(rgb, 0.1).astype(int)
+    assert (paler.max(-1) - paler.min(-1))[0, 0] == pytest.approx(80, abs=1)  # 160 halved
+    # a blur is a Gaussian of sigma_um at the source's pixels, before the resampling
+    blurred = Shift(blur_um=0.2).apply(rgb, 0.1)
+    assert np.array_equal(blurred, cv2.GaussianBlur(rgb, (0, 0), 2.0))
+    assert np.array_equal(cell_crop(rgb, 0.1, 0.1, 40, Shift(blur_um=0.2)), blurred)
+
+
 def _prepare(tmp_path, per_class=12):
     from jobs.train_cell_classifier import parse_args, prepare
 
@@ -213,22 +238,30 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys):
     assert card["architecture"] == "test_resnet" and card["metrics"]["test"]["n"] > 0
     lo, hi = card["metrics"]["test"]["ci95"]["macro_f1"]  # the card's figures with intervals
     assert lo <= card["metrics"]["test"]["macro_f1"] <= hi
-    # the same command again (a rerun after a crash): a complete fold is not trained again
+    # the same command again (a rerun after a crash): a complete fold is not trained again,
+    # nor one whose card predates a setting added since (--colour), at that setting's default
     weights = (out / "fold-0" / "model.safetensors").read_bytes()
+    assert card["training"]["settings"]["colour"] == "standard"
+    fold_card = json.loads((out / "fold-0" / "model.json").read_text())
+    del fold_card["training"]["settings"]["colour"]
+    (out / "fold-0" / "model.json").write_text(json.dumps(fold_card))
     assert train_cell_classifier.main(
         ["--data", str(PBC), "--output", str(out), "--arch", "deepheme-tiny", "--epochs", "1",
          "--limit-per-class", "8", "--local", "--loader-workers", "0", "--batch-size", "16"]) == 0
     assert "fold 0: complete in an earlier run" in capsys.readouterr().out
     assert (out / "fold-0" / "model.safetensors").read_bytes() == weights
-    assert json.loads((out / "model.json").read_text())["training"] == card["training"]
-    # with other settings (a second epoch), the fold is trained again, and says why
+    assert json.loads((out / "model.json").read_text())["training"] == fold_card["training"]
+    # with other settings (a second epoch, the strong colour recipe), the fold is trained
+    # again, and says why
     assert train_cell_classifier.main(
         ["--data", str(PBC), "--output", str(out), "--arch", "deepheme-tiny", "--epochs", "2",
-         "--limit-per-class", "8", "--local", "--loader-workers", "0", "--batch-size", "16"]) == 0
-    assert "fold 0: written under other settings (epochs 1 -> 2): trained again" in \
-        capsys.readouterr().out
+         "--limit-per-class", "8", "--local", "--loader-workers", "0", "--batch-size", "16",
+         "--colour", "strong"]) == 0
+    assert "fold 0: written under other settings (epochs 1 -> 2, colour standard -> strong): " \
+        "trained again" in capsys.readouterr().out
     card = json.loads((out / "model.json").read_text())
     assert card["training"]["settings"]["epochs"] == 2
+    assert card["training"]["settings"]["colour"] == "strong"
     # every checkpoint the job writes carries its feature density (engine.models.ood)
     assert card["ood"]["fit_images"] + card["ood"]["held_out_images"] == card["training"][
         "n_dev_images"]
@@ -297,6 +330,20 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys):
     rescaled = json.loads(capsys.readouterr().out)["comparison"]
     assert rescaled["baseline"]["source_mpp"] == 0.2 and rescaled["n"] == compared["n"]
     assert rescaled["baseline"]["macro_f1"] < compared["baseline"]["macro_f1"]
+    # another lab's stain: both models get the images with their colours turned, and the
+    # reference, trained on one lab's stain, loses calls
+    assert evaluate_cell_classifier.main(
+        ["--checkpoint", str(out / "model.safetensors"), "--data", str(out / "test"), "--plots",
+         str(tmp_path / "plots"), "--no-umap", "--no-tta", "--compare-to", reference,
+         "--hue-shift", "120", "--saturation", "0.5", "--bootstrap", "200"]) == 0
+    shifted = json.loads(capsys.readouterr().out)
+    assert shifted["shift"] == {"blur_um": 0.0, "hue_deg": 120.0, "saturation": 0.5}
+    assert shifted["comparison"]["n"] == compared["n"]
+    assert shifted["comparison"]["baseline"]["macro_f1"] < compared["baseline"]["macro_f1"]
+    with pytest.raises(SystemExit):  # a hue is turned by at most half a turn
+        evaluate_cell_classifier.main(["--checkpoint", reference, "--data", str(out / "test"),
+                                       "--hue-shift", "200"])
+    assert "expected degrees from -180 to 180, got '200'" in capsys.readouterr().err
     # a baseline of other classes is refused, naming both
     from engine.models import write_checkpoint
 
