@@ -195,7 +195,11 @@ def main(argv=None) -> int:
         slide = committed_slide(store, args.slide)
         sid = slide["slide_id"]
         export = slide["format"] == EXPORT_FORMAT
-        with fs.open(path("image_cells" if export else "cells", f"{sid}.parquet"), "rb") as fh:
+        table = "image_cells" if export else "cells"
+        if not fs.exists(path(table, f"{sid}.parquet")):
+            return fail(f"slide {sid} has no {table} table in {args.output} (no cell stage "
+                        "ran: the slide failed, or its specimen type has none)")
+        with fs.open(path(table, f"{sid}.parquet"), "rb") as fh:
             cells = pl.read_parquet(fh)
     except (FileNotFoundError, ValueError) as err:
         return fail(str(err))

@@ -41,12 +41,16 @@ from engine.train.data import Shift, read_labels
 from engine.train.evaluation import check_comparable, evaluate_classifier
 from engine.train.metrics import BOOTSTRAP_RESAMPLES
 from jobs.common import (add_storage_args, count_arg, local_data, mpp_arg, number_arg,
-                         positive_arg, refuses_unreadable, resolve_source_mpp,
-                         storage_from_args)
+                         refuses_unreadable, resolve_source_mpp, storage_from_args)
 
 
+# argparse types of the shifts (`engine.train.data.Shift`): their plausible ranges
 def hue_arg(text: str) -> float:
     return number_arg(text, lambda v: -180 <= v <= 180, "degrees from -180 to 180")
+
+
+def saturation_arg(text: str) -> float:
+    return number_arg(text, lambda v: 0 <= v <= 10, "a factor from 0 to 10")
 
 
 def blur_arg(text: str) -> float:
@@ -75,9 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--hue-shift", type=hue_arg, default=0.0, metavar="DEG",
                    help="turn each image's hue by this many degrees (-180 to 180) before "
                         "resampling: how the model fares on another lab's stain or scanner")
-    p.add_argument("--saturation", type=positive_arg, default=1.0, metavar="X",
+    p.add_argument("--saturation", type=saturation_arg, default=1.0, metavar="X",
                    help="multiply each image's saturation by X (0.6: a paler stain; 1.4: a "
-                        "deeper one) before resampling")
+                        "deeper one; 0: grey) before resampling")
     p.add_argument("--compare-to", action="append", default=[], metavar="CHECKPOINT",
                    help="a baseline scored on the same images (repeat for an ensemble): "
                         "paired differences with 95 %% intervals in 'comparison'")

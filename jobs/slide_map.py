@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as err:
         return fail(str(err))
     if read is None:
-        return fail(f"slide {sid} has no cells table in {args.output} (no cell stage ran)")
+        return fail(f"slide {sid} has no cells table in {args.output} (no cell stage ran: "
+                    "the slide failed, or its specimen type has none)")
     cells = pl.from_arrow(read).filter(pl.col("kind") == "nucleated", pl.col(column).is_not_null())
     cells = without_lobes(cells)  # a counted cell's second lobe is that cell
     if cells.is_empty():

@@ -430,7 +430,7 @@ def test_reprocess_redoes_this_inputs_slides_with_the_new_config(reprocessed):
     assert doc["config"]["pipeline"]["cellularity_bags"] == 6
 
 
-def test_specimen_types_decide_what_each_slide_gets(reprocessed):
+def test_specimen_types_decide_what_each_slide_gets(reprocessed, capsys):
     """A smear gets no cellularity, a section no cells or differential; an untyped slide gets
     every stage; each status row says which stages ran for it. The section's cellularity
     includes the ABMIL regressor's, from its tile embeddings."""
@@ -456,6 +456,12 @@ def test_specimen_types_decide_what_each_slide_gets(reprocessed):
     assert all(st[name]["status"] == "ok" for name in READABLE)
     assert st["cmu-1-small-region.svs"]["n_cells"] is None
     assert "differential" in st["cmu-1-small-region.svs"]["skipped_stages"]
+    # the cell reviews of a section say why there is nothing to show, not a missing file
+    from jobs import cell_gallery, slide_map
+
+    for job in (cell_gallery, slide_map):
+        assert job.main(["--output", str(out), "--slide", "cmu-1-small-region.svs"]) == 2
+        assert "has no cells table" in capsys.readouterr().err
     assert {"cellularity:image_analysis", "cellularity:abmil"} <= set(
         st["smear-a.tif"]["skipped_stages"])
     assert "differential" in st["small.svs"]["stages"] and \
