@@ -449,6 +449,15 @@ class PipelineConfig:
             ``pixel_size``: its stated pixel size is likely wrong by a factor (or its red cells
             are abnormal), and cells were detected and classified at the wrong scale. Normal
             red cells are 6.2-8.2 µm; null: no check (the measure is still reported).
+        max_stain_hue_deg: a slide whose nucleated cells' nuclei (their median colour,
+            `engine.stain`) differ in hue by more than this many degrees from the classifier's
+            training data (the checkpoint card's ``stain``) is flagged ``stain``: another lab's
+            stain or scanner, on which the calls drift (on PBC's held-out split, hues turned
+            20° cost the reference 0.02-0.03 of macro F1, and its feature density flags few of
+            those cells). Null: no hue check.
+        min_stain_saturation_ratio: the same where the nuclei's saturation falls below this
+            share of the training data's (a paler stain: at 0.6, 0.03 of macro F1 lost).
+            Null: no saturation check.
         lobe_merge_um: on a blood film, two nucleated detections called the same bilobed
             class (`engine.classes.LOBED_CODES`: eosinophil, basophil) with centres this near
             are one cell's lobes, counted once (``cells.lobe_of``): the detector finds 7-11 %
@@ -475,6 +484,8 @@ class PipelineConfig:
     count_out_of_focus: bool = False
     max_out_of_focus_percent: float = 20.0
     red_cell_diameter_um: tuple[float, float] | None = (5.0, 10.5)
+    max_stain_hue_deg: float | None = 10.0
+    min_stain_saturation_ratio: float | None = 0.75
     lobe_merge_um: float | None = 10.0
     threshold_samples: int = 12
     classifier: ModelStageConfig = field(default_factory=ModelStageConfig)
@@ -493,6 +504,13 @@ class PipelineConfig:
         if r is not None and (len(r) != 2 or not 0 < r[0] < r[1]):
             raise ConfigError(f"red_cell_diameter_um must be [low, high] with 0 < low < high "
                               f"(µm) or null, got {list(r)}")
+        if self.max_stain_hue_deg is not None and not 0 < self.max_stain_hue_deg <= 180:
+            raise ConfigError(f"max_stain_hue_deg must be degrees in (0, 180] or null, got "
+                              f"{self.max_stain_hue_deg}")
+        r = self.min_stain_saturation_ratio
+        if r is not None and not 0 < r <= 1:
+            raise ConfigError(f"min_stain_saturation_ratio must be a share in (0, 1] or null, "
+                              f"got {r}")
         if self.lobe_merge_um is not None and not self.lobe_merge_um > 0:
             raise ConfigError(f"lobe_merge_um must be a distance > 0 (µm) or null, got "
                               f"{self.lobe_merge_um}")

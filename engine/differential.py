@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from engine.classes import (BLAST_CODES, DEEPHEME_CODES, LINEAGES, MYELOID_LINEAGES,
                             PLATELET_CODE, get_class)
+from engine.stain import MIN_CELLS, StainCheck
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -81,6 +82,9 @@ class Differential:
             export's cells (None where not measured: a case's pooled differential).
         red_cell_diameter_um: their median diameter at the slide's stated µm/px (None with
             fewer than 30, or not measured).
+        nuclear_hue_deg, nuclear_saturation: the median colour of the counted cells' nuclei
+            (`engine.stain`), to hold against the classifier's training stain; None where not
+            measured or fewer than `engine.stain.MIN_CELLS` cells were.
     """
 
     rows: list[dict]
@@ -104,6 +108,8 @@ class Differential:
     platelets_per_wbc: float | None = None
     n_red_cells: int | None = None
     red_cell_diameter_um: float | None = None
+    nuclear_hue_deg: float | None = None
+    nuclear_saturation: float | None = None
 
 
 def _share_flagged(codes, flags, limit: float) -> tuple[float | None, bool | None, int]:
@@ -122,7 +128,8 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
                          max_ood_percent: float = 20.0, blood: bool = False,
                          out_of_focus=None, max_out_of_focus_percent: float = 20.0,
                          count_out_of_focus: bool = False, platelets=None,
-                         red_cells: tuple[int, float | None] | None = None) -> Differential:
+                         red_cells: tuple[int, float | None] | None = None,
+                         stain: dict | None = None) -> Differential:
     """Differential from the predicted class codes of one slide's cells.
 
     Args:
@@ -147,6 +154,8 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
             for the platelet size, which only the classifier tells from a white cell.
         red_cells: ``(n, median diameter µm or None)`` of the slide's free-lying red cells
             (`engine.pixel_size.red_cell_size`); None where not measured.
+        stain: the colour of the counted cells' nuclei (`engine.stain.stain_summary`), kept
+            where it rests on `engine.stain.MIN_CELLS` cells or more; None where not measured.
     """
     blur_percent, blurred, n_blurred = _share_flagged(codes, out_of_focus,
                                                       max_out_of_focus_percent)
@@ -209,6 +218,9 @@ def compute_differential(codes, model_codes, min_nucleated: int = 200, ood=None,
         else None,
         n_red_cells=None if red_cells is None else red_cells[0],
         red_cell_diameter_um=None if red_cells is None else red_cells[1],
+        **({"nuclear_hue_deg": stain["nuclear_hue_deg"],
+            "nuclear_saturation": stain["nuclear_saturation"]}
+           if stain and stain["n"] >= MIN_CELLS else {}),
     )
 
 
@@ -228,7 +240,8 @@ def differential_rows(slide_id: str, d: Differential) -> list[dict]:
              "out_of_focus": d.out_of_focus, "n_platelets": d.n_platelets,
              "n_large_platelets": d.n_large_platelets,
              "platelets_per_wbc": d.platelets_per_wbc, "n_red_cells": d.n_red_cells,
-             "red_cell_diameter_um": d.red_cell_diameter_um}
+             "red_cell_diameter_um": d.red_cell_diameter_um,
+             "nuclear_hue_deg": d.nuclear_hue_deg, "nuclear_saturation": d.nuclear_saturation}
             for r in d.rows]
 
 
@@ -246,15 +259,20 @@ def pixel_size_warning(diameter_um: float | None, n_red_cells: int | None,
 
 
 def review_warnings(d: Differential, min_nucleated: int,
-                    red_cell_diameter_um: tuple[float, float] | None = None) -> dict[str, str]:
+                    red_cell_diameter_um: tuple[float, float] | None = None,
+                    stain: StainCheck | None = None) -> dict[str, str]:
     """Why a slide's differential needs review before it is trusted, by flag (``pixel_size``,
-    ``out_of_focus``, ``out_of_distribution``, ``low_count``, in that order; none when none
-    is set). ``pixel_size``: the red cells' median diameter lies outside
-    ``red_cell_diameter_um`` (low, high)."""
+    ``stain``, ``out_of_focus``, ``out_of_distribution``, ``low_count``, in that order; none
+    when none is set). ``pixel_size``: the red cells' median diameter lies outside
+    ``red_cell_diameter_um`` (low, high). ``stain``: the nuclei's colour is not the
+    classifier's training stain (`engine.stain.StainCheck`)."""
     out = {}
     size = pixel_size_warning(d.red_cell_diameter_um, d.n_red_cells, red_cell_diameter_um)
     if size:
         out["pixel_size"] = size
+    unlike = stain.warning(d.nuclear_hue_deg, d.nuclear_saturation) if stain else None
+    if unlike:
+        out["stain"] = unlike
     if d.out_of_focus:
         out["out_of_focus"] = (f"{d.out_of_focus_percent:.0f}% of nucleated cells are out of "
                                f"focus ({d.n_out_of_focus}); rescan, or review the cells "

@@ -7,7 +7,7 @@ import re
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 8  # 2: how far cells lie from the training data; slide_status warnings
+SCHEMA_VERSION = 9  # 2: how far cells lie from the training data; slide_status warnings
 #                    3: slides.specimen (engine/specimen.py); differentials.denominator,
 #                       n_wbc, nrbc_per_100_wbc (a blood smear is counted over white cells)
 #                    4: cells and image_cells blur_um, out_of_focus (engine/focus.py); differentials
@@ -18,6 +18,8 @@ SCHEMA_VERSION = 8  # 2: how far cells lie from the training data; slide_status 
 #                    8: differentials n_large_platelets (platelets of a nucleated cell's size,
 #                       told by the classifier; counted in n_platelets); cells lobe_of (a
 #                       lobed cell found as two nuclei is counted once)
+#                    9: differentials nuclear_hue_deg, nuclear_saturation (the stain check,
+#                       engine/stain.py)
 STATUSES = ("ok", "failed", "skipped")
 EXPORT_FORMAT = "cell-image-export"  # slides.format of a single-cell export (jobs.classify_cells)
 
@@ -155,6 +157,8 @@ DIFFERENTIALS = _schema("differentials", [
     pa.field("platelets_per_wbc", pa.float64()),
     pa.field("n_red_cells", pa.int64()),
     pa.field("red_cell_diameter_um", pa.float64()),
+    pa.field("nuclear_hue_deg", pa.float64()),
+    pa.field("nuclear_saturation", pa.float64()),
 ])
 
 CELLULARITY = _schema("cellularity", [

@@ -39,7 +39,7 @@ from engine.pixel_size import RedCellSize, red_cell_diameters, red_cell_size
 from engine.schema import EXPORT_FORMAT
 from engine.specimen import SMEARS, UNKNOWN
 from jobs.common import (add_storage_args, count_arg, fail, find_exports, image_source,
-                         limits_arg, mpp_arg, percent_arg, positive_arg, put_in_case,
+                         limits_arg, mpp_arg, or_none, percent_arg, positive_arg, put_in_case,
                          resolve_source_mpp, storage_from_args)
 
 
@@ -115,8 +115,10 @@ def classify_slide(sid: str, folder: str, paths: list[str], predictor, args,
     """One export's tables (``slides``, ``image_cells``, ``differentials``) and its status row;
     ``case``: the case it belongs to."""
     import engine
+    from engine.classes import get_class
     from engine.differential import compute_differential, differential_rows, review_warnings
     from engine.focus import edge_blur_um
+    from engine.stain import StainCheck, nuclear_colour, stain_summary
 
     t0, started = time.perf_counter(), dt.datetime.now(dt.timezone.utc)
     model = predictor.model
@@ -159,15 +161,21 @@ def classify_slide(sid: str, folder: str, paths: list[str], predictor, args,
              "ood_distance": None if distance is None else float(distance[j]),
              "out_of_distribution": None if far is None else bool(far[j])}
             for j, i in enumerate(ok)]
+        counted = np.array([get_class(c).nucleated and (args.count_out_of_focus or not f)
+                            for c, f in zip(codes, blurred)], bool)  # what the differential counts
         d = compute_differential(codes.tolist(), model.class_codes, args.min_nucleated,
                                  None if far is None else far.tolist(), args.max_ood_percent,
                                  blood=args.specimen == "blood", out_of_focus=blurred.tolist(),
                                  max_out_of_focus_percent=args.max_out_of_focus_percent,
                                  count_out_of_focus=args.count_out_of_focus,
-                                 red_cells=(red.n_cells, red.diameter_um))
+                                 red_cells=(red.n_cells, red.diameter_um),
+                                 stain=stain_summary(nuclear_colour(crops[counted],
+                                                                    model.spec.input_mpp)))
         tables["differentials"] = differential_rows(sid, d)
+        check = StainCheck.of(model.card, args.max_stain_hue_deg,
+                              args.min_stain_saturation_ratio)
         status["warnings"] += [f"{k}: {v}" for k, v in review_warnings(
-            d, args.min_nucleated, args.red_cell_diameter_um).items()]
+            d, args.min_nucleated, args.red_cell_diameter_um, check).items()]
     status.update(finished_at=dt.datetime.now(dt.timezone.utc),
                   seconds=round(time.perf_counter() - t0, 3))
     return tables, status
@@ -204,6 +212,12 @@ def main(argv=None) -> int:
                    metavar="LOW,HIGH", help="the images' red cells, measured at --source-mpp, "
                    "with a median diameter outside this range (µm) flag the export pixel_size: "
                    "its pixel size is likely wrong (default 5,10.5; none: no check)")
+    p.add_argument("--max-stain-hue-deg", type=or_none(positive_arg), default=10.0,
+                   metavar="DEG", help="nucleated cells' nuclei (their median) further in hue "
+                   "from the model's training stain flag the export stain (none: no check)")
+    p.add_argument("--min-stain-saturation-ratio", type=or_none(positive_arg), default=0.75,
+                   metavar="X", help="as do nuclei paler than this share of its saturation "
+                   "(none: no check)")
     p.add_argument("--cases", help="CSV: a slide column (an export's folder name, path or "
                                    "slide_id) and a case column, recorded in the slides table")
     p.add_argument("--allow-untrained", action="store_true", help="random weights (tests only)")
@@ -238,6 +252,8 @@ def main(argv=None) -> int:
                 # a list, as the output's JSON gives it back to a rerun's comparison
                 "red_cell_diameter_um": args.red_cell_diameter_um and
                 list(args.red_cell_diameter_um),
+                "max_stain_hue_deg": args.max_stain_hue_deg,
+                "min_stain_saturation_ratio": args.min_stain_saturation_ratio,
                 # outputs before 0.2.0 lack it: their reruns are refused, as another release's
                 "engine_release": results_release()}
     args.config_hash = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

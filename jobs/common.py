@@ -313,6 +313,14 @@ def positive_arg(text: str) -> float:
     return value
 
 
+def or_none(parse):
+    """argparse type of ``parse``'s value, or ``none`` (a check turned off): None."""
+    def parsed(text: str):
+        return None if text.strip().lower() == "none" else parse(text)
+
+    return parsed
+
+
 def percent_arg(text: str) -> float:
     """argparse type of a share in percent, 0 to 100."""
     return number_arg(text, lambda v: 0 <= v <= 100, "a percentage from 0 to 100")

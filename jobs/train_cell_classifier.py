@@ -323,6 +323,29 @@ def fit_fold_temperature(model: LoadedModel, prepared: str, fold: int) -> dict:
                                                                              labels[val])}
 
 
+def training_stain(prepared: str, spec, codes, most: int = 3000) -> dict:
+    """The card's ``stain`` section: how the training split's nuclei are stained (the
+    prepared images' nucleated cells, at most ``most`` evenly spread; `engine.stain`), which
+    runs hold each slide's nuclei against (the ``stain`` flag)."""
+    from engine.classes import get_class
+    from engine.stain import nuclear_colour, stain_summary
+
+    images = np.load(os.path.join(prepared, "images.npy"), mmap_mode="r")
+    labels = np.load(os.path.join(prepared, "labels.npy"))
+    nucleated = np.flatnonzero([get_class(codes[k]).nucleated for k in labels])
+    rows = nucleated[::max(1, -(-len(nucleated) // most))]
+    c = spec.input_px
+    top, left = (images.shape[1] - c) // 2, (images.shape[2] - c) // 2
+    colour = nuclear_colour(np.ascontiguousarray(images[rows, top:top + c, left:left + c]),
+                            spec.input_mpp)
+    return {**stain_summary(colour),
+            "hue_deg_p5_p95": np.percentile(colour[:, 0], [5, 95]).round(1).tolist()
+            if len(colour) else None,
+            "saturation_p5_p95": np.percentile(colour[:, 1], [5, 95]).round(3).tolist()
+            if len(colour) else None,
+            "rows": "training split (the prepared images), nucleated cells"}
+
+
 def best_weights(folder: str) -> dict:
     from safetensors.torch import load_file
 
@@ -417,6 +440,7 @@ def main(argv=None) -> int:
             state.update(density.state_dict() if density is not None else {})
         if not args.no_temperature:
             card["temperature"] = fit_fold_temperature(model, prepared, fold)
+        card["stain"] = training_stain(prepared, spec, codes)
         write_checkpoint(state, card, os.path.join(out, f"fold-{fold}", "model.safetensors"),
                          dtype=torch.float16)
         if is_remote(args.output):  # now, not at the end: a rerun on a new cluster keeps it

@@ -463,3 +463,40 @@ def test_exports_are_found_alike_on_disk_and_on_s3(tmp_path, s3_server, s3_clien
     remote = find_exports("s3://finds/lab", StorageConfig(endpoint_url=s3_server))
     assert {k: [p.removeprefix(f"s3://finds/lab/{k}/") for p in v]
             for k, v in remote.items()} == want
+
+
+def test_an_export_of_another_stain_is_flagged(exports, tmp_path, capsys):
+    """The 24 cells of an export, and the same cells with their hue turned 20° at their own
+    pixels (another lab's stain): the turned export's nuclei read about 20° further round and
+    it is flagged ``stain``; the original is not (its nuclei are the training stain's)."""
+    from PIL import Image
+
+    from engine.train.data import Shift
+
+    root, _ = exports
+    sources = sorted((root / "slide-a").rglob("*.jpg"))
+    assert len(sources) == 24
+    both = tmp_path / "sites"
+    for name, shift in (("as-given", Shift()), ("turned", Shift(hue_deg=20))):
+        (both / name).mkdir(parents=True)
+        for src in sources:
+            rgb = np.asarray(Image.open(src).convert("RGB"))
+            Image.fromarray(shift.apply(rgb, 0.1)).save(both / name / src.name, quality=95)
+    out = tmp_path / "out"
+    assert classify_cells.main(["--images", str(both), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    st = {r["uri"].rsplit("/", 1)[-1]: r["warnings"] for r in
+          pl.read_parquet(f"{out}/slide_status/*.parquet").iter_rows(named=True)}
+    assert not any(w.startswith("stain") for w in st["as-given"])
+    assert [w for w in st["turned"] if w.startswith("stain: nuclei stained unlike")]
+    diff = pl.read_parquet(f"{out}/differentials/*.parquet").group_by("slide_id").first()
+    hue = dict(zip(diff["slide_id"], diff["nuclear_hue_deg"]))
+    turned = hue[slide_id_for(str(both / "turned"))] - hue[slide_id_for(str(both / "as-given"))]
+    assert turned == pytest.approx(20, abs=3)
+    assert "stain" in printed
+    # the check can be turned off
+    again = tmp_path / "again"
+    assert classify_cells.main(["--images", str(both), "--output", str(again),
+                                "--max-stain-hue-deg", "none"]) == 0
+    assert not any(w.startswith("stain") for ws in pl.read_parquet(
+        f"{again}/slide_status/*.parquet")["warnings"].to_list() for w in ws)

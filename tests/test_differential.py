@@ -190,3 +190,27 @@ def test_red_cells_far_from_their_size_flag_the_slides_pixel_size():
     assert compute_differential(codes, ("L2",)).n_red_cells is None  # an export: not measured
     d = compute_differential(codes, ("L2",), 1, red_cells=(212, 14.2))
     assert review_warnings(d, 1) == {}  # no range: no check
+
+
+def test_the_nuclei_stain_beside_the_differential_flags_another_labs_stain():
+    """The counted cells' nuclear colour goes into the differential where it rests on
+    `MIN_CELLS` or more; held against the training stain it flags the slide ``stain``, after
+    ``pixel_size`` and before the other flags."""
+    from engine.stain import MIN_CELLS, StainCheck
+
+    check = StainCheck(269.5, 0.775)
+    codes = ["L2"] * 5
+    pale = {"n": MIN_CELLS, "nuclear_hue_deg": 280.5, "nuclear_saturation": 0.22,
+            "nuclear_value": None}
+    d = compute_differential(codes, ("L2",), 10, red_cells=(212, 14.2), stain=pale)
+    assert (d.nuclear_hue_deg, d.nuclear_saturation) == (280.5, 0.22)
+    row = differential_rows("s", d)[0]
+    assert (row["nuclear_hue_deg"], row["nuclear_saturation"]) == (280.5, 0.22)
+    assert list(review_warnings(d, 10, (5.0, 10.5), check)) == ["pixel_size", "stain",
+                                                               "low_count"]
+    assert "stain" not in review_warnings(d, 10)  # no training stain to hold it against
+    few = compute_differential(codes, ("L2",), 1, stain={**pale, "n": MIN_CELLS - 1})
+    assert few.nuclear_hue_deg is None and review_warnings(few, 1, None, check) == {}
+    same = compute_differential(codes, ("L2",), 1, stain={**pale, "nuclear_hue_deg": 266.8,
+                                                         "nuclear_saturation": 0.74})
+    assert review_warnings(same, 1, None, check) == {}

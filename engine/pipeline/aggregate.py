@@ -26,6 +26,7 @@ from engine.pipeline.commit import OutputStore
 from engine.report.geojson import cells_geojson_text
 from engine.schema import CELL_FEATURES, CELLS, TILES
 from engine.specimen import SMEARS, SPECIMENS, UNKNOWN, branches_for, slide_stages, why_left_out
+from engine.stain import StainCheck, stain_summary
 
 
 def utcnow() -> dt.datetime:
@@ -86,13 +87,14 @@ class Aggregator:
                  embeddings: bool = True, max_out_of_focus_percent: float = 20.0,
                  count_out_of_focus: bool = False,
                  red_cell_diameter_um: tuple[float, float] | None = None,
-                 lobe_merge_um: float | None = None):
+                 lobe_merge_um: float | None = None, stain: StainCheck | None = None):
         self.embeddings = embeddings  # an encoder makes tile embeddings (a smear's tiles' use)
         self.max_ood_percent = max_ood_percent
         self.max_out_of_focus_percent = max_out_of_focus_percent
         self.count_out_of_focus = count_out_of_focus
         self.red_cell_diameter_um = red_cell_diameter_um
         self.lobe_merge_um = lobe_merge_um
+        self.stain = stain  # the classifier's training stain, to hold each slide's against
         self.mil, self.mil_bags = mil, mil_bags
         self.store, self.config_hash = store, config_hash
         self.stages_run, self.stages_skipped = stages_run, stages_skipped
@@ -166,6 +168,9 @@ class Aggregator:
             else np.full(n, np.nan, np.float32)  # NaN: not measured
         chunk["out_of_focus"] = batch["out_of_focus"][cells].astype(bool) \
             if "out_of_focus" in batch else np.zeros(n, bool)
+        for key in ("nuclear_hue_deg", "nuclear_saturation"):  # NaN: not measured
+            chunk[key] = batch[key][cells].astype(np.float32) if key in batch \
+                else np.full(n, np.nan, np.float32)
         if "features" in batch:
             chunk["features"] = batch["features"][cells]
         chunk["out_of_distribution"] = batch["out_of_distribution"][cells].astype(bool) \
@@ -219,6 +224,7 @@ class Aggregator:
         codes, ood = [], []  # per cell: the class, and out of distribution (None: unknown)
         blurred = None  # per cell: out of focus (None: focus not measured)
         platelets = []  # per platelet-sized detection: out of focus
+        stain = None  # the counted cells' nuclei's colour (`engine.stain.stain_summary`)
         lobe_of = None  # per detection: the detection whose cell's lobe it is (-1: none)
         if cols:
             mpp = br.header["slide"].get("mpp_x")  # level-0 µm/px, as the cells' x and y
@@ -237,6 +243,10 @@ class Aggregator:
             if not np.isnan(cols["blur_um"]).all():
                 blurred = cols["out_of_focus"][counted].tolist()
             platelets = cols["out_of_focus"][cols["kind"] == KIND_PLATELET].tolist()
+            # the nuclei of the cells the differential counts: a blurred nucleus reads paler
+            sharp = counted & (True if self.count_out_of_focus else ~cols["out_of_focus"])
+            stain = stain_summary(np.stack([cols["nuclear_hue_deg"][sharp],
+                                            cols["nuclear_saturation"][sharp]], 1))
         red = br.header.get("red_cells")  # measured when the slide was planned
         d = compute_differential(codes, self.model_codes, self.min_nucleated, ood,
                                  self.max_ood_percent, blood=state.specimen == "blood",
@@ -244,9 +254,11 @@ class Aggregator:
                                  max_out_of_focus_percent=self.max_out_of_focus_percent,
                                  count_out_of_focus=self.count_out_of_focus,
                                  platelets=platelets,
-                                 red_cells=red and (red["n"], red["diameter_um"]))
+                                 red_cells=red and (red["n"], red["diameter_um"]),
+                                 stain=stain)
         differential = differential_rows(sid, d)
-        state.warnings.update(review_warnings(d, self.min_nucleated, self.red_cell_diameter_um))
+        state.warnings.update(review_warnings(d, self.min_nucleated, self.red_cell_diameter_um,
+                                              self.stain))
         if not cols:
             return {"cells": [], "differentials": differential}, \
                 {"type": "FeatureCollection", "features": []}
@@ -327,6 +339,9 @@ class Aggregator:
                      f"(slides.mpp_x, mpp_source). If it is wrong, give the right one "
                      f"(--mpp-table, a slide_id,mpp row) and run the slide again with "
                      f"--reprocess")
+        if "stain" in state.warnings and not state.error:
+            self.log(f"warning: slide {sid}: stain: {state.warnings['stain']} (which: python "
+                     f"-m jobs.cell_gallery --output {self.store.root} --slide {sid})")
         if "out_of_focus" in state.warnings and not state.error:
             self.log(f"warning: slide {sid}: out_of_focus: {state.warnings['out_of_focus']}; "
                      f"where: python -m jobs.slide_map --output {self.store.root} --slide "

@@ -32,6 +32,7 @@ from engine.schema import slide_id_for
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import FileEntry, StagingArea, is_remote
 from engine.specimen import UNKNOWN, Specimens
+from engine.stain import StainCheck
 
 
 @dataclass
@@ -41,6 +42,7 @@ class StagePlan:
     run: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     model_codes: tuple[str, ...] = ()
+    stain: object = None  # the classifier's training stain check (`engine.stain.StainCheck`)
     encoder: bool = False
     mil: object = None  # the ABMIL cellularity model, when configured and embeddings exist
     cpu_models: frozenset = frozenset()  # branches whose model runs on CPU even beside GPUs
@@ -186,6 +188,8 @@ def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
         except ValueError as err:
             raise ConfigError(f"pipeline.classifier.ensemble: {err}") from err
         plan.model_codes = model.class_codes
+        plan.stain = StainCheck.of(model.card, pc.max_stain_hue_deg,
+                                   pc.min_stain_saturation_ratio)
         plan.run += ["cell_detection", f"cell_classification:{c.model}", "differential"]
         if len(members) > 1:
             plan.run[-2] += f" (ensemble of {len(members)})"
@@ -496,7 +500,7 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                      max_out_of_focus_percent=pc.max_out_of_focus_percent,
                      count_out_of_focus=pc.count_out_of_focus,
                      red_cell_diameter_um=pc.red_cell_diameter_um,
-                     lobe_merge_um=pc.lobe_merge_um)
+                     lobe_merge_um=pc.lobe_merge_um, stain=stages.stain)
     if not pending or not branches:
         return agg.summary
     if not ray.is_initialized():

@@ -28,6 +28,7 @@ from engine.slides import FileEntry, open_slide
 from engine.slides.inventory import MppOverrides, inventoried
 from engine.slides.storage import StagingArea, is_remote, stat_file
 from engine.specimen import UNKNOWN, branches_for
+from engine.stain import nuclear_colour
 from engine.tiling import TilePlan, plan_tiles
 from engine.tissue import compute_tissue_mask, with_enclosed_fat
 
@@ -483,15 +484,17 @@ class PlanTasks:
 
 
 _CELL_COLUMNS = ("slide_id", "task", "n_in_task", "x", "y", "x0", "y0", "x1", "y1", "area_um2",
-                 "kind", "at_edge", "blur_um", "out_of_focus", "error_type", "error_message",
-                 "n_tasks", "header")
+                 "kind", "at_edge", "blur_um", "out_of_focus", "nuclear_hue_deg",
+                 "nuclear_saturation", "error_type", "error_message", "n_tasks", "header")
 
 
 class DetectCells:
     """Read cell tiles, detect cells, keep those the tile owns, crop at 96 px each the
     classifier scores (nucleated cells, and platelet-sized ones with
     ``pipeline.classifier.platelets``) and measure how blurred each nucleated cell is
-    (``blur_um``, ``out_of_focus``: `engine.focus`; NaN and False for platelets).
+    (``blur_um``, ``out_of_focus``: `engine.focus`; NaN and False for platelets) and how its
+    nucleus is stained (``nuclear_hue_deg``, ``nuclear_saturation``: `engine.stain`; NaN for
+    platelets).
 
     Batch in: cell task rows. Batch out (a ``pyarrow.Table``): one row per cell, plus one
     ``kind = "none"`` row for a tile without cells and ``kind = "error"`` for an unreadable
@@ -567,7 +570,11 @@ class DetectCells:
                    (cy + half > t["height"]))
         max_blur = self.cfg.cells.max_blur_um
         blur = np.full(n, np.nan, np.float32)  # measured on nucleated cells, what is counted
+        stain = np.full((n, 3), np.nan)
         nucleated = np.flatnonzero(kind == KIND_CELL)
+        if len(nucleated):
+            stain[nucleated] = nuclear_colour(crops[kind[scored] == KIND_CELL],
+                                              float(t["tile_mpp"]))
         if max_blur is not None and len(nucleated):
             # the slide in each crop: at its border the rest is background, not the cell's
             inside = inside_of_crops(tx[nucleated], ty[nucleated], CROP_PX, -t["x"] / f,
@@ -585,6 +592,8 @@ class DetectCells:
                 "at_edge": at_edge,
                 "blur_um": blur,
                 "out_of_focus": blur > max_blur if max_blur is not None else np.zeros(n, bool),
+                "nuclear_hue_deg": stain[:, 0].astype(np.float32),
+                "nuclear_saturation": stain[:, 1].astype(np.float32),
                 "error_type": np.full(n, ""), "error_message": np.full(n, ""),
                 "crop": crops}
 
@@ -598,6 +607,8 @@ class DetectCells:
                 "y0": zero, "x1": zero, "y1": zero, "area_um2": np.zeros(1, np.float32),
                 "kind": np.asarray([kind]), "at_edge": np.zeros(1, bool),
                 "blur_um": np.full(1, np.nan, np.float32), "out_of_focus": np.zeros(1, bool),
+                "nuclear_hue_deg": np.full(1, np.nan, np.float32),
+                "nuclear_saturation": np.full(1, np.nan, np.float32),
                 "error_type": np.asarray([error_type]), "error_message": np.asarray([message]),
                 "crop": np.zeros((0, CROP_PX, CROP_PX, 3), np.uint8)}  # a marker has none
 

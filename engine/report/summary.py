@@ -19,7 +19,8 @@ DIFFERENTIAL_COLUMNS = {"denominator": pl.String, "n_nucleated": pl.Int64, "n_wb
                         "n_out_of_focus": pl.Int64, "out_of_focus_percent": pl.Float64,
                         "out_of_focus": pl.Boolean, "n_platelets": pl.Int64,
                         "n_large_platelets": pl.Int64, "platelets_per_wbc": pl.Float64,
-                        "n_red_cells": pl.Int64, "red_cell_diameter_um": pl.Float64}
+                        "n_red_cells": pl.Int64, "red_cell_diameter_um": pl.Float64,
+                        "nuclear_hue_deg": pl.Float64, "nuclear_saturation": pl.Float64}
 LINEAGE_COLUMNS = {f"pct_{lineage}": pl.Float64 for lineage in LINEAGES}
 
 

@@ -12,6 +12,7 @@ from engine.config import CellDetectionConfig
 from engine.focus import edge_blur_um
 from engine.models.factory import LoadedModel
 from engine.models.inference import EnsemblePredictor, default_device, native_bf16
+from engine.stain import nuclear_colour, stain_summary
 from engine.train.data import LabelledImages, Shift, load_cell_images
 from engine.train.metrics import BOOTSTRAP_RESAMPLES, classification_metrics, paired_bootstrap
 
@@ -127,6 +128,9 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
         "ood": ood_report(models[0], feats, data.codes),
         "focus": focus_report(crop, spec.input_mpp, shift.blur_um),
         "shift": dataclasses.asdict(shift),
+        # the nuclei's colour as the model gets them, platelets (no nucleus) left out
+        "stain": stain_summary(nuclear_colour(
+            crop[np.asarray([c != "PLT" for c in data.codes], bool)], spec.input_mpp)),
     })
     if baseline and scored.any():
         baseline_mpp = baseline_mpp or source_mpp

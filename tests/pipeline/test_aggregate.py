@@ -391,6 +391,46 @@ def test_red_cells_off_their_size_flag_the_slides_pixel_size(tmp_path):
     assert len(said) == 1 and "--mpp-table" in said[0] and "--reprocess" in said[0]
 
 
+def test_nuclei_stained_unlike_the_training_data_flag_the_slide(tmp_path):
+    """Each slide's counted cells' nuclei (their median hue and saturation) reach the
+    differential and are held against the classifier's training stain: another hue or a paler
+    stain flags the slide, the same stain or a deeper one does not, and too few cells or no
+    measure (a run before 0.8.0's steps) give no figure to flag."""
+    from engine.stain import StainCheck
+
+    printed = []
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    agg = Aggregator(store, "hash", ["cells"], [], CODES, 1, ("cells",), log=printed.append,
+                     stain=StainCheck(269.5, 0.775, 10.0, 0.75))
+    n = 25
+    for sid, hue, sat in (("same", 266.8, 0.74), ("turned", 287.2, 0.73),
+                          ("pale", 266.8, 0.44), ("deep", 266.7, 0.95), ("bccd", 280.5, 0.22),
+                          ("few", 300.0, 0.2), ("unmeasured", None, None)):
+        batch = _cells(sid, list(range(n if sid != "few" else 5)), n if sid != "few" else 5,
+                       _header(sid))
+        if hue is not None:
+            k = len(batch["task"])  # the median lies at the slide's value, among other values
+            batch.update(nuclear_hue_deg=(hue + np.linspace(-4, 4, k)).astype(np.float32),
+                         nuclear_saturation=(sat + np.linspace(-0.02, 0.02, k)).astype(
+                             np.float32))
+        agg.add_cells(batch)
+    diff = pl.read_parquet(tmp_path / "out" / "differentials").group_by("slide_id").first()
+    got = {r["slide_id"]: (r["nuclear_hue_deg"], r["nuclear_saturation"])
+           for r in diff.iter_rows(named=True)}
+    assert got["turned"] == (pytest.approx(287.2, abs=0.1), pytest.approx(0.73, abs=1e-3))
+    assert got["few"] == got["unmeasured"] == (None, None)
+    st = pl.read_parquet(tmp_path / "out" / "slide_status")
+    flags = {r["slide_id"]: [w.split(":")[0] for w in r["warnings"]]
+             for r in st.iter_rows(named=True)}
+    assert {k for k, v in flags.items() if "stain" in v} == {"turned", "pale", "bccd"}
+    why = {r["slide_id"]: r["warnings"][0] for r in st.iter_rows(named=True) if r["warnings"]}
+    assert "hue 287°, +18°" in why["turned"] and "saturation" not in why["turned"]
+    assert "data (saturation 0.44, 0.57 of it; trained on 270° and 0.78)" in why["pale"]
+    assert "hue 280°, +11°; saturation 0.22, 0.28 of it" in why["bccd"]
+    said = [line for line in printed if line.startswith("warning: slide turned: stain")]
+    assert len(said) == 1 and "jobs.cell_gallery" in said[0]
+
+
 def test_cells_arrive_as_columns_in_any_split_and_leave_in_raster_order(tmp_path):
     """Two slides interleaved in batches, a task's cells split across batches, markers, and an
     unknown distance (NaN) among known ones: each slide's table holds its cells once, sorted by

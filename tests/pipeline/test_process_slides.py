@@ -12,6 +12,7 @@ import pytest
 
 from engine.schema import SCHEMA_VERSION
 from jobs import process_slides
+from tests.conftest import SHARED_DATA
 from tests.pipeline.conftest import tiny_config
 
 pytestmark = pytest.mark.ray
@@ -260,7 +261,12 @@ def test_untrained_models_are_refused_without_the_flag(ray_local, archive, tmp_p
     assert not (tmp_path / "o" / "cells").exists()
 
 
-def test_reference_model_on_the_smear(ray_local, smear_slide, tmp_path, capsys):
+def test_reference_model_on_the_smear(ray_local, tmp_path, capsys):
+    """The default job's BCCD smear (24 fields) under the reference checkpoint."""
+    from engine.slides.smear import build_bccd_smear
+
+    smear_slide = tmp_path / "bccd-smear.tif"
+    build_bccd_smear(str(SHARED_DATA / "bccd"), str(smear_slide))
     code = process_slides.main(["--input", str(smear_slide), "--output", str(tmp_path / "o"),
                                 "--specimen", "blood"])
     out = capsys.readouterr().out
@@ -328,10 +334,14 @@ def test_reference_model_on_the_smear(ray_local, smear_slide, tmp_path, capsys):
     assert diff["ood_percent"][0] > 50 and diff["out_of_distribution"][0]
     assert "lie outside the classifier's training data" in out and "--order far" in out
     # and the run's last line counts the slides to review by flag
-    assert "to review (slide_status.warnings): 1 out_of_distribution, 1 low_count" in out
+    assert "to review (slide_status.warnings): 1 stain, 1 out_of_distribution, 1 low_count" \
+        in out
     warnings = st["warnings"][0].to_list()  # the status row says why the slide needs review
-    assert [w.split(":")[0] for w in warnings] == ["out_of_distribution", "low_count"]
-    assert "out_of_distribution: " in out.split("reason / review")[1]  # and so does the summary
+    assert [w.split(":")[0] for w in warnings] == ["stain", "out_of_distribution", "low_count"]
+    # and first why: its nuclei are stained far paler than the reference's training cells
+    assert diff["nuclear_saturation"][0] < 0.5 * 0.775 and "saturation" in warnings[0]
+    assert "warning: slide bccd-smear-" in out and ": stain: nuclei stained unlike" in out
+    assert "stain: " in out.split("reason / review")[1]  # and so does the summary (the first)
     doc = json.loads((tmp_path / "o" / "config.json").read_text())
     assert doc["config"]["pipeline"]["classifier"]["model"] == "deepheme-resnext50"
     # the cells least like the training data, each with where the classifier looked (its

@@ -198,6 +198,45 @@ def test_detect_flags_the_cells_of_a_region_out_of_focus(smear, tmp_path):
     assert np.isnan(unmeasured["blur_um"]).all() and not unmeasured["out_of_focus"].any()
 
 
+def test_detect_reads_each_nucleated_cells_nuclear_stain(smear, tmp_path):
+    """The smear, and the smear with its hue turned 20° (another stain): each nucleated
+    cell's nucleus reads 20° further round on the second, and a pale copy's paler; platelets
+    are not read."""
+    import pyvips
+
+    from engine.slides.writer import write_pyramid_tiff
+    from engine.train.data import Shift
+
+    v = pyvips.Image.new_from_file(str(smear))
+    rgb = np.ndarray(buffer=v.write_to_memory(), dtype=np.uint8,
+                     shape=(v.height, v.width, v.bands))[..., :3].copy()
+    cfg = Config()
+    read = {}
+    for name, shift in (("as given", Shift()), ("turned", Shift(hue_deg=20)),
+                        ("pale", Shift(saturation=0.6))):
+        path = tmp_path / f"{name}.tif"
+        write_pyramid_tiff(shift.apply(rgb, 0.25), str(path), 0.25)
+        row = PlanSlide(cfg)({"uri": str(path), "size": path.stat().st_size, "etag": None})
+        read[name] = _detect(DetectCells(cfg), _batch(cell_tasks(row["slide_id"], str(path),
+                                                                 json.loads(row["plan"]))))
+    out = read["as given"]
+    assert np.isnan(out["nuclear_hue_deg"][out["kind"] == "platelet"]).all()
+    real = out["kind"] == "nucleated"
+    hue, sat = out["nuclear_hue_deg"][real], out["nuclear_saturation"][real]
+    assert real.sum() >= 5 and not np.isnan(hue).any() and ((sat > 0) & (sat <= 1)).all()
+    for name, column, expected in (("turned", "nuclear_hue_deg", lambda a, b: b - a),
+                                   ("pale", "nuclear_saturation", lambda a, b: b / a)):
+        other = read[name]
+        cells = other["kind"] == "nucleated"
+        # the same cells, found again within 2 µm (the shift moves a detection's edge a little)
+        d = np.hypot(out["x"][real][:, None] - other["x"][cells][None],
+                     out["y"][real][:, None] - other["y"][cells][None])
+        near = d.min(1) < 8
+        assert near.sum() >= 0.8 * real.sum()
+        moved = expected(out[column][real][near], other[column][cells][d.argmin(1)][near])
+        assert np.median(moved) == pytest.approx(20 if name == "turned" else 0.6,
+                                                 abs=2 if name == "turned" else 0.05)
+
 def test_focus_of_cells_cut_by_the_slides_border_is_read_inside_the_slide(smear, tmp_path):
     """The smear blurred by 0.5 µm, then cut so that the slide's border runs through cells:
     their crops hold the slide's white background beyond it, a sharp edge that is not theirs.

@@ -271,6 +271,11 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys):
     density = loaded.ood
     assert density is not None and density.threshold == pytest.approx(card["ood"]["threshold"],
                                                                       rel=1e-2)
+    # and its training split's nuclear stain, which runs hold each slide's against
+    from engine.stain import StainCheck
+
+    assert card["stain"]["n"] > 50 and 240 < card["stain"]["nuclear_hue_deg"] < 300
+    assert StainCheck.of(loaded.card, 10.0, 0.75).hue_deg == card["stain"]["nuclear_hue_deg"]
     # and a softmax temperature fitted on the fold's validation rows, which loading applies
     fitted = card["temperature"]
     assert fitted["n_val"] == fitted["val_before"]["n"] > 0 and loaded.temperature == \
@@ -338,6 +343,16 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys):
          "--hue-shift", "120", "--saturation", "0.5", "--bootstrap", "200"]) == 0
     shifted = json.loads(capsys.readouterr().out)
     assert shifted["shift"] == {"blur_um": 0.0, "hue_deg": 120.0, "saturation": 0.5}
+    # and the nuclei's colour, as the models got them, says so (platelets left out)
+    from engine.train.data import read_labels
+
+    stain, moved = report["stain"], shifted["stain"]
+    assert stain["n"] == moved["n"] == sum(c != "PLT" for c in read_labels(
+        str(out / "test")).codes)
+    assert 255 < stain["nuclear_hue_deg"] < 280 and stain["nuclear_saturation"] > 0.6
+    assert (moved["nuclear_hue_deg"] - stain["nuclear_hue_deg"]) % 360 == pytest.approx(120,
+                                                                                     abs=5)
+    assert moved["nuclear_saturation"] < 0.7 * stain["nuclear_saturation"]
     assert shifted["comparison"]["n"] == compared["n"]
     assert shifted["comparison"]["baseline"]["macro_f1"] < compared["baseline"]["macro_f1"]
     with pytest.raises(SystemExit):  # a hue is turned by at most half a turn
