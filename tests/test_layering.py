@@ -21,6 +21,7 @@ RULES = {
     "engine.classes": ["torch", "ray", "openslide", "pyvips", "fsspec"],
     "engine.pixel_size": ["torch", "ray", "openslide", "pyvips", "fsspec"],
     "engine.focus": ["torch", "ray", "openslide", "pyvips", "fsspec"],
+    "engine.stain": ["torch", "ray", "openslide", "pyvips", "fsspec"],
     "engine.report.agreement": ["torch", "ray", "openslide", "pyvips", "fsspec"],
     "jobs.estimate_pixel_size": ["torch", "ray", "timm", "openslide", "pyvips"],
     "jobs.cell_gallery": ["torch", "ray", "timm"],
