@@ -130,7 +130,8 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
         "shift": dataclasses.asdict(shift),
         # the nuclei's colour as the model gets them, platelets (no nucleus) left out
         "stain": stain_summary(nuclear_colour(
-            crop[np.asarray([c != "PLT" for c in data.codes], bool)], spec.input_mpp)),
+            crop[np.asarray([get_class(c).nucleated for c in data.codes], bool)],
+            spec.input_mpp)),
     })
     if baseline and scored.any():
         baseline_mpp = baseline_mpp or source_mpp
