@@ -212,6 +212,24 @@ class Aggregator:
         if all(br.finished for br in state.branches.values()):
             self._commit(state)
 
+    def _no_tissue(self, state: SlideState) -> str | None:
+        """Why a slide whose every branch found no tissue to read gives no results (the
+        ``no_tissue`` flag), or None. A smear with cells but no tile of 50 % tissue for an
+        encoder is not flagged: its headline, the differential, was measured."""
+        ran = [state.branches[b] for b in self._ran(state)]
+        if state.error or not ran or any(br.n_tasks for br in ran):
+            return None
+        grids = [g for br in ran for b, g in ((br.header or {}).get("tissue") or {}).items()
+                 if b in self._ran(state)]
+        if not grids:
+            return None
+        g = min(grids, key=lambda g: g["min_fraction"])  # the least any branch asked for
+        tiles = f"{g['grid']} tile{'s' if g['grid'] != 1 else ''}"
+        return (f"none of the slide's {tiles} of {g['tile_um']:g} µm is "
+                f"{g['min_fraction']:.0%} tissue or smear on its thumbnail (blank glass, a "
+                f"stain too pale for the tissue mask, or a slide smaller than a tile): nothing "
+                f"was measured; look at the slide")
+
     def _ran(self, state: SlideState) -> tuple[str, ...]:
         """The branches whose tables this slide gets (`engine.specimen.branches_for`)."""
         return branches_for(state.specimen, self.branches, self.embeddings)
@@ -323,6 +341,9 @@ class Aggregator:
             status.update(status="ok", error_type=None, error_message=None,
                           n_tiles=sum(br.n_tasks for br in state.branches.values()),
                           n_cells=state.n_cells if "cells" in ran else None)
+        empty = self._no_tissue(state)
+        if empty:  # first: nothing else the slide is flagged for was measured on anything
+            state.warnings = {"no_tissue": empty, **state.warnings}
         status["warnings"] = [] if state.error else [f"{k}: {v}"
                                                      for k, v in state.warnings.items()]
         finished = utcnow()
@@ -334,6 +355,8 @@ class Aggregator:
                  + f", tiles {status['n_tiles'] or 0}, "
                  f"cells {'-' if status['n_cells'] is None else status['n_cells']}, "
                  f"{status['seconds']:.1f}s")
+        if empty:
+            self.log(f"warning: slide {sid}: no_tissue: {empty}")
         if "pixel_size" in state.warnings and not state.error:
             self.log(f"warning: slide {sid}: pixel_size: {state.warnings['pixel_size']} "
                      f"(slides.mpp_x, mpp_source). If it is wrong, give the right one "

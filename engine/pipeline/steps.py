@@ -20,7 +20,7 @@ from engine.classes import DEEPHEME_CODES
 from engine.cells import (KIND_CELL, KIND_PLATELET, PALE_OFF, crops_around, detect_cells,
                           estimate_threshold, inside_of_crops, owned_by_tile, pale_pass)
 from engine.cellularity import AreaRules, calibrate, tile_area_counts
-from engine.config import Config
+from engine.config import Config, TileConfig
 from engine.errors import MissingMPP, SlideError
 from engine.focus import edge_blur_um
 from engine.pixel_size import red_cell_diameters, red_cell_size
@@ -290,6 +290,15 @@ def _plan_dict(plan: TilePlan, overlap_l0: float = 0.0) -> dict:
             "tissue_fraction": [round(float(f), 4) for f in plan.tissue_fraction]}
 
 
+def _grid_summary(p: TilePlan, cfg: TileConfig) -> dict:
+    """How many tiles a branch's grid held before its tissue filter, their side in µm and the
+    foreground share a tile needed: what a slide with no tissue is told (the header's
+    ``tissue``)."""
+    return {"grid": int(p.grid_shape[0] * p.grid_shape[1]), "kept": len(p),
+            "tile_um": round(p.tile_px * p.target_mpp, 1),
+            "min_fraction": cfg.min_tissue_fraction}
+
+
 def _sample(p: TilePlan, n: int) -> list[tuple[int, int]]:
     """Up to ``n`` tile origins spread evenly over the plan."""
     step = max(1, len(p) // max(n, 1))
@@ -362,6 +371,7 @@ class PlanSlide:
             d["direct_ok"] = _direct_ok(slide, p.level)
             d["pale"] = pale_pass(inv["specimen"], cfg.cells)
             plans["cells"] = d
+            measured["tissue"] = {"cells": _grid_summary(p, tc)}
             # the same tiles check the pixel size: red cells should be about 7.5 µm across
             red = red_cell_size(map(red_cell_diameters, samples), p.target_mpp)
             measured["red_cells"] = {"n": red.n_cells, "diameter_um": red.diameter_um,
@@ -378,6 +388,7 @@ class PlanSlide:
             d["stains"], d["nucleus_h_od"] = rules.stains, rules.nucleus_h_od
             d["direct_ok"] = _direct_ok(slide, p.level)
             plans["tiles"] = d
+            measured.setdefault("tissue", {})["tiles"] = _grid_summary(p, cfg.tiles)
         return {**measured, "mpp0": mpp, "width": info.width, "height": info.height,
                 "plans": plans}
 

@@ -16,11 +16,12 @@ from engine.pipeline.run import plan_resources
 CODES = ("L2", "M6")
 
 
-def _header(sid: str, status: str = "ok", error: tuple[str, str] = ("", "")) -> str:
+def _header(sid: str, status: str = "ok", error: tuple[str, str] = ("", ""),
+            specimen: str | None = None, tissue: dict | None = None) -> str:
     slide = {"slide_id": sid, "uri": f"/x/{sid}.svs", "status": status,
-             "inventoried_at": "2026-11-23T00:00:00+00:00"}
+             "inventoried_at": "2026-11-23T00:00:00+00:00", "specimen": specimen}
     return json.dumps({"slide": slide, "status": status, "error_type": error[0] or None,
-                       "error_message": error[1] or None})
+                       "error_message": error[1] or None, **({"tissue": tissue} if tissue else {})})
 
 
 def _cells(sid: str, tasks: list[int], n_tasks: int, header: str = "") -> dict:
@@ -85,6 +86,38 @@ def test_a_failed_plan_needs_only_its_header_rows(agg):
     assert not a.summary
     a.add_tiles(_tiles("s3", [-1], 0, h))
     assert a.summary[0]["error_type"] == "SlideUnsupported" and not a.slides
+
+
+def _grid(branch: str, grid: int) -> dict:
+    um, least = (256.0, 0.05) if branch == "cells" else (448.0, 0.5)
+    return {branch: {"grid": grid, "kept": 0, "tile_um": um, "min_fraction": least}}
+
+
+def test_a_slide_with_no_tissue_in_any_branch_is_flagged_first(agg):
+    """Blank glass (or a slide smaller than a tile) plans no task in any branch: its status
+    says so (``no_tissue``, before the differential's own flags), where it said nothing and
+    gave a null cellularity before; a smear whose cells were found but whose tiles hold too
+    little smear for an encoder is not flagged."""
+    a, out = agg
+    a.add_cells(_cells("blank", [-1], 0, _header("blank", tissue=_grid("cells", 4))))
+    a.add_tiles(_tiles("blank", [-1], 0, _header("blank", tissue=_grid("tiles", 1))))
+    (st,) = a.summary
+    assert st["status"] == "ok" and st["warnings"][0].startswith(
+        "no_tissue: none of the slide's 4 tiles of 256 µm is 5% tissue or smear")
+    assert st["warnings"][1].startswith("low_count")  # the differential's, after it
+    a.add_cells(_cells("film", [0], 1, _header("film", specimen="blood",
+                                               tissue=_grid("cells", 4))))
+    a.add_tiles(_tiles("film", [-1], 0, _header("film", specimen="blood",
+                                                tissue=_grid("tiles", 1))))
+    assert not any(w.startswith("no_tissue") for w in a.summary[1]["warnings"])
+    a.add_tiles(_tiles("core", [-1], 0, _header("core", specimen="biopsy",
+                                                tissue=_grid("tiles", 1))))
+    a.add_cells(_cells("core", [-1], 0, _header("core", specimen="biopsy")))
+    assert a.summary[2]["warnings"] == [
+        "no_tissue: none of the slide's 1 tile of 448 µm is 50% tissue or smear on its "
+        "thumbnail (blank glass, a stain too pale for the tissue mask, or a slide smaller than "
+        "a tile): nothing was measured; look at the slide"]
+    assert pl.read_parquet(out / "cellularity" / "core.parquet")["n_tiles"].to_list() == [0]
 
 
 @pytest.mark.parametrize("cpus,gpus,cpu,readers,gpu", [

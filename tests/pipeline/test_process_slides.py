@@ -62,6 +62,10 @@ def test_every_slide_gets_a_status_with_its_reason(run_out):
         assert r["status"] == "ok" or len(r["error_message"]) > 20
         assert r["config_hash"] and r["engine_version"] and r["finished_at"] >= r["started_at"]
     assert got["smear-a.tif"]["n_cells"] > 10 and got["cmu-1-small-region.svs"]["n_cells"] > 100
+    # a 16 px slide holds no tissue to read: said first, not left as a silent null
+    assert got["small.svs"]["warnings"][0].startswith("no_tissue: none of the slide's 1 tile")
+    assert [n for n, r in got.items() if any(w.startswith("no_tissue") for w in r["warnings"])
+            ] == ["small.svs"]
 
 
 def test_tables_readable_everywhere_with_unique_keys(run_out):
