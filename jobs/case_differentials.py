@@ -112,10 +112,12 @@ def read_case_sheet(uri: str, storage) -> tuple[list[dict], str]:
     from jobs.compare_differentials import KEY_COLUMNS
 
     sheet = read_csv_rows(uri, storage)
-    key = next((c for c in KEY_COLUMNS if sheet and c in sheet[0]), None)
+    if not sheet:
+        raise ValueError(f"{uri}: no rows (a header, then a row per slide: slide,case)")
+    key = next((c for c in KEY_COLUMNS if c in sheet[0]), None)
     if key is None or "case" not in sheet[0]:
         raise ValueError(f"{uri}: needs a slide column (one of {', '.join(KEY_COLUMNS)}) and a "
-                         f"case column; columns: {', '.join(sheet[0]) if sheet else 'none'}")
+                         f"case column; columns: {', '.join(sheet[0])}")
     return sheet, key
 
 

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -77,9 +78,15 @@ def read_text(uri: str, storage: StorageConfig) -> str:
     fs, path = get_filesystem(normalize_uri(uri), storage)
     try:
         with fs.open(path, "rb") as fh:
-            return fh.read().decode("utf-8-sig")
+            data = fh.read()
     except FileNotFoundError as err:
         raise InputError(f"file not found: {uri}") from err
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:  # a sheet saved in Excel's own code page (cp1252)
+        line = data[:err.start].count(b"\n") + 1
+        raise InputError(f"{uri}: line {line} is not UTF-8 text (byte {data[err.start]:#x}): "
+                         "save the sheet as 'CSV UTF-8'") from err
 
 
 def _resolve(item: str, list_uri: str) -> str:
@@ -90,8 +97,20 @@ def _resolve(item: str, list_uri: str) -> str:
     return normalize_uri(f"{base}/{item}")
 
 
+def sheet_number(text: str) -> str:
+    """A number cell of a sheet as Python reads numbers: ``12,5`` (a decimal comma, as Excel
+    writes where that is the locale's mark) becomes ``12.5``; any other text is kept."""
+    text = text.strip()
+    return text.replace(",", ".") if re.fullmatch(r"[+-]?\d+,\d+", text) else text
+
+
 def read_csv_rows(uri: str, storage: StorageConfig) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(read_text(uri, storage))))
+    """A CSV sheet's rows, by its header. Its delimiter is a comma, or where its header has
+    none a semicolon or tab (what Excel writes as CSV where the decimal mark is a comma)."""
+    text = read_text(uri, storage)
+    head = text.split("\n", 1)[0]
+    delimiter = next((d for d in ",;\t" if d in head), ",")
+    return list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
 
 
 def _uri_column(row: dict[str, str]) -> str:
@@ -241,7 +260,7 @@ def read_mpp_table(uri: str, storage: StorageConfig) -> dict[str, float]:
         key = _resolve(key, uri) if key else (row.get("slide_id") or "").strip()
         if key and (row["mpp"] or "").strip():  # a blank cell gives none
             try:
-                mpp = slide_mpp_arg(row["mpp"])
+                mpp = slide_mpp_arg(sheet_number(row["mpp"]))
             except argparse.ArgumentTypeError as err:
                 raise InputError(f"{uri} line {i + 2}: mpp for {key}: {err}") from None
             rows.append((f"line {i + 2}", key, mpp))

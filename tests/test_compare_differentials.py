@@ -188,11 +188,16 @@ def test_a_sheet_of_percentages_with_the_cells_counted(classified, tmp_path, cap
         lines.append(sid + "," + ",".join(f"{100 * c[k] / n:.1f}" for k in cols) + f",{n}")
     percent = tmp_path / "percent.csv"
     percent.write_text("\n".join(lines) + "\n")
+    # the same sheet as Excel writes it where the decimal mark is a comma: ';' and 12,5
+    europe = tmp_path / "europe.csv"
+    europe.write_text("\n".join(";".join(v.replace(".", ",") if k else v
+                                         for k, v in enumerate(ln.split(",")))
+                                for ln in lines) + "\n")
     # one slide's row without the column, its count given by --counted
     first = next(iter(expert))
     one = tmp_path / "one.csv"
     one.write_text(lines[0].rsplit(",", 1)[0] + "\n" + lines[1].rsplit(",", 1)[0] + "\n")
-    for sheet, extra in ((counts, []), (str(percent), []),
+    for sheet, extra in ((counts, []), (str(percent), []), (str(europe), []),
                          (str(one), ["--counted", str(sum(expert[first].values()))])):
         assert compare_differentials.main(["--output", str(out), "--manual", sheet, "--to",
                                            f"{sheet}.out", *extra]) == 0
@@ -201,8 +206,9 @@ def test_a_sheet_of_percentages_with_the_cells_counted(classified, tmp_path, cap
             "within_manual_ci"]
     got = {name: pl.read_parquet(f"{tmp_path}/{name}.out/agreement_slides.parquet")
            .select(keep).sort("slide_id", "category") for name in ("counts.csv", "percent.csv",
-                                                                   "one.csv")}
+                                                                   "europe.csv", "one.csv")}
     a = got["counts.csv"]
+    assert got["europe.csv"].equals(got["percent.csv"])
     for b in (got["percent.csv"], got["one.csv"]):
         a_ = a.filter(pl.col("slide_id").is_in(b["slide_id"].to_list()))
         assert len(b) == len(a_) > 0 and b["category"].equals(a_["category"])

