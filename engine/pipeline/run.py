@@ -31,7 +31,7 @@ from engine.pipeline.steps import (READY_PREFIXES, ClassifyCells, DetectCells, E
 from engine.schema import slide_id_for
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import FileEntry, StagingArea, is_remote
-from engine.specimen import UNKNOWN, Specimens
+from engine.specimen import UNKNOWN, Specimens, branches_for
 from engine.stain import StainCheck
 
 
@@ -492,7 +492,15 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                "nuclei paler than the threshold, which smears need: give --specimen or a "
                "specimen column)" if UNKNOWN in kinds else ""))
     pc = cfg.pipeline
-    branches = tuple(b for b in ("cells", "tiles") if b in pc.stages)
+    configured = tuple(b for b in ("cells", "tiles") if b in pc.stages)
+    # only the branches some pending slide takes: an archive of sections starts no classifier
+    # and gives the tile readers every CPU (slides no branch applies to still pass through
+    # the configured ones, to be committed as skipped)
+    needed = {b for k in kinds for b in branches_for(k, configured, stages.encoder)}
+    branches = tuple(b for b in configured if b in needed) or configured
+    for b in sorted(set(configured) - set(branches)):
+        log(f"branch {b}: not run, no slide to process takes it ("
+            + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ")")
     agg = Aggregator(store, cfg.hash(), stages.run, sorted(stages.skipped), stages.model_codes,
                      pc.min_nucleated, branches, log, mil=stages.mil,
                      mil_bags=(pc.cellularity_bags, pc.cellularity_bag_size),

