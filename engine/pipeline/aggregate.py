@@ -115,6 +115,10 @@ class Aggregator:
         br.n_tasks = int(n_tasks)
         if header:
             br.header = json.loads(str(header))
+            t = br.header.get("planned_at")  # the slide timed from its planning, not from
+            if t is not None and t < state.t0:  # its first rows reaching this driver
+                state.t0 = float(t)
+                state.started = dt.datetime.fromtimestamp(state.t0, dt.timezone.utc)
             state.specimen = br.header["slide"].get("specimen") or UNKNOWN
             if br.header["status"] != "ok":
                 state.fail(br.header["error_type"], br.header["error_message"])

@@ -326,13 +326,14 @@ class PlanSlide:
     def __call__(self, row: dict) -> dict:
         entry = FileEntry(row["uri"], row.get("size"), row.get("etag"))
         specimen = row.get("specimen") or UNKNOWN
+        planned_at = time.time()  # the slide's start: its status row's started_at
         with inventoried(entry, self.cfg.storage, None, self.mpp,
                          self.cfg.pipeline.direct_jpeg, specimen, row.get("case")
                          ) as (inv, slide):
             out = {"slide": {k: (v.isoformat() if hasattr(v, "isoformat") else v)
                              for k, v in inv.items()},
                    "status": inv["status"], "error_type": inv["error_type"],
-                   "error_message": inv["error_message"]}
+                   "error_message": inv["error_message"], "planned_at": planned_at}
             if slide is not None:
                 try:
                     out.update(self._plan(slide, entry.uri, inv))

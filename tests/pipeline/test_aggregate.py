@@ -88,6 +88,22 @@ def test_a_failed_plan_needs_only_its_header_rows(agg):
     assert a.summary[0]["error_type"] == "SlideUnsupported" and not a.slides
 
 
+def test_a_slide_is_timed_from_its_planning(agg):
+    """``started_at`` and ``seconds`` run from when the slide was planned (the plan's header),
+    not from when its first rows reached the driver: a slide whose tasks all arrive in one
+    block took more than 0 s."""
+    import time
+
+    a, out = agg
+    planned = time.time() - 12.5
+    h = json.dumps({**json.loads(_header("s4")), "planned_at": planned})
+    a.add_cells(_cells("s4", [0], 1, h))
+    a.add_tiles(_tiles("s4", [0], 1, h))
+    st = a.summary[0]
+    assert st["started_at"].timestamp() == pytest.approx(planned)
+    assert 12.5 <= st["seconds"] < 14
+
+
 def _grid(branch: str, grid: int) -> dict:
     um, least = (256.0, 0.05) if branch == "cells" else (448.0, 0.5)
     return {branch: {"grid": grid, "kept": 0, "tile_um": um, "min_fraction": least}}
