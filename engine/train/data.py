@@ -60,6 +60,31 @@ def labelled(rows: list[dict]) -> list[dict]:
     return [r for r in rows if (r.get("code") or "").strip()]
 
 
+def _known_codes(table: str, rows: list[dict]) -> list[dict]:
+    """The rows with their codes as the class scheme spells them (``mo2`` is ``MO2``).
+
+    Raises:
+        ValueError: codes that are no DeepHeme code (the first few with their lines, a PBC
+            folder name with the code it stands for), rather than a failure mid-run.
+    """
+    from engine.classes import CLASSES, PBC_LABELS
+
+    out, bad = [], []
+    for r in rows:
+        code = r["code"].strip()
+        known = code if code in CLASSES else code.upper() if code.upper() in CLASSES else None
+        if known is None:
+            hint = PBC_LABELS.get(code.lower())
+            bad.append(f"line {r['_line']} {code!r}"
+                       + (f" (a PBC label: {' or '.join(hint)})" if hint else ""))
+        out.append({**r, "code": known})
+    if bad:
+        raise ValueError(f"{table}: {len(bad)} row(s) with a code that is no DeepHeme code: "
+                         f"{'; '.join(bad[:3])}{'; …' if len(bad) > 3 else ''}; the codes: "
+                         f"{', '.join(sorted(CLASSES))}")
+    return out
+
+
 def _once_each(table: str, rows: list[dict], paths: list[str]
                ) -> tuple[list[dict], list[str]]:
     """The rows of a labels table with each image once: a row repeating an earlier one's image
@@ -103,13 +128,14 @@ def read_labels(data_dir: str, csv_name: str = "labels.csv") -> LabelledImages:
     table = os.path.join(data_dir, csv_name)
     if not os.path.exists(table):
         raise FileNotFoundError(f"no {csv_name} in {data_dir} (expected columns: path,code)")
-    with open(table, newline="") as fh:
+    with open(table, newline="", encoding="utf-8-sig") as fh:  # Excel's 'CSV UTF-8' too
         rows = list(csv.DictReader(fh))
     if not rows or not {"path", "code"} <= set(rows[0]):
         raise ValueError(f"{table} needs 'path' and 'code' columns")
     rows = labelled([{**r, "_line": i + 2} for i, r in enumerate(rows)])  # lines for messages
     if not rows:
         raise ValueError(f"{table} has no row with a code: fill in the code column")
+    rows = _known_codes(table, rows)
     group_col = next((c for c in ("patient_id", "slide_id", "group") if c in rows[0]), None)
     paths = [r["path"] if os.path.isabs(r["path"]) else os.path.join(data_dir, r["path"])
              for r in rows]

@@ -78,8 +78,11 @@ def test_train_job_refuses_labels_it_cannot_split_with_what_to_do(tmp_path, caps
     assert "--exclude-codes B2,IG,NEU" in err
     write(picks[1:-1] + [{**picks[0], "code": "XX"}])
     code, err = train()
-    assert code == 2 and "unknown cell class code 'XX'" in err
-    write(picks[:-1] + [{**picks[0], "code": "XX"}])  # an image given a second code
+    assert code == 2 and "1 row(s) with a code that is no DeepHeme code: line 13 'XX'" in err
+    write(picks[1:-1] + [{**picks[0], "code": "lymphocyte"}])  # a PBC folder's name
+    code, err = train()
+    assert code == 2 and "line 13 'lymphocyte' (a PBC label: L2)" in err
+    write(picks[:-1] + [{**picks[0], "code": "M6"}])  # an image given a second code
     code, err = train()
     assert code == 2 and "1 image(s) labelled with two codes" in err
     write(picks, code="")
@@ -479,6 +482,15 @@ def test_an_image_labelled_twice_is_taken_once_or_refused_when_the_codes_differ(
     with pytest.raises(ValueError, match=r"1 image\(s\) labelled with two codes; settle each on "
                                          r"one: images/a.jpg is M6 on line 2 and M5 on line 5"):
         read_labels(str(tmp_path))
+
+
+def test_labels_as_a_lab_writes_them(tmp_path):
+    """A sheet saved by Excel as 'CSV UTF-8' (a byte-order mark before ``path``) and codes in
+    lower case read as the scheme spells them."""
+    from engine.train.data import read_labels
+
+    (tmp_path / "labels.csv").write_bytes("\ufeffpath,code\na.jpg,mo2\nb.jpg, L2 \n".encode())
+    assert read_labels(str(tmp_path)).codes == ("MO2", "L2")
 
 
 @needs_pbc
