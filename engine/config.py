@@ -496,6 +496,9 @@ class PipelineConfig:
     cellularity_bag_size: int = 256
 
     def __post_init__(self):
+        if not self.stages or not set(self.stages) <= {"cells", "tiles"}:
+            raise ConfigError(f"pipeline.stages must name one or both of cells, tiles; got "
+                              f"{list(self.stages)}")
         for key in ("read_batch_size", "tile_read_batch_size", "read_threads",
                     "threshold_samples", "cellularity_bags", "cellularity_bag_size"):
             if getattr(self, key) < 1:

@@ -69,6 +69,9 @@ def test_shipped_default_yaml_is_complete_and_equals_the_defaults():
     ({"pipeline": {"classifier": {"batch_size": 64.0}}}, "batch_size: expected a whole number"),
     ({"pipeline": {"classifier": {"model": 5}}}, "pipeline.classifier.model: expected text"),
     ({"pipeline": {"stages": "cells"}}, "pipeline.stages: expected a list, got 'cells'"),
+    ({"pipeline": {"stages": ["cells", "cels"]}}, "pipeline.stages must name one or both of "
+                                                  "cells, tiles; got ['cells', 'cels']"),
+    ({"pipeline": {"stages": []}}, "pipeline.stages must name one or both"),
     ({"pipeline": {"red_cell_diameter_um": [5, "x"]}}, "red_cell_diameter_um[1]: expected a "
                                                        "number"),
     ({"pipeline": {"red_cell_diameter_um": [5]}}, "expected a list of 2, got [5]"),
