@@ -196,8 +196,9 @@ def plot_attention_map(thumbnail: np.ndarray, boxes: np.ndarray, values: np.ndar
     value), with a colour bar of ``label``; ``counts`` (``(N,)``, say the cells a value rests
     on) are written in boxes large enough to hold them."""
     h, w = thumbnail.shape[:2]
+    boxes = np.clip(boxes, 0, [w, h, w, h])  # a square past the slide's edge: its part on it
     grid = np.full((h, w), -1.0, np.float32)
-    for (x0, y0, x1, y1), v in zip(np.clip(boxes, 0, [w, h, w, h]), values):
+    for (x0, y0, x1, y1), v in zip(boxes, values):
         grid[y0:y1, x0:x1] = np.maximum(grid[y0:y1, x0:x1], v)
     painted = grid >= 0
     colours = plt.get_cmap(cmap)(np.clip(grid, 0, 1))[..., :3] * 255

@@ -812,6 +812,11 @@ def test_slide_map_shows_where_cells_are_out_of_focus(run_out, tmp_path, capsys)
             f"half out_of_focus, holding {sq['n_flagged'][mostly].sum()} of the slide's "
             f"{flags.sum()} cells out_of_focus") in printed
     assert Image.open(png).size[0] > 800
+    # a square far larger than the slide is its part on the slide, with its count on it
+    # (matplotlib could not draw the count placed a kilometre off: a traceback)
+    assert slide_map.main(["--output", str(out), "--slide", "cmu-1-small-region.svs",
+                           "--png", str(png), "--square-um", "1e9"]) == 0
+    assert "1 squares with nucleated cells" in capsys.readouterr().out
     # the tiny test model carries no feature density: nothing to map for --measure ood
     assert slide_map.main(["--output", str(out), "--slide", "cmu-1-small-region.svs",
                            "--measure", "ood", "--png", str(png)]) == 2
