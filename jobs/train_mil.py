@@ -20,7 +20,6 @@ flags): the report, plot and checkpoint go there, and Ray Train's checkpoints to
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import os
@@ -36,8 +35,9 @@ from engine.models.mil import predict_bags, save_mil
 from engine.train.mil import train_mil
 from engine.outputs import join_uri, write_bytes
 from engine.slides.storage import get_filesystem, is_remote, normalize_uri
-from jobs.common import (add_storage_args, count_arg, mpp_arg, positive_arg,
-                         refuses_unreadable, resolve_source_mpp, storage_from_args)
+from jobs.common import (InputError, add_storage_args, count_arg, mpp_arg, positive_arg,
+                         read_csv_rows, refuses_unreadable, resolve_source_mpp,
+                         sheet_number, storage_from_args)
 
 
 def parse_label(text: str, task: str):
@@ -49,6 +49,44 @@ def parse_label(text: str, task: str):
         raise ValueError(f"no number in cellularity label {text!r}")
     value = sum(nums[:2]) / len(nums[:2])
     return value / 100 if ("%" in text or value > 1) else value
+
+
+def read_bag_labels(uri: str, key: str, task: str, have, storage
+                    ) -> tuple[list[str], list, list[str]]:
+    """A ``<key>,label`` sheet (`jobs.common.read_csv_rows`: a local file or ``s3://``) as
+    ``(ids, labels, missing)``: each labelled id with instances in ``have`` once, its label
+    parsed (`parse_label`), and the labelled ids without instances. A row with no label is not
+    labelled.
+
+    Raises:
+        ValueError: no ``key`` or ``label`` column, labels that are no cellularity (with
+            their lines), or one id labelled twice differently.
+    """
+    rows = read_csv_rows(uri, storage)
+    if not rows or key not in rows[0] or "label" not in rows[0]:
+        raise ValueError(f"{uri}: needs a {key} column and a label column; columns: "
+                         f"{', '.join(rows[0]) if rows else 'none (no rows)'}")
+    seen: dict[str, tuple[int, object]] = {}
+    bad = []
+    for line, r in enumerate(rows, 2):
+        bag, text = (r[key] or "").strip(), (r["label"] or "").strip()
+        if not bag or not text:
+            continue
+        try:
+            value = parse_label(sheet_number(text), task)  # 0,3: a decimal comma
+        except ValueError:
+            bad.append(f"line {line} {text!r}")
+            continue
+        if bag in seen and seen[bag][1] != value:
+            raise ValueError(f"{uri}: {bag} is labelled twice, differently (lines "
+                             f"{seen[bag][0]} and {line}): settle it on one")
+        seen.setdefault(bag, (line, value))
+    if bad:
+        raise ValueError(f"{uri}: {len(bad)} label(s) with no number, which a cellularity "
+                         f"needs (55, 0.55, 50-60%): {'; '.join(bad[:3])}"
+                         f"{'; …' if len(bad) > 3 else ''}")
+    ids = [b for b in seen if b in have]
+    return ids, [seen[b][1] for b in ids], [b for b in seen if b not in have]
 
 
 # the instances of a slide's bag: its tiles' embeddings or its cells' features (the table,
@@ -175,15 +213,25 @@ def main(argv=None) -> int:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2
     key = "patient_id" if args.bags else "slide_id"
-    with open(args.labels, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r[key] in bags]
-    if len(rows) < 2:
-        print(f"hemeflow: error: fewer than 2 labelled {key}s have instances in "
-              f"{args.bags or args.embeddings}", file=sys.stderr)
+    try:
+        ids, raw, missing = read_bag_labels(args.labels, key, args.task, bags, storage)
+    except (InputError, ValueError) as err:
+        print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2
-    ids = [r[key] for r in rows]
-    raw = [parse_label(r["label"], args.task) for r in rows]
+    where = args.bags or args.embeddings
+    if missing:
+        print(f"hemeflow: {len(missing)} labelled {key}(s) have no instances in {where}, left "
+              f"out: {', '.join(missing[:5])}{', …' if len(missing) > 5 else ''}",
+              file=sys.stderr)
+    if len(ids) < 2:
+        print(f"hemeflow: error: fewer than 2 labelled {key}s have instances in {where}",
+              file=sys.stderr)
+        return 2
     classes = sorted(set(raw)) if args.task == "classification" else []
+    if args.task == "classification" and len(classes) < 2:
+        print(f"hemeflow: error: every labelled {key} with instances is {classes[0]!r}: a "
+              f"classifier needs two classes or more", file=sys.stderr)
+        return 2
     y = np.array([classes.index(v) for v in raw] if classes else raw, float)
     X = [bags[i] for i in ids]
     kw = dict(task=args.task, n_classes=max(len(classes), 1), epochs=args.epochs, lr=args.lr,
@@ -221,7 +269,9 @@ def main(argv=None) -> int:
         write_bytes(join_uri(args.output, "bland_altman.png"), png.getvalue(), storage)
     model = fit(X, y, "final")
     save_mil(model, join_uri(args.output, "abmil.safetensors"),
-             {"name": "abmil", "classes": classes, "labels": os.path.abspath(args.labels),
+             {"name": "abmil", "classes": classes,
+              "labels": normalize_uri(args.labels) if is_remote(args.labels)
+              else os.path.abspath(args.labels),
               "input": "bags" if args.bags else "embeddings",
               "instances": None if args.bags else args.instances,
               "embeddings": (normalize_uri(args.embeddings) if args.embeddings else None),

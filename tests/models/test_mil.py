@@ -162,6 +162,51 @@ def test_train_and_predict_mil_jobs_on_a_tiles_table(tmp_path, capsys):
     assert "give the process_slides output" in capsys.readouterr().err
 
 
+def test_a_labels_sheet_is_read_as_a_lab_writes_it_and_its_faults_named(tmp_path, capsys):
+    """Labels from a spreadsheet: a byte-order mark, ';', rows without a label, a slide
+    repeated with its label, slides without instances (said, left out); a label with no
+    number or a slide labelled twice differently is refused naming its lines, not a
+    traceback."""
+    from jobs.train_mil import main, read_bag_labels
+
+    sheet = tmp_path / "labels.csv"
+    sheet.write_bytes("\ufeffslide_id;label\na;55\nb;\nc;40-50%\na;55\nz;0,3\n".encode())
+    ids, labels, missing = read_bag_labels(str(sheet), "slide_id", "regression",
+                                           {"a": 1, "c": 1}, StorageConfig())
+    assert ids == ["a", "c"] and labels == pytest.approx([0.55, 0.45]) and missing == ["z"]
+    assert read_bag_labels(str(sheet), "slide_id", "regression", {"z": 1},
+                           StorageConfig())[1] == [pytest.approx(0.3)]  # 0,3 is 0.3
+    sheet.write_text("slide_id,label\na,55\nc,high\nd,n/a\n")
+    with pytest.raises(ValueError, match=r"2 label\(s\) with no number, which a cellularity "
+                                         r"needs \(55, 0.55, 50-60%\): line 3 'high'; line 4"):
+        read_bag_labels(str(sheet), "slide_id", "regression", {}, StorageConfig())
+    sheet.write_text("slide_id,label\na,55\na,60\n")
+    with pytest.raises(ValueError, match="a is labelled twice, differently .lines 2 and 3"):
+        read_bag_labels(str(sheet), "slide_id", "regression", {}, StorageConfig())
+    sheet.write_text("slide,cellularity\na,55\n")
+    with pytest.raises(ValueError, match="needs a slide_id column and a label column; "
+                                         "columns: slide, cellularity"):
+        read_bag_labels(str(sheet), "slide_id", "regression", {}, StorageConfig())
+    # through the job: said on stderr, exit 2
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "tiles").mkdir()
+    for sid in ("a", "c"):
+        pq.write_table(pa.table({"slide_id": [sid] * 3, "embedding": [[1.0, 2.0]] * 3}),
+                       tmp_path / "tiles" / f"{sid}.parquet")
+    sheet.write_text("slide_id,label\na,55\nc,high\n")
+    argv = ["--task", "regression", "--labels", str(sheet), "--embeddings", str(tmp_path),
+            "--output", str(tmp_path / "m"), "--local"]
+    assert main(argv) == 2
+    assert "line 3 'high'" in capsys.readouterr().err
+    sheet.write_text("slide_id,label\na,x\nc,x\nq,y\n")
+    assert main([*argv[:1], "classification", *argv[2:]]) == 2
+    err = capsys.readouterr().err
+    assert "1 labelled slide_id(s) have no instances" in err and "left out: q" in err
+    assert "every labelled slide_id with instances is 'x': a classifier needs two" in err
+
+
 def test_bags_from_an_output_folder_hold_its_committed_slides_only(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
