@@ -14,6 +14,9 @@ import ray.train.torch
 import torch
 
 
+HEALTH_CHECK_INTERVAL_S = 0.25  # Ray Train's controller's polling interval (`run_ray_training`)
+
+
 class RaySession:
     """`engine.train.loop.Session` on a Ray Train worker (DDP via ``prepare_model``)."""
 
@@ -106,6 +109,12 @@ def run_ray_training(train_fn: Callable[[dict, object], None], config: dict, *, 
     from ray.train.torch import TorchTrainer
 
     start_ray()
+    # Ray Train's controller polls its workers every 2 s and waits out a poll at each step of
+    # a run's start and end: 3-4 s of a short fit's 10-12 here. Its polls are tiny tasks, and
+    # a worker is marked dead only after its poll has hung for 10 minutes
+    # (RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S), not after missed polls, so a shorter interval
+    # costs nothing; a value set in the environment wins
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
     remote = "://" in storage_path
     if remote:
         import pyarrow.fs

@@ -54,6 +54,12 @@ def test_two_cpu_workers_with_a_killed_worker_resume(ray_local, tmp_path):
         assert json.load(fh)["epoch"] == 2  # finished all epochs after resuming
     # the new worker group resumed after epoch 0 (its checkpoint) instead of starting over
     assert [h["epoch"] for h in history] == [1, 2]
+    # Ray Train's controller polled its workers every 0.25 s, not 2 (3-4 s less a fit here);
+    # the controller reads the driver's value (Ray Train propagates it)
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.25"
+    assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" in ENV_VARS_TO_PROPAGATE
 
 
 def _lose_the_controller_once_then_train(config, session):
