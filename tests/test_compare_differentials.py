@@ -27,6 +27,26 @@ def test_categories_stand_for_their_codes():
         category_codes("lymphocyts")
 
 
+@pytest.mark.parametrize("column,codes", [
+    ("Segs", {"M6"}), ("Bands", {"M5"}), ("Neutrophils", {"M5", "M6", "NEU"}),
+    ("Neutrophil, segmented", {"M6"}), ("Neutrophil, band", {"M5"}), ("Lymphs", {"L2"}),
+    ("Monocytes", {"MO2"}), ("Eos", {"E4"}), ("Basophils", {"B2"}), ("Blasts", {"M1"}),
+    ("Promyelocytes", {"M2"}), ("Myelos", {"M3"}), ("Metamyelocytes", {"M4"}),
+    ("NRBC", {"ER", "ER1", "ER2", "ER3", "ER4"}), ("Plasma_cells", {"L4"}),
+    ("Immature granulocytes", {"IG", "M2", "M3", "M4"}), ("mo2", {"MO2"}),
+])
+def test_a_labs_counting_sheet_words_stand_for_their_codes(column, codes):
+    """A manual differential's columns (or an export's class folders) as labs write them:
+    abbreviations, plurals, CellaVision's 'Neutrophil, band', the classes' own names."""
+    assert category_codes(column) == codes
+
+
+@pytest.mark.parametrize("column", ["Reactive lymphocytes", "Smudge cells", "Monoblasts"])
+def test_words_that_name_no_class_are_not_guessed(column):
+    with pytest.raises(KeyError, match="a class's name"):
+        category_codes(column)
+
+
 def test_columns_the_model_cannot_answer_are_not_compared():
     compared, ignored = resolve_categories(
         ["lymphocyte", "M6", "M1", "platelet", "comment", "IG"], REFERENCE_CODES)
@@ -209,6 +229,19 @@ def test_a_sheet_of_percentages_with_the_cells_counted(classified, tmp_path, cap
                                                                    "europe.csv", "one.csv")}
     a = got["counts.csv"]
     assert got["europe.csv"].equals(got["percent.csv"])
+    # the same sheet headed as a lab's counting sheet: the same comparison, by its own names
+    words = {"lymphocyte": "Lymphs", "neutrophil": "Neutrophils", "erythroblast": "NRBC",
+             "monocyte": "Monos", "eosinophil": "Eos"}
+    lab = tmp_path / "lab.csv"
+    lab.write_text("\n".join([",".join(words.get(c, c) for c in lines[0].split(",")),
+                              *lines[1:]]) + "\n")
+    assert compare_differentials.main(["--output", str(out), "--manual", str(lab), "--to",
+                                       f"{lab}.out"]) == 0
+    capsys.readouterr()
+    back = {v: k for k, v in words.items()}
+    named = pl.read_parquet(f"{lab}.out/agreement_slides.parquet").select(keep).with_columns(
+        pl.col("category").replace(back)).sort("slide_id", "category")
+    assert named.equals(got["percent.csv"])
     for b in (got["percent.csv"], got["one.csv"]):
         a_ = a.filter(pl.col("slide_id").is_in(b["slide_id"].to_list()))
         assert len(b) == len(a_) > 0 and b["category"].equals(a_["category"])

@@ -26,22 +26,65 @@ from engine.classes import CLASSES, LINEAGES, PBC_LABELS, get_class
 from engine.differential import wilson_interval
 
 
+# what a lab's manual differential (or a CellaVision export's class folder) calls a category,
+# beyond the codes, lineages, PBC labels and the classes' own names: the counting-sheet words
+# and abbreviations of hematology, each as one code (its group's stages follow)
+ALIASES = {
+    "seg": "M6", "segmented": "M6", "segmented neutrophil": "M6", "neutrophil segmented": "M6",
+    "band": "M5", "stab": "M5", "band neutrophil": "M5", "neutrophil band": "M5",
+    "neut": "NEU", "poly": "NEU", "pmn": "NEU", "lymph": "L2", "mono": "MO2", "eo": "E4",
+    "eos": "E4", "baso": "B2", "blast": "M1", "pro": "M2", "myelo": "M3", "meta": "M4",
+    "immature granulocyte": "IG", "nrbc": "ER", "nucleated red cell": "ER",
+    "nucleated red blood cell": "ER", "normoblast": "ER", "plasma": "L4", "mast": "B1",
+    "megakaryocyte": "PL2", "mega": "PL2",
+}
+
+
+def _words(name: str) -> list[str]:
+    """``name`` as the ways a sheet might write one category: lower case, ``_``/``-`` as
+    spaces, ``"neutrophil, segmented"`` also as ``"segmented neutrophil"``, and each of these
+    without a plural ``s``."""
+    text = " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+    forms = [text]
+    if "," in text:
+        head, _, tail = text.partition(",")
+        forms.append(f"{tail.strip()} {head.strip()}")
+        forms.append(" ".join(text.replace(",", " ").split()))
+    return forms + [f[:-1] for f in forms if f.endswith("s") and len(f) > 3]
+
+
+def _base_codes(name: str) -> set[str] | None:
+    if name in CLASSES:
+        return {name}
+    named = {cls.name: code for code, cls in CLASSES.items()}
+    for form in _words(name):
+        if form.upper() in CLASSES and len(form) > 1:
+            return {form.upper()}
+        if form in LINEAGES:
+            return {c for c, cls in CLASSES.items() if cls.lineage == form}
+        if form in PBC_LABELS:
+            return set(PBC_LABELS[form])
+        if form in named:
+            return {named[form]}
+        if form in ALIASES:
+            return {ALIASES[form]}
+    return None
+
+
 def category_codes(name: str) -> frozenset[str]:
-    """The DeepHeme codes (stages and the group codes over them) that a manual column stands for.
+    """The DeepHeme codes (stages and the group codes over them) that a manual column stands for:
+    a code, a lineage, a PBC label, a class's name or one of `ALIASES` (in any case, plural or
+    singular: ``Segs``, ``Neutrophil, band``, ``NRBC``).
 
     Raises:
-        KeyError: ``name`` is no class code, lineage or PBC label; the message lists them.
+        KeyError: ``name`` is none of these; the message lists the codes, lineages and labels.
     """
-    if name in CLASSES:
-        base = {name}
-    elif name.lower() in LINEAGES:
-        base = {c for c, cls in CLASSES.items() if cls.lineage == name.lower()}
-    elif name.lower() in PBC_LABELS:
-        base = set(PBC_LABELS[name.lower()])
-    else:
+    base = _base_codes(name)
+    if base is None:
         raise KeyError(f"{name!r} is not a cell class code ({', '.join(sorted(CLASSES))}), "
-                       f"a lineage ({', '.join(LINEAGES)}) or a PBC label "
-                       f"({', '.join(sorted(PBC_LABELS))})")
+                       f"a lineage ({', '.join(LINEAGES)}), a PBC label "
+                       f"({', '.join(sorted(PBC_LABELS))}) or a class's name (segmented "
+                       f"neutrophil, myelocyte, plasma cell …)")
     out = set(base)
     for code in base:  # a group brings its stages
         out |= set(get_class(code).members)
