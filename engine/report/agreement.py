@@ -30,13 +30,12 @@ from engine.differential import wilson_interval
 # beyond the codes, lineages, PBC labels and the classes' own names: the counting-sheet words
 # and abbreviations of hematology, each as one code (its group's stages follow)
 ALIASES = {
-    "seg": "M6", "segmented": "M6", "segmented neutrophil": "M6", "neutrophil segmented": "M6",
-    "band": "M5", "stab": "M5", "band neutrophil": "M5", "neutrophil band": "M5",
-    "neut": "NEU", "poly": "NEU", "pmn": "NEU", "lymph": "L2", "mono": "MO2", "eo": "E4",
-    "eos": "E4", "baso": "B2", "blast": "M1", "pro": "M2", "myelo": "M3", "meta": "M4",
-    "immature granulocyte": "IG", "nrbc": "ER", "nucleated red cell": "ER",
-    "nucleated red blood cell": "ER", "normoblast": "ER", "plasma": "L4", "mast": "B1",
-    "megakaryocyte": "PL2", "mega": "PL2",
+    "seg": "M6", "segmented": "M6", "neutrophil segmented": "M6", "band": "M5", "stab": "M5",
+    "neutrophil band": "M5", "neut": "NEU", "poly": "NEU", "pmn": "NEU", "lymph": "L2",
+    "mono": "MO2", "eo": "E4", "eos": "E4", "baso": "B2", "blast": "M1", "pro": "M2",
+    "myelo": "M3", "meta": "M4", "immature granulocyte": "IG", "nrbc": "ER",
+    "nucleated red cell": "ER", "nucleated red blood cell": "ER", "normoblast": "ER",
+    "plasma": "L4", "mast": "B1", "mega": "PL2",
 }
 
 
