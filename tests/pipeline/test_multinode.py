@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import polars as pl
 import pytest
@@ -160,8 +161,10 @@ def test_fine_tuning_across_two_nodes_checkpoints_to_s3(tmp_path, s3_server, s3_
             # now starts a new controller itself (`run_ray_training`, tested in
             # tests/train/test_ray_train.py); should that one be lost too, a lab submits
             # again, and the job takes up the same output.
-            print("the controller's worker died before it ran; submitting again:\n"
-                  + logs[-1500:])
+            # said as a warning, which the run's summary shows even when the test passes:
+            # how often this happens, and why, is still open
+            warnings.warn("the controller's worker died before it ran; submitting again:\n"
+                          + logs[-1500:])
             job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True,
                                  timeout=600)
             logs = job.stdout + job.stderr
