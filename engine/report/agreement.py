@@ -52,7 +52,9 @@ def _words(name: str) -> list[str]:
     return forms + [f[:-1] for f in forms if f.endswith("s") and len(f) > 3]
 
 
-def _base_codes(name: str) -> set[str] | None:
+def codes_named(name: str) -> set[str] | None:
+    """The codes ``name`` names as it stands (a group's stages not added: `category_codes`
+    adds them), or None where it names none."""
     if name in CLASSES:
         return {name}
     named = {cls.name: code for code, cls in CLASSES.items()}
@@ -78,7 +80,7 @@ def category_codes(name: str) -> frozenset[str]:
     Raises:
         KeyError: ``name`` is none of these; the message lists the codes, lineages and labels.
     """
-    base = _base_codes(name)
+    base = codes_named(name)
     if base is None:
         raise KeyError(f"{name!r} is not a cell class code ({', '.join(sorted(CLASSES))}), "
                        f"a lineage ({', '.join(LINEAGES)}), a PBC label "

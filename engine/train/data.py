@@ -64,19 +64,21 @@ def _known_codes(table: str, rows: list[dict]) -> list[dict]:
     """The rows with their codes as the class scheme spells them (``mo2`` is ``MO2``).
 
     Raises:
-        ValueError: codes that are no DeepHeme code (the first few with their lines, a PBC
-            folder name with the code it stands for), rather than a failure mid-run.
+        ValueError: codes that are no DeepHeme code (the first few with their lines; a PBC
+            folder's or a counting sheet's name with the codes it stands for), rather than a
+            failure mid-run.
     """
-    from engine.classes import CLASSES, PBC_LABELS
+    from engine.classes import CLASSES
+    from engine.report.agreement import codes_named
 
     out, bad = [], []
     for r in rows:
         code = r["code"].strip()
         known = code if code in CLASSES else code.upper() if code.upper() in CLASSES else None
         if known is None:
-            hint = PBC_LABELS.get(code.lower())
+            hint = codes_named(code)  # a PBC folder's or a counting sheet's name for a class
             bad.append(f"line {r['_line']} {code!r}"
-                       + (f" (a PBC label: {' or '.join(hint)})" if hint else ""))
+                       + (f" (a name for {' or '.join(sorted(hint))})" if hint else ""))
         out.append({**r, "code": known})
     if bad:
         raise ValueError(f"{table}: {len(bad)} row(s) with a code that is no DeepHeme code: "

@@ -81,7 +81,10 @@ def test_train_job_refuses_labels_it_cannot_split_with_what_to_do(tmp_path, caps
     assert code == 2 and "1 row(s) with a code that is no DeepHeme code: line 13 'XX'" in err
     write(picks[1:-1] + [{**picks[0], "code": "lymphocyte"}])  # a PBC folder's name
     code, err = train()
-    assert code == 2 and "line 13 'lymphocyte' (a PBC label: L2)" in err
+    assert code == 2 and "line 13 'lymphocyte' (a name for L2)" in err
+    write(picks[1:-1] + [{**picks[0], "code": "Segs"}])  # a counting sheet's
+    code, err = train()
+    assert code == 2 and "line 13 'Segs' (a name for M6)" in err
     write(picks[:-1] + [{**picks[0], "code": "M6"}])  # an image given a second code
     code, err = train()
     assert code == 2 and "1 image(s) labelled with two codes" in err
