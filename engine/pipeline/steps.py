@@ -290,6 +290,11 @@ def _plan_dict(plan: TilePlan, overlap_l0: float = 0.0) -> dict:
             "tissue_fraction": [round(float(f), 4) for f in plan.tissue_fraction]}
 
 
+# a slide without a pixel size no larger than this is likely one cell's image or one camera
+# field (a CellaVision export's are 360 px; a microscope camera's a few thousand), not a scan
+SINGLE_IMAGE_PX = 4096
+
+
 def _grid_summary(p: TilePlan, cfg: TileConfig) -> dict:
     """How many tiles a branch's grid held before its tissue filter, their side in µm and the
     foreground share a tile needed: what a slide with no tissue is told (the header's
@@ -345,8 +350,13 @@ class PlanSlide:
     def _plan(self, slide, uri: str, inv: dict) -> dict:
         cfg = self.cfg
         if inv["mpp_source"] == "missing":
+            small = max(inv["width"] or 0, inv["height"] or 0) <= SINGLE_IMAGE_PX
             raise MissingMPP(uri, "no pixel size in the slide's metadata; supply --mpp or "
-                                  "--mpp-table")
+                                  "--mpp-table" + (
+                                      f" (a {inv['width']}x{inv['height']} px image: a single "
+                                      "cell's or a camera field's? A folder of single-cell "
+                                      "images goes to python -m jobs.classify_cells)"
+                                      if small else ""))
         mpp = (inv["mpp_x"] + inv["mpp_y"]) / 2
         info = slide.info
         stages = branches_for(inv["specimen"], self.stages, self.embeddings)

@@ -317,6 +317,24 @@ def test_plan_refuses_missing_mpp_and_marks_bad_files(wsi_dir):
         plan = json.loads(PlanSlide(cfg)({"uri": str(wsi_dir / name), "size": 1,
                                           "etag": None})["plan"])
         assert plan["status"] == "failed" and plan["error_type"] == err
+        if err == "MissingMPP":  # a scan: no word of single-cell images
+            assert "classify_cells" not in plan["error_message"]
+
+
+def test_a_single_cell_image_given_as_a_slide_is_pointed_to_classify_cells(tmp_path):
+    """A CellaVision export's image (360 px, no pixel size) put where slides go: refused as
+    any slide without a pixel size, with where such images go."""
+    import shutil
+
+    from tests.conftest import SHARED_DATA
+
+    image = tmp_path / "BA_100102.jpg"
+    shutil.copy(SHARED_DATA / "pbc" / "images" / "basophil" / "BA_100102.jpg", image)
+    plan = json.loads(PlanSlide(Config())({"uri": str(image), "size": 1, "etag": None})["plan"])
+    assert plan["error_type"] == "MissingMPP"
+    assert plan["error_message"].endswith(
+        "supply --mpp or --mpp-table (a 360x363 px image: a single cell's or a camera field's? "
+        "A folder of single-cell images goes to python -m jobs.classify_cells)")
 
 
 def _pbc_slide(codes: dict[str, int], path, every: int | None = None, crop: int = 144,
