@@ -97,20 +97,25 @@ def _resolve(item: str, list_uri: str) -> str:
     return normalize_uri(f"{base}/{item}")
 
 
-def sheet_number(text: str) -> str:
-    """A number cell of a sheet as Python reads numbers: ``12,5`` (a decimal comma, as Excel
-    writes where that is the locale's mark) becomes ``12.5``; any other text is kept."""
-    text = text.strip()
-    return text.replace(",", ".") if re.fullmatch(r"[+-]?\d+,\d+", text) else text
+_DECIMAL_COMMA = re.compile(r"\s*[+-]?\d+,\d+\s*")
 
 
 def read_csv_rows(uri: str, storage: StorageConfig) -> list[dict[str, str]]:
     """A CSV sheet's rows, by its header. Its delimiter is a comma, or where its header has
-    none a semicolon or tab (what Excel writes as CSV where the decimal mark is a comma)."""
+    none a semicolon or tab: what Excel writes as CSV where the decimal mark is a comma, so in
+    such a sheet a number written ``12,5`` reads as ``12.5``. In a comma-separated sheet a
+    comma in a number (``"250,000"``, a thousands separator) is left as it is, for the job to
+    refuse rather than read as 250."""
     text = read_text(uri, storage)
     head = text.split("\n", 1)[0]
     delimiter = next((d for d in ",;\t" if d in head), ",")
-    return list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
+    rows = list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
+    if delimiter != ",":
+        for row in rows:
+            for k, v in row.items():
+                if isinstance(v, str) and _DECIMAL_COMMA.fullmatch(v):
+                    row[k] = v.strip().replace(",", ".")
+    return rows
 
 
 def _uri_column(row: dict[str, str]) -> str:
@@ -260,7 +265,7 @@ def read_mpp_table(uri: str, storage: StorageConfig) -> dict[str, float]:
         key = _resolve(key, uri) if key else (row.get("slide_id") or "").strip()
         if key and (row["mpp"] or "").strip():  # a blank cell gives none
             try:
-                mpp = slide_mpp_arg(sheet_number(row["mpp"]))
+                mpp = slide_mpp_arg(row["mpp"])
             except argparse.ArgumentTypeError as err:
                 raise InputError(f"{uri} line {i + 2}: mpp for {key}: {err}") from None
             rows.append((f"line {i + 2}", key, mpp))

