@@ -220,11 +220,11 @@ class Aggregator:
         """Why a slide whose every branch found no tissue to read gives no results (the
         ``no_tissue`` flag), or None. A smear with cells but no tile of 50 % tissue for an
         encoder is not flagged: its headline, the differential, was measured."""
-        ran = [state.branches[b] for b in self._ran(state)]
-        if state.error or not ran or any(br.n_tasks for br in ran):
+        ran = self._ran(state)
+        if state.error or not ran or any(state.branches[b].n_tasks for b in ran):
             return None
-        grids = [g for br in ran for b, g in ((br.header or {}).get("tissue") or {}).items()
-                 if b in self._ran(state)]
+        grids = [g for b in ran
+                 if (g := ((state.branches[b].header or {}).get("tissue") or {}).get(b))]
         if not grids:
             return None
         g = min(grids, key=lambda g: g["min_fraction"])  # the least any branch asked for

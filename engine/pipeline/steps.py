@@ -299,7 +299,7 @@ def _grid_summary(p: TilePlan, cfg: TileConfig) -> dict:
     """How many tiles a branch's grid held before its tissue filter, their side in µm and the
     foreground share a tile needed: what a slide with no tissue is told (the header's
     ``tissue``)."""
-    return {"grid": int(p.grid_shape[0] * p.grid_shape[1]), "kept": len(p),
+    return {"grid": int(p.grid_shape[0] * p.grid_shape[1]),
             "tile_um": round(p.tile_px * p.target_mpp, 1),
             "min_fraction": cfg.min_tissue_fraction}
 
@@ -382,7 +382,7 @@ class PlanSlide:
             d["direct_ok"] = _direct_ok(slide, p.level)
             d["pale"] = pale_pass(inv["specimen"], cfg.cells)
             plans["cells"] = d
-            measured["tissue"] = {"cells": _grid_summary(p, tc)}
+            measured.setdefault("tissue", {})["cells"] = _grid_summary(p, tc)
             # the same tiles check the pixel size: red cells should be about 7.5 µm across
             red = red_cell_size(map(red_cell_diameters, samples), p.target_mpp)
             measured["red_cells"] = {"n": red.n_cells, "diameter_um": red.diameter_um,

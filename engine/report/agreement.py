@@ -52,12 +52,14 @@ def _words(name: str) -> list[str]:
     return forms + [f[:-1] for f in forms if f.endswith("s") and len(f) > 3]
 
 
+_NAMED = {cls.name: code for code, cls in CLASSES.items()}  # "segmented neutrophil": "M6"
+
+
 def codes_named(name: str) -> set[str] | None:
     """The codes ``name`` names as it stands (a group's stages not added: `category_codes`
     adds them), or None where it names none."""
     if name in CLASSES:
         return {name}
-    named = {cls.name: code for code, cls in CLASSES.items()}
     for form in _words(name):
         if form.upper() in CLASSES and len(form) > 1:
             return {form.upper()}
@@ -65,8 +67,8 @@ def codes_named(name: str) -> set[str] | None:
             return {c for c, cls in CLASSES.items() if cls.lineage == form}
         if form in PBC_LABELS:
             return set(PBC_LABELS[form])
-        if form in named:
-            return {named[form]}
+        if form in _NAMED:
+            return {_NAMED[form]}
         if form in ALIASES:
             return {ALIASES[form]}
     return None

@@ -106,7 +106,7 @@ def test_a_slide_is_timed_from_its_planning(agg):
 
 def _grid(branch: str, grid: int) -> dict:
     um, least = (256.0, 0.05) if branch == "cells" else (448.0, 0.5)
-    return {branch: {"grid": grid, "kept": 0, "tile_um": um, "min_fraction": least}}
+    return {branch: {"grid": grid, "tile_um": um, "min_fraction": least}}
 
 
 def test_a_slide_with_no_tissue_in_any_branch_is_flagged_first(agg):
