@@ -9,9 +9,10 @@ import argparse
 import sys
 
 from engine.slides.smear import build_bccd_smear
-from jobs.common import count_arg, slide_mpp_arg
+from jobs.common import count_arg, job_main, slide_mpp_arg
 
 
+@job_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.build_smear_slide", description=__doc__)
     p.add_argument("--bccd", default="../shared/data/bccd")

@@ -25,8 +25,7 @@ import sys
 
 import numpy as np
 
-from jobs.common import (local_data, refit_parser, refuses_unreadable, resolve_source_mpp,
-                         storage_from_args)
+from jobs.common import job_main, local_data, refit_parser, resolve_source_mpp, storage_from_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +57,7 @@ def validation_rows(args) -> tuple[list[str], np.ndarray, list[str], set[str]]:
     return [trainable.paths[i] for i in val], y[val], codes, {p for p, _ in test_rows}
 
 
-@refuses_unreadable
+@job_main
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch

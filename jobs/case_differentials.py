@@ -39,8 +39,8 @@ from typing import NamedTuple
 
 from engine.schema import EXPORT_FORMAT
 from engine.specimen import SECTIONS
-from jobs.common import (add_storage_args, fail, put_in_case, read_csv_rows, storage_from_args,
-                         without_lobes)
+from jobs.common import (add_storage_args, fail, job_main, put_in_case, read_csv_rows,
+                         storage_from_args, without_lobes)
 
 WHOLE_CASE = "the whole case"  # a left_out entry that refuses a case, not one slide
 
@@ -230,6 +230,7 @@ def section_cellularity(store, sections: dict[str, list[str]]) -> dict[str, dict
     return out
 
 
+@job_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.case_differentials", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -37,7 +37,7 @@ import sys
 import numpy as np
 
 from engine.schema import EXPORT_FORMAT
-from jobs.common import (add_storage_args, committed_slide, count_arg, fail,
+from jobs.common import (add_storage_args, committed_slide, count_arg, fail, job_main,
                          storage_from_args, without_lobes)
 
 CROP_PX, CROP_MPP = 96, 0.25
@@ -156,6 +156,7 @@ def saliency_rows(method: str, models: list, crops: dict) -> dict:
     return out
 
 
+@job_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.cell_gallery", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -38,7 +38,7 @@ from engine.models import list_models
 from engine.pixel_size import RedCellSize, red_cell_diameters, red_cell_size
 from engine.schema import EXPORT_FORMAT
 from engine.specimen import SMEARS, UNKNOWN
-from jobs.common import (add_storage_args, count_arg, fail, find_exports, image_source,
+from jobs.common import (add_storage_args, count_arg, fail, find_exports, image_source, job_main,
                          limits_arg, mpp_arg, or_none, percent_arg, positive_arg, put_in_case,
                          resolve_source_mpp, storage_from_args)
 
@@ -181,6 +181,7 @@ def classify_slide(sid: str, folder: str, paths: list[str], predictor, args,
     return tables, status
 
 
+@job_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.classify_cells", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -22,7 +22,7 @@ from engine.config import Config, StorageConfig
 from engine.outputs import join_uri, write_bytes
 from engine.slides.storage import (FileEntry, InputError, call_with_retries, get_filesystem,
                                    is_remote, list_files, normalize_uri, stat_file)
-from engine.errors import ConfigError, SlideError
+from engine.errors import ConfigError, HemeflowError, SlideError
 from engine.specimen import parse_specimen
 
 T = TypeVar("T")
@@ -528,17 +528,18 @@ def committed_slide(store, name: str) -> dict:
     return match.row(0, named=True)
 
 
-def refuses_unreadable(main):
-    """A job's ``main`` that names the labelled images it cannot read and returns 2
-    (`engine.train.data.UnreadableImages`), rather than ending in a traceback."""
+def job_main(main):
+    """A job's ``main`` that ends an error hemeflow raises on purpose (`engine.errors.HemeflowError`:
+    an input, output, config or checkpoint it refuses, labelled images it cannot read) in
+    ``hemeflow: error: <what and why>`` and exit code 2, not a traceback. Every job's ``main``
+    is one (``tests/test_layering.py``)."""
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
-        from engine.train.data import UnreadableImages
-
         try:
             return main(*args, **kwargs)
-        except UnreadableImages as err:
+        except HemeflowError as err:
             return fail(str(err))
+    wrapped.job_main = True
     return wrapped
 
 

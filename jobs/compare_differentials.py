@@ -62,8 +62,8 @@ import argparse
 import json
 import sys
 
-from jobs.common import (add_storage_args, fail, limits_arg, read_csv_rows, storage_from_args,
-                         without_lobes)
+from jobs.common import (add_storage_args, fail, job_main, limits_arg, read_csv_rows,
+                         storage_from_args, without_lobes)
 
 KEY_COLUMNS = ("slide", "slide_id", "uri", "path", "file")
 COUNTED_COLUMNS = ("counted", "cells_counted", "n_counted")
@@ -268,6 +268,7 @@ def _cases(uri: str, store, status, auto: dict, by_status: dict):
         members
 
 
+@job_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.compare_differentials", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

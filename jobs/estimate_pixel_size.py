@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from jobs.common import add_storage_args, fail, local_data, measure_pixel_size
+from jobs.common import add_storage_args, fail, job_main, local_data, measure_pixel_size
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
@@ -30,6 +30,7 @@ def image_paths(data: str) -> list[str]:
             if p.lower().endswith(IMAGE_SUFFIXES)]
 
 
+@job_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.estimate_pixel_size", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -40,8 +40,8 @@ from engine.models.checkpoint import CheckpointError
 from engine.train.data import Shift, read_labels
 from engine.train.evaluation import check_comparable, evaluate_classifier
 from engine.train.metrics import BOOTSTRAP_RESAMPLES
-from jobs.common import (add_storage_args, count_arg, local_data, mpp_arg, number_arg,
-                         refuses_unreadable, resolve_source_mpp, storage_from_args)
+from jobs.common import (add_storage_args, count_arg, job_main, local_data, mpp_arg, number_arg,
+                         resolve_source_mpp, storage_from_args)
 
 
 # argparse types of the shifts (`engine.train.data.Shift`): their plausible ranges
@@ -105,7 +105,7 @@ def load(checkpoint: str, storage):
     return create_model(card["name"], checkpoint, storage=storage)
 
 
-@refuses_unreadable
+@job_main
 def main(argv=None) -> int:
     args = parse_args(argv)
     storage = storage_from_args(args)

@@ -36,7 +36,7 @@ from engine.cells import (KIND_CELL, KIND_PLATELET, PALE_ALL, detect_cells, esti
 from engine.config import CellDetectionConfig
 from engine.specimen import SPECIMENS
 from engine.slides.annotations import read_voc_boxes
-from jobs.common import config_from_yaml, fail, mpp_arg, resolve_source_mpp
+from jobs.common import config_from_yaml, fail, job_main, mpp_arg, resolve_source_mpp
 
 
 def evaluate_image(image_path: str, xml_path: str, mpp: float, cfg: CellDetectionConfig,
@@ -65,6 +65,7 @@ def _scores(rows: list[dict], key: str = "") -> dict:
             "f1": 2 * recall * precision / (recall + precision) if recall + precision else 0.0}
 
 
+@job_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate_detection", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +84,9 @@ def main(argv=None) -> int:
     except (OSError, ValueError, yaml.YAMLError) as err:  # ConfigError is a ValueError
         return fail(str(err))
     mode = pale_pass(args.specimen, cfg)
+    for flag, folder in (("--images", args.images), ("--annotations", args.annotations)):
+        if not os.path.isdir(folder):
+            return fail(f"{flag} {folder}: not a folder")
     pairs = []
     for name in sorted(os.listdir(args.images)):
         stem, ext = os.path.splitext(name)

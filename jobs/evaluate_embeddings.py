@@ -20,11 +20,11 @@ from engine.models import MissingWeights, Predictor, create_model, list_models
 from engine.models.checkpoint import CheckpointError
 from engine.train.data import load_cell_images, read_labels
 from engine.train.evaluation import probe_embeddings
-from jobs.common import (add_storage_args, local_data, mpp_arg, refuses_unreadable,
-                         resolve_source_mpp, storage_from_args)
+from jobs.common import (add_storage_args, job_main, local_data, mpp_arg, resolve_source_mpp,
+                         storage_from_args)
 
 
-@refuses_unreadable
+@job_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate_embeddings", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

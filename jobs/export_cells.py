@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from engine.outputs import join_uri, write_bytes
 from engine.slides.storage import InputError, get_filesystem, is_remote, normalize_uri
 from jobs.cell_gallery import CROP_MPP, choose, read_crops
-from jobs.common import (add_storage_args, committed_slide, fail, read_csv_rows,
+from jobs.common import (add_storage_args, committed_slide, fail, job_main, read_csv_rows,
                          storage_from_args, without_lobes)
 
 ORDERS = ("random", "uncertain", "far")
@@ -74,6 +74,7 @@ def exportable(cells, slides, kind: str, px: int):
         "mpp_x", "mpp_y", "width", "height", "lobe_of", strict=False)
 
 
+@job_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.export_cells", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

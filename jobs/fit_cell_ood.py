@@ -25,8 +25,7 @@ import sys
 
 import numpy as np
 
-from jobs.common import (fail, float_classifier_split, refit_parser, refuses_unreadable,
-                         storage_from_args)
+from jobs.common import fail, float_classifier_split, job_main, refit_parser, storage_from_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@refuses_unreadable
+@job_main
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch

@@ -23,7 +23,7 @@ from engine.schema import SLIDES, table_from_rows
 from engine.slides.inventory import MppOverrides, inventory_file
 from engine.slides.storage import StagingArea
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens
-from jobs.common import (add_common_args, count_arg, expand_inputs, fail, load_config,
+from jobs.common import (add_common_args, count_arg, expand_inputs, fail, job_main, load_config,
                          progress, read_cases, read_mpp_table, read_specimens, slide_mpp_arg,
                          write_run_config)
 
@@ -67,6 +67,7 @@ def summarize(rows: list[dict]) -> str:
     return line
 
 
+@job_main
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:

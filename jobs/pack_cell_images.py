@@ -29,7 +29,7 @@ from PIL import Image
 
 from engine.train.data import (UnreadableImages, labelled, load_cell_image, read_labels,
                                source_of, try_load)
-from jobs.common import add_storage_args, fail, local_data, mpp_arg, resolve_source_mpp
+from jobs.common import add_storage_args, fail, job_main, local_data, mpp_arg, resolve_source_mpp
 
 FORMATS = {"webp": "WEBP", "png": "PNG", "jpeg": "JPEG"}
 
@@ -53,6 +53,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@job_main
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:

@@ -31,8 +31,7 @@ import pyarrow.parquet as pq
 from engine.errors import HemeflowError
 from engine.models import MissingWeights
 from engine.models.mil import attention_scores, load_mil, predict_bags
-from jobs.common import (add_storage_args, count_arg, fail, refuses_unreadable,
-                         storage_from_args)
+from jobs.common import add_storage_args, count_arg, fail, job_main, storage_from_args
 from jobs.train_mil import add_instances_arg, is_output, load_instances
 
 THUMB_PX = 1024
@@ -121,7 +120,7 @@ def _cells_in_order(embeddings: str, slide_id: str, cell_ids, storage):
                                                     maintain_order="left")
 
 
-@refuses_unreadable
+@job_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.predict_mil", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

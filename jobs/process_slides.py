@@ -39,7 +39,7 @@ from engine.schema import SCHEMA_VERSION, STATUSES, slide_id_for
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import FileEntry, InputError, is_remote
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
-from jobs.common import (add_common_args, expand_inputs, fail, load_config, once_each,
+from jobs.common import (add_common_args, expand_inputs, fail, job_main, load_config, once_each,
                          one_value_each, read_cases, read_mpp_table, read_specimens, read_text,
                          slide_mpp_arg, write_run_config)
 
@@ -337,6 +337,7 @@ def print_summary(rows: list[dict]) -> None:
               f"{cells:>6} {r['seconds']:>6.1f}  {reason[:90]}")
 
 
+@job_main
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:

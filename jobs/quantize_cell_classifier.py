@@ -27,8 +27,7 @@ import time
 
 import numpy as np
 
-from jobs.common import (float_classifier_split, refit_parser, refuses_unreadable,
-                         storage_from_args)
+from jobs.common import float_classifier_split, job_main, refit_parser, storage_from_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,7 +74,7 @@ def predict_batched(pred, crops: np.ndarray, batch_size: int = 128
             None if any(d is None for d in far) else np.concatenate(far))
 
 
-@refuses_unreadable
+@job_main
 def main(argv=None) -> int:
     args = parse_args(argv)
     storage = storage_from_args(args)

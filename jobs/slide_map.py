@@ -23,7 +23,7 @@ import sys
 import numpy as np
 
 from engine.schema import EXPORT_FORMAT
-from jobs.common import (add_storage_args, committed_slide, fail, storage_from_args,
+from jobs.common import (add_storage_args, committed_slide, fail, job_main, storage_from_args,
                          without_lobes)
 
 THUMB_PX = 1024
@@ -33,6 +33,7 @@ MEASURES = {  # --measure: the cells column it maps, and what the colour bar say
 }
 
 
+@job_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.slide_map", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -16,7 +16,7 @@ import collections
 import io
 import sys
 
-from jobs.common import add_storage_args, fail, storage_from_args
+from jobs.common import add_storage_args, fail, job_main, storage_from_args
 
 TABLES = ("slide_status", "slides", "differentials", "cellularity")
 
@@ -29,6 +29,7 @@ def read_committed(store) -> dict:
     return {t: None if (got := store.read(t)) is None else pl.from_arrow(got) for t in TABLES}
 
 
+@job_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.slide_summary", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

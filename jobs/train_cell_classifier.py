@@ -52,8 +52,8 @@ from engine.train.data import fetch_labelled, read_labels, source_of
 from engine.train.evaluation import evaluate_classifier, ordered_codes
 from engine.train.loop import COMPILE_MODES, LocalSession, TrainSettings, settings_dict
 from engine.train.splits import holdout_split, kfold_splits
-from jobs.common import (add_storage_args, count_arg, local_data, mpp_arg, positive_arg,
-                         refuses_unreadable, resolve_source_mpp, storage_from_args)
+from jobs.common import (add_storage_args, count_arg, job_main, local_data, mpp_arg, positive_arg,
+                         resolve_source_mpp, storage_from_args)
 
 
 def parse_args(argv=None):
@@ -352,7 +352,7 @@ def best_weights(folder: str) -> dict:
     return load_file(os.path.join(folder, "best.safetensors"))
 
 
-@refuses_unreadable
+@job_main
 def main(argv=None) -> int:
     args = parse_args(argv)
     storage = storage_from_args(args)

@@ -35,9 +35,8 @@ from engine.models.mil import predict_bags, save_mil
 from engine.train.mil import train_mil
 from engine.outputs import join_uri, write_bytes
 from engine.slides.storage import get_filesystem, is_remote, normalize_uri
-from jobs.common import (InputError, add_storage_args, count_arg, mpp_arg, positive_arg,
-                         read_csv_rows, refuses_unreadable, resolve_source_mpp,
-                         storage_from_args)
+from jobs.common import (InputError, add_storage_args, count_arg, job_main, mpp_arg, positive_arg,
+                         read_csv_rows, resolve_source_mpp, storage_from_args)
 
 
 def parse_label(text: str, task: str):
@@ -181,7 +180,7 @@ def load_inputs(args) -> dict[str, np.ndarray]:
                               allow_untrained=args.allow_untrained)
 
 
-@refuses_unreadable
+@job_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.train_mil", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

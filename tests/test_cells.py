@@ -544,7 +544,7 @@ def test_the_faintest_platelets_grow_from_a_seed_below_the_threshold():
 
 
 @needs_bccd
-def test_bccd_detection_meets_recall_and_precision_targets(tmp_path):
+def test_bccd_detection_meets_recall_and_precision_targets(tmp_path, capsys):
     proc = subprocess.run([sys.executable, "-m", "jobs.evaluate_detection", "--images",
                            str(BCCD / "JPEGImages"), "--annotations", str(BCCD / "Annotations"),
                            "--mpp", "0.075"], cwd=ROOT, capture_output=True, text=True,
@@ -579,6 +579,12 @@ def test_bccd_detection_meets_recall_and_precision_targets(tmp_path):
     assert off["detector"]["pale_platelet_ratio"] is None
     assert (off["matched"], off["platelets"]) == (aspirate["matched"], aspirate["platelets"])
     assert runs[1].returncode == 2 and "unknown config key 'cells.pale_ratio'" in runs[1].stderr
+    # a mistyped folder is named (it was a FileNotFoundError traceback)
+    from jobs import evaluate_detection
+
+    assert evaluate_detection.main(["--images", str(tmp_path / "JPEGImage"), "--annotations",
+                                    str(BCCD / "Annotations"), "--mpp", "0.075"]) == 2
+    assert "--images " in (err := capsys.readouterr().err) and "JPEGImage: not a folder" in err
 
 
 @needs_bccd

@@ -94,3 +94,21 @@ def test_importing_engine_opens_no_backend_library():
     code = "import sys, engine.slides; print('openslide' in sys.modules, 'pyvips' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_every_job_ends_a_refusal_in_a_sentence_not_a_traceback():
+    """Each job's ``main`` is wrapped by ``jobs.common.job_main``, which turns an error hemeflow
+    raises on purpose into ``hemeflow: error: ...`` and exit code 2 (a job without it printed a
+    traceback for an output that is a file, say)."""
+    import ast
+    import pathlib
+
+    jobs = pathlib.Path(__file__).resolve().parents[1] / "jobs"
+    unwrapped = []
+    for path in sorted(jobs.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name == "main":
+                names = {getattr(d, "id", None) for d in node.decorator_list}
+                if "job_main" not in names:
+                    unwrapped.append(path.name)
+    assert len(list(jobs.glob("*.py"))) > 20 and not unwrapped, unwrapped

@@ -19,6 +19,8 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
+from engine.errors import HemeflowError
+
 T = TypeVar("T")
 
 
@@ -462,7 +464,7 @@ def cell_crop(rgb: np.ndarray, source_mpp: float, target_mpp: float, out_px: int
     return out
 
 
-class UnreadableImages(ValueError):
+class UnreadableImages(HemeflowError, ValueError):
     """Images a labels table names that cannot be read or decoded (missing, truncated, not an
     image): the message names them, with what to do."""
 

@@ -622,3 +622,14 @@ def test_an_output_that_is_a_file_is_refused_in_a_sentence(tmp_path, capsys):
     listed.write_text(f"{tmp_path / 'missing.svs'}\n")
     assert process_slides.main(["--input", str(listed), "--output", str(tmp_path / "out")]) == 2
     assert "is a file: give a folder" in capsys.readouterr().err
+    # the jobs that read an output said it in a traceback
+    from jobs import (case_differentials, cell_gallery, compare_differentials, export_cells,
+                      slide_map, slide_summary)
+
+    out = ["--output", str(tmp_path / "out")]
+    for job, more in ((slide_summary, []), (case_differentials, []),
+                      (cell_gallery, ["--slide", "s"]), (slide_map, ["--slide", "s"]),
+                      (export_cells, ["--to", str(tmp_path / "exported")]),
+                      (compare_differentials, ["--against", str(tmp_path)])):
+        assert job.main(out + more) == 2, job.__name__
+        assert "the output" in (err := capsys.readouterr().err) and "is a file" in err, err
