@@ -13,6 +13,7 @@ import json
 import math
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -56,6 +57,21 @@ class StorageConfig:
     stage_shared: bool = True
     retries: int = 4
     retry_backoff_s: float = 0.5
+
+    def __post_init__(self):
+        if self.endpoint_url is not None:
+            url = urllib.parse.urlsplit(str(self.endpoint_url))
+            if url.username is not None or url.password is not None:
+                raise ConfigError("storage.endpoint_url (--s3-endpoint) holds credentials: give "
+                                  "the URL without them, and the keys through the environment "
+                                  "or an AWS profile, so they never reach logs or outputs")
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ConfigError("storage.endpoint_url (--s3-endpoint) must be a URL with its "
+                                  "scheme, like http://127.0.0.1:9000 or https://s3.example.org; "
+                                  f"got {self.endpoint_url!r}")
+        if self.retries < 0 or self.retry_backoff_s < 0:
+            raise ConfigError(f"storage.retries and storage.retry_backoff_s must be at least 0, "
+                              f"got {self.retries} and {self.retry_backoff_s}")
 
     def fsspec_options(self, protocol: str) -> dict[str, Any]:
         """fsspec keyword options for ``protocol``; credentials are left to botocore's chain."""

@@ -21,7 +21,8 @@ import yaml
 from engine.config import Config, StorageConfig
 from engine.outputs import join_uri, write_bytes
 from engine.slides.storage import (FileEntry, InputError, call_with_retries, get_filesystem,
-                                   is_remote, list_files, normalize_uri, stat_file)
+                                   is_remote, list_files, normalize_uri, stat_file,
+                                   storage_failure)
 from engine.errors import ConfigError, HemeflowError, SlideError
 from engine.specimen import parse_specimen
 
@@ -531,7 +532,8 @@ def committed_slide(store, name: str) -> dict:
 def job_main(main):
     """A job's ``main`` that ends an error hemeflow raises on purpose (`engine.errors.HemeflowError`:
     an input, output, config or checkpoint it refuses, labelled images it cannot read) in
-    ``hemeflow: error: <what and why>`` and exit code 2, not a traceback. Every job's ``main``
+    ``hemeflow: error: <what and why>`` and exit code 2, not a traceback; so does object
+    storage that cannot be used (`engine.slides.storage.storage_failure`). Every job's ``main``
     is one (``tests/test_layering.py``)."""
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
@@ -539,6 +541,10 @@ def job_main(main):
             return main(*args, **kwargs)
         except HemeflowError as err:
             return fail(str(err))
+        except Exception as err:  # noqa: BLE001 - re-raised unless storage cannot be used
+            if (said := storage_failure(err)) is None:
+                raise
+            return fail(said)
     wrapped.job_main = True
     return wrapped
 

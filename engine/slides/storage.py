@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -91,6 +92,27 @@ def translate_storage_error(uri: str, err: Exception) -> Exception:
     if isinstance(err, PermissionError):
         return SlideAccessDenied(uri, f"permission denied ({err.strerror or err})")
     return err
+
+
+def storage_failure(err: BaseException) -> str | None:
+    """What to tell a user whose object storage cannot be used at all (the endpoint unreachable,
+    no credentials found, an unknown AWS profile), or None for any other error. botocore raises
+    these past s3fs, outside the built-in IO errors, so they ended jobs in a traceback.
+    """
+    boto = sys.modules.get("botocore.exceptions")  # loaded by s3fs; never imported here
+    if boto is None or not isinstance(err, boto.BotoCoreError):
+        return None
+    if isinstance(err, (boto.EndpointConnectionError, boto.ConnectTimeoutError)):
+        hint = "is --s3-endpoint (storage.endpoint_url) right, and the server up?"
+    elif isinstance(err, (boto.NoCredentialsError, boto.PartialCredentialsError)):
+        hint = ("give credentials in the environment (AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY), an AWS profile (--s3-profile), or --s3-anon for a "
+                "public bucket")
+    elif isinstance(err, boto.ProfileNotFound):
+        hint = "the profiles are in ~/.aws/config and ~/.aws/credentials"
+    else:
+        hint = "check the --s3-* flags and the storage: section of the config"
+    return f"object storage: {err}: {hint}"
 
 
 def _is_companion(uri: str, stems: set[str]) -> bool:

@@ -68,6 +68,37 @@ def test_missing_bucket_exits_cleanly(s3_server, capsys, tmp_path):
     assert code == 2 and "does not exist" in err and "Traceback" not in err
 
 
+def test_storage_that_cannot_be_used_is_named_in_a_sentence(tmp_path, capsys, monkeypatch):
+    """An endpoint with nothing listening, no credentials, an unknown profile, an endpoint
+    without its scheme or with keys in it: jobs ended each in a botocore traceback."""
+    import socket
+
+    from jobs import slide_summary
+
+    with socket.socket() as sock:  # a port on which nothing listens once it is closed
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+
+    def refused(*flags) -> str:
+        assert slide_summary.main(["--output", "s3://lab/run", *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith("hemeflow: error: ") and "Traceback" not in err
+        return err
+
+    assert "is --s3-endpoint (storage.endpoint_url) right" in refused("--s3-endpoint", closed)
+    assert "must be a URL with its scheme" in refused("--s3-endpoint", closed[7:])
+    said = refused("--s3-endpoint", closed.replace("//", "//AKIA:sekrit@"))
+    assert "holds credentials" in said and "sekrit" not in said
+    assert "(nope) could not be found" in refused("--s3-profile", "nope")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    said = refused("--s3-endpoint", closed + "/")  # another filesystem than fsspec's cached one
+    assert "Unable to locate credentials" in said and "--s3-anon" in said
+
+
 def _staged(root) -> list:
     return sorted(p.name for p in Path(root).rglob("*.svs"))
 
