@@ -226,12 +226,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from engine.classes import DEEPHEME_CODES
-    from engine.models import (UNTRAINED_SEED, CheckpointError, EnsemblePredictor, MissingWeights,
-                               create_model)
-    from engine.pipeline.commit import OutputStore
-    from engine.schema import SCHEMA_VERSION, slide_id_for
-    from engine.outputs import join_uri, write_bytes
-    from engine.slides.storage import InputError, normalize_uri
+    from engine.models import UNTRAINED_SEED, CheckpointError, MissingWeights, create_model
+    from engine.pipeline.commit import OutputStore, RunLease
 
     storage = args.storage = storage_from_args(args)
     try:
@@ -259,6 +255,19 @@ def main(argv=None) -> int:
                 "engine_release": results_release()}
     args.config_hash = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     store = OutputStore(args.output, storage)
+    with RunLease(store, "classify_cells"):  # refused while another run writes there
+        return classify_into(store, args, settings, exports, model)
+
+
+def classify_into(store, args, settings: dict, exports: dict[str, list[str]], model) -> int:
+    """Classify the exports not yet committed in ``store`` and commit them slide by slide;
+    refuses an output classified with other ``settings``."""
+    from engine.models import EnsemblePredictor
+    from engine.outputs import join_uri, write_bytes
+    from engine.schema import SCHEMA_VERSION, slide_id_for
+    from engine.slides.storage import InputError, normalize_uri
+
+    storage = args.storage
     config_path = f"{store.path.rstrip('/')}/config.json"
     if store.fs.exists(config_path):
         with store.fs.open(config_path) as fh:

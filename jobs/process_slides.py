@@ -33,7 +33,7 @@ import engine
 from engine.config import Config
 from engine.errors import HemeflowError
 from engine.models import MissingWeights
-from engine.pipeline.commit import OutputStore
+from engine.pipeline.commit import OutputStore, RunLease
 from engine.pipeline.run import RunMetrics, resolve_stages, run_pipeline
 from engine.schema import SCHEMA_VERSION, STATUSES, slide_id_for
 from engine.slides.inventory import MppOverrides
@@ -353,15 +353,17 @@ def main(argv=None) -> int:
             dry_run(args, cfg, inputs)
             return 0
         store = OutputStore(args.output, cfg.storage)
-        seen: dict = {}
-        kept = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed,
-                                reprocess_changed=args.reprocess_changed, seen=seen)
-        warn_case_changes(store, inputs, kept, args.input, seen=seen)
-        write_run_config(args.output, cfg, vars(args), cfg.storage)
-        metrics = RunMetrics()
-        rows = run_pipeline(entries, args.output, cfg, mpp, args.allow_untrained,
-                            metrics=metrics, specimens=Specimens(args.specimen, inputs.specimens),
-                            cases=inputs.cases)
+        with RunLease(store, "process_slides"):  # refused while another run writes there
+            seen: dict = {}
+            kept = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed,
+                                    reprocess_changed=args.reprocess_changed, seen=seen)
+            warn_case_changes(store, inputs, kept, args.input, seen=seen)
+            write_run_config(args.output, cfg, vars(args), cfg.storage)
+            metrics = RunMetrics()
+            rows = run_pipeline(entries, args.output, cfg, mpp, args.allow_untrained,
+                                metrics=metrics,
+                                specimens=Specimens(args.specimen, inputs.specimens),
+                                cases=inputs.cases)
     except MissingWeights as err:
         return fail(str(err))
     except (HemeflowError, OSError) as err:

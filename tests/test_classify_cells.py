@@ -100,6 +100,17 @@ def test_each_export_gets_its_cells_and_differential(exports, tmp_path, capsys):
     assert "3 already committed, 0 to classify" in capsys.readouterr().out
     assert not stray.exists()
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == before
+    # while another run writes the output, a run is refused and its leftovers are kept
+    from engine.config import StorageConfig
+    from engine.pipeline.commit import OutputStore, RunLease
+
+    stray.write_bytes(next((out / "image_cells").glob("*.parquet")).read_bytes())
+    with RunLease(OutputStore(str(out), StorageConfig()), "classify_cells"):
+        assert classify_cells.main(["--images", str(root), "--output", str(out), "--specimen",
+                                    "blood"]) == 2
+    assert "is being written by another run: classify_cells" in capsys.readouterr().err
+    assert stray.exists()
+    stray.unlink()
     # other settings would mix two kinds of count in one output: refused
     assert classify_cells.main(["--images", str(root), "--output", str(out), "--specimen",
                                 "aspirate"]) == 2

@@ -9,8 +9,14 @@ slides that do not (a crash between two tables).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import sys
+import threading
+import time
+import uuid
 
 import pyarrow as pa
 
@@ -136,6 +142,142 @@ class OutputStore:
         """Write a slide's tables, then its status row last (the commit)."""
         self.write_tables(slide_id, tables, geojson)
         self.write_table(STATUS_TABLE, slide_id, [status_row])
+
+
+class OutputInUse(InputError):
+    """Another run is writing to the output (`RunLease`)."""
+
+
+class RunLease:
+    """This run's mark on an output, ``<out>/_running/<run id>.json``, held while it writes.
+
+    A second run into an output that a live run is writing is refused before it changes
+    anything: at its start a run deletes the files of slides that never committed, and those
+    include the slides the first run is writing, whose commit markers would then land on
+    missing tables (a job submitted twice: ``ray job submit`` left by Ctrl-C goes on running).
+
+    The mark is rewritten every ``heartbeat_s`` by a thread and deleted when the run ends.
+    Another run's mark counts as live unless it was last written ``stale_s`` or more before
+    this run's own (both times are the storage's, so clocks of different hosts never meet), or
+    it names this host and a process that has ended (a run killed outright). Two runs that
+    start at the same instant see each other and both refuse, which loses nothing.
+    """
+
+    FOLDER = "_running"
+
+    def __init__(self, store: OutputStore, job: str, heartbeat_s: float = 30.0,
+                 stale_s: float = 180.0):
+        self.store, self.job = store, job
+        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        self.folder = f"{store.path.rstrip('/')}/{self.FOLDER}"
+        self.path = f"{self.folder}/{self.run_id}.json"
+        self.doc = {"run_id": self.run_id, "job": job, "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _write(self) -> None:
+        self.store.write_json(self.FOLDER, f"{self.run_id}.json", self.doc)
+
+    def others(self) -> list[dict]:
+        """The live marks of other runs, each with ``silent_s`` (how long before this run's
+        own mark it was last written) and ``uri``. Needs this run's mark written."""
+        fs = self.store.fs
+        fs.invalidate_cache(self.folder)
+        try:
+            found = fs.ls(self.folder, detail=True)
+        except FileNotFoundError:
+            return []
+        times = {f["name"].rstrip("/"): _modified(f) for f in found}
+        mine = times.get(self.path.rstrip("/"))
+        if mine is None:
+            mine = _modified(fs.info(self.path))
+        live = []
+        for name, when in sorted(times.items()):
+            if name == self.path or not name.endswith(".json"):
+                continue
+            silent = max(mine - when, 0.0)
+            doc = {}
+            if silent < self.stale_s:
+                try:
+                    with fs.open(name) as fh:
+                        doc = json.load(fh)
+                except (FileNotFoundError, ValueError):
+                    continue  # ended and deleted meanwhile, or not a mark
+            if silent >= self.stale_s or _ended_here(doc):
+                with contextlib.suppress(OSError):  # a dead run's: cleared, not left to pile up
+                    fs.rm(name)
+                continue
+            live.append({**doc, "silent_s": silent,
+                         "uri": self.store.uri(self.FOLDER, name.rsplit("/", 1)[-1])})
+        return live
+
+    def acquire(self) -> None:
+        """Write this run's mark and start its heartbeat.
+
+        Raises:
+            OutputInUse: another run's mark is live (this run's own is taken back).
+        """
+        self._write()
+        live = self.others()
+        if live:
+            self.release()
+            o = live[0]
+            raise OutputInUse(
+                f"{self.store.root} is being written by another run: {o.get('job')} on "
+                f"{o.get('host')} (pid {o.get('pid')}), started {o.get('started_at')}, last "
+                f"heard {o['silent_s']:.0f} s ago ({o['uri']}). Two runs into one output "
+                "delete each other's unfinished slides. Wait for it to end (`ray job list` "
+                "shows a submitted one), or write to another --output; if that run is dead, "
+                f"its mark lapses {self.stale_s / 60:.0f} min after it was last heard, or "
+                "delete the file")
+        self._thread = threading.Thread(target=self._beat, name="run-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self._write()
+            except Exception as err:  # noqa: BLE001 - a missed beat is retried at the next
+                print(f"warning: could not renew {self.store.uri(self.FOLDER)} mark: {err}",
+                      file=sys.stderr)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with contextlib.suppress(OSError):  # gone already; another run's mark in the folder
+            self.store.fs.rm(self.path)
+            if not is_remote(self.store.root):
+                os.rmdir(self.folder)  # the folder goes with the last mark
+
+    def __enter__(self) -> RunLease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _modified(info: dict) -> float:
+    """A file's last write as POSIX seconds, from an fsspec ``info`` (local or S3)."""
+    when = info.get("LastModified", info.get("mtime"))
+    return when.timestamp() if hasattr(when, "timestamp") else float(when)
+
+
+def _ended_here(doc: dict) -> bool:
+    """A mark written by a process of this host that is no longer running."""
+    if doc.get("host") != socket.gethostname() or not isinstance(doc.get("pid"), int):
+        return False
+    try:
+        os.kill(doc["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # another user's live process
+    return False
 
 
 def read_table(output: str, table: str, columns: list[str] | None = None,

@@ -1,5 +1,6 @@
 """SIGKILL the driver at a random moment, with some slides' tables written but not committed; the
-rerun completes with every slide exactly once. The killed job is a driver process of its own on
+rerun completes with every slide exactly once, and a second run started while the first goes on
+is refused without touching its slides. The killed job is a driver process of its own on
 the shared local Ray (as a submitted job's driver is on a cluster; starting a Ray of its own would
 cost this 2-core machine seconds); Ray ends its actors when it dies. The rerun is a new job in
 this process.
@@ -63,11 +64,21 @@ def test_sigkill_then_rerun_writes_every_slide_exactly_once(ray_local, smear_sli
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = subprocess.Popen(job, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
+    from jobs import process_slides
+
     try:
         # kill once k slides have some branch's tables written (written before the commit)
         k, deadline = random.randint(1, N_SLIDES - 2), time.time() + 240
+        refused = None
         while time.time() < deadline and proc.poll() is None:
-            if len(list((out / "cells").glob("*.parquet"))) >= k:
+            written = len(list((out / "cells").glob("*.parquet")))
+            if written and refused is None:
+                # the job submitted again while it runs: refused, its unfinished slides kept
+                refused = process_slides.main(_args(inp, out, cfg))
+                assert "is being written by another run: process_slides" in \
+                    capsys.readouterr().err
+                assert len(list((out / "cells").glob("*.parquet"))) >= written
+            if written >= k:
                 break
             time.sleep(0.05)
     finally:
@@ -75,10 +86,11 @@ def test_sigkill_then_rerun_writes_every_slide_exactly_once(ray_local, smear_sli
         proc.wait()
     committed_before = len(list((out / "slide_status").glob("*.parquet")))
     assert committed_before < N_SLIDES, "the run finished before the kill; nothing was tested"
-    from jobs import process_slides
-
+    assert refused == 2
+    assert len(os.listdir(out / "_running")) == 1  # the killed run's mark, which stops nobody
     assert process_slides.main(_args(inp, out, cfg)) == 0
     assert f"{committed_before} already committed" in capsys.readouterr().out
+    assert not (out / "_running").exists()  # the dead run's mark cleared, the rerun's removed
     status = pl.read_parquet(f"{out}/slide_status/*.parquet")
     assert len(status) == N_SLIDES and (status["status"] == "ok").all()
     for table in ("slides", "cells", "differentials"):

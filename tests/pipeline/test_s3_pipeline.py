@@ -96,7 +96,10 @@ def test_s3_in_and_out(ray_local, s3_server, s3_client, archive, tmp_path, capsy
     assert "changed since" not in printed and "7 already committed, 0 to process" in printed
     assert not [r for r in requests if "/results/run1/slides/" in r], requests
     assert not [r for r in requests if r.startswith(("PUT", "DELETE", "POST"))
-                and "/results/" in r and "config.json" not in r]
+                and "/results/" in r and "config.json" not in r and "/_running/" not in r]
+    # the run's mark went up, and is gone now that it has ended
+    assert [r for r in requests if r.startswith("PUT /results/run1/_running/")]
+    assert s3_client.list_objects_v2(Bucket="results", Prefix="run1/_running/")["KeyCount"] == 0
     assert process_slides.main(run + ["--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "1 committed slide(s) changed since they were processed" in printed

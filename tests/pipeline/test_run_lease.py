@@ -1,0 +1,91 @@
+"""One run at a time writes an output (`engine.pipeline.commit.RunLease`): a second run is
+refused, naming the first, before it deletes the first's unfinished slides; a run that died
+leaves a mark that stops nobody (killed on this host: at once; elsewhere: once it is stale)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine.config import StorageConfig
+from engine.pipeline.commit import OutputInUse, OutputStore, RunLease
+
+
+def _mark(store: OutputStore, name: str, **doc) -> str:
+    """Another run's mark, written as a run writes its own."""
+    store.write_json(RunLease.FOLDER, f"{name}.json", {"job": "process_slides", **doc})
+    return f"{store.path.rstrip('/')}/{RunLease.FOLDER}/{name}.json"
+
+
+def test_a_second_run_is_refused_while_the_first_writes(tmp_path):
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    first = RunLease(store, "process_slides")
+    with first:
+        assert len(os.listdir(tmp_path / "out" / "_running")) == 1
+        with pytest.raises(OutputInUse) as refused:
+            RunLease(store, "classify_cells").acquire()
+        said = str(refused.value)
+        assert "is being written by another run: process_slides on" in said
+        assert f"(pid {os.getpid()})" in said and first.doc["started_at"] in said
+        assert "last heard 0 s ago" in said and "another --output" in said
+        # the refused run took its mark back: the first is alone, and still refuses others
+        assert os.listdir(tmp_path / "out" / "_running") == [f"{first.run_id}.json"]
+    # ended: its mark and folder are gone, and the next run starts
+    assert not (tmp_path / "out" / "_running").exists()
+    with RunLease(store, "classify_cells"):
+        pass
+
+
+def test_a_run_that_died_stops_nobody(tmp_path):
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    # killed on this host: its process is gone, so its mark counts for nothing at once
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    import socket
+
+    _mark(store, "killed", host=socket.gethostname(), pid=int(dead.stdout))
+    # on another host: live until it has not been heard for stale_s
+    path = _mark(store, "elsewhere", host="node-7", pid=1)
+    with pytest.raises(OutputInUse, match="process_slides on node-7 \\(pid 1\\)"):
+        RunLease(store, "process_slides").acquire()
+    past = time.time() - 200
+    os.utime(path, (past, past))
+    with RunLease(store, "process_slides", stale_s=180) as lease:
+        assert lease.others() == []
+        # both dead runs' marks are cleared by the run that found them
+        assert os.listdir(tmp_path / "out" / "_running") == [f"{lease.run_id}.json"]
+    # a file there that is no mark is skipped, not a traceback
+    (tmp_path / "out" / "_running").mkdir()
+    (tmp_path / "out" / "_running" / "notes.json").write_text('{"job": "proc')
+    with RunLease(store, "process_slides"):
+        pass
+
+
+def test_the_mark_is_renewed_while_the_run_goes_on(tmp_path):
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    with RunLease(store, "process_slides", heartbeat_s=0.05) as lease:
+        path = tmp_path / "out" / "_running" / f"{lease.run_id}.json"
+        first = path.stat().st_mtime_ns
+        time.sleep(0.3)
+        assert path.stat().st_mtime_ns > first
+        assert json.loads(path.read_text())["run_id"] == lease.run_id
+
+
+def test_runs_on_s3_see_each_other_by_the_stores_clock(s3_server, s3_client):
+    s3_client.create_bucket(Bucket="lease")
+    storage = StorageConfig(endpoint_url=s3_server)
+    store = OutputStore("s3://lease/run", storage)
+    with RunLease(store, "process_slides"):
+        with pytest.raises(OutputInUse, match="s3://lease/run is being written by another"):
+            RunLease(OutputStore("s3://lease/run", storage), "process_slides").acquire()
+    listed = s3_client.list_objects_v2(Bucket="lease", Prefix="run/_running/")
+    assert listed["KeyCount"] == 0
+    _mark(store, "elsewhere", host="node-7", pid=1)
+    with pytest.raises(OutputInUse, match="node-7"):
+        RunLease(store, "process_slides").acquire()
+    time.sleep(2.1)  # S3 keeps whole seconds: the mark is 2 s older than the next one written
+    with RunLease(store, "process_slides", stale_s=2) as lease:
+        assert lease.others() == []
