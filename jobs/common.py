@@ -90,8 +90,18 @@ def read_text(uri: str, storage: StorageConfig) -> str:
                          "save the sheet as 'CSV UTF-8'") from err
 
 
+_WINDOWS_PATH = re.compile(r"[A-Za-z]:[\\/]|\\\\")  # C:\slides\x.svs, \\server\share
+
+
 def _resolve(item: str, list_uri: str) -> str:
-    """A relative path in a list file is relative to the list file's folder."""
+    """A relative path in a list file is relative to the list file's folder.
+
+    Raises:
+        InputError: a Windows path (a list made on a lab PC), which is no path here.
+    """
+    if _WINDOWS_PATH.match(item):
+        raise InputError(f"{list_uri}: {item} is a Windows path: list each slide as the machine "
+                         "that runs the job sees it (the share's mount point there, or s3://…)")
     if "://" in item or item.startswith("/"):
         return normalize_uri(item)
     base = normalize_uri(list_uri).rsplit("/", 1)[0]

@@ -7,6 +7,7 @@ import sys
 import duckdb
 import polars as pl
 import pyarrow.parquet as pq
+import pytest
 
 from engine.schema import SCHEMA_VERSION, SLIDES, slide_id_for
 from jobs import inventory
@@ -63,6 +64,18 @@ def test_list_inputs_and_mpp_overrides(wsi_dir, tmp_path, capsys):
     assert (rows[cmu.name]["mpp_x"], rows[cmu.name]["mpp_source"]) == (0.499, "metadata")
     assert rows["missing.svs"]["error_type"] == "SlideNotFound"
     assert rows["missing.svs"]["uri"] == str(tmp_path / "missing.svs")  # relative to the list
+
+
+@pytest.mark.parametrize("listed", ["C:\\scans\\BM-1.svs", "\\\\pathfs\\scans\\BM-1.svs",
+                                    "D:/scans/BM-1.svs"])
+def test_a_list_made_on_a_windows_pc_is_refused_naming_the_path(listed, tmp_path, capsys):
+    """A Windows path was taken as relative to the list: each such slide failed SlideNotFound
+    at '<list folder>/C:\\scans\\BM-1.svs'."""
+    (tmp_path / "list.csv").write_text(f"path,specimen\r\n{listed},aspirate\r\n")
+    assert inventory.main(["--input", str(tmp_path / "list.csv"), "--output",
+                           str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{listed} is a Windows path: list each slide as the machine" in err
 
 
 def test_csv_list_by_slide_id_table(wsi_dir, tmp_path):
