@@ -207,11 +207,17 @@ def split_for_training(data, excluded: set[str], test_fraction: float, seed: int
         ``(trainable, codes, y, groups, dev_idx, test_rows)``; ``test_rows`` are ``(path, code)``.
 
     Raises:
-        ValueError: a code has fewer than `MIN_PER_CLASS` images to train on.
+        ValueError: fewer than two codes to train on, or one with fewer than
+            `MIN_PER_CLASS` images.
     """
     rng = np.random.default_rng(seed)
     keep = [i for i, c in enumerate(data.codes) if c not in excluded]
     counts = collections.Counter(data.codes[i] for i in keep)
+    if len(counts) < 2:
+        raise ValueError(
+            f"{len(counts)} code{'' if len(counts) == 1 else 's'} to train on "
+            f"({', '.join(sorted(counts)) or 'every code is in --exclude-codes'}): a classifier "
+            "learns to tell two classes or more apart; label cells of the others too")
     rare = sorted(c for c, n in counts.items() if n < MIN_PER_CLASS)
     if rare:
         raise ValueError(

@@ -91,6 +91,11 @@ def test_train_job_refuses_labels_it_cannot_split_with_what_to_do(tmp_path, caps
     write(picks, code="")
     code, err = train()
     assert code == 2 and "no row with a code: fill in the code column" in err
+    write(picks[:6])  # lymphocytes only: it trained, and scored 1.0 on its one test image
+    code, err = train()
+    assert code == 2 and "1 code to train on (L2): a classifier learns to tell two" in err
+    code, err = train("--exclude-codes", "L2")
+    assert code == 2 and "0 codes to train on (every code is in --exclude-codes)" in err
 
 
 def test_hed_jitter_is_identity_at_zero_and_changes_colour():
