@@ -120,6 +120,10 @@ class TissueConfig:
         if not (self.thumbnail_mpp > 0 and self.thumbnail_max_px >= 8):
             raise ConfigError("tissue.thumbnail_mpp must be positive and tissue.thumbnail_max_px"
                               f" at least 8, got {self.thumbnail_mpp} and {self.thumbnail_max_px}")
+        for key in ("min_saturation", "max_value"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"tissue.{key} is an HSV fraction from 0 to 1, got "
+                                  f"{getattr(self, key)}")
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,9 @@ def test_shipped_default_yaml_is_complete_and_equals_the_defaults():
     ({"pipeline": {"red_cell_diameter_um": [5]}}, "expected a list of 2, got [5]"),
     ({"pipeline": {"threshold_samples": 0}}, "pipeline.threshold_samples must be at least 1"),
     ({"tissue": {"thumbnail_mpp": 0}}, "tissue.thumbnail_mpp must be positive"),
+    ({"tissue": {"min_saturation": 5}}, "tissue.min_saturation is an HSV fraction from 0 to 1"),
+    ({"storage": {"endpoint_url": "minio:9000"}}, "must be a URL with its scheme"),
+    ({"storage": {"endpoint_url": "http://AKIA:secret@minio:9000"}}, "holds credentials"),
     ({"storage": {"retries": True}}, "storage.retries: expected a whole number, got True"),
 ])
 def test_a_value_of_the_wrong_kind_or_out_of_range_is_refused_by_name(tree, says):

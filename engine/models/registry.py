@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from engine.errors import ConfigError
+
 CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
 
 
@@ -63,7 +65,7 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; registered models: {list_models()}") from None
+        raise ConfigError(f"unknown model {name!r}; registered models: {list_models()}") from None
 
 
 _CELL = dict(task="classification", input_px=96, input_mpp=0.25)

@@ -23,7 +23,9 @@ def _tiny(tmp_path, name="deepheme-tiny"):
 
 
 def test_unknown_name_lists_registered_models():
-    with pytest.raises(ValueError) as info:
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:  # a config's or flag's: said in a line, by job_main
         create_model("resnet-9000")
     for name in ("deepheme-resnext50", "dinov2-vits14", "dinov2-vitb14", "dinov2-vitl14"):
         assert name in str(info.value) and name in list_models()
