@@ -24,6 +24,7 @@ from engine.classes import DEEPHEME_CODES
 from engine.config import NO_MODEL, Config, ConfigError
 from engine.errors import HemeflowError
 from engine.models import EnsemblePredictor, MissingWeights, create_model
+from engine.pipeline.address import check_ray_address
 from engine.pipeline.aggregate import Aggregator
 from engine.pipeline.commit import OutputStore
 from engine.pipeline.steps import (READY_PREFIXES, ClassifyCells, DetectCells, EncodeTiles,
@@ -514,6 +515,7 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     if not ray.is_initialized():
         if not os.environ.get("RAY_ADDRESS") and (why := slow_worker_start()):
             log(f"warning: {why}")  # a local Ray's workers take this process's environment
+        check_ray_address()
         ray.init()  # joins the cluster under `ray job submit`, else starts a local one
     resources = ray.cluster_resources()
     res = plan_resources(int(resources.get("CPU", 1)), resources.get("GPU", 0), pc, branches,

@@ -13,6 +13,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from engine.pipeline.address import check_ray_address
 
 HEALTH_CHECK_INTERVAL_S = 0.25  # Ray Train's controller's polling interval (`run_ray_training`)
 
@@ -56,6 +57,7 @@ def start_ray(log_to_driver: bool = True) -> None:
     it logs a warning every second and cannot free a lost controller's CPUs (about 1 s more
     to start here)."""
     if not ray.is_initialized():
+        check_ray_address()
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
 
 

@@ -1,0 +1,36 @@
+"""The cluster a job joins: ``RAY_ADDRESS`` checked before ``ray.init`` waits on it."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from engine.errors import HemeflowError
+
+
+class ClusterUnreachable(HemeflowError):
+    """Nothing answers at the Ray cluster address the job was given."""
+
+
+def check_ray_address(timeout_s: float = 5.0) -> None:
+    """Refuse a ``RAY_ADDRESS`` at which nothing answers. ``ray.init`` retries such an address
+    for ever, printing a 'Failed to connect to GCS' line every few seconds (a typo, or a
+    cluster since stopped); here it ends at once. ``ray job submit`` sets a live one; unset,
+    ``auto`` and ``local`` are left to Ray.
+
+    Raises:
+        ClusterUnreachable: no TCP connection to the address's host and port in ``timeout_s``.
+    """
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address in ("", "auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return  # a form Ray may know and this does not: left to it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ClusterUnreachable(
+            f"no Ray cluster answers at RAY_ADDRESS={address} ({err}): start it (ray start "
+            "--head on that host), correct the address, or unset RAY_ADDRESS to run on a Ray "
+            "of this machine's own") from None
