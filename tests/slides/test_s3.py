@@ -99,6 +99,28 @@ def test_storage_that_cannot_be_used_is_named_in_a_sentence(tmp_path, capsys, mo
     assert "Unable to locate credentials" in said and "--s3-anon" in said
 
 
+def test_a_lists_objects_are_looked_up_at_once_and_kept_in_its_order(s3_server, s3_client,
+                                                                       tmp_path):
+    """`expand_inputs` looks a list's objects up STAT_THREADS at a time (one after another,
+    a list of 50,000 slides took many minutes on S3): the entries keep the list's order, each
+    with its own size, and a missing object stays, to end as a status row."""
+    from jobs.common import STAT_THREADS, expand_inputs
+
+    s3_client.create_bucket(Bucket="listed")
+    n = 3 * STAT_THREADS
+    for i in range(n):
+        s3_client.put_object(Bucket="listed", Key=f"s/{i:03d}.svs", Body=b"x" * (i + 1))
+    order = [*range(n - 1, -1, -2), *range(0, n, 2)]  # not the store's order
+    uris = [f"s3://listed/s/{i:03d}.svs" for i in order]
+    uris.insert(5, "s3://listed/s/missing.svs")
+    (tmp_path / "slides.txt").write_text("\n".join(uris) + "\n")
+    got = expand_inputs(str(tmp_path / "slides.txt"), StorageConfig(endpoint_url=s3_server))
+    assert [e.uri for e in got] == uris
+    sizes = [e.size for e in got]
+    assert sizes.pop(5) is None and sizes == [i + 1 for i in order]
+    assert all(e.etag for e in got if e.size)
+
+
 def _staged(root) -> list:
     return sorted(p.name for p in Path(root).rglob("*.svs"))
 
