@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -19,3 +22,38 @@ def write_result(result: dict, name: str, tag: str = "", echo: bool = True) -> s
     with open(path, "w") as fh:
         json.dump(result, fh, indent=2)
     return path
+
+
+MOTO = """
+import logging, sys, time
+from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
+ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False).start()
+time.sleep(3600)
+"""
+
+
+def moto_server(bucket: str):
+    """A moto S3 server in a process of its own on 127.0.0.1, with ``bucket`` made and dummy
+    credentials in the environment; returns ``(process, endpoint URL, boto3 client)``: kill
+    the process when done."""
+    import socket
+
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    server = subprocess.Popen([sys.executable, "-c", MOTO, str(port)])
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    for _ in range(100):
+        try:
+            client.create_bucket(Bucket=bucket)
+            return server, endpoint, client
+        except Exception:  # noqa: BLE001 - the server is still starting
+            time.sleep(0.1)
+    server.kill()
+    raise RuntimeError("moto did not start")

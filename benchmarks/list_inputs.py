@@ -28,20 +28,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import moto_server, write_result  # noqa: E402
 from engine.errors import SlideError  # noqa: E402
 from engine.slides.storage import FileEntry, stat_file  # noqa: E402
 from jobs.common import (STAT_THREADS, add_storage_args, expand_inputs,  # noqa: E402
                          read_uri_list, storage_from_args)
-
-MOTO = """
-import logging, sys, time
-from moto.server import ThreadedMotoServer
-logging.getLogger("werkzeug").setLevel(logging.WARNING)
-ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False).start()
-time.sleep(3600)
-"""
-
 
 def one_by_one(list_uri: str, storage) -> list[FileEntry]:
     """The lookups as `expand_inputs` made them before: one after another."""
@@ -56,24 +47,7 @@ def one_by_one(list_uri: str, storage) -> list[FileEntry]:
 
 def moto_list(objects: int, folder: str) -> tuple[subprocess.Popen, str, str]:
     """A moto server holding ``objects`` small objects; returns it, its URL and a list file."""
-    import socket
-
-    import boto3
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
-    server = subprocess.Popen([sys.executable, "-c", MOTO, str(port)])
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    for _ in range(100):
-        try:
-            client.create_bucket(Bucket="bench-list")
-            break
-        except Exception:  # noqa: BLE001 - the server is still starting
-            time.sleep(0.1)
+    server, endpoint, client = moto_server("bench-list")
     uris = []
     for i in range(objects):
         client.put_object(Bucket="bench-list", Key=f"slides/BM-{i:06d}.svs", Body=b"slide")

@@ -46,6 +46,8 @@ class StorageConfig:
             kept as a benchmark baseline).
         retries: attempts for transient storage errors (timeouts, throttling, 5xx).
         retry_backoff_s: first back-off; doubles on each retry.
+        write_threads: a run's output files written at once, on threads beside the driver's
+            intake (`engine.pipeline.aggregate.Aggregator`); 1 writes each in the intake.
     """
 
     endpoint_url: str | None = None
@@ -57,6 +59,7 @@ class StorageConfig:
     stage_shared: bool = True
     retries: int = 4
     retry_backoff_s: float = 0.5
+    write_threads: int = 8
 
     def __post_init__(self):
         if self.endpoint_url is not None:
@@ -69,6 +72,9 @@ class StorageConfig:
                 raise ConfigError("storage.endpoint_url (--s3-endpoint) must be a URL with its "
                                   "scheme, like http://127.0.0.1:9000 or https://s3.example.org; "
                                   f"got {self.endpoint_url!r}")
+        if self.write_threads < 1:
+            raise ConfigError(f"storage.write_threads must be at least 1, got "
+                              f"{self.write_threads}")
         if self.retries < 0 or self.retry_backoff_s < 0:
             raise ConfigError(f"storage.retries and storage.retry_backoff_s must be at least 0, "
                               f"got {self.retries} and {self.retry_backoff_s}")

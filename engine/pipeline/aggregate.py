@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,6 +61,7 @@ class SlideState:
     n_cells: int = 0
     warnings: dict[str, str] = field(default_factory=dict)  # why an ok slide needs review
     specimen: str = UNKNOWN           # from the header (`engine.specimen`)
+    writes: list[Future] = field(default_factory=list)  # its tables' writes under way
 
     def fail(self, error_type: str, message: str) -> None:
         if self.error is None:
@@ -78,6 +80,14 @@ class Aggregator:
     a section no cells or differential, a smear no cellularity; one to which no configured
     stage applies is committed as ``skipped``. Thread-safe: each branch's stream is consumed on
     its own thread.
+
+    With ``write_threads`` above 1 the writes go to storage on threads of their own (the
+    tables ``write_threads`` at once, each commit marker after its slide's tables), so the
+    branches' intake goes on meanwhile: on S3 each write is a round trip of tens of ms, and one
+    after another in the intake they held a GPU's tiles branch to a few slides/s. At most
+    ``2 * write_threads`` writes are under way (the intake waits beyond that: memory stays
+    bounded); `flush` waits for them and raises the first that failed, and a failure also
+    stops the next intake. ``write_threads`` 1 writes in the intake, as before.
     """
 
     def __init__(self, store: OutputStore, config_hash: str, stages_run: list[str],
@@ -87,7 +97,8 @@ class Aggregator:
                  embeddings: bool = True, max_out_of_focus_percent: float = 20.0,
                  count_out_of_focus: bool = False,
                  red_cell_diameter_um: tuple[float, float] | None = None,
-                 lobe_merge_um: float | None = None, stain: StainCheck | None = None):
+                 lobe_merge_um: float | None = None, stain: StainCheck | None = None,
+                 write_threads: int = 1):
         self.embeddings = embeddings  # an encoder makes tile embeddings (a smear's tiles' use)
         self.max_ood_percent = max_ood_percent
         self.max_out_of_focus_percent = max_out_of_focus_percent
@@ -104,6 +115,12 @@ class Aggregator:
         self.slides: dict[str, SlideState] = {}
         self.summary: list[dict] = []
         self._lock = threading.Lock()
+        self._report_lock = threading.Lock()  # summary and log lines, from the commit threads
+        self._pools = (ThreadPoolExecutor(write_threads, "write"),
+                       ThreadPoolExecutor(write_threads, "commit")) if write_threads > 1 else None
+        self._room = threading.BoundedSemaphore(2 * max(write_threads, 1))
+        self._under_way: set[Future] = set()
+        self._failed: BaseException | None = None
 
     # ---- intake -------------------------------------------------------------------------
     def _branch(self, sid: str, branch: str, n_tasks, header) -> tuple[SlideState, BranchState]:
@@ -137,6 +154,8 @@ class Aggregator:
         in Python: a GPU node classifies some 40k cells/s or encodes 12k tiles/s, and a dict
         per row held this driver to about 15k and 12k."""
         with self._lock:
+            if self._failed is not None:
+                raise self._failed
             sids, first = np.unique(batch["slide_id"], return_index=True)
             touched = {}
             for sid in sids[np.argsort(first)]:  # slides in the order they appear
@@ -210,7 +229,11 @@ class Aggregator:
             if state.error is None and name in self._ran(state):
                 tables, geo = (self._cell_tables if name == "cells" else self._tile_tables)(
                     state, br)
-                self.store.write_tables(state.slide_id, tables, geo)
+                if self._pools is None:
+                    self.store.write_tables(state.slide_id, tables, geo)
+                else:
+                    state.writes += [self._submit(0, job) for job in
+                                     self.store.table_writes(state.slide_id, tables, geo)]
                 state.written = True
             br.chunks = []
         if all(br.finished for br in state.branches.values()):
@@ -336,8 +359,6 @@ class Aggregator:
                        f"(pipeline.stages {list(self.branches)}; "
                        f"{why_left_out(state.specimen)})")
         if state.error:
-            if state.written:  # one branch finished before another failed
-                self.store.discard(sid)
             status.update(status="skipped" if nothing_applies else "failed",
                           error_type=state.error[0],
                           error_message=state.error[1], n_tiles=None, n_cells=None)
@@ -350,9 +371,63 @@ class Aggregator:
             state.warnings = {"no_tissue": empty, **state.warnings}
         status["warnings"] = [] if state.error else [f"{k}: {v}"
                                                      for k, v in state.warnings.items()]
-        finished = utcnow()
-        status.update(finished_at=finished, seconds=round(time.time() - state.t0, 3))
+        if self._pools is None:
+            self._finish(state, row, status, empty)
+        else:
+            self._submit(1, self._finish, state, row, status, empty)
+
+    def _submit(self, pool: int, fn, *args) -> Future:
+        """``fn(*args)`` on the write (0) or commit (1) threads, once there is room."""
+        self._room.acquire()
+        future = self._pools[pool].submit(fn, *args)
+        with self._report_lock:
+            self._under_way.add(future)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, future: Future) -> None:
+        with self._report_lock:
+            self._under_way.discard(future)
+            if future.exception() is not None and self._failed is None:
+                self._failed = future.exception()
+        self._room.release()
+
+    def flush(self) -> None:
+        """Wait for the writes under way; raise the first that failed."""
+        while True:
+            with self._report_lock:
+                under_way = set(self._under_way)
+            if not under_way:
+                break
+            wait(under_way)
+        if self._failed is not None:
+            raise self._failed
+
+    def close(self, raise_failed: bool = True) -> None:
+        """Wait for the writes under way and end their threads; then raise the first that
+        failed (with ``raise_failed``: not while another error is on its way out)."""
+        for pool in self._pools or ():
+            pool.shutdown(wait=True)
+        if raise_failed and self._failed is not None:
+            raise self._failed
+
+    def _finish(self, state: SlideState, row: dict, status: dict, empty: str | None) -> None:
+        """Commit a slide once its tables are written: the status row last; then report it."""
+        sid = state.slide_id
+        if state.writes:
+            wait(state.writes)
+            failed = next((f.exception() for f in state.writes if f.exception()), None)
+            if failed is not None:
+                raise failed  # not committed: the rerun processes the slide again
+        if state.error and state.written:  # one branch finished before another failed
+            self.store.discard(sid)
+        status.update(finished_at=utcnow(), seconds=round(time.time() - state.t0, 3))
         self.store.commit(sid, {"slides": [row]}, status)
+        with self._report_lock:
+            self._report(state, status, empty)
+
+    def _report(self, state: SlideState, status: dict, empty: str | None) -> None:
+        sid = state.slide_id
         self.summary.append(status)
         self.log(f"slide {sid}: {status['status']}"
                  + (f" ({status['error_type']})" if state.error else "")

@@ -10,6 +10,7 @@ slides that do not (a crash between two tables).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import pyarrow as pa
 
@@ -123,11 +125,19 @@ class OutputStore:
     def write_tables(self, slide_id: str, tables: dict[str, list[dict] | pa.Table],
                      geojson: dict | str | None = None) -> None:
         """Write some of a slide's tables; they count only once the slide commits."""
-        for table in DATA_TABLES:
-            if table in tables:
-                self.write_table(table, slide_id, tables[table])
+        for write in self.table_writes(slide_id, tables, geojson):
+            write()
+
+    def table_writes(self, slide_id: str, tables: dict[str, list[dict] | pa.Table],
+                     geojson: dict | str | None = None) -> list[Callable[[], None]]:
+        """`write_tables`' writes, one callable per file, to be run in any order or at once."""
+        writes: list[Callable[[], None]] = [
+            functools.partial(self.write_table, table, slide_id, tables[table])
+            for table in DATA_TABLES if table in tables]
         if geojson is not None:
-            self.write_json("geojson", f"{slide_id}.geojson", geojson)
+            writes.append(functools.partial(self.write_json, "geojson", f"{slide_id}.geojson",
+                                            geojson))
+        return writes
 
     def discard(self, slide_id: str) -> None:
         """Delete an uncommitted slide's tables (it failed after some were written)."""

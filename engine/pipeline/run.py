@@ -509,9 +509,26 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                      max_out_of_focus_percent=pc.max_out_of_focus_percent,
                      count_out_of_focus=pc.count_out_of_focus,
                      red_cell_diameter_um=pc.red_cell_diameter_um,
-                     lobe_merge_um=pc.lobe_merge_um, stain=stages.stain)
+                     lobe_merge_um=pc.lobe_merge_um, stain=stages.stain,
+                     write_threads=cfg.storage.write_threads)
+    try:
+        _run_branches(agg, pending, cfg, mpp, metrics, specimens, cases, stages, branches,
+                      allow_untrained, log)
+    except BaseException:
+        agg.close(raise_failed=False)  # the writes under way finish; the first error stands
+        raise
+    agg.close()  # the writes under way finish, or the first that failed is raised
+    return agg.summary
+
+
+def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: MppOverrides,
+                  metrics: RunMetrics, specimens: Specimens, cases: dict[str, str] | None,
+                  stages, branches: tuple[str, ...], allow_untrained: bool, log) -> None:
+    """`run_pipeline`'s streams: each chunk of the pending slides through its branches, on a
+    local Ray or the cluster's."""
+    pc = cfg.pipeline
     if not pending or not branches:
-        return agg.summary
+        return
     if not ray.is_initialized():
         if not os.environ.get("RAY_ADDRESS") and (why := slow_worker_start()):
             log(f"warning: {why}")  # a local Ray's workers take this process's environment
@@ -543,6 +560,7 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                         stop.set()
                 for f in futures:
                     f.result()  # re-raise the first failure, once both threads have ended
+            agg.flush()  # every slide of the chunk written and committed
             seen = {slide_id_for(e.uri) for e in chunk}
             left = sorted(agg.slides) + sorted(seen - {s["slide_id"] for s in agg.summary})
             if left:  # every task reported, so nothing may remain open
@@ -555,7 +573,6 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     if cfg.storage.stage_shared and any(is_remote(e.uri) for e in pending):
         # kept after a crash, so that the rerun finds the slides already staged
         log(f"staging: removed {purge_staging(cfg.storage)} staged slide copies")
-    return agg.summary
 
 
 @ray.remote(num_cpus=0)

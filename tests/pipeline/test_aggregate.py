@@ -3,6 +3,7 @@ any order, a slide commits once when both are complete, and a slide that fails i
 after the other branch wrote its tables leaves nothing but its failed status."""
 
 import json
+import threading
 
 import numpy as np
 import polars as pl
@@ -65,6 +66,65 @@ def test_commits_once_when_both_branches_are_complete(agg):
     assert st["n_cells"][0] == 3 and st["n_tiles"][0] == 5
     assert len(pl.read_parquet(out / "tiles" / "s1.parquet")) == 2
     assert pl.read_parquet(out / "cellularity" / "s1.parquet")["cellularity_mean"][0] == 50
+
+
+class _SlowStore(OutputStore):
+    """A store whose every file takes 20 ms to write, as an object store's round trip can,
+    and which records the order the files land in; one slide's cells table cannot be
+    written."""
+
+    def __init__(self, root, bad: str | None = None):
+        super().__init__(root, StorageConfig())
+        self.landed, self.bad, self.threads = [], bad, set()
+        self._order = threading.Lock()
+
+    def write_table(self, table, slide_id, rows):
+        import time
+
+        time.sleep(0.02)
+        if slide_id == self.bad and table == "cells":
+            raise OSError(f"SlowDown: {table}/{slide_id} not written")
+        super().write_table(table, slide_id, rows)
+        with self._order:
+            self.landed.append((table, slide_id))
+            self.threads.add(threading.current_thread().name.split("_")[0])
+
+
+def test_writes_beside_the_intake_commit_each_slide_after_its_tables(tmp_path):
+    """``write_threads`` > 1: the tables go to storage on threads of their own while the
+    branches' intake goes on; each slide's status row (its commit) still lands after its own
+    tables, every slide commits once, and a write that fails leaves its slide uncommitted
+    and stops the run."""
+    store = _SlowStore(str(tmp_path / "out"))
+    a = Aggregator(store, "hash", ["cells", "tiles"], [], CODES, 1, ("cells", "tiles"),
+                   log=lambda *_: None, write_threads=4)
+    ids = [f"s{i}" for i in range(12)]
+    for sid in ids:
+        a.add_cells(_cells(sid, [0, 1], 2, _header(sid)))
+        a.add_tiles(_tiles(sid, [0], 1, _header(sid)))
+    a.close()
+    assert store.threads == {"write", "commit"}  # none in the intake's thread
+    assert sorted(r["slide_id"] for r in a.summary) == sorted(ids) and not a.slides
+    order = {f: i for i, f in enumerate(store.landed)}
+    for sid in ids:
+        tables = [order[(t, sid)] for t in ("cells", "differentials", "tiles", "cellularity",
+                                            "slides")]
+        assert max(tables) < order[("slide_status", sid)], sid
+    assert len(store.landed) == 6 * len(ids)
+    # a write that fails: its slide is not committed, the others are, and the error is raised
+    store = _SlowStore(str(tmp_path / "out2"), bad="s3")
+    a = Aggregator(store, "hash", ["cells"], [], CODES, 1, ("cells",), log=lambda *_: None,
+                   write_threads=4)
+    with pytest.raises(OSError, match="SlowDown: cells/s3 not written"):
+        for sid in ids[:6]:  # the intake after the failure is seen stops, or else the close
+            a.add_cells(_cells(sid, [0], 1, _header(sid)))
+        a.close()
+    a.close(raise_failed=False)
+    committed = sorted(p.stem for p in (tmp_path / "out2" / "slide_status").glob("*.parquet"))
+    assert "s3" not in committed and {"s0", "s1", "s2"} <= set(committed)
+    assert sorted(r["slide_id"] for r in a.summary) == committed
+    with pytest.raises(OSError, match="SlowDown"):  # and any intake after it
+        a.add_cells(_cells("s9", [0], 1, _header("s9")))
 
 
 def test_failure_in_one_branch_discards_the_others_tables(agg):
