@@ -24,15 +24,6 @@ def write_result(result: dict, name: str, tag: str = "", echo: bool = True) -> s
     return path
 
 
-MOTO = """
-import logging, sys, time
-from moto.server import ThreadedMotoServer
-logging.getLogger("werkzeug").setLevel(logging.WARNING)
-ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False).start()
-time.sleep(3600)
-"""
-
-
 def moto_server(bucket: str):
     """A moto S3 server in a process of its own on 127.0.0.1, with ``bucket`` made and dummy
     credentials in the environment; returns ``(process, endpoint URL, boto3 client)``: kill
@@ -46,7 +37,9 @@ def moto_server(bucket: str):
         port = sock.getsockname()[1]
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_DEFAULT_REGION": "us-east-1"})
-    server = subprocess.Popen([sys.executable, "-c", MOTO, str(port)])
+    # its own process: a server thread in this one would share the GIL with the clients
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     for _ in range(100):

@@ -20,8 +20,6 @@ import datetime as dt
 import io
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import moto_server, write_result  # noqa: E402
 
 PBC = os.path.join(os.path.dirname(ROOT), "shared", "data", "pbc")
 DUMMY = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
@@ -45,26 +43,11 @@ def main() -> None:
     args = p.parse_args()
     os.environ.update(DUMMY)
 
-    import boto3
-
     from engine.config import StorageConfig
     from engine.train.data import fetch_labelled
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # its own process: a server thread in this one would share the GIL with the clients
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
+    server, endpoint, client = moto_server("cells")
     try:
-        client = boto3.client("s3", endpoint_url=endpoint)
-        client.create_bucket(Bucket="cells")
         with open(os.path.join(PBC, "labels.csv"), newline="") as fh:
             rows = list(csv.DictReader(fh))
         rows = rows[::max(1, len(rows) // args.images)][:args.images]  # every class
