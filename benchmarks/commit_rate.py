@@ -18,9 +18,7 @@ JSON and writes ``benchmarks/results/commit_rate-<hardware>-<date>.json``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,7 +29,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import moto_server, write_result  # noqa: E402
+from benchmarks.common import moto_server, result_head, write_result  # noqa: E402
 from benchmarks.driver_intake import cell_batches, tile_batches  # noqa: E402
 from engine.classes import DEEPHEME_CODES  # noqa: E402
 from engine.config import StorageConfig  # noqa: E402
@@ -92,10 +90,7 @@ def main(argv=None) -> int:
         if server is not None:
             server.kill()
     med = {k: statistics.median(v) for k, v in runs.items()}
-    hardware = f"cpu{os.cpu_count()}"
-    result = {"benchmark": "commit_rate", "hardware": hardware,
-              "cpu": platform.processor() or platform.machine(),
-              "date": dt.date.today().isoformat(),
+    result = {**result_head("commit_rate"),
               "store": "moto, its own process, 127.0.0.1" if server else args.output,
               "slides": args.slides, "tiles_per_slide": args.tiles,
               "cells_per_slide": args.cells, "write_threads": args.write_threads,
@@ -103,7 +98,7 @@ def main(argv=None) -> int:
               "slides_per_s": {k: round(args.slides / v, 1) for k, v in med.items()},
               "ratio_tiles": round(med["tiles_one_by_one"] / med["tiles_threads"], 3),
               "ratio_cells": round(med["cells_one_by_one"] / med["cells_threads"], 3)}
-    write_result(result, f"commit_rate-{hardware}-{result['date']}", args.tag)
+    write_result(result, f"commit_rate-{result['hardware']}-{result['date']}", args.tag)
     return 0
 
 

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def result_head(name: str) -> dict:
+    """The fields every CPU benchmark's result opens with: its name, the hardware
+    (``cpu<N>``, the file name's), the processor and today's date."""
+    return {"benchmark": name, "hardware": f"cpu{os.cpu_count()}",
+            "cpu": platform.processor() or platform.machine(),
+            "date": dt.date.today().isoformat()}
 
 
 def write_result(result: dict, name: str, tag: str = "", echo: bool = True) -> str:

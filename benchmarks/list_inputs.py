@@ -16,9 +16,7 @@ store gives; ``--list`` measures on its own store. Prints JSON and writes
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,7 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import moto_server, write_result  # noqa: E402
+from benchmarks.common import moto_server, result_head, write_result  # noqa: E402
 from engine.errors import SlideError  # noqa: E402
 from engine.slides.storage import FileEntry, stat_file  # noqa: E402
 from jobs.common import (STAT_THREADS, add_storage_args, expand_inputs,  # noqa: E402
@@ -87,15 +85,12 @@ def main(argv=None) -> int:
             if server is not None:
                 server.kill()
     med = {k: statistics.median(v) for k, v in runs.items()}
-    hardware = f"cpu{os.cpu_count()}"
-    result = {"benchmark": "list_inputs", "hardware": hardware,
-              "cpu": platform.processor() or platform.machine(),
-              "date": dt.date.today().isoformat(),
+    result = {**result_head("list_inputs"),
               "store": "a lab's (--list)" if args.list else "moto, its own process, 127.0.0.1",
               "objects": n, "threads": STAT_THREADS, "seconds": runs, "median_s": med,
               "ms_per_object": {k: round(1000 * v / n, 3) for k, v in med.items()},
               "ratio_one_by_one_over_ours": round(med["one_by_one"] / med["ours"], 3)}
-    write_result(result, f"list_inputs-{hardware}-{result['date']}", args.tag)
+    write_result(result, f"list_inputs-{result['hardware']}-{result['date']}", args.tag)
     return 0
 
 
