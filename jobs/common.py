@@ -550,15 +550,18 @@ def committed_slide(store, name: str) -> dict:
 def job_main(main):
     """A job's ``main`` that ends an error hemeflow raises on purpose (`engine.errors.HemeflowError`:
     an input, output, config or checkpoint it refuses, labelled images it cannot read) in
-    ``hemeflow: error: <what and why>`` and exit code 2, not a traceback; so does object
-    storage that cannot be used (`engine.slides.storage.storage_failure`). Every job's ``main``
-    is one (``tests/test_layering.py``)."""
+    ``hemeflow: error: <what and why>`` and exit code 2, not a traceback; so do the system's
+    errors (`OSError`: a path missing, access denied, a disk full) and object storage that
+    cannot be used (`engine.slides.storage.storage_failure`). Every job's ``main`` is one
+    (``tests/test_layering.py``)."""
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except HemeflowError as err:
             return fail(str(err))
+        except OSError as err:  # the system's word: a path missing, access denied, disk full
+            return fail(f"{type(err).__name__}: {err}")
         except Exception as err:  # noqa: BLE001 - re-raised unless storage cannot be used
             if (said := storage_failure(err)) is None:
                 raise

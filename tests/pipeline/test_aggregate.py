@@ -693,3 +693,10 @@ def test_an_output_that_is_a_file_is_refused_in_a_sentence(tmp_path, capsys):
                       (compare_differentials, ["--against", str(tmp_path)])):
         assert job.main(out + more) == 2, job.__name__
         assert "the output" in (err := capsys.readouterr().err) and "is a file" in err, err
+    # the system's refusal, too: a folder that cannot be made
+    (tmp_path / "done").mkdir()
+    OutputStore(str(tmp_path / "done"), StorageConfig()).write_table(
+        "slide_status", "s", [{"slide_id": "s", "uri": "/x/s.svs", "status": "ok"}])
+    assert slide_summary.main(["--output", str(tmp_path / "done"), "--to",
+                               str(tmp_path / "out" / "summary")]) == 2
+    assert "hemeflow: error: NotADirectoryError: " in (err := capsys.readouterr().err), err
