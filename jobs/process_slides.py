@@ -27,6 +27,7 @@ import collections
 import json
 import os
 import sys
+import time
 from typing import NamedTuple
 
 import engine
@@ -261,6 +262,10 @@ def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
     """
     entries = inputs.entries
     store = OutputStore(args.output, cfg.storage)
+    for o in RunLease(store, "process_slides").others(now=time.time()):
+        log(f"another run is writing {store.root}: {o.get('job')} on {o.get('host')} (pid "
+            f"{o.get('pid')}), started {o.get('started_at')}, last heard about "
+            f"{o['silent_s']:.0f} s ago: a run now would be refused until it ends")
     seen: dict = {}  # the slides rows, read once for both looks
     committed = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed, log,
                                  dry_run=True, reprocess_changed=args.reprocess_changed,

@@ -192,9 +192,11 @@ class RunLease:
     def _write(self) -> None:
         self.store.write_json(self.FOLDER, f"{self.run_id}.json", self.doc)
 
-    def others(self) -> list[dict]:
+    def others(self, now: float | None = None) -> list[dict]:
         """The live marks of other runs, each with ``silent_s`` (how long before this run's
-        own mark it was last written) and ``uri``. Needs this run's mark written."""
+        own mark it was last written) and ``uri``; dead runs' marks are cleared. Needs this
+        run's mark written, unless ``now`` (this host's clock) stands in for its time: a look
+        that writes nothing and clears nothing (``--dry-run``)."""
         fs = self.store.fs
         fs.invalidate_cache(self.folder)
         try:
@@ -202,7 +204,7 @@ class RunLease:
         except FileNotFoundError:
             return []
         times = {f["name"].rstrip("/"): _modified(f) for f in found}
-        mine = times.get(self.path.rstrip("/"))
+        mine = now if now is not None else times.get(self.path.rstrip("/"))
         if mine is None:
             mine = _modified(fs.info(self.path))
         live = []
@@ -218,8 +220,9 @@ class RunLease:
                 except (FileNotFoundError, ValueError):
                     continue  # ended and deleted meanwhile, or not a mark
             if silent >= self.stale_s or _ended_here(doc):
-                with contextlib.suppress(OSError):  # a dead run's: cleared, not left to pile up
-                    fs.rm(name)
+                if now is None:
+                    with contextlib.suppress(OSError):  # a dead run's: cleared, not piled up
+                        fs.rm(name)
                 continue
             live.append({**doc, "silent_s": silent,
                          "uri": self.store.uri(self.FOLDER, name.rsplit("/", 1)[-1])})

@@ -111,3 +111,17 @@ def test_leftovers_on_s3_go_in_one_request(s3_server, s3_client):
     left = s3_client.list_objects_v2(Bucket="leftovers", Prefix="run/")["Contents"]
     assert sorted(o["Key"] for o in left) == ["run/cells/s0.parquet", "run/geojson/s0.geojson",
                                              "run/slide_status/s0.parquet"]
+
+
+def test_a_dry_run_says_another_run_is_writing(tmp_path, wsi_dir, capsys):
+    from jobs import process_slides
+
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    with RunLease(store, "process_slides") as lease:
+        assert process_slides.main(["--input", str(wsi_dir / "openslide-python/small.svs"),
+                                    "--output", str(tmp_path / "out"), "--dry-run"]) == 0
+        said = capsys.readouterr().out
+        assert f"another run is writing {tmp_path / 'out'}: process_slides on" in said
+        assert "a run now would be refused until it ends" in said
+        # it looked and left the marks as they were
+        assert os.listdir(tmp_path / "out" / "_running") == [f"{lease.run_id}.json"]
