@@ -228,14 +228,25 @@ class RunLease:
                          "uri": self.store.uri(self.FOLDER, name.rsplit("/", 1)[-1])})
         return live
 
-    def acquire(self) -> None:
-        """Write this run's mark and start its heartbeat.
+    def acquire(self, sleep=time.sleep) -> None:
+        """Write this run's mark and start its heartbeat. Where every other live mark has
+        missed two beats (its run most likely killed on another host: a restarted head, a
+        retried cluster job), wait for it to lapse rather than refuse at once.
 
         Raises:
             OutputInUse: another run's mark is live (this run's own is taken back).
         """
         self._write()
         live = self.others()
+        while live and min(o["silent_s"] for o in live) >= 2 * self.heartbeat_s:
+            o = live[0]
+            print(f"hemeflow: {o.get('job')} on {o.get('host')} (pid {o.get('pid')}) last "
+                  f"wrote {self.store.root} {o['silent_s']:.0f} s ago; waiting up to "
+                  f"{self.stale_s - o['silent_s']:.0f} s for its mark to lapse",
+                  file=sys.stderr, flush=True)
+            sleep(min(self.heartbeat_s, max(self.stale_s - o["silent_s"], 0.0) + 1.0))
+            self._write()  # this run's time, by the storage's clock, moves on
+            live = self.others()
         if live:
             self.release()
             o = live[0]

@@ -65,6 +65,26 @@ def test_a_run_that_died_stops_nobody(tmp_path):
         pass
 
 
+def test_a_mark_that_missed_two_beats_is_waited_out_not_refused(tmp_path, capsys):
+    """A run killed on another host (a restarted head, a cluster job retried at once) leaves
+    a mark that is no longer rewritten: the next run waits for it to lapse."""
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    path = _mark(store, "killed-elsewhere", host="node-7", pid=1)
+    past = time.time() - 0.5
+    os.utime(path, (past, past))
+    waited = []
+    lease = RunLease(store, "process_slides", heartbeat_s=0.2, stale_s=1.0)
+    lease.acquire(sleep=lambda s: (waited.append(s), time.sleep(s)))
+    lease.release()
+    assert waited and sum(waited) < 2.0
+    assert "last wrote" in capsys.readouterr().err
+    # one that beats on is refused at once, without waiting
+    _mark(store, "alive-elsewhere", host="node-8", pid=1)
+    with pytest.raises(OutputInUse, match="node-8"):
+        RunLease(store, "process_slides", heartbeat_s=0.2, stale_s=1.0).acquire(
+            sleep=lambda s: pytest.fail("waited for a live run"))
+
+
 def test_the_mark_is_renewed_while_the_run_goes_on(tmp_path):
     store = OutputStore(str(tmp_path / "out"), StorageConfig())
     with RunLease(store, "process_slides", heartbeat_s=0.05) as lease:
