@@ -68,6 +68,48 @@ class SlideState:
             self.error = (error_type, message)
 
 
+def duration(seconds: float) -> str:
+    """``3 d 4 h``, ``2 h 05 min``, ``7 min``, ``40 s``: a run's time, to the unit that
+    matters."""
+    s = max(int(round(seconds)), 0)
+    if s >= 86_400:
+        return f"{s // 86_400} d {s % 86_400 // 3600} h"
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 60} min" if s >= 60 else f"{s} s"
+
+
+class Progress:
+    """How far a run over many slides is, said at most every ``every_s``: slides committed
+    of ``total``, the rate over the last ``window_s`` (a run slows and speeds with the
+    slides' sizes) and the time left at that rate. An archive's run takes hours or days, and
+    a line per slide says neither how far it is nor when it ends."""
+
+    def __init__(self, total: int, every_s: float = 60.0, window_s: float = 600.0,
+                 clock=time.monotonic):
+        self.total, self.every_s, self.window_s, self.clock = total, every_s, window_s, clock
+        self.done, self.t0 = 0, clock()
+        self.last = self.t0
+        self.times: collections.deque[float] = collections.deque([self.t0])
+
+    def tick(self) -> str | None:
+        """One slide committed; the progress line when one is due (never for the last)."""
+        now = self.clock()
+        self.done += 1
+        self.times.append(now)
+        while len(self.times) > 2 and now - self.times[0] > self.window_s:
+            self.times.popleft()
+        if self.done >= self.total or now - self.last < self.every_s:
+            return None
+        self.last = now
+        span = now - self.times[0]
+        per_s = (len(self.times) - 1) / span if span > 0 else 0.0
+        left = f"; about {duration((self.total - self.done) / per_s)} left" if per_s else ""
+        return (f"progress: {self.done:,} of {self.total:,} slides "
+                f"({100 * self.done / self.total:.1f} %) in {duration(now - self.t0)}; "
+                f"{3600 * per_s:,.0f} slides/h over the last {duration(span)}{left}")
+
+
 class Aggregator:
     """Collects the branch streams' rows per slide and commits each slide once all its tasks in
     every branch are in.
@@ -98,7 +140,7 @@ class Aggregator:
                  count_out_of_focus: bool = False,
                  red_cell_diameter_um: tuple[float, float] | None = None,
                  lobe_merge_um: float | None = None, stain: StainCheck | None = None,
-                 write_threads: int = 1):
+                 write_threads: int = 1, total: int | None = None):
         self.embeddings = embeddings  # an encoder makes tile embeddings (a smear's tiles' use)
         self.max_ood_percent = max_ood_percent
         self.max_out_of_focus_percent = max_out_of_focus_percent
@@ -121,6 +163,7 @@ class Aggregator:
         self._room = threading.BoundedSemaphore(2 * max(write_threads, 1))
         self._under_way: set[Future] = set()
         self._failed: BaseException | None = None
+        self.progress = Progress(total) if total else None  # the run's slides to commit
 
     # ---- intake -------------------------------------------------------------------------
     def _branch(self, sid: str, branch: str, n_tasks, header) -> tuple[SlideState, BranchState]:
@@ -433,7 +476,10 @@ class Aggregator:
                  + (f" ({status['error_type']})" if state.error else "")
                  + f", tiles {status['n_tiles'] or 0}, "
                  f"cells {'-' if status['n_cells'] is None else status['n_cells']}, "
-                 f"{status['seconds']:.1f}s")
+                 f"{status['seconds']:.1f}s"
+                 + (f" [{len(self.summary)}/{self.progress.total}]" if self.progress else ""))
+        if self.progress and (line := self.progress.tick()):
+            self.log(line)
         if empty:
             self.log(f"warning: slide {sid}: no_tissue: {empty}")
         if "pixel_size" in state.warnings and not state.error:

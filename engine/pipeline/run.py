@@ -510,7 +510,7 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                      count_out_of_focus=pc.count_out_of_focus,
                      red_cell_diameter_um=pc.red_cell_diameter_um,
                      lobe_merge_um=pc.lobe_merge_um, stain=stages.stain,
-                     write_threads=cfg.storage.write_threads)
+                     write_threads=cfg.storage.write_threads, total=len(pending))
     try:
         _run_branches(agg, pending, cfg, mpp, metrics, specimens, cases, stages, branches,
                       allow_untrained, log)

@@ -700,3 +700,25 @@ def test_an_output_that_is_a_file_is_refused_in_a_sentence(tmp_path, capsys):
     assert slide_summary.main(["--output", str(tmp_path / "done"), "--to",
                                str(tmp_path / "out" / "summary")]) == 2
     assert "hemeflow: error: NotADirectoryError: " in (err := capsys.readouterr().err), err
+
+
+def test_a_long_run_says_how_far_it_is_and_when_it_ends():
+    from engine.pipeline.aggregate import Progress, duration
+
+    assert [duration(s) for s in (0.4, 40, 420, 7500, 3 * 86_400 + 4 * 3600 + 59)] == \
+        ["0 s", "40 s", "7 min", "2 h 05 min", "3 d 4 h"]
+    now = [0.0]
+    p = Progress(1000, every_s=60, window_s=600, clock=lambda: now[0])
+    lines = []
+    for i in range(1000):
+        now[0] += 10.0 if i < 100 else 5.0  # slides of one size, then smaller ones
+        lines.append(p.tick())
+    said = [line for line in lines if line]
+    assert said[0] == ("progress: 6 of 1,000 slides (0.6 %) in 1 min; 360 slides/h over the "
+                       "last 1 min; about 2 h 45 min left")
+    # the rate is the last 10 minutes', so the faster slides soon set the time left
+    late = said[-1]
+    assert late == ("progress: 992 of 1,000 slides (99.2 %) in 1 h 31 min; 720 slides/h over "
+                    "the last 10 min; about 40 s left")
+    # a line a minute of the run's 5,500 s, none for the last slide (the summary says it)
+    assert lines[-1] is None and 85 <= len(said) <= 92

@@ -274,6 +274,7 @@ def test_an_archive_of_sections_starts_no_cell_actors(ray_local, tmp_path, capsy
                                 "--specimen", "biopsy"]) == 0
     out = capsys.readouterr().out
     assert "branch cells: not run, no slide to process takes it (1 biopsy)" in out
+    assert "s [1/1]\n" in out  # each slide's line says how many of the run's are done
     started = {v for k, v in _actor_classes().items() if k not in before}
     assert "MapWorker(MapBatches(ReadTiles))" in started
     assert not any("DetectCells" in a or "ClassifyCells" in a for a in started), started
