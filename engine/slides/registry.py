@@ -55,7 +55,7 @@ def get_backend(name: str) -> type[SlideReader]:
 def looks_like_slide(uri: str) -> bool:
     """True for names with a slide/image extension or no extension at all (DICOM often has none)."""
     name = uri.rsplit("/", 1)[-1].lower()
-    return name.endswith(SLIDE_EXTENSIONS) or "." not in name
+    return bool(name) and (name.endswith(SLIDE_EXTENSIONS) or "." not in name)
 
 
 def _magic_kind(head: bytes) -> str | None:

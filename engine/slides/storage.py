@@ -126,7 +126,8 @@ def list_files(uri: str, storage: StorageConfig) -> list[FileEntry]:
 
     Hidden files and everything in hidden folders below ``uri`` are skipped (a file server's
     ``.snapshot`` copies of the whole archive, a ``.Trash``), and so are the data folders of
-    MIRAX slides.
+    MIRAX slides and S3's folder markers (the empty ``x/`` keys the S3 console's 'Create
+    folder' makes).
 
     Raises:
         InputError: the path, bucket or prefix does not exist or cannot be listed.
@@ -150,8 +151,9 @@ def list_files(uri: str, storage: StorageConfig) -> list[FileEntry]:
     entries, base = [], path.rstrip("/")
     for key, info in sorted(found.items()):
         below = key.rstrip("/")[len(base):].split("/")  # the parts below the input's root
-        if info.get("type") == "directory" or any(p.startswith(".") for p in below):
-            continue
+        if info.get("type") == "directory" or key.endswith("/") or \
+                any(p.startswith(".") for p in below):
+            continue  # a folder, an S3 folder marker (an empty 'x/' key), or hidden
         entries.append(FileEntry(proto + key if remote else key, info.get("size"), _etag(info)))
     stems = {e.uri[:-5] for e in entries if e.uri.lower().endswith(".mrxs")}
     return [e for e in entries if not _is_companion(e.uri, stems)]

@@ -309,3 +309,17 @@ def test_s3_listing_skips_hidden_folders_below_the_prefix(archive, s3_server, s3
         "s3://archive/hidden/lab/2026/b.svs", "s3://archive/hidden/lab/a.svs"]
     assert [e.uri for e in list_files("s3://archive/hidden/lab/.snapshot", storage)] == [
         "s3://archive/hidden/lab/.snapshot/hourly.0/a.svs"]  # above the root: the user's choice
+
+
+def test_s3_folder_markers_are_no_slides(s3_server, s3_client):
+    """The S3 console's 'Create folder' leaves an empty ``x/`` key: such keys were listed as
+    slides and each failed SlideNotFound ('s3://…/slides/: no such file or object')."""
+    from jobs.process_slides import read_inputs
+
+    s3_client.create_bucket(Bucket="consoled")
+    for key in ("slides/", "slides/a b.svs", "slides/2026/", "slides/2026/Müller #2.svs"):
+        s3_client.put_object(Bucket="consoled", Key=key, Body=b"" if key.endswith("/") else b"x")
+    storage = StorageConfig(endpoint_url=s3_server)
+    want = ["s3://consoled/slides/2026/Müller #2.svs", "s3://consoled/slides/a b.svs"]
+    assert [e.uri for e in list_files("s3://consoled/slides/", storage)] == want
+    assert [e.uri for e in read_inputs("s3://consoled/slides", storage).entries] == want
