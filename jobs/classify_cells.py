@@ -264,6 +264,7 @@ def classify_into(store, args, settings: dict, exports: dict[str, list[str]], mo
     refuses an output classified with other ``settings``."""
     from engine.models import EnsemblePredictor
     from engine.outputs import join_uri, write_bytes
+    from engine.pipeline.aggregate import Progress
     from engine.schema import SCHEMA_VERSION, slide_id_for
     from engine.slides.storage import InputError, normalize_uri
 
@@ -305,7 +306,8 @@ def classify_into(store, args, settings: dict, exports: dict[str, list[str]], mo
          "schema_version": SCHEMA_VERSION}, indent=2, default=str).encode(), storage)
     predictor = EnsemblePredictor([model], chunk=args.batch_size)
     counts = {"ok": 0, "failed": 0}
-    for name in pending:
+    progress = Progress(len(pending))
+    for k, name in enumerate(pending, 1):
         tables, status = classify_slide(ids[name], folders[name], exports[name], predictor, args,
                                         cases.get(name))
         store.commit(ids[name], tables, status)
@@ -315,7 +317,10 @@ def classify_into(store, args, settings: dict, exports: dict[str, list[str]], mo
         print(f"{name}: {status['status']}, {status['n_cells']} cells"
               + (f", blast {blast:.1f} %" if blast is not None else "")
               + (f" ({status['error_message']})" if status.get("error_message") else "")
-              + "".join(f"; {w.split(':')[0]}" for w in status["warnings"]), flush=True)
+              + "".join(f"; {w.split(':')[0]}" for w in status["warnings"])
+              + f" [{k}/{len(pending)}]", flush=True)
+        if line := progress.tick():
+            print(line, flush=True)
     print(f"{counts['ok']} ok, {counts['failed']} failed of {len(pending)} classified; tables "
           f"under {store.root}/<slides|image_cells|differentials|slide_status>/; a row per "
           f"slide: python -m jobs.slide_summary --output {store.root}", flush=True)

@@ -51,6 +51,8 @@ def test_each_export_gets_its_cells_and_differential(exports, tmp_path, capsys):
                                 "blood"]) == 0
     printed = capsys.readouterr().out
     assert "3 exported slide(s)" in printed and "2 ok, 1 failed of 3 classified" in printed
+    assert [line.rsplit(" ", 1)[-1] for line in printed.splitlines() if line.startswith(
+        "slide-")] == ["[1/3]", "[2/3]", "[3/3]"]  # how many of the run's are done
     st = {r["uri"].rsplit("/", 1)[-1]: r for r in
           pl.read_parquet(f"{out}/slide_status/*.parquet").iter_rows(named=True)}
     assert st["slide-c"]["status"] == "failed" and st["slide-c"]["error_type"] == "NoReadableImages"
