@@ -34,7 +34,7 @@ import engine
 from engine.config import Config
 from engine.errors import HemeflowError
 from engine.models import MissingWeights
-from engine.pipeline.commit import OutputStore, RunLease
+from engine.pipeline.commit import OutputStore, RunLease, describe_run
 from engine.pipeline.run import RunMetrics, resolve_stages, run_pipeline
 from engine.schema import SCHEMA_VERSION, STATUSES, slide_id_for
 from engine.slides.inventory import MppOverrides
@@ -263,9 +263,8 @@ def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
     entries = inputs.entries
     store = OutputStore(args.output, cfg.storage)
     for o in RunLease(store, "process_slides").others(now=time.time()):
-        log(f"another run is writing {store.root}: {o.get('job')} on {o.get('host')} (pid "
-            f"{o.get('pid')}), started {o.get('started_at')}, last heard about "
-            f"{o['silent_s']:.0f} s ago: a run now would be refused until it ends")
+        log(f"another run is writing {store.root}: {describe_run(o)}: a run now would be "
+            "refused until it ends")
     seen: dict = {}  # the slides rows, read once for both looks
     committed = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed, log,
                                  dry_run=True, reprocess_changed=args.reprocess_changed,

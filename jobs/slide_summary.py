@@ -15,6 +15,7 @@ import argparse
 import collections
 import io
 import sys
+import time
 
 from jobs.common import add_storage_args, fail, job_main, storage_from_args
 
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     import polars as pl
 
     from engine.outputs import join_uri, write_bytes, write_parquet
-    from engine.pipeline.commit import OutputStore
+    from engine.pipeline.commit import OutputStore, RunLease, describe_run
     from engine.report.summary import slide_summary
     from engine.schema import STATUSES
 
@@ -65,6 +66,9 @@ def main(argv=None) -> int:
                                            else []), "specimen", "status", "n_cells", "denominator",
                              "blast_percent", "me_ratio", "nrbc_per_100_wbc", "platelets_per_wbc",
                              "cellularity_image_analysis", "cellularity_abmil"))
+    for o in RunLease(store, "slide_summary").others(now=time.time()):
+        print(f"a run is writing {store.root} now: {describe_run(o)}; these are the slides it "
+              "has committed so far")
     counts = collections.Counter(summary["status"].to_list())
     print(f"{len(summary)} slides ("
           + ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s] or s != "skipped")

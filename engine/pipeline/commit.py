@@ -251,9 +251,8 @@ class RunLease:
             self.release()
             o = live[0]
             raise OutputInUse(
-                f"{self.store.root} is being written by another run: {o.get('job')} on "
-                f"{o.get('host')} (pid {o.get('pid')}), started {o.get('started_at')}, last "
-                f"heard {o['silent_s']:.0f} s ago ({o['uri']}). Two runs into one output "
+                f"{self.store.root} is being written by another run: {describe_run(o)} "
+                f"({o['uri']}). Two runs into one output "
                 "delete each other's unfinished slides. Wait for it to end (`ray job list` "
                 "shows a submitted one), or write to another --output; if that run is dead, "
                 f"its mark lapses {self.stale_s / 60:.0f} min after it was last heard, or "
@@ -284,6 +283,13 @@ class RunLease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def describe_run(mark: dict) -> str:
+    """Another run, from its mark (`RunLease.others`): ``process_slides on node-7 (pid 12),
+    started 2026-12-05 18:05:27 UTC, last heard 12 s ago``."""
+    return (f"{mark.get('job')} on {mark.get('host')} (pid {mark.get('pid')}), started "
+            f"{mark.get('started_at')}, last heard {mark['silent_s']:.0f} s ago")
 
 
 def _modified(info: dict) -> float:

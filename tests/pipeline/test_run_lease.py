@@ -133,7 +133,7 @@ def test_leftovers_on_s3_go_in_one_request(s3_server, s3_client):
                                              "run/slide_status/s0.parquet"]
 
 
-def test_a_dry_run_says_another_run_is_writing(tmp_path, wsi_dir, capsys):
+def test_a_dry_run_and_a_summary_say_another_run_is_writing(tmp_path, wsi_dir, capsys):
     from jobs import process_slides
 
     store = OutputStore(str(tmp_path / "out"), StorageConfig())
@@ -145,3 +145,11 @@ def test_a_dry_run_says_another_run_is_writing(tmp_path, wsi_dir, capsys):
         assert "a run now would be refused until it ends" in said
         # it looked and left the marks as they were
         assert os.listdir(tmp_path / "out" / "_running") == [f"{lease.run_id}.json"]
+        # a summary of the slides committed so far says the run goes on
+        from jobs import slide_summary
+
+        store.write_table("slide_status", "s", [{"slide_id": "s", "uri": "/x/s.svs",
+                                                  "status": "ok"}])
+        assert slide_summary.main(["--output", str(tmp_path / "out")]) == 0
+        assert "process_slides on" in (said := capsys.readouterr().out)
+        assert "these are the slides it has committed so far" in said
