@@ -12,7 +12,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -556,8 +558,15 @@ def job_main(main):
     (``tests/test_layering.py``)."""
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
+        previous = _stop_on_sigterm()
         try:
             return main(*args, **kwargs)
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (`_stop_on_sigterm`)
+            code = 143 if isinstance(err, Terminated) else 130
+            print(f"hemeflow: stopped ({'SIGTERM' if code == 143 else 'interrupted'}): the "
+                  "slides committed stay committed, and the same command run again goes on "
+                  "from them", file=sys.stderr)
+            return code
         except HemeflowError as err:
             return fail(str(err))
         except OSError as err:  # the system's word: a path missing, access denied, disk full
@@ -566,8 +575,30 @@ def job_main(main):
             if (said := storage_failure(err)) is None:
                 raise
             return fail(said)
+        finally:
+            if previous is not False:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     wrapped.job_main = True
     return wrapped
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C is: ``ray job stop``, a Kubernetes pod
+    deleted or preempted (30 s before its SIGKILL, by default)."""
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM stop a job as Ctrl-C does, so that its ``finally`` blocks run: the writes
+    under way end and their slides commit, the run's mark leaves the output (``ray.init``
+    puts its own in, which exits as well). Returns the handler it replaced (None: one not set
+    from Python), or False off the main thread, where signals cannot be set."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def fail(message: str, code: int = 2) -> int:

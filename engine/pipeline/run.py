@@ -417,8 +417,8 @@ def _consume(branch: str, ds: ray.data.Dataset, agg: Aggregator, metrics: RunMet
     t0 = time.perf_counter()
     add = agg.add_cells if branch == "cells" else agg.add_tiles
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        if stop.is_set():  # the other branch failed: leave, which shuts this stream down
-            break
+        if stop.is_set():  # the other branch failed, or the job is stopped: leave, which
+            break  # shuts this stream down
         with metrics.lock:
             first = metrics.first_batch(branch, t0)
             metrics.add_batch(batch)
@@ -555,9 +555,13 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
                                        branch_dataset(b, items, cfg, mpp, res, stages.encoder,
                                                       allow_untrained, reserved),
                                        agg, metrics, stop) for b in branches]
-                for f in as_completed(futures):
-                    if f.exception() is not None:
-                        stop.set()
+                try:
+                    for f in as_completed(futures):
+                        if f.exception() is not None:
+                            stop.set()
+                except BaseException:  # Ctrl-C or SIGTERM: the streams end at their next batch
+                    stop.set()
+                    raise
                 for f in futures:
                     f.result()  # re-raise the first failure, once both threads have ended
             agg.flush()  # every slide of the chunk written and committed

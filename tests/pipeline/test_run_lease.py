@@ -153,3 +153,30 @@ def test_a_dry_run_and_a_summary_say_another_run_is_writing(tmp_path, wsi_dir, c
         assert slide_summary.main(["--output", str(tmp_path / "out")]) == 0
         assert "process_slides on" in (said := capsys.readouterr().out)
         assert "these are the slides it has committed so far" in said
+
+
+def test_sigterm_stops_a_job_as_ctrl_c_does_and_its_mark_leaves(tmp_path, capsys):
+    """``ray job stop`` or a deleted Kubernetes pod send SIGTERM: the job stops through its
+    ``finally`` blocks (its mark leaves the output, so a rerun elsewhere need not wait for it
+    to lapse) and says so, where it died on the spot."""
+    import signal
+
+    from jobs.common import job_main
+
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    before = signal.getsignal(signal.SIGTERM)
+
+    @job_main
+    def main():
+        with RunLease(store, "classify_cells"):
+            assert os.listdir(tmp_path / "out" / "_running")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # interrupted at once
+        return 0
+
+    t0 = time.perf_counter()
+    assert main() == 143 and time.perf_counter() - t0 < 4
+    assert "hemeflow: stopped (SIGTERM): the slides committed stay committed" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out" / "_running").exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # put back as it was
