@@ -550,12 +550,13 @@ def committed_slide(store, name: str) -> dict:
 
 
 def job_main(main):
-    """A job's ``main`` that ends an error hemeflow raises on purpose (`engine.errors.HemeflowError`:
-    an input, output, config or checkpoint it refuses, labelled images it cannot read) in
-    ``hemeflow: error: <what and why>`` and exit code 2, not a traceback; so do the system's
-    errors (`OSError`: a path missing, access denied, a disk full) and object storage that
-    cannot be used (`engine.slides.storage.storage_failure`). Every job's ``main`` is one
-    (``tests/test_layering.py``)."""
+    """A job's ``main`` that ends an error hemeflow raises on purpose
+    (`engine.errors.HemeflowError`: an input, output, config or checkpoint it refuses,
+    labelled images it cannot read) in ``hemeflow: error: <what and why>`` and exit code 2,
+    not a traceback; so do the system's errors (`OSError`: a path missing, access denied, a
+    disk full) and object storage that cannot be used (`engine.slides.storage.storage_failure`).
+    Ctrl-C and SIGTERM stop it through its cleanup, saying so (exit 130 and 143). Every job's
+    ``main`` is one (``tests/test_layering.py``)."""
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         previous = _stop_on_sigterm()
@@ -563,9 +564,9 @@ def job_main(main):
             return main(*args, **kwargs)
         except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (`_stop_on_sigterm`)
             code = 143 if isinstance(err, Terminated) else 130
-            print(f"hemeflow: stopped ({'SIGTERM' if code == 143 else 'interrupted'}): the "
-                  "slides committed stay committed, and the same command run again goes on "
-                  "from them", file=sys.stderr)
+            print(f"hemeflow: stopped ({'SIGTERM' if code == 143 else 'interrupted'}): what it "
+                  "committed stays (process_slides and classify_cells go on from it when run "
+                  "again)", file=sys.stderr)
             return code
         except HemeflowError as err:
             return fail(str(err))
@@ -590,8 +591,8 @@ class Terminated(KeyboardInterrupt):
 def _stop_on_sigterm():
     """Make SIGTERM stop a job as Ctrl-C does, so that its ``finally`` blocks run: the writes
     under way end and their slides commit, the run's mark leaves the output (``ray.init``
-    puts its own in, which exits as well). Returns the handler it replaced (None: one not set
-    from Python), or False off the main thread, where signals cannot be set."""
+    puts in a handler of its own). Returns the handler it replaced (None: one not set from
+    Python), or False off the main thread, where signals cannot be set."""
     if threading.current_thread() is not threading.main_thread():
         return False
 

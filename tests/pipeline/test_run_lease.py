@@ -176,7 +176,6 @@ def test_sigterm_stops_a_job_as_ctrl_c_does_and_its_mark_leaves(tmp_path, capsys
 
     t0 = time.perf_counter()
     assert main() == 143 and time.perf_counter() - t0 < 4
-    assert "hemeflow: stopped (SIGTERM): the slides committed stay committed" in \
-        capsys.readouterr().err
+    assert "hemeflow: stopped (SIGTERM): what it committed stays" in capsys.readouterr().err
     assert not (tmp_path / "out" / "_running").exists()
     assert signal.getsignal(signal.SIGTERM) == before  # put back as it was
