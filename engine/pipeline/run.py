@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -533,7 +534,10 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
         if not os.environ.get("RAY_ADDRESS") and (why := slow_worker_start()):
             log(f"warning: {why}")  # a local Ray's workers take this process's environment
         check_ray_address()
+        job_stop = signal.getsignal(signal.SIGTERM)
         ray.init()  # joins the cluster under `ray job submit`, else starts a local one
+        if callable(job_stop) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, job_stop)  # the job's own stop (jobs.common.job_main)
     resources = ray.cluster_resources()
     res = plan_resources(int(resources.get("CPU", 1)), resources.get("GPU", 0), pc, branches,
                          stages.encoder, min(len(pending), pc.slides_per_chunk or len(pending)),
@@ -556,8 +560,11 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
                                                       allow_untrained, reserved),
                                        agg, metrics, stop) for b in branches]
                 try:
-                    for f in as_completed(futures):
-                        if f.exception() is not None:
+                    running = set(futures)
+                    while running:  # woken each second: a signal's handler runs only then,
+                        done, running = wait(running, timeout=1.0,  # in this thread
+                                             return_when=FIRST_COMPLETED)
+                        if any(f.exception() is not None for f in done):
                             stop.set()
                 except BaseException:  # Ctrl-C or SIGTERM: the streams end at their next batch
                     stop.set()

@@ -112,3 +112,49 @@ def test_sigkill_then_rerun_writes_every_slide_exactly_once(ray_local, smear_sli
     n = int((unclassified & cells["slide_id"].str.starts_with("smear-0-")).sum())
     assert f"{n} platelet-sized detection(s) not classified" in capsys.readouterr().out
     assert (tmp_path / "g.png").stat().st_size > 0
+
+
+def test_sigterm_stops_the_driver_through_its_cleanup(ray_local, smear_slide, tmp_path,
+                                                       capsys):
+    """``ray job stop``, or a Kubernetes pod deleted, sends the driver SIGTERM. Its main
+    thread, blocked on the streams, ran on to the last slide and then exited through Ray's
+    handler (15 here; 134, an abort, on a Ray of its own). Now it wakes each second: the
+    streams end at their next batch, the writes under way finish, the mark leaves and the job
+    says so (143). The rerun finishes the rest, every slide once."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(N_SLIDES):
+        shutil.copy(smear_slide, inp / f"smear-{i}.tif")
+    out = tmp_path / "out"
+    cfg = tmp_path / "small-batches.yaml"
+    cfg.write_text(CONFIG)
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_COMMIT_DRIVER, *_args(inp, out, cfg)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if list((out / "slide_status").glob("*.parquet")):
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, err[-3000:]
+    assert "hemeflow: stopped (SIGTERM): what it committed stays" in err
+    assert not (out / "_running").exists()  # its mark left with it
+    committed = sorted(p.stem for p in (out / "slide_status").glob("*.parquet"))
+    for table in ("slides", "differentials"):  # each committed slide whole
+        assert set(committed) <= {p.stem for p in (out / table).glob("*.parquet")}, table
+    from jobs import process_slides
+
+    assert process_slides.main(_args(inp, out, cfg)) == 0
+    assert f"{len(committed)} already committed" in capsys.readouterr().out
+    status = pl.read_parquet(f"{out}/slide_status/*.parquet")
+    assert len(status) == N_SLIDES and status["slide_id"].n_unique() == N_SLIDES
