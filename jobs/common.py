@@ -563,7 +563,8 @@ def job_main(main):
         try:
             return main(*args, **kwargs)
         except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (`_stop_on_sigterm`)
-            code = 143 if isinstance(err, Terminated) else 130
+            # Ray Train turns what stops its fit into a KeyboardInterrupt of its own
+            code = 143 if isinstance(err, Terminated) or _SIGTERM.is_set() else 130
             print(f"hemeflow: stopped ({'SIGTERM' if code == 143 else 'interrupted'}): what it "
                   "committed stays (process_slides and classify_cells go on from it when run "
                   "again)", file=sys.stderr)
@@ -583,6 +584,9 @@ def job_main(main):
     return wrapped
 
 
+_SIGTERM = threading.Event()  # set by the job's SIGTERM handler
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread as Ctrl-C is: ``ray job stop``, a Kubernetes pod
     deleted or preempted (30 s before its SIGKILL, by default)."""
@@ -595,8 +599,10 @@ def _stop_on_sigterm():
     Python), or False off the main thread, where signals cannot be set."""
     if threading.current_thread() is not threading.main_thread():
         return False
+    _SIGTERM.clear()
 
     def stop(signum, frame):
+        _SIGTERM.set()
         raise Terminated()
 
     return signal.signal(signal.SIGTERM, stop)

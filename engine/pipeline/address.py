@@ -1,9 +1,13 @@
-"""The cluster a job joins: ``RAY_ADDRESS`` checked before ``ray.init`` waits on it."""
+"""The cluster a job joins: ``RAY_ADDRESS`` checked before ``ray.init`` waits on it, and the
+job's SIGTERM handler kept across it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import threading
 
 from engine.errors import HemeflowError
 
@@ -34,3 +38,16 @@ def check_ray_address(timeout_s: float = 5.0) -> None:
             f"no Ray cluster answers at RAY_ADDRESS={address} ({err}): start it (ray start "
             "--head on that host), correct the address, or unset RAY_ADDRESS to run on a Ray "
             "of this machine's own") from None
+
+
+@contextlib.contextmanager
+def keep_sigterm_handler():
+    """Put the job's own SIGTERM handler back after what runs inside (``ray.init``, which puts
+    in Ray's: a ``sys.exit`` from Python, and from its core an abort, exit 134), so that SIGTERM
+    stops a job as Ctrl-C does (`jobs.common.job_main`)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import os
-import signal
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -25,7 +24,7 @@ from engine.classes import DEEPHEME_CODES
 from engine.config import NO_MODEL, Config, ConfigError
 from engine.errors import HemeflowError
 from engine.models import EnsemblePredictor, MissingWeights, create_model
-from engine.pipeline.address import check_ray_address
+from engine.pipeline.address import check_ray_address, keep_sigterm_handler
 from engine.pipeline.aggregate import Aggregator
 from engine.pipeline.commit import OutputStore
 from engine.pipeline.steps import (READY_PREFIXES, ClassifyCells, DetectCells, EncodeTiles,
@@ -534,10 +533,8 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
         if not os.environ.get("RAY_ADDRESS") and (why := slow_worker_start()):
             log(f"warning: {why}")  # a local Ray's workers take this process's environment
         check_ray_address()
-        job_stop = signal.getsignal(signal.SIGTERM)
-        ray.init()  # joins the cluster under `ray job submit`, else starts a local one
-        if callable(job_stop) and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, job_stop)  # the job's own stop (jobs.common.job_main)
+        with keep_sigterm_handler():
+            ray.init()  # joins the cluster under `ray job submit`, else starts a local one
     resources = ray.cluster_resources()
     res = plan_resources(int(resources.get("CPU", 1)), resources.get("GPU", 0), pc, branches,
                          stages.encoder, min(len(pending), pc.slides_per_chunk or len(pending)),

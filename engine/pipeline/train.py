@@ -13,7 +13,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from engine.pipeline.address import check_ray_address
+from engine.pipeline.address import check_ray_address, keep_sigterm_handler
 
 HEALTH_CHECK_INTERVAL_S = 0.25  # Ray Train's controller's polling interval (`run_ray_training`)
 
@@ -58,7 +58,9 @@ def start_ray(log_to_driver: bool = True) -> None:
     to start here)."""
     if not ray.is_initialized():
         check_ray_address()
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
+        with keep_sigterm_handler():
+            ray.init(include_dashboard=True, dashboard_host="127.0.0.1",
+                     log_to_driver=log_to_driver)
 
 
 def warn_if_not_shared(folder: str) -> bool:

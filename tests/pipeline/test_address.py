@@ -49,3 +49,22 @@ def test_process_slides_says_so_before_ray_init_waits(monkeypatch, tmp_path, cap
                                 "--output", str(tmp_path / "out"), "--specimen", "biopsy"]) == 2
     assert "no Ray cluster answers at RAY_ADDRESS=127.0.0.1:" in capsys.readouterr().err
     assert not (tmp_path / "out" / "_running").exists()  # the run's mark went with it
+
+
+def test_the_jobs_sigterm_handler_outlives_ray_init():
+    """``ray.init`` puts in Ray's SIGTERM handler (a sys.exit, and from its core an abort:
+    exit 134 for a training job); the job's own, which stops it as Ctrl-C does, is put back."""
+    import signal
+
+    from engine.pipeline.address import keep_sigterm_handler
+
+    def jobs(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, jobs)
+    try:
+        with keep_sigterm_handler():
+            signal.signal(signal.SIGTERM, lambda signum, frame: None)  # as ray.init does
+        assert signal.getsignal(signal.SIGTERM) is jobs
+    finally:
+        signal.signal(signal.SIGTERM, before)
