@@ -158,7 +158,7 @@ def expand_inputs(uri: str, storage: StorageConfig) -> list[FileEntry]:
 
     Entries of a list that do not exist are kept (size unknown) so they end as status rows.
     A list's files are looked up ``STAT_THREADS`` at a time: one request each on S3, whose
-    round trips one after another held a list of 50,000 slides for many minutes.
+    round trips one after another add up to many minutes for a list of 50,000 slides.
     """
     if uri.lower().endswith(LIST_SUFFIXES):
         items = once_each(read_uri_list(uri, storage), uri)

@@ -126,7 +126,7 @@ class Aggregator:
     With ``write_threads`` above 1 the writes go to storage on threads of their own (the
     tables ``write_threads`` at once, each commit marker after its slide's tables), so the
     branches' intake goes on meanwhile: on S3 each write is a round trip of tens of ms, and one
-    after another in the intake they held a GPU's tiles branch to a few slides/s. At most
+    after another in the intake they would hold a GPU's tiles branch to a few slides/s. At most
     ``2 * write_threads`` writes are under way (the intake waits beyond that: memory stays
     bounded); `flush` waits for them and raises the first that failed, and a failure also
     stops the next intake. ``write_threads`` 1 writes in the intake, as before.

@@ -102,8 +102,8 @@ class OutputStore:
 
     def clean_partial(self) -> list[str]:
         """Delete files of slides that never committed; returns their slide ids. The files go
-        in one call (S3 deletes up to 1,000 objects a request): one request per file took a
-        reprocessed archive's hours."""
+        in one call (S3 deletes up to 1,000 objects a request), where one request per file
+        adds up to hours for a reprocessed archive of tens of thousands of slides."""
         done = self.committed()
         base = self.path.rstrip("/")
         doomed = {(table, ".parquet", sid) for table in DATA_TABLES
