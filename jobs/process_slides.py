@@ -328,17 +328,32 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def print_summary(rows: list[dict]) -> None:
+SUMMARY_ROWS = 40  # the end-of-run table's rows at most
+
+
+def print_summary(rows: list[dict], output: str = "", most: int = SUMMARY_ROWS) -> None:
+    """The run's slides as a table. An archive's run lists its failed, skipped and flagged
+    slides first and at most ``most`` rows, then says how many it left out: a line per slide
+    was printed as each committed, and 50,000 more at the end would bury what needs a look."""
     if not rows:
         return
+    shown = rows
+    if len(rows) > most:
+        rank = {"failed": 0, "skipped": 1}
+        shown = sorted(rows, key=lambda r: rank.get(r["status"], 3 if not r.get("warnings")
+                                                    else 2))[:most]
     print(f"\n{'slide_id':<44} {'status':<7} {'tiles':>6} {'cells':>6} {'secs':>6}  "
           f"reason / review")
-    for r in rows:
+    for r in shown:
         reason = f"{r['error_type']}: {r['error_message'] or ''}" if r["error_type"] else \
             "; ".join(r.get("warnings") or [])
         cells = "-" if r["n_cells"] is None else r["n_cells"]  # none looked for
         print(f"{r['slide_id']:<44} {r['status']:<7} {r['n_tiles'] or 0:>6} "
               f"{cells:>6} {r['seconds']:>6.1f}  {reason[:90]}")
+    if len(rows) > len(shown):
+        clean = sum(r["status"] == "ok" and not r.get("warnings") for r in rows)
+        print(f"… and {len(rows) - len(shown)} more ({clean} ok without a flag in all); every "
+              f"slide: python -m jobs.slide_summary --output {output}")
 
 
 @job_main
@@ -372,7 +387,7 @@ def main(argv=None) -> int:
         return fail(str(err))
     except (HemeflowError, OSError) as err:
         return fail(str(err))
-    print_summary(rows)
+    print_summary(rows, args.output)
     if metrics.wall:
         print(metrics.line())
     counts = collections.Counter(r["status"] for r in rows)

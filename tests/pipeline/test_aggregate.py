@@ -722,3 +722,24 @@ def test_a_long_run_says_how_far_it_is_and_when_it_ends():
                     "the last 10 min; about 40 s left")
     # a line a minute of the run's 5,500 s, none for the last slide (the summary says it)
     assert lines[-1] is None and 85 <= len(said) <= 92
+
+
+def test_an_archives_summary_table_lists_what_needs_a_look_first(capsys):
+    from jobs.process_slides import print_summary
+
+    def row(i, status="ok", warnings=(), error=None):
+        return {"slide_id": f"s{i}", "status": status, "n_tiles": 4, "n_cells": 10,
+                "seconds": 1.0, "warnings": list(warnings), "error_type": error,
+                "error_message": "why" if error else None}
+
+    rows = [row(i) for i in range(50)]
+    rows[30] = row(30, "failed", error="SlideCorrupt")
+    rows[40] = row(40, warnings=["stain: pale"])
+    rows[45] = row(45, "skipped", error="NoStageForSpecimen")
+    print_summary(rows, "out", most=5)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines[1:6]] == ["s30", "s45", "s40", "s0", "s1"]
+    assert lines[-1] == ("… and 45 more (47 ok without a flag in all); every slide: python -m "
+                         "jobs.slide_summary --output out")
+    print_summary(rows[:5], "out", most=5)  # a short run: every row, in its order
+    assert len(capsys.readouterr().out.strip().splitlines()) == 6
