@@ -169,9 +169,7 @@ def expand_inputs(uri: str, storage: StorageConfig) -> list[FileEntry]:
             except SlideError:
                 return FileEntry(item)
 
-        if len(items) < 2:
-            return [entry(i) for i in items]
-        with ThreadPoolExecutor(min(STAT_THREADS, len(items)), "stat") as pool:
+        with ThreadPoolExecutor(max(1, min(STAT_THREADS, len(items))), "stat") as pool:
             return list(pool.map(entry, items))
     return list_files(uri, storage)
 

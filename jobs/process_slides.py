@@ -27,14 +27,13 @@ import collections
 import json
 import os
 import sys
-import time
 from typing import NamedTuple
 
 import engine
 from engine.config import Config
 from engine.errors import HemeflowError
 from engine.models import MissingWeights
-from engine.pipeline.commit import OutputStore, RunLease, describe_run
+from engine.pipeline.commit import OutputStore, RunLease, describe_run, runs_writing
 from engine.pipeline.run import RunMetrics, resolve_stages, run_pipeline
 from engine.schema import SCHEMA_VERSION, STATUSES, slide_id_for
 from engine.slides.inventory import MppOverrides
@@ -262,7 +261,7 @@ def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
     """
     entries = inputs.entries
     store = OutputStore(args.output, cfg.storage)
-    for o in RunLease(store, "process_slides").others(now=time.time()):
+    for o in runs_writing(store):
         log(f"another run is writing {store.root}: {describe_run(o)}: a run now would be "
             "refused until it ends")
     seen: dict = {}  # the slides rows, read once for both looks

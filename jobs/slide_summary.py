@@ -15,7 +15,6 @@ import argparse
 import collections
 import io
 import sys
-import time
 
 from jobs.common import add_storage_args, fail, job_main, storage_from_args
 
@@ -44,7 +43,7 @@ def main(argv=None) -> int:
     import polars as pl
 
     from engine.outputs import join_uri, write_bytes, write_parquet
-    from engine.pipeline.commit import OutputStore, RunLease, describe_run
+    from engine.pipeline.commit import OutputStore, describe_run, runs_writing
     from engine.report.summary import slide_summary
     from engine.schema import STATUSES
 
@@ -66,7 +65,7 @@ def main(argv=None) -> int:
                                            else []), "specimen", "status", "n_cells", "denominator",
                              "blast_percent", "me_ratio", "nrbc_per_100_wbc", "platelets_per_wbc",
                              "cellularity_image_analysis", "cellularity_abmil"))
-    for o in RunLease(store, "slide_summary").others(now=time.time()):
+    for o in runs_writing(store):
         print(f"a run is writing {store.root} now: {describe_run(o)}; these are the slides it "
               "has committed so far")
     counts = collections.Counter(summary["status"].to_list())

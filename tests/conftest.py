@@ -234,3 +234,21 @@ def s3_requests() -> Iterator[list[str]]:
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
+
+
+def sigterm_when(proc: subprocess.Popen, ready, timeout_s: float = 240) -> str:
+    """Send ``proc`` (started in a session of its own, text output) SIGTERM once ``ready()``
+    or once it has ended, and wait for it; returns what it printed. Its process group is
+    killed if it outlives the wait."""
+    import time
+
+    try:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        return "".join(out for out in proc.communicate(timeout=120) if out)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

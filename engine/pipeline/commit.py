@@ -285,6 +285,12 @@ class RunLease:
         self.release()
 
 
+def runs_writing(store: OutputStore) -> list[dict]:
+    """The runs writing ``store`` now, by their live marks (`RunLease.others`), read by this
+    host's clock; writes nothing and clears nothing (a dry run's or a summary's look)."""
+    return RunLease(store, "look").others(now=time.time())
+
+
 def describe_run(mark: dict) -> str:
     """Another run, from its mark (`RunLease.others`): ``process_slides on node-7 (pid 12),
     started 2026-12-05 18:05:27 UTC, last heard 12 s ago``."""

@@ -21,7 +21,7 @@ import time
 import polars as pl
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sigterm_when
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 N_SLIDES = 8
@@ -134,18 +134,7 @@ def test_sigterm_stops_the_driver_through_its_cleanup(ray_local, smear_slide, tm
     proc = subprocess.Popen([sys.executable, "-c", SLOW_COMMIT_DRIVER, *_args(inp, out, cfg)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if list((out / "slide_status").glob("*.parquet")):
-                break
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        err = proc.communicate(timeout=120)[1]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    err = sigterm_when(proc, lambda: any((out / "slide_status").glob("*.parquet")))
     assert proc.returncode == 143, err[-3000:]
     assert "hemeflow: stopped (SIGTERM): what it committed stays" in err
     assert not (out / "_running").exists()  # its mark left with it

@@ -155,52 +155,38 @@ from engine.pipeline.train import run_ray_training
 from jobs.common import job_main
 
 def sleep(config, session):
-    import time
-    print("training", flush=True)
+    import pathlib, time
+    pathlib.Path(config["marker"]).touch()  # training
     time.sleep(120)
 
 @job_main
 def main():
-    run_ray_training(sleep, {}, num_workers=1, use_gpu=False, storage_path=tempfile.mkdtemp(),
-                     name="stopped")
+    run_ray_training(sleep, {"marker": sys.argv[1]}, num_workers=1, use_gpu=False,
+                     storage_path=tempfile.mkdtemp(), name="stopped")
     return 0
 
 sys.exit(main())
 """
 
 
-def test_sigterm_stops_a_training_job_as_ctrl_c_does(ray_local):
+def test_sigterm_stops_a_training_job_as_ctrl_c_does(ray_local, tmp_path):
     """``ray job stop`` sends SIGTERM: a training driver ended through the handler
     ``ray.init`` had put in (exit 1 here, joining a cluster; an abort, 134, on a Ray of its
     own). The job's own is put back after it: the fit stops through its cleanup and the job
     says so (143)."""
-    import signal
     import subprocess
     import sys
-    import time
 
     import ray
 
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, sigterm_when
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-c", SLEEPING_FIT], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        seen = ""
-        while time.time() < deadline and "training" not in seen:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            seen += line
-        assert "training" in seen, seen[-3000:]
-        proc.send_signal(signal.SIGTERM)
-        out = seen + proc.communicate(timeout=90)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    training = tmp_path / "training"
+    proc = subprocess.Popen([sys.executable, "-c", SLEEPING_FIT, str(training)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    out = sigterm_when(proc, training.exists, timeout_s=180)
+    assert training.exists(), out[-3000:]
     assert proc.returncode == 143, out[-3000:]
     assert "hemeflow: stopped (SIGTERM)" in out
