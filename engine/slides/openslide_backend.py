@@ -161,18 +161,22 @@ class OpenSlideReader:
                                             self._path) from err
         return composite_rgba(rgba, self._background)
 
-    def read_thumbnail(self, max_size: tuple[int, int]) -> np.ndarray:
-        """The level OpenSlide's ``get_thumbnail`` would take (the best for the downsample),
-        decoded directly where it can be (a quarter of the time: OpenSlide composites the level
-        through cairo), reduced by `fit_thumbnail`."""
+    def thumbnail_level(self, max_size: tuple[int, int]) -> int:
+        """The level OpenSlide's ``get_thumbnail`` would take for ``max_size``: the best for
+        its downsample."""
         size = tuple(max(int(v), 1) for v in max_size)
-        level = self._slide.get_best_level_for_downsample(
+        return self._slide.get_best_level_for_downsample(
             max(d / t for d, t in zip(self.info.dimensions, size)))
+
+    def read_thumbnail(self, max_size: tuple[int, int]) -> np.ndarray:
+        """The `thumbnail_level`, decoded directly where it can be (a quarter of the time:
+        OpenSlide composites the level through cairo), reduced by `fit_thumbnail`."""
+        level = self.thumbnail_level(max_size)
         dims = self.info.level_dimensions[level]
         whole = self._read_direct(level, 0, 0, *dims)
         if whole is None:
             whole = self._read_openslide(level, 0, 0, *dims)
-        return fit_thumbnail(whole, size)
+        return fit_thumbnail(whole, tuple(max(int(v), 1) for v in max_size))
 
     def close(self) -> None:
         if self._jpeg is not None:

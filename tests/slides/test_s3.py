@@ -20,6 +20,7 @@ from engine.slides import open_slide
 from engine.slides.storage import StagingArea, list_files
 from jobs import inventory
 from tests.conftest import upload_tree
+from tests.slides.test_header_copy import SPARSE
 
 pytestmark = pytest.mark.s3
 
@@ -39,10 +40,18 @@ def _fs(endpoint):
     return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
 
 
-def test_inventory_on_s3_equals_inventory_on_disk(archive, s3_server, wsi_dir, tmp_path, capsys):
+def test_inventory_on_s3_equals_inventory_on_disk(archive, s3_server, wsi_dir, tmp_path, capsys,
+                                                  monkeypatch):
     assert inventory.main(["--input", str(wsi_dir), "--output", str(tmp_path / "local")]) == 0
+    staged, download = [], StagingArea._download
+    monkeypatch.setattr(StagingArea, "_download",
+                        lambda self, uri, *a: staged.append(uri) or download(self, uri, *a))
     assert inventory.main(["--input", archive, "--output", "s3://results/inv",
                            "--s3-endpoint", s3_server]) == 0
+    # the slides OpenSlide reads from a sparse copy of their structure are never staged whole
+    assert {u[len(archive) + 1:] for u in staged} == \
+        {p.relative_to(wsi_dir).as_posix() for p in wsi_dir.rglob("*")
+         if p.suffix not in (".txt", ".json") and p.is_file()} - set(SPARSE)
     printed = capsys.readouterr()
     local = pl.read_parquet(f"{tmp_path}/local/slides/**/*.parquet")
     with _fs(s3_server).open("results/inv/slides/slides.parquet", "rb") as fh:
