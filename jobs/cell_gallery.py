@@ -92,13 +92,14 @@ def read_crops(reader, rows, mpp: float, size: tuple[int, int], px: int = CROP_P
     import cv2
 
     side = max(1, int(round(px * CROP_MPP / mpp)))
-    crops = []
-    for x, y in zip(rows["x"].to_list(), rows["y"].to_list()):
-        x0 = int(np.clip(round(x - side / 2), 0, max(size[0] - side, 0)))
-        y0 = int(np.clip(round(y - side / 2), 0, max(size[1] - side, 0)))
-        region = reader.read_region(0, x0, y0, min(side, size[0]), min(side, size[1]))
-        crops.append(cv2.resize(np.ascontiguousarray(region), (px, px),
-                                interpolation=cv2.INTER_AREA))
+    regions = [(int(np.clip(round(x - side / 2), 0, max(size[0] - side, 0))),
+                int(np.clip(round(y - side / 2), 0, max(size[1] - side, 0))),
+                min(side, size[0]), min(side, size[1]))
+               for x, y in zip(rows["x"].to_list(), rows["y"].to_list())]
+    if hasattr(reader, "prefetch"):  # a sparse copy (`open_slide(sparse=True)`) fetches by range
+        reader.prefetch(0, regions)
+    crops = [cv2.resize(np.ascontiguousarray(reader.read_region(0, *r)), (px, px),
+                        interpolation=cv2.INTER_AREA) for r in regions]
     return np.stack(crops) if crops else np.zeros((0, px, px, 3), np.uint8)
 
 
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
             crops = {code: read_export_crops(slide["uri"], chosen, mpp, storage)
                      for code, chosen in picked.items()}
         else:
-            with open_slide(slide["uri"], storage, keep=False) as reader:
+            with open_slide(slide["uri"], storage, keep=False, sparse=True) as reader:
                 crops = {code: read_crops(reader, chosen, mpp, (slide["width"], slide["height"]))
                          for code, chosen in picked.items()}
         maps = saliency_rows(args.saliency, models, crops) if args.saliency else {}

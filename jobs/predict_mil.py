@@ -55,7 +55,7 @@ def slide_figure(slide: dict, where: dict, scores: np.ndarray, path: str, title:
     from engine.report.plots import plot_attention_map
     from engine.slides import open_slide
 
-    with open_slide(slide["uri"], storage, keep=False) as reader:
+    with open_slide(slide["uri"], storage, keep=False, sparse=True) as reader:
         thumb = reader.read_thumbnail((THUMB_PX, THUMB_PX))
     scale = thumb.shape[1] / slide["width"]
     side = where["tile_px"] * where["mpp"] / slide["mpp_x"] * scale  # level-0 px -> thumbnail
@@ -98,7 +98,7 @@ def cell_figure(slide: dict, cells, scores: np.ndarray, relative: np.ndarray, to
     from engine.slides import open_slide
     from jobs.cell_gallery import read_crops
 
-    with open_slide(slide["uri"], storage, keep=False) as reader:
+    with open_slide(slide["uri"], storage, keep=False, sparse=True) as reader:
         rows = [(f"{label}\n(call, relative attention)",
                  read_crops(reader, cells[picked], slide["mpp_x"],
                             (slide["width"], slide["height"])),

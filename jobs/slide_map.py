@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     side = args.square_um / slide["mpp_x"]  # level-0 px
     sq = flagged_squares(cells["x"].to_numpy(), cells["y"].to_numpy(), flagged, side)
     try:
-        with open_slide(slide["uri"], storage, keep=False) as reader:
+        with open_slide(slide["uri"], storage, keep=False, sparse=True) as reader:
             thumb = reader.read_thumbnail((THUMB_PX, THUMB_PX))
     except (OSError, HemeflowError) as err:
         return fail(f"{sid}: {type(err).__name__}: {err}")

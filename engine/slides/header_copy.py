@@ -1,22 +1,27 @@
-"""A remote TIFF-family slide's structure without its pixels, for jobs that read only a slide's
-metadata and a thumbnail (`jobs.inventory`).
+"""A remote slide's structure without its pixels, and then only the pixels read: for jobs that
+read a slide's metadata, a thumbnail or a few regions (`jobs.inventory`, `jobs.slide_map`,
+`jobs.cell_gallery`, `jobs.predict_mil --figures`; `engine.slides.registry.open_slide`'s
+``sparse``).
 
 OpenSlide reads local files only, so a remote slide is staged whole before it opens: an
 inventory of an S3 archive moved every byte of it (1-3 GB a slide) to read some kilobytes of
-header and a thumbnail. Here a local *sparse* file of the object's size is written instead,
-holding only what that reading needs, fetched by range:
+header and a thumbnail, and a gallery of 48 cells moved the slide for some megabytes of tiles.
+Here a local *sparse* file of the object's size is written instead, holding only what those
+reads need, fetched by range:
 
 - every byte tifffile reads to walk the TIFF's directories and their tags' values (the
-  directory chain, tile offsets and byte counts, JPEG tables, image descriptions): what a
-  reader reads to open the slide;
-- then, once the reader opened the copy and said which level its thumbnail comes from, that
-  level's pixel data (`SparseCopy.fill`).
+  directory chain, tile offsets and byte counts, JPEG tables, image descriptions): what
+  OpenSlide reads to open an SVS or a generic TIFF (`SPARSE_FORMATS`);
+- before each read, what it touches (`SparseReader`): the level a thumbnail is made from,
+  whole (the one OpenSlide names, matched to its page by size); a region's tiles, and those
+  2 pixels around it, on a page whose tiles fail to decode from a hole (JPEG, JPEG 2000,
+  deflate), in one batch for many regions (`SparseReader.prefetch`).
 
-The rest of the file is a hole that reads as zeros and takes no disk. Nothing is guessed, since
-holes need not fail to decode (an uncompressed page reads them as black): the level filled is
-the one the reader names, matched to its page by size, and where no page matches, the caller
-stages the slide whole (`engine.slides.inventory.inventory_file`). A truncated object gives a
-copy of the same size, so it fails the same way.
+The rest of the file is a hole that reads as zeros and takes no disk. Nothing is guessed: a
+read the copy cannot answer exactly (no page of the level's size, tiles that might decode
+from a hole, such as uncompressed ones, or any read that fails from the copy) goes to a full
+staged copy, for that read and every later one, so a slide's errors are always what its full
+copy gives. A truncated object gives a copy of the same size, so it fails the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +31,11 @@ import io
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
 
 from engine.config import StorageConfig
 from engine.slides.storage import call_with_retries, get_filesystem
@@ -34,6 +43,8 @@ from engine.slides.storage import call_with_retries, get_filesystem
 BLOCK = 64 * 1024  # the walk's reads are rounded out to whole blocks: few requests, each small
 MERGE_GAP = BLOCK   # pixel-data ranges closer than this are fetched in one request
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# JPEG, Aperio's JPEG 2000, deflate: a chunk of zeros does not decode (LZW's and raw ones do)
+_LOUD = (7, 33003, 33005, 8, 32946)
 
 
 class _Ranges(io.RawIOBase):
@@ -104,32 +115,54 @@ def _missing(ranges: list[tuple[int, int]], held: dict[int, bytes]) -> list[tupl
     return _merged(out, 0)
 
 
-def _walk(ranges: _Ranges, size: int) -> dict[tuple[int, int], list[tuple[int, int]]]:
+@dataclass(frozen=True)
+class _Page:
+    """One TIFF page's pixel data: its chunks' byte ranges in the TIFF's order (row by row;
+    None for a chunk not written) and their size (strips are chunks as wide as the page)."""
+
+    width: int
+    height: int
+    chunk_w: int
+    chunk_h: int
+    loud: bool  # its chunks fail to decode from a hole (JPEG, JPEG 2000), where others may not
+    chunks: tuple[tuple[int, int] | None, ...]
+
+
+def _walk(ranges: _Ranges, size: int) -> list[_Page]:
     """Walk every directory of the TIFF behind ``ranges`` (tifffile reads them through it, with
-    every tag's value): the byte ranges of each page's pixel data, by ``(width, height)``."""
+    every tag's value) and return its pages' pixel data layout."""
     import tifffile
 
-    pages: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    pages = []
     with tifffile.TiffFile(ranges) as tif:
         tif.pages.cache = False
         for page in tif.pages:
             for tag in page.tags:
                 tag.value  # noqa: B018 - large values (tile offsets) are read when asked for
-            pages.setdefault((page.imagewidth, page.imagelength), []).extend(
-                (int(o), min(int(o) + int(n), size))
-                for o, n in zip(page.dataoffsets, page.databytecounts) if o > 0 and n > 0)
+            tiled = page.is_tiled
+            chunks = tuple((int(o), min(int(o) + int(n), size)) if o > 0 and n > 0 else None
+                           for o, n in zip(page.dataoffsets, page.databytecounts))
+            pages.append(_Page(
+                page.imagewidth, page.imagelength,
+                page.tilewidth if tiled else page.imagewidth,
+                page.tilelength if tiled else min(page.rowsperstrip or page.imagelength,
+                                                  page.imagelength),
+                int(page.compression) in _LOUD and int(page.planarconfig) == 1
+                and getattr(page, "imagedepth", 1) == 1, chunks))
     return pages
 
 
 class SparseCopy:
     """A local sparse copy of one object: `path`, and what it cost (`bytes_fetched`,
-    `requests`). Made by `sparse_copy`."""
+    `requests`). Made by `sparse_copy`; pixel data comes in by `fill` and `fill_region`."""
 
     def __init__(self, fs, remote: str, storage: StorageConfig, size: int, local: str):
         self._fs, self._remote, self._storage = fs, remote, storage
         self.path, self.size, self.bytes_fetched, self.requests = local, size, 0, 0
         self._ranges = _Ranges(self._fetch, size)
-        self._pages: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self._pages: list[_Page] = []
+        self._have: set[tuple[int, int]] = set()  # chunk ranges fetched
+        self._lock = threading.Lock()
 
     def _fetch(self, start: int, end: int) -> bytes:
         data = call_with_retries(lambda: self._fs.cat_file(self._remote, start=start, end=end),
@@ -150,31 +183,67 @@ class SparseCopy:
                 os.pwrite(fh.fileno(), block, b * BLOCK)
         return True
 
+    def _pages_of(self, width: int, height: int) -> list[_Page]:
+        return [p for p in self._pages if (p.width, p.height) == (int(width), int(height))]
+
     def fill(self, width: int, height: int) -> bool:
         """Fetch the pixel data of the pages of ``width`` x ``height`` into the copy; False
         (nothing fetched) where no page has that size."""
-        wanted = self._pages.get((int(width), int(height)))
-        if not wanted:
+        pages = self._pages_of(width, height)
+        self._get([c for p in pages for c in p.chunks if c is not None])
+        return bool(pages)
+
+    def fill_region(self, width: int, height: int, *boxes: tuple[float, float, float, float]
+                    ) -> bool:
+        """Fetch the chunks of the page of ``width`` x ``height`` that hold its pixels in each
+        of ``boxes`` (``(x0, y0, x1, y1)``, page pixels), and those 2 pixels around them (a reader
+        interpolating at fractional positions reads a pixel further), all at once; False
+        (nothing fetched) where no page has that size, or one whose chunks may decode from a
+        hole without failing (uncompressed, LZW)."""
+        pages = self._pages_of(width, height)
+        if not pages or not all(p.loud for p in pages):
             return False
-        wanted = _merged(_missing(wanted, self._ranges.blocks), MERGE_GAP)
-        if wanted:
-            pieces = call_with_retries(
-                lambda: self._fs.cat_ranges([self._remote] * len(wanted), [a for a, _ in wanted],
-                                            [b for _, b in wanted], on_error="raise"),
-                self._storage, "read ranges")
+        wanted = set()
+        for p in pages:  # a level, and an associated image of its size (a tiny SVS)
+            across, down = -(-p.width // p.chunk_w), -(-p.height // p.chunk_h)
+            for x0, y0, x1, y1 in boxes:  # 2 px further: interpolation reads a neighbour
+                for r in range(max(int((y0 - 2) // p.chunk_h), 0),
+                               min(int((y1 + 2) // p.chunk_h) + 1, down)):
+                    for c in range(max(int((x0 - 2) // p.chunk_w), 0),
+                                   min(int((x1 + 2) // p.chunk_w) + 1, across)):
+                        if r * across + c < len(p.chunks):
+                            wanted.add(p.chunks[r * across + c])
+        self._get([c for c in wanted if c is not None])
+        return True
+
+    def _get(self, chunks: list[tuple[int, int]]) -> None:
+        with self._lock:
+            wanted = [c for c in chunks if c not in self._have]
+            self._have.update(wanted)
+            wanted = _merged(_missing(wanted, self._ranges.blocks), MERGE_GAP)
+            if not wanted:
+                return
+            try:
+                pieces = call_with_retries(
+                    lambda: self._fs.cat_ranges([self._remote] * len(wanted),
+                                                [a for a, _ in wanted], [b for _, b in wanted],
+                                                on_error="raise"),
+                    self._storage, "read ranges")
+            except BaseException:
+                self._have.difference_update(chunks)
+                raise
             self.requests += len(wanted)
             self.bytes_fetched += sum(len(p) for p in pieces)
             with open(self.path, "r+b") as fh:
                 for (start, _), piece in zip(wanted, pieces):
                     os.pwrite(fh.fileno(), piece, start)
-        return True
 
 
 @contextlib.contextmanager
 def sparse_copy(uri: str, storage: StorageConfig, size: int) -> Iterator[SparseCopy | None]:
     """Yield a `SparseCopy` of the TIFF-family object at ``uri`` (``size`` bytes: the
-    listing's) holding its structure, to be opened and then `SparseCopy.fill`ed with the level
-    to read; or None for an object that is no TIFF (DICOM, a MIRAX index: stage it whole).
+    listing's) holding its structure, to be opened and then filled with what is read; or None
+    for an object that is no TIFF (DICOM, a MIRAX index: stage it whole).
     The copy is a file of the object's name (formats key on the extension) in a folder of its
     own (under ``storage.stage_dir`` where set), removed on exit; it is never taken for a
     staged copy (`engine.slides.storage.StagingArea`).
@@ -189,3 +258,98 @@ def sparse_copy(uri: str, storage: StorageConfig, size: int) -> Iterator[SparseC
         yield copy if copy._write() else None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+class SparseReader:
+    """`SlideReader` over a `SparseCopy`, through OpenSlide: a read first fetches what it
+    touches (the thumbnail's level whole; a region's chunks and those around it). Where that
+    cannot be done, or a read from the copy fails, this and every later read come from
+    ``whole()`` (a reader of a full staged copy), so a slide's errors are always what its full
+    copy gives. Made by `open_sparse`."""
+
+    backend = "openslide"
+
+    def __init__(self, copy: SparseCopy, reader, whole: Callable[[], object]):
+        self.copy, self.info = copy, reader.info
+        self._reader, self._whole, self._full = reader, whole, None
+
+    @property
+    def whole(self) -> bool:
+        """Whether reads have gone to a full staged copy."""
+        return self._full is not None
+
+    def _read(self, fill: Callable[[], bool], read: Callable[[object], np.ndarray]
+              ) -> np.ndarray:
+        from engine.errors import SlideError
+
+        if self._full is None:
+            try:
+                if fill():
+                    return read(self._reader)
+            except (SlideError, OSError):  # a hole read, or a range that did not come
+                pass
+            self._full = self._whole()
+        return read(self._full)
+
+    def _boxes(self, level: int, regions) -> tuple[int, int, list]:
+        """The level's size, and ``regions`` (``(x, y, width, height)``: level-0 position,
+        level pixels) as boxes of its pixels."""
+        w, h = self.info.level_dimensions[level]
+        ds = self.info.level_downsamples[level]
+        return w, h, [(x / ds, y / ds, x / ds + rw, y / ds + rh) for x, y, rw, rh in regions]
+
+    def prefetch(self, level: int, regions) -> None:
+        """Fetch what reading each of ``regions`` (``(x, y, width, height)``, as `read_region`
+        takes them) at ``level`` touches, in one batch of concurrent requests, where reading
+        them one by one makes a request each (`jobs.cell_gallery.read_crops`)."""
+        if self._full is None:
+            w, h, boxes = self._boxes(level, regions)
+            try:
+                self.copy.fill_region(w, h, *boxes)
+            except OSError:
+                pass  # the reads will try again, and go to a full copy
+
+    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        w, h, boxes = self._boxes(level, [(x, y, width, height)])
+        return self._read(lambda: self.copy.fill_region(w, h, *boxes),
+                          lambda r: r.read_region(level, x, y, width, height))
+
+    def read_thumbnail(self, max_size: tuple[int, int]) -> np.ndarray:
+        level = self._reader.thumbnail_level(max_size)
+        return self._read(lambda: self.copy.fill(*self.info.level_dimensions[level]),
+                          lambda r: r.read_thumbnail(max_size))
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+# OpenSlide's formats whose opening reads the TIFF's directories and nothing else, as the tests
+# check on real slides; others (NDPI, Philips, Ventana: no such file here) are staged whole
+SPARSE_FORMATS = ("aperio", "generic-tiff")
+
+
+@contextlib.contextmanager
+def open_sparse(uri: str, storage: StorageConfig, size: int,
+                whole: Callable[[], object]) -> Iterator[SparseReader | None]:
+    """Yield a `SparseReader` of the remote slide at ``uri`` (``size`` bytes), or None where
+    the slide is not one to read so (no TIFF, in none of `SPARSE_FORMATS`, or it does not open
+    from its copy): stage it whole. ``whole()`` opens a full staged copy, for the reads the
+    copy cannot answer; the caller closes it."""
+    from engine.slides.registry import open_reader
+
+    with contextlib.ExitStack() as stack:
+        try:
+            copy = stack.enter_context(sparse_copy(uri, storage, size))
+            reader = open_reader(copy.path, uri, direct_jpeg=False) if copy else None
+        except Exception:  # noqa: BLE001 - the full copy reads it again and reports what is wrong
+            reader = None
+        if reader is not None and reader.info.format not in SPARSE_FORMATS:
+            reader.close()
+            reader = None
+        if reader is None:
+            stack.close()
+            yield None
+            return
+        sparse = SparseReader(copy, reader, whole)
+        stack.callback(sparse.close)
+        yield sparse

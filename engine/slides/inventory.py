@@ -11,15 +11,11 @@ from engine.config import StorageConfig
 from engine.errors import SlideError, SlideUnsupported
 from engine.schema import slide_id_for
 from engine.slides.base import SlideInfo, SlideReader
-from engine.slides.header_copy import sparse_copy
-from engine.slides.registry import looks_like_slide, open_reader, open_slide
-from engine.slides.storage import FileEntry, StagingArea, is_remote
+from engine.slides.registry import looks_like_slide, open_slide
+from engine.slides.storage import FileEntry, StagingArea
 from engine.specimen import UNKNOWN
 
 PROBE_PX = 256  # side of the thumbnail read to prove the pixels decode
-# OpenSlide's formats whose opening reads the TIFF's directories and nothing else, as the tests
-# check on real slides; others (NDPI, Philips, Ventana: no such file here) are staged whole
-SPARSE_FORMATS = ("aperio", "generic-tiff")
 
 
 @dataclass(frozen=True)
@@ -72,7 +68,7 @@ def error_row(entry: FileEntry, err: SlideError, status: str = "failed",
 @contextlib.contextmanager
 def inventoried(entry: FileEntry, storage: StorageConfig, staging: StagingArea | None = None,
                 mpp: MppOverrides | None = None, direct_jpeg: bool = True,
-                specimen: str = UNKNOWN, case: str | None = None
+                specimen: str = UNKNOWN, case: str | None = None, sparse: bool = False
                 ) -> Iterator[tuple[dict, SlideReader | None]]:
     """Inventory one file and keep it open: yields ``(slides row, reader)``, the reader being
     None unless the row is ``ok``, so a caller that goes on to plan tiles opens (and, on S3,
@@ -82,6 +78,8 @@ def inventoried(entry: FileEntry, storage: StorageConfig, staging: StagingArea |
     not slides by name (``LICENSE.txt``) become ``skipped``. Errors raised by the caller's block
     propagate unchanged. ``specimen``: the slide's type as the input gave it
     (`engine.specimen`), and ``case``: the case it belongs to, recorded in the row.
+    ``sparse``: see `engine.slides.registry.open_slide` (a reader that reads only what it
+    touches, for a caller that reads nothing more than the probe).
     """
     mpp = mpp or MppOverrides()
     if not looks_like_slide(entry.uri):
@@ -94,7 +92,7 @@ def inventoried(entry: FileEntry, storage: StorageConfig, staging: StagingArea |
         try:
             slide = stack.enter_context(open_slide(entry.uri, storage, staging,
                                                    size=entry.size, etag=entry.etag,
-                                                   direct_jpeg=direct_jpeg))
+                                                   direct_jpeg=direct_jpeg, sparse=sparse))
             row.update(info_row(mpp.apply(slide.info, row["slide_id"])))
             slide.read_thumbnail((PROBE_PX, PROBE_PX))  # raises SlideCorrupt on bad data
         except SlideError as err:
@@ -113,41 +111,11 @@ def inventory_file(entry: FileEntry, storage: StorageConfig, staging: StagingAre
                    case: str | None = None, sparse: bool = True) -> dict:
     """Inventory one file into a ``slides`` row (see `engine.schema.SLIDES` and `inventoried`).
 
-    With ``sparse``, a remote slide that OpenSlide reads as an SVS or a generic TIFF is
-    read from a sparse copy of its directories and thumbnail level
-    (`engine.slides.header_copy`): megabytes where staging it moved the whole object. Anything
-    else, and any slide that does not open and decode from that copy, is staged whole and
-    inventoried as before, which gives its row.
+    With ``sparse``, a remote SVS or generic TIFF is read from a sparse copy of its
+    directories and thumbnail level (`engine.slides.registry.open_slide`): megabytes where
+    staging it moved the whole object. Any other slide, and any slide that does not read from
+    that copy, is staged whole as before, which gives its row.
     """
-    mpp = mpp or MppOverrides()
-    if sparse and is_remote(entry.uri) and entry.size and looks_like_slide(entry.uri):
-        row = _sparse_row(entry, storage, mpp, specimen, case)
-        if row is not None:
-            return row
-    with inventoried(entry, storage, staging, mpp, specimen=specimen, case=case) as (row, _):
+    with inventoried(entry, storage, staging, mpp, specimen=specimen, case=case,
+                     sparse=sparse) as (row, _):
         return row
-
-
-def _sparse_row(entry: FileEntry, storage: StorageConfig, mpp: MppOverrides, specimen: str,
-                case: str | None) -> dict | None:
-    """The ``ok`` row of a slide OpenSlide reads from its sparse copy, or None to stage it
-    whole: no TIFF, one in none of `SPARSE_FORMATS` (libvips, which may read any page, among
-    them), one whose thumbnail level is no page of the file, or any error (the full copy
-    reports it)."""
-    try:
-        with sparse_copy(entry.uri, storage, entry.size) as copy:
-            if copy is None:
-                return None
-            reader = open_reader(copy.path, entry.uri)
-            try:
-                if reader.info.format not in SPARSE_FORMATS or not copy.fill(
-                        *reader.info.level_dimensions[reader.thumbnail_level((PROBE_PX,) * 2)]):
-                    return None
-                info = mpp.apply(reader.info, slide_id_for(entry.uri))
-                reader.read_thumbnail((PROBE_PX, PROBE_PX))
-            finally:
-                reader.close()
-    except Exception:  # noqa: BLE001 - the full copy reads it again and reports what is wrong
-        return None
-    return {**base_row(entry, specimen, case), **info_row(info), "status": "ok",
-            "error_type": None, "error_message": None}

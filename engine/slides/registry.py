@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from engine.config import StorageConfig
 from engine.errors import SlideCorrupt, SlideError, SlideNotFound, SlideUnsupported
 from engine.slides.base import SlideReader
-from engine.slides.storage import StagingArea, is_remote, translate_storage_error
+from engine.slides.header_copy import open_sparse
+from engine.slides.storage import StagingArea, is_remote, stat_file, translate_storage_error
 
 _BACKENDS: dict[str, tuple[str, str]] = {
     "openslide": ("engine.slides.openslide_backend:OpenSlideReader",
@@ -140,8 +141,8 @@ def open_reader(path: str, uri: str | None = None, backend: str | None = None,
 @contextlib.contextmanager
 def open_slide(uri: str, storage: StorageConfig | None = None, staging: StagingArea | None = None,
                backend: str | None = None, size: int | None = None, etag: str | None = None,
-               make_room=None, direct_jpeg: bool = True, keep: bool = True
-               ) -> Iterator[SlideReader]:
+               make_room=None, direct_jpeg: bool = True, keep: bool = True,
+               sparse: bool = False) -> Iterator[SlideReader]:
     """Open a slide by URI (local path or ``s3://``) as a context manager.
 
     Remote objects are staged to a local file first (``staging``, or the node's staging folder;
@@ -149,7 +150,11 @@ def open_slide(uri: str, storage: StorageConfig | None = None, staging: StagingA
     from a listing, save a request. ``direct_jpeg``: see `open_reader`. ``keep`` False (a job
     that reads a slide once: `jobs.export_cells`, `jobs.cell_gallery`, ...): a copy this call
     downloaded is removed when the slide is closed, unless another process reads it then; one
-    already staged stays.
+    already staged stays. ``sparse`` (a job that reads a slide's thumbnail or a few regions:
+    `jobs.inventory`, `jobs.slide_map`, `jobs.cell_gallery`, ...): a remote SVS or generic TIFF
+    is read through OpenSlide from a sparse copy that fetches by range what each read touches
+    (`engine.slides.header_copy.SparseReader`), where staging moved the whole object; any other
+    slide, and any read that copy cannot answer, is staged whole.
 
     Example:
         >>> with open_slide("s3://archive/case-1.svs", storage) as slide:
@@ -161,8 +166,18 @@ def open_slide(uri: str, storage: StorageConfig | None = None, staging: StagingA
     with contextlib.ExitStack() as stack:
         if is_remote(uri) and staging is None:
             staging = stack.enter_context(StagingArea(storage))
-        path = stack.enter_context(staging.stage(uri, size, etag, make_room, keep)) \
-            if is_remote(uri) else uri
-        reader = open_reader(path, uri, backend, direct_jpeg)
-        stack.callback(reader.close)
-        yield reader
+
+        def whole() -> SlideReader:
+            path = stack.enter_context(staging.stage(uri, size, etag, make_room, keep)) \
+                if is_remote(uri) else uri
+            reader = open_reader(path, uri, backend, direct_jpeg)
+            stack.callback(reader.close)
+            return reader
+
+        reader = None
+        if sparse and backend is None and is_remote(uri):
+            if size is None or etag is None:
+                entry = stat_file(uri, storage)
+                size, etag = entry.size or 0, entry.etag
+            reader = stack.enter_context(open_sparse(uri, storage, size, whole))
+        yield reader or whole()

@@ -19,7 +19,7 @@ from tests.pipeline.conftest import tiny_config
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
 
-def test_s3_in_and_out(ray_local, s3_server, s3_client, archive, tmp_path, capsys):
+def test_s3_in_and_out(ray_local, s3_server, s3_client, archive, tmp_path, capsys, monkeypatch):
     # the node's staging folder is shared: copies that an earlier run's export_cells or
     # predict_mil --figures staged (same URIs, same ETags) would spare this run its downloads
     StagingArea(StorageConfig()).purge()
@@ -138,6 +138,19 @@ def test_s3_in_and_out(ray_local, s3_server, s3_client, archive, tmp_path, capsy
     assert export_cells.main(["--output", "s3://results/run1", "--to", "s3://labels/lab-a",
                               "--s3-endpoint", s3_server]) == 2
     assert "is not empty" in capsys.readouterr().err
+    # from here on, the jobs that read a few regions or a thumbnail of a slide fetch them by
+    # range from a sparse copy (engine.slides.header_copy): no slide is staged whole
+    staged, download = [], StagingArea._download
+    monkeypatch.setattr(StagingArea, "_download",
+                        lambda self, uri, *a: staged.append(uri) or download(self, uri, *a))
+    from jobs import cell_gallery, slide_map
+
+    assert cell_gallery.main(["--output", "s3://results/run1", "--slide", "smear-a.tif",
+                              "--per-class", "3", "--png", str(tmp_path / "gallery.png"),
+                              "--s3-endpoint", s3_server]) == 0
+    assert slide_map.main(["--output", "s3://results/run1", "--slide", "smear-a.tif",
+                           "--png", str(tmp_path / "map.png"), "--s3-endpoint", s3_server]) == 0
+    assert (tmp_path / "gallery.png").stat().st_size and (tmp_path / "map.png").stat().st_size
     # cellularity MIL on the run's tile embeddings, read from S3 where the run wrote them
     from jobs import predict_mil, train_mil
 
@@ -165,3 +178,4 @@ def test_s3_in_and_out(ray_local, s3_server, s3_client, archive, tmp_path, capsy
     assert sorted(p["slide_id"] for p in preds) == ok
     figures = tmp_path / "pred" / "mil_predictions" / "figures"
     assert sorted(p.stem for p in figures.iterdir()) == ok  # each slide read back from S3
+    assert staged == []

