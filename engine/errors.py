@@ -37,6 +37,11 @@ class SlideUnsupported(SlideError):
     """A readable file in a format hemeflow does not process (not a slide, fluorescence, …)."""
 
 
+class PartOfSlide(SlideUnsupported):
+    """A file of a multi-file slide that is read through another of its files (an instance of a
+    DICOM series: `engine.slides.dicom`)."""
+
+
 class SlideCorrupt(SlideError):
     """The file claims a supported format but its bytes cannot be decoded."""
 

@@ -157,6 +157,7 @@ def expand_inputs(uri: str, storage: StorageConfig) -> list[FileEntry]:
     """The files a job's ``--input`` names: a folder, an S3 prefix, a single file or a list file.
 
     Entries of a list that do not exist are kept (size unknown) so they end as status rows.
+    The instances of a DICOM series but one are marked ``part_of`` it (`fold_series`).
     A list's files are looked up ``STAT_THREADS`` at a time: one request each on S3, whose
     round trips one after another add up to many minutes for a list of 50,000 slides.
     """
@@ -170,8 +171,26 @@ def expand_inputs(uri: str, storage: StorageConfig) -> list[FileEntry]:
                 return FileEntry(item)
 
         with ThreadPoolExecutor(max(1, min(STAT_THREADS, len(items))), "stat") as pool:
-            return list(pool.map(entry, items))
-    return list_files(uri, storage)
+            entries = list(pool.map(entry, items))
+    else:
+        entries = list_files(uri, storage)
+    return fold_series(entries, storage, uri)
+
+
+def fold_series(entries: list[FileEntry], storage: StorageConfig, where: str
+                ) -> list[FileEntry]:
+    """``entries`` with each DICOM series' instances but one marked ``part_of`` it
+    (`engine.slides.dicom.group_series`), saying so on stderr."""
+    from engine.slides.dicom import group_series
+
+    entries = group_series(entries, storage)
+    folded = [e for e in entries if e.part_of]
+    if folded:
+        print(f"hemeflow: {where}: {len(folded)} DICOM file(s) are instances of a series read "
+              f"through another of its files, not slides of their own: {folded[0].uri} "
+              f"(read through {folded[0].part_of}){', …' if len(folded) > 1 else ''}",
+              file=sys.stderr, flush=True)
+    return entries
 
 
 def once_each(uris: list[str], where: str) -> list[str]:

@@ -164,7 +164,7 @@ def main(argv=None) -> int:
         for (sid,), chosen in picked.sort("slide_id", "cell_id").group_by("slide_id",
                                                                            maintain_order=True):
             slide = slides.filter(pl.col("slide_id") == sid).row(0, named=True)
-            with open_slide(slide["uri"], storage, keep=False) as reader:
+            with open_slide(slide["uri"], storage, keep=False, sparse=True) as reader:
                 crops = read_crops(reader, chosen, (slide["mpp_x"] + slide["mpp_y"]) / 2,
                                    (slide["width"], slide["height"]), args.px)
             paths = [f"images/{sid}/{cid}.png" for cid in chosen["cell_id"]]

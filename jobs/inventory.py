@@ -52,8 +52,12 @@ def summarize(rows: list[dict]) -> str:
     if failed:
         parts.append(f"{by_status['failed']} failed ("
                      + ", ".join(f"{k} {v}" for k, v in sorted(failed.items())) + ")")
-    if by_status["skipped"]:
-        parts.append(f"{by_status['skipped']} skipped (not slides)")
+    instances = sum(1 for r in rows if r["error_type"] == "PartOfSlide")
+    if by_status["skipped"] > instances:
+        parts.append(f"{by_status['skipped'] - instances} skipped (not slides)")
+    if instances:
+        parts.append(f"{instances} skipped (DICOM instances of a series read through another "
+                     "of its files)")
     no_mpp = sum(1 for r in rows if r["status"] == "ok" and r.get("mpp_source") == "missing")
     kinds = collections.Counter(r.get("specimen") or UNKNOWN for r in rows)
     if set(kinds) != {UNKNOWN}:

@@ -39,9 +39,9 @@ from engine.schema import SCHEMA_VERSION, STATUSES, slide_id_for
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import FileEntry, InputError, is_remote
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
-from jobs.common import (add_common_args, expand_inputs, fail, job_main, load_config, once_each,
-                         one_value_each, read_cases, read_mpp_table, read_specimens, read_text,
-                         slide_mpp_arg, write_run_config)
+from jobs.common import (add_common_args, expand_inputs, fail, fold_series, job_main,
+                         load_config, once_each, one_value_each, read_cases, read_mpp_table,
+                         read_specimens, read_text, slide_mpp_arg, write_run_config)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                       "shared", "data")
@@ -100,13 +100,15 @@ def read_inputs(uri: str, storage) -> Inputs:
                      for i, r in enumerate(rows) if r.get("specimen"))
         cases = ((f"row {i + 1}", r["uri"], r["case"]) for i, r in enumerate(rows)
                  if r.get("case"))
-        return Inputs([FileEntry(u, first[u]["size_bytes"], first[u]["etag"])
-                       for u in once_each([r["uri"] for r in rows], uri)],
+        entries = fold_series([FileEntry(u, first[u]["size_bytes"], first[u]["etag"])
+                               for u in once_each([r["uri"] for r in rows], uri)], storage, uri)
+        return Inputs([e for e in entries if not e.part_of],
                       one_value_each(specimens, uri, "specimen type"),
                       one_value_each(cases, uri, "case"))
     from engine.slides.registry import looks_like_slide
 
-    return Inputs([e for e in expand_inputs(uri, storage) if looks_like_slide(e.uri)],
+    return Inputs([e for e in expand_inputs(uri, storage)
+                   if looks_like_slide(e.uri) and not e.part_of],
                   read_specimens(uri, storage), read_cases(uri, storage))
 
 

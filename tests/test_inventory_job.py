@@ -25,10 +25,11 @@ def test_inventory_accounts_for_every_file(wsi_dir, tmp_path):
     assert sorted(df["uri"].to_list()) == files
     assert df["slide_id"].n_unique() == len(files)
     counts = dict(df.group_by("status").len().iter_rows())
-    assert counts == {"ok": 10, "failed": 6, "skipped": 4}
+    # boxes_1.dcm is the thumbnail instance of boxes_0.dcm's DICOM series: one slide
+    assert counts == {"ok": 9, "failed": 6, "skipped": 5}
     summary = proc.stdout.strip().splitlines()[-1]
-    assert summary.startswith("inventory: 20 files: 10 ok, 6 failed (SlideCorrupt 2, "
-                              "SlideUnsupported 4), 4 skipped")
+    assert summary.startswith("inventory: 20 files: 9 ok, 6 failed (SlideCorrupt 2, "
+                              "SlideUnsupported 4), 4 skipped (not slides), 1 skipped (DICOM")
     # readable by pyarrow and DuckDB too, with the declared schema and version
     table = pq.read_table(f"{tmp_path}/slides/slides.parquet")
     assert table.schema.equals(SLIDES, check_metadata=False)

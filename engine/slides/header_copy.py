@@ -1,7 +1,7 @@
 """A remote slide's structure without its pixels, and then only the pixels read: for jobs that
 read a slide's metadata, a thumbnail or a few regions (`jobs.inventory`, `jobs.slide_map`,
-`jobs.cell_gallery`, `jobs.predict_mil --figures`; `engine.slides.registry.open_slide`'s
-``sparse``).
+`jobs.cell_gallery`, `jobs.export_cells`, `jobs.predict_mil --figures`;
+`engine.slides.registry.open_slide`'s ``sparse``).
 
 OpenSlide reads local files only, so a remote slide is staged whole before it opens: an
 inventory of an S3 archive moved every byte of it (1-3 GB a slide) to read some kilobytes of

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from engine.config import StorageConfig
-from engine.errors import SlideError, SlideUnsupported
+from engine.errors import PartOfSlide, SlideError, SlideUnsupported
 from engine.schema import slide_id_for
 from engine.slides.base import SlideInfo, SlideReader
 from engine.slides.registry import looks_like_slide, open_slide
@@ -75,13 +75,19 @@ def inventoried(entry: FileEntry, storage: StorageConfig, staging: StagingArea |
     downloads) the slide once.
 
     Slide problems become ``status = failed`` with the error's type and message; files that are
-    not slides by name (``LICENSE.txt``) become ``skipped``. Errors raised by the caller's block
+    not slides by name (``LICENSE.txt``), and a DICOM series' instances read through another of
+    its files (``entry.part_of``), become ``skipped``. Errors raised by the caller's block
     propagate unchanged. ``specimen``: the slide's type as the input gave it
     (`engine.specimen`), and ``case``: the case it belongs to, recorded in the row.
     ``sparse``: see `engine.slides.registry.open_slide` (a reader that reads only what it
     touches, for a caller that reads nothing more than the probe).
     """
     mpp = mpp or MppOverrides()
+    if entry.part_of:
+        yield error_row(entry, PartOfSlide(entry.uri, "an instance of the DICOM series read "
+                                                      f"through {entry.part_of}"),
+                        status="skipped", specimen=specimen, case=case), None
+        return
     if not looks_like_slide(entry.uri):
         ext = entry.uri.rsplit(".", 1)[-1]
         yield error_row(entry, SlideUnsupported(entry.uri, f"not a slide file (.{ext})"),

@@ -34,11 +34,14 @@ class InputError(HemeflowError):
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One object found under an input: its URI, size and (on S3) ETag."""
+    """One object found under an input: its URI, size and (on S3) ETag; ``part_of``: for a
+    file of a multi-file slide that is read through another file (a DICOM series' instances,
+    `engine.slides.dicom`), that file's URI."""
 
     uri: str
     size: int | None = None
     etag: str | None = None
+    part_of: str | None = None
 
 
 def is_remote(uri: str) -> bool:

@@ -121,6 +121,11 @@ def test_s3_in_and_out(ray_local, s3_server, s3_client, archive, tmp_path, capsy
     from engine.train.data import fetch_labelled, read_labels
     from jobs import export_cells
 
+    # from here on, the jobs that read a few regions or a thumbnail of a slide fetch them by
+    # range from a sparse copy (engine.slides.header_copy): no slide is staged whole
+    staged, download = [], StagingArea._download
+    monkeypatch.setattr(StagingArea, "_download",
+                        lambda self, uri, *a: staged.append(uri) or download(self, uri, *a))
     s3_client.create_bucket(Bucket="labels")
     assert export_cells.main(["--output", "s3://results/run1", "--to", "s3://labels/lab-a",
                               "--per-class", "2", "--kind", "all", "--s3-endpoint",
@@ -138,11 +143,6 @@ def test_s3_in_and_out(ray_local, s3_server, s3_client, archive, tmp_path, capsy
     assert export_cells.main(["--output", "s3://results/run1", "--to", "s3://labels/lab-a",
                               "--s3-endpoint", s3_server]) == 2
     assert "is not empty" in capsys.readouterr().err
-    # from here on, the jobs that read a few regions or a thumbnail of a slide fetch them by
-    # range from a sparse copy (engine.slides.header_copy): no slide is staged whole
-    staged, download = [], StagingArea._download
-    monkeypatch.setattr(StagingArea, "_download",
-                        lambda self, uri, *a: staged.append(uri) or download(self, uri, *a))
     from jobs import cell_gallery, slide_map
 
     assert cell_gallery.main(["--output", "s3://results/run1", "--slide", "smear-a.tif",

@@ -48,10 +48,12 @@ def test_inventory_on_s3_equals_inventory_on_disk(archive, s3_server, wsi_dir, t
                         lambda self, uri, *a: staged.append(uri) or download(self, uri, *a))
     assert inventory.main(["--input", archive, "--output", "s3://results/inv",
                            "--s3-endpoint", s3_server]) == 0
-    # the slides OpenSlide reads from a sparse copy of their structure are never staged whole
+    # the slides OpenSlide reads from a sparse copy of their structure are never staged whole,
+    # nor is a DICOM series' instance read through another of its files (it is staged with it)
     assert {u[len(archive) + 1:] for u in staged} == \
         {p.relative_to(wsi_dir).as_posix() for p in wsi_dir.rglob("*")
-         if p.suffix not in (".txt", ".json") and p.is_file()} - set(SPARSE)
+         if p.suffix not in (".txt", ".json") and p.is_file()} - set(SPARSE) - \
+        {"openslide-python/boxes_1.dcm"}
     printed = capsys.readouterr()
     local = pl.read_parquet(f"{tmp_path}/local/slides/**/*.parquet")
     with _fs(s3_server).open("results/inv/slides/slides.parquet", "rb") as fh:

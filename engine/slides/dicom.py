@@ -1,0 +1,104 @@
+"""DICOM whole-slide images: one slide per series, not one per file.
+
+A DICOM WSI is a series of instances, each a file: one per pyramid level, and the label,
+overview and thumbnail images. OpenSlide opens any of them and reads the others from the same
+folder. Listed file by file, a series of six instances was six slides, each processed whole:
+six copies of its cells and differential under six slide ids, counted six times in its case.
+
+`group_series` reads each DICOM file's header (pydicom, up to the total pixel matrix: a request
+or two on S3), groups a listing's DICOM files by folder and ``SeriesInstanceUID``, and keeps
+one entry a series: its level 0 (the VOLUME instance of the largest matrix). The others stay
+in the listing, marked ``part_of`` that entry, so that the inventory accounts for them (a
+``skipped`` row naming it) and nothing reads them twice. Staging a series' entry brings its
+folder's DICOM files with it (`engine.slides.storage.StagingArea`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from engine.config import StorageConfig
+from engine.slides.storage import FileEntry, call_with_retries, get_filesystem
+
+HEADER_THREADS = 16  # headers read at once: a request each on S3
+_LAST_TAG = 0x00480007  # TotalPixelMatrixRows: the last tag read; sequences after it are skipped
+
+
+def _is_dicom_name(uri: str) -> bool:
+    name = uri.rsplit("/", 1)[-1].lower()
+    return name.endswith(".dcm") or "." not in name
+
+
+@dataclasses.dataclass(frozen=True)
+class Instance:
+    """What a DICOM file's header says of its place in a slide."""
+
+    series: str
+    volume: bool  # a pyramid level (ImageType VOLUME), not a label, overview or thumbnail
+    pixels: int   # its total pixel matrix (columns x rows)
+
+
+def read_instance(fh) -> Instance | None:
+    """The series and kind of the DICOM file open as ``fh``, or None for a file that is no
+    DICOM instance of a series."""
+    from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import read_partial
+
+    try:
+        ds = read_partial(fh, stop_when=lambda tag, vr, length: tag > _LAST_TAG)
+    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError):
+        return None
+    series = ds.get("SeriesInstanceUID")
+    if not series:
+        return None
+    kind = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    cols = ds.get("TotalPixelMatrixColumns") or ds.get("Columns") or 0
+    rows = ds.get("TotalPixelMatrixRows") or ds.get("Rows") or 0
+    return Instance(str(series), "VOLUME" in kind, int(cols) * int(rows))
+
+
+def _header(entry: FileEntry, storage: StorageConfig) -> Instance | None:
+    fs, path = get_filesystem(entry.uri, storage)
+
+    def read() -> Instance | None:
+        with fs.open(path, "rb", block_size=64 * 1024) as fh:
+            head = fh.read(132)
+            if len(head) < 132 or head[128:132] != b"DICM":
+                return None
+            fh.seek(0)
+            return read_instance(fh)
+
+    try:
+        return call_with_retries(read, storage, "read DICOM header")
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        return None  # the inventory reports it
+
+
+def group_series(entries: list[FileEntry], storage: StorageConfig,
+                 header: Callable[[FileEntry, StorageConfig], Instance | None] = _header
+                 ) -> list[FileEntry]:
+    """``entries`` in their order, each DICOM instance that is not its series' level 0 marked
+    ``part_of`` that level's URI. Files named like DICOM (``.dcm``, or no extension) whose
+    header says no series, and series of one file, are left as they are."""
+    candidates = [e for e in entries if _is_dicom_name(e.uri)]
+    by_folder: dict[str, list[FileEntry]] = {}
+    for e in candidates:
+        by_folder.setdefault(e.uri.rsplit("/", 1)[0], []).append(e)
+    candidates = [e for group in by_folder.values() if len(group) > 1 for e in group]
+    if not candidates:
+        return entries
+    with ThreadPoolExecutor(min(HEADER_THREADS, len(candidates)), "dicom") as pool:
+        found = dict(zip([e.uri for e in candidates],
+                         pool.map(lambda e: header(e, storage), candidates)))
+    series: dict[tuple[str, str], list[str]] = {}
+    for e in candidates:
+        if found[e.uri] is not None:
+            series.setdefault((e.uri.rsplit("/", 1)[0], found[e.uri].series), []).append(e.uri)
+    part_of = {}
+    for uris in series.values():
+        main = max(uris, key=lambda u: (found[u].volume, found[u].pixels, -uris.index(u)))
+        part_of.update({u: main for u in uris if u != main})
+    return [dataclasses.replace(e, part_of=part_of[e.uri]) if e.uri in part_of else e
+            for e in entries]

@@ -1,0 +1,92 @@
+"""DICOM WSI series (`engine.slides.dicom`): one slide per series, its other instances accounted
+for and never read as slides of their own."""
+
+import shutil
+
+import openslide
+import polars as pl
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from engine.config import StorageConfig
+from engine.slides import open_slide
+from engine.slides.dicom import group_series
+from engine.slides.storage import FileEntry, list_files
+from jobs import inventory
+from jobs.common import expand_inputs
+from jobs.process_slides import read_inputs
+
+
+@pytest.fixture()
+def series_folder(wsi_dir, tmp_path):
+    """boxes_0.dcm (the level) and boxes_1.dcm (its thumbnail): one series, as OpenSlide
+    reads it from either file; and a second series made from them with new UIDs."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        shutil.copy(wsi_dir / "openslide-python" / name, folder / name)
+    series, sop = generate_uid(), {}
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        ds = pydicom.dcmread(folder / name)
+        old = ds.SOPInstanceUID
+        sop.setdefault(old, generate_uid())
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop[old]
+        ds.save_as(folder / f"other_{name}")
+    (folder / "notes.dcm").write_bytes(b"not a DICOM file")
+    return folder
+
+
+def _parts(entries):
+    return {e.uri.rsplit("/", 1)[-1]: (e.part_of or "").rsplit("/", 1)[-1] for e in entries}
+
+
+def test_a_series_is_one_slide_its_level_0_and_its_other_files_are_part_of_it(wsi_dir):
+    entries = expand_inputs(str(wsi_dir), StorageConfig())
+    parts = _parts(entries)
+    assert parts["boxes_0.dcm"] == "" and parts["boxes_1.dcm"] == "boxes_0.dcm"
+    assert parts["small_dicom.dcm"] == ""  # alone in its folder, no series: left as it is
+    assert [e.uri for e in entries] == [e.uri for e in list_files(str(wsi_dir), StorageConfig())]
+
+
+def test_two_series_in_one_folder_are_two_slides(series_folder, capsys):
+    parts = _parts(expand_inputs(str(series_folder), StorageConfig()))
+    assert parts == {"boxes_0.dcm": "", "boxes_1.dcm": "boxes_0.dcm", "notes.dcm": "",
+                     "other_boxes_0.dcm": "", "other_boxes_1.dcm": "other_boxes_0.dcm"}
+    assert "2 DICOM file(s) are instances of a series read through another" in \
+        capsys.readouterr().err
+    # and OpenSlide reads each series from its own file, beside the other
+    uids = {openslide.OpenSlide(str(series_folder / n)).properties["dicom.SeriesInstanceUID"]
+            for n in ("boxes_0.dcm", "other_boxes_0.dcm")}
+    assert len(uids) == 2
+    with open_slide(str(series_folder / "other_boxes_0.dcm")) as slide:
+        assert slide.info.format == "dicom" and slide.read_thumbnail((16, 16)).shape[2] == 3
+
+
+def test_the_inventory_accounts_for_an_instance_and_process_slides_reads_it_once(
+        series_folder, tmp_path, capsys):
+    assert inventory.main(["--input", str(series_folder), "--output", str(tmp_path / "inv")]) == 0
+    out = capsys.readouterr().out
+    assert "2 skipped (DICOM instances of a series read through another of its files)" in out
+    rows = pl.read_parquet(tmp_path / "inv" / "slides" / "slides.parquet")
+    by = {u.rsplit("/", 1)[-1]: r for u, r in zip(rows["uri"], rows.iter_rows(named=True))}
+    assert len(by) == 5  # every file has its row
+    assert by["boxes_1.dcm"]["status"] == "skipped"
+    assert by["boxes_1.dcm"]["error_type"] == "PartOfSlide"
+    assert by["boxes_1.dcm"]["error_message"].endswith(
+        f"an instance of the DICOM series read through {series_folder}/boxes_0.dcm")
+    assert by["boxes_0.dcm"]["status"] == by["other_boxes_0.dcm"]["status"] == "ok"
+    # process_slides takes the series once, from a folder or from the inventory's table
+    for source in (str(series_folder), str(tmp_path / "inv" / "slides" / "slides.parquet")):
+        names = sorted(e.uri.rsplit("/", 1)[-1]
+                       for e in read_inputs(source, StorageConfig()).entries)
+        assert names == ["boxes_0.dcm", "notes.dcm", "other_boxes_0.dcm"], source
+
+
+def test_headers_that_cannot_be_read_leave_the_files_as_they_are(tmp_path):
+    a, b = tmp_path / "a.dcm", tmp_path / "b"
+    a.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 40)  # the magic, then nonsense
+    b.write_bytes(b"plain")
+    entries = [FileEntry(str(a), 172), FileEntry(str(b), 5)]
+    assert group_series(entries, StorageConfig()) == entries
