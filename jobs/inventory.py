@@ -21,7 +21,7 @@ from engine.errors import HemeflowError
 from engine.outputs import join_uri, write_parquet
 from engine.schema import SLIDES, table_from_rows
 from engine.slides.inventory import MppOverrides, inventory_file
-from engine.slides.storage import StagingArea
+from engine.slides.storage import StagingArea, is_remote
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens
 from jobs.common import (add_common_args, count_arg, expand_inputs, fail, job_main, load_config,
                          progress, read_cases, read_mpp_table, read_specimens, slide_mpp_arg,
@@ -90,12 +90,17 @@ def main(argv=None) -> int:
                             entries)
             rows = list(progress(work, len(entries), "inventory"))
             staging.purge()  # the staged copies served this job only
+        opened = sum(1 for r in rows if r["status"] != "skipped" and is_remote(r["uri"]))
         out = join_uri(args.output, "slides", "slides.parquet")
         write_parquet(table_from_rows(rows, SLIDES), out, cfg.storage)
         write_run_config(args.output, cfg, vars(args), cfg.storage)
     except (HemeflowError, OSError) as err:
         return fail(str(err))
-    print(f"inventory: {summarize(rows)} -> {out}")
+    line = summarize(rows)
+    if opened:  # a remote SVS or generic TIFF is read by range (engine.slides.header_copy)
+        line += (f"; {staging.downloads} of {opened} remote slides downloaded whole, the "
+                 "others read by range")
+    print(f"inventory: {line} -> {out}")
     return 0
 
 

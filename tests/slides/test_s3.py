@@ -55,6 +55,8 @@ def test_inventory_on_s3_equals_inventory_on_disk(archive, s3_server, wsi_dir, t
          if p.suffix not in (".txt", ".json") and p.is_file()} - set(SPARSE) - \
         {"openslide-python/boxes_1.dcm"}
     printed = capsys.readouterr()
+    assert f"; {len(staged)} of {len(staged) + len(SPARSE)} remote slides downloaded whole, " \
+           "the others read by range" in printed.out
     local = pl.read_parquet(f"{tmp_path}/local/slides/**/*.parquet")
     with _fs(s3_server).open("results/inv/slides/slides.parquet", "rb") as fh:
         remote = pl.from_arrow(pq.read_table(fh))
