@@ -42,6 +42,7 @@ from engine.slides.storage import call_with_retries, get_filesystem
 
 BLOCK = 64 * 1024  # the walk's reads are rounded out to whole blocks: few requests, each small
 MERGE_GAP = BLOCK   # pixel-data ranges closer than this are fetched in one request
+TAIL_BLOCKS = 4     # the file's end, fetched with its first block
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # JPEG, Aperio's JPEG 2000, deflate: a chunk of zeros does not decode (LZW's and raw ones do)
 _LOUD = (7, 33003, 33005, 8, 32946)
@@ -154,11 +155,13 @@ def _walk(ranges: _Ranges, size: int) -> list[_Page]:
 
 class SparseCopy:
     """A local sparse copy of one object: `path`, and what it cost (`bytes_fetched`,
-    `requests`). Made by `sparse_copy`; pixel data comes in by `fill` and `fill_region`."""
+    `requests`, and `rounds`: those one after another). Made by `sparse_copy`; pixel data
+    comes in by `fill` and `fill_region`."""
 
     def __init__(self, fs, remote: str, storage: StorageConfig, size: int, local: str):
         self._fs, self._remote, self._storage = fs, remote, storage
         self.path, self.size, self.bytes_fetched, self.requests = local, size, 0, 0
+        self.rounds = 0  # round trips one after another (a batch of requests is one)
         self._ranges = _Ranges(self._fetch, size)
         self._pages: list[_Page] = []
         self._have: set[tuple[int, int]] = set()  # chunk ranges fetched
@@ -168,11 +171,29 @@ class SparseCopy:
         data = call_with_retries(lambda: self._fs.cat_file(self._remote, start=start, end=end),
                                  self._storage, "read range")
         self.requests += 1
+        self.rounds += 1
         self.bytes_fetched += len(data)
         return data
 
     def _write(self) -> bool:
-        """Walk the TIFF and write its structure into `path`; False for an object no TIFF."""
+        """Walk the TIFF and write its structure into `path`; False for an object no TIFF.
+
+        The first block and the last `TAIL_BLOCKS` come in one batch: a TIFF's directories
+        often end its file (libtiff writes each level's after its tiles, so the small levels'
+        come last), which spares the walk as many round trips one after another."""
+        tail = max((self.size - 1) // BLOCK - TAIL_BLOCKS + 1, 1)  # its first block
+        if tail * BLOCK < self.size:
+            spans = [(0, BLOCK), (tail * BLOCK, self.size)]
+            pieces = call_with_retries(
+                lambda: self._fs.cat_ranges([self._remote] * 2, [a for a, _ in spans],
+                                            [b for _, b in spans], on_error="raise"),
+                self._storage, "read ranges")
+            self.requests += 2
+            self.rounds += 1
+            self.bytes_fetched += sum(len(p) for p in pieces)
+            self._ranges.blocks[0] = pieces[0]
+            for i in range(0, len(pieces[1]), BLOCK):
+                self._ranges.blocks[tail + i // BLOCK] = pieces[1][i:i + BLOCK]
         if self._ranges.read(4) not in _TIFF_MAGIC:
             return False
         self._ranges.seek(0)  # tifffile reads a TIFF from where its file stands
@@ -233,6 +254,7 @@ class SparseCopy:
                 self._have.difference_update(chunks)
                 raise
             self.requests += len(wanted)
+            self.rounds += 1
             self.bytes_fetched += sum(len(p) for p in pieces)
             with open(self.path, "r+b") as fh:
                 for (start, _), piece in zip(wanted, pieces):

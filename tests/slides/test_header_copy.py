@@ -102,6 +102,9 @@ def test_a_large_slide_fetches_its_structure_and_what_its_reads_touch(big_slide,
     rng = np.random.default_rng(0)
     with _sparse(big_slide, whole, StorageConfig(stage_dir=str(tmp_path))) as reader:
         assert os.path.dirname(reader.copy.path).startswith(str(tmp_path))
+        # libtiff ends each level with its directory: the file's end, fetched with its start,
+        # holds the small levels' (8 round trips one after another without it)
+        assert reader.copy.rounds <= 5, reader.copy.rounds
         assert np.array_equal(reader.read_thumbnail((256, 256)), ref.read_thumbnail((256, 256)))
         regions = [(int(lv), int(x), int(y), 300, 200) for lv, x, y in
                    zip(rng.integers(0, 4, 12), rng.integers(0, 15000, 12),
