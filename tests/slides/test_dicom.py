@@ -16,6 +16,7 @@ from engine.slides.storage import FileEntry, list_files
 from jobs import inventory
 from jobs.common import expand_inputs
 from jobs.process_slides import read_inputs
+from tests.conftest import s3_requests, upload_tree
 
 
 @pytest.fixture()
@@ -90,3 +91,18 @@ def test_headers_that_cannot_be_read_leave_the_files_as_they_are(tmp_path):
     b.write_bytes(b"plain")
     entries = [FileEntry(str(a), 172), FileEntry(str(b), 5)]
     assert group_series(entries, StorageConfig()) == entries
+
+
+@pytest.mark.s3
+def test_a_series_on_s3_is_grouped_by_ranges_of_its_headers(series_folder, s3_server,
+                                                             s3_client):
+    s3_client.create_bucket(Bucket="dicom")
+    upload_tree(s3_client, "dicom", series_folder, "study")
+    storage = StorageConfig(endpoint_url=s3_server)
+    entries = list_files("s3://dicom/study", storage)
+    with s3_requests() as requests:
+        parts = _parts(group_series(entries, storage))
+    assert parts == {"boxes_0.dcm": "", "boxes_1.dcm": "boxes_0.dcm", "notes.dcm": "",
+                     "other_boxes_0.dcm": "", "other_boxes_1.dcm": "other_boxes_0.dcm"}
+    # a GET (a range) per file, no HEAD: the listing gave the sizes
+    assert len(requests) == 5 and all("GET /dicom/study/" in r for r in requests), requests
