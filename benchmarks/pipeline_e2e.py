@@ -50,6 +50,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -337,9 +338,11 @@ def s3_server(folder: str, work: str):
         for name in sorted(os.listdir(folder)):
             client.upload_file(os.path.join(folder, name), "slides", f"archive/{name}")
 
-        def lines() -> list[str]:
+        def lines() -> list[str]:  # "GET /slides/archive/x 200": the request and its status
             with open(log_path) as fh:
-                return [ln.split('"')[1].rsplit(" ", 1)[0] for ln in fh if '"' in ln]
+                return [ln.split('"')[1].rsplit(" ", 1)[0] + " " + ln.split('"')[2].split()[0]
+                        for ln in (re.sub(r"\x1b\[[0-9;]*m", "", raw) for raw in fh)
+                        if ln.count('"') >= 2]
 
         yield endpoint, lines
     finally:
@@ -348,12 +351,15 @@ def s3_server(folder: str, work: str):
 
 
 def downloads(lines: list[str], slides: int, sizes: dict[str, int]) -> dict:
-    """Whole-object GETs of the slides among the server's request lines, and their bytes
-    (``sizes``: object name -> bytes)."""
-    gets = [ln.split()[1].rsplit("/", 1)[-1] for ln in lines
-            if ln.startswith("GET /slides/archive/") and "?" not in ln]
+    """Whole-object GETs (status 200) of the slides among the server's request lines, and
+    their bytes (``sizes``: object name -> bytes); and the range GETs (206) of sparse copies
+    (`engine.slides.header_copy`), whose bytes the log does not give."""
+    slide_gets = [ln.split() for ln in lines
+                  if ln.startswith("GET /slides/archive/") and "?" not in ln.split()[1]]
+    gets = [g[1].rsplit("/", 1)[-1] for g in slide_gets if g[-1] == "200"]
     return {"object_gets": len(gets), "gets_per_slide": round(len(gets) / max(slides, 1), 2),
             "mib_downloaded": round(sum(sizes[g] for g in gets) / 2**20, 1),
+            "range_gets": sum(1 for g in slide_gets if g[-1] == "206"),
             "mib_of_slides": round(sum(sizes.values()) / 2**20, 1), "requests": len(lines)}
 
 

@@ -48,6 +48,10 @@ class StorageConfig:
         retry_backoff_s: first back-off; doubles on each retry.
         write_threads: a run's output files written at once, on threads beside the driver's
             intake (`engine.pipeline.aggregate.Aggregator`); 1 writes each in the intake.
+        sparse_reads: where a job reads little of a remote SVS or generic TIFF (the inventory,
+            the maps, galleries and exports, a section's tiles branch), fetch by range what it
+            reads (`engine.slides.header_copy`); False stages every slide whole, as before
+            release 0.8.3 (for a store whose range requests cost as much as the object).
     """
 
     endpoint_url: str | None = None
@@ -60,6 +64,7 @@ class StorageConfig:
     retries: int = 4
     retry_backoff_s: float = 0.5
     write_threads: int = 8
+    sparse_reads: bool = True
 
     def __post_init__(self):
         if self.endpoint_url is not None:

@@ -213,17 +213,20 @@ def upload_tree(client, bucket: str, root: Path, prefix: str) -> None:
 
 
 @contextlib.contextmanager
-def s3_requests() -> Iterator[list[str]]:
-    """The request lines (``GET /bucket/key``) the moto server in this process answers meanwhile."""
+def s3_requests(status: bool = False) -> Iterator[list[str]]:
+    """The request lines (``GET /bucket/key``) the moto server in this process answers meanwhile;
+    with ``status``, each followed by its status code (``GET /bucket/key 206``: a range)."""
     import logging
 
     lines: list[str] = []
 
     class Record(logging.Handler):
         def emit(self, record):
-            text = record.getMessage()
+            text = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # werkzeug's colours
             if '"' in text:
-                lines.append(text.split('"')[1].rsplit(" ", 1)[0])
+                line = text.split('"')[1].rsplit(" ", 1)[0]
+                code = text.split('"')[2].split()[0] if status else ""
+                lines.append(f"{line} {code}" if status else line)
 
     log = logging.getLogger("werkzeug")
     handler, level = Record(), log.level

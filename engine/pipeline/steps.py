@@ -94,18 +94,19 @@ class ReaderCache:
         self._staging = StagingArea(cfg.storage)
         self._lock = threading.RLock()  # readers themselves are thread-safe; the cache is not
 
-    def get(self, uri: str, level: int = 0, direct_ok: int = -1):
+    def get(self, uri: str, level: int = 0, direct_ok: int = -1, sparse: bool = False):
         """The open reader of ``uri``. ``direct_ok`` (a task's: 1 or 0, -1 unknown): whether
         the planner found ``level`` to decode directly as OpenSlide decodes it, which a newly
-        opened reader then takes instead of checking it again (`OpenSlideReader.trust_checks`)."""
+        opened reader then takes instead of checking it again (`OpenSlideReader.trust_checks`).
+        ``sparse`` (a task's): a remote slide is read from a sparse copy (`PlanSlide.sparse`)."""
         with self._lock:
             self._used.add(uri)
-            reader = self._get(uri)
+            reader = self._get(uri, sparse)
             if direct_ok >= 0 and hasattr(reader, "trust_checks"):
                 reader.trust_checks({int(level): bool(direct_ok)})
             return reader
 
-    def _get(self, uri: str):
+    def _get(self, uri: str, sparse: bool = False):
         if uri in self._open:
             self._open.move_to_end(uri)
             return self._open[uri][0]
@@ -118,7 +119,7 @@ class ReaderCache:
         reader = stack.enter_context(open_slide(
             uri, self.cfg.storage, self._staging, size=entry and entry.size,
             etag=entry and entry.etag, make_room=self._make_room,
-            direct_jpeg=self.cfg.pipeline.direct_jpeg))
+            direct_jpeg=self.cfg.pipeline.direct_jpeg, sparse=sparse))
         self._open[uri] = (reader, stack)
         while len(self._open) > self.size:
             self._close_oldest()
@@ -328,12 +329,22 @@ class PlanSlide:
         self.stages = tuple(stages or cfg.pipeline.stages)
         self.embeddings = embeddings  # an encoder embeds tiles (a smear's tiles' only use)
 
+    def sparse(self, specimen: str) -> bool:
+        """Whether this planner reads a slide of this type from a sparse copy: where it plans
+        the tiles branch alone, and the run's cells branch does not read the slide (a section;
+        a run without cells): that branch reads one coarse level and the thumbnail's, a
+        fraction of the slide, where the cells branch reads all of level 0 and its node's
+        staged copy serves both (`engine.slides.header_copy`)."""
+        return self.stages == ("tiles",) and "cells" not in branches_for(
+            specimen, tuple(self.cfg.pipeline.stages), self.embeddings)
+
     def __call__(self, row: dict) -> dict:
         entry = FileEntry(row["uri"], row.get("size"), row.get("etag"))
         specimen = row.get("specimen") or UNKNOWN
         planned_at = time.time()  # the slide's start: its status row's started_at
+        sparse = self.sparse(specimen)
         with inventoried(entry, self.cfg.storage, None, self.mpp,
-                         self.cfg.pipeline.direct_jpeg, specimen, row.get("case")
+                         self.cfg.pipeline.direct_jpeg, specimen, row.get("case"), sparse
                          ) as (inv, slide):
             out = {"slide": {k: (v.isoformat() if hasattr(v, "isoformat") else v)
                              for k, v in inv.items()},
@@ -341,7 +352,7 @@ class PlanSlide:
                    "error_message": inv["error_message"], "planned_at": planned_at}
             if slide is not None:
                 try:
-                    out.update(self._plan(slide, entry.uri, inv))
+                    out.update(self._plan(slide, entry.uri, inv), sparse=int(sparse))
                 except SlideError as err:
                     out.update(status="failed", error_type=type(err).__name__,
                                error_message=str(err))
@@ -394,8 +405,11 @@ class PlanSlide:
                            mask_scale, uri)
             d = _plan_dict(p)
             # stain vectors and the nucleus cut of the label-free cellularity, once per slide
+            sample = _sample(p, cfg.pipeline.threshold_samples)
+            if hasattr(slide, "prefetch"):  # a sparse copy: their tiles in one batch
+                slide.prefetch(p.level, [(x, y, p.read_px, p.read_px) for x, y in sample])
             rules = calibrate([read_tile(slide, p.level, x, y, p.read_px, p.tile_px)
-                               for x, y in _sample(p, cfg.pipeline.threshold_samples)])
+                               for x, y in sample])
             d["stains"], d["nucleus_h_od"] = rules.stains, rules.nucleus_h_od
             d["direct_ok"] = _direct_ok(slide, p.level)
             plans["tiles"] = d
@@ -433,7 +447,8 @@ def tile_tasks(slide_id: str, uri: str, plan: dict) -> list[dict]:
              "level": int(p["level"]), "read_px": int(p["read_px"]),
              "tile_px": int(p["tile_px"]), "tile_mpp": float(p["mpp"]),
              "tissue_fraction": float(f), "stains": np.asarray(p["stains"], np.float32).ravel(),
-             "nucleus_h_od": float(p["nucleus_h_od"]), "direct_ok": int(p.get("direct_ok", -1))}
+             "nucleus_h_od": float(p["nucleus_h_od"]), "direct_ok": int(p.get("direct_ok", -1)),
+             "sparse": int(plan.get("sparse", 0))}
             for i, (x, y, f) in enumerate(zip(p["x"], p["y"], p["tissue_fraction"]))]
 
 
@@ -445,7 +460,7 @@ _NO_TASK = {
               "direct_ok": -1},
     "tiles": {"task": -1, "x": 0, "y": 0, "level": 0, "read_px": 0, "tile_px": 0,
               "tile_mpp": 0.0, "tissue_fraction": 0.0, "nucleus_h_od": 0.0,
-              "stains": np.zeros(6, np.float32), "direct_ok": -1}}
+              "stains": np.zeros(6, np.float32), "direct_ok": -1, "sparse": 0}}
 
 
 class PlanTasks:
@@ -744,8 +759,7 @@ class ReadTiles:
         if int(batch["task"][i]) < 0:  # a slide without tiles: its header passes through
             return np.zeros((self.tile_px,) * 2 + (3,), np.uint8), 0, 0, "", ""
         try:
-            reader = self.readers.get(str(batch["uri"][i]), int(batch["level"][i]),
-                                      int(batch["direct_ok"][i]) if "direct_ok" in batch else -1)
+            reader = self._reader(batch, i)
             tile = read_tile(reader, batch["level"][i], batch["x"][i], batch["y"][i],
                              batch["read_px"][i], size)
             rules = AreaRules(stains=tuple(map(tuple, np.reshape(batch["stains"][i], (2, 3)))),
@@ -754,8 +768,34 @@ class ReadTiles:
         except SlideError as e:
             return np.zeros((size, size, 3), np.uint8), 0, 0, type(e).__name__, str(e)
 
+    def _reader(self, batch: dict, i: int):
+        return self.readers.get(str(batch["uri"][i]), int(batch["level"][i]),
+                                int(batch["direct_ok"][i]) if "direct_ok" in batch else -1,
+                                bool(batch["sparse"][i]) if "sparse" in batch else False)
+
+    def _prefetch(self, batch: dict) -> None:
+        """The batch's tiles of each slide read from a sparse copy, fetched in one batch of
+        requests per slide, where each read would make its own."""
+        if "sparse" not in batch:
+            return
+        todo: dict[str, list[int]] = {}
+        for i in np.flatnonzero((np.asarray(batch["sparse"]) > 0)
+                                & (np.asarray(batch["task"]) >= 0)):
+            todo.setdefault(str(batch["uri"][i]), []).append(int(i))
+        for rows in todo.values():
+            try:
+                reader = self._reader(batch, rows[0])
+            except SlideError:
+                continue  # each read reports it
+            if hasattr(reader, "prefetch"):
+                for level in {int(batch["level"][i]) for i in rows}:
+                    reader.prefetch(level, [(int(batch["x"][i]), int(batch["y"][i]),
+                                             int(batch["read_px"][i]), int(batch["read_px"][i]))
+                                            for i in rows if int(batch["level"][i]) == level])
+
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
+        self._prefetch(batch)
         # OpenSlide decoding releases the GIL, the area masks mostly do not: extra threads help
         # only while a read waits on storage (pipeline.read_threads)
         results = list(self._pool.map(lambda i: self._one(batch, i), range(len(batch["task"]))))

@@ -274,6 +274,8 @@ def sparse_copy(uri: str, storage: StorageConfig, size: int) -> Iterator[SparseC
     stages it whole, and the full copy reports the slide's problem.
     """
     fs, path = get_filesystem(uri, storage)
+    if storage.stage_dir:
+        os.makedirs(storage.stage_dir, exist_ok=True)
     folder = tempfile.mkdtemp(prefix="hemeflow-sparse-", dir=storage.stage_dir)
     try:
         copy = SparseCopy(fs, path, storage, size, os.path.join(folder, path.rsplit("/", 1)[-1]))
@@ -284,21 +286,30 @@ def sparse_copy(uri: str, storage: StorageConfig, size: int) -> Iterator[SparseC
 
 class SparseReader:
     """`SlideReader` over a `SparseCopy`, through OpenSlide: a read first fetches what it
-    touches (the thumbnail's level whole; a region's chunks and those around it). Where that
-    cannot be done, or a read from the copy fails, this and every later read come from
-    ``whole()`` (a reader of a full staged copy), so a slide's errors are always what its full
-    copy gives. Made by `open_sparse`."""
+    touches (the thumbnail's level whole; a region's chunks and those around it, and, before a
+    level's first direct read, the square at its origin its check reads:
+    `OpenSlideReader._agrees`). Where that cannot be done, or a read from the copy fails, this
+    and every later read come from ``whole()`` (a reader of a full staged copy), so a slide's
+    errors are always what its full copy gives. Made by `open_sparse`."""
 
     backend = "openslide"
 
     def __init__(self, copy: SparseCopy, reader, whole: Callable[[], object]):
         self.copy, self.info = copy, reader.info
         self._reader, self._whole, self._full = reader, whole, None
+        self._lock = threading.Lock()
 
     @property
     def whole(self) -> bool:
         """Whether reads have gone to a full staged copy."""
         return self._full is not None
+
+    @property
+    def direct_checks(self) -> dict[int, bool]:
+        return (self._full or self._reader).direct_checks
+
+    def trust_checks(self, checks: dict[int, bool]) -> None:
+        (self._full or self._reader).trust_checks(checks)
 
     def _read(self, fill: Callable[[], bool], read: Callable[[object], np.ndarray]
               ) -> np.ndarray:
@@ -310,15 +321,23 @@ class SparseReader:
                     return read(self._reader)
             except (SlideError, OSError):  # a hole read, or a range that did not come
                 pass
-            self._full = self._whole()
+            with self._lock:
+                if self._full is None:
+                    self._full = self._whole()
         return read(self._full)
 
     def _boxes(self, level: int, regions) -> tuple[int, int, list]:
         """The level's size, and ``regions`` (``(x, y, width, height)``: level-0 position,
-        level pixels) as boxes of its pixels."""
+        level pixels) as boxes of its pixels, with the square a direct read's check reads
+        where the level is not checked yet."""
+        from engine.slides.openslide_backend import CHECK_PX
+
         w, h = self.info.level_dimensions[level]
         ds = self.info.level_downsamples[level]
-        return w, h, [(x / ds, y / ds, x / ds + rw, y / ds + rh) for x, y, rw, rh in regions]
+        boxes = [(x / ds, y / ds, x / ds + rw, y / ds + rh) for x, y, rw, rh in regions]
+        if level not in self._reader.direct_checks:
+            boxes.append((0, 0, CHECK_PX, CHECK_PX))
+        return w, h, boxes
 
     def prefetch(self, level: int, regions) -> None:
         """Fetch what reading each of ``regions`` (``(x, y, width, height)``, as `read_region`
@@ -351,18 +370,19 @@ SPARSE_FORMATS = ("aperio", "generic-tiff")
 
 
 @contextlib.contextmanager
-def open_sparse(uri: str, storage: StorageConfig, size: int,
-                whole: Callable[[], object]) -> Iterator[SparseReader | None]:
+def open_sparse(uri: str, storage: StorageConfig, size: int, whole: Callable[[], object],
+                direct_jpeg: bool = False) -> Iterator[SparseReader | None]:
     """Yield a `SparseReader` of the remote slide at ``uri`` (``size`` bytes), or None where
     the slide is not one to read so (no TIFF, in none of `SPARSE_FORMATS`, or it does not open
     from its copy): stage it whole. ``whole()`` opens a full staged copy, for the reads the
-    copy cannot answer; the caller closes it."""
+    copy cannot answer; the caller closes it. ``direct_jpeg``: see
+    `engine.slides.registry.open_reader`."""
     from engine.slides.registry import open_reader
 
     with contextlib.ExitStack() as stack:
         try:
             copy = stack.enter_context(sparse_copy(uri, storage, size))
-            reader = open_reader(copy.path, uri, direct_jpeg=False) if copy else None
+            reader = open_reader(copy.path, uri, direct_jpeg=direct_jpeg) if copy else None
         except Exception:  # noqa: BLE001 - the full copy reads it again and reports what is wrong
             reader = None
         if reader is not None and reader.info.format not in SPARSE_FORMATS:

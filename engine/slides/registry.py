@@ -155,7 +155,7 @@ def open_slide(uri: str, storage: StorageConfig | None = None, staging: StagingA
     remote SVS or generic TIFF is read through OpenSlide from a sparse copy that fetches by
     range what each read touches (`engine.slides.header_copy.SparseReader`), where staging
     moved the whole object; any other slide, and any read that copy cannot answer, is staged
-    whole.
+    whole (and every slide, with ``storage.sparse_reads`` false).
 
     Example:
         >>> with open_slide("s3://archive/case-1.svs", storage) as slide:
@@ -176,9 +176,9 @@ def open_slide(uri: str, storage: StorageConfig | None = None, staging: StagingA
             return reader
 
         reader = None
-        if sparse and backend is None and is_remote(uri):
+        if sparse and storage.sparse_reads and backend is None and is_remote(uri):
             if size is None or etag is None:
                 entry = stat_file(uri, storage)
                 size, etag = entry.size or 0, entry.etag
-            reader = stack.enter_context(open_sparse(uri, storage, size, whole))
+            reader = stack.enter_context(open_sparse(uri, storage, size, whole, direct_jpeg))
         yield reader or whole()

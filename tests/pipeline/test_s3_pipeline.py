@@ -179,3 +179,32 @@ def test_s3_in_and_out(ray_local, s3_server, s3_client, archive, tmp_path, capsy
     figures = tmp_path / "pred" / "mil_predictions" / "figures"
     assert sorted(p.stem for p in figures.iterdir()) == ok  # each slide read back from S3
     assert staged == []
+
+
+def test_sections_on_s3_are_read_by_range_as_their_local_files_are_read(ray_local, s3_server,
+                                                                        s3_client, tmp_path):
+    """A section's tiles branch reads one coarse level and the thumbnail's: from a sparse copy
+    of the slide (engine.slides.header_copy), where it downloaded the slide whole, with the
+    same tiles, areas and embeddings."""
+    from benchmarks.make_synthetic_slides import make_slide
+
+    local = tmp_path / "sections"
+    local.mkdir()
+    make_slide(str(local / "marrow.tif"), 8192, kind="marrow")  # 0.25 um/px, 6 levels
+    s3_client.create_bucket(Bucket="sections")
+    upload_tree(s3_client, "sections", local, "lab-b")
+    run = ["--specimen", "biopsy", "--config", tiny_config(tmp_path), "--allow-untrained"]
+    with s3_requests(status=True) as requests:
+        assert process_slides.main(["--input", "s3://sections/lab-b", "--output",
+                                    str(tmp_path / "remote"), "--s3-endpoint", s3_server,
+                                    *run]) == 0
+    gets = [r for r in requests if r.startswith("GET /sections/lab-b/marrow.tif")]
+    assert gets and all(r.endswith(" 206") for r in gets), gets  # ranges only, never whole
+    assert process_slides.main(["--input", str(local), "--output", str(tmp_path / "here"),
+                                *run]) == 0
+    tiles = {}
+    for name in ("remote", "here"):
+        t = pl.read_parquet(tmp_path / name / "tiles" / "*.parquet").sort("y", "x")
+        assert len(t) >= 20
+        tiles[name] = t.select("x", "y", "tissue_fraction", "nuclear_fraction", "embedding")
+    assert tiles["remote"].equals(tiles["here"])

@@ -127,6 +127,25 @@ def test_a_large_slide_fetches_its_structure_and_what_its_reads_touch(big_slide,
     ref.close()
 
 
+def test_a_sparse_reader_decodes_jpeg_tiles_directly_as_the_whole_files_reader(big_slide):
+    """With direct decoding, a level's first read also fetches the square its check against
+    OpenSlide reads; a level whose verdict is taken from the planner needs no check."""
+    whole = Whole(big_slide)
+    ref = open_reader(big_slide, big_slide, direct_jpeg=True)
+    rng = np.random.default_rng(1)
+    with open_sparse(big_slide, StorageConfig(), os.path.getsize(big_slide), whole,
+                     direct_jpeg=True) as reader:
+        reader.trust_checks({2: True})
+        for lv, x, y in zip([0, 1, 1, 2, 2, 3], rng.integers(0, 15000, 6).tolist(),
+                            rng.integers(0, 15000, 6).tolist()):
+            region = (lv, x + lv, y + 1, 224, 224)  # odd places: the nearest level pixel
+            assert np.array_equal(reader.read_region(*region), ref.read_region(*region)), region
+        assert reader.direct_checks == {0: True, 1: True, 2: True, 3: True}
+        assert reader.copy.bytes_fetched < os.path.getsize(big_slide) / 5
+    assert whole.calls == 0
+    ref.close()
+
+
 @pytest.mark.parametrize("compression", ["jpeg", "deflate"])
 def test_pixels_outside_what_the_copy_holds_do_not_decode(tmp_path, compression):
     """Level 0's chunks read from the holes fail, where the file reads them: the copy holds the

