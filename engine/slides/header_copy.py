@@ -38,7 +38,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.config import StorageConfig
-from engine.slides.storage import call_with_retries, get_filesystem
+from engine.errors import StagingError
+from engine.slides.storage import (SPARSE_PREFIX, call_with_retries, default_stage_dir,
+                                   get_filesystem)
 
 BLOCK = 64 * 1024  # the walk's reads are rounded out to whole blocks: few requests, each small
 MERGE_GAP = BLOCK   # pixel-data ranges closer than this are fetched in one request
@@ -267,16 +269,19 @@ def sparse_copy(uri: str, storage: StorageConfig, size: int) -> Iterator[SparseC
     listing's) holding its structure, to be opened and then filled with what is read; or None
     for an object that is no TIFF (DICOM, a MIRAX index: stage it whole).
     The copy is a file of the object's name (formats key on the extension) in a folder of its
-    own (under ``storage.stage_dir`` where set), removed on exit; it is never taken for a
-    staged copy (`engine.slides.storage.StagingArea`).
+    own in the node's staging folder, removed on exit, and by `StagingArea.purge` once its
+    process has ended (killed before it could); it is never taken for a staged copy.
 
     Raises what tifffile and the storage raise on an object they cannot read: the caller
     stages it whole, and the full copy reports the slide's problem.
     """
     fs, path = get_filesystem(uri, storage)
-    if storage.stage_dir:
-        os.makedirs(storage.stage_dir, exist_ok=True)
-    folder = tempfile.mkdtemp(prefix="hemeflow-sparse-", dir=storage.stage_dir)
+    root = storage.stage_dir or default_stage_dir()  # the node's, whose purge clears leftovers
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    if os.stat(root).st_uid != os.geteuid():  # another user's: never write in it
+        raise StagingError(root, "the staging folder belongs to another user; set "
+                                 "storage.stage_dir")
+    folder = tempfile.mkdtemp(prefix=f"{SPARSE_PREFIX}{os.getpid()}-", dir=root)
     try:
         copy = SparseCopy(fs, path, storage, size, os.path.join(folder, path.rsplit("/", 1)[-1]))
         yield copy if copy._write() else None

@@ -182,6 +182,20 @@ def default_stage_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"hemeflow-stage-{os.geteuid()}")
 
 
+# a sparse copy's folder in the staging folder: <prefix><pid>-<random> (engine.slides.header_copy)
+SPARSE_PREFIX = "hemeflow-sparse-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class StagingArea:
     """Local copies of remote objects for readers that need a file path (OpenSlide), shared by
     every process on the node: an object is downloaded once per node, not once per reader.
@@ -404,9 +418,15 @@ class StagingArea:
             os.close(fd)
 
     def purge(self) -> int:
-        """Remove every copy nobody holds; returns how many were removed."""
+        """Remove every copy nobody holds, and the sparse copies of processes that ended
+        without removing theirs (killed outright); returns how many staged copies were
+        removed."""
         if not os.path.isdir(self.root) or (not self.shared and not self._ready):
             return 0
+        for name in os.listdir(self.root):
+            pid = name[len(SPARSE_PREFIX):].split("-", 1)[0]
+            if name.startswith(SPARSE_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
         return sum(self._remove(key) for _, key, _ in self._entries())
 
     def close(self) -> None:

@@ -195,3 +195,26 @@ def test_slide_errors_from_the_full_copy_are_the_callers(wsi_dir, tmp_path):
         assert reader is None
     with pytest.raises(SlideError):
         open_reader(str(junk))
+
+
+def test_the_staging_purge_clears_sparse_copies_their_processes_left(tmp_path, wsi_dir):
+    """A reader killed outright leaves its sparse copy's folder; the job's purge of the node's
+    staging folder removes it once its process has ended, and leaves a live process's."""
+    import subprocess
+    import sys
+
+    from engine.slides.storage import SPARSE_PREFIX, StagingArea
+
+    storage = StorageConfig(stage_dir=str(tmp_path / "stage"))
+    path = wsi_dir / "openslide-python/small.svs"
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    with sparse_copy(str(path), storage, os.path.getsize(path)) as copy:
+        ours = os.path.dirname(copy.path)
+        assert os.path.basename(ours).startswith(f"{SPARSE_PREFIX}{os.getpid()}-")
+        left = tmp_path / "stage" / f"{SPARSE_PREFIX}{ended}-abc"
+        left.mkdir()
+        (left / "small.svs").write_bytes(b"x")
+        StagingArea(storage).purge()
+        assert not left.exists() and os.path.exists(copy.path)
+    assert not os.path.exists(ours)
