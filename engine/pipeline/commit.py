@@ -25,7 +25,8 @@ import pyarrow as pa
 from engine.config import StorageConfig
 from engine.outputs import join_uri, write_bytes, write_parquet
 from engine.schema import TABLES, table_from_rows
-from engine.slides.storage import InputError, get_filesystem, is_remote, normalize_uri
+from engine.slides.storage import (InputError, get_filesystem, is_remote, normalize_uri,
+                                   process_alive)
 
 STATUS_TABLE = "slide_status"
 DATA_TABLES = ("slides", "tiles", "cells", "cell_features", "image_cells", "differentials",
@@ -308,13 +309,7 @@ def _ended_here(doc: dict) -> bool:
     """A mark written by a process of this host that is no longer running."""
     if doc.get("host") != socket.gethostname() or not isinstance(doc.get("pid"), int):
         return False
-    try:
-        os.kill(doc["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # another user's live process
-    return False
+    return not process_alive(doc["pid"])
 
 
 def read_table(output: str, table: str, columns: list[str] | None = None,

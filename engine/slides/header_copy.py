@@ -38,9 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.config import StorageConfig
-from engine.errors import StagingError
-from engine.slides.storage import (SPARSE_PREFIX, call_with_retries, default_stage_dir,
-                                   get_filesystem)
+from engine.slides.storage import (SPARSE_PREFIX, call_with_retries, get_filesystem,
+                                   shared_stage_root)
 
 BLOCK = 64 * 1024  # the walk's reads are rounded out to whole blocks: few requests, each small
 MERGE_GAP = BLOCK   # pixel-data ranges closer than this are fetched in one request
@@ -127,8 +126,16 @@ class _Page:
     height: int
     chunk_w: int
     chunk_h: int
-    loud: bool  # its chunks fail to decode from a hole (JPEG, JPEG 2000), where others may not
+    loud: bool  # its chunks fail to decode from a hole (`_LOUD`), where others may not
     chunks: tuple[tuple[int, int] | None, ...]
+
+    def chunks_in(self, x0: float, y0: float, x1: float, y1: float) -> set[tuple[int, int]]:
+        """The byte ranges of the chunks holding pixels ``[x0, x1) x [y0, y1)``."""
+        across, down = -(-self.width // self.chunk_w), -(-self.height // self.chunk_h)
+        rows = range(max(int(y0 // self.chunk_h), 0), min(int(y1 // self.chunk_h) + 1, down))
+        cols = range(max(int(x0 // self.chunk_w), 0), min(int(x1 // self.chunk_w) + 1, across))
+        picked = (r * across + c for r in rows for c in cols)
+        return {self.chunks[i] for i in picked if i < len(self.chunks) and self.chunks[i]}
 
 
 def _walk(ranges: _Ranges, size: int) -> list[_Page]:
@@ -177,6 +184,17 @@ class SparseCopy:
         self.bytes_fetched += len(data)
         return data
 
+    def _fetch_many(self, spans: list[tuple[int, int]]) -> list[bytes]:
+        """The bytes of each ``(start, end)``, fetched at once: one round trip."""
+        pieces = call_with_retries(
+            lambda: self._fs.cat_ranges([self._remote] * len(spans), [a for a, _ in spans],
+                                        [b for _, b in spans], on_error="raise"),
+            self._storage, "read ranges")
+        self.requests += len(spans)
+        self.rounds += 1
+        self.bytes_fetched += sum(len(p) for p in pieces)
+        return pieces
+
     def _write(self) -> bool:
         """Walk the TIFF and write its structure into `path`; False for an object no TIFF.
 
@@ -185,14 +203,7 @@ class SparseCopy:
         come last), which spares the walk as many round trips one after another."""
         tail = max((self.size - 1) // BLOCK - TAIL_BLOCKS + 1, 1)  # its first block
         if tail * BLOCK < self.size:
-            spans = [(0, BLOCK), (tail * BLOCK, self.size)]
-            pieces = call_with_retries(
-                lambda: self._fs.cat_ranges([self._remote] * 2, [a for a, _ in spans],
-                                            [b for _, b in spans], on_error="raise"),
-                self._storage, "read ranges")
-            self.requests += 2
-            self.rounds += 1
-            self.bytes_fetched += sum(len(p) for p in pieces)
+            pieces = self._fetch_many([(0, BLOCK), (tail * BLOCK, self.size)])
             self._ranges.blocks[0] = pieces[0]
             for i in range(0, len(pieces[1]), BLOCK):
                 self._ranges.blocks[tail + i // BLOCK] = pieces[1][i:i + BLOCK]
@@ -226,17 +237,10 @@ class SparseCopy:
         pages = self._pages_of(width, height)
         if not pages or not all(p.loud for p in pages):
             return False
-        wanted = set()
-        for p in pages:  # a level, and an associated image of its size (a tiny SVS)
-            across, down = -(-p.width // p.chunk_w), -(-p.height // p.chunk_h)
-            for x0, y0, x1, y1 in boxes:  # 2 px further: interpolation reads a neighbour
-                for r in range(max(int((y0 - 2) // p.chunk_h), 0),
-                               min(int((y1 + 2) // p.chunk_h) + 1, down)):
-                    for c in range(max(int((x0 - 2) // p.chunk_w), 0),
-                                   min(int((x1 + 2) // p.chunk_w) + 1, across)):
-                        if r * across + c < len(p.chunks):
-                            wanted.add(p.chunks[r * across + c])
-        self._get([c for c in wanted if c is not None])
+        # a level, and an associated image of its size (a tiny SVS); 2 px further each way:
+        # interpolation reads a neighbour
+        self._get(list(set().union(*(p.chunks_in(x0 - 2, y0 - 2, x1 + 2, y1 + 2)
+                                     for p in pages for x0, y0, x1, y1 in boxes))))
         return True
 
     def _get(self, chunks: list[tuple[int, int]]) -> None:
@@ -247,17 +251,10 @@ class SparseCopy:
             if not wanted:
                 return
             try:
-                pieces = call_with_retries(
-                    lambda: self._fs.cat_ranges([self._remote] * len(wanted),
-                                                [a for a, _ in wanted], [b for _, b in wanted],
-                                                on_error="raise"),
-                    self._storage, "read ranges")
+                pieces = self._fetch_many(wanted)
             except BaseException:
                 self._have.difference_update(chunks)
                 raise
-            self.requests += len(wanted)
-            self.rounds += 1
-            self.bytes_fetched += sum(len(p) for p in pieces)
             with open(self.path, "r+b") as fh:
                 for (start, _), piece in zip(wanted, pieces):
                     os.pwrite(fh.fileno(), piece, start)
@@ -276,12 +273,9 @@ def sparse_copy(uri: str, storage: StorageConfig, size: int) -> Iterator[SparseC
     stages it whole, and the full copy reports the slide's problem.
     """
     fs, path = get_filesystem(uri, storage)
-    root = storage.stage_dir or default_stage_dir()  # the node's, whose purge clears leftovers
-    os.makedirs(root, mode=0o700, exist_ok=True)
-    if os.stat(root).st_uid != os.geteuid():  # another user's: never write in it
-        raise StagingError(root, "the staging folder belongs to another user; set "
-                                 "storage.stage_dir")
-    folder = tempfile.mkdtemp(prefix=f"{SPARSE_PREFIX}{os.getpid()}-", dir=root)
+    # in the node's staging folder, whose purge clears a killed process's leftovers
+    folder = tempfile.mkdtemp(prefix=f"{SPARSE_PREFIX}{os.getpid()}-",
+                              dir=shared_stage_root(storage))
     try:
         copy = SparseCopy(fs, path, storage, size, os.path.join(folder, path.rsplit("/", 1)[-1]))
         yield copy if copy._write() else None

@@ -182,11 +182,26 @@ def default_stage_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"hemeflow-stage-{os.geteuid()}")
 
 
+def shared_stage_root(storage: StorageConfig) -> str:
+    """The node's shared staging folder, made (mode 0700) where missing.
+
+    Raises:
+        StagingError: the folder belongs to another user (never read from or written in).
+    """
+    root = storage.stage_dir or default_stage_dir()
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    if os.stat(root).st_uid != os.geteuid():
+        raise StagingError(root, "the staging folder belongs to another user; set "
+                                 "storage.stage_dir")
+    return root
+
+
 # a sparse copy's folder in the staging folder: <prefix><pid>-<random> (engine.slides.header_copy)
 SPARSE_PREFIX = "hemeflow-sparse-"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -230,10 +245,7 @@ class StagingArea:
         if self._ready:
             return
         if self.shared:
-            os.makedirs(self.root, mode=0o700, exist_ok=True)
-            if os.stat(self.root).st_uid != os.geteuid():  # another user's: never read from it
-                raise StagingError(self.root, "the staging folder belongs to another user; set "
-                                   "storage.stage_dir")
+            self.root = shared_stage_root(self.storage)
         else:
             if self.storage.stage_dir:
                 os.makedirs(self.storage.stage_dir, mode=0o700, exist_ok=True)
@@ -425,7 +437,7 @@ class StagingArea:
             return 0
         for name in os.listdir(self.root):
             pid = name[len(SPARSE_PREFIX):].split("-", 1)[0]
-            if name.startswith(SPARSE_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+            if name.startswith(SPARSE_PREFIX) and pid.isdigit() and not process_alive(int(pid)):
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
         return sum(self._remove(key) for _, key, _ in self._entries())
 
