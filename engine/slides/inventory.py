@@ -29,13 +29,41 @@ class MppOverrides:
     default: float | None = None
     table: dict[str, float] = field(default_factory=dict)
 
-    def apply(self, info: SlideInfo, slide_id: str) -> SlideInfo:
-        mpp = self.table.get(info.uri, self.table.get(slide_id))
-        if mpp is None and info.mpp_source == "missing":
+    def value(self, uri: str, slide_id: str, missing: bool) -> float | None:
+        """The pixel size to state for a slide, or None to keep its metadata's; ``missing``:
+        its metadata has none."""
+        mpp = self.table.get(uri, self.table.get(slide_id))
+        if mpp is None and missing:
             mpp = self.default
+        return None if mpp is None else float(mpp)
+
+    def apply(self, info: SlideInfo, slide_id: str) -> SlideInfo:
+        mpp = self.value(info.uri, slide_id, info.mpp_source == "missing")
         if mpp is None:
             return info
-        return info.replace(mpp_x=float(mpp), mpp_y=float(mpp), mpp_source="override")
+        return info.replace(mpp_x=mpp, mpp_y=mpp, mpp_source="override")
+
+    def restate(self, row: dict, earlier_table: bool = True) -> dict | None:
+        """An earlier inventory's ``row`` with these pixel sizes in place of the ones it was
+        made with, or None where that needs the slide read again. ``earlier_table``: whether
+        that inventory had a table (``--mpp-table``). Without one, its overrides were all the
+        default, given to slides whose metadata has none; with one, a row's override may have
+        hidden what its metadata says, which only a read tells, unless this run's table states
+        that slide's size again."""
+        source = row.get("mpp_source")
+        if source is None:  # a row that never got as far as the slide's metadata
+            return row
+        uri, slide_id = row["uri"], row["slide_id"]
+        if source == "override":
+            if not earlier_table:
+                source = "missing"
+            elif self.table.get(uri, self.table.get(slide_id)) is None:
+                return None
+        mpp = self.value(uri, slide_id, source == "missing")
+        if mpp is not None:
+            return {**row, "mpp_x": mpp, "mpp_y": mpp, "mpp_source": "override"}
+        return {**row, "mpp_x": None, "mpp_y": None, "mpp_source": "missing"} \
+            if source == "missing" else row
 
 
 def _now() -> dt.datetime:

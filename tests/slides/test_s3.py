@@ -19,7 +19,7 @@ from engine.errors import StagingError
 from engine.slides import open_slide
 from engine.slides.storage import StagingArea, list_files
 from jobs import inventory
-from tests.conftest import upload_tree
+from tests.conftest import s3_requests, upload_tree
 from tests.slides.test_header_copy import SPARSE
 
 pytestmark = pytest.mark.s3
@@ -72,6 +72,25 @@ def test_inventory_on_s3_equals_inventory_on_disk(archive, s3_server, wsi_dir, t
     config = _fs(s3_server).cat_file("results/inv/config.json").decode()
     for text in (config, printed.out, printed.err):
         assert "testing-secret-value" not in text and "testing-key-id" not in text
+    # a rerun keeps every row (no object changed): no slide is read, not even by range; the
+    # DICOM files' headers are read again to fold the series
+    staged.clear()
+    with s3_requests(status=True) as requests:
+        assert inventory.main(["--input", archive, "--output", "s3://results/inv",
+                               "--s3-endpoint", s3_server]) == 0
+    assert not staged
+    read = {r.split()[1] for r in requests if r.startswith("GET /archive/wsi/")}
+    assert read and all(k.endswith(".dcm") for k in read), read
+    assert "; 15 row(s) kept from the earlier inventory, 0 file(s) read" in capsys.readouterr().out
+    with _fs(s3_server).open("results/inv/slides/slides.parquet", "rb") as fh:
+        again = pl.from_arrow(pq.read_table(fh))
+    # the same rows; those of files read before keep the time they were read
+    assert again.sort("uri").drop("inventoried_at").equals(
+        remote.drop("key", "inventoried_at").sort("uri"))
+    opened = pl.col("status") != "skipped"
+    assert again.filter(opened).sort("uri")["inventoried_at"].equals(
+        remote.filter(opened).sort("uri")["inventoried_at"])
+    assert not _fs(s3_server).exists(f"results/inv/{inventory.PROGRESS}")
 
 
 def test_missing_bucket_exits_cleanly(s3_server, capsys, tmp_path):
