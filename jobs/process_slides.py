@@ -36,6 +36,7 @@ from engine.models import MissingWeights
 from engine.pipeline.commit import OutputStore, RunLease, describe_run, runs_writing
 from engine.pipeline.run import RunMetrics, resolve_stages, run_pipeline
 from engine.schema import SCHEMA_VERSION, STATUSES, slide_id_for
+from engine.slides.dicom import SERIES_TAG
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import FileEntry, InputError, is_remote
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
@@ -135,7 +136,8 @@ def committed_rows(store: OutputStore, ids: set[str], seen: dict | None = None):
 def changed_files(store: OutputStore, entries: list[FileEntry], ids: set[str],
                   seen: dict | None = None) -> dict[str, str]:
     """Of the committed slides ``ids``, those whose file the input now lists is not the one
-    processed: its size, or its ETag where both have one (S3), differs from the slides row.
+    processed: its size, or its ETag where both have one (S3; a DICOM series' digest of its
+    files, `engine.slides.dicom.series_tag`), differs from the slides row.
     Returns what changed, by slide_id (``"size 1024 -> 2048"``); ``seen``: `committed_rows`'."""
     now = {slide_id_for(e.uri): e for e in entries}
     got = committed_rows(store, ids & now.keys(), seen)
@@ -143,6 +145,9 @@ def changed_files(store: OutputStore, entries: list[FileEntry], ids: set[str],
     for sid, size, etag in zip(*(got[c].to_pylist() for c in ("slide_id", "size_bytes", "etag"))
                                ) if got is not None else ():
         e = now[sid]
+        if etag is not None and e.etag is not None and \
+                etag.startswith(SERIES_TAG) != e.etag.startswith(SERIES_TAG):
+            etag = None  # a DICOM series' row from before its files' digest: its level 0's
         what = [f"{name} {old} -> {new}" for name, old, new in
                 (("size", size, e.size), ("ETag", etag, e.etag))
                 if old is not None and new is not None and old != new]

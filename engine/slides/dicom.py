@@ -16,6 +16,7 @@ folder's DICOM files with it (`engine.slides.storage.StagingArea`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +24,7 @@ from engine.config import StorageConfig
 from engine.slides.storage import FileEntry, call_with_retries, get_filesystem
 
 HEADER_THREADS = 16  # headers read at once: a request each on S3
+SERIES_TAG = "dicom-series-"  # how a series' digest begins (`series_tag`)
 _LAST_TAG = 0x00480007  # TotalPixelMatrixRows: the last tag read; sequences after it are skipped
 
 
@@ -96,9 +98,24 @@ def group_series(entries: list[FileEntry], storage: StorageConfig,
     for e in candidates:
         if found[e.uri] is not None:
             series.setdefault((e.uri.rsplit("/", 1)[0], found[e.uri].series), []).append(e.uri)
-    part_of = {}
+    part_of, mains = {}, {}
+    by_uri = {e.uri: e for e in candidates}
     for uris in series.values():
         main = max(uris, key=lambda u: (found[u].volume, found[u].pixels, -uris.index(u)))
         part_of.update({u: main for u in uris if u != main})
-    return [dataclasses.replace(e, part_of=part_of[e.uri]) if e.uri in part_of else e
+        if len(uris) > 1:
+            mains[main] = series_tag([by_uri[u] for u in uris])
+    return [dataclasses.replace(e, part_of=part_of[e.uri]) if e.uri in part_of else
+            dataclasses.replace(e, etag=mains[e.uri]) if e.uri in mains else e
             for e in entries]
+
+
+def series_tag(files: list[FileEntry]) -> str:
+    """What stands for a series' ETag in its slide's entry (and so in its ``slides`` row): a
+    digest of its files' names, sizes and ETags, which changes when any of them does, where
+    its level 0's own size and ETag change only with that file. A series whose thumbnail or
+    coarse level was rewritten (which the tiles branch reads) is a changed slide
+    (``process_slides --reprocess-changed``, the inventory's rerun)."""
+    text = "\n".join(f"{e.uri.rsplit('/', 1)[-1]}\0{e.size}\0{e.etag}"
+                     for e in sorted(files, key=lambda e: e.uri))
+    return SERIES_TAG + hashlib.sha256(text.encode()).hexdigest()[:32]

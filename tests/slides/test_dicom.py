@@ -106,3 +106,49 @@ def test_a_series_on_s3_is_grouped_by_ranges_of_its_headers(series_folder, s3_se
                      "other_boxes_0.dcm": "", "other_boxes_1.dcm": "other_boxes_0.dcm"}
     # a GET (a range) per file, no HEAD: the listing gave the sizes
     assert len(requests) == 5 and all("GET /dicom/study/" in r for r in requests), requests
+
+
+def test_a_series_changes_with_any_of_its_files(series_folder, tmp_path, capsys):
+    """Its level 0's size alone said whether a series changed: a rewritten thumbnail or coarse
+    level (which the tiles branch reads) went unseen by --reprocess-changed."""
+    from engine.pipeline.commit import OutputStore
+    from engine.schema import slide_id_for
+    from jobs.process_slides import changed_files
+
+    def tags():
+        return {e.uri.rsplit("/", 1)[-1]: e.etag
+                for e in expand_inputs(str(series_folder), StorageConfig()) if e.etag}
+
+    before = tags()
+    assert set(before) == {"boxes_0.dcm", "other_boxes_0.dcm"}
+    assert all(t.startswith("dicom-series-") for t in before.values()) and tags() == before
+    inv = ["--input", str(series_folder), "--output", str(tmp_path / "inv")]
+    assert inventory.main(inv) == 0
+    rows = pl.read_parquet(tmp_path / "inv" / "slides" / "slides.parquet")
+    # the slides rows a process_slides run committed for the two series
+    store = OutputStore(str(tmp_path / "run"), StorageConfig())
+    for row in rows.filter(pl.col("etag").is_not_null()).iter_rows(named=True):
+        store.write_table("slides", row["slide_id"], [row])
+        store.write_table("slide_status", row["slide_id"],
+                          [{"slide_id": row["slide_id"], "uri": row["uri"], "status": "ok"}])
+    assert changed_files(store, expand_inputs(str(series_folder), StorageConfig()),
+                         store.committed()) == {}
+    ds = pydicom.dcmread(series_folder / "boxes_1.dcm")  # the thumbnail, rewritten
+    ds.ImageComments = "rescanned"
+    ds.save_as(series_folder / "boxes_1.dcm")
+    after = tags()
+    assert after["boxes_0.dcm"] != before["boxes_0.dcm"]
+    assert after["other_boxes_0.dcm"] == before["other_boxes_0.dcm"]
+    sid = slide_id_for(str(series_folder / "boxes_0.dcm"))
+    assert changed_files(store, expand_inputs(str(series_folder), StorageConfig()),
+                         store.committed()) == \
+        {sid: f"ETag {before['boxes_0.dcm']} -> {after['boxes_0.dcm']}"}
+    capsys.readouterr()
+    assert inventory.main(inv) == 0  # the inventory's rerun reads that series again
+    assert "; 2 row(s) kept from the earlier inventory, 1 file(s) read" in capsys.readouterr().out
+    # a row committed before series had a digest holds its level 0's own ETag (on S3): a
+    # digest says nothing against it, so the series is not taken for changed on that alone
+    old = {r["slide_id"]: r for r in store.read("slides").to_pylist()}
+    store.write_table("slides", sid, [{**old[sid], "etag": "0f343b0931126a20f133d67c2b018a3b"}])
+    assert changed_files(store, expand_inputs(str(series_folder), StorageConfig()),
+                         store.committed()) == {}
