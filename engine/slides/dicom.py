@@ -103,8 +103,10 @@ def group_series(entries: list[FileEntry], storage: StorageConfig,
     for uris in series.values():
         main = max(uris, key=lambda u: (found[u].volume, found[u].pixels, -uris.index(u)))
         part_of.update({u: main for u in uris if u != main})
-        if len(uris) > 1:
-            mains[main] = series_tag([by_uri[u] for u in uris])
+        if len(uris) > 1:  # an inventory's entry (its slides row) holds the tag already
+            tag = by_uri[main].etag or ""
+            mains[main] = tag if tag.startswith(SERIES_TAG) else \
+                series_tag([by_uri[u] for u in uris])
     return [dataclasses.replace(e, part_of=part_of[e.uri]) if e.uri in part_of else
             dataclasses.replace(e, etag=mains[e.uri]) if e.uri in mains else e
             for e in entries]

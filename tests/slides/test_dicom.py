@@ -79,10 +79,14 @@ def test_the_inventory_accounts_for_an_instance_and_process_slides_reads_it_once
         f"an instance of the DICOM series read through {series_folder}/boxes_0.dcm")
     assert by["boxes_0.dcm"]["status"] == by["other_boxes_0.dcm"]["status"] == "ok"
     # process_slides takes the series once, from a folder or from the inventory's table
+    tags = []
     for source in (str(series_folder), str(tmp_path / "inv" / "slides" / "slides.parquet")):
-        names = sorted(e.uri.rsplit("/", 1)[-1]
-                       for e in read_inputs(source, StorageConfig()).entries)
+        entries = read_inputs(source, StorageConfig()).entries
+        names = sorted(e.uri.rsplit("/", 1)[-1] for e in entries)
         assert names == ["boxes_0.dcm", "notes.dcm", "other_boxes_0.dcm"], source
+        tags.append({e.uri: e.etag for e in entries})
+    # with the digest of each series' files the inventory recorded, not one of that digest
+    assert tags[0] == tags[1] and len({t for t in tags[0].values() if t}) == 2
 
 
 def test_headers_that_cannot_be_read_leave_the_files_as_they_are(tmp_path):
