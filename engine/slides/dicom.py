@@ -9,8 +9,9 @@ six copies of its cells and differential under six slide ids, counted six times 
 or two on S3), groups a listing's DICOM files by folder and ``SeriesInstanceUID``, and keeps
 one entry a series: its level 0 (the VOLUME instance of the largest matrix). The others stay
 in the listing, marked ``part_of`` that entry, so that the inventory accounts for them (a
-``skipped`` row naming it) and nothing reads them twice. Staging a series' entry brings its
-folder's DICOM files with it (`engine.slides.storage.StagingArea`).
+``skipped`` row naming it) and nothing reads them twice. Staging a series' entry brings the
+other files of its series with it, not its folder's other series
+(`engine.slides.storage.StagingArea`).
 """
 
 from __future__ import annotations

@@ -255,20 +255,38 @@ class StagingArea:
     def _companions(self, fs, path: str) -> list[tuple[str, int]]:
         """Other objects a multi-file format needs beside its main file, with sizes.
 
-        MIRAX keeps its data in an ``X/`` folder beside ``X.mrxs``; a DICOM WSI is a folder of
-        instances (one per level or associated image) that OpenSlide finds next to the one opened.
+        MIRAX keeps its data in an ``X/`` folder beside ``X.mrxs``; a DICOM WSI is a series of
+        instances (one per level or associated image) that OpenSlide finds next to the one
+        opened: those of its series alone (`_same_series`), where a study's folder holds several.
         """
         lower = path.lower()
         if lower.endswith(".mrxs"):
             found = fs.find(path[:-5], detail=True)
         elif lower.endswith(".dcm"):
             listing = fs.ls(path.rsplit("/", 1)[0], detail=True)
-            found = {i["name"]: i for i in listing
-                     if i["name"].lower().endswith(".dcm") and i["name"] != path}
+            found = self._same_series(fs, path, {i["name"]: i for i in listing
+                                                 if i["name"].lower().endswith(".dcm")})
         else:
             return []
         return [(k, int(v.get("size") or 0)) for k, v in sorted(found.items())
                 if v.get("type") != "directory"]
+
+    def _same_series(self, fs, path: str, found: dict[str, dict]) -> dict[str, dict]:
+        """Of the DICOM files ``found`` beside ``path`` (``path`` among them), the others of its
+        series (`engine.slides.dicom.group_series`: a header each). A folder of ten series
+        staged each of them with every other: ten times the archive's bytes. Where ``path``'s
+        own header names no series, every other file, as before."""
+        from engine.slides.dicom import group_series
+
+        proto = f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://"
+        entries = [FileEntry(proto + name, info.get("size"), _etag(info))
+                   for name, info in sorted(found.items())]
+        whose = {e.uri[len(proto):]: e.part_of or e.uri for e in group_series(entries,
+                                                                                self.storage)}
+        mine = whose.get(path)
+        if mine is None or sum(1 for w in whose.values() if w == mine) == 1:
+            return {k: v for k, v in found.items() if k != path}
+        return {k: v for k, v in found.items() if k != path and whose[k] == mine}
 
     @contextlib.contextmanager
     def stage(self, uri: str, size: int | None = None, etag: str | None = None,

@@ -2,6 +2,7 @@
 for and never read as slides of their own."""
 
 import shutil
+from pathlib import Path
 
 import openslide
 import polars as pl
@@ -156,3 +157,27 @@ def test_a_series_changes_with_any_of_its_files(series_folder, tmp_path, capsys)
     store.write_table("slides", sid, [{**old[sid], "etag": "0f343b0931126a20f133d67c2b018a3b"}])
     assert changed_files(store, expand_inputs(str(series_folder), StorageConfig()),
                          store.committed()) == {}
+
+
+@pytest.mark.s3
+def test_a_series_on_s3_is_staged_without_the_other_series_of_its_folder(
+        series_folder, s3_server, s3_client, tmp_path):
+    """Staging a DICOM slide brought every .dcm file of its folder: each of a study's ten
+    series downloaded all ten."""
+    from engine.slides.storage import StagingArea
+
+    s3_client.create_bucket(Bucket="dicom-stage")
+    upload_tree(s3_client, "dicom-stage", series_folder, "study")
+    storage = StorageConfig(endpoint_url=s3_server, stage_dir=str(tmp_path / "stage"))
+    for main, other in (("boxes_0.dcm", "boxes_1.dcm"),
+                        ("other_boxes_0.dcm", "other_boxes_1.dcm")):
+        with StagingArea(storage) as staging, \
+                staging.stage(f"s3://dicom-stage/study/{main}") as path:
+            staged = sorted(p.name for p in Path(path).parent.iterdir()
+                            if not p.name.startswith("."))
+            assert staged == sorted([main, other]), staged
+            local = openslide.OpenSlide(str(series_folder / main))
+            remote = openslide.OpenSlide(path)
+            assert remote.properties["dicom.SeriesInstanceUID"] == \
+                local.properties["dicom.SeriesInstanceUID"]
+            assert remote.level_count == local.level_count
