@@ -82,7 +82,10 @@ def default_inputs(output: str) -> Inputs:
 
 def read_inputs(uri: str, storage) -> Inputs:
     """The slides ``--input`` names, with the specimen types and cases it gives them (the
-    ``specimen`` and ``case`` columns of a .csv list or of an inventory .parquet)."""
+    ``specimen`` and ``case`` columns of a .csv list or of an inventory .parquet). Files that
+    are not slides by name (a licence, a PNG) are left out, as from a folder."""
+    from engine.slides.registry import looks_like_slide
+
     if uri.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -103,11 +106,9 @@ def read_inputs(uri: str, storage) -> Inputs:
                  if r.get("case"))
         entries = fold_series([FileEntry(u, first[u]["size_bytes"], first[u]["etag"])
                                for u in once_each([r["uri"] for r in rows], uri)], storage, uri)
-        return Inputs([e for e in entries if not e.part_of],
+        return Inputs([e for e in entries if looks_like_slide(e.uri) and not e.part_of],
                       one_value_each(specimens, uri, "specimen type"),
                       one_value_each(cases, uri, "case"))
-    from engine.slides.registry import looks_like_slide
-
     return Inputs([e for e in expand_inputs(uri, storage)
                    if looks_like_slide(e.uri) and not e.part_of],
                   read_specimens(uri, storage), read_cases(uri, storage))

@@ -38,6 +38,17 @@ def test_inventory_accounts_for_every_file(wsi_dir, tmp_path):
     assert table.schema.metadata[b"hemeflow.schema_version"] == str(SCHEMA_VERSION).encode()
     n = duckdb.sql(f"select count(*) from read_parquet('{tmp_path}/slides/*.parquet')").fetchall()[0]
     assert n[0] == len(files)
+    # process_slides takes the same slides from this table as from the folder: not the files
+    # it skipped as no slides (each was a failed slide), nor a series' other file
+    from jobs.process_slides import read_inputs
+
+    from engine.config import StorageConfig
+
+    taken = [e.uri for e in read_inputs(f"{tmp_path}/slides/slides.parquet",
+                                        StorageConfig()).entries]
+    assert taken == [e.uri for e in read_inputs(str(wsi_dir), StorageConfig()).entries]
+    skipped = df.filter(pl.col("status") == "skipped")["uri"]
+    assert len(taken) == 15 and not set(taken) & set(skipped)
     doc = json.loads((tmp_path / "config.json").read_text())
     assert doc["config_hash"] and doc["args"]["input"] == str(wsi_dir)
 
