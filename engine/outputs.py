@@ -36,8 +36,9 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
     os.replace(tmp, uri)
 
 
-def write_parquet(table: pa.Table, uri: str, storage: StorageConfig) -> None:
+def write_parquet(table: pa.Table, uri: str, storage: StorageConfig,
+                  row_group_size: int | None = None) -> None:
     """One Parquet file (zstd), written atomically."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
     write_bytes(uri, buf.getvalue(), storage)

@@ -62,6 +62,19 @@ class OutputStore:
         self.fs.invalidate_cache()
         return self.slide_ids(STATUS_TABLE)
 
+    def stamps(self) -> dict[str, str]:
+        """Each committed slide's stamp (`engine.pipeline.compact.stamp`: its commit marker's
+        size and ETag or modification time), from the one listing `committed` makes."""
+        from engine.pipeline.compact import stamp
+
+        self.fs.invalidate_cache()
+        try:
+            infos = self.fs.ls(f"{self.path.rstrip('/')}/{STATUS_TABLE}", detail=True)
+        except FileNotFoundError:
+            return {}
+        return {i["name"].rsplit("/", 1)[-1][:-len(".parquet")]: stamp(i) for i in infos
+                if i["name"].endswith(".parquet")}
+
     def failed(self, slide_ids: set[str]) -> set[str]:
         """Those of the committed ``slide_ids`` whose status is ``failed``."""
         rows = self.read(STATUS_TABLE, ["slide_id", "status"], slide_ids)
@@ -75,21 +88,33 @@ class OutputStore:
         files left out), of ``slide_ids`` alone when given; None where no such slide has a file
         in it. With ``columns``, the ``optional`` columns too where the table has them (a
         column newer than the output's schema version)."""
+        import pyarrow.compute as pc
         import pyarrow.dataset as pads
 
+        from engine.pipeline.compact import compacted_reads, read_manifest
+
         folder = f"{self.path.rstrip('/')}/{table}"
-        sids = self.committed()
+        parts = read_manifest(self, table)
+        stamps = self.stamps() if parts else {}
+        sids = set(stamps) if parts else self.committed()
         if slide_ids is not None:
             sids &= set(slide_ids)
-        if table != STATUS_TABLE:  # every committed slide has a status; not every one a table
+        # slides whose compacted copy is of their commit come from it (engine.pipeline.compact)
+        reads, sids = compacted_reads(self, table, parts, sids, stamps) if parts else ([], sids)
+        if sids and table != STATUS_TABLE:  # a committed slide has a status, not every table
             sids &= self.slide_ids(table)
         files = [f"{folder}/{sid}.parquet" for sid in sorted(sids)]
-        if not files:
-            return None
-        data = pads.dataset(files, filesystem=self.fs, format="parquet")
-        if columns is not None:
-            columns = [*columns, *(c for c in optional if c in data.schema.names)]
-        return data.to_table(columns=columns)
+        got = []
+        for source, only in [*((p, take) for p, take in reads), (files, None)]:
+            if not source:
+                continue
+            data = pads.dataset(source, filesystem=self.fs, format="parquet")
+            cols = None if columns is None else \
+                [*columns, *(c for c in optional if c in data.schema.names)]
+            where = None if only is None else \
+                pc.field("slide_id").isin(pa.array(sorted(only), pa.string()))
+            got.append(data.to_table(columns=cols, filter=where))
+        return pa.concat_tables(got, promote_options="default") if got else None
 
     def uncommit(self, slide_ids) -> None:
         """Take slides out of the output so that the next run processes them again: their

@@ -1041,3 +1041,64 @@ def test_node_cpus_in_an_actor_are_what_ray_was_given(ray_local):
         return node_cpus()
 
     assert ray.get(probe.remote()) == 2
+
+
+def test_a_compacted_output_reads_as_its_slides_files_and_never_stale(run_out, tmp_path,
+                                                                      capsys, monkeypatch):
+    """`jobs.compact` copies each table's committed rows into a few files; `read_table` reads a
+    slide from them while its commit is the one they hold, and from its own file after."""
+    from engine.config import StorageConfig
+    from engine.pipeline.commit import OutputStore, read_table
+    from engine.schema import TABLES
+    from jobs import compact
+
+    out = tmp_path / "out"
+    shutil.copytree(run_out, out)
+    tables = ("slide_status", "slides", "tiles", "cells", "differentials", "cellularity")
+    key = {"cells": ["slide_id", "cell_id"], "tiles": ["slide_id", "x", "y"],
+           "differentials": ["slide_id", "level", "class_code", "lineage"], "cellularity": ["slide_id", "method"]}
+
+    def rows(table, frame):
+        return frame.sort(key.get(table, ["slide_id"]))
+
+    was = {t: rows(t, read_table(str(out), t)) for t in tables}
+    assert compact.main(["--output", str(out), "--target-mb", "0.01"]) == 0
+    said = capsys.readouterr().out
+    assert f"compact: cells: {len(list((out / 'cells').glob('*.parquet')))} slides" in said
+    for t in tables:
+        copy = pl.read_parquet(f"{out}/compact/{t}/*.parquet")
+        assert rows(t, copy).equals(was[t]), t
+        assert rows(t, read_table(str(out), t)).equals(was[t]), t
+    assert len(list((out / "compact" / "cells").glob("*.parquet"))) > 1  # 0.01 MB a file
+    # the compacted files alone are read: the slides' own files could go
+    for f in (out / "cells").glob("*.parquet"):
+        f.rename(tmp_path / f.name)
+    assert rows("cells", read_table(str(out), "cells")).equals(was["cells"])
+    for f in tmp_path.glob("*.parquet"):
+        f.rename(out / "cells" / f.name)
+    # a slide committed again reads as committed now; its copy is left alone until a rerun
+    store = OutputStore(str(out), StorageConfig())
+    sid = was["cells"]["slide_id"][0]
+    fewer = was["cells"].filter(pl.col("slide_id") == sid).head(3)
+    status = read_table(str(out), "slide_status").filter(pl.col("slide_id") == sid)
+    store.commit(sid, {"cells": fewer.to_arrow().cast(TABLES["cells"])}, status.to_dicts()[0])
+    now = read_table(str(out), "cells")
+    assert now.filter(pl.col("slide_id") == sid).height == 3
+    assert now.filter(pl.col("slide_id") != sid).sort(key["cells"]).equals(
+        was["cells"].filter(pl.col("slide_id") != sid))
+    assert pl.read_parquet(f"{out}/compact/cells/*.parquet").height == was["cells"].height
+    assert compact.main(["--output", str(out), "--tables", "cells"]) == 0
+    assert "removed" in capsys.readouterr().out
+    assert rows("cells", pl.read_parquet(f"{out}/compact/cells/*.parquet")).equals(
+        rows("cells", now))
+    # a slide taken out is not read from its copy; one gone mid-compaction is left out
+    store.uncommit({sid})
+    assert sid not in read_table(str(out), "cells")["slide_id"].to_list()
+    listed = OutputStore.slide_ids
+    monkeypatch.setattr(OutputStore, "slide_ids", lambda self, table, *a: listed(
+        self, table, *a) | ({"ghost-000000000000"} if table == "cells" else set()))
+    store.write_table("slide_status", "ghost-000000000000",
+                      [{**status.to_dicts()[0], "slide_id": "ghost-000000000000"}])
+    assert compact.main(["--output", str(out), "--tables", "cells"]) == 0
+    copy = pl.read_parquet(f"{out}/compact/cells/*.parquet")
+    assert sid not in copy["slide_id"].to_list() and copy.height == now.height - 3

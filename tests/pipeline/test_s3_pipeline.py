@@ -179,6 +179,22 @@ def test_s3_in_and_out(ray_local, s3_server, s3_client, archive, tmp_path, capsy
     figures = tmp_path / "pred" / "mil_predictions" / "figures"
     assert sorted(p.stem for p in figures.iterdir()) == ok  # each slide read back from S3
     assert staged == []
+    # compacted on S3: read_table reads the same rows from one file a table, not one a slide
+    from engine.pipeline.commit import read_table
+    from jobs import compact
+
+    storage = StorageConfig(endpoint_url=s3_server)
+    with s3_requests() as before:
+        cells = read_table("s3://results/run1", "cells", storage=storage)
+    assert compact.main(["--output", "s3://results/run1", "--s3-endpoint", s3_server]) == 0
+    with s3_requests() as after:
+        again = read_table("s3://results/run1", "cells", storage=storage)
+    assert again.sort("slide_id", "cell_id").equals(cells.sort("slide_id", "cell_id"))
+    per_slide = [r for r in before if r.startswith("GET /results/run1/cells/")]
+    assert len(per_slide) >= cells["slide_id"].n_unique()
+    assert not [r for r in after if r.startswith("GET /results/run1/cells/")]
+    part = [r for r in after if "/compact/cells/part-" in r]
+    assert part and len(part) <= 10 and len({r.split()[1] for r in part}) == 1, after
 
 
 def test_sections_on_s3_are_read_by_range_as_their_local_files_are_read(ray_local, s3_server,
