@@ -1056,7 +1056,8 @@ def test_a_compacted_output_reads_as_its_slides_files_and_never_stale(run_out, t
     shutil.copytree(run_out, out)
     tables = ("slide_status", "slides", "tiles", "cells", "differentials", "cellularity")
     key = {"cells": ["slide_id", "cell_id"], "tiles": ["slide_id", "x", "y"],
-           "differentials": ["slide_id", "level", "class_code", "lineage"], "cellularity": ["slide_id", "method"]}
+           "differentials": ["slide_id", "level", "class_code", "lineage"],
+           "cellularity": ["slide_id", "method"]}
 
     def rows(table, frame):
         return frame.sort(key.get(table, ["slide_id"]))
