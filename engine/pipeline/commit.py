@@ -87,7 +87,9 @@ class OutputStore:
         """``table``'s rows of the committed slides only (a crashed or running job's uncommitted
         files left out), of ``slide_ids`` alone when given; None where no such slide has a file
         in it. With ``columns``, the ``optional`` columns too where the table has them (a
-        column newer than the output's schema version)."""
+        column newer than the output's schema version). A compacted table
+        (`engine.pipeline.compact`) gives each slide's rows from its compacted file while the
+        slide's commit is the one that file holds, from the slide's own file otherwise."""
         import pyarrow.compute as pc
         import pyarrow.dataset as pads
 
