@@ -406,7 +406,13 @@ def main(argv=None) -> int:
     if review:
         print("to review (slide_status.warnings): "
               + ", ".join(f"{n} {flag}" for flag, n in review.items()))
+    if len(kept) + len(rows) >= COMPACT_HINT:
+        print(f"{len(kept) + len(rows):,} slides in the output, a file each a table: for "
+              f"queries over them, python -m jobs.compact --output {args.output}")
     return 0
+
+
+COMPACT_HINT = 1000  # slides in an output from which the job names jobs.compact
 
 
 def review_counts(rows: list[dict]) -> dict[str, int]:

@@ -175,12 +175,16 @@ def test_smear_wbcs_found_once_and_geojson_written(run_out, smear_slide):
     assert geo["type"] == "FeatureCollection" and len(geo["features"]) >= len(cells)
 
 
-def test_rerun_skips_committed_slides(run_out, archive, tmp_path, capsys):
+def test_rerun_skips_committed_slides(run_out, archive, tmp_path, capsys, monkeypatch):
     before = {p: p.stat().st_mtime_ns for p in run_out.rglob("*.parquet")}
+    monkeypatch.setattr(process_slides, "COMPACT_HINT", 7)  # an archive's output: 1,000
     code = process_slides.main(["--input", str(archive), "--output", str(run_out), "--config",
                                 tiny_config(tmp_path), "--allow-untrained"])
     assert code == 0
-    assert "7 already committed, 0 to process" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "7 already committed, 0 to process" in said
+    assert "7 slides in the output, a file each a table: for queries over them, python -m " \
+           f"jobs.compact --output {run_out}" in said
     assert {p: p.stat().st_mtime_ns for p in run_out.rglob("*.parquet")} == before
     # a list that now puts committed slides in cases: said, and nothing rewritten
     listed = tmp_path / "list.csv"
