@@ -103,19 +103,25 @@ class OutputStore:
             sids &= set(slide_ids)
         # slides whose compacted copy is of their commit come from it (engine.pipeline.compact)
         reads, sids = compacted_reads(self, table, parts, sids, stamps) if parts else ([], sids)
-        if sids and table != STATUS_TABLE:  # a committed slide has a status, not every table
-            sids &= self.slide_ids(table)
-        files = [f"{folder}/{sid}.parquet" for sid in sorted(sids)]
-        got = []
-        for source, only in [*((p, take) for p, take in reads), (files, None)]:
-            if not source:
-                continue
+
+        def rows(source, only=None) -> pa.Table:
             data = pads.dataset(source, filesystem=self.fs, format="parquet")
             cols = None if columns is None else \
                 [*columns, *(c for c in optional if c in data.schema.names)]
             where = None if only is None else \
                 pc.field("slide_id").isin(pa.array(sorted(only), pa.string()))
-            got.append(data.to_table(columns=cols, filter=where))
+            return data.to_table(columns=cols, filter=where)
+
+        got = []
+        for path, take in reads:
+            try:
+                got.append(rows(path, take))
+            except FileNotFoundError:  # replaced by a compaction meanwhile: their own files
+                sids |= take
+        if sids and table != STATUS_TABLE:  # a committed slide has a status, not every table
+            sids &= self.slide_ids(table)
+        if sids:
+            got.append(rows([f"{folder}/{sid}.parquet" for sid in sorted(sids)]))
         return pa.concat_tables(got, promote_options="default") if got else None
 
     def uncommit(self, slide_ids) -> None:

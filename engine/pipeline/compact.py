@@ -118,7 +118,7 @@ def compact_table(store, table: str, stamps: dict[str, str],
         files = [f"{store.path.rstrip('/')}/{table}/{sid}.parquet" for sid in group]
         try:
             got = pads.dataset(files, filesystem=store.fs, format="parquet").to_table()
-        except FileNotFoundError:  # a slide taken out meanwhile (--reprocess): the others
+        except OSError:  # a slide taken out meanwhile (--reprocess)? The others, one by one
             got, group = _each(store, files, group)
         if got is None:
             continue
