@@ -24,6 +24,7 @@ import argparse
 import collections
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.errors import HemeflowError
@@ -166,7 +167,8 @@ class Progress:
         self.pending: list[dict] = []
         self.written = 0
         self.since = time.monotonic()
-        self.stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        # names sort in the order they were written, this run's after an earlier one's
+        self.stamp = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
 
     def add(self, row: dict) -> None:
         self.pending.append(row)
