@@ -241,6 +241,9 @@ def main(argv=None) -> int:
         line += f"; {kept} row(s) kept from the earlier inventory, {len(read)} file(s) read"
         if gone:
             line += f", {gone} row(s) of files no longer listed dropped"
+        failed = sum(1 for r in rows if r["status"] == "failed" and r["uri"] not in read)
+        if failed:
+            line += f" ({failed} failed row(s) kept: --retry-failed reads them again)"
     if opened:  # a remote SVS or generic TIFF is read by range (engine.slides.header_copy)
         line += (f"; {staging.downloads} of {opened} remote slides downloaded whole, the "
                  "others read by range")

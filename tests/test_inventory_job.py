@@ -226,7 +226,8 @@ def test_a_rerun_reads_only_what_is_new_or_changed(small_archive, wsi_dir, tmp_p
     first, _ = _run(small_archive, out, capsys)
     at = _read_at(first)
     again, line = _run(small_archive, out, capsys)
-    assert line.endswith("; 3 row(s) kept from the earlier inventory, 0 file(s) read -> "
+    assert line.endswith("; 3 row(s) kept from the earlier inventory, 0 file(s) read (1 "
+                         "failed row(s) kept: --retry-failed reads them again) -> "
                          f"{out}/slides/slides.parquet")
     assert again.equals(first)
     # a file added, one rewritten (a rescan: another size), one gone
@@ -270,7 +271,8 @@ def test_a_rerun_states_this_runs_types_and_pixel_sizes_reading_only_where_it_mu
                     "--mpp", "0.3")
     assert "0 file(s) read" in line and _mpp(df, "kidney-48-5.tif") == (0.3, "override")
     df, line = _run(small_archive, out, capsys)
-    assert "; 1 row(s) kept from the earlier inventory, 2 file(s) read" in line
+    assert "; 1 row(s) kept from the earlier inventory, 2 file(s) read (1 failed row(s) kept: " \
+           "--retry-failed reads them again)" in line
     assert _mpp(df, "cmu-1-small-region.svs") == (0.499, "metadata")
     assert _mpp(df, "kidney-48-5.tif") == (None, "missing")
     assert _read_at(df)["broken.svs"] == at["broken.svs"]
