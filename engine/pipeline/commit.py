@@ -122,7 +122,7 @@ class OutputStore:
             sids &= self.slide_ids(table)
         if sids:
             got.append(rows([f"{folder}/{sid}.parquet" for sid in sorted(sids)]))
-        return pa.concat_tables(got, promote_options="default") if got else None
+        return pa.concat_tables(got, promote_options="permissive") if got else None
 
     def uncommit(self, slide_ids) -> None:
         """Take slides out of the output so that the next run processes them again: their

@@ -82,7 +82,7 @@ def compacted_reads(store, table: str, parts: list[Part], slide_ids: set[str],
 
 
 def compact_table(store, table: str, stamps: dict[str, str],
-                  target_bytes: int = TARGET_BYTES, log=print) -> dict:
+                  target_bytes: int = TARGET_BYTES) -> dict:
     """Compact ``table`` of the output ``store`` for its committed slides (``stamps``:
     `OutputStore.stamps`); returns what it did (files kept, written and removed, slides,
     rows)."""
@@ -103,7 +103,7 @@ def compact_table(store, table: str, stamps: dict[str, str],
     def flush() -> None:
         if not batch:
             return
-        rows = pa.concat_tables(batch, promote_options="default").sort_by("slide_id")
+        rows = pa.concat_tables(batch, promote_options="permissive").sort_by("slide_id")
         name = f"part-{run}-{len(made):05d}.parquet"
         group = max(1024, int(rows.num_rows * ROW_GROUP_BYTES / max(rows.nbytes, 1)))
         write_parquet(rows, f"{store.uri(FOLDER, table, name)}", store.storage,
