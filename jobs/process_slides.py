@@ -60,6 +60,7 @@ class Inputs(NamedTuple):
     specimens: dict[str, str]
     cases: dict[str, str]
     mpp: dict[str, float] = {}
+    failed: dict[str, dict] = {}  # an inventory's rows of the slides it found unreadable
 
 
 def default_inputs(output: str) -> Inputs:
@@ -97,9 +98,9 @@ def read_inputs(uri: str, storage) -> Inputs:
         fs, path = get_filesystem(uri, storage)
         with fs.open(path, "rb") as fh:
             pf = pq.ParquetFile(fh)
-            columns = ["uri", "size_bytes", "etag"] + [
-                c for c in ("specimen", "case", "mpp_x", "mpp_source")
-                if c in pf.schema_arrow.names]
+            inventory = {"status", "error_type"} <= set(pf.schema_arrow.names)
+            columns = None if inventory else ["uri", "size_bytes", "etag"] + [
+                c for c in ("specimen", "case") if c in pf.schema_arrow.names]
             rows = pf.read(columns=columns).to_pylist()
         first = {}
         for r in rows:
@@ -112,9 +113,10 @@ def read_inputs(uri: str, storage) -> Inputs:
                                for u in once_each([r["uri"] for r in rows], uri)], storage, uri)
         stated = {slide_id_for(u): r["mpp_x"] for u, r in first.items()
                   if r.get("mpp_source") == "override" and r.get("mpp_x")}
+        failed = {u: r for u, r in first.items() if r.get("status") == "failed"}
         return Inputs([e for e in entries if looks_like_slide(e.uri) and not e.part_of],
                       one_value_each(specimens, uri, "specimen type"),
-                      one_value_each(cases, uri, "case"), stated)
+                      one_value_each(cases, uri, "case"), stated, failed)
     return Inputs([e for e in expand_inputs(uri, storage)
                    if looks_like_slide(e.uri) and not e.part_of],
                   read_specimens(uri, storage), read_cases(uri, storage))
@@ -265,6 +267,45 @@ def warn_case_changes(store: OutputStore, inputs: Inputs, kept: set[str], source
             "them by the list's; --reprocess records it")
 
 
+def inventory_verdicts(inputs: Inputs, kept: set[str], again: bool) -> list[FileEntry]:
+    """The input's slides its inventory found unreadable that are not committed, to commit
+    as failed with the inventory's reasons rather than read again (`commit_verdicts`); none
+    where the run reads them again (``again``: ``--retry-failed`` or ``--reprocess``)."""
+    if again:
+        return []
+    return [e for e in inputs.entries
+            if e.uri in inputs.failed and slide_id_for(e.uri) not in kept]
+
+
+def commit_verdicts(store: OutputStore, cfg: Config, inputs: Inputs,
+                    verdicts: list[FileEntry], specimens: Specimens) -> list[dict]:
+    """Commit each of ``verdicts`` as failed, with the reason its inventory row gives and that
+    row as its ``slides`` row, without reading it: a corrupt slide on S3 was downloaded whole
+    again (1-3 GB) to fail as it failed in the inventory. Returns their status rows."""
+    import datetime as dt
+
+    from engine.schema import SLIDES
+
+    now = dt.datetime.now(dt.timezone.utc)
+    rows = []
+    for e in verdicts:
+        got = inputs.failed[e.uri]
+        row = {k: got.get(k) for k in SLIDES.names}
+        row["specimen"] = specimens.of(e.uri)
+        when = got["inventoried_at"].strftime("%Y-%m-%d") if got.get("inventoried_at") else "?"
+        status = {"slide_id": row["slide_id"], "uri": e.uri, "status": "failed",
+                  "error_type": got["error_type"],
+                  "error_message": f"{got['error_message']} (the inventory's verdict of "
+                                   f"{when}; not read again: --retry-failed reads it)",
+                  "n_tiles": None, "n_cells": None, "stages": [], "skipped_stages": [],
+                  "started_at": now, "finished_at": now, "seconds": 0.0,
+                  "engine_version": engine.__version__, "config_hash": cfg.hash(),
+                  "warnings": []}
+        store.commit(row["slide_id"], {"slides": [row]}, status)
+        rows.append(status)
+    return rows
+
+
 def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
     """Say what this run would do, and change nothing: start no Ray, write no table or config.
     The checks a run makes before it starts are made (the output's config and schema, the
@@ -284,6 +325,11 @@ def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
                                  seen=seen)
     warn_case_changes(store, inputs, committed, args.input, log, seen)
     stages = resolve_stages(cfg, args.allow_untrained)
+    verdicts = inventory_verdicts(inputs, committed, args.retry_failed or args.reprocess)
+    if verdicts:
+        log(f"{len(verdicts)} slide(s) the inventory found unreadable would be committed as "
+            "failed with its reasons, not read again (--retry-failed reads them)")
+        entries = [e for e in entries if e not in verdicts]
     pending = [e for e in entries if slide_id_for(e.uri) not in committed]
     gib = sum(e.size or 0 for e in pending) / 2**30
     log(f"dry run: {len(entries)} slide(s) in the input, {len(entries) - len(pending)} "
@@ -397,11 +443,17 @@ def main(argv=None) -> int:
                                     reprocess_changed=args.reprocess_changed, seen=seen)
             warn_case_changes(store, inputs, kept, args.input, seen=seen)
             write_run_config(args.output, cfg, vars(args), cfg.storage)
+            specimens = Specimens(args.specimen, inputs.specimens)
+            verdicts = inventory_verdicts(inputs, kept, args.retry_failed or args.reprocess)
+            judged = commit_verdicts(store, cfg, inputs, verdicts, specimens)
+            if judged:
+                print(f"{len(judged)} slide(s) the inventory found unreadable committed as "
+                      "failed with its reasons, not read again (--retry-failed reads them)")
             metrics = RunMetrics()
-            rows = run_pipeline(entries, args.output, cfg, mpp, args.allow_untrained,
-                                metrics=metrics,
-                                specimens=Specimens(args.specimen, inputs.specimens),
-                                cases=inputs.cases)
+            rows = judged + run_pipeline([e for e in entries if e not in verdicts],
+                                         args.output, cfg, mpp, args.allow_untrained,
+                                         metrics=metrics, specimens=specimens,
+                                         cases=inputs.cases)
     except MissingWeights as err:
         return fail(str(err))
     except (HemeflowError, OSError) as err:

@@ -154,10 +154,10 @@ def test_a_specimen_column_types_slides_and_the_flag_the_rest(wsi_dir, tmp_path,
     got = {r["uri"]: r["specimen"] for r in df.iter_rows(named=True)}
     assert got == {str(cmu): "biopsy", str(small): "aspirate"}
     # process_slides follows the inventory's types, and the list's own
-    entries, typed, cases, _ = read_inputs(f"{tmp_path}/out/slides/slides.parquet",
-                                           StorageConfig())
+    entries, typed, cases = read_inputs(f"{tmp_path}/out/slides/slides.parquet",
+                                        StorageConfig())[:3]
     assert [e.uri for e in entries] == list(got) and typed == got and cases == {}
-    entries, typed, _, _ = read_inputs(str(tmp_path / "list.csv"), StorageConfig())
+    entries, typed = read_inputs(str(tmp_path / "list.csv"), StorageConfig())[:2]
     assert sorted(e.uri for e in entries) == sorted(got) and typed == {str(cmu): "biopsy"}
     (tmp_path / "bad.csv").write_text(f"path,specimen\n{cmu},biopsy\n{small},marrow\n")
     assert inventory.main(["--input", str(tmp_path / "bad.csv"), "--output",
@@ -345,3 +345,46 @@ def test_process_slides_takes_the_pixel_sizes_the_inventory_stated(wsi_dir, tmp_
         assert process_slides.main([*run, "--output", str(tmp_path / f"b{len(seen)}"),
                                     "--mpp-table", str(tmp_path / "mpp.csv")]) == 0
         assert seen[-1].value(tcga, slide_id_for(tcga), missing=True) == 0.25
+
+
+def test_process_slides_does_not_read_again_the_slides_the_inventory_found_unreadable(
+        wsi_dir, tmp_path, capsys, monkeypatch):
+    """Each failed slide of an inventory's table was read again, a corrupt S3 slide downloaded
+    whole again, to fail as it failed there: it is committed failed with the inventory's
+    reason, unless --retry-failed asks for a read."""
+    from engine.pipeline.commit import read_table
+    from jobs import process_slides
+
+    assert inventory.main(["--output", str(tmp_path / "inv")]) == 0
+    inv = pl.read_parquet(tmp_path / "inv" / "slides" / "slides.parquet")
+    bad = inv.filter(pl.col("status") == "failed")
+    read = []
+    monkeypatch.setattr(process_slides, "run_pipeline",
+                        lambda entries, *a, **k: read.extend(e.uri for e in entries) or [])
+    run = ["--input", f"{tmp_path}/inv/slides/slides.parquet", "--output", str(tmp_path / "run"),
+           "--allow-untrained"]
+    assert process_slides.main([*run, "--dry-run"]) == 0
+    assert f"{bad.height} slide(s) the inventory found unreadable would be committed as " \
+           "failed" in capsys.readouterr().out and not read
+    assert process_slides.main(run) == 0
+    said = capsys.readouterr().out
+    assert f"{bad.height} slide(s) the inventory found unreadable committed as failed" in said
+    assert sorted(read) == sorted(inv.filter(pl.col("status") == "ok")["uri"])
+    status = read_table(str(tmp_path / "run"), "slide_status")
+    assert status.height == bad.height == 6 and set(status["status"]) == {"failed"}
+    got = dict(zip(status["uri"], status["error_type"]))
+    assert got == dict(zip(bad["uri"], bad["error_type"]))
+    assert all("the inventory's verdict" in m for m in status["error_message"])
+    slides = read_table(str(tmp_path / "run"), "slides")
+    assert sorted(slides["uri"]) == sorted(bad["uri"])
+    # a rerun leaves them committed (the pipeline skips them); --retry-failed takes them out
+    # for the pipeline to read
+    assert process_slides.main(run) == 0
+    assert "found unreadable" not in capsys.readouterr().out
+    assert read_table(str(tmp_path / "run"), "slide_status").equals(status)
+    read.clear()
+    assert process_slides.main([*run, "--retry-failed"]) == 0
+    assert "found unreadable" not in capsys.readouterr().out
+    assert sorted(read) == sorted(inv.filter(pl.col("status") != "skipped")["uri"])
+    with pytest.raises(FileNotFoundError):  # taken out, and the (stand-in) pipeline made none
+        read_table(str(tmp_path / "run"), "slide_status")
