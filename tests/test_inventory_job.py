@@ -363,6 +363,11 @@ def test_process_slides_does_not_read_again_the_slides_the_inventory_found_unrea
                         lambda entries, *a, **k: read.extend(e.uri for e in entries) or [])
     run = ["--input", f"{tmp_path}/inv/slides/slides.parquet", "--output", str(tmp_path / "run"),
            "--allow-untrained"]
+    # a run refused (a classifier without weights) commits nothing, these slides neither
+    (tmp_path / "c.yaml").write_text("pipeline:\n  classifier: {model: deepheme-resnet18}\n")
+    assert process_slides.main([*run[:-1], "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "no trained weights" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "slide_status").exists()
     assert process_slides.main([*run, "--dry-run"]) == 0
     assert f"{bad.height} slide(s) the inventory found unreadable would be committed as " \
            "failed" in capsys.readouterr().out and not read
@@ -375,6 +380,7 @@ def test_process_slides_does_not_read_again_the_slides_the_inventory_found_unrea
     got = dict(zip(status["uri"], status["error_type"]))
     assert got == dict(zip(bad["uri"], bad["error_type"]))
     assert all("the inventory's verdict" in m for m in status["error_message"])
+    assert all("cell_detection" in st for st in status["stages"])  # the run's, as it names them
     slides = read_table(str(tmp_path / "run"), "slides")
     assert sorted(slides["uri"]) == sorted(bad["uri"])
     # a rerun leaves them committed (the pipeline skips them); --retry-failed takes them out
