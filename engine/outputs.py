@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import uuid
 
 import pyarrow as pa
@@ -15,6 +16,12 @@ import pyarrow.parquet as pq
 
 from engine.config import StorageConfig
 from engine.slides.storage import call_with_retries, get_filesystem, is_remote, normalize_uri
+
+
+def run_stamp() -> str:
+    """A name part for what one run writes: UTC time to the second (names sort in the order
+    runs began), then random hex, so two runs begun in the same second never share one."""
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
 
 def join_uri(base: str, *parts: str) -> str:

@@ -24,11 +24,10 @@ import argparse
 import collections
 import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.errors import HemeflowError
-from engine.outputs import join_uri, write_parquet
+from engine.outputs import join_uri, run_stamp, write_parquet
 from engine.schema import SCHEMA_VERSION, SLIDES, table_from_rows
 from engine.slides.inventory import MppOverrides, inventory_file
 from engine.slides.registry import looks_like_slide
@@ -121,10 +120,12 @@ def earlier_rows(output: str, storage) -> tuple[dict[str, tuple[dict, bool]], st
     rows: dict[str, tuple[dict, bool]] = {}
     found = 0
     for path in files:
-        if not path.endswith(".parquet") or not fs.exists(path):
+        if not path.endswith(".parquet"):
             continue
         try:
             table = pq.read_table(path, filesystem=fs)
+        except FileNotFoundError:  # no earlier table
+            continue
         except (pa.ArrowInvalid, OSError) as err:  # its files are read again
             print(f"inventory: {path} is unreadable ({err}): left out", file=sys.stderr)
             continue
@@ -167,8 +168,7 @@ class Progress:
         self.pending: list[dict] = []
         self.written = 0
         self.since = time.monotonic()
-        # names sort in the order they were written, this run's after an earlier one's
-        self.stamp = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+        self.stamp = run_stamp()  # names sort in the order they were written
 
     def add(self, row: dict) -> None:
         self.pending.append(row)

@@ -285,11 +285,10 @@ def commit_verdicts(store: OutputStore, cfg: Config, inputs: Inputs,
     again (1-3 GB) to fail as it failed in the inventory. ``stages``: the run's
     (`resolve_stages`), named in the status rows as the pipeline names them. Returns the
     status rows."""
-    import datetime as dt
-
+    from engine.pipeline.aggregate import utcnow
     from engine.schema import SLIDES
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = utcnow()
     rows = []
     for e in verdicts:
         got = inputs.failed[e.uri]

@@ -17,13 +17,12 @@ import socket
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 
 import pyarrow as pa
 
 from engine.config import StorageConfig
-from engine.outputs import join_uri, write_bytes, write_parquet
+from engine.outputs import join_uri, run_stamp, write_bytes, write_parquet
 from engine.schema import TABLES, table_from_rows
 from engine.slides.storage import (InputError, get_filesystem, is_remote, normalize_uri,
                                    process_alive)
@@ -214,7 +213,7 @@ class RunLease:
                  stale_s: float = 180.0):
         self.store, self.job = store, job
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
-        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        self.run_id = run_stamp()
         self.folder = f"{store.path.rstrip('/')}/{self.FOLDER}"
         self.path = f"{self.folder}/{self.run_id}.json"
         self.doc = {"run_id": self.run_id, "job": job, "host": socket.gethostname(),

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from engine.outputs import write_bytes, write_parquet
+from engine.outputs import run_stamp, write_bytes, write_parquet
+from engine.slides.storage import object_etag
 
 FOLDER = "compact"
 MANIFEST = "manifest.json"
@@ -53,8 +53,8 @@ class Part:
 
 def stamp(info: dict) -> str:
     """A status file's stamp from its listing entry: size and ETag, or size and mtime."""
-    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
-    return f"{info.get('size')}:{str(tag).strip(chr(34))}"
+    tag = object_etag(info) or info.get("mtime") or info.get("LastModified")
+    return f"{info.get('size')}:{tag}"
 
 
 def read_manifest(store, table: str) -> list[Part] | None:
@@ -98,7 +98,7 @@ def compact_table(store, table: str, stamps: dict[str, str],
     made: list[Part] = []
     batch: list[pa.Table] = []
     slides: dict[str, str] = {}
-    run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    run = run_stamp()
 
     def flush() -> None:
         if not batch:

@@ -145,7 +145,7 @@ def list_files(uri: str, storage: StorageConfig) -> list[FileEntry]:
             raise InputError(f"input {what} does not exist: {uri}")
         if call_with_retries(lambda: fs.isfile(path), storage, "isfile"):
             info = fs.info(path)
-            return [FileEntry(uri, info.get("size"), _etag(info))]
+            return [FileEntry(uri, info.get("size"), object_etag(info))]
         found = call_with_retries(lambda: fs.find(path, detail=True), storage, "list")
     except (PermissionError, OSError) as err:
         if isinstance(err, InputError):
@@ -157,7 +157,8 @@ def list_files(uri: str, storage: StorageConfig) -> list[FileEntry]:
         if info.get("type") == "directory" or key.endswith("/") or \
                 any(p.startswith(".") for p in below):
             continue  # a folder, an S3 folder marker (an empty 'x/' key), or hidden
-        entries.append(FileEntry(proto + key if remote else key, info.get("size"), _etag(info)))
+        entries.append(FileEntry(proto + key if remote else key, info.get("size"),
+                                 object_etag(info)))
     stems = {e.uri[:-5] for e in entries if e.uri.lower().endswith(".mrxs")}
     return [e for e in entries if not _is_companion(e.uri, stems)]
 
@@ -169,10 +170,11 @@ def stat_file(uri: str, storage: StorageConfig) -> FileEntry:
         info = call_with_retries(lambda: fs.info(path), storage, "stat")
     except OSError as err:
         raise translate_storage_error(uri, err) from err
-    return FileEntry(uri, info.get("size"), _etag(info))
+    return FileEntry(uri, info.get("size"), object_etag(info))
 
 
-def _etag(info: dict) -> str | None:
+def object_etag(info: dict) -> str | None:
+    """An object's ETag from its fsspec listing or info entry, without quotes (None locally)."""
     etag = info.get("ETag") or info.get("etag")
     return str(etag).strip('"') if etag else None
 
@@ -252,7 +254,7 @@ class StagingArea:
             self.root = tempfile.mkdtemp(prefix="hemeflow-stage-", dir=self.storage.stage_dir)
         self._ready = True
 
-    def _companions(self, fs, path: str) -> list[tuple[str, int]]:
+    def _companions(self, fs, uri: str, path: str) -> list[tuple[str, int]]:
         """Other objects a multi-file format needs beside its main file, with sizes.
 
         MIRAX keeps its data in an ``X/`` folder beside ``X.mrxs``; a DICOM WSI is a series of
@@ -264,29 +266,27 @@ class StagingArea:
             found = fs.find(path[:-5], detail=True)
         elif lower.endswith(".dcm"):
             listing = fs.ls(path.rsplit("/", 1)[0], detail=True)
-            found = self._same_series(fs, path, {i["name"]: i for i in listing
-                                                 if i["name"].lower().endswith(".dcm")})
+            found = self._same_series(uri, path, {i["name"]: i for i in listing
+                                                  if i["name"].lower().endswith(".dcm")})
         else:
             return []
         return [(k, int(v.get("size") or 0)) for k, v in sorted(found.items())
                 if v.get("type") != "directory"]
 
-    def _same_series(self, fs, path: str, found: dict[str, dict]) -> dict[str, dict]:
-        """Of the DICOM files ``found`` beside ``path`` (``path`` among them), the others of its
-        series (`engine.slides.dicom.group_series`: a header each). A folder of ten series
-        staged each of them with every other: ten times the archive's bytes. Where ``path``'s
-        own header names no series, every other file, as before."""
+    def _same_series(self, uri: str, path: str, found: dict[str, dict]) -> dict[str, dict]:
+        """Of the DICOM files ``found`` beside ``path`` (``uri``'s path; among them), the
+        others of its series (`engine.slides.dicom.group_series`: a header each). A folder of
+        ten series staged each of them with every other: ten times the archive's bytes. Where
+        ``path``'s own header names no series, every other file, as before."""
         from engine.slides.dicom import group_series
 
-        proto = f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://"
-        entries = [FileEntry(proto + name, info.get("size"), _etag(info))
-                   for name, info in sorted(found.items())]
-        whose = {e.uri[len(proto):]: e.part_of or e.uri for e in group_series(entries,
-                                                                                self.storage)}
-        mine = whose.get(path)
-        if mine is None or sum(1 for w in whose.values() if w == mine) == 1:
-            return {k: v for k, v in found.items() if k != path}
-        return {k: v for k, v in found.items() if k != path and whose[k] == mine}
+        proto = uri[:len(uri) - len(path)]  # "s3://"
+        series = {e.uri[len(proto):]: e.part_of or e.uri for e in group_series(
+            [FileEntry(proto + k, v.get("size"), object_etag(v)) for k, v in sorted(found.items())],
+            self.storage)}
+        mine = series.get(path)
+        alone = mine is None or list(series.values()).count(mine) == 1
+        return {k: v for k, v in found.items() if k != path and (alone or series[k] == mine)}
 
     @contextlib.contextmanager
     def stage(self, uri: str, size: int | None = None, etag: str | None = None,
@@ -371,7 +371,7 @@ class StagingArea:
         """Fetch the object and its companions into ``folder`` (we hold its lock exclusively);
         a copy already staged needs neither the companions' listing nor this."""
         try:
-            companions = call_with_retries(lambda: self._companions(fs, path), self.storage,
+            companions = call_with_retries(lambda: self._companions(fs, uri, path), self.storage,
                                            "list companions")
         except OSError as err:
             raise translate_storage_error(uri, err) from err
