@@ -9,11 +9,13 @@ uses:
   `jobs.cell_gallery` reads them (`read_crops`: fetched in one batch), slides one after another.
 
     python benchmarks/sparse_reads.py [--slides 4] [--size 40000] [--crops 48] [--repeats 2]
+                                      [--dicom]
     python benchmarks/sparse_reads.py --input s3://lab/slides/ [--s3-endpoint URL] ...
 
 With no ``--input``, ``--slides`` synthetic pyramidal TIFFs of ``--size`` px a side
-(`make_synthetic_slides.py`, JPEG tiles) are put in a moto S3 server started in a process of its
-own on 127.0.0.1. Bytes are counted as the machine's network interfaces received them (loopback
+(`make_synthetic_slides.py`, JPEG tiles; ``--dicom``: DICOM series of one file per level, a
+folder a slide, as converters write them) are put in a moto S3 server started in a process of
+its own on 127.0.0.1. Bytes are counted as the machine's network interfaces received them (loopback
 included, from /proc/net/dev). moto answers from this machine's CPUs; over a network the whole
 copies cost more. Both ways must give the same rows and the same crops. Prints JSON and writes
 ``benchmarks/results/sparse_reads-<hardware>-<date>.json``.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -39,6 +42,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.common import moto_server, result_head, write_result  # noqa: E402
 from benchmarks.make_synthetic_slides import make_slide  # noqa: E402
 from engine.slides import open_slide  # noqa: E402
+from engine.slides.dicom import group_series  # noqa: E402
 from engine.slides.inventory import inventory_file  # noqa: E402
 from engine.slides.storage import StagingArea, list_files  # noqa: E402
 from jobs.cell_gallery import read_crops  # noqa: E402
@@ -48,14 +52,16 @@ COMPARED = ("uri", "status", "format", "backend", "width", "height", "level_coun
             "objective", "associated_images", "error_type")
 
 
-def moto_archive(slides: int, size: int, folder: str):
+def moto_archive(slides: int, size: int, folder: str, dicom: bool = False):
     """A moto server holding ``slides`` synthetic slides; returns it, its URL and the prefix."""
     server, endpoint, client = moto_server("bench-sparse")
     for i in range(slides):
-        path = os.path.join(folder, f"BM-{i:04d}.tif")
-        make_slide(path, size, seed=i)
-        client.upload_file(path, "bench-sparse", f"slides/BM-{i:04d}.tif")
-        os.remove(path)
+        path = os.path.join(folder, f"BM-{i:04d}" + ("" if dicom else ".tif"))
+        make_slide(path, size, seed=i, dicom=dicom)
+        for name in sorted(os.listdir(path)) if dicom else [""]:
+            client.upload_file(os.path.join(path, name) if name else path, "bench-sparse",
+                               f"slides/BM-{i:04d}" + (f"/{name}" if name else ".tif"))
+        shutil.rmtree(path) if dicom else os.remove(path)
     return server, endpoint, "s3://bench-sparse/slides"
 
 
@@ -103,6 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--crops", type=int, default=48, help="gallery crops a slide")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workers", type=int, default=4, help="as jobs.inventory --workers")
+    p.add_argument("--dicom", action="store_true", help="synthetic DICOM series, not TIFFs")
     p.add_argument("--tag", default="")
     add_storage_args(p)
     args = p.parse_args(argv)
@@ -115,9 +122,13 @@ def main(argv=None) -> int:
             if args.input:
                 prefix = args.input
             else:
-                server, args.s3_endpoint, prefix = moto_archive(args.slides, args.size, folder)
+                server, args.s3_endpoint, prefix = moto_archive(args.slides, args.size, folder,
+                                                                args.dicom)
             storage = replace(storage_from_args(args), stage_dir=folder)
-            entries = list_files(prefix, storage)
+            # a DICOM series is one slide, read through its level 0 (as the jobs take it)
+            listed = list_files(prefix, storage)
+            total_bytes = sum(e.size or 0 for e in listed)
+            entries = [e for e in group_series(listed, storage) if not e.part_of]
             for use, fn in uses.items():
                 got = {}
                 for _ in range(args.repeats):  # interleaved, so that drift hits both alike
@@ -137,7 +148,8 @@ def main(argv=None) -> int:
     result = {**result_head("sparse_reads"),
               "store": "a lab's (--input)" if args.input else "moto, its own process, 127.0.0.1",
               "slides": len(entries), "side_px": None if args.input else args.size,
-              "object_bytes": sum(e.size or 0 for e in entries), "workers": args.workers,
+              "format": None if args.input else "dicom" if args.dicom else "tiff",
+              "object_bytes": total_bytes, "workers": args.workers,
               "crops_per_slide": args.crops, "runs": runs, "median": med,
               "bytes_per_slide": {u: {w: round(v["bytes"] / len(entries)) for w, v in m.items()}
                                   for u, m in med.items()},

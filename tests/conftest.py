@@ -255,3 +255,20 @@ def sigterm_when(proc: subprocess.Popen, ready, timeout_s: float = 240) -> str:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def dicom_study(tmp_path_factory):
+    """A study's folder with two DICOM series as converters write them: ``a`` (8,192 px, 6
+    levels, each file's frames in its Basic Offset Table) and ``b`` (3,000 x 2,000 px, the
+    Extended Offset Table); and a folder with ``c``, whose frames no offset table gives."""
+    from engine.slides.synthetic import smear_block
+    from engine.slides.writer import write_dicom_series
+
+    root = tmp_path_factory.mktemp("dicom")
+    image = np.tile(smear_block(0, 2048), (4, 4, 1))
+    write_dicom_series(image, str(root / "study"), 0.25, stem="a")
+    write_dicom_series(image[:2000, :3000], str(root / "study"), 0.25, offsets="extended",
+                       stem="b")
+    write_dicom_series(image[:3000, :3000], str(root / "walked"), 0.25, offsets="none", stem="c")
+    return root

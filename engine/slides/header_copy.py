@@ -12,16 +12,22 @@ reads need, fetched by range:
 - every byte tifffile reads to walk the TIFF's directories and their tags' values (the
   directory chain, tile offsets and byte counts, JPEG tables, image descriptions): what
   OpenSlide reads to open an SVS or a generic TIFF (`SPARSE_FORMATS`);
+- of a DICOM series (a file per level and per label, overview or thumbnail image), a sparse
+  copy of each of its files side by side (`SparseSeries`): every element before the pixel
+  data and its offset table, which pydicom reads as OpenSlide's libdicom does, and the file's
+  last block (OpenSlide reads it as it opens a file);
 - before each read, what it touches (`SparseReader`): the level a thumbnail is made from,
-  whole (the one OpenSlide names, matched to its page by size); a region's tiles, and those
-  2 pixels around it, on a page whose tiles fail to decode from a hole (JPEG, JPEG 2000,
-  deflate), in one batch for many regions (`SparseReader.prefetch`).
+  whole (the one OpenSlide names, matched to its page or DICOM file by size); a region's
+  tiles (a DICOM level's frames), and those 2 pixels around it, on a page whose tiles fail to
+  decode from a hole (JPEG, JPEG 2000, deflate; a DICOM frame's item), in one batch for many
+  regions (`SparseReader.prefetch`).
 
-The rest of the file is a hole that reads as zeros and takes no disk. Nothing is guessed: a
-read the copy cannot answer exactly (no page of the level's size, tiles that might decode
-from a hole, such as uncompressed ones, or any read that fails from the copy) goes to a full
-staged copy, for that read and every later one, so a slide's errors are always what its full
-copy gives. A truncated object gives a copy of the same size, so it fails the same way.
+The rest of the file is a hole that reads as zeros and takes no disk. Nothing is guessed: a read
+the copy cannot answer exactly (no page of the level's size, tiles that might decode from a
+hole, such as uncompressed ones, DICOM frames no offset table places, or any read that fails
+from the copy) goes to a full staged copy, for that read and every later one, so a slide's
+errors are always what its full copy gives. A truncated object gives a copy of the same size, so
+it fails the same way.
 """
 
 from __future__ import annotations
@@ -162,6 +168,73 @@ def _walk(ranges: _Ranges, size: int) -> list[_Page]:
     return pages
 
 
+_DICM = 128  # a DICOM file's "DICM" stands after a 128-byte preamble
+
+
+def _walk_dicom(ranges: _Ranges, size: int) -> tuple[str, bool, _Page] | None:
+    """Read the DICOM file behind ``ranges`` up to its pixel data's offset table (pydicom reads
+    every element before it through ``ranges``, as OpenSlide's libdicom does to open it) and
+    return its series, whether it is a pyramid level (VOLUME, not a label, overview or
+    thumbnail) and its pixel data's layout: frames in TILED_FULL order, each a chunk, at the
+    offsets its Basic or Extended Offset Table gives (a single frame: the first item). A file
+    whose frames cannot be found so (no offset table: a reader walks them one by one;
+    uncompressed frames, which decode from a hole; several focal planes or optical paths) is
+    ``loud`` False: its regions are never read from the copy. None for a file no DICOM image of
+    a series."""
+    import struct
+
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(ranges, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError):
+        return None
+    series = ds.get("SeriesInstanceUID")
+    head = ranges.read(12)  # the pixel data's tag, VR and length, where pydicom stopped
+    if not series or len(head) < 12 or head[:4] != b"\xe0\x7f\x10\x00":
+        return None
+    start = ranges.tell()
+    width = int(ds.get("TotalPixelMatrixColumns") or ds.get("Columns") or 0)
+    height = int(ds.get("TotalPixelMatrixRows") or ds.get("Rows") or 0)
+    cw, ch = int(ds.get("Columns") or 0), int(ds.get("Rows") or 0)
+    if not (width and height and cw and ch):
+        return None
+    n = int(ds.get("NumberOfFrames") or 1)
+    tiled = n == -(-width // cw) * -(-height // ch) and \
+        int(ds.get("TotalPixelMatrixFocalPlanes") or 1) == 1 and \
+        int(ds.get("NumberOfOpticalPaths") or 1) == 1 and \
+        (n == 1 or ds.get("DimensionOrganizationType", "TILED_FULL") == "TILED_FULL")
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    frames: list[tuple[int, int]] = []
+    if syntax is not None and syntax.is_encapsulated:
+        item = ranges.read(8)  # the offset table's item: tag and length
+        if len(item) < 8 or item[:4] != b"\xfe\xff\x00\xe0":
+            return None
+        length = struct.unpack("<I", item[4:])[0]
+        basic = np.frombuffer(ranges.read(length), "<u4").astype(np.int64)
+        first = start + 8 + length  # offsets count from the first frame's item
+        if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+            at = np.frombuffer(ds.ExtendedOffsetTable, "<u8").astype(np.int64)
+            lengths = np.frombuffer(ds.ExtendedOffsetTableLengths, "<u8").astype(np.int64)
+            frames = [(first + a, min(first + a + 8 + b + b % 2, size))  # items are even
+                      for a, b in zip(at, lengths)]
+        elif len(basic) == n or n == 1:
+            basic = basic if len(basic) else np.zeros(1, np.int64)
+            ends = np.append(basic[1:], size - first)
+            frames = [(first + a, min(first + b, size)) for a, b in zip(basic, ends)]
+        loud = tiled and len(frames) == n
+    else:  # native: frames at fixed places, which read as black from a hole
+        frame = cw * ch * int(ds.get("SamplesPerPixel") or 1) * \
+            -(-int(ds.get("BitsAllocated") or 8) // 8)
+        frames = [(start + i * frame, min(start + (i + 1) * frame, size)) for i in range(n)]
+        loud = False
+    if len(frames) != n:  # no offset table: the pixel data whole
+        frames = [(start, size)]
+    volume = "VOLUME" in [str(v).upper() for v in (ds.get("ImageType") or [])]
+    return str(series), volume, _Page(width, height, cw, ch, loud, tuple(frames))
+
+
 class SparseCopy:
     """A local sparse copy of one object: `path`, and what it cost (`bytes_fetched`,
     `requests`, and `rounds`: those one after another). Made by `sparse_copy`; pixel data
@@ -173,6 +246,8 @@ class SparseCopy:
         self.rounds = 0  # round trips one after another (a batch of requests is one)
         self._ranges = _Ranges(self._fetch, size)
         self._pages: list[_Page] = []
+        self.series: str | None = None  # a DICOM file's SeriesInstanceUID
+        self.volume = False  # a DICOM file that is a pyramid level
         self._have: set[tuple[int, int]] = set()  # chunk ranges fetched
         self._lock = threading.Lock()
 
@@ -195,27 +270,44 @@ class SparseCopy:
         self.bytes_fetched += sum(len(p) for p in pieces)
         return pieces
 
-    def _write(self) -> bool:
-        """Walk the TIFF and write its structure into `path`; False for an object no TIFF.
+    def _walk(self, tail: bool = True) -> str | None:
+        """Walk the object's structure: ``"tiff"`` or ``"dicom"`` (`series` says which), or
+        None for an object neither (or a DICOM file of no series).
 
         The first block and the last `TAIL_BLOCKS` come in one batch: a TIFF's directories
         often end its file (libtiff writes each level's after its tiles, so the small levels'
-        come last), which spares the walk as many round trips one after another."""
-        tail = max((self.size - 1) // BLOCK - TAIL_BLOCKS + 1, 1)  # its first block
-        if tail * BLOCK < self.size:
-            pieces = self._fetch_many([(0, BLOCK), (tail * BLOCK, self.size)])
+        come last), which spares the walk as many round trips one after another. Of a DICOM
+        file (named ``.dcm``), the last block alone: OpenSlide reads its end as it opens it
+        (``tail`` False: not yet, for a file that may be of another series; `fetch_tail`)."""
+        blocks = 1 if self._remote.lower().endswith(".dcm") else TAIL_BLOCKS
+        tail_at = max((self.size - 1) // BLOCK - blocks + 1, 1)  # its first block
+        if tail and tail_at * BLOCK < self.size:
+            pieces = self._fetch_many([(0, BLOCK), (tail_at * BLOCK, self.size)])
             self._ranges.blocks[0] = pieces[0]
             for i in range(0, len(pieces[1]), BLOCK):
-                self._ranges.blocks[tail + i // BLOCK] = pieces[1][i:i + BLOCK]
-        if self._ranges.read(4) not in _TIFF_MAGIC:
-            return False
+                self._ranges.blocks[tail_at + i // BLOCK] = pieces[1][i:i + BLOCK]
+        magic = self._ranges.read(_DICM + 4)
         self._ranges.seek(0)  # tifffile reads a TIFF from where its file stands
-        self._pages = _walk(self._ranges, self.size)
+        if magic[:4] in _TIFF_MAGIC:
+            self._pages = _walk(self._ranges, self.size)
+            return "tiff"
+        if magic[_DICM:] == b"DICM" and (found := _walk_dicom(self._ranges, self.size)):
+            self.series, self.volume, page = found
+            self._pages = [page]
+            return "dicom"
+        return None
+
+    def fetch_tail(self) -> None:
+        """Fetch the object's last block, if the walk did not."""
+        self._ranges.seek(self.size - 1)
+        self._ranges.read(1)
+
+    def _write(self) -> None:
+        """Write what the walk read into `path`, a sparse file of the object's size."""
         with open(self.path, "wb") as fh:
             fh.truncate(self.size)
             for b, block in self._ranges.blocks.items():
                 os.pwrite(fh.fileno(), block, b * BLOCK)
-        return True
 
     def _pages_of(self, width: int, height: int) -> list[_Page]:
         return [p for p in self._pages if (p.width, p.height) == (int(width), int(height))]
@@ -260,11 +352,66 @@ class SparseCopy:
                     os.pwrite(fh.fileno(), piece, start)
 
 
+class SparseSeries:
+    """Sparse copies of a DICOM series' files side by side (OpenSlide opens a series from any of
+    its files, and reads the others beside it), with `SparseCopy`'s interface: `path` (the file
+    the slide is read through), `fill`, `fill_region` and what they cost, summed."""
+
+    def __init__(self, main: SparseCopy, others: list[SparseCopy], walked: list[SparseCopy]):
+        self.path, self.files = main.path, [main, *others]
+        self._paid = [main, *walked]  # the folder's files walked, of any series
+
+    bytes_fetched = property(lambda self: sum(f.bytes_fetched for f in self._paid))
+    requests = property(lambda self: sum(f.requests for f in self._paid))
+    rounds = property(lambda self: sum(f.rounds for f in self._paid))
+
+    def fill(self, width: int, height: int) -> bool:
+        return any([f.fill(width, height) for f in self.files])
+
+    def fill_region(self, width: int, height: int, *boxes: tuple[float, float, float, float]
+                    ) -> bool:
+        # OpenSlide reads a level's regions from its VOLUME files, never from a thumbnail,
+        # label or overview image of the same size
+        files = [f for f in self.files if f.volume and f._pages_of(width, height)]
+        return bool(files) and all([f.fill_region(width, height, *boxes) for f in files])
+
+
+def _series_files(fs, path: str, series: str, folder: str, storage: StorageConfig
+                  ) -> tuple[list[SparseCopy], list[SparseCopy]]:
+    """Sparse copies, in ``folder``, of the other DICOM files beside ``path`` whose walk says
+    they belong to ``series`` (as `engine.slides.storage.StagingArea` stages a series), and
+    every file walked to find them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.slides.dicom import HEADER_THREADS
+
+    listing = call_with_retries(lambda: fs.ls(path.rsplit("/", 1)[0], detail=True), storage,
+                                "list a DICOM series' folder")
+    siblings = [SparseCopy(fs, i["name"], storage, int(i.get("size") or 0),
+                           os.path.join(folder, i["name"].rsplit("/", 1)[-1]))
+                for i in listing if i.get("type") != "directory" and i["name"] != path
+                and i["name"].lower().endswith(".dcm") and i.get("size")]
+    if not siblings:
+        return [], []
+    def walk(copy: SparseCopy) -> bool:  # a request a file of another series, two of its own
+        if copy._walk(tail=False) == "dicom" and copy.series == series:
+            copy.fetch_tail()
+            copy._write()
+            return True
+        return False
+
+    with ThreadPoolExecutor(min(HEADER_THREADS, len(siblings)), "sparse-dicom") as pool:
+        mine = [c for c, ok in zip(siblings, pool.map(walk, siblings)) if ok]
+    return mine, siblings
+
+
 @contextlib.contextmanager
-def sparse_copy(uri: str, storage: StorageConfig, size: int) -> Iterator[SparseCopy | None]:
+def sparse_copy(uri: str, storage: StorageConfig, size: int
+                ) -> Iterator[SparseCopy | SparseSeries | None]:
     """Yield a `SparseCopy` of the TIFF-family object at ``uri`` (``size`` bytes: the
-    listing's) holding its structure, to be opened and then filled with what is read; or None
-    for an object that is no TIFF (DICOM, a MIRAX index: stage it whole).
+    listing's) holding its structure, to be opened and then filled with what is read; a
+    `SparseSeries` for a DICOM file and the other files of its series beside it; or None for
+    an object neither (a MIRAX index, a DICOM file of no series: stage it whole).
     The copy is a file of the object's name (formats key on the extension) in a folder of its
     own in the node's staging folder, removed on exit, and by `StagingArea.purge` once its
     process has ended (killed before it could); it is never taken for a staged copy.
@@ -278,7 +425,13 @@ def sparse_copy(uri: str, storage: StorageConfig, size: int) -> Iterator[SparseC
                               dir=shared_stage_root(storage))
     try:
         copy = SparseCopy(fs, path, storage, size, os.path.join(folder, path.rsplit("/", 1)[-1]))
-        yield copy if copy._write() else None
+        kind = copy._walk()
+        if kind is not None:
+            copy._write()
+        if kind == "dicom":
+            yield SparseSeries(copy, *_series_files(fs, path, copy.series, folder, storage))
+        else:
+            yield copy if kind else None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -328,13 +481,13 @@ class SparseReader:
     def _boxes(self, level: int, regions) -> tuple[int, int, list]:
         """The level's size, and ``regions`` (``(x, y, width, height)``: level-0 position,
         level pixels) as boxes of its pixels, with the square a direct read's check reads
-        where the level is not checked yet."""
+        where that read checks the level first (never for a DICOM series: no direct path)."""
         from engine.slides.openslide_backend import CHECK_PX
 
         w, h = self.info.level_dimensions[level]
         ds = self.info.level_downsamples[level]
         boxes = [(x / ds, y / ds, x / ds + rw, y / ds + rh) for x, y, rw, rh in regions]
-        if level not in self._reader.direct_checks:
+        if self._reader.will_check(level):
             boxes.append((0, 0, CHECK_PX, CHECK_PX))
         return w, h, boxes
 
@@ -363,9 +516,11 @@ class SparseReader:
         self._reader.close()
 
 
-# OpenSlide's formats whose opening reads the TIFF's directories and nothing else, as the tests
-# check on real slides; others (NDPI, Philips, Ventana: no such file here) are staged whole
-SPARSE_FORMATS = ("aperio", "generic-tiff")
+# OpenSlide's formats whose opening reads the TIFF's directories (a DICOM series: its files'
+# headers and offset tables) and nothing else, as the tests check on real slides (DICOM: on
+# series as converters write them); others (NDPI, Philips, Ventana: no such file here) are
+# staged whole
+SPARSE_FORMATS = ("aperio", "generic-tiff", "dicom")
 
 
 @contextlib.contextmanager

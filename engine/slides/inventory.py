@@ -145,10 +145,11 @@ def inventory_file(entry: FileEntry, storage: StorageConfig, staging: StagingAre
                    case: str | None = None, sparse: bool = True) -> dict:
     """Inventory one file into a ``slides`` row (see `engine.schema.SLIDES` and `inventoried`).
 
-    With ``sparse``, a remote SVS or generic TIFF is read from a sparse copy of its
-    directories and thumbnail level (`engine.slides.registry.open_slide`): megabytes where
-    staging it moved the whole object. Any other slide, and any slide that does not read from
-    that copy, is staged whole as before, which gives its row.
+    With ``sparse``, a remote SVS, generic TIFF or DICOM series is read from a sparse copy of
+    its directories (a series' headers) and thumbnail level
+    (`engine.slides.registry.open_slide`): megabytes where staging it moved the whole object.
+    Any other slide, and any slide that does not read from that copy, is staged whole as
+    before, which gives its row.
     """
     with inventoried(entry, storage, staging, mpp, specimen=specimen, case=case,
                      sparse=sparse) as (row, _):

@@ -112,6 +112,11 @@ class OpenSlideReader:
             if self._jpeg is not None and int(level) in self._jpeg.levels:
                 self._checked.setdefault(int(level), bool(agrees))
 
+    def will_check(self, level: int) -> bool:
+        """Whether the next read of ``level`` first checks its direct decoding (`_agrees`),
+        which reads the `CHECK_PX` square at its origin."""
+        return self._jpeg is not None and level in self._jpeg.levels and level not in self._checked
+
     def _open_direct(self) -> None:
         """JPEG-tiled levels decoded without OpenSlide (`engine.slides.jpeg_tiles`), each
         checked against OpenSlide on its first read."""

@@ -151,9 +151,9 @@ def open_slide(uri: str, storage: StorageConfig | None = None, staging: StagingA
     that reads a slide once: `jobs.export_cells`, `jobs.cell_gallery`, ...): a copy this call
     downloaded is removed when the slide is closed, unless another process reads it then; one
     already staged stays. ``sparse`` (a job that reads a slide's thumbnail or a few regions:
-    `jobs.inventory`, `jobs.slide_map`, `jobs.cell_gallery`, `jobs.export_cells`, ...): a
-    remote SVS or generic TIFF is read through OpenSlide from a sparse copy that fetches by
-    range what each read touches (`engine.slides.header_copy.SparseReader`), where staging
+    `jobs.inventory`, `jobs.slide_map`, `jobs.cell_gallery`, `jobs.export_cells`, ...): a remote
+    SVS, generic TIFF or DICOM series is read through OpenSlide from a sparse copy that fetches
+    by range what each read touches (`engine.slides.header_copy.SparseReader`), where staging
     moved the whole object; any other slide, and any read that copy cannot answer, is staged
     whole (and every slide, with ``storage.sparse_reads`` false).
 

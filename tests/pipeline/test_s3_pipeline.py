@@ -201,12 +201,13 @@ def test_sections_on_s3_are_read_by_range_as_their_local_files_are_read(ray_loca
                                                                         s3_client, tmp_path):
     """A section's tiles branch reads one coarse level and the thumbnail's: from a sparse copy
     of the slide (engine.slides.header_copy), where it downloaded the slide whole, with the
-    same tiles, areas and embeddings."""
+    same tiles, areas and embeddings; a DICOM series' files alike."""
     from benchmarks.make_synthetic_slides import make_slide
 
     local = tmp_path / "sections"
     local.mkdir()
     make_slide(str(local / "marrow.tif"), 8192, kind="marrow")  # 0.25 um/px, 6 levels
+    make_slide(str(local / "series"), 8192, kind="marrow", seed=1, dicom=True)  # 7 files
     s3_client.create_bucket(Bucket="sections")
     upload_tree(s3_client, "sections", local, "lab-b")
     run = ["--specimen", "biopsy", "--config", tiny_config(tmp_path), "--allow-untrained"]
@@ -214,13 +215,18 @@ def test_sections_on_s3_are_read_by_range_as_their_local_files_are_read(ray_loca
         assert process_slides.main(["--input", "s3://sections/lab-b", "--output",
                                     str(tmp_path / "remote"), "--s3-endpoint", s3_server,
                                     *run]) == 0
-    gets = [r for r in requests if r.startswith("GET /sections/lab-b/marrow.tif")]
-    assert gets and all(r.endswith(" 206") for r in gets), gets  # ranges only, never whole
+    for slide in ("marrow.tif", "series/level_0.dcm", "series/level_3.dcm"):
+        gets = [r for r in requests if r.startswith(f"GET /sections/lab-b/{slide}")]
+        assert gets and all(r.endswith(" 206") for r in gets), gets  # ranges only, never whole
     assert process_slides.main(["--input", str(local), "--output", str(tmp_path / "here"),
                                 *run]) == 0
     tiles = {}
     for name in ("remote", "here"):
-        t = pl.read_parquet(tmp_path / name / "tiles" / "*.parquet").sort("y", "x")
-        assert len(t) >= 20
-        tiles[name] = t.select("x", "y", "tissue_fraction", "nuclear_fraction", "embedding")
+        slides = pl.read_parquet(tmp_path / name / "slides" / "*.parquet").select(
+            "slide_id", file=pl.col("uri").str.split("/").list.last())
+        t = pl.read_parquet(tmp_path / name / "tiles" / "*.parquet").join(slides, on="slide_id")
+        assert sorted(t["file"].unique()) == ["level_0.dcm", "marrow.tif"]
+        assert t.group_by("file").len()["len"].min() >= 20
+        tiles[name] = t.sort("file", "y", "x").select(
+            "file", "x", "y", "tissue_fraction", "nuclear_fraction", "embedding")
     assert tiles["remote"].equals(tiles["here"])

@@ -181,3 +181,34 @@ def test_a_series_on_s3_is_staged_without_the_other_series_of_its_folder(
             assert remote.properties["dicom.SeriesInstanceUID"] == \
                 local.properties["dicom.SeriesInstanceUID"]
             assert remote.level_count == local.level_count
+
+
+@pytest.mark.s3
+def test_the_inventory_of_a_dicom_study_on_s3_reads_its_series_by_range(
+        dicom_study, s3_server, s3_client, tmp_path, capsys, monkeypatch):
+    """Each series opens from sparse copies of its own files (headers and offset tables) and
+    its thumbnail's level; nothing is downloaded whole, and the rows are the local study's."""
+    from engine.slides.storage import StagingArea
+
+    s3_client.create_bucket(Bucket="dicom-sparse")
+    upload_tree(s3_client, "dicom-sparse", dicom_study / "study", "study")
+    assert inventory.main(["--input", str(dicom_study / "study"),
+                           "--output", str(tmp_path / "local")]) == 0
+    staged, download = [], StagingArea._download
+    monkeypatch.setattr(StagingArea, "_download",
+                        lambda self, uri, *a: staged.append(uri) or download(self, uri, *a))
+    capsys.readouterr()
+    assert inventory.main(["--input", "s3://dicom-sparse/study", "--output",
+                           str(tmp_path / "remote"), "--s3-endpoint", s3_server]) == 0
+    assert not staged
+    assert "; 0 of 2 remote slides downloaded whole, the others read by range" in \
+        capsys.readouterr().out
+    columns = ["key", "status", "format", "width", "height", "level_count", "mpp_x", "mpp_y",
+               "error_type"]
+    local, remote = (pl.read_parquet(tmp_path / side / "slides/slides.parquet").with_columns(
+        key=pl.col("uri").str.split("/").list.last()).select(columns).sort("key")
+        for side in ("local", "remote"))
+    assert local.equals(remote)
+    ok = remote.filter(pl.col("status") == "ok")
+    assert ok["key"].to_list() == ["a_0.dcm", "b_0.dcm"] and (ok["format"] == "dicom").all()
+    assert ok["width"].to_list() == [8192, 3000] and ok["level_count"].to_list() == [6, 5]

