@@ -55,7 +55,8 @@ class Inputs(NamedTuple):
     """The slides an input names, and what it says of them by URI: their specimen types
     (`engine.specimen`) and the case each belongs to; and from an inventory's table, by
     slide_id the pixel sizes it stated (its ``--mpp`` or ``--mpp-table``: ``mpp_source``
-    override), and by URI its rows of the slides it found unreadable (``failed``)."""
+    override), and by URI its rows of the slides it found unreadable (``failed``: corrupt or
+    unsupported, `FILE_FAULTS`)."""
 
     entries: list[FileEntry]
     specimens: dict[str, str]
@@ -114,7 +115,8 @@ def read_inputs(uri: str, storage) -> Inputs:
                                for u in once_each([r["uri"] for r in rows], uri)], storage, uri)
         stated = {slide_id_for(u): r["mpp_x"] for u, r in first.items()
                   if r.get("mpp_source") == "override" and r.get("mpp_x")}
-        failed = {u: r for u, r in first.items() if r.get("status") == "failed"}
+        failed = {u: r for u, r in first.items()
+                  if r.get("status") == "failed" and r.get("error_type") in FILE_FAULTS}
         return Inputs([e for e in entries if looks_like_slide(e.uri) and not e.part_of],
                       one_value_each(specimens, uri, "specimen type"),
                       one_value_each(cases, uri, "case"), stated, failed)
@@ -266,6 +268,12 @@ def warn_case_changes(store: OutputStore, inputs: Inputs, kept: set[str], source
             f"not the one {source} gives ({shown}{', …' if len(changed) > 3 else ''}): "
             f"python -m jobs.case_differentials --output {store.root} --cases {source} pools "
             "them by the list's; --reprocess records it")
+
+
+# an inventory's verdicts on a file's own bytes, which stand while the file does; a slide it
+# found missing, denied or could not stage (SlideNotFound, SlideAccessDenied, StagingError) may
+# be there now, and costs a run little to try
+FILE_FAULTS = ("SlideCorrupt", "SlideUnsupported")
 
 
 def inventory_verdicts(inputs: Inputs, kept: set[str], again: bool) -> list[FileEntry]:

