@@ -73,13 +73,15 @@ def choose(cells, per_class: int, order: str, seed: int) -> dict[str, object]:
     import polars as pl
 
     out = {}
+    if order == "random":  # one shuffle of them all: each class's first are a random pick of
+        # it. A draw per class with one seed took the same places in each class's rows, which
+        # come slide by slide: every class's cells from the same slides
+        cells = cells.sample(fraction=1.0, shuffle=True, seed=seed)
     for code in sorted(set(cells["class_code"].to_list()) - {""}):
         rows = cells.filter(pl.col("class_code") == code)
-        if order == "random":
-            rows = rows.sample(min(per_class, len(rows)), seed=seed)
-        elif order in ("far", "blurred"):
+        if order in ("far", "blurred"):
             rows = rows.sort(SORTED_BY[order], descending=True, nulls_last=True)
-        else:
+        elif order != "random":
             rows = rows.sort("class_prob", descending=order in ("confident", "disagree"))
         out[code] = rows.head(per_class)
     return out
@@ -164,7 +166,8 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True,
                    help="a process_slides or classify_cells output folder or s3:// prefix")
     p.add_argument("--slide", required=True,
-                   help="slide_id, or the slide's file name (an export's folder name)")
+                   help="slide_id, or the slide's file name (an export's or a DICOM "
+                        "series' folder name)")
     p.add_argument("--per-class", type=count_arg(), default=16)
     p.add_argument("--order", default="random",
                    choices=("random", "confident", "uncertain", "far", "blurred", "disagree"))

@@ -541,8 +541,9 @@ def resolve_source_mpp(value: float | str, paths, storage: StorageConfig | None 
 
 def committed_slide(store, name: str) -> dict:
     """The ``slides`` row of the committed slide ``name`` names in an output (an
-    `engine.pipeline.commit.OutputStore`): its slide_id, or its file (an export's folder) name.
-    A slide still running, or left by a crash, is not there.
+    `engine.pipeline.commit.OutputStore`): its slide_id, or its file (an export's folder) name,
+    or a DICOM series' folder name (its files are named by level or UID, not by slide). A slide
+    still running, or left by a crash, is not there.
 
     Raises:
         FileNotFoundError: the output has no committed slide.
@@ -557,9 +558,10 @@ def committed_slide(store, name: str) -> dict:
     if committed is None:
         raise FileNotFoundError(f"no committed slides under {store.root}")
     slides = pl.from_arrow(committed)
-    match = slides.filter((pl.col("slide_id") == name)
-                          | pl.col("uri").str.strip_chars_end("/").str.ends_with(
-                              "/" + name.strip("/")))
+    uri = pl.col("uri").str.strip_chars_end("/")
+    match = slides.filter((pl.col("slide_id") == name) | uri.str.ends_with("/" + name.strip("/"))
+                          | ((pl.col("format") == "dicom") & uri.str.replace(r"/[^/]*$", "")
+                             .str.ends_with("/" + name.strip("/"))))
     if len(match) != 1:
         raise ValueError(f"no single slide {name!r} in {store.root}; slides: "
                          f"{sorted(slides['slide_id'].to_list())[:20]}")

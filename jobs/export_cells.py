@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--to", required=True,
                    help="a new local folder or s3:// prefix for the images and labels")
     p.add_argument("--slide", action="append", default=[],
-                   help="slide_id or file name (repeat it; default: every ok slide)")
+                   help="slide_id or file name (a DICOM series' folder name; repeat it; "
+                        "default: every ok slide)")
     p.add_argument("--per-class", type=int, default=50,
                    help="cells per class called, over the chosen slides")
     p.add_argument("--per-slide", type=int,

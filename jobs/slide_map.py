@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.slide_map", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, help="a process_slides output folder or s3:// prefix")
-    p.add_argument("--slide", required=True, help="slide_id, or the slide's file name")
+    p.add_argument("--slide", required=True,
+                   help="slide_id, or the slide's file name (a DICOM series' folder name)")
     p.add_argument("--measure", default="focus", choices=sorted(MEASURES))
     p.add_argument("--square-um", type=float, default=256.0,
                    help="side of the squares, µm (default 256: a cell tile)")

@@ -513,3 +513,20 @@ def test_an_export_of_another_stain_is_flagged(exports, tmp_path, capsys):
                                 "--max-stain-hue-deg", "none"]) == 0
     assert not any(w.startswith("stain") for ws in pl.read_parquet(
         f"{again}/slide_status/*.parquet")["warnings"].to_list() for w in ws)
+
+
+def test_a_random_pick_draws_each_class_from_every_slide():
+    """The galleries' and exports' ``random`` order drew each class with the same seed, so it
+    took the same places in every class's rows, which come slide by slide: on a run's two
+    slides, every class's cells came from the first."""
+    from jobs.cell_gallery import choose
+
+    cells = pl.DataFrame({"slide_id": [s for s in ("a", "b") for _ in range(20 * 60)],
+                          "class_code": [f"C{i % 20}" for i in range(2 * 20 * 60)],
+                          "class_prob": 0.5})
+    picked = pl.concat(list(choose(cells, 3, "random", 0).values()))
+    assert picked.height == 60 and picked["class_code"].n_unique() == 20
+    share = (picked["slide_id"] == "a").mean()
+    assert 0.3 < share < 0.7, share  # 0.5 expected; a binomial of 60 stays within this
+    again = pl.concat(list(choose(cells, 3, "random", 0).values()))
+    assert again.equals(picked)  # the seed decides

@@ -212,3 +212,28 @@ def test_the_inventory_of_a_dicom_study_on_s3_reads_its_series_by_range(
     ok = remote.filter(pl.col("status") == "ok")
     assert ok["key"].to_list() == ["a_0.dcm", "b_0.dcm"] and (ok["format"] == "dicom").all()
     assert ok["width"].to_list() == [8192, 3000] and ok["level_count"].to_list() == [6, 5]
+
+
+def test_the_review_jobs_name_a_series_by_its_folder(dicom_study, tmp_path):
+    """A series' files are named by level or UID (``level_0.dcm``), so its folder names the
+    slide to `cell_gallery`, `slide_map` and `export_cells` (``--slide``), as a file name does."""
+    from engine.pipeline.commit import OutputStore
+    from jobs.common import committed_slide
+
+    folder = tmp_path / "archive"
+    for case in ("BM-1", "BM-2"):
+        shutil.copytree(dicom_study / "walked", folder / case)
+    assert inventory.main(["--input", str(folder), "--output", str(tmp_path / "inv")]) == 0
+    rows = pl.read_parquet(tmp_path / "inv" / "slides" / "slides.parquet").filter(
+        pl.col("status") == "ok")
+    store = OutputStore(str(tmp_path / "run"), StorageConfig())
+    for row in rows.iter_rows(named=True):
+        store.commit(row["slide_id"], {"slides": [row]},
+                     {"slide_id": row["slide_id"], "uri": row["uri"], "status": "ok"})
+    for case in ("BM-1", "BM-2"):
+        assert committed_slide(store, case)["uri"] == str(folder / case / "c_0.dcm")
+        assert committed_slide(store, f"{case}/c_0.dcm")["uri"] == str(folder / case / "c_0.dcm")
+    with pytest.raises(ValueError, match="no single slide 'c_0.dcm'"):
+        committed_slide(store, "c_0.dcm")  # both series' level 0
+    with pytest.raises(ValueError, match="no single slide 'archive'"):
+        committed_slide(store, "archive")
