@@ -150,9 +150,10 @@ def main(argv=None) -> int:
         return fail("the run's cells have no distance to the training data: its checkpoint "
                     "carries no feature density (python -m jobs.fit_cell_ood)")
     if args.per_slide:  # each slide's first per_slide of each class, then the class's first
-        cells = pl.concat([rows for _, part in cells.group_by("slide_id", maintain_order=True)
+        cells = pl.concat([rows for i, (_, part) in enumerate(cells.group_by(
+                               "slide_id", maintain_order=True))  # a seed a slide: its own draw
                            for rows in choose(part, args.per_slide, args.order,
-                                              args.seed).values()])
+                                              args.seed + i).values()])
     picked = pl.concat(list(choose(cells, args.per_class, args.order, args.seed).values()))
     rows = []
 

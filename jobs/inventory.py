@@ -244,7 +244,7 @@ def main(argv=None) -> int:
         failed = sum(1 for r in rows if r["status"] == "failed" and r["uri"] not in read)
         if failed:
             line += f" ({failed} failed row(s) kept: --retry-failed reads them again)"
-    if opened:  # a remote SVS or generic TIFF is read by range (engine.slides.header_copy)
+    if opened:  # a remote SVS, generic TIFF or DICOM series is read by range (header_copy)
         line += (f"; {staging.downloads} of {opened} remote slides downloaded whole, the "
                  "others read by range")
     print(f"inventory: {line} -> {out}")

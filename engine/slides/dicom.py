@@ -43,11 +43,22 @@ class Instance:
     pixels: int   # its total pixel matrix (columns x rows)
 
 
+def lenient_pydicom() -> None:
+    """Have pydicom read values as they are, without a warning (and a log line) for each that
+    breaks the standard's limits (a UID of 65 characters, in a real file here): these reads
+    only fold series and find frames; whether a file is a slide is OpenSlide's to say."""
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
 def read_instance(fh) -> Instance | None:
     """The series and kind of the DICOM file open as ``fh``, or None for a file that is no
     DICOM instance of a series."""
     from pydicom.errors import InvalidDicomError
     from pydicom.filereader import read_partial
+
+    lenient_pydicom()
 
     try:
         ds = read_partial(fh, stop_when=lambda tag, vr, length: tag > _LAST_TAG)

@@ -186,6 +186,9 @@ def _walk_dicom(ranges: _Ranges, size: int) -> tuple[str, bool, _Page] | None:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    from engine.slides.dicom import lenient_pydicom
+
+    lenient_pydicom()
     try:
         ds = pydicom.dcmread(ranges, stop_before_pixels=True)
     except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError):

@@ -70,6 +70,7 @@ def test_a_slide_read_from_its_sparse_copy_reads_as_the_whole_file(wsi_dir, name
 
 
 @pytest.mark.parametrize("name", sorted(WHOLE))
+@pytest.mark.filterwarnings("error")  # pydicom warned of small_dicom.dcm's long UID, and logged it
 def test_what_a_sparse_copy_cannot_read_is_staged_whole(wsi_dir, name):
     with _sparse(wsi_dir / name, Whole(wsi_dir / name)) as reader:
         assert reader is None, WHOLE[name]
