@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,9 +30,15 @@ SERIES_TAG = "dicom-series-"  # how a series' digest begins (`series_tag`)
 _LAST_TAG = 0x00480007  # TotalPixelMatrixRows: the last tag read; sequences after it are skipped
 
 
-def _is_dicom_name(uri: str) -> bool:
-    name = uri.rsplit("/", 1)[-1].lower()
-    return name.endswith(".dcm") or "." not in name
+_UID_NAME = re.compile(r"\d+(\.\d+){3,}")  # 1.2.840.113619.2...: a file named by its UID
+
+
+def is_dicom_name(uri: str) -> bool:
+    """Whether a file may be a DICOM instance by its name: ``.dcm``, no extension (``IM0001``,
+    as PACS exports write them) or a UID (digits and dots, as archives name instances)."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1].lower()
+    return bool(name) and (name.endswith(".dcm") or "." not in name
+                           or _UID_NAME.fullmatch(name) is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +101,9 @@ def group_series(entries: list[FileEntry], storage: StorageConfig,
                  header: Callable[[FileEntry, StorageConfig], Instance | None] = _header
                  ) -> list[FileEntry]:
     """``entries`` in their order, each DICOM instance that is not its series' level 0 marked
-    ``part_of`` that level's URI. Files named like DICOM (``.dcm``, or no extension) whose
+    ``part_of`` that level's URI. Files named like DICOM (`is_dicom_name`) whose
     header says no series, and series of one file, are left as they are."""
-    candidates = [e for e in entries if _is_dicom_name(e.uri)]
+    candidates = [e for e in entries if is_dicom_name(e.uri)]
     by_folder: dict[str, list[FileEntry]] = {}
     for e in candidates:
         by_folder.setdefault(e.uri.rsplit("/", 1)[0], []).append(e)

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.config import StorageConfig
+from engine.slides.dicom import is_dicom_name
 from engine.slides.storage import (SPARSE_PREFIX, call_with_retries, get_filesystem,
                                    shared_stage_root)
 
@@ -280,9 +281,9 @@ class SparseCopy:
         The first block and the last `TAIL_BLOCKS` come in one batch: a TIFF's directories
         often end its file (libtiff writes each level's after its tiles, so the small levels'
         come last), which spares the walk as many round trips one after another. Of a DICOM
-        file (named ``.dcm``), the last block alone: OpenSlide reads its end as it opens it
+        file (`is_dicom_name`), the last block alone: OpenSlide reads its end as it opens it
         (``tail`` False: not yet, for a file that may be of another series; `fetch_tail`)."""
-        blocks = 1 if self._remote.lower().endswith(".dcm") else TAIL_BLOCKS
+        blocks = 1 if is_dicom_name(self._remote) else TAIL_BLOCKS
         tail_at = max((self.size - 1) // BLOCK - blocks + 1, 1)  # its first block
         if tail and tail_at * BLOCK < self.size:
             pieces = self._fetch_many([(0, BLOCK), (tail_at * BLOCK, self.size)])
@@ -393,7 +394,7 @@ def _series_files(fs, path: str, series: str, folder: str, storage: StorageConfi
     siblings = [SparseCopy(fs, i["name"], storage, int(i.get("size") or 0),
                            os.path.join(folder, i["name"].rsplit("/", 1)[-1]))
                 for i in listing if i.get("type") != "directory" and i["name"] != path
-                and i["name"].lower().endswith(".dcm") and i.get("size")]
+                and is_dicom_name(i["name"]) and i.get("size")]
     if not siblings:
         return [], []
     def walk(copy: SparseCopy) -> bool:  # a request a file of another series, two of its own

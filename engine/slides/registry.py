@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from engine.config import StorageConfig
 from engine.errors import SlideCorrupt, SlideError, SlideNotFound, SlideUnsupported
 from engine.slides.base import SlideReader
+from engine.slides.dicom import is_dicom_name
 from engine.slides.header_copy import open_sparse
 from engine.slides.storage import StagingArea, is_remote, stat_file, translate_storage_error
 
@@ -54,9 +55,10 @@ def get_backend(name: str) -> type[SlideReader]:
 
 
 def looks_like_slide(uri: str) -> bool:
-    """True for names with a slide/image extension or no extension at all (DICOM often has none)."""
+    """True for names with a slide/image extension, or named as DICOM files are (no extension
+    at all, or a UID: `engine.slides.dicom.is_dicom_name`)."""
     name = uri.rsplit("/", 1)[-1].lower()
-    return bool(name) and (name.endswith(SLIDE_EXTENSIONS) or "." not in name)
+    return bool(name) and (name.endswith(SLIDE_EXTENSIONS) or is_dicom_name(name))
 
 
 def _magic_kind(head: bytes) -> str | None:

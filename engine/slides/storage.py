@@ -261,13 +261,15 @@ class StagingArea:
         instances (one per level or associated image) that OpenSlide finds next to the one
         opened: those of its series alone (`_same_series`), where a study's folder holds several.
         """
+        from engine.slides.dicom import is_dicom_name
+
         lower = path.lower()
         if lower.endswith(".mrxs"):
             found = fs.find(path[:-5], detail=True)
-        elif lower.endswith(".dcm"):
+        elif is_dicom_name(path):
             listing = fs.ls(path.rsplit("/", 1)[0], detail=True)
             found = self._same_series(uri, path, {i["name"]: i for i in listing
-                                                  if i["name"].lower().endswith(".dcm")})
+                                                  if is_dicom_name(i["name"])})
         else:
             return []
         return [(k, int(v.get("size") or 0)) for k, v in sorted(found.items())
@@ -276,8 +278,10 @@ class StagingArea:
     def _same_series(self, uri: str, path: str, found: dict[str, dict]) -> dict[str, dict]:
         """Of the DICOM files ``found`` beside ``path`` (``uri``'s path; among them), the
         others of its series (`engine.slides.dicom.group_series`: a header each). A folder of
-        ten series staged each of them with every other: ten times the archive's bytes. Where
-        ``path``'s own header names no series, every other file, as before."""
+        ten series staged each of them with every other: ten times the archive's bytes. A
+        series of one file (a single-level slide), or a file whose header names no series, has
+        none: it staged every other DICOM file of its folder, so a folder of single-file slides
+        staged the folder for each."""
         from engine.slides.dicom import group_series
 
         proto = uri[:len(uri) - len(path)]  # "s3://"
@@ -285,8 +289,7 @@ class StagingArea:
             [FileEntry(proto + k, v.get("size"), object_etag(v)) for k, v in sorted(found.items())],
             self.storage)}
         mine = series.get(path)
-        alone = mine is None or list(series.values()).count(mine) == 1
-        return {k: v for k, v in found.items() if k != path and (alone or series[k] == mine)}
+        return {k: v for k, v in found.items() if k != path and series.get(k) == mine}
 
     @contextlib.contextmanager
     def stage(self, uri: str, size: int | None = None, etag: str | None = None,

@@ -237,3 +237,60 @@ def test_the_review_jobs_name_a_series_by_its_folder(dicom_study, tmp_path):
         committed_slide(store, "c_0.dcm")  # both series' level 0
     with pytest.raises(ValueError, match="no single slide 'archive'"):
         committed_slide(store, "archive")
+
+
+@pytest.fixture()
+def named_study(dicom_study, tmp_path):
+    """Series named as archives name DICOM files: ``IM0000``... (no extension, as PACS exports
+    write them) and by UID (``1.2.826.0.1.3680043.8.498.0``...); and a folder of two slides of
+    one file each (a single level)."""
+    from engine.slides.synthetic import smear_block
+    from engine.slides.writer import write_dicom_series
+
+    root = tmp_path / "named"
+    for n, name in enumerate(_files(dicom_study / "study", "b")):
+        for folder, new in (("pacs", f"IM{n:04d}"), ("uids", f"1.2.826.0.1.3680043.8.498.{n}")):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            shutil.copy(dicom_study / "study" / name, root / folder / new)
+    for stem in ("s1", "s2"):
+        write_dicom_series(smear_block(0, 200), str(root / "single"), 0.25, stem=stem)
+    return root
+
+
+def _files(folder, stem):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(stem))
+
+
+def test_dicom_files_named_by_number_or_uid_are_a_series(named_study, tmp_path):
+    """Files named by UID were skipped as no slides; all of a series' files are one slide."""
+    assert inventory.main(["--input", str(named_study), "--output", str(tmp_path / "inv")]) == 0
+    rows = pl.read_parquet(tmp_path / "inv" / "slides" / "slides.parquet")
+    ok = rows.filter(pl.col("status") == "ok").sort("uri")
+    assert [u[len(str(named_study)) + 1:] for u in ok["uri"]] == [
+        "pacs/IM0000", "single/s1_0.dcm", "single/s2_0.dcm", "uids/1.2.826.0.1.3680043.8.498.0"]
+    assert ok["level_count"].to_list() == [5, 1, 1, 5]
+    assert set(rows.filter(pl.col("status") != "ok")["error_type"]) == {"PartOfSlide"}
+
+
+@pytest.mark.s3
+def test_a_dicom_series_on_s3_is_staged_and_read_with_its_own_files_whatever_their_names(
+        named_study, s3_server, s3_client, tmp_path):
+    """A series whose files have no extension was staged without its other files (OpenSlide
+    then saw one level), and a single-file slide with every other DICOM file of its folder."""
+    from engine.slides.storage import StagingArea
+
+    s3_client.create_bucket(Bucket="dicom-named")
+    upload_tree(s3_client, "dicom-named", named_study, "study")
+    storage = StorageConfig(endpoint_url=s3_server, stage_dir=str(tmp_path / "stage"))
+    for main, files, levels in (("pacs/IM0000", 5, 5),
+                                ("uids/1.2.826.0.1.3680043.8.498.0", 5, 5),
+                                ("single/s1_0.dcm", 1, 1)):
+        uri = f"s3://dicom-named/study/{main}"
+        with StagingArea(storage) as staging, staging.stage(uri) as path:
+            staged = [p for p in Path(path).parent.iterdir() if not p.name.startswith(".")]
+            assert len(staged) == files, staged
+            assert openslide.OpenSlide(path).level_count == levels
+        for sparse in (True, False):
+            with open_slide(uri, storage, sparse=sparse) as slide:
+                assert slide.info.level_count == levels
+                assert slide.read_thumbnail((64, 64)).std() > 0
