@@ -4,7 +4,8 @@ read a 1024 px region, detect, crop, measure focus) and tiles/s from the tiles b
 outside Ray.
 
     python benchmarks/feed_capacity.py [--processes N] [--seconds 10] [--cells-size 8192]
-        [--tiles-size 32768] [--mpp 0.25] [--branches cells tiles] [--tag T]
+        [--tiles-size 32768] [--mpp 0.25] [--branches cells tiles] [--dicom]
+        [--compare-openslide] [--tag T]
 
 The cells branch's synthetic aspirate is planned typed ``aspirate``, as a lab's job types it
 (since session 34; its detection then also looks for pale nuclei), the biopsy untyped.
@@ -27,6 +28,10 @@ cost per slide and per item in one process, ``one_with_planning_per_s`` one proc
 with it, and ``planning_share`` its part of an item's CPU. ``first_read_ms`` is what a process
 pays the first time it reads a slide (opening it), once per slide for each process that gets
 some of its batches.
+
+``--dicom``: the slides are DICOM series (a file per level, JPEG frames) in place of TIFFs.
+``--compare-openslide``: one process's rate is measured again with every read through
+OpenSlide (``pipeline.direct_jpeg`` off), in the same run: ``direct_jpeg_speedup``.
 
 Inside the running job `pipeline_e2e.py` reports the same per-process figure as
 ``feed_per_actor_s`` (items per busy second of an actor): where that is well below this
@@ -133,11 +138,13 @@ def first_read_ms(branch: str, batch: dict, cfg, repeats: int) -> float:
     return round(1000 * float(np.median(cold) - np.median(warm)), 1)
 
 
-def worker(branch: str, uri: str, seconds: float, barrier, results) -> None:
-    """One process: build the step, warm it, wait for the others, run for ``seconds``."""
+def worker(branch: str, uri: str, seconds: float, barrier, results, direct: bool = True
+           ) -> None:
+    """One process: build the step, warm it, wait for the others, run for ``seconds``
+    (``direct``: JPEG tiles decoded directly, as configured; else through OpenSlide)."""
     from engine.config import Config
 
-    cfg = Config()
+    cfg = Config.from_dict({"pipeline": {"direct_jpeg": direct}})
     batches = task_batches(branch, uri, cfg)
     step = make_step(branch, cfg)
     step(dict(batches[0]))
@@ -150,11 +157,11 @@ def worker(branch: str, uri: str, seconds: float, barrier, results) -> None:
     results.put((items, time.perf_counter() - t0))
 
 
-def run_processes(branch: str, uri: str, n: int, seconds: float) -> dict:
+def run_processes(branch: str, uri: str, n: int, seconds: float, direct: bool = True) -> dict:
     """``n`` processes at once: their summed rate and each one's."""
     ctx = mp.get_context("spawn")  # a clean process each, as a Ray worker starts
     barrier, results = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(branch, uri, seconds, barrier, results))
+    procs = [ctx.Process(target=worker, args=(branch, uri, seconds, barrier, results, direct))
              for _ in range(n)]
     for p in procs:
         p.start()
@@ -228,6 +235,9 @@ def main(argv=None) -> dict:
     p.add_argument("--cells-rate", type=float, help="the classifier's rate alone (crops/s); "
                    "default: the newest GPU model_throughput result")
     p.add_argument("--tiles-rate", type=float, help="the encoder's rate alone (tiles/s)")
+    p.add_argument("--dicom", action="store_true", help="DICOM series, not TIFFs")
+    p.add_argument("--compare-openslide", action="store_true",
+                   help="one process's rate again with every read through OpenSlide")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
 
@@ -243,16 +253,23 @@ def main(argv=None) -> dict:
     for branch in args.branches:
         kind, model = BRANCHES[branch]
         size = args.cells_size if branch == "cells" else args.tiles_size
-        uri = os.path.join(work, f"{branch}.tif")
-        make_slide(uri, size, kind=kind, mpp=args.mpp)
+        uri = os.path.join(work, branch if args.dicom else f"{branch}.tif")
+        make_slide(uri, size, kind=kind, mpp=args.mpp, dicom=args.dicom)
+        if args.dicom:
+            uri = os.path.join(uri, "level_0.dcm")
         one = run_processes(branch, uri, 1, args.seconds)
         many = run_processes(branch, uri, args.processes, args.seconds)
         alone = given[branch] or rates.get(model)
         result[branch] = {"slide": {"kind": kind, "specimen": SPECIMEN[branch],
-                                    "size_px": size, "mpp": args.mpp},
+                                    "size_px": size, "mpp": args.mpp,
+                                    "format": "dicom" if args.dicom else "tiff"},
                           **capacity(one, many, model, alone,
                                      "given" if given[branch] else source,
                                      plan_cost(branch, uri))}
+        if args.compare_openslide:
+            via = run_processes(branch, uri, 1, args.seconds, direct=False)
+            result[branch].update(one_via_openslide=via,
+                                  direct_jpeg_speedup=round(one["per_s"] / via["per_s"], 3))
     write_result(result, f"feed_capacity-{result['host']}-{result['date']}", args.tag)
     return result
 

@@ -3,7 +3,7 @@ one reader actor per core) against a plain single-process OpenSlide loop over th
 in the same run.
 
     python benchmarks/read_tiles.py [--size 16384] [--target-mpp 0.25 --tile-px 1024]
-        [--kind smear|aspirate|marrow] [--tag T]
+        [--kind smear|aspirate|marrow] [--dicom] [--tag T]
 
 Both sides read every planned tile, resize it to the model's size and measure its stained and
 fat area; only those numbers travel back. Rates are steady state (the clock starts at the first
@@ -12,6 +12,8 @@ printed too). Prints JSON with both rates and the ratio. Ours runs twice: with O
 in the actors (``pipeline.direct_jpeg`` off, the baseline of ``direct_jpeg_speedup``), then as
 configured. ``plain_ms_per_tile`` splits the plain loop's time between reading and the area
 masks: one core's cost per tile, which says how many cores a GPU encoder needs to be fed.
+``--dicom``: the slide is a DICOM series (a file per level, JPEG frames), as converters write
+them, in place of a TIFF.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--kind", choices=["smear", "aspirate", "marrow"], default="smear",
                    help="synthetic slide content (marrow: the H&E biopsy the encoder reads)")
+    p.add_argument("--dicom", action="store_true", help="a DICOM series, not a TIFF")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
 
@@ -64,7 +67,10 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="hemeflow-read-")
     path = os.path.join(work, "slide.tif")
     t = time.time()
-    make_slide(path, args.size, kind=args.kind)
+    make_slide(os.path.join(work, "slide") if args.dicom else path, args.size, kind=args.kind,
+               dicom=args.dicom)
+    if args.dicom:
+        path = os.path.join(work, "slide", "level_0.dcm")
     made = time.time() - t
     cfg = Config()
     slide = openslide.OpenSlide(path)
@@ -123,7 +129,7 @@ def main() -> None:
         "date": dt.date.today().isoformat(), "slide_px": args.size,
         "slide_made_s": round(made, 1), "tiles": n, "tile_px": args.tile_px,
         "target_mpp": args.target_mpp, "level": plan.level, "read_px": plan.read_px,
-        "kind": args.kind,
+        "kind": args.kind, "format": "dicom" if args.dicom else "tiff",
         "plain_openslide_loop_tiles_per_s": round(n / plain_s, 1),
         "plain_ms_per_tile": {"read": round(1e3 * read_s / n, 3),
                               "area_masks": round(1e3 * areas_s / n, 3)},

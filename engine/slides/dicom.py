@@ -80,6 +80,89 @@ def read_instance(fh) -> Instance | None:
     return Instance(str(series), "VOLUME" in kind, int(cols) * int(rows))
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a DICOM file's pixels lie (`read_layout`)."""
+
+    series: str
+    volume: bool        # a pyramid level (ImageType VOLUME)
+    width: int          # its total pixel matrix
+    height: int
+    tile_w: int         # a frame's
+    tile_h: int
+    encapsulated: bool  # compressed frames, each an item of the pixel data
+    tiled: bool         # frames are its tiles in TILED_FULL order: one focal plane and path
+    syntax: str         # the transfer syntax UID
+    photometric: str    # PhotometricInterpretation
+    samples: int        # SamplesPerPixel
+    bits: int           # BitsAllocated
+    start: int          # where the pixel data's value starts
+    # each frame's byte range (an encapsulated one's from its item's tag), or None where no
+    # offset table places them (a reader walks the items one by one)
+    frames: tuple[tuple[int, int], ...] | None
+
+
+def read_layout(fh, size: int) -> Layout | None:
+    """The layout of the DICOM file open as ``fh`` (``size`` bytes), read up to its pixel
+    data's offset table: pydicom reads every element before the pixel data, as OpenSlide's
+    libdicom does to open it, then the table (Basic, in the pixel data's first item, or
+    Extended, before it; a single frame: the first item after the table). None for a file no
+    DICOM image of a series."""
+    import struct
+
+    import numpy as np
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    lenient_pydicom()
+    try:
+        ds = pydicom.dcmread(fh, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError):
+        return None
+    series = ds.get("SeriesInstanceUID")
+    head = fh.read(12)  # the pixel data's tag, VR and length, where pydicom stopped
+    if not series or len(head) < 12 or head[:4] != b"\xe0\x7f\x10\x00":
+        return None
+    start = fh.tell()
+    width = int(ds.get("TotalPixelMatrixColumns") or ds.get("Columns") or 0)
+    height = int(ds.get("TotalPixelMatrixRows") or ds.get("Rows") or 0)
+    cw, ch = int(ds.get("Columns") or 0), int(ds.get("Rows") or 0)
+    if not (width and height and cw and ch):
+        return None
+    n = int(ds.get("NumberOfFrames") or 1)
+    tiled = n == -(-width // cw) * -(-height // ch) and \
+        int(ds.get("TotalPixelMatrixFocalPlanes") or 1) == 1 and \
+        int(ds.get("NumberOfOpticalPaths") or 1) == 1 and \
+        (n == 1 or ds.get("DimensionOrganizationType", "TILED_FULL") == "TILED_FULL")
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    encapsulated = syntax is not None and syntax.is_encapsulated
+    samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.get("BitsAllocated") or 8)
+    frames: list[tuple[int, int]] = []
+    if encapsulated:
+        item = fh.read(8)  # the offset table's item: tag and length
+        if len(item) < 8 or item[:4] != b"\xfe\xff\x00\xe0":
+            return None
+        length = struct.unpack("<I", item[4:])[0]
+        basic = np.frombuffer(fh.read(length), "<u4").astype(np.int64)
+        first = start + 8 + length  # offsets count from the first frame's item
+        if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+            at = np.frombuffer(ds.ExtendedOffsetTable, "<u8").astype(np.int64)
+            lengths = np.frombuffer(ds.ExtendedOffsetTableLengths, "<u8").astype(np.int64)
+            frames = [(first + int(a), min(first + int(a) + 8 + int(b) + int(b) % 2, size))
+                      for a, b in zip(at, lengths)]  # items are of even length
+        elif len(basic) == n or n == 1:
+            basic = basic if len(basic) else np.zeros(1, np.int64)
+            ends = np.append(basic[1:], size - first)
+            frames = [(first + int(a), min(first + int(b), size)) for a, b in zip(basic, ends)]
+    else:  # native: frames at fixed places
+        frame = cw * ch * samples * -(-bits // 8)
+        frames = [(start + i * frame, min(start + (i + 1) * frame, size)) for i in range(n)]
+    volume = "VOLUME" in [str(v).upper() for v in (ds.get("ImageType") or [])]
+    return Layout(str(series), volume, width, height, cw, ch, encapsulated, tiled,
+                  str(syntax or ""), str(ds.get("PhotometricInterpretation") or ""), samples,
+                  bits, start, tuple(frames) if len(frames) == n else None)
+
+
 def _header(entry: FileEntry, storage: StorageConfig) -> Instance | None:
     fs, path = get_filesystem(entry.uri, storage)
 

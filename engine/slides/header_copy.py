@@ -173,70 +173,23 @@ _DICM = 128  # a DICOM file's "DICM" stands after a 128-byte preamble
 
 
 def _walk_dicom(ranges: _Ranges, size: int) -> tuple[str, bool, _Page] | None:
-    """Read the DICOM file behind ``ranges`` up to its pixel data's offset table (pydicom reads
-    every element before it through ``ranges``, as OpenSlide's libdicom does to open it) and
-    return its series, whether it is a pyramid level (VOLUME, not a label, overview or
-    thumbnail) and its pixel data's layout: frames in TILED_FULL order, each a chunk, at the
-    offsets its Basic or Extended Offset Table gives (a single frame: the first item). A file
-    whose frames cannot be found so (no offset table: a reader walks them one by one;
-    uncompressed frames, which decode from a hole; several focal planes or optical paths) is
-    ``loud`` False: its regions are never read from the copy. None for a file no DICOM image of
-    a series."""
-    import struct
+    """Read the DICOM file behind ``ranges`` up to its pixel data's offset table
+    (`engine.slides.dicom.read_layout`, through ``ranges``: what OpenSlide's libdicom reads to
+    open it) and return its series, whether it is a pyramid level and its pixel data's layout,
+    each frame a chunk. A file whose frames cannot all be placed so (no offset table: a reader
+    walks them one by one; uncompressed frames, which decode from a hole; several focal planes
+    or optical paths) is ``loud`` False: its regions are never read from the copy; without an
+    offset table its chunk is the pixel data whole. None for a file no DICOM image of a
+    series."""
+    from engine.slides.dicom import read_layout
 
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    from engine.slides.dicom import lenient_pydicom
-
-    lenient_pydicom()
-    try:
-        ds = pydicom.dcmread(ranges, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError):
+    got = read_layout(ranges, size)
+    if got is None:
         return None
-    series = ds.get("SeriesInstanceUID")
-    head = ranges.read(12)  # the pixel data's tag, VR and length, where pydicom stopped
-    if not series or len(head) < 12 or head[:4] != b"\xe0\x7f\x10\x00":
-        return None
-    start = ranges.tell()
-    width = int(ds.get("TotalPixelMatrixColumns") or ds.get("Columns") or 0)
-    height = int(ds.get("TotalPixelMatrixRows") or ds.get("Rows") or 0)
-    cw, ch = int(ds.get("Columns") or 0), int(ds.get("Rows") or 0)
-    if not (width and height and cw and ch):
-        return None
-    n = int(ds.get("NumberOfFrames") or 1)
-    tiled = n == -(-width // cw) * -(-height // ch) and \
-        int(ds.get("TotalPixelMatrixFocalPlanes") or 1) == 1 and \
-        int(ds.get("NumberOfOpticalPaths") or 1) == 1 and \
-        (n == 1 or ds.get("DimensionOrganizationType", "TILED_FULL") == "TILED_FULL")
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    frames: list[tuple[int, int]] = []
-    if syntax is not None and syntax.is_encapsulated:
-        item = ranges.read(8)  # the offset table's item: tag and length
-        if len(item) < 8 or item[:4] != b"\xfe\xff\x00\xe0":
-            return None
-        length = struct.unpack("<I", item[4:])[0]
-        basic = np.frombuffer(ranges.read(length), "<u4").astype(np.int64)
-        first = start + 8 + length  # offsets count from the first frame's item
-        if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
-            at = np.frombuffer(ds.ExtendedOffsetTable, "<u8").astype(np.int64)
-            lengths = np.frombuffer(ds.ExtendedOffsetTableLengths, "<u8").astype(np.int64)
-            frames = [(first + a, min(first + a + 8 + b + b % 2, size))  # items are even
-                      for a, b in zip(at, lengths)]
-        elif len(basic) == n or n == 1:
-            basic = basic if len(basic) else np.zeros(1, np.int64)
-            ends = np.append(basic[1:], size - first)
-            frames = [(first + a, min(first + b, size)) for a, b in zip(basic, ends)]
-        loud = tiled and len(frames) == n
-    else:  # native: frames at fixed places, which read as black from a hole
-        frame = cw * ch * int(ds.get("SamplesPerPixel") or 1) * \
-            -(-int(ds.get("BitsAllocated") or 8) // 8)
-        frames = [(start + i * frame, min(start + (i + 1) * frame, size)) for i in range(n)]
-        loud = False
-    if len(frames) != n:  # no offset table: the pixel data whole
-        frames = [(start, size)]
-    volume = "VOLUME" in [str(v).upper() for v in (ds.get("ImageType") or [])]
-    return str(series), volume, _Page(width, height, cw, ch, loud, tuple(frames))
+    loud = got.encapsulated and got.tiled and got.frames is not None
+    chunks = got.frames if got.frames is not None else ((got.start, size),)
+    return got.series, got.volume, _Page(got.width, got.height, got.tile_w, got.tile_h, loud,
+                                         chunks)
 
 
 class SparseCopy:

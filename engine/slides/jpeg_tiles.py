@@ -1,4 +1,5 @@
-"""Direct decoding of JPEG-tiled TIFF levels (generic tiled TIFF pyramids, Aperio SVS).
+"""Direct decoding of JPEG-tiled TIFF levels (generic tiled TIFF pyramids, Aperio SVS) and of a
+DICOM series' JPEG frames.
 
 OpenSlide decodes each JPEG tile to premultiplied ARGB, paints it through cairo and hands back
 RGBA that we composite to RGB again: on a 1120 px region that is about four times the cost of
@@ -15,6 +16,11 @@ front, which makes libjpeg read them as RGB, as OpenSlide does. Anything else (a
 not decode) returns None and the caller reads through OpenSlide. At fractional level coordinates
 OpenSlide interpolates between level pixels; the caller (`OpenSlideReader`) takes the nearest
 level pixel's region instead.
+
+A DICOM series' levels are its VOLUME files of one focal plane and optical path, JPEG
+baseline or extended, whose frames an offset table (Basic or Extended) places; each frame is a
+whole JPEG stream (`engine.slides.dicom.read_layout`). OpenSlide reads a DICOM frame through
+the same cairo path: a 1,024 px cell tile cost 23 ms through it, 3.7 ms here from a TIFF.
 
 The caller also checks each level against OpenSlide before its first read (its 512 px square at
 the level's origin, a position every level has whole): a level whose pixels differ is never read
@@ -33,6 +39,9 @@ import numpy as np
 import simplejpeg
 
 _JPEG, _RGB, _YCBCR = 7, 2, 6
+# DICOM's JPEG baseline and extended transfer syntaxes, and the photometrics of their frames
+_DICOM_JPEG = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51")
+_DICOM_YCBCR = ("YBR_FULL_422", "YBR_FULL")
 # APP14 "Adobe", version 100, flags 0 0, transform 0: the components are RGB, not YCbCr
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 
@@ -46,6 +55,7 @@ class _Level:
     offsets: np.ndarray  # (ny, nx) byte offset of each tile's stream
     counts: np.ndarray   # (ny, nx) its length
     header: bytes        # SOI, the Adobe marker for RGB streams, the shared tables
+    path: str = ""       # the file holding it (a DICOM series: a file a level); "": the TIFF
 
 
 def _level_of(page) -> _Level | None:
@@ -68,8 +78,55 @@ def _level_of(page) -> _Level | None:
                   offsets.reshape(ny, nx), counts.reshape(ny, nx), header)
 
 
+def _dicom_layout(path: str):
+    from engine.slides.dicom import read_layout
+
+    with open(path, "rb") as fh:
+        return read_layout(fh, os.fstat(fh.fileno()).st_size)
+
+
+def _dicom_level(got, path: str) -> _Level | None:
+    """The level of the DICOM file ``path`` (its `read_layout` ``got``) if this module can
+    decode it."""
+    if not (got.volume and got.encapsulated and got.tiled and got.frames) \
+            or got.syntax not in _DICOM_JPEG or got.samples != 3 or got.bits != 8 \
+            or got.photometric not in (*_DICOM_YCBCR, "RGB"):
+        return None
+    nx, ny = -(-got.width // got.tile_w), -(-got.height // got.tile_h)
+    items = np.asarray(got.frames, np.int64)
+    offsets = items[:, 0] + 8  # past each frame's item tag and length
+    counts = items[:, 1] - offsets
+    if (counts <= 0).any():
+        return None
+    header = b"\xff\xd8" + (_ADOBE_RGB if got.photometric == "RGB" else b"")
+    return _Level(got.width, got.height, got.tile_w, got.tile_h, offsets.reshape(ny, nx),
+                  counts.reshape(ny, nx), header, path)
+
+
+def _dicom_levels(path: str) -> dict[tuple[int, int], _Level]:
+    """The decodable levels of the DICOM series ``path`` is a file of (its folder's files of
+    the same series), by size."""
+    from engine.slides.dicom import is_dicom_name
+
+    own = _dicom_layout(path)
+    if own is None:
+        return {}
+    folder = os.path.dirname(path) or "."
+    by_size: dict[tuple[int, int], _Level] = {}
+    for name in sorted(os.listdir(folder)):
+        other = os.path.join(folder, name)
+        if not is_dicom_name(name) or not os.path.isfile(other):
+            continue
+        got = own if other == path else _dicom_layout(other)
+        level = _dicom_level(got, other) if got and got.series == own.series else None
+        if level is not None:
+            by_size.setdefault((level.width, level.height), level)
+    return by_size
+
+
 class JpegTiles:
-    """The directly decodable levels of one TIFF file, matched to the reader's levels by size.
+    """The directly decodable levels of one TIFF file (or of the DICOM series ``path`` is a file
+    of, with ``dicom``), matched to the reader's levels by size.
 
     Args:
         path: local file.
@@ -78,7 +135,7 @@ class JpegTiles:
     """
 
     def __init__(self, path: str, level_dimensions, level_downsamples,
-                 cache_bytes: int = 32 * 2**20):
+                 cache_bytes: int = 32 * 2**20, dicom: bool = False):
         import tifffile
 
         # decoded tiles, least recently used first: neighbouring regions share JPEG tiles (an
@@ -88,16 +145,21 @@ class JpegTiles:
         self._lock = threading.Lock()
         self.levels: dict[int, _Level] = {}
         self.downsamples = tuple(float(d) for d in level_downsamples)
-        with tifffile.TiffFile(path) as tif:
-            by_size = {}
-            for page in tif.pages:
-                level = _level_of(page)
-                if level is not None:
-                    by_size.setdefault((level.width, level.height), level)
+        if dicom:
+            by_size = _dicom_levels(path)
+        else:
+            with tifffile.TiffFile(path) as tif:
+                by_size = {}
+                for page in tif.pages:
+                    level = _level_of(page)
+                    if level is not None:
+                        by_size.setdefault((level.width, level.height), level)
         for i, dims in enumerate(level_dimensions):
             if tuple(dims) in by_size:
                 self.levels[i] = by_size[tuple(dims)]
-        self._fd = os.open(path, os.O_RDONLY) if self.levels else None
+        # a descriptor a file (no shared position: threads pread from them at once)
+        self._fds = {p: os.open(p or path, os.O_RDONLY)
+                     for p in sorted({lv.path for lv in self.levels.values()})}
 
     def __bool__(self) -> bool:
         return bool(self.levels)
@@ -112,7 +174,7 @@ class JpegTiles:
         None, or with ``nearest`` the region from the nearest level pixel (at most half a level
         pixel away)."""
         lv = self.levels.get(level)
-        if lv is None or self._fd is None:
+        if lv is None or lv.path not in self._fds:  # closed
             return None
         ds = self.downsamples[level]
         lx, ly = x / ds, y / ds
@@ -165,7 +227,7 @@ class JpegTiles:
         return tile
 
     def _decode(self, lv: _Level, r: int, c: int) -> np.ndarray | None:
-        data = os.pread(self._fd, int(lv.counts[r, c]), int(lv.offsets[r, c]))
+        data = os.pread(self._fds[lv.path], int(lv.counts[r, c]), int(lv.offsets[r, c]))
         if not data.startswith(b"\xff\xd8"):
             return None
         try:  # strict: libjpeg's warnings (corrupt data) raise; OpenSlide then says what is wrong
@@ -180,6 +242,6 @@ class JpegTiles:
         with self._lock:
             self._cache.clear()
             self._cached = 0
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
             os.close(fd)

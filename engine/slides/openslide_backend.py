@@ -46,7 +46,7 @@ def _float(props, key) -> float | None:
 
 # vendors whose levels OpenSlide reads as a plain grid of TIFF tiles (Ventana, Philips and
 # Leica layouts overlap, skip or combine tiles and stay with OpenSlide)
-DIRECT_JPEG_VENDORS = ("generic-tiff", "aperio")
+DIRECT_JPEG_VENDORS = ("generic-tiff", "aperio", "dicom")
 # the side of the square at a level's origin whose direct decoding is checked against OpenSlide's
 # before the level's first read (across the edges of the tiles it spans). Checking a cell tile's
 # sample read (1024 px) whole took OpenSlide 20 ms of a planner's 200 ms per slide
@@ -56,8 +56,8 @@ CHECK_PX = 512
 class OpenSlideReader:
     """`SlideReader` over ``openslide.OpenSlide`` (needs a local path; S3 objects are staged).
 
-    With ``direct_jpeg``, the JPEG-tiled levels of generic TIFFs and Aperio SVS are decoded
-    directly (`engine.slides.jpeg_tiles`). Before its first read each such level is checked
+    With ``direct_jpeg``, the JPEG-tiled levels of generic TIFFs, Aperio SVS and DICOM series are
+    decoded directly (`engine.slides.jpeg_tiles`). Before its first read each such level is checked
     against OpenSlide on the `CHECK_PX` square at its origin, and a level whose pixels differ
     there goes back to OpenSlide for good. At fractional level positions the direct path reads
     from the nearest level pixel, where OpenSlide interpolates (`_read_direct`).
@@ -123,7 +123,8 @@ class OpenSlideReader:
         from engine.slides.jpeg_tiles import JpegTiles
 
         try:
-            jpeg = JpegTiles(self._path, self.info.level_dimensions, self.info.level_downsamples)
+            jpeg = JpegTiles(self._path, self.info.level_dimensions, self.info.level_downsamples,
+                             dicom=self.info.format == "dicom")
         except Exception:  # noqa: BLE001 - a TIFF tifffile cannot parse: OpenSlide reads it all
             return
         if jpeg:
@@ -141,10 +142,13 @@ class OpenSlideReader:
         At a fractional level position (a level whose downsample is not whole, as is common on
         SVS files, or a level-0 position that is no multiple of it) the region starts at the
         nearest level pixel, where OpenSlide interpolates between level pixels (through it a
-        synthetic 0.252 µm/px biopsy's encoder tiles cost a reader 5 times the CPU)."""
+        synthetic 0.252 µm/px biopsy's encoder tiles cost a reader 5 times the CPU). Not on a
+        DICOM series (decoded directly since release 0.8.5, a release whose pixels are 0.8.4's):
+        there OpenSlide reads it, as before."""
         if self._jpeg is None or level not in self._jpeg.levels or not self._agrees(level):
             return None
-        return self._jpeg.read(level, x, y, width, height, self._background, nearest=True)
+        return self._jpeg.read(level, x, y, width, height, self._background,
+                               nearest=self.info.format != "dicom")
 
     def _agrees(self, level: int) -> bool:
         """Whether ``level`` decodes directly as OpenSlide decodes it, checked once: its

@@ -236,16 +236,18 @@ def _files(folder, stem):
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(stem))
 
 
-@pytest.mark.parametrize("stem", ["a", "b"])
-def test_a_dicom_series_read_from_sparse_copies_reads_as_its_files(dicom_study, stem):
+@pytest.mark.parametrize("stem, direct", [("a", False), ("b", False), ("a", True)])
+def test_a_dicom_series_read_from_sparse_copies_reads_as_its_files(dicom_study, stem, direct):
     """A series opens from sparse copies of its own files (their headers and offset tables);
     the thumbnail's level comes whole and a region's frames by range, each read as the files
-    give it, for a small share of the series' bytes; the folder's other series stays out."""
+    give it (through OpenSlide, or decoded directly), for a small share of the series' bytes;
+    the folder's other series stays out."""
     path = dicom_study / "study" / f"{stem}_0.dcm"
-    whole, ref = Whole(path), _reference(path)
+    whole, ref = Whole(path), open_reader(str(path), str(path), direct_jpeg=direct)
     series = sum(os.path.getsize(dicom_study / "study" / n)
                  for n in _files(dicom_study / "study", stem))
-    with _sparse(path, whole) as reader:
+    with open_sparse(str(path), StorageConfig(), os.path.getsize(path), whole,
+                     direct_jpeg=direct) as reader:
         assert reader is not None and reader.info.format == "dicom"
         folder = os.path.dirname(reader.copy.path)
         assert sorted(os.listdir(folder)) == _files(dicom_study / "study", stem)
@@ -257,6 +259,7 @@ def test_a_dicom_series_read_from_sparse_copies_reads_as_its_files(dicom_study, 
             assert np.array_equal(reader.read_region(*region), ref.read_region(*region)), region
         if stem == "a":  # b's files are a few blocks each
             assert reader.copy.bytes_fetched < series / 5, (reader.copy.bytes_fetched, series)
+        assert all(reader.direct_checks.values()) and bool(reader.direct_checks) is direct
     assert not os.path.exists(folder) and whole.calls == 0
     ref.close()
 
