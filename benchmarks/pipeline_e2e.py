@@ -2,12 +2,13 @@
 which stage bounds the run, and each model's rate in the job against the same model alone.
 
     python benchmarks/pipeline_e2e.py [--slides 8] [--size 16384] [--mpp 0.25]
-        [--slide <a real slide> [--specimen blood]] [--stages cells tiles]
+        [--slide <a real slide> [--specimen blood] | --dicom] [--stages cells tiles]
         [--classifier deepheme-resnext50] [--encoder dinov2-vits14] [--batch 256] [--compile]
         [--baseline-chunk 64] [--baseline-set native_threads=0] [--set KEY=VALUE]
 
-Slides come from ``make_synthetic_slides``, or ``--slide`` (one slide, hard-linked N times:
-distinct slide ids, same pixels). Models run with random weights (``--allow-untrained``:
+Slides come from ``make_synthetic_slides`` (``--dicom``: as DICOM series, a folder of one file
+per level, each file hard-linked into N folders), or ``--slide`` (one slide, hard-linked N
+times: distinct slide ids, same pixels). Models run with random weights (``--allow-untrained``:
 speed, not accuracy, is measured). The baseline is ``model_throughput``'s measurement for the
 same model, batch size, precision and device, run in this process after the job: random
 tensors already on the device. Two ratios per model:
@@ -112,6 +113,8 @@ def main() -> None:
     p.add_argument("--slide", help="run on this slide file (hard-linked --slides times) instead "
                                    "of a synthetic one: a blood film built from BCCD's fields "
                                    "by jobs.build_smear_slide, say")
+    p.add_argument("--dicom", action="store_true",
+                   help="synthetic slides as DICOM series (local inputs only)")
     p.add_argument("--specimen", default="unknown",
                    help="the slides' specimen type (blood: a film's pale-platelet pass)")
     p.add_argument("--stages", nargs="+", default=["cells", "tiles"], choices=["cells", "tiles"])
@@ -132,6 +135,8 @@ def main() -> None:
                    help="serve the slides from a local S3 server (moto, on 127.0.0.1)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
+    if args.dicom and (args.slide or args.s3):
+        p.error("--dicom makes its own slides, on local disk")
 
     import ray
     import torch
@@ -178,11 +183,18 @@ def main() -> None:
         t = time.perf_counter()
         ext = os.path.splitext(args.slide)[1] if args.slide else ".tif"
         master = os.path.join(slides, f"slide-0000{ext}")
-        if args.slide:
+        if args.dicom:  # a folder a series, its files hard-linked into the others
+            master = os.path.join(slides, "slide-0000")
+            make_slide(master, args.size, kind=args.kind, mpp=args.mpp, dicom=True)
+            for i in range(1, args.slides):
+                os.makedirs(copy := os.path.join(slides, f"slide-{i:04d}"))
+                for name in os.listdir(master):
+                    os.link(os.path.join(master, name), os.path.join(copy, name))
+        elif args.slide:
             shutil.copyfile(args.slide, master)
         else:
             make_slide(master, args.size, kind=args.kind, mpp=args.mpp)
-        for i in range(1, args.slides):
+        for i in range(1, 0 if args.dicom else args.slides):
             os.link(master, os.path.join(slides, f"slide-{i:04d}{ext}"))
         made_s = time.perf_counter() - t
         stack = contextlib.ExitStack()
