@@ -350,6 +350,7 @@ def _series_files(fs, path: str, series: str, folder: str, storage: StorageConfi
                 and is_dicom_name(i["name"]) and i.get("size")]
     if not siblings:
         return [], []
+
     def walk(copy: SparseCopy) -> bool:  # a request a file of another series, two of its own
         if copy._walk(tail=False) == "dicom" and copy.series == series:
             copy.fetch_tail()
@@ -438,7 +439,7 @@ class SparseReader:
     def _boxes(self, level: int, regions) -> tuple[int, int, list]:
         """The level's size, and ``regions`` (``(x, y, width, height)``: level-0 position,
         level pixels) as boxes of its pixels, with the square a direct read's check reads
-        where that read checks the level first (never for a DICOM series: no direct path)."""
+        where that read checks the level first (`OpenSlideReader.will_check`)."""
         from engine.slides.openslide_backend import CHECK_PX
 
         w, h = self.info.level_dimensions[level]

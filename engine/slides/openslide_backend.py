@@ -56,11 +56,12 @@ CHECK_PX = 512
 class OpenSlideReader:
     """`SlideReader` over ``openslide.OpenSlide`` (needs a local path; S3 objects are staged).
 
-    With ``direct_jpeg``, the JPEG-tiled levels of generic TIFFs, Aperio SVS and DICOM series are
-    decoded directly (`engine.slides.jpeg_tiles`). Before its first read each such level is checked
-    against OpenSlide on the `CHECK_PX` square at its origin, and a level whose pixels differ
-    there goes back to OpenSlide for good. At fractional level positions the direct path reads
-    from the nearest level pixel, where OpenSlide interpolates (`_read_direct`).
+    With ``direct_jpeg``, the JPEG-tiled levels of generic TIFFs, Aperio SVS and DICOM series
+    are decoded directly (`engine.slides.jpeg_tiles`). Before its first read each such level is
+    checked against OpenSlide on the `CHECK_PX` square at its origin, and a level whose pixels
+    differ there goes back to OpenSlide for good. At fractional level positions the direct path
+    reads from the nearest level pixel, where OpenSlide interpolates (`_read_direct`; a DICOM
+    series leaves those to OpenSlide).
     """
 
     backend = "openslide"
