@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -163,6 +164,32 @@ def read_layout(fh, size: int) -> Layout | None:
                   bits, start, tuple(frames) if len(frames) == n else None)
 
 
+# the headers read of remote objects, by URI, size and ETag (an object's ETag changes with its
+# bytes): each slide of a folder that holds several series reads its folder's headers to find
+# its own files (staging it, or its sparse copy), which for a folder of S series of F files
+# each was S x S x F requests a job; now S x F a process
+_HEADERS: dict[tuple[str, int | None, str], Instance | None] = {}
+_HEADERS_MAX = 50_000
+_HEADERS_LOCK = threading.Lock()
+
+
+def header(entry: FileEntry, storage: StorageConfig) -> Instance | None:
+    """`read_instance` of the object ``entry`` names (a request or two on S3), or None where it
+    is no DICOM instance of a series or cannot be read; a remote object's (one with an ETag)
+    is read once a process while its size and ETag stand."""
+    key = (entry.uri, entry.size, entry.etag) if entry.etag else None
+    with _HEADERS_LOCK:
+        if key in _HEADERS:
+            return _HEADERS[key]
+    got = _header(entry, storage)
+    if key is not None:
+        with _HEADERS_LOCK:
+            if len(_HEADERS) >= _HEADERS_MAX:
+                _HEADERS.clear()
+            _HEADERS[key] = got
+    return got
+
+
 def _header(entry: FileEntry, storage: StorageConfig) -> Instance | None:
     fs, path = get_filesystem(entry.uri, storage)
 
@@ -181,7 +208,7 @@ def _header(entry: FileEntry, storage: StorageConfig) -> Instance | None:
 
 
 def group_series(entries: list[FileEntry], storage: StorageConfig,
-                 header: Callable[[FileEntry, StorageConfig], Instance | None] = _header
+                 header: Callable[[FileEntry, StorageConfig], Instance | None] = header
                  ) -> list[FileEntry]:
     """``entries`` in their order, each DICOM instance that is not its series' level 0 marked
     ``part_of`` that level's URI. Files named like DICOM (`is_dicom_name`) whose

@@ -227,18 +227,17 @@ class SparseCopy:
         self.bytes_fetched += sum(len(p) for p in pieces)
         return pieces
 
-    def _walk(self, tail: bool = True) -> str | None:
+    def _walk(self) -> str | None:
         """Walk the object's structure: ``"tiff"`` or ``"dicom"`` (`series` says which), or
         None for an object neither (or a DICOM file of no series).
 
         The first block and the last `TAIL_BLOCKS` come in one batch: a TIFF's directories
         often end its file (libtiff writes each level's after its tiles, so the small levels'
         come last), which spares the walk as many round trips one after another. Of a DICOM
-        file (`is_dicom_name`), the last block alone: OpenSlide reads its end as it opens it
-        (``tail`` False: not yet, for a file that may be of another series; `fetch_tail`)."""
+        file (`is_dicom_name`), the last block alone: OpenSlide reads its end as it opens it."""
         blocks = 1 if is_dicom_name(self._remote) else TAIL_BLOCKS
         tail_at = max((self.size - 1) // BLOCK - blocks + 1, 1)  # its first block
-        if tail and tail_at * BLOCK < self.size:
+        if tail_at * BLOCK < self.size:
             pieces = self._fetch_many([(0, BLOCK), (tail_at * BLOCK, self.size)])
             self._ranges.blocks[0] = pieces[0]
             for i in range(0, len(pieces[1]), BLOCK):
@@ -253,11 +252,6 @@ class SparseCopy:
             self._pages = [page]
             return "dicom"
         return None
-
-    def fetch_tail(self) -> None:
-        """Fetch the object's last block, if the walk did not."""
-        self._ranges.seek(self.size - 1)
-        self._ranges.read(1)
 
     def _write(self) -> None:
         """Write what the walk read into `path`, a sparse file of the object's size."""
@@ -312,15 +306,15 @@ class SparseCopy:
 class SparseSeries:
     """Sparse copies of a DICOM series' files side by side (OpenSlide opens a series from any of
     its files, and reads the others beside it), with `SparseCopy`'s interface: `path` (the file
-    the slide is read through), `fill`, `fill_region` and what they cost, summed."""
+    the slide is read through), `fill`, `fill_region` and what they cost, summed (not the
+    headers read to find the series' files: `engine.slides.dicom.header`)."""
 
-    def __init__(self, main: SparseCopy, others: list[SparseCopy], walked: list[SparseCopy]):
+    def __init__(self, main: SparseCopy, others: list[SparseCopy]):
         self.path, self.files = main.path, [main, *others]
-        self._paid = [main, *walked]  # the folder's files walked, of any series
 
-    bytes_fetched = property(lambda self: sum(f.bytes_fetched for f in self._paid))
-    requests = property(lambda self: sum(f.requests for f in self._paid))
-    rounds = property(lambda self: sum(f.rounds for f in self._paid))
+    bytes_fetched = property(lambda self: sum(f.bytes_fetched for f in self.files))
+    requests = property(lambda self: sum(f.requests for f in self.files))
+    rounds = property(lambda self: sum(f.rounds for f in self.files))
 
     def fill(self, width: int, height: int) -> bool:
         return any([f.fill(width, height) for f in self.files])
@@ -333,34 +327,38 @@ class SparseSeries:
         return bool(files) and all([f.fill_region(width, height, *boxes) for f in files])
 
 
-def _series_files(fs, path: str, series: str, folder: str, storage: StorageConfig
-                  ) -> tuple[list[SparseCopy], list[SparseCopy]]:
-    """Sparse copies, in ``folder``, of the other DICOM files beside ``path`` whose walk says
-    they belong to ``series`` (as `engine.slides.storage.StagingArea` stages a series), and
-    every file walked to find them."""
+def _series_files(fs, uri: str, path: str, series: str, folder: str, storage: StorageConfig
+                  ) -> list[SparseCopy]:
+    """Sparse copies, in ``folder``, of the other DICOM files beside ``path`` (``uri``'s path)
+    whose headers say they belong to ``series`` (as `engine.slides.storage.StagingArea` stages
+    a series: `engine.slides.dicom.header`, read once a process)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from engine.slides.dicom import HEADER_THREADS
+    from engine.slides.dicom import HEADER_THREADS, header
+    from engine.slides.storage import FileEntry, object_etag
 
+    proto = uri[:len(uri) - len(path)]  # "s3://"
     listing = call_with_retries(lambda: fs.ls(path.rsplit("/", 1)[0], detail=True), storage,
                                 "list a DICOM series' folder")
-    siblings = [SparseCopy(fs, i["name"], storage, int(i.get("size") or 0),
-                           os.path.join(folder, i["name"].rsplit("/", 1)[-1]))
-                for i in listing if i.get("type") != "directory" and i["name"] != path
+    siblings = [i for i in listing if i.get("type") != "directory" and i["name"] != path
                 and is_dicom_name(i["name"]) and i.get("size")]
     if not siblings:
-        return [], []
+        return []
 
-    def walk(copy: SparseCopy) -> bool:  # a request a file of another series, two of its own
-        if copy._walk(tail=False) == "dicom" and copy.series == series:
-            copy.fetch_tail()
-            copy._write()
-            return True
-        return False
+    def copy(info: dict) -> SparseCopy | None:  # a request a file of another series, once
+        found = header(FileEntry(proto + info["name"], int(info["size"]), object_etag(info)),
+                       storage)
+        if found is None or found.series != series:
+            return None
+        c = SparseCopy(fs, info["name"], storage, int(info["size"]),
+                       os.path.join(folder, info["name"].rsplit("/", 1)[-1]))
+        if c._walk() != "dicom" or c.series != series:
+            return None
+        c._write()
+        return c
 
     with ThreadPoolExecutor(min(HEADER_THREADS, len(siblings)), "sparse-dicom") as pool:
-        mine = [c for c, ok in zip(siblings, pool.map(walk, siblings)) if ok]
-    return mine, siblings
+        return [c for c in pool.map(copy, siblings) if c is not None]
 
 
 @contextlib.contextmanager
@@ -387,7 +385,7 @@ def sparse_copy(uri: str, storage: StorageConfig, size: int
         if kind is not None:
             copy._write()
         if kind == "dicom":
-            yield SparseSeries(copy, *_series_files(fs, path, copy.series, folder, storage))
+            yield SparseSeries(copy, _series_files(fs, uri, path, copy.series, folder, storage))
         else:
             yield copy if kind else None
     finally:

@@ -294,3 +294,24 @@ def test_a_dicom_series_on_s3_is_staged_and_read_with_its_own_files_whatever_the
             with open_slide(uri, storage, sparse=sparse) as slide:
                 assert slide.info.level_count == levels
                 assert slide.read_thumbnail((64, 64)).std() > 0
+
+
+@pytest.mark.s3
+def test_a_folder_of_several_series_has_its_headers_read_once_a_process(
+        dicom_study, s3_server, s3_client, tmp_path):
+    """Each slide of a folder of several series read every file's header of the folder to
+    find its own (staged or read by range): a folder of S series of F files cost S x S x F
+    requests; the headers are read once a process while their objects stand."""
+    s3_client.create_bucket(Bucket="dicom-flat")
+    upload_tree(s3_client, "dicom-flat", dicom_study / "study", "study")
+    storage = StorageConfig(endpoint_url=s3_server, stage_dir=str(tmp_path / "stage"))
+    with s3_requests() as requests:
+        with open_slide("s3://dicom-flat/study/a_0.dcm", storage, sparse=True) as slide:
+            assert slide.info.level_count == 6
+        first = [r for r in requests if r.startswith("GET /dicom-flat/study/b_")]
+        requests.clear()
+        with open_slide("s3://dicom-flat/study/b_0.dcm", storage, sparse=True) as slide:
+            assert slide.info.level_count == 5
+        again = [r for r in requests if r.startswith("GET /dicom-flat/study/a_")]
+    # b's 5 headers read once; of a's, only that of a_0 (the file opened, walked, not read so)
+    assert len(first) == 5 and again == ["GET /dicom-flat/study/a_0.dcm"], (first, again)

@@ -78,14 +78,14 @@ def test_inventory_on_s3_equals_inventory_on_disk(archive, s3_server, wsi_dir, t
     for text in (config, printed.out, printed.err):
         assert "testing-secret-value" not in text and "testing-key-id" not in text
     # a rerun keeps every row (no object changed): no slide is read, not even by range; the
-    # DICOM files' headers are read again to fold the series
+    # DICOM files' headers, to fold the series, by a new process (this one has them)
     staged.clear()
     with s3_requests(status=True) as requests:
         assert inventory.main(["--input", archive, "--output", "s3://results/inv",
                                "--s3-endpoint", s3_server]) == 0
     assert not staged
     read = {r.split()[1] for r in requests if r.startswith("GET /archive/wsi/")}
-    assert read and all(k.endswith(".dcm") for k in read), read
+    assert all(k.endswith(".dcm") for k in read), read  # none here: read once a process
     assert "; 15 row(s) kept from the earlier inventory, 0 file(s) read" in capsys.readouterr().out
     with _fs(s3_server).open("results/inv/slides/slides.parquet", "rb") as fh:
         again = pl.from_arrow(pq.read_table(fh))
