@@ -177,17 +177,27 @@ def header(entry: FileEntry, storage: StorageConfig) -> Instance | None:
     """`read_instance` of the object ``entry`` names (a request or two on S3), or None where it
     is no DICOM instance of a series or cannot be read; a remote object's (one with an ETag)
     is read once a process while its size and ETag stand."""
-    key = (entry.uri, entry.size, entry.etag) if entry.etag else None
+    known, got = known_header(entry)
+    if not known:
+        got = _header(entry, storage)
+        remember_header(entry, got)
+    return got
+
+
+def known_header(entry: FileEntry) -> tuple[bool, Instance | None]:
+    """Whether `header` has ``entry``'s header already, and it."""
+    key = (entry.uri, entry.size, entry.etag)
     with _HEADERS_LOCK:
-        if key in _HEADERS:
-            return _HEADERS[key]
-    got = _header(entry, storage)
-    if key is not None:
+        return (True, _HEADERS[key]) if entry.etag and key in _HEADERS else (False, None)
+
+
+def remember_header(entry: FileEntry, got: Instance | None) -> None:
+    """Keep ``got`` as ``entry``'s header (read otherwise: a sparse copy's walk), for `header`."""
+    if entry.etag:
         with _HEADERS_LOCK:
             if len(_HEADERS) >= _HEADERS_MAX:
                 _HEADERS.clear()
-            _HEADERS[key] = got
-    return got
+            _HEADERS[(entry.uri, entry.size, entry.etag)] = got
 
 
 def _header(entry: FileEntry, storage: StorageConfig) -> Instance | None:

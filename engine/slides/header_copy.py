@@ -227,17 +227,18 @@ class SparseCopy:
         self.bytes_fetched += sum(len(p) for p in pieces)
         return pieces
 
-    def _walk(self) -> str | None:
+    def _walk(self, tail: bool = True) -> str | None:
         """Walk the object's structure: ``"tiff"`` or ``"dicom"`` (`series` says which), or
         None for an object neither (or a DICOM file of no series).
 
         The first block and the last `TAIL_BLOCKS` come in one batch: a TIFF's directories
         often end its file (libtiff writes each level's after its tiles, so the small levels'
         come last), which spares the walk as many round trips one after another. Of a DICOM
-        file (`is_dicom_name`), the last block alone: OpenSlide reads its end as it opens it."""
+        file (`is_dicom_name`), the last block alone: OpenSlide reads its end as it opens it
+        (``tail`` False: not yet, for a file that may be of another series; `fetch_tail`)."""
         blocks = 1 if is_dicom_name(self._remote) else TAIL_BLOCKS
         tail_at = max((self.size - 1) // BLOCK - blocks + 1, 1)  # its first block
-        if tail_at * BLOCK < self.size:
+        if tail and tail_at * BLOCK < self.size:
             pieces = self._fetch_many([(0, BLOCK), (tail_at * BLOCK, self.size)])
             self._ranges.blocks[0] = pieces[0]
             for i in range(0, len(pieces[1]), BLOCK):
@@ -252,6 +253,11 @@ class SparseCopy:
             self._pages = [page]
             return "dicom"
         return None
+
+    def fetch_tail(self) -> None:
+        """Fetch the object's last block, if the walk did not."""
+        self._ranges.seek(self.size - 1)
+        self._ranges.read(1)
 
     def _write(self) -> None:
         """Write what the walk read into `path`, a sparse file of the object's size."""
@@ -330,11 +336,12 @@ class SparseSeries:
 def _series_files(fs, uri: str, path: str, series: str, folder: str, storage: StorageConfig
                   ) -> list[SparseCopy]:
     """Sparse copies, in ``folder``, of the other DICOM files beside ``path`` (``uri``'s path)
-    whose headers say they belong to ``series`` (as `engine.slides.storage.StagingArea` stages
-    a series: `engine.slides.dicom.header`, read once a process)."""
+    whose walks say they belong to ``series`` (as `engine.slides.storage.StagingArea` stages a
+    series). A file's header is read once a process (`engine.slides.dicom.known_header`): a
+    request for a file of another series, the first time; two for one of its own."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from engine.slides.dicom import HEADER_THREADS, header
+    from engine.slides.dicom import HEADER_THREADS, Instance, known_header, remember_header
     from engine.slides.storage import FileEntry, object_etag
 
     proto = uri[:len(uri) - len(path)]  # "s3://"
@@ -345,15 +352,20 @@ def _series_files(fs, uri: str, path: str, series: str, folder: str, storage: St
     if not siblings:
         return []
 
-    def copy(info: dict) -> SparseCopy | None:  # a request a file of another series, once
-        found = header(FileEntry(proto + info["name"], int(info["size"]), object_etag(info)),
-                       storage)
-        if found is None or found.series != series:
+    def copy(info: dict) -> SparseCopy | None:
+        entry = FileEntry(proto + info["name"], int(info["size"]), object_etag(info))
+        known, found = known_header(entry)
+        if known and (found is None or found.series != series):
             return None
         c = SparseCopy(fs, info["name"], storage, int(info["size"]),
                        os.path.join(folder, info["name"].rsplit("/", 1)[-1]))
-        if c._walk() != "dicom" or c.series != series:
+        dicom = c._walk(tail=False) == "dicom"
+        page = c._pages[0] if dicom else None
+        remember_header(entry, Instance(c.series, c.volume, page.width * page.height)
+                        if dicom else None)
+        if not dicom or c.series != series:
             return None
+        c.fetch_tail()
         c._write()
         return c
 
