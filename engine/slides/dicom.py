@@ -121,8 +121,11 @@ def read_layout(fh, size: int) -> Layout | None:
     except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError):
         return None
     series = ds.get("SeriesInstanceUID")
-    head = fh.read(12)  # the pixel data's tag, VR and length, where pydicom stopped
-    if not series or len(head) < 12 or head[:4] != b"\xe0\x7f\x10\x00":
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    # the pixel data's tag, VR (explicit VR only) and length, where pydicom stopped
+    n_head = 8 if syntax is not None and syntax.is_implicit_VR else 12
+    head = fh.read(n_head)
+    if not series or len(head) < n_head or head[:4] != b"\xe0\x7f\x10\x00":
         return None
     start = fh.tell()
     width = int(ds.get("TotalPixelMatrixColumns") or ds.get("Columns") or 0)
@@ -135,7 +138,6 @@ def read_layout(fh, size: int) -> Layout | None:
         int(ds.get("TotalPixelMatrixFocalPlanes") or 1) == 1 and \
         int(ds.get("NumberOfOpticalPaths") or 1) == 1 and \
         (n == 1 or ds.get("DimensionOrganizationType", "TILED_FULL") == "TILED_FULL")
-    syntax = ds.file_meta.get("TransferSyntaxUID")
     encapsulated = syntax is not None and syntax.is_encapsulated
     samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.get("BitsAllocated") or 8)
     frames: list[tuple[int, int]] = []

@@ -315,3 +315,24 @@ def test_a_folder_of_several_series_has_its_headers_read_once_a_process(
         again = [r for r in requests if r.startswith("GET /dicom-flat/study/a_")]
     # b's 5 headers read once; of a's, only that of a_0 (the file opened, walked, not read so)
     assert len(first) == 5 and again == ["GET /dicom-flat/study/a_0.dcm"], (first, again)
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_a_native_files_frames_are_placed_whatever_its_vr(wsi_dir, tmp_path, implicit):
+    """Implicit VR writes no VR before the pixel data's length: its frames start 4 bytes
+    nearer than an explicit VR file's, where they were placed 4 bytes late."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from engine.slides.dicom import read_layout
+
+    path = wsi_dir / "openslide-python" / "boxes_1.dcm"  # native pixels, explicit VR
+    if implicit:
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        ds.save_as(tmp_path / "implicit.dcm", implicit_vr=True, little_endian=True)
+        path = tmp_path / "implicit.dcm"
+    with open(path, "rb") as fh:
+        layout = read_layout(fh, path.stat().st_size)
+    assert not layout.encapsulated and len(layout.frames) == 1
+    start, end = layout.frames[0]
+    assert path.read_bytes()[start:end] == pydicom.dcmread(path).PixelData
