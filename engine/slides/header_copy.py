@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.config import StorageConfig
-from engine.slides.dicom import is_dicom_name
+from engine.slides.dicom import Instance, is_dicom_name, read_layout
 from engine.slides.storage import (SPARSE_PREFIX, call_with_retries, get_filesystem,
                                    shared_stage_root)
 
@@ -172,24 +172,22 @@ def _walk(ranges: _Ranges, size: int) -> list[_Page]:
 _DICM = 128  # a DICOM file's "DICM" stands after a 128-byte preamble
 
 
-def _walk_dicom(ranges: _Ranges, size: int) -> tuple[str, bool, _Page] | None:
+def _walk_dicom(ranges: _Ranges, size: int) -> tuple[Instance, _Page] | None:
     """Read the DICOM file behind ``ranges`` up to its pixel data's offset table
     (`engine.slides.dicom.read_layout`, through ``ranges``: what OpenSlide's libdicom reads to
-    open it) and return its series, whether it is a pyramid level and its pixel data's layout,
-    each frame a chunk. A file whose frames cannot all be placed so (no offset table: a reader
+    open it) and return what its header says of its place in a slide (series, pyramid level or
+    not, size) and its pixel data's layout, each frame a chunk. A file whose frames cannot all be placed so (no offset table: a reader
     walks them one by one; uncompressed frames, which decode from a hole; several focal planes
     or optical paths) is ``loud`` False: its regions are never read from the copy; without an
     offset table its chunk is the pixel data whole. None for a file no DICOM image of a
     series."""
-    from engine.slides.dicom import read_layout
-
     got = read_layout(ranges, size)
     if got is None:
         return None
     loud = got.encapsulated and got.tiled and got.frames is not None
     chunks = got.frames if got.frames is not None else ((got.start, size),)
-    return got.series, got.volume, _Page(got.width, got.height, got.tile_w, got.tile_h, loud,
-                                         chunks)
+    return (Instance(got.series, got.volume, got.width * got.height),
+            _Page(got.width, got.height, got.tile_w, got.tile_h, loud, chunks))
 
 
 class SparseCopy:
@@ -203,8 +201,7 @@ class SparseCopy:
         self.rounds = 0  # round trips one after another (a batch of requests is one)
         self._ranges = _Ranges(self._fetch, size)
         self._pages: list[_Page] = []
-        self.series: str | None = None  # a DICOM file's SeriesInstanceUID
-        self.volume = False  # a DICOM file that is a pyramid level
+        self.instance: Instance | None = None  # a DICOM file's series, level or not, size
         self._have: set[tuple[int, int]] = set()  # chunk ranges fetched
         self._lock = threading.Lock()
 
@@ -228,7 +225,7 @@ class SparseCopy:
         return pieces
 
     def _walk(self, tail: bool = True) -> str | None:
-        """Walk the object's structure: ``"tiff"`` or ``"dicom"`` (`series` says which), or
+        """Walk the object's structure: ``"tiff"`` or ``"dicom"`` (`instance` says which), or
         None for an object neither (or a DICOM file of no series).
 
         The first block and the last `TAIL_BLOCKS` come in one batch: a TIFF's directories
@@ -249,7 +246,7 @@ class SparseCopy:
             self._pages = _walk(self._ranges, self.size)
             return "tiff"
         if magic[_DICM:] == b"DICM" and (found := _walk_dicom(self._ranges, self.size)):
-            self.series, self.volume, page = found
+            self.instance, page = found
             self._pages = [page]
             return "dicom"
         return None
@@ -329,7 +326,7 @@ class SparseSeries:
                     ) -> bool:
         # OpenSlide reads a level's regions from its VOLUME files, never from a thumbnail,
         # label or overview image of the same size
-        files = [f for f in self.files if f.volume and f._pages_of(width, height)]
+        files = [f for f in self.files if f.instance.volume and f._pages_of(width, height)]
         return bool(files) and all([f.fill_region(width, height, *boxes) for f in files])
 
 
@@ -341,7 +338,7 @@ def _series_files(fs, uri: str, path: str, series: str, folder: str, storage: St
     request for a file of another series, the first time; two for one of its own."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from engine.slides.dicom import HEADER_THREADS, Instance, known_header, remember_header
+    from engine.slides.dicom import HEADER_THREADS, known_header, remember_header
     from engine.slides.storage import FileEntry, object_etag
 
     proto = uri[:len(uri) - len(path)]  # "s3://"
@@ -359,11 +356,9 @@ def _series_files(fs, uri: str, path: str, series: str, folder: str, storage: St
             return None
         c = SparseCopy(fs, info["name"], storage, int(info["size"]),
                        os.path.join(folder, info["name"].rsplit("/", 1)[-1]))
-        dicom = c._walk(tail=False) == "dicom"
-        page = c._pages[0] if dicom else None
-        remember_header(entry, Instance(c.series, c.volume, page.width * page.height)
-                        if dicom else None)
-        if not dicom or c.series != series:
+        c._walk(tail=False)
+        remember_header(entry, c.instance)
+        if c.instance is None or c.instance.series != series:
             return None
         c.fetch_tail()
         c._write()
@@ -397,7 +392,8 @@ def sparse_copy(uri: str, storage: StorageConfig, size: int
         if kind is not None:
             copy._write()
         if kind == "dicom":
-            yield SparseSeries(copy, _series_files(fs, uri, path, copy.series, folder, storage))
+            yield SparseSeries(copy, _series_files(fs, uri, path, copy.instance.series, folder,
+                                                   storage))
         else:
             yield copy if kind else None
     finally:

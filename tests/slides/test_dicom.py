@@ -18,6 +18,7 @@ from jobs import inventory
 from jobs.common import expand_inputs
 from jobs.process_slides import read_inputs
 from tests.conftest import s3_requests, upload_tree
+from tests.slides.test_header_copy import _files
 
 
 @pytest.fixture()
@@ -255,10 +256,6 @@ def named_study(dicom_study, tmp_path):
     for stem in ("s1", "s2"):
         write_dicom_series(smear_block(0, 200), str(root / "single"), 0.25, stem=stem)
     return root
-
-
-def _files(folder, stem):
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(stem))
 
 
 def test_dicom_files_named_by_number_or_uid_are_a_series(named_study, tmp_path):
