@@ -176,11 +176,11 @@ def _walk_dicom(ranges: _Ranges, size: int) -> tuple[Instance, _Page] | None:
     """Read the DICOM file behind ``ranges`` up to its pixel data's offset table
     (`engine.slides.dicom.read_layout`, through ``ranges``: what OpenSlide's libdicom reads to
     open it) and return what its header says of its place in a slide (series, pyramid level or
-    not, size) and its pixel data's layout, each frame a chunk. A file whose frames cannot all be placed so (no offset table: a reader
-    walks them one by one; uncompressed frames, which decode from a hole; several focal planes
-    or optical paths) is ``loud`` False: its regions are never read from the copy; without an
-    offset table its chunk is the pixel data whole. None for a file no DICOM image of a
-    series."""
+    not, size) and its pixel data's layout, each frame a chunk. A file whose frames cannot all
+    be placed so (no offset table: a reader walks them one by one; uncompressed frames, which
+    decode from a hole; several focal planes or optical paths) is ``loud`` False: its regions
+    are never read from the copy; without an offset table its chunk is the pixel data whole.
+    None for a file no DICOM image of a series."""
     got = read_layout(ranges, size)
     if got is None:
         return None
