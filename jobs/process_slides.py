@@ -63,6 +63,16 @@ class Inputs(NamedTuple):
     cases: dict[str, str]
     mpp: dict[str, float] = {}
     failed: dict[str, dict] = {}  # an inventory's rows of the slides it found unreadable
+    part_bytes: dict[str, int] = {}  # by URI, a slide's other files' bytes (a DICOM series')
+
+
+def _part_bytes(entries: list[FileEntry]) -> dict[str, int]:
+    """By the URI of each slide read through it, the bytes of the files ``part_of`` it."""
+    found: dict[str, int] = collections.defaultdict(int)
+    for e in entries:
+        if e.part_of:
+            found[e.part_of] += e.size or 0
+    return dict(found)
 
 
 def default_inputs(output: str) -> Inputs:
@@ -119,10 +129,11 @@ def read_inputs(uri: str, storage) -> Inputs:
                   if r.get("status") == "failed" and r.get("error_type") in FILE_FAULTS}
         return Inputs([e for e in entries if looks_like_slide(e.uri) and not e.part_of],
                       one_value_each(specimens, uri, "specimen type"),
-                      one_value_each(cases, uri, "case"), stated, failed)
-    return Inputs([e for e in expand_inputs(uri, storage)
-                   if looks_like_slide(e.uri) and not e.part_of],
-                  read_specimens(uri, storage), read_cases(uri, storage))
+                      one_value_each(cases, uri, "case"), stated, failed, _part_bytes(entries))
+    entries = expand_inputs(uri, storage)
+    return Inputs([e for e in entries if looks_like_slide(e.uri) and not e.part_of],
+                  read_specimens(uri, storage), read_cases(uri, storage),
+                  part_bytes=_part_bytes(entries))
 
 
 def committed_rows(store: OutputStore, ids: set[str], seen: dict | None = None):
@@ -344,7 +355,7 @@ def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
         judged = {e.uri for e in verdicts}
         entries = [e for e in entries if e.uri not in judged]
     pending = [e for e in entries if slide_id_for(e.uri) not in committed]
-    gib = sum(e.size or 0 for e in pending) / 2**30
+    gib = sum((e.size or 0) + inputs.part_bytes.get(e.uri, 0) for e in pending) / 2**30
     log(f"dry run: {len(entries)} slide(s) in the input, {len(entries) - len(pending)} "
         f"committed (skipped), {len(pending)} to process ({gib:.2f} GiB)")
     for name, why in stages.skipped.items():

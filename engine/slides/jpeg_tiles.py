@@ -107,17 +107,13 @@ def _dicom_level(got, path: str) -> _Level | None:
 def _dicom_levels(path: str) -> dict[tuple[int, int], _Level]:
     """The decodable levels of the DICOM series ``path`` is a file of (its folder's files of
     the same series), by size."""
-    from engine.slides.dicom import is_dicom_name
+    from engine.slides.dicom import local_series
 
     own = _dicom_layout(path)
     if own is None:
         return {}
-    folder = os.path.dirname(path) or "."
     by_size: dict[tuple[int, int], _Level] = {}
-    for name in sorted(os.listdir(folder)):
-        other = os.path.join(folder, name)
-        if not is_dicom_name(name) or not os.path.isfile(other):
-            continue
+    for other in local_series(path):
         got = own if other == path else _dicom_layout(other)
         level = _dicom_level(got, other) if got and got.series == own.series else None
         if level is not None:

@@ -4,12 +4,16 @@ DICOM WSI, Sakura and generic tiled TIFF pyramids."""
 from __future__ import annotations
 
 import ctypes
+import os
+import shutil
+import weakref
 
 import numpy as np
 import openslide
 
 from engine.errors import SlideCorrupt, SlideError, SlideUnsupported
 from engine.slides.base import SlideInfo, checked_mpp, composite_rgba, fit_thumbnail
+from engine.slides.dicom import is_dicom_name, series_view
 
 # OpenSlide error texts that mean "a format we do not take" rather than "damaged bytes".
 _UNSUPPORTED_MARKERS = {
@@ -71,9 +75,16 @@ class OpenSlideReader:
         self._path = path
         self._jpeg = None  # JpegTiles, when direct decoding applies
         self._checked: dict[int, bool] = {}  # level -> agreed with OpenSlide on its first read
+        self._slide = None
+        # a local DICOM series' files alone, linked, where its folder holds other series;
+        # removed on close, or once the reader is collected unclosed
+        self._view = series_view(path) if is_dicom_name(path) else None
+        self._drop_view = weakref.finalize(self, shutil.rmtree, os.path.dirname(self._view),
+                                           True) if self._view else None
         try:
-            self._slide = openslide.OpenSlide(path)
+            self._slide = openslide.OpenSlide(self._view or path)
         except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as err:
+            self.close()
             raise translate_openslide_error(self.uri, err, "open", path) from err
         props = self._slide.properties
         vendor = props.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
@@ -124,8 +135,8 @@ class OpenSlideReader:
         from engine.slides.jpeg_tiles import JpegTiles
 
         try:
-            jpeg = JpegTiles(self._path, self.info.level_dimensions, self.info.level_downsamples,
-                             dicom=self.info.format == "dicom")
+            jpeg = JpegTiles(self._view or self._path, self.info.level_dimensions,
+                             self.info.level_downsamples, dicom=self.info.format == "dicom")
         except Exception:  # noqa: BLE001 - a TIFF tifffile cannot parse: OpenSlide reads it all
             return
         if jpeg:
@@ -197,3 +208,5 @@ class OpenSlideReader:
                 slide.close()
             except ctypes.ArgumentError:  # the garbage collector closed its handle first
                 pass
+        if self._drop_view is not None:
+            self._drop_view()

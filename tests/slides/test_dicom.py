@@ -83,10 +83,15 @@ def test_the_inventory_accounts_for_an_instance_and_process_slides_reads_it_once
     # process_slides takes the series once, from a folder or from the inventory's table
     tags = []
     for source in (str(series_folder), str(tmp_path / "inv" / "slides" / "slides.parquet")):
-        entries = read_inputs(source, StorageConfig()).entries
-        names = sorted(e.uri.rsplit("/", 1)[-1] for e in entries)
+        inputs = read_inputs(source, StorageConfig())
+        names = sorted(e.uri.rsplit("/", 1)[-1] for e in inputs.entries)
         assert names == ["boxes_0.dcm", "notes.dcm", "other_boxes_0.dcm"], source
-        tags.append({e.uri: e.etag for e in entries})
+        tags.append({e.uri: e.etag for e in inputs.entries})
+        # a series' other files count in what a run reads (the dry run's size)
+        thumbnail = {p: (series_folder / f"{p}boxes_1.dcm").stat().st_size
+                     for p in ("", "other_")}
+        assert inputs.part_bytes == {str(series_folder / f"{p}boxes_0.dcm"): n
+                                     for p, n in thumbnail.items()}, source
     # with the digest of each series' files the inventory recorded, not one of that digest
     assert tags[0] == tags[1] and len({t for t in tags[0].values() if t}) == 2
 
@@ -312,6 +317,50 @@ def test_a_folder_of_several_series_has_its_headers_read_once_a_process(
         again = [r for r in requests if r.startswith("GET /dicom-flat/study/a_")]
     # b's 5 headers read once; of a's, only that of a_0 (the file opened, walked, not read so)
     assert len(first) == 5 and again == ["GET /dicom-flat/study/a_0.dcm"], (first, again)
+
+
+def test_a_local_folder_of_several_series_has_its_headers_read_once_a_process(
+        dicom_study, tmp_path, monkeypatch):
+    """Opening a slide of a local folder of several series (a PACS export's flat folder) read
+    every DICOM file's whole header in it to find the series' levels: S x F headers each time
+    one of S series opened, as OpenSlide did. Each is read once a process now, and again once
+    it is rewritten; OpenSlide opens the series' files alone."""
+    import os
+
+    from engine.slides import dicom, jpeg_tiles
+
+    folder = tmp_path / "flat"
+    shutil.copytree(dicom_study / "study", folder)
+    read = []
+    monkeypatch.setattr(dicom, "_header", lambda entry, storage, real=dicom._header: (
+        read.append(entry.uri.rsplit("/", 1)[-1]), real(entry, storage))[1])
+    a, b = _files(folder, "a"), _files(folder, "b")
+    assert len(a) == 6 and len(b) == 5
+    assert dicom.local_series(str(folder / "a_0.dcm")) == [str(folder / n) for n in a]
+    assert sorted(read) == sorted(a + b)
+    read.clear()
+    laid = []  # the files whose layout (every element before the pixels) is read
+    monkeypatch.setattr(jpeg_tiles, "_dicom_layout", lambda path, r=jpeg_tiles._dicom_layout: (
+        laid.append(path.rsplit("/", 1)[-1]), r(path))[1])
+    with open_slide(str(folder / "b_0.dcm")) as slide:
+        assert slide.info.level_count == 5
+        assert len(slide._jpeg.levels) == 5  # every level decoded directly: found
+        # OpenSlide reads every DICOM header of the folder it opens: one of b's links alone
+        view = Path(slide._view).parent
+        assert sorted(p.name for p in view.iterdir()) == b
+        assert slide.read_region(0, 2800, 1800, 200, 200).std() > 0
+    assert read == [] and sorted(laid) == b and not view.exists()
+    shutil.copy(folder / "a_3.dcm", tmp_path / "a_3.dcm")  # rewritten, and put in place:
+    os.replace(tmp_path / "a_3.dcm", folder / "a_3.dcm")  # the folder changed; a_3 read again
+    assert dicom.local_series(str(folder / "a_1.dcm")) == [str(folder / n) for n in a]
+    assert read == ["a_3.dcm"]
+    # a folder still being written is listed each time; a settled one once, while it stands
+    assert str(folder) not in dicom._FOLDERS
+    os.utime(folder, ns=(10**18, 10**18))
+    assert dicom.local_series(str(folder / "a_1.dcm")) == [str(folder / n) for n in a]
+    assert dicom._FOLDERS[str(folder)][0] == 10**18
+    with open_slide(str(dicom_study / "walked" / "c_0.dcm")) as slide:
+        assert slide._view is None  # its folder holds its series alone
 
 
 @pytest.mark.parametrize("implicit", [False, True])
