@@ -60,3 +60,54 @@ def moto_server(bucket: str):
             time.sleep(0.1)
     server.kill()
     raise RuntimeError("moto did not start")
+
+
+def delayed_endpoint(endpoint: str, delay_ms: float) -> tuple[subprocess.Popen, str]:
+    """A proxy in a process of its own on 127.0.0.1 in front of ``endpoint`` (a local server:
+    moto's) that holds each request ``delay_ms`` before passing it on, as a store across a
+    network answers after a round trip where moto on this machine answers at once; returns
+    ``(process, its endpoint URL)``: kill the process when done. Each chunk a client sends
+    waits, so only a request's first arrives late where it fits in one (a GET's, a HEAD's);
+    put large objects through the store's own endpoint."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    target = int(endpoint.rsplit(":", 1)[1])
+    proxy = subprocess.Popen([sys.executable, "-c", "from benchmarks.common import _proxy; "
+                              f"_proxy({port}, {target}, {delay_ms / 1000})"], cwd=ROOT)
+    for _ in range(100):
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return proxy, f"http://127.0.0.1:{port}"
+        time.sleep(0.05)
+    proxy.kill()
+    raise RuntimeError("the delaying proxy did not start")
+
+
+def _proxy(port: int, target: int, delay_s: float) -> None:
+    import asyncio
+
+    async def pipe(reader, writer, delay: float) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                if delay:
+                    await asyncio.sleep(delay)
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def serve(client_r, client_w) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", target)
+        await asyncio.gather(pipe(client_r, server_w, delay_s), pipe(server_r, client_w, 0))
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())

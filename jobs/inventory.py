@@ -40,6 +40,11 @@ from jobs.common import (add_common_args, count_arg, expand_inputs, fail, job_ma
 DEFAULT_INPUT = "../shared/data/wsi"
 PROGRESS = "_inventory_progress"  # rows written as the job goes, until slides.parquet is
 FLUSH_ROWS, FLUSH_S = 500, 60.0  # a progress file each this many rows read, or seconds
+# slides opened at once: a remote slide's read is some 7 requests one after another (its
+# structure, then its thumbnail's tiles), so 4 at a time left the job waiting on round trips
+# (benchmarks/inventory_workers.py, 16 against 4: x1.5 with 30 ms a request, x2.0 with 100;
+# x0.95 where the store answers at once and the CPUs bound the job)
+LOCAL_WORKERS, REMOTE_WORKERS = 4, 16
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,7 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mpp-table", help="CSV with uri (or slide_id) and mpp columns")
     p.add_argument("--specimen", choices=sorted(SPECIMENS), default=UNKNOWN,
                    help="specimen type of slides the .csv list does not type (engine/specimen.py)")
-    p.add_argument("--workers", type=count_arg(), default=4, help="slides opened in parallel")
+    p.add_argument("--workers", type=count_arg(),
+                   help=f"slides opened in parallel (default {LOCAL_WORKERS}; {REMOTE_WORKERS} "
+                        "where slides are read from a store such as S3: each waits on its "
+                        "requests' round trips)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--retry-failed", action="store_true",
                        help="read again the unchanged files an earlier inventory at the output "
@@ -216,7 +224,9 @@ def main(argv=None) -> int:
             print(f"inventory: {found}; {kept} kept (their files unchanged), {len(read)} "
                   "file(s) to read", file=sys.stderr, flush=True)
         done = Progress(args.output, cfg.storage, bool(args.mpp_table))
-        with StagingArea(cfg.storage) as staging, ThreadPoolExecutor(args.workers) as pool:
+        workers = args.workers or (REMOTE_WORKERS if any(is_remote(e.uri) for e in todo)
+                                   else LOCAL_WORKERS)
+        with StagingArea(cfg.storage) as staging, ThreadPoolExecutor(workers) as pool:
             work = pool.map(lambda e: inventory_file(e, cfg.storage, staging, overrides,
                                                      specimens.of(e.uri), cases.get(e.uri)),
                             todo)

@@ -42,12 +42,16 @@ def _fs(endpoint):
 
 def test_inventory_on_s3_equals_inventory_on_disk(archive, s3_server, wsi_dir, tmp_path, capsys,
                                                   monkeypatch):
+    pools, pool = [], inventory.ThreadPoolExecutor
+    monkeypatch.setattr(inventory, "ThreadPoolExecutor", lambda n: pools.append(n) or pool(n))
     assert inventory.main(["--input", str(wsi_dir), "--output", str(tmp_path / "local")]) == 0
     staged, download = [], StagingArea._download
     monkeypatch.setattr(StagingArea, "_download",
                         lambda self, uri, *a: staged.append(uri) or download(self, uri, *a))
     assert inventory.main(["--input", archive, "--output", "s3://results/inv",
                            "--s3-endpoint", s3_server]) == 0
+    # remote slides, each some requests one after another, are opened more at once
+    assert pools == [inventory.LOCAL_WORKERS, inventory.REMOTE_WORKERS] == [4, 16]
     # the slides OpenSlide reads from a sparse copy of their structure are never staged whole,
     # nor is a DICOM series' instance read through another of its files (it is staged with it)
     assert {u[len(archive) + 1:] for u in staged} == \
