@@ -40,7 +40,7 @@ from jobs.common import (add_common_args, count_arg, expand_inputs, fail, job_ma
 DEFAULT_INPUT = "../shared/data/wsi"
 PROGRESS = "_inventory_progress"  # rows written as the job goes, until slides.parquet is
 FLUSH_ROWS, FLUSH_S = 500, 60.0  # a progress file each this many rows read, or seconds
-# slides opened at once: a remote slide's read is some 7 requests one after another (its
+# slides opened at once: a remote slide's read is a few requests one after another (its
 # structure, then its thumbnail's tiles), so 4 at a time left the job waiting on round trips
 # (benchmarks/inventory_workers.py, 16 against 4: x1.5 with 30 ms a request, x2.0 with 100;
 # x0.95 where the store answers at once and the CPUs bound the job)
