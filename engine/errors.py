@@ -33,6 +33,11 @@ class SlideAccessDenied(SlideError):
     """The object exists but we may not read it (permissions, credentials)."""
 
 
+class SlideArchived(SlideAccessDenied):
+    """The object is in an archive storage class (S3 Glacier Flexible Retrieval or Deep
+    Archive, an Intelligent-Tiering archive tier): it must be restored before it can be read."""
+
+
 class SlideUnsupported(SlideError):
     """A readable file in a format hemeflow does not process (not a slide, fluorescence, …)."""
 

@@ -6,8 +6,8 @@
 (0.499, (2220, 2967))
 """
 
-from engine.errors import (MissingMPP, SlideAccessDenied, SlideCorrupt, SlideError, SlideNotFound,
-                           SlideUnsupported, StagingError)
+from engine.errors import (MissingMPP, SlideAccessDenied, SlideArchived, SlideCorrupt, SlideError,
+                           SlideNotFound, SlideUnsupported, StagingError)
 from engine.slides.base import SlideInfo, SlideReader
 from engine.slides.registry import (detect_backend, get_backend, list_backends, looks_like_slide,
                                     open_reader, open_slide, register_backend)
@@ -15,8 +15,9 @@ from engine.slides.storage import (FileEntry, InputError, StagingArea, list_file
                                    stat_file)
 
 __all__ = [
-    "FileEntry", "InputError", "MissingMPP", "SlideAccessDenied", "SlideCorrupt", "SlideError",
-    "SlideInfo", "SlideNotFound", "SlideReader", "SlideUnsupported", "StagingArea", "StagingError",
+    "FileEntry", "InputError", "MissingMPP", "SlideAccessDenied", "SlideArchived", "SlideCorrupt",
+    "SlideError", "SlideInfo", "SlideNotFound", "SlideReader", "SlideUnsupported", "StagingArea",
+    "StagingError",
     "detect_backend", "get_backend", "list_backends", "list_files", "looks_like_slide",
     "normalize_uri", "open_reader", "open_slide", "register_backend", "stat_file",
 ]

