@@ -153,10 +153,14 @@ def read_uri_list(uri: str, storage: StorageConfig) -> list[str]:
     return [_resolve(i, uri) for i in items]
 
 
-def expand_inputs(uri: str, storage: StorageConfig) -> list[FileEntry]:
+def expand_inputs(uri: str, storage: StorageConfig, folders: dict[str, str] | None = None
+                  ) -> list[FileEntry]:
     """The files a job's ``--input`` names: a folder, an S3 prefix, a single file or a list file.
 
     Entries of a list that do not exist are kept (size unknown) so they end as status rows.
+    A list's entry that is a folder (a DICOM series', a case's) stands for the files under it,
+    as an ``--input`` folder does; ``folders``, where given, gets the list's entry each of them
+    came from, by URI (`for_slides` gives them that line's specimen type and case).
     The instances of a DICOM series but one are marked ``part_of`` it (`fold_series`).
     A list's files are looked up ``STAT_THREADS`` at a time: one request each on S3, whose
     round trips one after another add up to many minutes for a list of 50,000 slides.
@@ -164,17 +168,43 @@ def expand_inputs(uri: str, storage: StorageConfig) -> list[FileEntry]:
     if uri.lower().endswith(LIST_SUFFIXES):
         items = once_each(read_uri_list(uri, storage), uri)
 
-        def entry(item: str) -> FileEntry:
+        def entry(item: str) -> list[FileEntry]:
             try:
-                return stat_file(item, storage)
+                found = stat_file(item, storage, folders=True)
             except SlideError:
-                return FileEntry(item)
+                return [FileEntry(item)]
+            return [found] if found is not None else list_files(item, storage)
 
         with ThreadPoolExecutor(max(1, min(STAT_THREADS, len(items))), "stat") as pool:
-            entries = list(pool.map(entry, items))
+            found = list(pool.map(entry, items))
+        entries, seen = [], set()
+        for item, files in zip(items, found):
+            for e in files:
+                if e.uri not in seen:  # listed itself and in a listed folder: once
+                    seen.add(e.uri)
+                    entries.append(e)
+                    if folders is not None and e.uri != item:
+                        folders[e.uri] = item
     else:
         entries = list_files(uri, storage)
     return fold_series(entries, storage, uri)
+
+
+def for_slides(values: dict[str, T], folders: dict[str, str], uri: str, what: str
+               ) -> dict[str, T]:
+    """``values`` (a list's column by entry: `read_specimens`, `read_cases`) with each file of
+    a listed folder given its folder's (``folders``: from `expand_inputs`).
+
+    Raises:
+        InputError: a file listed itself with one value and in a folder with another.
+    """
+    out = dict(values)
+    for file, folder in folders.items():
+        if folder in values:
+            if out.setdefault(file, values[folder]) != values[folder]:
+                raise InputError(f"{uri}: {file} has {what} {out[file]!r} and, in {folder}, "
+                                 f"{values[folder]!r}: one slide, one {what}")
+    return out
 
 
 def fold_series(entries: list[FileEntry], storage: StorageConfig, where: str

@@ -33,9 +33,9 @@ from engine.slides.inventory import MppOverrides, inventory_file
 from engine.slides.registry import looks_like_slide
 from engine.slides.storage import FileEntry, StagingArea, get_filesystem, is_remote
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens
-from jobs.common import (add_common_args, count_arg, expand_inputs, fail, job_main, load_config,
-                         progress, read_cases, read_mpp_table, read_specimens, slide_mpp_arg,
-                         write_run_config)
+from jobs.common import (add_common_args, count_arg, expand_inputs, fail, for_slides, job_main,
+                         load_config, progress, read_cases, read_mpp_table, read_specimens,
+                         slide_mpp_arg, write_run_config)
 
 DEFAULT_INPUT = "../shared/data/wsi"
 PROGRESS = "_inventory_progress"  # rows written as the job goes, until slides.parquet is
@@ -208,11 +208,13 @@ def main(argv=None) -> int:
         overrides = MppOverrides(
             default=args.mpp,
             table=read_mpp_table(args.mpp_table, cfg.storage) if args.mpp_table else {})
-        entries = expand_inputs(args.input, cfg.storage)
+        folders: dict[str, str] = {}
+        entries = expand_inputs(args.input, cfg.storage, folders)
         if not entries:
             return fail(f"no files found under {args.input}")
-        specimens = Specimens(args.specimen, read_specimens(args.input, cfg.storage))
-        cases = read_cases(args.input, cfg.storage)
+        specimens = Specimens(args.specimen, for_slides(
+            read_specimens(args.input, cfg.storage), folders, args.input, "specimen type"))
+        cases = for_slides(read_cases(args.input, cfg.storage), folders, args.input, "case")
         earlier, found = ({}, "") if args.reprocess else earlier_rows(args.output, cfg.storage)
         rows = {e.uri: kept_row(earlier.get(e.uri), e, overrides, specimens.of(e.uri),
                                 cases.get(e.uri), args.retry_failed) for e in entries}

@@ -40,7 +40,7 @@ from engine.slides.dicom import SERIES_TAG
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import FileEntry, InputError, is_remote
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
-from jobs.common import (add_common_args, expand_inputs, fail, fold_series, job_main,
+from jobs.common import (add_common_args, expand_inputs, fail, fold_series, for_slides, job_main,
                          load_config, once_each, one_value_each, read_cases, read_mpp_table,
                          read_specimens, read_text, slide_mpp_arg, write_run_config)
 
@@ -130,9 +130,11 @@ def read_inputs(uri: str, storage) -> Inputs:
         return Inputs([e for e in entries if looks_like_slide(e.uri) and not e.part_of],
                       one_value_each(specimens, uri, "specimen type"),
                       one_value_each(cases, uri, "case"), stated, failed, _part_bytes(entries))
-    entries = expand_inputs(uri, storage)
+    folders: dict[str, str] = {}
+    entries = expand_inputs(uri, storage, folders)
     return Inputs([e for e in entries if looks_like_slide(e.uri) and not e.part_of],
-                  read_specimens(uri, storage), read_cases(uri, storage),
+                  for_slides(read_specimens(uri, storage), folders, uri, "specimen type"),
+                  for_slides(read_cases(uri, storage), folders, uri, "case"),
                   part_bytes=_part_bytes(entries))
 
 

