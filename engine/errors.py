@@ -63,6 +63,17 @@ class StagingError(SlideError):
     """A remote object could not be staged locally (too large for the cache, disk full, …)."""
 
 
+class StorageCredentialsError(SlideError):
+    """Object storage refuses the credentials themselves (expired, unknown, wrongly signed):
+    every request would fail alike, so the job stops, where failing each slide in turn would
+    mark an archive failed in minutes. A `SlideError` so that the steps that meet it carry it
+    to the job's driver as they carry a slide's failure; the driver stops on it
+    (`STOPS_THE_JOB`) rather than commit it."""
+
+
+STOPS_THE_JOB = ("StorageCredentialsError",)  # error types a job stops on, committing nothing
+
+
 class TransientStorageError(HemeflowError):
     """A storage call failed in a way worth retrying (timeouts, throttling, 5xx)."""
 

@@ -26,7 +26,7 @@ from engine.outputs import join_uri, write_bytes
 from engine.slides.storage import (FileEntry, InputError, call_with_retries, get_filesystem,
                                    is_remote, list_files, normalize_uri, stat_file,
                                    storage_failure)
-from engine.errors import ConfigError, HemeflowError, SlideError
+from engine.errors import ConfigError, HemeflowError, SlideError, StorageCredentialsError
 from engine.specimen import parse_specimen
 
 T = TypeVar("T")
@@ -171,6 +171,8 @@ def expand_inputs(uri: str, storage: StorageConfig, folders: dict[str, str] | No
         def entry(item: str) -> list[FileEntry]:
             try:
                 found = stat_file(item, storage, folders=True)
+            except StorageCredentialsError:
+                raise  # every other lookup would meet it: the job stops
             except SlideError:
                 return [FileEntry(item)]
             return [found] if found is not None else list_files(item, storage)

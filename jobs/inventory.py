@@ -26,7 +26,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from engine.errors import HemeflowError
+from engine.errors import STOPS_THE_JOB, HemeflowError, StorageCredentialsError
 from engine.outputs import join_uri, run_stamp, write_parquet
 from engine.schema import SCHEMA_VERSION, SLIDES, table_from_rows
 from engine.slides.inventory import MppOverrides, inventory_file
@@ -234,6 +234,9 @@ def main(argv=None) -> int:
                             todo)
             try:
                 for row in progress(work, len(todo), "inventory"):
+                    if row["error_type"] in STOPS_THE_JOB:  # every other slide would meet it
+                        uri, _, reason = row["error_message"].partition(": ")
+                        raise StorageCredentialsError(uri, reason)
                     rows[row["uri"]] = row
                     done.add(row)
             finally:

@@ -20,7 +20,7 @@ import fsspec
 
 from engine.config import StorageConfig
 from engine.errors import (HemeflowError, SlideAccessDenied, SlideArchived, SlideNotFound,
-                           StagingError, TransientStorageError)
+                           StagingError, StorageCredentialsError, TransientStorageError)
 
 T = TypeVar("T")
 
@@ -88,17 +88,42 @@ def call_with_retries(fn: Callable[[], T], storage: StorageConfig, what: str,
     raise AssertionError("unreachable")
 
 
-def translate_storage_error(uri: str, err: Exception) -> Exception:
-    """Built-in IO errors become slide errors; anything else is returned unchanged."""
+def translate_storage_error(uri: str, err: Exception,
+                            probe: Callable[[], object] | None = None) -> Exception:
+    """Built-in IO errors become slide errors; anything else is returned unchanged. A refusal
+    of the credentials themselves is a `StorageCredentialsError`, which stops a job. S3 answers
+    a HEAD request (an object's size) with a bare status, no code: ``probe``, a request with a
+    body (a byte of the object), is made then to learn why."""
     if isinstance(err, FileNotFoundError):
         return SlideNotFound(uri, "no such file or object")
     if isinstance(err, PermissionError):
-        if _error_code(err) == "InvalidObjectState":  # s3fs makes it a PermissionError
+        code = _error_code(err)
+        if probe is not None and (code is None or code.isdigit()):
+            try:
+                probe()
+            except PermissionError as why:  # a refusal with its code
+                err, code = why, _error_code(why)
+            except Exception:  # noqa: BLE001 - the probe only asks why; the first error stands
+                pass
+        if code in CREDENTIAL_CODES:
+            return StorageCredentialsError(
+                uri, f"object storage refused the credentials ({code}: {err}): renew them (a "
+                "new session token, `aws sso login`, the node's role) and run the job again; "
+                "what it committed stays, and it goes on from there")
+        if code == "InvalidObjectState":  # s3fs makes it a PermissionError
             return SlideArchived(uri, f"in an archive storage class, not readable until it is "
                                  f"restored: {restore_command(uri)}, then run again with "
                                  "--retry-failed")
         return SlideAccessDenied(uri, f"permission denied ({err.strerror or err})")
     return err
+
+
+# S3's codes for credentials refused as such (a session token expired, after an hour by
+# default; a key deleted or mistyped): s3fs makes each a PermissionError, as it does a policy
+# that denies one object
+CREDENTIAL_CODES = ("ExpiredToken", "ExpiredTokenException", "InvalidAccessKeyId",
+                    "InvalidClientTokenId", "InvalidToken", "SignatureDoesNotMatch",
+                    "TokenRefreshRequired")
 
 
 def _error_code(err: BaseException) -> str | None:
@@ -170,6 +195,10 @@ def list_files(uri: str, storage: StorageConfig) -> list[FileEntry]:
     except (PermissionError, OSError) as err:
         if isinstance(err, InputError):
             raise
+        said = translate_storage_error(uri, err, lambda: fs.ls(path, refresh=True)) \
+            if remote else err
+        if isinstance(said, StorageCredentialsError):
+            raise said from err
         raise InputError(f"cannot list {uri}: {err}") from err
     entries, base = [], path.rstrip("/")
     for key, info in sorted(found.items()):
@@ -190,7 +219,7 @@ def stat_file(uri: str, storage: StorageConfig, folders: bool = False) -> FileEn
     try:
         info = call_with_retries(lambda: fs.info(path), storage, "stat")
     except OSError as err:
-        raise translate_storage_error(uri, err) from err
+        raise translate_storage_error(uri, err, lambda: fs.cat_file(path, 0, 1)) from err
     if folders and info.get("type") == "directory":
         return None
     return FileEntry(uri, info.get("size"), object_etag(info))

