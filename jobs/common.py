@@ -182,11 +182,11 @@ def expand_inputs(uri: str, storage: StorageConfig, folders: dict[str, str] | No
         entries, seen = [], set()
         for item, files in zip(items, found):
             for e in files:
+                if folders is not None and e.uri != item:
+                    folders.setdefault(e.uri, item)
                 if e.uri not in seen:  # listed itself and in a listed folder: once
                     seen.add(e.uri)
                     entries.append(e)
-                    if folders is not None and e.uri != item:
-                        folders[e.uri] = item
     else:
         entries = list_files(uri, storage)
     return fold_series(entries, storage, uri)

@@ -407,10 +407,12 @@ def test_a_list_may_name_a_series_or_a_case_by_its_folder(dicom_study, wsi_dir, 
                for e in inputs.entries}
         assert got == {"c_0.dcm": ("aspirate", "C1"), "cmu-1-small-region.svs": ("biopsy", "C7"),
                        "tcga-cr-7395-01a-01-ts1.svs": ("biopsy", "C7")}, source
-    listed.write_text("path,case\ncase-7,C7\ncase-7/cmu-1-small-region.svs,C8\n")
-    with pytest.raises(InputError, match=r"cmu-1-small-region.svs has case 'C8' and, in "
-                                         r".*case-7, 'C7': one slide, one case"):
-        read_inputs(str(listed), StorageConfig())
+    for lines in ("case-7,C7\ncase-7/cmu-1-small-region.svs,C8",
+                  "case-7/cmu-1-small-region.svs,C8\ncase-7,C7"):  # in either order
+        listed.write_text(f"path,case\n{lines}\n")
+        with pytest.raises(InputError, match=r"cmu-1-small-region.svs has case 'C8' and, in "
+                                             r".*case-7, 'C7': one slide, one case"):
+            read_inputs(str(listed), StorageConfig())
 
 
 @pytest.mark.s3
