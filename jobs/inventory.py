@@ -26,8 +26,10 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from engine.errors import STOPS_THE_JOB, HemeflowError, StorageCredentialsError
-from engine.outputs import join_uri, run_stamp, write_parquet
+from engine.config import StorageConfig
+from engine.errors import (STOPS_THE_JOB, HemeflowError, SlideArchived,
+                           StorageCredentialsError)
+from engine.outputs import join_uri, run_stamp, write_bytes, write_parquet
 from engine.schema import SCHEMA_VERSION, SLIDES, table_from_rows
 from engine.slides.inventory import MppOverrides, inventory_file
 from engine.slides.registry import looks_like_slide
@@ -38,6 +40,7 @@ from jobs.common import (add_common_args, count_arg, expand_inputs, fail, for_sl
                          slide_mpp_arg, write_run_config)
 
 DEFAULT_INPUT = "../shared/data/wsi"
+ARCHIVED = "archived.csv"  # under slides/: the archived slides' objects (`write_archived`)
 PROGRESS = "_inventory_progress"  # rows written as the job goes, until slides.parquet is
 FLUSH_ROWS, FLUSH_S = 500, 60.0  # a progress file each this many rows read, or seconds
 # slides opened at once: a remote slide's read is a few requests one after another (its
@@ -246,6 +249,7 @@ def main(argv=None) -> int:
         opened = sum(1 for uri in read if is_remote(uri))
         out = join_uri(args.output, "slides", "slides.parquet")
         write_parquet(slides_table(rows, bool(args.mpp_table)), out, cfg.storage)
+        archived = write_archived(rows, entries, args.output, cfg.storage)
         write_run_config(args.output, cfg, vars(args), cfg.storage)
         done.remove()
     except (HemeflowError, OSError) as err:
@@ -263,7 +267,36 @@ def main(argv=None) -> int:
         line += (f"; {staging.downloads} of {opened} remote slides downloaded whole, the "
                  "others read by range")
     print(f"inventory: {line} -> {out}")
+    if archived:
+        print(f"inventory: {archived[1]} file(s) in an archive storage class: restore them "
+              "(each failed row's message gives its command; S3 Batch Operations restores "
+              f"them in one job from the manifest {archived[0]}, which lists their objects), "
+              "then run again with --retry-failed", file=sys.stderr)
     return 0
+
+
+def write_archived(rows: list[dict], entries: list[FileEntry], output: str,
+                   storage: StorageConfig) -> tuple[str, int] | None:
+    """Write ``<output>/slides/archived.csv``: the objects of the slides found in an archive
+    storage class (``SlideArchived``), a DICOM series' other files with its own, as S3 Batch
+    Operations takes a manifest (a line a object: its bucket and URL-encoded key); return its
+    URI and how many rows, or None (and remove an earlier one) where there are none. A DICOM
+    series' headers cannot be read until it is restored either, so an archived series is not
+    known as one: each of its files is a row of its own until then."""
+    import urllib.parse
+
+    slides = {r["uri"] for r in rows if r["error_type"] == SlideArchived.__name__}
+    uri = join_uri(output, "slides", ARCHIVED)
+    if not slides:
+        fs, path = get_filesystem(uri, storage)
+        if fs.exists(path):
+            fs.rm(path)
+        return None
+    objects = [e.uri.split("://", 1)[1].partition("/") for e in entries
+               if e.uri in slides or e.part_of in slides]
+    write_bytes(uri, "".join(f"{bucket},{urllib.parse.quote(key)}\n"
+                             for bucket, _, key in objects).encode(), storage)
+    return uri, len(slides)
 
 
 if __name__ == "__main__":

@@ -191,9 +191,17 @@ def header(entry: FileEntry, storage: StorageConfig) -> Instance | None:
             return None  # the inventory reports it
     known, got = known_header(entry)
     if not known:
-        got = _header(entry, storage)
+        try:
+            got = _header(entry, storage)
+        except _Unread:
+            return None  # not kept: it may be read once restored, or permitted
         remember_header(entry, got)
     return got
+
+
+class _Unread(Exception):
+    """A header that could not be read (missing, denied, archived), as opposed to one that
+    says the file is no DICOM instance of a series."""
 
 
 def known_header(entry: FileEntry) -> tuple[bool, Instance | None]:
@@ -225,8 +233,8 @@ def _header(entry: FileEntry, storage: StorageConfig) -> Instance | None:
 
     try:
         return call_with_retries(read, storage, "read DICOM header")
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
-        return None  # the inventory reports it
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
+        raise _Unread from err  # the inventory reports it
 
 
 # each local folder's DICOM files and the series each is of (None: no series), kept while the

