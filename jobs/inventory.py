@@ -7,7 +7,10 @@
 Writes ``<output>/slides/slides.parquet`` and ``<output>/config.json`` and prints a summary line.
 Each row records the slide's specimen type (a ``specimen`` column of a .csv list, else
 ``--specimen``), which ``process_slides --input <that slides.parquet>`` follows, and its case
-(a ``case`` column: the accession the slide belongs to), which it carries on.
+(a ``case`` column: the accession the slide belongs to), which it carries on. A list's line
+may name a folder (a DICOM series', a case's): its slides take that line's type and case.
+Objects in an archive storage class (S3 Glacier) fail ``SlideArchived``; their keys go to
+``<output>/slides/archived.csv``, a manifest for S3 Batch Operations to restore them.
 
 A rerun on the same output reads only what it must. The rows of an earlier inventory there are
 kept for files that have not changed since (the same URI, size and, on S3, ETag), with this
