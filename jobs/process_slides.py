@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import engine
 from engine.config import Config
-from engine.errors import HemeflowError
+from engine.errors import HemeflowError, SlideArchived
 from engine.models import MissingWeights
 from engine.pipeline.commit import OutputStore, RunLease, describe_run, runs_writing
 from engine.pipeline.run import RunMetrics, resolve_stages, run_pipeline
@@ -495,6 +495,11 @@ def main(argv=None) -> int:
           f" of {len(rows)} processed; tables under "
           f"{args.output}/<slides|slide_status|cells|differentials|cellularity|tiles>/; "
           f"a row per slide: python -m jobs.slide_summary --output {args.output}")
+    archived = sum(1 for r in rows if r.get("error_type") == SlideArchived.__name__)
+    if archived:
+        print(f"{archived} slide(s) in an archive storage class (SlideArchived): restore them "
+              "(each row's message gives its command; python -m jobs.inventory lists their "
+              "objects for S3 Batch Operations), then run again with --retry-failed")
     review = review_counts(rows)
     if review:
         print("to review (slide_status.warnings): "

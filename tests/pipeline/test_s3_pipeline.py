@@ -241,6 +241,8 @@ def test_credentials_refused_mid_run_stop_the_job_and_a_rerun_finishes_it(
 
     s3_client.create_bucket(Bucket="expiring")
     upload_tree(s3_client, "expiring", archive, "lab")
+    s3_client.put_object(Bucket="expiring", Key="lab/cold.svs", StorageClass="GLACIER",
+                         Body=(archive / "small.svs").read_bytes())  # and one in S3 Glacier
     read, refused = process_slides.read_inputs, enable_iam_authentication()
 
     def read_then_expire(*args, **kwargs):  # the listing is read; every request after it is
@@ -266,6 +268,8 @@ def test_credentials_refused_mid_run_stop_the_job_and_a_rerun_finishes_it(
     monkeypatch.undo()
     assert process_slides.main(run) == 0
     status = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet")
-    assert status.height == status["slide_id"].n_unique() == 7
+    assert status.height == status["slide_id"].n_unique() == 8
     assert sorted(status.filter(pl.col("status") == "failed")["error_type"]) == [
-        "MissingMPP", "SlideCorrupt", "SlideCorrupt", "SlideUnsupported"]  # the bad files
+        "MissingMPP", "SlideArchived", "SlideCorrupt", "SlideCorrupt", "SlideUnsupported"]
+    assert "1 slide(s) in an archive storage class (SlideArchived): restore them" in \
+        capsys.readouterr().out
