@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.common import moto_server, result_head, write_result  # noqa: E402
-from benchmarks.make_synthetic_slides import make_slide  # noqa: E402
+from benchmarks.make_synthetic_slides import slide_bytes  # noqa: E402
 from benchmarks.sparse_reads import measured  # noqa: E402
 from jobs import inventory  # noqa: E402
 
@@ -59,9 +59,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="hemeflow-inventory-rerun-") as folder:
         server, endpoint, client = moto_server("bench-inventory")
         try:
-            slide = os.path.join(folder, "slide.tif")
-            make_slide(slide, args.size, seed=0)
-            body = open(slide, "rb").read()
+            body = slide_bytes(folder, args.size)
             put = lambda i: client.put_object(Bucket="bench-inventory",  # noqa: E731
                                               Key=f"slides/BM-{i:05d}.tif", Body=body)
             for i in range(args.slides):

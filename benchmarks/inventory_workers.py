@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.common import (delayed_endpoint, moto_server, result_head,  # noqa: E402
                                write_result)
 from benchmarks.inventory_rerun import run  # noqa: E402
-from benchmarks.make_synthetic_slides import make_slide  # noqa: E402
+from benchmarks.make_synthetic_slides import slide_bytes  # noqa: E402
 from jobs.inventory import LOCAL_WORKERS, REMOTE_WORKERS  # noqa: E402
 
 
@@ -51,9 +51,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="hemeflow-inventory-workers-") as folder:
         server, endpoint, client = moto_server("bench-workers")
         try:
-            slide = os.path.join(folder, "slide.tif")
-            make_slide(slide, args.size, seed=0)
-            body = open(slide, "rb").read()
+            body = slide_bytes(folder, args.size)
             for i in range(args.slides):
                 client.put_object(Bucket="bench-workers", Key=f"slides/BM-{i:05d}.tif", Body=body)
             if args.latency_ms:

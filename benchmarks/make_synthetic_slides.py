@@ -39,6 +39,15 @@ def make_slide(path: str, size: int, seed: int = 0, mpp: float = 0.25,
         write_pyramid_tiff(big, path, mpp, tile_px=256, quality=85)
 
 
+def slide_bytes(folder: str, size: int, seed: int = 0) -> bytes:
+    """The bytes of a synthetic smear TIFF of ``size`` px a side (`make_slide`), made in
+    ``folder``: what the S3 benchmarks put in moto, as many times as they need."""
+    path = os.path.join(folder, f"slide-{seed}.tif")
+    make_slide(path, size, seed=seed)
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
