@@ -16,7 +16,6 @@ import signal
 import sys
 import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import yaml
@@ -24,8 +23,8 @@ import yaml
 from engine.config import Config, StorageConfig
 from engine.outputs import join_uri, write_bytes
 from engine.slides.storage import (FileEntry, InputError, call_with_retries, get_filesystem,
-                                   is_remote, list_files, normalize_uri, stat_file,
-                                   storage_failure)
+                                   is_remote, list_files, normalize_uri, request_pool,
+                                   stat_file, storage_failure)
 from engine.errors import ConfigError, HemeflowError, SlideError, StorageCredentialsError
 from engine.specimen import parse_specimen
 
@@ -177,7 +176,7 @@ def expand_inputs(uri: str, storage: StorageConfig, folders: dict[str, str] | No
                 return [FileEntry(item)]
             return [found] if found is not None else list_files(item, storage)
 
-        with ThreadPoolExecutor(max(1, min(STAT_THREADS, len(items))), "stat") as pool:
+        with request_pool(max(1, min(STAT_THREADS, len(items))), "stat") as pool:
             found = list(pool.map(entry, items))
         entries, seen = [], set()
         for item, files in zip(items, found):

@@ -27,7 +27,6 @@ import argparse
 import collections
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from engine.config import StorageConfig
 from engine.errors import (STOPS_THE_JOB, HemeflowError, SlideArchived,
@@ -36,7 +35,8 @@ from engine.outputs import join_uri, run_stamp, write_bytes, write_parquet
 from engine.schema import SCHEMA_VERSION, SLIDES, table_from_rows
 from engine.slides.inventory import MppOverrides, inventory_file
 from engine.slides.registry import looks_like_slide
-from engine.slides.storage import FileEntry, StagingArea, get_filesystem, is_remote
+from engine.slides.storage import (FileEntry, StagingArea, get_filesystem, is_remote,
+                                   request_pool)
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens
 from jobs.common import (add_common_args, count_arg, expand_inputs, fail, for_slides, job_main,
                          load_config, progress, read_cases, read_mpp_table, read_specimens,
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
         done = Progress(args.output, cfg.storage, bool(args.mpp_table))
         workers = args.workers or (REMOTE_WORKERS if any(is_remote(e.uri) for e in todo)
                                    else LOCAL_WORKERS)
-        with StagingArea(cfg.storage) as staging, ThreadPoolExecutor(workers) as pool:
+        with StagingArea(cfg.storage) as staging, request_pool(workers, "inventory") as pool:
             work = pool.map(lambda e: inventory_file(e, cfg.storage, staging, overrides,
                                                      specimens.of(e.uri), cases.get(e.uri)),
                             todo)

@@ -24,10 +24,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from engine.config import StorageConfig
-from engine.slides.storage import FileEntry, call_with_retries, get_filesystem, is_remote
+from engine.slides.storage import (FileEntry, call_with_retries, get_filesystem, is_remote,
+                                   request_pool)
 
 HEADER_THREADS = 16  # headers read at once: a request each on S3
 SERIES_TAG = "dicom-series-"  # how a series' digest begins (`series_tag`)
@@ -330,7 +330,7 @@ def group_series(entries: list[FileEntry], storage: StorageConfig,
     candidates = [e for group in by_folder.values() if len(group) > 1 for e in group]
     if not candidates:
         return entries
-    with ThreadPoolExecutor(min(HEADER_THREADS, len(candidates)), "dicom") as pool:
+    with request_pool(min(HEADER_THREADS, len(candidates)), "dicom") as pool:
         found = dict(zip([e.uri for e in candidates],
                          pool.map(lambda e: header(e, storage), candidates)))
     series: dict[tuple[str, str], list[str]] = {}

@@ -69,3 +69,28 @@ def test_normalize_uri():
     assert normalize_uri("s3://bucket/prefix/") == "s3://bucket/prefix"
     assert normalize_uri("file:///tmp/x.svs") == "/tmp/x.svs"
     assert normalize_uri("rel/x.svs").startswith("/")
+
+
+def test_a_request_pool_stopped_drops_the_tasks_not_yet_started():
+    """A ThreadPoolExecutor's exit waits for every task it was given: an inventory stopped by
+    Ctrl-C, SIGTERM or refused credentials read every slide left first. A request pool runs
+    those under way to their end and no other."""
+    import threading
+    import time
+
+    from engine.slides.storage import request_pool
+
+    ran, lock = [], threading.Lock()
+
+    def task(i):
+        with lock:
+            ran.append(i)
+        time.sleep(0.01)
+        return i
+
+    with pytest.raises(KeyboardInterrupt):
+        with request_pool(2, "test") as pool:
+            for i in pool.map(task, range(500)):
+                if i == 3:
+                    raise KeyboardInterrupt
+    assert 4 <= len(ran) <= 10, len(ran)  # of 500
