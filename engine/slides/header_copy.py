@@ -46,7 +46,7 @@ import numpy as np
 from engine.config import StorageConfig
 from engine.slides.dicom import Instance, is_dicom_name, read_layout
 from engine.slides.storage import (SPARSE_PREFIX, call_with_retries, get_filesystem,
-                                   shared_stage_root)
+                                   request_pool, shared_stage_root)
 
 BLOCK = 64 * 1024  # the walk's reads are rounded out to whole blocks: few requests, each small
 MERGE_GAP = BLOCK   # pixel-data ranges closer than this are fetched in one request
@@ -336,8 +336,6 @@ def _series_files(fs, uri: str, path: str, series: str, folder: str, storage: St
     whose walks say they belong to ``series`` (as `engine.slides.storage.StagingArea` stages a
     series). A file's header is read once a process (`engine.slides.dicom.known_header`): a
     request for a file of another series, the first time; two for one of its own."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from engine.slides.dicom import HEADER_THREADS, known_header, remember_header
     from engine.slides.storage import FileEntry, object_etag
 
@@ -364,7 +362,7 @@ def _series_files(fs, uri: str, path: str, series: str, folder: str, storage: St
         c._write()
         return c
 
-    with ThreadPoolExecutor(min(HEADER_THREADS, len(siblings)), "sparse-dicom") as pool:
+    with request_pool(min(HEADER_THREADS, len(siblings)), "sparse-dicom") as pool:
         return [c for c in pool.map(copy, siblings) if c is not None]
 
 
