@@ -137,10 +137,11 @@ def translate_storage_error(uri: str, err: Exception,
 
 # S3's codes for credentials refused as such (a session token expired, after an hour by
 # default; a key deleted or mistyped): s3fs makes each a PermissionError, as it does a policy
-# that denies one object
+# that denies one object. Not SignatureDoesNotMatch: a wrong secret gives it for every
+# request, but so may one key that a store or proxy encodes otherwise, and one such slide
+# must not stop an archive's job
 CREDENTIAL_CODES = ("ExpiredToken", "ExpiredTokenException", "InvalidAccessKeyId",
-                    "InvalidClientTokenId", "InvalidToken", "SignatureDoesNotMatch",
-                    "TokenRefreshRequired")
+                    "InvalidClientTokenId", "InvalidToken", "TokenRefreshRequired")
 
 
 def _error_code(err: BaseException) -> str | None:
