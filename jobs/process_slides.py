@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import sys
@@ -38,7 +39,7 @@ from engine.pipeline.run import RunMetrics, resolve_stages, run_pipeline
 from engine.schema import SCHEMA_VERSION, STATUSES, slide_id_for
 from engine.slides.dicom import SERIES_TAG
 from engine.slides.inventory import MppOverrides
-from engine.slides.storage import FileEntry, InputError, is_remote
+from engine.slides.storage import ARCHIVE_CLASSES, FileEntry, InputError, is_remote
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
 from jobs.common import (add_common_args, expand_inputs, fail, fold_series, for_slides, job_main,
                          load_config, once_each, one_value_each, read_cases, read_mpp_table,
@@ -360,6 +361,7 @@ def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
     gib = sum((e.size or 0) + inputs.part_bytes.get(e.uri, 0) for e in pending) / 2**30
     log(f"dry run: {len(entries)} slide(s) in the input, {len(entries) - len(pending)} "
         f"committed (skipped), {len(pending)} to process ({gib:.2f} GiB)")
+    warn_archived(pending, log)
     for name, why in stages.skipped.items():
         log(f"stage skipped: {name}: {why}")
     specimens = Specimens(args.specimen, inputs.specimens)
@@ -477,6 +479,8 @@ def main(argv=None) -> int:
             if judged:
                 print(f"{len(judged)} slide(s) the inventory found unreadable committed as "
                       "failed with its reasons, not read again (--retry-failed reads them)")
+            warn_archived([e for e in entries if slide_id_for(e.uri) not in kept],
+                          functools.partial(print, file=sys.stderr, flush=True))
             metrics = RunMetrics()
             left = {v.uri for v in verdicts}
             rows = judged + run_pipeline([e for e in entries if e.uri not in left],
@@ -511,6 +515,18 @@ def main(argv=None) -> int:
 
 
 COMPACT_HINT = 1000  # slides in an output from which the job names jobs.compact
+
+
+def warn_archived(pending: list[FileEntry], log=print) -> None:
+    """Say, before a run reads them, how many of the slides it is to read the listing puts
+    in an archive storage class (S3 Glacier, Deep Archive): those not restored will fail
+    `SlideArchived`, which a lab learned only slide by slide."""
+    cold = [e for e in pending if e.storage_class in ARCHIVE_CLASSES]
+    if cold:
+        log(f"{len(cold)} slide(s) to process are in an archive storage class by the listing "
+            f"({', '.join(sorted({e.storage_class for e in cold}))}; {cold[0].uri}"
+            f"{', …' if len(cold) > 1 else ''}): those not restored will fail SlideArchived; "
+            "restore them first (python -m jobs.inventory lists them for S3 Batch Operations)")
 
 
 def review_counts(rows: list[dict]) -> dict[str, int]:

@@ -43,6 +43,12 @@ class FileEntry:
     size: int | None = None
     etag: str | None = None
     part_of: str | None = None
+    storage_class: str | None = None  # S3's, where the listing gives it (`ARCHIVE_CLASSES`)
+
+
+# S3 storage classes whose objects must be restored before they can be read (an archived
+# Intelligent-Tiering object shows as INTELLIGENT_TIERING: only a read tells)
+ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
 
 
 def is_remote(uri: str) -> bool:
@@ -208,7 +214,8 @@ def list_files(uri: str, storage: StorageConfig) -> list[FileEntry]:
             raise InputError(f"input {what} does not exist: {uri}")
         if call_with_retries(lambda: fs.isfile(path), storage, "isfile"):
             info = fs.info(path)
-            return [FileEntry(uri, info.get("size"), object_etag(info))]
+            return [FileEntry(uri, info.get("size"), object_etag(info),
+                              storage_class=info.get("StorageClass"))]
         found = call_with_retries(lambda: fs.find(path, detail=True), storage, "list")
     except (PermissionError, OSError) as err:
         if isinstance(err, InputError):
@@ -225,7 +232,7 @@ def list_files(uri: str, storage: StorageConfig) -> list[FileEntry]:
                 any(p.startswith(".") for p in below):
             continue  # a folder, an S3 folder marker (an empty 'x/' key), or hidden
         entries.append(FileEntry(proto + key if remote else key, info.get("size"),
-                                 object_etag(info)))
+                                 object_etag(info), storage_class=info.get("StorageClass")))
     stems = {e.uri[:-5] for e in entries if e.uri.lower().endswith(".mrxs")}
     return [e for e in entries if not _is_companion(e.uri, stems)]
 
@@ -240,7 +247,8 @@ def stat_file(uri: str, storage: StorageConfig, folders: bool = False) -> FileEn
         raise translate_storage_error(uri, err, lambda: fs.cat_file(path, 0, 1)) from err
     if folders and info.get("type") == "directory":
         return None
-    return FileEntry(uri, info.get("size"), object_etag(info))
+    return FileEntry(uri, info.get("size"), object_etag(info),
+                     storage_class=info.get("StorageClass"))
 
 
 def object_etag(info: dict) -> str | None:

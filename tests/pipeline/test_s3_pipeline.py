@@ -271,5 +271,7 @@ def test_credentials_refused_mid_run_stop_the_job_and_a_rerun_finishes_it(
     assert status.height == status["slide_id"].n_unique() == 8
     assert sorted(status.filter(pl.col("status") == "failed")["error_type"]) == [
         "MissingMPP", "SlideArchived", "SlideCorrupt", "SlideCorrupt", "SlideUnsupported"]
-    assert "1 slide(s) in an archive storage class (SlideArchived): restore them" in \
-        capsys.readouterr().out
+    printed = capsys.readouterr()  # said before the run, by the listing, and after it
+    assert "1 slide(s) to process are in an archive storage class by the listing (GLACIER; " \
+           "s3://expiring/lab/cold.svs)" in printed.err
+    assert "1 slide(s) in an archive storage class (SlideArchived): restore them" in printed.out

@@ -401,6 +401,13 @@ def test_an_archived_object_is_a_failed_row_that_says_how_to_restore_it(
         assert isinstance(got.value, SlideAccessDenied)  # read again by the next run
         assert "aws s3api restore-object --bucket cold --key '2019/BM 1.svs' " \
                "--restore-request Days=7, then run again with --retry-failed" in str(got.value)
+    from jobs import process_slides  # a run says so before it reads them, as its listing does
+
+    assert process_slides.main(["--input", "s3://cold", "--output", str(tmp_path / "run"),
+                                "--s3-endpoint", s3_server, "--dry-run"]) == 0
+    assert f"{1 + len(series)} slide(s) to process are in an archive storage class by the " \
+           "listing (GLACIER; s3://cold/2019/BM 1.svs, …): those not restored will fail " \
+           "SlideArchived" in capsys.readouterr().out
     assert inventory.main(["--input", "s3://cold", "--output", str(tmp_path / "inv"),
                            "--s3-endpoint", s3_server]) == 0
     printed = capsys.readouterr()
