@@ -98,9 +98,11 @@ def call_with_retries(fn: Callable[[], T], storage: StorageConfig, what: str,
 @contextlib.contextmanager
 def request_pool(workers: int, name: str = "") -> Iterator[ThreadPoolExecutor]:
     """Threads for storage requests whose tasks not yet started are dropped when the block
-    raises (an error that stops the job, Ctrl-C, SIGTERM): a `ThreadPoolExecutor`'s own exit
-    waits for every task it was given, so a stopped inventory of 50,000 slides read them all
-    first, and a job stopped on refused credentials made every request it had planned."""
+    raises (an error that stops the job, Ctrl-C, SIGTERM). A `ThreadPoolExecutor`'s own exit
+    waits for every task it was given unless the ``map`` that gave them is closed first: the
+    inventory holds its map while it records each row, so one stopped there (on refused
+    credentials, as it now stops, or by a Ctrl-C that came as a row was recorded) would read
+    every slide left."""
     pool = ThreadPoolExecutor(workers, name)
     try:
         yield pool
