@@ -264,7 +264,7 @@ def classify_into(store, args, settings: dict, exports: dict[str, list[str]], mo
     refuses an output classified with other ``settings``."""
     from engine.models import EnsemblePredictor
     from engine.outputs import join_uri, write_bytes
-    from engine.pipeline.aggregate import Progress
+    from engine.pipeline.progress import Progress
     from engine.schema import SCHEMA_VERSION, slide_id_for
     from engine.slides.storage import InputError, normalize_uri
 

@@ -32,6 +32,7 @@ from engine.config import StorageConfig
 from engine.errors import (STOPS_THE_JOB, HemeflowError, SlideArchived,
                            StorageCredentialsError)
 from engine.outputs import join_uri, run_stamp, write_bytes, write_parquet
+from engine.pipeline.progress import Progress as RunProgress
 from engine.schema import SCHEMA_VERSION, SLIDES, table_from_rows
 from engine.slides.inventory import MppOverrides, inventory_file
 from engine.slides.registry import looks_like_slide
@@ -238,6 +239,9 @@ def main(argv=None) -> int:
             work = pool.map(lambda e: inventory_file(e, cfg.storage, staging, overrides,
                                                      specimens.of(e.uri), cases.get(e.uri)),
                             todo)
+            # where no bar is drawn (a log: ray job submit, a batch script), a line at most
+            # once a minute: an archive's inventory takes hours and said nothing until it ended
+            said = None if sys.stderr.isatty() else RunProgress(len(todo), what="files")
             try:
                 for row in progress(work, len(todo), "inventory"):
                     if row["error_type"] in STOPS_THE_JOB:  # every other slide would meet it
@@ -245,6 +249,8 @@ def main(argv=None) -> int:
                         raise StorageCredentialsError(uri, reason)
                     rows[row["uri"]] = row
                     done.add(row)
+                    if said is not None and (line := said.tick()):
+                        print(f"inventory: {line}", file=sys.stderr, flush=True)
             finally:
                 done.flush()  # what was read is kept for a rerun, whatever stopped this one
             staging.purge()  # the staged copies served this job only

@@ -421,3 +421,18 @@ def test_a_slide_the_inventory_found_missing_is_read_once_it_is_there(wsi_dir, t
     status = pl.read_parquet(tmp_path / "run" / "slide_status" / "*.parquet")
     assert status["uri"].to_list() == [f"{wsi_dir}/histolab/broken.svs"]  # the verdict stands
 
+
+
+def test_an_inventory_says_how_far_it_is_where_no_bar_is_drawn(wsi_dir, tmp_path, capsys,
+                                                               monkeypatch):
+    """Run from a log (ray job submit, a batch script), an archive's inventory said nothing
+    until it ended, hours on: it says how far it is at most once a minute, here at once."""
+    from engine.pipeline import progress
+
+    monkeypatch.setattr(inventory, "RunProgress", lambda total, what: progress.Progress(
+        total, every_s=0, what=what))
+    assert inventory.main(["--input", str(wsi_dir), "--output", str(tmp_path / "inv")]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines()
+             if ln.startswith("inventory: progress: ")]
+    assert lines and lines[0].startswith("inventory: progress: 1 of ")
+    assert " files (" in lines[0] and " files/h over the last " in lines[0]

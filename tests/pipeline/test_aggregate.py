@@ -703,7 +703,7 @@ def test_an_output_that_is_a_file_is_refused_in_a_sentence(tmp_path, capsys):
 
 
 def test_a_long_run_says_how_far_it_is_and_when_it_ends():
-    from engine.pipeline.aggregate import Progress, duration
+    from engine.pipeline.progress import Progress, duration
 
     assert [duration(s) for s in (0.4, 40, 420, 7500, 3 * 86_400 + 4 * 3600 + 59)] == \
         ["0 s", "40 s", "7 min", "2 h 05 min", "3 d 4 h"]
