@@ -74,6 +74,14 @@ class StorageCredentialsError(SlideError):
 STOPS_THE_JOB = ("StorageCredentialsError",)  # error types a job stops on, committing nothing
 
 
+def stop_if_it_stops_the_job(error_type: str | None, message: str | None) -> None:
+    """Raise again the error a slide's row carries (its type and message: ``uri: reason``)
+    where it is one a job stops on (`STOPS_THE_JOB`), rather than commit it."""
+    if error_type in STOPS_THE_JOB:
+        uri, _, reason = (message or "").partition(": ")
+        raise StorageCredentialsError(uri, reason)
+
+
 class TransientStorageError(HemeflowError):
     """A storage call failed in a way worth retrying (timeouts, throttling, 5xx)."""
 

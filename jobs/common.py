@@ -191,6 +191,15 @@ def expand_inputs(uri: str, storage: StorageConfig, folders: dict[str, str] | No
     return fold_series(entries, storage, uri)
 
 
+def read_list_values(uri: str, storage: StorageConfig, folders: dict[str, str]
+                     ) -> tuple[dict[str, str], dict[str, str]]:
+    """The specimen types and cases the input gives its slides, by URI (`read_specimens`,
+    `read_cases`), a listed folder's given to each of its files (``folders``: from
+    `expand_inputs`; `for_slides`)."""
+    return (for_slides(read_specimens(uri, storage), folders, uri, "specimen type"),
+            for_slides(read_cases(uri, storage), folders, uri, "case"))
+
+
 def for_slides(values: dict[str, T], folders: dict[str, str], uri: str, what: str
                ) -> dict[str, T]:
     """``values`` (a list's column by entry: `read_specimens`, `read_cases`) with each file of

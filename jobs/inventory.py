@@ -29,8 +29,7 @@ import sys
 import time
 
 from engine.config import StorageConfig
-from engine.errors import (STOPS_THE_JOB, HemeflowError, SlideArchived,
-                           StorageCredentialsError)
+from engine.errors import HemeflowError, SlideArchived, stop_if_it_stops_the_job
 from engine.outputs import join_uri, run_stamp, write_bytes, write_parquet
 from engine.pipeline.progress import Progress as RunProgress
 from engine.schema import SCHEMA_VERSION, SLIDES, table_from_rows
@@ -39,9 +38,9 @@ from engine.slides.registry import looks_like_slide
 from engine.slides.storage import (FileEntry, StagingArea, get_filesystem, is_remote,
                                    request_pool)
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens
-from jobs.common import (add_common_args, count_arg, expand_inputs, fail, for_slides, job_main,
-                         load_config, progress, read_cases, read_mpp_table, read_specimens,
-                         slide_mpp_arg, write_run_config)
+from jobs.common import (add_common_args, count_arg, expand_inputs, fail, job_main, load_config,
+                         progress, read_list_values, read_mpp_table, slide_mpp_arg,
+                         write_run_config)
 
 DEFAULT_INPUT = "../shared/data/wsi"
 ARCHIVED = "archived.csv"  # under slides/: the archived slides' objects (`write_archived`)
@@ -219,9 +218,8 @@ def main(argv=None) -> int:
         entries = expand_inputs(args.input, cfg.storage, folders)
         if not entries:
             return fail(f"no files found under {args.input}")
-        specimens = Specimens(args.specimen, for_slides(
-            read_specimens(args.input, cfg.storage), folders, args.input, "specimen type"))
-        cases = for_slides(read_cases(args.input, cfg.storage), folders, args.input, "case")
+        typed, cases = read_list_values(args.input, cfg.storage, folders)
+        specimens = Specimens(args.specimen, typed)
         earlier, found = ({}, "") if args.reprocess else earlier_rows(args.output, cfg.storage)
         rows = {e.uri: kept_row(earlier.get(e.uri), e, overrides, specimens.of(e.uri),
                                 cases.get(e.uri), args.retry_failed) for e in entries}
@@ -244,9 +242,8 @@ def main(argv=None) -> int:
             said = None if sys.stderr.isatty() else RunProgress(len(todo), what="files")
             try:
                 for row in progress(work, len(todo), "inventory"):
-                    if row["error_type"] in STOPS_THE_JOB:  # every other slide would meet it
-                        uri, _, reason = row["error_message"].partition(": ")
-                        raise StorageCredentialsError(uri, reason)
+                    # refused credentials: every other slide would meet them
+                    stop_if_it_stops_the_job(row["error_type"], row["error_message"])
                     rows[row["uri"]] = row
                     done.add(row)
                     if said is not None and (line := said.tick()):

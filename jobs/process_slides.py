@@ -41,9 +41,9 @@ from engine.slides.dicom import SERIES_TAG
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import ARCHIVE_CLASSES, FileEntry, InputError, is_remote
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
-from jobs.common import (add_common_args, expand_inputs, fail, fold_series, for_slides, job_main,
-                         load_config, once_each, one_value_each, read_cases, read_mpp_table,
-                         read_specimens, read_text, slide_mpp_arg, write_run_config)
+from jobs.common import (add_common_args, expand_inputs, fail, fold_series, job_main,
+                         load_config, once_each, one_value_each, read_list_values,
+                         read_mpp_table, read_text, slide_mpp_arg, write_run_config)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                       "shared", "data")
@@ -134,9 +134,7 @@ def read_inputs(uri: str, storage) -> Inputs:
     folders: dict[str, str] = {}
     entries = expand_inputs(uri, storage, folders)
     return Inputs([e for e in entries if looks_like_slide(e.uri) and not e.part_of],
-                  for_slides(read_specimens(uri, storage), folders, uri, "specimen type"),
-                  for_slides(read_cases(uri, storage), folders, uri, "case"),
-                  part_bytes=_part_bytes(entries))
+                  *read_list_values(uri, storage, folders), part_bytes=_part_bytes(entries))
 
 
 def committed_rows(store: OutputStore, ids: set[str], seen: dict | None = None):

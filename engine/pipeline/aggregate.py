@@ -23,7 +23,7 @@ from engine.cells import KIND_CELL, KIND_PLATELET, lobes
 from engine.cellularity import slide_cellularity
 from engine.classes import LOBED_CODES
 from engine.differential import compute_differential, differential_rows, review_warnings
-from engine.errors import STOPS_THE_JOB, StorageCredentialsError
+from engine.errors import stop_if_it_stops_the_job
 from engine.pipeline.commit import OutputStore
 from engine.pipeline.progress import Progress
 from engine.report.geojson import cells_geojson_text
@@ -68,9 +68,7 @@ class SlideState:
     def fail(self, error_type: str, message: str) -> None:
         """Record the slide's first error; one that stops the job (`STOPS_THE_JOB`: storage
         that refused the credentials, which every other slide would meet too) is raised."""
-        if error_type in STOPS_THE_JOB:
-            uri, _, reason = message.partition(": ")
-            raise StorageCredentialsError(uri, reason)
+        stop_if_it_stops_the_job(error_type, message)
         if self.error is None:
             self.error = (error_type, message)
 

@@ -337,7 +337,7 @@ def _series_files(fs, uri: str, path: str, series: str, folder: str, storage: St
     series). A file's header is read once a process (`engine.slides.dicom.known_header`): a
     request for a file of another series, the first time; two for one of its own."""
     from engine.slides.dicom import HEADER_THREADS, known_header, remember_header
-    from engine.slides.storage import FileEntry, object_etag
+    from engine.slides.storage import entry_of
 
     proto = uri[:len(uri) - len(path)]  # "s3://"
     listing = call_with_retries(lambda: fs.ls(path.rsplit("/", 1)[0], detail=True), storage,
@@ -348,7 +348,7 @@ def _series_files(fs, uri: str, path: str, series: str, folder: str, storage: St
         return []
 
     def copy(info: dict) -> SparseCopy | None:
-        entry = FileEntry(proto + info["name"], int(info["size"]), object_etag(info))
+        entry = entry_of(proto + info["name"], info)
         known, found = known_header(entry)
         if known and (found is None or found.series != series):
             return None

@@ -216,8 +216,7 @@ def list_files(uri: str, storage: StorageConfig) -> list[FileEntry]:
             raise InputError(f"input {what} does not exist: {uri}")
         if call_with_retries(lambda: fs.isfile(path), storage, "isfile"):
             info = fs.info(path)
-            return [FileEntry(uri, info.get("size"), object_etag(info),
-                              storage_class=info.get("StorageClass"))]
+            return [entry_of(uri, info)]
         found = call_with_retries(lambda: fs.find(path, detail=True), storage, "list")
     except (PermissionError, OSError) as err:
         if isinstance(err, InputError):
@@ -233,8 +232,7 @@ def list_files(uri: str, storage: StorageConfig) -> list[FileEntry]:
         if info.get("type") == "directory" or key.endswith("/") or \
                 any(p.startswith(".") for p in below):
             continue  # a folder, an S3 folder marker (an empty 'x/' key), or hidden
-        entries.append(FileEntry(proto + key if remote else key, info.get("size"),
-                                 object_etag(info), storage_class=info.get("StorageClass")))
+        entries.append(entry_of(proto + key if remote else key, info))
     stems = {e.uri[:-5] for e in entries if e.uri.lower().endswith(".mrxs")}
     return [e for e in entries if not _is_companion(e.uri, stems)]
 
@@ -249,6 +247,11 @@ def stat_file(uri: str, storage: StorageConfig, folders: bool = False) -> FileEn
         raise translate_storage_error(uri, err, lambda: fs.cat_file(path, 0, 1)) from err
     if folders and info.get("type") == "directory":
         return None
+    return entry_of(uri, info)
+
+
+def entry_of(uri: str, info: dict) -> FileEntry:
+    """The `FileEntry` of the object at ``uri`` from its fsspec listing or info entry."""
     return FileEntry(uri, info.get("size"), object_etag(info),
                      storage_class=info.get("StorageClass"))
 
@@ -366,7 +369,7 @@ class StagingArea:
 
         proto = uri[:len(uri) - len(path)]  # "s3://"
         series = {e.uri[len(proto):]: e.part_of or e.uri for e in group_series(
-            [FileEntry(proto + k, v.get("size"), object_etag(v)) for k, v in sorted(found.items())],
+            [entry_of(proto + k, v) for k, v in sorted(found.items())],
             self.storage)}
         mine = series.get(path)
         return {k: v for k, v in found.items() if k != path and series.get(k) == mine}
