@@ -57,7 +57,9 @@ class Inputs(NamedTuple):
     (`engine.specimen`) and the case each belongs to; and from an inventory's table, by
     slide_id the pixel sizes it stated (its ``--mpp`` or ``--mpp-table``: ``mpp_source``
     override), and by URI its rows of the slides it found unreadable (``failed``: corrupt or
-    unsupported, `FILE_FAULTS`)."""
+    unsupported, `FILE_FAULTS`). ``part_bytes`` and ``parts``: the files read as part of
+    another (a DICOM series' instances but one), their bytes by that slide's URI and their
+    URIs."""
 
     entries: list[FileEntry]
     specimens: dict[str, str]
@@ -65,15 +67,16 @@ class Inputs(NamedTuple):
     mpp: dict[str, float] = {}
     failed: dict[str, dict] = {}  # an inventory's rows of the slides it found unreadable
     part_bytes: dict[str, int] = {}  # by URI, a slide's other files' bytes (a DICOM series')
+    parts: frozenset[str] = frozenset()
 
 
-def _part_bytes(entries: list[FileEntry]) -> dict[str, int]:
-    """By the URI of each slide read through it, the bytes of the files ``part_of`` it."""
+def _parts(entries: list[FileEntry]) -> dict:
+    """`Inputs`' ``part_bytes`` and ``parts`` of ``entries``."""
     found: dict[str, int] = collections.defaultdict(int)
     for e in entries:
         if e.part_of:
             found[e.part_of] += e.size or 0
-    return dict(found)
+    return {"part_bytes": dict(found), "parts": frozenset(e.uri for e in entries if e.part_of)}
 
 
 def default_inputs(output: str) -> Inputs:
@@ -130,11 +133,11 @@ def read_inputs(uri: str, storage) -> Inputs:
                   if r.get("status") == "failed" and r.get("error_type") in FILE_FAULTS}
         return Inputs([e for e in entries if looks_like_slide(e.uri) and not e.part_of],
                       one_value_each(specimens, uri, "specimen type"),
-                      one_value_each(cases, uri, "case"), stated, failed, _part_bytes(entries))
+                      one_value_each(cases, uri, "case"), stated, failed, **_parts(entries))
     folders: dict[str, str] = {}
     entries = expand_inputs(uri, storage, folders)
     return Inputs([e for e in entries if looks_like_slide(e.uri) and not e.part_of],
-                  *read_list_values(uri, storage, folders), part_bytes=_part_bytes(entries))
+                  *read_list_values(uri, storage, folders), **_parts(entries))
 
 
 def committed_rows(store: OutputStore, ids: set[str], seen: dict | None = None):
@@ -182,7 +185,8 @@ def changed_files(store: OutputStore, entries: list[FileEntry], ids: set[str],
 
 def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reprocess: bool,
                      retry_failed: bool, log=print, dry_run: bool = False,
-                     reprocess_changed: bool = False, seen: dict | None = None) -> set[str]:
+                     reprocess_changed: bool = False, seen: dict | None = None,
+                     parts: frozenset[str] = frozenset()) -> set[str]:
     """Settle what an existing output means for this run, before anything is written to it.
 
     A rerun with the results-relevant config of the output's ``config.json`` resumes: committed
@@ -195,6 +199,10 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     on S3, too many to make on each rerun of a large archive). An output whose tables another
     version's schema wrote is refused outright: its tables could not be read as one.
     ``seen``: the slides rows read, for `warn_case_changes` (`committed_rows`).
+
+    A committed slide that the input now reads as part of another (``parts``: a DICOM
+    series' instance, once processed alone because its headers could not be read, say while
+    the series was in S3 Glacier) is no slide: its rows are removed, which a dry run names.
 
     Returns the committed slides that stay committed (the run skips them); with ``dry_run``
     those that would, and nothing is changed.
@@ -253,12 +261,19 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
             "are removed first)")
     if reprocess_changed:
         redo = redo | changed.keys()
-    if redo and not dry_run:
-        store.uncommit(redo)
+    retired = committed & {slide_id_for(u) for u in parts}
+    if retired:
+        log(f"{len(retired)} committed slide(s) are files of a DICOM series that the input "
+            "now reads through another of its files (their headers could not be read when "
+            "they were processed, as when the series was in an archive storage class): their "
+            f"rows {'would be ' if dry_run else 'are '}removed ({', '.join(sorted(retired)[:3])}"
+            f"{', …' if len(retired) > 3 else ''})")
+    if (redo or retired) and not dry_run:
+        store.uncommit(redo | retired)
     if redo - changed.keys():
         log(f"{why}: {len(redo - changed.keys())} committed slide(s) "
             f"{'would be ' if dry_run else ''}taken out to be processed again")
-    return committed - redo
+    return committed - redo - retired
 
 
 def warn_case_changes(store: OutputStore, inputs: Inputs, kept: set[str], source: str,
@@ -346,7 +361,7 @@ def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
     seen: dict = {}  # the slides rows, read once for both looks
     committed = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed, log,
                                  dry_run=True, reprocess_changed=args.reprocess_changed,
-                                 seen=seen)
+                                 seen=seen, parts=inputs.parts)
     warn_case_changes(store, inputs, committed, args.input, log, seen)
     stages = resolve_stages(cfg, args.allow_untrained)
     verdicts = inventory_verdicts(inputs, committed, args.retry_failed or args.reprocess)
@@ -466,7 +481,8 @@ def main(argv=None) -> int:
         with RunLease(store, "process_slides"):  # refused while another run writes there
             seen: dict = {}
             kept = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed,
-                                    reprocess_changed=args.reprocess_changed, seen=seen)
+                                    reprocess_changed=args.reprocess_changed, seen=seen,
+                                    parts=inputs.parts)
             warn_case_changes(store, inputs, kept, args.input, seen=seen)
             write_run_config(args.output, cfg, vars(args), cfg.storage)
             specimens = Specimens(args.specimen, inputs.specimens)

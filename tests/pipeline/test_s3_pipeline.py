@@ -275,3 +275,35 @@ def test_credentials_refused_mid_run_stop_the_job_and_a_rerun_finishes_it(
     assert "1 slide(s) to process are in an archive storage class by the listing (GLACIER; " \
            "s3://expiring/lab/cold.svs)" in printed.err
     assert "1 slide(s) in an archive storage class (SlideArchived): restore them" in printed.out
+
+
+def test_a_dicom_series_met_in_glacier_leaves_no_row_once_restored_and_read_whole(
+        ray_local, s3_server, s3_client, dicom_study, tmp_path, capsys):
+    """A series' headers cannot be read while it is in S3 Glacier, so each of its files was a
+    slide and failed SlideArchived. Restored, the series is one slide again: its other files'
+    failed rows stayed in the output, as slides that no input names."""
+    s3_client.create_bucket(Bucket="thawed")
+    series = sorted(p.name for p in (dicom_study / "walked").iterdir())
+    for name in series:
+        s3_client.put_object(Bucket="thawed", Key=f"c/{name}", StorageClass="GLACIER",
+                             Body=(dicom_study / "walked" / name).read_bytes())
+    run = ["--input", "s3://thawed/c", "--output", str(tmp_path / "out"), "--s3-endpoint",
+           s3_server, "--config", tiny_config(tmp_path), "--allow-untrained", "--mpp", "0.25"]
+    assert process_slides.main(run) == 0
+    status = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet")
+    assert status["error_type"].to_list() == ["SlideArchived"] * len(series)
+    capsys.readouterr()
+    for name in series:
+        s3_client.restore_object(Bucket="thawed", Key=f"c/{name}", RestoreRequest={"Days": 7})
+    assert process_slides.main([*run, "--dry-run", "--retry-failed"]) == 0
+    said = capsys.readouterr().out
+    assert f"{len(series) - 1} committed slide(s) are files of a DICOM series that the input " \
+           "now reads through another of its files" in said and "rows would be removed" in said
+    assert len(list((tmp_path / "out" / "slide_status").iterdir())) == len(series)
+    assert process_slides.main([*run, "--retry-failed"]) == 0
+    assert "rows are removed" in capsys.readouterr().out
+    for table in ("slide_status", "slides"):
+        rows = pl.read_parquet(tmp_path / "out" / table / "*.parquet")
+        assert rows["uri"].to_list() == ["s3://thawed/c/c_0.dcm"], table
+    status = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet")
+    assert status["status"].to_list() == ["ok"] and status["n_tiles"][0] > 0
