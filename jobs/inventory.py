@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"folder, s3:// prefix, or .txt/.csv list of slides (default {DEFAULT_INPUT})")
     p.add_argument("--output", default="hemeflow-out", help="output folder or s3:// prefix")
     p.add_argument("--mpp", type=slide_mpp_arg, help="µm/px for slides whose metadata has none")
-    p.add_argument("--mpp-table", help="CSV with uri (or slide_id) and mpp columns")
+    p.add_argument("--mpp-table", help="CSV with uri (or slide_id) and mpp columns; a uri may "
+                                       "name a folder or S3 prefix, for the slides under it")
     p.add_argument("--specimen", choices=sorted(SPECIMENS), default=UNKNOWN,
                    help="specimen type of slides the .csv list does not type (engine/specimen.py)")
     p.add_argument("--workers", type=count_arg(),

