@@ -160,10 +160,12 @@ def expand_inputs(uri: str, storage: StorageConfig, folders: dict[str, str] | No
     A list's entry that is a folder (a DICOM series', a case's) stands for the files under it,
     as an ``--input`` folder does; ``folders``, where given, gets the list's entry each of them
     came from, by URI (`for_slides` gives them that line's specimen type and case).
-    The instances of a DICOM series but one are marked ``part_of`` it (`fold_series`).
-    A list's files are looked up ``STAT_THREADS`` at a time: one request each on S3, whose
+    The instances of a DICOM series but one are marked ``part_of`` it (`fold_series`). A local
+    file reached under two names (a link) is taken once (`engine.slides.storage.local_files`),
+    which is said on stderr. A list's files are looked up ``STAT_THREADS`` at a time: one request each on S3, whose
     round trips one after another add up to many minutes for a list of 50,000 slides.
     """
+    twins: dict[str, str] = {}
     if uri.lower().endswith(LIST_SUFFIXES):
         items = once_each(read_uri_list(uri, storage), uri)
 
@@ -174,7 +176,7 @@ def expand_inputs(uri: str, storage: StorageConfig, folders: dict[str, str] | No
                 raise  # every other lookup would meet it: the job stops
             except SlideError:
                 return [FileEntry(item)]
-            return [found] if found is not None else list_files(item, storage)
+            return [found] if found is not None else list_files(item, storage, twins)
 
         with request_pool(max(1, min(STAT_THREADS, len(items))), "stat") as pool:
             found = list(pool.map(entry, items))
@@ -187,7 +189,12 @@ def expand_inputs(uri: str, storage: StorageConfig, folders: dict[str, str] | No
                     seen.add(e.uri)
                     entries.append(e)
     else:
-        entries = list_files(uri, storage)
+        entries = list_files(uri, storage, twins)
+    if twins:
+        other, name = sorted(twins.items())[0]
+        print(f"hemeflow: {uri}: {len(twins)} file(s) reached under another name too (a link) "
+              f"are taken once, by the first name: {other} is {name}"
+              f"{', …' if len(twins) > 1 else ''}", file=sys.stderr, flush=True)
     return fold_series(entries, storage, uri)
 
 

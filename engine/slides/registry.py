@@ -165,7 +165,8 @@ def open_slide(uri: str, storage: StorageConfig | None = None, staging: StagingA
     """
     storage = storage or StorageConfig()
     if not is_remote(uri) and not os.path.exists(uri):
-        raise SlideNotFound(uri, "no such file")
+        raise SlideNotFound(uri, f"a link to {os.readlink(uri)}, which does not exist"
+                            if os.path.islink(uri) else "no such file")
     with contextlib.ExitStack() as stack:
         if is_remote(uri) and staging is None:
             staging = stack.enter_context(StagingArea(storage))

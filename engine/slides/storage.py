@@ -195,13 +195,16 @@ def _is_companion(uri: str, stems: set[str]) -> bool:
     return any("/".join(parts[:i]) in stems for i in range(1, len(parts)))
 
 
-def list_files(uri: str, storage: StorageConfig) -> list[FileEntry]:
+def list_files(uri: str, storage: StorageConfig, twins: dict[str, str] | None = None
+               ) -> list[FileEntry]:
     """Every file under a local folder or S3 prefix (a single file gives itself), sorted.
 
     Hidden files and everything in hidden folders below ``uri`` are skipped (a file server's
     ``.snapshot`` copies of the whole archive, a ``.Trash``), and so are the data folders of
     MIRAX slides and S3's folder markers (the empty ``x/`` keys the S3 console's 'Create
-    folder' makes).
+    folder' makes). Locally, links to folders are followed (`local_files`); a file reached
+    under two names is taken once, by the first, and ``twins``, where given, gets the other
+    name's, by name.
 
     Raises:
         InputError: the path, bucket or prefix does not exist or cannot be listed.
@@ -217,7 +220,8 @@ def list_files(uri: str, storage: StorageConfig) -> list[FileEntry]:
         if call_with_retries(lambda: fs.isfile(path), storage, "isfile"):
             info = fs.info(path)
             return [entry_of(uri, info)]
-        found = call_with_retries(lambda: fs.find(path, detail=True), storage, "list")
+        found = call_with_retries(lambda: fs.find(path, detail=True), storage, "list") \
+            if remote else local_files(path, twins)
     except (PermissionError, OSError) as err:
         if isinstance(err, InputError):
             raise
@@ -235,6 +239,53 @@ def list_files(uri: str, storage: StorageConfig) -> list[FileEntry]:
         entries.append(entry_of(proto + key if remote else key, info))
     stems = {e.uri[:-5] for e in entries if e.uri.lower().endswith(".mrxs")}
     return [e for e in entries if not _is_companion(e.uri, stems)]
+
+
+def local_files(root: str, twins: dict[str, str] | None = None) -> dict[str, dict]:
+    """The files under the local folder ``root`` by path, each with its ``size`` (an fsspec
+    listing's entries, as `list_files` reads them), hidden ones left out. Links to folders are
+    followed, where fsspec took each for a file (an archive put together from links to other
+    volumes failed "is a directory" where its slides were), and each folder is read once, by
+    the name first reached, so a link back up ends there. A file reached under two names
+    (through a link, or a hard link) is taken once, by the name first in order; ``twins`` gets
+    the other's. A link to nothing is kept, without a size, to fail as missing.
+
+    Raises:
+        OSError: a folder that cannot be read (permission denied, say): its slides would be
+            lost without a word.
+    """
+    files: list[tuple[str, tuple[int, int] | None, int | None]] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [root.rstrip("/") or "/"]
+    while stack:  # depth first, in order of name
+        folder = stack.pop()
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(folder) as listing:
+            items = sorted((d for d in listing if not d.name.startswith(".")),
+                           key=lambda d: d.name)
+        below = []
+        for d in items:
+            try:
+                if d.is_dir():
+                    below.append(d.path)
+                    continue
+                st = d.stat()
+                files.append((d.path, (st.st_dev, st.st_ino), st.st_size))
+            except FileNotFoundError:  # a link to nothing
+                files.append((d.path, None, None))
+        stack.extend(reversed(below))
+    found, first = {}, {}
+    for path, key, size in sorted(files):
+        name = first.setdefault(key, path) if key is not None else path
+        if name != path:
+            if twins is not None:
+                twins[path] = name
+            continue
+        found[path] = {"name": path, "size": size, "type": "file"}
+    return found
 
 
 def stat_file(uri: str, storage: StorageConfig, folders: bool = False) -> FileEntry | None:

@@ -65,6 +65,38 @@ def test_listing_skips_hidden_files_and_folders_and_mirax_data_folders(tmp_path)
     assert [e.uri for e in list_files(str(inner), StorageConfig())] == [str(inner / "a.svs")]
 
 
+def test_listing_follows_links_to_folders_once_and_takes_a_file_once(tmp_path, capsys):
+    """An archive put together from links to other volumes: fsspec took a link to a folder
+    for a file, so its slides were lost and it failed 'is a directory'. A link back up ends;
+    a file reached under two names is one slide, not two; a link to nothing fails naming it."""
+    from engine.errors import SlideNotFound
+    from engine.slides.registry import open_slide
+    from jobs.common import expand_inputs
+
+    volume, root = tmp_path / "vol2", tmp_path / "archive"
+    (volume / "2019").mkdir(parents=True)
+    (volume / "2019" / "a.svs").write_bytes(b"x")
+    (root / "2020").mkdir(parents=True)
+    (root / "2020" / "b.svs").write_bytes(b"xy")
+    (root / "2019").symlink_to(volume / "2019")  # another volume's folder
+    (root / "latest").symlink_to("2020")  # the same folder again
+    (root / "2020" / "up").symlink_to("..")  # a loop
+    (root / "b-copy.svs").symlink_to(root / "2020" / "b.svs")  # a file again
+    (root / "gone.svs").symlink_to(tmp_path / "moved" / "gone.svs")
+    twins: dict[str, str] = {}
+    entries = list_files(str(root), StorageConfig(), twins)
+    assert [(e.uri, e.size) for e in entries] == [
+        (f"{root}/2019/a.svs", 1), (f"{root}/2020/b.svs", 2), (f"{root}/gone.svs", None)]
+    assert twins == {f"{root}/b-copy.svs": f"{root}/2020/b.svs"}
+    assert [e.uri for e in expand_inputs(str(root), StorageConfig())] == [e.uri for e in entries]
+    assert f"{root}: 1 file(s) reached under another name too (a link) are taken once, by the " \
+           f"first name: {root}/b-copy.svs is {root}/2020/b.svs" in capsys.readouterr().err
+    with pytest.raises(SlideNotFound, match=f"a link to {tmp_path}/moved/gone.svs, which does "
+                                            "not exist"):
+        with open_slide(f"{root}/gone.svs"):
+            pass
+
+
 def test_normalize_uri():
     assert normalize_uri("s3://bucket/prefix/") == "s3://bucket/prefix"
     assert normalize_uri("file:///tmp/x.svs") == "/tmp/x.svs"
