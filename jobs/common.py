@@ -162,8 +162,9 @@ def expand_inputs(uri: str, storage: StorageConfig, folders: dict[str, str] | No
     came from, by URI (`for_slides` gives them that line's specimen type and case).
     The instances of a DICOM series but one are marked ``part_of`` it (`fold_series`). A local
     file reached under two names (a link) is taken once (`engine.slides.storage.local_files`),
-    which is said on stderr. A list's files are looked up ``STAT_THREADS`` at a time: one request each on S3, whose
-    round trips one after another add up to many minutes for a list of 50,000 slides.
+    which is said on stderr. A list's files are looked up ``STAT_THREADS`` at a time: one
+    request each on S3, whose round trips one after another add up to many minutes for a list
+    of 50,000 slides.
     """
     twins: dict[str, str] = {}
     if uri.lower().endswith(LIST_SUFFIXES):
