@@ -111,3 +111,72 @@ def _proxy(port: int, target: int, delay_s: float) -> None:
             await server.serve_forever()
 
     asyncio.run(main())
+
+
+def delayed_mount(source: str, point: str, delay_ms: float) -> subprocess.Popen:
+    """``source`` mounted read-only at ``point`` through FUSE (file system type
+    ``fuse.hemeflow-delayed``), in a process of its own that holds each open and each read
+    ``delay_ms``, as a network file system (NFS, SMB) answers after a round trip where a local
+    disk answers at once. Needs ``/dev/fuse``, libfuse 2 (Debian: ``apt-get install fuse3
+    libfuse2``) and fusepy (``pip install fusepy``), none of them a dependency of hemeflow.
+    Unmount with `unmount`."""
+    try:
+        import fuse  # noqa: F401
+    except (ImportError, OSError) as err:
+        raise SystemExit(f"a delayed mount needs fusepy and libfuse 2 ({err}): pip install "
+                         "fusepy; apt-get install fuse3 libfuse2") from None
+    os.makedirs(point, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", "from benchmarks.common import _mount; "
+                             f"_mount({source!r}, {point!r}, {delay_ms / 1000})"], cwd=ROOT)
+    for _ in range(100):
+        with open("/proc/self/mounts") as fh:
+            if f" {point} fuse." in fh.read():
+                return proc
+        if proc.poll() is not None:
+            raise RuntimeError(f"the delayed mount did not start (exit {proc.returncode})")
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("the delayed mount did not start")
+
+
+def unmount(point: str, proc: subprocess.Popen) -> None:
+    subprocess.run(["fusermount", "-u", point], check=False)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _mount(source: str, point: str, delay_s: float) -> None:
+    import errno
+
+    from fuse import FUSE, FuseOSError, Operations
+
+    class Delayed(Operations):
+        def _path(self, path):
+            return os.path.join(source, path.lstrip("/"))
+
+        def getattr(self, path, fh=None):
+            try:
+                st = os.lstat(self._path(path))
+            except FileNotFoundError:
+                raise FuseOSError(errno.ENOENT) from None
+            return {k: getattr(st, k) for k in ("st_atime", "st_ctime", "st_gid", "st_mode",
+                                                "st_mtime", "st_nlink", "st_size", "st_uid")}
+
+        def readdir(self, path, fh):
+            return [".", "..", *os.listdir(self._path(path))]
+
+        def open(self, path, flags):
+            time.sleep(delay_s)
+            return os.open(self._path(path), flags)
+
+        def read(self, path, size, offset, fh):
+            time.sleep(delay_s)
+            return os.pread(fh, size, offset)
+
+        def release(self, path, fh):
+            os.close(fh)
+
+    FUSE(Delayed(), point, foreground=True, ro=True, nothreads=False,
+         fsname="hemeflow-delayed", subtype="hemeflow-delayed")

@@ -35,12 +35,12 @@ from benchmarks.sparse_reads import measured  # noqa: E402
 from jobs import inventory  # noqa: E402
 
 
-def run(prefix: str, output: str, endpoint: str, *flags: str) -> pl.DataFrame:
-    """`jobs.inventory` over ``prefix`` into ``output``; its table, without when each row was
-    read."""
+def run(prefix: str, output: str, endpoint: str | None, *flags: str) -> pl.DataFrame:
+    """`jobs.inventory` over ``prefix`` (a local folder where ``endpoint`` is None) into
+    ``output``; its table, without when each row was read."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        code = inventory.main(["--input", prefix, "--output", output, "--s3-endpoint",
-                               endpoint, *flags])
+        code = inventory.main(["--input", prefix, "--output", output,
+                               *(("--s3-endpoint", endpoint) if endpoint else ()), *flags])
     assert code == 0, f"inventory {flags} failed"
     table = pl.read_parquet(os.path.join(output, "slides", "slides.parquet"))
     return table.drop("inventoried_at").sort("uri")

@@ -36,7 +36,7 @@ from engine.schema import SCHEMA_VERSION, SLIDES, table_from_rows
 from engine.slides.inventory import MppOverrides, inventory_file
 from engine.slides.registry import looks_like_slide
 from engine.slides.storage import (FileEntry, StagingArea, get_filesystem, is_remote,
-                                   request_pool)
+                                   network_filesystem, request_pool)
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens
 from jobs.common import (add_common_args, count_arg, expand_inputs, fail, job_main, load_config,
                          progress, read_list_values, read_mpp_table, slide_mpp_arg,
@@ -49,8 +49,19 @@ FLUSH_ROWS, FLUSH_S = 500, 60.0  # a progress file each this many rows read, or 
 # slides opened at once: a remote slide's read is a few requests one after another (its
 # structure, then its thumbnail's tiles), so 4 at a time left the job waiting on round trips
 # (benchmarks/inventory_workers.py, 16 against 4: x1.5 with 30 ms a request, x2.0 with 100;
-# x0.95 where the store answers at once and the CPUs bound the job)
+# x0.95 where the store answers at once and the CPUs bound the job); so is one on a network
+# file system (NFS, SMB), each of whose reads is a round trip
 LOCAL_WORKERS, REMOTE_WORKERS = 4, 16
+
+
+def default_workers(entries: list[FileEntry]) -> int:
+    """``REMOTE_WORKERS`` where a slide is read from an object store or a network file system
+    (`engine.slides.storage.network_filesystem`: an NFS or SMB mount is a local path),
+    ``LOCAL_WORKERS`` where every one is on a local disk."""
+    if any(is_remote(e.uri) for e in entries):
+        return REMOTE_WORKERS
+    folders = {e.uri.rsplit("/", 1)[0] for e in entries}
+    return REMOTE_WORKERS if any(network_filesystem(f) for f in folders) else LOCAL_WORKERS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,8 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="specimen type of slides the .csv list does not type (engine/specimen.py)")
     p.add_argument("--workers", type=count_arg(),
                    help=f"slides opened in parallel (default {LOCAL_WORKERS}; {REMOTE_WORKERS} "
-                        "where slides are read from a store such as S3: each waits on its "
-                        "requests' round trips)")
+                        "where slides are read from a store such as S3 or a network file "
+                        "system such as NFS or SMB: each waits on its reads' round trips)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--retry-failed", action="store_true",
                        help="read again the unchanged files an earlier inventory at the output "
@@ -232,8 +243,7 @@ def main(argv=None) -> int:
             print(f"inventory: {found}; {kept} kept (their files unchanged), {len(read)} "
                   "file(s) to read", file=sys.stderr, flush=True)
         done = Progress(args.output, cfg.storage, bool(args.mpp_table))
-        workers = args.workers or (REMOTE_WORKERS if any(is_remote(e.uri) for e in todo)
-                                   else LOCAL_WORKERS)
+        workers = args.workers or default_workers(todo)
         with StagingArea(cfg.storage) as staging, request_pool(workers, "inventory") as pool:
             work = pool.map(lambda e: inventory_file(e, cfg.storage, staging, overrides,
                                                      specimens.of(e.uri), cases.get(e.uri)),

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -286,6 +288,51 @@ def local_files(root: str, twins: dict[str, str] | None = None) -> dict[str, dic
             continue
         found[path] = {"name": path, "size": size, "type": "file"}
     return found
+
+
+# file systems whose reads cross a network: NFS, SMB, the cluster ones, and FUSE mounts (sshfs,
+# s3fs, mountpoint-s3, gcsfuse, rclone: a remote host or an object store behind each) but
+# fuseblk (a local disk's NTFS or exFAT)
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre",
+                       "gpfs", "beegfs", "afs", "9p")
+
+
+def is_network_filesystem(kind: str) -> bool:
+    return kind in NETWORK_FILESYSTEMS or kind.startswith("fuse.")
+
+
+def parse_mounts(text: str) -> list[tuple[str, str]]:
+    """``/proc/self/mounts``' mount points and their file system types, in its order (a later
+    mount over the same point hides an earlier one); a space or tab in a path is ``\\040``,
+    ``\\011`` there."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])
+            out.append((point, parts[2]))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _mounts() -> tuple[tuple[str, str], ...]:
+    try:
+        with open("/proc/self/mounts") as fh:
+            return tuple(parse_mounts(fh.read()))
+    except OSError:  # no procfs (macOS): no mount known
+        return ()
+
+
+def network_filesystem(path: str, mounts: list[tuple[str, str]] | None = None) -> str | None:
+    """The type of the network file system (`NETWORK_FILESYSTEMS`, a FUSE mount) that holds
+    the local ``path`` (through links too), or None where a local disk does: each of its reads
+    waits on a round trip, as an object store's do."""
+    real = os.path.realpath(path)
+    kind, depth = None, -1
+    for point, fs_kind in _mounts() if mounts is None else mounts:
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= depth:
+            kind, depth = fs_kind, len(point)
+    return kind if kind is not None and is_network_filesystem(kind) else None
 
 
 def stat_file(uri: str, storage: StorageConfig, folders: bool = False) -> FileEntry | None:

@@ -97,6 +97,40 @@ def test_listing_follows_links_to_folders_once_and_takes_a_file_once(tmp_path, c
             pass
 
 
+def test_a_network_file_system_is_known_by_its_mount(tmp_path, wsi_dir, monkeypatch, capsys):
+    """An NFS or SMB mount is a local path whose every read waits on a round trip, as S3's do:
+    the inventory opens as many slides at once there as on S3 (it opened 4)."""
+    import engine.slides.storage as storage
+    from jobs import inventory
+
+    mounts = storage.parse_mounts(
+        "/dev/vda / ext4 rw 0 0\n"
+        "filer:/export/slides /mnt/slide\\040archive nfs4 rw,relatime 0 0\n"
+        "//pacs/wsi /mnt/slide\\040archive/pacs cifs rw 0 0\n"
+        "/dev/sdb1 /mnt/slide\\040archive/pacs/usb fuseblk rw 0 0\n"
+        "bucket /mnt/s3 fuse.mountpoint-s3 ro 0 0\n")
+    assert mounts[1] == ("/mnt/slide archive", "nfs4")
+    got = {p: storage.network_filesystem(p, mounts) for p in (
+        "/mnt/slide archive/2026/a.svs", "/mnt/slide archive/pacs/b.dcm",
+        "/mnt/slide archive/pacs/usb/c.svs", "/mnt/s3/d.svs", "/mnt/slide archivist/e.svs")}
+    assert got == {"/mnt/slide archive/2026/a.svs": "nfs4", "/mnt/slide archive/pacs/b.dcm":
+                   "cifs", "/mnt/slide archive/pacs/usb/c.svs": None,
+                   "/mnt/s3/d.svs": "fuse.mountpoint-s3", "/mnt/slide archivist/e.svs": None}
+    link = tmp_path / "archive"
+    link.symlink_to(wsi_dir)  # through a link, the mount of what it names
+    here = storage.parse_mounts(f"/dev/vda / ext4 rw 0 0\nfiler:/x {wsi_dir} nfs rw 0 0\n")
+    assert storage.network_filesystem(str(link / "a.svs"), here) == "nfs"
+    pools, pool = [], inventory.request_pool
+    monkeypatch.setattr(inventory, "request_pool", lambda n, name: pools.append(n) or pool(n))
+    listed = tmp_path / "slides.txt"
+    listed.write_text(f"{link}/openslide-python/small.svs\n")
+    for table in ((), tuple(here)):
+        monkeypatch.setattr(storage, "_mounts", lambda table=table: table)
+        assert inventory.main(["--input", str(listed), "--output",
+                               str(tmp_path / f"inv{len(table)}")]) == 0
+    assert pools == [inventory.LOCAL_WORKERS, inventory.REMOTE_WORKERS] == [4, 16]
+
+
 def test_normalize_uri():
     assert normalize_uri("s3://bucket/prefix/") == "s3://bucket/prefix"
     assert normalize_uri("file:///tmp/x.svs") == "/tmp/x.svs"
