@@ -51,6 +51,12 @@ class SlideCorrupt(SlideError):
     """The file claims a supported format but its bytes cannot be decoded."""
 
 
+class SlideBeingWritten(SlideError):
+    """A local file that failed to read (corrupt, unsupported) and changed since the job listed
+    it: a copy under way (a scanner's export, a transfer to a share). The job does not commit
+    it, so the next run reads it whole; committed as corrupt, it was skipped by every rerun."""
+
+
 class MissingMPP(SlideError):
     """The slide carries no usable pixel size and none was supplied (``--mpp`` / ``--mpp-table``)."""
 

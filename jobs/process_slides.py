@@ -32,17 +32,19 @@ from typing import NamedTuple
 
 import engine
 from engine.config import Config
-from engine.errors import HemeflowError, SlideArchived
+from engine.errors import (HemeflowError, SlideArchived, SlideBeingWritten, SlideError,
+                           StorageCredentialsError)
 from engine.models import MissingWeights
 from engine.pipeline.commit import OutputStore, RunLease, describe_run, runs_writing
 from engine.pipeline.run import RunMetrics, resolve_stages, run_pipeline
 from engine.schema import SCHEMA_VERSION, STATUSES, slide_id_for
 from engine.slides.dicom import SERIES_TAG
 from engine.slides.inventory import MppOverrides
-from engine.slides.storage import ARCHIVE_CLASSES, FileEntry, InputError, is_remote
+from engine.slides.storage import (ARCHIVE_CLASSES, FileEntry, InputError, is_remote,
+                                   request_pool, stat_file)
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
-from jobs.common import (add_common_args, expand_inputs, fail, fold_series, job_main,
-                         load_config, once_each, one_value_each, read_list_values,
+from jobs.common import (STAT_THREADS, add_common_args, expand_inputs, fail, fold_series,
+                         job_main, load_config, once_each, one_value_each, read_list_values,
                          read_mpp_table, read_text, slide_mpp_arg, write_run_config)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
@@ -303,14 +305,36 @@ def warn_case_changes(store: OutputStore, inputs: Inputs, kept: set[str], source
 FILE_FAULTS = ("SlideCorrupt", "SlideUnsupported")
 
 
-def inventory_verdicts(inputs: Inputs, kept: set[str], again: bool) -> list[FileEntry]:
+def inventory_verdicts(inputs: Inputs, kept: set[str], again: bool, storage, log=print
+                       ) -> list[FileEntry]:
     """The input's slides its inventory found unreadable that are not committed, to commit
     as failed with the inventory's reasons rather than read again (`commit_verdicts`); none
-    where the run reads them again (``again``: ``--retry-failed`` or ``--reprocess``)."""
+    where the run reads them again (``again``: ``--retry-failed`` or ``--reprocess``). A file
+    that is not the one the inventory read (its size or ETag now another: a copy that was
+    under way then, a corrupt file replaced) is read: the verdict was on other bytes."""
     if again:
         return []
-    return [e for e in inputs.entries
-            if e.uri in inputs.failed and slide_id_for(e.uri) not in kept]
+    judged = [e for e in inputs.entries
+              if e.uri in inputs.failed and slide_id_for(e.uri) not in kept]
+
+    def now(e: FileEntry) -> FileEntry | None:
+        try:
+            return stat_file(e.uri, storage)
+        except StorageCredentialsError:
+            raise
+        except SlideError:
+            return None  # gone or denied now: its read says so
+
+    with request_pool(max(1, min(STAT_THREADS, len(judged))), "stat") as pool:
+        found = list(pool.map(now, judged))
+    changed = [e for e, f in zip(judged, found)  # a series' tag is its files' (`series_tag`)
+               if f is None or f.size != e.size or (f.etag and e.etag and f.etag != e.etag
+                                                     and not e.etag.startswith(SERIES_TAG))]
+    if changed:
+        log(f"{len(changed)} slide(s) the inventory found unreadable are not the files it "
+            f"read (their size or ETag changed since, or they are gone: {changed[0].uri}"
+            f"{', …' if len(changed) > 1 else ''}): read again")
+    return [e for e in judged if e not in changed]
 
 
 def commit_verdicts(store: OutputStore, cfg: Config, inputs: Inputs,
@@ -364,7 +388,8 @@ def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
                                  seen=seen, parts=inputs.parts)
     warn_case_changes(store, inputs, committed, args.input, log, seen)
     stages = resolve_stages(cfg, args.allow_untrained)
-    verdicts = inventory_verdicts(inputs, committed, args.retry_failed or args.reprocess)
+    verdicts = inventory_verdicts(inputs, committed, args.retry_failed or args.reprocess,
+                                  cfg.storage, log)
     if verdicts:
         log(f"{len(verdicts)} slide(s) the inventory found unreadable would be committed as "
             "failed with its reasons, not read again (--retry-failed reads them)")
@@ -491,7 +516,8 @@ def main(argv=None) -> int:
             warn_case_changes(store, inputs, kept, args.input, seen=seen)
             write_run_config(args.output, cfg, vars(args), cfg.storage)
             specimens = Specimens(args.specimen, inputs.specimens)
-            verdicts = inventory_verdicts(inputs, kept, args.retry_failed or args.reprocess)
+            verdicts = inventory_verdicts(inputs, kept, args.retry_failed or args.reprocess,
+                                          cfg.storage)
             # the run's own refusals (a model without weights) come before any commit
             stages = resolve_stages(cfg, args.allow_untrained) if verdicts else None
             judged = commit_verdicts(store, cfg, inputs, verdicts, specimens, stages)
@@ -518,6 +544,11 @@ def main(argv=None) -> int:
           f" of {len(rows)} processed; tables under "
           f"{args.output}/<slides|slide_status|cells|differentials|cellularity|tiles>/; "
           f"a row per slide: python -m jobs.slide_summary --output {args.output}")
+    unsettled = sum(1 for r in rows if r.get("error_type") == SlideBeingWritten.__name__)
+    if unsettled:
+        print(f"{unsettled} slide(s) failed to read and changed since the job listed them "
+              "(SlideBeingWritten: a copy under way?): not committed, so the next run reads "
+              "them")
     archived = sum(1 for r in rows if r.get("error_type") == SlideArchived.__name__)
     if archived:
         print(f"{archived} slide(s) in an archive storage class (SlideArchived): restore them "

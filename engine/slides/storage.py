@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import fsspec
@@ -39,13 +39,15 @@ class InputError(HemeflowError):
 class FileEntry:
     """One object found under an input: its URI, size and (on S3) ETag; ``part_of``: for a
     file of a multi-file slide that is read through another file (a DICOM series' instances,
-    `engine.slides.dicom`), that file's URI."""
+    `engine.slides.dicom`), that file's URI; ``mtime``: a local file's modification time as
+    listed, which tells a file still being written (`changed_since_listed`)."""
 
     uri: str
     size: int | None = None
     etag: str | None = None
     part_of: str | None = None
     storage_class: str | None = None  # S3's, where the listing gives it (`ARCHIVE_CLASSES`)
+    mtime: float | None = field(default=None, compare=False)
 
 
 # S3 storage classes whose objects must be restored before they can be read (an archived
@@ -256,7 +258,7 @@ def local_files(root: str, twins: dict[str, str] | None = None) -> dict[str, dic
         OSError: a folder that cannot be read (permission denied, say): its slides would be
             lost without a word.
     """
-    files: list[tuple[str, tuple[int, int] | None, int | None]] = []
+    files: list[tuple[str, tuple[int, int] | None, int | None, float | None]] = []
     seen: set[tuple[int, int]] = set()
     stack = [root.rstrip("/") or "/"]
     while stack:  # depth first, in order of name
@@ -275,18 +277,18 @@ def local_files(root: str, twins: dict[str, str] | None = None) -> dict[str, dic
                     below.append(d.path)
                     continue
                 st = d.stat()
-                files.append((d.path, (st.st_dev, st.st_ino), st.st_size))
+                files.append((d.path, (st.st_dev, st.st_ino), st.st_size, st.st_mtime))
             except FileNotFoundError:  # a link to nothing
-                files.append((d.path, None, None))
+                files.append((d.path, None, None, None))
         stack.extend(reversed(below))
     found, first = {}, {}
-    for path, key, size in sorted(files):
+    for path, key, size, mtime in sorted(files, key=lambda f: f[0]):
         name = first.setdefault(key, path) if key is not None else path
         if name != path:
             if twins is not None:
                 twins[path] = name
             continue
-        found[path] = {"name": path, "size": size, "type": "file"}
+        found[path] = {"name": path, "size": size, "type": "file", "mtime": mtime}
     return found
 
 
@@ -351,7 +353,26 @@ def stat_file(uri: str, storage: StorageConfig, folders: bool = False) -> FileEn
 def entry_of(uri: str, info: dict) -> FileEntry:
     """The `FileEntry` of the object at ``uri`` from its fsspec listing or info entry."""
     return FileEntry(uri, info.get("size"), object_etag(info),
-                     storage_class=info.get("StorageClass"))
+                     storage_class=info.get("StorageClass"),
+                     mtime=None if is_remote(uri) else info.get("mtime"))
+
+
+def changed_since_listed(entry: FileEntry) -> str | None:
+    """How a local file differs from its listing (``entry``), in words, or None where it does
+    not or cannot tell (an object in a store is replaced whole, never seen half written; a
+    file gone is its read's own verdict): a file that changed since is still being written,
+    a copy under way, whose read may have failed on its missing part."""
+    if is_remote(entry.uri) or entry.size is None:
+        return None
+    try:
+        st = os.stat(entry.uri)
+    except OSError:
+        return None
+    if st.st_size != entry.size:
+        return f"its size went from {entry.size:,} to {st.st_size:,} bytes"
+    if entry.mtime is not None and st.st_mtime != entry.mtime:
+        return "it was modified"
+    return None
 
 
 def object_etag(info: dict) -> str | None:

