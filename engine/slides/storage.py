@@ -258,15 +258,15 @@ def local_files(root: str, twins: dict[str, str] | None = None) -> dict[str, dic
         OSError: a folder that cannot be read (permission denied, say): its slides would be
             lost without a word.
     """
-    files: list[tuple[str, tuple[int, int] | None, int | None, float | None]] = []
-    seen: set[tuple[int, int]] = set()
+    files: list[tuple[str, tuple | None, int | None, float | None]] = []
+    seen: set[str] = set()
     stack = [root.rstrip("/") or "/"]
     while stack:  # depth first, in order of name
         folder = stack.pop()
-        st = os.stat(folder)
-        if (st.st_dev, st.st_ino) in seen:
+        real = os.path.realpath(folder)
+        if real in seen:
             continue
-        seen.add((st.st_dev, st.st_ino))
+        seen.add(real)
         with os.scandir(folder) as listing:
             items = sorted((d for d in listing if not d.name.startswith(".")),
                            key=lambda d: d.name)
@@ -277,7 +277,11 @@ def local_files(root: str, twins: dict[str, str] | None = None) -> dict[str, dic
                     below.append(d.path)
                     continue
                 st = d.stat()
-                files.append((d.path, (st.st_dev, st.st_ino), st.st_size, st.st_mtime))
+                # the same file: the same inode, with its size and time (a file system that
+                # gives no inode numbers, SMB's noserverino or some FUSE mounts, has 0 for all)
+                same = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if st.st_ino else \
+                    os.path.realpath(d.path)
+                files.append((d.path, same, st.st_size, st.st_mtime))
             except FileNotFoundError:  # a link to nothing
                 files.append((d.path, None, None, None))
         stack.extend(reversed(below))
