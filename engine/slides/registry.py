@@ -13,7 +13,8 @@ from engine.errors import SlideCorrupt, SlideError, SlideNotFound, SlideUnsuppor
 from engine.slides.base import SlideReader
 from engine.slides.dicom import is_dicom_name
 from engine.slides.header_copy import open_sparse
-from engine.slides.storage import StagingArea, is_remote, stat_file, translate_storage_error
+from engine.slides.storage import (StagingArea, is_remote, misnamed, stat_file,
+                                   translate_storage_error)
 
 _BACKENDS: dict[str, tuple[str, str]] = {
     "openslide": ("engine.slides.openslide_backend:OpenSlideReader",
@@ -165,8 +166,11 @@ def open_slide(uri: str, storage: StorageConfig | None = None, staging: StagingA
     """
     storage = storage or StorageConfig()
     if not is_remote(uri) and not os.path.exists(uri):
-        raise SlideNotFound(uri, f"a link to {os.readlink(uri)}, which does not exist"
-                            if os.path.islink(uri) else "no such file")
+        if os.path.islink(uri):
+            raise SlideNotFound(uri, f"a link to {os.readlink(uri)}, which does not exist")
+        if why := misnamed(uri):
+            raise SlideUnsupported(uri, why)
+        raise SlideNotFound(uri, "no such file")
     with contextlib.ExitStack() as stack:
         if is_remote(uri) and staging is None:
             staging = stack.enter_context(StagingArea(storage))

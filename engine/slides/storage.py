@@ -60,12 +60,54 @@ def is_remote(uri: str) -> bool:
 
 
 def normalize_uri(uri: str) -> str:
-    """Canonical form: absolute local paths, ``s3://bucket/key`` without a trailing slash."""
+    """Canonical form: absolute local paths, ``s3://bucket/key`` without a trailing slash; a
+    local name that is not UTF-8 as `printable` writes it."""
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if is_remote(uri):
         return uri.rstrip("/") if uri.count("/") > 2 else uri
-    return os.path.abspath(os.path.expanduser(uri))
+    return printable(os.path.abspath(os.path.expanduser(uri)))
+
+
+def printable(path: str) -> str:
+    """``path`` where its bytes are UTF-8; else with each byte that is not as ``\\xNN``. Linux
+    names are bytes: a share's or an old archive's may be in a legacy code page (``Müller`` in
+    Latin-1), which Python keeps as lone surrogates that no table, hash or log can hold. The
+    slide under such a name fails to open, saying why (`misnamed`)."""
+    try:
+        path.encode()
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def misnamed(path: str) -> str | None:
+    """Where the local ``path`` names no file: why, if it names one through `printable` (its
+    name, or a folder's above it, not UTF-8), else None."""
+    real, bad = b"/", None
+    for part in path.strip("/").split("/"):
+        here = os.path.join(real, os.fsencode(part))
+        if os.path.lexists(here):
+            real = here
+            continue
+        try:
+            names = os.listdir(real)
+        except OSError:
+            return None
+        for raw in names:
+            try:
+                raw.decode()
+            except UnicodeDecodeError as err:
+                if raw.decode("utf-8", "backslashreplace") == part:
+                    real, bad = os.path.join(real, raw), raw[err.start] if bad is None else bad
+                    break
+        else:
+            return None
+    if bad is None:
+        return None
+    return (f"its path is not UTF-8 text (byte 0x{bad:02x}: a legacy code page's, Latin-1 or "
+            "Windows-1252 say), which no table can hold: rename it (convmv -f latin1 -t utf8 "
+            "--notest -r <folder>), or mount the share with iocharset=utf8")
 
 
 def get_filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -292,7 +334,8 @@ def local_files(root: str, twins: dict[str, str] | None = None) -> dict[str, dic
             if twins is not None:
                 twins[path] = name
             continue
-        found[path] = {"name": path, "size": size, "type": "file", "mtime": mtime}
+        found[printable(path)] = {"name": printable(path), "size": size, "type": "file",
+                                  "mtime": mtime}
     return found
 
 

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from engine.config import StorageConfig
@@ -95,6 +97,43 @@ def test_listing_follows_links_to_folders_once_and_takes_a_file_once(tmp_path, c
                                             "not exist"):
         with open_slide(f"{root}/gone.svs"):
             pass
+
+
+def test_a_name_that_is_not_utf8_is_a_failed_row_that_says_why(wsi_dir, tmp_path, capsys):
+    """A share mounted without iocharset, or an old archive, holds names in a legacy code page
+    (Müller in Latin-1): Python keeps their bytes as lone surrogates, which no hash, table or
+    log could hold, and the inventory and process_slides crashed on the first. Each such slide
+    fails saying why, and every other slide is read."""
+    import polars as pl
+
+    from engine.errors import SlideUnsupported
+    from engine.slides.registry import open_slide
+    from jobs import inventory, process_slides
+
+    small = (wsi_dir / "openslide-python" / "small.svs").read_bytes()
+    root = tmp_path / "share"
+    (root / "ok").mkdir(parents=True)
+    (root / "ok" / "BM-1.svs").write_bytes(small)
+    for name in (b"BM-M\xfcller.svs", b"M\xfcller/BM-2.svs"):  # a file's name, a folder's
+        path = os.path.join(os.fsencode(root), name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(small)
+    uris = [e.uri for e in list_files(str(root), StorageConfig())]
+    assert uris == [f"{root}/BM-M\\xfcller.svs", f"{root}/M\\xfcller/BM-2.svs",
+                    f"{root}/ok/BM-1.svs"]
+    for uri in uris[:2]:
+        with pytest.raises(SlideUnsupported, match="its path is not UTF-8 text \\(byte 0xfc: "
+                                                   "a legacy code page's"):
+            with open_slide(uri):
+                pass
+    assert inventory.main(["--input", str(root), "--output", str(tmp_path / "inv")]) == 0
+    rows = pl.read_parquet(tmp_path / "inv" / "slides" / "slides.parquet").sort("uri")
+    assert rows["uri"].to_list() == uris
+    assert rows["status"].to_list() == ["failed", "failed", "ok"]
+    assert process_slides.main(["--input", str(root), "--output", str(tmp_path / "run"),
+                                "--dry-run", "--allow-untrained"]) == 0
+    assert "3 slide(s) in the input" in capsys.readouterr().out
 
 
 def test_a_network_file_system_is_known_by_its_mount(tmp_path, wsi_dir, monkeypatch, capsys):
