@@ -293,14 +293,16 @@ def local_files(root: str, twins: dict[str, str] | None = None) -> dict[str, dic
     followed, where fsspec took each for a file (an archive put together from links to other
     volumes failed "is a directory" where its slides were), and each folder is read once, by
     the name first reached, so a link back up ends there. A file reached under two names
-    (through a link, or a hard link) is taken once, by the name first in order; ``twins`` gets
-    the other's. A link to nothing is kept, without a size, to fail as missing.
+    through links (its real path the same) is taken once, by the name first in order;
+    ``twins`` gets the other's. Hard links are files of their own, as ``find`` and ``rsync``
+    take them (a benchmark's copies of one slide). A link to nothing is kept, without a size,
+    to fail as missing.
 
     Raises:
         OSError: a folder that cannot be read (permission denied, say): its slides would be
             lost without a word.
     """
-    files: list[tuple[str, tuple | None, int | None, float | None]] = []
+    files: list[tuple[str, str | None, int | None, float | None]] = []
     seen: set[str] = set()
     stack = [root.rstrip("/") or "/"]
     while stack:  # depth first, in order of name
@@ -319,11 +321,8 @@ def local_files(root: str, twins: dict[str, str] | None = None) -> dict[str, dic
                     below.append(d.path)
                     continue
                 st = d.stat()
-                # the same file: the same inode, with its size and time (a file system that
-                # gives no inode numbers, SMB's noserverino or some FUSE mounts, has 0 for all)
-                same = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if st.st_ino else \
-                    os.path.realpath(d.path)
-                files.append((d.path, same, st.st_size, st.st_mtime))
+                files.append((d.path, os.path.realpath(d.path) if d.is_symlink() else
+                              os.path.join(real, d.name), st.st_size, st.st_mtime))
             except FileNotFoundError:  # a link to nothing
                 files.append((d.path, None, None, None))
         stack.extend(reversed(below))

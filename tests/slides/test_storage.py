@@ -84,11 +84,13 @@ def test_listing_follows_links_to_folders_once_and_takes_a_file_once(tmp_path, c
     (root / "latest").symlink_to("2020")  # the same folder again
     (root / "2020" / "up").symlink_to("..")  # a loop
     (root / "b-copy.svs").symlink_to(root / "2020" / "b.svs")  # a file again
+    os.link(root / "2020" / "b.svs", root / "b-hard.svs")  # a file of its own, as find takes it
     (root / "gone.svs").symlink_to(tmp_path / "moved" / "gone.svs")
     twins: dict[str, str] = {}
     entries = list_files(str(root), StorageConfig(), twins)
     assert [(e.uri, e.size) for e in entries] == [
-        (f"{root}/2019/a.svs", 1), (f"{root}/2020/b.svs", 2), (f"{root}/gone.svs", None)]
+        (f"{root}/2019/a.svs", 1), (f"{root}/2020/b.svs", 2), (f"{root}/b-hard.svs", 2),
+        (f"{root}/gone.svs", None)]
     assert twins == {f"{root}/b-copy.svs": f"{root}/2020/b.svs"}
     assert [e.uri for e in expand_inputs(str(root), StorageConfig())] == [e.uri for e in entries]
     assert f"{root}: 1 file(s) reached under another name too (a link) are taken once, by the " \
