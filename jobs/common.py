@@ -358,6 +358,16 @@ def read_mpp_table(uri: str, storage: StorageConfig) -> dict[str, float]:
     return one_value_each(rows, uri, "pixel size")
 
 
+def warn_unused_mpp(overrides, uris, source: str) -> None:
+    """Say on stderr which lines of the ``--mpp-table`` ``source`` name no slide of the input
+    (`engine.slides.inventory.MppOverrides.unused`)."""
+    unused = overrides.unused(uris)
+    if unused:
+        print(f"hemeflow: {source}: {len(unused)} line(s) name no slide of the input (a typo? a "
+              f"slide listed under another path?), so state no size: {unused[0]}"
+              f"{', …' if len(unused) > 1 else ''}", file=sys.stderr, flush=True)
+
+
 def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
     """tqdm bar on a terminal, silent otherwise (logs stay clean in ``ray job`` output)."""
     if sys.stderr.isatty():

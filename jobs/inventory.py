@@ -40,7 +40,7 @@ from engine.slides.storage import (FileEntry, StagingArea, get_filesystem, is_re
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens
 from jobs.common import (add_common_args, count_arg, expand_inputs, fail, job_main, load_config,
                          progress, read_list_values, read_mpp_table, slide_mpp_arg,
-                         write_run_config)
+                         warn_unused_mpp, write_run_config)
 
 DEFAULT_INPUT = "../shared/data/wsi"
 ARCHIVED = "archived.csv"  # under slides/: the archived slides' objects (`write_archived`)
@@ -230,6 +230,7 @@ def main(argv=None) -> int:
         entries = expand_inputs(args.input, cfg.storage, folders)
         if not entries:
             return fail(f"no files found under {args.input}")
+        warn_unused_mpp(overrides, [e.uri for e in entries], args.mpp_table)
         typed, cases = read_list_values(args.input, cfg.storage, folders)
         specimens = Specimens(args.specimen, typed)
         earlier, found = ({}, "") if args.reprocess else earlier_rows(args.output, cfg.storage)

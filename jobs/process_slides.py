@@ -45,7 +45,8 @@ from engine.slides.storage import (ARCHIVE_CLASSES, FileEntry, InputError, is_re
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
 from jobs.common import (STAT_THREADS, add_common_args, expand_inputs, fail, fold_series,
                          job_main, load_config, once_each, one_value_each, read_list_values,
-                         read_mpp_table, read_text, slide_mpp_arg, write_run_config)
+                         read_mpp_table, read_text, slide_mpp_arg, warn_unused_mpp,
+                         write_run_config)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                       "shared", "data")
@@ -494,6 +495,7 @@ def main(argv=None) -> int:
         ours = MppOverrides(table=read_mpp_table(args.mpp_table, cfg.storage)
                             if args.mpp_table else {})
         uris = {slide_id_for(e.uri): e.uri for e in inputs.entries}
+        warn_unused_mpp(ours, [*uris.values(), *inputs.parts], args.mpp_table)
         mpp = MppOverrides(default=args.mpp, table={
             **{sid: v for sid, v in inputs.mpp.items()
                if ours.stated(uris.get(sid, ""), sid) is None}, **ours.table})

