@@ -41,12 +41,12 @@ from engine.schema import SCHEMA_VERSION, STATUSES, slide_id_for
 from engine.slides.dicom import SERIES_TAG
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import (ARCHIVE_CLASSES, FileEntry, InputError, is_remote,
-                                   request_pool, stat_file)
+                                   normalize_uri, request_pool, stat_file)
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
-from jobs.common import (STAT_THREADS, add_common_args, expand_inputs, fail, fold_series,
-                         job_main, load_config, once_each, one_value_each, read_list_values,
-                         read_mpp_table, read_text, slide_mpp_arg, warn_unused_mpp,
-                         write_run_config)
+from jobs.common import (LIST_SUFFIXES, STAT_THREADS, add_common_args, expand_inputs, fail,
+                         fold_series, job_main, load_config, once_each, one_value_each,
+                         read_list_values, read_mpp_table, read_text, slide_mpp_arg,
+                         warn_unused_mpp, write_run_config)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                       "shared", "data")
@@ -279,6 +279,52 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     return committed - redo - retired
 
 
+MOVED_SHARE = 0.5  # of the slides to process, those committed under the earlier run's input
+MOVED_SAMPLE = 20  # of those, the slides rows read to check the files' sizes
+
+
+def refuse_moved_archive(store: OutputStore, cfg, entries: list[FileEntry], source: str | None,
+                         committed: set[str]) -> None:
+    """Refuse a run over an archive that an earlier run here processed under another path: a
+    mount point renamed, an archive copied to a new volume or bucket. Slide ids follow paths
+    (`engine.schema.slide_id_for`), so every slide would be processed again under a new id and
+    the output would hold each twice, days of a GPU spent on it. Told by the earlier run's
+    ``--input`` (``config.json``): at least ``MOVED_SHARE`` of the slides this run is to
+    process are committed under it by their paths below it, with the same sizes.
+
+    Raises:
+        HemeflowError: the input is such a moved archive.
+    """
+    try:
+        doc = json.loads(read_text(store.uri("config.json"), cfg.storage))
+        old = str((doc.get("args") or {}).get("input") or "")
+    except (InputError, ValueError, AttributeError):
+        return
+    lists = (*LIST_SUFFIXES, ".parquet")
+    if not old or not source or old.lower().endswith(lists) or source.lower().endswith(lists):
+        return
+    old, new = normalize_uri(old), normalize_uri(source)
+    if old == new:
+        return
+    pending = [e for e in entries if slide_id_for(e.uri) not in committed
+               and e.uri.startswith(new + "/")]
+    moved = {sid: e for e in pending
+             if (sid := slide_id_for(old + e.uri[len(new):])) in committed}
+    if not moved or len(moved) < MOVED_SHARE * len(pending):
+        return
+    sample = dict(list(moved.items())[:MOVED_SAMPLE])
+    rows = committed_rows(store, set(sample))
+    if rows is None or any(size != sample[sid].size for sid, size in
+                           zip(rows["slide_id"].to_pylist(), rows["size_bytes"].to_pylist())):
+        return  # other files under the same names: another archive laid out alike
+    raise HemeflowError(
+        f"{store.root}: {len(moved)} of the {len(pending)} slide(s) to process were committed "
+        f"here under the earlier run's input {old} (the same paths below it, the same sizes): "
+        f"did the archive move to {new}? Slide ids follow paths, so each would be processed "
+        f"again under a new id and this output would hold it twice. Give --input {old} (a link "
+        f"from there to {new} will do, locally), or write to a new --output")
+
+
 def warn_case_changes(store: OutputStore, inputs: Inputs, kept: set[str], source: str,
                       log=print, seen: dict | None = None) -> None:
     """Say which slides the run skips (``kept``: committed, not redone) whose recorded case is
@@ -387,6 +433,7 @@ def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
     committed = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed, log,
                                  dry_run=True, reprocess_changed=args.reprocess_changed,
                                  seen=seen, parts=inputs.parts)
+    refuse_moved_archive(store, cfg, entries, args.input, committed)
     warn_case_changes(store, inputs, committed, args.input, log, seen)
     stages = resolve_stages(cfg, args.allow_untrained)
     verdicts = inventory_verdicts(inputs, committed, args.retry_failed or args.reprocess,
@@ -515,6 +562,7 @@ def main(argv=None) -> int:
             kept = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed,
                                     reprocess_changed=args.reprocess_changed, seen=seen,
                                     parts=inputs.parts)
+            refuse_moved_archive(store, cfg, entries, args.input, kept)
             warn_case_changes(store, inputs, kept, args.input, seen=seen)
             write_run_config(args.output, cfg, vars(args), cfg.storage)
             specimens = Specimens(args.specimen, inputs.specimens)

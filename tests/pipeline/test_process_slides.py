@@ -300,6 +300,33 @@ def test_a_slide_still_being_written_is_left_for_the_next_run(ray_local, tmp_pat
     assert status.filter(pl.col("uri") == str(copying))["status"].to_list() == ["ok"]
 
 
+def test_an_archive_processed_under_another_path_is_refused(run_out, archive, tmp_path,
+                                                           capsys):
+    """A mount point renamed, an archive copied to a new volume: slide ids follow paths, so
+    each slide would be processed again under a new id, the output holding it twice. The run
+    is refused before it writes anything, saying how to go on; another archive laid out
+    alike (the same names, other files) is not refused for it."""
+    moved = tmp_path / "new-volume" / "archive"
+    shutil.copytree(archive, moved)
+    before = sorted(p.name for p in (run_out / "slide_status").iterdir())
+    config = (run_out / "config.json").read_text()
+    run = ["--input", str(moved), "--output", str(run_out), "--config", tiny_config(tmp_path),
+           "--allow-untrained"]
+    for dry in ([], ["--dry-run"]):
+        assert process_slides.main([*run, *dry]) == 2
+        said = capsys.readouterr().err
+        assert f"7 of the 7 slide(s) to process were committed here under the earlier run's " \
+               f"input {archive} (the same paths below it, the same sizes): did the archive " \
+               f"move to {moved}?" in said
+        assert f"Give --input {archive} (a link from there to {moved} will do, locally)" in said
+    assert sorted(p.name for p in (run_out / "slide_status").iterdir()) == before
+    assert (run_out / "config.json").read_text() == config
+    for p in moved.iterdir():  # other slides under the same names
+        p.write_bytes(p.read_bytes() + b"\0")
+    assert process_slides.main([*run, "--dry-run"]) == 0
+    assert "did the archive move" not in capsys.readouterr().err
+
+
 def test_untrained_models_are_refused_without_the_flag(ray_local, archive, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("pipeline:\n  classifier: {model: deepheme-resnet18}\n")
