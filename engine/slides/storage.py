@@ -400,7 +400,8 @@ def entry_of(uri: str, info: dict) -> FileEntry:
     """The `FileEntry` of the object at ``uri`` from its fsspec listing or info entry."""
     return FileEntry(uri, info.get("size"), object_etag(info),
                      storage_class=info.get("StorageClass"),
-                     mtime=None if is_remote(uri) else info.get("mtime"))
+                     # fsspec gives a local link's own time, not its target's
+                     mtime=None if is_remote(uri) or info.get("islink") else info.get("mtime"))
 
 
 def changed_since_listed(entry: FileEntry) -> str | None:

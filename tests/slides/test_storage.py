@@ -172,6 +172,23 @@ def test_a_network_file_system_is_known_by_its_mount(tmp_path, wsi_dir, monkeypa
     assert pools == [inventory.LOCAL_WORKERS, inventory.REMOTE_WORKERS] == [4, 16]
 
 
+def test_a_file_changed_since_it_was_listed_says_how(tmp_path):
+    """A copy under way grows, or (preallocated, as Windows copies over SMB) keeps its size
+    and is written into: either tells a read that failed on it from a corrupt file."""
+    from engine.slides.storage import FileEntry, changed_since_listed
+
+    (tmp_path / "grows.svs").write_bytes(b"II*\0")
+    (tmp_path / "filled.svs").write_bytes(b"\0" * 8)
+    listed = {e.uri.rsplit("/", 1)[1]: e for e in list_files(str(tmp_path), StorageConfig())}
+    assert all(changed_since_listed(e) is None for e in listed.values())
+    with open(tmp_path / "grows.svs", "ab") as fh:
+        fh.write(b"\1" * 4)
+    os.utime(tmp_path / "filled.svs", (0, listed["filled.svs"].mtime + 1))
+    assert changed_since_listed(listed["grows.svs"]) == "its size went from 4 to 8 bytes"
+    assert changed_since_listed(listed["filled.svs"]) == "it was modified"
+    assert changed_since_listed(FileEntry("s3://b/k.svs", 4, "e")) is None  # replaced whole
+
+
 def test_normalize_uri():
     assert normalize_uri("s3://bucket/prefix/") == "s3://bucket/prefix"
     assert normalize_uri("file:///tmp/x.svs") == "/tmp/x.svs"
