@@ -52,9 +52,11 @@ class SlideCorrupt(SlideError):
 
 
 class SlideBeingWritten(SlideError):
-    """A local file that failed to read (corrupt, unsupported) and changed since the job listed
-    it: a copy under way (a scanner's export, a transfer to a share). The job does not commit
-    it, so the next run reads it whole; committed as corrupt, it was skipped by every rerun."""
+    """The slide's file changed since the job listed it: still being written as it was read (a
+    scanner's export, a copy to a share under way) or saved over (a rescan), so its reads may
+    have failed on the missing part or mixed two versions. The job does not commit it, so the
+    next run reads it whole; committed as corrupt, a copy under way was skipped by every
+    rerun."""
 
 
 class MissingMPP(SlideError):

@@ -596,9 +596,8 @@ def main(argv=None) -> int:
           f"a row per slide: python -m jobs.slide_summary --output {args.output}")
     unsettled = sum(1 for r in rows if r.get("error_type") == SlideBeingWritten.__name__)
     if unsettled:
-        print(f"{unsettled} slide(s) failed to read and changed since the job listed them "
-              "(SlideBeingWritten: a copy under way?): not committed, so the next run reads "
-              "them")
+        print(f"{unsettled} slide(s) changed since the job listed them (SlideBeingWritten: a "
+              "copy under way? a rescan?): not committed, so the next run reads them")
     archived = sum(1 for r in rows if r.get("error_type") == SlideArchived.__name__)
     if archived:
         print(f"{archived} slide(s) in an archive storage class (SlideArchived): restore them "

@@ -92,10 +92,11 @@ class Aggregator:
     stage applies is committed as ``skipped``. Thread-safe: each branch's stream is consumed on
     its own thread.
 
-    A slide that failed to read (corrupt, unsupported) whose file ``changed`` since the job
-    listed it (``changed``: by URI, how, or None: `engine.slides.storage.changed_since_listed`)
-    is still being written: it is reported ``SlideBeingWritten`` and not committed, so the next
-    run reads it.
+    A slide whose file ``changed`` since the job listed it (``changed``: by URI, how, or None:
+    `engine.slides.storage.changed_since_listed`) was still being written, or was saved over,
+    as it was read: its reads may have failed on the missing part or mixed two versions. It
+    is reported ``SlideBeingWritten`` and not committed, so the next run reads it whole; a
+    slide that failed otherwise (missing, no pixel size) is committed as it failed.
 
     With ``write_threads`` above 1 the writes go to storage on threads of their own (the
     tables ``write_threads`` at once, each commit marker after its slide's tables), so the
@@ -377,13 +378,6 @@ class Aggregator:
                        f"a {SPECIMENS[state.specimen]}: no configured stage applies to it "
                        f"(pipeline.stages {list(self.branches)}; "
                        f"{why_left_out(state.specimen)})")
-        why = self.changed(row["uri"]) if self.changed and state.error and \
-            state.error[0] in BEING_WRITTEN_SHOWS_AS else None
-        if why:
-            state.error = (SlideBeingWritten.__name__,
-                           f"{row['uri']}: {why} since the job listed it: still being written "
-                           f"(a copy under way?); not committed, so the next run reads it (its "
-                           f"read failed {state.error[0]}: {state.error[1]})")
         if state.error:
             status.update(status="skipped" if nothing_applies else "failed",
                           error_type=state.error[0],
@@ -445,6 +439,8 @@ class Aggregator:
             failed = next((f.exception() for f in state.writes if f.exception()), None)
             if failed is not None:
                 raise failed  # not committed: the rerun processes the slide again
+        if self._changed_as_read(state, status):
+            empty = None
         if state.error and state.written:  # one branch finished before another failed
             self.store.discard(sid)
         status.update(finished_at=utcnow(), seconds=round(time.time() - state.t0, 3))
@@ -452,6 +448,25 @@ class Aggregator:
             self.store.commit(sid, {"slides": [row]}, status)
         with self._report_lock:
             self._report(state, status, empty)
+
+    def _changed_as_read(self, state: SlideState, status: dict) -> bool:
+        """Whether the slide's file changed since the job listed it (``changed``), which makes
+        its ``status`` a ``SlideBeingWritten`` failure, not to be committed. Asked here, on the
+        commit threads: on S3 it is a request."""
+        if self.changed is None or status["status"] == "skipped" or \
+                status["error_type"] not in (None, *BEING_WRITTEN_SHOWS_AS):
+            return False
+        why = self.changed(status["uri"])
+        if not why:
+            return False
+        failed = f" (its read failed {state.error[0]}: {state.error[1]})" if state.error else ""
+        state.error = (SlideBeingWritten.__name__,
+                       f"{status['uri']}: {why} since the job listed it: still being written as "
+                       "it was read, or saved over (a copy under way? a rescan?); not committed, "
+                       f"so the next run reads it{failed}")
+        status.update(status="failed", error_type=state.error[0], error_message=state.error[1],
+                      n_tiles=None, n_cells=None, warnings=[])
+        return True
 
     def _report(self, state: SlideState, status: dict, empty: str | None) -> None:
         sid = state.slide_id

@@ -9,6 +9,7 @@ and commits each slide when both have delivered it.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import threading
 import time
@@ -30,6 +31,7 @@ from engine.pipeline.commit import OutputStore
 from engine.pipeline.steps import (READY_PREFIXES, ClassifyCells, DetectCells, EncodeTiles,
                                    PlanTasks, ReadTiles)
 from engine.schema import slide_id_for
+from engine.slides.dicom import SERIES_TAG
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import FileEntry, StagingArea, changed_since_listed, is_remote
 from engine.specimen import UNKNOWN, Specimens, branches_for
@@ -483,7 +485,9 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
         log(f"removed partial outputs of {len(cleaned)} uncommitted slide(s)")
     done = store.committed()
     pending = [e for e in entries if slide_id_for(e.uri) not in done]
-    listed = {e.uri: e for e in pending}
+    # how a slide's file changed since it was listed: a series' digest is no object's ETag
+    listed = {e.uri: dataclasses.replace(e, etag=None) if (e.etag or "").startswith(SERIES_TAG)
+              else e for e in pending}
     log(f"{len(entries)} slide(s): {len(entries) - len(pending)} already committed, "
         f"{len(pending)} to process")
     specimens = specimens or Specimens()
@@ -512,8 +516,8 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                      red_cell_diameter_um=pc.red_cell_diameter_um,
                      lobe_merge_um=pc.lobe_merge_um, stain=stages.stain,
                      write_threads=cfg.storage.write_threads, total=len(pending),
-                     changed=lambda uri: changed_since_listed(listed[uri]) if uri in listed
-                     else None)
+                     changed=lambda uri: changed_since_listed(listed[uri], cfg.storage)
+                     if uri in listed else None)
     try:
         _run_branches(agg, pending, cfg, mpp, metrics, specimens, cases, stages, branches,
                       allow_untrained, log)

@@ -22,8 +22,9 @@ from typing import TypeVar
 import fsspec
 
 from engine.config import StorageConfig
-from engine.errors import (HemeflowError, SlideAccessDenied, SlideArchived, SlideNotFound,
-                           StagingError, StorageCredentialsError, TransientStorageError)
+from engine.errors import (HemeflowError, SlideAccessDenied, SlideArchived, SlideError,
+                           SlideNotFound, StagingError, StorageCredentialsError,
+                           TransientStorageError)
 
 T = TypeVar("T")
 
@@ -404,12 +405,27 @@ def entry_of(uri: str, info: dict) -> FileEntry:
                      mtime=None if is_remote(uri) or info.get("islink") else info.get("mtime"))
 
 
-def changed_since_listed(entry: FileEntry) -> str | None:
-    """How a local file differs from its listing (``entry``), in words, or None where it does
-    not or cannot tell (an object in a store is replaced whole, never seen half written; a
-    file gone is its read's own verdict): a file that changed since is still being written,
-    a copy under way, whose read may have failed on its missing part."""
-    if is_remote(entry.uri) or entry.size is None:
+def changed_since_listed(entry: FileEntry, storage: StorageConfig | None = None) -> str | None:
+    """How the file or object differs from its listing (``entry``), in words, or None where it
+    does not or cannot tell (gone or denied now: its reads have their own verdict): a local
+    file still being written (a copy under way: larger now, or preallocated and written into),
+    or one saved over, an object replaced (a rescan), whose reads while it changed may have
+    failed on its missing part or mixed two versions. An object is compared by its ETag where
+    ``entry`` has one, else by its size; ``storage``: its store's (one request)."""
+    if entry.size is None:
+        return None
+    if is_remote(entry.uri):
+        storage = storage or StorageConfig()
+        fs, path = get_filesystem(entry.uri, storage)
+        fs.invalidate_cache(path)  # the listing's entry, which s3fs keeps, is what is asked
+        try:
+            now = stat_file(entry.uri, storage)
+        except SlideError:
+            return None
+        if entry.etag and now.etag and now.etag != entry.etag:
+            return f"its ETag went from {entry.etag} to {now.etag}"
+        if now.size is not None and now.size != entry.size:
+            return f"its size went from {entry.size:,} to {now.size:,} bytes"
         return None
     try:
         st = os.stat(entry.uri)

@@ -283,15 +283,16 @@ def test_a_slide_still_being_written_is_left_for_the_next_run(ray_local, tmp_pat
     run = ["--input", str(folder), "--output", str(tmp_path / "out"), "--specimen", "biopsy"]
     assert process_slides.main(run) == 0
     out = capsys.readouterr().out
-    assert "1 slide(s) failed to read and changed since the job listed them " \
-           "(SlideBeingWritten: a copy under way?): not committed" in out
+    assert "1 slide(s) changed since the job listed them (SlideBeingWritten: a copy under " \
+           "way? a rescan?): not committed, so the next run reads them" in out
     status = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet")
     assert dict(zip(status["uri"], status["error_type"])) == {
         str(folder / "done.svs"): None, str(folder / "broken.svs"): "SlideCorrupt"}
     assert f"warning: slide {slide_id_for(str(copying))}: {copying}: its size " \
            f"went from {len(whole) // 3:,} to {len(whole) // 2:,} bytes since the job listed " \
-           "it: still being written (a copy under way?); not committed, so the next run reads " \
-           "it (its read failed SlideCorrupt: " in out, out
+           "it: still being written as it was read, or saved over (a copy under way? a " \
+           "rescan?); not committed, so the next run reads it (its read failed SlideCorrupt: " \
+           in out, out
     monkeypatch.undo()
     copying.write_bytes(whole)  # the copy done
     assert process_slides.main(run) == 0

@@ -307,3 +307,39 @@ def test_a_dicom_series_met_in_glacier_leaves_no_row_once_restored_and_read_whol
         assert rows["uri"].to_list() == ["s3://thawed/c/c_0.dcm"], table
     status = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet")
     assert status["status"].to_list() == ["ok"] and status["n_tiles"][0] > 0
+
+
+def test_an_object_replaced_after_the_listing_is_left_for_the_next_run(
+        ray_local, s3_server, s3_client, archive, tmp_path, capsys, monkeypatch):
+    """A rescan saved over a slide's object while a job reads it: its reads may mix the two
+    scans' bytes, and its rows describe neither for sure. Its ETag is not the listing's: it is
+    not committed, and the next run reads the new object whole."""
+    s3_client.create_bucket(Bucket="rescans")
+    for name in ("small.svs", "cmu-1-small-region.svs"):
+        s3_client.put_object(Bucket="rescans", Key=f"lab/{name}",
+                             Body=(archive / name).read_bytes())
+    listed = process_slides.read_inputs
+
+    def list_then_rescan(*args, **kwargs):
+        got = listed(*args, **kwargs)
+        s3_client.put_object(Bucket="rescans", Key="lab/small.svs",  # the same bytes, anew
+                             Body=(archive / "small.svs").read_bytes() + b"\0")
+        return got
+
+    monkeypatch.setattr(process_slides, "read_inputs", list_then_rescan)
+    run = ["--input", "s3://rescans/lab", "--output", str(tmp_path / "out"), "--s3-endpoint",
+           s3_server, "--config", tiny_config(tmp_path), "--allow-untrained", "--specimen",
+           "biopsy"]
+    assert process_slides.main(run) == 0
+    out = capsys.readouterr().out
+    assert "s3://rescans/lab/small.svs: its ETag went from " in out
+    assert "since the job listed it: still being written as it was read, or saved over (a " \
+           "copy under way? a rescan?); not committed, so the next run reads it" in out
+    status = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet")
+    assert status["uri"].to_list() == ["s3://rescans/lab/cmu-1-small-region.svs"]
+    assert {p.name.split("-")[0] for p in (tmp_path / "out").glob("*/*.parquet")} == {"cmu"}
+    monkeypatch.undo()
+    assert process_slides.main(run) == 0
+    status = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet").sort("uri")
+    assert status["status"].to_list() == ["ok", "ok"]
+    assert status["slide_id"].is_unique().all()
