@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -322,6 +323,8 @@ def local_files(root: str, twins: dict[str, str] | None = None) -> dict[str, dic
                     below.append(d.path)
                     continue
                 st = d.stat()
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # a pipe, socket or device: no slide (and a pipe's open waits)
                 files.append((d.path, os.path.realpath(d.path) if d.is_symlink() else
                               os.path.join(real, d.name), st.st_size, st.st_mtime))
             except FileNotFoundError:  # a link to nothing
