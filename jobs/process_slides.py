@@ -71,6 +71,7 @@ class Inputs(NamedTuple):
     failed: dict[str, dict] = {}  # an inventory's rows of the slides it found unreadable
     part_bytes: dict[str, int] = {}  # by URI, a slide's other files' bytes (a DICOM series')
     parts: frozenset[str] = frozenset()
+    listed_now: bool = True  # sizes and ETags from a listing now, not from an inventory's table
 
 
 def _parts(entries: list[FileEntry]) -> dict:
@@ -136,7 +137,8 @@ def read_inputs(uri: str, storage) -> Inputs:
                   if r.get("status") == "failed" and r.get("error_type") in FILE_FAULTS}
         return Inputs([e for e in entries if looks_like_slide(e.uri) and not e.part_of],
                       one_value_each(specimens, uri, "specimen type"),
-                      one_value_each(cases, uri, "case"), stated, failed, **_parts(entries))
+                      one_value_each(cases, uri, "case"), stated, failed, **_parts(entries),
+                      listed_now=False)
     folders: dict[str, str] = {}
     entries = expand_inputs(uri, storage, folders)
     return Inputs([e for e in entries if looks_like_slide(e.uri) and not e.part_of],
@@ -581,7 +583,7 @@ def main(argv=None) -> int:
             rows = judged + run_pipeline([e for e in entries if e.uri not in left],
                                          args.output, cfg, mpp, args.allow_untrained,
                                          metrics=metrics, specimens=specimens,
-                                         cases=inputs.cases)
+                                         cases=inputs.cases, listed_now=inputs.listed_now)
     except MissingWeights as err:
         return fail(str(err))
     except (HemeflowError, OSError) as err:

@@ -438,11 +438,15 @@ def test_a_file_saved_over_since_the_inventory_found_it_unreadable_is_read(
                            str(tmp_path / "inv")]) == 0
     assert "2 failed (SlideCorrupt 2)" in capsys.readouterr().out
     (tmp_path / "share" / "copied.svs").write_bytes(whole)  # the copy ended
-    read = []
+    read, listed_now = [], []
     monkeypatch.setattr(process_slides, "run_pipeline",
-                        lambda entries, *a, **k: read.extend(e.uri for e in entries) or [])
+                        lambda entries, *a, **k: read.extend(e.uri for e in entries)
+                        or listed_now.append(k["listed_now"]) or [])
     assert process_slides.main(["--input", f"{tmp_path}/inv/slides/slides.parquet", "--output",
                                 str(tmp_path / "run"), "--allow-untrained"]) == 0
+    # the table's sizes are the inventory's: a slide that differs from them did not change as
+    # this run read it, and is committed as it reads (not SlideBeingWritten, run after run)
+    assert listed_now == [False]
     said = capsys.readouterr().out
     assert "1 slide(s) the inventory found unreadable are not the files it read (their size " \
            f"or ETag changed since, or they are gone: {tmp_path}/share/copied.svs): read " \
@@ -467,11 +471,15 @@ def test_a_slide_the_inventory_found_missing_is_read_once_it_is_there(wsi_dir, t
         f"{wsi_dir}/histolab/broken.svs": "SlideCorrupt",
         f"{wsi_dir}/openslide-python/small.svs": None, str(later): "SlideNotFound"}
     shutil.copy(wsi_dir / "openslide-python" / "small.svs", later)
-    read = []
+    read, listed_now = [], []
     monkeypatch.setattr(process_slides, "run_pipeline",
-                        lambda entries, *a, **k: read.extend(e.uri for e in entries) or [])
+                        lambda entries, *a, **k: read.extend(e.uri for e in entries)
+                        or listed_now.append(k["listed_now"]) or [])
     assert process_slides.main(["--input", f"{tmp_path}/inv/slides/slides.parquet", "--output",
                                 str(tmp_path / "run"), "--allow-untrained"]) == 0
+    # the table's sizes are the inventory's: a slide that differs from them did not change as
+    # this run read it, and is committed as it reads (not SlideBeingWritten, run after run)
+    assert listed_now == [False]
     assert sorted(read) == sorted([f"{wsi_dir}/openslide-python/small.svs", str(later)])
     status = pl.read_parquet(tmp_path / "run" / "slide_status" / "*.parquet")
     assert status["uri"].to_list() == [f"{wsi_dir}/histolab/broken.svs"]  # the verdict stands

@@ -464,8 +464,12 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                  allow_untrained: bool = False, log=print,
                  metrics: RunMetrics | None = None,
                  specimens: Specimens | None = None,
-                 cases: dict[str, str] | None = None) -> list[dict]:
+                 cases: dict[str, str] | None = None, listed_now: bool = True
+                 ) -> list[dict]:
     """Process every entry not yet committed under ``output``; returns the new status rows.
+    ``listed_now``: the entries' sizes and ETags are a listing's made for this run, so a slide
+    whose file differs from its entry as it commits changed as it was read (`Aggregator`:
+    ``SlideBeingWritten``); not so for an inventory's table, which gives its own.
     ``specimens``: each slide's specimen type, which decides the stages that apply to it
     (`engine.specimen`; unknown for all when None). ``cases``: the case each slide belongs
     to, by URI, recorded in its slides row (none where missing).
@@ -516,8 +520,8 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                      red_cell_diameter_um=pc.red_cell_diameter_um,
                      lobe_merge_um=pc.lobe_merge_um, stain=stages.stain,
                      write_threads=cfg.storage.write_threads, total=len(pending),
-                     changed=lambda uri: changed_since_listed(listed[uri], cfg.storage)
-                     if uri in listed else None)
+                     changed=(lambda uri: changed_since_listed(listed[uri], cfg.storage)
+                              if uri in listed else None) if listed_now else None)
     try:
         _run_branches(agg, pending, cfg, mpp, metrics, specimens, cases, stages, branches,
                       allow_untrained, log)
