@@ -140,7 +140,11 @@ def delayed_mount(source: str, point: str, delay_ms: float) -> subprocess.Popen:
 
 
 def unmount(point: str, proc: subprocess.Popen) -> None:
-    subprocess.run(["fusermount", "-u", point], check=False)
+    """Unmount a `delayed_mount`; lazily where a process still holds a file open there (a
+    Ray worker not yet ended), so that no dead mount is left behind."""
+    if subprocess.run(["fusermount", "-u", point], check=False,
+                      stderr=subprocess.DEVNULL).returncode:
+        subprocess.run(["fusermount", "-uz", point], check=False)
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:

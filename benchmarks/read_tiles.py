@@ -13,7 +13,9 @@ in the actors (``pipeline.direct_jpeg`` off, the baseline of ``direct_jpeg_speed
 configured. ``plain_ms_per_tile`` splits the plain loop's time between reading and the area
 masks: one core's cost per tile, which says how many cores a GPU encoder needs to be fed.
 ``--dicom``: the slide is a DICOM series (a file per level, JPEG frames), as converters write
-them, in place of a TIFF.
+them, in place of a TIFF. ``--mount-latency-ms``: both sides read the slide through a FUSE
+mount that holds each open and read that long (`benchmarks.common.delayed_mount`: a network
+file system such as NFS or SMB; needs fusepy and libfuse 2).
 """
 
 from __future__ import annotations
@@ -48,10 +50,16 @@ def main() -> None:
     p.add_argument("--readers", type=int, default=os.cpu_count())
     p.add_argument("--threads", type=int, default=1, help="reader threads per actor "
                    "(pipeline.read_threads)")
+    p.add_argument("--threads-baseline", type=int,
+                   help="also run ours (as configured) at this many threads per actor, for "
+                        "the ratio of --threads to it in the same process")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--kind", choices=["smear", "aspirate", "marrow"], default="smear",
                    help="synthetic slide content (marrow: the H&E biopsy the encoder reads)")
     p.add_argument("--dicom", action="store_true", help="a DICOM series, not a TIFF")
+    p.add_argument("--mount-latency-ms", type=float,
+                   help="read the slide through a FUSE mount holding each open and read this "
+                        "long (a network file system)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
 
@@ -72,6 +80,15 @@ def main() -> None:
     if args.dicom:
         path = os.path.join(work, "slide", "level_0.dcm")
     made = time.time() - t
+    if args.mount_latency_ms is not None:
+        import atexit
+
+        from benchmarks.common import delayed_mount, unmount
+
+        mount = work + "-mount"
+        proc = delayed_mount(work, mount, args.mount_latency_ms)
+        atexit.register(unmount, mount, proc)
+        path = mount + path[len(work):]
     cfg = Config()
     slide = openslide.OpenSlide(path)
     mpp = float(slide.properties[openslide.PROPERTY_NAME_MPP_X])
@@ -102,10 +119,10 @@ def main() -> None:
               "nucleus_h_od": DEFAULT_RULES.nucleus_h_od}
              for i, (x, y) in enumerate(zip(plan.x, plan.y))]
 
-    def ours(cfg: Config) -> tuple[float, float]:
+    def ours(cfg: Config, threads: int = args.threads) -> tuple[float, float]:
         """Steady-state seconds for all tiles, and seconds including actor start-up."""
         ds = ray.data.from_items(tasks).map_batches(
-            ReadTiles, fn_constructor_args=(cfg, False, args.threads),
+            ReadTiles, fn_constructor_args=(cfg, False, threads),
             batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=args.readers),
             num_cpus=1)
         # steady state: the clock starts at the first batch, so actor start-up (imports,
@@ -123,6 +140,7 @@ def main() -> None:
     # OpenSlide decoding in the actors first (the baseline of the direct decoding), then ours
     via_openslide_s, _ = ours(Config.from_dict({"pipeline": {"direct_jpeg": False}}))
     ours_s, ours_with_startup_s = ours(cfg)
+    baseline_s = ours(cfg, args.threads_baseline)[0] if args.threads_baseline else None
     n = len(plan)
     result = {
         "benchmark": "read_tiles", "host": platform.node(), "cpus": os.cpu_count(),
@@ -130,6 +148,7 @@ def main() -> None:
         "slide_made_s": round(made, 1), "tiles": n, "tile_px": args.tile_px,
         "target_mpp": args.target_mpp, "level": plan.level, "read_px": plan.read_px,
         "kind": args.kind, "format": "dicom" if args.dicom else "tiff",
+        "mount_latency_ms": args.mount_latency_ms,
         "plain_openslide_loop_tiles_per_s": round(n / plain_s, 1),
         "plain_ms_per_tile": {"read": round(1e3 * read_s / n, 3),
                               "area_masks": round(1e3 * areas_s / n, 3)},
@@ -141,6 +160,10 @@ def main() -> None:
         "ratio_via_openslide": round(plain_s / via_openslide_s, 3),
         "direct_jpeg_speedup": round(via_openslide_s / ours_s, 3),
     }
+    if baseline_s:
+        result.update({"baseline_threads_per_actor": args.threads_baseline,
+                       "hemeflow_tiles_per_s_at_baseline_threads": round(n / baseline_s, 1),
+                       "ratio_to_baseline_threads": round(baseline_s / ours_s, 3)})
     write_result(result, f"read_tiles-cpu{os.cpu_count()}-{result['date']}", args.tag)
 
 

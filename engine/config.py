@@ -454,8 +454,10 @@ class PipelineConfig:
             does not dominate (64 against 16: x1.4-2.1 steady-state reading on 2 cores).
         read_concurrency: CPU actors of both branches together, detection and tile reading
             (None: as many as the cluster has CPUs, less one for the driver on a GPU node).
-        read_threads: threads per read worker for encoder tiles; more than 1 pays only where
-            storage latency dominates (S3), since measuring tiles holds the GIL.
+        read_threads: threads per read worker for encoder tiles; 0 (auto): 4 where the slides
+            are read straight from a network file system (NFS, SMB), each of whose reads waits
+            on a round trip, else 1, since measuring tiles holds the GIL
+            (`engine.pipeline.run.read_threads_for`).
         native_threads: threads OpenCV and libvips may use in each CPU actor (0: their default,
             one per core, which oversubscribes a node full of actors).
         direct_jpeg: decode the JPEG tiles of generic tiled TIFFs and Aperio SVS directly
@@ -507,7 +509,7 @@ class PipelineConfig:
     read_batch_size: int = 64
     tile_read_batch_size: int = 64
     read_concurrency: int | None = None
-    read_threads: int = 1
+    read_threads: int = 0
     native_threads: int = 1
     direct_jpeg: bool = True
     min_nucleated: int = 200
@@ -530,10 +532,13 @@ class PipelineConfig:
         if not self.stages or not set(self.stages) <= {"cells", "tiles"}:
             raise ConfigError(f"pipeline.stages must name one or both of cells, tiles; got "
                               f"{list(self.stages)}")
-        for key in ("read_batch_size", "tile_read_batch_size", "read_threads",
-                    "threshold_samples", "cellularity_bags", "cellularity_bag_size"):
+        for key in ("read_batch_size", "tile_read_batch_size", "threshold_samples",
+                    "cellularity_bags", "cellularity_bag_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"pipeline.{key} must be at least 1, got {getattr(self, key)}")
+        if self.read_threads < 0:
+            raise ConfigError(f"pipeline.read_threads must be 0 (auto) or more, got "
+                              f"{self.read_threads}")
         r = self.red_cell_diameter_um
         if r is not None and (len(r) != 2 or not 0 < r[0] < r[1]):
             raise ConfigError(f"red_cell_diameter_um must be [low, high] with 0 < low < high "

@@ -33,7 +33,8 @@ from engine.pipeline.steps import (READY_PREFIXES, ClassifyCells, DetectCells, E
 from engine.schema import slide_id_for
 from engine.slides.dicom import SERIES_TAG
 from engine.slides.inventory import MppOverrides
-from engine.slides.storage import FileEntry, StagingArea, changed_since_listed, is_remote
+from engine.slides.storage import (FileEntry, StagingArea, changed_since_listed, is_remote,
+                                   network_filesystem)
 from engine.specimen import UNKNOWN, Specimens, branches_for
 from engine.stain import StainCheck
 
@@ -346,6 +347,19 @@ def slide_shards(n_slides: int, readers: int, most: int = 16) -> int:
     return min(most, max(1, -(-2 * readers // max(n_slides, 1))))
 
 
+NETWORK_READ_THREADS = 4  # `read_threads_for`: a tile reader's threads on a network file system
+
+
+def read_threads_for(uris: list[str]) -> int:
+    """``pipeline.read_threads`` 0's choice (auto) for slides at ``uris``: ``NETWORK_READ_THREADS``
+    where one is read straight from a network file system (NFS, SMB, a FUSE mount:
+    `engine.slides.storage.network_filesystem`), each of whose reads waits on a round trip
+    (benchmarks/read_tiles.py --mount-latency-ms: x1.68 through a mount holding each read 2 ms);
+    else 1, as the area masks hold the GIL (a local disk; an S3 slide, read from a local copy)."""
+    folders = {u.rsplit("/", 1)[0] for u in uris if not is_remote(u)}
+    return NETWORK_READ_THREADS if any(network_filesystem(f) for f in folders) else 1
+
+
 def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverrides,
                    res: Resources, encoder: bool, allow_untrained: bool,
                    reserved=None) -> ray.data.Dataset:
@@ -374,7 +388,8 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
                                               c.cuda_graphs),
                           c, res, branch, reserved)
     e = pc.encoder
-    ds = ds.map_batches(ReadTiles, fn_constructor_args=(cfg, encoder, pc.read_threads),
+    threads = pc.read_threads or read_threads_for([item["uri"] for item in items])
+    ds = ds.map_batches(ReadTiles, fn_constructor_args=(cfg, encoder, threads),
                         batch_size=pc.tile_read_batch_size,
                         compute=actor_pool(res.readers[branch], grow), num_cpus=res.cpu)
     if encoder:
@@ -508,6 +523,10 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     # the configured ones, to be committed as skipped)
     needed = {b for k in kinds for b in branches_for(k, configured, stages.encoder)}
     branches = tuple(b for b in configured if b in needed) or configured
+    if "tiles" in branches and not pc.read_threads and \
+            read_threads_for([e.uri for e in pending]) > 1:
+        log(f"slides read from a network file system: {NETWORK_READ_THREADS} threads per tile "
+            "reader, each read a round trip (pipeline.read_threads 0: auto)")
     for b in sorted(set(configured) - set(branches)):
         log(f"branch {b}: not run, no slide to process takes it ("
             + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ")")

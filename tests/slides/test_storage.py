@@ -171,6 +171,14 @@ def test_a_network_file_system_is_known_by_its_mount(tmp_path, wsi_dir, monkeypa
         assert inventory.main(["--input", str(listed), "--output",
                                str(tmp_path / f"inv{len(table)}")]) == 0
     assert pools == [inventory.LOCAL_WORKERS, inventory.REMOTE_WORKERS] == [4, 16]
+    # the pipeline's tile readers take threads there too (pipeline.read_threads 0: auto)
+    from engine.config import Config
+    from engine.pipeline.run import NETWORK_READ_THREADS, read_threads_for
+
+    assert Config().pipeline.read_threads == 0
+    assert read_threads_for([f"{link}/a.svs", "s3://b/c.svs"]) == NETWORK_READ_THREADS == 4
+    monkeypatch.setattr(storage, "_mounts", lambda: ())
+    assert read_threads_for([f"{link}/a.svs", "s3://b/c.svs"]) == 1
 
 
 def test_a_file_changed_since_it_was_listed_says_how(tmp_path):
