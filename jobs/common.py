@@ -15,7 +15,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import yaml
@@ -29,6 +29,7 @@ from engine.errors import ConfigError, HemeflowError, SlideError, StorageCredent
 from engine.specimen import parse_specimen
 
 T = TypeVar("T")
+U = TypeVar("U")
 LIST_SUFFIXES = (".txt", ".csv")
 STAT_THREADS = 16  # a list's files looked up at once (`expand_inputs`)
 
@@ -179,8 +180,7 @@ def expand_inputs(uri: str, storage: StorageConfig, folders: dict[str, str] | No
                 return [FileEntry(item)]
             return [found] if found is not None else list_files(item, storage, twins)
 
-        with request_pool(max(1, min(STAT_THREADS, len(items))), "stat") as pool:
-            found = list(pool.map(entry, items))
+        found = each_looked_up(entry, items)
         entries, seen = [], set()
         for item, files in zip(items, found):
             for e in files:
@@ -197,6 +197,13 @@ def expand_inputs(uri: str, storage: StorageConfig, folders: dict[str, str] | No
               f"are taken once, by the first name: {other} is {name}"
               f"{', …' if len(twins) > 1 else ''}", file=sys.stderr, flush=True)
     return fold_series(entries, storage, uri)
+
+
+def each_looked_up(fn: Callable[[T], U], items: list[T]) -> list[U]:
+    """``fn`` of each of ``items``, in order, ``STAT_THREADS`` at a time: each a request on S3
+    (a lookup), whose round trips one after another add up for thousands of slides."""
+    with request_pool(max(1, min(STAT_THREADS, len(items))), "stat") as pool:
+        return list(pool.map(fn, items))
 
 
 def read_list_values(uri: str, storage: StorageConfig, folders: dict[str, str]

@@ -36,7 +36,7 @@ from engine.schema import SCHEMA_VERSION, SLIDES, table_from_rows
 from engine.slides.inventory import MppOverrides, inventory_file
 from engine.slides.registry import looks_like_slide
 from engine.slides.storage import (FileEntry, StagingArea, get_filesystem, is_remote,
-                                   network_filesystem, request_pool)
+                                   on_network_filesystem, request_pool)
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens
 from jobs.common import (add_common_args, count_arg, expand_inputs, fail, job_main, load_config,
                          progress, read_list_values, read_mpp_table, slide_mpp_arg,
@@ -58,10 +58,9 @@ def default_workers(entries: list[FileEntry]) -> int:
     """``REMOTE_WORKERS`` where a slide is read from an object store or a network file system
     (`engine.slides.storage.network_filesystem`: an NFS or SMB mount is a local path),
     ``LOCAL_WORKERS`` where every one is on a local disk."""
-    if any(is_remote(e.uri) for e in entries):
-        return REMOTE_WORKERS
-    folders = {e.uri.rsplit("/", 1)[0] for e in entries}
-    return REMOTE_WORKERS if any(network_filesystem(f) for f in folders) else LOCAL_WORKERS
+    uris = [e.uri for e in entries]
+    return REMOTE_WORKERS if any(map(is_remote, uris)) or on_network_filesystem(uris) \
+        else LOCAL_WORKERS
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -41,9 +41,9 @@ from engine.schema import SCHEMA_VERSION, STATUSES, slide_id_for
 from engine.slides.dicom import SERIES_TAG
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import (ARCHIVE_CLASSES, FileEntry, InputError, is_remote,
-                                   normalize_uri, request_pool, stat_file)
+                                   normalize_uri, stat_file)
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
-from jobs.common import (LIST_SUFFIXES, STAT_THREADS, add_common_args, expand_inputs, fail,
+from jobs.common import (LIST_SUFFIXES, add_common_args, each_looked_up, expand_inputs, fail,
                          fold_series, job_main, load_config, once_each, one_value_each,
                          read_list_values, read_mpp_table, read_text, slide_mpp_arg,
                          warn_unused_mpp, write_run_config)
@@ -191,7 +191,8 @@ def changed_files(store: OutputStore, entries: list[FileEntry], ids: set[str],
 def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reprocess: bool,
                      retry_failed: bool, log=print, dry_run: bool = False,
                      reprocess_changed: bool = False, seen: dict | None = None,
-                     parts: frozenset[str] = frozenset()) -> set[str]:
+                     parts: frozenset[str] = frozenset(), source: str | None = None
+                     ) -> set[str]:
     """Settle what an existing output means for this run, before anything is written to it.
 
     A rerun with the results-relevant config of the output's ``config.json`` resumes: committed
@@ -208,13 +209,15 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     A committed slide that the input now reads as part of another (``parts``: a DICOM
     series' instance, once processed alone because its headers could not be read, say while
     the series was in S3 Glacier) is no slide: its rows are removed, which a dry run names.
+    An input (``source``) that is the earlier run's archive under another path is refused
+    (`refuse_moved_archive`).
 
     Returns the committed slides that stay committed (the run skips them); with ``dry_run``
     those that would, and nothing is changed.
 
     Raises:
         HemeflowError: the config or the table schema changed (the config: unless
-            ``reprocess`` was given).
+            ``reprocess`` was given); the input is a moved archive.
     """
     committed = store.committed()
     if not committed:
@@ -249,6 +252,8 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
             "first)")
     else:
         redo, why = (store.failed(ours), "--retry-failed") if retry_failed else (set(), "")
+    refuse_moved_archive(store, entries, source, (doc.get("args") or {}).get("input"),
+                         committed)
     if reprocess and changes and committed - ours:
         log(f"{len(committed - ours)} slide(s) of other inputs stay as the earlier config made "
             "them (their status rows say which: config_hash, engine_version)")
@@ -285,23 +290,19 @@ MOVED_SHARE = 0.5  # of the slides to process, those committed under the earlier
 MOVED_SAMPLE = 20  # of those, the slides rows read to check the files' sizes
 
 
-def refuse_moved_archive(store: OutputStore, cfg, entries: list[FileEntry], source: str | None,
-                         committed: set[str]) -> None:
+def refuse_moved_archive(store: OutputStore, entries: list[FileEntry], source: str | None,
+                         old: str | None, committed: set[str]) -> None:
     """Refuse a run over an archive that an earlier run here processed under another path: a
     mount point renamed, an archive copied to a new volume or bucket. Slide ids follow paths
     (`engine.schema.slide_id_for`), so every slide would be processed again under a new id and
     the output would hold each twice, days of a GPU spent on it. Told by the earlier run's
-    ``--input`` (``config.json``): at least ``MOVED_SHARE`` of the slides this run is to
-    process are committed under it by their paths below it, with the same sizes.
+    ``--input`` (``old``, from ``config.json``): at least ``MOVED_SHARE`` of the slides this
+    run is to process are committed under it by their paths below it, with the same sizes.
 
     Raises:
         HemeflowError: the input is such a moved archive.
     """
-    try:
-        doc = json.loads(read_text(store.uri("config.json"), cfg.storage))
-        old = str((doc.get("args") or {}).get("input") or "")
-    except (InputError, ValueError, AttributeError):
-        return
+    old = str(old or "")
     lists = (*LIST_SUFFIXES, ".parquet")
     if not old or not source or old.lower().endswith(lists) or source.lower().endswith(lists):
         return
@@ -374,8 +375,7 @@ def inventory_verdicts(inputs: Inputs, kept: set[str], again: bool, storage, log
         except SlideError:
             return None  # gone or denied now: its read says so
 
-    with request_pool(max(1, min(STAT_THREADS, len(judged))), "stat") as pool:
-        found = list(pool.map(now, judged))
+    found = each_looked_up(now, judged)
     changed = [e for e, f in zip(judged, found)  # a series' tag is its files' (`series_tag`)
                if f is None or f.size != e.size or (f.etag and e.etag and f.etag != e.etag
                                                      and not e.etag.startswith(SERIES_TAG))]
@@ -434,8 +434,7 @@ def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
     seen: dict = {}  # the slides rows, read once for both looks
     committed = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed, log,
                                  dry_run=True, reprocess_changed=args.reprocess_changed,
-                                 seen=seen, parts=inputs.parts)
-    refuse_moved_archive(store, cfg, entries, args.input, committed)
+                                 seen=seen, parts=inputs.parts, source=args.input)
     warn_case_changes(store, inputs, committed, args.input, log, seen)
     stages = resolve_stages(cfg, args.allow_untrained)
     verdicts = inventory_verdicts(inputs, committed, args.retry_failed or args.reprocess,
@@ -563,8 +562,7 @@ def main(argv=None) -> int:
             seen: dict = {}
             kept = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed,
                                     reprocess_changed=args.reprocess_changed, seen=seen,
-                                    parts=inputs.parts)
-            refuse_moved_archive(store, cfg, entries, args.input, kept)
+                                    parts=inputs.parts, source=args.input)
             warn_case_changes(store, inputs, kept, args.input, seen=seen)
             write_run_config(args.output, cfg, vars(args), cfg.storage)
             specimens = Specimens(args.specimen, inputs.specimens)

@@ -34,7 +34,7 @@ from engine.schema import slide_id_for
 from engine.slides.dicom import SERIES_TAG
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import (FileEntry, StagingArea, changed_since_listed, is_remote,
-                                   network_filesystem)
+                                   on_network_filesystem)
 from engine.specimen import UNKNOWN, Specimens, branches_for
 from engine.stain import StainCheck
 
@@ -356,15 +356,15 @@ def read_threads_for(uris: list[str]) -> int:
     `engine.slides.storage.network_filesystem`), each of whose reads waits on a round trip
     (benchmarks/read_tiles.py --mount-latency-ms: x1.68 through a mount holding each read 2 ms);
     else 1, as the area masks hold the GIL (a local disk; an S3 slide, read from a local copy)."""
-    folders = {u.rsplit("/", 1)[0] for u in uris if not is_remote(u)}
-    return NETWORK_READ_THREADS if any(network_filesystem(f) for f in folders) else 1
+    return NETWORK_READ_THREADS if on_network_filesystem(uris) else 1
 
 
 def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverrides,
                    res: Resources, encoder: bool, allow_untrained: bool,
-                   reserved=None) -> ray.data.Dataset:
+                   reserved=None, read_threads: int = 1) -> ray.data.Dataset:
     """One branch's stream: plan each slide, expand its tasks, then CPU and model actors;
-    ``reserved``: `reserve_host_cpus`' placement group, where the model actors start.
+    ``reserved``: `reserve_host_cpus`' placement group, where the model actors start;
+    ``read_threads``: each tile reader's (`read_threads_for` where the config says 0).
 
         cells: PlanTasks ─► DetectCells (CPU) ─► ClassifyCells (model)
         tiles: PlanTasks ─► ReadTiles (CPU)   ─► EncodeTiles (model, when it has weights)
@@ -388,8 +388,7 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
                                               c.cuda_graphs),
                           c, res, branch, reserved)
     e = pc.encoder
-    threads = pc.read_threads or read_threads_for([item["uri"] for item in items])
-    ds = ds.map_batches(ReadTiles, fn_constructor_args=(cfg, encoder, threads),
+    ds = ds.map_batches(ReadTiles, fn_constructor_args=(cfg, encoder, read_threads),
                         batch_size=pc.tile_read_batch_size,
                         compute=actor_pool(res.readers[branch], grow), num_cpus=res.cpu)
     if encoder:
@@ -523,9 +522,9 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     # the configured ones, to be committed as skipped)
     needed = {b for k in kinds for b in branches_for(k, configured, stages.encoder)}
     branches = tuple(b for b in configured if b in needed) or configured
-    if "tiles" in branches and not pc.read_threads and \
-            read_threads_for([e.uri for e in pending]) > 1:
-        log(f"slides read from a network file system: {NETWORK_READ_THREADS} threads per tile "
+    read_threads = pc.read_threads or read_threads_for([e.uri for e in pending])
+    if "tiles" in branches and read_threads > 1 and not pc.read_threads:
+        log(f"slides read from a network file system: {read_threads} threads per tile "
             "reader, each read a round trip (pipeline.read_threads 0: auto)")
     for b in sorted(set(configured) - set(branches)):
         log(f"branch {b}: not run, no slide to process takes it ("
@@ -543,7 +542,7 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                               if uri in listed else None) if listed_now else None)
     try:
         _run_branches(agg, pending, cfg, mpp, metrics, specimens, cases, stages, branches,
-                      allow_untrained, log)
+                      allow_untrained, log, read_threads)
     except BaseException:
         agg.close(raise_failed=False)  # the writes under way finish; the first error stands
         raise
@@ -553,7 +552,8 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
 
 def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: MppOverrides,
                   metrics: RunMetrics, specimens: Specimens, cases: dict[str, str] | None,
-                  stages, branches: tuple[str, ...], allow_untrained: bool, log) -> None:
+                  stages, branches: tuple[str, ...], allow_untrained: bool, log,
+                  read_threads: int = 1) -> None:
     """`run_pipeline`'s streams: each chunk of the pending slides through its branches, on a
     local Ray or the cluster's."""
     pc = cfg.pipeline
@@ -584,7 +584,7 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
             with ThreadPoolExecutor(len(branches), thread_name_prefix="branch") as pool:
                 futures = [pool.submit(_consume, b,
                                        branch_dataset(b, items, cfg, mpp, res, stages.encoder,
-                                                      allow_untrained, reserved),
+                                                      allow_untrained, reserved, read_threads),
                                        agg, metrics, stop) for b in branches]
                 try:
                     running = set(futures)

@@ -387,6 +387,13 @@ def network_filesystem(path: str, mounts: list[tuple[str, str]] | None = None) -
     return kind if kind is not None and is_network_filesystem(kind) else None
 
 
+def on_network_filesystem(uris) -> bool:
+    """Whether any of the local ``uris`` lies on a network file system (`network_filesystem`,
+    asked once per folder); object-store URIs are not asked."""
+    folders = {u.rsplit("/", 1)[0] for u in uris if not is_remote(u)}
+    return any(network_filesystem(f) for f in folders)
+
+
 def stat_file(uri: str, storage: StorageConfig, folders: bool = False) -> FileEntry | None:
     """Size and ETag of one object; slide errors for missing or forbidden objects. With
     ``folders``, None where ``uri`` is a folder (an S3 prefix that holds objects)."""
