@@ -27,6 +27,7 @@ import collections
 import functools
 import json
 import os
+import random
 import sys
 from typing import NamedTuple
 
@@ -38,15 +39,14 @@ from engine.models import MissingWeights
 from engine.pipeline.commit import OutputStore, RunLease, describe_run, runs_writing
 from engine.pipeline.run import RunMetrics, resolve_stages, run_pipeline
 from engine.schema import SCHEMA_VERSION, STATUSES, slide_id_for
-from engine.slides.dicom import SERIES_TAG
+from engine.slides.dicom import SERIES_TAG, series_beside
 from engine.slides.inventory import MppOverrides
-from engine.slides.storage import (ARCHIVE_CLASSES, FileEntry, InputError, is_remote,
-                                   normalize_uri, stat_file)
+from engine.slides.storage import ARCHIVE_CLASSES, FileEntry, InputError, is_remote, stat_file
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
-from jobs.common import (LIST_SUFFIXES, add_common_args, each_looked_up, expand_inputs, fail,
-                         fold_series, job_main, load_config, once_each, one_value_each,
-                         read_list_values, read_mpp_table, read_text, slide_mpp_arg,
-                         warn_unused_mpp, write_run_config)
+from jobs.common import (add_common_args, each_looked_up, expand_inputs, fail, fold_series,
+                         job_main, load_config, once_each, one_value_each, read_list_values,
+                         read_mpp_table, read_text, slide_mpp_arg, warn_unused_mpp,
+                         write_run_config)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                       "shared", "data")
@@ -62,7 +62,8 @@ class Inputs(NamedTuple):
     override), and by URI its rows of the slides it found unreadable (``failed``: corrupt or
     unsupported, `FILE_FAULTS`). ``part_bytes`` and ``parts``: the files read as part of
     another (a DICOM series' instances but one), their bytes by that slide's URI and their
-    URIs."""
+    URIs; ``series_beside``: by each such slide's URI, the files named like DICOM listed in
+    its folder, whose changes as it is read are its own (`run_pipeline`)."""
 
     entries: list[FileEntry]
     specimens: dict[str, str]
@@ -71,6 +72,7 @@ class Inputs(NamedTuple):
     failed: dict[str, dict] = {}  # an inventory's rows of the slides it found unreadable
     part_bytes: dict[str, int] = {}  # by URI, a slide's other files' bytes (a DICOM series')
     parts: frozenset[str] = frozenset()
+    series_beside: dict[str, list[FileEntry]] = {}  # `engine.slides.dicom.series_beside`
     listed_now: bool = True  # sizes and ETags from a listing now, not from an inventory's table
 
 
@@ -80,7 +82,8 @@ def _parts(entries: list[FileEntry]) -> dict:
     for e in entries:
         if e.part_of:
             found[e.part_of] += e.size or 0
-    return {"part_bytes": dict(found), "parts": frozenset(e.uri for e in entries if e.part_of)}
+    return {"part_bytes": dict(found), "parts": frozenset(e.uri for e in entries if e.part_of),
+            "series_beside": series_beside(entries)}
 
 
 def default_inputs(output: str) -> Inputs:
@@ -191,8 +194,7 @@ def changed_files(store: OutputStore, entries: list[FileEntry], ids: set[str],
 def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reprocess: bool,
                      retry_failed: bool, log=print, dry_run: bool = False,
                      reprocess_changed: bool = False, seen: dict | None = None,
-                     parts: frozenset[str] = frozenset(), source: str | None = None
-                     ) -> set[str]:
+                     parts: frozenset[str] = frozenset()) -> set[str]:
     """Settle what an existing output means for this run, before anything is written to it.
 
     A rerun with the results-relevant config of the output's ``config.json`` resumes: committed
@@ -209,8 +211,8 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     A committed slide that the input now reads as part of another (``parts``: a DICOM
     series' instance, once processed alone because its headers could not be read, say while
     the series was in S3 Glacier) is no slide: its rows are removed, which a dry run names.
-    An input (``source``) that is the earlier run's archive under another path is refused
-    (`refuse_moved_archive`).
+    An input that names slides committed here under other paths (a moved archive) is
+    refused (`refuse_moved_archive`).
 
     Returns the committed slides that stay committed (the run skips them); with ``dry_run``
     those that would, and nothing is changed.
@@ -252,8 +254,7 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
             "first)")
     else:
         redo, why = (store.failed(ours), "--retry-failed") if retry_failed else (set(), "")
-    refuse_moved_archive(store, entries, source, (doc.get("args") or {}).get("input"),
-                         committed)
+    refuse_moved_archive(store, entries, committed)
     if reprocess and changes and committed - ours:
         log(f"{len(committed - ours)} slide(s) of other inputs stay as the earlier config made "
             "them (their status rows say which: config_hash, engine_version)")
@@ -286,46 +287,66 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     return committed - redo - retired
 
 
-MOVED_SHARE = 0.5  # of the slides to process, those committed under the earlier run's input
-MOVED_SAMPLE = 20  # of those, the slides rows read to check the files' sizes
+MOVED_SHARE = 0.5  # of the slides to process, those committed under their earlier paths
+MOVED_SAMPLE = 20  # committed slides no longer in the input whose rows are read to tell
 
 
-def refuse_moved_archive(store: OutputStore, entries: list[FileEntry], source: str | None,
-                         old: str | None, committed: set[str]) -> None:
-    """Refuse a run over an archive that an earlier run here processed under another path: a
-    mount point renamed, an archive copied to a new volume or bucket. Slide ids follow paths
-    (`engine.schema.slide_id_for`), so every slide would be processed again under a new id and
-    the output would hold each twice, days of a GPU spent on it. Told by the earlier run's
-    ``--input`` (``old``, from ``config.json``): at least ``MOVED_SHARE`` of the slides this
-    run is to process are committed under it by their paths below it, with the same sizes.
+def moved_prefixes(old: str, new: str) -> tuple[str, str] | None:
+    """The folders (or S3 prefixes) two paths of one file lie below, ``old``'s and ``new``'s,
+    where they end alike from the file's name up: ``s3://lab/wsi/2019/a.svs`` and
+    ``/mnt/wsi/2019/a.svs`` give ``("s3://lab", "/mnt")``. None where the names differ."""
+    a, b = old.split("/"), new.split("/")
+    k = 0
+    while k < min(len(a), len(b)) - 1 and a[-1 - k] == b[-1 - k]:
+        k += 1
+    return ("/".join(a[:-k]), "/".join(b[:-k])) if k else None
+
+
+def refuse_moved_archive(store: OutputStore, entries: list[FileEntry], committed: set[str]
+                         ) -> None:
+    """Refuse a run over slides that an earlier run here processed under other paths: a mount
+    point renamed, an archive copied to a new volume or bucket, a list or an inventory of the
+    copy. Slide ids follow paths (`engine.schema.slide_id_for`), so every slide would be
+    processed again under a new id and the output would hold each twice, days of a GPU spent
+    on it. Told by the committed slides the input no longer names: where they are at least
+    ``MOVED_SHARE`` as many as the slides to process, the slides rows of ``MOVED_SAMPLE`` of
+    them give the folder they were under (a slide to process of the same file name and size,
+    for at least half of them), and at least ``MOVED_SHARE`` of the slides to process are
+    committed by their paths below it.
 
     Raises:
         HemeflowError: the input is such a moved archive.
     """
-    old = str(old or "")
-    lists = (*LIST_SUFFIXES, ".parquet")
-    if not old or not source or old.lower().endswith(lists) or source.lower().endswith(lists):
+    now = {slide_id_for(e.uri) for e in entries}
+    pending = [e for e in entries if slide_id_for(e.uri) not in committed]
+    gone = sorted(committed - now)
+    if not pending or len(gone) < MOVED_SHARE * len(pending):
         return
-    old, new = normalize_uri(old), normalize_uri(source)
-    if old == new:
+    sample = set(random.Random(0).sample(gone, min(MOVED_SAMPLE, len(gone))))
+    rows = store.read("slides", columns=["uri", "size_bytes"], slide_ids=sample)
+    if rows is None:
         return
-    pending = [e for e in entries if slide_id_for(e.uri) not in committed
-               and e.uri.startswith(new + "/")]
-    moved = {sid: e for e in pending
-             if (sid := slide_id_for(old + e.uri[len(new):])) in committed}
-    if not moved or len(moved) < MOVED_SHARE * len(pending):
-        return
-    sample = dict(list(moved.items())[:MOVED_SAMPLE])
-    rows = committed_rows(store, set(sample))
-    if rows is None or any(size != sample[sid].size for sid, size in
-                           zip(rows["slide_id"].to_pylist(), rows["size_bytes"].to_pylist())):
+    alike: dict[tuple[str, int | None], list[str]] = collections.defaultdict(list)
+    for e in pending:
+        alike[(e.uri.rsplit("/", 1)[-1], e.size)].append(e.uri)
+    votes = collections.Counter(
+        pair for uri, size in zip(rows["uri"].to_pylist(), rows["size_bytes"].to_pylist())
+        for pair in {moved_prefixes(uri, u) for u in alike.get((uri.rsplit("/", 1)[-1], size), ())}
+        if pair)
+    if not votes or votes.most_common(1)[0][1] < rows.num_rows / 2:
         return  # other files under the same names: another archive laid out alike
+    (old, new), _ = votes.most_common(1)[0]
+    moved = [e for e in pending if e.uri.startswith(new + "/")
+             and slide_id_for(old + e.uri[len(new):]) in committed]
+    if len(moved) < MOVED_SHARE * len(pending):
+        return
     raise HemeflowError(
         f"{store.root}: {len(moved)} of the {len(pending)} slide(s) to process were committed "
-        f"here under the earlier run's input {old} (the same paths below it, the same sizes): "
-        f"did the archive move to {new}? Slide ids follow paths, so each would be processed "
-        f"again under a new id and this output would hold it twice. Give --input {old} (a link "
-        f"from there to {new} will do, locally), or write to a new --output")
+        f"here under {old} (the same paths below it, the same sizes): did the archive move to "
+        f"{new}? Slide ids follow paths, so each would be processed again under a new id and "
+        f"this output would hold it twice. Name the slides by their paths under {old} (as "
+        f"--input {old}, or a list of those paths; a link from there to {new} will do, "
+        "locally), or write to a new --output")
 
 
 def warn_case_changes(store: OutputStore, inputs: Inputs, kept: set[str], source: str,
@@ -434,7 +455,7 @@ def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
     seen: dict = {}  # the slides rows, read once for both looks
     committed = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed, log,
                                  dry_run=True, reprocess_changed=args.reprocess_changed,
-                                 seen=seen, parts=inputs.parts, source=args.input)
+                                 seen=seen, parts=inputs.parts)
     warn_case_changes(store, inputs, committed, args.input, log, seen)
     stages = resolve_stages(cfg, args.allow_untrained)
     verdicts = inventory_verdicts(inputs, committed, args.retry_failed or args.reprocess,
@@ -562,7 +583,7 @@ def main(argv=None) -> int:
             seen: dict = {}
             kept = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed,
                                     reprocess_changed=args.reprocess_changed, seen=seen,
-                                    parts=inputs.parts, source=args.input)
+                                    parts=inputs.parts)
             warn_case_changes(store, inputs, kept, args.input, seen=seen)
             write_run_config(args.output, cfg, vars(args), cfg.storage)
             specimens = Specimens(args.specimen, inputs.specimens)
@@ -581,7 +602,8 @@ def main(argv=None) -> int:
             rows = judged + run_pipeline([e for e in entries if e.uri not in left],
                                          args.output, cfg, mpp, args.allow_untrained,
                                          metrics=metrics, specimens=specimens,
-                                         cases=inputs.cases, listed_now=inputs.listed_now)
+                                         cases=inputs.cases, listed_now=inputs.listed_now,
+                                         series_beside=inputs.series_beside)
     except MissingWeights as err:
         return fail(str(err))
     except (HemeflowError, OSError) as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
 import threading
 import time
@@ -31,7 +32,7 @@ from engine.pipeline.commit import OutputStore
 from engine.pipeline.steps import (READY_PREFIXES, ClassifyCells, DetectCells, EncodeTiles,
                                    PlanTasks, ReadTiles)
 from engine.schema import slide_id_for
-from engine.slides.dicom import SERIES_TAG
+from engine.slides.dicom import SERIES_TAG, series_changed
 from engine.slides.inventory import MppOverrides
 from engine.slides.storage import (FileEntry, StagingArea, changed_since_listed, is_remote,
                                    on_network_filesystem)
@@ -478,12 +479,15 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                  allow_untrained: bool = False, log=print,
                  metrics: RunMetrics | None = None,
                  specimens: Specimens | None = None,
-                 cases: dict[str, str] | None = None, listed_now: bool = True
-                 ) -> list[dict]:
+                 cases: dict[str, str] | None = None, listed_now: bool = True,
+                 series_beside: dict[str, list[FileEntry]] | None = None) -> list[dict]:
     """Process every entry not yet committed under ``output``; returns the new status rows.
     ``listed_now``: the entries' sizes and ETags are a listing's made for this run, so a slide
     whose file differs from its entry as it commits changed as it was read (`Aggregator`:
     ``SlideBeingWritten``); not so for an inventory's table, which gives its own.
+    ``series_beside``: by the URI of each DICOM series read through one of its files, the
+    files named like DICOM listed beside it, so that one of them written as the slide was read
+    counts as its change (`engine.slides.dicom.series_changed`).
     ``specimens``: each slide's specimen type, which decides the stages that apply to it
     (`engine.specimen`; unknown for all when None). ``cases``: the case each slide belongs
     to, by URI, recorded in its slides row (none where missing).
@@ -538,8 +542,8 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
                      red_cell_diameter_um=pc.red_cell_diameter_um,
                      lobe_merge_um=pc.lobe_merge_um, stain=stages.stain,
                      write_threads=cfg.storage.write_threads, total=len(pending),
-                     changed=(lambda uri: changed_since_listed(listed[uri], cfg.storage)
-                              if uri in listed else None) if listed_now else None)
+                     changed=functools.partial(_changed, listed, series_beside or {},
+                                               cfg.storage) if listed_now else None)
     try:
         _run_branches(agg, pending, cfg, mpp, metrics, specimens, cases, stages, branches,
                       allow_untrained, log, read_threads)
@@ -548,6 +552,17 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
         raise
     agg.close()  # the writes under way finish, or the first that failed is raised
     return agg.summary
+
+
+def _changed(listed: dict[str, FileEntry], beside: dict[str, list[FileEntry]], storage,
+             uri: str) -> str | None:
+    """How the slide at ``uri`` changed since ``listed`` (its entry) says, or None (the
+    `Aggregator`'s ``changed``): a DICOM series' by its files (``beside``)."""
+    if uri not in listed:
+        return None
+    if uri in beside:
+        return series_changed(listed[uri], beside[uri], storage)
+    return changed_since_listed(listed[uri], storage)
 
 
 def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: MppOverrides,

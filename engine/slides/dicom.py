@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable
 
 from engine.config import StorageConfig
-from engine.slides.storage import (FileEntry, call_with_retries, get_filesystem, is_remote,
-                                   request_pool)
+from engine.slides.storage import (FileEntry, call_with_retries, changed_since_listed,
+                                   entry_of, get_filesystem, is_remote, request_pool)
 
 HEADER_THREADS = 16  # headers read at once: a request each on S3
 SERIES_TAG = "dicom-series-"  # how a series' digest begins (`series_tag`)
@@ -364,3 +364,67 @@ def series_tag(files: list[FileEntry]) -> str:
     text = "\n".join(f"{e.uri.rsplit('/', 1)[-1]}\0{e.size}\0{e.etag}"
                      for e in sorted(files, key=lambda e: e.uri))
     return SERIES_TAG + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def series_beside(entries: list[FileEntry]) -> dict[str, list[FileEntry]]:
+    """By the URI each multi-file DICOM series is read through (`group_series`' marks), the
+    other files named like DICOM listed in its folder: what `series_changed` compares."""
+    mains = {e.part_of for e in entries if e.part_of}
+    if not mains:
+        return {}
+    by_folder: dict[str, list[FileEntry]] = {}
+    for e in entries:
+        if is_dicom_name(e.uri):
+            by_folder.setdefault(e.uri.rsplit("/", 1)[0], []).append(e)
+    return {m: [e for e in by_folder.get(m.rsplit("/", 1)[0], []) if e.uri != m]
+            for m in mains}
+
+
+def series_changed(main: FileEntry, beside: list[FileEntry], storage: StorageConfig
+                   ) -> str | None:
+    """How the DICOM series read through ``main`` changed since the job listed it, in words,
+    or None: ``main`` or another of its files changed (`changed_since_listed`), or a file
+    of it appeared in its folder since. A scanner or PACS export writes a series file by
+    file, so a job that listed it under way read a level or image not yet whole (and failed
+    `SlideCorrupt`, which a rerun kept) or none at all. ``beside``: the files named like
+    DICOM listed in its folder (`series_beside`); those of other series are theirs to
+    check, while a file whose header could not be read (none yet) counts as the series'. A
+    file that appeared counts where its header names the series or cannot be read yet."""
+    why = changed_since_listed(main, storage)
+    if why:
+        return why
+    for e in beside:
+        if e.part_of == main.uri or (e.part_of is None
+                                     and not (e.etag or "").startswith(SERIES_TAG)):
+            why = changed_since_listed(e, storage)
+            if why:
+                return f"{e.uri.rsplit('/', 1)[-1]} of its DICOM series: {why}"
+    folder = main.uri.rsplit("/", 1)[0]
+    known = {main.uri, *(e.uri for e in beside)}
+    try:
+        now = _folder_now(folder, storage)
+    except OSError:
+        return None  # the reads have their own verdict
+    new = [uri for uri in sorted(now) if uri not in known and is_dicom_name(uri)]
+    if not new:
+        return None
+    own = header(main, storage)
+    for uri in new:
+        got = header(now[uri] or FileEntry(uri), storage)  # a local file's: `header` stats it
+        if got is None or (own is not None and got.series == own.series):
+            return f"{uri.rsplit('/', 1)[-1]}, a file of its DICOM series, appeared"
+    return None
+
+
+def _folder_now(folder: str, storage: StorageConfig) -> dict[str, FileEntry | None]:
+    """The files in ``folder`` now (not below it), by URI, an object's entry with each (a
+    listing past any cache; a local file's is not asked, a round trip on a share)."""
+    if not is_remote(folder):
+        with os.scandir(folder or ".") as found:
+            return {e.path: None for e in found if e.is_file()}
+    fs, path = get_filesystem(folder, storage)
+    fs.invalidate_cache(path)
+    proto = folder.split("://", 1)[0] + "://"
+    listed = call_with_retries(lambda: fs.ls(path, detail=True), storage, "list")
+    return {proto + i["name"]: entry_of(proto + i["name"], i) for i in listed
+            if i.get("type") != "directory"}

@@ -251,6 +251,46 @@ def test_a_slide_saved_over_since_it_was_processed(run_out, archive, tmp_path):
     assert said[1] == "--retry-failed: 4 committed slide(s) taken out to be processed again"
 
 
+def test_a_dicom_series_still_being_written_is_left_for_the_next_run(ray_local, tmp_path,
+                                                                     capsys, monkeypatch):
+    """A scanner writes a DICOM series file by file. A job that listed it with a coarse level
+    a third written failed reading that level and committed the slide SlideCorrupt, which
+    every rerun kept, though level 0 (the slide's own file) had not changed: each file of the
+    series is compared with the listing now."""
+    from engine.slides.synthetic import smear_block
+    from engine.slides.writer import write_dicom_series
+
+    files = write_dicom_series(np.tile(smear_block(0, 2048), (2, 2, 1)),
+                               str(tmp_path / "share" / "scan"), 0.25, stem="s")
+    late = files[3]  # the level the tiles branch reads
+    whole = open(late, "rb").read()
+    open(late, "wb").write(whole[: len(whole) // 3])
+    listed = process_slides.read_inputs
+
+    def list_then_write_more(*args, **kwargs):
+        got = listed(*args, **kwargs)
+        open(late, "ab").write(whole[len(whole) // 3: len(whole) // 2])
+        return got
+
+    monkeypatch.setattr(process_slides, "read_inputs", list_then_write_more)
+    run = ["--input", str(tmp_path / "share"), "--output", str(tmp_path / "out"), "--specimen",
+           "biopsy"]
+    assert process_slides.main(run) == 0
+    out = capsys.readouterr().out
+    assert f"warning: slide {slide_id_for(files[0])}: {files[0]}: s_3.dcm of its DICOM series: " \
+           f"its size went from {len(whole) // 3:,} to {len(whole) // 2:,} bytes since the job " \
+           "listed it: still being written as it was read, or saved over (a copy under way? a " \
+           "rescan?); not committed, so the next run reads it (its read failed SlideCorrupt: " \
+           in out, out
+    assert not (tmp_path / "out" / "slide_status").exists() or \
+        not list((tmp_path / "out" / "slide_status").glob("*.parquet"))
+    monkeypatch.undo()
+    open(late, "wb").write(whole)  # the scanner done
+    assert process_slides.main(run) == 0
+    status = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet")
+    assert status.select("uri", "status").rows() == [(files[0], "ok")]
+
+
 def test_partial_outputs_of_uncommitted_slides_are_removed(run_out, archive, tmp_path):
     stray = run_out / "cells" / "ghost-000000000000.parquet"
     stray.write_bytes((next((run_out / "cells").glob("*.parquet"))).read_bytes())
@@ -305,27 +345,36 @@ def test_an_archive_processed_under_another_path_is_refused(run_out, archive, tm
                                                            capsys):
     """A mount point renamed, an archive copied to a new volume: slide ids follow paths, so
     each slide would be processed again under a new id, the output holding it twice. The run
-    is refused before it writes anything, saying how to go on; another archive laid out
-    alike (the same names, other files) is not refused for it."""
+    is refused before it writes anything, saying how to go on, whether the input is the moved
+    folder or a list of its slides (which the earlier run's --input did not tell); another
+    archive laid out alike (the same names, other files) is not refused for it."""
     moved = tmp_path / "new-volume" / "archive"
     shutil.copytree(archive, moved)
+    listed = tmp_path / "moved.csv"
+    listed.write_text("path,specimen\n" + "".join(f"{p},blood\n" for p in moved.iterdir()))
     before = sorted(p.name for p in (run_out / "slide_status").iterdir())
     config = (run_out / "config.json").read_text()
-    run = ["--input", str(moved), "--output", str(run_out), "--config", tiny_config(tmp_path),
-           "--allow-untrained"]
-    for dry in ([], ["--dry-run"]):
-        assert process_slides.main([*run, *dry]) == 2
+    run = ["--output", str(run_out), "--config", tiny_config(tmp_path), "--allow-untrained"]
+    for given, dry in ((moved, []), (moved, ["--dry-run"]), (listed, [])):
+        assert process_slides.main([*run, "--input", str(given), *dry]) == 2
         said = capsys.readouterr().err
-        assert f"7 of the 7 slide(s) to process were committed here under the earlier run's " \
-               f"input {archive} (the same paths below it, the same sizes): did the archive " \
-               f"move to {moved}?" in said
-        assert f"Give --input {archive} (a link from there to {moved} will do, locally)" in said
+        assert f"7 of the 7 slide(s) to process were committed here under {archive} (the " \
+               f"same paths below it, the same sizes): did the archive move to {moved}?" in said
+        assert f"Name the slides by their paths under {archive} (as --input {archive}, or a " \
+               f"list of those paths; a link from there to {moved} will do, locally)" in said
     assert sorted(p.name for p in (run_out / "slide_status").iterdir()) == before
     assert (run_out / "config.json").read_text() == config
     for p in moved.iterdir():  # other slides under the same names
         p.write_bytes(p.read_bytes() + b"\0")
-    assert process_slides.main([*run, "--dry-run"]) == 0
+    assert process_slides.main([*run, "--input", str(moved), "--dry-run"]) == 0
     assert "did the archive move" not in capsys.readouterr().err
+
+
+def test_a_moved_file_gives_the_folders_it_moved_between():
+    assert process_slides.moved_prefixes("s3://lab/wsi/2019/a.svs", "/mnt/wsi/2019/a.svs") == \
+        ("s3://lab", "/mnt")
+    assert process_slides.moved_prefixes("/old/a.svs", "/new/cases/a.svs") == ("/old", "/new/cases")
+    assert process_slides.moved_prefixes("/x/2019/a.svs", "/x/2019/b.svs") is None
 
 
 def test_untrained_models_are_refused_without_the_flag(ray_local, archive, tmp_path, capsys):

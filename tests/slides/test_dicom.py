@@ -425,3 +425,56 @@ def test_a_list_may_name_a_series_on_s3_by_its_prefix(dicom_study, s3_server, s3
     inputs = read_inputs(str(listed), StorageConfig(endpoint_url=s3_server))
     assert [(e.uri, inputs.cases[e.uri]) for e in inputs.entries] == [
         ("s3://dicom-listed/walked/c_0.dcm", "C1"), ("s3://dicom-listed/gone", "C2")]
+
+
+def _series_change(uri: str, storage: StorageConfig):
+    """`series_changed` of the series read through ``uri`` as `read_inputs` lists it now."""
+    from engine.slides.dicom import series_beside, series_changed
+
+    entries = expand_inputs(uri, storage)
+    beside = series_beside(entries)
+    main = next(u for u in beside if u.endswith("/boxes_0.dcm"))
+    listed = next(e for e in entries if e.uri == main)
+    return lambda: series_changed(FileEntry(main, listed.size, mtime=listed.mtime),
+                                  beside[main], storage)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_dicom_series_changes_with_any_file_written_beside_its_level_0(
+        series_folder, where, request):
+    """A scanner writes a series file by file: its slide changed as it was read where a file of
+    it grew, or one appeared (named by the series' UID, or with no header yet), not where
+    another series' file appeared beside it or nothing changed."""
+    storage, root = StorageConfig(), str(series_folder)
+    put = lambda name, data: (series_folder / name).write_bytes(data)  # noqa: E731
+    if where == "s3":
+        s3_server, s3_client = (request.getfixturevalue(f) for f in ("s3_server", "s3_client"))
+        s3_client.create_bucket(Bucket="dicom-writing")
+        storage, root = StorageConfig(endpoint_url=s3_server), "s3://dicom-writing/study"
+        put = lambda name, data: s3_client.put_object(  # noqa: E731
+            Bucket="dicom-writing", Key=f"study/{name}", Body=data)
+    thumb = (series_folder / "boxes_1.dcm").read_bytes()
+    other = (series_folder / "other_boxes_1.dcm").read_bytes()
+    (series_folder / "other_boxes_1.dcm").unlink()
+    (series_folder / "boxes_1.dcm").write_bytes(thumb[: len(thumb) // 2])
+    if where == "s3":
+        upload_tree(s3_client, "dicom-writing", series_folder, "study")
+    changed = _series_change(root, storage)
+    assert changed() is None
+    put("other_boxes_1.dcm", other)  # another series' file: its own slide's
+    assert changed() is None
+    put("boxes_1.dcm", thumb)
+    assert changed() == "boxes_1.dcm of its DICOM series: its size went from " \
+        f"{len(thumb) // 2:,} to {len(thumb):,} bytes" if where == "local" else \
+        changed().startswith("boxes_1.dcm of its DICOM series: its ETag went from ")
+    changed = _series_change(root, storage)
+    assert changed() is None
+    put("IM0003", b"")  # a file of no header yet
+    assert changed() == "IM0003, a file of its DICOM series, appeared"
+    changed = _series_change(root, storage)  # listed with no header: counted the series'
+    put("IM0003", thumb)
+    assert changed() == "IM0003 of its DICOM series: its size went from 0 to " \
+        f"{len(thumb):,} bytes" if where == "local" else changed() is not None
+    changed = _series_change(root, storage)
+    put("IM0004", thumb)  # whole already: its header names the series
+    assert changed() == "IM0004, a file of its DICOM series, appeared"
