@@ -454,9 +454,10 @@ class PipelineConfig:
             does not dominate (64 against 16: x1.4-2.1 steady-state reading on 2 cores).
         read_concurrency: CPU actors of both branches together, detection and tile reading
             (None: as many as the cluster has CPUs, less one for the driver on a GPU node).
-        read_threads: threads per read worker for encoder tiles; 0 (auto): 4 where the slides
+        read_threads: threads per read worker, for encoder tiles and for cell-detection
+            regions (reads under way while a region is detected); 0 (auto): 4 where the slides
             are read straight from a network file system (NFS, SMB), each of whose reads waits
-            on a round trip, else 1, since measuring tiles holds the GIL
+            on a round trip, else 1, since measuring tiles and detecting cells hold the GIL
             (`engine.pipeline.run.read_threads_for`).
         native_threads: threads OpenCV and libvips may use in each CPU actor (0: their default,
             one per core, which oversubscribes a node full of actors).

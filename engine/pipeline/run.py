@@ -348,7 +348,7 @@ def slide_shards(n_slides: int, readers: int, most: int = 16) -> int:
     return min(most, max(1, -(-2 * readers // max(n_slides, 1))))
 
 
-NETWORK_READ_THREADS = 4  # `read_threads_for`: a tile reader's threads on a network file system
+NETWORK_READ_THREADS = 4  # `read_threads_for`: a reader's threads on a network file system
 
 
 def read_threads_for(uris: list[str]) -> int:
@@ -365,7 +365,8 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
                    reserved=None, read_threads: int = 1) -> ray.data.Dataset:
     """One branch's stream: plan each slide, expand its tasks, then CPU and model actors;
     ``reserved``: `reserve_host_cpus`' placement group, where the model actors start;
-    ``read_threads``: each tile reader's (`read_threads_for` where the config says 0).
+    ``read_threads``: each tile reader's and cell detector's (`read_threads_for` where the
+    config says 0).
 
         cells: PlanTasks ─► DetectCells (CPU) ─► ClassifyCells (model)
         tiles: PlanTasks ─► ReadTiles (CPU)   ─► EncodeTiles (model, when it has weights)
@@ -380,7 +381,7 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
         num_cpus=0)
     if branch == "cells":
         c = pc.classifier
-        ds = ds.map_batches(DetectCells, fn_constructor_args=(cfg,),
+        ds = ds.map_batches(DetectCells, fn_constructor_args=(cfg, read_threads),
                             batch_size=pc.read_batch_size,
                             compute=actor_pool(res.readers[branch], grow), num_cpus=res.cpu)
         return model_step(ds, ClassifyCells, (c.model, c.checkpoint, allow_untrained, c.tta,
@@ -527,9 +528,9 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     needed = {b for k in kinds for b in branches_for(k, configured, stages.encoder)}
     branches = tuple(b for b in configured if b in needed) or configured
     read_threads = pc.read_threads or read_threads_for([e.uri for e in pending])
-    if "tiles" in branches and read_threads > 1 and not pc.read_threads:
+    if read_threads > 1 and not pc.read_threads:
         log(f"slides read from a network file system: {read_threads} threads per tile "
-            "reader, each read a round trip (pipeline.read_threads 0: auto)")
+            "reader and cell detector, each read a round trip (pipeline.read_threads 0: auto)")
     for b in sorted(set(configured) - set(branches)):
         log(f"branch {b}: not run, no slide to process takes it ("
             + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ")")

