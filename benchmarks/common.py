@@ -113,6 +113,14 @@ def _proxy(port: int, target: int, delay_s: float) -> None:
     asyncio.run(main())
 
 
+def add_mount_arg(parser, what: str = "the slide") -> None:
+    """``--mount-latency-ms``: ``what`` read through a `delayed_mount` holding each open and
+    read that long (a network file system)."""
+    parser.add_argument("--mount-latency-ms", type=float,
+                        help=f"read {what} through a FUSE mount holding each open and read this "
+                             "long (a network file system)")
+
+
 def delayed_mount(source: str, point: str, delay_ms: float) -> subprocess.Popen:
     """``source`` mounted read-only at ``point`` through FUSE (file system type
     ``fuse.hemeflow-delayed``), in a process of its own that holds each open and each read

@@ -26,7 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import result_head, write_result  # noqa: E402
+from benchmarks.common import add_mount_arg, result_head, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -39,9 +39,7 @@ def main() -> None:
                    "(pipeline.read_threads)")
     p.add_argument("--threads-baseline", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--mount-latency-ms", type=float,
-                   help="read the slide through a FUSE mount holding each open and read this "
-                        "long (a network file system)")
+    add_mount_arg(p)
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
 

@@ -33,7 +33,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import add_mount_arg, write_result  # noqa: E402
 
 
 def n_tiles_total(total: int, counted: int) -> float:
@@ -57,9 +57,7 @@ def main() -> None:
     p.add_argument("--kind", choices=["smear", "aspirate", "marrow"], default="smear",
                    help="synthetic slide content (marrow: the H&E biopsy the encoder reads)")
     p.add_argument("--dicom", action="store_true", help="a DICOM series, not a TIFF")
-    p.add_argument("--mount-latency-ms", type=float,
-                   help="read the slide through a FUSE mount holding each open and read this "
-                        "long (a network file system)")
+    add_mount_arg(p)
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
 

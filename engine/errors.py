@@ -71,6 +71,12 @@ class StagingError(SlideError):
     """A remote object could not be staged locally (too large for the cache, disk full, …)."""
 
 
+class StagingFull(StagingError):
+    """The node's staging folder or disk had no room for the object (copies in use, other
+    files): the node's condition at that moment, not the slide's, so a job does not commit it
+    (`NOT_COMMITTED`) and the next run reads the slide."""
+
+
 class StorageCredentialsError(SlideError):
     """Object storage refuses the credentials themselves (expired, unknown, wrongly signed):
     every request would fail alike, so the job stops, where failing each slide in turn would
@@ -80,6 +86,9 @@ class StorageCredentialsError(SlideError):
 
 
 STOPS_THE_JOB = ("StorageCredentialsError",)  # error types a job stops on, committing nothing
+# a slide's failures of the moment, not of its file: reported, not committed, so the next run
+# reads the slide (its file still being written; no room to stage it)
+NOT_COMMITTED = ("SlideBeingWritten", "StagingFull")
 
 
 def stop_if_it_stops_the_job(error_type: str | None, message: str | None) -> None:

@@ -29,11 +29,11 @@ import sys
 import time
 
 from engine.config import StorageConfig
-from engine.errors import HemeflowError, SlideArchived, stop_if_it_stops_the_job
+from engine.errors import NOT_COMMITTED, HemeflowError, SlideArchived, stop_if_it_stops_the_job
 from engine.outputs import join_uri, run_stamp, write_bytes, write_parquet
 from engine.pipeline.progress import Progress as RunProgress
 from engine.schema import SCHEMA_VERSION, SLIDES, table_from_rows
-from engine.slides.inventory import MppOverrides, inventory_file
+from engine.slides.inventory import MppOverrides, inventory_file, modified_since_read
 from engine.slides.registry import looks_like_slide
 from engine.slides.storage import (FileEntry, StagingArea, get_filesystem, is_remote,
                                    on_network_filesystem, request_pool)
@@ -169,15 +169,18 @@ def kept_row(earlier: tuple[dict, bool] | None, entry: FileEntry, overrides: Mpp
              specimen: str, case: str | None, retry_failed: bool) -> dict | None:
     """An earlier inventory's row for ``entry``'s file (`earlier_rows`), with this run's
     specimen type, case and pixel sizes; None where the file must be read: no such row, the
-    file changed (its size, or its S3 ETag), a row that was skipped (its reason is this
-    listing's: a DICOM series' instances) or failed (with ``retry_failed``), or a pixel size
-    only a read tells (`MppOverrides.restate`)."""
+    file changed (its size, its S3 ETag, or a local file's time: `modified_since_read`), a
+    row that was skipped (its reason is this listing's: a DICOM series' instances) or failed
+    (with ``retry_failed``; or for a moment's reason, `NOT_COMMITTED`: no room to stage the
+    file), or a pixel size only a read tells (`MppOverrides.restate`)."""
     if earlier is None or entry.part_of or entry.size is None:
         return None
     row, table_given = earlier
-    if row["size_bytes"] != entry.size or row["etag"] != entry.etag:
+    if row["size_bytes"] != entry.size or row["etag"] != entry.etag or \
+            modified_since_read(row, entry):
         return None
-    if row["status"] == "skipped" or (row["status"] == "failed" and retry_failed):
+    if row["status"] == "skipped" or (row["status"] == "failed" and retry_failed) or \
+            row["error_type"] in NOT_COMMITTED:  # a failure of the moment: read again
         return None
     row = overrides.restate(row, table_given)
     return None if row is None else {**row, "specimen": specimen, "case": case}

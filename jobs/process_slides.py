@@ -24,24 +24,28 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
+import hashlib
 import json
 import os
 import random
 import sys
+import time
 from typing import NamedTuple
 
 import engine
 from engine.config import Config
-from engine.errors import (HemeflowError, SlideArchived, SlideBeingWritten, SlideError,
-                           StorageCredentialsError)
+from engine.errors import (NOT_COMMITTED, HemeflowError, SlideArchived, SlideBeingWritten,
+                           SlideError, StagingFull, StorageCredentialsError)
 from engine.models import MissingWeights
 from engine.pipeline.commit import OutputStore, RunLease, describe_run, runs_writing
 from engine.pipeline.run import RunMetrics, resolve_stages, run_pipeline
 from engine.schema import SCHEMA_VERSION, STATUSES, slide_id_for
 from engine.slides.dicom import SERIES_TAG, series_beside
-from engine.slides.inventory import MppOverrides
-from engine.slides.storage import ARCHIVE_CLASSES, FileEntry, InputError, is_remote, stat_file
+from engine.slides.inventory import MppOverrides, modified_since_read
+from engine.slides.storage import (ARCHIVE_CLASSES, FileEntry, InputError, is_remote,
+                                   normalize_uri, stat_file)
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
 from jobs.common import (add_common_args, each_looked_up, expand_inputs, fail, fold_series,
                          job_main, load_config, once_each, one_value_each, read_list_values,
@@ -150,16 +154,16 @@ def read_inputs(uri: str, storage) -> Inputs:
 
 def committed_rows(store: OutputStore, ids: set[str], seen: dict | None = None):
     """The slides rows of the committed slides ``ids`` (``slide_id``, ``size_bytes``, ``etag``,
-    ``case``), or None for none: one read per slide on S3, so a run that looks twice passes
-    the same ``seen`` dict and reads each once."""
+    ``case``, ``inventoried_at``), or None for none: one read per slide on S3, so a run that
+    looks twice passes the same ``seen`` dict and reads each once."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if not ids:
         return None
     if seen is None or not ids <= seen.get("ids", set()):
-        table = store.read("slides", columns=["slide_id", "size_bytes", "etag", "case"],
-                           slide_ids=ids)
+        table = store.read("slides", columns=["slide_id", "size_bytes", "etag", "case",
+                                              "inventoried_at"], slide_ids=ids)
         if seen is None:
             return table
         seen.update(ids=set(ids), table=table)
@@ -172,13 +176,16 @@ def changed_files(store: OutputStore, entries: list[FileEntry], ids: set[str],
                   seen: dict | None = None) -> dict[str, str]:
     """Of the committed slides ``ids``, those whose file the input now lists is not the one
     processed: its size, or its ETag where both have one (S3; a DICOM series' digest of its
-    files, `engine.slides.dicom.series_tag`), differs from the slides row.
-    Returns what changed, by slide_id (``"size 1024 -> 2048"``); ``seen``: `committed_rows`'."""
+    files, `engine.slides.dicom.series_tag`), differs from the slides row, or a local file
+    was modified after its slide was read (`modified_since_read`: a rescan saved over it at
+    the same size). Returns what changed, by slide_id (``"size 1024 -> 2048"``); ``seen``:
+    `committed_rows`'."""
     now = {slide_id_for(e.uri): e for e in entries}
     got = committed_rows(store, ids & now.keys(), seen)
     changed = {}
-    for sid, size, etag in zip(*(got[c].to_pylist() for c in ("slide_id", "size_bytes", "etag"))
-                               ) if got is not None else ():
+    columns = ("slide_id", "size_bytes", "etag", "inventoried_at")
+    for sid, size, etag, at in zip(*(got[c].to_pylist() for c in columns)
+                                   ) if got is not None else ():
         e = now[sid]
         if etag is not None and e.etag is not None and \
                 etag.startswith(SERIES_TAG) != e.etag.startswith(SERIES_TAG):
@@ -186,6 +193,8 @@ def changed_files(store: OutputStore, entries: list[FileEntry], ids: set[str],
         what = [f"{name} {old} -> {new}" for name, old, new in
                 (("size", size, e.size), ("ETag", etag, e.etag))
                 if old is not None and new is not None and old != new]
+        if not what and modified_since_read({"inventoried_at": at}, e):
+            what = [f"modified after it was read on {at:%Y-%m-%d %H:%M} UTC"]
         if what:
             changed[sid] = ", ".join(what)
     return changed
@@ -194,7 +203,8 @@ def changed_files(store: OutputStore, entries: list[FileEntry], ids: set[str],
 def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reprocess: bool,
                      retry_failed: bool, log=print, dry_run: bool = False,
                      reprocess_changed: bool = False, seen: dict | None = None,
-                     parts: frozenset[str] = frozenset()) -> set[str]:
+                     parts: frozenset[str] = frozenset(), source: str | None = None
+                     ) -> set[str]:
     """Settle what an existing output means for this run, before anything is written to it.
 
     A rerun with the results-relevant config of the output's ``config.json`` resumes: committed
@@ -207,6 +217,10 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
     on S3, too many to make on each rerun of a large archive). An output whose tables another
     version's schema wrote is refused outright: its tables could not be read as one.
     ``seen``: the slides rows read, for `warn_case_changes` (`committed_rows`).
+
+    A ``--reprocess`` of ``source`` (the input) leaves a mark (`reprocess_mark`) until a run
+    over it ends: run again under the same config before then (after a crash), it goes on,
+    keeping the slides committed since the mark, where it took them out again.
 
     A committed slide that the input now reads as part of another (``parts``: a DICOM
     series' instance, once processed alone because its headers could not be read, say while
@@ -244,8 +258,18 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
         changes.insert(0, f"engine {made_by} -> {engine.__version__} (a release whose results "
                           "differ: README \"Versions\")")
     ours = {slide_id_for(e.uri) for e in entries} & committed
+    mark, begun = reprocess_mark(source), None
     if reprocess:
         redo, why = ours, "--reprocess"
+        begun = None if changes else store.modified(REPROCESS_FOLDER, mark)
+        if begun is not None:  # an interrupted --reprocess under this config: it goes on
+            times = store.commit_times()
+            done = {sid for sid in ours if times.get(sid, 0.0) >= begun}
+            redo = ours - done
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(begun))
+            log(f"--reprocess: the one begun here {when} under this config did not end: it "
+                f"goes on, the {len(done)} slide(s) it processed kept (to begin again: remove "
+                f"{store.uri(REPROCESS_FOLDER, mark)})")
     elif changes:
         raise HemeflowError(
             f"{store.root} holds {len(committed)} slide(s) processed with another config or "
@@ -279,12 +303,41 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
             "they were processed, as when the series was in an archive storage class): their "
             f"rows {'would be ' if dry_run else 'are '}removed ({', '.join(sorted(retired)[:3])}"
             f"{', …' if len(retired) > 3 else ''})")
+    if reprocess and begun is None and not dry_run:  # a rerun of it goes on from here
+        store.write_json(REPROCESS_FOLDER, mark, {
+            "input": source, "engine_version": engine.__version__,
+            "started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
     if (redo or retired) and not dry_run:
         store.uncommit(redo | retired)
     if redo - changed.keys():
         log(f"{why}: {len(redo - changed.keys())} committed slide(s) "
             f"{'would be ' if dry_run else ''}taken out to be processed again")
     return committed - redo - retired
+
+
+REPROCESS_FOLDER = "_reprocess"  # a mark an input whose --reprocess began and has not ended
+
+
+def reprocess_mark(source: str | None) -> str:
+    """The name of the mark a ``--reprocess`` of the input ``source`` leaves in the output
+    until a run over that input ends with every slide committed (`reconcile_output`): a
+    rerun of the command after a crash (or a RayJob's retry of it) then goes on where it
+    stopped, where it took out and processed again the slides the crashed run had done."""
+    key = normalize_uri(source) if source else "(the bundled default input)"
+    return hashlib.sha256(key.encode()).hexdigest()[:16] + ".json"
+
+
+def end_reprocess(store: OutputStore, source: str | None, rows: list[dict]) -> None:
+    """Remove the input's `reprocess_mark` once a run over it ends with none of its slides
+    left uncommitted (``rows``: its status rows; `NOT_COMMITTED`)."""
+    if any(r.get("error_type") in NOT_COMMITTED for r in rows):
+        return
+    folder = f"{store.path.rstrip('/')}/{REPROCESS_FOLDER}"
+    with contextlib.suppress(FileNotFoundError):
+        store.fs.rm(f"{folder}/{reprocess_mark(source)}")
+        if not is_remote(store.root):
+            with contextlib.suppress(OSError):  # the last mark: no empty folder left
+                os.rmdir(folder)
 
 
 MOVED_SHARE = 0.5  # of the slides to process, those committed under their earlier paths
@@ -381,8 +434,9 @@ def inventory_verdicts(inputs: Inputs, kept: set[str], again: bool, storage, log
     """The input's slides its inventory found unreadable that are not committed, to commit
     as failed with the inventory's reasons rather than read again (`commit_verdicts`); none
     where the run reads them again (``again``: ``--retry-failed`` or ``--reprocess``). A file
-    that is not the one the inventory read (its size or ETag now another: a copy that was
-    under way then, a corrupt file replaced) is read: the verdict was on other bytes."""
+    that is not the one the inventory read (its size or ETag now another, or a local file
+    modified since: a copy that was under way then, a corrupt file replaced) is read: the
+    verdict was on other bytes."""
     if again:
         return []
     judged = [e for e in inputs.entries
@@ -399,10 +453,11 @@ def inventory_verdicts(inputs: Inputs, kept: set[str], again: bool, storage, log
     found = each_looked_up(now, judged)
     changed = [e for e, f in zip(judged, found)  # a series' tag is its files' (`series_tag`)
                if f is None or f.size != e.size or (f.etag and e.etag and f.etag != e.etag
-                                                     and not e.etag.startswith(SERIES_TAG))]
+                                                     and not e.etag.startswith(SERIES_TAG))
+               or modified_since_read(inputs.failed[e.uri], f)]
     if changed:
         log(f"{len(changed)} slide(s) the inventory found unreadable are not the files it "
-            f"read (their size or ETag changed since, or they are gone: {changed[0].uri}"
+            f"read (their size, ETag or time changed since, or they are gone: {changed[0].uri}"
             f"{', …' if len(changed) > 1 else ''}): read again")
     return [e for e in judged if e not in changed]
 
@@ -455,7 +510,7 @@ def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
     seen: dict = {}  # the slides rows, read once for both looks
     committed = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed, log,
                                  dry_run=True, reprocess_changed=args.reprocess_changed,
-                                 seen=seen, parts=inputs.parts)
+                                 seen=seen, parts=inputs.parts, source=args.input)
     warn_case_changes(store, inputs, committed, args.input, log, seen)
     stages = resolve_stages(cfg, args.allow_untrained)
     verdicts = inventory_verdicts(inputs, committed, args.retry_failed or args.reprocess,
@@ -583,7 +638,7 @@ def main(argv=None) -> int:
             seen: dict = {}
             kept = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed,
                                     reprocess_changed=args.reprocess_changed, seen=seen,
-                                    parts=inputs.parts)
+                                    parts=inputs.parts, source=args.input)
             warn_case_changes(store, inputs, kept, args.input, seen=seen)
             write_run_config(args.output, cfg, vars(args), cfg.storage)
             specimens = Specimens(args.specimen, inputs.specimens)
@@ -604,6 +659,7 @@ def main(argv=None) -> int:
                                          metrics=metrics, specimens=specimens,
                                          cases=inputs.cases, listed_now=inputs.listed_now,
                                          series_beside=inputs.series_beside)
+            end_reprocess(store, args.input, rows)
     except MissingWeights as err:
         return fail(str(err))
     except (HemeflowError, OSError) as err:
@@ -620,6 +676,11 @@ def main(argv=None) -> int:
     if unsettled:
         print(f"{unsettled} slide(s) changed since the job listed them (SlideBeingWritten: a "
               "copy under way? a rescan?): not committed, so the next run reads them")
+    unstaged = sum(1 for r in rows if r.get("error_type") == StagingFull.__name__)
+    if unstaged:
+        print(f"{unstaged} slide(s) found no room to be staged (StagingFull: the staging "
+              "folder full of copies in use, or its disk full): not committed, so the next run "
+              "reads them; give storage.stage_dir more room (storage.stage_max_bytes)")
     archived = sum(1 for r in rows if r.get("error_type") == SlideArchived.__name__)
     if archived:
         print(f"{archived} slide(s) in an archive storage class (SlideArchived): restore them "

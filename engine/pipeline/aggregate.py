@@ -24,7 +24,7 @@ from engine.cells import KIND_CELL, KIND_PLATELET, lobes
 from engine.cellularity import slide_cellularity
 from engine.classes import LOBED_CODES
 from engine.differential import compute_differential, differential_rows, review_warnings
-from engine.errors import SlideBeingWritten, stop_if_it_stops_the_job
+from engine.errors import NOT_COMMITTED, SlideBeingWritten, stop_if_it_stops_the_job
 from engine.pipeline.commit import OutputStore
 from engine.pipeline.progress import Progress
 from engine.report.geojson import cells_geojson_text
@@ -95,7 +95,8 @@ class Aggregator:
     A slide whose file ``changed`` since the job listed it (``changed``: by URI, how, or None:
     `engine.slides.storage.changed_since_listed`) was still being written, or was saved over,
     as it was read: its reads may have failed on the missing part or mixed two versions. It
-    is reported ``SlideBeingWritten`` and not committed, so the next run reads it whole; a
+    is reported ``SlideBeingWritten`` and not committed, so the next run reads it whole; so
+    is one that failed ``StagingFull`` (no room on the node to stage it: `NOT_COMMITTED`); a
     slide that failed otherwise (missing, no pixel size) is committed as it failed.
 
     With ``write_threads`` above 1 the writes go to storage on threads of their own (the
@@ -444,7 +445,7 @@ class Aggregator:
         if state.error and state.written:  # one branch finished before another failed
             self.store.discard(sid)
         status.update(finished_at=utcnow(), seconds=round(time.time() - state.t0, 3))
-        if status["error_type"] != SlideBeingWritten.__name__:
+        if status["error_type"] not in NOT_COMMITTED:
             self.store.commit(sid, {"slides": [row]}, status)
         with self._report_lock:
             self._report(state, status, empty)
@@ -479,7 +480,7 @@ class Aggregator:
                  + (f" [{len(self.summary)}/{self.progress.total}]" if self.progress else ""))
         if self.progress and (line := self.progress.tick()):
             self.log(line)
-        if status["error_type"] == SlideBeingWritten.__name__:
+        if status["error_type"] in NOT_COMMITTED:
             self.log(f"warning: slide {sid}: {status['error_message']}")
         if empty:
             self.log(f"warning: slide {sid}: no_tissue: {empty}")

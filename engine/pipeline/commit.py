@@ -66,12 +66,31 @@ class OutputStore:
         size and ETag or modification time), from the one listing `committed` makes."""
         from engine.pipeline.compact import stamp
 
+        return {sid: stamp(info) for sid, info in self._markers().items()}
+
+    def commit_times(self) -> dict[str, float]:
+        """Each committed slide's commit time: its marker's last write as POSIX seconds, by the
+        storage's clock (one listing)."""
+        return {sid: _modified(info) for sid, info in self._markers().items()}
+
+    def modified(self, *parts: str) -> float | None:
+        """The last write of the file at ``parts`` below the root, by the storage's clock (the
+        clock `commit_times` reads), or None where there is none."""
+        path = "/".join([self.path.rstrip("/"), *parts])
+        self.fs.invalidate_cache(path)
+        try:
+            return _modified(self.fs.info(path))
+        except FileNotFoundError:
+            return None
+
+    def _markers(self) -> dict[str, dict]:
+        """The commit markers' fsspec entries by slide id, listed past any cache."""
         self.fs.invalidate_cache()
         try:
             infos = self.fs.ls(f"{self.path.rstrip('/')}/{STATUS_TABLE}", detail=True)
         except FileNotFoundError:
             return {}
-        return {i["name"].rsplit("/", 1)[-1][:-len(".parquet")]: stamp(i) for i in infos
+        return {i["name"].rsplit("/", 1)[-1][:-len(".parquet")]: i for i in infos
                 if i["name"].endswith(".parquet")}
 
     def failed(self, slide_ids: set[str]) -> set[str]:

@@ -99,6 +99,16 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def modified_since_read(row: dict, entry: FileEntry) -> bool:
+    """Whether the local file ``entry`` lists was modified after the inventory ``row`` began
+    to read it (its modification time later than the row's ``inventoried_at``): a copy under
+    way then into a file its copier had made its full size first (rsync --preallocate, a
+    Windows copy), whose size tells nothing; or a file saved over since with the same size.
+    Not told for an object (its ETag tells) or a link (its listing gives no target's time)."""
+    at = row.get("inventoried_at")
+    return entry.mtime is not None and at is not None and entry.mtime > at.timestamp()
+
+
 def base_row(entry: FileEntry, specimen: str = UNKNOWN, case: str | None = None) -> dict:
     return {"slide_id": slide_id_for(entry.uri), "uri": entry.uri, "size_bytes": entry.size,
             "etag": entry.etag, "specimen": specimen, "case": case, "inventoried_at": _now()}

@@ -24,7 +24,7 @@ import fsspec
 
 from engine.config import StorageConfig
 from engine.errors import (HemeflowError, SlideAccessDenied, SlideArchived, SlideError,
-                           SlideNotFound, StagingError, StorageCredentialsError,
+                           SlideNotFound, StagingError, StagingFull, StorageCredentialsError,
                            TransientStorageError)
 
 T = TypeVar("T")
@@ -656,7 +656,8 @@ class StagingArea:
         total = size + sum(s for _, s in companions)
         if total > self.max_bytes:
             raise StagingError(uri, f"object of {total:,} bytes exceeds the staging bound of "
-                               f"{self.max_bytes:,} bytes (storage.stage_max_bytes)")
+                               f"{self.max_bytes:,} bytes (storage.stage_max_bytes: raise it, "
+                               "then run again with --retry-failed)")
         shutil.rmtree(folder, ignore_errors=True)  # a crashed download's leftovers
         self._reserve(total, fd, key, waited)
         parent = path.rsplit("/", 1)[0]
@@ -669,8 +670,9 @@ class StagingArea:
         except OSError as err:
             shutil.rmtree(folder, ignore_errors=True)
             if err.errno == errno.ENOSPC:
-                raise StagingError(uri, f"no space left on the staging disk ({self.root}); "
-                                   "set storage.stage_dir or storage.stage_max_bytes") from err
+                raise StagingFull(uri, f"no space left on the staging disk ({self.root}); "
+                                  "set storage.stage_dir or storage.stage_max_bytes; not "
+                                  "committed, so the next run reads it") from err
             raise translate_storage_error(uri, err) from err
         with open(os.path.join(folder, ".complete"), "w"):
             pass
@@ -760,7 +762,7 @@ def _same_file(fd: int, path: str) -> bool:
 class _Wait:
     """Waiting on the staging folder without deadlock: locks are polled, and each time one is
     busy (or the folder is full) the caller's ``make_room`` may release a copy it holds idle
-    before we sleep. After ``StagingArea.wait_s`` the stage fails with `StagingError`."""
+    before we sleep. After ``StagingArea.wait_s`` the stage fails with `StagingFull`."""
 
     def __init__(self, area: StagingArea, uri: str, make_room: Callable[[], bool] | None):
         self.area, self.uri, self.make_room = area, uri, make_room
@@ -770,7 +772,8 @@ class _Wait:
         if self.make_room is not None and self.make_room():
             return
         if time.monotonic() > self.deadline:
-            raise StagingError(self.uri, f"waited {self.area.wait_s:.0f} s: {why}")
+            raise StagingFull(self.uri, f"waited {self.area.wait_s:.0f} s: {why}; not "
+                              "committed, so the next run reads it")
         time.sleep(self.area.poll_s)
 
     def lock(self, fd: int, mode: int) -> None:

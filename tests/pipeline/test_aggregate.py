@@ -127,6 +127,22 @@ def test_writes_beside_the_intake_commit_each_slide_after_its_tables(tmp_path):
         a.add_cells(_cells("s9", [0], 1, _header("s9")))
 
 
+def test_a_slide_with_no_room_to_stage_is_reported_and_left_for_the_next_run(tmp_path):
+    """No room on the node's staging disk (copies in use, a disk full) is the node's
+    condition at that moment: committed failed, a plain rerun skipped the slide for good."""
+    logged = []
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    a = Aggregator(store, "hash", ["cells"], [], CODES, 1, ("cells",), log=logged.append)
+    why = "/x/s5.svs: waited 1800 s: no room; not committed, so the next run reads it"
+    a.add_cells(_cells("s5", [-1], 0, _header("s5", "failed", ("StagingFull", why))))
+    a.add_cells(_cells("s6", [-1], 0, _header("s6", "failed", ("StagingError", "too big"))))
+    a.close()
+    assert [(r["slide_id"], r["error_type"]) for r in a.summary] == [
+        ("s5", "StagingFull"), ("s6", "StagingError")]
+    assert store.committed() == {"s6"}
+    assert f"warning: slide s5: {why}" in logged
+
+
 def test_failure_in_one_branch_discards_the_others_tables(agg):
     a, out = agg
     a.add_cells(_cells("s2", [0], 1, _header("s2")))

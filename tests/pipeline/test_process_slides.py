@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+import time
 
 import duckdb
 import numpy as np
@@ -211,8 +212,9 @@ def test_rerun_skips_committed_slides(run_out, archive, tmp_path, capsys, monkey
 
 
 def test_a_slide_saved_over_since_it_was_processed(run_out, archive, tmp_path):
-    """A committed slide whose file the input now lists with another size (a rescan saved over
-    it; on S3 its ETag too: tests/pipeline/test_s3_pipeline.py) is named by a dry run and kept,
+    """A committed slide whose file the input now lists with another size or a later time (a
+    rescan saved over it; on S3 its ETag: tests/pipeline/test_s3_pipeline.py) is named by a
+    dry run and kept,
     or taken out to be processed again with reprocess_changed; the others stay committed."""
     import dataclasses
 
@@ -231,6 +233,11 @@ def test_a_slide_saved_over_since_it_was_processed(run_out, archive, tmp_path):
     now = [*entries[:smear], rescan, *entries[smear + 1:]]
     store, sid = OutputStore(str(out), cfg.storage), slide_id_for(rescan.uri)
     assert process_slides.changed_files(store, entries, store.committed()) == {}
+    # saved over at the same size: a local file's time is later than its slide's reading
+    resaved = [dataclasses.replace(e, mtime=time.time() + 60) if i == smear else e
+               for i, e in enumerate(entries)]
+    got = process_slides.changed_files(store, resaved, store.committed())
+    assert list(got) == [sid] and got[sid].startswith("modified after it was read on ")
     said = []  # a plain rerun does not look (it would read every committed slide's row)
     assert process_slides.reconcile_output(store, cfg, now, False, False, said.append) == \
         store.committed() and said == []
@@ -289,6 +296,49 @@ def test_a_dicom_series_still_being_written_is_left_for_the_next_run(ray_local, 
     assert process_slides.main(run) == 0
     status = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet")
     assert status.select("uri", "status").rows() == [(files[0], "ok")]
+
+
+def test_a_reprocess_run_again_after_a_crash_goes_on_where_it_stopped(run_out, archive,
+                                                                      tmp_path):
+    """--reprocess takes the input's slides out and processes them again. Run again after a
+    crash (by hand, or a RayJob's retry of the same command), it took out and processed
+    again the slides the crashed run had done: an archive's reprocessing on a cluster that
+    kept crashing never ended. It goes on from there; once a run over the input ends, the
+    next --reprocess begins anew."""
+    import yaml
+
+    from engine.config import Config
+    from engine.pipeline.commit import OutputStore
+
+    out = tmp_path / "out"
+    shutil.copytree(run_out, out)
+    cfg = Config.from_dict(yaml.safe_load(open(tiny_config(tmp_path))))
+    entries = process_slides.read_inputs(str(archive), cfg.storage).entries
+    store, said = OutputStore(str(out), cfg.storage), []
+
+    def reprocess(dry_run=False):
+        return process_slides.reconcile_output(store, cfg, entries, True, False, said.append,
+                                               dry_run=dry_run, source=str(archive))
+
+    assert reprocess() == set() and store.committed() == set()
+    marks = list((out / process_slides.REPROCESS_FOLDER).iterdir())
+    assert len(marks) == 1 and json.loads(marks[0].read_text())["input"] == str(archive)
+    time.sleep(0.05)
+    done = sorted(p.name for p in (run_out / "slide_status").iterdir())[:3]
+    for name in done:  # the crashed run had committed three of them again
+        shutil.copy(run_out / "slide_status" / name, out / "slide_status" / name)
+    said.clear()
+    for dry in (True, False):
+        assert reprocess(dry) == {n[:-len(".parquet")] for n in done}
+        assert said[0].startswith("--reprocess: the one begun here ") and said[0].endswith(
+            f"under this config did not end: it goes on, the 3 slide(s) it processed kept (to "
+            f"begin again: remove {marks[0]})"), said
+        said.clear()
+    process_slides.end_reprocess(store, str(archive), [{"error_type": "StagingFull"}])
+    assert marks[0].exists()  # a slide left for the next run: not ended
+    process_slides.end_reprocess(store, str(archive), [{"error_type": None}])
+    assert not marks[0].exists()
+    assert reprocess() == set() and store.committed() == set()  # a new one: all again
 
 
 def test_partial_outputs_of_uncommitted_slides_are_removed(run_out, archive, tmp_path):

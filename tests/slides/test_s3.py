@@ -15,7 +15,7 @@ import pytest
 import s3fs
 
 from engine.config import StorageConfig
-from engine.errors import StagingError
+from engine.errors import StagingError, StagingFull
 from engine.slides import open_slide
 from engine.slides.storage import StagingArea, list_files
 from jobs import inventory
@@ -286,7 +286,8 @@ def test_staging_is_size_bounded(archive, s3_server, s3_client, tmp_path):
         with staging.stage(cmu.uri, make_room=lambda: held.close() is None):
             assert _staged(staging.root) == ["cmu-1-small-region.svs"]
             staging.wait_s = 0.3
-            with pytest.raises(StagingError, match="staging folder is full"):
+            with pytest.raises(StagingFull, match="staging folder is full.*not committed, so "
+                               "the next run reads it"):
                 with staging.stage(copy.uri):
                     pass
         assert staging.downloads == 5  # cmu, copy, cmu, copy, cmu: each evicting the other
@@ -304,7 +305,7 @@ def test_staging_leaves_room_on_the_disk(archive, s3_server, tmp_path, monkeypat
         staging.wait_s = 0.3
         monkeypatch.setattr(storage_module.shutil, "disk_usage",
                             lambda p: real(p)._replace(free=staging.disk_reserve + 1_000_000))
-        with pytest.raises(StagingError, match="bytes free"):
+        with pytest.raises(StagingFull, match="bytes free"):  # the node's, not the slide's
             with staging.stage(uri):
                 pass
         monkeypatch.setattr(storage_module.shutil, "disk_usage", real)
