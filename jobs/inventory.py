@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import json
 import sys
 import time
 
@@ -44,6 +46,7 @@ from jobs.common import (add_common_args, count_arg, expand_inputs, fail, job_ma
 
 DEFAULT_INPUT = "../shared/data/wsi"
 ARCHIVED = "archived.csv"  # under slides/: the archived slides' objects (`write_archived`)
+REPROCESSING = "reprocess.json"  # in PROGRESS: its files are a --reprocess's (`reprocess_rows`)
 PROGRESS = "_inventory_progress"  # rows written as the job goes, until slides.parquet is
 FLUSH_ROWS, FLUSH_S = 500, 60.0  # a progress file each this many rows read, or seconds
 # slides opened at once: a remote slide's read is a few requests one after another (its
@@ -127,17 +130,18 @@ def slides_table(rows: list[dict], table_given: bool):
                                           TABLE_GIVEN: b"1" if table_given else b"0"})
 
 
-def earlier_rows(output: str, storage) -> tuple[dict[str, tuple[dict, bool]], str]:
+def earlier_rows(output: str, storage, progress_only: bool = False
+                 ) -> tuple[dict[str, tuple[dict, bool]], str]:
     """The rows an earlier inventory left at ``output``, by URI, each with whether its run had
-    ``--mpp-table``: its ``slides.parquet``, then the progress files of a run that did not
-    finish (later rows win). Returns them and what they are, for the log; none where the
-    earlier table is of another schema version."""
+    ``--mpp-table``: its ``slides.parquet`` (unless ``progress_only``), then the progress
+    files of a run that did not finish (later rows win). Returns them and what they are, for
+    the log; none where the earlier table is of another schema version."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, root = get_filesystem(join_uri(output), storage)
     fs.invalidate_cache()
-    files = [f"{root.rstrip('/')}/slides/slides.parquet"]
+    files = [] if progress_only else [f"{root.rstrip('/')}/slides/slides.parquet"]
     try:
         files += sorted(fs.ls(f"{root.rstrip('/')}/{PROGRESS}", detail=False))
     except FileNotFoundError:
@@ -184,6 +188,24 @@ def kept_row(earlier: tuple[dict, bool] | None, entry: FileEntry, overrides: Mpp
         return None
     row = overrides.restate(row, table_given)
     return None if row is None else {**row, "specimen": specimen, "case": case}
+
+
+def reprocess_rows(output: str, storage) -> tuple[dict[str, tuple[dict, bool]], str]:
+    """``--reprocess``'s earlier rows: those an interrupted ``--reprocess`` read (its progress
+    files, under its mark `REPROCESSING`), which a rerun of the command after a crash keeps
+    where their files are unchanged, as `earlier_rows` are kept (it read every file again);
+    else none, the progress of any other run cleared and the mark written."""
+    fs, root = get_filesystem(join_uri(output), storage)
+    folder = f"{root.rstrip('/')}/{PROGRESS}"
+    fs.invalidate_cache()
+    if fs.exists(f"{folder}/{REPROCESSING}"):
+        rows, found = earlier_rows(output, storage, progress_only=True)
+        return rows, f"an interrupted --reprocess goes on from {found or 'its start'}"
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(folder, recursive=True)
+    write_bytes(join_uri(output, PROGRESS, REPROCESSING), json.dumps(
+        {"started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}).encode(), storage)
+    return {}, ""
 
 
 class Progress:
@@ -235,7 +257,8 @@ def main(argv=None) -> int:
         warn_unused_mpp(overrides, [e.uri for e in entries], args.mpp_table)
         typed, cases = read_list_values(args.input, cfg.storage, folders)
         specimens = Specimens(args.specimen, typed)
-        earlier, found = ({}, "") if args.reprocess else earlier_rows(args.output, cfg.storage)
+        earlier, found = reprocess_rows(args.output, cfg.storage) if args.reprocess else \
+            earlier_rows(args.output, cfg.storage)
         rows = {e.uri: kept_row(earlier.get(e.uri), e, overrides, specimens.of(e.uri),
                                 cases.get(e.uri), args.retry_failed) for e in entries}
         todo = [e for e in entries if rows[e.uri] is None]

@@ -341,6 +341,33 @@ def test_an_inventory_that_stopped_is_taken_up_where_it_stopped(small_archive, t
     assert not (out / inventory.PROGRESS).exists()
 
 
+def test_a_reprocess_that_stopped_is_taken_up_where_it_stopped(small_archive, tmp_path, capsys,
+                                                                monkeypatch):
+    """--reprocess reads every file again; run again after a crash it read again the files the
+    crashed run had read. It goes on from them; one that ended leaves nothing to go on from,
+    and the next reads every file again."""
+    out = tmp_path / "out"
+    _run(small_archive, out, capsys)
+    calls, real = [], inventory.inventory_file
+
+    def stops_at_the_third(entry, *args, **kwargs):
+        calls.append(entry.uri)
+        if len(calls) == 3:
+            raise OSError("the node went away")
+        return real(entry, *args, **kwargs)
+
+    monkeypatch.setattr(inventory, "inventory_file", stops_at_the_third)
+    monkeypatch.setattr(inventory, "FLUSH_ROWS", 1)
+    _run(small_archive, out, capsys, "--workers", "1", "--reprocess", code=2)
+    monkeypatch.setattr(inventory, "inventory_file", real)
+    df, line = _run(small_archive, out, capsys, "--reprocess")
+    assert "; 2 row(s) kept from the earlier inventory, 1 file(s) read" in line
+    assert sorted(df["uri"]) == sorted(str(p) for p in small_archive.iterdir())
+    assert not (out / inventory.PROGRESS).exists()
+    df, line = _run(small_archive, out, capsys, "--reprocess")
+    assert "kept" not in line
+
+
 def test_process_slides_takes_the_pixel_sizes_the_inventory_stated(wsi_dir, tmp_path, capsys,
                                                                   monkeypatch):
     """An inventory run with --mpp or --mpp-table records the sizes it stated; process_slides
