@@ -330,11 +330,13 @@ def reprocess_mark(source: str | None) -> str:
 def end_reprocess(store: OutputStore, source: str | None, rows: list[dict]) -> None:
     """Remove the input's `reprocess_mark` once a run over it ends with none of its slides
     left uncommitted (``rows``: its status rows; `NOT_COMMITTED`)."""
-    if any(r.get("error_type") in NOT_COMMITTED for r in rows):
+    mark = reprocess_mark(source)
+    if any(r.get("error_type") in NOT_COMMITTED for r in rows) or \
+            store.modified(REPROCESS_FOLDER, mark) is None:  # none: nothing to write
         return
     folder = f"{store.path.rstrip('/')}/{REPROCESS_FOLDER}"
     with contextlib.suppress(FileNotFoundError):
-        store.fs.rm(f"{folder}/{reprocess_mark(source)}")
+        store.fs.rm(f"{folder}/{mark}")
         if not is_remote(store.root):
             with contextlib.suppress(OSError):  # the last mark: no empty folder left
                 os.rmdir(folder)

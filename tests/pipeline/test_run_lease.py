@@ -112,6 +112,20 @@ def test_runs_on_s3_see_each_other_by_the_stores_clock(s3_server, s3_client):
         assert lease.others() == []
 
 
+def test_commit_times_and_a_marks_time_are_the_stores_own_on_s3(s3_server, s3_client):
+    """What a resumed --reprocess compares (`jobs.process_slides.reprocess_mark`): the time its
+    mark was written and each slide's commit since, both by the store's clock."""
+    s3_client.create_bucket(Bucket="times")
+    store = OutputStore("s3://times/run", StorageConfig(endpoint_url=s3_server))
+    assert store.modified("_reprocess", "m.json") is None and store.commit_times() == {}
+    store.write_json("_reprocess", "m.json", {})
+    begun = store.modified("_reprocess", "m.json")
+    assert abs(begun - time.time()) < 60
+    s3_client.put_object(Bucket="times", Key="run/slide_status/s1.parquet", Body=b"x")
+    times = store.commit_times()
+    assert list(times) == ["s1"] and times["s1"] >= begun  # S3 keeps whole seconds
+
+
 def test_leftovers_on_s3_go_in_one_request(s3_server, s3_client):
     """The files of slides that never committed (a crash's, or a --reprocess's) are deleted in
     one batch: one request per file took a reprocessed archive's hours."""
