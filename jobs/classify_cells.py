@@ -15,6 +15,8 @@ class, probabilities, distance to the training data), ``differentials/`` (as pro
 writes them: a blood film over white cells with NRBC per 100, an aspirate over all nucleated
 cells; images out of focus, `engine.focus`, left out of the counts and reported) and, last,
 ``slide_status/`` (the commit). A rerun skips committed slides and removes a crash's leftovers.
+An export whose images changed as it was read (still being exported or copied) is not
+committed, so the next run classifies it whole.
 An unreadable image is left out and named in the slide's warnings; a slide with no readable
 image is a ``failed`` status row with the reason. ``jobs.slide_summary`` reads the output as it
 reads process_slides'. ``--cases`` records the case (accession) of each export it names (by
@@ -24,6 +26,7 @@ folder name, path or slide_id) in the slides table, and ``jobs.case_differential
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -108,6 +111,43 @@ def export_cases(uri: str, storage, folders: dict[str, str], ids: dict[str, str]
             except ValueError as err:
                 raise ValueError(f"{uri}: {err}") from None
     return cases, unknown
+
+
+def export_files(folder: str, storage) -> dict[str, tuple]:
+    """The images below an export's ``folder`` now (hidden files and folders left out, as
+    `jobs.common.find_exports` lists them), each with its size and its modification time, or
+    on S3 its ETag: what tells an export still being written (`export_changed`)."""
+    from engine.bags import IMAGE_SUFFIXES
+    from engine.slides.storage import get_filesystem, is_remote, object_etag
+
+    def image(name: str) -> bool:
+        return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+
+    if not is_remote(folder):
+        found = {}
+        for d, subfolders, files in os.walk(folder):
+            subfolders[:] = [f for f in subfolders if not f.startswith(".")]
+            for f in filter(image, files):
+                with contextlib.suppress(OSError):  # gone meanwhile: not there now
+                    st = os.stat(os.path.join(d, f))
+                    found[os.path.join(d, f)] = (st.st_size, st.st_mtime_ns)
+        return found
+    fs, base = get_filesystem(folder, storage)
+    base, protocol = base.rstrip("/"), folder.split("://", 1)[0]
+    fs.invalidate_cache(base)
+    return {f"{protocol}://{key}": (info.get("size"), object_etag(info))
+            for key, info in fs.find(base, detail=True).items()
+            if not any(p.startswith(".") for p in key[len(base) + 1:].split("/")[:-1])
+            and image(key.rsplit("/", 1)[-1])}
+
+
+def export_changed(before: dict[str, tuple], after: dict[str, tuple]) -> str | None:
+    """How an export's images changed between two `export_files`, in words, or None."""
+    added, gone = after.keys() - before.keys(), before.keys() - after.keys()
+    changed = sum(1 for p in before.keys() & after.keys() if before[p] != after[p])
+    said = [f"{n} image(s) {what}" for n, what in ((len(added), "added"), (len(gone), "removed"),
+                                                   (changed, "rewritten")) if n]
+    return ", ".join(said) or None
 
 
 def classify_slide(sid: str, folder: str, paths: list[str], predictor, args,
@@ -305,11 +345,19 @@ def classify_into(store, args, settings: dict, exports: dict[str, list[str]], mo
         {"job": "classify_cells", "settings": settings, "config_hash": args.config_hash,
          "schema_version": SCHEMA_VERSION}, indent=2, default=str).encode(), storage)
     predictor = EnsemblePredictor([model], chunk=args.batch_size)
-    counts = {"ok": 0, "failed": 0}
     progress = Progress(len(pending))
+    counts = {"ok": 0, "failed": 0, "being written": 0}
     for k, name in enumerate(pending, 1):
-        tables, status = classify_slide(ids[name], folders[name], exports[name], predictor, args,
-                                        cases.get(name))
+        listed = export_files(folders[name], storage)
+        tables, status = classify_slide(ids[name], folders[name], sorted(listed) or exports[name],
+                                        predictor, args, cases.get(name))
+        why = export_changed(listed, export_files(folders[name], storage))
+        if why:  # an export copied as it was read: its differential would lack the rest
+            print(f"warning: {name}: {why} as it was read: still being written (an export or "
+                  "a copy under way?); not committed, so the next run classifies it",
+                  flush=True)
+            counts["being written"] += 1
+            continue
         store.commit(ids[name], tables, status)
         counts[status["status"]] += 1
         diff = tables.get("differentials", [{}])[0]
@@ -321,7 +369,10 @@ def classify_into(store, args, settings: dict, exports: dict[str, list[str]], mo
               + f" [{k}/{len(pending)}]", flush=True)
         if line := progress.tick():
             print(line, flush=True)
-    print(f"{counts['ok']} ok, {counts['failed']} failed of {len(pending)} classified; tables "
+    print(f"{counts['ok']} ok, {counts['failed']} failed"
+          + (f", {counts['being written']} being written (not committed)"
+             if counts["being written"] else "")
+          + f" of {len(pending)} classified; tables "
           f"under {store.root}/<slides|image_cells|differentials|slide_status>/; a row per "
           f"slide: python -m jobs.slide_summary --output {store.root}", flush=True)
     return 0

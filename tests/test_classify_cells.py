@@ -129,6 +129,40 @@ def test_each_export_gets_its_cells_and_differential(exports, tmp_path, capsys):
     assert f"engine_release: None -> {results_release()}" in capsys.readouterr().err
 
 
+def test_an_export_still_being_written_is_left_for_the_next_run(exports, tmp_path, capsys,
+                                                                monkeypatch):
+    """An export copied to the share as the job read it was committed with the images there
+    then (its differential over part of the slide's cells), and every rerun skipped it. One
+    whose images changed as it was read is not committed; the next run classifies it whole."""
+    import shutil
+
+    root, _ = exports
+    share = tmp_path / "share"
+    shutil.copytree(root / "slide-a", share / "slide-a", symlinks=True)
+    first = sorted((share / "slide-a").rglob("*.jpg"))[0]
+    late = first.parent / "late.jpg"
+    real = classify_cells.classify_slide
+
+    def copy_goes_on(*args, **kwargs):
+        got = real(*args, **kwargs)
+        late.write_bytes(first.read_bytes())  # one more image lands meanwhile
+        return got
+
+    monkeypatch.setattr(classify_cells, "classify_slide", copy_goes_on)
+    run = ["--images", str(share), "--output", str(tmp_path / "out"), "--specimen", "blood"]
+    assert classify_cells.main(run) == 0
+    printed = capsys.readouterr().out
+    assert "warning: slide-a: 1 image(s) added as it was read: still being written (an " \
+           "export or a copy under way?); not committed, so the next run classifies it" in printed
+    assert "0 ok, 0 failed, 1 being written (not committed) of 1 classified" in printed
+    assert not list((tmp_path / "out").glob("slide_status/*.parquet"))
+    monkeypatch.undo()
+    assert classify_cells.main(run) == 0
+    assert "1 ok, 0 failed of 1 classified" in capsys.readouterr().out
+    status = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet")
+    assert status["n_cells"].to_list() == [25]
+
+
 def test_red_cells_around_the_cells_check_the_given_pixel_size(exports, tmp_path, capsys):
     """The exports' 48 images as one export: its red cells measure about 7 µm at PBC's 0.1
     µm/px; given as 0.2 they measure twice that, and the export is flagged pixel_size."""
@@ -476,6 +510,12 @@ def test_exports_are_found_alike_on_disk_and_on_s3(tmp_path, s3_server, s3_clien
     remote = find_exports("s3://finds/lab", StorageConfig(endpoint_url=s3_server))
     assert {k: [p.removeprefix(f"s3://finds/lab/{k}/") for p in v]
             for k, v in remote.items()} == want
+    # and what tells an export still being written (`classify_cells.export_files`) sees the
+    # same images
+    for k, v in local.items():
+        assert sorted(classify_cells.export_files(str(root / k), StorageConfig())) == v
+        assert sorted(classify_cells.export_files(f"s3://finds/lab/{k}", StorageConfig(
+            endpoint_url=s3_server))) == remote[k]
 
 
 def test_an_export_of_another_stain_is_flagged(exports, tmp_path, capsys):
