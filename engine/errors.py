@@ -99,6 +99,12 @@ def stop_if_it_stops_the_job(error_type: str | None, message: str | None) -> Non
         raise StorageCredentialsError(uri, reason)
 
 
+class NotOnEveryNode(HemeflowError):
+    """A local slide another node of the cluster did not find, though the job's driver sees
+    it: the archive is not at the same path on every node. Every slide read there would fail
+    alike and be committed failed, so the job stops, committing nothing for it."""
+
+
 class TransientStorageError(HemeflowError):
     """A storage call failed in a way worth retrying (timeouts, throttling, 5xx)."""
 

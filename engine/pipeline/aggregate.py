@@ -10,6 +10,8 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import json
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -24,11 +26,13 @@ from engine.cells import KIND_CELL, KIND_PLATELET, lobes
 from engine.cellularity import slide_cellularity
 from engine.classes import LOBED_CODES
 from engine.differential import compute_differential, differential_rows, review_warnings
-from engine.errors import NOT_COMMITTED, SlideBeingWritten, stop_if_it_stops_the_job
+from engine.errors import (NOT_COMMITTED, NotOnEveryNode, SlideBeingWritten,
+                           stop_if_it_stops_the_job)
 from engine.pipeline.commit import OutputStore
 from engine.pipeline.progress import Progress
 from engine.report.geojson import cells_geojson_text
 from engine.schema import CELL_FEATURES, CELLS, TILES
+from engine.slides.storage import is_remote
 from engine.specimen import SMEARS, SPECIMENS, UNKNOWN, branches_for, slide_stages, why_left_out
 from engine.stain import StainCheck, stain_summary
 
@@ -77,6 +81,22 @@ class SlideState:
         stop_if_it_stops_the_job(error_type, message)
         if self.error is None:
             self.error = (error_type, message)
+
+
+def stop_if_not_on_every_node(header: dict) -> None:
+    """Raise `NotOnEveryNode` where a slide's plan (``header``) found its local file missing
+    on another node while this driver's node has it: an archive mounted on the head node
+    alone (a PVC left off the worker pods, a path on the submitting machine's disk) failed
+    every slide planned elsewhere `SlideNotFound`, committed, and each rerun skipped them."""
+    uri, node = header["slide"].get("uri") or "", header.get("node")
+    if header.get("error_type") != "SlideNotFound" or is_remote(uri) or not node \
+            or node == socket.gethostname() or not os.path.exists(uri):
+        return
+    raise NotOnEveryNode(
+        f"{uri} was not found on node {node}, though this job's driver ({socket.gethostname()})"
+        " sees it: the input is not at the same path on every node of the cluster. Mount it "
+        "there on every node (a shared file system: NFS, a volume on every pod), or put it in "
+        "S3, and run again: nothing was committed for it, and the slides committed stay")
 
 
 class Aggregator:
@@ -159,6 +179,7 @@ class Aggregator:
                 state.started = dt.datetime.fromtimestamp(state.t0, dt.timezone.utc)
             state.specimen = br.header["slide"].get("specimen") or UNKNOWN
             if br.header["status"] != "ok":
+                stop_if_not_on_every_node(br.header)
                 state.fail(br.header["error_type"], br.header["error_message"])
         return state, br
 

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 import os
+import socket
 import threading
 import time
 
@@ -368,7 +369,8 @@ class PlanSlide:
             out = {"slide": {k: (v.isoformat() if hasattr(v, "isoformat") else v)
                              for k, v in inv.items()},
                    "status": inv["status"], "error_type": inv["error_type"],
-                   "error_message": inv["error_message"], "planned_at": planned_at}
+                   "error_message": inv["error_message"], "planned_at": planned_at,
+                   "node": socket.gethostname()}  # where it was read (`Aggregator._header`)
             if slide is not None:
                 try:
                     out.update(self._plan(slide, entry.uri, inv), sparse=int(sparse))

@@ -143,6 +143,35 @@ def test_a_slide_with_no_room_to_stage_is_reported_and_left_for_the_next_run(tmp
     assert f"warning: slide s5: {why}" in logged
 
 
+def test_a_local_slide_another_node_did_not_find_stops_the_job(tmp_path):
+    """An archive mounted on the head node alone: every slide planned on a worker failed
+    SlideNotFound, was committed, and each rerun skipped it. Not found on another node while
+    this driver sees it, it stops the job with what to do, committing nothing for it; not
+    found on this node (or by a plan that names no node), it is the slide's own failure."""
+    import socket
+
+    from engine.errors import NotOnEveryNode
+
+    here = tmp_path / "x.svs"
+    here.write_bytes(b"x")
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    a = Aggregator(store, "hash", ["cells"], [], CODES, 1, ("cells",), log=lambda *_: None)
+
+    def header(sid, node, uri=str(here)):
+        doc = json.loads(_header(sid, "failed", ("SlideNotFound", f"{uri}: no such file")))
+        doc["slide"]["uri"] = uri
+        return json.dumps({**doc, **({"node": node} if node else {})})
+
+    with pytest.raises(NotOnEveryNode, match=f"{here} was not found on node worker-7, though "
+                                             "this job's driver .* sees it"):
+        a.add_cells(_cells("s1", [-1], 0, header("s1", "worker-7")))
+    a.add_cells(_cells("s2", [-1], 0, header("s2", socket.gethostname())))
+    a.add_cells(_cells("s3", [-1], 0, header("s3", None)))
+    a.add_cells(_cells("s4", [-1], 0, header("s4", "worker-7", str(tmp_path / "gone.svs"))))
+    a.close()
+    assert store.committed() == {"s2", "s3", "s4"}
+
+
 def test_failure_in_one_branch_discards_the_others_tables(agg):
     a, out = agg
     a.add_cells(_cells("s2", [0], 1, _header("s2")))
