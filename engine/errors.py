@@ -59,6 +59,12 @@ class SlideBeingWritten(SlideError):
     rerun."""
 
 
+class SlideCrashedReader(SlideError):
+    """Reading the slide killed the process that read it, time after time (a file that crashes
+    a native decoder, or whose reading needs more memory than the node has): it fails, where
+    Ray would start the process again and retry it for ever (`engine.pipeline.steps.Attempts`)."""
+
+
 class MissingMPP(SlideError):
     """The slide carries no usable pixel size and none was supplied (``--mpp`` / ``--mpp-table``)."""
 

@@ -315,9 +315,9 @@ def test_a_rerun_states_this_runs_types_and_pixel_sizes_reading_only_where_it_mu
     assert "kept" not in line and df.height == 3
 
 
-def test_an_inventory_that_stopped_is_taken_up_where_it_stopped(small_archive, tmp_path, capsys,
-                                                                 monkeypatch):
-    out = tmp_path / "out"
+def _stop_at_the_third(monkeypatch):
+    """The inventory's reads fail from the third on, as when its node goes away, and each
+    row goes to a progress file at once; returns the files asked for and the real read."""
     calls, real = [], inventory.inventory_file
 
     def stops_at_the_third(entry, *args, **kwargs):
@@ -328,6 +328,13 @@ def test_an_inventory_that_stopped_is_taken_up_where_it_stopped(small_archive, t
 
     monkeypatch.setattr(inventory, "inventory_file", stops_at_the_third)
     monkeypatch.setattr(inventory, "FLUSH_ROWS", 1)
+    return calls, real
+
+
+def test_an_inventory_that_stopped_is_taken_up_where_it_stopped(small_archive, tmp_path, capsys,
+                                                                 monkeypatch):
+    out = tmp_path / "out"
+    calls, real = _stop_at_the_third(monkeypatch)
     _run(small_archive, out, capsys, "--workers", "1", code=2)
     assert not (out / "slides").exists()
     progress = pl.read_parquet(f"{out}/{inventory.PROGRESS}/*.parquet")
@@ -348,16 +355,7 @@ def test_a_reprocess_that_stopped_is_taken_up_where_it_stopped(small_archive, tm
     and the next reads every file again."""
     out = tmp_path / "out"
     _run(small_archive, out, capsys)
-    calls, real = [], inventory.inventory_file
-
-    def stops_at_the_third(entry, *args, **kwargs):
-        calls.append(entry.uri)
-        if len(calls) == 3:
-            raise OSError("the node went away")
-        return real(entry, *args, **kwargs)
-
-    monkeypatch.setattr(inventory, "inventory_file", stops_at_the_third)
-    monkeypatch.setattr(inventory, "FLUSH_ROWS", 1)
+    calls, real = _stop_at_the_third(monkeypatch)
     _run(small_archive, out, capsys, "--workers", "1", "--reprocess", code=2)
     monkeypatch.setattr(inventory, "inventory_file", real)
     df, line = _run(small_archive, out, capsys, "--reprocess")

@@ -29,8 +29,8 @@ from engine.models import EnsemblePredictor, MissingWeights, create_model
 from engine.pipeline.address import check_ray_address, keep_sigterm_handler
 from engine.pipeline.aggregate import Aggregator
 from engine.pipeline.commit import OutputStore
-from engine.pipeline.steps import (READY_PREFIXES, ClassifyCells, DetectCells, EncodeTiles,
-                                   PlanTasks, ReadTiles)
+from engine.pipeline.steps import (READY_PREFIXES, Attempts, ClassifyCells, DetectCells,
+                                   EncodeTiles, PlanTasks, ReadTiles)
 from engine.schema import slide_id_for
 from engine.slides.dicom import SERIES_TAG, series_changed
 from engine.slides.inventory import MppOverrides
@@ -362,11 +362,12 @@ def read_threads_for(uris: list[str]) -> int:
 
 def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverrides,
                    res: Resources, encoder: bool, allow_untrained: bool,
-                   reserved=None, read_threads: int = 1) -> ray.data.Dataset:
+                   reserved=None, read_threads: int = 1, attempts=None) -> ray.data.Dataset:
     """One branch's stream: plan each slide, expand its tasks, then CPU and model actors;
     ``reserved``: `reserve_host_cpus`' placement group, where the model actors start;
     ``read_threads``: each tile reader's and cell detector's (`read_threads_for` where the
-    config says 0).
+    config says 0); ``attempts``: the run's `Attempts` actor, which fails a slide whose plan
+    keeps killing its process.
 
         cells: PlanTasks ─► DetectCells (CPU) ─► ClassifyCells (model)
         tiles: PlanTasks ─► ReadTiles (CPU)   ─► EncodeTiles (model, when it has weights)
@@ -376,7 +377,7 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
     k = slide_shards(len(items), grow, pc.max_slide_shards)
     items = [{**item, "shard": i, "shards": k} for item in items for i in range(k)]
     ds = ray.data.from_items(items).flat_map(
-        PlanTasks, fn_constructor_args=(cfg, mpp, branch, encoder),
+        PlanTasks, fn_constructor_args=(cfg, mpp, branch, encoder, attempts),
         compute=actor_pool(res.plan[branch]),
         num_cpus=0)
     if branch == "cells":
@@ -592,6 +593,7 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
         metrics.phase.update({f"plan_{b}": b, cpu_stage: b, model_stage: b})
     stop = threading.Event()
     reserved = reserve_host_cpus(res, branches)
+    attempts = ray.remote(num_cpus=0)(Attempts).remote()  # a slide that kills its planner
     try:
         for chunk in _chunks(pending, pc.slides_per_chunk):
             items = [{"uri": e.uri, "size": e.size, "etag": e.etag,
@@ -600,7 +602,8 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
             with ThreadPoolExecutor(len(branches), thread_name_prefix="branch") as pool:
                 futures = [pool.submit(_consume, b,
                                        branch_dataset(b, items, cfg, mpp, res, stages.encoder,
-                                                      allow_untrained, reserved, read_threads),
+                                                      allow_untrained, reserved, read_threads,
+                                                      attempts),
                                        agg, metrics, stop) for b in branches]
                 try:
                     running = set(futures)

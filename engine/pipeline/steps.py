@@ -23,11 +23,11 @@ from engine.cells import (KIND_CELL, KIND_PLATELET, PALE_OFF, crops_around, dete
                           estimate_threshold, inside_of_crops, owned_by_tile, pale_pass)
 from engine.cellularity import AreaRules, calibrate, tile_area_counts
 from engine.config import Config, TileConfig
-from engine.errors import MissingMPP, SlideError
+from engine.errors import MissingMPP, SlideCrashedReader, SlideError
 from engine.focus import edge_blur_um
 from engine.pixel_size import red_cell_diameters, red_cell_size
 from engine.slides import FileEntry, open_slide
-from engine.slides.inventory import MppOverrides, inventoried
+from engine.slides.inventory import MppOverrides, error_row, inventoried
 from engine.slides.storage import StagingArea, is_remote, stat_file
 from engine.specimen import UNKNOWN, branches_for
 from engine.stain import nuclear_colour
@@ -331,6 +331,52 @@ def _sample(p: TilePlan, n: int) -> list[tuple[int, int]]:
     return list(zip(p.x, p.y))[::step][:n]
 
 
+def _header(inv: dict, planned_at: float) -> dict:
+    """A plan's header of its slide's inventory row ``inv``, before its tile plans."""
+    return {"slide": {k: (v.isoformat() if hasattr(v, "isoformat") else v)
+                      for k, v in inv.items()},
+            "status": inv["status"], "error_type": inv["error_type"],
+            "error_message": inv["error_message"], "planned_at": planned_at,
+            "node": socket.gethostname()}  # where it was read (`Aggregator._header`)
+
+
+CRASHES_ALLOWED = 2  # a slide's plans that may kill their process before it fails (`Attempts`)
+
+
+class Attempts:
+    """How many times each slide's plan began in a run and never ended: the process planning
+    it died (a file that crashes a native decoder, an out-of-memory kill). Ray starts the
+    actor again and retries its task, so such a slide was planned again and again, and the
+    run never ended, nor any rerun. Run as a Ray actor of the run (`run_pipeline`);
+    `PlanTasks` asks it before each plan (``begin``) and tells it after (``end``), and fails
+    a slide whose plans died ``CRASHES_ALLOWED`` times (`SlideCrashedReader`)."""
+
+    def __init__(self):
+        self._open: collections.Counter = collections.Counter()
+
+    def begin(self, key) -> int:
+        """Mark ``key``'s plan begun; returns how many of its earlier ones never ended."""
+        died = self._open[key]
+        self._open[key] += 1
+        return died
+
+    def end(self, key) -> None:
+        self._open.pop(key, None)
+
+
+def crashed_plan(row: dict, died: int) -> dict:
+    """`PlanSlide`'s row of a slide not planned again: its plans killed their process ``died``
+    times (`Attempts`)."""
+    entry = FileEntry(row["uri"], row.get("size"), row.get("etag"))
+    err = SlideCrashedReader(entry.uri, f"reading it killed the process reading it {died} "
+                             "times (a file that crashes the slide decoder, or needs more "
+                             "memory than the node has): not read again; --retry-failed "
+                             "reads it again")
+    inv = error_row(entry, err, specimen=row.get("specimen") or UNKNOWN, case=row.get("case"))
+    return {"slide_id": inv["slide_id"], "uri": entry.uri,
+            "plan": json.dumps(_header(inv, time.time()))}
+
+
 class PlanSlide:
     """Inventory one slide, mask its tissue on a thumbnail, and plan its tiles (coordinates only).
 
@@ -366,11 +412,7 @@ class PlanSlide:
         with inventoried(entry, self.cfg.storage, None, self.mpp,
                          self.cfg.pipeline.direct_jpeg, specimen, row.get("case"), sparse
                          ) as (inv, slide):
-            out = {"slide": {k: (v.isoformat() if hasattr(v, "isoformat") else v)
-                             for k, v in inv.items()},
-                   "status": inv["status"], "error_type": inv["error_type"],
-                   "error_message": inv["error_message"], "planned_at": planned_at,
-                   "node": socket.gethostname()}  # where it was read (`Aggregator._header`)
+            out = _header(inv, planned_at)
             if slide is not None:
                 try:
                     out.update(self._plan(slide, entry.uri, inv), sparse=int(sparse))
@@ -501,10 +543,11 @@ class PlanTasks:
     """
 
     def __init__(self, cfg: Config, mpp: MppOverrides | None, branch: str,
-                 embeddings: bool = True):
+                 embeddings: bool = True, attempts=None):
         t_born = time.time()
         limit_native_threads(cfg.pipeline.native_threads)
         self.branch = branch
+        self.attempts = attempts  # the run's `Attempts` actor (none: not asked)
         self.plan = PlanSlide(cfg, mpp, stages=(branch,), embeddings=embeddings)
         # the other shards of a slide usually follow on this actor: plan it once for them
         self._recent: collections.OrderedDict = collections.OrderedDict()
@@ -518,9 +561,25 @@ class PlanTasks:
                 self._recent.popitem(last=False)
         return self._recent[key]
 
+    def _plan_once(self, row: dict) -> dict:
+        """The slide's plan (`_planned` or `PlanSlide`), or `crashed_plan` where its plans
+        killed their process ``CRASHES_ALLOWED`` times already (`Attempts`)."""
+        if self.attempts is None:
+            return self._planned(row) if int(row.get("shards", 1)) > 1 else self.plan(row)
+        import ray
+
+        key = (row["uri"], self.branch, int(row.get("shard", 0)))
+        died = ray.get(self.attempts.begin.remote(key))
+        if died >= CRASHES_ALLOWED:
+            planned = crashed_plan(row, died)
+        else:
+            planned = self._planned(row) if int(row.get("shards", 1)) > 1 else self.plan(row)
+        ray.get(self.attempts.end.remote(key))
+        return planned
+
     def __call__(self, row: dict) -> list[dict]:
         t0 = time.perf_counter()
-        planned = self._planned(row) if int(row.get("shards", 1)) > 1 else self.plan(row)
+        planned = self._plan_once(row)
         sid, uri, plan = planned["slide_id"], planned["uri"], json.loads(planned["plan"])
         tasks = []
         if plan["status"] == "ok" and self.branch in plan["plans"]:

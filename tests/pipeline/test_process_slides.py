@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 import time
 
@@ -11,6 +12,7 @@ import polars as pl
 import pyarrow.dataset as pads
 import pytest
 
+from engine.pipeline.steps import PlanTasks
 from engine.schema import SCHEMA_VERSION, slide_id_for
 from jobs import process_slides
 from tests.conftest import SHARED_DATA
@@ -339,6 +341,63 @@ def test_a_reprocess_run_again_after_a_crash_goes_on_where_it_stopped(run_out, a
     process_slides.end_reprocess(store, str(archive), [{"error_type": None}])
     assert not marks[0].exists()
     assert reprocess() == set() and store.committed() == set()  # a new one: all again
+
+
+class _KillsItsPlanner:
+    """A slide plan that kills its process on a slide named ``poison`` (as a file that crashes
+    a native decoder does), else `PlanSlide`'s."""
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def __call__(self, row):
+        if "poison" in row["uri"]:
+            os._exit(1)
+        return self.plan(row)
+
+
+class _PlanTasksKilledByPoison(PlanTasks):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.plan = _KillsItsPlanner(self.plan)
+
+
+def test_a_slide_that_kills_its_planner_fails_where_ray_retried_it_for_ever(ray_local,
+                                                                           tmp_path):
+    """A slide whose reading kills the process (a native decoder's crash, an out-of-memory
+    kill): Ray started the planner again and retried it, again and again, and the run never
+    ended, nor any rerun. The run's `Attempts` fails it once its plans died twice; the
+    other slides are planned as ever."""
+    import threading
+
+    import ray
+
+    from engine.config import Config
+    from engine.pipeline.steps import CRASHES_ALLOWED, Attempts
+
+    good = tmp_path / "good.svs"
+    shutil.copy(SHARED_DATA / "wsi" / "openslide-python" / "small.svs", good)
+    poison = tmp_path / "poison.svs"
+    shutil.copy(good, poison)
+    items = [{"uri": str(p), "size": p.stat().st_size, "etag": None, "specimen": "biopsy",
+              "case": None, "shard": 0, "shards": 1} for p in (good, poison)]
+    attempts = ray.remote(num_cpus=0)(Attempts).remote()
+    ds = ray.data.from_items(items, override_num_blocks=1).flat_map(
+        _PlanTasksKilledByPoison, fn_constructor_args=(Config(), None, "tiles", False, attempts),
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
+    got: list = []
+    done = threading.Thread(target=lambda: got.extend(ds.take_all()), daemon=True)
+    done.start()
+    done.join(240)
+    assert not done.is_alive(), "the run did not end: the poison slide is retried for ever"
+    headers = {json.loads(r["header"])["slide"]["uri"]: json.loads(r["header"])
+               for r in got if r["header"]}
+    assert headers[str(good)]["status"] == "ok"
+    assert headers[str(poison)]["error_type"] == "SlideCrashedReader"
+    assert headers[str(poison)]["error_message"] == (
+        f"{poison}: reading it killed the process reading it {CRASHES_ALLOWED} times (a file "
+        "that crashes the slide decoder, or needs more memory than the node has): not read "
+        "again; --retry-failed reads it again")
 
 
 def test_partial_outputs_of_uncommitted_slides_are_removed(run_out, archive, tmp_path):
