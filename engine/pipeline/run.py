@@ -382,7 +382,7 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
         num_cpus=0)
     if branch == "cells":
         c = pc.classifier
-        ds = ds.map_batches(DetectCells, fn_constructor_args=(cfg, read_threads),
+        ds = ds.map_batches(DetectCells, fn_constructor_args=(cfg, read_threads, attempts),
                             batch_size=pc.read_batch_size,
                             compute=actor_pool(res.readers[branch], grow), num_cpus=res.cpu)
         return model_step(ds, ClassifyCells, (c.model, c.checkpoint, allow_untrained, c.tta,
@@ -391,7 +391,7 @@ def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverride
                                               c.cuda_graphs),
                           c, res, branch, reserved)
     e = pc.encoder
-    ds = ds.map_batches(ReadTiles, fn_constructor_args=(cfg, encoder, read_threads),
+    ds = ds.map_batches(ReadTiles, fn_constructor_args=(cfg, encoder, read_threads, attempts),
                         batch_size=pc.tile_read_batch_size,
                         compute=actor_pool(res.readers[branch], grow), num_cpus=res.cpu)
     if encoder:

@@ -364,14 +364,53 @@ class Attempts:
         self._open.pop(key, None)
 
 
+@contextlib.contextmanager
+def attempt(attempts, key):
+    """Yields how many earlier attempts at ``key`` killed their process (`Attempts`; 0 where
+    ``attempts`` is None), and tells ``attempts`` when the block ends: a block that kills
+    its process never does."""
+    if attempts is None:
+        yield 0
+        return
+    import ray
+
+    died = ray.get(attempts.begin.remote(key))
+    yield died
+    attempts.end.remote(key)  # not waited for: a caller's calls to an actor run in order
+
+
+def crashed(uri: str, died: int, what: str = "reading it") -> SlideCrashedReader:
+    """The failure of a slide ``died`` of whose reads (``what``) killed their process."""
+    return SlideCrashedReader(uri, f"{what} killed the process reading it {died} times (a file "
+                              "that crashes the slide decoder, or needs more memory than the "
+                              "node has): not read again; --retry-failed reads it again")
+
+
+def crashed_tasks(step: str, batch: dict, attempts, one):
+    """``one(i)`` of each of the batch's tasks, in order, for a read step (``step``) whose
+    attempts at this batch killed their process ``CRASHES_ALLOWED`` times: one task at a
+    time, each an attempt of its own, so that a task whose attempt died once gives
+    ``one(i, died)`` (its slide fails `SlideCrashedReader`) and its batch's other tasks, of
+    other slides too, are read as ever. A tile that crashes its decoder costs three deaths
+    of a read actor, where Ray retried its batch for ever."""
+    out = []
+    for i in range(len(batch["task"])):
+        with attempt(attempts, (step, str(batch["slide_id"][i]), int(batch["task"][i]))) as died:
+            out.append(one(i, died))
+    return out
+
+
+def batch_key(step: str, batch: dict) -> tuple:
+    """A read step's batch as `Attempts` counts it: Ray retries the same rows."""
+    task = batch["task"]
+    return (step, str(batch["slide_id"][0]), int(task[0]), int(task[-1]), len(task))
+
+
 def crashed_plan(row: dict, died: int) -> dict:
     """`PlanSlide`'s row of a slide not planned again: its plans killed their process ``died``
     times (`Attempts`)."""
     entry = FileEntry(row["uri"], row.get("size"), row.get("etag"))
-    err = SlideCrashedReader(entry.uri, f"reading it killed the process reading it {died} "
-                             "times (a file that crashes the slide decoder, or needs more "
-                             "memory than the node has): not read again; --retry-failed "
-                             "reads it again")
+    err = crashed(entry.uri, died)
     inv = error_row(entry, err, specimen=row.get("specimen") or UNKNOWN, case=row.get("case"))
     return {"slide_id": inv["slide_id"], "uri": entry.uri,
             "plan": json.dumps(_header(inv, time.time()))}
@@ -564,18 +603,10 @@ class PlanTasks:
     def _plan_once(self, row: dict) -> dict:
         """The slide's plan (`_planned` or `PlanSlide`), or `crashed_plan` where its plans
         killed their process ``CRASHES_ALLOWED`` times already (`Attempts`)."""
-        if self.attempts is None:
+        with attempt(self.attempts, (row["uri"], self.branch, int(row.get("shard", 0)))) as died:
+            if died >= CRASHES_ALLOWED:
+                return crashed_plan(row, died)
             return self._planned(row) if int(row.get("shards", 1)) > 1 else self.plan(row)
-        import ray
-
-        key = (row["uri"], self.branch, int(row.get("shard", 0)))
-        died = ray.get(self.attempts.begin.remote(key))
-        if died >= CRASHES_ALLOWED:
-            planned = crashed_plan(row, died)
-        else:
-            planned = self._planned(row) if int(row.get("shards", 1)) > 1 else self.plan(row)
-        ray.get(self.attempts.end.remote(key))
-        return planned
 
     def __call__(self, row: dict) -> list[dict]:
         t0 = time.perf_counter()
@@ -621,12 +652,13 @@ class DetectCells:
     travel to the classifier's actor as whole crops that it never reads.
     """
 
-    def __init__(self, cfg: Config, threads: int = 1):
+    def __init__(self, cfg: Config, threads: int = 1, attempts=None):
         from concurrent.futures import ThreadPoolExecutor
 
         t_born = time.time()
         limit_native_threads(cfg.pipeline.native_threads)
         self.cfg = cfg
+        self.attempts = attempts  # the run's `Attempts` actor (none: not asked)
         self.readers = ReaderCache(cfg, threads=threads)
         self.scored = scored_kinds(cfg.pipeline.classifier.platelets)
         self.threads = threads
@@ -640,8 +672,7 @@ class DetectCells:
         parts: list[dict] = []  # per task: its columns (arrays of its rows) and crops
         carried = [k for k in batch if k.startswith(METRIC_PREFIXES)]  # earlier stages' times
         tasks = [{k: batch[k][i] for k in batch} for i in range(len(batch["task"]))]
-        for t, tile in zip(tasks, self._tiles(tasks)):
-            part = self._task(t, tile)
+        for t, part in zip(tasks, self._parts(batch, tasks)):
             n = len(part["task"])
             part["n_tasks"] = np.full(n, int(t.get("n_tasks", 0)), np.int64)
             # the task's header and busy times go on its first row only, so sums stay right
@@ -658,6 +689,21 @@ class DetectCells:
         self.readers.release_unused()
         table = BlockAccessor.batch_to_block(stamp(out, "detect", t0, self._ready))
         return table.append_column("crop", packed_crops(crops, has_crop))
+
+    def _parts(self, batch: dict, tasks: list[dict]) -> list[dict]:
+        """Each task's `_task` columns; one at a time (`crashed_tasks`) where the attempts at
+        this batch killed their process ``CRASHES_ALLOWED`` times."""
+        if not tasks:
+            return []
+        def one(i: int, died: int) -> dict:
+            t = tasks[i]
+            return self._task(t, crashed(str(t["uri"]), died, "reading its cell tiles")
+                              if died else self._read(t))
+
+        with attempt(self.attempts, batch_key("detect", batch)) as died:
+            if died < CRASHES_ALLOWED:
+                return [self._task(t, tile) for t, tile in zip(tasks, self._tiles(tasks))]
+            return crashed_tasks("detect", batch, self.attempts, one)
 
     def _tiles(self, tasks: list[dict]):
         """Each task's tile (`_read`), in order. With ``threads`` > 1 (`pipeline.read_threads`:
@@ -851,21 +897,25 @@ class ReadTiles:
     (``(B, 224, 224, 3) uint8``, only when ``keep_pixels``), ``error_type``, ``error_message``.
     """
 
-    def __init__(self, cfg: Config, keep_pixels: bool, threads: int = 1):
+    def __init__(self, cfg: Config, keep_pixels: bool, threads: int = 1, attempts=None):
         from concurrent.futures import ThreadPoolExecutor
 
         t_born = time.time()
         limit_native_threads(cfg.pipeline.native_threads)
+        self.attempts = attempts  # the run's `Attempts` actor (none: not asked)
         self.readers = ReaderCache(cfg, threads=threads)
         self.keep_pixels = keep_pixels
         self.tile_px = cfg.tiles.tile_px
         self._pool = ThreadPoolExecutor(threads)
         self._ready = ready_since(t_born)
 
-    def _one(self, batch: dict, i: int):
+    def _one(self, batch: dict, i: int, died: int = 0):
         size = int(batch["tile_px"][i])
         if int(batch["task"][i]) < 0:  # a slide without tiles: its header passes through
             return np.zeros((self.tile_px,) * 2 + (3,), np.uint8), 0, 0, "", ""
+        if died:  # its read killed the process (`crashed_tasks`)
+            err = crashed(str(batch["uri"][i]), died, "reading its tiles")
+            return np.zeros((size, size, 3), np.uint8), 0, 0, type(err).__name__, str(err)
         try:
             with self._reading(batch, i) as reader:
                 tile = read_tile(reader, batch["level"][i], batch["x"][i], batch["y"][i],
@@ -902,12 +952,24 @@ class ReadTiles:
             except SlideError:
                 continue  # each read reports it
 
+    def _results(self, batch: dict) -> list[tuple]:
+        """`_one` of each row; one at a time (`crashed_tasks`) where the attempts at this batch
+        killed their process ``CRASHES_ALLOWED`` times."""
+        n = len(batch["task"])
+        if not n:
+            return []
+        with attempt(self.attempts, batch_key("read", batch)) as died:
+            if died < CRASHES_ALLOWED:
+                self._prefetch(batch)
+                # OpenSlide decoding releases the GIL, the area masks mostly do not: extra
+                # threads help only while a read waits on storage (pipeline.read_threads)
+                return list(self._pool.map(lambda i: self._one(batch, i), range(n)))
+            return crashed_tasks("read", batch, self.attempts,
+                                 lambda i, died: self._one(batch, i, died))
+
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
-        self._prefetch(batch)
-        # OpenSlide decoding releases the GIL, the area masks mostly do not: extra threads help
-        # only while a read waits on storage (pipeline.read_threads)
-        results = list(self._pool.map(lambda i: self._one(batch, i), range(len(batch["task"]))))
+        results = self._results(batch)
         images, cellular, fat, errors, messages = (list(c) for c in zip(*results)) \
             if results else ([], [], [], [], [])
         batch.update(cellular_px=np.asarray(cellular, np.int64), fat_px=np.asarray(fat, np.int64),

@@ -12,7 +12,7 @@ import polars as pl
 import pyarrow.dataset as pads
 import pytest
 
-from engine.pipeline.steps import PlanTasks
+from engine.pipeline.steps import DetectCells, PlanTasks
 from engine.schema import SCHEMA_VERSION, slide_id_for
 from jobs import process_slides
 from tests.conftest import SHARED_DATA
@@ -398,6 +398,55 @@ def test_a_slide_that_kills_its_planner_fails_where_ray_retried_it_for_ever(ray_
         f"{poison}: reading it killed the process reading it {CRASHES_ALLOWED} times (a file "
         "that crashes the slide decoder, or needs more memory than the node has): not read "
         "again; --retry-failed reads it again")
+
+
+class _DetectKilledByPoison(DetectCells):
+    """Cell detection whose read of a slide named ``poison`` kills its process."""
+
+    def _read(self, t):
+        if "poison" in str(t["uri"]):
+            os._exit(1)
+        return super()._read(t)
+
+
+def test_a_tile_that_kills_its_reader_fails_its_slide_alone(ray_local, tmp_path):
+    """A tile whose read kills the process (after its slide's plan): Ray retried its batch for
+    ever. Its batch dies twice, then is read a task at a time: the task that kills its
+    process fails its slide, and the batch's other slide's tasks are read as ever."""
+    import threading
+
+    import ray
+
+    from engine.config import Config
+    from engine.pipeline.steps import Attempts, PlanSlide, cell_tasks
+    from engine.slides.synthetic import aspirate_block
+    from engine.slides.writer import write_pyramid_tiff
+
+    cfg = Config.from_dict({"pipeline": {"stages": ["cells"]}})
+    tasks = []
+    for name in ("good", "poison"):
+        path = tmp_path / f"{name}.tif"
+        write_pyramid_tiff(aspirate_block(0, side=1024)[0], str(path), 0.25)
+        row = PlanSlide(cfg)({"uri": str(path), "size": path.stat().st_size, "etag": None})
+        tasks += [{**t, "n_tasks": 1, "header": ""} for t in
+                  cell_tasks(row["slide_id"], str(path), json.loads(row["plan"]))[:2]]
+    attempts = ray.remote(num_cpus=0)(Attempts).remote()
+    ds = ray.data.from_items(tasks, override_num_blocks=1).map_batches(
+        _DetectKilledByPoison, fn_constructor_args=(cfg, 1, attempts), batch_size=len(tasks),
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
+    got: list = []
+    done = threading.Thread(target=lambda: got.extend(ds.take_all()), daemon=True)
+    done.start()
+    done.join(240)
+    assert not done.is_alive(), "the run did not end: the poison tile is retried for ever"
+    poisoned = [r for r in got if r["slide_id"].startswith("poison")]
+    assert {r["kind"] for r in poisoned} == {"error"}
+    assert len(poisoned) == sum(t["slide_id"].startswith("poison") for t in tasks)
+    assert {r["error_type"] for r in poisoned} == {"SlideCrashedReader"}
+    assert "reading its cell tiles killed the process reading it 1 times" in \
+        poisoned[0]["error_message"]
+    good = [r for r in got if r["slide_id"].startswith("good")]
+    assert sum(r["kind"] == "nucleated" for r in good) > 20
 
 
 def test_partial_outputs_of_uncommitted_slides_are_removed(run_out, archive, tmp_path):
