@@ -337,19 +337,20 @@ def _header(inv: dict, planned_at: float) -> dict:
                       for k, v in inv.items()},
             "status": inv["status"], "error_type": inv["error_type"],
             "error_message": inv["error_message"], "planned_at": planned_at,
-            "node": socket.gethostname()}  # where it was read (`Aggregator._header`)
+            "node": socket.gethostname()}  # where it was read (`stop_if_not_on_every_node`)
 
 
 CRASHES_ALLOWED = 2  # a slide's plans that may kill their process before it fails (`Attempts`)
 
 
 class Attempts:
-    """How many times each slide's plan began in a run and never ended: the process planning
-    it died (a file that crashes a native decoder, an out-of-memory kill). Ray starts the
-    actor again and retries its task, so such a slide was planned again and again, and the
-    run never ended, nor any rerun. Run as a Ray actor of the run (`run_pipeline`);
-    `PlanTasks` asks it before each plan (``begin``) and tells it after (``end``), and fails
-    a slide whose plans died ``CRASHES_ALLOWED`` times (`SlideCrashedReader`)."""
+    """How many times each attempt at a slide's plan, or at a read step's batch, began in a
+    run and never ended: the process died (a file that crashes a native decoder, an
+    out-of-memory kill). Ray starts the actor again and retries its task, so such a slide was
+    read again and again, and the run never ended, nor any rerun. Run as a Ray actor of the
+    run (`run_pipeline`); the steps ask it before each attempt (``begin``, `attempt`) and
+    tell it after (``end``): `PlanTasks` fails a slide whose plans died ``CRASHES_ALLOWED``
+    times, and a read batch that died so often is read a task at a time (`crashed_tasks`)."""
 
     def __init__(self):
         self._open: collections.Counter = collections.Counter()
