@@ -88,15 +88,30 @@ def stop_if_not_on_every_node(header: dict) -> None:
     on another node while this driver's node has it: an archive mounted on the head node
     alone (a PVC left off the worker pods, a path on the submitting machine's disk) failed
     every slide planned elsewhere `SlideNotFound`, committed, and each rerun skipped them."""
-    uri, node = header["slide"].get("uri") or "", header.get("node")
-    if header.get("error_type") != "SlideNotFound" or is_remote(uri) or not node \
-            or node == socket.gethostname() or not os.path.exists(uri):
+    node = header.get("node")
+    if node and node != socket.gethostname():
+        not_on_every_node(header["slide"].get("uri") or "", header.get("error_type"),
+                          f"node {node}")
+
+
+def not_on_every_node(uri: str, error_type: str | None, where: str) -> None:
+    """Raise `NotOnEveryNode` where the local file ``uri`` was not found (``error_type``)
+    ``where`` it was read, and this driver's node has it."""
+    if error_type != "SlideNotFound" or not uri or is_remote(uri) or not os.path.exists(uri):
         return
     raise NotOnEveryNode(
-        f"{uri} was not found on node {node}, though this job's driver ({socket.gethostname()})"
+        f"{uri} was not found on {where}, though this job's driver ({socket.gethostname()})"
         " sees it: the input is not at the same path on every node of the cluster. Mount it "
         "there on every node (a shared file system: NFS, a volume on every pod), or put it in "
         "S3, and run again: nothing was committed for it, and the slides committed stay")
+
+
+def _read_failed(state: SlideState, error_type: str, message: str) -> None:
+    """A read step's failure of one of ``state``'s tasks: the slide's, unless its file was not
+    found where it was read, which a node of the cluster not mounting the input tells
+    (`not_on_every_node`; its message begins with the slide's URI, `SlideError`)."""
+    not_on_every_node(message.partition(": ")[0], error_type, "the node that read its tiles")
+    state.fail(error_type, message)
 
 
 class Aggregator:
@@ -216,7 +231,7 @@ class Aggregator:
         cells are kept as columns and finish it once all ``n_in_task`` of them are in."""
         kind = batch["kind"][rows]
         for i in rows[kind == "error"]:
-            state.fail(str(batch["error_type"][i]), str(batch["error_message"][i]))
+            _read_failed(state, str(batch["error_type"][i]), str(batch["error_message"][i]))
         marker = (kind == "error") | (kind == "none")
         br.done.update(int(t) for t in batch["task"][rows[marker]])
         cells = rows[~marker]
@@ -254,7 +269,7 @@ class Aggregator:
         """One slide's tile rows of a batch, kept as columns; each finishes its task (an
         unreadable tile fails the slide)."""
         for i in rows[batch["error_type"][rows] != ""]:
-            state.fail(str(batch["error_type"][i]), str(batch["error_message"][i]))
+            _read_failed(state, str(batch["error_type"][i]), str(batch["error_message"][i]))
         if not len(rows):
             return
         keys = ("x", "y", "tile_mpp", "tile_px", "tissue_fraction", "cellular_px", "fat_px",

@@ -170,6 +170,19 @@ def test_a_local_slide_another_node_did_not_find_stops_the_job(tmp_path):
     a.add_cells(_cells("s4", [-1], 0, header("s4", "worker-7", str(tmp_path / "gone.svs"))))
     a.close()
     assert store.committed() == {"s2", "s3", "s4"}
+    # its tiles read on a node that has it not, after its plan on one that has it
+    b = Aggregator(store, "hash", ["tiles"], [], CODES, 1, ("tiles",), log=lambda *_: None)
+    for sid, uri in (("s5", str(tmp_path / "gone.svs")), ("s6", str(here))):
+        rows = _tiles(sid, [0], 1, _header(sid), error="SlideNotFound")
+        rows["error_message"] = np.array([f"{uri}: no such file or object"])
+        if sid == "s6":
+            with pytest.raises(NotOnEveryNode, match=f"{here} was not found on the node that "
+                                                     "read its tiles, though this job's driver"):
+                b.add_tiles(rows)
+        else:
+            b.add_tiles(rows)
+    b.close()
+    assert "s5" in store.committed() and "s6" not in store.committed()
 
 
 def test_failure_in_one_branch_discards_the_others_tables(agg):
