@@ -16,6 +16,23 @@ import numpy as np
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def is_image_path(parts: list[str]) -> bool:
+    """Whether the file at ``parts`` (its path's parts below a slide's or patient's folder) is
+    one of its images: an image by its suffix, neither hidden nor in a hidden folder (a
+    viewer's ``.thumbnails``, say)."""
+    return not any(p.startswith(".") for p in parts) and parts[-1].lower().endswith(
+        IMAGE_SUFFIXES)
+
+
+def images_below(folder: str) -> list[str]:
+    """The images (`is_image_path`) anywhere below the local ``folder``, sorted."""
+    paths = []
+    for d, subfolders, files in os.walk(folder):
+        subfolders[:] = [s for s in subfolders if not s.startswith(".")]  # as on S3
+        paths += [os.path.join(d, f) for f in files if is_image_path([f])]
+    return sorted(paths)
+
+
 def find_patient_images(root: str) -> dict[str, list[str]]:
     """``patient_id -> sorted image paths`` for a local folder of patient sub-folders (hidden
     files and folders left out: a viewer's ``.thumbnails``, say).
@@ -31,12 +48,7 @@ def find_patient_images(root: str) -> dict[str, list[str]]:
         folder = os.path.join(root, patient)
         if patient.startswith(".") or not os.path.isdir(folder):
             continue
-        paths = []
-        for d, subfolders, files in os.walk(folder):
-            subfolders[:] = [s for s in subfolders if not s.startswith(".")]  # as on S3
-            paths += [os.path.join(d, f) for f in files
-                      if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")]
-        paths.sort()
+        paths = images_below(folder)
         if paths:
             bags[patient] = paths
     if not bags:

@@ -117,28 +117,22 @@ def export_files(folder: str, storage) -> dict[str, tuple]:
     """The images below an export's ``folder`` now (hidden files and folders left out, as
     `jobs.common.find_exports` lists them), each with its size and its modification time, or
     on S3 its ETag: what tells an export still being written (`export_changed`)."""
-    from engine.bags import IMAGE_SUFFIXES
+    from engine.bags import images_below, is_image_path
     from engine.slides.storage import get_filesystem, is_remote, object_etag
-
-    def image(name: str) -> bool:
-        return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
 
     if not is_remote(folder):
         found = {}
-        for d, subfolders, files in os.walk(folder):
-            subfolders[:] = [f for f in subfolders if not f.startswith(".")]
-            for f in filter(image, files):
-                with contextlib.suppress(OSError):  # gone meanwhile: not there now
-                    st = os.stat(os.path.join(d, f))
-                    found[os.path.join(d, f)] = (st.st_size, st.st_mtime_ns)
+        for path in images_below(folder):
+            with contextlib.suppress(OSError):  # gone meanwhile: not there now
+                st = os.stat(path)
+                found[path] = (st.st_size, st.st_mtime_ns)
         return found
     fs, base = get_filesystem(folder, storage)
     base, protocol = base.rstrip("/"), folder.split("://", 1)[0]
     fs.invalidate_cache(base)
     return {f"{protocol}://{key}": (info.get("size"), object_etag(info))
             for key, info in fs.find(base, detail=True).items()
-            if not any(p.startswith(".") for p in key[len(base) + 1:].split("/")[:-1])
-            and image(key.rsplit("/", 1)[-1])}
+            if is_image_path(key[len(base) + 1:].split("/"))}
 
 
 def export_changed(before: dict[str, tuple], after: dict[str, tuple]) -> str | None:

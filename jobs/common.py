@@ -537,7 +537,7 @@ def find_exports(root: str, storage: StorageConfig) -> dict[str, list[str]]:
     Raises:
         FileNotFoundError: no slide folder with images under ``root``.
     """
-    from engine.bags import IMAGE_SUFFIXES, find_patient_images
+    from engine.bags import find_patient_images, is_image_path
 
     root = normalize_uri(root)
     if not is_remote(root):
@@ -547,8 +547,7 @@ def find_exports(root: str, storage: StorageConfig) -> dict[str, list[str]]:
     exports: dict[str, list[str]] = {}
     for key in sorted(fs.find(base)):
         parts = key[len(base) + 1:].split("/")
-        if len(parts) > 1 and not any(p.startswith(".") for p in parts) \
-                and parts[-1].lower().endswith(IMAGE_SUFFIXES):
+        if len(parts) > 1 and is_image_path(parts):
             exports.setdefault(parts[0], []).append(f"{protocol}://{key}")
     if not exports:
         raise FileNotFoundError(f"no <slide>/…/<image> files under {root}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import sys
 import time
@@ -201,8 +200,7 @@ def reprocess_rows(output: str, storage) -> tuple[dict[str, tuple[dict, bool]], 
     if fs.exists(f"{folder}/{REPROCESSING}"):
         rows, found = earlier_rows(output, storage, progress_only=True)
         return rows, f"an interrupted --reprocess goes on from {found or 'its start'}"
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm(folder, recursive=True)
+    Progress(output, storage, False).remove()  # another run's: its reads are no --reprocess's
     write_bytes(join_uri(output, PROGRESS, REPROCESSING), json.dumps(
         {"started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}).encode(), storage)
     return {}, ""

@@ -343,6 +343,19 @@ def test_a_reprocess_run_again_after_a_crash_goes_on_where_it_stopped(run_out, a
     assert reprocess() == set() and store.committed() == set()  # a new one: all again
 
 
+def _rows_within(ds, seconds: float, what: str) -> list:
+    """Every row of ``ds``, asserting they all came within ``seconds``: where a step kills its
+    process, Ray retries it for ever unless the run's `Attempts` ends that."""
+    import threading
+
+    got: list = []
+    done = threading.Thread(target=lambda: got.extend(ds.take_all()), daemon=True)
+    done.start()
+    done.join(seconds)
+    assert not done.is_alive(), f"the run did not end: {what} is retried for ever"
+    return got
+
+
 class _KillsItsPlanner:
     """A slide plan that kills its process on a slide named ``poison`` (as a file that crashes
     a native decoder does), else `PlanSlide`'s."""
@@ -368,8 +381,6 @@ def test_a_slide_that_kills_its_planner_fails_where_ray_retried_it_for_ever(ray_
     kill): Ray started the planner again and retried it, again and again, and the run never
     ended, nor any rerun. The run's `Attempts` fails it once its plans died twice; the
     other slides are planned as ever."""
-    import threading
-
     import ray
 
     from engine.config import Config
@@ -385,11 +396,7 @@ def test_a_slide_that_kills_its_planner_fails_where_ray_retried_it_for_ever(ray_
     ds = ray.data.from_items(items, override_num_blocks=1).flat_map(
         _PlanTasksKilledByPoison, fn_constructor_args=(Config(), None, "tiles", False, attempts),
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
-    got: list = []
-    done = threading.Thread(target=lambda: got.extend(ds.take_all()), daemon=True)
-    done.start()
-    done.join(240)
-    assert not done.is_alive(), "the run did not end: the poison slide is retried for ever"
+    got = _rows_within(ds, 240, "the poison slide")
     headers = {json.loads(r["header"])["slide"]["uri"]: json.loads(r["header"])
                for r in got if r["header"]}
     assert headers[str(good)]["status"] == "ok"
@@ -413,8 +420,6 @@ def test_a_tile_that_kills_its_reader_fails_its_slide_alone(ray_local, tmp_path)
     """A tile whose read kills the process (after its slide's plan): Ray retried its batch for
     ever. Its batch dies twice, then is read a task at a time: the task that kills its
     process fails its slide, and the batch's other slide's tasks are read as ever."""
-    import threading
-
     import ray
 
     from engine.config import Config
@@ -434,11 +439,7 @@ def test_a_tile_that_kills_its_reader_fails_its_slide_alone(ray_local, tmp_path)
     ds = ray.data.from_items(tasks, override_num_blocks=1).map_batches(
         _DetectKilledByPoison, fn_constructor_args=(cfg, 1, attempts), batch_size=len(tasks),
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
-    got: list = []
-    done = threading.Thread(target=lambda: got.extend(ds.take_all()), daemon=True)
-    done.start()
-    done.join(240)
-    assert not done.is_alive(), "the run did not end: the poison tile is retried for ever"
+    got = _rows_within(ds, 240, "the poison tile")
     poisoned = [r for r in got if r["slide_id"].startswith("poison")]
     assert {r["kind"] for r in poisoned} == {"error"}
     assert len(poisoned) == sum(t["slide_id"].startswith("poison") for t in tasks)
