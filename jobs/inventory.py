@@ -189,15 +189,20 @@ def kept_row(earlier: tuple[dict, bool] | None, entry: FileEntry, overrides: Mpp
     return None if row is None else {**row, "specimen": specimen, "case": case}
 
 
+def reprocess_begun(output: str, storage) -> bool:
+    """Whether a ``--reprocess`` into ``output`` began and has not ended (its mark
+    `REPROCESSING` stands): a run, with ``--reprocess`` or without, goes on with it."""
+    fs, root = get_filesystem(join_uri(output), storage)
+    fs.invalidate_cache()
+    return fs.exists(f"{root.rstrip('/')}/{PROGRESS}/{REPROCESSING}")
+
+
 def reprocess_rows(output: str, storage) -> tuple[dict[str, tuple[dict, bool]], str]:
     """``--reprocess``'s earlier rows: those an interrupted ``--reprocess`` read (its progress
     files, under its mark `REPROCESSING`), which a rerun of the command after a crash keeps
     where their files are unchanged, as `earlier_rows` are kept (it read every file again);
     else none, the progress of any other run cleared and the mark written."""
-    fs, root = get_filesystem(join_uri(output), storage)
-    folder = f"{root.rstrip('/')}/{PROGRESS}"
-    fs.invalidate_cache()
-    if fs.exists(f"{folder}/{REPROCESSING}"):
+    if reprocess_begun(output, storage):
         rows, found = earlier_rows(output, storage, progress_only=True)
         return rows, f"an interrupted --reprocess goes on from {found or 'its start'}"
     Progress(output, storage, False).remove()  # another run's: its reads are no --reprocess's
@@ -255,7 +260,9 @@ def main(argv=None) -> int:
         warn_unused_mpp(overrides, [e.uri for e in entries], args.mpp_table)
         typed, cases = read_list_values(args.input, cfg.storage, folders)
         specimens = Specimens(args.specimen, typed)
-        earlier, found = reprocess_rows(args.output, cfg.storage) if args.reprocess else \
+        # a plain run too: else it would keep the rows the interrupted one had not read yet
+        earlier, found = reprocess_rows(args.output, cfg.storage) \
+            if args.reprocess or reprocess_begun(args.output, cfg.storage) else \
             earlier_rows(args.output, cfg.storage)
         rows = {e.uri: kept_row(earlier.get(e.uri), e, overrides, specimens.of(e.uri),
                                 cases.get(e.uri), args.retry_failed) for e in entries}

@@ -258,18 +258,26 @@ def reconcile_output(store: OutputStore, cfg, entries: list[FileEntry], reproces
         changes.insert(0, f"engine {made_by} -> {engine.__version__} (a release whose results "
                           "differ: README \"Versions\")")
     ours = {slide_id_for(e.uri) for e in entries} & committed
-    mark, begun = reprocess_mark(source), None
-    if reprocess:
+    mark = reprocess_mark(source)
+    begun = None if changes else store.modified(REPROCESS_FOLDER, mark)
+    if reprocess or begun is not None:
         redo, why = ours, "--reprocess"
-        begun = None if changes else store.modified(REPROCESS_FOLDER, mark)
         if begun is not None:  # an interrupted --reprocess under this config: it goes on
             times = store.commit_times()
             done = {sid for sid in ours if times.get(sid, 0.0) >= begun}
             redo = ours - done
+            if retry_failed:
+                redo |= store.failed(done)
             when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(begun))
-            log(f"--reprocess: the one begun here {when} under this config did not end: it "
-                f"goes on, the {len(done)} slide(s) it processed kept (to begin again: remove "
-                f"{store.uri(REPROCESS_FOLDER, mark)})")
+            if reprocess:
+                log(f"--reprocess: the one begun here {when} under this config did not end: it "
+                    f"goes on, the {len(done)} slide(s) it processed kept (to begin again: "
+                    f"remove {store.uri(REPROCESS_FOLDER, mark)})")
+            else:  # stopped as it took slides out: those left would keep their old rows
+                log(f"a --reprocess of this input begun here {when} under this config did not "
+                    f"end: this run goes on with it, the {len(done)} slide(s) it processed kept "
+                    f"and {len(redo)} processed again (to end it instead, those keeping their "
+                    f"earlier rows: remove {store.uri(REPROCESS_FOLDER, mark)})")
     elif changes:
         raise HemeflowError(
             f"{store.root} holds {len(committed)} slide(s) processed with another config or "
@@ -325,6 +333,14 @@ def reprocess_mark(source: str | None) -> str:
     stopped, where it took out and processed again the slides the crashed run had done."""
     key = normalize_uri(source) if source else "(the bundled default input)"
     return hashlib.sha256(key.encode()).hexdigest()[:16] + ".json"
+
+
+def again(args, store: OutputStore) -> bool:
+    """Whether the run reads again the slides an inventory found unreadable: with
+    ``--retry-failed`` or ``--reprocess``, or while a ``--reprocess`` of its input goes on
+    (`reprocess_mark`: `reconcile_output` has just said so)."""
+    return args.retry_failed or args.reprocess or \
+        store.modified(REPROCESS_FOLDER, reprocess_mark(args.input)) is not None
 
 
 def end_reprocess(store: OutputStore, source: str | None, rows: list[dict]) -> None:
@@ -515,8 +531,7 @@ def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
                                  seen=seen, parts=inputs.parts, source=args.input)
     warn_case_changes(store, inputs, committed, args.input, log, seen)
     stages = resolve_stages(cfg, args.allow_untrained)
-    verdicts = inventory_verdicts(inputs, committed, args.retry_failed or args.reprocess,
-                                  cfg.storage, log)
+    verdicts = inventory_verdicts(inputs, committed, again(args, store), cfg.storage, log)
     if verdicts:
         log(f"{len(verdicts)} slide(s) the inventory found unreadable would be committed as "
             "failed with its reasons, not read again (--retry-failed reads them)")
@@ -644,8 +659,7 @@ def main(argv=None) -> int:
             warn_case_changes(store, inputs, kept, args.input, seen=seen)
             write_run_config(args.output, cfg, vars(args), cfg.storage)
             specimens = Specimens(args.specimen, inputs.specimens)
-            verdicts = inventory_verdicts(inputs, kept, args.retry_failed or args.reprocess,
-                                          cfg.storage)
+            verdicts = inventory_verdicts(inputs, kept, again(args, store), cfg.storage)
             # the run's own refusals (a model without weights) come before any commit
             stages = resolve_stages(cfg, args.allow_untrained) if verdicts else None
             judged = commit_verdicts(store, cfg, inputs, verdicts, specimens, stages)

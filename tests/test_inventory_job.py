@@ -348,17 +348,19 @@ def test_an_inventory_that_stopped_is_taken_up_where_it_stopped(small_archive, t
     assert not (out / inventory.PROGRESS).exists()
 
 
+@pytest.mark.parametrize("again", [("--reprocess",), ()], ids=["reprocess", "plain"])
 def test_a_reprocess_that_stopped_is_taken_up_where_it_stopped(small_archive, tmp_path, capsys,
-                                                                monkeypatch):
+                                                                monkeypatch, again):
     """--reprocess reads every file again; run again after a crash it read again the files the
     crashed run had read. It goes on from them; one that ended leaves nothing to go on from,
-    and the next reads every file again."""
+    and the next reads every file again. A plain run after the crash goes on with it too: it
+    kept the rows of the files the crashed run had not read again, and ended it."""
     out = tmp_path / "out"
     _run(small_archive, out, capsys)
     calls, real = _stop_at_the_third(monkeypatch)
     _run(small_archive, out, capsys, "--workers", "1", "--reprocess", code=2)
     monkeypatch.setattr(inventory, "inventory_file", real)
-    df, line = _run(small_archive, out, capsys, "--reprocess")
+    df, line = _run(small_archive, out, capsys, *again)
     assert "; 2 row(s) kept from the earlier inventory, 1 file(s) read" in line
     assert sorted(df["uri"]) == sorted(str(p) for p in small_archive.iterdir())
     assert not (out / inventory.PROGRESS).exists()

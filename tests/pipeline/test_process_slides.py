@@ -1,5 +1,6 @@
 """``jobs.process_slides`` end to end on a local Ray: tables, statuses, resume, refusals, S3."""
 
+import argparse
 import csv
 import json
 import os
@@ -341,6 +342,47 @@ def test_a_reprocess_run_again_after_a_crash_goes_on_where_it_stopped(run_out, a
     process_slides.end_reprocess(store, str(archive), [{"error_type": None}])
     assert not marks[0].exists()
     assert reprocess() == set() and store.committed() == set()  # a new one: all again
+
+
+def test_a_plain_run_after_a_reprocess_stopped_as_it_took_slides_out_goes_on_with_it(
+        run_out, archive, tmp_path):
+    """A --reprocess that crashed after its mark, while it took the input's slides out, left
+    some of them committed with their earlier rows. A plain run after it skipped those and
+    then, ending with every slide committed, removed the mark: the output held both runs'
+    results for good. The plain run now goes on with the reprocessing."""
+    import yaml
+
+    from engine.config import Config
+    from engine.pipeline.commit import OutputStore
+
+    out = tmp_path / "out"
+    shutil.copytree(run_out, out)
+    cfg = Config.from_dict(yaml.safe_load(open(tiny_config(tmp_path))))
+    entries = process_slides.read_inputs(str(archive), cfg.storage).entries
+    store, said = OutputStore(str(out), cfg.storage), []
+    ids = store.committed()
+    assert len(ids) == len(entries) > 2
+
+    def plain(dry_run=False):
+        return process_slides.reconcile_output(store, cfg, entries, False, False, said.append,
+                                               dry_run=dry_run, source=str(archive))
+
+    assert plain(True) == ids and plain() == ids and not said  # no mark: a plain resume
+    store.uncommit(set(sorted(ids)[:2]))  # the reprocess' mark written, two slides taken out:
+    time.sleep(0.05)  # then the crash
+    mark = out / process_slides.REPROCESS_FOLDER / process_slides.reprocess_mark(str(archive))
+    mark.parent.mkdir()
+    mark.write_text("{}")
+    for dry in (True, False):
+        assert plain(dry) == set(), said
+        assert said[0].startswith("a --reprocess of this input begun here ") and said[0].endswith(
+            f"under this config did not end: this run goes on with it, the 0 slide(s) it "
+            f"processed kept and {len(ids) - 2} processed again (to end it instead, those "
+            f"keeping their earlier rows: remove {mark})"), said
+        said.clear()
+    assert store.committed() == set() and mark.exists()  # ended by the run that ends it
+    assert process_slides.again(argparse.Namespace(retry_failed=False, reprocess=False,
+                                                   input=str(archive)), store)
 
 
 def _rows_within(ds, seconds: float, what: str) -> list:
