@@ -461,6 +461,11 @@ class PipelineConfig:
             (`engine.pipeline.run.read_threads_for`).
         native_threads: threads OpenCV and libvips may use in each CPU actor (0: their default,
             one per core, which oversubscribes a node full of actors).
+        crash_guard: count the attempts at each slide's plan and each batch of reads
+            (`engine.pipeline.steps.Attempts`, a round trip to an actor before each), so that a
+            slide whose reading kills its process fails ``SlideCrashedReader`` after two
+            deaths. False, only to measure what the count costs (``pipeline_e2e.py
+            --baseline-set crash_guard=false``): Ray then retries such a slide for ever.
         direct_jpeg: decode the JPEG tiles of generic tiled TIFFs and Aperio SVS directly
             (`engine.slides.jpeg_tiles`) instead of through OpenSlide, each level checked
             against OpenSlide first, at about twice the speed: OpenSlide's pixels, except at
@@ -512,6 +517,7 @@ class PipelineConfig:
     read_concurrency: int | None = None
     read_threads: int = 0
     native_threads: int = 1
+    crash_guard: bool = True
     direct_jpeg: bool = True
     min_nucleated: int = 200
     max_ood_percent: float = 20.0
@@ -562,7 +568,7 @@ EXECUTION_KEYS = frozenset({
     "storage", "pipeline.slides_per_chunk", "pipeline.max_slide_shards",
     "pipeline.cells_cpu_share", "pipeline.read_batch_size", "pipeline.tile_read_batch_size",
     "pipeline.read_concurrency",
-    "pipeline.read_threads", "pipeline.native_threads",
+    "pipeline.read_threads", "pipeline.native_threads", "pipeline.crash_guard",
     *(f"pipeline.{stage}.{key}" for stage in ("classifier", "encoder")
       for key in ("batch_size", "passes_per_call", "calls_in_flight", "concurrency",
                   "num_gpus", "compile", "cuda_graphs", "threads")),

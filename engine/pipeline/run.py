@@ -593,7 +593,8 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
         metrics.phase.update({f"plan_{b}": b, cpu_stage: b, model_stage: b})
     stop = threading.Event()
     reserved = reserve_host_cpus(res, branches)
-    attempts = ray.remote(num_cpus=0)(Attempts).remote()  # a slide that kills its planner
+    # a slide that kills its reader fails, where Ray retried it for ever
+    attempts = ray.remote(num_cpus=0)(Attempts).remote() if pc.crash_guard else None
     try:
         for chunk in _chunks(pending, pc.slides_per_chunk):
             items = [{"uri": e.uri, "size": e.size, "etag": e.etag,

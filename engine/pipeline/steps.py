@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -348,9 +349,10 @@ class Attempts:
     run and never ended: the process died (a file that crashes a native decoder, an
     out-of-memory kill). Ray starts the actor again and retries its task, so such a slide was
     read again and again, and the run never ended, nor any rerun. Run as a Ray actor of the
-    run (`run_pipeline`); the steps ask it before each attempt (``begin``, `attempt`) and
-    tell it after (``end``): `PlanTasks` fails a slide whose plans died ``CRASHES_ALLOWED``
-    times, and a read batch that died so often is read a task at a time (`crashed_tasks`)."""
+    run (`run_pipeline`); the steps tell it before each attempt (``begin``, `attempt`) and
+    after (``end``), and in an actor started again they wait for its answer: `PlanTasks`
+    fails a slide whose plans died ``CRASHES_ALLOWED`` times, and a read batch that died so
+    often is read a task at a time (`crashed_tasks`)."""
 
     def __init__(self):
         self._open: collections.Counter = collections.Counter()
@@ -375,9 +377,26 @@ def attempt(attempts, key):
         return
     import ray
 
-    died = ray.get(attempts.begin.remote(key))
-    yield died
+    begun = attempts.begin.remote(key)
+    # only a process started again can be given an attempt that died: elsewhere the count is
+    # told, not waited for (0.3 ms a batch against a round trip's 1.5 ms, more on a busy node)
+    yield ray.get(begun) if restarted() else 0
     attempts.end.remote(key)  # not waited for: a caller's calls to an actor run in order
+
+
+@functools.cache
+def restarted() -> bool:
+    """Whether this process is a Ray actor started again after its process died. Ray Data's
+    actors are started again, and their tasks retried there, for ever (its ``max_restarts``
+    and ``max_task_retries`` of -1), so the attempt a process's death ended is made again in
+    such an actor alone: `attempt` waits for its count there. An attempt whose count was lost
+    with its process (told just before the death) costs one more death, no more."""
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    context = ray.get_runtime_context()
+    return context.get_actor_id() is not None and bool(context.was_current_actor_reconstructed)
 
 
 def crashed(uri: str, died: int, what: str = "reading it") -> SlideCrashedReader:
