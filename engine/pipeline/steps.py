@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 
 import cv2
 import numpy as np
@@ -396,7 +397,11 @@ def restarted() -> bool:
     if not ray.is_initialized():
         return False
     context = ray.get_runtime_context()
-    return context.get_actor_id() is not None and bool(context.was_current_actor_reconstructed)
+    if context.get_actor_id() is None:
+        return False
+    with warnings.catch_warnings():  # it reads Ray's deprecated actor_id, which warns in the log
+        warnings.simplefilter("ignore")
+        return bool(context.was_current_actor_reconstructed)
 
 
 def crashed(uri: str, died: int, what: str = "reading it") -> SlideCrashedReader:
