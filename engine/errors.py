@@ -111,6 +111,12 @@ class NotOnEveryNode(HemeflowError):
     alike and be committed failed, so the job stops, committing nothing for it."""
 
 
+class OutputFull(HemeflowError, OSError):
+    """No space left on the disk (or quota) an output is written to. The job stops: every
+    file after would fail alike. Its partial file is removed, and what was written whole
+    before stays (`engine.outputs.write_bytes`)."""
+
+
 class TransientStorageError(HemeflowError):
     """A storage call failed in a way worth retrying (timeouts, throttling, 5xx)."""
 

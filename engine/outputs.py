@@ -6,6 +6,8 @@ on its single PUT. Readers therefore never see half a file.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import os
 import time
@@ -15,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.config import StorageConfig
+from engine.errors import OutputFull
 from engine.slides.storage import call_with_retries, get_filesystem, is_remote, normalize_uri
 
 
@@ -35,12 +38,24 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
         call_with_retries(lambda: fs.pipe_file(path, data), storage, "upload")
         return
     os.makedirs(os.path.dirname(uri), exist_ok=True)
-    tmp = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, uri)
+    tmp = f"{uri}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, uri)
+    except BaseException as err:
+        with contextlib.suppress(OSError):  # a full disk kept it, and lost the space
+            os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputFull(f"{uri}: no space left on its disk ({err.strerror}): free some, or "
+                             "write to another output, and run again; what was written whole "
+                             "before stays") from err
+        raise
+
+
+TMP_MARK = ".tmp-"  # a local file being written: `write_bytes` names it <name>.tmp-<hex>
 
 
 def write_parquet(table: pa.Table, uri: str, storage: StorageConfig,

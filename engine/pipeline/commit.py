@@ -22,7 +22,7 @@ from collections.abc import Callable
 import pyarrow as pa
 
 from engine.config import StorageConfig
-from engine.outputs import join_uri, run_stamp, write_bytes, write_parquet
+from engine.outputs import TMP_MARK, join_uri, run_stamp, write_bytes, write_parquet
 from engine.schema import TABLES, table_from_rows
 from engine.slides.storage import (InputError, get_filesystem, is_remote, normalize_uri,
                                    process_alive)
@@ -49,12 +49,15 @@ class OutputStore:
 
     def slide_ids(self, table: str, suffix: str = ".parquet") -> set[str]:
         """Slide ids with a file in ``table`` (committed or not)."""
-        folder = f"{self.path.rstrip('/')}/{table}"
+        return {n[: -len(suffix)] for n in self._names(table) if n.endswith(suffix)}
+
+    def _names(self, folder: str) -> list[str]:
+        """The names of the files in ``folder`` below the root (none where it is missing)."""
         try:
-            names = self.fs.ls(folder, detail=False)
+            names = self.fs.ls(f"{self.path.rstrip('/')}/{folder}", detail=False)
         except FileNotFoundError:
-            return set()
-        return {n.rsplit("/", 1)[-1][: -len(suffix)] for n in names if n.endswith(suffix)}
+            return []
+        return [n.rsplit("/", 1)[-1] for n in names]
 
     def committed(self) -> set[str]:
         """Slide ids with a commit marker."""
@@ -155,15 +158,22 @@ class OutputStore:
     def clean_partial(self) -> list[str]:
         """Delete files of slides that never committed; returns their slide ids. The files go
         in one call (S3 deletes up to 1,000 objects a request), where one request per file
-        adds up to hours for a reprocessed archive of tens of thousands of slides."""
+        adds up to hours for a reprocessed archive of tens of thousands of slides. A local
+        file a killed run left half written (`engine.outputs.TMP_MARK`: no table reads it,
+        but it holds its space) goes too."""
         done = self.committed()
         base = self.path.rstrip("/")
-        doomed = {(table, ".parquet", sid) for table in DATA_TABLES
-                  for sid in self.slide_ids(table) - done}
-        doomed |= {("geojson", ".geojson", sid)
-                   for sid in self.slide_ids("geojson", ".geojson") - done}
-        if doomed:
-            self.fs.rm([f"{base}/{table}/{sid}{suffix}" for table, suffix, sid in sorted(doomed)])
+        doomed, halves = set(), []
+        for folder, suffix in [*((t, ".parquet") for t in (*DATA_TABLES, STATUS_TABLE)),
+                               ("geojson", ".geojson")]:
+            names = self._names(folder)
+            halves += [f"{base}/{folder}/{n}" for n in names if TMP_MARK in n]
+            if folder != STATUS_TABLE:
+                doomed |= {(folder, suffix, n[: -len(suffix)]) for n in names
+                           if n.endswith(suffix) and n[: -len(suffix)] not in done}
+        if doomed or halves:
+            self.fs.rm([f"{base}/{table}/{sid}{suffix}" for table, suffix, sid in sorted(doomed)]
+                       + halves)
         return sorted({sid for _, _, sid in doomed})
 
     def write_table(self, table: str, slide_id: str, rows: list[dict] | pa.Table) -> None:

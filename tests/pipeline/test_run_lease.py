@@ -147,6 +147,41 @@ def test_leftovers_on_s3_go_in_one_request(s3_server, s3_client):
                                              "run/slide_status/s0.parquet"]
 
 
+def test_a_full_disk_names_the_file_and_leaves_no_half_file_behind(tmp_path, monkeypatch):
+    """An output whose disk filled stopped the job with "[Errno 28] No space left on device",
+    naming neither the file nor what to do, and left the file it was writing half written
+    (``<name>.tmp-<hex>``), holding its space for good: no table reads it, and no run removed
+    it. Now the error names the file and says what stays; the half file goes at once, and
+    one a killed run left goes with the next run's leftovers."""
+    import errno
+
+    from engine.errors import OutputFull
+    from engine.outputs import TMP_MARK
+
+    out = tmp_path / "out"
+    store = OutputStore(str(out), StorageConfig())
+    store.write_json("geojson", "s0.geojson", {"cells": 1})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OutputFull, match=f"^{out}/geojson/s0.geojson: no space left on its disk "
+                       r"\(No space left on device\): free some, or write to another output, "
+                       "and run again; what was written whole before stays$") as err:
+        store.write_json("geojson", "s0.geojson", {"cells": 2})
+    assert isinstance(err.value, OSError)  # the jobs' handlers of OSError take it as ever
+    assert os.listdir(out / "geojson") == ["s0.geojson"]
+    assert json.loads((out / "geojson" / "s0.geojson").read_text()) == {"cells": 1}
+    monkeypatch.undo()
+    halves = [out / "cells" / f"s1.parquet{TMP_MARK}0123abcd",
+              out / "slide_status" / f"s2.parquet{TMP_MARK}89abcdef"]
+    for half in halves:  # a kill mid-write
+        half.parent.mkdir(exist_ok=True)
+        half.write_bytes(b"PAR1")
+    assert store.clean_partial() == ["s0"] and not any(h.exists() for h in halves)
+
+
 def test_a_dry_run_and_a_summary_say_another_run_is_writing(tmp_path, wsi_dir, capsys):
     from jobs import process_slides
 
