@@ -632,6 +632,34 @@ def committed_slide(store, name: str) -> dict:
     return match.row(0, named=True)
 
 
+def refuse_output_in_rays_copy(argv: list[str]) -> None:
+    """Refuse a relative ``--output`` where the job runs under ``ray job submit --working-dir``
+    (Ray's job supervisor gives its driver its runtime environment in
+    ``RAY_JOB_CONFIG_JSON_ENV_VAR``). That driver runs in Ray's temporary copy of the project,
+    so the output would be written there, not where the job was submitted from, and would go
+    with the cluster's session.
+
+    Raises:
+        HemeflowError: such an output.
+    """
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        copied = bool(job and (json.loads(job).get("runtime_env") or {}).get("working_dir"))
+    except (ValueError, AttributeError):
+        copied = False
+    if not copied:
+        return
+    for i, arg in enumerate(argv):
+        given = argv[i + 1] if arg == "--output" and i + 1 < len(argv) else \
+            arg.split("=", 1)[1] if arg.startswith("--output=") else None
+        if given and "://" not in given and not os.path.isabs(given):
+            raise HemeflowError(
+                f"--output {given} is a relative path, and this job runs under `ray job submit "
+                f"--working-dir`, whose driver runs in Ray's temporary copy of the project "
+                f"({os.getcwd()}): the output would be written there and go with the "
+                "cluster's session. Give an s3:// prefix or an absolute path")
+
+
 def job_main(main):
     """A job's ``main`` that ends an error hemeflow raises on purpose
     (`engine.errors.HemeflowError`: an input, output, config or checkpoint it refuses,
@@ -644,6 +672,8 @@ def job_main(main):
     def wrapped(*args, **kwargs):
         previous = _stop_on_sigterm()
         try:
+            argv = args[0] if args else kwargs.get("argv")
+            refuse_output_in_rays_copy(sys.argv[1:] if argv is None else argv)
             return main(*args, **kwargs)
         except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (`_stop_on_sigterm`)
             # Ray Train turns what stops its fit into a KeyboardInterrupt of its own

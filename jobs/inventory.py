@@ -40,8 +40,9 @@ from engine.slides.storage import (FileEntry, StagingArea, get_filesystem, is_re
                                    on_network_filesystem, request_pool)
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens
 from jobs.common import (add_common_args, count_arg, expand_inputs, fail, job_main, load_config,
-                         progress, read_list_values, read_mpp_table, slide_mpp_arg,
-                         warn_unused_mpp, write_run_config)
+                         progress, read_list_values, read_mpp_table,
+                         refuse_output_in_rays_copy, slide_mpp_arg, warn_unused_mpp,
+                         write_run_config)
 
 DEFAULT_INPUT = "../shared/data/wsi"
 ARCHIVED = "archived.csv"  # under slides/: the archived slides' objects (`write_archived`)
@@ -248,6 +249,7 @@ class Progress:
 @job_main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    refuse_output_in_rays_copy(["--output", args.output])  # its default too
     try:
         cfg = load_config(args)
         overrides = MppOverrides(

@@ -49,8 +49,8 @@ from engine.slides.storage import (ARCHIVE_CLASSES, FileEntry, InputError, is_re
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
 from jobs.common import (add_common_args, each_looked_up, expand_inputs, fail, fold_series,
                          job_main, load_config, once_each, one_value_each, read_list_values,
-                         read_mpp_table, read_text, slide_mpp_arg, warn_unused_mpp,
-                         write_run_config)
+                         read_mpp_table, read_text, refuse_output_in_rays_copy,
+                         slide_mpp_arg, warn_unused_mpp, write_run_config)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                       "shared", "data")
@@ -627,6 +627,7 @@ def print_summary(rows: list[dict], output: str = "", most: int = SUMMARY_ROWS) 
 @job_main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    refuse_output_in_rays_copy(["--output", args.output])  # its default too
     try:
         cfg = load_config(args)
         inputs = read_inputs(args.input, cfg.storage) if args.input else \

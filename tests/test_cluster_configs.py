@@ -93,3 +93,34 @@ def test_worker_pods_have_room_for_staged_slides():
             volume = next(v for v in pod["volumes"] if v["name"] == mounts["/tmp"])
             size = volume["emptyDir"]["sizeLimit"]
             assert size.endswith("Gi") and int(size[:-2]) * 1024**3 > 2 * bound
+
+
+def test_a_relative_output_under_ray_job_submit_with_a_working_dir_is_refused(monkeypatch,
+                                                                              capsys, tmp_path):
+    """`ray job submit --working-dir .` runs the driver in Ray's temporary copy of the project
+    (checked by hand with a local head: .../runtime_resources/working_dir_files/_ray_pkg_...), so
+    a relative --output, or process_slides' default one, was written there and went with the
+    cluster's session. Such a job now stops before it starts; an absolute path or s3:// goes."""
+    import json
+
+    from jobs import process_slides, slide_summary
+
+    small = str(ROOT.parent / "shared/data/wsi/openslide-python/small.svs")
+    monkeypatch.chdir(tmp_path)  # the default output, hemeflow-out, is looked at
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}))
+    for main, argv, given in [(slide_summary.main, ["--output", "results/run1"], "results/run1"),
+                              (slide_summary.main, ["--output=run1"], "run1"),
+                              (process_slides.main, ["--input", small, "--dry-run"],
+                               "hemeflow-out")]:
+        assert main(argv) == 2
+        said = capsys.readouterr().err
+        assert f"hemeflow: error: --output {given} is a relative path, and this job runs under " \
+               "`ray job submit --working-dir`, whose driver runs in Ray's temporary copy of the " \
+               "project (" in said and said.rstrip().endswith(
+                   "the output would be written there and go with the cluster's session. Give "
+                   "an s3:// prefix or an absolute path"), said
+    out = str(tmp_path / "out")
+    assert process_slides.main(["--input", small, "--dry-run", "--output", out]) == 0
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))
+    assert process_slides.main(["--input", small, "--dry-run"]) == 0  # no copy: where it runs
