@@ -632,22 +632,38 @@ def committed_slide(store, name: str) -> dict:
     return match.row(0, named=True)
 
 
+def in_rays_copy() -> bool:
+    """Whether this job runs under ``ray job submit --working-dir`` (Ray's job supervisor
+    gives its driver its runtime environment in ``RAY_JOB_CONFIG_JSON_ENV_VAR``), in Ray's
+    temporary copy of the project, where a relative path is one in that copy."""
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        return bool(job and (json.loads(job).get("runtime_env") or {}).get("working_dir"))
+    except (ValueError, AttributeError):
+        return False
+
+
+def in_rays_copy_said(said: str) -> str:
+    """A job's error ``said`` with what it needs where it names a path in Ray's temporary copy
+    of the project (`in_rays_copy`): a relative path given to a job under ``ray job submit
+    --working-dir`` (its input, a list, a config) is looked up there."""
+    here = os.getcwd()
+    if not in_rays_copy() or here not in said or "Ray's temporary copy" in said:
+        return said
+    return (f"{said} (a relative path: under `ray job submit --working-dir` it is looked up in "
+            f"Ray's temporary copy of the project, {here}, which holds only what was uploaded "
+            "with it; give an absolute path or s3://)")
+
+
 def refuse_output_in_rays_copy(argv: list[str]) -> None:
     """Refuse a relative ``--output`` where the job runs under ``ray job submit --working-dir``
-    (Ray's job supervisor gives its driver its runtime environment in
-    ``RAY_JOB_CONFIG_JSON_ENV_VAR``). That driver runs in Ray's temporary copy of the project,
-    so the output would be written there, not where the job was submitted from, and would go
-    with the cluster's session.
+    (`in_rays_copy`): the output would be written in Ray's temporary copy of the project, not
+    where the job was submitted from, and would go with the cluster's session.
 
     Raises:
         HemeflowError: such an output.
     """
-    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    try:
-        copied = bool(job and (json.loads(job).get("runtime_env") or {}).get("working_dir"))
-    except (ValueError, AttributeError):
-        copied = False
-    if not copied:
+    if not in_rays_copy():
         return
     for i, arg in enumerate(argv):
         given = argv[i + 1] if arg == "--output" and i + 1 < len(argv) else \
@@ -722,7 +738,7 @@ def _stop_on_sigterm():
 
 
 def fail(message: str, code: int = 2) -> int:
-    print(f"hemeflow: error: {message}", file=sys.stderr)
+    print(f"hemeflow: error: {in_rays_copy_said(message)}", file=sys.stderr)
     return code
 
 

@@ -124,3 +124,28 @@ def test_a_relative_output_under_ray_job_submit_with_a_working_dir_is_refused(mo
     assert process_slides.main(["--input", small, "--dry-run", "--output", out]) == 0
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))
     assert process_slides.main(["--input", small, "--dry-run"]) == 0  # no copy: where it runs
+
+
+def test_a_relative_input_under_ray_job_submit_is_said_to_be_looked_up_in_rays_copy(
+        monkeypatch, capsys, tmp_path):
+    """The same copy is where a relative --input (or list, config) is looked up: the job said
+    only "input path does not exist: <Ray's copy>/slides". It now says why, and what to do."""
+    import json
+
+    from jobs import inventory, process_slides
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}))
+    for main in (process_slides.main, inventory.main):
+        assert main(["--input", "slides", "--output", str(tmp_path / "out")]) == 2
+        said = capsys.readouterr().err.strip().splitlines()[-1]
+        assert said == (
+            f"hemeflow: error: input path does not exist: {tmp_path}/slides (a relative path: "
+            "under `ray job submit --working-dir` it is looked up in Ray's temporary copy of the "
+            f"project, {tmp_path}, which holds only what was uploaded with it; give an absolute "
+            "path or s3://)"), said
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert process_slides.main(["--input", "slides", "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"hemeflow: error: input path does not exist: {tmp_path}/slides")
