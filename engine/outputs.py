@@ -52,6 +52,9 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
             raise OutputFull(f"{uri}: no space left on its disk ({err.strerror}): free some, or "
                              "write to another output, and run again; what was written whole "
                              "before stays") from err
+        if isinstance(err, OSError) and err.filename == tmp and err.errno is not None:
+            # the file asked for, not its temporary name (a folder the job may not write)
+            raise type(err)(err.errno, err.strerror, uri) from err
         raise
 
 

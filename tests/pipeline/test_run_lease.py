@@ -181,6 +181,16 @@ def test_a_full_disk_names_the_file_and_leaves_no_half_file_behind(tmp_path, mon
         half.write_bytes(b"PAR1")
     assert store.clean_partial() == ["s0"] and not any(h.exists() for h in halves)
 
+    import engine.outputs
+
+    def refused(path, mode="r"):  # a folder this job may not write (root here writes any)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+    monkeypatch.setattr(engine.outputs, "open", refused, raising=False)
+    with pytest.raises(PermissionError) as err:  # named as asked for, not by its temporary name
+        store.write_json("geojson", "s3.geojson", {})
+    assert err.value.filename == f"{out}/geojson/s3.geojson"
+
 
 def test_a_dry_run_and_a_summary_say_another_run_is_writing(tmp_path, wsi_dir, capsys):
     from jobs import process_slides
