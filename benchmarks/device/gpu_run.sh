@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements for #7, as one command on the device machine (see README.md here).
 #
-#   bash benchmarks/device/gpu_run.sh [tests] [models] [tiles] [cells] [feed]
+#   bash benchmarks/device/gpu_run.sh [tests] [models] [tiles] [cells] [feed] [guard]
 #   (default: the first four)
 #
 # Unpacks .devbundle/site.tar.xz (made here by bundle.py) to /tmp/site, then runs each part
@@ -68,6 +68,8 @@ if [ -n "${MPP:-}" ]; then
   cells="$cells --mpp $MPP"
   feed="$feed --mpp $MPP"
 fi
+# the guard part: the tiles run as it stands here, a quarter of its slides, without the count
+guard="${tiles/--slides 512/--slides 128} --baseline-set crash_guard=false"
 # each branch with two model actors sharing the GPU (half a GPU each), against the defaults
 # (one actor) in the same process. On the H200 on 2026-12-04 the classifier's actor was busy in
 # its own function 34 s of the cells run's 55 while 60 blocks waited for it: the rest of its
@@ -110,6 +112,11 @@ for part in $parts; do
     # not in the default set (about 70 s, no GPU needed): what the node's CPUs can feed, one
     # process against all of them at once (benchmarks/feed_capacity.py)
     feed) step feed 120 $PY benchmarks/feed_capacity.py --processes "$(nproc)" $feed --tag device ;;
+    # not in the default set (about 150 s): what counting attempts costs a GPU node's tile
+    # readers, against the same job without it (pipeline.crash_guard; release 0.8.9 waits for
+    # the count only in an actor started again). 128 slides: two runs fit one limit
+    guard) step guard 200 $PY benchmarks/pipeline_e2e.py --stages tiles --kind marrow $guard \
+             --tag gpu-guard ;;
     *) echo "unknown part $part" >&2 ;;
   esac
 done
