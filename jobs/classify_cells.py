@@ -43,7 +43,7 @@ from engine.schema import EXPORT_FORMAT
 from engine.specimen import SMEARS, UNKNOWN
 from jobs.common import (add_storage_args, count_arg, fail, find_exports, image_source, job_main,
                          limits_arg, mpp_arg, or_none, percent_arg, positive_arg, put_in_case,
-                         resolve_source_mpp, storage_from_args)
+                         refuse_another_jobs_output, resolve_source_mpp, storage_from_args)
 
 
 def source_label(path: str, folder: str) -> str | None:
@@ -303,6 +303,7 @@ def classify_into(store, args, settings: dict, exports: dict[str, list[str]], mo
     from engine.slides.storage import InputError, normalize_uri
 
     storage = args.storage
+    refuse_another_jobs_output(store.root, storage, "classify_cells")
     config_path = f"{store.path.rstrip('/')}/config.json"
     if store.fs.exists(config_path):
         with store.fs.open(config_path) as fh:

@@ -384,15 +384,57 @@ def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
     return iter(items)
 
 
-def write_run_config(output: str, cfg: Config, args: dict, storage: StorageConfig) -> None:
-    """The resolved config and job arguments, next to the outputs (no credentials live in either)."""
+def write_run_config(output: str, cfg: Config, args: dict, storage: StorageConfig,
+                     job: str) -> None:
+    """The resolved config and job arguments, next to the outputs (no credentials live in
+    either), and the job whose output it is (`refuse_another_jobs_output`)."""
     import engine
     from engine.schema import SCHEMA_VERSION
 
-    doc = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "args": args,
+    doc = {"job": job, "config": cfg.to_dict(), "config_hash": cfg.hash(), "args": args,
            "schema_version": SCHEMA_VERSION, "engine_version": engine.__version__}
     write_bytes(join_uri(output, "config.json"), json.dumps(doc, indent=2, default=str).encode(),
                 storage)
+
+
+INVENTORY_TABLE = ("slides", "slides.parquet")  # an inventory's table, below its output
+
+
+def output_job(output: str, storage: StorageConfig) -> str | None:
+    """The job whose output ``output`` is: its config.json's ``job`` (release 0.8.9 on;
+    classify_cells' always), else an inventory's where its table is there, else
+    process_slides' where a config.json is; None where it holds none."""
+    try:
+        doc = json.loads(read_text(join_uri(output, "config.json"), storage))
+    except (InputError, ValueError):
+        doc = {}
+    if isinstance(doc, dict) and doc.get("job"):
+        return str(doc["job"])
+    fs, root = get_filesystem(join_uri(output, *INVENTORY_TABLE), storage)
+    if fs.exists(root):
+        return "inventory"
+    return "process_slides" if isinstance(doc, dict) and "config" in doc else None
+
+
+def refuse_another_jobs_output(output: str, storage: StorageConfig, job: str) -> None:
+    """Refuse to write ``job``'s tables into an output another job's are in (`output_job`).
+    Each keeps its own config.json there, which the other's would replace; and an
+    inventory's table (``slides/slides.parquet``) lies in the folder of process_slides'
+    per-slide ``slides`` files, where a run took it for an uncommitted slide's and deleted it.
+
+    Raises:
+        HemeflowError: such an output.
+    """
+    theirs = output_job(output, storage)
+    if theirs is None or theirs == job:
+        return
+    why = {"inventory": f"its table, {join_uri(output, *INVENTORY_TABLE)}, lies among the "
+                        "files of the slides table, which a run of this job would take for "
+                        "an unfinished slide's and delete; process it with --input "
+                        f"{join_uri(output, *INVENTORY_TABLE)} and another --output"}.get(
+        theirs, "each job keeps its own config.json and tables there; write to another "
+                "--output")
+    raise HemeflowError(f"{output} is {theirs}'s output, not {job}'s: {why}")
 
 
 def number_arg(text: str, ok, expected: str) -> float:

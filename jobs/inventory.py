@@ -41,7 +41,7 @@ from engine.slides.storage import (FileEntry, StagingArea, get_filesystem, is_re
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens
 from jobs.common import (add_common_args, count_arg, expand_inputs, fail, job_main, load_config,
                          progress, read_list_values, read_mpp_table,
-                         refuse_output_in_rays_copy, slide_mpp_arg, warn_unused_mpp,
+                         refuse_another_jobs_output, refuse_output_in_rays_copy, slide_mpp_arg, warn_unused_mpp,
                          write_run_config)
 
 DEFAULT_INPUT = "../shared/data/wsi"
@@ -252,6 +252,7 @@ def main(argv=None) -> int:
     refuse_output_in_rays_copy(["--output", args.output])  # its default too
     try:
         cfg = load_config(args)
+        refuse_another_jobs_output(args.output, cfg.storage, "inventory")
         overrides = MppOverrides(
             default=args.mpp,
             table=read_mpp_table(args.mpp_table, cfg.storage) if args.mpp_table else {})
@@ -300,7 +301,7 @@ def main(argv=None) -> int:
         out = join_uri(args.output, "slides", "slides.parquet")
         write_parquet(slides_table(rows, bool(args.mpp_table)), out, cfg.storage)
         archived = write_archived(rows, entries, args.output, cfg.storage)
-        write_run_config(args.output, cfg, vars(args), cfg.storage)
+        write_run_config(args.output, cfg, vars(args), cfg.storage, "inventory")
         done.remove()
     except (HemeflowError, OSError) as err:
         return fail(str(err))

@@ -49,8 +49,9 @@ from engine.slides.storage import (ARCHIVE_CLASSES, FileEntry, InputError, is_re
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
 from jobs.common import (add_common_args, each_looked_up, expand_inputs, fail, fold_series,
                          job_main, load_config, once_each, one_value_each, read_list_values,
-                         read_mpp_table, read_text, refuse_output_in_rays_copy,
-                         slide_mpp_arg, warn_unused_mpp, write_run_config)
+                         read_mpp_table, read_text, refuse_another_jobs_output,
+                         refuse_output_in_rays_copy, slide_mpp_arg, warn_unused_mpp,
+                         write_run_config)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                       "shared", "data")
@@ -522,6 +523,7 @@ def dry_run(args, cfg: Config, inputs: Inputs, log=print) -> None:
     """
     entries = inputs.entries
     store = OutputStore(args.output, cfg.storage)
+    refuse_another_jobs_output(args.output, cfg.storage, "process_slides")
     for o in runs_writing(store):
         log(f"another run is writing {store.root}: {describe_run(o)}: a run now would be "
             "refused until it ends")
@@ -652,13 +654,14 @@ def main(argv=None) -> int:
             dry_run(args, cfg, inputs)
             return 0
         store = OutputStore(args.output, cfg.storage)
+        refuse_another_jobs_output(args.output, cfg.storage, "process_slides")
         with RunLease(store, "process_slides"):  # refused while another run writes there
             seen: dict = {}
             kept = reconcile_output(store, cfg, entries, args.reprocess, args.retry_failed,
                                     reprocess_changed=args.reprocess_changed, seen=seen,
                                     parts=inputs.parts, source=args.input)
             warn_case_changes(store, inputs, kept, args.input, seen=seen)
-            write_run_config(args.output, cfg, vars(args), cfg.storage)
+            write_run_config(args.output, cfg, vars(args), cfg.storage, "process_slides")
             specimens = Specimens(args.specimen, inputs.specimens)
             verdicts = inventory_verdicts(inputs, kept, again(args, store), cfg.storage)
             # the run's own refusals (a model without weights) come before any commit

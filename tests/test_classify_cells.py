@@ -570,3 +570,35 @@ def test_a_random_pick_draws_each_class_from_every_slide():
     assert 0.3 < share < 0.7, share  # 0.5 expected; a binomial of 60 stays within this
     again = pl.concat(list(choose(cells, 3, "random", 0).values()))
     assert again.equals(picked)  # the seed decides
+
+
+def test_one_output_holds_one_jobs_tables(tmp_path, capsys):
+    """classify_cells into an output of process_slides (or the other way round) replaced the
+    other's config.json: the first job's next run was refused ("classified with other
+    settings (model: None -> …)", every setting listed), or ran unchecked. Each is now
+    refused at once, naming the job whose output it is."""
+    from engine.config import Config, StorageConfig
+    from jobs import process_slides
+    from jobs.common import write_run_config
+
+    small = str(SHARED_DATA / "wsi/openslide-python/small.svs")
+    slides_out = tmp_path / "slides-out"
+    write_run_config(str(slides_out), Config(), {}, StorageConfig(), "process_slides")
+    before = (slides_out / "config.json").read_text()
+    (tmp_path / "export" / "slide-c").mkdir(parents=True)
+    (tmp_path / "export" / "slide-c" / "x.jpg").write_text("not an image")
+    assert classify_cells.main(["--images", str(tmp_path / "export"), "--output",
+                                str(slides_out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"hemeflow: error: {slides_out} is process_slides's output, not classify_cells's: each "
+        "job keeps its own config.json and tables there; write to another --output")
+    assert (slides_out / "config.json").read_text() == before
+    cells_out = tmp_path / "cells-out"
+    assert classify_cells.main(["--images", str(tmp_path / "export"), "--output",
+                                str(cells_out)]) == 0
+    capsys.readouterr()
+    assert process_slides.main(["--input", small, "--output", str(cells_out)]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"hemeflow: error: {cells_out} is classify_cells's output, not process_slides's: each "
+        "job keeps its own config.json and tables there; write to another --output")
+    assert json.loads((cells_out / "config.json").read_text())["job"] == "classify_cells"

@@ -581,3 +581,34 @@ def test_a_rerun_keeps_a_files_verdict_not_a_moments():
     assert kept(row)["specimen"] == "aspirate"
     assert kept({**row, "error_type": "StagingFull"}) is None
     assert kept(row, FileEntry(entry.uri, 10, mtime=at.timestamp() + 60)) is None
+
+
+def test_process_slides_into_its_inventorys_output_is_refused(wsi_dir, tmp_path, capsys):
+    """The inventory's table lies in the folder of process_slides' per-slide `slides` files:
+    a run into the inventory's own output took it for an uncommitted slide's file and deleted
+    it ("removed partial outputs of 1 uncommitted slide(s)"), and with it hours of an
+    archive's inventory. Such a run is now refused, saying how to run it; and an inventory
+    into process_slides' output too."""
+    from jobs import process_slides
+
+    out = tmp_path / "inv"
+    _run(wsi_dir / "openslide-python", out, capsys)
+    table = out / "slides" / "slides.parquet"
+    assert json.loads((out / "config.json").read_text())["job"] == "inventory"
+    for config in (True, False):  # an inventory before 0.8.9 wrote no "job"
+        if not config:
+            (out / "config.json").unlink()
+        assert process_slides.main(["--input", str(table), "--output", str(out)]) == 2
+        assert capsys.readouterr().err.strip().endswith(
+            f"hemeflow: error: {out} is inventory's output, not process_slides's: its table, "
+            f"{table}, lies among the files of the slides table, which a run of this job would "
+            f"take for an unfinished slide's and delete; process it with --input {table} and "
+            "another --output")
+        assert table.exists()
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "config.json").write_text(json.dumps({"config": {}}))  # before 0.8.9: no "job"
+    _run(wsi_dir / "openslide-python", done, capsys, code=2)
+    assert capsys.readouterr().err.strip().endswith(
+        f"hemeflow: error: {done} is process_slides's output, not inventory's: each job keeps "
+        "its own config.json and tables there; write to another --output")
