@@ -40,8 +40,8 @@ from engine.slides.storage import (FileEntry, StagingArea, get_filesystem, is_re
                                    on_network_filesystem, request_pool)
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens
 from jobs.common import (add_common_args, count_arg, expand_inputs, fail, job_main, load_config,
-                         progress, read_list_values, read_mpp_table,
-                         refuse_another_jobs_output, refuse_output_in_rays_copy, slide_mpp_arg, warn_unused_mpp,
+                         progress, read_list_values, read_mpp_table, refuse_another_jobs_output,
+                         refuse_output_in_rays_copy, slide_mpp_arg, warn_unused_mpp,
                          write_run_config)
 
 DEFAULT_INPUT = "../shared/data/wsi"
