@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from engine.cells import KIND_CELL, KIND_PLATELET
 from engine.classes import DEEPHEME_CODES
@@ -593,8 +594,12 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
         metrics.phase.update({f"plan_{b}": b, cpu_stage: b, model_stage: b})
     stop = threading.Event()
     reserved = reserve_host_cpus(res, branches)
-    # a slide that kills its reader fails, where Ray retried it for ever
-    attempts = ray.remote(num_cpus=0)(Attempts).remote() if pc.crash_guard else None
+    # a slide that kills its reader fails, where Ray retried it for ever. On the driver's node,
+    # whose loss ends the run anyway: on a worker node it would die with that node's actors
+    attempts = ray.remote(num_cpus=0)(Attempts).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)).remote() \
+        if pc.crash_guard else None
     try:
         for chunk in _chunks(pending, pc.slides_per_chunk):
             items = [{"uri": e.uri, "size": e.size, "etag": e.etag,
@@ -640,8 +645,6 @@ def _purge_node(storage) -> int:
 
 def purge_staging(storage, timeout_s: float = 30.0) -> int:
     """Empty the staging folder of every alive node, best effort (a copy in use stays)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     refs = [_purge_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         n["NodeID"], soft=False)).remote(storage) for n in ray.nodes() if n["Alive"]]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)

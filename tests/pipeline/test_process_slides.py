@@ -506,6 +506,12 @@ class _Probe:
     def die(self):
         os._exit(1)
 
+    def attempt(self, attempts, key) -> int:
+        from engine.pipeline.steps import attempt
+
+        with attempt(attempts, key) as died:
+            return died
+
 
 def test_an_attempt_waits_for_its_count_only_in_an_actor_started_again(ray_local):
     """A step waits for `Attempts`' answer before each attempt only where it can be given one
@@ -515,8 +521,13 @@ def test_an_attempt_waits_for_its_count_only_in_an_actor_started_again(ray_local
 
     from engine.pipeline.steps import restarted
 
+    from engine.pipeline.steps import Attempts
+
+    attempts = ray.remote(num_cpus=0)(Attempts).remote()
+    ray.get([attempts.begin.remote("k"), attempts.begin.remote("k")])  # two that died
     probe = ray.remote(num_cpus=0, max_restarts=1)(_Probe).remote()
     assert ray.get(probe.restarted.remote()) is False and restarted() is False
+    assert ray.get(probe.attempt.remote(attempts, "k")) == 0  # told, not waited for
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(probe.die.remote())
     deadline = time.monotonic() + 60
@@ -527,6 +538,10 @@ def test_an_attempt_waits_for_its_count_only_in_an_actor_started_again(ray_local
         except ray.exceptions.RayActorError:  # still starting again
             assert time.monotonic() < deadline
             time.sleep(0.2)
+    ray.get([attempts.begin.remote("j"), attempts.begin.remote("j")])  # (k's attempt ended)
+    assert ray.get(probe.attempt.remote(attempts, "j")) == 2  # waited for: the two that died
+    ray.kill(attempts)  # the count lost: the step goes on unguarded rather than fail
+    assert ray.get(probe.attempt.remote(attempts, "j")) == 0
 
 
 def test_partial_outputs_of_uncommitted_slides_are_removed(run_out, archive, tmp_path):
