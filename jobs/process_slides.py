@@ -116,7 +116,14 @@ def read_inputs(uri: str, storage) -> Inputs:
     ``specimen`` and ``case`` columns of a .csv list or of an inventory .parquet), and the
     pixel sizes an inventory stated. Files that are not slides by name (a licence, a PNG) are
     left out, as from a folder."""
-    from engine.slides.registry import looks_like_slide
+    from engine.slides.registry import looks_like_slide, no_slide_by_content
+
+    def slides(entries: list[FileEntry]) -> list[FileEntry]:
+        named = [e for e in entries if looks_like_slide(e.uri) and not e.part_of]
+        unsure = [e for e in named if "." not in e.uri.rsplit("/", 1)[-1]]
+        gone = {e.uri for e, no in zip(unsure, each_looked_up(
+            lambda e: no_slide_by_content(e.uri), unsure)) if no}
+        return [e for e in named if e.uri not in gone]
 
     if uri.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -143,14 +150,12 @@ def read_inputs(uri: str, storage) -> Inputs:
                   if r.get("mpp_source") == "override" and r.get("mpp_x")}
         failed = {u: r for u, r in first.items()
                   if r.get("status") == "failed" and r.get("error_type") in FILE_FAULTS}
-        return Inputs([e for e in entries if looks_like_slide(e.uri) and not e.part_of],
-                      one_value_each(specimens, uri, "specimen type"),
+        return Inputs(slides(entries), one_value_each(specimens, uri, "specimen type"),
                       one_value_each(cases, uri, "case"), stated, failed, **_parts(entries),
                       listed_now=False)
     folders: dict[str, str] = {}
     entries = expand_inputs(uri, storage, folders)
-    return Inputs([e for e in entries if looks_like_slide(e.uri) and not e.part_of],
-                  *read_list_values(uri, storage, folders), **_parts(entries))
+    return Inputs(slides(entries), *read_list_values(uri, storage, folders), **_parts(entries))
 
 
 def committed_rows(store: OutputStore, ids: set[str], seen: dict | None = None):

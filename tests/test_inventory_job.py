@@ -612,3 +612,29 @@ def test_process_slides_into_its_inventorys_output_is_refused(wsi_dir, tmp_path,
     assert capsys.readouterr().err.strip().endswith(
         f"hemeflow: error: {done} is process_slides's output, not inventory's: each job keeps "
         "its own config.json and tables there; write to another --output")
+
+
+def test_files_without_an_extension_that_are_no_dicom_are_no_slides(wsi_dir, tmp_path, capsys):
+    """A file without an extension may be a DICOM instance (PACS exports name them IM0001),
+    so a README or LICENSE beside the slides was taken for a slide and failed
+    SlideUnsupported in every run. Such local files are now read for their first bytes: no
+    DICOM (nor other format) is no slide; a DICOM series named so is one, as before."""
+    from engine.config import StorageConfig
+    from jobs import process_slides
+
+    share = tmp_path / "share"
+    (share / "series").mkdir(parents=True)
+    shutil.copy(wsi_dir / "openslide-python" / "small.svs", share / "small.svs")
+    for i in (0, 1):
+        shutil.copy(wsi_dir / "openslide-python" / f"boxes_{i}.dcm", share / "series" / f"IM{i}")
+    (share / "README").write_text("scanned in 2026 on the lab's scanner\n")
+    (share / "LICENSE").write_text("x\n")
+    (share / "IM9").write_bytes(b"\0" * 64)  # a DICOM file of which 64 bytes are copied yet
+    listed = process_slides.read_inputs(str(share), StorageConfig()).entries
+    assert sorted(e.uri.rsplit("/", 1)[-1] for e in listed) in (["IM0", "small.svs"],
+                                                                 ["IM1", "small.svs"])
+    df, line = _run(share, tmp_path / "inv", capsys)
+    assert "2 ok" in line and "3 skipped (not slides)" in line, line
+    said = dict(zip(df["uri"], df["error_message"]))
+    assert said[str(share / "README")] == f"{share}/README: not a slide file (no extension, " \
+                                          "and not DICOM)"

@@ -11,7 +11,7 @@ from engine.config import StorageConfig
 from engine.errors import PartOfSlide, SlideError, SlideUnsupported
 from engine.schema import slide_id_for
 from engine.slides.base import SlideInfo, SlideReader
-from engine.slides.registry import looks_like_slide, open_slide
+from engine.slides.registry import looks_like_slide, no_slide_by_content, open_slide
 from engine.slides.storage import FileEntry, StagingArea
 from engine.specimen import UNKNOWN
 
@@ -155,9 +155,10 @@ def inventoried(entry: FileEntry, storage: StorageConfig, staging: StagingArea |
                                                       f"through {entry.part_of}"),
                         status="skipped", specimen=specimen, case=case), None
         return
-    if not looks_like_slide(entry.uri):
-        ext = entry.uri.rsplit(".", 1)[-1]
-        yield error_row(entry, SlideUnsupported(entry.uri, f"not a slide file (.{ext})"),
+    if not looks_like_slide(entry.uri) or no_slide_by_content(entry.uri):
+        name = entry.uri.rsplit("/", 1)[-1]
+        why = f".{name.rsplit('.', 1)[-1]}" if "." in name else "no extension, and not DICOM"
+        yield error_row(entry, SlideUnsupported(entry.uri, f"not a slide file ({why})"),
                         status="skipped", specimen=specimen, case=case), None
         return
     row = base_row(entry, specimen, case)

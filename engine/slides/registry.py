@@ -62,6 +62,24 @@ def looks_like_slide(uri: str) -> bool:
     return bool(name) and (name.endswith(SLIDE_EXTENSIONS) or is_dicom_name(name))
 
 
+def no_slide_by_content(uri: str) -> bool:
+    """A local file without an extension (`looks_like_slide` takes it for a DICOM instance, as
+    PACS exports name them: ``IM0001``) whose first bytes are no DICOM file's nor any other
+    format's: a README, a LICENSE or a Makefile beside the slides, which the jobs took for
+    slides and failed ``SlideUnsupported``. So is such a file not yet 132 bytes long (one
+    being copied: the next run reads it). Only these are read (132 bytes); on S3 each would
+    be a request, and an object there goes on to fail as ever."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    if "." in name or "://" in uri:
+        return False
+    try:
+        with open(uri, "rb") as fh:
+            head = fh.read(132)
+    except OSError:  # missing, not readable, a folder: the read says which
+        return False
+    return _magic_kind(head) is None
+
+
 def _magic_kind(head: bytes) -> str | None:
     if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return "tiff"
