@@ -27,6 +27,21 @@ _SECRET_KEYS = {"key", "secret", "token", "aws_access_key_id", "aws_secret_acces
                 "aws_session_token", "password"}
 
 
+PROTOCOLS = ("s3", "s3a", "file")  # what hemeflow reads and writes: S3 (and its kin) or a path
+
+
+def unsupported_storage(uri: str) -> str | None:
+    """Why ``uri`` names a storage hemeflow does not use (`PROTOCOLS`), or None: fsspec would
+    look for a library not installed (gcsfs for gs://) or read over plain HTTP."""
+    protocol = uri.split("://", 1)[0].lower() if "://" in uri else "file"
+    if protocol in PROTOCOLS:
+        return None
+    return (f"{uri}: {protocol}:// storage is not supported: give an s3:// URI (AWS S3, or a "
+            "store with S3's API: MinIO, Ceph, Google Cloud Storage's interoperability endpoint "
+            "with --s3-endpoint https://storage.googleapis.com and HMAC keys) or a local path "
+            "(a mounted share)")
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     """How to reach object storage and where to stage remote slides for path-based readers.

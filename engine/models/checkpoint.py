@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from engine.config import StorageConfig
+from engine.config import StorageConfig, unsupported_storage
 from engine.errors import HemeflowError
 
 
@@ -33,6 +33,8 @@ def card_path(checkpoint: str) -> str:
 
 
 def _open(uri: str, mode: str, storage: StorageConfig):
+    if said := unsupported_storage(uri):
+        raise CheckpointError(said)
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
     fs, path = fsspec.core.url_to_fs(uri, **storage.fsspec_options(protocol))
     if "w" in mode and protocol == "file":

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import fsspec
 
-from engine.config import StorageConfig
+from engine.config import StorageConfig, unsupported_storage
 from engine.errors import (HemeflowError, SlideAccessDenied, SlideArchived, SlideError,
                            SlideNotFound, StagingError, StagingFull, StorageCredentialsError,
                            TransientStorageError)
@@ -113,7 +113,13 @@ def misnamed(path: str) -> str | None:
 
 
 def get_filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem for ``uri`` and the path inside it (fsspec caches instances)."""
+    """The filesystem for ``uri`` and the path inside it (fsspec caches instances).
+
+    Raises:
+        InputError: a storage other than S3 or a local path (`engine.config.PROTOCOLS`).
+    """
+    if said := unsupported_storage(uri):
+        raise InputError(said)
     protocol = uri.split("://", 1)[0] if is_remote(uri) else "file"
     return fsspec.core.url_to_fs(uri, **storage.fsspec_options(protocol))
 

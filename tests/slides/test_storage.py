@@ -228,3 +228,20 @@ def test_a_request_pool_stopped_drops_the_tasks_not_yet_started():
                 if i == 3:
                     raise KeyboardInterrupt
     assert 4 <= len(ran) <= 10, len(ran)  # of 500
+
+
+def test_a_storage_other_than_s3_or_a_path_is_refused_saying_what_is():
+    """gs:// (or az://, https://) ended a job in a traceback: fsspec's "Please install gcsfs
+    to access Google Storage", or a read over plain HTTP. Slides, outputs and checkpoints
+    now say which storages the jobs use, and how to reach GCS through its S3 API."""
+    from engine.errors import HemeflowError
+    from engine.models.checkpoint import read_checkpoint
+    from engine.slides.storage import InputError, get_filesystem
+
+    for uri in ("gs://lab/slides", "az://lab/slides", "https://example.org/a.svs"):
+        with pytest.raises(InputError, match=f"^{uri}: .*:// storage is not supported: give an "
+                           "s3:// URI .* Google Cloud Storage's interoperability endpoint"):
+            get_filesystem(uri, StorageConfig())
+    with pytest.raises(HemeflowError, match="^gs://m/x.safetensors: gs:// storage is not"):
+        read_checkpoint("gs://m/x.safetensors", StorageConfig())
+    assert get_filesystem("s3a://lab/slides", StorageConfig())[1] == "lab/slides"
