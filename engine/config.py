@@ -37,9 +37,8 @@ def unsupported_storage(uri: str) -> str | None:
     if protocol in PROTOCOLS:
         return None
     return (f"{uri}: {protocol}:// storage is not supported: give an s3:// URI (AWS S3, or a "
-            "store with S3's API: MinIO, Ceph, Google Cloud Storage's interoperability endpoint "
-            "with --s3-endpoint https://storage.googleapis.com and HMAC keys) or a local path "
-            "(a mounted share)")
+            "store with S3's API through --s3-endpoint: MinIO, Ceph) or a local path (a share "
+            "or a bucket mounted on every node: gcsfuse, blobfuse2)")
 
 
 @dataclass(frozen=True)

@@ -233,14 +233,15 @@ def test_a_request_pool_stopped_drops_the_tasks_not_yet_started():
 def test_a_storage_other_than_s3_or_a_path_is_refused_saying_what_is():
     """gs:// (or az://, https://) ended a job in a traceback: fsspec's "Please install gcsfs
     to access Google Storage", or a read over plain HTTP. Slides, outputs and checkpoints
-    now say which storages the jobs use, and how to reach GCS through its S3 API."""
+    now say which storages the jobs use, and that another's bucket may be mounted."""
     from engine.errors import HemeflowError
     from engine.models.checkpoint import read_checkpoint
     from engine.slides.storage import InputError, get_filesystem
 
     for uri in ("gs://lab/slides", "az://lab/slides", "https://example.org/a.svs"):
         with pytest.raises(InputError, match=f"^{uri}: .*:// storage is not supported: give an "
-                           "s3:// URI .* Google Cloud Storage's interoperability endpoint"):
+                           r"s3:// URI .* or a local path \(a share or a bucket mounted on "
+                           r"every node: gcsfuse, blobfuse2\)$"):
             get_filesystem(uri, StorageConfig())
     with pytest.raises(HemeflowError, match="^gs://m/x.safetensors: gs:// storage is not"):
         read_checkpoint("gs://m/x.safetensors", StorageConfig())
