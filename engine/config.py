@@ -475,6 +475,9 @@ class PipelineConfig:
             (`engine.pipeline.run.read_threads_for`).
         native_threads: threads OpenCV and libvips may use in each CPU actor (0: their default,
             one per core, which oversubscribes a node full of actors).
+        stall_minutes: a run that commits no slide for this long says so, naming the reads
+            under way longest (`engine.pipeline.run.StallReport`), again as long again
+            after; 0: never.
         crash_guard: count the attempts at each slide's plan and each batch of reads
             (`engine.pipeline.steps.Attempts`, a round trip to an actor before each), so that a
             slide whose reading kills its process fails ``SlideCrashedReader`` after two
@@ -532,6 +535,7 @@ class PipelineConfig:
     read_threads: int = 0
     native_threads: int = 1
     crash_guard: bool = True
+    stall_minutes: float = 30.0
     direct_jpeg: bool = True
     min_nucleated: int = 200
     max_ood_percent: float = 20.0
@@ -560,6 +564,9 @@ class PipelineConfig:
         if self.read_threads < 0:
             raise ConfigError(f"pipeline.read_threads must be 0 (auto) or more, got "
                               f"{self.read_threads}")
+        if self.stall_minutes < 0:
+            raise ConfigError(f"pipeline.stall_minutes must be 0 (never) or more, got "
+                              f"{self.stall_minutes}")
         r = self.red_cell_diameter_um
         if r is not None and (len(r) != 2 or not 0 < r[0] < r[1]):
             raise ConfigError(f"red_cell_diameter_um must be [low, high] with 0 < low < high "
@@ -583,6 +590,7 @@ EXECUTION_KEYS = frozenset({
     "pipeline.cells_cpu_share", "pipeline.read_batch_size", "pipeline.tile_read_batch_size",
     "pipeline.read_concurrency",
     "pipeline.read_threads", "pipeline.native_threads", "pipeline.crash_guard",
+    "pipeline.stall_minutes",
     *(f"pipeline.{stage}.{key}" for stage in ("classifier", "encoder")
       for key in ("batch_size", "passes_per_call", "calls_in_flight", "concurrency",
                   "num_gpus", "compile", "cuda_graphs", "threads")),

@@ -30,6 +30,7 @@ from engine.models import EnsemblePredictor, MissingWeights, create_model
 from engine.pipeline.address import check_ray_address, keep_sigterm_handler
 from engine.pipeline.aggregate import Aggregator
 from engine.pipeline.commit import OutputStore
+from engine.pipeline.progress import duration
 from engine.pipeline.steps import (READY_PREFIXES, Attempts, ClassifyCells, DetectCells,
                                    EncodeTiles, PlanTasks, ReadTiles)
 from engine.schema import slide_id_for
@@ -568,6 +569,41 @@ def _changed(listed: dict[str, FileEntry], beside: dict[str, list[FileEntry]], s
     return changed_since_listed(listed[uri], storage)
 
 
+class StallReport:
+    """A line, at most every ``after_s``, while no slide of the run has committed for
+    ``after_s`` (`check`, called each second). A run held by a slide whose reading hangs (a
+    decoder in a loop, a stalled network mount) said nothing at all until someone looked; it
+    now says so, naming the reads under way longest (the run's `Attempts`, where the crash
+    guard counts them)."""
+
+    def __init__(self, after_s: float, attempts=None, clock=time.monotonic):
+        self.after_s, self.attempts, self.clock = after_s, attempts, clock
+        self.count, self.since, self.said = -1, clock(), None
+
+    def check(self, committed: int) -> str | None:
+        """The line due now, if any; ``committed``: the run's slides committed so far."""
+        now = self.clock()
+        if committed != self.count:
+            self.count, self.since, self.said = committed, now, None
+            return None
+        if not self.after_s or now - self.since < self.after_s or \
+                (self.said is not None and now - self.said < self.after_s):
+            return None
+        self.said = now
+        oldest = []
+        if self.attempts is not None:
+            try:
+                oldest = ray.get(self.attempts.oldest.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - a report, not the run: said without them
+                oldest = []
+        under_way = "; ".join(f"{what} for {duration(s)}" for what, s in oldest)
+        return (f"warning: no slide committed for {duration(now - self.since)}"
+                + (f"; under way longest: {under_way}" if under_way else "")
+                + ". A slide whose reading hangs (a decoder in a loop, a stalled network "
+                "mount) holds the run: stop it (Ctrl-C; what is committed stays) and run "
+                "again without that slide")
+
+
 def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: MppOverrides,
                   metrics: RunMetrics, specimens: Specimens, cases: dict[str, str] | None,
                   stages, branches: tuple[str, ...], allow_untrained: bool, log,
@@ -600,6 +636,7 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
         scheduling_strategy=NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=False)).remote() \
         if pc.crash_guard else None
+    stall = StallReport(60.0 * pc.stall_minutes, attempts)
     try:
         for chunk in _chunks(pending, pc.slides_per_chunk):
             items = [{"uri": e.uri, "size": e.size, "etag": e.etag,
@@ -618,6 +655,8 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
                                              return_when=FIRST_COMPLETED)
                         if any(f.exception() is not None for f in done):
                             stop.set()
+                        if line := stall.check(len(agg.summary)):
+                            log(line)
                 except BaseException:  # Ctrl-C or SIGTERM: the streams end at their next batch
                     stop.set()
                     raise

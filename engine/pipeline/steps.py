@@ -355,17 +355,39 @@ class Attempts:
     fails a slide whose plans died ``CRASHES_ALLOWED`` times, and a read batch that died so
     often is read a task at a time (`crashed_tasks`)."""
 
-    def __init__(self):
+    def __init__(self, clock=time.time):
         self._open: collections.Counter = collections.Counter()
+        self._since: dict = {}  # when each open key's first attempt began
+        self.clock = clock
 
     def begin(self, key) -> int:
         """Mark ``key``'s plan begun; returns how many of its earlier ones never ended."""
         died = self._open[key]
         self._open[key] += 1
+        self._since.setdefault(key, self.clock())
         return died
 
     def end(self, key) -> None:
         self._open.pop(key, None)
+        self._since.pop(key, None)
+
+    def oldest(self, n: int = 3) -> list[tuple[str, float]]:
+        """The ``n`` attempts under way longest, each ``(what, seconds)`` (`describe_attempt`),
+        since the first attempt at its key began: what a run that commits nothing waits on
+        (`engine.pipeline.run.StallReport`)."""
+        now = self.clock()
+        keys = sorted(self._since, key=self._since.get)[:n]
+        return [(describe_attempt(k), now - self._since[k]) for k in keys]
+
+
+def describe_attempt(key) -> str:
+    """An `Attempts` key in words: a slide's plan, or a read step's batch or task."""
+    if len(key) == 3 and isinstance(key[0], str) and key[0] not in ("read", "detect"):
+        uri, branch, shard = key
+        return f"planning {uri} ({branch}{f', part {shard + 1}' if shard else ''})"
+    what = {"read": "reading encoder tiles", "detect": "detecting cells"}.get(key[0], key[0])
+    tasks = f"task {key[2]}" if len(key) == 3 else f"tasks {key[2]}-{key[3]}"
+    return f"{what} of {key[1]} ({tasks})"
 
 
 @contextlib.contextmanager
