@@ -573,35 +573,42 @@ class StallReport:
     """A line, at most every ``after_s``, while no slide of the run has committed for
     ``after_s`` (`check`, called each second). A run held by a slide whose reading hangs (a
     decoder in a loop, a stalled network mount) said nothing at all until someone looked; it
-    now says so, naming the reads under way longest (the run's `Attempts`, where the crash
-    guard counts them)."""
+    now says so, naming the reads under way longest. ``oldest``: those reads, each
+    ``(what, seconds)`` (the run's `Attempts`, where the crash guard counts them); with it, a
+    run none of whose reads has gone on that long is slow, not held, and nothing is said
+    (one long slide, its reads coming and going)."""
 
-    def __init__(self, after_s: float, attempts=None, clock=time.monotonic):
-        self.after_s, self.attempts, self.clock = after_s, attempts, clock
-        self.count, self.since, self.said = -1, clock(), None
+    LOOK_AGAIN_S = 60.0  # at most, after a look that found no read held so long
+
+    def __init__(self, after_s: float, oldest=None, clock=time.monotonic):
+        self.after_s, self.oldest, self.clock = after_s, oldest, clock
+        self.count, self.since, self.next = -1, clock(), 0.0
 
     def check(self, committed: int) -> str | None:
         """The line due now, if any; ``committed``: the run's slides committed so far."""
         now = self.clock()
         if committed != self.count:
-            self.count, self.since, self.said = committed, now, None
+            self.count, self.since, self.next = committed, now, now + self.after_s
             return None
-        if not self.after_s or now - self.since < self.after_s or \
-                (self.said is not None and now - self.said < self.after_s):
+        if not self.after_s or now < self.next:
             return None
-        self.said = now
         oldest = []
-        if self.attempts is not None:
+        if self.oldest is not None:
             try:
-                oldest = ray.get(self.attempts.oldest.remote(), timeout=10)
+                oldest = self.oldest()
             except Exception:  # noqa: BLE001 - a report, not the run: said without them
                 oldest = []
+            if not any(s >= self.after_s for _, s in oldest):
+                self.next = now + min(self.LOOK_AGAIN_S, self.after_s / 4)  # slow, not held
+                return None
+        self.next = now + self.after_s
         under_way = "; ".join(f"{what} for {duration(s)}" for what, s in oldest)
         return (f"warning: no slide committed for {duration(now - self.since)}"
                 + (f"; under way longest: {under_way}" if under_way else "")
                 + ". A slide whose reading hangs (a decoder in a loop, a stalled network "
-                "mount) holds the run: stop it (Ctrl-C; what is committed stays) and run "
-                "again without that slide")
+                "mount) holds the run: stop it (Ctrl-C or `ray job stop`; where it waits on "
+                "the stuck read, kill it: what is committed stays) and run again without that "
+                "slide")
 
 
 def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: MppOverrides,
@@ -636,7 +643,8 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
         scheduling_strategy=NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=False)).remote() \
         if pc.crash_guard else None
-    stall = StallReport(60.0 * pc.stall_minutes, attempts)
+    stall = StallReport(60.0 * pc.stall_minutes, None if attempts is None else
+                        lambda: ray.get(attempts.oldest.remote(), timeout=10))
     try:
         for chunk in _chunks(pending, pc.slides_per_chunk):
             items = [{"uri": e.uri, "size": e.size, "etag": e.etag,
