@@ -71,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", default=DEFAULT_INPUT,
                    help=f"folder, s3:// prefix, or .txt/.csv list of slides (default {DEFAULT_INPUT})")
-    p.add_argument("--output", default="hemeflow-out", help="output folder or s3:// prefix")
+    p.add_argument("--output", default="hemeflow-inventory",
+                   help="output folder or s3:// prefix (not process_slides' own: it refuses it)")
     p.add_argument("--mpp", type=slide_mpp_arg, help="µm/px for slides whose metadata has none")
     p.add_argument("--mpp-table", help="CSV with uri (or slide_id) and mpp columns; a uri may "
                                        "name a folder or S3 prefix, for the slides under it")
