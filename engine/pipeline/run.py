@@ -11,10 +11,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import logging
 import os
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -569,6 +570,27 @@ def _changed(listed: dict[str, FileEntry], beside: dict[str, list[FileEntry]], s
     return changed_since_listed(listed[uri], storage)
 
 
+STOP_GRACE_S = 10.0  # a stopped run's wait for its streams to end at their next batch
+
+
+def _on_daemon(name: str, fn, *args) -> Future:
+    """``fn(*args)`` on a daemon thread, as a future. A stopped run (Ctrl-C, SIGTERM) waits
+    `STOP_GRACE_S` for its branches' streams to end at their next batch, then goes: a stream
+    whose next batch a hung read holds (a slide on a stalled mount) kept the job, Ctrl-C and
+    all, until that read returned, or for ever. What it left half written is no commit."""
+    future: Future = Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as err:  # noqa: BLE001 - handed to the future's reader
+                future.set_exception(err)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
 class StallReport:
     """A line, at most every ``after_s``, while no slide of the run has committed for
     ``after_s`` (`check`, called each second). A run held by a slide whose reading hangs (a
@@ -606,9 +628,8 @@ class StallReport:
         return (f"warning: no slide committed for {duration(now - self.since)}"
                 + (f"; under way longest: {under_way}" if under_way else "")
                 + ". A slide whose reading hangs (a decoder in a loop, a stalled network "
-                "mount) holds the run: stop it (Ctrl-C or `ray job stop`; where it waits on "
-                "the stuck read, kill it: what is committed stays) and run again without that "
-                "slide")
+                "mount) holds the run: stop it (Ctrl-C or `ray job stop`: what is committed "
+                "stays) and run again without that slide")
 
 
 def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: MppOverrides,
@@ -650,26 +671,29 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
             items = [{"uri": e.uri, "size": e.size, "etag": e.etag,
                       "specimen": specimens.of(e.uri), "case": (cases or {}).get(e.uri)}
                      for e in chunk]
-            with ThreadPoolExecutor(len(branches), thread_name_prefix="branch") as pool:
-                futures = [pool.submit(_consume, b,
-                                       branch_dataset(b, items, cfg, mpp, res, stages.encoder,
-                                                      allow_untrained, reserved, read_threads,
-                                                      attempts),
-                                       agg, metrics, stop) for b in branches]
-                try:
-                    running = set(futures)
-                    while running:  # woken each second: a signal's handler runs only then,
-                        done, running = wait(running, timeout=1.0,  # in this thread
-                                             return_when=FIRST_COMPLETED)
-                        if any(f.exception() is not None for f in done):
-                            stop.set()
-                        if line := stall.check(len(agg.summary)):
-                            log(line)
-                except BaseException:  # Ctrl-C or SIGTERM: the streams end at their next batch
-                    stop.set()
-                    raise
-                for f in futures:
-                    f.result()  # re-raise the first failure, once both threads have ended
+            futures = [_on_daemon(f"branch-{b}", _consume, b,
+                                  branch_dataset(b, items, cfg, mpp, res, stages.encoder,
+                                                 allow_untrained, reserved, read_threads,
+                                                 attempts),
+                                  agg, metrics, stop) for b in branches]
+            try:
+                running = set(futures)
+                while running:  # woken each second: a signal's handler runs only then,
+                    done, running = wait(running, timeout=1.0,  # in this thread
+                                         return_when=FIRST_COMPLETED)
+                    if any(f.exception() is not None for f in done):
+                        stop.set()
+                    if line := stall.check(len(agg.summary)):
+                        log(line)
+            except BaseException:  # Ctrl-C or SIGTERM: the streams end at their next batch,
+                stop.set()  # which a read that hangs never brings: not waited for past that
+                _, held = wait(futures, timeout=STOP_GRACE_S)
+                if held:  # their streams' own shutdown, later, would log tracebacks
+                    log(f"stopping without {len(held)} branch(es) held by a read that hangs")
+                    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+                raise
+            for f in futures:
+                f.result()  # re-raise the first failure, once both threads have ended
             agg.flush()  # every slide of the chunk written and committed
             seen = {slide_id_for(e.uri) for e in chunk}
             left = sorted(agg.slides) + sorted(seen - {s["slide_id"] for s in agg.summary})

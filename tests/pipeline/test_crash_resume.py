@@ -147,3 +147,45 @@ def test_sigterm_stops_the_driver_through_its_cleanup(ray_local, smear_slide, tm
     assert f"{len(committed)} already committed" in capsys.readouterr().out
     status = pl.read_parquet(f"{out}/slide_status/*.parquet")
     assert len(status) == N_SLIDES and status["slide_id"].n_unique() == N_SLIDES
+
+
+def test_a_stopped_run_does_not_wait_on_a_read_that_hangs(ray_local, tmp_path):
+    """A slide whose read hangs (here a named pipe no one writes: its open never returns, as a
+    read on a stalled mount) held its run: the run said nothing, and SIGTERM or Ctrl-C waited
+    for the streams' next batch, which that read holds, for ever. The run now says which read
+    it waits on (`pipeline.stall_minutes`), and a stop waits a few seconds, then goes."""
+    import ray
+
+    fifo = tmp_path / "hang.svs"
+    os.mkfifo(fifo)
+    (tmp_path / "list.txt").write_text(f"{fifo}\n")
+    cfg = tmp_path / "stall.yaml"
+    cfg.write_text("pipeline:\n  stages: [tiles]\n  stall_minutes: 0.05\n")
+    log = tmp_path / "job.log"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    job = [sys.executable, "-m", "jobs.process_slides", "--input", str(tmp_path / "list.txt"),
+           "--output", str(tmp_path / "out"), "--config", str(cfg), "--specimen", "biopsy"]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(job, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and \
+                "warning: no slide committed for" not in log.read_text():
+            time.sleep(0.2)
+        said = log.read_text()
+        assert f"; under way longest: planning {fifo} (tiles) for " in said, said[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        try:  # let the hung open return, should its actor still be there
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    said = log.read_text()
+    assert "stopping without 1 branch(es) held by a read that hangs" in said
+    assert "hemeflow: stopped (SIGTERM): what it committed stays" in said
+    assert not (tmp_path / "out" / "_running").exists()  # its mark left with it

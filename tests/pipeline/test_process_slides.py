@@ -575,8 +575,8 @@ def test_a_run_that_commits_nothing_for_long_says_what_it_waits_on():
         "/archive/bm-17.svs (cells) for 30 min; reading encoder tiles of cmu-1-0123456789ab "
         "(tasks 64-127) for 30 min; detecting cells of bm-2-0123456789ab (task 5) for 30 min. A "
         "slide whose reading hangs (a decoder in a loop, a stalled network mount) holds the "
-        "run: stop it (Ctrl-C or `ray job stop`; where it waits on the stuck read, kill it: "
-        "what is committed stays) and run again without that slide")
+        "run: stop it (Ctrl-C or `ray job stop`: what is committed stays) and run again without "
+        "that slide")
     assert due[1][1].startswith("warning: no slide committed for 1 h 00 min; under way longest:"
                                 " planning /archive/bm-17.svs (cells) for 1 h 00 min")
 
