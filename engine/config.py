@@ -478,11 +478,17 @@ class PipelineConfig:
         stall_minutes: a run that commits no slide for this long says so, naming the reads
             under way longest (`engine.pipeline.run.StallReport`), again as long again
             after; 0: never.
+        read_timeout_minutes: a slide's plan (its download from S3 not counted), or a batch
+            of its tiles, that has not ended after this long is taken to hang (a decoder in a
+            loop, a network mount that stopped answering): its process is ended, and the
+            slide fails ``SlideReadTimeout`` (`engine.pipeline.steps.attempt`); 0: never (a
+            hung read then holds the run until it is stopped). Needs ``crash_guard``.
         crash_guard: count the attempts at each slide's plan and each batch of reads
             (`engine.pipeline.steps.Attempts`, a round trip to an actor before each), so that a
             slide whose reading kills its process fails ``SlideCrashedReader`` after two
             deaths. False, only to measure what the count costs (``pipeline_e2e.py
-            --baseline-set crash_guard=false``): Ray then retries such a slide for ever.
+            --baseline-set crash_guard=false``): Ray then retries such a slide for ever, and
+            no read is timed out.
         direct_jpeg: decode the JPEG tiles of generic tiled TIFFs and Aperio SVS directly
             (`engine.slides.jpeg_tiles`) instead of through OpenSlide, each level checked
             against OpenSlide first, at about twice the speed: OpenSlide's pixels, except at
@@ -535,7 +541,8 @@ class PipelineConfig:
     read_threads: int = 0
     native_threads: int = 1
     crash_guard: bool = True
-    stall_minutes: float = 30.0
+    stall_minutes: float = 10.0
+    read_timeout_minutes: float = 30.0
     direct_jpeg: bool = True
     min_nucleated: int = 200
     max_ood_percent: float = 20.0
@@ -564,9 +571,10 @@ class PipelineConfig:
         if self.read_threads < 0:
             raise ConfigError(f"pipeline.read_threads must be 0 (auto) or more, got "
                               f"{self.read_threads}")
-        if self.stall_minutes < 0:
-            raise ConfigError(f"pipeline.stall_minutes must be 0 (never) or more, got "
-                              f"{self.stall_minutes}")
+        for key in ("stall_minutes", "read_timeout_minutes"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"pipeline.{key} must be 0 (never) or more, got "
+                                  f"{getattr(self, key)}")
         r = self.red_cell_diameter_um
         if r is not None and (len(r) != 2 or not 0 < r[0] < r[1]):
             raise ConfigError(f"red_cell_diameter_um must be [low, high] with 0 < low < high "
@@ -590,7 +598,7 @@ EXECUTION_KEYS = frozenset({
     "pipeline.cells_cpu_share", "pipeline.read_batch_size", "pipeline.tile_read_batch_size",
     "pipeline.read_concurrency",
     "pipeline.read_threads", "pipeline.native_threads", "pipeline.crash_guard",
-    "pipeline.stall_minutes",
+    "pipeline.stall_minutes", "pipeline.read_timeout_minutes",
     *(f"pipeline.{stage}.{key}" for stage in ("classifier", "encoder")
       for key in ("batch_size", "passes_per_call", "calls_in_flight", "concurrency",
                   "num_gpus", "compile", "cuda_graphs", "threads")),

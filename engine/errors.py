@@ -65,6 +65,12 @@ class SlideCrashedReader(SlideError):
     Ray would start the process again and retry it for ever (`engine.pipeline.steps.Attempts`)."""
 
 
+class SlideReadTimeout(SlideError):
+    """Reading the slide had not ended after ``pipeline.read_timeout_minutes`` (a decoder in a
+    loop, a network mount that stopped answering): its process was ended and the slide fails,
+    where the read held its run for ever (`engine.pipeline.steps.attempt`)."""
+
+
 class MissingMPP(SlideError):
     """The slide carries no usable pixel size and none was supplied (``--mpp`` / ``--mpp-table``)."""
 

@@ -25,20 +25,24 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import sys
 import time
 
 from engine.config import StorageConfig
-from engine.errors import NOT_COMMITTED, HemeflowError, SlideArchived, stop_if_it_stops_the_job
+from engine.errors import (NOT_COMMITTED, HemeflowError, SlideArchived, SlideReadTimeout,
+                           stop_if_it_stops_the_job)
 from engine.outputs import join_uri, run_stamp, write_bytes, write_parquet
 from engine.pipeline.progress import Progress as RunProgress
+from engine.pipeline.progress import duration
 from engine.schema import SCHEMA_VERSION, SLIDES, table_from_rows
-from engine.slides.inventory import MppOverrides, inventory_file, modified_since_read
+from engine.slides.inventory import MppOverrides, error_row, inventory_file, modified_since_read
 from engine.slides.registry import looks_like_slide
 from engine.slides.storage import (FileEntry, StagingArea, get_filesystem, is_remote,
-                                   on_network_filesystem, request_pool)
+                                   on_network_filesystem)
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens
+from engine.watchdog import in_time
 from jobs.common import (add_common_args, count_arg, expand_inputs, fail, job_main, load_config,
                          progress, read_list_values, read_mpp_table, refuse_another_jobs_output,
                          refuse_output_in_rays_copy, slide_mpp_arg, warn_unused_mpp,
@@ -170,6 +174,15 @@ def earlier_rows(output: str, storage, progress_only: bool = False
     return rows, f"{len(rows)} rows of an earlier inventory ({found} file(s))" if found else ""
 
 
+def hung_row(entry: FileEntry, seconds: float, specimen: str, case: str | None) -> dict:
+    """The row of a file whose reading had not ended after ``seconds``, given up on
+    (`engine.watchdog.in_time`): a decoder in a loop, a mount that stopped answering."""
+    return error_row(entry, SlideReadTimeout(
+        entry.uri, f"reading it had not ended after {duration(seconds)} (a decoder in a loop, a "
+        "network mount that stopped answering): given up on; --retry-failed reads it again "
+        "(the limit: pipeline.read_timeout_minutes)"), specimen=specimen, case=case)
+
+
 def kept_row(earlier: tuple[dict, bool] | None, entry: FileEntry, overrides: MppOverrides,
              specimen: str, case: str | None, retry_failed: bool) -> dict | None:
     """An earlier inventory's row for ``entry``'s file (`earlier_rows`), with this run's
@@ -279,10 +292,13 @@ def main(argv=None) -> int:
                   "file(s) to read", file=sys.stderr, flush=True)
         done = Progress(args.output, cfg.storage, bool(args.mpp_table))
         workers = args.workers or default_workers(todo)
-        with StagingArea(cfg.storage) as staging, request_pool(workers, "inventory") as pool:
-            work = pool.map(lambda e: inventory_file(e, cfg.storage, staging, overrides,
-                                                     specimens.of(e.uri), cases.get(e.uri)),
-                            todo)
+        # a read that hangs (a file on a stalled mount) gives a failed row, where it held the job
+        with StagingArea(cfg.storage) as staging, contextlib.closing(in_time(
+                lambda e: inventory_file(e, cfg.storage, staging, overrides, specimens.of(e.uri),
+                                         cases.get(e.uri)),
+                todo, workers, 60.0 * cfg.pipeline.read_timeout_minutes,
+                lambda e, s: hung_row(e, s, specimens.of(e.uri), cases.get(e.uri)),
+                "inventory")) as work:
             # where no bar is drawn (a log: ray job submit, a batch script), a line at most
             # once a minute: an archive's inventory takes hours and said nothing until it ended
             said = None if sys.stderr.isatty() else RunProgress(len(todo), what="files")

@@ -638,3 +638,37 @@ def test_files_without_an_extension_that_are_no_dicom_are_no_slides(wsi_dir, tmp
     said = dict(zip(df["uri"], df["error_message"]))
     assert said[str(share / "README")] == f"{share}/README: not a slide file (no extension, " \
                                           "and not DICOM)"
+
+
+def test_a_file_whose_read_hangs_gives_a_failed_row_and_the_inventory_ends(wsi_dir, tmp_path,
+                                                                          capsys):
+    """A file whose read hangs (a named pipe no one writes: its open never returns, as a read
+    on a stalled mount) held the inventory for ever, and its exit. Once its read has gone on
+    ``pipeline.read_timeout_minutes`` it is given up on: a failed row says why, and the files
+    behind it are read as ever; ``--retry-failed`` reads it again."""
+    import os
+    import time
+
+    fifo = tmp_path / "hang.svs"
+    os.mkfifo(fifo)
+    listed = tmp_path / "slides.txt"
+    listed.write_text(f"{fifo}\n{wsi_dir / 'openslide-python' / 'small.svs'}\n")
+    (tmp_path / "c.yaml").write_text("pipeline:\n  read_timeout_minutes: 0.02\n")  # 1.2 s
+    run = ["--input", str(listed), "--output", str(tmp_path / "inv"), "--config",
+           str(tmp_path / "c.yaml"), "--workers", "1"]
+    try:
+        t0 = time.monotonic()
+        assert inventory.main(run) == 0
+        assert time.monotonic() - t0 < 60
+        rows = pl.read_parquet(tmp_path / "inv" / "slides" / "slides.parquet").sort("uri")
+        assert rows["status"].to_list() == ["failed", "ok"]
+        assert rows["error_type"][0] == "SlideReadTimeout"
+        assert rows["error_message"][0] == (
+            f"{fifo}: reading it had not ended after 1 s (a decoder in a loop, a network mount "
+            "that stopped answering): given up on; --retry-failed reads it again (the limit: "
+            "pipeline.read_timeout_minutes)")
+    finally:  # let the hung open return
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass

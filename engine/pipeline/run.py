@@ -598,12 +598,14 @@ class StallReport:
     now says so, naming the reads under way longest. ``oldest``: those reads, each
     ``(what, seconds)`` (the run's `Attempts`, where the crash guard counts them); with it, a
     run none of whose reads has gone on that long is slow, not held, and nothing is said
-    (one long slide, its reads coming and going)."""
+    (one long slide, its reads coming and going). ``timeout_s``: when such a read is ended
+    (`engine.pipeline.steps.attempt`; 0: never), which the line says."""
 
     LOOK_AGAIN_S = 60.0  # at most, after a look that found no read held so long
 
-    def __init__(self, after_s: float, oldest=None, clock=time.monotonic):
+    def __init__(self, after_s: float, oldest=None, clock=time.monotonic, timeout_s: float = 0.0):
         self.after_s, self.oldest, self.clock = after_s, oldest, clock
+        self.timeout_s = timeout_s
         self.count, self.since, self.next = -1, clock(), 0.0
 
     def check(self, committed: int) -> str | None:
@@ -625,11 +627,14 @@ class StallReport:
                 return None
         self.next = now + self.after_s
         under_way = "; ".join(f"{what} for {duration(s)}" for what, s in oldest)
+        ended = (f" until its read has gone on {duration(self.timeout_s)} (then it fails "
+                 "SlideReadTimeout: pipeline.read_timeout_minutes); to go on sooner"
+                 if self.timeout_s else "")
         return (f"warning: no slide committed for {duration(now - self.since)}"
                 + (f"; under way longest: {under_way}" if under_way else "")
                 + ". A slide whose reading hangs (a decoder in a loop, a stalled network "
-                "mount) holds the run: stop it (Ctrl-C or `ray job stop`: what is committed "
-                "stays) and run again without that slide")
+                f"mount) holds the run{ended}: stop it (Ctrl-C or `ray job stop`: what is "
+                "committed stays) and run again without that slide")
 
 
 def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: MppOverrides,
@@ -665,7 +670,8 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
             ray.get_runtime_context().get_node_id(), soft=False)).remote() \
         if pc.crash_guard else None
     stall = StallReport(60.0 * pc.stall_minutes, None if attempts is None else
-                        lambda: ray.get(attempts.oldest.remote(), timeout=10))
+                        lambda: ray.get(attempts.oldest.remote(), timeout=10),
+                        timeout_s=0.0 if attempts is None else 60.0 * pc.read_timeout_minutes)
     try:
         for chunk in _chunks(pending, pc.slides_per_chunk):
             items = [{"uri": e.uri, "size": e.size, "etag": e.etag,

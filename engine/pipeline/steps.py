@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -25,8 +27,9 @@ from engine.cells import (KIND_CELL, KIND_PLATELET, PALE_OFF, crops_around, dete
                           estimate_threshold, inside_of_crops, owned_by_tile, pale_pass)
 from engine.cellularity import AreaRules, calibrate, tile_area_counts
 from engine.config import Config, TileConfig
-from engine.errors import MissingMPP, SlideCrashedReader, SlideError
+from engine.errors import MissingMPP, SlideCrashedReader, SlideError, SlideReadTimeout
 from engine.focus import edge_blur_um
+from engine.pipeline.progress import duration
 from engine.pixel_size import red_cell_diameters, red_cell_size
 from engine.slides import FileEntry, open_slide
 from engine.slides.inventory import MppOverrides, error_row, inventoried
@@ -35,6 +38,7 @@ from engine.specimen import UNKNOWN, branches_for
 from engine.stain import nuclear_colour
 from engine.tiling import TilePlan, plan_tiles
 from engine.tissue import compute_tissue_mask, with_enclosed_fat
+from engine.watchdog import WATCHDOG
 
 CROP_PX = 96  # DeepHeme input, at cell_tiles.target_mpp
 
@@ -348,28 +352,41 @@ CRASHES_ALLOWED = 2  # a slide's plans that may kill their process before it fai
 class Attempts:
     """How many times each attempt at a slide's plan, or at a read step's batch, began in a
     run and never ended: the process died (a file that crashes a native decoder, an
-    out-of-memory kill). Ray starts the actor again and retries its task, so such a slide was
-    read again and again, and the run never ended, nor any rerun. Run as a Ray actor of the
-    run (`run_pipeline`); the steps tell it before each attempt (``begin``, `attempt`) and
-    after (``end``), and in an actor started again they wait for its answer: `PlanTasks`
-    fails a slide whose plans died ``CRASHES_ALLOWED`` times, and a read batch that died so
-    often is read a task at a time (`crashed_tasks`)."""
+    out-of-memory kill), or was ended because the attempt hung (`attempt`'s deadline). Ray
+    starts the actor again and retries its task, so such a slide was read again and again,
+    and the run never ended, nor any rerun. Run as a Ray actor of the run (`run_pipeline`);
+    the steps tell it before each attempt (``begin``, `attempt`) and after (``end``), and in
+    an actor started again they wait for its answer: `PlanTasks` fails a slide whose plans
+    died ``CRASHES_ALLOWED`` times, or hung once, and a read batch that died so often, or
+    hung, is read a task at a time (`crashed_tasks`), each task of a slide that hung failing
+    at once."""
 
     def __init__(self, clock=time.time):
         self._open: collections.Counter = collections.Counter()
         self._since: dict = {}  # when each open key's first attempt began
+        self._late: dict = {}  # key -> the seconds after which its attempt was ended
+        self._hung: dict = {}  # slide -> the same, for an attempt at that slide alone
         self.clock = clock
 
-    def begin(self, key) -> int:
-        """Mark ``key``'s plan begun; returns how many of its earlier ones never ended."""
+    def begin(self, key, slides=()) -> tuple[int, float]:
+        """Mark ``key``'s attempt begun, at ``slides``' tiles; returns how many of its earlier
+        ones never ended, and the seconds after which one of them, or an attempt at one of
+        ``slides`` alone, was ended as hung (0.0: none)."""
         died = self._open[key]
         self._open[key] += 1
         self._since.setdefault(key, self.clock())
-        return died
+        return died, max([self._late.get(key, 0.0), *(self._hung.get(s, 0.0) for s in slides)])
+
+    def timed_out(self, key, slides, seconds: float) -> None:
+        """``key``'s attempt, at ``slides``, is being ended after ``seconds`` (it hung)."""
+        self._late[key] = seconds
+        if len(set(slides)) == 1:  # that slide hung: its every read would
+            self._hung[slides[0]] = seconds
 
     def end(self, key) -> None:
         self._open.pop(key, None)
         self._since.pop(key, None)
+        self._late.pop(key, None)
 
     def oldest(self, n: int = 3) -> list[tuple[str, float]]:
         """The ``n`` attempts under way longest, each ``(what, seconds)`` (`describe_attempt`),
@@ -390,27 +407,60 @@ def describe_attempt(key) -> str:
     return f"{what} of {key[1]} ({tasks})"
 
 
+@dataclasses.dataclass
+class Earlier:
+    """What `attempt` learnt of the earlier attempts at its key (`Attempts.begin`)."""
+
+    died: int = 0  # how many never ended: their process died, or was ended
+    hung_s: float = 0.0  # > 0: one of them, or one at its slide alone, was ended after this long
+    token: int | None = None  # its deadline's (`WATCHDOG`), if any
+
+
 @contextlib.contextmanager
-def attempt(attempts, key):
-    """Yields how many earlier attempts at ``key`` killed their process (`Attempts`; 0 where
-    ``attempts`` is None), and tells ``attempts`` when the block ends: a block that kills
-    its process never does."""
+def attempt(attempts, key, slides: tuple = (), timeout_s: float = 0.0):
+    """Yields `Earlier`: how many earlier attempts at ``key`` (``slides``' tiles) killed
+    their process, and whether one hung (all 0 where ``attempts`` is None), and tells
+    ``attempts`` when the block ends: a block that kills its process never does. A block that
+    has not ended after ``timeout_s`` (0: never) is taken to hang: `ended_late` ends its
+    process, and its retry learns why."""
     if attempts is None:
-        yield 0
+        yield Earlier()
         return
     import ray
 
-    begun = attempts.begin.remote(key)
+    begun = attempts.begin.remote(key, slides)
     # only a process started again can be given an attempt that died: elsewhere the count is
     # told, not waited for (0.3 ms a batch against a round trip's 1.5 ms, more on a busy node)
-    died = 0
+    earlier = Earlier()
     if restarted():
         try:
-            died = ray.get(begun)
+            earlier.died, earlier.hung_s = ray.get(begun)
         except ray.exceptions.RayActorError:  # the count lost (its process killed): unguarded
             pass
-    yield died
+    if timeout_s > 0:
+        earlier.token = WATCHDOG.watch(timeout_s, functools.partial(
+            ended_late, attempts, key, slides, timeout_s))
+    try:
+        yield earlier
+    finally:
+        WATCHDOG.unwatch(earlier.token)
     attempts.end.remote(key)  # not waited for: a caller's calls to an actor run in order
+
+
+def ended_late(attempts, key, slides: tuple, timeout_s: float) -> None:
+    """End this process, whose attempt at ``key`` has run ``timeout_s`` (`attempt`): a read
+    that hangs cannot be interrupted, and held its run for ever. ``attempts`` is told first,
+    so that the retry Ray makes in the actor it starts again fails the slide
+    (`SlideReadTimeout`), or reads a batch of several slides a task at a time."""
+    import ray
+
+    print(f"hemeflow: {describe_attempt(key)} has not ended after {duration(timeout_s)}: "
+          "ending its process (pipeline.read_timeout_minutes)", file=sys.stderr, flush=True)
+    try:
+        ray.get(attempts.timed_out.remote(key, slides, timeout_s), timeout=30)
+    except Exception:  # noqa: BLE001 - untold, the retry counts it as a crash
+        pass
+    os._exit(1)
 
 
 @functools.cache
@@ -432,24 +482,46 @@ def restarted() -> bool:
         return bool(context.was_current_actor_reconstructed)
 
 
-def crashed(uri: str, died: int, what: str = "reading it") -> SlideCrashedReader:
-    """The failure of a slide ``died`` of whose reads (``what``) killed their process."""
-    return SlideCrashedReader(uri, f"{what} killed the process reading it {died} times (a file "
-                              "that crashes the slide decoder, or needs more memory than the "
-                              "node has): not read again; --retry-failed reads it again")
+def crashed(uri: str, earlier: Earlier, what: str = "reading it") -> SlideError | None:
+    """The failure of a slide ``earlier.died`` of whose reads (``what``) killed their process
+    (`SlideCrashedReader`), or one of which hung (`SlideReadTimeout`); None where none did."""
+    if earlier.hung_s:
+        return SlideReadTimeout(uri, f"{what} had not ended after {duration(earlier.hung_s)} "
+                                "(a decoder in a loop, a network mount that stopped "
+                                "answering): its process was ended and the slide is not read "
+                                "again; --retry-failed reads it again (the limit: "
+                                "pipeline.read_timeout_minutes)")
+    if not earlier.died:
+        return None
+    return SlideCrashedReader(uri, f"{what} killed the process reading it {earlier.died} "
+                              "times (a file that crashes the slide decoder, or needs more "
+                              "memory than the node has): not read again; --retry-failed "
+                              "reads it again")
 
 
-def crashed_tasks(step: str, batch: dict, attempts, one):
-    """``one(i)`` of each of the batch's tasks, in order, for a read step (``step``) whose
-    attempts at this batch killed their process ``CRASHES_ALLOWED`` times: one task at a
-    time, each an attempt of its own, so that a task whose attempt died once gives
-    ``one(i, died)`` (its slide fails `SlideCrashedReader`) and its batch's other tasks, of
-    other slides too, are read as ever. A tile that crashes its decoder costs three deaths
-    of a read actor, where Ray retried its batch for ever."""
+def read_alone(earlier: Earlier) -> bool:
+    """Whether a read step's batch is read a task at a time (`crashed_tasks`): its attempts
+    killed their process ``CRASHES_ALLOWED`` times, or one hung."""
+    return earlier.died >= CRASHES_ALLOWED or earlier.hung_s > 0
+
+
+def crashed_tasks(step: str, batch: dict, attempts, one, earlier: Earlier,
+                  timeout_s: float = 0.0):
+    """``one(i, earlier)`` of each of the batch's tasks, in order, for a read step
+    (``step``) whose attempts at this batch (``earlier``) killed their process
+    ``CRASHES_ALLOWED`` times, or hung: one task at a time, each an attempt of its own with
+    its own deadline, so that a task whose attempt died once, or hung, gives its own
+    `Earlier` (its slide fails: `crashed`) and its batch's other tasks, of other slides too,
+    are read as ever. A tile that crashes its decoder costs three deaths of a read actor, a
+    tile that hangs two deadlines, where Ray retried its batch for ever, or it held the
+    run."""
+    WATCHDOG.unwatch(earlier.token)  # each task has its own
     out = []
     for i in range(len(batch["task"])):
-        with attempt(attempts, (step, str(batch["slide_id"][i]), int(batch["task"][i]))) as died:
-            out.append(one(i, died))
+        slide = str(batch["slide_id"][i])
+        with attempt(attempts, (step, slide, int(batch["task"][i])), (slide,),
+                     timeout_s) as task:
+            out.append(one(i, task))
     return out
 
 
@@ -459,11 +531,16 @@ def batch_key(step: str, batch: dict) -> tuple:
     return (step, str(batch["slide_id"][0]), int(task[0]), int(task[-1]), len(task))
 
 
-def crashed_plan(row: dict, died: int) -> dict:
-    """`PlanSlide`'s row of a slide not planned again: its plans killed their process ``died``
-    times (`Attempts`)."""
+def batch_slides(batch: dict) -> tuple[str, ...]:
+    """The slides whose tiles a read step's batch holds."""
+    return tuple(dict.fromkeys(map(str, batch["slide_id"])))
+
+
+def crashed_plan(row: dict, earlier: Earlier) -> dict:
+    """`PlanSlide`'s row of a slide not planned again: its plans killed their process
+    ``earlier.died`` times, or one hung (`Attempts`)."""
     entry = FileEntry(row["uri"], row.get("size"), row.get("etag"))
-    err = crashed(entry.uri, died)
+    err = crashed(entry.uri, earlier)
     inv = error_row(entry, err, specimen=row.get("specimen") or UNKNOWN, case=row.get("case"))
     return {"slide_id": inv["slide_id"], "uri": entry.uri,
             "plan": json.dumps(_header(inv, time.time()))}
@@ -640,6 +717,7 @@ class PlanTasks:
         limit_native_threads(cfg.pipeline.native_threads)
         self.branch = branch
         self.attempts = attempts  # the run's `Attempts` actor (none: not asked)
+        self.timeout_s = 60.0 * cfg.pipeline.read_timeout_minutes
         self.plan = PlanSlide(cfg, mpp, stages=(branch,), embeddings=embeddings)
         # the other shards of a slide usually follow on this actor: plan it once for them
         self._recent: collections.OrderedDict = collections.OrderedDict()
@@ -655,10 +733,11 @@ class PlanTasks:
 
     def _plan_once(self, row: dict) -> dict:
         """The slide's plan (`_planned` or `PlanSlide`), or `crashed_plan` where its plans
-        killed their process ``CRASHES_ALLOWED`` times already (`Attempts`)."""
-        with attempt(self.attempts, (row["uri"], self.branch, int(row.get("shard", 0)))) as died:
-            if died >= CRASHES_ALLOWED:
-                return crashed_plan(row, died)
+        killed their process ``CRASHES_ALLOWED`` times already, or one hung (`Attempts`)."""
+        with attempt(self.attempts, (row["uri"], self.branch, int(row.get("shard", 0))),
+                     (row["uri"],), self.timeout_s) as earlier:
+            if earlier.died >= CRASHES_ALLOWED or earlier.hung_s:
+                return crashed_plan(row, earlier)
             return self._planned(row) if int(row.get("shards", 1)) > 1 else self.plan(row)
 
     def __call__(self, row: dict) -> list[dict]:
@@ -712,6 +791,7 @@ class DetectCells:
         limit_native_threads(cfg.pipeline.native_threads)
         self.cfg = cfg
         self.attempts = attempts  # the run's `Attempts` actor (none: not asked)
+        self.timeout_s = 60.0 * cfg.pipeline.read_timeout_minutes
         self.readers = ReaderCache(cfg, threads=threads)
         self.scored = scored_kinds(cfg.pipeline.classifier.platelets)
         self.threads = threads
@@ -745,18 +825,19 @@ class DetectCells:
 
     def _parts(self, batch: dict, tasks: list[dict]) -> list[dict]:
         """Each task's `_task` columns; one at a time (`crashed_tasks`) where the attempts at
-        this batch killed their process ``CRASHES_ALLOWED`` times."""
+        this batch killed their process ``CRASHES_ALLOWED`` times, or hung."""
         if not tasks:
             return []
-        def one(i: int, died: int) -> dict:
+        def one(i: int, earlier: Earlier) -> dict:
             t = tasks[i]
-            return self._task(t, crashed(str(t["uri"]), died, "reading its cell tiles")
-                              if died else self._read(t))
+            return self._task(t, crashed(str(t["uri"]), earlier, "reading its cell tiles")
+                              or self._read(t))
 
-        with attempt(self.attempts, batch_key("detect", batch)) as died:
-            if died < CRASHES_ALLOWED:
+        with attempt(self.attempts, batch_key("detect", batch), batch_slides(batch),
+                     self.timeout_s) as earlier:
+            if not read_alone(earlier):
                 return [self._task(t, tile) for t, tile in zip(tasks, self._tiles(tasks))]
-            return crashed_tasks("detect", batch, self.attempts, one)
+            return crashed_tasks("detect", batch, self.attempts, one, earlier, self.timeout_s)
 
     def _tiles(self, tasks: list[dict]):
         """Each task's tile (`_read`), in order. With ``threads`` > 1 (`pipeline.read_threads`:
@@ -956,18 +1037,19 @@ class ReadTiles:
         t_born = time.time()
         limit_native_threads(cfg.pipeline.native_threads)
         self.attempts = attempts  # the run's `Attempts` actor (none: not asked)
+        self.timeout_s = 60.0 * cfg.pipeline.read_timeout_minutes
         self.readers = ReaderCache(cfg, threads=threads)
         self.keep_pixels = keep_pixels
         self.tile_px = cfg.tiles.tile_px
         self._pool = ThreadPoolExecutor(threads)
         self._ready = ready_since(t_born)
 
-    def _one(self, batch: dict, i: int, died: int = 0):
+    def _one(self, batch: dict, i: int, earlier: Earlier | None = None):
         size = int(batch["tile_px"][i])
         if int(batch["task"][i]) < 0:  # a slide without tiles: its header passes through
             return np.zeros((self.tile_px,) * 2 + (3,), np.uint8), 0, 0, "", ""
-        if died:  # its read killed the process (`crashed_tasks`)
-            err = crashed(str(batch["uri"][i]), died, "reading its tiles")
+        # its read killed the process, or hung (`crashed_tasks`)
+        if err := crashed(str(batch["uri"][i]), earlier or Earlier(), "reading its tiles"):
             return np.zeros((size, size, 3), np.uint8), 0, 0, type(err).__name__, str(err)
         try:
             with self._reading(batch, i) as reader:
@@ -1007,18 +1089,20 @@ class ReadTiles:
 
     def _results(self, batch: dict) -> list[tuple]:
         """`_one` of each row; one at a time (`crashed_tasks`) where the attempts at this batch
-        killed their process ``CRASHES_ALLOWED`` times."""
+        killed their process ``CRASHES_ALLOWED`` times, or hung."""
         n = len(batch["task"])
         if not n:
             return []
-        with attempt(self.attempts, batch_key("read", batch)) as died:
-            if died < CRASHES_ALLOWED:
+        with attempt(self.attempts, batch_key("read", batch), batch_slides(batch),
+                     self.timeout_s) as earlier:
+            if not read_alone(earlier):
                 self._prefetch(batch)
                 # OpenSlide decoding releases the GIL, the area masks mostly do not: extra
                 # threads help only while a read waits on storage (pipeline.read_threads)
                 return list(self._pool.map(lambda i: self._one(batch, i), range(n)))
             return crashed_tasks("read", batch, self.attempts,
-                                 lambda i, died: self._one(batch, i, died))
+                                 lambda i, task: self._one(batch, i, task), earlier,
+                                 self.timeout_s)
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from engine.config import StorageConfig, unsupported_storage
 from engine.errors import (HemeflowError, SlideAccessDenied, SlideArchived, SlideError,
                            SlideNotFound, StagingError, StagingFull, StorageCredentialsError,
                            TransientStorageError)
+from engine.watchdog import WATCHDOG
 
 T = TypeVar("T")
 
@@ -598,17 +599,21 @@ class StagingArea:
         waited = _Wait(self, uri, make_room)
         fetched = False
         try:
-            while True:
-                fd = self._open_locked(lock, fcntl.LOCK_SH, waited)
-                if os.path.exists(done):
-                    break
-                # to exclusive; not atomic, so an evictor may slip in between: check the inode
-                waited.lock(fd, fcntl.LOCK_EX)
-                if _same_file(fd, lock) and not os.path.exists(done):
-                    self._download(uri, fs, path, size, folder, fd, key, waited)
-                    fetched = True
-                os.close(fd)  # and take it again shared
-                fd = None
+            # a whole slide's download, or the wait on another's, is slow, not hung: it has
+            # its own time-outs (storage.retries, StagingArea.wait_s), and no read's deadline counts it
+            with WATCHDOG.unhurried():
+                while True:
+                    fd = self._open_locked(lock, fcntl.LOCK_SH, waited)
+                    if os.path.exists(done):
+                        break
+                    # to exclusive; not atomic, so an evictor may slip in between: check the
+                    # inode
+                    waited.lock(fd, fcntl.LOCK_EX)
+                    if _same_file(fd, lock) and not os.path.exists(done):
+                        self._download(uri, fs, path, size, folder, fd, key, waited)
+                        fetched = True
+                    os.close(fd)  # and take it again shared
+                    fd = None
             os.utime(lock)  # last use, for eviction
             yield os.path.join(folder, path.rsplit("/", 1)[-1])  # keep the name: some formats
         finally:                                                  # key on the extension

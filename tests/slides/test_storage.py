@@ -162,8 +162,9 @@ def test_a_network_file_system_is_known_by_its_mount(tmp_path, wsi_dir, monkeypa
     link.symlink_to(wsi_dir)  # through a link, the mount of what it names
     here = storage.parse_mounts(f"/dev/vda / ext4 rw 0 0\nfiler:/x {wsi_dir} nfs rw 0 0\n")
     assert storage.network_filesystem(str(link / "a.svs"), here) == "nfs"
-    pools, pool = [], inventory.request_pool
-    monkeypatch.setattr(inventory, "request_pool", lambda n, name: pools.append(n) or pool(n))
+    pools, pool = [], inventory.in_time
+    monkeypatch.setattr(inventory, "in_time",
+                        lambda fn, items, n, *a: pools.append(n) or pool(fn, items, n, *a))
     listed = tmp_path / "slides.txt"
     listed.write_text(f"{link}/openslide-python/small.svs\n")
     for table in ((), tuple(here)):

@@ -1,0 +1,156 @@
+"""Deadlines for work that may hang: a decoder in a loop, a read on a network mount that
+stopped answering. Neither raises, and neither can be interrupted from Python, so a thread of
+the process watches the deadlines and calls the caller's ``on_late`` for each one passed, which
+may end the process (`engine.pipeline.steps.attempt`: Ray starts the actor again, and the
+retried attempt learns that it hung).
+
+Time spent inside `unhurried` (a download of a whole slide, a wait on another process's
+download of it) does not count against any deadline of the process: it has its own time-outs
+and retries, and a slow link is not a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from typing import Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Watchdog:
+    """Deadlines, each with what to do when it passes, checked every ``TICK_S`` by a daemon
+    thread started with the first (`watch`; with ``thread`` False, by whoever calls `late`)."""
+
+    TICK_S = 1.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, thread: bool = True):
+        self.clock = clock
+        self.thread = thread
+        self._lock = threading.Lock()
+        self._due: dict[int, tuple[float, Callable[[], None]]] = {}
+        self._tokens = itertools.count()
+        self._paused = 0  # threads inside `unhurried`
+        self._thread: threading.Thread | None = None
+
+    def watch(self, timeout_s: float, on_late: Callable[[], None]) -> int:
+        """Call ``on_late`` (on the watchdog's thread) once ``timeout_s`` pass without
+        `unwatch` of the token returned."""
+        token = next(self._tokens)
+        with self._lock:
+            self._due[token] = (self.clock() + timeout_s, on_late)
+            if self._thread is None and self.thread:
+                self._thread = threading.Thread(target=self._run, name="hemeflow-watchdog",
+                                                daemon=True)
+                self._thread.start()
+        return token
+
+    def unwatch(self, token: int | None) -> None:
+        with self._lock:
+            self._due.pop(token, None)
+
+    @contextlib.contextmanager
+    def unhurried(self) -> Iterator[None]:
+        """A block whose time counts against no deadline (every deadline of the process moves
+        on while any thread is inside one)."""
+        with self._lock:
+            self._paused += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._paused -= 1
+
+    def late(self, elapsed: float) -> list[Callable[[], None]]:
+        """One look, ``elapsed`` seconds after the last: the ``on_late`` of each deadline
+        passed, no longer watched; while a block is `unhurried`, none, and every deadline
+        moves ``elapsed`` on."""
+        with self._lock:
+            if self._paused:
+                self._due = {t: (d + elapsed, f) for t, (d, f) in self._due.items()}
+                return []
+            now = self.clock()
+            return [self._due.pop(t)[1] for t in [t for t, (d, _) in self._due.items()
+                                                  if d <= now]]
+
+    def _run(self) -> None:
+        last = self.clock()
+        while True:
+            time.sleep(self.TICK_S)
+            now = self.clock()
+            for on_late in self.late(now - last):
+                on_late()
+            last = now
+
+
+WATCHDOG = Watchdog()  # the process's
+
+
+def in_time(fn: Callable[[T], R], items: Iterable[T], workers: int, timeout_s: float,
+            late: Callable[[T, float], R], name: str = "") -> Iterator[R]:
+    """``fn(item)`` of each item, in order, on ``workers`` threads, as a thread pool's ``map``,
+    except that an item whose call has run ``timeout_s`` (0: never) gives ``late(item,
+    timeout_s)`` instead: its thread is left to the call (a daemon: it holds no exit) and
+    another takes its place. A read that hangs held `ThreadPoolExecutor.map` for ever, and
+    its process's exit too. An item's exception is raised as it is reached. Once the caller
+    stops (the generator closed, or an exception), no item starts; the calls under way are
+    waited for, each until it would be given up on."""
+    items = list(items)
+    cond = threading.Condition()
+    todo = iter(range(len(items)))
+    started: dict[int, float] = {}
+    done: dict[int, tuple[bool, object]] = {}
+    left: set[int] = set()  # items given up on: their threads retire
+    stop = False
+    threads: dict[int, threading.Thread] = {}  # item under way -> its thread
+
+    def work() -> None:
+        while True:
+            with cond:
+                i = None if stop else next(todo, None)
+                if i is None:
+                    return
+                started[i] = time.monotonic()
+                threads[i] = threading.current_thread()
+            try:
+                out: tuple[bool, object] = (True, fn(items[i]))
+            except BaseException as err:  # noqa: BLE001 - raised to the caller in order
+                out = (False, err)
+            with cond:
+                threads.pop(i, None)
+                if i in left:
+                    return
+                done[i] = out
+                cond.notify_all()
+
+    def spawn() -> None:
+        threading.Thread(target=work, name=f"{name}-worker", daemon=True).start()
+
+    for _ in range(min(workers, len(items))):
+        spawn()
+    try:
+        for i in range(len(items)):
+            with cond:
+                while i not in done:
+                    since = started.get(i)
+                    if timeout_s and since is not None and \
+                            time.monotonic() - since >= timeout_s:
+                        left.add(i)
+                        threads.pop(i, None)
+                        done[i] = (True, late(items[i], timeout_s))
+                        spawn()  # in its thread's place
+                        break
+                    cond.wait(1.0)
+                ok, out = done.pop(i)
+            if not ok:
+                raise out  # type: ignore[misc]
+            yield out  # type: ignore[misc]
+    finally:
+        with cond:
+            stop = True
+            under_way = [(t, started[i]) for i, t in threads.items()]
+        for t, since in under_way:  # as long as each has left before it is given up on
+            t.join(max(0.0, since + timeout_s - time.monotonic()) if timeout_s else None)

@@ -1,0 +1,89 @@
+"""`engine.watchdog`: deadlines for work that may hang, on a fake clock."""
+
+import threading
+import time
+
+import pytest
+
+from engine.watchdog import Watchdog, in_time
+
+
+def test_a_deadline_passed_is_called_once_and_one_unwatched_never():
+    now = [0.0]
+    dog = Watchdog(clock=lambda: now[0], thread=False)  # `late` is called by hand
+    called = []
+    late = dog.watch(10.0, lambda: called.append("late"))
+    done = dog.watch(10.0, lambda: called.append("done"))
+    dog.unwatch(done)
+    now[0] = 9.0
+    assert dog.late(9.0) == []
+    now[0] = 10.0
+    for on_late in dog.late(1.0):
+        on_late()
+    now[0] = 20.0
+    assert dog.late(10.0) == [] and called == ["late"]
+    dog.unwatch(late)  # after its call: nothing
+
+
+def test_time_spent_unhurried_counts_against_no_deadline():
+    """A slide's download from S3 is slow, not hung: no deadline counts it."""
+    now = [0.0]
+    dog = Watchdog(clock=lambda: now[0], thread=False)
+    dog.watch(10.0, lambda: None)
+    with dog.unhurried():
+        for _ in range(30):  # 30 s inside
+            now[0] += 1.0
+            assert dog.late(1.0) == []
+    now[0] += 9.0
+    assert dog.late(9.0) == []
+    now[0] += 1.0
+    assert len(dog.late(1.0)) == 1
+
+
+def test_the_watchdog_thread_calls_on_late_on_time():
+    dog = Watchdog()
+    dog.TICK_S = 0.05
+    fired = threading.Event()
+    t0 = time.monotonic()
+    dog.watch(0.2, fired.set)
+    assert fired.wait(5) and 0.15 < time.monotonic() - t0 < 3
+
+
+def test_in_time_gives_up_on_a_call_that_hangs_and_goes_on():
+    """The inventory's reads: one that hangs (a file on a stalled mount) held the pool's map,
+    and its process's exit, for ever. Its item gives ``late``'s row once its call has run
+    ``timeout_s``; another thread takes its place, so the items behind it go on."""
+    release = threading.Event()
+
+    def read(x):
+        if x in (2, 5):
+            release.wait()  # hangs
+        if x == 7:
+            raise ValueError("seven")
+        return x * 10
+
+    t0 = time.monotonic()
+    got = []
+    with pytest.raises(ValueError, match="seven"):
+        for row in in_time(read, range(9), 2, 0.5, lambda x, s: f"late {x} after {s}"):
+            got.append(row)
+    assert got == [0, 10, "late 2 after 0.5", 30, 40, "late 5 after 0.5", 60]
+    assert time.monotonic() - t0 < 10
+    release.set()
+    assert list(in_time(read, range(4), 3, 0.0, lambda x, s: None)) == [0, 10, 20, 30]
+
+
+def test_in_time_starts_nothing_once_its_caller_stops():
+    started = []
+
+    def read(x):
+        started.append(x)
+        time.sleep(0.05)
+        return x
+
+    rows = in_time(read, range(100), 2, 5.0, lambda x, s: None)
+    assert next(rows) == 0
+    rows.close()  # waits for the calls under way
+    n = len(started)
+    time.sleep(0.3)
+    assert len(started) == n < 10
