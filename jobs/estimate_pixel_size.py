@@ -26,7 +26,7 @@ def image_paths(data: str) -> list[str]:
         from engine.train.data import read_labels
 
         return list(read_labels(data).paths)
-    return [p for p in glob.glob(os.path.join(data, "**", "*"), recursive=True)
+    return [p for p in glob.glob(os.path.join(glob.escape(data), "**", "*"), recursive=True)
             if p.lower().endswith(IMAGE_SUFFIXES)]
 
 

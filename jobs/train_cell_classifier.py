@@ -179,7 +179,7 @@ def publish(work: str, output: str, storage, fold: str | None = None) -> list[st
     if fold:
         paths = [os.path.join(work, fold, n) for n in ("model.safetensors", "model.json")]
     else:
-        paths = glob.glob(os.path.join(work, "fold-*", "*")) + [
+        paths = glob.glob(os.path.join(glob.escape(work), "fold-*", "*")) + [
             os.path.join(work, n) for n in ("model.safetensors", "model.json", "evaluation.json",
                                             "test/labels.csv")]
     names = [os.path.relpath(p, work) for p in paths if os.path.isfile(p)]

@@ -117,6 +117,8 @@ def test_red_cells_measured_at_a_stated_pixel_size():
 
 @needs_pbc
 def test_job_prints_json(tmp_path, capsys):
+    tmp_path = tmp_path / "export [batch 2]"  # a folder name glob reads as a pattern
+    tmp_path.mkdir()
     for p in pbc_sample(120, seed=1):
         shutil.copy(p, tmp_path)
     assert estimate_pixel_size.main(["--data", str(tmp_path)]) == 0

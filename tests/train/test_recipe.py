@@ -900,3 +900,21 @@ def test_labelled_images_on_s3_train_evaluate_and_fetch_only_what_changed(
         fetch_labelled("s3://cells/lab1", storage)
     with pytest.raises(FileNotFoundError, match="no labels.csv in s3://cells/nothing"):
         fetch_labelled("s3://cells/nothing", storage)
+
+
+def test_publish_uploads_every_folds_files_from_any_work_folder(tmp_path):
+    """The fold checkpoints are found by a glob under the work folder (``--work``): a folder
+    whose name glob reads as a pattern (``run [2]``) published none of them."""
+    from jobs.train_cell_classifier import publish
+
+    work = tmp_path / "run [2]"
+    for name in ("fold-0/model.safetensors", "fold-0/model.json", "fold-1/model.safetensors",
+                 "model.json"):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_bytes(name.encode())
+    out = tmp_path / "out"
+    uris = publish(str(work), str(out), None)
+    assert [u[len(str(out)) + 1:] for u in uris] == [
+        "fold-0/model.json", "fold-0/model.safetensors", "fold-1/model.safetensors",
+        "model.json"]
+    assert (out / "fold-1" / "model.safetensors").read_bytes() == b"fold-1/model.safetensors"
