@@ -184,6 +184,9 @@ TABLES = {"slides": SLIDES, "slide_status": SLIDE_STATUS, "tiles": TILES, "cells
           "differentials": DIFFERENTIALS, "cellularity": CELLULARITY}
 
 
+SLIDE_ID = re.compile(r"[A-Za-z0-9_-]{1,40}-[0-9a-f]{12}")  # the shape of `slide_id_for`'s ids
+
+
 def slide_id_for(uri: str) -> str:
     """Stable, readable id: the file stem (sanitised, ≤ 40 chars) plus 12 hex digits of SHA-1(uri).
 

@@ -315,6 +315,8 @@ def classify_into(store, args, settings: dict, exports: dict[str, list[str]], mo
                         + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
                         + "): its slides would mix the two; give another --output")
     removed = store.clean_partial()
+    if note := store.foreign_note():
+        print(note, file=sys.stderr, flush=True)
     done = store.committed()
     root = normalize_uri(args.images)
     folders = {name: f"{root}/{name}" for name in exports}

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from engine.config import StorageConfig
 from engine.outputs import TMP_MARK, join_uri, run_stamp, write_bytes, write_parquet
-from engine.schema import TABLES, table_from_rows
+from engine.schema import SLIDE_ID, TABLES, table_from_rows
 from engine.slides.storage import (InputError, get_filesystem, is_remote, normalize_uri,
                                    process_alive)
 
@@ -43,6 +43,7 @@ class OutputStore:
             raise InputError(f"the output {self.root} is a file: give a folder (a new one, or "
                              "one a run of the same input wrote)")
         self.fs, self.path = get_filesystem(self.root, storage)
+        self.foreign: list[str] = []  # files `clean_partial` found that are no slide's
 
     def uri(self, *parts: str) -> str:
         return join_uri(self.root, *parts)
@@ -160,21 +161,37 @@ class OutputStore:
         in one call (S3 deletes up to 1,000 objects a request), where one request per file
         adds up to hours for a reprocessed archive of tens of thousands of slides. A local
         file a killed run left half written (`engine.outputs.TMP_MARK`: no table reads it,
-        but it holds its space) goes too."""
+        but it holds its space) goes too. A file whose name is no slide's
+        (`engine.schema.SLIDE_ID`: a table someone wrote beside the slides', say every slide's
+        cells in one file) is left, and listed in ``foreign`` (it was deleted)."""
         done = self.committed()
         base = self.path.rstrip("/")
-        doomed, halves = set(), []
+        doomed, halves, self.foreign = set(), [], []
         for folder, suffix in [*((t, ".parquet") for t in (*DATA_TABLES, STATUS_TABLE)),
                                ("geojson", ".geojson")]:
             names = self._names(folder)
             halves += [f"{base}/{folder}/{n}" for n in names if TMP_MARK in n]
-            if folder != STATUS_TABLE:
-                doomed |= {(folder, suffix, n[: -len(suffix)]) for n in names
-                           if n.endswith(suffix) and n[: -len(suffix)] not in done}
+            if folder == STATUS_TABLE:
+                continue
+            for n in names:
+                if n.endswith(suffix) and n[: -len(suffix)] not in done:
+                    if SLIDE_ID.fullmatch(n[: -len(suffix)]):
+                        doomed.add((folder, suffix, n[: -len(suffix)]))
+                    elif TMP_MARK not in n:
+                        self.foreign.append(f"{folder}/{n}")
         if doomed or halves:
             self.fs.rm([f"{base}/{table}/{sid}{suffix}" for table, suffix, sid in sorted(doomed)]
                        + halves)
         return sorted({sid for _, _, sid in doomed})
+
+    def foreign_note(self) -> str | None:
+        """What a job says of the files `clean_partial` left as no slide's (``foreign``)."""
+        if not self.foreign:
+            return None
+        shown = ", ".join(self.foreign[:3]) + (", …" if len(self.foreign) > 3 else "")
+        return (f"warning: {len(self.foreign)} file(s) in {self.root} are no slide's table and "
+                f"were left ({shown}): a reader of those folders' files takes them for the "
+                "slides'; move them out of the output")
 
     def write_table(self, table: str, slide_id: str, rows: list[dict] | pa.Table) -> None:
         t = rows if isinstance(rows, pa.Table) else table_from_rows(rows, TABLES[table])

@@ -510,6 +510,8 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     cleaned = store.clean_partial()
     if cleaned:
         log(f"removed partial outputs of {len(cleaned)} uncommitted slide(s)")
+    if note := store.foreign_note():
+        log(note)
     done = store.committed()
     pending = [e for e in entries if slide_id_for(e.uri) not in done]
     # how a slide's file changed since it was listed: a series' digest is no object's ETag

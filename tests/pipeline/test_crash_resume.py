@@ -210,7 +210,8 @@ def test_a_stopped_run_does_not_wait_on_a_read_that_hangs(ray_local, tmp_path):
                 "warning: no slide committed for" not in log.read_text():
             time.sleep(0.2)
         said = log.read_text()
-        assert f"; under way longest: planning {fifo} (tiles) for " in said, said[-3000:]
+        # (the slide is planned in parts, one per CPU actor: whichever began first)
+        assert f"; under way longest: planning {fifo} (tiles" in said, said[-3000:]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 143
     finally:

@@ -756,12 +756,21 @@ def test_a_run_that_commits_nothing_for_long_says_what_it_waits_on():
         "(Ctrl-C or `ray job stop`: what is committed stays) and run again without that slide")
 
 
-def test_partial_outputs_of_uncommitted_slides_are_removed(run_out, archive, tmp_path):
+def test_partial_outputs_of_uncommitted_slides_are_removed(run_out, archive, tmp_path,
+                                                           capsys):
+    """A slide's file with no commit is a crashed run's, and goes. A file whose name is no
+    slide's (every slide's cells in one file, written beside them) was deleted alike: it is
+    left, and the job says so."""
     stray = run_out / "cells" / "ghost-000000000000.parquet"
     stray.write_bytes((next((run_out / "cells").glob("*.parquet"))).read_bytes())
+    mine = run_out / "cells" / "all cells.parquet"
+    mine.write_bytes(stray.read_bytes())
     process_slides.main(["--input", str(archive), "--output", str(run_out), "--config",
                          tiny_config(tmp_path), "--allow-untrained"])
-    assert not stray.exists()
+    assert not stray.exists() and mine.exists()
+    assert f"warning: 1 file(s) in {run_out} are no slide's table and were left (cells/all " \
+        "cells.parquet): a reader of those folders' files takes them for the slides'; move " \
+        "them out of the output" in capsys.readouterr().out
 
 
 def test_a_slide_still_being_written_is_left_for_the_next_run(ray_local, tmp_path, capsys,

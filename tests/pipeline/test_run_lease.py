@@ -133,18 +133,20 @@ def test_leftovers_on_s3_go_in_one_request(s3_server, s3_client):
 
     s3_client.create_bucket(Bucket="leftovers")
     store = OutputStore("s3://leftovers/run", StorageConfig(endpoint_url=s3_server))
+    sid = [f"s{i}-{i:012x}" for i in range(30)]  # as `slide_id_for` makes them
     for i in range(30):
-        store.write_json("geojson", f"s{i}.geojson", {"type": "FeatureCollection"})
-        s3_client.put_object(Bucket="leftovers", Key=f"run/cells/s{i}.parquet", Body=b"x")
-    s3_client.put_object(Bucket="leftovers", Key="run/slide_status/s0.parquet", Body=b"x")
+        store.write_json("geojson", f"{sid[i]}.geojson", {"type": "FeatureCollection"})
+        s3_client.put_object(Bucket="leftovers", Key=f"run/cells/{sid[i]}.parquet", Body=b"x")
+    s3_client.put_object(Bucket="leftovers", Key=f"run/slide_status/{sid[0]}.parquet", Body=b"x")
     with s3_requests() as requests:
         removed = store.clean_partial()
-    assert removed == sorted(f"s{i}" for i in range(1, 30))
+    assert removed == sorted(sid[1:])
     deletes = [r for r in requests if r.startswith(("DELETE", "POST"))]
     assert len(deletes) == 1, deletes
     left = s3_client.list_objects_v2(Bucket="leftovers", Prefix="run/")["Contents"]
-    assert sorted(o["Key"] for o in left) == ["run/cells/s0.parquet", "run/geojson/s0.geojson",
-                                             "run/slide_status/s0.parquet"]
+    assert sorted(o["Key"] for o in left) == [f"run/cells/{sid[0]}.parquet",
+                                             f"run/geojson/{sid[0]}.geojson",
+                                             f"run/slide_status/{sid[0]}.parquet"]
 
 
 def test_a_full_disk_names_the_file_and_leaves_no_half_file_behind(tmp_path, monkeypatch):
@@ -160,26 +162,27 @@ def test_a_full_disk_names_the_file_and_leaves_no_half_file_behind(tmp_path, mon
 
     out = tmp_path / "out"
     store = OutputStore(str(out), StorageConfig())
-    store.write_json("geojson", "s0.geojson", {"cells": 1})
+    store.write_json("geojson", "s0-000000000000.geojson", {"cells": 1})
 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(OutputFull, match=f"^{out}/geojson/s0.geojson: no space left on its disk "
+    with pytest.raises(OutputFull, match=f"^{out}/geojson/s0-000000000000.geojson: no space "
+                       "left on its disk "
                        r"\(No space left on device\): free some, or write to another output, "
                        "and run again; what was written whole before stays$") as err:
-        store.write_json("geojson", "s0.geojson", {"cells": 2})
+        store.write_json("geojson", "s0-000000000000.geojson", {"cells": 2})
     assert isinstance(err.value, OSError)  # the jobs' handlers of OSError take it as ever
-    assert os.listdir(out / "geojson") == ["s0.geojson"]
-    assert json.loads((out / "geojson" / "s0.geojson").read_text()) == {"cells": 1}
+    assert os.listdir(out / "geojson") == ["s0-000000000000.geojson"]
+    assert json.loads((out / "geojson" / "s0-000000000000.geojson").read_text()) == {"cells": 1}
     monkeypatch.undo()
     halves = [out / "cells" / f"s1.parquet{TMP_MARK}0123abcd",
               out / "slide_status" / f"s2.parquet{TMP_MARK}89abcdef"]
     for half in halves:  # a kill mid-write
         half.parent.mkdir(exist_ok=True)
         half.write_bytes(b"PAR1")
-    assert store.clean_partial() == ["s0"] and not any(h.exists() for h in halves)
+    assert store.clean_partial() == ["s0-000000000000"] and not any(h.exists() for h in halves)
 
     import engine.outputs
 
