@@ -12,6 +12,7 @@ and retries, and a slow link is not a hang.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import threading
 import time
@@ -92,20 +93,30 @@ WATCHDOG = Watchdog()  # the process's
 def in_time(fn: Callable[[T], R], items: Iterable[T], workers: int, timeout_s: float,
             late: Callable[[T, float], R], name: str = "") -> Iterator[R]:
     """``fn(item)`` of each item, in order, on ``workers`` threads, as a thread pool's ``map``,
-    except that an item whose call has run ``timeout_s`` (0: never) gives ``late(item,
-    timeout_s)`` instead: its thread is left to the call (a daemon: it holds no exit) and
-    another takes its place. A read that hangs held `ThreadPoolExecutor.map` for ever, and
-    its process's exit too. An item's exception is raised as it is reached. Once the caller
-    stops (the generator closed, or an exception), no item starts; the calls under way are
-    waited for, each until it would be given up on."""
+    except that an item whose call has run ``timeout_s`` (0: never; time `unhurried` not
+    counted: `WATCHDOG`'s deadlines) gives ``late(item, timeout_s)`` instead: its thread is
+    left to the call (a daemon: it holds no exit) and another takes its place. A read that
+    hangs held `ThreadPoolExecutor.map` for ever, and its process's exit too. An item's
+    exception is raised as it is reached. Once the caller stops (the generator closed, or an
+    exception), no item starts; the calls under way are waited for, each until it would be
+    given up on."""
     items = list(items)
     cond = threading.Condition()
     todo = iter(range(len(items)))
-    started: dict[int, float] = {}
     done: dict[int, tuple[bool, object]] = {}
     left: set[int] = set()  # items given up on: their threads retire
     stop = False
     threads: dict[int, threading.Thread] = {}  # item under way -> its thread
+
+    def give_up(i: int) -> None:  # on the watchdog's thread
+        with cond:
+            if i in done or i in left:
+                return
+            left.add(i)
+            threads.pop(i, None)
+            done[i] = (True, late(items[i], timeout_s))
+            cond.notify_all()
+        spawn()  # in its thread's place
 
     def work() -> None:
         while True:
@@ -113,16 +124,18 @@ def in_time(fn: Callable[[T], R], items: Iterable[T], workers: int, timeout_s: f
                 i = None if stop else next(todo, None)
                 if i is None:
                     return
-                started[i] = time.monotonic()
                 threads[i] = threading.current_thread()
+            token = WATCHDOG.watch(timeout_s, functools.partial(give_up, i)) \
+                if timeout_s else None
             try:
                 out: tuple[bool, object] = (True, fn(items[i]))
             except BaseException as err:  # noqa: BLE001 - raised to the caller in order
                 out = (False, err)
+            WATCHDOG.unwatch(token)
             with cond:
-                threads.pop(i, None)
                 if i in left:
                     return
+                threads.pop(i, None)
                 done[i] = out
                 cond.notify_all()
 
@@ -135,15 +148,7 @@ def in_time(fn: Callable[[T], R], items: Iterable[T], workers: int, timeout_s: f
         for i in range(len(items)):
             with cond:
                 while i not in done:
-                    since = started.get(i)
-                    if timeout_s and since is not None and \
-                            time.monotonic() - since >= timeout_s:
-                        left.add(i)
-                        threads.pop(i, None)
-                        done[i] = (True, late(items[i], timeout_s))
-                        spawn()  # in its thread's place
-                        break
-                    cond.wait(1.0)
+                    cond.wait()
                 ok, out = done.pop(i)
             if not ok:
                 raise out  # type: ignore[misc]
@@ -151,6 +156,10 @@ def in_time(fn: Callable[[T], R], items: Iterable[T], workers: int, timeout_s: f
     finally:
         with cond:
             stop = True
-            under_way = [(t, started[i]) for i, t in threads.items()]
-        for t, since in under_way:  # as long as each has left before it is given up on
-            t.join(max(0.0, since + timeout_s - time.monotonic()) if timeout_s else None)
+            under_way = list(threads.values())
+        for t in under_way:  # each until it is given up on (or for ever, without a limit)
+            while t.is_alive():
+                with cond:
+                    if not any(t is u for u in threads.values()):
+                        break
+                t.join(0.2)

@@ -87,3 +87,15 @@ def test_in_time_starts_nothing_once_its_caller_stops():
     n = len(started)
     time.sleep(0.3)
     assert len(started) == n < 10
+
+
+def test_in_time_does_not_count_a_download_against_the_limit():
+    """A slide staged whole from S3 on a slow link is slow, not hung (`Watchdog.unhurried`)."""
+    from engine.watchdog import WATCHDOG
+
+    def download(x):
+        with WATCHDOG.unhurried():
+            time.sleep(2.5)
+        return x
+
+    assert list(in_time(download, [1], 1, 0.5, lambda x, s: "late")) == [1]
