@@ -163,3 +163,29 @@ def in_time(fn: Callable[[T], R], items: Iterable[T], workers: int, timeout_s: f
                     if not any(t is u for u in threads.values()):
                         break
                 t.join(0.2)
+
+
+@contextlib.contextmanager
+def still_going(say: Callable[[float], None], after_s: float) -> Iterator[None]:
+    """Call ``say(seconds)`` once the block has run ``after_s``, and again each time it has run
+    twice as long as when last said, until it ends: a job waiting on what may never answer (a
+    listing on a network mount that stopped answering) said nothing at all."""
+    t0 = time.monotonic()
+    lock = threading.Lock()
+    token: list = [None, False]  # the deadline's token; whether the block has ended
+
+    def late() -> None:
+        with lock:
+            if token[1]:
+                return
+            elapsed = time.monotonic() - t0
+            say(elapsed)
+            token[0] = WATCHDOG.watch(elapsed, late)
+
+    token[0] = WATCHDOG.watch(after_s, late)
+    try:
+        yield
+    finally:
+        with lock:
+            token[1] = True
+            WATCHDOG.unwatch(token[0])

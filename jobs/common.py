@@ -22,11 +22,13 @@ import yaml
 
 from engine.config import Config, StorageConfig
 from engine.outputs import join_uri, write_bytes
+from engine.pipeline.progress import duration
 from engine.slides.storage import (FileEntry, InputError, call_with_retries, get_filesystem,
                                    is_remote, list_files, normalize_uri, request_pool,
                                    stat_file, storage_failure)
 from engine.errors import ConfigError, HemeflowError, SlideError, StorageCredentialsError
 from engine.specimen import parse_specimen
+from engine.watchdog import still_going
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -165,8 +167,30 @@ def expand_inputs(uri: str, storage: StorageConfig, folders: dict[str, str] | No
     file reached under two names (a link) is taken once (`engine.slides.storage.local_files`),
     which is said on stderr. A list's files are looked up ``STAT_THREADS`` at a time: one
     request each on S3, whose round trips one after another add up to many minutes for a list
-    of 50,000 slides.
+    of 50,000 slides. A listing still going after ``LISTING_NOTICE_S`` says so on stderr, and
+    again each time it has gone on twice as long: on a mount that stopped answering the job
+    waited silently for ever.
     """
+    with still_going(lambda s: print(
+            f"hemeflow: still listing {uri} after {duration(s)}: a large archive takes long, and "
+            "a network mount that stopped answering holds the listing for ever (does `ls` of "
+            "it answer?)", file=sys.stderr, flush=True), LISTING_NOTICE_S):
+        entries, twins = _listed(uri, storage, folders)
+        if twins:
+            other, name = sorted(twins.items())[0]
+            print(f"hemeflow: {uri}: {len(twins)} file(s) reached under another name too (a "
+                  f"link) are taken once, by the first name: {other} is {name}"
+                  f"{', …' if len(twins) > 1 else ''}", file=sys.stderr, flush=True)
+        return fold_series(entries, storage, uri)
+
+
+LISTING_NOTICE_S = 300.0  # a listing that has gone on this long says so (`expand_inputs`)
+
+
+def _listed(uri: str, storage: StorageConfig, folders: dict[str, str] | None
+            ) -> tuple[list[FileEntry], dict[str, str]]:
+    """`expand_inputs`' files, not yet folded into series, and the local files it found under
+    two names (``twins``)."""
     twins: dict[str, str] = {}
     if uri.lower().endswith(LIST_SUFFIXES):
         items = once_each(read_uri_list(uri, storage), uri)
@@ -191,12 +215,7 @@ def expand_inputs(uri: str, storage: StorageConfig, folders: dict[str, str] | No
                     entries.append(e)
     else:
         entries = list_files(uri, storage, twins)
-    if twins:
-        other, name = sorted(twins.items())[0]
-        print(f"hemeflow: {uri}: {len(twins)} file(s) reached under another name too (a link) "
-              f"are taken once, by the first name: {other} is {name}"
-              f"{', …' if len(twins) > 1 else ''}", file=sys.stderr, flush=True)
-    return fold_series(entries, storage, uri)
+    return entries, twins
 
 
 def each_looked_up(fn: Callable[[T], U], items: list[T]) -> list[U]:

@@ -99,3 +99,25 @@ def test_in_time_does_not_count_a_download_against_the_limit():
         return x
 
     assert list(in_time(download, [1], 1, 0.5, lambda x, s: "late")) == [1]
+
+
+def test_a_listing_that_goes_on_says_so_until_it_ends(tmp_path, monkeypatch, capsys):
+    """On a network mount that stopped answering, the job's listing of its input waited for
+    ever and said nothing."""
+    import re
+
+    from engine.config import StorageConfig
+    from jobs import common
+
+    listed = common.list_files
+    monkeypatch.setattr(common, "list_files", lambda *a: time.sleep(3.5) or listed(*a))
+    monkeypatch.setattr(common, "LISTING_NOTICE_S", 1.0)
+    (tmp_path / "a.svs").write_bytes(b"x")
+    got = common.expand_inputs(str(tmp_path), StorageConfig())
+    assert [e.uri for e in got] == [str(tmp_path / "a.svs")]
+    time.sleep(2.5)  # nothing more once it has ended
+    said = capsys.readouterr().err.splitlines()
+    assert 1 <= len(said) <= 2, said
+    assert re.fullmatch(f"hemeflow: still listing {re.escape(str(tmp_path))} after [12] s: a "
+                        "large archive takes long, and a network mount that stopped answering "
+                        r"holds the listing for ever \(does `ls` of it answer\?\)", said[0]), said
