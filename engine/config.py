@@ -482,7 +482,9 @@ class PipelineConfig:
             of its tiles, that has not ended after this long is taken to hang (a decoder in a
             loop, a network mount that stopped answering): its process is ended, and the
             slide fails ``SlideReadTimeout`` (`engine.pipeline.steps.attempt`); 0: never (a
-            hung read then holds the run until it is stopped). Needs ``crash_guard``.
+            hung read then holds the run until it is stopped). Needs ``crash_guard``. Three
+            slides found to hang with no read ending between them stop the job: the storage
+            has stopped answering (`engine.errors.HUNG_IN_A_ROW`).
         crash_guard: count the attempts at each slide's plan and each batch of reads
             (`engine.pipeline.steps.Attempts`, a round trip to an actor before each), so that a
             slide whose reading kills its process fails ``SlideCrashedReader`` after two

@@ -71,6 +71,33 @@ class SlideReadTimeout(SlideError):
     where the read held its run for ever (`engine.pipeline.steps.attempt`)."""
 
 
+class StorageStalled(HemeflowError):
+    """`HUNG_IN_A_ROW` slides in a row failed `SlideReadTimeout`: the storage they are on (a
+    network mount) has stopped answering, not their files, and each slide left would hang
+    as long; the job stops, what it committed staying."""
+
+
+HUNG_IN_A_ROW = 3  # slides whose reads hung, no read ending between, on which a job stops
+
+
+def storage_stalled(n: int) -> StorageStalled:
+    return StorageStalled(f"{n} slides' reads hung in a row (failed SlideReadTimeout), no read "
+                          "ending between them: the storage they are on seems to have stopped "
+                          "answering, and every slide left would hang as long; stopped. What is "
+                          "committed stays: once it answers (does `ls` of it?), run again with "
+                          "--retry-failed")
+
+
+def stop_if_stalled(error_types: list[str | None]) -> None:
+    """Raise `StorageStalled` where the last `HUNG_IN_A_ROW` of ``error_types`` (the job's
+    slides' error types, in the order they ended) are all `SlideReadTimeout`: on a mount that
+    stopped answering every slide fails so, each after its own time-out, and an archive's
+    run went on for days (the pipeline asks its `Attempts` instead: `hung_unanswered`)."""
+    last = error_types[-HUNG_IN_A_ROW:]
+    if len(last) == HUNG_IN_A_ROW and all(t == "SlideReadTimeout" for t in last):
+        raise storage_stalled(HUNG_IN_A_ROW)
+
+
 class MissingMPP(SlideError):
     """The slide carries no usable pixel size and none was supplied (``--mpp`` / ``--mpp-table``)."""
 

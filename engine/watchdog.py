@@ -90,6 +90,9 @@ class Watchdog:
 WATCHDOG = Watchdog()  # the process's
 
 
+STOP_GRACE_S = 10.0  # how long `in_time`'s stopped caller waits for the calls under way
+
+
 def in_time(fn: Callable[[T], R], items: Iterable[T], workers: int, timeout_s: float,
             late: Callable[[T, float], R], name: str = "") -> Iterator[R]:
     """``fn(item)`` of each item, in order, on ``workers`` threads, as a thread pool's ``map``,
@@ -98,8 +101,8 @@ def in_time(fn: Callable[[T], R], items: Iterable[T], workers: int, timeout_s: f
     left to the call (a daemon: it holds no exit) and another takes its place. A read that
     hangs held `ThreadPoolExecutor.map` for ever, and its process's exit too. An item's
     exception is raised as it is reached. Once the caller stops (the generator closed, or an
-    exception), no item starts; the calls under way are waited for, each until it would be
-    given up on."""
+    exception), no item starts, and the calls under way are waited for ``STOP_GRACE_S`` at
+    most (on a mount that stopped answering, they never end)."""
     items = list(items)
     cond = threading.Condition()
     todo = iter(range(len(items)))
@@ -157,12 +160,9 @@ def in_time(fn: Callable[[T], R], items: Iterable[T], workers: int, timeout_s: f
         with cond:
             stop = True
             under_way = list(threads.values())
-        for t in under_way:  # each until it is given up on (or for ever, without a limit)
-            while t.is_alive():
-                with cond:
-                    if not any(t is u for u in threads.values()):
-                        break
-                t.join(0.2)
+        until = time.monotonic() + STOP_GRACE_S
+        for t in under_way:
+            t.join(max(0.0, until - time.monotonic()))
 
 
 @contextlib.contextmanager

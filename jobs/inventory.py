@@ -32,7 +32,7 @@ import time
 
 from engine.config import StorageConfig
 from engine.errors import (NOT_COMMITTED, HemeflowError, SlideArchived, SlideReadTimeout,
-                           stop_if_it_stops_the_job)
+                           stop_if_it_stops_the_job, stop_if_stalled)
 from engine.outputs import join_uri, run_stamp, write_bytes, write_parquet
 from engine.pipeline.progress import Progress as RunProgress
 from engine.pipeline.progress import duration
@@ -303,11 +303,14 @@ def main(argv=None) -> int:
             # once a minute: an archive's inventory takes hours and said nothing until it ended
             said = None if sys.stderr.isatty() else RunProgress(len(todo), what="files")
             try:
+                ended: list[str | None] = []
                 for row in progress(work, len(todo), "inventory"):
                     # refused credentials: every other slide would meet them
                     stop_if_it_stops_the_job(row["error_type"], row["error_message"])
                     rows[row["uri"]] = row
                     done.add(row)
+                    ended.append(row["error_type"])
+                    stop_if_stalled(ended)  # a mount that stopped answering (kept for a rerun)
                     if said is not None and (line := said.tick()):
                         print(f"inventory: {line}", file=sys.stderr, flush=True)
             finally:

@@ -672,3 +672,34 @@ def test_a_file_whose_read_hangs_gives_a_failed_row_and_the_inventory_ends(wsi_d
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
         except OSError:
             pass
+
+
+def test_an_inventory_on_a_mount_that_stopped_answering_stops(wsi_dir, tmp_path, capsys):
+    """Three files in a row whose reads hang: the mount, not the files. The inventory stops
+    saying so, where it would have given up on each file after its own time-out, for days;
+    the rows it made are kept, and a rerun reads the files left."""
+    import os
+
+    fifos = [tmp_path / f"hang{i}.svs" for i in range(3)]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    good = wsi_dir / "openslide-python" / "small.svs"
+    listed = tmp_path / "slides.txt"
+    listed.write_text("".join(f"{p}\n" for p in (*fifos, good)))  # read in this order
+    (tmp_path / "c.yaml").write_text("pipeline:\n  read_timeout_minutes: 0.02\n")  # 1.2 s
+    run = ["--input", str(listed), "--output", str(tmp_path / "inv"), "--config",
+           str(tmp_path / "c.yaml"), "--workers", "1"]
+    try:
+        assert inventory.main(run) == 2
+        assert "hemeflow: error: 3 slides' reads hung in a row (failed SlideReadTimeout), no " \
+            "read ending between them" in capsys.readouterr().err
+        assert not (tmp_path / "inv" / "slides" / "slides.parquet").exists()
+        assert inventory.main(run) == 0  # the hung rows kept (--retry-failed reads them)
+        rows = pl.read_parquet(tmp_path / "inv" / "slides" / "slides.parquet")
+        assert rows.sort("uri")["error_type"].to_list() == ["SlideReadTimeout"] * 3 + [None]
+    finally:
+        for fifo in fifos:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass

@@ -121,3 +121,47 @@ def test_a_listing_that_goes_on_says_so_until_it_ends(tmp_path, monkeypatch, cap
     assert re.fullmatch(f"hemeflow: still listing {re.escape(str(tmp_path))} after [12] s: a "
                         "large archive takes long, and a network mount that stopped answering "
                         r"holds the listing for ever \(does `ls` of it answer\?\)", said[0]), said
+
+
+def test_slides_hung_in_a_row_stop_the_job():
+    """On a mount that stopped answering every slide hangs, each failing after its own
+    time-out: an archive's run would go on for days. Three in a row stop it; a slide read
+    between them says the storage answers."""
+    from engine.errors import HUNG_IN_A_ROW, StorageStalled, stop_if_stalled
+
+    hung = "SlideReadTimeout"
+    for fine in ([], [hung] * (HUNG_IN_A_ROW - 1), [hung, None, hung, hung],
+                 [hung, "SlideCorrupt", hung, hung], [hung] * 3 + [None]):
+        stop_if_stalled(fine)
+    with pytest.raises(StorageStalled, match=r"^3 slides' reads hung in a row \(failed "
+                       r"SlideReadTimeout\), no read ending between them: the storage they are "
+                       "on seems to have stopped answering, and every slide left would hang as "
+                       r"long; stopped. What is committed stays: once it answers \(does `ls` of "
+                       r"it\?\), run again with --retry-failed$"):
+        stop_if_stalled([None, hung, hung, hung])
+
+
+def test_attempts_count_the_slides_hung_since_a_read_last_answered():
+    """The pipeline's driver learns of a slide's failure only with its branch's next batch,
+    which on a mount where every read hangs may be many slides later: the run's `Attempts`
+    counts the slides found to hang since an attempt that read last ended."""
+    from engine.pipeline.steps import Attempts
+
+    now = [0.0]
+    attempts = Attempts(lambda: now[0])
+    for t, slide in [(1, "a"), (2, "b")]:
+        now[0] = t
+        attempts.begin(("read", slide, 0))
+        attempts.timed_out(("read", slide, 0), (slide,), 1800.0)
+    assert attempts.hung_unanswered() == 2
+    now[0] = 3
+    attempts.begin(("read", "a", 1))
+    attempts.end(("read", "a", 1), answered=False)  # a's next task, failed unread
+    assert attempts.hung_unanswered() == 2
+    attempts.begin(("read", "c", 0), ("c",))
+    attempts.end(("read", "c", 0))  # a read that ended: the storage answers
+    assert attempts.hung_unanswered() == 0
+    now[0] = 4
+    attempts.timed_out(("x", "d", "e"), ("d", "e"), 1800.0)  # a batch of two: neither known
+    attempts.timed_out(("/s/f.svs", "cells", 0), ("/s/f.svs",), 1800.0)
+    assert attempts.hung_unanswered() == 1

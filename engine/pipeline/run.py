@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import threading
@@ -26,7 +27,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from engine.cells import KIND_CELL, KIND_PLATELET
 from engine.classes import DEEPHEME_CODES
 from engine.config import NO_MODEL, Config, ConfigError
-from engine.errors import HemeflowError
+from engine.errors import HUNG_IN_A_ROW, HemeflowError, storage_stalled
 from engine.models import EnsemblePredictor, MissingWeights, create_model
 from engine.pipeline.address import check_ray_address, keep_sigterm_handler
 from engine.pipeline.aggregate import Aggregator
@@ -639,6 +640,20 @@ class StallReport:
                 "committed stays) and run again without that slide")
 
 
+def stop_if_stalled(attempts) -> None:
+    """Raise `engine.errors.StorageStalled` where the run's `Attempts` found
+    ``HUNG_IN_A_ROW`` slides to hang, no read ending since the first: a mount that stopped
+    answering, where each slide left would hang as long, the run going on for days (a slide's
+    failure reaches the driver only with its branch's next batch, so the slides' rows would
+    tell it late)."""
+    try:
+        hung = ray.get(attempts.hung_unanswered.remote(), timeout=10)
+    except (ray.exceptions.RayError, TimeoutError):  # asked again in 5 s
+        return
+    if hung >= HUNG_IN_A_ROW:
+        raise storage_stalled(hung)
+
+
 def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: MppOverrides,
                   metrics: RunMetrics, specimens: Specimens, cases: dict[str, str] | None,
                   stages, branches: tuple[str, ...], allow_untrained: bool, log,
@@ -674,6 +689,7 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
     stall = StallReport(60.0 * pc.stall_minutes, None if attempts is None else
                         lambda: ray.get(attempts.oldest.remote(), timeout=10),
                         timeout_s=0.0 if attempts is None else 60.0 * pc.read_timeout_minutes)
+    asked = itertools.count(1)  # the loop's seconds, for `stop_if_stalled`
     try:
         for chunk in _chunks(pending, pc.slides_per_chunk):
             items = [{"uri": e.uri, "size": e.size, "etag": e.etag,
@@ -693,6 +709,8 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
                         stop.set()
                     if line := stall.check(len(agg.summary)):
                         log(line)
+                    if attempts is not None and next(asked) % 5 == 0:  # each 5 s
+                        stop_if_stalled(attempts)
             except BaseException:  # Ctrl-C or SIGTERM: the streams end at their next batch,
                 stop.set()  # which a read that hangs never brings: not waited for past that
                 _, held = wait(futures, timeout=STOP_GRACE_S)

@@ -366,6 +366,8 @@ class Attempts:
         self._since: dict = {}  # when each open key's first attempt began
         self._late: dict = {}  # key -> the seconds after which its attempt was ended
         self._hung: dict = {}  # slide -> the same, for an attempt at that slide alone
+        self._hung_at: dict = {}  # slide -> when it was found to hang
+        self._answered_at = clock()  # when an attempt that read last ended
         self.clock = clock
 
     def begin(self, key, slides=()) -> tuple[int, float]:
@@ -382,11 +384,20 @@ class Attempts:
         self._late[key] = seconds
         if len(set(slides)) == 1:  # that slide hung: its every read would
             self._hung[slides[0]] = seconds
+            self._hung_at.setdefault(slides[0], self.clock())
 
-    def end(self, key) -> None:
+    def end(self, key, answered: bool = True) -> None:
+        """``key``'s attempt ended; ``answered``: it read (its slide not known to hang)."""
         self._open.pop(key, None)
         self._since.pop(key, None)
         self._late.pop(key, None)
+        if answered:
+            self._answered_at = self.clock()
+
+    def hung_unanswered(self) -> int:
+        """Slides found to hang since an attempt that read last ended: on a mount that stopped
+        answering, each slide left (`engine.errors.HUNG_IN_A_ROW`, `run_pipeline`)."""
+        return sum(1 for t in self._hung_at.values() if t >= self._answered_at)
 
     def oldest(self, n: int = 3) -> list[tuple[str, float]]:
         """The ``n`` attempts under way longest, each ``(what, seconds)`` (`describe_attempt`),
@@ -444,7 +455,8 @@ def attempt(attempts, key, slides: tuple = (), timeout_s: float = 0.0):
         yield earlier
     finally:
         WATCHDOG.unwatch(earlier.token)
-    attempts.end.remote(key)  # not waited for: a caller's calls to an actor run in order
+    # not waited for: a caller's calls to an actor run in order
+    attempts.end.remote(key, not earlier.hung_s)
 
 
 def ended_late(attempts, key, slides: tuple, timeout_s: float) -> None:

