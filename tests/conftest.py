@@ -272,3 +272,19 @@ def dicom_study(tmp_path_factory):
                        stem="b")
     write_dicom_series(image[:3000, :3000], str(root / "walked"), 0.25, offsets="none", stem="c")
     return root
+
+
+@contextlib.contextmanager
+def hung_pipes(folder: Path, *names: str) -> Iterator[list[Path]]:
+    """Named pipes in ``folder`` that no one writes: a read of one waits in its open, as a read
+    on a mount that stopped answering does. Each is opened for writing at the end, so that an
+    open still waiting (a thread or process of the test's) returns."""
+    paths = [folder / name for name in names]
+    for p in paths:
+        os.mkfifo(p)
+    try:
+        yield paths
+    finally:
+        for p in paths:
+            with contextlib.suppress(OSError):
+                os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))

@@ -13,7 +13,7 @@ import pytest
 from engine.schema import SCHEMA_VERSION, SLIDES, slide_id_for
 from engine.specimen import UNKNOWN
 from jobs import inventory
-from tests.conftest import ROOT
+from tests.conftest import ROOT, hung_pipes
 
 
 def test_inventory_accounts_for_every_file(wsi_dir, tmp_path):
@@ -640,66 +640,47 @@ def test_files_without_an_extension_that_are_no_dicom_are_no_slides(wsi_dir, tmp
                                           "and not DICOM)"
 
 
-def test_a_file_whose_read_hangs_gives_a_failed_row_and_the_inventory_ends(wsi_dir, tmp_path,
-                                                                          capsys):
+def _inventory_over(tmp_path, slides) -> list[str]:
+    """The inventory's arguments over a list of ``slides``, read one at a time in that order,
+    each given 1.2 s (``pipeline.read_timeout_minutes``)."""
+    listed = tmp_path / "slides.txt"
+    listed.write_text("".join(f"{p}\n" for p in slides))
+    (tmp_path / "c.yaml").write_text("pipeline:\n  read_timeout_minutes: 0.02\n")
+    return ["--input", str(listed), "--output", str(tmp_path / "inv"), "--config",
+            str(tmp_path / "c.yaml"), "--workers", "1"]
+
+
+def test_a_file_whose_read_hangs_gives_a_failed_row_and_the_inventory_ends(wsi_dir, tmp_path):
     """A file whose read hangs (a named pipe no one writes: its open never returns, as a read
     on a stalled mount) held the inventory for ever, and its exit. Once its read has gone on
     ``pipeline.read_timeout_minutes`` it is given up on: a failed row says why, and the files
     behind it are read as ever; ``--retry-failed`` reads it again."""
-    import os
     import time
 
-    fifo = tmp_path / "hang.svs"
-    os.mkfifo(fifo)
-    listed = tmp_path / "slides.txt"
-    listed.write_text(f"{fifo}\n{wsi_dir / 'openslide-python' / 'small.svs'}\n")
-    (tmp_path / "c.yaml").write_text("pipeline:\n  read_timeout_minutes: 0.02\n")  # 1.2 s
-    run = ["--input", str(listed), "--output", str(tmp_path / "inv"), "--config",
-           str(tmp_path / "c.yaml"), "--workers", "1"]
-    try:
+    with hung_pipes(tmp_path, "hang.svs") as (fifo,):
         t0 = time.monotonic()
-        assert inventory.main(run) == 0
+        assert inventory.main(_inventory_over(
+            tmp_path, [fifo, wsi_dir / "openslide-python" / "small.svs"])) == 0
         assert time.monotonic() - t0 < 60
-        rows = pl.read_parquet(tmp_path / "inv" / "slides" / "slides.parquet").sort("uri")
-        assert rows["status"].to_list() == ["failed", "ok"]
-        assert rows["error_type"][0] == "SlideReadTimeout"
-        assert rows["error_message"][0] == (
-            f"{fifo}: reading it had not ended after 1 s (a decoder in a loop, a network mount "
-            "that stopped answering): given up on; --retry-failed reads it again (the limit: "
-            "pipeline.read_timeout_minutes)")
-    finally:  # let the hung open return
-        try:
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
+    rows = pl.read_parquet(tmp_path / "inv" / "slides" / "slides.parquet").sort("uri")
+    assert rows["status"].to_list() == ["failed", "ok"]
+    assert rows["error_type"][0] == "SlideReadTimeout"
+    assert rows["error_message"][0] == (
+        f"{fifo}: reading it had not ended after 1 s (a decoder in a loop, a network mount "
+        "that stopped answering): given up on; --retry-failed reads it again (the limit: "
+        "pipeline.read_timeout_minutes)")
 
 
 def test_an_inventory_on_a_mount_that_stopped_answering_stops(wsi_dir, tmp_path, capsys):
     """Three files in a row whose reads hang: the mount, not the files. The inventory stops
     saying so, where it would have given up on each file after its own time-out, for days;
     the rows it made are kept, and a rerun reads the files left."""
-    import os
-
-    fifos = [tmp_path / f"hang{i}.svs" for i in range(3)]
-    for fifo in fifos:
-        os.mkfifo(fifo)
-    good = wsi_dir / "openslide-python" / "small.svs"
-    listed = tmp_path / "slides.txt"
-    listed.write_text("".join(f"{p}\n" for p in (*fifos, good)))  # read in this order
-    (tmp_path / "c.yaml").write_text("pipeline:\n  read_timeout_minutes: 0.02\n")  # 1.2 s
-    run = ["--input", str(listed), "--output", str(tmp_path / "inv"), "--config",
-           str(tmp_path / "c.yaml"), "--workers", "1"]
-    try:
+    with hung_pipes(tmp_path, *(f"hang{i}.svs" for i in range(3))) as fifos:
+        run = _inventory_over(tmp_path, [*fifos, wsi_dir / "openslide-python" / "small.svs"])
         assert inventory.main(run) == 2
         assert "hemeflow: error: 3 slides' reads hung in a row (failed SlideReadTimeout), no " \
             "read ending between them" in capsys.readouterr().err
         assert not (tmp_path / "inv" / "slides" / "slides.parquet").exists()
         assert inventory.main(run) == 0  # the hung rows kept (--retry-failed reads them)
-        rows = pl.read_parquet(tmp_path / "inv" / "slides" / "slides.parquet")
-        assert rows.sort("uri")["error_type"].to_list() == ["SlideReadTimeout"] * 3 + [None]
-    finally:
-        for fifo in fifos:
-            try:
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:
-                pass
+    rows = pl.read_parquet(tmp_path / "inv" / "slides" / "slides.parquet")
+    assert rows.sort("uri")["error_type"].to_list() == ["SlideReadTimeout"] * 3 + [None]

