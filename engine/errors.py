@@ -80,12 +80,12 @@ class StorageStalled(HemeflowError):
 HUNG_IN_A_ROW = 3  # slides whose reads hung, no read ending between, on which a job stops
 
 
-def storage_stalled(n: int) -> StorageStalled:
-    return StorageStalled(f"{n} slides' reads hung in a row (failed SlideReadTimeout), no read "
-                          "ending between them: the storage they are on seems to have stopped "
-                          "answering, and every slide left would hang as long; stopped. What is "
-                          "committed stays: once it answers (does `ls` of it?), run again with "
-                          "--retry-failed")
+def storage_stalled(n: int, what: str = "slides' reads hung in a row (failed "
+                    "SlideReadTimeout)", left: str = "slide") -> StorageStalled:
+    return StorageStalled(f"{n} {what}, no read ending between them: the storage they are on "
+                          f"seems to have stopped answering, and every {left} left would hang "
+                          "as long; stopped. What is committed stays: once it answers (does "
+                          "`ls` of it?), run again with --retry-failed")
 
 
 def stop_if_stalled(error_types: list[str | None]) -> None:

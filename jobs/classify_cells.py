@@ -53,17 +53,28 @@ def source_label(path: str, folder: str) -> str | None:
     return None if parent == folder.rstrip("/") else parent.rsplit("/", 1)[-1]
 
 
+READ_TIMEOUT_S = 600.0  # an image whose read has gone on this long hangs (`read_images`)
+
+
+class _Hung(str):
+    """`read_images`' reason for an image whose read was given up on."""
+
+
 def read_images(paths: list[str], source_mpp: float, spec, threads: int | None = None,
                 storage=None) -> tuple[list[int], np.ndarray, list[str], RedCellSize]:
     """``(indices of the readable paths, their crops (N, px, px, 3) uint8, reasons of the
     others as 'name: error', the red cells around the cells)``; decoded in ``threads`` (PIL
     releases the GIL to decode). The red cells are measured on each whole image at
-    ``source_mpp`` (`engine.pixel_size`), which checks that pixel size."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    ``source_mpp`` (`engine.pixel_size`), which checks that pixel size. An image whose read
+    has not ended after ``READ_TIMEOUT_S`` is given up on as unreadable, where it held the
+    job for ever (`engine.watchdog.in_time`); ``HUNG_IN_A_ROW`` in a row stop the job: the
+    storage has stopped answering (`engine.errors.StorageStalled`)."""
     from PIL import Image
 
+    from engine.errors import HUNG_IN_A_ROW, storage_stalled
+    from engine.pipeline.progress import duration
     from engine.train.data import cell_crop
+    from engine.watchdog import in_time
 
     def one(path):
         try:
@@ -74,8 +85,17 @@ def read_images(paths: list[str], source_mpp: float, spec, threads: int | None =
         return cell_crop(rgb, source_mpp, spec.input_mpp, spec.input_px), \
             red_cell_diameters(rgb)
 
-    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(one, paths))
+    def hung(path, seconds: float) -> str:
+        return _Hung(f"{os.path.basename(path)}: its read had not ended after "
+                     f"{duration(seconds)}")
+
+    results, in_a_row = [], 0
+    for r in in_time(one, paths, threads or min(8, os.cpu_count() or 1), READ_TIMEOUT_S, hung,
+                     "images"):
+        results.append(r)
+        in_a_row = in_a_row + 1 if isinstance(r, _Hung) else 0
+        if in_a_row == HUNG_IN_A_ROW:  # a mount that stopped answering, not the images
+            raise storage_stalled(in_a_row, "images' reads hung in a row", "image")
     ok = [i for i, r in enumerate(results) if not isinstance(r, str)]
     crops = [results[i][0] for i in ok]
     bad = [r for r in results if isinstance(r, str)]

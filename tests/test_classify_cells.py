@@ -4,6 +4,7 @@ exports laid out as CellaVision writes them, an unreadable image, a slide with n
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import polars as pl
@@ -602,3 +603,29 @@ def test_one_output_holds_one_jobs_tables(tmp_path, capsys):
         f"hemeflow: error: {cells_out} is classify_cells's output, not process_slides's: each "
         "job keeps its own config.json and tables there; write to another --output")
     assert json.loads((cells_out / "config.json").read_text())["job"] == "classify_cells"
+
+
+def test_an_image_whose_read_hangs_is_left_out_and_three_stop_the_job(exports, tmp_path,
+                                                                      capsys, monkeypatch):
+    """An image whose read hangs (a named pipe no one writes, as a read on a mount that stopped
+    answering) held the job for ever. It is left out as unreadable after
+    ``READ_TIMEOUT_S``; three in a row stop the job, the exports committed before staying."""
+    from tests.conftest import hung_pipes
+
+    root, _ = exports
+    mine = tmp_path / "images"
+    for name in ("slide-a", "slide-z"):
+        shutil.copytree(root / "slide-a", mine / name, symlinks=True)
+    monkeypatch.setattr(classify_cells, "READ_TIMEOUT_S", 1.0)
+    run = ["--images", str(mine), "--output", str(tmp_path / "out"), "--specimen", "blood"]
+    with hung_pipes(mine / "slide-a", "hang.jpg"), \
+            hung_pipes(mine / "slide-z", *(f"hang{i}.jpg" for i in range(3))):
+        assert classify_cells.main(run) == 2
+    said = capsys.readouterr()
+    assert "slide-a: ok, 24 cells" in said.out
+    assert "hemeflow: error: 3 images' reads hung in a row, no read ending between them: the " \
+        "storage they are on seems to have stopped answering, and every image left would " \
+        "hang as long; stopped." in said.err
+    st = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet")
+    assert st["uri"].to_list() == [str(mine / "slide-a")]
+    assert any("hang.jpg: its read had not ended after 1 s" in w for w in st["warnings"][0])
