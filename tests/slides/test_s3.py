@@ -3,8 +3,10 @@
 import contextlib
 import hashlib
 import multiprocessing
+import os
 import shutil
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -461,3 +463,26 @@ def test_credentials_refused_stop_the_inventory_in_a_sentence(archive, s3_server
     assert code == 2 and "object storage refused the credentials" in said, said
     for kept in (tmp_path / "inv").glob("_inventory_progress/*.parquet"):  # for a rerun
         assert "failed" not in pl.read_parquet(kept)["status"].to_list()  # what it read alone
+
+
+def test_a_slow_download_counts_against_no_read_deadline(archive, s3_server, tmp_path,
+                                                         monkeypatch):
+    """A slide staged whole over a slow link is slow, not hung: the deadline of the read
+    around it (`engine.pipeline.steps.attempt`'s) does not count the download, nor the wait
+    on another process's."""
+    from engine.watchdog import WATCHDOG
+
+    storage = StorageConfig(endpoint_url=s3_server, stage_dir=str(tmp_path / "stage"))
+    uri = next(e.uri for e in list_files(archive, storage)
+               if e.uri.endswith("cmu-1-small-region.svs"))
+    download = StagingArea._download
+    monkeypatch.setattr(StagingArea, "_download",
+                        lambda self, *a: time.sleep(3.0) or download(self, *a))
+    late = threading.Event()
+    token = WATCHDOG.watch(1.5, late.set)
+    try:
+        with StagingArea(storage) as staging, staging.stage(uri) as path:
+            assert os.path.getsize(path) > 0
+    finally:
+        WATCHDOG.unwatch(token)
+    assert not late.is_set()
