@@ -80,22 +80,27 @@ class StorageStalled(HemeflowError):
 HUNG_IN_A_ROW = 3  # slides whose reads hung, no read ending between, on which a job stops
 
 
-def storage_stalled(n: int, what: str = "slides' reads hung in a row (failed "
+def storage_stalled(names: list[str], what: str = "slides' reads hung in a row (failed "
                     "SlideReadTimeout)", left: str = "slide") -> StorageStalled:
-    return StorageStalled(f"{n} {what}, no read ending between them: the storage they are on "
-                          f"seems to have stopped answering, and every {left} left would hang "
-                          "as long; stopped. What is committed stays: once it answers (does "
-                          "`ls` of it?), run again with --retry-failed")
+    """``names``: what hung, in the order found."""
+    shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+    return StorageStalled(f"{len(names)} {what}, no read ending between them ({shown}): the "
+                          f"storage they are on seems to have stopped answering, and every "
+                          f"{left} left would hang as long; stopped. What is committed stays: "
+                          "once it answers (does `ls` of it?), run again with --retry-failed "
+                          f"(if it does, those {left}s hang their decoder: leave them out of "
+                          "the input)")
 
 
-def stop_if_stalled(error_types: list[str | None]) -> None:
+def stop_if_stalled(error_types: list[str | None], names: list[str]) -> None:
     """Raise `StorageStalled` where the last `HUNG_IN_A_ROW` of ``error_types`` (the job's
-    slides' error types, in the order they ended) are all `SlideReadTimeout`: on a mount that
-    stopped answering every slide fails so, each after its own time-out, and an archive's
-    run went on for days (the pipeline asks its `Attempts` instead: `hung_unanswered`)."""
+    slides' error types, in the order they ended; ``names``: the slides) are all
+    `SlideReadTimeout`: on a mount that stopped answering every slide fails so, each after its
+    own time-out, and an archive's run went on for days (the pipeline asks its `Attempts`
+    instead: `hung_unanswered`)."""
     last = error_types[-HUNG_IN_A_ROW:]
     if len(last) == HUNG_IN_A_ROW and all(t == "SlideReadTimeout" for t in last):
-        raise storage_stalled(HUNG_IN_A_ROW)
+        raise storage_stalled(names[-HUNG_IN_A_ROW:])
 
 
 class MissingMPP(SlideError):

@@ -89,12 +89,12 @@ def read_images(paths: list[str], source_mpp: float, spec, threads: int | None =
         return _Hung(f"{os.path.basename(path)}: its read had not ended after "
                      f"{duration(seconds)}")
 
-    results, in_a_row = [], 0
-    for r in in_time(one, paths, threads or min(8, os.cpu_count() or 1), READ_TIMEOUT_S, hung,
-                     "images"):
+    results, in_a_row = [], []
+    for path, r in zip(paths, in_time(one, paths, threads or min(8, os.cpu_count() or 1),
+                                      READ_TIMEOUT_S, hung, "images")):
         results.append(r)
-        in_a_row = in_a_row + 1 if isinstance(r, _Hung) else 0
-        if in_a_row == HUNG_IN_A_ROW:  # a mount that stopped answering, not the images
+        in_a_row = in_a_row + [path] if isinstance(r, _Hung) else []
+        if len(in_a_row) == HUNG_IN_A_ROW:  # a mount that stopped answering, not the images
             raise storage_stalled(in_a_row, "images' reads hung in a row", "image")
     ok = [i for i, r in enumerate(results) if not isinstance(r, str)]
     crops = [results[i][0] for i in ok]

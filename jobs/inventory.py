@@ -304,13 +304,16 @@ def main(argv=None) -> int:
             said = None if sys.stderr.isatty() else RunProgress(len(todo), what="files")
             try:
                 ended: list[str | None] = []
+                names: list[str] = []
                 for row in progress(work, len(todo), "inventory"):
                     # refused credentials: every other slide would meet them
                     stop_if_it_stops_the_job(row["error_type"], row["error_message"])
                     rows[row["uri"]] = row
                     done.add(row)
                     ended.append(row["error_type"])
-                    stop_if_stalled(ended)  # a mount that stopped answering (kept for a rerun)
+                    names.append(row["uri"])
+                    # a mount that stopped answering (the rows kept for a rerun)
+                    stop_if_stalled(ended, names)
                     if said is not None and (line := said.tick()):
                         print(f"inventory: {line}", file=sys.stderr, flush=True)
             finally:

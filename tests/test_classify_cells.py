@@ -623,9 +623,10 @@ def test_an_image_whose_read_hangs_is_left_out_and_three_stop_the_job(exports, t
         assert classify_cells.main(run) == 2
     said = capsys.readouterr()
     assert "slide-a: ok, 24 cells" in said.out
-    assert "hemeflow: error: 3 images' reads hung in a row, no read ending between them: the " \
-        "storage they are on seems to have stopped answering, and every image left would " \
-        "hang as long; stopped." in said.err
+    assert "hemeflow: error: 3 images' reads hung in a row, no read ending between them (" \
+        f"{mine / 'slide-z' / 'hang0.jpg'}, {mine / 'slide-z' / 'hang1.jpg'}, " \
+        f"{mine / 'slide-z' / 'hang2.jpg'}): the storage they are on seems to have stopped " \
+        "answering, and every image left would hang as long; stopped." in said.err
     st = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet")
     assert st["uri"].to_list() == [str(mine / "slide-a")]
     assert any("hang.jpg: its read had not ended after 1 s" in w for w in st["warnings"][0])

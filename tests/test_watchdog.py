@@ -132,13 +132,15 @@ def test_slides_hung_in_a_row_stop_the_job():
     hung = "SlideReadTimeout"
     for fine in ([], [hung] * (HUNG_IN_A_ROW - 1), [hung, None, hung, hung],
                  [hung, "SlideCorrupt", hung, hung], [hung] * 3 + [None]):
-        stop_if_stalled(fine)
+        stop_if_stalled(fine, [f"s{i}" for i in range(len(fine))])
     with pytest.raises(StorageStalled, match=r"^3 slides' reads hung in a row \(failed "
-                       r"SlideReadTimeout\), no read ending between them: the storage they are "
-                       "on seems to have stopped answering, and every slide left would hang as "
-                       r"long; stopped. What is committed stays: once it answers \(does `ls` of "
-                       r"it\?\), run again with --retry-failed$"):
-        stop_if_stalled([None, hung, hung, hung])
+                       r"SlideReadTimeout\), no read ending between them \(b, c, d\): the "
+                       "storage they are on seems to have stopped answering, and every slide "
+                       "left would hang as long; stopped. What is committed stays: once it "
+                       r"answers \(does `ls` of it\?\), run again with --retry-failed \(if it "
+                       "does, those slides hang their decoder: leave them out of the "
+                       r"input\)$"):
+        stop_if_stalled([None, hung, hung, hung], ["a", "b", "c", "d"])
 
 
 def test_attempts_count_the_slides_hung_since_a_read_last_answered():
@@ -153,15 +155,15 @@ def test_attempts_count_the_slides_hung_since_a_read_last_answered():
         now[0] = t
         attempts.begin(("read", slide, 0))
         attempts.timed_out(("read", slide, 0), (slide,), 1800.0)
-    assert attempts.hung_unanswered() == 2
+    assert attempts.hung_unanswered() == ["a", "b"]
     now[0] = 3
     attempts.begin(("read", "a", 1))
     attempts.end(("read", "a", 1), answered=False)  # a's next task, failed unread
-    assert attempts.hung_unanswered() == 2
+    assert attempts.hung_unanswered() == ["a", "b"]
     attempts.begin(("read", "c", 0), ("c",))
     attempts.end(("read", "c", 0))  # a read that ended: the storage answers
-    assert attempts.hung_unanswered() == 0
+    assert attempts.hung_unanswered() == []
     now[0] = 4
     attempts.timed_out(("x", "d", "e"), ("d", "e"), 1800.0)  # a batch of two: neither known
     attempts.timed_out(("/s/f.svs", "cells", 0), ("/s/f.svs",), 1800.0)
-    assert attempts.hung_unanswered() == 1
+    assert attempts.hung_unanswered() == ["/s/f.svs"]

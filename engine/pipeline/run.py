@@ -650,7 +650,7 @@ def stop_if_stalled(attempts) -> None:
         hung = ray.get(attempts.hung_unanswered.remote(), timeout=10)
     except (ray.exceptions.RayError, TimeoutError):  # asked again in 5 s
         return
-    if hung >= HUNG_IN_A_ROW:
+    if len(hung) >= HUNG_IN_A_ROW:
         raise storage_stalled(hung)
 
 

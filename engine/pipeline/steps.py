@@ -394,10 +394,12 @@ class Attempts:
         if answered:
             self._answered_at = self.clock()
 
-    def hung_unanswered(self) -> int:
-        """Slides found to hang since an attempt that read last ended: on a mount that stopped
-        answering, each slide left (`engine.errors.HUNG_IN_A_ROW`, `run_pipeline`)."""
-        return sum(1 for t in self._hung_at.values() if t >= self._answered_at)
+    def hung_unanswered(self) -> list[str]:
+        """The slides found to hang since an attempt that read last ended, in that order: on a
+        mount that stopped answering, each slide left (`engine.errors.HUNG_IN_A_ROW`,
+        `run_pipeline`)."""
+        return [s for s, t in sorted(self._hung_at.items(), key=lambda st: st[1])
+                if t >= self._answered_at]
 
     def oldest(self, n: int = 3) -> list[tuple[str, float]]:
         """The ``n`` attempts under way longest, each ``(what, seconds)`` (`describe_attempt`),

@@ -198,9 +198,12 @@ def test_a_run_on_a_mount_that_stopped_answering_stops(ray_local, tmp_path):
                               timeout=300)
     said = done.stdout + done.stderr
     assert done.returncode == 2, said[-3000:]
-    assert "hemeflow: error: 3 slides' reads hung in a row (failed SlideReadTimeout), no read " \
-        "ending between them: the storage they are on seems to have stopped answering" in said, \
-        said[-3000:]
+    error = next((line for line in said.splitlines() if line.startswith("hemeflow: error:")),
+                 said[-3000:])
+    assert error.startswith("hemeflow: error: 3 slides' reads hung in a row (failed "
+                            "SlideReadTimeout), no read ending between them ("), error
+    assert sum(str(p) in error for p in fifos) == 3  # named, in the order they hung
+    assert "): the storage they are on seems to have stopped answering" in error
     assert said.count("(tiles) has not ended after 3 s: ending its process") < 6, said[-3000:]
     # a failure reaches the driver with its branch's next batch: committed, or read again
     statuses = list((tmp_path / "out" / "slide_status").glob("*.parquet"))
