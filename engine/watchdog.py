@@ -16,6 +16,7 @@ import functools
 import itertools
 import threading
 import time
+import traceback
 from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -83,7 +84,10 @@ class Watchdog:
             time.sleep(self.TICK_S)
             now = self.clock()
             for on_late in self.late(now - last):
-                on_late()
+                try:
+                    on_late()
+                except Exception:  # noqa: BLE001 - a bug there must not end every deadline
+                    traceback.print_exc()
             last = now
 
 

@@ -167,3 +167,13 @@ def test_attempts_count_the_slides_hung_since_a_read_last_answered():
     attempts.timed_out(("x", "d", "e"), ("d", "e"), 1800.0)  # a batch of two: neither known
     attempts.timed_out(("/s/f.svs", "cells", 0), ("/s/f.svs",), 1800.0)
     assert attempts.hung_unanswered() == ["/s/f.svs"]
+
+
+def test_a_failing_call_does_not_end_the_other_deadlines(capsys):
+    dog = Watchdog()
+    dog.TICK_S = 0.05
+    fired = threading.Event()
+    dog.watch(0.1, lambda: 1 / 0)
+    dog.watch(0.3, fired.set)
+    assert fired.wait(5)
+    assert "ZeroDivisionError" in capsys.readouterr().err
