@@ -167,6 +167,7 @@ def test_attempts_count_the_slides_hung_since_a_read_last_answered():
     attempts.timed_out(("x", "d", "e"), ("d", "e"), 1800.0)  # a batch of two: neither known
     attempts.timed_out(("/s/f.svs", "cells", 0), ("/s/f.svs",), 1800.0)
     assert attempts.hung_unanswered() == ["/s/f.svs"]
+    assert attempts.hung() == ["a", "b", "/s/f.svs"]  # committed failed at a stop
 
 
 def test_a_failing_call_does_not_end_the_other_deadlines(capsys):

@@ -198,6 +198,23 @@ class Aggregator:
                 state.fail(br.header["error_type"], br.header["error_message"])
         return state, br
 
+    def fail_held(self, sid: str, header: str) -> None:
+        """Fail slide ``sid`` with ``header`` (a failed plan's, JSON: `crashed_plan`'s) in
+        each branch not yet finished, and commit it, unless it has been: a slide found to hang
+        whose failure the branches' streams still hold (they bring it with their next batch)
+        as the run stops on storage that stopped answering (`run.stop_if_stalled`). Left
+        uncommitted, a plain rerun read it again, and stopped on it again."""
+        with self._lock:
+            if sid not in self.slides and sid in {s["slide_id"] for s in list(self.summary)}:
+                return  # committed already
+            state = self.slides.get(sid)
+            for name in self.branches:
+                br = state.branches[name] if state is not None else None
+                if br is None or not br.finished:
+                    state, br = self._branch(sid, name, len(br.done) if br else 0, header)
+            if state is not None:
+                self._progress(state)
+
     def add_cells(self, batch: dict) -> None:
         self._intake("cells", batch, self._take_cells)
 

@@ -34,7 +34,7 @@ from engine.pipeline.aggregate import Aggregator
 from engine.pipeline.commit import OutputStore
 from engine.pipeline.progress import duration
 from engine.pipeline.steps import (READY_PREFIXES, Attempts, ClassifyCells, DetectCells,
-                                   EncodeTiles, PlanTasks, ReadTiles)
+                                   Earlier, EncodeTiles, PlanTasks, ReadTiles, crashed_plan)
 from engine.schema import slide_id_for
 from engine.slides.dicom import SERIES_TAG, series_changed
 from engine.slides.inventory import MppOverrides
@@ -640,18 +640,27 @@ class StallReport:
                 "committed stays) and run again without that slide")
 
 
-def stop_if_stalled(attempts) -> None:
+def stop_if_stalled(attempts, agg: Aggregator, items: list[dict], timeout_s: float) -> None:
     """Raise `engine.errors.StorageStalled` where the run's `Attempts` found
     ``HUNG_IN_A_ROW`` slides to hang, no read ending since the first: a mount that stopped
     answering, where each slide left would hang as long, the run going on for days (a slide's
     failure reaches the driver only with its branch's next batch, so the slides' rows would
-    tell it late)."""
+    tell it late). Every slide found to hang (of ``items``, the chunk's) is committed failed
+    first (`Aggregator.fail_held`): a plain rerun goes on without them, and
+    ``--retry-failed`` reads them again."""
     try:
         hung = ray.get(attempts.hung_unanswered.remote(), timeout=10)
+        if len(hung) < HUNG_IN_A_ROW:
+            return
+        every = ray.get(attempts.hung.remote(), timeout=10)
     except (ray.exceptions.RayError, TimeoutError):  # asked again in 5 s
         return
-    if len(hung) >= HUNG_IN_A_ROW:
-        raise storage_stalled(hung)
+    by_name = {k: it for it in items for k in (it["uri"], slide_id_for(it["uri"]))}
+    for name in every:  # a plan's slide is its URI; a read's, its slide id
+        if (item := by_name.get(name)) is not None:
+            planned = crashed_plan(item, Earlier(died=1, hung_s=timeout_s))
+            agg.fail_held(planned["slide_id"], planned["plan"])
+    raise storage_stalled(hung)
 
 
 def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: MppOverrides,
@@ -710,7 +719,7 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
                     if line := stall.check(len(agg.summary)):
                         log(line)
                     if attempts is not None and next(asked) % 5 == 0:  # each 5 s
-                        stop_if_stalled(attempts)
+                        stop_if_stalled(attempts, agg, items, 60.0 * pc.read_timeout_minutes)
             except BaseException:  # Ctrl-C or SIGTERM: the streams end at their next batch,
                 stop.set()  # which a read that hangs never brings: not waited for past that
                 _, held = wait(futures, timeout=STOP_GRACE_S)

@@ -394,6 +394,10 @@ class Attempts:
         if answered:
             self._answered_at = self.clock()
 
+    def hung(self) -> list[str]:
+        """Every slide found to hang, in that order."""
+        return sorted(self._hung_at, key=self._hung_at.get)
+
     def hung_unanswered(self) -> list[str]:
         """The slides found to hang since an attempt that read last ended, in that order: on a
         mount that stopped answering, each slide left (`engine.errors.HUNG_IN_A_ROW`,

@@ -12,6 +12,7 @@ last commit."""
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -191,8 +192,9 @@ def test_a_slide_whose_read_hangs_fails_and_the_run_ends(ray_local, tmp_path):
 def test_a_run_on_a_mount_that_stopped_answering_stops(ray_local, tmp_path):
     """Every slide's read hangs (named pipes: a mount that stopped answering), and each would
     fail after its own time-out, an archive's run going on for days. Three in a row, no read
-    ending between them, stop the job, saying why, before the slides left."""
-    with hung_pipes(tmp_path, *(f"hang{i}.svs" for i in range(6))) as fifos:
+    ending between them, stop the job, saying why, before the slides left; those that hung are
+    committed failed."""
+    with hung_pipes(tmp_path, *(f"hang{i}.svs" for i in range(10))) as fifos:
         job, env = _job_over(tmp_path, fifos, HANG_3S)
         done = subprocess.run(job, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=300)
@@ -200,14 +202,23 @@ def test_a_run_on_a_mount_that_stopped_answering_stops(ray_local, tmp_path):
     assert done.returncode == 2, said[-3000:]
     error = next((line for line in said.splitlines() if line.startswith("hemeflow: error:")),
                  said[-3000:])
-    assert error.startswith("hemeflow: error: 3 slides' reads hung in a row (failed "
-                            "SlideReadTimeout), no read ending between them ("), error
-    assert sum(str(p) in error for p in fifos) == 3  # named, in the order they hung
+    # (found each 5 s: a fourth may have hung by then)
+    assert re.match(r"hemeflow: error: [3-9] slides' reads hung in a row \(failed "
+                    r"SlideReadTimeout\), no read ending between them \(", error), error
+    assert sum(str(p) in error for p in fifos) == 3  # the first three named
     assert "): the storage they are on seems to have stopped answering" in error
-    assert said.count("(tiles) has not ended after 3 s: ending its process") < 6, said[-3000:]
-    # a failure reaches the driver with its branch's next batch: committed, or read again
-    statuses = list((tmp_path / "out" / "slide_status").glob("*.parquet"))
-    assert all(pl.read_parquet(p)["error_type"][0] == "SlideReadTimeout" for p in statuses)
+    hung = said.count("(tiles) has not ended after 3 s: ending its process")  # until it exits
+    assert 3 <= hung < 10, said[-3000:]
+    # each slide found to hang is committed failed, though its failure had not reached the
+    # driver (it comes with its branch's next batch): a plain rerun goes on without them
+    status = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet")
+    assert 3 <= len(status) <= hung and set(status["error_type"]) == {"SlideReadTimeout"}
+    assert status["error_message"][0].endswith(": reading it had not ended after 3 s (a "
+                                               "decoder in a loop, a network mount that stopped "
+                                               "answering): its process was ended and the slide "
+                                               "is not read again; --retry-failed reads it "
+                                               "again (the limit: "
+                                               "pipeline.read_timeout_minutes)")
 
 
 def test_a_stopped_run_does_not_wait_on_a_read_that_hangs(ray_local, tmp_path):
