@@ -71,6 +71,16 @@ class SlideReadTimeout(SlideError):
     where the read held its run for ever (`engine.pipeline.steps.attempt`)."""
 
 
+def read_timed_out(uri: str, after: str, what: str = "reading it",
+                   then: str = "its process was ended and the slide is not read again"
+                   ) -> SlideReadTimeout:
+    """The `SlideReadTimeout` of a read (``what``) that had not ended ``after`` (a duration in
+    words) and was given up on (``then``)."""
+    return SlideReadTimeout(uri, f"{what} had not ended after {after} (a decoder in a loop, a "
+                            f"network mount that stopped answering): {then}; --retry-failed "
+                            "reads it again (the limit: pipeline.read_timeout_minutes)")
+
+
 class StorageStalled(HemeflowError):
     """`HUNG_IN_A_ROW` slides in a row failed `SlideReadTimeout`: the storage they are on (a
     network mount) has stopped answering, not their files, and each slide left would hang
@@ -92,15 +102,16 @@ def storage_stalled(names: list[str], what: str = "slides' reads hung in a row (
                           "the input)")
 
 
-def stop_if_stalled(error_types: list[str | None], names: list[str]) -> None:
-    """Raise `StorageStalled` where the last `HUNG_IN_A_ROW` of ``error_types`` (the job's
-    slides' error types, in the order they ended; ``names``: the slides) are all
-    `SlideReadTimeout`: on a mount that stopped answering every slide fails so, each after its
-    own time-out, and an archive's run went on for days (the pipeline asks its `Attempts`
-    instead: `hung_unanswered`)."""
-    last = error_types[-HUNG_IN_A_ROW:]
-    if len(last) == HUNG_IN_A_ROW and all(t == "SlideReadTimeout" for t in last):
-        raise storage_stalled(names[-HUNG_IN_A_ROW:])
+def hung_in_a_row(so_far: list[str], name: str, hung: bool, **words) -> list[str]:
+    """The names that hung in a row, ``so_far`` with ``name`` (read in that order; ``hung``:
+    whether its read hung); raises `StorageStalled` (``words``: `storage_stalled`'s) once
+    `HUNG_IN_A_ROW` have: on a mount that stopped answering every read fails so, each after
+    its own time-out, and an archive's job went on for days (the pipeline, whose failures
+    reach its driver late, asks its `Attempts` instead: `hung_unanswered`)."""
+    so_far = [*so_far, name] if hung else []
+    if len(so_far) >= HUNG_IN_A_ROW:
+        raise storage_stalled(so_far, **words)
+    return so_far
 
 
 class MissingMPP(SlideError):

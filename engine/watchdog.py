@@ -176,20 +176,21 @@ def still_going(say: Callable[[float], None], after_s: float) -> Iterator[None]:
     listing on a network mount that stopped answering) said nothing at all."""
     t0 = time.monotonic()
     lock = threading.Lock()
-    token: list = [None, False]  # the deadline's token; whether the block has ended
+    ended = False
 
     def late() -> None:
+        nonlocal token
         with lock:
-            if token[1]:
+            if ended:
                 return
             elapsed = time.monotonic() - t0
             say(elapsed)
-            token[0] = WATCHDOG.watch(elapsed, late)
+            token = WATCHDOG.watch(elapsed, late)
 
-    token[0] = WATCHDOG.watch(after_s, late)
+    token = WATCHDOG.watch(after_s, late)
     try:
         yield
     finally:
         with lock:
-            token[1] = True
-            WATCHDOG.unwatch(token[0])
+            ended = True
+            WATCHDOG.unwatch(token)

@@ -71,7 +71,7 @@ def read_images(paths: list[str], source_mpp: float, spec, threads: int | None =
     storage has stopped answering (`engine.errors.StorageStalled`)."""
     from PIL import Image
 
-    from engine.errors import HUNG_IN_A_ROW, storage_stalled
+    from engine.errors import hung_in_a_row
     from engine.pipeline.progress import duration
     from engine.train.data import cell_crop
     from engine.watchdog import in_time
@@ -93,9 +93,9 @@ def read_images(paths: list[str], source_mpp: float, spec, threads: int | None =
     for path, r in zip(paths, in_time(one, paths, threads or min(8, os.cpu_count() or 1),
                                       READ_TIMEOUT_S, hung, "images")):
         results.append(r)
-        in_a_row = in_a_row + [path] if isinstance(r, _Hung) else []
-        if len(in_a_row) == HUNG_IN_A_ROW:  # a mount that stopped answering, not the images
-            raise storage_stalled(in_a_row, "images' reads hung in a row", "image")
+        # a mount that stopped answering, not the images
+        in_a_row = hung_in_a_row(in_a_row, path, isinstance(r, _Hung),
+                                 what="images' reads hung in a row", left="image")
     ok = [i for i, r in enumerate(results) if not isinstance(r, str)]
     crops = [results[i][0] for i in ok]
     bad = [r for r in results if isinstance(r, str)]

@@ -32,7 +32,7 @@ import time
 
 from engine.config import StorageConfig
 from engine.errors import (NOT_COMMITTED, HemeflowError, SlideArchived, SlideReadTimeout,
-                           stop_if_it_stops_the_job, stop_if_stalled)
+                           hung_in_a_row, read_timed_out, stop_if_it_stops_the_job)
 from engine.outputs import join_uri, run_stamp, write_bytes, write_parquet
 from engine.pipeline.progress import Progress as RunProgress
 from engine.pipeline.progress import duration
@@ -177,10 +177,8 @@ def earlier_rows(output: str, storage, progress_only: bool = False
 def hung_row(entry: FileEntry, seconds: float, specimen: str, case: str | None) -> dict:
     """The row of a file whose reading had not ended after ``seconds``, given up on
     (`engine.watchdog.in_time`): a decoder in a loop, a mount that stopped answering."""
-    return error_row(entry, SlideReadTimeout(
-        entry.uri, f"reading it had not ended after {duration(seconds)} (a decoder in a loop, a "
-        "network mount that stopped answering): given up on; --retry-failed reads it again "
-        "(the limit: pipeline.read_timeout_minutes)"), specimen=specimen, case=case)
+    return error_row(entry, read_timed_out(entry.uri, duration(seconds), then="given up on"),
+                     specimen=specimen, case=case)
 
 
 def kept_row(earlier: tuple[dict, bool] | None, entry: FileEntry, overrides: MppOverrides,
@@ -303,17 +301,15 @@ def main(argv=None) -> int:
             # once a minute: an archive's inventory takes hours and said nothing until it ended
             said = None if sys.stderr.isatty() else RunProgress(len(todo), what="files")
             try:
-                ended: list[str | None] = []
-                names: list[str] = []
+                hung: list[str] = []  # the files that hung in a row
                 for row in progress(work, len(todo), "inventory"):
                     # refused credentials: every other slide would meet them
                     stop_if_it_stops_the_job(row["error_type"], row["error_message"])
                     rows[row["uri"]] = row
                     done.add(row)
-                    ended.append(row["error_type"])
-                    names.append(row["uri"])
                     # a mount that stopped answering (the rows kept for a rerun)
-                    stop_if_stalled(ended, names)
+                    hung = hung_in_a_row(hung, row["uri"],
+                                         row["error_type"] == SlideReadTimeout.__name__)
                     if said is not None and (line := said.tick()):
                         print(f"inventory: {line}", file=sys.stderr, flush=True)
             finally:

@@ -127,11 +127,17 @@ def test_slides_hung_in_a_row_stop_the_job():
     """On a mount that stopped answering every slide hangs, each failing after its own
     time-out: an archive's run would go on for days. Three in a row stop it; a slide read
     between them says the storage answers."""
-    from engine.errors import HUNG_IN_A_ROW, StorageStalled, stop_if_stalled
+    from engine.errors import HUNG_IN_A_ROW, StorageStalled, hung_in_a_row
 
     hung = "SlideReadTimeout"
+
+    def stop_if_stalled(types, names):  # the job's rows, in the order they ended
+        so_far = []
+        for t, name in zip(types, names):
+            so_far = hung_in_a_row(so_far, name, t == hung)
+
     for fine in ([], [hung] * (HUNG_IN_A_ROW - 1), [hung, None, hung, hung],
-                 [hung, "SlideCorrupt", hung, hung], [hung] * 3 + [None]):
+                 [hung, "SlideCorrupt", hung, hung], [hung] * 2 + [None, hung]):
         stop_if_stalled(fine, [f"s{i}" for i in range(len(fine))])
     with pytest.raises(StorageStalled, match=r"^3 slides' reads hung in a row \(failed "
                        r"SlideReadTimeout\), no read ending between them \(b, c, d\): the "

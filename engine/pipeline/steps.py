@@ -27,7 +27,7 @@ from engine.cells import (KIND_CELL, KIND_PLATELET, PALE_OFF, crops_around, dete
                           estimate_threshold, inside_of_crops, owned_by_tile, pale_pass)
 from engine.cellularity import AreaRules, calibrate, tile_area_counts
 from engine.config import Config, TileConfig
-from engine.errors import MissingMPP, SlideCrashedReader, SlideError, SlideReadTimeout
+from engine.errors import MissingMPP, SlideCrashedReader, SlideError, read_timed_out
 from engine.focus import edge_blur_um
 from engine.pipeline.progress import duration
 from engine.pixel_size import red_cell_diameters, red_cell_size
@@ -504,11 +504,7 @@ def crashed(uri: str, earlier: Earlier, what: str = "reading it") -> SlideError 
     """The failure of a slide ``earlier.died`` of whose reads (``what``) killed their process
     (`SlideCrashedReader`), or one of which hung (`SlideReadTimeout`); None where none did."""
     if earlier.hung_s:
-        return SlideReadTimeout(uri, f"{what} had not ended after {duration(earlier.hung_s)} "
-                                "(a decoder in a loop, a network mount that stopped "
-                                "answering): its process was ended and the slide is not read "
-                                "again; --retry-failed reads it again (the limit: "
-                                "pipeline.read_timeout_minutes)")
+        return read_timed_out(uri, duration(earlier.hung_s), what)
     if not earlier.died:
         return None
     return SlideCrashedReader(uri, f"{what} killed the process reading it {earlier.died} "

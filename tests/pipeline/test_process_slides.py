@@ -398,6 +398,12 @@ def _rows_within(ds, seconds: float, what: str) -> list:
     return got
 
 
+def _headers(rows: list) -> dict:
+    """The slides' plan headers among a plan step's ``rows``, by URI."""
+    return {json.loads(r["header"])["slide"]["uri"]: json.loads(r["header"])
+            for r in rows if r["header"]}
+
+
 class _KillsItsPlanner:
     """A slide plan that kills its process on a slide named ``poison`` (as a file that crashes
     a native decoder does), else `PlanSlide`'s."""
@@ -439,8 +445,7 @@ def test_a_slide_that_kills_its_planner_fails_where_ray_retried_it_for_ever(ray_
         _PlanTasksKilledByPoison, fn_constructor_args=(Config(), None, "tiles", False, attempts),
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
     got = _rows_within(ds, 240, "the poison slide")
-    headers = {json.loads(r["header"])["slide"]["uri"]: json.loads(r["header"])
-               for r in got if r["header"]}
+    headers = _headers(got)
     assert headers[str(good)]["status"] == "ok"
     assert headers[str(poison)]["error_type"] == "SlideCrashedReader"
     assert headers[str(poison)]["error_message"] == (
@@ -522,8 +527,7 @@ def test_a_slide_whose_plan_hangs_fails_where_it_held_the_run(ray_local, tmp_pat
             PlanTasks, fn_constructor_args=(cfg, None, "tiles", False, attempts),
             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
         got = _rows_within(ds, 240, "the hung slide")
-    headers = {json.loads(r["header"])["slide"]["uri"]: json.loads(r["header"])
-               for r in got if r["header"]}
+    headers = _headers(got)
     assert headers[str(good)]["status"] == "ok"
     assert headers[str(hung)]["error_type"] == "SlideReadTimeout"
     assert headers[str(hung)]["error_message"] == (
