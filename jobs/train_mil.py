@@ -131,9 +131,14 @@ def load_instances(embeddings: str, instances: str = "tiles",
             df = df.select([c for c in df.columns if c in want])
     else:
         folder = os.path.join(embeddings, table)
-        files = os.path.join(folder if os.path.isdir(folder) else embeddings, "*.parquet")
+        folder = folder if os.path.isdir(folder) else embeddings
+        # listed, not globbed: a folder named like "run [2]" is no glob's character class
+        files = sorted(os.path.join(folder, name) for name in (
+            os.listdir(folder) if os.path.isdir(folder) else ()) if name.endswith(".parquet"))
         try:
-            scan = pl.scan_parquet(files)
+            if not files:
+                raise FileNotFoundError(f"no .parquet file in {folder}")
+            scan = pl.scan_parquet(files, glob=False)
             have = scan.collect_schema().names()
         except (FileNotFoundError, pl.exceptions.ComputeError) as err:
             raise FileNotFoundError(f"no {table} tables under {embeddings} ({err})") from err

@@ -128,24 +128,25 @@ def test_train_and_predict_mil_jobs_on_a_tiles_table(tmp_path, capsys):
 
     rng = np.random.default_rng(2)
     frac = rng.uniform(0.1, 0.9, 24)
-    (tmp_path / "tiles").mkdir()
+    root = tmp_path / "embeddings [2]"  # a folder name no glob reads as itself
+    (root / "tiles").mkdir(parents=True)
     labels = ["slide_id,label"]
     for i, (f, bag) in enumerate(zip(frac, _bags(24, rng, frac))):
         sid = f"s{i:02d}"
         pq.write_table(pa.table({"slide_id": [sid] * len(bag), "x": np.arange(len(bag)),
                                  "embedding": [list(map(float, v)) for v in bag]}),
-                       tmp_path / "tiles" / f"{sid}.parquet")
+                       root / "tiles" / f"{sid}.parquet")
         lo = int(f * 100) // 10 * 10
         labels.append(f"{sid},{lo}-{lo + 10}%")  # ranges, taken as their midpoints
     (tmp_path / "labels.csv").write_text("\n".join(labels))
     assert train_mil.main(["--task", "regression", "--labels", str(tmp_path / "labels.csv"),
-                           "--embeddings", str(tmp_path), "--output", str(tmp_path / "m"),
+                           "--embeddings", str(root), "--output", str(tmp_path / "m"),
                            "--folds", "3", "--epochs", "15", "--lr", "1e-3",
                            "--local"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["r2"] > 0.8 and (tmp_path / "m" / "bland_altman.png").exists()
     assert predict_mil.main(["--checkpoint", str(tmp_path / "m" / "abmil.safetensors"),
-                             "--embeddings", str(tmp_path), "--output", str(tmp_path / "p")]) == 0
+                             "--embeddings", str(root), "--output", str(tmp_path / "p")]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert len(lines) == 24 and all(0 <= r["mean"][0] <= 1 for r in lines)
     assert pq.read_table(tmp_path / "p" / "mil_predictions" / "predictions.parquet").num_rows == 24
@@ -154,10 +155,10 @@ def test_train_and_predict_mil_jobs_on_a_tiles_table(tmp_path, capsys):
                                  "relative_attention"]  # the tiles' coordinates it has
     per_slide = attention.group_by("slide_id").agg(pl.len(), pl.col("relative_attention").mean())
     assert len(per_slide) == 24 and (per_slide["relative_attention"] - 1).abs().max() < 1e-4
-    assert attention["x"].to_list() == pl.read_parquet(tmp_path / "tiles")["x"].to_list()
+    assert attention["x"].to_list() == pl.from_arrow(pq.read_table(root / "tiles"))["x"].to_list()
     # figures draw on each slide's thumbnail: a bare tiles folder does not say where they are
     assert predict_mil.main(["--checkpoint", str(tmp_path / "m" / "abmil.safetensors"),
-                             "--embeddings", str(tmp_path), "--output", str(tmp_path / "p"),
+                             "--embeddings", str(root), "--output", str(tmp_path / "p"),
                              "--figures"]) == 2
     assert "give the process_slides output" in capsys.readouterr().err
 
