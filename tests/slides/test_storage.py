@@ -160,7 +160,8 @@ def test_a_network_file_system_is_known_by_its_mount(tmp_path, wsi_dir, monkeypa
                    "/mnt/s3/d.svs": "fuse.mountpoint-s3", "/mnt/slide archivist/e.svs": None}
     link = tmp_path / "archive"
     link.symlink_to(wsi_dir)  # through a link, the mount of what it names
-    here = storage.parse_mounts(f"/dev/vda / ext4 rw 0 0\nfiler:/x {wsi_dir} nfs rw 0 0\n")
+    here = storage.parse_mounts(  # the mount's own path: ../shared may itself be a link
+        f"/dev/vda / ext4 rw 0 0\nfiler:/x {wsi_dir.resolve()} nfs rw 0 0\n")
     assert storage.network_filesystem(str(link / "a.svs"), here) == "nfs"
     pools, pool = [], inventory.in_time
     monkeypatch.setattr(inventory, "in_time",
