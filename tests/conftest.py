@@ -114,6 +114,19 @@ def node_ports() -> list[str]:
     return [f"--dashboard-agent-listen-port={free_port()}"]
 
 
+def join_node(ray: str, env: dict, gcs_port: int, head_temp: str, *args: str) -> None:
+    """A worker node joined with ``ray start`` to the head of `ray_cluster` on ``gcs_port``,
+    ``args`` its own, in a temp dir of its own under the head's (as each machine of a real
+    cluster has its own): nodes of one machine sharing the head's each unpacked a submitted
+    job's working dir into one folder, a worker of one starting in it while another node's
+    agent unpacked it again; a worker that never registered held its actor Ray's 60 s."""
+    temp = tempfile.mkdtemp(prefix="n", dir=head_temp)  # short: Ray's socket paths must fit
+    node = subprocess.run([ray, "start", f"--address=127.0.0.1:{gcs_port}", f"--temp-dir={temp}",
+                           "--node-ip-address=127.0.0.1", "--disable-usage-stats", *node_ports(),
+                           *args], env=env, capture_output=True, text=True, timeout=120)
+    assert node.returncode == 0, node.stdout[-2000:] + node.stderr[-2000:]
+
+
 @contextlib.contextmanager
 def ray_cluster(ray: str, env: dict, gcs_port: int, *head_args: str) -> Iterator[str]:
     """A Ray head started with ``ray start`` on 127.0.0.1:``gcs_port``; yields its temp dir.

@@ -19,7 +19,7 @@ import warnings
 import polars as pl
 import pytest
 
-from tests.conftest import (ROOT, free_port, node_ports, process_cmdlines, process_tree,
+from tests.conftest import (ROOT, free_port, join_node, process_cmdlines, process_tree,
                             ray_cluster)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -60,14 +60,10 @@ def test_killing_a_worker_node_loses_nothing(slides, tmp_path):
            "RAY_AUTH_TOKEN": secrets.token_hex(32),
            # as with an activated virtual environment: the job's `python` is this one
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     with ray_cluster(RAY, env, gcs, "--num-cpus=0", f"--dashboard-port={dash}",
-                     "--dashboard-host=127.0.0.1", "--include-dashboard=true"):
+                     "--dashboard-host=127.0.0.1", "--include-dashboard=true") as temp:
         for port in (node1, free_port()):  # one after the other: two at once time out here
-            w = subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=4",
-                                f"--node-manager-port={port}", *node_ports(), *common],
-                               env=env, capture_output=True, text=True, timeout=120)
-            assert w.returncode == 0, w.stderr
+            join_node(RAY, env, gcs, temp, "--num-cpus=4", f"--node-manager-port={port}")
         cfg = tmp_path / "cfg.yaml"
         cfg.write_text(CONFIG)
         out = tmp_path / "out"
@@ -135,14 +131,10 @@ def test_fine_tuning_across_two_nodes_checkpoints_to_s3(tmp_path, s3_server, s3_
            "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     s3_client.create_bucket(Bucket="cluster-models")
-    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     with ray_cluster(RAY, env, gcs, "--num-cpus=0", f"--dashboard-port={dash}",
-                     "--dashboard-host=127.0.0.1", "--include-dashboard=true"):
-        for port in (free_port(), free_port()):
-            w = subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
-                                f"--node-manager-port={port}", *node_ports(), *common],
-                               env=env, capture_output=True, text=True, timeout=120)
-            assert w.returncode == 0, w.stderr
+                     "--dashboard-host=127.0.0.1", "--include-dashboard=true") as temp:
+        for _ in range(2):
+            join_node(RAY, env, gcs, temp, "--num-cpus=2")
         submit = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
                   "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
                   "python", "-m", "jobs.train_cell_classifier", "--data",
@@ -205,13 +197,9 @@ def test_a_gpu_model_actor_keeps_its_host_cpu_on_its_gpus_node(slides, tmp_path)
     gcs = free_port()
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-    with ray_cluster(RAY, env, gcs, "--num-cpus=0"):
+    with ray_cluster(RAY, env, gcs, "--num-cpus=0") as temp:
         for extra in (["--num-gpus=1"], []):
-            w = subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
-                                f"--node-manager-port={free_port()}", *node_ports(), *common,
-                                *extra], env=env, capture_output=True, text=True, timeout=120)
-            assert w.returncode == 0, w.stderr
+            join_node(RAY, env, gcs, temp, "--num-cpus=2", *extra)
         cfg = tmp_path / "cfg.yaml"
         cfg.write_text("pipeline:\n  stages: [cells]\n"
                        "  classifier: {model: deepheme-tiny, batch_size: 64}\n")
