@@ -31,6 +31,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -391,7 +392,7 @@ def classify_into(store, args, settings: dict, exports: dict[str, list[str]], mo
              if counts["being written"] else "")
           + f" of {len(pending)} classified; tables "
           f"under {store.root}/<slides|image_cells|differentials|slide_status>/; a row per "
-          f"slide: python -m jobs.slide_summary --output {store.root}", flush=True)
+          f"slide: python -m jobs.slide_summary --output {shlex.quote(store.root)}", flush=True)
     return 0
 
 

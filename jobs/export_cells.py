@@ -43,6 +43,7 @@ import datetime as dt
 import io
 import json
 import os
+import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -196,7 +197,8 @@ def main(argv=None) -> int:
     where = join_uri(args.to, "labels.csv")
     print(f"label them: fill the code column of {where} (a DeepHeme code; rows left empty are "
           f"not trained on{'; a copy, put back when filled' if is_remote(args.to) else ''}), "
-          f"then: python -m jobs.train_cell_classifier --data {normalize_uri(args.to)} --init "
+          "then: python -m jobs.train_cell_classifier --data "
+          f"{shlex.quote(normalize_uri(args.to))} --init "
           "<the run's checkpoint> ...")
     return 0
 

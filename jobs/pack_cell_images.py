@@ -21,6 +21,7 @@ import csv
 import datetime as dt
 import json
 import os
+import shlex
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -97,7 +98,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.output, "pack.json"), "w") as fh:
         json.dump(info, fh, indent=2)
     print(json.dumps(info))
-    print(f"train on it with: python -m jobs.train_cell_classifier --data {args.output} ...",
+    print("train on it with: python -m jobs.train_cell_classifier --data "
+          f"{shlex.quote(args.output)} ...",
           file=sys.stderr)
     return 0
 

@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import random
+import shlex
 import sys
 import time
 from typing import NamedTuple
@@ -422,8 +423,8 @@ def refuse_moved_archive(store: OutputStore, entries: list[FileEntry], committed
         f"here under {old} (the same paths below it, the same sizes): did the archive move to "
         f"{new}? Slide ids follow paths, so each would be processed again under a new id and "
         f"this output would hold it twice. Name the slides by their paths under {old} (as "
-        f"--input {old}, or a list of those paths; a link from there to {new} will do, "
-        "locally), or write to a new --output")
+        f"--input {shlex.quote(old)}, or a list of those paths; a link from there to {new} will "
+        "do, locally), or write to a new --output")
 
 
 def warn_case_changes(store: OutputStore, inputs: Inputs, kept: set[str], source: str,
@@ -443,7 +444,8 @@ def warn_case_changes(store: OutputStore, inputs: Inputs, kept: set[str], source
         shown = ", ".join(f"{sid}: {old or 'none'} -> {new}" for sid, old, new in changed[:3])
         log(f"{len(changed)} committed slide(s) keep the case recorded when they were processed, "
             f"not the one {source} gives ({shown}{', …' if len(changed) > 3 else ''}): "
-            f"python -m jobs.case_differentials --output {store.root} --cases {source} pools "
+            f"python -m jobs.case_differentials --output {shlex.quote(store.root)} --cases "
+            f"{shlex.quote(source)} pools "
             "them by the list's; --reprocess records it")
 
 
@@ -628,7 +630,7 @@ def print_summary(rows: list[dict], output: str = "", most: int = SUMMARY_ROWS) 
     if len(rows) > len(shown):
         clean = sum(r["status"] == "ok" and not r.get("warnings") for r in rows)
         print(f"… and {len(rows) - len(shown)} more ({clean} ok without a flag in all); every "
-              f"slide: python -m jobs.slide_summary --output {output}")
+              f"slide: python -m jobs.slide_summary --output {shlex.quote(output)}")
 
 
 @job_main
@@ -696,7 +698,7 @@ def main(argv=None) -> int:
     print(f"\n{', '.join(f'{counts[s]} {s}' for s in STATUSES if counts[s] or s != 'skipped')}"
           f" of {len(rows)} processed; tables under "
           f"{args.output}/<slides|slide_status|cells|differentials|cellularity|tiles>/; "
-          f"a row per slide: python -m jobs.slide_summary --output {args.output}")
+          f"a row per slide: python -m jobs.slide_summary --output {shlex.quote(args.output)}")
     unsettled = sum(1 for r in rows if r.get("error_type") == SlideBeingWritten.__name__)
     if unsettled:
         print(f"{unsettled} slide(s) changed since the job listed them (SlideBeingWritten: a "
@@ -717,7 +719,7 @@ def main(argv=None) -> int:
               + ", ".join(f"{n} {flag}" for flag, n in review.items()))
     if len(kept) + len(rows) >= COMPACT_HINT:
         print(f"{len(kept) + len(rows):,} slides in the output, a file each a table: for "
-              f"queries over them, python -m jobs.compact --output {args.output}")
+              f"queries over them, python -m jobs.compact --output {shlex.quote(args.output)}")
     return 0
 
 

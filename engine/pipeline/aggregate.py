@@ -11,6 +11,7 @@ import collections
 import datetime as dt
 import json
 import os
+import shlex
 import socket
 import threading
 import time
@@ -542,20 +543,21 @@ class Aggregator:
                      f"(slides.mpp_x, mpp_source). If it is wrong, give the right one "
                      f"(--mpp-table, a slide_id,mpp row) and run the slide again with "
                      f"--reprocess")
+        root = shlex.quote(self.store.root)  # its commands, pasted into a shell as they are
         if "stain" in state.warnings and not state.error:
             self.log(f"warning: slide {sid}: stain: {state.warnings['stain']} (which: python "
-                     f"-m jobs.cell_gallery --output {self.store.root} --slide {sid})")
+                     f"-m jobs.cell_gallery --output {root} --slide {sid})")
         if "out_of_focus" in state.warnings and not state.error:
             self.log(f"warning: slide {sid}: out_of_focus: {state.warnings['out_of_focus']}; "
-                     f"where: python -m jobs.slide_map --output {self.store.root} --slide "
-                     f"{sid}; which: python -m jobs.cell_gallery --output {self.store.root} "
+                     f"where: python -m jobs.slide_map --output {root} --slide "
+                     f"{sid}; which: python -m jobs.cell_gallery --output {root} "
                      f"--slide {sid} --order blurred")
         if "out_of_distribution" in state.warnings and not state.error:
             self.log(f"warning: slide {sid}: out_of_distribution: "
                      f"{state.warnings['out_of_distribution']} (another stain, scanner or "
                      f"cell type); review them before trusting its differential: python -m "
-                     f"jobs.cell_gallery --output {self.store.root} --slide {sid} --order far"
-                     f" (where: python -m jobs.slide_map --output {self.store.root} --slide "
+                     f"jobs.cell_gallery --output {root} --slide {sid} --order far"
+                     f" (where: python -m jobs.slide_map --output {root} --slide "
                      f"{sid} --measure ood)")
 
 def _raster_columns(chunks: list[dict]) -> dict | None:

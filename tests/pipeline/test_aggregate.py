@@ -3,6 +3,7 @@ any order, a slide commits once when both are complete, and a slide that fails i
 after the other branch wrote its tables leaves nothing but its failed status."""
 
 import json
+import shlex
 import threading
 
 import numpy as np
@@ -357,7 +358,8 @@ def test_cell_distances_reach_the_tables_and_flag_the_slide(tmp_path):
 
 
 def test_cells_out_of_focus_reach_the_tables_and_are_left_out_of_the_count(tmp_path):
-    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    out = tmp_path / "run #2 (rescan)"  # the commands it prints, pasted into a shell
+    store = OutputStore(str(out), StorageConfig())
     logged = []
     agg = Aggregator(store, "hash", ["cells"], [], CODES, 1, ("cells",), log=logged.append,
                      max_out_of_focus_percent=40)
@@ -366,23 +368,27 @@ def test_cells_out_of_focus_reach_the_tables_and_are_left_out_of_the_count(tmp_p
                  out_of_focus=np.array([False, False, True, True]),
                  class_code=np.array(["L2", "L2", "M6", "M6"]))
     agg.add_cells(batch)
-    cells = pl.read_parquet(tmp_path / "out" / "cells" / "s1.parquet")
+    cells = pl.read_parquet(out / "cells" / "s1.parquet")
     assert cells["blur_um"].to_list() == pytest.approx([0.1, None, 0.45, 0.5], nan_ok=False)
     assert cells["out_of_focus"].to_list() == [False, None, True, True]  # no edge: unknown
-    diff = pl.read_parquet(tmp_path / "out" / "differentials" / "s1.parquet")
+    diff = pl.read_parquet(out / "differentials" / "s1.parquet")
     counts = dict(zip(diff["class_code"], diff["count"]))
     assert counts["L2"] == 2 and counts["M6"] == 0  # the two blurred cells are not counted
     assert diff["n_out_of_focus"][0] == 2 and diff["out_of_focus_percent"][0] == 50.0
     assert diff["out_of_focus"][0]
-    status = pl.read_parquet(tmp_path / "out" / "slide_status" / "s1.parquet")
+    status = pl.read_parquet(out / "slide_status" / "s1.parquet")
     assert status["warnings"][0].to_list()[0].startswith(
         "out_of_focus: 50% of nucleated cells are out of focus (2)")
-    assert any("out_of_focus" in m and "--order blurred" in m and "jobs.slide_map" in m
-               for m in logged)
+    said = next(m for m in logged if "out_of_focus" in m)
+    where, which = said.split("where: ")[1].split("; which: ")
+    assert shlex.split(where) == ["python", "-m", "jobs.slide_map", "--output", str(out),
+                                  "--slide", "s1"]
+    assert shlex.split(which) == ["python", "-m", "jobs.cell_gallery", "--output", str(out),
+                                  "--slide", "s1", "--order", "blurred"]
     # focus not measured: null columns, everything counted, nothing flagged
     agg.add_cells(_cells("s2", [0, 1], 2, _header("s2")))
-    assert pl.read_parquet(tmp_path / "out" / "cells" / "s2.parquet")["blur_um"].null_count() == 2
-    diff = pl.read_parquet(tmp_path / "out" / "differentials" / "s2.parquet")
+    assert pl.read_parquet(out / "cells" / "s2.parquet")["blur_um"].null_count() == 2
+    diff = pl.read_parquet(out / "differentials" / "s2.parquet")
     assert diff["out_of_focus_percent"].null_count() == len(diff)
     assert dict(zip(diff["class_code"], diff["count"]))["L2"] == 2
 
