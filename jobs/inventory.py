@@ -40,7 +40,7 @@ from engine.schema import SCHEMA_VERSION, SLIDES, table_from_rows
 from engine.slides.inventory import MppOverrides, error_row, inventory_file, modified_since_read
 from engine.slides.registry import looks_like_slide
 from engine.slides.storage import (FileEntry, StagingArea, get_filesystem, is_remote,
-                                   on_network_filesystem)
+                                   on_network_filesystem, remove)
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens
 from engine.watchdog import in_time
 from jobs.common import (add_common_args, count_arg, expand_inputs, fail, job_main, load_config,
@@ -253,7 +253,7 @@ class Progress:
     def remove(self) -> None:
         fs, path = get_filesystem(self.folder, self.storage)
         try:
-            fs.rm(path, recursive=True)
+            remove(fs, path, recursive=True)
         except FileNotFoundError:
             pass
 
@@ -360,7 +360,7 @@ def write_archived(rows: list[dict], entries: list[FileEntry], output: str,
     if not slides:
         fs, path = get_filesystem(uri, storage)
         if fs.exists(path):
-            fs.rm(path)
+            remove(fs, path)
         return None
     objects = [e.uri.split("://", 1)[1].partition("/") for e in entries
                if e.uri in slides or e.part_of in slides]

@@ -46,7 +46,7 @@ from engine.schema import SCHEMA_VERSION, STATUSES, slide_id_for
 from engine.slides.dicom import SERIES_TAG, series_beside
 from engine.slides.inventory import MppOverrides, modified_since_read
 from engine.slides.storage import (ARCHIVE_CLASSES, FileEntry, InputError, is_remote,
-                                   normalize_uri, stat_file)
+                                   normalize_uri, remove, stat_file)
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
 from jobs.common import (add_common_args, each_looked_up, expand_inputs, fail, fold_series,
                          job_main, load_config, once_each, one_value_each, read_list_values,
@@ -359,7 +359,7 @@ def end_reprocess(store: OutputStore, source: str | None, rows: list[dict]) -> N
         return
     folder = f"{store.path.rstrip('/')}/{REPROCESS_FOLDER}"
     with contextlib.suppress(FileNotFoundError):
-        store.fs.rm(f"{folder}/{mark}")
+        remove(store.fs, f"{folder}/{mark}")
         if not is_remote(store.root):
             with contextlib.suppress(OSError):  # the last mark: no empty folder left
                 os.rmdir(folder)

@@ -583,7 +583,8 @@ def reusable_fold(work: str, fold: int, args, storage) -> bool:
     if remote is not None:
         try:
             os.makedirs(folder, exist_ok=True)
-            fs.get(f"{remote}/model.safetensors", os.path.join(folder, "model.safetensors"))
+            fs.get_file(f"{remote}/model.safetensors",  # a name, not a glob: 'run [2]'
+                        os.path.join(folder, "model.safetensors"))
         except FileNotFoundError:
             return False
         with open(os.path.join(folder, "model.json"), "w") as fh:

@@ -34,7 +34,7 @@ from engine.models import MissingWeights
 from engine.models.mil import predict_bags, save_mil
 from engine.train.mil import train_mil
 from engine.outputs import join_uri, write_bytes
-from engine.slides.storage import get_filesystem, is_remote, normalize_uri
+from engine.slides.storage import get_filesystem, is_remote, normalize_uri, remove
 from jobs.common import (InputError, add_storage_args, count_arg, job_main, mpp_arg, positive_arg,
                          read_csv_rows, resolve_source_mpp, storage_from_args)
 
@@ -304,7 +304,7 @@ def _fitter(args, kw: dict, storage):
     if is_remote(runs):  # a new job: never resume a fit on other data
         fs, path = get_filesystem(runs, storage)
         if fs.exists(path):
-            fs.rm(path, recursive=True)
+            remove(fs, path, recursive=True)
     else:
         shutil.rmtree(runs, ignore_errors=True)
 

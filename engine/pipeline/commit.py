@@ -25,7 +25,7 @@ from engine.config import StorageConfig
 from engine.outputs import TMP_MARK, join_uri, run_stamp, write_bytes, write_parquet
 from engine.schema import SLIDE_ID, TABLES, table_from_rows
 from engine.slides.storage import (InputError, get_filesystem, is_remote, normalize_uri,
-                                   process_alive)
+                                   process_alive, remove)
 
 STATUS_TABLE = "slide_status"
 DATA_TABLES = ("slides", "tiles", "cells", "cell_features", "image_cells", "differentials",
@@ -153,7 +153,7 @@ class OutputStore:
         base = self.path.rstrip("/")
         markers = [f"{base}/{STATUS_TABLE}/{sid}.parquet" for sid in sorted(slide_ids)]
         if markers:
-            self.fs.rm(markers)
+            remove(self.fs, markers)
         self.clean_partial()
 
     def clean_partial(self) -> list[str]:
@@ -180,8 +180,8 @@ class OutputStore:
                     elif TMP_MARK not in n:
                         self.foreign.append(f"{folder}/{n}")
         if doomed or halves:
-            self.fs.rm([f"{base}/{table}/{sid}{suffix}" for table, suffix, sid in sorted(doomed)]
-                       + halves)
+            remove(self.fs, [f"{base}/{table}/{sid}{suffix}"
+                             for table, suffix, sid in sorted(doomed)] + halves)
         return sorted({sid for _, _, sid in doomed})
 
     def foreign_note(self) -> str | None:
@@ -225,7 +225,7 @@ class OutputStore:
         for path in [f"{base}/{t}/{slide_id}.parquet" for t in DATA_TABLES] + \
                 [f"{base}/geojson/{slide_id}.geojson"]:
             if self.fs.exists(path):
-                self.fs.rm(path)
+                remove(self.fs, path)
 
     def commit(self, slide_id: str, tables: dict[str, list[dict] | pa.Table],
                status_row: dict, geojson: dict | str | None = None) -> None:
@@ -301,7 +301,7 @@ class RunLease:
             if silent >= self.stale_s or _ended_here(doc):
                 if now is None:
                     with contextlib.suppress(OSError):  # a dead run's: cleared, not piled up
-                        fs.rm(name)
+                        remove(fs, name)
                 continue
             live.append({**doc, "silent_s": silent,
                          "uri": self.store.uri(self.FOLDER, name.rsplit("/", 1)[-1])})
@@ -352,7 +352,7 @@ class RunLease:
         if self._thread is not None:
             self._thread.join()
         with contextlib.suppress(OSError):  # gone already; another run's mark in the folder
-            self.store.fs.rm(self.path)
+            remove(self.store.fs, self.path)
             if not is_remote(self.store.root):
                 os.rmdir(self.folder)  # the folder goes with the last mark
 

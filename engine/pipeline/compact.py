@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from engine.outputs import run_stamp, write_bytes, write_parquet
-from engine.slides.storage import object_etag
+from engine.slides.storage import object_etag, remove
 
 FOLDER = "compact"
 MANIFEST = "manifest.json"
@@ -141,7 +141,7 @@ def compact_table(store, table: str, stamps: dict[str, str],
     stale = sorted(n for n in listed if n.endswith(".parquet") and n not in
                    {p.file for p in parts})
     if stale:  # after the manifest: a reader that globs may see a slide twice meanwhile
-        store.fs.rm([f"{base}/{n}" for n in stale])
+        remove(store.fs, [f"{base}/{n}" for n in stale])
     return {"table": table, "slides": len(have), "files": len(parts), "kept": len(keep),
             "written": len(made), "removed": len(stale), "rows": sum(p.rows for p in parts)}
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import fsspec
+import fsspec.asyn
+import fsspec.implementations.local
 
 from engine.config import StorageConfig, unsupported_storage
 from engine.errors import (HemeflowError, SlideAccessDenied, SlideArchived, SlideError,
@@ -123,6 +125,42 @@ def get_filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFil
         raise InputError(said)
     protocol = uri.split("://", 1)[0] if is_remote(uri) else "file"
     return fsspec.core.url_to_fs(uri, **storage.fsspec_options(protocol))
+
+
+def remove(fs: fsspec.AbstractFileSystem, paths: str | list[str],
+           recursive: bool = False) -> None:
+    """Delete ``paths`` of ``fs`` (``recursive``: with what lies below each), each by its own
+    name. fsspec's ``rm`` reads ``*``, ``?`` and ``[`` in a path as a glob's (s3fs's does; the
+    local file system's own does not): under an output named ``run [2]`` it deleted nothing
+    (a crashed slide's leftovers, a run's mark), or ``run 2``'s files. Such paths go to S3's
+    batch delete as they are, 1,000 keys a request, as ``rm`` sends them.
+
+    Raises:
+        FileNotFoundError: as ``fs.rm``, where no path names anything (plain paths only).
+    """
+    from glob import has_magic
+
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    magic = [p for p in paths if has_magic(p)]
+    if not magic or isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        if paths:
+            fs.rm(paths, recursive=recursive)
+        return
+    if plain := [p for p in paths if not has_magic(p)]:
+        fs.rm(plain, recursive=recursive)
+    named = [f for p in magic for f in ((fs.find(p) or [p]) if recursive else [p])]
+    keys = sorted({fs._strip_protocol(p) for p in named})
+    batch = getattr(fs, "_bulk_delete", None)  # s3fs's: what its rm sends
+    for bucket in sorted({k.split("/", 1)[0] for k in keys}):
+        mine = [k for k in keys if k.split("/", 1)[0] == bucket]
+        for i in range(0, len(mine), 1000):
+            if batch is not None:
+                fsspec.asyn.sync(fs.loop, batch, mine[i:i + 1000])
+            else:
+                for key in mine[i:i + 1000]:
+                    fs.rm_file(key)
+    for key in keys:
+        fs.invalidate_cache(fs._parent(key))
 
 
 def is_transient(err: BaseException) -> bool:
