@@ -23,6 +23,9 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "image": ("engine.slides.image_backend:ImageReader", "pip install pillow"),
 }
 
+# where s3fs ends an object's key and begins a version's id (`open_slide` refuses such a key)
+VERSION_MARK = "?versionId="
+
 # Extensions users mean as slides; anything else found while listing a folder is skipped.
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif",
                     ".svslide", ".dcm", ".qptiff", ".btf", ".png", ".jpg", ".jpeg", ".isyntax",
@@ -189,6 +192,10 @@ def open_slide(uri: str, storage: StorageConfig | None = None, staging: StagingA
         if why := misnamed(uri):
             raise SlideUnsupported(uri, why)
         raise SlideNotFound(uri, "no such file")
+    if is_remote(uri) and VERSION_MARK in uri:  # else "not found", though listed
+        raise SlideUnsupported(uri, f"its key holds {VERSION_MARK!r}, which the S3 client reads "
+                                    "as the start of an object version's id, not as part of "
+                                    "the name: rename the object")
     with contextlib.ExitStack() as stack:
         if is_remote(uri) and staging is None:
             staging = stack.enter_context(StagingArea(storage))

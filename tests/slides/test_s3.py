@@ -17,7 +17,7 @@ import pytest
 import s3fs
 
 from engine.config import StorageConfig
-from engine.errors import StagingError, StagingFull
+from engine.errors import SlideUnsupported, StagingError, StagingFull
 from engine.slides import open_slide
 from engine.slides.storage import StagingArea, list_files
 from jobs import inventory
@@ -381,6 +381,13 @@ def test_s3_folder_markers_are_no_slides(s3_server, s3_client):
     want = ["s3://consoled/slides/2026/Müller #2.svs", "s3://consoled/slides/a b.svs"]
     assert [e.uri for e in list_files("s3://consoled/slides/", storage)] == want
     assert [e.uri for e in read_inputs("s3://consoled/slides", storage).entries] == want
+    # a key s3fs would cut at its version mark: refused in a sentence, where it was "not found"
+    s3_client.put_object(Bucket="consoled", Key="odd/x?versionId=3.svs", Body=b"x")
+    (odd,) = list_files("s3://consoled/odd", storage)
+    with pytest.raises(SlideUnsupported, match=r"its key holds '\?versionId=', which the S3 "
+                                               "client reads as the start of an object"):
+        with open_slide(odd.uri, storage):
+            pass
 
 
 def test_an_archived_object_is_a_failed_row_that_says_how_to_restore_it(
