@@ -105,6 +105,21 @@ def test_inventory_on_s3_equals_inventory_on_disk(archive, s3_server, wsi_dir, t
     assert not _fs(s3_server).exists(f"results/inv/{inventory.PROGRESS}")
 
 
+def test_an_inventory_on_s3_under_a_bracketed_name_clears_its_own_progress(archive, s3_server,
+                                                                          s3_client, tmp_path):
+    """The inventory's progress files go at its end, under an output named like ``inv [2]``
+    too, whose folder s3fs's ``rm`` read as a glob: they stayed, or ``inv 2``'s went."""
+    listed = tmp_path / "one.txt"
+    listed.write_text(f"{archive}/openslide-python/small.svs\n")
+    s3_client.put_object(Bucket="results", Key=f"inv 2/{inventory.PROGRESS}/a.parquet", Body=b"x")
+    assert inventory.main(["--input", str(listed), "--output", "s3://results/inv [2]",
+                           "--s3-endpoint", s3_server]) == 0
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket="results",
+                                                        Prefix="inv ")["Contents"]]
+    assert sorted(keys) == ["inv 2/_inventory_progress/a.parquet", "inv [2]/config.json",
+                            "inv [2]/slides/slides.parquet"]
+
+
 def test_missing_bucket_exits_cleanly(s3_server, capsys, tmp_path):
     code = inventory.main(["--input", "s3://no-such-bucket/slides", "--output", str(tmp_path),
                            "--s3-endpoint", s3_server])
