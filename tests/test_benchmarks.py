@@ -71,7 +71,7 @@ def test_train_throughput_runs_its_three_parts(tmp_path, monkeypatch):
     if not (SHARED_DATA / "pbc" / "labels.csv").exists():
         pytest.skip("PBC data not present")
     monkeypatch.setattr(common, "RESULTS", str(tmp_path))
-    assert train_throughput.main(["--arch", "deepheme-tiny", "--batch", "8", "--steps", "2",
+    assert train_throughput.main(["--arch", "deepheme-tiny", "--batch", "16", "--steps", "2",
                                   "--images", "48", "--loader-workers", "0",
                                   "--data", str(SHARED_DATA / "pbc"), "--tag", "t",
                                   "--compile", "default"]) == 0
