@@ -203,16 +203,19 @@ def test_a_run_on_a_mount_that_stopped_answering_stops(ray_local, tmp_path):
     error = next((line for line in said.splitlines() if line.startswith("hemeflow: error:")),
                  said[-3000:])
     # (found each 5 s: a fourth may have hung by then)
-    assert re.match(r"hemeflow: error: [3-9] slides' reads hung in a row \(failed "
-                    r"SlideReadTimeout\), no read ending between them \(", error), error
+    found = re.match(r"hemeflow: error: ([3-9]) slides' reads hung in a row \(failed "
+                     r"SlideReadTimeout\), no read ending between them \(", error)
+    assert found, error
     assert sum(str(p) in error for p in fifos) == 3  # the first three named
     assert "): the storage they are on seems to have stopped answering" in error
-    hung = said.count("(tiles) has not ended after 3 s: ending its process")  # until it exits
-    assert 3 <= hung < 10, said[-3000:]
+    # the planners' own lines: Ray forwards them late, and may not print an ended one's last
+    assert said.count("(tiles) has not ended after 3 s: ending its process"), said[-3000:]
     # each slide found to hang is committed failed, though its failure had not reached the
     # driver (it comes with its branch's next batch): a plain rerun goes on without them
     status = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet")
-    assert 3 <= len(status) <= hung and set(status["error_type"]) == {"SlideReadTimeout"}
+    assert int(found[1]) <= len(status) < 10, status
+    assert set(status["error_type"]) == {"SlideReadTimeout"}
+    assert set(status["uri"]) <= {str(p) for p in fifos}
     assert status["error_message"][0].endswith(": reading it had not ended after 3 s (a "
                                                "decoder in a loop, a network mount that stopped "
                                                "answering): its process was ended and the slide "
