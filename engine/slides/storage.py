@@ -8,6 +8,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import itertools
 import os
 import re
 import shutil
@@ -150,17 +151,15 @@ def remove(fs: fsspec.AbstractFileSystem, paths: str | list[str],
         fs.rm(plain, recursive=recursive)
     named = [f for p in magic for f in ((fs.find(p) or [p]) if recursive else [p])]
     keys = sorted({fs._strip_protocol(p) for p in named})
-    batch = getattr(fs, "_bulk_delete", None)  # s3fs's: what its rm sends
-    for bucket in sorted({k.split("/", 1)[0] for k in keys}):
-        mine = [k for k in keys if k.split("/", 1)[0] == bucket]
+    batch = getattr(fs, "_bulk_delete", None)  # s3fs's: what its rm sends (it drops the cache)
+    for _, same in itertools.groupby(keys, key=lambda k: k.split("/", 1)[0]):  # a bucket each
+        mine = list(same)
         for i in range(0, len(mine), 1000):
             if batch is not None:
                 fsspec.asyn.sync(fs.loop, batch, mine[i:i + 1000])
             else:
                 for key in mine[i:i + 1000]:
                     fs.rm_file(key)
-    for key in keys:
-        fs.invalidate_cache(fs._parent(key))
 
 
 def is_transient(err: BaseException) -> bool:
