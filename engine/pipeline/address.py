@@ -1,5 +1,5 @@
-"""The cluster a job joins: ``RAY_ADDRESS`` checked before ``ray.init`` waits on it, and the
-job's SIGTERM handler kept across it."""
+"""The cluster a job joins: ``RAY_ADDRESS`` checked before ``ray.init`` waits on it, the
+job's SIGTERM handler kept across it, and no joining it again from a thread left behind."""
 
 from __future__ import annotations
 
@@ -51,3 +51,18 @@ def keep_sigterm_handler():
     finally:
         if callable(handler) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, handler)
+
+
+def no_ray_init_again() -> None:
+    """Let no thread of this process start or join Ray from now on. A stopped run leaves
+    behind the streams a read that hangs holds (`engine.pipeline.run.STOP_GRACE_S`); once
+    the interpreter's exit has shut Ray down, their threads' next call of Ray's API joined
+    the cluster again (Ray's auto-init; on a machine's own Ray it would start a new one),
+    from an interpreter that was ending: the job's exit was held up, and once crashed
+    (SIGSEGV, where the stop's exit code was due). The calls now fail in those threads,
+    which nothing waits for. Ray's switch, ``RAY_ENABLE_AUTO_CONNECT=0``, is read once at
+    its import; this sets what it sets (left alone where a Ray release has it no more)."""
+    from ray._private import auto_init_hook
+
+    if hasattr(auto_init_hook, "enable_auto_connect"):
+        auto_init_hook.enable_auto_connect = False

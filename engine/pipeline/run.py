@@ -29,7 +29,7 @@ from engine.classes import DEEPHEME_CODES
 from engine.config import NO_MODEL, Config, ConfigError
 from engine.errors import HUNG_IN_A_ROW, HemeflowError, storage_stalled
 from engine.models import EnsemblePredictor, MissingWeights, create_model
-from engine.pipeline.address import check_ray_address, keep_sigterm_handler
+from engine.pipeline.address import check_ray_address, keep_sigterm_handler, no_ray_init_again
 from engine.pipeline.aggregate import Aggregator
 from engine.pipeline.commit import OutputStore
 from engine.pipeline.progress import duration
@@ -726,6 +726,7 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
                 if held:  # their streams' own shutdown, later, would log tracebacks
                     log(f"stopping without {len(held)} branch(es) held by a read that hangs")
                     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+                    no_ray_init_again()  # their threads, once Ray has shut down at exit
                 raise
             for f in futures:
                 f.result()  # re-raise the first failure, once both threads have ended
