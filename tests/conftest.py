@@ -120,11 +120,33 @@ def join_node(ray: str, env: dict, gcs_port: int, head_temp: str, *args: str) ->
     cluster has its own): nodes of one machine sharing the head's each unpacked a submitted
     job's working dir into one folder, a worker of one starting in it while another node's
     agent unpacked it again; a worker that never registered held its actor Ray's 60 s."""
-    temp = tempfile.mkdtemp(prefix="n", dir=head_temp)  # short: Ray's socket paths must fit
-    node = subprocess.run([ray, "start", f"--address=127.0.0.1:{gcs_port}", f"--temp-dir={temp}",
-                           "--node-ip-address=127.0.0.1", "--disable-usage-stats", *node_ports(),
-                           *args], env=env, capture_output=True, text=True, timeout=120)
-    assert node.returncode == 0, node.stdout[-2000:] + node.stderr[-2000:]
+    said = ""
+    for _ in range(2):  # once more where its raylet did not register in Ray's 30 s (seen once)
+        temp = tempfile.mkdtemp(prefix="n", dir=head_temp)  # short: Ray's socket paths must fit
+        node = subprocess.run([ray, "start", f"--address=127.0.0.1:{gcs_port}",
+                               f"--temp-dir={temp}", "--node-ip-address=127.0.0.1",
+                               "--disable-usage-stats", *node_ports(), *args],
+                              env=env, capture_output=True, text=True, timeout=120)
+        if node.returncode == 0:
+            return
+        said += node.stdout[-2000:] + node.stderr[-2000:] + _log_tails(temp, head_temp)
+        roots = [pid for pid, cmd in process_cmdlines() if temp in cmd]
+        for pid in set(process_tree(*roots)):  # what that start left running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    raise AssertionError(said)
+
+
+def _log_tails(*temps: str) -> str:
+    """The last lines of the raylet's and GCS's logs under Ray temp dirs ``temps``."""
+    out = []
+    for temp in temps:
+        for log in sorted(Path(temp).glob("session_latest/logs/*")):
+            if log.name.startswith(("raylet.", "gcs_server.")) and log.is_file():
+                lines = [line for line in log.read_text(errors="replace").splitlines()
+                         if not line.startswith("[state-dump]")]
+                out.append(f"\n--- {log}:\n" + "\n".join(lines[-15:]))
+    return "".join(out)
 
 
 @contextlib.contextmanager
