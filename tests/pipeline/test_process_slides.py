@@ -3,7 +3,6 @@
 import argparse
 import csv
 import json
-import os
 import shutil
 import time
 
@@ -13,11 +12,13 @@ import polars as pl
 import pyarrow.dataset as pads
 import pytest
 
-from engine.pipeline.steps import DetectCells, PlanTasks, ReadTiles
+from engine.pipeline.steps import PlanTasks
 from engine.schema import SCHEMA_VERSION, slide_id_for
 from jobs import process_slides
 from tests.conftest import SHARED_DATA, hung_pipes
 from tests.pipeline.conftest import tiny_config
+from tests.pipeline.faulty import (DetectHungOnPoison, DetectKilledByPoison,
+                                   PlanTasksKilledByPoison, Probe, ReadHungOnPoison)
 
 pytestmark = pytest.mark.ray
 
@@ -404,25 +405,6 @@ def _headers(rows: list) -> dict:
             for r in rows if r["header"]}
 
 
-class _KillsItsPlanner:
-    """A slide plan that kills its process on a slide named ``poison`` (as a file that crashes
-    a native decoder does), else `PlanSlide`'s."""
-
-    def __init__(self, plan):
-        self.plan = plan
-
-    def __call__(self, row):
-        if "poison" in row["uri"]:
-            os._exit(1)
-        return self.plan(row)
-
-
-class _PlanTasksKilledByPoison(PlanTasks):
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.plan = _KillsItsPlanner(self.plan)
-
-
 def test_a_slide_that_kills_its_planner_fails_where_ray_retried_it_for_ever(ray_local,
                                                                            tmp_path):
     """A slide whose reading kills the process (a native decoder's crash, an out-of-memory
@@ -442,7 +424,7 @@ def test_a_slide_that_kills_its_planner_fails_where_ray_retried_it_for_ever(ray_
               "case": None, "shard": 0, "shards": 1} for p in (good, poison)]
     attempts = ray.remote(num_cpus=0)(Attempts).remote()
     ds = ray.data.from_items(items, override_num_blocks=1).flat_map(
-        _PlanTasksKilledByPoison, fn_constructor_args=(Config(), None, "tiles", False, attempts),
+        PlanTasksKilledByPoison, fn_constructor_args=(Config(), None, "tiles", False, attempts),
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
     got = _rows_within(ds, 240, "the poison slide")
     headers = _headers(got)
@@ -452,15 +434,6 @@ def test_a_slide_that_kills_its_planner_fails_where_ray_retried_it_for_ever(ray_
         f"{poison}: reading it killed the process reading it {CRASHES_ALLOWED} times (a file "
         "that crashes the slide decoder, or needs more memory than the node has): not read "
         "again; --retry-failed reads it again")
-
-
-class _DetectKilledByPoison(DetectCells):
-    """Cell detection whose read of a slide named ``poison`` kills its process."""
-
-    def _read(self, t):
-        if "poison" in str(t["uri"]):
-            os._exit(1)
-        return super()._read(t)
 
 
 def _poison_in_a_batch(tmp_path, step, cfg) -> tuple[list, list]:
@@ -499,7 +472,7 @@ def test_a_tile_that_kills_its_reader_fails_its_slide_alone(ray_local, tmp_path)
     process fails its slide, and the batch's other slide's tasks are read as ever."""
     from engine.config import Config
 
-    poisoned, _ = _poison_in_a_batch(tmp_path, _DetectKilledByPoison,
+    poisoned, _ = _poison_in_a_batch(tmp_path, DetectKilledByPoison,
                                      Config.from_dict({"pipeline": {"stages": ["cells"]}}))
     assert {r["error_type"] for r in poisoned} == {"SlideCrashedReader"}
     assert "reading its cell tiles killed the process reading it 1 times" in \
@@ -536,15 +509,6 @@ def test_a_slide_whose_plan_hangs_fails_where_it_held_the_run(ray_local, tmp_pat
         "--retry-failed reads it again (the limit: pipeline.read_timeout_minutes)")
 
 
-class _DetectHungOnPoison(DetectCells):
-    """Cell detection whose read of a slide named ``poison`` never returns."""
-
-    def _read(self, t):
-        while "poison" in str(t["uri"]):
-            time.sleep(1)
-        return super()._read(t)
-
-
 def test_a_tile_whose_read_hangs_fails_its_slide_alone(ray_local, tmp_path):
     """A tile whose read hangs, after its slide's plan: its batch, of two slides, is ended at
     its deadline and read again a task at a time; the task that hangs again fails its slide
@@ -552,20 +516,11 @@ def test_a_tile_whose_read_hangs_fails_its_slide_alone(ray_local, tmp_path):
     slide is read as ever."""
     from engine.config import Config
 
-    poisoned, _ = _poison_in_a_batch(tmp_path, _DetectHungOnPoison, Config.from_dict(
+    poisoned, _ = _poison_in_a_batch(tmp_path, DetectHungOnPoison, Config.from_dict(
         {"pipeline": {"stages": ["cells"], "read_timeout_minutes": 0.05}}))
     assert {r["error_type"] for r in poisoned} == {"SlideReadTimeout"}
     assert poisoned[0]["error_message"].split(": ", 1)[1].startswith(
         "reading its cell tiles had not ended after 3 s")
-
-
-class _ReadHungOnPoison(ReadTiles):
-    """Encoder-tile reading whose read of a slide named ``poison`` never returns."""
-
-    def _reading(self, batch, i):
-        while "poison" in str(batch["uri"][i]):
-            time.sleep(1)
-        return super()._reading(batch, i)
 
 
 def test_an_encoder_tile_whose_read_hangs_fails_its_slide_alone(ray_local, tmp_path):
@@ -587,7 +542,7 @@ def test_an_encoder_tile_whose_read_hangs_fails_its_slide_alone(ray_local, tmp_p
     assert len(tasks) == 4
     attempts = ray.remote(num_cpus=0)(Attempts).remote()
     ds = ray.data.from_items(tasks, override_num_blocks=1).map_batches(
-        _ReadHungOnPoison, fn_constructor_args=(cfg, False, 1, attempts),
+        ReadHungOnPoison, fn_constructor_args=(cfg, False, 1, attempts),
         batch_size=len(tasks), compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
     got = _rows_within(ds, 240, "the hung tile")
     errors = {r["slide_id"].split("-")[0]: r["error_type"] for r in got}
@@ -596,49 +551,17 @@ def test_an_encoder_tile_whose_read_hangs_fails_its_slide_alone(ray_local, tmp_p
     assert errors["good"] == "" and sum(r["cellular_px"] > 0 for r in got) == 2
 
 
-class _Probe:
-    def restarted(self) -> bool:
-        import warnings
-
-        from engine.pipeline.steps import restarted
-
-        with warnings.catch_warnings(record=True) as said:  # nothing in the run's log
-            warnings.simplefilter("always")
-            got = restarted()
-        return [str(w.message) for w in said] or got
-
-    def die(self):
-        os._exit(1)
-
-    def attempt(self, attempts, key) -> int:
-        from engine.pipeline.steps import attempt
-
-        with attempt(attempts, key) as earlier:
-            return earlier.died
-
-    def hang(self, attempts, key, slides, timeout_s: float, hang: bool):
-        """An attempt that never ends where ``hang``, else its `Earlier`."""
-        from engine.pipeline.steps import attempt
-
-        with attempt(attempts, key, slides, timeout_s) as earlier:
-            while hang:
-                time.sleep(1)
-            return earlier.died, earlier.hung_s
-
-
 def test_an_attempt_waits_for_its_count_only_in_an_actor_started_again(ray_local):
     """A step waits for `Attempts`' answer before each attempt only where it can be given one
     that died: in an actor Ray started again. Elsewhere that round trip cost the tile readers
     8-13 % of their rate (`engine.pipeline.steps.restarted`)."""
     import ray
 
-    from engine.pipeline.steps import restarted
-
-    from engine.pipeline.steps import Attempts
+    from engine.pipeline.steps import Attempts, restarted
 
     attempts = ray.remote(num_cpus=0)(Attempts).remote()
     ray.get([attempts.begin.remote("k"), attempts.begin.remote("k")])  # two that died
-    probe = ray.remote(num_cpus=0, max_restarts=1)(_Probe).remote()
+    probe = ray.remote(num_cpus=0, max_restarts=1)(Probe).remote()
     assert ray.get(probe.restarted.remote()) is False and restarted() is False
     assert ray.get(probe.attempt.remote(attempts, "k")) == 0  # told, not waited for
     with pytest.raises(ray.exceptions.RayActorError):
@@ -675,7 +598,7 @@ def test_an_attempt_that_hangs_ends_its_process_and_its_retry_learns_why(ray_loc
     from engine.pipeline.steps import Attempts
 
     attempts = ray.remote(num_cpus=0)(Attempts).remote()
-    probe = ray.remote(num_cpus=0, max_restarts=-1)(_Probe).remote()
+    probe = ray.remote(num_cpus=0, max_restarts=-1)(Probe).remote()
     assert ray.get(probe.hang.remote(attempts, "quick", ("a",), 2.0, False)) == (0, 0.0)
     time.sleep(2.5)  # past that deadline: nothing happens to an attempt that ended
     assert ray.get(probe.restarted.remote()) is False
