@@ -22,6 +22,7 @@ import yaml
 
 from engine.config import Config, StorageConfig
 from engine.outputs import join_uri, write_bytes
+from engine.pipeline.address import short_stop_wait
 from engine.pipeline.progress import duration
 from engine.slides.storage import (FileEntry, InputError, call_with_retries, get_filesystem,
                                    is_remote, list_files, normalize_uri, request_pool,
@@ -748,6 +749,8 @@ def job_main(main):
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         previous = _stop_on_sigterm()
+        if warning := short_stop_wait():
+            print(f"hemeflow: {warning}", file=sys.stderr, flush=True)
         try:
             argv = args[0] if args else kwargs.get("argv")
             refuse_output_in_rays_copy(sys.argv[1:] if argv is None else argv)

@@ -80,6 +80,17 @@ def test_runtime_env_excludes_local_state():
     assert "aws_secret" not in text and "token:" not in text
 
 
+def test_ray_job_stop_gives_the_submitted_jobs_time_to_stop_through_their_cleanup():
+    """``ray job stop`` kills a job 3 s after its SIGTERM unless RAY_JOB_STOP_WAIT_TIME_S
+    says more: the runtime env every ``ray job submit`` of the README takes, and the RayJob's,
+    give it what a stop may take."""
+    from engine.pipeline.address import STOP_WAIT_WANTED_S
+
+    for env in (_load("runtime_env.yaml"),
+                yaml.safe_load(_load("kuberay-rayjob.yaml")["spec"]["runtimeEnvYAML"])):
+        assert float(env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= STOP_WAIT_WANTED_S
+
+
 def test_worker_pods_have_room_for_staged_slides():
     """Slides on S3 are staged under /tmp on each node (storage.stage_dir unset): the worker
     pods mount a /tmp volume larger than the staging bound in the default config."""

@@ -29,7 +29,8 @@ from engine.classes import DEEPHEME_CODES
 from engine.config import NO_MODEL, Config, ConfigError
 from engine.errors import HUNG_IN_A_ROW, HemeflowError, storage_stalled
 from engine.models import EnsemblePredictor, MissingWeights, create_model
-from engine.pipeline.address import check_ray_address, keep_sigterm_handler, no_ray_init_again
+from engine.pipeline.address import (check_ray_address, keep_sigterm_handler, no_ray_init_again,
+                                     ray_job_stop_wait_s)
 from engine.pipeline.aggregate import Aggregator
 from engine.pipeline.commit import OutputStore
 from engine.pipeline.progress import duration
@@ -576,6 +577,15 @@ def _changed(listed: dict[str, FileEntry], beside: dict[str, list[FileEntry]], s
 STOP_GRACE_S = 10.0  # a stopped run's wait for its streams to end at their next batch
 
 
+def stop_grace_s() -> float:
+    """How long a stopped run waits for its streams (`STOP_GRACE_S`), less where ``ray job
+    stop`` kills the job sooner (`engine.pipeline.address.ray_job_stop_wait_s`, 3 s unless
+    set): 2 s before that kill, so that what the streams handed in commits and the run's
+    mark leaves. Waiting the whole 10 s, a job stopped that way was always killed first."""
+    wait = ray_job_stop_wait_s()
+    return STOP_GRACE_S if wait is None else max(0.5, min(STOP_GRACE_S, wait - 2.0))
+
+
 def _on_daemon(name: str, fn, *args) -> Future:
     """``fn(*args)`` on a daemon thread, as a future. A stopped run (Ctrl-C, SIGTERM) waits
     `STOP_GRACE_S` for its branches' streams to end at their next batch, then goes: a stream
@@ -722,7 +732,7 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
                         stop_if_stalled(attempts, agg, items, 60.0 * pc.read_timeout_minutes)
             except BaseException:  # Ctrl-C or SIGTERM: the streams end at their next batch,
                 stop.set()  # which a read that hangs never brings: not waited for past that
-                _, held = wait(futures, timeout=STOP_GRACE_S)
+                _, held = wait(futures, timeout=stop_grace_s())
                 if held:  # their streams' own shutdown, later, would log tracebacks
                     log(f"stopping without {len(held)} branch(es) held by a read that hangs")
                     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
