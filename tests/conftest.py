@@ -177,6 +177,29 @@ def ray_cluster(ray: str, env: dict, gcs_port: int, *head_args: str) -> Iterator
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def compiled_without_codegen() -> Iterator[None]:
+    """``torch.nn.Module.compile`` (the one call `engine.train.loop.compile_in_place` makes)
+    with TorchDynamo's graph capture and AOTAutograd (backend ``aot_eager``), without
+    Inductor's code generation: on a CPU that is C++ compiled per graph, 40-55 s of a training
+    test's first compile here, and not the GPU's code (Triton) anyway. What a compiled run of
+    ours can get wrong (graph breaks, in-place ops under autograd, checkpoint keys, resuming a
+    plain run) is in the capture; Inductor itself is run where a test compiles outside this."""
+    import torch
+
+    real = torch.nn.Module.compile
+
+    def compile(self, *args, **kwargs):
+        kwargs.pop("mode", None)  # Inductor's
+        return real(self, *args, **{**kwargs, "backend": "aot_eager"})
+
+    torch.nn.Module.compile = compile
+    try:
+        yield
+    finally:
+        torch.nn.Module.compile = real
+
+
 # the dummy credentials of every S3 test: set in the environment, where botocore's own chain finds
 # them, exactly as production reads real ones
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value",

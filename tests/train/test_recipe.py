@@ -9,7 +9,7 @@ import torch
 from engine.train.augment import HEDJitter, train_transform
 from engine.train.loop import LocalSession, TrainSettings, compile_in_place
 from engine.train.splits import BalancedSampler, balanced_indices, kfold_splits
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, compiled_without_codegen
 
 PBC = SHARED_DATA / "pbc"
 needs_pbc = pytest.mark.skipif(not (PBC / "labels.csv").exists(), reason="PBC data not present")
@@ -200,8 +200,9 @@ def test_a_compiled_run_resumes_a_plain_one_and_keeps_plain_checkpoints(tmp_path
     train_fold(config, LocalSession(str(tmp_path / "run"), torch.device("cpu"),
                                     log=lambda s: None))
     resumed = LocalSession(str(tmp_path / "run"), torch.device("cpu"), log=lambda s: None)
-    train_fold({**config, "settings": {**settings.__dict__, "epochs": 2, "compile": "default"}},
-               resumed)
+    with compiled_without_codegen():  # the training graphs captured; Inductor's below
+        train_fold({**config, "settings": {**settings.__dict__, "epochs": 2,
+                                           "compile": "default"}}, resumed)
     assert [h["epoch"] for h in resumed.history] == [1]
     assert np.isfinite(resumed.history[0]["train_loss"])
     plain = build_module(get_spec("deepheme-tiny"), len(codes)).eval()
