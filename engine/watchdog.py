@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import os
 import threading
 import time
 import traceback
@@ -94,7 +95,49 @@ class Watchdog:
 WATCHDOG = Watchdog()  # the process's
 
 
-STOP_GRACE_S = 10.0  # how long `in_time`'s stopped caller waits for the calls under way
+STOP_GRACE_S = 10.0  # how long a stopped job waits for the reads under way (`stop_grace_s`)
+RAY_JOB_STOP_WAIT_S = 3.0  # Ray's RAY_JOB_STOP_WAIT_TIME_S where unset (its JobSupervisor's)
+STOP_WAIT_WANTED_S = 30.0  # what a job's stop through its cleanup may take, and more
+
+
+def ray_job_stop_wait_s() -> float | None:
+    """The seconds ``ray job stop`` gives this job between its SIGTERM and its SIGKILL, where
+    the job was started by ``ray job submit`` (None elsewhere): Ray's
+    ``RAY_JOB_STOP_WAIT_TIME_S``, 3 s unless the job's runtime env (or the head's environment)
+    sets it. Ray's job supervisor, which sends both signals, starts the job with its own
+    environment, so the job reads the same value it does."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # set for a submitted job's driver
+        return None
+    try:
+        return float(os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", RAY_JOB_STOP_WAIT_S))
+    except ValueError:
+        return RAY_JOB_STOP_WAIT_S
+
+
+def stop_grace_s() -> float:
+    """How long a stopped job waits for the reads under way to end (`STOP_GRACE_S`: `in_time`'s
+    calls, `engine.pipeline.run`'s streams), less where ``ray job stop`` kills the job sooner
+    (`ray_job_stop_wait_s`, 3 s unless set): 2 s before that kill, so that what they handed in
+    commits and the run's mark leaves. Waiting the whole 10 s, a job stopped that way was
+    always killed first."""
+    wait = ray_job_stop_wait_s()
+    return STOP_GRACE_S if wait is None else max(0.5, min(STOP_GRACE_S, wait - 2.0))
+
+
+def short_stop_wait() -> str | None:
+    """A warning, where this job was submitted with ``ray job stop``'s wait for it shorter
+    than its stop may take: the job is then killed before it has committed the slides it was
+    writing and taken its mark off the output (nothing committed is lost)."""
+    wait = ray_job_stop_wait_s()
+    if wait is None or wait >= STOP_WAIT_WANTED_S:
+        return None
+    return (f"warning: `ray job stop` would kill this job {wait:g} s after asking it to stop "
+            "(Ray's RAY_JOB_STOP_WAIT_TIME_S), before its stop has committed the slides "
+            "under way and taken its mark off the output (what is committed stays either "
+            "way); submit it with --runtime-env cluster/runtime_env.yaml, which gives it "
+            f"more, or set RAY_JOB_STOP_WAIT_TIME_S to {STOP_WAIT_WANTED_S:g} or more in "
+            "the job's runtime env")
+
 
 
 def in_time(fn: Callable[[T], R], items: Iterable[T], workers: int, timeout_s: float,
@@ -105,7 +148,7 @@ def in_time(fn: Callable[[T], R], items: Iterable[T], workers: int, timeout_s: f
     left to the call (a daemon: it holds no exit) and another takes its place. A read that
     hangs held `ThreadPoolExecutor.map` for ever, and its process's exit too. An item's
     exception is raised as it is reached. Once the caller stops (the generator closed, or an
-    exception), no item starts, and the calls under way are waited for ``STOP_GRACE_S`` at
+    exception), no item starts, and the calls under way are waited for `stop_grace_s` at
     most (on a mount that stopped answering, they never end)."""
     items = list(items)
     cond = threading.Condition()
@@ -164,7 +207,7 @@ def in_time(fn: Callable[[T], R], items: Iterable[T], workers: int, timeout_s: f
         with cond:
             stop = True
             under_way = list(threads.values())
-        until = time.monotonic() + STOP_GRACE_S
+        until = time.monotonic() + stop_grace_s()
         for t in under_way:
             t.join(max(0.0, until - time.monotonic()))
 

@@ -108,6 +108,13 @@ def process_tree(*pids: int) -> list[int]:
     return out
 
 
+def kill_tree(*pids: int) -> None:
+    """SIGKILL ``pids`` and all their descendants (`process_tree`)."""
+    for pid in set(process_tree(*pids)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def node_ports() -> list[str]:
     """``ray start`` arguments for a node's ports that default to fixed numbers on every node
     (its dashboard agent's HTTP port, where jobs are submitted): a free one each."""
@@ -130,10 +137,7 @@ def join_node(ray: str, env: dict, gcs_port: int, head_temp: str, *args: str) ->
         if node.returncode == 0:
             return
         said += node.stdout[-2000:] + node.stderr[-2000:] + _log_tails(temp, head_temp)
-        roots = [pid for pid, cmd in process_cmdlines() if temp in cmd]
-        for pid in set(process_tree(*roots)):  # what that start left running
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_tree(*(pid for pid, cmd in process_cmdlines() if temp in cmd))  # what it left
     raise AssertionError(said)
 
 
@@ -170,10 +174,8 @@ def ray_cluster(ray: str, env: dict, gcs_port: int, *head_args: str) -> Iterator
         yield temp
     finally:
         mine = re.compile(rf"{re.escape(temp)}|[:=]{gcs_port}\b")
-        roots = [pid for pid, cmd in process_cmdlines() if pid != os.getpid() and mine.search(cmd)]
-        for pid in set(process_tree(*roots)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_tree(*(pid for pid, cmd in process_cmdlines()
+                    if pid != os.getpid() and mine.search(cmd)))
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -185,19 +187,17 @@ def compiled_without_codegen() -> Iterator[None]:
     test's first compile here, and not the GPU's code (Triton) anyway. What a compiled run of
     ours can get wrong (graph breaks, in-place ops under autograd, checkpoint keys, resuming a
     plain run) is in the capture; Inductor itself is run where a test compiles outside this."""
+    from unittest import mock
+
     import torch
 
     real = torch.nn.Module.compile
 
-    def compile(self, *args, **kwargs):
-        kwargs.pop("mode", None)  # Inductor's
+    def compile(self, *args, mode=None, **kwargs):  # (mode: Inductor's)
         return real(self, *args, **{**kwargs, "backend": "aot_eager"})
 
-    torch.nn.Module.compile = compile
-    try:
+    with mock.patch.object(torch.nn.Module, "compile", compile):
         yield
-    finally:
-        torch.nn.Module.compile = real
 
 
 # the dummy credentials of every S3 test: set in the environment, where botocore's own chain finds

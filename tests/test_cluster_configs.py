@@ -84,7 +84,7 @@ def test_ray_job_stop_gives_the_submitted_jobs_time_to_stop_through_their_cleanu
     """``ray job stop`` kills a job 3 s after its SIGTERM unless RAY_JOB_STOP_WAIT_TIME_S
     says more: the runtime env every ``ray job submit`` of the README takes, and the RayJob's,
     give it what a stop may take."""
-    from engine.pipeline.address import STOP_WAIT_WANTED_S
+    from engine.watchdog import STOP_WAIT_WANTED_S
 
     for env in (_load("runtime_env.yaml"),
                 yaml.safe_load(_load("kuberay-rayjob.yaml")["spec"]["runtimeEnvYAML"])):

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from engine.watchdog import Watchdog, in_time
+from engine.watchdog import (STOP_GRACE_S, Watchdog, in_time, ray_job_stop_wait_s,
+                             stop_grace_s)
 
 
 def test_a_deadline_passed_is_called_once_and_one_unwatched_never():
@@ -184,3 +185,38 @@ def test_a_failing_call_does_not_end_the_other_deadlines(capsys):
     dog.watch(0.3, fired.set)
     assert fired.wait(5)
     assert "ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_a_submitted_jobs_stop_fits_in_what_ray_job_stop_gives_it(monkeypatch, capsys):
+    """``ray job stop`` sends SIGTERM and, 3 s later (Ray's RAY_JOB_STOP_WAIT_TIME_S), SIGKILL.
+    A stopped run waited 10 s for streams a hung read holds, so a job so stopped was always
+    killed before it committed what it had and took its mark off the output (checked by hand
+    with ``ray job submit`` and ``ray job stop`` on a local cluster: the mark stayed; now it
+    leaves). Under ``ray job submit`` the wait ends 2 s before that kill, and the job says, as
+    it starts, where that time is short for its stop."""
+    from jobs.common import job_main
+
+    @job_main
+    def main(argv=None) -> int:
+        return 0
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.delenv("RAY_JOB_STOP_WAIT_TIME_S", raising=False)
+    assert ray_job_stop_wait_s() is None and stop_grace_s() == STOP_GRACE_S
+    assert main([]) == 0 and "ray job stop" not in capsys.readouterr().err
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # as Ray's job supervisor sets
+    assert ray_job_stop_wait_s() == 3.0 and stop_grace_s() == 1.0
+    assert main([]) == 0
+    assert "hemeflow: warning: `ray job stop` would kill this job 3 s after asking it to " \
+           "stop (Ray's RAY_JOB_STOP_WAIT_TIME_S)" in capsys.readouterr().err
+    monkeypatch.setenv("RAY_JOB_STOP_WAIT_TIME_S", "8")
+    assert stop_grace_s() == 6.0
+    # a job's reads in threads (classify_cells', the inventory's) are waited for as long
+    rows = in_time(lambda x: time.sleep(30 if x else 0) or x, [0, 1], 2, 0.0, lambda x, s: None)
+    assert next(rows) == 0
+    t0 = time.monotonic()
+    rows.close()  # the call under way never ends in time
+    assert 5.5 < time.monotonic() - t0 < 8.0
+    monkeypatch.setenv("RAY_JOB_STOP_WAIT_TIME_S", "60")  # cluster/runtime_env.yaml's
+    assert ray_job_stop_wait_s() == 60.0 and stop_grace_s() == STOP_GRACE_S
+    assert main([]) == 0 and "ray job stop" not in capsys.readouterr().err

@@ -1,6 +1,5 @@
 """The cluster a job joins: ``RAY_ADDRESS`` checked before ``ray.init`` waits on it, the
-job's SIGTERM handler kept across it, no joining it again from a thread left behind, and the
-time ``ray job stop`` gives a submitted job to stop."""
+job's SIGTERM handler kept across it, and no joining it again from a thread left behind."""
 
 from __future__ import annotations
 
@@ -56,7 +55,7 @@ def keep_sigterm_handler():
 
 def no_ray_init_again() -> None:
     """Let no thread of this process start or join Ray from now on. A stopped run leaves
-    behind the streams a read that hangs holds (`engine.pipeline.run.STOP_GRACE_S`); once
+    behind the streams a read that hangs holds (`engine.watchdog.STOP_GRACE_S`); once
     the interpreter's exit has shut Ray down, their threads' next call of Ray's API joined
     the cluster again (Ray's auto-init; on a machine's own Ray it would start a new one),
     from an interpreter that was ending: the job's exit was held up, and once crashed
@@ -68,35 +67,3 @@ def no_ray_init_again() -> None:
     if hasattr(auto_init_hook, "enable_auto_connect"):
         auto_init_hook.enable_auto_connect = False
 
-
-RAY_JOB_STOP_WAIT_S = 3.0  # Ray's RAY_JOB_STOP_WAIT_TIME_S where unset (its JobSupervisor's)
-STOP_WAIT_WANTED_S = 30.0  # what a job's stop through its cleanup may take, and more
-
-
-def ray_job_stop_wait_s() -> float | None:
-    """The seconds ``ray job stop`` gives this job between its SIGTERM and its SIGKILL, where
-    the job was started by ``ray job submit`` (None elsewhere): Ray's
-    ``RAY_JOB_STOP_WAIT_TIME_S``, 3 s unless the job's runtime env (or the head's environment)
-    sets it. Ray's job supervisor, which sends both signals, starts the job with its own
-    environment, so the job reads the same value it does."""
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # set for a submitted job's driver
-        return None
-    try:
-        return float(os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", RAY_JOB_STOP_WAIT_S))
-    except ValueError:
-        return RAY_JOB_STOP_WAIT_S
-
-
-def short_stop_wait() -> str | None:
-    """A warning, where this job was submitted with ``ray job stop``'s wait for it shorter
-    than its stop may take: the job is then killed before it has committed the slides it was
-    writing and taken its mark off the output (nothing committed is lost)."""
-    wait = ray_job_stop_wait_s()
-    if wait is None or wait >= STOP_WAIT_WANTED_S:
-        return None
-    return (f"warning: `ray job stop` would kill this job {wait:g} s after asking it to stop "
-            "(Ray's RAY_JOB_STOP_WAIT_TIME_S), before its stop has committed the slides "
-            "under way and taken its mark off the output (what is committed stays either "
-            "way); submit it with --runtime-env cluster/runtime_env.yaml, which gives it "
-            f"60 s, or set RAY_JOB_STOP_WAIT_TIME_S to {STOP_WAIT_WANTED_S:g} or more in "
-            "the job's runtime env")

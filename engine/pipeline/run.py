@@ -29,8 +29,7 @@ from engine.classes import DEEPHEME_CODES
 from engine.config import NO_MODEL, Config, ConfigError
 from engine.errors import HUNG_IN_A_ROW, HemeflowError, storage_stalled
 from engine.models import EnsemblePredictor, MissingWeights, create_model
-from engine.pipeline.address import (check_ray_address, keep_sigterm_handler, no_ray_init_again,
-                                     ray_job_stop_wait_s)
+from engine.pipeline.address import check_ray_address, keep_sigterm_handler, no_ray_init_again
 from engine.pipeline.aggregate import Aggregator
 from engine.pipeline.commit import OutputStore
 from engine.pipeline.progress import duration
@@ -43,6 +42,7 @@ from engine.slides.storage import (FileEntry, StagingArea, changed_since_listed,
                                    on_network_filesystem)
 from engine.specimen import UNKNOWN, Specimens, branches_for
 from engine.stain import StainCheck
+from engine.watchdog import stop_grace_s
 
 
 @dataclass
@@ -574,23 +574,12 @@ def _changed(listed: dict[str, FileEntry], beside: dict[str, list[FileEntry]], s
     return changed_since_listed(listed[uri], storage)
 
 
-STOP_GRACE_S = 10.0  # a stopped run's wait for its streams to end at their next batch
-
-
-def stop_grace_s() -> float:
-    """How long a stopped run waits for its streams (`STOP_GRACE_S`), less where ``ray job
-    stop`` kills the job sooner (`engine.pipeline.address.ray_job_stop_wait_s`, 3 s unless
-    set): 2 s before that kill, so that what the streams handed in commits and the run's
-    mark leaves. Waiting the whole 10 s, a job stopped that way was always killed first."""
-    wait = ray_job_stop_wait_s()
-    return STOP_GRACE_S if wait is None else max(0.5, min(STOP_GRACE_S, wait - 2.0))
-
-
 def _on_daemon(name: str, fn, *args) -> Future:
     """``fn(*args)`` on a daemon thread, as a future. A stopped run (Ctrl-C, SIGTERM) waits
-    `STOP_GRACE_S` for its branches' streams to end at their next batch, then goes: a stream
-    whose next batch a hung read holds (a slide on a stalled mount) kept the job, Ctrl-C and
-    all, until that read returned, or for ever. What it left half written is no commit."""
+    `engine.watchdog.stop_grace_s` for its branches' streams to end at their next batch, then
+    goes: a stream whose next batch a hung read holds (a slide on a stalled mount) kept the job,
+    Ctrl-C and all, until that read returned, or for ever. What it left half written is no
+    commit."""
     future: Future = Future()
 
     def run() -> None:

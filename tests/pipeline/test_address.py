@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from engine.pipeline.address import ClusterUnreachable, check_ray_address, ray_job_stop_wait_s
+from engine.pipeline.address import ClusterUnreachable, check_ray_address
 
 
 def _closed_port() -> int:
@@ -69,32 +69,3 @@ def test_the_jobs_sigterm_handler_outlives_ray_init():
     finally:
         signal.signal(signal.SIGTERM, before)
 
-
-def test_a_submitted_jobs_stop_fits_in_what_ray_job_stop_gives_it(monkeypatch, capsys):
-    """``ray job stop`` sends SIGTERM and, 3 s later (Ray's RAY_JOB_STOP_WAIT_TIME_S), SIGKILL.
-    A stopped run waited 10 s for streams a hung read holds, so a job so stopped was always
-    killed before it committed what it had and took its mark off the output (checked by hand
-    with ``ray job submit`` and ``ray job stop`` on a local cluster: the mark stayed; now it
-    leaves). Under ``ray job submit`` the wait ends 2 s before that kill, and the job says, as
-    it starts, where that time is short for its stop."""
-    from engine.pipeline.run import STOP_GRACE_S, stop_grace_s
-    from jobs.common import job_main
-
-    @job_main
-    def main(argv=None) -> int:
-        return 0
-
-    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    monkeypatch.delenv("RAY_JOB_STOP_WAIT_TIME_S", raising=False)
-    assert ray_job_stop_wait_s() is None and stop_grace_s() == STOP_GRACE_S
-    assert main([]) == 0 and "ray job stop" not in capsys.readouterr().err
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # as Ray's job supervisor sets
-    assert ray_job_stop_wait_s() == 3.0 and stop_grace_s() == 1.0
-    assert main([]) == 0
-    assert "hemeflow: warning: `ray job stop` would kill this job 3 s after asking it to " \
-           "stop (Ray's RAY_JOB_STOP_WAIT_TIME_S)" in capsys.readouterr().err
-    monkeypatch.setenv("RAY_JOB_STOP_WAIT_TIME_S", "8")
-    assert stop_grace_s() == 6.0
-    monkeypatch.setenv("RAY_JOB_STOP_WAIT_TIME_S", "60")  # cluster/runtime_env.yaml's
-    assert ray_job_stop_wait_s() == 60.0 and stop_grace_s() == STOP_GRACE_S
-    assert main([]) == 0 and "ray job stop" not in capsys.readouterr().err
