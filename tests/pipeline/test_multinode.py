@@ -59,7 +59,11 @@ def test_killing_a_worker_node_loses_nothing(slides, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32),
            # as with an activated virtual environment: the job's `python` is this one
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+           # the GCS marks the killed node dead after 3 failed health checks 1 s apart, where
+           # Ray's 5 checks 3 s apart left the run waiting 15 s on its lost actors (a refused
+           # check fails at once; a busy node's would time out only after Ray's 10 s)
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
     with ray_cluster(RAY, env, gcs, "--num-cpus=0", f"--dashboard-port={dash}",
                      "--dashboard-host=127.0.0.1", "--include-dashboard=true") as temp:
         for port in (node1, free_port()):  # one after the other: two at once time out here

@@ -21,7 +21,7 @@ from engine.errors import SlideUnsupported, StagingError, StagingFull
 from engine.slides import open_slide
 from engine.slides.storage import StagingArea, list_files
 from jobs import inventory
-from tests.conftest import s3_requests, upload_tree
+from tests.conftest import S3_TEST_ENV, s3_requests, upload_tree
 from tests.slides.test_header_copy import SPARSE
 
 pytestmark = pytest.mark.s3
@@ -137,7 +137,11 @@ def test_storage_that_cannot_be_used_is_named_in_a_sentence(tmp_path, capsys, mo
     with socket.socket() as sock:  # a port on which nothing listens once it is closed
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    for key, value in S3_TEST_ENV.items():  # credentials (alone, no S3 server set them)
+        monkeypatch.setenv(key, value)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # botocore's own retries of a refused connection (4, backing off) took 10 s of this test
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
 
