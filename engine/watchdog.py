@@ -139,7 +139,6 @@ def short_stop_wait() -> str | None:
             "the job's runtime env")
 
 
-
 def in_time(fn: Callable[[T], R], items: Iterable[T], workers: int, timeout_s: float,
             late: Callable[[T, float], R], name: str = "") -> Iterator[R]:
     """``fn(item)`` of each item, in order, on ``workers`` threads, as a thread pool's ``map``,

@@ -66,4 +66,3 @@ def no_ray_init_again() -> None:
 
     if hasattr(auto_init_hook, "enable_auto_connect"):
         auto_init_hook.enable_auto_connect = False
-

@@ -68,4 +68,3 @@ def test_the_jobs_sigterm_handler_outlives_ray_init():
         assert signal.getsignal(signal.SIGTERM) is jobs
     finally:
         signal.signal(signal.SIGTERM, before)
-
