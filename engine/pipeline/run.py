@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from engine.cells import KIND_CELL, KIND_PLATELET
 from engine.classes import DEEPHEME_CODES
 from engine.config import NO_MODEL, Config, ConfigError
-from engine.errors import HUNG_IN_A_ROW, HemeflowError, storage_stalled
+from engine.errors import HUNG_IN_A_ROW, HemeflowError, StorageStalled, storage_stalled
 from engine.models import EnsemblePredictor, MissingWeights, create_model
 from engine.pipeline.address import check_ray_address, keep_sigterm_handler, no_ray_init_again
 from engine.pipeline.aggregate import Aggregator
@@ -574,6 +574,12 @@ def _changed(listed: dict[str, FileEntry], beside: dict[str, list[FileEntry]], s
     return changed_since_listed(listed[uri], storage)
 
 
+# how long a run stopped on a storage that stopped answering (`stop_if_stalled`) waits for
+# its streams: their reads are known to hang, and a batch that comes after the stop is not
+# committed anyway (`_consume`), so the whole `stop_grace_s` only kept the job 8 s longer
+STALLED_GRACE_S = 2.0
+
+
 def _on_daemon(name: str, fn, *args) -> Future:
     """``fn(*args)`` on a daemon thread, as a future. A stopped run (Ctrl-C, SIGTERM) waits
     `engine.watchdog.stop_grace_s` for its branches' streams to end at their next batch, then
@@ -719,9 +725,10 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
                         log(line)
                     if attempts is not None and next(asked) % 5 == 0:  # each 5 s
                         stop_if_stalled(attempts, agg, items, 60.0 * pc.read_timeout_minutes)
-            except BaseException:  # Ctrl-C or SIGTERM: the streams end at their next batch,
-                stop.set()  # which a read that hangs never brings: not waited for past that
-                _, held = wait(futures, timeout=stop_grace_s())
+            except BaseException as err:  # Ctrl-C or SIGTERM: the streams end at their next
+                stop.set()  # batch, which a read that hangs never brings: not waited for past that
+                _, held = wait(futures, timeout=stop_grace_s() if not isinstance(
+                    err, StorageStalled) else min(stop_grace_s(), STALLED_GRACE_S))
                 if held:  # their streams' own shutdown, later, would log tracebacks
                     log(f"stopping without {len(held)} branch(es) held by a read that hangs")
                     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
