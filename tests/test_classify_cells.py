@@ -605,6 +605,7 @@ def test_one_output_holds_one_jobs_tables(tmp_path, capsys):
     assert json.loads((cells_out / "config.json").read_text())["job"] == "classify_cells"
 
 
+@pytest.mark.timed
 def test_an_image_whose_read_hangs_is_left_out_and_three_stop_the_job(exports, tmp_path,
                                                                       capsys, monkeypatch):
     """An image whose read hangs (a named pipe no one writes, as a read on a mount that stopped

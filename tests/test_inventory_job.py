@@ -650,6 +650,7 @@ def _inventory_over(tmp_path, slides) -> list[str]:
             str(tmp_path / "c.yaml"), "--workers", "1"]
 
 
+@pytest.mark.timed
 def test_a_file_whose_read_hangs_gives_a_failed_row_and_the_inventory_ends(wsi_dir, tmp_path):
     """A file whose read hangs (a named pipe no one writes: its open never returns, as a read
     on a stalled mount) held the inventory for ever, and its exit. Once its read has gone on
@@ -673,6 +674,7 @@ def test_a_file_whose_read_hangs_gives_a_failed_row_and_the_inventory_ends(wsi_d
         "pipeline.read_timeout_minutes)")
 
 
+@pytest.mark.timed
 def test_an_inventory_on_a_mount_that_stopped_answering_stops(wsi_dir, tmp_path, capsys):
     """Three files in a row whose reads hang: the mount, not the files. The inventory stops
     saying so, where it would have given up on each file after its own time-out, for days;

@@ -8,6 +8,8 @@ import pytest
 from engine.watchdog import (STOP_GRACE_S, Watchdog, in_time, ray_job_stop_wait_s,
                              stop_grace_s)
 
+pytestmark = pytest.mark.timed  # time-outs and waits: in the foreground (conftest)
+
 
 def test_a_deadline_passed_is_called_once_and_one_unwatched_never():
     now = [0.0]

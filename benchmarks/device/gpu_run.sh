@@ -100,8 +100,10 @@ step() {  # name, time limit in seconds, command...
 for part in $parts; do
   case $part in
     # the module holding the GPU tests: the image lacks polars, which other test modules
-    # import (on 2026-12-04 collecting tests/models so gave rc 1 after the 3 GPU tests passed)
-    tests) step tests 60 $PY -m pytest -q -p no:cacheprovider -m gpu tests/models/test_models.py ;;
+    # import (on 2026-12-04 collecting tests/models so gave rc 1 after the 3 GPU tests passed);
+    # nor pytest-xdist, whose options (-n 2 --dist loadgroup) the project's addopts give
+    tests) step tests 60 $PY -m pytest -q -p no:cacheprovider -o addopts="-ra --strict-markers" \
+             -m gpu tests/models/test_models.py ;;
     models) if [ "$gpu" = 1 ]; then
               # CUDAGRAPHS=1: also CUDA graphs (reduce-overhead; its compiles take ~1 min more)
               step models $(( ${CUDAGRAPHS:-0} ? 200 : 120 )) $PY benchmarks/model_throughput.py \

@@ -8,6 +8,8 @@ import pytest
 
 from engine.pipeline.address import ClusterUnreachable, check_ray_address
 
+pytestmark = pytest.mark.timed  # time-outs and waits: in the foreground (conftest)
+
 
 def _closed_port() -> int:
     with socket.socket() as sock:  # nothing listens on it once it is closed

@@ -14,6 +14,8 @@ import pytest
 from engine.config import StorageConfig
 from engine.pipeline.commit import OutputInUse, OutputStore, RunLease
 
+pytestmark = pytest.mark.timed  # time-outs and waits: in the foreground (conftest)
+
 
 def _mark(store: OutputStore, name: str, **doc) -> str:
     """Another run's mark, written as a run writes its own."""

@@ -491,6 +491,7 @@ def test_credentials_refused_stop_the_inventory_in_a_sentence(archive, s3_server
         assert "failed" not in pl.read_parquet(kept)["status"].to_list()  # what it read alone
 
 
+@pytest.mark.timed
 def test_a_slow_download_counts_against_no_read_deadline(archive, s3_server, tmp_path,
                                                          monkeypatch):
     """A slide staged whole over a slow link is slow, not hung: the deadline of the read
