@@ -24,11 +24,13 @@ os.environ["RAY_ADDRESS"] = "local"
 # each pytest-xdist worker (the suite's two lanes: pytest_collection_modifyitems) its own temp
 # folder, and so its own node-shared staging folder (engine.slides.storage.default_stage_dir):
 # a test or job on one purging it took away a copy that a run on the other was between two
-# readers of, and it was downloaded twice. Ray keeps the usual one (short socket paths)
+# readers of, and it was downloaded twice. Ray keeps the usual one (short socket paths). Others
+# may pass through it, as through /tmp, to a folder a test opens to every user (test_bad_inputs)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("RAY_TMPDIR", tempfile.gettempdir())
     os.environ["TMPDIR"] = tempfile.mkdtemp(
         prefix=f"hemeflow-tests-{os.environ['PYTEST_XDIST_WORKER']}-")
+    os.chmod(os.environ["TMPDIR"], 0o711)
     tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 
 
