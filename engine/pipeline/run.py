@@ -725,10 +725,12 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
                         log(line)
                     if attempts is not None and next(asked) % 5 == 0:  # each 5 s
                         stop_if_stalled(attempts, agg, items, 60.0 * pc.read_timeout_minutes)
-            except BaseException as err:  # Ctrl-C or SIGTERM: the streams end at their next
-                stop.set()  # batch, which a read that hangs never brings: not waited for past that
-                _, held = wait(futures, timeout=stop_grace_s() if not isinstance(
-                    err, StorageStalled) else min(stop_grace_s(), STALLED_GRACE_S))
+            except BaseException as err:  # Ctrl-C, SIGTERM, a stalled storage: the streams
+                stop.set()  # end at their next batch, which a read that hangs never brings
+                grace = stop_grace_s()
+                if isinstance(err, StorageStalled):  # its reads are known to hang
+                    grace = min(grace, STALLED_GRACE_S)
+                _, held = wait(futures, timeout=grace)
                 if held:  # their streams' own shutdown, later, would log tracebacks
                     log(f"stopping without {len(held)} branch(es) held by a read that hangs")
                     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
