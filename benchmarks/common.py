@@ -157,6 +157,10 @@ def unmount(point: str, proc: subprocess.Popen) -> None:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+    try:
+        os.rmdir(point)  # the empty mount point `delayed_mount` made
+    except OSError:
+        pass  # still mounted (lazily), or not made there
 
 
 def _mount(source: str, point: str, delay_s: float) -> None:

@@ -18,7 +18,9 @@ the mount each read still waits: the baseline runs first).
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -50,6 +52,7 @@ def main() -> None:
     from engine.pipeline.steps import DetectCells, PlanTasks
 
     work = tempfile.mkdtemp(prefix="hemeflow-detect-")
+    atexit.register(shutil.rmtree, work, True)  # the synthetic slide (after any unmount below)
     path = os.path.join(work, "slide.tif")
     make_slide(path, args.size, kind=args.kind)
     with open(path, "rb") as fh:  # in the page cache for both sides alike

@@ -242,11 +242,17 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     from benchmarks.driver_intake import model_alone
-    from benchmarks.make_synthetic_slides import make_slide
 
     source, rates = model_alone()
+    with tempfile.TemporaryDirectory(prefix="hemeflow-feed-") as work:  # the synthetic slides
+        return _measure(args, work, source, rates)
+
+
+def _measure(args: argparse.Namespace, work: str, source: str, rates: dict) -> dict:
+    """`main`'s runs over each branch's synthetic slide, made in the folder ``work``."""
+    from benchmarks.make_synthetic_slides import make_slide
+
     given = {"cells": args.cells_rate, "tiles": args.tiles_rate}
-    work = tempfile.mkdtemp(prefix="hemeflow-feed-")
     result = {"benchmark": "feed_capacity", "host": f"cpu{os.cpu_count()}",
               "cpu": cpu_topology(), "seconds": args.seconds,
               "date": dt.date.today().isoformat()}

@@ -21,9 +21,11 @@ file system such as NFS or SMB; needs fusepy and libfuse 2).
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -71,6 +73,7 @@ def main() -> None:
     from engine.tiling import plan_tiles
 
     work = tempfile.mkdtemp(prefix="hemeflow-read-")
+    atexit.register(shutil.rmtree, work, True)  # the synthetic slide (after any unmount below)
     path = os.path.join(work, "slide.tif")
     t = time.time()
     make_slide(os.path.join(work, "slide") if args.dicom else path, args.size, kind=args.kind,
@@ -79,8 +82,6 @@ def main() -> None:
         path = os.path.join(work, "slide", "level_0.dcm")
     made = time.time() - t
     if args.mount_latency_ms is not None:
-        import atexit
-
         from benchmarks.common import delayed_mount, unmount
 
         mount = work + "-mount"

@@ -2,6 +2,7 @@
 parts a GPU run depends on, run small on the CPU."""
 
 import json
+import tempfile
 
 import pytest
 
@@ -95,11 +96,15 @@ def test_feed_capacity_runs_both_branches_in_several_processes(tmp_path, monkeyp
     from benchmarks import common, feed_capacity
 
     monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     result = feed_capacity.main(["--processes", "2", "--seconds", "1", "--cells-size", "2048",
                                  "--tiles-size", "8192", "--cells-rate", "50000",
                                  "--tiles-rate", "20000", "--mpp", "0.26", "--tag", "t"])
     (path,) = tmp_path.glob("feed_capacity-*-t.json")
     assert json.loads(path.read_text()) == result
+    assert not list(scratch.glob("hemeflow-feed-*"))  # its synthetic slides are removed
     assert result["cpu"]["cpus"] >= result["cpu"]["physical_cores"] >= 1
     for branch, rate in (("cells", 50_000), ("tiles", 20_000)):
         r = result[branch]
