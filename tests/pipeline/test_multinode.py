@@ -4,11 +4,13 @@ worker nodes (either can host every actor of both branches, as an autoscaler's r
 would). process_slides runs over 30 slides as users run it on a cluster, through
 `ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml`; one worker node's
 processes (its raylet and everything under it) are SIGKILLed mid-run. The job, or a rerun on the
-surviving node, must leave every slide's rows exactly once."""
+surviving node, must leave every slide's rows exactly once. The same job submitted again is then
+stopped with `ray job stop` as it runs: it must end through its own cleanup."""
 
 import collections
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -108,17 +110,65 @@ def test_killing_a_worker_node_loses_nothing(slides, tmp_path):
             assert "already committed" in rerun.stdout
         else:
             assert "succeeded" in logs.lower(), logs[-3000:]
-        status = pl.read_parquet(f"{out}/slide_status/*.parquet")
-        assert len(status) == N_SLIDES and (status["status"] == "ok").all()
-        assert status["slide_id"].n_unique() == N_SLIDES
-        for table in ("slides", "cells", "differentials"):
-            ids = sorted(p.stem for p in (out / table).glob("*.parquet"))
-            assert ids == sorted(status["slide_id"]), table
-        cells = pl.read_parquet(f"{out}/cells/*.parquet")
-        assert cells.select("slide_id", "cell_id").is_duplicated().sum() == 0
-        # one slide's pixels under 30 names: every slide found the same cells, once
-        counts = cells.group_by("slide_id").len()["len"]
-        assert counts.n_unique() == 1 and counts[0] > 10
+        assert _committed_whole(out) == N_SLIDES
+        # the same job again, to an output of its own, stopped as it runs
+        stopped = tmp_path / "stopped"
+        args[args.index(str(out))] = str(stopped)
+        assert 0 < _stop_a_submitted_job(f"http://127.0.0.1:{dash}", env, args, stopped) \
+            <= N_SLIDES
+
+
+def _committed_whole(out) -> int:
+    """How many slides ``out`` holds, each ok and once, in every table."""
+    status = pl.read_parquet(f"{out}/slide_status/*.parquet")
+    assert (status["status"] == "ok").all()
+    assert status["slide_id"].n_unique() == len(status)
+    for table in ("slides", "cells", "differentials"):
+        ids = sorted(p.stem for p in (out / table).glob("*.parquet"))
+        assert ids == sorted(status["slide_id"]), table
+    cells = pl.read_parquet(f"{out}/cells/*.parquet")
+    assert cells.select("slide_id", "cell_id").is_duplicated().sum() == 0
+    # one slide's pixels under 30 names: every slide found the same cells, once
+    counts = cells.group_by("slide_id").len()["len"]
+    assert counts.n_unique() == 1 and counts[0] > 10
+    return len(status)
+
+
+def _stop_a_submitted_job(address: str, env: dict, args: list[str], out) -> int:
+    """``ray job stop`` end to end, on a job submitted as the README's commands submit it,
+    once it has committed a slide; returns the slides it committed. Ray's job supervisor sends
+    the job's process group SIGTERM, and SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (the runtime
+    env's 60 s; a stop that waited past Ray's own 3 s was killed with its mark still on the
+    output, `engine.watchdog.ray_job_stop_wait_s`). The job stops through its cleanup inside
+    that wait: it says so, its mark leaves the output, what it committed is whole
+    (`_committed_whole`), and Ray reads it STOPPED. Until this test, checked only by hand."""
+    def ray_job(*cmd: str) -> str:
+        done = subprocess.run([RAY, "job", *cmd], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=180)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    status = out / "slide_status"
+    said = ray_job("submit", "--address", address, "--no-wait", "--working-dir", ".",
+                   "--runtime-env", "cluster/runtime_env.yaml", "--", "python", *args)
+    (job,) = set(re.findall(r"raysubmit_\w+", said))
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(status.glob("*.parquet")):
+        time.sleep(0.05)  # until it has committed a slide
+    t = time.time()
+    state = ray_job("stop", "--address", address, job)  # waits for the job to end
+    stop_s = time.time() - t
+    logs = ray_job("logs", "--address", address, job)
+    # STOPPED, not SUCCEEDED: the run had not ended (the slides under way may commit as it
+    # stops; a run again does the rest)
+    assert f"Job '{job}' was stopped" in state, state + logs[-3000:]
+    assert "hemeflow: stopped (SIGTERM): what it committed stays" in logs, logs[-3000:]
+    assert stop_s < 60  # within the runtime env's wait: ended by the job itself, not SIGKILL
+    assert not (out / "_running").exists() or not any((out / "_running").iterdir())
+    committed = _committed_whole(out)
+    print(f"`ray job stop` after the first commit: ended in {stop_s:.1f} s, {committed} of "
+          f"{N_SLIDES} slides committed")
+    return committed
 
 
 @pytest.mark.s3
