@@ -14,6 +14,7 @@ import functools
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -365,6 +366,24 @@ def read_threads_for(uris: list[str]) -> int:
     return NETWORK_READ_THREADS if on_network_filesystem(uris) else 1
 
 
+# the seconds between Ray Data's progress logs where stdout is no terminal (Ray's default: 10)
+RAY_PROGRESS_INTERVAL_ENV = "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL"
+
+
+def quiet_ray_data_progress() -> bool:
+    """Turn Ray Data's progress off where stdout is no terminal (`ray job submit`'s logs, a
+    batch script's file), unless ``RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL`` asks for it; True
+    where turned off. There Ray logs each stream's state every 10 s, 9-11 lines a stream:
+    6,500-8,000 lines an hour of a run's two streams, where the job's own lines (a line a
+    slide, a progress line a minute) are what a lab reads. A terminal keeps Ray's bars."""
+    if sys.stdout.isatty() or RAY_PROGRESS_INTERVAL_ENV in os.environ:
+        return False
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # and its warning that they are off, which names a setting of the job's own process
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    return True
+
+
 def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverrides,
                    res: Resources, encoder: bool, allow_untrained: bool,
                    reserved=None, read_threads: int = 1, attempts=None) -> ray.data.Dataset:
@@ -683,6 +702,7 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
         check_ray_address()
         with keep_sigterm_handler():
             ray.init()  # joins the cluster under `ray job submit`, else starts a local one
+    quiet_ray_data_progress()
     resources = ray.cluster_resources()
     res = plan_resources(int(resources.get("CPU", 1)), resources.get("GPU", 0), pc, branches,
                          stages.encoder, min(len(pending), pc.slides_per_chunk or len(pending)),

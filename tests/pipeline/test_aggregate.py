@@ -807,3 +807,38 @@ def test_an_archives_summary_table_lists_what_needs_a_look_first(capsys):
                          "jobs.slide_summary --output out")
     print_summary(rows[:5], "out", most=5)  # a short run: every row, in its order
     assert len(capsys.readouterr().out.strip().splitlines()) == 6
+
+
+def test_ray_data_progress_is_off_where_stdout_is_no_terminal(monkeypatch):
+    """Under `ray job submit` or into a batch script's file, Ray Data logged each stream's
+    state every 10 s (9 lines a stream): off there, unless
+    RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL asks for it; a terminal keeps its progress bars.
+    The job's own lines under ``ray job submit``: `test_multinode`."""
+    import io
+    import logging
+    import sys
+
+    import ray.data
+
+    from engine.pipeline.run import RAY_PROGRESS_INTERVAL_ENV, quiet_ray_data_progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "enable_progress_bars", True)
+    progress_log = logging.getLogger("ray.data._internal.progress")
+    level = progress_log.level
+    monkeypatch.setenv(RAY_PROGRESS_INTERVAL_ENV, "600")
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert not quiet_ray_data_progress() and ctx.enable_progress_bars  # asked for
+    monkeypatch.delenv(RAY_PROGRESS_INTERVAL_ENV)
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    assert not quiet_ray_data_progress() and ctx.enable_progress_bars  # a terminal's bars
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    try:
+        assert quiet_ray_data_progress() and not ctx.enable_progress_bars
+        assert not progress_log.isEnabledFor(logging.WARNING)  # nor its note that they are off
+    finally:
+        progress_log.setLevel(level)

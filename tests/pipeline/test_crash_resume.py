@@ -182,6 +182,7 @@ def test_a_slide_whose_read_hangs_fails_and_the_run_ends(ray_local, tmp_path):
     assert done.returncode == 0, said[-3000:]
     assert f"hemeflow: planning {fifo} (tiles) has not ended after 3 s: ending its process" \
         in said
+    assert "Total Progress" not in said  # Ray Data's progress, off where stdout is no terminal
     status = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet").sort("uri")
     assert status["status"].to_list() == ["ok", "failed"]
     assert status["error_type"].to_list() == [None, "SlideReadTimeout"]

@@ -163,6 +163,7 @@ def _stop_a_submitted_job(address: str, env: dict, args: list[str], out) -> int:
     # stops; a run again does the rest)
     assert f"Job '{job}' was stopped" in state, state + logs[-3000:]
     assert "hemeflow: stopped (SIGTERM): what it committed stays" in logs, logs[-3000:]
+    assert "Total Progress" not in logs  # Ray Data's progress, off where stdout is a pipe
     assert stop_s < 60  # within the runtime env's wait: ended by the job itself, not SIGKILL
     assert not (out / "_running").exists() or not any((out / "_running").iterdir())
     committed = _committed_whole(out)
