@@ -358,6 +358,32 @@ def best_weights(folder: str) -> dict:
     return load_file(os.path.join(folder, "best.safetensors"))
 
 
+def refuse_epochs_without_a_batch(prepared: str, args) -> None:
+    """Raise ValueError where a fold's epoch would give a worker no full batch: the loaders
+    keep full batches only (BatchNorm, and one shape a step), so not one training step would
+    run, and the job wrote the random weights it began with as a model, its card's metrics
+    those of an untrained network (a lab's first 100 labelled cells at the default
+    --batch-size of 128)."""
+    from engine.train.cell_classifier import read_prepared
+    from engine.train.splits import BalancedSampler
+
+    data = read_prepared(prepared)
+    workers = 1 if args.local else args.workers
+    for fold, split in enumerate(data["split"]["folds"]):
+        train = data["labels"][np.asarray(split["train"], dtype=np.int64)]
+        per_worker = len(BalancedSampler(train, workers))
+        if per_worker >= args.batch_size:
+            continue
+        fits = 1 << (per_worker.bit_length() - 1) if per_worker >= 2 else 0
+        raise ValueError(
+            f"fold {fold}'s training images give {'each worker ' if workers > 1 else ''}"
+            f"{per_worker} images an epoch ({len(train)}, each class up-sampled to the "
+            f"largest's count{f', over {workers} workers' if workers > 1 else ''}), fewer than "
+            f"--batch-size {args.batch_size}: training keeps full batches only, so not one "
+            "step would run. " + (f"Give --batch-size {fits} or less, or label more cells"
+                                  if fits else "Label more cells"))
+
+
 @job_main
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -378,6 +404,7 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     try:
         codes, prepared, n_dev, n_test = prepare(args, out, labels)
+        refuse_epochs_without_a_batch(prepared, args)
     except (FileNotFoundError, ValueError) as err:  # no labels, an unknown or too rare code
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2

@@ -96,6 +96,15 @@ def test_train_job_refuses_labels_it_cannot_split_with_what_to_do(tmp_path, caps
     assert code == 2 and "1 code to train on (L2): a classifier learns to tell two" in err
     code, err = train("--exclude-codes", "L2")
     assert code == 2 and "0 codes to train on (every code is in --exclude-codes)" in err
+    # 6 lymphocytes and 6 neutrophils at the default batch of 128: not one full batch an
+    # epoch, where the job wrote its random weights as a trained model
+    write(picks[:-1])
+    code, err = train()
+    assert code == 2 and "fewer than --batch-size 128: training keeps full batches" in err, err
+    assert "Give --batch-size 8 or less" in err
+    assert not (tmp_path / "o" / "runs").exists()  # refused before training
+    code, err = train("--batch-size", "8")
+    assert code == 0, err
 
 
 def test_hed_jitter_is_identity_at_zero_and_changes_colour():
@@ -152,6 +161,23 @@ def _random_checkpoint(path, codes, seed: int):
             "class_codes": list(codes)}
     write_checkpoint(model.module.state_dict(), card, str(path))
     return model, card
+
+
+@needs_pbc
+@pytest.mark.parametrize("augment", ["cpu", "device"])
+def test_a_fold_without_a_full_batch_is_refused_not_left_untrained(tmp_path, augment):
+    """Full batches only: an epoch smaller than a batch would train nothing, and the fold's
+    checkpoint would hold its random weights."""
+    from engine.train.cell_classifier import train_fold
+
+    codes, prepared = _prepare(tmp_path)
+    settings = TrainSettings(epochs=1, batch_size=512, num_workers=0, augment=augment)
+    config = {"arch": "deepheme-tiny", "class_codes": codes, "data": prepared, "fold": 0,
+              "settings": settings.__dict__}
+    session = LocalSession(str(tmp_path / "run"), torch.device("cpu"), log=lambda s: None)
+    with pytest.raises(ValueError, match="holds no full batch of 512"):
+        train_fold(config, session)
+    assert session.restore_dir() is None  # no checkpoint
 
 
 @needs_pbc
