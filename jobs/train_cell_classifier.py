@@ -56,6 +56,9 @@ from jobs.common import (add_storage_args, count_arg, job_main, local_data, mpp_
                          resolve_source_mpp, storage_from_args)
 
 
+DEFAULT_BATCH = 128  # --batch-size where the data holds enough
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.train_cell_classifier", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,7 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--arch", default="deepheme-resnext50", choices=list_models())
     p.add_argument("--folds", type=count_arg(), default=1)
     p.add_argument("--epochs", type=count_arg(), default=40)
-    p.add_argument("--batch-size", type=count_arg(), default=128)
+    p.add_argument("--batch-size", type=count_arg(),
+                   help=f"images a step (default {DEFAULT_BATCH}, or the largest power of two "
+                        "a fold's epoch holds where it holds fewer)")
     p.add_argument("--lr", type=positive_arg, default=1e-3)
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--label-smoothing", type=float, default=0.1)
@@ -358,30 +363,39 @@ def best_weights(folder: str) -> dict:
     return load_file(os.path.join(folder, "best.safetensors"))
 
 
-def refuse_epochs_without_a_batch(prepared: str, args) -> None:
-    """Raise ValueError where a fold's epoch would give a worker no full batch: the loaders
-    keep full batches only (BatchNorm, and one shape a step), so not one training step would
-    run, and the job wrote the random weights it began with as a model, its card's metrics
-    those of an untrained network (a lab's first 100 labelled cells at the default
-    --batch-size of 128)."""
+def fit_batch_size(prepared: str, args, log=print) -> None:
+    """Set ``args.batch_size`` where it was not given: `DEFAULT_BATCH`, or the largest power
+    of two an epoch of every fold holds where one holds fewer (a lab's first labelled cells),
+    saying so. Raise ValueError where the given size (or 2) leaves a fold's epoch without a
+    full batch: the loaders keep full batches only (BatchNorm, and one shape a step), so not
+    one training step would run. Until release 0.8.13 such a job wrote the weights it began
+    with as its model, its card's metrics those of an untrained network (the default
+    smear's 59 exported cells at a batch of 128)."""
     from engine.train.cell_classifier import read_prepared
     from engine.train.splits import BalancedSampler
 
     data = read_prepared(prepared)
     workers = 1 if args.local else args.workers
-    for fold, split in enumerate(data["split"]["folds"]):
-        train = data["labels"][np.asarray(split["train"], dtype=np.int64)]
-        per_worker = len(BalancedSampler(train, workers))
-        if per_worker >= args.batch_size:
-            continue
-        fits = 1 << (per_worker.bit_length() - 1) if per_worker >= 2 else 0
-        raise ValueError(
-            f"fold {fold}'s training images give {'each worker ' if workers > 1 else ''}"
-            f"{per_worker} images an epoch ({len(train)}, each class up-sampled to the "
-            f"largest's count{f', over {workers} workers' if workers > 1 else ''}), fewer than "
-            f"--batch-size {args.batch_size}: training keeps full batches only, so not one "
-            "step would run. " + (f"Give --batch-size {fits} or less, or label more cells"
-                                  if fits else "Label more cells"))
+    epochs = [(len(BalancedSampler(data["labels"][np.asarray(split["train"], np.int64)],
+                                   workers)), fold, len(split["train"]))
+              for fold, split in enumerate(data["split"]["folds"])]
+    per_worker, fold, n = min(epochs)
+    fits = 1 << (per_worker.bit_length() - 1) if per_worker >= 2 else 0
+    wanted = args.batch_size or DEFAULT_BATCH
+    if per_worker >= wanted:
+        args.batch_size = wanted
+        return
+    said = (f"fold {fold}'s training images give {'each worker ' if workers > 1 else ''}"
+            f"{per_worker} images an epoch ({n}, each class up-sampled to the largest's count"
+            f"{f', over {workers} workers' if workers > 1 else ''}), fewer than ")
+    if args.batch_size is None and fits:
+        args.batch_size = fits
+        log(f"--batch-size {fits}: {said}the default {DEFAULT_BATCH} (training keeps full "
+            "batches only)")
+        return
+    raise ValueError(f"{said}--batch-size {wanted}: training keeps full batches only, so not "
+                     "one step would run. " + (f"Give --batch-size {fits} or less, or label "
+                                               "more cells" if fits else "Label more cells"))
 
 
 @job_main
@@ -404,7 +418,7 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     try:
         codes, prepared, n_dev, n_test = prepare(args, out, labels)
-        refuse_epochs_without_a_batch(prepared, args)
+        fit_batch_size(prepared, args, log=lambda line: print(line, file=sys.stderr))
     except (FileNotFoundError, ValueError) as err:  # no labels, an unknown or too rare code
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2

@@ -247,7 +247,7 @@ def train_fold(config: dict, session: Session) -> None:
         raise ValueError(f"augment must be 'cpu' or 'device', not {settings.augment!r}")
     if len(train_loader) == 0:  # full batches only: its epochs would train nothing
         raise ValueError(f"an epoch of {len(sampler)} images holds no full batch of "
-                         f"{settings.batch_size} (jobs.train_cell_classifier says what to give)")
+                         f"{settings.batch_size} (jobs.train_cell_classifier fits it to the data)")
 
     started = time.time()
     for epoch in range(start, settings.epochs):
