@@ -64,7 +64,8 @@ def main(argv=None) -> int:
 
     from engine.models import create_model
     from engine.models.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
-    from engine.train.calibration import calibrate, classifier_bias_key, fit_temperature_on
+    from engine.train.calibration import (calibrate, classifier_bias_key, fit_temperature_on,
+                                          too_few_for_temperature)
     from engine.train.data import load_cell_images
 
     storage = storage_from_args(args)
@@ -89,6 +90,9 @@ def main(argv=None) -> int:
     card = dict(card)
     card.pop("metrics", None)  # earlier test metrics describe the model before this fit
     if args.temperature:
+        if why := too_few_for_temperature(len(y)):
+            print(f"hemeflow: warning: {why}: give more validation images (--data), or keep "
+                  "the checkpoint as it is", file=sys.stderr, flush=True)
         card["temperature"] = {
             "method": "softmax temperature fitted by likelihood on the validation split"
                       + ("" if args.no_tta else " (8-view TTA)") + "; the final layer is "

@@ -320,11 +320,14 @@ def fit_fold_density(model: LoadedModel, prepared: str, args):
 def fit_fold_temperature(model: LoadedModel, prepared: str, fold: int) -> dict:
     """The card's ``temperature`` section: the softmax temperature fitted by likelihood on the
     fold's validation crops (centre crops, 8-view TTA, the fold's weights as trained;
-    `engine.train.calibration.fit_temperature_on`), which loading the checkpoint applies."""
-    from engine.train.calibration import fit_temperature_on
+    `engine.train.calibration.fit_temperature_on`), which loading the checkpoint applies; on
+    too few (`engine.train.calibration.too_few_for_temperature`), why there is none."""
+    from engine.train.calibration import fit_temperature_on, too_few_for_temperature
     from engine.train.cell_classifier import load_prepared
 
     images, labels, _, val_idx = load_prepared(prepared, fold)
+    if why := too_few_for_temperature(len(val_idx)):  # probabilities as trained: temperature 1
+        return {"n_val": int(len(val_idx)), "skipped": why}
     val, c = np.sort(val_idx), model.spec.input_px
     top, left = (images.shape[1] - c) // 2, (images.shape[2] - c) // 2
     crops = np.ascontiguousarray(images[val, top:top + c, left:left + c])  # read as cropped
@@ -487,6 +490,9 @@ def main(argv=None) -> int:
             state.update(density.state_dict() if density is not None else {})
         if not args.no_temperature:
             card["temperature"] = fit_fold_temperature(model, prepared, fold)
+            if "skipped" in card["temperature"]:
+                print(f"fold {fold}: no softmax temperature: {card['temperature']['skipped']}",
+                      file=sys.stderr, flush=True)
         card["stain"] = training_stain(prepared, spec, codes)
         write_checkpoint(state, card, os.path.join(out, f"fold-{fold}", "model.safetensors"),
                          dtype=torch.float16)

@@ -102,7 +102,7 @@ def test_temperature_undoes_an_overconfident_softmax_and_moves_no_call():
 
 
 @pytest.mark.skipif(not (PBC / "labels.csv").exists(), reason="PBC data not present")
-def test_job_fits_a_temperature_that_loading_applies(tmp_path):
+def test_job_fits_a_temperature_that_loading_applies(tmp_path, capsys):
     from engine.models import CheckpointError, create_model
     from engine.models.checkpoint import read_checkpoint, write_checkpoint
     from jobs import calibrate_cell_classifier as job
@@ -123,6 +123,9 @@ def test_job_fits_a_temperature_that_loading_applies(tmp_path):
     write_checkpoint(model.module.state_dict(), card, str(ckpt))
     assert job.main(["--checkpoint", str(ckpt), "--data", str(data), "--output", str(out),
                      "--test-fraction", "0.2", "--no-tta", "--temperature"]) == 0
+    # fitted as asked, on too few images to mean much, and it says so
+    assert "validation images, fewer than the 100 a temperature is fitted on" in \
+        capsys.readouterr().err
     old, _ = read_checkpoint(str(ckpt))
     new, card = read_checkpoint(str(out))
     assert all(torch.equal(new[k], old[k]) for k in old) and set(new) == set(old)

@@ -109,6 +109,13 @@ def test_train_job_refuses_labels_it_cannot_split_with_what_to_do(tmp_path, caps
     assert "fewer than the default 128" in err
     card = json.loads((tmp_path / "o" / "model.json").read_text())
     assert card["training"]["settings"]["batch_size"] == 8
+    # nor is a softmax temperature fitted on its 2 validation images: mostly noise
+    assert "fold 0: no softmax temperature: 2 validation images, fewer than the 100" in err
+    assert card["temperature"] == {"n_val": 2, "skipped": card["temperature"]["skipped"]}
+    from engine.models import create_model
+
+    assert create_model("deepheme-tiny", str(tmp_path / "o" / "model.safetensors")
+                        ).temperature == 1.0
 
 
 def test_hed_jitter_is_identity_at_zero_and_changes_colour():
@@ -268,8 +275,13 @@ def test_adamw_with_mixup_trains(tmp_path):
 
 
 @needs_pbc
-def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys):
+def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys, monkeypatch):
+    from engine.train import calibration
     from jobs import evaluate_cell_classifier, train_cell_classifier
+
+    # a temperature is fitted on this fold's few validation images (too few for a real one:
+    # `test_train_job_refuses_labels_it_cannot_split_with_what_to_do`)
+    monkeypatch.setattr(calibration, "MIN_TEMPERATURE_IMAGES", 1)
 
     out = tmp_path / "out"
     assert train_cell_classifier.main(
