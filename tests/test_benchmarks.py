@@ -150,3 +150,23 @@ def test_feed_capacity_reads_a_slide_as_the_jobs_batches(tmp_path):
     kind = out["kind"].to_numpy()  # a pyarrow block, as the job's DetectCells gives
     assert items_of("cells", out) == int((kind == "nucleated").sum()
                                          + (kind == "platelet").sum()) > 0
+
+
+def test_temperature_spread_fits_draws_of_each_size(tmp_path, monkeypatch):
+    """`benchmarks/temperature_spread.py`, small: the reference's logits on 40 held-out PBC
+    images, 5 draws of 8 and 16 of them (64, more than there are, is left out)."""
+    from benchmarks import common, temperature_spread
+
+    if not (SHARED_DATA / "pbc" / "labels.csv").exists():
+        pytest.skip("PBC data not present")
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    result = temperature_spread.main(["--data", str(SHARED_DATA / "pbc"), "--max-images", "40",
+                                      "--sizes", "8", "16", "64", "--draws", "5", "--tag", "t"])
+    (path,) = tmp_path.glob("temperature_spread-*-t.json")
+    assert json.loads(path.read_text()) == result
+    assert result["images"] == 40 and sorted(result["by_images"]) == ["16", "8"]
+    assert 0.05 <= result["temperature_all"] <= 20
+    for n in ("8", "16"):
+        low, high = result["by_images"][n]["ci95"]
+        assert 0.05 <= low <= result["by_images"][n]["median"] <= high <= 20
+        assert 0 <= result["by_images"][n]["at_lower_bound"] <= 1

@@ -25,8 +25,9 @@ from engine.train.metrics import classification_metrics
 
 GRID = np.round(np.arange(-1.0, 1.0001, 0.1), 2)
 # the fewest validation images a temperature is fitted on: on fewer the fit is mostly noise. The
-# reference's 1,337 PBC test images give 0.67; of 200 draws of 8 of them, 39 % hit the 0.05
-# bound (every probability then near 1), of 32, 15 %; of 100, none (95 % of them 0.42-0.77)
+# reference's 1,337 PBC test images give 0.67; of 200 draws of 8 of them, 37 % hit the 0.05
+# bound (every probability then near 1), of 32, 15 %; of 100, none (95 % of them 0.42-0.77):
+# benchmarks/temperature_spread.py
 MIN_TEMPERATURE_IMAGES = 100
 
 
@@ -35,8 +36,8 @@ def too_few_for_temperature(n: int) -> str | None:
     if n >= MIN_TEMPERATURE_IMAGES:
         return None
     return (f"{n} validation images, fewer than the {MIN_TEMPERATURE_IMAGES} a temperature is "
-            "fitted on (on 8 of PBC's the fit hit its 0.05 bound 2 times in 5, every "
-            "probability then near 1)")
+            "fitted on (on 8 of PBC's the fit hit its 0.05 bound more than 1 time in 3, "
+            "every probability then near 1)")
 
 
 def collect_view_logits(model: LoadedModel, images: np.ndarray, tta: bool = True,
