@@ -24,6 +24,7 @@ from engine.models.inference import Predictor
 from engine.train.metrics import classification_metrics
 
 GRID = np.round(np.arange(-1.0, 1.0001, 0.1), 2)
+TEMPERATURE_BOUNDS = (0.05, 20.0)  # where `fit_temperature` looks
 # the fewest validation images a temperature is fitted on: on fewer the fit is mostly noise. The
 # reference's 1,337 PBC test images give 0.67; of 200 draws of 8 of them, 37 % hit the 0.05
 # bound (every probability then near 1), of 32, 15 %; of 100, none (95 % of them 0.42-0.77):
@@ -89,7 +90,7 @@ def fit_offsets(view_logits: np.ndarray, y: np.ndarray, rounds: int = 3,
 
 
 def fit_temperature(view_logits: np.ndarray, y: np.ndarray,
-                    bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+                    bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """The softmax temperature ``T`` that minimises the negative log-likelihood of ``y`` under
     the mean over views of softmax(logits / T), as ``Predictor.predict`` averages views
     (Guo et al. 2017). Dividing logits by a positive ``T`` changes no view's call; it makes the
