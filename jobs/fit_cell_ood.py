@@ -10,10 +10,13 @@ The training split is rebuilt exactly as ``jobs.train_cell_classifier`` made it 
 fraction and excluded codes). Class centres and the within-class covariance are fitted on
 ``--fit-images`` of its images; the threshold is the ``--quantile`` of the distances of
 ``--held-out-images`` other training-split images, so about 1 % of in-distribution cells are
-flagged by construction. The test split then says how many of its cells are flagged. The output
-is the same weights (same dtype) plus the density under ``ood.`` keys, and the card with an
-``ood`` section; prints that section as JSON. Quantize after this step: the int8 checkpoint
-carries the density.
+flagged by construction. With ``--held-out-images 0`` the fitting images set it themselves, each
+by its distance under a density fitted without its fold (5-fold cross-fitting), as
+``train_cell_classifier`` fits its checkpoints' densities: the choice for a few hundred labelled
+cells, where a held-out share is too few to put a 99th percentile on. The test split then says
+how many of its cells are flagged. The output is the same weights (same dtype) plus the density
+under ``ood.`` keys, and the card with an ``ood`` section; prints that section as JSON. Quantize
+after this step: the int8 checkpoint carries the density.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from jobs.common import fail, float_classifier_split, job_main, refit_parser, st
 def parse_args(argv=None) -> argparse.Namespace:
     p = refit_parser("jobs.fit_cell_ood", __doc__, "the checkpoint to write (.safetensors)")
     p.add_argument("--fit-images", type=int, default=3000)
-    p.add_argument("--held-out-images", type=int, default=1000)
+    p.add_argument("--held-out-images", type=int, default=1000,
+                   help="0: the fitting images set the threshold, cross-fitted")
     p.add_argument("--dims", type=int, default=128, help="principal components kept")
     p.add_argument("--quantile", type=float, default=0.99,
                    help="of held-out in-distribution distances: the threshold")
@@ -50,6 +54,8 @@ def main(argv=None) -> int:
 
     if not 0.5 <= args.quantile < 1:
         return fail(f"--quantile must be in [0.5, 1), got {args.quantile}")
+    if args.held_out_images < 0:
+        return fail(f"--held-out-images must be 0 or more, got {args.held_out_images}")
     try:
         state, card, model, trainable, dev_idx, test_rows = float_classifier_split(args)
     except (CheckpointError, FileNotFoundError, KeyError, ValueError) as err:
@@ -68,7 +74,8 @@ def main(argv=None) -> int:
             held_out_images=args.held_out_images, dims=args.dims, quantile=args.quantile,
             seed=args.seed, batch_size=args.batch_size)
     except ValueError as err:
-        return fail(f"{err}: change --fit-images")
+        return fail(f"{err}: change --fit-images, or give --held-out-images 0"
+                    if args.held_out_images else str(err))
     test_paths = [p for p, c in test_rows if c in codes]
     flagged = None
     if test_paths:

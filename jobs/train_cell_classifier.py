@@ -299,20 +299,21 @@ def prepare(args, out: str, data=None):
     return codes, prepared, len(dev_idx), len(test_rows)
 
 
-def fit_fold_density(model: LoadedModel, prepared: str, args):
+def fit_fold_density(model: LoadedModel, prepared: str, args, fold: int):
     """The fold model's feature density (`engine.models.ood`) from the prepared training-split
-    crops: 3/4 of them (at most 3,000) fit it, the rest (at most 1,000) set its threshold at
-    the 99th percentile. Returns ``(density or None, the card's ood section)``."""
+    crops (at most 4,000): fitted on all of them, its threshold at the 99th percentile of their
+    cross-fitted distances (`engine.models.ood.cross_fitted`); none on fewer than
+    `engine.models.ood.MIN_DENSITY_IMAGES`. Returns ``(density or None, the card's ood
+    section)``."""
     from engine.models.ood import fit_on_crops
 
     images = np.load(os.path.join(prepared, "images.npy"), mmap_mode="r")
     labels = np.load(os.path.join(prepared, "labels.npy"))
-    n_fit = min(3000, len(images) * 3 // 4)
     try:
-        density, fitted = fit_on_crops(model, images, labels, fit_images=n_fit,
-                                       held_out_images=1000, seed=args.seed)
+        density, fitted = fit_on_crops(model, images, labels, fit_images=4000,
+                                       held_out_images=0, seed=args.seed)
     except ValueError as err:
-        print(f"no feature density for this checkpoint: {err}", flush=True)
+        print(f"fold {fold}: no feature density: {err}", file=sys.stderr, flush=True)
         return None, {"skipped": str(err)}
     return density, {**fitted, "rows": "training split (this run's prepared images)"}
 
@@ -486,7 +487,7 @@ def main(argv=None) -> int:
                          use_gpu)
         state = dict(module.state_dict())
         if not args.no_ood:
-            density, card["ood"] = fit_fold_density(model, prepared, args)
+            density, card["ood"] = fit_fold_density(model, prepared, args, fold)
             state.update(density.state_dict() if density is not None else {})
         if not args.no_temperature:
             card["temperature"] = fit_fold_temperature(model, prepared, fold)

@@ -170,3 +170,30 @@ def test_temperature_spread_fits_draws_of_each_size(tmp_path, monkeypatch):
         low, high = result["by_images"][n]["ci95"]
         assert 0.05 <= low <= result["by_images"][n]["median"] <= high <= 20
         assert 0 <= result["by_images"][n]["at_lower_bound"] <= 1
+
+
+def test_ood_spread_fits_both_thresholds_on_draws_of_each_size(tmp_path, monkeypatch):
+    """`benchmarks/ood_spread.py`, small: the reference's features of 120 training-split, 40
+    held-out and 40 BCCD images, 3 draws of 60 and 100 (200, more than there are, is left
+    out), each given a held-out-quarter and a cross-fitted threshold."""
+    from benchmarks import common, ood_spread
+
+    if not (SHARED_DATA / "pbc" / "labels.csv").exists() or not (
+            SHARED_DATA / "bccd" / "Annotations").exists():
+        pytest.skip("PBC or BCCD data not present")
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    result = ood_spread.main(["--pool", "120", "--max-images", "40", "--sizes", "60", "100",
+                              "200", "--draws", "3", "--tag", "t"])
+    (path,) = tmp_path.glob("ood_spread-*-t.json")
+    assert json.loads(path.read_text()) == result
+    assert (result["pool_images"], result["held_out_split"], result["bccd_white_cells"]) == (
+        120, 40, 40)
+    assert sorted(result["by_images"]) == ["100", "60"]
+    for by_method in result["by_images"].values():
+        for r in by_method.values():
+            assert r["fitted"] + r["failed"] == 3
+            for key in ("held_out_split_flagged", "bccd_flagged", "auroc"):
+                if r["fitted"]:
+                    low, high = r[key]["range90"]
+                    assert 0 <= low <= r[key]["median"] <= high <= 1
+    assert by_method["cross_fitted"]["fitted"] == 3  # at 100, every class in each fold's fit

@@ -49,3 +49,27 @@ def build_bccd_smear(bccd_dir: str, out_path: str, n_fields: int = 24, cols: int
         w.writerow(["x0", "y0", "x1", "y1", "field"])
         w.writerows(boxes)
     return csv_path
+
+
+def bccd_white_cells(bccd_dir: str, mpp: float = BCCD_MPP, out_mpp: float = 0.25,
+                     px: int = 96, limit: int | None = None) -> np.ndarray:
+    """BCCD's annotated white cells cropped as the pipeline crops cells: ``(N, px, px, 3)
+    uint8``, ``px`` square at ``out_mpp`` around each box's centre (white beyond the field),
+    from fields at ``mpp``; fields in name order, up to the one that reaches ``limit`` cells."""
+    crops = []
+    for xml in sorted(n for n in os.listdir(os.path.join(bccd_dir, "Annotations"))
+                      if n.endswith(".xml")):
+        stem, image = os.path.splitext(xml)[0], None
+        for x0, y0, x1, y1 in read_voc_boxes(os.path.join(bccd_dir, "Annotations", xml)):
+            if image is None:
+                image = Image.open(os.path.join(bccd_dir, "JPEGImages", stem + ".jpg"))
+                image = image.convert("RGB")
+            half = px / 2 * out_mpp / mpp
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            crop = Image.new("RGB", (round(2 * half),) * 2, (255, 255, 255))
+            crop.paste(image.crop((round(cx - half), round(cy - half), round(cx + half),
+                                   round(cy + half))))
+            crops.append(np.asarray(crop.resize((px, px), Image.Resampling.BILINEAR)))
+        if limit is not None and len(crops) >= limit:
+            break
+    return np.stack(crops)

@@ -112,10 +112,13 @@ def test_train_job_refuses_labels_it_cannot_split_with_what_to_do(tmp_path, caps
     # nor is a softmax temperature fitted on its 2 validation images: mostly noise
     assert "fold 0: no softmax temperature: 2 validation images, fewer than the 100" in err
     assert card["temperature"] == {"n_val": 2, "skipped": card["temperature"]["skipped"]}
+    # nor a feature density on its 10 training images: another lab's cells would pass it
+    assert "fold 0: no feature density: 10 images, fewer than the 50" in err
+    assert card["ood"] == {"skipped": card["ood"]["skipped"]}
     from engine.models import create_model
 
-    assert create_model("deepheme-tiny", str(tmp_path / "o" / "model.safetensors")
-                        ).temperature == 1.0
+    small = create_model("deepheme-tiny", str(tmp_path / "o" / "model.safetensors"))
+    assert small.temperature == 1.0 and small.ood is None
 
 
 def test_hed_jitter_is_identity_at_zero_and_changes_colour():
@@ -317,8 +320,10 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys, monkeypatch):
     assert card["training"]["settings"]["epochs"] == 2
     assert card["training"]["settings"]["colour"] == "strong"
     # every checkpoint the job writes carries its feature density (engine.models.ood)
-    assert card["ood"]["fit_images"] + card["ood"]["held_out_images"] == card["training"][
-        "n_dev_images"]
+    # fitted on every training image, each image's cross-fitted distance setting its threshold
+    assert card["ood"]["fit_images"] == card["training"]["n_dev_images"] >= 50
+    assert card["ood"]["held_out_images"] == 0 and "cross-fitting" in card["ood"][
+        "threshold_from"]
     from engine.models import create_model
 
     loaded = create_model("deepheme-tiny", str(out / "model.safetensors"))
