@@ -13,7 +13,8 @@ records macro F1, accuracy and crops/s of each. Prints that JSON.
 Where the float checkpoint carries a feature density (``jobs.fit_cell_ood``), the int8 model's
 features sit a little off the float model's, so its distance threshold is carried over: the
 float threshold times the median ratio of int8 to float distances among the farthest tenth of
-``--ood-images`` training-split images (none of them used for calibration). Use the output as
+``--ood-images`` training-split images (none of them used for calibration: on a small split, a
+lab's first labels, half of it is kept for them). Use the output as
 ``pipeline.classifier.checkpoint`` on CPU nodes: its model actors then take no GPU.
 """
 
@@ -91,7 +92,11 @@ def main(argv=None) -> int:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2
     rng = np.random.default_rng(args.seed)
-    picked = rng.choice(dev_idx, min(args.calibration_images, len(dev_idx)), replace=False)
+    # a density's threshold is carried over on images the calibration did not see: on a small
+    # training split (a lab's first labels) half of it is kept for them
+    kept = max(0, min(args.ood_images, len(dev_idx) // 2)) if model.ood is not None else 0
+    picked = rng.choice(dev_idx, min(args.calibration_images, len(dev_idx) - kept),
+                        replace=False)
     spec = model.spec
     images = load_cell_images([trainable.paths[i] for i in sorted(picked)], args.source_mpp,
                               spec.input_mpp, spec.input_px)
@@ -110,7 +115,7 @@ def main(argv=None) -> int:
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     tensors = {**state, **observer_state(prepared)}  # the histogram search, once
     write_checkpoint(tensors, card, args.output, storage)
-    if model.ood is not None and args.ood_images > 0:
+    if kept:
         from engine.models.ood import PREFIX, match_threshold
 
         pool = np.setdiff1d(dev_idx, picked)

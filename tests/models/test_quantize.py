@@ -142,6 +142,12 @@ def test_job_sets_the_int8_distance_threshold_on_its_own_features(tmp_path, caps
     assert card8["ood"]["threshold"] == matched["int8"]
     for side in ("float", "int8"):
         assert 0 <= report["evaluation"][side]["ood_flagged_fraction"] <= 1
+    # with the default 512 calibration images, more than the training split holds (a lab's
+    # first labels): half of it is kept for the threshold, where none was left (a traceback)
+    assert quantize_cell_classifier.main(["--checkpoint", path, "--data", str(tmp_path / "d"),
+                                          "--output", out, "--no-eval"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["calibration"]["images"] == 51 - 25 and report["ood_threshold"]["images"] == 25
 
 
 @needs_pbc
