@@ -25,7 +25,7 @@ import sys
 
 import numpy as np
 
-from jobs.common import job_main, local_data, refit_parser, resolve_source_mpp, storage_from_args
+from jobs.common import data_mpp, job_main, local_data, refit_parser, storage_from_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         state, card = read_checkpoint(args.checkpoint, storage)
         model = create_model(card["name"], args.checkpoint, storage=storage, calibrated=False)
         paths, y, codes, test_paths = validation_rows(args)
-        args.source_mpp = resolve_source_mpp(args.source_mpp, paths)
+        args.source_mpp = data_mpp(args.source_mpp, args.data, paths)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2

@@ -572,8 +572,9 @@ def local_data(args: argparse.Namespace) -> None:
 def add_split_args(parser: argparse.ArgumentParser) -> None:
     """The flags that rebuild ``jobs.train_cell_classifier``'s split of a checkpoint's training
     data (jobs that fit on its training rows and must never touch its test rows)."""
-    parser.add_argument("--source-mpp", type=mpp_arg, default=0.1,
-                        help="µm/px of the images, or auto: measured on their red cells")
+    parser.add_argument("--source-mpp", type=mpp_arg,
+                        help="µm/px of the images, or auto: measured on their red cells "
+                             "(default: a pack's own, from its pack.json; else 0.1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-fraction", type=float, default=0.15)
     parser.add_argument("--exclude-codes", default="IG,NEU")
@@ -645,6 +646,41 @@ def measure_pixel_size(paths, sample: int = 300, seed: int = 0, rbc_diameter_um:
         if unreadable:
             print(f"pixel size: skipped {len(unreadable)} unreadable images, first: "
                   f"{unreadable[0]}", file=sys.stderr)
+
+
+def read_pack(data: str) -> dict | None:
+    """``pack.json`` of a folder written by `jobs.pack_cell_images`, or None."""
+    path = os.path.join(data, "pack.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def pack_or_given_mpp(given: float | str | None, data: str) -> float | str:
+    """The images' µm/px: a pack's own (``given`` must be None or the same), else ``given``
+    (0.1 when None, about PBC / CellaVision's; ``auto`` is measured later). A pack is a folder
+    `jobs.pack_cell_images` or `jobs.export_cells` wrote, or the test split
+    `jobs.train_cell_classifier` wrote (its ``pack.json`` names the images' µm/px)."""
+    pack = read_pack(data)
+    if pack is None:
+        return 0.1 if given is None else given
+    if given not in (None, pack["mpp"]):
+        raise ValueError(f"{data} is a pack at {pack['mpp']} µm/px (pack.json): leave "
+                         f"--source-mpp out")
+    return pack["mpp"]
+
+
+def data_mpp(given: float | str | None, data: str, paths,
+             storage: StorageConfig | None = None) -> float:
+    """The µm/px of the labelled images ``paths`` in the local folder ``data``: a pack's own,
+    else ``given`` (0.1 when None), measured on them for ``auto`` (`pack_or_given_mpp`,
+    `resolve_source_mpp`).
+
+    Raises:
+        ValueError: ``given`` is not the pack's, or too few red cells to measure.
+    """
+    return resolve_source_mpp(pack_or_given_mpp(given, data), paths, storage)
 
 
 def resolve_source_mpp(value: float | str, paths, storage: StorageConfig | None = None
@@ -831,7 +867,7 @@ def float_classifier_split(args):
         raise ValueError(f"{card['name']} is not a cell classifier")
     local_data(args)
     data = read_labels(args.data)
-    args.source_mpp = resolve_source_mpp(args.source_mpp, data.paths)
+    args.source_mpp = data_mpp(args.source_mpp, args.data, data.paths)
     excluded = {c.strip() for c in args.exclude_codes.split(",") if c.strip()}
     trainable, _, _, _, dev_idx, test_rows = split_for_training(
         data, excluded, args.test_fraction, args.seed)

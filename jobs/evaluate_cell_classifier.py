@@ -40,8 +40,8 @@ from engine.models.checkpoint import CheckpointError
 from engine.train.data import Shift, read_labels
 from engine.train.evaluation import check_comparable, evaluate_classifier
 from engine.train.metrics import BOOTSTRAP_RESAMPLES
-from jobs.common import (add_storage_args, count_arg, job_main, local_data, mpp_arg, number_arg,
-                         resolve_source_mpp, storage_from_args)
+from jobs.common import (add_storage_args, count_arg, data_mpp, job_main, local_data, mpp_arg,
+                         number_arg, storage_from_args)
 
 
 # argparse types of the shifts (`engine.train.data.Shift`): their plausible ranges
@@ -64,8 +64,10 @@ def parse_args(argv=None):
                    help="safetensors checkpoint (repeat for an ensemble: probabilities averaged)")
     p.add_argument("--data", required=True,
                    help="folder or s3:// prefix with labels.csv (path,code)")
-    p.add_argument("--source-mpp", type=mpp_arg, default=0.1,
-                   help="µm/px of the images, or auto: measured on their red cells")
+    p.add_argument("--source-mpp", type=mpp_arg,
+                   help="µm/px of the images, or auto: measured on their red cells (default: a "
+                        "pack's own, from its pack.json, as a train job's test split has; else "
+                        "0.1)")
     p.add_argument("--plots", default="hemeflow-eval", help="folder for confusion.png, umap.png")
     p.add_argument("--no-tta", action="store_true", help="no test-time rotations/flips")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP figure")
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
             check_comparable(models[0], baseline[0])
         local_data(args)
         data = read_labels(args.data)
-        args.source_mpp = resolve_source_mpp(args.source_mpp, data.paths)
+        args.source_mpp = data_mpp(args.source_mpp, args.data, data.paths)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2

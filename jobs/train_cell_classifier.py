@@ -52,8 +52,9 @@ from engine.train.data import fetch_labelled, read_labels, source_of
 from engine.train.evaluation import evaluate_classifier, ordered_codes
 from engine.train.loop import COMPILE_MODES, LocalSession, TrainSettings, settings_dict
 from engine.train.splits import holdout_split, kfold_splits
-from jobs.common import (add_storage_args, count_arg, job_main, local_data, mpp_arg, positive_arg,
-                         resolve_source_mpp, storage_from_args)
+from jobs.common import (add_storage_args, count_arg, job_main, local_data, mpp_arg,
+                         pack_or_given_mpp, positive_arg, read_pack, resolve_source_mpp,
+                         storage_from_args)
 
 
 DEFAULT_BATCH = 128  # --batch-size where the data holds enough
@@ -145,27 +146,6 @@ def parse_args(argv=None):
     return args
 
 
-def read_pack(data: str) -> dict | None:
-    """``pack.json`` of a folder written by `jobs.pack_cell_images`, or None."""
-    path = os.path.join(data, "pack.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as fh:
-        return json.load(fh)
-
-
-def pack_or_given_mpp(given: float | str | None, data: str) -> float | str:
-    """The images' µm/px: a pack's own (``given`` must be None or the same), else ``given``
-    (0.1 when None, about PBC / CellaVision's; ``auto`` is measured later)."""
-    pack = read_pack(data)
-    if pack is None:
-        return 0.1 if given is None else given
-    if given not in (None, pack["mpp"]):
-        raise ValueError(f"{data} is a pack at {pack['mpp']} µm/px (pack.json): leave "
-                         f"--source-mpp out")
-    return pack["mpp"]
-
-
 def work_folder(args) -> str:
     """Where the job writes: the output itself, or a local folder for an ``s3://`` output."""
     if not is_remote(args.output):
@@ -186,7 +166,7 @@ def publish(work: str, output: str, storage, fold: str | None = None) -> list[st
     else:
         paths = glob.glob(os.path.join(glob.escape(work), "fold-*", "*")) + [
             os.path.join(work, n) for n in ("model.safetensors", "model.json", "evaluation.json",
-                                            "test/labels.csv")]
+                                            "test/labels.csv", "test/pack.json")]
     names = [os.path.relpath(p, work) for p in paths if os.path.isfile(p)]
     if not fold:
         names.sort()
@@ -262,6 +242,10 @@ def prepare(args, out: str, data=None):
         w = csv.writer(fh)
         w.writerow(["path", "code"])
         w.writerows((source_of(p), c) for p, c in test_rows)  # a mirrored image: its URI
+    with open(os.path.join(out, "test", "pack.json"), "w") as fh:  # so jobs scoring it take
+        json.dump({"mpp": args.source_mpp,  # the images as trained
+                   "rows": "the test split of jobs.train_cell_classifier (labels.csv): images "
+                           "read where it names them, at this µm/px"}, fh, indent=2)
     dev = trainable.subset(dev_idx)
     spec = get_spec(args.arch)
     margin_px = int(round(spec.input_px * 1.5))  # room for rotation before the centre crop

@@ -83,8 +83,9 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
     ``shift`` (`engine.train.data.Shift`: blur, hue and saturation changed at the images' own
     pixels, as another scanner or stain would; none: as they are), which ``shift`` reports.
     ``bootstrap``: resamples for the 95 % intervals (``ci95``; 0: none). ``baseline``: another
-    model (or ensemble) of the same classes scored on the same images; ``comparison`` holds its
-    figures and the paired differences (`engine.train.metrics.paired_bootstrap`).
+    model (or ensemble) of the same input scored on the same images, on the model's class codes
+    (`compare_to_baseline`); ``comparison`` holds its figures and the paired differences
+    (`engine.train.metrics.paired_bootstrap`).
     ``baseline_mpp``: the images' µm/px as the baseline was trained to take them (a model
     trained at a measured 0.107 against one trained at the quoted 0.1); default ``source_mpp``.
 
@@ -125,6 +126,7 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
         "group_level": {c: {"n": n, "accuracy": k / n} for c, (n, k) in sorted(group_rows.items())},
         "not_covered": dict(sorted(uncovered.items())),
         "model_class_codes": codes,
+        "source_mpp": source_mpp,
         "ood": ood_report(models[0], feats, data.codes),
         "focus": focus_report(crop, spec.input_mpp, shift.blur_um),
         "shift": dataclasses.asdict(shift),
@@ -146,32 +148,56 @@ def evaluate_classifier(models: list[LoadedModel], data: LabelledImages, source_
 
 
 def check_comparable(model: LoadedModel, baseline: LoadedModel) -> None:
-    """Raises ValueError, naming both, where ``baseline`` does not score what ``model`` does
-    (other class codes, or another input size or µm/px): no paired comparison then."""
+    """Raises ValueError, naming both, where ``baseline`` does not take the images as ``model``
+    does (another input size or µm/px) or calls none of its codes: no paired comparison then.
+    Other class codes are compared on the model's (`compare_to_baseline`)."""
     a, b = model.spec, baseline.spec
-    if list(baseline.class_codes) != list(model.class_codes) or \
-            (b.input_px, b.input_mpp) != (a.input_px, a.input_mpp):
+    if (b.input_px, b.input_mpp) != (a.input_px, a.input_mpp) or \
+            not set(baseline.class_codes) & set(model.class_codes):
         raise ValueError(
             f"the baseline ({b.name}: {len(baseline.class_codes)} classes, {b.input_px} px at "
             f"{b.input_mpp} µm/px) is not scored as the model is ({a.name}: "
             f"{len(model.class_codes)} classes, {a.input_px} px at {a.input_mpp} µm/px): "
-            f"compare models of the same classes and input")
+            f"compare models of the same input that share class codes")
+
+
+def in_codes(probs: np.ndarray, codes, columns) -> np.ndarray:
+    """``(N, len(codes))`` probabilities as ``(N, len(columns))``: each code's in its column,
+    0 in the columns of codes it lacks."""
+    out = np.zeros((len(probs), len(columns)), np.float32)
+    out[:, [list(columns).index(c) for c in codes]] = probs
+    return out
 
 
 def compare_to_baseline(baseline: list[LoadedModel], crops: np.ndarray, y: np.ndarray,
                         probs: np.ndarray, codes, batch_size: int, device, tta: bool, amp: bool,
                         bootstrap: int) -> dict:
     """The baseline's figures on ``crops`` (the scored images, as it takes them) and the
-    model's paired differences from them (``probs``: the model's, on the same images)."""
+    model's paired differences from them (``probs``: the model's, on the same images).
+
+    A baseline of other codes (the reference against a fine-tune on a lab's first few
+    classes, or on classes it lacks) is scored on the model's: its call of a code the model
+    lacks is a wrong call, and a model code it lacks is one it never calls; ``codes`` says
+    which differ."""
     theirs, _ = predict_images(baseline, crops, batch_size, device, tta=tta, amp=amp)
-    m = classification_metrics(y, theirs, codes)
+    codes, their_codes = list(codes), list(baseline[0].class_codes)
+    columns = codes + [c for c in their_codes if c not in codes]
+    out = {}
+    if their_codes != codes:
+        theirs, probs = in_codes(theirs, their_codes, columns), in_codes(probs, codes, columns)
+        out["codes"] = {
+            "baseline_only": [c for c in their_codes if c not in codes],
+            "model_only": [c for c in codes if c not in their_codes],
+            "rule": "scored on the model's codes: a baseline call of a code the model lacks is "
+                    "a wrong call; a model code the baseline lacks is never called by it"}
+    m = classification_metrics(y, theirs, columns)
     return {"baseline": {"weights": [b.weights for b in baseline],
                          "ensemble_size": len(baseline),
                          **{k: m[k] for k in ("accuracy", "macro_f1",
                                               "classes_precision_recall_above_0_8")},
                          **{k: m["calibration"][k] for k in ("ece", "nll", "mean_confidence")}},
-            **paired_bootstrap(y, probs.argmax(1), theirs.argmax(1), codes,
-                               bootstrap or BOOTSTRAP_RESAMPLES)}
+            **out, **paired_bootstrap(y, probs.argmax(1), theirs.argmax(1), columns,
+                                      bootstrap or BOOTSTRAP_RESAMPLES)}
 
 
 def probe_embeddings(features: np.ndarray, codes, seed: int = 0, test_fraction: float = 0.2

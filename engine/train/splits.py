@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -64,8 +65,9 @@ def enough_groups(groups, n_splits: int):
 
 
 def holdout_split(labels, fraction: float, seed: int, groups=None) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified ``(keep, held_out)`` index arrays; whole groups go to one side when given
-    (and enough: `enough_groups`)."""
+    """Stratified ``(keep, held_out)`` index arrays, ``fraction`` of the images held out and one
+    of each class at least; whole groups go to one side when given (and enough:
+    `enough_groups`)."""
     idx = np.arange(len(labels))
     n_splits = max(2, round(1 / fraction))
     groups = enough_groups(groups, n_splits)
@@ -73,7 +75,10 @@ def holdout_split(labels, fraction: float, seed: int, groups=None) -> tuple[np.n
         cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         keep, held = next(cv.split(idx, labels, groups))
         return keep, held
-    keep, held = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
+    # one image of each class at least (sklearn refuses fewer: 4 images of each of 11 codes
+    # hold 44 * 0.15 -> 7); otherwise its own count, so splits made before stay as they were
+    held_n = max(math.ceil(fraction * len(idx)), len(np.unique(labels)))
+    keep, held = train_test_split(idx, test_size=held_n, stratify=labels, random_state=seed)
     return np.sort(keep), np.sort(held)
 
 

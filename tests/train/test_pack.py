@@ -127,3 +127,35 @@ def test_a_row_without_a_group_is_a_group_of_its_own(tmp_path):
                                          "c.png,L2,\nd.png,L2, \n")
     groups = read_labels(str(tmp_path)).groups
     assert groups[0] == groups[1] == "s1" and len(set(groups)) == 3
+
+
+def test_jobs_on_a_pack_or_a_train_jobs_test_split_take_its_mpp(mini, tmp_path, capsys):
+    """The lab's flow: cells exported or packed at 0.25 µm/px, a fine-tune on them, then its
+    test split scored and its checkpoint refitted, none given --source-mpp. Each takes the
+    images' own pixel size, where evaluation, calibration, quantization and the density took
+    PBC's 0.1 (cells 2.5x too large: a model that scored 0.78 on its test cells scored 0.19)."""
+    from jobs import evaluate_cell_classifier, fit_cell_ood
+    from jobs.pack_cell_images import main as pack
+    from jobs.train_cell_classifier import main as train
+
+    packed, out = tmp_path / "pack", tmp_path / "t"
+    assert pack(["--data", str(mini), "--output", str(packed), "--source-mpp", "0.1"]) == 0
+    assert train(["--data", str(packed), "--output", str(out), "--arch", "deepheme-tiny",
+                  "--epochs", "1", "--local", "--loader-workers", "0", "--no-ood",
+                  "--no-temperature"]) == 0
+    assert json.loads((out / "test" / "pack.json").read_text())["mpp"] == 0.25
+    capsys.readouterr()
+    assert evaluate_cell_classifier.main(["--checkpoint", str(out / "model.safetensors"),
+                                          "--data", str(out / "test"), "--no-umap", "--no-tta",
+                                          "--plots", str(tmp_path / "plots")]) == 0
+    assert json.loads(capsys.readouterr().out)["source_mpp"] == 0.25
+    assert fit_cell_ood.main(["--checkpoint", str(out / "model.safetensors"), "--data",
+                              str(packed), "--output", str(tmp_path / "ood.safetensors"),
+                              "--held-out-images", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["source_mpp"] == 0.25
+    # given, another figure is refused, naming the pack's
+    assert evaluate_cell_classifier.main(["--checkpoint", str(out / "model.safetensors"),
+                                          "--data", str(out / "test"), "--source-mpp",
+                                          "0.1"]) == 2
+    assert "is a pack at 0.25 µm/px (pack.json): leave --source-mpp out" in \
+        capsys.readouterr().err

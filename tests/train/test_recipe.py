@@ -32,6 +32,17 @@ def test_kfold_is_stratified_and_grouped():
         assert set(labels[val]) == {0, 1, 2}
 
 
+def test_a_holdout_keeps_one_image_of_each_class_where_its_fraction_holds_fewer():
+    from engine.train.splits import holdout_split
+
+    labels = np.repeat(np.arange(11), 6)  # 66 images: 15 % is 10, one short of 11 classes
+    keep, held = holdout_split(labels, 0.15, seed=0)
+    assert len(held) == 11 and sorted(labels[held]) == list(range(11))
+    assert not set(keep) & set(held) and len(keep) + len(held) == 66
+    labels = np.repeat(np.arange(11), 40)  # where the fraction holds more: its own count
+    assert len(holdout_split(labels, 0.15, seed=0)[1]) == 66
+
+
 def test_too_few_groups_split_by_image_and_say_so():
     """A lab's first labelled cells may come from one or two slides: fewer slides than splits
     cannot be split by slide, so the split is by image, with a warning."""
@@ -418,16 +429,33 @@ def test_train_and_evaluate_jobs_end_to_end(tmp_path, capsys, monkeypatch):
         evaluate_cell_classifier.main(["--checkpoint", reference, "--data", str(out / "test"),
                                        "--hue-shift", "200"])
     assert "expected degrees from -180 to 180, got '200'" in capsys.readouterr().err
-    # a baseline of other classes is refused, naming both
+    # a baseline of other classes (a fine-tune on a lab's first few codes against the
+    # reference, or the other way round) is scored on the model's codes: its calls of codes
+    # the model lacks are wrong calls, and the codes it lacks it never calls
     from engine.models import write_checkpoint
 
-    other = create_model("deepheme-tiny", allow_untrained=True, class_codes=["L2", "MO2"])
-    write_checkpoint(other.module.state_dict(), {"name": "deepheme-tiny", "architecture":
-                     other.spec.architecture, "class_codes": ["L2", "MO2"]},
-                     str(tmp_path / "two.safetensors"))
+    def baseline_of(codes: list[str]) -> str:
+        other = create_model("deepheme-tiny", allow_untrained=True, class_codes=codes)
+        path = str(tmp_path / f"{'-'.join(codes)}.safetensors")
+        write_checkpoint(other.module.state_dict(), {"name": "deepheme-tiny", "architecture":
+                         other.spec.architecture, "class_codes": codes}, path)
+        return path
+
     assert evaluate_cell_classifier.main(
         ["--checkpoint", str(out / "model.safetensors"), "--data", str(out / "test"),
-         "--compare-to", str(tmp_path / "two.safetensors"), "--no-umap"]) == 2
+         "--compare-to", baseline_of(["L2", "MO2", "M1"]), "--no-umap", "--bootstrap",
+         "200"]) == 0  # with TTA, as the report above
+    few = json.loads(capsys.readouterr().out)["comparison"]
+    assert few["codes"]["baseline_only"] == ["M1"]
+    assert few["codes"]["model_only"] == [c for c in card["class_codes"] if c not in ("L2", "MO2")]
+    assert few["n"] == compared["n"] and set(few["per_class_f1"]) == set(card["class_codes"])
+    for code in few["codes"]["model_only"]:  # never called by the baseline: the model's F1 less 0
+        assert few["per_class_f1"][code]["difference"] == pytest.approx(
+            report["per_class"][code]["f1"], abs=1e-4)
+    # a baseline that shares no code with the model is refused, naming both
+    assert evaluate_cell_classifier.main(
+        ["--checkpoint", str(out / "model.safetensors"), "--data", str(out / "test"),
+         "--compare-to", baseline_of(["M1", "B1"]), "--no-umap"]) == 2
     assert "deepheme-tiny: 2 classes" in capsys.readouterr().err
 
 
