@@ -111,11 +111,17 @@ def test_killing_a_worker_node_loses_nothing(slides, tmp_path):
         else:
             assert "succeeded" in logs.lower(), logs[-3000:]
         assert _committed_whole(out) == N_SLIDES
-        # the same job again, to an output of its own, stopped as it runs
+        # the same job again, to an output of its own, stopped as it runs: over 5 times the
+        # slides, so that it still runs when the stop lands (the CLI takes seconds to start,
+        # and under CI's load a run of 30 ended within them, the SIGTERM reaching its exit)
+        many = tmp_path / "many"
+        many.mkdir()
+        for i in range(5 * N_SLIDES):
+            os.link(slides / "smear-00.tif", many / f"smear-{i:03d}.tif")
         stopped = tmp_path / "stopped"
-        args[args.index(str(out))] = str(stopped)
+        args[args.index(str(out))], args[args.index(str(slides))] = str(stopped), str(many)
         assert 0 < _stop_a_submitted_job(f"http://127.0.0.1:{dash}", env, args, stopped) \
-            <= N_SLIDES
+            < 5 * N_SLIDES
 
 
 def _committed_whole(out) -> int:
@@ -168,7 +174,7 @@ def _stop_a_submitted_job(address: str, env: dict, args: list[str], out) -> int:
     assert not (out / "_running").exists() or not any((out / "_running").iterdir())
     committed = _committed_whole(out)
     print(f"`ray job stop` after the first commit: ended in {stop_s:.1f} s, {committed} of "
-          f"{N_SLIDES} slides committed")
+          f"{args[args.index('--input') + 1]}'s slides committed")
     return committed
 
 
