@@ -522,6 +522,16 @@ def main(argv=None) -> int:
         print(f"uploaded {len(publish(out, where, storage))} files from {out}", flush=True)
     print(f"checkpoints: {where}/fold-*/model.safetensors; test split: "
           f"{where}/test/labels.csv")
+    if args.init:  # a fine-tune: what it changed, paired on the same test cells
+        import shlex
+
+        models = ["model.safetensors"] if args.folds == 1 else [
+            f"fold-{k}/model.safetensors" for k in range(args.folds)]  # the ensemble
+        print("against the model it started from, on its test split: python -m "
+              "jobs.evaluate_cell_classifier " + "".join(
+                  f"--checkpoint {shlex.quote(join_uri(where, m))} " for m in models)
+              + f"--data {shlex.quote(join_uri(where, 'test'))} --compare-to "
+              f"{shlex.quote(args.init)}")
     if args.folds > 1:
         print("to classify slides with the fold ensemble, in the process_slides config:\n"
               "  pipeline:\n    classifier:\n"

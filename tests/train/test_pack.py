@@ -153,6 +153,20 @@ def test_jobs_on_a_pack_or_a_train_jobs_test_split_take_its_mpp(mini, tmp_path, 
                               str(packed), "--output", str(tmp_path / "ood.safetensors"),
                               "--held-out-images", "0"]) == 0
     assert json.loads(capsys.readouterr().out)["source_mpp"] == 0.25
+    # a fine-tune of it says how to score it against where it started, and that command runs
+    assert train(["--data", str(packed), "--output", str(tmp_path / "ft"), "--arch",
+                  "deepheme-tiny", "--epochs", "1", "--local", "--loader-workers", "0",
+                  "--no-ood", "--no-temperature", "--init", str(out / "model.safetensors")]) == 0
+    said = capsys.readouterr().out.split("against the model it started from, on its test "
+                                         "split: python -m jobs.evaluate_cell_classifier ")[1]
+    import shlex
+
+    command = shlex.split(said.splitlines()[0])
+    assert command[command.index("--compare-to") + 1] == str(out / "model.safetensors")
+    assert evaluate_cell_classifier.main(command + ["--no-umap", "--no-tta", "--plots",
+                                                    str(tmp_path / "plots")]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["source_mpp"] == 0.25 and scored["comparison"]["n"] == scored["n"]
     # given, another figure is refused, naming the pack's
     assert evaluate_cell_classifier.main(["--checkpoint", str(out / "model.safetensors"),
                                           "--data", str(out / "test"), "--source-mpp",
