@@ -57,6 +57,7 @@ class StagePlan:
     encoder: bool = False
     mil: object = None  # the ABMIL cellularity model, when configured and embeddings exist
     cpu_models: frozenset = frozenset()  # branches whose model runs on CPU even beside GPUs
+    notes: list[str] = field(default_factory=list)  # said once at the start, not per slide
 
 
 @dataclass
@@ -209,6 +210,12 @@ def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
             plan.cpu_models = frozenset({"cells"})
         if not all(m.trained for m in members):
             plan.run[-2] += " (UNTRAINED)"
+        elif all(m.ood is None for m in members):
+            plan.notes.append(
+                f"the classifier's checkpoint ({c.checkpoint or 'the shipped reference'}) "
+                "carries no feature density: no cell is checked against its training data "
+                "(cells.ood_distance null, no slide flagged out of distribution; python -m "
+                "jobs.fit_cell_ood gives it one, on 50 training images at least)")
     if "tiles" in stages:
         plan.run += ["tiles", "cellularity:image_analysis"]
         e = cfg.pipeline.encoder
@@ -527,6 +534,8 @@ def run_pipeline(entries: list[FileEntry], output: str, cfg: Config, mpp: MppOve
     stages = resolve_stages(cfg, allow_untrained)
     for name, why in stages.skipped.items():
         log(f"stage skipped: {name}: {why}")
+    for note in stages.notes:
+        log(note)
     store = OutputStore(output, cfg.storage)
     cleaned = store.clean_partial()
     if cleaned:

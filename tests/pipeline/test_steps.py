@@ -620,6 +620,13 @@ def test_classify_averages_an_ensemble_of_fold_checkpoints(tmp_path):
 
     plan = resolve_stages(config(ensemble=[paths[1]]), allow_untrained=False)
     assert "cell_classification:deepheme-tiny (ensemble of 2)" in plan.run
+    # checkpoints without a feature density: the run says once that no cell is checked
+    # against the training data (a fine-tune on fewer than 50 images has none); the shipped
+    # reference carries one
+    (note,) = plan.notes
+    assert f"checkpoint ({paths[0]}) carries no feature density" in note
+    assert not resolve_stages(Config.from_dict({"pipeline": {"stages": ["cells"]}}),
+                              allow_untrained=False).notes
     with pytest.raises(ConfigError, match="same codes in the same order"):
         resolve_stages(config(ensemble=[paths[2]]), allow_untrained=False)
     with pytest.raises(ConfigError, match="embeddings of different models"):
