@@ -647,7 +647,7 @@ def test_train_job_writes_to_s3_and_distils_from_an_s3_teacher(tmp_path, s3_serv
     for run in ("run1", "run2"):
         assert {f"{run}/{n}" for n in ("model.safetensors", "model.json", "evaluation.json",
                                        "fold-0/model.safetensors", "fold-0/model.json",
-                                       "test/labels.csv")} <= keys
+                                       "test/labels.csv", "test/pack.json")} <= keys
     # moto keeps its buckets for the whole test process: other modules' objects may be here
     ours = [k for k in keys if k.startswith(("run1/", "run2/"))]
     assert not any("/runs/" in k or "/prepared/" in k for k in ours)  # work files stay local
