@@ -150,6 +150,47 @@ def read_labels(data_dir: str, csv_name: str = "labels.csv") -> LabelledImages:
                                 for i, r in enumerate(rows)) if group_col else None)
 
 
+def merge_labelled(parts: list[tuple[str, LabelledImages]]) -> LabelledImages:
+    """Several labels tables as one, each ``(source, its rows)``: rounds of labelling, or a
+    lab's cells beside PBC. An image two tables list with one code is taken once (and said),
+    as within a table (`_once_each`); with two codes, refused naming both. Groups (slide or
+    patient) keep their names, so a slide labelled in two rounds stays one group; a row
+    without one is a group of its own.
+
+    Raises:
+        ValueError: an image labelled with two codes.
+    """
+    if len(parts) == 1:
+        return parts[0][1]
+    seen: dict[str, tuple[str, str]] = {}  # image -> (code, the table that listed it)
+    paths, codes, groups, clashes, repeated = [], [], [], [], 0
+    for source, d in parts:
+        for i, (path, code) in enumerate(zip(d.paths, d.codes)):
+            key = os.path.normpath(path)
+            if key in seen:  # within a table, read_labels took each image once already
+                first_code, first_source = seen[key]
+                if first_code != code:
+                    clashes.append(f"{path} is {first_code} in {first_source} and {code} in "
+                                   f"{source}")
+                repeated += first_code == code
+                continue
+            seen[key] = (code, source)
+            paths.append(path)
+            codes.append(code)
+            group = d.groups[i] if d.groups else ""
+            groups.append(f"(no group) {source} row {i}"
+                          if not group or group.startswith("(no group) ") else group)
+    if clashes:
+        raise ValueError(f"{len(clashes)} image(s) labelled with two codes in two --data "
+                         "tables; settle each on one: " + "; ".join(clashes[:5])
+                         + ("; …" if len(clashes) > 5 else ""))
+    if repeated:
+        print(f"hemeflow: {repeated} image(s) listed in two --data tables with one code; each "
+              "taken once", file=sys.stderr, flush=True)
+    grouped = any(d.groups for _, d in parts)
+    return LabelledImages(tuple(paths), tuple(codes), tuple(groups) if grouped else None)
+
+
 def data_cache_dir() -> str:
     """Where `fetch_labelled` mirrors remote images: ``$HEMEFLOW_DATA_CACHE``, or one folder per
     user in the temp dir."""

@@ -173,3 +173,40 @@ def test_jobs_on_a_pack_or_a_train_jobs_test_split_take_its_mpp(mini, tmp_path, 
                                           "0.1"]) == 2
     assert "is a pack at 0.25 µm/px (pack.json): leave --source-mpp out" in \
         capsys.readouterr().err
+
+
+def test_the_train_job_takes_several_labels_tables_as_one(mini, tmp_path, capsys):
+    """Two rounds of labelling given as two --data: trained on as one table. An image both
+    list with one code is taken once; with two codes, or with the tables at two pixel sizes,
+    the job refuses, naming both."""
+    from jobs.pack_cell_images import main as pack
+    from jobs.train_cell_classifier import main as train
+
+    rows = list(csv.DictReader(open(mini / "labels.csv", newline="")))
+
+    def table(name: str, picked: list[dict]) -> str:
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "labels.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(picked)
+        return str(tmp_path / name)
+
+    first, second = rows[0::2], rows[1::2]  # 3 of each code's 6 in each round
+    one, two = table("round1", first), table("round2", second + first[:1])
+    common = ["--output", str(tmp_path / "t"), "--arch", "deepheme-tiny", "--epochs", "1",
+              "--local", "--loader-workers", "0", "--no-ood", "--no-temperature"]
+    assert train(["--data", one, "--data", two, *common]) == 0
+    assert "1 image(s) listed in two --data tables with one code" in capsys.readouterr().err
+    card = json.loads((tmp_path / "t" / "model.json").read_text())
+    assert card["training"]["data"] == [one, two] == card["training"]["settings"]["data"]
+    test = list(csv.DictReader(open(tmp_path / "t" / "test" / "labels.csv", newline="")))
+    assert card["training"]["n_dev_images"] + len(test) == len(rows)  # each image once
+    clash = table("clash", [{**first[0], "code": "L2" if first[0]["code"] != "L2" else "B2"}])
+    assert train(["--data", one, "--data", clash, *common]) == 2
+    assert "1 image(s) labelled with two codes in two --data tables" in capsys.readouterr().err
+    assert pack(["--data", one, "--output", str(tmp_path / "p"), "--source-mpp", "0.1"]) == 0
+    with pytest.raises(SystemExit) as refused:
+        train(["--data", str(tmp_path / "p"), "--data", two, *common])
+    assert refused.value.code == 2
+    assert "different µm/px" in capsys.readouterr().err
