@@ -25,7 +25,8 @@ import sys
 
 import numpy as np
 
-from jobs.common import data_mpp, job_main, local_data, refit_parser, storage_from_args
+from jobs.common import (data_mpp, job_main, local_data, read_data, refit_parser,
+                         storage_from_args)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,12 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def validation_rows(args) -> tuple[list[str], np.ndarray, list[str], set[str]]:
     """``(paths, y, codes, test_paths)`` of the fold's validation split."""
-    from engine.train.data import read_labels
     from engine.train.splits import kfold_splits
     from jobs.train_cell_classifier import split_for_training
 
     local_data(args)
-    data = read_labels(args.data)
+    data = read_data(args)
     excluded = {c.strip() for c in args.exclude_codes.split(",") if c.strip()}
     trainable, codes, y, groups, dev_idx, test_rows = split_for_training(
         data, excluded, args.test_fraction, args.seed)

@@ -544,8 +544,7 @@ def refit_parser(module: str, doc: str, output_help: str) -> argparse.ArgumentPa
     p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="the float checkpoint (.safetensors)")
-    p.add_argument("--data", required=True,
-                   help="its training data: folder or s3:// prefix with labels.csv")
+    add_data_arg(p, "its training data: folder or s3:// prefix with labels.csv")
     p.add_argument("--output", required=True, help=output_help)
     add_split_args(p)
     add_storage_args(p)
@@ -553,20 +552,38 @@ def refit_parser(module: str, doc: str, output_help: str) -> argparse.ArgumentPa
 
 
 def local_data(args: argparse.Namespace) -> None:
-    """Point ``args.data`` (a folder or ``s3://`` prefix with ``labels.csv``) at a local folder
-    to read it from (`engine.train.data.fetch_labelled` mirrors remote images), and keep what
-    was given as ``args.data_source`` for what a job records.
+    """Point ``args.data`` (a folder or ``s3://`` prefix with ``labels.csv``, or a list of them:
+    ``--data`` repeated) at local folders to read it from (`engine.train.data.fetch_labelled`
+    mirrors remote images), and keep what was given as ``args.data_source`` for what a job
+    records (a list where several were given).
 
     Raises:
         FileNotFoundError, ValueError: with a message for the user.
     """
     from engine.train.data import fetch_labelled
 
-    given = args.data
-    args.data = fetch_labelled(given, storage_from_args(args))
-    args.data_source = normalize_uri(given)
-    if not is_remote(given):
-        args.data_source = os.path.abspath(given)
+    given = args.data if isinstance(args.data, list) else [args.data]
+    sources = [normalize_uri(d) if is_remote(d) else os.path.abspath(d) for d in given]
+    local = [fetch_labelled(d, storage_from_args(args)) for d in given]
+    args.data = local if isinstance(args.data, list) else local[0]
+    args.data_source = sources if len(sources) > 1 else sources[0]
+
+
+def read_data(args: argparse.Namespace):
+    """The labelled rows of ``args.data`` once `local_data` has fetched it: one table, or
+    several read as one (`engine.train.data.merge_labelled`)."""
+    from engine.train.data import merge_labelled, read_labels
+
+    folders = args.data if isinstance(args.data, list) else [args.data]
+    sources = args.data_source if isinstance(args.data_source, list) else [args.data_source]
+    return merge_labelled([(s, read_labels(d)) for s, d in zip(sources, folders)])
+
+
+def add_data_arg(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--data``, repeatable: several labels tables read as one (`read_data`)."""
+    parser.add_argument("--data", required=True, action="append",
+                        help=f"{help}; repeat to read several as one (rounds of labelling, or "
+                             "a lab's cells beside a PBC pack), all at one µm/px")
 
 
 def add_split_args(parser: argparse.ArgumentParser) -> None:
@@ -657,11 +674,23 @@ def read_pack(data: str) -> dict | None:
         return json.load(fh)
 
 
-def pack_or_given_mpp(given: float | str | None, data: str) -> float | str:
+def pack_or_given_mpp(given: float | str | None, data: str | list[str]) -> float | str:
     """The images' µm/px: a pack's own (``given`` must be None or the same), else ``given``
     (0.1 when None, about PBC / CellaVision's; ``auto`` is measured later). A pack is a folder
     `jobs.pack_cell_images` or `jobs.export_cells` wrote, or the test split
-    `jobs.train_cell_classifier` wrote (its ``pack.json`` names the images' µm/px)."""
+    `jobs.train_cell_classifier` wrote (its ``pack.json`` names the images' µm/px). Of several
+    folders, one µm/px for all.
+
+    Raises:
+        ValueError: a pack's is not ``given``, or the folders' differ.
+    """
+    if not isinstance(data, str):
+        mpps = {d: pack_or_given_mpp(given, d) for d in data}
+        if len(set(mpps.values())) > 1:
+            raise ValueError("the --data folders' images are at different µm/px (" + ", ".join(
+                f"{d}: {m}" for d, m in mpps.items()) + "): they are read at one; pack the "
+                "others to 0.25 first (python -m jobs.pack_cell_images), as exports are")
+        return next(iter(mpps.values()))
     pack = read_pack(data)
     if pack is None:
         return 0.1 if given is None else given
@@ -671,9 +700,9 @@ def pack_or_given_mpp(given: float | str | None, data: str) -> float | str:
     return pack["mpp"]
 
 
-def data_mpp(given: float | str | None, data: str, paths,
+def data_mpp(given: float | str | None, data: str | list[str], paths,
              storage: StorageConfig | None = None) -> float:
-    """The µm/px of the labelled images ``paths`` in the local folder ``data``: a pack's own,
+    """The µm/px of the labelled images ``paths`` in the local folder(s) ``data``: a pack's own,
     else ``given`` (0.1 when None), measured on them for ``auto`` (`pack_or_given_mpp`,
     `resolve_source_mpp`).
 
@@ -854,7 +883,6 @@ def float_classifier_split(args):
         CheckpointError, FileNotFoundError, KeyError, ValueError: with a message for the user.
     """
     from engine.models import create_model, read_checkpoint
-    from engine.train.data import read_labels
     from jobs.train_cell_classifier import split_for_training
 
     storage = storage_from_args(args)
@@ -866,7 +894,7 @@ def float_classifier_split(args):
     if model.spec.task != "classification":
         raise ValueError(f"{card['name']} is not a cell classifier")
     local_data(args)
-    data = read_labels(args.data)
+    data = read_data(args)
     args.source_mpp = data_mpp(args.source_mpp, args.data, data.paths)
     excluded = {c.strip() for c in args.exclude_codes.split(",") if c.strip()}
     trainable, _, _, _, dev_idx, test_rows = split_for_training(

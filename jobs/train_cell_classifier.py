@@ -50,12 +50,13 @@ from engine.models import create_model, get_spec, list_models, write_checkpoint
 from engine.models.factory import LoadedModel, build_module
 from engine.outputs import join_uri, write_bytes
 from engine.slides.storage import is_remote, normalize_uri
-from engine.train.data import fetch_labelled, merge_labelled, read_labels, source_of
+from engine.train.data import fetch_labelled, read_labels, source_of
 from engine.train.evaluation import evaluate_classifier, ordered_codes
 from engine.train.loop import COMPILE_MODES, LocalSession, TrainSettings, settings_dict
 from engine.train.splits import holdout_split, kfold_splits
-from jobs.common import (add_storage_args, count_arg, job_main, mpp_arg, pack_or_given_mpp,
-                         positive_arg, read_pack, resolve_source_mpp, storage_from_args)
+from jobs.common import (add_data_arg, add_storage_args, count_arg, job_main, local_data,
+                         mpp_arg, pack_or_given_mpp, positive_arg, read_data, read_pack,
+                         resolve_source_mpp, storage_from_args)
 
 
 DEFAULT_BATCH = 128  # --batch-size where the data holds enough
@@ -64,10 +65,7 @@ DEFAULT_BATCH = 128  # --batch-size where the data holds enough
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.train_cell_classifier", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, action="append",
-                   help="folder or s3:// prefix with labels.csv (path,code); repeat to train "
-                        "on several as one (rounds of labelling, or a lab's cells beside a "
-                        "PBC pack), all at one µm/px")
+    add_data_arg(p, "folder or s3:// prefix with labels.csv (path,code)")
     p.add_argument("--output", required=True, help="output folder or s3:// prefix")
     p.add_argument("--work", help="local working folder for an s3:// output (default: "
                                   "<temp dir>/hemeflow-train-<hash of the output>)")
@@ -144,25 +142,10 @@ def parse_args(argv=None):
     local = [d for d in args.data if not is_remote(d)]  # a remote pack.json: once fetched
     if local:
         try:
-            args.source_mpp = one_mpp(args.source_mpp, local)
+            args.source_mpp = pack_or_given_mpp(args.source_mpp, local)
         except ValueError as err:
             p.error(str(err))
     return args
-
-
-def one_mpp(given: float | str | None, folders: list[str]) -> float | str:
-    """The µm/px of the images of every labels folder (`jobs.common.pack_or_given_mpp`), which
-    must be one.
-
-    Raises:
-        ValueError: a pack's is not ``given``, or the folders' differ.
-    """
-    mpps = {d: pack_or_given_mpp(given, d) for d in folders}
-    if len(set(mpps.values())) > 1:
-        raise ValueError("the --data folders' images are at different µm/px (" + ", ".join(
-            f"{d}: {m}" for d, m in mpps.items()) + "): training reads them at one; pack the "
-            "others to 0.25 first (python -m jobs.pack_cell_images), as exports are")
-    return next(iter(mpps.values()))
 
 
 def work_folder(args) -> str:
@@ -410,11 +393,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     storage = storage_from_args(args)
     try:
-        sources = [normalize_uri(d) if is_remote(d) else os.path.abspath(d) for d in args.data]
-        args.data = [fetch_labelled(d, storage) for d in args.data]  # local folders
-        args.data_source = sources[0] if len(sources) == 1 else sources
-        args.source_mpp = one_mpp(args.source_mpp, args.data)
-        labels = merge_labelled([(s, read_labels(d)) for s, d in zip(sources, args.data)])
+        local_data(args)  # args.data: the local folders
+        args.source_mpp = pack_or_given_mpp(args.source_mpp, args.data)
+        labels = read_data(args)
         if args.source_mpp == "auto":  # every image: the pixel size is the scanner's
             args.source_mpp = resolve_source_mpp(args.source_mpp, labels.paths)
         # what the data is, for a rerun into this output: a fold or split of other data is

@@ -202,6 +202,16 @@ def test_the_train_job_takes_several_labels_tables_as_one(mini, tmp_path, capsys
     assert card["training"]["data"] == [one, two] == card["training"]["settings"]["data"]
     test = list(csv.DictReader(open(tmp_path / "t" / "test" / "labels.csv", newline="")))
     assert card["training"]["n_dev_images"] + len(test) == len(rows)  # each image once
+    # the jobs that refit the checkpoint rebuild its split from the same tables
+    from jobs import fit_cell_ood
+
+    assert fit_cell_ood.main(["--checkpoint", str(tmp_path / "t" / "model.safetensors"),
+                              "--data", one, "--data", two, "--output",
+                              str(tmp_path / "ood.safetensors"), "--held-out-images", "0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["data"] == [one, two] and report["fit_images"] == card["training"][
+        "n_dev_images"]
+    assert report["test_split"]["n"] == sum(r["code"] in card["class_codes"] for r in test)
     clash = table("clash", [{**first[0], "code": "L2" if first[0]["code"] != "L2" else "B2"}])
     assert train(["--data", one, "--data", clash, *common]) == 2
     assert "1 image(s) labelled with two codes in two --data tables" in capsys.readouterr().err
