@@ -570,12 +570,14 @@ def local_data(args: argparse.Namespace) -> None:
 
 
 def read_data(args: argparse.Namespace):
-    """The labelled rows of ``args.data`` once `local_data` has fetched it: one table, or
-    several read as one (`engine.train.data.merge_labelled`)."""
+    """The labelled rows of the local folder(s) ``args.data`` (`local_data`): one table, or
+    several read as one (`engine.train.data.merge_labelled`), each named by what was given
+    (``args.data_source``, where `local_data` set it)."""
     from engine.train.data import merge_labelled, read_labels
 
     folders = args.data if isinstance(args.data, list) else [args.data]
-    sources = args.data_source if isinstance(args.data_source, list) else [args.data_source]
+    sources = getattr(args, "data_source", folders)
+    sources = sources if isinstance(sources, list) else [sources]
     return merge_labelled([(s, read_labels(d)) for s, d in zip(sources, folders)])
 
 

@@ -54,9 +54,9 @@ from engine.train.data import fetch_labelled, read_labels, source_of
 from engine.train.evaluation import evaluate_classifier, ordered_codes
 from engine.train.loop import COMPILE_MODES, LocalSession, TrainSettings, settings_dict
 from engine.train.splits import holdout_split, kfold_splits
-from jobs.common import (add_data_arg, add_storage_args, count_arg, job_main, local_data,
-                         mpp_arg, pack_or_given_mpp, positive_arg, read_data, read_pack,
-                         resolve_source_mpp, storage_from_args)
+from jobs.common import (add_data_arg, add_storage_args, count_arg, data_mpp, job_main,
+                         local_data, mpp_arg, pack_or_given_mpp, positive_arg, read_data,
+                         read_pack, storage_from_args)
 
 
 DEFAULT_BATCH = 128  # --batch-size where the data holds enough
@@ -233,7 +233,7 @@ def prepare(args, out: str, data=None):
     prepared arrays for the workers."""
     from engine.train.data import UnreadableImages, load_cell_images, unreadable
 
-    data = data or read_labels(args.data if isinstance(args.data, str) else args.data[0])
+    data = data or read_data(args)
     excluded = {c.strip() for c in args.exclude_codes.split(",") if c.strip()}
     for code in set(data.codes):
         get_class(code)  # unknown codes fail here, naming the valid ones
@@ -394,10 +394,9 @@ def main(argv=None) -> int:
     storage = storage_from_args(args)
     try:
         local_data(args)  # args.data: the local folders
-        args.source_mpp = pack_or_given_mpp(args.source_mpp, args.data)
         labels = read_data(args)
-        if args.source_mpp == "auto":  # every image: the pixel size is the scanner's
-            args.source_mpp = resolve_source_mpp(args.source_mpp, labels.paths)
+        # a pack's own, or measured on every image for auto: the pixel size is the scanner's
+        args.source_mpp = data_mpp(args.source_mpp, args.data, labels.paths)
         # what the data is, for a rerun into this output: a fold or split of other data is
         # made again (cards record it with the settings)
         args.data_digest = labels.digest()
