@@ -117,25 +117,35 @@ def plan_cost(branch: str, uri: str, repeats: int = 5) -> dict:
     ms = 1000 * float(np.median(times))
     return {"ms_per_slide": round(ms, 1), "items_per_slide": items,
             "ms_per_item": round(ms / max(items, 1), 4),
-            "first_read_ms": first_read_ms(branch, batches[0], cfg, repeats)}
+            **first_read(branch, batches[0], cfg, repeats)}
 
 
-def first_read_ms(branch: str, batch: dict, cfg, repeats: int) -> float:
+def first_read(branch: str, batch: dict, cfg, repeats: int) -> dict:
     """What a process pays the first time it reads a slide, on top of the read itself: opening
     it and, without the planner's verdict in the task (``direct_ok``), checking the level's
-    direct decoding (medians of ``repeats``: a new step reads one task, then another). In the
-    job each process that gets some of a slide's batches pays it once for that slide."""
-    one, other = ({k: v[i:i + 1] for k, v in batch.items()} for i in (0, 1))
-    cold, warm = [], []
-    for _ in range(repeats):
+    direct decoding. Each of the batch's first two tasks is read by a new step (``cold``) and by
+    a step that has already read the other (``warm``), in turn, ``repeats`` times: the mean of
+    the two tasks' medians each way, so that one task's more cells than the other's never count
+    as the opening's cost (before session 54 ``cold`` was always the first task and ``warm`` the
+    second: one CI run measured -34 ms). In the job each process that gets some of a slide's
+    batches pays it once for that slide. Returns ``first_read_ms``, the difference of the
+    medians ``first_read_cold_ms`` and ``first_read_warm_ms`` (near 0, it may come out below on
+    a busy machine)."""
+    tasks = [{k: v[i:i + 1] for k, v in batch.items()} for i in (0, 1)]
+    cold, warm = ([], []), ([], [])  # per task
+    for r in range(2 * repeats):
+        first = r % 2
         fresh = make_step(branch, cfg)
         t0 = time.perf_counter()
-        fresh(dict(one))
+        fresh(dict(tasks[first]))
         t1 = time.perf_counter()
-        fresh(dict(other))
-        cold.append(t1 - t0)
-        warm.append(time.perf_counter() - t1)
-    return round(1000 * float(np.median(cold) - np.median(warm)), 1)
+        fresh(dict(tasks[1 - first]))
+        cold[first].append(t1 - t0)
+        warm[1 - first].append(time.perf_counter() - t1)
+    # each task's median, the two averaged
+    cold_ms, warm_ms = (500 * sum(float(np.median(t)) for t in x) for x in (cold, warm))
+    return {"first_read_ms": round(cold_ms - warm_ms, 1),
+            "first_read_cold_ms": round(cold_ms, 1), "first_read_warm_ms": round(warm_ms, 1)}
 
 
 def worker(branch: str, uri: str, seconds: float, barrier, results, direct: bool = True
