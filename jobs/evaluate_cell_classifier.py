@@ -1,7 +1,7 @@
 """Evaluate a cell classifier (or an ensemble of fold models) on labelled cell images.
 
     python -m jobs.evaluate_cell_classifier --checkpoint <model.safetensors> [--checkpoint …]
-        --data <dir with labels.csv: path,code> [--source-mpp 0.1] [--plots <dir>]
+        --data <dir with labels.csv: path,code> [--data …] [--source-mpp 0.1] [--plots <dir>]
         [--saliency N] [--blur-um S] [--hue-shift DEG] [--saturation X]
         [--compare-to <baseline.safetensors> …] [--bootstrap N]
 
@@ -37,11 +37,11 @@ import sys
 
 from engine.models import create_model, read_checkpoint
 from engine.models.checkpoint import CheckpointError
-from engine.train.data import Shift, read_labels
+from engine.train.data import Shift
 from engine.train.evaluation import check_comparable, evaluate_classifier
 from engine.train.metrics import BOOTSTRAP_RESAMPLES
-from jobs.common import (add_storage_args, count_arg, data_mpp, job_main, local_data, mpp_arg,
-                         number_arg, storage_from_args)
+from jobs.common import (add_data_arg, add_storage_args, count_arg, data_mpp, job_main,
+                         local_data, mpp_arg, number_arg, read_data, storage_from_args)
 
 
 # argparse types of the shifts (`engine.train.data.Shift`): their plausible ranges
@@ -62,8 +62,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", action="append", required=True,
                    help="safetensors checkpoint (repeat for an ensemble: probabilities averaged)")
-    p.add_argument("--data", required=True,
-                   help="folder or s3:// prefix with labels.csv (path,code)")
+    add_data_arg(p, "folder or s3:// prefix with labels.csv (path,code)")
     p.add_argument("--source-mpp", type=mpp_arg,
                    help="µm/px of the images, or auto: measured on their red cells (default: a "
                         "pack's own, from its pack.json, as a train job's test split has; else "
@@ -117,7 +116,7 @@ def main(argv=None) -> int:
         if baseline:
             check_comparable(models[0], baseline[0])
         local_data(args)
-        data = read_labels(args.data)
+        data = read_data(args)
         args.source_mpp = data_mpp(args.source_mpp, args.data, data.paths)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"hemeflow: error: {err}", file=sys.stderr)

@@ -4,8 +4,11 @@ embeddings of labelled cell images (weighted F1, balanced accuracy), printed as 
     python -m jobs.evaluate_embeddings --model dinov2-vits14 --checkpoint <…> --data <dir>
     python -m jobs.evaluate_embeddings --model deepheme-resnext50 --data ../shared/data/pbc
 
-Classifiers are judged by their penultimate features. Images are resampled to the model's µm/px
-when --source-mpp and --target-mpp are given, else resized whole to the model's input size.
+Classifiers are judged by their penultimate features. With --target-mpp the images are
+resampled from their own µm/px to it (a pack's own, from its pack.json; else --source-mpp; else
+0.1, PBC's) and centre-cropped to the model's input; without it they are resized whole to the
+model's input size, as DinoBloom did. --data may be given more than once: the tables are read as
+one, at one µm/px.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import numpy as np
 
 from engine.models import MissingWeights, Predictor, create_model, list_models
 from engine.models.checkpoint import CheckpointError
-from engine.train.data import load_cell_images, read_labels
+from engine.train.data import load_cell_images
 from engine.train.evaluation import probe_embeddings
-from jobs.common import (add_storage_args, job_main, local_data, mpp_arg, resolve_source_mpp,
-                         storage_from_args)
+from jobs.common import (add_data_arg, add_storage_args, data_mpp, job_main, local_data,
+                         mpp_arg, read_data, storage_from_args)
 
 
 @job_main
@@ -30,25 +33,29 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=list_models())
     p.add_argument("--checkpoint")
-    p.add_argument("--data", required=True,
-                   help="folder or s3:// prefix with labels.csv (path,code)")
+    add_data_arg(p, "folder or s3:// prefix with labels.csv (path,code)")
     p.add_argument("--source-mpp", type=mpp_arg,
-                   help="µm/px of the images, or auto: measured on their red cells")
-    p.add_argument("--target-mpp", type=float, help="resample to this µm/px before the model")
+                   help="µm/px of the images, or auto: measured on their red cells (default: "
+                        "a pack's own, from its pack.json; else 0.1); only with --target-mpp")
+    p.add_argument("--target-mpp", type=float,
+                   help="resample to this µm/px before the model (default: resize whole)")
     p.add_argument("--limit-per-class", type=int)
     p.add_argument("--allow-untrained", action="store_true", help="random weights (tests only)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     add_storage_args(p)
     args = p.parse_args(argv)
+    if args.source_mpp is not None and args.target_mpp is None:
+        p.error("--source-mpp is used only with --target-mpp (the µm/px to resample to); "
+                "without it each image is resized whole")
     try:
         model = create_model(args.model, args.checkpoint, allow_untrained=args.allow_untrained,
                              storage=storage_from_args(args),
                              class_codes=("none",))
         local_data(args)
-        data = read_labels(args.data)
-        if args.source_mpp and args.target_mpp:
-            args.source_mpp = resolve_source_mpp(args.source_mpp, data.paths)
+        data = read_data(args)
+        if args.target_mpp:
+            args.source_mpp = data_mpp(args.source_mpp, args.data, data.paths)
     except (MissingWeights, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2
@@ -59,7 +66,7 @@ def main(argv=None) -> int:
                 [: args.limit_per_class]]
         data = data.subset(sorted(keep))
     size = model.spec.input_px
-    if args.source_mpp and args.target_mpp:
+    if args.target_mpp:
         images = load_cell_images(data.paths, args.source_mpp, args.target_mpp, size)
     else:
         from PIL import Image
@@ -69,8 +76,11 @@ def main(argv=None) -> int:
     pred = Predictor(model)
     feats = np.concatenate([pred.embed(images[i : i + args.batch_size])
                             for i in range(0, len(images), args.batch_size)])
-    report = {"model": args.model, "weights": model.weights, **probe_embeddings(
-        feats, data.codes, args.seed)}
+    report = {"model": args.model, "weights": model.weights,
+              "images": {"n": len(data), "source_mpp": args.source_mpp,
+                         "target_mpp": args.target_mpp, "input_px": size,
+                         "resized_whole": not args.target_mpp},
+              **probe_embeddings(feats, data.codes, args.seed)}
     print(json.dumps(report, indent=2))
     return 0
 

@@ -173,6 +173,21 @@ def test_jobs_on_a_pack_or_a_train_jobs_test_split_take_its_mpp(mini, tmp_path, 
                                           "0.1"]) == 2
     assert "is a pack at 0.25 µm/px (pack.json): leave --source-mpp out" in \
         capsys.readouterr().err
+    # the embedding probe too, where it resamples (--target-mpp): at 0.25, not PBC's 0.1
+    from jobs import evaluate_embeddings
+
+    probe = ["--model", "deepheme-tiny", "--allow-untrained", "--data", str(packed)]
+    assert evaluate_embeddings.main(probe + ["--target-mpp", "0.25"]) == 0
+    images = json.loads(capsys.readouterr().out)["images"]
+    assert images == {"n": len(read_labels(str(packed))), "source_mpp": 0.25,
+                      "target_mpp": 0.25, "input_px": 96, "resized_whole": False}
+    assert evaluate_embeddings.main(probe + ["--target-mpp", "0.25", "--source-mpp",
+                                             "0.1"]) == 2
+    assert "is a pack at 0.25 µm/px" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # where it would be read by nothing
+        evaluate_embeddings.main(probe + ["--source-mpp", "0.25"])
+    assert refused.value.code == 2
+    assert "--source-mpp is used only with --target-mpp" in capsys.readouterr().err
 
 
 def test_the_train_job_takes_several_labels_tables_as_one(mini, tmp_path, capsys):
@@ -212,6 +227,18 @@ def test_the_train_job_takes_several_labels_tables_as_one(mini, tmp_path, capsys
     assert report["data"] == [one, two] and report["fit_images"] == card["training"][
         "n_dev_images"]
     assert report["test_split"]["n"] == sum(r["code"] in card["class_codes"] for r in test)
+    # and evaluation and the embedding probe read both as one (the image in both once)
+    from jobs import evaluate_cell_classifier, evaluate_embeddings
+
+    assert evaluate_cell_classifier.main([
+        "--checkpoint", str(tmp_path / "t" / "model.safetensors"), "--data", one, "--data", two,
+        "--no-umap", "--no-tta", "--bootstrap", "0", "--plots", str(tmp_path / "plots")]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["n"] == sum(r["code"] in card["class_codes"] for r in rows)
+    assert scored["source_mpp"] == 0.1
+    assert evaluate_embeddings.main(["--model", "deepheme-tiny", "--allow-untrained", "--data",
+                                     one, "--data", two]) == 0
+    assert json.loads(capsys.readouterr().out)["images"]["n"] == len(rows)
     clash = table("clash", [{**first[0], "code": "L2" if first[0]["code"] != "L2" else "B2"}])
     assert train(["--data", one, "--data", clash, *common]) == 2
     assert "1 image(s) labelled with two codes in two --data tables" in capsys.readouterr().err
