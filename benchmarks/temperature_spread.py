@@ -24,6 +24,26 @@ from benchmarks.common import ROOT, result_head, write_result  # noqa: E402
 PBC = os.path.join(os.path.dirname(ROOT), "shared", "data", "pbc")
 
 
+def held_out_view_logits(data: str, max_images: int | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """The reference classifier's 8-view logits ``(8, N, C)``, as trained (no temperature), on
+    its held-out PBC split (its job's split: IG and NEU left out, 15 %, seed 0; the first
+    ``max_images``), and the labels ``(N,)`` as indices into its class codes."""
+    from engine.models import create_model
+    from engine.train.calibration import collect_view_logits
+    from engine.train.data import load_cell_images, read_labels
+    from jobs.train_cell_classifier import split_for_training
+
+    model = create_model("deepheme-resnext50", calibrated=False)  # the weights as trained
+    codes = list(model.class_codes)
+    *_, held_out = split_for_training(read_labels(data), {"IG", "NEU"}, 0.15, 0)
+    rows = [(path, code) for path, code in held_out if code in codes][:max_images]
+    y = np.array([codes.index(code) for _, code in rows])
+    images = load_cell_images([path for path, _ in rows], 0.1, model.spec.input_mpp,
+                              model.spec.input_px)  # PBC's pixel size, as the reference took
+    return collect_view_logits(model, images, tta=True), y
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=PBC, help="the PBC folder (labels.csv)")
@@ -33,21 +53,11 @@ def main(argv=None) -> dict:
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
 
-    from engine.models import create_model
     from engine.train.calibration import (MIN_TEMPERATURE_IMAGES, TEMPERATURE_BOUNDS,
-                                          collect_view_logits, fit_temperature)
-    from engine.train.data import load_cell_images, read_labels
-    from jobs.train_cell_classifier import split_for_training
+                                          fit_temperature)
 
     t0 = time.time()
-    model = create_model("deepheme-resnext50", calibrated=False)  # the weights as trained
-    codes = list(model.class_codes)
-    *_, held_out = split_for_training(read_labels(args.data), {"IG", "NEU"}, 0.15, 0)
-    rows = [(path, code) for path, code in held_out if code in codes][:args.max_images]
-    y = np.array([codes.index(code) for _, code in rows])
-    images = load_cell_images([path for path, _ in rows], 0.1, model.spec.input_mpp,
-                              model.spec.input_px)  # PBC's pixel size, as the reference took
-    logits = collect_view_logits(model, images, tta=True)  # (8, N, C)
+    logits, y = held_out_view_logits(args.data, args.max_images)
     rng = np.random.default_rng(0)
     spread = {}
     for n in (n for n in args.sizes if n < len(y)):

@@ -176,6 +176,27 @@ def test_temperature_spread_fits_draws_of_each_size(tmp_path, monkeypatch):
         assert 0 <= result["by_images"][n]["at_lower_bound"] <= 1
 
 
+def test_offset_spread_scores_each_draws_offsets_on_the_other_images(tmp_path, monkeypatch):
+    """`benchmarks/offset_spread.py`, small: the reference's logits on 40 held-out PBC images,
+    5 draws of 10 and 20 of them (30, more than half, is left out), each draw's offsets scored
+    on the other images."""
+    from benchmarks import common, offset_spread
+
+    if not (SHARED_DATA / "pbc" / "labels.csv").exists():
+        pytest.skip("PBC data not present")
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    result = offset_spread.main(["--data", str(SHARED_DATA / "pbc"), "--max-images", "40",
+                                 "--sizes", "10", "20", "30", "--draws", "5", "--tag", "t"])
+    (path,) = tmp_path.glob("offset_spread-*-t.json")
+    assert json.loads(path.read_text()) == result
+    assert result["images"] == 40 and sorted(result["by_images"]) == ["10", "20"]
+    assert 0 < result["macro_f1_without"] <= 1
+    for r in result["by_images"].values():
+        assert r["worse"] + r["unchanged"] + r["better"] == pytest.approx(1, abs=2e-3)
+        assert -1 <= r["ci95"][0] <= r["median"] <= r["ci95"][1] <= 1
+        assert r["unchanged"] >= 1 - r["any_offset"]  # no offset: no change
+
+
 def test_ood_spread_fits_both_thresholds_on_draws_of_each_size(tmp_path, monkeypatch):
     """`benchmarks/ood_spread.py`, small: the reference's features of 120 training-split, 40
     held-out and 40 BCCD images, 3 draws of 60 and 100 (200, more than there are, is left

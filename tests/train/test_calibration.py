@@ -27,6 +27,19 @@ def test_offsets_recover_a_shifted_class_boundary():
     assert offsets[1] - max(offsets[0], offsets[2]) > 0.8  # class 1 raised against the others
 
 
+def test_macro_f1_is_scikit_learns():
+    """Counted from the confusion, as scikit-learn scores it: over the classes in ``y`` only, a
+    class never called right scoring 0 (calls of a class absent from ``y`` still count)."""
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(3)
+    for n, k in ((5, 4), (40, 6), (300, 11)):
+        y = rng.integers(0, k - 1, n)  # the last class never in y, sometimes called
+        probs = rng.random((n, k))
+        assert macro_f1(y, probs) == pytest.approx(f1_score(
+            y, probs.argmax(1), labels=np.unique(y), average="macro", zero_division=0))
+
+
 def test_well_placed_classes_keep_zero_offsets():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 4, 400)
@@ -56,7 +69,7 @@ def test_job_fits_on_validation_rows_and_folds_offsets_into_the_bias(tmp_path):
                      model.spec.architecture, "class_codes": ["B2", "E4", "L2"]}, str(ckpt))
     out = tmp_path / "calibrated.safetensors"
     args = ["--checkpoint", str(ckpt), "--data", str(data), "--output", str(out),
-            "--test-fraction", "0.2", "--no-tta"]
+            "--test-fraction", "0.2", "--no-tta", "--offsets"]
     assert job.main(args) == 0
     paths, y, codes, test_paths = job.validation_rows(job.parse_args(args))
     assert len(paths) >= 3 and not set(paths) & test_paths and codes == ["B2", "E4", "L2"]
@@ -122,7 +135,10 @@ def test_job_fits_a_temperature_that_loading_applies(tmp_path, capsys):
             "class_codes": ["B2", "L2"], "metrics": {"test": {}}}
     write_checkpoint(model.module.state_dict(), card, str(ckpt))
     assert job.main(["--checkpoint", str(ckpt), "--data", str(data), "--output", str(out),
-                     "--test-fraction", "0.2", "--no-tta", "--temperature"]) == 0
+                     "--test-fraction", "0.2", "--no-tta"]) == 0  # a temperature: the default
+    with pytest.raises(SystemExit):  # one or the other
+        job.parse_args(["--checkpoint", "c", "--data", "d", "--output", "o", "--temperature",
+                        "--offsets"])
     # fitted as asked, on too few images to mean much, and it says so
     assert "validation images, fewer than the 100 a temperature is fitted on" in \
         capsys.readouterr().err
