@@ -125,8 +125,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=count_arg(), default=2, help="Ray Train workers")
     p.add_argument("--gpus", action="store_true", help="one GPU per worker (default: if CUDA)")
     p.add_argument("--cpus-per-worker", type=float, default=1)
-    p.add_argument("--loader-workers", type=count_arg(0), default=4,
-                   help="DataLoader processes per worker")
+    p.add_argument("--loader-workers", type=count_arg(0), default=None,
+                   help="DataLoader processes per worker (default: its CPUs, at most 4)")
     p.add_argument("--local", action="store_true", help="train in this process, without Ray")
     p.add_argument("--max-steps", type=int, help="cap steps per epoch (smoke tests)")
     p.add_argument("--limit-per-class", type=count_arg(),

@@ -21,8 +21,9 @@ from engine.models.factory import build_module
 from engine.models.registry import get_spec
 from engine.train.batch_augment import RECIPES, BatchAugment
 from engine.train.loop import (EpochAverage, Session, TrainSettings, compile_in_place, evaluate,
-                               load_train_state, make_optimizer, normalize_chw,
-                               save_train_state, train_one_epoch, unwrap, use_bf16)
+                               load_train_state, loader_processes, make_optimizer,
+                               normalize_chw, save_train_state, train_one_epoch, unwrap,
+                               use_bf16)
 from engine.train.splits import BalancedSampler
 
 
@@ -232,14 +233,15 @@ def train_fold(config: dict, session: Session) -> None:
         from engine.train.augment import eval_transform, train_transform  # albumentations
 
         pin = session.device.type == "cuda"
+        processes = loader_processes(settings.num_workers)
         train_loader = torch.utils.data.DataLoader(
             AugmentedCells(images, labels, train_idx,
                            train_transform(spec.input_px, RECIPES[settings.colour])),
-            batch_size=settings.batch_size, sampler=sampler, num_workers=settings.num_workers,
-            pin_memory=pin, drop_last=True, persistent_workers=settings.num_workers > 0)
+            batch_size=settings.batch_size, sampler=sampler, num_workers=processes,
+            pin_memory=pin, drop_last=True, persistent_workers=processes > 0)
         val_batches = torch.utils.data.DataLoader(
             AugmentedCells(images, labels, val_idx, eval_transform(spec.input_px)),
-            batch_size=settings.batch_size * 2, num_workers=settings.num_workers, pin_memory=pin)
+            batch_size=settings.batch_size * 2, num_workers=processes, pin_memory=pin)
 
         def val_loader():
             return val_batches

@@ -62,7 +62,9 @@ class TrainSettings:
     # change the recipe, so a run resumes with or without it. The first steps pay the compile.
     compile: str = ""
     patience: int = 10
-    num_workers: int = 4
+    # DataLoader processes (albumentations); None: this process's CPUs, at most 4
+    # (`loader_processes`), where a fixed 4 drew torch's warning on a 2-core machine
+    num_workers: int | None = None
     max_steps_per_epoch: int | None = None  # tests and smoke runs
     max_minutes: float | None = None  # wall-time budget; the best model so far is kept
     seed: int = 0
@@ -70,6 +72,15 @@ class TrainSettings:
     @classmethod
     def from_dict(cls, d: dict) -> TrainSettings:
         return cls(**d)
+
+
+def loader_processes(asked: int | None) -> int:
+    """The DataLoader processes a training process runs: ``asked``, or where None the CPUs it
+    may use (its affinity, the count torch's DataLoader checks against), at most 4."""
+    if asked is not None:
+        return asked
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(4, cpus or 1)
 
 
 class Session(Protocol):

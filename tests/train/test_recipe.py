@@ -205,6 +205,36 @@ def test_a_fold_without_a_full_batch_is_refused_not_left_untrained(tmp_path, aug
     assert session.restore_dir() is None  # no checkpoint
 
 
+def test_loader_processes_follow_the_cpus_unless_asked(monkeypatch):
+    from engine.train.loop import loader_processes
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert loader_processes(None) == 2 and loader_processes(0) == 0 and loader_processes(6) == 6
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert loader_processes(None) == 4
+
+
+@needs_pbc
+def test_default_loader_processes_draw_no_warning(tmp_path):
+    """The job's default: as many loader processes as the CPUs allow (at most 4), where a fixed
+    4 drew torch's warning of more workers than the machine suggests on 2 cores."""
+    import warnings
+
+    from engine.train.cell_classifier import train_fold
+
+    codes, prepared = _prepare(tmp_path, per_class=8)
+    settings = TrainSettings(epochs=1, batch_size=16, max_steps_per_epoch=1)
+    assert settings.num_workers is None
+    config = {"arch": "deepheme-tiny", "class_codes": codes, "data": prepared, "fold": 0,
+              "settings": settings.__dict__}
+    session = LocalSession(str(tmp_path / "run"), torch.device("cpu"), log=lambda s: None)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        train_fold(config, session)
+    assert len(session.history) == 1
+    assert not [w for w in said if "worker processes in total" in str(w.message)]
+
+
 @needs_pbc
 @pytest.mark.parametrize("augment", ["cpu", "device"])
 def test_loss_falls_and_training_resumes(tmp_path, augment):
