@@ -6,6 +6,9 @@ over-called, its neighbour under-called. Adding an offset per class to the logit
 lines; the offsets that maximise macro F1 on the validation split (never the test split) are
 found by coordinate ascent, and added to the final layer's bias, so the checkpoint stays a plain
 model and every consumer (evaluation, ``process_slides``) sees the same outputs.
+They seldom carry over: on the reference's held-out PBC images, offsets fitted on some of them
+lowered macro F1 on the others more often than they raised it (``benchmarks/offset_spread.py``),
+so `jobs.calibrate_cell_classifier` fits them only with ``--offsets``.
 
 A softmax temperature (`fit_temperature`) changes no call and fixes what the probabilities
 mean: fitted on the same validation split by likelihood, it goes in the card
