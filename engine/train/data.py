@@ -89,6 +89,27 @@ def _known_codes(table: str, rows: list[dict]) -> list[dict]:
     return out
 
 
+def first_of_each(paths: list[str], codes: list[str]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Each image once: the indices of the first row of each image (by its normalised path),
+    and ``(first, later)`` for each later row that gives the image another code. A later row
+    with the same code is simply left out."""
+    first: dict[str, int] = {}
+    keep, clashes = [], []
+    for i, path in enumerate(paths):
+        j = first.setdefault(os.path.normpath(path), i)
+        if j == i:
+            keep.append(i)
+        elif codes[j] != codes[i]:
+            clashes.append((j, i))
+    return keep, clashes
+
+
+def _two_codes(where: str, clashes: list[str]) -> ValueError:
+    return ValueError(f"{where}{len(clashes)} image(s) labelled with two codes" + (
+        " in two --data tables" if not where else "") + "; settle each on one: "
+        + "; ".join(clashes[:5]) + ("; …" if len(clashes) > 5 else ""))
+
+
 def _once_each(table: str, rows: list[dict], paths: list[str]
                ) -> tuple[list[dict], list[str]]:
     """The rows of a labels table with each image once: a row repeating an earlier one's image
@@ -99,20 +120,12 @@ def _once_each(table: str, rows: list[dict], paths: list[str]
         ValueError: an image labelled with two codes (the first few named with their lines),
             which a lab resolves, not the job.
     """
-    first: dict[str, int] = {}
-    keep, clashes = [], []
-    for i, path in enumerate(paths):
-        j = first.setdefault(os.path.normpath(path), i)
-        if j == i:
-            keep.append(i)
-        elif rows[j]["code"].strip() != rows[i]["code"].strip():
-            clashes.append(f"{rows[i]['path']} is {rows[j]['code'].strip()} on line "
-                           f"{rows[j]['_line']} and {rows[i]['code'].strip()} on line "
-                           f"{rows[i]['_line']}")
+    codes = [r["code"].strip() for r in rows]
+    keep, clashes = first_of_each(paths, codes)
     if clashes:
-        raise ValueError(f"{table}: {len(clashes)} image(s) labelled with two codes; settle "
-                         "each on one: " + "; ".join(clashes[:5])
-                         + ("; …" if len(clashes) > 5 else ""))
+        raise _two_codes(f"{table}: ", [f"{rows[i]['path']} is {codes[j]} on line "
+                                        f"{rows[j]['_line']} and {codes[i]} on line "
+                                        f"{rows[i]['_line']}" for j, i in clashes])
     if len(keep) < len(rows):
         print(f"hemeflow: {table}: {len(rows) - len(keep)} row(s) repeat an earlier row's image "
               "and code; each image taken once", file=sys.stderr, flush=True)
@@ -162,33 +175,24 @@ def merge_labelled(parts: list[tuple[str, LabelledImages]]) -> LabelledImages:
     """
     if len(parts) == 1:
         return parts[0][1]
-    seen: dict[str, tuple[str, str]] = {}  # image -> (code, the table that listed it)
-    paths, codes, groups, clashes, repeated = [], [], [], [], 0
-    for source, d in parts:
-        for i, (path, code) in enumerate(zip(d.paths, d.codes)):
-            key = os.path.normpath(path)
-            if key in seen:  # within a table, read_labels took each image once already
-                first_code, first_source = seen[key]
-                if first_code != code:
-                    clashes.append(f"{path} is {first_code} in {first_source} and {code} in "
-                                   f"{source}")
-                repeated += first_code == code
-                continue
-            seen[key] = (code, source)
-            paths.append(path)
-            codes.append(code)
-            group = d.groups[i] if d.groups else ""
-            groups.append(f"(no group) {source} row {i}"
-                          if not group or group.startswith("(no group) ") else group)
+    rows = [(source, d, i) for source, d in parts for i in range(len(d))]
+    paths = [d.paths[i] for _, d, i in rows]
+    codes = [d.codes[i] for _, d, i in rows]
+    keep, clashes = first_of_each(paths, codes)  # within a table, read_labels did it already
     if clashes:
-        raise ValueError(f"{len(clashes)} image(s) labelled with two codes in two --data "
-                         "tables; settle each on one: " + "; ".join(clashes[:5])
-                         + ("; …" if len(clashes) > 5 else ""))
-    if repeated:
+        raise _two_codes("", [f"{paths[i]} is {codes[j]} in {rows[j][0]} and {codes[i]} in "
+                              f"{rows[i][0]}" for j, i in clashes])
+    if repeated := len(rows) - len(keep):
         print(f"hemeflow: {repeated} image(s) listed in two --data tables with one code; each "
               "taken once", file=sys.stderr, flush=True)
+    groups = []
+    for source, d, i in (rows[k] for k in keep):
+        group = d.groups[i] if d.groups else ""
+        groups.append(f"(no group) {source} row {i}"
+                      if not group or group.startswith("(no group) ") else group)
     grouped = any(d.groups for _, d in parts)
-    return LabelledImages(tuple(paths), tuple(codes), tuple(groups) if grouped else None)
+    return LabelledImages(tuple(paths[k] for k in keep), tuple(codes[k] for k in keep),
+                          tuple(groups) if grouped else None)
 
 
 def data_cache_dir() -> str:
