@@ -2,9 +2,13 @@
 and where its attention went.
 
     python -m jobs.predict_mil --checkpoint <abmil.safetensors> (--embeddings <…>
-        [--instances tiles | cells] | --bags <dir>) --output <dir> [--figures] [--top 12]
+        [--instances tiles | cells] | --bags <dir> [--source-mpp X]) --output <dir> [--figures]
+        [--top 12]
 
-``--bags`` embeds the patients' images with the encoder recorded in the checkpoint's card. Writes
+``--bags`` embeds the patients' images with the encoder recorded in the checkpoint's card,
+resampled from their own µm/px: ``--source-mpp`` (a figure, or ``auto``: measured on their red
+cells), by default the training bags' (the card's ``encoder.source_mpp``), so another lab's
+images at another pixel size reach the encoder at its scale. Writes
 ``<output>/mil_predictions/predictions.parquet`` and prints one JSON line per slide or patient.
 
 ``<output>/mil_predictions/attention.parquet`` has a row per tile (its ``x``, ``y``), cell (its
@@ -31,7 +35,8 @@ import pyarrow.parquet as pq
 from engine.errors import HemeflowError
 from engine.models import MissingWeights
 from engine.models.mil import attention_scores, load_mil, predict_bags
-from jobs.common import add_storage_args, count_arg, fail, job_main, storage_from_args
+from jobs.common import (add_storage_args, count_arg, fail, job_main, mpp_arg,
+                         resolve_source_mpp, storage_from_args)
 from jobs.train_mil import add_instances_arg, is_output, load_instances
 
 THUMB_PX = 1024
@@ -130,6 +135,9 @@ def main(argv=None) -> int:
                                           "a local folder of its tiles tables")
     src.add_argument("--bags", help="folder of <patient_id>/…/<image> single-cell images")
     add_instances_arg(p)
+    p.add_argument("--source-mpp", type=mpp_arg,
+                   help="µm/px of the --bags images, or auto: measured on their red cells "
+                        "(default: the training bags', from the checkpoint's card)")
     p.add_argument("--output", required=True)
     p.add_argument("--n-bags", type=count_arg())
     p.add_argument("--bag-size", type=count_arg())
@@ -140,6 +148,9 @@ def main(argv=None) -> int:
                    help="images per row of a patient's figure")
     add_storage_args(p)
     args = p.parse_args(argv)
+    if args.source_mpp is not None and not args.bags:
+        p.error("--source-mpp is the µm/px of --bags images; a run's embeddings were made at "
+                "its slides' own")
     storage = storage_from_args(args)
     try:
         model, card = load_mil(args.checkpoint, storage)
@@ -156,9 +167,16 @@ def main(argv=None) -> int:
 
         try:
             images = find_patient_images(args.bags)
+            given = enc["source_mpp"] if args.source_mpp is None else args.source_mpp
+            enc = {**enc, "source_mpp": resolve_source_mpp(
+                given, [p for ps in images.values() for p in ps])}
+            if enc["source_mpp"] != card["encoder"]["source_mpp"]:
+                print(f"bags at {enc['source_mpp']} µm/px, the training bags' at "
+                      f"{card['encoder']['source_mpp']}: each image resampled to the "
+                      "encoder's scale from its own", file=sys.stderr)
             bags = embed_patient_bags(images, enc["model"], enc["checkpoint"],
                                       enc["source_mpp"])
-        except (FileNotFoundError, MissingWeights) as err:
+        except (FileNotFoundError, MissingWeights, ValueError) as err:
             return fail(str(err))
         where = {pid: {"path": paths} for pid, paths in images.items()}
     else:
@@ -193,6 +211,8 @@ def main(argv=None) -> int:
                "bag_size": pred.bag_size, "n_instances": len(bag),
                "mean": pred.mean.tolist(), "sd": pred.sd.tolist(),
                "classes": card.get("classes") or None}
+        if args.bags:
+            row["source_mpp"] = enc["source_mpp"]
         rows.append(row)
         print(json.dumps(row), flush=True)
         scores, relative = attention_scores(model, bag)
@@ -205,8 +225,8 @@ def main(argv=None) -> int:
             png = os.path.join(out, "figures", f"{sid}.png")
             try:
                 if args.bags:
-                    patient_figure(where[sid]["path"], scores, relative, args.top,
-                                   card["encoder"], png, f"{sid}: {said}")
+                    patient_figure(where[sid]["path"], scores, relative, args.top, enc, png,
+                                   f"{sid}: {said}")
                 elif sid in slides and args.instances == "cells":
                     cells = _cells_in_order(args.embeddings, sid, where[sid]["cell_id"],
                                             storage)

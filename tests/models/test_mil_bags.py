@@ -112,6 +112,42 @@ def test_mil_on_pbc_composition_bags_reaches_auc(patients, tmp_path, capsys):
     assert mean[True] > 3 * mean[False], mean
     figures = sorted(p.stem for p in (tmp_path / "p" / "mil_predictions" / "figures").iterdir())
     assert figures == sorted(test)  # each patient's most and least attended images
+    assert {p["source_mpp"] for p in preds} == {0.1}  # the training bags', from the card
+    # another lab's bags at another pixel size: four patients' images at half the scale (0.2
+    # um/px), given as such, score as the originals do; read at the training's 0.1 (cells half
+    # their size) they score otherwise (measured: the high-IG probability 0.027 from the
+    # originals' at most, against 0.999)
+    from PIL import Image
+
+    capsys.readouterr()
+    some = sorted(test)[:2] + sorted(test)[-2:]
+    for pid in some:
+        for path in (base / "test" / pid).rglob("*.*"):
+            img = Image.open(path)
+            half = tmp_path / "half" / path.relative_to(base / "test")
+            half.parent.mkdir(parents=True, exist_ok=True)
+            img.resize((img.width // 2, img.height // 2), Image.LANCZOS).save(half.with_suffix(
+                ".png"))
+    run = ["--checkpoint", str(out / "abmil.safetensors"), "--bags", str(tmp_path / "half"),
+           "--n-bags", "1", "--bag-size", str(BAG)]
+
+    def scored(extra: list[str], to: str) -> dict[str, float]:
+        assert predict_mil.main(run + ["--output", str(tmp_path / to)] + extra) == 0
+        said = capsys.readouterr()
+        got = [json.loads(line) for line in said.out.strip().splitlines()]
+        return {p["patient_id"]: p["mean"][classes.index("high_ig")] for p in got}, said.err
+
+    original, _ = scored(["--bags", str(base / "test")], "o")  # the same single whole bags
+    given, said = scored(["--source-mpp", "0.2"], "g")
+    assert "bags at 0.2 µm/px, the training bags' at 0.1" in said
+    assumed, _ = scored([], "a")
+    near = max(abs(given[pid] - original[pid]) for pid in some)
+    off = max(abs(assumed[pid] - original[pid]) for pid in some)
+    print(f"half-scale bags: |given - original| {near:.3f}, |assumed 0.1 - original| {off:.3f}")
+    assert near < 0.1 and off > 2 * near, (near, off)
+    with pytest.raises(SystemExit):  # a run's embeddings were made at its slides' own scale
+        predict_mil.main(["--checkpoint", str(out / "abmil.safetensors"), "--embeddings", "x",
+                          "--output", str(tmp_path / "x"), "--source-mpp", "0.2"])
 
 
 def test_bags_refuse_an_untrained_encoder(patients, tmp_path, capsys):
