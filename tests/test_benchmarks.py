@@ -156,18 +156,29 @@ def test_feed_capacity_reads_a_slide_as_the_jobs_batches(tmp_path):
                                          + (kind == "platelet").sum()) > 0
 
 
-def test_temperature_spread_fits_draws_of_each_size(tmp_path, monkeypatch):
-    """`benchmarks/temperature_spread.py`, small: the reference's logits on 40 held-out PBC
-    images, 5 draws of 8 and 16 of them (64, more than there are, is left out)."""
-    from benchmarks import common, temperature_spread
+def _pbc_spread(name: str, args: list[str], tmp_path, monkeypatch) -> dict:
+    """Run ``benchmarks/<name>.py`` on the reference's logits of 40 held-out PBC images, 5
+    draws of each size, writing into ``tmp_path``; its result, checked against its file."""
+    import importlib
+
+    from benchmarks import common
 
     if not (SHARED_DATA / "pbc" / "labels.csv").exists():
         pytest.skip("PBC data not present")
     monkeypatch.setattr(common, "RESULTS", str(tmp_path))
-    result = temperature_spread.main(["--data", str(SHARED_DATA / "pbc"), "--max-images", "40",
-                                      "--sizes", "8", "16", "64", "--draws", "5", "--tag", "t"])
-    (path,) = tmp_path.glob("temperature_spread-*-t.json")
+    result = importlib.import_module(f"benchmarks.{name}").main(
+        ["--data", str(SHARED_DATA / "pbc"), "--max-images", "40", "--draws", "5", "--tag", "t",
+         *args])
+    (path,) = tmp_path.glob(f"{name}-*-t.json")
     assert json.loads(path.read_text()) == result
+    return result
+
+
+def test_temperature_spread_fits_draws_of_each_size(tmp_path, monkeypatch):
+    """`benchmarks/temperature_spread.py`, small: the reference's logits on 40 held-out PBC
+    images, 5 draws of 8 and 16 of them (64, more than there are, is left out)."""
+    result = _pbc_spread("temperature_spread", ["--sizes", "8", "16", "64"], tmp_path,
+                         monkeypatch)
     assert result["images"] == 40 and sorted(result["by_images"]) == ["16", "8"]
     assert 0.05 <= result["temperature_all"] <= 20
     for n in ("8", "16"):
@@ -180,15 +191,7 @@ def test_offset_spread_scores_each_draws_offsets_on_the_other_images(tmp_path, m
     """`benchmarks/offset_spread.py`, small: the reference's logits on 40 held-out PBC images,
     5 draws of 10 and 20 of them (30, more than half, is left out), each draw's offsets scored
     on the other images."""
-    from benchmarks import common, offset_spread
-
-    if not (SHARED_DATA / "pbc" / "labels.csv").exists():
-        pytest.skip("PBC data not present")
-    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
-    result = offset_spread.main(["--data", str(SHARED_DATA / "pbc"), "--max-images", "40",
-                                 "--sizes", "10", "20", "30", "--draws", "5", "--tag", "t"])
-    (path,) = tmp_path.glob("offset_spread-*-t.json")
-    assert json.loads(path.read_text()) == result
+    result = _pbc_spread("offset_spread", ["--sizes", "10", "20", "30"], tmp_path, monkeypatch)
     assert result["images"] == 40 and sorted(result["by_images"]) == ["10", "20"]
     assert 0 < result["macro_f1_without"] <= 1
     for r in result["by_images"].values():
