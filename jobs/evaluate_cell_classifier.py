@@ -127,6 +127,7 @@ def main(argv=None) -> int:
                                                      args.saturation),
                                          bootstrap=args.bootstrap,
                                          baseline=baseline, baseline_mpp=args.compare_source_mpp)
+    report["data"] = args.data_source  # what was given: a folder or prefix, or a list of them
     os.makedirs(args.plots, exist_ok=True)
     from engine.report.plots import plot_confusion, plot_reliability, plot_umap
 

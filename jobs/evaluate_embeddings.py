@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     pred = Predictor(model)
     feats = np.concatenate([pred.embed(images[i : i + args.batch_size])
                             for i in range(0, len(images), args.batch_size)])
-    report = {"model": args.model, "weights": model.weights,
+    report = {"model": args.model, "weights": model.weights, "data": args.data_source,
               "images": {"n": len(data), "source_mpp": args.source_mpp,
                          "target_mpp": args.target_mpp, "input_px": size,
                          "resized_whole": not args.target_mpp},

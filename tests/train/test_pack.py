@@ -235,10 +235,11 @@ def test_the_train_job_takes_several_labels_tables_as_one(mini, tmp_path, capsys
         "--no-umap", "--no-tta", "--bootstrap", "0", "--plots", str(tmp_path / "plots")]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["n"] == sum(r["code"] in card["class_codes"] for r in rows)
-    assert scored["source_mpp"] == 0.1
+    assert scored["source_mpp"] == 0.1 and scored["data"] == [one, two]
     assert evaluate_embeddings.main(["--model", "deepheme-tiny", "--allow-untrained", "--data",
                                      one, "--data", two]) == 0
-    assert json.loads(capsys.readouterr().out)["images"]["n"] == len(rows)
+    probed = json.loads(capsys.readouterr().out)
+    assert probed["images"]["n"] == len(rows) and probed["data"] == [one, two]
     clash = table("clash", [{**first[0], "code": "L2" if first[0]["code"] != "L2" else "B2"}])
     assert train(["--data", one, "--data", clash, *common]) == 2
     assert "1 image(s) labelled with two codes in two --data tables" in capsys.readouterr().err
