@@ -28,8 +28,7 @@ import sys
 
 import numpy as np
 
-from jobs.common import (data_mpp, job_main, local_data, read_data, refit_parser,
-                         storage_from_args)
+from jobs.common import job_main, labelled_data, refit_parser, storage_from_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,8 +53,7 @@ def validation_rows(args) -> tuple[list[str], np.ndarray, list[str], set[str]]:
     from engine.train.splits import kfold_splits
     from jobs.train_cell_classifier import split_for_training
 
-    local_data(args)
-    data = read_data(args)
+    data = labelled_data(args)  # auto: measured on all its images, as the train job did
     excluded = {c.strip() for c in args.exclude_codes.split(",") if c.strip()}
     trainable, codes, y, groups, dev_idx, test_rows = split_for_training(
         data, excluded, args.test_fraction, args.seed)
@@ -81,7 +79,6 @@ def main(argv=None) -> int:
         state, card = read_checkpoint(args.checkpoint, storage)
         model = create_model(card["name"], args.checkpoint, storage=storage, calibrated=False)
         paths, y, codes, test_paths = validation_rows(args)
-        args.source_mpp = data_mpp(args.source_mpp, args.data, paths)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2

@@ -581,6 +581,22 @@ def read_data(args: argparse.Namespace):
     return merge_labelled([(s, read_labels(d)) for s, d in zip(sources, folders)])
 
 
+def labelled_data(args: argparse.Namespace, resolve_mpp: bool = True):
+    """``--data`` fetched (`local_data`) and read as one table (`read_data`); with
+    ``resolve_mpp``, ``args.source_mpp`` set to its images' µm/px (`data_mpp`: a pack's own,
+    else the given figure, measured on all its images for ``auto``, as the train job measured
+    them).
+
+    Raises:
+        FileNotFoundError, ValueError: with a message for the user.
+    """
+    local_data(args)
+    data = read_data(args)
+    if resolve_mpp:
+        args.source_mpp = data_mpp(args.source_mpp, args.data, data.paths)
+    return data
+
+
 def add_data_arg(parser: argparse.ArgumentParser, help: str) -> None:
     """``--data``, repeatable: several labels tables read as one (`read_data`)."""
     parser.add_argument("--data", required=True, action="append",
@@ -895,9 +911,7 @@ def float_classifier_split(args):
     model = create_model(card["name"], args.checkpoint, storage=storage)
     if model.spec.task != "classification":
         raise ValueError(f"{card['name']} is not a cell classifier")
-    local_data(args)
-    data = read_data(args)
-    args.source_mpp = data_mpp(args.source_mpp, args.data, data.paths)
+    data = labelled_data(args)
     excluded = {c.strip() for c in args.exclude_codes.split(",") if c.strip()}
     trainable, _, _, _, dev_idx, test_rows = split_for_training(
         data, excluded, args.test_fraction, args.seed)

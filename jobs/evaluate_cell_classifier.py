@@ -40,8 +40,8 @@ from engine.models.checkpoint import CheckpointError
 from engine.train.data import Shift
 from engine.train.evaluation import check_comparable, evaluate_classifier
 from engine.train.metrics import BOOTSTRAP_RESAMPLES
-from jobs.common import (add_data_arg, add_storage_args, count_arg, data_mpp, job_main,
-                         local_data, mpp_arg, number_arg, read_data, storage_from_args)
+from jobs.common import (add_data_arg, add_storage_args, count_arg, job_main, labelled_data,
+                         mpp_arg, number_arg, storage_from_args)
 
 
 # argparse types of the shifts (`engine.train.data.Shift`): their plausible ranges
@@ -115,9 +115,7 @@ def main(argv=None) -> int:
         baseline = [load(ckpt, storage) for ckpt in args.compare_to]
         if baseline:
             check_comparable(models[0], baseline[0])
-        local_data(args)
-        data = read_data(args)
-        args.source_mpp = data_mpp(args.source_mpp, args.data, data.paths)
+        data = labelled_data(args)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2

@@ -23,8 +23,8 @@ from engine.models import MissingWeights, Predictor, create_model, list_models
 from engine.models.checkpoint import CheckpointError
 from engine.train.data import load_cell_images
 from engine.train.evaluation import probe_embeddings
-from jobs.common import (add_data_arg, add_storage_args, data_mpp, job_main, local_data,
-                         mpp_arg, read_data, storage_from_args)
+from jobs.common import (add_data_arg, add_storage_args, job_main, labelled_data, mpp_arg,
+                         storage_from_args)
 
 
 @job_main
@@ -52,10 +52,7 @@ def main(argv=None) -> int:
         model = create_model(args.model, args.checkpoint, allow_untrained=args.allow_untrained,
                              storage=storage_from_args(args),
                              class_codes=("none",))
-        local_data(args)
-        data = read_data(args)
-        if args.target_mpp:
-            args.source_mpp = data_mpp(args.source_mpp, args.data, data.paths)
+        data = labelled_data(args, resolve_mpp=bool(args.target_mpp))  # only to resample
     except (MissingWeights, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2

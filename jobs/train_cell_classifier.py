@@ -54,9 +54,9 @@ from engine.train.data import fetch_labelled, read_labels, source_of
 from engine.train.evaluation import evaluate_classifier, ordered_codes
 from engine.train.loop import COMPILE_MODES, LocalSession, TrainSettings, settings_dict
 from engine.train.splits import holdout_split, kfold_splits
-from jobs.common import (add_data_arg, add_storage_args, count_arg, data_mpp, job_main,
-                         local_data, mpp_arg, pack_or_given_mpp, positive_arg, read_data,
-                         read_pack, storage_from_args)
+from jobs.common import (add_data_arg, add_storage_args, count_arg, job_main, labelled_data,
+                         mpp_arg, pack_or_given_mpp, positive_arg, read_data, read_pack,
+                         storage_from_args)
 
 
 DEFAULT_BATCH = 128  # --batch-size where the data holds enough
@@ -393,10 +393,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     storage = storage_from_args(args)
     try:
-        local_data(args)  # args.data: the local folders
-        labels = read_data(args)
-        # a pack's own, or measured on every image for auto: the pixel size is the scanner's
-        args.source_mpp = data_mpp(args.source_mpp, args.data, labels.paths)
+        # args.data: the local folders; the µm/px a pack's own, or measured on every image for
+        # auto: the pixel size is the scanner's
+        labels = labelled_data(args)
         # what the data is, for a rerun into this output: a fold or split of other data is
         # made again (cards record it with the settings)
         args.data_digest = labels.digest()

@@ -73,6 +73,14 @@ def test_job_fits_on_validation_rows_and_folds_offsets_into_the_bias(tmp_path):
     assert job.main(args) == 0
     paths, y, codes, test_paths = job.validation_rows(job.parse_args(args))
     assert len(paths) >= 3 and not set(paths) & test_paths and codes == ["B2", "E4", "L2"]
+    # auto: measured on all the labelled images, as the train job measures them (it was measured
+    # on the validation rows alone: another figure from other images than training took)
+    from engine.train.data import read_labels
+    from jobs.common import data_mpp
+
+    auto = job.parse_args(args + ["--source-mpp", "auto"])
+    job.validation_rows(auto)
+    assert auto.source_mpp == data_mpp("auto", str(data), read_labels(str(data)).paths)
     old, _ = read_checkpoint(str(ckpt))
     new, card = read_checkpoint(str(out))
     cal = card["calibration"]
