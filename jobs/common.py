@@ -23,9 +23,9 @@ import yaml
 from engine.config import Config, StorageConfig
 from engine.outputs import join_uri, write_bytes
 from engine.pipeline.progress import duration
-from engine.slides.storage import (FileEntry, InputError, call_with_retries, get_filesystem,
-                                   is_remote, list_files, normalize_uri, request_pool,
-                                   stat_file, storage_failure)
+from engine.slides.storage import (FileEntry, InputError, call_with_retries,
+                                   checking_first_contact, get_filesystem, is_remote, list_files,
+                                   normalize_uri, request_pool, stat_file, storage_failure)
 from engine.errors import ConfigError, HemeflowError, SlideError, StorageCredentialsError
 from engine.specimen import parse_specimen
 from engine.watchdog import short_stop_wait, still_going
@@ -836,7 +836,8 @@ def job_main(main):
         try:
             argv = args[0] if args else kwargs.get("argv")
             refuse_output_in_rays_copy(sys.argv[1:] if argv is None else argv)
-            return main(*args, **kwargs)
+            with checking_first_contact():
+                return main(*args, **kwargs)
         except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (`_stop_on_sigterm`)
             # Ray Train turns what stops its fit into a KeyboardInterrupt of its own
             code = 143 if isinstance(err, Terminated) or _SIGTERM.is_set() else 130
@@ -847,7 +848,8 @@ def job_main(main):
         except HemeflowError as err:
             return fail(str(err))
         except OSError as err:  # the system's word: a path missing, access denied, disk full
-            return fail(f"{type(err).__name__}: {err}")
+            # (botocore's connect timeout is one too: named as a store that cannot be reached)
+            return fail(storage_failure(err) or f"{type(err).__name__}: {err}")
         except Exception as err:  # noqa: BLE001 - re-raised unless storage cannot be used
             if (said := storage_failure(err)) is None:
                 raise

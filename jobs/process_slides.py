@@ -46,7 +46,7 @@ from engine.schema import SCHEMA_VERSION, STATUSES, slide_id_for
 from engine.slides.dicom import SERIES_TAG, series_beside
 from engine.slides.inventory import MppOverrides, modified_since_read
 from engine.slides.storage import (ARCHIVE_CLASSES, FileEntry, InputError, is_remote,
-                                   normalize_uri, remove, stat_file)
+                                   normalize_uri, remove, stat_file, storage_failure)
 from engine.specimen import SPECIMENS, UNKNOWN, Specimens, parse_specimen, slide_stages
 from jobs.common import (add_common_args, each_looked_up, expand_inputs, fail, fold_series,
                          job_main, load_config, once_each, one_value_each, read_list_values,
@@ -690,7 +690,7 @@ def main(argv=None) -> int:
     except MissingWeights as err:
         return fail(str(err))
     except (HemeflowError, OSError) as err:
-        return fail(str(err))
+        return fail(storage_failure(err) or str(err))
     print_summary(rows, args.output)
     if metrics.wall:
         print(metrics.line())

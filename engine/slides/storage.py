@@ -15,6 +15,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -125,7 +126,64 @@ def get_filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFil
     if said := unsupported_storage(uri):
         raise InputError(said)
     protocol = uri.split("://", 1)[0] if is_remote(uri) else "file"
-    return fsspec.core.url_to_fs(uri, **storage.fsspec_options(protocol))
+    fs, path = fsspec.core.url_to_fs(uri, **storage.fsspec_options(protocol))
+    if protocol != "file" and _FIRST_CONTACT.checking:
+        _FIRST_CONTACT.check(fs, path, storage.fsspec_options(protocol))
+    return fs, path
+
+
+class _FirstContact:
+    """A job's first request to each bucket of an object store, made once and with no retry
+    (`checking_first_contact`).
+
+    botocore retries a connection that fails four times, backing off up to 15 s, and waits 60 s
+    for each to open: a mistyped ``--s3-endpoint`` was named after 10 s where nothing listened
+    on its port, and after about five minutes where a firewall dropped the packets. Mid-run
+    those retries are what a job wants (a store's blip must not fail its slides); at the start
+    a store that cannot be reached at all is a setting to correct. So the first request (an
+    ``exists``: a HEAD on the key, or a one-key listing) goes on a client of its own that
+    tries once and waits ``CONNECT_S`` to connect; a store that answers anything at all, a
+    refusal or a 404 included, is reached, and the job's own clients go on as before.
+    """
+
+    CONNECT_S = 10.0  # TCP's own SYN retransmits (1, 2 and 4 s) fit in it
+
+    def __init__(self):
+        self.checking = False
+        self._reached: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def check(self, fs: fsspec.AbstractFileSystem, path: str, options: dict) -> None:
+        key = (repr(sorted(options.items())), path.split("/", 1)[0])
+        with self._lock:
+            if key in self._reached:
+                return
+            probe = type(fs)(**options, skip_instance_cache=True, config_kwargs={
+                "connect_timeout": self.CONNECT_S, "read_timeout": 3 * self.CONNECT_S,
+                "retries": {"total_max_attempts": 1}})
+            probe.retries = 1  # s3fs's own retries (of timeouts and dropped connections)
+            try:
+                probe.exists(path)
+            except Exception as err:  # noqa: BLE001 - raised where the store is not there
+                if storage_failure(err) is not None:
+                    raise  # the endpoint cannot be reached, no credentials, no such profile
+            self._reached.add(key)
+
+
+_FIRST_CONTACT = _FirstContact()
+
+
+@contextlib.contextmanager
+def checking_first_contact() -> Iterator[None]:
+    """Within: a remote filesystem's first use in this process, per bucket and settings, is
+    checked by one request that fails at once where the store cannot be used (`_FirstContact`).
+    Every job's driver runs in one (`jobs.common.job_main`); Ray's workers do not, where a
+    store's blip is retried as before."""
+    before, _FIRST_CONTACT.checking = _FIRST_CONTACT.checking, True
+    try:
+        yield
+    finally:
+        _FIRST_CONTACT.checking = before
 
 
 def remove(fs: fsspec.AbstractFileSystem, paths: str | list[str],

@@ -140,8 +140,6 @@ def test_storage_that_cannot_be_used_is_named_in_a_sentence(tmp_path, capsys, mo
     for key, value in S3_TEST_ENV.items():  # credentials (alone, no S3 server set them)
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    # botocore's own retries of a refused connection (4, backing off) took 10 s of this test
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
 
@@ -151,7 +149,12 @@ def test_storage_that_cannot_be_used_is_named_in_a_sentence(tmp_path, capsys, mo
         assert err.startswith("hemeflow: error: ") and "Traceback" not in err
         return err
 
-    assert "is --s3-endpoint (storage.endpoint_url) right" in refused("--s3-endpoint", closed)
+    # the job's first request to the store is tried once: botocore's own retries of a refused
+    # connection (4 more, backing off up to 15 s) had named a wrong endpoint after 10 s
+    with botocore_requests() as sent:
+        assert "is --s3-endpoint (storage.endpoint_url) right" in refused("--s3-endpoint",
+                                                                          closed)
+    assert len(sent) == 1 and closed in sent[0], sent
     assert "must be a URL with its scheme" in refused("--s3-endpoint", closed[7:])
     said = refused("--s3-endpoint", closed.replace("//", "//AKIA:sekrit@"))
     assert "holds credentials" in said and "sekrit" not in said
@@ -160,6 +163,75 @@ def test_storage_that_cannot_be_used_is_named_in_a_sentence(tmp_path, capsys, mo
         monkeypatch.delenv(key, raising=False)
     said = refused("--s3-endpoint", closed + "/")  # another filesystem than fsspec's cached one
     assert "Unable to locate credentials" in said and "--s3-anon" in said
+
+
+def test_a_connect_timeout_is_named_as_a_store_not_reached(capsys):
+    """botocore's connect timeout (a firewall that drops the packets) is also an OSError: jobs
+    gave its bare text, without saying which setting to check."""
+    from botocore.exceptions import ConnectTimeoutError
+
+    from jobs.common import job_main
+
+    @job_main
+    def main(argv=None):
+        raise ConnectTimeoutError(endpoint_url="http://10.0.0.9:9000/lab")
+
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hemeflow: error: object storage: Connect timeout") and \
+        "is --s3-endpoint (storage.endpoint_url) right" in err
+
+
+@contextlib.contextmanager
+def botocore_requests():
+    """The URLs botocore sends requests to meanwhile (its debug log's, in this process)."""
+    import logging
+
+    sent: list[str] = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("Sending http request"):
+                sent.append(record.getMessage().split("url=", 1)[1].split(",", 1)[0])
+
+    log = logging.getLogger("botocore.endpoint")
+    handler, level = Record(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        yield sent
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def test_a_store_reached_once_is_not_checked_again(s3_server, s3_client, monkeypatch):
+    """The first-contact check (`engine.slides.storage.checking_first_contact`) is one
+    ``exists`` per bucket and settings in a job's driver; the job's own clients keep
+    botocore's retries, and code outside a job makes no check."""
+    from engine.slides import storage
+
+    s3_client.create_bucket(Bucket="reached")
+    s3_client.put_object(Bucket="reached", Key="a/x.svs", Body=b"x")
+    cfg = StorageConfig(endpoint_url=s3_server)
+    monkeypatch.setattr(storage, "_FIRST_CONTACT", storage._FirstContact())
+
+    def listing() -> list[str]:
+        s3fs.S3FileSystem.clear_instance_cache()  # no listing known before
+        with s3_requests() as made:
+            assert [e.uri for e in list_files("s3://reached/a", cfg)] == ["s3://reached/a/x.svs"]
+        return made
+
+    outside = listing()
+    with storage.checking_first_contact():
+        first, again = listing(), listing()
+    # the check is the listing's own first question: does the prefix exist (a HEAD on it as a
+    # key, then a one-key listing)
+    assert outside[:2] == ["HEAD /reached/a", "GET /reached?list-type=2&prefix=a/&delimiter=/"
+                           "&max-keys=1&encoding-type=url"], outside
+    assert first == outside[:2] + outside and again == outside, (outside, first, again)
+    assert not storage._FIRST_CONTACT.checking
+    assert "retries" not in storage.get_filesystem("s3://reached/a", cfg)[0].config_kwargs
 
 
 def test_a_lists_objects_are_looked_up_at_once_and_kept_in_its_order(s3_server, s3_client,
