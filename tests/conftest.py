@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -340,30 +340,55 @@ def upload_tree(client, bucket: str, root: Path, prefix: str) -> None:
 
 
 @contextlib.contextmanager
-def s3_requests(status: bool = False) -> Iterator[list[str]]:
-    """The request lines (``GET /bucket/key``) the moto server in this process answers meanwhile;
-    with ``status``, each followed by its status code (``GET /bucket/key 206``: a range)."""
+def logged(name: str, level: int, parse: Callable[[str], str | None]) -> Iterator[list[str]]:
+    """``parse`` of each message logger ``name`` logs at ``level`` or above meanwhile, where it
+    returns one (the logger set to ``level`` meanwhile)."""
     import logging
 
     lines: list[str] = []
 
     class Record(logging.Handler):
         def emit(self, record):
-            text = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # werkzeug's colours
-            if '"' in text:
-                line = text.split('"')[1].rsplit(" ", 1)[0]
-                code = text.split('"')[2].split()[0] if status else ""
-                lines.append(f"{line} {code}" if status else line)
+            if (line := parse(record.getMessage())) is not None:
+                lines.append(line)
 
-    log = logging.getLogger("werkzeug")
-    handler, level = Record(), log.level
+    log = logging.getLogger(name)
+    handler, before = Record(), log.level
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    log.setLevel(level)
     try:
         yield lines
     finally:
         log.removeHandler(handler)
-        log.setLevel(level)
+        log.setLevel(before)
+
+
+def s3_requests(status: bool = False) -> contextlib.AbstractContextManager[list[str]]:
+    """The request lines (``GET /bucket/key``) the moto server in this process answers meanwhile;
+    with ``status``, each followed by its status code (``GET /bucket/key 206``: a range)."""
+    import logging
+
+    def parse(message: str) -> str | None:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", message)  # werkzeug's colours
+        if '"' not in text:
+            return None
+        parts = text.split('"')
+        line = parts[1].rsplit(" ", 1)[0]
+        return f"{line} {parts[2].split()[0]}" if status else line
+
+    return logged("werkzeug", logging.INFO, parse)
+
+
+def botocore_requests() -> contextlib.AbstractContextManager[list[str]]:
+    """The URLs botocore sends requests to meanwhile (its debug log's, in this process)."""
+    import logging
+
+    def parse(message: str) -> str | None:
+        if message.startswith("Sending http request"):
+            return message.split("url=", 1)[1].split(",", 1)[0]
+        return None
+
+    return logged("botocore.endpoint", logging.DEBUG, parse)
 
 
 def sigterm_when(proc: subprocess.Popen, ready, timeout_s: float = 240) -> str:

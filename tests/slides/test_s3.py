@@ -21,7 +21,7 @@ from engine.errors import SlideUnsupported, StagingError, StagingFull
 from engine.slides import open_slide
 from engine.slides.storage import StagingArea, list_files
 from jobs import inventory
-from tests.conftest import S3_TEST_ENV, s3_requests, upload_tree
+from tests.conftest import S3_TEST_ENV, botocore_requests, s3_requests, upload_tree
 from tests.slides.test_header_copy import SPARSE
 
 pytestmark = pytest.mark.s3
@@ -180,29 +180,6 @@ def test_a_connect_timeout_is_named_as_a_store_not_reached(capsys):
     err = capsys.readouterr().err
     assert err.startswith("hemeflow: error: object storage: Connect timeout") and \
         "is --s3-endpoint (storage.endpoint_url) right" in err
-
-
-@contextlib.contextmanager
-def botocore_requests():
-    """The URLs botocore sends requests to meanwhile (its debug log's, in this process)."""
-    import logging
-
-    sent: list[str] = []
-
-    class Record(logging.Handler):
-        def emit(self, record):
-            if record.getMessage().startswith("Sending http request"):
-                sent.append(record.getMessage().split("url=", 1)[1].split(",", 1)[0])
-
-    log = logging.getLogger("botocore.endpoint")
-    handler, level = Record(), log.level
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
-    try:
-        yield sent
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
 
 
 def test_a_store_reached_once_is_not_checked_again(s3_server, s3_client, monkeypatch):
