@@ -391,6 +391,36 @@ def quiet_ray_data_progress() -> bool:
     return True
 
 
+# Ray's lines that read as a problem in a run's log and are none: logger -> a part of the line
+RAY_NOISE = {
+    # the cells and tiles streams run side by side by design, and Ray Data keeps its own log
+    # file for one at a time
+    "ray.data._internal.logging": " registers for logging while another dataset ",
+    # the local Ray a job starts on 127.0.0.1 for itself has Ray's token auth, by Ray's default
+    "ray._private.authentication.authentication_token_setup":
+        "Token authentication is enabled for this Ray cluster",
+}
+
+
+class _Unsaid(logging.Filter):
+    """Drops a logger's records whose message holds ``part``."""
+
+    def __init__(self, part: str):
+        super().__init__()
+        self.part = part
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.part not in record.getMessage()
+
+
+def quiet_ray_noise() -> None:
+    """Leave `RAY_NOISE`'s lines out of the job's output (once per process)."""
+    for name, part in RAY_NOISE.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _Unsaid) for f in log.filters):
+            log.addFilter(_Unsaid(part))
+
+
 def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverrides,
                    res: Resources, encoder: bool, allow_untrained: bool,
                    reserved=None, read_threads: int = 1, attempts=None) -> ray.data.Dataset:
@@ -705,6 +735,7 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
     pc = cfg.pipeline
     if not pending or not branches:
         return
+    quiet_ray_noise()
     if not ray.is_initialized():
         if not os.environ.get("RAY_ADDRESS") and (why := slow_worker_start()):
             log(f"warning: {why}")  # a local Ray's workers take this process's environment

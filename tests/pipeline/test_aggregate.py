@@ -809,6 +809,27 @@ def test_an_archives_summary_table_lists_what_needs_a_look_first(capsys):
     assert len(capsys.readouterr().out.strip().splitlines()) == 6
 
 
+def test_rays_lines_that_read_as_a_problem_and_are_none_are_left_out(caplog):
+    """Ray Data's note that the second of the job's two streams does not log to its own file,
+    and Ray's warning that the local Ray a job starts has token auth, read as problems in
+    every run's output; each is left out, and other lines of the same loggers stay."""
+    import logging
+
+    from engine.pipeline.run import RAY_NOISE, quiet_ray_noise
+
+    quiet_ray_noise()
+    quiet_ray_noise()  # once per process, however often a run starts
+    for name, part in RAY_NOISE.items():
+        log = logging.getLogger(name)
+        assert len(log.filters) == 1, log.filters
+        with caplog.at_level(logging.INFO, logger=name):
+            log.info(f"dataset_035AUCU9_0{part}dataset_035AUCU7_0 is also logging.")
+            log.warning("another line of the same logger")
+        assert [r.getMessage() for r in caplog.records if r.name == name] == \
+            ["another line of the same logger"]
+        caplog.clear()
+
+
 def test_ray_data_progress_is_off_where_stdout_is_no_terminal(monkeypatch):
     """Under `ray job submit` or into a batch script's file, Ray Data logged each stream's
     state every 10 s (9 lines a stream): off there, unless
