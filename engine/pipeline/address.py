@@ -1,9 +1,11 @@
 """The cluster a job joins: ``RAY_ADDRESS`` checked before ``ray.init`` waits on it, the
-job's SIGTERM handler kept across it, and no joining it again from a thread left behind."""
+job's SIGTERM handler kept across it, no joining it again from a thread left behind, and Ray's
+lines that read as problems and are none left out of the job's output."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -66,3 +68,33 @@ def no_ray_init_again() -> None:
 
     if hasattr(auto_init_hook, "enable_auto_connect"):
         auto_init_hook.enable_auto_connect = False
+
+
+# Ray's lines that read as a problem in a run's log and are none: logger -> a part of the line
+RAY_NOISE = {
+    # the cells and tiles streams run side by side by design, and Ray Data keeps its own log
+    # file for one at a time
+    "ray.data._internal.logging": " registers for logging while another dataset ",
+    # the local Ray a job starts on 127.0.0.1 for itself has Ray's token auth, by Ray's default
+    "ray._private.authentication.authentication_token_setup":
+        "Token authentication is enabled for this Ray cluster",
+}
+
+
+class _Unsaid(logging.Filter):
+    """Drops a logger's records whose message holds ``part``."""
+
+    def __init__(self, part: str):
+        super().__init__()
+        self.part = part
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.part not in record.getMessage()
+
+
+def quiet_ray_noise() -> None:
+    """Leave `RAY_NOISE`'s lines out of the job's output (once per process)."""
+    for name, part in RAY_NOISE.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _Unsaid) for f in log.filters):
+            log.addFilter(_Unsaid(part))

@@ -30,7 +30,8 @@ from engine.classes import DEEPHEME_CODES
 from engine.config import NO_MODEL, Config, ConfigError
 from engine.errors import HUNG_IN_A_ROW, HemeflowError, StorageStalled, storage_stalled
 from engine.models import EnsemblePredictor, MissingWeights, create_model
-from engine.pipeline.address import check_ray_address, keep_sigterm_handler, no_ray_init_again
+from engine.pipeline.address import (check_ray_address, keep_sigterm_handler,
+                                     no_ray_init_again, quiet_ray_noise)
 from engine.pipeline.aggregate import Aggregator
 from engine.pipeline.commit import OutputStore
 from engine.pipeline.progress import duration
@@ -389,36 +390,6 @@ def quiet_ray_data_progress() -> bool:
     # and its warning that they are off, which names a setting of the job's own process
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     return True
-
-
-# Ray's lines that read as a problem in a run's log and are none: logger -> a part of the line
-RAY_NOISE = {
-    # the cells and tiles streams run side by side by design, and Ray Data keeps its own log
-    # file for one at a time
-    "ray.data._internal.logging": " registers for logging while another dataset ",
-    # the local Ray a job starts on 127.0.0.1 for itself has Ray's token auth, by Ray's default
-    "ray._private.authentication.authentication_token_setup":
-        "Token authentication is enabled for this Ray cluster",
-}
-
-
-class _Unsaid(logging.Filter):
-    """Drops a logger's records whose message holds ``part``."""
-
-    def __init__(self, part: str):
-        super().__init__()
-        self.part = part
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.part not in record.getMessage()
-
-
-def quiet_ray_noise() -> None:
-    """Leave `RAY_NOISE`'s lines out of the job's output (once per process)."""
-    for name, part in RAY_NOISE.items():
-        log = logging.getLogger(name)
-        if not any(isinstance(f, _Unsaid) for f in log.filters):
-            log.addFilter(_Unsaid(part))
 
 
 def branch_dataset(branch: str, items: list[dict], cfg: Config, mpp: MppOverrides,

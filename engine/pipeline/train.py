@@ -13,7 +13,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from engine.pipeline.address import check_ray_address, keep_sigterm_handler
+from engine.pipeline.address import check_ray_address, keep_sigterm_handler, quiet_ray_noise
 
 HEALTH_CHECK_INTERVAL_S = 0.25  # Ray Train's controller's polling interval (`run_ray_training`)
 
@@ -56,6 +56,7 @@ def start_ray(log_to_driver: bool = True) -> None:
     cleaner asks the dashboard's state API whether the run's controller is alive, and without
     it logs a warning every second and cannot free a lost controller's CPUs (about 1 s more
     to start here)."""
+    quiet_ray_noise()
     if not ray.is_initialized():
         check_ray_address()
         with keep_sigterm_handler():

@@ -815,7 +815,7 @@ def test_rays_lines_that_read_as_a_problem_and_are_none_are_left_out(caplog):
     every run's output; each is left out, and other lines of the same loggers stay."""
     import logging
 
-    from engine.pipeline.run import RAY_NOISE, quiet_ray_noise
+    from engine.pipeline.address import RAY_NOISE, quiet_ray_noise
 
     quiet_ray_noise()
     quiet_ray_noise()  # once per process, however often a run starts
