@@ -154,6 +154,16 @@ def stop_if_it_stops_the_job(error_type: str | None, message: str | None) -> Non
         raise StorageCredentialsError(uri, reason)
 
 
+class CheckpointError(HemeflowError):
+    """A checkpoint is missing, refused (pickle) or does not fit the model."""
+
+
+class MissingWeights(CheckpointError):
+    """A stage was asked to run a model that has no trained weights (here, not in
+    `engine.models`, so that a job names it without importing torch: its ``--help`` and its
+    argument errors answer at once)."""
+
+
 class NotOnEveryNode(HemeflowError):
     """A local slide another node of the cluster did not find, though the job's driver sees
     it: the archive is not at the same path on every node. Every slide read there would fail

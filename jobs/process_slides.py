@@ -37,9 +37,8 @@ from typing import NamedTuple
 
 import engine
 from engine.config import Config
-from engine.errors import (NOT_COMMITTED, HemeflowError, SlideArchived, SlideBeingWritten,
-                           SlideError, StagingFull, StorageCredentialsError)
-from engine.models import MissingWeights
+from engine.errors import (NOT_COMMITTED, HemeflowError, MissingWeights, SlideArchived,
+                           SlideBeingWritten, SlideError, StagingFull, StorageCredentialsError)
 from engine.pipeline.commit import OutputStore, RunLease, describe_run, runs_writing
 from engine.pipeline.run import RunMetrics, resolve_stages, run_pipeline
 from engine.schema import SCHEMA_VERSION, STATUSES, slide_id_for

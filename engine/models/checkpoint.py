@@ -16,15 +16,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from engine.config import StorageConfig, unsupported_storage
-from engine.errors import HemeflowError
-
-
-class CheckpointError(HemeflowError):
-    """A checkpoint is missing, refused (pickle) or does not fit the model."""
-
-
-class MissingWeights(CheckpointError):
-    """A stage was asked to run a model that has no trained weights."""
+from engine.errors import CheckpointError, MissingWeights  # noqa: F401 - theirs to name
 
 
 def card_path(checkpoint: str) -> str:

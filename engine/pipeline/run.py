@@ -28,8 +28,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from engine.cells import KIND_CELL, KIND_PLATELET
 from engine.classes import DEEPHEME_CODES
 from engine.config import NO_MODEL, Config, ConfigError
-from engine.errors import HUNG_IN_A_ROW, HemeflowError, StorageStalled, storage_stalled
-from engine.models import EnsemblePredictor, MissingWeights, create_model
+from engine.errors import (HUNG_IN_A_ROW, HemeflowError, MissingWeights, StorageStalled,
+                           storage_stalled)
 from engine.pipeline.address import (check_ray_address, keep_sigterm_handler,
                                      no_ray_init_again, quiet_ray_noise)
 from engine.pipeline.aggregate import Aggregator
@@ -187,6 +187,8 @@ def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
         MissingWeights: the cell classifier has no weights and ``allow_untrained`` is False (a
             differential from an untrained model would be meaningless).
     """
+    from engine.models import EnsemblePredictor, create_model  # torch: not for a job's --help
+
     plan = StagePlan()
     pc = cfg.pipeline
     stages = pc.stages
