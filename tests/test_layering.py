@@ -40,7 +40,9 @@ RULES = {
     "engine.train.batch_augment": ["ray", "openslide", "pyvips", "engine.slides",
                                    "albumentations"],
     "jobs.train_cell_classifier": ["ray", "openslide", "pyvips", "albumentations"],
-    "jobs.classify_cells": ["ray", "openslide", "pyvips", "albumentations"],
+    # the model registry (its --model choices) without torch: `engine.models` imports each
+    # name on first use
+    "jobs.classify_cells": ["ray", "openslide", "pyvips", "albumentations", "torch", "timm"],
     "engine.train.evaluation": ["ray", "openslide", "pyvips", "engine.slides"],
     "engine.train.calibration": ["ray", "openslide", "pyvips", "engine.slides"],
 }
