@@ -165,6 +165,47 @@ def test_storage_that_cannot_be_used_is_named_in_a_sentence(tmp_path, capsys, mo
     assert "Unable to locate credentials" in said and "--s3-anon" in said
 
 
+def test_a_store_that_answers_slowly_is_not_refused_at_first_contact(monkeypatch):
+    """The first-contact check gives up on a store that is slow to answer (its read timeout),
+    and only a store that cannot be used at all stops the job: here each answer (a 404)
+    comes after 0.5 s, past the check's read timeout of 0.3 s, and the job's own clients get
+    it, as before the check."""
+    import socket
+
+    from engine.slides import storage
+    from engine.slides.storage import InputError
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    answered = []
+
+    def answer_slowly():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return  # closed: the test is over
+            with conn:
+                while conn.recv(65536):  # each request on the connection, answered late
+                    time.sleep(0.5)
+                    conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                    answered.append(1)
+
+    threading.Thread(target=answer_slowly, daemon=True).start()
+    for key, value in S3_TEST_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(storage, "_FIRST_CONTACT", storage._FirstContact())
+    monkeypatch.setattr(storage._FirstContact, "CONNECT_S", 0.1)  # read timeout 0.3 s
+    cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{server.getsockname()[1]}")
+    try:
+        with storage.checking_first_contact(), pytest.raises(InputError, match="does not exist"):
+            list_files("s3://slow/slides", cfg)  # the store's own answer: no such prefix
+    finally:
+        server.close()
+    assert answered  # the job's own requests were answered, after the check gave up
+
+
 def test_a_connect_timeout_is_named_as_a_store_not_reached(capsys):
     """botocore's connect timeout (a firewall that drops the packets) is also an OSError: jobs
     gave its bare text, without saying which setting to check."""
