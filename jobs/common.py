@@ -23,9 +23,10 @@ import yaml
 from engine.config import Config, StorageConfig
 from engine.outputs import join_uri, write_bytes
 from engine.pipeline.progress import duration
-from engine.slides.storage import (FileEntry, InputError, call_with_retries,
-                                   checking_first_contact, get_filesystem, is_remote, list_files,
-                                   normalize_uri, request_pool, stat_file, storage_failure)
+from engine.first_contact import checking_first_contact
+from engine.slides.storage import (FileEntry, InputError, call_with_retries, get_filesystem,
+                                   is_remote, list_files, normalize_uri, request_pool,
+                                   stat_file, storage_failure)
 from engine.errors import ConfigError, HemeflowError, SlideError, StorageCredentialsError
 from engine.specimen import parse_specimen
 from engine.watchdog import short_stop_wait, still_going

@@ -14,6 +14,7 @@ RULES = {
     "engine.slides": ["torch", "ray", "timm"],
     "engine.slides.inventory": ["torch", "ray", "timm"],
     "engine.outputs": ["torch", "ray", "timm"],
+    "engine.first_contact": ["torch", "ray", "openslide", "pyvips", "engine.slides"],
     "jobs.inventory": ["torch", "ray", "timm"],
     # torch and timm come with the model stages (`resolve_stages`): its --help and argument
     # errors answered after 4.3 s here, 0.7 s without them

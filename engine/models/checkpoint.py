@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from engine import first_contact
 from engine.config import StorageConfig, unsupported_storage
 from engine.errors import CheckpointError, MissingWeights  # noqa: F401 - theirs to name
 
@@ -29,6 +30,8 @@ def _open(uri: str, mode: str, storage: StorageConfig):
         raise CheckpointError(said)
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
     fs, path = fsspec.core.url_to_fs(uri, **storage.fsspec_options(protocol))
+    if protocol != "file":  # a wrong endpoint named at once (`engine.first_contact`)
+        first_contact.check(fs, path, storage.fsspec_options(protocol))
     if "w" in mode and protocol == "file":
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return fs.open(path, mode)

@@ -15,7 +15,6 @@ import shutil
 import stat
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ import fsspec
 import fsspec.asyn
 import fsspec.implementations.local
 
+from engine import first_contact
 from engine.config import StorageConfig, unsupported_storage
 from engine.errors import (HemeflowError, SlideAccessDenied, SlideArchived, SlideError,
                            SlideNotFound, StagingError, StagingFull, StorageCredentialsError,
@@ -127,66 +127,9 @@ def get_filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFil
         raise InputError(said)
     protocol = uri.split("://", 1)[0] if is_remote(uri) else "file"
     fs, path = fsspec.core.url_to_fs(uri, **storage.fsspec_options(protocol))
-    if protocol != "file" and _FIRST_CONTACT.checking:
-        _FIRST_CONTACT.check(fs, path, storage.fsspec_options(protocol))
+    if protocol != "file":
+        first_contact.check(fs, path, storage.fsspec_options(protocol))
     return fs, path
-
-
-class _FirstContact:
-    """A job's first request to each bucket of an object store, made once and quick to give up
-    (`checking_first_contact`).
-
-    botocore retries a connection that fails four times, backing off up to 15 s, and waits for
-    each to open: a mistyped ``--s3-endpoint`` was named after 10 s where nothing listened
-    on its port, and after about 35 s where a firewall dropped the packets. Mid-run
-    those retries are what a job wants (a store's blip must not fail its slides); at the start
-    a store that cannot be reached at all is a setting to correct. So the first request (an
-    ``exists``: a HEAD on the key, or a one-key listing) goes on a client of its own that
-    tries ``TRIES`` times and waits ``CONNECT_S`` each to connect. A store that answers
-    anything at all, a refusal or a 404 included, is reached; one that answers slowly too (a
-    read timeout): the job's own clients go on with it, as before. Only a store that cannot be
-    used at all (`_unusable`: no connection, no credentials, an unknown profile) stops the job.
-    """
-
-    CONNECT_S = 5.0  # TCP's own first two SYN retransmits (after 1 and 3 s) fit in it
-    TRIES = 2  # a second, after botocore's back-off (under a second): a DNS blip at a pod's start
-
-    def __init__(self):
-        self.checking = False
-        self._reached: set[tuple[str, str]] = set()
-        self._lock = threading.Lock()
-
-    def check(self, fs: fsspec.AbstractFileSystem, path: str, options: dict) -> None:
-        key = (repr(sorted(options.items())), path.split("/", 1)[0])
-        with self._lock:
-            if key in self._reached:
-                return
-            probe = type(fs)(**options, skip_instance_cache=True, config_kwargs={
-                "connect_timeout": self.CONNECT_S, "read_timeout": 3 * self.CONNECT_S,
-                "retries": {"total_max_attempts": self.TRIES}})
-            probe.retries = 1  # s3fs's own retries (of timeouts and dropped connections)
-            try:
-                probe.exists(path)
-            except Exception as err:  # noqa: BLE001 - raised where the store cannot be used
-                if _unusable(err) is not None:
-                    raise
-            self._reached.add(key)
-
-
-_FIRST_CONTACT = _FirstContact()
-
-
-@contextlib.contextmanager
-def checking_first_contact() -> Iterator[None]:
-    """Within: a remote filesystem's first use in this process, per bucket and settings, is
-    checked by one request that fails at once where the store cannot be used (`_FirstContact`).
-    Every job's driver runs in one (`jobs.common.job_main`); Ray's workers do not, where a
-    store's blip is retried as before."""
-    before, _FIRST_CONTACT.checking = _FIRST_CONTACT.checking, True
-    try:
-        yield
-    finally:
-        _FIRST_CONTACT.checking = before
 
 
 def remove(fs: fsspec.AbstractFileSystem, paths: str | list[str],
@@ -321,32 +264,17 @@ def restore_command(uri: str) -> str:
             "--restore-request Days=7")
 
 
-def _unusable(err: BaseException) -> str | None:
-    """What to check where ``err`` says object storage cannot be used at all (the endpoint
-    unreachable, no credentials found, an unknown AWS profile), or None."""
-    boto = sys.modules.get("botocore.exceptions")  # loaded by s3fs; never imported here
-    if boto is None or not isinstance(err, boto.BotoCoreError):
-        return None
-    if isinstance(err, (boto.EndpointConnectionError, boto.ConnectTimeoutError)):
-        return "is --s3-endpoint (storage.endpoint_url) right, and the server up?"
-    if isinstance(err, (boto.NoCredentialsError, boto.PartialCredentialsError)):
-        return ("give credentials in the environment (AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY), an AWS profile (--s3-profile), or --s3-anon for a "
-                "public bucket")
-    if isinstance(err, boto.ProfileNotFound):
-        return "the profiles are in ~/.aws/config and ~/.aws/credentials"
-    return None
-
-
 def storage_failure(err: BaseException) -> str | None:
-    """What to tell a user whose object storage cannot be used at all (`_unusable`) or fails
+    """What to tell a user whose object storage cannot be used at all
+    (`engine.first_contact.unusable`) or fails
     in botocore's own errors otherwise, or None for any other error. botocore raises these
     past s3fs, outside the built-in IO errors, so they ended jobs in a traceback.
     """
     boto = sys.modules.get("botocore.exceptions")
     if boto is None or not isinstance(err, boto.BotoCoreError):
         return None
-    hint = _unusable(err) or "check the --s3-* flags and the storage: section of the config"
+    hint = first_contact.unusable(err) or \
+        "check the --s3-* flags and the storage: section of the config"
     return f"object storage: {err}: {hint}"
 
 

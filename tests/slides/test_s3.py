@@ -172,7 +172,7 @@ def test_a_store_that_answers_slowly_is_not_refused_at_first_contact(monkeypatch
     it, as before the check."""
     import socket
 
-    from engine.slides import storage
+    from engine import first_contact
     from engine.slides.storage import InputError
 
     server = socket.socket()
@@ -195,15 +195,40 @@ def test_a_store_that_answers_slowly_is_not_refused_at_first_contact(monkeypatch
     threading.Thread(target=answer_slowly, daemon=True).start()
     for key, value in S3_TEST_ENV.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(storage, "_FIRST_CONTACT", storage._FirstContact())
-    monkeypatch.setattr(storage._FirstContact, "CONNECT_S", 0.1)  # read timeout 0.3 s
+    monkeypatch.setattr(first_contact, "FIRST_CONTACT", first_contact.FirstContact())
+    monkeypatch.setattr(first_contact.FirstContact, "CONNECT_S", 0.1)  # read timeout 0.3 s
     cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{server.getsockname()[1]}")
     try:
-        with storage.checking_first_contact(), pytest.raises(InputError, match="does not exist"):
+        with first_contact.checking_first_contact(), \
+                pytest.raises(InputError, match="does not exist"):
             list_files("s3://slow/slides", cfg)  # the store's own answer: no such prefix
     finally:
         server.close()
     assert answered  # the job's own requests were answered, after the check gave up
+
+
+def test_a_checkpoint_on_a_store_not_reached_is_tried_twice(tmp_path, monkeypatch):
+    """A model checkpoint is often the one object a job reads from S3 (its slides local): its
+    first read is checked as the slides' listing is (`engine.first_contact`)."""
+    import socket
+
+    from botocore.exceptions import EndpointConnectionError
+
+    from engine import first_contact
+    from engine.models import read_checkpoint
+    from engine.slides.storage import storage_failure
+
+    with socket.socket() as sock:  # a port on which nothing listens once it is closed
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    for key, value in S3_TEST_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(first_contact, "FIRST_CONTACT", first_contact.FirstContact())
+    with first_contact.checking_first_contact(), botocore_requests() as sent, \
+            pytest.raises(EndpointConnectionError) as info:
+        read_checkpoint("s3://models/cells.safetensors", StorageConfig(endpoint_url=closed))
+    assert len(sent) == 2 and all(closed + "/models/cells.safetensors" in u for u in sent), sent
+    assert "is --s3-endpoint (storage.endpoint_url) right" in storage_failure(info.value)
 
 
 def test_a_connect_timeout_is_named_as_a_store_not_reached(capsys):
@@ -224,15 +249,16 @@ def test_a_connect_timeout_is_named_as_a_store_not_reached(capsys):
 
 
 def test_a_store_reached_once_is_not_checked_again(s3_server, s3_client, monkeypatch):
-    """The first-contact check (`engine.slides.storage.checking_first_contact`) is one
+    """The first-contact check (`engine.first_contact.checking_first_contact`) is one
     ``exists`` per bucket and settings in a job's driver; the job's own clients keep
     botocore's retries, and code outside a job makes no check."""
+    from engine import first_contact
     from engine.slides import storage
 
     s3_client.create_bucket(Bucket="reached")
     s3_client.put_object(Bucket="reached", Key="a/x.svs", Body=b"x")
     cfg = StorageConfig(endpoint_url=s3_server)
-    monkeypatch.setattr(storage, "_FIRST_CONTACT", storage._FirstContact())
+    monkeypatch.setattr(first_contact, "FIRST_CONTACT", first_contact.FirstContact())
 
     def listing() -> list[str]:
         s3fs.S3FileSystem.clear_instance_cache()  # no listing known before
@@ -241,14 +267,14 @@ def test_a_store_reached_once_is_not_checked_again(s3_server, s3_client, monkeyp
         return made
 
     outside = listing()
-    with storage.checking_first_contact():
+    with first_contact.checking_first_contact():
         first, again = listing(), listing()
     # the check is the listing's own first question: does the prefix exist (a HEAD on it as a
     # key, then a one-key listing)
     assert outside[:2] == ["HEAD /reached/a", "GET /reached?list-type=2&prefix=a/&delimiter=/"
                            "&max-keys=1&encoding-type=url"], outside
     assert first == outside[:2] + outside and again == outside, (outside, first, again)
-    assert not storage._FIRST_CONTACT.checking
+    assert not first_contact.FIRST_CONTACT.checking
     assert "retries" not in storage.get_filesystem("s3://reached/a", cfg)[0].config_kwargs
 
 
