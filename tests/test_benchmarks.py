@@ -225,3 +225,24 @@ def test_ood_spread_fits_both_thresholds_on_draws_of_each_size(tmp_path, monkeyp
                     low, high = r[key]["range90"]
                     assert 0 <= low <= r[key]["median"] <= high <= 1
     assert by_method["cross_fitted"]["fitted"] == 3  # at 100, every class in each fold's fit
+
+
+def test_unreachable_store_times_both_sides_to_the_same_error(tmp_path, monkeypatch):
+    """`benchmarks/unreachable_store.py`, the refused endpoint alone (the dropped one waits out
+    botocore's connect time-outs, about 35 s), with botocore's own retries cut to the check's
+    two tries: both sides end in the error a job names as a store not reached."""
+    from benchmarks import common, unreachable_store
+    from engine import first_contact
+
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(first_contact, "FIRST_CONTACT", first_contact.FIRST_CONTACT)  # after
+    for key, value in {"AWS_MAX_ATTEMPTS": "2", "AWS_ACCESS_KEY_ID": "unused",
+                       "AWS_SECRET_ACCESS_KEY": "unused", "AWS_EC2_METADATA_DISABLED": "true"
+                       }.items():  # what the script sets, restored after
+        monkeypatch.setenv(key, value)
+    result = unreachable_store.main(["--cases", "refused", "--tag", "t"])
+    (path,) = tmp_path.glob("unreachable_store-*-t.json")
+    assert json.loads(path.read_text()) == result and "dropped" not in result
+    refused = result["refused"]
+    assert refused["error"] == refused["error_checked"] == "EndpointConnectionError"
+    assert refused["baseline_s"] > 0 and refused["checked_s"] > 0
