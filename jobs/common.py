@@ -21,9 +21,9 @@ from typing import TypeVar
 import yaml
 
 from engine.config import Config, StorageConfig
+from engine.first_contact import checking_first_contact
 from engine.outputs import join_uri, write_bytes
 from engine.pipeline.progress import duration
-from engine.first_contact import checking_first_contact
 from engine.slides.storage import (FileEntry, InputError, call_with_retries, get_filesystem,
                                    is_remote, list_files, normalize_uri, request_pool,
                                    stat_file, storage_failure)

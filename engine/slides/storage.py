@@ -265,10 +265,10 @@ def restore_command(uri: str) -> str:
 
 
 def storage_failure(err: BaseException) -> str | None:
-    """What to tell a user whose object storage cannot be used at all
-    (`engine.first_contact.unusable`) or fails
-    in botocore's own errors otherwise, or None for any other error. botocore raises these
-    past s3fs, outside the built-in IO errors, so they ended jobs in a traceback.
+    """What to tell a user whose object storage cannot be used at all (the endpoint unreachable,
+    no credentials found, an unknown AWS profile: `engine.first_contact.unusable`) or fails in
+    another of botocore's own errors, or None for any other error. botocore raises these past
+    s3fs, outside the built-in IO errors, so they ended jobs in a traceback.
     """
     boto = sys.modules.get("botocore.exceptions")
     if boto is None or not isinstance(err, boto.BotoCoreError):

@@ -207,7 +207,7 @@ def test_a_store_that_answers_slowly_is_not_refused_at_first_contact(monkeypatch
     assert answered  # the job's own requests were answered, after the check gave up
 
 
-def test_a_checkpoint_on_a_store_not_reached_is_tried_twice(tmp_path, monkeypatch):
+def test_a_checkpoint_on_a_store_not_reached_is_tried_twice(monkeypatch):
     """A model checkpoint is often the one object a job reads from S3 (its slides local): its
     first read is checked as the slides' listing is (`engine.first_contact`)."""
     import socket
