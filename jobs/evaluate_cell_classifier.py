@@ -35,10 +35,8 @@ import json
 import os
 import sys
 
-from engine.models import create_model, read_checkpoint
-from engine.models.checkpoint import CheckpointError
+from engine.errors import CheckpointError
 from engine.train.data import Shift
-from engine.train.evaluation import check_comparable, evaluate_classifier
 from engine.train.metrics import BOOTSTRAP_RESAMPLES
 from jobs.common import (add_data_arg, add_storage_args, count_arg, job_main, labelled_data,
                          mpp_arg, number_arg, storage_from_args)
@@ -102,6 +100,8 @@ def parse_args(argv=None):
 
 def load(checkpoint: str, storage):
     """A classifier checkpoint built as its card names it."""
+    from engine.models import create_model, read_checkpoint  # torch: not for --help
+
     _, card = read_checkpoint(checkpoint, storage)
     return create_model(card["name"], checkpoint, storage=storage)
 
@@ -109,6 +109,8 @@ def load(checkpoint: str, storage):
 @job_main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from engine.train.evaluation import check_comparable, evaluate_classifier
+
     storage = storage_from_args(args)
     try:
         models = [load(ckpt, storage) for ckpt in args.checkpoint]

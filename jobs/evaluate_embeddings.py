@@ -19,10 +19,9 @@ import sys
 
 import numpy as np
 
-from engine.models import MissingWeights, Predictor, create_model, list_models
-from engine.models.checkpoint import CheckpointError
+from engine.errors import CheckpointError, MissingWeights
+from engine.models import list_models
 from engine.train.data import load_cell_images
-from engine.train.evaluation import probe_embeddings
 from jobs.common import (add_data_arg, add_storage_args, job_main, labelled_data, mpp_arg,
                          storage_from_args)
 
@@ -48,6 +47,9 @@ def main(argv=None) -> int:
     if args.source_mpp is not None and args.target_mpp is None:
         p.error("--source-mpp is used only with --target-mpp (the µm/px to resample to); "
                 "without it each image is resized whole")
+    from engine.models import Predictor, create_model  # torch: not for --help
+    from engine.train.evaluation import probe_embeddings
+
     try:
         model = create_model(args.model, args.checkpoint, allow_untrained=args.allow_untrained,
                              storage=storage_from_args(args),

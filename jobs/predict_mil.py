@@ -33,8 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.errors import HemeflowError
-from engine.models import MissingWeights
-from engine.models.mil import attention_scores, load_mil, predict_bags
+from engine.errors import MissingWeights
 from jobs.common import (add_storage_args, count_arg, fail, job_main, mpp_arg,
                          resolve_source_mpp, storage_from_args)
 from jobs.train_mil import add_instances_arg, is_output, load_instances
@@ -151,6 +150,8 @@ def main(argv=None) -> int:
     if args.source_mpp is not None and not args.bags:
         p.error("--source-mpp is the µm/px of --bags images; a run's embeddings were made at "
                 "its slides' own")
+    from engine.models.mil import attention_scores, load_mil, predict_bags  # torch: not --help
+
     storage = storage_from_args(args)
     try:
         model, card = load_mil(args.checkpoint, storage)

@@ -30,9 +30,7 @@ import sys
 import numpy as np
 import polars as pl
 
-from engine.models import MissingWeights
-from engine.models.mil import predict_bags, save_mil
-from engine.train.mil import train_mil
+from engine.errors import MissingWeights
 from engine.outputs import join_uri, write_bytes
 from engine.slides.storage import get_filesystem, is_remote, normalize_uri, remove
 from jobs.common import (InputError, add_storage_args, count_arg, job_main, mpp_arg, positive_arg,
@@ -208,6 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--local", action="store_true", help="train in this process, without Ray")
     add_storage_args(p)
     args = p.parse_args(argv)
+    from engine.models.mil import predict_bags, save_mil  # torch: not for --help
+
     storage = storage_from_args(args)
     args.output = normalize_uri(args.output) if is_remote(args.output) else \
         os.path.abspath(args.output)
@@ -294,6 +294,8 @@ def _fitter(args, kw: dict, storage):
     """``fit(bags, targets, name) -> model``: in this process (``--local``) or on Ray Train,
     checkpointing to ``<output>/runs`` (an ``s3://`` output: where every node writes)."""
     if args.local:
+        from engine.train.mil import train_mil
+
         return lambda bags, targets, name: train_mil(bags, targets, **kw)[0]
     import ray
 

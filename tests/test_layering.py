@@ -16,9 +16,13 @@ RULES = {
     "engine.outputs": ["torch", "ray", "timm"],
     "engine.first_contact": ["torch", "ray", "openslide", "pyvips", "engine.slides"],
     "jobs.inventory": ["torch", "ray", "timm"],
-    # torch and timm come with the model stages (`resolve_stages`): its --help and argument
-    # errors answered after 4.3 s here, 0.7 s without them
+    # torch and timm come with the model stages (`resolve_stages`), and with the jobs' main
+    # below: their --help and argument errors answered after 4-6 s here, under 1.5 s without
     "jobs.process_slides": ["torch", "timm"],
+    "jobs.evaluate_cell_classifier": ["torch", "timm"],
+    "jobs.evaluate_embeddings": ["torch", "timm"],
+    "jobs.predict_mil": ["torch", "timm"],
+    "jobs.train_mil": ["torch", "timm"],
     "jobs.slide_summary": ["torch", "ray", "timm"],
     "jobs.compare_differentials": ["torch", "ray", "timm"],
     "engine.specimen": ["torch", "ray", "openslide", "pyvips", "fsspec"],
