@@ -46,6 +46,7 @@ class FirstContact:
     """The buckets this process has reached, and whether to check the others (see the module)."""
 
     CONNECT_S = 5.0  # TCP's own first two SYN retransmits (after 1 and 3 s) fit in it
+    READ_S = 15.0  # an answer slower than this: the store is there, and the job goes on
     TRIES = 2  # a second, after botocore's back-off (under a second): a DNS blip at a pod's start
 
     def __init__(self):
@@ -63,7 +64,7 @@ class FirstContact:
             if key in self._reached:
                 return
             probe = type(fs)(**options, skip_instance_cache=True, config_kwargs={
-                "connect_timeout": self.CONNECT_S, "read_timeout": 3 * self.CONNECT_S,
+                "connect_timeout": self.CONNECT_S, "read_timeout": self.READ_S,
                 "retries": {"total_max_attempts": self.TRIES}})
             probe.retries = 1  # s3fs's own retries (of timeouts and dropped connections)
             try:

@@ -196,7 +196,7 @@ def test_a_store_that_answers_slowly_is_not_refused_at_first_contact(monkeypatch
     for key, value in S3_TEST_ENV.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(first_contact, "FIRST_CONTACT", first_contact.FirstContact())
-    monkeypatch.setattr(first_contact.FirstContact, "CONNECT_S", 0.1)  # read timeout 0.3 s
+    monkeypatch.setattr(first_contact.FirstContact, "READ_S", 0.3)
     cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{server.getsockname()[1]}")
     try:
         with first_contact.checking_first_contact(), \
