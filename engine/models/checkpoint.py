@@ -29,9 +29,10 @@ def _open(uri: str, mode: str, storage: StorageConfig):
     if said := unsupported_storage(uri):
         raise CheckpointError(said)
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
-    fs, path = fsspec.core.url_to_fs(uri, **storage.fsspec_options(protocol))
+    options = storage.fsspec_options(protocol)
+    fs, path = fsspec.core.url_to_fs(uri, **options)
     if protocol != "file":  # a wrong endpoint named at once (`engine.first_contact`)
-        first_contact.check(fs, path, storage.fsspec_options(protocol))
+        first_contact.check(fs, path, options)
     if "w" in mode and protocol == "file":
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return fs.open(path, mode)

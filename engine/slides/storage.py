@@ -126,9 +126,10 @@ def get_filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFil
     if said := unsupported_storage(uri):
         raise InputError(said)
     protocol = uri.split("://", 1)[0] if is_remote(uri) else "file"
-    fs, path = fsspec.core.url_to_fs(uri, **storage.fsspec_options(protocol))
+    options = storage.fsspec_options(protocol)
+    fs, path = fsspec.core.url_to_fs(uri, **options)
     if protocol != "file":
-        first_contact.check(fs, path, storage.fsspec_options(protocol))
+        first_contact.check(fs, path, options)
     return fs, path
 
 
