@@ -97,6 +97,12 @@ def get_class(code: str) -> CellClass:
         raise ValueError(f"unknown cell class code {code!r}; valid: {sorted(CLASSES)}") from None
 
 
+def ordered_codes(codes) -> list[str]:
+    """Codes in DeepHeme scheme order, then any others alphabetically."""
+    order = {c: i for i, c in enumerate(DEEPHEME_CODES)}
+    return sorted(set(codes), key=lambda c: (order.get(c, len(order)), c))
+
+
 def lineage_of(code: str) -> str:
     return get_class(code).lineage
 

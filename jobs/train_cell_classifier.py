@@ -42,21 +42,23 @@ import sys
 import tempfile
 import time
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 import engine
-from engine.classes import covers, get_class
-from engine.models import create_model, get_spec, list_models, write_checkpoint
-from engine.models.factory import LoadedModel, build_module
+from engine.classes import covers, get_class, ordered_codes
+from engine.models import get_spec, list_models  # the registry: torch is imported in main
 from engine.outputs import join_uri, write_bytes
 from engine.slides.storage import is_remote, normalize_uri
+from engine.train import COMPILE_MODES
 from engine.train.data import fetch_labelled, read_labels, source_of
-from engine.train.evaluation import evaluate_classifier, ordered_codes
-from engine.train.loop import COMPILE_MODES, LocalSession, TrainSettings, settings_dict
-from engine.train.splits import holdout_split, kfold_splits
 from jobs.common import (add_data_arg, add_storage_args, count_arg, job_main, labelled_data,
                          mpp_arg, pack_or_given_mpp, positive_arg, read_data, read_pack,
                          storage_from_args)
+
+if TYPE_CHECKING:
+    from engine.models.factory import LoadedModel
 
 
 DEFAULT_BATCH = 128  # --batch-size where the data holds enough
@@ -197,6 +199,8 @@ def split_for_training(data, excluded: set[str], test_fraction: float, seed: int
         ValueError: fewer than two codes to train on, or one with fewer than
             `MIN_PER_CLASS` images.
     """
+    from engine.train.splits import holdout_split
+
     rng = np.random.default_rng(seed)
     keep = [i for i, c in enumerate(data.codes) if c not in excluded]
     counts = collections.Counter(data.codes[i] for i in keep)
@@ -232,6 +236,7 @@ def prepare(args, out: str, data=None):
     """Split ``data`` (default: read from ``args.data``), write the test list, and write the
     prepared arrays for the workers."""
     from engine.train.data import UnreadableImages, load_cell_images, unreadable
+    from engine.train.splits import kfold_splits
 
     data = data or read_data(args)
     excluded = {c.strip() for c in args.exclude_codes.split(",") if c.strip()}
@@ -410,6 +415,13 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as err:  # no labels, an unknown or too rare code
         print(f"hemeflow: error: {err}", file=sys.stderr)
         return 2
+    import torch  # not for --help and the data's errors: 5-9 s of torch, timm and sklearn
+
+    from engine.models import build_module, write_checkpoint
+    from engine.models.factory import LoadedModel
+    from engine.train.evaluation import evaluate_classifier
+    from engine.train.loop import LocalSession, TrainSettings, settings_dict
+
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              patience=args.patience, num_workers=args.loader_workers,
                              lr_step_epochs=args.lr_step_epochs, max_minutes=args.max_minutes,
@@ -422,8 +434,6 @@ def main(argv=None) -> int:
                              swa_start=args.swa_start, precision=args.precision,
                              augment=args.augment, compile=args.compile,
                              colour=args.colour)
-    import torch
-
     use_gpu = args.gpus or torch.cuda.is_available()
     if not (args.local or use_gpu):  # a CPU head starts the GPU nodes only if GPUs are asked
         print("training on CPU workers: give --gpus for one GPU per worker (on a cluster whose "
@@ -635,6 +645,8 @@ def reusable_fold(work: str, fold: int, args, storage) -> bool:
 
 
 def reload(out, fold, args) -> LoadedModel:
+    from engine.models import create_model
+
     return create_model(args.arch, os.path.join(out, f"fold-{fold}", "model.safetensors"))
 
 

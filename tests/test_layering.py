@@ -44,7 +44,9 @@ RULES = {
                                      "albumentations"],
     "engine.train.batch_augment": ["ray", "openslide", "pyvips", "engine.slides",
                                    "albumentations"],
-    "jobs.train_cell_classifier": ["ray", "openslide", "pyvips", "albumentations"],
+    # its --help and the data's errors without torch (5-9 s here): main imports it after them
+    "jobs.train_cell_classifier": ["ray", "openslide", "pyvips", "albumentations", "torch",
+                                   "timm", "sklearn"],
     # the model registry (its --model choices) without torch: `engine.models` imports each
     # name on first use
     "jobs.classify_cells": ["ray", "openslide", "pyvips", "albumentations", "torch", "timm"],

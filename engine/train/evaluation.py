@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 
-from engine.classes import DEEPHEME_CODES, covers, get_class, to_group
+from engine.classes import covers, get_class, to_group
 from engine.config import CellDetectionConfig
 from engine.focus import edge_blur_um
 from engine.models.factory import LoadedModel
@@ -15,12 +15,6 @@ from engine.models.inference import EnsemblePredictor, default_device, native_bf
 from engine.stain import nuclear_colour, stain_summary
 from engine.train.data import LabelledImages, Shift, load_cell_images
 from engine.train.metrics import BOOTSTRAP_RESAMPLES, classification_metrics, paired_bootstrap
-
-
-def ordered_codes(codes) -> list[str]:
-    """Codes in DeepHeme scheme order, then any others alphabetically."""
-    order = {c: i for i, c in enumerate(DEEPHEME_CODES)}
-    return sorted(set(codes), key=lambda c: (order.get(c, len(order)), c))
 
 
 def predict_images(models: list[LoadedModel], images: np.ndarray, batch_size: int = 256,

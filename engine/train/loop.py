@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from engine.models.inference import native_bf16
+from engine.train import COMPILE_MODES
 from engine.train.metrics import classification_metrics
 
 
@@ -125,9 +126,6 @@ class LocalSession:
     def restore_dir(self):
         path = os.path.join(self.root, "checkpoint")
         return path if os.path.exists(os.path.join(path, "state.json")) else None
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def compile_in_place(module: torch.nn.Module, mode: str) -> torch.nn.Module:
