@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 
@@ -64,6 +65,29 @@ def build_module(spec: ModelSpec, num_classes: int, pretrained: bool = False) ->
                              **dict(spec.timm_kwargs))
 
 
+def _loaded_module(spec: ModelSpec, num_classes: int, state: dict) -> tuple[torch.nn.Module,
+                                                                           list, list]:
+    """``spec``'s module holding ``state``, and `load_state_dict`'s missing and unexpected keys.
+
+    Built on the meta device, where no weight is drawn, then given the state's own tensors: on
+    a CPU the random initialisation the checkpoint replaces took 0.17 s of ResNeXt-50, 0.7 s of
+    ViT-B/14 and 2.7 s of ViT-L/14, in the driver and again in every model actor. Where that
+    build fails or leaves a tensor the state does not hold (a buffer that no checkpoint keeps),
+    the module is built as usual instead."""
+    try:
+        with torch.device("meta"):
+            module = build_module(spec, num_classes)
+    except (RuntimeError, NotImplementedError):  # a build that reads a tensor's values
+        module = None
+    if module is not None:
+        missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected or not any(
+                t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
+            return module, missing, unexpected
+    module = build_module(spec, num_classes)
+    return (module, *module.load_state_dict(state, strict=False))
+
+
 # timm build arguments with which the same weights compute something else (a dilated last
 # stage): a checkpoint loads only into the build it was trained in. Others that matter change
 # the weights' shapes (a ViT's img_size), which loading the weights checks.
@@ -115,12 +139,12 @@ def create_model(name: str, checkpoint: str | None = None, *, class_codes=None,
                                   f"load it as the model it was trained as "
                                   f"({card.get('name', '?')!r})")
         codes = tuple(card.get("class_codes", ()))
-        module = build_module(spec, len(codes) if spec.task == "classification" else 0)
         ranges = {k: v for k, v in state.items() if k.startswith(quantize.PREFIX)}
         density = {k: v for k, v in state.items() if k.startswith(OOD_PREFIX)}
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()
                  if k not in ranges and k not in density}
-        missing, unexpected = module.load_state_dict(state, strict=False)
+        module, missing, unexpected = _loaded_module(
+            spec, len(codes) if spec.task == "classification" else 0, state)
         if missing or unexpected:
             raise CheckpointError(f"{uri} does not fit {spec.architecture}: missing "
                                   f"{missing[:5]}, unexpected {unexpected[:5]}")
