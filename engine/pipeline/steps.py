@@ -192,7 +192,8 @@ def ready_since(t_born: float, warmup: float = 0.0, imports: float = 0.0, load: 
 
 def warmed(predictor, batch_size: int, **path) -> float:
     """Seconds ``predictor.warmup(batch_size, **path)`` took (GPU: kernels and plans, and CUDA
-    graphs where the actor runs them, at actor start, not in-stream; nothing to do on a CPU).
+    graphs where the actor runs them, at actor start, not in-stream; on a CPU, the compile of
+    a compiled model, and nothing otherwise).
     ``path``: a classifier's ``tta`` and ``features``, as its actor will score."""
     t0 = time.perf_counter()
     predictor.warmup(batch_size, **path)

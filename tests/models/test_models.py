@@ -339,6 +339,32 @@ def test_cuda_graphs_are_off_where_they_cannot_run():
         assert not Predictor(model, "cuda", graphs=True, bucket=0).graphs
 
 
+def test_a_model_compiled_on_a_cpu_serves_every_batch_size_with_one_graph(monkeypatch):
+    """``compile`` on a CPU (Inductor, the weights frozen into the graph, the batch dimension
+    dynamic): `warmup` compiles the path the actor scores, and every batch after it, of 0,
+    1 or 100 rows, runs that one graph (a recompile here is an error) with eager's outputs.
+    Inductor's real code generation, as a CPU-only node runs it (about 33 s here)."""
+    from torch._dynamo import config as dynamo
+    from torch._inductor import config as inductor
+
+    monkeypatch.setattr(inductor, "freezing", inductor.freezing)  # as it was, after the test
+    model = create_model("deepheme-tiny", allow_untrained=True, class_codes=CODES, seed=0)
+    crops = np.random.default_rng(11).integers(0, 255, (100, 96, 96, 3), dtype=np.uint8)
+    compiled = Predictor(model, "cpu", compile=True, chunk=64)
+    assert compiled.compiled and inductor.freezing
+    compiled.warmup(64, features=True)  # the pipeline's path: probabilities and features
+    eager = Predictor(model, "cpu", chunk=64)
+    with monkeypatch.context() as m:
+        m.setattr(dynamo, "error_on_recompile", True)
+        for n in (0, 1, 7, 100):  # 100: a pass of 64 rows and one of 36
+            (pc, _, fc), (pe, _, fe) = (p.score(crops[:n], features=True)
+                                        for p in (compiled, eager))
+            assert pc.shape == (n, len(CODES)) and fc.shape == fe.shape
+            np.testing.assert_allclose(pc, pe, atol=0.02)
+            np.testing.assert_allclose(fc, fe, rtol=0.05, atol=0.05)
+    assert not Predictor(model, "cpu").compiled
+
+
 def test_ensemble_averages_its_members_and_refuses_other_codes(tmp_path):
     from engine.models import EnsemblePredictor
 
