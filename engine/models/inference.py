@@ -105,21 +105,33 @@ class Predictor:
         # (path, padded input shape) -> (graph, its uint8 input, its outputs)
         self._graphed: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple]] = {}
         self.graphs_error = ""  # why graphs were turned off, where they were
+        self.compile_error = ""  # why a CPU's compile was given up, where it was
 
     def warmup(self, max_batch: int, tta: bool = False, features: bool = False) -> None:
         """Run every padded batch shape up to ``max_batch`` once (CUDA, and a compiled model
         on a CPU), so the first real batches do not pay for kernel loading and convolution
         planning (nor, with ``graphs``, for capturing them; nor for compiling). A classifier
         runs the path `score` will take with ``tta`` and ``features``, as the pipeline's
-        actor calls it. On a CPU, one batch: its one graph serves every size."""
+        actor calls it. On a CPU, one batch: its one graph serves every size. A CPU's compile
+        that fails (a node without a C++ compiler, which Inductor needs there) leaves the
+        model eager, with a warning that says why (``compile_error``)."""
         if not (self.cuda or self.compiled):
             return
         px = self.model.spec.input_px
         step = self.bucket or max(max_batch, self.min_rows)
         run = self.embed if self.model.spec.task != "classification" else \
             (lambda x: self.score(x, tta, features=features))
-        for n in range(step, max(min(max_batch, self.chunk), step) + 1, step):
-            run(np.zeros((n, px, px, 3), np.uint8))
+        try:
+            for n in range(step, max(min(max_batch, self.chunk), step) + 1, step):
+                run(np.zeros((n, px, px, 3), np.uint8))
+        except Exception as err:  # noqa: BLE001 - Inductor's own errors; re-raised on a GPU
+            if self.cuda:
+                raise
+            self.compile_error = f"{type(err).__name__}: {str(err).strip()[:500]}"
+            self.compiled, self.forward, self.pooled = False, self.module, self._pooled
+            self.min_rows = 0
+            warnings.warn(f"compile off for {self.model.spec.name} on the CPU: "
+                          f"{self.compile_error}; running eager", RuntimeWarning)
         if self.cuda:
             torch.cuda.synchronize(self.device)
 

@@ -365,6 +365,29 @@ def test_a_model_compiled_on_a_cpu_serves_every_batch_size_with_one_graph(monkey
     assert not Predictor(model, "cpu").compiled
 
 
+def test_a_cpu_compile_that_fails_leaves_the_model_eager(monkeypatch):
+    """A CPU node without what Inductor needs (a C++ compiler) fails the compile at the
+    actor's warm-up: the model runs eager, with a warning saying why, not a crashed actor."""
+    from torch._inductor import config as inductor
+
+    monkeypatch.setattr(inductor, "freezing", inductor.freezing)
+
+    def compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile)
+    model = create_model("deepheme-tiny", allow_untrained=True, class_codes=CODES, seed=0)
+    crops = np.random.default_rng(12).integers(0, 255, (5, 96, 96, 3), dtype=np.uint8)
+    p = Predictor(model, "cpu", compile=True)
+    with pytest.warns(RuntimeWarning, match="compile off for deepheme-tiny on the CPU: "
+                                            "RuntimeError: InvalidCxxCompiler"):
+        p.warmup(16)
+    assert not p.compiled and "C++ compiler" in p.compile_error
+    np.testing.assert_array_equal(p.predict(crops), Predictor(model, "cpu").predict(crops))
+
+
 def test_ensemble_averages_its_members_and_refuses_other_codes(tmp_path):
     from engine.models import EnsemblePredictor
 
