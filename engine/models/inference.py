@@ -49,7 +49,8 @@ class Predictor:
             folds the weights in as constants (``freezing``: convolutions prepacked for
             oneDNN) and compiles one graph for every batch size (the batch dimension
             dynamic; batches of fewer than 2 rows are padded to 2, sizes a dynamic graph
-            does not cover): ResNeXt-50 in bf16 on 2 cores x1.5, after 10-40 s of compiling.
+            does not cover): ResNeXt-50 x1.3-1.4 in bf16 and float32 on 2 cores, after 15-30 s
+            of compiling (an int8 checkpoint, never compiled, is faster still there).
         bucket: on CUDA, batches are padded on the device to a multiple of this many rows, so
             the convolution plans (and compiled graphs) built for a few shapes serve every
             batch; without it each new batch size builds its own. 0 turns padding off.
