@@ -94,6 +94,46 @@ def test_shipped_classifier_in_int8_agrees_with_float_on_real_cells(tmp_path):
 
 
 @needs_pbc
+def test_the_shipped_int8_classifier_is_the_reference_and_its_ranges(tmp_path):
+    """``deepheme-resnext50-int8`` ships as a few KB beside the reference (its activation
+    ranges and int8 distance threshold; the weights are the reference's, checked by SHA-256):
+    a CPU-only node runs it with no calibration data of its own. Its calls on real PBC cells
+    are the float model's."""
+    import os
+
+    from engine.models import get_spec
+
+    uri = get_spec("deepheme-resnext50-int8").checkpoint_uri()
+    reference = get_spec("deepheme-resnext50").checkpoint_uri()
+    if not os.path.exists(reference):
+        pytest.skip("the reference's weights are not in this tree (a device bundle)")
+    assert os.path.getsize(uri) < 100_000
+    int8, ref = create_model("deepheme-resnext50-int8"), create_model("deepheme-resnext50")
+    assert int8.int8 is not None and int8.class_codes == ref.class_codes
+    assert int8.temperature == ref.temperature and int8.ood is not None
+    for (k, a), b in zip(ref.module.state_dict().items(), int8.module.state_dict().values()):
+        assert torch.equal(a, b), k  # the reference's weights, its temperature applied
+    test = _cells(96, offset=4000)
+    calls = Predictor(int8).predict(test).argmax(1)
+    assert (calls == Predictor(ref, "cpu", amp=False).predict(test).argmax(1)).mean() >= 0.95
+    # the ranges were fitted to those weights: other weights beside them are refused
+    state, card = read_checkpoint(uri)
+    added = {k: v for k, v in state.items() if k.startswith(("int8.", "ood.threshold"))}
+    write_checkpoint(added, card, str(tmp_path / "int8.safetensors"))
+    write_checkpoint({k: v * 1.01 if v.is_floating_point() else v for k, v in state.items()
+                      if k not in added}, {"name": "x"}, str(tmp_path / card["weights_from"]))
+    with pytest.raises(CheckpointError, match="made for other weights"):
+        read_checkpoint(str(tmp_path / "int8.safetensors"))
+    os.remove(tmp_path / card["weights_from"])
+    with pytest.raises(CheckpointError, match="which is not beside it"):
+        read_checkpoint(str(tmp_path / "int8.safetensors"))
+    for name in ("../deepheme-resnext50.safetensors", "/tmp/x.safetensors"):
+        write_checkpoint(added, {**card, "weights_from": name}, str(tmp_path / "far.safetensors"))
+        with pytest.raises(CheckpointError, match="must name a file beside it"):
+            read_checkpoint(str(tmp_path / "far.safetensors"))
+
+
+@needs_pbc
 def test_job_calibrates_on_training_rows_and_scores_the_test_split(tmp_path, capsys):
     _pbc_subset(tmp_path / "d")
     _, path, _ = _tiny_float(tmp_path)
