@@ -280,6 +280,26 @@ def test_an_int8_classifier_takes_a_cpu_not_the_gpu():
     assert (sum(res.readers.values()) + res.models["cells"]) * res.cpu + 1 <= 15
 
 
+def test_a_cpu_only_run_of_the_float_reference_names_its_int8_build():
+    """Without GPUs the float classifier bounds the cells branch: the run says once that the
+    reference's int8 build runs it 1.5-2.4x faster there. Not with a GPU, an int8 model, a
+    lab's own checkpoint or ensemble, or without the cells branch."""
+    from engine.pipeline.run import StagePlan, cpu_classifier_note
+
+    both, plan = ("cells", "tiles"), StagePlan()
+
+    def note(gpus=0, branches=both, stages=plan, **classifier):
+        cfg = Config.from_dict({"pipeline": {"classifier": classifier}})
+        return cpu_classifier_note(cfg, gpus, branches, stages)
+
+    assert "pipeline.classifier.model: deepheme-resnext50-int8" in note()
+    assert note(gpus=1) is None and note(branches=("tiles",)) is None
+    assert note(stages=StagePlan(cpu_models=frozenset({"cells"}))) is None  # int8 already
+    assert note(model="deepheme-resnext50-int8") is None
+    assert note(checkpoint="/lab/fine-tuned.safetensors") is None
+    assert note(ensemble=["/lab/fold-1.safetensors"]) is None
+
+
 def test_host_bundles_hold_each_gpu_model_actors_share_and_cpus():
     from engine.pipeline.run import host_bundles
 
