@@ -80,8 +80,8 @@ def read_checkpoint(uri: str, storage: StorageConfig | None = None
 def _base_weights(uri: str, card: dict, storage: StorageConfig) -> dict[str, torch.Tensor]:
     """The weights a checkpoint that adds to another's starts from: the safetensors file its
     card's ``weights_from`` names beside it, whose SHA-256 must be ``weights_sha256`` (what it
-    adds was fitted to those weights: an int8 model's activation ranges, 844 bytes beside the
-    reference's 47 MB, `engine/models/checkpoints/deepheme-resnext50-int8.json`)."""
+    adds was fitted to those weights: an int8 model's activation ranges, a 14 KB file beside
+    the reference's 47 MB, `engine/models/checkpoints/deepheme-resnext50-int8.json`)."""
     name, want = card["weights_from"], card.get("weights_sha256")
     if "/" in name or "\\" in name or name in (".", "..") or not want:
         raise CheckpointError(f"{card_path(uri)}: weights_from must name a file beside it, "
