@@ -273,7 +273,7 @@ def cpu_classifier_note(cfg: Config, gpus: float, branches: tuple[str, ...],
                         stages: StagePlan) -> str | None:
     """What to say where the shipped classifier will run in floating point on a cluster
     without GPUs: its int8 build (`deepheme-resnext50-int8`) runs it 1.5-2.4x faster on the
-    CPUs measured, and it bounds the cells branch there. None elsewhere."""
+    CPUs measured. None elsewhere."""
     c = cfg.pipeline.classifier
     if "cells" not in branches or gpus or "cells" in stages.cpu_models \
             or c.model != "deepheme-resnext50" or c.checkpoint or c.ensemble:
