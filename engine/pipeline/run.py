@@ -625,6 +625,33 @@ def _changed(listed: dict[str, FileEntry], beside: dict[str, list[FileEntry]], s
 STALLED_GRACE_S = 2.0
 
 
+def end_streams() -> int:
+    """Shut down the Ray Data streams this process runs (a job's process runs its own only),
+    each with its operators' actors; returns how many. A stream is an executor thread named
+    ``StreamingExecutor-<dataset>``; once shut down it marks its output finished, and a
+    consumer waiting on its next batch (`_consume`), which a read that hangs would have held
+    for ever, sees the stream end and returns. Left running, a stopped job's stream went on
+    calling Ray from its thread after the exit had shut Ray down, and Ray ended the process
+    with exit code 1 ("The core worker has already been shutdown"), the job's own code (2,
+    130, 143) lost."""
+    import inspect
+
+    ended = 0
+    for thread in threading.enumerate():
+        shutdown = getattr(thread, "shutdown", None)
+        if not thread.name.startswith("StreamingExecutor-") or not callable(shutdown):
+            continue
+        try:  # force: the actors are killed, a read that hangs with them
+            if "force" in inspect.signature(shutdown).parameters:
+                shutdown(force=True)
+            else:
+                shutdown()
+            ended += 1
+        except Exception as err:  # noqa: BLE001 - the stop goes on; the stream is left
+            logging.getLogger(__name__).warning("could not end stream %s: %s", thread.name, err)
+    return ended
+
+
 def _on_daemon(name: str, fn, *args) -> Future:
     """``fn(*args)`` on a daemon thread, as a future. A stopped run (Ctrl-C, SIGTERM) waits
     `engine.watchdog.stop_grace_s` for its branches' streams to end at their next batch, then
@@ -780,8 +807,13 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
                 if isinstance(err, StorageStalled):  # its reads are known to hang
                     grace = min(grace, STALLED_GRACE_S)
                 _, held = wait(futures, timeout=grace)
+                if held:  # a read that hangs holds their next batch: end their streams
+                    ended = end_streams()
+                    _, held = wait(held, timeout=grace)
+                    log(f"ended {ended} stream(s) of branch(es) held by a read that hangs"
+                        + (f"; stopping without {len(held)} whose threads go on" if held
+                           else ""))
                 if held:  # their streams' own shutdown, later, would log tracebacks
-                    log(f"stopping without {len(held)} branch(es) held by a read that hangs")
                     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
                     no_ray_init_again()  # their threads, once Ray has shut down at exit
                 raise

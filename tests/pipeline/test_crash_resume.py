@@ -220,7 +220,11 @@ def test_a_run_on_a_mount_that_stopped_answering_stops(ray_local, tmp_path):
     assert int(found[1]) <= len(status) < 10, status
     assert set(status["error_type"]) == {"SlideReadTimeout"}
     assert set(status["uri"]) <= {str(p) for p in fifos}
-    # the streams left behind join no Ray again as the job ends (once it crashed: SIGSEGV)
+    # the streams the reads hold are shut down (`end_streams`), and none joins a Ray again
+    # as the job ends (once it crashed: SIGSEGV); left running, one's next call of Ray after
+    # the exit had shut it down ended the process with exit code 1
+    assert re.search(r"ended [12] stream\(s\) of branch\(es\) held by a read that hangs\n",
+                     said), said[-3000:]
     assert not re.search(RAY_AGAIN, said.split(error, 1)[-1]), said[-3000:]
     assert done.returncode == 2, said[-3000:]
     assert status["error_message"][0].endswith(": reading it had not ended after 3 s (a "
@@ -257,7 +261,9 @@ def test_a_stopped_run_does_not_wait_on_a_read_that_hangs(ray_local, tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     said = log.read_text()
-    assert "stopping without 1 branch(es) held by a read that hangs" in said
-    assert not re.search(RAY_AGAIN, said.split("stopping without", 1)[1]), said[-3000:]
+    # the stream the read holds is shut down, its actors with it: no thread of it goes on
+    # calling Ray after the exit shut Ray down (which ended the process with exit code 1)
+    assert "ended 1 stream(s) of branch(es) held by a read that hangs\n" in said, said[-3000:]
+    assert not re.search(RAY_AGAIN, said.split("held by a read that hangs", 1)[1]), said[-3000:]
     assert "hemeflow: stopped (SIGTERM): what it committed stays" in said
     assert not (tmp_path / "out" / "_running").exists()  # its mark left with it
