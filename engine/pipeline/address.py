@@ -56,14 +56,15 @@ def keep_sigterm_handler():
 
 
 def no_ray_init_again() -> None:
-    """Let no thread of this process start or join Ray from now on. A stopped run leaves
-    behind the streams a read that hangs holds (`engine.watchdog.STOP_GRACE_S`); once
-    the interpreter's exit has shut Ray down, their threads' next call of Ray's API joined
-    the cluster again (Ray's auto-init; on a machine's own Ray it would start a new one),
-    from an interpreter that was ending: the job's exit was held up, and once crashed
-    (SIGSEGV, where the stop's exit code was due). The calls now fail in those threads,
-    which nothing waits for. Ray's switch, ``RAY_ENABLE_AUTO_CONNECT=0``, is read once at
-    its import; this sets what it sets (left alone where a Ray release has it no more)."""
+    """Let no thread of this process start or join Ray from now on. A stopped run may leave
+    behind a stream that a read that hangs holds and that shutting down did not end
+    (`engine.pipeline.run.end_streams`); once the interpreter's exit has shut Ray down,
+    their threads' next call of Ray's API joined the cluster again (Ray's auto-init; on a
+    machine's own Ray it would start a new one), from an interpreter that was ending: the
+    job's exit was held up, and once crashed (SIGSEGV, where the stop's exit code was due).
+    The calls now fail in those threads, which nothing waits for. Ray's switch,
+    ``RAY_ENABLE_AUTO_CONNECT=0``, is read once at its import; this sets what it sets (left
+    alone where a Ray release has it no more)."""
     from ray._private import auto_init_hook
 
     if hasattr(auto_init_hook, "enable_auto_connect"):

@@ -235,6 +235,52 @@ def test_a_run_on_a_mount_that_stopped_answering_stops(ray_local, tmp_path):
                                                "pipeline.read_timeout_minutes)")
 
 
+def test_end_streams_ends_a_stream_whose_next_batch_never_comes(ray_local, tmp_path):
+    """`end_streams` shuts down a stream whose next batch a call that never returns holds: the
+    consumer waiting on that batch sees the stream end and returns, no executor thread is left
+    to call Ray once it has shut down, and the call's actor process is ended."""
+    import threading
+
+    import ray
+
+    from engine.pipeline.run import _on_daemon, actor_pool, end_streams
+
+    began = tmp_path / "began"
+
+    class Hangs:
+        def __call__(self, batch):
+            began.write_text(str(os.getpid()))
+            time.sleep(3600)  # a read on a mount that stopped answering
+            return batch
+
+    def streams() -> list:
+        return [t for t in threading.enumerate() if t.name.startswith("StreamingExecutor-")]
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    ds = ray.data.range(4, override_num_blocks=1).map_batches(
+        Hangs, batch_size=None, compute=actor_pool(1), num_cpus=0)
+    consumer = _on_daemon("consumer", lambda: [len(b["id"]) for b in ds.iter_batches()])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not began.exists():
+        time.sleep(0.2)
+    pid = int(began.read_text())
+    assert not consumer.done() and len(streams()) == 1 and alive(pid)
+    assert end_streams() == 1
+    consumer.exception(timeout=30)  # it returned, or raised: it no longer waits
+    assert not streams()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and alive(pid):
+        time.sleep(0.2)
+    assert not alive(pid)
+    assert end_streams() == 0  # nothing left to end
+
+
 def test_a_stopped_run_does_not_wait_on_a_read_that_hangs(ray_local, tmp_path):
     """A slide whose read hangs (here a named pipe no one writes: its open never returns, as a
     read on a stalled mount) held its run: the run said nothing, and SIGTERM or Ctrl-C waited
