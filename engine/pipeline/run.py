@@ -642,10 +642,11 @@ def end_streams() -> int:
         if not thread.name.startswith("StreamingExecutor-") or not callable(shutdown):
             continue
         try:  # force: the actors are killed, a read that hangs with them
-            if "force" in inspect.signature(shutdown).parameters:
-                shutdown(force=True)
-            else:
-                shutdown()
+            takes = inspect.signature(shutdown).parameters
+            # with a reason, Ray Data logs the stream as failed, not "finished in N seconds"
+            shutdown(**({"force": True} if "force" in takes else {}),
+                     **({"exception": RuntimeError("stopped while a read that hangs held it")}
+                        if "exception" in takes else {}))
             ended += 1
         except Exception as err:  # noqa: BLE001 - the stop goes on; the stream is left
             logging.getLogger(__name__).warning("could not end stream %s: %s", thread.name, err)
