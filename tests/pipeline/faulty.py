@@ -56,6 +56,20 @@ class ReadHungOnPoison(ReadTiles):
         return super()._reading(batch, i)
 
 
+class HangsAfterSaying:
+    """A batch step whose call never returns (a read on a mount that stopped answering), having
+    written its process id to ``said`` as it began."""
+
+    def __init__(self, said: str):
+        self.said = said
+
+    def __call__(self, batch):
+        with open(self.said, "w") as fh:
+            fh.write(str(os.getpid()))
+        time.sleep(3600)
+        return batch
+
+
 class Probe:
     def restarted(self) -> bool:
         import warnings

@@ -244,15 +244,9 @@ def test_end_streams_ends_a_stream_whose_next_batch_never_comes(ray_local, tmp_p
     import ray
 
     from engine.pipeline.run import _on_daemon, actor_pool, end_streams
+    from tests.pipeline.faulty import HangsAfterSaying
 
     began = tmp_path / "began"
-
-    class Hangs:
-        def __call__(self, batch):
-            began.write_text(str(os.getpid()))
-            time.sleep(3600)  # a read on a mount that stopped answering
-            return batch
-
     def streams() -> list:
         return [t for t in threading.enumerate() if t.name.startswith("StreamingExecutor-")]
 
@@ -264,7 +258,8 @@ def test_end_streams_ends_a_stream_whose_next_batch_never_comes(ray_local, tmp_p
             return False
 
     ds = ray.data.range(4, override_num_blocks=1).map_batches(
-        Hangs, batch_size=None, compute=actor_pool(1), num_cpus=0)
+        HangsAfterSaying, fn_constructor_args=(str(began),), batch_size=None,
+        compute=actor_pool(1), num_cpus=0)
     consumer = _on_daemon("consumer", lambda: [len(b["id"]) for b in ds.iter_batches()])
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not began.exists():
