@@ -389,9 +389,10 @@ class ModelStageConfig:
             (`engine.pipeline.run.reserve_host_cpus`); with 0 the actor asks for no CPU.
         tta: average over 8 rotations/flips (classifier only; 8x compute).
         compile: ``torch.compile`` the model in its actors: about 2x for ResNeXt-50 on an
-            H100; on a CPU-only node x1.5 for ResNeXt-50 in bf16 on 2 cores (weights frozen
-            into the graph, one graph for every batch size; `engine.models.Predictor`). Each
-            actor compiles at its start (10-40 s here), before its first batch. Not for an int8
+            H100; on a CPU-only node x1.3-1.4 for ResNeXt-50 in bf16 and float32 on 2 cores
+            (weights frozen into the graph, one graph for every batch size;
+            `engine.models.Predictor`). Each actor compiles at its start (15-30 s here),
+            before its first batch. Not for an int8
             checkpoint, which runs its own kernels.
         cuda_graphs: run each padded batch shape as a captured CUDA graph on GPU actors (one
             replay per pass instead of one launch per kernel; `engine.models.Predictor`),

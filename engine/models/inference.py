@@ -145,10 +145,10 @@ class Predictor:
         """
         x = torch.as_tensor(_checked(images))
         x = x.to(self.device, non_blocking=True)
-        rows = -(-len(x) // self.bucket) * self.bucket if self.bucket else len(x)
-        if max(rows, self.min_rows) > len(x):
-            pad = max(rows, self.min_rows) - len(x)
-            x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+        rows = max(-(-len(x) // self.bucket) * self.bucket if self.bucket else len(x),
+                   self.min_rows)
+        if rows > len(x):
+            x = torch.cat([x, x.new_zeros((rows - len(x), *x.shape[1:]))])
         x = x.permute(0, 3, 1, 2).float()
         size = self.model.spec.input_px
         if x.shape[-2:] != (size, size):

@@ -641,12 +641,13 @@ def end_streams() -> int:
         shutdown = getattr(thread, "shutdown", None)
         if not thread.name.startswith("StreamingExecutor-") or not callable(shutdown):
             continue
-        try:  # force: the actors are killed, a read that hangs with them
+        # force: the actors are killed, a read that hangs with them; with a reason, Ray Data
+        # logs the stream as failed, not "finished in N seconds" (each where Ray takes it)
+        wanted = {"force": True,
+                  "exception": RuntimeError("stopped while a read that hangs held it")}
+        try:
             takes = inspect.signature(shutdown).parameters
-            # with a reason, Ray Data logs the stream as failed, not "finished in N seconds"
-            shutdown(**({"force": True} if "force" in takes else {}),
-                     **({"exception": RuntimeError("stopped while a read that hangs held it")}
-                        if "exception" in takes else {}))
+            shutdown(**{k: v for k, v in wanted.items() if k in takes})
             ended += 1
         except Exception as err:  # noqa: BLE001 - the stop goes on; the stream is left
             logging.getLogger(__name__).warning("could not end stream %s: %s", thread.name, err)
@@ -814,9 +815,9 @@ def _run_branches(agg: Aggregator, pending: list[FileEntry], cfg: Config, mpp: M
                     log(f"ended {ended} stream(s) of branch(es) held by a read that hangs"
                         + (f"; stopping without {len(held)} whose threads go on" if held
                            else ""))
-                if held:  # their streams' own shutdown, later, would log tracebacks
-                    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
-                    no_ray_init_again()  # their threads, once Ray has shut down at exit
+                    if held:  # their streams' own shutdown, later, would log tracebacks
+                        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+                        no_ray_init_again()  # their threads, once Ray has shut down at exit
                 raise
             for f in futures:
                 f.result()  # re-raise the first failure, once both threads have ended
