@@ -392,8 +392,7 @@ class ModelStageConfig:
             H100; on a CPU-only node x1.3-1.4 for ResNeXt-50 in bf16 and float32 on 2 cores
             (weights frozen into the graph, one graph for every batch size;
             `engine.models.Predictor`). Each actor compiles at its start (15-30 s here),
-            before its first batch. Not for an int8
-            checkpoint, which runs its own kernels.
+            before its first batch. Not for an int8 checkpoint, which runs its own kernels.
         cuda_graphs: run each padded batch shape as a captured CUDA graph on GPU actors (one
             replay per pass instead of one launch per kernel; `engine.models.Predictor`),
             captured at actor start. For a node whose CPUs are busy feeding the GPU: the

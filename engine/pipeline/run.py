@@ -636,15 +636,14 @@ def end_streams() -> int:
     130, 143) lost."""
     import inspect
 
+    # force: the actors are killed, a read that hangs with them; with a reason, Ray Data logs
+    # the stream as failed, not "finished in N seconds" (each where Ray takes it)
+    wanted = {"force": True, "exception": RuntimeError("stopped while a read that hangs held it")}
     ended = 0
     for thread in threading.enumerate():
         shutdown = getattr(thread, "shutdown", None)
         if not thread.name.startswith("StreamingExecutor-") or not callable(shutdown):
             continue
-        # force: the actors are killed, a read that hangs with them; with a reason, Ray Data
-        # logs the stream as failed, not "finished in N seconds" (each where Ray takes it)
-        wanted = {"force": True,
-                  "exception": RuntimeError("stopped while a read that hangs held it")}
         try:
             takes = inspect.signature(shutdown).parameters
             shutdown(**{k: v for k, v in wanted.items() if k in takes})

@@ -247,6 +247,7 @@ def test_end_streams_ends_a_stream_whose_next_batch_never_comes(ray_local, tmp_p
     from tests.pipeline.faulty import HangsAfterSaying
 
     began = tmp_path / "began"
+
     def streams() -> list:
         return [t for t in threading.enumerate() if t.name.startswith("StreamingExecutor-")]
 
