@@ -187,12 +187,14 @@ def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
         MissingWeights: the cell classifier has no weights and ``allow_untrained`` is False (a
             differential from an untrained model would be meaningless).
     """
-    from engine.models import EnsemblePredictor, create_model  # torch: not for a job's --help
-
     plan = StagePlan()
     pc = cfg.pipeline
     stages = pc.stages
     if "cells" in stages:
+        # torch and timm, imported where a model is to be loaded: not for a job's --help, nor
+        # for a driver whose stages load none (3-4 CPU-seconds)
+        from engine.models import EnsemblePredictor, create_model
+
         c = cfg.pipeline.classifier
         members = [create_model(c.model, ckpt, allow_untrained=allow_untrained,
                                 storage=cfg.storage, class_codes=DEEPHEME_CODES)
@@ -231,6 +233,8 @@ def resolve_stages(cfg: Config, allow_untrained: bool) -> StagePlan:
         if e.model == NO_MODEL:  # tiles read for the label-free cellularity, not embedded
             plan.skipped["tile_embedding"] = f"pipeline.encoder.model is {NO_MODEL!r}"
         else:
+            from engine.models import create_model
+
             try:
                 enc = create_model(e.model, e.checkpoint, allow_untrained=allow_untrained,
                                    storage=cfg.storage)

@@ -39,7 +39,24 @@ def archive(tmp_path_factory, smear_slide):
     return root
 
 
+# the tiles branch alone, read but not embedded: three actors a run (attempts, planner, reader)
+# where tiny_config's start seven, two of them loading torch and timm (about 25 CPU-seconds of
+# the 2-core machine a run), for the tests of what precedes the models (listing, staging,
+# planning, commits)
+READ_ONLY_CONFIG = """
+pipeline:
+  stages: [tiles]
+  encoder: {model: none}
+"""
+
+
 def tiny_config(tmp_path, chunk=0):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_CONFIG.format(chunk=chunk))
+    return str(path)
+
+
+def read_only_config(tmp_path):
+    path = tmp_path / "read-only.yaml"
+    path.write_text(READ_ONLY_CONFIG)
     return str(path)

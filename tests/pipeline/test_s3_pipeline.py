@@ -14,7 +14,7 @@ from engine.config import StorageConfig
 from engine.slides.storage import StagingArea
 from jobs import process_slides
 from tests.conftest import s3_requests, upload_tree
-from tests.pipeline.conftest import tiny_config
+from tests.pipeline.conftest import read_only_config, tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
@@ -252,7 +252,7 @@ def test_credentials_refused_mid_run_stop_the_job_and_a_rerun_finishes_it(
 
     monkeypatch.setattr(process_slides, "read_inputs", read_then_expire)
     run = ["--input", "s3://expiring/lab", "--output", str(tmp_path / "out"), "--s3-endpoint",
-           s3_server, "--config", tiny_config(tmp_path), "--allow-untrained"]
+           s3_server, "--config", read_only_config(tmp_path)]
     try:
         code = process_slides.main(run)
     finally:
@@ -288,7 +288,7 @@ def test_a_dicom_series_met_in_glacier_leaves_no_row_once_restored_and_read_whol
         s3_client.put_object(Bucket="thawed", Key=f"c/{name}", StorageClass="GLACIER",
                              Body=(dicom_study / "walked" / name).read_bytes())
     run = ["--input", "s3://thawed/c", "--output", str(tmp_path / "out"), "--s3-endpoint",
-           s3_server, "--config", tiny_config(tmp_path), "--allow-untrained", "--mpp", "0.25"]
+           s3_server, "--config", read_only_config(tmp_path), "--mpp", "0.25"]
     assert process_slides.main(run) == 0
     status = pl.read_parquet(tmp_path / "out" / "slide_status" / "*.parquet")
     assert status["error_type"].to_list() == ["SlideArchived"] * len(series)
@@ -328,8 +328,7 @@ def test_an_object_replaced_after_the_listing_is_left_for_the_next_run(
 
     monkeypatch.setattr(process_slides, "read_inputs", list_then_rescan)
     run = ["--input", "s3://rescans/lab", "--output", str(tmp_path / "out"), "--s3-endpoint",
-           s3_server, "--config", tiny_config(tmp_path), "--allow-untrained", "--specimen",
-           "biopsy"]
+           s3_server, "--config", read_only_config(tmp_path)]
     assert process_slides.main(run) == 0
     out = capsys.readouterr().out
     assert "s3://rescans/lab/small.svs: its ETag went from " in out
