@@ -19,6 +19,9 @@ RULES = {
     # torch and timm come with the model stages (`resolve_stages`), and with the jobs' main
     # below: their --help and argument errors answered after 4-6 s here, under 1.5 s without
     "jobs.process_slides": ["torch", "timm"],
+    # what each Ray worker of the pipeline imports: scipy (0.37 s a process here) comes with
+    # the splitting of touching nuclei (`engine.cells._split`), torch with the model steps
+    "engine.pipeline.steps": ["torch", "timm", "scipy"],
     "jobs.evaluate_cell_classifier": ["torch", "timm"],
     "jobs.evaluate_embeddings": ["torch", "timm"],
     "jobs.predict_mil": ["torch", "timm"],
