@@ -112,7 +112,7 @@ def _split(blob: np.ndarray, min_distance_px: float) -> np.ndarray:
     """Label map splitting one binary blob into cells around the peaks of its distance
     transform (peaks closer than ``min_distance_px`` are one cell)."""
     # scipy.ndimage here, where touching nuclei are split: not in every process that imports
-    # this module (each Ray worker of the pipeline, through its steps: 0.2 s of CPU a process)
+    # this module (each Ray worker of the pipeline, through its steps: 0.37 s of CPU a process)
     from scipy import ndimage as ndi
 
     dist = ndi.distance_transform_edt(blob)

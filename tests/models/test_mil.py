@@ -104,7 +104,7 @@ def test_job_checkpoints_to_an_s3_output(ray_local, s3_server, s3_client):
     s3_client.put_object(Bucket="mil-runs", Key="marrow/runs/fit/stale.txt", Body=b"old job")
     rng = np.random.default_rng(4)
     frac = rng.uniform(0.1, 0.9, 12)
-    # one worker: DDP is the test above's; a second process importing torch cost this a third
+    # one worker: DDP is the test above's (each worker is a process importing torch)
     args = argparse.Namespace(local=False, workers=1, output="s3://mil-runs/marrow")
     copies = f"{tempfile.gettempdir()}/hemeflow-fit-*"  # run_ray_training's local copies
     before = set(glob.glob(copies))

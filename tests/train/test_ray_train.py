@@ -127,7 +127,7 @@ def test_workers_read_the_object_store_and_checkpoint_to_s3(ray_local, tmp_path,
     config = {"arch": "deepheme-tiny", "class_codes": codes, "data": data, "fold": 0,
               "settings": settings.__dict__}
     # one worker: it has no other way to the images than the object store (two workers, DDP,
-    # are the killed-worker test's; a second process importing torch cost this one a third)
+    # are the killed-worker test's; each worker is a process importing torch and timm)
     folder, history = run_ray_training(train_fold, config, num_workers=1, use_gpu=False,
                                        storage_path=runs, name="fold-0",
                                        storage=StorageConfig(endpoint_url=s3_server))
