@@ -83,11 +83,12 @@ def test_train_throughput_runs_its_three_parts(tmp_path, monkeypatch):
     assert all(v > 0 for v in result["crops_per_s"].values())
     compiled = result["compiled"]["default"]  # no "error": the compiled steps ran
     assert compiled["alone"] > 0 and compiled["device"] > 0 and compiled["first_steps_s"] > 0
-    # the rates are given to 0.1 crop/s, the ratio (of the unrounded rates) to 0.001: on a busy
-    # machine, at a few crops a second, the rates' rounding moves the ratio more than its own
+    # the rates are given to 0.1 crop/s and the ratio (of the unrounded rates) to 0.001, so it
+    # lies within the bounds the rates' rounding allows, widened by its own rounding (the two
+    # errors add: CI once saw 1.197 for 1.1964 from the rounded rates)
     fast, eager = compiled["alone"], result["crops_per_s"]["alone"]
-    assert compiled["vs_eager"]["alone"] == pytest.approx(
-        fast / eager, rel=0.05 / fast + 0.05 / eager, abs=6e-4)
+    low, high = (fast - 0.05) / (eager + 0.05), (fast + 0.05) / (eager - 0.05)
+    assert low - 5e-4 - 1e-9 <= compiled["vs_eager"]["alone"] <= high + 5e-4 + 1e-9
 
 
 def test_feed_capacity_runs_both_branches_in_several_processes(tmp_path, monkeypatch):
