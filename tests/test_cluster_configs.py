@@ -80,6 +80,34 @@ def test_runtime_env_excludes_local_state():
     assert "aws_secret" not in text and "token:" not in text
 
 
+def test_the_shipped_checkpoints_go_up_with_the_working_dir(tmp_path):
+    """`ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml` packs the project
+    as Ray's own upload does (its default excludes, the runtime env's, the .gitignore): the
+    shipped checkpoints and cards go with it, as the job imports `engine` from that copy and
+    reads the default classifier's weights beside it (Ray warns that the 45 MiB file is large
+    and suggests leaving it out); the local environment and history do not."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    packed = tmp_path / "working_dir.zip"
+
+    def upload(working_dir, excludes, is_file=False):
+        assert not is_file
+        create_package(working_dir, packed, include_gitignore=True, excludes=excludes)
+
+    env = {**_load("runtime_env.yaml"), "working_dir": str(ROOT)}
+    upload_working_dir_if_needed(env, include_gitignore=True, upload_fn=upload)
+    names = set(zipfile.ZipFile(packed).namelist())
+    shipped = {p.relative_to(ROOT).as_posix()
+               for p in (ROOT / "engine" / "models" / "checkpoints").iterdir()}
+    assert "engine/models/checkpoints/deepheme-resnext50.safetensors" in shipped
+    assert shipped <= names, sorted(shipped - names)
+    assert "jobs/process_slides.py" in names
+    assert not any(n.startswith((".venv/", ".git/", "hemeflow-out/")) for n in names)
+
+
 def test_ray_job_stop_gives_the_submitted_jobs_time_to_stop_through_their_cleanup():
     """``ray job stop`` kills a job 3 s after its SIGTERM unless RAY_JOB_STOP_WAIT_TIME_S
     says more: the runtime env every ``ray job submit`` of the README takes, and the RayJob's,
