@@ -9,7 +9,7 @@ patch. An output records the version that made it, and a rerun resumes it only i
 results release (`results_release`; README "Versions").
 """
 
-__version__ = "0.8.18"
+__version__ = "0.8.19"
 
 
 def results_release(version: str = __version__) -> str:

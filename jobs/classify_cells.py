@@ -81,7 +81,8 @@ def read_images(paths: list[str], source_mpp: float, spec, threads: int | None =
         try:
             with Image.open(image_source(path, storage)) as im:
                 rgb = np.asarray(im.convert("RGB"))
-        except (OSError, ValueError) as err:  # PIL: unreadable or truncated file
+        # PIL: unreadable or truncated file; or past the size it decodes (a bomb, it says)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             return f"{os.path.basename(path)}: {err}"
         return cell_crop(rgb, source_mpp, spec.input_mpp, spec.input_px), \
             red_cell_diameters(rgb)

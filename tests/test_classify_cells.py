@@ -556,6 +556,22 @@ def test_an_export_of_another_stain_is_flagged(exports, tmp_path, capsys):
         f"{again}/slide_status/*.parquet")["warnings"].to_list() for w in ws)
 
 
+def test_an_image_too_large_to_decode_is_left_out_as_unreadable(tmp_path):
+    """An image past what Pillow decodes in an export (Pillow's decompression-bomb refusal,
+    which is no OSError) ended the job over every export in a traceback; it is left out and
+    named as a truncated image is."""
+    from types import SimpleNamespace
+
+    from tests.slides.test_bad_inputs import _png
+
+    good = str(SHARED_DATA / "pbc" / "images" / "basophil" / "BA_100102.jpg")
+    (tmp_path / "huge.png").write_bytes(_png(20_000, 20_000))
+    ok, crops, bad, _ = classify_cells.read_images(
+        [good, str(tmp_path / "huge.png")], 0.1, SimpleNamespace(input_mpp=0.25, input_px=96), 1)
+    assert ok == [0] and crops.shape == (1, 96, 96, 3)
+    assert len(bad) == 1 and bad[0].startswith("huge.png: Image size (400000000 pixels) exceeds")
+
+
 def test_a_random_pick_draws_each_class_from_every_slide():
     """The galleries' and exports' ``random`` order drew each class with the same seed, so it
     took the same places in every class's rows, which come slide by slide: on a run's two

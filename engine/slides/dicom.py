@@ -17,6 +17,7 @@ other files of its series with it, not its folder's other series
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -24,13 +25,16 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from engine.config import StorageConfig
+from engine.errors import HemeflowError
 from engine.slides.storage import (FileEntry, call_with_retries, changed_since_listed,
                                    entry_of, get_filesystem, is_remote, request_pool)
 
 HEADER_THREADS = 16  # headers read at once: a request each on S3
 SERIES_TAG = "dicom-series-"  # how a series' digest begins (`series_tag`)
+_T = TypeVar("_T")
 _LAST_TAG = 0x00480007  # TotalPixelMatrixRows: the last tag read; sequences after it are skipped
 
 
@@ -63,18 +67,33 @@ def lenient_pydicom() -> None:
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
+def unparsed_as_none(read: Callable[..., _T]) -> Callable[..., _T | None]:
+    """``read`` (a header's parse) giving None, no instance of a series, where pydicom cannot
+    parse the bytes. A damaged header raises whatever pydicom meets as it converts a value
+    (its own ``BytesLengthException``, ``struct.error``, ``IndexError``, ...), on reading or
+    on a later ``ds.get``: raised, one such file in a folder stopped every job over it, at
+    its listing (`group_series`) and at each open of its neighbours (`series_view`). The file
+    itself then goes to OpenSlide as any file of no series, which says what is wrong with it.
+    hemeflow's own errors pass through."""
+    @functools.wraps(read)
+    def parse(*args, **kwargs):
+        try:
+            return read(*args, **kwargs)
+        except HemeflowError:
+            raise
+        except Exception:  # noqa: BLE001 - bytes pydicom could not parse: no instance here
+            return None
+    return parse
+
+
+@unparsed_as_none
 def read_instance(fh) -> Instance | None:
     """The series and kind of the DICOM file open as ``fh``, or None for a file that is no
-    DICOM instance of a series."""
-    from pydicom.errors import InvalidDicomError
+    DICOM instance of a series (or whose header cannot be parsed)."""
     from pydicom.filereader import read_partial
 
     lenient_pydicom()
-
-    try:
-        ds = read_partial(fh, stop_when=lambda tag, vr, length: tag > _LAST_TAG)
-    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError):
-        return None
+    ds = read_partial(fh, stop_when=lambda tag, vr, length: tag > _LAST_TAG)
     series = ds.get("SeriesInstanceUID")
     if not series:
         return None
@@ -106,6 +125,7 @@ class Layout:
     frames: tuple[tuple[int, int], ...] | None
 
 
+@unparsed_as_none
 def read_layout(fh, size: int) -> Layout | None:
     """The layout of the DICOM file open as ``fh`` (``size`` bytes), read up to its pixel
     data's offset table: pydicom reads every element before the pixel data, as OpenSlide's
@@ -116,13 +136,9 @@ def read_layout(fh, size: int) -> Layout | None:
 
     import numpy as np
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     lenient_pydicom()
-    try:
-        ds = pydicom.dcmread(fh, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError):
-        return None
+    ds = pydicom.dcmread(fh, stop_before_pixels=True)
     series = ds.get("SeriesInstanceUID")
     syntax = ds.file_meta.get("TransferSyntaxUID")
     # the pixel data's tag, VR (explicit VR only) and length, where pydicom stopped

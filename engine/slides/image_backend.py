@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from engine.errors import SlideCorrupt, SlideUnsupported
 from engine.slides.base import SlideInfo, checked_mpp, fit_thumbnail
 
-# A plain image is decoded whole; past this it should be converted to a tiled pyramid first.
-MAX_PIXELS = 30_000 * 30_000
+# A plain image is decoded whole, by each process that reads it. Pillow refuses one past twice
+# its MAX_IMAGE_PIXELS (179 million pixels, 537 MB decoded: a 13,000 px square) as a
+# decompression bomb before its size can be asked, and so does this, saying what to do instead.
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+CONVERT = ("convert it to a tiled pyramid, which is read tile by tile: vips tiffsave <image> "
+           "<slide>.tif --tile --pyramid --compression jpeg")
 
 
 class ImageReader:
@@ -24,13 +30,18 @@ class ImageReader:
                 fmt = (im.format or "image").lower()
                 if im.width * im.height > MAX_PIXELS:
                     raise SlideUnsupported(self.uri, f"{im.width}x{im.height} plain image is too "
-                                           "large to decode whole; convert it to a tiled pyramid")
+                                           f"large to decode whole; {CONVERT}")
                 if im.mode not in ("RGB", "RGBA", "P", "L", "LA"):
                     raise SlideUnsupported(self.uri, f"image mode {im.mode} is not 8-bit RGB")
                 dpi = im.info.get("dpi")
                 rgb = im.convert("RGBA").convert("RGB") if im.mode in ("RGBA", "P", "LA") \
                     else im.convert("RGB")
                 self._pixels = np.asarray(rgb)  # (H, W, 3) uint8
+        except Image.DecompressionBombError as err:  # a run stopped on it (release 0.8.19)
+            got = re.search(r"\((\d+) pixels\)", str(err))  # Pillow's words: its size
+            size = f"of {int(got[1]) / 1e6:,.0f} million pixels " if got else ""
+            raise SlideUnsupported(self.uri, f"plain image {size}is too large to decode whole "
+                                   f"(over {MAX_PIXELS / 1e6:.0f} million); {CONVERT}") from err
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
             raise SlideCorrupt(self.uri, f"image could not be decoded: {err}") from err
         mpp = (25_400.0 / float(dpi[0]), 25_400.0 / float(dpi[1])) if dpi and dpi[0] and dpi[1] \

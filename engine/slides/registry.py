@@ -128,7 +128,9 @@ def detect_backend(path: str, uri: str | None = None) -> str:
     if kind in ("png", "jpeg"):
         return "image"
     if kind == "dicom":
-        raise SlideUnsupported(uri, "DICOM file that is not a whole-slide image")
+        raise SlideUnsupported(uri, "DICOM file that OpenSlide does not read as a whole-slide "
+                                    "image (another kind of DICOM object, or its header is "
+                                    "damaged)")
     ext = os.path.splitext(uri.lower())[1]
     shown = head[:16]
     if ext in SLIDE_EXTENSIONS:

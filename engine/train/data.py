@@ -526,7 +526,8 @@ def try_load(load: Callable[..., T]) -> Callable[..., T | Exception]:
     def attempt(item):
         try:
             return load(item)
-        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for broken files
+        # PIL's errors for broken files, and for one past the size it decodes (a "bomb")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             return err
     return attempt
 

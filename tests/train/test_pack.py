@@ -85,25 +85,29 @@ def test_a_packs_source_paths_say_where_each_image_was_read(tmp_path, capsys):
 
 
 def test_unreadable_images_are_named_and_nothing_half_made_is_left(mini, tmp_path, capsys):
-    """A labels table naming a truncated image and a missing one: every job says which, after
-    trying them all, and what to do; none ends in a traceback, and the pack job leaves no
-    half-made folder."""
+    """A labels table naming a truncated image, one past the size Pillow decodes and a missing
+    one: every job says which, after trying them all, and what to do; none ends in a
+    traceback, and the pack job leaves no half-made folder."""
     from jobs import evaluate_cell_classifier, pack_cell_images, train_cell_classifier
+    from tests.slides.test_bad_inputs import _png
 
     rows = list(csv.DictReader(open(mini / "labels.csv", newline="")))
-    broken = tmp_path / "broken.jpg"
+    broken, huge = tmp_path / "broken.jpg", tmp_path / "huge.png"
     broken.write_bytes(open(rows[3]["path"], "rb").read()[:600])  # a copy cut short
-    rows[3]["path"], rows[7]["path"] = str(broken), str(tmp_path / "gone.jpg")
+    huge.write_bytes(_png(20_000, 20_000))  # Pillow refuses it as a decompression bomb
+    rows[3]["path"], rows[5]["path"] = str(broken), str(huge)
+    rows[7]["path"] = str(tmp_path / "gone.jpg")
     bad = tmp_path / "bad"
     bad.mkdir()
     with open(bad / "labels.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    expected = f"2 of {len(rows)} image(s) cannot be read: {broken} (OSError"
+    expected = f"3 of {len(rows)} image(s) cannot be read: {broken} (OSError"
     assert pack_cell_images.main(["--data", str(bad), "--output", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert expected in err and "gone.jpg (FileNotFoundError" in err
+    assert "huge.png (DecompressionBombError: Image size (400000000 pixels)" in err
     assert "take their rows out of labels.csv" in err and not (tmp_path / "p").exists()
     from engine.models import get_spec
 
@@ -116,7 +120,7 @@ def test_unreadable_images_are_named_and_nothing_half_made_is_left(mini, tmp_pat
                                        "--test-fraction", "0.3"]) == 2
     err = capsys.readouterr().err
     # before any training: the test split's images too, which are read only when it ends
-    assert f"2 of {len(rows)} image(s) cannot be read" in err and "gone.jpg (FileNotF" in err
+    assert f"3 of {len(rows)} image(s) cannot be read" in err and "gone.jpg (FileNotF" in err
     assert not (tmp_path / "t" / "prepared" / "split.json").exists()
 
 
