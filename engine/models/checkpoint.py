@@ -16,6 +16,7 @@ import struct
 
 import fsspec
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
@@ -64,7 +65,11 @@ def read_checkpoint(uri: str, storage: StorageConfig | None = None
     except FileNotFoundError as err:
         raise CheckpointError(f"checkpoint not found: {uri}") from err
     _check_not_pickle(uri, data[:16])
-    state = load_safetensors_bytes(data)
+    try:
+        state = load_safetensors_bytes(data)
+    except SafetensorError as err:  # a copy cut short, say: it was a traceback
+        raise CheckpointError(f"{uri} is damaged or cut short ({len(data):,} bytes; "
+                              f"safetensors: {err}): copy it again") from err
     try:
         with _open(card_path(uri), "rb", storage) as fh:
             card = json.loads(fh.read())
@@ -72,6 +77,12 @@ def read_checkpoint(uri: str, storage: StorageConfig | None = None
         raise CheckpointError(f"checkpoint card missing: {card_path(uri)} (every checkpoint "
                               "travels with a JSON card naming its architecture and classes)"
                               ) from err
+    except ValueError as err:  # not JSON, or not UTF-8: the refusal named neither file
+        raise CheckpointError(f"checkpoint card {card_path(uri)} is not valid JSON ({err}): "
+                              "copy it again with its checkpoint") from err
+    if not isinstance(card, dict):
+        raise CheckpointError(f"checkpoint card {card_path(uri)} holds a JSON "
+                              f"{type(card).__name__}, not an object of the checkpoint's fields")
     if card.get("weights_from"):
         state = {**_base_weights(uri, card, storage), **state}
     return state, card

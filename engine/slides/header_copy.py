@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.config import StorageConfig
+from engine.slides.base import quiet_tifffile
 from engine.slides.dicom import Instance, is_dicom_name, read_layout
 from engine.slides.storage import (SPARSE_PREFIX, call_with_retries, get_filesystem,
                                    request_pool, shared_stage_root)
@@ -148,7 +149,7 @@ class _Page:
 def _walk(ranges: _Ranges, size: int) -> list[_Page]:
     """Walk every directory of the TIFF behind ``ranges`` (tifffile reads them through it, with
     every tag's value) and return its pages' pixel data layout."""
-    import tifffile
+    tifffile = quiet_tifffile()
 
     pages = []
     with tifffile.TiffFile(ranges) as tif:

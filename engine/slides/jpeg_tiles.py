@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 import simplejpeg
 
+from engine.slides.base import quiet_tifffile
+
 _JPEG, _RGB, _YCBCR = 7, 2, 6
 # DICOM's JPEG baseline and extended transfer syntaxes, and the photometrics of their frames
 _DICOM_JPEG = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51")
@@ -133,7 +135,7 @@ class JpegTiles:
 
     def __init__(self, path: str, level_dimensions, level_downsamples,
                  cache_bytes: int = 32 * 2**20, dicom: bool = False):
-        import tifffile
+        tifffile = quiet_tifffile()
 
         # decoded tiles, least recently used first: neighbouring regions share JPEG tiles (an
         # encoder tile of 224 px on 256 px JPEG tiles touches 3.5 of them on average)

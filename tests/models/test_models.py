@@ -137,6 +137,25 @@ def test_checkpoint_needs_card_and_matching_architecture(tmp_path):
         create_model("deepheme-resnet18", path)
 
 
+def test_a_checkpoint_or_card_cut_short_is_refused_naming_it(tmp_path):
+    """A checkpoint copied in part (a transfer that stopped) ended the job in safetensors'
+    traceback, and a card cut short in a one-line refusal that named neither file."""
+    _, path = _tiny(tmp_path)
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    (tmp_path / "cut.json").write_text((tmp_path / "model.json").read_text())
+    with pytest.raises(CheckpointError, match=f"{cut} is damaged or cut short .*: copy it"):
+        read_checkpoint(str(cut))
+    card = (tmp_path / "model.json").read_text()
+    (tmp_path / "model.json").write_text(card[: len(card) // 2])
+    with pytest.raises(CheckpointError, match=f"card {tmp_path}/model.json is not valid JSON"):
+        read_checkpoint(path)
+    (tmp_path / "model.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="holds a JSON list, not an object"):
+        read_checkpoint(path)
+
+
 def test_a_checkpoint_loads_only_into_the_build_it_was_trained_in(tmp_path):
     """The same ResNeXt-50 weights with a dilated last stage (output stride 16) compute
     something else: a checkpoint of one build is refused by the other, by name, except as a
