@@ -59,7 +59,10 @@ def config_from_yaml(path: str | None) -> Config:
     data = {}
     if path:
         try:
-            with open(path) as fh:
+            # as bytes: PyYAML reads UTF-8 and, by their byte-order mark, UTF-16 files
+            # (Windows' "Unicode"), and names what it cannot decode (a YAMLError) where the
+            # text read of this machine's encoding raised a traceback
+            with open(path, "rb") as fh:
                 data = yaml.safe_load(fh) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None

@@ -128,10 +128,25 @@ def test_a_hand_typed_argument_out_of_range_is_refused_before_the_job_starts(job
 def test_a_config_file_missing_or_not_yaml_is_refused_in_a_sentence(tmp_path, capsys):
     from jobs import inventory
 
-    broken = tmp_path / "broken.yaml"
+    broken, latin = tmp_path / "broken.yaml", tmp_path / "latin.yaml"
     broken.write_text("pipeline: [1, 2\n")
+    latin.write_bytes("# Dr. Müller's settings\npipeline:\n  stages: [tiles]\n".encode("latin-1"))
     for path, says in ((tmp_path / "nope.yaml", "config file not found: "),
-                       (broken, "broken.yaml is not valid YAML: ")):
+                       (broken, "broken.yaml is not valid YAML: "),
+                       (latin, "latin.yaml is not valid YAML: ")):  # it was a traceback
         assert inventory.main(["--input", str(tmp_path), "--output", str(tmp_path / "o"),
                                "--config", str(path)]) == 2
-        assert says in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err
+
+
+def test_a_config_file_saved_as_utf16_is_read(tmp_path):
+    """Windows' Notepad saves 'Unicode' as UTF-16 with a byte-order mark: it is read as the
+    same file in UTF-8 is (read as this machine's text, it was a traceback)."""
+    from jobs.common import config_from_yaml
+
+    text = "# Dr. Müller's settings\npipeline:\n  stages: [tiles]\n"
+    (tmp_path / "utf8.yaml").write_text(text, encoding="utf-8")
+    (tmp_path / "utf16.yaml").write_text(text, encoding="utf-16")
+    utf8, utf16 = (config_from_yaml(str(tmp_path / n)) for n in ("utf8.yaml", "utf16.yaml"))
+    assert tuple(utf16.pipeline.stages) == tuple(utf8.pipeline.stages) == ("tiles",)
