@@ -164,4 +164,3 @@ def quiet_tifffile():
 
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     return tifffile
-

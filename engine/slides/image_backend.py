@@ -12,7 +12,8 @@ from engine.slides.base import SlideInfo, checked_mpp, fit_thumbnail
 
 # A plain image is decoded whole, by each process that reads it. Pillow refuses one past twice
 # its MAX_IMAGE_PIXELS (179 million pixels, 537 MB decoded: a 13,000 px square) as a
-# decompression bomb before its size can be asked, and so does this, saying what to do instead.
+# decompression bomb before its size can be asked, and so does this (where a process turned
+# Pillow's check off too), saying what to do instead.
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 CONVERT = ("convert it to a tiled pyramid, which is read tile by tile: vips tiffsave <image> "
            "<slide>.tif --tile --pyramid --compression jpeg")
