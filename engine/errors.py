@@ -65,6 +65,14 @@ class SlideCrashedReader(SlideError):
     Ray would start the process again and retry it for ever (`engine.pipeline.steps.Attempts`)."""
 
 
+class SlideReadError(SlideError):
+    """Opening or reading the slide raised an error its decoder library raises and hemeflow
+    does not know, so cannot word (`engine.slides.registry.decoding`): the slide fails with
+    the error's type and message, where the error stopped the run over every slide, at every
+    rerun. A file the decoder did not expect, most often; a bug, where other software reads
+    it."""
+
+
 class SlideReadTimeout(SlideError):
     """Reading the slide had not ended after ``pipeline.read_timeout_minutes`` (a decoder in a
     loop, a network mount that stopped answering): its process was ended and the slide fails,

