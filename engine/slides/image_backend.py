@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -18,9 +17,6 @@ from engine.slides.base import SlideInfo, checked_mpp, fit_thumbnail
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 CONVERT = ("convert it to a tiled pyramid, which is read tile by tile: vips tiffsave <image> "
            "<slide>.tif --tile --pyramid --compression jpeg")
-# under MAX_PIXELS an image is read: Pillow's warning of a "decompression bomb DOS attack" past
-# half of it (89 million pixels) was a line from each process that opened it
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageReader:
